@@ -1,0 +1,401 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * bitep: Mixture-of-Experts expert parallelism over NCCL, driven by a bitmap routing map.
+ *
+ * One C API, opaque handles, every call returns bitepResult_t. Formats (all row-major, contiguous):
+ *   T = tokens on this rank, E = experts, k = top-k, W = EP ranks, L = E / W, H = hidden size.
+ *   logits      [T, E]  fp32 | bf16 | fp16 (all arithmetic is fp32)
+ *   probs       [T, E]  fp32, routed weight where routed, 0 elsewhere
+ *   topk        [T, k]  fp32 weights / int32 indices, ascending expert order
+ *   BYTEMAP     [T, E]  uint8 in {0, 1}
+ *   BITMAP_U8   [T, ceil(E/8)] uint8, bit (e % 8) of byte (e / 8), LSB first, pad bits 0
+ *               (byte-for-byte TransformerEngine's NVTE_ROUTING_MAP_FORMAT_BITMAP_U8)
+ *   rank mask   [T, ceil(W/8)] uint8, BITMAP_U8 over ranks: bit r set iff the token routes to rank r
+ * Rank r owns experts [r*L, (r+1)*L).
+ *
+ * Backends: bitepBackendCuda (pointers are device memory, work is enqueued on the given stream) and
+ * bitepBackendHost (pointers are host memory, work runs synchronously on the calling thread; the
+ * stream argument is ignored). Both give the same maps, indices, counts and layouts bit for bit.
+ *
+ * Errors: on failure, bitepGetLastError() returns the thread's detail: the argument, the constraint,
+ * the failing call with file:line. The library never exits, never aborts, and never writes outside a
+ * buffer it was given.
+ */
+#ifndef BITEP_BITEP_H_
+#define BITEP_BITEP_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define BITEP_MAJOR 0
+#define BITEP_MINOR 1
+#define BITEP_PATCH 0
+#define BITEP_VERSION(X, Y, Z) ((X)*10000 + (Y)*100 + (Z))
+#define BITEP_VERSION_CODE BITEP_VERSION(BITEP_MAJOR, BITEP_MINOR, BITEP_PATCH)
+
+#if defined(_WIN32)
+#define BITEP_API
+#else
+#define BITEP_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Binary-compatible with cudaStream_t and ncclComm_t, without including their headers. */
+struct CUstream_st;
+typedef struct CUstream_st* bitepStream_t;
+struct ncclComm;
+
+typedef enum {
+  bitepSuccess = 0,
+  bitepInvalidArgument = 1,  /* an argument breaks a documented constraint (see bitepGetLastError) */
+  bitepInvalidUsage = 2,     /* calls in the wrong order, handle of a destroyed group, ... */
+  bitepCudaError = 3,        /* a CUDA runtime call failed */
+  bitepNcclError = 4,        /* an NCCL call failed, or a peer failed */
+  bitepMpiError = 5,         /* an MPI call failed */
+  bitepOutOfMemory = 6,      /* an allocation failed */
+  bitepCapacityExceeded = 7, /* a caller-provided buffer is smaller than the traffic needs */
+  bitepNotSupported = 8,     /* the build or the device lacks what the call needs */
+  bitepTimeout = 9,          /* a peer did not answer within the group's timeout */
+  bitepRemoteError = 10,     /* another rank failed the same collective call */
+  bitepInternalError = 11,   /* a bug in bitep: please report it with bitepGetLastError() */
+  bitepNumResults = 12
+} bitepResult_t;
+
+typedef enum { bitepFloat32 = 0, bitepBfloat16 = 1, bitepFloat16 = 2 } bitepDataType_t;
+
+typedef enum { bitepBackendHost = 0, bitepBackendCuda = 1 } bitepBackend_t;
+
+typedef enum {
+  bitepScoreSoftmax = 0,     /* softmax over all experts (pre top-k) or over the k selected (post) */
+  bitepScoreSigmoid = 1,     /* sigmoid; weights normalised over the k selected when k > 1 */
+  bitepScoreSqrtSoftplus = 2 /* sqrt(softplus(x)); weights normalised when k > 1 */
+} bitepScoreFunction_t;
+
+typedef enum {
+  bitepMapNone = 0,       /* no routing map (output not wanted) */
+  bitepMapBytemap = 1,    /* uint8 [T, E] in {0, 1} */
+  bitepMapBitmapU8 = 2,   /* uint8 [T, ceil(E/8)], LSB first */
+  bitepMapTopkIndices = 3 /* int32 [T, k], distinct experts (dispatch input only) */
+} bitepMapFormat_t;
+
+/* Returns the name of the code and a hint. Never NULL. */
+BITEP_API const char* bitepGetErrorString(bitepResult_t result);
+
+/* Returns the detail of the last failure on the calling thread ("" if none). Never NULL; the text
+ * stays valid until the thread's next failing bitep call. */
+BITEP_API const char* bitepGetLastError(void);
+
+/* [OUT] version: BITEP_VERSION_CODE of the library. */
+BITEP_API bitepResult_t bitepGetVersion(int* version);
+
+/* Whether this build has the cuda backend ([OUT] available = 1) and a CUDA device is visible. */
+BITEP_API bitepResult_t bitepCudaAvailable(int* available);
+
+/* ------------------------------------------------------------------------------------------------
+ * Router: fused score function + (group-limited) top-k, writing the routing map straight as a
+ * bitmap or a bytemap. Feature parity with TransformerEngine's fused router, forward and backward.
+ * ---------------------------------------------------------------------------------------------- */
+
+#define BITEP_ROUTER_CONFIG_MAGIC 0xb17e0001u
+
+typedef struct {
+  size_t size;     /* sizeof(bitepRouterConfig_t) */
+  unsigned magic;  /* BITEP_ROUTER_CONFIG_MAGIC */
+  int num_experts; /* E >= 1 */
+  int topk;        /* 1 <= k <= E */
+  bitepScoreFunction_t score_function;
+  int use_pre_softmax;  /* softmax only: 1 = softmax over all E then top-k; 0 = top-k on logits then softmax */
+  int num_groups;       /* 0 = no group-limited routing; else E % num_groups == 0 */
+  int group_topk;       /* groups kept, 1 <= group_topk <= num_groups, group_topk <= k (0 when num_groups == 0) */
+  float scaling_factor; /* multiplies the routed weights */
+  bitepDataType_t logits_dtype;
+} bitepRouterConfig_t;
+
+#define BITEP_ROUTER_CONFIG_INIT \
+  { sizeof(bitepRouterConfig_t), BITEP_ROUTER_CONFIG_MAGIC, 0, 1, bitepScoreSoftmax, 0, 0, 0, 1.0f, bitepFloat32 }
+
+#define BITEP_ROUTER_FWD_ARGS_MAGIC 0xb17e0002u
+
+typedef struct {
+  size_t size;                 /* sizeof(bitepRouterForwardArgs_t) */
+  unsigned magic;              /* BITEP_ROUTER_FWD_ARGS_MAGIC */
+  int64_t num_tokens;          /* T >= 0; T = 0 returns at once */
+  const void* logits;          /* [IN]  [T, E] logits_dtype */
+  const float* expert_bias;    /* [IN]  [E] fp32 or NULL; sigmoid/sqrtsoftplus only, added for selection only */
+  float* probs;                /* [OUT] [T, E] fp32 or NULL */
+  void* routing_map;           /* [OUT] [T, E] BYTEMAP or [T, ceil(E/8)] BITMAP_U8, or NULL */
+  bitepMapFormat_t map_format; /* bitepMapBytemap | bitepMapBitmapU8 (bitepMapNone when routing_map is NULL) */
+  float* topk_weights;         /* [OUT] [T, k] fp32 or NULL, ascending expert order */
+  int32_t* topk_indices;       /* [OUT] [T, k] int32 or NULL, ascending */
+  float* saved;                /* [OUT] [T, E] fp32 tensor for the TE-compatible backward, or NULL (recompute mode) */
+  /* Dispatch layout epilogue (optional): per-token rank masks and per-rank token counts. */
+  int num_ranks;        /* W, 0 = no epilogue; E % W == 0 */
+  uint8_t* rank_mask;   /* [OUT] [T, ceil(W/8)] BITMAP_U8 over ranks, or NULL */
+  int32_t* rank_counts; /* [OUT] [W] tokens per destination rank (overwritten, not accumulated), or NULL */
+} bitepRouterForwardArgs_t;
+
+#define BITEP_ROUTER_FWD_ARGS_INIT                                                                                \
+  {                                                                                                               \
+    sizeof(bitepRouterForwardArgs_t), BITEP_ROUTER_FWD_ARGS_MAGIC, 0, NULL, NULL, NULL, NULL, bitepMapNone, NULL, \
+        NULL, NULL, 0, NULL, NULL                                                                                 \
+  }
+
+/* Router forward. Every row of the map gets exactly k distinct experts whatever the logits: ties go to
+ * the lower expert index, NaN ranks lowest. Not collective. cuda backend: asynchronous on stream; all
+ * pointers device memory. Output buffers must not overlap each other or the inputs. */
+BITEP_API bitepResult_t bitepRouterForward(bitepBackend_t backend,
+                                           const bitepRouterConfig_t* config,
+                                           const bitepRouterForwardArgs_t* args,
+                                           bitepStream_t stream);
+
+#define BITEP_ROUTER_BWD_ARGS_MAGIC 0xb17e0003u
+
+typedef struct {
+  size_t size;                 /* sizeof(bitepRouterBackwardArgs_t) */
+  unsigned magic;              /* BITEP_ROUTER_BWD_ARGS_MAGIC */
+  int64_t num_tokens;          /* T >= 0 */
+  const float* grad_probs;     /* [IN]  [T, E] fp32 */
+  const void* routing_map;     /* [IN]  the forward's map */
+  bitepMapFormat_t map_format; /* bitepMapBytemap | bitepMapBitmapU8 */
+  const float* saved;          /* [IN]  [T, E] the forward's saved tensor, or NULL to recompute from logits */
+  const void* logits;          /* [IN]  [T, E] logits_dtype; required when saved is NULL, else ignored */
+  void* grad_logits;           /* [OUT] [T, E] logits_dtype */
+} bitepRouterBackwardArgs_t;
+
+#define BITEP_ROUTER_BWD_ARGS_INIT \
+  { sizeof(bitepRouterBackwardArgs_t), BITEP_ROUTER_BWD_ARGS_MAGIC, 0, NULL, NULL, bitepMapNone, NULL, NULL, NULL }
+
+/* Router backward: grad_probs -> grad_logits. Exactly one of saved / logits is used: saved when it is
+ * not NULL (TE-compatible), else logits (recompute mode). Not collective; asynchronous on stream. */
+BITEP_API bitepResult_t bitepRouterBackward(bitepBackend_t backend,
+                                            const bitepRouterConfig_t* config,
+                                            const bitepRouterBackwardArgs_t* args,
+                                            bitepStream_t stream);
+
+/* Aux-loss scores (TE's fused_compute_score_for_moe_aux_loss): scores over all experts (softmax, or
+ * sigmoid/sqrtsoftplus normalised over all E when k > 1) and their top-k routing map. config's
+ * use_pre_softmax, groups, scaling and bias are not used. In args: logits, probs (= the scores,
+ * required), routing_map/map_format (optional), saved (optional). Other outputs must be NULL. */
+BITEP_API bitepResult_t bitepAuxScoresForward(bitepBackend_t backend,
+                                              const bitepRouterConfig_t* config,
+                                              const bitepRouterForwardArgs_t* args,
+                                              bitepStream_t stream);
+
+/* Backward of bitepAuxScoresForward: grad_probs (= grad of the scores) -> grad_logits, from saved or
+ * (recompute) logits. routing_map is not needed and ignored. */
+BITEP_API bitepResult_t bitepAuxScoresBackward(bitepBackend_t backend,
+                                               const bitepRouterConfig_t* config,
+                                               const bitepRouterBackwardArgs_t* args,
+                                               bitepStream_t stream);
+
+#define BITEP_AUX_LOSS_ARGS_MAGIC 0xb17e0004u
+
+typedef struct {
+  size_t size;                      /* sizeof(bitepAuxLossArgs_t) */
+  unsigned magic;                   /* BITEP_AUX_LOSS_ARGS_MAGIC */
+  int64_t num_tokens;               /* rows of probs on this rank, >= 0 */
+  int num_experts;                  /* E >= 1 */
+  int topk;                         /* k >= 1 */
+  int64_t total_num_tokens;         /* tokens over the whole batch (all ranks), >= 1 */
+  float coeff;                      /* aux loss coefficient */
+  const float* probs;               /* [IN] [T, E] fp32 scores */
+  const int32_t* tokens_per_expert; /* [IN] [E] */
+  float* loss;                      /* [OUT] [1]   forward */
+  const float* grad_loss;           /* [IN]  [1]   backward */
+  float* grad_probs;                /* [OUT] [T, E] backward */
+} bitepAuxLossArgs_t;
+
+#define BITEP_AUX_LOSS_ARGS_INIT \
+  { sizeof(bitepAuxLossArgs_t), BITEP_AUX_LOSS_ARGS_MAGIC, 0, 0, 0, 0, 0.0f, NULL, NULL, NULL, NULL, NULL }
+
+/* loss = C * sum_e tokens_per_expert[e] * sum_t probs[t, e], C = E * coeff / (k * N * N), N = total_num_tokens.
+ * Deterministic: fixed reduction order, no float atomics. Reads probs, tokens_per_expert; writes loss. */
+BITEP_API bitepResult_t bitepAuxLossForward(bitepBackend_t backend,
+                                            const bitepAuxLossArgs_t* args,
+                                            bitepStream_t stream);
+
+/* grad_probs[t, e] = C * tokens_per_expert[e] * grad_loss[0]. */
+BITEP_API bitepResult_t bitepAuxLossBackward(bitepBackend_t backend,
+                                             const bitepAuxLossArgs_t* args,
+                                             bitepStream_t stream);
+
+/* ------------------------------------------------------------------------------------------------
+ * Expert parallelism: an EP group of W ranks; dispatch moves each token once to every rank that owns
+ * one of its experts, combine brings the expert outputs back weighted by the router.
+ * ---------------------------------------------------------------------------------------------- */
+
+typedef struct bitepGroup* bitepGroup_t;
+typedef struct bitepHandle* bitepHandle_t;
+
+#define BITEP_GROUP_CONFIG_MAGIC 0xb17e0010u
+
+typedef struct {
+  size_t size;            /* sizeof(bitepGroupConfig_t) */
+  unsigned magic;         /* BITEP_GROUP_CONFIG_MAGIC */
+  bitepBackend_t backend; /* bitepBackendCuda (NCCL) or bitepBackendHost (MPI) */
+  int num_experts;        /* E >= 1, E % W == 0 */
+  int topk;               /* 1 <= k <= E */
+  int hidden;             /* H >= 1 elements per token row */
+  bitepDataType_t dtype;  /* token dtype of x, expert rows and out */
+  int expert_alignment;   /* each expert's block of the expert-major view is rounded up to this many rows (>= 1) */
+  double timeout_s;       /* a failed or stalled peer yields bitepTimeout after this many seconds (> 0) */
+  int device;             /* cuda: device ordinal; -1 = local rank on the node (MPI) or the current device */
+} bitepGroupConfig_t;
+
+#define BITEP_GROUP_CONFIG_INIT \
+  { sizeof(bitepGroupConfig_t), BITEP_GROUP_CONFIG_MAGIC, bitepBackendCuda, 0, 1, 0, bitepBfloat16, 1, 300.0, -1 }
+
+#define BITEP_UNIQUE_ID_BYTES 128
+typedef struct {
+  char internal[BITEP_UNIQUE_ID_BYTES];
+} bitepUniqueId;
+
+/* [OUT] id: a new NCCL unique id for bitepGroupCreateFromUniqueId. Call on one rank, distribute. */
+BITEP_API bitepResult_t bitepGetUniqueId(bitepUniqueId* id);
+
+/* Creates a cuda-backend group over a new NCCL communicator. Collective over the nranks ranks.
+ * Checks collectively that every rank passed the same E, k, H, dtype and W; on a mismatch every rank
+ * fails with a message naming the field and the ranks. [OUT] group. */
+BITEP_API bitepResult_t bitepGroupCreateFromUniqueId(
+    const bitepUniqueId* id, int nranks, int rank, const bitepGroupConfig_t* config, bitepGroup_t* group);
+
+/* Creates a cuda-backend group over the caller's communicator, which stays the caller's: bitep never
+ * destroys or aborts it. Collective over comm; same checks as above. The current device must be
+ * comm's device. */
+BITEP_API bitepResult_t bitepGroupCreateFromNccl(struct ncclComm* comm,
+                                                 const bitepGroupConfig_t* config,
+                                                 bitepGroup_t* group);
+
+/* Destroys the group and its buffer pool. Handles of the group become invalid (their later use
+ * returns bitepInvalidUsage); they must still be destroyed. Not collective; NULL is a no-op. */
+BITEP_API bitepResult_t bitepGroupDestroy(bitepGroup_t group);
+
+/* [OUT] rank, nranks (either may be NULL). */
+BITEP_API bitepResult_t bitepGroupGetRank(bitepGroup_t group, int* rank, int* nranks);
+
+/* [OUT] bytes: memory the group holds now (its pool and fixed buffers) on this rank. */
+BITEP_API bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes);
+
+#define BITEP_DISPATCH_ARGS_MAGIC 0xb17e0011u
+
+typedef struct {
+  size_t size;                 /* sizeof(bitepDispatchArgs_t) */
+  unsigned magic;              /* BITEP_DISPATCH_ARGS_MAGIC */
+  int64_t num_tokens;          /* T >= 0 on this rank; may differ per rank, 0 included */
+  const void* x;               /* [IN] [T, H] dtype */
+  const void* routing_map;     /* [IN] BITMAP_U8 [T, ceil(E/8)], BYTEMAP [T, E] or int32 [T, k] indices */
+  bitepMapFormat_t map_format; /* bitepMapBitmapU8 | bitepMapBytemap | bitepMapTopkIndices */
+  const float* probs;          /* [IN] dense [T, E] weights, or NULL */
+  const float*
+      topk_weights; /* [IN] compact [T, k]: weight j belongs to the j-th set bit (indices: to index j), or NULL */
+  /* Optional caller-owned receive buffers; NULL = from the group's pool. A capacity too small for the
+   * traffic is bitepCapacityExceeded on the rank that sees it; nothing is written past a capacity. */
+  void* recv_x;              /* [capacity, H] dtype rank-major rows */
+  int64_t recv_x_capacity;   /* rows */
+  void* expert_x;            /* [capacity, H] dtype expert-major rows */
+  int64_t expert_x_capacity; /* rows */
+} bitepDispatchArgs_t;
+
+#define BITEP_DISPATCH_ARGS_INIT                                                                                  \
+  {                                                                                                               \
+    sizeof(bitepDispatchArgs_t), BITEP_DISPATCH_ARGS_MAGIC, 0, NULL, NULL, bitepMapBitmapU8, NULL, NULL, NULL, 0, \
+        NULL, 0                                                                                                   \
+  }
+
+/* Dispatch. Collective over the group. Enqueued on stream; the count exchange inside is its one host
+ * synchronisation. At most one of probs / topk_weights may be given; with neither, only unweighted
+ * combines are possible. [OUT] handle: owns the received rows and the layout until bitepHandleDestroy. */
+BITEP_API bitepResult_t bitepDispatch(bitepGroup_t group,
+                                      const bitepDispatchArgs_t* args,
+                                      bitepStream_t stream,
+                                      bitepHandle_t* handle);
+
+typedef struct {
+  int num_ranks;             /* W */
+  int num_local_experts;     /* L = E / W */
+  int max_row_experts;       /* min(k, L): width of recv_weights / recv_expert_rows */
+  int64_t num_recv_rows;     /* R: rows received, by ascending source rank, then source token order */
+  void* recv_x;              /* [R, H] dtype */
+  const uint8_t* recv_map;   /* [R, ceil(L/8)] BITMAP_U8 over the local experts */
+  const float* recv_weights; /* [R, max_row_experts] weights of the set bits in bit order, 0-padded; NULL if none */
+  const int32_t* recv_expert_rows;   /* [R, max_row_experts] row of the expert-major view per set bit, -1 padded */
+  int64_t num_expert_rows;           /* sum over l of expert_counts[l] rounded up to the alignment */
+  void* expert_x;                    /* [num_expert_rows, H] dtype, expert-major; pad rows are zero */
+  const int32_t* expert_counts;      /* [L] rows of each local expert (backend memory) */
+  const int32_t* expert_offsets;     /* [L + 1] first row of each expert block (backend memory) */
+  const int64_t* expert_counts_host; /* [L] host copy */
+  const int64_t* recv_counts_host;   /* [W] rows received from each source rank, host */
+  const int64_t* send_counts_host;   /* [W] rows sent to each destination rank, host */
+} bitepDispatchLayout_t;
+
+/* [OUT] layout: views into memory the handle owns; valid until bitepHandleDestroy. */
+BITEP_API bitepResult_t bitepHandleGetLayout(bitepHandle_t handle, bitepDispatchLayout_t* layout);
+
+/* Releases the handle's buffers back to the group's pool (after the work queued on them). */
+BITEP_API bitepResult_t bitepHandleDestroy(bitepHandle_t handle);
+
+typedef enum { bitepLayoutExpertMajor = 0, bitepLayoutRankMajor = 1 } bitepLayout_t;
+
+#define BITEP_COMBINE_ARGS_MAGIC 0xb17e0012u
+
+typedef struct {
+  size_t size;          /* sizeof(bitepCombineArgs_t) */
+  unsigned magic;       /* BITEP_COMBINE_ARGS_MAGIC */
+  const void* y;        /* [IN] expert-major [num_expert_rows, H] or rank-major [R, H] (one row per received row) */
+  bitepLayout_t layout; /* of y */
+  int weighted;         /* expert-major only: 1 = weight each expert row by the router weight */
+  void* out;            /* [OUT] [T, H] dtype */
+} bitepCombineArgs_t;
+
+#define BITEP_COMBINE_ARGS_INIT \
+  { sizeof(bitepCombineArgs_t), BITEP_COMBINE_ARGS_MAGIC, NULL, bitepLayoutExpertMajor, 1, NULL }
+
+/* Combine. Collective. For each received row the (weighted) sum over its local experts in fp32,
+ * sent back with the handle's counts (no host synchronisation), then each token sums its partial
+ * rows in ascending rank order: bit-identical run to run. A token routed nowhere gets a zero row. */
+BITEP_API bitepResult_t bitepCombine(bitepGroup_t group,
+                                     bitepHandle_t handle,
+                                     const bitepCombineArgs_t* args,
+                                     bitepStream_t stream);
+
+/* Dispatch backward: grad_y (expert-major or rank-major, as in combine) -> grad_x [T, H], an unweighted
+ * combine of the gradients. Collective. */
+BITEP_API bitepResult_t bitepDispatchBackward(bitepGroup_t group,
+                                              bitepHandle_t handle,
+                                              const void* grad_y,
+                                              bitepLayout_t layout,
+                                              void* grad_x,
+                                              bitepStream_t stream);
+
+#define BITEP_COMBINE_BWD_ARGS_MAGIC 0xb17e0013u
+
+typedef struct {
+  size_t size;              /* sizeof(bitepCombineBackwardArgs_t) */
+  unsigned magic;           /* BITEP_COMBINE_BWD_ARGS_MAGIC */
+  const void* grad_out;     /* [IN]  [T, H] dtype */
+  int weighted;             /* as in the forward combine */
+  const void* y;            /* [IN]  expert-major forward expert outputs; needed for weight gradients, else NULL */
+  void* grad_y;             /* [OUT] [num_expert_rows, H] dtype expert-major (pad rows zero) */
+  float* grad_topk_weights; /* [OUT] [T, k] compact in the dispatch's order, or NULL */
+  float* grad_probs;        /* [OUT] [T, E] dense (0 where not routed), or NULL */
+} bitepCombineBackwardArgs_t;
+
+#define BITEP_COMBINE_BWD_ARGS_INIT \
+  { sizeof(bitepCombineBackwardArgs_t), BITEP_COMBINE_BWD_ARGS_MAGIC, NULL, 1, NULL, NULL, NULL, NULL }
+
+/* Combine backward: grad_out goes along the dispatch's routes (a dispatch with the handle's counts,
+ * no host synchronisation) -> grad_y, and, when y is given, the gradient of the router weights
+ * (dot(y_row, grad_out_row) in fp32) comes back to the source ranks. Collective. */
+BITEP_API bitepResult_t bitepCombineBackward(bitepGroup_t group,
+                                             bitepHandle_t handle,
+                                             const bitepCombineBackwardArgs_t* args,
+                                             bitepStream_t stream);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* BITEP_BITEP_H_ */

@@ -1,0 +1,149 @@
+// SPDX-License-Identifier: Apache-2.0
+// Header-only C++17 layer over the C API: RAII for groups and handles, exceptions carrying the
+// result code and bitepGetLastError()'s detail. One implementation: everything calls bitep.h.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "bitep/bitep.h"
+
+namespace bitep {
+
+class Error : public std::runtime_error {
+ public:
+  Error(bitepResult_t result, const std::string& what) : std::runtime_error(what), result_(result) {}
+  bitepResult_t result() const noexcept { return result_; }
+
+ private:
+  bitepResult_t result_;
+};
+
+// Throws bitep::Error unless r is bitepSuccess.
+inline void check(bitepResult_t r) {
+  if (r != bitepSuccess) throw Error(r, std::string(bitepGetErrorString(r)) + ": " + bitepGetLastError());
+}
+
+inline int version() {
+  int v = 0;
+  check(bitepGetVersion(&v));
+  return v;
+}
+
+// Owns a dispatch handle; destroys it (returning its buffers to the pool) when it goes out of scope.
+class Handle {
+ public:
+  Handle() = default;
+  explicit Handle(bitepHandle_t h) noexcept : h_(h) {}
+  Handle(Handle&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  Handle& operator=(Handle&& o) noexcept {
+    if (this != &o) {
+      reset();
+      h_ = std::exchange(o.h_, nullptr);
+    }
+    return *this;
+  }
+  Handle(const Handle&) = delete;
+  Handle& operator=(const Handle&) = delete;
+  ~Handle() { reset(); }
+
+  void reset() noexcept {
+    if (h_) (void)bitepHandleDestroy(h_);
+    h_ = nullptr;
+  }
+  bitepHandle_t get() const noexcept { return h_; }
+  bitepDispatchLayout_t layout() const {
+    bitepDispatchLayout_t l{};
+    check(bitepHandleGetLayout(h_, &l));
+    return l;
+  }
+
+ private:
+  bitepHandle_t h_ = nullptr;
+};
+
+// Owns an EP group. Create it with bitep::Group::from_mpi (bitep_mpi.hpp), from_unique_id or from_nccl.
+class Group {
+ public:
+  Group() = default;
+  explicit Group(bitepGroup_t g) noexcept : g_(g) {}
+  Group(Group&& o) noexcept : g_(std::exchange(o.g_, nullptr)) {}
+  Group& operator=(Group&& o) noexcept {
+    if (this != &o) {
+      reset();
+      g_ = std::exchange(o.g_, nullptr);
+    }
+    return *this;
+  }
+  Group(const Group&) = delete;
+  Group& operator=(const Group&) = delete;
+  ~Group() { reset(); }
+
+  static Group from_unique_id(const bitepUniqueId& id, int nranks, int rank, const bitepGroupConfig_t& cfg) {
+    bitepGroup_t g = nullptr;
+    check(bitepGroupCreateFromUniqueId(&id, nranks, rank, &cfg, &g));
+    return Group(g);
+  }
+  static Group from_nccl(struct ncclComm* comm, const bitepGroupConfig_t& cfg) {
+    bitepGroup_t g = nullptr;
+    check(bitepGroupCreateFromNccl(comm, &cfg, &g));
+    return Group(g);
+  }
+
+  void reset() noexcept {
+    if (g_) (void)bitepGroupDestroy(g_);
+    g_ = nullptr;
+  }
+  bitepGroup_t get() const noexcept { return g_; }
+  int rank() const {
+    int r = 0;
+    check(bitepGroupGetRank(g_, &r, nullptr));
+    return r;
+  }
+  int nranks() const {
+    int n = 0;
+    check(bitepGroupGetRank(g_, nullptr, &n));
+    return n;
+  }
+  size_t memory_bytes() const {
+    size_t b = 0;
+    check(bitepGroupMemoryBytes(g_, &b));
+    return b;
+  }
+
+  Handle dispatch(const bitepDispatchArgs_t& args, bitepStream_t stream = nullptr) const {
+    bitepHandle_t h = nullptr;
+    check(bitepDispatch(g_, &args, stream, &h));
+    return Handle(h);
+  }
+  void combine(const Handle& h, const bitepCombineArgs_t& args, bitepStream_t stream = nullptr) const {
+    check(bitepCombine(g_, h.get(), &args, stream));
+  }
+  void dispatch_backward(
+      const Handle& h, const void* grad_y, bitepLayout_t layout, void* grad_x, bitepStream_t stream = nullptr) const {
+    check(bitepDispatchBackward(g_, h.get(), grad_y, layout, grad_x, stream));
+  }
+  void combine_backward(const Handle& h, const bitepCombineBackwardArgs_t& args, bitepStream_t stream = nullptr) const {
+    check(bitepCombineBackward(g_, h.get(), &args, stream));
+  }
+
+ private:
+  bitepGroup_t g_ = nullptr;
+};
+
+// Router calls that throw on failure.
+inline void router_forward(bitepBackend_t backend,
+                           const bitepRouterConfig_t& cfg,
+                           const bitepRouterForwardArgs_t& args,
+                           bitepStream_t stream = nullptr) {
+  check(bitepRouterForward(backend, &cfg, &args, stream));
+}
+inline void router_backward(bitepBackend_t backend,
+                            const bitepRouterConfig_t& cfg,
+                            const bitepRouterBackwardArgs_t& args,
+                            bitepStream_t stream = nullptr) {
+  check(bitepRouterBackward(backend, &cfg, &args, stream));
+}
+
+}  // namespace bitep

@@ -1,0 +1,26 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* MPI bootstrap for bitep groups: the only bitep header that needs MPI. */
+#ifndef BITEP_BITEP_MPI_H_
+#define BITEP_BITEP_MPI_H_
+
+#include <mpi.h>
+
+#include "bitep/bitep.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Creates a group over the ranks of comm. Collective over comm.
+ * cuda backend: rank 0 makes an NCCL unique id and broadcasts it over comm; each rank takes one GPU,
+ * config->device, or when it is -1 the rank's index among the ranks of its node (MPI_COMM_TYPE_SHARED).
+ * host backend: the transport is MPI itself (bitep duplicates comm; the caller keeps comm).
+ * Every rank must pass the same E, k, H, dtype, backend; a mismatch fails on all ranks, naming the field.
+ * [OUT] group. */
+BITEP_API bitepResult_t bitepGroupCreateMpi(MPI_Comm comm, const bitepGroupConfig_t* config, bitepGroup_t* group);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* BITEP_BITEP_MPI_H_ */

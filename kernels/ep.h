@@ -1,0 +1,19 @@
+// SPDX-License-Identifier: Apache-2.0
+// CUDA launchers of the expert-parallel primitives (kernels/ep_params.h): raw pointers + stream,
+// no handles, no allocation; zero rows return cudaSuccess at once.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "kernels/ep_params.h"
+
+namespace bitep::kernels {
+
+cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream);
+cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream);
+cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stream);
+cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream);
+cudaError_t launch_ep_final_sum(const FinalSumParams& p, cudaStream_t stream);
+cudaError_t launch_ep_weight_grad(const WeightGradParams& p, cudaStream_t stream);
+
+}  // namespace bitep::kernels

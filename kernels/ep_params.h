@@ -1,0 +1,186 @@
+// SPDX-License-Identifier: Apache-2.0
+// Parameters of the expert-parallel primitives (layout, permute, expert-major scatter, reduce,
+// final sum). Plain C++, no CUDA types: the host reference (src/host/ep_host.cc) and the CUDA
+// kernels (kernels/layout.cu, permute.cu, combine.cu) implement the same functions on the same
+// structs, so the orchestration in src/ep/ is shared. Pointers live in the backend's memory unless
+// a field says "host".
+//
+// Shapes: T tokens on this rank, E experts, k top-k, W ranks, L = E / W local experts,
+// KL = min(k, L) (most experts of one rank a token can use), H hidden, MB = ceil(L / 8).
+// A "row" sent to rank r carries: x [H] (token dtype), its local routing slice over r's experts as
+// BITMAP_U8 [MB], and the weights of the set bits in ascending expert order [KL] fp32 (0-padded).
+//
+// Normative semantics (the host reference is the oracle; every primitive stays in bounds on any input):
+// - Routed experts of token t ("its experts"), whatever the map holds:
+//     bitmap:  the first k set bits among bits [0, E) of its row, ascending (pad bits >= E are ignored);
+//     bytemap: the first k nonzero bytes of its row, ascending;
+//     indices: entries j in [0, k) with 0 <= idx[t][j] < E that do not repeat an earlier entry of the row.
+//   Valid input has exactly k distinct experts per row (the host API checks it; the cuda API trusts it).
+// - Local slice of t on rank r: its experts e in [r*L, (r+1)*L) as local bits l = e - r*L; at most KL.
+//   t goes to r iff the slice is not empty.
+// - Weight of expert e of token t: dense: weights[t*E + e]; compact with a map: weights[t*k + j] where e
+//   is the j-th (0-based, ascending) of t's experts; compact with indices: weights[t*k + j] where
+//   idx[t][j] == e (its first occurrence).
+// - Arithmetic: fp32; "round" is one round-to-nearest-even to the token dtype (src/host/dtype_host.h).
+//   Multiply-adds are fmaf (CUDA: __fmaf_rn), in the order stated, so results are bit-identical.
+// - Zero tokens / rows: nothing is read or written (pointers may be null).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/router_params.h"
+
+namespace bitep::kernels {
+
+enum class RoutingFormat : int { kBitmap = 0, kBytemap = 1, kTopkIndices = 2 };
+enum class WeightFormat : int { kNone = 0, kDense = 1, kCompact = 2 };
+
+struct RoutingInput {
+  RoutingFormat format = RoutingFormat::kBitmap;
+  const void* map = nullptr;  // BITMAP_U8 [T, ceil(E/8)] | BYTEMAP [T, E] | int32 [T, k]
+  WeightFormat weight_format = WeightFormat::kNone;
+  const float* weights = nullptr;  // dense [T, E] | compact [T, k] (bit order; indices: index order)
+};
+
+// 1. Layout: routing map -> per destination rank counts and each token's slot in each destination
+// chunk, in ascending token order (deterministic). counts is overwritten in full (all W*(L+1) entries,
+// zeros included), never accumulated; token_slot[t][r] = number of tokens t' < t that go to r, or -1.
+// counts[r][1 + l] counts the tokens whose slice on r has bit l. routing.weights is not read.
+struct LayoutParams {
+  int64_t num_tokens = 0;
+  int num_experts = 0;
+  int topk = 0;
+  int num_ranks = 0;
+  RoutingInput routing;
+  int32_t* counts = nullptr;      // [W, L + 1]: [r][0] rows to rank r, [r][1 + l] rows using r's local expert l
+  int32_t* token_slot = nullptr;  // [T, W]: row of token t inside chunk r, or -1 when t does not go to r
+};
+
+// 3. Permute: each token row goes once per destination rank, with its local slice and weights.
+// Rows for rank `self_rank` go straight into the receive buffers (the self chunk never leaves).
+// Destinations of t: the ranks r with token_slot[t][r] >= 0. Row q = send_offsets[r] + slot in the send
+// buffers (r != self_rank; send_offsets[self_rank] is not read), or self_recv_offset + slot in the
+// receive buffers (r == self_rank). At row q: x[t] copied bit for bit; map row (MB bytes) = the slice on
+// r, written only when send_map / recv_map is not null; weight row (KL floats) = the weights of the slice
+// bits in ascending l, then 0, written only when routing.weight_format != kNone and send_weights /
+// recv_weights is not null. With null maps and kNone weights (combine backward: gradients along the
+// dispatch routes) the routing map is not read at all.
+struct PermuteParams {
+  int64_t num_tokens = 0;
+  int num_experts = 0;
+  int topk = 0;
+  int num_ranks = 0;
+  int self_rank = 0;
+  int64_t hidden = 0;
+  DType dtype = DType::kBF16;
+  RoutingInput routing;
+  const void* x = nullptr;                // [T, H]
+  const int32_t* token_slot = nullptr;    // [T, W] from the layout
+  const int64_t* send_offsets = nullptr;  // [W] first row of chunk r in the send buffers (backend memory)
+  int64_t self_recv_offset = 0;           // first row of the self chunk in the receive buffers
+  void* send_x = nullptr;                 // [S, H]
+  uint8_t* send_map = nullptr;            // [S, MB]
+  float* send_weights = nullptr;          // [S, KL] or null (no weights)
+  void* recv_x = nullptr;                 // [R, H]
+  uint8_t* recv_map = nullptr;            // [R, MB]
+  float* recv_weights = nullptr;          // [R, KL] or null
+};
+
+// 5. Expert-major view: for each local expert, its rows in receive order (source rank, then source
+// token): recv_expert_rows[i][j] = row in expert_x of the j-th set bit of received row i; then
+// expert_x[that row] = recv_x[i]. Pad rows (alignment) are zeroed.
+// Exactly: only the first KL set bits (l < L) of map row i count. The row of bit l of row i is
+// pos = expert_offsets[l] + (number of rows i' < i whose map has bit l among its first KL set bits);
+// bits with pos >= expert_offsets[l] + expert_counts[l] (inconsistent input only) get -1 and move
+// nothing. recv_expert_rows[i] = the positions in ascending l, then -1 up to KL.
+// With recv_x and expert_x: expert_x[pos] = recv_x[i] bit for bit, or, when recv_weights is not null,
+// round(recv_weights[i][j] * float(recv_x[i])) (one fp32 multiply). Pad rows
+// [expert_offsets[l] + expert_counts[l], expert_offsets[l + 1]) are zeroed; no other row is written.
+struct ExpertMajorParams {
+  int64_t num_recv_rows = 0;  // R
+  int num_local_experts = 0;  // L
+  int max_row_experts = 0;    // KL
+  int64_t hidden = 0;
+  DType dtype = DType::kBF16;
+  const uint8_t* recv_map = nullptr;        // [R, MB]
+  const int32_t* expert_offsets = nullptr;  // [L + 1] aligned block starts (backend memory)
+  const int32_t* expert_counts = nullptr;   // [L] rows per expert (backend memory)
+  int32_t* recv_expert_rows = nullptr;      // [R, KL] out, -1 padded
+  const void* recv_x = nullptr;             // [R, H] (null: positions only)
+  void* expert_x = nullptr;                 // [N, H] out (null: positions only)
+  int64_t num_expert_rows = 0;              // N = expert_offsets[L]
+  // Combine backward uses the same scatter with weights: expert_x[pos] = w * recv_x[i].
+  const float* recv_weights = nullptr;  // [R, KL] or null (unweighted copy)
+};
+
+// 6. Reduce: partial[i] = sum over the set bits j of row i, ascending, of w_ij * y[recv_expert_rows[i][j]]
+// (w = 1 when unweighted), fp32 accumulation, one rounding to the token dtype at the end.
+// Exactly, per element h: acc = 0; for j = 0..KL-1 with pos = recv_expert_rows[i][j] >= 0:
+// acc = fmaf(w_ij, float(y[pos][h]), acc); out[i][h] = round(acc). A row with no position gets zeros.
+// out may be null (weight gradients only). grad_weights (with grad_rows): for j with pos >= 0,
+// grad_weights[i][j] = dot(y[pos], grad_rows[i]) in fp32, host order: d = 0; for h ascending
+// d = fmaf(float(y[pos][h]), float(grad_rows[i][h]), d) (CUDA may use another fixed order: compare with a
+// tolerance); for j with pos < 0, 0.
+struct ReduceParams {
+  int64_t num_recv_rows = 0;
+  int max_row_experts = 0;  // KL
+  int64_t hidden = 0;
+  DType dtype = DType::kBF16;
+  const void* y = nullptr;                    // [N, H] expert-major
+  const int32_t* recv_expert_rows = nullptr;  // [R, KL]
+  const float* recv_weights = nullptr;        // [R, KL] or null (unweighted)
+  void* out = nullptr;                        // [R, H] partial rows, rank-major
+  // Weight gradients for the combine backward: grad_w[i][j] = dot(y[pos_ij], g[i]) in fp32.
+  const void* grad_rows = nullptr;  // [R, H] or null
+  float* grad_weights = nullptr;    // [R, KL] or null
+};
+
+// 8. Final sum: out[t] = sum over ranks r ascending with token_slot[t][r] >= 0 of
+// ret[send_offsets[r] + token_slot[t][r]], fp32, one rounding; tokens routed nowhere get zeros.
+// The self rank's partial rows never travel: they are read from self_ret (the reduce output) at
+// self_ret_offset (the self chunk's first receive row) + slot.
+// Exactly: acc = 0; for r ascending: acc = acc + float(row) (plain fp32 add); out[t][h] = round(acc).
+// send_offsets[self_rank] is not read.
+struct FinalSumParams {
+  int64_t num_tokens = 0;
+  int num_ranks = 0;
+  int self_rank = 0;
+  int64_t hidden = 0;
+  DType dtype = DType::kBF16;
+  const int32_t* token_slot = nullptr;
+  const int64_t* send_offsets = nullptr;  // [W] (backend memory)
+  const void* ret = nullptr;              // [S, H] rows returned by the peers, send layout
+  const void* self_ret = nullptr;         // partial rows of the self chunk
+  int64_t self_ret_offset = 0;
+  void* out = nullptr;  // [T, H]
+};
+
+// Scatter of returned weight gradients to the source layout: for token t, rank r, row
+// q = send_offsets[r] + slot, the j-th set bit of t's slice on r gets ret_grad_w[q][j].
+// (self rank: row self_offset + slot of self_grad_w.) The j-th set bit is expert e = r*L + l; it goes to
+// grad_dense[t][e] when weight_format == kDense, or to grad_compact[t][c] when kCompact, where c is e's
+// compact position (see "Weight of expert e" above). routing.weights is not read. Dense: the caller
+// zeroes grad_dense first (the host reference also writes the unrouted entries as 0); compact: entries
+// of invalid indices are 0. The orchestration calls it once per wanted output, with the one pointer set.
+struct WeightGradParams {
+  int64_t num_tokens = 0;
+  int num_experts = 0;
+  int topk = 0;
+  int num_ranks = 0;
+  int self_rank = 0;
+  RoutingInput routing;  // weight_format says which output: dense or compact
+  const int32_t* token_slot = nullptr;
+  const int64_t* send_offsets = nullptr;
+  const float* ret_grad_w = nullptr;   // [S, KL]
+  const float* self_grad_w = nullptr;  // self chunk rows
+  int64_t self_offset = 0;
+  float* grad_dense = nullptr;    // [T, E] or null
+  float* grad_compact = nullptr;  // [T, k] or null
+};
+
+inline int local_map_bytes(int num_local_experts) { return (num_local_experts + 7) / 8; }
+inline int max_row_experts(int topk, int num_local_experts) {
+  return topk < num_local_experts ? topk : num_local_experts;
+}
+
+}  // namespace bitep::kernels

@@ -1,0 +1,17 @@
+// SPDX-License-Identifier: Apache-2.0
+// CUDA launchers of the router kernels: raw pointers + stream, no handles, no allocation.
+// Zero tokens returns cudaSuccess at once.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "kernels/router_params.h"
+
+namespace bitep::kernels {
+
+cudaError_t launch_router_forward(const RouterForwardParams& params, cudaStream_t stream);
+cudaError_t launch_router_backward(const RouterBackwardParams& params, cudaStream_t stream);
+cudaError_t launch_aux_loss_forward(const AuxLossParams& params, cudaStream_t stream);
+cudaError_t launch_aux_loss_backward(const AuxLossParams& params, cudaStream_t stream);
+
+}  // namespace bitep::kernels

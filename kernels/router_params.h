@@ -1,0 +1,84 @@
+// SPDX-License-Identifier: Apache-2.0
+// Router parameters shared by the host reference (src/host/router_host.cc) and the CUDA kernels
+// (kernels/router_topk.cu). Plain C++: no CUDA types. All pointers live on the backend's memory.
+#pragma once
+
+#include <cstdint>
+
+namespace bitep::kernels {
+
+enum class ScoreFn : int { kSoftmax = 0, kSigmoid = 1, kSqrtSoftplus = 2 };
+enum class DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+enum class MapFormat : int { kNone = 0, kBytemap = 1, kBitmap = 2 };
+
+// Which router function: TE's fused top-k router, or TE's aux-loss score function (scores over all
+// experts, normalised over all E for sigmoid/sqrtsoftplus when k > 1; no groups, bias, scaling).
+enum class RouterMode : int { kTopk = 0, kAuxScores = 1 };
+
+constexpr float kNormEpsilon = 1e-20f;  // TE's epsilon in the sigmoid/sqrtsoftplus normalisation
+
+struct RouterForwardParams {
+  RouterMode mode = RouterMode::kTopk;
+  int64_t num_tokens = 0;
+  int num_experts = 0;
+  int topk = 0;
+  ScoreFn score_fn = ScoreFn::kSoftmax;
+  bool use_pre_softmax = false;
+  int num_groups = 0;  // 0: no group-limited routing
+  int group_topk = 0;
+  float scaling_factor = 1.0f;
+  DType logits_dtype = DType::kF32;
+
+  const void* logits = nullptr;        // [num_tokens, num_experts] logits_dtype
+  const float* expert_bias = nullptr;  // [num_experts] or null (sigmoid/sqrtsoftplus only)
+  float* probs = nullptr;              // [num_tokens, num_experts] fp32 or null (kAuxScores: the scores)
+  uint8_t* routing_map = nullptr;      // BYTEMAP [T, E] or BITMAP_U8 [T, ceil(E/8)] or null
+  MapFormat map_format = MapFormat::kNone;
+  float* topk_weights = nullptr;    // [num_tokens, topk] or null, ascending expert order
+  int32_t* topk_indices = nullptr;  // [num_tokens, topk] or null, ascending
+  float* saved = nullptr;           // [num_tokens, num_experts] fp32 or null
+  int num_ranks = 0;                // dispatch layout epilogue, 0 = off
+  uint8_t* rank_mask = nullptr;     // [num_tokens, ceil(num_ranks/8)] or null
+  int32_t* rank_counts = nullptr;   // [num_ranks] or null (overwritten)
+};
+
+struct RouterBackwardParams {
+  RouterMode mode = RouterMode::kTopk;
+  int64_t num_tokens = 0;
+  int num_experts = 0;
+  int topk = 0;
+  ScoreFn score_fn = ScoreFn::kSoftmax;
+  bool use_pre_softmax = false;
+  float scaling_factor = 1.0f;
+  DType logits_dtype = DType::kF32;
+
+  const float* grad_probs = nullptr;     // [T, E] fp32
+  const uint8_t* routing_map = nullptr;  // [T, E] BYTEMAP or [T, ceil(E/8)] BITMAP_U8 (kTopk only)
+  MapFormat map_format = MapFormat::kNone;
+  const float* saved = nullptr;  // [T, E] forward's saved tensor, or null: recompute from logits
+  const void* logits = nullptr;  // [T, E] logits_dtype (used when saved is null)
+  void* grad_logits = nullptr;   // [T, E] logits_dtype
+};
+
+struct AuxLossParams {
+  int64_t num_tokens = 0;
+  int num_experts = 0;
+  int topk = 0;
+  int64_t total_num_tokens = 0;
+  float coeff = 0.0f;
+  const float* probs = nullptr;                // [T, E]
+  const int32_t* tokens_per_expert = nullptr;  // [E]
+  float* loss = nullptr;                       // [1]
+  const float* grad_loss = nullptr;            // [1]
+  float* grad_probs = nullptr;                 // [T, E]
+};
+
+// C = E * coeff / (k * N * N), TE's aux-loss coefficient, in fp32 as TE computes it.
+inline float aux_loss_scale(const AuxLossParams& p) {
+  double n = static_cast<double>(p.total_num_tokens);
+  return static_cast<float>(static_cast<double>(p.num_experts) * p.coeff / (static_cast<double>(p.topk) * n * n));
+}
+
+inline int bitmap_bytes(int num_bits) { return (num_bits + 7) / 8; }
+
+}  // namespace bitep::kernels

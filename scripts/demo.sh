@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# The main job: an MoE layer routed by bitep's bitmap router, dispatched and combined over the EP
+# group with mpirun. On the GPUs present (cuda backend, NCCL), else on the host reference backend
+# with 4 ranks. Installs what is missing (root + apt) and builds first.
+#   scripts/demo.sh [moe_layer options: --tokens T --hidden H --experts E --topk k]
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+CMAKE_ARGS="${CMAKE_ARGS:-} -DBITEP_BUILD_BENCH=OFF"
+configure_and_build
+
+ngpu=0
+if command -v nvidia-smi >/dev/null; then ngpu=$(nvidia-smi -L 2>/dev/null | wc -l || true); fi
+# The cuda backend needs a build with CUDA and NCCL (libbitep then links libnccl).
+if [ "$ngpu" -ge 1 ] && ldd "$BUILD_DIR"/libbitep.so 2>/dev/null | grep -q libnccl; then
+  echo "== moe_layer on $ngpu GPU(s), cuda backend"
+  exec mpirun -np "$ngpu" "$BUILD_DIR/examples/moe_layer" --backend cuda "$@"
+fi
+echo "== no GPU here: moe_layer on the host reference backend, 4 ranks"
+exec mpirun -np 4 "$BUILD_DIR/examples/moe_layer" --backend host "$@"

@@ -1,0 +1,443 @@
+// SPDX-License-Identifier: Apache-2.0
+// Host reference router vs the fp64 brute-force definition (tests/reference), over a grid of shapes,
+// score functions, options and logit dtypes; degenerate rows; gradients vs finite differences.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "bitep/bitep.h"
+#include "src/host/dtype_host.h"
+#include "tests/reference/router_reference.h"
+
+namespace {
+
+using bitep::ref::Forward;
+
+constexpr double kMapTol = 1e-5;  // relative selection gap under which fp32 rounding may reorder
+
+struct Case {
+  int64_t T;
+  int E, k;
+  bitepScoreFunction_t fn;
+  bool pre, groups, bias;
+  float scaling;
+  bitepDataType_t dtype;
+};
+
+std::string name(const Case& c) {
+  const char* fn = c.fn == bitepScoreSoftmax   ? (c.pre ? "softmaxpre" : "softmax")
+                   : c.fn == bitepScoreSigmoid ? "sigmoid"
+                                               : "sqrtsoftplus";
+  const char* dt = c.dtype == bitepFloat32 ? "f32" : c.dtype == bitepBfloat16 ? "bf16" : "f16";
+  return "T" + std::to_string(c.T) + "_E" + std::to_string(c.E) + "_k" + std::to_string(c.k) + "_" + fn +
+         (c.groups ? "_groups" : "") + (c.bias ? "_bias" : "") + (c.scaling != 1.0f ? "_scaled" : "") + "_" + dt;
+}
+
+// Group settings valid for (E, k): the most groups in {8, 4, 2} that divide E and leave enough
+// candidates; group_topk = half of them (at most k).
+bool group_config(int E, int k, int* G, int* gk) {
+  for (int g : {8, 4, 2}) {
+    if (E % g) continue;
+    const int gs = E / g;
+    for (int top = std::min(g / 2, k); top >= 1; --top) {
+      if (k / top >= 1 && k / top <= gs && k <= top * gs) {
+        *G = g;
+        *gk = top;
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+bitepRouterConfig_t config_of(const Case& c) {
+  bitepRouterConfig_t cfg = BITEP_ROUTER_CONFIG_INIT;
+  cfg.num_experts = c.E;
+  cfg.topk = c.k;
+  cfg.score_function = c.fn;
+  cfg.use_pre_softmax = c.pre;
+  cfg.scaling_factor = c.scaling;
+  cfg.logits_dtype = c.dtype;
+  if (c.groups) group_config(c.E, c.k, &cfg.num_groups, &cfg.group_topk);
+  return cfg;
+}
+
+// Logits in the case's dtype: normal(0, 2) from a seed, as raw bytes.
+std::vector<uint8_t> make_logits(const Case& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 2.0f);
+  const int bytes = c.dtype == bitepFloat32 ? 4 : 2;
+  std::vector<uint8_t> out(static_cast<size_t>(c.T) * c.E * bytes);
+  const auto dt = c.dtype == bitepFloat32    ? bitep::kernels::DType::kF32
+                  : c.dtype == bitepBfloat16 ? bitep::kernels::DType::kBF16
+                                             : bitep::kernels::DType::kF16;
+  for (int64_t i = 0; i < c.T * c.E; ++i) bitep::host::store_from_float(out.data(), dt, i, dist(rng));
+  return out;
+}
+
+std::vector<float> make_bias(int E, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(-0.1f, 0.1f);
+  std::vector<float> b(E);
+  for (float& v : b) v = dist(rng);
+  return b;
+}
+
+// Gradient error per row: ||got - ref|| / max(||ref||, scale * ||grad_probs||). The second term is the
+// size of the input gradient: the backward's fp32 formulas (TE's: s * (1 - s) from the saved sigmoid,
+// y_i * (g_i - dot) for softmax) cancel digits when a score saturates, so the error is bounded against
+// the input, not against a small output. Worst row over `rows`.
+double grad_err(const std::vector<double>& ref,
+                const std::vector<double>& got,
+                const std::vector<float>& gp,
+                int64_t T,
+                int E,
+                double scale,
+                const std::vector<char>& rows) {
+  double worst = 0.0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (!rows[t]) continue;
+    double num = 0, den = 0, in = 0;
+    for (int e = 0; e < E; ++e) {
+      const double d = got[t * E + e] - ref[t * E + e];
+      num += std::isnan(d) ? INFINITY : d * d;
+      den += ref[t * E + e] * ref[t * E + e];
+      in += double(gp[t * E + e]) * gp[t * E + e];
+    }
+    worst = std::max(worst, std::sqrt(num) / std::max({std::sqrt(den), std::fabs(scale) * std::sqrt(in), 1e-30}));
+  }
+  return worst;
+}
+
+// By the dtype the gradient is written in: fp32 arithmetic, or its rounding to bf16 / fp16.
+double grad_tol(bitepDataType_t dt) { return dt == bitepFloat32 ? 1e-5 : dt == bitepFloat16 ? 2e-3 : 1e-2; }
+
+class RouterGrid : public ::testing::TestWithParam<Case> {};
+
+TEST_P(RouterGrid, HostMatchesFp64Reference) {
+  const Case c = GetParam();
+  const bitepRouterConfig_t cfg = config_of(c);
+  const int E = c.E, k = c.k, B = (E + 7) / 8;
+  const int64_t T = c.T;
+  const auto logits = make_logits(c, 1234u + static_cast<uint32_t>(E * 31 + k));
+  const auto bias = make_bias(E, 99);
+  const float* bias_ptr = c.bias ? bias.data() : nullptr;
+  const int W = (E % 4 == 0) ? 4 : 1;
+
+  // Poisoned outputs: every element must be written.
+  std::vector<float> probs(T * E, NAN), saved(T * E, NAN), w(T * k, NAN);
+  std::vector<int32_t> idx(T * k, -7), counts(W, -7);
+  std::vector<uint8_t> bitmap(T * B, 0xA5), bytemap(T * E, 0xA5), mask(T * ((W + 7) / 8), 0xA5);
+
+  bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+  a.num_tokens = T;
+  a.logits = logits.data();
+  a.expert_bias = bias_ptr;
+  a.probs = probs.data();
+  a.routing_map = bitmap.data();
+  a.map_format = bitepMapBitmapU8;
+  a.topk_weights = w.data();
+  a.topk_indices = idx.data();
+  a.saved = saved.data();
+  a.num_ranks = W;
+  a.rank_mask = mask.data();
+  a.rank_counts = counts.data();
+  ASSERT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
+
+  // Bytemap run: same routing, every byte in {0, 1}, packs to the bitmap bit for bit.
+  bitepRouterForwardArgs_t b = BITEP_ROUTER_FWD_ARGS_INIT;
+  b.num_tokens = T;
+  b.logits = logits.data();
+  b.expert_bias = bias_ptr;
+  b.routing_map = bytemap.data();
+  b.map_format = bitepMapBytemap;
+  ASSERT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &b, nullptr), bitepSuccess) << bitepGetLastError();
+  EXPECT_EQ(bitep::ref::pack_bitmap(bytemap.data(), T, E), bitmap);
+
+  std::string err;
+  const auto from_bitmap = bitep::ref::indices_from_bitmap(bitmap.data(), T, E, k, &err);
+  ASSERT_TRUE(err.empty()) << err;
+  const auto from_bytemap = bitep::ref::indices_from_bytemap(bytemap.data(), T, E, k, &err);
+  ASSERT_TRUE(err.empty()) << err;
+  EXPECT_EQ(from_bitmap, idx) << "topk_indices differ from the bitmap";
+  EXPECT_EQ(from_bytemap, idx);
+
+  const auto x = bitep::ref::to_double(logits.data(), c.dtype, T * E);
+  const Forward ref = bitep::ref::router_forward(cfg, T, x, bias_ptr, false);
+  const auto cmp = bitep::ref::compare_indices(ref, idx, T, k, kMapTol);
+  EXPECT_TRUE(cmp.first_unexplained.empty()) << cmp.first_unexplained;
+  EXPECT_LE(cmp.near_ties, std::max<int64_t>(2, T / 100)) << "near-ties: " << cmp.near_ties;
+  if (cmp.near_ties) std::printf("[ info ] %s: %lld near-tie tokens\n", name(c).c_str(), (long long)cmp.near_ties);
+
+  // Weights on the tokens whose experts match the reference.
+  std::vector<char> same(T, 0);
+  for (int64_t t = 0; t < T; ++t)
+    same[t] = std::equal(idx.begin() + t * k, idx.begin() + (t + 1) * k, ref.indices.begin() + t * k);
+  EXPECT_LE(bitep::ref::max_row_rel_err(ref.probs, probs.data(), T, E, same), 2e-5);
+  EXPECT_LE(bitep::ref::max_row_rel_err(ref.weights, w.data(), T, k, same), 2e-5);
+  EXPECT_LE(bitep::ref::max_row_rel_err(ref.saved, saved.data(), T, E, same), 2e-5);
+
+  // Dispatch layout epilogue.
+  std::vector<int32_t> want_counts(W, 0);
+  const int L = E / W, MB = (W + 7) / 8;
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<uint8_t> want(MB, 0);
+    for (int j = 0; j < k; ++j) want[idx[t * k + j] / L / 8] |= static_cast<uint8_t>(1u << (idx[t * k + j] / L % 8));
+    for (int r = 0; r < W; ++r) want_counts[r] += (want[r / 8] >> (r % 8)) & 1;
+    ASSERT_EQ(0, std::memcmp(want.data(), &mask[t * MB], MB)) << "rank mask of token " << t;
+  }
+  EXPECT_EQ(want_counts, counts);
+
+  // Backward, from the saved tensor and recomputed from the logits, against the fp64 definition.
+  std::mt19937 rng(7);
+  std::normal_distribution<float> gd(0.0f, 1.0f);
+  std::vector<float> gp(T * E);
+  for (float& v : gp) v = gd(rng);
+  const std::vector<double> gp64(gp.begin(), gp.end());
+  const auto ref_grad = bitep::ref::router_backward(cfg, T, x, bytemap, gp64, false);
+  const int ds = c.dtype == bitepFloat32 ? 4 : 2;
+  for (int recompute = 0; recompute < 2; ++recompute) {
+    std::vector<uint8_t> gl(T * E * ds, 0xA5);
+    bitepRouterBackwardArgs_t bw = BITEP_ROUTER_BWD_ARGS_INIT;
+    bw.num_tokens = T;
+    bw.grad_probs = gp.data();
+    bw.routing_map = bitmap.data();
+    bw.map_format = bitepMapBitmapU8;
+    bw.saved = recompute ? nullptr : saved.data();
+    bw.logits = logits.data();
+    bw.grad_logits = gl.data();
+    ASSERT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &bw, nullptr), bitepSuccess) << bitepGetLastError();
+    const auto g = bitep::ref::to_double(gl.data(), c.dtype, T * E);
+    EXPECT_LE(grad_err(ref_grad, g, gp, T, E, c.scaling, same), grad_tol(c.dtype))
+        << (recompute ? "recompute" : "saved");
+  }
+}
+
+std::vector<Case> grid() {
+  std::vector<Case> cases;
+  struct Fn {
+    bitepScoreFunction_t fn;
+    bool pre, groups, bias;
+    float scaling;
+  };
+  const Fn fns[] = {{bitepScoreSoftmax, false, false, false, 1.0f},     {bitepScoreSoftmax, true, false, false, 1.0f},
+                    {bitepScoreSigmoid, false, false, false, 1.0f},     {bitepScoreSigmoid, false, true, true, 2.5f},
+                    {bitepScoreSqrtSoftplus, false, false, true, 1.0f}, {bitepScoreSoftmax, false, true, false, 1.0f}};
+  for (int E : {1, 8, 32, 130, 256, 1000, 2048})
+    for (int k0 : {1, 2, 8, 32, -1}) {
+      const int k = k0 < 0 ? E : k0;
+      if (k > E || (k0 > 0 && k0 == E)) continue;
+      for (const Fn& f : fns)
+        for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16, bitepFloat16}) {
+          int G, gk;
+          if (f.groups && !group_config(E, k, &G, &gk)) continue;
+          // T = 7 everywhere; T = 4096 where the fp64 reference stays quick; 0 and 1 on fp32.
+          cases.push_back({7, E, k, f.fn, f.pre, f.groups, f.bias, f.scaling, dt});
+          if (dt == bitepFloat32) {
+            cases.push_back({0, E, k, f.fn, f.pre, f.groups, f.bias, f.scaling, dt});
+            cases.push_back({1, E, k, f.fn, f.pre, f.groups, f.bias, f.scaling, dt});
+          }
+          if (E <= 256 && k <= 8 && dt != bitepFloat16)
+            cases.push_back({4096, E, k, f.fn, f.pre, f.groups, f.bias, f.scaling, dt});
+        }
+    }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Host, RouterGrid, ::testing::ValuesIn(grid()), [](const ::testing::TestParamInfo<Case>& i) {
+  return name(i.param);
+});
+
+// ---- degenerate rows: exactly k distinct experts, ties to the lower index, NaN last ----------------
+
+std::vector<int32_t> route(const bitepRouterConfig_t& cfg, const std::vector<float>& logits, int64_t T) {
+  std::vector<uint8_t> bitmap(T * ((cfg.num_experts + 7) / 8), 0xFF);
+  std::vector<int32_t> idx(T * cfg.topk, -1);
+  bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+  a.num_tokens = T;
+  a.logits = logits.data();
+  a.routing_map = bitmap.data();
+  a.map_format = bitepMapBitmapU8;
+  a.topk_indices = idx.data();
+  EXPECT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
+  std::string err;
+  EXPECT_EQ(bitep::ref::indices_from_bitmap(bitmap.data(), T, cfg.num_experts, cfg.topk, &err), idx);
+  EXPECT_TRUE(err.empty()) << err;
+  return idx;
+}
+
+TEST(RouterDegenerate, TiesAllEqualInfNaN) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  for (bitepScoreFunction_t fn : {bitepScoreSoftmax, bitepScoreSigmoid, bitepScoreSqrtSoftplus}) {
+    for (int pre = 0; pre < (fn == bitepScoreSoftmax ? 2 : 1); ++pre) {
+      bitepRouterConfig_t cfg = BITEP_ROUTER_CONFIG_INIT;
+      cfg.num_experts = 10;
+      cfg.topk = 3;
+      cfg.score_function = fn;
+      cfg.use_pre_softmax = pre;
+      const std::vector<std::vector<float>> rows = {
+          {1, 1, 1, 1, 1, 1, 1, 1, 1, 1},  // all equal -> 0, 1, 2
+          {-inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf},
+          {nan, nan, nan, nan, nan, nan, nan, nan, nan, nan},    // all NaN -> 0, 1, 2
+          {nan, 0, nan, -inf, 5, 5, nan, -inf, 0, nan},          // 4, 5 (tie), then 1 (tie with 8)
+          {-inf, nan, -inf, nan, -inf, 2, nan, -inf, nan, nan},  // 5, then -inf ties 0, 2
+          {0, 3, 0, 3, 0, 3, 0, 3, 0, 3},                        // 1, 3, 5
+      };
+      // Pre-top-k softmax: one NaN makes the whole row NaN, and then the lowest indices win.
+      std::vector<std::vector<int32_t>> want = {{0, 1, 2}, {0, 1, 2}, {0, 1, 2}, {1, 4, 5}, {0, 2, 5}, {1, 3, 5}};
+      if (pre) want[3] = want[4] = {0, 1, 2};
+      std::vector<float> logits;
+      for (const auto& r : rows) logits.insert(logits.end(), r.begin(), r.end());
+      const auto idx = route(cfg, logits, static_cast<int64_t>(rows.size()));
+      for (size_t t = 0; t < rows.size(); ++t)
+        EXPECT_EQ(std::vector<int32_t>(idx.begin() + t * 3, idx.begin() + t * 3 + 3), want[t])
+            << "fn " << fn << " pre " << pre << " row " << t;
+      // The fp64 definition agrees exactly (exact ties are not excused as near-ties).
+      const auto ref = bitep::ref::router_forward(cfg, static_cast<int64_t>(rows.size()),
+                                                  std::vector<double>(logits.begin(), logits.end()), nullptr, false);
+      EXPECT_EQ(ref.indices, idx);
+    }
+  }
+}
+
+TEST(RouterDegenerate, KEqualsEAndBiasTies) {
+  bitepRouterConfig_t cfg = BITEP_ROUTER_CONFIG_INIT;
+  cfg.num_experts = 9;
+  cfg.topk = 9;
+  cfg.score_function = bitepScoreSigmoid;
+  std::vector<float> logits(2 * 9, NAN);
+  const auto idx = route(cfg, logits, 2);
+  for (int j = 0; j < 18; ++j) EXPECT_EQ(idx[j], j % 9);
+}
+
+// ---- gradient formulas vs finite differences of the fp64 forward ---------------------------------
+
+TEST(RouterGradient, Fp64BackwardMatchesFiniteDifferences) {
+  struct Fn {
+    bitepScoreFunction_t fn;
+    int pre;
+    bool aux;
+  };
+  for (const Fn f : {Fn{bitepScoreSoftmax, 0, false}, Fn{bitepScoreSoftmax, 1, false}, Fn{bitepScoreSigmoid, 0, false},
+                     Fn{bitepScoreSqrtSoftplus, 0, false}, Fn{bitepScoreSoftmax, 0, true},
+                     Fn{bitepScoreSigmoid, 0, true}, Fn{bitepScoreSqrtSoftplus, 0, true}}) {
+    for (int k : {1, 3}) {
+      bitepRouterConfig_t cfg = BITEP_ROUTER_CONFIG_INIT;
+      cfg.num_experts = 12;
+      cfg.topk = k;
+      cfg.score_function = f.fn;
+      cfg.use_pre_softmax = f.pre;
+      cfg.scaling_factor = f.aux ? 1.0f : 1.5f;
+      const int64_t T = 4;
+      const int E = 12;
+      std::mt19937 rng(k * 7 + f.fn);
+      std::normal_distribution<double> d(0.0, 1.5);
+      std::vector<double> x(T * E), g(T * E);
+      for (double& v : x) v = d(rng);
+      for (double& v : g) v = d(rng);
+      const auto base = bitep::ref::router_forward(cfg, T, x, nullptr, f.aux);
+      const auto grad = bitep::ref::router_backward(cfg, T, x, base.bytemap, g, f.aux);
+      const double h = 1e-6;
+      for (int64_t i = 0; i < T * E; ++i) {
+        auto xp = x, xm = x;
+        xp[i] += h;
+        xm[i] -= h;
+        const auto fp = bitep::ref::router_forward(cfg, T, xp, nullptr, f.aux);
+        const auto fm = bitep::ref::router_forward(cfg, T, xm, nullptr, f.aux);
+        ASSERT_EQ(fp.bytemap, base.bytemap) << "map moved under the perturbation";
+        ASSERT_EQ(fm.bytemap, base.bytemap);
+        double lp = 0, lm = 0;
+        for (int64_t j = 0; j < T * E; ++j) lp += g[j] * fp.probs[j], lm += g[j] * fm.probs[j];
+        const double fd = (lp - lm) / (2 * h);
+        EXPECT_NEAR(grad[i], fd, 1e-6 * std::max(1.0, std::fabs(fd)))
+            << "fn " << f.fn << " pre " << f.pre << " aux " << f.aux << " k " << k << " element " << i;
+      }
+    }
+  }
+}
+
+// ---- aux-loss scores and loss -----------------------------------------------------------------
+
+TEST(AuxLoss, ScoresLossAndGradientsMatchFp64) {
+  for (bitepScoreFunction_t fn : {bitepScoreSoftmax, bitepScoreSigmoid, bitepScoreSqrtSoftplus}) {
+    const Case c{257, 64, 6, fn, false, false, false, 1.0f, bitepBfloat16};
+    bitepRouterConfig_t cfg = config_of(c);
+    const auto logits = make_logits(c, 5);
+    const int64_t T = c.T;
+    const int E = c.E;
+    std::vector<float> scores(T * E, NAN), saved(T * E, NAN);
+    std::vector<uint8_t> bytemap(T * E, 0xA5);
+    bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+    a.num_tokens = T;
+    a.logits = logits.data();
+    a.probs = scores.data();
+    a.routing_map = bytemap.data();
+    a.map_format = bitepMapBytemap;
+    a.saved = saved.data();
+    ASSERT_EQ(bitepAuxScoresForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
+    const auto x = bitep::ref::to_double(logits.data(), c.dtype, T * E);
+    const auto ref = bitep::ref::router_forward(cfg, T, x, nullptr, true);
+    std::string err;
+    const auto idx = bitep::ref::indices_from_bytemap(bytemap.data(), T, E, c.k, &err);
+    ASSERT_TRUE(err.empty()) << err;
+    const auto cmp = bitep::ref::compare_indices(ref, idx, T, c.k, kMapTol);
+    EXPECT_TRUE(cmp.first_unexplained.empty()) << cmp.first_unexplained;
+    EXPECT_LE(bitep::ref::max_row_rel_err(ref.probs, scores.data(), T, E), 2e-5);
+    EXPECT_LE(bitep::ref::max_row_rel_err(ref.saved, saved.data(), T, E), 2e-5);
+
+    // Scores backward, saved and recompute.
+    std::vector<float> gs(T * E);
+    std::mt19937 rng(3);
+    std::normal_distribution<float> gd(0.0f, 1.0f);
+    for (float& v : gs) v = gd(rng);
+    const auto ref_g =
+        bitep::ref::router_backward(cfg, T, x, ref.bytemap, std::vector<double>(gs.begin(), gs.end()), true);
+    for (int recompute = 0; recompute < 2; ++recompute) {
+      std::vector<uint16_t> gl(T * E, 0xFFFF);
+      bitepRouterBackwardArgs_t bw = BITEP_ROUTER_BWD_ARGS_INIT;
+      bw.num_tokens = T;
+      bw.grad_probs = gs.data();
+      bw.saved = recompute ? nullptr : saved.data();
+      bw.logits = logits.data();
+      bw.grad_logits = gl.data();
+      ASSERT_EQ(bitepAuxScoresBackward(bitepBackendHost, &cfg, &bw, nullptr), bitepSuccess) << bitepGetLastError();
+      const auto g = bitep::ref::to_double(gl.data(), bitepBfloat16, T * E);
+      EXPECT_LE(grad_err(ref_g, g, gs, T, E, 1.0, std::vector<char>(T, 1)), grad_tol(bitepBfloat16));
+    }
+
+    // Loss and its gradient; two runs bit-identical.
+    std::vector<int32_t> tpe(E);
+    for (int e = 0; e < E; ++e) tpe[e] = (e * 37) % 11;
+    bitepAuxLossArgs_t la = BITEP_AUX_LOSS_ARGS_INIT;
+    la.num_tokens = T;
+    la.num_experts = E;
+    la.topk = c.k;
+    la.total_num_tokens = 4 * T;
+    la.coeff = 1e-2f;
+    la.probs = scores.data();
+    la.tokens_per_expert = tpe.data();
+    float loss1 = NAN, loss2 = NAN;
+    la.loss = &loss1;
+    ASSERT_EQ(bitepAuxLossForward(bitepBackendHost, &la, nullptr), bitepSuccess) << bitepGetLastError();
+    la.loss = &loss2;
+    ASSERT_EQ(bitepAuxLossForward(bitepBackendHost, &la, nullptr), bitepSuccess);
+    EXPECT_EQ(std::memcmp(&loss1, &loss2, 4), 0);
+    const double want =
+        bitep::ref::aux_loss(T, E, c.k, 4 * T, 1e-2, std::vector<double>(scores.begin(), scores.end()), tpe);
+    EXPECT_NEAR(loss1, want, 1e-6 * std::fabs(want));
+    std::vector<float> gp(T * E, NAN);
+    const float gl = 0.5f;
+    la.grad_loss = &gl;
+    la.grad_probs = gp.data();
+    ASSERT_EQ(bitepAuxLossBackward(bitepBackendHost, &la, nullptr), bitepSuccess) << bitepGetLastError();
+    const double C = E * 1e-2 / (c.k * double(4 * T) * double(4 * T));
+    for (int64_t i = 0; i < T * E; ++i) ASSERT_NEAR(gp[i], C * tpe[i % E] * 0.5, 1e-6 * C * 11) << i;
+  }
+}
+
+}  // namespace
