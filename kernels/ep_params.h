@@ -44,7 +44,8 @@ struct RoutingInput {
 
 // 1. Layout: routing map -> per destination rank counts and each token's slot in each destination
 // chunk, in ascending token order (deterministic). counts is overwritten in full (all W*(L+1) entries,
-// zeros included), never accumulated; token_slot[t][r] = number of tokens t' < t that go to r, or -1.
+// zeros included), never accumulated, when T > 0 (T = 0 writes nothing: the orchestration zeroes counts
+// itself); token_slot[t][r] = number of tokens t' < t that go to r, or -1.
 // counts[r][1 + l] counts the tokens whose slice on r has bit l. routing.weights is not read.
 struct LayoutParams {
   int64_t num_tokens = 0;

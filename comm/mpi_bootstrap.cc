@@ -1,0 +1,133 @@
+// SPDX-License-Identifier: Apache-2.0
+// bitepGroupCreateMpi: both backends from an MPI communicator. The ranks first agree on the config over
+// MPI (so a mismatch, even of the backend, fails on every rank), then:
+//   host: the group's transport is MPI itself, over a duplicate of comm;
+//   cuda: each rank picks its device (config->device, or its index among the ranks of its node), rank 0
+//         makes an NCCL unique id, every rank learns it over MPI, and the group runs over a new NCCL
+//         communicator (comm/nccl_transport.cc's make_nccl_transport).
+#include <cstring>
+#include <vector>
+
+#include "bitep/bitep_mpi.h"
+#include "comm/mpi_transport.h"
+#include "src/check.h"
+#include "src/ep/collective.h"
+#include "src/ep/group.h"
+
+#ifdef BITEP_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+#ifdef BITEP_HAVE_NCCL
+#include <nccl.h>
+#endif
+
+namespace bitep::ep {
+namespace {
+
+constexpr double kDefaultTimeout = 300.0;  // until the config (and its timeout) is known to be valid
+
+#ifdef BITEP_HAVE_NCCL
+// The cuda backend's device: config->device, or the rank's index among the ranks of its node.
+bitepResult_t pick_device(MPI_Comm comm, const bitepGroupConfig_t* config, int* device) {
+  MPI_Comm node = MPI_COMM_NULL;
+  BITEP_MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
+  int local_rank = 0;
+  MPI_Comm_rank(node, &local_rank);
+  MPI_Comm_free(&node);
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    count = 0;
+  }
+  *device = config->device >= 0 ? config->device : local_rank;
+  if (*device >= count)
+    BITEP_FAIL(bitepNotSupported, "the cuda backend needs device %d (%s) but %d CUDA device(s) are visible%s", *device,
+               config->device >= 0 ? "config->device" : "this rank's index on its node", count,
+               config->device >= 0 ? "" : ": run fewer ranks per node, or set config->device");
+  return bitepSuccess;
+}
+
+struct IdMessage {
+  int32_t status;
+  bitepUniqueId id;
+};
+
+bitepResult_t create_nccl(Transport* mpi, MPI_Comm comm, const bitepGroupConfig_t* config, bitepGroup_t* group) {
+  int device = -1;
+  bitepResult_t local = pick_device(comm, config, &device);
+  IdMessage mine{};
+  if (local == bitepSuccess && mpi->rank() == 0) local = nccl_get_unique_id(&mine.id);
+  mine.status = local;
+  SavedError saved(local);
+  std::vector<IdMessage> all(mpi->nranks());
+  const bitepResult_t r = mpi->allgather_host(&mine, all.data(), sizeof(IdMessage));
+  if (r != bitepSuccess) return local != bitepSuccess ? saved.restore() : r;
+  if (local != bitepSuccess) return saved.restore();
+  for (int q = 0; q < mpi->nranks(); ++q)
+    if (all[q].status != bitepSuccess)
+      BITEP_FAIL(bitepRemoteError,
+                 "rank %d could not set up its part of the cuda group (%s); see that rank's "
+                 "bitepGetLastError()",
+                 q, bitepGetErrorString(static_cast<bitepResult_t>(all[q].status)));
+  int prev = -1;
+  BITEP_CUDA_CHECK(cudaGetDevice(&prev));
+  if (prev != device) BITEP_CUDA_CHECK(cudaSetDevice(device));
+  struct ncclComm* nccl = nullptr;
+  bitepResult_t res = nccl_comm_init(&all[0].id, mpi->nranks(), mpi->rank(), config->timeout_s, &nccl);
+  if (res == bitepSuccess) {
+    std::unique_ptr<Transport> t;
+    res = make_nccl_transport(nccl, /*owned=*/true, &t);
+    if (res != bitepSuccess) ncclCommAbort(nccl);  // the factory leaves comm to us when it fails
+    if (res == bitepSuccess) {
+      bitepGroupConfig_t cfg = *config;
+      cfg.device = device;
+      res = create_group(std::move(t), &cfg, device, group, /*configs_agreed=*/true);
+    }
+  }
+  if (prev != device) cudaSetDevice(prev);
+  return res;
+}
+#endif
+
+bitepResult_t create_mpi(MPI_Comm comm, const bitepGroupConfig_t* config, bitepGroup_t* group) {
+  if (group != nullptr) *group = nullptr;
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (!initialized || finalized)
+    BITEP_FAIL(bitepInvalidUsage, "MPI is %s: call bitepGroupCreateMpi between MPI_Init and MPI_Finalize",
+               initialized ? "finalized" : "not initialised");
+  BITEP_ARG_CHECK(comm != MPI_COMM_NULL, "comm is MPI_COMM_NULL");
+  // Collective and blocking: every rank duplicates before any check can make it leave.
+  MPI_Comm dup = MPI_COMM_NULL;
+  BITEP_MPI_CHECK(MPI_Comm_dup(comm, &dup));
+  MPI_Comm_set_errhandler(dup, MPI_ERRORS_RETURN);
+  bitepResult_t local = check_group_config(config);
+  if (local == bitepSuccess && group == nullptr)
+    local = set_error(bitepInvalidArgument, __FILE__, __LINE__, "group is NULL");
+#ifndef BITEP_HAVE_NCCL
+  if (local == bitepSuccess && config->backend == bitepBackendCuda)
+    local = set_error(bitepNotSupported, __FILE__, __LINE__,
+                      "config->backend is bitepBackendCuda but this bitep was built without NCCL");
+#endif
+  std::unique_ptr<Transport> mpi = make_mpi_transport(dup, local == bitepSuccess ? config->timeout_s : kDefaultTimeout);
+  SavedError saved(local);
+  const ConfigBlob blob = make_config_blob(config, mpi->nranks(), local);
+  std::vector<ConfigBlob> all(mpi->nranks());
+  const bitepResult_t r = mpi->allgather_host(&blob, all.data(), sizeof(ConfigBlob));
+  if (r != bitepSuccess) return local != bitepSuccess ? saved.restore() : r;
+  BITEP_CHECK(agree_configs(all.data(), mpi->nranks(), mpi->rank(), local));
+  if (config->backend == bitepBackendHost) return create_group(std::move(mpi), config, -1, group, true);
+#ifdef BITEP_HAVE_NCCL
+  return create_nccl(mpi.get(), dup, config, group);
+#else
+  BITEP_FAIL(bitepInternalError, "unreachable: cuda backend without NCCL");
+#endif
+}
+
+}  // namespace
+}  // namespace bitep::ep
+
+extern "C" bitepResult_t bitepGroupCreateMpi(MPI_Comm comm, const bitepGroupConfig_t* config, bitepGroup_t* group) {
+  return bitep::guard("bitepGroupCreateMpi", [&] { return bitep::ep::create_mpi(comm, config, group); });
+}

@@ -1,0 +1,190 @@
+// SPDX-License-Identifier: Apache-2.0
+// MPI transport of the host backend. Nonblocking MPI calls polled with MPI_Testsome until done or until
+// the timeout: a failed or stalled peer gives bitepTimeout naming the peers that did not answer, never a
+// hang. After a timeout the transport is broken (every later call fails): receives are cancelled, and the
+// memory MPI may still touch (our scratch buffers; the group's pool) is never freed.
+#include "comm/mpi_transport.h"
+
+#include <sched.h>
+
+#include <chrono>
+#include <climits>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "src/check.h"
+
+namespace bitep::ep {
+namespace {
+
+constexpr uint64_t kChunkBytes = uint64_t{1} << 30;  // one MPI message carries at most INT_MAX bytes
+
+class MpiTransport final : public Transport {
+ public:
+  MpiTransport(MPI_Comm comm, double timeout_s) : comm_(comm), timeout_s_(timeout_s) {
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &nranks_);
+  }
+
+  ~MpiTransport() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized || !broken_.empty()) {
+      // After a timeout MPI may still own requests on these buffers and this communicator: leave them.
+      new std::vector<char>(std::move(coll_in_));
+      new std::vector<char>(std::move(coll_out_));
+      return;
+    }
+    MPI_Comm_free(&comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int nranks() const override { return nranks_; }
+
+  bitepResult_t allgather_host(const void* in, void* out, size_t bytes) override {
+    BITEP_CHECK(check_usable("allgather_host"));
+    BITEP_ARG_CHECK(bytes <= INT_MAX, "internal: allgather_host of %zu bytes", bytes);
+    coll_in_.assign(static_cast<const char*>(in), static_cast<const char*>(in) + bytes);
+    coll_out_.assign(bytes * nranks_, 0);
+    std::vector<MPI_Request> reqs(1, MPI_REQUEST_NULL);
+    BITEP_MPI_CHECK(MPI_Iallgather(coll_in_.data(), static_cast<int>(bytes), MPI_BYTE, coll_out_.data(),
+                                   static_cast<int>(bytes), MPI_BYTE, comm_, &reqs[0]));
+    BITEP_CHECK(wait(&reqs, {}, timeout_s_, "an allgather (argument agreement)"));
+    std::memcpy(out, coll_out_.data(), coll_out_.size());
+    return bitepSuccess;
+  }
+
+  bitepResult_t exchange_counts(
+      const int32_t* send, int32_t* recv, int32_t* recv_host, int n, bitepStream_t, double timeout_s) override {
+    BITEP_CHECK(check_usable("exchange_counts"));
+    const size_t bytes = sizeof(int32_t) * static_cast<size_t>(n) * nranks_;
+    coll_in_.assign(reinterpret_cast<const char*>(send), reinterpret_cast<const char*>(send) + bytes);
+    coll_out_.assign(bytes, 0);
+    std::vector<MPI_Request> reqs(1, MPI_REQUEST_NULL);
+    BITEP_MPI_CHECK(MPI_Ialltoall(coll_in_.data(), n, MPI_INT32_T, coll_out_.data(), n, MPI_INT32_T, comm_, &reqs[0]));
+    BITEP_CHECK(wait(&reqs, {}, timeout_s, "the count exchange"));
+    std::memcpy(recv, coll_out_.data(), bytes);
+    std::memcpy(recv_host, coll_out_.data(), bytes);
+    return bitepSuccess;
+  }
+
+  bitepResult_t alltoallv(const std::vector<std::vector<PeerBuffers>>& per_peer,
+                          bitepStream_t,
+                          double timeout_s) override {
+    BITEP_CHECK(check_usable("alltoallv"));
+    BITEP_ARG_CHECK(static_cast<int>(per_peer.size()) == nranks_, "internal: alltoallv with %zu peers, expected %d",
+                    per_peer.size(), nranks_);
+    std::vector<MPI_Request> reqs;
+    std::vector<Pending> what;
+    // Receives first, then sends; entry i of a peer travels with tag i, its chunks in order.
+    for (int pass = 0; pass < 2; ++pass) {
+      for (int p = 0; p < nranks_; ++p) {
+        if (p == rank_) continue;
+        for (size_t i = 0; i < per_peer[p].size(); ++i) {
+          const PeerBuffers& b = per_peer[p][i];
+          const uint64_t total = pass == 0 ? b.recv_bytes : b.send_bytes;
+          for (uint64_t off = 0; off < total; off += kChunkBytes) {
+            const int len = static_cast<int>(total - off < kChunkBytes ? total - off : kChunkBytes);
+            MPI_Request req = MPI_REQUEST_NULL;
+            const int tag = static_cast<int>(i);
+            int err = pass == 0 ? MPI_Irecv(static_cast<char*>(b.recv) + off, len, MPI_BYTE, p, tag, comm_, &req)
+                                : MPI_Isend(static_cast<const char*>(b.send) + off, len, MPI_BYTE, p, tag, comm_, &req);
+            if (err != MPI_SUCCESS) {
+              abandon(&reqs, what);
+              return mpi_error(err, pass == 0 ? "MPI_Irecv" : "MPI_Isend", __FILE__, __LINE__);
+            }
+            reqs.push_back(req);
+            what.push_back({p, pass == 0});
+          }
+        }
+      }
+    }
+    return wait(&reqs, what, timeout_s, "the all-to-all-v");
+  }
+
+ private:
+  struct Pending {
+    int peer;
+    bool recv;
+  };
+
+  bitepResult_t check_usable(const char* op) {
+    if (!broken_.empty())
+      BITEP_FAIL(bitepInvalidUsage, "MPI transport: %s after an earlier failure (%s)", op, broken_.c_str());
+    return bitepSuccess;
+  }
+
+  // Cancels what can be cancelled and lets MPI keep the rest; the transport is broken from now on.
+  void abandon(std::vector<MPI_Request>* reqs, const std::vector<Pending>& what) {
+    for (size_t i = 0; i < reqs->size(); ++i) {
+      MPI_Request& r = (*reqs)[i];
+      if (r == MPI_REQUEST_NULL || what.empty()) continue;  // collectives cannot be cancelled nor freed
+      if (what[i].recv) MPI_Cancel(&r);
+      MPI_Request_free(&r);
+    }
+    if (broken_.empty()) broken_ = "an operation was abandoned";
+  }
+
+  // Polls until every request is done, or fails with bitepTimeout after timeout_s (what[i] names request
+  // i's peer; empty for a collective).
+  bitepResult_t wait(std::vector<MPI_Request>* reqs,
+                     const std::vector<Pending>& what,
+                     double timeout_s,
+                     const char* op) {
+    if (reqs->empty()) return bitepSuccess;
+    const auto start = std::chrono::steady_clock::now();
+    std::vector<int> done(reqs->size());
+    for (long spin = 0;; ++spin) {
+      int outcount = 0;
+      const int err =
+          MPI_Testsome(static_cast<int>(reqs->size()), reqs->data(), &outcount, done.data(), MPI_STATUSES_IGNORE);
+      if (err != MPI_SUCCESS) {
+        abandon(reqs, what);
+        broken_ = "MPI_Testsome failed";
+        return mpi_error(err, "MPI_Testsome", __FILE__, __LINE__);
+      }
+      if (outcount == MPI_UNDEFINED) return bitepSuccess;  // no active request left
+      if (outcount > 0) spin = 0;
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (elapsed > timeout_s) {
+        std::string peers;
+        std::vector<char> named(nranks_, 0);
+        for (size_t i = 0; i < reqs->size() && i < what.size(); ++i) {
+          if ((*reqs)[i] == MPI_REQUEST_NULL || named[what[i].peer]) continue;
+          named[what[i].peer] = 1;
+          peers += (peers.empty() ? "" : ", ") + std::to_string(what[i].peer);
+        }
+        if (peers.empty()) peers = "some ranks of the group (a collective call)";
+        char text[512];
+        std::snprintf(text, sizeof(text), "rank %d: %s did not complete within %g s; waiting on: %s", rank_, op,
+                      timeout_s, peers.c_str());
+        abandon(reqs, what);
+        broken_ = text;
+        BITEP_FAIL(bitepTimeout, "%s (a peer failed, stalled, or did not make the same collective call)", text);
+      }
+      // Progress needs our calls into MPI; between them, leave the core to the other ranks.
+      if (spin < 64) continue;
+      if (spin < 4096) {
+        sched_yield();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+    }
+  }
+
+  MPI_Comm comm_;
+  double timeout_s_;
+  int rank_ = 0, nranks_ = 1;
+  std::string broken_;
+  std::vector<char> coll_in_, coll_out_;  // buffers of the collectives (leaked if one is abandoned)
+};
+
+}  // namespace
+
+std::unique_ptr<Transport> make_mpi_transport(MPI_Comm comm, double timeout_s) {
+  return std::make_unique<MpiTransport>(comm, timeout_s);
+}
+
+}  // namespace bitep::ep

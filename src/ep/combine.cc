@@ -1,0 +1,161 @@
+// SPDX-License-Identifier: Apache-2.0
+// bitepCombine and bitepDispatchBackward: per received row the (weighted) sum over its local experts
+// (rank-major input skips it) -> all-to-all-v back with the handle's counts (no count exchange) -> each
+// token sums its partial rows in ascending rank order. Dispatch backward is the unweighted combine.
+#include "src/ep/combine.h"
+
+#include <vector>
+
+#include "src/args.h"
+#include "src/check.h"
+#include "src/ep/collective.h"
+#include "src/ep/dispatch_args.h"
+#include "src/ep/exec.h"
+
+namespace bitep::ep {
+
+bitepResult_t check_call(bitepGroup_t group, bitepHandle_t handle) {
+  // The handle first: once its group is destroyed, `group` may dangle and is not looked at.
+  BITEP_CHECK(check_handle(handle, nullptr));
+  BITEP_CHECK(check_group(group));
+  BITEP_CHECK(check_handle(handle, group));
+  return bitepSuccess;
+}
+
+bitepResult_t return_rows(Exec& ex, bitepGroup* g, bitepHandle* h, const void* partial, void* out) {
+  const int W = g->nranks, self = g->rank;
+  const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
+  void* ret = nullptr;
+  BITEP_CHECK(ex.temp(row * h->num_send_rows, &ret));
+  std::vector<std::vector<PeerBuffers>> per_peer(W);
+  for (int p = 0; p < W; ++p) {
+    if (p == self) continue;
+    per_peer[p].push_back({static_cast<const char*>(partial) + h->recv_offsets[p] * row, h->recv_counts[p] * row,
+                           static_cast<char*>(ret) + h->send_offsets[p] * row, h->send_counts[p] * row});
+  }
+  BITEP_CHECK(transport_failed(g, g->transport->alltoallv(per_peer, ex.stream(), g->config.timeout_s)));
+  if (h->num_tokens == 0) return bitepSuccess;
+  kernels::FinalSumParams fp;
+  fp.num_tokens = h->num_tokens;
+  fp.num_ranks = W;
+  fp.self_rank = self;
+  fp.hidden = g->config.hidden;
+  fp.dtype = to_kernel_dtype(g->config.dtype);
+  fp.token_slot = h->token_slot;
+  fp.send_offsets = h->send_offsets_dev;
+  fp.ret = ret;
+  fp.self_ret = partial;
+  fp.self_ret_offset = h->recv_offsets[self];
+  fp.out = out;
+  return ex.final_sum(fp);
+}
+
+namespace {
+
+bitepResult_t check_combine_args(const bitepGroup* g,
+                                 const bitepHandle* h,
+                                 const void* y,
+                                 bitepLayout_t layout,
+                                 int weighted,
+                                 const void* out,
+                                 const char* y_name,
+                                 const char* layout_name,
+                                 const char* out_name) {
+  BITEP_CHECK(check_layout(layout, layout_name));
+  BITEP_ARG_CHECK(weighted == 0 || weighted == 1, "args->weighted is %d, must be 0 or 1", weighted);
+  if (weighted && layout == bitepLayoutExpertMajor)
+    BITEP_ARG_CHECK(h->has_weights,
+                    "args->weighted is 1 but the dispatch had no weights: give args->probs or "
+                    "args->topk_weights to bitepDispatch, or set weighted = 0");
+  const int64_t rows = rows_of(h, layout);
+  const uint64_t row = static_cast<uint64_t>(dtype_size(g->config.dtype)) * g->config.hidden;
+  if (rows > 0)
+    BITEP_ARG_CHECK(y != nullptr, "%s is NULL but the handle has %lld %s rows", y_name, static_cast<long long>(rows),
+                    layout == bitepLayoutExpertMajor ? "expert-major" : "rank-major");
+  if (h->num_tokens > 0)
+    BITEP_ARG_CHECK(out != nullptr, "%s is NULL but the dispatch had %lld tokens on this rank", out_name,
+                    static_cast<long long>(h->num_tokens));
+  const int ds = dtype_size(g->config.dtype);
+  return check_buffers(g->config.backend,
+                       {{y_name, y, static_cast<uint64_t>(rows) * row, false},
+                        {out_name, out, static_cast<uint64_t>(h->num_tokens) * row, true}},
+                       {ds, ds});
+}
+
+bitepResult_t combine(bitepGroup_t g,
+                      bitepHandle_t h,
+                      const void* y,
+                      bitepLayout_t layout,
+                      int weighted,
+                      void* out,
+                      bitepStream_t stream,
+                      bitepResult_t local,
+                      const char* what) {
+  Exec ex(g, stream);
+  BITEP_CHECK(ex.begin());
+  if (g->agree_always) {
+    BITEP_CHECK(agree_status(g, local, what));
+  } else if (local != bitepSuccess) {
+    return local;
+  }
+  h->last_stream = stream;
+  const void* partial = y;
+  if (layout == bitepLayoutExpertMajor) {
+    void* p = nullptr;
+    const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
+    BITEP_CHECK(ex.temp(row * h->num_recv_rows, &p));
+    if (h->num_recv_rows > 0) {
+      kernels::ReduceParams rp;
+      rp.num_recv_rows = h->num_recv_rows;
+      rp.max_row_experts = g->max_row_experts;
+      rp.hidden = g->config.hidden;
+      rp.dtype = to_kernel_dtype(g->config.dtype);
+      rp.y = y;
+      rp.recv_expert_rows = h->recv_expert_rows;
+      rp.recv_weights = weighted ? h->recv_weights : nullptr;
+      rp.out = p;
+      BITEP_CHECK(ex.reduce(rp));
+    }
+    partial = p;
+  }
+  return return_rows(ex, g, h, partial, out);
+}
+
+}  // namespace
+}  // namespace bitep::ep
+
+extern "C" {
+
+bitepResult_t bitepCombine(bitepGroup_t group,
+                           bitepHandle_t handle,
+                           const bitepCombineArgs_t* args,
+                           bitepStream_t stream) {
+  return bitep::guard("bitepCombine", [&]() -> bitepResult_t {
+    BITEP_CHECK(bitep::ep::check_call(group, handle));
+    bitepResult_t local =
+        bitep::check_struct(args, args ? args->size : 0, sizeof(bitepCombineArgs_t), args ? args->magic : 0,
+                            BITEP_COMBINE_ARGS_MAGIC, "args", "BITEP_COMBINE_ARGS_INIT");
+    if (local == bitepSuccess)
+      local = bitep::ep::check_combine_args(group, handle, args->y, args->layout, args->weighted, args->out, "args->y",
+                                            "args->layout", "args->out");
+    const bool ok = local == bitepSuccess;
+    return bitep::ep::combine(group, handle, ok ? args->y : nullptr, ok ? args->layout : bitepLayoutRankMajor,
+                              ok ? args->weighted : 0, ok ? args->out : nullptr, stream, local, "this combine");
+  });
+}
+
+bitepResult_t bitepDispatchBackward(bitepGroup_t group,
+                                    bitepHandle_t handle,
+                                    const void* grad_y,
+                                    bitepLayout_t layout,
+                                    void* grad_x,
+                                    bitepStream_t stream) {
+  return bitep::guard("bitepDispatchBackward", [&]() -> bitepResult_t {
+    BITEP_CHECK(bitep::ep::check_call(group, handle));
+    const bitepResult_t local =
+        bitep::ep::check_combine_args(group, handle, grad_y, layout, 0, grad_x, "grad_y", "layout", "grad_x");
+    return bitep::ep::combine(group, handle, grad_y, layout, 0, grad_x, stream, local, "this dispatch backward");
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,216 @@
+// SPDX-License-Identifier: Apache-2.0
+// bitepCombineBackward: grad_out goes along the dispatch's routes (permute without maps or weights,
+// all-to-all-v with the handle's counts) -> expert-major (weighted) scatter = grad_y; and, when weight
+// gradients are wanted, dot(y_row, grad_row) in fp32 per (received row, expert) goes back to the source
+// ranks -> grad_topk_weights / grad_probs.
+//
+// Whether the weight gradients travel must be the same on every rank (it adds an all-to-all): they do iff
+// the combine is weighted and y is given. Host backend: the ranks agree on it (a rank without expert rows
+// may pass y = NULL; a rank with expert rows that passes NULL while another passes y fails the call on
+// every rank). cuda backend: each rank decides from its own y, so pass y on every rank or on none (a rank
+// without expert rows may pass any non-NULL pointer; it is not read).
+#include <vector>
+
+#include "src/args.h"
+#include "src/check.h"
+#include "src/ep/collective.h"
+#include "src/ep/combine.h"
+#include "src/ep/exec.h"
+
+namespace bitep::ep {
+namespace {
+
+constexpr int32_t kBitWeighted = 1, kBitY = 2, kBitRows = 4;
+
+bitepResult_t check_args(const bitepGroup* g, const bitepHandle* h, const bitepCombineBackwardArgs_t* a) {
+  BITEP_CHECK_STRUCT(a, "args", bitepCombineBackwardArgs_t, BITEP_COMBINE_BWD_ARGS_MAGIC,
+                     "BITEP_COMBINE_BWD_ARGS_INIT");
+  BITEP_ARG_CHECK(a->weighted == 0 || a->weighted == 1, "args->weighted is %d, must be 0 or 1", a->weighted);
+  if (a->weighted)
+    BITEP_ARG_CHECK(h->has_weights,
+                    "args->weighted is 1 but the dispatch had no weights: give args->probs or "
+                    "args->topk_weights to bitepDispatch, or set weighted = 0");
+  const int64_t T = h->num_tokens, N = h->num_expert_rows;
+  const uint64_t row = static_cast<uint64_t>(dtype_size(g->config.dtype)) * g->config.hidden;
+  const int E = g->config.num_experts, k = g->config.topk, ds = dtype_size(g->config.dtype);
+  if (T > 0)
+    BITEP_ARG_CHECK(a->grad_out != nullptr, "args->grad_out is NULL but the dispatch had %lld tokens on this rank",
+                    static_cast<long long>(T));
+  if (N > 0)
+    BITEP_ARG_CHECK(a->grad_y != nullptr, "args->grad_y is NULL but the handle has %lld expert-major rows",
+                    static_cast<long long>(N));
+  if (a->grad_topk_weights != nullptr || a->grad_probs != nullptr)
+    BITEP_ARG_CHECK(a->y != nullptr || N == 0,
+                    "args->grad_topk_weights or args->grad_probs is set but args->y is "
+                    "NULL: the weight gradients need the forward's expert outputs y");
+  return check_buffers(g->config.backend,
+                       {{"args->grad_out", a->grad_out, static_cast<uint64_t>(T) * row, false},
+                        {"args->y", a->y, static_cast<uint64_t>(N) * row, false},
+                        {"args->grad_y", a->grad_y, static_cast<uint64_t>(N) * row, true},
+                        {"args->grad_topk_weights", a->grad_topk_weights, static_cast<uint64_t>(T) * k * 4, true},
+                        {"args->grad_probs", a->grad_probs, static_cast<uint64_t>(T) * E * 4, true}},
+                       {ds, ds, ds, 4, 4});
+}
+
+// Every rank's bits -> whether the weight gradients travel (host backend), or the call's common error.
+bitepResult_t decide_weight_grads(const bitepGroup* g, const std::vector<int32_t>& bits, bool* wgrad) {
+  int giver = -1, lacker = -1;
+  for (int q = 0; q < g->nranks; ++q) {
+    if ((bits[q] & kBitWeighted) != (bits[0] & kBitWeighted))
+      BITEP_FAIL(bitepInvalidArgument,
+                 "args->weighted differs across ranks: rank 0 has %d, rank %d has %d (this is "
+                 "rank %d)",
+                 bits[0] & kBitWeighted, q, bits[q] & kBitWeighted, g->rank);
+    if (bits[q] & kBitY) {
+      if (giver < 0) giver = q;
+    } else if (bits[q] & kBitRows) {
+      if (lacker < 0) lacker = q;
+    }
+  }
+  *wgrad = (bits[0] & kBitWeighted) && giver >= 0;
+  if (*wgrad && lacker >= 0)
+    BITEP_FAIL(bitepInvalidArgument,
+               "rank %d gives args->y (weight gradients wanted) but rank %d, which has expert "
+               "rows, does not: give y on every rank, or on none (this is rank %d)",
+               giver, lacker, g->rank);
+  return bitepSuccess;
+}
+
+bitepResult_t backward(Exec& ex, bitepGroup* g, bitepHandle* h, const bitepCombineBackwardArgs_t* a, bool wgrad) {
+  const bitepGroupConfig_t& c = g->config;
+  const int W = g->nranks, self = g->rank, KL = g->max_row_experts;
+  const size_t row = static_cast<size_t>(dtype_size(c.dtype)) * c.hidden;
+  const int64_t T = h->num_tokens, S = h->num_send_rows, R = h->num_recv_rows;
+  // Gradient rows along the dispatch's routes.
+  void *send_g = nullptr, *recv_g = nullptr;
+  BITEP_CHECK(ex.temp(row * S, &send_g));
+  BITEP_CHECK(ex.temp(row * R, &recv_g));
+  if (T > 0) {
+    kernels::PermuteParams pp;
+    pp.num_tokens = T;
+    pp.num_experts = c.num_experts;
+    pp.topk = c.topk;
+    pp.num_ranks = W;
+    pp.self_rank = self;
+    pp.hidden = c.hidden;
+    pp.dtype = to_kernel_dtype(c.dtype);
+    pp.routing = h->routing;  // not read: no maps, no weights
+    pp.x = a->grad_out;
+    pp.token_slot = h->token_slot;
+    pp.send_offsets = h->send_offsets_dev;
+    pp.self_recv_offset = h->recv_offsets[self];
+    pp.send_x = send_g;
+    pp.recv_x = recv_g;
+    BITEP_CHECK(ex.permute(pp));
+  }
+  std::vector<std::vector<PeerBuffers>> per_peer(W);
+  for (int p = 0; p < W; ++p) {
+    if (p == self) continue;
+    per_peer[p].push_back({static_cast<const char*>(send_g) + h->send_offsets[p] * row, h->send_counts[p] * row,
+                           static_cast<char*>(recv_g) + h->recv_offsets[p] * row, h->recv_counts[p] * row});
+  }
+  BITEP_CHECK(transport_failed(g, g->transport->alltoallv(per_peer, ex.stream(), c.timeout_s)));
+  // grad_y: the expert-major scatter, weighted by the router weights when the combine was.
+  if (R > 0 || h->num_expert_rows > 0) {
+    void* rows = nullptr;  // positions are recomputed into a temporary: the handle's stay untouched
+    BITEP_CHECK(ex.temp(sizeof(int32_t) * KL * R, &rows));
+    kernels::ExpertMajorParams ep;
+    ep.num_recv_rows = R;
+    ep.num_local_experts = g->num_local_experts;
+    ep.max_row_experts = KL;
+    ep.hidden = c.hidden;
+    ep.dtype = to_kernel_dtype(c.dtype);
+    ep.recv_map = h->recv_map;
+    ep.expert_offsets = h->expert_offsets;
+    ep.expert_counts = h->expert_counts;
+    ep.recv_expert_rows = static_cast<int32_t*>(rows);
+    ep.recv_x = recv_g;
+    ep.expert_x = a->grad_y;
+    ep.num_expert_rows = h->num_expert_rows;
+    ep.recv_weights = a->weighted ? h->recv_weights : nullptr;
+    BITEP_CHECK(ex.expert_major(ep));
+  }
+  if (T > 0 && a->grad_probs != nullptr) BITEP_CHECK(ex.zero(a->grad_probs, sizeof(float) * T * c.num_experts));
+  if (T > 0 && a->grad_topk_weights != nullptr) BITEP_CHECK(ex.zero(a->grad_topk_weights, sizeof(float) * T * c.topk));
+  if (!wgrad) return bitepSuccess;  // unweighted combine: the weights have no gradient (zeros)
+  // Weight gradients on the receiving side, then back to the sources.
+  void *gw = nullptr, *ret_gw = nullptr;
+  BITEP_CHECK(ex.temp(sizeof(float) * KL * R, &gw));
+  BITEP_CHECK(ex.temp(sizeof(float) * KL * S, &ret_gw));
+  if (R > 0) {
+    kernels::ReduceParams rp;
+    rp.num_recv_rows = R;
+    rp.max_row_experts = KL;
+    rp.hidden = c.hidden;
+    rp.dtype = to_kernel_dtype(c.dtype);
+    rp.y = a->y;
+    rp.recv_expert_rows = h->recv_expert_rows;
+    rp.grad_rows = recv_g;
+    rp.grad_weights = static_cast<float*>(gw);
+    BITEP_CHECK(ex.reduce(rp));
+  }
+  const size_t wrow = sizeof(float) * KL;
+  for (int p = 0; p < W; ++p) {
+    per_peer[p].clear();
+    if (p == self) continue;
+    per_peer[p].push_back({static_cast<const char*>(gw) + h->recv_offsets[p] * wrow, h->recv_counts[p] * wrow,
+                           static_cast<char*>(ret_gw) + h->send_offsets[p] * wrow, h->send_counts[p] * wrow});
+  }
+  BITEP_CHECK(transport_failed(g, g->transport->alltoallv(per_peer, ex.stream(), c.timeout_s)));
+  if (T == 0) return bitepSuccess;
+  kernels::WeightGradParams wp;
+  wp.num_tokens = T;
+  wp.num_experts = c.num_experts;
+  wp.topk = c.topk;
+  wp.num_ranks = W;
+  wp.self_rank = self;
+  wp.routing = h->routing;
+  wp.token_slot = h->token_slot;
+  wp.send_offsets = h->send_offsets_dev;
+  wp.ret_grad_w = static_cast<const float*>(ret_gw);
+  wp.self_grad_w = static_cast<const float*>(gw);
+  wp.self_offset = h->recv_offsets[self];
+  if (a->grad_probs != nullptr) {
+    wp.routing.weight_format = kernels::WeightFormat::kDense;
+    wp.grad_dense = a->grad_probs;
+    wp.grad_compact = nullptr;
+    BITEP_CHECK(ex.weight_grad(wp));
+  }
+  if (a->grad_topk_weights != nullptr) {
+    wp.routing.weight_format = kernels::WeightFormat::kCompact;
+    wp.grad_dense = nullptr;
+    wp.grad_compact = a->grad_topk_weights;
+    BITEP_CHECK(ex.weight_grad(wp));
+  }
+  return bitepSuccess;
+}
+
+}  // namespace
+}  // namespace bitep::ep
+
+extern "C" bitepResult_t bitepCombineBackward(bitepGroup_t group,
+                                              bitepHandle_t handle,
+                                              const bitepCombineBackwardArgs_t* args,
+                                              bitepStream_t stream) {
+  return bitep::guard("bitepCombineBackward", [&]() -> bitepResult_t {
+    using namespace bitep::ep;
+    BITEP_CHECK(check_call(group, handle));
+    Exec ex(group, stream);
+    BITEP_CHECK(ex.begin());
+    const bitepResult_t local = check_args(group, handle, args);
+    const bool ok = local == bitepSuccess;
+    bool wgrad = ok && args->weighted && args->y != nullptr;
+    if (group->agree_always) {
+      const int32_t bits = ok ? (args->weighted ? kBitWeighted : 0) | (args->y ? kBitY : 0) |
+                                    (handle->num_expert_rows > 0 ? kBitRows : 0)
+                              : 0;
+      std::vector<int32_t> all;
+      BITEP_CHECK(agree_status(group, local, "this combine backward", bits, &all));
+      BITEP_CHECK(decide_weight_grads(group, all, &wgrad));
+    } else if (!ok) {
+      return local;
+    }
+    handle->last_stream = stream;
+    return backward(ex, group, handle, args, wgrad);
+  });
+}

@@ -1,0 +1,388 @@
+// SPDX-License-Identifier: Apache-2.0
+// bitepDispatch: layout -> count exchange (the one host synchronisation) -> offsets on the host ->
+// permute (self chunk straight into the receive buffers) -> all-to-all-v -> expert-major view -> handle.
+//
+// Failing together. The count exchange also carries, per rank, a flags word: whether the rank failed
+// before the exchange (argument checks, allocation, layout; with its error code), whether it gives
+// weights, and whether it passed its own receive buffers. So:
+// - a rank that fails before the exchange still takes part in it; every other rank then returns
+//   bitepRemoteError naming it (no rank reaches the all-to-all);
+// - after the exchange a rank can fail alone (capacity too small, allocation of the receive buffers).
+//   The ranks then agree once more (one small allgather) before the all-to-all: always on the host
+//   backend, and on the cuda backend when some rank passed its own buffers (the flags say so). Without
+//   caller buffers the cuda backend skips it to keep the exchange its only synchronisation: an allocation
+//   failure there fails on that rank, and its peers wait in NCCL (see the transport's timeout).
+#include <algorithm>
+#include <climits>
+#include <memory>
+#include <vector>
+
+#include "src/args.h"
+#include "src/check.h"
+#include "src/ep/collective.h"
+#include "src/ep/dispatch_args.h"
+#include "src/ep/exec.h"
+#include "src/ep/handle.h"
+
+namespace bitep::ep {
+namespace {
+
+constexpr int32_t kFlagFailed = 1;    // bits 8..15: the error code
+constexpr int32_t kFlagWeights = 2;   // gives weights
+constexpr int32_t kFlagCapacity = 4;  // passed recv_x or expert_x
+constexpr int32_t kFlagTokens = 8;    // T > 0
+
+struct HandleDeleter {
+  void operator()(bitepHandle* h) const { destroy_handle(h); }
+};
+using HandlePtr = std::unique_ptr<bitepHandle, HandleDeleter>;
+
+class Dispatch {
+ public:
+  Dispatch(bitepGroup* g, const bitepDispatchArgs_t* a, bitepStream_t stream)
+      : g_(g),
+        a_(a),
+        ex_(g, stream),
+        W_(g->nranks),
+        self_(g->rank),
+        L_(g->num_local_experts),
+        KL_(g->max_row_experts),
+        MB_(g->local_map_bytes),
+        n_(L_ + 2),
+        row_bytes_(static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden) {}
+
+  bitepResult_t run(bitepHandle_t* out);
+
+ private:
+  bitepResult_t before_exchange();
+  bitepResult_t after_exchange();
+  bitepResult_t move_rows();
+  kernels::RoutingInput routing() const;
+
+  bitepGroup* g_;
+  const bitepDispatchArgs_t* a_;
+  Exec ex_;
+  const int W_, self_, L_, KL_, MB_, n_;
+  const size_t row_bytes_;
+  HandlePtr h_;
+  int32_t* xsend_ = nullptr;  // [W, L + 2] counts + flags, backend memory
+  int32_t* xrecv_ = nullptr;
+  std::vector<int32_t> send_host_vec_;  // host backend: the send counts [W, L + 1]
+  int32_t* send_host_ = nullptr;
+  std::vector<int32_t> recv_host_;  // [W, L + 2]
+  bool any_weights_ = false;
+  // Send-side temporaries.
+  void* send_x_ = nullptr;
+  uint8_t* send_map_ = nullptr;
+  float* send_weights_ = nullptr;
+};
+
+kernels::RoutingInput Dispatch::routing() const {
+  kernels::RoutingInput in;
+  in.format = to_routing_format(a_->map_format);
+  in.map = a_->routing_map;
+  if (a_->probs != nullptr) {
+    in.weight_format = kernels::WeightFormat::kDense;
+    in.weights = a_->probs;
+  } else if (a_->topk_weights != nullptr) {
+    in.weight_format = kernels::WeightFormat::kCompact;
+    in.weights = a_->topk_weights;
+  }
+  return in;
+}
+
+// Layout of this rank's tokens into the exchange's send buffer; the handle keeps the slots and a copy of
+// the map.
+bitepResult_t Dispatch::before_exchange() {
+  const bitepGroupConfig_t& c = g_->config;
+  const int64_t T = a_->num_tokens;
+  bitepHandle* h = h_.get();
+  h->num_tokens = T;
+  void* p = nullptr;
+  BITEP_CHECK(ex_.keep(sizeof(int32_t) * T * W_, &h->blocks, &p));
+  h->token_slot = static_cast<int32_t*>(p);
+  BITEP_CHECK(ex_.keep(sizeof(int64_t) * W_, &h->blocks, &p));
+  h->send_offsets_dev = static_cast<int64_t*>(p);
+  const uint64_t map_bytes = routing_bytes(a_->map_format, T, c.num_experts, c.topk);
+  BITEP_CHECK(ex_.keep(map_bytes, &h->blocks, &p));
+  BITEP_CHECK(ex_.copy(p, a_->routing_map, map_bytes));
+  h->routing.format = to_routing_format(a_->map_format);
+  h->routing.map = p;
+  void* counts = nullptr;
+  const size_t count_row = sizeof(int32_t) * (L_ + 1);
+  BITEP_CHECK(ex_.temp(count_row * W_, &counts));
+  if (T > 0) {
+    kernels::LayoutParams lp;
+    lp.num_tokens = T;
+    lp.num_experts = c.num_experts;
+    lp.topk = c.topk;
+    lp.num_ranks = W_;
+    lp.routing = routing();
+    lp.routing.weight_format = kernels::WeightFormat::kNone;
+    lp.routing.weights = nullptr;
+    lp.counts = static_cast<int32_t*>(counts);
+    lp.token_slot = h->token_slot;
+    BITEP_CHECK(ex_.layout(lp));
+  } else {
+    BITEP_CHECK(ex_.zero(counts, count_row * W_));
+  }
+  BITEP_CHECK(ex_.copy_rows(xsend_, sizeof(int32_t) * n_, counts, count_row, count_row, W_, false));
+  BITEP_CHECK(ex_.download(send_host_, counts, count_row * W_));
+  return bitepSuccess;
+}
+
+// Offsets, capacities and the receive buffers, from the exchanged counts.
+bitepResult_t Dispatch::after_exchange() {
+  const bitepGroupConfig_t& c = g_->config;
+  bitepHandle* h = h_.get();
+  BITEP_CHECK(ex_.wait_download());
+  h->send_counts.assign(W_, 0);
+  h->recv_counts.assign(W_, 0);
+  h->send_offsets.assign(W_, 0);
+  h->recv_offsets.assign(W_, 0);
+  h->expert_counts_host.assign(L_, 0);
+  h->expert_offsets_host.assign(L_ + 1, 0);
+  int64_t S = 0, R = 0;
+  for (int r = 0; r < W_; ++r) {
+    h->send_counts[r] = send_host_[r * (L_ + 1)];
+    h->recv_counts[r] = recv_host_[r * n_];
+    BITEP_ARG_CHECK(h->recv_counts[r] >= 0, "internal: rank %d announced %lld rows", r,
+                    static_cast<long long>(h->recv_counts[r]));
+    h->send_offsets[r] = S;
+    if (r != self_) S += h->send_counts[r];
+    h->recv_offsets[r] = R;
+    R += h->recv_counts[r];
+    for (int l = 0; l < L_; ++l) h->expert_counts_host[l] += recv_host_[r * n_ + 1 + l];
+  }
+  const int64_t align = c.expert_alignment;
+  int64_t N = 0;
+  for (int l = 0; l < L_; ++l) {
+    h->expert_offsets_host[l] = static_cast<int32_t>(std::min<int64_t>(N, INT32_MAX));
+    N += (h->expert_counts_host[l] + align - 1) / align * align;
+  }
+  if (R > INT32_MAX || N > INT32_MAX)
+    BITEP_FAIL(bitepNotSupported,
+               "this rank (%d) would receive %lld rows (%lld expert-major rows): bitep indexes "
+               "them with int32, at most 2^31 - 1",
+               self_, static_cast<long long>(R), static_cast<long long>(N));
+  h->expert_offsets_host[L_] = static_cast<int32_t>(N);
+  h->num_send_rows = S;
+  h->num_recv_rows = R;
+  h->num_expert_rows = N;
+  if (a_->recv_x != nullptr && R > a_->recv_x_capacity)
+    BITEP_FAIL(bitepCapacityExceeded,
+               "args->recv_x_capacity is %lld rows but this rank (%d) receives %lld rows; "
+               "nothing was written to args->recv_x",
+               static_cast<long long>(a_->recv_x_capacity), self_, static_cast<long long>(R));
+  if (a_->expert_x != nullptr && N > a_->expert_x_capacity)
+    BITEP_FAIL(bitepCapacityExceeded,
+               "args->expert_x_capacity is %lld rows but this rank's (%d) expert-major view "
+               "needs %lld rows (alignment %d); nothing was written to args->expert_x",
+               static_cast<long long>(a_->expert_x_capacity), self_, static_cast<long long>(N), c.expert_alignment);
+  void* p = nullptr;
+  if (a_->recv_x != nullptr) {
+    h->recv_x = a_->recv_x;
+  } else {
+    BITEP_CHECK(ex_.keep(row_bytes_ * R, &h->blocks, &p));
+    h->recv_x = p;
+  }
+  if (a_->expert_x != nullptr) {
+    h->expert_x = a_->expert_x;
+  } else {
+    BITEP_CHECK(ex_.keep(row_bytes_ * N, &h->blocks, &p));
+    h->expert_x = p;
+  }
+  BITEP_CHECK(ex_.keep(static_cast<size_t>(MB_) * R, &h->blocks, &p));
+  h->recv_map = static_cast<uint8_t*>(p);
+  if (any_weights_) {
+    BITEP_CHECK(ex_.keep(sizeof(float) * KL_ * R, &h->blocks, &p));
+    h->recv_weights = static_cast<float*>(p);
+  }
+  BITEP_CHECK(ex_.keep(sizeof(int32_t) * KL_ * R, &h->blocks, &p));
+  h->recv_expert_rows = static_cast<int32_t*>(p);
+  BITEP_CHECK(ex_.keep(sizeof(int32_t) * L_, &h->blocks, &p));
+  h->expert_counts = static_cast<int32_t*>(p);
+  BITEP_CHECK(ex_.keep(sizeof(int32_t) * (L_ + 1), &h->blocks, &p));
+  h->expert_offsets = static_cast<int32_t*>(p);
+  BITEP_CHECK(ex_.temp(row_bytes_ * S, &send_x_));
+  BITEP_CHECK(ex_.temp(static_cast<size_t>(MB_) * S, &p));
+  send_map_ = static_cast<uint8_t*>(p);
+  if (any_weights_) {
+    BITEP_CHECK(ex_.temp(sizeof(float) * KL_ * S, &p));
+    send_weights_ = static_cast<float*>(p);
+  }
+  std::vector<int32_t> counts32(h->expert_counts_host.begin(), h->expert_counts_host.end());
+  BITEP_CHECK(ex_.upload(h->send_offsets_dev, h->send_offsets.data(), sizeof(int64_t) * W_));
+  BITEP_CHECK(ex_.upload(h->expert_counts, counts32.data(), sizeof(int32_t) * L_));
+  BITEP_CHECK(ex_.upload(h->expert_offsets, h->expert_offsets_host.data(), sizeof(int32_t) * (L_ + 1)));
+  return bitepSuccess;
+}
+
+// Permute, all-to-all-v, expert-major view.
+bitepResult_t Dispatch::move_rows() {
+  const bitepGroupConfig_t& c = g_->config;
+  bitepHandle* h = h_.get();
+  const int64_t R = h->num_recv_rows;
+  if (h->num_tokens > 0) {
+    kernels::PermuteParams pp;
+    pp.num_tokens = h->num_tokens;
+    pp.num_experts = c.num_experts;
+    pp.topk = c.topk;
+    pp.num_ranks = W_;
+    pp.self_rank = self_;
+    pp.hidden = c.hidden;
+    pp.dtype = to_kernel_dtype(c.dtype);
+    pp.routing = routing();
+    pp.x = a_->x;
+    pp.token_slot = h->token_slot;
+    pp.send_offsets = h->send_offsets_dev;
+    pp.self_recv_offset = h->recv_offsets[self_];
+    pp.send_x = send_x_;
+    pp.send_map = send_map_;
+    pp.send_weights = send_weights_;
+    pp.recv_x = h->recv_x;
+    pp.recv_map = h->recv_map;
+    pp.recv_weights = h->recv_weights;
+    BITEP_CHECK(ex_.permute(pp));
+  }
+  std::vector<std::vector<PeerBuffers>> per_peer(W_);
+  for (int p = 0; p < W_; ++p) {
+    if (p == self_) continue;
+    const int64_t s0 = h->send_offsets[p], sn = h->send_counts[p], r0 = h->recv_offsets[p], rn = h->recv_counts[p];
+    per_peer[p].push_back({static_cast<const char*>(send_x_) + s0 * row_bytes_, sn * row_bytes_,
+                           static_cast<char*>(h->recv_x) + r0 * row_bytes_, rn * row_bytes_});
+    per_peer[p].push_back({send_map_ + s0 * MB_, static_cast<uint64_t>(sn * MB_), h->recv_map + r0 * MB_,
+                           static_cast<uint64_t>(rn * MB_)});
+    if (any_weights_)
+      per_peer[p].push_back(
+          {send_weights_ + s0 * KL_, sizeof(float) * sn * KL_, h->recv_weights + r0 * KL_, sizeof(float) * rn * KL_});
+  }
+  BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(per_peer, ex_.stream(), c.timeout_s)));
+  if (R > 0 || h->num_expert_rows > 0) {
+    kernels::ExpertMajorParams ep;
+    ep.num_recv_rows = R;
+    ep.num_local_experts = L_;
+    ep.max_row_experts = KL_;
+    ep.hidden = c.hidden;
+    ep.dtype = to_kernel_dtype(c.dtype);
+    ep.recv_map = h->recv_map;
+    ep.expert_offsets = h->expert_offsets;
+    ep.expert_counts = h->expert_counts;
+    ep.recv_expert_rows = h->recv_expert_rows;
+    ep.recv_x = h->recv_x;
+    ep.expert_x = h->expert_x;
+    ep.num_expert_rows = h->num_expert_rows;
+    BITEP_CHECK(ex_.expert_major(ep));
+  }
+  bitepDispatchLayout_t& lo = h->layout;
+  lo.num_ranks = W_;
+  lo.num_local_experts = L_;
+  lo.max_row_experts = KL_;
+  lo.num_recv_rows = R;
+  lo.recv_x = h->recv_x;
+  lo.recv_map = h->recv_map;
+  lo.recv_weights = h->recv_weights;
+  lo.recv_expert_rows = h->recv_expert_rows;
+  lo.num_expert_rows = h->num_expert_rows;
+  lo.expert_x = h->expert_x;
+  lo.expert_counts = h->expert_counts;
+  lo.expert_offsets = h->expert_offsets;
+  lo.expert_counts_host = h->expert_counts_host.data();
+  lo.recv_counts_host = h->recv_counts.data();
+  lo.send_counts_host = h->send_counts.data();
+  return bitepSuccess;
+}
+
+bitepResult_t Dispatch::run(bitepHandle_t* out) {
+  BITEP_CHECK(ex_.begin());
+  // The exchange buffers come first: without them this rank cannot even tell its peers it failed.
+  void* p = nullptr;
+  BITEP_CHECK(ex_.temp(sizeof(int32_t) * W_ * n_, &p));
+  xsend_ = static_cast<int32_t*>(p);
+  BITEP_CHECK(ex_.temp(sizeof(int32_t) * W_ * n_, &p));
+  xrecv_ = static_cast<int32_t*>(p);
+  h_.reset(new bitepHandle);
+  h_->life = g_->life;
+  h_->group = g_;
+  h_->last_stream = ex_.stream();
+  if (ex_.cuda()) {
+    send_host_ = g_->pinned;
+  } else {
+    send_host_vec_.assign(static_cast<size_t>(W_) * (L_ + 1), 0);
+    send_host_ = send_host_vec_.data();
+  }
+
+  bitepResult_t local = check_dispatch_args(g_, a_, out);
+  if (local == bitepSuccess) local = before_exchange();
+  const SavedError saved(local);
+  int32_t flags = 0;
+  if (local == bitepSuccess) {
+    flags = (a_->probs || a_->topk_weights ? kFlagWeights : 0) | (a_->recv_x || a_->expert_x ? kFlagCapacity : 0) |
+            (a_->num_tokens > 0 ? kFlagTokens : 0);
+  } else {
+    flags = kFlagFailed | (static_cast<int32_t>(local) << 8);
+    (void)ex_.zero(xsend_, sizeof(int32_t) * W_ * n_);
+  }
+  const std::vector<int32_t> flag_column(W_, flags);
+  bitepResult_t r = ex_.copy_rows(xsend_ + L_ + 1, sizeof(int32_t) * n_, flag_column.data(), sizeof(int32_t),
+                                  sizeof(int32_t), W_, true);
+  if (r != bitepSuccess) return local != bitepSuccess ? saved.restore() : r;
+  recv_host_.assign(static_cast<size_t>(W_) * n_, 0);
+  r = g_->transport->exchange_counts(xsend_, xrecv_, recv_host_.data(), n_, ex_.stream(), g_->config.timeout_s);
+  if (r != bitepSuccess) {
+    transport_failed(g_, r);
+    return local != bitepSuccess ? saved.restore() : r;
+  }
+  if (local != bitepSuccess) return saved.restore();
+
+  // Every rank sees the same flags, so every rank reaches the same verdict here.
+  bool any_capacity = false;
+  int with_weights = -1, without_weights = -1;
+  for (int q = 0; q < W_; ++q) {
+    const int32_t f = recv_host_[q * n_ + L_ + 1];
+    if (f & kFlagFailed)
+      BITEP_FAIL(bitepRemoteError,
+                 "rank %d of %d failed its part of this dispatch with %s; see that rank's "
+                 "bitepGetLastError()",
+                 q, W_, bitepGetErrorString(static_cast<bitepResult_t>((f >> 8) & 0xff)));
+    if (f & kFlagCapacity) any_capacity = true;
+    if (f & kFlagWeights) {
+      if (with_weights < 0) with_weights = q;
+    } else if (f & kFlagTokens) {
+      if (without_weights < 0) without_weights = q;
+    }
+  }
+  any_weights_ = with_weights >= 0;
+  if (any_weights_ && without_weights >= 0)
+    BITEP_FAIL(bitepInvalidArgument,
+               "rank %d gives weights (args->probs or args->topk_weights) but rank %d, which has "
+               "tokens, gives none: every rank must give weights, or none (this is rank %d)",
+               with_weights, without_weights, self_);
+  // Weighted combines need the weights of every token: with no token anywhere they are vacuous.
+  h_->has_weights = without_weights < 0;
+
+  local = after_exchange();
+  if (g_->agree_always || any_capacity) {
+    BITEP_CHECK(agree_status(g_, local, "this dispatch"));
+  } else if (local != bitepSuccess) {
+    return local;
+  }
+  BITEP_CHECK(move_rows());
+  *out = h_.release();
+  return bitepSuccess;
+}
+
+}  // namespace
+}  // namespace bitep::ep
+
+extern "C" bitepResult_t bitepDispatch(bitepGroup_t group,
+                                       const bitepDispatchArgs_t* args,
+                                       bitepStream_t stream,
+                                       bitepHandle_t* handle) {
+  return bitep::guard("bitepDispatch", [&]() -> bitepResult_t {
+    BITEP_CHECK(bitep::ep::check_group(group));
+    if (handle != nullptr) *handle = nullptr;
+    bitep::ep::Dispatch d(group, args, stream);
+    return d.run(handle);
+  });
+}

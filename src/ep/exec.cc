@@ -1,0 +1,167 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "src/ep/exec.h"
+
+#include <cstring>
+
+#include "src/check.h"
+#include "src/host/ep_host.h"
+
+#ifdef BITEP_HAVE_CUDA
+#include "kernels/ep.h"
+#endif
+
+namespace bitep::ep {
+
+#ifdef BITEP_HAVE_CUDA
+namespace {
+inline cudaStream_t cu(bitepStream_t s) { return reinterpret_cast<cudaStream_t>(s); }
+}  // namespace
+#endif
+
+Exec::Exec(bitepGroup* group, bitepStream_t stream) : group_(group), stream_(stream) {}
+
+Exec::~Exec() {
+  Pool* pool = group_->life->pool.get();
+  for (Block& b : temps_) pool->release(&b, stream_);
+#ifdef BITEP_HAVE_CUDA
+  if (prev_device_ >= 0 && prev_device_ != group_->device) {
+    cudaSetDevice(prev_device_);
+    (void)cudaGetLastError();
+  }
+#endif
+}
+
+bitepResult_t Exec::begin() {
+  if (!cuda()) return bitepSuccess;
+#ifdef BITEP_HAVE_CUDA
+  BITEP_CUDA_CHECK(cudaGetDevice(&prev_device_));
+  if (prev_device_ != group_->device) BITEP_CUDA_CHECK(cudaSetDevice(group_->device));
+  return bitepSuccess;
+#else
+  BITEP_FAIL(bitepNotSupported, "this bitep was built without CUDA");
+#endif
+}
+
+// Zero-byte requests still get a (minimal) block: the launchers take a null pointer for a missing
+// argument, so every buffer they are given is real, even with no rows.
+bitepResult_t Exec::temp(size_t bytes, void** out) {
+  Block b;
+  BITEP_CHECK(group_->life->pool->acquire(bytes > 0 ? bytes : 1, stream_, &b));
+  if (b.ptr != nullptr) temps_.push_back(b);
+  *out = b.ptr;
+  return bitepSuccess;
+}
+
+bitepResult_t Exec::keep(size_t bytes, std::vector<Block>* owner, void** out) {
+  Block b;
+  BITEP_CHECK(group_->life->pool->acquire(bytes > 0 ? bytes : 1, stream_, &b));
+  if (b.ptr != nullptr) owner->push_back(b);
+  *out = b.ptr;
+  return bitepSuccess;
+}
+
+bitepResult_t Exec::zero(void* dst, size_t bytes) {
+  if (bytes == 0) return bitepSuccess;
+  if (!cuda()) {
+    std::memset(dst, 0, bytes);
+    return bitepSuccess;
+  }
+#ifdef BITEP_HAVE_CUDA
+  BITEP_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, cu(stream_)));
+#endif
+  return bitepSuccess;
+}
+
+bitepResult_t Exec::copy(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return bitepSuccess;
+  if (!cuda()) {
+    std::memcpy(dst, src, bytes);
+    return bitepSuccess;
+  }
+#ifdef BITEP_HAVE_CUDA
+  BITEP_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cu(stream_)));
+#endif
+  return bitepSuccess;
+}
+
+bitepResult_t Exec::upload(void* dst, const void* host_src, size_t bytes) {
+  if (bytes == 0) return bitepSuccess;
+  if (!cuda()) {
+    std::memcpy(dst, host_src, bytes);
+    return bitepSuccess;
+  }
+#ifdef BITEP_HAVE_CUDA
+  // From pageable memory the copy is staged before cudaMemcpyAsync returns: the source may go away.
+  BITEP_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, cu(stream_)));
+#endif
+  return bitepSuccess;
+}
+
+bitepResult_t Exec::copy_rows(
+    void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t rows, bool src_host) {
+  if (rows == 0 || width == 0) return bitepSuccess;
+  if (!cuda()) {
+    for (size_t i = 0; i < rows; ++i)
+      std::memcpy(static_cast<char*>(dst) + i * dst_pitch, static_cast<const char*>(src) + i * src_pitch, width);
+    return bitepSuccess;
+  }
+#ifdef BITEP_HAVE_CUDA
+  BITEP_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows,
+                                     src_host ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToDevice, cu(stream_)));
+#else
+  (void)src_host;
+#endif
+  return bitepSuccess;
+}
+
+bitepResult_t Exec::download(void* host_dst, const void* src, size_t bytes) {
+  if (bytes == 0) return bitepSuccess;
+  if (!cuda()) {
+    std::memcpy(host_dst, src, bytes);
+    return bitepSuccess;
+  }
+#ifdef BITEP_HAVE_CUDA
+  BITEP_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, cu(stream_)));
+  BITEP_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(group_->sync_event), cu(stream_)));
+  download_pending_ = true;
+#endif
+  return bitepSuccess;
+}
+
+bitepResult_t Exec::wait_download() {
+  if (!download_pending_) return bitepSuccess;
+  download_pending_ = false;
+#ifdef BITEP_HAVE_CUDA
+  // Usually complete already: the count exchange synchronised the stream after it.
+  BITEP_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(group_->sync_event)));
+#endif
+  return bitepSuccess;
+}
+
+// host::ep_<name> on the host backend, kernels::launch_ep_<name> on the stream for cuda.
+#ifdef BITEP_HAVE_CUDA
+#define BITEP_EP_PRIMITIVE(name, Params)                         \
+  bitepResult_t Exec::name(const kernels::Params& p) {           \
+    if (!cuda()) {                                               \
+      host::ep_##name(p);                                        \
+      return bitepSuccess;                                       \
+    }                                                            \
+    BITEP_CUDA_CHECK(kernels::launch_ep_##name(p, cu(stream_))); \
+    return bitepSuccess;                                         \
+  }
+#else
+#define BITEP_EP_PRIMITIVE(name, Params)               \
+  bitepResult_t Exec::name(const kernels::Params& p) { \
+    host::ep_##name(p);                                \
+    return bitepSuccess;                               \
+  }
+#endif
+
+BITEP_EP_PRIMITIVE(layout, LayoutParams)
+BITEP_EP_PRIMITIVE(permute, PermuteParams)
+BITEP_EP_PRIMITIVE(expert_major, ExpertMajorParams)
+BITEP_EP_PRIMITIVE(reduce, ReduceParams)
+BITEP_EP_PRIMITIVE(final_sum, FinalSumParams)
+BITEP_EP_PRIMITIVE(weight_grad, WeightGradParams)
+
+}  // namespace bitep::ep

@@ -1,0 +1,60 @@
+// SPDX-License-Identifier: Apache-2.0
+// One call's execution context: the backend's memory operations and primitives (host::ep_* or
+// kernels::launch_ep_*), pool blocks for temporaries, and the cuda device guard. The orchestration in
+// dispatch.cc / combine.cc / combine_backward.cc is written once against it.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include "kernels/ep_params.h"
+#include "src/ep/group.h"
+
+namespace bitep::ep {
+
+class Exec {
+ public:
+  Exec(bitepGroup* group, bitepStream_t stream);
+  ~Exec();  // releases the temporaries (cuda: after the work queued so far), restores the device
+  Exec(const Exec&) = delete;
+  Exec& operator=(const Exec&) = delete;
+
+  // cuda: makes the group's device current. Call first.
+  bitepResult_t begin();
+  bool cuda() const { return group_->config.backend == bitepBackendCuda; }
+  bitepStream_t stream() const { return stream_; }
+
+  // Pool memory (never null, even for 0 bytes): temp() is released when the Exec ends; keep() hands the
+  // block to `owner`.
+  bitepResult_t temp(size_t bytes, void** out);
+  bitepResult_t keep(size_t bytes, std::vector<Block>* owner, void** out);
+
+  // Backend memory operations (cuda: enqueued on the stream; host: done at return).
+  bitepResult_t zero(void* dst, size_t bytes);
+  bitepResult_t copy(void* dst, const void* src, size_t bytes);
+  // host -> backend; the host source may be reused once this returns.
+  bitepResult_t upload(void* dst, const void* host_src, size_t bytes);
+  // Strided copy of `rows` rows of `width` bytes (src_host: the source is host memory).
+  bitepResult_t copy_rows(
+      void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t rows, bool src_host);
+  // backend -> host (cuda: pinned destination, asynchronous); complete after wait_download().
+  bitepResult_t download(void* host_dst, const void* src, size_t bytes);
+  bitepResult_t wait_download();
+
+  // The primitives of kernels/ep_params.h on this backend.
+  bitepResult_t layout(const kernels::LayoutParams& p);
+  bitepResult_t permute(const kernels::PermuteParams& p);
+  bitepResult_t expert_major(const kernels::ExpertMajorParams& p);
+  bitepResult_t reduce(const kernels::ReduceParams& p);
+  bitepResult_t final_sum(const kernels::FinalSumParams& p);
+  bitepResult_t weight_grad(const kernels::WeightGradParams& p);
+
+ private:
+  bitepGroup* group_;
+  bitepStream_t stream_;
+  std::vector<Block> temps_;
+  int prev_device_ = -1;
+  bool download_pending_ = false;
+};
+
+}  // namespace bitep::ep

@@ -1,0 +1,206 @@
+// SPDX-License-Identifier: Apache-2.0
+// EP group: config checks and their collective agreement, creation over a transport, destruction, queries.
+#include "src/ep/group.h"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "kernels/ep_params.h"
+#include "src/args.h"
+#include "src/check.h"
+#include "src/ep/collective.h"
+
+#ifdef BITEP_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace bitep::ep {
+
+bitepResult_t check_group_config(const bitepGroupConfig_t* c) {
+  BITEP_CHECK_STRUCT(c, "config", bitepGroupConfig_t, BITEP_GROUP_CONFIG_MAGIC, "BITEP_GROUP_CONFIG_INIT");
+  BITEP_CHECK(check_backend(c->backend));
+  BITEP_ARG_CHECK(c->num_experts >= 1, "config->num_experts is %d, must be >= 1", c->num_experts);
+  BITEP_ARG_CHECK(c->topk >= 1 && c->topk <= c->num_experts, "config->topk is %d, must be in [1, num_experts = %d]",
+                  c->topk, c->num_experts);
+  BITEP_ARG_CHECK(c->hidden >= 1, "config->hidden is %d, must be >= 1", c->hidden);
+  BITEP_CHECK(check_dtype(c->dtype, "config->dtype"));
+  BITEP_ARG_CHECK(c->expert_alignment >= 1 && c->expert_alignment <= (1 << 20),
+                  "config->expert_alignment is %d, must be in [1, 2^20] rows", c->expert_alignment);
+  BITEP_ARG_CHECK(std::isfinite(c->timeout_s) && c->timeout_s > 0, "config->timeout_s is %g, must be finite and > 0",
+                  c->timeout_s);
+  BITEP_ARG_CHECK(c->device >= -1, "config->device is %d, must be >= 0 or -1 (automatic)", c->device);
+  return bitepSuccess;
+}
+
+ConfigBlob make_config_blob(const bitepGroupConfig_t* c, int nranks, bitepResult_t status) {
+  ConfigBlob b{};
+  b.status = status;
+  b.nranks = nranks;
+  const bool readable = c != nullptr && c->magic == BITEP_GROUP_CONFIG_MAGIC && c->size == sizeof(bitepGroupConfig_t);
+  b.backend = readable ? c->backend : -1;
+  b.num_experts = readable ? c->num_experts : -1;
+  b.topk = readable ? c->topk : -1;
+  b.hidden = readable ? c->hidden : -1;
+  b.dtype = readable ? c->dtype : -1;
+  return b;
+}
+
+bitepResult_t agree_configs(const ConfigBlob* all, int nranks, int self, bitepResult_t self_status) {
+  if (self_status != bitepSuccess) return self_status;  // the rank's own error text is still set
+  for (int r = 0; r < nranks; ++r)
+    if (all[r].status != bitepSuccess)
+      BITEP_FAIL(bitepRemoteError,
+                 "rank %d of %d failed its local checks of the config (%s); see that rank's "
+                 "bitepGetLastError()",
+                 r, nranks, bitepGetErrorString(static_cast<bitepResult_t>(all[r].status)));
+  struct Field {
+    const char* name;
+    int32_t ConfigBlob::*member;
+  };
+  static const Field fields[] = {
+      {"config->backend", &ConfigBlob::backend}, {"config->num_experts", &ConfigBlob::num_experts},
+      {"config->topk", &ConfigBlob::topk},       {"config->hidden", &ConfigBlob::hidden},
+      {"config->dtype", &ConfigBlob::dtype},     {"nranks", &ConfigBlob::nranks}};
+  for (const Field& f : fields)
+    for (int r = 1; r < nranks; ++r)
+      if (all[r].*f.member != all[0].*f.member)
+        BITEP_FAIL(bitepInvalidArgument,
+                   "%s differs across ranks: rank 0 has %d, rank %d has %d; every rank of the "
+                   "group must pass the same value (this is rank %d)",
+                   f.name, all[0].*f.member, r, all[r].*f.member, self);
+  return bitepSuccess;
+}
+
+bitepResult_t check_group(bitepGroup_t g) {
+  BITEP_ARG_CHECK(g != nullptr, "group is NULL");
+  BITEP_ARG_CHECK(g->magic == kGroupMagic,
+                  "group (%p) is not a live bitep group (destroyed, or not from "
+                  "bitepGroupCreate*)",
+                  static_cast<void*>(g));
+  if (!g->broken.empty())
+    BITEP_FAIL(bitepInvalidUsage,
+               "the group is unusable after an earlier transport failure (%s); destroy it and "
+               "create a new one",
+               g->broken.c_str());
+  return bitepSuccess;
+}
+
+bitepResult_t create_group(std::unique_ptr<Transport> transport,
+                           const bitepGroupConfig_t* config,
+                           int device,
+                           bitepGroup_t* group,
+                           bool configs_agreed,
+                           int required_backend) {
+  if (group != nullptr) *group = nullptr;
+  BITEP_ARG_CHECK(transport != nullptr, "internal: create_group without a transport");
+  bitepResult_t local = check_group_config(config);
+  if (local == bitepSuccess && required_backend >= 0 && config->backend != required_backend)
+    local = set_error(bitepInvalidArgument, __FILE__, __LINE__,
+                      "config->backend is %d but this bootstrap makes %s groups", static_cast<int>(config->backend),
+                      required_backend == bitepBackendCuda ? "bitepBackendCuda (1)" : "bitepBackendHost (0)");
+  if (local == bitepSuccess && group == nullptr)
+    local = set_error(bitepInvalidArgument, __FILE__, __LINE__, "group is NULL");
+  const int W = transport->nranks(), self = transport->rank();
+  if (!configs_agreed) {
+    SavedError saved(local);
+    const ConfigBlob mine = make_config_blob(config, W, local);
+    std::vector<ConfigBlob> all(W);
+    const bitepResult_t r = transport->allgather_host(&mine, all.data(), sizeof(ConfigBlob));
+    if (r != bitepSuccess) return local != bitepSuccess ? saved.restore() : r;
+    BITEP_CHECK(agree_configs(all.data(), W, self, local));
+  } else if (local != bitepSuccess) {
+    return local;
+  }
+  const int E = config->num_experts;
+  // Same E and W on every rank now: every rank reaches the same verdict.
+  BITEP_ARG_CHECK(E % W == 0,
+                  "config->num_experts (%d) %% nranks (%d) != 0: every rank owns num_experts / nranks "
+                  "experts",
+                  E, W);
+  auto g = std::make_unique<bitepGroup>();
+  g->config = *config;
+  g->rank = self;
+  g->nranks = W;
+  g->device = config->backend == bitepBackendCuda ? device : -1;
+  g->num_local_experts = E / W;
+  g->max_row_experts = kernels::max_row_experts(config->topk, E / W);
+  g->local_map_bytes = kernels::local_map_bytes(E / W);
+  g->agree_always = config->backend == bitepBackendHost;
+  g->life = std::make_shared<Life>();
+  g->life->pool = std::make_unique<Pool>(config->backend, g->device);
+#ifdef BITEP_HAVE_CUDA
+  if (config->backend == bitepBackendCuda) {
+    int prev = -1;
+    BITEP_CUDA_CHECK(cudaGetDevice(&prev));
+    if (prev != g->device) BITEP_CUDA_CHECK(cudaSetDevice(g->device));
+    bitepResult_t r = bitepSuccess;
+    cudaEvent_t ev = nullptr;
+    BITEP_CUDA_CHECK_GOTO(
+        cudaMallocHost(reinterpret_cast<void**>(&g->pinned), sizeof(int32_t) * W * (g->num_local_experts + 1)), r,
+        done);
+    BITEP_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), r, done);
+    g->sync_event = ev;
+  done:
+    if (prev != g->device) cudaSetDevice(prev);
+    if (r != bitepSuccess) return r;
+  }
+#endif
+  g->transport = std::move(transport);
+  *group = g.release();
+  return bitepSuccess;
+}
+
+}  // namespace bitep::ep
+
+bitepGroup::~bitepGroup() {
+#ifdef BITEP_HAVE_CUDA
+  if (pinned != nullptr) cudaFreeHost(pinned);
+  if (sync_event != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(sync_event));
+  (void)cudaGetLastError();
+#endif
+  magic = 0;
+}
+
+extern "C" {
+
+bitepResult_t bitepGroupDestroy(bitepGroup_t group) {
+  return bitep::guard("bitepGroupDestroy", [&]() -> bitepResult_t {
+    if (group == nullptr) return bitepSuccess;
+    BITEP_ARG_CHECK(group->magic == bitep::ep::kGroupMagic, "group (%p) is not a live bitep group (destroyed twice?)",
+                    static_cast<void*>(group));
+    {
+      std::lock_guard<std::mutex> lock(group->life->mu);
+      group->life->alive = false;
+      if (!group->broken.empty()) group->life->pool->leak();
+      group->life->pool.reset();
+    }
+    delete group;
+    return bitepSuccess;
+  });
+}
+
+bitepResult_t bitepGroupGetRank(bitepGroup_t group, int* rank, int* nranks) {
+  return bitep::guard("bitepGroupGetRank", [&]() -> bitepResult_t {
+    BITEP_ARG_CHECK(group != nullptr, "group is NULL");
+    BITEP_ARG_CHECK(group->magic == bitep::ep::kGroupMagic, "group (%p) is not a live bitep group",
+                    static_cast<void*>(group));
+    if (rank != nullptr) *rank = group->rank;
+    if (nranks != nullptr) *nranks = group->nranks;
+    return bitepSuccess;
+  });
+}
+
+bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes) {
+  return bitep::guard("bitepGroupMemoryBytes", [&]() -> bitepResult_t {
+    BITEP_ARG_CHECK(group != nullptr, "group is NULL");
+    BITEP_ARG_CHECK(group->magic == bitep::ep::kGroupMagic, "group (%p) is not a live bitep group",
+                    static_cast<void*>(group));
+    BITEP_ARG_CHECK(bytes != nullptr, "bytes is NULL");
+    size_t fixed = group->pinned ? sizeof(int32_t) * group->nranks * (group->num_local_experts + 1) : 0;
+    *bytes = group->life->pool->held_bytes() + fixed;
+    return bitepSuccess;
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,84 @@
+// SPDX-License-Identifier: Apache-2.0
+// The EP group: configuration agreed by every rank, the transport, the buffer pool, and the liveness
+// record its handles share. Bootstraps (comm/mpi_bootstrap.cc, comm/nccl_*.cc) build a Transport and
+// hand it to create_group(), the one path every group goes through.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "bitep/bitep.h"
+#include "src/ep/pool.h"
+#include "src/ep/transport.h"
+
+namespace bitep::ep {
+
+// Shared by a group and its handles: a handle of a destroyed group sees alive == false (and never
+// touches the pool, which the group freed).
+struct Life {
+  std::mutex mu;
+  bool alive = true;
+  std::unique_ptr<Pool> pool;
+};
+
+// The fields every rank must pass identically, plus the rank's local verdict on its own arguments;
+// exchanged with one allgather at group creation. All int32 so it is a plain byte blob.
+struct ConfigBlob {
+  int32_t status;  // bitepSuccess, or the code of the rank's local failure
+  int32_t backend;
+  int32_t num_experts;
+  int32_t topk;
+  int32_t hidden;
+  int32_t dtype;
+  int32_t nranks;
+};
+
+// Local checks of a group config (struct, ranges); does not need W.
+bitepResult_t check_group_config(const bitepGroupConfig_t* config);
+// Fills blob from config (which may be null or invalid: status tells).
+ConfigBlob make_config_blob(const bitepGroupConfig_t* config, int nranks, bitepResult_t status);
+// Given every rank's blob: bitepSuccess when all ranks are valid and agree; else every rank returns the
+// same verdict: the rank's own error (self failed), bitepRemoteError (another rank failed its local
+// checks), or bitepInvalidArgument naming the first field that differs and two ranks that disagree.
+bitepResult_t agree_configs(const ConfigBlob* all, int nranks, int self, bitepResult_t self_status);
+
+// Creates the group over `transport` (taken over, destroyed on failure). Collective over the transport's
+// ranks: checks config locally (and that its backend is required_backend, unless -1), then (unless
+// configs_agreed, when the caller already ran agree_configs over the same ranks) agrees on it with one
+// allgather_host, so every rank fails alike. device: the cuda device of the group (-1 for host).
+bitepResult_t create_group(std::unique_ptr<Transport> transport,
+                           const bitepGroupConfig_t* config,
+                           int device,
+                           bitepGroup_t* group,
+                           bool configs_agreed = false,
+                           int required_backend = -1);
+
+bitepResult_t check_group(bitepGroup_t group);
+
+constexpr uint32_t kGroupMagic = 0x62e9a001u;
+constexpr uint32_t kHandleMagic = 0x62e9a002u;
+
+}  // namespace bitep::ep
+
+struct bitepGroup {
+  uint32_t magic = bitep::ep::kGroupMagic;
+  bitepGroupConfig_t config{};
+  int rank = 0;
+  int nranks = 1;
+  int device = -1;
+  int num_local_experts = 0;  // L
+  int max_row_experts = 0;    // KL = min(k, L)
+  int local_map_bytes = 0;    // MB = ceil(L / 8)
+  // Host backend: every collective call first agrees on the ranks' argument checks (one allgather), so
+  // a bad argument on one rank fails the call on every rank instead of stalling the others. The cuda
+  // backend skips it (it would cost a host synchronisation); see bitepDispatch's notes.
+  bool agree_always = false;
+  std::unique_ptr<bitep::ep::Transport> transport;
+  std::shared_ptr<bitep::ep::Life> life;
+  std::string broken;          // non-empty once a transport failure left peers in an unknown state
+  int32_t* pinned = nullptr;   // cuda: pinned host staging for the send counts [W, L + 1]
+  void* sync_event = nullptr;  // cuda: cudaEvent_t marking the send counts' download
+  ~bitepGroup();
+};

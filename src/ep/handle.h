@@ -1,0 +1,56 @@
+// SPDX-License-Identifier: Apache-2.0
+// A dispatch handle: the layout of one dispatch (counts, offsets, slots), the received rows and the
+// expert-major view, in pool blocks it owns until bitepHandleDestroy. Combines and backward passes reuse
+// it, so they need no count exchange.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kernels/ep_params.h"
+#include "src/ep/group.h"
+
+struct bitepHandle {
+  uint32_t magic = bitep::ep::kHandleMagic;
+  std::shared_ptr<bitep::ep::Life> life;  // the group's; alive == false once the group is destroyed
+  const bitepGroup* group = nullptr;      // compared only, never dereferenced once the group is gone
+  bitepStream_t last_stream = nullptr;    // the stream of the last call that used the handle's blocks
+  std::vector<bitep::ep::Block> blocks;   // pool blocks the handle owns
+
+  int64_t num_tokens = 0;  // T of the dispatch on this rank
+  bool has_weights = false;
+  bitep::kernels::RoutingInput routing;  // the dispatch's map, copied into a handle block (weights not kept)
+
+  // Backend memory.
+  int32_t* token_slot = nullptr;        // [T, W]
+  int64_t* send_offsets_dev = nullptr;  // [W]
+  void* recv_x = nullptr;               // [R, H] (caller's when given)
+  uint8_t* recv_map = nullptr;          // [R, MB]
+  float* recv_weights = nullptr;        // [R, KL] or null
+  int32_t* recv_expert_rows = nullptr;  // [R, KL]
+  void* expert_x = nullptr;             // [N, H] (caller's when given)
+  int32_t* expert_counts = nullptr;     // [L]
+  int32_t* expert_offsets = nullptr;    // [L + 1]
+
+  // Host.
+  int64_t num_send_rows = 0;                        // S: rows sent to peers (self chunk excluded)
+  int64_t num_recv_rows = 0;                        // R: rows received, self chunk included
+  int64_t num_expert_rows = 0;                      // N
+  std::vector<int64_t> send_counts, recv_counts;    // [W]
+  std::vector<int64_t> send_offsets, recv_offsets;  // [W] (send_offsets[self] = where it would go; unused)
+  std::vector<int64_t> expert_counts_host;          // [L]
+  std::vector<int32_t> expert_offsets_host;         // [L + 1]
+  bitepDispatchLayout_t layout{};
+};
+
+namespace bitep::ep {
+
+// Validates a handle for use with `group` (group may be null for handle-only calls): non-null, not
+// destroyed, its group alive (else bitepInvalidUsage), and the same group.
+bitepResult_t check_handle(bitepHandle_t handle, bitepGroup_t group);
+
+// Returns the handle's blocks to the pool (if the group is alive) and deletes it.
+void destroy_handle(bitepHandle_t handle);
+
+}  // namespace bitep::ep

@@ -1,0 +1,176 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "src/ep/pool.h"
+
+#include <cstdlib>
+#include <vector>
+
+#include "src/check.h"
+
+#ifdef BITEP_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace bitep::ep {
+namespace {
+constexpr size_t kMinClass = 256;
+constexpr size_t kHostAlign = 256;
+// A cached block not reused for this many acquisitions is freed on the next miss, so that the cache
+// follows the traffic instead of keeping every size it ever saw.
+constexpr uint64_t kTrimAge = 256;
+}  // namespace
+
+Pool::Pool(bitepBackend_t backend, int device) : backend_(backend), device_(device) {}
+
+Pool::~Pool() {
+  if (leak_) return;
+  for (auto& kv : cached_) free_block(&kv.second);
+  for (auto& kv : in_use_) free_block(&kv.second);
+}
+
+size_t Pool::size_class(size_t bytes) {
+  if (bytes <= kMinClass) return kMinClass;
+  // 8 classes per octave: step = 2^(floor(log2(bytes)) - 3), so class / bytes < 1 + 1/8.
+  int msb = 63 - __builtin_clzll(static_cast<unsigned long long>(bytes));
+  const size_t step = size_t{1} << (msb - 3);
+  return (bytes + step - 1) / step * step;
+}
+
+bitepResult_t Pool::allocate(size_t bytes, void** ptr) {
+  *ptr = nullptr;
+  if (backend_ == bitepBackendHost) {
+    if (posix_memalign(ptr, kHostAlign, bytes) != 0 || *ptr == nullptr) {
+      *ptr = nullptr;
+      BITEP_FAIL(bitepOutOfMemory, "host allocation of %zu bytes for the group's buffer pool failed", bytes);
+    }
+    return bitepSuccess;
+  }
+#ifdef BITEP_HAVE_CUDA
+  cudaError_t err = cudaMalloc(ptr, bytes);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    *ptr = nullptr;
+    BITEP_FAIL(err == cudaErrorMemoryAllocation ? bitepOutOfMemory : bitepCudaError,
+               "cudaMalloc of %zu bytes on device %d for the group's buffer pool failed: %s", bytes, device_,
+               cudaGetErrorString(err));
+  }
+  return bitepSuccess;
+#else
+  BITEP_FAIL(bitepNotSupported, "cuda pool without CUDA support");
+#endif
+}
+
+void Pool::free_block(Block* b) {
+  if (b->ptr == nullptr) return;
+  if (backend_ == bitepBackendHost) {
+    std::free(b->ptr);
+  } else {
+#ifdef BITEP_HAVE_CUDA
+    // cudaFree waits for the device; the event only orders reuse.
+    if (b->event) cudaEventDestroy(static_cast<cudaEvent_t>(b->event));
+    cudaFree(b->ptr);
+    (void)cudaGetLastError();
+#endif
+  }
+  b->ptr = nullptr;
+  b->event = nullptr;
+}
+
+void Pool::trim_locked(uint64_t older_than) {
+  for (auto it = cached_.begin(); it != cached_.end();) {
+    if (it->second.last_use + older_than <= tick_) {
+      held_ -= it->second.bytes;
+      free_block(&it->second);
+      it = cached_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+bitepResult_t Pool::acquire(size_t bytes, bitepStream_t stream, Block* out) {
+  *out = Block{};
+  if (bytes == 0) return bitepSuccess;
+  const size_t cls = size_class(bytes);
+  std::lock_guard<std::mutex> lock(mu_);
+  ++tick_;
+  auto it = cached_.find(cls);
+  if (it != cached_.end()) {
+    Block b = it->second;
+    cached_.erase(it);
+#ifdef BITEP_HAVE_CUDA
+    if (backend_ == bitepBackendCuda && b.event != nullptr) {
+      cudaError_t err =
+          cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(b.event), 0);
+      if (err != cudaSuccess) {
+        cached_.emplace(cls, b);
+        return cuda_error(err, "cudaStreamWaitEvent(stream, pool block release event)", __FILE__, __LINE__);
+      }
+    }
+#else
+    (void)stream;
+#endif
+    in_use_.emplace(b.ptr, b);
+    *out = b;
+    return bitepSuccess;
+  }
+  trim_locked(kTrimAge);
+  Block b;
+  b.bytes = cls;
+  bitepResult_t r = allocate(cls, &b.ptr);
+  if (r == bitepOutOfMemory && !cached_.empty()) {  // drop the whole cache and retry once
+    trim_locked(0);
+    r = allocate(cls, &b.ptr);
+  }
+  if (r != bitepSuccess) return r;
+  ++allocations_;
+  held_ += cls;
+  in_use_.emplace(b.ptr, b);
+  *out = b;
+  return bitepSuccess;
+}
+
+void Pool::release(Block* block, bitepStream_t stream) {
+  if (block->ptr == nullptr) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = in_use_.find(block->ptr);
+  if (it == in_use_.end()) return;  // not ours (never happens): leave it alone
+  Block b = it->second;
+  in_use_.erase(it);
+#ifdef BITEP_HAVE_CUDA
+  if (backend_ == bitepBackendCuda) {
+    if (b.event == nullptr) {
+      cudaEvent_t ev = nullptr;
+      if (cudaEventCreateWithFlags(&ev, cudaEventDisableTiming) == cudaSuccess) b.event = ev;
+    }
+    if (b.event == nullptr ||
+        cudaEventRecord(static_cast<cudaEvent_t>(b.event), reinterpret_cast<cudaStream_t>(stream)) != cudaSuccess) {
+      // Without an event the block cannot be reused safely: wait for the stream, or drop the block.
+      (void)cudaGetLastError();
+      if (cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)) != cudaSuccess) {
+        (void)cudaGetLastError();
+        held_ -= b.bytes;
+        free_block(&b);
+        *block = Block{};
+        return;
+      }
+    }
+  }
+#else
+  (void)stream;
+#endif
+  b.last_use = tick_;
+  cached_.emplace(b.bytes, b);
+  *block = Block{};
+}
+
+size_t Pool::held_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return held_;
+}
+
+uint64_t Pool::num_allocations() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return allocations_;
+}
+
+}  // namespace bitep::ep

@@ -1,0 +1,67 @@
+// SPDX-License-Identifier: Apache-2.0
+// The group's buffer pool: a caching allocator of backend memory (host: aligned malloc, cuda: cudaMalloc)
+// keyed by size class. A request is rounded up to its class (at most 1.125x the bytes asked for); a
+// released block goes back to the free list of its class and is handed out again to the next request of
+// that class, so a steady stream of dispatches of similar sizes allocates nothing.
+// cuda: release records an event on the releasing stream, and the next user's stream waits on it, so a
+// block is never reused before the work queued on it has finished.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <mutex>
+
+#include "bitep/bitep.h"
+
+namespace bitep::ep {
+
+struct Block {
+  void* ptr = nullptr;    // null for a zero-byte request
+  size_t bytes = 0;       // the class size
+  void* event = nullptr;  // cudaEvent_t recorded at release (cuda only), created on first release
+  uint64_t last_use = 0;  // pool tick of the last release
+};
+
+class Pool {
+ public:
+  Pool(bitepBackend_t backend, int device);
+  ~Pool();  // frees every block, in use or cached (unless leak() was called)
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+
+  // Smallest class >= bytes: 256 bytes at least, then 8 classes per power of two (class < 1.125 x bytes).
+  static size_t size_class(size_t bytes);
+
+  // A block of at least `bytes` (bytes = 0: an empty block, no memory). cuda: stream waits on the
+  // block's release event. Fails with bitepOutOfMemory (after dropping the cache and retrying once).
+  bitepResult_t acquire(size_t bytes, bitepStream_t stream, Block* out);
+
+  // Returns the block to the cache (cuda: after the work queued on stream). Empty blocks are ignored.
+  void release(Block* block, bitepStream_t stream);
+
+  // Bytes held now: blocks in use and cached.
+  size_t held_bytes() const;
+  // Real allocations made so far (tests: steady state allocates nothing).
+  uint64_t num_allocations() const;
+
+  // After a transport failure a peer may still write into our blocks: never free them.
+  void leak() { leak_ = true; }
+
+ private:
+  bitepResult_t allocate(size_t bytes, void** ptr);
+  void free_block(Block* b);
+  void trim_locked(uint64_t older_than);
+
+  bitepBackend_t backend_;
+  int device_;
+  mutable std::mutex mu_;
+  std::multimap<size_t, Block> cached_;  // class size -> free blocks
+  std::map<void*, Block> in_use_;
+  size_t held_ = 0;
+  uint64_t tick_ = 0;
+  uint64_t allocations_ = 0;
+  bool leak_ = false;
+};
+
+}  // namespace bitep::ep

@@ -1,0 +1,124 @@
+// SPDX-License-Identifier: Apache-2.0
+// Caller-provided receive buffers and their capacities, and the group's pool in steady state.
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "tests/multirank/ep_checks.h"
+
+namespace ept {
+namespace {
+
+TEST(EpBuffers, CallerBuffersOfExactCapacity) {
+  Spec s;
+  s.align = 4;
+  s.tokens = [](int r, int) { return r == 0 ? int64_t{0} : int64_t{7} + r; };
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> world = make_world(s, W);
+  const Expected x = expected_receive(s, W, rank, world);
+  const size_t row = s.H * dsize(s.dtype);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  // One sentinel row past each capacity: nothing may touch it.
+  std::vector<uint8_t> recv((x.R + 1) * row, 0xab), expert((x.N + 1) * row, 0xab);
+  bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  a.recv_x = recv.data();
+  a.recv_x_capacity = x.R;
+  a.expert_x = expert.data();
+  a.expert_x_capacity = x.N;
+  HandleGuard h;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
+  if (x.R > 0) EXPECT_EQ(lo.recv_x, recv.data());
+  if (x.N > 0) EXPECT_EQ(lo.expert_x, expert.data());
+  check_received(s, W, rank, world, lo);
+  for (size_t b = 0; b < row; ++b) {
+    EXPECT_EQ(recv[x.R * row + b], 0xab) << "recv_x written past its capacity";
+    EXPECT_EQ(expert[x.N * row + b], 0xab) << "expert_x written past its capacity";
+  }
+  const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lo);
+  bitepResult_t r;
+  const std::vector<uint8_t> out = combine(g.g, h.h, y.data(), bitepLayoutExpertMajor, 1, world[rank].T, s, &r);
+  ASSERT_EQ(r, bitepSuccess) << bitepGetLastError();
+  expect_values(s, out, reference_combine(s, W, rank, world[rank], true), "out");
+}
+
+// Capacity one row short on one rank: that rank fails with bitepCapacityExceeded, every other rank with
+// bitepRemoteError naming it; nothing is written to the caller's buffer, no rank hangs, and the group
+// works afterwards.
+void capacity_too_small(bool expert_major) {
+  Spec s;
+  s.route = Route::kOneRank;  // every token goes to the victim, so it receives rows
+  const int W = world_size(), rank = world_rank(), victim = W - 1;
+  s.target = victim;
+  const std::vector<Input> world = make_world(s, W);
+  const Expected x = expected_receive(s, W, rank, world);
+  const size_t row = s.H * dsize(s.dtype);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  std::vector<uint8_t> buf((x.N + x.R + 1) * row, 0xab);
+  if (rank == victim) {
+    ASSERT_GT(x.R, 0);
+    if (expert_major) {
+      a.expert_x = buf.data();
+      a.expert_x_capacity = x.N - 1;
+    } else {
+      a.recv_x = buf.data();
+      a.recv_x_capacity = x.R - 1;
+    }
+  }
+  bitepHandle_t h = reinterpret_cast<bitepHandle_t>(&buf);  // must come back NULL
+  const bitepResult_t r = bitepDispatch(g.g, &a, nullptr, &h);
+  EXPECT_EQ(h, nullptr);
+  const std::string err = bitepGetLastError();
+  if (rank == victim) {
+    EXPECT_EQ(r, bitepCapacityExceeded) << err;
+    EXPECT_NE(err.find(expert_major ? "args->expert_x_capacity" : "args->recv_x_capacity"), std::string::npos) << err;
+  } else {
+    EXPECT_EQ(r, bitepRemoteError) << err;
+    EXPECT_NE(err.find("rank " + std::to_string(victim)), std::string::npos) << err;
+  }
+  for (uint8_t b : buf) ASSERT_EQ(b, 0xab) << "the caller's buffer was written by a failed dispatch";
+  // The group is fine: the same dispatch with pool buffers succeeds everywhere.
+  const bitepDispatchArgs_t good = dispatch_args(s, world[rank]);
+  HandleGuard h2;
+  ASSERT_EQ(bitepDispatch(g.g, &good, nullptr, &h2.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h2.h, &lo), bitepSuccess);
+  check_received(s, W, rank, world, lo);
+}
+
+TEST(EpBuffers, RecvCapacityTooSmallFailsEveryRank) { capacity_too_small(false); }
+TEST(EpBuffers, ExpertCapacityTooSmallFailsEveryRank) { capacity_too_small(true); }
+
+// Repeated dispatch + combine of the same sizes: after the first round the pool allocates nothing.
+TEST(EpBuffers, SteadyStateAllocatesNothing) {
+  Spec s;
+  s.tokens = [](int r, int) { return int64_t{40} + 5 * r; };
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  std::vector<size_t> bytes;
+  for (int it = 0; it < 5; ++it) {
+    const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+    HandleGuard h;
+    ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+    bitepDispatchLayout_t lo;
+    ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
+    const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lo);
+    bitepResult_t r;
+    (void)combine(g.g, h.h, y.data(), bitepLayoutExpertMajor, 1, world[rank].T, s, &r);
+    ASSERT_EQ(r, bitepSuccess) << bitepGetLastError();
+    size_t held = 0;
+    ASSERT_EQ(bitepGroupMemoryBytes(g.g, &held), bitepSuccess);
+    bytes.push_back(held);
+  }
+  EXPECT_GT(bytes[0], 0u);
+  for (int it = 1; it < 5; ++it) EXPECT_EQ(bytes[it], bytes[0]) << "iteration " << it << " grew the pool";
+}
+
+}  // namespace
+}  // namespace ept

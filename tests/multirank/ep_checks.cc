@@ -1,0 +1,98 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "tests/multirank/ep_checks.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace ept {
+
+int config_topk(const Spec& s, int W) { return s.route == Route::kOneRank ? std::min(s.topk(W), s.L) : s.topk(W); }
+
+void check_received(const Spec& s, int W, int rank, const std::vector<Input>& world, const bitepDispatchLayout_t& lo) {
+  const Expected x = expected_receive(s, W, rank, world);
+  const int L = s.L, k = s.route == Route::kOneRank ? std::min(s.topk(W), L) : s.topk(W);
+  const int KL = std::min(k, L), MB = (L + 7) / 8;
+  const size_t row = s.H * dsize(s.dtype);
+  ASSERT_EQ(lo.num_ranks, W);
+  ASSERT_EQ(lo.num_local_experts, L);
+  ASSERT_EQ(lo.max_row_experts, KL);
+  ASSERT_EQ(lo.num_recv_rows, x.R);
+  ASSERT_EQ(lo.num_expert_rows, x.N);
+  for (int r = 0; r < W; ++r) {
+    EXPECT_EQ(lo.recv_counts_host[r], x.recv_counts[r]) << "from rank " << r;
+    EXPECT_EQ(lo.send_counts_host[r], x.send_counts[r]) << "to rank " << r;
+  }
+  for (int l = 0; l < L; ++l) {
+    EXPECT_EQ(lo.expert_counts_host[l], x.expert_counts[l]) << "expert " << l;
+    EXPECT_EQ(lo.expert_counts[l], x.expert_counts[l]) << "expert " << l;
+    EXPECT_EQ(lo.expert_offsets[l], x.expert_offsets[l]) << "expert " << l;
+  }
+  EXPECT_EQ(lo.expert_offsets[L], x.N);
+  if (s.weights == Weights::kNone) EXPECT_EQ(lo.recv_weights, nullptr);
+  Mismatches m;
+  std::vector<int64_t> next(x.expert_offsets.begin(), x.expert_offsets.end() - 1);
+  for (int64_t i = 0; i < x.R; ++i) {
+    const int src = x.src_rank[i];
+    const int64_t t = x.src_token[i];
+    const uint8_t* got = static_cast<const uint8_t*>(lo.recv_x) + i * row;
+    MISMATCH(m, std::memcmp(got, world[src].x.data() + t * row, row) == 0,
+             "recv_x row " << i << " is not token " << t << " of rank " << src << " (x[0] = " << load(s.dtype, got, 0)
+                           << ")");
+    std::vector<uint8_t> map(MB, 0);
+    for (int l : x.local[i]) map[l / 8] |= static_cast<uint8_t>(1u << (l % 8));
+    MISMATCH(m, std::memcmp(lo.recv_map + i * MB, map.data(), MB) == 0, "recv_map row " << i);
+    for (int j = 0; j < KL; ++j) {
+      const bool set = j < static_cast<int>(x.local[i].size());
+      if (lo.recv_weights != nullptr)
+        MISMATCH(m, lo.recv_weights[i * KL + j] == (set ? x.wrow[i][j] : 0.0f),
+                 "recv_weights[" << i << "][" << j << "] = " << lo.recv_weights[i * KL + j]);
+      const int32_t pos = lo.recv_expert_rows[i * KL + j];
+      if (!set) {
+        MISMATCH(m, pos == -1, "recv_expert_rows[" << i << "][" << j << "] = " << pos << ", expected -1");
+        continue;
+      }
+      const int64_t want = next[x.local[i][j]]++;
+      MISMATCH(m, pos == want, "recv_expert_rows[" << i << "][" << j << "] = " << pos << ", expected " << want);
+      if (pos >= 0 && pos < x.N)
+        MISMATCH(m, std::memcmp(static_cast<const uint8_t*>(lo.expert_x) + pos * row, got, row) == 0,
+                 "expert_x row " << pos << " is not recv_x row " << i);
+    }
+  }
+  for (int l = 0; l < L; ++l)
+    for (int64_t r = x.expert_offsets[l] + x.expert_counts[l]; r < x.expert_offsets[l + 1]; ++r)
+      for (size_t b = 0; b < row; ++b)
+        MISMATCH(m, static_cast<const uint8_t*>(lo.expert_x)[r * row + b] == 0, "pad row " << r << " is not zero");
+  EXPECT_EQ(m.n, 0) << "on rank " << rank << ":" << m.first;
+}
+
+std::vector<uint8_t> combine(bitepGroup_t g,
+                             bitepHandle_t h,
+                             const void* y,
+                             bitepLayout_t layout,
+                             int weighted,
+                             int64_t T,
+                             const Spec& s,
+                             bitepResult_t* res) {
+  std::vector<uint8_t> out(T * s.H * dsize(s.dtype) + 1, 0xcd);
+  const size_t canary = out.size() - 1;
+  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
+  c.y = y;
+  c.layout = layout;
+  c.weighted = weighted;
+  c.out = out.data();
+  *res = bitepCombine(g, h, &c, nullptr);
+  EXPECT_EQ(out[canary], 0xcd) << "bitepCombine wrote past out";
+  out.pop_back();
+  return out;
+}
+
+void expect_values(const Spec& s, const std::vector<uint8_t>& got, const std::vector<float>& want, const char* what) {
+  Mismatches m;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const float v = load(s.dtype, got.data(), static_cast<int64_t>(i));
+    MISMATCH(m, v == want[i], what << "[" << i / s.H << "][" << i % s.H << "] = " << v << ", expected " << want[i]);
+  }
+  EXPECT_EQ(m.n, 0) << "on rank " << world_rank() << ":" << m.first;
+}
+
+}  // namespace ept

@@ -1,0 +1,51 @@
+// SPDX-License-Identifier: Apache-2.0
+// Checks shared by the multi-rank EP tests (gtest assertions on what a rank received and computed).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "tests/multirank/ep_world.h"
+
+namespace ept {
+
+// Counts mismatches, keeps the first few messages.
+struct Mismatches {
+  int64_t n = 0;
+  std::string first;
+  void add(const std::string& what) {
+    if (n++ < 5) first += "\n  " + what;
+  }
+};
+
+#define MISMATCH(m, cond, ...) \
+  do {                         \
+    if (!(cond)) {             \
+      std::ostringstream os_;  \
+      os_ << __VA_ARGS__;      \
+      (m).add(os_.str());      \
+    }                          \
+  } while (0)
+
+// Exactly what this rank must have received, against the layout of its dispatch.
+void check_received(const Spec& s, int W, int rank, const std::vector<Input>& world, const bitepDispatchLayout_t& lo);
+
+// bitepCombine into a fresh [T, H] buffer (one canary byte past the end is checked).
+std::vector<uint8_t> combine(bitepGroup_t g,
+                             bitepHandle_t h,
+                             const void* y,
+                             bitepLayout_t layout,
+                             int weighted,
+                             int64_t T,
+                             const Spec& s,
+                             bitepResult_t* res);
+
+void expect_values(const Spec& s, const std::vector<uint8_t>& got, const std::vector<float>& want, const char* what);
+
+// The config topk of a spec (one-rank routing caps it at L).
+int config_topk(const Spec& s, int W);
+
+}  // namespace ept

@@ -1,0 +1,168 @@
+// SPDX-License-Identifier: Apache-2.0
+// The cuda backend against the host backend on the same inputs, one GPU per rank: maps, counts, rows and
+// the expert-major layout bit for bit; combine and its backward within a stated tolerance of the host.
+// Skipped, with the reason, where there is no CUDA build or not one GPU per rank.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "tests/multirank/ep_checks.h"
+
+#ifdef BITEP_MULTIRANK_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace ept {
+namespace {
+
+#ifdef BITEP_MULTIRANK_CUDA
+// Skips unless every rank has a GPU of its own (its index on the node); returns that device.
+bool gpu_per_rank(int* device, std::string* why) {
+  MPI_Comm node;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+  int local = 0, n = 0;
+  MPI_Comm_rank(node, &local);
+  MPI_Comm_free(&node);
+  if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
+  (void)cudaGetLastError();
+  int have = local < n ? 1 : 0, all = 0;
+  MPI_Allreduce(&have, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  *device = local;
+  *why = "the cuda backend test needs one GPU per rank; rank " + std::to_string(world_rank()) + " sees " +
+         std::to_string(n) + " GPU(s) for local rank " + std::to_string(local);
+  return all != 0;
+}
+
+struct Dev {
+  void* p = nullptr;
+  explicit Dev(size_t bytes) { cudaMalloc(&p, bytes ? bytes : 1); }
+  Dev(const void* host, size_t bytes) : Dev(bytes) {
+    if (bytes) cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice);
+  }
+  ~Dev() { cudaFree(p); }
+  template <typename T>
+  std::vector<T> get(size_t n) const {
+    std::vector<T> v(n);
+    if (n) cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
+    return v;
+  }
+};
+
+template <typename T>
+std::vector<T> download(const void* p, size_t n) {
+  std::vector<T> v(n);
+  if (n) EXPECT_EQ(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+  return v;
+}
+
+void run_against_host(const Spec& s) {
+  int device = 0;
+  std::string why;
+  if (!gpu_per_rank(&device, &why)) GTEST_SKIP() << why;
+  ASSERT_EQ(cudaSetDevice(device), cudaSuccess);
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> world = make_world(s, W);
+  const Input& in = world[rank];
+  const size_t row = s.H * dsize(s.dtype);
+  // Host backend: the reference layout and outputs.
+  GroupGuard hg;
+  ASSERT_EQ(make_group(s, &hg), bitepSuccess) << bitepGetLastError();
+  const bitepDispatchArgs_t ha = dispatch_args(s, in);
+  HandleGuard hh;
+  ASSERT_EQ(bitepDispatch(hg.g, &ha, nullptr, &hh.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t hl;
+  ASSERT_EQ(bitepHandleGetLayout(hh.h, &hl), bitepSuccess);
+  // Cuda backend on the same inputs.
+  bitepGroupConfig_t c = group_config(s, W);
+  c.backend = bitepBackendCuda;
+  c.device = device;
+  GroupGuard cg;
+  ASSERT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &cg.g), bitepSuccess) << bitepGetLastError();
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  const bitepStream_t bs = reinterpret_cast<bitepStream_t>(stream);
+  Dev x(in.x.data(), in.x.size()), map(in.map.data(), in.map.size());
+  Dev probs(in.probs.data(), 4 * in.probs.size()), topk(in.topk.data(), 4 * in.topk.size());
+  bitepDispatchArgs_t ca = ha;
+  ca.x = in.T ? x.p : nullptr;
+  ca.routing_map = in.T ? map.p : nullptr;
+  ca.probs = ha.probs ? static_cast<const float*>(probs.p) : nullptr;
+  ca.topk_weights = ha.topk_weights ? static_cast<const float*>(topk.p) : nullptr;
+  HandleGuard ch;
+  ASSERT_EQ(bitepDispatch(cg.g, &ca, bs, &ch.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t cl;
+  ASSERT_EQ(bitepHandleGetLayout(ch.h, &cl), bitepSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  const int64_t R = hl.num_recv_rows, N = hl.num_expert_rows;
+  const int L = hl.num_local_experts, KL = hl.max_row_experts, MB = (L + 7) / 8;
+  ASSERT_EQ(cl.num_recv_rows, R);
+  ASSERT_EQ(cl.num_expert_rows, N);
+  for (int r = 0; r < W; ++r) {
+    EXPECT_EQ(cl.recv_counts_host[r], hl.recv_counts_host[r]);
+    EXPECT_EQ(cl.send_counts_host[r], hl.send_counts_host[r]);
+  }
+  for (int l = 0; l < L; ++l) EXPECT_EQ(cl.expert_counts_host[l], hl.expert_counts_host[l]);
+  EXPECT_EQ(download<int32_t>(cl.expert_offsets, L + 1),
+            std::vector<int32_t>(hl.expert_offsets, hl.expert_offsets + L + 1));
+  EXPECT_EQ(
+      download<uint8_t>(cl.recv_x, R * row),
+      std::vector<uint8_t>(static_cast<const uint8_t*>(hl.recv_x), static_cast<const uint8_t*>(hl.recv_x) + R * row));
+  EXPECT_EQ(download<uint8_t>(cl.recv_map, R * MB), std::vector<uint8_t>(hl.recv_map, hl.recv_map + R * MB));
+  EXPECT_EQ(download<int32_t>(cl.recv_expert_rows, R * KL),
+            std::vector<int32_t>(hl.recv_expert_rows, hl.recv_expert_rows + R * KL));
+  if (hl.recv_weights != nullptr)
+    EXPECT_EQ(download<float>(cl.recv_weights, R * KL), std::vector<float>(hl.recv_weights, hl.recv_weights + R * KL));
+  const std::vector<uint8_t> cex = download<uint8_t>(cl.expert_x, N * row);
+  EXPECT_EQ(cex, std::vector<uint8_t>(static_cast<const uint8_t*>(hl.expert_x),
+                                      static_cast<const uint8_t*>(hl.expert_x) + N * row));
+  // Combine through the toy experts: the cuda result within one rounding of the host's.
+  const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, hl);
+  bitepResult_t res;
+  const int weighted = s.weights != Weights::kNone;
+  const std::vector<uint8_t> host_out = combine(hg.g, hh.h, y.data(), bitepLayoutExpertMajor, weighted, in.T, s, &res);
+  ASSERT_EQ(res, bitepSuccess) << bitepGetLastError();
+  Dev dy(y.data(), y.size()), dout(in.T * row);
+  bitepCombineArgs_t cc = BITEP_COMBINE_ARGS_INIT;
+  cc.y = dy.p;
+  cc.weighted = weighted;
+  cc.out = dout.p;
+  ASSERT_EQ(bitepCombine(cg.g, ch.h, &cc, bs), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  const std::vector<uint8_t> cuda_out = dout.get<uint8_t>(in.T * row);
+  Mismatches m;
+  for (int64_t i = 0; i < in.T * s.H; ++i) {
+    const float a = load(s.dtype, host_out.data(), i), b = load(s.dtype, cuda_out.data(), i);
+    MISMATCH(m, std::fabs(a - b) <= std::ldexp(std::fabs(a), s.dtype == bitepFloat32 ? -20 : -7),
+             "out[" << i << "]: cuda " << b << ", host " << a);
+  }
+  EXPECT_EQ(m.n, 0) << "on rank " << rank << ":" << m.first;
+  cudaStreamDestroy(stream);
+}
+#endif
+
+TEST(EpCuda, MatchesHostBackend) {
+#ifdef BITEP_MULTIRANK_CUDA
+  Spec s;
+  run_against_host(s);
+#else
+  GTEST_SKIP() << "this bitep was built without CUDA: the cuda backend test needs a CUDA build and one GPU per rank";
+#endif
+}
+
+TEST(EpCuda, MatchesHostBackendIndicesDenseAligned) {
+#ifdef BITEP_MULTIRANK_CUDA
+  Spec s;
+  s.fmt = bitepMapTopkIndices;
+  s.weights = Weights::kDense;
+  s.align = 4;
+  s.k = 3;
+  s.H = 7;
+  run_against_host(s);
+#else
+  GTEST_SKIP() << "this bitep was built without CUDA: the cuda backend test needs a CUDA build and one GPU per rank";
+#endif
+}
+
+}  // namespace
+}  // namespace ept

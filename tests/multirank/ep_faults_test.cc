@@ -1,0 +1,403 @@
+// SPDX-License-Identifier: Apache-2.0
+// Faults: configs that differ across ranks, bad arguments on one rank, handles outliving their group,
+// a stalled peer. Every collective call fails on every rank (no hang), the failing rank with the error
+// naming the argument, the others with bitepRemoteError naming that rank; the group stays usable after
+// an argument error.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <thread>
+
+#include "tests/multirank/ep_checks.h"
+
+namespace ept {
+namespace {
+
+bool has(const std::string& text, const std::string& what) { return text.find(what) != std::string::npos; }
+
+// ---- group creation -----------------------------------------------------------------------------------
+
+void expect_create_fails_everywhere(const std::function<void(bitepGroupConfig_t*)>& tweak,
+                                    const char* field,
+                                    bitepResult_t victim_code,
+                                    bool on_victim_only_message = false) {
+  Spec s;
+  const int W = world_size(), rank = world_rank(), victim = W - 1;
+  bitepGroupConfig_t c = group_config(s, W);
+  if (rank == victim) tweak(&c);
+  bitepGroup_t g = reinterpret_cast<bitepGroup_t>(&c);
+  const bitepResult_t r = bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g);
+  const std::string err = bitepGetLastError();
+  EXPECT_EQ(g, nullptr);
+  if (g != nullptr) bitepGroupDestroy(g);
+  if (rank == victim || !on_victim_only_message) {
+    EXPECT_EQ(r, rank == victim ? victim_code : bitepInvalidArgument) << err;
+    EXPECT_TRUE(has(err, field)) << err;
+  } else {
+    EXPECT_EQ(r, bitepRemoteError) << err;
+    EXPECT_TRUE(has(err, "rank " + std::to_string(victim))) << err;
+  }
+}
+
+TEST(EpFaults, MismatchedHiddenFailsEveryRank) {
+  if (world_size() < 2) GTEST_SKIP() << "a mismatch needs 2 ranks (run with mpirun -np >= 2)";
+  expect_create_fails_everywhere([](bitepGroupConfig_t* c) { c->hidden += 1; }, "config->hidden differs",
+                                 bitepInvalidArgument);
+}
+
+TEST(EpFaults, MismatchedExpertsFailsEveryRank) {
+  if (world_size() < 2) GTEST_SKIP() << "a mismatch needs 2 ranks (run with mpirun -np >= 2)";
+  expect_create_fails_everywhere([](bitepGroupConfig_t* c) { c->num_experts *= 2; }, "config->num_experts differs",
+                                 bitepInvalidArgument);
+}
+
+TEST(EpFaults, MismatchedDtypeFailsEveryRank) {
+  if (world_size() < 2) GTEST_SKIP() << "a mismatch needs 2 ranks (run with mpirun -np >= 2)";
+  expect_create_fails_everywhere([](bitepGroupConfig_t* c) { c->dtype = bitepFloat32; }, "config->dtype differs",
+                                 bitepInvalidArgument);
+}
+
+TEST(EpFaults, InvalidConfigOnOneRankFailsEveryRank) {
+  expect_create_fails_everywhere([](bitepGroupConfig_t* c) { c->topk = 0; }, "config->topk", bitepInvalidArgument,
+                                 true);
+}
+
+TEST(EpFaults, UninitialisedConfigOnOneRankFailsEveryRank) {
+  expect_create_fails_everywhere([](bitepGroupConfig_t* c) { c->magic = 0; }, "BITEP_GROUP_CONFIG_INIT",
+                                 bitepInvalidArgument, true);
+}
+
+TEST(EpFaults, ExpertsNotDivisibleByRanks) {
+  if (world_size() < 2) GTEST_SKIP() << "E % W != 0 needs W >= 2";
+  Spec s;
+  bitepGroupConfig_t c = group_config(s, world_size());
+  c.num_experts = world_size() + 1;
+  bitepGroup_t g = nullptr;
+  EXPECT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "nranks")) << bitepGetLastError();
+  EXPECT_EQ(g, nullptr);
+}
+
+TEST(EpFaults, BadCreateArguments) {
+  Spec s;
+  bitepGroupConfig_t c = group_config(s, world_size());
+  bitepGroup_t g = nullptr;
+  EXPECT_EQ(bitepGroupCreateMpi(MPI_COMM_NULL, &c, &g), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "comm is MPI_COMM_NULL")) << bitepGetLastError();
+  EXPECT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, nullptr, &g), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "config is NULL")) << bitepGetLastError();
+  EXPECT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, nullptr), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "group is NULL")) << bitepGetLastError();
+  c.timeout_s = -1;
+  EXPECT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "config->timeout_s")) << bitepGetLastError();
+  EXPECT_EQ(g, nullptr);
+}
+
+TEST(EpFaults, GroupQueries) {
+  Spec s;
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  int rank = -1, n = -1;
+  EXPECT_EQ(bitepGroupGetRank(g.g, &rank, &n), bitepSuccess);
+  EXPECT_EQ(rank, world_rank());
+  EXPECT_EQ(n, world_size());
+  EXPECT_EQ(bitepGroupGetRank(g.g, nullptr, nullptr), bitepSuccess);
+  EXPECT_EQ(bitepGroupGetRank(nullptr, &rank, &n), bitepInvalidArgument);
+  size_t bytes = 1;
+  EXPECT_EQ(bitepGroupMemoryBytes(g.g, nullptr), bitepInvalidArgument);
+  EXPECT_EQ(bitepGroupMemoryBytes(g.g, &bytes), bitepSuccess);
+  EXPECT_EQ(bitepGroupDestroy(nullptr), bitepSuccess);
+  EXPECT_EQ(bitepHandleDestroy(nullptr), bitepSuccess);
+}
+
+// ---- dispatch / combine arguments -----------------------------------------------------------------------
+
+// The victim (last rank) breaks one argument; every rank fails, then the group still works.
+void expect_dispatch_fails(const std::function<void(bitepDispatchArgs_t*, bitepHandle_t**)>& breaker,
+                           const char* field,
+                           bitepResult_t code = bitepInvalidArgument) {
+  Spec s;
+  s.weights = Weights::kDense;
+  const int W = world_size(), rank = world_rank(), victim = W - 1;
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  bitepHandle_t h = nullptr;
+  bitepHandle_t* hp = &h;
+  const bitepDispatchArgs_t* ap = &a;
+  std::vector<uint8_t> bad_map;
+  if (rank == victim) {
+    breaker(&a, &hp);
+    if (a.size == 0) ap = nullptr;  // the breaker's way of saying "args = NULL"
+  }
+  const bitepResult_t r = bitepDispatch(g.g, ap, nullptr, hp);
+  const std::string err = bitepGetLastError();
+  EXPECT_EQ(h, nullptr);
+  if (rank == victim) {
+    EXPECT_EQ(r, code) << err;
+    EXPECT_TRUE(has(err, field)) << err;
+  } else {
+    EXPECT_EQ(r, bitepRemoteError) << err;
+    EXPECT_TRUE(has(err, "rank " + std::to_string(victim))) << err;
+  }
+  const bitepDispatchArgs_t good = dispatch_args(s, world[rank]);
+  HandleGuard h2;
+  ASSERT_EQ(bitepDispatch(g.g, &good, nullptr, &h2.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h2.h, &lo), bitepSuccess);
+  check_received(s, W, rank, world, lo);
+}
+
+TEST(EpFaults, DispatchArgsNull) {
+  expect_dispatch_fails([](bitepDispatchArgs_t* a, bitepHandle_t**) { a->size = 0; }, "args is NULL");
+}
+TEST(EpFaults, DispatchArgsNotInitialised) {
+  expect_dispatch_fails([](bitepDispatchArgs_t* a, bitepHandle_t**) { a->magic = 0x1234; }, "BITEP_DISPATCH_ARGS_INIT");
+}
+TEST(EpFaults, DispatchHandleNull) {
+  expect_dispatch_fails([](bitepDispatchArgs_t*, bitepHandle_t** hp) { *hp = nullptr; }, "handle is NULL");
+}
+TEST(EpFaults, DispatchXNull) {
+  expect_dispatch_fails([](bitepDispatchArgs_t* a, bitepHandle_t**) { a->x = nullptr; }, "args->x is NULL");
+}
+TEST(EpFaults, DispatchNegativeTokens) {
+  expect_dispatch_fails([](bitepDispatchArgs_t* a, bitepHandle_t**) { a->num_tokens = -3; }, "args->num_tokens");
+}
+TEST(EpFaults, DispatchBadMapFormat) {
+  expect_dispatch_fails([](bitepDispatchArgs_t* a, bitepHandle_t**) { a->map_format = bitepMapNone; },
+                        "args->map_format");
+}
+TEST(EpFaults, DispatchTwoWeightForms) {
+  static float dummy[1024];
+  expect_dispatch_fails([](bitepDispatchArgs_t* a, bitepHandle_t**) { a->topk_weights = dummy; },
+                        "args->probs and args->topk_weights");
+}
+TEST(EpFaults, DispatchCapacityWithoutBuffer) {
+  expect_dispatch_fails([](bitepDispatchArgs_t* a, bitepHandle_t**) { a->recv_x_capacity = 4; },
+                        "args->recv_x_capacity");
+}
+TEST(EpFaults, DispatchOverlappingOutput) {
+  expect_dispatch_fails(
+      [](bitepDispatchArgs_t* a, bitepHandle_t**) {
+        a->recv_x = const_cast<void*>(a->x);
+        a->recv_x_capacity = 1;
+      },
+      "overlaps");
+}
+TEST(EpFaults, DispatchMisalignedX) {
+  expect_dispatch_fails([](bitepDispatchArgs_t* a, bitepHandle_t**) { a->x = static_cast<const char*>(a->x) + 1; },
+                        "not aligned");
+}
+TEST(EpFaults, DispatchRowWithTooManyExperts) {
+  static std::vector<uint8_t> map;
+  expect_dispatch_fails(
+      [](bitepDispatchArgs_t* a, bitepHandle_t**) {
+        const int E = 4 * world_size(), nb = (E + 7) / 8;
+        map.assign(static_cast<const uint8_t*>(a->routing_map),
+                   static_cast<const uint8_t*>(a->routing_map) + a->num_tokens * nb);
+        map[0] = 0xff;  // token 0 now routes to min(8, E) experts
+        a->routing_map = map.data();
+      },
+      "row 0 routes to");
+}
+
+TEST(EpFaults, WeightsOnSomeRanksOnly) {
+  if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  Spec s;
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  if (rank == 1) a.topk_weights = nullptr;
+  HandleGuard h;
+  EXPECT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "every rank must give weights")) << bitepGetLastError();
+}
+
+// After a good dispatch, the victim breaks one combine argument.
+void expect_combine_fails(const std::function<void(bitepCombineArgs_t*)>& breaker,
+                          const char* field,
+                          Weights weights = Weights::kCompact) {
+  Spec s;
+  s.weights = weights;
+  const int W = world_size(), rank = world_rank(), victim = W - 1;
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  HandleGuard h;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
+  const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lo);
+  std::vector<uint8_t> out(world[rank].T * s.H * dsize(s.dtype));
+  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
+  c.y = y.data();
+  c.weighted = weights != Weights::kNone;
+  c.out = out.data();
+  const bitepCombineArgs_t* cp = &c;
+  if (rank == victim) {
+    breaker(&c);
+    if (c.size == 0) cp = nullptr;
+  }
+  const bitepResult_t r = bitepCombine(g.g, h.h, cp, nullptr);
+  const std::string err = bitepGetLastError();
+  if (rank == victim) {
+    EXPECT_EQ(r, bitepInvalidArgument) << err;
+    EXPECT_TRUE(has(err, field)) << err;
+  } else {
+    EXPECT_EQ(r, bitepRemoteError) << err;
+    EXPECT_TRUE(has(err, "rank " + std::to_string(victim))) << err;
+  }
+  bitepCombineArgs_t good = BITEP_COMBINE_ARGS_INIT;
+  good.y = y.data();
+  good.weighted = weights != Weights::kNone;
+  good.out = out.data();
+  ASSERT_EQ(bitepCombine(g.g, h.h, &good, nullptr), bitepSuccess) << bitepGetLastError();
+  expect_values(s, out, reference_combine(s, W, rank, world[rank], good.weighted), "out");
+}
+
+TEST(EpFaults, CombineArgsNull) {
+  expect_combine_fails([](bitepCombineArgs_t* c) { c->size = 0; }, "args is NULL");
+}
+TEST(EpFaults, CombineOutNull) {
+  expect_combine_fails([](bitepCombineArgs_t* c) { c->out = nullptr; }, "args->out is NULL");
+}
+TEST(EpFaults, CombineYNull) {
+  expect_combine_fails([](bitepCombineArgs_t* c) { c->y = nullptr; }, "args->y is NULL");
+}
+TEST(EpFaults, CombineBadLayout) {
+  expect_combine_fails([](bitepCombineArgs_t* c) { c->layout = static_cast<bitepLayout_t>(7); }, "args->layout");
+}
+TEST(EpFaults, CombineWeightedWithoutWeights) {
+  expect_combine_fails([](bitepCombineArgs_t* c) { c->weighted = 1; }, "the dispatch had no weights", Weights::kNone);
+}
+TEST(EpFaults, CombineOutOverlapsY) {
+  expect_combine_fails([](bitepCombineArgs_t* c) { c->out = const_cast<void*>(c->y); }, "overlaps");
+}
+
+TEST(EpFaults, CombineBackwardYOnSomeRanksOnly) {
+  if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  Spec s;
+  s.tokens = [](int, int) { return int64_t{12}; };
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  HandleGuard h;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
+  const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lo);
+  std::vector<uint8_t> grad_out(world[rank].T * s.H * dsize(s.dtype), 0), grad_y(y.size() + 2);
+  bitepCombineBackwardArgs_t b = BITEP_COMBINE_BWD_ARGS_INIT;
+  b.grad_out = grad_out.data();
+  b.y = rank == 0 ? y.data() : nullptr;
+  b.grad_y = grad_y.data();
+  const bitepResult_t r = bitepCombineBackward(g.g, h.h, &b, nullptr);
+  bool others_have_rows = false;
+  int any = lo.num_expert_rows > 0 && rank != 0, all = 0;
+  MPI_Allreduce(&any, &all, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  others_have_rows = all != 0;
+  if (others_have_rows) {
+    EXPECT_EQ(r, bitepInvalidArgument) << bitepGetLastError();
+    EXPECT_TRUE(has(bitepGetLastError(), "give y on every rank")) << bitepGetLastError();
+  } else {
+    EXPECT_EQ(r, bitepSuccess) << bitepGetLastError();
+  }
+  b.weighted = rank == 0 ? 1 : 0;
+  b.y = y.data();
+  EXPECT_EQ(bitepCombineBackward(g.g, h.h, &b, nullptr), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "args->weighted differs")) << bitepGetLastError();
+}
+
+// ---- handles ---------------------------------------------------------------------------------------------
+
+TEST(EpFaults, HandleOfDestroyedGroupIsInvalidUsage) {
+  Spec s;
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> world = make_world(s, W);
+  bitepGroup_t g = nullptr;
+  const bitepGroupConfig_t c = group_config(s, W);
+  ASSERT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g), bitepSuccess) << bitepGetLastError();
+  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  bitepHandle_t h = nullptr;
+  ASSERT_EQ(bitepDispatch(g, &a, nullptr, &h), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepGroupDestroy(g), bitepSuccess);
+  bitepDispatchLayout_t lo;
+  EXPECT_EQ(bitepHandleGetLayout(h, &lo), bitepInvalidUsage);
+  EXPECT_TRUE(has(bitepGetLastError(), "group was destroyed")) << bitepGetLastError();
+  std::vector<uint8_t> out(world[rank].T * s.H * 2 + 2);
+  bitepCombineArgs_t cargs = BITEP_COMBINE_ARGS_INIT;
+  cargs.y = out.data();
+  cargs.out = out.data();
+  // The group pointer is stale: the calls must not look at it once the handle says its group is gone.
+  EXPECT_EQ(bitepCombine(g, h, &cargs, nullptr), bitepInvalidUsage);
+  EXPECT_EQ(bitepDispatchBackward(g, h, out.data(), bitepLayoutRankMajor, out.data(), nullptr), bitepInvalidUsage);
+  bitepCombineBackwardArgs_t b = BITEP_COMBINE_BWD_ARGS_INIT;
+  EXPECT_EQ(bitepCombineBackward(g, h, &b, nullptr), bitepInvalidUsage);
+  EXPECT_EQ(bitepHandleDestroy(h), bitepSuccess);
+}
+
+TEST(EpFaults, HandleOfAnotherGroup) {
+  Spec s;
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard g1, g2;
+  ASSERT_EQ(make_group(s, &g1), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(make_group(s, &g2), bitepSuccess) << bitepGetLastError();
+  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  HandleGuard h;
+  ASSERT_EQ(bitepDispatch(g1.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
+  EXPECT_EQ(bitepCombine(g2.g, h.h, &c, nullptr), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "another group")) << bitepGetLastError();
+  EXPECT_EQ(bitepCombine(g1.g, nullptr, &c, nullptr), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "handle is NULL")) << bitepGetLastError();
+  EXPECT_EQ(bitepDispatch(nullptr, &a, nullptr, &h.h), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "group is NULL")) << bitepGetLastError();
+  EXPECT_EQ(bitepHandleGetLayout(h.h, nullptr), bitepInvalidArgument);
+}
+
+// ---- a stalled peer ---------------------------------------------------------------------------------------
+
+// The last rank joins a combine late: the others give up after the group's timeout with bitepTimeout
+// (naming what they waited for) instead of hanging, and their group refuses later calls.
+TEST(EpFaults, StalledPeerTimesOut) {
+  if (world_size() < 2) GTEST_SKIP() << "needs a peer (run with mpirun -np >= 2)";
+  Spec s;
+  s.tokens = [](int, int) { return int64_t{3}; };
+  const int W = world_size(), rank = world_rank(), late = W - 1;
+  const double timeout = 0.5;
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g, timeout), bitepSuccess) << bitepGetLastError();
+  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  HandleGuard h;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
+  const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lo);
+  std::vector<uint8_t> out(world[rank].T * s.H * dsize(s.dtype));
+  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
+  c.y = y.data();
+  c.out = out.data();
+  if (rank == late) std::this_thread::sleep_for(std::chrono::duration<double>(6 * timeout));
+  const auto t0 = std::chrono::steady_clock::now();
+  const bitepResult_t r = bitepCombine(g.g, h.h, &c, nullptr);
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(r, bitepTimeout) << bitepGetLastError();
+  EXPECT_TRUE(has(bitepGetLastError(), "did not complete within")) << bitepGetLastError();
+  EXPECT_LT(took, 20 * timeout);
+  EXPECT_EQ(bitepCombine(g.g, h.h, &c, nullptr), bitepInvalidUsage);
+  EXPECT_TRUE(has(bitepGetLastError(), "unusable")) << bitepGetLastError();
+}
+
+}  // namespace
+}  // namespace ept

@@ -1,0 +1,333 @@
+// SPDX-License-Identifier: Apache-2.0
+// The host reference of the EP primitives (kernels/ep_params.h) on hand-made single-process cases, and a
+// W-rank round trip simulated in one process (the transport is a memcpy). The primitives are hidden
+// inside libbitep, so this test compiles the reference itself.
+#include "src/host/ep_host.cc"  // NOLINT(build/include): the hidden reference, compiled into the test
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using bitep::host::bf16_to_float;
+using bitep::host::float_to_bf16;
+using bitep::kernels::DType;
+using bitep::kernels::RoutingFormat;
+using bitep::kernels::RoutingInput;
+using bitep::kernels::WeightFormat;
+
+std::vector<uint8_t> bitmap(const std::vector<std::vector<int>>& rows, int E) {
+  const int nb = (E + 7) / 8;
+  std::vector<uint8_t> m(rows.size() * nb, 0);
+  for (size_t t = 0; t < rows.size(); ++t)
+    for (int e : rows[t]) m[t * nb + e / 8] |= static_cast<uint8_t>(1u << (e % 8));
+  return m;
+}
+
+struct Layout {
+  std::vector<int32_t> counts, slot;
+};
+
+Layout layout(const RoutingInput& in, int64_t T, int E, int k, int W) {
+  Layout l;
+  l.counts.assign(W * (E / W + 1), -7);
+  l.slot.assign(T * W, -7);
+  bitep::kernels::LayoutParams p;
+  p.num_tokens = T;
+  p.num_experts = E;
+  p.topk = k;
+  p.num_ranks = W;
+  p.routing = in;
+  p.counts = l.counts.data();
+  p.token_slot = l.slot.data();
+  bitep::host::ep_layout(p);
+  return l;
+}
+
+TEST(EpHostLayout, CountsAndSlotsInTokenOrder) {
+  // E = 12, W = 3, L = 4, k = 2.
+  const std::vector<std::vector<int>> rows = {{0, 5}, {4, 7}, {1, 2}, {8, 11}, {3, 9}};
+  const std::vector<uint8_t> m = bitmap(rows, 12);
+  RoutingInput in{RoutingFormat::kBitmap, m.data(), WeightFormat::kNone, nullptr};
+  const Layout l = layout(in, 5, 12, 2, 3);
+  // rank 0 gets tokens 0, 2, 4; rank 1 tokens 0, 1; rank 2 tokens 3, 4.
+  EXPECT_EQ(l.counts, (std::vector<int32_t>{3, 1, 1, 1, 1, /**/ 2, 1, 1, 0, 1, /**/ 2, 1, 1, 0, 1}));
+  EXPECT_EQ(l.slot, (std::vector<int32_t>{0, 0, -1, /**/ -1, 1, -1, /**/ 1, -1, -1, /**/ -1, -1, 0, /**/ 2, -1, 1}));
+}
+
+TEST(EpHostLayout, FirstKSetBitsOnlyAndPadBitsIgnored) {
+  // E = 10 (2 pad bits in byte 1), k = 2: row 0 has 3 experts (0, 1, 9) and pad bits set.
+  std::vector<uint8_t> m = {0x03, 0x02 | 0xc0};
+  RoutingInput in{RoutingFormat::kBitmap, m.data(), WeightFormat::kNone, nullptr};
+  const Layout l = layout(in, 1, 10, 2, 2);  // L = 5
+  EXPECT_EQ(l.counts, (std::vector<int32_t>{1, 1, 1, 0, 0, 0, /**/ 0, 0, 0, 0, 0, 0}));
+  EXPECT_EQ(l.slot, (std::vector<int32_t>{0, -1}));
+}
+
+TEST(EpHostLayout, IndicesOutOfRangeAndDuplicatesIgnored) {
+  const std::vector<int32_t> idx = {7, -1, 7, 2, /**/ 3, 0, 99, 6};  // k = 4, E = 8, W = 2
+  RoutingInput in{RoutingFormat::kTopkIndices, idx.data(), WeightFormat::kNone, nullptr};
+  const Layout l = layout(in, 2, 8, 4, 2);
+  // token 0: {2, 7}; token 1: {0, 3, 6}
+  EXPECT_EQ(l.counts, (std::vector<int32_t>{2, 1, 0, 1, 1, /**/ 2, 0, 0, 1, 1}));
+  EXPECT_EQ(l.slot, (std::vector<int32_t>{0, 0, 1, 1}));
+}
+
+TEST(EpHostLayout, BytemapNonzeroIsRouted) {
+  const std::vector<uint8_t> m = {0, 3, 0, 1, /**/ 1, 0, 0, 0};  // E = 4, k = 2 (row 1 has one expert)
+  RoutingInput in{RoutingFormat::kBytemap, m.data(), WeightFormat::kNone, nullptr};
+  const Layout l = layout(in, 2, 4, 2, 4);  // L = 1
+  EXPECT_EQ(l.counts, (std::vector<int32_t>{1, 1, 1, 1, 0, 0, 1, 1}));
+  EXPECT_EQ(l.slot, (std::vector<int32_t>{-1, 0, -1, 0, 0, -1, -1, -1}));
+}
+
+TEST(EpHostLayout, ZeroTokensWritesNothing) {
+  RoutingInput in{RoutingFormat::kBitmap, nullptr, WeightFormat::kNone, nullptr};
+  const Layout l = layout(in, 0, 8, 2, 2);
+  for (int32_t c : l.counts) EXPECT_EQ(c, -7);
+}
+
+// Permute for W = 2, E = 8 (L = 4), k = 3, H = 2 fp32; self rank 1.
+struct PermuteCase {
+  std::vector<float> x = {10, 11, 20, 21, 30, 31};
+  std::vector<int32_t> slot;
+  std::vector<int64_t> send_offsets = {0, 0};
+  std::vector<float> send_x, recv_x, send_w, recv_w;
+  std::vector<uint8_t> send_map, recv_map;
+
+  void run(const RoutingInput& in, bool maps = true) {
+    const Layout l = layout(in, 3, 8, 3, 2);
+    slot = l.slot;
+    const int S = l.counts[0], R = l.counts[5];
+    send_x.assign(S * 2, -1);
+    recv_x.assign((R + 1) * 2, -1);  // the self chunk starts at row 1
+    send_w.assign(S * 3, -1);
+    recv_w.assign((R + 1) * 3, -1);
+    send_map.assign(S, 0xee);
+    recv_map.assign(R + 1, 0xee);
+    bitep::kernels::PermuteParams p;
+    p.num_tokens = 3;
+    p.num_experts = 8;
+    p.topk = 3;
+    p.num_ranks = 2;
+    p.self_rank = 1;
+    p.hidden = 2;
+    p.dtype = DType::kF32;
+    p.routing = in;
+    p.x = x.data();
+    p.token_slot = slot.data();
+    p.send_offsets = send_offsets.data();
+    p.self_recv_offset = 1;
+    p.send_x = send_x.data();
+    p.recv_x = recv_x.data();
+    p.send_map = maps ? send_map.data() : nullptr;
+    p.recv_map = maps ? recv_map.data() : nullptr;
+    p.send_weights = send_w.data();
+    p.recv_weights = recv_w.data();
+    bitep::host::ep_permute(p);
+  }
+};
+
+TEST(EpHostPermute, RowsMapsAndCompactWeights) {
+  // token 0: {1, 4, 6}, token 1: {0, 2, 3}, token 2: {5, 6, 7}
+  const std::vector<uint8_t> m = bitmap({{1, 4, 6}, {0, 2, 3}, {5, 6, 7}}, 8);
+  const std::vector<float> w = {0.1f, 0.4f, 0.6f, 1.0f, 1.2f, 1.3f, 2.5f, 2.6f, 2.7f};
+  PermuteCase c;
+  c.run({RoutingFormat::kBitmap, m.data(), WeightFormat::kCompact, w.data()});
+  // To rank 0 (send): token 0 (slice {1}), token 1 (slice {0, 2, 3}).
+  EXPECT_EQ(c.send_x, (std::vector<float>{10, 11, 20, 21}));
+  EXPECT_EQ(c.send_map, (std::vector<uint8_t>{0x02, 0x0d}));
+  EXPECT_EQ(c.send_w, (std::vector<float>{0.1f, 0, 0, 1.0f, 1.2f, 1.3f}));
+  // To self (rank 1, receive rows 1..): token 0 (slice {0, 2}), token 2 (slice {1, 2, 3}).
+  EXPECT_EQ(c.recv_x, (std::vector<float>{-1, -1, 10, 11, 30, 31}));
+  EXPECT_EQ(c.recv_map, (std::vector<uint8_t>{0xee, 0x05, 0x0e}));
+  EXPECT_EQ(c.recv_w, (std::vector<float>{-1, -1, -1, 0.4f, 0.6f, 0, 2.5f, 2.6f, 2.7f}));
+}
+
+TEST(EpHostPermute, DenseWeightsAndUnsortedIndices) {
+  // Same routing as indices in a scrambled order; compact weights follow the index order.
+  const std::vector<int32_t> idx = {6, 1, 4, /**/ 3, 0, 2, /**/ 7, 5, 6};
+  const std::vector<float> wc = {0.6f, 0.1f, 0.4f, 1.3f, 1.0f, 1.2f, 2.7f, 2.5f, 2.6f};
+  PermuteCase c;
+  c.run({RoutingFormat::kTopkIndices, idx.data(), WeightFormat::kCompact, wc.data()});
+  EXPECT_EQ(c.send_w, (std::vector<float>{0.1f, 0, 0, 1.0f, 1.2f, 1.3f}));
+  EXPECT_EQ(c.recv_w, (std::vector<float>{-1, -1, -1, 0.4f, 0.6f, 0, 2.5f, 2.6f, 2.7f}));
+  std::vector<float> dense(3 * 8, 9.0f);
+  const std::vector<std::vector<int>> ex = {{1, 4, 6}, {0, 2, 3}, {5, 6, 7}};
+  for (int t = 0; t < 3; ++t)
+    for (int e : ex[t]) dense[t * 8 + e] = t + e / 10.0f;
+  const std::vector<uint8_t> m = bitmap(ex, 8);
+  PermuteCase d;
+  d.run({RoutingFormat::kBitmap, m.data(), WeightFormat::kDense, dense.data()});
+  EXPECT_EQ(d.send_w, (std::vector<float>{0.1f, 0, 0, 1.0f, 1.2f, 1.3f}));
+  EXPECT_EQ(d.recv_w, (std::vector<float>{-1, -1, -1, 0.4f, 0.6f, 0, 2.5f, 2.6f, 2.7f}));
+}
+
+TEST(EpHostPermute, NullMapsAndNoWeightsCopyRowsOnly) {
+  const std::vector<uint8_t> m = bitmap({{1, 4, 6}, {0, 2, 3}, {5, 6, 7}}, 8);
+  PermuteCase c;
+  c.run({RoutingFormat::kBitmap, m.data(), WeightFormat::kNone, nullptr}, /*maps=*/false);
+  EXPECT_EQ(c.send_x, (std::vector<float>{10, 11, 20, 21}));
+  EXPECT_EQ(c.recv_x, (std::vector<float>{-1, -1, 10, 11, 30, 31}));
+  for (uint8_t b : c.send_map) EXPECT_EQ(b, 0xee);
+  for (float w : c.send_w) EXPECT_EQ(w, -1);
+}
+
+TEST(EpHostExpertMajor, PositionsPadRowsAndWeightedScatter) {
+  // L = 3, KL = 2, alignment 2: received rows' maps {0, 2}, {2}, {0, 1}, {0}.
+  const std::vector<uint8_t> map = {0x05, 0x04, 0x03, 0x01};
+  const std::vector<int32_t> counts = {3, 1, 2}, offsets = {0, 4, 6, 8};
+  const std::vector<float> x = {1, 2, 3, 4};  // H = 1
+  std::vector<int32_t> rows(8, 99);
+  std::vector<float> ex(9, -5.0f);  // one guard row
+  bitep::kernels::ExpertMajorParams p;
+  p.num_recv_rows = 4;
+  p.num_local_experts = 3;
+  p.max_row_experts = 2;
+  p.hidden = 1;
+  p.dtype = DType::kF32;
+  p.recv_map = map.data();
+  p.expert_offsets = offsets.data();
+  p.expert_counts = counts.data();
+  p.recv_expert_rows = rows.data();
+  p.recv_x = x.data();
+  p.expert_x = ex.data();
+  p.num_expert_rows = 8;
+  bitep::host::ep_expert_major(p);
+  EXPECT_EQ(rows, (std::vector<int32_t>{0, 6, 7, -1, 1, 4, 2, -1}));
+  EXPECT_EQ(ex, (std::vector<float>{1, 3, 4, 0, 3, 0, 1, 2, -5}));
+  // Weighted (combine backward): expert_x[pos] = round(w * x).
+  const std::vector<float> w = {0.5f, 2.0f, 3.0f, 0, 1.5f, 0.25f, 4.0f, 0};
+  p.recv_weights = w.data();
+  bitep::host::ep_expert_major(p);
+  EXPECT_EQ(ex, (std::vector<float>{0.5f, 4.5f, 16.0f, 0, 0.75f, 0, 2.0f, 6.0f, -5}));
+}
+
+TEST(EpHostExpertMajor, InconsistentCountsNeverWriteOutside) {
+  // The map says two rows use expert 0 but counts say one: the second gets -1 and moves nothing.
+  const std::vector<uint8_t> map = {0x01, 0x01};
+  const std::vector<int32_t> counts = {1}, offsets = {0, 1};
+  const std::vector<float> x = {1, 2};
+  std::vector<int32_t> rows(2, 99);
+  std::vector<float> ex(2, -5.0f);
+  bitep::kernels::ExpertMajorParams p;
+  p.num_recv_rows = 2;
+  p.num_local_experts = 1;
+  p.max_row_experts = 1;
+  p.hidden = 1;
+  p.dtype = DType::kF32;
+  p.recv_map = map.data();
+  p.expert_offsets = offsets.data();
+  p.expert_counts = counts.data();
+  p.recv_expert_rows = rows.data();
+  p.recv_x = x.data();
+  p.expert_x = ex.data();
+  p.num_expert_rows = 1;
+  bitep::host::ep_expert_major(p);
+  EXPECT_EQ(rows, (std::vector<int32_t>{0, -1}));
+  EXPECT_EQ(ex, (std::vector<float>{1, -5}));
+}
+
+TEST(EpHostReduce, FmaChainInAscendingOrderOneRounding) {
+  // bf16, H = 1: row 0 = w0*y[2] + w1*y[0] with fmaf, then one rounding; row 1 unweighted.
+  const std::vector<uint16_t> y = {float_to_bf16(1.0078125f), float_to_bf16(3.0f), float_to_bf16(-0.3359375f)};
+  const std::vector<int32_t> rows = {2, 0, 1, -1};
+  const std::vector<float> w = {0.1f, 0.7f, 5.0f, 0};
+  std::vector<uint16_t> out(2);
+  bitep::kernels::ReduceParams p;
+  p.num_recv_rows = 2;
+  p.max_row_experts = 2;
+  p.hidden = 1;
+  p.dtype = DType::kBF16;
+  p.y = y.data();
+  p.recv_expert_rows = rows.data();
+  p.recv_weights = w.data();
+  p.out = out.data();
+  bitep::host::ep_reduce(p);
+  const float want0 = std::fmaf(0.7f, bf16_to_float(y[0]), std::fmaf(0.1f, bf16_to_float(y[2]), 0.0f));
+  EXPECT_EQ(out[0], float_to_bf16(want0));
+  EXPECT_EQ(out[1], float_to_bf16(5.0f * 3.0f));
+  p.recv_weights = nullptr;
+  bitep::host::ep_reduce(p);
+  EXPECT_EQ(out[0], float_to_bf16(bf16_to_float(y[2]) + bf16_to_float(y[0])));
+  EXPECT_EQ(out[1], float_to_bf16(3.0f));
+}
+
+TEST(EpHostReduce, WeightGradientsOnly) {
+  const std::vector<float> y = {1, 2, 3, 4, 5, 6};  // 3 rows, H = 2
+  const std::vector<int32_t> rows = {2, 0, -1, 1};
+  const std::vector<float> g = {0.5f, -1, 2, 0.25f};
+  std::vector<float> gw(4, 9);
+  bitep::kernels::ReduceParams p;
+  p.num_recv_rows = 2;
+  p.max_row_experts = 2;
+  p.hidden = 2;
+  p.dtype = DType::kF32;
+  p.y = y.data();
+  p.recv_expert_rows = rows.data();
+  p.grad_rows = g.data();
+  p.grad_weights = gw.data();
+  bitep::host::ep_reduce(p);  // out is null: weight gradients only
+  EXPECT_EQ(gw, (std::vector<float>{5 * 0.5f - 6, 1 * 0.5f - 2, 0, 3 * 2 + 4 * 0.25f}));
+}
+
+TEST(EpHostFinalSum, AscendingRanksSelfRowsAndUnroutedZeros) {
+  // W = 3, self = 1, H = 1; token 0 -> ranks 0, 1, 2; token 1 -> rank 2; token 2 -> nowhere.
+  const std::vector<int32_t> slot = {0, 0, 0, /**/ -1, -1, 1, /**/ -1, -1, -1};
+  const std::vector<int64_t> send_offsets = {0, 1, 1};
+  const std::vector<float> ret = {1e8f, 1.0f, -7.0f};  // rank 0: [0]; rank 2: [1, 2]
+  const std::vector<float> self = {0, 0, -1e8f};       // self chunk at offset 2
+  std::vector<float> out(3, 5.0f);
+  bitep::kernels::FinalSumParams p;
+  p.num_tokens = 3;
+  p.num_ranks = 3;
+  p.self_rank = 1;
+  p.hidden = 1;
+  p.dtype = DType::kF32;
+  p.token_slot = slot.data();
+  p.send_offsets = send_offsets.data();
+  p.ret = ret.data();
+  p.self_ret = self.data();
+  p.self_ret_offset = 2;
+  p.out = out.data();
+  bitep::host::ep_final_sum(p);
+  EXPECT_EQ(out[0], (1e8f + -1e8f) + 1.0f);  // rank order 0, 1, 2: exactly 1
+  EXPECT_EQ(out[1], -7.0f);
+  EXPECT_EQ(out[2], 0.0f);
+}
+
+TEST(EpHostWeightGrad, DenseAndCompactFromReturnedRows) {
+  // W = 2, E = 4 (L = 2), k = 2, self = 0. Token 0: {1, 2}; token 1: {2, 3}. KL = 2.
+  const std::vector<int32_t> idx = {2, 1, /**/ 3, 2};  // indices: compact order = index order
+  RoutingInput in{RoutingFormat::kTopkIndices, idx.data(), WeightFormat::kDense, nullptr};
+  const std::vector<int32_t> slot = {0, 0, /**/ -1, 1};
+  const std::vector<int64_t> send_offsets = {0, 0};
+  const std::vector<float> self_gw = {0, 0, 0.5f, 0};       // self chunk at 1: token 0's slice {1}
+  const std::vector<float> ret_gw = {2.0f, 0, 3.0f, 4.0f};  // rank 1: token 0 {2}, token 1 {2, 3}
+  std::vector<float> dense(8, 9), compact(4, 9);
+  bitep::kernels::WeightGradParams p;
+  p.num_tokens = 2;
+  p.num_experts = 4;
+  p.topk = 2;
+  p.num_ranks = 2;
+  p.self_rank = 0;
+  p.routing = in;
+  p.token_slot = slot.data();
+  p.send_offsets = send_offsets.data();
+  p.ret_grad_w = ret_gw.data();
+  p.self_grad_w = self_gw.data();
+  p.self_offset = 1;
+  p.grad_dense = dense.data();
+  bitep::host::ep_weight_grad(p);
+  EXPECT_EQ(dense, (std::vector<float>{0, 0.5f, 2.0f, 0, /**/ 0, 0, 3.0f, 4.0f}));
+  p.routing.weight_format = WeightFormat::kCompact;
+  p.grad_dense = nullptr;
+  p.grad_compact = compact.data();
+  bitep::host::ep_weight_grad(p);
+  EXPECT_EQ(compact, (std::vector<float>{2.0f, 0.5f, /**/ 4.0f, 3.0f}));
+}
+
+}  // namespace
