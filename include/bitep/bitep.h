@@ -270,7 +270,10 @@ BITEP_API bitepResult_t bitepGroupCreateFromNccl(struct ncclComm* comm,
                                                  bitepGroup_t* group);
 
 /* Destroys the group and its buffer pool. Handles of the group become invalid (their later use
- * returns bitepInvalidUsage); they must still be destroyed. Not collective; NULL is a no-op. */
+ * returns bitepInvalidUsage); they must still be destroyed. NULL is a no-op. Host backend and borrowed
+ * NCCL communicators: local, not collective. A communicator bitep created (MPI or unique-id groups) is
+ * finalised with ncclCommFinalize, which waits for the peers to destroy their groups too, up to the
+ * group's timeout, after which it is aborted: destroy groups on every rank. */
 BITEP_API bitepResult_t bitepGroupDestroy(bitepGroup_t group);
 
 /* [OUT] rank, nranks (either may be NULL). */
@@ -388,7 +391,9 @@ typedef struct {
 
 /* Combine backward: grad_out goes along the dispatch's routes (a dispatch with the handle's counts,
  * no host synchronisation) -> grad_y, and, when y is given, the gradient of the router weights
- * (dot(y_row, grad_out_row) in fp32) comes back to the source ranks. Collective. */
+ * (dot(y_row, grad_out_row) in fp32) comes back to the source ranks. Collective: every rank passes y,
+ * or none does (a rank with no expert rows may pass any non-NULL pointer); the host backend checks this
+ * agreement, the cuda backend relies on it. */
 BITEP_API bitepResult_t bitepCombineBackward(bitepGroup_t group,
                                              bitepHandle_t handle,
                                              const bitepCombineBackwardArgs_t* args,

@@ -1,14 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
 // The host reference of the EP primitives (kernels/ep_params.h) on hand-made single-process cases, and a
-// W-rank round trip simulated in one process (the transport is a memcpy). The primitives are hidden
-// inside libbitep, so this test compiles the reference itself.
-#include "src/host/ep_host.cc"  // NOLINT(build/include): the hidden reference, compiled into the test
+// W-rank round trip simulated in one process (the transport is a memcpy). Linked against bitep_internal.
+#include "src/host/ep_host.h"
 
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#include "src/host/dtype_host.h"
 
 namespace {
 

@@ -1,0 +1,477 @@
+// SPDX-License-Identifier: Apache-2.0
+// ep_bench: bitep dispatch / combine across the GPUs of an MPI job, against the ceilings measured in the
+// same run on the same bytes:
+//   (a) NCCL's own all-to-all: one grouped ncclSend/ncclRecv of exactly the per-peer bytes the dispatch
+//       sent (and, for combine, returned);
+//   (b) the GPU-to-GPU copy ceiling: cudaMemcpyAsync into a cudaIpc-mapped buffer of rank 0 from rank 1
+//       (fallback when IPC is unavailable: a 256 MiB ncclSend/ncclRecv pair); the JSON says which;
+//   (c) the baseline pipeline of bench/baseline (top-k indices -> conversion kernel -> bytemap -> per-expert
+//       copies -> count exchange -> all-to-all -> expert-major sort, and back).
+// End to end: router + dispatch + combine, bitmap path against the baseline.
+//
+// Inputs: bf16 tokens; router = bitepRouterForward (softmax after top-k, so a token's weights sum to 1)
+// writing BITMAP_U8 + compact weights (bitep) or [T, k] indices + weights (baseline); uniform logits or
+// skewed (experts 0..3 hot). Correctness in every run: received rows (payload, source order, counts
+// against the router's own per-rank counts), the expert-major view, pad rows, and combine with identity
+// experts must return x bit for bit (bitep and baseline); any wrong row makes the exit code non-zero.
+//
+// Table (nccl-tests style): size = bytes each rank's dispatch moves (self chunk included; avg over ranks),
+// count = rows, time = slowest rank's median; algbw = size / time, busbw = algbw * (W - 1) / W.
+// Usage: mpirun -np <W> ep_bench [--quick] [--json PATH] [--iters N] [--warmup N] [--tokens a,b,..]
+//                                [--routing uniform|skewed|both] [--no-baseline]
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <mpi.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <string>
+#include <vector>
+
+#include "bench/baseline/baseline.h"
+#include "bench/ep_bench.h"
+#include "bench/ep_bench_report.h"
+#include "bitep/bitep.h"
+#include "bitep/bitep_mpi.h"
+
+namespace {
+
+int g_rank = 0;
+
+[[noreturn]] void die(const char* what, const char* detail) {
+  std::fprintf(stderr, "ep_bench rank %d: %s: %s\n", g_rank, what, detail);
+  MPI_Abort(MPI_COMM_WORLD, 2);
+  std::exit(2);
+}
+#define CK(x)                                               \
+  do {                                                      \
+    cudaError_t e_ = (x);                                   \
+    if (e_ != cudaSuccess) die(#x, cudaGetErrorString(e_)); \
+  } while (0)
+#define NK(x)                                               \
+  do {                                                      \
+    ncclResult_t r_ = (x);                                  \
+    if (r_ != ncclSuccess) die(#x, ncclGetErrorString(r_)); \
+  } while (0)
+#define BK(x)                                             \
+  do {                                                    \
+    bitepResult_t r_ = (x);                               \
+    if (r_ != bitepSuccess) die(#x, bitepGetLastError()); \
+  } while (0)
+
+struct Options {
+  bool quick = false, baseline = true;
+  std::string json;
+  int iters = 20, warmup = 5;
+  std::vector<int64_t> tokens = {128, 512, 2048, 4096, 8192, 16384};
+  std::vector<bool> skews = {false, true};
+};
+
+Options parse(int argc, char** argv) {
+  Options o;
+  bool tokens_given = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) die("missing value after", a.c_str());
+      return argv[++i];
+    };
+    if (a == "--quick") {
+      o.quick = true;
+    } else if (a == "--no-baseline") {
+      o.baseline = false;
+    } else if (a == "--json") {
+      o.json = next();
+    } else if (a == "--iters") {
+      o.iters = std::max(1, std::atoi(next().c_str()));
+    } else if (a == "--warmup") {
+      o.warmup = std::max(0, std::atoi(next().c_str()));
+    } else if (a == "--tokens") {
+      o.tokens.clear();
+      tokens_given = true;
+      std::string s = next();
+      for (size_t p = 0; p < s.size();) {
+        const size_t q = s.find(',', p);
+        o.tokens.push_back(std::atoll(s.substr(p, q - p).c_str()));
+        p = q == std::string::npos ? s.size() : q + 1;
+      }
+    } else if (a == "--routing") {
+      const std::string r = next();
+      o.skews = r == "uniform"  ? std::vector<bool>{false}
+                : r == "skewed" ? std::vector<bool>{true}
+                                : std::vector<bool>{false, true};
+    } else {
+      die("unknown argument (see the usage in bench/ep_bench.cu)", a.c_str());
+    }
+  }
+  if (o.quick) {
+    if (!tokens_given) o.tokens = {128, 4096};
+    o.skews = {false};
+    o.iters = std::min(o.iters, 5);
+    o.warmup = std::min(o.warmup, 2);
+  }
+  o.warmup = std::max(o.warmup, 1);  // the checks run in the first, untimed iteration
+  return o;
+}
+
+struct Events {
+  cudaEvent_t e[4];
+  Events() {
+    for (cudaEvent_t& x : e) CK(cudaEventCreate(&x));
+  }
+  ~Events() {
+    for (cudaEvent_t& x : e) cudaEventDestroy(x);
+  }
+  float us(int a, int b) const {
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, e[a], e[b]));
+    return ms * 1000.0f;
+  }
+};
+
+double median(std::vector<float> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+template <class T>
+T* dalloc(size_t n) {
+  T* p = nullptr;
+  CK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
+  return p;
+}
+
+// One grouped ncclSend/ncclRecv with the given per-peer bytes (self skipped).
+void nccl_a2a(ncclComm_t comm,
+              int W,
+              int rank,
+              const char* send,
+              const std::vector<int64_t>& sb,
+              char* recv,
+              const std::vector<int64_t>& rb,
+              cudaStream_t s) {
+  int64_t so = 0, ro = 0;
+  NK(ncclGroupStart());
+  for (int p = 0; p < W; ++p) {
+    if (p != rank && sb[p] > 0) NK(ncclSend(send + so, sb[p], ncclUint8, p, comm, s));
+    if (p != rank && rb[p] > 0) NK(ncclRecv(recv + ro, rb[p], ncclUint8, p, comm, s));
+    so += sb[p], ro += rb[p];
+  }
+  NK(ncclGroupEnd());
+}
+
+// GPU-to-GPU copy ceiling between ranks 1 -> 0 (GB/s, the same on every rank) and how it was measured.
+double measure_p2p(ncclComm_t comm, int W, int rank, cudaStream_t s, std::string* method) {
+  if (W < 2) {
+    *method = "none (W = 1)";
+    return 0;
+  }
+  const size_t bytes = size_t(256) << 20;
+  double gbps = 0;
+  int ipc_ok = 0;
+  char* buf = dalloc<char>(bytes);
+  Events ev;
+  cudaIpcMemHandle_t handle{};
+  if (rank == 0) CK(cudaIpcGetMemHandle(&handle, buf));
+  MPI_Bcast(&handle, sizeof(handle), MPI_BYTE, 0, MPI_COMM_WORLD);
+  void* peer = nullptr;
+  if (rank == 1) {
+    ipc_ok = cudaIpcOpenMemHandle(&peer, handle, cudaIpcMemLazyEnablePeerAccess) == cudaSuccess;
+    (void)cudaGetLastError();
+    if (ipc_ok) {
+      for (int i = 0; i < 2; ++i) CK(cudaMemcpyAsync(peer, buf, bytes, cudaMemcpyDeviceToDevice, s));
+      CK(cudaEventRecord(ev.e[0], s));
+      for (int i = 0; i < 10; ++i) CK(cudaMemcpyAsync(peer, buf, bytes, cudaMemcpyDeviceToDevice, s));
+      CK(cudaEventRecord(ev.e[1], s));
+      CK(cudaStreamSynchronize(s));
+      gbps = 10.0 * bytes / (ev.us(0, 1) * 1e3);
+      CK(cudaIpcCloseMemHandle(peer));
+    }
+  }
+  MPI_Bcast(&ipc_ok, 1, MPI_INT, 1, MPI_COMM_WORLD);
+  if (ipc_ok) {
+    *method = "cudaMemcpyAsync into a cudaIpc-mapped buffer, rank 1 -> rank 0, 256 MiB";
+  } else {
+    *method = "ncclSend/ncclRecv pair, rank 0 -> rank 1, 256 MiB (cudaIpc unavailable)";
+    for (int i = 0; i < 12; ++i) {
+      if (i == 2) CK(cudaEventRecord(ev.e[0], s));
+      NK(ncclGroupStart());
+      if (rank == 0) NK(ncclSend(buf, bytes, ncclUint8, 1, comm, s));
+      if (rank == 1) NK(ncclRecv(buf, bytes, ncclUint8, 0, comm, s));
+      NK(ncclGroupEnd());
+    }
+    CK(cudaEventRecord(ev.e[1], s));
+    CK(cudaStreamSynchronize(s));
+    if (rank == 1) gbps = 10.0 * bytes / (ev.us(0, 1) * 1e3);
+  }
+  MPI_Bcast(&gbps, 1, MPI_DOUBLE, 1, MPI_COMM_WORLD);
+  MPI_Barrier(MPI_COMM_WORLD);
+  CK(cudaFree(buf));
+  return gbps;
+}
+
+struct Shape {
+  int H, E, k;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  int W = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &W);
+  const int rank = g_rank;
+  const Options opt = parse(argc, argv);
+  MPI_Comm node;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
+  int local = 0, ndev = 0;
+  MPI_Comm_rank(node, &local);
+  CK(cudaGetDeviceCount(&ndev));
+  const int device = local % ndev;
+  CK(cudaSetDevice(device));
+  cudaStream_t stream;
+  CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  bitepStream_t bstream = reinterpret_cast<bitepStream_t>(stream);
+
+  // The bench's own communicator: (a) and the baseline.
+  ncclUniqueId id;
+  if (rank == 0) NK(ncclGetUniqueId(&id));
+  MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD);
+  ncclComm_t comm;
+  NK(ncclCommInitRank(&comm, W, id, rank));
+
+  Report report(W, rank);
+  report.p2p_gbps = measure_p2p(comm, W, rank, stream, &report.p2p_method);
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, device));
+  report.card = prop.name;
+
+  const std::vector<Shape> shapes = opt.quick ? std::vector<Shape>{{7168, 256, 8}, {2048, 128, 8}}
+                                              : std::vector<Shape>{{7168, 256, 8}, {4096, 64, 6}, {2048, 128, 8}};
+  Events ev;
+  for (const Shape& sh : shapes) {
+    if (sh.E % W != 0) {
+      if (rank == 0) std::printf("# skipped H=%d E=%d k=%d: E %% W != 0 (W = %d)\n", sh.H, sh.E, sh.k, W);
+      continue;
+    }
+    const int L = sh.E / W, KL = std::min(sh.k, L), MB = (L + 7) / 8;
+    const int64_t row_total = int64_t(sh.H) * 2 + MB + 4 * KL;  // bytes of one dispatched row
+    bitepGroupConfig_t gc = BITEP_GROUP_CONFIG_INIT;
+    gc.num_experts = sh.E;
+    gc.topk = sh.k;
+    gc.hidden = sh.H;
+    gc.dtype = bitepBfloat16;
+    gc.expert_alignment = 16;
+    gc.timeout_s = 120;
+    gc.device = device;
+    bitepGroup_t group;
+    BK(bitepGroupCreateMpi(MPI_COMM_WORLD, &gc, &group));
+    bitepRouterConfig_t rc = BITEP_ROUTER_CONFIG_INIT;
+    rc.num_experts = sh.E;
+    rc.topk = sh.k;
+    rc.score_function = bitepScoreSoftmax;
+    baseline::Pipeline base(comm, W, rank, sh.E, sh.k, sh.H, stream);
+    report.table_header(sh.H, sh.E, sh.k);
+
+    for (bool skewed : opt.skews)
+      for (int64_t T : opt.tokens) {
+        Record rec;
+        rec.T = T, rec.H = sh.H, rec.E = sh.E, rec.k = sh.k, rec.routing = skewed ? "skewed" : "uniform";
+        float* logits = dalloc<float>(T * sh.E);
+        uint8_t* map = dalloc<uint8_t>(T * (sh.E / 8 + 1));
+        float* w = dalloc<float>(T * sh.k);
+        float* w_idx = dalloc<float>(T * sh.k);
+        int32_t* idx = dalloc<int32_t>(T * sh.k);
+        int32_t* rank_counts = dalloc<int32_t>(W);
+        __nv_bfloat16* x = dalloc<__nv_bfloat16>(T * sh.H);
+        __nv_bfloat16* out = dalloc<__nv_bfloat16>(T * sh.H);
+        int* wrong = dalloc<int>(1);
+        int64_t* src_off = dalloc<int64_t>(W + 1);
+        CK(cudaMemsetAsync(wrong, 0, sizeof(int), stream));
+        epbench::gen_logits(logits, T, sh.E, rank, 1234 + (skewed ? 1 : 0), skewed, stream);
+        epbench::gen_x(x, T, sh.H, rank, stream);
+        CK(cudaGetLastError());
+
+        bitepRouterForwardArgs_t ra = BITEP_ROUTER_FWD_ARGS_INIT;  // bitmap + compact weights (+ rank counts)
+        ra.num_tokens = T;
+        ra.logits = logits;
+        ra.routing_map = map;
+        ra.map_format = bitepMapBitmapU8;
+        ra.topk_weights = w;
+        ra.num_ranks = W;
+        ra.rank_counts = rank_counts;
+        bitepRouterForwardArgs_t ri = BITEP_ROUTER_FWD_ARGS_INIT;  // baseline: indices + weights, no map
+        ri.num_tokens = T;
+        ri.logits = logits;
+        ri.topk_weights = w_idx;
+        ri.topk_indices = idx;
+        BK(bitepRouterForward(bitepBackendCuda, &rc, &ra, bstream));
+        BK(bitepRouterForward(bitepBackendCuda, &rc, &ri, bstream));
+        // What each rank must receive from each source, from the router's own epilogue.
+        std::vector<int32_t> to_rank(W), expect(W);
+        CK(cudaMemcpyAsync(to_rank.data(), rank_counts, 4 * W, cudaMemcpyDeviceToHost, stream));
+        CK(cudaStreamSynchronize(stream));
+        MPI_Alltoall(to_rank.data(), 1, MPI_INT, expect.data(), 1, MPI_INT, MPI_COMM_WORLD);
+        int64_t host_wrong = 0;
+
+        bitepDispatchArgs_t da = BITEP_DISPATCH_ARGS_INIT;
+        da.num_tokens = T;
+        da.x = x;
+        da.routing_map = map;
+        da.map_format = bitepMapBitmapU8;
+        da.topk_weights = w;
+        bitepCombineArgs_t ca = BITEP_COMBINE_ARGS_INIT;
+        ca.layout = bitepLayoutExpertMajor;
+        ca.weighted = 1;
+        ca.out = out;
+        std::vector<int64_t> send_b(W), recv_b(W), send_c(W), recv_c(W);  // a2a bytes: dispatch, combine
+        std::vector<float> t_disp, t_comb, t_e2e, t_a2a, t_a2a_c, t_bd, t_bc, t_be2e;
+        for (int it = 0; it < opt.warmup + opt.iters; ++it) {
+          const bool timed = it >= opt.warmup;
+          MPI_Barrier(MPI_COMM_WORLD);
+          bitepHandle_t h;
+          CK(cudaEventRecord(ev.e[0], stream));
+          BK(bitepDispatch(group, &da, bstream, &h));
+          CK(cudaEventRecord(ev.e[1], stream));
+          bitepDispatchLayout_t lay;
+          BK(bitepHandleGetLayout(h, &lay));
+          if (it == 0) {  // correctness of the dispatch (untimed: warm-up), and the byte counts of this routing
+            std::vector<int64_t> off(W + 1, 0);
+            rec.cross_bytes = rec.size_bytes = rec.rows = rec.combine_bytes = 0;
+            for (int p = 0; p < W; ++p) {
+              off[p + 1] = off[p] + lay.recv_counts_host[p];
+              if (lay.recv_counts_host[p] != expect[p]) ++host_wrong;
+              send_b[p] = p == rank ? 0 : lay.send_counts_host[p] * row_total;
+              recv_b[p] = p == rank ? 0 : lay.recv_counts_host[p] * row_total;
+              send_c[p] = p == rank ? 0 : lay.recv_counts_host[p] * int64_t(sh.H) * 2;
+              recv_c[p] = p == rank ? 0 : lay.send_counts_host[p] * int64_t(sh.H) * 2;
+              rec.cross_bytes += send_b[p];
+              rec.combine_bytes += send_c[p];
+              rec.size_bytes += lay.send_counts_host[p] * row_total;
+              rec.rows += lay.send_counts_host[p];
+            }
+            CK(cudaMemcpyAsync(src_off, off.data(), 8 * (W + 1), cudaMemcpyHostToDevice, stream));
+            const __nv_bfloat16* rx = static_cast<const __nv_bfloat16*>(lay.recv_x);
+            const __nv_bfloat16* exx = static_cast<const __nv_bfloat16*>(lay.expert_x);
+            epbench::check_recv_rows(rx, lay.num_recv_rows, sh.H, src_off, W, wrong, stream);
+            epbench::check_expert_major(rx, exx, lay.recv_expert_rows, lay.recv_map, lay.recv_weights,
+                                        lay.num_recv_rows, lay.max_row_experts, MB, sh.H, wrong, stream);
+            epbench::check_pad_rows(exx, lay.expert_offsets, lay.expert_counts, L, sh.H, wrong, stream);
+            CK(cudaGetLastError());
+            CK(cudaStreamSynchronize(stream));
+            CK(cudaEventRecord(ev.e[1], stream));
+          }
+          ca.y = lay.expert_x;  // identity experts
+          BK(bitepCombine(group, h, &ca, bstream));
+          CK(cudaEventRecord(ev.e[2], stream));
+          CK(cudaStreamSynchronize(stream));
+          if (timed) t_disp.push_back(ev.us(0, 1)), t_comb.push_back(ev.us(1, 2));
+          if (it == 0) {  // combine with identity experts and weights summing to 1 returns x exactly
+            epbench::check_equal(out, x, T * sh.H, wrong, stream);
+            CK(cudaGetLastError());
+            CK(cudaStreamSynchronize(stream));
+          }
+          BK(bitepHandleDestroy(h));
+        }
+        // End to end: router + dispatch + combine.
+        for (int it = 0; it < opt.warmup + opt.iters; ++it) {
+          MPI_Barrier(MPI_COMM_WORLD);
+          bitepHandle_t h;
+          CK(cudaEventRecord(ev.e[0], stream));
+          BK(bitepRouterForward(bitepBackendCuda, &rc, &ra, bstream));
+          BK(bitepDispatch(group, &da, bstream, &h));
+          bitepDispatchLayout_t lay;
+          BK(bitepHandleGetLayout(h, &lay));
+          ca.y = lay.expert_x;
+          BK(bitepCombine(group, h, &ca, bstream));
+          CK(cudaEventRecord(ev.e[1], stream));
+          CK(cudaStreamSynchronize(stream));
+          if (it >= opt.warmup) t_e2e.push_back(ev.us(0, 1));
+          BK(bitepHandleDestroy(h));
+        }
+        // (a) NCCL all-to-all of the same per-peer bytes, both directions.
+        {
+          int64_t sb = 0, rb = 0;
+          for (int p = 0; p < W; ++p) sb += std::max(send_b[p], send_c[p]), rb += std::max(recv_b[p], recv_c[p]);
+          char* sbuf = dalloc<char>(sb);
+          char* rbuf = dalloc<char>(rb);
+          for (int it = 0; it < opt.warmup + opt.iters; ++it) {
+            MPI_Barrier(MPI_COMM_WORLD);
+            CK(cudaEventRecord(ev.e[0], stream));
+            nccl_a2a(comm, W, rank, sbuf, send_b, rbuf, recv_b, stream);
+            CK(cudaEventRecord(ev.e[1], stream));
+            CK(cudaStreamSynchronize(stream));
+            MPI_Barrier(MPI_COMM_WORLD);
+            CK(cudaEventRecord(ev.e[2], stream));
+            nccl_a2a(comm, W, rank, sbuf, send_c, rbuf, recv_c, stream);
+            CK(cudaEventRecord(ev.e[3], stream));
+            CK(cudaStreamSynchronize(stream));
+            if (it >= opt.warmup) t_a2a.push_back(ev.us(0, 1)), t_a2a_c.push_back(ev.us(2, 3));
+          }
+          CK(cudaFree(sbuf));
+          CK(cudaFree(rbuf));
+        }
+        // (c) the baseline pipeline, alone and end to end.
+        if (opt.baseline) {
+          for (int it = 0; it < 2 * (opt.warmup + opt.iters); ++it) {
+            const bool e2e = it >= opt.warmup + opt.iters;
+            const int j = e2e ? it - opt.warmup - opt.iters : it;
+            MPI_Barrier(MPI_COMM_WORLD);
+            CK(cudaEventRecord(ev.e[0], stream));
+            if (e2e) BK(bitepRouterForward(bitepBackendCuda, &rc, &ri, bstream));
+            if (!base.dispatch(idx, x, T)) die("baseline dispatch", base.error());
+            CK(cudaEventRecord(ev.e[1], stream));
+            if (!base.combine(base.expert_x(), w_idx, out)) die("baseline combine", base.error());
+            CK(cudaEventRecord(ev.e[2], stream));
+            CK(cudaStreamSynchronize(stream));
+            if (j >= opt.warmup) {
+              if (e2e)
+                t_be2e.push_back(ev.us(0, 2));
+              else
+                t_bd.push_back(ev.us(0, 1)), t_bc.push_back(ev.us(1, 2));
+            }
+            if (it == 0) {
+              rec.baseline_cross_bytes = base.cross_bytes();
+              epbench::check_rows_payload(base.expert_x(), base.num_expert_rows(), sh.H, wrong, stream);
+              epbench::check_equal(out, x, T * sh.H, wrong, stream);
+              CK(cudaGetLastError());
+              CK(cudaStreamSynchronize(stream));
+            }
+          }
+        }
+        int dev_wrong = 0;
+        CK(cudaMemcpy(&dev_wrong, wrong, sizeof(int), cudaMemcpyDeviceToHost));
+        size_t group_bytes = 0;
+        BK(bitepGroupMemoryBytes(group, &group_bytes));
+        rec.dispatch = report.over_ranks(median(t_disp));
+        rec.combine = report.over_ranks(median(t_comb));
+        rec.e2e = report.over_ranks(median(t_e2e));
+        rec.nccl_a2a = report.over_ranks(median(t_a2a));
+        rec.nccl_a2a_combine = report.over_ranks(median(t_a2a_c));
+        rec.baseline_dispatch = report.over_ranks(median(t_bd));
+        rec.baseline_combine = report.over_ranks(median(t_bc));
+        rec.baseline_e2e = report.over_ranks(median(t_be2e));
+        report.finish(&rec, host_wrong + dev_wrong, static_cast<int64_t>(group_bytes));
+        report.add(rec);
+        for (void* p :
+             {static_cast<void*>(logits), static_cast<void*>(map), static_cast<void*>(w), static_cast<void*>(w_idx),
+              static_cast<void*>(idx), static_cast<void*>(rank_counts), static_cast<void*>(x), static_cast<void*>(out),
+              static_cast<void*>(wrong), static_cast<void*>(src_off)})
+          CK(cudaFree(p));
+      }
+    BK(bitepGroupDestroy(group));
+  }
+  const int64_t total_wrong = report.total_wrong();
+  if (!opt.json.empty()) report.write_json(opt.json);
+  ncclCommDestroy(comm);
+  CK(cudaStreamDestroy(stream));
+  MPI_Comm_free(&node);
+  MPI_Finalize();
+  return total_wrong == 0 ? 0 : 1;
+}

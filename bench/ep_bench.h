@@ -1,0 +1,56 @@
+// SPDX-License-Identifier: Apache-2.0
+// ep_bench's inputs and checks (ep_bench_kernels.cu). Inputs are deterministic functions of (seed, rank,
+// token): every rank knows what any row it receives must hold, without talking.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace epbench {
+
+// Router logits [T, E] fp32 in [0, 4); skewed: experts 0..3 (all on rank 0) get +3, so nearly every token
+// picks them (the incast case).
+void gen_logits(float* logits, int64_t T, int E, int rank, uint64_t seed, bool skewed, cudaStream_t s);
+
+// Token rows [T, H] bf16 that name their origin: x[t][0] = rank, x[t][1] = t / 256, x[t][2] = t % 256,
+// x[t][h >= 3] = pattern(rank, t, h) (multiples of 1/64 in [-2, 2): exact in bf16). Needs H >= 3.
+void gen_x(__nv_bfloat16* x, int64_t T, int H, int rank, cudaStream_t s);
+
+// Received rank-major rows [n, H]: rows [src_off[s], src_off[s + 1]) come from rank s in ascending token
+// order and carry that token's payload. wrong += bad rows.
+void check_recv_rows(
+    const __nv_bfloat16* rows, int64_t n, int H, const int64_t* src_off, int W, int* wrong, cudaStream_t s);
+
+// Rows [n, H] in any order: each carries the payload its header names.
+void check_rows_payload(const __nv_bfloat16* rows, int64_t n, int H, int* wrong, cudaStream_t s);
+
+// The expert-major view of received rows: for every entry j of recv_expert_rows[i] that is >= 0,
+// expert_x[pos] == recv_x[i]; the number of such entries equals the popcount of recv_map[i], which is in
+// [1, KL]; weights (if not null) are > 0 on those entries and 0 after.
+void check_expert_major(const __nv_bfloat16* recv_x,
+                        const __nv_bfloat16* expert_x,
+                        const int32_t* rows,
+                        const uint8_t* map,
+                        const float* weights,
+                        int64_t R,
+                        int KL,
+                        int MB,
+                        int H,
+                        int* wrong,
+                        cudaStream_t s);
+
+// Pad rows [offsets[l] + counts[l], offsets[l + 1]) of expert_x are zero.
+void check_pad_rows(const __nv_bfloat16* expert_x,
+                    const int32_t* offsets,
+                    const int32_t* counts,
+                    int L,
+                    int H,
+                    int* wrong,
+                    cudaStream_t s);
+
+// a == b bit for bit ([n] bf16). wrong += differing elements.
+void check_equal(const __nv_bfloat16* a, const __nv_bfloat16* b, int64_t n, int* wrong, cudaStream_t s);
+
+}  // namespace epbench

@@ -1,0 +1,162 @@
+// SPDX-License-Identifier: Apache-2.0
+// ep_bench's results: statistics over ranks, the nccl-tests style table (rank 0) and the JSON file.
+#pragma once
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <string>
+#include <vector>
+
+namespace {
+
+// A per-rank value over all ranks; `max` is the slowest rank's, and the one the table shows.
+struct Stat {
+  double min = 0, avg = 0, max = 0;
+  int slowest = 0;
+};
+
+struct Record {
+  int64_t T = 0;
+  int H = 0, E = 0, k = 0;
+  std::string routing;
+  // This rank's bytes (finish() turns cross_bytes / size_bytes / rows into averages over ranks).
+  int64_t cross_bytes = 0, size_bytes = 0, rows = 0, combine_bytes = 0, baseline_cross_bytes = 0;
+  Stat dispatch, combine, e2e, nccl_a2a, nccl_a2a_combine, baseline_dispatch, baseline_combine, baseline_e2e;
+  Stat cross, combine_cross, baseline_cross;
+  int64_t wrong = 0, group_bytes = 0;
+};
+
+class Report {
+ public:
+  Report(int W, int rank) : W_(W), rank_(rank) {}
+  std::string card, p2p_method;
+  double p2p_gbps = 0;
+
+  Stat over_ranks(double v) const {
+    std::vector<double> all(W_);
+    MPI_Allgather(&v, 1, MPI_DOUBLE, all.data(), 1, MPI_DOUBLE, MPI_COMM_WORLD);
+    Stat s;
+    s.min = *std::min_element(all.begin(), all.end());
+    s.max = *std::max_element(all.begin(), all.end());
+    s.slowest = static_cast<int>(std::max_element(all.begin(), all.end()) - all.begin());
+    for (double x : all) s.avg += x / W_;
+    return s;
+  }
+
+  void table_header(int H, int E, int k) const {
+    if (rank_ != 0) return;
+    std::printf("#\n# H=%d E=%d k=%d W=%d bf16 | p2p ceiling %.1f GB/s (%s)\n", H, E, k, W_, p2p_gbps,
+                p2p_method.c_str());
+    std::printf(
+        "# time = slowest rank's median (us); size = bytes a rank's dispatch moves (avg); "
+        "algbw = size / time; busbw = algbw * (W-1)/W\n");
+    std::printf("# %6s %8s %12s %9s %5s | %9s %7s %7s | %9s %7s %7s | %9s %7s | %9s %9s | %9s %9s | %6s\n", "T",
+                "routing", "size(B)", "count", "type", "disp(us)", "algbw", "busbw", "comb(us)", "algbw", "busbw",
+                "a2a(us)", "busbw", "base_d", "base_c", "e2e", "base_e2e", "#wrong");
+  }
+
+  void finish(Record* r, int64_t wrong, int64_t group_bytes) const {
+    r->cross = over_ranks(static_cast<double>(r->cross_bytes));
+    r->combine_cross = over_ranks(static_cast<double>(r->combine_bytes));
+    r->baseline_cross = over_ranks(static_cast<double>(r->baseline_cross_bytes));
+    const Stat size = over_ranks(static_cast<double>(r->size_bytes)), rows = over_ranks(static_cast<double>(r->rows));
+    r->size_bytes = static_cast<int64_t>(size.avg);
+    r->rows = static_cast<int64_t>(rows.avg);
+    MPI_Allreduce(&wrong, &r->wrong, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+    MPI_Allreduce(&group_bytes, &r->group_bytes, 1, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
+    if (rank_ != 0) return;
+    const double f = W_ > 1 ? double(W_ - 1) / W_ : 0.0;
+    auto gbps = [](double bytes, double us) { return us > 0 ? bytes / (us * 1e3) : 0.0; };
+    const double sz = static_cast<double>(r->size_bytes);
+    const double comb_sz = sz * (2.0 * r->H) / (2.0 * r->H + (r->E / W_ + 7) / 8 + 4.0 * std::min(r->k, r->E / W_));
+    std::printf(
+        "  %6lld %8s %12lld %9lld %5s | %9.1f %7.1f %7.1f | %9.1f %7.1f %7.1f | %9.1f %7.1f | %9.1f %9.1f | "
+        "%9.1f %9.1f | %6lld\n",
+        static_cast<long long>(r->T), r->routing.c_str(), static_cast<long long>(r->size_bytes),
+        static_cast<long long>(r->rows), "bf16", r->dispatch.max, gbps(sz, r->dispatch.max),
+        gbps(sz, r->dispatch.max) * f, r->combine.max, gbps(comb_sz, r->combine.max), gbps(comb_sz, r->combine.max) * f,
+        r->nccl_a2a.max, gbps(sz, r->nccl_a2a.max) * f, r->baseline_dispatch.max, r->baseline_combine.max, r->e2e.max,
+        r->baseline_e2e.max, static_cast<long long>(r->wrong));
+    std::printf(
+        "  %6s   dispatch min/avg/max %.1f/%.1f/%.1f (slowest rank %d), combine %.1f/%.1f/%.1f (rank %d), "
+        "cross GB/s %.1f / %.1f, bytes/rank %.0f..%.0f\n",
+        "", r->dispatch.min, r->dispatch.avg, r->dispatch.max, r->dispatch.slowest, r->combine.min, r->combine.avg,
+        r->combine.max, r->combine.slowest, gbps(r->cross.avg, r->dispatch.max),
+        gbps(r->combine_cross.avg, r->combine.max), r->cross.min, r->cross.max);
+    std::fflush(stdout);
+  }
+
+  void add(const Record& r) { records_.push_back(r); }
+
+  int64_t total_wrong() const {
+    int64_t n = 0;
+    for (const Record& r : records_) n += r.wrong;
+    if (rank_ == 0) std::printf("# %s: %lld wrong\n", n == 0 ? "PASSED" : "FAILED", static_cast<long long>(n));
+    return n;
+  }
+
+  void write_json(const std::string& path) const {
+    if (rank_ != 0) return;
+    FILE* f = std::fopen(path.c_str(), "w");
+    if (f == nullptr) {
+      std::fprintf(stderr, "ep_bench: cannot write %s\n", path.c_str());
+      return;
+    }
+    char date[64];
+    const std::time_t now = std::time(nullptr);
+    std::strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+    std::fprintf(f, "{\"card\": \"%s\", \"date\": \"%s\", \"commit\": \"%s\", \"W\": %d, \"p2p_GBps\": %.3f, ",
+                 card.c_str(), date, commit().c_str(), W_, p2p_gbps);
+    std::fprintf(f, "\"p2p_method\": \"%s\",\n \"records\": [", p2p_method.c_str());
+    for (size_t i = 0; i < records_.size(); ++i) {
+      const Record& r = records_[i];
+      std::fprintf(f, "%s\n  {\"T\": %lld, \"H\": %d, \"E\": %d, \"k\": %d, \"routing\": \"%s\"", i ? "," : "",
+                   static_cast<long long>(r.T), r.H, r.E, r.k, r.routing.c_str());
+      std::fprintf(f, ", \"cross_bytes\": %.0f, \"size_bytes\": %lld, \"rows\": %lld, \"combine_cross_bytes\": %.0f",
+                   r.cross.avg, static_cast<long long>(r.size_bytes), static_cast<long long>(r.rows),
+                   r.combine_cross.avg);
+      std::fprintf(f, ", \"baseline_cross_bytes\": %.0f, \"wrong\": %lld, \"group_bytes\": %lld", r.baseline_cross.avg,
+                   static_cast<long long>(r.wrong), static_cast<long long>(r.group_bytes));
+      stat(f, "dispatch_us", r.dispatch);
+      stat(f, "combine_us", r.combine);
+      stat(f, "e2e_us", r.e2e);
+      stat(f, "nccl_a2a_us", r.nccl_a2a);
+      stat(f, "nccl_a2a_combine_us", r.nccl_a2a_combine);
+      stat(f, "baseline_dispatch_us", r.baseline_dispatch);
+      stat(f, "baseline_combine_us", r.baseline_combine);
+      stat(f, "baseline_e2e_us", r.baseline_e2e);
+      stat(f, "cross_bytes_rank", r.cross);
+      std::fprintf(f, ", \"slowest_rank\": %d}", r.dispatch.slowest);
+    }
+    std::fprintf(f, "\n ]\n}\n");
+    std::fclose(f);
+    std::printf("# wrote %s\n", path.c_str());
+  }
+
+ private:
+  static void stat(FILE* f, const char* name, const Stat& s) {
+    std::fprintf(f, ", \"%s\": %.3f, \"%s_min\": %.3f, \"%s_avg\": %.3f, \"%s_max\": %.3f, \"%s_slowest_rank\": %d",
+                 name, s.max, name, s.min, name, s.avg, name, s.max, name, s.slowest);
+  }
+  // BITEP_COMMIT, else `git rev-parse --short HEAD` in the working directory, else "unknown".
+  static std::string commit() {
+    if (const char* c = std::getenv("BITEP_COMMIT")) return c;
+    std::string out;
+    if (FILE* p = popen("git rev-parse --short HEAD 2>/dev/null", "r")) {
+      char buf[64] = {0};
+      if (std::fgets(buf, sizeof(buf), p)) out = buf;
+      pclose(p);
+    }
+    while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
+    return out.empty() ? "unknown" : out;
+  }
+
+  int W_, rank_;
+  std::vector<Record> records_;
+};
+
+}  // namespace

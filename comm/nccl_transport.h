@@ -1,0 +1,69 @@
+// SPDX-License-Identifier: Apache-2.0
+// The NCCL transport (src/ep/transport.h) over one communicator on one device; see nccl_transport.cc.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <cstddef>
+#include <memory>
+#include <vector>
+
+#include "src/ep/transport.h"
+
+namespace bitep::ep {
+
+class NcclTransport final : public Transport {
+ public:
+  // owned: the transport finalizes and destroys comm (or aborts it after a failure); borrowed: never.
+  // timeout_s: used by allgather_host until a later call passes its own.
+  NcclTransport(ncclComm_t comm, bool owned, int rank, int nranks, int device, double timeout_s);
+  ~NcclTransport() override;
+  NcclTransport(const NcclTransport&) = delete;
+  NcclTransport& operator=(const NcclTransport&) = delete;
+
+  // Creates the event and the private stream (of allgather_host).
+  bitepResult_t init();
+  // Forgets comm: the destructor leaves it alone.
+  void release() { comm_ = nullptr; }
+
+  int rank() const override { return rank_; }
+  int nranks() const override { return nranks_; }
+  // ncclAllGather through a small device buffer on the private stream, then a wait (the timeout is the
+  // last one given to exchange_counts / alltoallv; before any, nccl_comm_init's, or 300 s for a borrowed
+  // communicator).
+  bitepResult_t allgather_host(const void* in, void* out, size_t bytes) override;
+  // Grouped ncclSend/ncclRecv of n int32 per peer on `stream`, self slot by cudaMemcpyAsync, download to
+  // pinned staging, then a poll of the event and of the communicator until done or timeout_s.
+  bitepResult_t exchange_counts(
+      const int32_t* send, int32_t* recv, int32_t* recv_host, int n, bitepStream_t stream, double timeout_s) override;
+  // One NCCL group of ncclSend/ncclRecv (bytes, split in chunks of at most 2^31 - 1), enqueued on stream.
+  bitepResult_t alltoallv(const std::vector<std::vector<PeerBuffers>>& per_peer,
+                          bitepStream_t stream,
+                          double timeout_s) override;
+
+ private:
+  bitepResult_t check_usable(const char* call) const;
+  // Aborts an owned communicator; the error names rank, call and why.
+  bitepResult_t fail(bitepResult_t code, const char* call, const char* why);
+  // r of a non-blocking NCCL call: ncclInProgress is polled to completion against timeout_s.
+  bitepResult_t nccl_call(ncclResult_t r, const char* call, const char* what, double timeout_s);
+  // Waits for event_ (recorded by the caller), watching the communicator's asynchronous error.
+  bitepResult_t wait_event(const char* call, double timeout_s);
+  bitepResult_t reserve_host(size_t bytes);
+  bitepResult_t reserve_device(size_t bytes);
+
+  ncclComm_t comm_;
+  bool owned_;
+  bool aborted_ = false;
+  int rank_, nranks_, device_;
+  double timeout_s_;
+  cudaEvent_t event_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  void* host_buf_ = nullptr;  // pinned staging
+  size_t host_bytes_ = 0;
+  void* dev_buf_ = nullptr;  // allgather_host
+  size_t dev_bytes_ = 0;
+};
+
+}  // namespace bitep::ep

@@ -1,0 +1,338 @@
+// SPDX-License-Identifier: Apache-2.0
+// Combine primitives (kernels/ep_params.h): the local weighted reduce (ReduceParams, with the weight
+// gradients of the combine backward), the final sum over ranks (FinalSumParams) and the scatter of
+// returned weight gradients (WeightGradParams).
+//
+// All three are one warp per row over a persistent grid. Rows move in 16-byte vectors where the row
+// size and pointers allow (4 per lane in flight); sums are fp32 in the order ep_params.h fixes
+// (reduce: acc = fmaf(w, y, acc) over j ascending; final sum: acc + row over r ascending), one rounding
+// at the end, so the results are bit-identical to the host reference.
+#include "kernels/ep.h"
+#include "kernels/ep_common.cuh"
+
+namespace bitep::kernels {
+namespace {
+
+using namespace ep_detail;
+
+__device__ __forceinline__ int64_t global_warp() {
+  return (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp;
+}
+__device__ __forceinline__ int64_t num_warps() { return static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp); }
+
+// ---- reduce ---------------------------------------------------------------------------------------
+
+struct ReduceArgs {
+  int64_t num_rows;
+  int row_experts;  // KL
+  const char* y;
+  const int32_t* rows;
+  const float* weights;
+  char* out;
+  const char* grad_rows;
+  float* grad_weights;
+  int64_t row_bytes, nvec;
+};
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kRowThreads) reduce_kernel(ReduceArgs a) {
+  using P = Pack<T, V>;
+  using Vec = typename P::Vec;
+  constexpr int N = P::N;
+  const int lane = threadIdx.x & (kWarp - 1);
+  const int KL = a.row_experts;
+  for (int64_t i = global_warp(); i < a.num_rows; i += num_warps()) {
+    const int32_t* rr = a.rows + i * KL;
+    // Positions and weights of the first 32 entries stay in registers; more (KL > 32) are reloaded.
+    const int pos0 = lane < KL ? __ldg(rr + lane) : -1;
+    const float w0 = a.weights != nullptr && lane < KL ? __ldg(a.weights + i * KL + lane) : 1.0f;
+    if (a.out != nullptr) {
+      Vec* out = reinterpret_cast<Vec*>(a.out + i * a.row_bytes);
+      for (int64_t base = 0; base < a.nvec; base += kWarp * kUnroll) {
+        float acc[kUnroll][N];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+          for (int q = 0; q < N; ++q) acc[u][q] = 0.0f;
+        for (int jg = 0; jg < KL; jg += kWarp) {
+          const int j = jg + lane;
+          const int pos = jg == 0 ? pos0 : (j < KL ? __ldg(rr + j) : -1);
+          const float w = jg == 0 ? w0 : (a.weights != nullptr && j < KL ? __ldg(a.weights + i * KL + j) : 1.0f);
+          for (uint32_t m = __ballot_sync(kFullMask, pos >= 0); m != 0; m &= m - 1) {
+            const int d = __ffs(m) - 1;
+            const int64_t p = __shfl_sync(kFullMask, pos, d);
+            const float wd = __shfl_sync(kFullMask, w, d);
+            const Vec* src = reinterpret_cast<const Vec*>(a.y + p * a.row_bytes);
+            Vec buf[kUnroll];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+              const int64_t idx = base + u * kWarp + lane;
+              buf[u] = idx < a.nvec ? __ldg(src + idx) : Vec{};
+            }
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+              float f[N];
+              P::to_float(buf[u], f);
+#pragma unroll
+              for (int q = 0; q < N; ++q) acc[u][q] = __fmaf_rn(wd, f[q], acc[u][q]);
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t idx = base + u * kWarp + lane;
+          if (idx < a.nvec) out[idx] = P::from_float(acc[u]);
+        }
+      }
+    }
+    if (a.grad_weights != nullptr && a.grad_rows != nullptr) {
+      // dot(y[pos], g[i]): lane-strided fmaf partials, then a fixed xor-tree: deterministic.
+      const Vec* g = reinterpret_cast<const Vec*>(a.grad_rows + i * a.row_bytes);
+      for (int j = 0; j < KL; ++j) {
+        const int pos = j < kWarp ? __shfl_sync(kFullMask, pos0, j) : __ldg(rr + j);
+        float d = 0.0f;
+        if (pos >= 0) {
+          const Vec* yr = reinterpret_cast<const Vec*>(a.y + static_cast<int64_t>(pos) * a.row_bytes);
+          for (int64_t idx = lane; idx < a.nvec; idx += kWarp) {
+            float fy[N], fg[N];
+            P::to_float(__ldg(yr + idx), fy);
+            P::to_float(__ldg(g + idx), fg);
+#pragma unroll
+            for (int q = 0; q < N; ++q) d = __fmaf_rn(fy[q], fg[q], d);
+          }
+#pragma unroll
+          for (int off = kWarp / 2; off > 0; off >>= 1) d = __fadd_rn(d, __shfl_xor_sync(kFullMask, d, off));
+        }
+        if (lane == 0) a.grad_weights[i * KL + j] = d;
+      }
+    }
+  }
+}
+
+// ---- final sum ------------------------------------------------------------------------------------
+
+struct FinalArgs {
+  int64_t num_tokens;
+  int num_ranks, self_rank;
+  const int32_t* token_slot;
+  const int64_t* send_offsets;
+  const char* ret;
+  const char* self_ret;
+  int64_t self_ret_offset;
+  char* out;
+  int64_t row_bytes, nvec;
+};
+
+// Lane r's source row for token t (rank rg + lane), or null.
+__device__ __forceinline__ const char* final_src(const FinalArgs& a, int64_t t, int rg) {
+  const int r = rg + (threadIdx.x & (kWarp - 1));
+  const int slot = r < a.num_ranks ? __ldg(a.token_slot + t * a.num_ranks + r) : -1;
+  if (slot < 0) return nullptr;
+  if (r == a.self_rank) return a.self_ret + (a.self_ret_offset + slot) * a.row_bytes;
+  return a.ret + (__ldg(a.send_offsets + r) + slot) * a.row_bytes;
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kRowThreads) final_sum_kernel(FinalArgs a) {
+  using P = Pack<T, V>;
+  using Vec = typename P::Vec;
+  constexpr int N = P::N;
+  const int lane = threadIdx.x & (kWarp - 1);
+  for (int64_t t = global_warp(); t < a.num_tokens; t += num_warps()) {
+    const char* src0 = final_src(a, t, 0);  // ranks 0..31 stay in registers; more are reloaded per chunk
+    Vec* out = reinterpret_cast<Vec*>(a.out + t * a.row_bytes);
+    for (int64_t base = 0; base < a.nvec; base += kWarp * kUnroll) {
+      float acc[kUnroll][N];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int q = 0; q < N; ++q) acc[u][q] = 0.0f;
+      for (int rg = 0; rg < a.num_ranks; rg += kWarp) {
+        const char* src = rg == 0 ? src0 : final_src(a, t, rg);
+        const unsigned long long my = reinterpret_cast<unsigned long long>(src);
+        for (uint32_t m = __ballot_sync(kFullMask, src != nullptr); m != 0; m &= m - 1) {
+          const Vec* s = reinterpret_cast<const Vec*>(__shfl_sync(kFullMask, my, __ffs(m) - 1));
+          Vec buf[kUnroll];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int64_t idx = base + u * kWarp + lane;
+            buf[u] = idx < a.nvec ? __ldg(s + idx) : Vec{};
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            float f[N];
+            P::to_float(buf[u], f);
+#pragma unroll
+            for (int q = 0; q < N; ++q) acc[u][q] = __fadd_rn(acc[u][q], f[q]);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t idx = base + u * kWarp + lane;
+        if (idx < a.nvec) out[idx] = P::from_float(acc[u]);
+      }
+    }
+  }
+}
+
+// ---- weight gradient scatter ----------------------------------------------------------------------
+
+struct WeightGradArgs {
+  RouteView v;
+  int64_t num_tokens;
+  int num_ranks, local_experts, row_experts, self_rank;
+  const int32_t* token_slot;
+  const int64_t* send_offsets;
+  const float* ret_grad_w;
+  const float* self_grad_w;
+  int64_t self_offset;
+  float* grad_dense;    // written when not null (kDense)
+  float* grad_compact;  // written when not null (kCompact)
+};
+
+__global__ void __launch_bounds__(kRowThreads) weight_grad_kernel(WeightGradArgs a) {
+  const int lane = threadIdx.x & (kWarp - 1);
+  const int E = a.v.num_experts, k = a.v.topk, W = a.num_ranks, L = a.local_experts, KL = a.row_experts;
+  for (int64_t t = global_warp(); t < a.num_tokens; t += num_warps()) {
+    if (a.grad_dense != nullptr)
+      for (int e = lane; e < E; e += kWarp) a.grad_dense[t * E + e] = 0.0f;
+    if (a.grad_compact != nullptr)
+      for (int c = lane; c < k; c += kWarp) a.grad_compact[t * k + c] = 0.0f;
+    __syncwarp();  // the zeros land before any lane's scatter
+    for (int rg = 0; rg < W; rg += kWarp) {
+      const int r = rg + lane;
+      const int slot = r < W ? __ldg(a.token_slot + t * W + r) : -1;
+      if (slot < 0) continue;
+      const float* q = r == a.self_rank ? a.self_grad_w + (a.self_offset + slot) * KL
+                                        : a.ret_grad_w + (__ldg(a.send_offsets + r) + slot) * KL;
+      const int lo = r * L, limit = route_limit(a.v, t);
+      const int hi = lo + L < limit ? lo + L : limit;
+      const int base = a.v.format == RoutingFormat::kTopkIndices || hi <= lo ? 0 : routed_before(a.v, t, lo);
+      int pos = 0;
+      for (int b = lo; b < hi && pos < KL; b += 32) {
+        for (uint32_t bits = route_bits(a.v, t, b, hi); bits != 0 && pos < KL; bits &= bits - 1, ++pos) {
+          const int e = b + __ffs(bits) - 1;
+          const float g = __ldg(q + pos);
+          if (a.grad_dense != nullptr) a.grad_dense[t * E + e] = g;
+          if (a.grad_compact != nullptr) {
+            const int c = compact_index(a.v, t, e, base + pos);
+            if (c >= 0 && c < k) a.grad_compact[t * k + c] = g;
+          }
+        }
+      }
+    }
+    __syncwarp();
+  }
+}
+
+template <class Launch>
+cudaError_t with_vec_dtype(DType dtype, int v, Launch&& launch) {
+  return dispatch_dtype(dtype, [&](auto tt) {
+    using T = typename decltype(tt)::type;
+    return dispatch_vec(v, [&](auto vt) {
+      constexpr int V = decltype(vt)::value;
+      if constexpr (V >= static_cast<int>(sizeof(T))) {
+        return launch(tt, vt);
+      } else {
+        return cudaErrorMisalignedAddress;  // a row or pointer not aligned to the element size
+      }
+    });
+  });
+}
+
+}  // namespace
+
+cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream) {
+  if (p.num_recv_rows < 0 || p.max_row_experts < 1 || p.hidden < 0) return cudaErrorInvalidValue;
+  if (p.num_recv_rows == 0) return cudaSuccess;
+  const bool grads = p.grad_rows != nullptr && p.grad_weights != nullptr;
+  if (p.out == nullptr && !grads) return cudaSuccess;
+  if (p.recv_expert_rows == nullptr) return cudaErrorInvalidValue;  // y is read only at positions >= 0
+  ReduceArgs a;
+  a.num_rows = p.num_recv_rows;
+  a.row_experts = p.max_row_experts;
+  a.y = static_cast<const char*>(p.y);
+  a.rows = p.recv_expert_rows;
+  a.weights = p.recv_weights;
+  a.out = static_cast<char*>(p.out);
+  a.grad_rows = static_cast<const char*>(p.grad_rows);
+  a.grad_weights = grads ? p.grad_weights : nullptr;
+  a.row_bytes = p.hidden * dtype_size(p.dtype);
+  const int v = vec_bytes(a.row_bytes, p.y, p.out, grads ? p.grad_rows : nullptr);
+  a.nvec = a.row_bytes / v;
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const unsigned grid = grid_for(p.num_recv_rows, kRowThreads / kWarp, sms, kRowBlocksPerSm);
+  err = with_vec_dtype(p.dtype, v, [&](auto tt, auto vt) {
+    reduce_kernel<typename decltype(tt)::type, decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a);
+    return cudaSuccess;
+  });
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+cudaError_t launch_ep_final_sum(const FinalSumParams& p, cudaStream_t stream) {
+  const int W = p.num_ranks;
+  if (p.num_tokens < 0 || W < 1 || p.self_rank < 0 || p.self_rank >= W || p.hidden < 0) return cudaErrorInvalidValue;
+  if (p.num_tokens == 0 || p.hidden == 0) return cudaSuccess;
+  if (p.token_slot == nullptr || p.out == nullptr || (W > 1 && p.send_offsets == nullptr)) return cudaErrorInvalidValue;
+  FinalArgs a;
+  a.num_tokens = p.num_tokens;
+  a.num_ranks = W;
+  a.self_rank = p.self_rank;
+  a.token_slot = p.token_slot;
+  a.send_offsets = p.send_offsets;
+  a.ret = static_cast<const char*>(p.ret);
+  a.self_ret = static_cast<const char*>(p.self_ret);
+  a.self_ret_offset = p.self_ret_offset;
+  a.out = static_cast<char*>(p.out);
+  a.row_bytes = p.hidden * dtype_size(p.dtype);
+  const int v = vec_bytes(a.row_bytes, p.out, p.ret, p.self_ret);
+  a.nvec = a.row_bytes / v;
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const unsigned grid = grid_for(p.num_tokens, kRowThreads / kWarp, sms, kRowBlocksPerSm);
+  err = with_vec_dtype(p.dtype, v, [&](auto tt, auto vt) {
+    final_sum_kernel<typename decltype(tt)::type, decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a);
+    return cudaSuccess;
+  });
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+cudaError_t launch_ep_weight_grad(const WeightGradParams& p, cudaStream_t stream) {
+  const int W = p.num_ranks, E = p.num_experts;
+  if (W < 1 || E < 1 || E % W != 0 || p.topk < 1 || p.num_tokens < 0 || p.self_rank < 0 || p.self_rank >= W)
+    return cudaErrorInvalidValue;
+  if (p.num_tokens == 0) return cudaSuccess;
+  float* dense = p.routing.weight_format == WeightFormat::kDense ? p.grad_dense : nullptr;
+  float* compact = p.routing.weight_format == WeightFormat::kCompact ? p.grad_compact : nullptr;
+  if (dense == nullptr && compact == nullptr) return cudaSuccess;
+  if (p.routing.map == nullptr || p.token_slot == nullptr || (W > 1 && p.send_offsets == nullptr))
+    return cudaErrorInvalidValue;
+  WeightGradArgs a;
+  a.v = make_route_view(p.routing, E, p.topk);
+  a.num_tokens = p.num_tokens;
+  a.num_ranks = W;
+  a.local_experts = E / W;
+  a.row_experts = max_row_experts(p.topk, a.local_experts);
+  a.self_rank = p.self_rank;
+  a.token_slot = p.token_slot;
+  a.send_offsets = p.send_offsets;
+  a.ret_grad_w = p.ret_grad_w;
+  a.self_grad_w = p.self_grad_w;
+  a.self_offset = p.self_offset;
+  a.grad_dense = dense;
+  a.grad_compact = compact;
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const unsigned grid = grid_for(p.num_tokens, kRowThreads / kWarp, sms, kRowBlocksPerSm);
+  weight_grad_kernel<<<grid, kRowThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace bitep::kernels

@@ -1,0 +1,476 @@
+// SPDX-License-Identifier: Apache-2.0
+// Device helpers shared by the expert-parallel kernels (layout.cu, permute.cu, combine.cu): device
+// properties, reading a routing input (bitmap / bytemap / [T, k] indices) as 32-bit words of routing
+// bits, vectorised row copies, dtype conversions, and the ballot-based tile scan that gives every
+// (item, column) pair its rank among the items of that column in ascending item order.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "kernels/ep_params.h"
+
+namespace bitep::kernels::ep_detail {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kMaxDevices = 64;
+
+// Launch shapes shared by the kernels.
+constexpr int kRowThreads = 256;           // warp-per-row kernels: 8 warps per block
+constexpr int kRowBlocksPerSm = 8;         // persistent grids: at most this many blocks per SM
+constexpr int kUnroll = 4;                 // vectors per lane in flight in row copies and sums
+constexpr int kScanThreads = 256;          // segmented scans: items (tokens / rows) per tile
+constexpr int kSingleThreads = 1024;       // single-block scans
+constexpr int64_t kSingleMaxItems = 2048;  // up to this many items, one block scans them all
+constexpr int kOffsetThreads = 1024;       // the one-block per-segment offset scan
+
+// ---- host: device properties (cached per device) ------------------------------------------------
+
+// Number of SMs of the current device; queried once per device.
+inline cudaError_t sm_count(int* out) {
+  static std::atomic<int> cache[kMaxDevices];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int cached = cache[dev].load(std::memory_order_relaxed);
+    if (cached > 0) {
+      *out = cached;
+      return cudaSuccess;
+    }
+  }
+  int n = 0;
+  err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return err;
+  if (n < 1) n = 1;
+  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
+  *out = n;
+  return cudaSuccess;
+}
+
+// Blocks of a persistent grid: enough for `work` units of `per_block` each, at most `per_sm` per SM.
+inline unsigned grid_for(int64_t work, int per_block, int sms, int per_sm) {
+  const int64_t need = (work + per_block - 1) / per_block;
+  const int64_t cap = static_cast<int64_t>(sms) * per_sm;
+  return static_cast<unsigned>(need < cap ? (need > 0 ? need : 1) : cap);
+}
+
+inline int dtype_size(DType d) { return d == DType::kF32 ? 4 : 2; }
+
+// Largest of 16, 8, 4, 2, 1 bytes dividing the row size and every base address given.
+inline int vec_bytes(int64_t row_bytes, const void* a, const void* b = nullptr, const void* c = nullptr) {
+  uintptr_t bits = static_cast<uintptr_t>(row_bytes) | reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
+                   reinterpret_cast<uintptr_t>(c);
+  for (int v = 16; v > 1; v >>= 1)
+    if ((bits & static_cast<uintptr_t>(v - 1)) == 0) return v;
+  return 1;
+}
+
+// ---- device: routing input ------------------------------------------------------------------------
+
+struct RouteView {
+  RoutingFormat format;
+  const uint8_t* map8;  // bitmap or bytemap rows
+  const int32_t* idx;   // [T, k] indices
+  int64_t row_bytes;    // bitmap: ceil(E/8); bytemap: E
+  int num_experts;      // E
+  int topk;             // k
+  bool aligned4;        // row_bytes % 4 == 0 and the base is 4-byte aligned: rows read as 32-bit words
+};
+
+inline RouteView make_route_view(const RoutingInput& r, int num_experts, int topk) {
+  RouteView v;
+  v.format = r.format;
+  v.map8 = static_cast<const uint8_t*>(r.map);
+  v.idx = static_cast<const int32_t*>(r.map);
+  v.num_experts = num_experts;
+  v.topk = topk;
+  v.row_bytes = r.format == RoutingFormat::kBytemap ? num_experts : (num_experts + 7) / 8;
+  v.aligned4 = (v.row_bytes % 4 == 0) && (reinterpret_cast<uintptr_t>(r.map) % 4 == 0);
+  return v;
+}
+
+// 32 bits of a BITMAP_U8 row starting at bit `lo` (bit i of the result = bit lo + i of the row); bits past
+// the row's end read as 0. Crosses byte (and word) boundaries with shifts.
+__device__ __forceinline__ uint32_t bitmap_bits32(const uint8_t* row, int64_t row_bytes, bool aligned4, int lo) {
+  if (aligned4) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(row);
+    const int64_t nw = row_bytes >> 2;
+    const int a = lo >> 5, sh = lo & 31;
+    const uint32_t w0 = a < nw ? __ldg(w + a) : 0u;
+    if (sh == 0) return w0;
+    const uint32_t w1 = a + 1 < nw ? __ldg(w + a + 1) : 0u;
+    return (w0 >> sh) | (w1 << (32 - sh));
+  }
+  const int b = lo >> 3, sh = lo & 7;
+  uint64_t v = 0;
+#pragma unroll
+  for (int i = 0; i < 5; ++i)
+    if (b + i < row_bytes) v |= static_cast<uint64_t>(__ldg(row + b + i)) << (8 * i);
+  return static_cast<uint32_t>(v >> sh);
+}
+
+// Raw routing bits of token t for experts [lo, min(lo + 32, hi)), hi <= E: bit i = the map has expert
+// lo + i (maps: set bit / nonzero byte; indices: some entry equals lo + i, entries outside [0, E) are
+// ignored). The map's "first k" rule is applied by the callers (route_limit / for_each_routed).
+__device__ __forceinline__ uint32_t route_bits(const RouteView& v, int64_t t, int lo, int hi) {
+  const int n = hi - lo;
+  if (n <= 0) return 0u;
+  const uint32_t keep = n >= 32 ? kFullMask : ((1u << n) - 1u);
+  uint32_t bits = 0;
+  if (v.format == RoutingFormat::kBitmap) {
+    bits = bitmap_bits32(v.map8 + t * v.row_bytes, v.row_bytes, v.aligned4, lo);
+  } else if (v.format == RoutingFormat::kBytemap) {
+    const uint8_t* row = v.map8 + t * v.row_bytes;
+    const int m = n < 32 ? n : 32;
+    if (v.aligned4 && (lo & 3) == 0) {
+      const uint32_t* w = reinterpret_cast<const uint32_t*>(row + lo);
+      for (int i = 0; i < m; i += 4) {
+        const uint32_t x = __ldg(w + (i >> 2));  // bytes lo + i .. lo + i + 3 < E (E % 4 == 0)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if ((x >> (8 * j)) & 0xffu) bits |= 1u << (i + j);
+      }
+    } else {
+      for (int i = 0; i < m; ++i)
+        if (__ldg(row + lo + i)) bits |= 1u << i;
+    }
+  } else {
+    const int32_t* row = v.idx + t * v.topk;
+    for (int j = 0; j < v.topk; ++j) {
+      const int e = __ldg(row + j);
+      const unsigned d = static_cast<unsigned>(e - lo);
+      if (e >= 0 && e < v.num_experts && d < 32u) bits |= 1u << d;
+    }
+  }
+  return bits & keep;
+}
+
+// The lowest `room` set bits of bits (room <= 0: none).
+__device__ __forceinline__ uint32_t keep_lowest(uint32_t bits, int room) {
+  if (room <= 0) return 0u;
+  while (__popc(bits) > room) bits &= ~(0x80000000u >> __clz(bits));
+  return bits;
+}
+
+// Maps: token t's experts are the set bits of [0, limit) (the first k of the row). Indices: E.
+__device__ __forceinline__ int route_limit(const RouteView& v, int64_t t) {
+  const int E = v.num_experts;
+  if (v.format == RoutingFormat::kTopkIndices) return E;
+  int seen = 0;
+  for (int b = 0; b < E; b += 32) {
+    const uint32_t bits = route_bits(v, t, b, E);
+    const int n = __popc(bits);
+    if (seen + n >= v.topk) {  // the k-th expert is in this window
+      const uint32_t first = keep_lowest(bits, v.topk - seen);
+      return first ? b + 32 - __clz(first) : b;
+    }
+    seen += n;
+  }
+  return E;
+}
+
+// Whether idx[t][j] repeats an earlier entry of its row (indices format).
+__device__ __forceinline__ bool repeats_earlier(const int32_t* row, int j, int e) {
+  for (int i = 0; i < j; ++i)
+    if (__ldg(row + i) == e) return true;
+  return false;
+}
+
+// Calls f(e) for each of token t's experts e in [lo, hi) (ep_params.h "Routed experts"): ascending for
+// maps (first k set bits / nonzero bytes), index order for indices (valid, first occurrences only).
+template <class F>
+__device__ __forceinline__ void for_each_routed(const RouteView& v, int64_t t, int lo, int hi, F&& f) {
+  if (v.format == RoutingFormat::kTopkIndices) {
+    const int32_t* row = v.idx + t * v.topk;
+    for (int j = 0; j < v.topk; ++j) {
+      const int e = __ldg(row + j);
+      if (e >= lo && e < hi && e < v.num_experts && e >= 0 && !repeats_earlier(row, j, e)) f(e);
+    }
+    return;
+  }
+  int seen = 0;  // t's experts below b
+  for (int b = 0; b < hi && seen < v.topk; b += 32) {
+    const uint32_t all = keep_lowest(route_bits(v, t, b, hi), v.topk - seen);
+    seen += __popc(all);
+    uint32_t bits = lo <= b ? all : (lo - b >= 32 ? 0u : all & (kFullMask << (lo - b)));
+    for (; bits != 0; bits &= bits - 1) f(b + __ffs(bits) - 1);
+  }
+}
+
+// Number of t's map bits below `lo` (maps; lo <= route_limit: then it is the compact index base).
+__device__ __forceinline__ int routed_before(const RouteView& v, int64_t t, int lo) {
+  int n = 0;
+  for (int b = 0; b < lo; b += 32) n += __popc(route_bits(v, t, b, lo));
+  return n;
+}
+
+// Compact weight index of expert e of token t: maps, its rank among t's experts (e < route_limit);
+// indices, its first occurrence (-1 if none).
+__device__ __forceinline__ int compact_index(const RouteView& v, int64_t t, int e, int rank_in_row) {
+  if (v.format != RoutingFormat::kTopkIndices) return rank_in_row;
+  const int32_t* row = v.idx + t * v.topk;
+  for (int j = 0; j < v.topk; ++j)
+    if (__ldg(row + j) == e) return j;
+  return -1;
+}
+
+// ---- device: vectors and dtypes -------------------------------------------------------------------
+
+template <int V>
+struct VecOf;
+template <>
+struct VecOf<16> {
+  using type = uint4;
+};
+template <>
+struct VecOf<8> {
+  using type = uint2;
+};
+template <>
+struct VecOf<4> {
+  using type = uint32_t;
+};
+template <>
+struct VecOf<2> {
+  using type = uint16_t;
+};
+template <>
+struct VecOf<1> {
+  using type = uint8_t;
+};
+
+// Storage <-> fp32 on raw bits: exact widening; narrowing rounds to nearest even (as the host's
+// dtype_host.h does).
+template <typename T>
+struct Bits16;
+template <>
+struct Bits16<__nv_bfloat16> {
+  static __device__ __forceinline__ float load(uint32_t h) { return __uint_as_float(h << 16); }
+  static __device__ __forceinline__ uint32_t store(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+};
+template <>
+struct Bits16<__half> {
+  static __device__ __forceinline__ float load(uint32_t h) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
+  }
+  static __device__ __forceinline__ uint32_t store(float x) { return __half_as_ushort(__float2half_rn(x)); }
+};
+
+// A vector as 32-bit words (V >= 4).
+__device__ __forceinline__ void to_words(const uint4& v, uint32_t (&w)[4]) {
+  w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+}
+__device__ __forceinline__ void to_words(const uint2& v, uint32_t (&w)[2]) { w[0] = v.x, w[1] = v.y; }
+__device__ __forceinline__ void to_words(const uint32_t& v, uint32_t (&w)[1]) { w[0] = v; }
+__device__ __forceinline__ void from_words(const uint32_t (&w)[4], uint4& v) { v = make_uint4(w[0], w[1], w[2], w[3]); }
+__device__ __forceinline__ void from_words(const uint32_t (&w)[2], uint2& v) { v = make_uint2(w[0], w[1]); }
+__device__ __forceinline__ void from_words(const uint32_t (&w)[1], uint32_t& v) { v = w[0]; }
+
+// A vector of V bytes viewed as N elements of T (fp32, bf16, fp16), converted to / from fp32 registers.
+template <typename T, int V>
+struct Pack {
+  static_assert(V >= static_cast<int>(sizeof(T)), "vector narrower than one element");
+  static constexpr int N = V / static_cast<int>(sizeof(T));
+  static constexpr int NW = V >= 4 ? V / 4 : 1;
+  using Vec = typename VecOf<V>::type;
+  static __device__ __forceinline__ void to_float(const Vec& v, float (&f)[N]) {
+    if constexpr (V == 2) {
+      f[0] = Bits16<T>::load(v);
+    } else {
+      uint32_t w[NW];
+      to_words(v, w);
+#pragma unroll
+      for (int q = 0; q < NW; ++q) {
+        if constexpr (sizeof(T) == 4) {
+          f[q] = __uint_as_float(w[q]);
+        } else {
+          f[2 * q] = Bits16<T>::load(w[q] & 0xffffu);
+          f[2 * q + 1] = Bits16<T>::load(w[q] >> 16);
+        }
+      }
+    }
+  }
+  static __device__ __forceinline__ Vec from_float(const float (&f)[N]) {
+    Vec v;
+    if constexpr (V == 2) {
+      v = static_cast<uint16_t>(Bits16<T>::store(f[0]));
+    } else {
+      uint32_t w[NW];
+#pragma unroll
+      for (int q = 0; q < NW; ++q) {
+        if constexpr (sizeof(T) == 4)
+          w[q] = __float_as_uint(f[q]);
+        else
+          w[q] = Bits16<T>::store(f[2 * q]) | (Bits16<T>::store(f[2 * q + 1]) << 16);
+      }
+      from_words(w, v);
+    }
+    return v;
+  }
+};
+
+// Calls f(Tag<T>) with the storage type of d (fp32, bf16, fp16).
+template <typename T>
+struct Tag {
+  using type = T;
+};
+template <class F>
+inline auto dispatch_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::kBF16:
+      return f(Tag<__nv_bfloat16>{});
+    case DType::kF16:
+      return f(Tag<__half>{});
+    default:
+      return f(Tag<float>{});
+  }
+}
+
+// Calls f(std::integral_constant<int, V>) for V in {16, 8, 4, 2, 1} (v must be one of them).
+template <int V>
+struct VecTag {
+  static constexpr int value = V;
+};
+template <class F>
+inline auto dispatch_vec(int v, F&& f) {
+  switch (v) {
+    case 16:
+      return f(VecTag<16>{});
+    case 8:
+      return f(VecTag<8>{});
+    case 4:
+      return f(VecTag<4>{});
+    case 2:
+      return f(VecTag<2>{});
+    default:
+      return f(VecTag<1>{});
+  }
+}
+
+// ---- device: tile scan over up to 32 columns --------------------------------------------------------
+//
+// A block of kThreads threads owns one item per thread (an item = a token or a received row, in
+// ascending order by thread index); `mask` bit j says the item belongs to column j of the current
+// group of up to 32 columns (ranks or experts). tile_totals + tile_prefix give, per column, the first
+// position of the tile (carry) and each warp's first position inside it; tile_slot then gives the
+// item's position in column j: carry + earlier warps + earlier lanes with bit j. Deterministic: no
+// atomics, order fixed by the item index.
+template <int kThreads>
+struct TileScanSmem {
+  int warp_base[kThreads / kWarp][kWarp];  // per warp, per column: first position (after tile_prefix)
+  int carry[kWarp];                        // per column: first position of the next tile
+};
+
+template <int kThreads>
+__device__ __forceinline__ void tile_totals(TileScanSmem<kThreads>& s, uint32_t mask, int ncols) {
+  const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
+  for (int j = 0; j < ncols; ++j) {
+    const uint32_t b = __ballot_sync(kFullMask, (mask >> j) & 1u);
+    if (lane == j) s.warp_base[warp][j] = __popc(b);
+  }
+}
+
+// After a __syncthreads: turns warp totals into warp bases (exclusive, plus carry) and advances carry.
+template <int kThreads>
+__device__ __forceinline__ void tile_prefix(TileScanSmem<kThreads>& s, int ncols) {
+  const int c = threadIdx.x;
+  if (c < ncols) {
+    int acc = s.carry[c];
+#pragma unroll
+    for (int w = 0; w < kThreads / kWarp; ++w) {
+      const int n = s.warp_base[w][c];
+      s.warp_base[w][c] = acc;
+      acc += n;
+    }
+    s.carry[c] = acc;
+  }
+}
+
+// After another __syncthreads: the item's position in column j (valid when bit j of mask is set).
+// Every lane of the warp must call it with the same j.
+template <int kThreads>
+__device__ __forceinline__ int tile_slot(const TileScanSmem<kThreads>& s, uint32_t mask, int j) {
+  const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
+  const uint32_t b = __ballot_sync(kFullMask, (mask >> j) & 1u);
+  return s.warp_base[warp][j] + __popc(b & ((1u << lane) - 1u));
+}
+
+// ---- device: warp row copies ------------------------------------------------------------------------
+//
+// One warp moves one source row of nvec vectors to every lane d set in `mask`, whose destination row
+// lane d holds in `dst`: each vector is loaded once (U per lane in flight) and stored once per
+// destination. Coalesced: lane l handles vectors l, l + 32, ...
+
+template <int V, int U>
+__device__ __forceinline__ void warp_copy_row(const void* src, int64_t nvec, uint32_t mask, void* dst) {
+  using Vec = typename VecOf<V>::type;
+  const int lane = threadIdx.x & (kWarp - 1);
+  const Vec* s = static_cast<const Vec*>(src);
+  const unsigned long long my_dst = reinterpret_cast<unsigned long long>(dst);
+  for (int64_t base = 0; base < nvec; base += kWarp * U) {
+    Vec buf[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * kWarp + lane;
+      if (i < nvec) buf[u] = __ldg(s + i);
+    }
+    for (uint32_t m = mask; m != 0; m &= m - 1) {
+      const int d = __ffs(m) - 1;
+      Vec* out = reinterpret_cast<Vec*>(__shfl_sync(kFullMask, my_dst, d));
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = base + u * kWarp + lane;
+        if (i < nvec) out[i] = buf[u];
+      }
+    }
+  }
+}
+
+// As warp_copy_row, each destination d getting w_d * x (fp32 product, one rounding to T).
+template <typename T, int V, int U>
+__device__ __forceinline__ void warp_scale_row(const void* src, int64_t nvec, uint32_t mask, void* dst, float w) {
+  using P = Pack<T, V>;
+  using Vec = typename P::Vec;
+  const int lane = threadIdx.x & (kWarp - 1);
+  const Vec* s = static_cast<const Vec*>(src);
+  const unsigned long long my_dst = reinterpret_cast<unsigned long long>(dst);
+  for (int64_t base = 0; base < nvec; base += kWarp * U) {
+    float f[U][P::N];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = base + u * kWarp + lane;
+      Vec v{};
+      if (i < nvec) v = __ldg(s + i);
+      P::to_float(v, f[u]);
+    }
+    for (uint32_t m = mask; m != 0; m &= m - 1) {
+      const int d = __ffs(m) - 1;
+      Vec* out = reinterpret_cast<Vec*>(__shfl_sync(kFullMask, my_dst, d));
+      const float wd = __shfl_sync(kFullMask, w, d);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = base + u * kWarp + lane;
+        float g[P::N];
+#pragma unroll
+        for (int q = 0; q < P::N; ++q) g[q] = __fmul_rn(wd, f[u][q]);
+        if (i < nvec) out[i] = P::from_float(g);
+      }
+    }
+  }
+}
+
+// Writes zeros to one row of nvec vectors (the warp together).
+template <int V>
+__device__ __forceinline__ void warp_zero_row(void* dst, int64_t nvec) {
+  using Vec = typename VecOf<V>::type;
+  Vec* d = static_cast<Vec*>(dst);
+  for (int64_t i = threadIdx.x & (kWarp - 1); i < nvec; i += kWarp) d[i] = Vec{};
+}
+
+}  // namespace bitep::kernels::ep_detail

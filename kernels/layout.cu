@@ -1,0 +1,230 @@
+// SPDX-License-Identifier: Apache-2.0
+// Dispatch layout (kernels/ep_params.h, LayoutParams): routing input -> per destination rank counts,
+// per (rank, local expert) counts, and each token's slot in each destination chunk, in ascending token
+// order. Deterministic: integer counts only, positions from ballot scans in token order.
+//
+// No scratch beyond the outputs:
+// - T <= kSingleMaxItems: one block walks all tokens in tiles of 1024 (carry per rank in shared
+//   memory) and writes every output itself: one launch.
+// - larger T: tokens split into S contiguous segments (S <= 2 x SMs):
+//     1. count: per segment, per rank totals -> stored in the segment's last row of token_slot;
+//        per expert totals -> atomically added (integers) to the zeroed counts;
+//     2. offsets: one block turns the stored totals into exclusive per-segment offsets in place and
+//        writes counts[r][0];
+//     3. slots: per segment, reads its offsets, then scans its tokens and writes every slot (the last
+//        row is read before it is rewritten, by the same block).
+#include <cub/warp/warp_scan.cuh>
+
+#include "kernels/ep.h"
+#include "kernels/ep_common.cuh"
+
+namespace bitep::kernels {
+namespace {
+
+using namespace ep_detail;
+
+constexpr int kMaxSmemExperts = 4096;  // expert counts in shared memory up to this E, else global atomics
+
+struct LayoutArgs {
+  RouteView v;
+  int64_t num_tokens;
+  int num_ranks;
+  int local_experts;
+  int32_t* counts;      // [W, L + 1]
+  int32_t* token_slot;  // [T, W]
+  int64_t seg_len;      // tokens per segment (multiple of the block size)
+  int num_segs;
+  bool smem_experts;  // per-expert counts accumulate in shared memory (else global atomics, counts zeroed)
+  bool vec4;          // token_slot rows written as int4 (W % 4 == 0, base 16-byte aligned)
+};
+
+__device__ __forceinline__ int32_t* expert_count(const LayoutArgs& a, int e) {
+  const int r = e / a.local_experts;
+  return a.counts + static_cast<int64_t>(r) * (a.local_experts + 1) + 1 + (e - r * a.local_experts);
+}
+
+// Ranks [rg, rg + nr) that token t goes to, as bits; with `count`, adds 1 per routed expert of those ranks.
+__device__ __forceinline__ uint32_t rank_mask(const LayoutArgs& a, int64_t t, int rg, int nr, bool count, int* ecnt) {
+  uint32_t m = 0;
+  const int L = a.local_experts;
+  for_each_routed(a.v, t, rg * L, (rg + nr) * L, [&](int e) {
+    m |= 1u << (e / L - rg);
+    if (count) {
+      if (a.smem_experts)
+        atomicAdd(ecnt + e, 1);
+      else
+        atomicAdd(expert_count(a, e), 1);
+    }
+  });
+  return m;
+}
+
+__device__ __forceinline__ int64_t seg_last_row(const LayoutArgs& a, int s) {
+  const int64_t end = (static_cast<int64_t>(s) + 1) * a.seg_len;
+  return (end < a.num_tokens ? end : a.num_tokens) - 1;
+}
+
+// Pass 1 (multi-segment): per segment and rank, the number of tokens going there, into the segment's
+// last row of token_slot; per expert counts added to counts.
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) layout_count_kernel(LayoutArgs a) {
+  extern __shared__ int ecnt[];  // [E] when smem_experts
+  __shared__ int totals[kWarp];
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1);
+  const int E = a.v.num_experts, W = a.num_ranks;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * a.seg_len;
+  const int64_t t1 = seg_last_row(a, blockIdx.x) + 1;
+  if (a.smem_experts)
+    for (int e = tid; e < E; e += kThreads) ecnt[e] = 0;
+  for (int rg = 0; rg < W; rg += kWarp) {
+    const int nr = W - rg < kWarp ? W - rg : kWarp;
+    if (tid < kWarp) totals[tid] = 0;
+    __syncthreads();
+    int mine = 0;  // lane j: tokens of this warp going to rank rg + j
+    for (int64_t tb = t0; tb < t1; tb += kThreads) {
+      const int64_t t = tb + tid;
+      const uint32_t mask = t < t1 ? rank_mask(a, t, rg, nr, true, ecnt) : 0u;
+      for (int j = 0; j < nr; ++j) {
+        const uint32_t b = __ballot_sync(kFullMask, (mask >> j) & 1u);
+        if (lane == j) mine += __popc(b);
+      }
+    }
+    if (lane < nr) atomicAdd(&totals[lane], mine);
+    __syncthreads();
+    if (tid < nr) a.token_slot[(t1 - 1) * W + rg + tid] = totals[tid];
+    __syncthreads();
+  }
+  if (a.smem_experts) {
+    for (int e = tid; e < E; e += kThreads)
+      if (ecnt[e] != 0) atomicAdd(expert_count(a, e), ecnt[e]);
+  }
+}
+
+// Pass 2 (multi-segment): one block; warp c' handles ranks c = c', c' + 32, ...: exclusive scan of the
+// segment totals in place, and counts[c][0] = the rank's total.
+__global__ void __launch_bounds__(kOffsetThreads) layout_offsets_kernel(LayoutArgs a) {
+  using WarpScan = cub::WarpScan<int>;
+  __shared__ typename WarpScan::TempStorage scan[kOffsetThreads / kWarp];
+  const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
+  const int W = a.num_ranks, S = a.num_segs;
+  for (int c = warp; c < W; c += kOffsetThreads / kWarp) {
+    int carry = 0;
+    for (int s0 = 0; s0 < S; s0 += kWarp) {
+      const int s = s0 + lane;
+      int32_t* p = s < S ? a.token_slot + seg_last_row(a, s) * W + c : nullptr;
+      const int v = p ? *p : 0;
+      int excl = 0, total = 0;
+      WarpScan(scan[warp]).ExclusiveSum(v, excl, total);
+      if (p) *p = carry + excl;
+      carry += total;
+      __syncwarp();
+    }
+    if (lane == 0) a.counts[static_cast<int64_t>(c) * (a.local_experts + 1)] = carry;
+  }
+}
+
+// Pass 3 (or the single pass): token slots. kSingle: one block over all tokens, carry starts at 0,
+// counts written here. Otherwise block s starts each rank at the offset pass 2 left in its last row.
+template <int kThreads, bool kSingle>
+__global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
+  extern __shared__ int ecnt[];  // [E] (kSingle and smem_experts)
+  __shared__ TileScanSmem<kThreads> s;
+  const int tid = threadIdx.x;
+  const int E = a.v.num_experts, W = a.num_ranks, L = a.local_experts;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * a.seg_len;
+  const int64_t t1 = seg_last_row(a, blockIdx.x) + 1;
+  const bool count = kSingle;
+  if (kSingle && a.smem_experts)
+    for (int e = tid; e < E; e += kThreads) ecnt[e] = 0;
+  for (int rg = 0; rg < W; rg += kWarp) {
+    const int nr = W - rg < kWarp ? W - rg : kWarp;
+    // The last row's entries of ranks [rg, rg + nr) are rewritten only in this iteration, after the
+    // __syncthreads below: reading them here is race-free.
+    if (tid < nr) s.carry[tid] = kSingle ? 0 : a.token_slot[(t1 - 1) * W + rg + tid];
+    __syncthreads();
+    for (int64_t tb = t0; tb < t1; tb += kThreads) {
+      const int64_t t = tb + tid;
+      const bool valid = t < t1;
+      const uint32_t mask = valid ? rank_mask(a, t, rg, nr, count, ecnt) : 0u;
+      tile_totals(s, mask, nr);
+      __syncthreads();
+      tile_prefix(s, nr);
+      __syncthreads();
+      int32_t* row = a.token_slot + t * W + rg;
+      if (a.vec4) {  // nr is a multiple of 4 here
+        for (int j = 0; j < nr; j += 4) {
+          int4 q;
+          q.x = tile_slot(s, mask, j);
+          q.y = tile_slot(s, mask, j + 1);
+          q.z = tile_slot(s, mask, j + 2);
+          q.w = tile_slot(s, mask, j + 3);
+          if (!((mask >> j) & 1u)) q.x = -1;
+          if (!((mask >> (j + 1)) & 1u)) q.y = -1;
+          if (!((mask >> (j + 2)) & 1u)) q.z = -1;
+          if (!((mask >> (j + 3)) & 1u)) q.w = -1;
+          if (valid) *reinterpret_cast<int4*>(row + j) = q;
+        }
+      } else {
+        for (int j = 0; j < nr; ++j) {
+          const int slot = tile_slot(s, mask, j);
+          if (valid) row[j] = ((mask >> j) & 1u) ? slot : -1;
+        }
+      }
+      __syncthreads();  // warp_base and carry are reused by the next tile
+    }
+    if (kSingle && tid < nr) a.counts[static_cast<int64_t>(rg + tid) * (L + 1)] = s.carry[tid];
+  }
+  if (kSingle && a.smem_experts) {
+    __syncthreads();
+    for (int e = tid; e < E; e += kThreads) *expert_count(a, e) = ecnt[e];
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
+  const int W = p.num_ranks, E = p.num_experts;
+  if (W < 1 || E < 1 || E % W != 0 || p.topk < 1 || p.num_tokens < 0) return cudaErrorInvalidValue;
+  const int L = E / W;
+  const size_t counts_bytes = sizeof(int32_t) * static_cast<size_t>(W) * (L + 1);
+  if (p.num_tokens == 0) return cudaSuccess;  // writes nothing: the orchestration zeroes the counts
+  if (p.routing.map == nullptr || p.counts == nullptr || p.token_slot == nullptr) return cudaErrorInvalidValue;
+
+  LayoutArgs a;
+  a.v = make_route_view(p.routing, E, p.topk);
+  a.num_tokens = p.num_tokens;
+  a.num_ranks = W;
+  a.local_experts = L;
+  a.counts = p.counts;
+  a.token_slot = p.token_slot;
+  a.smem_experts = E <= kMaxSmemExperts;
+  a.vec4 = W % 4 == 0 && reinterpret_cast<uintptr_t>(p.token_slot) % 16 == 0;
+  const size_t ecnt_bytes = a.smem_experts ? sizeof(int) * E : 0;
+
+  cudaError_t err;
+  if (p.num_tokens <= kSingleMaxItems) {
+    a.seg_len = kSingleMaxItems;
+    a.num_segs = 1;
+    if (!a.smem_experts && (err = cudaMemsetAsync(p.counts, 0, counts_bytes, stream)) != cudaSuccess) return err;
+    layout_slot_kernel<kSingleThreads, true><<<1, kSingleThreads, ecnt_bytes, stream>>>(a);
+    return cudaGetLastError();
+  }
+
+  int sms = 0;
+  if ((err = sm_count(&sms)) != cudaSuccess) return err;
+  const int64_t tiles = (p.num_tokens + kScanThreads - 1) / kScanThreads;
+  const int64_t max_segs = 2 * static_cast<int64_t>(sms);
+  const int64_t tiles_per_seg = (tiles + max_segs - 1) / max_segs;
+  a.seg_len = tiles_per_seg * kScanThreads;
+  a.num_segs = static_cast<int>((p.num_tokens + a.seg_len - 1) / a.seg_len);
+
+  if ((err = cudaMemsetAsync(p.counts, 0, counts_bytes, stream)) != cudaSuccess) return err;
+  layout_count_kernel<kScanThreads><<<a.num_segs, kScanThreads, ecnt_bytes, stream>>>(a);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  layout_offsets_kernel<<<1, kOffsetThreads, 0, stream>>>(a);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  layout_slot_kernel<kScanThreads, false><<<a.num_segs, kScanThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace bitep::kernels

@@ -1,0 +1,409 @@
+// SPDX-License-Identifier: Apache-2.0
+// Permute (PermuteParams) and the expert-major view (ExpertMajorParams), kernels/ep_params.h.
+//
+// Permute: one warp per token (persistent grid). Lane r reads the token's slot for rank r; the warp
+// loads the token row once (16-byte vectors where the row size and pointers allow, 4 per lane in flight)
+// and stores it to every destination row; then lane r writes rank r's local map slice (bits [r*L,
+// (r+1)*L) of the routing row, shifted across byte boundaries) and the slice's weights.
+//
+// Expert-major: per local expert, its rows in receive order. Positions come from a ballot scan over the
+// received rows, like the dispatch layout (kernels/layout.cu), without scratch beyond the outputs:
+// - R <= kSingleMaxItems (or too few rows to split): one block scans all rows.
+// - otherwise S segments: 1. per segment, per expert totals into the first L entries of the segment's
+//   own recv_expert_rows region (each segment has >= ceil(L / KL) rows); 2. one block scans them into
+//   per-segment offsets in place; 3. each segment reads its offsets into shared memory, then writes its
+//   rows' positions.
+// Then one warp per received row copies it (optionally scaled by its weight) to its expert rows, and
+// the pad rows of each expert block are zeroed.
+#include <cub/warp/warp_scan.cuh>
+
+#include "kernels/ep.h"
+#include "kernels/ep_common.cuh"
+
+namespace bitep::kernels {
+namespace {
+
+using namespace ep_detail;
+
+// ---- permute --------------------------------------------------------------------------------------
+
+struct PermuteArgs {
+  RouteView v;
+  WeightFormat weight_format;
+  const float* weights;
+  int64_t num_tokens;
+  int num_ranks, local_experts, self_rank, map_bytes, row_experts;  // W, L, self, MB, KL
+  const char* x;
+  int64_t row_bytes, nvec;
+  const int32_t* token_slot;
+  const int64_t* send_offsets;
+  int64_t self_recv_offset;
+  char* send_x;
+  uint8_t* send_map;
+  float* send_weights;
+  char* recv_x;
+  uint8_t* recv_map;
+  float* recv_weights;
+};
+
+// Weight of expert e of token t whose compact index is c (ep_params.h "Weight of expert e").
+__device__ __forceinline__ float route_weight(const PermuteArgs& a, int64_t t, int e, int c) {
+  if (a.weights == nullptr) return 0.0f;
+  if (a.weight_format == WeightFormat::kDense) return __ldg(a.weights + t * a.v.num_experts + e);
+  return c >= 0 && c < a.v.topk ? __ldg(a.weights + t * a.v.topk + c) : 0.0f;
+}
+
+// Row `row` of rank r's chunk: the local slice of token t (MB bytes, when map is not null) and its
+// weights (KL floats, 0-padded, when w is not null and the input has weights).
+__device__ void write_row_meta(const PermuteArgs& a, int64_t t, int r, int64_t row, uint8_t* map, float* w) {
+  const int L = a.local_experts, lo = r * L, MB = a.map_bytes, KL = a.row_experts;
+  const bool weights = w != nullptr && a.weight_format != WeightFormat::kNone;
+  if (map == nullptr && !weights) return;
+  const int limit = route_limit(a.v, t);
+  const int hi = lo + L < limit ? lo + L : limit;  // t's experts on r: the map bits in [lo, hi)
+  if (map != nullptr) {
+    uint8_t* out = map + row * MB;
+    for (int b = 0; b < MB; b += 4) {
+      const uint32_t bits = route_bits(a.v, t, lo + 8 * b, hi);
+      for (int q = 0; q < 4 && b + q < MB; ++q) out[b + q] = static_cast<uint8_t>(bits >> (8 * q));
+    }
+  }
+  if (!weights) return;
+  float* out = w + row * KL;
+  const int base = a.v.format == RoutingFormat::kTopkIndices || hi <= lo ? 0 : routed_before(a.v, t, lo);
+  int pos = 0;
+  for (int b = lo; b < hi; b += 32) {
+    for (uint32_t bits = route_bits(a.v, t, b, hi); bits != 0; bits &= bits - 1) {
+      const int e = b + __ffs(bits) - 1;
+      if (pos < KL) out[pos] = route_weight(a, t, e, compact_index(a.v, t, e, base + pos));
+      ++pos;
+    }
+  }
+  for (; pos < KL; ++pos) out[pos] = 0.0f;
+}
+
+template <int V>
+__global__ void __launch_bounds__(kRowThreads) permute_kernel(PermuteArgs a) {
+  const int lane = threadIdx.x & (kWarp - 1);
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp);
+  const int W = a.num_ranks;
+  for (int64_t t = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp; t < a.num_tokens;
+       t += warps) {
+    for (int rg = 0; rg < W; rg += kWarp) {
+      const int r = rg + lane;
+      const int slot = r < W ? __ldg(a.token_slot + t * W + r) : -1;
+      const bool self = r == a.self_rank;
+      int64_t row = 0;
+      char* dst = nullptr;
+      if (slot >= 0) {
+        row = self ? a.self_recv_offset + slot : __ldg(a.send_offsets + r) + slot;
+        dst = (self ? a.recv_x : a.send_x) + row * a.row_bytes;
+      }
+      const uint32_t mask = __ballot_sync(kFullMask, slot >= 0);
+      if (mask == 0) continue;
+      warp_copy_row<V, kUnroll>(a.x + t * a.row_bytes, a.nvec, mask, dst);
+      if (slot >= 0)
+        write_row_meta(a, t, r, row, self ? a.recv_map : a.send_map, self ? a.recv_weights : a.send_weights);
+    }
+  }
+}
+
+// ---- expert-major ---------------------------------------------------------------------------------
+
+struct ExpertArgs {
+  int64_t num_rows;                           // R
+  int local_experts, row_experts, map_bytes;  // L, KL, MB
+  const uint8_t* recv_map;
+  bool map_aligned4;
+  const int32_t* expert_offsets;
+  const int32_t* expert_counts;
+  int32_t* rows;  // recv_expert_rows [R, KL]
+  int64_t seg_len;
+  int num_segs;
+  const char* recv_x;
+  char* expert_x;
+  const float* recv_weights;
+  int64_t row_bytes, nvec, num_expert_rows;
+};
+
+// Experts [lo, lo + 32) ∩ [0, L) of received row i, as bits.
+__device__ __forceinline__ uint32_t row_bits(const ExpertArgs& a, int64_t i, int lo) {
+  const int n = a.local_experts - lo;
+  const uint32_t keep = n >= 32 ? kFullMask : ((1u << n) - 1u);
+  return bitmap_bits32(a.recv_map + i * a.map_bytes, a.map_bytes, a.map_aligned4, lo) & keep;
+}
+
+// The bits of row i in [lo, lo + 32) that are among its first KL set bits; *before = how many of its
+// first KL set bits lie below lo (the index j of the group's first bit in recv_expert_rows[i]).
+__device__ __forceinline__ uint32_t row_group(const ExpertArgs& a, int64_t i, int lo, int* before) {
+  int n = 0;
+  for (int b = 0; b < lo; b += kWarp) n += __popc(row_bits(a, i, b));
+  n = n < a.row_experts ? n : a.row_experts;
+  *before = n;
+  return keep_lowest(row_bits(a, i, lo), a.row_experts - n);
+}
+
+__device__ __forceinline__ int64_t seg_begin(const ExpertArgs& a, int s) { return static_cast<int64_t>(s) * a.seg_len; }
+__device__ __forceinline__ int64_t seg_end(const ExpertArgs& a, int s) {
+  return s + 1 == a.num_segs ? a.num_rows : (static_cast<int64_t>(s) + 1) * a.seg_len;  // the last takes the rest
+}
+
+// Pass 1: per segment and expert, the rows using it, into the segment's region of recv_expert_rows.
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) expert_count_kernel(ExpertArgs a) {
+  __shared__ int totals[kWarp];
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1);
+  const int64_t i0 = seg_begin(a, blockIdx.x), i1 = seg_end(a, blockIdx.x);
+  for (int lo = 0; lo < a.local_experts; lo += kWarp) {
+    const int nc = a.local_experts - lo < kWarp ? a.local_experts - lo : kWarp;
+    if (tid < kWarp) totals[tid] = 0;
+    __syncthreads();
+    int mine = 0;
+    for (int64_t ib = i0; ib < i1; ib += kThreads) {
+      const int64_t i = ib + tid;
+      int before = 0;
+      const uint32_t mask = i < i1 ? row_group(a, i, lo, &before) : 0u;
+      for (int j = 0; j < nc; ++j) {
+        const uint32_t b = __ballot_sync(kFullMask, (mask >> j) & 1u);
+        if (lane == j) mine += __popc(b);
+      }
+    }
+    if (lane < nc) atomicAdd(&totals[lane], mine);
+    __syncthreads();
+    if (tid < nc) a.rows[i0 * a.row_experts + lo + tid] = totals[tid];
+    __syncthreads();
+  }
+}
+
+// Pass 2: one block; per expert, exclusive scan of the segment totals in place.
+__global__ void __launch_bounds__(kOffsetThreads) expert_offsets_kernel(ExpertArgs a) {
+  using WarpScan = cub::WarpScan<int>;
+  __shared__ typename WarpScan::TempStorage scan[kOffsetThreads / kWarp];
+  const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
+  const int S = a.num_segs;
+  for (int c = warp; c < a.local_experts; c += kOffsetThreads / kWarp) {
+    int carry = 0;
+    for (int s0 = 0; s0 < S; s0 += kWarp) {
+      const int s = s0 + lane;
+      int32_t* p = s < S ? a.rows + seg_begin(a, s) * a.row_experts + c : nullptr;
+      const int v = p ? *p : 0;
+      int excl = 0, total = 0;
+      WarpScan(scan[warp]).ExclusiveSum(v, excl, total);
+      if (p) *p = carry + excl;
+      carry += total;
+      __syncwarp();
+    }
+  }
+}
+
+// Pass 3 (or the single pass): recv_expert_rows. Position of bit l of row i = expert_offsets[l] + rows
+// before i using l (-1 past expert_offsets[l] + expert_counts[l]).
+template <int kThreads, bool kSingle>
+__global__ void __launch_bounds__(kThreads) expert_pos_kernel(ExpertArgs a) {
+  extern __shared__ int seg_offset[];  // [L], multi-segment only
+  __shared__ TileScanSmem<kThreads> s;
+  __shared__ int block_end[kWarp];  // per expert of the group: expert_offsets[l] + expert_counts[l]
+  const int tid = threadIdx.x, L = a.local_experts, KL = a.row_experts;
+  const int64_t i0 = seg_begin(a, blockIdx.x), i1 = seg_end(a, blockIdx.x);
+  if (!kSingle) {  // read before any row of the segment (whose region holds them) is rewritten
+    for (int c = tid; c < L; c += kThreads) seg_offset[c] = a.rows[i0 * KL + c];
+    __syncthreads();
+  }
+  for (int lo = 0; lo < L; lo += kWarp) {
+    const int nc = L - lo < kWarp ? L - lo : kWarp;
+    const bool last_group = lo + kWarp >= L;
+    if (tid < nc) {
+      const int off = __ldg(a.expert_offsets + lo + tid);
+      s.carry[tid] = (kSingle ? 0 : seg_offset[lo + tid]) + off;
+      block_end[tid] = off + __ldg(a.expert_counts + lo + tid);
+    }
+    __syncthreads();
+    for (int64_t ib = i0; ib < i1; ib += kThreads) {
+      const int64_t i = ib + tid;
+      const bool valid = i < i1;
+      int j = 0;  // index in recv_expert_rows[i] of the group's first bit
+      const uint32_t mask = valid ? row_group(a, i, lo, &j) : 0u;
+      tile_totals(s, mask, nc);
+      __syncthreads();
+      tile_prefix(s, nc);
+      __syncthreads();
+      int32_t* out = a.rows + i * KL;
+      for (int c = 0; c < nc; ++c) {
+        const int pos = tile_slot(s, mask, c);
+        if (valid && ((mask >> c) & 1u)) out[j++] = pos < block_end[c] ? pos : -1;  // j < KL by row_group
+      }
+      if (valid && last_group)
+        for (; j < KL; ++j) out[j] = -1;
+      __syncthreads();
+    }
+  }
+}
+
+// Copies each received row to its expert rows (scaled by its weights when kWeighted), then zeroes the
+// pad rows of every expert block.
+template <typename T, int V, bool kWeighted>
+__global__ void __launch_bounds__(kRowThreads) expert_copy_kernel(ExpertArgs a) {
+  const int lane = threadIdx.x & (kWarp - 1);
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp);
+  const int64_t gw = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp;
+  const int KL = a.row_experts;
+  const int64_t N = a.num_expert_rows;
+  for (int64_t i = gw; a.recv_x != nullptr && i < a.num_rows; i += warps) {
+    for (int jg = 0; jg < KL; jg += kWarp) {
+      const int j = jg + lane;
+      const int pos = j < KL ? a.rows[i * KL + j] : -1;
+      const bool ok = pos >= 0 && pos < N;
+      const uint32_t mask = __ballot_sync(kFullMask, ok);
+      if (mask == 0) continue;
+      char* dst = ok ? a.expert_x + static_cast<int64_t>(pos) * a.row_bytes : nullptr;
+      const char* src = a.recv_x + i * a.row_bytes;
+      if constexpr (kWeighted) {
+        const float w = j < KL ? __ldg(a.recv_weights + i * KL + j) : 0.0f;
+        warp_scale_row<T, V, kUnroll>(src, a.nvec, mask, dst, w);
+      } else {
+        warp_copy_row<V, kUnroll>(src, a.nvec, mask, dst);
+      }
+    }
+  }
+  for (int l = 0; l < a.local_experts; ++l) {
+    const int64_t begin = static_cast<int64_t>(__ldg(a.expert_offsets + l)) + __ldg(a.expert_counts + l);
+    int64_t end = __ldg(a.expert_offsets + l + 1);
+    if (end > N) end = N;
+    for (int64_t row = begin + gw; row < end; row += warps) warp_zero_row<V>(a.expert_x + row * a.row_bytes, a.nvec);
+  }
+}
+
+template <typename T, int V>
+cudaError_t launch_expert_copy(const ExpertArgs& a, bool weighted, unsigned grid, cudaStream_t stream) {
+  if (weighted) {
+    if constexpr (V >= static_cast<int>(sizeof(T))) {
+      expert_copy_kernel<T, V, true><<<grid, kRowThreads, 0, stream>>>(a);
+    } else {
+      return cudaErrorMisalignedAddress;  // rows or pointers not aligned to the element size
+    }
+  } else {
+    expert_copy_kernel<float, V, false><<<grid, kRowThreads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
+  const int W = p.num_ranks, E = p.num_experts;
+  if (W < 1 || E < 1 || E % W != 0 || p.topk < 1 || p.num_tokens < 0 || p.hidden < 0 || p.self_rank < 0 ||
+      p.self_rank >= W)
+    return cudaErrorInvalidValue;
+  if (p.num_tokens == 0) return cudaSuccess;
+  const bool need_routing =
+      p.send_map != nullptr || p.recv_map != nullptr ||
+      (p.routing.weight_format != WeightFormat::kNone && (p.send_weights != nullptr || p.recv_weights != nullptr));
+  if ((need_routing && p.routing.map == nullptr) || p.token_slot == nullptr || (W > 1 && p.send_offsets == nullptr))
+    return cudaErrorInvalidValue;
+  PermuteArgs a;
+  a.v = make_route_view(p.routing, E, p.topk);
+  a.weight_format = p.routing.weight_format;
+  a.weights = p.routing.weights;
+  a.num_tokens = p.num_tokens;
+  a.num_ranks = W;
+  a.local_experts = E / W;
+  a.self_rank = p.self_rank;
+  a.map_bytes = local_map_bytes(a.local_experts);
+  a.row_experts = max_row_experts(p.topk, a.local_experts);
+  a.x = static_cast<const char*>(p.x);
+  a.row_bytes = p.hidden * dtype_size(p.dtype);
+  a.token_slot = p.token_slot;
+  a.send_offsets = p.send_offsets;
+  a.self_recv_offset = p.self_recv_offset;
+  a.send_x = static_cast<char*>(p.send_x);
+  a.send_map = p.send_map;
+  a.send_weights = p.send_weights;
+  a.recv_x = static_cast<char*>(p.recv_x);
+  a.recv_map = p.recv_map;
+  a.recv_weights = p.recv_weights;
+  // The x copy is skipped (nvec = 0) for an empty row; send_x / recv_x may then be null.
+  const int v = vec_bytes(a.row_bytes, p.x, p.send_x, p.recv_x);
+  a.nvec = a.row_bytes / v;
+  if (a.row_bytes > 0 && (p.x == nullptr || (W > 1 && p.send_x == nullptr) || p.recv_x == nullptr))
+    return cudaErrorInvalidValue;
+
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const unsigned grid = grid_for(p.num_tokens, kRowThreads / kWarp, sms, kRowBlocksPerSm);
+  dispatch_vec(v, [&](auto vt) { permute_kernel<decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a); });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stream) {
+  const int L = p.num_local_experts, KL = p.max_row_experts;
+  if (L < 1 || KL < 1 || KL > L || p.num_recv_rows < 0 || p.hidden < 0 || p.num_expert_rows < 0)
+    return cudaErrorInvalidValue;
+  // expert_x given: rows are copied (when recv_x is given too) and pad rows zeroed.
+  const bool rows_out = p.expert_x != nullptr && p.hidden > 0;
+  if (p.num_recv_rows == 0 && (!rows_out || p.num_expert_rows == 0)) return cudaSuccess;
+  if (p.expert_offsets == nullptr || p.expert_counts == nullptr) return cudaErrorInvalidValue;
+  if (p.num_recv_rows > 0 && (p.recv_map == nullptr || p.recv_expert_rows == nullptr)) return cudaErrorInvalidValue;
+
+  ExpertArgs a;
+  a.num_rows = p.num_recv_rows;
+  a.local_experts = L;
+  a.row_experts = KL;
+  a.map_bytes = local_map_bytes(L);
+  a.recv_map = p.recv_map;
+  a.map_aligned4 = a.map_bytes % 4 == 0 && reinterpret_cast<uintptr_t>(p.recv_map) % 4 == 0;
+  a.expert_offsets = p.expert_offsets;
+  a.expert_counts = p.expert_counts;
+  a.rows = p.recv_expert_rows;
+  a.recv_x = static_cast<const char*>(p.recv_x);
+  a.expert_x = static_cast<char*>(p.expert_x);
+  a.recv_weights = p.recv_weights;
+  a.row_bytes = p.hidden * dtype_size(p.dtype);
+  a.num_expert_rows = p.num_expert_rows;
+
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+
+  if (p.num_recv_rows > 0) {
+    // Each segment's region of recv_expert_rows must hold L totals: >= ceil(L / KL) rows per segment.
+    const int64_t R = p.num_recv_rows;
+    const int64_t min_rows = (L + KL - 1) / KL;
+    const int64_t tiles = (R + kScanThreads - 1) / kScanThreads;
+    const int64_t max_segs = 2 * static_cast<int64_t>(sms);
+    int64_t seg_len = (tiles + max_segs - 1) / max_segs * kScanThreads;
+    if (seg_len < min_rows) seg_len = (min_rows + kScanThreads - 1) / kScanThreads * kScanThreads;
+    const int64_t segs = R / seg_len;  // the last segment takes the remainder: every segment >= seg_len
+    if (R <= kSingleMaxItems || segs < 2) {
+      a.seg_len = R;
+      a.num_segs = 1;
+      expert_pos_kernel<kSingleThreads, true><<<1, kSingleThreads, 0, stream>>>(a);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    } else {
+      a.seg_len = seg_len;
+      a.num_segs = static_cast<int>(segs);
+      const size_t smem = sizeof(int) * static_cast<size_t>(L);
+      if (smem > 48 * 1024) return cudaErrorInvalidValue;  // L > 12288 local experts
+      expert_count_kernel<kScanThreads><<<a.num_segs, kScanThreads, 0, stream>>>(a);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      expert_offsets_kernel<<<1, kOffsetThreads, 0, stream>>>(a);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      expert_pos_kernel<kScanThreads, false><<<a.num_segs, kScanThreads, smem, stream>>>(a);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+  }
+  if (!rows_out) return cudaSuccess;
+
+  const bool weighted = p.recv_weights != nullptr && p.recv_x != nullptr;
+  const int v = vec_bytes(a.row_bytes, p.recv_x, p.expert_x);
+  a.nvec = a.row_bytes / v;
+  const int64_t work = p.num_recv_rows > p.num_expert_rows ? p.num_recv_rows : p.num_expert_rows;
+  const unsigned grid = grid_for(work, kRowThreads / kWarp, sms, kRowBlocksPerSm);
+  return dispatch_dtype(p.dtype, [&](auto tt) {
+    using T = typename decltype(tt)::type;
+    return dispatch_vec(v,
+                        [&](auto vt) { return launch_expert_copy<T, decltype(vt)::value>(a, weighted, grid, stream); });
+  });
+}
+
+}  // namespace bitep::kernels

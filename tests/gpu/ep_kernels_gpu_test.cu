@@ -1,0 +1,472 @@
+// SPDX-License-Identifier: Apache-2.0
+// The CUDA kernels of the EP primitives (kernels/ep.h) against the host reference (src/host/ep_host.cc)
+// on random inputs over grids of T, W, L, k, H, dtype and routing / weight formats, valid and invalid
+// rows included. Outputs are poisoned first on both sides and compared byte for byte in full (slots,
+// counts, rows, maps, weights, sums); only the weight-gradient dot products use a tolerance (ep_params.h
+// lets CUDA sum them in another fixed order). Every test skips, saying why, without a CUDA device.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "kernels/ep.h"
+#include "src/host/dtype_host.h"
+#include "src/host/ep_host.h"
+#include "tests/gpu/ep_kernels_gpu_test.h"
+
+namespace {
+
+using namespace ep_test;
+
+constexpr int kMaxFailingCases = 3;
+
+// Host layout of a case (also the input of the later primitives).
+struct Layout {
+  std::vector<int32_t> counts, slot;
+};
+Layout host_layout(const Case& c, const Routing& r) {
+  Layout out{poisoned<int32_t>(size_t(c.W) * (c.L + 1)), poisoned<int32_t>(size_t(c.T) * c.W)};
+  K::LayoutParams p;
+  p.num_tokens = c.T;
+  p.num_experts = c.E();
+  p.topk = c.k;
+  p.num_ranks = c.W;
+  p.routing = host_input(r, c.fmt, WeightFormat::kNone);
+  p.counts = out.counts.data();
+  p.token_slot = out.slot.data();
+  host::ep_layout(p);
+  if (c.T == 0) std::fill(out.counts.begin(), out.counts.end(), 0);  // the orchestration zeroes them
+  return out;
+}
+
+TEST(EpKernelsGpu, LayoutMatchesHost) {
+  REQUIRE_GPU();
+  int failing = 0;
+  for (const Case& c : routing_grid({3000, 40000})) {
+    const Routing r = make_routing(c.T, c.E(), c.k, c.seed, c.skewed, c.invalid);
+    const DevRouting dr(r);
+    std::vector<int32_t> counts = poisoned<int32_t>(size_t(c.W) * (c.L + 1)),
+                         slot = poisoned<int32_t>(size_t(c.T) * c.W);
+    K::LayoutParams p;
+    p.num_tokens = c.T;
+    p.num_experts = c.E();
+    p.topk = c.k;
+    p.num_ranks = c.W;
+    p.routing = host_input(r, c.fmt, WeightFormat::kNone);
+    p.counts = counts.data();
+    p.token_slot = slot.data();
+    host::ep_layout(p);
+    Dev<int32_t> dcounts(counts.size()), dslot(slot.size());
+    p.routing = dev_input(dr, c.fmt, WeightFormat::kNone);
+    p.counts = dcounts.get();
+    p.token_slot = dslot.get();
+    sync(K::launch_ep_layout(p, nullptr));
+    const bool ok = same(dcounts.host(), counts, "counts", c.str()) & same(dslot.host(), slot, "token_slot", c.str());
+    if (!ok && ++failing >= kMaxFailingCases) return;
+  }
+}
+
+TEST(EpKernelsGpu, PermuteMatchesHost) {
+  REQUIRE_GPU();
+  int failing = 0;
+  for (const Case& c : routing_grid({3000})) {
+    const Routing r = make_routing(c.T, c.E(), c.k, c.seed, c.skewed, c.invalid);
+    const DevRouting dr(r);
+    const Layout lay = host_layout(c, r);
+    const int W = c.W, L = c.L, MB = K::local_map_bytes(L), KL = K::max_row_experts(c.k, L);
+    const int self = static_cast<int>(c.seed % W);
+    // Send chunks in rank order with one spare row between them; the self chunk after 3 foreign rows.
+    std::vector<int64_t> send_off(W, -1);
+    int64_t S = 0;
+    for (int q = 0; q < W; ++q)
+      if (q != self) send_off[q] = S, S += lay.counts[size_t(q) * (L + 1)] + 1;
+    const int64_t self_off = 3, R = self_off + lay.counts[size_t(self) * (L + 1)] + 2;
+    std::mt19937_64 rng(c.seed);
+    const std::vector<uint8_t> x = random_rows(c.T, c.H, c.dtype, rng);
+    const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
+    // Variant 0: maps and weights; variant 1 (combine backward): rows only, no routing read.
+    for (int variant = 0; variant < 2; ++variant) {
+      const bool meta = variant == 0;
+      std::vector<uint8_t> sx = poisoned<uint8_t>(S * rb), rx = poisoned<uint8_t>(R * rb);
+      std::vector<uint8_t> sm = poisoned<uint8_t>(S * MB), rm = poisoned<uint8_t>(R * MB);
+      std::vector<float> sw = poisoned<float>(S * KL), rw = poisoned<float>(R * KL);
+      K::PermuteParams p;
+      p.num_tokens = c.T;
+      p.num_experts = c.E();
+      p.topk = c.k;
+      p.num_ranks = W;
+      p.self_rank = self;
+      p.hidden = c.H;
+      p.dtype = c.dtype;
+      p.routing = host_input(r, c.fmt, meta ? c.wf : WeightFormat::kNone);
+      if (!meta) p.routing.map = nullptr;
+      p.x = x.data();
+      p.token_slot = lay.slot.data();
+      p.send_offsets = send_off.data();
+      p.self_recv_offset = self_off;
+      p.send_x = sx.data();
+      p.recv_x = rx.data();
+      p.send_map = meta ? sm.data() : nullptr;
+      p.recv_map = meta ? rm.data() : nullptr;
+      p.send_weights = sw.data();  // with kNone weights: must stay untouched
+      p.recv_weights = rw.data();
+      host::ep_permute(p);
+      Dev<uint8_t> dx(x), dsx(sx.size()), drx(rx.size()), dsm(sm.size()), drm(rm.size());
+      Dev<float> dsw(sw.size()), drw(rw.size());
+      Dev<int32_t> dslot(lay.slot);
+      Dev<int64_t> doff(send_off);
+      p.routing = dev_input(dr, c.fmt, meta ? c.wf : WeightFormat::kNone);
+      if (!meta) p.routing.map = nullptr;
+      p.x = dx.get();
+      p.token_slot = dslot.get();
+      p.send_offsets = doff.get();
+      p.send_x = dsx.get();
+      p.recv_x = drx.get();
+      p.send_map = meta ? dsm.get() : nullptr;
+      p.recv_map = meta ? drm.get() : nullptr;
+      p.send_weights = dsw.get();
+      p.recv_weights = drw.get();
+      sync(K::launch_ep_permute(p, nullptr));
+      const std::string where = c.str() + (meta ? "" : " rows-only");
+      bool ok = same(dsx.host(), sx, "send_x", where) & same(drx.host(), rx, "recv_x", where);
+      ok = ok & same(dsm.host(), sm, "send_map", where) & same(drm.host(), rm, "recv_map", where);
+      ok = ok & same(dsw.host(), sw, "send_weights", where) & same(drw.host(), rw, "recv_weights", where);
+      if (!ok && ++failing >= kMaxFailingCases) return;
+    }
+  }
+}
+
+// ---- expert-major, reduce ----------------------------------------------------------------------------
+
+struct RecvCase {
+  int64_t R;
+  int L, KL, align;
+  int64_t H;
+  DType dtype;
+  int mode;  // 0: positions only, 1: copy, 2: weighted copy
+  bool over_bits, short_counts;
+  uint64_t seed;
+  std::string str() const {
+    std::ostringstream os;
+    os << "R=" << R << " L=" << L << " KL=" << KL << " align=" << align << " H=" << H << " dtype=" << int(dtype)
+       << " mode=" << mode << (over_bits ? " over-KL-bits" : "") << (short_counts ? " short-counts" : "");
+    return os.str();
+  }
+};
+
+std::vector<RecvCase> recv_grid() {
+  std::vector<RecvCase> cases;
+  uint64_t n = 0;
+  for (int64_t R : {0, 1, 7, 1000, 3000, 40000})
+    for (int L : {1, 3, 8, 9, 64, 256})
+      for (int k : {1, 2, 8, 1 << 20}) {
+        const int KL = std::min(k, L);
+        if (k != (1 << 20) && k > L) continue;
+        if (R >= 3000 && n % 2) {
+          ++n;
+          continue;
+        }
+        cases.push_back({R, L, KL,
+                         n % 3 == 0   ? 1
+                         : n % 3 == 1 ? 8
+                                      : 128,
+                         int64_t(n % 4 == 0   ? 1
+                                 : n % 4 == 1 ? 7
+                                              : 64),
+                         DType(n % 3), int(n % 3), n % 5 == 2, n % 11 == 4, 500 + n});
+        ++n;
+      }
+  for (DType d : {DType::kBF16, DType::kF32, DType::kF16})
+    for (int mode : {1, 2}) cases.push_back({2000, 32, 8, 16, 7168, d, mode, false, false, 900 + n++});
+  return cases;
+}
+
+struct RecvInput {
+  std::vector<uint8_t> map;              // [R, MB]
+  std::vector<int32_t> counts, offsets;  // [L], [L + 1]
+  std::vector<uint8_t> x;                // [R, H]
+  std::vector<float> weights;            // [R, KL]
+  int64_t N;
+};
+
+RecvInput make_recv(const RecvCase& c) {
+  std::mt19937_64 rng(c.seed);
+  const int MB = K::local_map_bytes(c.L);
+  RecvInput in;
+  in.map.assign(c.R * MB, 0);
+  in.counts.assign(c.L, 0);
+  std::vector<int> perm(c.L);
+  for (int64_t i = 0; i < c.R; ++i) {
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    int bits = 1 + static_cast<int>(rng() % c.KL);
+    if (i % 13 == 5) bits = 0;                                      // a row using no expert
+    if (c.over_bits && i % 4 == 1) bits = std::min(c.L, c.KL + 2);  // more than KL bits: only the first KL count
+    std::vector<int> used(perm.begin(), perm.begin() + bits);
+    std::sort(used.begin(), used.end());
+    for (int j = 0; j < bits; ++j) {
+      in.map[i * MB + used[j] / 8] |= static_cast<uint8_t>(1u << (used[j] % 8));
+      if (j < c.KL) ++in.counts[used[j]];
+    }
+  }
+  if (c.short_counts)
+    for (int l = 0; l < c.L; l += 2) in.counts[l] = std::max(0, in.counts[l] - 1 - l % 3);
+  in.offsets.assign(c.L + 1, 0);
+  for (int l = 0; l < c.L; ++l) in.offsets[l + 1] = in.offsets[l] + (in.counts[l] + c.align - 1) / c.align * c.align;
+  in.N = in.offsets[c.L];
+  in.x = random_rows(c.R, c.H, c.dtype, rng);
+  std::uniform_real_distribution<float> w(-1.0f, 1.0f);
+  in.weights.resize(c.R * c.KL);
+  for (float& v : in.weights) v = w(rng);
+  return in;
+}
+
+TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
+  REQUIRE_GPU();
+  int failing = 0;
+  for (const RecvCase& c : recv_grid()) {
+    const RecvInput in = make_recv(c);
+    const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
+    std::vector<int32_t> rows = poisoned<int32_t>(c.R * c.KL);
+    std::vector<uint8_t> ex = poisoned<uint8_t>((in.N + 1) * rb);  // one spare row: nothing may land there
+    K::ExpertMajorParams p;
+    p.num_recv_rows = c.R;
+    p.num_local_experts = c.L;
+    p.max_row_experts = c.KL;
+    p.hidden = c.H;
+    p.dtype = c.dtype;
+    p.recv_map = in.map.data();
+    p.expert_offsets = in.offsets.data();
+    p.expert_counts = in.counts.data();
+    p.recv_expert_rows = rows.data();
+    p.recv_x = c.mode ? in.x.data() : nullptr;
+    p.expert_x = c.mode ? ex.data() : nullptr;
+    p.num_expert_rows = in.N;
+    p.recv_weights = c.mode == 2 ? in.weights.data() : nullptr;
+    host::ep_expert_major(p);
+    Dev<uint8_t> dmap(in.map), dx(in.x), dex(ex.size());
+    Dev<int32_t> doff(in.offsets), dcnt(in.counts), drows(rows.size());
+    Dev<float> dw(in.weights);
+    p.recv_map = dmap.get();
+    p.expert_offsets = doff.get();
+    p.expert_counts = dcnt.get();
+    p.recv_expert_rows = drows.get();
+    p.recv_x = c.mode ? dx.get() : nullptr;
+    p.expert_x = c.mode ? dex.get() : nullptr;
+    p.recv_weights = c.mode == 2 ? dw.get() : nullptr;
+    sync(K::launch_ep_expert_major(p, nullptr));
+    const bool ok = same(drows.host(), rows, "recv_expert_rows", c.str()) & same(dex.host(), ex, "expert_x", c.str());
+    if (!ok && ++failing >= kMaxFailingCases) return;
+  }
+}
+
+TEST(EpKernelsGpu, ReduceMatchesHost) {
+  REQUIRE_GPU();
+  int failing = 0;
+  for (const RecvCase& c : recv_grid()) {
+    if (c.R > 3000) continue;
+    const RecvInput in = make_recv(c);
+    // recv_expert_rows from the host expert-major (positions only).
+    std::vector<int32_t> rows(c.R * c.KL);
+    K::ExpertMajorParams e;
+    e.num_recv_rows = c.R;
+    e.num_local_experts = c.L;
+    e.max_row_experts = c.KL;
+    e.recv_map = in.map.data();
+    e.expert_offsets = in.offsets.data();
+    e.expert_counts = in.counts.data();
+    e.recv_expert_rows = rows.data();
+    host::ep_expert_major(e);
+    std::mt19937_64 rng(c.seed + 1);
+    const std::vector<uint8_t> y = random_rows(in.N, c.H, c.dtype, rng), g = random_rows(c.R, c.H, c.dtype, rng);
+    const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
+    const bool weighted = c.mode != 1, grads = c.mode != 0, out_too = c.seed % 4 != 3;
+    std::vector<uint8_t> out = poisoned<uint8_t>(c.R * rb);
+    std::vector<float> gw = poisoned<float>(c.R * c.KL);
+    K::ReduceParams p;
+    p.num_recv_rows = c.R;
+    p.max_row_experts = c.KL;
+    p.hidden = c.H;
+    p.dtype = c.dtype;
+    p.y = y.data();
+    p.recv_expert_rows = rows.data();
+    p.recv_weights = weighted ? in.weights.data() : nullptr;
+    p.out = out_too ? out.data() : nullptr;
+    p.grad_rows = grads ? g.data() : nullptr;
+    p.grad_weights = grads ? gw.data() : nullptr;
+    host::ep_reduce(p);
+    Dev<uint8_t> dy(y), dg(g), dout(out.size());
+    Dev<int32_t> drows(rows);
+    Dev<float> dw(in.weights), dgw(gw.size());
+    p.y = dy.get();
+    p.recv_expert_rows = drows.get();
+    p.recv_weights = weighted ? dw.get() : nullptr;
+    p.out = out_too ? dout.get() : nullptr;
+    p.grad_rows = grads ? dg.get() : nullptr;
+    p.grad_weights = grads ? dgw.get() : nullptr;
+    sync(K::launch_ep_reduce(p, nullptr));
+    bool ok = same(dout.host(), out, "out", c.str());
+    if (grads) {  // dot products: fp64 reference, tolerance from the sum of |terms|
+      const std::vector<float> got = dgw.host();
+      for (int64_t i = 0; i < c.R && ok; ++i)
+        for (int j = 0; j < c.KL && ok; ++j) {
+          const int32_t pos = rows[i * c.KL + j];
+          double ref = 0, mag = 0;
+          for (int64_t h = 0; pos >= 0 && h < c.H; ++h) {
+            const double t = double(host::load_as_float(y.data(), c.dtype, pos * c.H + h)) *
+                             host::load_as_float(g.data(), c.dtype, i * c.H + h);
+            ref += t;
+            mag += std::fabs(t);
+          }
+          const double tol = 1e-6 * double(c.H + 32) * mag + 1e-30;
+          if (!(std::fabs(got[i * c.KL + j] - ref) <= tol) || (pos < 0 && got[i * c.KL + j] != 0.0f)) {
+            ADD_FAILURE() << c.str() << ": grad_weights[" << i << "][" << j << "] = " << got[i * c.KL + j] << ", fp64 "
+                          << ref << " (tolerance " << tol << ")";
+            ok = false;
+          }
+        }
+    }
+    if (!ok && ++failing >= kMaxFailingCases) return;
+  }
+}
+
+// ---- final sum, weight gradients ---------------------------------------------------------------------
+
+TEST(EpKernelsGpu, FinalSumMatchesHost) {
+  REQUIRE_GPU();
+  int failing = 0;
+  for (const Case& c : routing_grid({3000})) {
+    if (c.fmt != RoutingFormat::kBitmap && !c.invalid) continue;  // the slots are what matters
+    const Routing r = make_routing(c.T, c.E(), c.k, c.seed, c.skewed, c.invalid);
+    const Layout lay = host_layout(c, r);
+    const int W = c.W, self = static_cast<int>((c.seed / 3) % W);
+    std::vector<int64_t> send_off(W, -1);
+    int64_t S = 0;
+    for (int q = 0; q < W; ++q)
+      if (q != self) send_off[q] = S, S += lay.counts[size_t(q) * (c.L + 1)] + 1;
+    const int64_t self_off = 2, SR = self_off + lay.counts[size_t(self) * (c.L + 1)];
+    std::mt19937_64 rng(c.seed + 7);
+    const std::vector<uint8_t> ret = random_rows(S, c.H, c.dtype, rng), self_ret = random_rows(SR, c.H, c.dtype, rng);
+    std::vector<uint8_t> out = poisoned<uint8_t>(size_t(c.T) * c.H * elem_bytes(c.dtype));
+    K::FinalSumParams p;
+    p.num_tokens = c.T;
+    p.num_ranks = W;
+    p.self_rank = self;
+    p.hidden = c.H;
+    p.dtype = c.dtype;
+    p.token_slot = lay.slot.data();
+    p.send_offsets = send_off.data();
+    p.ret = ret.data();
+    p.self_ret = self_ret.data();
+    p.self_ret_offset = self_off;
+    p.out = out.data();
+    host::ep_final_sum(p);
+    Dev<int32_t> dslot(lay.slot);
+    Dev<int64_t> doff(send_off);
+    Dev<uint8_t> dret(ret), dself(self_ret), dout(out.size());
+    p.token_slot = dslot.get();
+    p.send_offsets = doff.get();
+    p.ret = dret.get();
+    p.self_ret = dself.get();
+    p.out = dout.get();
+    sync(K::launch_ep_final_sum(p, nullptr));
+    if (!same(dout.host(), out, "out", c.str()) && ++failing >= kMaxFailingCases) return;
+  }
+}
+
+TEST(EpKernelsGpu, WeightGradMatchesHost) {
+  REQUIRE_GPU();
+  int failing = 0;
+  for (const Case& c0 : routing_grid({3000})) {
+    if (c0.H > 64) continue;
+    for (WeightFormat wf : {WeightFormat::kDense, WeightFormat::kCompact}) {
+      Case c = c0;
+      c.wf = wf;
+      const Routing r = make_routing(c.T, c.E(), c.k, c.seed, c.skewed, c.invalid);
+      const DevRouting dr(r);
+      const Layout lay = host_layout(c, r);
+      const int W = c.W, KL = K::max_row_experts(c.k, c.L), self = static_cast<int>(c.seed % W);
+      std::vector<int64_t> send_off(W, -1);
+      int64_t S = 0;
+      for (int q = 0; q < W; ++q)
+        if (q != self) send_off[q] = S, S += lay.counts[size_t(q) * (c.L + 1)];
+      const int64_t self_off = 1, SR = self_off + lay.counts[size_t(self) * (c.L + 1)];
+      std::mt19937_64 rng(c.seed + 3);
+      std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+      std::vector<float> ret(S * KL), self_g(SR * KL);
+      for (float& v : ret) v = u(rng);
+      for (float& v : self_g) v = u(rng);
+      std::vector<float> dense = poisoned<float>(size_t(c.T) * c.E()), compact = poisoned<float>(size_t(c.T) * c.k);
+      K::WeightGradParams p;
+      p.num_tokens = c.T;
+      p.num_experts = c.E();
+      p.topk = c.k;
+      p.num_ranks = W;
+      p.self_rank = self;
+      p.routing = host_input(r, c.fmt, wf);
+      p.routing.weights = nullptr;  // not read
+      p.token_slot = lay.slot.data();
+      p.send_offsets = send_off.data();
+      p.ret_grad_w = ret.data();
+      p.self_grad_w = self_g.data();
+      p.self_offset = self_off;
+      p.grad_dense = wf == WeightFormat::kDense ? dense.data() : nullptr;
+      p.grad_compact = wf == WeightFormat::kCompact ? compact.data() : nullptr;
+      host::ep_weight_grad(p);
+      Dev<int32_t> dslot(lay.slot);
+      Dev<int64_t> doff(send_off);
+      Dev<float> dret(ret), dself(self_g), ddense(dense.size()), dcompact(compact.size());
+      p.routing = dev_input(dr, c.fmt, wf);
+      p.routing.weights = nullptr;
+      p.token_slot = dslot.get();
+      p.send_offsets = doff.get();
+      p.ret_grad_w = dret.get();
+      p.self_grad_w = dself.get();
+      p.grad_dense = wf == WeightFormat::kDense ? ddense.get() : nullptr;
+      p.grad_compact = wf == WeightFormat::kCompact ? dcompact.get() : nullptr;
+      sync(K::launch_ep_weight_grad(p, nullptr));
+      const bool ok =
+          same(ddense.host(), dense, "grad_dense", c.str()) & same(dcompact.host(), compact, "grad_compact", c.str());
+      if (!ok && ++failing >= kMaxFailingCases) return;
+    }
+  }
+}
+
+// Launch hygiene: zero rows return cudaSuccess at once and touch nothing; bad shapes are
+// cudaErrorInvalidValue, never a launch.
+TEST(EpKernelsGpu, ZeroRowsAndBadShapes) {
+  REQUIRE_GPU();
+  K::LayoutParams lp;
+  lp.num_experts = 8;
+  lp.topk = 2;
+  lp.num_ranks = 2;
+  EXPECT_EQ(cudaSuccess, K::launch_ep_layout(lp, nullptr));  // T = 0, null pointers
+  lp.num_ranks = 3;                                          // 8 % 3 != 0
+  lp.num_tokens = 4;
+  EXPECT_EQ(cudaErrorInvalidValue, K::launch_ep_layout(lp, nullptr));
+  K::PermuteParams pp;
+  pp.num_experts = 8;
+  pp.topk = 2;
+  pp.num_ranks = 2;
+  EXPECT_EQ(cudaSuccess, K::launch_ep_permute(pp, nullptr));
+  K::ExpertMajorParams ep;
+  ep.num_local_experts = 4;
+  ep.max_row_experts = 2;
+  EXPECT_EQ(cudaSuccess, K::launch_ep_expert_major(ep, nullptr));
+  K::ReduceParams rp;
+  rp.max_row_experts = 2;
+  EXPECT_EQ(cudaSuccess, K::launch_ep_reduce(rp, nullptr));
+  K::FinalSumParams fp;
+  fp.num_ranks = 2;
+  EXPECT_EQ(cudaSuccess, K::launch_ep_final_sum(fp, nullptr));
+  K::WeightGradParams wp;
+  wp.num_experts = 8;
+  wp.topk = 2;
+  wp.num_ranks = 2;
+  EXPECT_EQ(cudaSuccess, K::launch_ep_weight_grad(wp, nullptr));
+  EXPECT_EQ(cudaSuccess, cudaDeviceSynchronize());
+}
+
+}  // namespace
