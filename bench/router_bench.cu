@@ -1,0 +1,671 @@
+// SPDX-License-Identifier: Apache-2.0
+// Router benchmark: the fused router (bitmap and bytemap) against its HBM floor and against the baseline
+// path (the same router emitting [T, k] indices, then a separate indices -> bitmap kernel), forward and
+// backward (saved tensor and recompute), fp32 and bf16 logits. Every row is checked against the host
+// reference backend on a subset of tokens; any wrong row makes the exit status non-zero.
+//
+//   router_bench [--quick] [--json PATH] [--commit SHA] [--iters N] [--tokens T]
+//
+// Time: median over N (>= 100) iterations, one CUDA event pair each, queued behind a spin kernel so the
+// host's enqueue cost never shows; inputs and outputs rotate among enough buffer sets that the L2 does
+// not hold them. Floor: bytes the pass must move / the HBM bandwidth measured in the same run by a
+// large device-to-device cudaMemcpy (read + write counted).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <functional>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "bitep/bitep.h"
+#include "src/host/dtype_host.h"
+
+namespace {
+
+#define CK(cmd)                                                                                 \
+  do {                                                                                          \
+    cudaError_t e_ = (cmd);                                                                     \
+    if (e_ != cudaSuccess) {                                                                    \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #cmd, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                             \
+    }                                                                                           \
+  } while (0)
+#define BK(cmd)                                                                                     \
+  do {                                                                                              \
+    bitepResult_t r_ = (cmd);                                                                       \
+    if (r_ != bitepSuccess) {                                                                       \
+      std::fprintf(stderr, "%s:%d %s: %s: %s\n", __FILE__, __LINE__, #cmd, bitepGetErrorString(r_), \
+                   bitepGetLastError());                                                            \
+      std::exit(2);                                                                                 \
+    }                                                                                               \
+  } while (0)
+
+// ---- kernels of the bench ----------------------------------------------------------------------
+
+__global__ void spin_kernel(unsigned long long ns) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < ns);
+}
+
+// Baseline conversion: [T, k] int32 indices -> BITMAP_U8 [T, ceil(E/8)], one warp per token: zero the
+// row, then set each index's bit (32-bit atomicOr when rows are whole words, else byte by byte).
+__global__ void indices_to_bitmap(const int32_t* __restrict__ idx, int k, int64_t T, int E, uint8_t* __restrict__ map) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  const int rb = (E + 7) / 8;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5); t < T; t += warps) {
+    uint8_t* row = map + t * rb;
+    const int32_t* ix = idx + t * k;
+    if (rb % 4 == 0) {
+      uint32_t* w = reinterpret_cast<uint32_t*>(row);
+      for (int i = lane; i < rb / 4; i += 32) w[i] = 0u;
+      __syncwarp();
+      for (int j = lane; j < k; j += 32) {
+        const int e = ix[j];
+        atomicOr(w + e / 32, 1u << (e % 32));
+      }
+      __syncwarp();
+    } else {
+      for (int j = lane; j < rb; j += 32) {
+        uint32_t byte = 0;
+        for (int i = 0; i < k; ++i) {
+          const int e = ix[i];
+          if (e / 8 == j) byte |= 1u << (e % 8);
+        }
+        row[j] = static_cast<uint8_t>(byte);
+      }
+    }
+  }
+}
+
+// ---- cases ---------------------------------------------------------------------------------------
+
+struct Config {
+  int E, k;
+  const char* name;
+  bitepScoreFunction_t fn;
+  int pre, groups, group_topk;
+  bool bias;
+  float scaling;
+};
+
+const Config kConfigs[] = {
+    {64, 6, "softmax", bitepScoreSoftmax, 0, 0, 0, false, 1.0f},
+    {128, 8, "softmax", bitepScoreSoftmax, 0, 0, 0, false, 1.0f},
+    {256, 8, "deepseek-v3", bitepScoreSigmoid, 0, 8, 4, true, 2.5f},
+    {256, 8, "softmax", bitepScoreSoftmax, 0, 0, 0, false, 1.0f},
+    {512, 8, "softmax", bitepScoreSoftmax, 0, 0, 0, false, 1.0f},
+    {2048, 32, "softmax", bitepScoreSoftmax, 0, 0, 0, false, 1.0f},
+    {64, 6, "softmax-pre", bitepScoreSoftmax, 1, 0, 0, false, 1.0f},
+    {256, 8, "softmax-pre", bitepScoreSoftmax, 1, 0, 0, false, 1.0f},
+};
+
+bitepRouterConfig_t router_config(const Config& c, bitepDataType_t dt) {
+  bitepRouterConfig_t r = BITEP_ROUTER_CONFIG_INIT;
+  r.num_experts = c.E;
+  r.topk = c.k;
+  r.score_function = c.fn;
+  r.use_pre_softmax = c.pre;
+  r.num_groups = c.groups;
+  r.group_topk = c.group_topk;
+  r.scaling_factor = c.scaling;
+  r.logits_dtype = dt;
+  return r;
+}
+
+struct Record {
+  int64_t T;
+  int E, k;
+  std::string config, dtype, format, pass, mode;
+  double median_us, floor_us;
+  int64_t wrong;
+};
+
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+float gauss(uint64_t seed, uint64_t i) {
+  const uint64_t a = mix(seed * 0x100000001b3ull + i), b = mix(a);
+  const double u1 = ((a >> 11) + 0.5) * (1.0 / 9007199254740992.0), u2 = (b >> 11) * (1.0 / 9007199254740992.0);
+  return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+}
+
+// ---- timing --------------------------------------------------------------------------------------
+
+struct Timer {
+  std::vector<cudaEvent_t> ev;
+  cudaStream_t stream;
+  explicit Timer(int iters, cudaStream_t s) : ev(iters + 1), stream(s) {
+    for (auto& e : ev) CK(cudaEventCreate(&e));
+  }
+  ~Timer() {
+    for (auto& e : ev) cudaEventDestroy(e);
+  }
+  // Median GPU time of run(i) in microseconds.
+  double median_us(const std::function<void(int)>& run) {
+    const int iters = static_cast<int>(ev.size()) - 1;
+    for (int i = 0; i < 3; ++i) run(i);
+    CK(cudaStreamSynchronize(stream));
+    const auto h0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < 4; ++i) run(i);
+    const double host_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - h0).count() / 4;
+    CK(cudaStreamSynchronize(stream));
+    const double spin_us = std::min(500000.0, 1.5 * host_us * (iters + 2) + 200.0);
+    spin_kernel<<<1, 1, 0, stream>>>(static_cast<unsigned long long>(spin_us * 1000.0));
+    CK(cudaGetLastError());
+    CK(cudaEventRecord(ev[0], stream));
+    for (int i = 0; i < iters; ++i) {
+      run(i);
+      CK(cudaEventRecord(ev[i + 1], stream));
+    }
+    CK(cudaStreamSynchronize(stream));
+    std::vector<double> t(iters);
+    for (int i = 0; i < iters; ++i) {
+      float ms = 0.0f;
+      CK(cudaEventElapsedTime(&ms, ev[i], ev[i + 1]));
+      t[i] = 1000.0 * ms;
+    }
+    std::nth_element(t.begin(), t.begin() + iters / 2, t.end());
+    return t[iters / 2];
+  }
+};
+
+double hbm_gbps(cudaStream_t s) {
+  const size_t bytes = size_t{1} << 30;
+  void *a = nullptr, *b = nullptr;
+  CK(cudaMalloc(&a, bytes));
+  CK(cudaMalloc(&b, bytes));
+  CK(cudaMemsetAsync(a, 1, bytes, s));
+  Timer tm(20, s);
+  const double us = tm.median_us([&](int) { CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, s)); });
+  CK(cudaFree(a));
+  CK(cudaFree(b));
+  return 2.0 * bytes / (us * 1e-6) / 1e9;
+}
+
+// ---- buffers -------------------------------------------------------------------------------------
+
+struct Dev {
+  void* p = nullptr;
+  size_t bytes = 0;
+  Dev() = default;
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+  void alloc(size_t n) {
+    bytes = n;
+    CK(cudaMalloc(&p, n > 0 ? n : 1));
+  }
+  ~Dev() {
+    if (p) cudaFree(p);
+  }
+  template <class T>
+  T* as() const {
+    return static_cast<T*>(p);
+  }
+};
+
+// One set of inputs and outputs of a (T, E, dtype) case; the timed loops rotate among several.
+struct Set {
+  Dev logits, probs, saved, bytemap, bitmap, weights, indices, conv, grad_probs, grad;
+};
+
+// ---- correctness (host reference on a subset of tokens) ----------------------------------------
+
+struct Check {
+  const Config* cfg;
+  bitepRouterConfig_t rc;
+  int64_t T;
+  int E, k;
+  bitepDataType_t dt;
+  int ds;
+  std::vector<uint8_t> logits;  // full host copy
+  std::vector<float> bias, grad_probs;
+  std::vector<int64_t> rows;  // first and last tokens: [first, first + n) ranges
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+};
+
+double score64(const Check& c, const float* x, int e, double mx, double sum) {
+  const double v = x[e];
+  if (c.rc.score_function == bitepScoreSigmoid) return 1.0 / (1.0 + std::exp(-v));
+  if (c.rc.score_function == bitepScoreSqrtSoftplus) return std::sqrt(v > 20.0 ? v : std::log1p(std::exp(v)));
+  if (c.rc.use_pre_softmax) return std::exp(v - mx) / sum;
+  return v;
+}
+
+// Whether a token's selection has a near-tie (relative gap < 1e-5) at its group or expert boundary,
+// in fp64: the only excuse for a map that differs from the host's.
+bool near_tie(const Check& c, const float* x) {
+  const int E = c.E, k = c.k;
+  double mx = -INFINITY, sum = 0.0;
+  for (int e = 0; e < E; ++e) mx = std::max(mx, static_cast<double>(x[e]));
+  for (int e = 0; e < E; ++e) sum += std::exp(x[e] - mx);
+  std::vector<double> sel(E);
+  for (int e = 0; e < E; ++e) sel[e] = score64(c, x, e, mx, sum) + (c.bias.empty() ? 0.0 : c.bias[e]);
+  auto gap_small = [](double a, double b) {
+    return std::fabs(a - b) <= 1e-5 * std::max({std::fabs(a), std::fabs(b), 1e-30});
+  };
+  std::vector<int> cand(E);
+  std::iota(cand.begin(), cand.end(), 0);
+  if (c.rc.num_groups > 0) {
+    const int G = c.rc.num_groups, gs = E / G, per = k / c.rc.group_topk;
+    std::vector<std::pair<double, int>> gsc(G);
+    for (int g = 0; g < G; ++g) {
+      std::vector<double> v(sel.begin() + g * gs, sel.begin() + (g + 1) * gs);
+      std::sort(v.rbegin(), v.rend());
+      gsc[g] = {std::accumulate(v.begin(), v.begin() + per, 0.0), g};
+    }
+    std::sort(gsc.begin(), gsc.end(),
+              [](auto a, auto b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+    if (gap_small(gsc[c.rc.group_topk - 1].first, gsc[c.rc.group_topk].first)) return true;
+    cand.clear();
+    for (int j = 0; j < c.rc.group_topk; ++j)
+      for (int e = gsc[j].second * gs; e < (gsc[j].second + 1) * gs; ++e) cand.push_back(e);
+  }
+  std::vector<double> v;
+  for (int e : cand) v.push_back(sel[e]);
+  std::sort(v.rbegin(), v.rend());
+  return static_cast<int>(v.size()) > k && gap_small(v[k - 1], v[k]);
+}
+
+float to_f(const Check& c, size_t i) {
+  uint16_t h;
+  if (c.dt == bitepFloat32) {
+    float f;
+    std::memcpy(&f, c.logits.data() + 4 * i, 4);
+    return f;
+  }
+  std::memcpy(&h, c.logits.data() + 2 * i, 2);
+  return c.dt == bitepBfloat16 ? bitep::host::bf16_to_float(h) : bitep::host::half_to_float(h);
+}
+
+double rel(const float* want, const float* got, int n) {
+  double num = 0.0, den = 0.0;
+  for (int i = 0; i < n; ++i) {
+    if (std::isinf(want[i]) && want[i] == got[i]) continue;
+    const double d = static_cast<double>(got[i]) - want[i];
+    num += std::isfinite(d) ? d * d : INFINITY;
+    den += std::isfinite(want[i]) ? static_cast<double>(want[i]) * want[i] : 0.0;
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
+}
+
+template <class T>
+std::vector<T> download(const void* dev, int64_t first, int64_t n, int64_t width) {
+  std::vector<T> out(static_cast<size_t>(n * width));
+  CK(cudaMemcpy(out.data(), static_cast<const T*>(dev) + first * width, out.size() * sizeof(T),
+                cudaMemcpyDeviceToHost));
+  return out;
+}
+
+bool bit_of(const std::vector<uint8_t>& map, bool bitmap, int64_t t, int E, int e) {
+  return bitmap ? (map[t * ((E + 7) / 8) + e / 8] >> (e % 8)) & 1 : map[t * E + e] != 0;
+}
+
+// Forward check of set 0's outputs: map (format), and probs/saved/weights when produced. Returns wrong tokens.
+int64_t check_forward(const Check& c, const Set& s, bool te, const void* map_dev, bool bitmap) {
+  int64_t wrong = 0;
+  for (const auto& [first, n] : c.ranges) {
+    const size_t rowb = static_cast<size_t>(c.E) * c.ds;
+    std::vector<uint8_t> lg(c.logits.begin() + first * rowb, c.logits.begin() + (first + n) * rowb);
+    std::vector<float> pr(n * c.E), sv(n * c.E), w(n * c.k);
+    std::vector<int32_t> ix(n * c.k);
+    std::vector<uint8_t> mp(n * c.E);
+    bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+    a.num_tokens = n, a.logits = lg.data(), a.expert_bias = c.bias.empty() ? nullptr : c.bias.data();
+    a.probs = pr.data(), a.saved = sv.data(), a.topk_weights = w.data(), a.topk_indices = ix.data();
+    a.routing_map = mp.data(), a.map_format = bitepMapBytemap;
+    BK(bitepRouterForward(bitepBackendHost, &c.rc, &a, nullptr));
+    const auto gmap = download<uint8_t>(map_dev, first, n, bitmap ? (c.E + 7) / 8 : c.E);
+    std::vector<float> gpr, gsv, gw;
+    if (te)
+      gpr = download<float>(s.probs.p, first, n, c.E), gsv = download<float>(s.saved.p, first, n, c.E);
+    else
+      gw = download<float>(s.weights.p, first, n, c.k);
+    std::vector<float> x(c.E);
+    for (int64_t t = 0; t < n; ++t) {
+      bool same = true;
+      for (int e = 0; e < c.E && same; ++e) same = bit_of(gmap, bitmap, t, c.E, e) == (mp[t * c.E + e] != 0);
+      if (bitmap && c.E % 8)  // pad bits must be 0
+        same = same && (gmap[t * ((c.E + 7) / 8) + c.E / 8] >> (c.E % 8)) == 0;
+      if (!same) {
+        for (int e = 0; e < c.E; ++e) x[e] = to_f(c, (first + t) * c.E + e);
+        if (!near_tie(c, x.data())) ++wrong;
+        continue;
+      }
+      bool ok = true;
+      if (te) {
+        ok = rel(&pr[t * c.E], &gpr[t * c.E], c.E) <= 1e-5 && rel(&sv[t * c.E], &gsv[t * c.E], c.E) <= 1e-5;
+      } else {
+        ok = rel(&w[t * c.k], &gw[t * c.k], c.k) <= 1e-5;
+      }
+      wrong += !ok;
+    }
+  }
+  return wrong;
+}
+
+// Magnitude of a backward row without cancellation (fp64): M_e >= |grad_e|, and rounding of any summation
+// order is O(eps * ||M||); a plain relative error is unbounded where act * (g - dot) cancels.
+std::vector<double> grad_scale(const Check& c, const float* x, const std::vector<char>& routed, const float* gp) {
+  const int E = c.E;
+  std::vector<double> m(E, 0.0), g(E);
+  for (int e = 0; e < E; ++e) g[e] = routed[e] ? std::fabs(static_cast<double>(gp[e]) * c.rc.scaling_factor) : 0.0;
+  if (c.rc.score_function == bitepScoreSoftmax) {
+    const bool pre = c.rc.use_pre_softmax;
+    double mx = -INFINITY, s = 0.0, S = 0.0;
+    std::vector<double> a(E, 0.0);
+    for (int e = 0; e < E; ++e)
+      if (pre || routed[e]) mx = std::max(mx, static_cast<double>(x[e]));
+    for (int e = 0; e < E; ++e)
+      if (pre || routed[e]) s += (a[e] = std::exp(x[e] - mx));
+    for (int e = 0; e < E; ++e) a[e] /= s, S += g[e] * a[e];
+    for (int e = 0; e < E; ++e) m[e] = (pre || routed[e]) ? a[e] * (g[e] + S) : 0.0;
+    return m;
+  }
+  std::vector<double> y(E), dv(E);
+  for (int e = 0; e < E; ++e) {
+    const double sg = 1.0 / (1.0 + std::exp(-static_cast<double>(x[e])));
+    if (c.rc.score_function == bitepScoreSigmoid) {
+      y[e] = sg, dv[e] = sg * (1.0 - sg);
+    } else {
+      y[e] = std::sqrt(x[e] > 20.0f ? x[e] : std::log1p(std::exp(static_cast<double>(x[e]))));
+      dv[e] = sg / (2.0 * y[e]);
+    }
+  }
+  double d = 1e-20, S = 0.0;
+  for (int e = 0; e < E; ++e)
+    if (routed[e]) d += y[e];
+  for (int e = 0; e < E; ++e)
+    if (routed[e]) S += g[e] * y[e] / d;
+  for (int e = 0; e < E; ++e) m[e] = routed[e] ? (c.k > 1 ? (g[e] + S) / d : g[e]) * std::fabs(dv[e]) : 0.0;
+  return m;
+}
+
+// Backward check of set 0: host backward on the same saved / logits / map rows.
+int64_t check_backward(const Check& c, const Set& s, bool recompute, const void* map_dev, bool bitmap) {
+  int64_t wrong = 0;
+  const double tol = c.dt == bitepFloat32 ? 1e-5 : 1e-2;
+  for (const auto& [first, n] : c.ranges) {
+    const int mw = bitmap ? (c.E + 7) / 8 : c.E;
+    auto gmap = download<uint8_t>(map_dev, first, n, mw);
+    auto sv = download<float>(s.saved.p, first, n, c.E);
+    std::vector<float> gp(c.grad_probs.begin() + first * c.E, c.grad_probs.begin() + (first + n) * c.E);
+    const size_t rowb = static_cast<size_t>(c.E) * c.ds;
+    std::vector<uint8_t> lg(c.logits.begin() + first * rowb, c.logits.begin() + (first + n) * rowb);
+    std::vector<uint8_t> hg(n * rowb);
+    bitepRouterBackwardArgs_t a = BITEP_ROUTER_BWD_ARGS_INIT;
+    a.num_tokens = n, a.grad_probs = gp.data(), a.routing_map = gmap.data();
+    a.map_format = bitmap ? bitepMapBitmapU8 : bitepMapBytemap;
+    a.saved = recompute ? nullptr : sv.data();
+    a.logits = recompute ? lg.data() : nullptr;
+    a.grad_logits = hg.data();
+    BK(bitepRouterBackward(bitepBackendHost, &c.rc, &a, nullptr));
+    auto gg = download<uint8_t>(s.grad.p, first, n, rowb);
+    for (int64_t t = 0; t < n; ++t) {
+      std::vector<float> want(c.E), got(c.E);
+      for (int e = 0; e < c.E; ++e) {
+        if (c.dt == bitepFloat32) {
+          std::memcpy(&want[e], hg.data() + (t * c.E + e) * 4, 4);
+          std::memcpy(&got[e], gg.data() + (t * c.E + e) * 4, 4);
+        } else {
+          uint16_t h1, h2;
+          std::memcpy(&h1, hg.data() + (t * c.E + e) * 2, 2);
+          std::memcpy(&h2, gg.data() + (t * c.E + e) * 2, 2);
+          want[e] = bitep::host::bf16_to_float(h1), got[e] = bitep::host::bf16_to_float(h2);
+        }
+      }
+      std::vector<float> x(c.E);
+      std::vector<char> routed(c.E);
+      for (int e = 0; e < c.E; ++e) x[e] = to_f(c, (first + t) * c.E + e), routed[e] = bit_of(gmap, bitmap, t, c.E, e);
+      const std::vector<double> M = grad_scale(c, x.data(), routed, &gp[t * c.E]);
+      double num = 0.0, den = 0.0;
+      for (int e = 0; e < c.E; ++e) {
+        if ((std::isnan(want[e]) && std::isnan(got[e])) || (std::isinf(want[e]) && want[e] == got[e])) continue;
+        const double d = static_cast<double>(got[e]) - want[e];
+        num += std::isfinite(d) ? d * d : INFINITY;
+        den += M[e] * M[e];
+      }
+      wrong += std::sqrt(num) > tol * std::max(std::sqrt(den), 1e-30);
+    }
+  }
+  return wrong;
+}
+
+// ---- main ----------------------------------------------------------------------------------------
+
+struct Args {
+  bool quick = false;
+  std::string json, commit = "unknown";
+  int iters = 100;
+  int64_t tokens = 0;  // > 0: this T only (smoke runs)
+};
+
+void print_header() {
+  std::printf("%8s %5s %3s %-12s %-5s %-16s %-4s %-10s %10s %10s %7s %7s\n", "T", "E", "k", "config", "dtype", "format",
+              "pass", "mode", "time(us)", "floor(us)", "%floor", "#wrong");
+}
+
+void print_record(const Record& r) {
+  std::printf("%8lld %5d %3d %-12s %-5s %-16s %-4s %-10s %10.2f %10.2f %6.1f%% %7lld\n", static_cast<long long>(r.T),
+              r.E, r.k, r.config.c_str(), r.dtype.c_str(), r.format.c_str(), r.pass.c_str(), r.mode.c_str(),
+              r.median_us, r.floor_us, 100.0 * r.floor_us / r.median_us, static_cast<long long>(r.wrong));
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args args;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--quick") {
+      args.quick = true;
+    } else if (a == "--json" && i + 1 < argc) {
+      args.json = argv[++i];
+    } else if (a == "--commit" && i + 1 < argc) {
+      args.commit = argv[++i];
+    } else if (a == "--tokens" && i + 1 < argc) {
+      args.tokens = std::max<int64_t>(1, std::atoll(argv[++i]));
+    } else if (a == "--iters" && i + 1 < argc) {
+      args.iters = std::max(100, std::atoi(argv[++i]));
+    } else {
+      std::fprintf(stderr, "usage: %s [--quick] [--json PATH] [--commit SHA] [--iters N>=100] [--tokens T]\n", argv[0]);
+      return 2;
+    }
+  }
+  int ndev = 0;
+  if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+    std::fprintf(stderr, "router_bench: no CUDA device\n");
+    return 2;
+  }
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  cudaStream_t stream;
+  CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const bitepStream_t bstream = reinterpret_cast<bitepStream_t>(stream);
+  const double gbps = hbm_gbps(stream);
+  std::printf("# router_bench on %s (%d SMs, L2 %d MB): HBM copy %.0f GB/s (read + write), commit %s\n", prop.name,
+              prop.multiProcessorCount, prop.l2CacheSize >> 20, gbps, args.commit.c_str());
+  print_header();
+
+  std::vector<int64_t> Ts = {4096, 16384, 65536};
+  std::vector<const Config*> cfgs;
+  for (const Config& c : kConfigs) cfgs.push_back(&c);
+  std::vector<bitepDataType_t> dts = {bitepFloat32, bitepBfloat16};
+  if (args.quick) {
+    Ts = {16384};
+    cfgs = {&kConfigs[2], &kConfigs[3]};
+    dts = {bitepBfloat16};
+  }
+  if (args.tokens > 0) Ts = {args.tokens};
+  Timer timer(args.iters, stream);
+  std::vector<Record> records;
+  int64_t total_wrong = 0;
+
+  for (int64_t T : Ts)
+    for (const Config* cfg : cfgs)
+      for (bitepDataType_t dt : dts) {
+        const int E = cfg->E, k = cfg->k, ds = dt == bitepFloat32 ? 4 : 2;
+        const size_t TE = static_cast<size_t>(T) * E, rb = (E + 7) / 8;
+        Check chk;
+        chk.cfg = cfg, chk.rc = router_config(*cfg, dt), chk.T = T, chk.E = E, chk.k = k, chk.dt = dt, chk.ds = ds;
+        chk.logits.resize(TE * ds);
+        for (size_t i = 0; i < TE; ++i) {
+          const float v = 2.0f * gauss(T + E, i);
+          if (dt == bitepFloat32) {
+            std::memcpy(chk.logits.data() + 4 * i, &v, 4);
+          } else {
+            const uint16_t h = bitep::host::float_to_bf16(v);
+            std::memcpy(chk.logits.data() + 2 * i, &h, 2);
+          }
+        }
+        chk.grad_probs.resize(TE);
+        for (size_t i = 0; i < TE; ++i) chk.grad_probs[i] = gauss(7, i);
+        if (cfg->bias) {
+          chk.bias.resize(E);
+          for (int e = 0; e < E; ++e) chk.bias[e] = 0.05f * gauss(99, e);
+        }
+        chk.ranges = {{0, std::min<int64_t>(T, 256)}};
+        if (T > 512) chk.ranges.push_back({T - 64, 64});
+
+        // Enough buffer sets that the (R - 1) other sets' traffic flushes the L2 between two uses of one.
+        const size_t set_bytes = TE * (ds * 2 + 4 * 4 + 1) + T * rb * 2 + static_cast<size_t>(T) * k * 8;
+        const size_t min_iter = TE * ds + T * rb;
+        size_t free_b = 0, total_b = 0;
+        CK(cudaMemGetInfo(&free_b, &total_b));
+        int R = static_cast<int>(std::min<size_t>(512, 3 * static_cast<size_t>(prop.l2CacheSize) / min_iter + 2));
+        R = std::max(2, std::min<int>(R, static_cast<int>(free_b / 2 / set_bytes)));
+        std::vector<Set> sets(R);
+        Dev bias_dev;
+        bias_dev.alloc(E * 4);
+        if (cfg->bias) CK(cudaMemcpy(bias_dev.p, chk.bias.data(), E * 4, cudaMemcpyHostToDevice));
+        for (int r = 0; r < R; ++r) {
+          Set& s = sets[r];
+          s.logits.alloc(TE * ds), s.probs.alloc(TE * 4), s.saved.alloc(TE * 4), s.bytemap.alloc(TE);
+          s.bitmap.alloc(T * rb), s.weights.alloc(T * k * 4), s.indices.alloc(T * k * 4), s.conv.alloc(T * rb);
+          s.grad_probs.alloc(TE * 4), s.grad.alloc(TE * ds);
+          if (r == 0) {
+            CK(cudaMemcpy(s.logits.p, chk.logits.data(), TE * ds, cudaMemcpyHostToDevice));
+            CK(cudaMemcpy(s.grad_probs.p, chk.grad_probs.data(), TE * 4, cudaMemcpyHostToDevice));
+          } else {
+            CK(cudaMemcpy(s.logits.p, sets[0].logits.p, TE * ds, cudaMemcpyDeviceToDevice));
+            CK(cudaMemcpy(s.grad_probs.p, sets[0].grad_probs.p, TE * 4, cudaMemcpyDeviceToDevice));
+          }
+        }
+        const float* bias = cfg->bias ? bias_dev.as<float>() : nullptr;
+
+        auto fwd = [&](Set& s, bool te, bitepMapFormat_t fmt, bool baseline) {
+          bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+          a.num_tokens = T, a.logits = s.logits.p, a.expert_bias = bias;
+          if (te)
+            a.probs = s.probs.as<float>(), a.saved = s.saved.as<float>();
+          else
+            a.topk_weights = s.weights.as<float>();
+          if (baseline) {
+            a.topk_indices = s.indices.as<int32_t>();
+          } else {
+            a.map_format = fmt;
+            a.routing_map = fmt == bitepMapBytemap ? s.bytemap.p : s.bitmap.p;
+          }
+          BK(bitepRouterForward(bitepBackendCuda, &chk.rc, &a, bstream));
+          if (baseline) {
+            const int64_t blocks = std::min<int64_t>((T + 7) / 8, static_cast<int64_t>(prop.multiProcessorCount) * 16);
+            indices_to_bitmap<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(s.indices.as<int32_t>(), k, T, E,
+                                                                                 s.conv.as<uint8_t>());
+            CK(cudaGetLastError());
+          }
+        };
+        auto bwd = [&](Set& s, bool recompute, bitepMapFormat_t fmt) {
+          bitepRouterBackwardArgs_t a = BITEP_ROUTER_BWD_ARGS_INIT;
+          a.num_tokens = T, a.grad_probs = s.grad_probs.as<float>();
+          a.routing_map = fmt == bitepMapBytemap ? s.bytemap.p : s.bitmap.p, a.map_format = fmt;
+          a.saved = recompute ? nullptr : s.saved.as<float>();
+          a.logits = recompute ? s.logits.p : nullptr;
+          a.grad_logits = s.grad.p;
+          BK(bitepRouterBackward(bitepBackendCuda, &chk.rc, &a, bstream));
+        };
+        auto add = [&](const char* format, const char* pass, const char* mode, double us, double bytes, int64_t wrong) {
+          Record r{T,      E,    k,    cfg->name, dt == bitepFloat32 ? "fp32" : "bf16",
+                   format, pass, mode, us,        bytes / (gbps * 1e3),
+                   wrong};
+          print_record(r);
+          records.push_back(r);
+          total_wrong += wrong;
+        };
+
+        // Forward: TE-compatible (probs + map + saved) and compact (map + [T, k] weights).
+        for (bool te : {true, false}) {
+          const char* mode = te ? "te" : "compact";
+          const double out_bytes = te ? 8.0 * TE : 4.0 * T * k;
+          for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8}) {
+            const bool bm = fmt == bitepMapBitmapU8;
+            const double us = timer.median_us([&](int i) { fwd(sets[i % R], te, fmt, false); });
+            CK(cudaStreamSynchronize(stream));
+            const int64_t wrong = check_forward(chk, sets[0], te, bm ? sets[0].bitmap.p : sets[0].bytemap.p, bm);
+            add(bm ? "bitmap" : "bytemap", "fwd", mode, us, TE * ds + out_bytes + (bm ? T * rb : TE), wrong);
+          }
+          const double us = timer.median_us([&](int i) { fwd(sets[i % R], te, bitepMapNone, true); });
+          CK(cudaStreamSynchronize(stream));
+          const int64_t wrong = check_forward(chk, sets[0], te, sets[0].conv.p, true);
+          add("indices+convert", "fwd", mode, us, TE * ds + out_bytes + T * rb, wrong);
+        }
+        // The maps and saved tensor of every set for the backward (TE-compatible forward, both formats).
+        for (int r = 0; r < R; ++r) {
+          fwd(sets[r], true, bitepMapBytemap, false);
+          fwd(sets[r], true, bitepMapBitmapU8, false);
+        }
+        CK(cudaStreamSynchronize(stream));
+        for (bool recompute : {false, true})
+          for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8}) {
+            const bool bm = fmt == bitepMapBitmapU8;
+            const double us = timer.median_us([&](int i) { bwd(sets[i % R], recompute, fmt); });
+            CK(cudaStreamSynchronize(stream));
+            const int64_t wrong =
+                check_backward(chk, sets[0], recompute, bm ? sets[0].bitmap.p : sets[0].bytemap.p, bm);
+            const double bytes = TE * 4.0 + (recompute ? TE * ds : TE * 4.0) + (bm ? T * rb : TE) + TE * ds;
+            add(bm ? "bitmap" : "bytemap", "bwd", recompute ? "recompute" : "saved", us, bytes, wrong);
+          }
+      }
+
+  if (!args.json.empty()) {
+    FILE* f = std::fopen(args.json.c_str(), "w");
+    if (!f) {
+      std::fprintf(stderr, "router_bench: cannot write %s\n", args.json.c_str());
+      return 2;
+    }
+    char date[32];
+    const std::time_t now = std::time(nullptr);
+    std::strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+    std::fprintf(f, "{\"card\": \"%s\", \"date\": \"%s\", \"commit\": \"%s\", \"hbm_GBps\": %.1f, \"records\": [\n",
+                 prop.name, date, args.commit.c_str(), gbps);
+    for (size_t i = 0; i < records.size(); ++i) {
+      const Record& r = records[i];
+      std::fprintf(
+          f,
+          "  {\"T\": %lld, \"E\": %d, \"k\": %d, \"config\": \"%s\", \"dtype\": \"%s\", \"format\": \"%s\", "
+          "\"pass\": \"%s\", \"mode\": \"%s\", \"median_us\": %.3f, \"floor_us\": %.3f, \"pct_of_floor\": %.1f, "
+          "\"wrong\": %lld}%s\n",
+          static_cast<long long>(r.T), r.E, r.k, r.config.c_str(), r.dtype.c_str(), r.format.c_str(), r.pass.c_str(),
+          r.mode.c_str(), r.median_us, r.floor_us, 100.0 * r.floor_us / r.median_us, static_cast<long long>(r.wrong),
+          i + 1 < records.size() ? "," : "");
+    }
+    std::fprintf(f, "]}\n");
+    std::fclose(f);
+  }
+  std::printf("# %lld wrong\n", static_cast<long long>(total_wrong));
+  CK(cudaStreamDestroy(stream));
+  return total_wrong == 0 ? 0 : 1;
+}

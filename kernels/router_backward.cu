@@ -1,0 +1,302 @@
+// SPDX-License-Identifier: Apache-2.0
+// Router backward (kernels/router.h): grad_probs -> grad_logits, from the forward's saved fp32 tensor
+// (TE-compatible) or recomputed from the logits (recompute mode: reads 2 bytes per expert instead of
+// 4 for bf16 logits). Top-k router and aux-loss scores. Formulas: src/host/router_host.cc.
+//
+// E <= 2048: the forward's warp-per-token layout (router_common.cuh), so the recomputed softmax is the
+// forward's, bit for bit (same seg_softmax on the same lanes). Larger E: one block per token, with the
+// generic forward's block reductions.
+#include "kernels/router.h"
+#include "kernels/router_common.cuh"
+
+namespace bitep::kernels {
+namespace {
+
+using namespace router_detail;
+
+[[maybe_unused]] constexpr char kName[] = "router_backward";
+constexpr int kGenericThreads = 256;
+
+template <int N>
+constexpr int min_blocks() {
+  return N <= 8 ? 4 : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
+}
+
+template <int G, int NS, bool kF32>
+__global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
+    router_backward_bucket(const RouterBackwardParams p, const int64_t num_tiles) {
+  constexpr int N = 8 * NS;
+  constexpr int kTokensPerWarp = kWarpSize / G;
+  constexpr int kWarps = kBucketThreads / kWarpSize;
+  using Mask = typename std::conditional<(N > 32), unsigned long long, uint32_t>::type;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sl = lane % G, tl = lane / G;
+  const int E = p.num_experts, k = p.topk;
+  const DType dt = p.logits_dtype;
+  const bool aux = p.mode == RouterMode::kAuxScores;
+  const ScoreFn fn = p.score_fn;
+  const bool softmax = fn == ScoreFn::kSoftmax;
+  const bool pre = softmax && (aux || p.use_pre_softmax);
+  const bool norm = !softmax && k > 1;
+  const bool bitmap = p.map_format == MapFormat::kBitmap;
+  const int map_row = bitmap ? map_bytes_of(E) : E;
+  const int esize = dt == DType::kF32 ? 4 : 2;
+  const float scale = p.scaling_factor;
+
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarps + warp; tile < num_tiles; tile += stride) {
+    const int64_t t = tile * kTokensPerWarp + tl;
+    const bool tv = t < p.num_tokens;
+    const int64_t row = t * E;
+
+    int nval[NS];
+    Mask valid = 0, routed = 0;
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      const int e0 = (s * G + sl) * 8;
+      const int n = tv ? min(max(E - e0, 0), 8) : 0;
+      nval[s] = n;
+      const uint32_t vb = (1u << n) - 1u;
+      valid |= static_cast<Mask>(vb) << (8 * s);
+      uint32_t rb = vb;
+      if (!aux && n > 0) {
+        if (bitmap) {
+          rb = __ldg(p.routing_map + t * map_row + (s * G + sl)) & vb;  // pad bits ignored
+        } else {
+          const uint8_t* m = p.routing_map + row + e0;
+          rb = 0u;
+          if (n == 8 && (reinterpret_cast<uintptr_t>(m) & 7u) == 0) {
+            const uint2 q = __ldg(reinterpret_cast<const uint2*>(m));
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+              rb |= static_cast<uint32_t>(((q.x >> (8 * b)) & 0xffu) != 0) << b;
+              rb |= static_cast<uint32_t>(((q.y >> (8 * b)) & 0xffu) != 0) << (b + 4);
+            }
+          } else {
+#pragma unroll
+            for (int b = 0; b < 8; ++b)
+              if (b < n) rb |= static_cast<uint32_t>(__ldg(m + b) != 0) << b;
+          }
+        }
+      }
+      routed |= static_cast<Mask>(rb) << (8 * s);
+    }
+
+    float g[N], a[N];  // a: the forward's activation (sigmoid output, softmax output), or the logits
+    {
+      const bool vec = tv && aligned16(p.grad_probs + row);
+#pragma unroll
+      for (int s = 0; s < NS; ++s) load_octet_f32(p.grad_probs + row + (s * G + sl) * 8, nval[s], vec, g + 8 * s);
+    }
+    if (p.saved != nullptr) {
+      const bool vec = tv && aligned16(p.saved + row);
+#pragma unroll
+      for (int s = 0; s < NS; ++s) load_octet_f32(p.saved + row + (s * G + sl) * 8, nval[s], vec, a + 8 * s);
+    } else {
+      const bool vec = tv && aligned16(static_cast<const char*>(p.logits) + row * esize);
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        RawOctet r;
+        load_raw_t<kF32>(p.logits, dt, row + (s * G + sl) * 8, nval[s], vec, r);
+        decode_raw_t<kF32>(dt, r, a + 8 * s);
+      }
+      if (fn == ScoreFn::kSigmoid) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) a[i] = sigmoid_f(a[i]);
+      } else if (pre) {
+        seg_softmax<G, N>(a, valid);
+      } else if (softmax) {
+        seg_softmax<G, N>(a, routed);
+      }
+    }
+    // Now: sigmoid: a = y; sqrtsoftplus: a = x (y = sqrtsoftplus(x)); softmax: a = softmax output.
+
+    if (!aux) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) g[i] = ((routed >> i) & 1) ? __fmul_rn(g[i], scale) : 0.0f;
+    }
+    if (norm) {  // backward of y / (sum_routed y + eps)
+      float s = 0.0f, dot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        if ((routed >> i) & 1) {
+          const float y = fn == ScoreFn::kSigmoid ? a[i] : sqrtsoftplus_f(a[i]);
+          s = __fadd_rn(s, y);
+          dot = __fadd_rn(dot, __fmul_rn(g[i], y));
+        }
+      s = seg_sum_f32<G>(s);
+      dot = seg_sum_f32<G>(dot);
+      const float d = __fadd_rn(s, kNormEpsilon);
+      const float dd = __fmul_rn(d, d);
+#pragma unroll
+      for (int i = 0; i < N; ++i) g[i] = ((routed >> i) & 1) ? __fsub_rn(g[i] / d, dot / dd) : 0.0f;
+    }
+    if (softmax) {
+      const Mask on = pre ? valid : routed;
+      float dot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        if ((on >> i) & 1) dot = __fadd_rn(dot, __fmul_rn(g[i], a[i]));
+      dot = seg_sum_f32<G>(dot);
+#pragma unroll
+      for (int i = 0; i < N; ++i) g[i] = ((on >> i) & 1) ? __fmul_rn(a[i], __fsub_rn(g[i], dot)) : 0.0f;
+    } else if (fn == ScoreFn::kSigmoid) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) g[i] = __fmul_rn(g[i], __fmul_rn(a[i], __fsub_rn(1.0f, a[i])));
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float y = sqrtsoftplus_f(a[i]);
+        g[i] = __fmul_rn(g[i], sigmoid_f(a[i]) / __fmul_rn(2.0f, y));
+      }
+    }
+
+    const bool vec = tv && aligned16(static_cast<char*>(p.grad_logits) + row * esize);
+#pragma unroll
+    for (int s = 0; s < NS; ++s)
+      if (nval[s] > 0) store_octet_t<kF32>(p.grad_logits, dt, row + (s * G + sl) * 8, nval[s], vec, g + 8 * s);
+  }
+}
+
+// One block per token (E > 2048); the reductions are the generic forward's (router_generic.cu).
+__global__ void __launch_bounds__(kGenericThreads) router_backward_generic(const RouterBackwardParams p) {
+  __shared__ float scratch[32];
+  const int E = p.num_experts, k = p.topk;
+  const DType dt = p.logits_dtype;
+  const bool aux = p.mode == RouterMode::kAuxScores;
+  const ScoreFn fn = p.score_fn;
+  const bool softmax = fn == ScoreFn::kSoftmax;
+  const bool pre = softmax && (aux || p.use_pre_softmax);
+  const bool norm = !softmax && k > 1;
+  const bool bitmap = p.map_format == MapFormat::kBitmap;
+  const int map_row = bitmap ? map_bytes_of(E) : E;
+  const float scale = p.scaling_factor;
+
+  for (int64_t t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+    const int64_t row = t * E;
+    auto routed = [&](int e) {
+      if (aux) return true;
+      if (bitmap) return ((__ldg(p.routing_map + t * map_row + e / 8) >> (e % 8)) & 1) != 0;
+      return __ldg(p.routing_map + row + e) != 0;
+    };
+    auto x_of = [&](int e) { return p.saved != nullptr ? __ldg(p.saved + row + e) : load_one(p.logits, dt, row + e); };
+    float mx = 0.0f, sum = 1.0f;
+    if (p.saved == nullptr && softmax) {  // the forward's softmax statistics (all experts, or the routed)
+      float m = -INFINITY;
+      for (int e = threadIdx.x; e < E; e += blockDim.x)
+        if (pre || routed(e)) m = fmaxf(m, x_of(e));
+      mx = block_max_f32(m, scratch);
+      float s = 0.0f;
+      for (int e = threadIdx.x; e < E; e += blockDim.x)
+        if (pre || routed(e)) s = __fadd_rn(s, expf(x_of(e) - mx));
+      sum = block_sum_f32(s, scratch);
+    }
+    auto act = [&](int e) {  // sigmoid: y; sqrtsoftplus: x; softmax: the probability
+      const float v = x_of(e);
+      if (p.saved != nullptr) return v;
+      if (fn == ScoreFn::kSigmoid) return sigmoid_f(v);
+      if (softmax) return (pre || routed(e)) ? expf(v - mx) / sum : -INFINITY;
+      return v;
+    };
+    auto y_of = [&](float a) { return fn == ScoreFn::kSigmoid ? a : sqrtsoftplus_f(a); };
+    auto g0 = [&](int e) {
+      const float g = __ldg(p.grad_probs + row + e);
+      return aux ? g : (routed(e) ? __fmul_rn(g, scale) : 0.0f);
+    };
+    float d = 1.0f, dd = 1.0f, ndot = 0.0f;
+    if (norm) {
+      float s = 0.0f, dot = 0.0f;
+      for (int e = threadIdx.x; e < E; e += blockDim.x)
+        if (routed(e)) {
+          const float y = y_of(act(e));
+          s = __fadd_rn(s, y);
+          dot = __fadd_rn(dot, __fmul_rn(g0(e), y));
+        }
+      d = __fadd_rn(block_sum_f32(s, scratch), kNormEpsilon);
+      ndot = block_sum_f32(dot, scratch);
+      dd = __fmul_rn(d, d);
+    }
+    auto g1 = [&](int e) {
+      if (!norm) return g0(e);
+      return routed(e) ? __fsub_rn(g0(e) / d, ndot / dd) : 0.0f;
+    };
+    float sdot = 0.0f;
+    if (softmax) {
+      float dot = 0.0f;
+      for (int e = threadIdx.x; e < E; e += blockDim.x)
+        if (pre || routed(e)) dot = __fadd_rn(dot, __fmul_rn(g1(e), act(e)));
+      sdot = block_sum_f32(dot, scratch);
+    }
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+      float g = g1(e);
+      const float a = act(e);
+      if (softmax) {
+        g = (pre || routed(e)) ? __fmul_rn(a, __fsub_rn(g, sdot)) : 0.0f;
+      } else if (fn == ScoreFn::kSigmoid) {
+        g = __fmul_rn(g, __fmul_rn(a, __fsub_rn(1.0f, a)));
+      } else {
+        g = __fmul_rn(g, sigmoid_f(a) / __fmul_rn(2.0f, sqrtsoftplus_f(a)));
+      }
+      store_one(p.grad_logits, dt, row + e, g);
+    }
+  }
+}
+
+template <int G, int NS, bool kF32>
+cudaError_t launch_bucket_t(const RouterBackwardParams& p, cudaStream_t stream) {
+  static std::atomic<int> occupancy{0};
+  constexpr int kTokensPerWarp = kWarpSize / G;
+  constexpr int kWarps = kBucketThreads / kWarpSize;
+  auto kernel = router_backward_bucket<G, NS, kF32>;
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kBucketThreads, &occupancy);
+  const int64_t tiles = (p.num_tokens + kTokensPerWarp - 1) / kTokensPerWarp;
+  kernel<<<persistent_grid(tiles, kWarps, sms, per_sm), kBucketThreads, 0, stream>>>(p, tiles);
+  return cudaGetLastError();
+}
+
+template <int G, int NS>
+cudaError_t launch_bucket(const RouterBackwardParams& p, cudaStream_t stream) {
+  return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true>(p, stream)
+                                       : launch_bucket_t<G, NS, false>(p, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_router_backward(const RouterBackwardParams& p, cudaStream_t stream) {
+  if (p.num_tokens <= 0) return cudaSuccess;
+  switch (bucket_of(p.num_experts)) {
+    case 0:
+      return launch_bucket<1, 1>(p, stream);
+    case 1:
+      return launch_bucket<2, 1>(p, stream);
+    case 2:
+      return launch_bucket<4, 1>(p, stream);
+    case 3:
+      return launch_bucket<8, 1>(p, stream);
+    case 4:
+      return launch_bucket<16, 1>(p, stream);
+    case 5:
+      return launch_bucket<32, 1>(p, stream);
+    case 6:
+      return launch_bucket<32, 2>(p, stream);
+    case 7:
+      return launch_bucket<32, 4>(p, stream);
+    case 8:
+      return launch_bucket<32, 8>(p, stream);
+    default:
+      break;
+  }
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const int64_t want = static_cast<int64_t>(sms) * 8;
+  const unsigned grid = static_cast<unsigned>(p.num_tokens < want ? p.num_tokens : want);
+  router_backward_generic<<<grid, kGenericThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace bitep::kernels

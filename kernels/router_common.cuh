@@ -1,0 +1,425 @@
+// SPDX-License-Identifier: Apache-2.0
+// Helpers shared by the router kernels (router_topk.cu, router_generic.cu, router_backward.cu,
+// router_aux_loss.cu): selection keys, score functions, the lane layout of a row, octet loads and
+// stores, segment reductions, cached device properties. Internal to the kernels: the launcher contract
+// is kernels/router.h.
+//
+// Lane layout of the warp-per-token kernels ("bucket" kernels): a segment of G lanes (G in 1..32, a
+// power of two) owns one token; 32 / G tokens share a warp. The row is cut into octets of 8 experts;
+// octet o lives in lane o % G of the segment, slot o / G, so each lane holds NS slots = 8 * NS experts
+// in registers (element p = 8 * slot + bit). The octet is a whole BITMAP_U8 byte, so a lane writes its
+// map bytes from registers, and loads its octet with one 16-byte load (bf16 / fp16) or two (fp32).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <climits>
+#include <cstdint>
+
+#include "kernels/router_params.h"
+
+namespace bitep::kernels::router_detail {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarpSize = 32;
+constexpr int kMaxDevices = 64;
+constexpr int kBucketThreads = 256;      // threads per block of the warp-per-token kernels
+constexpr int kMaxBucketExperts = 2048;  // larger E takes the generic block-per-token kernels
+constexpr int kMaxBucketTopk = 64;       // larger k too (its rounds grow with k; the generic cost does not)
+constexpr int kNumBuckets = 9;
+
+// Selection key: a uint32 whose unsigned order is the selection order of the fp32 value. -0 == +0;
+// every NaN maps to 1, below -inf (0x007fffff); 0 is kept for "not a candidate". Ties between equal
+// keys go to the lower expert index, which the reductions take care of.
+constexpr uint32_t kKeyNone = 0u;
+constexpr uint32_t kKeyNaN = 1u;
+
+// ---- host: device properties, cached per device ------------------------------------------------
+
+// Number of SMs of the current device (queried once per device).
+inline cudaError_t sm_count(int* out) {
+  static std::atomic<int> cache[kMaxDevices];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int c = cache[dev].load(std::memory_order_relaxed);
+    if (c > 0) {
+      *out = c;
+      return cudaSuccess;
+    }
+  }
+  cudaDeviceProp prop;
+  err = cudaGetDeviceProperties(&prop, dev);
+  if (err != cudaSuccess) return err;
+  const int n = prop.multiProcessorCount > 0 ? prop.multiProcessorCount : 1;
+  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
+  *out = n;
+  return cudaSuccess;
+}
+
+// Largest dynamic shared memory a block may opt in to on the current device (queried once per device).
+inline cudaError_t smem_optin_bytes(int* out) {
+  static std::atomic<int> cache[kMaxDevices];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int c = cache[dev].load(std::memory_order_relaxed);
+    if (c > 0) {
+      *out = c;
+      return cudaSuccess;
+    }
+  }
+  int n = 0;
+  err = cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  if (n < 48 * 1024) n = 48 * 1024;
+  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
+  *out = n;
+  return cudaSuccess;
+}
+
+// Resident blocks per SM of `kernel` at `threads` threads and no dynamic shared memory; cached by the
+// caller in `cache` (one per kernel instantiation). Only sizes the persistent grid, never correctness.
+inline int blocks_per_sm(const void* kernel, int threads, std::atomic<int>* cache) {
+  int c = cache->load(std::memory_order_relaxed);
+  if (c > 0) return c;
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess || n < 1) {
+    (void)cudaGetLastError();
+    n = 1;
+  }
+  cache->store(n, std::memory_order_relaxed);
+  return n;
+}
+
+// Persistent grid: enough blocks for `work` units of `per_block`, at most sms * per_sm.
+inline unsigned persistent_grid(int64_t work, int per_block, int sms, int per_sm) {
+  const int64_t need = (work + per_block - 1) / per_block;
+  const int64_t cap = static_cast<int64_t>(sms) * per_sm;
+  const int64_t g = need < cap ? need : cap;
+  return static_cast<unsigned>(g > 0 ? g : 1);
+}
+
+// Bucket of the warp-per-token kernels for E experts: index into {lanes, slots}; -1: generic kernel.
+// Up to 256 experts a lane holds one octet and G = ceil(octets) lanes (several tokens per warp when
+// E < 256); above, 32 lanes hold 2, 4 or 8 octets each.
+inline int bucket_of(int num_experts) {
+  if (num_experts > kMaxBucketExperts) return -1;
+  const int octets = (num_experts + 7) / 8;
+  if (octets <= 1) return 0;
+  if (octets <= 2) return 1;
+  if (octets <= 4) return 2;
+  if (octets <= 8) return 3;
+  if (octets <= 16) return 4;
+  if (octets <= 32) return 5;
+  if (octets <= 64) return 6;
+  if (octets <= 128) return 7;
+  if (octets <= 256) return 8;
+  return -1;
+}
+
+// BITMAP_U8 bytes of a row of n bits (router_params.h's bitmap_bytes, callable on the device).
+__host__ __device__ constexpr int map_bytes_of(int n) { return (n + 7) / 8; }
+
+// ---- device: keys and score functions -----------------------------------------------------------
+
+__device__ __forceinline__ uint32_t select_key(float v) {
+  if (v != v) return kKeyNaN;
+  if (v == 0.0f) return 0x80000000u;
+  const uint32_t u = __float_as_uint(v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The fp32 value of a key (NaN for kKeyNaN; +0 for both zeros). Exact for every other key.
+__device__ __forceinline__ float key_value(uint32_t k) {
+  if (k == kKeyNaN) return __uint_as_float(0x7fc00000u);
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// The host reference's formulas, in the same fp32 operations (no contraction: no a * b + c here).
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+__device__ __forceinline__ float sqrtsoftplus_f(float x) { return sqrtf(softplus_f(x)); }
+
+// ---- device: loads and stores of one octet (8 consecutive experts of a row) ------------------------
+
+__device__ __forceinline__ float half_bits_to_float(uint32_t h, DType dt) {
+  return dt == DType::kBF16 ? __uint_as_float(h << 16)
+                            : __half2float(__ushort_as_half(static_cast<unsigned short>(h & 0xffffu)));
+}
+
+// One octet as loaded, before conversion: fp32 in a (experts 0-3) and b (4-7); 16-bit types in a.
+struct RawOctet {
+  uint4 a, b;
+};
+
+// r = base[off .. off + 8) of dtype dt; elements at or past n (0 <= n <= 8) read as 0. vec: base + off is
+// 16-byte aligned (then a full octet is one 16-byte load for bf16 / fp16, two for fp32).
+__device__ __forceinline__ void load_raw(const void* base, DType dt, int64_t off, int n, bool vec, RawOctet& r) {
+  if (dt == DType::kF32) {
+    const float* ptr = static_cast<const float*>(base) + off;
+    if (vec && n == 8) {
+      r.a = __ldg(reinterpret_cast<const uint4*>(ptr));
+      r.b = __ldg(reinterpret_cast<const uint4*>(ptr) + 1);
+    } else {
+      uint32_t w[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) w[i] = i < n ? __float_as_uint(__ldg(ptr + i)) : 0u;
+      r.a = make_uint4(w[0], w[1], w[2], w[3]);
+      r.b = make_uint4(w[4], w[5], w[6], w[7]);
+    }
+    return;
+  }
+  const unsigned short* ptr = static_cast<const unsigned short*>(base) + off;
+  if (vec && n == 8) {
+    r.a = __ldg(reinterpret_cast<const uint4*>(ptr));
+  } else {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t lo = 2 * i < n ? __ldg(ptr + 2 * i) : 0u;
+      const uint32_t hi = 2 * i + 1 < n ? __ldg(ptr + 2 * i + 1) : 0u;
+      w[i] = lo | (hi << 16);
+    }
+    r.a = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  r.b = make_uint4(0u, 0u, 0u, 0u);
+}
+
+__device__ __forceinline__ void decode_raw(DType dt, const RawOctet& r, float* x) {
+  if (dt == DType::kF32) {
+    x[0] = __uint_as_float(r.a.x), x[1] = __uint_as_float(r.a.y), x[2] = __uint_as_float(r.a.z);
+    x[3] = __uint_as_float(r.a.w), x[4] = __uint_as_float(r.b.x), x[5] = __uint_as_float(r.b.y);
+    x[6] = __uint_as_float(r.b.z), x[7] = __uint_as_float(r.b.w);
+    return;
+  }
+  const uint32_t w[4] = {r.a.x, r.a.y, r.a.z, r.a.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = half_bits_to_float(w[i] & 0xffffu, dt);
+    x[2 * i + 1] = half_bits_to_float(w[i] >> 16, dt);
+  }
+}
+
+// The same with the width fixed at compile time (kF32: dt == kF32; else bf16 or fp16): a 16-bit octet
+// keeps only r.a live.
+template <bool kF32>
+__device__ __forceinline__ void load_raw_t(const void* base, DType dt, int64_t off, int n, bool vec, RawOctet& r) {
+  load_raw(base, kF32 ? DType::kF32 : (dt == DType::kF32 ? DType::kBF16 : dt), off, n, vec, r);
+}
+template <bool kF32>
+__device__ __forceinline__ void decode_raw_t(DType dt, const RawOctet& r, float* x) {
+  decode_raw(kF32 ? DType::kF32 : (dt == DType::kF32 ? DType::kBF16 : dt), r, x);
+}
+
+// x[0..8) = base[off .. off + 8) of dtype dt as fp32 (load_raw's rules).
+__device__ __forceinline__ void load_octet(const void* base, DType dt, int64_t off, int n, bool vec, float* x) {
+  RawOctet r;
+  load_raw(base, dt, off, n, vec, r);
+  decode_raw(dt, r, x);
+}
+
+// fp32 only (bias, grad_probs, saved).
+__device__ __forceinline__ void load_octet_f32(const float* ptr, int n, bool vec, float* x) {
+  load_octet(ptr, DType::kF32, 0, n, vec, x);
+}
+
+__device__ __forceinline__ void store_octet_f32(float* ptr, int n, bool vec, const float* v) {
+  if (vec && n == 8) {
+    reinterpret_cast<float4*>(ptr)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(ptr)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (i < n) ptr[i] = v[i];
+}
+
+__device__ __forceinline__ uint32_t float_to_half_bits(float v, DType dt) {
+  return dt == DType::kBF16 ? static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(v)))
+                            : static_cast<uint32_t>(__half_as_ushort(__float2half_rn(v)));
+}
+
+// base[off .. off + n) = v[0..n) in dtype dt (round to nearest even).
+__device__ __forceinline__ void store_octet(void* base, DType dt, int64_t off, int n, bool vec, const float* v) {
+  if (dt == DType::kF32) {
+    store_octet_f32(static_cast<float*>(base) + off, n, vec, v);
+    return;
+  }
+  unsigned short* ptr = static_cast<unsigned short*>(base) + off;
+  uint32_t h[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) h[i] = float_to_half_bits(v[i], dt);
+  if (vec && n == 8) {
+    *reinterpret_cast<uint4*>(ptr) =
+        make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (i < n) ptr[i] = static_cast<unsigned short>(h[i]);
+}
+
+template <bool kF32>
+__device__ __forceinline__ void store_octet_t(void* base, DType dt, int64_t off, int n, bool vec, const float* v) {
+  store_octet(base, kF32 ? DType::kF32 : (dt == DType::kF32 ? DType::kBF16 : dt), off, n, vec, v);
+}
+
+__device__ __forceinline__ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+__device__ __forceinline__ float load_one(const void* base, DType dt, int64_t i) {
+  if (dt == DType::kF32) return __ldg(static_cast<const float*>(base) + i);
+  return half_bits_to_float(__ldg(static_cast<const unsigned short*>(base) + i), dt);
+}
+
+__device__ __forceinline__ void store_one(void* base, DType dt, int64_t i, float v) {
+  if (dt == DType::kF32)
+    static_cast<float*>(base)[i] = v;
+  else
+    static_cast<unsigned short*>(base)[i] = static_cast<unsigned short>(float_to_half_bits(v, dt));
+}
+
+// ---- device: reductions over a segment of G lanes (G a power of two, segments aligned) -------------
+// Butterflies: every lane of the segment ends with the same value, combined in the same fixed order.
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+constexpr bool kHasRedux = true;  // redux.sync: a whole-warp integer reduction in one instruction
+#else
+constexpr bool kHasRedux = false;
+#endif
+
+template <int G>
+__device__ __forceinline__ uint32_t seg_max_u32(uint32_t v) {
+  if constexpr (G == 32 && kHasRedux) {
+    return __reduce_max_sync(kFullMask, v);
+  } else {
+#pragma unroll
+    for (int d = G / 2; d > 0; d >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, d));
+    return v;
+  }
+}
+
+template <int G>
+__device__ __forceinline__ int seg_min_i32(int v) {
+  if constexpr (G == 32 && kHasRedux) {
+    return __reduce_min_sync(kFullMask, v);
+  } else {
+#pragma unroll
+    for (int d = G / 2; d > 0; d >>= 1) v = min(v, __shfl_xor_sync(kFullMask, v, d));
+    return v;
+  }
+}
+
+template <int G>
+__device__ __forceinline__ float seg_sum_f32(float v) {
+#pragma unroll
+  for (int d = G / 2; d > 0; d >>= 1) v = __fadd_rn(v, __shfl_xor_sync(kFullMask, v, d));
+  return v;
+}
+
+template <int G>
+__device__ __forceinline__ float seg_max_f32(float v) {
+#pragma unroll
+  for (int d = G / 2; d > 0; d >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, d));
+  return v;
+}
+
+// Inclusive prefix sum over the segment (lane order).
+template <int G>
+__device__ __forceinline__ int seg_scan_i32(int v, int seg_lane) {
+#pragma unroll
+  for (int d = 1; d < G; d <<= 1) {
+    const int y = __shfl_up_sync(kFullMask, v, d, G);
+    if (seg_lane >= d) v += y;
+  }
+  return v;
+}
+
+// Same over aligned groups of q lanes (q a power of two <= 32, the same q in every lane).
+__device__ __forceinline__ uint32_t group_max_u32(uint32_t v, int q) {
+  for (int d = q >> 1; d > 0; d >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, d));
+  return v;
+}
+__device__ __forceinline__ int group_min_i32(int v, int q) {
+  for (int d = q >> 1; d > 0; d >>= 1) v = min(v, __shfl_xor_sync(kFullMask, v, d));
+  return v;
+}
+
+// Softmax over the elements of v selected by `mask` (bit p = element p), in place, the host's formula:
+// m = max (NaN ignored), e = exp(v - m), v = e / sum(e). The sum is lane-local in element order, then a
+// butterfly over the segment: the forward and the backward call this same code on the same layout, so
+// the saved tensor and its recomputation are bit-identical. Elements outside the mask are unchanged.
+template <int G, int N, class Mask>
+__device__ __forceinline__ void seg_softmax(float* v, Mask mask) {
+  float m = -INFINITY;
+#pragma unroll
+  for (int p = 0; p < N; ++p)
+    if ((mask >> p) & 1) m = fmaxf(m, v[p]);
+  m = seg_max_f32<G>(m);
+  float s = 0.0f;
+#pragma unroll
+  for (int p = 0; p < N; ++p)
+    if ((mask >> p) & 1) {
+      v[p] = expf(v[p] - m);
+      s = __fadd_rn(s, v[p]);
+    }
+  s = seg_sum_f32<G>(s);
+#pragma unroll
+  for (int p = 0; p < N; ++p)
+    if ((mask >> p) & 1) v[p] = v[p] / s;
+}
+
+// ---- device: block-wide reductions (generic kernels; blockDim.x a multiple of 32, <= 1024) ---------
+// Fixed order: thread-local (strided), then warp butterflies, then the warp results in warp order.
+// `scratch` holds 32 words; the trailing barrier makes it reusable at once.
+
+__device__ __forceinline__ float warp_sum_f32(float v) { return seg_sum_f32<32>(v); }
+__device__ __forceinline__ float warp_max_f32(float v) { return seg_max_f32<32>(v); }
+
+__device__ __forceinline__ float block_sum_f32(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum_f32(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float r = lane < nw ? scratch[lane] : 0.0f;
+  r = warp_sum_f32(r);
+  __syncthreads();
+  return r;
+}
+
+__device__ __forceinline__ float block_max_f32(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_max_f32(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float r = lane < nw ? scratch[lane] : -INFINITY;
+  r = warp_max_f32(r);
+  __syncthreads();
+  return r;
+}
+
+// Exclusive prefix sum over the threads of the block (thread order).
+__device__ __forceinline__ int block_exclusive_scan(int v, int* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int inc = seg_scan_i32<32>(v, lane);
+  if (lane == 31) scratch[warp] = inc;
+  __syncthreads();
+  int before = 0;
+  for (int w = 0; w < warp; ++w) before += scratch[w];
+  (void)nw;
+  __syncthreads();
+  return before + inc - v;
+}
+
+}  // namespace bitep::kernels::router_detail
+
+namespace bitep::kernels {
+// The generic (block-per-token) forward: any E, any k, any group layout. router_topk.cu sends here what
+// the warp-per-token kernels do not take.
+cudaError_t launch_router_forward_generic(const RouterForwardParams& p, cudaStream_t stream);
+}  // namespace bitep::kernels
