@@ -264,7 +264,7 @@ cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream) {
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
-  const unsigned grid = grid_for(p.num_recv_rows, kRowThreads / kWarp, sms, kRowBlocksPerSm);
+  const unsigned grid = persistent_grid(p.num_recv_rows, kRowThreads / kWarp, sms, kRowBlocksPerSm);
   err = with_vec_dtype(p.dtype, v, [&](auto tt, auto vt) {
     reduce_kernel<typename decltype(tt)::type, decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a);
     return cudaSuccess;
@@ -294,7 +294,7 @@ cudaError_t launch_ep_final_sum(const FinalSumParams& p, cudaStream_t stream) {
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
-  const unsigned grid = grid_for(p.num_tokens, kRowThreads / kWarp, sms, kRowBlocksPerSm);
+  const unsigned grid = persistent_grid(p.num_tokens, kRowThreads / kWarp, sms, kRowBlocksPerSm);
   err = with_vec_dtype(p.dtype, v, [&](auto tt, auto vt) {
     final_sum_kernel<typename decltype(tt)::type, decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a);
     return cudaSuccess;
@@ -330,7 +330,7 @@ cudaError_t launch_ep_weight_grad(const WeightGradParams& p, cudaStream_t stream
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
-  const unsigned grid = grid_for(p.num_tokens, kRowThreads / kWarp, sms, kRowBlocksPerSm);
+  const unsigned grid = persistent_grid(p.num_tokens, kRowThreads / kWarp, sms, kRowBlocksPerSm);
   weight_grad_kernel<<<grid, kRowThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }

@@ -12,13 +12,13 @@
 #include <atomic>
 #include <cstdint>
 
+#include "kernels/device_info.cuh"
 #include "kernels/ep_params.h"
 
 namespace bitep::kernels::ep_detail {
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kMaxDevices = 64;
 
 // Launch shapes shared by the kernels.
 constexpr int kRowThreads = 256;           // warp-per-row kernels: 8 warps per block
@@ -31,34 +31,8 @@ constexpr int kOffsetThreads = 1024;       // the one-block per-segment offset s
 
 // ---- host: device properties (cached per device) ------------------------------------------------
 
-// Number of SMs of the current device; queried once per device.
-inline cudaError_t sm_count(int* out) {
-  static std::atomic<int> cache[kMaxDevices];
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int cached = cache[dev].load(std::memory_order_relaxed);
-    if (cached > 0) {
-      *out = cached;
-      return cudaSuccess;
-    }
-  }
-  int n = 0;
-  err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
-  if (n < 1) n = 1;
-  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
-  *out = n;
-  return cudaSuccess;
-}
-
-// Blocks of a persistent grid: enough for `work` units of `per_block` each, at most `per_sm` per SM.
-inline unsigned grid_for(int64_t work, int per_block, int sms, int per_sm) {
-  const int64_t need = (work + per_block - 1) / per_block;
-  const int64_t cap = static_cast<int64_t>(sms) * per_sm;
-  return static_cast<unsigned>(need < cap ? (need > 0 ? need : 1) : cap);
-}
+using kernels::persistent_grid;  // kernels/device_info.cuh
+using kernels::sm_count;
 
 inline int dtype_size(DType d) { return d == DType::kF32 ? 4 : 2; }
 

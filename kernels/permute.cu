@@ -330,7 +330,7 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
-  const unsigned grid = grid_for(p.num_tokens, kRowThreads / kWarp, sms, kRowBlocksPerSm);
+  const unsigned grid = persistent_grid(p.num_tokens, kRowThreads / kWarp, sms, kRowBlocksPerSm);
   dispatch_vec(v, [&](auto vt) { permute_kernel<decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a); });
   return cudaGetLastError();
 }
@@ -398,7 +398,7 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   const int v = vec_bytes(a.row_bytes, p.recv_x, p.expert_x);
   a.nvec = a.row_bytes / v;
   const int64_t work = p.num_recv_rows > p.num_expert_rows ? p.num_recv_rows : p.num_expert_rows;
-  const unsigned grid = grid_for(work, kRowThreads / kWarp, sms, kRowBlocksPerSm);
+  const unsigned grid = persistent_grid(work, kRowThreads / kWarp, sms, kRowBlocksPerSm);
   return dispatch_dtype(p.dtype, [&](auto tt) {
     using T = typename decltype(tt)::type;
     return dispatch_vec(v,

@@ -130,33 +130,32 @@ __global__ void __launch_bounds__(kGradThreads) aux_loss_backward_kernel(float* 
 // Blocks of the loss cluster on this device (cached): 16 if a non-portable cluster of 16 fits, else 8;
 // 1 without clusters.
 int loss_blocks() {
-  static std::atomic<int> cache[kMaxDevices];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 1;
-  }
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int c = cache[dev].load(std::memory_order_relaxed);
-    if (c > 0) return c;
-  }
-  int blocks = 1, major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9) {
-    blocks = 8;
-    if (cudaFuncSetAttribute(aux_loss_forward_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
-        cudaSuccess) {
-      cudaLaunchConfig_t cfg = {};
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = 16, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
-      cfg.gridDim = dim3(16), cfg.blockDim = dim3(kLossThreads), cfg.attrs = attr, cfg.numAttrs = 1;
-      int clusters = 0;
-      if (cudaOccupancyMaxActiveClusters(&clusters, aux_loss_forward_kernel, &cfg) == cudaSuccess && clusters > 0)
-        blocks = 16;
-    }
-    (void)cudaGetLastError();
-  }
-  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(blocks, std::memory_order_relaxed);
+  static std::atomic<int> cache[kMaxCachedDevices];
+  int blocks = 1;
+  const cudaError_t err = cached_per_device(
+      cache,
+      [](int dev, int* out) {
+        int major = 0;
+        *out = 1;
+        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9) {
+          *out = 8;
+          if (cudaFuncSetAttribute(aux_loss_forward_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
+              cudaSuccess) {
+            cudaLaunchConfig_t cfg = {};
+            cudaLaunchAttribute attr[1];
+            attr[0].id = cudaLaunchAttributeClusterDimension;
+            attr[0].val.clusterDim.x = 16, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
+            cfg.gridDim = dim3(16), cfg.blockDim = dim3(kLossThreads), cfg.attrs = attr, cfg.numAttrs = 1;
+            int clusters = 0;
+            if (cudaOccupancyMaxActiveClusters(&clusters, aux_loss_forward_kernel, &cfg) == cudaSuccess && clusters > 0)
+              *out = 16;
+          }
+        }
+        (void)cudaGetLastError();
+        return cudaSuccess;
+      },
+      &blocks);
+  if (err != cudaSuccess) (void)cudaGetLastError();
   return blocks;
 }
 

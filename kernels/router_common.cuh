@@ -19,13 +19,13 @@
 #include <climits>
 #include <cstdint>
 
+#include "kernels/device_info.cuh"
 #include "kernels/router_params.h"
 
 namespace bitep::kernels::router_detail {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarpSize = 32;
-constexpr int kMaxDevices = 64;
 constexpr int kBucketThreads = 256;      // threads per block of the warp-per-token kernels
 constexpr int kMaxBucketExperts = 2048;  // larger E takes the generic block-per-token kernels
 constexpr int kMaxBucketTopk = 64;       // larger k too (its rounds grow with k; the generic cost does not)
@@ -37,51 +37,11 @@ constexpr int kNumBuckets = 9;
 constexpr uint32_t kKeyNone = 0u;
 constexpr uint32_t kKeyNaN = 1u;
 
-// ---- host: device properties, cached per device ------------------------------------------------
+// ---- host: device properties (kernels/device_info.cuh), occupancy ---------------------------------
 
-// Number of SMs of the current device (queried once per device).
-inline cudaError_t sm_count(int* out) {
-  static std::atomic<int> cache[kMaxDevices];
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int c = cache[dev].load(std::memory_order_relaxed);
-    if (c > 0) {
-      *out = c;
-      return cudaSuccess;
-    }
-  }
-  cudaDeviceProp prop;
-  err = cudaGetDeviceProperties(&prop, dev);
-  if (err != cudaSuccess) return err;
-  const int n = prop.multiProcessorCount > 0 ? prop.multiProcessorCount : 1;
-  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
-  *out = n;
-  return cudaSuccess;
-}
-
-// Largest dynamic shared memory a block may opt in to on the current device (queried once per device).
-inline cudaError_t smem_optin_bytes(int* out) {
-  static std::atomic<int> cache[kMaxDevices];
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int c = cache[dev].load(std::memory_order_relaxed);
-    if (c > 0) {
-      *out = c;
-      return cudaSuccess;
-    }
-  }
-  int n = 0;
-  err = cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err != cudaSuccess) return err;
-  if (n < 48 * 1024) n = 48 * 1024;
-  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
-  *out = n;
-  return cudaSuccess;
-}
+using kernels::persistent_grid;
+using kernels::sm_count;
+using kernels::smem_optin_bytes;
 
 // Resident blocks per SM of `kernel` at `threads` threads and no dynamic shared memory; cached by the
 // caller in `cache` (one per kernel instantiation). Only sizes the persistent grid, never correctness.
@@ -95,14 +55,6 @@ inline int blocks_per_sm(const void* kernel, int threads, std::atomic<int>* cach
   }
   cache->store(n, std::memory_order_relaxed);
   return n;
-}
-
-// Persistent grid: enough blocks for `work` units of `per_block`, at most sms * per_sm.
-inline unsigned persistent_grid(int64_t work, int per_block, int sms, int per_sm) {
-  const int64_t need = (work + per_block - 1) / per_block;
-  const int64_t cap = static_cast<int64_t>(sms) * per_sm;
-  const int64_t g = need < cap ? need : cap;
-  return static_cast<unsigned>(g > 0 ? g : 1);
 }
 
 // Bucket of the warp-per-token kernels for E experts: index into {lanes, slots}; -1: generic kernel.

@@ -1,0 +1,72 @@
+// SPDX-License-Identifier: Apache-2.0
+// Host-side device facts the launchers size their grids from, queried once per device and cached
+// (launchers run on hot paths: no cudaGetDeviceProperties per call).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+namespace bitep::kernels {
+
+constexpr int kMaxCachedDevices = 64;
+
+// Per-device cache of one positive int: returns the cached value, or computes it with `query(dev, &v)`
+// (a cudaError_t-returning callable), stores it and returns it. Devices past kMaxCachedDevices are not cached.
+template <typename Query>
+inline cudaError_t cached_per_device(std::atomic<int> (&cache)[kMaxCachedDevices], Query query, int* out) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const bool cacheable = dev >= 0 && dev < kMaxCachedDevices;
+  if (cacheable) {
+    const int c = cache[dev].load(std::memory_order_relaxed);
+    if (c > 0) {
+      *out = c;
+      return cudaSuccess;
+    }
+  }
+  int v = 0;
+  err = query(dev, &v);
+  if (err != cudaSuccess) return err;
+  if (cacheable) cache[dev].store(v, std::memory_order_relaxed);
+  *out = v;
+  return cudaSuccess;
+}
+
+// Number of SMs of the current device (at least 1).
+inline cudaError_t sm_count(int* out) {
+  static std::atomic<int> cache[kMaxCachedDevices];
+  return cached_per_device(
+      cache,
+      [](int dev, int* v) {
+        cudaError_t e = cudaDeviceGetAttribute(v, cudaDevAttrMultiProcessorCount, dev);
+        if (*v < 1) *v = 1;
+        return e;
+      },
+      out);
+}
+
+// Largest dynamic shared memory a block may opt in to on the current device (at least 48 KiB).
+inline cudaError_t smem_optin_bytes(int* out) {
+  static std::atomic<int> cache[kMaxCachedDevices];
+  return cached_per_device(
+      cache,
+      [](int dev, int* v) {
+        cudaError_t e = cudaDeviceGetAttribute(v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+        if (*v < 48 * 1024) *v = 48 * 1024;
+        return e;
+      },
+      out);
+}
+
+// Persistent grid: enough blocks for `work` units of `per_block` each, at most sms * per_sm, at least 1.
+inline unsigned persistent_grid(int64_t work, int per_block, int sms, int per_sm) {
+  const int64_t need = (work + per_block - 1) / per_block;
+  const int64_t cap = static_cast<int64_t>(sms) * per_sm;
+  const int64_t g = need < cap ? need : cap;
+  return static_cast<unsigned>(g > 0 ? g : 1);
+}
+
+}  // namespace bitep::kernels
