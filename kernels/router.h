@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // CUDA launchers of the router kernels: raw pointers + stream, no handles, no allocation.
-// Zero tokens returns cudaSuccess at once.
+// Zero tokens returns cudaSuccess at once, except launch_aux_loss_forward, which still writes loss = 0
+// (the loss is an output even when this rank holds no tokens).
 #pragma once
 
 #include <cuda_runtime.h>
