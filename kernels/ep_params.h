@@ -112,6 +112,9 @@ struct ExpertMajorParams {
   int64_t num_expert_rows = 0;              // N = expert_offsets[L]
   // Combine backward uses the same scatter with weights: expert_x[pos] = w * recv_x[i].
   const float* recv_weights = nullptr;  // [R, KL] or null (unweighted copy)
+  // true: recv_expert_rows already holds this layout's positions (the dispatch computed them): they are
+  // read, not recomputed or written, and only the scatter and the pad-row zeroing run.
+  bool positions_given = false;
 };
 
 // 6. Reduce: partial[i] = sum over the set bits j of row i, ascending, of w_ij * y[recv_expert_rows[i][j]]

@@ -343,7 +343,8 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   const bool rows_out = p.expert_x != nullptr && p.hidden > 0;
   if (p.num_recv_rows == 0 && (!rows_out || p.num_expert_rows == 0)) return cudaSuccess;
   if (p.expert_offsets == nullptr || p.expert_counts == nullptr) return cudaErrorInvalidValue;
-  if (p.num_recv_rows > 0 && (p.recv_map == nullptr || p.recv_expert_rows == nullptr)) return cudaErrorInvalidValue;
+  if (p.num_recv_rows > 0 && (p.recv_expert_rows == nullptr || (!p.positions_given && p.recv_map == nullptr)))
+    return cudaErrorInvalidValue;
 
   ExpertArgs a;
   a.num_rows = p.num_recv_rows;
@@ -365,7 +366,7 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
 
-  if (p.num_recv_rows > 0) {
+  if (p.num_recv_rows > 0 && !p.positions_given) {
     // Each segment's region of recv_expert_rows must hold L totals: >= ceil(L / KL) rows per segment.
     const int64_t R = p.num_recv_rows;
     const int64_t min_rows = (L + KL - 1) / KL;

@@ -112,8 +112,6 @@ bitepResult_t backward(Exec& ex, bitepGroup* g, bitepHandle* h, const bitepCombi
   BITEP_CHECK(transport_failed(g, g->transport->alltoallv(per_peer, ex.stream(), c.timeout_s)));
   // grad_y: the expert-major scatter, weighted by the router weights when the combine was.
   if (R > 0 || h->num_expert_rows > 0) {
-    void* rows = nullptr;  // positions are recomputed into a temporary: the handle's stay untouched
-    BITEP_CHECK(ex.temp(sizeof(int32_t) * KL * R, &rows));
     kernels::ExpertMajorParams ep;
     ep.num_recv_rows = R;
     ep.num_local_experts = g->num_local_experts;
@@ -123,7 +121,8 @@ bitepResult_t backward(Exec& ex, bitepGroup* g, bitepHandle* h, const bitepCombi
     ep.recv_map = h->recv_map;
     ep.expert_offsets = h->expert_offsets;
     ep.expert_counts = h->expert_counts;
-    ep.recv_expert_rows = static_cast<int32_t*>(rows);
+    ep.recv_expert_rows = h->recv_expert_rows;  // the dispatch's positions: read, not recomputed
+    ep.positions_given = true;
     ep.recv_x = recv_g;
     ep.expert_x = a->grad_y;
     ep.num_expert_rows = h->num_expert_rows;

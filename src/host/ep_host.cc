@@ -161,31 +161,31 @@ void ep_expert_major(const kernels::ExpertMajorParams& p) {
   std::vector<int64_t> next(L);
   for (int l = 0; l < L; ++l) next[l] = p.expert_offsets[l];
   for (int64_t i = 0; i < p.num_recv_rows; ++i) {
-    const uint8_t* m = p.recv_map + i * MB;
     int32_t* rows = p.recv_expert_rows + i * KL;
-    int j = 0;
-    for (int l = 0; l < L && j < KL; ++l) {
-      if (!map_bit(m, l)) continue;
-      const int64_t end = static_cast<int64_t>(p.expert_offsets[l]) + p.expert_counts[l];
-      const int64_t pos = next[l]++;
-      if (pos >= end) {
-        rows[j++] = -1;
-        continue;
+    if (!p.positions_given) {
+      const uint8_t* m = p.recv_map + i * MB;
+      int j = 0;
+      for (int l = 0; l < L && j < KL; ++l) {
+        if (!map_bit(m, l)) continue;
+        const int64_t end = static_cast<int64_t>(p.expert_offsets[l]) + p.expert_counts[l];
+        const int64_t pos = next[l]++;
+        rows[j++] = pos < end ? static_cast<int32_t>(pos) : -1;
       }
-      rows[j] = static_cast<int32_t>(pos);
-      if (move) {
-        char* dst = static_cast<char*>(p.expert_x) + pos * row_bytes;
-        const char* src = static_cast<const char*>(p.recv_x) + i * row_bytes;
-        if (p.recv_weights == nullptr) {
-          std::memcpy(dst, src, row_bytes);
-        } else {
-          const float w = p.recv_weights[i * KL + j];
-          for (int64_t h = 0; h < p.hidden; ++h) store_from_float(dst, p.dtype, h, w * load_as_float(src, p.dtype, h));
-        }
-      }
-      ++j;
+      for (; j < KL; ++j) rows[j] = -1;
     }
-    for (; j < KL; ++j) rows[j] = -1;
+    if (!move) continue;
+    const char* src = static_cast<const char*>(p.recv_x) + i * row_bytes;
+    for (int j = 0; j < KL; ++j) {
+      const int64_t pos = rows[j];
+      if (pos < 0 || pos >= p.num_expert_rows) continue;
+      char* dst = static_cast<char*>(p.expert_x) + pos * row_bytes;
+      if (p.recv_weights == nullptr) {
+        std::memcpy(dst, src, row_bytes);
+      } else {
+        const float w = p.recv_weights[i * KL + j];
+        for (int64_t h = 0; h < p.hidden; ++h) store_from_float(dst, p.dtype, h, w * load_as_float(src, p.dtype, h));
+      }
+    }
   }
   if (p.expert_x == nullptr) return;
   for (int l = 0; l < L; ++l) {

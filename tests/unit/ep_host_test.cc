@@ -205,6 +205,17 @@ TEST(EpHostExpertMajor, PositionsPadRowsAndWeightedScatter) {
   p.recv_weights = w.data();
   bitep::host::ep_expert_major(p);
   EXPECT_EQ(ex, (std::vector<float>{0.5f, 4.5f, 16.0f, 0, 0.75f, 0, 2.0f, 6.0f, -5}));
+  // Positions given (combine backward reuses the dispatch's): the same scatter, rows read and left as
+  // they are, the map not read; a position past the view moves nothing.
+  std::vector<float> ex2(9, -7.0f);
+  rows[7] = 8;  // past num_expert_rows: must not be written (the guard row stays -7)
+  const std::vector<int32_t> rows_before = rows;
+  p.expert_x = ex2.data();
+  p.recv_map = nullptr;
+  p.positions_given = true;
+  bitep::host::ep_expert_major(p);
+  EXPECT_EQ(rows, rows_before);
+  EXPECT_EQ(ex2, (std::vector<float>{0.5f, 4.5f, 16.0f, 0, 0.75f, 0, 2.0f, 6.0f, -7}));
 }
 
 TEST(EpHostExpertMajor, InconsistentCountsNeverWriteOutside) {
