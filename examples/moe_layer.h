@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -20,6 +21,18 @@ struct Options {
 };
 
 // This rank's inputs and the layer's weights (the same on every rank).
+// Fails the calling function (return 1) on a bitep error, printing the code and bitepGetLastError().
+// Needs a `p` (Problem) in scope for the rank.
+#define BITEP_OK(call)                                                                                \
+  do {                                                                                                \
+    const bitepResult_t r_ = (call);                                                                  \
+    if (r_ != bitepSuccess) {                                                                         \
+      std::fprintf(stderr, "[rank %d] %s failed: %s\n  %s\n", p.rank, #call, bitepGetErrorString(r_), \
+                   bitepGetLastError());                                                              \
+      return 1;                                                                                       \
+    }                                                                                                 \
+  } while (0)
+
 struct Problem {
   int rank = 0, nranks = 1;
   int64_t T = 0;

@@ -59,15 +59,6 @@ struct DevBuf {
       return 1;                                                                         \
     }                                                                                   \
   } while (0)
-#define BITEP_OK(call)                                                                                \
-  do {                                                                                                \
-    const bitepResult_t r_ = (call);                                                                  \
-    if (r_ != bitepSuccess) {                                                                         \
-      std::fprintf(stderr, "[rank %d] %s failed: %s\n  %s\n", p.rank, #call, bitepGetErrorString(r_), \
-                   bitepGetLastError());                                                              \
-      return 1;                                                                                       \
-    }                                                                                                 \
-  } while (0)
 
 int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, Timings* t) {
   // One GPU per rank: the rank's index on its node. Every rank must have one, or all skip together.

@@ -9,16 +9,6 @@
 #include "bitep/bitep_mpi.h"
 #include "moe_layer.h"
 
-#define BITEP_OK(call)                                                                                \
-  do {                                                                                                \
-    const bitepResult_t r_ = (call);                                                                  \
-    if (r_ != bitepSuccess) {                                                                         \
-      std::fprintf(stderr, "[rank %d] %s failed: %s\n  %s\n", p.rank, #call, bitepGetErrorString(r_), \
-                   bitepGetLastError());                                                              \
-      return 1;                                                                                       \
-    }                                                                                                 \
-  } while (0)
-
 float gelu(float v) { return 0.5f * v * (1.0f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v))); }
 
 void expert_ffn(const Problem& p, int e, const uint16_t* x, float* y) {

@@ -268,28 +268,10 @@ cudaError_t launch_bucket(const RouterBackwardParams& p, cudaStream_t stream) {
 
 cudaError_t launch_router_backward(const RouterBackwardParams& p, cudaStream_t stream) {
   if (p.num_tokens <= 0) return cudaSuccess;
-  switch (bucket_of(p.num_experts)) {
-    case 0:
-      return launch_bucket<1, 1>(p, stream);
-    case 1:
-      return launch_bucket<2, 1>(p, stream);
-    case 2:
-      return launch_bucket<4, 1>(p, stream);
-    case 3:
-      return launch_bucket<8, 1>(p, stream);
-    case 4:
-      return launch_bucket<16, 1>(p, stream);
-    case 5:
-      return launch_bucket<32, 1>(p, stream);
-    case 6:
-      return launch_bucket<32, 2>(p, stream);
-    case 7:
-      return launch_bucket<32, 4>(p, stream);
-    case 8:
-      return launch_bucket<32, 8>(p, stream);
-    default:
-      break;
-  }
+  const int bucket = bucket_of(p.num_experts);
+  if (bucket >= 0)
+    return with_bucket(
+        bucket, [&](auto g, auto ns) { return launch_bucket<decltype(g)::value, decltype(ns)::value>(p, stream); });
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;

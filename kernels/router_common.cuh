@@ -18,6 +18,7 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/device_info.cuh"
 #include "kernels/router_params.h"
@@ -73,6 +74,38 @@ inline int bucket_of(int num_experts) {
   if (octets <= 128) return 7;
   if (octets <= 256) return 8;
   return -1;
+}
+
+// Lanes per token (G) of each bucket; slots per lane (NS) are 1 up to bucket 5, then 2, 4, 8.
+constexpr int kBucketLanes[kNumBuckets] = {1, 2, 4, 8, 16, 32, 32, 32, 32};
+
+// Calls f(std::integral_constant<int, G>{}, std::integral_constant<int, NS>{}) for the bucket's shape,
+// so each launcher instantiates its kernel per bucket from one table. An invalid bucket: cudaErrorInvalidValue.
+template <typename F>
+cudaError_t with_bucket(int bucket, F&& f) {
+  using std::integral_constant;
+  switch (bucket) {
+    case 0:
+      return f(integral_constant<int, 1>{}, integral_constant<int, 1>{});
+    case 1:
+      return f(integral_constant<int, 2>{}, integral_constant<int, 1>{});
+    case 2:
+      return f(integral_constant<int, 4>{}, integral_constant<int, 1>{});
+    case 3:
+      return f(integral_constant<int, 8>{}, integral_constant<int, 1>{});
+    case 4:
+      return f(integral_constant<int, 16>{}, integral_constant<int, 1>{});
+    case 5:
+      return f(integral_constant<int, 32>{}, integral_constant<int, 1>{});
+    case 6:
+      return f(integral_constant<int, 32>{}, integral_constant<int, 2>{});
+    case 7:
+      return f(integral_constant<int, 32>{}, integral_constant<int, 4>{});
+    case 8:
+      return f(integral_constant<int, 32>{}, integral_constant<int, 8>{});
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 // BITMAP_U8 bytes of a row of n bits (router_params.h's bitmap_bytes, callable on the device).

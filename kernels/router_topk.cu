@@ -424,11 +424,10 @@ cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t str
     cudaError_t err = cudaMemsetAsync(p.rank_counts, 0, sizeof(int32_t) * p.num_ranks, stream);
     if (err != cudaSuccess) return err;
   }
-  static constexpr int kLanes[kNumBuckets] = {1, 2, 4, 8, 16, 32, 32, 32, 32};
   const bool groups = p.mode == RouterMode::kTopk && p.num_groups > 0;
   const int bucket = bucket_of(p.num_experts);
   int q = 0;
-  if (bucket >= 0 && groups) q = aligned_group_octets(p, kLanes[bucket]);
+  if (bucket >= 0 && groups) q = aligned_group_octets(p, kBucketLanes[bucket]);
   if (bucket < 0 || p.topk > kMaxBucketTopk || (groups && q == 0)) return launch_router_forward_generic(p, stream);
 
   FwdLayout lay{};
@@ -437,26 +436,8 @@ cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t str
   lay.experts_per_rank = p.num_ranks > 0 ? p.num_experts / p.num_ranks : 1;
   lay.group_octets = groups ? q : 0;
   lay.per_group = groups ? p.topk / p.group_topk : 0;
-  switch (bucket) {
-    case 0:
-      return launch_bucket<1, 1>(p, lay, stream);
-    case 1:
-      return launch_bucket<2, 1>(p, lay, stream);
-    case 2:
-      return launch_bucket<4, 1>(p, lay, stream);
-    case 3:
-      return launch_bucket<8, 1>(p, lay, stream);
-    case 4:
-      return launch_bucket<16, 1>(p, lay, stream);
-    case 5:
-      return launch_bucket<32, 1>(p, lay, stream);
-    case 6:
-      return launch_bucket<32, 2>(p, lay, stream);
-    case 7:
-      return launch_bucket<32, 4>(p, lay, stream);
-    default:
-      return launch_bucket<32, 8>(p, lay, stream);
-  }
+  return with_bucket(
+      bucket, [&](auto g, auto ns) { return launch_bucket<decltype(g)::value, decltype(ns)::value>(p, lay, stream); });
 }
 
 }  // namespace bitep::kernels
