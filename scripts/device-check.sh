@@ -11,28 +11,87 @@ OUT=${OUT:-$ROOT/device-out}
 mkdir -p "$OUT"
 QUICK=""
 [ "${1:-}" = "--quick" ] && QUICK="--quick"
+# The whole call must end inside the device tool's 600 s: each step gets what is left of BUDGET_S
+# (default 560 s) and a step that cannot start with MIN_STEP_S left is skipped and reported as such.
+BUDGET_S=${BUDGET_S:-560}
+MIN_STEP_S=20
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export PATH=/usr/local/cuda/bin:$PATH
 BUILD=$ROOT/build-device
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
-COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+# The device tool sends the working tree without .git: the caller passes the commit.
+COMMIT=${BITEP_COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export BITEP_COMMIT=$COMMIT
+
+# ---- what the machine lacks comes from .deps/ (scripts/device-deps.sh packs it; carried) ----------
+CMAKE_EXTRA=()
+DEPS=$ROOT/.deps
+DEPS_LOG=""
+if ! command -v mpirun >/dev/null || ! command -v mpicxx >/dev/null; then
+  if [ -d "$DEPS/ompi" ]; then
+    P=$DEPS/ompi/usr
+    chmod +x "$P"/bin/* 2>/dev/null
+    export OPAL_PREFIX=$P PATH=$P/bin:$PATH
+    export LD_LIBRARY_PATH=$P/lib/x86_64-linux-gnu/openmpi/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    export PMIX_MCA_mca_base_component_path=$P/lib/x86_64-linux-gnu/pmix2/lib/pmix
+    export PMIX_INSTALL_PREFIX=$P/lib/x86_64-linux-gnu/pmix2
+    export OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,vader,tcp OMPI_MCA_osc=^ucx
+    mkdir -p "$DEPS/syslib-use"
+    for l in "$DEPS"/syslib/*; do
+      ldconfig -p | grep -q "$(basename "$l") " || ln -sf "$l" "$DEPS/syslib-use/"
+    done
+    export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$DEPS/syslib-use
+    DEPS_LOG+="mpi: carried Open MPI ($(ls "$DEPS/syslib-use" | tr '\n' ' ')from .deps/syslib); "
+  else
+    DEPS_LOG+="mpi: none (no mpirun, nothing carried); "
+  fi
+fi
+if [ ! -f /usr/include/gtest/gtest.h ] && [ ! -f /usr/local/include/gtest/gtest.h ] && [ -d "$DEPS/gtest" ]; then
+  CMAKE_EXTRA+=(-DGTEST_ROOT="$DEPS/gtest")
+  DEPS_LOG+="gtest: carried; "
+fi
+NCCL_H=$(ls /usr/include/nccl.h /usr/local/cuda/include/nccl.h 2>/dev/null | head -1)
+NCCL_SO=$(ls /usr/lib/x86_64-linux-gnu/libnccl.so /usr/local/cuda/lib64/libnccl.so 2>/dev/null | head -1)
+if [ -z "$NCCL_H" ] || [ -z "$NCCL_SO" ]; then
+  # PyTorch's wheel (nvidia-nccl-cu13) holds a libnccl.so.2 and, usually, the header.
+  [ -z "$NCCL_SO" ] && NCCL_SO=$(find /usr /opt -name 'libnccl.so*' -not -path '*/proc/*' 2>/dev/null | sort | head -1)
+  [ -z "$NCCL_H" ] && NCCL_H=$(find /usr /opt -name nccl.h -not -path '*/proc/*' 2>/dev/null | head -1)
+  [ -z "$NCCL_H" ] && [ -f "$DEPS/nccl/include/nccl.h" ] && NCCL_H=$DEPS/nccl/include/nccl.h
+  if [ -n "$NCCL_SO" ] && [ -n "$NCCL_H" ]; then
+    N=$DEPS/nccl-use
+    rm -rf "$N" && mkdir -p "$N/include" "$N/lib"
+    ln -s "$NCCL_H" "$N/include/nccl.h"
+    ln -s "$NCCL_SO" "$N/lib/libnccl.so"
+    export NCCL_HOME=$N LD_LIBRARY_PATH=$(dirname "$NCCL_SO")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  fi
+fi
+DEPS_LOG+="nccl: header $NCCL_H, library $NCCL_SO"
+
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
 status=0
-step() {  # step NAME LOGFILE CMD...: runs CMD, appends to LOGFILE, records pass/fail in the summary
+step() {  # step NAME LOGFILE CMD...: runs CMD under what is left of the budget, appends to LOGFILE,
+  #         records PASS / FAIL / SKIP in the summary
   local name=$1 log=$2
   shift 2
+  local left=$((BUDGET_S - SECONDS))
+  if [ $left -lt $MIN_STEP_S ]; then
+    printf '%-52s SKIP (budget spent)\n' "$name" | tee -a "$SUMMARY"
+    status=1
+    return 1
+  fi
   echo "== $name" | tee -a "$log"
   local t0=$SECONDS tmp
   tmp=$(mktemp)
-  "$@" >"$tmp" 2>&1
+  timeout -k 5 $left "$@" >"$tmp" 2>&1
   local rc=$?
   # A gtest run that selected no test proves nothing: count it as a failure.
   if [ $rc = 0 ] && grep -q '\[  PASSED  \] 0 tests' "$tmp"; then
     echo "no test ran: check the filter" >>"$tmp"
     rc=3
   fi
+  [ $rc = 124 ] && echo "timed out at the budget" >>"$tmp"
   cat "$tmp" >>"$log"
   rm -f "$tmp"
   printf '%-52s %s (%ds)\n' "$name" "$([ $rc = 0 ] && echo PASS || echo "FAIL rc=$rc")" $((SECONDS - t0)) | tee -a "$SUMMARY"
@@ -41,59 +100,66 @@ step() {  # step NAME LOGFILE CMD...: runs CMD, appends to LOGFILE, records pass
 }
 
 {
-  echo "commit $COMMIT  date $(date -u +%Y-%m-%dT%H:%M:%SZ)  gpus $NGPU"
+  echo "commit $COMMIT  date $(date -u +%Y-%m-%dT%H:%M:%SZ)  gpus $NGPU  cores $(nproc)"
+  echo "deps: $DEPS_LOG"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   nvidia-smi topo -m
   nvcc --version | tail -2
+  cmake --version | head -1
+  g++ --version | head -1
+  mpirun --version 2>&1 | head -1
+  grep -m3 -E 'define NCCL_(MAJOR|MINOR|PATCH)' "${NCCL_H:-/dev/null}"
 } >"$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
 
 step "build (-j$(nproc))" "$OUT/build.log" \
-  bash -c "cmake -S '$ROOT' -B '$BUILD' -DCMAKE_BUILD_TYPE=Release && cmake --build '$BUILD' -j $(nproc)" || {
-  tail -50 "$OUT/build.log"
+  bash -c "cmake -S '$ROOT' -B '$BUILD' -DCMAKE_BUILD_TYPE=Release ${CMAKE_EXTRA[*]} && cmake --build '$BUILD' -j $(nproc)" || {
+  tail -60 "$OUT/build.log"
   exit 1
 }
+grep -E 'bitep: (cuda|MPI)' "$OUT/build.log"
 
+# Order: what is new on this machine first (GPU kernels, the cuda backend over NCCL, the
+# benchmarks), then what CI also runs, then the slow sanitizer passes.
 LOG=$OUT/tests.log
-step "ctest: unit + gpu + multirank (host and cuda)" "$LOG" ctest --test-dir "$BUILD" --output-on-failure --timeout 900
-# Under the sanitizers: every GPU test but the multi-GiB 64-bit indexing one, and one mid-size router grid.
-GPU_SAN_FILTER=${SANITIZER_FILTER:-EpKernelsGpu.*:RouterGpu.*:Experts/RouterGrid.MatchesHostAndOracle/E130:-RouterGpu.LargeTokenCount64BitIndexing}
-if [ -x "$BUILD/tests/bitep_gpu_tests" ]; then
-  step "gpu tests under compute-sanitizer memcheck" "$LOG" \
-    compute-sanitizer --tool memcheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
-  step "gpu tests under compute-sanitizer racecheck" "$LOG" \
-    compute-sanitizer --tool racecheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
-fi
 MR=$BUILD/tests/multirank/bitep_multirank_tests
-# ctest above ran the whole multi-rank suite at np 1..8 (EpCuda, the cuda-vs-host test, runs where every
-# rank has a GPU: np 1 and 2 here). Below: the cuda backend again over NCCL's network transport (as
-# between nodes; small sizes, ~8 ms a grouped op there) and under compute-sanitizer.
-if [ -x "$MR" ] && [ "$NGPU" -ge 1 ]; then
-  CUDA_FILTER=${MR_CUDA_FILTER:-EpCuda*}
-  if [ "$NGPU" -ge 2 ]; then
-    step "multirank cuda np2 (NCCL net transport)" "$LOG" \
-      mpirun -np 2 -x NCCL_P2P_DISABLE=1 -x NCCL_SHM_DISABLE=1 "$MR" --gtest_filter="$CUDA_FILTER"
-    step "multirank cuda np2 memcheck" "$LOG" \
-      mpirun -np 2 compute-sanitizer --tool memcheck --error-exitcode 1 "$MR" --gtest_filter="$CUDA_FILTER"
-  fi
-  step "multirank cuda np1 memcheck" "$LOG" \
-    mpirun -np 1 compute-sanitizer --tool memcheck --error-exitcode 1 "$MR" --gtest_filter="$CUDA_FILTER"
+CUDA_FILTER=${MR_CUDA_FILTER:-EpCuda*}
+step "gpu tests (bitep_gpu_tests)" "$LOG" "$BUILD/tests/bitep_gpu_tests"
+if [ "$NGPU" -ge 2 ]; then
+  step "multirank cuda np2 (NVLink)" "$LOG" mpirun -np 2 "$MR" --gtest_filter="$CUDA_FILTER"
 fi
+step "multirank cuda np1" "$LOG" mpirun -np 1 "$MR" --gtest_filter="$CUDA_FILTER"
 
 BENCH=$OUT/bench.txt
-if [ -x "$BUILD/bench/router_bench" ]; then
-  step "router_bench" "$BENCH" "$BUILD/bench/router_bench" $QUICK --commit "$COMMIT" --json "$OUT/router.json"
-fi
-if [ -x "$BUILD/bench/ep_bench" ] && [ "$NGPU" -ge 1 ]; then
-  step "ep_bench np$NGPU" "$BENCH" mpirun -np "$NGPU" -x BITEP_COMMIT="$COMMIT" "$BUILD/bench/ep_bench" $QUICK \
-    --json "$OUT/ep.json"
-  if [ -f "$OUT/ep.json" ] && python3 -c 'import matplotlib' 2>/dev/null; then
-    mkdir -p "$OUT/plots"
-    step "ep plots" "$BENCH" python3 "$ROOT/bench/plot_ep.py" "$OUT/ep.json" --out "$OUT/plots"
-  fi
+step "router_bench" "$BENCH" "$BUILD/bench/router_bench" $QUICK --commit "$COMMIT" --json "$OUT/router.json"
+step "ep_bench np$NGPU" "$BENCH" mpirun -np "$NGPU" -x BITEP_COMMIT "$BUILD/bench/ep_bench" $QUICK --json "$OUT/ep.json"
+# At most 8 files come back from $OUT: the plots travel as one tar.
+if [ -f "$OUT/ep.json" ] && python3 -c 'import matplotlib' 2>/dev/null; then
+  PLOTS=$(mktemp -d)
+  step "ep plots" "$BENCH" bash -c "python3 '$ROOT/bench/plot_ep.py' '$OUT/ep.json' --out '$PLOTS' && tar -C '$PLOTS' -cf '$OUT/plots.tar' ."
 fi
 
+if [ "$NGPU" -ge 2 ]; then
+  step "multirank cuda np2 (NCCL net transport)" "$LOG" \
+    mpirun -np 2 -x NCCL_P2P_DISABLE=1 -x NCCL_SHM_DISABLE=1 "$MR" --gtest_filter="$CUDA_FILTER"
+fi
+step "ctest: every registered test" "$LOG" ctest --test-dir "$BUILD" -j "$(nproc)" --output-on-failure --timeout 300
+# Under the sanitizers: every GPU test but the multi-GiB 64-bit indexing one, one mid-size router grid.
+GPU_SAN_FILTER=${SANITIZER_FILTER:-EpKernelsGpu.*:RouterGpu.*:Experts/RouterGrid.MatchesHostAndOracle/E130:-RouterGpu.LargeTokenCount64BitIndexing}
+step "gpu tests under compute-sanitizer memcheck" "$LOG" \
+  compute-sanitizer --tool memcheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
+step "multirank cuda np1 memcheck" "$LOG" \
+  mpirun -np 1 compute-sanitizer --tool memcheck --error-exitcode 1 "$MR" --gtest_filter="$CUDA_FILTER"
+if [ "$NGPU" -ge 2 ]; then
+  step "multirank cuda np2 memcheck" "$LOG" \
+    mpirun -np 2 compute-sanitizer --tool memcheck --error-exitcode 1 "$MR" --gtest_filter="$CUDA_FILTER"
+fi
+step "gpu tests under compute-sanitizer racecheck" "$LOG" \
+  compute-sanitizer --tool racecheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
+
 echo
-echo "== summary (commit $COMMIT)"
+echo "== summary (commit $COMMIT, $SECONDS s)"
 cat "$SUMMARY"
-tail -40 "$BENCH" 2>/dev/null
+grep -E -A3 'FAILED|Failure|error' "$LOG" 2>/dev/null | head -60
+tail -60 "$BENCH" 2>/dev/null
 exit $status
