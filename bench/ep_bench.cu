@@ -13,7 +13,9 @@
 // writing BITMAP_U8 + compact weights (bitep) or [T, k] indices + weights (baseline); uniform logits or
 // skewed (experts 0..3 hot). Correctness in every run: received rows (payload, source order, counts
 // against the router's own per-rank counts), the expert-major view, pad rows, and combine with identity
-// experts must return x bit for bit (bitep and baseline); any wrong row makes the exit code non-zero.
+// experts must return, bit for bit, x (baseline: one fp32 sum, one rounding) or the value bitep's
+// documented order gives (its per-rank partials travel in bf16: epbench::check_combine); any wrong row
+// makes the exit code non-zero.
 //
 // Table (nccl-tests style): size = bytes each rank's dispatch moves (self chunk included; avg over ranks),
 // count = rows, time = slowest rank's median; algbw = size / time, busbw = algbw * (W - 1) / W.
@@ -291,9 +293,13 @@ int main(int argc, char** argv) {
         int32_t* rank_counts = dalloc<int32_t>(W);
         __nv_bfloat16* x = dalloc<__nv_bfloat16>(T * sh.H);
         __nv_bfloat16* out = dalloc<__nv_bfloat16>(T * sh.H);
-        int* wrong = dalloc<int>(1);
+        // One counter per check, so that a failure says which one.
+        enum { kRecvRows, kExpertMajor, kPadRows, kCombine, kBaseRows, kBaseCombine, kChecks };
+        static const char* const kCheckNames[kChecks] = {"recv rows", "expert-major",  "pad rows",
+                                                         "combine",   "baseline rows", "baseline combine"};
+        int* wrong = dalloc<int>(kChecks);
         int64_t* src_off = dalloc<int64_t>(W + 1);
-        CK(cudaMemsetAsync(wrong, 0, sizeof(int), stream));
+        CK(cudaMemsetAsync(wrong, 0, sizeof(int) * kChecks, stream));
         epbench::gen_logits(logits, T, sh.E, rank, 1234 + (skewed ? 1 : 0), skewed, stream);
         epbench::gen_x(x, T, sh.H, rank, stream);
         CK(cudaGetLastError());
@@ -359,10 +365,10 @@ int main(int argc, char** argv) {
             CK(cudaMemcpyAsync(src_off, off.data(), 8 * (W + 1), cudaMemcpyHostToDevice, stream));
             const __nv_bfloat16* rx = static_cast<const __nv_bfloat16*>(lay.recv_x);
             const __nv_bfloat16* exx = static_cast<const __nv_bfloat16*>(lay.expert_x);
-            epbench::check_recv_rows(rx, lay.num_recv_rows, sh.H, src_off, W, wrong, stream);
+            epbench::check_recv_rows(rx, lay.num_recv_rows, sh.H, src_off, W, wrong + kRecvRows, stream);
             epbench::check_expert_major(rx, exx, lay.recv_expert_rows, lay.recv_map, lay.recv_weights,
-                                        lay.num_recv_rows, lay.max_row_experts, MB, sh.H, wrong, stream);
-            epbench::check_pad_rows(exx, lay.expert_offsets, lay.expert_counts, L, sh.H, wrong, stream);
+                                        lay.num_recv_rows, lay.max_row_experts, MB, sh.H, wrong + kExpertMajor, stream);
+            epbench::check_pad_rows(exx, lay.expert_offsets, lay.expert_counts, L, sh.H, wrong + kPadRows, stream);
             CK(cudaGetLastError());
             CK(cudaStreamSynchronize(stream));
             CK(cudaEventRecord(ev.e[1], stream));
@@ -372,8 +378,8 @@ int main(int argc, char** argv) {
           CK(cudaEventRecord(ev.e[2], stream));
           CK(cudaStreamSynchronize(stream));
           if (timed) t_disp.push_back(ev.us(0, 1)), t_comb.push_back(ev.us(1, 2));
-          if (it == 0) {  // combine with identity experts and weights summing to 1 returns x exactly
-            epbench::check_equal(out, x, T * sh.H, wrong, stream);
+          if (it == 0) {  // combine through identity experts: x up to the bf16 partials' rounding, bit for bit
+            epbench::check_combine(out, x, map, w, T, sh.H, sh.E, sh.k, W, wrong + kCombine, stream);
             CK(cudaGetLastError());
             CK(cudaStreamSynchronize(stream));
           }
@@ -438,15 +444,25 @@ int main(int argc, char** argv) {
             }
             if (it == 0) {
               rec.baseline_cross_bytes = base.cross_bytes();
-              epbench::check_rows_payload(base.expert_x(), base.num_expert_rows(), sh.H, wrong, stream);
-              epbench::check_equal(out, x, T * sh.H, wrong, stream);
+              epbench::check_rows_payload(base.expert_x(), base.num_expert_rows(), sh.H, wrong + kBaseRows, stream);
+              epbench::check_equal(out, x, T * sh.H, wrong + kBaseCombine, stream);
               CK(cudaGetLastError());
               CK(cudaStreamSynchronize(stream));
             }
           }
         }
-        int dev_wrong = 0;
-        CK(cudaMemcpy(&dev_wrong, wrong, sizeof(int), cudaMemcpyDeviceToHost));
+        int dev_wrongs[kChecks] = {}, dev_wrong = 0;
+        CK(cudaMemcpy(dev_wrongs, wrong, sizeof(dev_wrongs), cudaMemcpyDeviceToHost));
+        for (int c = 0; c < kChecks; ++c) {
+          dev_wrong += dev_wrongs[c];
+          if (dev_wrongs[c] != 0)
+            std::fprintf(stderr, "# rank %d T=%lld H=%d E=%d k=%d %s: %d wrong (check: %s)\n", rank,
+                         static_cast<long long>(T), sh.H, sh.E, sh.k, rec.routing.c_str(), dev_wrongs[c],
+                         kCheckNames[c]);
+        }
+        if (host_wrong != 0)
+          std::fprintf(stderr, "# rank %d T=%lld: %lld receive counts differ from the router's rank counts\n", rank,
+                       static_cast<long long>(T), static_cast<long long>(host_wrong));
         size_t group_bytes = 0;
         BK(bitepGroupMemoryBytes(group, &group_bytes));
         rec.dispatch = report.over_ranks(median(t_disp));

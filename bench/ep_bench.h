@@ -52,5 +52,20 @@ void check_pad_rows(const __nv_bfloat16* expert_x,
 
 // a == b bit for bit ([n] bf16). wrong += differing elements.
 void check_equal(const __nv_bfloat16* a, const __nv_bfloat16* b, int64_t n, int* wrong, cudaStream_t s);
+// bitep's weighted combine through identity experts, bit for bit: per token, for each rank r ascending
+// that holds some of its experts, partial_r = bf16(acc) with acc = fmaf(w_j, x, acc) over the token's
+// experts on r in ascending order (kernels/ep_params.h, reduce); out = bf16(sum_r float(partial_r)).
+// The partials travel in bf16, so out is x only up to that double rounding. Counts wrong tokens.
+void check_combine(const __nv_bfloat16* out,
+                   const __nv_bfloat16* x,
+                   const uint8_t* bitmap,
+                   const float* topk_weights,
+                   int64_t T,
+                   int H,
+                   int E,
+                   int k,
+                   int W,
+                   int* wrong,
+                   cudaStream_t s);
 
 }  // namespace epbench

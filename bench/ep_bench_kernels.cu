@@ -135,6 +135,41 @@ __global__ void equal_kernel(const __nv_bfloat16* a, const __nv_bfloat16* b, int
   if (bad) atomicAdd(wrong, bad);
 }
 
+// One warp per token.
+__global__ void combine_kernel(const __nv_bfloat16* out,
+                               const __nv_bfloat16* x,
+                               const uint8_t* bitmap,
+                               const float* w,
+                               int64_t T,
+                               int H,
+                               int E,
+                               int k,
+                               int W,
+                               int* wrong) {
+  constexpr int kMaxK = 64;
+  const int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (t >= T) return;
+  const int rb = (E + 7) / 8, L = E / W;
+  int ex[kMaxK], n = 0;
+  for (int b = 0; b < rb; ++b)
+    for (unsigned m = bitmap[t * rb + b]; m != 0u; m &= m - 1u)
+      if (n < kMaxK) ex[n++] = 8 * b + __ffs(m) - 1;
+  bool ok = n == k;
+  for (int h = lane; ok && h < H; h += 32) {
+    const float xv = __bfloat162float(x[t * H + h]);
+    float total = 0.0f;
+    for (int i = 0; i < n;) {
+      const int r = ex[i] / L;
+      float acc = 0.0f;
+      for (; i < n && ex[i] / L == r; ++i) acc = fmaf(w[t * k + i], xv, acc);
+      total = total + __bfloat162float(__float2bfloat16_rn(acc));
+    }
+    ok = bits(out[t * H + h]) == bits(__float2bfloat16_rn(total));
+  }
+  if (!__all_sync(0xffffffffu, ok) && lane == 0) atomicAdd(wrong, 1);
+}
+
 unsigned grid(int64_t threads) {
   const int64_t b = (threads + kThreads - 1) / kThreads;
   return static_cast<unsigned>(b > 0 ? b : 1);
@@ -177,6 +212,19 @@ void check_pad_rows(const __nv_bfloat16* expert_x,
                     int* wrong,
                     cudaStream_t s) {
   pad_kernel<<<L, kThreads, 0, s>>>(expert_x, offsets, counts, L, H, wrong);
+}
+void check_combine(const __nv_bfloat16* out,
+                   const __nv_bfloat16* x,
+                   const uint8_t* bitmap,
+                   const float* topk_weights,
+                   int64_t T,
+                   int H,
+                   int E,
+                   int k,
+                   int W,
+                   int* wrong,
+                   cudaStream_t s) {
+  if (T > 0) combine_kernel<<<grid(T * 32), kThreads, 0, s>>>(out, x, bitmap, topk_weights, T, H, E, k, W, wrong);
 }
 void check_equal(const __nv_bfloat16* a, const __nv_bfloat16* b, int64_t n, int* wrong, cudaStream_t s) {
   if (n > 0) equal_kernel<<<grid(n < (1 << 22) ? n : (1 << 22)), kThreads, 0, s>>>(a, b, n, wrong);

@@ -48,21 +48,26 @@ double take_init_timeout(const ncclComm* comm) {
   return t;
 }
 
-// Busy-polls for the first ~50 us (the count exchange is latency-bound), then sleeps between polls.
+// Spins for the first 2 ms (the waits of a dispatch are latency-bound: a sleep costs 50-100 us of
+// timer slack), yields the core up to 50 ms, then sleeps 100 us between polls.
 class Poller {
  public:
   explicit Poller(double timeout_s) : start_(Clock::now()), timeout_s_(timeout_s) {}
   bool expired() const { return elapsed() > timeout_s_; }
   double elapsed() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
-  void pause() {
-    if (++polls_ < 1000) return;
-    std::this_thread::sleep_for(std::chrono::microseconds(polls_ < 5000 ? 10 : 200));
+  void pause() const {
+    const double t = elapsed();
+    if (t < 2e-3) return;
+    if (t < 50e-3) {
+      std::this_thread::yield();
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
 
  private:
   Clock::time_point start_;
   double timeout_s_;
-  int polls_ = 0;
 };
 
 // Waits until a non-blocking communicator leaves ncclInProgress. *state: its final state.

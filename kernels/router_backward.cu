@@ -101,16 +101,15 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
         load_raw_t<kF32>(p.logits, dt, row + (s * G + sl) * 8, nval[s], vec, r);
         decode_raw_t<kF32>(dt, r, a + 8 * s);
       }
-      if (fn == ScoreFn::kSigmoid) {
-#pragma unroll
-        for (int i = 0; i < N; ++i) a[i] = sigmoid_f(a[i]);
-      } else if (pre) {
+      if (pre) {
         seg_softmax<G, N>(a, valid);
       } else if (softmax) {
         seg_softmax<G, N>(a, routed);
       }
     }
-    // Now: sigmoid: a = y; sqrtsoftplus: a = x (y = sqrtsoftplus(x)); softmax: a = softmax output.
+    // Now: softmax: a = softmax output; sqrtsoftplus: a = x (y = sqrtsoftplus(x)); sigmoid: a = y from the
+    // saved tensor, a = x when recomputing (the derivative is then taken from x, without cancellation).
+    const bool sig_x = fn == ScoreFn::kSigmoid && p.saved == nullptr;
 
     if (!aux) {
 #pragma unroll
@@ -121,7 +120,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
 #pragma unroll
       for (int i = 0; i < N; ++i)
         if ((routed >> i) & 1) {
-          const float y = fn == ScoreFn::kSigmoid ? a[i] : sqrtsoftplus_f(a[i]);
+          const float y = fn == ScoreFn::kSigmoid ? (sig_x ? sigmoid_f(a[i]) : a[i]) : sqrtsoftplus_f(a[i]);
           s = __fadd_rn(s, y);
           dot = __fadd_rn(dot, __fmul_rn(g[i], y));
         }
@@ -143,7 +142,8 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
       for (int i = 0; i < N; ++i) g[i] = ((on >> i) & 1) ? __fmul_rn(a[i], __fsub_rn(g[i], dot)) : 0.0f;
     } else if (fn == ScoreFn::kSigmoid) {
 #pragma unroll
-      for (int i = 0; i < N; ++i) g[i] = __fmul_rn(g[i], __fmul_rn(a[i], __fsub_rn(1.0f, a[i])));
+      for (int i = 0; i < N; ++i)
+        g[i] = __fmul_rn(g[i], sig_x ? sigmoid_grad_f(a[i]) : __fmul_rn(a[i], __fsub_rn(1.0f, a[i])));
     } else {
 #pragma unroll
       for (int i = 0; i < N; ++i) {
@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(kGenericThreads) router_backward_generic(const
       if (softmax) {
         g = (pre || routed(e)) ? __fmul_rn(a, __fsub_rn(g, sdot)) : 0.0f;
       } else if (fn == ScoreFn::kSigmoid) {
-        g = __fmul_rn(g, __fmul_rn(a, __fsub_rn(1.0f, a)));
+        g = __fmul_rn(g, p.saved == nullptr ? sigmoid_grad_f(x_of(e)) : __fmul_rn(a, __fsub_rn(1.0f, a)));
       } else {
         g = __fmul_rn(g, sigmoid_f(a) / __fmul_rn(2.0f, sqrtsoftplus_f(a)));
       }

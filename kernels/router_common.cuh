@@ -128,6 +128,12 @@ __device__ __forceinline__ float key_value(uint32_t k) {
 
 // The host reference's formulas, in the same fp32 operations (no contraction: no a * b + c here).
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
+// sigmoid'(x) = s (1 - s) from x, as t / (1 + t)^2 with t = exp(-|x|): no cancellation in 1 - s, so a
+// few ulps relative for any x (s (1 - s) from a rounded s loses all digits of 1 - s as s -> 1).
+__device__ __forceinline__ float sigmoid_grad_f(float x) {
+  const float t = expf(-fabsf(x)), u = __fadd_rn(1.0f, t);
+  return t / __fmul_rn(u, u);
+}
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 __device__ __forceinline__ float sqrtsoftplus_f(float x) { return sqrtf(softplus_f(x)); }
 

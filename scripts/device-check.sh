@@ -5,6 +5,9 @@
 # compute-sanitizer memcheck and racecheck, then the benchmarks. Logs and JSON go to $OUT (at most 8
 # files come back from the device tool), a summary is printed last.
 #   OUT=/tmp/out scripts/device-check.sh [--quick]
+# PHASES (comma-separated, default all but profile) picks what runs after the build: gpu, multirank, bench,
+# net (the NCCL network transport), ctest, sanitize, profile (Nsight Compute on the router kernels and a
+# BITEP_TRACE=1 run of ep_bench: where the time goes).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/device-out}
@@ -14,6 +17,8 @@ QUICK=""
 # The whole call must end inside the device tool's 600 s: each step gets what is left of BUDGET_S
 # (default 560 s) and a step that cannot start with MIN_STEP_S left is skipped and reported as such.
 BUDGET_S=${BUDGET_S:-560}
+PHASES=${PHASES:-gpu,multirank,bench,net,ctest,sanitize}
+on() { [[ ",$PHASES," == *",$1,"* ]]; }
 MIN_STEP_S=20
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
@@ -124,38 +129,51 @@ grep -E 'bitep: (cuda|MPI)' "$OUT/build.log"
 LOG=$OUT/tests.log
 MR=$BUILD/tests/multirank/bitep_multirank_tests
 CUDA_FILTER=${MR_CUDA_FILTER:-EpCuda*}
-step "gpu tests (bitep_gpu_tests)" "$LOG" "$BUILD/tests/bitep_gpu_tests"
-if [ "$NGPU" -ge 2 ]; then
-  step "multirank cuda np2 (NVLink)" "$LOG" mpirun -np 2 "$MR" --gtest_filter="$CUDA_FILTER"
+on gpu && step "gpu tests (bitep_gpu_tests${GPU_FILTER:+ $GPU_FILTER})" "$LOG" "$BUILD/tests/bitep_gpu_tests" \
+  --gtest_filter="${GPU_FILTER:-*}"
+if on multirank; then
+  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink)" "$LOG" mpirun -np 2 "$MR" --gtest_filter="$CUDA_FILTER"
+  step "multirank cuda np1" "$LOG" mpirun -np 1 "$MR" --gtest_filter="$CUDA_FILTER"
 fi
-step "multirank cuda np1" "$LOG" mpirun -np 1 "$MR" --gtest_filter="$CUDA_FILTER"
 
 BENCH=$OUT/bench.txt
-step "router_bench" "$BENCH" "$BUILD/bench/router_bench" $QUICK --commit "$COMMIT" --json "$OUT/router.json"
-step "ep_bench np$NGPU" "$BENCH" mpirun -np "$NGPU" -x BITEP_COMMIT "$BUILD/bench/ep_bench" $QUICK --json "$OUT/ep.json"
-# At most 8 files come back from $OUT: the plots travel as one tar.
-if [ -f "$OUT/ep.json" ] && python3 -c 'import matplotlib' 2>/dev/null; then
-  PLOTS=$(mktemp -d)
-  step "ep plots" "$BENCH" bash -c "python3 '$ROOT/bench/plot_ep.py' '$OUT/ep.json' --out '$PLOTS' && tar -C '$PLOTS' -cf '$OUT/plots.tar' ."
+if on profile; then
+  # Where the router's time goes (Nsight Compute, clocks left alone), and the host phases of dispatch and
+  # combine (BITEP_TRACE=1: one stderr line per call and rank).
+  step "ncu router_forward (T=16384, quick rows)" "$BENCH" ncu --clock-control none --kernel-name regex:router_forward \
+    --launch-skip 40 --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+    "$BUILD/bench/router_bench" --quick --iters 100
+  step "ep_bench traced (BITEP_TRACE=1)" "$BENCH" mpirun -np "$NGPU" -x BITEP_TRACE=1 "$BUILD/bench/ep_bench" \
+    --tokens 128,4096 --iters 3 --warmup 1 --routing uniform
+fi
+if on bench; then
+  step "router_bench" "$BENCH" "$BUILD/bench/router_bench" $QUICK --commit "$COMMIT" --json "$OUT/router.json"
+  step "ep_bench np$NGPU" "$BENCH" mpirun -np "$NGPU" -x BITEP_COMMIT "$BUILD/bench/ep_bench" $QUICK --json "$OUT/ep.json"
+  # At most 8 files come back from $OUT: the plots travel as one tar.
+  if [ -f "$OUT/ep.json" ] && python3 -c 'import matplotlib' 2>/dev/null; then
+    PLOTS=$(mktemp -d)
+    step "ep plots" "$BENCH" bash -c "python3 '$ROOT/bench/plot_ep.py' '$OUT/ep.json' --out '$PLOTS' && tar -C '$PLOTS' -cf '$OUT/plots.tar' ."
+  fi
 fi
 
-if [ "$NGPU" -ge 2 ]; then
+if on net && [ "$NGPU" -ge 2 ]; then
   step "multirank cuda np2 (NCCL net transport)" "$LOG" \
     mpirun -np 2 -x NCCL_P2P_DISABLE=1 -x NCCL_SHM_DISABLE=1 "$MR" --gtest_filter="$CUDA_FILTER"
 fi
-step "ctest: every registered test" "$LOG" ctest --test-dir "$BUILD" -j "$(nproc)" --output-on-failure --timeout 300
-# Under the sanitizers: every GPU test but the multi-GiB 64-bit indexing one, one mid-size router grid.
-GPU_SAN_FILTER=${SANITIZER_FILTER:-EpKernelsGpu.*:RouterGpu.*:Experts/RouterGrid.MatchesHostAndOracle/E130:-RouterGpu.LargeTokenCount64BitIndexing}
-step "gpu tests under compute-sanitizer memcheck" "$LOG" \
-  compute-sanitizer --tool memcheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
-step "multirank cuda np1 memcheck" "$LOG" \
-  mpirun -np 1 compute-sanitizer --tool memcheck --error-exitcode 1 "$MR" --gtest_filter="$CUDA_FILTER"
-if [ "$NGPU" -ge 2 ]; then
-  step "multirank cuda np2 memcheck" "$LOG" \
+on ctest && step "ctest: every registered test" "$LOG" ctest --test-dir "$BUILD" -j "$(nproc)" --output-on-failure --timeout 300
+if on sanitize; then
+  # Every GPU test but the multi-GiB 64-bit indexing one, one mid-size router grid.
+  GPU_SAN_FILTER=${SANITIZER_FILTER:-EpKernelsGpu.*:RouterGpu.*:Experts/RouterGrid.MatchesHostAndOracle/E130:-RouterGpu.LargeTokenCount64BitIndexing}
+  step "gpu tests under compute-sanitizer memcheck" "$LOG" \
+    compute-sanitizer --tool memcheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
+  step "multirank cuda np1 memcheck" "$LOG" \
+    mpirun -np 1 compute-sanitizer --tool memcheck --error-exitcode 1 "$MR" --gtest_filter="$CUDA_FILTER"
+  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 memcheck" "$LOG" \
     mpirun -np 2 compute-sanitizer --tool memcheck --error-exitcode 1 "$MR" --gtest_filter="$CUDA_FILTER"
+  step "gpu tests under compute-sanitizer racecheck" "$LOG" \
+    compute-sanitizer --tool racecheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
 fi
-step "gpu tests under compute-sanitizer racecheck" "$LOG" \
-  compute-sanitizer --tool racecheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
 
 echo
 echo "== summary (commit $COMMIT, $SECONDS s)"

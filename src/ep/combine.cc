@@ -22,7 +22,7 @@ bitepResult_t check_call(bitepGroup_t group, bitepHandle_t handle) {
   return bitepSuccess;
 }
 
-bitepResult_t return_rows(Exec& ex, bitepGroup* g, bitepHandle* h, const void* partial, void* out) {
+bitepResult_t return_rows(Exec& ex, bitepGroup* g, bitepHandle* h, const void* partial, void* out, Trace* trace) {
   const int W = g->nranks, self = g->rank;
   const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
   void* ret = nullptr;
@@ -34,6 +34,7 @@ bitepResult_t return_rows(Exec& ex, bitepGroup* g, bitepHandle* h, const void* p
                            static_cast<char*>(ret) + h->send_offsets[p] * row, h->send_counts[p] * row});
   }
   BITEP_CHECK(transport_failed(g, g->transport->alltoallv(per_peer, ex.stream(), g->config.timeout_s)));
+  if (trace != nullptr) trace->mark("all-to-all");
   if (h->num_tokens == 0) return bitepSuccess;
   kernels::FinalSumParams fp;
   fp.num_tokens = h->num_tokens;
@@ -47,7 +48,9 @@ bitepResult_t return_rows(Exec& ex, bitepGroup* g, bitepHandle* h, const void* p
   fp.self_ret = partial;
   fp.self_ret_offset = h->recv_offsets[self];
   fp.out = out;
-  return ex.final_sum(fp);
+  BITEP_CHECK(ex.final_sum(fp));
+  if (trace != nullptr) trace->mark("final-sum");
+  return bitepSuccess;
 }
 
 namespace {
@@ -98,7 +101,8 @@ bitepResult_t combine(bitepGroup_t g,
   } else if (local != bitepSuccess) {
     return local;
   }
-  h->last_stream = stream;
+  FenceOnExit fence(h, stream);
+  Trace trace("combine", g->rank, stream, ex.cuda());
   const void* partial = y;
   if (layout == bitepLayoutExpertMajor) {
     void* p = nullptr;
@@ -118,7 +122,8 @@ bitepResult_t combine(bitepGroup_t g,
     }
     partial = p;
   }
-  return return_rows(ex, g, h, partial, out);
+  trace.mark("reduce");
+  return return_rows(ex, g, h, partial, out, &trace);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include "src/ep/exec.h"
 #include "src/ep/handle.h"
+#include "src/trace.h"
 
 namespace bitep::ep {
 
@@ -13,6 +14,7 @@ bitepResult_t check_call(bitepGroup_t group, bitepHandle_t handle);
 
 // Sends the partial rows [R, H] (rank-major, the receive layout) back to their source ranks and sums
 // them per token in ascending rank order into out [T, H].
-bitepResult_t return_rows(Exec& ex, bitepGroup* group, bitepHandle* handle, const void* partial, void* out);
+bitepResult_t return_rows(
+    Exec& ex, bitepGroup* group, bitepHandle* handle, const void* partial, void* out, Trace* trace = nullptr);
 
 }  // namespace bitep::ep

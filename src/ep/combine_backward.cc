@@ -209,7 +209,7 @@ extern "C" bitepResult_t bitepCombineBackward(bitepGroup_t group,
     } else if (!ok) {
       return local;
     }
-    handle->last_stream = stream;
+    FenceOnExit fence(handle, stream);
     return backward(ex, group, handle, args, wgrad);
   });
 }

@@ -23,6 +23,7 @@
 #include "src/ep/dispatch_args.h"
 #include "src/ep/exec.h"
 #include "src/ep/handle.h"
+#include "src/trace.h"
 
 namespace bitep::ep {
 namespace {
@@ -43,6 +44,7 @@ class Dispatch {
       : g_(g),
         a_(a),
         ex_(g, stream),
+        trace_("dispatch", g->rank, stream, g->config.backend == bitepBackendCuda),
         W_(g->nranks),
         self_(g->rank),
         L_(g->num_local_experts),
@@ -50,6 +52,9 @@ class Dispatch {
         MB_(g->local_map_bytes),
         n_(L_ + 2),
         row_bytes_(static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden) {}
+
+  // A failed dispatch frees its handle here: after the work it queued (the stream is still the caller's).
+  ~Dispatch() { record_fence(h_.get(), ex_.stream()); }
 
   bitepResult_t run(bitepHandle_t* out);
 
@@ -62,6 +67,7 @@ class Dispatch {
   bitepGroup* g_;
   const bitepDispatchArgs_t* a_;
   Exec ex_;
+  Trace trace_;
   const int W_, self_, L_, KL_, MB_, n_;
   const size_t row_bytes_;
   HandlePtr h_;
@@ -245,6 +251,7 @@ bitepResult_t Dispatch::move_rows() {
     pp.recv_weights = h->recv_weights;
     BITEP_CHECK(ex_.permute(pp));
   }
+  trace_.mark("permute");
   std::vector<std::vector<PeerBuffers>> per_peer(W_);
   for (int p = 0; p < W_; ++p) {
     if (p == self_) continue;
@@ -258,6 +265,7 @@ bitepResult_t Dispatch::move_rows() {
           {send_weights_ + s0 * KL_, sizeof(float) * sn * KL_, h->recv_weights + r0 * KL_, sizeof(float) * rn * KL_});
   }
   BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(per_peer, ex_.stream(), c.timeout_s)));
+  trace_.mark("all-to-all");
   if (R > 0 || h->num_expert_rows > 0) {
     kernels::ExpertMajorParams ep;
     ep.num_recv_rows = R;
@@ -274,6 +282,7 @@ bitepResult_t Dispatch::move_rows() {
     ep.num_expert_rows = h->num_expert_rows;
     BITEP_CHECK(ex_.expert_major(ep));
   }
+  trace_.mark("expert-major");
   bitepDispatchLayout_t& lo = h->layout;
   lo.num_ranks = W_;
   lo.num_local_experts = L_;
@@ -304,7 +313,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   h_.reset(new bitepHandle);
   h_->life = g_->life;
   h_->group = g_;
-  h_->last_stream = ex_.stream();
+  BITEP_CHECK(make_fence(h_.get(), ex_.cuda()));
   if (ex_.cuda()) {
     send_host_ = g_->pinned;
   } else {
@@ -314,6 +323,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
 
   bitepResult_t local = check_dispatch_args(g_, a_, out);
   if (local == bitepSuccess) local = before_exchange();
+  trace_.mark("layout");
   const SavedError saved(local);
   int32_t flags = 0;
   if (local == bitepSuccess) {
@@ -329,6 +339,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   if (r != bitepSuccess) return local != bitepSuccess ? saved.restore() : r;
   recv_host_.assign(static_cast<size_t>(W_) * n_, 0);
   r = g_->transport->exchange_counts(xsend_, xrecv_, recv_host_.data(), n_, ex_.stream(), g_->config.timeout_s);
+  trace_.mark("counts");
   if (r != bitepSuccess) {
     transport_failed(g_, r);
     return local != bitepSuccess ? saved.restore() : r;
@@ -362,12 +373,14 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   h_->has_weights = without_weights < 0;
 
   local = after_exchange();
+  trace_.mark("buffers");
   if (g_->agree_always || any_capacity) {
     BITEP_CHECK(agree_status(g_, local, "this dispatch"));
   } else if (local != bitepSuccess) {
     return local;
   }
   BITEP_CHECK(move_rows());
+  record_fence(h_.get(), ex_.stream());
   *out = h_.release();
   return bitepSuccess;
 }

@@ -4,6 +4,10 @@
 
 #include "src/check.h"
 
+#ifdef BITEP_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
 namespace bitep::ep {
 
 bitepResult_t check_handle(bitepHandle_t h, bitepGroup_t group) {
@@ -30,11 +34,37 @@ void destroy_handle(bitepHandle_t h) {
   {
     std::lock_guard<std::mutex> lock(h->life->mu);
     if (h->life->alive)
-      for (Block& b : h->blocks) h->life->pool->release(&b, h->last_stream);
+      for (Block& b : h->blocks) h->life->pool->release(&b, h->fence);
   }
   h->blocks.clear();
   h->magic = 0;
   delete h;
+}
+
+bitepResult_t make_fence(bitepHandle_t h, bool cuda) {
+  if (!cuda) return bitepSuccess;
+#ifdef BITEP_HAVE_CUDA
+  cudaEvent_t ev = nullptr;
+  BITEP_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  h->fence.reset(ev, [](void* e) { cudaEventDestroy(static_cast<cudaEvent_t>(e)); });
+  return bitepSuccess;
+#else
+  BITEP_FAIL(bitepNotSupported, "this bitep was built without CUDA");
+#endif
+}
+
+void record_fence(bitepHandle_t h, bitepStream_t stream) {
+#ifdef BITEP_HAVE_CUDA
+  if (h == nullptr || !h->fence) return;
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (cudaEventRecord(static_cast<cudaEvent_t>(h->fence.get()), s) != cudaSuccess) {
+    (void)cudaGetLastError();
+    (void)cudaStreamSynchronize(s);
+    (void)cudaGetLastError();
+  }
+#else
+  (void)h, (void)stream;
+#endif
 }
 
 }  // namespace bitep::ep

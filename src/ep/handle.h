@@ -15,8 +15,10 @@ struct bitepHandle {
   uint32_t magic = bitep::ep::kHandleMagic;
   std::shared_ptr<bitep::ep::Life> life;  // the group's; alive == false once the group is destroyed
   const bitepGroup* group = nullptr;      // compared only, never dereferenced once the group is gone
-  bitepStream_t last_stream = nullptr;    // the stream of the last call that used the handle's blocks
-  std::vector<bitep::ep::Block> blocks;   // pool blocks the handle owns
+  // cuda: an event recorded on the stream of every call that used the handle's blocks, after its work;
+  // the blocks go back to the pool ordered by it, so the handle may outlive the streams it was used on.
+  std::shared_ptr<void> fence;
+  std::vector<bitep::ep::Block> blocks;  // pool blocks the handle owns
 
   int64_t num_tokens = 0;  // T of the dispatch on this rank
   bool has_weights = false;
@@ -52,5 +54,24 @@ bitepResult_t check_handle(bitepHandle_t handle, bitepGroup_t group);
 
 // Returns the handle's blocks to the pool (if the group is alive) and deletes it.
 void destroy_handle(bitepHandle_t handle);
+
+// cuda: creates the handle's fence event (a no-op on the host backend).
+bitepResult_t make_fence(bitepHandle_t handle, bool cuda);
+// Records the fence on `stream` after the work queued so far; when that fails, waits for the stream
+// instead, so the blocks are idle by the time the handle may be destroyed.
+void record_fence(bitepHandle_t handle, bitepStream_t stream);
+
+// Records the handle's fence on scope exit: every return path of a call that queued work on its blocks.
+class FenceOnExit {
+ public:
+  FenceOnExit(bitepHandle_t h, bitepStream_t stream) : h_(h), stream_(stream) {}
+  ~FenceOnExit() { record_fence(h_, stream_); }
+  FenceOnExit(const FenceOnExit&) = delete;
+  FenceOnExit& operator=(const FenceOnExit&) = delete;
+
+ private:
+  bitepHandle_t h_;
+  bitepStream_t stream_;
+};
 
 }  // namespace bitep::ep

@@ -73,6 +73,7 @@ void Pool::free_block(Block* b) {
   }
   b->ptr = nullptr;
   b->event = nullptr;
+  b->fence.reset();
 }
 
 void Pool::trim_locked(uint64_t older_than) {
@@ -98,9 +99,9 @@ bitepResult_t Pool::acquire(size_t bytes, bitepStream_t stream, Block* out) {
     Block b = it->second;
     cached_.erase(it);
 #ifdef BITEP_HAVE_CUDA
-    if (backend_ == bitepBackendCuda && b.event != nullptr) {
-      cudaError_t err =
-          cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(b.event), 0);
+    void* ev = b.fence ? b.fence.get() : b.event;
+    if (backend_ == bitepBackendCuda && ev != nullptr) {
+      cudaError_t err = cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(ev), 0);
       if (err != cudaSuccess) {
         cached_.emplace(cls, b);
         return cuda_error(err, "cudaStreamWaitEvent(stream, pool block release event)", __FILE__, __LINE__);
@@ -109,6 +110,7 @@ bitepResult_t Pool::acquire(size_t bytes, bitepStream_t stream, Block* out) {
 #else
     (void)stream;
 #endif
+    b.fence.reset();
     in_use_.emplace(b.ptr, b);
     *out = b;
     return bitepSuccess;
@@ -158,6 +160,20 @@ void Pool::release(Block* block, bitepStream_t stream) {
 #else
   (void)stream;
 #endif
+  b.fence.reset();
+  b.last_use = tick_;
+  cached_.emplace(b.bytes, b);
+  *block = Block{};
+}
+
+void Pool::release(Block* block, std::shared_ptr<void> fence) {
+  if (block->ptr == nullptr) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = in_use_.find(block->ptr);
+  if (it == in_use_.end()) return;
+  Block b = it->second;
+  in_use_.erase(it);
+  b.fence = std::move(fence);
   b.last_use = tick_;
   cached_.emplace(b.bytes, b);
   *block = Block{};

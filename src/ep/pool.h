@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 
 #include "bitep/bitep.h"
@@ -17,10 +18,11 @@
 namespace bitep::ep {
 
 struct Block {
-  void* ptr = nullptr;    // null for a zero-byte request
-  size_t bytes = 0;       // the class size
-  void* event = nullptr;  // cudaEvent_t recorded at release (cuda only), created on first release
-  uint64_t last_use = 0;  // pool tick of the last release
+  void* ptr = nullptr;          // null for a zero-byte request
+  size_t bytes = 0;             // the class size
+  void* event = nullptr;        // cudaEvent_t recorded at release (cuda only), created on first release
+  std::shared_ptr<void> fence;  // cuda: instead of event, a handle's event that marks its last use
+  uint64_t last_use = 0;        // pool tick of the last release
 };
 
 class Pool {
@@ -39,6 +41,9 @@ class Pool {
 
   // Returns the block to the cache (cuda: after the work queued on stream). Empty blocks are ignored.
   void release(Block* block, bitepStream_t stream);
+  // The same, ordered by `fence` (a cudaEvent_t already recorded after the block's last use) instead
+  // of a stream, which may be gone by now (a handle destroyed after its stream).
+  void release(Block* block, std::shared_ptr<void> fence);
 
   // Bytes held now: blocks in use and cached.
   size_t held_bytes() const;

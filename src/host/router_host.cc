@@ -30,6 +30,11 @@ inline bool ranks_before(float a, int ia, float b, int ib) {
 }
 
 inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+// sigmoid'(x) from x as t / (1 + t)^2, t = exp(-|x|): no cancellation (kernels/router_common.cuh).
+inline float sigmoid_gradf(float x) {
+  const float t = std::exp(-std::fabs(x)), u = 1.0f + t;
+  return t / (u * u);
+}
 inline float softplusf(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 inline float sqrtsoftplusf(float x) { return std::sqrt(softplusf(x)); }
 
@@ -269,8 +274,9 @@ void router_backward(const kernels::RouterBackwardParams& p) {
         if (routed[e] || pre_softmax) dot += g[e] * act[e];
       for (int e = 0; e < E; ++e) g[e] = (routed[e] || pre_softmax) ? act[e] * (g[e] - dot) : 0.0f;
     }
-    if (p.score_fn == ScoreFn::kSigmoid)
-      for (int e = 0; e < E; ++e) g[e] = g[e] * (y[e] * (1.0f - y[e]));
+    if (p.score_fn == ScoreFn::kSigmoid) {  // recompute: from the logits, without cancellation in 1 - y
+      for (int e = 0; e < E; ++e) g[e] = g[e] * (p.saved != nullptr ? y[e] * (1.0f - y[e]) : sigmoid_gradf(x[e]));
+    }
     if (p.score_fn == ScoreFn::kSqrtSoftplus)
       for (int e = 0; e < E; ++e) g[e] = g[e] * (sigmoidf(x[e]) / (2.0f * y[e]));
     for (int e = 0; e < E; ++e) store_from_float(p.grad_logits, p.logits_dtype, row + e, g[e]);

@@ -1,0 +1,44 @@
+// SPDX-License-Identifier: Apache-2.0
+// Phase timing of the communication calls, for finding where a call's time goes without a profiler.
+//   BITEP_TRACE=1  one stderr line per traced call: the host time of each phase, in microseconds
+//   BITEP_TRACE=2  the same, the stream synchronised at each mark, so each phase includes its device work
+// Off (the default) a Trace costs one branch per mark.
+#pragma once
+
+#include <chrono>
+
+#include "bitep/bitep.h"
+
+namespace bitep {
+
+// 0, 1 or 2: BITEP_TRACE, read once.
+int trace_level();
+
+class Trace {
+ public:
+  Trace(const char* call, int rank, bitepStream_t stream, bool cuda);
+  ~Trace();  // prints the line
+  Trace(const Trace&) = delete;
+  Trace& operator=(const Trace&) = delete;
+
+  // Ends the phase `name` (started at the previous mark or at construction).
+  void mark(const char* name) {
+    if (level_ != 0) mark_slow(name);
+  }
+
+ private:
+  void mark_slow(const char* name);
+  static constexpr int kMaxMarks = 16;
+  using Clock = std::chrono::steady_clock;
+  const char* call_;
+  int rank_;
+  bitepStream_t stream_;
+  bool cuda_;
+  int level_;
+  int n_ = 0;
+  const char* names_[kMaxMarks];
+  double us_[kMaxMarks];
+  Clock::time_point start_, last_;
+};
+
+}  // namespace bitep
