@@ -4,7 +4,7 @@
 // backward (saved tensor and recompute), fp32 and bf16 logits. Every row is checked against the host
 // reference backend on a subset of tokens; any wrong row makes the exit status non-zero.
 //
-//   router_bench [--quick] [--json PATH] [--commit SHA] [--iters N] [--tokens T]
+//   router_bench [--quick] [--json PATH] [--commit SHA] [--iters N] [--tokens T] [--experts E,..] [--bf16]
 //
 // Time: median over N (>= 100) iterations, one CUDA event pair each, queued behind a spin kernel so the
 // host's enqueue cost never shows; inputs and outputs rotate among enough buffer sets that the L2 does
@@ -450,7 +450,9 @@ struct Args {
   bool quick = false;
   std::string json, commit = "unknown";
   int iters = 100;
-  int64_t tokens = 0;  // > 0: this T only (smoke runs)
+  int64_t tokens = 0;   // > 0: this T only (smoke runs)
+  std::string experts;  // non-empty: comma-separated E values, the configs of those E only
+  bool bf16_only = false;
 };
 
 void print_header() {
@@ -479,10 +481,17 @@ int main(int argc, char** argv) {
       args.commit = argv[++i];
     } else if (a == "--tokens" && i + 1 < argc) {
       args.tokens = std::max<int64_t>(1, std::atoll(argv[++i]));
+    } else if (a == "--experts" && i + 1 < argc) {
+      args.experts = "," + std::string(argv[++i]) + ",";
+    } else if (a == "--bf16") {
+      args.bf16_only = true;
     } else if (a == "--iters" && i + 1 < argc) {
       args.iters = std::max(100, std::atoi(argv[++i]));
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--json PATH] [--commit SHA] [--iters N>=100] [--tokens T]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--quick] [--json PATH] [--commit SHA] [--iters N>=100] [--tokens T] [--experts E,E,..] "
+                   "[--bf16]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -511,6 +520,13 @@ int main(int argc, char** argv) {
     dts = {bitepBfloat16};
   }
   if (args.tokens > 0) Ts = {args.tokens};
+  if (!args.experts.empty()) {
+    std::vector<const Config*> keep;
+    for (const Config* c : cfgs)
+      if (args.experts.find("," + std::to_string(c->E) + ",") != std::string::npos) keep.push_back(c);
+    cfgs = keep;
+  }
+  if (args.bf16_only) dts = {bitepBfloat16};
   Timer timer(args.iters, stream);
   std::vector<Record> records;
   int64_t total_wrong = 0;

@@ -5,9 +5,10 @@
 # compute-sanitizer memcheck and racecheck, then the benchmarks. Logs and JSON go to $OUT (at most 8
 # files come back from the device tool), a summary is printed last.
 #   OUT=/tmp/out scripts/device-check.sh [--quick]
-# PHASES (comma-separated, default all but profile) picks what runs after the build: gpu, multirank, bench,
-# net (the NCCL network transport), ctest, sanitize, profile (Nsight Compute on the router kernels and a
-# BITEP_TRACE=1 run of ep_bench: where the time goes).
+# PHASES (comma-separated, default all but profile and lanes) picks what runs after the build: gpu,
+# multirank, bench, net (the NCCL network transport), ctest, sanitize, profile (Nsight Compute on the
+# router kernels and a BITEP_TRACE=1 run of ep_bench: where the time goes), lanes (the router forward at
+# each BITEP_ROUTER_LANES cap in LANES_CAPS).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/device-out}
@@ -146,6 +147,13 @@ if on profile; then
     "$BUILD/bench/router_bench" --quick --iters 100
   step "ep_bench traced (BITEP_TRACE=1)" "$BENCH" mpirun -np "$NGPU" -x BITEP_TRACE=1 "$BUILD/bench/ep_bench" \
     --tokens 128,4096 --iters 3 --warmup 1 --routing uniform
+fi
+if on lanes; then
+  # The router forward's segment width (kernels/router_topk.cu, BITEP_ROUTER_LANES) measured side by side.
+  for cap in ${LANES_CAPS:-32 16 8 4}; do
+    step "router_bench lanes<=$cap (T=16384, bf16)" "$BENCH" env BITEP_ROUTER_LANES=$cap \
+      "$BUILD/bench/router_bench" --tokens 16384 --experts 64,128,256,512 --bf16 --iters 100
+  done
 fi
 if on bench; then
   step "router_bench" "$BENCH" "$BUILD/bench/router_bench" $QUICK --commit "$COMMIT" --json "$OUT/router.json"

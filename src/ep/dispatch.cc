@@ -14,6 +14,7 @@
 //   failure there fails on that rank, and its peers wait in NCCL (see the transport's timeout).
 #include <algorithm>
 #include <climits>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -107,8 +108,6 @@ bitepResult_t Dispatch::before_exchange() {
   void* p = nullptr;
   BITEP_CHECK(ex_.keep(sizeof(int32_t) * T * W_, &h->blocks, &p));
   h->token_slot = static_cast<int32_t*>(p);
-  BITEP_CHECK(ex_.keep(sizeof(int64_t) * W_, &h->blocks, &p));
-  h->send_offsets_dev = static_cast<int64_t*>(p);
   const uint64_t map_bytes = routing_bytes(a_->map_format, T, c.num_experts, c.topk);
   BITEP_CHECK(ex_.keep(map_bytes, &h->blocks, &p));
   BITEP_CHECK(ex_.copy(p, a_->routing_map, map_bytes));
@@ -206,10 +205,13 @@ bitepResult_t Dispatch::after_exchange() {
   }
   BITEP_CHECK(ex_.keep(sizeof(int32_t) * KL_ * R, &h->blocks, &p));
   h->recv_expert_rows = static_cast<int32_t*>(p);
-  BITEP_CHECK(ex_.keep(sizeof(int32_t) * L_, &h->blocks, &p));
-  h->expert_counts = static_cast<int32_t*>(p);
-  BITEP_CHECK(ex_.keep(sizeof(int32_t) * (L_ + 1), &h->blocks, &p));
-  h->expert_offsets = static_cast<int32_t*>(p);
+  // The layout tables the kernels read, in one block and one upload: [W] int64 send offsets, [L] int32
+  // expert counts, [L + 1] int32 expert offsets.
+  const size_t table_bytes = sizeof(int64_t) * W_ + sizeof(int32_t) * (2 * L_ + 1);
+  BITEP_CHECK(ex_.keep(table_bytes, &h->blocks, &p));
+  h->send_offsets_dev = static_cast<int64_t*>(p);
+  h->expert_counts = reinterpret_cast<int32_t*>(h->send_offsets_dev + W_);
+  h->expert_offsets = h->expert_counts + L_;
   BITEP_CHECK(ex_.temp(row_bytes_ * S, &send_x_));
   BITEP_CHECK(ex_.temp(static_cast<size_t>(MB_) * S, &p));
   send_map_ = static_cast<uint8_t*>(p);
@@ -217,10 +219,12 @@ bitepResult_t Dispatch::after_exchange() {
     BITEP_CHECK(ex_.temp(sizeof(float) * KL_ * S, &p));
     send_weights_ = static_cast<float*>(p);
   }
-  std::vector<int32_t> counts32(h->expert_counts_host.begin(), h->expert_counts_host.end());
-  BITEP_CHECK(ex_.upload(h->send_offsets_dev, h->send_offsets.data(), sizeof(int64_t) * W_));
-  BITEP_CHECK(ex_.upload(h->expert_counts, counts32.data(), sizeof(int32_t) * L_));
-  BITEP_CHECK(ex_.upload(h->expert_offsets, h->expert_offsets_host.data(), sizeof(int32_t) * (L_ + 1)));
+  std::vector<unsigned char> table(table_bytes);
+  std::memcpy(table.data(), h->send_offsets.data(), sizeof(int64_t) * W_);
+  int32_t* counts32 = reinterpret_cast<int32_t*>(table.data() + sizeof(int64_t) * W_);
+  for (int l = 0; l < L_; ++l) counts32[l] = static_cast<int32_t>(h->expert_counts_host[l]);
+  std::memcpy(counts32 + L_, h->expert_offsets_host.data(), sizeof(int32_t) * (L_ + 1));
+  BITEP_CHECK(ex_.upload_staged(h->send_offsets_dev, table.data(), table_bytes));
   return bitepSuccess;
 }
 

@@ -97,6 +97,33 @@ bitepResult_t Exec::upload(void* dst, const void* host_src, size_t bytes) {
   return bitepSuccess;
 }
 
+bitepResult_t Exec::upload_staged(void* dst, const void* host_src, size_t bytes) {
+  if (bytes == 0) return bitepSuccess;
+  if (!cuda()) {
+    std::memcpy(dst, host_src, bytes);
+    return bitepSuccess;
+  }
+#ifdef BITEP_HAVE_CUDA
+  bitepGroup* g = group_;
+  if (bytes > g->upload_bytes) {
+    if (g->upload_staging != nullptr) {
+      BITEP_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(g->upload_event)));
+      BITEP_CUDA_CHECK(cudaFreeHost(g->upload_staging));
+      g->upload_staging = nullptr;
+      g->upload_bytes = 0;
+    }
+    BITEP_CUDA_CHECK(cudaMallocHost(&g->upload_staging, bytes));
+    g->upload_bytes = bytes;
+  } else {
+    BITEP_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(g->upload_event)));
+  }
+  std::memcpy(g->upload_staging, host_src, bytes);
+  BITEP_CUDA_CHECK(cudaMemcpyAsync(dst, g->upload_staging, bytes, cudaMemcpyHostToDevice, cu(stream_)));
+  BITEP_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(g->upload_event), cu(stream_)));
+#endif
+  return bitepSuccess;
+}
+
 bitepResult_t Exec::copy_rows(
     void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t rows, bool src_host) {
   if (rows == 0 || width == 0) return bitepSuccess;

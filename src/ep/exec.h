@@ -34,6 +34,9 @@ class Exec {
   bitepResult_t copy(void* dst, const void* src, size_t bytes);
   // host -> backend; the host source may be reused once this returns.
   bitepResult_t upload(void* dst, const void* host_src, size_t bytes);
+  // The same through the group's pinned staging buffer (cuda: an asynchronous copy, no staging by the
+  // driver); waits first for the previous staged upload, which may be on another stream.
+  bitepResult_t upload_staged(void* dst, const void* host_src, size_t bytes);
   // Strided copy of `rows` rows of `width` bytes (src_host: the source is host memory).
   bitepResult_t copy_rows(
       void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t rows, bool src_host);

@@ -141,6 +141,8 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
         done);
     BITEP_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), r, done);
     g->sync_event = ev;
+    BITEP_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), r, done);
+    g->upload_event = ev;
   done:
     if (prev != g->device) cudaSetDevice(prev);
     if (r != bitepSuccess) return r;
@@ -157,6 +159,11 @@ bitepGroup::~bitepGroup() {
 #ifdef BITEP_HAVE_CUDA
   if (pinned != nullptr) cudaFreeHost(pinned);
   if (sync_event != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(sync_event));
+  if (upload_event != nullptr) {
+    cudaEventSynchronize(static_cast<cudaEvent_t>(upload_event));
+    cudaEventDestroy(static_cast<cudaEvent_t>(upload_event));
+  }
+  if (upload_staging != nullptr) cudaFreeHost(upload_staging);
   (void)cudaGetLastError();
 #endif
   magic = 0;
@@ -198,6 +205,7 @@ bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes) {
                     static_cast<void*>(group));
     BITEP_ARG_CHECK(bytes != nullptr, "bytes is NULL");
     size_t fixed = group->pinned ? sizeof(int32_t) * group->nranks * (group->num_local_experts + 1) : 0;
+    fixed += group->upload_bytes;
     *bytes = group->life->pool->held_bytes() + fixed;
     return bitepSuccess;
   });
