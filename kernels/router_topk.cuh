@@ -267,7 +267,8 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
         } else {
           const int mine = ((b1p >> 3) * G + sl) * 8 + (b1p & 7);
           const int ci = cand ? mine : INT_MAX;
-          win = cand && ci == seg_min_i32<G>(ci);
+          const int gi = seg_min_i32<G>(ci);  // every lane: a collective never sits behind a short circuit
+          win = cand && ci == gi;
         }
         if (post_fast) {
           const float gv = key_value(gm);

@@ -125,11 +125,25 @@ step "build (-j$(nproc))" "$OUT/build.log" \
 }
 grep -E 'bitep: (cuda|MPI)' "$OUT/build.log"
 
-# Order: what is new on this machine first (GPU kernels, the cuda backend over NCCL, the
-# benchmarks), then what CI also runs, then the slow sanitizer passes.
+# Order: the benchmarks first (a quiet machine), then the GPU tests and the cuda backend over NCCL, then
+# what CI also runs and the sanitizers (side by side on two GPUs), then the diagnostics.
 LOG=$OUT/tests.log
+BENCH=$OUT/bench.txt
 MR=$BUILD/tests/multirank/bitep_multirank_tests
 CUDA_FILTER=${MR_CUDA_FILTER:-EpCuda*}
+# Under the sanitizers: every GPU test but the multi-GiB 64-bit indexing one, one mid-size router grid.
+GPU_SAN_FILTER=${SANITIZER_FILTER:-EpKernelsGpu.*:RouterGpu.*:Experts/RouterGrid.MatchesHostAndOracle/E130:-RouterGpu.LargeTokenCount64BitIndexing}
+
+if on bench; then
+  step "router_bench" "$BENCH" "$BUILD/bench/router_bench" $QUICK --commit "$COMMIT" --json "$OUT/router.json"
+  step "ep_bench np$NGPU" "$BENCH" mpirun -np "$NGPU" -x BITEP_COMMIT "$BUILD/bench/ep_bench" $QUICK --json "$OUT/ep.json"
+  # At most 8 files come back from $OUT: the plots travel as one tar.
+  if [ -f "$OUT/ep.json" ] && python3 -c 'import matplotlib' 2>/dev/null; then
+    PLOTS=$(mktemp -d)
+    step "ep plots" "$BENCH" bash -c "python3 '$ROOT/bench/plot_ep.py' '$OUT/ep.json' --out '$PLOTS' && tar -C '$PLOTS' -cf '$OUT/plots.tar' ."
+  fi
+fi
+
 on gpu && step "gpu tests (bitep_gpu_tests${GPU_FILTER:+ $GPU_FILTER})" "$LOG" "$BUILD/tests/bitep_gpu_tests" \
   --gtest_filter="${GPU_FILTER:-*}"
 if on multirank; then
@@ -137,7 +151,32 @@ if on multirank; then
   step "multirank cuda np1" "$LOG" mpirun -np 1 "$MR" --gtest_filter="$CUDA_FILTER"
 fi
 
-BENCH=$OUT/bench.txt
+sanitize_one_gpu() {  # the single-GPU sanitizer passes
+  step "gpu tests under compute-sanitizer memcheck" "$1" \
+    compute-sanitizer --tool memcheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
+  step "gpu tests under compute-sanitizer racecheck" "$1" \
+    compute-sanitizer --tool racecheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
+  step "multirank cuda np1 memcheck" "$1" \
+    mpirun -np 1 compute-sanitizer --tool memcheck --error-exitcode 1 "$MR" --gtest_filter="$CUDA_FILTER"
+}
+if on ctest && on sanitize && [ "$NGPU" -ge 2 ]; then
+  # Two GPUs: the single-GPU sanitizer passes run on GPU 1 while ctest runs.
+  SANLOG=$(mktemp)
+  (export CUDA_VISIBLE_DEVICES=1 && sanitize_one_gpu "$SANLOG") &
+  step "ctest: every registered test" "$LOG" ctest --test-dir "$BUILD" -j "$(nproc)" --output-on-failure --timeout 300
+  wait
+  cat "$SANLOG" >>"$LOG"
+else
+  on ctest && step "ctest: every registered test" "$LOG" ctest --test-dir "$BUILD" -j "$(nproc)" --output-on-failure --timeout 300
+  on sanitize && sanitize_one_gpu "$LOG"
+fi
+if [ "$NGPU" -ge 2 ]; then
+  on net && step "multirank cuda np2 (NCCL net transport)" "$LOG" \
+    mpirun -np 2 -x NCCL_P2P_DISABLE=1 -x NCCL_SHM_DISABLE=1 "$MR" --gtest_filter="$CUDA_FILTER"
+  on sanitize && step "multirank cuda np2 memcheck" "$LOG" \
+    mpirun -np 2 compute-sanitizer --tool memcheck --error-exitcode 1 "$MR" --gtest_filter="$CUDA_FILTER"
+fi
+
 if on profile; then
   # Where the router's time goes (Nsight Compute, clocks left alone), and the host phases of dispatch and
   # combine (BITEP_TRACE=1: one stderr line per call and rank).
@@ -155,34 +194,9 @@ if on lanes; then
       "$BUILD/bench/router_bench" --tokens 16384 --experts 64,128,256,512 --bf16 --iters 100
   done
 fi
-if on bench; then
-  step "router_bench" "$BENCH" "$BUILD/bench/router_bench" $QUICK --commit "$COMMIT" --json "$OUT/router.json"
-  step "ep_bench np$NGPU" "$BENCH" mpirun -np "$NGPU" -x BITEP_COMMIT "$BUILD/bench/ep_bench" $QUICK --json "$OUT/ep.json"
-  # At most 8 files come back from $OUT: the plots travel as one tar.
-  if [ -f "$OUT/ep.json" ] && python3 -c 'import matplotlib' 2>/dev/null; then
-    PLOTS=$(mktemp -d)
-    step "ep plots" "$BENCH" bash -c "python3 '$ROOT/bench/plot_ep.py' '$OUT/ep.json' --out '$PLOTS' && tar -C '$PLOTS' -cf '$OUT/plots.tar' ."
-  fi
-fi
 
-if on net && [ "$NGPU" -ge 2 ]; then
-  step "multirank cuda np2 (NCCL net transport)" "$LOG" \
-    mpirun -np 2 -x NCCL_P2P_DISABLE=1 -x NCCL_SHM_DISABLE=1 "$MR" --gtest_filter="$CUDA_FILTER"
-fi
-on ctest && step "ctest: every registered test" "$LOG" ctest --test-dir "$BUILD" -j "$(nproc)" --output-on-failure --timeout 300
-if on sanitize; then
-  # Every GPU test but the multi-GiB 64-bit indexing one, one mid-size router grid.
-  GPU_SAN_FILTER=${SANITIZER_FILTER:-EpKernelsGpu.*:RouterGpu.*:Experts/RouterGrid.MatchesHostAndOracle/E130:-RouterGpu.LargeTokenCount64BitIndexing}
-  step "gpu tests under compute-sanitizer memcheck" "$LOG" \
-    compute-sanitizer --tool memcheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
-  step "multirank cuda np1 memcheck" "$LOG" \
-    mpirun -np 1 compute-sanitizer --tool memcheck --error-exitcode 1 "$MR" --gtest_filter="$CUDA_FILTER"
-  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 memcheck" "$LOG" \
-    mpirun -np 2 compute-sanitizer --tool memcheck --error-exitcode 1 "$MR" --gtest_filter="$CUDA_FILTER"
-  step "gpu tests under compute-sanitizer racecheck" "$LOG" \
-    compute-sanitizer --tool racecheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
-fi
-
+# Steps run in the background record only in the summary.
+grep -qE 'FAIL|SKIP' "$SUMMARY" && status=1
 echo
 echo "== summary (commit $COMMIT, $SECONDS s)"
 cat "$SUMMARY"

@@ -425,7 +425,9 @@ std::vector<double> grad_scale(const bitepRouterConfig_t& c,
     for (int e = 0; e < E; ++e) {
       const double sg = 1.0 / (1.0 + std::exp(-xr[e]));
       if (c.score_function == bitepScoreSigmoid) {
-        y[e] = sg, dv[e] = sg * (1.0 - sg);
+        // Plus the rounding of the fp32 sigmoid output the saved tensor holds: from it, y (1 - y) is only
+        // good to ~2^-24 absolute, whatever the exact derivative (the recompute path takes it from x).
+        y[e] = sg, dv[e] = sg * (1.0 - sg) + 0x1p-23 * sg;
       } else {
         y[e] = std::sqrt(xr[e] > 20.0 ? xr[e] : std::log1p(std::exp(xr[e])));
         dv[e] = sg / (2.0 * y[e]);
