@@ -37,7 +37,6 @@ constexpr int kNumBuckets = 9;
 // keys go to the lower expert index, which the reductions take care of.
 constexpr uint32_t kKeyNone = 0u;
 constexpr uint32_t kKeyNaN = 1u;
-constexpr uint32_t kKeyNegInf = 0x007fffffu;  // select_key(-inf): keys at or below it are -inf, NaN or none
 
 // ---- host: device properties (kernels/device_info.cuh), occupancy ---------------------------------
 

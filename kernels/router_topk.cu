@@ -8,81 +8,402 @@
 // (value order, ties to the lower expert index, NaN lowest). Each lane caches its two best remaining
 // keys, so a round is two reductions (redux.sync for a full warp) and a lane rescans its registers only
 // when it wins a second time since its last scan. Anything else goes to router_generic.cu.
-//
-// Lanes per token: the default is the smallest power-of-two segment holding the row as one octet per lane
-// (at most 32 lanes, then up to 8 octets per lane). BITEP_ROUTER_LANES=4|8|16|32 caps the segment
-// instead (more octets per lane, more tokens per warp: fewer reduction steps per token, more registers);
-// it exists to measure the choice (bench/NOTES.md), not to tune production runs.
-#include <cstdlib>
+#include <climits>
+#include <type_traits>
 
-#include "kernels/router_topk.cuh"
+#include "kernels/router.h"
+#include "kernels/router_common.cuh"
 
 namespace bitep::kernels {
-
-namespace router_fwd {
-// Instantiated in router_topk_narrow.cu.
-#define BITEP_NARROW(G, NS)                                                                                      \
-  extern template cudaError_t launch_bucket_t<G, NS, true>(const RouterForwardParams&, FwdLayout, cudaStream_t); \
-  extern template cudaError_t launch_bucket_t<G, NS, false>(const RouterForwardParams&, FwdLayout, cudaStream_t);
-BITEP_NARROW(16, 2)
-BITEP_NARROW(16, 4)
-BITEP_NARROW(16, 8)
-BITEP_NARROW(8, 2)
-BITEP_NARROW(8, 4)
-BITEP_NARROW(8, 8)
-BITEP_NARROW(4, 2)
-BITEP_NARROW(4, 4)
-BITEP_NARROW(4, 8)
-#undef BITEP_NARROW
-}  // namespace router_fwd
-
 namespace {
 
 using namespace router_detail;
-using namespace router_fwd;
+
+[[maybe_unused]] constexpr char kName[] = "router_forward";
+
+// Per-launch constants derived on the host.
+struct FwdLayout {
+  int64_t num_tiles;     // warp tiles: ceil(T / tokens per warp)
+  int rank_words;        // ceil(W / 32): 32-bit words of one token's rank mask in shared memory
+  int mask_bytes;        // ceil(W / 8)
+  int experts_per_rank;  // L = E / W
+  int group_octets;      // octets per expert group (power of two <= lanes), 0 = no group routing
+  int per_group;         // k / group_topk: experts summed into a group's score
+};
+
+template <int N>
+constexpr int min_blocks() {
+  return N <= 8 ? 4 : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
+}
+
+// Top-2 of the lane's keys strictly below (lk, lp) in selection order (key descending, element index
+// ascending): the lane's selected elements are always its own best ones, so "below the last taken"
+// is "not yet taken". Key 0 never enters (b1k = 0: nothing left).
+template <int N>
+__device__ __forceinline__ void top2_below(
+    const uint32_t* key, uint32_t lk, int lp, uint32_t& b1k, int& b1p, uint32_t& b2k, int& b2p) {
+  b1k = 0u, b2k = 0u, b1p = 0, b2p = 0;
+#pragma unroll
+  for (int p = 0; p < N; ++p) {
+    const uint32_t kk = key[p];
+    const bool ok = kk < lk || (kk == lk && p > lp);
+    if (ok && kk > b1k) {
+      b2k = b1k, b2p = b1p, b1k = kk, b1p = p;
+    } else if (ok && kk > b2k) {
+      b2k = kk, b2p = p;
+    }
+  }
+}
+
+template <int G, int NS, bool kF32>
+__global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
+    router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
+  constexpr int N = 8 * NS;
+  constexpr int kTokensPerWarp = kWarpSize / G;
+  constexpr int kWarps = kBucketThreads / kWarpSize;
+  using Mask = typename std::conditional<(N > 32), unsigned long long, uint32_t>::type;
+  extern __shared__ uint32_t smem[];  // [W] rank counts of the block, then [warps][tokens per warp][rank words]
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sl = lane % G, tl = lane / G;
+  const int E = p.num_experts, k = p.topk, W = p.num_ranks;
+  const DType dt = p.logits_dtype;
+  const bool aux = p.mode == RouterMode::kAuxScores;
+  const ScoreFn fn = p.score_fn;
+  const bool softmax = fn == ScoreFn::kSoftmax;
+  const bool pre = softmax && (aux || p.use_pre_softmax);
+  const bool post = softmax && !pre;
+  const bool norm = !softmax && k > 1;  // sigmoid / sqrtsoftplus normalisation (aux: over all E)
+  const bool use_bias = !aux && p.expert_bias != nullptr && !softmax;
+  const bool select = !aux || p.routing_map != nullptr;
+  const bool bitmap = p.map_format == MapFormat::kBitmap;
+  const int map_row = bitmap ? map_bytes_of(E) : E;
+  const int esize = dt == DType::kF32 ? 4 : 2;
+  const float scale = p.scaling_factor;
+
+  uint32_t* hist = smem;
+  uint32_t* rbits = smem + W + (warp * kTokensPerWarp + tl) * lay.rank_words;
+  if (W > 0) {
+    for (int i = threadIdx.x; i < W + kWarps * kTokensPerWarp * lay.rank_words; i += blockDim.x) smem[i] = 0u;
+    __syncthreads();
+  }
+
+  // The next tile's logits are loaded while this one is computed (small rows: more bytes in flight).
+  constexpr bool kPrefetch = NS == 1 || (NS == 2 && !kF32);
+  RawOctet ahead[NS];
+  auto fetch = [&](int64_t tile, RawOctet* raw) {
+    const int64_t t = tile * kTokensPerWarp + tl;
+    const bool tv = tile < lay.num_tiles && t < p.num_tokens;
+    const bool vec = tv && aligned16(static_cast<const char*>(p.logits) + t * E * esize);
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      const int e0 = (s * G + sl) * 8;
+      load_raw_t<kF32>(p.logits, dt, t * E + e0, tv ? min(max(E - e0, 0), 8) : 0, vec, raw[s]);
+    }
+  };
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (kPrefetch) fetch(first, ahead);
+  for (int64_t tile = first; tile < lay.num_tiles; tile += stride) {
+    const int64_t t = tile * kTokensPerWarp + tl;
+    const bool tv = t < p.num_tokens;
+    const int64_t row = t * E;
+    RawOctet raw[NS];
+    if (kPrefetch) {
+#pragma unroll
+      for (int s = 0; s < NS; ++s) raw[s] = ahead[s];
+      fetch(tile + stride, ahead);
+    } else {
+      fetch(tile, raw);
+    }
+
+    // Experts of each slot's octet in this row (0 for a token past T).
+    int nval[NS];
+    Mask valid = 0;
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      const int e0 = (s * G + sl) * 8;
+      const int n = tv ? min(max(E - e0, 0), 8) : 0;
+      nval[s] = n;
+      valid |= static_cast<Mask>((1u << n) - 1u) << (8 * s);
+    }
+
+    // 1. logits -> scores, in place.
+    float v[N];
+#pragma unroll
+    for (int s = 0; s < NS; ++s) decode_raw_t<kF32>(dt, raw[s], v + 8 * s);
+    const bool svec = p.saved != nullptr && tv && aligned16(p.saved + row);
+    if (p.saved != nullptr && fn == ScoreFn::kSqrtSoftplus) {  // saved = the logits
+#pragma unroll
+      for (int s = 0; s < NS; ++s)
+        if (nval[s] > 0) store_octet_f32(p.saved + row + (s * G + sl) * 8, nval[s], svec, v + 8 * s);
+    }
+    if (fn == ScoreFn::kSigmoid) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) v[i] = sigmoid_f(v[i]);
+    } else if (fn == ScoreFn::kSqrtSoftplus) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) v[i] = sqrtsoftplus_f(v[i]);
+    }
+    if (pre) seg_softmax<G, N>(v, valid);
+    if (p.saved != nullptr && (fn == ScoreFn::kSigmoid || pre)) {
+#pragma unroll
+      for (int s = 0; s < NS; ++s)
+        if (nval[s] > 0) store_octet_f32(p.saved + row + (s * G + sl) * 8, nval[s], svec, v + 8 * s);
+    }
+    if (aux && norm) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        if ((valid >> i) & 1) sum = __fadd_rn(sum, v[i]);
+      const float d = __fadd_rn(seg_sum_f32<G>(sum), kNormEpsilon);
+#pragma unroll
+      for (int i = 0; i < N; ++i) v[i] = v[i] / d;
+    }
+    const bool pvec = p.probs != nullptr && tv && aligned16(p.probs + row);
+    if (aux) {
+      if (p.probs != nullptr) {
+#pragma unroll
+        for (int s = 0; s < NS; ++s)
+          if (nval[s] > 0) store_octet_f32(p.probs + row + (s * G + sl) * 8, nval[s], pvec, v + 8 * s);
+      }
+      if (!select) continue;
+    }
+
+    // 2. selection keys (+ expert_bias, selection only).
+    uint32_t key[N];
+    {
+      const bool bvec = use_bias && aligned16(p.expert_bias);
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        float b8[8];
+        if (use_bias) {
+          load_octet_f32(p.expert_bias + (s * G + sl) * 8, nval[s], bvec, b8);
+        } else {
+#pragma unroll
+          for (int b = 0; b < 8; ++b) b8[b] = 0.0f;
+        }
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+          const int i = 8 * s + b;
+          const float sel = use_bias ? __fadd_rn(v[i], b8[b]) : v[i];
+          key[i] = ((valid >> i) & 1) ? select_key(sel) : kKeyNone;
+        }
+      }
+    }
+
+    // 3. group-limited routing: a group (q aligned lanes of one slot) scores the sum of its best
+    // per_group keys in selection order from 0.0f; the best group_topk groups stay candidates.
+    if (lay.group_octets > 0) {
+      const int q = lay.group_octets;
+      float gsum[NS];
+      Mask gtaken = 0;
+#pragma unroll
+      for (int s = 0; s < NS; ++s) gsum[s] = 0.0f;
+      for (int j = 0; j < lay.per_group; ++j) {
+#pragma unroll
+        for (int s = 0; s < NS; ++s) {
+          uint32_t bk = 0u;
+          int bb = 0;
+#pragma unroll
+          for (int b = 0; b < 8; ++b) {
+            const uint32_t kk = ((gtaken >> (8 * s + b)) & 1) ? kKeyNone : key[8 * s + b];
+            if (kk > bk) bk = kk, bb = b;
+          }
+          const uint32_t gm = group_max_u32(bk, q);
+          const int ci = (bk == gm && bk != kKeyNone) ? (s * G + sl) * 8 + bb : INT_MAX;
+          const int gi = group_min_i32(ci, q);
+          gsum[s] = __fadd_rn(gsum[s], key_value(gm));
+          if (ci == gi && bk != kKeyNone) gtaken |= static_cast<Mask>(1u) << (8 * s + bb);
+        }
+      }
+      uint32_t gkey[NS];
+      bool keep[NS];
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        keep[s] = false;
+        gkey[s] = nval[s] > 0 ? select_key(gsum[s]) : kKeyNone;
+      }
+      for (int r = 0; r < p.group_topk; ++r) {
+        uint32_t bk = 0u;
+        int bg = INT_MAX;
+#pragma unroll
+        for (int s = 0; s < NS; ++s)
+          if (gkey[s] > bk) bk = gkey[s], bg = (s * G + sl) / q;
+        const uint32_t gm = seg_max_u32<G>(bk);
+        const int gw = seg_min_i32<G>((bk == gm && bk != kKeyNone) ? bg : INT_MAX);
+#pragma unroll
+        for (int s = 0; s < NS; ++s)
+          if ((s * G + sl) / q == gw) keep[s] = true, gkey[s] = kKeyNone;
+      }
+#pragma unroll
+      for (int s = 0; s < NS; ++s)
+        if (!keep[s]) {
+#pragma unroll
+          for (int b = 0; b < 8; ++b) key[8 * s + b] = kKeyNone;
+        }
+    }
+
+    // 4. top-k: k rounds of a segment arg-max over each lane's best remaining key.
+    Mask taken = 0;
+    {
+      uint32_t b1k, b2k, lk = 0xffffffffu;
+      int b1p, b2p, lp = -1;
+      top2_below<N>(key, lk, lp, b1k, b1p, b2k, b2p);
+      bool have2 = true;
+      for (int r = 0; r < k; ++r) {
+        const uint32_t gm = seg_max_u32<G>(b1k);
+        const int mine = ((b1p >> 3) * G + sl) * 8 + (b1p & 7);
+        const int ci = (b1k == gm && b1k != kKeyNone) ? mine : INT_MAX;
+        const int gi = seg_min_i32<G>(ci);
+        if (ci == gi && b1k != kKeyNone) {
+          taken |= static_cast<Mask>(1u) << b1p;
+          lk = b1k, lp = b1p;
+          if (have2) {
+            b1k = b2k, b1p = b2p, have2 = false;
+          } else {
+            top2_below<N>(key, lk, lp, b1k, b1p, b2k, b2p);
+            have2 = true;
+          }
+        }
+      }
+    }
+
+    // 5. weights of the selected experts: post-top-k softmax, or the sigmoid/sqrtsoftplus normalisation.
+    if (post) {
+      seg_softmax<G, N>(v, taken);
+    } else if (!aux && norm) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        if ((taken >> i) & 1) sum = __fadd_rn(sum, v[i]);
+      const float d = __fadd_rn(seg_sum_f32<G>(sum), kNormEpsilon);
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        if ((taken >> i) & 1) v[i] = v[i] / d;
+    }
+
+    // 6. outputs.
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      const int n = nval[s];
+      if (n == 0) continue;
+      const int o = s * G + sl, e0 = o * 8;
+      const uint32_t byte = static_cast<uint32_t>(taken >> (8 * s)) & 0xffu;
+      float o8[8];
+      if (!aux && p.probs != nullptr) {
+#pragma unroll
+        for (int b = 0; b < 8; ++b) o8[b] = ((byte >> b) & 1) ? __fmul_rn(v[8 * s + b], scale) : 0.0f;
+        store_octet_f32(p.probs + row + e0, n, pvec, o8);
+      }
+      if (post && p.saved != nullptr) {
+#pragma unroll
+        for (int b = 0; b < 8; ++b) o8[b] = ((byte >> b) & 1) ? v[8 * s + b] : -INFINITY;
+        store_octet_f32(p.saved + row + e0, n, svec, o8);
+      }
+      if (p.routing_map != nullptr) {
+        if (bitmap) {
+          p.routing_map[t * map_row + o] = static_cast<uint8_t>(byte);
+        } else {
+          uint8_t* m = p.routing_map + row + e0;
+          const uint32_t lo = (byte & 1u) | ((byte & 2u) << 7) | ((byte & 4u) << 14) | ((byte & 8u) << 21);
+          const uint32_t hi = ((byte >> 4) & 1u) | ((byte & 32u) << 3) | ((byte & 64u) << 10) | ((byte & 128u) << 17);
+          if (n == 8 && (reinterpret_cast<uintptr_t>(m) & 7u) == 0) {
+            *reinterpret_cast<uint2*>(m) = make_uint2(lo, hi);
+          } else {
+#pragma unroll
+            for (int b = 0; b < 8; ++b)
+              if (b < n) m[b] = static_cast<uint8_t>((byte >> b) & 1u);
+          }
+        }
+      }
+    }
+    if (p.topk_indices != nullptr || p.topk_weights != nullptr) {  // ascending expert order
+      int base = 0;
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        const uint32_t byte = static_cast<uint32_t>(taken >> (8 * s)) & 0xffu;
+        const int c = __popc(byte);
+        const int inc = seg_scan_i32<G>(c, sl);
+        const int total = __shfl_sync(kFullMask, inc, G - 1, G);
+        if (c != 0) {
+          int pos = base + inc - c;
+          const int e0 = (s * G + sl) * 8;
+#pragma unroll
+          for (int b = 0; b < 8; ++b)
+            if ((byte >> b) & 1) {
+              const int64_t at = t * k + pos;
+              if (p.topk_indices != nullptr) p.topk_indices[at] = e0 + b;
+              if (p.topk_weights != nullptr) p.topk_weights[at] = __fmul_rn(v[8 * s + b], scale);
+              ++pos;
+            }
+        }
+        base += total;
+      }
+    }
+    if (W > 0) {  // dispatch layout epilogue: rank mask of the token, rank counts of the block
+      const int L = lay.experts_per_rank;
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        const uint32_t byte = static_cast<uint32_t>(taken >> (8 * s)) & 0xffu;
+        if (byte == 0) continue;
+        const int e0 = (s * G + sl) * 8;
+#pragma unroll
+        for (int b = 0; b < 8; ++b)
+          if ((byte >> b) & 1) {
+            const int r = (e0 + b) / L;
+            atomicOr(&rbits[r >> 5], 1u << (r & 31));
+          }
+      }
+      __syncwarp();
+      if (tv) {
+        if (p.rank_mask != nullptr)
+          for (int j = sl; j < lay.mask_bytes; j += G)
+            p.rank_mask[t * lay.mask_bytes + j] = static_cast<uint8_t>(rbits[j >> 2] >> ((j & 3) * 8));
+        if (p.rank_counts != nullptr)
+          for (int w = sl; w < lay.rank_words; w += G)
+            for (uint32_t bits = rbits[w]; bits != 0; bits &= bits - 1) atomicAdd(&hist[w * 32 + __ffs(bits) - 1], 1u);
+      }
+      __syncwarp();
+      for (int w = sl; w < lay.rank_words; w += G) rbits[w] = 0u;
+      __syncwarp();
+    }
+  }
+
+  if (W > 0 && p.rank_counts != nullptr) {
+    __syncthreads();
+    for (int r = threadIdx.x; r < W; r += blockDim.x)
+      if (hist[r] != 0) atomicAdd(p.rank_counts + r, static_cast<int>(hist[r]));
+  }
+}
+
+template <int G, int NS, bool kF32>
+cudaError_t launch_bucket_t(const RouterForwardParams& p, FwdLayout lay, cudaStream_t stream) {
+  static std::atomic<int> occupancy{0};
+  constexpr int kTokensPerWarp = kWarpSize / G;
+  constexpr int kWarps = kBucketThreads / kWarpSize;
+  auto kernel = router_forward_bucket<G, NS, kF32>;
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kBucketThreads, &occupancy);
+  lay.num_tiles = (p.num_tokens + kTokensPerWarp - 1) / kTokensPerWarp;
+  const size_t smem =
+      p.num_ranks > 0 ? sizeof(uint32_t) * (p.num_ranks + static_cast<size_t>(kWarps) * kTokensPerWarp * lay.rank_words)
+                      : 0;
+  if (smem > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const unsigned grid = persistent_grid(lay.num_tiles, kWarps, sms, per_sm);
+  kernel<<<grid, kBucketThreads, smem, stream>>>(p, lay);
+  return cudaGetLastError();
+}
 
 template <int G, int NS>
-cudaError_t launch_shape(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
+cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true>(p, lay, stream)
                                        : launch_bucket_t<G, NS, false>(p, lay, stream);
-}
-
-// Calls f(integral_constant<G>, integral_constant<NS>) for one of the instantiated shapes.
-template <class F>
-cudaError_t with_shape(int G, int NS, F&& f) {
-  using std::integral_constant;
-#define BITEP_SHAPE(g, ns) \
-  if (G == g && NS == ns) return f(integral_constant<int, g>{}, integral_constant<int, ns>{});
-  BITEP_SHAPE(1, 1)
-  BITEP_SHAPE(2, 1)
-  BITEP_SHAPE(4, 1)
-  BITEP_SHAPE(8, 1)
-  BITEP_SHAPE(16, 1)
-  BITEP_SHAPE(32, 1)
-  BITEP_SHAPE(32, 2)
-  BITEP_SHAPE(32, 4)
-  BITEP_SHAPE(32, 8)
-  BITEP_SHAPE(16, 2)
-  BITEP_SHAPE(16, 4)
-  BITEP_SHAPE(16, 8)
-  BITEP_SHAPE(8, 2)
-  BITEP_SHAPE(8, 4)
-  BITEP_SHAPE(8, 8)
-  BITEP_SHAPE(4, 2)
-  BITEP_SHAPE(4, 4)
-  BITEP_SHAPE(4, 8)
-#undef BITEP_SHAPE
-  return cudaErrorInvalidValue;
-}
-
-// BITEP_ROUTER_LANES (4, 8, 16 or 32), read once; 32 when unset or anything else.
-int lanes_cap() {
-  static const int cap = [] {
-    const char* v = std::getenv("BITEP_ROUTER_LANES");
-    const int c = v != nullptr ? std::atoi(v) : 32;
-    return c == 4 || c == 8 || c == 16 ? c : 32;
-  }();
-  return cap;
 }
 
 // Groups the warp-per-token kernel takes: whole octets per group, a power of two of them, within one
@@ -105,20 +426,9 @@ cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t str
   }
   const bool groups = p.mode == RouterMode::kTopk && p.num_groups > 0;
   const int bucket = bucket_of(p.num_experts);
-  if (bucket < 0 || p.topk > kMaxBucketTopk) return launch_router_forward_generic(p, stream);
-  // Segment shape: the row's octets rounded up to a power of two, G lanes of NS octets each.
-  const int octets = kBucketLanes[bucket] * (bucket <= 5 ? 1 : 1 << (bucket - 5));
-  int G = std::min(octets, lanes_cap()), NS = octets / G;
-  if (NS > 8) NS = 8, G = octets / 8;
   int q = 0;
-  if (groups) {
-    q = aligned_group_octets(p, G);
-    if (q == 0 && G < kBucketLanes[bucket]) {  // the narrow segment splits the groups: the default shape
-      G = kBucketLanes[bucket], NS = octets / G;
-      q = aligned_group_octets(p, G);
-    }
-    if (q == 0) return launch_router_forward_generic(p, stream);
-  }
+  if (bucket >= 0 && groups) q = aligned_group_octets(p, kBucketLanes[bucket]);
+  if (bucket < 0 || p.topk > kMaxBucketTopk || (groups && q == 0)) return launch_router_forward_generic(p, stream);
 
   FwdLayout lay{};
   lay.rank_words = p.num_ranks > 0 ? (p.num_ranks + 31) / 32 : 0;
@@ -126,8 +436,8 @@ cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t str
   lay.experts_per_rank = p.num_ranks > 0 ? p.num_experts / p.num_ranks : 1;
   lay.group_octets = groups ? q : 0;
   lay.per_group = groups ? p.topk / p.group_topk : 0;
-  return with_shape(
-      G, NS, [&](auto g, auto ns) { return launch_shape<decltype(g)::value, decltype(ns)::value>(p, lay, stream); });
+  return with_bucket(
+      bucket, [&](auto g, auto ns) { return launch_bucket<decltype(g)::value, decltype(ns)::value>(p, lay, stream); });
 }
 
 }  // namespace bitep::kernels

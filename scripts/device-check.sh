@@ -5,10 +5,10 @@
 # compute-sanitizer memcheck and racecheck, then the benchmarks. Logs and JSON go to $OUT (at most 8
 # files come back from the device tool), a summary is printed last.
 #   OUT=/tmp/out scripts/device-check.sh [--quick]
-# PHASES (comma-separated, default all but profile and lanes) picks what runs after the build: gpu,
-# multirank, bench, net (the NCCL network transport), ctest, sanitize, profile (Nsight Compute on the
-# router kernels and a BITEP_TRACE=1 run of ep_bench: where the time goes), lanes (the router forward at
-# each BITEP_ROUTER_LANES cap in LANES_CAPS).
+# PHASES (comma-separated; default bench,ctest,sanitize,net: ctest holds the GPU and multi-rank tests) picks
+# what runs after the build: gpu, multirank (their GPU parts alone, for quick checks),
+# bench, net (the NCCL network transport), ctest, sanitize, profile (Nsight Compute on the router kernels
+# and a BITEP_TRACE=1 run of ep_bench: where the time goes).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/device-out}
@@ -18,7 +18,7 @@ QUICK=""
 # The whole call must end inside the device tool's 600 s: each step gets what is left of BUDGET_S
 # (default 560 s) and a step that cannot start with MIN_STEP_S left is skipped and reported as such.
 BUDGET_S=${BUDGET_S:-560}
-PHASES=${PHASES:-gpu,multirank,bench,net,ctest,sanitize}
+PHASES=${PHASES:-bench,ctest,sanitize,net}
 on() { [[ ",$PHASES," == *",$1,"* ]]; }
 MIN_STEP_S=20
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -187,14 +187,6 @@ if on profile; then
   step "ep_bench traced (BITEP_TRACE=1)" "$BENCH" mpirun -np "$NGPU" -x BITEP_TRACE=1 "$BUILD/bench/ep_bench" \
     --tokens 128,4096 --iters 3 --warmup 1 --routing uniform
 fi
-if on lanes; then
-  # The router forward's segment width (kernels/router_topk.cu, BITEP_ROUTER_LANES) measured side by side.
-  for cap in ${LANES_CAPS:-32 16 8 4}; do
-    step "router_bench lanes<=$cap (T=16384, bf16)" "$BENCH" env BITEP_ROUTER_LANES=$cap \
-      "$BUILD/bench/router_bench" --tokens 16384 --experts 64,128,256,512 --bf16 --iters 100
-  done
-fi
-
 # Steps run in the background record only in the summary.
 grep -qE 'FAIL|SKIP' "$SUMMARY" && status=1
 echo
