@@ -132,6 +132,10 @@ BENCH=$OUT/bench.txt
 MR=$BUILD/tests/multirank/bitep_multirank_tests
 CUDA_FILTER=${MR_CUDA_FILTER:-EpCuda*}
 # Under the sanitizers: every GPU test but the multi-GiB 64-bit indexing one, one mid-size router grid.
+# libnccl probes its kernels with cudaFuncGetAttributes and gets cudaErrorNoKernelImageForDevice for the
+# architectures it was not built for (seen on H200, NCCL 2.28.3): API errors that are NCCL's, not
+# memory errors. The multi-rank runs do not report API errors; memory errors still fail them.
+MR_SAN_FLAGS="--tool memcheck --error-exitcode 1 --report-api-errors no"
 GPU_SAN_FILTER=${SANITIZER_FILTER:-EpKernelsGpu.*:RouterGpu.*:Experts/RouterGrid.MatchesHostAndOracle/E130:-RouterGpu.LargeTokenCount64BitIndexing}
 
 if on bench; then
@@ -157,7 +161,7 @@ sanitize_one_gpu() {  # the single-GPU sanitizer passes
   step "gpu tests under compute-sanitizer racecheck" "$1" \
     compute-sanitizer --tool racecheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
   step "multirank cuda np1 memcheck" "$1" \
-    mpirun -np 1 compute-sanitizer --tool memcheck --error-exitcode 1 "$MR" --gtest_filter="$CUDA_FILTER"
+    mpirun -np 1 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$CUDA_FILTER"
 }
 if on ctest && on sanitize && [ "$NGPU" -ge 2 ]; then
   # Two GPUs: the single-GPU sanitizer passes run on GPU 1 while ctest runs.
@@ -174,7 +178,7 @@ if [ "$NGPU" -ge 2 ]; then
   on net && step "multirank cuda np2 (NCCL net transport)" "$LOG" \
     mpirun -np 2 -x NCCL_P2P_DISABLE=1 -x NCCL_SHM_DISABLE=1 "$MR" --gtest_filter="$CUDA_FILTER"
   on sanitize && step "multirank cuda np2 memcheck" "$LOG" \
-    mpirun -np 2 compute-sanitizer --tool memcheck --error-exitcode 1 "$MR" --gtest_filter="$CUDA_FILTER"
+    mpirun -np 2 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$CUDA_FILTER"
 fi
 
 if on profile; then
