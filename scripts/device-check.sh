@@ -155,11 +155,19 @@ if on multirank; then
   step "multirank cuda np1" "$LOG" mpirun -np 1 "$MR" --gtest_filter="$CUDA_FILTER"
 fi
 
+# The GPU tests of GPU_SAN_FILTER under one compute-sanitizer tool, one process per test, 8 at a time
+# (a sanitized run is ~10x slower; one process for all of them does not fit a device call).
+san_each() {
+  local tool=$1
+  "$BUILD/tests/bitep_gpu_tests" --gtest_list_tests --gtest_filter="$GPU_SAN_FILTER" |
+    awk '/^[^ ]/ {suite = $1} /^  / {print suite $1}' |
+    xargs -P 8 -I{} compute-sanitizer --tool "$tool" --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter={}
+}
+export BUILD GPU_SAN_FILTER
+export -f san_each
 sanitize_one_gpu() {  # the single-GPU sanitizer passes
-  step "gpu tests under compute-sanitizer memcheck" "$1" \
-    compute-sanitizer --tool memcheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
-  step "gpu tests under compute-sanitizer racecheck" "$1" \
-    compute-sanitizer --tool racecheck --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_SAN_FILTER"
+  step "gpu tests under compute-sanitizer memcheck" "$1" bash -c 'san_each memcheck'
+  step "gpu tests under compute-sanitizer racecheck" "$1" bash -c 'san_each racecheck'
   step "multirank cuda np1 memcheck" "$1" \
     mpirun -np 1 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$CUDA_FILTER"
 }
