@@ -337,7 +337,11 @@ typedef struct {
 /* [OUT] layout: views into memory the handle owns; valid until bitepHandleDestroy. */
 BITEP_API bitepResult_t bitepHandleGetLayout(bitepHandle_t handle, bitepDispatchLayout_t* layout);
 
-/* Releases the handle's buffers back to the group's pool (after the work queued on them). */
+/* Releases the handle's buffers back to the group's pool. They are handed out again only after the work
+ * that bitep queued on them (dispatch, combine, backward, on whichever streams) has finished; the
+ * streams may be destroyed before the handle. Work the caller queued on the layout's buffers (an expert
+ * GEMM reading expert_x) is not tracked: it must have finished, or be on the stream of the next bitep
+ * call on this group, before that call may reuse the memory. */
 BITEP_API bitepResult_t bitepHandleDestroy(bitepHandle_t handle);
 
 typedef enum { bitepLayoutExpertMajor = 0, bitepLayoutRankMajor = 1 } bitepLayout_t;
