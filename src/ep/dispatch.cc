@@ -317,7 +317,6 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   h_.reset(new bitepHandle);
   h_->life = g_->life;
   h_->group = g_;
-  BITEP_CHECK(make_fence(h_.get(), ex_.cuda()));
   if (ex_.cuda()) {
     send_host_ = g_->pinned;
   } else {
@@ -325,7 +324,9 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
     send_host_ = send_host_vec_.data();
   }
 
-  bitepResult_t local = check_dispatch_args(g_, a_, out);
+  // A local failure from here on still takes part in the count exchange, so the peers fail with it.
+  bitepResult_t local = make_fence(h_.get(), ex_.cuda());
+  if (local == bitepSuccess) local = check_dispatch_args(g_, a_, out);
   if (local == bitepSuccess) local = before_exchange();
   trace_.mark("layout");
   const SavedError saved(local);
