@@ -24,8 +24,6 @@
 namespace bitep::ep {
 namespace {
 
-constexpr double kDefaultTimeout = 300.0;  // until the config (and its timeout) is known to be valid
-
 #ifdef BITEP_HAVE_NCCL
 // The cuda backend's device: config->device, or the rank's index among the ranks of its node.
 bitepResult_t pick_device(MPI_Comm comm, const bitepGroupConfig_t* config, int* device) {
@@ -110,7 +108,8 @@ bitepResult_t create_mpi(MPI_Comm comm, const bitepGroupConfig_t* config, bitepG
     local = set_error(bitepNotSupported, __FILE__, __LINE__,
                       "config->backend is bitepBackendCuda but this bitep was built without NCCL");
 #endif
-  std::unique_ptr<Transport> mpi = make_mpi_transport(dup, local == bitepSuccess ? config->timeout_s : kDefaultTimeout);
+  std::unique_ptr<Transport> mpi =
+      make_mpi_transport(dup, local == bitepSuccess ? config->timeout_s : kDefaultTimeoutS);
   SavedError saved(local);
   const ConfigBlob blob = make_config_blob(config, mpi->nranks(), local);
   std::vector<ConfigBlob> all(mpi->nranks());

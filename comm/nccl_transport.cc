@@ -29,7 +29,6 @@ namespace {
 
 static_assert(sizeof(ncclUniqueId) == BITEP_UNIQUE_ID_BYTES, "bitepUniqueId must hold an ncclUniqueId");
 
-constexpr double kDefaultTimeoutS = 300.0;    // allgather_host (no timeout argument) before any other call
 constexpr uint64_t kMaxChunkBytes = INT_MAX;  // one ncclSend / ncclRecv moves at most 2^31 - 1 bytes
 
 using Clock = std::chrono::steady_clock;

@@ -261,10 +261,9 @@ cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream) {
   a.row_bytes = p.hidden * dtype_size(p.dtype);
   const int v = vec_bytes(a.row_bytes, p.y, p.out, grads ? p.grad_rows : nullptr);
   a.nvec = a.row_bytes / v;
-  int sms = 0;
-  cudaError_t err = sm_count(&sms);
+  unsigned grid = 0;
+  cudaError_t err = row_grid(p.num_recv_rows, &grid);
   if (err != cudaSuccess) return err;
-  const unsigned grid = persistent_grid(p.num_recv_rows, kRowThreads / kWarp, sms, kRowBlocksPerSm);
   err = with_vec_dtype(p.dtype, v, [&](auto tt, auto vt) {
     reduce_kernel<typename decltype(tt)::type, decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a);
     return cudaSuccess;
@@ -291,10 +290,9 @@ cudaError_t launch_ep_final_sum(const FinalSumParams& p, cudaStream_t stream) {
   a.row_bytes = p.hidden * dtype_size(p.dtype);
   const int v = vec_bytes(a.row_bytes, p.out, p.ret, p.self_ret);
   a.nvec = a.row_bytes / v;
-  int sms = 0;
-  cudaError_t err = sm_count(&sms);
+  unsigned grid = 0;
+  cudaError_t err = row_grid(p.num_tokens, &grid);
   if (err != cudaSuccess) return err;
-  const unsigned grid = persistent_grid(p.num_tokens, kRowThreads / kWarp, sms, kRowBlocksPerSm);
   err = with_vec_dtype(p.dtype, v, [&](auto tt, auto vt) {
     final_sum_kernel<typename decltype(tt)::type, decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a);
     return cudaSuccess;
@@ -327,10 +325,9 @@ cudaError_t launch_ep_weight_grad(const WeightGradParams& p, cudaStream_t stream
   a.self_offset = p.self_offset;
   a.grad_dense = dense;
   a.grad_compact = compact;
-  int sms = 0;
-  cudaError_t err = sm_count(&sms);
+  unsigned grid = 0;
+  cudaError_t err = row_grid(p.num_tokens, &grid);
   if (err != cudaSuccess) return err;
-  const unsigned grid = persistent_grid(p.num_tokens, kRowThreads / kWarp, sms, kRowBlocksPerSm);
   weight_grad_kernel<<<grid, kRowThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }

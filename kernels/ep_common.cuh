@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cub/warp/warp_scan.cuh>
 
 #include "kernels/device_info.cuh"
 #include "kernels/ep_params.h"
@@ -43,6 +44,18 @@ inline int vec_bytes(int64_t row_bytes, const void* a, const void* b = nullptr, 
   for (int v = 16; v > 1; v >>= 1)
     if ((bits & static_cast<uintptr_t>(v - 1)) == 0) return v;
   return 1;
+}
+
+// ---- host: launch shapes ---------------------------------------------------------------------------
+
+// Grid of the warp-per-row kernels (kRowThreads threads, one warp a row or token) over `rows`:
+// persistent, at most kRowBlocksPerSm blocks per SM.
+inline cudaError_t row_grid(int64_t rows, unsigned* grid) {
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  *grid = persistent_grid(rows, kRowThreads / kWarp, sms, kRowBlocksPerSm);
+  return cudaSuccess;
 }
 
 // ---- device: routing input ------------------------------------------------------------------------
@@ -192,6 +205,33 @@ __device__ __forceinline__ int compact_index(const RouteView& v, int64_t t, int 
   for (int j = 0; j < v.topk; ++j)
     if (__ldg(row + j) == e) return j;
   return -1;
+}
+
+// ---- device: the one-block offset scan ---------------------------------------------------------------
+
+// Called by every thread of a kOffsetThreads block: for each column c < num_cols (one warp a column), the
+// entries *at(s, c) of segments s = 0 .. num_segs - 1 become their exclusive prefix sum in segment order,
+// in place; done(c, total) then runs on lane 0 with the column's total.
+template <class At, class Done>
+__device__ void scan_segment_columns(int num_segs, int num_cols, At at, Done done) {
+  using WarpScan = cub::WarpScan<int>;
+  constexpr int kWarps = kOffsetThreads / kWarp;
+  __shared__ typename WarpScan::TempStorage scan[kWarps];
+  const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
+  for (int c = warp; c < num_cols; c += kWarps) {
+    int carry = 0;
+    for (int s0 = 0; s0 < num_segs; s0 += kWarp) {
+      const int s = s0 + lane;
+      int32_t* p = s < num_segs ? at(s, c) : nullptr;
+      const int v = p ? *p : 0;
+      int excl = 0, total = 0;
+      WarpScan(scan[warp]).ExclusiveSum(v, excl, total);
+      if (p) *p = carry + excl;
+      carry += total;
+      __syncwarp();
+    }
+    if (lane == 0) done(c, carry);
+  }
 }
 
 // ---- device: vectors and dtypes -------------------------------------------------------------------

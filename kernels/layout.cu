@@ -13,7 +13,6 @@
 //        writes counts[r][0];
 //     3. slots: per segment, reads its offsets, then scans its tokens and writes every slot (the last
 //        row is read before it is rewritten, by the same block).
-#include <cub/warp/warp_scan.cuh>
 
 #include "kernels/ep.h"
 #include "kernels/ep_common.cuh"
@@ -103,24 +102,10 @@ __global__ void __launch_bounds__(kThreads) layout_count_kernel(LayoutArgs a) {
 // Pass 2 (multi-segment): one block; warp c' handles ranks c = c', c' + 32, ...: exclusive scan of the
 // segment totals in place, and counts[c][0] = the rank's total.
 __global__ void __launch_bounds__(kOffsetThreads) layout_offsets_kernel(LayoutArgs a) {
-  using WarpScan = cub::WarpScan<int>;
-  __shared__ typename WarpScan::TempStorage scan[kOffsetThreads / kWarp];
-  const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
-  const int W = a.num_ranks, S = a.num_segs;
-  for (int c = warp; c < W; c += kOffsetThreads / kWarp) {
-    int carry = 0;
-    for (int s0 = 0; s0 < S; s0 += kWarp) {
-      const int s = s0 + lane;
-      int32_t* p = s < S ? a.token_slot + seg_last_row(a, s) * W + c : nullptr;
-      const int v = p ? *p : 0;
-      int excl = 0, total = 0;
-      WarpScan(scan[warp]).ExclusiveSum(v, excl, total);
-      if (p) *p = carry + excl;
-      carry += total;
-      __syncwarp();
-    }
-    if (lane == 0) a.counts[static_cast<int64_t>(c) * (a.local_experts + 1)] = carry;
-  }
+  const int W = a.num_ranks;
+  scan_segment_columns(
+      a.num_segs, W, [&](int s, int c) { return a.token_slot + seg_last_row(a, s) * W + c; },
+      [&](int c, int total) { a.counts[static_cast<int64_t>(c) * (a.local_experts + 1)] = total; });
 }
 
 // Pass 3 (or the single pass): token slots. kSingle: one block over all tokens, carry starts at 0,

@@ -15,7 +15,6 @@
 //   rows' positions.
 // Then one warp per received row copies it (optionally scaled by its weight) to its expert rows, and
 // the pad rows of each expert block are zeroed.
-#include <cub/warp/warp_scan.cuh>
 
 #include "kernels/ep.h"
 #include "kernels/ep_common.cuh"
@@ -177,23 +176,9 @@ __global__ void __launch_bounds__(kThreads) expert_count_kernel(ExpertArgs a) {
 
 // Pass 2: one block; per expert, exclusive scan of the segment totals in place.
 __global__ void __launch_bounds__(kOffsetThreads) expert_offsets_kernel(ExpertArgs a) {
-  using WarpScan = cub::WarpScan<int>;
-  __shared__ typename WarpScan::TempStorage scan[kOffsetThreads / kWarp];
-  const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
-  const int S = a.num_segs;
-  for (int c = warp; c < a.local_experts; c += kOffsetThreads / kWarp) {
-    int carry = 0;
-    for (int s0 = 0; s0 < S; s0 += kWarp) {
-      const int s = s0 + lane;
-      int32_t* p = s < S ? a.rows + seg_begin(a, s) * a.row_experts + c : nullptr;
-      const int v = p ? *p : 0;
-      int excl = 0, total = 0;
-      WarpScan(scan[warp]).ExclusiveSum(v, excl, total);
-      if (p) *p = carry + excl;
-      carry += total;
-      __syncwarp();
-    }
-  }
+  scan_segment_columns(
+      a.num_segs, a.local_experts, [&](int s, int c) { return a.rows + seg_begin(a, s) * a.row_experts + c; },
+      [](int, int) {});
 }
 
 // Pass 3 (or the single pass): recv_expert_rows. Position of bit l of row i = expert_offsets[l] + rows
@@ -327,10 +312,9 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   if (a.row_bytes > 0 && (p.x == nullptr || (W > 1 && p.send_x == nullptr) || p.recv_x == nullptr))
     return cudaErrorInvalidValue;
 
-  int sms = 0;
-  cudaError_t err = sm_count(&sms);
+  unsigned grid = 0;
+  cudaError_t err = row_grid(p.num_tokens, &grid);
   if (err != cudaSuccess) return err;
-  const unsigned grid = persistent_grid(p.num_tokens, kRowThreads / kWarp, sms, kRowBlocksPerSm);
   dispatch_vec(v, [&](auto vt) { permute_kernel<decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a); });
   return cudaGetLastError();
 }

@@ -32,13 +32,11 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sl = lane % G, tl = lane / G;
-  const int E = p.num_experts, k = p.topk;
+  const int E = p.num_experts;
   const DType dt = p.logits_dtype;
-  const bool aux = p.mode == RouterMode::kAuxScores;
   const ScoreFn fn = p.score_fn;
-  const bool softmax = fn == ScoreFn::kSoftmax;
-  const bool pre = softmax && (aux || p.use_pre_softmax);
-  const bool norm = !softmax && k > 1;
+  const ScorePath path = score_path(p);
+  const bool aux = path.aux, softmax = path.softmax, pre = path.pre, norm = path.norm;
   const bool bitmap = p.map_format == MapFormat::kBitmap;
   const int map_row = bitmap ? map_bytes_of(E) : E;
   const int esize = dt == DType::kF32 ? 4 : 2;
@@ -162,13 +160,11 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
 // One block per token (E > 2048); the reductions are the generic forward's (router_generic.cu).
 __global__ void __launch_bounds__(kGenericThreads) router_backward_generic(const RouterBackwardParams p) {
   __shared__ float scratch[32];
-  const int E = p.num_experts, k = p.topk;
+  const int E = p.num_experts;
   const DType dt = p.logits_dtype;
-  const bool aux = p.mode == RouterMode::kAuxScores;
   const ScoreFn fn = p.score_fn;
-  const bool softmax = fn == ScoreFn::kSoftmax;
-  const bool pre = softmax && (aux || p.use_pre_softmax);
-  const bool norm = !softmax && k > 1;
+  const ScorePath path = score_path(p);
+  const bool aux = path.aux, softmax = path.softmax, pre = path.pre, norm = path.norm;
   const bool bitmap = p.map_format == MapFormat::kBitmap;
   const int map_row = bitmap ? map_bytes_of(E) : E;
   const float scale = p.scaling_factor;

@@ -115,13 +115,10 @@ __global__ void __launch_bounds__(kThreads) router_forward_generic(const RouterF
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int E = p.num_experts, k = p.topk;
   const DType dt = p.logits_dtype;
-  const bool aux = p.mode == RouterMode::kAuxScores;
   const ScoreFn fn = p.score_fn;
-  const bool softmax = fn == ScoreFn::kSoftmax;
-  const bool pre = softmax && (aux || p.use_pre_softmax);
-  const bool post = softmax && !pre;
-  const bool norm = !softmax && k > 1;
-  const bool use_bias = !aux && p.expert_bias != nullptr && !softmax;
+  const ScorePath path = score_path(p);
+  const bool aux = path.aux, pre = path.pre, post = path.post, norm = path.norm;
+  const bool use_bias = selection_bias(p);
   const bool select = !aux || p.routing_map != nullptr;
   const bool groups = num_groups > 0;
   const float scale = p.scaling_factor;

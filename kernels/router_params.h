@@ -81,4 +81,36 @@ inline float aux_loss_scale(const AuxLossParams& p) {
 
 inline int bitmap_bytes(int num_bits) { return (num_bits + 7) / 8; }
 
+#if defined(__CUDACC__)
+#define BITEP_HOST_DEVICE __host__ __device__
+#else
+#define BITEP_HOST_DEVICE
+#endif
+
+// The steps a call's scores take, derived from its parameters here once for every kernel and the host
+// reference (RouterForwardParams or RouterBackwardParams).
+struct ScorePath {
+  bool aux;      // aux-loss scores (RouterMode::kAuxScores)
+  bool softmax;  // score_fn is softmax
+  bool pre;      // softmax over all experts before the top-k (use_pre_softmax, or aux scores)
+  bool post;     // softmax over the selected experts only (post-top-k)
+  bool norm;     // sigmoid / sqrtsoftplus outputs normalised over the selected (aux: all E) when k > 1
+};
+
+template <class Params>
+BITEP_HOST_DEVICE inline ScorePath score_path(const Params& p) {
+  ScorePath s{};
+  s.aux = p.mode == RouterMode::kAuxScores;
+  s.softmax = p.score_fn == ScoreFn::kSoftmax;
+  s.pre = s.softmax && (s.aux || p.use_pre_softmax);
+  s.post = s.softmax && !s.pre;
+  s.norm = !s.softmax && p.topk > 1;
+  return s;
+}
+
+// expert_bias joins the selection scores (sigmoid / sqrtsoftplus top-k only, never the weights).
+BITEP_HOST_DEVICE inline bool selection_bias(const RouterForwardParams& p) {
+  return p.mode == RouterMode::kTopk && p.expert_bias != nullptr && p.score_fn != ScoreFn::kSoftmax;
+}
+
 }  // namespace bitep::kernels

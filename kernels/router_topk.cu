@@ -68,13 +68,10 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
   const int sl = lane % G, tl = lane / G;
   const int E = p.num_experts, k = p.topk, W = p.num_ranks;
   const DType dt = p.logits_dtype;
-  const bool aux = p.mode == RouterMode::kAuxScores;
   const ScoreFn fn = p.score_fn;
-  const bool softmax = fn == ScoreFn::kSoftmax;
-  const bool pre = softmax && (aux || p.use_pre_softmax);
-  const bool post = softmax && !pre;
-  const bool norm = !softmax && k > 1;  // sigmoid / sqrtsoftplus normalisation (aux: over all E)
-  const bool use_bias = !aux && p.expert_bias != nullptr && !softmax;
+  const ScorePath path = score_path(p);
+  const bool aux = path.aux, pre = path.pre, post = path.post, norm = path.norm;
+  const bool use_bias = selection_bias(p);
   const bool select = !aux || p.routing_map != nullptr;
   const bool bitmap = p.map_format == MapFormat::kBitmap;
   const int map_row = bitmap ? map_bytes_of(E) : E;

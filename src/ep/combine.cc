@@ -28,11 +28,7 @@ bitepResult_t return_rows(Exec& ex, bitepGroup* g, bitepHandle* h, const void* p
   void* ret = nullptr;
   BITEP_CHECK(ex.temp(row * h->num_send_rows, &ret));
   std::vector<std::vector<PeerBuffers>> per_peer(W);
-  for (int p = 0; p < W; ++p) {
-    if (p == self) continue;
-    per_peer[p].push_back({static_cast<const char*>(partial) + h->recv_offsets[p] * row, h->recv_counts[p] * row,
-                           static_cast<char*>(ret) + h->send_offsets[p] * row, h->send_counts[p] * row});
-  }
+  add_route_buffers(h, self, Route::kBack, partial, ret, row, &per_peer);
   BITEP_CHECK(transport_failed(g, g->transport->alltoallv(per_peer, ex.stream(), g->config.timeout_s)));
   if (trace != nullptr) trace->mark("all-to-all");
   if (h->num_tokens == 0) return bitepSuccess;

@@ -104,11 +104,7 @@ bitepResult_t backward(Exec& ex, bitepGroup* g, bitepHandle* h, const bitepCombi
     BITEP_CHECK(ex.permute(pp));
   }
   std::vector<std::vector<PeerBuffers>> per_peer(W);
-  for (int p = 0; p < W; ++p) {
-    if (p == self) continue;
-    per_peer[p].push_back({static_cast<const char*>(send_g) + h->send_offsets[p] * row, h->send_counts[p] * row,
-                           static_cast<char*>(recv_g) + h->recv_offsets[p] * row, h->recv_counts[p] * row});
-  }
+  add_route_buffers(h, self, Route::kOut, send_g, recv_g, row, &per_peer);
   BITEP_CHECK(transport_failed(g, g->transport->alltoallv(per_peer, ex.stream(), c.timeout_s)));
   // grad_y: the expert-major scatter, weighted by the router weights when the combine was.
   if (R > 0 || h->num_expert_rows > 0) {
@@ -148,13 +144,8 @@ bitepResult_t backward(Exec& ex, bitepGroup* g, bitepHandle* h, const bitepCombi
     rp.grad_weights = static_cast<float*>(gw);
     BITEP_CHECK(ex.reduce(rp));
   }
-  const size_t wrow = sizeof(float) * KL;
-  for (int p = 0; p < W; ++p) {
-    per_peer[p].clear();
-    if (p == self) continue;
-    per_peer[p].push_back({static_cast<const char*>(gw) + h->recv_offsets[p] * wrow, h->recv_counts[p] * wrow,
-                           static_cast<char*>(ret_gw) + h->send_offsets[p] * wrow, h->send_counts[p] * wrow});
-  }
+  for (auto& list : per_peer) list.clear();
+  add_route_buffers(h, self, Route::kBack, gw, ret_gw, sizeof(float) * KL, &per_peer);
   BITEP_CHECK(transport_failed(g, g->transport->alltoallv(per_peer, ex.stream(), c.timeout_s)));
   if (T == 0) return bitepSuccess;
   kernels::WeightGradParams wp;

@@ -256,18 +256,12 @@ bitepResult_t Dispatch::move_rows() {
     BITEP_CHECK(ex_.permute(pp));
   }
   trace_.mark("permute");
+  // Per peer: rows, map slices, weights, in this order on every rank (the chunks pair up in order).
   std::vector<std::vector<PeerBuffers>> per_peer(W_);
-  for (int p = 0; p < W_; ++p) {
-    if (p == self_) continue;
-    const int64_t s0 = h->send_offsets[p], sn = h->send_counts[p], r0 = h->recv_offsets[p], rn = h->recv_counts[p];
-    per_peer[p].push_back({static_cast<const char*>(send_x_) + s0 * row_bytes_, sn * row_bytes_,
-                           static_cast<char*>(h->recv_x) + r0 * row_bytes_, rn * row_bytes_});
-    per_peer[p].push_back({send_map_ + s0 * MB_, static_cast<uint64_t>(sn * MB_), h->recv_map + r0 * MB_,
-                           static_cast<uint64_t>(rn * MB_)});
-    if (any_weights_)
-      per_peer[p].push_back(
-          {send_weights_ + s0 * KL_, sizeof(float) * sn * KL_, h->recv_weights + r0 * KL_, sizeof(float) * rn * KL_});
-  }
+  add_route_buffers(h, self_, Route::kOut, send_x_, h->recv_x, row_bytes_, &per_peer);
+  add_route_buffers(h, self_, Route::kOut, send_map_, h->recv_map, MB_, &per_peer);
+  if (any_weights_)
+    add_route_buffers(h, self_, Route::kOut, send_weights_, h->recv_weights, sizeof(float) * KL_, &per_peer);
   BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(per_peer, ex_.stream(), c.timeout_s)));
   trace_.mark("all-to-all");
   if (R > 0 || h->num_expert_rows > 0) {

@@ -37,7 +37,7 @@ ConfigBlob make_config_blob(const bitepGroupConfig_t* c, int nranks, bitepResult
   ConfigBlob b{};
   b.status = status;
   b.nranks = nranks;
-  const bool readable = c != nullptr && c->magic == BITEP_GROUP_CONFIG_MAGIC && c->size == sizeof(bitepGroupConfig_t);
+  const bool readable = config_readable(c);
   b.backend = readable ? c->backend : -1;
   b.num_experts = readable ? c->num_experts : -1;
   b.topk = readable ? c->topk : -1;

@@ -15,12 +15,7 @@
 namespace bitep::ep {
 namespace {
 
-constexpr double kDefaultTimeout = 300.0;  // when the config (and its timeout) is unreadable
-
 #ifdef BITEP_HAVE_NCCL
-bool readable(const bitepGroupConfig_t* c) {
-  return c != nullptr && c->magic == BITEP_GROUP_CONFIG_MAGIC && c->size == sizeof(bitepGroupConfig_t);
-}
 
 bitepResult_t from_unique_id(
     const bitepUniqueId* id, int nranks, int rank, const bitepGroupConfig_t* config, bitepGroup_t* group) {
@@ -29,8 +24,8 @@ bitepResult_t from_unique_id(
   BITEP_ARG_CHECK(rank >= 0 && rank < nranks, "rank is %d, must be in [0, nranks = %d)", rank, nranks);
   // A bad config is not a reason to leave the communicator's init (the peers would wait in it): the
   // config is checked, and agreed on, once the communicator exists.
-  const bool ok = readable(config);
-  const double timeout = ok && config->timeout_s > 0 ? config->timeout_s : kDefaultTimeout;
+  const bool ok = config_readable(config);
+  const double timeout = ok && config->timeout_s > 0 ? config->timeout_s : kDefaultTimeoutS;
   int prev = -1;
   BITEP_CUDA_CHECK(cudaGetDevice(&prev));
   const int device = ok && config->device >= 0 ? config->device : prev;

@@ -41,6 +41,25 @@ void destroy_handle(bitepHandle_t h) {
   delete h;
 }
 
+void add_route_buffers(const bitepHandle* h,
+                       int self,
+                       Route route,
+                       const void* send,
+                       void* recv,
+                       size_t row,
+                       std::vector<std::vector<PeerBuffers>>* per_peer) {
+  const bool out = route == Route::kOut;
+  const std::vector<int64_t>& so = out ? h->send_offsets : h->recv_offsets;
+  const std::vector<int64_t>& sc = out ? h->send_counts : h->recv_counts;
+  const std::vector<int64_t>& ro = out ? h->recv_offsets : h->send_offsets;
+  const std::vector<int64_t>& rc = out ? h->recv_counts : h->send_counts;
+  for (size_t p = 0; p < per_peer->size(); ++p) {
+    if (static_cast<int>(p) == self) continue;
+    (*per_peer)[p].push_back({static_cast<const char*>(send) + so[p] * row, sc[p] * row,
+                              static_cast<char*>(recv) + ro[p] * row, rc[p] * row});
+  }
+}
+
 bitepResult_t make_fence(bitepHandle_t h, bool cuda) {
   if (!cuda) return bitepSuccess;
 #ifdef BITEP_HAVE_CUDA

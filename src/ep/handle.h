@@ -55,6 +55,19 @@ bitepResult_t check_handle(bitepHandle_t handle, bitepGroup_t group);
 // Returns the handle's blocks to the pool (if the group is alive) and deletes it.
 void destroy_handle(bitepHandle_t handle);
 
+// Peer lists of an all-to-all along the handle's routes: one rank-major buffer pair of `row` bytes a row
+// (per_peer: one list per rank, the self rank's left empty). Out (dispatch direction): send rows
+// [send_offsets[p], + send_counts[p]) go to recv rows [recv_offsets[p], + recv_counts[p]) of peer p;
+// back (combine direction): the receive side's rows return, the roles swapped.
+enum class Route { kOut, kBack };
+void add_route_buffers(const bitepHandle* h,
+                       int self,
+                       Route route,
+                       const void* send,
+                       void* recv,
+                       size_t row,
+                       std::vector<std::vector<PeerBuffers>>* per_peer);
+
 // cuda: creates the handle's fence event (a no-op on the host backend).
 bitepResult_t make_fence(bitepHandle_t handle, bool cuda);
 // Records the fence on `stream` after the work queued so far; when that fails, waits for the stream

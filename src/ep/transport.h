@@ -12,6 +12,16 @@
 
 namespace bitep::ep {
 
+// The timeout of collective work before a group config has been read and checked: the default of
+// BITEP_GROUP_CONFIG_INIT, taken from the macro so that the two never differ.
+inline constexpr double kDefaultTimeoutS = bitepGroupConfig_t BITEP_GROUP_CONFIG_INIT.timeout_s;
+
+// config is non-null and carries bitepGroupConfig_t's magic and size, so its fields may be read (their
+// values are checked elsewhere).
+inline bool config_readable(const bitepGroupConfig_t* c) {
+  return c != nullptr && c->magic == BITEP_GROUP_CONFIG_MAGIC && c->size == sizeof(bitepGroupConfig_t);
+}
+
 // One buffer pair exchanged with one peer. Byte counts may be 0.
 struct PeerBuffers {
   const void* send = nullptr;

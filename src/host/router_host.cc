@@ -71,7 +71,8 @@ bool map_bit(const uint8_t* map, MapFormat fmt, int64_t t, int e, int num_expert
 
 void router_forward(const kernels::RouterForwardParams& p) {
   const int E = p.num_experts, k = p.topk;
-  const bool aux = p.mode == RouterMode::kAuxScores;
+  const kernels::ScorePath path = kernels::score_path(p);
+  const bool aux = path.aux;
   std::vector<float> logits(E), scores(E), sel(E), vals(k);
   std::vector<int> cand, chosen(k), group_cand, chosen_groups;
   std::vector<float> group_score;
@@ -85,7 +86,7 @@ void router_forward(const kernels::RouterForwardParams& p) {
     load_row(p.logits, p.logits_dtype, row, E, logits.data());
 
     // 1. score function over all experts (post-top-k softmax scores are the logits themselves).
-    const bool pre_softmax = p.score_fn == ScoreFn::kSoftmax && (p.use_pre_softmax || aux);
+    const bool pre_softmax = path.pre;
     for (int e = 0; e < E; ++e) {
       float x = logits[e];
       switch (p.score_fn) {
@@ -101,7 +102,7 @@ void router_forward(const kernels::RouterForwardParams& p) {
       }
     }
     if (pre_softmax) softmax_inplace(scores.data(), E);
-    if (aux && p.score_fn != ScoreFn::kSoftmax && k > 1) {
+    if (aux && path.norm) {
       float s = 0.0f;
       for (int e = 0; e < E; ++e) s += scores[e];
       for (int e = 0; e < E; ++e) scores[e] = scores[e] / (s + kernels::kNormEpsilon);
@@ -121,7 +122,7 @@ void router_forward(const kernels::RouterForwardParams& p) {
     }
 
     // 2. selection scores: + expert_bias (sigmoid/sqrtsoftplus only, selection only).
-    const bool use_bias = !aux && p.expert_bias != nullptr && p.score_fn != ScoreFn::kSoftmax;
+    const bool use_bias = kernels::selection_bias(p);
     for (int e = 0; e < E; ++e) sel[e] = use_bias ? scores[e] + p.expert_bias[e] : scores[e];
 
     // 3. group-limited candidates.
@@ -157,11 +158,11 @@ void router_forward(const kernels::RouterForwardParams& p) {
     // 5. weights of the chosen experts.
     for (int j = 0; j < k; ++j) vals[j] = scores[chosen[j]];
     if (!aux) {
-      if (p.score_fn == ScoreFn::kSoftmax && !p.use_pre_softmax) {
+      if (path.post) {
         softmax_inplace(vals.data(), k);
         if (p.saved != nullptr)
           for (int j = 0; j < k; ++j) p.saved[row + chosen[j]] = vals[j];
-      } else if (p.score_fn != ScoreFn::kSoftmax && k > 1) {
+      } else if (path.norm) {
         float s = 0.0f;
         for (int j = 0; j < k; ++j) s += vals[j];
         for (int j = 0; j < k; ++j) vals[j] = vals[j] / (s + kernels::kNormEpsilon);
@@ -216,9 +217,10 @@ void router_forward(const kernels::RouterForwardParams& p) {
 }
 
 void router_backward(const kernels::RouterBackwardParams& p) {
-  const int E = p.num_experts, k = p.topk;
-  const bool aux = p.mode == RouterMode::kAuxScores;
-  const bool pre_softmax = p.score_fn == ScoreFn::kSoftmax && (p.use_pre_softmax || aux);
+  const int E = p.num_experts;
+  const kernels::ScorePath path = kernels::score_path(p);
+  const bool aux = path.aux;
+  const bool pre_softmax = path.pre;
   std::vector<float> g(E), act(E), x(E);
   std::vector<char> routed(E);
   for (int64_t t = 0; t < p.num_tokens; ++t) {
@@ -257,7 +259,7 @@ void router_backward(const kernels::RouterBackwardParams& p) {
     if (p.score_fn == ScoreFn::kSigmoid) y = act;
     if (p.score_fn == ScoreFn::kSqrtSoftplus)
       for (int e = 0; e < E; ++e) y[e] = sqrtsoftplusf(x[e]);
-    if (p.score_fn != ScoreFn::kSoftmax && k > 1) {
+    if (path.norm) {
       float s = 0.0f, dot = 0.0f;
       for (int e = 0; e < E; ++e)
         if (routed[e]) {
