@@ -196,6 +196,11 @@ if on profile; then
     --launch-skip 40 --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
     "$BUILD/bench/router_bench" --quick --iters 100
+  # Each EP kernel against its own HBM floor (one rank: the kernels are the same, NCCL stays out of ncu).
+  step "ncu ep kernels (W=1, T=4096)" "$BENCH" mpirun -np 1 ncu --clock-control none \
+    --kernel-name regex:'layout|permute|expert_|reduce|final_sum|weight_grad' --launch-skip 20 --launch-count 12 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    "$BUILD/bench/ep_bench" --tokens 4096 --iters 3 --warmup 1 --routing uniform --no-baseline
   step "ep_bench traced (BITEP_TRACE=1)" "$BENCH" mpirun -np "$NGPU" -x BITEP_TRACE=1 "$BUILD/bench/ep_bench" \
     --tokens 128,4096 --iters 3 --warmup 1 --routing uniform
 fi
