@@ -4,9 +4,10 @@
 // returned weight gradients (WeightGradParams).
 //
 // All three are one warp per row over a persistent grid. Rows move in 16-byte vectors where the row
-// size and pointers allow (4 per lane in flight); sums are fp32 in the order ep_params.h fixes
-// (reduce: acc = fmaf(w, y, acc) over j ascending; final sum: acc + row over r ascending), one rounding
-// at the end, so the results are bit-identical to the host reference.
+// size and pointers allow (4 per lane in flight per source row; the sums load two source rows at a
+// time); sums are fp32 in the order ep_params.h fixes (reduce: acc = fmaf(w, y, acc) over j ascending;
+// final sum: acc + row over r ascending), one rounding at the end, so the results are bit-identical to
+// the host reference.
 #include "kernels/ep.h"
 #include "kernels/ep_common.cuh"
 
@@ -58,23 +59,35 @@ __global__ void __launch_bounds__(kRowThreads) reduce_kernel(ReduceArgs a) {
           const int j = jg + lane;
           const int pos = jg == 0 ? pos0 : (j < KL ? __ldg(rr + j) : -1);
           const float w = jg == 0 ? w0 : (a.weights != nullptr && j < KL ? __ldg(a.weights + i * KL + j) : 1.0f);
-          for (uint32_t m = __ballot_sync(kFullMask, pos >= 0); m != 0; m &= m - 1) {
-            const int d = __ffs(m) - 1;
-            const int64_t p = __shfl_sync(kFullMask, pos, d);
-            const float wd = __shfl_sync(kFullMask, w, d);
-            const Vec* src = reinterpret_cast<const Vec*>(a.y + p * a.row_bytes);
-            Vec buf[kUnroll];
+          // Two source rows per step, both loaded before either is summed (twice the bytes in flight);
+          // the sum still takes them in ascending j.
+          for (uint32_t m = __ballot_sync(kFullMask, pos >= 0); m != 0;) {
+            const int d0 = __ffs(m) - 1;
+            m &= m - 1;
+            const bool two = m != 0;
+            const int d1 = two ? __ffs(m) - 1 : d0;
+            if (two) m &= m - 1;
+            const Vec* s0 = reinterpret_cast<const Vec*>(a.y + int64_t{__shfl_sync(kFullMask, pos, d0)} * a.row_bytes);
+            const Vec* s1 = reinterpret_cast<const Vec*>(a.y + int64_t{__shfl_sync(kFullMask, pos, d1)} * a.row_bytes);
+            const float w0d = __shfl_sync(kFullMask, w, d0), w1d = __shfl_sync(kFullMask, w, d1);
+            Vec b0[kUnroll], b1[kUnroll];
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
               const int64_t idx = base + u * kWarp + lane;
-              buf[u] = idx < a.nvec ? __ldg(src + idx) : Vec{};
+              b0[u] = idx < a.nvec ? __ldg(s0 + idx) : Vec{};
+              b1[u] = two && idx < a.nvec ? __ldg(s1 + idx) : Vec{};
             }
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
               float f[N];
-              P::to_float(buf[u], f);
+              P::to_float(b0[u], f);
 #pragma unroll
-              for (int q = 0; q < N; ++q) acc[u][q] = __fmaf_rn(wd, f[q], acc[u][q]);
+              for (int q = 0; q < N; ++q) acc[u][q] = __fmaf_rn(w0d, f[q], acc[u][q]);
+              if (two) {
+                P::to_float(b1[u], f);
+#pragma unroll
+                for (int q = 0; q < N; ++q) acc[u][q] = __fmaf_rn(w1d, f[q], acc[u][q]);
+              }
             }
           }
         }
@@ -150,20 +163,33 @@ __global__ void __launch_bounds__(kRowThreads) final_sum_kernel(FinalArgs a) {
       for (int rg = 0; rg < a.num_ranks; rg += kWarp) {
         const char* src = rg == 0 ? src0 : final_src(a, t, rg);
         const unsigned long long my = reinterpret_cast<unsigned long long>(src);
-        for (uint32_t m = __ballot_sync(kFullMask, src != nullptr); m != 0; m &= m - 1) {
-          const Vec* s = reinterpret_cast<const Vec*>(__shfl_sync(kFullMask, my, __ffs(m) - 1));
-          Vec buf[kUnroll];
+        // Two ranks' rows per step, both loaded before either is added (ascending r, as documented).
+        for (uint32_t m = __ballot_sync(kFullMask, src != nullptr); m != 0;) {
+          const int d0 = __ffs(m) - 1;
+          m &= m - 1;
+          const bool two = m != 0;
+          const int d1 = two ? __ffs(m) - 1 : d0;
+          if (two) m &= m - 1;
+          const Vec* s0 = reinterpret_cast<const Vec*>(__shfl_sync(kFullMask, my, d0));
+          const Vec* s1 = reinterpret_cast<const Vec*>(__shfl_sync(kFullMask, my, d1));
+          Vec b0[kUnroll], b1[kUnroll];
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
             const int64_t idx = base + u * kWarp + lane;
-            buf[u] = idx < a.nvec ? __ldg(s + idx) : Vec{};
+            b0[u] = idx < a.nvec ? __ldg(s0 + idx) : Vec{};
+            b1[u] = two && idx < a.nvec ? __ldg(s1 + idx) : Vec{};
           }
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
             float f[N];
-            P::to_float(buf[u], f);
+            P::to_float(b0[u], f);
 #pragma unroll
             for (int q = 0; q < N; ++q) acc[u][q] = __fadd_rn(acc[u][q], f[q]);
+            if (two) {
+              P::to_float(b1[u], f);
+#pragma unroll
+              for (int q = 0; q < N; ++q) acc[u][q] = __fadd_rn(acc[u][q], f[q]);
+            }
           }
         }
       }

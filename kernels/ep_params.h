@@ -115,6 +115,11 @@ struct ExpertMajorParams {
   // true: recv_expert_rows already holds this layout's positions (the dispatch computed them): they are
   // read, not recomputed or written, and only the scatter and the pad-row zeroing run.
   bool positions_given = false;
+  // [N] int64 scratch, backend memory: the cuda backend needs it when rows are copied (expert_x given,
+  // hidden > 0, N > 0). It copies in gather order, one expert row after the other (sequential writes):
+  // expert_src[pos] = i * KL + j for the entry recv_expert_rows[i][j] = pos, -1 for pad rows. The host
+  // backend does not use it.
+  int64_t* expert_src = nullptr;
 };
 
 // 6. Reduce: partial[i] = sum over the set bits j of row i, ascending, of w_ij * y[recv_expert_rows[i][j]]

@@ -360,9 +360,16 @@ __device__ __forceinline__ void seg_softmax(float* v, Mask mask) {
       s = __fadd_rn(s, v[p]);
     }
   s = seg_sum_f32<G>(s);
+#ifdef BITEP_ROUTER_RCP_DIV  // tuning build: one reciprocal, then products (1 ulp more, no divisions)
+  const float r = __frcp_rn(s);
+#pragma unroll
+  for (int p = 0; p < N; ++p)
+    if ((mask >> p) & 1) v[p] = __fmul_rn(v[p], r);
+#else
 #pragma unroll
   for (int p = 0; p < N; ++p)
     if ((mask >> p) & 1) v[p] = v[p] / s;
+#endif
 }
 
 // ---- device: block-wide reductions (generic kernels; blockDim.x a multiple of 32, <= 1024) ---------

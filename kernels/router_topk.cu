@@ -31,9 +31,15 @@ struct FwdLayout {
   int per_group;         // k / group_topk: experts summed into a group's score
 };
 
+// Blocks per SM the register budget is cut for. BITEP_ROUTER_FWD_MIN_BLOCKS overrides it for every
+// shape: a tuning build (scripts/device-check.sh, PHASES=tune) compares occupancies.
 template <int N>
 constexpr int min_blocks() {
+#ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
+  return BITEP_ROUTER_FWD_MIN_BLOCKS;
+#else
   return N <= 8 ? 4 : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
+#endif
 }
 
 // Top-2 of the lane's keys strictly below (lk, lp) in selection order (key descending, element index

@@ -189,6 +189,20 @@ if [ "$NGPU" -ge 2 ]; then
     mpirun -np 2 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$CUDA_FILTER"
 fi
 
+if on tune; then
+  # Tuning builds: each ';'-separated entry of TUNE_FLAGS (extra CUDA flags, e.g. -DBITEP_ROUTER_FWD_MIN_BLOCKS=6)
+  # builds router_bench apart and runs its quick rows next to the default build's.
+  step "router_bench --quick (default build)" "$BENCH" "$BUILD/bench/router_bench" --quick --iters 200
+  IFS=';' read -ra TUNES <<<"${TUNE_FLAGS:-}"
+  n=0
+  for f in "${TUNES[@]}"; do
+    n=$((n + 1))
+    TB=$ROOT/build-tune-$n
+    step "tune $n build ($f)" "$OUT/build.log" bash -c "cmake -S '$ROOT' -B '$TB' -DCMAKE_BUILD_TYPE=Release \
+      -DBITEP_BUILD_TESTS=OFF -DCMAKE_CUDA_FLAGS='$f' ${CMAKE_EXTRA[*]} >/dev/null && cmake --build '$TB' -j $(nproc) --target router_bench" &&
+      step "tune $n router_bench --quick ($f)" "$BENCH" "$TB/bench/router_bench" --quick --iters 200
+  done
+fi
 if on profile; then
   # Where the router's time goes (Nsight Compute, clocks left alone), and the host phases of dispatch and
   # combine (BITEP_TRACE=1: one stderr line per call and rank).
@@ -196,6 +210,15 @@ if on profile; then
     --launch-skip 40 --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
     "$BUILD/bench/router_bench" --quick --iters 100
+  # Executed instructions per SASS line of one router_forward launch (E = 256 softmax, bf16): where the
+  # instructions go. The CSV travels in plots.tar (at most 8 files come back).
+  PROF=$(mktemp -d)
+  step "ncu router_forward SASS counts" "$BENCH" bash -c "ncu --clock-control none --kernel-name regex:router_forward \
+    --launch-skip 40 --launch-count 1 --section SourceCounters --section InstructionStats --page source \
+    --print-source sass --csv '$BUILD/bench/router_bench' --quick --iters 100 >'$PROF/router_forward_sass.csv' &&
+    cuobjdump -sass '$BUILD/libbitep.so' | awk '/Function :/ {p = /router_forward_bucketILi32ELi1ELb0E/} p' \
+      >'$PROF/router_forward.sass' 2>&1;
+    wc -l '$PROF'/*; tar -C '$PROF' -rf '$OUT/plots.tar' ."
   # Each EP kernel against its own HBM floor (one rank: the kernels are the same, NCCL stays out of ncu).
   step "ncu ep kernels (W=1, T=4096)" "$BENCH" mpirun -np 1 ncu --clock-control none \
     --kernel-name regex:'layout|permute|expert_|reduce|final_sum|weight_grad' --launch-skip 20 --launch-count 12 \

@@ -123,6 +123,9 @@ bitepResult_t backward(Exec& ex, bitepGroup* g, bitepHandle* h, const bitepCombi
     ep.expert_x = a->grad_y;
     ep.num_expert_rows = h->num_expert_rows;
     ep.recv_weights = a->weighted ? h->recv_weights : nullptr;
+    void* src = nullptr;  // the gather's source table (cuda)
+    BITEP_CHECK(ex.temp(sizeof(int64_t) * h->num_expert_rows, &src));
+    ep.expert_src = static_cast<int64_t*>(src);
     BITEP_CHECK(ex.expert_major(ep));
   }
   if (T > 0 && a->grad_probs != nullptr) BITEP_CHECK(ex.zero(a->grad_probs, sizeof(float) * T * c.num_experts));

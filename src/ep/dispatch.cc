@@ -278,6 +278,9 @@ bitepResult_t Dispatch::move_rows() {
     ep.recv_x = h->recv_x;
     ep.expert_x = h->expert_x;
     ep.num_expert_rows = h->num_expert_rows;
+    void* src = nullptr;  // the gather's source table (cuda)
+    BITEP_CHECK(ex_.temp(sizeof(int64_t) * h->num_expert_rows, &src));
+    ep.expert_src = static_cast<int64_t*>(src);
     BITEP_CHECK(ex_.expert_major(ep));
   }
   trace_.mark("expert-major");

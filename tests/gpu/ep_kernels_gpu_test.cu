@@ -249,6 +249,8 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
     Dev<uint8_t> dmap(in.map), dx(in.x), dex(ex.size());
     Dev<int32_t> doff(in.offsets), dcnt(in.counts), drows(rows.size());
     Dev<float> dw(in.weights);
+    Dev<int64_t> dsrc(in.N);
+    p.expert_src = dsrc.get();
     p.recv_map = dmap.get();
     p.expert_offsets = doff.get();
     p.expert_counts = dcnt.get();
