@@ -288,7 +288,7 @@ cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream) {
   const int v = vec_bytes(a.row_bytes, p.y, p.out, grads ? p.grad_rows : nullptr);
   a.nvec = a.row_bytes / v;
   unsigned grid = 0;
-  cudaError_t err = row_grid(p.num_recv_rows, &grid);
+  cudaError_t err = row_grid(p.num_recv_rows, &grid, p.blocks_per_sm);
   if (err != cudaSuccess) return err;
   err = with_vec_dtype(p.dtype, v, [&](auto tt, auto vt) {
     reduce_kernel<typename decltype(tt)::type, decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a);

@@ -49,12 +49,12 @@ inline int vec_bytes(int64_t row_bytes, const void* a, const void* b = nullptr, 
 // ---- host: launch shapes ---------------------------------------------------------------------------
 
 // Grid of the warp-per-row kernels (kRowThreads threads, one warp a row or token) over `rows`:
-// persistent, at most kRowBlocksPerSm blocks per SM.
-inline cudaError_t row_grid(int64_t rows, unsigned* grid) {
+// persistent, at most per_sm (> 0, else kRowBlocksPerSm) blocks per SM.
+inline cudaError_t row_grid(int64_t rows, unsigned* grid, int per_sm = 0) {
   int sms = 0;
   const cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
-  *grid = persistent_grid(rows, kRowThreads / kWarp, sms, kRowBlocksPerSm);
+  *grid = persistent_grid(rows, kRowThreads / kWarp, sms, per_sm > 0 ? per_sm : kRowBlocksPerSm);
   return cudaSuccess;
 }
 

@@ -120,6 +120,18 @@ struct ExpertMajorParams {
   // expert_src[pos] = i * KL + j for the entry recv_expert_rows[i][j] = pos, -1 for pad rows. The host
   // backend does not use it.
   int64_t* expert_src = nullptr;
+  // true: expert_src already holds this layout's table (an earlier call on it filled it): not refilled.
+  bool src_given = false;
+  // The copies this call writes: those of received rows i in [copy_begin, copy_end) (copy_end < 0: up
+  // to R), or, with copy_outside, of the rows outside that range. Two calls with the same range, one
+  // with copy_outside, write every copy once: the dispatch copies its own rows beside the all-to-all
+  // that brings the others. Pad rows are zeroed when zero_pads.
+  int64_t copy_begin = 0, copy_end = -1;
+  bool copy_outside = false;
+  bool zero_pads = true;
+  // cuda: blocks per SM of the copy's persistent grid (0: the default). Work beside an all-to-all takes
+  // fewer and leaves SMs to NCCL's kernel.
+  int blocks_per_sm = 0;
 };
 
 // 6. Reduce: partial[i] = sum over the set bits j of row i, ascending, of w_ij * y[recv_expert_rows[i][j]]
@@ -142,6 +154,7 @@ struct ReduceParams {
   // Weight gradients for the combine backward: grad_w[i][j] = dot(y[pos_ij], g[i]) in fp32.
   const void* grad_rows = nullptr;  // [R, H] or null
   float* grad_weights = nullptr;    // [R, KL] or null
+  int blocks_per_sm = 0;            // cuda: blocks per SM of the persistent grid (0: the default)
 };
 
 // 8. Final sum: out[t] = sum over ranks r ascending with token_slot[t][r] >= 0 of

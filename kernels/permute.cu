@@ -126,7 +126,9 @@ struct ExpertArgs {
   char* expert_x;
   const float* recv_weights;
   int64_t row_bytes, nvec, num_expert_rows;
-  int64_t* src;  // [N] expert_src: the gather's source entry per expert row
+  int64_t* src;                  // [N] expert_src: the gather's source entry per expert row
+  int64_t copy_begin, copy_end;  // received rows whose copies are written (copy_outside: the others)
+  bool copy_outside, zero_pads;
 };
 
 // Experts [lo, lo + 32) ∩ [0, L) of received row i, as bits.
@@ -249,11 +251,12 @@ __global__ void __launch_bounds__(kRowThreads) expert_copy_kernel(ExpertArgs a) 
     char* dst = a.expert_x + pos * a.row_bytes;
     const int64_t e = __ldg(a.src + pos);
     if (e < 0) {
-      warp_zero_row<V>(dst, a.nvec);
+      if (a.zero_pads) warp_zero_row<V>(dst, a.nvec);
       continue;
     }
-    if (a.recv_x == nullptr) continue;  // pad rows only
-    const char* src = a.recv_x + e / KL * a.row_bytes;
+    const int64_t i = e / KL;
+    if (a.recv_x == nullptr || (i >= a.copy_begin && i < a.copy_end) == a.copy_outside) continue;
+    const char* src = a.recv_x + i * a.row_bytes;
     if constexpr (kWeighted) {
       warp_scale_row<T, V, kUnroll>(src, a.nvec, 1u, dst, __ldg(a.recv_weights + e));
     } else {
@@ -351,6 +354,10 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   a.row_bytes = p.hidden * dtype_size(p.dtype);
   a.num_expert_rows = p.num_expert_rows;
   a.src = p.expert_src;
+  a.copy_begin = p.copy_begin;
+  a.copy_end = p.copy_end < 0 ? p.num_recv_rows : p.copy_end;
+  a.copy_outside = p.copy_outside;
+  a.zero_pads = p.zero_pads;
 
   int sms = 0;
   cudaError_t err = sm_count(&sms);
@@ -386,9 +393,11 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   if (!rows_out || p.num_expert_rows == 0) return cudaSuccess;
 
   // The gather's source table: -1 (all bits set) for every row, then the entries' rows.
-  err = cudaMemsetAsync(a.src, 0xff, sizeof(int64_t) * static_cast<size_t>(p.num_expert_rows), stream);
-  if (err != cudaSuccess) return err;
-  if (p.num_recv_rows > 0) {
+  if (!p.src_given) {
+    err = cudaMemsetAsync(a.src, 0xff, sizeof(int64_t) * static_cast<size_t>(p.num_expert_rows), stream);
+    if (err != cudaSuccess) return err;
+  }
+  if (!p.src_given && p.num_recv_rows > 0) {
     const unsigned sgrid = persistent_grid(p.num_recv_rows * KL, kScanThreads, sms, kRowBlocksPerSm);
     expert_src_kernel<<<sgrid, kScanThreads, 0, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -396,7 +405,8 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   const bool weighted = p.recv_weights != nullptr && p.recv_x != nullptr;
   const int v = vec_bytes(a.row_bytes, p.recv_x, p.expert_x);
   a.nvec = a.row_bytes / v;
-  const unsigned grid = persistent_grid(p.num_expert_rows, kRowThreads / kWarp, sms, kRowBlocksPerSm);
+  const unsigned grid = persistent_grid(p.num_expert_rows, kRowThreads / kWarp, sms,
+                                        p.blocks_per_sm > 0 ? p.blocks_per_sm : kRowBlocksPerSm);
   return dispatch_dtype(p.dtype, [&](auto tt) {
     using T = typename decltype(tt)::type;
     return dispatch_vec(v,

@@ -159,9 +159,9 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
 #pragma unroll
       for (int i = 0; i < N; ++i)
         if ((valid >> i) & 1) sum = __fadd_rn(sum, v[i]);
-      const float d = __fadd_rn(seg_sum_f32<G>(sum), kNormEpsilon);
+      const float rd = __frcp_rn(__fadd_rn(seg_sum_f32<G>(sum), kNormEpsilon));  // as seg_softmax
 #pragma unroll
-      for (int i = 0; i < N; ++i) v[i] = v[i] / d;
+      for (int i = 0; i < N; ++i) v[i] = __fmul_rn(v[i], rd);
     }
     const bool pvec = p.probs != nullptr && tv && aligned16(p.probs + row);
     if (aux) {
@@ -254,18 +254,22 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
       int b1p, b2p, lp = -1;
       top2_below<N>(key, lk, lp, b1k, b1p, b2k, b2p);
       bool have2 = true;
+      // Expert index of register position q of this lane (rows are octets of lanes: ((q / 8) * G + sl) * 8
+      // + q % 8), taken once per rescan, not per round.
+      auto expert_of = [&](int q) { return ((q >> 3) * G + sl) * 8 + (q & 7); };
+      int b1e = b1k != kKeyNone ? expert_of(b1p) : INT_MAX, b2e = b2k != kKeyNone ? expert_of(b2p) : INT_MAX;
       for (int r = 0; r < k; ++r) {
         const uint32_t gm = seg_max_u32<G>(b1k);
-        const int mine = ((b1p >> 3) * G + sl) * 8 + (b1p & 7);
-        const int ci = (b1k == gm && b1k != kKeyNone) ? mine : INT_MAX;
-        const int gi = seg_min_i32<G>(ci);
-        if (ci == gi && b1k != kKeyNone) {
+        const int ci = b1k == gm ? b1e : INT_MAX;  // b1e = INT_MAX when b1k = kKeyNone
+        if (ci == seg_min_i32<G>(ci) && ci != INT_MAX) {
           taken |= static_cast<Mask>(1u) << b1p;
           lk = b1k, lp = b1p;
           if (have2) {
-            b1k = b2k, b1p = b2p, have2 = false;
+            b1k = b2k, b1p = b2p, b1e = b2e, have2 = false;
           } else {
             top2_below<N>(key, lk, lp, b1k, b1p, b2k, b2p);
+            b1e = b1k != kKeyNone ? expert_of(b1p) : INT_MAX;
+            b2e = b2k != kKeyNone ? expert_of(b2p) : INT_MAX;
             have2 = true;
           }
         }
@@ -280,10 +284,10 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
 #pragma unroll
       for (int i = 0; i < N; ++i)
         if ((taken >> i) & 1) sum = __fadd_rn(sum, v[i]);
-      const float d = __fadd_rn(seg_sum_f32<G>(sum), kNormEpsilon);
+      const float rd = __frcp_rn(__fadd_rn(seg_sum_f32<G>(sum), kNormEpsilon));
 #pragma unroll
       for (int i = 0; i < N; ++i)
-        if ((taken >> i) & 1) v[i] = v[i] / d;
+        if ((taken >> i) & 1) v[i] = __fmul_rn(v[i], rd);
     }
 
     // 6. outputs.

@@ -185,8 +185,11 @@ fi
 if [ "$NGPU" -ge 2 ]; then
   on net && step "multirank cuda np2 (NCCL net transport)" "$LOG" \
     mpirun -np 2 -x NCCL_P2P_DISABLE=1 -x NCCL_SHM_DISABLE=1 "$MR" --gtest_filter="$CUDA_FILTER"
-  on sanitize && step "multirank cuda np2 memcheck" "$LOG" \
-    mpirun -np 2 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$CUDA_FILTER"
+  # BITEP_SPLIT_MIN_BYTES=0: every dispatch and combine splits (side stream beside the all-to-all).
+  on net && step "multirank cuda np2 (NCCL net transport, split)" "$LOG" \
+    mpirun -np 2 -x NCCL_P2P_DISABLE=1 -x NCCL_SHM_DISABLE=1 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
+  on sanitize && step "multirank cuda np2 memcheck (split)" "$LOG" \
+    mpirun -np 2 -x BITEP_SPLIT_MIN_BYTES=0 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$CUDA_FILTER"
 fi
 
 if on tune; then

@@ -2,6 +2,8 @@
 // bitepCombine and bitepDispatchBackward: per received row the (weighted) sum over its local experts
 // (rank-major input skips it) -> all-to-all-v back with the handle's counts (no count exchange) -> each
 // token sums its partial rows in ascending rank order. Dispatch backward is the unweighted combine.
+// When the others' rows are large (split_min_bytes()), this rank's own rows, which never travel, are
+// summed on a side stream beside the all-to-all.
 #include "src/ep/combine.h"
 
 #include <vector>
@@ -31,6 +33,7 @@ bitepResult_t return_rows(Exec& ex, bitepGroup* g, bitepHandle* h, const void* p
   add_route_buffers(h, self, Route::kBack, partial, ret, row, &per_peer);
   BITEP_CHECK(transport_failed(g, g->transport->alltoallv(per_peer, ex.stream(), g->config.timeout_s)));
   if (trace != nullptr) trace->mark("all-to-all");
+  BITEP_CHECK(ex.join());  // the own rows' partials, when reduced beside the all-to-all
   if (h->num_tokens == 0) return bitepSuccess;
   kernels::FinalSumParams fp;
   fp.num_tokens = h->num_tokens;
@@ -97,24 +100,40 @@ bitepResult_t combine(bitepGroup_t g,
   } else if (local != bitepSuccess) {
     return local;
   }
-  FenceOnExit fence(h, stream);
+  // Joins any side-stream work first: the fence then covers it (an error path can leave a fork open).
+  FenceOnExit fence(h, stream, [&ex] { (void)ex.join(); });
   Trace trace("combine", g->rank, stream, ex.cuda());
   const void* partial = y;
   if (layout == bitepLayoutExpertMajor) {
     void* p = nullptr;
     const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
     BITEP_CHECK(ex.temp(row * h->num_recv_rows, &p));
-    if (h->num_recv_rows > 0) {
+    const int KL = g->max_row_experts;
+    // Partial rows [i0, i1) (rank-major, so one source rank's rows are one range).
+    auto reduce = [&](int64_t i0, int64_t i1, int blocks_per_sm) -> bitepResult_t {
+      if (i1 <= i0) return bitepSuccess;
       kernels::ReduceParams rp;
-      rp.num_recv_rows = h->num_recv_rows;
-      rp.max_row_experts = g->max_row_experts;
+      rp.num_recv_rows = i1 - i0;
+      rp.max_row_experts = KL;
       rp.hidden = g->config.hidden;
       rp.dtype = to_kernel_dtype(g->config.dtype);
       rp.y = y;
-      rp.recv_expert_rows = h->recv_expert_rows;
-      rp.recv_weights = weighted ? h->recv_weights : nullptr;
-      rp.out = p;
-      BITEP_CHECK(ex.reduce(rp));
+      rp.recv_expert_rows = h->recv_expert_rows + i0 * KL;
+      rp.recv_weights = weighted ? h->recv_weights + i0 * KL : nullptr;
+      rp.out = static_cast<char*>(p) + i0 * row;
+      rp.blocks_per_sm = blocks_per_sm;
+      return ex.reduce(rp);
+    };
+    const int64_t R = h->num_recv_rows, own0 = h->recv_offsets[g->rank], own1 = own0 + h->recv_counts[g->rank];
+    if (own1 > own0 && R - (own1 - own0) > 0 && static_cast<uint64_t>(R - (own1 - own0)) * row >= split_min_bytes()) {
+      // This rank's own rows never travel: their partials are summed beside the others' all-to-all.
+      BITEP_CHECK(ex.fork());
+      BITEP_CHECK(reduce(own0, own1, kSideBlocksPerSm));
+      ex.launch_on_caller();
+      BITEP_CHECK(reduce(0, own0, 0));
+      BITEP_CHECK(reduce(own1, R, 0));
+    } else {
+      BITEP_CHECK(reduce(0, R, 0));
     }
     partial = p;
   }

@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // bitepDispatch: layout -> count exchange (the one host synchronisation) -> offsets on the host ->
 // permute (self chunk straight into the receive buffers) -> all-to-all-v -> expert-major view -> handle.
+// Large dispatches (a rank moving >= split_min_bytes() of rows; every rank learns it from the flags of
+// the count exchange, so all split alike) split the all-to-all: the routing slices and weights first,
+// then the rows, while a side stream computes every row's expert positions and copies this rank's own
+// rows into the expert-major view; the other rows' copies follow their arrival.
 //
 // Failing together. The count exchange also carries, per rank, a flags word: whether the rank failed
 // before the exchange (argument checks, allocation, layout; with its error code), whether it gives
@@ -33,6 +37,7 @@ constexpr int32_t kFlagFailed = 1;    // bits 8..15: the error code
 constexpr int32_t kFlagWeights = 2;   // gives weights
 constexpr int32_t kFlagCapacity = 4;  // passed recv_x or expert_x
 constexpr int32_t kFlagTokens = 8;    // T > 0
+constexpr int32_t kFlagSplit = 16;    // moves at least split_min_bytes() of rows: split the all-to-all
 
 struct HandleDeleter {
   void operator()(bitepHandle* h) const { destroy_handle(h); }
@@ -54,8 +59,12 @@ class Dispatch {
         n_(L_ + 2),
         row_bytes_(static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden) {}
 
-  // A failed dispatch frees its handle here: after the work it queued (the stream is still the caller's).
-  ~Dispatch() { record_fence(h_.get(), ex_.stream()); }
+  // A failed dispatch frees its handle here: after the work it queued (the stream is still the caller's,
+  // joined with the side stream first).
+  ~Dispatch() {
+    (void)ex_.join();
+    record_fence(h_.get(), ex_.stream());
+  }
 
   bitepResult_t run(bitepHandle_t* out);
 
@@ -78,6 +87,7 @@ class Dispatch {
   int32_t* send_host_ = nullptr;
   std::vector<int32_t> recv_host_;  // [W, L + 2]
   bool any_weights_ = false;
+  bool split_ = false;  // every rank: the routing all-to-all first, the rows beside the own rows' copies
   // Send-side temporaries.
   void* send_x_ = nullptr;
   uint8_t* send_map_ = nullptr;
@@ -256,32 +266,54 @@ bitepResult_t Dispatch::move_rows() {
     BITEP_CHECK(ex_.permute(pp));
   }
   trace_.mark("permute");
-  // Per peer: rows, map slices, weights, in this order on every rank (the chunks pair up in order).
-  std::vector<std::vector<PeerBuffers>> per_peer(W_);
-  add_route_buffers(h, self_, Route::kOut, send_x_, h->recv_x, row_bytes_, &per_peer);
-  add_route_buffers(h, self_, Route::kOut, send_map_, h->recv_map, MB_, &per_peer);
+  // Per peer: rows, then map slices and weights (the chunks pair up in this order on every rank).
+  std::vector<std::vector<PeerBuffers>> rows(W_), routing(W_);
+  add_route_buffers(h, self_, Route::kOut, send_x_, h->recv_x, row_bytes_, &rows);
+  add_route_buffers(h, self_, Route::kOut, send_map_, h->recv_map, MB_, &routing);
   if (any_weights_)
-    add_route_buffers(h, self_, Route::kOut, send_weights_, h->recv_weights, sizeof(float) * KL_, &per_peer);
-  BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(per_peer, ex_.stream(), c.timeout_s)));
-  trace_.mark("all-to-all");
-  if (R > 0 || h->num_expert_rows > 0) {
-    kernels::ExpertMajorParams ep;
-    ep.num_recv_rows = R;
-    ep.num_local_experts = L_;
-    ep.max_row_experts = KL_;
-    ep.hidden = c.hidden;
-    ep.dtype = to_kernel_dtype(c.dtype);
-    ep.recv_map = h->recv_map;
-    ep.expert_offsets = h->expert_offsets;
-    ep.expert_counts = h->expert_counts;
-    ep.recv_expert_rows = h->recv_expert_rows;
-    ep.recv_x = h->recv_x;
-    ep.expert_x = h->expert_x;
-    ep.num_expert_rows = h->num_expert_rows;
-    void* src = nullptr;  // the gather's source table (cuda)
-    BITEP_CHECK(ex_.temp(sizeof(int64_t) * h->num_expert_rows, &src));
-    ep.expert_src = static_cast<int64_t*>(src);
-    BITEP_CHECK(ex_.expert_major(ep));
+    add_route_buffers(h, self_, Route::kOut, send_weights_, h->recv_weights, sizeof(float) * KL_, &routing);
+  kernels::ExpertMajorParams ep;
+  ep.num_recv_rows = R;
+  ep.num_local_experts = L_;
+  ep.max_row_experts = KL_;
+  ep.hidden = c.hidden;
+  ep.dtype = to_kernel_dtype(c.dtype);
+  ep.recv_map = h->recv_map;
+  ep.expert_offsets = h->expert_offsets;
+  ep.expert_counts = h->expert_counts;
+  ep.recv_expert_rows = h->recv_expert_rows;
+  ep.recv_x = h->recv_x;
+  ep.expert_x = h->expert_x;
+  ep.num_expert_rows = h->num_expert_rows;
+  void* src = nullptr;  // the gather's source table (cuda); taken before any fork
+  BITEP_CHECK(ex_.temp(sizeof(int64_t) * h->num_expert_rows, &src));
+  ep.expert_src = static_cast<int64_t*>(src);
+  const bool expert = R > 0 || h->num_expert_rows > 0;
+  if (!split_) {
+    for (int p = 0; p < W_; ++p) rows[p].insert(rows[p].end(), routing[p].begin(), routing[p].end());
+    BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(rows, ex_.stream(), c.timeout_s)));
+    trace_.mark("all-to-all");
+    if (expert) BITEP_CHECK(ex_.expert_major(ep));
+  } else {
+    // The routing first (small); then, beside the rows' all-to-all, the positions of every row and the
+    // copies of this rank's own rows (already in place); the other rows' copies once they are in.
+    BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(routing, ex_.stream(), c.timeout_s)));
+    trace_.mark("all-to-all (routing)");
+    BITEP_CHECK(ex_.fork());
+    ep.copy_begin = h->recv_offsets[self_];
+    ep.copy_end = h->recv_offsets[self_] + h->recv_counts[self_];
+    ep.blocks_per_sm = kSideBlocksPerSm;
+    if (expert) BITEP_CHECK(ex_.expert_major(ep));
+    trace_.mark("expert-major (own rows)");
+    BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(rows, ex_.stream(), c.timeout_s)));
+    trace_.mark("all-to-all (rows)");
+    BITEP_CHECK(ex_.join());
+    ep.positions_given = true;
+    ep.src_given = true;
+    ep.copy_outside = true;
+    ep.zero_pads = false;
+    ep.blocks_per_sm = 0;
+    if (expert) BITEP_CHECK(ex_.expert_major(ep));
   }
   trace_.mark("expert-major");
   bitepDispatchLayout_t& lo = h->layout;
@@ -330,7 +362,8 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   int32_t flags = 0;
   if (local == bitepSuccess) {
     flags = (a_->probs || a_->topk_weights ? kFlagWeights : 0) | (a_->recv_x || a_->expert_x ? kFlagCapacity : 0) |
-            (a_->num_tokens > 0 ? kFlagTokens : 0);
+            (a_->num_tokens > 0 ? kFlagTokens : 0) |
+            (W_ > 1 && static_cast<uint64_t>(a_->num_tokens) * row_bytes_ >= split_min_bytes() ? kFlagSplit : 0);
   } else {
     flags = kFlagFailed | (static_cast<int32_t>(local) << 8);
     (void)ex_.zero(xsend_, sizeof(int32_t) * W_ * n_);
@@ -359,6 +392,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
                  "bitepGetLastError()",
                  q, W_, bitepGetErrorString(static_cast<bitepResult_t>((f >> 8) & 0xff)));
     if (f & kFlagCapacity) any_capacity = true;
+    if (f & kFlagSplit) split_ = true;
     if (f & kFlagWeights) {
       if (with_weights < 0) with_weights = q;
     } else if (f & kFlagTokens) {

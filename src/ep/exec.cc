@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "src/ep/exec.h"
 
+#include <cstdlib>
 #include <cstring>
 
 #include "src/check.h"
@@ -18,9 +19,21 @@ inline cudaStream_t cu(bitepStream_t s) { return reinterpret_cast<cudaStream_t>(
 }  // namespace
 #endif
 
+uint64_t split_min_bytes() {
+  static const uint64_t bytes = [] {
+    const char* v = std::getenv("BITEP_SPLIT_MIN_BYTES");
+    if (v == nullptr || *v == '\0') return uint64_t{8} << 20;
+    char* end = nullptr;
+    const unsigned long long n = std::strtoull(v, &end, 10);
+    return end != nullptr && *end == '\0' ? static_cast<uint64_t>(n) : uint64_t{8} << 20;
+  }();
+  return bytes;
+}
+
 Exec::Exec(bitepGroup* group, bitepStream_t stream) : group_(group), stream_(stream) {}
 
 Exec::~Exec() {
+  if (forked_) (void)join();
   Pool* pool = group_->life->pool.get();
   for (Block& b : temps_) pool->release(&b, stream_);
 #ifdef BITEP_HAVE_CUDA
@@ -165,16 +178,43 @@ bitepResult_t Exec::wait_download() {
   return bitepSuccess;
 }
 
-// host::ep_<name> on the host backend, kernels::launch_ep_<name> on the stream for cuda.
+bitepResult_t Exec::fork() {
+  if (!cuda() || forked_) return bitepSuccess;
 #ifdef BITEP_HAVE_CUDA
-#define BITEP_EP_PRIMITIVE(name, Params)                         \
-  bitepResult_t Exec::name(const kernels::Params& p) {           \
-    if (!cuda()) {                                               \
-      host::ep_##name(p);                                        \
-      return bitepSuccess;                                       \
-    }                                                            \
-    BITEP_CUDA_CHECK(kernels::launch_ep_##name(p, cu(stream_))); \
-    return bitepSuccess;                                         \
+  cudaEvent_t ev = static_cast<cudaEvent_t>(group_->fork_event);
+  BITEP_CUDA_CHECK(cudaEventRecord(ev, cu(stream_)));
+  BITEP_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(group_->side_stream), ev, 0));
+  forked_ = side_ = true;
+#endif
+  return bitepSuccess;
+}
+
+bitepResult_t Exec::join() {
+  side_ = false;
+  if (!forked_) return bitepSuccess;
+  forked_ = false;
+#ifdef BITEP_HAVE_CUDA
+  cudaEvent_t ev = static_cast<cudaEvent_t>(group_->join_event);
+  BITEP_CUDA_CHECK(cudaEventRecord(ev, static_cast<cudaStream_t>(group_->side_stream)));
+  BITEP_CUDA_CHECK(cudaStreamWaitEvent(cu(stream_), ev, 0));
+#endif
+  return bitepSuccess;
+}
+
+#ifdef BITEP_HAVE_CUDA
+void* Exec::launch_stream() const { return side_ ? group_->side_stream : static_cast<void*>(stream_); }
+#endif
+
+// host::ep_<name> on the host backend, kernels::launch_ep_<name> on the launch stream for cuda.
+#ifdef BITEP_HAVE_CUDA
+#define BITEP_EP_PRIMITIVE(name, Params)                                                        \
+  bitepResult_t Exec::name(const kernels::Params& p) {                                          \
+    if (!cuda()) {                                                                              \
+      host::ep_##name(p);                                                                       \
+      return bitepSuccess;                                                                      \
+    }                                                                                           \
+    BITEP_CUDA_CHECK(kernels::launch_ep_##name(p, static_cast<cudaStream_t>(launch_stream()))); \
+    return bitepSuccess;                                                                        \
   }
 #else
 #define BITEP_EP_PRIMITIVE(name, Params)               \

@@ -5,12 +5,22 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 #include "kernels/ep_params.h"
 #include "src/ep/group.h"
 
 namespace bitep::ep {
+
+// Grids of the copies that run beside an all-to-all take this many blocks per SM (of 8): room for NCCL's
+// kernel on every SM.
+constexpr int kSideBlocksPerSm = 4;
+
+// Dispatch and combine overlap their own rows' copies with the all-to-all of the others' rows when a
+// rank moves at least this many bytes of rows: BITEP_SPLIT_MIN_BYTES, default 8 MiB (0: always). Below
+// it the extra all-to-all of a split dispatch (the routing ahead of the rows) costs more than it hides.
+uint64_t split_min_bytes();
 
 class Exec {
  public:
@@ -44,6 +54,16 @@ class Exec {
   bitepResult_t download(void* host_dst, const void* src, size_t bytes);
   bitepResult_t wait_download();
 
+  // Work beside the caller's stream (cuda; the host backend runs everything in call order, and these
+  // are no-ops there). fork(): the group's side stream waits for what the caller's stream holds so far,
+  // and the primitives launch on it until launch_on_caller() or join(); join() makes the caller's stream
+  // wait for the side stream's work. stream() stays the caller's (the transport's calls go there).
+  // Temporaries must be taken before fork(); the destructor joins a fork left open (an error path)
+  // before it releases them.
+  bitepResult_t fork();
+  void launch_on_caller() { side_ = false; }
+  bitepResult_t join();
+
   // The primitives of kernels/ep_params.h on this backend.
   bitepResult_t layout(const kernels::LayoutParams& p);
   bitepResult_t permute(const kernels::PermuteParams& p);
@@ -58,6 +78,11 @@ class Exec {
   std::vector<Block> temps_;
   int prev_device_ = -1;
   bool download_pending_ = false;
+  bool forked_ = false;  // between fork() and join()
+  bool side_ = false;    // the primitives launch on the side stream
+#ifdef BITEP_HAVE_CUDA
+  void* launch_stream() const;  // cudaStream_t of the primitives: the side stream between fork and join
+#endif
 };
 
 }  // namespace bitep::ep

@@ -143,6 +143,15 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
     g->sync_event = ev;
     BITEP_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), r, done);
     g->upload_event = ev;
+    BITEP_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), r, done);
+    g->fork_event = ev;
+    BITEP_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), r, done);
+    g->join_event = ev;
+    {
+      cudaStream_t side = nullptr;
+      BITEP_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking), r, done);
+      g->side_stream = side;
+    }
   done:
     if (prev != g->device) cudaSetDevice(prev);
     if (r != bitepSuccess) return r;
@@ -164,6 +173,9 @@ bitepGroup::~bitepGroup() {
     cudaEventDestroy(static_cast<cudaEvent_t>(upload_event));
   }
   if (upload_staging != nullptr) cudaFreeHost(upload_staging);
+  if (side_stream != nullptr) cudaStreamDestroy(static_cast<cudaStream_t>(side_stream));  // after its work
+  if (fork_event != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(fork_event));
+  if (join_event != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(join_event));
   (void)cudaGetLastError();
 #endif
   magic = 0;

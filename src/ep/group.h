@@ -83,5 +83,10 @@ struct bitepGroup {
   void* upload_staging = nullptr;  // cuda: pinned host staging of Exec::upload_staged
   size_t upload_bytes = 0;
   void* upload_event = nullptr;  // cuda: cudaEvent_t recorded after the last staged upload
+  // cuda: the stream beside the caller's that Exec::fork() / join() order work on (copies that overlap an
+  // all-to-all), and the two events that order it.
+  void* side_stream = nullptr;
+  void* fork_event = nullptr;
+  void* join_event = nullptr;
   ~bitepGroup();
 };

@@ -5,7 +5,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "kernels/ep_params.h"
@@ -77,14 +79,20 @@ void record_fence(bitepHandle_t handle, bitepStream_t stream);
 // Records the handle's fence on scope exit: every return path of a call that queued work on its blocks.
 class FenceOnExit {
  public:
-  FenceOnExit(bitepHandle_t h, bitepStream_t stream) : h_(h), stream_(stream) {}
-  ~FenceOnExit() { record_fence(h_, stream_); }
+  // before_fence, when given, runs first (it joins side-stream work into `stream`).
+  FenceOnExit(bitepHandle_t h, bitepStream_t stream, std::function<void()> before_fence = {})
+      : h_(h), stream_(stream), before_(std::move(before_fence)) {}
+  ~FenceOnExit() {
+    if (before_) before_();
+    record_fence(h_, stream_);
+  }
   FenceOnExit(const FenceOnExit&) = delete;
   FenceOnExit& operator=(const FenceOnExit&) = delete;
 
  private:
   bitepHandle_t h_;
   bitepStream_t stream_;
+  std::function<void()> before_;
 };
 
 }  // namespace bitep::ep

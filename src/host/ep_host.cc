@@ -174,6 +174,8 @@ void ep_expert_major(const kernels::ExpertMajorParams& p) {
       for (; j < KL; ++j) rows[j] = -1;
     }
     if (!move) continue;
+    const int64_t copy_end = p.copy_end < 0 ? p.num_recv_rows : p.copy_end;
+    if ((i >= p.copy_begin && i < copy_end) == p.copy_outside) continue;
     const char* src = static_cast<const char*>(p.recv_x) + i * row_bytes;
     for (int j = 0; j < KL; ++j) {
       const int64_t pos = rows[j];
@@ -187,7 +189,7 @@ void ep_expert_major(const kernels::ExpertMajorParams& p) {
       }
     }
   }
-  if (p.expert_x == nullptr) return;
+  if (p.expert_x == nullptr || !p.zero_pads) return;
   for (int l = 0; l < L; ++l) {
     const int64_t begin = static_cast<int64_t>(p.expert_offsets[l]) + p.expert_counts[l], end = p.expert_offsets[l + 1];
     if (end > begin) std::memset(static_cast<char*>(p.expert_x) + begin * row_bytes, 0, (end - begin) * row_bytes);

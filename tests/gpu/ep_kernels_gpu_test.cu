@@ -259,7 +259,28 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
     p.expert_x = c.mode ? dex.get() : nullptr;
     p.recv_weights = c.mode == 2 ? dw.get() : nullptr;
     sync(K::launch_ep_expert_major(p, nullptr));
-    const bool ok = same(drows.host(), rows, "recv_expert_rows", c.str()) & same(dex.host(), ex, "expert_x", c.str());
+    bool ok = same(drows.host(), rows, "recv_expert_rows", c.str()) & same(dex.host(), ex, "expert_x", c.str());
+    if (c.mode != 0) {
+      // As the split dispatch calls it: positions, the copies of rows [R/3, 2R/3) and the pad rows on a
+      // small grid; then, from the same positions and source table, the copies of the other rows.
+      Dev<uint8_t> dex2(ex.size());
+      Dev<int32_t> drows2(rows.size());
+      Dev<int64_t> dsrc2(in.N);
+      K::ExpertMajorParams q = p;
+      q.recv_expert_rows = drows2.get();
+      q.expert_x = dex2.get();
+      q.expert_src = dsrc2.get();
+      q.copy_begin = c.R / 3;
+      q.copy_end = 2 * c.R / 3;
+      q.blocks_per_sm = 2;
+      sync(K::launch_ep_expert_major(q, nullptr));
+      q.positions_given = q.src_given = q.copy_outside = true;
+      q.zero_pads = false;
+      q.blocks_per_sm = 0;
+      sync(K::launch_ep_expert_major(q, nullptr));
+      ok &= same(drows2.host(), rows, "recv_expert_rows (split)", c.str()) &
+            same(dex2.host(), ex, "expert_x (split)", c.str());
+    }
     if (!ok && ++failing >= kMaxFailingCases) return;
   }
 }
