@@ -310,7 +310,10 @@ typedef struct {
 
 /* Dispatch. Collective over the group. Enqueued on stream; the count exchange inside is its one host
  * synchronisation. At most one of probs / topk_weights may be given; with neither, only unweighted
- * combines are possible. [OUT] handle: owns the received rows and the layout until bitepHandleDestroy. */
+ * combines are possible. [OUT] handle: owns the received rows and the layout until bitepHandleDestroy.
+ * Large dispatches and combines (environment BITEP_SPLIT_MIN_BYTES, default 8 MiB of rows per rank)
+ * run part of their copies on a stream the group owns, beside the all-to-all; that stream waits for
+ * `stream` before and `stream` waits for it after, so to the caller all the work is on `stream`. */
 BITEP_API bitepResult_t bitepDispatch(bitepGroup_t group,
                                       const bitepDispatchArgs_t* args,
                                       bitepStream_t stream,
