@@ -218,6 +218,45 @@ TEST(EpHostExpertMajor, PositionsPadRowsAndWeightedScatter) {
   EXPECT_EQ(ex2, (std::vector<float>{0.5f, 4.5f, 16.0f, 0, 0.75f, 0, 2.0f, 6.0f, -7}));
 }
 
+TEST(EpHostExpertMajor, SplitCallsWriteEveryCopyOnce) {
+  // As a split dispatch calls it: positions, the copies of rows [1, 3) and the pad rows; then, from the
+  // same positions, the copies of the other rows and no pad row. Together: the single call's result.
+  const std::vector<uint8_t> map = {0x05, 0x01, 0x06, 0x03};  // rows use experts {0,2} {0} {1,2} {0,1}
+  const std::vector<int32_t> counts = {3, 2, 2}, offsets = {0, 4, 6, 8};
+  const std::vector<float> x = {1, 2, 3, 4};
+  bitep::kernels::ExpertMajorParams p;
+  p.num_recv_rows = 4;
+  p.num_local_experts = 3;
+  p.max_row_experts = 2;
+  p.hidden = 1;
+  p.dtype = DType::kF32;
+  p.recv_map = map.data();
+  p.expert_offsets = offsets.data();
+  p.expert_counts = counts.data();
+  p.recv_x = x.data();
+  p.num_expert_rows = 8;
+  std::vector<int32_t> rows_one(8, 99), rows_split(8, 99);
+  std::vector<float> one(8, -5.0f), split(8, -5.0f);
+  p.recv_expert_rows = rows_one.data();
+  p.expert_x = one.data();
+  bitep::host::ep_expert_major(p);
+  EXPECT_EQ(one, (std::vector<float>{1, 2, 4, 0, 3, 4, 1, 3}));
+
+  p.recv_expert_rows = rows_split.data();
+  p.expert_x = split.data();
+  p.copy_begin = 1;
+  p.copy_end = 3;
+  bitep::host::ep_expert_major(p);
+  EXPECT_EQ(split, (std::vector<float>{-5, 2, -5, 0, 3, -5, -5, 3})) << "rows 1, 2 and the pad row only";
+  p.positions_given = true;
+  p.copy_outside = true;
+  p.zero_pads = false;
+  split[3] = -6.0f;  // a pad row: the second call must leave it
+  bitep::host::ep_expert_major(p);
+  EXPECT_EQ(rows_split, rows_one);
+  EXPECT_EQ(split, (std::vector<float>{1, 2, 4, -6, 3, 4, 1, 3}));
+}
+
 TEST(EpHostExpertMajor, InconsistentCountsNeverWriteOutside) {
   // The map says two rows use expert 0 but counts say one: the second gets -1 and moves nothing.
   const std::vector<uint8_t> map = {0x01, 0x01};
