@@ -7,8 +7,9 @@
 #   OUT=/tmp/out scripts/device-check.sh [--quick]
 # PHASES (comma-separated; default bench,ctest,sanitize,net: ctest holds the GPU and multi-rank tests) picks
 # what runs after the build: gpu, multirank (their GPU parts alone, for quick checks),
-# bench, net (the NCCL network transport), ctest, sanitize, profile (Nsight Compute on the router kernels
-# and a BITEP_TRACE=1 run of ep_bench: where the time goes).
+# bench, net (the NCCL network transport), ctest, sanitize, tune (TUNE_FLAGS builds), ab (AB_ENVS runs of
+# ep_bench), profile (Nsight Compute on the router and EP kernels and a BITEP_TRACE=1 run of ep_bench:
+# where the time goes).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/device-out}
@@ -204,6 +205,17 @@ if on tune; then
     step "tune $n build ($f)" "$OUT/build.log" bash -c "cmake -S '$ROOT' -B '$TB' -DCMAKE_BUILD_TYPE=Release \
       -DBITEP_BUILD_TESTS=OFF -DCMAKE_CUDA_FLAGS='$f' ${CMAKE_EXTRA[*]} >/dev/null && cmake --build '$TB' -j $(nproc) --target router_bench" &&
       step "tune $n router_bench --quick ($f)" "$BENCH" "$TB/bench/router_bench" --quick --iters 200
+  done
+fi
+if on ab; then
+  # A/B of runtime settings in one session: ep_bench once per ';'-separated entry of AB_ENVS (space-separated
+  # VAR=value pairs, passed to every rank), e.g. AB_ENVS="BITEP_SPLIT_MIN_BYTES=0;BITEP_SPLIT_MIN_BYTES=1000000000000".
+  IFS=';' read -ra ABS <<<"${AB_ENVS:-}"
+  for envs in "${ABS[@]}"; do
+    xs=()
+    for kv in $envs; do xs+=(-x "$kv"); done
+    step "ep_bench A/B ($envs)" "$BENCH" env $envs mpirun -np "$NGPU" "${xs[@]}" "$BUILD/bench/ep_bench" \
+      --tokens "${AB_TOKENS:-2048,4096,16384}" --routing uniform --no-baseline
   done
 fi
 if on profile; then
