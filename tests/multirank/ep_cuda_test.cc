@@ -4,6 +4,7 @@
 // Skipped, with the reason, where there is no CUDA build or not one GPU per rank.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -137,6 +138,75 @@ void run_against_host(const Spec& s) {
              "out[" << i << "]: cuda " << b << ", host " << a);
   }
   EXPECT_EQ(m.n, 0) << "on rank " << rank << ":" << m.first;
+
+  // Dispatch backward (the unweighted combine) of the same expert-major rows: within one rounding.
+  const std::vector<uint8_t> host_gx = combine(hg.g, hh.h, y.data(), bitepLayoutExpertMajor, 0, in.T, s, &res);
+  ASSERT_EQ(res, bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepDispatchBackward(cg.g, ch.h, dy.p, bitepLayoutExpertMajor, dout.p, bs), bitepSuccess)
+      << bitepGetLastError();
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  const std::vector<uint8_t> cuda_gx = dout.get<uint8_t>(in.T * row);
+  Mismatches mb;
+  for (int64_t i = 0; i < in.T * s.H; ++i) {
+    const float a = load(s.dtype, host_gx.data(), i), b = load(s.dtype, cuda_gx.data(), i);
+    MISMATCH(mb, std::fabs(a - b) <= std::ldexp(std::fabs(a), s.dtype == bitepFloat32 ? -20 : -7),
+             "grad_x[" << i << "]: cuda " << b << ", host " << a);
+  }
+  EXPECT_EQ(mb.n, 0) << "dispatch backward on rank " << rank << ":" << mb.first;
+
+  // Combine backward: grad_y bit for bit with the host's (a copy, or one product with the weight), the
+  // weight gradients against the analytic fp64 dot products (as the host grid checks them).
+  const int E = s.E(W), k = s.route == Route::kOneRank ? std::min(s.topk(W), s.L) : s.topk(W);
+  std::vector<uint8_t> grad_out(in.T * row);
+  for (int64_t t = 0; t < in.T; ++t)
+    for (int hh = 0; hh < s.H; ++hh) store(s.dtype, grad_out.data(), t * s.H + hh, grad_value(s, rank, t, hh));
+  Dev dgo(grad_out.data(), grad_out.size()), dgy(N * row), dgc(sizeof(float) * in.T * k), dgd(sizeof(float) * in.T * E);
+  for (int w = 0; w <= weighted; ++w) {
+    SCOPED_TRACE(w ? "weighted combine backward" : "unweighted combine backward");
+    std::vector<uint8_t> host_gy(N * row, 0xcd);
+    std::vector<float> hgc(in.T * k, -5.0f), hgd(in.T * E, -5.0f);
+    bitepCombineBackwardArgs_t b = BITEP_COMBINE_BWD_ARGS_INIT;
+    b.grad_out = grad_out.data();
+    b.weighted = w;
+    b.y = y.data();
+    b.grad_y = host_gy.data();
+    b.grad_topk_weights = hgc.data();
+    b.grad_probs = hgd.data();
+    ASSERT_EQ(bitepCombineBackward(hg.g, hh.h, &b, nullptr), bitepSuccess) << bitepGetLastError();
+    b.grad_out = dgo.p;
+    b.y = dy.p;
+    b.grad_y = dgy.p;
+    b.grad_topk_weights = static_cast<float*>(dgc.p);
+    b.grad_probs = static_cast<float*>(dgd.p);
+    ASSERT_EQ(bitepCombineBackward(cg.g, ch.h, &b, bs), bitepSuccess) << bitepGetLastError();
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    EXPECT_EQ(dgy.get<uint8_t>(N * row), host_gy) << "grad_y, rank " << rank;
+    const std::vector<float> cgc = dgc.get<float>(in.T * k), cgd = dgd.get<float>(in.T * E);
+    Mismatches mw;
+    for (int64_t t = 0; t < in.T; ++t) {
+      std::vector<double> want(E, 0.0), scale(E, 0.0);
+      for (size_t j = 0; j < in.experts[t].size(); ++j) {
+        const int e = in.experts[t][j];
+        double d = 0, sc = 0;
+        for (int hh = 0; hh < s.H; ++hh) {
+          const double p = static_cast<double>(toy_y(s.dtype, e, x_value(s, rank, t, hh))) *
+                           load(s.dtype, grad_out.data(), t * s.H + hh);
+          d += p;
+          sc += std::fabs(p);
+        }
+        want[e] = w ? d : 0.0;
+        scale[e] = sc;
+        const float got = cgc[t * k + in.compact[t][j]];
+        MISMATCH(
+            mw, std::fabs(got - want[e]) <= 1e-5 * sc + 1e-6,
+            "grad_topk_weights[" << t << "][" << in.compact[t][j] << "]: cuda " << got << ", expected " << want[e]);
+      }
+      for (int e = 0; e < E; ++e)
+        MISMATCH(mw, std::fabs(cgd[t * E + e] - want[e]) <= 1e-5 * scale[e] + 1e-6,
+                 "grad_probs[" << t << "][" << e << "]: cuda " << cgd[t * E + e] << ", expected " << want[e]);
+    }
+    EXPECT_EQ(mw.n, 0) << "weight gradients on rank " << rank << ":" << mw.first;
+  }
   cudaStreamDestroy(stream);
 }
 #endif
@@ -163,6 +233,23 @@ TEST(EpCuda, MatchesHostBackendIndicesDenseAligned) {
   GTEST_SKIP() << "this bitep was built without CUDA: the cuda backend test needs a CUDA build and one GPU per rank";
 #endif
 }
+
+// Every scenario of the host grid (tests/multirank/ep_dispatch_test.cc) on the cuda backend.
+class EpCudaGrid : public testing::TestWithParam<Spec> {};
+
+TEST_P(EpCudaGrid, MatchesHostBackend) {
+#ifdef BITEP_MULTIRANK_CUDA
+  run_against_host(GetParam());
+#else
+  GTEST_SKIP() << "this bitep was built without CUDA: the cuda backend test needs a CUDA build and one GPU per rank";
+#endif
+}
+
+// Named EpCuda/...: device-check's filter EpCuda* picks it with the two above.
+INSTANTIATE_TEST_SUITE_P(EpCuda,
+                         EpCudaGrid,
+                         testing::ValuesIn(spec_grid()),
+                         [](const testing::TestParamInfo<Spec>& info) { return info.param.name; });
 
 }  // namespace
 }  // namespace ept

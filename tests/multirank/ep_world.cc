@@ -255,4 +255,87 @@ std::vector<float> reference_combine(const Spec& s, int W, int rank, const Input
   return out;
 }
 
+std::vector<Spec> spec_grid() {
+  std::vector<Spec> v;
+  auto add = [&](const char* name, auto&& tweak) {
+    Spec s;
+    s.name = name;
+    tweak(s);
+    v.push_back(s);
+  };
+  add("basic", [](Spec&) {});
+  add("zero_tokens_odd_ranks", [](Spec& s) { s.tokens = [](int r, int) { return r % 2 ? int64_t{0} : int64_t{6}; }; });
+  add("zero_tokens_everywhere", [](Spec& s) { s.tokens = [](int, int) { return int64_t{0}; }; });
+  add("one_token", [](Spec& s) { s.tokens = [](int, int) { return int64_t{1}; }; });
+  add("all_to_last_rank", [](Spec& s) {
+    s.route = Route::kOneRank;
+    s.target = 1 << 20;  // mod W below
+    s.tokens = [](int r, int) { return int64_t{4} + r; };
+  });
+  add("all_to_rank0_k3", [](Spec& s) {
+    s.route = Route::kOneRank;
+    s.target = 0;
+    s.k = 3;
+  });
+  add("hot_expert", [](Spec& s) {
+    s.route = Route::kHotExpert;
+    s.target = 1;
+    s.k = 3;
+  });
+  add("L1_E_eq_W", [](Spec& s) {
+    s.L = 1;
+    s.k = 2;
+  });
+  add("L5_k3_fp16", [](Spec& s) {
+    s.L = 5;
+    s.k = 3;
+    s.dtype = bitepFloat16;
+  });
+  add("L9_k4_align4", [](Spec& s) {
+    s.L = 9;
+    s.k = 4;
+    s.align = 4;
+  });
+  add("k1", [](Spec& s) { s.k = 1; });
+  add("k_eq_E_H5", [](Spec& s) {
+    s.L = 3;
+    s.k = 1 << 20;  // clamped to E
+    s.H = 5;
+  });
+  add("H7_fp32_align8", [](Spec& s) {
+    s.H = 7;
+    s.dtype = bitepFloat32;
+    s.align = 8;
+  });
+  add("H1", [](Spec& s) { s.H = 1; });
+  add("bytemap_dense", [](Spec& s) {
+    s.fmt = bitepMapBytemap;
+    s.weights = Weights::kDense;
+  });
+  add("bitmap_dense", [](Spec& s) { s.weights = Weights::kDense; });
+  add("bytemap_compact_L10", [](Spec& s) {
+    s.fmt = bitepMapBytemap;
+    s.L = 10;
+    s.k = 3;
+  });
+  add("indices_compact", [](Spec& s) {
+    s.fmt = bitepMapTopkIndices;
+    s.k = 3;
+  });
+  add("indices_dense_fp16", [](Spec& s) {
+    s.fmt = bitepMapTopkIndices;
+    s.weights = Weights::kDense;
+    s.dtype = bitepFloat16;
+  });
+  add("no_weights", [](Spec& s) { s.weights = Weights::kNone; });
+  add("many_tokens", [](Spec& s) {
+    s.tokens = [](int r, int) { return int64_t{200} + 37 * r; };
+    s.H = 16;
+    s.L = 3;
+    s.k = 4;
+    s.align = 16;
+  });
+  return v;
+}
+
 }  // namespace ept

@@ -55,6 +55,11 @@ struct Input {
   std::vector<std::vector<int>> compact;  // [T] compact position of each expert (index order for indices)
 };
 
+// The scenarios every backend runs: zero tokens on some ranks or all, all tokens to one rank, one hot
+// expert, one local expert, L not a multiple of 8, k = 1 and k = E, odd H, each routing format and weight
+// form, alignment.
+std::vector<Spec> spec_grid();
+
 Input make_input(const Spec& s, int W, int rank);
 std::vector<Input> make_world(const Spec& s, int W);
 bitepDispatchArgs_t dispatch_args(const Spec& s, const Input& in);
