@@ -108,20 +108,10 @@ bitepResult_t backward(Exec& ex, bitepGroup* g, bitepHandle* h, const bitepCombi
   BITEP_CHECK(transport_failed(g, g->transport->alltoallv(per_peer, ex.stream(), c.timeout_s)));
   // grad_y: the expert-major scatter, weighted by the router weights when the combine was.
   if (R > 0 || h->num_expert_rows > 0) {
-    kernels::ExpertMajorParams ep;
-    ep.num_recv_rows = R;
-    ep.num_local_experts = g->num_local_experts;
-    ep.max_row_experts = KL;
-    ep.hidden = c.hidden;
-    ep.dtype = to_kernel_dtype(c.dtype);
-    ep.recv_map = h->recv_map;
-    ep.expert_offsets = h->expert_offsets;
-    ep.expert_counts = h->expert_counts;
-    ep.recv_expert_rows = h->recv_expert_rows;  // the dispatch's positions: read, not recomputed
-    ep.positions_given = true;
+    kernels::ExpertMajorParams ep = expert_major_params(h, g);
+    ep.positions_given = true;  // the dispatch's positions: read, not recomputed
     ep.recv_x = recv_g;
     ep.expert_x = a->grad_y;
-    ep.num_expert_rows = h->num_expert_rows;
     ep.recv_weights = a->weighted ? h->recv_weights : nullptr;
     void* src = nullptr;  // the gather's source table (cuda)
     BITEP_CHECK(ex.temp(sizeof(int64_t) * h->num_expert_rows, &src));

@@ -272,19 +272,9 @@ bitepResult_t Dispatch::move_rows() {
   add_route_buffers(h, self_, Route::kOut, send_map_, h->recv_map, MB_, &routing);
   if (any_weights_)
     add_route_buffers(h, self_, Route::kOut, send_weights_, h->recv_weights, sizeof(float) * KL_, &routing);
-  kernels::ExpertMajorParams ep;
-  ep.num_recv_rows = R;
-  ep.num_local_experts = L_;
-  ep.max_row_experts = KL_;
-  ep.hidden = c.hidden;
-  ep.dtype = to_kernel_dtype(c.dtype);
-  ep.recv_map = h->recv_map;
-  ep.expert_offsets = h->expert_offsets;
-  ep.expert_counts = h->expert_counts;
-  ep.recv_expert_rows = h->recv_expert_rows;
+  kernels::ExpertMajorParams ep = expert_major_params(h, g_);
   ep.recv_x = h->recv_x;
   ep.expert_x = h->expert_x;
-  ep.num_expert_rows = h->num_expert_rows;
   void* src = nullptr;  // the gather's source table (cuda); taken before any fork
   BITEP_CHECK(ex_.temp(sizeof(int64_t) * h->num_expert_rows, &src));
   ep.expert_src = static_cast<int64_t*>(src);

@@ -2,6 +2,7 @@
 // Handle lifetime and layout queries.
 #include "src/ep/handle.h"
 
+#include "src/args.h"
 #include "src/check.h"
 
 #ifdef BITEP_HAVE_CUDA
@@ -39,6 +40,21 @@ void destroy_handle(bitepHandle_t h) {
   h->blocks.clear();
   h->magic = 0;
   delete h;
+}
+
+kernels::ExpertMajorParams expert_major_params(const bitepHandle* h, const bitepGroup* g) {
+  kernels::ExpertMajorParams ep;
+  ep.num_recv_rows = h->num_recv_rows;
+  ep.num_local_experts = g->num_local_experts;
+  ep.max_row_experts = g->max_row_experts;
+  ep.hidden = g->config.hidden;
+  ep.dtype = to_kernel_dtype(g->config.dtype);
+  ep.recv_map = h->recv_map;
+  ep.expert_offsets = h->expert_offsets;
+  ep.expert_counts = h->expert_counts;
+  ep.recv_expert_rows = h->recv_expert_rows;
+  ep.num_expert_rows = h->num_expert_rows;
+  return ep;
 }
 
 void add_route_buffers(const bitepHandle* h,

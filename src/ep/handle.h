@@ -62,6 +62,10 @@ void destroy_handle(bitepHandle_t handle);
 // [send_offsets[p], + send_counts[p]) go to recv rows [recv_offsets[p], + recv_counts[p]) of peer p;
 // back (combine direction): the receive side's rows return, the roles swapped.
 enum class Route { kOut, kBack };
+
+// The expert-major primitive's parameters for this handle's layout (rows, map, offsets, counts,
+// positions); the caller sets what moves (recv_x, expert_x, weights, the source table, the range).
+kernels::ExpertMajorParams expert_major_params(const bitepHandle* h, const bitepGroup* g);
 void add_route_buffers(const bitepHandle* h,
                        int self,
                        Route route,

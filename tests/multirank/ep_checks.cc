@@ -2,6 +2,7 @@
 #include "tests/multirank/ep_checks.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 namespace ept {
@@ -93,6 +94,39 @@ void expect_values(const Spec& s, const std::vector<uint8_t>& got, const std::ve
     MISMATCH(m, v == want[i], what << "[" << i / s.H << "][" << i % s.H << "] = " << v << ", expected " << want[i]);
   }
   EXPECT_EQ(m.n, 0) << "on rank " << world_rank() << ":" << m.first;
+}
+
+void check_weight_grads(const Spec& s,
+                        int W,
+                        int rank,
+                        const Input& in,
+                        const std::vector<uint8_t>& grad_out,
+                        int weighted,
+                        const float* compact,
+                        const float* dense,
+                        Mismatches* m) {
+  const int E = s.E(W), k = config_topk(s, W);
+  for (int64_t t = 0; t < in.T; ++t) {
+    std::vector<double> want(E, 0.0), scale(E, 0.0);
+    for (size_t j = 0; j < in.experts[t].size(); ++j) {
+      const int e = in.experts[t][j];
+      double d = 0, sc = 0;
+      for (int hh = 0; hh < s.H; ++hh) {
+        const double p = static_cast<double>(toy_y(s.dtype, e, x_value(s, rank, t, hh))) *
+                         load(s.dtype, grad_out.data(), t * s.H + hh);
+        d += p;
+        sc += std::fabs(p);
+      }
+      want[e] = weighted ? d : 0.0;
+      scale[e] = sc;
+      const float got = compact[t * k + in.compact[t][j]];
+      MISMATCH(*m, std::fabs(got - want[e]) <= 1e-5 * sc + 1e-6,
+               "grad_topk_weights[" << t << "][" << in.compact[t][j] << "] = " << got << ", expected " << want[e]);
+    }
+    for (int e = 0; e < E; ++e)
+      MISMATCH(*m, std::fabs(dense[t * E + e] - want[e]) <= 1e-5 * scale[e] + 1e-6,
+               "grad_probs[" << t << "][" << e << "] = " << dense[t * E + e] << ", expected " << want[e]);
+  }
 }
 
 }  // namespace ept

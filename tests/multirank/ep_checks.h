@@ -48,4 +48,17 @@ void expect_values(const Spec& s, const std::vector<uint8_t>& got, const std::ve
 // The config topk of a spec (one-rank routing caps it at L).
 int config_topk(const Spec& s, int W);
 
+// The weight gradients of a combine backward through the toy experts against the analytic fp64 dot
+// products dot(y_e(x_t), grad_out_t) (0 where not routed, or everywhere when unweighted), within 1e-5 of
+// the sum of the products' magnitudes: compact [T, k] in the dispatch's order and dense [T, E].
+void check_weight_grads(const Spec& s,
+                        int W,
+                        int rank,
+                        const Input& in,
+                        const std::vector<uint8_t>& grad_out,
+                        int weighted,
+                        const float* compact,
+                        const float* dense,
+                        Mismatches* m);
+
 }  // namespace ept

@@ -156,7 +156,7 @@ void run_against_host(const Spec& s) {
 
   // Combine backward: grad_y bit for bit with the host's (a copy, or one product with the weight), the
   // weight gradients against the analytic fp64 dot products (as the host grid checks them).
-  const int E = s.E(W), k = s.route == Route::kOneRank ? std::min(s.topk(W), s.L) : s.topk(W);
+  const int E = s.E(W), k = config_topk(s, W);
   std::vector<uint8_t> grad_out(in.T * row);
   for (int64_t t = 0; t < in.T; ++t)
     for (int hh = 0; hh < s.H; ++hh) store(s.dtype, grad_out.data(), t * s.H + hh, grad_value(s, rank, t, hh));
@@ -183,28 +183,7 @@ void run_against_host(const Spec& s) {
     EXPECT_EQ(dgy.get<uint8_t>(N * row), host_gy) << "grad_y, rank " << rank;
     const std::vector<float> cgc = dgc.get<float>(in.T * k), cgd = dgd.get<float>(in.T * E);
     Mismatches mw;
-    for (int64_t t = 0; t < in.T; ++t) {
-      std::vector<double> want(E, 0.0), scale(E, 0.0);
-      for (size_t j = 0; j < in.experts[t].size(); ++j) {
-        const int e = in.experts[t][j];
-        double d = 0, sc = 0;
-        for (int hh = 0; hh < s.H; ++hh) {
-          const double p = static_cast<double>(toy_y(s.dtype, e, x_value(s, rank, t, hh))) *
-                           load(s.dtype, grad_out.data(), t * s.H + hh);
-          d += p;
-          sc += std::fabs(p);
-        }
-        want[e] = w ? d : 0.0;
-        scale[e] = sc;
-        const float got = cgc[t * k + in.compact[t][j]];
-        MISMATCH(
-            mw, std::fabs(got - want[e]) <= 1e-5 * sc + 1e-6,
-            "grad_topk_weights[" << t << "][" << in.compact[t][j] << "]: cuda " << got << ", expected " << want[e]);
-      }
-      for (int e = 0; e < E; ++e)
-        MISMATCH(mw, std::fabs(cgd[t * E + e] - want[e]) <= 1e-5 * scale[e] + 1e-6,
-                 "grad_probs[" << t << "][" << e << "]: cuda " << cgd[t * E + e] << ", expected " << want[e]);
-    }
+    check_weight_grads(s, W, rank, in, grad_out, w, cgc.data(), cgd.data(), &mw);
     EXPECT_EQ(mw.n, 0) << "weight gradients on rank " << rank << ":" << mw.first;
   }
   cudaStreamDestroy(stream);

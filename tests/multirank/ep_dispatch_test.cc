@@ -92,7 +92,7 @@ TEST_P(EpGrid, CombineBackward) {
   const int W = world_size(), rank = world_rank();
   const std::vector<Input> world = make_world(s, W);
   const Input& mine = world[rank];
-  const int E = s.E(W), k = s.route == Route::kOneRank ? std::min(s.topk(W), s.L) : s.topk(W);
+  const int E = s.E(W), k = config_topk(s, W);
   GroupGuard g;
   ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
   const bitepDispatchArgs_t a = dispatch_args(s, mine);
@@ -136,29 +136,7 @@ TEST_P(EpGrid, CombineBackward) {
         for (int hh = 0; hh < s.H; ++hh)
           MISMATCH(m, load(s.dtype, grad_y.data(), r * s.H + hh) == 0.0f, "grad_y pad row " << r << " not zero");
     // Weight gradients: dot(y_e(x_t), grad_out_t) (analytic, fp64), 0 where not routed / unweighted.
-    for (int64_t t = 0; t < mine.T; ++t) {
-      std::vector<double> want_dense(E, 0.0);
-      std::vector<double> scale(E, 0.0);
-      for (size_t j = 0; j < mine.experts[t].size(); ++j) {
-        const int e = mine.experts[t][j];
-        double d = 0, sc = 0;
-        for (int hh = 0; hh < s.H; ++hh) {
-          const double p = static_cast<double>(toy_y(s.dtype, e, x_value(s, rank, t, hh))) *
-                           load(s.dtype, grad_out.data(), t * s.H + hh);
-          d += p;
-          sc += std::fabs(p);
-        }
-        want_dense[e] = weighted ? d : 0.0;
-        scale[e] = sc;
-        const float got_c = gw_compact[t * k + mine.compact[t][j]];
-        MISMATCH(m, std::fabs(got_c - want_dense[e]) <= 1e-5 * sc + 1e-6,
-                 "grad_topk_weights[" << t << "][" << mine.compact[t][j] << "] = " << got_c << ", expected "
-                                      << want_dense[e]);
-      }
-      for (int e = 0; e < E; ++e)
-        MISMATCH(m, std::fabs(gw_dense[t * E + e] - want_dense[e]) <= 1e-5 * scale[e] + 1e-6,
-                 "grad_probs[" << t << "][" << e << "] = " << gw_dense[t * E + e] << ", expected " << want_dense[e]);
-    }
+    check_weight_grads(s, W, rank, mine, grad_out, weighted, gw_compact.data(), gw_dense.data(), &m);
     EXPECT_EQ(m.n, 0) << "on rank " << rank << ":" << m.first;
   }
 }
