@@ -21,6 +21,47 @@ __device__ __forceinline__ int64_t global_warp() {
 }
 __device__ __forceinline__ int64_t num_warps() { return static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp); }
 
+// acc[u] (vectors base + u * 32 + lane of a row) += w_d * row_d for the lanes d set in `mask`, in
+// ascending d, each with one fmaf per element (w = 1 gives the plain sum acc + row, bit for bit). Lane
+// d's row address and weight are read by shuffle. Two rows are loaded before either is summed: twice the
+// bytes in flight of one at a time.
+template <class P>
+__device__ __forceinline__ void sum_rows(
+    float (&acc)[kUnroll][P::N], uint32_t mask, const char* row, float w, int64_t base, int64_t nvec) {
+  using Vec = typename P::Vec;
+  const int lane = threadIdx.x & (kWarp - 1);
+  const unsigned long long my = reinterpret_cast<unsigned long long>(row);
+  for (uint32_t m = mask; m != 0;) {
+    const int d0 = __ffs(m) - 1;
+    m &= m - 1;
+    const bool two = m != 0;
+    const int d1 = two ? __ffs(m) - 1 : d0;
+    if (two) m &= m - 1;
+    const Vec* s0 = reinterpret_cast<const Vec*>(__shfl_sync(kFullMask, my, d0));
+    const Vec* s1 = reinterpret_cast<const Vec*>(__shfl_sync(kFullMask, my, d1));
+    const float w0 = __shfl_sync(kFullMask, w, d0), w1 = __shfl_sync(kFullMask, w, d1);
+    Vec b0[kUnroll], b1[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t idx = base + u * kWarp + lane;
+      b0[u] = idx < nvec ? __ldg(s0 + idx) : Vec{};
+      b1[u] = two && idx < nvec ? __ldg(s1 + idx) : Vec{};
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float f[P::N];
+      P::to_float(b0[u], f);
+#pragma unroll
+      for (int q = 0; q < P::N; ++q) acc[u][q] = __fmaf_rn(w0, f[q], acc[u][q]);
+      if (two) {
+        P::to_float(b1[u], f);
+#pragma unroll
+        for (int q = 0; q < P::N; ++q) acc[u][q] = __fmaf_rn(w1, f[q], acc[u][q]);
+      }
+    }
+  }
+}
+
 // ---- reduce ---------------------------------------------------------------------------------------
 
 struct ReduceArgs {
@@ -59,37 +100,8 @@ __global__ void __launch_bounds__(kRowThreads) reduce_kernel(ReduceArgs a) {
           const int j = jg + lane;
           const int pos = jg == 0 ? pos0 : (j < KL ? __ldg(rr + j) : -1);
           const float w = jg == 0 ? w0 : (a.weights != nullptr && j < KL ? __ldg(a.weights + i * KL + j) : 1.0f);
-          // Two source rows per step, both loaded before either is summed (twice the bytes in flight);
-          // the sum still takes them in ascending j.
-          for (uint32_t m = __ballot_sync(kFullMask, pos >= 0); m != 0;) {
-            const int d0 = __ffs(m) - 1;
-            m &= m - 1;
-            const bool two = m != 0;
-            const int d1 = two ? __ffs(m) - 1 : d0;
-            if (two) m &= m - 1;
-            const Vec* s0 = reinterpret_cast<const Vec*>(a.y + int64_t{__shfl_sync(kFullMask, pos, d0)} * a.row_bytes);
-            const Vec* s1 = reinterpret_cast<const Vec*>(a.y + int64_t{__shfl_sync(kFullMask, pos, d1)} * a.row_bytes);
-            const float w0d = __shfl_sync(kFullMask, w, d0), w1d = __shfl_sync(kFullMask, w, d1);
-            Vec b0[kUnroll], b1[kUnroll];
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-              const int64_t idx = base + u * kWarp + lane;
-              b0[u] = idx < a.nvec ? __ldg(s0 + idx) : Vec{};
-              b1[u] = two && idx < a.nvec ? __ldg(s1 + idx) : Vec{};
-            }
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-              float f[N];
-              P::to_float(b0[u], f);
-#pragma unroll
-              for (int q = 0; q < N; ++q) acc[u][q] = __fmaf_rn(w0d, f[q], acc[u][q]);
-              if (two) {
-                P::to_float(b1[u], f);
-#pragma unroll
-                for (int q = 0; q < N; ++q) acc[u][q] = __fmaf_rn(w1d, f[q], acc[u][q]);
-              }
-            }
-          }
+          const char* src = pos >= 0 ? a.y + static_cast<int64_t>(pos) * a.row_bytes : nullptr;
+          sum_rows<P>(acc, __ballot_sync(kFullMask, pos >= 0), src, w, base, a.nvec);
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -162,36 +174,7 @@ __global__ void __launch_bounds__(kRowThreads) final_sum_kernel(FinalArgs a) {
         for (int q = 0; q < N; ++q) acc[u][q] = 0.0f;
       for (int rg = 0; rg < a.num_ranks; rg += kWarp) {
         const char* src = rg == 0 ? src0 : final_src(a, t, rg);
-        const unsigned long long my = reinterpret_cast<unsigned long long>(src);
-        // Two ranks' rows per step, both loaded before either is added (ascending r, as documented).
-        for (uint32_t m = __ballot_sync(kFullMask, src != nullptr); m != 0;) {
-          const int d0 = __ffs(m) - 1;
-          m &= m - 1;
-          const bool two = m != 0;
-          const int d1 = two ? __ffs(m) - 1 : d0;
-          if (two) m &= m - 1;
-          const Vec* s0 = reinterpret_cast<const Vec*>(__shfl_sync(kFullMask, my, d0));
-          const Vec* s1 = reinterpret_cast<const Vec*>(__shfl_sync(kFullMask, my, d1));
-          Vec b0[kUnroll], b1[kUnroll];
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
-            const int64_t idx = base + u * kWarp + lane;
-            b0[u] = idx < a.nvec ? __ldg(s0 + idx) : Vec{};
-            b1[u] = two && idx < a.nvec ? __ldg(s1 + idx) : Vec{};
-          }
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
-            float f[N];
-            P::to_float(b0[u], f);
-#pragma unroll
-            for (int q = 0; q < N; ++q) acc[u][q] = __fadd_rn(acc[u][q], f[q]);
-            if (two) {
-              P::to_float(b1[u], f);
-#pragma unroll
-              for (int q = 0; q < N; ++q) acc[u][q] = __fadd_rn(acc[u][q], f[q]);
-            }
-          }
-        }
+        sum_rows<P>(acc, __ballot_sync(kFullMask, src != nullptr), src, 1.0f, base, a.nvec);  // acc + row
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {

@@ -177,6 +177,29 @@ TEST(EpHostPermute, NullMapsAndNoWeightsCopyRowsOnly) {
   for (float w : c.send_w) EXPECT_EQ(w, -1);
 }
 
+// Expert-major parameters over fp32 rows of one element (H = 1): R rows, L local experts, KL per row.
+bitep::kernels::ExpertMajorParams expert_major_f32(int64_t R,
+                                                   int L,
+                                                   int KL,
+                                                   int64_t N,
+                                                   const std::vector<uint8_t>& map,
+                                                   const std::vector<int32_t>& offsets,
+                                                   const std::vector<int32_t>& counts,
+                                                   const std::vector<float>& x) {
+  bitep::kernels::ExpertMajorParams p;
+  p.num_recv_rows = R;
+  p.num_local_experts = L;
+  p.max_row_experts = KL;
+  p.hidden = 1;
+  p.dtype = DType::kF32;
+  p.recv_map = map.data();
+  p.expert_offsets = offsets.data();
+  p.expert_counts = counts.data();
+  p.recv_x = x.data();
+  p.num_expert_rows = N;
+  return p;
+}
+
 TEST(EpHostExpertMajor, PositionsPadRowsAndWeightedScatter) {
   // L = 3, KL = 2, alignment 2: received rows' maps {0, 2}, {2}, {0, 1}, {0}.
   const std::vector<uint8_t> map = {0x05, 0x04, 0x03, 0x01};
@@ -184,19 +207,9 @@ TEST(EpHostExpertMajor, PositionsPadRowsAndWeightedScatter) {
   const std::vector<float> x = {1, 2, 3, 4};  // H = 1
   std::vector<int32_t> rows(8, 99);
   std::vector<float> ex(9, -5.0f);  // one guard row
-  bitep::kernels::ExpertMajorParams p;
-  p.num_recv_rows = 4;
-  p.num_local_experts = 3;
-  p.max_row_experts = 2;
-  p.hidden = 1;
-  p.dtype = DType::kF32;
-  p.recv_map = map.data();
-  p.expert_offsets = offsets.data();
-  p.expert_counts = counts.data();
+  bitep::kernels::ExpertMajorParams p = expert_major_f32(4, 3, 2, 8, map, offsets, counts, x);
   p.recv_expert_rows = rows.data();
-  p.recv_x = x.data();
   p.expert_x = ex.data();
-  p.num_expert_rows = 8;
   bitep::host::ep_expert_major(p);
   EXPECT_EQ(rows, (std::vector<int32_t>{0, 6, 7, -1, 1, 4, 2, -1}));
   EXPECT_EQ(ex, (std::vector<float>{1, 3, 4, 0, 3, 0, 1, 2, -5}));
@@ -224,17 +237,7 @@ TEST(EpHostExpertMajor, SplitCallsWriteEveryCopyOnce) {
   const std::vector<uint8_t> map = {0x05, 0x01, 0x06, 0x03};  // rows use experts {0,2} {0} {1,2} {0,1}
   const std::vector<int32_t> counts = {3, 2, 2}, offsets = {0, 4, 6, 8};
   const std::vector<float> x = {1, 2, 3, 4};
-  bitep::kernels::ExpertMajorParams p;
-  p.num_recv_rows = 4;
-  p.num_local_experts = 3;
-  p.max_row_experts = 2;
-  p.hidden = 1;
-  p.dtype = DType::kF32;
-  p.recv_map = map.data();
-  p.expert_offsets = offsets.data();
-  p.expert_counts = counts.data();
-  p.recv_x = x.data();
-  p.num_expert_rows = 8;
+  bitep::kernels::ExpertMajorParams p = expert_major_f32(4, 3, 2, 8, map, offsets, counts, x);
   std::vector<int32_t> rows_one(8, 99), rows_split(8, 99);
   std::vector<float> one(8, -5.0f), split(8, -5.0f);
   p.recv_expert_rows = rows_one.data();
@@ -264,19 +267,9 @@ TEST(EpHostExpertMajor, InconsistentCountsNeverWriteOutside) {
   const std::vector<float> x = {1, 2};
   std::vector<int32_t> rows(2, 99);
   std::vector<float> ex(2, -5.0f);
-  bitep::kernels::ExpertMajorParams p;
-  p.num_recv_rows = 2;
-  p.num_local_experts = 1;
-  p.max_row_experts = 1;
-  p.hidden = 1;
-  p.dtype = DType::kF32;
-  p.recv_map = map.data();
-  p.expert_offsets = offsets.data();
-  p.expert_counts = counts.data();
+  bitep::kernels::ExpertMajorParams p = expert_major_f32(2, 1, 1, 1, map, offsets, counts, x);
   p.recv_expert_rows = rows.data();
-  p.recv_x = x.data();
   p.expert_x = ex.data();
-  p.num_expert_rows = 1;
   bitep::host::ep_expert_major(p);
   EXPECT_EQ(rows, (std::vector<int32_t>{0, -1}));
   EXPECT_EQ(ex, (std::vector<float>{1, -5}));
