@@ -48,19 +48,6 @@ inline cudaError_t sm_count(int* out) {
       out);
 }
 
-// L2 cache bytes of the current device (at least 1 MiB).
-inline cudaError_t l2_bytes(int* out) {
-  static std::atomic<int> cache[kMaxCachedDevices];
-  return cached_per_device(
-      cache,
-      [](int dev, int* v) {
-        cudaError_t e = cudaDeviceGetAttribute(v, cudaDevAttrL2CacheSize, dev);
-        if (*v < (1 << 20)) *v = 1 << 20;
-        return e;
-      },
-      out);
-}
-
 // Largest dynamic shared memory a block may opt in to on the current device (at least 48 KiB).
 inline cudaError_t smem_optin_bytes(int* out) {
   static std::atomic<int> cache[kMaxCachedDevices];

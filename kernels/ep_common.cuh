@@ -419,20 +419,9 @@ __device__ __forceinline__ int tile_slot(const TileScanSmem<kThreads>& s, uint32
 //
 // One warp moves one source row of nvec vectors to every lane d set in `mask`, whose destination row
 // lane d holds in `dst`: each vector is loaded once (U per lane in flight) and stored once per
-// destination. Coalesced: lane l handles vectors l, l + 32, ... kStream: the stores are evict-first
-// (st.global.cs), for rows written once and not read again soon, so that they do not push out of L2
-// what the kernel still reads.
+// destination. Coalesced: lane l handles vectors l, l + 32, ...
 
-template <bool kStream, typename Vec>
-__device__ __forceinline__ void store_vec(Vec* p, const Vec& v) {
-  if constexpr (kStream) {
-    __stcs(p, v);
-  } else {
-    *p = v;
-  }
-}
-
-template <int V, int U, bool kStream = false>
+template <int V, int U>
 __device__ __forceinline__ void warp_copy_row(const void* src, int64_t nvec, uint32_t mask, void* dst) {
   using Vec = typename VecOf<V>::type;
   const int lane = threadIdx.x & (kWarp - 1);
@@ -451,14 +440,14 @@ __device__ __forceinline__ void warp_copy_row(const void* src, int64_t nvec, uin
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t i = base + u * kWarp + lane;
-        if (i < nvec) store_vec<kStream>(out + i, buf[u]);
+        if (i < nvec) out[i] = buf[u];
       }
     }
   }
 }
 
 // As warp_copy_row, each destination d getting w_d * x (fp32 product, one rounding to T).
-template <typename T, int V, int U, bool kStream = false>
+template <typename T, int V, int U>
 __device__ __forceinline__ void warp_scale_row(const void* src, int64_t nvec, uint32_t mask, void* dst, float w) {
   using P = Pack<T, V>;
   using Vec = typename P::Vec;
@@ -484,7 +473,7 @@ __device__ __forceinline__ void warp_scale_row(const void* src, int64_t nvec, ui
         float g[P::N];
 #pragma unroll
         for (int q = 0; q < P::N; ++q) g[q] = __fmul_rn(wd, f[u][q]);
-        if (i < nvec) store_vec<kStream>(out + i, P::from_float(g));
+        if (i < nvec) out[i] = P::from_float(g);
       }
     }
   }

@@ -132,10 +132,6 @@ struct ExpertMajorParams {
   // cuda: blocks per SM of the copy's persistent grid (0: the default). Work beside an all-to-all takes
   // fewer and leaves SMs to NCCL's kernel.
   int blocks_per_sm = 0;
-  // cuda: the copy runs in source pieces, one launch each: the copies whose received row lies in a piece
-  // of at most this many bytes of recv_x, so that the piece stays in L2 for its k / W reads. -1: half
-  // the device's L2; 0: one launch for the whole range.
-  int64_t source_piece_bytes = -1;
 };
 
 // 6. Reduce: partial[i] = sum over the set bits j of row i, ascending, of w_ij * y[recv_expert_rows[i][j]]

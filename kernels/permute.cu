@@ -19,8 +19,6 @@
 // writes, k / W times the bytes of the reads, then stream out in address order (a scatter from each
 // received row to its k rows ran at a third of the HBM rate: ncu, H200, T = 4096, H = 7168).
 
-#include <algorithm>
-
 #include "kernels/ep.h"
 #include "kernels/ep_common.cuh"
 
@@ -409,52 +407,11 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   a.nvec = a.row_bytes / v;
   const unsigned grid = persistent_grid(p.num_expert_rows, kRowThreads / kWarp, sms,
                                         p.blocks_per_sm > 0 ? p.blocks_per_sm : kRowBlocksPerSm);
-  auto launch = [&](const ExpertArgs& args) {
-    return dispatch_dtype(p.dtype, [&](auto tt) {
-      using T = typename decltype(tt)::type;
-      return dispatch_vec(
-          v, [&](auto vt) { return launch_expert_copy<T, decltype(vt)::value>(args, weighted, grid, stream); });
-    });
-  };
-
-  // The copy in source pieces of `piece` received rows, one launch each (stream order: a piece's rows
-  // stay in L2 for their k / W reads while the stores stream past it), the pad rows with the first.
-  const int64_t R = p.num_recv_rows;
-  int64_t piece = R > 0 ? R : 1;
-  if (p.source_piece_bytes != 0 && a.row_bytes > 0) {
-    int64_t bytes = p.source_piece_bytes;
-    if (bytes < 0) {
-      int l2 = 0;
-      if ((err = l2_bytes(&l2)) != cudaSuccess) return err;
-      bytes = l2 / 2;
-    }
-    piece = std::max<int64_t>(1, bytes / a.row_bytes);
-  }
-  const int64_t cb = std::min(std::max<int64_t>(a.copy_begin, 0), R);
-  const int64_t ce = std::min(std::max(a.copy_end, cb), R);
-  int64_t ranges[2][2] = {{cb, ce}, {0, 0}};
-  if (a.copy_outside) {
-    ranges[0][0] = 0;
-    ranges[0][1] = cb;
-    ranges[1][0] = ce;
-    ranges[1][1] = R;
-  }
-  ExpertArgs b = a;
-  b.copy_outside = false;
-  bool pads = p.zero_pads;
-  for (const auto& r : ranges) {
-    for (int64_t x = r[0]; p.recv_x != nullptr && x < r[1]; x += piece) {
-      b.copy_begin = x;
-      b.copy_end = std::min(x + piece, r[1]);
-      b.zero_pads = pads;
-      pads = false;
-      if ((err = launch(b)) != cudaSuccess) return err;
-    }
-  }
-  if (!pads) return cudaSuccess;
-  b.copy_begin = b.copy_end = 0;  // nothing to copy: the pad rows alone
-  b.zero_pads = true;
-  return launch(b);
+  return dispatch_dtype(p.dtype, [&](auto tt) {
+    using T = typename decltype(tt)::type;
+    return dispatch_vec(v,
+                        [&](auto vt) { return launch_expert_copy<T, decltype(vt)::value>(a, weighted, grid, stream); });
+  });
 }
 
 }  // namespace bitep::kernels

@@ -30,17 +30,6 @@ uint64_t split_min_bytes() {
   return bytes;
 }
 
-int64_t copy_piece_bytes() {
-  static const int64_t bytes = [] {
-    const char* v = std::getenv("BITEP_COPY_PIECE_BYTES");
-    if (v == nullptr || *v == '\0') return int64_t{-1};
-    char* end = nullptr;
-    const long long n = std::strtoll(v, &end, 10);
-    return end != nullptr && *end == '\0' && n >= -1 ? static_cast<int64_t>(n) : int64_t{-1};
-  }();
-  return bytes;
-}
-
 Exec::Exec(bitepGroup* group, bitepStream_t stream) : group_(group), stream_(stream) {}
 
 Exec::~Exec() {

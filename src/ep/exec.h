@@ -22,10 +22,6 @@ constexpr int kSideBlocksPerSm = 4;
 // it the extra all-to-all of a split dispatch (the routing ahead of the rows) costs more than it hides.
 uint64_t split_min_bytes();
 
-// The expert-major copy's source pieces (ExpertMajorParams::source_piece_bytes): BITEP_COPY_PIECE_BYTES,
-// default -1 (half the L2); 0: one launch.
-int64_t copy_piece_bytes();
-
 class Exec {
  public:
   Exec(bitepGroup* group, bitepStream_t stream);

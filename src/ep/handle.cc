@@ -4,7 +4,6 @@
 
 #include "src/args.h"
 #include "src/check.h"
-#include "src/ep/exec.h"
 
 #ifdef BITEP_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -55,7 +54,6 @@ kernels::ExpertMajorParams expert_major_params(const bitepHandle* h, const bitep
   ep.expert_counts = h->expert_counts;
   ep.recv_expert_rows = h->recv_expert_rows;
   ep.num_expert_rows = h->num_expert_rows;
-  ep.source_piece_bytes = copy_piece_bytes();
   return ep;
 }
 
