@@ -17,6 +17,7 @@
 #include <chrono>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -45,6 +46,14 @@ double take_init_timeout(const ncclComm* comm) {
   const double t = it->second;
   g_init_timeouts.erase(it);
   return t;
+}
+
+bool nccl_blocking() {
+  static const bool blocking = [] {
+    const char* v = std::getenv("BITEP_NCCL_BLOCKING");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return blocking;
 }
 
 // Yields the core between polls for the first 50 ms, then sleeps 100 us between polls. Never a bare
@@ -351,7 +360,10 @@ bitepResult_t nccl_comm_init(const bitepUniqueId* id, int nranks, int rank, doub
   ncclUniqueId uid;
   std::memcpy(&uid, id->internal, sizeof(uid));
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-  config.blocking = 0;  // init returns at once; we poll it against the timeout
+  // Non-blocking: init and every later call return at once and are polled against the timeout.
+  // BITEP_NCCL_BLOCKING=1 (tuning): a blocking communicator, which enqueues each call on the caller's
+  // thread instead of handing it to NCCL's; a stalled peer then hangs in NCCL instead of timing out.
+  config.blocking = nccl_blocking() ? 1 : 0;
   ncclComm_t comm = nullptr;
   const ncclResult_t r = ncclCommInitRankConfig(&comm, nranks, uid, rank, &config);
   if (r != ncclSuccess && r != ncclInProgress) {
