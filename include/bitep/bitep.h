@@ -258,7 +258,11 @@ BITEP_API bitepResult_t bitepGetUniqueId(bitepUniqueId* id);
 
 /* Creates a cuda-backend group over a new NCCL communicator. Collective over the nranks ranks.
  * Checks collectively that every rank passed the same E, k, H, dtype and W; on a mismatch every rank
- * fails with a message naming the field and the ranks. [OUT] group. */
+ * fails with a message naming the field and the ranks. [OUT] group.
+ * The communicators bitep creates (here and in bitepGroupCreateMpi) are non-blocking, every NCCL call
+ * polled against timeout_s. Environment BITEP_NCCL_BLOCKING=1 makes them blocking: each call is
+ * enqueued on the caller's thread (~15-20 us less host time per call), but NCCL's init and connection
+ * setup then wait for the peers without a timeout. */
 BITEP_API bitepResult_t bitepGroupCreateFromUniqueId(
     const bitepUniqueId* id, int nranks, int rank, const bitepGroupConfig_t* config, bitepGroup_t* group);
 
