@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Transport over an NCCL communicator (src/ep/transport.h) for device memory, and the NCCL bootstrap
-// hooks: unique id, non-blocking communicator init.
+// hooks: unique id, non-blocking communicator init (blocking with BITEP_NCCL_BLOCKING=1, a tuning knob:
+// each call enqueued on the caller's thread, but init, connection setup and finalisation unguarded).
 //
 // Every wait is a poll against the caller's timeout: cudaEventQuery for the work, and
 // ncclCommGetAsyncError for the communicator (a peer that failed shows up there). On a timeout or an
@@ -362,7 +363,8 @@ bitepResult_t nccl_comm_init(const bitepUniqueId* id, int nranks, int rank, doub
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   // Non-blocking: init and every later call return at once and are polled against the timeout.
   // BITEP_NCCL_BLOCKING=1 (tuning): a blocking communicator, which enqueues each call on the caller's
-  // thread instead of handing it to NCCL's; a stalled peer then hangs in NCCL instead of timing out.
+  // thread instead of handing it to NCCL's; a stalled peer then hangs in NCCL's init, connection setup
+  // or finalisation instead of timing out (the waits for the GPU's work stay polled).
   config.blocking = nccl_blocking() ? 1 : 0;
   ncclComm_t comm = nullptr;
   const ncclResult_t r = ncclCommInitRankConfig(&comm, nranks, uid, rank, &config);

@@ -261,8 +261,8 @@ BITEP_API bitepResult_t bitepGetUniqueId(bitepUniqueId* id);
  * fails with a message naming the field and the ranks. [OUT] group.
  * The communicators bitep creates (here and in bitepGroupCreateMpi) are non-blocking, every NCCL call
  * polled against timeout_s. Environment BITEP_NCCL_BLOCKING=1 makes them blocking: each call is
- * enqueued on the caller's thread (~15-20 us less host time per call), but NCCL's init and connection
- * setup then wait for the peers without a timeout. */
+ * enqueued on the caller's thread (~15-20 us less host time per call), but NCCL's init, connection
+ * setup and ncclCommFinalize (bitepGroupDestroy) then wait for the peers without a timeout. */
 BITEP_API bitepResult_t bitepGroupCreateFromUniqueId(
     const bitepUniqueId* id, int nranks, int rank, const bitepGroupConfig_t* config, bitepGroup_t* group);
 
