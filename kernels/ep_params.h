@@ -115,10 +115,15 @@ struct ExpertMajorParams {
   // true: recv_expert_rows already holds this layout's positions (the dispatch computed them): they are
   // read, not recomputed or written, and only the scatter and the pad-row zeroing run.
   bool positions_given = false;
-  // [N] int64 scratch, backend memory: the cuda backend needs it when rows are copied (expert_x given,
-  // hidden > 0, N > 0). It copies in gather order, one expert row after the other (sequential writes):
-  // expert_src[pos] = i * KL + j for the entry recv_expert_rows[i][j] = pos, -1 for pad rows. The host
-  // backend does not use it.
+  // The cuda backend's copy order (the host backend copies row by row; the result is the same):
+  // false, gather order: one warp per expert row, one expert row after the other (sequential writes),
+  // through expert_src; true, entry order: one warp per entry (i, j) of recv_expert_rows, consecutive
+  // warps on consecutive entries, so a received row's copies are read while it is in L2 (the gather
+  // reads each source about k / W times from HBM when the sources do not fit in L2); expert_src unused.
+  bool entry_order = false;
+  // [N] int64 scratch, backend memory: the cuda backend's gather order needs it when rows are copied
+  // (expert_x given, hidden > 0, N > 0): expert_src[pos] = i * KL + j for the entry
+  // recv_expert_rows[i][j] = pos, -1 for pad rows. The host backend and the entry order do not use it.
   int64_t* expert_src = nullptr;
   // true: expert_src already holds this layout's table (an earlier call on it filled it): not refilled.
   bool src_given = false;

@@ -13,11 +13,16 @@
 //   own recv_expert_rows region (each segment has >= ceil(L / KL) rows); 2. one block scans them into
 //   per-segment offsets in place; 3. each segment reads its offsets into shared memory, then writes its
 //   rows' positions.
-// Then the copy runs in gather order: expert_src[pos] (the entry i * KL + j whose position is pos, -1 for
-// a pad row) is filled from recv_expert_rows, and one warp per expert row, consecutive warps on
-// consecutive rows, copies its source row (optionally scaled by its weight) or zeroes a pad row. The
-// writes, k / W times the bytes of the reads, then stream out in address order (a scatter from each
-// received row to its k rows ran at a third of the HBM rate: ncu, H200, T = 4096, H = 7168).
+// Then the copy, in one of two orders (ExpertMajorParams::entry_order):
+// - gather: expert_src[pos] (the entry i * KL + j whose position is pos, -1 for a pad row) is filled from
+//   recv_expert_rows, and one warp per expert row, consecutive warps on consecutive rows, copies its
+//   source row (optionally scaled by its weight) or zeroes a pad row. The writes stream out in address
+//   order (a scatter from each received row to its k rows, one warp per received row, ran at a third of
+//   the HBM rate: ncu, H200, T = 4096, H = 7168), but each source row is read once per copy, from HBM
+//   when the sources do not fit in L2.
+// - entries: one warp per entry (i, j), consecutive warps on consecutive entries: a received row's KL
+//   warps run together and read it once from HBM, each writes one whole expert row; a copy range
+//   [copy_begin, copy_end) launches warps for its own entries only.
 
 #include "kernels/ep.h"
 #include "kernels/ep_common.cuh"
@@ -265,14 +270,55 @@ __global__ void __launch_bounds__(kRowThreads) expert_copy_kernel(ExpertArgs a) 
   }
 }
 
+// Entry order: one warp per entry e = i * KL + j of recv_expert_rows in the copy range, consecutive
+// warps on consecutive entries, so the KL warps of a received row read it while it is in L2, and each
+// warp still writes one whole expert row. Pad rows: a second loop over the experts' pad ranges.
+template <typename T, int V, bool kWeighted>
+__global__ void __launch_bounds__(kRowThreads) expert_copy_entries_kernel(ExpertArgs a) {
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp);
+  const int64_t gw = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp;
+  const int KL = a.row_experts;
+  const int64_t N = a.num_expert_rows;
+  if (a.recv_x != nullptr) {
+    const int64_t e0 = a.copy_outside ? 0 : a.copy_begin * KL;
+    const int64_t e1 = a.copy_outside ? a.num_rows * KL : a.copy_end * KL;
+    for (int64_t e = e0 + gw; e < e1; e += warps) {
+      const int64_t i = e / KL;
+      if (a.copy_outside && i >= a.copy_begin && i < a.copy_end) continue;
+      const int pos = __ldg(a.rows + e);
+      if (pos < 0 || pos >= N) continue;
+      const char* src = a.recv_x + i * a.row_bytes;
+      char* dst = a.expert_x + static_cast<int64_t>(pos) * a.row_bytes;
+      if constexpr (kWeighted) {
+        warp_scale_row<T, V, kUnroll>(src, a.nvec, 1u, dst, __ldg(a.recv_weights + e));
+      } else {
+        warp_copy_row<V, kUnroll>(src, a.nvec, 1u, dst);
+      }
+    }
+  }
+  if (!a.zero_pads) return;
+  for (int l = 0; l < a.local_experts; ++l) {
+    const int64_t begin = static_cast<int64_t>(__ldg(a.expert_offsets + l)) + __ldg(a.expert_counts + l);
+    int64_t end = __ldg(a.expert_offsets + l + 1);
+    if (end > N) end = N;
+    for (int64_t row = begin + gw; row < end; row += warps) warp_zero_row<V>(a.expert_x + row * a.row_bytes, a.nvec);
+  }
+}
+
 template <typename T, int V>
-cudaError_t launch_expert_copy(const ExpertArgs& a, bool weighted, unsigned grid, cudaStream_t stream) {
+cudaError_t launch_expert_copy(const ExpertArgs& a, bool weighted, bool entries, unsigned grid, cudaStream_t stream) {
   if (weighted) {
     if constexpr (V >= static_cast<int>(sizeof(T))) {
-      expert_copy_kernel<T, V, true><<<grid, kRowThreads, 0, stream>>>(a);
+      if (entries) {
+        expert_copy_entries_kernel<T, V, true><<<grid, kRowThreads, 0, stream>>>(a);
+      } else {
+        expert_copy_kernel<T, V, true><<<grid, kRowThreads, 0, stream>>>(a);
+      }
     } else {
       return cudaErrorMisalignedAddress;  // rows or pointers not aligned to the element size
     }
+  } else if (entries) {
+    expert_copy_entries_kernel<float, V, false><<<grid, kRowThreads, 0, stream>>>(a);
   } else {
     expert_copy_kernel<float, V, false><<<grid, kRowThreads, 0, stream>>>(a);
   }
@@ -393,11 +439,11 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   if (!rows_out || p.num_expert_rows == 0) return cudaSuccess;
 
   // The gather's source table: -1 (all bits set) for every row, then the entries' rows.
-  if (!p.src_given) {
+  if (!p.src_given && !p.entry_order) {
     err = cudaMemsetAsync(a.src, 0xff, sizeof(int64_t) * static_cast<size_t>(p.num_expert_rows), stream);
     if (err != cudaSuccess) return err;
   }
-  if (!p.src_given && p.num_recv_rows > 0) {
+  if (!p.src_given && !p.entry_order && p.num_recv_rows > 0) {
     const unsigned sgrid = persistent_grid(p.num_recv_rows * KL, kScanThreads, sms, kRowBlocksPerSm);
     expert_src_kernel<<<sgrid, kScanThreads, 0, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -405,12 +451,21 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   const bool weighted = p.recv_weights != nullptr && p.recv_x != nullptr;
   const int v = vec_bytes(a.row_bytes, p.recv_x, p.expert_x);
   a.nvec = a.row_bytes / v;
-  const unsigned grid = persistent_grid(p.num_expert_rows, kRowThreads / kWarp, sms,
-                                        p.blocks_per_sm > 0 ? p.blocks_per_sm : kRowBlocksPerSm);
+  // Warps: one per expert row (gather), or one per entry of the copy range (entry order).
+  int64_t warps = p.num_expert_rows;
+  if (p.entry_order) {
+    const int64_t range = p.copy_outside ? p.num_recv_rows : a.copy_end - a.copy_begin;
+    warps = range * KL > p.num_expert_rows ? range * KL : p.num_expert_rows;
+    if (!p.zero_pads) warps = range * KL;
+  }
+  if (warps <= 0) return cudaSuccess;
+  const unsigned grid =
+      persistent_grid(warps, kRowThreads / kWarp, sms, p.blocks_per_sm > 0 ? p.blocks_per_sm : kRowBlocksPerSm);
   return dispatch_dtype(p.dtype, [&](auto tt) {
     using T = typename decltype(tt)::type;
-    return dispatch_vec(v,
-                        [&](auto vt) { return launch_expert_copy<T, decltype(vt)::value>(a, weighted, grid, stream); });
+    return dispatch_vec(v, [&](auto vt) {
+      return launch_expert_copy<T, decltype(vt)::value>(a, weighted, p.entry_order, grid, stream);
+    });
   });
 }
 

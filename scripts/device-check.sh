@@ -157,6 +157,8 @@ on gpu && step "gpu tests (bitep_gpu_tests${GPU_FILTER:+ $GPU_FILTER})" "$LOG" "
   --gtest_filter="${GPU_FILTER:-*}"
 if on multirank; then
   [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink)" "$LOG" mpirun -np 2 "$MR" --gtest_filter="$CUDA_FILTER"
+  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, split, chunks)" "$LOG" mpirun -np 2 -x BITEP_SPLIT_MIN_BYTES=0 \
+    -x BITEP_CHUNK_BYTES=1 "$MR" --gtest_filter="$CUDA_FILTER"
   step "multirank cuda np1" "$LOG" mpirun -np 1 "$MR" --gtest_filter="$CUDA_FILTER"
 fi
 
@@ -193,8 +195,13 @@ if [ "$NGPU" -ge 2 ]; then
   # BITEP_SPLIT_MIN_BYTES=0: every dispatch and combine splits (side stream beside the all-to-all).
   on net && step "multirank cuda np2 (NCCL net transport, split)" "$LOG" \
     mpirun -np 2 -x NCCL_P2P_DISABLE=1 -x NCCL_SHM_DISABLE=1 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
-  on sanitize && step "multirank cuda np2 memcheck (split)" "$LOG" \
-    mpirun -np 2 -x BITEP_SPLIT_MIN_BYTES=0 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
+  # BITEP_CHUNK_BYTES=1: the split's rows in the most chunks (kMaxChunks), each chunk's copies on the side stream.
+  on net && step "multirank cuda np2 (NCCL net transport, split, chunks)" "$LOG" \
+    mpirun -np 2 -x NCCL_P2P_DISABLE=1 -x NCCL_SHM_DISABLE=1 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_CHUNK_BYTES=1 "$MR" \
+    --gtest_filter="$CUDA_FILTER"
+  on sanitize && step "multirank cuda np2 memcheck (split, chunks)" "$LOG" \
+    mpirun -np 2 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_CHUNK_BYTES=1 compute-sanitizer $MR_SAN_FLAGS "$MR" \
+    --gtest_filter="$MR_SAN_FILTER"
 fi
 
 if on tune; then

@@ -4,7 +4,9 @@
 // Large dispatches (a rank moving >= split_min_bytes() of rows; every rank learns it from the flags of
 // the count exchange, so all split alike) split the all-to-all: the routing slices and weights first,
 // then the rows, while a side stream computes every row's expert positions and copies this rank's own
-// rows into the expert-major view; the other rows' copies follow their arrival.
+// rows into the expert-major view; the other rows' copies follow their arrival: after the rows'
+// all-to-all, or, when the ranks agree on chunks (exec.h: chunk_bytes(), the largest proposal in the
+// flags), the rows move in chunks and each chunk's copies run on the side stream beside the next chunk.
 //
 // Failing together. The count exchange also carries, per rank, a flags word: whether the rank failed
 // before the exchange (argument checks, allocation, layout; with its error code), whether it gives
@@ -38,6 +40,7 @@ constexpr int32_t kFlagWeights = 2;   // gives weights
 constexpr int32_t kFlagCapacity = 4;  // passed recv_x or expert_x
 constexpr int32_t kFlagTokens = 8;    // T > 0
 constexpr int32_t kFlagSplit = 16;    // moves at least split_min_bytes() of rows: split the all-to-all
+constexpr int kChunksShift = 16;      // bits 16..23: the chunks this rank proposes for a split (exec.h)
 
 struct HandleDeleter {
   void operator()(bitepHandle* h) const { destroy_handle(h); }
@@ -69,6 +72,13 @@ class Dispatch {
   bitepResult_t run(bitepHandle_t* out);
 
  private:
+  // The chunks this rank proposes for a split dispatch's rows (exec.h: chunk_bytes()).
+  int32_t proposed_chunks() const {
+    const uint64_t per_chunk = chunk_bytes();
+    if (W_ < 2 || per_chunk == 0) return 1;
+    const uint64_t n = (static_cast<uint64_t>(a_->num_tokens) * row_bytes_ + per_chunk - 1) / per_chunk;
+    return static_cast<int32_t>(std::min<uint64_t>(std::max<uint64_t>(n, 1), kMaxChunks));
+  }
   bitepResult_t before_exchange();
   bitepResult_t after_exchange();
   bitepResult_t move_rows();
@@ -88,6 +98,7 @@ class Dispatch {
   std::vector<int32_t> recv_host_;  // [W, L + 2]
   bool any_weights_ = false;
   bool split_ = false;  // every rank: the routing all-to-all first, the rows beside the own rows' copies
+  int chunks_ = 1;      // a split's rows move in this many chunks (the largest of the ranks' proposals)
   // Send-side temporaries.
   void* send_x_ = nullptr;
   uint8_t* send_map_ = nullptr;
@@ -286,7 +297,9 @@ bitepResult_t Dispatch::move_rows() {
     if (expert) BITEP_CHECK(ex_.expert_major(ep));
   } else {
     // The routing first (small); then, beside the rows' all-to-all, the positions of every row and the
-    // copies of this rank's own rows (already in place); the other rows' copies once they are in.
+    // copies of this rank's own rows (already in place); the other rows' copies once they are in: after
+    // the whole all-to-all (one chunk), or chunk by chunk on the side stream beside the next chunk's
+    // transfer.
     BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(routing, ex_.stream(), c.timeout_s)));
     trace_.mark("all-to-all (routing)");
     BITEP_CHECK(ex_.fork());
@@ -295,15 +308,32 @@ bitepResult_t Dispatch::move_rows() {
     ep.blocks_per_sm = kSideBlocksPerSm;
     if (expert) BITEP_CHECK(ex_.expert_major(ep));
     trace_.mark("expert-major (own rows)");
-    BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(rows, ex_.stream(), c.timeout_s)));
-    trace_.mark("all-to-all (rows)");
-    BITEP_CHECK(ex_.join());
     ep.positions_given = true;
     ep.src_given = true;
-    ep.copy_outside = true;
     ep.zero_pads = false;
-    ep.blocks_per_sm = 0;
-    if (expert) BITEP_CHECK(ex_.expert_major(ep));
+    for (int k = 0; k < chunks_; ++k) {
+      std::vector<std::vector<PeerBuffers>> chunk(W_);
+      add_route_buffers(h, self_, Route::kOut, send_x_, h->recv_x, row_bytes_, &chunk, k, chunks_);
+      BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(chunk, ex_.stream(), c.timeout_s)));
+      if (chunks_ == 1 || !expert) continue;
+      BITEP_CHECK(ex_.fork());  // the side stream waits for this chunk
+      ep.blocks_per_sm = k + 1 < chunks_ ? kSideBlocksPerSm : 0;
+      for (int p = 0; p < W_; ++p) {
+        int64_t r0 = 0, r1 = 0;
+        chunk_rows(h->recv_counts[p], k, chunks_, &r0, &r1);
+        if (p == self_ || r1 == r0) continue;
+        ep.copy_begin = h->recv_offsets[p] + r0;
+        ep.copy_end = h->recv_offsets[p] + r1;
+        BITEP_CHECK(ex_.expert_major(ep));
+      }
+    }
+    trace_.mark("all-to-all (rows)");
+    BITEP_CHECK(ex_.join());
+    if (chunks_ == 1 && expert) {
+      ep.copy_outside = true;
+      ep.blocks_per_sm = 0;
+      BITEP_CHECK(ex_.expert_major(ep));
+    }
   }
   trace_.mark("expert-major");
   bitepDispatchLayout_t& lo = h->layout;
@@ -353,7 +383,8 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   if (local == bitepSuccess) {
     flags = (a_->probs || a_->topk_weights ? kFlagWeights : 0) | (a_->recv_x || a_->expert_x ? kFlagCapacity : 0) |
             (a_->num_tokens > 0 ? kFlagTokens : 0) |
-            (W_ > 1 && static_cast<uint64_t>(a_->num_tokens) * row_bytes_ >= split_min_bytes() ? kFlagSplit : 0);
+            (W_ > 1 && static_cast<uint64_t>(a_->num_tokens) * row_bytes_ >= split_min_bytes() ? kFlagSplit : 0) |
+            (proposed_chunks() << kChunksShift);
   } else {
     flags = kFlagFailed | (static_cast<int32_t>(local) << 8);
     (void)ex_.zero(xsend_, sizeof(int32_t) * W_ * n_);
@@ -383,6 +414,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
                  q, W_, bitepGetErrorString(static_cast<bitepResult_t>((f >> 8) & 0xff)));
     if (f & kFlagCapacity) any_capacity = true;
     if (f & kFlagSplit) split_ = true;
+    chunks_ = std::max(chunks_, (f >> kChunksShift) & 0xff);
     if (f & kFlagWeights) {
       if (with_weights < 0) with_weights = q;
     } else if (f & kFlagTokens) {

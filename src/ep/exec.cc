@@ -30,6 +30,25 @@ uint64_t split_min_bytes() {
   return bytes;
 }
 
+uint64_t chunk_bytes() {
+  static const uint64_t bytes = [] {
+    const char* v = std::getenv("BITEP_CHUNK_BYTES");
+    if (v == nullptr || *v == '\0') return uint64_t{0};
+    char* end = nullptr;
+    const unsigned long long n = std::strtoull(v, &end, 10);
+    return end != nullptr && *end == '\0' ? static_cast<uint64_t>(n) : uint64_t{0};
+  }();
+  return bytes;
+}
+
+bool expert_copy_entry_order() {
+  static const bool entries = [] {
+    const char* v = std::getenv("BITEP_EXPERT_COPY");
+    return v != nullptr && std::strcmp(v, "entries") == 0;
+  }();
+  return entries;
+}
+
 Exec::Exec(bitepGroup* group, bitepStream_t stream) : group_(group), stream_(stream) {}
 
 Exec::~Exec() {
@@ -179,7 +198,7 @@ bitepResult_t Exec::wait_download() {
 }
 
 bitepResult_t Exec::fork() {
-  if (!cuda() || forked_) return bitepSuccess;
+  if (!cuda()) return bitepSuccess;
 #ifdef BITEP_HAVE_CUDA
   cudaEvent_t ev = static_cast<cudaEvent_t>(group_->fork_event);
   BITEP_CUDA_CHECK(cudaEventRecord(ev, cu(stream_)));

@@ -22,6 +22,17 @@ constexpr int kSideBlocksPerSm = 4;
 // it the extra all-to-all of a split dispatch (the routing ahead of the rows) costs more than it hides.
 uint64_t split_min_bytes();
 
+// A split dispatch moves its rows in chunks, each chunk's expert-major copies launched on the side stream
+// as soon as it has landed, beside the next chunk's transfer: a rank proposes ceil(rows' bytes /
+// BITEP_CHUNK_BYTES) chunks (0: one), at most kMaxChunks, and all ranks take the largest proposal (the
+// count exchange carries it).
+constexpr int kMaxChunks = 8;
+uint64_t chunk_bytes();
+
+// The cuda expert-major copy's order (ExpertMajorParams::entry_order): BITEP_EXPERT_COPY=entries or
+// gather.
+bool expert_copy_entry_order();
+
 class Exec {
  public:
   Exec(bitepGroup* group, bitepStream_t stream);
@@ -56,10 +67,11 @@ class Exec {
 
   // Work beside the caller's stream (cuda; the host backend runs everything in call order, and these
   // are no-ops there). fork(): the group's side stream waits for what the caller's stream holds so far,
-  // and the primitives launch on it until launch_on_caller() or join(); join() makes the caller's stream
-  // wait for the side stream's work. stream() stays the caller's (the transport's calls go there).
-  // Temporaries must be taken before fork(); the destructor joins a fork left open (an error path)
-  // before it releases them.
+  // and the primitives launch on it until launch_on_caller() or join(); a fork() while forked makes the
+  // side stream wait again, for what the caller's stream holds by then (a chunk that has landed); join()
+  // makes the caller's stream wait for the side stream's work. stream() stays the caller's (the
+  // transport's calls go there). Temporaries must be taken before fork(); the destructor joins a fork
+  // left open (an error path) before it releases them.
   bitepResult_t fork();
   void launch_on_caller() { side_ = false; }
   bitepResult_t join();

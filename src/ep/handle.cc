@@ -4,6 +4,7 @@
 
 #include "src/args.h"
 #include "src/check.h"
+#include "src/ep/exec.h"
 
 #ifdef BITEP_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -54,6 +55,7 @@ kernels::ExpertMajorParams expert_major_params(const bitepHandle* h, const bitep
   ep.expert_counts = h->expert_counts;
   ep.recv_expert_rows = h->recv_expert_rows;
   ep.num_expert_rows = h->num_expert_rows;
+  ep.entry_order = expert_copy_entry_order();
   return ep;
 }
 
@@ -63,7 +65,9 @@ void add_route_buffers(const bitepHandle* h,
                        const void* send,
                        void* recv,
                        size_t row,
-                       std::vector<std::vector<PeerBuffers>>* per_peer) {
+                       std::vector<std::vector<PeerBuffers>>* per_peer,
+                       int chunk,
+                       int chunks) {
   const bool out = route == Route::kOut;
   const std::vector<int64_t>& so = out ? h->send_offsets : h->recv_offsets;
   const std::vector<int64_t>& sc = out ? h->send_counts : h->recv_counts;
@@ -71,8 +75,11 @@ void add_route_buffers(const bitepHandle* h,
   const std::vector<int64_t>& rc = out ? h->recv_counts : h->send_counts;
   for (size_t p = 0; p < per_peer->size(); ++p) {
     if (static_cast<int>(p) == self) continue;
-    (*per_peer)[p].push_back({static_cast<const char*>(send) + so[p] * row, sc[p] * row,
-                              static_cast<char*>(recv) + ro[p] * row, rc[p] * row});
+    int64_t s0 = 0, s1 = 0, r0 = 0, r1 = 0;
+    chunk_rows(sc[p], chunk, chunks, &s0, &s1);
+    chunk_rows(rc[p], chunk, chunks, &r0, &r1);
+    (*per_peer)[p].push_back({static_cast<const char*>(send) + (so[p] + s0) * row, (s1 - s0) * row,
+                              static_cast<char*>(recv) + (ro[p] + r0) * row, (r1 - r0) * row});
   }
 }
 

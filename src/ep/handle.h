@@ -66,13 +66,23 @@ enum class Route { kOut, kBack };
 // The expert-major primitive's parameters for this handle's layout (rows, map, offsets, counts,
 // positions); the caller sets what moves (recv_x, expert_x, weights, the source table, the range).
 kernels::ExpertMajorParams expert_major_params(const bitepHandle* h, const bitepGroup* g);
+// Appends to per_peer[p] (p != self) the buffers of the rows exchanged with p, `row` bytes each: all of
+// them, or chunk `chunk` of `chunks` (rows [n * chunk / chunks, n * (chunk + 1) / chunks) of each peer's
+// n rows; the two sides of a pair count the same n, so their chunks pair up).
 void add_route_buffers(const bitepHandle* h,
                        int self,
                        Route route,
                        const void* send,
                        void* recv,
                        size_t row,
-                       std::vector<std::vector<PeerBuffers>>* per_peer);
+                       std::vector<std::vector<PeerBuffers>>* per_peer,
+                       int chunk = 0,
+                       int chunks = 1);
+// Rows [*begin, *end) of n in chunk `chunk` of `chunks`, as add_route_buffers splits them.
+inline void chunk_rows(int64_t n, int chunk, int chunks, int64_t* begin, int64_t* end) {
+  *begin = n * chunk / chunks;
+  *end = n * (chunk + 1) / chunks;
+}
 
 // cuda: creates the handle's fence event (a no-op on the host backend).
 bitepResult_t make_fence(bitepHandle_t handle, bool cuda);

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -246,40 +247,64 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
     p.num_expert_rows = in.N;
     p.recv_weights = c.mode == 2 ? in.weights.data() : nullptr;
     host::ep_expert_major(p);
-    Dev<uint8_t> dmap(in.map), dx(in.x), dex(ex.size());
-    Dev<int32_t> doff(in.offsets), dcnt(in.counts), drows(rows.size());
+    Dev<uint8_t> dmap(in.map), dx(in.x);
+    Dev<int32_t> doff(in.offsets), dcnt(in.counts);
     Dev<float> dw(in.weights);
-    Dev<int64_t> dsrc(in.N);
-    p.expert_src = dsrc.get();
     p.recv_map = dmap.get();
     p.expert_offsets = doff.get();
     p.expert_counts = dcnt.get();
-    p.recv_expert_rows = drows.get();
     p.recv_x = c.mode ? dx.get() : nullptr;
-    p.expert_x = c.mode ? dex.get() : nullptr;
     p.recv_weights = c.mode == 2 ? dw.get() : nullptr;
-    sync(K::launch_ep_expert_major(p, nullptr));
-    bool ok = same(drows.host(), rows, "recv_expert_rows", c.str()) & same(dex.host(), ex, "expert_x", c.str());
-    if (c.mode != 0) {
+    // Runs `calls` (each a change of the parameters) on fresh outputs and compares with the host's.
+    auto run = [&](const char* what, bool entries,
+                   const std::vector<std::function<void(K::ExpertMajorParams*)>>& calls) {
+      Dev<uint8_t> dex(ex.size());
+      Dev<int32_t> drows(rows.size());
+      Dev<int64_t> dsrc(in.N);
+      K::ExpertMajorParams q = p;
+      q.entry_order = entries;
+      q.recv_expert_rows = drows.get();
+      q.expert_x = c.mode ? dex.get() : nullptr;
+      q.expert_src = dsrc.get();
+      for (const auto& change : calls) {
+        change(&q);
+        sync(K::launch_ep_expert_major(q, nullptr));
+      }
+      const std::string label = c.str() + (entries ? " entry order, " : " gather order, ") + what;
+      return same(drows.host(), rows, "recv_expert_rows", label) & same(dex.host(), ex, "expert_x", label);
+    };
+    const int64_t R = c.R;
+    bool ok = true;
+    for (bool entries : {false, true}) {
+      ok &= run("one call", entries, {[](K::ExpertMajorParams*) {}});
+      if (c.mode == 0) continue;
       // As the split dispatch calls it: positions, the copies of rows [R/3, 2R/3) and the pad rows on a
       // small grid; then, from the same positions and source table, the copies of the other rows.
-      Dev<uint8_t> dex2(ex.size());
-      Dev<int32_t> drows2(rows.size());
-      Dev<int64_t> dsrc2(in.N);
-      K::ExpertMajorParams q = p;
-      q.recv_expert_rows = drows2.get();
-      q.expert_x = dex2.get();
-      q.expert_src = dsrc2.get();
-      q.copy_begin = c.R / 3;
-      q.copy_end = 2 * c.R / 3;
-      q.blocks_per_sm = 2;
-      sync(K::launch_ep_expert_major(q, nullptr));
-      q.positions_given = q.src_given = q.copy_outside = true;
-      q.zero_pads = false;
-      q.blocks_per_sm = 0;
-      sync(K::launch_ep_expert_major(q, nullptr));
-      ok &= same(drows2.host(), rows, "recv_expert_rows (split)", c.str()) &
-            same(dex2.host(), ex, "expert_x (split)", c.str());
+      auto own = [R](K::ExpertMajorParams* q) {
+        q->copy_begin = R / 3;
+        q->copy_end = 2 * R / 3;
+        q->blocks_per_sm = 2;
+      };
+      auto given = [](K::ExpertMajorParams* q) {
+        q->positions_given = q->src_given = true;
+        q->zero_pads = false;
+        q->blocks_per_sm = 0;
+      };
+      ok &= run("split", entries, {own, [given](K::ExpertMajorParams* q) {
+                                     given(q);
+                                     q->copy_outside = true;
+                                   }});
+      // As a chunked split dispatch calls it: the same first call, then the other rows range by range
+      // (uneven ranges, one of them empty).
+      auto range = [given](int64_t b, int64_t e) {
+        return [given, b, e](K::ExpertMajorParams* q) {
+          given(q);
+          q->copy_begin = b;
+          q->copy_end = e;
+        };
+      };
+      ok &=
+          run("chunks", entries, {own, range(2 * R / 3, R), range(0, R / 7), range(R / 7, R / 7), range(R / 7, R / 3)});
     }
     if (!ok && ++failing >= kMaxFailingCases) return;
   }
