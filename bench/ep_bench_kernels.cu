@@ -2,18 +2,14 @@
 // Inputs and correctness checks of ep_bench (see ep_bench.h). Checks count bad rows with atomics on one
 // device counter; they run outside the timed regions.
 #include "bench/ep_bench.h"
+#include "tests/reference/inputs.h"
 
 namespace epbench {
 namespace {
 
 constexpr int kThreads = 256;
 
-__host__ __device__ inline uint64_t mix(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
+using bitep::ref::mix;
 
 __device__ inline float pattern(int rank, int64_t t, int h) {
   return static_cast<float>(static_cast<int>((rank * 37 + t * 11 + h * 7) % 255) - 127) / 64.0f;

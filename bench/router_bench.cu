@@ -26,6 +26,7 @@
 
 #include "bitep/bitep.h"
 #include "src/host/dtype_host.h"
+#include "tests/reference/inputs.h"
 
 namespace {
 
@@ -131,17 +132,8 @@ struct Record {
   int64_t wrong;
 };
 
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-float gauss(uint64_t seed, uint64_t i) {
-  const uint64_t a = mix(seed * 0x100000001b3ull + i), b = mix(a);
-  const double u1 = ((a >> 11) + 0.5) * (1.0 / 9007199254740992.0), u2 = (b >> 11) * (1.0 / 9007199254740992.0);
-  return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
-}
+using bitep::ref::gauss;
+using bitep::ref::mix;
 
 // ---- timing --------------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@
 
 #include "bitep/bitep.h"
 #include "src/host/dtype_host.h"
+#include "tests/reference/inputs.h"
 #include "tests/reference/router_reference.h"
 
 namespace {
@@ -131,18 +132,8 @@ const char* dt_name(bitepDataType_t d) { return d == bitepFloat32 ? "fp32" : d =
 
 // ---- inputs --------------------------------------------------------------------------------------
 
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-// Deterministic standard-normal-ish value for (seed, i).
-float gauss(uint64_t seed, uint64_t i) {
-  const uint64_t a = mix(seed * 0x100000001b3ull + i), b = mix(a);
-  const double u1 = ((a >> 11) + 0.5) * (1.0 / 9007199254740992.0), u2 = (b >> 11) * (1.0 / 9007199254740992.0);
-  return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
-}
+using bitep::ref::gauss;
+using bitep::ref::mix;
 
 // Logits [T, E] as bytes of dtype dt. Every 16th row is coarsely quantised (many exact ties).
 std::vector<uint8_t> make_logits(int64_t T, int E, bitepDataType_t dt, uint64_t seed, float spread = 2.0f) {

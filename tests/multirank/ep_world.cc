@@ -6,16 +6,12 @@
 #include <cstring>
 
 #include "src/host/dtype_host.h"
+#include "tests/reference/inputs.h"
 
 namespace ept {
 namespace {
 
-uint64_t mix(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
+using bitep::ref::mix;
 
 uint64_t hash(uint64_t a, uint64_t b, uint64_t c, uint64_t d = 0, uint64_t e = 0) {
   return mix(mix(mix(mix(mix(a) ^ b) ^ c) ^ d) ^ e);
