@@ -112,6 +112,10 @@ NcclTransport::~NcclTransport() {
   int prev = -1;
   const bool switch_device = cudaGetDevice(&prev) == cudaSuccess && prev != device_;
   if (switch_device) (void)cudaSetDevice(device_);
+  if (window_ != nullptr) {
+    (void)cudaDeviceSynchronize();
+    window_.reset();
+  }
   if (comm_ != nullptr && owned_ && !aborted_) {
     // Finalize flushes the issued work and reaches global quiescence; a peer that never gets there
     // (failed, stalled) ends in an abort after the timeout instead of a hang.
@@ -322,6 +326,16 @@ bitepResult_t NcclTransport::alltoallv(const std::vector<std::vector<PeerBuffers
   }
   const ncclResult_t end = ncclGroupEnd();
   return nccl_call(first != ncclSuccess ? first : end, kCall, "ncclSend/ncclRecv group", timeout_s_);
+}
+
+bitepResult_t NcclTransport::open_window(double timeout_s) {
+  BITEP_CHECK(check_usable("peer window"));
+#ifdef BITEP_HAVE_NCCL_DEVICE
+  return open_nccl_window(this, comm_, owned_, timeout_s, &window_);
+#else
+  (void)timeout_s;
+  return bitepSuccess;
+#endif
 }
 
 // ---- hooks of src/ep/transport.h -----------------------------------------------------------------------

@@ -26,6 +26,8 @@ class NcclTransport final : public Transport {
   bitepResult_t init();
   // Forgets comm: the destructor leaves it alone.
   void release() { comm_ = nullptr; }
+  // The communicator was aborted (or forgotten) after a failure: nothing more may be called on it.
+  bool unusable() const { return aborted_ || comm_ == nullptr; }
 
   int rank() const override { return rank_; }
   int nranks() const override { return nranks_; }
@@ -41,13 +43,18 @@ class NcclTransport final : public Transport {
   bitepResult_t alltoallv(const std::vector<std::vector<PeerBuffers>>& per_peer,
                           bitepStream_t stream,
                           double timeout_s) override;
+  // comm/nccl_window.cu (when NCCL has its device API): a peer window when every rank is in this rank's
+  // load/store team.
+  bitepResult_t open_window(double timeout_s) override;
+  PeerWindow* window() override { return window_.get(); }
+
+  // r of a non-blocking NCCL call: ncclInProgress is polled to completion against timeout_s.
+  bitepResult_t nccl_call(ncclResult_t r, const char* call, const char* what, double timeout_s);
 
  private:
   bitepResult_t check_usable(const char* call) const;
   // Aborts an owned communicator; the error names rank, call and why.
   bitepResult_t fail(bitepResult_t code, const char* call, const char* why);
-  // r of a non-blocking NCCL call: ncclInProgress is polled to completion against timeout_s.
-  bitepResult_t nccl_call(ncclResult_t r, const char* call, const char* what, double timeout_s);
   // Waits for event_ (recorded by the caller), watching the communicator's asynchronous error.
   bitepResult_t wait_event(const char* call, double timeout_s);
   bitepResult_t reserve_host(size_t bytes);
@@ -64,6 +71,13 @@ class NcclTransport final : public Transport {
   size_t host_bytes_ = 0;
   void* dev_buf_ = nullptr;  // allgather_host
   size_t dev_bytes_ = 0;
+  std::unique_ptr<PeerWindow> window_;  // released before the communicator
 };
+
+#ifdef BITEP_HAVE_NCCL_DEVICE
+// comm/nccl_window.cu: *out = a window over t's communicator, or null where not every rank can have one.
+bitepResult_t open_nccl_window(
+    NcclTransport* t, ncclComm_t comm, bool owned, double timeout_s, std::unique_ptr<PeerWindow>* out);
+#endif
 
 }  // namespace bitep::ep

@@ -10,6 +10,7 @@
 namespace bitep::kernels {
 
 cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream);
+cudaError_t launch_ep_pack_counts(const PackCountsParams& p, cudaStream_t stream);
 cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream);
 cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stream);
 cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream);

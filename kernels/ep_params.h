@@ -57,6 +57,18 @@ struct LayoutParams {
   int32_t* token_slot = nullptr;  // [T, W]: row of token t inside chunk r, or -1 when t does not go to r
 };
 
+// 2. The count exchange's send rows (row = ints per peer, >= L + 2 + W): out[p * row + c] = counts[p][c]
+// for c in [0, L + 1), and out[p * row + L + 2 + r] = counts[r][0] for every r: the sender's whole
+// send-count vector goes to every peer, so after the exchange every rank knows how many rows each rank
+// sends each rank. Column L + 1 (the flags) is not written.
+struct PackCountsParams {
+  const int32_t* counts = nullptr;  // [W, L + 1] from the layout
+  int num_ranks = 0;
+  int local_experts = 0;
+  int32_t* out = nullptr;  // [W, row]
+  int row = 0;
+};
+
 // 3. Permute: each token row goes once per destination rank, with its local slice and weights.
 // Rows for rank `self_rank` go straight into the receive buffers (the self chunk never leaves).
 // Destinations of t: the ranks r with token_slot[t][r] >= 0. Row q = send_offsets[r] + slot in the send
@@ -85,6 +97,10 @@ struct PermuteParams {
   void* recv_x = nullptr;                 // [R, H]
   uint8_t* recv_map = nullptr;            // [R, MB]
   float* recv_weights = nullptr;          // [R, KL] or null
+  // Optional (backend memory), [3 * W]: when not null, chunk r != self_rank is written at row `slot` of
+  // peer_dest[r] (x), peer_dest[W + r] (map), peer_dest[2W + r] (weights; null: none) instead of the send
+  // buffers (send_offsets and send_* are then not read): the peers' windows, stored into over NVLink.
+  void* const* peer_dest = nullptr;
 };
 
 // 5. Expert-major view: for each local expert, its rows in receive order (source rank, then source

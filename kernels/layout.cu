@@ -165,7 +165,29 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
   }
 }
 
+__global__ void pack_counts_kernel(PackCountsParams p) {
+  const int W = p.num_ranks, L = p.local_experts;
+  const int64_t n = static_cast<int64_t>(W) * p.row;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int peer = static_cast<int>(i / p.row), c = static_cast<int>(i % p.row);
+    if (c <= L)
+      p.out[i] = p.counts[static_cast<int64_t>(peer) * (L + 1) + c];
+    else if (c >= L + 2 && c < L + 2 + W)
+      p.out[i] = p.counts[static_cast<int64_t>(c - L - 2) * (L + 1)];
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_ep_pack_counts(const PackCountsParams& p, cudaStream_t stream) {
+  const int W = p.num_ranks, L = p.local_experts;
+  if (W < 1 || L < 1 || p.row < L + 2 + W || p.counts == nullptr || p.out == nullptr) return cudaErrorInvalidValue;
+  const int64_t n = static_cast<int64_t>(W) * p.row;
+  const unsigned blocks = static_cast<unsigned>(n < 256 * 64 ? (n + 255) / 256 : 64);
+  pack_counts_kernel<<<blocks, 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
   const int W = p.num_ranks, E = p.num_experts;

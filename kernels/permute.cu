@@ -46,6 +46,7 @@ struct PermuteArgs {
   char* recv_x;
   uint8_t* recv_map;
   float* recv_weights;
+  void* const* peer_dest;  // [3W] or null (PermuteParams)
 };
 
 // Weight of expert e of token t whose compact index is c (ep_params.h "Weight of expert e").
@@ -97,15 +98,27 @@ __global__ void __launch_bounds__(kRowThreads) permute_kernel(PermuteArgs a) {
       const bool self = r == a.self_rank;
       int64_t row = 0;
       char* dst = nullptr;
+      uint8_t* map = nullptr;
+      float* w = nullptr;
       if (slot >= 0) {
-        row = self ? a.self_recv_offset + slot : __ldg(a.send_offsets + r) + slot;
-        dst = (self ? a.recv_x : a.send_x) + row * a.row_bytes;
+        if (self) {
+          row = a.self_recv_offset + slot;
+          dst = a.recv_x, map = a.recv_map, w = a.recv_weights;
+        } else if (a.peer_dest != nullptr) {
+          row = slot;
+          dst = static_cast<char*>(a.peer_dest[r]);
+          map = static_cast<uint8_t*>(a.peer_dest[W + r]);
+          w = static_cast<float*>(a.peer_dest[2 * W + r]);
+        } else {
+          row = __ldg(a.send_offsets + r) + slot;
+          dst = a.send_x, map = a.send_map, w = a.send_weights;
+        }
+        dst += row * a.row_bytes;
       }
       const uint32_t mask = __ballot_sync(kFullMask, slot >= 0);
       if (mask == 0) continue;
       warp_copy_row<V, kUnroll>(a.x + t * a.row_bytes, a.nvec, mask, dst);
-      if (slot >= 0)
-        write_row_meta(a, t, r, row, self ? a.recv_map : a.send_map, self ? a.recv_weights : a.send_weights);
+      if (slot >= 0) write_row_meta(a, t, r, row, map, w);
     }
   }
 }
@@ -290,7 +303,8 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   const bool need_routing =
       p.send_map != nullptr || p.recv_map != nullptr ||
       (p.routing.weight_format != WeightFormat::kNone && (p.send_weights != nullptr || p.recv_weights != nullptr));
-  if ((need_routing && p.routing.map == nullptr) || p.token_slot == nullptr || (W > 1 && p.send_offsets == nullptr))
+  const bool peers = W > 1 && p.peer_dest == nullptr;  // the send buffers are written
+  if ((need_routing && p.routing.map == nullptr) || p.token_slot == nullptr || (peers && p.send_offsets == nullptr))
     return cudaErrorInvalidValue;
   PermuteArgs a;
   a.v = make_route_view(p.routing, E, p.topk);
@@ -313,10 +327,12 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   a.recv_x = static_cast<char*>(p.recv_x);
   a.recv_map = p.recv_map;
   a.recv_weights = p.recv_weights;
-  // The x copy is skipped (nvec = 0) for an empty row; send_x / recv_x may then be null.
-  const int v = vec_bytes(a.row_bytes, p.x, p.send_x, p.recv_x);
+  a.peer_dest = p.peer_dest;
+  // The x copy is skipped (nvec = 0) for an empty row; send_x / recv_x may then be null. Peer chunks
+  // (peer_dest) start at a multiple of the row size past a 16-byte aligned window: the row size decides.
+  const int v = vec_bytes(a.row_bytes, p.x, peers ? p.send_x : nullptr, p.recv_x);
   a.nvec = a.row_bytes / v;
-  if (a.row_bytes > 0 && (p.x == nullptr || (W > 1 && p.send_x == nullptr) || p.recv_x == nullptr))
+  if (a.row_bytes > 0 && (p.x == nullptr || (peers && p.send_x == nullptr) || p.recv_x == nullptr))
     return cudaErrorInvalidValue;
 
   unsigned grid = 0;

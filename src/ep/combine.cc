@@ -6,6 +6,7 @@
 // summed on a side stream beside the all-to-all.
 #include "src/ep/combine.h"
 
+#include <algorithm>
 #include <vector>
 
 #include "src/args.h"
@@ -84,6 +85,80 @@ bitepResult_t check_combine_args(const bitepGroup* g,
                        {ds, ds});
 }
 
+// Peer window: barrier (every window idle) -> each source rank's partial rows go straight into its
+// window, where it would receive them (the reduce stores them over NVLink; rank-major rows are copied) ->
+// barrier (all landed) -> the final sum reads this rank's window. The own rows never leave.
+bitepResult_t combine_window(Exec& ex,
+                             bitepGroup* g,
+                             bitepHandle* h,
+                             const void* y,
+                             bitepLayout_t layout,
+                             int weighted,
+                             void* out,
+                             PeerWindow* win,
+                             Trace* trace) {
+  const int W = g->nranks, self = g->rank, KL = g->max_row_experts;
+  const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
+  const std::vector<int64_t>& m = h->matrix;
+  if (m.size() != static_cast<size_t>(W) * W) BITEP_FAIL(bitepInternalError, "handle without its count matrix");
+  int64_t smax = 0;  // the most rows any rank gets back
+  for (int s = 0; s < W; ++s) {
+    int64_t n = 0;
+    for (int r = 0; r < W; ++r)
+      if (r != s) n += m[static_cast<size_t>(s) * W + r];
+    smax = std::max(smax, n);
+  }
+  BITEP_CHECK(win->reserve(row * smax, g->config.timeout_s));
+  const bool expert = layout == bitepLayoutExpertMajor;
+  const int64_t own0 = h->recv_offsets[self], own_n = h->recv_counts[self];
+  void* own = nullptr;
+  if (expert) BITEP_CHECK(ex.temp(row * own_n, &own));
+  BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
+  for (int s = 0; s < W; ++s) {
+    const int64_t i0 = h->recv_offsets[s], n = h->recv_counts[s];
+    if (n == 0 || (s == self && !expert)) continue;
+    char* dst = static_cast<char*>(own);
+    if (s != self) {
+      int64_t off = 0;  // where rank s keeps the rows it sent this rank: its send offset for `self`
+      for (int r = 0; r < self; ++r)
+        if (r != s) off += m[static_cast<size_t>(s) * W + r];
+      dst = win->data(s) + off * row;
+    }
+    if (!expert) {
+      BITEP_CHECK(ex.copy(dst, static_cast<const char*>(y) + i0 * row, n * row));
+      continue;
+    }
+    kernels::ReduceParams rp;
+    rp.num_recv_rows = n;
+    rp.max_row_experts = KL;
+    rp.hidden = g->config.hidden;
+    rp.dtype = to_kernel_dtype(g->config.dtype);
+    rp.y = y;
+    rp.recv_expert_rows = h->recv_expert_rows + i0 * KL;
+    rp.recv_weights = weighted ? h->recv_weights + i0 * KL : nullptr;
+    rp.out = dst;
+    BITEP_CHECK(ex.reduce(rp));
+  }
+  BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
+  trace->mark("reduce + window");
+  if (h->num_tokens == 0) return bitepSuccess;
+  kernels::FinalSumParams fp;
+  fp.num_tokens = h->num_tokens;
+  fp.num_ranks = W;
+  fp.self_rank = self;
+  fp.hidden = g->config.hidden;
+  fp.dtype = to_kernel_dtype(g->config.dtype);
+  fp.token_slot = h->token_slot;
+  fp.send_offsets = h->send_offsets_dev;
+  fp.ret = win->data(self);
+  fp.self_ret = expert ? own : y;
+  fp.self_ret_offset = expert ? 0 : own0;
+  fp.out = out;
+  BITEP_CHECK(ex.final_sum(fp));
+  trace->mark("final-sum");
+  return bitepSuccess;
+}
+
 bitepResult_t combine(bitepGroup_t g,
                       bitepHandle_t h,
                       const void* y,
@@ -103,6 +178,11 @@ bitepResult_t combine(bitepGroup_t g,
   // Joins any side-stream work first: the fence then covers it (an error path can leave a fork open).
   FenceOnExit fence(h, stream, [&ex] { (void)ex.join(); });
   Trace trace("combine", g->rank, stream, ex.cuda());
+  PeerWindow* win = g->nranks > 1 ? g->transport->window() : nullptr;
+  if (win != nullptr) {
+    BITEP_CHECK(win->check());
+    return combine_window(ex, g, h, y, layout, weighted, out, win, &trace);
+  }
   const void* partial = y;
   if (layout == bitepLayoutExpertMajor) {
     void* p = nullptr;

@@ -56,7 +56,7 @@ class Dispatch {
         L_(g->num_local_experts),
         KL_(g->max_row_experts),
         MB_(g->local_map_bytes),
-        n_(L_ + 2),
+        n_(L_ + 2 + g->nranks),
         row_bytes_(static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden) {}
 
   // A failed dispatch frees its handle here: after the work it queued (the stream is still the caller's,
@@ -72,6 +72,8 @@ class Dispatch {
   bitepResult_t before_exchange();
   bitepResult_t after_exchange();
   bitepResult_t move_rows();
+  bitepResult_t move_rows_window();
+  bitepResult_t move_rows_nccl();
   kernels::RoutingInput routing() const;
 
   bitepGroup* g_;
@@ -88,6 +90,9 @@ class Dispatch {
   std::vector<int32_t> recv_host_;  // [W, L + 2]
   bool any_weights_ = false;
   bool split_ = false;  // every rank: the routing all-to-all first, the rows beside the own rows' copies
+  PeerWindow* win_ = nullptr;  // rows go straight into the peers' windows (cuda, one NVLink domain)
+  void* const* peer_dest_ = nullptr;  // [3W] the permute's destinations in the peers' windows
+  size_t win_map_ = 0, win_weights_ = 0;  // offsets of the map and weight regions in a window
   // Send-side temporaries.
   void* send_x_ = nullptr;
   uint8_t* send_map_ = nullptr;
@@ -141,7 +146,13 @@ bitepResult_t Dispatch::before_exchange() {
   } else {
     BITEP_CHECK(ex_.zero(counts, count_row * W_));
   }
-  BITEP_CHECK(ex_.copy_rows(xsend_, sizeof(int32_t) * n_, counts, count_row, count_row, W_, false));
+  kernels::PackCountsParams pc;
+  pc.counts = static_cast<const int32_t*>(counts);
+  pc.num_ranks = W_;
+  pc.local_experts = L_;
+  pc.out = xsend_;
+  pc.row = n_;
+  BITEP_CHECK(ex_.pack_counts(pc));
   BITEP_CHECK(ex_.download(send_host_, counts, count_row * W_));
   return bitepSuccess;
 }
@@ -169,6 +180,15 @@ bitepResult_t Dispatch::after_exchange() {
     R += h->recv_counts[r];
     for (int l = 0; l < L_; ++l) h->expert_counts_host[l] += recv_host_[r * n_ + 1 + l];
   }
+  // Every rank's send counts (the exchange's trailing W columns): the same matrix on every rank.
+  h->matrix.assign(static_cast<size_t>(W_) * W_, 0);
+  for (int s = 0; s < W_; ++s)
+    for (int r = 0; r < W_; ++r) h->matrix[static_cast<size_t>(s) * W_ + r] = recv_host_[s * n_ + L_ + 2 + r];
+  for (int s = 0; s < W_; ++s)
+    BITEP_ARG_CHECK(h->matrix[static_cast<size_t>(s) * W_ + self_] == h->recv_counts[s],
+                    "internal: rank %d announced %lld rows to this rank (%d) but %lld in its count table", s,
+                    static_cast<long long>(h->recv_counts[s]), self_,
+                    static_cast<long long>(h->matrix[static_cast<size_t>(s) * W_ + self_]));
   const int64_t align = c.expert_alignment;
   int64_t N = 0;
   for (int l = 0; l < L_; ++l) {
@@ -215,31 +235,112 @@ bitepResult_t Dispatch::after_exchange() {
   }
   BITEP_CHECK(ex_.keep(sizeof(int32_t) * KL_ * R, &h->blocks, &p));
   h->recv_expert_rows = static_cast<int32_t*>(p);
-  // The layout tables the kernels read, in one block and one upload: [W] int64 send offsets, [L] int32
-  // expert counts, [L + 1] int32 expert offsets.
-  const size_t table_bytes = sizeof(int64_t) * W_ + sizeof(int32_t) * (2 * L_ + 1);
+  // Peer window: this rank's rows for rank r go to r's window at the rows r receives from lower ranks
+  // (so each window mirrors its owner's recv_x); regions x, map, weights, sized by the largest R.
+  std::vector<void*> dest;
+  if (win_ != nullptr) {
+    int64_t rmax = 0;
+    for (int r = 0; r < W_; ++r) {
+      int64_t rr = 0;
+      for (int s = 0; s < W_; ++s) rr += h->matrix[static_cast<size_t>(s) * W_ + r];
+      rmax = std::max(rmax, rr);
+    }
+    auto up = [](size_t b) { return (b + 255) / 256 * 256; };
+    win_map_ = up(row_bytes_ * rmax);
+    win_weights_ = win_map_ + up(static_cast<size_t>(MB_) * rmax);
+    const size_t need = win_weights_ + (any_weights_ ? sizeof(float) * KL_ * rmax : 0);
+    BITEP_CHECK(win_->reserve(need, c.timeout_s));
+    dest.assign(3 * static_cast<size_t>(W_), nullptr);
+    for (int r = 0; r < W_; ++r) {
+      if (r == self_) continue;
+      int64_t off = 0;
+      for (int s = 0; s < self_; ++s) off += h->matrix[static_cast<size_t>(s) * W_ + r];
+      char* base = win_->data(r);
+      dest[r] = base + off * row_bytes_;
+      dest[W_ + r] = base + win_map_ + off * MB_;
+      dest[2 * W_ + r] = any_weights_ ? base + win_weights_ + off * KL_ * sizeof(float) : nullptr;
+    }
+  }
+  // The layout tables the kernels read, in one block and one upload: [W] int64 send offsets, [3W] peer
+  // destinations (window only), [L] int32 expert counts, [L + 1] int32 expert offsets.
+  const size_t dest_bytes = sizeof(void*) * dest.size();
+  const size_t table_bytes = sizeof(int64_t) * W_ + dest_bytes + sizeof(int32_t) * (2 * L_ + 1);
   BITEP_CHECK(ex_.keep(table_bytes, &h->blocks, &p));
   h->send_offsets_dev = static_cast<int64_t*>(p);
-  h->expert_counts = reinterpret_cast<int32_t*>(h->send_offsets_dev + W_);
+  peer_dest_ = dest.empty() ? nullptr : reinterpret_cast<void* const*>(h->send_offsets_dev + W_);
+  h->expert_counts = reinterpret_cast<int32_t*>(reinterpret_cast<char*>(h->send_offsets_dev + W_) + dest_bytes);
   h->expert_offsets = h->expert_counts + L_;
-  BITEP_CHECK(ex_.temp(row_bytes_ * S, &send_x_));
-  BITEP_CHECK(ex_.temp(static_cast<size_t>(MB_) * S, &p));
-  send_map_ = static_cast<uint8_t*>(p);
-  if (any_weights_) {
-    BITEP_CHECK(ex_.temp(sizeof(float) * KL_ * S, &p));
-    send_weights_ = static_cast<float*>(p);
+  if (win_ == nullptr) {
+    BITEP_CHECK(ex_.temp(row_bytes_ * S, &send_x_));
+    BITEP_CHECK(ex_.temp(static_cast<size_t>(MB_) * S, &p));
+    send_map_ = static_cast<uint8_t*>(p);
+    if (any_weights_) {
+      BITEP_CHECK(ex_.temp(sizeof(float) * KL_ * S, &p));
+      send_weights_ = static_cast<float*>(p);
+    }
   }
   std::vector<unsigned char> table(table_bytes);
   std::memcpy(table.data(), h->send_offsets.data(), sizeof(int64_t) * W_);
-  int32_t* counts32 = reinterpret_cast<int32_t*>(table.data() + sizeof(int64_t) * W_);
+  if (dest_bytes > 0) std::memcpy(table.data() + sizeof(int64_t) * W_, dest.data(), dest_bytes);
+  int32_t* counts32 = reinterpret_cast<int32_t*>(table.data() + sizeof(int64_t) * W_ + dest_bytes);
   for (int l = 0; l < L_; ++l) counts32[l] = static_cast<int32_t>(h->expert_counts_host[l]);
   std::memcpy(counts32 + L_, h->expert_offsets_host.data(), sizeof(int32_t) * (L_ + 1));
   BITEP_CHECK(ex_.upload_staged(h->send_offsets_dev, table.data(), table_bytes));
   return bitepSuccess;
 }
 
-// Permute, all-to-all-v, expert-major view.
-bitepResult_t Dispatch::move_rows() {
+// Peer window: barrier (every window idle) -> permute stores each row into its destination's window
+// (the own rows into recv_x) -> barrier (every row landed) -> the window's rows into recv_x, recv_map,
+// recv_weights -> expert-major view. No all-to-all call, no send buffers.
+bitepResult_t Dispatch::move_rows_window() {
+  const bitepGroupConfig_t& c = g_->config;
+  bitepHandle* h = h_.get();
+  const int64_t R = h->num_recv_rows;
+  BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
+  if (h->num_tokens > 0) {
+    kernels::PermuteParams pp;
+    pp.num_tokens = h->num_tokens;
+    pp.num_experts = c.num_experts;
+    pp.topk = c.topk;
+    pp.num_ranks = W_;
+    pp.self_rank = self_;
+    pp.hidden = c.hidden;
+    pp.dtype = to_kernel_dtype(c.dtype);
+    pp.routing = routing();
+    pp.x = a_->x;
+    pp.token_slot = h->token_slot;
+    pp.self_recv_offset = h->recv_offsets[self_];
+    pp.recv_x = h->recv_x;
+    pp.recv_map = h->recv_map;
+    pp.recv_weights = h->recv_weights;
+    pp.peer_dest = peer_dest_;
+    BITEP_CHECK(ex_.permute(pp));
+  }
+  BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
+  trace_.mark("permute + window");
+  const int64_t own0 = h->recv_offsets[self_], own1 = own0 + h->recv_counts[self_];
+  const char* base = win_->data(self_);
+  for (const auto& range : {std::make_pair(int64_t{0}, own0), std::make_pair(own1, R)}) {
+    const int64_t i0 = range.first, n = range.second - range.first;
+    if (n <= 0) continue;
+    BITEP_CHECK(ex_.copy(static_cast<char*>(h->recv_x) + i0 * row_bytes_, base + i0 * row_bytes_, n * row_bytes_));
+    BITEP_CHECK(ex_.copy(h->recv_map + i0 * MB_, base + win_map_ + i0 * MB_, n * MB_));
+    if (any_weights_)
+      BITEP_CHECK(ex_.copy(h->recv_weights + i0 * KL_, base + win_weights_ + i0 * KL_ * sizeof(float),
+                           n * KL_ * sizeof(float)));
+  }
+  kernels::ExpertMajorParams ep = expert_major_params(h, g_);
+  ep.recv_x = h->recv_x;
+  ep.expert_x = h->expert_x;
+  void* src = nullptr;
+  BITEP_CHECK(ex_.temp(sizeof(int64_t) * h->num_expert_rows, &src));
+  ep.expert_src = static_cast<int64_t*>(src);
+  if (R > 0 || h->num_expert_rows > 0) BITEP_CHECK(ex_.expert_major(ep));
+  return bitepSuccess;
+}
+
+// Permute into send buffers, all-to-all-v through the transport, expert-major view.
+bitepResult_t Dispatch::move_rows_nccl() {
   const bitepGroupConfig_t& c = g_->config;
   bitepHandle* h = h_.get();
   const int64_t R = h->num_recv_rows;
@@ -305,6 +406,18 @@ bitepResult_t Dispatch::move_rows() {
     ep.blocks_per_sm = 0;
     if (expert) BITEP_CHECK(ex_.expert_major(ep));
   }
+  return bitepSuccess;
+}
+
+// Permute, all-to-all-v (or the peer window), expert-major view.
+bitepResult_t Dispatch::move_rows() {
+  bitepHandle* h = h_.get();
+  const int64_t R = h->num_recv_rows;
+  if (win_ != nullptr) {
+    BITEP_CHECK(move_rows_window());
+  } else {
+    BITEP_CHECK(move_rows_nccl());
+  }
   trace_.mark("expert-major");
   bitepDispatchLayout_t& lo = h->layout;
   lo.num_ranks = W_;
@@ -345,6 +458,8 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
 
   // A local failure from here on still takes part in the count exchange, so the peers fail with it.
   bitepResult_t local = make_fence(h_.get(), ex_.cuda());
+  if (W_ > 1) win_ = g_->transport->window();
+  if (local == bitepSuccess && win_ != nullptr) local = win_->check();
   if (local == bitepSuccess) local = check_dispatch_args(g_, a_, out);
   if (local == bitepSuccess) local = before_exchange();
   trace_.mark("layout");

@@ -225,6 +225,7 @@ void* Exec::launch_stream() const { return side_ ? group_->side_stream : static_
 #endif
 
 BITEP_EP_PRIMITIVE(layout, LayoutParams)
+BITEP_EP_PRIMITIVE(pack_counts, PackCountsParams)
 BITEP_EP_PRIMITIVE(permute, PermuteParams)
 BITEP_EP_PRIMITIVE(expert_major, ExpertMajorParams)
 BITEP_EP_PRIMITIVE(reduce, ReduceParams)

@@ -66,6 +66,7 @@ class Exec {
 
   // The primitives of kernels/ep_params.h on this backend.
   bitepResult_t layout(const kernels::LayoutParams& p);
+  bitepResult_t pack_counts(const kernels::PackCountsParams& p);
   bitepResult_t permute(const kernels::PermuteParams& p);
   bitepResult_t expert_major(const kernels::ExpertMajorParams& p);
   bitepResult_t reduce(const kernels::ReduceParams& p);

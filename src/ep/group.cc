@@ -152,6 +152,8 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
       BITEP_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking), r, done);
       g->side_stream = side;
     }
+    // Collective like the config agreement above: every rank gets a peer window, or none does.
+    r = transport->open_window(config->timeout_s);
   done:
     if (prev != g->device) cudaSetDevice(prev);
     if (r != bitepSuccess) return r;
@@ -218,6 +220,8 @@ bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes) {
     BITEP_ARG_CHECK(bytes != nullptr, "bytes is NULL");
     size_t fixed = group->pinned ? sizeof(int32_t) * group->nranks * (group->num_local_experts + 1) : 0;
     fixed += group->upload_bytes;
+    if (group->transport != nullptr && group->transport->window() != nullptr)
+      fixed += group->transport->window()->bytes();
     *bytes = group->life->pool->held_bytes() + fixed;
     return bitepSuccess;
   });

@@ -43,6 +43,7 @@ struct bitepHandle {
   int64_t num_expert_rows = 0;                      // N
   std::vector<int64_t> send_counts, recv_counts;    // [W]
   std::vector<int64_t> send_offsets, recv_offsets;  // [W] (send_offsets[self] = where it would go; unused)
+  std::vector<int64_t> matrix;                      // [W * W]: rows rank s sends rank r at [s * W + r]
   std::vector<int64_t> expert_counts_host;          // [L]
   std::vector<int32_t> expert_offsets_host;         // [L + 1]
   bitepDispatchLayout_t layout{};

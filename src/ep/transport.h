@@ -30,6 +30,30 @@ struct PeerBuffers {
   uint64_t recv_bytes = 0;
 };
 
+// Load/store access to every peer's memory: a symmetric window of the same size on every rank, mapped
+// into each rank's address space (NCCL's symmetric memory over NVLink; comm/nccl_window.cu). The cuda
+// transport offers one when every rank of the group is load/store accessible (one NVLink domain) and
+// BITEP_LSA is not 0; dispatch and combine then store rows straight into the peers' windows instead of
+// calling the all-to-all. Every call is collective and issued in the same order on every rank.
+class PeerWindow {
+ public:
+  virtual ~PeerWindow() = default;
+  // The data area holds at least `bytes` (every rank passes the same value): a larger request replaces the
+  // window on every rank at once (waits for the device first). Host-side; the timeout bounds NCCL's
+  // registration.
+  virtual bitepResult_t reserve(size_t bytes, double timeout_s) = 0;
+  // Device memory this rank holds for the window.
+  virtual size_t bytes() const = 0;
+  // Rank r's data area, as this rank addresses it (r == rank: its own).
+  virtual char* data(int r) const = 0;
+  // Enqueued on stream: no rank leaves it before every rank has entered it (in the same call order), and
+  // the stores every rank queued before it (on its stream) are visible to all after it. A peer that never
+  // arrives ends the wait after timeout_s; the failure is reported by check().
+  virtual bitepResult_t barrier(bitepStream_t stream, double timeout_s) = 0;
+  // bitepTimeout when an earlier barrier ended without every peer (their stores may be missing).
+  virtual bitepResult_t check() = 0;
+};
+
 class Transport {
  public:
   virtual ~Transport() = default;
@@ -51,6 +75,15 @@ class Transport {
   virtual bitepResult_t alltoallv(const std::vector<std::vector<PeerBuffers>>& per_peer,
                                   bitepStream_t stream,
                                   double timeout_s) = 0;
+
+  // Collective, once, after the group's config is agreed: sets up the peer window where the transport and
+  // the ranks allow it (every rank ends with one, or none).
+  virtual bitepResult_t open_window(double timeout_s) {
+    (void)timeout_s;
+    return bitepSuccess;
+  }
+  // The peer window, or null (host transport, ranks beyond one NVLink domain, BITEP_LSA=0, W = 1).
+  virtual PeerWindow* window() { return nullptr; }
 };
 
 // NCCL side, implemented in comm/nccl_transport.cc (built only with BITEP_HAVE_NCCL). The group code

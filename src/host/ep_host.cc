@@ -113,6 +113,15 @@ void ep_layout(const kernels::LayoutParams& p) {
   }
 }
 
+void ep_pack_counts(const kernels::PackCountsParams& p) {
+  const int W = p.num_ranks, L = p.local_experts;
+  for (int peer = 0; peer < W; ++peer) {
+    int32_t* row = p.out + static_cast<int64_t>(peer) * p.row;
+    for (int c = 0; c <= L; ++c) row[c] = p.counts[static_cast<int64_t>(peer) * (L + 1) + c];
+    for (int r = 0; r < W; ++r) row[L + 2 + r] = p.counts[static_cast<int64_t>(r) * (L + 1)];
+  }
+}
+
 void ep_permute(const kernels::PermuteParams& p) {
   if (p.num_tokens <= 0) return;
   const int W = p.num_ranks, L = p.num_experts / p.num_ranks;
@@ -131,10 +140,11 @@ void ep_permute(const kernels::PermuteParams& p) {
       while (i < n && experts[i] / L == r) ++i;
       if (slot[r] < 0) continue;
       const bool self = r == p.self_rank;
-      const int64_t q = self ? p.self_recv_offset + slot[r] : p.send_offsets[r] + slot[r];
-      void* x_dst = self ? p.recv_x : p.send_x;
+      const bool dest = !self && p.peer_dest != nullptr;
+      const int64_t q = self ? p.self_recv_offset + slot[r] : dest ? slot[r] : p.send_offsets[r] + slot[r];
+      void* x_dst = self ? p.recv_x : dest ? p.peer_dest[r] : p.send_x;
       std::memcpy(static_cast<char*>(x_dst) + q * row_bytes, static_cast<const char*>(p.x) + t * row_bytes, row_bytes);
-      uint8_t* map = self ? p.recv_map : p.send_map;
+      uint8_t* map = self ? p.recv_map : dest ? static_cast<uint8_t*>(p.peer_dest[W + r]) : p.send_map;
       if (map != nullptr) {
         uint8_t* m = map + q * MB;
         std::memset(m, 0, MB);
@@ -143,7 +153,7 @@ void ep_permute(const kernels::PermuteParams& p) {
           m[l >> 3] = static_cast<uint8_t>(m[l >> 3] | (1u << (l & 7)));
         }
       }
-      float* wrow = self ? p.recv_weights : p.send_weights;
+      float* wrow = self ? p.recv_weights : dest ? static_cast<float*>(p.peer_dest[2 * W + r]) : p.send_weights;
       if (weights && wrow != nullptr) {
         float* w = wrow + q * KL;
         int j = 0;

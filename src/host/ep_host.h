@@ -8,6 +8,7 @@
 namespace bitep::host {
 
 void ep_layout(const kernels::LayoutParams& p);
+void ep_pack_counts(const kernels::PackCountsParams& p);
 void ep_permute(const kernels::PermuteParams& p);
 void ep_expert_major(const kernels::ExpertMajorParams& p);
 void ep_reduce(const kernels::ReduceParams& p);
