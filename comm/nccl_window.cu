@@ -77,6 +77,10 @@ __global__ void barrier_kernel(char* const* bases, int nranks, int self, uint64_
   __threadfence_system();
 }
 
+// ncclSuccess of a call on a non-blocking communicator may still be in progress: ncclInProgress makes
+// nccl_call poll the communicator until it is idle (a blocking one is idle at once).
+ncclResult_t settle(ncclResult_t r) { return r == ncclSuccess ? ncclInProgress : r; }
+
 class NcclWindow final : public PeerWindow {
  public:
   NcclWindow(NcclTransport* t, ncclComm_t comm, int rank, int nranks)
@@ -115,9 +119,17 @@ class NcclWindow final : public PeerWindow {
       (void)ncclMemFree(mem);
       BITEP_CUDA_CHECK(cudaGetLastError());
     }
-    ncclWindow_t win = nullptr;
-    const bitepResult_t r = t_->nccl_call(ncclCommWindowRegister(comm_, mem, want, &win, NCCL_WIN_COLL_SYMMETRIC),
-                                          "peer window", "ncclCommWindowRegister", timeout_s);
+    // A non-blocking communicator returns ncclSuccess at once and fills the handle from its own thread
+    // (seen with NCCL 2.28.3): wait until the communicator is idle, then read it.
+    volatile ncclWindow_t win = nullptr;
+    bitepResult_t r = t_->nccl_call(
+        settle(ncclCommWindowRegister(comm_, mem, want, const_cast<ncclWindow_t*>(&win), NCCL_WIN_COLL_SYMMETRIC)),
+        "peer window", "ncclCommWindowRegister", timeout_s);
+    if (r == bitepSuccess && win == nullptr)
+      r = set_error(bitepNcclError, __FILE__, __LINE__,
+                    "rank %d of %d: ncclCommWindowRegister gave no window (symmetric memory unavailable: "
+                    "NCCL_CUMEM_ENABLE, NCCL_WIN_ENABLE?); BITEP_LSA=0 runs without it",
+                    rank_, nranks_);
     if (r != bitepSuccess) {
       (void)ncclMemFree(mem);
       return r;
@@ -157,7 +169,7 @@ class NcclWindow final : public PeerWindow {
   void release() {
     // Every rank deregisters at the same point (a replacement, or the group's destruction).
     if (win_ != nullptr && !t_->unusable())
-      (void)t_->nccl_call(ncclCommWindowDeregister(comm_, win_), "peer window", "ncclCommWindowDeregister",
+      (void)t_->nccl_call(settle(ncclCommWindowDeregister(comm_, win_)), "peer window", "ncclCommWindowDeregister",
                           timeout_s_);
     if (mem_ != nullptr) (void)ncclMemFree(mem_);
     win_ = nullptr;
@@ -192,7 +204,11 @@ bitepResult_t open_nccl_window(
   const bool wanted = W > 1 && !off && (owned || on);
   // Every rank decides alike: its own verdict, then the agreement of all.
   int32_t ok = 0;
-  if (wanted && static_cast<size_t>(W) * sizeof(uint64_t) <= kFlagBytes) {
+  // NCCL_P2P_DISABLE=1: NCCL refuses its device API and symmetric memory (a registration would fail and
+  // leave the communicator in error), so no window is tried.
+  const char* p2p_off = std::getenv("NCCL_P2P_DISABLE");
+  const bool p2p = !(p2p_off != nullptr && std::strcmp(p2p_off, "1") == 0);
+  if (wanted && p2p && static_cast<size_t>(W) * sizeof(uint64_t) <= kFlagBytes) {
     const auto team = ncclTeamLsa(comm);
     ok = team.nRanks == W ? 1 : 0;
   }
@@ -203,7 +219,9 @@ bitepResult_t open_nccl_window(
     if (all[q] == 0) {
       if (trace && W > 1)
         std::fprintf(stderr, "bitep: rank %d: peer window off (%s)\n", self,
-                     !wanted ? (off ? "BITEP_LSA=0" : "a borrowed communicator: BITEP_LSA=1 turns it on") : q == self ? "this rank's load/store team is not every rank"
+                     !wanted ? (off ? "BITEP_LSA=0" : "a borrowed communicator: BITEP_LSA=1 turns it on")
+                     : !p2p  ? "NCCL_P2P_DISABLE=1"
+                             : q == self ? "this rank's load/store team is not every rank"
                                                          : "another rank's load/store team is not every rank");
       return bitepSuccess;
     }

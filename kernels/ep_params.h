@@ -98,8 +98,10 @@ struct PermuteParams {
   uint8_t* recv_map = nullptr;            // [R, MB]
   float* recv_weights = nullptr;          // [R, KL] or null
   // Optional (backend memory), [3 * W]: when not null, chunk r != self_rank is written at row `slot` of
-  // peer_dest[r] (x), peer_dest[W + r] (map), peer_dest[2W + r] (weights; null: none) instead of the send
-  // buffers (send_offsets and send_* are then not read): the peers' windows, stored into over NVLink.
+  // peer_dest[r] (x), peer_dest[W + r] (map), peer_dest[2W + r] (weights) instead of the send buffers
+  // (send_offsets and send_* are then not read): the peers' windows, stored into over NVLink.
+  // A null x destination (recv_x, or an x entry of peer_dest) skips those rows' x, a null map or weights
+  // destination their meta: a call may move the maps and weights alone, or the rows alone.
   void* const* peer_dest = nullptr;
 };
 

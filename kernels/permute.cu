@@ -113,11 +113,11 @@ __global__ void __launch_bounds__(kRowThreads) permute_kernel(PermuteArgs a) {
           row = __ldg(a.send_offsets + r) + slot;
           dst = a.send_x, map = a.send_map, w = a.send_weights;
         }
-        dst += row * a.row_bytes;
+        if (dst != nullptr) dst += row * a.row_bytes;
       }
-      const uint32_t mask = __ballot_sync(kFullMask, slot >= 0);
-      if (mask == 0) continue;
-      warp_copy_row<V, kUnroll>(a.x + t * a.row_bytes, a.nvec, mask, dst);
+      // A null x destination (recv_x, or peer_dest[r]) skips the row's copy; null map / weights its meta.
+      const uint32_t mask = __ballot_sync(kFullMask, slot >= 0 && dst != nullptr);
+      if (mask != 0) warp_copy_row<V, kUnroll>(a.x + t * a.row_bytes, a.nvec, mask, dst);
       if (slot >= 0) write_row_meta(a, t, r, row, map, w);
     }
   }
@@ -332,7 +332,7 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   // (peer_dest) start at a multiple of the row size past a 16-byte aligned window: the row size decides.
   const int v = vec_bytes(a.row_bytes, p.x, peers ? p.send_x : nullptr, p.recv_x);
   a.nvec = a.row_bytes / v;
-  if (a.row_bytes > 0 && (p.x == nullptr || (peers && p.send_x == nullptr) || p.recv_x == nullptr))
+  if (a.row_bytes > 0 && (p.x == nullptr || (peers && p.send_x == nullptr) || (!peers && W > 1 && p.peer_dest == nullptr)))
     return cudaErrorInvalidValue;
 
   unsigned grid = 0;

@@ -156,9 +156,13 @@ fi
 on gpu && step "gpu tests (bitep_gpu_tests${GPU_FILTER:+ $GPU_FILTER})" "$LOG" "$BUILD/tests/bitep_gpu_tests" \
   --gtest_filter="${GPU_FILTER:-*}"
 if on multirank; then
-  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, peer window)" "$LOG" mpirun -np 2 -x BITEP_TRACE "$MR" --gtest_filter="$CUDA_FILTER"
-  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, NCCL all-to-all: BITEP_LSA=0)" "$LOG" \
-    mpirun -np 2 -x BITEP_LSA=0 "$MR" --gtest_filter="$CUDA_FILTER"
+  # BITEP_SPLIT_MIN_BYTES=0: every call takes the large-call path, the peer window (or, BITEP_LSA=0, the
+  # split all-to-all); BITEP_TRACE=1 logs whether each group got a window.
+  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, peer window)" "$LOG" \
+    mpirun -np 2 -x BITEP_TRACE=1 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
+  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, defaults)" "$LOG" mpirun -np 2 "$MR" --gtest_filter="$CUDA_FILTER"
+  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, split all-to-all: BITEP_LSA=0)" "$LOG" \
+    mpirun -np 2 -x BITEP_LSA=0 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
   step "multirank cuda np1" "$LOG" mpirun -np 1 "$MR" --gtest_filter="$CUDA_FILTER"
 fi
 

@@ -113,33 +113,42 @@ bitepResult_t combine_window(Exec& ex,
   const int64_t own0 = h->recv_offsets[self], own_n = h->recv_counts[self];
   void* own = nullptr;
   if (expert) BITEP_CHECK(ex.temp(row * own_n, &own));
-  BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
-  for (int s = 0; s < W; ++s) {
-    const int64_t i0 = h->recv_offsets[s], n = h->recv_counts[s];
-    if (n == 0 || (s == self && !expert)) continue;
-    char* dst = static_cast<char*>(own);
-    if (s != self) {
-      int64_t off = 0;  // where rank s keeps the rows it sent this rank: its send offset for `self`
-      for (int r = 0; r < self; ++r)
-        if (r != s) off += m[static_cast<size_t>(s) * W + r];
-      dst = win->data(s) + off * row;
+  // The own rows' partial sums on the side stream, beside the others' (which cross NVLink).
+  BITEP_CHECK(ex.fork());
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1) {
+      ex.launch_on_caller();
+      BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
     }
-    if (!expert) {
-      BITEP_CHECK(ex.copy(dst, static_cast<const char*>(y) + i0 * row, n * row));
-      continue;
+    for (int s = 0; s < W; ++s) {
+      const int64_t i0 = h->recv_offsets[s], n = h->recv_counts[s];
+      if (n == 0 || (s == self) != (pass == 0) || (s == self && !expert)) continue;
+      char* dst = static_cast<char*>(own);
+      if (s != self) {
+        int64_t off = 0;  // where rank s keeps the rows it sent this rank: its send offset for `self`
+        for (int r = 0; r < self; ++r)
+          if (r != s) off += m[static_cast<size_t>(s) * W + r];
+        dst = win->data(s) + off * row;
+      }
+      if (!expert) {
+        BITEP_CHECK(ex.copy(dst, static_cast<const char*>(y) + i0 * row, n * row));
+        continue;
+      }
+      kernels::ReduceParams rp;
+      rp.num_recv_rows = n;
+      rp.max_row_experts = KL;
+      rp.hidden = g->config.hidden;
+      rp.dtype = to_kernel_dtype(g->config.dtype);
+      rp.y = y;
+      rp.recv_expert_rows = h->recv_expert_rows + i0 * KL;
+      rp.recv_weights = weighted ? h->recv_weights + i0 * KL : nullptr;
+      rp.out = dst;
+      rp.blocks_per_sm = s == self ? kSideBlocksPerSm : 0;
+      BITEP_CHECK(ex.reduce(rp));
     }
-    kernels::ReduceParams rp;
-    rp.num_recv_rows = n;
-    rp.max_row_experts = KL;
-    rp.hidden = g->config.hidden;
-    rp.dtype = to_kernel_dtype(g->config.dtype);
-    rp.y = y;
-    rp.recv_expert_rows = h->recv_expert_rows + i0 * KL;
-    rp.recv_weights = weighted ? h->recv_weights + i0 * KL : nullptr;
-    rp.out = dst;
-    BITEP_CHECK(ex.reduce(rp));
   }
   BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
+  BITEP_CHECK(ex.join());
   trace->mark("reduce + window");
   if (h->num_tokens == 0) return bitepSuccess;
   kernels::FinalSumParams fp;
@@ -178,10 +187,22 @@ bitepResult_t combine(bitepGroup_t g,
   // Joins any side-stream work first: the fence then covers it (an error path can leave a fork open).
   FenceOnExit fence(h, stream, [&ex] { (void)ex.join(); });
   Trace trace("combine", g->rank, stream, ex.cuda());
+  // The peer window takes the combines that move enough rows (the matrix says how many each rank gets
+  // back; every rank decides alike), NCCL's all-to-all the small ones.
   PeerWindow* win = g->nranks > 1 ? g->transport->window() : nullptr;
-  if (win != nullptr) {
-    BITEP_CHECK(win->check());
-    return combine_window(ex, g, h, y, layout, weighted, out, win, &trace);
+  if (win != nullptr && !h->matrix.empty()) {
+    const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
+    uint64_t most = 0;
+    for (int s = 0; s < g->nranks; ++s) {
+      uint64_t n = 0;
+      for (int r = 0; r < g->nranks; ++r)
+        if (r != s) n += static_cast<uint64_t>(h->matrix[static_cast<size_t>(s) * g->nranks + r]);
+      most = std::max<uint64_t>(most, n * row);
+    }
+    if (most >= split_min_bytes()) {
+      BITEP_CHECK(win->check());
+      return combine_window(ex, g, h, y, layout, weighted, out, win, &trace);
+    }
   }
   const void* partial = y;
   if (layout == bitepLayoutExpertMajor) {

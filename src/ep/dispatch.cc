@@ -91,7 +91,7 @@ class Dispatch {
   bool any_weights_ = false;
   bool split_ = false;  // every rank: the routing all-to-all first, the rows beside the own rows' copies
   PeerWindow* win_ = nullptr;  // rows go straight into the peers' windows (cuda, one NVLink domain)
-  void* const* peer_dest_ = nullptr;  // [3W] the permute's destinations in the peers' windows
+  void* const* peer_dest_ = nullptr;  // [6W] the permute's destinations in the peers' windows (meta, rows)
   size_t win_map_ = 0, win_weights_ = 0;  // offsets of the map and weight regions in a window
   // Send-side temporaries.
   void* send_x_ = nullptr;
@@ -250,18 +250,19 @@ bitepResult_t Dispatch::after_exchange() {
     win_weights_ = win_map_ + up(static_cast<size_t>(MB_) * rmax);
     const size_t need = win_weights_ + (any_weights_ ? sizeof(float) * KL_ * rmax : 0);
     BITEP_CHECK(win_->reserve(need, c.timeout_s));
-    dest.assign(3 * static_cast<size_t>(W_), nullptr);
+    // Two permute tables: [0, 3W) the maps and weights alone, [3W, 6W) the rows alone.
+    dest.assign(6 * static_cast<size_t>(W_), nullptr);
     for (int r = 0; r < W_; ++r) {
       if (r == self_) continue;
       int64_t off = 0;
       for (int s = 0; s < self_; ++s) off += h->matrix[static_cast<size_t>(s) * W_ + r];
       char* base = win_->data(r);
-      dest[r] = base + off * row_bytes_;
       dest[W_ + r] = base + win_map_ + off * MB_;
       dest[2 * W_ + r] = any_weights_ ? base + win_weights_ + off * KL_ * sizeof(float) : nullptr;
+      dest[3 * W_ + r] = base + off * row_bytes_;
     }
   }
-  // The layout tables the kernels read, in one block and one upload: [W] int64 send offsets, [3W] peer
+  // The layout tables the kernels read, in one block and one upload: [W] int64 send offsets, [6W] peer
   // destinations (window only), [L] int32 expert counts, [L + 1] int32 expert offsets.
   const size_t dest_bytes = sizeof(void*) * dest.size();
   const size_t table_bytes = sizeof(int64_t) * W_ + dest_bytes + sizeof(int32_t) * (2 * L_ + 1);
@@ -289,53 +290,87 @@ bitepResult_t Dispatch::after_exchange() {
   return bitepSuccess;
 }
 
-// Peer window: barrier (every window idle) -> permute stores each row into its destination's window
-// (the own rows into recv_x) -> barrier (every row landed) -> the window's rows into recv_x, recv_map,
-// recv_weights -> expert-major view. No all-to-all call, no send buffers.
+// Peer window (large dispatches, as the split all-to-all): barrier (every window idle) -> the permute
+// stores the maps and weights into the destinations' windows (and the own rows, whole, into recv_x) ->
+// barrier -> on the side stream, every row's expert positions and the own rows' expert copies, beside the
+// permute storing the other rows into the peers' windows over NVLink -> barrier (every row landed) -> the
+// others' expert copies read the window, beside (side stream) its copy into recv_x. No all-to-all call and
+// no send buffers; each window mirrors its owner's recv_x rows.
 bitepResult_t Dispatch::move_rows_window() {
   const bitepGroupConfig_t& c = g_->config;
   bitepHandle* h = h_.get();
   const int64_t R = h->num_recv_rows;
-  BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
-  if (h->num_tokens > 0) {
-    kernels::PermuteParams pp;
-    pp.num_tokens = h->num_tokens;
-    pp.num_experts = c.num_experts;
-    pp.topk = c.topk;
-    pp.num_ranks = W_;
-    pp.self_rank = self_;
-    pp.hidden = c.hidden;
-    pp.dtype = to_kernel_dtype(c.dtype);
-    pp.routing = routing();
-    pp.x = a_->x;
-    pp.token_slot = h->token_slot;
-    pp.self_recv_offset = h->recv_offsets[self_];
-    pp.recv_x = h->recv_x;
-    pp.recv_map = h->recv_map;
-    pp.recv_weights = h->recv_weights;
-    pp.peer_dest = peer_dest_;
-    BITEP_CHECK(ex_.permute(pp));
-  }
-  BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
-  trace_.mark("permute + window");
   const int64_t own0 = h->recv_offsets[self_], own1 = own0 + h->recv_counts[self_];
   const char* base = win_->data(self_);
-  for (const auto& range : {std::make_pair(int64_t{0}, own0), std::make_pair(own1, R)}) {
-    const int64_t i0 = range.first, n = range.second - range.first;
-    if (n <= 0) continue;
-    BITEP_CHECK(ex_.copy(static_cast<char*>(h->recv_x) + i0 * row_bytes_, base + i0 * row_bytes_, n * row_bytes_));
-    BITEP_CHECK(ex_.copy(h->recv_map + i0 * MB_, base + win_map_ + i0 * MB_, n * MB_));
-    if (any_weights_)
-      BITEP_CHECK(ex_.copy(h->recv_weights + i0 * KL_, base + win_weights_ + i0 * KL_ * sizeof(float),
-                           n * KL_ * sizeof(float)));
-  }
+  kernels::PermuteParams pp;
+  pp.num_tokens = h->num_tokens;
+  pp.num_experts = c.num_experts;
+  pp.topk = c.topk;
+  pp.num_ranks = W_;
+  pp.self_rank = self_;
+  pp.hidden = c.hidden;
+  pp.dtype = to_kernel_dtype(c.dtype);
+  pp.routing = routing();
+  pp.x = a_->x;
+  pp.token_slot = h->token_slot;
+  pp.self_recv_offset = own0;
+  pp.recv_x = h->recv_x;
+  pp.recv_map = h->recv_map;
+  pp.recv_weights = h->recv_weights;
+  pp.peer_dest = peer_dest_;  // maps and weights to the peers
   kernels::ExpertMajorParams ep = expert_major_params(h, g_);
   ep.recv_x = h->recv_x;
   ep.expert_x = h->expert_x;
   void* src = nullptr;
   BITEP_CHECK(ex_.temp(sizeof(int64_t) * h->num_expert_rows, &src));
   ep.expert_src = static_cast<int64_t*>(src);
-  if (R > 0 || h->num_expert_rows > 0) BITEP_CHECK(ex_.expert_major(ep));
+  const bool expert = R > 0 || h->num_expert_rows > 0;
+  // Peer ranges of this rank's window: [0, own0) and [own1, R).
+  const std::pair<int64_t, int64_t> ranges[2] = {{0, own0}, {own1, R}};
+
+  BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
+  if (h->num_tokens > 0) BITEP_CHECK(ex_.permute(pp));
+  BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
+  for (const auto& range : ranges) {
+    const int64_t i0 = range.first, n = range.second - range.first;
+    if (n <= 0) continue;
+    BITEP_CHECK(ex_.copy(h->recv_map + i0 * MB_, base + win_map_ + i0 * MB_, n * MB_));
+    if (any_weights_)
+      BITEP_CHECK(ex_.copy(h->recv_weights + i0 * KL_, base + win_weights_ + i0 * KL_ * sizeof(float),
+                           n * KL_ * sizeof(float)));
+  }
+  trace_.mark("window (routing)");
+  BITEP_CHECK(ex_.fork());
+  ep.copy_begin = own0;
+  ep.copy_end = own1;
+  ep.blocks_per_sm = kSideBlocksPerSm;
+  if (expert) BITEP_CHECK(ex_.expert_major(ep));
+  ex_.launch_on_caller();
+  if (h->num_tokens > 0) {
+    pp.recv_x = nullptr;  // the rows alone, to the peers
+    pp.recv_map = nullptr;
+    pp.recv_weights = nullptr;
+    pp.peer_dest = peer_dest_ + 3 * W_;
+    BITEP_CHECK(ex_.permute(pp));
+  }
+  BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
+  trace_.mark("window (rows)");
+  BITEP_CHECK(ex_.join());
+  BITEP_CHECK(ex_.fork());
+  for (const auto& range : ranges) {
+    const int64_t i0 = range.first, n = range.second - range.first;
+    if (n > 0)
+      BITEP_CHECK(ex_.copy(static_cast<char*>(h->recv_x) + i0 * row_bytes_, base + i0 * row_bytes_, n * row_bytes_));
+  }
+  ex_.launch_on_caller();
+  ep.recv_x = base;  // the window's rows sit where recv_x's do
+  ep.positions_given = true;
+  ep.src_given = true;
+  ep.copy_outside = true;
+  ep.zero_pads = false;
+  ep.blocks_per_sm = 0;
+  if (expert) BITEP_CHECK(ex_.expert_major(ep));
+  BITEP_CHECK(ex_.join());
   return bitepSuccess;
 }
 
@@ -505,6 +540,9 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
     }
   }
   any_weights_ = with_weights >= 0;
+  // The window takes the large dispatches (those that split), the all-to-all the others: one NCCL call
+  // beats two barriers' round trips when there is little to move. Every rank decides alike.
+  if (!split_) win_ = nullptr;
   if (any_weights_ && without_weights >= 0)
     BITEP_FAIL(bitepInvalidArgument,
                "rank %d gives weights (args->probs or args->topk_weights) but rank %d, which has "

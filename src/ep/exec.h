@@ -41,6 +41,7 @@ class Exec {
 
   // Backend memory operations (cuda: enqueued on the stream; host: done at return).
   bitepResult_t zero(void* dst, size_t bytes);
+  // Device to device; between fork() and launch_on_caller() / join() on the side stream, as the primitives.
   bitepResult_t copy(void* dst, const void* src, size_t bytes);
   // host -> backend; the host source may be reused once this returns.
   bitepResult_t upload(void* dst, const void* host_src, size_t bytes);

@@ -143,7 +143,9 @@ void ep_permute(const kernels::PermuteParams& p) {
       const bool dest = !self && p.peer_dest != nullptr;
       const int64_t q = self ? p.self_recv_offset + slot[r] : dest ? slot[r] : p.send_offsets[r] + slot[r];
       void* x_dst = self ? p.recv_x : dest ? p.peer_dest[r] : p.send_x;
-      std::memcpy(static_cast<char*>(x_dst) + q * row_bytes, static_cast<const char*>(p.x) + t * row_bytes, row_bytes);
+      if (x_dst != nullptr && row_bytes > 0)
+        std::memcpy(static_cast<char*>(x_dst) + q * row_bytes, static_cast<const char*>(p.x) + t * row_bytes,
+                    row_bytes);
       uint8_t* map = self ? p.recv_map : dest ? static_cast<uint8_t*>(p.peer_dest[W + r]) : p.send_map;
       if (map != nullptr) {
         uint8_t* m = map + q * MB;
