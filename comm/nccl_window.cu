@@ -57,8 +57,8 @@ __global__ void peer_bases_kernel(ncclWindow_t win, int nranks, char** out) {
 }
 
 // bases[p]: rank p's buffer (flags first). One thread per rank.
-__global__ void barrier_kernel(char* const* bases, int nranks, int self, uint64_t epoch, uint64_t timeout_ns,
-                               volatile int* timed_out) {
+__global__ void barrier_kernel(
+    char* const* bases, int nranks, int self, uint64_t epoch, uint64_t timeout_ns, volatile int* timed_out) {
   // Everything this rank stored before (earlier kernels on the stream) is ordered before the flags.
   __threadfence_system();
   for (int p = threadIdx.x; p < nranks; p += blockDim.x)
@@ -219,10 +219,10 @@ bitepResult_t open_nccl_window(
     if (all[q] == 0) {
       if (trace && W > 1)
         std::fprintf(stderr, "bitep: rank %d: peer window off (%s)\n", self,
-                     !wanted ? (off ? "BITEP_LSA=0" : "a borrowed communicator: BITEP_LSA=1 turns it on")
-                     : !p2p  ? "NCCL_P2P_DISABLE=1"
-                             : q == self ? "this rank's load/store team is not every rank"
-                                                         : "another rank's load/store team is not every rank");
+                     !wanted     ? (off ? "BITEP_LSA=0" : "a borrowed communicator: BITEP_LSA=1 turns it on")
+                     : !p2p      ? "NCCL_P2P_DISABLE=1"
+                     : q == self ? "this rank's load/store team is not every rank"
+                                 : "another rank's load/store team is not every rank");
       return bitepSuccess;
     }
   std::unique_ptr<NcclWindow> w(new NcclWindow(t, comm, self, W));

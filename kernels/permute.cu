@@ -332,7 +332,8 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   // (peer_dest) start at a multiple of the row size past a 16-byte aligned window: the row size decides.
   const int v = vec_bytes(a.row_bytes, p.x, peers ? p.send_x : nullptr, p.recv_x);
   a.nvec = a.row_bytes / v;
-  if (a.row_bytes > 0 && (p.x == nullptr || (peers && p.send_x == nullptr) || (!peers && W > 1 && p.peer_dest == nullptr)))
+  if (a.row_bytes > 0 &&
+      (p.x == nullptr || (peers && p.send_x == nullptr) || (!peers && W > 1 && p.peer_dest == nullptr)))
     return cudaErrorInvalidValue;
 
   unsigned grid = 0;

@@ -18,6 +18,7 @@
 //   failure there fails on that rank, and its peers wait in NCCL (see the transport's timeout).
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -38,6 +39,15 @@ constexpr int32_t kFlagWeights = 2;   // gives weights
 constexpr int32_t kFlagCapacity = 4;  // passed recv_x or expert_x
 constexpr int32_t kFlagTokens = 8;    // T > 0
 constexpr int32_t kFlagSplit = 16;    // moves at least split_min_bytes() of rows: split the all-to-all
+
+// BITEP_LSA_DISPATCH=1: large dispatches store their rows into the peers' windows (a tuning knob).
+bool window_dispatch() {
+  static const bool on = [] {
+    const char* v = std::getenv("BITEP_LSA_DISPATCH");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
 
 struct HandleDeleter {
   void operator()(bitepHandle* h) const { destroy_handle(h); }
@@ -89,8 +99,8 @@ class Dispatch {
   int32_t* send_host_ = nullptr;
   std::vector<int32_t> recv_host_;  // [W, L + 2]
   bool any_weights_ = false;
-  bool split_ = false;  // every rank: the routing all-to-all first, the rows beside the own rows' copies
-  PeerWindow* win_ = nullptr;  // rows go straight into the peers' windows (cuda, one NVLink domain)
+  bool split_ = false;                // every rank: the routing all-to-all first, the rows beside the own rows' copies
+  PeerWindow* win_ = nullptr;         // rows go straight into the peers' windows (cuda, one NVLink domain)
   void* const* peer_dest_ = nullptr;  // [6W] the permute's destinations in the peers' windows (meta, rows)
   size_t win_map_ = 0, win_weights_ = 0;  // offsets of the map and weight regions in a window
   // Send-side temporaries.
@@ -540,9 +550,10 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
     }
   }
   any_weights_ = with_weights >= 0;
-  // The window takes the large dispatches (those that split), the all-to-all the others: one NCCL call
-  // beats two barriers' round trips when there is little to move. Every rank decides alike.
-  if (!split_) win_ = nullptr;
+  // The window takes the large dispatches (those that split) when BITEP_LSA_DISPATCH=1; by default the
+  // split all-to-all does (measured on 2 x H200: the window's dispatch 0-20% slower at T >= 2048, its
+  // combine 23-33% faster; bench/NOTES.md v8). Every rank decides alike.
+  if (!split_ || !window_dispatch()) win_ = nullptr;
   if (any_weights_ && without_weights >= 0)
     BITEP_FAIL(bitepInvalidArgument,
                "rank %d gives weights (args->probs or args->topk_weights) but rank %d, which has "

@@ -92,7 +92,8 @@ bitepResult_t Exec::copy(void* dst, const void* src, size_t bytes) {
     return bitepSuccess;
   }
 #ifdef BITEP_HAVE_CUDA
-  BITEP_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(launch_stream())));
+  BITEP_CUDA_CHECK(
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(launch_stream())));
 #endif
   return bitepSuccess;
 }

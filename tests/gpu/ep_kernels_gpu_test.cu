@@ -138,6 +138,138 @@ TEST(EpKernelsGpu, PermuteMatchesHost) {
   }
 }
 
+// The permute into per-rank destinations (the peers' windows; here the send buffers' chunks, addressed one
+// by one): rows and meta together, the meta alone (row copies skipped for the peers, the self chunk whole),
+// the rows alone (no self chunk, no meta). Each against the host and against the plain permute's send
+// buffers: what lands in the destinations is exactly the plain permute's chunks; the rest stays poisoned.
+TEST(EpKernelsGpu, PermutePeerDestMatchesHost) {
+  REQUIRE_GPU();
+  int failing = 0;
+  for (const Case& c : routing_grid({3000})) {
+    if (c.W < 2) continue;
+    const Routing r = make_routing(c.T, c.E(), c.k, c.seed, c.skewed, c.invalid);
+    const DevRouting dr(r);
+    const Layout lay = host_layout(c, r);
+    const int W = c.W, L = c.L, MB = K::local_map_bytes(L), KL = K::max_row_experts(c.k, L);
+    const int self = static_cast<int>((c.seed + 1) % W);
+    std::vector<int64_t> send_off(W, -1);
+    int64_t S = 0;
+    for (int q = 0; q < W; ++q)
+      if (q != self) send_off[q] = S, S += lay.counts[size_t(q) * (L + 1)] + 1;
+    const int64_t self_off = 2, R = self_off + lay.counts[size_t(self) * (L + 1)] + 1;
+    std::mt19937_64 rng(c.seed ^ 0x5eed);
+    const std::vector<uint8_t> x = random_rows(c.T, c.H, c.dtype, rng);
+    const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
+    const bool weights = c.wf != WeightFormat::kNone;
+    // The plain permute (host) is the reference for every chunk.
+    std::vector<uint8_t> ref_sx = poisoned<uint8_t>(S * rb), ref_rx = poisoned<uint8_t>(R * rb);
+    std::vector<uint8_t> ref_sm = poisoned<uint8_t>(S * MB), ref_rm = poisoned<uint8_t>(R * MB);
+    std::vector<float> ref_sw = poisoned<float>(S * KL), ref_rw = poisoned<float>(R * KL);
+    K::PermuteParams p;
+    p.num_tokens = c.T;
+    p.num_experts = c.E();
+    p.topk = c.k;
+    p.num_ranks = W;
+    p.self_rank = self;
+    p.hidden = c.H;
+    p.dtype = c.dtype;
+    p.routing = host_input(r, c.fmt, c.wf);
+    p.x = x.data();
+    p.token_slot = lay.slot.data();
+    p.send_offsets = send_off.data();
+    p.self_recv_offset = self_off;
+    p.send_x = ref_sx.data(), p.recv_x = ref_rx.data();
+    p.send_map = ref_sm.data(), p.recv_map = ref_rm.data();
+    p.send_weights = ref_sw.data(), p.recv_weights = ref_rw.data();
+    host::ep_permute(p);
+    const std::vector<uint8_t> pois_sx = poisoned<uint8_t>(S * rb), pois_rx = poisoned<uint8_t>(R * rb);
+    const std::vector<uint8_t> pois_sm = poisoned<uint8_t>(S * MB), pois_rm = poisoned<uint8_t>(R * MB);
+    const std::vector<float> pois_sw = poisoned<float>(S * KL), pois_rw = poisoned<float>(R * KL);
+    // Variant 0: all; 1: maps and weights to the peers, the self chunk whole; 2: the peers' rows alone.
+    for (int variant = 0; variant < 3; ++variant) {
+      const bool rows = variant != 1, meta = variant != 2, own = variant != 2;
+      std::vector<uint8_t> sx = pois_sx, rx = pois_rx, sm = pois_sm, rm = pois_rm;
+      std::vector<float> sw = pois_sw, rw = pois_rw;
+      auto table = [&](uint8_t* bx, uint8_t* bm, float* bw) {
+        std::vector<void*> d(3 * size_t(W), nullptr);
+        for (int q = 0; q < W; ++q) {
+          if (q == self) continue;
+          d[q] = rows ? bx + send_off[q] * rb : nullptr;
+          d[W + q] = meta ? bm + send_off[q] * MB : nullptr;
+          d[2 * W + q] = meta && weights ? static_cast<void*>(bw + send_off[q] * KL) : nullptr;
+        }
+        return d;
+      };
+      K::PermuteParams q = p;
+      q.send_offsets = nullptr;
+      q.send_x = nullptr, q.send_map = nullptr, q.send_weights = nullptr;
+      q.recv_x = own ? rx.data() : nullptr;
+      q.recv_map = own ? rm.data() : nullptr;
+      q.recv_weights = own ? rw.data() : nullptr;
+      if (!meta) q.routing.weight_format = WeightFormat::kNone;
+      const std::vector<void*> host_dest = table(sx.data(), sm.data(), sw.data());
+      q.peer_dest = host_dest.data();
+      host::ep_permute(q);
+      Dev<uint8_t> dx(x), dsx(pois_sx), drx(pois_rx), dsm(pois_sm), drm(pois_rm);
+      Dev<float> dsw(pois_sw), drw(pois_rw);
+      Dev<int32_t> dslot(lay.slot);
+      const std::vector<void*> dev_dest_host = table(dsx.get(), dsm.get(), dsw.get());
+      Dev<void*> ddest(dev_dest_host);
+      q.routing = dev_input(dr, c.fmt, meta ? c.wf : WeightFormat::kNone);
+      q.x = dx.get();
+      q.token_slot = dslot.get();
+      q.recv_x = own ? drx.get() : nullptr;
+      q.recv_map = own ? drm.get() : nullptr;
+      q.recv_weights = own ? drw.get() : nullptr;
+      q.peer_dest = ddest.get();
+      sync(K::launch_ep_permute(q, nullptr));
+      const std::string where = c.str() + " variant " + std::to_string(variant);
+      // Device == host, byte for byte.
+      bool ok = same(dsx.host(), sx, "dest x", where) & same(drx.host(), rx, "recv_x", where);
+      ok = ok & same(dsm.host(), sm, "dest map", where) & same(drm.host(), rm, "recv_map", where);
+      ok = ok & same(dsw.host(), sw, "dest weights", where) & same(drw.host(), rw, "recv_weights", where);
+      // Host == the plain permute where written, poison where not.
+      ok = ok & same(sx, rows ? ref_sx : pois_sx, "dest x vs send_x", where);
+      ok = ok & same(rx, own ? ref_rx : pois_rx, "recv_x vs plain", where);
+      ok = ok & same(sm, meta ? ref_sm : pois_sm, "dest map vs send_map", where);
+      ok = ok & same(rm, own ? ref_rm : pois_rm, "recv_map vs plain", where);
+      ok = ok & same(sw, meta && weights ? ref_sw : pois_sw, "dest weights vs send_weights", where);
+      ok = ok & same(rw, own && weights ? ref_rw : pois_rw, "recv_weights vs plain", where);
+      if (!ok && ++failing >= kMaxFailingCases) return;
+    }
+  }
+}
+
+// The count exchange's send rows: the layout's counts per peer, then the whole send-count vector.
+TEST(EpKernelsGpu, PackCountsMatchesHost) {
+  REQUIRE_GPU();
+  for (int W : {1, 2, 3, 8, 33}) {
+    for (int L : {1, 7, 32}) {
+      const int row = L + 2 + W + (W % 3);  // wider rows than needed stay untouched past the vector
+      std::vector<int32_t> counts(size_t(W) * (L + 1));
+      for (size_t i = 0; i < counts.size(); ++i) counts[i] = static_cast<int32_t>(i * 7919 % 1000);
+      std::vector<int32_t> out = poisoned<int32_t>(size_t(W) * row);
+      K::PackCountsParams p;
+      p.counts = counts.data();
+      p.num_ranks = W;
+      p.local_experts = L;
+      p.out = out.data();
+      p.row = row;
+      host::ep_pack_counts(p);
+      for (int q = 0; q < W; ++q) {
+        for (int c = 0; c <= L; ++c) ASSERT_EQ(out[size_t(q) * row + c], counts[size_t(q) * (L + 1) + c]);
+        ASSERT_EQ(out[size_t(q) * row + L + 1], poisoned<int32_t>(1)[0]) << "the flags column is the caller's";
+        for (int r = 0; r < W; ++r) ASSERT_EQ(out[size_t(q) * row + L + 2 + r], counts[size_t(r) * (L + 1)]);
+      }
+      Dev<int32_t> dc(counts), dout(poisoned<int32_t>(size_t(W) * row));
+      p.counts = dc.get();
+      p.out = dout.get();
+      sync(K::launch_ep_pack_counts(p, nullptr));
+      EXPECT_TRUE(same(dout.host(), out, "packed counts", "W " + std::to_string(W) + " L " + std::to_string(L)));
+    }
+  }
+}
+
 // ---- expert-major, reduce ----------------------------------------------------------------------------
 
 struct RecvCase {

@@ -177,6 +177,67 @@ TEST(EpHostPermute, NullMapsAndNoWeightsCopyRowsOnly) {
   for (float w : c.send_w) EXPECT_EQ(w, -1);
 }
 
+// peer_dest: rank 0's chunk goes to its own destination row 0 (the peer's window), the same rows, maps and
+// weights as the send buffers'; a pass with the maps alone, then one with the rows alone, add up to it.
+TEST(EpHostPermute, PeerDestinationsMetaThenRows) {
+  const std::vector<uint8_t> m = bitmap({{1, 4, 6}, {0, 2, 3}, {5, 6, 7}}, 8);
+  const std::vector<float> w = {0.1f, 0.4f, 0.6f, 1.0f, 1.2f, 1.3f, 2.5f, 2.6f, 2.7f};
+  const RoutingInput in{RoutingFormat::kBitmap, m.data(), WeightFormat::kCompact, w.data()};
+  PermuteCase ref;
+  ref.run(in);
+  std::vector<float> dx(4, -1), dw(6, -1);
+  std::vector<uint8_t> dm(2, 0xee);
+  std::vector<float> recv_x(6, -1), recv_w(9, -1);
+  std::vector<uint8_t> recv_map(3, 0xee);
+  std::vector<void*> meta = {nullptr, nullptr, dm.data(), nullptr, dw.data(), nullptr};  // [x | map | w] x W
+  std::vector<void*> rows = {dx.data(), nullptr, nullptr, nullptr, nullptr, nullptr};
+  bitep::kernels::PermuteParams p;
+  p.num_tokens = 3;
+  p.num_experts = 8;
+  p.topk = 3;
+  p.num_ranks = 2;
+  p.self_rank = 1;
+  p.hidden = 2;
+  p.dtype = DType::kF32;
+  p.routing = in;
+  p.x = ref.x.data();
+  p.token_slot = ref.slot.data();
+  p.self_recv_offset = 1;
+  p.recv_x = recv_x.data();
+  p.recv_map = recv_map.data();
+  p.recv_weights = recv_w.data();
+  p.peer_dest = meta.data();
+  bitep::host::ep_permute(p);
+  EXPECT_EQ(dx, (std::vector<float>{-1, -1, -1, -1}));  // no rows yet
+  EXPECT_EQ(dm, ref.send_map);
+  EXPECT_EQ(dw, ref.send_w);
+  EXPECT_EQ(recv_x, ref.recv_x);  // the self chunk whole
+  EXPECT_EQ(recv_map, ref.recv_map);
+  EXPECT_EQ(recv_w, ref.recv_w);
+  p.recv_x = nullptr, p.recv_map = nullptr, p.recv_weights = nullptr;
+  p.routing.weight_format = WeightFormat::kNone;
+  p.peer_dest = rows.data();
+  bitep::host::ep_permute(p);
+  EXPECT_EQ(dx, ref.send_x);
+  EXPECT_EQ(dm, ref.send_map);  // untouched by the rows' pass
+  EXPECT_EQ(dw, ref.send_w);
+}
+
+TEST(EpHostPackCounts, CountsThenTheWholeSendVector) {
+  // W = 3, L = 2: counts [r][0] rows to r, [r][1..2] per local expert; rows of 3 + 2 + 1 ints.
+  const std::vector<int32_t> counts = {5, 1, 4, /**/ 7, 6, 2, /**/ 0, 0, 0};
+  std::vector<int32_t> out(3 * 8, -9);
+  bitep::kernels::PackCountsParams p;
+  p.counts = counts.data();
+  p.num_ranks = 3;
+  p.local_experts = 2;
+  p.out = out.data();
+  p.row = 8;
+  bitep::host::ep_pack_counts(p);
+  EXPECT_EQ(out, (std::vector<int32_t>{5,      1, 4, -9, 5, 7, 0, -9, /**/ 7, 6, 2, -9, 5, 7, 0, -9,
+                                       /**/ 0, 0, 0, -9, 5, 7, 0, -9}));
+}
+
 // Expert-major parameters over fp32 rows of one element (H = 1): R rows, L local experts, KL per row.
 bitep::kernels::ExpertMajorParams expert_major_f32(int64_t R,
                                                    int L,
