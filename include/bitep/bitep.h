@@ -262,20 +262,27 @@ BITEP_API bitepResult_t bitepGetUniqueId(bitepUniqueId* id);
  * The communicators bitep creates (here and in bitepGroupCreateMpi) are non-blocking, every NCCL call
  * polled against timeout_s. Environment BITEP_NCCL_BLOCKING=1 makes them blocking: each call is
  * enqueued on the caller's thread (~15-20 us less host time per call), but NCCL's init, connection
- * setup and ncclCommFinalize (bitepGroupDestroy) then wait for the peers without a timeout. */
+ * setup and ncclCommFinalize (bitepGroupDestroy) then wait for the peers without a timeout.
+ * Peer window: when every rank is in one NVLink domain (NCCL's load/store team), the group also
+ * registers an NCCL symmetric-memory window per rank (collective, here), and large combines (above
+ * BITEP_SPLIT_MIN_BYTES of rows) store their partial rows straight into the source ranks' windows
+ * instead of calling NCCL's all-to-all. Environment: BITEP_LSA=0 turns it off; BITEP_LSA_DISPATCH=1 sends
+ * large dispatches through it too; NCCL_P2P_DISABLE=1 turns it off. */
 BITEP_API bitepResult_t bitepGroupCreateFromUniqueId(
     const bitepUniqueId* id, int nranks, int rank, const bitepGroupConfig_t* config, bitepGroup_t* group);
 
 /* Creates a cuda-backend group over the caller's communicator, which stays the caller's: bitep never
  * destroys or aborts it. Collective over comm; same checks as above. The current device must be
- * comm's device. */
+ * comm's device. No peer window unless BITEP_LSA=1 (then bitepGroupDestroy is collective: it
+ * deregisters the window). */
 BITEP_API bitepResult_t bitepGroupCreateFromNccl(struct ncclComm* comm,
                                                  const bitepGroupConfig_t* config,
                                                  bitepGroup_t* group);
 
 /* Destroys the group and its buffer pool. Handles of the group become invalid (their later use
  * returns bitepInvalidUsage); they must still be destroyed. NULL is a no-op. Host backend and borrowed
- * NCCL communicators: local, not collective. A communicator bitep created (MPI or unique-id groups) is
+ * NCCL communicators: local, not collective (but collective over a borrowed communicator with a peer
+ * window, BITEP_LSA=1: the window is deregistered). A communicator bitep created (MPI or unique-id groups) is
  * finalised with ncclCommFinalize, which waits for the peers to destroy their groups too, up to the
  * group's timeout, after which it is aborted: destroy groups on every rank. */
 BITEP_API bitepResult_t bitepGroupDestroy(bitepGroup_t group);
@@ -283,7 +290,7 @@ BITEP_API bitepResult_t bitepGroupDestroy(bitepGroup_t group);
 /* [OUT] rank, nranks (either may be NULL). */
 BITEP_API bitepResult_t bitepGroupGetRank(bitepGroup_t group, int* rank, int* nranks);
 
-/* [OUT] bytes: memory the group holds now (its pool and fixed buffers) on this rank. */
+/* [OUT] bytes: memory the group holds now (its pool, fixed buffers and peer window) on this rank. */
 BITEP_API bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes);
 
 #define BITEP_DISPATCH_ARGS_MAGIC 0xb17e0011u

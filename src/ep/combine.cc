@@ -3,7 +3,9 @@
 // (rank-major input skips it) -> all-to-all-v back with the handle's counts (no count exchange) -> each
 // token sums its partial rows in ascending rank order. Dispatch backward is the unweighted combine.
 // When the others' rows are large (split_min_bytes()), this rank's own rows, which never travel, are
-// summed on a side stream beside the all-to-all.
+// summed on a side stream beside the all-to-all. Where the group has a peer window (src/ep/transport.h),
+// those large combines store their partial rows straight into the source ranks' windows instead of the
+// all-to-all (combine_window).
 #include "src/ep/combine.h"
 
 #include <algorithm>

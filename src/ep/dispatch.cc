@@ -4,7 +4,10 @@
 // Large dispatches (a rank moving >= split_min_bytes() of rows; every rank learns it from the flags of
 // the count exchange, so all split alike) split the all-to-all: the routing slices and weights first,
 // then the rows, while a side stream computes every row's expert positions and copies this rank's own
-// rows into the expert-major view; the other rows' copies follow their arrival.
+// rows into the expert-major view; the other rows' copies follow their arrival. With BITEP_LSA_DISPATCH=1
+// and a peer window (src/ep/transport.h) the large dispatches store their maps and weights, then their
+// rows, straight into the peers' windows instead (move_rows_window); the count exchange carries every
+// rank's send counts, so each rank knows where its rows go in every window.
 //
 // Failing together. The count exchange also carries, per rank, a flags word: whether the rank failed
 // before the exchange (argument checks, allocation, layout; with its error code), whether it gives

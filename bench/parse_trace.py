@@ -1,0 +1,16 @@
+import sys, re, statistics, collections
+groups = collections.defaultdict(lambda: collections.defaultdict(list))
+for line in open(sys.argv[1], errors='replace'):
+    m = re.match(r'\[bitep trace\] rank (\d+) (\w+): ([\d.]+) us =(.*)', line)
+    if not m: continue
+    rank, call, total, rest = m.groups()
+    g = groups[(call, rank)]
+    g['total'].append(float(total))
+    name = []
+    for t in rest.split():
+        try:
+            v = float(t); g[' '.join(name)].append(v); name = []
+        except ValueError:
+            name.append(t)
+for k, g in sorted(groups.items()):
+    print(k, 'n=%d' % len(g['total']), ' | '.join(f"{n} {statistics.median(v):.0f}" for n, v in g.items()))
