@@ -1,3 +1,7 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+# Medians of the BITEP_TRACE lines in a log ("[bitep trace] rank R call: T us = phase t ..."), per call and
+# rank: python3 bench/parse_trace.py LOG
 import sys, re, statistics, collections
 groups = collections.defaultdict(lambda: collections.defaultdict(list))
 for line in open(sys.argv[1], errors='replace'):
