@@ -88,6 +88,7 @@ class NcclWindow final : public PeerWindow {
   ~NcclWindow() override {
     release();
     if (bases_dev_ != nullptr) (void)cudaFree(bases_dev_);
+    if (last_use_ != nullptr) (void)cudaEventDestroy(last_use_);
     if (timed_out_ != nullptr) (void)cudaFreeHost(const_cast<int*>(timed_out_));
     (void)cudaGetLastError();
   }
@@ -100,6 +101,16 @@ class NcclWindow final : public PeerWindow {
     BITEP_CUDA_CHECK(cudaHostGetDevicePointer(&p, p, 0));
     timed_out_dev_ = static_cast<volatile int*>(p);
     BITEP_CUDA_CHECK(cudaMalloc(&bases_dev_, sizeof(char*) * nranks_));
+    BITEP_CUDA_CHECK(cudaEventCreateWithFlags(&last_use_, cudaEventDisableTiming));
+    return bitepSuccess;
+  }
+
+  bitepResult_t acquire(bitepStream_t stream) override {
+    BITEP_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), last_use_, 0));
+    return bitepSuccess;
+  }
+  bitepResult_t release(bitepStream_t stream) override {
+    BITEP_CUDA_CHECK(cudaEventRecord(last_use_, reinterpret_cast<cudaStream_t>(stream)));
     return bitepSuccess;
   }
 
@@ -187,6 +198,7 @@ class NcclWindow final : public PeerWindow {
   void* bases_dev_ = nullptr;  // the same on the device (the barrier's)
   uint64_t epoch_ = 0;
   double timeout_s_ = 300.0;
+  cudaEvent_t last_use_ = nullptr;  // release()'s mark (a never-recorded event is complete)
   volatile int* timed_out_ = nullptr;  // mapped pinned host word
   volatile int* timed_out_dev_ = nullptr;
 };

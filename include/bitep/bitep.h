@@ -267,7 +267,9 @@ BITEP_API bitepResult_t bitepGetUniqueId(bitepUniqueId* id);
  * registers an NCCL symmetric-memory window per rank (collective, here), and large combines (above
  * BITEP_SPLIT_MIN_BYTES of rows) store their partial rows straight into the source ranks' windows
  * instead of calling NCCL's all-to-all. Environment: BITEP_LSA=0 turns it off; BITEP_LSA_DISPATCH=1 sends
- * large dispatches through it too; NCCL_P2P_DISABLE=1 turns it off. */
+ * large dispatches through it too; NCCL_P2P_DISABLE=1 turns it off. A peer that never reaches one of the
+ * window's barriers (failed, stalled) ends the wait after timeout_s: that call's received rows are then
+ * incomplete and the group's next dispatch or combine fails with bitepTimeout. */
 BITEP_API bitepResult_t bitepGroupCreateFromUniqueId(
     const bitepUniqueId* id, int nranks, int rank, const bitepGroupConfig_t* config, bitepGroup_t* group);
 

@@ -116,6 +116,7 @@ bitepResult_t combine_window(Exec& ex,
   void* own = nullptr;
   if (expert) BITEP_CHECK(ex.temp(row * own_n, &own));
   // The own rows' partial sums on the side stream, beside the others' (which cross NVLink).
+  BITEP_CHECK(win->acquire(ex.stream()));
   BITEP_CHECK(ex.fork());
   for (int pass = 0; pass < 2; ++pass) {
     if (pass == 1) {
@@ -152,7 +153,7 @@ bitepResult_t combine_window(Exec& ex,
   BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
   BITEP_CHECK(ex.join());
   trace->mark("reduce + window");
-  if (h->num_tokens == 0) return bitepSuccess;
+  if (h->num_tokens == 0) return win->release(ex.stream());
   kernels::FinalSumParams fp;
   fp.num_tokens = h->num_tokens;
   fp.num_ranks = W;
@@ -167,7 +168,7 @@ bitepResult_t combine_window(Exec& ex,
   fp.out = out;
   BITEP_CHECK(ex.final_sum(fp));
   trace->mark("final-sum");
-  return bitepSuccess;
+  return win->release(ex.stream());
 }
 
 bitepResult_t combine(bitepGroup_t g,
@@ -189,22 +190,12 @@ bitepResult_t combine(bitepGroup_t g,
   // Joins any side-stream work first: the fence then covers it (an error path can leave a fork open).
   FenceOnExit fence(h, stream, [&ex] { (void)ex.join(); });
   Trace trace("combine", g->rank, stream, ex.cuda());
-  // The peer window takes the combines that move enough rows (the matrix says how many each rank gets
-  // back; every rank decides alike), NCCL's all-to-all the small ones.
+  // The peer window takes the combines of large dispatches (decided with the dispatch, alike on every
+  // rank), NCCL's all-to-all the small ones.
   PeerWindow* win = g->nranks > 1 ? g->transport->window() : nullptr;
-  if (win != nullptr && !h->matrix.empty()) {
-    const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
-    uint64_t most = 0;
-    for (int s = 0; s < g->nranks; ++s) {
-      uint64_t n = 0;
-      for (int r = 0; r < g->nranks; ++r)
-        if (r != s) n += static_cast<uint64_t>(h->matrix[static_cast<size_t>(s) * g->nranks + r]);
-      most = std::max<uint64_t>(most, n * row);
-    }
-    if (most >= split_min_bytes()) {
-      BITEP_CHECK(win->check());
-      return combine_window(ex, g, h, y, layout, weighted, out, win, &trace);
-    }
+  if (win != nullptr && h->window_combine) {
+    BITEP_CHECK(win->check());
+    return combine_window(ex, g, h, y, layout, weighted, out, win, &trace);
   }
   const void* partial = y;
   if (layout == bitepLayoutExpertMajor) {

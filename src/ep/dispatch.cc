@@ -42,6 +42,7 @@ constexpr int32_t kFlagWeights = 2;   // gives weights
 constexpr int32_t kFlagCapacity = 4;  // passed recv_x or expert_x
 constexpr int32_t kFlagTokens = 8;    // T > 0
 constexpr int32_t kFlagSplit = 16;    // moves at least split_min_bytes() of rows: split the all-to-all
+constexpr int32_t kFlagWindow = 32;   // BITEP_LSA_DISPATCH=1 here: large dispatches through the peer window
 
 // BITEP_LSA_DISPATCH=1: large dispatches store their rows into the peers' windows (a tuning knob).
 bool window_dispatch() {
@@ -341,6 +342,7 @@ bitepResult_t Dispatch::move_rows_window() {
   // Peer ranges of this rank's window: [0, own0) and [own1, R).
   const std::pair<int64_t, int64_t> ranges[2] = {{0, own0}, {own1, R}};
 
+  BITEP_CHECK(win_->acquire(ex_.stream()));
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
   if (h->num_tokens > 0) BITEP_CHECK(ex_.permute(pp));
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
@@ -384,7 +386,7 @@ bitepResult_t Dispatch::move_rows_window() {
   ep.blocks_per_sm = 0;
   if (expert) BITEP_CHECK(ex_.expert_major(ep));
   BITEP_CHECK(ex_.join());
-  return bitepSuccess;
+  return win_->release(ex_.stream());
 }
 
 // Permute into send buffers, all-to-all-v through the transport, expert-major view.
@@ -516,7 +518,8 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   if (local == bitepSuccess) {
     flags = (a_->probs || a_->topk_weights ? kFlagWeights : 0) | (a_->recv_x || a_->expert_x ? kFlagCapacity : 0) |
             (a_->num_tokens > 0 ? kFlagTokens : 0) |
-            (W_ > 1 && static_cast<uint64_t>(a_->num_tokens) * row_bytes_ >= split_min_bytes() ? kFlagSplit : 0);
+            (W_ > 1 && static_cast<uint64_t>(a_->num_tokens) * row_bytes_ >= split_min_bytes() ? kFlagSplit : 0) |
+            (window_dispatch() ? kFlagWindow : 0);
   } else {
     flags = kFlagFailed | (static_cast<int32_t>(local) << 8);
     (void)ex_.zero(xsend_, sizeof(int32_t) * W_ * n_);
@@ -535,7 +538,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   if (local != bitepSuccess) return saved.restore();
 
   // Every rank sees the same flags, so every rank reaches the same verdict here.
-  bool any_capacity = false;
+  bool any_capacity = false, window_rows = false;
   int with_weights = -1, without_weights = -1;
   for (int q = 0; q < W_; ++q) {
     const int32_t f = recv_host_[q * n_ + L_ + 1];
@@ -546,6 +549,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
                  q, W_, bitepGetErrorString(static_cast<bitepResult_t>((f >> 8) & 0xff)));
     if (f & kFlagCapacity) any_capacity = true;
     if (f & kFlagSplit) split_ = true;
+    if (f & kFlagWindow) window_rows = true;
     if (f & kFlagWeights) {
       if (with_weights < 0) with_weights = q;
     } else if (f & kFlagTokens) {
@@ -553,10 +557,12 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
     }
   }
   any_weights_ = with_weights >= 0;
-  // The window takes the large dispatches (those that split) when BITEP_LSA_DISPATCH=1; by default the
-  // split all-to-all does (measured on 2 x H200: the window's dispatch 0-20% slower at T >= 2048, its
-  // combine 23-33% faster; bench/NOTES.md v8). Every rank decides alike.
-  if (!split_ || !window_dispatch()) win_ = nullptr;
+  // The window takes the large calls (those that split): this handle's combines, and with
+  // BITEP_LSA_DISPATCH=1 on any rank the dispatch too; by default the split all-to-all moves the dispatch's
+  // rows (measured on 2 x H200: the window's dispatch within +-10% of it, its combine 20-33% faster;
+  // bench/NOTES.md v8). Decided from the exchanged flags, so every rank decides alike.
+  h_->window_combine = split_ && win_ != nullptr;
+  if (!split_ || !window_rows) win_ = nullptr;
   if (any_weights_ && without_weights >= 0)
     BITEP_FAIL(bitepInvalidArgument,
                "rank %d gives weights (args->probs or args->topk_weights) but rank %d, which has "

@@ -52,6 +52,10 @@ class PeerWindow {
   virtual bitepResult_t barrier(bitepStream_t stream, double timeout_s) = 0;
   // bitepTimeout when an earlier barrier ended without every peer (their stores may be missing).
   virtual bitepResult_t check() = 0;
+  // Orders the calls that use the window, whatever streams they run on: acquire() makes `stream` wait for
+  // the previous call's release(), which marks where that call's last access to the window was queued.
+  virtual bitepResult_t acquire(bitepStream_t stream) = 0;
+  virtual bitepResult_t release(bitepStream_t stream) = 0;
 };
 
 class Transport {
