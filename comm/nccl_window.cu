@@ -198,7 +198,7 @@ class NcclWindow final : public PeerWindow {
   void* bases_dev_ = nullptr;  // the same on the device (the barrier's)
   uint64_t epoch_ = 0;
   double timeout_s_ = 300.0;
-  cudaEvent_t last_use_ = nullptr;  // release()'s mark (a never-recorded event is complete)
+  cudaEvent_t last_use_ = nullptr;     // release()'s mark (a never-recorded event is complete)
   volatile int* timed_out_ = nullptr;  // mapped pinned host word
   volatile int* timed_out_dev_ = nullptr;
 };
