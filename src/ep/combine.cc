@@ -27,6 +27,56 @@ bitepResult_t check_call(bitepGroup_t group, bitepHandle_t handle) {
   return bitepSuccess;
 }
 
+namespace {
+
+// The final sum of this rank's tokens: the peers' returned rows from `ret` (send layout), the own ones
+// from self_ret at self_ret_offset + slot.
+kernels::FinalSumParams final_sum_params(const bitepGroup* g,
+                                         const bitepHandle* h,
+                                         const void* ret,
+                                         const void* self_ret,
+                                         int64_t self_ret_offset,
+                                         void* out) {
+  kernels::FinalSumParams fp;
+  fp.num_tokens = h->num_tokens;
+  fp.num_ranks = g->nranks;
+  fp.self_rank = g->rank;
+  fp.hidden = g->config.hidden;
+  fp.dtype = to_kernel_dtype(g->config.dtype);
+  fp.token_slot = h->token_slot;
+  fp.send_offsets = h->send_offsets_dev;
+  fp.ret = ret;
+  fp.self_ret = self_ret;
+  fp.self_ret_offset = self_ret_offset;
+  fp.out = out;
+  return fp;
+}
+
+// The reduce of received rows [i0, i0 + n) into `out` (n partial rows).
+kernels::ReduceParams reduce_params(const bitepGroup* g,
+                                    const bitepHandle* h,
+                                    const void* y,
+                                    int weighted,
+                                    int64_t i0,
+                                    int64_t n,
+                                    void* out,
+                                    int blocks_per_sm) {
+  const int KL = g->max_row_experts;
+  kernels::ReduceParams rp;
+  rp.num_recv_rows = n;
+  rp.max_row_experts = KL;
+  rp.hidden = g->config.hidden;
+  rp.dtype = to_kernel_dtype(g->config.dtype);
+  rp.y = y;
+  rp.recv_expert_rows = h->recv_expert_rows + i0 * KL;
+  rp.recv_weights = weighted ? h->recv_weights + i0 * KL : nullptr;
+  rp.out = out;
+  rp.blocks_per_sm = blocks_per_sm;
+  return rp;
+}
+
+}  // namespace
+
 bitepResult_t return_rows(Exec& ex, bitepGroup* g, bitepHandle* h, const void* partial, void* out, Trace* trace) {
   const int W = g->nranks, self = g->rank;
   const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
@@ -38,19 +88,7 @@ bitepResult_t return_rows(Exec& ex, bitepGroup* g, bitepHandle* h, const void* p
   if (trace != nullptr) trace->mark("all-to-all");
   BITEP_CHECK(ex.join());  // the own rows' partials, when reduced beside the all-to-all
   if (h->num_tokens == 0) return bitepSuccess;
-  kernels::FinalSumParams fp;
-  fp.num_tokens = h->num_tokens;
-  fp.num_ranks = W;
-  fp.self_rank = self;
-  fp.hidden = g->config.hidden;
-  fp.dtype = to_kernel_dtype(g->config.dtype);
-  fp.token_slot = h->token_slot;
-  fp.send_offsets = h->send_offsets_dev;
-  fp.ret = ret;
-  fp.self_ret = partial;
-  fp.self_ret_offset = h->recv_offsets[self];
-  fp.out = out;
-  BITEP_CHECK(ex.final_sum(fp));
+  BITEP_CHECK(ex.final_sum(final_sum_params(g, h, ret, partial, h->recv_offsets[self], out)));
   if (trace != nullptr) trace->mark("final-sum");
   return bitepSuccess;
 }
@@ -99,7 +137,7 @@ bitepResult_t combine_window(Exec& ex,
                              void* out,
                              PeerWindow* win,
                              Trace* trace) {
-  const int W = g->nranks, self = g->rank, KL = g->max_row_experts;
+  const int W = g->nranks, self = g->rank;
   const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
   const std::vector<int64_t>& m = h->matrix;
   if (m.size() != static_cast<size_t>(W) * W) BITEP_FAIL(bitepInternalError, "handle without its count matrix");
@@ -137,36 +175,14 @@ bitepResult_t combine_window(Exec& ex,
         BITEP_CHECK(ex.copy(dst, static_cast<const char*>(y) + i0 * row, n * row));
         continue;
       }
-      kernels::ReduceParams rp;
-      rp.num_recv_rows = n;
-      rp.max_row_experts = KL;
-      rp.hidden = g->config.hidden;
-      rp.dtype = to_kernel_dtype(g->config.dtype);
-      rp.y = y;
-      rp.recv_expert_rows = h->recv_expert_rows + i0 * KL;
-      rp.recv_weights = weighted ? h->recv_weights + i0 * KL : nullptr;
-      rp.out = dst;
-      rp.blocks_per_sm = s == self ? kSideBlocksPerSm : 0;
-      BITEP_CHECK(ex.reduce(rp));
+      BITEP_CHECK(ex.reduce(reduce_params(g, h, y, weighted, i0, n, dst, s == self ? kSideBlocksPerSm : 0)));
     }
   }
   BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
   BITEP_CHECK(ex.join());
   trace->mark("reduce + window");
   if (h->num_tokens == 0) return win->release(ex.stream());
-  kernels::FinalSumParams fp;
-  fp.num_tokens = h->num_tokens;
-  fp.num_ranks = W;
-  fp.self_rank = self;
-  fp.hidden = g->config.hidden;
-  fp.dtype = to_kernel_dtype(g->config.dtype);
-  fp.token_slot = h->token_slot;
-  fp.send_offsets = h->send_offsets_dev;
-  fp.ret = win->data(self);
-  fp.self_ret = expert ? own : y;
-  fp.self_ret_offset = expert ? 0 : own0;
-  fp.out = out;
-  BITEP_CHECK(ex.final_sum(fp));
+  BITEP_CHECK(ex.final_sum(final_sum_params(g, h, win->data(self), expert ? own : y, expert ? 0 : own0, out)));
   trace->mark("final-sum");
   return win->release(ex.stream());
 }
@@ -202,21 +218,10 @@ bitepResult_t combine(bitepGroup_t g,
     void* p = nullptr;
     const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
     BITEP_CHECK(ex.temp(row * h->num_recv_rows, &p));
-    const int KL = g->max_row_experts;
     // Partial rows [i0, i1) (rank-major, so one source rank's rows are one range).
     auto reduce = [&](int64_t i0, int64_t i1, int blocks_per_sm) -> bitepResult_t {
       if (i1 <= i0) return bitepSuccess;
-      kernels::ReduceParams rp;
-      rp.num_recv_rows = i1 - i0;
-      rp.max_row_experts = KL;
-      rp.hidden = g->config.hidden;
-      rp.dtype = to_kernel_dtype(g->config.dtype);
-      rp.y = y;
-      rp.recv_expert_rows = h->recv_expert_rows + i0 * KL;
-      rp.recv_weights = weighted ? h->recv_weights + i0 * KL : nullptr;
-      rp.out = static_cast<char*>(p) + i0 * row;
-      rp.blocks_per_sm = blocks_per_sm;
-      return ex.reduce(rp);
+      return ex.reduce(reduce_params(g, h, y, weighted, i0, i1 - i0, static_cast<char*>(p) + i0 * row, blocks_per_sm));
     };
     const int64_t R = h->num_recv_rows, own0 = h->recv_offsets[g->rank], own1 = own0 + h->recv_counts[g->rank];
     if (own1 > own0 && R - (own1 - own0) > 0 && static_cast<uint64_t>(R - (own1 - own0)) * row >= split_min_bytes()) {

@@ -53,6 +53,16 @@ bool window_dispatch() {
   return on;
 }
 
+// The expert-major call after the transfer when the own rows' copies (and every row's positions) ran
+// before it: the others' rows alone, positions and sources as given, pads already zero.
+void others_after_own(kernels::ExpertMajorParams* ep) {
+  ep->positions_given = true;
+  ep->src_given = true;
+  ep->copy_outside = true;
+  ep->zero_pads = false;
+  ep->blocks_per_sm = 0;
+}
+
 struct HandleDeleter {
   void operator()(bitepHandle* h) const { destroy_handle(h); }
 };
@@ -89,6 +99,8 @@ class Dispatch {
   bitepResult_t move_rows_window();
   bitepResult_t move_rows_nccl();
   kernels::RoutingInput routing() const;
+  // The permute of this dispatch's tokens, the own rows into recv_x; the caller says where the others go.
+  kernels::PermuteParams permute_params() const;
 
   bitepGroup* g_;
   const bitepDispatchArgs_t* a_;
@@ -125,6 +137,27 @@ kernels::RoutingInput Dispatch::routing() const {
     in.weights = a_->topk_weights;
   }
   return in;
+}
+
+kernels::PermuteParams Dispatch::permute_params() const {
+  const bitepGroupConfig_t& c = g_->config;
+  const bitepHandle* h = h_.get();
+  kernels::PermuteParams pp;
+  pp.num_tokens = h->num_tokens;
+  pp.num_experts = c.num_experts;
+  pp.topk = c.topk;
+  pp.num_ranks = W_;
+  pp.self_rank = self_;
+  pp.hidden = c.hidden;
+  pp.dtype = to_kernel_dtype(c.dtype);
+  pp.routing = routing();
+  pp.x = a_->x;
+  pp.token_slot = h->token_slot;
+  pp.self_recv_offset = h->recv_offsets[self_];
+  pp.recv_x = h->recv_x;
+  pp.recv_map = h->recv_map;
+  pp.recv_weights = h->recv_weights;
+  return pp;
 }
 
 // Layout of this rank's tokens into the exchange's send buffer; the handle keeps the slots and a copy of
@@ -316,21 +349,7 @@ bitepResult_t Dispatch::move_rows_window() {
   const int64_t R = h->num_recv_rows;
   const int64_t own0 = h->recv_offsets[self_], own1 = own0 + h->recv_counts[self_];
   const char* base = win_->data(self_);
-  kernels::PermuteParams pp;
-  pp.num_tokens = h->num_tokens;
-  pp.num_experts = c.num_experts;
-  pp.topk = c.topk;
-  pp.num_ranks = W_;
-  pp.self_rank = self_;
-  pp.hidden = c.hidden;
-  pp.dtype = to_kernel_dtype(c.dtype);
-  pp.routing = routing();
-  pp.x = a_->x;
-  pp.token_slot = h->token_slot;
-  pp.self_recv_offset = own0;
-  pp.recv_x = h->recv_x;
-  pp.recv_map = h->recv_map;
-  pp.recv_weights = h->recv_weights;
+  kernels::PermuteParams pp = permute_params();
   pp.peer_dest = peer_dest_;  // maps and weights to the peers
   kernels::ExpertMajorParams ep = expert_major_params(h, g_);
   ep.recv_x = h->recv_x;
@@ -379,11 +398,7 @@ bitepResult_t Dispatch::move_rows_window() {
   }
   ex_.launch_on_caller();
   ep.recv_x = base;  // the window's rows sit where recv_x's do
-  ep.positions_given = true;
-  ep.src_given = true;
-  ep.copy_outside = true;
-  ep.zero_pads = false;
-  ep.blocks_per_sm = 0;
+  others_after_own(&ep);
   if (expert) BITEP_CHECK(ex_.expert_major(ep));
   BITEP_CHECK(ex_.join());
   return win_->release(ex_.stream());
@@ -395,25 +410,11 @@ bitepResult_t Dispatch::move_rows_nccl() {
   bitepHandle* h = h_.get();
   const int64_t R = h->num_recv_rows;
   if (h->num_tokens > 0) {
-    kernels::PermuteParams pp;
-    pp.num_tokens = h->num_tokens;
-    pp.num_experts = c.num_experts;
-    pp.topk = c.topk;
-    pp.num_ranks = W_;
-    pp.self_rank = self_;
-    pp.hidden = c.hidden;
-    pp.dtype = to_kernel_dtype(c.dtype);
-    pp.routing = routing();
-    pp.x = a_->x;
-    pp.token_slot = h->token_slot;
+    kernels::PermuteParams pp = permute_params();
     pp.send_offsets = h->send_offsets_dev;
-    pp.self_recv_offset = h->recv_offsets[self_];
     pp.send_x = send_x_;
     pp.send_map = send_map_;
     pp.send_weights = send_weights_;
-    pp.recv_x = h->recv_x;
-    pp.recv_map = h->recv_map;
-    pp.recv_weights = h->recv_weights;
     BITEP_CHECK(ex_.permute(pp));
   }
   trace_.mark("permute");
@@ -449,11 +450,7 @@ bitepResult_t Dispatch::move_rows_nccl() {
     BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(rows, ex_.stream(), c.timeout_s)));
     trace_.mark("all-to-all (rows)");
     BITEP_CHECK(ex_.join());
-    ep.positions_given = true;
-    ep.src_given = true;
-    ep.copy_outside = true;
-    ep.zero_pads = false;
-    ep.blocks_per_sm = 0;
+    others_after_own(&ep);
     if (expert) BITEP_CHECK(ex_.expert_major(ep));
   }
   return bitepSuccess;
