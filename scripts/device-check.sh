@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # Everything the GPU machine must run, in one call: build with all cores, every test (gpu label and
-# the mpirun NCCL tests included, over NVLink and over NCCL's network transport), the GPU tests under
-# compute-sanitizer memcheck and racecheck, then the benchmarks. Logs and JSON go to $OUT (at most 8
-# files come back from the device tool), a summary is printed last.
+# the mpirun NCCL tests included, over NVLink (through the peer window and without it) and over NCCL's
+# network transport), the GPU tests under compute-sanitizer memcheck and racecheck, then the benchmarks.
+# Logs and JSON go to $OUT, a summary is printed last. The device tool returns at most 8 files and this
+# script writes 8 (machine, summary, build, tests, bench, router.json, ep.json, plots.tar): a caller that
+# adds a file to $OUT loses one of them (seen: tests.log).
 #   OUT=/tmp/out scripts/device-check.sh [--quick]
 # PHASES (comma-separated; default bench,ctest,sanitize,net: ctest holds the GPU and multi-rank tests) picks
 # what runs after the build: gpu, multirank (their GPU parts alone, for quick checks),
