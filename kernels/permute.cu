@@ -328,13 +328,12 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   a.recv_map = p.recv_map;
   a.recv_weights = p.recv_weights;
   a.peer_dest = p.peer_dest;
-  // The x copy is skipped (nvec = 0) for an empty row; send_x / recv_x may then be null. Peer chunks
+  // The x copy is skipped (nvec = 0) for an empty row; send_x / recv_x may then be null (a null recv_x:
+  // the own rows are not written, a null peer_dest entry: that peer's rows are not). Peer chunks
   // (peer_dest) start at a multiple of the row size past a 16-byte aligned window: the row size decides.
   const int v = vec_bytes(a.row_bytes, p.x, peers ? p.send_x : nullptr, p.recv_x);
   a.nvec = a.row_bytes / v;
-  if (a.row_bytes > 0 &&
-      (p.x == nullptr || (peers && p.send_x == nullptr) || (!peers && W > 1 && p.peer_dest == nullptr)))
-    return cudaErrorInvalidValue;
+  if (a.row_bytes > 0 && (p.x == nullptr || (peers && p.send_x == nullptr))) return cudaErrorInvalidValue;
 
   unsigned grid = 0;
   cudaError_t err = row_grid(p.num_tokens, &grid);

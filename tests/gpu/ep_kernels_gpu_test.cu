@@ -68,6 +68,21 @@ TEST(EpKernelsGpu, LayoutMatchesHost) {
   }
 }
 
+// The permute of case c with `self` as this rank, over host x and slots; no buffers.
+K::PermuteParams permute_params(const Case& c, int self, const std::vector<uint8_t>& x, const Layout& lay) {
+  K::PermuteParams p;
+  p.num_tokens = c.T;
+  p.num_experts = c.E();
+  p.topk = c.k;
+  p.num_ranks = c.W;
+  p.self_rank = self;
+  p.hidden = c.H;
+  p.dtype = c.dtype;
+  p.x = x.data();
+  p.token_slot = lay.slot.data();
+  return p;
+}
+
 TEST(EpKernelsGpu, PermuteMatchesHost) {
   REQUIRE_GPU();
   int failing = 0;
@@ -92,18 +107,9 @@ TEST(EpKernelsGpu, PermuteMatchesHost) {
       std::vector<uint8_t> sx = poisoned<uint8_t>(S * rb), rx = poisoned<uint8_t>(R * rb);
       std::vector<uint8_t> sm = poisoned<uint8_t>(S * MB), rm = poisoned<uint8_t>(R * MB);
       std::vector<float> sw = poisoned<float>(S * KL), rw = poisoned<float>(R * KL);
-      K::PermuteParams p;
-      p.num_tokens = c.T;
-      p.num_experts = c.E();
-      p.topk = c.k;
-      p.num_ranks = W;
-      p.self_rank = self;
-      p.hidden = c.H;
-      p.dtype = c.dtype;
+      K::PermuteParams p = permute_params(c, self, x, lay);
       p.routing = host_input(r, c.fmt, meta ? c.wf : WeightFormat::kNone);
       if (!meta) p.routing.map = nullptr;
-      p.x = x.data();
-      p.token_slot = lay.slot.data();
       p.send_offsets = send_off.data();
       p.self_recv_offset = self_off;
       p.send_x = sx.data();
@@ -165,17 +171,8 @@ TEST(EpKernelsGpu, PermutePeerDestMatchesHost) {
     std::vector<uint8_t> ref_sx = poisoned<uint8_t>(S * rb), ref_rx = poisoned<uint8_t>(R * rb);
     std::vector<uint8_t> ref_sm = poisoned<uint8_t>(S * MB), ref_rm = poisoned<uint8_t>(R * MB);
     std::vector<float> ref_sw = poisoned<float>(S * KL), ref_rw = poisoned<float>(R * KL);
-    K::PermuteParams p;
-    p.num_tokens = c.T;
-    p.num_experts = c.E();
-    p.topk = c.k;
-    p.num_ranks = W;
-    p.self_rank = self;
-    p.hidden = c.H;
-    p.dtype = c.dtype;
+    K::PermuteParams p = permute_params(c, self, x, lay);
     p.routing = host_input(r, c.fmt, c.wf);
-    p.x = x.data();
-    p.token_slot = lay.slot.data();
     p.send_offsets = send_off.data();
     p.self_recv_offset = self_off;
     p.send_x = ref_sx.data(), p.recv_x = ref_rx.data();

@@ -99,16 +99,9 @@ struct PermuteCase {
   std::vector<float> send_x, recv_x, send_w, recv_w;
   std::vector<uint8_t> send_map, recv_map;
 
-  void run(const RoutingInput& in, bool maps = true) {
-    const Layout l = layout(in, 3, 8, 3, 2);
-    slot = l.slot;
-    const int S = l.counts[0], R = l.counts[5];
-    send_x.assign(S * 2, -1);
-    recv_x.assign((R + 1) * 2, -1);  // the self chunk starts at row 1
-    send_w.assign(S * 3, -1);
-    recv_w.assign((R + 1) * 3, -1);
-    send_map.assign(S, 0xee);
-    recv_map.assign(R + 1, 0xee);
+  // The case's shape (3 tokens, E = 8, k = 3, W = 2, self rank 1, H = 2 fp32, self chunk at row 1) over
+  // x and the slots of the last run(); no buffers.
+  bitep::kernels::PermuteParams params(const RoutingInput& in) const {
     bitep::kernels::PermuteParams p;
     p.num_tokens = 3;
     p.num_experts = 8;
@@ -120,8 +113,22 @@ struct PermuteCase {
     p.routing = in;
     p.x = x.data();
     p.token_slot = slot.data();
-    p.send_offsets = send_offsets.data();
     p.self_recv_offset = 1;
+    return p;
+  }
+
+  void run(const RoutingInput& in, bool maps = true) {
+    const Layout l = layout(in, 3, 8, 3, 2);
+    slot = l.slot;
+    const int S = l.counts[0], R = l.counts[5];
+    send_x.assign(S * 2, -1);
+    recv_x.assign((R + 1) * 2, -1);  // the self chunk starts at row 1
+    send_w.assign(S * 3, -1);
+    recv_w.assign((R + 1) * 3, -1);
+    send_map.assign(S, 0xee);
+    recv_map.assign(R + 1, 0xee);
+    bitep::kernels::PermuteParams p = params(in);
+    p.send_offsets = send_offsets.data();
     p.send_x = send_x.data();
     p.recv_x = recv_x.data();
     p.send_map = maps ? send_map.data() : nullptr;
@@ -191,18 +198,7 @@ TEST(EpHostPermute, PeerDestinationsMetaThenRows) {
   std::vector<uint8_t> recv_map(3, 0xee);
   std::vector<void*> meta = {nullptr, nullptr, dm.data(), nullptr, dw.data(), nullptr};  // [x | map | w] x W
   std::vector<void*> rows = {dx.data(), nullptr, nullptr, nullptr, nullptr, nullptr};
-  bitep::kernels::PermuteParams p;
-  p.num_tokens = 3;
-  p.num_experts = 8;
-  p.topk = 3;
-  p.num_ranks = 2;
-  p.self_rank = 1;
-  p.hidden = 2;
-  p.dtype = DType::kF32;
-  p.routing = in;
-  p.x = ref.x.data();
-  p.token_slot = ref.slot.data();
-  p.self_recv_offset = 1;
+  bitep::kernels::PermuteParams p = ref.params(in);
   p.recv_x = recv_x.data();
   p.recv_map = recv_map.data();
   p.recv_weights = recv_w.data();
