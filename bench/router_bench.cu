@@ -4,7 +4,7 @@
 // backward (saved tensor and recompute), fp32 and bf16 logits. Every row is checked against the host
 // reference backend on a subset of tokens; any wrong row makes the exit status non-zero.
 //
-//   router_bench [--quick] [--json PATH] [--commit SHA] [--iters N] [--tokens T] [--experts E,..] [--bf16]
+//   router_bench [--quick] [--json PATH] [--commit SHA] [--iters N] [--tokens T] [--experts E,..] [--bf16] [--fwd]
 //
 // Time: median over N (>= 100) iterations, one CUDA event pair each, queued behind a spin kernel so the
 // host's enqueue cost never shows; inputs and outputs rotate among enough buffer sets that the L2 does
@@ -445,6 +445,7 @@ struct Args {
   int64_t tokens = 0;   // > 0: this T only (smoke runs)
   std::string experts;  // non-empty: comma-separated E values, the configs of those E only
   bool bf16_only = false;
+  bool fwd_only = false;  // tuning runs: the forward rows alone
 };
 
 void print_header() {
@@ -477,12 +478,14 @@ int main(int argc, char** argv) {
       args.experts = "," + std::string(argv[++i]) + ",";
     } else if (a == "--bf16") {
       args.bf16_only = true;
+    } else if (a == "--fwd") {
+      args.fwd_only = true;
     } else if (a == "--iters" && i + 1 < argc) {
       args.iters = std::max(100, std::atoi(argv[++i]));
     } else {
       std::fprintf(stderr,
                    "usage: %s [--quick] [--json PATH] [--commit SHA] [--iters N>=100] [--tokens T] [--experts E,E,..] "
-                   "[--bf16]\n",
+                   "[--bf16] [--fwd]\n",
                    argv[0]);
       return 2;
     }
@@ -630,6 +633,7 @@ int main(int argc, char** argv) {
           const int64_t wrong = check_forward(chk, sets[0], te, sets[0].conv.p, true);
           add("indices+convert", "fwd", mode, us, TE * ds + out_bytes + T * rb, wrong);
         }
+        if (args.fwd_only) continue;
         // The maps and saved tensor of every set for the backward (TE-compatible forward, both formats).
         for (int r = 0; r < R; ++r) {
           fwd(sets[r], true, bitepMapBytemap, false);

@@ -113,11 +113,12 @@ __host__ __device__ constexpr int map_bytes_of(int n) { return (n + 7) / 8; }
 
 // ---- device: keys and score functions -----------------------------------------------------------
 
+// Branch-free (a select per case, no divergent region per element): v + 0 turns -0 into +0 (round to
+// nearest), the sign decides between flipping every bit and setting the top one.
 __device__ __forceinline__ uint32_t select_key(float v) {
-  if (v != v) return kKeyNaN;
-  if (v == 0.0f) return 0x80000000u;
-  const uint32_t u = __float_as_uint(v);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  const uint32_t u = __float_as_uint(__fadd_rn(v, 0.0f));
+  const uint32_t k = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+  return v != v ? kKeyNaN : k;
 }
 
 // The fp32 value of a key (NaN for kKeyNaN; +0 for both zeros). Exact for every other key.
@@ -288,6 +289,13 @@ template <int G>
 __device__ __forceinline__ uint32_t seg_max_u32(uint32_t v) {
   if constexpr (G == 32 && kHasRedux) {
     return __reduce_max_sync(kFullMask, v);
+  } else if constexpr (G == 16 && kHasRedux) {
+    // Two whole-warp reductions, each fed by one half (0 is the identity of an unsigned max): 2
+    // instructions and two selects instead of 4 shuffle + max steps.
+    const bool hi = (threadIdx.x & 16) != 0;
+    const uint32_t lo_max = __reduce_max_sync(kFullMask, hi ? 0u : v);
+    const uint32_t hi_max = __reduce_max_sync(kFullMask, hi ? v : 0u);
+    return hi ? hi_max : lo_max;
   } else {
 #pragma unroll
     for (int d = G / 2; d > 0; d >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, d));
@@ -318,6 +326,17 @@ __device__ __forceinline__ float seg_max_f32(float v) {
 #pragma unroll
   for (int d = G / 2; d > 0; d >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, d));
   return v;
+}
+
+// Bits of the lanes below this one (%lanemask_lt), and of the lanes of this lane's segment of G.
+__device__ __forceinline__ uint32_t lanemask_lt() {
+  uint32_t m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+}
+template <int G>
+__device__ __forceinline__ uint32_t segment_lanes() {
+  return G == 32 ? kFullMask : ((1u << G) - 1u) << ((threadIdx.x & 31) & ~(G - 1));
 }
 
 // Inclusive prefix sum over the segment (lane order).
@@ -367,6 +386,39 @@ __device__ __forceinline__ void seg_softmax(float* v, Mask mask) {
 #pragma unroll
   for (int p = 0; p < N; ++p)
     if ((mask >> p) & 1) v[p] = __fmul_rn(v[p], r);
+}
+
+// seg_softmax(v, mask) when m, the max of the masked elements, is already known (the top-k's first
+// winner) and most lanes hold at most KS of them: each lane takes the exponentials of its first KS
+// masked elements only (no divergent exp per element), summed in element order as seg_softmax does, so
+// the result is bit-identical to it; a warp where some lane holds more falls back to it.
+template <int G, int N, int KS, class Mask>
+__device__ __forceinline__ void seg_softmax_few(float* v, Mask mask, float m) {
+  const int c = sizeof(Mask) == 8 ? __popcll(static_cast<unsigned long long>(mask)) : __popc(static_cast<uint32_t>(mask));
+  if (__any_sync(kFullMask, c > KS)) {
+    seg_softmax<G, N>(v, mask);
+    return;
+  }
+  Mask rest = mask, bit[KS];
+  float e[KS], s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < KS; ++j) {
+    bit[j] = rest & (static_cast<Mask>(0) - rest);  // lowest masked element left (0: none)
+    rest ^= bit[j];
+    float x = 0.0f;
+#pragma unroll
+    for (int p = 0; p < N; ++p) x = ((bit[j] >> p) & 1) ? v[p] : x;
+    e[j] = expf(x - m);
+    s = bit[j] != 0 ? __fadd_rn(s, e[j]) : s;
+  }
+  s = seg_sum_f32<G>(s);
+  const float r = __frcp_rn(s);
+#pragma unroll
+  for (int j = 0; j < KS; ++j) {
+    const float w = __fmul_rn(e[j], r);
+#pragma unroll
+    for (int p = 0; p < N; ++p) v[p] = ((bit[j] >> p) & 1) ? w : v[p];
+  }
 }
 
 // ---- device: block-wide reductions (generic kernels; blockDim.x a multiple of 32, <= 1024) ---------

@@ -5,9 +5,10 @@
 //
 // Warp-per-token kernel (E <= 2048, k <= 64, groups aligned to octets): the row stays in registers
 // (router_common.cuh, "Lane layout"); top-k is k rounds of a segment arg-max on uint32 selection keys
-// (value order, ties to the lower expert index, NaN lowest). Each lane caches its two best remaining
-// keys, so a round is two reductions (redux.sync for a full warp) and a lane rescans its registers only
-// when it wins a second time since its last scan. Anything else goes to router_generic.cu.
+// (value order, ties to the lower expert index, NaN lowest). Each lane keeps its C best remaining keys
+// sorted, so a round is one max reduction and one ballot (the lowest tied lane wins), the winner pops its
+// cache by predicated selects, and a lane rescans its registers only when it has won C times. Anything
+// else goes to router_generic.cu.
 #include <climits>
 #include <type_traits>
 
@@ -42,23 +43,52 @@ constexpr int min_blocks() {
 #endif
 }
 
-// Top-2 of the lane's keys strictly below (lk, lp) in selection order (key descending, element index
-// ascending): the lane's selected elements are always its own best ones, so "below the last taken"
-// is "not yet taken". Key 0 never enters (b1k = 0: nothing left).
-template <int N>
-__device__ __forceinline__ void top2_below(
-    const uint32_t* key, uint32_t lk, int lp, uint32_t& b1k, int& b1p, uint32_t& b2k, int& b2p) {
-  b1k = 0u, b2k = 0u, b1p = 0, b2p = 0;
+// Candidates a lane keeps sorted between rescans (top-k rounds and group scores): C of its best keys.
+// A lane rescans when it has used all C, so C trades the first scan's cost (~5 C instructions per key)
+// against how often a lane wins more than C times. BITEP_ROUTER_FWD_CACHE overrides it (tuning builds).
+// Measured on H200 (T = 16384, bf16): 3 pays where several tokens share a warp (E = 64: 12.3 -> 11.6 us,
+// E = 128: 19.1 -> 17.7), 2 where one token has the warp (E = 256 even, E = 512 3% faster).
+template <int N, int G>
+__host__ __device__ constexpr int cache_size() {
+#ifdef BITEP_ROUTER_FWD_CACHE
+  return BITEP_ROUTER_FWD_CACHE < N ? BITEP_ROUTER_FWD_CACHE : N;
+#else
+  return G < 32 ? 3 : 2;
+#endif
+}
+
+// ck / cp = the C best keys of the lane (descending; equal keys in register order, so the lower expert
+// first) and their register positions, skipping the positions set in `skip` and key 0 (no candidate);
+// unused entries hold key 0.
+template <int N, int C, class Mask>
+__device__ __forceinline__ void top_cached(const uint32_t* key, Mask skip, uint32_t (&ck)[C], int (&cp)[C]) {
+#pragma unroll
+  for (int c = 0; c < C; ++c) ck[c] = 0u, cp[c] = 0;
 #pragma unroll
   for (int p = 0; p < N; ++p) {
-    const uint32_t kk = key[p];
-    const bool ok = kk < lk || (kk == lk && p > lp);
-    if (ok && kk > b1k) {
-      b2k = b1k, b2p = b1p, b1k = kk, b1p = p;
-    } else if (ok && kk > b2k) {
-      b2k = kk, b2p = p;
+    const uint32_t kk = ((skip >> p) & 1) ? 0u : key[p];
+    bool gt[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) gt[c] = kk > ck[c];  // monotone: gt[c - 1] implies gt[c]
+#pragma unroll
+    for (int c = C - 1; c > 0; --c) {
+      ck[c] = gt[c - 1] ? ck[c - 1] : (gt[c] ? kk : ck[c]);
+      cp[c] = gt[c - 1] ? cp[c - 1] : (gt[c] ? p : cp[c]);
     }
+    ck[0] = gt[0] ? kk : ck[0];
+    cp[0] = gt[0] ? p : cp[0];
   }
+}
+
+// Drops the first cached candidate where `pop` holds.
+template <int C>
+__device__ __forceinline__ void pop_cached(bool pop, uint32_t (&ck)[C], int (&cp)[C]) {
+#pragma unroll
+  for (int c = 0; c + 1 < C; ++c) {
+    ck[c] = pop ? ck[c + 1] : ck[c];
+    cp[c] = pop ? cp[c + 1] : cp[c];
+  }
+  ck[C - 1] = pop ? 0u : ck[C - 1];
 }
 
 template <int G, int NS, bool kF32>
@@ -195,90 +225,140 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
       }
     }
 
+    // Segment arg-max by ballot: the segment's best key, then the lowest lane holding it. With one slot a
+    // lane's octet precedes the next lane's, so the lowest lane is the lowest expert; with several slots
+    // lane order is not expert order and an exact tie between lanes (rare) takes a reduction over the
+    // expert indices instead.
+    const uint32_t seg = segment_lanes<G>(), below = lanemask_lt() & seg;
+    auto expert_of = [&](int q) { return ((q >> 3) * G + sl) * 8 + (q & 7); };
+    auto segment_winner = [&](uint32_t mine, int pos, uint32_t& gm) {
+      gm = seg_max_u32<G>(mine);
+      const bool eq = mine == gm && mine != kKeyNone;
+      const uint32_t bal = __ballot_sync(kFullMask, eq);
+      bool win = eq && (bal & below) == 0u;
+      if constexpr (NS > 1) {
+        if (__any_sync(kFullMask, eq && !win)) {
+          const int ce = eq ? expert_of(pos) : INT_MAX;
+          const int first = seg_min_i32<G>(ce);  // every lane: a collective never sits behind a &&
+          win = eq && ce == first;
+        }
+      }
+      return win;
+    };
+
+    constexpr int C = cache_size<N, G>();
+    uint32_t ck[C];
+    int cp[C];
+    top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
+
     // 3. group-limited routing: a group (q aligned lanes of one slot) scores the sum of its best
     // per_group keys in selection order from 0.0f; the best group_topk groups stay candidates.
     if (lay.group_octets > 0) {
       const int q = lay.group_octets;
-      float gsum[NS];
-      Mask gtaken = 0;
+      if (NS == 1 && lay.per_group <= C) {
+        // One group per lane: the group's best keys are among its lanes' cached ones.
+        const uint32_t gl = q == 32 ? kFullMask : ((1u << q) - 1u) << (lane & ~(q - 1)), gbelow = lanemask_lt() & gl;
+        uint32_t gk[C];
+        int gp[C];
 #pragma unroll
-      for (int s = 0; s < NS; ++s) gsum[s] = 0.0f;
-      for (int j = 0; j < lay.per_group; ++j) {
+        for (int c = 0; c < C; ++c) gk[c] = ck[c], gp[c] = cp[c];
+        float gsum = 0.0f;
+        for (int j = 0; j < lay.per_group; ++j) {
+          const uint32_t gm = group_max_u32(gk[0], q);
+          const bool eq = gk[0] == gm && gm != kKeyNone;
+          const uint32_t bal = __ballot_sync(kFullMask, eq);
+          const bool win = eq && (bal & gbelow) == 0u;
+          gsum = __fadd_rn(gsum, key_value(gm));
+          pop_cached<C>(win, gk, gp);
+        }
+        // The best group_topk groups: every lane of a group holds its score, so the lowest lane of a tie
+        // is the first lane of the lowest group.
+        uint32_t gkey = nval[0] > 0 ? select_key(gsum) : kKeyNone;
+        bool keep = false;
+        for (int r = 0; r < p.group_topk; ++r) {
+          const uint32_t gm = seg_max_u32<G>(gkey);
+          const bool eq = gkey == gm && gm != kKeyNone;
+          const uint32_t bal = __ballot_sync(kFullMask, eq) & seg;
+          const bool hit = bal != 0u && (__ffs(bal) - 1) / q == lane / q;
+          keep = keep || hit;
+          gkey = hit ? kKeyNone : gkey;
+        }
+        if (!keep) {
+#pragma unroll
+          for (int i = 0; i < N; ++i) key[i] = kKeyNone;
+#pragma unroll
+          for (int c = 0; c < C; ++c) ck[c] = kKeyNone;
+        }
+      } else {
+        float gsum[NS];
+        Mask gtaken = 0;
+#pragma unroll
+        for (int s = 0; s < NS; ++s) gsum[s] = 0.0f;
+        for (int j = 0; j < lay.per_group; ++j) {
+#pragma unroll
+          for (int s = 0; s < NS; ++s) {
+            uint32_t bk = 0u;
+            int bb = 0;
+#pragma unroll
+            for (int b = 0; b < 8; ++b) {
+              const uint32_t kk = ((gtaken >> (8 * s + b)) & 1) ? kKeyNone : key[8 * s + b];
+              if (kk > bk) bk = kk, bb = b;
+            }
+            const uint32_t gm = group_max_u32(bk, q);
+            const int ci = (bk == gm && bk != kKeyNone) ? (s * G + sl) * 8 + bb : INT_MAX;
+            const int gi = group_min_i32(ci, q);
+            gsum[s] = __fadd_rn(gsum[s], key_value(gm));
+            if (ci == gi && bk != kKeyNone) gtaken |= static_cast<Mask>(1u) << (8 * s + bb);
+          }
+        }
+        uint32_t gkey[NS];
+        bool keep[NS];
 #pragma unroll
         for (int s = 0; s < NS; ++s) {
+          keep[s] = false;
+          gkey[s] = nval[s] > 0 ? select_key(gsum[s]) : kKeyNone;
+        }
+        for (int r = 0; r < p.group_topk; ++r) {
           uint32_t bk = 0u;
-          int bb = 0;
+          int bg = INT_MAX;
 #pragma unroll
-          for (int b = 0; b < 8; ++b) {
-            const uint32_t kk = ((gtaken >> (8 * s + b)) & 1) ? kKeyNone : key[8 * s + b];
-            if (kk > bk) bk = kk, bb = b;
+          for (int s = 0; s < NS; ++s)
+            if (gkey[s] > bk) bk = gkey[s], bg = (s * G + sl) / q;
+          const uint32_t gm = seg_max_u32<G>(bk);
+          const int gw = seg_min_i32<G>((bk == gm && bk != kKeyNone) ? bg : INT_MAX);
+#pragma unroll
+          for (int s = 0; s < NS; ++s)
+            if ((s * G + sl) / q == gw) keep[s] = true, gkey[s] = kKeyNone;
+        }
+#pragma unroll
+        for (int s = 0; s < NS; ++s)
+          if (!keep[s]) {
+#pragma unroll
+            for (int b = 0; b < 8; ++b) key[8 * s + b] = kKeyNone;
           }
-          const uint32_t gm = group_max_u32(bk, q);
-          const int ci = (bk == gm && bk != kKeyNone) ? (s * G + sl) * 8 + bb : INT_MAX;
-          const int gi = group_min_i32(ci, q);
-          gsum[s] = __fadd_rn(gsum[s], key_value(gm));
-          if (ci == gi && bk != kKeyNone) gtaken |= static_cast<Mask>(1u) << (8 * s + bb);
-        }
+        top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
       }
-      uint32_t gkey[NS];
-      bool keep[NS];
-#pragma unroll
-      for (int s = 0; s < NS; ++s) {
-        keep[s] = false;
-        gkey[s] = nval[s] > 0 ? select_key(gsum[s]) : kKeyNone;
-      }
-      for (int r = 0; r < p.group_topk; ++r) {
-        uint32_t bk = 0u;
-        int bg = INT_MAX;
-#pragma unroll
-        for (int s = 0; s < NS; ++s)
-          if (gkey[s] > bk) bk = gkey[s], bg = (s * G + sl) / q;
-        const uint32_t gm = seg_max_u32<G>(bk);
-        const int gw = seg_min_i32<G>((bk == gm && bk != kKeyNone) ? bg : INT_MAX);
-#pragma unroll
-        for (int s = 0; s < NS; ++s)
-          if ((s * G + sl) / q == gw) keep[s] = true, gkey[s] = kKeyNone;
-      }
-#pragma unroll
-      for (int s = 0; s < NS; ++s)
-        if (!keep[s]) {
-#pragma unroll
-          for (int b = 0; b < 8; ++b) key[8 * s + b] = kKeyNone;
-        }
     }
 
-    // 4. top-k: k rounds of a segment arg-max over each lane's best remaining key.
+    // 4. top-k: k rounds of a segment arg-max over each lane's best remaining key; the winner takes it
+    // from its cache and rescans its registers (taken ones skipped) when the cache runs dry.
     Mask taken = 0;
-    {
-      uint32_t b1k, b2k, lk = 0xffffffffu;
-      int b1p, b2p, lp = -1;
-      top2_below<N>(key, lk, lp, b1k, b1p, b2k, b2p);
-      bool have2 = true;
-      // Expert index of register position q of this lane (rows are octets of lanes: ((q / 8) * G + sl) * 8
-      // + q % 8), taken once per rescan, not per round.
-      auto expert_of = [&](int q) { return ((q >> 3) * G + sl) * 8 + (q & 7); };
-      int b1e = b1k != kKeyNone ? expert_of(b1p) : INT_MAX, b2e = b2k != kKeyNone ? expert_of(b2p) : INT_MAX;
-      for (int r = 0; r < k; ++r) {
-        const uint32_t gm = seg_max_u32<G>(b1k);
-        const int ci = b1k == gm ? b1e : INT_MAX;  // b1e = INT_MAX when b1k = kKeyNone
-        if (ci == seg_min_i32<G>(ci) && ci != INT_MAX) {
-          taken |= static_cast<Mask>(1u) << b1p;
-          lk = b1k, lp = b1p;
-          if (have2) {
-            b1k = b2k, b1p = b2p, b1e = b2e, have2 = false;
-          } else {
-            top2_below<N>(key, lk, lp, b1k, b1p, b2k, b2p);
-            b1e = b1k != kKeyNone ? expert_of(b1p) : INT_MAX;
-            b2e = b2k != kKeyNone ? expert_of(b2p) : INT_MAX;
-            have2 = true;
-          }
-        }
-      }
+    uint32_t first = kKeyNone;  // the first winner's key: the largest selected
+    for (int r = 0; r < k; ++r) {
+      uint32_t gm;
+      const bool win = segment_winner(ck[0], cp[0], gm);
+      first = r == 0 ? gm : first;
+      taken |= win ? static_cast<Mask>(1u) << cp[0] : static_cast<Mask>(0);
+      pop_cached<C>(win, ck, cp);
+      if (win && ck[0] == kKeyNone && r + 1 < k) top_cached<N, C>(key, taken, ck, cp);
     }
 
     // 5. weights of the selected experts: post-top-k softmax, or the sigmoid/sqrtsoftplus normalisation.
     if (post) {
-      seg_softmax<G, N>(v, taken);
+      // Softmax keys are the values (no bias), so the first winner's is the selected maximum (all NaN:
+      // -inf, as fmaxf gives); a lane holds few of the k, so it takes their exponentials alone.
+      const float m = first == kKeyNaN ? -INFINITY : key_value(first);
+      seg_softmax_few<G, N, (G == 32 ? 2 : 3)>(v, taken, m);
     } else if (!aux && norm) {
       float sum = 0.0f;
 #pragma unroll
@@ -423,6 +503,37 @@ int aligned_group_octets(const RouterForwardParams& p, int lanes) {
   return q;
 }
 
+// The forward's lanes per token for a bucket: the shared table (router_common.cuh), or, in a tuning build
+// with BITEP_ROUTER_FWD_NARROW, half of it for E in 33..512 (twice the tokens per warp, twice the slots).
+constexpr bool kNarrow =
+#ifdef BITEP_ROUTER_FWD_NARROW
+    true;
+#else
+    false;
+#endif
+int forward_lanes(int bucket) {
+  return kNarrow && bucket >= 3 && bucket <= 6 ? kBucketLanes[bucket] / 2 : kBucketLanes[bucket];
+}
+template <typename F>
+cudaError_t with_forward_shape(int bucket, F&& f) {
+  using std::integral_constant;
+  if constexpr (kNarrow) {
+    switch (bucket) {
+      case 3:
+        return f(integral_constant<int, 4>{}, integral_constant<int, 2>{});
+      case 4:
+        return f(integral_constant<int, 8>{}, integral_constant<int, 2>{});
+      case 5:
+        return f(integral_constant<int, 16>{}, integral_constant<int, 2>{});
+      case 6:
+        return f(integral_constant<int, 16>{}, integral_constant<int, 4>{});
+      default:
+        break;
+    }
+  }
+  return with_bucket(bucket, f);
+}
+
 }  // namespace
 
 cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t stream) {
@@ -434,7 +545,7 @@ cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t str
   const bool groups = p.mode == RouterMode::kTopk && p.num_groups > 0;
   const int bucket = bucket_of(p.num_experts);
   int q = 0;
-  if (bucket >= 0 && groups) q = aligned_group_octets(p, kBucketLanes[bucket]);
+  if (bucket >= 0 && groups) q = aligned_group_octets(p, forward_lanes(bucket));
   if (bucket < 0 || p.topk > kMaxBucketTopk || (groups && q == 0)) return launch_router_forward_generic(p, stream);
 
   FwdLayout lay{};
@@ -443,7 +554,7 @@ cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t str
   lay.experts_per_rank = p.num_ranks > 0 ? p.num_experts / p.num_ranks : 1;
   lay.group_octets = groups ? q : 0;
   lay.per_group = groups ? p.topk / p.group_topk : 0;
-  return with_bucket(
+  return with_forward_shape(
       bucket, [&](auto g, auto ns) { return launch_bucket<decltype(g)::value, decltype(ns)::value>(p, lay, stream); });
 }
 

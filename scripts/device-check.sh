@@ -9,7 +9,7 @@
 #   OUT=/tmp/out scripts/device-check.sh [--quick]
 # PHASES (comma-separated; default bench,ctest,sanitize,net: ctest holds the GPU and multi-rank tests) picks
 # what runs after the build: gpu, multirank (their GPU parts alone, for quick checks),
-# bench, net (the NCCL network transport), ctest, sanitize, tune (TUNE_FLAGS builds), ab (AB_ENVS runs of
+# bench, net (the NCCL network transport), ctest, sanitize, tune (TUNE_FLAGS builds, TUNE_ARGS rows), ab (AB_ENVS runs of
 # ep_bench), profile (Nsight Compute on the router and EP kernels and a BITEP_TRACE=1 run of ep_bench:
 # where the time goes).
 set -uo pipefail
@@ -211,8 +211,9 @@ fi
 
 if on tune; then
   # Tuning builds: each ';'-separated entry of TUNE_FLAGS (extra CUDA flags, e.g. -DBITEP_ROUTER_FWD_MIN_BLOCKS=6)
-  # builds router_bench apart and runs its quick rows next to the default build's.
-  step "router_bench --quick (default build)" "$BENCH" "$BUILD/bench/router_bench" --quick --iters 200
+  # builds router_bench apart and runs its TUNE_ARGS rows (default: --quick) next to the default build's.
+  read -ra TARGS <<<"${TUNE_ARGS:---quick}"
+  step "router_bench ${TARGS[*]} (default build)" "$BENCH" "$BUILD/bench/router_bench" "${TARGS[@]}" --iters 200
   IFS=';' read -ra TUNES <<<"${TUNE_FLAGS:-}"
   n=0
   for f in "${TUNES[@]}"; do
@@ -220,7 +221,7 @@ if on tune; then
     TB=$ROOT/build-tune-$n
     step "tune $n build ($f)" "$OUT/build.log" bash -c "cmake -S '$ROOT' -B '$TB' -DCMAKE_BUILD_TYPE=Release \
       -DBITEP_BUILD_TESTS=OFF -DCMAKE_CUDA_FLAGS='$f' ${CMAKE_EXTRA[*]} >/dev/null && cmake --build '$TB' -j $(nproc) --target router_bench" &&
-      step "tune $n router_bench --quick ($f)" "$BENCH" "$TB/bench/router_bench" --quick --iters 200
+      step "tune $n router_bench ${TARGS[*]} ($f)" "$BENCH" "$TB/bench/router_bench" "${TARGS[@]}" --iters 200
   done
 fi
 if on ab; then

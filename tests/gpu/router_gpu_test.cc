@@ -727,7 +727,7 @@ TEST(RouterGpu, DegenerateRows) {
   REQUIRE_GPU();
   CaseStats stats;
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  for (int E : {8, 130, 256, 2048, 3000})
+  for (int E : {8, 64, 130, 256, 512, 2048, 3000})
     for (int k : {1, 8, E}) {
       if (k > E) continue;
       const int64_t T = 12;
