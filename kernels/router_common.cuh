@@ -394,7 +394,8 @@ __device__ __forceinline__ void seg_softmax(float* v, Mask mask) {
 // the result is bit-identical to it; a warp where some lane holds more falls back to it.
 template <int G, int N, int KS, class Mask>
 __device__ __forceinline__ void seg_softmax_few(float* v, Mask mask, float m) {
-  const int c = sizeof(Mask) == 8 ? __popcll(static_cast<unsigned long long>(mask)) : __popc(static_cast<uint32_t>(mask));
+  const int c =
+      sizeof(Mask) == 8 ? __popcll(static_cast<unsigned long long>(mask)) : __popc(static_cast<uint32_t>(mask));
   if (__any_sync(kFullMask, c > KS)) {
     seg_softmax<G, N>(v, mask);
     return;
