@@ -388,40 +388,6 @@ __device__ __forceinline__ void seg_softmax(float* v, Mask mask) {
     if ((mask >> p) & 1) v[p] = __fmul_rn(v[p], r);
 }
 
-// seg_softmax(v, mask) when m, the max of the masked elements, is already known (the top-k's first
-// winner) and most lanes hold at most KS of them: each lane takes the exponentials of its first KS
-// masked elements only (no divergent exp per element), summed in element order as seg_softmax does, so
-// the result is bit-identical to it; a warp where some lane holds more falls back to it.
-template <int G, int N, int KS, class Mask>
-__device__ __forceinline__ void seg_softmax_few(float* v, Mask mask, float m) {
-  const int c =
-      sizeof(Mask) == 8 ? __popcll(static_cast<unsigned long long>(mask)) : __popc(static_cast<uint32_t>(mask));
-  if (__any_sync(kFullMask, c > KS)) {
-    seg_softmax<G, N>(v, mask);
-    return;
-  }
-  Mask rest = mask, bit[KS];
-  float e[KS], s = 0.0f;
-#pragma unroll
-  for (int j = 0; j < KS; ++j) {
-    bit[j] = rest & (static_cast<Mask>(0) - rest);  // lowest masked element left (0: none)
-    rest ^= bit[j];
-    float x = 0.0f;
-#pragma unroll
-    for (int p = 0; p < N; ++p) x = ((bit[j] >> p) & 1) ? v[p] : x;
-    e[j] = expf(x - m);
-    s = bit[j] != 0 ? __fadd_rn(s, e[j]) : s;
-  }
-  s = seg_sum_f32<G>(s);
-  const float r = __frcp_rn(s);
-#pragma unroll
-  for (int j = 0; j < KS; ++j) {
-    const float w = __fmul_rn(e[j], r);
-#pragma unroll
-    for (int p = 0; p < N; ++p) v[p] = ((bit[j] >> p) & 1) ? w : v[p];
-  }
-}
-
 // ---- device: block-wide reductions (generic kernels; blockDim.x a multiple of 32, <= 1024) ---------
 // Fixed order: thread-local (strided), then warp butterflies, then the warp results in warp order.
 // `scratch` holds 32 words; the trailing barrier makes it reusable at once.

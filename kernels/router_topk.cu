@@ -231,8 +231,8 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
     // expert indices instead.
     const uint32_t seg = segment_lanes<G>(), below = lanemask_lt() & seg;
     auto expert_of = [&](int q) { return ((q >> 3) * G + sl) * 8 + (q & 7); };
-    auto segment_winner = [&](uint32_t mine, int pos, uint32_t& gm) {
-      gm = seg_max_u32<G>(mine);
+    auto segment_winner = [&](uint32_t mine, int pos) {
+      const uint32_t gm = seg_max_u32<G>(mine);
       const bool eq = mine == gm && mine != kKeyNone;
       const uint32_t bal = __ballot_sync(kFullMask, eq);
       bool win = eq && (bal & below) == 0u;
@@ -343,11 +343,8 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
     // 4. top-k: k rounds of a segment arg-max over each lane's best remaining key; the winner takes it
     // from its cache and rescans its registers (taken ones skipped) when the cache runs dry.
     Mask taken = 0;
-    uint32_t first = kKeyNone;  // the first winner's key: the largest selected
     for (int r = 0; r < k; ++r) {
-      uint32_t gm;
-      const bool win = segment_winner(ck[0], cp[0], gm);
-      first = r == 0 ? gm : first;
+      const bool win = segment_winner(ck[0], cp[0]);
       taken |= win ? static_cast<Mask>(1u) << cp[0] : static_cast<Mask>(0);
       pop_cached<C>(win, ck, cp);
       if (win && ck[0] == kKeyNone && r + 1 < k) top_cached<N, C>(key, taken, ck, cp);
@@ -355,10 +352,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
 
     // 5. weights of the selected experts: post-top-k softmax, or the sigmoid/sqrtsoftplus normalisation.
     if (post) {
-      // Softmax keys are the values (no bias), so the first winner's is the selected maximum (all NaN:
-      // -inf, as fmaxf gives); a lane holds few of the k, so it takes their exponentials alone.
-      const float m = first == kKeyNaN ? -INFINITY : key_value(first);
-      seg_softmax_few<G, N, (G == 32 ? 2 : 3)>(v, taken, m);
+      seg_softmax<G, N>(v, taken);
     } else if (!aux && norm) {
       float sum = 0.0f;
 #pragma unroll
