@@ -239,8 +239,8 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
       if constexpr (NS > 1) {
         if (__any_sync(kFullMask, eq && !win)) {
           const int ce = eq ? expert_of(pos) : INT_MAX;
-          const int first = seg_min_i32<G>(ce);  // every lane: a collective never sits behind a &&
-          win = eq && ce == first;
+          const int lowest = seg_min_i32<G>(ce);  // every lane: a collective never sits behind a &&
+          win = eq && ce == lowest;
         }
       }
       return win;
