@@ -497,37 +497,6 @@ int aligned_group_octets(const RouterForwardParams& p, int lanes) {
   return q;
 }
 
-// The forward's lanes per token for a bucket: the shared table (router_common.cuh), or, in a tuning build
-// with BITEP_ROUTER_FWD_NARROW, half of it for E in 33..512 (twice the tokens per warp, twice the slots).
-constexpr bool kNarrow =
-#ifdef BITEP_ROUTER_FWD_NARROW
-    true;
-#else
-    false;
-#endif
-int forward_lanes(int bucket) {
-  return kNarrow && bucket >= 3 && bucket <= 6 ? kBucketLanes[bucket] / 2 : kBucketLanes[bucket];
-}
-template <typename F>
-cudaError_t with_forward_shape(int bucket, F&& f) {
-  using std::integral_constant;
-  if constexpr (kNarrow) {
-    switch (bucket) {
-      case 3:
-        return f(integral_constant<int, 4>{}, integral_constant<int, 2>{});
-      case 4:
-        return f(integral_constant<int, 8>{}, integral_constant<int, 2>{});
-      case 5:
-        return f(integral_constant<int, 16>{}, integral_constant<int, 2>{});
-      case 6:
-        return f(integral_constant<int, 16>{}, integral_constant<int, 4>{});
-      default:
-        break;
-    }
-  }
-  return with_bucket(bucket, f);
-}
-
 }  // namespace
 
 cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t stream) {
@@ -539,7 +508,7 @@ cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t str
   const bool groups = p.mode == RouterMode::kTopk && p.num_groups > 0;
   const int bucket = bucket_of(p.num_experts);
   int q = 0;
-  if (bucket >= 0 && groups) q = aligned_group_octets(p, forward_lanes(bucket));
+  if (bucket >= 0 && groups) q = aligned_group_octets(p, kBucketLanes[bucket]);
   if (bucket < 0 || p.topk > kMaxBucketTopk || (groups && q == 0)) return launch_router_forward_generic(p, stream);
 
   FwdLayout lay{};
@@ -548,7 +517,7 @@ cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t str
   lay.experts_per_rank = p.num_ranks > 0 ? p.num_experts / p.num_ranks : 1;
   lay.group_octets = groups ? q : 0;
   lay.per_group = groups ? p.topk / p.group_topk : 0;
-  return with_forward_shape(
+  return with_bucket(
       bucket, [&](auto g, auto ns) { return launch_bucket<decltype(g)::value, decltype(ns)::value>(p, lay, stream); });
 }
 
