@@ -336,7 +336,8 @@ __device__ __forceinline__ uint32_t lanemask_lt() {
 }
 template <int G>
 __device__ __forceinline__ uint32_t segment_lanes() {
-  return G == 32 ? kFullMask : ((1u << G) - 1u) << ((threadIdx.x & 31) & ~(G - 1));
+  // G & 31: the branch not taken at G = 32 must not shift a 32-bit value by 32 either.
+  return G == 32 ? kFullMask : ((1u << (G & 31)) - 1u) << ((threadIdx.x & 31) & ~(G - 1));
 }
 
 // Inclusive prefix sum over the segment (lane order).
