@@ -96,7 +96,7 @@ step() {  # step NAME LOGFILE CMD...: runs CMD under what is left of the budget,
   timeout -k 5 $left "$@" >"$tmp" 2>&1
   local rc=$?
   # A gtest run that selected no test proves nothing: count it as a failure.
-  if [ $rc = 0 ] && grep -q '\[  PASSED  \] 0 tests' "$tmp"; then
+  if [ $rc = 0 ] && grep -qE '\[  PASSED  \] 0 tests|No tests were found' "$tmp"; then
     echo "no test ran: check the filter" >>"$tmp"
     rc=3
   fi
@@ -155,8 +155,18 @@ if on bench; then
   fi
 fi
 
-on gpu && step "gpu tests (bitep_gpu_tests${GPU_FILTER:+ $GPU_FILTER})" "$LOG" "$BUILD/tests/bitep_gpu_tests" \
-  --gtest_filter="${GPU_FILTER:-*}"
+# The GPU tests one ctest entry each, side by side, each under GPU_TEST_TIMEOUT_S: a kernel that hangs costs
+# one entry's timeout and names its test (run as one process, a hang once took the whole call's budget).
+# GPU_FILTER (a gtest filter) runs the binary on those tests alone, under GPU_TIMEOUT_S in all.
+if on gpu; then
+  if [ -n "${GPU_FILTER:-}" ]; then
+    step "gpu tests (bitep_gpu_tests $GPU_FILTER)" "$LOG" timeout "${GPU_TIMEOUT_S:-240}" \
+      "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_FILTER"
+  else
+    step "gpu tests (ctest -L gpu)" "$LOG" ctest --test-dir "$BUILD" -L gpu -j 4 --timeout "${GPU_TEST_TIMEOUT_S:-150}" \
+      --output-on-failure
+  fi
+fi
 if on multirank; then
   # BITEP_SPLIT_MIN_BYTES=0: every call takes the large-call path, the peer window (or, BITEP_LSA=0, the
   # split all-to-all); BITEP_TRACE=1 logs whether each group got a window.
