@@ -86,19 +86,10 @@ bitepResult_t backward(Exec& ex, bitepGroup* g, bitepHandle* h, const bitepCombi
   BITEP_CHECK(ex.temp(row * S, &send_g));
   BITEP_CHECK(ex.temp(row * R, &recv_g));
   if (T > 0) {
-    kernels::PermuteParams pp;
-    pp.num_tokens = T;
-    pp.num_experts = c.num_experts;
-    pp.topk = c.topk;
-    pp.num_ranks = W;
-    pp.self_rank = self;
-    pp.hidden = c.hidden;
-    pp.dtype = to_kernel_dtype(c.dtype);
+    kernels::PermuteParams pp = permute_params(h, g);
     pp.routing = h->routing;  // not read: no maps, no weights
     pp.x = a->grad_out;
-    pp.token_slot = h->token_slot;
     pp.send_offsets = h->send_offsets_dev;
-    pp.self_recv_offset = h->recv_offsets[self];
     pp.send_x = send_g;
     pp.recv_x = recv_g;
     BITEP_CHECK(ex.permute(pp));

@@ -140,20 +140,10 @@ kernels::RoutingInput Dispatch::routing() const {
 }
 
 kernels::PermuteParams Dispatch::permute_params() const {
-  const bitepGroupConfig_t& c = g_->config;
   const bitepHandle* h = h_.get();
-  kernels::PermuteParams pp;
-  pp.num_tokens = h->num_tokens;
-  pp.num_experts = c.num_experts;
-  pp.topk = c.topk;
-  pp.num_ranks = W_;
-  pp.self_rank = self_;
-  pp.hidden = c.hidden;
-  pp.dtype = to_kernel_dtype(c.dtype);
+  kernels::PermuteParams pp = ep::permute_params(h, g_);
   pp.routing = routing();
   pp.x = a_->x;
-  pp.token_slot = h->token_slot;
-  pp.self_recv_offset = h->recv_offsets[self_];
   pp.recv_x = h->recv_x;
   pp.recv_map = h->recv_map;
   pp.recv_weights = h->recv_weights;

@@ -57,6 +57,21 @@ kernels::ExpertMajorParams expert_major_params(const bitepHandle* h, const bitep
   return ep;
 }
 
+kernels::PermuteParams permute_params(const bitepHandle* h, const bitepGroup* g) {
+  const bitepGroupConfig_t& c = g->config;
+  kernels::PermuteParams pp;
+  pp.num_tokens = h->num_tokens;
+  pp.num_experts = c.num_experts;
+  pp.topk = c.topk;
+  pp.num_ranks = g->nranks;
+  pp.self_rank = g->rank;
+  pp.hidden = c.hidden;
+  pp.dtype = to_kernel_dtype(c.dtype);
+  pp.token_slot = h->token_slot;
+  pp.self_recv_offset = h->recv_offsets[g->rank];
+  return pp;
+}
+
 void add_route_buffers(const bitepHandle* h,
                        int self,
                        Route route,

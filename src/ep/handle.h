@@ -68,6 +68,9 @@ enum class Route { kOut, kBack };
 // The expert-major primitive's parameters for this handle's layout (rows, map, offsets, counts,
 // positions); the caller sets what moves (recv_x, expert_x, weights, the source table, the range).
 kernels::ExpertMajorParams expert_major_params(const bitepHandle* h, const bitepGroup* g);
+// The permute primitive's parameters for this handle's layout (tokens, shape, ranks, slots, the self chunk's
+// offset); the caller sets what moves (routing, x, the send and receive buffers, the peers' destinations).
+kernels::PermuteParams permute_params(const bitepHandle* h, const bitepGroup* g);
 void add_route_buffers(const bitepHandle* h,
                        int self,
                        Route route,
