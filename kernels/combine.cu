@@ -74,7 +74,33 @@ struct ReduceArgs {
   const char* grad_rows;
   float* grad_weights;
   int64_t row_bytes, nvec;
+  int num_sources, self_source;  // per source destinations (ReduceParams::outs), or 0
+  char* const* outs;
+  const int64_t* row_offsets;
 };
+
+// Step j of a reduce over R rows of which [own0, own0 + own_n) are the own rows: the others' rows and the
+// own ones alternate while both last, then the rest of the longer run, each in ascending order.
+__device__ __forceinline__ int64_t interleaved_row(int64_t j, int64_t own0, int64_t own_n, int64_t R) {
+  const int64_t others = R - own_n, m = others < own_n ? others : own_n;
+  const bool own = j < 2 * m ? (j & 1) != 0 : own_n > others;
+  const int64_t q = j < 2 * m ? j >> 1 : j - m;
+  return own ? own0 + q : (q < own0 ? q : q + own_n);
+}
+
+// The largest s < n with off[s] <= i (so a source without rows is passed over).
+__device__ __forceinline__ int source_of(const int64_t* off, int n, int64_t i) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (__ldg(off + mid) <= i) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
 
 template <typename T, int V>
 __global__ void __launch_bounds__(kRowThreads) reduce_kernel(ReduceArgs a) {
@@ -83,13 +109,26 @@ __global__ void __launch_bounds__(kRowThreads) reduce_kernel(ReduceArgs a) {
   constexpr int N = P::N;
   const int lane = threadIdx.x & (kWarp - 1);
   const int KL = a.row_experts;
-  for (int64_t i = global_warp(); i < a.num_rows; i += num_warps()) {
+  int64_t own0 = 0, own_n = 0;
+  if (a.num_sources > 0 && a.self_source >= 0) {
+    own0 = __ldg(a.row_offsets + a.self_source);
+    own_n = __ldg(a.row_offsets + a.self_source + 1) - own0;
+  }
+  for (int64_t j = global_warp(); j < a.num_rows; j += num_warps()) {
+    int64_t i = j;
+    char* dst = a.out != nullptr ? a.out + i * a.row_bytes : nullptr;
+    if (a.num_sources > 0) {
+      i = interleaved_row(j, own0, own_n, a.num_rows);
+      const int s = source_of(a.row_offsets, a.num_sources, i);
+      char* base = a.outs[s];
+      dst = base != nullptr ? base + (i - __ldg(a.row_offsets + s)) * a.row_bytes : nullptr;
+    }
     const int32_t* rr = a.rows + i * KL;
     // Positions and weights of the first 32 entries stay in registers; more (KL > 32) are reloaded.
     const int pos0 = lane < KL ? __ldg(rr + lane) : -1;
     const float w0 = a.weights != nullptr && lane < KL ? __ldg(a.weights + i * KL + lane) : 1.0f;
-    if (a.out != nullptr) {
-      Vec* out = reinterpret_cast<Vec*>(a.out + i * a.row_bytes);
+    if (dst != nullptr) {
+      Vec* out = reinterpret_cast<Vec*>(dst);
       for (int64_t base = 0; base < a.nvec; base += kWarp * kUnroll) {
         float acc[kUnroll][N];
 #pragma unroll
@@ -256,19 +295,31 @@ cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream) {
   if (p.num_recv_rows < 0 || p.max_row_experts < 1 || p.hidden < 0) return cudaErrorInvalidValue;
   if (p.num_recv_rows == 0) return cudaSuccess;
   const bool grads = p.grad_rows != nullptr && p.grad_weights != nullptr;
-  if (p.out == nullptr && !grads) return cudaSuccess;
+  const bool sources = p.num_sources > 0;
+  if (p.out == nullptr && !sources && !grads) return cudaSuccess;
   if (p.recv_expert_rows == nullptr) return cudaErrorInvalidValue;  // y is read only at positions >= 0
+  if (sources && (p.outs == nullptr || p.row_offsets == nullptr || p.self_source >= p.num_sources))
+    return cudaErrorInvalidValue;
   ReduceArgs a;
   a.num_rows = p.num_recv_rows;
   a.row_experts = p.max_row_experts;
   a.y = static_cast<const char*>(p.y);
   a.rows = p.recv_expert_rows;
   a.weights = p.recv_weights;
-  a.out = static_cast<char*>(p.out);
+  a.out = sources ? nullptr : static_cast<char*>(p.out);
   a.grad_rows = static_cast<const char*>(p.grad_rows);
   a.grad_weights = grads ? p.grad_weights : nullptr;
   a.row_bytes = p.hidden * dtype_size(p.dtype);
-  const int v = vec_bytes(a.row_bytes, p.y, p.out, grads ? p.grad_rows : nullptr);
+  a.num_sources = sources ? p.num_sources : 0;
+  a.self_source = p.self_source;
+  a.outs = reinterpret_cast<char* const*>(p.outs);
+  a.row_offsets = p.row_offsets;
+  // outs[s] live on the device: the caller states their alignment.
+  int v = vec_bytes(a.row_bytes, p.y, a.out, grads ? p.grad_rows : nullptr);
+  if (sources) {
+    if (p.outs_align < 1 || p.outs_align > 16 || (p.outs_align & (p.outs_align - 1)) != 0) return cudaErrorInvalidValue;
+    v = v < p.outs_align ? v : p.outs_align;
+  }
   a.nvec = a.row_bytes / v;
   unsigned grid = 0;
   cudaError_t err = row_grid(p.num_recv_rows, &grid, p.blocks_per_sm);

@@ -173,6 +173,17 @@ struct ReduceParams {
   const void* grad_rows = nullptr;  // [R, H] or null
   float* grad_weights = nullptr;    // [R, KL] or null
   int blocks_per_sm = 0;            // cuda: blocks per SM of the persistent grid (0: the default)
+  // Per source rank destinations (the peer window's combine: the peers' partial rows go straight into
+  // their windows, the own ones into a local buffer, in one launch). With num_sources > 0, `out` is not
+  // read: row i of source s (row_offsets[s] <= i < row_offsets[s + 1]; row_offsets[0] = 0,
+  // row_offsets[num_sources] = num_recv_rows) goes to outs[s] row i - row_offsets[s]. cuda takes the rows
+  // of self_source (>= 0) interleaved with the others', so that the others' stores over NVLink and the
+  // own rows' reads share the time; the results do not depend on the order.
+  int num_sources = 0;
+  void* const* outs = nullptr;           // [num_sources] (backend memory; null: that source's rows not written)
+  const int64_t* row_offsets = nullptr;  // [num_sources + 1] (backend memory)
+  int self_source = -1;
+  int outs_align = 1;  // a power of two (<= 16) dividing every outs[s]: bounds the vector width
 };
 
 // 8. Final sum: out[t] = sum over ranks r ascending with token_slot[t][r] >= 0 of

@@ -192,7 +192,7 @@ sanitize_one_gpu() {  # the single-GPU sanitizer passes
   step "gpu tests under compute-sanitizer memcheck" "$1" bash -c 'san_each memcheck'
   step "gpu tests under compute-sanitizer racecheck" "$1" bash -c 'san_each racecheck'
   step "multirank cuda np1 memcheck" "$1" \
-    mpirun -np 1 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
+    mpirun -np 1 -x BITEP_TEST_TIMEOUT_S=180 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
 }
 if on ctest && on sanitize && [ "$NGPU" -ge 2 ]; then
   # Two GPUs: the single-GPU sanitizer passes run on GPU 1 while ctest runs.
@@ -212,10 +212,10 @@ if [ "$NGPU" -ge 2 ]; then
   on net && step "multirank cuda np2 (NCCL net transport, split)" "$LOG" \
     mpirun -np 2 -x NCCL_P2P_DISABLE=1 -x NCCL_SHM_DISABLE=1 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
   on sanitize && step "multirank cuda np2 memcheck (split, peer window)" "$LOG" \
-    mpirun -np 2 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_LSA_DISPATCH=1 compute-sanitizer $MR_SAN_FLAGS "$MR" \
+    mpirun -np 2 -x BITEP_TEST_TIMEOUT_S=180 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_LSA_DISPATCH=1 compute-sanitizer $MR_SAN_FLAGS "$MR" \
     --gtest_filter="$MR_SAN_FILTER"
   on sanitize && step "multirank cuda np2 memcheck (split all-to-all: BITEP_LSA=0)" "$LOG" \
-    mpirun -np 2 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_LSA=0 compute-sanitizer $MR_SAN_FLAGS "$MR" \
+    mpirun -np 2 -x BITEP_TEST_TIMEOUT_S=180 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_LSA=0 compute-sanitizer $MR_SAN_FLAGS "$MR" \
     --gtest_filter="$MR_SAN_FILTER"
 fi
 

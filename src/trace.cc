@@ -13,19 +13,46 @@ namespace bitep {
 int trace_level() {
   static const int level = [] {
     const char* v = std::getenv("BITEP_TRACE");
-    return v == nullptr ? 0 : std::atoi(v) >= 2 ? 2 : std::atoi(v) == 1 ? 1 : 0;
+    const int n = v == nullptr ? 0 : std::atoi(v);
+    return n < 0 ? 0 : n > 3 ? 3 : n;
   }();
   return level;
 }
 
+#ifdef BITEP_HAVE_CUDA
+namespace {
+// Level 3's events, made once per thread (a call records at most 17) and kept for the process.
+cudaEvent_t trace_event(int i) {
+  thread_local cudaEvent_t events[17] = {};
+  if (events[i] == nullptr && cudaEventCreate(&events[i]) != cudaSuccess) events[i] = nullptr;
+  return events[i];
+}
+}  // namespace
+#endif
+
 Trace::Trace(const char* call, int rank, bitepStream_t stream, bool cuda)
     : call_(call), rank_(rank), stream_(stream), cuda_(cuda), level_(trace_level()) {
+  if (level_ == 3 && !cuda_) level_ = 1;
   if (level_ != 0) start_ = last_ = Clock::now();
+#ifdef BITEP_HAVE_CUDA
+  if (level_ == 3) {
+    events_[0] = trace_event(0);
+    if (events_[0] != nullptr)
+      (void)cudaEventRecord(static_cast<cudaEvent_t>(events_[0]), static_cast<cudaStream_t>(stream_));
+  }
+#endif
 }
 
-void Trace::mark_slow(const char* name) {
+void Trace::mark_slow(const char* name, bitepStream_t stream) {
 #ifdef BITEP_HAVE_CUDA
-  if (level_ >= 2 && cuda_) (void)cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream_));
+  if (level_ == 2 && cuda_) (void)cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream_));
+  if (level_ == 3 && n_ < kMaxMarks) {
+    events_[n_ + 1] = trace_event(n_ + 1);
+    if (events_[n_ + 1] != nullptr)
+      (void)cudaEventRecord(static_cast<cudaEvent_t>(events_[n_ + 1]), static_cast<cudaStream_t>(stream));
+  }
+#else
+  (void)stream;
 #endif
   const Clock::time_point now = Clock::now();
   if (n_ < kMaxMarks) {
@@ -39,6 +66,26 @@ void Trace::mark_slow(const char* name) {
 Trace::~Trace() {
   if (level_ == 0) return;
   char line[1024];
+#ifdef BITEP_HAVE_CUDA
+  if (level_ == 3) {
+    // Each mark's time after the first event; a mark whose event failed reads -1.
+    double end = 0;
+    for (int i = 0; i < n_; ++i) {
+      float ms = -1;
+      cudaEvent_t e = static_cast<cudaEvent_t>(events_[i + 1]);
+      if (events_[0] == nullptr || e == nullptr || cudaEventSynchronize(e) != cudaSuccess ||
+          cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(events_[0]), e) != cudaSuccess)
+        ms = -1e-3f;
+      us_[i] = 1e3 * ms;
+      if (us_[i] > end) end = us_[i];
+    }
+    int len = std::snprintf(line, sizeof(line), "[bitep gpu] rank %d %s: %.1f us =", rank_, call_, end);
+    for (int i = 0; i < n_ && len > 0 && len < static_cast<int>(sizeof(line)); ++i)
+      len += std::snprintf(line + len, sizeof(line) - len, " %s %.1f", names_[i], us_[i]);
+    std::fprintf(stderr, "%s\n", line);
+    return;
+  }
+#endif
   int len = std::snprintf(line, sizeof(line), "[bitep trace] rank %d %s: %.1f us =", rank_, call_,
                           std::chrono::duration<double, std::micro>(last_ - start_).count());
   for (int i = 0; i < n_ && len > 0 && len < static_cast<int>(sizeof(line)); ++i)

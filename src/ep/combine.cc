@@ -9,6 +9,7 @@
 #include "src/ep/combine.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "src/args.h"
@@ -153,34 +154,48 @@ bitepResult_t combine_window(Exec& ex,
   const int64_t own0 = h->recv_offsets[self], own_n = h->recv_counts[self];
   void* own = nullptr;
   if (expert) BITEP_CHECK(ex.temp(row * own_n, &own));
-  // The own rows' partial sums on the side stream, beside the others' (which cross NVLink).
+  // Where rank s keeps the rows it sent this rank: its send offset for `self`, in its window.
+  auto peer_dst = [&](int s) {
+    int64_t off = 0;
+    for (int r = 0; r < self; ++r)
+      if (r != s) off += m[static_cast<size_t>(s) * W + r];
+    return win->data(s) + off * row;
+  };
+  void* dev_table = nullptr;  // the reduce's destinations and row offsets per source rank
+  if (expert) BITEP_CHECK(ex.temp(sizeof(void*) * W + sizeof(int64_t) * (W + 1), &dev_table));
   BITEP_CHECK(win->acquire(ex.stream()));
-  BITEP_CHECK(ex.fork());
-  for (int pass = 0; pass < 2; ++pass) {
-    if (pass == 1) {
-      ex.launch_on_caller();
-      BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
+  BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
+  trace->mark("barrier");
+  if (expert) {
+    // One reduce over every received row: the peers' partial rows into their windows over NVLink, the own
+    // ones into `own`, interleaved, so the own rows' reads fill the time the stores take.
+    std::vector<unsigned char> table(sizeof(void*) * W + sizeof(int64_t) * (W + 1));
+    void** outs = reinterpret_cast<void**>(table.data());
+    int64_t* offsets = reinterpret_cast<int64_t*>(table.data() + sizeof(void*) * W);
+    uintptr_t bits = 16;  // the destinations' common alignment
+    for (int s = 0; s < W; ++s) {
+      outs[s] = h->recv_counts[s] == 0 ? nullptr : s == self ? own : static_cast<void*>(peer_dst(s));
+      bits |= reinterpret_cast<uintptr_t>(outs[s]);
+      offsets[s] = h->recv_offsets[s];
     }
+    offsets[W] = h->num_recv_rows;
+    BITEP_CHECK(ex.upload_staged(dev_table, table.data(), table.size()));
+    kernels::ReduceParams rp = reduce_params(g, h, y, weighted, 0, h->num_recv_rows, nullptr, 0);
+    rp.num_sources = W;
+    rp.outs = static_cast<void* const*>(dev_table);
+    rp.row_offsets = reinterpret_cast<const int64_t*>(static_cast<char*>(dev_table) + sizeof(void*) * W);
+    rp.self_source = self;
+    rp.outs_align = static_cast<int>(bits & (~bits + 1));
+    BITEP_CHECK(ex.reduce(rp));
+  } else {
     for (int s = 0; s < W; ++s) {
       const int64_t i0 = h->recv_offsets[s], n = h->recv_counts[s];
-      if (n == 0 || (s == self) != (pass == 0) || (s == self && !expert)) continue;
-      char* dst = static_cast<char*>(own);
-      if (s != self) {
-        int64_t off = 0;  // where rank s keeps the rows it sent this rank: its send offset for `self`
-        for (int r = 0; r < self; ++r)
-          if (r != s) off += m[static_cast<size_t>(s) * W + r];
-        dst = win->data(s) + off * row;
-      }
-      if (!expert) {
-        BITEP_CHECK(ex.copy(dst, static_cast<const char*>(y) + i0 * row, n * row));
-        continue;
-      }
-      BITEP_CHECK(ex.reduce(reduce_params(g, h, y, weighted, i0, n, dst, s == self ? kSideBlocksPerSm : 0)));
+      if (n > 0 && s != self) BITEP_CHECK(ex.copy(peer_dst(s), static_cast<const char*>(y) + i0 * row, n * row));
     }
   }
+  trace->mark("reduce");
   BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
-  BITEP_CHECK(ex.join());
-  trace->mark("reduce + window");
+  trace->mark("second barrier");
   if (h->num_tokens == 0) return win->release(ex.stream());
   BITEP_CHECK(ex.final_sum(final_sum_params(g, h, win->data(self), expert ? own : y, expert ? 0 : own0, out)));
   trace->mark("final-sum");

@@ -353,6 +353,7 @@ bitepResult_t Dispatch::move_rows_window() {
 
   BITEP_CHECK(win_->acquire(ex_.stream()));
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
+  trace_.mark("barrier");
   if (h->num_tokens > 0) BITEP_CHECK(ex_.permute(pp));
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
   for (const auto& range : ranges) {
@@ -369,6 +370,7 @@ bitepResult_t Dispatch::move_rows_window() {
   ep.copy_end = own1;
   ep.blocks_per_sm = kSideBlocksPerSm;
   if (expert) BITEP_CHECK(ex_.expert_major(ep));
+  trace_.mark_on("expert-major (own rows)", ex_.current_stream());
   ex_.launch_on_caller();
   if (h->num_tokens > 0) {
     pp.recv_x = nullptr;  // the rows alone, to the peers
@@ -436,7 +438,7 @@ bitepResult_t Dispatch::move_rows_nccl() {
     ep.copy_end = h->recv_offsets[self_] + h->recv_counts[self_];
     ep.blocks_per_sm = kSideBlocksPerSm;
     if (expert) BITEP_CHECK(ex_.expert_major(ep));
-    trace_.mark("expert-major (own rows)");
+    trace_.mark_on("expert-major (own rows)", ex_.current_stream());
     BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(rows, ex_.stream(), c.timeout_s)));
     trace_.mark("all-to-all (rows)");
     BITEP_CHECK(ex_.join());

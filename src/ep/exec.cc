@@ -180,7 +180,7 @@ bitepResult_t Exec::wait_download() {
 }
 
 bitepResult_t Exec::fork() {
-  if (!cuda() || forked_) return bitepSuccess;
+  if (!cuda()) return bitepSuccess;
 #ifdef BITEP_HAVE_CUDA
   cudaEvent_t ev = static_cast<cudaEvent_t>(group_->fork_event);
   BITEP_CUDA_CHECK(cudaEventRecord(ev, cu(stream_)));

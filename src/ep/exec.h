@@ -57,13 +57,16 @@ class Exec {
 
   // Work beside the caller's stream (cuda; the host backend runs everything in call order, and these
   // are no-ops there). fork(): the group's side stream waits for what the caller's stream holds so far,
-  // and the primitives launch on it until launch_on_caller() or join(); join() makes the caller's stream
+  // and the primitives launch on it until launch_on_caller() or join() (a fork() while forked makes it wait
+  // again, for what the caller's stream holds now); join() makes the caller's stream
   // wait for the side stream's work. stream() stays the caller's (the transport's calls go there).
   // Temporaries must be taken before fork(); the destructor joins a fork left open (an error path)
   // before it releases them.
   bitepResult_t fork();
   void launch_on_caller() { side_ = false; }
   bitepResult_t join();
+  // The stream the primitives launch on now (the side stream between fork() and launch_on_caller()).
+  bitepStream_t current_stream() const { return side_ ? static_cast<bitepStream_t>(group_->side_stream) : stream_; }
 
   // The primitives of kernels/ep_params.h on this backend.
   bitepResult_t layout(const kernels::LayoutParams& p);

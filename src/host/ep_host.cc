@@ -212,9 +212,17 @@ void ep_reduce(const kernels::ReduceParams& p) {
   const int KL = p.max_row_experts;
   const int64_t H = p.hidden;
   std::vector<float> acc(H);
+  int s = 0;  // the source of row i (num_sources > 0)
   for (int64_t i = 0; i < p.num_recv_rows; ++i) {
     const int32_t* rows = p.recv_expert_rows + i * KL;
-    if (p.out != nullptr) {
+    void* out = p.out;
+    int64_t o = i;
+    if (p.num_sources > 0) {
+      while (s + 1 < p.num_sources && p.row_offsets[s + 1] <= i) ++s;
+      out = p.outs[s];
+      o = i - p.row_offsets[s];
+    }
+    if (out != nullptr) {
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int j = 0; j < KL; ++j) {
         const int32_t pos = rows[j];
@@ -222,7 +230,7 @@ void ep_reduce(const kernels::ReduceParams& p) {
         const float w = p.recv_weights ? p.recv_weights[i * KL + j] : 1.0f;
         for (int64_t h = 0; h < H; ++h) acc[h] = std::fmaf(w, load_as_float(p.y, p.dtype, pos * H + h), acc[h]);
       }
-      for (int64_t h = 0; h < H; ++h) store_from_float(p.out, p.dtype, i * H + h, acc[h]);
+      for (int64_t h = 0; h < H; ++h) store_from_float(out, p.dtype, o * H + h, acc[h]);
     }
     if (p.grad_weights != nullptr && p.grad_rows != nullptr) {
       for (int j = 0; j < KL; ++j) {

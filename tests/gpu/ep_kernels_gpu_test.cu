@@ -460,6 +460,40 @@ TEST(EpKernelsGpu, ReduceMatchesHost) {
     p.grad_weights = grads ? dgw.get() : nullptr;
     sync(K::launch_ep_reduce(p, nullptr));
     bool ok = same(dout.host(), out, "out", c.str());
+    if (out_too && c.R > 0) {
+      // Per source destinations, as the window's combine calls it: W sources (one without rows, one not
+      // written), each source's rows from row 0 of its own buffer, the own source's rows interleaved.
+      const int W = 2 + static_cast<int>(c.seed % 4), self = static_cast<int>(c.seed % W);
+      std::vector<int64_t> off(W + 1, 0);
+      for (int s = 1; s < W; ++s) off[s] = s == 1 ? off[0] : std::min<int64_t>(c.R, off[s - 1] + c.R / (W - 1) + 1);
+      off[W] = c.R;
+      const int skipped = W >= 3 ? (self + 1) % W : -1;  // a source whose rows are not written (null)
+      Dev<uint8_t> dsrc_out(c.R * rb + 16 * W);
+      std::vector<void*> outs(W, nullptr);
+      for (int s = 0; s < W; ++s)
+        if (s != skipped) outs[s] = dsrc_out.get() + off[s] * rb + 16 * s;       // each source's region apart
+      const std::vector<uint8_t> poison = poisoned<uint8_t>(c.R * rb + 16 * W);  // as Dev starts
+      Dev<void*> douts(outs);
+      Dev<int64_t> doff(off);
+      K::ReduceParams q = p;
+      q.out = nullptr;
+      q.grad_rows = nullptr;
+      q.grad_weights = nullptr;
+      q.num_sources = W;
+      q.outs = douts.get();
+      q.row_offsets = doff.get();
+      q.self_source = self;
+      q.outs_align = 16;
+      for (int s = 0; s < W; ++s)
+        while (outs[s] != nullptr && reinterpret_cast<uintptr_t>(outs[s]) % q.outs_align != 0) q.outs_align /= 2;
+      sync(K::launch_ep_reduce(q, nullptr));
+      const std::vector<uint8_t> got = dsrc_out.host();
+      std::vector<uint8_t> want = poison;
+      for (int s = 0; s < W; ++s)
+        if (s != skipped && off[s + 1] > off[s])
+          std::copy(out.begin() + off[s] * rb, out.begin() + off[s + 1] * rb, want.begin() + off[s] * rb + 16 * s);
+      ok &= same(got, want, "out (per source)", c.str() + " W=" + std::to_string(W) + " self=" + std::to_string(self));
+    }
     if (grads) {  // dot products: fp64 reference, tolerance from the sum of |terms|
       const std::vector<float> got = dgw.host();
       for (int64_t i = 0; i < c.R && ok; ++i)

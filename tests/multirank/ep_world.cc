@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "src/host/dtype_host.h"
@@ -157,6 +158,12 @@ GroupGuard::~GroupGuard() {
 
 HandleGuard::~HandleGuard() {
   if (h != nullptr) bitepHandleDestroy(h);
+}
+
+double test_timeout_s() {
+  const char* v = std::getenv("BITEP_TEST_TIMEOUT_S");
+  const double t = v != nullptr ? std::atof(v) : 0.0;
+  return t > 0 ? t : 30.0;
 }
 
 bitepGroupConfig_t group_config(const Spec& s, int W, double timeout_s) {

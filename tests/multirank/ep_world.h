@@ -84,8 +84,11 @@ struct GroupGuard {
   GroupGuard& operator=(const GroupGuard&) = delete;
   ~GroupGuard();
 };
-bitepGroupConfig_t group_config(const Spec& s, int W, double timeout_s = 30.0);
-bitepResult_t make_group(const Spec& s, GroupGuard* out, double timeout_s = 30.0);
+// The groups' timeout: BITEP_TEST_TIMEOUT_S, default 30 s (runs under compute-sanitizer, where NCCL's init
+// alone can take longer, raise it).
+double test_timeout_s();
+bitepGroupConfig_t group_config(const Spec& s, int W, double timeout_s = test_timeout_s());
+bitepResult_t make_group(const Spec& s, GroupGuard* out, double timeout_s = test_timeout_s());
 
 struct HandleGuard {
   bitepHandle_t h = nullptr;

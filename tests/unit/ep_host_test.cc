@@ -375,6 +375,31 @@ TEST(EpHostReduce, WeightGradientsOnly) {
   EXPECT_EQ(gw, (std::vector<float>{5 * 0.5f - 6, 1 * 0.5f - 2, 0, 3 * 2 + 4 * 0.25f}));
 }
 
+TEST(EpHostReduce, PerSourceDestinations) {
+  // 5 rows from 4 sources: rows [0, 2) of source 0, none of source 1, [2, 4) of source 2 (not written:
+  // null destination), [4, 5) of source 3; each source's rows land at its own buffer from row 0.
+  const std::vector<float> y = {1, 2, 3, 4, 5};  // 5 expert rows, H = 1
+  const std::vector<int32_t> rows = {0, -1, 1, 2, 3, -1, 4, 0, -1, 4};
+  std::vector<float> out0(2, -9), out3(2, -9), unused(4, -9);
+  std::vector<void*> outs = {out0.data(), unused.data(), nullptr, out3.data()};
+  const std::vector<int64_t> offsets = {0, 2, 2, 4, 5};
+  bitep::kernels::ReduceParams p;
+  p.num_recv_rows = 5;
+  p.max_row_experts = 2;
+  p.hidden = 1;
+  p.dtype = DType::kF32;
+  p.y = y.data();
+  p.recv_expert_rows = rows.data();
+  p.num_sources = 4;
+  p.outs = outs.data();
+  p.row_offsets = offsets.data();
+  p.self_source = 3;
+  bitep::host::ep_reduce(p);
+  EXPECT_EQ(out0, (std::vector<float>{1, 2 + 3}));
+  EXPECT_EQ(out3, (std::vector<float>{5, -9}));
+  EXPECT_EQ(unused, (std::vector<float>(4, -9)));
+}
+
 TEST(EpHostFinalSum, AscendingRanksSelfRowsAndUnroutedZeros) {
   // W = 3, self = 1, H = 1; token 0 -> ranks 0, 1, 2; token 1 -> rank 2; token 2 -> nowhere.
   const std::vector<int32_t> slot = {0, 0, 0, /**/ -1, -1, 1, /**/ -1, -1, -1};
