@@ -61,6 +61,19 @@ inline cudaError_t smem_optin_bytes(int* out) {
       out);
 }
 
+// Shared memory of one SM (cudaDevAttrMaxSharedMemoryPerMultiprocessor, at least 48 KiB).
+inline cudaError_t smem_per_sm_bytes(int* out) {
+  static std::atomic<int> cache[kMaxCachedDevices];
+  return cached_per_device(
+      cache,
+      [](int dev, int* v) {
+        cudaError_t e = cudaDeviceGetAttribute(v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+        if (*v < 48 * 1024) *v = 48 * 1024;
+        return e;
+      },
+      out);
+}
+
 // Persistent grid: enough blocks for `work` units of `per_block` each, at most sms * per_sm, at least 1.
 inline unsigned persistent_grid(int64_t work, int per_block, int sms, int per_sm) {
   const int64_t need = (work + per_block - 1) / per_block;

@@ -150,6 +150,10 @@ struct ExpertMajorParams {
   // cuda: blocks per SM of the copy's persistent grid (0: the default). Work beside an all-to-all takes
   // fewer and leaves SMs to NCCL's kernel.
   int blocks_per_sm = 0;
+  // cuda, unweighted copies: true lets the copies go in source order by bulk (TMA) copies where the row
+  // size and pointers allow it (16-byte multiples, at most 24 KiB a row; sm_90 and later): each received
+  // row read once into shared memory and stored to each of its expert rows. false: the gather always.
+  bool bulk = true;
 };
 
 // 6. Reduce: partial[i] = sum over the set bits j of row i, ascending, of w_ij * y[recv_expert_rows[i][j]]

@@ -18,6 +18,11 @@
 // consecutive rows, copies its source row (optionally scaled by its weight) or zeroes a pad row. The
 // writes, k / W times the bytes of the reads, then stream out in address order (a scatter from each
 // received row to its k rows ran at a third of the HBM rate: ncu, H200, T = 4096, H = 7168).
+// On sm_90, unweighted copies of rows that are 16-byte multiples up to 24 KiB go in source order by bulk
+// (TMA) copies instead (ExpertMajorParams::bulk): each row read once into shared memory, then stored to
+// each of its expert rows, issued by one thread per block; the gather kernel then only zeroes pad rows.
+
+#include <algorithm>
 
 #include "kernels/ep.h"
 #include "kernels/ep_common.cuh"
@@ -278,6 +283,86 @@ __global__ void __launch_bounds__(kRowThreads) expert_copy_kernel(ExpertArgs a) 
   }
 }
 
+// ---- bulk copy (sm_90+): source order through shared memory --------------------------------------
+
+constexpr int kBulkMaxBufs = 4;                // rows in flight per block
+constexpr int64_t kBulkSmemBytes = 48 * 1024;  // per block: kBulkMaxBufs rows, or as many as fit (>= 2)
+
+// One thread per block issues everything: row n of the block goes into buffer n % nbuf by a bulk load
+// that completes on that buffer's mbarrier, then one bulk store per expert row of it; a buffer is loaded
+// again once the stores of its previous row have read it (bulk_group accounting, one group per row).
+__global__ void __launch_bounds__(kWarp) expert_bulk_copy_kernel(ExpertArgs a, int64_t count, int nbuf) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char bulk_smem[];
+  __shared__ __align__(8) uint64_t bar[kBulkMaxBufs];
+  if (threadIdx.x != 0) return;
+  const uint32_t bytes = static_cast<uint32_t>(a.row_bytes);
+  const int KL = a.row_experts;
+  const int64_t mine = count > blockIdx.x ? (count - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  // The n-th received row whose copies this call writes (the copy range, or the rows outside it).
+  auto bulk_row = [&a](int64_t n) {
+    if (!a.copy_outside) return a.copy_begin + n;
+    return n < a.copy_begin ? n : n + (a.copy_end - a.copy_begin);
+  };
+  const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(bulk_smem));
+  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  for (int b = 0; b < nbuf; ++b) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar0 + 8 * b));
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  auto load = [&](int64_t n) {
+    const int b = static_cast<int>(n % nbuf);
+    const char* src = a.recv_x + bulk_row(blockIdx.x + n * gridDim.x) * a.row_bytes;
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar0 + 8 * b), "r"(bytes) : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem0 + b * bytes),
+                 "l"(src), "r"(bytes), "r"(bar0 + 8 * b)
+                 : "memory");
+  };
+  for (int64_t n = 0; n < mine && n < nbuf; ++n) load(n);
+  for (int64_t n = 0; n < mine; ++n) {
+    const int b = static_cast<int>(n % nbuf);
+    const uint32_t parity = static_cast<uint32_t>((n / nbuf) & 1);
+    uint32_t done = 0;
+    while (!done)
+      asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                   : "=r"(done)
+                   : "r"(bar0 + 8 * b), "r"(parity)
+                   : "memory");
+    const int64_t i = bulk_row(blockIdx.x + n * gridDim.x);
+    for (int j = 0; j < KL; ++j) {
+      const int pos = __ldg(a.rows + i * KL + j);
+      if (pos < 0) continue;
+      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(a.expert_x + pos * a.row_bytes),
+                   "r"(smem0 + b * bytes), "r"(bytes)
+                   : "memory");
+    }
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    // Row n - 1's buffer, once its stores (all groups but the newest) have read it.
+    if (n >= 1 && n - 1 + nbuf < mine) {
+      asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+      load(n - 1 + nbuf);
+    }
+  }
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+#else
+  (void)a, (void)count, (void)nbuf;
+  __trap();  // launched only where the device is sm_90 or later (launch_ep_expert_major checks)
+#endif
+}
+
+// The architecture (major * 10 + minor) of the bulk kernel's binary for the current device.
+cudaError_t bulk_binary_arch(int* out) {
+  static std::atomic<int> cache[kMaxCachedDevices];
+  return cached_per_device(
+      cache,
+      [](int, int* v) {
+        cudaFuncAttributes attr;
+        const cudaError_t e = cudaFuncGetAttributes(&attr, expert_bulk_copy_kernel);
+        *v = e == cudaSuccess && attr.binaryVersion > 0 ? attr.binaryVersion : 1;
+        return e;
+      },
+      out);
+}
+
 template <typename T, int V>
 cudaError_t launch_expert_copy(const ExpertArgs& a, bool weighted, unsigned grid, cudaStream_t stream) {
   if (weighted) {
@@ -421,6 +506,29 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   const bool weighted = p.recv_weights != nullptr && p.recv_x != nullptr;
   const int v = vec_bytes(a.row_bytes, p.recv_x, p.expert_x);
   a.nvec = a.row_bytes / v;
+  const int64_t nbuf = a.row_bytes > 0 ? std::min<int64_t>(kBulkMaxBufs, kBulkSmemBytes / a.row_bytes) : 0;
+  int arch = 0;  // of the bulk kernel's binary that runs on this device (sm_90 or later has the bulk copies)
+  if (p.bulk && !weighted && p.recv_x != nullptr && v == 16 && nbuf >= 2 &&
+      (err = bulk_binary_arch(&arch)) == cudaSuccess && arch >= 90) {
+    // Source order by bulk copies; the gather kernel below then only zeroes the pad rows.
+    const int64_t in_range = std::max<int64_t>(0, std::min(a.copy_end, p.num_recv_rows) - a.copy_begin);
+    const int64_t count = a.copy_outside ? p.num_recv_rows - in_range : in_range;
+    int smem_sm = 0;
+    if (count > 0) {
+      if ((err = smem_per_sm_bytes(&smem_sm)) != cudaSuccess) return err;
+      // Every block resident at once (each works through its rows in turn): as many as the shared memory
+      // holds (1 KiB reserved per block), at most the asked-for blocks per SM.
+      const int64_t fit = std::max<int64_t>(1, smem_sm / (nbuf * a.row_bytes + 1024 + 128));
+      const int64_t per_sm = std::min<int64_t>(fit, p.blocks_per_sm > 0 ? p.blocks_per_sm : kRowBlocksPerSm);
+      const unsigned bgrid = static_cast<unsigned>(std::min<int64_t>(count, per_sm * sms));
+      expert_bulk_copy_kernel<<<bgrid, kWarp, static_cast<size_t>(nbuf * a.row_bytes), stream>>>(
+          a, count, static_cast<int>(nbuf));
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    if (!p.zero_pads) return cudaSuccess;
+    a.recv_x = nullptr;
+  }
+  if (err != cudaSuccess) return err;
   const unsigned grid = persistent_grid(p.num_expert_rows, kRowThreads / kWarp, sms,
                                         p.blocks_per_sm > 0 ? p.blocks_per_sm : kRowBlocksPerSm);
   return dispatch_dtype(p.dtype, [&](auto tt) {

@@ -2,6 +2,9 @@
 // Handle lifetime and layout queries.
 #include "src/ep/handle.h"
 
+#include <cstdlib>
+#include <cstring>
+
 #include "src/args.h"
 #include "src/check.h"
 
@@ -42,6 +45,18 @@ void destroy_handle(bitepHandle_t h) {
   delete h;
 }
 
+// BITEP_EXPERT_COPY=gather: the expert-major copies always in gather order (a tuning knob; by default
+// the cuda backend copies rows that allow it in source order by bulk copies, kernels/permute.cu).
+namespace {
+bool expert_copy_bulk() {
+  static const bool bulk = [] {
+    const char* v = std::getenv("BITEP_EXPERT_COPY");
+    return v == nullptr || std::strcmp(v, "gather") != 0;
+  }();
+  return bulk;
+}
+}  // namespace
+
 kernels::ExpertMajorParams expert_major_params(const bitepHandle* h, const bitepGroup* g) {
   kernels::ExpertMajorParams ep;
   ep.num_recv_rows = h->num_recv_rows;
@@ -54,6 +69,7 @@ kernels::ExpertMajorParams expert_major_params(const bitepHandle* h, const bitep
   ep.expert_counts = h->expert_counts;
   ep.recv_expert_rows = h->recv_expert_rows;
   ep.num_expert_rows = h->num_expert_rows;
+  ep.bulk = expert_copy_bulk();
   return ep;
 }
 
