@@ -35,43 +35,37 @@ inline cudaError_t cached_per_device(std::atomic<int> (&cache)[kMaxCachedDevices
   return cudaSuccess;
 }
 
-// Number of SMs of the current device (at least 1).
-inline cudaError_t sm_count(int* out) {
-  static std::atomic<int> cache[kMaxCachedDevices];
+// An attribute of the current device, cached per device in `cache`, at least `floor`.
+inline cudaError_t cached_attribute(std::atomic<int> (&cache)[kMaxCachedDevices],
+                                    cudaDeviceAttr attr,
+                                    int floor,
+                                    int* out) {
   return cached_per_device(
       cache,
-      [](int dev, int* v) {
-        cudaError_t e = cudaDeviceGetAttribute(v, cudaDevAttrMultiProcessorCount, dev);
-        if (*v < 1) *v = 1;
+      [attr, floor](int dev, int* v) {
+        const cudaError_t e = cudaDeviceGetAttribute(v, attr, dev);
+        if (*v < floor) *v = floor;
         return e;
       },
       out);
+}
+
+// Number of SMs of the current device (at least 1).
+inline cudaError_t sm_count(int* out) {
+  static std::atomic<int> cache[kMaxCachedDevices];
+  return cached_attribute(cache, cudaDevAttrMultiProcessorCount, 1, out);
 }
 
 // Largest dynamic shared memory a block may opt in to on the current device (at least 48 KiB).
 inline cudaError_t smem_optin_bytes(int* out) {
   static std::atomic<int> cache[kMaxCachedDevices];
-  return cached_per_device(
-      cache,
-      [](int dev, int* v) {
-        cudaError_t e = cudaDeviceGetAttribute(v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-        if (*v < 48 * 1024) *v = 48 * 1024;
-        return e;
-      },
-      out);
+  return cached_attribute(cache, cudaDevAttrMaxSharedMemoryPerBlockOptin, 48 * 1024, out);
 }
 
-// Shared memory of one SM (cudaDevAttrMaxSharedMemoryPerMultiprocessor, at least 48 KiB).
+// Shared memory of one SM (at least 48 KiB).
 inline cudaError_t smem_per_sm_bytes(int* out) {
   static std::atomic<int> cache[kMaxCachedDevices];
-  return cached_per_device(
-      cache,
-      [](int dev, int* v) {
-        cudaError_t e = cudaDeviceGetAttribute(v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-        if (*v < 48 * 1024) *v = 48 * 1024;
-        return e;
-      },
-      out);
+  return cached_attribute(cache, cudaDevAttrMaxSharedMemoryPerMultiprocessor, 48 * 1024, out);
 }
 
 // Persistent grid: enough blocks for `work` units of `per_block` each, at most sms * per_sm, at least 1.

@@ -24,8 +24,19 @@ namespace {
 // Level 3's events, made once per thread (a call records at most 17) and kept for the process.
 cudaEvent_t trace_event(int i) {
   thread_local cudaEvent_t events[17] = {};
-  if (events[i] == nullptr && cudaEventCreate(&events[i]) != cudaSuccess) events[i] = nullptr;
+  if (events[i] == nullptr && cudaEventCreate(&events[i]) != cudaSuccess) {
+    events[i] = nullptr;
+    (void)cudaGetLastError();  // a diagnostic must not leave an error for the launch checks to find
+  }
   return events[i];
+}
+
+// Event i recorded on `stream`, or null (an event made on another device than the stream's, say).
+void* record_trace_event(int i, bitepStream_t stream) {
+  cudaEvent_t e = trace_event(i);
+  if (e != nullptr && cudaEventRecord(e, reinterpret_cast<cudaStream_t>(stream)) == cudaSuccess) return e;
+  (void)cudaGetLastError();
+  return nullptr;
 }
 }  // namespace
 #endif
@@ -35,22 +46,14 @@ Trace::Trace(const char* call, int rank, bitepStream_t stream, bool cuda)
   if (level_ == 3 && !cuda_) level_ = 1;
   if (level_ != 0) start_ = last_ = Clock::now();
 #ifdef BITEP_HAVE_CUDA
-  if (level_ == 3) {
-    events_[0] = trace_event(0);
-    if (events_[0] != nullptr)
-      (void)cudaEventRecord(static_cast<cudaEvent_t>(events_[0]), static_cast<cudaStream_t>(stream_));
-  }
+  if (level_ == 3) events_[0] = record_trace_event(0, stream_);
 #endif
 }
 
 void Trace::mark_slow(const char* name, bitepStream_t stream) {
 #ifdef BITEP_HAVE_CUDA
   if (level_ == 2 && cuda_) (void)cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream_));
-  if (level_ == 3 && n_ < kMaxMarks) {
-    events_[n_ + 1] = trace_event(n_ + 1);
-    if (events_[n_ + 1] != nullptr)
-      (void)cudaEventRecord(static_cast<cudaEvent_t>(events_[n_ + 1]), static_cast<cudaStream_t>(stream));
-  }
+  if (level_ == 3 && n_ < kMaxMarks) events_[n_ + 1] = record_trace_event(n_ + 1, stream);
 #else
   (void)stream;
 #endif
@@ -74,8 +77,10 @@ Trace::~Trace() {
       float ms = -1;
       cudaEvent_t e = static_cast<cudaEvent_t>(events_[i + 1]);
       if (events_[0] == nullptr || e == nullptr || cudaEventSynchronize(e) != cudaSuccess ||
-          cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(events_[0]), e) != cudaSuccess)
+          cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(events_[0]), e) != cudaSuccess) {
         ms = -1e-3f;
+        (void)cudaGetLastError();
+      }
       us_[i] = 1e3 * ms;
       if (us_[i] > end) end = us_[i];
     }

@@ -5,7 +5,7 @@
 // When the others' rows are large (split_min_bytes()), this rank's own rows, which never travel, are
 // summed on a side stream beside the all-to-all. Where the group has a peer window (src/ep/transport.h),
 // those large combines store their partial rows straight into the source ranks' windows instead of the
-// all-to-all (combine_window).
+// all-to-all, in one reduce launch that also sums the own rows (combine_window).
 #include "src/ep/combine.h"
 
 #include <algorithm>
@@ -128,7 +128,9 @@ bitepResult_t check_combine_args(const bitepGroup* g,
 
 // Peer window: barrier (every window idle) -> each source rank's partial rows go straight into its
 // window, where it would receive them (the reduce stores them over NVLink; rank-major rows are copied) ->
-// barrier (all landed) -> the final sum reads this rank's window. The own rows never leave.
+// barrier (all landed) -> the final sum reads this rank's window. The own rows never leave: their partials
+// come from the same reduce launch, interleaved with the peers' (a second grid beside it found no free SM:
+// the reduce's registers allow two blocks per SM, so the two ran one after the other; bench/NOTES.md v9).
 bitepResult_t combine_window(Exec& ex,
                              bitepGroup* g,
                              bitepHandle* h,
