@@ -3,12 +3,25 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 #ifdef BITEP_HAVE_CUDA
 #include <cuda_runtime.h>
 #endif
 
 namespace bitep {
+
+namespace {
+// One write of the line and its newline: the ranks under mpirun share stderr, and a line written in pieces
+// can interleave with another rank's.
+void print_line(char (&line)[1024]) {
+  size_t n = std::strlen(line);
+  if (n + 1 >= sizeof(line)) n = sizeof(line) - 2;
+  line[n] = '\n';
+  line[n + 1] = '\0';
+  std::fwrite(line, 1, n + 1, stderr);
+}
+}  // namespace
 
 int trace_level() {
   static const int level = [] {
@@ -87,7 +100,7 @@ Trace::~Trace() {
     int len = std::snprintf(line, sizeof(line), "[bitep gpu] rank %d %s: %.1f us =", rank_, call_, end);
     for (int i = 0; i < n_ && len > 0 && len < static_cast<int>(sizeof(line)); ++i)
       len += std::snprintf(line + len, sizeof(line) - len, " %s %.1f", names_[i], us_[i]);
-    std::fprintf(stderr, "%s\n", line);
+    print_line(line);
     return;
   }
 #endif
@@ -95,7 +108,7 @@ Trace::~Trace() {
                           std::chrono::duration<double, std::micro>(last_ - start_).count());
   for (int i = 0; i < n_ && len > 0 && len < static_cast<int>(sizeof(line)); ++i)
     len += std::snprintf(line + len, sizeof(line) - len, " %s %.1f", names_[i], us_[i]);
-  std::fprintf(stderr, "%s\n", line);
+  print_line(line);
 }
 
 }  // namespace bitep
