@@ -181,7 +181,9 @@ bitepResult_t combine_window(Exec& ex,
       offsets[s] = h->recv_offsets[s];
     }
     offsets[W] = h->num_recv_rows;
-    BITEP_CHECK(ex.upload_staged(dev_table, table.data(), table.size()));
+    // A pageable upload (the driver stages it at once): the staged one would first wait on the host for the
+    // previous staged upload to run, which a combine queued behind other work must not do.
+    BITEP_CHECK(ex.upload(dev_table, table.data(), table.size()));
     kernels::ReduceParams rp = reduce_params(g, h, y, weighted, 0, h->num_recv_rows, nullptr, 0);
     rp.num_sources = W;
     rp.outs = static_cast<void* const*>(dev_table);
