@@ -264,6 +264,23 @@ bitepResult_t NcclTransport::exchange_counts(
   const size_t per_peer = sizeof(int32_t) * static_cast<size_t>(n);
   const size_t total = per_peer * static_cast<size_t>(nranks_);
   BITEP_CHECK(reserve_host(total));
+  if (window_ != nullptr && window_->can_exchange(n)) {
+    // Through the peer windows: one kernel of NVLink stores and flags, no NCCL call.
+    BITEP_CHECK(window_->exchange(send, recv, n, stream, timeout_s_));
+    BITEP_CUDA_CHECK(cudaMemcpyAsync(host_buf_, recv, total, cudaMemcpyDeviceToHost, s));
+    BITEP_CUDA_CHECK(cudaEventRecord(event_, s));
+    BITEP_CHECK(wait_event(kCall, timeout_s_));
+    if (window_->check() != bitepSuccess) {
+      char why[160];
+      std::snprintf(why, sizeof(why),
+                    "did not complete within %.3g s: a peer did not reach the exchange in the peer window (it failed "
+                    "or stalled)",
+                    timeout_s_);
+      return fail(bitepTimeout, kCall, why);
+    }
+    std::memcpy(recv_host, host_buf_, total);
+    return bitepSuccess;
+  }
   if (nranks_ > 1) {
     BITEP_NCCL_CHECK(ncclGroupStart());
     ncclResult_t first = ncclSuccess;

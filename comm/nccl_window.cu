@@ -5,10 +5,15 @@
 // accessible team (ncclTeamLsa: one NVLink domain): by default over the communicators bitep creates,
 // over a borrowed one with BITEP_LSA=1; BITEP_LSA=0 turns it off.
 //
-// Layout of a rank's buffer: [kFlagBytes: one uint64 flag per rank (W <= kFlagBytes / 8)][data area].
+// Layout of a rank's buffer: [kFlagBytes: one uint64 flag per rank (W <= kFlagBytes / 8)][two exchange
+// slots of kExchangeBytes][data area].
 // barrier(): epoch e = the number of barriers so far on this group, the same on every rank. Thread p
 // stores e to flag[self] of rank p's window (release, system scope), then waits until flag[p] of its own
 // window reaches e (acquire). Flags only grow, so a peer already one barrier ahead satisfies the wait.
+// exchange() is a barrier that first stores this rank's rows into slot (x % 2) of every peer, x = the
+// number of exchanges so far: a peer can be one exchange ahead (storing into the other slot), never two,
+// since it cannot pass exchange x + 1 before this rank has entered it, after reading slot x % 2 (the
+// host waits for each exchange's result before it issues the next).
 // A peer missing for timeout_s ends the wait and raises a mapped host word that check() reports; the
 // stream moves on instead of hanging (the data of that call is then incomplete, and the call after it
 // fails).
@@ -20,6 +25,7 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -33,7 +39,9 @@
 namespace bitep::ep {
 namespace {
 
-constexpr size_t kFlagBytes = 4096;  // up to 512 ranks
+constexpr size_t kFlagBytes = 4096;                   // up to 512 ranks
+constexpr size_t kExchangeBytes = size_t{256} << 10;  // per slot: W * n int32 (W = 64: n <= 1024)
+constexpr size_t kHeaderBytes = kFlagBytes + 2 * kExchangeBytes;
 constexpr size_t kGranularity = size_t{2} << 20;
 constexpr size_t kInitialBytes = size_t{4} << 20;
 
@@ -77,14 +85,53 @@ __global__ void barrier_kernel(
   __threadfence_system();
 }
 
+// barrier_kernel with a payload: row p of send [nranks, n] into slot `slot` of rank p's exchange area at row
+// self, then the flags, then recv = this rank's slot. One block.
+__global__ void exchange_kernel(char* const* bases,
+                                int nranks,
+                                int self,
+                                const int32_t* send,
+                                int32_t* recv,
+                                int n,
+                                size_t slot,
+                                uint64_t epoch,
+                                uint64_t timeout_ns,
+                                volatile int* timed_out) {
+  const int64_t total = static_cast<int64_t>(nranks) * n;
+  for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
+    const int p = static_cast<int>(i / n);
+    int32_t* dst = reinterpret_cast<int32_t*>(bases[p] + kFlagBytes + slot) + static_cast<int64_t>(self) * n;
+    dst[i - static_cast<int64_t>(p) * n] = send[i];
+  }
+  __threadfence_system();  // each thread's stores before the flags (stored by other threads after the sync)
+  __syncthreads();
+  for (int p = threadIdx.x; p < nranks; p += blockDim.x)
+    store_release_sys(reinterpret_cast<uint64_t*>(bases[p]) + self, epoch);
+  const uint64_t* mine = reinterpret_cast<const uint64_t*>(bases[self]);
+  const uint64_t start = global_ns();
+  for (int p = threadIdx.x; p < nranks; p += blockDim.x) {
+    while (load_acquire_sys(mine + p) < epoch) {
+      if (global_ns() - start > timeout_ns) {
+        *timed_out = 1;
+        break;
+      }
+      __nanosleep(100);
+    }
+  }
+  __threadfence_system();
+  __syncthreads();
+  const volatile int32_t* in = reinterpret_cast<const int32_t*>(bases[self] + kFlagBytes + slot);
+  for (int64_t i = threadIdx.x; i < total; i += blockDim.x) recv[i] = in[i];
+}
+
 // ncclSuccess of a call on a non-blocking communicator may still be in progress: ncclInProgress makes
 // nccl_call poll the communicator until it is idle (a blocking one is idle at once).
 ncclResult_t settle(ncclResult_t r) { return r == ncclSuccess ? ncclInProgress : r; }
 
 class NcclWindow final : public PeerWindow {
  public:
-  NcclWindow(NcclTransport* t, ncclComm_t comm, int rank, int nranks)
-      : t_(t), comm_(comm), rank_(rank), nranks_(nranks), bases_(nranks, nullptr) {}
+  NcclWindow(NcclTransport* t, ncclComm_t comm, int rank, int nranks, bool exchange)
+      : t_(t), comm_(comm), rank_(rank), nranks_(nranks), exchange_on_(exchange), bases_(nranks, nullptr) {}
   ~NcclWindow() override {
     release();
     if (bases_dev_ != nullptr) (void)cudaFree(bases_dev_);
@@ -114,14 +161,14 @@ class NcclWindow final : public PeerWindow {
     return bitepSuccess;
   }
 
-  size_t bytes() const override { return data_bytes_ + (mem_ != nullptr ? kFlagBytes : 0); }
+  size_t bytes() const override { return data_bytes_ + (mem_ != nullptr ? kHeaderBytes : 0); }
 
   bitepResult_t reserve(size_t bytes, double timeout_s) override {
     timeout_s_ = timeout_s;
     if (mem_ != nullptr && bytes <= data_bytes_) return bitepSuccess;
     size_t want = bytes + bytes / 2;  // room to grow: a window is replaced, not resized
     if (want < kInitialBytes) want = kInitialBytes;
-    want = (want + kFlagBytes + kGranularity - 1) / kGranularity * kGranularity;
+    want = (want + kHeaderBytes + kGranularity - 1) / kGranularity * kGranularity;
     BITEP_CUDA_CHECK(cudaDeviceSynchronize());  // the old window may still be read or written
     release();
     void* mem = nullptr;
@@ -147,7 +194,7 @@ class NcclWindow final : public PeerWindow {
     }
     mem_ = mem;
     win_ = win;
-    data_bytes_ = want - kFlagBytes;
+    data_bytes_ = want - kHeaderBytes;
     peer_bases_kernel<<<(nranks_ + 127) / 128, 128>>>(win_, nranks_, static_cast<char**>(bases_dev_));
     BITEP_CUDA_CHECK(cudaGetLastError());
     BITEP_CUDA_CHECK(cudaMemcpy(bases_.data(), bases_dev_, sizeof(char*) * nranks_, cudaMemcpyDeviceToHost));
@@ -155,16 +202,35 @@ class NcclWindow final : public PeerWindow {
     return bitepSuccess;
   }
 
-  char* data(int r) const override { return bases_[r] + kFlagBytes; }
+  char* data(int r) const override { return bases_[r] + kHeaderBytes; }
 
   bitepResult_t barrier(bitepStream_t stream, double timeout_s) override {
     ++epoch_;
-    const uint64_t ns = timeout_s > 0 && timeout_s < 1e9 ? static_cast<uint64_t>(timeout_s * 1e9) : ~uint64_t{0};
-    const int threads = nranks_ < 1024 ? (nranks_ + 31) / 32 * 32 : 1024;
-    barrier_kernel<<<1, threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-        static_cast<char* const*>(bases_dev_), nranks_, rank_, epoch_, ns, timed_out_dev_);
+    barrier_kernel<<<1, threads(), 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        static_cast<char* const*>(bases_dev_), nranks_, rank_, epoch_, timeout_ns(timeout_s), timed_out_dev_);
     BITEP_CUDA_CHECK(cudaGetLastError());
     return bitepSuccess;
+  }
+
+  bool can_exchange(int n) const override {
+    return exchange_on_ && n > 0 && sizeof(int32_t) * static_cast<size_t>(nranks_) * n <= kExchangeBytes;
+  }
+
+  bitepResult_t exchange(const int32_t* send, int32_t* recv, int n, bitepStream_t stream, double timeout_s) override {
+    if (!can_exchange(n))
+      BITEP_FAIL(bitepInternalError, "peer window: an exchange of %d x %d int32 (the exchange area holds %zu bytes)",
+                 nranks_, n, kExchangeBytes);
+    // In call order with every other use of the window (the flags' epochs must be reached in order),
+    // whatever stream the previous one ran on.
+    BITEP_CHECK(acquire(stream));
+    ++epoch_;
+    const size_t slot = (exchanges_++ % 2) * kExchangeBytes;
+    // More threads than ranks: the rows are stored by all of them.
+    exchange_kernel<<<1, std::max(256, threads()), 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        static_cast<char* const*>(bases_dev_), nranks_, rank_, send, recv, n, slot, epoch_, timeout_ns(timeout_s),
+        timed_out_dev_);
+    BITEP_CUDA_CHECK(cudaGetLastError());
+    return release(stream);
   }
 
   bitepResult_t check() override {
@@ -177,6 +243,11 @@ class NcclWindow final : public PeerWindow {
   }
 
  private:
+  int threads() const { return nranks_ < 1024 ? (nranks_ + 31) / 32 * 32 : 1024; }
+  static uint64_t timeout_ns(double timeout_s) {
+    return timeout_s > 0 && timeout_s < 1e9 ? static_cast<uint64_t>(timeout_s * 1e9) : ~uint64_t{0};
+  }
+
   void release() {
     // Every rank deregisters at the same point (a replacement, or the group's destruction).
     if (win_ != nullptr && !t_->unusable())
@@ -191,6 +262,8 @@ class NcclWindow final : public PeerWindow {
   NcclTransport* t_;
   ncclComm_t comm_;
   int rank_, nranks_;
+  bool exchange_on_;        // the count exchange through the windows (exchange())
+  uint64_t exchanges_ = 0;  // exchanges so far: the slot of the next is exchanges_ % 2
   void* mem_ = nullptr;
   ncclWindow_t win_ = nullptr;
   size_t data_bytes_ = 0;
@@ -214,7 +287,10 @@ bitepResult_t open_nccl_window(
   const char* env = std::getenv("BITEP_LSA");
   const bool on = env != nullptr && std::strcmp(env, "1") == 0, off = env != nullptr && std::strcmp(env, "0") == 0;
   const bool wanted = W > 1 && !off && (owned || on);
-  // Every rank decides alike: its own verdict, then the agreement of all.
+  // Every rank decides alike: its own verdict, then the agreement of all. Bit 0: a window; bit 1: the
+  // count exchange through it (BITEP_LSA_EXCHANGE=0 turns that off).
+  const char* xenv = std::getenv("BITEP_LSA_EXCHANGE");
+  const int32_t exchange_bit = xenv != nullptr && std::strcmp(xenv, "0") == 0 ? 0 : 2;
   int32_t ok = 0;
   // NCCL_P2P_DISABLE=1: NCCL refuses its device API and symmetric memory (a registration would fail and
   // leave the communicator in error), so no window is tried.
@@ -222,13 +298,15 @@ bitepResult_t open_nccl_window(
   const bool p2p = !(p2p_off != nullptr && std::strcmp(p2p_off, "1") == 0);
   if (wanted && p2p && static_cast<size_t>(W) * sizeof(uint64_t) <= kFlagBytes) {
     const auto team = ncclTeamLsa(comm);
-    ok = team.nRanks == W ? 1 : 0;
+    ok = team.nRanks == W ? 1 | exchange_bit : 0;
   }
   std::vector<int32_t> all(W, 0);
   BITEP_CHECK(t->allgather_host(&ok, all.data(), sizeof(int32_t)));
   const bool trace = std::getenv("BITEP_TRACE") != nullptr && std::getenv("BITEP_TRACE")[0] != '\0';
+  bool exchange = true;
+  for (int q = 0; q < W; ++q) exchange = exchange && (all[q] & 2) != 0;
   for (int q = 0; q < W; ++q)
-    if (all[q] == 0) {
+    if ((all[q] & 1) == 0) {
       if (trace && W > 1)
         std::fprintf(stderr, "bitep: rank %d: peer window off (%s)\n", self,
                      !wanted     ? (off ? "BITEP_LSA=0" : "a borrowed communicator: BITEP_LSA=1 turns it on")
@@ -237,13 +315,15 @@ bitepResult_t open_nccl_window(
                                  : "another rank's load/store team is not every rank");
       return bitepSuccess;
     }
-  std::unique_ptr<NcclWindow> w(new NcclWindow(t, comm, self, W));
+  std::unique_ptr<NcclWindow> w(new NcclWindow(t, comm, self, W, exchange));
   int32_t ready = w->init() == bitepSuccess ? 1 : 0;
   BITEP_CHECK(t->allgather_host(&ready, all.data(), sizeof(int32_t)));
   for (int32_t v : all)
     if (v == 0) return bitepSuccess;  // a rank could not make its host word or table: none uses a window
   BITEP_CHECK(w->reserve(0, timeout_s));
-  if (trace) std::fprintf(stderr, "bitep: rank %d: peer window on (%d ranks, %zu bytes)\n", self, W, w->bytes());
+  if (trace)
+    std::fprintf(stderr, "bitep: rank %d: peer window on (%d ranks, %zu bytes; count exchange %s)\n", self, W,
+                 w->bytes(), exchange ? "through it" : "by NCCL: BITEP_LSA_EXCHANGE=0");
   *out = std::move(w);
   return bitepSuccess;
 }

@@ -60,13 +60,15 @@ struct LayoutParams {
 // 2. The count exchange's send rows (row = ints per peer, >= L + 2 + W): out[p * row + c] = counts[p][c]
 // for c in [0, L + 1), and out[p * row + L + 2 + r] = counts[r][0] for every r: the sender's whole
 // send-count vector goes to every peer, so after the exchange every rank knows how many rows each rank
-// sends each rank. Column L + 1 (the flags) is not written.
+// sends each rank; out[p * row + L + 1] = flags (the orchestration's word for every peer). Columns past
+// L + 2 + W are not written.
 struct PackCountsParams {
   const int32_t* counts = nullptr;  // [W, L + 1] from the layout
   int num_ranks = 0;
   int local_experts = 0;
   int32_t* out = nullptr;  // [W, row]
   int row = 0;
+  int32_t flags = 0;
 };
 
 // 3. Permute: each token row goes once per destination rank, with its local slice and weights.
@@ -134,12 +136,15 @@ struct ExpertMajorParams {
   // read, not recomputed or written, and only the scatter and the pad-row zeroing run.
   bool positions_given = false;
   // [N] int64 scratch, backend memory: the cuda backend needs it when rows are copied (expert_x given,
-  // hidden > 0, N > 0). It copies in gather order, one expert row after the other (sequential writes):
-  // expert_src[pos] = i * KL + j for the entry recv_expert_rows[i][j] = pos, -1 for pad rows. The host
-  // backend does not use it.
+  // hidden > 0, N > 0) by the gather. It copies in gather order, one expert row after the other
+  // (sequential writes): expert_src[pos] = i * KL + j for the entry recv_expert_rows[i][j] = pos, -1 for
+  // pad rows. The bulk copies (below) neither fill nor read it. The host backend does not use it.
   int64_t* expert_src = nullptr;
   // true: expert_src already holds this layout's table (an earlier call on it filled it): not refilled.
   bool src_given = false;
+  // Rows of expert_x that are padding (sum over l of the block's rows past expert_counts[l]), when the
+  // caller knows it: 0 skips the bulk path's pad launch. -1: not known.
+  int64_t num_pad_rows = -1;
   // The copies this call writes: those of received rows i in [copy_begin, copy_end) (copy_end < 0: up
   // to R), or, with copy_outside, of the rows outside that range. Two calls with the same range, one
   // with copy_outside, write every copy once: the dispatch copies its own rows beside the all-to-all

@@ -173,6 +173,8 @@ __global__ void pack_counts_kernel(PackCountsParams p) {
     const int peer = static_cast<int>(i / p.row), c = static_cast<int>(i % p.row);
     if (c <= L)
       p.out[i] = p.counts[static_cast<int64_t>(peer) * (L + 1) + c];
+    else if (c == L + 1)
+      p.out[i] = p.flags;
     else if (c >= L + 2 && c < L + 2 + W)
       p.out[i] = p.counts[static_cast<int64_t>(c - L - 2) * (L + 1)];
   }

@@ -283,6 +283,18 @@ __global__ void __launch_bounds__(kRowThreads) expert_copy_kernel(ExpertArgs a) 
   }
 }
 
+// Pad rows of the bulk path (the gather's source table is not filled there): block l zeroes expert l's rows
+// [expert_offsets[l] + expert_counts[l], expert_offsets[l + 1]), one warp per row.
+template <int V>
+__global__ void __launch_bounds__(kRowThreads) expert_pad_kernel(ExpertArgs a) {
+  const int l = blockIdx.x;
+  const int64_t end = __ldg(a.expert_offsets + l + 1);
+  constexpr int kWarps = kRowThreads / kWarp;
+  for (int64_t pos = __ldg(a.expert_offsets + l) + __ldg(a.expert_counts + l) + threadIdx.x / kWarp; pos < end;
+       pos += kWarps)
+    warp_zero_row<V>(a.expert_x + pos * a.row_bytes, a.nvec);
+}
+
 // ---- bulk copy (sm_90+): source order through shared memory --------------------------------------
 
 constexpr int kBulkMaxBufs = 4;                // rows in flight per block
@@ -377,7 +389,26 @@ cudaError_t launch_expert_copy(const ExpertArgs& a, bool weighted, unsigned grid
   return cudaGetLastError();
 }
 
+// Whether p's copies go by bulk copies (see launch_ep_expert_major), with the vector width of its rows.
+cudaError_t takes_bulk(const ExpertMajorParams& p, int v, bool* out) {
+  *out = false;
+  const int64_t row_bytes = p.hidden * dtype_size(p.dtype);
+  const bool weighted = p.recv_weights != nullptr && p.recv_x != nullptr;
+  if (!p.bulk || weighted || p.recv_x == nullptr || p.expert_x == nullptr || v != 16 || row_bytes <= 0 ||
+      kBulkSmemBytes / row_bytes < 2)
+    return cudaSuccess;
+  int arch = 0;  // of the bulk kernel's binary that runs on this device (sm_90 or later has the bulk copies)
+  const cudaError_t err = bulk_binary_arch(&arch);
+  *out = err == cudaSuccess && arch >= 90;
+  return err;
+}
+
 }  // namespace
+
+cudaError_t expert_major_takes_bulk(const ExpertMajorParams& p, bool* out) {
+  const int64_t row_bytes = p.hidden * dtype_size(p.dtype);
+  return takes_bulk(p, vec_bytes(row_bytes, p.recv_x, p.expert_x), out);
+}
 
 cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   const int W = p.num_ranks, E = p.num_experts;
@@ -493,28 +524,18 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   }
   if (!rows_out || p.num_expert_rows == 0) return cudaSuccess;
 
-  // The gather's source table: -1 (all bits set) for every row, then the entries' rows.
-  if (!p.src_given) {
-    err = cudaMemsetAsync(a.src, 0xff, sizeof(int64_t) * static_cast<size_t>(p.num_expert_rows), stream);
-    if (err != cudaSuccess) return err;
-  }
-  if (!p.src_given && p.num_recv_rows > 0) {
-    const unsigned sgrid = persistent_grid(p.num_recv_rows * KL, kScanThreads, sms, kRowBlocksPerSm);
-    expert_src_kernel<<<sgrid, kScanThreads, 0, stream>>>(a);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
   const bool weighted = p.recv_weights != nullptr && p.recv_x != nullptr;
   const int v = vec_bytes(a.row_bytes, p.recv_x, p.expert_x);
   a.nvec = a.row_bytes / v;
-  const int64_t nbuf = a.row_bytes > 0 ? std::min<int64_t>(kBulkMaxBufs, kBulkSmemBytes / a.row_bytes) : 0;
-  int arch = 0;  // of the bulk kernel's binary that runs on this device (sm_90 or later has the bulk copies)
-  if (p.bulk && !weighted && p.recv_x != nullptr && v == 16 && nbuf >= 2 &&
-      (err = bulk_binary_arch(&arch)) == cudaSuccess && arch >= 90) {
-    // Source order by bulk copies; the gather kernel below then only zeroes the pad rows.
+  bool bulk = false;
+  if ((err = takes_bulk(p, v, &bulk)) != cudaSuccess) return err;
+  if (bulk) {
+    // Source order by bulk copies, no source table; the pad rows from the expert offsets and counts.
+    const int64_t nbuf = std::min<int64_t>(kBulkMaxBufs, kBulkSmemBytes / a.row_bytes);
     const int64_t in_range = std::max<int64_t>(0, std::min(a.copy_end, p.num_recv_rows) - a.copy_begin);
     const int64_t count = a.copy_outside ? p.num_recv_rows - in_range : in_range;
-    int smem_sm = 0;
     if (count > 0) {
+      int smem_sm = 0;
       if ((err = smem_per_sm_bytes(&smem_sm)) != cudaSuccess) return err;
       // Every block resident at once (each works through its rows in turn): as many as the shared memory
       // holds (1 KiB reserved per block), at most the asked-for blocks per SM.
@@ -525,10 +546,21 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
           a, count, static_cast<int>(nbuf));
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
-    if (!p.zero_pads) return cudaSuccess;
-    a.recv_x = nullptr;
+    if (!p.zero_pads || p.num_pad_rows == 0) return cudaSuccess;
+    expert_pad_kernel<16><<<L, kRowThreads, 0, stream>>>(a);
+    return cudaGetLastError();
   }
-  if (err != cudaSuccess) return err;
+
+  // The gather's source table: -1 (all bits set) for every row, then the entries' rows.
+  if (!p.src_given) {
+    err = cudaMemsetAsync(a.src, 0xff, sizeof(int64_t) * static_cast<size_t>(p.num_expert_rows), stream);
+    if (err != cudaSuccess) return err;
+  }
+  if (!p.src_given && p.num_recv_rows > 0) {
+    const unsigned sgrid = persistent_grid(p.num_recv_rows * KL, kScanThreads, sms, kRowBlocksPerSm);
+    expert_src_kernel<<<sgrid, kScanThreads, 0, stream>>>(a);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
   const unsigned grid = persistent_grid(p.num_expert_rows, kRowThreads / kWarp, sms,
                                         p.blocks_per_sm > 0 ? p.blocks_per_sm : kRowBlocksPerSm);
   return dispatch_dtype(p.dtype, [&](auto tt) {

@@ -54,13 +54,17 @@ bool window_dispatch() {
 }
 
 // The expert-major call after the transfer when the own rows' copies (and every row's positions) ran
-// before it: the others' rows alone, positions and sources as given, pads already zero.
-void others_after_own(kernels::ExpertMajorParams* ep) {
+// before it: the others' rows alone, positions as given, pads already zero; the gather's source table as
+// given unless the first call took the bulk copies (which do not fill it) and this one does not.
+bitepResult_t others_after_own(Exec* ex, bool first_bulk, kernels::ExpertMajorParams* ep) {
   ep->positions_given = true;
-  ep->src_given = true;
   ep->copy_outside = true;
   ep->zero_pads = false;
   ep->blocks_per_sm = 0;
+  bool bulk = false;
+  BITEP_CHECK(ex->expert_bulk(*ep, &bulk));
+  ep->src_given = bulk || !first_bulk;
+  return bitepSuccess;
 }
 
 struct HandleDeleter {
@@ -93,6 +97,8 @@ class Dispatch {
   bitepResult_t run(bitepHandle_t* out);
 
  private:
+  // This rank's flags word in the exchange when its part so far succeeded.
+  int32_t flags() const;
   bitepResult_t before_exchange();
   bitepResult_t after_exchange();
   bitepResult_t move_rows();
@@ -109,11 +115,9 @@ class Dispatch {
   const int W_, self_, L_, KL_, MB_, n_;
   const size_t row_bytes_;
   HandlePtr h_;
-  int32_t* xsend_ = nullptr;  // [W, L + 2] counts + flags, backend memory
+  int32_t* xsend_ = nullptr;  // [W, n_]: counts, flags, the send-count vector (backend memory)
   int32_t* xrecv_ = nullptr;
-  std::vector<int32_t> send_host_vec_;  // host backend: the send counts [W, L + 1]
-  int32_t* send_host_ = nullptr;
-  std::vector<int32_t> recv_host_;  // [W, L + 2]
+  std::vector<int32_t> recv_host_;  // [W, n_]: row q what rank q sent here; row self this rank's own
   bool any_weights_ = false;
   bool split_ = false;                // every rank: the routing all-to-all first, the rows beside the own rows' copies
   PeerWindow* win_ = nullptr;         // rows go straight into the peers' windows (cuda, one NVLink domain)
@@ -150,8 +154,15 @@ kernels::PermuteParams Dispatch::permute_params() const {
   return pp;
 }
 
-// Layout of this rank's tokens into the exchange's send buffer; the handle keeps the slots and a copy of
-// the map.
+int32_t Dispatch::flags() const {
+  return (a_->probs || a_->topk_weights ? kFlagWeights : 0) | (a_->recv_x || a_->expert_x ? kFlagCapacity : 0) |
+         (a_->num_tokens > 0 ? kFlagTokens : 0) |
+         (W_ > 1 && static_cast<uint64_t>(a_->num_tokens) * row_bytes_ >= split_min_bytes() ? kFlagSplit : 0) |
+         (window_dispatch() ? kFlagWindow : 0);
+}
+
+// Layout of this rank's tokens into the exchange's send buffer (counts and flags); the handle keeps the
+// slots and a copy of the map.
 bitepResult_t Dispatch::before_exchange() {
   const bitepGroupConfig_t& c = g_->config;
   const int64_t T = a_->num_tokens;
@@ -189,16 +200,14 @@ bitepResult_t Dispatch::before_exchange() {
   pc.local_experts = L_;
   pc.out = xsend_;
   pc.row = n_;
-  BITEP_CHECK(ex_.pack_counts(pc));
-  BITEP_CHECK(ex_.download(send_host_, counts, count_row * W_));
-  return bitepSuccess;
+  pc.flags = flags();
+  return ex_.pack_counts(pc);
 }
 
 // Offsets, capacities and the receive buffers, from the exchanged counts.
 bitepResult_t Dispatch::after_exchange() {
   const bitepGroupConfig_t& c = g_->config;
   bitepHandle* h = h_.get();
-  BITEP_CHECK(ex_.wait_download());
   h->send_counts.assign(W_, 0);
   h->recv_counts.assign(W_, 0);
   h->send_offsets.assign(W_, 0);
@@ -207,7 +216,7 @@ bitepResult_t Dispatch::after_exchange() {
   h->expert_offsets_host.assign(L_ + 1, 0);
   int64_t S = 0, R = 0;
   for (int r = 0; r < W_; ++r) {
-    h->send_counts[r] = send_host_[r * (L_ + 1)];
+    h->send_counts[r] = recv_host_[self_ * n_ + L_ + 2 + r];  // this rank's own row came back to it
     h->recv_counts[r] = recv_host_[r * n_];
     BITEP_ARG_CHECK(h->recv_counts[r] >= 0, "internal: rank %d announced %lld rows", r,
                     static_cast<long long>(h->recv_counts[r]));
@@ -369,6 +378,8 @@ bitepResult_t Dispatch::move_rows_window() {
   ep.copy_begin = own0;
   ep.copy_end = own1;
   ep.blocks_per_sm = kSideBlocksPerSm;
+  bool first_bulk = false;
+  BITEP_CHECK(ex_.expert_bulk(ep, &first_bulk));
   if (expert) BITEP_CHECK(ex_.expert_major(ep));
   trace_.mark_on("expert-major (own rows)", ex_.current_stream());
   ex_.launch_on_caller();
@@ -390,7 +401,7 @@ bitepResult_t Dispatch::move_rows_window() {
   }
   ex_.launch_on_caller();
   ep.recv_x = base;  // the window's rows sit where recv_x's do
-  others_after_own(&ep);
+  BITEP_CHECK(others_after_own(&ex_, first_bulk, &ep));
   if (expert) BITEP_CHECK(ex_.expert_major(ep));
   BITEP_CHECK(ex_.join());
   return win_->release(ex_.stream());
@@ -437,12 +448,14 @@ bitepResult_t Dispatch::move_rows_nccl() {
     ep.copy_begin = h->recv_offsets[self_];
     ep.copy_end = h->recv_offsets[self_] + h->recv_counts[self_];
     ep.blocks_per_sm = kSideBlocksPerSm;
+    bool first_bulk = false;
+    BITEP_CHECK(ex_.expert_bulk(ep, &first_bulk));
     if (expert) BITEP_CHECK(ex_.expert_major(ep));
     trace_.mark_on("expert-major (own rows)", ex_.current_stream());
     BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(rows, ex_.stream(), c.timeout_s)));
     trace_.mark("all-to-all (rows)");
     BITEP_CHECK(ex_.join());
-    others_after_own(&ep);
+    BITEP_CHECK(others_after_own(&ex_, first_bulk, &ep));
     if (expert) BITEP_CHECK(ex_.expert_major(ep));
   }
   return bitepSuccess;
@@ -488,12 +501,6 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   h_.reset(new bitepHandle);
   h_->life = g_->life;
   h_->group = g_;
-  if (ex_.cuda()) {
-    send_host_ = g_->pinned;
-  } else {
-    send_host_vec_.assign(static_cast<size_t>(W_) * (L_ + 1), 0);
-    send_host_ = send_host_vec_.data();
-  }
 
   // A local failure from here on still takes part in the count exchange, so the peers fail with it.
   bitepResult_t local = make_fence(h_.get(), ex_.cuda());
@@ -503,20 +510,15 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   if (local == bitepSuccess) local = before_exchange();
   trace_.mark("layout");
   const SavedError saved(local);
-  int32_t flags = 0;
-  if (local == bitepSuccess) {
-    flags = (a_->probs || a_->topk_weights ? kFlagWeights : 0) | (a_->recv_x || a_->expert_x ? kFlagCapacity : 0) |
-            (a_->num_tokens > 0 ? kFlagTokens : 0) |
-            (W_ > 1 && static_cast<uint64_t>(a_->num_tokens) * row_bytes_ >= split_min_bytes() ? kFlagSplit : 0) |
-            (window_dispatch() ? kFlagWindow : 0);
-  } else {
-    flags = kFlagFailed | (static_cast<int32_t>(local) << 8);
+  bitepResult_t r = bitepSuccess;
+  if (local != bitepSuccess) {
+    // No counts; the flags name the failure (the layout packed the success flags otherwise).
     (void)ex_.zero(xsend_, sizeof(int32_t) * W_ * n_);
+    const std::vector<int32_t> flag_column(W_, kFlagFailed | (static_cast<int32_t>(local) << 8));
+    r = ex_.copy_rows(xsend_ + L_ + 1, sizeof(int32_t) * n_, flag_column.data(), sizeof(int32_t), sizeof(int32_t), W_,
+                      true);
+    if (r != bitepSuccess) return saved.restore();
   }
-  const std::vector<int32_t> flag_column(W_, flags);
-  bitepResult_t r = ex_.copy_rows(xsend_ + L_ + 1, sizeof(int32_t) * n_, flag_column.data(), sizeof(int32_t),
-                                  sizeof(int32_t), W_, true);
-  if (r != bitepSuccess) return local != bitepSuccess ? saved.restore() : r;
   recv_host_.assign(static_cast<size_t>(W_) * n_, 0);
   r = g_->transport->exchange_counts(xsend_, xrecv_, recv_host_.data(), n_, ex_.stream(), g_->config.timeout_s);
   trace_.mark("counts");

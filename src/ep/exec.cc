@@ -155,30 +155,6 @@ bitepResult_t Exec::copy_rows(
   return bitepSuccess;
 }
 
-bitepResult_t Exec::download(void* host_dst, const void* src, size_t bytes) {
-  if (bytes == 0) return bitepSuccess;
-  if (!cuda()) {
-    std::memcpy(host_dst, src, bytes);
-    return bitepSuccess;
-  }
-#ifdef BITEP_HAVE_CUDA
-  BITEP_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, cu(stream_)));
-  BITEP_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(group_->sync_event), cu(stream_)));
-  download_pending_ = true;
-#endif
-  return bitepSuccess;
-}
-
-bitepResult_t Exec::wait_download() {
-  if (!download_pending_) return bitepSuccess;
-  download_pending_ = false;
-#ifdef BITEP_HAVE_CUDA
-  // Usually complete already: the count exchange synchronised the stream after it.
-  BITEP_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(group_->sync_event)));
-#endif
-  return bitepSuccess;
-}
-
 bitepResult_t Exec::fork() {
   if (!cuda()) return bitepSuccess;
 #ifdef BITEP_HAVE_CUDA
@@ -232,5 +208,15 @@ BITEP_EP_PRIMITIVE(expert_major, ExpertMajorParams)
 BITEP_EP_PRIMITIVE(reduce, ReduceParams)
 BITEP_EP_PRIMITIVE(final_sum, FinalSumParams)
 BITEP_EP_PRIMITIVE(weight_grad, WeightGradParams)
+
+bitepResult_t Exec::expert_bulk(const kernels::ExpertMajorParams& p, bool* out) {
+  *out = false;
+#ifdef BITEP_HAVE_CUDA
+  if (cuda()) BITEP_CUDA_CHECK(kernels::expert_major_takes_bulk(p, out));
+#else
+  (void)p;
+#endif
+  return bitepSuccess;
+}
 
 }  // namespace bitep::ep

@@ -51,9 +51,6 @@ class Exec {
   // Strided copy of `rows` rows of `width` bytes (src_host: the source is host memory).
   bitepResult_t copy_rows(
       void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t rows, bool src_host);
-  // backend -> host (cuda: pinned destination, asynchronous); complete after wait_download().
-  bitepResult_t download(void* host_dst, const void* src, size_t bytes);
-  bitepResult_t wait_download();
 
   // Work beside the caller's stream (cuda; the host backend runs everything in call order, and these
   // are no-ops there). fork(): the group's side stream waits for what the caller's stream holds so far,
@@ -76,13 +73,14 @@ class Exec {
   bitepResult_t reduce(const kernels::ReduceParams& p);
   bitepResult_t final_sum(const kernels::FinalSumParams& p);
   bitepResult_t weight_grad(const kernels::WeightGradParams& p);
+  // Whether expert_major(p) copies by bulk copies (cuda), which leave ExpertMajorParams::expert_src unfilled.
+  bitepResult_t expert_bulk(const kernels::ExpertMajorParams& p, bool* out);
 
  private:
   bitepGroup* group_;
   bitepStream_t stream_;
   std::vector<Block> temps_;
   int prev_device_ = -1;
-  bool download_pending_ = false;
   bool forked_ = false;  // between fork() and join()
   bool side_ = false;    // the primitives launch on the side stream
 #ifdef BITEP_HAVE_CUDA

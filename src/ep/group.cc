@@ -136,11 +136,6 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
     if (prev != g->device) BITEP_CUDA_CHECK(cudaSetDevice(g->device));
     bitepResult_t r = bitepSuccess;
     cudaEvent_t ev = nullptr;
-    BITEP_CUDA_CHECK_GOTO(
-        cudaMallocHost(reinterpret_cast<void**>(&g->pinned), sizeof(int32_t) * W * (g->num_local_experts + 1)), r,
-        done);
-    BITEP_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), r, done);
-    g->sync_event = ev;
     BITEP_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), r, done);
     g->upload_event = ev;
     BITEP_CUDA_CHECK_GOTO(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), r, done);
@@ -168,8 +163,6 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
 
 bitepGroup::~bitepGroup() {
 #ifdef BITEP_HAVE_CUDA
-  if (pinned != nullptr) cudaFreeHost(pinned);
-  if (sync_event != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(sync_event));
   if (upload_event != nullptr) {
     cudaEventSynchronize(static_cast<cudaEvent_t>(upload_event));
     cudaEventDestroy(static_cast<cudaEvent_t>(upload_event));
@@ -218,8 +211,7 @@ bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes) {
     BITEP_ARG_CHECK(group->magic == bitep::ep::kGroupMagic, "group (%p) is not a live bitep group",
                     static_cast<void*>(group));
     BITEP_ARG_CHECK(bytes != nullptr, "bytes is NULL");
-    size_t fixed = group->pinned ? sizeof(int32_t) * group->nranks * (group->num_local_experts + 1) : 0;
-    fixed += group->upload_bytes;
+    size_t fixed = group->upload_bytes;
     if (group->transport != nullptr && group->transport->window() != nullptr)
       fixed += group->transport->window()->bytes();
     *bytes = group->life->pool->held_bytes() + fixed;

@@ -78,8 +78,6 @@ struct bitepGroup {
   std::unique_ptr<bitep::ep::Transport> transport;
   std::shared_ptr<bitep::ep::Life> life;
   std::string broken;              // non-empty once a transport failure left peers in an unknown state
-  int32_t* pinned = nullptr;       // cuda: pinned host staging for the send counts [W, L + 1]
-  void* sync_event = nullptr;      // cuda: cudaEvent_t marking the send counts' download
   void* upload_staging = nullptr;  // cuda: pinned host staging of Exec::upload_staged
   size_t upload_bytes = 0;
   void* upload_event = nullptr;  // cuda: cudaEvent_t recorded after the last staged upload

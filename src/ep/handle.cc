@@ -69,6 +69,11 @@ kernels::ExpertMajorParams expert_major_params(const bitepHandle* h, const bitep
   ep.expert_counts = h->expert_counts;
   ep.recv_expert_rows = h->recv_expert_rows;
   ep.num_expert_rows = h->num_expert_rows;
+  if (h->expert_counts_host.size() == static_cast<size_t>(g->num_local_experts)) {
+    int64_t used = 0;
+    for (const auto c : h->expert_counts_host) used += c;
+    ep.num_pad_rows = h->num_expert_rows - used;
+  }
   ep.bulk = expert_copy_bulk();
   return ep;
 }

@@ -52,6 +52,15 @@ class PeerWindow {
   virtual bitepResult_t barrier(bitepStream_t stream, double timeout_s) = 0;
   // bitepTimeout when an earlier barrier ended without every peer (their stores may be missing).
   virtual bitepResult_t check() = 0;
+  // The count exchange through the windows, beside the data area (a combine on another stream may still
+  // use that): whether it can carry nranks * n int32. Off with BITEP_LSA_EXCHANGE=0 on any rank; the same
+  // answer on every rank for the same n.
+  virtual bool can_exchange(int n) const = 0;
+  // Enqueued on stream, one kernel: row p of send [nranks, n] int32 is stored into rank p's exchange area,
+  // then a barrier, then recv [nranks, n] holds row q = what rank q sent to this rank. A peer missing for
+  // timeout_s ends the wait as barrier() does (check() reports it). Needs can_exchange(n). Ordered after
+  // the previous call's release() and marks its own (it acquires and releases the window itself).
+  virtual bitepResult_t exchange(const int32_t* send, int32_t* recv, int n, bitepStream_t stream, double timeout_s) = 0;
   // Orders the calls that use the window, whatever streams they run on: acquire() makes `stream` wait for
   // the previous call's release(), which marks where that call's last access to the window was queued.
   virtual bitepResult_t acquire(bitepStream_t stream) = 0;

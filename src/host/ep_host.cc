@@ -118,6 +118,7 @@ void ep_pack_counts(const kernels::PackCountsParams& p) {
   for (int peer = 0; peer < W; ++peer) {
     int32_t* row = p.out + static_cast<int64_t>(peer) * p.row;
     for (int c = 0; c <= L; ++c) row[c] = p.counts[static_cast<int64_t>(peer) * (L + 1) + c];
+    row[L + 1] = p.flags;
     for (int r = 0; r < W; ++r) row[L + 2 + r] = p.counts[static_cast<int64_t>(r) * (L + 1)];
   }
 }

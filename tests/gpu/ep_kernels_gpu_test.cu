@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -252,11 +253,14 @@ TEST(EpKernelsGpu, PackCountsMatchesHost) {
       p.local_experts = L;
       p.out = out.data();
       p.row = row;
+      p.flags = 0x1234 + W * 64 + L;
       host::ep_pack_counts(p);
       for (int q = 0; q < W; ++q) {
         for (int c = 0; c <= L; ++c) ASSERT_EQ(out[size_t(q) * row + c], counts[size_t(q) * (L + 1) + c]);
-        ASSERT_EQ(out[size_t(q) * row + L + 1], poisoned<int32_t>(1)[0]) << "the flags column is the caller's";
+        ASSERT_EQ(out[size_t(q) * row + L + 1], p.flags) << "the flags column";
         for (int r = 0; r < W; ++r) ASSERT_EQ(out[size_t(q) * row + L + 2 + r], counts[size_t(r) * (L + 1)]);
+        for (int c = L + 2 + W; c < row; ++c)
+          ASSERT_EQ(out[size_t(q) * row + c], poisoned<int32_t>(1)[0]) << "past the send-count vector";
       }
       Dev<int32_t> dc(counts), dout(poisoned<int32_t>(size_t(W) * row));
       p.counts = dc.get();
@@ -374,6 +378,8 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
     p.expert_x = c.mode ? ex.data() : nullptr;
     p.num_expert_rows = in.N;
     p.recv_weights = c.mode == 2 ? in.weights.data() : nullptr;
+    // The pad rows known to the caller (the dispatch knows them), or not.
+    if (c.seed % 3 == 0) p.num_pad_rows = in.N - std::accumulate(in.counts.begin(), in.counts.end(), int64_t{0});
     host::ep_expert_major(p);
     Dev<uint8_t> dmap(in.map), dx(in.x), dex(ex.size());
     Dev<int32_t> doff(in.offsets), dcnt(in.counts), drows(rows.size());
@@ -402,10 +408,19 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
       q.copy_begin = c.R / 3;
       q.copy_end = 2 * c.R / 3;
       q.blocks_per_sm = 2;
+      bool first_bulk = false, second_bulk = false;
+      ASSERT_EQ(K::expert_major_takes_bulk(q, &first_bulk), cudaSuccess);
+      // Unweighted rows of 16-byte multiples up to 24 KiB go by bulk copies on sm_90 and later.
+      int major = 0;
+      ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
+      if (major >= 9 && c.mode == 1 && rb % 16 == 0 && rb <= 24 * 1024) EXPECT_TRUE(first_bulk) << c.str();
       sync(K::launch_ep_expert_major(q, nullptr));
-      q.positions_given = q.src_given = q.copy_outside = true;
+      q.positions_given = q.copy_outside = true;
       q.zero_pads = false;
       q.blocks_per_sm = 0;
+      if (c.seed % 2) q.bulk = false;  // the others by the gather: it needs the table the bulk copies left unfilled
+      ASSERT_EQ(K::expert_major_takes_bulk(q, &second_bulk), cudaSuccess);
+      q.src_given = second_bulk || !first_bulk;  // as the dispatch decides it
       sync(K::launch_ep_expert_major(q, nullptr));
       ok &= same(drows2.host(), rows, "recv_expert_rows (split)", c.str()) &
             same(dex2.host(), ex, "expert_x (split)", c.str());

@@ -229,9 +229,10 @@ TEST(EpHostPackCounts, CountsThenTheWholeSendVector) {
   p.local_experts = 2;
   p.out = out.data();
   p.row = 8;
+  p.flags = 0x2a;
   bitep::host::ep_pack_counts(p);
-  EXPECT_EQ(out, (std::vector<int32_t>{5,      1, 4, -9, 5, 7, 0, -9, /**/ 7, 6, 2, -9, 5, 7, 0, -9,
-                                       /**/ 0, 0, 0, -9, 5, 7, 0, -9}));
+  EXPECT_EQ(out, (std::vector<int32_t>{5,      1, 4, 0x2a, 5, 7, 0, -9, /**/ 7, 6, 2, 0x2a, 5, 7, 0, -9,
+                                       /**/ 0, 0, 0, 0x2a, 5, 7, 0, -9}));
 }
 
 // Expert-major parameters over fp32 rows of one element (H = 1): R rows, L local experts, KL per row.
