@@ -7,7 +7,8 @@
 // rows into the expert-major view; the other rows' copies follow their arrival. With BITEP_LSA_DISPATCH=1
 // and a peer window (src/ep/transport.h) the large dispatches store their maps and weights, then their
 // rows, straight into the peers' windows instead (move_rows_window); the count exchange carries every
-// rank's send counts, so each rank knows where its rows go in every window.
+// rank's send counts, so each rank knows where its rows go in every window. Small dispatches go through
+// the window whenever there is one (move_rows_window_small).
 //
 // Failing together. The count exchange also carries, per rank, a flags word: whether the rank failed
 // before the exchange (argument checks, allocation, layout; with its error code), whether it gives
@@ -43,6 +44,7 @@ constexpr int32_t kFlagCapacity = 4;  // passed recv_x or expert_x
 constexpr int32_t kFlagTokens = 8;    // T > 0
 constexpr int32_t kFlagSplit = 16;    // moves at least split_min_bytes() of rows: split the all-to-all
 constexpr int32_t kFlagWindow = 32;   // BITEP_LSA_DISPATCH=1 here: large dispatches through the peer window
+constexpr int32_t kFlagNoSmall = 64;  // BITEP_LSA_SMALL_DISPATCH=0 here: small dispatches by the all-to-all
 
 // BITEP_LSA_DISPATCH=1: large dispatches store their rows into the peers' windows (a tuning knob).
 bool window_dispatch() {
@@ -51,6 +53,15 @@ bool window_dispatch() {
     return v != nullptr && std::strcmp(v, "1") == 0;
   }();
   return on;
+}
+
+// BITEP_LSA_SMALL_DISPATCH=0: dispatches below the split threshold go by the all-to-all even with a window.
+bool small_window_off() {
+  static const bool off = [] {
+    const char* v = std::getenv("BITEP_LSA_SMALL_DISPATCH");
+    return v != nullptr && std::strcmp(v, "0") == 0;
+  }();
+  return off;
 }
 
 // The expert-major call after the transfer when the own rows' copies (and every row's positions) ran
@@ -103,6 +114,7 @@ class Dispatch {
   bitepResult_t after_exchange();
   bitepResult_t move_rows();
   bitepResult_t move_rows_window();
+  bitepResult_t move_rows_window_small();
   bitepResult_t move_rows_nccl();
   kernels::RoutingInput routing() const;
   // The permute of this dispatch's tokens, the own rows into recv_x; the caller says where the others go.
@@ -119,9 +131,12 @@ class Dispatch {
   int32_t* xrecv_ = nullptr;
   std::vector<int32_t> recv_host_;  // [W, n_]: row q what rank q sent here; row self this rank's own
   bool any_weights_ = false;
-  bool split_ = false;                // every rank: the routing all-to-all first, the rows beside the own rows' copies
-  PeerWindow* win_ = nullptr;         // rows go straight into the peers' windows (cuda, one NVLink domain)
-  void* const* peer_dest_ = nullptr;  // [6W] the permute's destinations in the peers' windows (meta, rows)
+  bool split_ = false;         // every rank: the routing all-to-all first, the rows beside the own rows' copies
+  PeerWindow* win_ = nullptr;  // rows go straight into the peers' windows (cuda, one NVLink domain)
+  // The count exchange went through the windows: it was a barrier after every rank's previous use of its
+  // window (each exchange is ordered after its rank's previous release), so the windows are idle.
+  bool windows_idle_ = false;
+  void* const* peer_dest_ = nullptr;      // [6W] the permute's destinations in the peers' windows (meta, rows)
   size_t win_map_ = 0, win_weights_ = 0;  // offsets of the map and weight regions in a window
   // Send-side temporaries.
   void* send_x_ = nullptr;
@@ -158,7 +173,7 @@ int32_t Dispatch::flags() const {
   return (a_->probs || a_->topk_weights ? kFlagWeights : 0) | (a_->recv_x || a_->expert_x ? kFlagCapacity : 0) |
          (a_->num_tokens > 0 ? kFlagTokens : 0) |
          (W_ > 1 && static_cast<uint64_t>(a_->num_tokens) * row_bytes_ >= split_min_bytes() ? kFlagSplit : 0) |
-         (window_dispatch() ? kFlagWindow : 0);
+         (window_dispatch() ? kFlagWindow : 0) | (small_window_off() ? kFlagNoSmall : 0);
 }
 
 // Layout of this rank's tokens into the exchange's send buffer (counts and flags); the handle keeps the
@@ -296,7 +311,8 @@ bitepResult_t Dispatch::after_exchange() {
     win_weights_ = win_map_ + up(static_cast<size_t>(MB_) * rmax);
     const size_t need = win_weights_ + (any_weights_ ? sizeof(float) * KL_ * rmax : 0);
     BITEP_CHECK(win_->reserve(need, c.timeout_s));
-    // Two permute tables: [0, 3W) the maps and weights alone, [3W, 6W) the rows alone.
+    // Two permute tables: [0, 3W) the maps and weights alone (small dispatches: the rows too, one pass),
+    // [3W, 6W) the rows alone.
     dest.assign(6 * static_cast<size_t>(W_), nullptr);
     for (int r = 0; r < W_; ++r) {
       if (r == self_) continue;
@@ -306,6 +322,7 @@ bitepResult_t Dispatch::after_exchange() {
       dest[W_ + r] = base + win_map_ + off * MB_;
       dest[2 * W_ + r] = any_weights_ ? base + win_weights_ + off * KL_ * sizeof(float) : nullptr;
       dest[3 * W_ + r] = base + off * row_bytes_;
+      if (!split_) dest[r] = dest[3 * W_ + r];
     }
   }
   // The layout tables the kernels read, in one block and one upload: [W] int64 send offsets, [6W] peer
@@ -361,8 +378,10 @@ bitepResult_t Dispatch::move_rows_window() {
   const std::pair<int64_t, int64_t> ranges[2] = {{0, own0}, {own1, R}};
 
   BITEP_CHECK(win_->acquire(ex_.stream()));
-  BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
-  trace_.mark("barrier");
+  if (!windows_idle_) {
+    BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
+    trace_.mark("barrier");
+  }
   if (h->num_tokens > 0) BITEP_CHECK(ex_.permute(pp));
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
   for (const auto& range : ranges) {
@@ -405,6 +424,46 @@ bitepResult_t Dispatch::move_rows_window() {
   if (expert) BITEP_CHECK(ex_.expert_major(ep));
   BITEP_CHECK(ex_.join());
   return win_->release(ex_.stream());
+}
+
+// Peer window, small dispatches (below the split threshold): [barrier, unless the count exchange was one]
+// -> the permute stores every row, map slice and weights into the destinations' windows (the own rows into
+// recv_x) -> barrier -> the window's rows, maps and weights copied into recv_x, recv_map, recv_weights ->
+// expert-major view. One barrier instead of the all-to-all's NCCL call, and no send buffers.
+bitepResult_t Dispatch::move_rows_window_small() {
+  const bitepGroupConfig_t& c = g_->config;
+  bitepHandle* h = h_.get();
+  const int64_t R = h->num_recv_rows;
+  const int64_t own0 = h->recv_offsets[self_], own1 = own0 + h->recv_counts[self_];
+  const char* base = win_->data(self_);
+  kernels::PermuteParams pp = permute_params();
+  pp.peer_dest = peer_dest_;  // rows, maps and weights to the peers
+  kernels::ExpertMajorParams ep = expert_major_params(h, g_);
+  ep.recv_x = h->recv_x;
+  ep.expert_x = h->expert_x;
+  void* src = nullptr;
+  BITEP_CHECK(ex_.temp(sizeof(int64_t) * h->num_expert_rows, &src));
+  ep.expert_src = static_cast<int64_t*>(src);
+  const std::pair<int64_t, int64_t> ranges[2] = {{0, own0}, {own1, R}};  // the peers' rows in the window
+
+  BITEP_CHECK(win_->acquire(ex_.stream()));
+  if (!windows_idle_) BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
+  if (h->num_tokens > 0) BITEP_CHECK(ex_.permute(pp));
+  trace_.mark("permute");
+  BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
+  for (const auto& range : ranges) {
+    const int64_t i0 = range.first, n = range.second - range.first;
+    if (n <= 0) continue;
+    BITEP_CHECK(ex_.copy(static_cast<char*>(h->recv_x) + i0 * row_bytes_, base + i0 * row_bytes_, n * row_bytes_));
+    BITEP_CHECK(ex_.copy(h->recv_map + i0 * MB_, base + win_map_ + i0 * MB_, n * MB_));
+    if (any_weights_)
+      BITEP_CHECK(ex_.copy(h->recv_weights + i0 * KL_, base + win_weights_ + i0 * KL_ * sizeof(float),
+                           n * KL_ * sizeof(float)));
+  }
+  BITEP_CHECK(win_->release(ex_.stream()));
+  trace_.mark("window");
+  if (R > 0 || h->num_expert_rows > 0) BITEP_CHECK(ex_.expert_major(ep));
+  return bitepSuccess;
 }
 
 // Permute into send buffers, all-to-all-v through the transport, expert-major view.
@@ -466,7 +525,7 @@ bitepResult_t Dispatch::move_rows() {
   bitepHandle* h = h_.get();
   const int64_t R = h->num_recv_rows;
   if (win_ != nullptr) {
-    BITEP_CHECK(move_rows_window());
+    BITEP_CHECK(split_ ? move_rows_window() : move_rows_window_small());
   } else {
     BITEP_CHECK(move_rows_nccl());
   }
@@ -529,7 +588,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   if (local != bitepSuccess) return saved.restore();
 
   // Every rank sees the same flags, so every rank reaches the same verdict here.
-  bool any_capacity = false, window_rows = false;
+  bool any_capacity = false, window_rows = false, small_off = false;
   int with_weights = -1, without_weights = -1;
   for (int q = 0; q < W_; ++q) {
     const int32_t f = recv_host_[q * n_ + L_ + 1];
@@ -541,6 +600,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
     if (f & kFlagCapacity) any_capacity = true;
     if (f & kFlagSplit) split_ = true;
     if (f & kFlagWindow) window_rows = true;
+    if (f & kFlagNoSmall) small_off = true;
     if (f & kFlagWeights) {
       if (with_weights < 0) with_weights = q;
     } else if (f & kFlagTokens) {
@@ -548,12 +608,14 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
     }
   }
   any_weights_ = with_weights >= 0;
-  // The window takes the large calls (those that split): this handle's combines, and with
-  // BITEP_LSA_DISPATCH=1 on any rank the dispatch too; by default the split all-to-all moves the dispatch's
-  // rows (measured on 2 x H200: the window's dispatch within +-10% of it, its combine 20-33% faster;
-  // bench/NOTES.md v8). Decided from the exchanged flags, so every rank decides alike.
+  // The window takes the large calls' combines (those that split), and with BITEP_LSA_DISPATCH=1 on any
+  // rank their dispatch too; by default the split all-to-all moves a large dispatch's rows (measured on
+  // 2 x H200: the window's dispatch within +-10% of it, its combine 20-33% faster; bench/NOTES.md v8).
+  // Small dispatches go through the window (one barrier instead of an NCCL call) unless some rank set
+  // BITEP_LSA_SMALL_DISPATCH=0. Decided from the exchanged flags, so every rank decides alike.
   h_->window_combine = split_ && win_ != nullptr;
-  if (!split_ || !window_rows) win_ = nullptr;
+  if (split_ ? !window_rows : small_off) win_ = nullptr;
+  windows_idle_ = win_ != nullptr && win_->can_exchange(n_);  // the transport's choice of exchange
   if (any_weights_ && without_weights >= 0)
     BITEP_FAIL(bitepInvalidArgument,
                "rank %d gives weights (args->probs or args->topk_weights) but rank %d, which has "

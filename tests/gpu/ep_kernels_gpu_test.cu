@@ -410,10 +410,10 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
       q.blocks_per_sm = 2;
       bool first_bulk = false, second_bulk = false;
       ASSERT_EQ(K::expert_major_takes_bulk(q, &first_bulk), cudaSuccess);
-      // Unweighted rows of 16-byte multiples up to 24 KiB go by bulk copies on sm_90 and later.
+      // Unweighted rows of 16-byte multiples up to 24 KiB go by bulk copies on sm_90 and later (R > 0: x given).
       int major = 0;
       ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
-      if (major >= 9 && c.mode == 1 && rb % 16 == 0 && rb <= 24 * 1024) EXPECT_TRUE(first_bulk) << c.str();
+      if (major >= 9 && c.mode == 1 && c.R > 0 && rb % 16 == 0 && rb <= 24 * 1024) EXPECT_TRUE(first_bulk) << c.str();
       sync(K::launch_ep_expert_major(q, nullptr));
       q.positions_given = q.copy_outside = true;
       q.zero_pads = false;
