@@ -171,12 +171,14 @@ if on multirank; then
   # BITEP_SPLIT_MIN_BYTES=0: every call takes the large-call path, the peer window (or, BITEP_LSA=0, the
   # split all-to-all); BITEP_TRACE=1 logs whether each group got a window.
   [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, peer window)" "$LOG" \
-    mpirun -np 2 -x BITEP_TRACE=1 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_LSA_DISPATCH=1 "$MR" --gtest_filter="$CUDA_FILTER"
+    mpirun -np 2 -x BITEP_TRACE=1 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
   [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, defaults)" "$LOG" mpirun -np 2 "$MR" --gtest_filter="$CUDA_FILTER"
   [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, split all-to-all: BITEP_LSA=0)" "$LOG" \
     mpirun -np 2 -x BITEP_LSA=0 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
   [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, NCCL count exchange and small all-to-all)" "$LOG" \
     mpirun -np 2 -x BITEP_LSA_EXCHANGE=0 -x BITEP_LSA_SMALL_DISPATCH=0 "$MR" --gtest_filter="$CUDA_FILTER"
+  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, split all-to-all rows beside the window)" "$LOG" \
+    mpirun -np 2 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_LSA_DISPATCH=0 "$MR" --gtest_filter="$CUDA_FILTER"
   step "multirank cuda np1" "$LOG" mpirun -np 1 "$MR" --gtest_filter="$CUDA_FILTER"
 fi
 
@@ -214,7 +216,7 @@ if [ "$NGPU" -ge 2 ]; then
   on net && step "multirank cuda np2 (NCCL net transport, split)" "$LOG" \
     mpirun -np 2 -x NCCL_P2P_DISABLE=1 -x NCCL_SHM_DISABLE=1 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
   on sanitize && step "multirank cuda np2 memcheck (split, peer window)" "$LOG" \
-    mpirun -np 2 -x BITEP_TEST_TIMEOUT_S=180 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_LSA_DISPATCH=1 compute-sanitizer $MR_SAN_FLAGS "$MR" \
+    mpirun -np 2 -x BITEP_TEST_TIMEOUT_S=180 -x BITEP_SPLIT_MIN_BYTES=0 compute-sanitizer $MR_SAN_FLAGS "$MR" \
     --gtest_filter="$MR_SAN_FILTER"
   on sanitize && step "multirank cuda np2 memcheck (split all-to-all: BITEP_LSA=0)" "$LOG" \
     mpirun -np 2 -x BITEP_TEST_TIMEOUT_S=180 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_LSA=0 compute-sanitizer $MR_SAN_FLAGS "$MR" \

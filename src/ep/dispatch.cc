@@ -4,11 +4,11 @@
 // Large dispatches (a rank moving >= split_min_bytes() of rows; every rank learns it from the flags of
 // the count exchange, so all split alike) split the all-to-all: the routing slices and weights first,
 // then the rows, while a side stream computes every row's expert positions and copies this rank's own
-// rows into the expert-major view; the other rows' copies follow their arrival. With BITEP_LSA_DISPATCH=1
-// and a peer window (src/ep/transport.h) the large dispatches store their maps and weights, then their
-// rows, straight into the peers' windows instead (move_rows_window); the count exchange carries every
-// rank's send counts, so each rank knows where its rows go in every window. Small dispatches go through
-// the window whenever there is one (move_rows_window_small).
+// rows into the expert-major view; the other rows' copies follow their arrival. With a peer window
+// (src/ep/transport.h) the dispatches store their maps, weights and rows straight into the peers' windows
+// instead (large ones in two passes, move_rows_window; small ones in one, move_rows_window_small): the
+// count exchange carries every rank's send counts, so each rank knows where its rows go in every window.
+// BITEP_LSA_DISPATCH=0 (large) and BITEP_LSA_SMALL_DISPATCH=0 (small) keep the all-to-all.
 //
 // Failing together. The count exchange also carries, per rank, a flags word: whether the rank failed
 // before the exchange (argument checks, allocation, layout; with its error code), whether it gives
@@ -43,16 +43,16 @@ constexpr int32_t kFlagWeights = 2;   // gives weights
 constexpr int32_t kFlagCapacity = 4;  // passed recv_x or expert_x
 constexpr int32_t kFlagTokens = 8;    // T > 0
 constexpr int32_t kFlagSplit = 16;    // moves at least split_min_bytes() of rows: split the all-to-all
-constexpr int32_t kFlagWindow = 32;   // BITEP_LSA_DISPATCH=1 here: large dispatches through the peer window
+constexpr int32_t kFlagNoLarge = 32;  // BITEP_LSA_DISPATCH=0 here: large dispatches by the split all-to-all
 constexpr int32_t kFlagNoSmall = 64;  // BITEP_LSA_SMALL_DISPATCH=0 here: small dispatches by the all-to-all
 
-// BITEP_LSA_DISPATCH=1: large dispatches store their rows into the peers' windows (a tuning knob).
-bool window_dispatch() {
-  static const bool on = [] {
+// BITEP_LSA_DISPATCH=0: large dispatches go by the split all-to-all even with a window.
+bool large_window_off() {
+  static const bool off = [] {
     const char* v = std::getenv("BITEP_LSA_DISPATCH");
-    return v != nullptr && std::strcmp(v, "1") == 0;
+    return v != nullptr && std::strcmp(v, "0") == 0;
   }();
-  return on;
+  return off;
 }
 
 // BITEP_LSA_SMALL_DISPATCH=0: dispatches below the split threshold go by the all-to-all even with a window.
@@ -173,7 +173,7 @@ int32_t Dispatch::flags() const {
   return (a_->probs || a_->topk_weights ? kFlagWeights : 0) | (a_->recv_x || a_->expert_x ? kFlagCapacity : 0) |
          (a_->num_tokens > 0 ? kFlagTokens : 0) |
          (W_ > 1 && static_cast<uint64_t>(a_->num_tokens) * row_bytes_ >= split_min_bytes() ? kFlagSplit : 0) |
-         (window_dispatch() ? kFlagWindow : 0) | (small_window_off() ? kFlagNoSmall : 0);
+         (large_window_off() ? kFlagNoLarge : 0) | (small_window_off() ? kFlagNoSmall : 0);
 }
 
 // Layout of this rank's tokens into the exchange's send buffer (counts and flags); the handle keeps the
@@ -588,7 +588,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   if (local != bitepSuccess) return saved.restore();
 
   // Every rank sees the same flags, so every rank reaches the same verdict here.
-  bool any_capacity = false, window_rows = false, small_off = false;
+  bool any_capacity = false, large_off = false, small_off = false;
   int with_weights = -1, without_weights = -1;
   for (int q = 0; q < W_; ++q) {
     const int32_t f = recv_host_[q * n_ + L_ + 1];
@@ -599,7 +599,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
                  q, W_, bitepGetErrorString(static_cast<bitepResult_t>((f >> 8) & 0xff)));
     if (f & kFlagCapacity) any_capacity = true;
     if (f & kFlagSplit) split_ = true;
-    if (f & kFlagWindow) window_rows = true;
+    if (f & kFlagNoLarge) large_off = true;
     if (f & kFlagNoSmall) small_off = true;
     if (f & kFlagWeights) {
       if (with_weights < 0) with_weights = q;
@@ -608,13 +608,13 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
     }
   }
   any_weights_ = with_weights >= 0;
-  // The window takes the large calls' combines (those that split), and with BITEP_LSA_DISPATCH=1 on any
-  // rank their dispatch too; by default the split all-to-all moves a large dispatch's rows (measured on
-  // 2 x H200: the window's dispatch within +-10% of it, its combine 20-33% faster; bench/NOTES.md v8).
-  // Small dispatches go through the window (one barrier instead of an NCCL call) unless some rank set
-  // BITEP_LSA_SMALL_DISPATCH=0. Decided from the exchanged flags, so every rank decides alike.
+  // The window takes the large calls' combines (those that split) and every dispatch: small ones in one
+  // pass and one barrier instead of an NCCL call, large ones in two passes beside the own rows' copies
+  // (measured on 2 x H200 against the split all-to-all: bench/NOTES.md v11), unless some rank set
+  // BITEP_LSA_DISPATCH=0 (large) or BITEP_LSA_SMALL_DISPATCH=0 (small). Decided from the exchanged flags,
+  // so every rank decides alike.
   h_->window_combine = split_ && win_ != nullptr;
-  if (split_ ? !window_rows : small_off) win_ = nullptr;
+  if (split_ ? large_off : small_off) win_ = nullptr;
   windows_idle_ = win_ != nullptr && win_->can_exchange(n_);  // the transport's choice of exchange
   if (any_weights_ && without_weights >= 0)
     BITEP_FAIL(bitepInvalidArgument,

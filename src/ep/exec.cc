@@ -35,7 +35,7 @@ Exec::Exec(bitepGroup* group, bitepStream_t stream) : group_(group), stream_(str
 Exec::~Exec() {
   if (forked_) (void)join();
   Pool* pool = group_->life->pool.get();
-  for (Block& b : temps_) pool->release(&b, stream_);
+  pool->release_all(&temps_, stream_, stream_key_);
 #ifdef BITEP_HAVE_CUDA
   if (prev_device_ >= 0 && prev_device_ != group_->device) {
     cudaSetDevice(prev_device_);
@@ -49,6 +49,12 @@ bitepResult_t Exec::begin() {
 #ifdef BITEP_HAVE_CUDA
   BITEP_CUDA_CHECK(cudaGetDevice(&prev_device_));
   if (prev_device_ != group_->device) BITEP_CUDA_CHECK(cudaSetDevice(group_->device));
+  unsigned long long id = 0;
+  if (cudaStreamGetId(cu(stream_), &id) == cudaSuccess) {
+    stream_key_ = static_cast<uint64_t>(id) + 1;
+  } else {
+    (void)cudaGetLastError();  // not known: every pool block waits on its release event
+  }
   return bitepSuccess;
 #else
   BITEP_FAIL(bitepNotSupported, "this bitep was built without CUDA");
@@ -59,7 +65,7 @@ bitepResult_t Exec::begin() {
 // argument, so every buffer they are given is real, even with no rows.
 bitepResult_t Exec::temp(size_t bytes, void** out) {
   Block b;
-  BITEP_CHECK(group_->life->pool->acquire(bytes > 0 ? bytes : 1, stream_, &b));
+  BITEP_CHECK(group_->life->pool->acquire(bytes > 0 ? bytes : 1, stream_, &b, stream_key_));
   if (b.ptr != nullptr) temps_.push_back(b);
   *out = b.ptr;
   return bitepSuccess;
@@ -67,7 +73,7 @@ bitepResult_t Exec::temp(size_t bytes, void** out) {
 
 bitepResult_t Exec::keep(size_t bytes, std::vector<Block>* owner, void** out) {
   Block b;
-  BITEP_CHECK(group_->life->pool->acquire(bytes > 0 ? bytes : 1, stream_, &b));
+  BITEP_CHECK(group_->life->pool->acquire(bytes > 0 ? bytes : 1, stream_, &b, stream_key_));
   if (b.ptr != nullptr) owner->push_back(b);
   *out = b.ptr;
   return bitepSuccess;

@@ -81,8 +81,9 @@ class Exec {
   bitepStream_t stream_;
   std::vector<Block> temps_;
   int prev_device_ = -1;
-  bool forked_ = false;  // between fork() and join()
-  bool side_ = false;    // the primitives launch on the side stream
+  uint64_t stream_key_ = 0;  // cuda: cudaStreamGetId(stream) + 1 after begin() (0: not known)
+  bool forked_ = false;      // between fork() and join()
+  bool side_ = false;        // the primitives launch on the side stream
 #ifdef BITEP_HAVE_CUDA
   void* launch_stream() const;  // cudaStream_t of the primitives: the side stream between fork and join
 #endif

@@ -88,7 +88,7 @@ void Pool::trim_locked(uint64_t older_than) {
   }
 }
 
-bitepResult_t Pool::acquire(size_t bytes, bitepStream_t stream, Block* out) {
+bitepResult_t Pool::acquire(size_t bytes, bitepStream_t stream, Block* out, uint64_t stream_key) {
   *out = Block{};
   if (bytes == 0) return bitepSuccess;
   const size_t cls = size_class(bytes);
@@ -100,7 +100,9 @@ bitepResult_t Pool::acquire(size_t bytes, bitepStream_t stream, Block* out) {
     cached_.erase(it);
 #ifdef BITEP_HAVE_CUDA
     void* ev = b.fence ? b.fence.get() : b.event;
-    if (backend_ == bitepBackendCuda && ev != nullptr) {
+    // Released on this stream (ids are never reused, unlike stream handles): stream order is enough.
+    const bool same_stream = stream_key != 0 && b.stream_key == stream_key;
+    if (backend_ == bitepBackendCuda && ev != nullptr && !same_stream) {
       cudaError_t err = cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(ev), 0);
       if (err != cudaSuccess) {
         cached_.emplace(cls, b);
@@ -111,6 +113,7 @@ bitepResult_t Pool::acquire(size_t bytes, bitepStream_t stream, Block* out) {
     (void)stream;
 #endif
     b.fence.reset();
+    b.stream_key = 0;
     in_use_.emplace(b.ptr, b);
     *out = b;
     return bitepSuccess;
@@ -164,6 +167,47 @@ void Pool::release(Block* block, bitepStream_t stream) {
   b.last_use = tick_;
   cached_.emplace(b.bytes, b);
   *block = Block{};
+}
+
+void Pool::release_all(std::vector<Block>* blocks, bitepStream_t stream, uint64_t stream_key) {
+  if (blocks->empty()) return;
+  std::shared_ptr<void> fence;
+#ifdef BITEP_HAVE_CUDA
+  if (backend_ == bitepBackendCuda) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      // One event per stream, recorded again at each release_all: a later record on the same stream only
+      // makes a waiter wait for more, never for less.
+      std::shared_ptr<void>& ev = stream_events_[static_cast<void*>(stream)];
+      if (!ev) {
+        cudaEvent_t e = nullptr;
+        if (cudaEventCreateWithFlags(&e, cudaEventDisableTiming) == cudaSuccess)
+          ev.reset(e, [](void* x) { cudaEventDestroy(static_cast<cudaEvent_t>(x)); });
+        (void)cudaGetLastError();
+      }
+      fence = ev;
+    }
+    if (!fence ||
+        cudaEventRecord(static_cast<cudaEvent_t>(fence.get()), reinterpret_cast<cudaStream_t>(stream)) != cudaSuccess) {
+      (void)cudaGetLastError();
+      for (Block& b : *blocks) release(&b, stream);  // one event each (or a synchronisation)
+      blocks->clear();
+      return;
+    }
+  }
+#endif
+  std::lock_guard<std::mutex> lock(mu_);
+  for (Block& blk : *blocks) {
+    auto it = in_use_.find(blk.ptr);
+    if (it == in_use_.end()) continue;
+    Block b = it->second;
+    in_use_.erase(it);
+    b.fence = fence;
+    b.stream_key = stream_key;
+    b.last_use = tick_;
+    cached_.emplace(b.bytes, b);
+  }
+  blocks->clear();
 }
 
 void Pool::release(Block* block, std::shared_ptr<void> fence) {

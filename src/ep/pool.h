@@ -4,7 +4,8 @@
 // released block goes back to the free list of its class and is handed out again to the next request of
 // that class, so a steady stream of dispatches of similar sizes allocates nothing.
 // cuda: release records an event on the releasing stream, and the next user's stream waits on it, so a
-// block is never reused before the work queued on it has finished.
+// block is never reused before the work queued on it has finished; a user on the releasing stream itself
+// needs no wait (stream order) and makes none.
 #pragma once
 
 #include <cstddef>
@@ -12,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "bitep/bitep.h"
 
@@ -21,7 +23,8 @@ struct Block {
   void* ptr = nullptr;          // null for a zero-byte request
   size_t bytes = 0;             // the class size
   void* event = nullptr;        // cudaEvent_t recorded at release (cuda only), created on first release
-  std::shared_ptr<void> fence;  // cuda: instead of event, a handle's event that marks its last use
+  std::shared_ptr<void> fence;  // cuda: instead of event, a shared event recorded after its last use
+  uint64_t stream_key = 0;      // cuda: cudaStreamGetId + 1 of the releasing stream (0: not known)
   uint64_t last_use = 0;        // pool tick of the last release
 };
 
@@ -36,11 +39,14 @@ class Pool {
   static size_t size_class(size_t bytes);
 
   // A block of at least `bytes` (bytes = 0: an empty block, no memory). cuda: stream waits on the
-  // block's release event. Fails with bitepOutOfMemory (after dropping the cache and retrying once).
-  bitepResult_t acquire(size_t bytes, bitepStream_t stream, Block* out);
+  // block's release event unless stream_key (cudaStreamGetId + 1 of stream; 0: not known) says it was
+  // released on this very stream. Fails with bitepOutOfMemory (after dropping the cache and retrying once).
+  bitepResult_t acquire(size_t bytes, bitepStream_t stream, Block* out, uint64_t stream_key = 0);
 
   // Returns the block to the cache (cuda: after the work queued on stream). Empty blocks are ignored.
   void release(Block* block, bitepStream_t stream);
+  // Every block of `blocks` (then cleared), after the work queued on stream: one event for all of them.
+  void release_all(std::vector<Block>* blocks, bitepStream_t stream, uint64_t stream_key = 0);
   // The same, ordered by `fence` (a cudaEvent_t already recorded after the block's last use) instead
   // of a stream, which may be gone by now (a handle destroyed after its stream).
   void release(Block* block, std::shared_ptr<void> fence);
@@ -67,6 +73,7 @@ class Pool {
   uint64_t tick_ = 0;
   uint64_t allocations_ = 0;
   bool leak_ = false;
+  std::map<void*, std::shared_ptr<void>> stream_events_;  // cuda: release_all's event per stream
 };
 
 }  // namespace bitep::ep
