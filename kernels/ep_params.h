@@ -105,6 +105,9 @@ struct PermuteParams {
   // A null x destination (recv_x, or an x entry of peer_dest) skips those rows' x, a null map or weights
   // destination their meta: a call may move the maps and weights alone, or the rows alone.
   void* const* peer_dest = nullptr;
+  // Optional [rows of the self chunk] out: self_tokens[slot] = t for every token t with a self slot (the
+  // source of each own received row, for an expert-major copy that reads x before recv_x is written).
+  int32_t* self_tokens = nullptr;
 };
 
 // 5. Expert-major view: for each local expert, its rows in receive order (source rank, then source
@@ -151,6 +154,10 @@ struct ExpertMajorParams {
   // that brings the others. Pad rows are zeroed when zero_pads.
   int64_t copy_begin = 0, copy_end = -1;
   bool copy_outside = false;
+  // Optional (backend memory, copy_outside false): the copies of row i read row src_index[i - copy_begin]
+  // of recv_x instead of row i (recv_x then being another array, e.g. the dispatch's x with the permute's
+  // self_tokens); positions still come from row i's map.
+  const int32_t* src_index = nullptr;
   bool zero_pads = true;
   // cuda: blocks per SM of the copy's persistent grid (0: the default). Work beside an all-to-all takes
   // fewer and leaves SMs to NCCL's kernel.

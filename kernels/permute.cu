@@ -52,6 +52,7 @@ struct PermuteArgs {
   uint8_t* recv_map;
   float* recv_weights;
   void* const* peer_dest;  // [3W] or null (PermuteParams)
+  int32_t* self_tokens;
 };
 
 // Weight of expert e of token t whose compact index is c (ep_params.h "Weight of expert e").
@@ -124,6 +125,7 @@ __global__ void __launch_bounds__(kRowThreads) permute_kernel(PermuteArgs a) {
       const uint32_t mask = __ballot_sync(kFullMask, slot >= 0 && dst != nullptr);
       if (mask != 0) warp_copy_row<V, kUnroll>(a.x + t * a.row_bytes, a.nvec, mask, dst);
       if (slot >= 0) write_row_meta(a, t, r, row, map, w);
+      if (slot >= 0 && self && a.self_tokens != nullptr) a.self_tokens[slot] = static_cast<int32_t>(t);
     }
   }
 }
@@ -147,7 +149,14 @@ struct ExpertArgs {
   int64_t* src;                  // [N] expert_src: the gather's source entry per expert row
   int64_t copy_begin, copy_end;  // received rows whose copies are written (copy_outside: the others)
   bool copy_outside, zero_pads;
+  const int32_t*
+      src_index;  // [copy_end - copy_begin] or null: row i's copies read recv_x row src_index[i - copy_begin]
 };
+
+// The row of recv_x that received row i's copies read.
+__device__ __forceinline__ int64_t source_row(const ExpertArgs& a, int64_t i) {
+  return a.src_index != nullptr ? __ldg(a.src_index + (i - a.copy_begin)) : i;
+}
 
 // Experts [lo, lo + 32) ∩ [0, L) of received row i, as bits.
 __device__ __forceinline__ uint32_t row_bits(const ExpertArgs& a, int64_t i, int lo) {
@@ -274,7 +283,7 @@ __global__ void __launch_bounds__(kRowThreads) expert_copy_kernel(ExpertArgs a) 
     }
     const int64_t i = e / KL;
     if (a.recv_x == nullptr || (i >= a.copy_begin && i < a.copy_end) == a.copy_outside) continue;
-    const char* src = a.recv_x + i * a.row_bytes;
+    const char* src = a.recv_x + source_row(a, i) * a.row_bytes;
     if constexpr (kWeighted) {
       warp_scale_row<T, V, kUnroll>(src, a.nvec, 1u, dst, __ldg(a.recv_weights + e));
     } else {
@@ -322,7 +331,7 @@ __global__ void __launch_bounds__(kWarp) expert_bulk_copy_kernel(ExpertArgs a, i
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   auto load = [&](int64_t n) {
     const int b = static_cast<int>(n % nbuf);
-    const char* src = a.recv_x + bulk_row(blockIdx.x + n * gridDim.x) * a.row_bytes;
+    const char* src = a.recv_x + source_row(a, bulk_row(blockIdx.x + n * gridDim.x)) * a.row_bytes;
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar0 + 8 * b), "r"(bytes) : "memory");
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
                      smem0 + b * bytes),
@@ -444,6 +453,7 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   a.recv_map = p.recv_map;
   a.recv_weights = p.recv_weights;
   a.peer_dest = p.peer_dest;
+  a.self_tokens = p.self_tokens;
   // The x copy is skipped (nvec = 0) for an empty row; send_x / recv_x may then be null (a null recv_x:
   // the own rows are not written, a null peer_dest entry: that peer's rows are not). Peer chunks
   // (peer_dest) start at a multiple of the row size past a 16-byte aligned window: the row size decides.
@@ -469,6 +479,7 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   if (p.num_recv_rows > 0 && (p.recv_expert_rows == nullptr || (!p.positions_given && p.recv_map == nullptr)))
     return cudaErrorInvalidValue;
   if (rows_out && p.num_expert_rows > 0 && p.expert_src == nullptr) return cudaErrorInvalidValue;
+  if (p.src_index != nullptr && p.copy_outside) return cudaErrorInvalidValue;
 
   ExpertArgs a;
   a.num_rows = p.num_recv_rows;
@@ -490,6 +501,7 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   a.copy_end = p.copy_end < 0 ? p.num_recv_rows : p.copy_end;
   a.copy_outside = p.copy_outside;
   a.zero_pads = p.zero_pads;
+  a.src_index = p.src_index;
 
   int sms = 0;
   cudaError_t err = sm_count(&sms);

@@ -353,12 +353,13 @@ bitepResult_t Dispatch::after_exchange() {
   return bitepSuccess;
 }
 
-// Peer window (large dispatches, as the split all-to-all): barrier (every window idle) -> the permute
-// stores the maps and weights into the destinations' windows (and the own rows, whole, into recv_x) ->
-// barrier -> on the side stream, every row's expert positions and the own rows' expert copies, beside the
-// permute storing the other rows into the peers' windows over NVLink -> barrier (every row landed) -> the
-// others' expert copies read the window, beside (side stream) its copy into recv_x. No all-to-all call and
-// no send buffers; each window mirrors its owner's recv_x rows.
+// Peer window (large dispatches): [barrier (every window idle), unless the count exchange was one] -> the
+// permute stores the maps and weights into the destinations' windows (the own rows' maps and weights into
+// recv_map / recv_weights, and each own row's token) -> barrier -> on the side stream, every row's expert
+// positions and the own rows' expert copies (read from x), beside the permute storing the rows into the
+// peers' windows over NVLink and the own ones into recv_x -> barrier (every row landed) -> the others'
+// expert copies read the window, beside (side stream) its copy into recv_x. No all-to-all call and no send
+// buffers; each window mirrors its owner's recv_x rows.
 bitepResult_t Dispatch::move_rows_window() {
   const bitepGroupConfig_t& c = g_->config;
   bitepHandle* h = h_.get();
@@ -376,6 +377,11 @@ bitepResult_t Dispatch::move_rows_window() {
   const bool expert = R > 0 || h->num_expert_rows > 0;
   // Peer ranges of this rank's window: [0, own0) and [own1, R).
   const std::pair<int64_t, int64_t> ranges[2] = {{0, own0}, {own1, R}};
+  // The own rows' tokens: their expert copies read x, before (beside) the permute writes recv_x.
+  void* tokens = nullptr;
+  BITEP_CHECK(ex_.temp(sizeof(int32_t) * (own1 - own0), &tokens));
+  pp.recv_x = nullptr;
+  pp.self_tokens = static_cast<int32_t*>(tokens);
 
   BITEP_CHECK(win_->acquire(ex_.stream()));
   if (!windows_idle_) {
@@ -397,15 +403,19 @@ bitepResult_t Dispatch::move_rows_window() {
   ep.copy_begin = own0;
   ep.copy_end = own1;
   ep.blocks_per_sm = kSideBlocksPerSm;
+  ep.recv_x = a_->x;  // own row own0 + s is token tokens[s]
+  ep.src_index = static_cast<const int32_t*>(tokens);
   bool first_bulk = false;
   BITEP_CHECK(ex_.expert_bulk(ep, &first_bulk));
   if (expert) BITEP_CHECK(ex_.expert_major(ep));
+  ep.src_index = nullptr;
   trace_.mark_on("expert-major (own rows)", ex_.current_stream());
   ex_.launch_on_caller();
   if (h->num_tokens > 0) {
-    pp.recv_x = nullptr;  // the rows alone, to the peers
+    pp.recv_x = h->recv_x;  // the rows alone: the own ones into recv_x, the others to the peers
     pp.recv_map = nullptr;
     pp.recv_weights = nullptr;
+    pp.self_tokens = nullptr;
     pp.peer_dest = peer_dest_ + 3 * W_;
     BITEP_CHECK(ex_.permute(pp));
   }

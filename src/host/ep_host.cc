@@ -141,6 +141,7 @@ void ep_permute(const kernels::PermuteParams& p) {
       while (i < n && experts[i] / L == r) ++i;
       if (slot[r] < 0) continue;
       const bool self = r == p.self_rank;
+      if (self && p.self_tokens != nullptr) p.self_tokens[slot[r]] = static_cast<int32_t>(t);
       const bool dest = !self && p.peer_dest != nullptr;
       const int64_t q = self ? p.self_recv_offset + slot[r] : dest ? slot[r] : p.send_offsets[r] + slot[r];
       void* x_dst = self ? p.recv_x : dest ? p.peer_dest[r] : p.send_x;
@@ -189,7 +190,8 @@ void ep_expert_major(const kernels::ExpertMajorParams& p) {
     if (!move) continue;
     const int64_t copy_end = p.copy_end < 0 ? p.num_recv_rows : p.copy_end;
     if ((i >= p.copy_begin && i < copy_end) == p.copy_outside) continue;
-    const char* src = static_cast<const char*>(p.recv_x) + i * row_bytes;
+    const int64_t srow = p.src_index != nullptr ? p.src_index[i - p.copy_begin] : i;
+    const char* src = static_cast<const char*>(p.recv_x) + srow * row_bytes;
     for (int j = 0; j < KL; ++j) {
       const int64_t pos = rows[j];
       if (pos < 0 || pos >= p.num_expert_rows) continue;

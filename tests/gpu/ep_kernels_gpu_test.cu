@@ -8,7 +8,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -108,6 +110,9 @@ TEST(EpKernelsGpu, PermuteMatchesHost) {
       std::vector<uint8_t> sx = poisoned<uint8_t>(S * rb), rx = poisoned<uint8_t>(R * rb);
       std::vector<uint8_t> sm = poisoned<uint8_t>(S * MB), rm = poisoned<uint8_t>(R * MB);
       std::vector<float> sw = poisoned<float>(S * KL), rw = poisoned<float>(R * KL);
+      // The own rows' tokens (variant 0), one spare entry past them.
+      const int64_t own = lay.counts[size_t(self) * (L + 1)];
+      std::vector<int32_t> st = poisoned<int32_t>(own + 1);
       K::PermuteParams p = permute_params(c, self, x, lay);
       p.routing = host_input(r, c.fmt, meta ? c.wf : WeightFormat::kNone);
       if (!meta) p.routing.map = nullptr;
@@ -119,7 +124,13 @@ TEST(EpKernelsGpu, PermuteMatchesHost) {
       p.recv_map = meta ? rm.data() : nullptr;
       p.send_weights = sw.data();  // with kNone weights: must stay untouched
       p.recv_weights = rw.data();
+      p.self_tokens = meta ? st.data() : nullptr;
       host::ep_permute(p);
+      for (int64_t t = 0; t < c.T && meta; ++t) {
+        const int32_t slot = lay.slot[size_t(t) * W + self];
+        if (slot >= 0) ASSERT_EQ(st[slot], t) << c.str();
+      }
+      Dev<int32_t> dst(poisoned<int32_t>(st.size()));
       Dev<uint8_t> dx(x), dsx(sx.size()), drx(rx.size()), dsm(sm.size()), drm(rm.size());
       Dev<float> dsw(sw.size()), drw(rw.size());
       Dev<int32_t> dslot(lay.slot);
@@ -135,8 +146,10 @@ TEST(EpKernelsGpu, PermuteMatchesHost) {
       p.recv_map = meta ? drm.get() : nullptr;
       p.send_weights = dsw.get();
       p.recv_weights = drw.get();
+      p.self_tokens = meta ? dst.get() : nullptr;
       sync(K::launch_ep_permute(p, nullptr));
       const std::string where = c.str() + (meta ? "" : " rows-only");
+      if (meta && !same(dst.host(), st, "self_tokens", where) && ++failing >= kMaxFailingCases) return;
       bool ok = same(dsx.host(), sx, "send_x", where) & same(drx.host(), rx, "recv_x", where);
       ok = ok & same(dsm.host(), sm, "send_map", where) & same(drm.host(), rm, "recv_map", where);
       ok = ok & same(dsw.host(), sw, "send_weights", where) & same(drw.host(), rw, "recv_weights", where);
@@ -408,6 +421,21 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
       q.copy_begin = c.R / 3;
       q.copy_end = 2 * c.R / 3;
       q.blocks_per_sm = 2;
+      // Some cases copy the range from another array through an index (the dispatch's own rows read x).
+      const int64_t nb = q.copy_end - q.copy_begin;
+      const bool by_index = c.seed % 4 == 1 && nb > 0;
+      std::vector<int32_t> perm(by_index ? nb : 0);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), std::mt19937_64(c.seed));
+      std::vector<uint8_t> x2(perm.size() * rb);
+      for (int64_t i = 0; i < static_cast<int64_t>(perm.size()); ++i)
+        std::memcpy(x2.data() + perm[i] * rb, in.x.data() + (q.copy_begin + i) * rb, rb);
+      Dev<uint8_t> dx2(x2);
+      Dev<int32_t> dperm(perm);
+      if (by_index) {
+        q.recv_x = dx2.get();
+        q.src_index = dperm.get();
+      }
       bool first_bulk = false, second_bulk = false;
       ASSERT_EQ(K::expert_major_takes_bulk(q, &first_bulk), cudaSuccess);
       // Unweighted rows of 16-byte multiples up to 24 KiB go by bulk copies on sm_90 and later (R > 0: x given).
@@ -415,6 +443,8 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
       ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
       if (major >= 9 && c.mode == 1 && c.R > 0 && rb % 16 == 0 && rb <= 24 * 1024) EXPECT_TRUE(first_bulk) << c.str();
       sync(K::launch_ep_expert_major(q, nullptr));
+      q.recv_x = p.recv_x;
+      q.src_index = nullptr;
       q.positions_given = q.copy_outside = true;
       q.zero_pads = false;
       q.blocks_per_sm = 0;

@@ -318,6 +318,25 @@ TEST(EpHostExpertMajor, SplitCallsWriteEveryCopyOnce) {
   EXPECT_EQ(split, (std::vector<float>{1, 2, 4, -6, 3, 4, 1, 3}));
 }
 
+TEST(EpHostExpertMajor, RangeReadThroughAnIndex) {
+  // The dispatch's own rows: the copies of rows [1, 3) read another array (x in token order) at
+  // src_index[i - 1]; the positions still come from the rows' maps.
+  const std::vector<uint8_t> map = {0x05, 0x01, 0x06, 0x03};  // rows use experts {0,2} {0} {1,2} {0,1}
+  const std::vector<int32_t> counts = {3, 2, 2}, offsets = {0, 4, 6, 8};
+  const std::vector<float> tokens = {30, 7, 20};  // rows 1, 2 are tokens 2, 0
+  const std::vector<int32_t> index = {2, 0};
+  bitep::kernels::ExpertMajorParams p = expert_major_f32(4, 3, 2, 8, map, offsets, counts, tokens);
+  std::vector<int32_t> rows(8, 99);
+  std::vector<float> ex(8, -5.0f);
+  p.recv_expert_rows = rows.data();
+  p.expert_x = ex.data();
+  p.copy_begin = 1;
+  p.copy_end = 3;
+  p.src_index = index.data();
+  bitep::host::ep_expert_major(p);
+  EXPECT_EQ(ex, (std::vector<float>{-5, 20, -5, 0, 30, -5, -5, 30}));
+}
+
 TEST(EpHostExpertMajor, InconsistentCountsNeverWriteOutside) {
   // The map says two rows use expert 0 but counts say one: the second gets -1 and moves nothing.
   const std::vector<uint8_t> map = {0x01, 0x01};
