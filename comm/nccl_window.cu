@@ -212,6 +212,8 @@ class NcclWindow final : public PeerWindow {
     return bitepSuccess;
   }
 
+  uint64_t exchanges() const override { return exchanges_; }
+
   bool can_exchange(int n) const override {
     return exchange_on_ && n > 0 && sizeof(int32_t) * static_cast<size_t>(nranks_) * n <= kExchangeBytes;
   }

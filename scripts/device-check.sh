@@ -176,7 +176,7 @@ if on multirank; then
   [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, split all-to-all: BITEP_LSA=0)" "$LOG" \
     mpirun -np 2 -x BITEP_LSA=0 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
   [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, NCCL count exchange and small all-to-all)" "$LOG" \
-    mpirun -np 2 -x BITEP_LSA_EXCHANGE=0 -x BITEP_LSA_SMALL_DISPATCH=0 "$MR" --gtest_filter="$CUDA_FILTER"
+    mpirun -np 2 -x BITEP_LSA_EXCHANGE=0 -x BITEP_LSA_SMALL=0 "$MR" --gtest_filter="$CUDA_FILTER"
   [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, split all-to-all rows beside the window)" "$LOG" \
     mpirun -np 2 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_LSA_DISPATCH=0 "$MR" --gtest_filter="$CUDA_FILTER"
   step "multirank cuda np1" "$LOG" mpirun -np 1 "$MR" --gtest_filter="$CUDA_FILTER"

@@ -96,6 +96,10 @@ bitepResult_t return_rows(Exec& ex, bitepGroup* g, bitepHandle* h, const void* p
 
 namespace {
 
+// A combine after a window exchange skips its first barrier when the latest dispatch's bytes plus its
+// partials fit in this many bytes of the window (the window grows to hold them): small and medium calls.
+constexpr size_t kCombineNoBarrierBytes = size_t{64} << 20;
+
 bitepResult_t check_combine_args(const bitepGroup* g,
                                  const bitepHandle* h,
                                  const void* y,
@@ -128,7 +132,10 @@ bitepResult_t check_combine_args(const bitepGroup* g,
 
 // Peer window: barrier (every window idle) -> each source rank's partial rows go straight into its
 // window, where it would receive them (the reduce stores them over NVLink; rank-major rows are copied) ->
-// barrier (all landed) -> the final sum reads this rank's window. The own rows never leave: their partials
+// barrier (all landed) -> the final sum reads this rank's window. The first barrier is left out after a
+// count exchange through the window (every rank's earlier window work was done before it passed that)
+// when the partials fit past the latest dispatch's bytes (which its ranks may still be reading) within
+// kCombineNoBarrierBytes: they go there. The own rows never leave: their partials
 // come from the same reduce launch, interleaved with the peers' (a second grid beside it found no free SM:
 // the reduce's registers allow two blocks per SM, so the two ran one after the other; bench/NOTES.md v9).
 bitepResult_t combine_window(Exec& ex,
@@ -151,7 +158,12 @@ bitepResult_t combine_window(Exec& ex,
       if (r != s) n += m[static_cast<size_t>(s) * W + r];
     smax = std::max(smax, n);
   }
-  BITEP_CHECK(win->reserve(row * smax, g->config.timeout_s));
+  // After a window exchange, past the latest dispatch's bytes and no first barrier; else from the start.
+  const size_t past = (win->dispatch_extent + 255) / 256 * 256;
+  const bool no_barrier = win->exchanges() != win->combine_mark && past + row * smax <= kCombineNoBarrierBytes;
+  const size_t base = no_barrier ? past : 0;
+  win->combine_mark = win->exchanges();
+  BITEP_CHECK(win->reserve(base + row * smax, g->config.timeout_s));
   const bool expert = layout == bitepLayoutExpertMajor;
   const int64_t own0 = h->recv_offsets[self], own_n = h->recv_counts[self];
   void* own = nullptr;
@@ -161,13 +173,15 @@ bitepResult_t combine_window(Exec& ex,
     int64_t off = 0;
     for (int r = 0; r < self; ++r)
       if (r != s) off += m[static_cast<size_t>(s) * W + r];
-    return win->data(s) + off * row;
+    return win->data(s) + base + off * row;
   };
   void* dev_table = nullptr;  // the reduce's destinations and row offsets per source rank
   if (expert) BITEP_CHECK(ex.temp(sizeof(void*) * W + sizeof(int64_t) * (W + 1), &dev_table));
   BITEP_CHECK(win->acquire(ex.stream()));
-  BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
-  trace->mark("barrier");
+  if (!no_barrier) {
+    BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
+    trace->mark("barrier");
+  }
   if (expert) {
     // One reduce over every received row: the peers' partial rows into their windows over NVLink, the own
     // ones into `own`, interleaved, so the own rows' reads fill the time the stores take.
@@ -201,7 +215,7 @@ bitepResult_t combine_window(Exec& ex,
   BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
   trace->mark("second barrier");
   if (h->num_tokens == 0) return win->release(ex.stream());
-  BITEP_CHECK(ex.final_sum(final_sum_params(g, h, win->data(self), expert ? own : y, expert ? 0 : own0, out)));
+  BITEP_CHECK(ex.final_sum(final_sum_params(g, h, win->data(self) + base, expert ? own : y, expert ? 0 : own0, out)));
   trace->mark("final-sum");
   return win->release(ex.stream());
 }
@@ -225,8 +239,8 @@ bitepResult_t combine(bitepGroup_t g,
   // Joins any side-stream work first: the fence then covers it (an error path can leave a fork open).
   FenceOnExit fence(h, stream, [&ex] { (void)ex.join(); });
   Trace trace("combine", g->rank, stream, ex.cuda());
-  // The peer window takes the combines of large dispatches (decided with the dispatch, alike on every
-  // rank), NCCL's all-to-all the small ones.
+  // The peer window takes the combines (decided with the dispatch, alike on every rank; small ones go by
+  // NCCL's all-to-all with BITEP_LSA_SMALL=0).
   PeerWindow* win = g->nranks > 1 ? g->transport->window() : nullptr;
   if (win != nullptr && h->window_combine) {
     BITEP_CHECK(win->check());

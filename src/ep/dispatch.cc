@@ -8,7 +8,8 @@
 // (src/ep/transport.h) the dispatches store their maps, weights and rows straight into the peers' windows
 // instead (large ones in two passes, move_rows_window; small ones in one, move_rows_window_small): the
 // count exchange carries every rank's send counts, so each rank knows where its rows go in every window.
-// BITEP_LSA_DISPATCH=0 (large) and BITEP_LSA_SMALL_DISPATCH=0 (small) keep the all-to-all.
+// BITEP_LSA_DISPATCH=0 (large) and BITEP_LSA_SMALL=0 (small dispatches and their combines) keep the
+// all-to-all.
 //
 // Failing together. The count exchange also carries, per rank, a flags word: whether the rank failed
 // before the exchange (argument checks, allocation, layout; with its error code), whether it gives
@@ -44,7 +45,7 @@ constexpr int32_t kFlagCapacity = 4;  // passed recv_x or expert_x
 constexpr int32_t kFlagTokens = 8;    // T > 0
 constexpr int32_t kFlagSplit = 16;    // moves at least split_min_bytes() of rows: split the all-to-all
 constexpr int32_t kFlagNoLarge = 32;  // BITEP_LSA_DISPATCH=0 here: large dispatches by the split all-to-all
-constexpr int32_t kFlagNoSmall = 64;  // BITEP_LSA_SMALL_DISPATCH=0 here: small dispatches by the all-to-all
+constexpr int32_t kFlagNoSmall = 64;  // BITEP_LSA_SMALL=0 here: small calls by the all-to-all
 
 // BITEP_LSA_DISPATCH=0: large dispatches go by the split all-to-all even with a window.
 bool large_window_off() {
@@ -55,10 +56,11 @@ bool large_window_off() {
   return off;
 }
 
-// BITEP_LSA_SMALL_DISPATCH=0: dispatches below the split threshold go by the all-to-all even with a window.
+// BITEP_LSA_SMALL=0: dispatches below the split threshold, and their combines, go by the all-to-all even
+// with a window.
 bool small_window_off() {
   static const bool off = [] {
-    const char* v = std::getenv("BITEP_LSA_SMALL_DISPATCH");
+    const char* v = std::getenv("BITEP_LSA_SMALL");
     return v != nullptr && std::strcmp(v, "0") == 0;
   }();
   return off;
@@ -112,6 +114,7 @@ class Dispatch {
   int32_t flags() const;
   bitepResult_t before_exchange();
   bitepResult_t after_exchange();
+  bitepResult_t upload_tables();
   bitepResult_t move_rows();
   bitepResult_t move_rows_window();
   bitepResult_t move_rows_window_small();
@@ -296,6 +299,25 @@ bitepResult_t Dispatch::after_exchange() {
   }
   BITEP_CHECK(ex_.keep(sizeof(int32_t) * KL_ * R, &h->blocks, &p));
   h->recv_expert_rows = static_cast<int32_t*>(p);
+  if (win_ == nullptr) {
+    BITEP_CHECK(ex_.temp(row_bytes_ * S, &send_x_));
+    BITEP_CHECK(ex_.temp(static_cast<size_t>(MB_) * S, &p));
+    send_map_ = static_cast<uint8_t*>(p);
+    if (any_weights_) {
+      BITEP_CHECK(ex_.temp(sizeof(float) * KL_ * S, &p));
+      send_weights_ = static_cast<float*>(p);
+    }
+  }
+  return bitepSuccess;
+}
+
+// The peer window's size and the permute's destinations in it, then the layout tables the kernels read (one
+// upload). After the ranks agreed (when they do), so that a rank failing alone before cannot leave its peers in
+// the window's collective growth.
+bitepResult_t Dispatch::upload_tables() {
+  const bitepGroupConfig_t& c = g_->config;
+  bitepHandle* h = h_.get();
+  void* p = nullptr;
   // Peer window: this rank's rows for rank r go to r's window at the rows r receives from lower ranks
   // (so each window mirrors its owner's recv_x); regions x, map, weights, sized by the largest R.
   std::vector<void*> dest;
@@ -310,6 +332,7 @@ bitepResult_t Dispatch::after_exchange() {
     win_map_ = up(row_bytes_ * rmax);
     win_weights_ = win_map_ + up(static_cast<size_t>(MB_) * rmax);
     const size_t need = win_weights_ + (any_weights_ ? sizeof(float) * KL_ * rmax : 0);
+    win_->dispatch_extent = need;
     BITEP_CHECK(win_->reserve(need, c.timeout_s));
     // Two permute tables: [0, 3W) the maps and weights alone (small dispatches: the rows too, one pass),
     // [3W, 6W) the rows alone.
@@ -334,15 +357,6 @@ bitepResult_t Dispatch::after_exchange() {
   peer_dest_ = dest.empty() ? nullptr : reinterpret_cast<void* const*>(h->send_offsets_dev + W_);
   h->expert_counts = reinterpret_cast<int32_t*>(reinterpret_cast<char*>(h->send_offsets_dev + W_) + dest_bytes);
   h->expert_offsets = h->expert_counts + L_;
-  if (win_ == nullptr) {
-    BITEP_CHECK(ex_.temp(row_bytes_ * S, &send_x_));
-    BITEP_CHECK(ex_.temp(static_cast<size_t>(MB_) * S, &p));
-    send_map_ = static_cast<uint8_t*>(p);
-    if (any_weights_) {
-      BITEP_CHECK(ex_.temp(sizeof(float) * KL_ * S, &p));
-      send_weights_ = static_cast<float*>(p);
-    }
-  }
   std::vector<unsigned char> table(table_bytes);
   std::memcpy(table.data(), h->send_offsets.data(), sizeof(int64_t) * W_);
   if (dest_bytes > 0) std::memcpy(table.data() + sizeof(int64_t) * W_, dest.data(), dest_bytes);
@@ -618,14 +632,16 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
     }
   }
   any_weights_ = with_weights >= 0;
-  // The window takes the large calls' combines (those that split) and every dispatch: small ones in one
-  // pass and one barrier instead of an NCCL call, large ones in two passes beside the own rows' copies
-  // (measured on 2 x H200 against the split all-to-all: bench/NOTES.md v11), unless some rank set
-  // BITEP_LSA_DISPATCH=0 (large) or BITEP_LSA_SMALL_DISPATCH=0 (small). Decided from the exchanged flags,
-  // so every rank decides alike.
-  h_->window_combine = split_ && win_ != nullptr;
+  // The window takes every dispatch and combine: small dispatches in one pass and one barrier instead of
+  // an NCCL call, large ones in two passes beside the own rows' copies (measured on 2 x H200 against the
+  // split all-to-all: bench/NOTES.md v11), unless some rank set BITEP_LSA_DISPATCH=0 (large dispatches) or
+  // BITEP_LSA_SMALL=0 (small dispatches and their combines). Decided from the exchanged flags, so every
+  // rank decides alike.
+  h_->window_combine = win_ != nullptr && (split_ || !small_off);
   if (split_ ? large_off : small_off) win_ = nullptr;
   windows_idle_ = win_ != nullptr && win_->can_exchange(n_);  // the transport's choice of exchange
+  // This dispatch's bytes in the window (none when its rows go another way): a combine stores past them.
+  if (PeerWindow* gw = W_ > 1 ? g_->transport->window() : nullptr) gw->dispatch_extent = 0;
   if (any_weights_ && without_weights >= 0)
     BITEP_FAIL(bitepInvalidArgument,
                "rank %d gives weights (args->probs or args->topk_weights) but rank %d, which has "
@@ -635,12 +651,13 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   h_->has_weights = without_weights < 0;
 
   local = after_exchange();
-  trace_.mark("buffers");
   if (g_->agree_always || any_capacity) {
     BITEP_CHECK(agree_status(g_, local, "this dispatch"));
   } else if (local != bitepSuccess) {
     return local;
   }
+  BITEP_CHECK(upload_tables());
+  trace_.mark("buffers");
   BITEP_CHECK(move_rows());
   record_fence(h_.get(), ex_.stream());
   *out = h_.release();

@@ -38,6 +38,14 @@ struct PeerBuffers {
 class PeerWindow {
  public:
   virtual ~PeerWindow() = default;
+  // The calls' bookkeeping of the data area, the same on every rank (every rank makes the same calls):
+  // the bytes the most recent dispatch stored into (0: its rows went another way), and exchanges() at
+  // the most recent combine through the window. A combine after a window exchange (which no rank passes
+  // before every rank's earlier window work is done) stores past that dispatch's bytes without a barrier.
+  size_t dispatch_extent = 0;
+  uint64_t combine_mark = 0;
+  // Exchanges (exchange()) so far.
+  virtual uint64_t exchanges() const = 0;
   // The data area holds at least `bytes` (every rank passes the same value): a larger request replaces the
   // window on every rank at once (waits for the device first). Host-side; the timeout bounds NCCL's
   // registration.
