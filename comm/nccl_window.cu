@@ -64,11 +64,11 @@ __global__ void peer_bases_kernel(ncclWindow_t win, int nranks, char** out) {
   if (p < nranks) out[p] = static_cast<char*>(ncclGetPeerPointer(win, 0, p));
 }
 
-// bases[p]: rank p's buffer (flags first). One thread per rank.
-__global__ void barrier_kernel(
+// The flags of one barrier, by the block's threads (thread p for rank p): epoch into flag[self] of every
+// rank's window, then the wait for every rank's flag in this rank's window to reach it (or the timeout).
+// Stores the caller made before (ordered by a fence) are visible to every rank after it.
+__device__ void signal_and_wait(
     char* const* bases, int nranks, int self, uint64_t epoch, uint64_t timeout_ns, volatile int* timed_out) {
-  // Everything this rank stored before (earlier kernels on the stream) is ordered before the flags.
-  __threadfence_system();
   for (int p = threadIdx.x; p < nranks; p += blockDim.x)
     store_release_sys(reinterpret_cast<uint64_t*>(bases[p]) + self, epoch);
   const uint64_t* mine = reinterpret_cast<const uint64_t*>(bases[self]);
@@ -83,6 +83,14 @@ __global__ void barrier_kernel(
     }
   }
   __threadfence_system();
+}
+
+// bases[p]: rank p's buffer (flags first). One thread per rank.
+__global__ void barrier_kernel(
+    char* const* bases, int nranks, int self, uint64_t epoch, uint64_t timeout_ns, volatile int* timed_out) {
+  // Everything this rank stored before (earlier kernels on the stream) is ordered before the flags.
+  __threadfence_system();
+  signal_and_wait(bases, nranks, self, epoch, timeout_ns, timed_out);
 }
 
 // barrier_kernel with a payload: row p of send [nranks, n] into slot `slot` of rank p's exchange area at row
@@ -105,20 +113,7 @@ __global__ void exchange_kernel(char* const* bases,
   }
   __threadfence_system();  // each thread's stores before the flags (stored by other threads after the sync)
   __syncthreads();
-  for (int p = threadIdx.x; p < nranks; p += blockDim.x)
-    store_release_sys(reinterpret_cast<uint64_t*>(bases[p]) + self, epoch);
-  const uint64_t* mine = reinterpret_cast<const uint64_t*>(bases[self]);
-  const uint64_t start = global_ns();
-  for (int p = threadIdx.x; p < nranks; p += blockDim.x) {
-    while (load_acquire_sys(mine + p) < epoch) {
-      if (global_ns() - start > timeout_ns) {
-        *timed_out = 1;
-        break;
-      }
-      __nanosleep(100);
-    }
-  }
-  __threadfence_system();
+  signal_and_wait(bases, nranks, self, epoch, timeout_ns, timed_out);
   __syncthreads();
   const volatile int32_t* in = reinterpret_cast<const int32_t*>(bases[self] + kFlagBytes + slot);
   for (int64_t i = threadIdx.x; i < total; i += blockDim.x) recv[i] = in[i];

@@ -122,6 +122,9 @@ class Dispatch {
   kernels::RoutingInput routing() const;
   // The permute of this dispatch's tokens, the own rows into recv_x; the caller says where the others go.
   kernels::PermuteParams permute_params() const;
+  // The expert-major view's parameters, recv_x to expert_x, with the gather's source table (a temporary:
+  // call before any fork).
+  bitepResult_t expert_copy_params(kernels::ExpertMajorParams* ep);
 
   bitepGroup* g_;
   const bitepDispatchArgs_t* a_;
@@ -177,6 +180,17 @@ int32_t Dispatch::flags() const {
          (a_->num_tokens > 0 ? kFlagTokens : 0) |
          (W_ > 1 && static_cast<uint64_t>(a_->num_tokens) * row_bytes_ >= split_min_bytes() ? kFlagSplit : 0) |
          (large_window_off() ? kFlagNoLarge : 0) | (small_window_off() ? kFlagNoSmall : 0);
+}
+
+bitepResult_t Dispatch::expert_copy_params(kernels::ExpertMajorParams* ep) {
+  const bitepHandle* h = h_.get();
+  *ep = expert_major_params(h, g_);
+  ep->recv_x = h->recv_x;
+  ep->expert_x = h->expert_x;
+  void* src = nullptr;
+  BITEP_CHECK(ex_.temp(sizeof(int64_t) * h->num_expert_rows, &src));
+  ep->expert_src = static_cast<int64_t*>(src);
+  return bitepSuccess;
 }
 
 // Layout of this rank's tokens into the exchange's send buffer (counts and flags); the handle keeps the
@@ -382,12 +396,8 @@ bitepResult_t Dispatch::move_rows_window() {
   const char* base = win_->data(self_);
   kernels::PermuteParams pp = permute_params();
   pp.peer_dest = peer_dest_;  // maps and weights to the peers
-  kernels::ExpertMajorParams ep = expert_major_params(h, g_);
-  ep.recv_x = h->recv_x;
-  ep.expert_x = h->expert_x;
-  void* src = nullptr;
-  BITEP_CHECK(ex_.temp(sizeof(int64_t) * h->num_expert_rows, &src));
-  ep.expert_src = static_cast<int64_t*>(src);
+  kernels::ExpertMajorParams ep;
+  BITEP_CHECK(expert_copy_params(&ep));
   const bool expert = R > 0 || h->num_expert_rows > 0;
   // Peer ranges of this rank's window: [0, own0) and [own1, R).
   const std::pair<int64_t, int64_t> ranges[2] = {{0, own0}, {own1, R}};
@@ -462,12 +472,8 @@ bitepResult_t Dispatch::move_rows_window_small() {
   const char* base = win_->data(self_);
   kernels::PermuteParams pp = permute_params();
   pp.peer_dest = peer_dest_;  // rows, maps and weights to the peers
-  kernels::ExpertMajorParams ep = expert_major_params(h, g_);
-  ep.recv_x = h->recv_x;
-  ep.expert_x = h->expert_x;
-  void* src = nullptr;
-  BITEP_CHECK(ex_.temp(sizeof(int64_t) * h->num_expert_rows, &src));
-  ep.expert_src = static_cast<int64_t*>(src);
+  kernels::ExpertMajorParams ep;
+  BITEP_CHECK(expert_copy_params(&ep));
   const std::pair<int64_t, int64_t> ranges[2] = {{0, own0}, {own1, R}};  // the peers' rows in the window
 
   BITEP_CHECK(win_->acquire(ex_.stream()));
@@ -510,12 +516,8 @@ bitepResult_t Dispatch::move_rows_nccl() {
   add_route_buffers(h, self_, Route::kOut, send_map_, h->recv_map, MB_, &routing);
   if (any_weights_)
     add_route_buffers(h, self_, Route::kOut, send_weights_, h->recv_weights, sizeof(float) * KL_, &routing);
-  kernels::ExpertMajorParams ep = expert_major_params(h, g_);
-  ep.recv_x = h->recv_x;
-  ep.expert_x = h->expert_x;
-  void* src = nullptr;  // the gather's source table (cuda); taken before any fork
-  BITEP_CHECK(ex_.temp(sizeof(int64_t) * h->num_expert_rows, &src));
-  ep.expert_src = static_cast<int64_t*>(src);
+  kernels::ExpertMajorParams ep;
+  BITEP_CHECK(expert_copy_params(&ep));
   const bool expert = R > 0 || h->num_expert_rows > 0;
   if (!split_) {
     for (int p = 0; p < W_; ++p) rows[p].insert(rows[p].end(), routing[p].begin(), routing[p].end());
