@@ -264,12 +264,14 @@ BITEP_API bitepResult_t bitepGetUniqueId(bitepUniqueId* id);
  * enqueued on the caller's thread (~15-20 us less host time per call), but NCCL's init, connection
  * setup and ncclCommFinalize (bitepGroupDestroy) then wait for the peers without a timeout.
  * Peer window: when every rank is in one NVLink domain (NCCL's load/store team), the group also
- * registers an NCCL symmetric-memory window per rank (collective, here), and large combines (above
- * BITEP_SPLIT_MIN_BYTES of rows) store their partial rows straight into the source ranks' windows
- * instead of calling NCCL's all-to-all. Environment: BITEP_LSA=0 turns it off; BITEP_LSA_DISPATCH=1 sends
- * large dispatches through it too; NCCL_P2P_DISABLE=1 turns it off. A peer that never reaches one of the
- * window's barriers (failed, stalled) ends the wait after timeout_s: that call's received rows are then
- * incomplete and the group's next dispatch or combine fails with bitepTimeout. */
+ * registers an NCCL symmetric-memory window per rank (collective, here), and the dispatches' count
+ * exchange, rows, maps and weights and the combines' partial rows are stored straight into the peers'
+ * windows between flag barriers instead of going through NCCL's collectives. Environment: BITEP_LSA=0
+ * turns it off (so does NCCL_P2P_DISABLE=1); BITEP_LSA_EXCHANGE=0 keeps NCCL for the count exchange,
+ * BITEP_LSA_DISPATCH=0 the split all-to-all for large dispatches (above BITEP_SPLIT_MIN_BYTES of rows),
+ * BITEP_LSA_SMALL=0 NCCL's all-to-all for small dispatches and their combines. A peer that never reaches
+ * one of the window's barriers (failed, stalled) ends the wait after timeout_s: that call's received rows
+ * are then incomplete and the group's next dispatch or combine fails with bitepTimeout. */
 BITEP_API bitepResult_t bitepGroupCreateFromUniqueId(
     const bitepUniqueId* id, int nranks, int rank, const bitepGroupConfig_t* config, bitepGroup_t* group);
 

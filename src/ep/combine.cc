@@ -4,8 +4,9 @@
 // token sums its partial rows in ascending rank order. Dispatch backward is the unweighted combine.
 // When the others' rows are large (split_min_bytes()), this rank's own rows, which never travel, are
 // summed on a side stream beside the all-to-all. Where the group has a peer window (src/ep/transport.h),
-// those large combines store their partial rows straight into the source ranks' windows instead of the
-// all-to-all, in one reduce launch that also sums the own rows (combine_window).
+// the combines store their partial rows straight into the source ranks' windows instead of the all-to-all,
+// in one reduce launch that also sums the own rows (combine_window); small ones by the all-to-all only
+// with BITEP_LSA_SMALL=0 (decided with the dispatch).
 #include "src/ep/combine.h"
 
 #include <algorithm>
