@@ -149,8 +149,8 @@ struct ExpertArgs {
   int64_t* src;                  // [N] expert_src: the gather's source entry per expert row
   int64_t copy_begin, copy_end;  // received rows whose copies are written (copy_outside: the others)
   bool copy_outside, zero_pads;
-  const int32_t*
-      src_index;  // [copy_end - copy_begin] or null: row i's copies read recv_x row src_index[i - copy_begin]
+  // [copy_end - copy_begin] or null: row i's copies read recv_x row src_index[i - copy_begin].
+  const int32_t* src_index;
 };
 
 // The row of recv_x that received row i's copies read.
