@@ -160,10 +160,8 @@ bitepResult_t combine_window(Exec& ex,
     smax = std::max(smax, n);
   }
   // After a window exchange, past the latest dispatch's bytes and no first barrier; else from the start.
-  const size_t past = (win->dispatch_extent + 255) / 256 * 256;
-  const bool no_barrier = win->exchanges() != win->combine_mark && past + row * smax <= kCombineNoBarrierBytes;
-  const size_t base = no_barrier ? past : 0;
-  win->combine_mark = win->exchanges();
+  bool barrier = true;
+  const size_t base = win->place_combine(row * smax, kCombineNoBarrierBytes, &barrier);
   BITEP_CHECK(win->reserve(base + row * smax, g->config.timeout_s));
   const bool expert = layout == bitepLayoutExpertMajor;
   const int64_t own0 = h->recv_offsets[self], own_n = h->recv_counts[self];
@@ -179,7 +177,7 @@ bitepResult_t combine_window(Exec& ex,
   void* dev_table = nullptr;  // the reduce's destinations and row offsets per source rank
   if (expert) BITEP_CHECK(ex.temp(sizeof(void*) * W + sizeof(int64_t) * (W + 1), &dev_table));
   BITEP_CHECK(win->acquire(ex.stream()));
-  if (!no_barrier) {
+  if (barrier) {
     BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
     trace->mark("barrier");
   }

@@ -46,6 +46,16 @@ class PeerWindow {
   uint64_t combine_mark = 0;
   // Exchanges (exchange()) so far.
   virtual uint64_t exchanges() const = 0;
+  // Where a combine puts its `bytes` of partial rows in the data area, and whether it needs a barrier
+  // before storing them: after a window exchange since the last combine, past dispatch_extent (256-byte
+  // aligned) and no barrier, when that ends within `limit`; else at 0 behind a barrier. Marks the combine.
+  size_t place_combine(size_t bytes, size_t limit, bool* barrier) {
+    const size_t past = (dispatch_extent + 255) / 256 * 256;
+    const bool fresh = exchanges() != combine_mark;
+    combine_mark = exchanges();
+    *barrier = !(fresh && past + bytes <= limit);
+    return *barrier ? 0 : past;
+  }
   // The data area holds at least `bytes` (every rank passes the same value): a larger request replaces the
   // window on every rank at once (waits for the device first). Host-side; the timeout bounds NCCL's
   // registration.
