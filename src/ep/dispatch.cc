@@ -605,7 +605,10 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
     if (r != bitepSuccess) return saved.restore();
   }
   recv_host_.assign(static_cast<size_t>(W_) * n_, 0);
+  // Whether the exchange goes through the window is the transport's choice: its exchange count says.
+  const uint64_t window_exchanges = win_ != nullptr ? win_->exchanges() : 0;
   r = g_->transport->exchange_counts(xsend_, xrecv_, recv_host_.data(), n_, ex_.stream(), g_->config.timeout_s);
+  const bool exchanged_in_window = win_ != nullptr && win_->exchanges() != window_exchanges;
   trace_.mark("counts");
   if (r != bitepSuccess) {
     transport_failed(g_, r);
@@ -641,7 +644,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   // rank decides alike.
   h_->window_combine = win_ != nullptr && (split_ || !small_off);
   if (split_ ? large_off : small_off) win_ = nullptr;
-  windows_idle_ = win_ != nullptr && win_->can_exchange(n_);  // the transport's choice of exchange
+  windows_idle_ = win_ != nullptr && exchanged_in_window;
   // This dispatch's bytes in the window (none when its rows go another way): a combine stores past them.
   if (PeerWindow* gw = W_ > 1 ? g_->transport->window() : nullptr) gw->dispatch_extent = 0;
   if (any_weights_ && without_weights >= 0)
