@@ -215,10 +215,16 @@ bitepResult_t NcclTransport::wait_event(const char* call, double timeout_s) {
 bitepResult_t NcclTransport::reserve_host(size_t bytes) {
   if (bytes <= host_bytes_) return bitepSuccess;
   if (host_buf_ != nullptr) BITEP_CUDA_CHECK(cudaFreeHost(host_buf_));
-  host_buf_ = nullptr;
+  host_buf_ = host_mapped_ = nullptr;
   host_bytes_ = 0;
-  BITEP_CUDA_CHECK(cudaMallocHost(&host_buf_, bytes));
+  BITEP_CUDA_CHECK(cudaHostAlloc(&host_buf_, bytes, cudaHostAllocMapped));
   host_bytes_ = bytes;
+  // The window's count exchange stores into it from its kernel (no copy after it); without a device address
+  // the exchange copies as the NCCL path does.
+  if (cudaHostGetDevicePointer(&host_mapped_, host_buf_, 0) != cudaSuccess) {
+    (void)cudaGetLastError();
+    host_mapped_ = nullptr;
+  }
   return bitepSuccess;
 }
 
@@ -266,8 +272,9 @@ bitepResult_t NcclTransport::exchange_counts(
   BITEP_CHECK(reserve_host(total));
   if (window_ != nullptr && window_->can_exchange(n)) {
     // Through the peer windows: one kernel of NVLink stores and flags, no NCCL call.
-    BITEP_CHECK(window_->exchange(send, recv, n, stream, timeout_s_));
-    BITEP_CUDA_CHECK(cudaMemcpyAsync(host_buf_, recv, total, cudaMemcpyDeviceToHost, s));
+    int32_t* mapped = static_cast<int32_t*>(host_mapped_);
+    BITEP_CHECK(window_->exchange(send, recv, mapped, n, stream, timeout_s_));
+    if (mapped == nullptr) BITEP_CUDA_CHECK(cudaMemcpyAsync(host_buf_, recv, total, cudaMemcpyDeviceToHost, s));
     BITEP_CUDA_CHECK(cudaEventRecord(event_, s));
     BITEP_CHECK(wait_event(kCall, timeout_s_));
     if (window_->check() != bitepSuccess) {

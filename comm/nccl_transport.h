@@ -67,7 +67,8 @@ class NcclTransport final : public Transport {
   double timeout_s_;
   cudaEvent_t event_ = nullptr;
   cudaStream_t stream_ = nullptr;
-  void* host_buf_ = nullptr;  // pinned staging
+  void* host_buf_ = nullptr;     // pinned staging (mapped)
+  void* host_mapped_ = nullptr;  // host_buf_ as the device addresses it (null: not mapped)
   size_t host_bytes_ = 0;
   void* dev_buf_ = nullptr;  // allgather_host
   size_t dev_bytes_ = 0;

@@ -35,6 +35,7 @@
 
 #include "comm/nccl_transport.h"
 #include "src/check.h"
+#include "src/ep/pool.h"
 
 namespace bitep::ep {
 namespace {
@@ -94,12 +95,13 @@ __global__ void barrier_kernel(
 }
 
 // barrier_kernel with a payload: row p of send [nranks, n] into slot `slot` of rank p's exchange area at row
-// self, then the flags, then recv = this rank's slot. One block.
+// self, then the flags, then recv (and recv_mapped, when not null) = this rank's slot. One block.
 __global__ void exchange_kernel(char* const* bases,
                                 int nranks,
                                 int self,
                                 const int32_t* send,
                                 int32_t* recv,
+                                int32_t* recv_mapped,
                                 int n,
                                 size_t slot,
                                 uint64_t epoch,
@@ -116,7 +118,11 @@ __global__ void exchange_kernel(char* const* bases,
   signal_and_wait(bases, nranks, self, epoch, timeout_ns, timed_out);
   __syncthreads();
   const volatile int32_t* in = reinterpret_cast<const int32_t*>(bases[self] + kFlagBytes + slot);
-  for (int64_t i = threadIdx.x; i < total; i += blockDim.x) recv[i] = in[i];
+  for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
+    const int32_t v = in[i];
+    recv[i] = v;
+    if (recv_mapped != nullptr) recv_mapped[i] = v;
+  }
 }
 
 // ncclSuccess of a call on a non-blocking communicator may still be in progress: ncclInProgress makes
@@ -147,12 +153,17 @@ class NcclWindow final : public PeerWindow {
     return bitepSuccess;
   }
 
+  // On the stream of the previous release, stream order is enough: no wait.
   bitepResult_t acquire(bitepStream_t stream) override {
+    const uint64_t key = cuda_stream_key(stream);
+    if (key != 0 && key == last_key_) return bitepSuccess;
     BITEP_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), last_use_, 0));
     return bitepSuccess;
   }
   bitepResult_t release(bitepStream_t stream) override {
+    last_key_ = 0;
     BITEP_CUDA_CHECK(cudaEventRecord(last_use_, reinterpret_cast<cudaStream_t>(stream)));
+    last_key_ = cuda_stream_key(stream);
     return bitepSuccess;
   }
 
@@ -213,7 +224,12 @@ class NcclWindow final : public PeerWindow {
     return exchange_on_ && n > 0 && sizeof(int32_t) * static_cast<size_t>(nranks_) * n <= kExchangeBytes;
   }
 
-  bitepResult_t exchange(const int32_t* send, int32_t* recv, int n, bitepStream_t stream, double timeout_s) override {
+  bitepResult_t exchange(const int32_t* send,
+                         int32_t* recv,
+                         int32_t* recv_mapped,
+                         int n,
+                         bitepStream_t stream,
+                         double timeout_s) override {
     if (!can_exchange(n))
       BITEP_FAIL(bitepInternalError, "peer window: an exchange of %d x %d int32 (the exchange area holds %zu bytes)",
                  nranks_, n, kExchangeBytes);
@@ -224,8 +240,8 @@ class NcclWindow final : public PeerWindow {
     const size_t slot = (exchanges_++ % 2) * kExchangeBytes;
     // More threads than ranks: the rows are stored by all of them.
     exchange_kernel<<<1, std::max(256, threads()), 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-        static_cast<char* const*>(bases_dev_), nranks_, rank_, send, recv, n, slot, epoch_, timeout_ns(timeout_s),
-        timed_out_dev_);
+        static_cast<char* const*>(bases_dev_), nranks_, rank_, send, recv, recv_mapped, n, slot, epoch_,
+        timeout_ns(timeout_s), timed_out_dev_);
     BITEP_CUDA_CHECK(cudaGetLastError());
     return release(stream);
   }
@@ -269,6 +285,7 @@ class NcclWindow final : public PeerWindow {
   uint64_t epoch_ = 0;
   double timeout_s_ = 300.0;
   cudaEvent_t last_use_ = nullptr;     // release()'s mark (a never-recorded event is complete)
+  uint64_t last_key_ = 0;              // the stream key of the last release (0: none or not known)
   volatile int* timed_out_ = nullptr;  // mapped pinned host word
   volatile int* timed_out_dev_ = nullptr;
 };

@@ -49,12 +49,7 @@ bitepResult_t Exec::begin() {
 #ifdef BITEP_HAVE_CUDA
   BITEP_CUDA_CHECK(cudaGetDevice(&prev_device_));
   if (prev_device_ != group_->device) BITEP_CUDA_CHECK(cudaSetDevice(group_->device));
-  unsigned long long id = 0;
-  if (cudaStreamGetId(cu(stream_), &id) == cudaSuccess) {
-    stream_key_ = static_cast<uint64_t>(id) + 1;
-  } else {
-    (void)cudaGetLastError();  // not known: every pool block waits on its release event
-  }
+  stream_key_ = cuda_stream_key(stream_);  // 0 (not known): every pool block waits on its release event
   return bitepSuccess;
 #else
   BITEP_FAIL(bitepNotSupported, "this bitep was built without CUDA");

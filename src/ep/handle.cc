@@ -38,7 +38,7 @@ void destroy_handle(bitepHandle_t h) {
   {
     std::lock_guard<std::mutex> lock(h->life->mu);
     if (h->life->alive)
-      for (Block& b : h->blocks) h->life->pool->release(&b, h->fence);
+      for (Block& b : h->blocks) h->life->pool->release(&b, h->fence, h->fence_key);
   }
   h->blocks.clear();
   h->magic = 0;
@@ -132,7 +132,10 @@ void record_fence(bitepHandle_t h, bitepStream_t stream) {
     (void)cudaGetLastError();
     (void)cudaStreamSynchronize(s);
     (void)cudaGetLastError();
+    h->fence_key = 0;
+    return;
   }
+  h->fence_key = cuda_stream_key(stream);
 #else
   (void)h, (void)stream;
 #endif

@@ -20,6 +20,7 @@ struct bitepHandle {
   // cuda: an event recorded on the stream of every call that used the handle's blocks, after its work;
   // the blocks go back to the pool ordered by it, so the handle may outlive the streams it was used on.
   std::shared_ptr<void> fence;
+  uint64_t fence_key = 0;                // cudaStreamGetId + 1 of the stream it was last recorded on (0: not known)
   std::vector<bitep::ep::Block> blocks;  // pool blocks the handle owns
 
   int64_t num_tokens = 0;  // T of the dispatch on this rank
@@ -81,8 +82,9 @@ void add_route_buffers(const bitepHandle* h,
 
 // cuda: creates the handle's fence event (a no-op on the host backend).
 bitepResult_t make_fence(bitepHandle_t handle, bool cuda);
-// Records the fence on `stream` after the work queued so far; when that fails, waits for the stream
-// instead, so the blocks are idle by the time the handle may be destroyed.
+// Records the fence on `stream` after the work queued so far (and the stream's key: a later dispatch on that
+// stream reuses the blocks without waiting on the fence); when that fails, waits for the stream instead, so
+// the blocks are idle by the time the handle may be destroyed.
 void record_fence(bitepHandle_t handle, bitepStream_t stream);
 
 // Records the handle's fence on scope exit: every return path of a call that queued work on its blocks.

@@ -19,6 +19,17 @@ constexpr size_t kHostAlign = 256;
 constexpr uint64_t kTrimAge = 256;
 }  // namespace
 
+uint64_t cuda_stream_key(bitepStream_t stream) {
+#ifdef BITEP_HAVE_CUDA
+  unsigned long long id = 0;
+  if (cudaStreamGetId(reinterpret_cast<cudaStream_t>(stream), &id) == cudaSuccess) return static_cast<uint64_t>(id) + 1;
+  (void)cudaGetLastError();
+#else
+  (void)stream;
+#endif
+  return 0;
+}
+
 Pool::Pool(bitepBackend_t backend, int device) : backend_(backend), device_(device) {}
 
 Pool::~Pool() {
@@ -210,7 +221,7 @@ void Pool::release_all(std::vector<Block>* blocks, bitepStream_t stream, uint64_
   blocks->clear();
 }
 
-void Pool::release(Block* block, std::shared_ptr<void> fence) {
+void Pool::release(Block* block, std::shared_ptr<void> fence, uint64_t fence_key) {
   if (block->ptr == nullptr) return;
   std::lock_guard<std::mutex> lock(mu_);
   auto it = in_use_.find(block->ptr);
@@ -218,6 +229,7 @@ void Pool::release(Block* block, std::shared_ptr<void> fence) {
   Block b = it->second;
   in_use_.erase(it);
   b.fence = std::move(fence);
+  b.stream_key = fence_key;
   b.last_use = tick_;
   cached_.emplace(b.bytes, b);
   *block = Block{};

@@ -28,6 +28,10 @@ struct Block {
   uint64_t last_use = 0;        // pool tick of the last release
 };
 
+// cuda: cudaStreamGetId(stream) + 1, the key of the pool's same-stream reuse (ids are never reused, unlike
+// stream handles); 0 when not known (without CUDA, or the call failed).
+uint64_t cuda_stream_key(bitepStream_t stream);
+
 class Pool {
  public:
   Pool(bitepBackend_t backend, int device);
@@ -48,8 +52,9 @@ class Pool {
   // Every block of `blocks` (then cleared), after the work queued on stream: one event for all of them.
   void release_all(std::vector<Block>* blocks, bitepStream_t stream, uint64_t stream_key = 0);
   // The same, ordered by `fence` (a cudaEvent_t already recorded after the block's last use) instead
-  // of a stream, which may be gone by now (a handle destroyed after its stream).
-  void release(Block* block, std::shared_ptr<void> fence);
+  // of a stream, which may be gone by now (a handle destroyed after its stream). fence_key: the key of the
+  // stream the fence was recorded on (0: not known), whose next user needs no wait.
+  void release(Block* block, std::shared_ptr<void> fence, uint64_t fence_key = 0);
 
   // Bytes held now: blocks in use and cached.
   size_t held_bytes() const;

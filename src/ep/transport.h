@@ -78,7 +78,10 @@ class PeerWindow {
   // then a barrier, then recv [nranks, n] holds row q = what rank q sent to this rank. A peer missing for
   // timeout_s ends the wait as barrier() does (check() reports it). Needs can_exchange(n). Ordered after
   // the previous call's release() and marks its own (it acquires and releases the window itself).
-  virtual bitepResult_t exchange(const int32_t* send, int32_t* recv, int n, bitepStream_t stream, double timeout_s) = 0;
+  // recv_mapped, when not null: pinned host memory as the device addresses it, where the kernel stores recv
+  // too (the host reads it once the kernel is done, with no copy queued after it).
+  virtual bitepResult_t exchange(
+      const int32_t* send, int32_t* recv, int32_t* recv_mapped, int n, bitepStream_t stream, double timeout_s) = 0;
   // Orders the calls that use the window, whatever streams they run on: acquire() makes `stream` wait for
   // the previous call's release(), which marks where that call's last access to the window was queued.
   virtual bitepResult_t acquire(bitepStream_t stream) = 0;

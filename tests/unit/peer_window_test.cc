@@ -19,7 +19,7 @@ class CountingWindow final : public bitep::ep::PeerWindow {
   bitepResult_t barrier(bitepStream_t, double) override { return bitepSuccess; }
   bitepResult_t check() override { return bitepSuccess; }
   bool can_exchange(int) const override { return true; }
-  bitepResult_t exchange(const int32_t*, int32_t*, int, bitepStream_t, double) override {
+  bitepResult_t exchange(const int32_t*, int32_t*, int32_t*, int, bitepStream_t, double) override {
     ++n;
     return bitepSuccess;
   }
@@ -39,7 +39,7 @@ TEST(PeerWindowPlacement, NoExchangeYetMeansABarrierAtTheStart) {
 
 TEST(PeerWindowPlacement, AfterAnExchangePastTheDispatchWithoutBarrierOnce) {
   CountingWindow w;
-  ASSERT_EQ(w.exchange(nullptr, nullptr, 1, nullptr, 1.0), bitepSuccess);
+  ASSERT_EQ(w.exchange(nullptr, nullptr, nullptr, 1, nullptr, 1.0), bitepSuccess);
   w.dispatch_extent = 300;  // rounded up to 256-byte steps
   bool barrier = true;
   EXPECT_EQ(w.place_combine(200, kLimit, &barrier), 512u);
@@ -49,7 +49,7 @@ TEST(PeerWindowPlacement, AfterAnExchangePastTheDispatchWithoutBarrierOnce) {
   EXPECT_EQ(w.place_combine(200, kLimit, &barrier), 0u);
   EXPECT_TRUE(barrier);
   // The next dispatch's exchange makes it fresh again; a dispatch whose rows went another way left 0 bytes.
-  ASSERT_EQ(w.exchange(nullptr, nullptr, 1, nullptr, 1.0), bitepSuccess);
+  ASSERT_EQ(w.exchange(nullptr, nullptr, nullptr, 1, nullptr, 1.0), bitepSuccess);
   w.dispatch_extent = 0;
   EXPECT_EQ(w.place_combine(200, kLimit, &barrier), 0u);
   EXPECT_FALSE(barrier);
@@ -57,12 +57,12 @@ TEST(PeerWindowPlacement, AfterAnExchangePastTheDispatchWithoutBarrierOnce) {
 
 TEST(PeerWindowPlacement, PastTheLimitTakesTheBarrierAndTheStart) {
   CountingWindow w;
-  ASSERT_EQ(w.exchange(nullptr, nullptr, 1, nullptr, 1.0), bitepSuccess);
+  ASSERT_EQ(w.exchange(nullptr, nullptr, nullptr, 1, nullptr, 1.0), bitepSuccess);
   w.dispatch_extent = 768;
   bool barrier = false;
   EXPECT_EQ(w.place_combine(233, kLimit, &barrier), 0u);  // 768 + 233 > 1000
   EXPECT_TRUE(barrier);
-  ASSERT_EQ(w.exchange(nullptr, nullptr, 1, nullptr, 1.0), bitepSuccess);
+  ASSERT_EQ(w.exchange(nullptr, nullptr, nullptr, 1, nullptr, 1.0), bitepSuccess);
   EXPECT_EQ(w.place_combine(232, kLimit, &barrier), 768u);  // exactly at the limit
   EXPECT_FALSE(barrier);
 }
