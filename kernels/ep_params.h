@@ -55,6 +55,11 @@ struct LayoutParams {
   RoutingInput routing;
   int32_t* counts = nullptr;      // [W, L + 1]: [r][0] rows to rank r, [r][1 + l] rows using r's local expert l
   int32_t* token_slot = nullptr;  // [T, W]: row of token t inside chunk r, or -1 when t does not go to r
+  // Optional (T > 0): then also the count exchange's send rows, as PackCountsParams{counts, W, L, pack_out,
+  // pack_row, pack_flags} (2. below) would write them; in the same launch where one block lays out the tokens.
+  int32_t* pack_out = nullptr;
+  int pack_row = 0;
+  int32_t pack_flags = 0;
 };
 
 // 2. The count exchange's send rows (row = ints per peer, >= L + 2 + W): out[p * row + c] = counts[p][c]
@@ -243,6 +248,27 @@ struct WeightGradParams {
   int64_t self_offset = 0;
   float* grad_dense = nullptr;    // [T, E] or null
   float* grad_compact = nullptr;  // [T, k] or null
+};
+
+// Several device-to-device copies in one launch (the peer window's unpacking: a few ranges of rows, maps
+// and weights, one launch instead of one copy each). Pieces of 0 bytes are skipped; pieces must not
+// overlap each other's destinations or a source another piece writes.
+struct CopyBatchParams {
+  static constexpr int kMaxPieces = 8;
+  int count = 0;
+  void* dst[kMaxPieces] = {};
+  const void* src[kMaxPieces] = {};
+  int64_t bytes[kMaxPieces] = {};
+  // Appends a piece (false when full; nothing appended for 0 bytes).
+  bool add(void* d, const void* s, int64_t n) {
+    if (n <= 0) return true;
+    if (count == kMaxPieces) return false;
+    dst[count] = d;
+    src[count] = s;
+    bytes[count] = n;
+    ++count;
+    return true;
+  }
 };
 
 inline int local_map_bytes(int num_local_experts) { return (num_local_experts + 7) / 8; }

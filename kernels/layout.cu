@@ -35,7 +35,23 @@ struct LayoutArgs {
   int num_segs;
   bool smem_experts;  // per-expert counts accumulate in shared memory (else global atomics, counts zeroed)
   bool vec4;          // token_slot rows written as int4 (W % 4 == 0, base 16-byte aligned)
+  int32_t* pack_out;  // the single pass: the exchange's send rows too (LayoutParams::pack_out), else null
+  int pack_row;
+  int32_t pack_flags;
 };
+
+// Entry i of the count exchange's send rows (PackCountsParams); counts read through L2 (the single pass
+// packs what its own block wrote, some of it by atomics).
+__device__ __forceinline__ void pack_entry(
+    const int32_t* counts, int W, int L, int row, int32_t flags, int64_t i, int32_t* out) {
+  const int peer = static_cast<int>(i / row), c = static_cast<int>(i % row);
+  if (c <= L)
+    out[i] = __ldcg(counts + static_cast<int64_t>(peer) * (L + 1) + c);
+  else if (c == L + 1)
+    out[i] = flags;
+  else if (c >= L + 2 && c < L + 2 + W)
+    out[i] = __ldcg(counts + static_cast<int64_t>(c - L - 2) * (L + 1));
+}
 
 __device__ __forceinline__ int32_t* expert_count(const LayoutArgs& a, int e) {
   const int r = e / a.local_experts;
@@ -163,21 +179,18 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
     __syncthreads();
     for (int e = tid; e < E; e += kThreads) *expert_count(a, e) = ecnt[e];
   }
+  if (kSingle && a.pack_out != nullptr) {
+    __syncthreads();  // every count written
+    const int64_t n = static_cast<int64_t>(W) * a.pack_row;
+    for (int64_t i = tid; i < n; i += kThreads) pack_entry(a.counts, W, L, a.pack_row, a.pack_flags, i, a.pack_out);
+  }
 }
 
 __global__ void pack_counts_kernel(PackCountsParams p) {
-  const int W = p.num_ranks, L = p.local_experts;
-  const int64_t n = static_cast<int64_t>(W) * p.row;
+  const int64_t n = static_cast<int64_t>(p.num_ranks) * p.row;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int peer = static_cast<int>(i / p.row), c = static_cast<int>(i % p.row);
-    if (c <= L)
-      p.out[i] = p.counts[static_cast<int64_t>(peer) * (L + 1) + c];
-    else if (c == L + 1)
-      p.out[i] = p.flags;
-    else if (c >= L + 2 && c < L + 2 + W)
-      p.out[i] = p.counts[static_cast<int64_t>(c - L - 2) * (L + 1)];
-  }
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    pack_entry(p.counts, p.num_ranks, p.local_experts, p.row, p.flags, i, p.out);
 }
 
 }  // namespace
@@ -208,13 +221,25 @@ cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
   a.token_slot = p.token_slot;
   a.smem_experts = E <= kMaxSmemExperts;
   a.vec4 = W % 4 == 0 && reinterpret_cast<uintptr_t>(p.token_slot) % 16 == 0;
+  a.pack_out = nullptr;
+  a.pack_row = p.pack_row;
+  a.pack_flags = p.pack_flags;
   const size_t ecnt_bytes = a.smem_experts ? sizeof(int) * E : 0;
+  PackCountsParams pack;  // the multi-segment passes pack in a launch of their own
+  pack.counts = p.counts;
+  pack.num_ranks = W;
+  pack.local_experts = L;
+  pack.out = p.pack_out;
+  pack.row = p.pack_row;
+  pack.flags = p.pack_flags;
+  if (p.pack_out != nullptr && p.pack_row < L + 2 + W) return cudaErrorInvalidValue;
 
   cudaError_t err;
   if (p.num_tokens <= kSingleMaxItems) {
     a.seg_len = kSingleMaxItems;
     a.num_segs = 1;
     if (!a.smem_experts && (err = cudaMemsetAsync(p.counts, 0, counts_bytes, stream)) != cudaSuccess) return err;
+    a.pack_out = p.pack_out;
     layout_slot_kernel<kSingleThreads, true><<<1, kSingleThreads, ecnt_bytes, stream>>>(a);
     return cudaGetLastError();
   }
@@ -233,7 +258,8 @@ cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
   layout_offsets_kernel<<<1, kOffsetThreads, 0, stream>>>(a);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   layout_slot_kernel<kScanThreads, false><<<a.num_segs, kScanThreads, 0, stream>>>(a);
-  return cudaGetLastError();
+  if ((err = cudaGetLastError()) != cudaSuccess || p.pack_out == nullptr) return err;
+  return launch_ep_pack_counts(pack, stream);
 }
 
 }  // namespace bitep::kernels

@@ -8,7 +8,8 @@
 //
 // Expert-major: per local expert, its rows in receive order. Positions come from a ballot scan over the
 // received rows, like the dispatch layout (kernels/layout.cu), without scratch beyond the outputs:
-// - R <= kSingleMaxItems (or too few rows to split): one block scans all rows.
+// - R <= kSingleMaxItems with the rows' maps fitting in shared memory: one block, one warp per expert over
+//   the staged maps; otherwise, up to kSingleMaxItems rows (or too few rows to split): one block scans all rows.
 // - otherwise S segments: 1. per segment, per expert totals into the first L entries of the segment's
 //   own recv_expert_rows region (each segment has >= ceil(L / KL) rows); 2. one block scans them into
 //   per-segment offsets in place; 3. each segment reads its offsets into shared memory, then writes its
@@ -257,6 +258,60 @@ __global__ void __launch_bounds__(kThreads) expert_pos_kernel(ExpertArgs a) {
   }
 }
 
+// The single pass for few rows (R <= kSingleMaxItems, their maps in shared memory): each row's local map
+// staged once as 32-bit words, then one warp per expert walks the rows 32 at a time (the rows using it
+// among their first KL experts by ballot, each row's entry index from its set bits below the expert).
+// Same output as expert_pos_kernel<.., true>, without its per-group block scans: those take
+// L / 32 rounds of three __syncthreads and re-read the maps each round (~5 us a round at R = 256).
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) expert_pos_small_kernel(ExpertArgs a, int words, int stride) {
+  extern __shared__ uint32_t map_words[];  // [R][stride]: words [0, words) of each row's local map; then [L] each
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
+  const int L = a.local_experts, KL = a.row_experts, R = static_cast<int>(a.num_rows);
+  int* first = reinterpret_cast<int*>(map_words + R * stride);  // expert_offsets[l], then its end
+  int* end = first + L;
+  for (int q = tid; q < R * words; q += kThreads) {
+    const int i = q / words, w = q - i * words;
+    map_words[i * stride + w] = row_bits(a, i, w * kWarp);
+  }
+  for (int l = tid; l < L; l += kThreads) {
+    first[l] = __ldg(a.expert_offsets + l);
+    end[l] = first[l] + __ldg(a.expert_counts + l);
+  }
+  __syncthreads();
+  const uint32_t lanes_below = (1u << lane) - 1u;
+  for (int l = warp; l < L; l += kThreads / kWarp) {
+    const int wl = l / kWarp;
+    const uint32_t bit = 1u << (l % kWarp);
+    int carry = first[l];
+    const int stop = end[l];
+    for (int ib = 0; ib < R; ib += kWarp) {
+      const int i = ib + lane;
+      int j = 0;
+      bool use = false;
+      if (i < R) {
+        const uint32_t* m = map_words + i * stride;
+        if (m[wl] & bit) {
+          for (int q = 0; q < wl; ++q) j += __popc(m[q]);
+          j += __popc(m[wl] & (bit - 1u));
+          use = j < KL;  // among the row's first KL experts
+        }
+      }
+      const uint32_t b = __ballot_sync(kFullMask, use);
+      if (use) {
+        const int pos = carry + __popc(b & lanes_below);
+        a.rows[static_cast<int64_t>(i) * KL + j] = pos < stop ? pos : -1;
+      }
+      carry += __popc(b);
+    }
+  }
+  for (int i = tid; i < R; i += kThreads) {  // the entries past the row's experts
+    int n = 0;
+    for (int q = 0; q < words; ++q) n += __popc(map_words[i * stride + q]);
+    for (int j = n < KL ? n : KL; j < KL; ++j) a.rows[static_cast<int64_t>(i) * KL + j] = -1;
+  }
+}
+
 // expert_src[pos] = i * KL + j for every entry of recv_expert_rows with a position (pad rows keep the
 // -1 the launcher filled in).
 __global__ void __launch_bounds__(kScanThreads) expert_src_kernel(ExpertArgs a) {
@@ -370,6 +425,41 @@ __global__ void __launch_bounds__(kWarp) expert_bulk_copy_kernel(ExpertArgs a, i
 #endif
 }
 
+// CopyBatchParams: the pieces cut into chunks of kBatchChunk bytes, a block per chunk (grid-stride); each
+// chunk copied in 16-byte vectors when its ends and the piece's pointers allow, else 4-byte, else bytes.
+constexpr int64_t kBatchChunk = 16 * 1024;
+
+template <typename Vec>
+__device__ __forceinline__ void block_copy(char* dst, const char* src, int64_t n) {
+  for (int64_t o = static_cast<int64_t>(threadIdx.x) * sizeof(Vec); o < n;
+       o += static_cast<int64_t>(blockDim.x) * sizeof(Vec))
+    *reinterpret_cast<Vec*>(dst + o) = *reinterpret_cast<const Vec*>(src + o);
+}
+
+__global__ void __launch_bounds__(kRowThreads) copy_batch_kernel(CopyBatchParams p) {
+  int64_t first[CopyBatchParams::kMaxPieces + 1];
+  first[0] = 0;
+#pragma unroll
+  for (int q = 0; q < CopyBatchParams::kMaxPieces; ++q)
+    first[q + 1] = first[q] + (q < p.count ? (p.bytes[q] + kBatchChunk - 1) / kBatchChunk : 0);
+  for (int64_t c = blockIdx.x; c < first[CopyBatchParams::kMaxPieces]; c += gridDim.x) {
+    int q = 0;
+    while (c >= first[q + 1]) ++q;
+    const int64_t off = (c - first[q]) * kBatchChunk;
+    const int64_t n = p.bytes[q] - off < kBatchChunk ? p.bytes[q] - off : kBatchChunk;
+    char* d = static_cast<char*>(p.dst[q]) + off;
+    const char* s = static_cast<const char*>(p.src[q]) + off;
+    const uintptr_t align = reinterpret_cast<uintptr_t>(d) | reinterpret_cast<uintptr_t>(s) | static_cast<uintptr_t>(n);
+    if (align % 16 == 0) {
+      block_copy<uint4>(d, s, n);
+    } else if (align % 4 == 0) {
+      block_copy<uint32_t>(d, s, n);
+    } else {
+      block_copy<uint8_t>(d, s, n);
+    }
+  }
+}
+
 // The architecture (major * 10 + minor) of the bulk kernel's binary for the current device.
 cudaError_t bulk_binary_arch(int* out) {
   static std::atomic<int> cache[kMaxCachedDevices];
@@ -417,6 +507,23 @@ cudaError_t takes_bulk(const ExpertMajorParams& p, int v, bool* out) {
 cudaError_t expert_major_takes_bulk(const ExpertMajorParams& p, bool* out) {
   const int64_t row_bytes = p.hidden * dtype_size(p.dtype);
   return takes_bulk(p, vec_bytes(row_bytes, p.recv_x, p.expert_x), out);
+}
+
+cudaError_t launch_ep_copy_batch(const CopyBatchParams& p, cudaStream_t stream) {
+  if (p.count < 0 || p.count > CopyBatchParams::kMaxPieces) return cudaErrorInvalidValue;
+  int64_t chunks = 0;
+  for (int q = 0; q < p.count; ++q) {
+    if (p.bytes[q] < 0 || (p.bytes[q] > 0 && (p.dst[q] == nullptr || p.src[q] == nullptr)))
+      return cudaErrorInvalidValue;
+    chunks += (p.bytes[q] + kBatchChunk - 1) / kBatchChunk;
+  }
+  if (chunks == 0) return cudaSuccess;
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  copy_batch_kernel<<<static_cast<unsigned>(std::min<int64_t>(chunks, 4 * static_cast<int64_t>(sms))), kRowThreads, 0,
+                      stream>>>(p);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
@@ -516,7 +623,14 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
     int64_t seg_len = (tiles + max_segs - 1) / max_segs * kScanThreads;
     if (seg_len < min_rows) seg_len = (min_rows + kScanThreads - 1) / kScanThreads * kScanThreads;
     const int64_t segs = R / seg_len;  // the last segment takes the remainder: every segment >= seg_len
-    if (R <= kSingleMaxItems || segs < 2) {
+    const int words = (L + kWarp - 1) / kWarp, stride = words | 1;  // odd stride: rows on distinct banks
+    const size_t small_smem = sizeof(uint32_t) * (static_cast<size_t>(R) * stride + 2 * static_cast<size_t>(L));
+    if (R <= kSingleMaxItems && small_smem <= 48 * 1024) {
+      a.seg_len = R;
+      a.num_segs = 1;
+      expert_pos_small_kernel<kSingleThreads><<<1, kSingleThreads, small_smem, stream>>>(a, words, stride);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    } else if (R <= kSingleMaxItems || segs < 2) {
       a.seg_len = R;
       a.num_segs = 1;
       expert_pos_kernel<kSingleThreads, true><<<1, kSingleThreads, 0, stream>>>(a);

@@ -222,10 +222,12 @@ bitepResult_t Dispatch::before_exchange() {
     lp.routing.weights = nullptr;
     lp.counts = static_cast<int32_t*>(counts);
     lp.token_slot = h->token_slot;
-    BITEP_CHECK(ex_.layout(lp));
-  } else {
-    BITEP_CHECK(ex_.zero(counts, count_row * W_));
+    lp.pack_out = xsend_;  // the exchange's rows in the same launch (few tokens)
+    lp.pack_row = n_;
+    lp.pack_flags = flags();
+    return ex_.layout(lp);
   }
+  BITEP_CHECK(ex_.zero(counts, count_row * W_));
   kernels::PackCountsParams pc;
   pc.counts = static_cast<const int32_t*>(counts);
   pc.num_ranks = W_;
@@ -414,14 +416,15 @@ bitepResult_t Dispatch::move_rows_window() {
   }
   if (h->num_tokens > 0) BITEP_CHECK(ex_.permute(pp));
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
+  kernels::CopyBatchParams unpack;  // the maps and weights in one launch (at most 4 pieces)
   for (const auto& range : ranges) {
     const int64_t i0 = range.first, n = range.second - range.first;
     if (n <= 0) continue;
-    BITEP_CHECK(ex_.copy(h->recv_map + i0 * MB_, base + win_map_ + i0 * MB_, n * MB_));
+    unpack.add(h->recv_map + i0 * MB_, base + win_map_ + i0 * MB_, n * MB_);
     if (any_weights_)
-      BITEP_CHECK(ex_.copy(h->recv_weights + i0 * KL_, base + win_weights_ + i0 * KL_ * sizeof(float),
-                           n * KL_ * sizeof(float)));
+      unpack.add(h->recv_weights + i0 * KL_, base + win_weights_ + i0 * KL_ * sizeof(float), n * KL_ * sizeof(float));
   }
+  BITEP_CHECK(ex_.copy_batch(unpack));
   trace_.mark("window (routing)");
   BITEP_CHECK(ex_.fork());
   ep.copy_begin = own0;
@@ -481,17 +484,28 @@ bitepResult_t Dispatch::move_rows_window_small() {
   if (h->num_tokens > 0) BITEP_CHECK(ex_.permute(pp));
   trace_.mark("permute");
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
+  kernels::CopyBatchParams unpack;  // one launch for the (at most 6) pieces
+  static_assert(kernels::CopyBatchParams::kMaxPieces >= 6, "two ranges of rows, maps and weights");
   for (const auto& range : ranges) {
     const int64_t i0 = range.first, n = range.second - range.first;
     if (n <= 0) continue;
-    BITEP_CHECK(ex_.copy(static_cast<char*>(h->recv_x) + i0 * row_bytes_, base + i0 * row_bytes_, n * row_bytes_));
-    BITEP_CHECK(ex_.copy(h->recv_map + i0 * MB_, base + win_map_ + i0 * MB_, n * MB_));
+    unpack.add(static_cast<char*>(h->recv_x) + i0 * row_bytes_, base + i0 * row_bytes_, n * row_bytes_);
+    unpack.add(h->recv_map + i0 * MB_, base + win_map_ + i0 * MB_, n * MB_);
     if (any_weights_)
-      BITEP_CHECK(ex_.copy(h->recv_weights + i0 * KL_, base + win_weights_ + i0 * KL_ * sizeof(float),
-                           n * KL_ * sizeof(float)));
+      unpack.add(h->recv_weights + i0 * KL_, base + win_weights_ + i0 * KL_ * sizeof(float), n * KL_ * sizeof(float));
   }
+  BITEP_CHECK(ex_.copy_batch(unpack));
   BITEP_CHECK(win_->release(ex_.stream()));
   trace_.mark("window");
+  if (R > 0 && trace_level() == 3) {
+    // Traced apart: the positions (expert_x left out), then the copies with them.
+    void* const expert_x = ep.expert_x;
+    ep.expert_x = nullptr;
+    BITEP_CHECK(ex_.expert_major(ep));
+    trace_.mark("positions");
+    ep.expert_x = expert_x;
+    ep.positions_given = true;
+  }
   if (R > 0 || h->num_expert_rows > 0) BITEP_CHECK(ex_.expert_major(ep));
   return bitepSuccess;
 }

@@ -111,6 +111,16 @@ void ep_layout(const kernels::LayoutParams& p) {
       ++c[1 + l];
     }
   }
+  if (p.pack_out != nullptr) {
+    kernels::PackCountsParams pc;
+    pc.counts = p.counts;
+    pc.num_ranks = W;
+    pc.local_experts = L;
+    pc.out = p.pack_out;
+    pc.row = p.pack_row;
+    pc.flags = p.pack_flags;
+    ep_pack_counts(pc);
+  }
 }
 
 void ep_pack_counts(const kernels::PackCountsParams& p) {
@@ -209,6 +219,11 @@ void ep_expert_major(const kernels::ExpertMajorParams& p) {
     const int64_t begin = static_cast<int64_t>(p.expert_offsets[l]) + p.expert_counts[l], end = p.expert_offsets[l + 1];
     if (end > begin) std::memset(static_cast<char*>(p.expert_x) + begin * row_bytes, 0, (end - begin) * row_bytes);
   }
+}
+
+void ep_copy_batch(const kernels::CopyBatchParams& p) {
+  for (int q = 0; q < p.count; ++q)
+    if (p.bytes[q] > 0) std::memcpy(p.dst[q], p.src[q], static_cast<size_t>(p.bytes[q]));
 }
 
 void ep_reduce(const kernels::ReduceParams& p) {

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -50,8 +51,11 @@ TEST(EpKernelsGpu, LayoutMatchesHost) {
   for (const Case& c : routing_grid({3000, 40000})) {
     const Routing r = make_routing(c.T, c.E(), c.k, c.seed, c.skewed, c.invalid);
     const DevRouting dr(r);
+    // With the exchange's packed rows in every other case (one spare column, which must stay poisoned).
+    const bool pack = c.seed % 2 == 0;
+    const int row = c.L + 3 + c.W;
     std::vector<int32_t> counts = poisoned<int32_t>(size_t(c.W) * (c.L + 1)),
-                         slot = poisoned<int32_t>(size_t(c.T) * c.W);
+                         slot = poisoned<int32_t>(size_t(c.T) * c.W), packed = poisoned<int32_t>(size_t(c.W) * row);
     K::LayoutParams p;
     p.num_tokens = c.T;
     p.num_experts = c.E();
@@ -60,13 +64,18 @@ TEST(EpKernelsGpu, LayoutMatchesHost) {
     p.routing = host_input(r, c.fmt, WeightFormat::kNone);
     p.counts = counts.data();
     p.token_slot = slot.data();
+    p.pack_out = pack ? packed.data() : nullptr;
+    p.pack_row = row;
+    p.pack_flags = 0x5a5a;
     host::ep_layout(p);
-    Dev<int32_t> dcounts(counts.size()), dslot(slot.size());
+    Dev<int32_t> dcounts(counts.size()), dslot(slot.size()), dpacked(packed.size());
     p.routing = dev_input(dr, c.fmt, WeightFormat::kNone);
     p.counts = dcounts.get();
     p.token_slot = dslot.get();
+    p.pack_out = pack ? dpacked.get() : nullptr;
     sync(K::launch_ep_layout(p, nullptr));
-    const bool ok = same(dcounts.host(), counts, "counts", c.str()) & same(dslot.host(), slot, "token_slot", c.str());
+    bool ok = same(dcounts.host(), counts, "counts", c.str()) & same(dslot.host(), slot, "token_slot", c.str());
+    if (pack) ok &= same(dpacked.host(), packed, "packed exchange rows", c.str());
     if (!ok && ++failing >= kMaxFailingCases) return;
   }
 }
@@ -326,6 +335,12 @@ std::vector<RecvCase> recv_grid() {
       }
   for (DType d : {DType::kBF16, DType::kF32, DType::kF16})
     for (int mode : {1, 2}) cases.push_back({2000, 32, 8, 16, 7168, d, mode, false, false, 900 + n++});
+  // The positions' one-block kernels: the shared-memory one at its row limit, the other where the maps do not
+  // fit in shared memory (L = 512: 68 KB at R = 1000), each with rows over KL bits and short counts.
+  for (bool odd : {false, true}) {
+    cases.push_back({2048, 64, 8, 16, 64, DType::kBF16, 1, odd, odd, 950 + n++});
+    cases.push_back({1000, 512, 8, 8, 64, DType::kBF16, 2, odd, !odd, 950 + n++});
+  }
   return cases;
 }
 
@@ -666,6 +681,46 @@ TEST(EpKernelsGpu, WeightGradMatchesHost) {
 }
 
 // Launch hygiene: zero rows return cudaSuccess at once and touch nothing; bad shapes are
+// The batched copy against the host's: pieces of every alignment (16, 4, 1 byte), one of several chunks, an
+// empty one, into one poisoned buffer whose gaps must stay poisoned; a full batch and too many pieces.
+TEST(EpKernelsGpu, CopyBatchMatchesHost) {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(41);
+  std::vector<uint8_t> src(200000);
+  for (uint8_t& b : src) b = static_cast<uint8_t>(rng());
+  // {dst offset, src offset, bytes}
+  const std::vector<std::array<int64_t, 3>> pieces = {
+      {0, 0, 16 * 1024 * 5 + 48},  // 16-byte aligned, six chunks
+      {90016, 100000, 4096},       // 16-byte aligned, one chunk
+      {95001, 7, 1000},            // bytes
+      {97004, 12, 4 * 333},        // 4-byte
+      {99000, 5, 0},               // empty
+      {99100, 150001, 40001},      // bytes, three chunks
+  };
+  for (int count : {1, 3, 6}) {
+    std::vector<uint8_t> ref = poisoned<uint8_t>(140000);
+    Dev<uint8_t> dsrc(src), ddst(ref);
+    K::CopyBatchParams host, dev;
+    for (int q = 0; q < count; ++q) {
+      const auto& pc = pieces[q];
+      ASSERT_TRUE(host.add(ref.data() + pc[0], src.data() + pc[1], pc[2]));
+      ASSERT_TRUE(dev.add(ddst.get() + pc[0], dsrc.get() + pc[1], pc[2]));
+    }
+    host::ep_copy_batch(host);
+    sync(K::launch_ep_copy_batch(dev, nullptr));
+    EXPECT_TRUE(same(ddst.host(), ref, "copy batch", std::to_string(count) + " pieces"));
+  }
+  K::CopyBatchParams full;
+  for (int q = 0; q < K::CopyBatchParams::kMaxPieces; ++q) ASSERT_TRUE(full.add(&full, &full, 1));
+  EXPECT_FALSE(full.add(&full, &full, 1));
+  EXPECT_TRUE(full.add(&full, &full, 0));  // nothing to add
+  EXPECT_EQ(full.count, K::CopyBatchParams::kMaxPieces);
+  K::CopyBatchParams bad;
+  bad.count = 1;
+  bad.bytes[0] = 16;  // null pointers
+  EXPECT_EQ(cudaErrorInvalidValue, K::launch_ep_copy_batch(bad, nullptr));
+}
+
 // cudaErrorInvalidValue, never a launch.
 TEST(EpKernelsGpu, ZeroRowsAndBadShapes) {
   REQUIRE_GPU();
@@ -697,6 +752,7 @@ TEST(EpKernelsGpu, ZeroRowsAndBadShapes) {
   wp.topk = 2;
   wp.num_ranks = 2;
   EXPECT_EQ(cudaSuccess, K::launch_ep_weight_grad(wp, nullptr));
+  EXPECT_EQ(cudaSuccess, K::launch_ep_copy_batch(K::CopyBatchParams(), nullptr));  // no pieces
   EXPECT_EQ(cudaSuccess, cudaDeviceSynchronize());
 }
 

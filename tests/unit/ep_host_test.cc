@@ -235,6 +235,32 @@ TEST(EpHostPackCounts, CountsThenTheWholeSendVector) {
                                        /**/ 0, 0, 0, 0x2a, 5, 7, 0, -9}));
 }
 
+TEST(EpHostPackCounts, LayoutPacksItsOwnCounts) {
+  // The layout of CountsAndSlotsInTokenOrder (E = 12, W = 3, L = 4), packed by the layout itself.
+  const std::vector<std::vector<int>> rows = {{0, 5}, {4, 7}, {1, 2}, {8, 11}, {3, 9}};
+  const std::vector<uint8_t> m = bitmap(rows, 12);
+  std::vector<int32_t> counts(3 * 5, -7), slot(5 * 3, -7), out(3 * 10, -9);
+  bitep::kernels::LayoutParams p;
+  p.num_tokens = 5;
+  p.num_experts = 12;
+  p.topk = 2;
+  p.num_ranks = 3;
+  p.routing = RoutingInput{RoutingFormat::kBitmap, m.data(), WeightFormat::kNone, nullptr};
+  p.counts = counts.data();
+  p.token_slot = slot.data();
+  p.pack_out = out.data();
+  p.pack_row = 10;
+  p.pack_flags = 0x11;
+  bitep::host::ep_layout(p);
+  const std::vector<int32_t> tail = {0x11, 3, 2, 2, -9};  // flags, the send-count vector, one column untouched
+  std::vector<int32_t> want;
+  for (int r = 0; r < 3; ++r) {
+    want.insert(want.end(), counts.begin() + r * 5, counts.begin() + r * 5 + 5);
+    want.insert(want.end(), tail.begin(), tail.end());
+  }
+  EXPECT_EQ(out, want);
+}
+
 // Expert-major parameters over fp32 rows of one element (H = 1): R rows, L local experts, KL per row.
 bitep::kernels::ExpertMajorParams expert_major_f32(int64_t R,
                                                    int L,
