@@ -4,7 +4,8 @@
 // backward (saved tensor and recompute), fp32 and bf16 logits. Every row is checked against the host
 // reference backend on a subset of tokens; any wrong row makes the exit status non-zero.
 //
-//   router_bench [--quick] [--json PATH] [--commit SHA] [--iters N] [--tokens T] [--experts E,..] [--bf16] [--fwd]
+//   router_bench [--quick] [--json PATH] [--commit SHA] [--iters N] [--tokens T] [--experts E,..] [--bf16]
+//                [--fwd | --bwd]
 //
 // Time: median over N (>= 100) iterations, one CUDA event pair each, queued behind a spin kernel so the
 // host's enqueue cost never shows; inputs and outputs rotate among enough buffer sets that the L2 does
@@ -446,6 +447,7 @@ struct Args {
   std::string experts;  // non-empty: comma-separated E values, the configs of those E only
   bool bf16_only = false;
   bool fwd_only = false;  // tuning runs: the forward rows alone
+  bool bwd_only = false;  // tuning runs: the backward rows alone
 };
 
 void print_header() {
@@ -480,12 +482,14 @@ int main(int argc, char** argv) {
       args.bf16_only = true;
     } else if (a == "--fwd") {
       args.fwd_only = true;
+    } else if (a == "--bwd") {
+      args.bwd_only = true;
     } else if (a == "--iters" && i + 1 < argc) {
       args.iters = std::max(100, std::atoi(argv[++i]));
     } else {
       std::fprintf(stderr,
                    "usage: %s [--quick] [--json PATH] [--commit SHA] [--iters N>=100] [--tokens T] [--experts E,E,..] "
-                   "[--bf16] [--fwd]\n",
+                   "[--bf16] [--fwd | --bwd]\n",
                    argv[0]);
       return 2;
     }
@@ -619,6 +623,7 @@ int main(int argc, char** argv) {
 
         // Forward: TE-compatible (probs + map + saved) and compact (map + [T, k] weights).
         for (bool te : {true, false}) {
+          if (args.bwd_only) break;
           const char* mode = te ? "te" : "compact";
           const double out_bytes = te ? 8.0 * TE : 4.0 * T * k;
           for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8}) {
