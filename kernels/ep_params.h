@@ -76,6 +76,18 @@ struct PackCountsParams {
   int32_t flags = 0;
 };
 
+// The packing a layout with pack_out does (LayoutParams::pack_out).
+inline PackCountsParams layout_pack(const LayoutParams& p) {
+  PackCountsParams pc;
+  pc.counts = p.counts;
+  pc.num_ranks = p.num_ranks;
+  pc.local_experts = p.num_ranks > 0 ? p.num_experts / p.num_ranks : 0;
+  pc.out = p.pack_out;
+  pc.row = p.pack_row;
+  pc.flags = p.pack_flags;
+  return pc;
+}
+
 // 3. Permute: each token row goes once per destination rank, with its local slice and weights.
 // Rows for rank `self_rank` go straight into the receive buffers (the self chunk never leaves).
 // Destinations of t: the ranks r with token_slot[t][r] >= 0. Row q = send_offsets[r] + slot in the send

@@ -225,13 +225,6 @@ cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
   a.pack_row = p.pack_row;
   a.pack_flags = p.pack_flags;
   const size_t ecnt_bytes = a.smem_experts ? sizeof(int) * E : 0;
-  PackCountsParams pack;  // the multi-segment passes pack in a launch of their own
-  pack.counts = p.counts;
-  pack.num_ranks = W;
-  pack.local_experts = L;
-  pack.out = p.pack_out;
-  pack.row = p.pack_row;
-  pack.flags = p.pack_flags;
   if (p.pack_out != nullptr && p.pack_row < L + 2 + W) return cudaErrorInvalidValue;
 
   cudaError_t err;
@@ -259,7 +252,7 @@ cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   layout_slot_kernel<kScanThreads, false><<<a.num_segs, kScanThreads, 0, stream>>>(a);
   if ((err = cudaGetLastError()) != cudaSuccess || p.pack_out == nullptr) return err;
-  return launch_ep_pack_counts(pack, stream);
+  return launch_ep_pack_counts(layout_pack(p), stream);  // the multi-segment passes pack in a launch of their own
 }
 
 }  // namespace bitep::kernels

@@ -111,16 +111,7 @@ void ep_layout(const kernels::LayoutParams& p) {
       ++c[1 + l];
     }
   }
-  if (p.pack_out != nullptr) {
-    kernels::PackCountsParams pc;
-    pc.counts = p.counts;
-    pc.num_ranks = W;
-    pc.local_experts = L;
-    pc.out = p.pack_out;
-    pc.row = p.pack_row;
-    pc.flags = p.pack_flags;
-    ep_pack_counts(pc);
-  }
+  if (p.pack_out != nullptr) ep_pack_counts(kernels::layout_pack(p));
 }
 
 void ep_pack_counts(const kernels::PackCountsParams& p) {
