@@ -118,6 +118,9 @@ class Dispatch {
   bitepResult_t move_rows();
   bitepResult_t move_rows_window();
   bitepResult_t move_rows_window_small();
+  // The peers' map slices and weights (with_rows: and their rows) from this rank's window into recv_map and
+  // recv_weights (recv_x), in one launch on the current stream; the peers' rows sit at [0, own0) and [own1, R).
+  bitepResult_t unpack_window(bool with_rows);
   bitepResult_t move_rows_nccl();
   kernels::RoutingInput routing() const;
   // The permute of this dispatch's tokens, the own rows into recv_x; the caller says where the others go.
@@ -416,15 +419,7 @@ bitepResult_t Dispatch::move_rows_window() {
   }
   if (h->num_tokens > 0) BITEP_CHECK(ex_.permute(pp));
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
-  kernels::CopyBatchParams unpack;  // the maps and weights in one launch (at most 4 pieces)
-  for (const auto& range : ranges) {
-    const int64_t i0 = range.first, n = range.second - range.first;
-    if (n <= 0) continue;
-    unpack.add(h->recv_map + i0 * MB_, base + win_map_ + i0 * MB_, n * MB_);
-    if (any_weights_)
-      unpack.add(h->recv_weights + i0 * KL_, base + win_weights_ + i0 * KL_ * sizeof(float), n * KL_ * sizeof(float));
-  }
-  BITEP_CHECK(ex_.copy_batch(unpack));
+  BITEP_CHECK(unpack_window(false));
   trace_.mark("window (routing)");
   BITEP_CHECK(ex_.fork());
   ep.copy_begin = own0;
@@ -471,30 +466,17 @@ bitepResult_t Dispatch::move_rows_window_small() {
   const bitepGroupConfig_t& c = g_->config;
   bitepHandle* h = h_.get();
   const int64_t R = h->num_recv_rows;
-  const int64_t own0 = h->recv_offsets[self_], own1 = own0 + h->recv_counts[self_];
-  const char* base = win_->data(self_);
   kernels::PermuteParams pp = permute_params();
   pp.peer_dest = peer_dest_;  // rows, maps and weights to the peers
   kernels::ExpertMajorParams ep;
   BITEP_CHECK(expert_copy_params(&ep));
-  const std::pair<int64_t, int64_t> ranges[2] = {{0, own0}, {own1, R}};  // the peers' rows in the window
 
   BITEP_CHECK(win_->acquire(ex_.stream()));
   if (!windows_idle_) BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
   if (h->num_tokens > 0) BITEP_CHECK(ex_.permute(pp));
   trace_.mark("permute");
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
-  kernels::CopyBatchParams unpack;  // one launch for the (at most 6) pieces
-  static_assert(kernels::CopyBatchParams::kMaxPieces >= 6, "two ranges of rows, maps and weights");
-  for (const auto& range : ranges) {
-    const int64_t i0 = range.first, n = range.second - range.first;
-    if (n <= 0) continue;
-    unpack.add(static_cast<char*>(h->recv_x) + i0 * row_bytes_, base + i0 * row_bytes_, n * row_bytes_);
-    unpack.add(h->recv_map + i0 * MB_, base + win_map_ + i0 * MB_, n * MB_);
-    if (any_weights_)
-      unpack.add(h->recv_weights + i0 * KL_, base + win_weights_ + i0 * KL_ * sizeof(float), n * KL_ * sizeof(float));
-  }
-  BITEP_CHECK(ex_.copy_batch(unpack));
+  BITEP_CHECK(unpack_window(true));
   BITEP_CHECK(win_->release(ex_.stream()));
   trace_.mark("window");
   if (R > 0 && trace_level() == 3) {
@@ -508,6 +490,24 @@ bitepResult_t Dispatch::move_rows_window_small() {
   }
   if (R > 0 || h->num_expert_rows > 0) BITEP_CHECK(ex_.expert_major(ep));
   return bitepSuccess;
+}
+
+bitepResult_t Dispatch::unpack_window(bool with_rows) {
+  const bitepHandle* h = h_.get();
+  const int64_t own0 = h->recv_offsets[self_], own1 = own0 + h->recv_counts[self_];
+  const char* base = win_->data(self_);
+  const std::pair<int64_t, int64_t> ranges[2] = {{0, own0}, {own1, h->num_recv_rows}};
+  kernels::CopyBatchParams unpack;
+  static_assert(kernels::CopyBatchParams::kMaxPieces >= 6, "two ranges of rows, maps and weights");
+  for (const auto& range : ranges) {
+    const int64_t i0 = range.first, n = range.second - range.first;
+    if (n <= 0) continue;
+    if (with_rows) unpack.add(static_cast<char*>(h->recv_x) + i0 * row_bytes_, base + i0 * row_bytes_, n * row_bytes_);
+    unpack.add(h->recv_map + i0 * MB_, base + win_map_ + i0 * MB_, n * MB_);
+    if (any_weights_)
+      unpack.add(h->recv_weights + i0 * KL_, base + win_weights_ + i0 * KL_ * sizeof(float), n * KL_ * sizeof(float));
+  }
+  return ex_.copy_batch(unpack);
 }
 
 // Permute into send buffers, all-to-all-v through the transport, expert-major view.
