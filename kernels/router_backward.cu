@@ -6,6 +6,9 @@
 // E <= 2048: the forward's warp-per-token layout (router_common.cuh), so the recomputed softmax is the
 // forward's, bit for bit (same seg_softmax on the same lanes). Larger E: one block per token, with the
 // generic forward's block reductions.
+#include <cstdlib>
+#include <cstring>
+
 #include "kernels/router.h"
 #include "kernels/router_common.cuh"
 
@@ -17,12 +20,55 @@ using namespace router_detail;
 [[maybe_unused]] constexpr char kName[] = "router_backward";
 constexpr int kGenericThreads = 256;
 
+// ---- staging: the next tile's rows land in shared memory while this tile computes ----------------
+// Taken when E % 8 == 0 and grad_probs, saved / logits (16 bytes) and a bytemap (8 bytes) are aligned:
+// a warp's tile (its 32 / G tokens) is then one contiguous, aligned range of each tensor, which its
+// lanes copy in 16-byte pieces in order (cp.async: every load instruction covers 512 contiguous
+// bytes, whatever lane owns the octets), into the same row layout in the warp's part of shared memory.
+// Each lane then reads its own octets back. The warp copies tile i + 1 into the bytes it has just
+// read tile i from: __syncwarp after cp.async.wait_all publishes the copies to every lane, and
+// __syncwarp after the reads orders them before the next copies. A bitmap row (E / 8 bytes, any
+// alignment) is read a tile ahead into registers instead, a byte per lane and slot.
+template <int NS>
+__host__ __device__ constexpr int stage_elems() {  // the most elements of one tensor a warp's tile holds
+  return kWarpSize * 8 * NS;
+}
+
+template <int NS>
+size_t stage_bytes(bool bytemap) {  // grad_probs (fp32), saved or logits (up to 4 bytes), bytemap
+  constexpr int kWarps = kBucketThreads / kWarpSize;
+  return static_cast<size_t>(kWarps) * stage_elems<NS>() * (4 + 4 + (bytemap ? 1 : 0));
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// bytes (a multiple of `kPiece`) from src to dst by the warp's lanes in order.
+template <int kPiece>
+__device__ __forceinline__ void warp_copy_async(char* dst, const char* src, int bytes, int lane) {
+  for (int c = lane * kPiece; c < bytes; c += kWarpSize * kPiece) {
+    if constexpr (kPiece == 16)
+      cp_async16(dst + c, src + c);
+    else
+      cp_async8(dst + c, src + c);
+  }
+}
+
 template <int N>
 constexpr int min_blocks() {
   return N <= 8 ? 4 : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 }
 
-template <int G, int NS, bool kF32>
+template <int G, int NS, bool kF32, bool kStaged, bool kSparse>
 __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
     router_backward_bucket(const RouterBackwardParams p, const int64_t num_tiles) {
   constexpr int N = 8 * NS;
@@ -37,72 +83,167 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
   const ScoreFn fn = p.score_fn;
   const ScorePath path = score_path(p);
   const bool aux = path.aux, softmax = path.softmax, pre = path.pre, norm = path.norm;
+  // Routed-only work by rounds (for_each_masked) where the routed are sparse; its picks and puts cost
+  // 2 N selects a round, so up to 16 elements a lane.
+  const bool kSparseRounds = kSparse && N <= 16 && !aux;
   const bool bitmap = p.map_format == MapFormat::kBitmap;
   const int map_row = bitmap ? map_bytes_of(E) : E;
   const int esize = dt == DType::kF32 ? 4 : 2;
   const float scale = p.scaling_factor;
 
+  extern __shared__ uint4 stage_smem[];  // 16-byte aligned
+  char* const stage_g = reinterpret_cast<char*>(stage_smem) + static_cast<size_t>(warp) * stage_elems<NS>() * 8;
+  char* const stage_a = stage_g + stage_elems<NS>() * 4;
+  char* const stage_m = reinterpret_cast<char*>(stage_smem) + static_cast<size_t>(kWarps) * stage_elems<NS>() * 8 +
+                        static_cast<size_t>(warp) * stage_elems<NS>();
+  const bool bytemap = !aux && !bitmap;
+  const int in_size = p.saved != nullptr ? 4 : esize;
+  const char* const in_base =
+      p.saved != nullptr ? reinterpret_cast<const char*>(p.saved) : static_cast<const char*>(p.logits);
+  uint32_t next_bits[NS];  // bitmap: the staged tile's map bytes
+
+  // Stages tile `tile`: its rows of grad_probs, saved / logits and a bytemap (kStaged only).
+  auto stage_tile = [&](int64_t tile) {
+    const int64_t t0 = tile * kTokensPerWarp;
+    const int rows = static_cast<int>(min(static_cast<int64_t>(kTokensPerWarp), p.num_tokens - t0));
+    const int elems = rows * E;
+    warp_copy_async<16>(stage_g, reinterpret_cast<const char*>(p.grad_probs + t0 * E), elems * 4, lane);
+    warp_copy_async<16>(stage_a, in_base + t0 * E * in_size, elems * in_size, lane);
+    if (bytemap) warp_copy_async<8>(stage_m, reinterpret_cast<const char*>(p.routing_map + t0 * E), elems, lane);
+    cp_async_commit();
+    if (bitmap) {
+#pragma unroll
+      for (int s = 0; s < NS; ++s)
+        next_bits[s] = tl < rows && (s * G + sl) * 8 < E ? __ldg(p.routing_map + (t0 + tl) * map_row + s * G + sl) : 0u;
+    }
+  };
+
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarps + warp; tile < num_tiles; tile += stride) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (kStaged && first < num_tiles) stage_tile(first);
+  for (int64_t tile = first; tile < num_tiles; tile += stride) {
     const int64_t t = tile * kTokensPerWarp + tl;
     const bool tv = t < p.num_tokens;
     const int64_t row = t * E;
 
     int nval[NS];
     Mask valid = 0, routed = 0;
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      const int e0 = (s * G + sl) * 8;
-      const int n = tv ? min(max(E - e0, 0), 8) : 0;
-      nval[s] = n;
-      const uint32_t vb = (1u << n) - 1u;
-      valid |= static_cast<Mask>(vb) << (8 * s);
-      uint32_t rb = vb;
-      if (!aux && n > 0) {
-        if (bitmap) {
-          rb = __ldg(p.routing_map + t * map_row + (s * G + sl)) & vb;  // pad bits ignored
-        } else {
-          const uint8_t* m = p.routing_map + row + e0;
-          rb = 0u;
-          if (n == 8 && (reinterpret_cast<uintptr_t>(m) & 7u) == 0) {
-            const uint2 q = __ldg(reinterpret_cast<const uint2*>(m));
-#pragma unroll
-            for (int b = 0; b < 4; ++b) {
-              rb |= static_cast<uint32_t>(((q.x >> (8 * b)) & 0xffu) != 0) << b;
-              rb |= static_cast<uint32_t>(((q.y >> (8 * b)) & 0xffu) != 0) << (b + 4);
-            }
-          } else {
-#pragma unroll
-            for (int b = 0; b < 8; ++b)
-              if (b < n) rb |= static_cast<uint32_t>(__ldg(m + b) != 0) << b;
-          }
-        }
-      }
-      routed |= static_cast<Mask>(rb) << (8 * s);
-    }
-
     float g[N], a[N];  // a: the forward's activation (sigmoid output, softmax output), or the logits
-    {
-      const bool vec = tv && aligned16(p.grad_probs + row);
-#pragma unroll
-      for (int s = 0; s < NS; ++s) load_octet_f32(p.grad_probs + row + (s * G + sl) * 8, nval[s], vec, g + 8 * s);
-    }
-    if (p.saved != nullptr) {
-      const bool vec = tv && aligned16(p.saved + row);
-#pragma unroll
-      for (int s = 0; s < NS; ++s) load_octet_f32(p.saved + row + (s * G + sl) * 8, nval[s], vec, a + 8 * s);
-    } else {
-      const bool vec = tv && aligned16(static_cast<const char*>(p.logits) + row * esize);
+    if constexpr (kStaged) {
+      cp_async_wait_all();
+      __syncwarp();
+      uint32_t bits[NS];
+      RawOctet raw[NS];  // decoded after the next tile is staged: 16-bit octets hold 4 registers, not 8
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
-        RawOctet r;
-        load_raw_t<kF32>(p.logits, dt, row + (s * G + sl) * 8, nval[s], vec, r);
-        decode_raw_t<kF32>(dt, r, a + 8 * s);
+        const int e0 = (s * G + sl) * 8;
+        nval[s] = tv && e0 < E ? 8 : 0;  // E % 8 == 0
+        if (nval[s] == 0) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) g[8 * s + i] = 0.0f;
+          raw[s].a = raw[s].b = make_uint4(0u, 0u, 0u, 0u);
+          bits[s] = 0u;
+          continue;
+        }
+        const int off = tl * E + e0;
+        const float4 g0 = *reinterpret_cast<const float4*>(stage_g + off * 4);
+        const float4 g1 = *reinterpret_cast<const float4*>(stage_g + off * 4 + 16);
+        g[8 * s] = g0.x, g[8 * s + 1] = g0.y, g[8 * s + 2] = g0.z, g[8 * s + 3] = g0.w;
+        g[8 * s + 4] = g1.x, g[8 * s + 5] = g1.y, g[8 * s + 6] = g1.z, g[8 * s + 7] = g1.w;
+        raw[s].a = *reinterpret_cast<const uint4*>(stage_a + off * in_size);
+        raw[s].b = in_size == 4 ? *reinterpret_cast<const uint4*>(stage_a + off * 4 + 16) : make_uint4(0u, 0u, 0u, 0u);
+        if (bytemap) {
+          const uint2 mq = *reinterpret_cast<const uint2*>(stage_m + off);
+          uint32_t rb = 0u;
+#pragma unroll
+          for (int b = 0; b < 4; ++b) {
+            rb |= static_cast<uint32_t>(((mq.x >> (8 * b)) & 0xffu) != 0) << b;
+            rb |= static_cast<uint32_t>(((mq.y >> (8 * b)) & 0xffu) != 0) << (b + 4);
+          }
+          bits[s] = rb;
+        } else {
+          bits[s] = next_bits[s];
+        }
       }
-      if (pre) {
-        seg_softmax<G, N>(a, valid);
-      } else if (softmax) {
-        seg_softmax<G, N>(a, routed);
+      __syncwarp();
+      if (tile + stride < num_tiles) stage_tile(tile + stride);
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        if (p.saved != nullptr)
+          decode_raw(DType::kF32, raw[s], a + 8 * s);
+        else
+          decode_raw_t<kF32>(dt, raw[s], a + 8 * s);
+        const uint32_t vb = nval[s] == 8 ? 0xffu : 0u;
+        valid |= static_cast<Mask>(vb) << (8 * s);
+        routed |= static_cast<Mask>(aux ? vb : (bits[s] & vb)) << (8 * s);
+      }
+      if (p.saved == nullptr) {
+        if (pre) {
+          seg_softmax_dense<G, N>(a, valid);
+        } else if (softmax) {
+          if (kSparseRounds)
+            seg_softmax_sparse<G, N>(a, routed);
+          else
+            seg_softmax_dense<G, N>(a, routed);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        const int e0 = (s * G + sl) * 8;
+        const int n = tv ? min(max(E - e0, 0), 8) : 0;
+        nval[s] = n;
+        const uint32_t vb = (1u << n) - 1u;
+        valid |= static_cast<Mask>(vb) << (8 * s);
+        uint32_t rb = vb;
+        if (!aux && n > 0) {
+          if (bitmap) {
+            rb = __ldg(p.routing_map + t * map_row + (s * G + sl)) & vb;  // pad bits ignored
+          } else {
+            const uint8_t* m = p.routing_map + row + e0;
+            rb = 0u;
+            if (n == 8 && (reinterpret_cast<uintptr_t>(m) & 7u) == 0) {
+              const uint2 q = __ldg(reinterpret_cast<const uint2*>(m));
+#pragma unroll
+              for (int b = 0; b < 4; ++b) {
+                rb |= static_cast<uint32_t>(((q.x >> (8 * b)) & 0xffu) != 0) << b;
+                rb |= static_cast<uint32_t>(((q.y >> (8 * b)) & 0xffu) != 0) << (b + 4);
+              }
+            } else {
+#pragma unroll
+              for (int b = 0; b < 8; ++b)
+                if (b < n) rb |= static_cast<uint32_t>(__ldg(m + b) != 0) << b;
+            }
+          }
+        }
+        routed |= static_cast<Mask>(rb) << (8 * s);
+      }
+
+      {
+        const bool vec = tv && aligned16(p.grad_probs + row);
+#pragma unroll
+        for (int s = 0; s < NS; ++s) load_octet_f32(p.grad_probs + row + (s * G + sl) * 8, nval[s], vec, g + 8 * s);
+      }
+      if (p.saved != nullptr) {
+        const bool vec = tv && aligned16(p.saved + row);
+#pragma unroll
+        for (int s = 0; s < NS; ++s) load_octet_f32(p.saved + row + (s * G + sl) * 8, nval[s], vec, a + 8 * s);
+      } else {
+        const bool vec = tv && aligned16(static_cast<const char*>(p.logits) + row * esize);
+#pragma unroll
+        for (int s = 0; s < NS; ++s) {
+          RawOctet r;
+          load_raw_t<kF32>(p.logits, dt, row + (s * G + sl) * 8, nval[s], vec, r);
+          decode_raw_t<kF32>(dt, r, a + 8 * s);
+        }
+        if (pre) {
+          seg_softmax_dense<G, N>(a, valid);
+        } else if (softmax) {
+          if (kSparseRounds)
+            seg_softmax_sparse<G, N>(a, routed);
+          else
+            seg_softmax_dense<G, N>(a, routed);
+        }
       }
     }
     // Now: softmax: a = softmax output; sqrtsoftplus: a = x (y = sqrtsoftplus(x)); sigmoid: a = y from the
@@ -115,13 +256,23 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
     }
     if (norm) {  // backward of y / (sum_routed y + eps)
       float s = 0.0f, dot = 0.0f;
+      if (kSparseRounds && sig_x) {  // y = sigmoid(x) of the routed only, in the same order
+        for_each_masked(routed, [&](int i, bool act) {
+          const float y = sigmoid_f(pick<N>(a, i));
+          if (act) {
+            s = __fadd_rn(s, y);
+            dot = __fadd_rn(dot, __fmul_rn(pick<N>(g, i), y));
+          }
+        });
+      } else {
 #pragma unroll
-      for (int i = 0; i < N; ++i)
-        if ((routed >> i) & 1) {
-          const float y = fn == ScoreFn::kSigmoid ? (sig_x ? sigmoid_f(a[i]) : a[i]) : sqrtsoftplus_f(a[i]);
-          s = __fadd_rn(s, y);
-          dot = __fadd_rn(dot, __fmul_rn(g[i], y));
-        }
+        for (int i = 0; i < N; ++i)
+          if ((routed >> i) & 1) {
+            const float y = fn == ScoreFn::kSigmoid ? (sig_x ? sigmoid_f(a[i]) : a[i]) : sqrtsoftplus_f(a[i]);
+            s = __fadd_rn(s, y);
+            dot = __fadd_rn(dot, __fmul_rn(g[i], y));
+          }
+      }
       s = seg_sum_f32<G>(s);
       dot = seg_sum_f32<G>(dot);
       const float d = __fadd_rn(s, kNormEpsilon);
@@ -138,6 +289,16 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
       dot = seg_sum_f32<G>(dot);
 #pragma unroll
       for (int i = 0; i < N; ++i) g[i] = ((on >> i) & 1) ? __fmul_rn(a[i], __fsub_rn(g[i], dot)) : 0.0f;
+    } else if (kSparseRounds && sig_x) {
+      // The routed: g sigmoid'(x), a round each. The others hold g = +0, and 0 sigmoid'(x) is +0 but for
+      // a NaN x (sigmoid' is finite and >= 0 elsewhere), where the dense product gives NaN: kept.
+      for_each_masked(routed, [&](int i, bool act) {
+        const float sg = sigmoid_grad_f(pick<N>(a, i));
+        put<N>(g, i, act, __fmul_rn(pick<N>(g, i), sg));
+      });
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        if (!((routed >> i) & 1) && a[i] != a[i]) g[i] = __fmul_rn(g[i], a[i]);
     } else if (fn == ScoreFn::kSigmoid) {
 #pragma unroll
       for (int i = 0; i < N; ++i)
@@ -239,25 +400,61 @@ __global__ void __launch_bounds__(kGenericThreads) router_backward_generic(const
   }
 }
 
-template <int G, int NS, bool kF32>
+// BITEP_ROUTER_BWD_STAGED=0: the unstaged kernel (loads in registers at the tile's start), for A/B runs.
+bool staged_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("BITEP_ROUTER_BWD_STAGED");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+template <int G, int NS, bool kF32, bool kStaged, bool kSparse>
 cudaError_t launch_bucket_t(const RouterBackwardParams& p, cudaStream_t stream) {
-  static std::atomic<int> occupancy{0};
+  static std::atomic<int> occupancy[2] = {{0}, {0}};  // [bytemap]: its staging area is larger
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
-  auto kernel = router_backward_bucket<G, NS, kF32>;
+  auto kernel = router_backward_bucket<G, NS, kF32, kStaged, kSparse>;
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
-  const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kBucketThreads, &occupancy);
+  const bool bytemap = p.mode != RouterMode::kAuxScores && p.map_format == MapFormat::kBytemap;
+  const size_t smem = kStaged ? stage_bytes<NS>(bytemap) : 0;
+  if (smem > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kBucketThreads, &occupancy[bytemap], smem);
   const int64_t tiles = (p.num_tokens + kTokensPerWarp - 1) / kTokensPerWarp;
-  kernel<<<persistent_grid(tiles, kWarps, sms, per_sm), kBucketThreads, 0, stream>>>(p, tiles);
+  kernel<<<persistent_grid(tiles, kWarps, sms, per_sm), kBucketThreads, smem, stream>>>(p, tiles);
   return cudaGetLastError();
+}
+
+// The staged kernel's conditions (see "staging" above).
+bool stageable(const RouterBackwardParams& p) {
+  auto aligned = [](const void* ptr, uintptr_t a) { return (reinterpret_cast<uintptr_t>(ptr) & (a - 1)) == 0; };
+  const bool aux = p.mode == RouterMode::kAuxScores;
+  return staged_enabled() && p.num_experts % 8 == 0 && aligned(p.grad_probs, 16) &&
+         aligned(p.saved != nullptr ? static_cast<const void*>(p.saved) : p.logits, 16) &&
+         (aux || p.map_format != MapFormat::kBytemap || aligned(p.routing_map, 8));
+}
+
+template <int G, int NS, bool kSparse>
+cudaError_t launch_bucket_d(const RouterBackwardParams& p, cudaStream_t stream) {
+  if (NS >= 2 && stageable(p))
+    return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true, true, kSparse>(p, stream)
+                                         : launch_bucket_t<G, NS, false, true, kSparse>(p, stream);
+  return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true, false, kSparse>(p, stream)
+                                       : launch_bucket_t<G, NS, false, false, kSparse>(p, stream);
 }
 
 template <int G, int NS>
 cudaError_t launch_bucket(const RouterBackwardParams& p, cudaStream_t stream) {
-  return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true>(p, stream)
-                                       : launch_bucket_t<G, NS, false>(p, stream);
+  static const bool sparse = [] {
+    const char* v = std::getenv("BITEP_ROUTER_BWD_SPARSE");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return sparse ? launch_bucket_d<G, NS, true>(p, stream) : launch_bucket_d<G, NS, false>(p, stream);
 }
 
 }  // namespace

@@ -44,13 +44,14 @@ using kernels::persistent_grid;
 using kernels::sm_count;
 using kernels::smem_optin_bytes;
 
-// Resident blocks per SM of `kernel` at `threads` threads and no dynamic shared memory; cached by the
-// caller in `cache` (one per kernel instantiation). Only sizes the persistent grid, never correctness.
-inline int blocks_per_sm(const void* kernel, int threads, std::atomic<int>* cache) {
+// Resident blocks per SM of `kernel` at `threads` threads and `smem` bytes of dynamic shared memory;
+// cached by the caller in `cache` (one per kernel instantiation and smem size). Only sizes the
+// persistent grid, never correctness.
+inline int blocks_per_sm(const void* kernel, int threads, std::atomic<int>* cache, size_t smem = 0) {
   int c = cache->load(std::memory_order_relaxed);
   if (c > 0) return c;
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess || n < 1) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem) != cudaSuccess || n < 1) {
     (void)cudaGetLastError();
     n = 1;
   }
@@ -387,6 +388,83 @@ __device__ __forceinline__ void seg_softmax(float* v, Mask mask) {
 #pragma unroll
   for (int p = 0; p < N; ++p)
     if ((mask >> p) & 1) v[p] = __fmul_rn(v[p], r);
+}
+
+// seg_softmax's values for the masked elements, without a branch per element: every element's exp is
+// taken (independent chains the scheduler interleaves) and the unmasked ones are left out of the sum by
+// a select; the masked elements see the same operations in the same order (s + 0 == s for the s >= 0
+// here), so the same bits. Unmasked elements come out unspecified.
+template <int G, int N, class Mask>
+__device__ __forceinline__ void seg_softmax_dense(float* v, Mask mask) {
+  float m = -INFINITY;
+#pragma unroll
+  for (int p = 0; p < N; ++p)
+    if ((mask >> p) & 1) m = fmaxf(m, v[p]);
+  m = seg_max_f32<G>(m);
+  float s = 0.0f;
+#pragma unroll
+  for (int p = 0; p < N; ++p) {
+    v[p] = expf(v[p] - m);
+    s = __fadd_rn(s, ((mask >> p) & 1) ? v[p] : 0.0f);
+  }
+  s = seg_sum_f32<G>(s);
+  const float r = __frcp_rn(s);
+#pragma unroll
+  for (int p = 0; p < N; ++p) v[p] = __fmul_rn(v[p], r);
+}
+
+// Rounds over the elements of a lane's mask, lowest first: round r hands every lane its r-th masked
+// element (i, act = true) or nothing (act = false); as many rounds as the warp's busiest lane needs
+// (called by the whole warp). For sparse masks (a token's k routed experts among a lane's N): the
+// per-element work runs once a round instead of once per element slot. v[i] is read and written by
+// selects (pick / put), so the row stays in registers.
+template <class Mask, class F>
+__device__ __forceinline__ void for_each_masked(Mask mask, F f) {
+  Mask left = mask;
+  while (__any_sync(kFullMask, left != 0)) {
+    const bool act = left != 0;
+    int i = 0;
+    if constexpr (sizeof(Mask) == 8)
+      i = act ? __ffsll(static_cast<long long>(left)) - 1 : 0;
+    else
+      i = act ? __ffs(static_cast<int>(left)) - 1 : 0;
+    f(i, act);
+    left &= left - 1;  // 0 stays 0
+  }
+}
+template <int N>
+__device__ __forceinline__ float pick(const float* v, int i) {
+  float x = v[0];
+#pragma unroll
+  for (int p = 1; p < N; ++p) x = i == p ? v[p] : x;
+  return x;
+}
+template <int N>
+__device__ __forceinline__ void put(float* v, int i, bool act, float x) {
+#pragma unroll
+  for (int p = 0; p < N; ++p) v[p] = act && i == p ? x : v[p];
+}
+
+// seg_softmax's values for the masked elements by for_each_masked rounds (an exp per round, not per
+// element): the same operations in the same order on the masked elements, so the same bits.
+// Unmasked elements come out unspecified.
+template <int G, int N, class Mask>
+__device__ __forceinline__ void seg_softmax_sparse(float* v, Mask mask) {
+  float m = -INFINITY;
+#pragma unroll
+  for (int p = 0; p < N; ++p)
+    if ((mask >> p) & 1) m = fmaxf(m, v[p]);
+  m = seg_max_f32<G>(m);
+  float s = 0.0f;
+  for_each_masked(mask, [&](int i, bool act) {
+    const float e = expf(pick<N>(v, i) - m);
+    if (act) s = __fadd_rn(s, e);
+    put<N>(v, i, act, e);
+  });
+  s = seg_sum_f32<G>(s);
+  const float r = __frcp_rn(s);
+#pragma unroll
+  for (int p = 0; p < N; ++p) v[p] = __fmul_rn(v[p], r);
 }
 
 // ---- device: block-wide reductions (generic kernels; blockDim.x a multiple of 32, <= 1024) ---------

@@ -271,6 +271,11 @@ struct BwdOut {
   bool guards = true;
 };
 
+// Bytes of misalignment of each backward buffer (cuda only).
+struct BwdOffsets {
+  size_t grad_probs = 0, map = 0, input = 0, grad_logits = 0;  // input: saved or logits
+};
+
 // saved empty: recompute from logits. map: format fmt (ignored for aux).
 BwdOut run_backward(bitepBackend_t be,
                     const bitepRouterConfig_t& cfg,
@@ -280,7 +285,8 @@ BwdOut run_backward(bitepBackend_t be,
                     bitepMapFormat_t fmt,
                     const std::vector<float>& saved,
                     const std::vector<uint8_t>& logits,
-                    bool aux) {
+                    bool aux,
+                    const BwdOffsets& off = {}) {
   const size_t TE = static_cast<size_t>(T) * cfg.num_experts;
   const size_t gbytes = TE * dsize(cfg.logits_dtype);
   bitepRouterBackwardArgs_t a = BITEP_ROUTER_BWD_ARGS_INIT;
@@ -289,7 +295,8 @@ BwdOut run_backward(bitepBackend_t be,
   BwdOut out;
   std::vector<uint8_t> graw;
   if (be == bitepBackendCuda) {
-    DevBuf gp(TE * 4), mp(map.size()), sv(saved.size() * 4), lg(logits.size()), gl(gbytes);
+    DevBuf gp(TE * 4, off.grad_probs), mp(map.size(), off.map), sv(saved.size() * 4, off.input),
+        lg(logits.size(), off.input), gl(gbytes, off.grad_logits);
     gp.upload(grad_probs.data());
     if (!map.empty()) mp.upload(map.data());
     if (!saved.empty()) sv.upload(saved.data());
@@ -834,6 +841,51 @@ TEST(RouterGpu, MisalignedLogits) {
     if (HasFatalFailure()) return;
   }
   report("misaligned", stats);
+}
+
+// The backward with each input and the output misaligned (one at a time, then all): the same bits as
+// with aligned buffers. The warp-per-token kernel stages whole aligned octets by async copies and the
+// others through registers; both must read the same values (E = 64: 8 lanes a token; 256: one octet a
+// lane; 512: two).
+TEST(RouterGpu, BackwardMisalignedInputs) {
+  REQUIRE_GPU();
+  const int64_t T = 300;
+  for (int E : {64, 256, 512})
+    for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16})
+      for (bitepScoreFunction_t fn : {bitepScoreSoftmax, bitepScoreSigmoid}) {
+        const bitepRouterConfig_t cfg = make_config(E, 8, fn, 0, dt);
+        const auto logits = make_logits(T, E, dt, 77 + E);
+        FwdSpec spec;
+        const FwdOut fwd = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
+        ASSERT_EQ(fwd.rc, bitepSuccess) << fwd.error;
+        spec.map = bitepMapBitmapU8;
+        const FwdOut fwdb = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
+        ASSERT_EQ(fwdb.rc, bitepSuccess) << fwdb.error;
+        std::vector<float> gp(static_cast<size_t>(T) * E);
+        for (size_t i = 0; i < gp.size(); ++i) gp[i] = gauss(0x5151, i);
+        const size_t es = dsize(dt);
+        const BwdOffsets cases[] = {{4, 0, 0, 0},  {0, 1, 0, 0},  {0, 0, 4, 0},
+                                    {0, 0, es, 0}, {0, 0, 0, es}, {4, 3, 4, es}};
+        for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8})
+          for (bool recompute : {false, true}) {
+            const std::vector<uint8_t>& map = fmt == bitepMapBytemap ? fwd.map : fwdb.map;
+            const std::vector<float> saved = recompute ? std::vector<float>{} : fwd.saved;
+            const std::vector<uint8_t> lg = recompute ? logits : std::vector<uint8_t>{};
+            const BwdOut base = run_backward(bitepBackendCuda, cfg, T, gp, map, fmt, saved, lg, false);
+            ASSERT_EQ(base.rc, bitepSuccess) << base.error;
+            for (const BwdOffsets& o : cases) {
+              if (!recompute && o.input % 4 != 0) continue;  // the saved tensor is fp32
+              const BwdOut got = run_backward(bitepBackendCuda, cfg, T, gp, map, fmt, saved, lg, false, o);
+              ASSERT_EQ(got.rc, bitepSuccess) << got.error;
+              EXPECT_TRUE(got.guards) << "backward wrote past grad_logits";
+              ASSERT_EQ(got.grad.size(), base.grad.size());
+              EXPECT_EQ(0, std::memcmp(got.grad.data(), base.grad.data(), got.grad.size() * sizeof(float)))
+                  << "E=" << E << " " << dt_name(dt) << " " << fn_name(cfg) << (recompute ? " recompute" : " saved")
+                  << (fmt == bitepMapBitmapU8 ? " bitmap" : " bytemap") << " offsets " << o.grad_probs << "/" << o.map
+                  << "/" << o.input << "/" << o.grad_logits;
+            }
+          }
+      }
 }
 
 // Outputs are optional one by one; a forward with only the compact outputs gives the same experts.
