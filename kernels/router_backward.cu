@@ -4,11 +4,8 @@
 // 4 for bf16 logits). Top-k router and aux-loss scores. Formulas: src/host/router_host.cc.
 //
 // E <= 2048: the forward's warp-per-token layout (router_common.cuh), so the recomputed softmax is the
-// forward's, bit for bit (same seg_softmax on the same lanes). Larger E: one block per token, with the
-// generic forward's block reductions.
-#include <cstdlib>
-#include <cstring>
-
+// forward's, bit for bit (seg_softmax_dense: seg_softmax's operations on the same lanes). Larger E: one
+// block per token, with the generic forward's block reductions.
 #include "kernels/router.h"
 #include "kernels/router_common.cuh"
 
@@ -21,9 +18,9 @@ using namespace router_detail;
 constexpr int kGenericThreads = 256;
 
 // ---- staging: the next tile's rows land in shared memory while this tile computes ----------------
-// Taken when E % 8 == 0 and grad_probs, saved / logits (16 bytes) and a bytemap (8 bytes) are aligned:
-// a warp's tile (its 32 / G tokens) is then one contiguous, aligned range of each tensor, which its
-// lanes copy in 16-byte pieces in order (cp.async: every load instruction covers 512 contiguous
+// Taken from 2 octets a lane (E > 256; launch_bucket) when E % 8 == 0 and grad_probs, saved / logits (16 bytes) and a
+// bytemap (8 bytes) are aligned: a warp's tile (its 32 / G tokens) is then one contiguous, aligned range of each
+// tensor, which its lanes copy in 16-byte pieces in order (cp.async: every load instruction covers 512 contiguous
 // bytes, whatever lane owns the octets), into the same row layout in the warp's part of shared memory.
 // Each lane then reads its own octets back. The warp copies tile i + 1 into the bytes it has just
 // read tile i from: __syncwarp after cp.async.wait_all publishes the copies to every lane, and
@@ -68,7 +65,7 @@ constexpr int min_blocks() {
   return N <= 8 ? 4 : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 }
 
-template <int G, int NS, bool kF32, bool kStaged, bool kSparse>
+template <int G, int NS, bool kF32, bool kStaged>
 __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
     router_backward_bucket(const RouterBackwardParams p, const int64_t num_tiles) {
   constexpr int N = 8 * NS;
@@ -83,9 +80,10 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
   const ScoreFn fn = p.score_fn;
   const ScorePath path = score_path(p);
   const bool aux = path.aux, softmax = path.softmax, pre = path.pre, norm = path.norm;
-  // Routed-only work by rounds (for_each_masked) where the routed are sparse; its picks and puts cost
-  // 2 N selects a round, so up to 16 elements a lane.
-  const bool kSparseRounds = kSparse && N <= 16 && !aux;
+  // The sigmoid recompute's per-element exp and division for the routed only, by for_each_masked rounds
+  // (a token's k routed among a lane's N): its picks and puts cost 2 N selects a round, so up to 16
+  // elements a lane. (The softmax's exp alone does not pay for the selects: measured, bench/NOTES.md.)
+  const bool routed_rounds = N <= 16 && !aux;
   const bool bitmap = p.map_format == MapFormat::kBitmap;
   const int map_row = bitmap ? map_bytes_of(E) : E;
   const int esize = dt == DType::kF32 ? 4 : 2;
@@ -181,10 +179,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
         if (pre) {
           seg_softmax_dense<G, N>(a, valid);
         } else if (softmax) {
-          if (kSparseRounds)
-            seg_softmax_sparse<G, N>(a, routed);
-          else
-            seg_softmax_dense<G, N>(a, routed);
+          seg_softmax_dense<G, N>(a, routed);
         }
       }
     } else {
@@ -239,10 +234,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
         if (pre) {
           seg_softmax_dense<G, N>(a, valid);
         } else if (softmax) {
-          if (kSparseRounds)
-            seg_softmax_sparse<G, N>(a, routed);
-          else
-            seg_softmax_dense<G, N>(a, routed);
+          seg_softmax_dense<G, N>(a, routed);
         }
       }
     }
@@ -256,7 +248,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
     }
     if (norm) {  // backward of y / (sum_routed y + eps)
       float s = 0.0f, dot = 0.0f;
-      if (kSparseRounds && sig_x) {  // y = sigmoid(x) of the routed only, in the same order
+      if (routed_rounds && sig_x) {  // y = sigmoid(x) of the routed only, in the same order
         for_each_masked(routed, [&](int i, bool act) {
           const float y = sigmoid_f(pick<N>(a, i));
           if (act) {
@@ -289,7 +281,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
       dot = seg_sum_f32<G>(dot);
 #pragma unroll
       for (int i = 0; i < N; ++i) g[i] = ((on >> i) & 1) ? __fmul_rn(a[i], __fsub_rn(g[i], dot)) : 0.0f;
-    } else if (kSparseRounds && sig_x) {
+    } else if (routed_rounds && sig_x) {
       // The routed: g sigmoid'(x), a round each. The others hold g = +0, and 0 sigmoid'(x) is +0 but for
       // a NaN x (sigmoid' is finite and >= 0 elsewhere), where the dense product gives NaN: kept.
       for_each_masked(routed, [&](int i, bool act) {
@@ -400,21 +392,12 @@ __global__ void __launch_bounds__(kGenericThreads) router_backward_generic(const
   }
 }
 
-// BITEP_ROUTER_BWD_STAGED=0: the unstaged kernel (loads in registers at the tile's start), for A/B runs.
-bool staged_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("BITEP_ROUTER_BWD_STAGED");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return on;
-}
-
-template <int G, int NS, bool kF32, bool kStaged, bool kSparse>
+template <int G, int NS, bool kF32, bool kStaged>
 cudaError_t launch_bucket_t(const RouterBackwardParams& p, cudaStream_t stream) {
   static std::atomic<int> occupancy[2] = {{0}, {0}};  // [bytemap]: its staging area is larger
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
-  auto kernel = router_backward_bucket<G, NS, kF32, kStaged, kSparse>;
+  auto kernel = router_backward_bucket<G, NS, kF32, kStaged>;
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
@@ -434,27 +417,22 @@ cudaError_t launch_bucket_t(const RouterBackwardParams& p, cudaStream_t stream) 
 bool stageable(const RouterBackwardParams& p) {
   auto aligned = [](const void* ptr, uintptr_t a) { return (reinterpret_cast<uintptr_t>(ptr) & (a - 1)) == 0; };
   const bool aux = p.mode == RouterMode::kAuxScores;
-  return staged_enabled() && p.num_experts % 8 == 0 && aligned(p.grad_probs, 16) &&
+  return p.num_experts % 8 == 0 && aligned(p.grad_probs, 16) &&
          aligned(p.saved != nullptr ? static_cast<const void*>(p.saved) : p.logits, 16) &&
          (aux || p.map_format != MapFormat::kBytemap || aligned(p.routing_map, 8));
 }
 
-template <int G, int NS, bool kSparse>
-cudaError_t launch_bucket_d(const RouterBackwardParams& p, cudaStream_t stream) {
-  if (NS >= 2 && stageable(p))
-    return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true, true, kSparse>(p, stream)
-                                         : launch_bucket_t<G, NS, false, true, kSparse>(p, stream);
-  return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true, false, kSparse>(p, stream)
-                                       : launch_bucket_t<G, NS, false, false, kSparse>(p, stream);
-}
-
+// Staged from 2 octets a lane (E > 256): there the registers allow 1-3 blocks per SM, too few warps to
+// keep the loads in flight. At one octet (4 blocks) the copies' instructions cost more than they hide.
 template <int G, int NS>
 cudaError_t launch_bucket(const RouterBackwardParams& p, cudaStream_t stream) {
-  static const bool sparse = [] {
-    const char* v = std::getenv("BITEP_ROUTER_BWD_SPARSE");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return sparse ? launch_bucket_d<G, NS, true>(p, stream) : launch_bucket_d<G, NS, false>(p, stream);
+  if constexpr (NS >= 2) {
+    if (stageable(p))
+      return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true, true>(p, stream)
+                                           : launch_bucket_t<G, NS, false, true>(p, stream);
+  }
+  return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true, false>(p, stream)
+                                       : launch_bucket_t<G, NS, false, false>(p, stream);
 }
 
 }  // namespace

@@ -445,28 +445,6 @@ __device__ __forceinline__ void put(float* v, int i, bool act, float x) {
   for (int p = 0; p < N; ++p) v[p] = act && i == p ? x : v[p];
 }
 
-// seg_softmax's values for the masked elements by for_each_masked rounds (an exp per round, not per
-// element): the same operations in the same order on the masked elements, so the same bits.
-// Unmasked elements come out unspecified.
-template <int G, int N, class Mask>
-__device__ __forceinline__ void seg_softmax_sparse(float* v, Mask mask) {
-  float m = -INFINITY;
-#pragma unroll
-  for (int p = 0; p < N; ++p)
-    if ((mask >> p) & 1) m = fmaxf(m, v[p]);
-  m = seg_max_f32<G>(m);
-  float s = 0.0f;
-  for_each_masked(mask, [&](int i, bool act) {
-    const float e = expf(pick<N>(v, i) - m);
-    if (act) s = __fadd_rn(s, e);
-    put<N>(v, i, act, e);
-  });
-  s = seg_sum_f32<G>(s);
-  const float r = __frcp_rn(s);
-#pragma unroll
-  for (int p = 0; p < N; ++p) v[p] = __fmul_rn(v[p], r);
-}
-
 // ---- device: block-wide reductions (generic kernels; blockDim.x a multiple of 32, <= 1024) ---------
 // Fixed order: thread-local (strided), then warp butterflies, then the warp results in warp order.
 // `scratch` holds 32 words; the trailing barrier makes it reusable at once.
