@@ -4,7 +4,7 @@
 // 4 for bf16 logits). Top-k router and aux-loss scores. Formulas: src/host/router_host.cc.
 //
 // E <= 2048: the forward's warp-per-token layout (router_common.cuh), so the recomputed softmax is the
-// forward's, bit for bit (seg_softmax_dense: seg_softmax's operations on the same lanes). Larger E: one
+// forward's, bit for bit (seg_softmax, branch-free, on the same lanes). Larger E: one
 // block per token, with the generic forward's block reductions.
 #include "kernels/router.h"
 #include "kernels/router_common.cuh"
@@ -177,9 +177,9 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
       }
       if (p.saved == nullptr) {
         if (pre) {
-          seg_softmax_dense<G, N>(a, valid);
+          seg_softmax<G, N, true>(a, valid);
         } else if (softmax) {
-          seg_softmax_dense<G, N>(a, routed);
+          seg_softmax<G, N, true>(a, routed);
         }
       }
     } else {
@@ -232,9 +232,9 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
           decode_raw_t<kF32>(dt, r, a + 8 * s);
         }
         if (pre) {
-          seg_softmax_dense<G, N>(a, valid);
+          seg_softmax<G, N, true>(a, valid);
         } else if (softmax) {
-          seg_softmax_dense<G, N>(a, routed);
+          seg_softmax<G, N, true>(a, routed);
         }
       }
     }

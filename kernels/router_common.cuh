@@ -367,7 +367,11 @@ __device__ __forceinline__ int group_min_i32(int v, int q) {
 // The sum is lane-local in element order, then a butterfly over the segment: the forward and the
 // backward call this same code on the same layout, so the saved tensor and its recomputation are
 // bit-identical. Elements outside the mask are unchanged.
-template <int G, int N, class Mask>
+// kDense: no branch per element: every element's exp is taken (independent chains the scheduler
+// interleaves; the backward's recompute, 2-6% faster there) and the unmasked ones are left out of the
+// sum by a select; the masked elements see the same operations in the same order (s + 0 == s for the
+// s >= 0 here), so the same bits. Unmasked elements then come out unspecified.
+template <int G, int N, bool kDense = false, class Mask>
 __device__ __forceinline__ void seg_softmax(float* v, Mask mask) {
   float m = -INFINITY;
 #pragma unroll
@@ -376,41 +380,22 @@ __device__ __forceinline__ void seg_softmax(float* v, Mask mask) {
   m = seg_max_f32<G>(m);
   float s = 0.0f;
 #pragma unroll
-  for (int p = 0; p < N; ++p)
-    if ((mask >> p) & 1) {
+  for (int p = 0; p < N; ++p) {
+    if (kDense) {
+      v[p] = expf(v[p] - m);
+      s = __fadd_rn(s, ((mask >> p) & 1) ? v[p] : 0.0f);
+    } else if ((mask >> p) & 1) {
       v[p] = expf(v[p] - m);
       s = __fadd_rn(s, v[p]);
     }
+  }
   s = seg_sum_f32<G>(s);
   // One reciprocal, then products: within 1 ulp of e / sum, and no division per element (5% of the
   // forward at E = 256 softmax, H200).
   const float r = __frcp_rn(s);
 #pragma unroll
   for (int p = 0; p < N; ++p)
-    if ((mask >> p) & 1) v[p] = __fmul_rn(v[p], r);
-}
-
-// seg_softmax's values for the masked elements, without a branch per element: every element's exp is
-// taken (independent chains the scheduler interleaves) and the unmasked ones are left out of the sum by
-// a select; the masked elements see the same operations in the same order (s + 0 == s for the s >= 0
-// here), so the same bits. Unmasked elements come out unspecified.
-template <int G, int N, class Mask>
-__device__ __forceinline__ void seg_softmax_dense(float* v, Mask mask) {
-  float m = -INFINITY;
-#pragma unroll
-  for (int p = 0; p < N; ++p)
-    if ((mask >> p) & 1) m = fmaxf(m, v[p]);
-  m = seg_max_f32<G>(m);
-  float s = 0.0f;
-#pragma unroll
-  for (int p = 0; p < N; ++p) {
-    v[p] = expf(v[p] - m);
-    s = __fadd_rn(s, ((mask >> p) & 1) ? v[p] : 0.0f);
-  }
-  s = seg_sum_f32<G>(s);
-  const float r = __frcp_rn(s);
-#pragma unroll
-  for (int p = 0; p < N; ++p) v[p] = __fmul_rn(v[p], r);
+    if (kDense || ((mask >> p) & 1)) v[p] = __fmul_rn(v[p], r);
 }
 
 // Rounds over the elements of a lane's mask, lowest first: round r hands every lane its r-th masked
