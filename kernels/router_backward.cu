@@ -4,8 +4,8 @@
 // 4 for bf16 logits). Top-k router and aux-loss scores. Formulas: src/host/router_host.cc.
 //
 // E <= 2048: the forward's warp-per-token layout (router_common.cuh), so the recomputed softmax is the
-// forward's, bit for bit (seg_softmax, branch-free, on the same lanes). Larger E: one
-// block per token, with the generic forward's block reductions.
+// forward's, bit for bit (seg_softmax, branch-free, on the same lanes). Larger E: one block per token,
+// with the generic forward's block reductions.
 #include "kernels/router.h"
 #include "kernels/router_common.cuh"
 
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
   const int in_size = p.saved != nullptr ? 4 : esize;
   const char* const in_base =
       p.saved != nullptr ? reinterpret_cast<const char*>(p.saved) : static_cast<const char*>(p.logits);
-  uint32_t next_bits[NS];  // bitmap: the staged tile's map bytes
+  uint32_t next_bits[NS] = {};  // bitmap: the staged tile's map bytes
 
   // Stages tile `tile`: its rows of grad_probs, saved / logits and a bytemap (kStaged only).
   auto stage_tile = [&](int64_t tile) {
@@ -413,13 +413,21 @@ cudaError_t launch_bucket_t(const RouterBackwardParams& p, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
-// The staged kernel's conditions (see "staging" above).
+// The staged kernel's conditions (see "staging" above), and its staging area within what a block may
+// opt in to on this device (else the register kernel: a card with less shared memory still runs).
+template <int NS>
 bool stageable(const RouterBackwardParams& p) {
   auto aligned = [](const void* ptr, uintptr_t a) { return (reinterpret_cast<uintptr_t>(ptr) & (a - 1)) == 0; };
   const bool aux = p.mode == RouterMode::kAuxScores;
+  int optin = 0;
+  if (smem_optin_bytes(&optin) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
   return p.num_experts % 8 == 0 && aligned(p.grad_probs, 16) &&
          aligned(p.saved != nullptr ? static_cast<const void*>(p.saved) : p.logits, 16) &&
-         (aux || p.map_format != MapFormat::kBytemap || aligned(p.routing_map, 8));
+         (aux || p.map_format != MapFormat::kBytemap || aligned(p.routing_map, 8)) &&
+         stage_bytes<NS>(!aux && p.map_format == MapFormat::kBytemap) <= static_cast<size_t>(optin);
 }
 
 // Staged from 2 octets a lane (E > 256): there the registers allow 1-3 blocks per SM, too few warps to
@@ -427,7 +435,7 @@ bool stageable(const RouterBackwardParams& p) {
 template <int G, int NS>
 cudaError_t launch_bucket(const RouterBackwardParams& p, cudaStream_t stream) {
   if constexpr (NS >= 2) {
-    if (stageable(p))
+    if (stageable<NS>(p))
       return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true, true>(p, stream)
                                            : launch_bucket_t<G, NS, false, true>(p, stream);
   }
