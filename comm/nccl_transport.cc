@@ -18,13 +18,13 @@
 #include <chrono>
 #include <climits>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
 
 #include "src/check.h"
+#include "src/env.h"
 
 namespace bitep::ep {
 namespace {
@@ -50,10 +50,7 @@ double take_init_timeout(const ncclComm* comm) {
 }
 
 bool nccl_blocking() {
-  static const bool blocking = [] {
-    const char* v = std::getenv("BITEP_NCCL_BLOCKING");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
+  static const bool blocking = env_is("BITEP_NCCL_BLOCKING", "1");
   return blocking;
 }
 

@@ -28,14 +28,14 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <vector>
 
 #include "comm/nccl_transport.h"
 #include "src/check.h"
+#include "src/env.h"
 #include "src/ep/pool.h"
+#include "src/trace.h"
 
 namespace bitep::ep {
 namespace {
@@ -298,25 +298,22 @@ bitepResult_t open_nccl_window(
   const int W = t->nranks(), self = t->rank();
   // Default: on over the communicators bitep creates (their destruction is collective already), off over a
   // borrowed one unless BITEP_LSA=1 (the window's deregistration then makes bitepGroupDestroy collective).
-  const char* env = std::getenv("BITEP_LSA");
-  const bool on = env != nullptr && std::strcmp(env, "1") == 0, off = env != nullptr && std::strcmp(env, "0") == 0;
+  const bool on = env_is("BITEP_LSA", "1"), off = env_is("BITEP_LSA", "0");
   const bool wanted = W > 1 && !off && (owned || on);
   // Every rank decides alike: its own verdict, then the agreement of all. Bit 0: a window; bit 1: the
   // count exchange through it (BITEP_LSA_EXCHANGE=0 turns that off).
-  const char* xenv = std::getenv("BITEP_LSA_EXCHANGE");
-  const int32_t exchange_bit = xenv != nullptr && std::strcmp(xenv, "0") == 0 ? 0 : 2;
+  const int32_t exchange_bit = env_is("BITEP_LSA_EXCHANGE", "0") ? 0 : 2;
   int32_t ok = 0;
   // NCCL_P2P_DISABLE=1: NCCL refuses its device API and symmetric memory (a registration would fail and
   // leave the communicator in error), so no window is tried.
-  const char* p2p_off = std::getenv("NCCL_P2P_DISABLE");
-  const bool p2p = !(p2p_off != nullptr && std::strcmp(p2p_off, "1") == 0);
+  const bool p2p = !env_is("NCCL_P2P_DISABLE", "1");
   if (wanted && p2p && static_cast<size_t>(W) * sizeof(uint64_t) <= kFlagBytes) {
     const auto team = ncclTeamLsa(comm);
     ok = team.nRanks == W ? 1 | exchange_bit : 0;
   }
   std::vector<int32_t> all(W, 0);
   BITEP_CHECK(t->allgather_host(&ok, all.data(), sizeof(int32_t)));
-  const bool trace = std::getenv("BITEP_TRACE") != nullptr && std::getenv("BITEP_TRACE")[0] != '\0';
+  const bool trace = trace_level() != 0;
   bool exchange = true;
   for (int q = 0; q < W; ++q) exchange = exchange && (all[q] & 2) != 0;
   for (int q = 0; q < W; ++q)

@@ -23,13 +23,13 @@
 //   failure there fails on that rank, and its peers wait in NCCL (see the transport's timeout).
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
 
 #include "src/args.h"
 #include "src/check.h"
+#include "src/env.h"
 #include "src/ep/collective.h"
 #include "src/ep/dispatch_args.h"
 #include "src/ep/exec.h"
@@ -49,20 +49,14 @@ constexpr int32_t kFlagNoSmall = 64;  // BITEP_LSA_SMALL=0 here: small calls by 
 
 // BITEP_LSA_DISPATCH=0: large dispatches go by the split all-to-all even with a window.
 bool large_window_off() {
-  static const bool off = [] {
-    const char* v = std::getenv("BITEP_LSA_DISPATCH");
-    return v != nullptr && std::strcmp(v, "0") == 0;
-  }();
+  static const bool off = env_is("BITEP_LSA_DISPATCH", "0");
   return off;
 }
 
 // BITEP_LSA_SMALL=0: dispatches below the split threshold, and their combines, go by the all-to-all even
 // with a window.
 bool small_window_off() {
-  static const bool off = [] {
-    const char* v = std::getenv("BITEP_LSA_SMALL");
-    return v != nullptr && std::strcmp(v, "0") == 0;
-  }();
+  static const bool off = env_is("BITEP_LSA_SMALL", "0");
   return off;
 }
 

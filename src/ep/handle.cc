@@ -2,11 +2,9 @@
 // Handle lifetime and layout queries.
 #include "src/ep/handle.h"
 
-#include <cstdlib>
-#include <cstring>
-
 #include "src/args.h"
 #include "src/check.h"
+#include "src/env.h"
 
 #ifdef BITEP_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -49,10 +47,7 @@ void destroy_handle(bitepHandle_t h) {
 // the cuda backend copies rows that allow it in source order by bulk copies, kernels/permute.cu).
 namespace {
 bool expert_copy_bulk() {
-  static const bool bulk = [] {
-    const char* v = std::getenv("BITEP_EXPERT_COPY");
-    return v == nullptr || std::strcmp(v, "gather") != 0;
-  }();
+  static const bool bulk = !env_is("BITEP_EXPERT_COPY", "gather");
   return bulk;
 }
 }  // namespace

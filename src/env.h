@@ -1,0 +1,17 @@
+// SPDX-License-Identifier: Apache-2.0
+// The environment switches (BITEP_LSA, BITEP_SPLIT_MIN_BYTES, ...: tuning and A/B knobs that README and
+// bench/NOTES.md name). Callers that decide per call read a switch once into a function-local static.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+namespace bitep {
+
+// Whether the environment variable `name` is set to exactly `value`.
+inline bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
+}  // namespace bitep
