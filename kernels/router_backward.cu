@@ -60,12 +60,39 @@ __device__ __forceinline__ void warp_copy_async(char* dst, const char* src, int 
   }
 }
 
+// ---- score paths compiled in: the hot recompute paths get kernels whose flags are constants ----------
+// (kAny reads them from the parameters.) The recompute at one octet a lane is bound by instruction issue
+// (bench/NOTES.md): the flag tests and the parameters reloaded inside the tile loop are part of its count.
+enum class BwdSpec : int {
+  kAny = 0,
+  kPostSoftmaxRecompute = 1,  // top-k, post-top-k softmax, from the logits
+  kPreSoftmaxRecompute = 2,   // top-k, softmax over all experts before the top-k, from the logits
+  kSigmoidNormRecompute = 3,  // top-k, sigmoid normalised over the k > 1 routed, from the logits
+};
+
+__host__ __device__ constexpr ScorePath spec_path(BwdSpec s) {
+  // {aux, softmax, pre, post, norm}
+  return s == BwdSpec::kPostSoftmaxRecompute  ? ScorePath{false, true, false, true, false}
+         : s == BwdSpec::kPreSoftmaxRecompute ? ScorePath{false, true, true, false, false}
+                                              : ScorePath{false, false, false, false, true};
+}
+
+// The spec kernels also fix the logits' type (bf16 when not fp32); fp16 logits take kAny.
+BwdSpec spec_of(const RouterBackwardParams& p) {
+  if (p.mode != RouterMode::kTopk || p.saved != nullptr || p.logits_dtype == DType::kF16) return BwdSpec::kAny;
+  const ScorePath s = score_path(p);
+  if (s.post) return BwdSpec::kPostSoftmaxRecompute;
+  if (s.pre) return BwdSpec::kPreSoftmaxRecompute;
+  if (p.score_fn == ScoreFn::kSigmoid && s.norm) return BwdSpec::kSigmoidNormRecompute;
+  return BwdSpec::kAny;
+}
+
 template <int N>
 constexpr int min_blocks() {
   return N <= 8 ? 4 : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 }
 
-template <int G, int NS, bool kF32, bool kStaged>
+template <int G, int NS, bool kF32, bool kStaged, BwdSpec kSpec>
 __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
     router_backward_bucket(const RouterBackwardParams p, const int64_t num_tiles) {
   constexpr int N = 8 * NS;
@@ -76,10 +103,13 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sl = lane % G, tl = lane / G;
   const int E = p.num_experts;
-  const DType dt = p.logits_dtype;
-  const ScoreFn fn = p.score_fn;
-  const ScorePath path = score_path(p);
+  constexpr bool kKnown = kSpec != BwdSpec::kAny;
+  const DType dt = kKnown && !kF32 ? DType::kBF16 : p.logits_dtype;
+  const ScoreFn fn =
+      kKnown ? (kSpec == BwdSpec::kSigmoidNormRecompute ? ScoreFn::kSigmoid : ScoreFn::kSoftmax) : p.score_fn;
+  const ScorePath path = kKnown ? spec_path(kSpec) : score_path(p);
   const bool aux = path.aux, softmax = path.softmax, pre = path.pre, norm = path.norm;
+  const bool saved = !kKnown && p.saved != nullptr;
   // The sigmoid recompute's per-element exp and division for the routed only, by for_each_masked rounds
   // (a token's k routed among a lane's N): its picks and puts cost 2 N selects a round, so up to 16
   // elements a lane. (The softmax's exp alone does not pay for the selects: measured, bench/NOTES.md.)
@@ -95,9 +125,8 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
   char* const stage_m = reinterpret_cast<char*>(stage_smem) + static_cast<size_t>(kWarps) * stage_elems<NS>() * 8 +
                         static_cast<size_t>(warp) * stage_elems<NS>();
   const bool bytemap = !aux && !bitmap;
-  const int in_size = p.saved != nullptr ? 4 : esize;
-  const char* const in_base =
-      p.saved != nullptr ? reinterpret_cast<const char*>(p.saved) : static_cast<const char*>(p.logits);
+  const int in_size = saved ? 4 : esize;
+  const char* const in_base = saved ? reinterpret_cast<const char*>(p.saved) : static_cast<const char*>(p.logits);
   uint32_t next_bits[NS] = {};  // bitmap: the staged tile's map bytes
 
   // Stages tile `tile`: its rows of grad_probs, saved / logits and a bytemap (kStaged only).
@@ -167,7 +196,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
       if (tile + stride < num_tiles) stage_tile(tile + stride);
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
-        if (p.saved != nullptr)
+        if (saved)
           decode_raw(DType::kF32, raw[s], a + 8 * s);
         else
           decode_raw_t<kF32>(dt, raw[s], a + 8 * s);
@@ -175,7 +204,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
         valid |= static_cast<Mask>(vb) << (8 * s);
         routed |= static_cast<Mask>(aux ? vb : (bits[s] & vb)) << (8 * s);
       }
-      if (p.saved == nullptr) {
+      if (!saved) {
         if (pre) {
           seg_softmax<G, N, true>(a, valid);
         } else if (softmax) {
@@ -219,7 +248,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
 #pragma unroll
         for (int s = 0; s < NS; ++s) load_octet_f32(p.grad_probs + row + (s * G + sl) * 8, nval[s], vec, g + 8 * s);
       }
-      if (p.saved != nullptr) {
+      if (saved) {
         const bool vec = tv && aligned16(p.saved + row);
 #pragma unroll
         for (int s = 0; s < NS; ++s) load_octet_f32(p.saved + row + (s * G + sl) * 8, nval[s], vec, a + 8 * s);
@@ -240,66 +269,96 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
     }
     // Now: softmax: a = softmax output; sqrtsoftplus: a = x (y = sqrtsoftplus(x)); sigmoid: a = y from the
     // saved tensor, a = x when recomputing (the derivative is then taken from x, without cancellation).
-    const bool sig_x = fn == ScoreFn::kSigmoid && p.saved == nullptr;
+    const bool sig_x = fn == ScoreFn::kSigmoid && !saved;
 
     if (!aux) {
 #pragma unroll
       for (int i = 0; i < N; ++i) g[i] = ((routed >> i) & 1) ? __fmul_rn(g[i], scale) : 0.0f;
     }
-    if (norm) {  // backward of y / (sum_routed y + eps)
-      float s = 0.0f, dot = 0.0f;
-      if (routed_rounds && sig_x) {  // y = sigmoid(x) of the routed only, in the same order
-        for_each_masked(routed, [&](int i, bool act) {
-          const float y = sigmoid_f(pick<N>(a, i));
-          if (act) {
-            s = __fadd_rn(s, y);
-            dot = __fadd_rn(dot, __fmul_rn(pick<N>(g, i), y));
-          }
-        });
-      } else {
+    if (N <= 8 && norm && routed_rounds && sig_x) {
+      // The sigmoid recompute, normalised (one octet a lane: its sigmoid' row costs 8 registers, and at two
+      // octets the staged kernel spilled): one round a routed element gives y = sigmoid(x), for the sum and
+      // the dot, and sigmoid'(x) from one exp: t = exp(-|x|), r = 1 / (1 + t), y = r (x >= 0) or t r,
+      // sigmoid' = t r r (sigmoid_grad_f's form: no cancellation); then g = (g / d - dot / d^2) sigmoid'(x)
+      // with g / d as g (1 / d). Each within a few ulps of the per-element form (tests/gpu tolerance).
+      float s = 0.0f, dot = 0.0f, sg[N];
 #pragma unroll
-        for (int i = 0; i < N; ++i)
-          if ((routed >> i) & 1) {
-            const float y = fn == ScoreFn::kSigmoid ? (sig_x ? sigmoid_f(a[i]) : a[i]) : sqrtsoftplus_f(a[i]);
-            s = __fadd_rn(s, y);
-            dot = __fadd_rn(dot, __fmul_rn(g[i], y));
-          }
-      }
+      for (int i = 0; i < N; ++i) sg[i] = 0.0f;
+      for_each_masked(routed, [&](int i, bool act) {
+        const float x = pick<N>(a, i);
+        const float t = expf(-fabsf(x)), r = __frcp_rn(__fadd_rn(1.0f, t)), tr = __fmul_rn(t, r);
+        const float y = x >= 0.0f ? r : tr;
+        if (act) {
+          s = __fadd_rn(s, y);
+          dot = __fadd_rn(dot, __fmul_rn(pick<N>(g, i), y));
+        }
+        put<N>(sg, i, act, __fmul_rn(tr, r));
+      });
       s = seg_sum_f32<G>(s);
       dot = seg_sum_f32<G>(dot);
       const float d = __fadd_rn(s, kNormEpsilon);
-      const float dd = __fmul_rn(d, d);
-#pragma unroll
-      for (int i = 0; i < N; ++i) g[i] = ((routed >> i) & 1) ? __fsub_rn(g[i] / d, dot / dd) : 0.0f;
-    }
-    if (softmax) {
-      const Mask on = pre ? valid : routed;
-      float dot = 0.0f;
+      const float rd = __frcp_rn(d), q = dot / __fmul_rn(d, d);
+      // The unrouted keep g = +0 times sigmoid'(x): +0, or NaN for a NaN x (as the per-element form).
 #pragma unroll
       for (int i = 0; i < N; ++i)
-        if ((on >> i) & 1) dot = __fadd_rn(dot, __fmul_rn(g[i], a[i]));
-      dot = seg_sum_f32<G>(dot);
-#pragma unroll
-      for (int i = 0; i < N; ++i) g[i] = ((on >> i) & 1) ? __fmul_rn(a[i], __fsub_rn(g[i], dot)) : 0.0f;
-    } else if (routed_rounds && sig_x) {
-      // The routed: g sigmoid'(x), a round each. The others hold g = +0, and 0 sigmoid'(x) is +0 but for
-      // a NaN x (sigmoid' is finite and >= 0 elsewhere), where the dense product gives NaN: kept.
-      for_each_masked(routed, [&](int i, bool act) {
-        const float sg = sigmoid_grad_f(pick<N>(a, i));
-        put<N>(g, i, act, __fmul_rn(pick<N>(g, i), sg));
-      });
-#pragma unroll
-      for (int i = 0; i < N; ++i)
-        if (!((routed >> i) & 1) && a[i] != a[i]) g[i] = __fmul_rn(g[i], a[i]);
-    } else if (fn == ScoreFn::kSigmoid) {
-#pragma unroll
-      for (int i = 0; i < N; ++i)
-        g[i] = __fmul_rn(g[i], sig_x ? sigmoid_grad_f(a[i]) : __fmul_rn(a[i], __fsub_rn(1.0f, a[i])));
+        g[i] = ((routed >> i) & 1) ? __fmul_rn(__fsub_rn(__fmul_rn(g[i], rd), q), sg[i])
+                                   : (a[i] != a[i] ? __fmul_rn(0.0f, a[i]) : 0.0f);
     } else {
+      if (norm) {  // backward of y / (sum_routed y + eps)
+        float s = 0.0f, dot = 0.0f;
+        if (routed_rounds && sig_x) {  // y = sigmoid(x) of the routed only, in the same order
+          for_each_masked(routed, [&](int i, bool act) {
+            const float y = sigmoid_f(pick<N>(a, i));
+            if (act) {
+              s = __fadd_rn(s, y);
+              dot = __fadd_rn(dot, __fmul_rn(pick<N>(g, i), y));
+            }
+          });
+        } else {
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const float y = sqrtsoftplus_f(a[i]);
-        g[i] = __fmul_rn(g[i], sigmoid_f(a[i]) / __fmul_rn(2.0f, y));
+          for (int i = 0; i < N; ++i)
+            if ((routed >> i) & 1) {
+              const float y = fn == ScoreFn::kSigmoid ? (sig_x ? sigmoid_f(a[i]) : a[i]) : sqrtsoftplus_f(a[i]);
+              s = __fadd_rn(s, y);
+              dot = __fadd_rn(dot, __fmul_rn(g[i], y));
+            }
+        }
+        s = seg_sum_f32<G>(s);
+        dot = seg_sum_f32<G>(dot);
+        const float d = __fadd_rn(s, kNormEpsilon);
+        const float dd = __fmul_rn(d, d);
+#pragma unroll
+        for (int i = 0; i < N; ++i) g[i] = ((routed >> i) & 1) ? __fsub_rn(g[i] / d, dot / dd) : 0.0f;
+      }
+      if (softmax) {
+        const Mask on = pre ? valid : routed;
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+          if ((on >> i) & 1) dot = __fadd_rn(dot, __fmul_rn(g[i], a[i]));
+        dot = seg_sum_f32<G>(dot);
+#pragma unroll
+        for (int i = 0; i < N; ++i) g[i] = ((on >> i) & 1) ? __fmul_rn(a[i], __fsub_rn(g[i], dot)) : 0.0f;
+      } else if (routed_rounds && sig_x) {
+        // The routed: g sigmoid'(x), a round each. The others hold g = +0, and 0 sigmoid'(x) is +0 but for
+        // a NaN x (sigmoid' is finite and >= 0 elsewhere), where the dense product gives NaN: kept.
+        for_each_masked(routed, [&](int i, bool act) {
+          const float sg = sigmoid_grad_f(pick<N>(a, i));
+          put<N>(g, i, act, __fmul_rn(pick<N>(g, i), sg));
+        });
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+          if (!((routed >> i) & 1) && a[i] != a[i]) g[i] = __fmul_rn(g[i], a[i]);
+      } else if (fn == ScoreFn::kSigmoid) {
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+          g[i] = __fmul_rn(g[i], sig_x ? sigmoid_grad_f(a[i]) : __fmul_rn(a[i], __fsub_rn(1.0f, a[i])));
+      } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          const float y = sqrtsoftplus_f(a[i]);
+          g[i] = __fmul_rn(g[i], sigmoid_f(a[i]) / __fmul_rn(2.0f, y));
+        }
       }
     }
 
@@ -392,12 +451,12 @@ __global__ void __launch_bounds__(kGenericThreads) router_backward_generic(const
   }
 }
 
-template <int G, int NS, bool kF32, bool kStaged>
+template <int G, int NS, bool kF32, bool kStaged, BwdSpec kSpec>
 cudaError_t launch_bucket_t(const RouterBackwardParams& p, cudaStream_t stream) {
   static std::atomic<int> occupancy[2] = {{0}, {0}};  // [bytemap]: its staging area is larger
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
-  auto kernel = router_backward_bucket<G, NS, kF32, kStaged>;
+  auto kernel = router_backward_bucket<G, NS, kF32, kStaged, kSpec>;
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
@@ -430,17 +489,39 @@ bool stageable(const RouterBackwardParams& p) {
          stage_bytes<NS>(!aux && p.map_format == MapFormat::kBytemap) <= static_cast<size_t>(optin);
 }
 
+template <int G, int NS, bool kStaged, BwdSpec kSpec>
+cudaError_t launch_dtype(const RouterBackwardParams& p, cudaStream_t stream) {
+  return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true, kStaged, kSpec>(p, stream)
+                                       : launch_bucket_t<G, NS, false, kStaged, kSpec>(p, stream);
+}
+
 // Staged from 2 octets a lane (E > 256): there the registers allow 1-3 blocks per SM, too few warps to
 // keep the loads in flight. At one octet (4 blocks) the copies' instructions cost more than they hide.
+// The recompute's score paths have kernels of their own (BwdSpec) from 8 lanes a token (E > 56): every one
+// at one octet a lane, the post-top-k softmax (TE's default) at every size.
 template <int G, int NS>
 cudaError_t launch_bucket(const RouterBackwardParams& p, cudaStream_t stream) {
+  const BwdSpec spec = G >= 8 && p.spec_kernels ? spec_of(p) : BwdSpec::kAny;
   if constexpr (NS >= 2) {
     if (stageable<NS>(p))
-      return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true, true>(p, stream)
-                                           : launch_bucket_t<G, NS, false, true>(p, stream);
+      return spec == BwdSpec::kPostSoftmaxRecompute
+                 ? launch_dtype<G, NS, true, BwdSpec::kPostSoftmaxRecompute>(p, stream)
+                 : launch_dtype<G, NS, true, BwdSpec::kAny>(p, stream);
+    if (spec == BwdSpec::kPostSoftmaxRecompute)
+      return launch_dtype<G, NS, false, BwdSpec::kPostSoftmaxRecompute>(p, stream);
+  } else if constexpr (G >= 8) {
+    switch (spec) {
+      case BwdSpec::kPostSoftmaxRecompute:
+        return launch_dtype<G, NS, false, BwdSpec::kPostSoftmaxRecompute>(p, stream);
+      case BwdSpec::kPreSoftmaxRecompute:
+        return launch_dtype<G, NS, false, BwdSpec::kPreSoftmaxRecompute>(p, stream);
+      case BwdSpec::kSigmoidNormRecompute:
+        return launch_dtype<G, NS, false, BwdSpec::kSigmoidNormRecompute>(p, stream);
+      case BwdSpec::kAny:
+        break;
+    }
   }
-  return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true, false>(p, stream)
-                                       : launch_bucket_t<G, NS, false, false>(p, stream);
+  return launch_dtype<G, NS, false, BwdSpec::kAny>(p, stream);
 }
 
 }  // namespace

@@ -40,6 +40,7 @@ struct RouterForwardParams {
   int num_ranks = 0;                // dispatch layout epilogue, 0 = off
   uint8_t* rank_mask = nullptr;     // [num_tokens, ceil(num_ranks/8)] or null
   int32_t* rank_counts = nullptr;   // [num_ranks] or null (overwritten)
+  bool spec_kernels = true;         // the score paths' own kernels where they exist (false: the any-path ones)
 };
 
 struct RouterBackwardParams {
@@ -58,6 +59,7 @@ struct RouterBackwardParams {
   const float* saved = nullptr;  // [T, E] forward's saved tensor, or null: recompute from logits
   const void* logits = nullptr;  // [T, E] logits_dtype (used when saved is null)
   void* grad_logits = nullptr;   // [T, E] logits_dtype
+  bool spec_kernels = true;      // as RouterForwardParams::spec_kernels
 };
 
 struct AuxLossParams {

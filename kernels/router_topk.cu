@@ -10,6 +10,7 @@
 // cache by predicated selects, and a lane rescans its registers only when it has won C times. Anything
 // else goes to router_generic.cu.
 #include <climits>
+#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/router.h"
@@ -91,7 +92,15 @@ __device__ __forceinline__ void pop_cached(bool pop, uint32_t (&ck)[C], int (&cp
   ck[C - 1] = pop ? 0u : ck[C - 1];
 }
 
-template <int G, int NS, bool kF32>
+// Score paths compiled in: the post-top-k softmax (TE's default) gets kernels whose flags are constants;
+// kAny reads them from the parameters. The forward is bound by instruction issue (bench/NOTES.md).
+enum class FwdSpec : int {
+  kAny = 0,
+  kPostSoftmax = 1,       // top-k, post-top-k softmax, no groups (no bias: softmax scores never take it)
+  kPostSoftmaxDense = 2,  // AB
+};
+
+template <int G, int NS, bool kF32, FwdSpec kSpec>
 __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
     router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
   constexpr int N = 8 * NS;
@@ -103,12 +112,13 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sl = lane % G, tl = lane / G;
   const int E = p.num_experts, k = p.topk, W = p.num_ranks;
-  const DType dt = p.logits_dtype;
-  const ScoreFn fn = p.score_fn;
-  const ScorePath path = score_path(p);
+  constexpr bool kKnown = kSpec != FwdSpec::kAny;
+  const DType dt = kKnown && !kF32 ? DType::kBF16 : p.logits_dtype;
+  const ScoreFn fn = kKnown ? ScoreFn::kSoftmax : p.score_fn;
+  const ScorePath path = kKnown ? ScorePath{false, true, false, true, false} : score_path(p);
   const bool aux = path.aux, pre = path.pre, post = path.post, norm = path.norm;
-  const bool use_bias = selection_bias(p);
-  const bool select = !aux || p.routing_map != nullptr;
+  const bool use_bias = !kKnown && selection_bias(p);
+  const bool select = kKnown || !aux || p.routing_map != nullptr;
   const bool bitmap = p.map_format == MapFormat::kBitmap;
   const int map_row = bitmap ? map_bytes_of(E) : E;
   const int esize = dt == DType::kF32 ? 4 : 2;
@@ -253,90 +263,92 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
 
     // 3. group-limited routing: a group (q aligned lanes of one slot) scores the sum of its best
     // per_group keys in selection order from 0.0f; the best group_topk groups stay candidates.
-    if (lay.group_octets > 0) {
-      const int q = lay.group_octets;
-      if (NS == 1 && lay.per_group <= C) {
-        // One group per lane: the group's best keys are among its lanes' cached ones.
-        const uint32_t gl = q == 32 ? kFullMask : ((1u << q) - 1u) << (lane & ~(q - 1)), gbelow = lanemask_lt() & gl;
-        uint32_t gk[C];
-        int gp[C];
+    if constexpr (!kKnown) {
+      if (lay.group_octets > 0) {
+        const int q = lay.group_octets;
+        if (NS == 1 && lay.per_group <= C) {
+          // One group per lane: the group's best keys are among its lanes' cached ones.
+          const uint32_t gl = q == 32 ? kFullMask : ((1u << q) - 1u) << (lane & ~(q - 1)), gbelow = lanemask_lt() & gl;
+          uint32_t gk[C];
+          int gp[C];
 #pragma unroll
-        for (int c = 0; c < C; ++c) gk[c] = ck[c], gp[c] = cp[c];
-        float gsum = 0.0f;
-        for (int j = 0; j < lay.per_group; ++j) {
-          const uint32_t gm = group_max_u32(gk[0], q);
-          const bool eq = gk[0] == gm && gm != kKeyNone;
-          const uint32_t bal = __ballot_sync(kFullMask, eq);
-          const bool win = eq && (bal & gbelow) == 0u;
-          gsum = __fadd_rn(gsum, key_value(gm));
-          pop_cached<C>(win, gk, gp);
-        }
-        // The best group_topk groups: every lane of a group holds its score, so the lowest lane of a tie
-        // is the first lane of the lowest group.
-        uint32_t gkey = nval[0] > 0 ? select_key(gsum) : kKeyNone;
-        bool keep = false;
-        for (int r = 0; r < p.group_topk; ++r) {
-          const uint32_t gm = seg_max_u32<G>(gkey);
-          const bool eq = gkey == gm && gm != kKeyNone;
-          const uint32_t bal = __ballot_sync(kFullMask, eq) & seg;
-          const bool hit = bal != 0u && (__ffs(bal) - 1) / q == lane / q;
-          keep = keep || hit;
-          gkey = hit ? kKeyNone : gkey;
-        }
-        if (!keep) {
+          for (int c = 0; c < C; ++c) gk[c] = ck[c], gp[c] = cp[c];
+          float gsum = 0.0f;
+          for (int j = 0; j < lay.per_group; ++j) {
+            const uint32_t gm = group_max_u32(gk[0], q);
+            const bool eq = gk[0] == gm && gm != kKeyNone;
+            const uint32_t bal = __ballot_sync(kFullMask, eq);
+            const bool win = eq && (bal & gbelow) == 0u;
+            gsum = __fadd_rn(gsum, key_value(gm));
+            pop_cached<C>(win, gk, gp);
+          }
+          // The best group_topk groups: every lane of a group holds its score, so the lowest lane of a tie
+          // is the first lane of the lowest group.
+          uint32_t gkey = nval[0] > 0 ? select_key(gsum) : kKeyNone;
+          bool keep = false;
+          for (int r = 0; r < p.group_topk; ++r) {
+            const uint32_t gm = seg_max_u32<G>(gkey);
+            const bool eq = gkey == gm && gm != kKeyNone;
+            const uint32_t bal = __ballot_sync(kFullMask, eq) & seg;
+            const bool hit = bal != 0u && (__ffs(bal) - 1) / q == lane / q;
+            keep = keep || hit;
+            gkey = hit ? kKeyNone : gkey;
+          }
+          if (!keep) {
 #pragma unroll
-          for (int i = 0; i < N; ++i) key[i] = kKeyNone;
+            for (int i = 0; i < N; ++i) key[i] = kKeyNone;
 #pragma unroll
-          for (int c = 0; c < C; ++c) ck[c] = kKeyNone;
-        }
-      } else {
-        float gsum[NS];
-        Mask gtaken = 0;
+            for (int c = 0; c < C; ++c) ck[c] = kKeyNone;
+          }
+        } else {
+          float gsum[NS];
+          Mask gtaken = 0;
 #pragma unroll
-        for (int s = 0; s < NS; ++s) gsum[s] = 0.0f;
-        for (int j = 0; j < lay.per_group; ++j) {
+          for (int s = 0; s < NS; ++s) gsum[s] = 0.0f;
+          for (int j = 0; j < lay.per_group; ++j) {
+#pragma unroll
+            for (int s = 0; s < NS; ++s) {
+              uint32_t bk = 0u;
+              int bb = 0;
+#pragma unroll
+              for (int b = 0; b < 8; ++b) {
+                const uint32_t kk = ((gtaken >> (8 * s + b)) & 1) ? kKeyNone : key[8 * s + b];
+                if (kk > bk) bk = kk, bb = b;
+              }
+              const uint32_t gm = group_max_u32(bk, q);
+              const int ci = (bk == gm && bk != kKeyNone) ? (s * G + sl) * 8 + bb : INT_MAX;
+              const int gi = group_min_i32(ci, q);
+              gsum[s] = __fadd_rn(gsum[s], key_value(gm));
+              if (ci == gi && bk != kKeyNone) gtaken |= static_cast<Mask>(1u) << (8 * s + bb);
+            }
+          }
+          uint32_t gkey[NS];
+          bool keep[NS];
 #pragma unroll
           for (int s = 0; s < NS; ++s) {
+            keep[s] = false;
+            gkey[s] = nval[s] > 0 ? select_key(gsum[s]) : kKeyNone;
+          }
+          for (int r = 0; r < p.group_topk; ++r) {
             uint32_t bk = 0u;
-            int bb = 0;
+            int bg = INT_MAX;
 #pragma unroll
-            for (int b = 0; b < 8; ++b) {
-              const uint32_t kk = ((gtaken >> (8 * s + b)) & 1) ? kKeyNone : key[8 * s + b];
-              if (kk > bk) bk = kk, bb = b;
+            for (int s = 0; s < NS; ++s)
+              if (gkey[s] > bk) bk = gkey[s], bg = (s * G + sl) / q;
+            const uint32_t gm = seg_max_u32<G>(bk);
+            const int gw = seg_min_i32<G>((bk == gm && bk != kKeyNone) ? bg : INT_MAX);
+#pragma unroll
+            for (int s = 0; s < NS; ++s)
+              if ((s * G + sl) / q == gw) keep[s] = true, gkey[s] = kKeyNone;
+          }
+#pragma unroll
+          for (int s = 0; s < NS; ++s)
+            if (!keep[s]) {
+#pragma unroll
+              for (int b = 0; b < 8; ++b) key[8 * s + b] = kKeyNone;
             }
-            const uint32_t gm = group_max_u32(bk, q);
-            const int ci = (bk == gm && bk != kKeyNone) ? (s * G + sl) * 8 + bb : INT_MAX;
-            const int gi = group_min_i32(ci, q);
-            gsum[s] = __fadd_rn(gsum[s], key_value(gm));
-            if (ci == gi && bk != kKeyNone) gtaken |= static_cast<Mask>(1u) << (8 * s + bb);
-          }
+          top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
         }
-        uint32_t gkey[NS];
-        bool keep[NS];
-#pragma unroll
-        for (int s = 0; s < NS; ++s) {
-          keep[s] = false;
-          gkey[s] = nval[s] > 0 ? select_key(gsum[s]) : kKeyNone;
-        }
-        for (int r = 0; r < p.group_topk; ++r) {
-          uint32_t bk = 0u;
-          int bg = INT_MAX;
-#pragma unroll
-          for (int s = 0; s < NS; ++s)
-            if (gkey[s] > bk) bk = gkey[s], bg = (s * G + sl) / q;
-          const uint32_t gm = seg_max_u32<G>(bk);
-          const int gw = seg_min_i32<G>((bk == gm && bk != kKeyNone) ? bg : INT_MAX);
-#pragma unroll
-          for (int s = 0; s < NS; ++s)
-            if ((s * G + sl) / q == gw) keep[s] = true, gkey[s] = kKeyNone;
-        }
-#pragma unroll
-        for (int s = 0; s < NS; ++s)
-          if (!keep[s]) {
-#pragma unroll
-            for (int b = 0; b < 8; ++b) key[8 * s + b] = kKeyNone;
-          }
-        top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
       }
     }
 
@@ -458,12 +470,12 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
   }
 }
 
-template <int G, int NS, bool kF32>
+template <int G, int NS, bool kF32, FwdSpec kSpec>
 cudaError_t launch_bucket_t(const RouterForwardParams& p, FwdLayout lay, cudaStream_t stream) {
   static std::atomic<int> occupancy{0};
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
-  auto kernel = router_forward_bucket<G, NS, kF32>;
+  auto kernel = router_forward_bucket<G, NS, kF32, kSpec>;
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
@@ -481,10 +493,22 @@ cudaError_t launch_bucket_t(const RouterForwardParams& p, FwdLayout lay, cudaStr
   return cudaGetLastError();
 }
 
+template <int G, int NS, FwdSpec kSpec>
+cudaError_t launch_dtype(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
+  return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true, kSpec>(p, lay, stream)
+                                       : launch_bucket_t<G, NS, false, kSpec>(p, lay, stream);
+}
+
+// The post-top-k softmax without groups (fp32 or bf16 logits) has kernels of its own from 8 lanes a token
+// to 2 octets a lane (E from 57 to 512).
 template <int G, int NS>
 cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
-  return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true>(p, lay, stream)
-                                       : launch_bucket_t<G, NS, false>(p, lay, stream);
+  if constexpr (G >= 8 && NS <= 2) {
+    if (p.spec_kernels && p.mode == RouterMode::kTopk && score_path(p).post && lay.group_octets == 0 &&
+        p.logits_dtype != DType::kF16)
+      return launch_dtype<G, NS, FwdSpec::kPostSoftmax>(p, lay, stream);
+  }
+  return launch_dtype<G, NS, FwdSpec::kAny>(p, lay, stream);
 }
 
 // Groups the warp-per-token kernel takes: whole octets per group, a power of two of them, within one

@@ -5,6 +5,7 @@
 
 #include "src/args.h"
 #include "src/check.h"
+#include "src/env.h"
 #include "src/host/router_host.h"
 
 #ifdef BITEP_HAVE_CUDA
@@ -78,6 +79,12 @@ bitepResult_t check_tokens(int64_t T, int E) {
       !mul_overflows(static_cast<uint64_t>(T), static_cast<uint64_t>(E) * 4, &bytes) && bytes < (uint64_t{1} << 62),
       "args->num_tokens (%lld) x num_experts (%d) overflows a 64-bit byte count", static_cast<long long>(T), E);
   return bitepSuccess;
+}
+
+// BITEP_ROUTER_SPEC=0: the CUDA router's any-path kernels only (not those compiled for one score path); read once.
+bool spec_kernels() {
+  static const bool on = !env_is("BITEP_ROUTER_SPEC", "0");
+  return on;
 }
 
 kernels::RouterForwardParams to_params(const bitepRouterConfig_t* c, const bitepRouterForwardArgs_t* a, RouterMode m) {
@@ -169,7 +176,8 @@ bitepResult_t forward(bitepBackend_t backend,
                              {"args->rank_mask", a->rank_mask, mask_bytes, true},
                              {"args->rank_counts", a->rank_counts, static_cast<uint64_t>(a->num_ranks) * 4, true}},
                             {dtype_size(config->logits_dtype), 4, 4, 1, 4, 4, 4, 1, 4}));
-  const kernels::RouterForwardParams p = to_params(config, a, mode);
+  kernels::RouterForwardParams p = to_params(config, a, mode);
+  p.spec_kernels = spec_kernels();
   if (backend == bitepBackendHost) {
     host::router_forward(p);
     return bitepSuccess;
@@ -232,6 +240,7 @@ bitepResult_t backward(bitepBackend_t backend,
   p.saved = a->saved;
   p.logits = a->saved ? nullptr : a->logits;
   p.grad_logits = a->grad_logits;
+  p.spec_kernels = spec_kernels();
   if (backend == bitepBackendHost) {
     host::router_backward(p);
     return bitepSuccess;

@@ -700,7 +700,7 @@ TEST_P(RouterGrid, MatchesHostAndOracle) {
 
 INSTANTIATE_TEST_SUITE_P(Experts,
                          RouterGrid,
-                         ::testing::Values(1, 8, 32, 130, 256, 1000, 2048, 3000),
+                         ::testing::Values(1, 8, 32, 64, 100, 130, 256, 512, 1000, 2048, 3000),
                          [](const ::testing::TestParamInfo<int>& i) { return "E" + std::to_string(i.param); });
 
 // Group-limited routing, expert_bias, scaling: DeepSeek-V3 (E = 256, 8 groups, keep 4, k = 8) and layouts
