@@ -70,11 +70,26 @@ enum class BwdSpec : int {
   kSigmoidNormRecompute = 3,  // top-k, sigmoid normalised over the k > 1 routed, from the logits
 };
 
-__host__ __device__ constexpr ScorePath spec_path(BwdSpec s) {
+// A kernel's score path: its spec's constants, or the parameters' (kAny), by `if constexpr` as in
+// router_topk.cu. (Here the any-path kernels differ from before the specs anyway: the one-round normalised
+// sigmoid at one octet a lane, the saved-tensor test made once.)
+template <BwdSpec kSpec>
+__device__ __forceinline__ ScorePath spec_path(const RouterBackwardParams& p) {
   // {aux, softmax, pre, post, norm}
-  return s == BwdSpec::kPostSoftmaxRecompute  ? ScorePath{false, true, false, true, false}
-         : s == BwdSpec::kPreSoftmaxRecompute ? ScorePath{false, true, true, false, false}
-                                              : ScorePath{false, false, false, false, true};
+  if constexpr (kSpec == BwdSpec::kAny) return score_path(p);
+  if constexpr (kSpec == BwdSpec::kPostSoftmaxRecompute) return ScorePath{false, true, false, true, false};
+  if constexpr (kSpec == BwdSpec::kPreSoftmaxRecompute) return ScorePath{false, true, true, false, false};
+  return ScorePath{false, false, false, false, true};
+}
+template <BwdSpec kSpec>
+__device__ __forceinline__ ScoreFn spec_fn(const RouterBackwardParams& p) {
+  if constexpr (kSpec == BwdSpec::kAny) return p.score_fn;
+  return kSpec == BwdSpec::kSigmoidNormRecompute ? ScoreFn::kSigmoid : ScoreFn::kSoftmax;
+}
+template <BwdSpec kSpec>
+__device__ __forceinline__ bool spec_saved(const RouterBackwardParams& p) {  // every spec recomputes
+  if constexpr (kSpec == BwdSpec::kAny) return p.saved != nullptr;
+  return false;
 }
 
 // The spec kernels also fix the logits' type (bf16 when not fp32); fp16 logits take kAny.
@@ -105,11 +120,10 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
   const int E = p.num_experts;
   constexpr bool kKnown = kSpec != BwdSpec::kAny;
   const DType dt = kKnown && !kF32 ? DType::kBF16 : p.logits_dtype;
-  const ScoreFn fn =
-      kKnown ? (kSpec == BwdSpec::kSigmoidNormRecompute ? ScoreFn::kSigmoid : ScoreFn::kSoftmax) : p.score_fn;
-  const ScorePath path = kKnown ? spec_path(kSpec) : score_path(p);
+  const ScoreFn fn = spec_fn<kSpec>(p);
+  const ScorePath path = spec_path<kSpec>(p);
   const bool aux = path.aux, softmax = path.softmax, pre = path.pre, norm = path.norm;
-  const bool saved = !kKnown && p.saved != nullptr;
+  const bool saved = spec_saved<kSpec>(p);
   // The sigmoid recompute's per-element exp and division for the routed only, by for_each_masked rounds
   // (a token's k routed among a lane's N): its picks and puts cost 2 N selects a round, so up to 16
   // elements a lane. (The softmax's exp alone does not pay for the selects: measured, bench/NOTES.md.)
