@@ -81,11 +81,9 @@ bitepResult_t check_tokens(int64_t T, int E) {
   return bitepSuccess;
 }
 
-// BITEP_ROUTER_SPEC=0: the CUDA router's any-path kernels only (not those compiled for one score path); read once.
-bool spec_kernels() {
-  static const bool on = !env_is("BITEP_ROUTER_SPEC", "0");
-  return on;
-}
+// BITEP_ROUTER_SPEC=0: the CUDA router's any-path kernels only (not those compiled for one score path). Read
+// per call (a getenv beside the call's argument checks), so a test compares both kernels in one process.
+bool spec_kernels() { return !env_is("BITEP_ROUTER_SPEC", "0"); }
 
 kernels::RouterForwardParams to_params(const bitepRouterConfig_t* c, const bitepRouterForwardArgs_t* a, RouterMode m) {
   kernels::RouterForwardParams p;

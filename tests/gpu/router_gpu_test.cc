@@ -888,6 +888,65 @@ TEST(RouterGpu, BackwardMisalignedInputs) {
       }
 }
 
+// BITEP_ROUTER_SPEC=0 (read by the library per call) for one scope: the any-path router kernels only.
+struct AnyPathKernels {
+  AnyPathKernels() { setenv("BITEP_ROUTER_SPEC", "0", 1); }
+  ~AnyPathKernels() { unsetenv("BITEP_ROUTER_SPEC"); }
+};
+
+template <class V>
+bool same_bits(const V& a, const V& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0);
+}
+
+// The kernels compiled for one score path (kernels/router_topk.cu FwdSpec, router_backward.cu BwdSpec) give
+// the bits of the any-path kernels, which the other tests hold to the host reference: every forward output,
+// and the recompute backward's gradients. E = 64: 8 lanes a token; 100: 16 lanes, E % 8 != 0; 256: one octet
+// a lane; 512: two (the backward staged); 2048: eight.
+TEST(RouterGpu, SpecKernelsMatchAnyPath) {
+  REQUIRE_GPU();
+  const int64_t T = 333;
+  struct Path {
+    bitepScoreFunction_t fn;
+    int pre;
+  };
+  for (int E : {64, 100, 256, 512, 2048})
+    for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16})
+      for (const Path& path : {Path{bitepScoreSoftmax, 0}, Path{bitepScoreSoftmax, 1}, Path{bitepScoreSigmoid, 0}}) {
+        const int k = E == 2048 ? 32 : 8;
+        const bitepRouterConfig_t cfg = make_config(E, k, path.fn, path.pre, dt);
+        const auto logits = make_logits(T, E, dt, 21 + E);
+        std::vector<float> gp(static_cast<size_t>(T) * E);
+        for (size_t i = 0; i < gp.size(); ++i) gp[i] = gauss(0x5eed, i);
+        const std::string what = "E=" + std::to_string(E) + " " + dt_name(dt) + " " + fn_name(cfg);
+        for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8}) {
+          FwdSpec spec;
+          spec.map = fmt;
+          FwdOut any;
+          BwdOut any_bwd;
+          {
+            AnyPathKernels scope;
+            any = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
+            ASSERT_EQ(any.rc, bitepSuccess) << any.error;
+            any_bwd = run_backward(bitepBackendCuda, cfg, T, gp, any.map, fmt, {}, logits, false);
+            ASSERT_EQ(any_bwd.rc, bitepSuccess) << any_bwd.error;
+          }
+          const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
+          ASSERT_EQ(got.rc, bitepSuccess) << got.error;
+          EXPECT_TRUE(got.guards) << what << ": forward wrote past a buffer";
+          EXPECT_TRUE(same_bits(got.map, any.map)) << what << ": routing map";
+          EXPECT_TRUE(same_bits(got.indices, any.indices)) << what << ": topk_indices";
+          EXPECT_TRUE(same_bits(got.weights, any.weights)) << what << ": topk_weights";
+          EXPECT_TRUE(same_bits(got.probs, any.probs)) << what << ": probs";
+          EXPECT_TRUE(same_bits(got.saved, any.saved)) << what << ": saved";
+          const BwdOut bwd = run_backward(bitepBackendCuda, cfg, T, gp, got.map, fmt, {}, logits, false);
+          ASSERT_EQ(bwd.rc, bitepSuccess) << bwd.error;
+          EXPECT_TRUE(bwd.guards) << what << ": backward wrote past grad_logits";
+          EXPECT_TRUE(same_bits(bwd.grad, any_bwd.grad)) << what << ": grad_logits (recompute)";
+        }
+      }
+}
+
 // Outputs are optional one by one; a forward with only the compact outputs gives the same experts.
 TEST(RouterGpu, OptionalOutputs) {
   REQUIRE_GPU();
