@@ -518,7 +518,7 @@ cudaError_t launch_dtype(const RouterForwardParams& p, const FwdLayout& lay, cud
 }
 
 // The post-top-k softmax without groups (fp32 or bf16 logits) has kernels of its own from 8 lanes a token
-// to 2 octets a lane (E from 57 to 512).
+// to 2 octets a lane (E from 33 to 512).
 template <int G, int NS>
 cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   if constexpr (G >= 8 && NS <= 2) {
