@@ -512,7 +512,7 @@ cudaError_t launch_dtype(const RouterBackwardParams& p, cudaStream_t stream) {
 // Staged from 2 octets a lane (E > 256): there the registers allow 1-3 blocks per SM, too few warps to
 // keep the loads in flight. At one octet (4 blocks) the copies' instructions cost more than they hide.
 // The recompute's score paths have kernels of their own (BwdSpec) from 8 lanes a token (E > 32): every one
-// at one octet a lane, the post-top-k softmax (TE's default) at every size.
+// at one octet a lane, the post-top-k softmax (TE's default) up to 2048 experts (the warp-per-token kernels).
 template <int G, int NS>
 cudaError_t launch_bucket(const RouterBackwardParams& p, cudaStream_t stream) {
   const BwdSpec spec = G >= 8 && p.spec_kernels ? spec_of(p) : BwdSpec::kAny;
