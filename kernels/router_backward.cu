@@ -77,7 +77,7 @@ template <BwdSpec kSpec>
 __device__ __forceinline__ ScorePath spec_path(const RouterBackwardParams& p) {
   // {aux, softmax, pre, post, norm}
   if constexpr (kSpec == BwdSpec::kAny) return score_path(p);
-  if constexpr (kSpec == BwdSpec::kPostSoftmaxRecompute) return ScorePath{false, true, false, true, false};
+  if constexpr (kSpec == BwdSpec::kPostSoftmaxRecompute) return kPostSoftmaxPath;
   if constexpr (kSpec == BwdSpec::kPreSoftmaxRecompute) return ScorePath{false, true, true, false, false};
   return ScorePath{false, false, false, false, true};
 }

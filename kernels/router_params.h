@@ -99,6 +99,9 @@ struct ScorePath {
   bool norm;     // sigmoid / sqrtsoftplus outputs normalised over the selected (aux: all E) when k > 1
 };
 
+// A top-k router's path with the post-top-k softmax (TE's default): the kernels compiled for it.
+constexpr ScorePath kPostSoftmaxPath{false, true, false, true, false};
+
 template <class Params>
 BITEP_HOST_DEVICE inline ScorePath score_path(const Params& p) {
   ScorePath s{};

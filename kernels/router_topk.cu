@@ -110,7 +110,7 @@ __device__ __forceinline__ ScoreFn spec_fn(const RouterForwardParams& p) {
 template <FwdSpec kSpec>
 __device__ __forceinline__ ScorePath spec_path(const RouterForwardParams& p) {
   if constexpr (kSpec == FwdSpec::kAny) return score_path(p);
-  return ScorePath{false, true, false, true, false};  // {aux, softmax, pre, post, norm}
+  return kPostSoftmaxPath;
 }
 template <FwdSpec kSpec>
 __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
