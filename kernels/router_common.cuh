@@ -371,13 +371,11 @@ __device__ __forceinline__ int group_min_i32(int v, int q) {
 // interleaves; the backward's recompute, 2-6% faster there) and the unmasked ones are left out of the
 // sum by a select; the masked elements see the same operations in the same order (s + 0 == s for the
 // s >= 0 here), so the same bits. Unmasked elements then come out unspecified.
+// seg_softmax_max: the same from the segment's maximum over the mask, m, given by the caller (the
+// forward's top-k knows it: its first winner); an m that gives the same v - m for every masked element
+// as the fmaxf reduction's (an equal value; for +0 and -0 either) gives the same bits.
 template <int G, int N, bool kDense = false, class Mask>
-__device__ __forceinline__ void seg_softmax(float* v, Mask mask) {
-  float m = -INFINITY;
-#pragma unroll
-  for (int p = 0; p < N; ++p)
-    if ((mask >> p) & 1) m = fmaxf(m, v[p]);
-  m = seg_max_f32<G>(m);
+__device__ __forceinline__ void seg_softmax_max(float* v, Mask mask, float m) {
   float s = 0.0f;
 #pragma unroll
   for (int p = 0; p < N; ++p) {
@@ -396,6 +394,14 @@ __device__ __forceinline__ void seg_softmax(float* v, Mask mask) {
 #pragma unroll
   for (int p = 0; p < N; ++p)
     if (kDense || ((mask >> p) & 1)) v[p] = __fmul_rn(v[p], r);
+}
+template <int G, int N, bool kDense = false, class Mask>
+__device__ __forceinline__ void seg_softmax(float* v, Mask mask) {
+  float m = -INFINITY;
+#pragma unroll
+  for (int p = 0; p < N; ++p)
+    if ((mask >> p) & 1) m = fmaxf(m, v[p]);
+  seg_softmax_max<G, N, kDense>(v, mask, seg_max_f32<G>(m));
 }
 
 // Rounds over the elements of a lane's mask, lowest first: round r hands every lane its r-th masked

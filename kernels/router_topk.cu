@@ -33,13 +33,15 @@ struct FwdLayout {
 };
 
 // Blocks per SM the register budget is cut for. BITEP_ROUTER_FWD_MIN_BLOCKS overrides it for every
-// shape: a tuning build (scripts/device-check.sh, PHASES=tune) compares occupancies.
-template <int N>
+// shape: a tuning build (scripts/device-check.sh, PHASES=tune) compares occupancies. The bf16
+// post-softmax kernel at one octet a lane and one token a warp (E 129-256) is held to 5 (46 registers,
+// no spill; 52 and 4 blocks otherwise): H200, T = 16384 / 65536, E = 256, 1-2% faster than at 4.
+template <int N, int G = 1, bool kSpecBf16 = false>
 constexpr int min_blocks() {
 #ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
   return BITEP_ROUTER_FWD_MIN_BLOCKS;
 #else
-  return N <= 8 ? 4 : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
+  return N <= 8 ? (kSpecBf16 && G == 32 ? 5 : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 #endif
 }
 
@@ -119,7 +121,7 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 }
 
 template <int G, int NS, bool kF32, FwdSpec kSpec>
-__global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
+__global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 && kSpec != FwdSpec::kAny>())
     router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
   constexpr int N = 8 * NS;
   constexpr int kTokensPerWarp = kWarpSize / G;
@@ -259,8 +261,8 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
     // expert indices instead.
     const uint32_t seg = segment_lanes<G>(), below = lanemask_lt() & seg;
     auto expert_of = [&](int q) { return ((q >> 3) * G + sl) * 8 + (q & 7); };
-    auto segment_winner = [&](uint32_t mine, int pos) {
-      const uint32_t gm = seg_max_u32<G>(mine);
+    auto segment_winner = [&](uint32_t mine, int pos, uint32_t& gm) {
+      gm = seg_max_u32<G>(mine);
       const bool eq = mine == gm && mine != kKeyNone;
       const uint32_t bal = __ballot_sync(kFullMask, eq);
       bool win = eq && (bal & below) == 0u;
@@ -373,8 +375,11 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
     // 4. top-k: k rounds of a segment arg-max over each lane's best remaining key; the winner takes it
     // from its cache and rescans its registers (taken ones skipped) when the cache runs dry.
     Mask taken = 0;
+    uint32_t top = kKeyNone;  // the first winner's key: the maximum of the selected
     for (int r = 0; r < k; ++r) {
-      const bool win = segment_winner(ck[0], cp[0]);
+      uint32_t gm;
+      const bool win = segment_winner(ck[0], cp[0], gm);
+      if constexpr (kKnown) top = r == 0 ? gm : top;
       taken |= win ? static_cast<Mask>(1u) << cp[0] : static_cast<Mask>(0);
       pop_cached<C>(win, ck, cp);
       if (win && ck[0] == kKeyNone && r + 1 < k) top_cached<N, C>(key, taken, ck, cp);
@@ -382,7 +387,14 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
 
     // 5. weights of the selected experts: post-top-k softmax, or the sigmoid/sqrtsoftplus normalisation.
     if (post) {
-      seg_softmax<G, N>(v, taken);
+      // The spec kernels take the maximum from the first round (its key is the largest selected value's,
+      // no bias here; +0 for either zero, NaN only when every selected value is: the same v - m as the
+      // fmaxf reduction's, so the same bits) and skip the reduction.
+      if constexpr (kKnown) {
+        seg_softmax_max<G, N>(v, taken, key_value(top));
+      } else {
+        seg_softmax<G, N>(v, taken);
+      }
     } else if (!aux && norm) {
       float sum = 0.0f;
 #pragma unroll
