@@ -729,59 +729,65 @@ TEST(RouterGpu, GroupsBiasScaling) {
   report("groups", stats);
 }
 
+constexpr int64_t kDegenerateRows = 11;
+
+// Row t of the degenerate set (t < kDegenerateRows; any other t an ordinary row): all equal, ties, -inf,
+// +inf, NaN, mixtures, signed zeros, saturation and underflow.
+float degenerate_logit(int64_t t, int e, int E) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  float x = 0.0f;
+  switch (t) {
+    case 0:
+      x = 0.5f;
+      break;  // all equal
+    case 1:
+      x = -kInf;
+      break;  // all -inf
+    case 2:
+      x = nan;
+      break;  // all NaN
+    case 3:
+      x = e % 3 == 0 ? nan : static_cast<float>(e % 5 - 2);
+      break;
+    case 4:
+      x = e % 2 ? kInf : -kInf;
+      break;
+    case 5:
+      x = static_cast<float>(e % 4);
+      break;  // many exact ties
+    case 6:
+      x = e % 7 == 0 ? kInf : 1.0f;
+      break;
+    case 7:
+      x = e < E / 2 ? nan : -kInf;
+      break;
+    case 8:
+      x = e % 2 ? -0.0f : 0.0f;
+      break;  // signed zeros tie
+    case 9:
+      x = 30.0f + static_cast<float>(e % 3);
+      break;  // sigmoid saturates to 1
+    case 10:
+      x = -100.0f - static_cast<float>(e % 2);
+      break;  // exp underflows
+    default:
+      x = static_cast<float>((e * 7) % 11) - 5.0f;
+      break;
+  }
+  return x;
+}
+
 // Degenerate rows: all equal, ties, -inf, +inf, NaN, mixtures; exactly k distinct experts, the host's.
 TEST(RouterGpu, DegenerateRows) {
   REQUIRE_GPU();
   CaseStats stats;
-  const float nan = std::numeric_limits<float>::quiet_NaN();
   for (int E : {8, 64, 130, 256, 512, 2048, 3000})
     for (int k : {1, 8, E}) {
       if (k > E) continue;
       const int64_t T = 12;
       std::vector<float> v(static_cast<size_t>(T) * E);
       for (int64_t t = 0; t < T; ++t)
-        for (int e = 0; e < E; ++e) {
-          float x = 0.0f;
-          switch (t) {
-            case 0:
-              x = 0.5f;
-              break;  // all equal
-            case 1:
-              x = -kInf;
-              break;  // all -inf
-            case 2:
-              x = nan;
-              break;  // all NaN
-            case 3:
-              x = e % 3 == 0 ? nan : static_cast<float>(e % 5 - 2);
-              break;
-            case 4:
-              x = e % 2 ? kInf : -kInf;
-              break;
-            case 5:
-              x = static_cast<float>(e % 4);
-              break;  // many exact ties
-            case 6:
-              x = e % 7 == 0 ? kInf : 1.0f;
-              break;
-            case 7:
-              x = e < E / 2 ? nan : -kInf;
-              break;
-            case 8:
-              x = e % 2 ? -0.0f : 0.0f;
-              break;  // signed zeros tie
-            case 9:
-              x = 30.0f + static_cast<float>(e % 3);
-              break;  // sigmoid saturates to 1
-            case 10:
-              x = -100.0f - static_cast<float>(e % 2);
-              break;  // exp underflows
-            default:
-              x = static_cast<float>((e * 7) % 11) - 5.0f;
-              break;
-          }
-          v[t * E + e] = x;
-        }
+        for (int e = 0; e < E; ++e) v[t * E + e] = degenerate_logit(t, e, E);
       for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16})
         for (int f = 0; f < 4; ++f) {
           const bitepScoreFunction_t fn = f < 2    ? bitepScoreSoftmax
@@ -915,7 +921,14 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
       for (const Path& path : {Path{bitepScoreSoftmax, 0}, Path{bitepScoreSoftmax, 1}, Path{bitepScoreSigmoid, 0}}) {
         const int k = E == 2048 ? 32 : 8;
         const bitepRouterConfig_t cfg = make_config(E, k, path.fn, path.pre, dt);
-        const auto logits = make_logits(T, E, dt, 21 + E);
+        // The first rows degenerate (NaN, +-inf, signed zeros, ties): the spec kernels' shortcuts (the
+        // softmax's maximum taken from the first top-k round) must give the any-path's bits there too.
+        auto logits = make_logits(T, E, dt, 21 + E);
+        std::vector<float> deg(static_cast<size_t>(kDegenerateRows) * E);
+        for (int64_t t = 0; t < kDegenerateRows; ++t)
+          for (int e = 0; e < E; ++e) deg[t * E + e] = degenerate_logit(t, e, E);
+        const auto deg_bytes = encode(deg, dt);
+        std::copy(deg_bytes.begin(), deg_bytes.end(), logits.begin());
         std::vector<float> gp(static_cast<size_t>(T) * E);
         for (size_t i = 0; i < gp.size(); ++i) gp[i] = gauss(0x5eed, i);
         const std::string what = "E=" + std::to_string(E) + " " + dt_name(dt) + " " + fn_name(cfg);
