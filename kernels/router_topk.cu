@@ -151,26 +151,41 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
     __syncthreads();
   }
 
+  // Offsets in 32 bits in the spec kernels (launched when (T + 32) * E < 2^31), else 64. Rows 16-byte
+  // aligned one and all when the base is and the row's bytes a multiple of 16 (the spec kernels test
+  // that once, not per row).
+  using Idx = typename std::conditional<kKnown, int32_t, int64_t>::type;
+  const Idx num_tiles = static_cast<Idx>(lay.num_tiles);
+  const bool logits16 = aligned16(p.logits) && E * esize % 16 == 0;
+  const bool saved16 = aligned16(p.saved) && E % 4 == 0, probs16 = aligned16(p.probs) && E % 4 == 0;
+  auto row_vec = [&](bool all, const void* row_ptr) {
+    if constexpr (kKnown) {
+      return all || aligned16(row_ptr);
+    } else {
+      return aligned16(row_ptr);
+    }
+  };
+
   // The next tile's logits are loaded while this one is computed (small rows: more bytes in flight).
   constexpr bool kPrefetch = NS == 1 || (NS == 2 && !kF32);
   RawOctet ahead[NS];
-  auto fetch = [&](int64_t tile, RawOctet* raw) {
-    const int64_t t = tile * kTokensPerWarp + tl;
-    const bool tv = tile < lay.num_tiles && t < p.num_tokens;
-    const bool vec = tv && aligned16(static_cast<const char*>(p.logits) + t * E * esize);
+  auto fetch = [&](Idx tile, RawOctet* raw) {
+    const Idx t = tile * kTokensPerWarp + tl;
+    const bool tv = tile < num_tiles && t < p.num_tokens;
+    const bool vec = tv && row_vec(logits16, static_cast<const char*>(p.logits) + t * E * esize);
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
       const int e0 = (s * G + sl) * 8;
       load_raw_t<kF32>(p.logits, dt, t * E + e0, tv ? min(max(E - e0, 0), 8) : 0, vec, raw[s]);
     }
   };
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const Idx stride = static_cast<Idx>(gridDim.x) * kWarps;
+  const Idx first = static_cast<Idx>(blockIdx.x) * kWarps + warp;
   if (kPrefetch) fetch(first, ahead);
-  for (int64_t tile = first; tile < lay.num_tiles; tile += stride) {
-    const int64_t t = tile * kTokensPerWarp + tl;
+  for (Idx tile = first; tile < num_tiles; tile += stride) {
+    const Idx t = tile * kTokensPerWarp + tl;
     const bool tv = t < p.num_tokens;
-    const int64_t row = t * E;
+    const Idx row = t * E;
     RawOctet raw[NS];
     if (kPrefetch) {
 #pragma unroll
@@ -195,7 +210,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
     float v[N];
 #pragma unroll
     for (int s = 0; s < NS; ++s) decode_raw_t<kF32>(dt, raw[s], v + 8 * s);
-    const bool svec = p.saved != nullptr && tv && aligned16(p.saved + row);
+    const bool svec = p.saved != nullptr && tv && row_vec(saved16, p.saved + row);
     if (p.saved != nullptr && fn == ScoreFn::kSqrtSoftplus) {  // saved = the logits
 #pragma unroll
       for (int s = 0; s < NS; ++s)
@@ -223,7 +238,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
 #pragma unroll
       for (int i = 0; i < N; ++i) v[i] = __fmul_rn(v[i], rd);
     }
-    const bool pvec = p.probs != nullptr && tv && aligned16(p.probs + row);
+    const bool pvec = p.probs != nullptr && tv && row_vec(probs16, p.probs + row);
     if (aux) {
       if (p.probs != nullptr) {
 #pragma unroll
@@ -535,7 +550,7 @@ template <int G, int NS>
 cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   if constexpr (G >= 8 && NS <= 2) {
     if (p.spec_kernels && p.mode == RouterMode::kTopk && score_path(p).post && lay.group_octets == 0 &&
-        p.logits_dtype != DType::kF16)
+        p.logits_dtype != DType::kF16 && (p.num_tokens + 32) * p.num_experts < (int64_t{1} << 31))
       return launch_dtype<G, NS, FwdSpec::kPostSoftmax>(p, lay, stream);
   }
   return launch_dtype<G, NS, FwdSpec::kAny>(p, lay, stream);

@@ -1046,12 +1046,9 @@ TEST(RouterGpu, AuxLoss) {
     }
 }
 
-// 64-bit indexing: T * E > 2^31 (E = 2048, bf16 logits: 4.3 GB). Rows repeat a 256-row tile, so the
-// expected experts of any row are the host's for its tile row; the first and last rows are checked.
-TEST(RouterGpu, LargeTokenCount64BitIndexing) {
-  REQUIRE_GPU();
-  const int E = 2048, k = 8, tile = 256;
-  const int64_t T = (int64_t{1} << 31) / E + 300;
+// One shape of LargeTokenCount64BitIndexing below.
+void large_token_count_case(int E, int64_t T) {
+  const int k = 8, tile = 256;
   size_t free_b = 0, total_b = 0;
   CUDA_OK(cudaMemGetInfo(&free_b, &total_b));
   const size_t need = static_cast<size_t>(T) * E * 2 + static_cast<size_t>(T) * (E / 8 + 8 * k) + (size_t{1} << 30);
@@ -1100,6 +1097,24 @@ TEST(RouterGpu, LargeTokenCount64BitIndexing) {
     }
   }
   EXPECT_TRUE(mp.guard_intact() && ix.guard_intact() && w.guard_intact());
+}
+
+// 64-bit indexing: T * E > 2^31 (bf16 logits: 4.3 GB), at E = 2048 and at E = 256 (whose post-softmax
+// kernel, with 32-bit offsets, stops at (T + 32) * E < 2^31: the any-path kernel takes over past it; just
+// below, the 32-bit kernel's largest offsets). Rows repeat a 256-row tile, so the expected experts of any
+// row are the host's for its tile row; the first and last rows are checked.
+TEST(RouterGpu, LargeTokenCount64BitIndexing) {
+  REQUIRE_GPU();
+  struct Shape {
+    int E;
+    int64_t T;
+  };
+  for (const Shape sh : {Shape{2048, (int64_t{1} << 31) / 2048 + 300}, Shape{256, (int64_t{1} << 31) / 256 + 300},
+                         Shape{256, (int64_t{1} << 31) / 256 - 40}}) {
+    SCOPED_TRACE("E=" + std::to_string(sh.E) + " T=" + std::to_string(sh.T));
+    large_token_count_case(sh.E, sh.T);
+    if (HasFatalFailure()) return;
+  }
 }
 
 }  // namespace
