@@ -34,8 +34,8 @@ struct FwdLayout {
 
 // Blocks per SM the register budget is cut for. BITEP_ROUTER_FWD_MIN_BLOCKS overrides it for every
 // shape: a tuning build (scripts/device-check.sh, PHASES=tune) compares occupancies. The bf16
-// post-softmax kernel at one octet a lane and one token a warp (E 129-256) is held to 5 (46 registers,
-// no spill; 52 and 4 blocks otherwise): H200, T = 16384 / 65536, E = 256, 1-2% faster than at 4.
+// post-softmax kernel at one octet a lane and one token a warp (E 129-256) is held to 5 (45 registers,
+// no spill; at v5d, without the cap, 52 and 4 blocks): H200, T = 16384 / 65536, E = 256, 1-2% faster.
 template <int N, int G = 1, bool kSpecBf16 = false>
 constexpr int min_blocks() {
 #ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
