@@ -151,7 +151,8 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
     __syncthreads();
   }
 
-  // Offsets in 32 bits in the spec kernels (launched when (T + 32) * E < 2^31), else 64. Rows 16-byte
+  // Offsets in 32 bits in the spec kernels (launched when (T + 2^20) * E < 2^31: the last prefetch runs
+  // up to a grid's warps of tiles past T, fewer than 2^20 tokens for any grid of <= 256 SMs), else 64. Rows 16-byte
   // aligned one and all when the base is and the row's bytes a multiple of 16 (the spec kernels test
   // that once, not per row).
   using Idx = typename std::conditional<kKnown, int32_t, int64_t>::type;
@@ -169,10 +170,18 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
   // The next tile's logits are loaded while this one is computed (small rows: more bytes in flight).
   constexpr bool kPrefetch = NS == 1 || (NS == 2 && !kF32);
   RawOctet ahead[NS];
+  auto logits_row = [&](Idx t) -> const void* {  // element offsets: no byte count past 2^31 in 32 bits
+    if constexpr (kKnown) {
+      if constexpr (kF32) return static_cast<const float*>(p.logits) + t * E;
+      return static_cast<const uint16_t*>(p.logits) + t * E;
+    } else {
+      return static_cast<const char*>(p.logits) + t * E * esize;
+    }
+  };
   auto fetch = [&](Idx tile, RawOctet* raw) {
     const Idx t = tile * kTokensPerWarp + tl;
     const bool tv = tile < num_tiles && t < p.num_tokens;
-    const bool vec = tv && row_vec(logits16, static_cast<const char*>(p.logits) + t * E * esize);
+    const bool vec = tv && row_vec(logits16, logits_row(t));
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
       const int e0 = (s * G + sl) * 8;
@@ -550,7 +559,7 @@ template <int G, int NS>
 cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   if constexpr (G >= 8 && NS <= 2) {
     if (p.spec_kernels && p.mode == RouterMode::kTopk && score_path(p).post && lay.group_octets == 0 &&
-        p.logits_dtype != DType::kF16 && (p.num_tokens + 32) * p.num_experts < (int64_t{1} << 31))
+        p.logits_dtype != DType::kF16 && (p.num_tokens + (int64_t{1} << 20)) * p.num_experts < (int64_t{1} << 31))
       return launch_dtype<G, NS, FwdSpec::kPostSoftmax>(p, lay, stream);
   }
   return launch_dtype<G, NS, FwdSpec::kAny>(p, lay, stream);

@@ -1100,7 +1100,7 @@ void large_token_count_case(int E, int64_t T) {
 }
 
 // 64-bit indexing: T * E > 2^31 (bf16 logits: 4.3 GB), at E = 2048 and at E = 256 (whose post-softmax
-// kernel, with 32-bit offsets, stops at (T + 32) * E < 2^31: the any-path kernel takes over past it; just
+// kernel, with 32-bit offsets, stops at (T + 2^20) * E < 2^31: the any-path kernel takes over past it; just
 // below, the 32-bit kernel's largest offsets). Rows repeat a 256-row tile, so the expected experts of any
 // row are the host's for its tile row; the first and last rows are checked.
 TEST(RouterGpu, LargeTokenCount64BitIndexing) {
@@ -1110,7 +1110,7 @@ TEST(RouterGpu, LargeTokenCount64BitIndexing) {
     int64_t T;
   };
   for (const Shape sh : {Shape{2048, (int64_t{1} << 31) / 2048 + 300}, Shape{256, (int64_t{1} << 31) / 256 + 300},
-                         Shape{256, (int64_t{1} << 31) / 256 - 40}}) {
+                         Shape{256, (int64_t{1} << 31) / 256 - (int64_t{1} << 20) - 40}}) {
     SCOPED_TRACE("E=" + std::to_string(sh.E) + " T=" + std::to_string(sh.T));
     large_token_count_case(sh.E, sh.T);
     if (HasFatalFailure()) return;
