@@ -221,6 +221,9 @@ struct Shape {
   int H, E, k;
 };
 
+// Rows with T up to this also time bitepDispatchLowLatency and its combine (the decode sizes).
+constexpr int kLowLatencyTokens = 512;
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -272,6 +275,7 @@ int main(int argc, char** argv) {
     gc.expert_alignment = 16;
     gc.timeout_s = 120;
     gc.device = device;
+    gc.low_latency_max_tokens = kLowLatencyTokens;
     bitepGroup_t group;
     BK(bitepGroupCreateMpi(MPI_COMM_WORLD, &gc, &group));
     bitepRouterConfig_t rc = BITEP_ROUTER_CONFIG_INIT;
@@ -294,9 +298,25 @@ int main(int argc, char** argv) {
         __nv_bfloat16* x = dalloc<__nv_bfloat16>(T * sh.H);
         __nv_bfloat16* out = dalloc<__nv_bfloat16>(T * sh.H);
         // One counter per check, so that a failure says which one.
-        enum { kRecvRows, kExpertMajor, kPadRows, kCombine, kBaseRows, kBaseCombine, kChecks };
-        static const char* const kCheckNames[kChecks] = {"recv rows", "expert-major",  "pad rows",
-                                                         "combine",   "baseline rows", "baseline combine"};
+        enum {
+          kRecvRows,
+          kExpertMajor,
+          kPadRows,
+          kCombine,
+          kBaseRows,
+          kBaseCombine,
+          kLowLatencyRows,
+          kLowLatencyCombine,
+          kChecks
+        };
+        static const char* const kCheckNames[kChecks] = {"recv rows",
+                                                         "expert-major",
+                                                         "pad rows",
+                                                         "combine",
+                                                         "baseline rows",
+                                                         "baseline combine",
+                                                         "low-latency expert-major (vs bitepDispatch's)",
+                                                         "low-latency combine"};
         int* wrong = dalloc<int>(kChecks);
         int64_t* src_off = dalloc<int64_t>(W + 1);
         CK(cudaMemsetAsync(wrong, 0, sizeof(int) * kChecks, stream));
@@ -385,6 +405,44 @@ int main(int argc, char** argv) {
           }
           BK(bitepHandleDestroy(h));
         }
+        // Low latency: bitepDispatchLowLatency and its combine; its rows checked against bitepDispatch's (counts,
+        // offsets and the expert-major rows, bit for bit) and its combine as the regular one's.
+        std::vector<float> t_lld, t_llc;
+        rec.ll = T <= kLowLatencyTokens;
+        for (int it = 0; rec.ll && it < opt.warmup + opt.iters; ++it) {
+          MPI_Barrier(MPI_COMM_WORLD);
+          bitepHandle_t h;
+          CK(cudaEventRecord(ev.e[0], stream));
+          BK(bitepDispatchLowLatency(group, &da, bstream, &h));
+          CK(cudaEventRecord(ev.e[1], stream));
+          bitepDispatchLayout_t lay;
+          BK(bitepHandleGetLayout(h, &lay));
+          ca.y = lay.expert_x;  // identity experts
+          BK(bitepCombine(group, h, &ca, bstream));
+          CK(cudaEventRecord(ev.e[2], stream));
+          CK(cudaStreamSynchronize(stream));
+          if (it >= opt.warmup) t_lld.push_back(ev.us(0, 1)), t_llc.push_back(ev.us(1, 2));
+          if (it == 0) {
+            epbench::check_combine(out, x, map, w, T, sh.H, sh.E, sh.k, W, wrong + kLowLatencyCombine, stream);
+            bitepHandle_t h0;
+            BK(bitepDispatch(group, &da, bstream, &h0));
+            bitepDispatchLayout_t l0;
+            BK(bitepHandleGetLayout(h0, &l0));
+            std::vector<int32_t> c0(2 * L + 1), c1(2 * L + 1);
+            CK(cudaMemcpyAsync(c0.data(), l0.expert_counts, 4 * L, cudaMemcpyDeviceToHost, stream));
+            CK(cudaMemcpyAsync(c0.data() + L, l0.expert_offsets, 4 * (L + 1), cudaMemcpyDeviceToHost, stream));
+            CK(cudaMemcpyAsync(c1.data(), lay.expert_counts, 4 * L, cudaMemcpyDeviceToHost, stream));
+            CK(cudaMemcpyAsync(c1.data() + L, lay.expert_offsets, 4 * (L + 1), cudaMemcpyDeviceToHost, stream));
+            epbench::check_equal(static_cast<const __nv_bfloat16*>(lay.expert_x),
+                                 static_cast<const __nv_bfloat16*>(l0.expert_x), l0.num_expert_rows * sh.H,
+                                 wrong + kLowLatencyRows, stream);
+            CK(cudaGetLastError());
+            CK(cudaStreamSynchronize(stream));
+            if (c0 != c1 || lay.num_expert_rows < l0.num_expert_rows) ++host_wrong;
+            BK(bitepHandleDestroy(h0));
+          }
+          BK(bitepHandleDestroy(h));
+        }
         // End to end: router + dispatch + combine.
         for (int it = 0; it < opt.warmup + opt.iters; ++it) {
           MPI_Barrier(MPI_COMM_WORLD);
@@ -468,6 +526,10 @@ int main(int argc, char** argv) {
         rec.dispatch = report.over_ranks(median(t_disp));
         rec.combine = report.over_ranks(median(t_comb));
         rec.e2e = report.over_ranks(median(t_e2e));
+        if (rec.ll) {
+          rec.ll_dispatch = report.over_ranks(median(t_lld));
+          rec.ll_combine = report.over_ranks(median(t_llc));
+        }
         rec.nccl_a2a = report.over_ranks(median(t_a2a));
         rec.nccl_a2a_combine = report.over_ranks(median(t_a2a_c));
         rec.baseline_dispatch = report.over_ranks(median(t_bd));

@@ -26,6 +26,8 @@ struct Record {
   // This rank's bytes (finish() turns cross_bytes / size_bytes / rows into averages over ranks).
   int64_t cross_bytes = 0, size_bytes = 0, rows = 0, combine_bytes = 0, baseline_cross_bytes = 0;
   Stat dispatch, combine, e2e, nccl_a2a, nccl_a2a_combine, baseline_dispatch, baseline_combine, baseline_e2e;
+  Stat ll_dispatch, ll_combine;  // bitepDispatchLowLatency and its combine (T <= the group's low-latency capacity)
+  bool ll = false;
   Stat cross, combine_cross, baseline_cross;
   int64_t wrong = 0, group_bytes = 0;
 };
@@ -87,6 +89,12 @@ class Report {
         "", r->dispatch.min, r->dispatch.avg, r->dispatch.max, r->dispatch.slowest, r->combine.min, r->combine.avg,
         r->combine.max, r->combine.slowest, gbps(r->cross.avg, r->dispatch.max),
         gbps(r->combine_cross.avg, r->combine.max), r->cross.min, r->cross.max);
+    if (r->ll)
+      std::printf(
+          "  %6s   low latency: dispatch min/avg/max %.1f/%.1f/%.1f (slowest rank %d), combine %.1f/%.1f/%.1f (rank "
+          "%d)\n",
+          "", r->ll_dispatch.min, r->ll_dispatch.avg, r->ll_dispatch.max, r->ll_dispatch.slowest, r->ll_combine.min,
+          r->ll_combine.avg, r->ll_combine.max, r->ll_combine.slowest);
     std::fflush(stdout);
   }
 
@@ -130,6 +138,10 @@ class Report {
       stat(f, "baseline_combine_us", r.baseline_combine);
       stat(f, "baseline_e2e_us", r.baseline_e2e);
       stat(f, "cross_bytes_rank", r.cross);
+      if (r.ll) {
+        stat(f, "ll_dispatch_us", r.ll_dispatch);
+        stat(f, "ll_combine_us", r.ll_combine);
+      }
       std::fprintf(f, ", \"slowest_rank\": %d}", r.dispatch.slowest);
     }
     std::fprintf(f, "\n ]\n}\n");

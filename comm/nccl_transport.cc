@@ -109,8 +109,9 @@ NcclTransport::~NcclTransport() {
   int prev = -1;
   const bool switch_device = cudaGetDevice(&prev) == cudaSuccess && prev != device_;
   if (switch_device) (void)cudaSetDevice(device_);
-  if (window_ != nullptr) {
+  if (window_ != nullptr || ll_window_ != nullptr) {
     (void)cudaDeviceSynchronize();
+    ll_window_.reset();
     window_.reset();
   }
   if (comm_ != nullptr && owned_ && !aborted_) {
@@ -354,6 +355,18 @@ bitepResult_t NcclTransport::open_window(double timeout_s) {
 #ifdef BITEP_HAVE_NCCL_DEVICE
   return open_nccl_window(this, comm_, owned_, timeout_s, &window_);
 #else
+  (void)timeout_s;
+  return bitepSuccess;
+#endif
+}
+
+bitepResult_t NcclTransport::open_low_latency_window(size_t bytes, double timeout_s) {
+  BITEP_CHECK(check_usable("low-latency window"));
+  if (window_ == nullptr || ll_window_ != nullptr) return bitepSuccess;
+#ifdef BITEP_HAVE_NCCL_DEVICE
+  return open_nccl_window(this, comm_, owned_, timeout_s, &ll_window_, bytes);
+#else
+  (void)bytes;
   (void)timeout_s;
   return bitepSuccess;
 #endif

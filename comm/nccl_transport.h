@@ -47,6 +47,10 @@ class NcclTransport final : public Transport {
   // load/store team.
   bitepResult_t open_window(double timeout_s) override;
   PeerWindow* window() override { return window_.get(); }
+  // A second window of exactly `bytes` (never replaced) for the low-latency dispatches; only after
+  // open_window() gave one.
+  bitepResult_t open_low_latency_window(size_t bytes, double timeout_s) override;
+  PeerWindow* low_latency_window() override { return ll_window_.get(); }
 
   // r of a non-blocking NCCL call: ncclInProgress is polled to completion against timeout_s.
   bitepResult_t nccl_call(ncclResult_t r, const char* call, const char* what, double timeout_s);
@@ -72,13 +76,19 @@ class NcclTransport final : public Transport {
   size_t host_bytes_ = 0;
   void* dev_buf_ = nullptr;  // allgather_host
   size_t dev_bytes_ = 0;
-  std::unique_ptr<PeerWindow> window_;  // released before the communicator
+  std::unique_ptr<PeerWindow> window_;     // released before the communicator
+  std::unique_ptr<PeerWindow> ll_window_;  // likewise
 };
 
 #ifdef BITEP_HAVE_NCCL_DEVICE
 // comm/nccl_window.cu: *out = a window over t's communicator, or null where not every rank can have one.
-bitepResult_t open_nccl_window(
-    NcclTransport* t, ncclComm_t comm, bool owned, double timeout_s, std::unique_ptr<PeerWindow>* out);
+// fixed_bytes > 0: a window of that many data bytes that is never replaced (reserve() beyond it fails).
+bitepResult_t open_nccl_window(NcclTransport* t,
+                               ncclComm_t comm,
+                               bool owned,
+                               double timeout_s,
+                               std::unique_ptr<PeerWindow>* out,
+                               size_t fixed_bytes = 0);
 #endif
 
 }  // namespace bitep::ep

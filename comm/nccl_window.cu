@@ -131,8 +131,14 @@ ncclResult_t settle(ncclResult_t r) { return r == ncclSuccess ? ncclInProgress :
 
 class NcclWindow final : public PeerWindow {
  public:
-  NcclWindow(NcclTransport* t, ncclComm_t comm, int rank, int nranks, bool exchange)
-      : t_(t), comm_(comm), rank_(rank), nranks_(nranks), exchange_on_(exchange), bases_(nranks, nullptr) {}
+  NcclWindow(NcclTransport* t, ncclComm_t comm, int rank, int nranks, bool exchange, size_t fixed_bytes)
+      : t_(t),
+        comm_(comm),
+        rank_(rank),
+        nranks_(nranks),
+        exchange_on_(exchange),
+        fixed_bytes_(fixed_bytes),
+        bases_(nranks, nullptr) {}
   ~NcclWindow() override {
     release();
     if (bases_dev_ != nullptr) (void)cudaFree(bases_dev_);
@@ -172,8 +178,11 @@ class NcclWindow final : public PeerWindow {
   bitepResult_t reserve(size_t bytes, double timeout_s) override {
     timeout_s_ = timeout_s;
     if (mem_ != nullptr && bytes <= data_bytes_) return bitepSuccess;
+    if (fixed_bytes_ > 0 && (mem_ != nullptr || bytes > fixed_bytes_))
+      BITEP_FAIL(bitepInternalError, "a fixed peer window of %zu bytes asked for %zu", fixed_bytes_, bytes);
     size_t want = bytes + bytes / 2;  // room to grow: a window is replaced, not resized
     if (want < kInitialBytes) want = kInitialBytes;
+    if (fixed_bytes_ > 0) want = fixed_bytes_;
     want = (want + kHeaderBytes + kGranularity - 1) / kGranularity * kGranularity;
     BITEP_CUDA_CHECK(cudaDeviceSynchronize());  // the old window may still be read or written
     release();
@@ -276,6 +285,7 @@ class NcclWindow final : public PeerWindow {
   ncclComm_t comm_;
   int rank_, nranks_;
   bool exchange_on_;        // the count exchange through the windows (exchange())
+  size_t fixed_bytes_;      // > 0: the data area's size, never replaced
   uint64_t exchanges_ = 0;  // exchanges so far: the slot of the next is exchanges_ % 2
   void* mem_ = nullptr;
   ncclWindow_t win_ = nullptr;
@@ -292,8 +302,12 @@ class NcclWindow final : public PeerWindow {
 
 }  // namespace
 
-bitepResult_t open_nccl_window(
-    NcclTransport* t, ncclComm_t comm, bool owned, double timeout_s, std::unique_ptr<PeerWindow>* out) {
+bitepResult_t open_nccl_window(NcclTransport* t,
+                               ncclComm_t comm,
+                               bool owned,
+                               double timeout_s,
+                               std::unique_ptr<PeerWindow>* out,
+                               size_t fixed_bytes) {
   out->reset();
   const int W = t->nranks(), self = t->rank();
   // Default: on over the communicators bitep creates (their destruction is collective already), off over a
@@ -326,15 +340,16 @@ bitepResult_t open_nccl_window(
                                  : "another rank's load/store team is not every rank");
       return bitepSuccess;
     }
-  std::unique_ptr<NcclWindow> w(new NcclWindow(t, comm, self, W, exchange));
+  std::unique_ptr<NcclWindow> w(new NcclWindow(t, comm, self, W, exchange, fixed_bytes));
   int32_t ready = w->init() == bitepSuccess ? 1 : 0;
   BITEP_CHECK(t->allgather_host(&ready, all.data(), sizeof(int32_t)));
   for (int32_t v : all)
     if (v == 0) return bitepSuccess;  // a rank could not make its host word or table: none uses a window
-  BITEP_CHECK(w->reserve(0, timeout_s));
+  BITEP_CHECK(w->reserve(fixed_bytes, timeout_s));
   if (trace)
-    std::fprintf(stderr, "bitep: rank %d: peer window on (%d ranks, %zu bytes; count exchange %s)\n", self, W,
-                 w->bytes(), exchange ? "through it" : "by NCCL: BITEP_LSA_EXCHANGE=0");
+    std::fprintf(stderr, "bitep: rank %d: %s window on (%d ranks, %zu bytes; count exchange %s)\n", self,
+                 fixed_bytes > 0 ? "low-latency" : "peer", W, w->bytes(),
+                 exchange ? "through it" : "by NCCL: BITEP_LSA_EXCHANGE=0");
   *out = std::move(w);
   return bitepSuccess;
 }

@@ -77,6 +77,7 @@ struct ReduceArgs {
   int num_sources, self_source;  // per source destinations (ReduceParams::outs), or 0
   char* const* outs;
   const int64_t* row_offsets;
+  bool skip_empty;  // ReduceParams::skip_empty_rows
 };
 
 // Step j of a reduce over R rows of which [own0, own0 + own_n) are the own rows: the others' rows and the
@@ -127,6 +128,7 @@ __global__ void __launch_bounds__(kRowThreads) reduce_kernel(ReduceArgs a) {
     // Positions and weights of the first 32 entries stay in registers; more (KL > 32) are reloaded.
     const int pos0 = lane < KL ? __ldg(rr + lane) : -1;
     const float w0 = a.weights != nullptr && lane < KL ? __ldg(a.weights + i * KL + lane) : 1.0f;
+    if (a.skip_empty && __shfl_sync(kFullMask, pos0, 0) < 0) dst = nullptr;
     if (dst != nullptr) {
       Vec* out = reinterpret_cast<Vec*>(dst);
       for (int64_t base = 0; base < a.nvec; base += kWarp * kUnroll) {
@@ -314,6 +316,7 @@ cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream) {
   a.self_source = p.self_source;
   a.outs = reinterpret_cast<char* const*>(p.outs);
   a.row_offsets = p.row_offsets;
+  a.skip_empty = p.skip_empty_rows;
   // outs[s] live on the device: the caller states their alignment.
   int v = vec_bytes(a.row_bytes, p.y, a.out, grads ? p.grad_rows : nullptr);
   if (sources) {

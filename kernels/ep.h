@@ -20,5 +20,7 @@ cudaError_t launch_ep_copy_batch(const CopyBatchParams& p, cudaStream_t stream);
 cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream);
 cudaError_t launch_ep_final_sum(const FinalSumParams& p, cudaStream_t stream);
 cudaError_t launch_ep_weight_grad(const WeightGradParams& p, cudaStream_t stream);
+cudaError_t launch_ep_low_latency_send(const LowLatencySendParams& p, cudaStream_t stream);
+cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cudaStream_t stream);
 
 }  // namespace bitep::kernels

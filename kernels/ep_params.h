@@ -26,6 +26,7 @@
 // - Zero tokens / rows: nothing is read or written (pointers may be null).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "kernels/router_params.h"
@@ -217,6 +218,9 @@ struct ReduceParams {
   const int64_t* row_offsets = nullptr;  // [num_sources + 1] (backend memory)
   int self_source = -1;
   int outs_align = 1;  // a power of two (<= 16) dividing every outs[s]: bounds the vector width
+  // Rows without a local expert (recv_expert_rows[i][0] < 0) are not written (the low-latency combine's
+  // empty slots); otherwise they get zero rows.
+  bool skip_empty_rows = false;
 };
 
 // 8. Final sum: out[t] = sum over ranks r ascending with token_slot[t][r] >= 0 of
@@ -281,6 +285,65 @@ struct CopyBatchParams {
     ++count;
     return true;
   }
+};
+
+// 9. Low-latency dispatch (src/ep/low_latency.cc), cuda only. Every rank's low-latency window holds, per
+// source rank s, a block of C slots (C = capacity): rows [C, H], local map slices [C, MB], weights [C, KL]
+// (fp32, bit order, 0-padded), and a header word per source, the source's T; token t of rank s uses slot t
+// of s's block in every rank's window.
+struct LowLatencyBlock {
+  int64_t header = 0;   // offset of the [W] int64 header (T per source) in a region
+  int64_t first = 0;    // offset of source 0's block
+  int64_t stride = 0;   // bytes between two sources' blocks
+  int64_t map = 0;      // offset of the maps in a block (rows at 0)
+  int64_t weights = 0;  // offset of the weights in a block
+};
+
+// Send: for each token t < T and each rank r, slot t of this rank's block in r's region gets the map slice of
+// r's experts (zero when none) and, when the slice is not empty, the row and the slice's weights
+// (ExpertMajorParams' "first KL set bits" and the permute's weight rule); the header word of this rank in r's
+// region gets T; token_slot[t][r] = t when t goes to r, else -1 (the combine's final sum).
+struct LowLatencySendParams {
+  int64_t num_tokens = 0;  // T <= capacity
+  int num_experts = 0;
+  int topk = 0;
+  int num_ranks = 0;
+  int self_rank = 0;
+  int64_t hidden = 0;
+  DType dtype = DType::kBF16;
+  RoutingInput routing;
+  const void* x = nullptr;         // [T, H]
+  int64_t capacity = 0;            // C
+  char* const* regions = nullptr;  // [W] (backend memory): rank r's region (this call's parity), as mapped here
+  LowLatencyBlock block;
+  int32_t* token_slot = nullptr;  // [T, W] out
+};
+
+// Receive, after the barrier: this rank's region -> the expert-major view, as ExpertMajorParams with the
+// received rows taken in slot order (source rank, then token; slots t >= the source's T are empty), plus
+// the offsets and counts it computes itself: expert_counts[l], expert_offsets (aligned blocks back to back,
+// [L + 1]), recv_expert_rows [W * C, KL] (per slot, -1 padded) and recv_weights [W * C, KL] (0-padded, when
+// not null). Pad rows zeroed; rows past expert_offsets[L] not written.
+// The receive kernel keeps 2L + 1 int32 in shared memory (within the default 48 KiB): L up to
+// kLowLatencyMaxExperts.
+constexpr int kLowLatencyMaxExperts = 4096;
+constexpr size_t kLowLatencyMaxSmem = sizeof(int) * (2 * kLowLatencyMaxExperts + 1);
+struct LowLatencyReceiveParams {
+  int num_ranks = 0;
+  int num_local_experts = 0;  // L
+  int max_row_experts = 0;    // KL
+  int64_t capacity = 0;       // C
+  int64_t hidden = 0;
+  DType dtype = DType::kBF16;
+  int alignment = 1;
+  const char* region = nullptr;  // this rank's region (this call's parity)
+  LowLatencyBlock block;
+  void* expert_x = nullptr;             // [capacity rows, H]
+  int64_t expert_capacity = 0;          // rows of expert_x (offsets past it: rows not written)
+  int32_t* expert_counts = nullptr;     // [L]
+  int32_t* expert_offsets = nullptr;    // [L + 1]
+  int32_t* recv_expert_rows = nullptr;  // [W * C, KL]
+  float* recv_weights = nullptr;        // [W * C, KL] or null
 };
 
 inline int local_map_bytes(int num_local_experts) { return (num_local_experts + 7) / 8; }

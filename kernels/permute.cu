@@ -24,6 +24,7 @@
 // each of its expert rows, issued by one thread per block; the gather kernel then only zeroes pad rows.
 
 #include <algorithm>
+#include <cub/block/block_scan.cuh>
 
 #include "kernels/ep.h"
 #include "kernels/ep_common.cuh"
@@ -461,6 +462,191 @@ __global__ void __launch_bounds__(kRowThreads) copy_batch_kernel(CopyBatchParams
 }
 
 // The architecture (major * 10 + minor) of the bulk kernel's binary for the current device.
+// ---- low-latency dispatch (LowLatencySendParams, LowLatencyReceiveParams) --------------------------
+
+struct LowLatencySendArgs {
+  PermuteArgs m;  // the routing, weights, shape and x (write_row_meta's fields)
+  char* const* regions;
+  LowLatencyBlock b;
+  int32_t* token_slot;
+};
+
+// One warp per token: lane r finds whether the token has an expert on rank r, the warp stores the row once
+// into every such rank's slot (over NVLink for the peers), then lane r writes r's map slice (zero when
+// empty) and, for a non-empty slice, its weights.
+template <int V>
+__global__ void __launch_bounds__(kRowThreads) low_latency_send_kernel(LowLatencySendArgs a) {
+  const PermuteArgs& m = a.m;
+  const int lane = threadIdx.x & (kWarp - 1);
+  const int W = m.num_ranks, L = m.local_experts, self = m.self_rank;
+  if (blockIdx.x == 0)
+    for (int r = threadIdx.x; r < W; r += blockDim.x)
+      reinterpret_cast<int64_t*>(a.regions[r] + a.b.header)[self] = m.num_tokens;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp);
+  for (int64_t t = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp; t < m.num_tokens;
+       t += warps) {
+    const int limit = route_limit(m.v, t);
+    for (int rg = 0; rg < W; rg += kWarp) {
+      const int r = rg + lane;
+      bool any = false;
+      char* blk = nullptr;
+      if (r < W) {
+        const int lo = r * L, hi = lo + L < limit ? lo + L : limit;
+        for (int b = lo; b < hi && !any; b += kWarp) any = route_bits(m.v, t, b, hi) != 0u;
+        blk = a.regions[r] + a.b.first + self * a.b.stride;
+        a.token_slot[t * W + r] = any ? static_cast<int32_t>(t) : -1;
+      }
+      const uint32_t mask = __ballot_sync(kFullMask, any);
+      if (mask != 0)
+        warp_copy_row<V, kUnroll>(m.x + t * m.row_bytes, m.nvec, mask, any ? blk + t * m.row_bytes : nullptr);
+      if (r < W) {
+        float* w = any ? reinterpret_cast<float*>(blk + a.b.weights) : nullptr;
+        write_row_meta(m, t, r, t, reinterpret_cast<uint8_t*>(blk + a.b.map), w);
+        if (w != nullptr && m.weight_format == WeightFormat::kNone)  // no weights: zeros, not stale ones
+          for (int j = 0; j < m.row_experts; ++j) w[t * m.row_experts + j] = 0.0f;
+      }
+    }
+  }
+}
+
+struct LowLatencyReceiveArgs {
+  int W, L, KL, MB, align;
+  int64_t C;
+  const char* region;
+  LowLatencyBlock b;
+  char* expert_x;
+  int64_t expert_capacity, row_bytes, nvec;
+  int32_t* counts;
+  int32_t* offsets;
+  int32_t* rows;
+  float* weights;
+};
+
+constexpr int kLowLatencyThreads = 256;
+
+// Slot i's map slice (null past the source's T).
+__device__ __forceinline__ const uint8_t* low_latency_slice(const LowLatencyReceiveArgs& a, int64_t i) {
+  const int s = static_cast<int>(i / a.C);
+  const int64_t t = i - s * a.C;
+  int64_t T = reinterpret_cast<const int64_t*>(a.region + a.b.header)[s];
+  T = T < 0 ? 0 : (T > a.C ? a.C : T);
+  if (t >= T) return nullptr;
+  return reinterpret_cast<const uint8_t*>(a.region + a.b.first + s * a.b.stride + a.b.map) + t * a.MB;
+}
+
+// Block (l, y) of an (L, S) grid: every block counts all experts' slots (shared atomics; a few thousand
+// bits) and scans the counts into the aligned offsets, so no block waits for another; block (l, y) then
+// ranks expert l's slots chunk by chunk (256 slots a chunk, in slot order) and, for the chunks c with
+// c % S == y, writes their positions and weights and copies their rows (a warp a row). Block (0, y) writes
+// the -1 / 0 padding of its chunks' slots, block (l, 0) the counts, offsets and expert l's pad rows.
+template <int V>
+__global__ void __launch_bounds__(kLowLatencyThreads) low_latency_receive_kernel(LowLatencyReceiveArgs a) {
+  using BlockScan = cub::BlockScan<int, kLowLatencyThreads>;
+  using WarpScan = cub::WarpScan<int>;
+  extern __shared__ int ll_smem[];  // counts [L], offsets [L + 1]
+  __shared__ typename BlockScan::TempStorage scan;
+  __shared__ typename WarpScan::TempStorage wscan;
+  __shared__ int64_t list_slot[kLowLatencyThreads];
+  __shared__ int list_pos[kLowLatencyThreads];
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
+  const int l = blockIdx.x, y = blockIdx.y, S = gridDim.y, L = a.L, KL = a.KL;
+  int* cnt = ll_smem;
+  int* off = ll_smem + L;
+  const int64_t slots = a.W * a.C;
+  for (int e = tid; e < L; e += kLowLatencyThreads) cnt[e] = 0;
+  __syncthreads();
+  for (int64_t i = tid; i < slots; i += kLowLatencyThreads) {
+    const uint8_t* m = low_latency_slice(a, i);
+    if (m == nullptr) continue;
+    for (int q = 0; q < a.MB; ++q) {
+      uint32_t v = m[q];
+      if (q * 8 + 8 > L) v &= (1u << (L - q * 8)) - 1u;
+      for (; v != 0; v &= v - 1) atomicAdd(&cnt[q * 8 + __ffs(v) - 1], 1);
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int carry = 0;
+    for (int e0 = 0; e0 < L; e0 += kWarp) {
+      const int e = e0 + lane;
+      const int v = e < L ? (cnt[e] + a.align - 1) / a.align * a.align : 0;
+      int excl = 0, total = 0;
+      WarpScan(wscan).ExclusiveSum(v, excl, total);
+      if (e < L) off[e] = carry + excl;
+      carry += total;
+      __syncwarp();
+    }
+    if (lane == 0) off[L] = carry;
+  }
+  __syncthreads();
+  if (y == 0) {
+    if (tid == 0) {
+      a.counts[l] = cnt[l];
+      a.offsets[l] = off[l];
+      if (l == L - 1) a.offsets[L] = off[L];
+    }
+    const int64_t p1 = off[l + 1] < a.expert_capacity ? off[l + 1] : a.expert_capacity;
+    using Vec = typename VecOf<V>::type;
+    for (int64_t p = off[l] + cnt[l] + warp; p < p1; p += kLowLatencyThreads / kWarp) {
+      Vec* out = reinterpret_cast<Vec*>(a.expert_x + p * a.row_bytes);
+      for (int64_t q = lane; q < a.nvec; q += kWarp) out[q] = Vec{};
+    }
+  }
+  const int byte = l >> 3;
+  const uint32_t below = (1u << (l & 7)) - 1u;
+  int run = 0;  // expert l's slots in earlier chunks
+  for (int64_t c0 = 0, chunk = 0; c0 < slots; c0 += kLowLatencyThreads, ++chunk) {
+    const int64_t i = c0 + tid;
+    const uint8_t* m = i < slots ? low_latency_slice(a, i) : nullptr;
+    int j = 0, n = 0;  // expert l's index in the slice; the slice's experts
+    bool has = false;
+    if (m != nullptr) {
+      for (int q = 0; q < a.MB; ++q) {
+        uint32_t v = m[q];
+        if (q * 8 + 8 > L) v &= (1u << (L - q * 8)) - 1u;
+        n += __popc(v);
+        if (q < byte) j += __popc(v);
+      }
+      const uint32_t v = m[byte];
+      has = (v >> (l & 7)) & 1u;
+      j += __popc(v & below);
+    }
+    int excl = 0, total = 0;
+    BlockScan(scan).ExclusiveSum(has ? 1 : 0, excl, total);
+    const bool mine = chunk % S == y;
+    if (mine) {
+      if (has && j < KL) {
+        const int pos = off[l] + run + excl;
+        a.rows[i * KL + j] = pos;
+        if (a.weights != nullptr) {
+          const int s = static_cast<int>(i / a.C);
+          const float* w = reinterpret_cast<const float*>(a.region + a.b.first + s * a.b.stride + a.b.weights);
+          a.weights[i * KL + j] = w[(i - s * a.C) * KL + j];
+        }
+        list_slot[excl] = i;
+        list_pos[excl] = pos;
+      }
+      if (l == 0 && i < slots)
+        for (int q = n < KL ? n : KL; q < KL; ++q) {
+          a.rows[i * KL + q] = -1;
+          if (a.weights != nullptr) a.weights[i * KL + q] = 0.0f;
+        }
+    }
+    __syncthreads();
+    if (mine)
+      for (int q = warp; q < total; q += kLowLatencyThreads / kWarp) {
+        const int64_t si = list_slot[q];
+        const int64_t pos = list_pos[q];
+        if (pos >= a.expert_capacity) continue;
+        const int s = static_cast<int>(si / a.C);
+        const char* src = a.region + a.b.first + s * a.b.stride + (si - s * a.C) * a.row_bytes;
+        warp_copy_row<V, kUnroll>(src, a.nvec, 1u, lane == 0 ? a.expert_x + pos * a.row_bytes : nullptr);
+      }
+    run += total;
+    __syncthreads();
+  }
+}
+
 cudaError_t bulk_binary_arch(int* out) {
   static std::atomic<int> cache[kMaxCachedDevices];
   return cached_per_device(
@@ -694,6 +880,84 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
     return dispatch_vec(v,
                         [&](auto vt) { return launch_expert_copy<T, decltype(vt)::value>(a, weighted, grid, stream); });
   });
+}
+
+cudaError_t launch_ep_low_latency_send(const LowLatencySendParams& p, cudaStream_t stream) {
+  const int W = p.num_ranks, E = p.num_experts;
+  if (W < 1 || E < 1 || E % W != 0 || p.topk < 1 || p.num_tokens < 0 || p.num_tokens > p.capacity || p.hidden < 1 ||
+      p.self_rank < 0 || p.self_rank >= W || p.regions == nullptr || (p.num_tokens > 0 && p.token_slot == nullptr))
+    return cudaErrorInvalidValue;
+  if (p.num_tokens > 0 && (p.x == nullptr || p.routing.map == nullptr)) return cudaErrorInvalidValue;
+  LowLatencySendArgs a;
+  PermuteArgs& m = a.m;
+  m = PermuteArgs{};
+  m.v = make_route_view(p.routing, E, p.topk);
+  m.weight_format = p.routing.weight_format;
+  m.weights = p.routing.weights;
+  m.num_tokens = p.num_tokens;
+  m.num_ranks = W;
+  m.local_experts = E / W;
+  m.self_rank = p.self_rank;
+  m.map_bytes = local_map_bytes(m.local_experts);
+  m.row_experts = max_row_experts(p.topk, m.local_experts);
+  m.x = static_cast<const char*>(p.x);
+  m.row_bytes = p.hidden * dtype_size(p.dtype);
+  a.regions = p.regions;
+  a.b = p.block;
+  a.token_slot = p.token_slot;
+  // Slots sit at multiples of the row size past 16-byte aligned blocks: the row size and x decide.
+  const int v = vec_bytes(m.row_bytes, p.x, reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.first)),
+                          reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.stride)));
+  m.nvec = m.row_bytes / v;
+  unsigned grid = 1;  // one block even without tokens: it writes the headers
+  if (p.num_tokens > 0) {
+    const cudaError_t err = row_grid(p.num_tokens, &grid);
+    if (err != cudaSuccess) return err;
+  }
+  dispatch_vec(v, [&](auto vt) { low_latency_send_kernel<decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a); });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cudaStream_t stream) {
+  const int L = p.num_local_experts, KL = p.max_row_experts;
+  if (p.num_ranks < 1 || L < 1 || KL < 1 || KL > L || p.capacity < 1 || p.hidden < 1 || p.alignment < 1 ||
+      p.region == nullptr || p.expert_x == nullptr || p.expert_counts == nullptr || p.expert_offsets == nullptr ||
+      p.recv_expert_rows == nullptr || p.expert_capacity < 0)
+    return cudaErrorInvalidValue;
+  const size_t smem = sizeof(int) * (2 * static_cast<size_t>(L) + 1);
+  if (smem > kLowLatencyMaxSmem) return cudaErrorInvalidValue;
+  LowLatencyReceiveArgs a;
+  a.W = p.num_ranks;
+  a.L = L;
+  a.KL = KL;
+  a.MB = local_map_bytes(L);
+  a.align = p.alignment;
+  a.C = p.capacity;
+  a.region = p.region;
+  a.b = p.block;
+  a.expert_x = static_cast<char*>(p.expert_x);
+  a.expert_capacity = p.expert_capacity;
+  a.row_bytes = p.hidden * dtype_size(p.dtype);
+  a.counts = p.expert_counts;
+  a.offsets = p.expert_offsets;
+  a.rows = p.recv_expert_rows;
+  a.weights = p.recv_weights;
+  const int v = vec_bytes(a.row_bytes, p.expert_x, reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.first)),
+                          reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.stride)));
+  a.nvec = a.row_bytes / v;
+  // Chunks of 256 slots shared out among S blocks per expert: about two blocks per SM in all.
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const int64_t chunks = (p.num_ranks * p.capacity + kLowLatencyThreads - 1) / kLowLatencyThreads;
+  int64_t S = (2 * static_cast<int64_t>(sms) + L - 1) / L;
+  S = S < 1 ? 1 : (S > chunks ? chunks : S);
+  if (S > 65535) S = 65535;
+  const dim3 grid(static_cast<unsigned>(L), static_cast<unsigned>(S));
+  dispatch_vec(v, [&](auto vt) {
+    low_latency_receive_kernel<decltype(vt)::value><<<grid, kLowLatencyThreads, smem, stream>>>(a);
+  });
+  return cudaGetLastError();
 }
 
 }  // namespace bitep::kernels

@@ -133,7 +133,7 @@ grep -E 'bitep: (cuda|MPI)' "$OUT/build.log"
 LOG=$OUT/tests.log
 BENCH=$OUT/bench.txt
 MR=$BUILD/tests/multirank/bitep_multirank_tests
-CUDA_FILTER=${MR_CUDA_FILTER:-EpCuda*}
+CUDA_FILTER=${MR_CUDA_FILTER:-EpCuda*:EpLowLatency/*Cuda*}
 # Under the sanitizers: every GPU test but the multi-GiB 64-bit indexing one, one mid-size router grid.
 # libnccl probes its kernels with cudaFuncGetAttributes and gets cudaErrorNoKernelImageForDevice for the
 # architectures it was not built for (seen on H200, NCCL 2.28.3): API errors that are NCCL's, not
@@ -142,12 +142,19 @@ MR_SAN_FLAGS="--tool memcheck --error-exitcode 1 --report-api-errors no"
 # Under memcheck, the two fixed cuda-vs-host tests and the grid's edge scenarios (the whole grid is
 # ~10x slower there than the budget of a device call allows).
 G=EpCuda/EpCudaGrid.MatchesHostBackend
-MR_SAN_FILTER=${MR_SAN_FILTER:-EpCuda.*:$G/zero_tokens_odd_ranks:$G/all_to_last_rank:$G/L9_k4_align4:$G/k_eq_E_H5:$G/H7_fp32_align8:$G/no_weights}
+LL=EpLowLatency/EpLowLatency.MatchesDispatchCuda
+MR_SAN_FILTER=${MR_SAN_FILTER:-EpCuda.*:$G/zero_tokens_odd_ranks:$G/all_to_last_rank:$G/L9_k4_align4:$G/k_eq_E_H5:$G/H7_fp32_align8:$G/no_weights:$LL/zero_tokens_odd_ranks:$LL/all_to_last_rank:$LL/L9_k4_align4:$LL/H7_fp32_align8}
 GPU_SAN_FILTER=${SANITIZER_FILTER:-EpKernelsGpu.*:RouterGpu.*:Experts/RouterGrid.MatchesHostAndOracle/E130:-RouterGpu.LargeTokenCount64BitIndexing}
 
+# BENCHES (default router,ep) picks the benchmarks of the bench phase; EP_BENCH_ARGS adds ep_bench arguments
+# (--tokens 128,512: the decode sizes alone).
+BENCHES=${BENCHES:-router,ep}
 if on bench; then
-  step "router_bench" "$BENCH" "$BUILD/bench/router_bench" $QUICK --commit "$COMMIT" --json "$OUT/router.json"
-  step "ep_bench np$NGPU" "$BENCH" mpirun -np "$NGPU" -x BITEP_COMMIT "$BUILD/bench/ep_bench" $QUICK --json "$OUT/ep.json"
+  [[ ",$BENCHES," == *",router,"* ]] &&
+    step "router_bench" "$BENCH" "$BUILD/bench/router_bench" $QUICK --commit "$COMMIT" --json "$OUT/router.json"
+  # shellcheck disable=SC2086
+  [[ ",$BENCHES," == *",ep,"* ]] && step "ep_bench np$NGPU" "$BENCH" mpirun -np "$NGPU" -x BITEP_COMMIT \
+    "$BUILD/bench/ep_bench" $QUICK ${EP_BENCH_ARGS:-} --json "$OUT/ep.json"
   # At most 8 files come back from $OUT: the plots travel as one tar.
   if [ -f "$OUT/ep.json" ] && python3 -c 'import matplotlib' 2>/dev/null; then
     PLOTS=$(mktemp -d)

@@ -243,10 +243,15 @@ typedef struct {
   int expert_alignment;   /* each expert's block of the expert-major view is rounded up to this many rows (>= 1) */
   double timeout_s;       /* a failed or stalled peer yields bitepTimeout after this many seconds (> 0) */
   int device;             /* cuda: device ordinal; -1 = local rank on the node (MPI) or the current device */
+  /* Low-latency mode (bitepDispatchLowLatency): the most tokens a rank passes to one low-latency dispatch,
+   * in [0, 65536], the same on every rank; 0 = no low-latency dispatches. Where the group has a peer window
+   * the group reserves a second, fixed symmetric buffer for them at creation, about
+   * 2 * W * max_tokens * (2 * H * dtype size + ceil(L / 8) + 4 * min(k, L)) bytes, never grown. */
+  int low_latency_max_tokens;
 } bitepGroupConfig_t;
 
 #define BITEP_GROUP_CONFIG_INIT \
-  { sizeof(bitepGroupConfig_t), BITEP_GROUP_CONFIG_MAGIC, bitepBackendCuda, 0, 1, 0, bitepBfloat16, 1, 300.0, -1 }
+  { sizeof(bitepGroupConfig_t), BITEP_GROUP_CONFIG_MAGIC, bitepBackendCuda, 0, 1, 0, bitepBfloat16, 1, 300.0, -1, 0 }
 
 #define BITEP_UNIQUE_ID_BYTES 128
 typedef struct {
@@ -333,6 +338,29 @@ BITEP_API bitepResult_t bitepDispatch(bitepGroup_t group,
                                       const bitepDispatchArgs_t* args,
                                       bitepStream_t stream,
                                       bitepHandle_t* handle);
+
+/* Low-latency dispatch, for decode batches: the same arguments, routing semantics and expert-major rows as
+ * bitepDispatch, with no host synchronisation. Collective over the group; needs config.low_latency_max_tokens
+ * >= 1 and args->num_tokens <= it on this rank; recv_x and expert_x must be NULL (the rows live in the
+ * handle). Where the group has a peer window (cuda, every rank in one NVLink domain) it is three kernels on
+ * `stream`: each token's row, map slice and weights stored into fixed slots of the ranks that own its experts
+ * (slot = source rank, token: no count exchange), one flag barrier, then each rank builds its expert-major
+ * view from the slots; no host wait, so the host returns at once. Elsewhere (host backend, no window, W = 1)
+ * it runs bitepDispatch and gives the same layout.
+ * The handle's layout: expert-major only. expert_x holds the experts' blocks back to back (aligned as in
+ * bitepDispatch, pad rows zero); expert_counts and expert_offsets are on the device only and are the truth:
+ * num_expert_rows is the rows expert_x has (the fast path: its fixed capacity
+ * W * max_tokens * min(k, L) + L * (alignment - 1); rows past expert_offsets[L] are not written). recv_x,
+ * recv_map, recv_weights, recv_expert_rows and the *_host pointers are NULL, num_recv_rows 0.
+ * bitepCombine takes the handle (expert-major y of num_expert_rows rows; the same sums, in the same order, as
+ * bitepCombine after bitepDispatch), again without a host wait; the backward calls return bitepNotSupported.
+ * Any number of low-latency dispatches and combines may be in flight in any order (their slots alternate
+ * and every call's barrier orders them). A rank that fails its argument checks returns at once and queues
+ * nothing: its peers then wait in the barrier for the group's timeout, and their next call reports it. */
+BITEP_API bitepResult_t bitepDispatchLowLatency(bitepGroup_t group,
+                                                const bitepDispatchArgs_t* args,
+                                                bitepStream_t stream,
+                                                bitepHandle_t* handle);
 
 typedef struct {
   int num_ranks;             /* W */

@@ -117,6 +117,12 @@ class Group {
     check(bitepDispatch(g_, &args, stream, &h));
     return Handle(h);
   }
+  // bitepDispatchLowLatency: no host synchronisation (config.low_latency_max_tokens > 0).
+  Handle dispatch_low_latency(const bitepDispatchArgs_t& args, bitepStream_t stream = nullptr) const {
+    bitepHandle_t h = nullptr;
+    check(bitepDispatchLowLatency(g_, &args, stream, &h));
+    return Handle(h);
+  }
   void combine(const Handle& h, const bitepCombineArgs_t& args, bitepStream_t stream = nullptr) const {
     check(bitepCombine(g_, h.get(), &args, stream));
   }

@@ -18,6 +18,7 @@
 #include "src/ep/collective.h"
 #include "src/ep/dispatch_args.h"
 #include "src/ep/exec.h"
+#include "src/ep/low_latency.h"
 
 namespace bitep::ep {
 
@@ -111,6 +112,10 @@ bitepResult_t check_combine_args(const bitepGroup* g,
                                  const char* layout_name,
                                  const char* out_name) {
   BITEP_CHECK(check_layout(layout, layout_name));
+  BITEP_ARG_CHECK(!h->low_latency || layout == bitepLayoutExpertMajor,
+                  "%s is bitepLayoutRankMajor but the handle is from bitepDispatchLowLatency, which has no rank-major "
+                  "rows: pass expert-major rows",
+                  layout_name);
   BITEP_ARG_CHECK(weighted == 0 || weighted == 1, "args->weighted is %d, must be 0 or 1", weighted);
   if (weighted && layout == bitepLayoutExpertMajor)
     BITEP_ARG_CHECK(h->has_weights,
@@ -238,6 +243,7 @@ bitepResult_t combine(bitepGroup_t g,
   // Joins any side-stream work first: the fence then covers it (an error path can leave a fork open).
   FenceOnExit fence(h, stream, [&ex] { (void)ex.join(); });
   Trace trace("combine", g->rank, stream, ex.cuda());
+  if (h->low_latency_window) return combine_low_latency(ex, g, h, y, weighted, out, &trace);
   // The peer window takes the combines (decided with the dispatch, alike on every rank; small ones go by
   // NCCL's all-to-all with BITEP_LSA_SMALL=0).
   PeerWindow* win = g->nranks > 1 ? g->transport->window() : nullptr;
@@ -303,6 +309,10 @@ bitepResult_t bitepDispatchBackward(bitepGroup_t group,
                                     bitepStream_t stream) {
   return bitep::guard("bitepDispatchBackward", [&]() -> bitepResult_t {
     BITEP_CHECK(bitep::ep::check_call(group, handle));
+    if (handle->low_latency)
+      BITEP_FAIL(bitepNotSupported,
+                 "the handle is from bitepDispatchLowLatency, which has no backward pass: "
+                 "use bitepDispatch for training");
     const bitepResult_t local =
         bitep::ep::check_combine_args(group, handle, grad_y, layout, 0, grad_x, "grad_y", "layout", "grad_x");
     return bitep::ep::combine(group, handle, grad_y, layout, 0, grad_x, stream, local, "this dispatch backward");

@@ -169,6 +169,10 @@ extern "C" bitepResult_t bitepCombineBackward(bitepGroup_t group,
   return bitep::guard("bitepCombineBackward", [&]() -> bitepResult_t {
     using namespace bitep::ep;
     BITEP_CHECK(check_call(group, handle));
+    if (handle->low_latency)
+      BITEP_FAIL(bitepNotSupported,
+                 "the handle is from bitepDispatchLowLatency, which has no backward pass: "
+                 "use bitepDispatch for training");
     Exec ex(group, stream);
     BITEP_CHECK(ex.begin());
     const bitepResult_t local = check_args(group, handle, args);

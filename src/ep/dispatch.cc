@@ -81,8 +81,11 @@ using HandlePtr = std::unique_ptr<bitepHandle, HandleDeleter>;
 
 class Dispatch {
  public:
-  Dispatch(bitepGroup* g, const bitepDispatchArgs_t* a, bitepStream_t stream)
-      : g_(g),
+  // prior: a failure of this rank's checks made before (bitepDispatchLowLatency's), which it reports to its
+  // peers in the count exchange as any local failure.
+  Dispatch(bitepGroup* g, const bitepDispatchArgs_t* a, bitepStream_t stream, bitepResult_t prior = bitepSuccess)
+      : prior_(prior),
+        g_(g),
         a_(a),
         ex_(g, stream),
         trace_("dispatch", g->rank, stream, g->config.backend == bitepBackendCuda),
@@ -123,6 +126,7 @@ class Dispatch {
   // call before any fork).
   bitepResult_t expert_copy_params(kernels::ExpertMajorParams* ep);
 
+  const bitepResult_t prior_;
   bitepGroup* g_;
   const bitepDispatchArgs_t* a_;
   Exec ex_;
@@ -596,7 +600,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   h_->group = g_;
 
   // A local failure from here on still takes part in the count exchange, so the peers fail with it.
-  bitepResult_t local = make_fence(h_.get(), ex_.cuda());
+  bitepResult_t local = prior_ != bitepSuccess ? prior_ : make_fence(h_.get(), ex_.cuda());
   if (W_ > 1) win_ = g_->transport->window();
   if (local == bitepSuccess && win_ != nullptr) local = win_->check();
   if (local == bitepSuccess) local = check_dispatch_args(g_, a_, out);
@@ -678,6 +682,13 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
 }
 
 }  // namespace
+
+bitepResult_t dispatch_after_checks(
+    bitepGroup* g, const bitepDispatchArgs_t* args, bitepStream_t stream, bitepHandle_t* handle, bitepResult_t prior) {
+  Dispatch d(g, args, stream, prior);
+  return d.run(handle);
+}
+
 }  // namespace bitep::ep
 
 extern "C" bitepResult_t bitepDispatch(bitepGroup_t group,

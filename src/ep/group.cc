@@ -10,6 +10,7 @@
 #include "src/args.h"
 #include "src/check.h"
 #include "src/ep/collective.h"
+#include "src/ep/low_latency.h"
 
 #ifdef BITEP_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -30,6 +31,9 @@ bitepResult_t check_group_config(const bitepGroupConfig_t* c) {
   BITEP_ARG_CHECK(std::isfinite(c->timeout_s) && c->timeout_s > 0, "config->timeout_s is %g, must be finite and > 0",
                   c->timeout_s);
   BITEP_ARG_CHECK(c->device >= -1, "config->device is %d, must be >= 0 or -1 (automatic)", c->device);
+  BITEP_ARG_CHECK(c->low_latency_max_tokens >= 0 && c->low_latency_max_tokens <= kMaxLowLatencyTokens,
+                  "config->low_latency_max_tokens is %d, must be in [0, %d] (0: no low-latency dispatches)",
+                  c->low_latency_max_tokens, kMaxLowLatencyTokens);
   return bitepSuccess;
 }
 
@@ -43,6 +47,7 @@ ConfigBlob make_config_blob(const bitepGroupConfig_t* c, int nranks, bitepResult
   b.topk = readable ? c->topk : -1;
   b.hidden = readable ? c->hidden : -1;
   b.dtype = readable ? c->dtype : -1;
+  b.low_latency_max_tokens = readable ? c->low_latency_max_tokens : -1;
   return b;
 }
 
@@ -58,10 +63,13 @@ bitepResult_t agree_configs(const ConfigBlob* all, int nranks, int self, bitepRe
     const char* name;
     int32_t ConfigBlob::*member;
   };
-  static const Field fields[] = {
-      {"config->backend", &ConfigBlob::backend}, {"config->num_experts", &ConfigBlob::num_experts},
-      {"config->topk", &ConfigBlob::topk},       {"config->hidden", &ConfigBlob::hidden},
-      {"config->dtype", &ConfigBlob::dtype},     {"nranks", &ConfigBlob::nranks}};
+  static const Field fields[] = {{"config->backend", &ConfigBlob::backend},
+                                 {"config->num_experts", &ConfigBlob::num_experts},
+                                 {"config->topk", &ConfigBlob::topk},
+                                 {"config->hidden", &ConfigBlob::hidden},
+                                 {"config->dtype", &ConfigBlob::dtype},
+                                 {"nranks", &ConfigBlob::nranks},
+                                 {"config->low_latency_max_tokens", &ConfigBlob::low_latency_max_tokens}};
   for (const Field& f : fields)
     for (int r = 1; r < nranks; ++r)
       if (all[r].*f.member != all[0].*f.member)
@@ -149,6 +157,13 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
     }
     // Collective like the config agreement above: every rank gets a peer window, or none does.
     r = transport->open_window(config->timeout_s);
+    // The low-latency window: where the peer window is (so every rank alike), fixed at its size.
+    if (r == bitepSuccess && config->low_latency_max_tokens > 0 && transport->window() != nullptr)
+      r = transport->open_low_latency_window(
+          low_latency_window_bytes(W, config->low_latency_max_tokens, g->num_local_experts, g->max_row_experts,
+                                   static_cast<size_t>(dtype_size(config->dtype)) * config->hidden),
+          config->timeout_s);
+    if (r == bitepSuccess) r = make_low_latency_tables(g.get(), transport.get());
   done:
     if (prev != g->device) cudaSetDevice(prev);
     if (r != bitepSuccess) return r;
@@ -171,6 +186,7 @@ bitepGroup::~bitepGroup() {
   if (side_stream != nullptr) cudaStreamDestroy(static_cast<cudaStream_t>(side_stream));  // after its work
   if (fork_event != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(fork_event));
   if (join_event != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(join_event));
+  if (ll_tables != nullptr) cudaFree(ll_tables);
   (void)cudaGetLastError();
 #endif
   magic = 0;
@@ -214,6 +230,8 @@ bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes) {
     size_t fixed = group->upload_bytes;
     if (group->transport != nullptr && group->transport->window() != nullptr)
       fixed += group->transport->window()->bytes();
+    if (group->transport != nullptr && group->transport->low_latency_window() != nullptr)
+      fixed += group->transport->low_latency_window()->bytes();
     *bytes = group->life->pool->held_bytes() + fixed;
     return bitepSuccess;
   });

@@ -33,6 +33,7 @@ struct ConfigBlob {
   int32_t hidden;
   int32_t dtype;
   int32_t nranks;
+  int32_t low_latency_max_tokens;
 };
 
 // Local checks of a group config (struct, ranges); does not need W.
@@ -86,5 +87,13 @@ struct bitepGroup {
   void* side_stream = nullptr;
   void* fork_event = nullptr;
   void* join_event = nullptr;
+  // Low-latency dispatches (bitepDispatchLowLatency) so far, and their combines: the parity of each picks
+  // the slots it uses in the low-latency window. The same on every rank (the calls are collective).
+  uint64_t ll_dispatches = 0;
+  uint64_t ll_combines = 0;
+  // cuda, with the low-latency window: device tables (src/ep/low_latency.cc), and the common alignment of
+  // the combine's destinations.
+  void* ll_tables = nullptr;
+  int ll_outs_align = 1;
   ~bitepGroup();
 };

@@ -26,6 +26,8 @@ struct bitepHandle {
   int64_t num_tokens = 0;  // T of the dispatch on this rank
   bool has_weights = false;
   bool window_combine = false;           // its combines go through the peer window (decided alike on every rank)
+  bool low_latency = false;              // from bitepDispatchLowLatency: expert-major only, no backward
+  bool low_latency_window = false;       // ... through the low-latency window (its combines too)
   bitep::kernels::RoutingInput routing;  // the dispatch's map, copied into a handle block (weights not kept)
 
   // Backend memory.

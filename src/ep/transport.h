@@ -118,6 +118,15 @@ class Transport {
   }
   // The peer window, or null (host transport, ranks beyond one NVLink domain, BITEP_LSA=0, W = 1).
   virtual PeerWindow* window() { return nullptr; }
+  // Collective, once, after open_window() gave a window: a second one of a fixed `bytes` of data for the
+  // low-latency dispatches and combines (src/ep/low_latency.cc), never replaced; every rank ends with one, or
+  // none.
+  virtual bitepResult_t open_low_latency_window(size_t bytes, double timeout_s) {
+    (void)bytes;
+    (void)timeout_s;
+    return bitepSuccess;
+  }
+  virtual PeerWindow* low_latency_window() { return nullptr; }
 };
 
 // NCCL side, implemented in comm/nccl_transport.cc (built only with BITEP_HAVE_NCCL). The group code

@@ -231,7 +231,7 @@ void ep_reduce(const kernels::ReduceParams& p) {
       out = p.outs[s];
       o = i - p.row_offsets[s];
     }
-    if (out != nullptr) {
+    if (out != nullptr && !(p.skip_empty_rows && (KL < 1 || rows[0] < 0))) {
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int j = 0; j < KL; ++j) {
         const int32_t pos = rows[j];

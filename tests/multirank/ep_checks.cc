@@ -5,7 +5,30 @@
 #include <cmath>
 #include <cstring>
 
+#ifdef BITEP_MULTIRANK_CUDA
+#include <cuda_runtime.h>
+#endif
+
 namespace ept {
+
+#ifdef BITEP_MULTIRANK_CUDA
+// Skips unless every rank has a GPU of its own (its index on the node); returns that device.
+bool gpu_per_rank(int* device, std::string* why) {
+  MPI_Comm node;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+  int local = 0, n = 0;
+  MPI_Comm_rank(node, &local);
+  MPI_Comm_free(&node);
+  if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
+  (void)cudaGetLastError();
+  int have = local < n ? 1 : 0, all = 0;
+  MPI_Allreduce(&have, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  *device = local;
+  *why = "the cuda backend test needs one GPU per rank; rank " + std::to_string(world_rank()) + " sees " +
+         std::to_string(n) + " GPU(s) for local rank " + std::to_string(local);
+  return all != 0;
+}
+#endif
 
 int config_topk(const Spec& s, int W) { return s.route == Route::kOneRank ? std::min(s.topk(W), s.L) : s.topk(W); }
 

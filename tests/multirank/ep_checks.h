@@ -45,6 +45,11 @@ std::vector<uint8_t> combine(bitepGroup_t g,
 
 void expect_values(const Spec& s, const std::vector<uint8_t>& got, const std::vector<float>& want, const char* what);
 
+#ifdef BITEP_MULTIRANK_CUDA
+// True when every rank has a GPU of its own (its index on the node, *device); else why not. Collective.
+bool gpu_per_rank(int* device, std::string* why);
+#endif
+
 // The config topk of a spec (one-rank routing caps it at L).
 int config_topk(const Spec& s, int W);
 

@@ -1,0 +1,308 @@
+// SPDX-License-Identifier: Apache-2.0
+// bitepDispatchLowLatency and the combines of its handles (src/ep/low_latency.h has the window's layout).
+// Fast path (cuda, the group's low-latency window): send kernel (rows, map slices, weights into fixed slots of
+// the owners' windows) -> barrier -> receive kernel (counts, offsets, positions and the expert-major copies,
+// all on the device); the combine: reduce (partials into the sources' combine slots) -> barrier -> final
+// sum. No host wait and no allocation beyond the pool's. Elsewhere bitepDispatch does the work and the handle
+// only looks like a low-latency one.
+#include "src/ep/low_latency.h"
+
+#include <vector>
+
+#include "src/args.h"
+#include "src/check.h"
+#include "src/ep/combine.h"
+#include "src/ep/dispatch_args.h"
+#include "src/ep/exec.h"
+#include "src/ep/handle.h"
+#include "src/trace.h"
+
+#ifdef BITEP_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "kernels/ep.h"
+#endif
+
+namespace bitep::ep {
+namespace {
+
+size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+// Byte offsets of the device tables in group->ll_tables.
+struct Tables {
+  size_t dispatch_regions;  // [2][W] char*: every rank's dispatch region of each parity, as mapped here
+  size_t combine_outs;      // [2][W] void*: this rank's slots in every rank's combine region of each parity
+  size_t row_offsets;       // [W + 1] int64: s * C
+  size_t bytes;
+};
+
+Tables tables(int W) {
+  Tables t;
+  t.dispatch_regions = 0;
+  t.combine_outs = sizeof(void*) * 2 * W;
+  t.row_offsets = sizeof(void*) * 4 * W;
+  t.bytes = t.row_offsets + sizeof(int64_t) * (W + 1);
+  return t;
+}
+
+template <typename T>
+T at(const bitepGroup* g, size_t offset) {
+  return reinterpret_cast<T>(static_cast<char*>(g->ll_tables) + offset);
+}
+
+struct HandleDeleter {
+  void operator()(bitepHandle* h) const { destroy_handle(h); }
+};
+
+// The layout a low-latency handle shows: expert-major only, no host copies.
+void low_latency_layout_view(bitepHandle* h, const bitepGroup* g) {
+  bitepDispatchLayout_t& lo = h->layout;
+  lo = bitepDispatchLayout_t{};
+  lo.num_ranks = g->nranks;
+  lo.num_local_experts = g->num_local_experts;
+  lo.max_row_experts = g->max_row_experts;
+  lo.num_expert_rows = h->num_expert_rows;
+  lo.expert_x = h->expert_x;
+  lo.expert_counts = h->expert_counts;
+  lo.expert_offsets = h->expert_offsets;
+}
+
+bitepResult_t check_low_latency_args(const bitepGroup* g, const bitepDispatchArgs_t* a, bitepHandle_t* out) {
+  const int C = g->config.low_latency_max_tokens;
+  if (C < 1)
+    BITEP_FAIL(bitepInvalidUsage,
+               "bitepDispatchLowLatency on a group created with config.low_latency_max_tokens = 0: set it to the "
+               "most tokens a rank passes (every rank the same) when creating the group");
+  BITEP_CHECK(check_dispatch_args(g, a, out));
+  BITEP_ARG_CHECK(a->num_tokens <= C,
+                  "args->num_tokens is %lld but the group's config.low_latency_max_tokens is %d: a low-latency "
+                  "dispatch takes at most that many tokens a rank",
+                  static_cast<long long>(a->num_tokens), C);
+  BITEP_ARG_CHECK(a->recv_x == nullptr && a->expert_x == nullptr,
+                  "args->recv_x / args->expert_x are set: a low-latency dispatch keeps its rows in the handle (pass "
+                  "NULL, capacities 0)");
+  return bitepSuccess;
+}
+
+#ifdef BITEP_HAVE_CUDA
+// The fast path. The argument checks passed on this rank.
+bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitepStream_t stream, bitepHandle_t* out) {
+  PeerWindow* win = g->transport->low_latency_window();
+  BITEP_CHECK(win->check());
+  Exec ex(g, stream);
+  BITEP_CHECK(ex.begin());
+  Trace trace("dispatch (low latency)", g->rank, stream, true);
+  const int W = g->nranks, self = g->rank, L = g->num_local_experts, KL = g->max_row_experts;
+  const int C = g->config.low_latency_max_tokens;
+  const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
+  const LowLatencyLayout lay = low_latency_layout(W, C, g->local_map_bytes, KL, row);
+  const Tables tab = tables(W);
+  std::unique_ptr<bitepHandle, HandleDeleter> h(new bitepHandle);
+  h->life = g->life;
+  h->group = g;
+  BITEP_CHECK(make_fence(h.get(), true));
+  const int64_t T = a->num_tokens;
+  h->num_tokens = T;
+  h->low_latency = true;
+  h->low_latency_window = true;
+  h->has_weights = a->probs != nullptr || a->topk_weights != nullptr;
+  const int64_t slots = static_cast<int64_t>(W) * C;
+  const int64_t N = slots * KL + static_cast<int64_t>(L) * (g->config.expert_alignment - 1);
+  h->num_expert_rows = N;
+  void* p = nullptr;
+  BITEP_CHECK(ex.keep(sizeof(int32_t) * T * W, &h->blocks, &p));
+  h->token_slot = static_cast<int32_t*>(p);
+  BITEP_CHECK(ex.keep(sizeof(int32_t) * slots * KL, &h->blocks, &p));
+  h->recv_expert_rows = static_cast<int32_t*>(p);
+  BITEP_CHECK(ex.keep(sizeof(float) * slots * KL, &h->blocks, &p));
+  h->recv_weights = static_cast<float*>(p);
+  BITEP_CHECK(ex.keep(row * N, &h->blocks, &p));
+  h->expert_x = p;
+  BITEP_CHECK(ex.keep(sizeof(int32_t) * (2 * L + 1), &h->blocks, &p));
+  h->expert_counts = static_cast<int32_t*>(p);
+  h->expert_offsets = h->expert_counts + L;
+
+  const int parity = static_cast<int>(g->ll_dispatches++ & 1);
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  kernels::LowLatencySendParams sp;
+  sp.num_tokens = T;
+  sp.num_experts = g->config.num_experts;
+  sp.topk = g->config.topk;
+  sp.num_ranks = W;
+  sp.self_rank = self;
+  sp.hidden = g->config.hidden;
+  sp.dtype = to_kernel_dtype(g->config.dtype);
+  sp.routing.format = to_routing_format(a->map_format);
+  sp.routing.map = a->routing_map;
+  if (a->probs != nullptr) {
+    sp.routing.weight_format = kernels::WeightFormat::kDense;
+    sp.routing.weights = a->probs;
+  } else if (a->topk_weights != nullptr) {
+    sp.routing.weight_format = kernels::WeightFormat::kCompact;
+    sp.routing.weights = a->topk_weights;
+  }
+  sp.x = a->x;
+  sp.capacity = C;
+  sp.regions = at<char* const*>(g, tab.dispatch_regions) + static_cast<size_t>(parity) * W;
+  sp.block = lay.block;
+  sp.token_slot = h->token_slot;
+  kernels::LowLatencyReceiveParams rp;
+  rp.num_ranks = W;
+  rp.num_local_experts = L;
+  rp.max_row_experts = KL;
+  rp.capacity = C;
+  rp.hidden = g->config.hidden;
+  rp.dtype = sp.dtype;
+  rp.alignment = g->config.expert_alignment;
+  rp.region = win->data(self) + lay.dispatch(parity);
+  rp.block = lay.block;
+  rp.expert_x = h->expert_x;
+  rp.expert_capacity = N;
+  rp.expert_counts = h->expert_counts;
+  rp.expert_offsets = h->expert_offsets;
+  rp.recv_expert_rows = h->recv_expert_rows;
+  rp.recv_weights = h->recv_weights;
+
+  BITEP_CHECK(win->acquire(stream));
+  BITEP_CUDA_CHECK(kernels::launch_ep_low_latency_send(sp, s));
+  trace.mark("send");
+  BITEP_CHECK(win->barrier(stream, g->config.timeout_s));
+  trace.mark("barrier");
+  BITEP_CUDA_CHECK(kernels::launch_ep_low_latency_receive(rp, s));
+  trace.mark("receive");
+  BITEP_CHECK(win->release(stream));
+  record_fence(h.get(), stream);
+  low_latency_layout_view(h.get(), g);
+  *out = h.release();
+  return bitepSuccess;
+}
+#endif
+
+}  // namespace
+
+LowLatencyLayout low_latency_layout(int W, int C, int MB, int KL, size_t row_bytes) {
+  LowLatencyLayout lay;
+  kernels::LowLatencyBlock& b = lay.block;
+  b.header = 0;
+  b.first = static_cast<int64_t>(round_up(sizeof(int64_t) * W, 256));
+  b.map = static_cast<int64_t>(round_up(row_bytes * C, 16));
+  b.weights = b.map + static_cast<int64_t>(round_up(static_cast<size_t>(MB) * C, 16));
+  b.stride = static_cast<int64_t>(round_up(b.weights + sizeof(float) * KL * C, 256));
+  lay.dispatch_bytes = round_up(b.first + static_cast<size_t>(b.stride) * W, 256);
+  lay.combine_bytes = round_up(row_bytes * W * C, 256);
+  return lay;
+}
+
+bitepResult_t make_low_latency_tables(bitepGroup* g, Transport* t) {
+  PeerWindow* win = t != nullptr ? t->low_latency_window() : nullptr;
+  if (win == nullptr) return bitepSuccess;
+#ifdef BITEP_HAVE_CUDA
+  const int W = g->nranks, self = g->rank, C = g->config.low_latency_max_tokens;
+  const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
+  const LowLatencyLayout lay = low_latency_layout(W, C, g->local_map_bytes, g->max_row_experts, row);
+  const Tables tab = tables(W);
+  std::vector<unsigned char> host(tab.bytes);
+  char** regions = reinterpret_cast<char**>(host.data() + tab.dispatch_regions);
+  void** outs = reinterpret_cast<void**>(host.data() + tab.combine_outs);
+  int64_t* offsets = reinterpret_cast<int64_t*>(host.data() + tab.row_offsets);
+  uintptr_t bits = 16;
+  for (int p = 0; p < 2; ++p)
+    for (int r = 0; r < W; ++r) {
+      regions[p * W + r] = win->data(r) + lay.dispatch(p);
+      outs[p * W + r] = win->data(r) + lay.combine(p) + row * C * self;
+      bits |= reinterpret_cast<uintptr_t>(outs[p * W + r]);
+    }
+  for (int r = 0; r <= W; ++r) offsets[r] = static_cast<int64_t>(r) * C;
+  g->ll_outs_align = static_cast<int>(bits & (~bits + 1));
+  BITEP_CUDA_CHECK(cudaMalloc(&g->ll_tables, tab.bytes));
+  BITEP_CUDA_CHECK(cudaMemcpy(g->ll_tables, host.data(), tab.bytes, cudaMemcpyHostToDevice));
+  return bitepSuccess;
+#else
+  (void)g;
+  return bitepSuccess;
+#endif
+}
+
+// The combine of a handle from the low-latency window: reduce (each slot's partial row into its source's
+// combine slot, empty slots skipped) -> barrier -> final sum of this rank's tokens from its own combine region.
+bitepResult_t combine_low_latency(
+    Exec& ex, bitepGroup* g, bitepHandle* h, const void* y, int weighted, void* out, Trace* trace) {
+#ifdef BITEP_HAVE_CUDA
+  PeerWindow* win = g->transport->low_latency_window();
+  if (win == nullptr) BITEP_FAIL(bitepInternalError, "a low-latency handle on a group without its window");
+  BITEP_CHECK(win->check());
+  const int W = g->nranks, self = g->rank, KL = g->max_row_experts, C = g->config.low_latency_max_tokens;
+  const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
+  const LowLatencyLayout lay = low_latency_layout(W, C, g->local_map_bytes, KL, row);
+  const Tables tab = tables(W);
+  const int parity = static_cast<int>(g->ll_combines++ & 1);
+  kernels::ReduceParams rp;
+  rp.num_recv_rows = static_cast<int64_t>(W) * C;
+  rp.max_row_experts = KL;
+  rp.hidden = g->config.hidden;
+  rp.dtype = to_kernel_dtype(g->config.dtype);
+  rp.y = y;
+  rp.recv_expert_rows = h->recv_expert_rows;
+  rp.recv_weights = weighted ? h->recv_weights : nullptr;
+  rp.num_sources = W;
+  rp.outs = at<void* const*>(g, tab.combine_outs) + static_cast<size_t>(parity) * W;
+  rp.row_offsets = at<const int64_t*>(g, tab.row_offsets);
+  rp.self_source = self;
+  rp.outs_align = g->ll_outs_align;
+  rp.skip_empty_rows = true;
+  const char* region = win->data(self) + lay.combine(parity);
+  kernels::FinalSumParams fp;
+  fp.num_tokens = h->num_tokens;
+  fp.num_ranks = W;
+  fp.self_rank = self;
+  fp.hidden = g->config.hidden;
+  fp.dtype = rp.dtype;
+  fp.token_slot = h->token_slot;
+  fp.send_offsets = rp.row_offsets;
+  fp.ret = region;
+  fp.self_ret = region;
+  fp.self_ret_offset = static_cast<int64_t>(self) * C;
+  fp.out = out;
+  BITEP_CHECK(win->acquire(ex.stream()));
+  BITEP_CHECK(ex.reduce(rp));
+  trace->mark("reduce");
+  BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
+  trace->mark("barrier");
+  BITEP_CHECK(ex.final_sum(fp));
+  trace->mark("final-sum");
+  return win->release(ex.stream());
+#else
+  (void)ex, (void)g, (void)h, (void)y, (void)weighted, (void)out, (void)trace;
+  BITEP_FAIL(bitepInternalError, "a low-latency window handle in a build without CUDA");
+#endif
+}
+
+}  // namespace bitep::ep
+
+extern "C" bitepResult_t bitepDispatchLowLatency(bitepGroup_t group,
+                                                 const bitepDispatchArgs_t* args,
+                                                 bitepStream_t stream,
+                                                 bitepHandle_t* handle) {
+  return bitep::guard("bitepDispatchLowLatency", [&]() -> bitepResult_t {
+    BITEP_CHECK(bitep::ep::check_group(group));
+    if (handle != nullptr) *handle = nullptr;
+    const bitepResult_t local = bitep::ep::check_low_latency_args(group, args, handle);
+    const int L = group->num_local_experts;
+    bitep::ep::PeerWindow* win = group->nranks > 1 ? group->transport->low_latency_window() : nullptr;
+#ifdef BITEP_HAVE_CUDA
+    if (win != nullptr && group->ll_tables != nullptr && L <= bitep::kernels::kLowLatencyMaxExperts) {
+      // No exchange to tell the peers: a rank that fails here leaves them in the barrier until the timeout.
+      if (local != bitepSuccess) return local;
+      return bitep::ep::dispatch_window(group, args, stream, handle);
+    }
+#else
+    (void)win, (void)L;
+#endif
+    // Elsewhere: the regular dispatch (its one host synchronisation; a local failure fails every rank),
+    // shown as a low-latency handle.
+    BITEP_CHECK(bitep::ep::dispatch_after_checks(group, args, stream, handle, local));
+    (*handle)->low_latency = true;
+    bitep::ep::low_latency_layout_view(*handle, group);
+    return bitepSuccess;
+  });
+}

@@ -1,0 +1,295 @@
+// SPDX-License-Identifier: Apache-2.0
+// bitepDispatchLowLatency against bitepDispatch on the same group and inputs, over the scenario grid: the
+// expert counts and offsets against what every rank must receive, the expert-major rows bit for bit, and the
+// combines (weighted and not) bit for bit, twice (both slot parities) and with two handles in flight
+// combined in reverse order. Host backend always (the regular dispatch underneath); the cuda backend where
+// there is one GPU per rank (the low-latency window's kernels where the ranks share an NVLink domain).
+// Then the argument errors, alike on every rank.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "tests/multirank/ep_checks.h"
+
+#ifdef BITEP_MULTIRANK_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace ept {
+namespace {
+
+// Memory of the backend under test: host vectors, or device buffers.
+class Mem {
+ public:
+  explicit Mem(bool cuda) : cuda_(cuda) {}
+  Mem(const Mem&) = delete;
+  Mem& operator=(const Mem&) = delete;
+  ~Mem() {
+#ifdef BITEP_MULTIRANK_CUDA
+    for (void* p : dev_) cudaFree(p);
+#endif
+  }
+  // A copy of `bytes` of host memory in backend memory (never null).
+  void* put(const void* src, size_t bytes) {
+    if (!cuda_) {
+      host_.emplace_back(static_cast<const uint8_t*>(src), static_cast<const uint8_t*>(src) + bytes);
+      host_.back().push_back(0);
+      return host_.back().data();
+    }
+#ifdef BITEP_MULTIRANK_CUDA
+    void* p = nullptr;
+    EXPECT_EQ(cudaMalloc(&p, bytes ? bytes : 1), cudaSuccess);
+    if (bytes) EXPECT_EQ(cudaMemcpy(p, src, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    dev_.push_back(p);
+    return p;
+#else
+    return nullptr;
+#endif
+  }
+  template <typename T>
+  std::vector<T> get(const void* p, size_t n) const {
+    std::vector<T> v(n);
+    if (n == 0) return v;
+    if (!cuda_) {
+      std::memcpy(v.data(), p, n * sizeof(T));
+      return v;
+    }
+#ifdef BITEP_MULTIRANK_CUDA
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+#endif
+    return v;
+  }
+
+ private:
+  bool cuda_;
+  std::vector<std::vector<uint8_t>> host_;
+  std::vector<void*> dev_;
+};
+
+int64_t max_tokens(const std::vector<Input>& world) {
+  int64_t c = 1;
+  for (const Input& in : world) c = std::max(c, in.T);
+  return c;
+}
+
+// The expert counts and offsets of a layout (backend memory), and its rows [0, offsets[L]) on the host.
+struct Experts {
+  std::vector<int32_t> counts, offsets;
+  std::vector<uint8_t> x;
+};
+
+Experts experts_of(const Mem& mem, const Spec& s, const bitepDispatchLayout_t& lo) {
+  Experts e;
+  const int L = lo.num_local_experts;
+  e.counts = mem.get<int32_t>(lo.expert_counts, L);
+  e.offsets = mem.get<int32_t>(lo.expert_offsets, L + 1);
+  e.x = mem.get<uint8_t>(lo.expert_x, static_cast<size_t>(e.offsets[L]) * s.H * dsize(s.dtype));
+  return e;
+}
+
+// The toy experts' outputs over `rows` expert-major rows (rows past offsets[L] poison).
+std::vector<uint8_t> toy_outputs(const Spec& s, int W, int rank, const Experts& e, int64_t rows) {
+  bitepDispatchLayout_t lo{};
+  lo.num_local_experts = static_cast<int>(e.counts.size());
+  lo.num_expert_rows = rows;
+  std::vector<uint8_t> x(static_cast<size_t>(rows) * s.H * dsize(s.dtype), 0);
+  std::copy(e.x.begin(), e.x.end(), x.begin());
+  lo.expert_x = x.data();
+  lo.expert_counts = e.counts.data();
+  lo.expert_offsets = e.offsets.data();
+  return toy_expert_outputs(s, W, rank, lo);
+}
+
+std::vector<uint8_t> run_combine(Mem& mem,
+                                 bitepGroup_t g,
+                                 bitepHandle_t h,
+                                 const std::vector<uint8_t>& y,
+                                 int weighted,
+                                 int64_t T,
+                                 const Spec& s,
+                                 bitepStream_t stream) {
+  const size_t bytes = static_cast<size_t>(T) * s.H * dsize(s.dtype);
+  std::vector<uint8_t> canary(bytes + 1, 0xcd);
+  void* out = mem.put(canary.data(), canary.size());
+  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
+  c.y = mem.put(y.data(), y.size());
+  c.weighted = weighted;
+  c.out = out;
+  EXPECT_EQ(bitepCombine(g, h, &c, stream), bitepSuccess) << bitepGetLastError();
+  std::vector<uint8_t> got = mem.get<uint8_t>(out, bytes + 1);
+  EXPECT_EQ(got[bytes], 0xcd) << "bitepCombine wrote past out";
+  got.pop_back();
+  return got;
+}
+
+void run_low_latency(const Spec& s, bool cuda, int device) {
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> world = make_world(s, W);
+  const Input& in = world[rank];
+  const size_t row = s.H * dsize(s.dtype);
+  bitepGroupConfig_t c = group_config(s, W);
+  c.low_latency_max_tokens = static_cast<int>(max_tokens(world));
+  if (cuda) {
+    c.backend = bitepBackendCuda;
+    c.device = device;
+  }
+  GroupGuard g;
+  ASSERT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g.g), bitepSuccess) << bitepGetLastError();
+  Mem mem(cuda);
+  bitepStream_t stream = nullptr;
+  bitepDispatchArgs_t a = dispatch_args(s, in);
+  a.x = mem.put(in.x.data(), in.x.size());
+  a.routing_map = mem.put(in.map.data(), in.map.size());
+  if (a.probs) a.probs = static_cast<const float*>(mem.put(in.probs.data(), 4 * in.probs.size()));
+  if (a.topk_weights) a.topk_weights = static_cast<const float*>(mem.put(in.topk.data(), 4 * in.topk.size()));
+
+  HandleGuard regular;
+  ASSERT_EQ(bitepDispatch(g.g, &a, stream, &regular.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo0;
+  ASSERT_EQ(bitepHandleGetLayout(regular.h, &lo0), bitepSuccess);
+  const Experts e0 = experts_of(mem, s, lo0);
+  const Expected want = expected_receive(s, W, rank, world);
+  const int L = s.L;
+  for (int l = 0; l < L; ++l) ASSERT_EQ(e0.counts[l], want.expert_counts[l]) << "regular dispatch, expert " << l;
+  const std::vector<uint8_t> y0 = toy_outputs(s, W, rank, e0, lo0.num_expert_rows);
+  const int weighted = s.weights != Weights::kNone;
+  std::vector<std::vector<uint8_t>> want_out;
+  for (int w = 0; w <= weighted; ++w) want_out.push_back(run_combine(mem, g.g, regular.h, y0, w, in.T, s, stream));
+  if (!cuda)
+    for (int w = 0; w <= weighted; ++w)
+      expect_values(s, want_out[w], reference_combine(s, W, rank, in, w != 0), w ? "weighted out" : "out");
+
+  // One low-latency dispatch and its combines, checked against the regular ones.
+  auto check = [&](bitepHandle_t h, const char* what) {
+    SCOPED_TRACE(what);
+    bitepDispatchLayout_t lo;
+    ASSERT_EQ(bitepHandleGetLayout(h, &lo), bitepSuccess);
+    EXPECT_EQ(lo.num_recv_rows, 0);
+    EXPECT_EQ(lo.recv_x, nullptr);
+    EXPECT_EQ(lo.recv_map, nullptr);
+    EXPECT_EQ(lo.recv_weights, nullptr);
+    EXPECT_EQ(lo.recv_expert_rows, nullptr);
+    EXPECT_EQ(lo.expert_counts_host, nullptr);
+    EXPECT_EQ(lo.recv_counts_host, nullptr);
+    EXPECT_EQ(lo.send_counts_host, nullptr);
+    EXPECT_EQ(lo.num_local_experts, L);
+    const Experts e = experts_of(mem, s, lo);
+    EXPECT_EQ(e.counts, e0.counts) << "expert counts, rank " << rank;
+    EXPECT_EQ(e.offsets, e0.offsets) << "expert offsets, rank " << rank;
+    EXPECT_GE(lo.num_expert_rows, e.offsets[L]);
+    EXPECT_TRUE(e.x == e0.x) << "expert-major rows differ from bitepDispatch's on rank " << rank;
+    const std::vector<uint8_t> y = toy_outputs(s, W, rank, e, lo.num_expert_rows);
+    for (int w = 0; w <= weighted; ++w)
+      EXPECT_TRUE(run_combine(mem, g.g, h, y, w, in.T, s, stream) == want_out[w])
+          << (w ? "weighted " : "") << "combine differs from bitepCombine's on rank " << rank;
+  };
+  for (int round = 0; round < 2; ++round) {
+    HandleGuard h;
+    ASSERT_EQ(bitepDispatchLowLatency(g.g, &a, stream, &h.h), bitepSuccess) << bitepGetLastError();
+    check(h.h, round == 0 ? "first low-latency dispatch" : "second low-latency dispatch");
+  }
+  // Two in flight, combined in reverse order (the later one first).
+  HandleGuard h1, h2;
+  ASSERT_EQ(bitepDispatchLowLatency(g.g, &a, stream, &h1.h), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepDispatchLowLatency(g.g, &a, stream, &h2.h), bitepSuccess) << bitepGetLastError();
+  check(h2.h, "second of two in flight");
+  check(h1.h, "first of two in flight");
+}
+
+class EpLowLatency : public testing::TestWithParam<Spec> {};
+
+TEST_P(EpLowLatency, MatchesDispatchHost) { run_low_latency(GetParam(), false, -1); }
+
+TEST_P(EpLowLatency, MatchesDispatchCuda) {
+#ifdef BITEP_MULTIRANK_CUDA
+  int device = 0;
+  std::string why;
+  if (!gpu_per_rank(&device, &why)) GTEST_SKIP() << why;
+  ASSERT_EQ(cudaSetDevice(device), cudaSuccess);
+  run_low_latency(GetParam(), true, device);
+#else
+  GTEST_SKIP() << "this bitep was built without CUDA: the cuda backend test needs a CUDA build and one GPU per rank";
+#endif
+}
+
+INSTANTIATE_TEST_SUITE_P(EpLowLatency,
+                         EpLowLatency,
+                         testing::ValuesIn(spec_grid()),
+                         [](const testing::TestParamInfo<Spec>& info) { return info.param.name; });
+
+// Argument errors on every rank alike (host backend: every rank returns one).
+TEST(EpLowLatencyErrors, ArgumentsAndUsage) {
+  const int W = world_size(), rank = world_rank();
+  Spec s;
+  const std::vector<Input> world = make_world(s, W);
+  const Input& in = world[rank];
+  bitepDispatchArgs_t a = dispatch_args(s, in);
+  HandleGuard h;
+  {
+    GroupGuard g;  // no low-latency dispatches
+    ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+    EXPECT_EQ(bitepDispatchLowLatency(g.g, &a, nullptr, &h.h), bitepInvalidUsage);
+    EXPECT_NE(std::string(bitepGetLastError()).find("low_latency_max_tokens = 0"), std::string::npos)
+        << bitepGetLastError();
+    EXPECT_EQ(h.h, nullptr);
+  }
+  bitepGroupConfig_t c = group_config(s, W);
+  for (int bad : {-1, 65537}) {
+    c.low_latency_max_tokens = bad;
+    GroupGuard g;
+    EXPECT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g.g), bitepInvalidArgument);
+    EXPECT_NE(std::string(bitepGetLastError()).find("config->low_latency_max_tokens is"), std::string::npos)
+        << bitepGetLastError();
+  }
+  if (W > 1) {
+    c.low_latency_max_tokens = 4 + (rank == 0);
+    GroupGuard g;
+    EXPECT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g.g), bitepInvalidArgument);
+    EXPECT_NE(std::string(bitepGetLastError()).find("config->low_latency_max_tokens differs"), std::string::npos)
+        << bitepGetLastError();
+  }
+  // Every rank has 5 + 3 * rank tokens: a capacity of 2 is too small everywhere.
+  c.low_latency_max_tokens = 2;
+  GroupGuard g;
+  ASSERT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g.g), bitepSuccess) << bitepGetLastError();
+  EXPECT_EQ(bitepDispatchLowLatency(g.g, &a, nullptr, &h.h), bitepInvalidArgument);
+  EXPECT_NE(std::string(bitepGetLastError()).find("args->num_tokens is"), std::string::npos) << bitepGetLastError();
+  EXPECT_EQ(h.h, nullptr);
+  GroupGuard g2;
+  c.low_latency_max_tokens = static_cast<int>(max_tokens(world));
+  ASSERT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g2.g), bitepSuccess) << bitepGetLastError();
+  std::vector<uint8_t> recv(64 * s.H * dsize(s.dtype));
+  bitepDispatchArgs_t with_buffers = a;
+  with_buffers.recv_x = recv.data();
+  with_buffers.recv_x_capacity = 64;
+  EXPECT_EQ(bitepDispatchLowLatency(g2.g, &with_buffers, nullptr, &h.h), bitepInvalidArgument);
+  EXPECT_NE(std::string(bitepGetLastError()).find("args->recv_x"), std::string::npos) << bitepGetLastError();
+  // A good handle: no rank-major combine, no backward.
+  ASSERT_EQ(bitepDispatchLowLatency(g2.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
+  std::vector<uint8_t> y(std::max<int64_t>(lo.num_expert_rows, 1) * s.H * dsize(s.dtype), 0);
+  std::vector<uint8_t> out(std::max<int64_t>(in.T, 1) * s.H * dsize(s.dtype), 0);
+  bitepCombineArgs_t cc = BITEP_COMBINE_ARGS_INIT;
+  cc.y = y.data();
+  cc.layout = bitepLayoutRankMajor;
+  cc.weighted = 0;
+  cc.out = out.data();
+  EXPECT_EQ(bitepCombine(g2.g, h.h, &cc, nullptr), bitepInvalidArgument);
+  EXPECT_NE(std::string(bitepGetLastError()).find("bitepLayoutRankMajor"), std::string::npos) << bitepGetLastError();
+  EXPECT_EQ(bitepDispatchBackward(g2.g, h.h, y.data(), bitepLayoutExpertMajor, out.data(), nullptr), bitepNotSupported);
+  bitepCombineBackwardArgs_t b = BITEP_COMBINE_BWD_ARGS_INIT;
+  b.grad_out = out.data();
+  b.grad_y = y.data();
+  EXPECT_EQ(bitepCombineBackward(g2.g, h.h, &b, nullptr), bitepNotSupported);
+  EXPECT_NE(std::string(bitepGetLastError()).find("bitepDispatchLowLatency"), std::string::npos) << bitepGetLastError();
+  // The handle still combines (expert-major).
+  cc.layout = bitepLayoutExpertMajor;
+  EXPECT_EQ(bitepCombine(g2.g, h.h, &cc, nullptr), bitepSuccess) << bitepGetLastError();
+}
+
+}  // namespace
+}  // namespace ept
