@@ -469,6 +469,7 @@ struct LowLatencySendArgs {
   char* const* regions;
   LowLatencyBlock b;
   int32_t* token_slot;
+  int pieces;  // warps a token
 };
 
 // One warp per token: lane r finds whether the token has an expert on rank r, the warp stores the row once
@@ -482,9 +483,16 @@ __global__ void __launch_bounds__(kRowThreads) low_latency_send_kernel(LowLatenc
   if (blockIdx.x == 0)
     for (int r = threadIdx.x; r < W; r += blockDim.x)
       reinterpret_cast<int64_t*>(a.regions[r] + a.b.header)[self] = m.num_tokens;
+  // P warps a token, warp p of a token copying its p-th piece of vectors (a few tokens still fill the GPU);
+  // piece 0 also writes the slot's map slice, weights and token_slot.
+  const int P = a.pieces;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp);
-  for (int64_t t = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp; t < m.num_tokens;
-       t += warps) {
+  const int64_t piece_vecs = (m.nvec + P - 1) / P;
+  for (int64_t gw = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp; gw < m.num_tokens * P;
+       gw += warps) {
+    const int64_t t = gw / P;
+    const int piece = static_cast<int>(gw - t * P);
+    const int64_t v0 = piece * piece_vecs, v1 = v0 + piece_vecs < m.nvec ? v0 + piece_vecs : m.nvec;
     const int limit = route_limit(m.v, t);
     for (int rg = 0; rg < W; rg += kWarp) {
       const int r = rg + lane;
@@ -494,12 +502,14 @@ __global__ void __launch_bounds__(kRowThreads) low_latency_send_kernel(LowLatenc
         const int lo = r * L, hi = lo + L < limit ? lo + L : limit;
         for (int b = lo; b < hi && !any; b += kWarp) any = route_bits(m.v, t, b, hi) != 0u;
         blk = a.regions[r] + a.b.first + self * a.b.stride;
-        a.token_slot[t * W + r] = any ? static_cast<int32_t>(t) : -1;
+        if (piece == 0) a.token_slot[t * W + r] = any ? static_cast<int32_t>(t) : -1;
       }
       const uint32_t mask = __ballot_sync(kFullMask, any);
-      if (mask != 0)
-        warp_copy_row<V, kUnroll>(m.x + t * m.row_bytes, m.nvec, mask, any ? blk + t * m.row_bytes : nullptr);
-      if (r < W) {
+      const int64_t vb = v0 * V;  // the piece's first byte
+      if (mask != 0 && v1 > v0)
+        warp_copy_row<V, kUnroll>(m.x + t * m.row_bytes + vb, v1 - v0, mask,
+                                  any ? blk + t * m.row_bytes + vb : nullptr);
+      if (r < W && piece == 0) {
         float* w = any ? reinterpret_cast<float*>(blk + a.b.weights) : nullptr;
         write_row_meta(m, t, r, t, reinterpret_cast<uint8_t*>(blk + a.b.map), w);
         if (w != nullptr && m.weight_format == WeightFormat::kNone)  // no weights: zeros, not stale ones
@@ -536,9 +546,10 @@ __device__ __forceinline__ const uint8_t* low_latency_slice(const LowLatencyRece
 
 // Block (l, y) of an (L, S) grid: every block counts all experts' slots (shared atomics; a few thousand
 // bits) and scans the counts into the aligned offsets, so no block waits for another; block (l, y) then
-// ranks expert l's slots chunk by chunk (256 slots a chunk, in slot order) and, for the chunks c with
-// c % S == y, writes their positions and weights and copies their rows (a warp a row). Block (0, y) writes
-// the -1 / 0 padding of its chunks' slots, block (l, 0) the counts, offsets and expert l's pad rows.
+// ranks expert l's slots chunk by chunk (256 slots a chunk, in slot order), writes the positions and
+// weights of the chunks c with c % S == y, and copies its share (every S-th group of 8) of each chunk's rows
+// of expert l (a warp a row). Block (0, y) writes the -1 / 0 padding of its chunks' slots, block (l, 0) the
+// counts, offsets and expert l's pad rows.
 template <int V>
 __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_receive_kernel(LowLatencyReceiveArgs a) {
   using BlockScan = cub::BlockScan<int, kLowLatencyThreads>;
@@ -614,18 +625,20 @@ __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_receive_kernel
     int excl = 0, total = 0;
     BlockScan(scan).ExclusiveSum(has ? 1 : 0, excl, total);
     const bool mine = chunk % S == y;
-    if (mine) {
-      if (has && j < KL) {
-        const int pos = off[l] + run + excl;
+    if (has && j < KL) {
+      const int pos = off[l] + run + excl;
+      list_slot[excl] = i;
+      list_pos[excl] = pos;
+      if (mine) {
         a.rows[i * KL + j] = pos;
         if (a.weights != nullptr) {
           const int s = static_cast<int>(i / a.C);
           const float* w = reinterpret_cast<const float*>(a.region + a.b.first + s * a.b.stride + a.b.weights);
           a.weights[i * KL + j] = w[(i - s * a.C) * KL + j];
         }
-        list_slot[excl] = i;
-        list_pos[excl] = pos;
       }
+    }
+    if (mine) {
       if (l == 0 && i < slots)
         for (int q = n < KL ? n : KL; q < KL; ++q) {
           a.rows[i * KL + q] = -1;
@@ -633,15 +646,15 @@ __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_receive_kernel
         }
     }
     __syncthreads();
-    if (mine)
-      for (int q = warp; q < total; q += kLowLatencyThreads / kWarp) {
-        const int64_t si = list_slot[q];
-        const int64_t pos = list_pos[q];
-        if (pos >= a.expert_capacity) continue;
-        const int s = static_cast<int>(si / a.C);
-        const char* src = a.region + a.b.first + s * a.b.stride + (si - s * a.C) * a.row_bytes;
-        warp_copy_row<V, kUnroll>(src, a.nvec, 1u, lane == 0 ? a.expert_x + pos * a.row_bytes : nullptr);
-      }
+    // The chunk's rows of expert l, shared out among the expert's S blocks (a hot expert's rows fill them all).
+    for (int q = y * (kLowLatencyThreads / kWarp) + warp; q < total; q += S * (kLowLatencyThreads / kWarp)) {
+      const int64_t si = list_slot[q];
+      const int64_t pos = list_pos[q];
+      if (pos >= a.expert_capacity) continue;
+      const int s = static_cast<int>(si / a.C);
+      const char* src = a.region + a.b.first + s * a.b.stride + (si - s * a.C) * a.row_bytes;
+      warp_copy_row<V, kUnroll>(src, a.nvec, 1u, lane == 0 ? a.expert_x + pos * a.row_bytes : nullptr);
+    }
     run += total;
     __syncthreads();
   }
@@ -909,9 +922,17 @@ cudaError_t launch_ep_low_latency_send(const LowLatencySendParams& p, cudaStream
   const int v = vec_bytes(m.row_bytes, p.x, reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.first)),
                           reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.stride)));
   m.nvec = m.row_bytes / v;
+  // Pieces of at least 512 bytes a warp, as many as give about 32 warps an SM over the tokens.
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const int64_t want = 8 * static_cast<int64_t>(sms) * 4 / (p.num_tokens > 0 ? p.num_tokens : 1);
+  const int64_t most = (m.nvec * v + 511) / 512;
+  a.pieces = static_cast<int>(want < 1 ? 1 : (want > most ? (most < 1 ? 1 : most) : want));
+  if (a.pieces > 32) a.pieces = 32;
   unsigned grid = 1;  // one block even without tokens: it writes the headers
   if (p.num_tokens > 0) {
-    const cudaError_t err = row_grid(p.num_tokens, &grid);
+    err = row_grid(p.num_tokens * a.pieces, &grid);
     if (err != cudaSuccess) return err;
   }
   dispatch_vec(v, [&](auto vt) { low_latency_send_kernel<decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a); });
@@ -945,14 +966,12 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
   const int v = vec_bytes(a.row_bytes, p.expert_x, reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.first)),
                           reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.stride)));
   a.nvec = a.row_bytes / v;
-  // Chunks of 256 slots shared out among S blocks per expert: about two blocks per SM in all.
+  // S blocks per expert, about four blocks per SM in all (at most 32 per expert: each scans every slot).
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
-  const int64_t chunks = (p.num_ranks * p.capacity + kLowLatencyThreads - 1) / kLowLatencyThreads;
-  int64_t S = (2 * static_cast<int64_t>(sms) + L - 1) / L;
-  S = S < 1 ? 1 : (S > chunks ? chunks : S);
-  if (S > 65535) S = 65535;
+  int64_t S = (4 * static_cast<int64_t>(sms) + L - 1) / L;
+  S = S < 1 ? 1 : (S > 32 ? 32 : S);
   const dim3 grid(static_cast<unsigned>(L), static_cast<unsigned>(S));
   dispatch_vec(v, [&](auto vt) {
     low_latency_receive_kernel<decltype(vt)::value><<<grid, kLowLatencyThreads, smem, stream>>>(a);

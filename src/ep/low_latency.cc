@@ -105,7 +105,9 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   h->num_tokens = T;
   h->low_latency = true;
   h->low_latency_window = true;
-  h->has_weights = a->probs != nullptr || a->topk_weights != nullptr;
+  // Whether the peers gave weights is not known here (no exchange): a rank without tokens allows weighted
+  // combines, and rows from a rank without weights carry weight 0 (the send kernel's zeros).
+  h->has_weights = a->probs != nullptr || a->topk_weights != nullptr || T == 0;
   const int64_t slots = static_cast<int64_t>(W) * C;
   const int64_t N = slots * KL + static_cast<int64_t>(L) * (g->config.expert_alignment - 1);
   h->num_expert_rows = N;
