@@ -317,6 +317,7 @@ struct LowLatencySendParams {
   char* const* regions = nullptr;  // [W] (backend memory): rank r's region (this call's parity), as mapped here
   LowLatencyBlock block;
   int32_t* token_slot = nullptr;  // [T, W] out
+  int max_pieces = 32;            // cuda: at most this many warps share a token's row
 };
 
 // Receive, after the barrier: this rank's region -> the expert-major view, as ExpertMajorParams with the
@@ -344,6 +345,7 @@ struct LowLatencyReceiveParams {
   int32_t* expert_offsets = nullptr;    // [L + 1]
   int32_t* recv_expert_rows = nullptr;  // [W * C, KL]
   float* recv_weights = nullptr;        // [W * C, KL] or null
+  int blocks_per_sm = 4;                // cuda: the grid's blocks (about this many an SM, <= 32 an expert)
 };
 
 inline int local_map_bytes(int num_local_experts) { return (num_local_experts + 7) / 8; }

@@ -929,7 +929,8 @@ cudaError_t launch_ep_low_latency_send(const LowLatencySendParams& p, cudaStream
   const int64_t want = 8 * static_cast<int64_t>(sms) * 4 / (p.num_tokens > 0 ? p.num_tokens : 1);
   const int64_t most = (m.nvec * v + 511) / 512;
   a.pieces = static_cast<int>(want < 1 ? 1 : (want > most ? (most < 1 ? 1 : most) : want));
-  if (a.pieces > 32) a.pieces = 32;
+  const int cap = p.max_pieces < 1 ? 1 : (p.max_pieces > 32 ? 32 : p.max_pieces);
+  if (a.pieces > cap) a.pieces = cap;
   unsigned grid = 1;  // one block even without tokens: it writes the headers
   if (p.num_tokens > 0) {
     err = row_grid(p.num_tokens * a.pieces, &grid);
@@ -966,11 +967,12 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
   const int v = vec_bytes(a.row_bytes, p.expert_x, reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.first)),
                           reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.stride)));
   a.nvec = a.row_bytes / v;
-  // S blocks per expert, about four blocks per SM in all (at most 32 per expert: each scans every slot).
+  // S blocks per expert, about blocks_per_sm blocks an SM in all (at most 32 an expert: each scans every slot).
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
-  int64_t S = (4 * static_cast<int64_t>(sms) + L - 1) / L;
+  const int per_sm = p.blocks_per_sm < 1 ? 1 : p.blocks_per_sm;
+  int64_t S = (per_sm * static_cast<int64_t>(sms) + L - 1) / L;
   S = S < 1 ? 1 : (S > 32 ? 32 : S);
   const dim3 grid(static_cast<unsigned>(L), static_cast<unsigned>(S));
   dispatch_vec(v, [&](auto vt) {

@@ -253,7 +253,7 @@ if on ab; then
     xs=()
     for kv in $envs; do xs+=(-x "$kv"); done
     step "ep_bench A/B ($envs)" "$BENCH" env $envs mpirun -np "$NGPU" "${xs[@]}" "$BUILD/bench/ep_bench" \
-      --tokens "${AB_TOKENS:-2048,4096,16384}" --routing uniform --no-baseline
+      --tokens "${AB_TOKENS:-2048,4096,16384}" --routing "${AB_ROUTING:-uniform}" --no-baseline
   done
 fi
 if on profile; then

@@ -7,6 +7,7 @@
 // only looks like a low-latency one.
 #include "src/ep/low_latency.h"
 
+#include <cstdlib>
 #include <vector>
 
 #include "src/args.h"
@@ -27,6 +28,24 @@ namespace bitep::ep {
 namespace {
 
 size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+// Tuning knobs (bench/NOTES.md, low latency): BITEP_LL_SEND_PIECES, the most warps sharing a token's row in
+// the send kernel (default 32); BITEP_LL_RECV_BLOCKS, the receive kernel's blocks an SM (default 4).
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  return end != nullptr && *end == '\0' && n >= 1 && n <= 1024 ? static_cast<int>(n) : fallback;
+}
+int send_pieces() {
+  static const int n = env_int("BITEP_LL_SEND_PIECES", 32);
+  return n;
+}
+int receive_blocks_per_sm() {
+  static const int n = env_int("BITEP_LL_RECV_BLOCKS", 4);
+  return n;
+}
 
 // Byte offsets of the device tables in group->ll_tables.
 struct Tables {
@@ -148,6 +167,7 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   sp.regions = at<char* const*>(g, tab.dispatch_regions) + static_cast<size_t>(parity) * W;
   sp.block = lay.block;
   sp.token_slot = h->token_slot;
+  sp.max_pieces = send_pieces();
   kernels::LowLatencyReceiveParams rp;
   rp.num_ranks = W;
   rp.num_local_experts = L;
@@ -164,6 +184,7 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   rp.expert_offsets = h->expert_offsets;
   rp.recv_expert_rows = h->recv_expert_rows;
   rp.recv_weights = h->recv_weights;
+  rp.blocks_per_sm = receive_blocks_per_sm();
 
   BITEP_CHECK(win->acquire(stream));
   BITEP_CUDA_CHECK(kernels::launch_ep_low_latency_send(sp, s));
