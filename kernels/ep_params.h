@@ -345,7 +345,7 @@ struct LowLatencyReceiveParams {
   int32_t* expert_offsets = nullptr;    // [L + 1]
   int32_t* recv_expert_rows = nullptr;  // [W * C, KL]
   float* recv_weights = nullptr;        // [W * C, KL] or null
-  int blocks_per_sm = 4;                // cuda: the grid's blocks (about this many an SM, <= 32 an expert)
+  int blocks_per_sm = 1;                // cuda: the grid's blocks (about this many an SM, <= 32 an expert)
 };
 
 inline int local_map_bytes(int num_local_experts) { return (num_local_experts + 7) / 8; }

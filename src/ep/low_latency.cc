@@ -30,7 +30,7 @@ namespace {
 size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
 // Tuning knobs (bench/NOTES.md, low latency): BITEP_LL_SEND_PIECES, the most warps sharing a token's row in
-// the send kernel (default 32); BITEP_LL_RECV_BLOCKS, the receive kernel's blocks an SM (default 4).
+// the send kernel (default 32); BITEP_LL_RECV_BLOCKS, the receive kernel's blocks an SM (default 1).
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
@@ -43,7 +43,7 @@ int send_pieces() {
   return n;
 }
 int receive_blocks_per_sm() {
-  static const int n = env_int("BITEP_LL_RECV_BLOCKS", 4);
+  static const int n = env_int("BITEP_LL_RECV_BLOCKS", 1);
   return n;
 }
 
