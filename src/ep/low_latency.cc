@@ -29,6 +29,7 @@ namespace {
 
 size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
+#ifdef BITEP_HAVE_CUDA
 // Tuning knobs (bench/NOTES.md, low latency): BITEP_LL_SEND_PIECES, the most warps sharing a token's row in
 // the send kernel (default 32); BITEP_LL_RECV_BLOCKS, the receive kernel's blocks an SM (default 1).
 int env_int(const char* name, int fallback) {
@@ -68,6 +69,7 @@ template <typename T>
 T at(const bitepGroup* g, size_t offset) {
   return reinterpret_cast<T>(static_cast<char*>(g->ll_tables) + offset);
 }
+#endif
 
 struct HandleDeleter {
   void operator()(bitepHandle* h) const { destroy_handle(h); }
