@@ -660,6 +660,31 @@ __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_receive_kernel
   }
 }
 
+// The token side of a permute or a low-latency send: routing, weights, shape and x (the rest left empty).
+PermuteArgs token_args(const RoutingInput& routing,
+                       int64_t num_tokens,
+                       int E,
+                       int topk,
+                       int W,
+                       int self,
+                       const void* x,
+                       int64_t hidden,
+                       DType dtype) {
+  PermuteArgs a{};
+  a.v = make_route_view(routing, E, topk);
+  a.weight_format = routing.weight_format;
+  a.weights = routing.weights;
+  a.num_tokens = num_tokens;
+  a.num_ranks = W;
+  a.local_experts = E / W;
+  a.self_rank = self;
+  a.map_bytes = local_map_bytes(a.local_experts);
+  a.row_experts = max_row_experts(topk, a.local_experts);
+  a.x = static_cast<const char*>(x);
+  a.row_bytes = hidden * dtype_size(dtype);
+  return a;
+}
+
 cudaError_t bulk_binary_arch(int* out) {
   static std::atomic<int> cache[kMaxCachedDevices];
   return cached_per_device(
@@ -737,18 +762,7 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   const bool peers = W > 1 && p.peer_dest == nullptr;  // the send buffers are written
   if ((need_routing && p.routing.map == nullptr) || p.token_slot == nullptr || (peers && p.send_offsets == nullptr))
     return cudaErrorInvalidValue;
-  PermuteArgs a;
-  a.v = make_route_view(p.routing, E, p.topk);
-  a.weight_format = p.routing.weight_format;
-  a.weights = p.routing.weights;
-  a.num_tokens = p.num_tokens;
-  a.num_ranks = W;
-  a.local_experts = E / W;
-  a.self_rank = p.self_rank;
-  a.map_bytes = local_map_bytes(a.local_experts);
-  a.row_experts = max_row_experts(p.topk, a.local_experts);
-  a.x = static_cast<const char*>(p.x);
-  a.row_bytes = p.hidden * dtype_size(p.dtype);
+  PermuteArgs a = token_args(p.routing, p.num_tokens, E, p.topk, W, p.self_rank, p.x, p.hidden, p.dtype);
   a.token_slot = p.token_slot;
   a.send_offsets = p.send_offsets;
   a.self_recv_offset = p.self_recv_offset;
@@ -903,18 +917,7 @@ cudaError_t launch_ep_low_latency_send(const LowLatencySendParams& p, cudaStream
   if (p.num_tokens > 0 && (p.x == nullptr || p.routing.map == nullptr)) return cudaErrorInvalidValue;
   LowLatencySendArgs a;
   PermuteArgs& m = a.m;
-  m = PermuteArgs{};
-  m.v = make_route_view(p.routing, E, p.topk);
-  m.weight_format = p.routing.weight_format;
-  m.weights = p.routing.weights;
-  m.num_tokens = p.num_tokens;
-  m.num_ranks = W;
-  m.local_experts = E / W;
-  m.self_rank = p.self_rank;
-  m.map_bytes = local_map_bytes(m.local_experts);
-  m.row_experts = max_row_experts(p.topk, m.local_experts);
-  m.x = static_cast<const char*>(p.x);
-  m.row_bytes = p.hidden * dtype_size(p.dtype);
+  m = token_args(p.routing, p.num_tokens, E, p.topk, W, p.self_rank, p.x, p.hidden, p.dtype);
   a.regions = p.regions;
   a.b = p.block;
   a.token_slot = p.token_slot;
