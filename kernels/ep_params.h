@@ -320,7 +320,8 @@ struct LowLatencySendParams {
   int max_pieces = 32;            // cuda: at most this many warps share a token's row
 };
 
-// Receive, after the barrier: this rank's region -> the expert-major view, as ExpertMajorParams with the
+// Receive, after the barrier (two kernels: the positions, one block per expert; the copies in source order):
+// this rank's region -> the expert-major view, as ExpertMajorParams with the
 // received rows taken in slot order (source rank, then token; slots t >= the source's T are empty), plus
 // the offsets and counts it computes itself: expert_counts[l], expert_offsets (aligned blocks back to back,
 // [L + 1]), recv_expert_rows [W * C, KL] (per slot, -1 padded) and recv_weights [W * C, KL] (0-padded, when
@@ -345,7 +346,7 @@ struct LowLatencyReceiveParams {
   int32_t* expert_offsets = nullptr;    // [L + 1]
   int32_t* recv_expert_rows = nullptr;  // [W * C, KL]
   float* recv_weights = nullptr;        // [W * C, KL] or null
-  int blocks_per_sm = 1;                // cuda: the grid's blocks (about this many an SM, <= 32 an expert)
+  int copy_warps_per_sm = 32;           // cuda: the copies' warps (about this many an SM over the W * C slots)
 };
 
 inline int local_map_bytes(int num_local_experts) { return (num_local_experts + 7) / 8; }

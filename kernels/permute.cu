@@ -544,23 +544,19 @@ __device__ __forceinline__ const uint8_t* low_latency_slice(const LowLatencyRece
   return reinterpret_cast<const uint8_t*>(a.region + a.b.first + s * a.b.stride + a.b.map) + t * a.MB;
 }
 
-// Block (l, y) of an (L, S) grid: every block counts all experts' slots (shared atomics; a few thousand
-// bits) and scans the counts into the aligned offsets, so no block waits for another; block (l, y) then
-// ranks expert l's slots chunk by chunk (256 slots a chunk, in slot order), writes the positions and
-// weights of the chunks c with c % S == y, and copies its share (every S-th group of 8) of each chunk's rows
-// of expert l (a warp a row). Block (0, y) writes the -1 / 0 padding of its chunks' slots, block (l, 0) the
-// counts, offsets and expert l's pad rows.
+// Positions, one block per local expert l: every block counts all experts' slots (shared atomics; a few
+// thousand bits) and scans the counts into the aligned offsets, so no block waits for another; block l then
+// ranks expert l's slots chunk by chunk (256 slots a chunk, in slot order) and writes their positions and
+// weights. Block 0 writes the -1 / 0 padding of every slot, block l the count, offset and pad rows of l.
 template <int V>
-__global__ void __launch_bounds__(kLowLatencyThreads) low_latency_receive_kernel(LowLatencyReceiveArgs a) {
+__global__ void __launch_bounds__(kLowLatencyThreads) low_latency_positions_kernel(LowLatencyReceiveArgs a) {
   using BlockScan = cub::BlockScan<int, kLowLatencyThreads>;
   using WarpScan = cub::WarpScan<int>;
   extern __shared__ int ll_smem[];  // counts [L], offsets [L + 1]
   __shared__ typename BlockScan::TempStorage scan;
   __shared__ typename WarpScan::TempStorage wscan;
-  __shared__ int64_t list_slot[kLowLatencyThreads];
-  __shared__ int list_pos[kLowLatencyThreads];
   const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
-  const int l = blockIdx.x, y = blockIdx.y, S = gridDim.y, L = a.L, KL = a.KL;
+  const int l = blockIdx.x, L = a.L, KL = a.KL;
   int* cnt = ll_smem;
   int* off = ll_smem + L;
   const int64_t slots = a.W * a.C;
@@ -590,12 +586,12 @@ __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_receive_kernel
     if (lane == 0) off[L] = carry;
   }
   __syncthreads();
-  if (y == 0) {
-    if (tid == 0) {
-      a.counts[l] = cnt[l];
-      a.offsets[l] = off[l];
-      if (l == L - 1) a.offsets[L] = off[L];
-    }
+  if (tid == 0) {
+    a.counts[l] = cnt[l];
+    a.offsets[l] = off[l];
+    if (l == L - 1) a.offsets[L] = off[L];
+  }
+  {
     const int64_t p1 = off[l + 1] < a.expert_capacity ? off[l + 1] : a.expert_capacity;
     using Vec = typename VecOf<V>::type;
     for (int64_t p = off[l] + cnt[l] + warp; p < p1; p += kLowLatencyThreads / kWarp) {
@@ -606,7 +602,7 @@ __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_receive_kernel
   const int byte = l >> 3;
   const uint32_t below = (1u << (l & 7)) - 1u;
   int run = 0;  // expert l's slots in earlier chunks
-  for (int64_t c0 = 0, chunk = 0; c0 < slots; c0 += kLowLatencyThreads, ++chunk) {
+  for (int64_t c0 = 0; c0 < slots; c0 += kLowLatencyThreads) {
     const int64_t i = c0 + tid;
     const uint8_t* m = i < slots ? low_latency_slice(a, i) : nullptr;
     int j = 0, n = 0;  // expert l's index in the slice; the slice's experts
@@ -624,39 +620,49 @@ __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_receive_kernel
     }
     int excl = 0, total = 0;
     BlockScan(scan).ExclusiveSum(has ? 1 : 0, excl, total);
-    const bool mine = chunk % S == y;
     if (has && j < KL) {
-      const int pos = off[l] + run + excl;
-      list_slot[excl] = i;
-      list_pos[excl] = pos;
-      if (mine) {
-        a.rows[i * KL + j] = pos;
-        if (a.weights != nullptr) {
-          const int s = static_cast<int>(i / a.C);
-          const float* w = reinterpret_cast<const float*>(a.region + a.b.first + s * a.b.stride + a.b.weights);
-          a.weights[i * KL + j] = w[(i - s * a.C) * KL + j];
-        }
+      a.rows[i * KL + j] = off[l] + run + excl;
+      if (a.weights != nullptr) {
+        const int s = static_cast<int>(i / a.C);
+        const float* w = reinterpret_cast<const float*>(a.region + a.b.first + s * a.b.stride + a.b.weights);
+        a.weights[i * KL + j] = w[(i - s * a.C) * KL + j];
       }
     }
-    if (mine) {
-      if (l == 0 && i < slots)
-        for (int q = n < KL ? n : KL; q < KL; ++q) {
-          a.rows[i * KL + q] = -1;
-          if (a.weights != nullptr) a.weights[i * KL + q] = 0.0f;
-        }
-    }
-    __syncthreads();
-    // The chunk's rows of expert l, shared out among the expert's S blocks (a hot expert's rows fill them all).
-    for (int q = y * (kLowLatencyThreads / kWarp) + warp; q < total; q += S * (kLowLatencyThreads / kWarp)) {
-      const int64_t si = list_slot[q];
-      const int64_t pos = list_pos[q];
-      if (pos >= a.expert_capacity) continue;
-      const int s = static_cast<int>(si / a.C);
-      const char* src = a.region + a.b.first + s * a.b.stride + (si - s * a.C) * a.row_bytes;
-      warp_copy_row<V, kUnroll>(src, a.nvec, 1u, lane == 0 ? a.expert_x + pos * a.row_bytes : nullptr);
-    }
+    if (l == 0 && i < slots)
+      for (int q = n < KL ? n : KL; q < KL; ++q) {
+        a.rows[i * KL + q] = -1;
+        if (a.weights != nullptr) a.weights[i * KL + q] = 0.0f;
+      }
     run += total;
-    __syncthreads();
+    __syncthreads();  // the scan's storage is reused
+  }
+}
+
+// Copies, in source order: P warps a slot, warp p storing its p-th piece of the slot's row (read once) to
+// each of the slot's expert rows (the positions the kernel above wrote). A hot expert's rows spread over the
+// whole grid like any other.
+template <int V>
+__global__ void __launch_bounds__(kRowThreads) low_latency_copy_kernel(LowLatencyReceiveArgs a, int P) {
+  const int lane = threadIdx.x & (kWarp - 1), KL = a.KL;
+  const int64_t slots = a.W * a.C, warps = static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp);
+  const int64_t piece_vecs = (a.nvec + P - 1) / P;
+  for (int64_t gw = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp; gw < slots * P;
+       gw += warps) {
+    const int64_t i = gw / P;
+    const int piece = static_cast<int>(gw - i * P);
+    if (__ldg(a.rows + i * KL) < 0) continue;  // empty slot (entries ascend, -1 padded): warp-uniform
+    const int64_t v0 = piece * piece_vecs, v1 = v0 + piece_vecs < a.nvec ? v0 + piece_vecs : a.nvec;
+    if (v1 <= v0) continue;
+    const int s = static_cast<int>(i / a.C);
+    const int64_t vb = v0 * V;
+    const char* src = a.region + a.b.first + s * a.b.stride + (i - s * a.C) * a.row_bytes + vb;
+    for (int jg = 0; jg < KL; jg += kWarp) {
+      const int j = jg + lane;
+      const int pos = j < KL ? __ldg(a.rows + i * KL + j) : -1;
+      const bool ok = pos >= 0 && pos < a.expert_capacity;
+      const uint32_t mask = __ballot_sync(kFullMask, ok);
+      if (mask != 0) warp_copy_row<V, kUnroll>(src, v1 - v0, mask, ok ? a.expert_x + pos * a.row_bytes + vb : nullptr);
+    }
   }
 }
 
@@ -970,17 +976,25 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
   const int v = vec_bytes(a.row_bytes, p.expert_x, reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.first)),
                           reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.stride)));
   a.nvec = a.row_bytes / v;
-  // S blocks per expert, about blocks_per_sm blocks an SM in all (at most 32 an expert: each scans every slot).
-  int sms = 0;
-  cudaError_t err = sm_count(&sms);
-  if (err != cudaSuccess) return err;
-  const int per_sm = p.blocks_per_sm < 1 ? 1 : p.blocks_per_sm;
-  int64_t S = (per_sm * static_cast<int64_t>(sms) + L - 1) / L;
-  S = S < 1 ? 1 : (S > 32 ? 32 : S);
-  const dim3 grid(static_cast<unsigned>(L), static_cast<unsigned>(S));
   dispatch_vec(v, [&](auto vt) {
-    low_latency_receive_kernel<decltype(vt)::value><<<grid, kLowLatencyThreads, smem, stream>>>(a);
+    low_latency_positions_kernel<decltype(vt)::value><<<L, kLowLatencyThreads, smem, stream>>>(a);
   });
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  // Copy pieces of at least 512 bytes, about copy_warps_per_sm warps an SM over the slots.
+  int sms = 0;
+  err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const int64_t slots = static_cast<int64_t>(p.num_ranks) * p.capacity;
+  const int64_t want = static_cast<int64_t>(p.copy_warps_per_sm < 1 ? 1 : p.copy_warps_per_sm) * sms / slots;
+  const int64_t most = (a.nvec * v + 511) / 512;
+  int P = static_cast<int>(want < 1 ? 1 : (want > most ? (most < 1 ? 1 : most) : want));
+  if (P > 32) P = 32;
+  unsigned grid = 0;
+  err = row_grid(slots * P, &grid);
+  if (err != cudaSuccess) return err;
+  dispatch_vec(v,
+               [&](auto vt) { low_latency_copy_kernel<decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a, P); });
   return cudaGetLastError();
 }
 

@@ -31,7 +31,7 @@ size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
 #ifdef BITEP_HAVE_CUDA
 // Tuning knobs (bench/NOTES.md, low latency): BITEP_LL_SEND_PIECES, the most warps sharing a token's row in
-// the send kernel (default 32); BITEP_LL_RECV_BLOCKS, the receive kernel's blocks an SM (default 1).
+// the send kernel (default 32); BITEP_LL_COPY_WARPS, the receive copies' warps an SM (default 32).
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
@@ -43,8 +43,8 @@ int send_pieces() {
   static const int n = env_int("BITEP_LL_SEND_PIECES", 32);
   return n;
 }
-int receive_blocks_per_sm() {
-  static const int n = env_int("BITEP_LL_RECV_BLOCKS", 1);
+int copy_warps_per_sm() {
+  static const int n = env_int("BITEP_LL_COPY_WARPS", 32);
   return n;
 }
 
@@ -186,7 +186,7 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   rp.expert_offsets = h->expert_offsets;
   rp.recv_expert_rows = h->recv_expert_rows;
   rp.recv_weights = h->recv_weights;
-  rp.blocks_per_sm = receive_blocks_per_sm();
+  rp.copy_warps_per_sm = copy_warps_per_sm();
 
   BITEP_CHECK(win->acquire(stream));
   BITEP_CUDA_CHECK(kernels::launch_ep_low_latency_send(sp, s));
