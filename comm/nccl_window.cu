@@ -89,6 +89,11 @@ __device__ void signal_and_wait(
 // bases[p]: rank p's buffer (flags first). One thread per rank.
 __global__ void barrier_kernel(
     char* const* bases, int nranks, int self, uint64_t epoch, uint64_t timeout_ns, volatile int* timed_out) {
+  // A kernel launched dependent on this one (the low-latency receive) may take its place now; it waits for
+  // this grid's end inside.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
   // Everything this rank stored before (earlier kernels on the stream) is ordered before the flags.
   __threadfence_system();
   signal_and_wait(bases, nranks, self, epoch, timeout_ns, timed_out);

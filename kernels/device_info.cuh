@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <utility>
 
 namespace bitep::kernels {
 
@@ -66,6 +67,41 @@ inline cudaError_t smem_optin_bytes(int* out) {
 inline cudaError_t smem_per_sm_bytes(int* out) {
   static std::atomic<int> cache[kMaxCachedDevices];
   return cached_attribute(cache, cudaDevAttrMaxSharedMemoryPerMultiprocessor, 48 * 1024, out);
+}
+
+// Compute capability major of the current device (0 when unknown).
+inline cudaError_t cc_major(int* out) {
+  static std::atomic<int> cache[kMaxCachedDevices];
+  return cached_attribute(cache, cudaDevAttrComputeCapabilityMajor, 0, out);
+}
+
+// Programmatic dependent launch (sm_90+): a kernel launched with launch_dependent() may start while the
+// kernel before it on the stream runs, once that one triggers (dependents_may_launch()) or ends;
+// wait_for_prerequisite() then waits for it to complete with its memory visible. Both are no-ops below sm_90
+// and in a kernel launched without the attribute.
+__device__ __forceinline__ void wait_for_prerequisite() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void dependents_may_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+template <class... KernelArgs, class... Args>
+cudaError_t launch_dependent(
+    void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  int major = 0;
+  const cudaError_t err = cc_major(&major);
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr, cfg.numAttrs = major >= 9 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
 // Persistent grid: enough blocks for `work` units of `per_block` each, at most sms * per_sm, at least 1.

@@ -561,6 +561,8 @@ __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_positions_kern
   int* off = ll_smem + L;
   const int64_t slots = a.W * a.C;
   for (int e = tid; e < L; e += kLowLatencyThreads) cnt[e] = 0;
+  wait_for_prerequisite();  // the barrier: every slot landed
+  dependents_may_launch();  // the copies' blocks take their places and wait for this grid
   __syncthreads();
   for (int64_t i = tid; i < slots; i += kLowLatencyThreads) {
     const uint8_t* m = low_latency_slice(a, i);
@@ -646,6 +648,7 @@ __global__ void __launch_bounds__(kRowThreads) low_latency_copy_kernel(LowLatenc
   const int lane = threadIdx.x & (kWarp - 1), KL = a.KL;
   const int64_t slots = a.W * a.C, warps = static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp);
   const int64_t piece_vecs = (a.nvec + P - 1) / P;
+  wait_for_prerequisite();  // the positions
   for (int64_t gw = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp; gw < slots * P;
        gw += warps) {
     const int64_t i = gw / P;
@@ -976,10 +979,12 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
   const int v = vec_bytes(a.row_bytes, p.expert_x, reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.first)),
                           reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.stride)));
   a.nvec = a.row_bytes / v;
-  dispatch_vec(v, [&](auto vt) {
-    low_latency_positions_kernel<decltype(vt)::value><<<L, kLowLatencyThreads, smem, stream>>>(a);
+  // Both kernels launch dependent on the one before (the barrier, the positions): they take their places
+  // while it runs and wait for it inside.
+  cudaError_t err = dispatch_vec(v, [&](auto vt) {
+    return launch_dependent(low_latency_positions_kernel<decltype(vt)::value>, dim3(L), dim3(kLowLatencyThreads), smem,
+                            stream, a);
   });
-  cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   // Copy pieces of at least 512 bytes, about copy_warps_per_sm warps an SM over the slots.
   int sms = 0;
@@ -993,9 +998,10 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
   unsigned grid = 0;
   err = row_grid(slots * P, &grid);
   if (err != cudaSuccess) return err;
-  dispatch_vec(v,
-               [&](auto vt) { low_latency_copy_kernel<decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a, P); });
-  return cudaGetLastError();
+  return dispatch_vec(v, [&](auto vt) {
+    return launch_dependent(low_latency_copy_kernel<decltype(vt)::value>, dim3(grid), dim3(kRowThreads), 0, stream, a,
+                            P);
+  });
 }
 
 }  // namespace bitep::kernels
