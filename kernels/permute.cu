@@ -694,6 +694,16 @@ PermuteArgs token_args(const RoutingInput& routing,
   return a;
 }
 
+// Warps that share one row of `row_bytes` when `rows` rows should keep about `warps` warps busy: pieces of at
+// least 512 bytes, at least 1, at most `cap` (<= 32).
+int row_pieces(int64_t warps, int64_t rows, int64_t row_bytes, int cap) {
+  const int64_t want = warps / (rows > 0 ? rows : 1), most = (row_bytes + 511) / 512;
+  int64_t P = want < most ? want : most;
+  const int64_t top = cap < 1 ? 1 : (cap > 32 ? 32 : cap);
+  P = P > top ? top : P;
+  return static_cast<int>(P < 1 ? 1 : P);
+}
+
 cudaError_t bulk_binary_arch(int* out) {
   static std::atomic<int> cache[kMaxCachedDevices];
   return cached_per_device(
@@ -938,11 +948,7 @@ cudaError_t launch_ep_low_latency_send(const LowLatencySendParams& p, cudaStream
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
-  const int64_t want = 8 * static_cast<int64_t>(sms) * 4 / (p.num_tokens > 0 ? p.num_tokens : 1);
-  const int64_t most = (m.nvec * v + 511) / 512;
-  a.pieces = static_cast<int>(want < 1 ? 1 : (want > most ? (most < 1 ? 1 : most) : want));
-  const int cap = p.max_pieces < 1 ? 1 : (p.max_pieces > 32 ? 32 : p.max_pieces);
-  if (a.pieces > cap) a.pieces = cap;
+  a.pieces = row_pieces(32 * static_cast<int64_t>(sms), p.num_tokens, m.row_bytes, p.max_pieces);
   unsigned grid = 1;  // one block even without tokens: it writes the headers
   if (p.num_tokens > 0) {
     err = row_grid(p.num_tokens * a.pieces, &grid);
@@ -991,10 +997,8 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
   err = sm_count(&sms);
   if (err != cudaSuccess) return err;
   const int64_t slots = static_cast<int64_t>(p.num_ranks) * p.capacity;
-  const int64_t want = static_cast<int64_t>(p.copy_warps_per_sm < 1 ? 1 : p.copy_warps_per_sm) * sms / slots;
-  const int64_t most = (a.nvec * v + 511) / 512;
-  int P = static_cast<int>(want < 1 ? 1 : (want > most ? (most < 1 ? 1 : most) : want));
-  if (P > 32) P = 32;
+  const int P =
+      row_pieces(static_cast<int64_t>(p.copy_warps_per_sm < 1 ? 1 : p.copy_warps_per_sm) * sms, slots, a.row_bytes, 32);
   unsigned grid = 0;
   err = row_grid(slots * P, &grid);
   if (err != cudaSuccess) return err;
