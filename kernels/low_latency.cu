@@ -1,0 +1,313 @@
+// SPDX-License-Identifier: Apache-2.0
+// The low-latency dispatch's kernels (LowLatencySendParams, LowLatencyReceiveParams; src/ep/low_latency.cc):
+// the send into the owners' fixed slots, and the receive after the barrier as two kernels launched dependent
+// on the one before: the positions (one block an expert) and the copies in source order.
+#include <cub/block/block_scan.cuh>
+
+#include "kernels/ep.h"
+#include "kernels/ep_common.cuh"
+#include "kernels/permute_rows.cuh"
+
+namespace bitep::kernels {
+namespace {
+
+using namespace ep_detail;
+
+struct LowLatencySendArgs {
+  PermuteArgs m;  // the routing, weights, shape and x (write_row_meta's fields)
+  char* const* regions;
+  LowLatencyBlock b;
+  int32_t* token_slot;
+  int pieces;  // warps a token
+};
+
+// One warp per token: lane r finds whether the token has an expert on rank r, the warp stores the row once
+// into every such rank's slot (over NVLink for the peers), then lane r writes r's map slice (zero when
+// empty) and, for a non-empty slice, its weights.
+template <int V>
+__global__ void __launch_bounds__(kRowThreads) low_latency_send_kernel(LowLatencySendArgs a) {
+  const PermuteArgs& m = a.m;
+  const int lane = threadIdx.x & (kWarp - 1);
+  const int W = m.num_ranks, L = m.local_experts, self = m.self_rank;
+  if (blockIdx.x == 0)
+    for (int r = threadIdx.x; r < W; r += blockDim.x)
+      reinterpret_cast<int64_t*>(a.regions[r] + a.b.header)[self] = m.num_tokens;
+  // P warps a token, warp p of a token copying its p-th piece of vectors (a few tokens still fill the GPU);
+  // piece 0 also writes the slot's map slice, weights and token_slot.
+  const int P = a.pieces;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp);
+  const int64_t piece_vecs = (m.nvec + P - 1) / P;
+  for (int64_t gw = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp; gw < m.num_tokens * P;
+       gw += warps) {
+    const int64_t t = gw / P;
+    const int piece = static_cast<int>(gw - t * P);
+    const int64_t v0 = piece * piece_vecs, v1 = v0 + piece_vecs < m.nvec ? v0 + piece_vecs : m.nvec;
+    const int limit = route_limit(m.v, t);
+    for (int rg = 0; rg < W; rg += kWarp) {
+      const int r = rg + lane;
+      bool any = false;
+      char* blk = nullptr;
+      if (r < W) {
+        const int lo = r * L, hi = lo + L < limit ? lo + L : limit;
+        for (int b = lo; b < hi && !any; b += kWarp) any = route_bits(m.v, t, b, hi) != 0u;
+        blk = a.regions[r] + a.b.first + self * a.b.stride;
+        if (piece == 0) a.token_slot[t * W + r] = any ? static_cast<int32_t>(t) : -1;
+      }
+      const uint32_t mask = __ballot_sync(kFullMask, any);
+      const int64_t vb = v0 * V;  // the piece's first byte
+      if (mask != 0 && v1 > v0)
+        warp_copy_row<V, kUnroll>(m.x + t * m.row_bytes + vb, v1 - v0, mask,
+                                  any ? blk + t * m.row_bytes + vb : nullptr);
+      if (r < W && piece == 0) {
+        float* w = any ? reinterpret_cast<float*>(blk + a.b.weights) : nullptr;
+        write_row_meta(m, t, r, t, reinterpret_cast<uint8_t*>(blk + a.b.map), w);
+        if (w != nullptr && m.weight_format == WeightFormat::kNone)  // no weights: zeros, not stale ones
+          for (int j = 0; j < m.row_experts; ++j) w[t * m.row_experts + j] = 0.0f;
+      }
+    }
+  }
+}
+
+struct LowLatencyReceiveArgs {
+  int W, L, KL, MB, align;
+  int64_t C;
+  const char* region;
+  LowLatencyBlock b;
+  char* expert_x;
+  int64_t expert_capacity, row_bytes, nvec;
+  int32_t* counts;
+  int32_t* offsets;
+  int32_t* rows;
+  float* weights;
+};
+
+constexpr int kLowLatencyThreads = 256;
+
+// Slot i's map slice (null past the source's T).
+__device__ __forceinline__ const uint8_t* low_latency_slice(const LowLatencyReceiveArgs& a, int64_t i) {
+  const int s = static_cast<int>(i / a.C);
+  const int64_t t = i - s * a.C;
+  int64_t T = reinterpret_cast<const int64_t*>(a.region + a.b.header)[s];
+  T = T < 0 ? 0 : (T > a.C ? a.C : T);
+  if (t >= T) return nullptr;
+  return reinterpret_cast<const uint8_t*>(a.region + a.b.first + s * a.b.stride + a.b.map) + t * a.MB;
+}
+
+// Positions, one block per local expert l: every block counts all experts' slots (shared atomics; a few
+// thousand bits) and scans the counts into the aligned offsets, so no block waits for another; block l then
+// ranks expert l's slots chunk by chunk (256 slots a chunk, in slot order) and writes their positions and
+// weights. Block 0 writes the -1 / 0 padding of every slot, block l the count, offset and pad rows of l.
+template <int V>
+__global__ void __launch_bounds__(kLowLatencyThreads) low_latency_positions_kernel(LowLatencyReceiveArgs a) {
+  using BlockScan = cub::BlockScan<int, kLowLatencyThreads>;
+  using WarpScan = cub::WarpScan<int>;
+  extern __shared__ int ll_smem[];  // counts [L], offsets [L + 1]
+  __shared__ typename BlockScan::TempStorage scan;
+  __shared__ typename WarpScan::TempStorage wscan;
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
+  const int l = blockIdx.x, L = a.L, KL = a.KL;
+  int* cnt = ll_smem;
+  int* off = ll_smem + L;
+  const int64_t slots = a.W * a.C;
+  for (int e = tid; e < L; e += kLowLatencyThreads) cnt[e] = 0;
+  wait_for_prerequisite();  // the barrier: every slot landed
+  dependents_may_launch();  // the copies' blocks take their places and wait for this grid
+  __syncthreads();
+  for (int64_t i = tid; i < slots; i += kLowLatencyThreads) {
+    const uint8_t* m = low_latency_slice(a, i);
+    if (m == nullptr) continue;
+    for (int q = 0; q < a.MB; ++q) {
+      uint32_t v = m[q];
+      if (q * 8 + 8 > L) v &= (1u << (L - q * 8)) - 1u;
+      for (; v != 0; v &= v - 1) atomicAdd(&cnt[q * 8 + __ffs(v) - 1], 1);
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int carry = 0;
+    for (int e0 = 0; e0 < L; e0 += kWarp) {
+      const int e = e0 + lane;
+      const int v = e < L ? (cnt[e] + a.align - 1) / a.align * a.align : 0;
+      int excl = 0, total = 0;
+      WarpScan(wscan).ExclusiveSum(v, excl, total);
+      if (e < L) off[e] = carry + excl;
+      carry += total;
+      __syncwarp();
+    }
+    if (lane == 0) off[L] = carry;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    a.counts[l] = cnt[l];
+    a.offsets[l] = off[l];
+    if (l == L - 1) a.offsets[L] = off[L];
+  }
+  {
+    const int64_t p1 = off[l + 1] < a.expert_capacity ? off[l + 1] : a.expert_capacity;
+    using Vec = typename VecOf<V>::type;
+    for (int64_t p = off[l] + cnt[l] + warp; p < p1; p += kLowLatencyThreads / kWarp) {
+      Vec* out = reinterpret_cast<Vec*>(a.expert_x + p * a.row_bytes);
+      for (int64_t q = lane; q < a.nvec; q += kWarp) out[q] = Vec{};
+    }
+  }
+  const int byte = l >> 3;
+  const uint32_t below = (1u << (l & 7)) - 1u;
+  int run = 0;  // expert l's slots in earlier chunks
+  for (int64_t c0 = 0; c0 < slots; c0 += kLowLatencyThreads) {
+    const int64_t i = c0 + tid;
+    const uint8_t* m = i < slots ? low_latency_slice(a, i) : nullptr;
+    int j = 0, n = 0;  // expert l's index in the slice; the slice's experts
+    bool has = false;
+    if (m != nullptr) {
+      for (int q = 0; q < a.MB; ++q) {
+        uint32_t v = m[q];
+        if (q * 8 + 8 > L) v &= (1u << (L - q * 8)) - 1u;
+        n += __popc(v);
+        if (q < byte) j += __popc(v);
+      }
+      const uint32_t v = m[byte];
+      has = (v >> (l & 7)) & 1u;
+      j += __popc(v & below);
+    }
+    int excl = 0, total = 0;
+    BlockScan(scan).ExclusiveSum(has ? 1 : 0, excl, total);
+    if (has && j < KL) {
+      a.rows[i * KL + j] = off[l] + run + excl;
+      if (a.weights != nullptr) {
+        const int s = static_cast<int>(i / a.C);
+        const float* w = reinterpret_cast<const float*>(a.region + a.b.first + s * a.b.stride + a.b.weights);
+        a.weights[i * KL + j] = w[(i - s * a.C) * KL + j];
+      }
+    }
+    if (l == 0 && i < slots)
+      for (int q = n < KL ? n : KL; q < KL; ++q) {
+        a.rows[i * KL + q] = -1;
+        if (a.weights != nullptr) a.weights[i * KL + q] = 0.0f;
+      }
+    run += total;
+    __syncthreads();  // the scan's storage is reused
+  }
+}
+
+// Copies, in source order: P warps a slot, warp p storing its p-th piece of the slot's row (read once) to
+// each of the slot's expert rows (the positions the kernel above wrote). A hot expert's rows spread over the
+// whole grid like any other.
+template <int V>
+__global__ void __launch_bounds__(kRowThreads) low_latency_copy_kernel(LowLatencyReceiveArgs a, int P) {
+  const int lane = threadIdx.x & (kWarp - 1), KL = a.KL;
+  const int64_t slots = a.W * a.C, warps = static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp);
+  const int64_t piece_vecs = (a.nvec + P - 1) / P;
+  wait_for_prerequisite();  // the positions
+  for (int64_t gw = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp; gw < slots * P;
+       gw += warps) {
+    const int64_t i = gw / P;
+    const int piece = static_cast<int>(gw - i * P);
+    if (__ldg(a.rows + i * KL) < 0) continue;  // empty slot (entries ascend, -1 padded): warp-uniform
+    const int64_t v0 = piece * piece_vecs, v1 = v0 + piece_vecs < a.nvec ? v0 + piece_vecs : a.nvec;
+    if (v1 <= v0) continue;
+    const int s = static_cast<int>(i / a.C);
+    const int64_t vb = v0 * V;
+    const char* src = a.region + a.b.first + s * a.b.stride + (i - s * a.C) * a.row_bytes + vb;
+    for (int jg = 0; jg < KL; jg += kWarp) {
+      const int j = jg + lane;
+      const int pos = j < KL ? __ldg(a.rows + i * KL + j) : -1;
+      const bool ok = pos >= 0 && pos < a.expert_capacity;
+      const uint32_t mask = __ballot_sync(kFullMask, ok);
+      if (mask != 0) warp_copy_row<V, kUnroll>(src, v1 - v0, mask, ok ? a.expert_x + pos * a.row_bytes + vb : nullptr);
+    }
+  }
+}
+
+// Warps that share one row of `row_bytes` when `rows` rows should keep about `warps` warps busy: pieces of at
+// least 512 bytes, at least 1, at most `cap` (<= 32).
+int row_pieces(int64_t warps, int64_t rows, int64_t row_bytes, int cap) {
+  const int64_t want = warps / (rows > 0 ? rows : 1), most = (row_bytes + 511) / 512;
+  int64_t P = want < most ? want : most;
+  const int64_t top = cap < 1 ? 1 : (cap > 32 ? 32 : cap);
+  P = P > top ? top : P;
+  return static_cast<int>(P < 1 ? 1 : P);
+}
+
+}  // namespace
+
+cudaError_t launch_ep_low_latency_send(const LowLatencySendParams& p, cudaStream_t stream) {
+  const int W = p.num_ranks, E = p.num_experts;
+  if (W < 1 || E < 1 || E % W != 0 || p.topk < 1 || p.num_tokens < 0 || p.num_tokens > p.capacity || p.hidden < 1 ||
+      p.self_rank < 0 || p.self_rank >= W || p.regions == nullptr || (p.num_tokens > 0 && p.token_slot == nullptr))
+    return cudaErrorInvalidValue;
+  if (p.num_tokens > 0 && (p.x == nullptr || p.routing.map == nullptr)) return cudaErrorInvalidValue;
+  LowLatencySendArgs a;
+  PermuteArgs& m = a.m;
+  m = token_args(p.routing, p.num_tokens, E, p.topk, W, p.self_rank, p.x, p.hidden, p.dtype);
+  a.regions = p.regions;
+  a.b = p.block;
+  a.token_slot = p.token_slot;
+  // Slots sit at multiples of the row size past 16-byte aligned blocks: the row size and x decide.
+  const int v = vec_bytes(m.row_bytes, p.x, reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.first)),
+                          reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.stride)));
+  m.nvec = m.row_bytes / v;
+  // Pieces of at least 512 bytes a warp, as many as give about 32 warps an SM over the tokens.
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  a.pieces = row_pieces(32 * static_cast<int64_t>(sms), p.num_tokens, m.row_bytes, p.max_pieces);
+  unsigned grid = 1;  // one block even without tokens: it writes the headers
+  if (p.num_tokens > 0) {
+    err = row_grid(p.num_tokens * a.pieces, &grid);
+    if (err != cudaSuccess) return err;
+  }
+  dispatch_vec(v, [&](auto vt) { low_latency_send_kernel<decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a); });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cudaStream_t stream) {
+  const int L = p.num_local_experts, KL = p.max_row_experts;
+  if (p.num_ranks < 1 || L < 1 || KL < 1 || KL > L || p.capacity < 1 || p.hidden < 1 || p.alignment < 1 ||
+      p.region == nullptr || p.expert_x == nullptr || p.expert_counts == nullptr || p.expert_offsets == nullptr ||
+      p.recv_expert_rows == nullptr || p.expert_capacity < 0)
+    return cudaErrorInvalidValue;
+  const size_t smem = sizeof(int) * (2 * static_cast<size_t>(L) + 1);
+  if (smem > kLowLatencyMaxSmem) return cudaErrorInvalidValue;
+  LowLatencyReceiveArgs a;
+  a.W = p.num_ranks;
+  a.L = L;
+  a.KL = KL;
+  a.MB = local_map_bytes(L);
+  a.align = p.alignment;
+  a.C = p.capacity;
+  a.region = p.region;
+  a.b = p.block;
+  a.expert_x = static_cast<char*>(p.expert_x);
+  a.expert_capacity = p.expert_capacity;
+  a.row_bytes = p.hidden * dtype_size(p.dtype);
+  a.counts = p.expert_counts;
+  a.offsets = p.expert_offsets;
+  a.rows = p.recv_expert_rows;
+  a.weights = p.recv_weights;
+  const int v = vec_bytes(a.row_bytes, p.expert_x, reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.first)),
+                          reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.stride)));
+  a.nvec = a.row_bytes / v;
+  // Both kernels launch dependent on the one before (the barrier, the positions): they take their places
+  // while it runs and wait for it inside.
+  cudaError_t err = dispatch_vec(v, [&](auto vt) {
+    return launch_dependent(low_latency_positions_kernel<decltype(vt)::value>, dim3(L), dim3(kLowLatencyThreads), smem,
+                            stream, a);
+  });
+  if (err != cudaSuccess) return err;
+  // Copy pieces of at least 512 bytes, about copy_warps_per_sm warps an SM over the slots.
+  int sms = 0;
+  err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const int64_t slots = static_cast<int64_t>(p.num_ranks) * p.capacity;
+  const int P =
+      row_pieces(static_cast<int64_t>(p.copy_warps_per_sm < 1 ? 1 : p.copy_warps_per_sm) * sms, slots, a.row_bytes, 32);
+  unsigned grid = 0;
+  err = row_grid(slots * P, &grid);
+  if (err != cudaSuccess) return err;
+  return dispatch_vec(v, [&](auto vt) {
+    return launch_dependent(low_latency_copy_kernel<decltype(vt)::value>, dim3(grid), dim3(kRowThreads), 0, stream, a,
+                            P);
+  });
+}
+
+}  // namespace bitep::kernels
