@@ -7,8 +7,10 @@
 // (router_common.cuh, "Lane layout"); top-k is k rounds of a segment arg-max on uint32 selection keys
 // (value order, ties to the lower expert index, NaN lowest). Each lane keeps its C best remaining keys
 // sorted, so a round is one max reduction and one ballot (the lowest tied lane wins), the winner pops its
-// cache by predicated selects, and a lane rescans its registers only when it has won C times. Anything
-// else goes to router_generic.cu.
+// cache by predicated selects, and a lane rescans its registers only when it has won C times. The
+// post-top-k softmax (E 33-512, k up to the lanes of a token) has kernels of its own (FwdSpec): the
+// weights from the rounds' winners ("holders"), and for bf16 logits keys that carry their expert
+// ("packed": a round is one max reduction). Anything else goes to router_generic.cu.
 #include <climits>
 #include <type_traits>
 
@@ -34,14 +36,15 @@ struct FwdLayout {
 
 // Blocks per SM the register budget is cut for. BITEP_ROUTER_FWD_MIN_BLOCKS overrides it for every
 // shape: a tuning build (scripts/device-check.sh, PHASES=tune) compares occupancies. The bf16
-// post-softmax kernel at one octet a lane and one token a warp (E 129-256) is held to 5 (45 registers,
-// no spill; at v5d, without the cap, 52 and 4 blocks): H200, T = 16384 / 65536, E = 256, 1-2% faster.
+// post-softmax kernel at one octet a lane and one token a warp (E 129-256) is held to 8 (32 registers, no
+// spill; 39 and 6 blocks without the cap): H200, T = 16384, E = 256, 22.75 -> 22.14 us (7 gives the same
+// 32 registers; the spec kernels of 8 and 16 lanes a token spill there and were 0-6% slower).
 template <int N, int G = 1, bool kSpecBf16 = false>
 constexpr int min_blocks() {
 #ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
   return BITEP_ROUTER_FWD_MIN_BLOCKS;
 #else
-  return N <= 8 ? (kSpecBf16 && G == 32 ? 5 : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
+  return N <= 8 ? (kSpecBf16 && G == 32 ? 8 : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 #endif
 }
 
@@ -92,6 +95,51 @@ __device__ __forceinline__ void pop_cached(bool pop, uint32_t (&ck)[C], int (&cp
   }
   ck[C - 1] = pop ? 0u : ck[C - 1];
 }
+
+// The bf16 spec kernels' keys ("packed"): a bf16 value's selection key has 16 significant bits (its top
+// half), so the low half carries 0xffff - expert and every key of a row is unique, ordered as the
+// selection order (value, then the lower expert; NaN lowest: top half 0, still above kKeyNone). A round
+// is then one max reduction whose result names its expert: no ballot, no tie path, no register positions;
+// a lane's wins are its best keys in order, so its cache refills from the keys below its last win.
+__device__ __forceinline__ uint32_t packed_key(float v, int expert) {
+  return (select_key(v) & 0xffff0000u) | (0xffffu - static_cast<uint32_t>(expert));
+}
+__device__ __forceinline__ int packed_expert(uint32_t k) { return static_cast<int>(0xffffu - (k & 0xffffu)); }
+__device__ __forceinline__ float packed_value(uint32_t k) {
+  const uint32_t h = k >> 16;
+  if (h == 0u) return __uint_as_float(0x7fc00000u);
+  return __uint_as_float(((h & 0x8000u) ? (h & 0x7fffu) : (~h & 0xffffu)) << 16);
+}
+
+// ck = the C largest keys of the lane below `below` (descending; key 0 = none), by a min / max insertion
+// network (keys unique).
+template <int N, int C>
+__device__ __forceinline__ void top_below(const uint32_t* key, uint32_t below, uint32_t (&ck)[C]) {
+#pragma unroll
+  for (int c = 0; c < C; ++c) ck[c] = 0u;
+#pragma unroll
+  for (int p = 0; p < N; ++p) {
+    uint32_t kk = key[p] < below ? key[p] : 0u;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const uint32_t lo = min(ck[c], kk);
+      ck[c] = max(ck[c], kk);
+      kk = lo;
+    }
+  }
+}
+
+// The spec kernels' post-top-k softmax from the rounds ("holders"): lane r of the segment keeps round r's
+// key and expert (k <= G), takes one exp, and the sum is a butterfly over the first pow2(k) lanes in round
+// order; the owners store their octets as 0 / -inf and the holders store the k weights over them (and the
+// compact outputs at their ascending positions). No exp per element slot, no select per output element,
+// and the row's values die with the keys. The sum's order differs from the any-path kernels' (lane-local
+// in element order, then over the lanes): the weights agree within a few ulps, not bit for bit.
+// BITEP_ROUTER_FWD_HOLDERS=0 (a tuning build) compiles the spec kernels without it.
+#ifndef BITEP_ROUTER_FWD_HOLDERS
+#define BITEP_ROUTER_FWD_HOLDERS 1
+#endif
+constexpr bool kHolderSoftmax = BITEP_ROUTER_FWD_HOLDERS != 0;
 
 // Score paths compiled in: the post-top-k softmax (TE's default) gets kernels whose flags are constants;
 // kAny reads them from the parameters. The forward is bound by instruction issue (bench/NOTES.md).
@@ -167,8 +215,9 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
     }
   };
 
-  // The next tile's logits are loaded while this one is computed (small rows: more bytes in flight).
-  constexpr bool kPrefetch = NS == 1 || (NS == 2 && !kF32);
+  // The next tile's logits are loaded while this one is computed (small rows: more bytes in flight); not
+  // in the spec kernels, whose warps take one tile each.
+  constexpr bool kPrefetch = !kKnown && (NS == 1 || (NS == 2 && !kF32));
   RawOctet ahead[NS];
   auto logits_row = [&](Idx t) -> const void* {  // element offsets: no byte count past 2^31 in 32 bits
     if constexpr (kKnown) {
@@ -258,6 +307,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
     }
 
     // 2. selection keys (+ expert_bias, selection only).
+    constexpr bool kPacked = kKnown && kHolderSoftmax && !kF32;
     uint32_t key[N];
     {
       const bool bvec = use_bias && aligned16(p.expert_bias);
@@ -274,7 +324,10 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
         for (int b = 0; b < 8; ++b) {
           const int i = 8 * s + b;
           const float sel = use_bias ? __fadd_rn(v[i], b8[b]) : v[i];
-          key[i] = ((valid >> i) & 1) ? select_key(sel) : kKeyNone;
+          if constexpr (kPacked)
+            key[i] = ((valid >> i) & 1) ? packed_key(sel, (s * G + sl) * 8 + b) : kKeyNone;
+          else
+            key[i] = ((valid >> i) & 1) ? select_key(sel) : kKeyNone;
         }
       }
     }
@@ -285,16 +338,20 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
     // expert indices instead.
     const uint32_t seg = segment_lanes<G>(), below = lanemask_lt() & seg;
     auto expert_of = [&](int q) { return ((q >> 3) * G + sl) * 8 + (q & 7); };
-    auto segment_winner = [&](uint32_t mine, int pos, uint32_t& gm) {
+    // kHolders: `we` = the winner's expert in every lane of the segment (unspecified where none won).
+    constexpr bool kHolders = kKnown && kHolderSoftmax;
+    auto segment_winner = [&](uint32_t mine, int pos, uint32_t& gm, int& we) {
       gm = seg_max_u32<G>(mine);
       const bool eq = mine == gm && mine != kKeyNone;
       const uint32_t bal = __ballot_sync(kFullMask, eq);
       bool win = eq && (bal & below) == 0u;
+      if constexpr (kHolders) we = __shfl_sync(kFullMask, expert_of(pos), __ffs(bal & seg) - 1);
       if constexpr (NS > 1) {
         if (__any_sync(kFullMask, eq && !win)) {
           const int ce = eq ? expert_of(pos) : INT_MAX;
           const int lowest = seg_min_i32<G>(ce);  // every lane: a collective never sits behind a &&
           win = eq && ce == lowest;
+          if constexpr (kHolders) we = lowest;
         }
       }
       return win;
@@ -303,7 +360,10 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
     constexpr int C = cache_size<N, G>();
     uint32_t ck[C];
     int cp[C];
-    top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
+    if constexpr (kPacked)
+      top_below<N, C>(key, ~0u, ck);
+    else
+      top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
 
     // 3. group-limited routing: a group (q aligned lanes of one slot) scores the sum of its best
     // per_group keys in selection order from 0.0f; the best group_topk groups stay candidates.
@@ -400,17 +460,51 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
     // from its cache and rescans its registers (taken ones skipped) when the cache runs dry.
     Mask taken = 0;
     uint32_t top = kKeyNone;  // the first winner's key: the maximum of the selected
-    for (int r = 0; r < k; ++r) {
+    uint32_t hk = kKeyNone;   // kHolders: round sl's key and expert
+    int he = 0;
+    if constexpr (kPacked) {
+      uint32_t last = ~0u;  // the lane's last won key (its wins are its keys from there up)
+      for (int r = 0; r < k; ++r) {
+        const uint32_t gm = seg_max_u32<G>(ck[0]);
+        const bool win = ck[0] == gm && gm != kKeyNone;
+        hk = sl == r ? gm : hk;
+        last = win ? gm : last;
+        pop_cached<C>(win, ck, cp);
+        if (win && ck[0] == kKeyNone && r + 1 < k) top_below<N, C>(key, last, ck);
+      }
+#pragma unroll
+      for (int i = 0; i < N; ++i) taken |= key[i] >= last ? static_cast<Mask>(1u) << i : static_cast<Mask>(0);
+      top = __shfl_sync(kFullMask, hk, 0, G);
+      he = packed_expert(hk);
+    }
+    for (int r = 0; r < (kPacked ? 0 : k); ++r) {
       uint32_t gm;
-      const bool win = segment_winner(ck[0], cp[0], gm);
+      int we = 0;
+      const bool win = segment_winner(ck[0], cp[0], gm, we);
       if constexpr (kKnown) top = r == 0 ? gm : top;
+      if constexpr (kHolders) {
+        hk = sl == r ? gm : hk;
+        he = sl == r ? we : he;
+      }
       taken |= win ? static_cast<Mask>(1u) << cp[0] : static_cast<Mask>(0);
       pop_cached<C>(win, ck, cp);
       if (win && ck[0] == kKeyNone && r + 1 < k) top_cached<N, C>(key, taken, ck, cp);
     }
 
     // 5. weights of the selected experts: post-top-k softmax, or the sigmoid/sqrtsoftplus normalisation.
-    if (post) {
+    float hw = 0.0f;  // kHolders: the weight of round sl's expert (before scaling)
+    const bool holder = kHolders && hk != kKeyNone;
+    if constexpr (kHolders) {
+      // e = exp(v - max) in the holders, the sum over the rounds by a butterfly over pow2(k) lanes (all
+      // of them get the same bits), then e * (1 / sum) as seg_softmax_max.
+      auto value = [](uint32_t key) { return kPacked ? packed_value(key) : key_value(key); };
+      const float e = holder ? expf(value(hk) - value(top)) : 0.0f;
+      float sum = e;
+#pragma unroll
+      for (int d = 1; d < G; d <<= 1)
+        if (d < k) sum = __fadd_rn(sum, __shfl_xor_sync(kFullMask, sum, d));
+      hw = __fmul_rn(e, __frcp_rn(sum));
+    } else if (post) {
       // The spec kernels take the maximum from the first round (its key is the largest selected value's,
       // no bias here; +0 for either zero, NaN only when every selected value is: the same v - m as the
       // fmaxf reduction's, so the same bits) and skip the reduction.
@@ -438,12 +532,23 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
       const int o = s * G + sl, e0 = o * 8;
       const uint32_t byte = static_cast<uint32_t>(taken >> (8 * s)) & 0xffu;
       float o8[8];
-      if (!aux && p.probs != nullptr) {
+      if constexpr (kHolders) {  // the octets as unselected; the holders store the weights below
+        if (p.probs != nullptr) {
+#pragma unroll
+          for (int b = 0; b < 8; ++b) o8[b] = 0.0f;
+          store_octet_f32(p.probs + row + e0, n, pvec, o8);
+        }
+        if (p.saved != nullptr) {
+#pragma unroll
+          for (int b = 0; b < 8; ++b) o8[b] = -INFINITY;
+          store_octet_f32(p.saved + row + e0, n, svec, o8);
+        }
+      } else if (!aux && p.probs != nullptr) {
 #pragma unroll
         for (int b = 0; b < 8; ++b) o8[b] = ((byte >> b) & 1) ? __fmul_rn(v[8 * s + b], scale) : 0.0f;
         store_octet_f32(p.probs + row + e0, n, pvec, o8);
       }
-      if (post && p.saved != nullptr) {
+      if (!kHolders && post && p.saved != nullptr) {
 #pragma unroll
         for (int b = 0; b < 8; ++b) o8[b] = ((byte >> b) & 1) ? v[8 * s + b] : -INFINITY;
         store_octet_f32(p.saved + row + e0, n, svec, o8);
@@ -465,7 +570,38 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
         }
       }
     }
-    if (p.topk_indices != nullptr || p.topk_weights != nullptr) {  // ascending expert order
+    if constexpr (kHolders) {
+      // Over the owners' octets (same lanes: ordered by __syncwarp), and the compact outputs at the
+      // holder's ascending position: the selected before its expert, counted from its owner's prefix.
+      __syncwarp();
+      if (holder) {
+        if (p.probs != nullptr) p.probs[row + he] = __fmul_rn(hw, scale);
+        if (p.saved != nullptr) p.saved[row + he] = hw;
+      }
+      if (p.topk_indices != nullptr || p.topk_weights != nullptr) {
+        int base = 0, pk[NS];
+#pragma unroll
+        for (int s = 0; s < NS; ++s) {
+          const uint32_t byte = static_cast<uint32_t>(taken >> (8 * s)) & 0xffu;
+          const int c = __popc(byte);
+          const int inc = seg_scan_i32<G>(c, sl);
+          pk[s] = ((base + inc - c) << 8) | static_cast<int>(byte);
+          base += __shfl_sync(kFullMask, inc, G - 1, G);
+        }
+        const int ho = he >> 3, owner = (lane & ~(G - 1)) + ho % G;
+        int x = __shfl_sync(kFullMask, pk[0], owner);
+#pragma unroll
+        for (int s = 1; s < NS; ++s) {
+          const int xs = __shfl_sync(kFullMask, pk[s], owner);
+          x = ho / G == s ? xs : x;
+        }
+        if (holder) {
+          const int64_t at = t * k + (x >> 8) + __popc(x & ((1 << (he & 7)) - 1));
+          if (p.topk_indices != nullptr) p.topk_indices[at] = he;
+          if (p.topk_weights != nullptr) p.topk_weights[at] = __fmul_rn(hw, scale);
+        }
+      }
+    } else if (p.topk_indices != nullptr || p.topk_weights != nullptr) {  // ascending expert order
       int base = 0;
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
@@ -542,7 +678,11 @@ cudaError_t launch_bucket_t(const RouterForwardParams& p, FwdLayout lay, cudaStr
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  const unsigned grid = persistent_grid(lay.num_tiles, kWarps, sms, per_sm);
+  // The spec kernels take one tile a warp, in a grid the block scheduler balances: H200, T = 16384 bf16,
+  // E = 512 33.2 -> 29.3 us, E = 128 14.2 -> 13.1, E = 64 and 256 within 2% of the persistent grid, which
+  // the any-path kernels keep (their prefetch of the next tile needs it).
+  const unsigned grid = kSpec != FwdSpec::kAny ? static_cast<unsigned>((lay.num_tiles + kWarps - 1) / kWarps)
+                                               : persistent_grid(lay.num_tiles, kWarps, sms, per_sm);
   kernel<<<grid, kBucketThreads, smem, stream>>>(p, lay);
   return cudaGetLastError();
 }
@@ -554,12 +694,13 @@ cudaError_t launch_dtype(const RouterForwardParams& p, const FwdLayout& lay, cud
 }
 
 // The post-top-k softmax without groups (fp32 or bf16 logits) has kernels of its own from 8 lanes a token
-// to 2 octets a lane (E from 33 to 512).
+// to 2 octets a lane (E from 33 to 512), k up to the lanes of a token (the holders).
 template <int G, int NS>
 cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   if constexpr (G >= 8 && NS <= 2) {
     if (p.spec_kernels && p.mode == RouterMode::kTopk && score_path(p).post && lay.group_octets == 0 &&
-        p.logits_dtype != DType::kF16 && (p.num_tokens + (int64_t{1} << 20)) * p.num_experts < (int64_t{1} << 31))
+        (!kHolderSoftmax || p.topk <= G) && p.logits_dtype != DType::kF16 &&
+        (p.num_tokens + (int64_t{1} << 20)) * p.num_experts < (int64_t{1} << 31))
       return launch_dtype<G, NS, FwdSpec::kPostSoftmax>(p, lay, stream);
   }
   return launch_dtype<G, NS, FwdSpec::kAny>(p, lay, stream);

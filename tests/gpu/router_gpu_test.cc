@@ -905,21 +905,51 @@ bool same_bits(const V& a, const V& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0);
 }
 
+// Weights of the forward's post-top-k softmax whose sum ran in another order (kernels/router_topk.cu, the
+// holders): the same zeros, -inf and NaN as `want`, every other value within (2 k + 2) ulps relative (the
+// two sums of k positive terms each within (k - 1) u of the exact one, then a rounding each). Returns the
+// elements outside that, and the count of those that differ at all in `*differing`.
+int64_t weights_outside(const std::vector<float>& got, const std::vector<float>& want, int k, int64_t* differing) {
+  if (got.size() != want.size()) return static_cast<int64_t>(std::max(got.size(), want.size()));
+  const double rel = (2.0 * k + 2.0) * std::ldexp(1.0, -24);
+  int64_t bad = 0;
+  *differing = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const float a = got[i], b = want[i];
+    if (std::memcmp(&a, &b, 4) == 0) continue;
+    ++*differing;
+    const bool ok = std::isnan(a) ? std::isnan(b)
+                                  : (std::isfinite(a) && std::isfinite(b) && a != 0.0f && b != 0.0f &&
+                                     std::fabs(static_cast<double>(a) - b) <= rel * std::fabs(static_cast<double>(b)));
+    if (!ok) ++bad;
+  }
+  return bad;
+}
+
 // The kernels compiled for one score path (kernels/router_topk.cu FwdSpec, router_backward.cu BwdSpec) give
-// the bits of the any-path kernels, which the other tests hold to the host reference: every forward output,
-// and the recompute backward's gradients. E = 64: 8 lanes a token; 100: 16 lanes, E % 8 != 0; 256: one octet
-// a lane; 512: two (the backward staged); 2048: eight.
+// the any-path kernels' outputs, which the other tests hold to the host reference: the same bits for every
+// map, index and gradient; the forward's post-top-k softmax weights (probs, saved, topk_weights) within
+// weights_outside's bound where k fits the lanes of a token (the holders sum in round order), the same bits
+// past it. E = 64: 8 lanes a token; 100: 16 lanes, E % 8 != 0; 256: one octet a lane; 512: two (the
+// backward staged); 2048: eight. k: 8, and for the post-top-k softmax also 1, 3, the lanes (G) and G + 1.
 TEST(RouterGpu, SpecKernelsMatchAnyPath) {
   REQUIRE_GPU();
   const int64_t T = 333;
   struct Path {
     bitepScoreFunction_t fn;
     int pre;
+    int k;  // 0: 8 (32 at E = 2048); -1: the lanes of a token; -2: one more
   };
+  const Path paths[] = {{bitepScoreSoftmax, 0, 0}, {bitepScoreSoftmax, 1, 0}, {bitepScoreSigmoid, 0, 0},
+                        {bitepScoreSoftmax, 0, 1}, {bitepScoreSoftmax, 0, 3}, {bitepScoreSoftmax, 0, -1},
+                        {bitepScoreSoftmax, 0, -2}};
   for (int E : {64, 100, 256, 512, 2048})
     for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16})
-      for (const Path& path : {Path{bitepScoreSoftmax, 0}, Path{bitepScoreSoftmax, 1}, Path{bitepScoreSigmoid, 0}}) {
-        const int k = E == 2048 ? 32 : 8;
+      for (const Path& path : paths) {
+        const int lanes = std::min(32, (E + 7) / 8 <= 8 ? 8 : ((E + 7) / 8 <= 16 ? 16 : 32));
+        if (E == 2048 && path.k != 0) continue;
+        const int k = path.k > 0 ? path.k : (path.k == -1 ? lanes : (path.k == -2 ? lanes + 1 : (E == 2048 ? 32 : 8)));
+        const bool holders = path.fn == bitepScoreSoftmax && path.pre == 0 && E <= 512 && k <= lanes;
         const bitepRouterConfig_t cfg = make_config(E, k, path.fn, path.pre, dt);
         // The first rows degenerate (NaN, +-inf, signed zeros, ties): the spec kernels' shortcuts (the
         // softmax's maximum taken from the first top-k round) must give the any-path's bits there too.
@@ -931,7 +961,8 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
         std::copy(deg_bytes.begin(), deg_bytes.end(), logits.begin());
         std::vector<float> gp(static_cast<size_t>(T) * E);
         for (size_t i = 0; i < gp.size(); ++i) gp[i] = gauss(0x5eed, i);
-        const std::string what = "E=" + std::to_string(E) + " " + dt_name(dt) + " " + fn_name(cfg);
+        const std::string what =
+            "E=" + std::to_string(E) + " k=" + std::to_string(k) + " " + dt_name(dt) + " " + fn_name(cfg);
         for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8}) {
           FwdSpec spec;
           spec.map = fmt;
@@ -949,9 +980,20 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           EXPECT_TRUE(got.guards) << what << ": forward wrote past a buffer";
           EXPECT_TRUE(same_bits(got.map, any.map)) << what << ": routing map";
           EXPECT_TRUE(same_bits(got.indices, any.indices)) << what << ": topk_indices";
-          EXPECT_TRUE(same_bits(got.weights, any.weights)) << what << ": topk_weights";
-          EXPECT_TRUE(same_bits(got.probs, any.probs)) << what << ": probs";
-          EXPECT_TRUE(same_bits(got.saved, any.saved)) << what << ": saved";
+          if (holders) {
+            int64_t differing = 0;
+            EXPECT_EQ(0, weights_outside(got.weights, any.weights, k, &differing)) << what << ": topk_weights";
+            EXPECT_EQ(0, weights_outside(got.probs, any.probs, k, &differing)) << what << ": probs";
+            const int64_t probs_differing = differing;
+            EXPECT_EQ(0, weights_outside(got.saved, any.saved, k, &differing)) << what << ": saved";
+            if (fmt == bitepMapBitmapU8 && E == 256)
+              std::cout << "[ info ] " << what << ": " << probs_differing << " probs and " << differing
+                        << " saved values differ from the any-path kernel's in their last bits\n";
+          } else {
+            EXPECT_TRUE(same_bits(got.weights, any.weights)) << what << ": topk_weights";
+            EXPECT_TRUE(same_bits(got.probs, any.probs)) << what << ": probs";
+            EXPECT_TRUE(same_bits(got.saved, any.saved)) << what << ": saved";
+          }
           const BwdOut bwd = run_backward(bitepBackendCuda, cfg, T, gp, got.map, fmt, {}, logits, false);
           ASSERT_EQ(bwd.rc, bitepSuccess) << bwd.error;
           EXPECT_TRUE(bwd.guards) << what << ": backward wrote past grad_logits";
