@@ -364,9 +364,10 @@ __device__ __forceinline__ int group_min_i32(int v, int q) {
 
 // Softmax over the elements of v selected by `mask` (bit p = element p), in place, the host's formula
 // up to the last step: m = max (NaN ignored), e = exp(v - m), v = e * (1 / sum(e)) (the host divides).
-// The sum is lane-local in element order, then a butterfly over the segment: the forward and the
-// backward call this same code on the same layout, so the saved tensor and its recomputation are
-// bit-identical. Elements outside the mask are unchanged.
+// The sum is lane-local in element order, then a butterfly over the segment: the any-path forward and
+// the backward call this same code on the same layout, so the saved tensor and its recomputation are
+// bit-identical there (the post-top-k softmax forward kernels sum in round order instead: router_topk.cu,
+// the holders). Elements outside the mask are unchanged.
 // kDense: no branch per element: every element's exp is taken (independent chains the scheduler
 // interleaves; the backward's recompute, 2-6% faster there) and the unmasked ones are left out of the
 // sum by a select; the masked elements see the same operations in the same order (s + 0 == s for the
