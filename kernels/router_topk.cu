@@ -34,17 +34,30 @@ struct FwdLayout {
   int per_group;         // k / group_topk: experts summed into a group's score
 };
 
+// The spec kernels' post-top-k softmax from the rounds ("holders"): lane r of the segment keeps round r's
+// key and expert (k <= G), takes one exp, and the sum is a butterfly over the first pow2(k) lanes in round
+// order; the owners store their octets as 0 / -inf and the holders store the k weights over them (and the
+// compact outputs at their ascending positions). No exp per element slot, no select per output element,
+// and the row's values die with the keys. The sum's order differs from the any-path kernels' (lane-local
+// in element order, then over the lanes): the weights agree within a few ulps, not bit for bit.
+// BITEP_ROUTER_FWD_HOLDERS=0 (a tuning build) compiles the spec kernels without it.
+#ifndef BITEP_ROUTER_FWD_HOLDERS
+#define BITEP_ROUTER_FWD_HOLDERS 1
+#endif
+constexpr bool kHolderSoftmax = BITEP_ROUTER_FWD_HOLDERS != 0;
+
 // Blocks per SM the register budget is cut for. BITEP_ROUTER_FWD_MIN_BLOCKS overrides it for every
 // shape: a tuning build (scripts/device-check.sh, PHASES=tune) compares occupancies. The bf16
 // post-softmax kernel at one octet a lane and one token a warp (E 129-256) is held to 8 (32 registers, no
 // spill; 39 and 6 blocks without the cap): H200, T = 16384, E = 256, 22.75 -> 22.14 us (7 gives the same
-// 32 registers; the spec kernels of 8 and 16 lanes a token spill there and were 0-6% slower).
+// 32 registers; the spec kernels of 8 and 16 lanes a token spill there and were 0-6% slower). Without the
+// holders (a tuning build) it is v5e's 5 blocks (45 registers; 8 would spill).
 template <int N, int G = 1, bool kSpecBf16 = false>
 constexpr int min_blocks() {
 #ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
   return BITEP_ROUTER_FWD_MIN_BLOCKS;
 #else
-  return N <= 8 ? (kSpecBf16 && G == 32 ? 8 : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
+  return N <= 8 ? (kSpecBf16 && G == 32 ? (kHolderSoftmax ? 8 : 5) : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 #endif
 }
 
@@ -128,18 +141,6 @@ __device__ __forceinline__ void top_below(const uint32_t* key, uint32_t below, u
     }
   }
 }
-
-// The spec kernels' post-top-k softmax from the rounds ("holders"): lane r of the segment keeps round r's
-// key and expert (k <= G), takes one exp, and the sum is a butterfly over the first pow2(k) lanes in round
-// order; the owners store their octets as 0 / -inf and the holders store the k weights over them (and the
-// compact outputs at their ascending positions). No exp per element slot, no select per output element,
-// and the row's values die with the keys. The sum's order differs from the any-path kernels' (lane-local
-// in element order, then over the lanes): the weights agree within a few ulps, not bit for bit.
-// BITEP_ROUTER_FWD_HOLDERS=0 (a tuning build) compiles the spec kernels without it.
-#ifndef BITEP_ROUTER_FWD_HOLDERS
-#define BITEP_ROUTER_FWD_HOLDERS 1
-#endif
-constexpr bool kHolderSoftmax = BITEP_ROUTER_FWD_HOLDERS != 0;
 
 // Score paths compiled in: the post-top-k softmax (TE's default) gets kernels whose flags are constants;
 // kAny reads them from the parameters. The forward is bound by instruction issue (bench/NOTES.md).
