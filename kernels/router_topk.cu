@@ -8,7 +8,7 @@
 // (value order, ties to the lower expert index, NaN lowest). Each lane keeps its C best remaining keys
 // sorted, so a round is one max reduction and one ballot (the lowest tied lane wins), the winner pops its
 // cache by predicated selects, and a lane rescans its registers only when it has won C times. The
-// post-top-k softmax (E 33-512, k up to the lanes of a token) has kernels of its own (FwdSpec): the
+// post-top-k softmax (E 33-2048, k up to the lanes of a token) has kernels of its own (FwdSpec): the
 // weights from the rounds' winners ("holders"), and for bf16 logits keys that carry their expert
 // ("packed": a round is one max reduction). Anything else goes to router_generic.cu.
 #include <climits>
@@ -695,13 +695,14 @@ cudaError_t launch_dtype(const RouterForwardParams& p, const FwdLayout& lay, cud
 }
 
 // The post-top-k softmax without groups (fp32 or bf16 logits) has kernels of its own from 8 lanes a token
-// to 2 octets a lane (E from 33 to 512), k up to the lanes of a token (the holders).
+// to 8 octets a lane (E from 33 to 2048), k up to the lanes of a token (the holders), with 32-bit offsets:
+// (T + 256) * E < 2^31 (one tile a warp: no offset past T + 36 tokens is formed).
 template <int G, int NS>
 cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
-  if constexpr (G >= 8 && NS <= 2) {
+  if constexpr (G >= 8 && NS <= 8) {
     if (p.spec_kernels && p.mode == RouterMode::kTopk && score_path(p).post && lay.group_octets == 0 &&
         (!kHolderSoftmax || p.topk <= G) && p.logits_dtype != DType::kF16 &&
-        (p.num_tokens + (int64_t{1} << 20)) * p.num_experts < (int64_t{1} << 31))
+        (p.num_tokens + 256) * p.num_experts < (int64_t{1} << 31))
       return launch_dtype<G, NS, FwdSpec::kPostSoftmax>(p, lay, stream);
   }
   return launch_dtype<G, NS, FwdSpec::kAny>(p, lay, stream);

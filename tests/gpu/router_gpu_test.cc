@@ -931,7 +931,8 @@ int64_t weights_outside(const std::vector<float>& got, const std::vector<float>&
 // map, index and gradient; the forward's post-top-k softmax weights (probs, saved, topk_weights) within
 // weights_outside's bound where k fits the lanes of a token (the holders sum in round order), the same bits
 // past it. E = 64: 8 lanes a token; 100: 16 lanes, E % 8 != 0; 256: one octet a lane; 512: two (the
-// backward staged); 2048: eight. k: 8, and for the post-top-k softmax also 1, 3, the lanes (G) and G + 1.
+// backward staged); 1000: four; 2048: eight. k: 8, and for the post-top-k softmax also 1, 3, the lanes (G)
+// and G + 1.
 TEST(RouterGpu, SpecKernelsMatchAnyPath) {
   REQUIRE_GPU();
   const int64_t T = 333;
@@ -943,13 +944,13 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
   const Path paths[] = {{bitepScoreSoftmax, 0, 0}, {bitepScoreSoftmax, 1, 0}, {bitepScoreSigmoid, 0, 0},
                         {bitepScoreSoftmax, 0, 1}, {bitepScoreSoftmax, 0, 3}, {bitepScoreSoftmax, 0, -1},
                         {bitepScoreSoftmax, 0, -2}};
-  for (int E : {64, 100, 256, 512, 2048})
+  for (int E : {64, 100, 256, 512, 1000, 2048})
     for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16})
       for (const Path& path : paths) {
         const int lanes = std::min(32, (E + 7) / 8 <= 8 ? 8 : ((E + 7) / 8 <= 16 ? 16 : 32));
         if (E == 2048 && path.k != 0) continue;
         const int k = path.k > 0 ? path.k : (path.k == -1 ? lanes : (path.k == -2 ? lanes + 1 : (E == 2048 ? 32 : 8)));
-        const bool holders = path.fn == bitepScoreSoftmax && path.pre == 0 && E <= 512 && k <= lanes;
+        const bool holders = path.fn == bitepScoreSoftmax && path.pre == 0 && E <= 2048 && k <= lanes;
         const bitepRouterConfig_t cfg = make_config(E, k, path.fn, path.pre, dt);
         // The first rows degenerate (NaN, +-inf, signed zeros, ties): the spec kernels' shortcuts (the
         // softmax's maximum taken from the first top-k round) must give the any-path's bits there too.
@@ -1142,8 +1143,8 @@ void large_token_count_case(int E, int64_t T) {
 }
 
 // 64-bit indexing: T * E > 2^31 (bf16 logits: 4.3 GB), at E = 2048 and at E = 256 (whose post-softmax
-// kernel, with 32-bit offsets, stops at (T + 2^20) * E < 2^31: the any-path kernel takes over past it; just
-// below, the 32-bit kernel's largest offsets). Rows repeat a 256-row tile, so the expected experts of any
+// kernels, with 32-bit offsets, stop at (T + 256) * E < 2^31: the any-path kernel takes over past it; just
+// below, the 32-bit kernels' largest offsets). Rows repeat a 256-row tile, so the expected experts of any
 // row are the host's for its tile row; the first and last rows are checked.
 TEST(RouterGpu, LargeTokenCount64BitIndexing) {
   REQUIRE_GPU();
@@ -1151,8 +1152,9 @@ TEST(RouterGpu, LargeTokenCount64BitIndexing) {
     int E;
     int64_t T;
   };
-  for (const Shape sh : {Shape{2048, (int64_t{1} << 31) / 2048 + 300}, Shape{256, (int64_t{1} << 31) / 256 + 300},
-                         Shape{256, (int64_t{1} << 31) / 256 - (int64_t{1} << 20) - 40}}) {
+  for (const Shape sh :
+       {Shape{2048, (int64_t{1} << 31) / 2048 + 300}, Shape{256, (int64_t{1} << 31) / 256 + 300},
+        Shape{256, (int64_t{1} << 31) / 256 - 256 - 40}, Shape{2048, (int64_t{1} << 31) / 2048 - 256 - 40}}) {
     SCOPED_TRACE("E=" + std::to_string(sh.E) + " T=" + std::to_string(sh.T));
     large_token_count_case(sh.E, sh.T);
     if (HasFatalFailure()) return;
