@@ -5,7 +5,7 @@
 //
 // E <= 2048: the forward's warp-per-token layout (router_common.cuh), so the recomputed softmax is the
 // any-path forward's, bit for bit (seg_softmax, branch-free, on the same lanes); the forward's post-top-k
-// softmax kernels (E 33-512, router_topk.cu's holders) sum in round order, within a few ulps of it.
+// softmax kernels (E 33-2048, router_topk.cu's holders) sum in round order, within a few ulps of it.
 // Larger E: one block per token, with the generic forward's block reductions.
 #include "kernels/router.h"
 #include "kernels/router_common.cuh"

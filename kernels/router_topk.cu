@@ -98,7 +98,13 @@ __device__ __forceinline__ void top_cached(const uint32_t* key, Mask skip, uint3
   }
 }
 
-// Drops the first cached candidate where `pop` holds.
+// Drops the first cached candidate where `pop` holds (pop_keys: a cache of keys alone).
+template <int C>
+__device__ __forceinline__ void pop_keys(bool pop, uint32_t (&ck)[C]) {
+#pragma unroll
+  for (int c = 0; c + 1 < C; ++c) ck[c] = pop ? ck[c + 1] : ck[c];
+  ck[C - 1] = pop ? 0u : ck[C - 1];
+}
 template <int C>
 __device__ __forceinline__ void pop_cached(bool pop, uint32_t (&ck)[C], int (&cp)[C]) {
 #pragma unroll
@@ -200,10 +206,9 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
     __syncthreads();
   }
 
-  // Offsets in 32 bits in the spec kernels (launched when (T + 2^20) * E < 2^31: the last prefetch runs
-  // up to a grid's warps of tiles past T, fewer than 2^20 tokens for any grid of <= 256 SMs), else 64. Rows 16-byte
-  // aligned one and all when the base is and the row's bytes a multiple of 16 (the spec kernels test
-  // that once, not per row).
+  // Offsets in 32 bits in the spec kernels (launched when (T + 256) * E < 2^31: one tile a warp and no
+  // prefetch, so no token past T + 36 is addressed), else 64. Rows 16-byte aligned one and all when the
+  // base is and the row's bytes a multiple of 16 (the spec kernels test that once, not per row).
   using Idx = typename std::conditional<kKnown, int32_t, int64_t>::type;
   const Idx num_tiles = static_cast<Idx>(lay.num_tiles);
   const bool logits16 = aligned16(p.logits) && E * esize % 16 == 0;
@@ -470,7 +475,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
         const bool win = ck[0] == gm && gm != kKeyNone;
         hk = sl == r ? gm : hk;
         last = win ? gm : last;
-        pop_cached<C>(win, ck, cp);
+        pop_keys<C>(win, ck);
         if (win && ck[0] == kKeyNone && r + 1 < k) top_below<N, C>(key, last, ck);
       }
 #pragma unroll
