@@ -953,7 +953,8 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
         const bool holders = path.fn == bitepScoreSoftmax && path.pre == 0 && E <= 2048 && k <= lanes;
         const bitepRouterConfig_t cfg = make_config(E, k, path.fn, path.pre, dt);
         // The first rows degenerate (NaN, +-inf, signed zeros, ties): the spec kernels' shortcuts (the
-        // softmax's maximum taken from the first top-k round) must give the any-path's bits there too.
+        // softmax's maximum from the first top-k round, the packed bf16 keys, the holders) must give the
+        // any-path's selection there too, and its weights as above.
         auto logits = make_logits(T, E, dt, 21 + E);
         std::vector<float> deg(static_cast<size_t>(kDegenerateRows) * E);
         for (int64_t t = 0; t < kDegenerateRows; ++t)
