@@ -218,14 +218,26 @@ __global__ void __launch_bounds__(kRowThreads) low_latency_copy_kernel(LowLatenc
   }
 }
 
-// Warps that share one row of `row_bytes` when `rows` rows should keep about `warps` warps busy: pieces of at
-// least 512 bytes, at least 1, at most `cap` (<= 32).
-int row_pieces(int64_t warps, int64_t rows, int64_t row_bytes, int cap) {
+// Warps that share one row of `row_bytes` (*pieces) when `rows` rows should keep about `warps_per_sm` warps an
+// SM busy: pieces of at least 512 bytes, at least 1, at most `cap` (<= 32).
+cudaError_t row_pieces(int warps_per_sm, int64_t rows, int64_t row_bytes, int cap, int* pieces) {
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const int64_t warps = static_cast<int64_t>(warps_per_sm < 1 ? 1 : warps_per_sm) * sms;
   const int64_t want = warps / (rows > 0 ? rows : 1), most = (row_bytes + 511) / 512;
   int64_t P = want < most ? want : most;
   const int64_t top = cap < 1 ? 1 : (cap > 32 ? 32 : cap);
   P = P > top ? top : P;
-  return static_cast<int>(P < 1 ? 1 : P);
+  *pieces = static_cast<int>(P < 1 ? 1 : P);
+  return cudaSuccess;
+}
+
+// Vector width of rows copied between `rows` and the window's slots, which sit at multiples of the row size
+// past the block's 16-byte aligned offsets.
+int slot_vec_bytes(int64_t row_bytes, const void* rows, const LowLatencyBlock& b) {
+  return vec_bytes(row_bytes, rows, reinterpret_cast<const void*>(static_cast<uintptr_t>(b.first)),
+                   reinterpret_cast<const void*>(static_cast<uintptr_t>(b.stride)));
 }
 
 }  // namespace
@@ -242,15 +254,11 @@ cudaError_t launch_ep_low_latency_send(const LowLatencySendParams& p, cudaStream
   a.regions = p.regions;
   a.b = p.block;
   a.token_slot = p.token_slot;
-  // Slots sit at multiples of the row size past 16-byte aligned blocks: the row size and x decide.
-  const int v = vec_bytes(m.row_bytes, p.x, reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.first)),
-                          reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.stride)));
+  const int v = slot_vec_bytes(m.row_bytes, p.x, p.block);
   m.nvec = m.row_bytes / v;
   // Pieces of at least 512 bytes a warp, as many as give about 32 warps an SM over the tokens.
-  int sms = 0;
-  cudaError_t err = sm_count(&sms);
+  cudaError_t err = row_pieces(32, p.num_tokens, m.row_bytes, p.max_pieces, &a.pieces);
   if (err != cudaSuccess) return err;
-  a.pieces = row_pieces(32 * static_cast<int64_t>(sms), p.num_tokens, m.row_bytes, p.max_pieces);
   unsigned grid = 1;  // one block even without tokens: it writes the headers
   if (p.num_tokens > 0) {
     err = row_grid(p.num_tokens * a.pieces, &grid);
@@ -284,8 +292,7 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
   a.offsets = p.expert_offsets;
   a.rows = p.recv_expert_rows;
   a.weights = p.recv_weights;
-  const int v = vec_bytes(a.row_bytes, p.expert_x, reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.first)),
-                          reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.stride)));
+  const int v = slot_vec_bytes(a.row_bytes, p.expert_x, p.block);
   a.nvec = a.row_bytes / v;
   // Both kernels launch dependent on the one before (the barrier, the positions): they take their places
   // while it runs and wait for it inside.
@@ -295,12 +302,10 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
   });
   if (err != cudaSuccess) return err;
   // Copy pieces of at least 512 bytes, about copy_warps_per_sm warps an SM over the slots.
-  int sms = 0;
-  err = sm_count(&sms);
-  if (err != cudaSuccess) return err;
   const int64_t slots = static_cast<int64_t>(p.num_ranks) * p.capacity;
-  const int P =
-      row_pieces(static_cast<int64_t>(p.copy_warps_per_sm < 1 ? 1 : p.copy_warps_per_sm) * sms, slots, a.row_bytes, 32);
+  int P = 1;
+  err = row_pieces(p.copy_warps_per_sm, slots, a.row_bytes, 32, &P);
+  if (err != cudaSuccess) return err;
   unsigned grid = 0;
   err = row_grid(slots * P, &grid);
   if (err != cudaSuccess) return err;

@@ -482,19 +482,20 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
       for (int i = 0; i < N; ++i) taken |= key[i] >= last ? static_cast<Mask>(1u) << i : static_cast<Mask>(0);
       top = __shfl_sync(kFullMask, hk, 0, G);
       he = packed_expert(hk);
-    }
-    for (int r = 0; r < (kPacked ? 0 : k); ++r) {
-      uint32_t gm;
-      int we = 0;
-      const bool win = segment_winner(ck[0], cp[0], gm, we);
-      if constexpr (kKnown) top = r == 0 ? gm : top;
-      if constexpr (kHolders) {
-        hk = sl == r ? gm : hk;
-        he = sl == r ? we : he;
+    } else {
+      for (int r = 0; r < k; ++r) {
+        uint32_t gm;
+        int we = 0;
+        const bool win = segment_winner(ck[0], cp[0], gm, we);
+        if constexpr (kKnown) top = r == 0 ? gm : top;
+        if constexpr (kHolders) {
+          hk = sl == r ? gm : hk;
+          he = sl == r ? we : he;
+        }
+        taken |= win ? static_cast<Mask>(1u) << cp[0] : static_cast<Mask>(0);
+        pop_cached<C>(win, ck, cp);
+        if (win && ck[0] == kKeyNone && r + 1 < k) top_cached<N, C>(key, taken, ck, cp);
       }
-      taken |= win ? static_cast<Mask>(1u) << cp[0] : static_cast<Mask>(0);
-      pop_cached<C>(win, ck, cp);
-      if (win && ck[0] == kKeyNone && r + 1 < k) top_cached<N, C>(key, taken, ck, cp);
     }
 
     // 5. weights of the selected experts: post-top-k softmax, or the sigmoid/sqrtsoftplus normalisation.
