@@ -5,7 +5,7 @@
 // reference backend on a subset of tokens; any wrong row makes the exit status non-zero.
 //
 //   router_bench [--quick] [--json PATH] [--commit SHA] [--iters N] [--tokens T] [--experts E,..] [--bf16]
-//                [--fwd | --bwd]
+//                [--configs NAME,..] [--fwd | --bwd]
 //
 // Time: median over N (>= 100) iterations, one CUDA event pair each, queued behind a spin kernel so the
 // host's enqueue cost never shows; inputs and outputs rotate among enough buffer sets that the L2 does
@@ -445,6 +445,7 @@ struct Args {
   int iters = 100;
   int64_t tokens = 0;   // > 0: this T only (smoke runs)
   std::string experts;  // non-empty: comma-separated E values, the configs of those E only
+  std::string configs;  // non-empty: comma-separated config names (softmax, softmax-pre, deepseek-v3), those alone
   bool bf16_only = false;
   bool fwd_only = false;  // tuning runs: the forward rows alone
   bool bwd_only = false;  // tuning runs: the backward rows alone
@@ -478,6 +479,8 @@ int main(int argc, char** argv) {
       args.tokens = std::max<int64_t>(1, std::atoll(argv[++i]));
     } else if (a == "--experts" && i + 1 < argc) {
       args.experts = "," + std::string(argv[++i]) + ",";
+    } else if (a == "--configs" && i + 1 < argc) {
+      args.configs = "," + std::string(argv[++i]) + ",";
     } else if (a == "--bf16") {
       args.bf16_only = true;
     } else if (a == "--fwd") {
@@ -489,7 +492,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--quick] [--json PATH] [--commit SHA] [--iters N>=100] [--tokens T] [--experts E,E,..] "
-                   "[--bf16] [--fwd | --bwd]\n",
+                   "[--configs NAME,..] [--bf16] [--fwd | --bwd]\n",
                    argv[0]);
       return 2;
     }
@@ -523,6 +526,12 @@ int main(int argc, char** argv) {
     std::vector<const Config*> keep;
     for (const Config* c : cfgs)
       if (args.experts.find("," + std::to_string(c->E) + ",") != std::string::npos) keep.push_back(c);
+    cfgs = keep;
+  }
+  if (!args.configs.empty()) {
+    std::vector<const Config*> keep;
+    for (const Config* c : cfgs)
+      if (args.configs.find("," + std::string(c->name) + ",") != std::string::npos) keep.push_back(c);
     cfgs = keep;
   }
   if (args.bf16_only) dts = {bitepBfloat16};

@@ -10,7 +10,8 @@
 // cache by predicated selects, and a lane rescans its registers only when it has won C times. The
 // post-top-k softmax (E 33-2048, k up to the lanes of a token) has kernels of its own (FwdSpec): the
 // weights from the rounds' winners ("holders"), and for bf16 logits keys that carry their expert
-// ("packed": a round is one max reduction). Anything else goes to router_generic.cu.
+// ("packed": a round is one max reduction); so have the pre-top-k softmax and the normalised sigmoid
+// (E 33-512: the parameters' tests and 64-bit offsets compiled out). Anything else goes to router_generic.cu.
 #include <climits>
 #include <type_traits>
 
@@ -148,11 +149,14 @@ __device__ __forceinline__ void top_below(const uint32_t* key, uint32_t below, u
   }
 }
 
-// Score paths compiled in: the post-top-k softmax (TE's default) gets kernels whose flags are constants;
-// kAny reads them from the parameters. The forward is bound by instruction issue (bench/NOTES.md).
+// Score paths compiled in: the post-top-k softmax (TE's default), the pre-top-k softmax and the normalised
+// sigmoid (DeepSeek-V3) get kernels whose flags are constants; kAny reads them from the parameters. The
+// forward is bound by instruction issue (bench/NOTES.md).
 enum class FwdSpec : int {
   kAny = 0,
   kPostSoftmax = 1,  // top-k, post-top-k softmax, no groups (no bias: softmax scores never take it)
+  kPreSoftmax = 2,   // top-k, softmax over all experts before the top-k, groups as the parameters say
+  kSigmoidNorm = 3,  // top-k, sigmoid normalised over the k > 1 selected, bias and groups as the parameters say
 };
 
 // A kernel's score path: its spec's constants, or the parameters' (kAny). By `if constexpr`, so the
@@ -162,21 +166,25 @@ enum class FwdSpec : int {
 template <FwdSpec kSpec>
 __device__ __forceinline__ ScoreFn spec_fn(const RouterForwardParams& p) {
   if constexpr (kSpec == FwdSpec::kAny) return p.score_fn;
-  return ScoreFn::kSoftmax;
+  return kSpec == FwdSpec::kSigmoidNorm ? ScoreFn::kSigmoid : ScoreFn::kSoftmax;
 }
 template <FwdSpec kSpec>
 __device__ __forceinline__ ScorePath spec_path(const RouterForwardParams& p) {
+  // {aux, softmax, pre, post, norm}
   if constexpr (kSpec == FwdSpec::kAny) return score_path(p);
-  return kPostSoftmaxPath;
+  if constexpr (kSpec == FwdSpec::kPostSoftmax) return kPostSoftmaxPath;
+  if constexpr (kSpec == FwdSpec::kPreSoftmax) return ScorePath{false, true, true, false, false};
+  return ScorePath{false, false, false, false, true};
 }
 template <FwdSpec kSpec>
 __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
   if constexpr (kSpec == FwdSpec::kAny) return selection_bias(p);
+  if constexpr (kSpec == FwdSpec::kSigmoidNorm) return p.expert_bias != nullptr;
   return false;
 }
 
 template <int G, int NS, bool kF32, FwdSpec kSpec>
-__global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 && kSpec != FwdSpec::kAny>())
+__global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 && kSpec == FwdSpec::kPostSoftmax>())
     router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
   constexpr int N = 8 * NS;
   constexpr int kTokensPerWarp = kWarpSize / G;
@@ -313,7 +321,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
     }
 
     // 2. selection keys (+ expert_bias, selection only).
-    constexpr bool kPacked = kKnown && kHolderSoftmax && !kF32;
+    constexpr bool kPacked = kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax && !kF32;
     uint32_t key[N];
     {
       const bool bvec = use_bias && aligned16(p.expert_bias);
@@ -345,7 +353,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
     const uint32_t seg = segment_lanes<G>(), below = lanemask_lt() & seg;
     auto expert_of = [&](int q) { return ((q >> 3) * G + sl) * 8 + (q & 7); };
     // kHolders: `we` = the winner's expert in every lane of the segment (unspecified where none won).
-    constexpr bool kHolders = kKnown && kHolderSoftmax;
+    constexpr bool kHolders = kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax;
     auto segment_winner = [&](uint32_t mine, int pos, uint32_t& gm, int& we) {
       gm = seg_max_u32<G>(mine);
       const bool eq = mine == gm && mine != kKeyNone;
@@ -373,9 +381,9 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
 
     // 3. group-limited routing: a group (q aligned lanes of one slot) scores the sum of its best
     // per_group keys in selection order from 0.0f; the best group_topk groups stay candidates.
-    if constexpr (!kKnown) {
+    if constexpr (kSpec != FwdSpec::kPostSoftmax) {
       if (lay.group_octets > 0) {
-        const int q = lay.group_octets;
+        const int q = lay.group_octets, qs = __ffs(q) - 1;  // q is a power of two
         if (NS == 1 && lay.per_group <= C) {
           // One group per lane: the group's best keys are among its lanes' cached ones.
           const uint32_t gl = q == 32 ? kFullMask : ((1u << q) - 1u) << (lane & ~(q - 1)), gbelow = lanemask_lt() & gl;
@@ -393,14 +401,14 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
             pop_cached<C>(win, gk, gp);
           }
           // The best group_topk groups: every lane of a group holds its score, so the lowest lane of a tie
-          // is the first lane of the lowest group.
+          // is the first lane of the lowest group: a hit when that lane is one of the group's (gl).
           uint32_t gkey = nval[0] > 0 ? select_key(gsum) : kKeyNone;
           bool keep = false;
           for (int r = 0; r < p.group_topk; ++r) {
             const uint32_t gm = seg_max_u32<G>(gkey);
             const bool eq = gkey == gm && gm != kKeyNone;
             const uint32_t bal = __ballot_sync(kFullMask, eq) & seg;
-            const bool hit = bal != 0u && (__ffs(bal) - 1) / q == lane / q;
+            const bool hit = (bal & (0u - bal) & gl) != 0u;
             keep = keep || hit;
             gkey = hit ? kKeyNone : gkey;
           }
@@ -444,12 +452,12 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
             int bg = INT_MAX;
 #pragma unroll
             for (int s = 0; s < NS; ++s)
-              if (gkey[s] > bk) bk = gkey[s], bg = (s * G + sl) / q;
+              if (gkey[s] > bk) bk = gkey[s], bg = (s * G + sl) >> qs;
             const uint32_t gm = seg_max_u32<G>(bk);
             const int gw = seg_min_i32<G>((bk == gm && bk != kKeyNone) ? bg : INT_MAX);
 #pragma unroll
             for (int s = 0; s < NS; ++s)
-              if ((s * G + sl) / q == gw) keep[s] = true, gkey[s] = kKeyNone;
+              if ((s * G + sl) >> qs == gw) keep[s] = true, gkey[s] = kKeyNone;
           }
 #pragma unroll
           for (int s = 0; s < NS; ++s)
@@ -487,7 +495,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
         uint32_t gm;
         int we = 0;
         const bool win = segment_winner(ck[0], cp[0], gm, we);
-        if constexpr (kKnown) top = r == 0 ? gm : top;
+        if constexpr (kSpec == FwdSpec::kPostSoftmax) top = r == 0 ? gm : top;
         if constexpr (kHolders) {
           hk = sl == r ? gm : hk;
           he = sl == r ? we : he;
@@ -515,7 +523,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
       // The spec kernels take the maximum from the first round (its key is the largest selected value's,
       // no bias here; +0 for either zero, NaN only when every selected value is: the same v - m as the
       // fmaxf reduction's, so the same bits) and skip the reduction.
-      if constexpr (kKnown) {
+      if constexpr (kSpec == FwdSpec::kPostSoftmax) {
         seg_softmax_max<G, N>(v, taken, key_value(top));
       } else {
         seg_softmax<G, N>(v, taken);
@@ -700,16 +708,25 @@ cudaError_t launch_dtype(const RouterForwardParams& p, const FwdLayout& lay, cud
                                        : launch_bucket_t<G, NS, false, kSpec>(p, lay, stream);
 }
 
-// The post-top-k softmax without groups (fp32 or bf16 logits) has kernels of its own from 8 lanes a token
-// to 8 octets a lane (E from 33 to 2048), k up to the lanes of a token (the holders), with 32-bit offsets:
-// (T + 256) * E < 2^31 (one tile a warp: no offset past T + 36 tokens is formed).
+// Kernels of their own (fp32 or bf16 logits, 32-bit offsets: (T + 256) * E < 2^31, one tile a warp, so no
+// offset past T + 36 tokens is formed): the post-top-k softmax without groups from 8 lanes a token to 8
+// octets a lane (E from 33 to 2048), k up to the lanes of a token (the holders); the pre-top-k softmax and
+// the normalised sigmoid (k > 1), groups and bias as the parameters say, from 8 lanes a token to 2 octets a
+// lane (E from 33 to 512).
 template <int G, int NS>
 cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   if constexpr (G >= 8 && NS <= 8) {
-    if (p.spec_kernels && p.mode == RouterMode::kTopk && score_path(p).post && lay.group_octets == 0 &&
-        (!kHolderSoftmax || p.topk <= G) && p.logits_dtype != DType::kF16 &&
-        (p.num_tokens + 256) * p.num_experts < (int64_t{1} << 31))
-      return launch_dtype<G, NS, FwdSpec::kPostSoftmax>(p, lay, stream);
+    if (p.spec_kernels && p.mode == RouterMode::kTopk && p.logits_dtype != DType::kF16 &&
+        (p.num_tokens + 256) * p.num_experts < (int64_t{1} << 31)) {
+      const ScorePath path = score_path(p);
+      if (path.post && lay.group_octets == 0 && (!kHolderSoftmax || p.topk <= G))
+        return launch_dtype<G, NS, FwdSpec::kPostSoftmax>(p, lay, stream);
+      if constexpr (NS <= 2) {
+        if (path.pre) return launch_dtype<G, NS, FwdSpec::kPreSoftmax>(p, lay, stream);
+        if (p.score_fn == ScoreFn::kSigmoid && path.norm)
+          return launch_dtype<G, NS, FwdSpec::kSigmoidNorm>(p, lay, stream);
+      }
+    }
   }
   return launch_dtype<G, NS, FwdSpec::kAny>(p, lay, stream);
 }

@@ -932,26 +932,38 @@ int64_t weights_outside(const std::vector<float>& got, const std::vector<float>&
 // weights_outside's bound where k fits the lanes of a token (the holders sum in round order), the same bits
 // past it. E = 64: 8 lanes a token; 100: 16 lanes, E % 8 != 0; 256: one octet a lane; 512: two (the
 // backward staged); 1000: four; 2048: eight. k: 8, and for the post-top-k softmax also 1, 3, the lanes (G)
-// and G + 1.
+// and G + 1. The pre-top-k softmax and the normalised sigmoid also with groups (8 of them, 4 kept: a group
+// is an octet at E = 64, four lanes at 256, eight octets over two slots at 512; E = 100 takes the generic
+// kernel), expert bias, a scaling factor and the dispatch-layout epilogue (4 ranks).
 TEST(RouterGpu, SpecKernelsMatchAnyPath) {
   REQUIRE_GPU();
   const int64_t T = 333;
   struct Path {
     bitepScoreFunction_t fn;
     int pre;
-    int k;  // 0: 8 (32 at E = 2048); -1: the lanes of a token; -2: one more
+    int k;         // 0: 8 (32 at E = 2048); -1: the lanes of a token; -2: one more
+    bool grouped;  // 8 groups, 4 kept, bias (sigmoid), scaling 2.5, 4 ranks
   };
-  const Path paths[] = {{bitepScoreSoftmax, 0, 0}, {bitepScoreSoftmax, 1, 0}, {bitepScoreSigmoid, 0, 0},
-                        {bitepScoreSoftmax, 0, 1}, {bitepScoreSoftmax, 0, 3}, {bitepScoreSoftmax, 0, -1},
-                        {bitepScoreSoftmax, 0, -2}};
+  const Path paths[] = {
+      {bitepScoreSoftmax, 0, 0, false},  {bitepScoreSoftmax, 1, 0, false}, {bitepScoreSigmoid, 0, 0, false},
+      {bitepScoreSoftmax, 0, 1, false},  {bitepScoreSoftmax, 0, 3, false}, {bitepScoreSoftmax, 0, -1, false},
+      {bitepScoreSoftmax, 0, -2, false}, {bitepScoreSigmoid, 0, 0, true},  {bitepScoreSoftmax, 1, 0, true}};
   for (int E : {64, 100, 256, 512, 1000, 2048})
     for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16})
       for (const Path& path : paths) {
         const int lanes = std::min(32, (E + 7) / 8 <= 8 ? 8 : ((E + 7) / 8 <= 16 ? 16 : 32));
         if (E == 2048 && path.k != 0) continue;
+        if (path.grouped && E > 512) continue;  // the any-path kernel in both runs
         const int k = path.k > 0 ? path.k : (path.k == -1 ? lanes : (path.k == -2 ? lanes + 1 : (E == 2048 ? 32 : 8)));
         const bool holders = path.fn == bitepScoreSoftmax && path.pre == 0 && E <= 2048 && k <= lanes;
-        const bitepRouterConfig_t cfg = make_config(E, k, path.fn, path.pre, dt);
+        bitepRouterConfig_t cfg = make_config(E, k, path.fn, path.pre, dt);
+        std::vector<float> bias;
+        if (path.grouped) {
+          cfg.num_groups = E == 100 ? 4 : 8;
+          cfg.group_topk = 4;
+          cfg.scaling_factor = 2.5f;
+          if (path.fn == bitepScoreSigmoid) bias = make_bias(E, E + 1);
+        }
         // The first rows degenerate (NaN, +-inf, signed zeros, ties): the spec kernels' shortcuts (the
         // softmax's maximum from the first top-k round, the packed bf16 keys, the holders) must give the
         // any-path's selection there too, and its weights as above.
@@ -963,25 +975,28 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
         std::copy(deg_bytes.begin(), deg_bytes.end(), logits.begin());
         std::vector<float> gp(static_cast<size_t>(T) * E);
         for (size_t i = 0; i < gp.size(); ++i) gp[i] = gauss(0x5eed, i);
-        const std::string what =
-            "E=" + std::to_string(E) + " k=" + std::to_string(k) + " " + dt_name(dt) + " " + fn_name(cfg);
+        const std::string what = "E=" + std::to_string(E) + " k=" + std::to_string(k) + " " + dt_name(dt) + " " +
+                                 fn_name(cfg) + (path.grouped ? " grouped" : "");
         for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8}) {
           FwdSpec spec;
           spec.map = fmt;
+          spec.num_ranks = path.grouped ? 4 : 0;
           FwdOut any;
           BwdOut any_bwd;
           {
             AnyPathKernels scope;
-            any = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
+            any = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
             ASSERT_EQ(any.rc, bitepSuccess) << any.error;
             any_bwd = run_backward(bitepBackendCuda, cfg, T, gp, any.map, fmt, {}, logits, false);
             ASSERT_EQ(any_bwd.rc, bitepSuccess) << any_bwd.error;
           }
-          const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
+          const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
           ASSERT_EQ(got.rc, bitepSuccess) << got.error;
           EXPECT_TRUE(got.guards) << what << ": forward wrote past a buffer";
           EXPECT_TRUE(same_bits(got.map, any.map)) << what << ": routing map";
           EXPECT_TRUE(same_bits(got.indices, any.indices)) << what << ": topk_indices";
+          EXPECT_TRUE(same_bits(got.rank_mask, any.rank_mask)) << what << ": rank_mask";
+          EXPECT_TRUE(same_bits(got.rank_counts, any.rank_counts)) << what << ": rank_counts";
           if (holders) {
             int64_t differing = 0;
             EXPECT_EQ(0, weights_outside(got.weights, any.weights, k, &differing)) << what << ": topk_weights";
