@@ -15,4 +15,9 @@ cudaError_t launch_router_backward(const RouterBackwardParams& params, cudaStrea
 cudaError_t launch_aux_loss_forward(const AuxLossParams& params, cudaStream_t stream);
 cudaError_t launch_aux_loss_backward(const AuxLossParams& params, cudaStream_t stream);
 
+// The kernel the calling thread's last launch_router_forward chose, for the tests: the warp-per-token kernel's
+// score path (0 any path, 1 post-top-k softmax, 2 pre-top-k softmax, 3 normalised sigmoid; router_topk.cu
+// FwdSpec), -1 for the generic kernel or no launch (T = 0).
+int last_router_forward_kernel();
+
 }  // namespace bitep::kernels

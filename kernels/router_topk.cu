@@ -25,6 +25,8 @@ using namespace router_detail;
 
 [[maybe_unused]] constexpr char kName[] = "router_forward";
 
+thread_local int t_last_kernel = -1;  // last_router_forward_kernel()
+
 // Per-launch constants derived on the host.
 struct FwdLayout {
   int64_t num_tiles;     // warp tiles: ceil(T / tokens per warp)
@@ -698,6 +700,7 @@ cudaError_t launch_bucket_t(const RouterForwardParams& p, FwdLayout lay, cudaStr
   // the any-path kernels keep (their prefetch of the next tile needs it).
   const unsigned grid = kSpec != FwdSpec::kAny ? static_cast<unsigned>((lay.num_tiles + kWarps - 1) / kWarps)
                                                : persistent_grid(lay.num_tiles, kWarps, sms, per_sm);
+  t_last_kernel = static_cast<int>(kSpec);
   kernel<<<grid, kBucketThreads, smem, stream>>>(p, lay);
   return cudaGetLastError();
 }
@@ -743,7 +746,10 @@ int aligned_group_octets(const RouterForwardParams& p, int lanes) {
 
 }  // namespace
 
+int last_router_forward_kernel() { return t_last_kernel; }
+
 cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t stream) {
+  t_last_kernel = -1;
   if (p.num_tokens <= 0) return cudaSuccess;
   if (p.rank_counts != nullptr && p.num_ranks > 0) {
     cudaError_t err = cudaMemsetAsync(p.rank_counts, 0, sizeof(int32_t) * p.num_ranks, stream);

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "bitep/bitep.h"
+#include "kernels/router.h"
 #include "src/host/dtype_host.h"
 #include "tests/reference/inputs.h"
 #include "tests/reference/router_reference.h"
@@ -964,6 +965,16 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           cfg.scaling_factor = 2.5f;
           if (path.fn == bitepScoreSigmoid) bias = make_bias(E, E + 1);
         }
+        // The kernel that must run (kernels/router.h last_router_forward_kernel): groups of 25 experts (E =
+        // 100) are not whole octets, so the generic kernel (-1); the post-top-k softmax's own kernels for k up
+        // to the lanes, the pre-top-k softmax's and the sigmoid's up to E = 512; else the any-path one (0).
+        int want_kernel = 0;
+        if (path.grouped && E == 100)
+          want_kernel = -1;
+        else if (path.fn == bitepScoreSoftmax && path.pre == 0)
+          want_kernel = holders ? 1 : 0;
+        else if (E <= 512)
+          want_kernel = path.pre ? 2 : 3;
         // The first rows degenerate (NaN, +-inf, signed zeros, ties): the spec kernels' shortcuts (the
         // softmax's maximum from the first top-k round, the packed bf16 keys, the holders) must give the
         // any-path's selection there too, and its weights as above.
@@ -987,11 +998,13 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
             AnyPathKernels scope;
             any = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
             ASSERT_EQ(any.rc, bitepSuccess) << any.error;
+            EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), std::min(want_kernel, 0)) << what;
             any_bwd = run_backward(bitepBackendCuda, cfg, T, gp, any.map, fmt, {}, logits, false);
             ASSERT_EQ(any_bwd.rc, bitepSuccess) << any_bwd.error;
           }
           const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
           ASSERT_EQ(got.rc, bitepSuccess) << got.error;
+          EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), want_kernel) << what << ": the kernel chosen";
           EXPECT_TRUE(got.guards) << what << ": forward wrote past a buffer";
           EXPECT_TRUE(same_bits(got.map, any.map)) << what << ": routing map";
           EXPECT_TRUE(same_bits(got.indices, any.indices)) << what << ": topk_indices";
