@@ -302,6 +302,13 @@ BITEP_API bitepResult_t bitepGroupGetRank(bitepGroup_t group, int* rank, int* nr
 /* [OUT] bytes: memory the group holds now (its pool, fixed buffers and peer window) on this rank. */
 BITEP_API bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes);
 
+/* Frees this rank's idle pool blocks: the buffers earlier calls left cached for reuse (a larger batch's, say),
+ * which the pool otherwise keeps until a later miss finds them unused for 256 requests. Blocks that live
+ * handles hold, and the fixed buffers (the peer windows, sized by the largest call so far), stay. Local, not
+ * collective; cuda: cudaFree waits for the device. A group whose transport failed frees nothing (a peer may
+ * still write into its blocks). [OUT] freed (may be NULL): the bytes released. */
+BITEP_API bitepResult_t bitepGroupTrimMemory(bitepGroup_t group, size_t* freed);
+
 #define BITEP_DISPATCH_ARGS_MAGIC 0xb17e0011u
 
 typedef struct {

@@ -111,6 +111,12 @@ class Group {
     check(bitepGroupMemoryBytes(g_, &b));
     return b;
   }
+  // Frees the idle pool blocks on this rank; returns the bytes freed (bitepGroupTrimMemory).
+  size_t trim_memory() const {
+    size_t b = 0;
+    check(bitepGroupTrimMemory(g_, &b));
+    return b;
+  }
 
   Handle dispatch(const bitepDispatchArgs_t& args, bitepStream_t stream = nullptr) const {
     bitepHandle_t h = nullptr;

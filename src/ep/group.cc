@@ -237,4 +237,15 @@ bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes) {
   });
 }
 
+bitepResult_t bitepGroupTrimMemory(bitepGroup_t group, size_t* freed) {
+  return bitep::guard("bitepGroupTrimMemory", [&]() -> bitepResult_t {
+    BITEP_ARG_CHECK(group != nullptr, "group is NULL");
+    BITEP_ARG_CHECK(group->magic == bitep::ep::kGroupMagic, "group (%p) is not a live bitep group",
+                    static_cast<void*>(group));
+    const size_t n = group->broken.empty() ? group->life->pool->trim() : 0;
+    if (freed != nullptr) *freed = n;
+    return bitepSuccess;
+  });
+}
+
 }  // extern "C"

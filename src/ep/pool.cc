@@ -240,6 +240,14 @@ size_t Pool::held_bytes() const {
   return held_;
 }
 
+size_t Pool::trim() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (leak_) return 0;
+  const size_t before = held_;
+  trim_locked(0);
+  return before - held_;
+}
+
 uint64_t Pool::num_allocations() const {
   std::lock_guard<std::mutex> lock(mu_);
   return allocations_;

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-// Caller-provided receive buffers and their capacities, and the group's pool in steady state.
+// Caller-provided receive buffers and their capacities, and the group's pool in steady state and trimmed.
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <string>
 
 #include "tests/multirank/ep_checks.h"
 
@@ -118,6 +119,58 @@ TEST(EpBuffers, SteadyStateAllocatesNothing) {
   }
   EXPECT_GT(bytes[0], 0u);
   for (int it = 1; it < 5; ++it) EXPECT_EQ(bytes[it], bytes[0]) << "iteration " << it << " grew the pool";
+}
+
+// bitepGroupTrimMemory: a large call's idle blocks go, a live handle's stay (its layout still reads and
+// combines right), the count it returns is what bitepGroupMemoryBytes loses, and the group works on.
+TEST(EpBuffers, TrimMemoryFreesIdleBlocksOnly) {
+  Spec big, small;  // one group config (E, k, H, dtype), two sizes of traffic
+  big.tokens = [](int r, int) { return int64_t{300} + 7 * r; };
+  small.tokens = [](int r, int) { return int64_t{6} + r; };
+  big.H = small.H = 64;
+  small.seed = 2;
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> big_world = make_world(big, W), small_world = make_world(small, W);
+  GroupGuard g;
+  ASSERT_EQ(make_group(big, &g), bitepSuccess) << bitepGetLastError();
+  auto round_trip = [&](const Spec& s, const std::vector<Input>& world) {
+    const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+    HandleGuard h;
+    ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+    bitepDispatchLayout_t lo;
+    ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
+    check_received(s, W, rank, world, lo);
+  };
+  round_trip(big, big_world);
+  size_t held_big = 0;
+  ASSERT_EQ(bitepGroupMemoryBytes(g.g, &held_big), bitepSuccess);
+
+  const bitepDispatchArgs_t a = dispatch_args(small, small_world[rank]);
+  HandleGuard live;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &live.h), bitepSuccess) << bitepGetLastError();
+  size_t before = 0, freed = 0, after = 0;
+  ASSERT_EQ(bitepGroupMemoryBytes(g.g, &before), bitepSuccess);
+  ASSERT_EQ(bitepGroupTrimMemory(g.g, &freed), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepGroupMemoryBytes(g.g, &after), bitepSuccess);
+  EXPECT_GT(freed, 0u) << "the large call's blocks were not freed";
+  EXPECT_EQ(after, before - freed);
+  EXPECT_LT(after, held_big);
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(live.h, &lo), bitepSuccess);
+  check_received(small, W, rank, small_world, lo);
+  const std::vector<uint8_t> y = toy_expert_outputs(small, W, rank, lo);
+  bitepResult_t r;
+  const std::vector<uint8_t> out =
+      combine(g.g, live.h, y.data(), bitepLayoutExpertMajor, 1, small_world[rank].T, small, &r);
+  ASSERT_EQ(r, bitepSuccess) << bitepGetLastError();
+  expect_values(small, out, reference_combine(small, W, rank, small_world[rank], true), "out");
+  ASSERT_EQ(bitepHandleDestroy(live.h), bitepSuccess);
+  live.h = nullptr;
+
+  EXPECT_EQ(bitepGroupTrimMemory(g.g, nullptr), bitepSuccess);  // freed may be NULL
+  round_trip(big, big_world);                                   // the group works on
+  EXPECT_EQ(bitepGroupTrimMemory(nullptr, &freed), bitepInvalidArgument);
+  EXPECT_NE(std::string(bitepGetLastError()).find("group"), std::string::npos) << bitepGetLastError();
 }
 
 }  // namespace

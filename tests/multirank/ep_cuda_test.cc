@@ -169,6 +169,25 @@ void run_against_host(const Spec& s) {
     check_weight_grads(s, W, rank, in, grad_out, w, cgc.data(), cgd.data(), &mw);
     EXPECT_EQ(mw.n, 0) << "weight gradients on rank " << rank << ":" << mw.first;
   }
+
+  // bitepGroupTrimMemory on the cuda group: the handle's blocks, back in the pool once it is destroyed, are
+  // freed (cudaFree), the bytes it reports are what bitepGroupMemoryBytes loses, and the same dispatch
+  // after it gives the same expert-major rows.
+  ASSERT_EQ(bitepHandleDestroy(ch.h), bitepSuccess);
+  ch.h = nullptr;
+  size_t before = 0, freed = 0, after = 0;
+  ASSERT_EQ(bitepGroupMemoryBytes(cg.g, &before), bitepSuccess);
+  ASSERT_EQ(bitepGroupTrimMemory(cg.g, &freed), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepGroupMemoryBytes(cg.g, &after), bitepSuccess);
+  EXPECT_GT(freed, 0u);
+  EXPECT_EQ(after, before - freed);
+  HandleGuard ch2;
+  ASSERT_EQ(bitepDispatch(cg.g, &ca, bs, &ch2.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t cl2;
+  ASSERT_EQ(bitepHandleGetLayout(ch2.h, &cl2), bitepSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  ASSERT_EQ(cl2.num_expert_rows, N);
+  EXPECT_EQ(download<uint8_t>(cl2.expert_x, N * row), cex) << "the dispatch after a trim, rank " << rank;
   cudaStreamDestroy(stream);
 }
 #endif

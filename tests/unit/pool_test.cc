@@ -74,6 +74,34 @@ TEST(Pool, BlocksNotReusedFor256AcquisitionsAreFreedOnTheNextMiss) {
   pool.release(&again, nullptr);
 }
 
+// trim(): every cached block goes at once, the blocks in use stay (and come back cached); after leak()
+// nothing is freed.
+TEST(Pool, TrimFreesTheCachedBlocksOnly) {
+  Pool pool(bitepBackendHost, -1);
+  Block a, b, kept;
+  ASSERT_EQ(pool.acquire(1000, nullptr, &a), bitepSuccess);
+  ASSERT_EQ(pool.acquire(70000, nullptr, &b), bitepSuccess);
+  ASSERT_EQ(pool.acquire(5000, nullptr, &kept), bitepSuccess);
+  static_cast<char*>(kept.ptr)[4999] = 42;
+  pool.release(&a, nullptr);
+  pool.release(&b, nullptr);
+  const size_t cached = Pool::size_class(1000) + Pool::size_class(70000);
+  EXPECT_EQ(pool.held_bytes(), cached + Pool::size_class(5000));
+  EXPECT_EQ(pool.trim(), cached);
+  EXPECT_EQ(pool.held_bytes(), Pool::size_class(5000));
+  EXPECT_EQ(static_cast<char*>(kept.ptr)[4999], 42);  // the block in use is untouched
+  EXPECT_EQ(pool.trim(), 0u);                         // nothing cached any more
+  Block again;                                        // a freed class is allocated anew
+  ASSERT_EQ(pool.acquire(1000, nullptr, &again), bitepSuccess);
+  EXPECT_EQ(pool.num_allocations(), 4u);
+  pool.release(&again, nullptr);
+  pool.release(&kept, nullptr);
+  pool.leak();  // a peer may still write: trim frees nothing (and the destructor nothing either)
+  const size_t held = pool.held_bytes();
+  EXPECT_EQ(pool.trim(), 0u);
+  EXPECT_EQ(pool.held_bytes(), held);
+}
+
 TEST(Pool, ZeroBytesAndForeignBlocksAreIgnored) {
   Pool pool(bitepBackendHost, -1);
   Block z;
