@@ -397,6 +397,14 @@ TEST(EpFaults, StalledPeerTimesOut) {
   EXPECT_LT(took, 20 * timeout);
   EXPECT_EQ(bitepCombine(g.g, h.h, &c, nullptr), bitepInvalidUsage);
   EXPECT_TRUE(has(bitepGetLastError(), "unusable")) << bitepGetLastError();
+  // A trim frees nothing now: a peer may still write into the group's blocks.
+  size_t held = 0, freed = 1;
+  ASSERT_EQ(bitepGroupMemoryBytes(g.g, &held), bitepSuccess);
+  EXPECT_EQ(bitepGroupTrimMemory(g.g, &freed), bitepSuccess) << bitepGetLastError();
+  EXPECT_EQ(freed, 0u);
+  size_t after = 0;
+  ASSERT_EQ(bitepGroupMemoryBytes(g.g, &after), bitepSuccess);
+  EXPECT_EQ(after, held);
 }
 
 }  // namespace
