@@ -19,8 +19,12 @@
 //
 // Table (nccl-tests style): size = bytes each rank's dispatch moves (self chunk included; avg over ranks),
 // count = rows, time = slowest rank's median; algbw = size / time, busbw = algbw * (W - 1) / W.
+// Memory: group_bytes (bitepGroupMemoryBytes, the largest rank) and its ratio to (rows sent, own included, + rows
+// received) x H x 2. --caller-buffers passes bitepDispatch exact-capacity recv_x / expert_x of the bench's own
+// (sized by one untimed dispatch, whose pool blocks are then trimmed: bitepGroupTrimMemory), so group_bytes is the
+// library's memory alone and caller_bytes the buffers' (the capacity check then adds an allgather to every dispatch).
 // Usage: mpirun -np <W> ep_bench [--quick] [--json PATH] [--iters N] [--warmup N] [--tokens a,b,..]
-//                                [--routing uniform|skewed|both] [--no-baseline]
+//                                [--routing uniform|skewed|both] [--no-baseline] [--caller-buffers]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mpi.h>
@@ -66,7 +70,7 @@ int g_rank = 0;
   } while (0)
 
 struct Options {
-  bool quick = false, baseline = true;
+  bool quick = false, baseline = true, caller_buffers = false;
   std::string json;
   int iters = 20, warmup = 5;
   std::vector<int64_t> tokens = {128, 512, 2048, 4096, 8192, 16384};
@@ -86,6 +90,8 @@ Options parse(int argc, char** argv) {
       o.quick = true;
     } else if (a == "--no-baseline") {
       o.baseline = false;
+    } else if (a == "--caller-buffers") {
+      o.caller_buffers = true;
     } else if (a == "--json") {
       o.json = next();
     } else if (a == "--iters") {
@@ -352,6 +358,25 @@ int main(int argc, char** argv) {
         da.routing_map = map;
         da.map_format = bitepMapBitmapU8;
         da.topk_weights = w;
+        const bitepDispatchArgs_t dll = da;  // the low-latency dispatch: its rows live in the handle
+        void* caller_recv = nullptr;
+        void* caller_expert = nullptr;
+        int64_t caller_bytes = 0, traffic_bytes = 0;
+        if (opt.caller_buffers) {
+          // Exact capacities from one untimed dispatch from the pool (the routing is the same every iteration);
+          // its blocks are trimmed so that group_bytes counts the library's memory alone.
+          bitepHandle_t h0;
+          BK(bitepDispatch(group, &da, bstream, &h0));
+          bitepDispatchLayout_t l0;
+          BK(bitepHandleGetLayout(h0, &l0));
+          const int64_t R = l0.num_recv_rows, N = l0.num_expert_rows, row = int64_t(sh.H) * 2;
+          BK(bitepHandleDestroy(h0));
+          CK(cudaStreamSynchronize(stream));
+          BK(bitepGroupTrimMemory(group, nullptr));
+          if (R > 0) caller_recv = dalloc<char>(R * row), da.recv_x = caller_recv, da.recv_x_capacity = R;
+          if (N > 0) caller_expert = dalloc<char>(N * row), da.expert_x = caller_expert, da.expert_x_capacity = N;
+          caller_bytes = (R + N) * row;
+        }
         bitepCombineArgs_t ca = BITEP_COMBINE_ARGS_INIT;
         ca.layout = bitepLayoutExpertMajor;
         ca.weighted = 1;
@@ -381,6 +406,7 @@ int main(int argc, char** argv) {
               rec.combine_bytes += send_c[p];
               rec.size_bytes += lay.send_counts_host[p] * row_total;
               rec.rows += lay.send_counts_host[p];
+              traffic_bytes += (lay.send_counts_host[p] + lay.recv_counts_host[p]) * int64_t(sh.H) * 2;
             }
             CK(cudaMemcpyAsync(src_off, off.data(), 8 * (W + 1), cudaMemcpyHostToDevice, stream));
             const __nv_bfloat16* rx = static_cast<const __nv_bfloat16*>(lay.recv_x);
@@ -413,7 +439,7 @@ int main(int argc, char** argv) {
           MPI_Barrier(MPI_COMM_WORLD);
           bitepHandle_t h;
           CK(cudaEventRecord(ev.e[0], stream));
-          BK(bitepDispatchLowLatency(group, &da, bstream, &h));
+          BK(bitepDispatchLowLatency(group, &dll, bstream, &h));
           CK(cudaEventRecord(ev.e[1], stream));
           bitepDispatchLayout_t lay;
           BK(bitepHandleGetLayout(h, &lay));
@@ -535,13 +561,13 @@ int main(int argc, char** argv) {
         rec.baseline_dispatch = report.over_ranks(median(t_bd));
         rec.baseline_combine = report.over_ranks(median(t_bc));
         rec.baseline_e2e = report.over_ranks(median(t_be2e));
-        report.finish(&rec, host_wrong + dev_wrong, static_cast<int64_t>(group_bytes));
+        report.finish(&rec, host_wrong + dev_wrong, static_cast<int64_t>(group_bytes), caller_bytes, traffic_bytes);
         report.add(rec);
         for (void* p :
              {static_cast<void*>(logits), static_cast<void*>(map), static_cast<void*>(w), static_cast<void*>(w_idx),
               static_cast<void*>(idx), static_cast<void*>(rank_counts), static_cast<void*>(x), static_cast<void*>(out),
-              static_cast<void*>(wrong), static_cast<void*>(src_off)})
-          CK(cudaFree(p));
+              static_cast<void*>(wrong), static_cast<void*>(src_off), caller_recv, caller_expert})
+          if (p != nullptr) CK(cudaFree(p));
       }
     BK(bitepGroupDestroy(group));
   }

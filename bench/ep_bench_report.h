@@ -30,6 +30,10 @@ struct Record {
   bool ll = false;
   Stat cross, combine_cross, baseline_cross;
   int64_t wrong = 0, group_bytes = 0;
+  // Memory, the largest over the ranks: caller-owned receive buffers (--caller-buffers), and the group's
+  // bytes over (rows sent, own included, + rows received) x H x 2, the budget being 2.
+  int64_t caller_bytes = 0;
+  double memory_ratio = 0;
 };
 
 class Report {
@@ -61,7 +65,12 @@ class Report {
                 "a2a(us)", "busbw", "base_d", "base_c", "e2e", "base_e2e", "#wrong");
   }
 
-  void finish(Record* r, int64_t wrong, int64_t group_bytes) const {
+  // traffic_bytes: (rows sent, own included, + rows received) x H x element size on this rank.
+  void finish(Record* r, int64_t wrong, int64_t group_bytes, int64_t caller_bytes, int64_t traffic_bytes) const {
+    const double ratio =
+        traffic_bytes > 0 ? static_cast<double>(group_bytes) / static_cast<double>(traffic_bytes) : 0.0;
+    MPI_Allreduce(&caller_bytes, &r->caller_bytes, 1, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
+    MPI_Allreduce(&ratio, &r->memory_ratio, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     r->cross = over_ranks(static_cast<double>(r->cross_bytes));
     r->combine_cross = over_ranks(static_cast<double>(r->combine_bytes));
     r->baseline_cross = over_ranks(static_cast<double>(r->baseline_cross_bytes));
@@ -89,6 +98,9 @@ class Report {
         "", r->dispatch.min, r->dispatch.avg, r->dispatch.max, r->dispatch.slowest, r->combine.min, r->combine.avg,
         r->combine.max, r->combine.slowest, gbps(r->cross.avg, r->dispatch.max),
         gbps(r->combine_cross.avg, r->combine.max), r->cross.min, r->cross.max);
+    std::printf(
+        "  %6s   memory: group %.3f GB (largest rank), %.2fx (rows sent + received) x H x 2; caller buffers %.3f GB\n",
+        "", r->group_bytes / 1e9, r->memory_ratio, r->caller_bytes / 1e9);
     if (r->ll)
       std::printf(
           "  %6s   low latency: dispatch min/avg/max %.1f/%.1f/%.1f (slowest rank %d), combine %.1f/%.1f/%.1f (rank "
@@ -129,6 +141,8 @@ class Report {
                    r.combine_cross.avg);
       std::fprintf(f, ", \"baseline_cross_bytes\": %.0f, \"wrong\": %lld, \"group_bytes\": %lld", r.baseline_cross.avg,
                    static_cast<long long>(r.wrong), static_cast<long long>(r.group_bytes));
+      std::fprintf(f, ", \"caller_bytes\": %lld, \"memory_ratio\": %.3f", static_cast<long long>(r.caller_bytes),
+                   r.memory_ratio);
       stat(f, "dispatch_us", r.dispatch);
       stat(f, "combine_us", r.combine);
       stat(f, "e2e_us", r.e2e);
