@@ -83,12 +83,7 @@ void capacity_too_small(bool expert_major) {
   }
   for (uint8_t b : buf) ASSERT_EQ(b, 0xab) << "the caller's buffer was written by a failed dispatch";
   // The group is fine: the same dispatch with pool buffers succeeds everywhere.
-  const bitepDispatchArgs_t good = dispatch_args(s, world[rank]);
-  HandleGuard h2;
-  ASSERT_EQ(bitepDispatch(g.g, &good, nullptr, &h2.h), bitepSuccess) << bitepGetLastError();
-  bitepDispatchLayout_t lo;
-  ASSERT_EQ(bitepHandleGetLayout(h2.h, &lo), bitepSuccess);
-  check_received(s, W, rank, world, lo);
+  dispatch_and_check(g.g, s, W, rank, world);
 }
 
 TEST(EpBuffers, RecvCapacityTooSmallFailsEveryRank) { capacity_too_small(false); }
@@ -133,15 +128,7 @@ TEST(EpBuffers, TrimMemoryFreesIdleBlocksOnly) {
   const std::vector<Input> big_world = make_world(big, W), small_world = make_world(small, W);
   GroupGuard g;
   ASSERT_EQ(make_group(big, &g), bitepSuccess) << bitepGetLastError();
-  auto round_trip = [&](const Spec& s, const std::vector<Input>& world) {
-    const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
-    HandleGuard h;
-    ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
-    bitepDispatchLayout_t lo;
-    ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
-    check_received(s, W, rank, world, lo);
-  };
-  round_trip(big, big_world);
+  dispatch_and_check(g.g, big, W, rank, big_world);
   size_t held_big = 0;
   ASSERT_EQ(bitepGroupMemoryBytes(g.g, &held_big), bitepSuccess);
 
@@ -168,7 +155,7 @@ TEST(EpBuffers, TrimMemoryFreesIdleBlocksOnly) {
   live.h = nullptr;
 
   EXPECT_EQ(bitepGroupTrimMemory(g.g, nullptr), bitepSuccess);  // freed may be NULL
-  round_trip(big, big_world);                                   // the group works on
+  dispatch_and_check(g.g, big, W, rank, big_world);             // the group works on
   EXPECT_EQ(bitepGroupTrimMemory(nullptr, &freed), bitepInvalidArgument);
   EXPECT_NE(std::string(bitepGetLastError()).find("group"), std::string::npos) << bitepGetLastError();
 }

@@ -89,6 +89,15 @@ void check_received(const Spec& s, int W, int rank, const std::vector<Input>& wo
   EXPECT_EQ(m.n, 0) << "on rank " << rank << ":" << m.first;
 }
 
+void dispatch_and_check(bitepGroup_t g, const Spec& s, int W, int rank, const std::vector<Input>& world) {
+  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  HandleGuard h;
+  ASSERT_EQ(bitepDispatch(g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
+  check_received(s, W, rank, world, lo);
+}
+
 std::vector<uint8_t> combine(bitepGroup_t g,
                              bitepHandle_t h,
                              const void* y,

@@ -33,6 +33,10 @@ struct Mismatches {
 // Exactly what this rank must have received, against the layout of its dispatch.
 void check_received(const Spec& s, int W, int rank, const std::vector<Input>& world, const bitepDispatchLayout_t& lo);
 
+// A dispatch of this rank's input into the group's pool buffers (collective), checked as above, its handle destroyed:
+// the group still works.
+void dispatch_and_check(bitepGroup_t g, const Spec& s, int W, int rank, const std::vector<Input>& world);
+
 // bitepCombine into a fresh [T, H] buffer (one canary byte past the end is checked).
 std::vector<uint8_t> combine(bitepGroup_t g,
                              bitepHandle_t h,

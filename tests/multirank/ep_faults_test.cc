@@ -144,12 +144,7 @@ void expect_dispatch_fails(const std::function<void(bitepDispatchArgs_t*, bitepH
     EXPECT_EQ(r, bitepRemoteError) << err;
     EXPECT_TRUE(has(err, "rank " + std::to_string(victim))) << err;
   }
-  const bitepDispatchArgs_t good = dispatch_args(s, world[rank]);
-  HandleGuard h2;
-  ASSERT_EQ(bitepDispatch(g.g, &good, nullptr, &h2.h), bitepSuccess) << bitepGetLastError();
-  bitepDispatchLayout_t lo;
-  ASSERT_EQ(bitepHandleGetLayout(h2.h, &lo), bitepSuccess);
-  check_received(s, W, rank, world, lo);
+  dispatch_and_check(g.g, s, W, rank, world);
 }
 
 TEST(EpFaults, DispatchArgsNull) {
