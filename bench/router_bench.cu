@@ -10,7 +10,8 @@
 // Time: median over N (>= 100) iterations, one CUDA event pair each, queued behind a spin kernel so the
 // host's enqueue cost never shows; inputs and outputs rotate among enough buffer sets that the L2 does
 // not hold them. Floor: bytes the pass must move / the HBM bandwidth measured in the same run by a
-// large device-to-device cudaMemcpy (read + write counted).
+// large device-to-device cudaMemcpy (read + write counted). Stream: the same bytes moved by a plain kernel
+// (stream_kernel) on the same buffers, timed the same way: what any kernel can reach at this size.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -90,6 +91,59 @@ __global__ void indices_to_bitmap(const int32_t* __restrict__ idx, int k, int64_
   }
 }
 
+// The same bytes as a pass, moved by the plainest kernels: every 16-byte unit of up to three inputs read once, every
+// unit of up to three outputs written once (values from the reads, so none is dropped). Its time on the same
+// buffers, timed the same way (the best of four shapes), is what a kernel moving these bytes reaches at this
+// size: the floor plus the launch, the ramp and the tail that a bandwidth figure measured on 1 GiB leaves out.
+struct StreamArgs {
+  const uint4* in[3];
+  size_t n_in[3];  // 16-byte units
+  uint4* out[3];
+  size_t n_out[3];
+};
+
+// U units a thread, a block's 256 U units contiguous; a thread issues all its loads before its stores.
+template <int U>
+__global__ void __launch_bounds__(256) stream_kernel(StreamArgs a, size_t n) {
+  const size_t base = static_cast<size_t>(blockIdx.x) * 256 * U + threadIdx.x;
+  uint4 v[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const size_t i = base + static_cast<size_t>(u) * 256;
+    v[u] = make_uint4(static_cast<uint32_t>(i), 0u, 0u, 0u);
+#pragma unroll
+    for (int j = 0; j < 3; ++j)
+      if (i < a.n_in[j]) {
+        const uint4 x = __ldg(a.in[j] + i);
+        v[u].x ^= x.x, v[u].y ^= x.y, v[u].z ^= x.z, v[u].w ^= x.w;
+      }
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const size_t i = base + static_cast<size_t>(u) * 256;
+#pragma unroll
+    for (int j = 0; j < 3; ++j)
+      if (i < a.n_out[j]) a.out[j][i] = v[u];
+  }
+}
+
+// The same over a capped grid, each thread striding by the grid.
+__global__ void __launch_bounds__(256) stream_kernel_strided(StreamArgs a, size_t n) {
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    uint4 v = make_uint4(static_cast<uint32_t>(i), 0u, 0u, 0u);
+#pragma unroll
+    for (int j = 0; j < 3; ++j)
+      if (i < a.n_in[j]) {
+        const uint4 x = __ldg(a.in[j] + i);
+        v.x ^= x.x, v.y ^= x.y, v.z ^= x.z, v.w ^= x.w;
+      }
+#pragma unroll
+    for (int j = 0; j < 3; ++j)
+      if (i < a.n_out[j]) a.out[j][i] = v;
+  }
+}
+
 // ---- cases ---------------------------------------------------------------------------------------
 
 struct Config {
@@ -131,6 +185,7 @@ struct Record {
   std::string config, dtype, format, pass, mode;
   double median_us, floor_us;
   int64_t wrong;
+  double stream_us;  // the same bytes by stream_kernel; 0 where not measured
 };
 
 using bitep::ref::gauss;
@@ -452,14 +507,15 @@ struct Args {
 };
 
 void print_header() {
-  std::printf("%8s %5s %3s %-12s %-5s %-16s %-4s %-10s %10s %10s %7s %7s\n", "T", "E", "k", "config", "dtype", "format",
-              "pass", "mode", "time(us)", "floor(us)", "%floor", "#wrong");
+  std::printf("%8s %5s %3s %-12s %-5s %-16s %-4s %-10s %10s %10s %7s %10s %7s %7s\n", "T", "E", "k", "config", "dtype",
+              "format", "pass", "mode", "time(us)", "floor(us)", "%floor", "stream(us)", "%stream", "#wrong");
 }
 
 void print_record(const Record& r) {
-  std::printf("%8lld %5d %3d %-12s %-5s %-16s %-4s %-10s %10.2f %10.2f %6.1f%% %7lld\n", static_cast<long long>(r.T),
-              r.E, r.k, r.config.c_str(), r.dtype.c_str(), r.format.c_str(), r.pass.c_str(), r.mode.c_str(),
-              r.median_us, r.floor_us, 100.0 * r.floor_us / r.median_us, static_cast<long long>(r.wrong));
+  std::printf("%8lld %5d %3d %-12s %-5s %-16s %-4s %-10s %10.2f %10.2f %6.1f%% %10.2f %6.1f%% %7lld\n",
+              static_cast<long long>(r.T), r.E, r.k, r.config.c_str(), r.dtype.c_str(), r.format.c_str(),
+              r.pass.c_str(), r.mode.c_str(), r.median_us, r.floor_us, 100.0 * r.floor_us / r.median_us, r.stream_us,
+              100.0 * r.stream_us / r.median_us, static_cast<long long>(r.wrong));
   std::fflush(stdout);
 }
 
@@ -621,10 +677,48 @@ int main(int argc, char** argv) {
           a.grad_logits = s.grad.p;
           BK(bitepRouterBackward(bitepBackendCuda, &chk.rc, &a, bstream));
         };
+        // stream_kernel over the given buffers of every set (nullptr / 0 bytes: unused), the median time.
+        using Span = std::pair<Dev Set::*, size_t>;
+        auto stream_us = [&](std::vector<Span> ins, std::vector<Span> outs) {
+          size_t n = 0;
+          auto args_of = [&](Set& s) {
+            StreamArgs a{};
+            for (size_t j = 0; j < ins.size(); ++j)
+              a.in[j] = (s.*ins[j].first).as<const uint4>(), a.n_in[j] = ins[j].second / 16;
+            for (size_t j = 0; j < outs.size(); ++j)
+              a.out[j] = (s.*outs[j].first).as<uint4>(), a.n_out[j] = outs[j].second / 16;
+            for (size_t j = 0; j < 3; ++j) n = std::max({n, a.n_in[j], a.n_out[j]});
+            return a;
+          };
+          args_of(sets[0]);
+          auto grid = [&](size_t per_block) {
+            return static_cast<unsigned>(std::max<size_t>(1, (n + per_block - 1) / per_block));
+          };
+          const unsigned strided_blocks = std::min(grid(256), static_cast<unsigned>(prop.multiProcessorCount) * 32);
+          // The best of four shapes: one, two or four units a thread over the whole range, or a strided grid.
+          double best = timer.median_us([&](int i) {
+            stream_kernel<1><<<grid(256), 256, 0, stream>>>(args_of(sets[i % R]), n);
+            CK(cudaGetLastError());
+          });
+          best = std::min(best, timer.median_us([&](int i) {
+            stream_kernel<2><<<grid(512), 256, 0, stream>>>(args_of(sets[i % R]), n);
+            CK(cudaGetLastError());
+          }));
+          best = std::min(best, timer.median_us([&](int i) {
+            stream_kernel<4><<<grid(1024), 256, 0, stream>>>(args_of(sets[i % R]), n);
+            CK(cudaGetLastError());
+          }));
+          best = std::min(best, timer.median_us([&](int i) {
+            stream_kernel_strided<<<strided_blocks, 256, 0, stream>>>(args_of(sets[i % R]), n);
+            CK(cudaGetLastError());
+          }));
+          return best;
+        };
+        double stream_now = 0.0;  // the stream time of the rows being added
         auto add = [&](const char* format, const char* pass, const char* mode, double us, double bytes, int64_t wrong) {
-          Record r{T,      E,    k,    cfg->name, dt == bitepFloat32 ? "fp32" : "bf16",
-                   format, pass, mode, us,        bytes / (gbps * 1e3),
-                   wrong};
+          Record r{T,      E,         k,    cfg->name, dt == bitepFloat32 ? "fp32" : "bf16",
+                   format, pass,      mode, us,        bytes / (gbps * 1e3),
+                   wrong,  stream_now};
           print_record(r);
           records.push_back(r);
           total_wrong += wrong;
@@ -637,6 +731,10 @@ int main(int argc, char** argv) {
           const double out_bytes = te ? 8.0 * TE : 4.0 * T * k;
           for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8}) {
             const bool bm = fmt == bitepMapBitmapU8;
+            const Span map_out = bm ? Span{&Set::bitmap, T * rb} : Span{&Set::bytemap, TE};
+            stream_now =
+                te ? stream_us({{&Set::logits, TE * ds}}, {{&Set::probs, TE * 4}, {&Set::saved, TE * 4}, map_out})
+                   : stream_us({{&Set::logits, TE * ds}}, {{&Set::weights, T * k * 4}, map_out});
             const double us = timer.median_us([&](int i) { fwd(sets[i % R], te, fmt, false); });
             CK(cudaStreamSynchronize(stream));
             const int64_t wrong = check_forward(chk, sets[0], te, bm ? sets[0].bitmap.p : sets[0].bytemap.p, bm);
@@ -657,6 +755,10 @@ int main(int argc, char** argv) {
         for (bool recompute : {false, true})
           for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8}) {
             const bool bm = fmt == bitepMapBitmapU8;
+            stream_now = stream_us({{&Set::grad_probs, TE * 4},
+                                    recompute ? Span{&Set::logits, TE * ds} : Span{&Set::saved, TE * 4},
+                                    bm ? Span{&Set::bitmap, T * rb} : Span{&Set::bytemap, TE}},
+                                   {{&Set::grad, TE * ds}});
             const double us = timer.median_us([&](int i) { bwd(sets[i % R], recompute, fmt); });
             CK(cudaStreamSynchronize(stream));
             const int64_t wrong =
@@ -683,10 +785,10 @@ int main(int argc, char** argv) {
           f,
           "  {\"T\": %lld, \"E\": %d, \"k\": %d, \"config\": \"%s\", \"dtype\": \"%s\", \"format\": \"%s\", "
           "\"pass\": \"%s\", \"mode\": \"%s\", \"median_us\": %.3f, \"floor_us\": %.3f, \"pct_of_floor\": %.1f, "
-          "\"wrong\": %lld}%s\n",
+          "\"stream_us\": %.3f, \"pct_of_stream\": %.1f, \"wrong\": %lld}%s\n",
           static_cast<long long>(r.T), r.E, r.k, r.config.c_str(), r.dtype.c_str(), r.format.c_str(), r.pass.c_str(),
-          r.mode.c_str(), r.median_us, r.floor_us, 100.0 * r.floor_us / r.median_us, static_cast<long long>(r.wrong),
-          i + 1 < records.size() ? "," : "");
+          r.mode.c_str(), r.median_us, r.floor_us, 100.0 * r.floor_us / r.median_us, r.stream_us,
+          100.0 * r.stream_us / r.median_us, static_cast<long long>(r.wrong), i + 1 < records.size() ? "," : "");
     }
     std::fprintf(f, "]}\n");
     std::fclose(f);

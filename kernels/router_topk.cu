@@ -55,11 +55,14 @@ constexpr bool kHolderSoftmax = BITEP_ROUTER_FWD_HOLDERS != 0;
 // spill; 39 and 6 blocks without the cap): H200, T = 16384, E = 256, 22.75 -> 22.14 us (7 gives the same
 // 32 registers; the spec kernels of 8 and 16 lanes a token spill there and were 0-6% slower). Without the
 // holders (a tuning build) it is v5e's 5 blocks (45 registers; 8 would spill).
-template <int N, int G = 1, bool kSpecBf16 = false>
+template <int N, int G = 1, bool kSpecBf16 = false, bool kSpecF32 = false>
 constexpr int min_blocks() {
 #ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
   return BITEP_ROUTER_FWD_MIN_BLOCKS;
 #else
+#ifdef BITEP_ROUTER_SPEC_F32_BLOCKS
+  if (kSpecF32 && G == 32 && N == 16) return BITEP_ROUTER_SPEC_F32_BLOCKS;
+#endif
   return N <= 8 ? (kSpecBf16 && G == 32 ? (kHolderSoftmax ? 8 : 5) : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 #endif
 }
@@ -123,8 +126,12 @@ __device__ __forceinline__ void pop_cached(bool pop, uint32_t (&ck)[C], int (&cp
 // selection order (value, then the lower expert; NaN lowest: top half 0, still above kKeyNone). A round
 // is then one max reduction whose result names its expert: no ballot, no tie path, no register positions;
 // a lane's wins are its best keys in order, so its cache refills from the keys below its last win.
-__device__ __forceinline__ uint32_t packed_key(float v, int expert) {
-  return (select_key(v) & 0xffff0000u) | (0xffffu - static_cast<uint32_t>(expert));
+// packed_key_lo(v, 0xffff - expert): the packed key of v for that expert. Straight-line (no branch for the NaN test: a
+// select).
+__device__ __forceinline__ uint32_t packed_key_lo(float v, uint32_t lo) {
+  const uint32_t u = __float_as_uint(__fadd_rn(v, 0.0f));
+  const uint32_t k = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+  return (v != v ? 0u : (k & 0xffff0000u)) | lo;
 }
 __device__ __forceinline__ int packed_expert(uint32_t k) { return static_cast<int>(0xffffu - (k & 0xffffu)); }
 __device__ __forceinline__ float packed_value(uint32_t k) {
@@ -186,7 +193,9 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 }
 
 template <int G, int NS, bool kF32, FwdSpec kSpec>
-__global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 && kSpec == FwdSpec::kPostSoftmax>())
+__global__ void __launch_bounds__(
+    kBucketThreads,
+    min_blocks<8 * NS, G, !kF32 && kSpec == FwdSpec::kPostSoftmax, kF32 && kSpec == FwdSpec::kPostSoftmax>())
     router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
   constexpr int N = 8 * NS;
   constexpr int kTokensPerWarp = kWarpSize / G;
@@ -325,7 +334,10 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
     // 2. selection keys (+ expert_bias, selection only).
     constexpr bool kPacked = kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax && !kF32;
     uint32_t key[N];
-    {
+    // `masked`: slots past E or past T get kKeyNone. The spec kernels build a row whose slots are all valid
+    // (every row but a last partial tile when E % 8 == 0: a warp-uniform test) without the per-slot test,
+    // which the compiler made a branch around each key (BSSY / BRA / BSYNC: ~5 of ~14 instructions a key).
+    auto make_keys = [&](auto masked) {
       const bool bvec = use_bias && aligned16(p.expert_bias);
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
@@ -336,16 +348,29 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
 #pragma unroll
           for (int b = 0; b < 8; ++b) b8[b] = 0.0f;
         }
+        // 0xffff - expert: the octet's first expert is a multiple of 8, so its low 3 bits are 111 and
+        // subtracting b (< 8) is XOR with b.
+        [[maybe_unused]] const uint32_t lo = 0xffffu - static_cast<uint32_t>((s * G + sl) * 8);
 #pragma unroll
         for (int b = 0; b < 8; ++b) {
           const int i = 8 * s + b;
           const float sel = use_bias ? __fadd_rn(v[i], b8[b]) : v[i];
-          if constexpr (kPacked)
-            key[i] = ((valid >> i) & 1) ? packed_key(sel, (s * G + sl) * 8 + b) : kKeyNone;
+          auto kb = [&] { return kPacked ? packed_key_lo(sel, lo ^ static_cast<uint32_t>(b)) : select_key(sel); };
+          if constexpr (decltype(masked)::value)
+            key[i] = ((valid >> i) & 1) ? kb() : kKeyNone;
           else
-            key[i] = ((valid >> i) & 1) ? select_key(sel) : kKeyNone;
+            key[i] = kb();
         }
       }
+    };
+    constexpr Mask kAllValid = static_cast<Mask>(~Mask{0} >> (sizeof(Mask) * 8 - N));
+    if constexpr (kKnown) {
+      if (valid == kAllValid)
+        make_keys(std::false_type{});
+      else
+        make_keys(std::true_type{});
+    } else {
+      make_keys(std::true_type{});
     }
 
     // Segment arg-max by ballot: the segment's best key, then the lowest lane holding it. With one slot a
