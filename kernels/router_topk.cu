@@ -55,14 +55,11 @@ constexpr bool kHolderSoftmax = BITEP_ROUTER_FWD_HOLDERS != 0;
 // spill; 39 and 6 blocks without the cap): H200, T = 16384, E = 256, 22.75 -> 22.14 us (7 gives the same
 // 32 registers; the spec kernels of 8 and 16 lanes a token spill there and were 0-6% slower). Without the
 // holders (a tuning build) it is v5e's 5 blocks (45 registers; 8 would spill).
-template <int N, int G = 1, bool kSpecBf16 = false, bool kSpecF32 = false>
+template <int N, int G = 1, bool kSpecBf16 = false>
 constexpr int min_blocks() {
 #ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
   return BITEP_ROUTER_FWD_MIN_BLOCKS;
 #else
-#ifdef BITEP_ROUTER_SPEC_F32_BLOCKS
-  if (kSpecF32 && G == 32 && N == 16) return BITEP_ROUTER_SPEC_F32_BLOCKS;
-#endif
   return N <= 8 ? (kSpecBf16 && G == 32 ? (kHolderSoftmax ? 8 : 5) : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 #endif
 }
@@ -193,9 +190,7 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 }
 
 template <int G, int NS, bool kF32, FwdSpec kSpec>
-__global__ void __launch_bounds__(
-    kBucketThreads,
-    min_blocks<8 * NS, G, !kF32 && kSpec == FwdSpec::kPostSoftmax, kF32 && kSpec == FwdSpec::kPostSoftmax>())
+__global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 && kSpec == FwdSpec::kPostSoftmax>())
     router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
   constexpr int N = 8 * NS;
   constexpr int kTokensPerWarp = kWarpSize / G;
