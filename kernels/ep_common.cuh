@@ -182,12 +182,31 @@ __device__ __forceinline__ void for_each_routed(const RouteView& v, int64_t t, i
     return;
   }
   int seen = 0;  // t's experts below b
-  for (int b = 0; b < hi && seen < v.topk; b += 32) {
-    const uint32_t all = keep_lowest(route_bits(v, t, b, hi), v.topk - seen);
+  int b = 0;
+  auto visit = [&](uint32_t raw) {  // raw = route_bits(v, t, b, hi)
+    const uint32_t all = keep_lowest(raw, v.topk - seen);
     seen += __popc(all);
     uint32_t bits = lo <= b ? all : (lo - b >= 32 ? 0u : all & (kFullMask << (lo - b)));
     for (; bits != 0; bits &= bits - 1) f(b + __ffs(bits) - 1);
+  };
+  if (v.format == RoutingFormat::kBitmap && v.aligned4) {
+    // The row's first kPre words loaded together, then walked: word by word, each load waited for the
+    // previous word's experts. H200, W = 1, T = 4096, E = 256 (ncu): the layout's count pass 8.0 -> 7.2 us,
+    // its slot pass 8.0 -> 6.9.
+    constexpr int kPre = 8;
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(v.map8 + t * v.row_bytes);
+    const int64_t nw = v.row_bytes >> 2;
+    uint32_t pre[kPre];
+#pragma unroll
+    for (int q = 0; q < kPre; ++q) pre[q] = q * 32 < hi && q < nw ? __ldg(w + q) : 0u;
+#pragma unroll
+    for (int q = 0; q < kPre; ++q, b += 32) {
+      if (b >= hi || seen >= v.topk) return;
+      const int n = hi - b;
+      visit(pre[q] & (n >= 32 ? kFullMask : ((1u << n) - 1u)));
+    }
   }
+  for (; b < hi && seen < v.topk; b += 32) visit(route_bits(v, t, b, hi));
 }
 
 // Number of t's map bits below `lo` (maps; lo <= route_limit: then it is the compact index base).
