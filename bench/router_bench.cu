@@ -10,8 +10,8 @@
 // Time: median over N (>= 100) iterations, one CUDA event pair each, queued behind a spin kernel so the
 // host's enqueue cost never shows; inputs and outputs rotate among enough buffer sets that the L2 does
 // not hold them. Floor: bytes the pass must move / the HBM bandwidth measured in the same run by a
-// large device-to-device cudaMemcpy (read + write counted). Stream: the same bytes moved by a plain kernel
-// (stream_kernel) on the same buffers, timed the same way: what any kernel can reach at this size.
+// large device-to-device cudaMemcpy (read + write counted). Stream: the same bytes moved by the best of four
+// plain copy kernels (stream_kernel) on the same buffers, timed the same way: what a kernel reaches at this size.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -185,7 +185,7 @@ struct Record {
   std::string config, dtype, format, pass, mode;
   double median_us, floor_us;
   int64_t wrong;
-  double stream_us;  // the same bytes by stream_kernel; 0 where not measured
+  double stream_us;  // the same bytes by the best stream kernel
 };
 
 using bitep::ref::gauss;
