@@ -102,46 +102,39 @@ struct StreamArgs {
   size_t n_out[3];
 };
 
+// Unit i: the inputs' units read (XORed into one value, so no read is dropped), then every output's unit written.
+__device__ __forceinline__ uint4 stream_load(const StreamArgs& a, size_t i) {
+  uint4 v = make_uint4(static_cast<uint32_t>(i), 0u, 0u, 0u);
+#pragma unroll
+  for (int j = 0; j < 3; ++j)
+    if (i < a.n_in[j]) {
+      const uint4 x = __ldg(a.in[j] + i);
+      v.x ^= x.x, v.y ^= x.y, v.z ^= x.z, v.w ^= x.w;
+    }
+  return v;
+}
+__device__ __forceinline__ void stream_store(const StreamArgs& a, size_t i, uint4 v) {
+#pragma unroll
+  for (int j = 0; j < 3; ++j)
+    if (i < a.n_out[j]) a.out[j][i] = v;
+}
+
 // U units a thread, a block's 256 U units contiguous; a thread issues all its loads before its stores.
 template <int U>
-__global__ void __launch_bounds__(256) stream_kernel(StreamArgs a, size_t n) {
+__global__ void __launch_bounds__(256) stream_kernel(StreamArgs a) {
   const size_t base = static_cast<size_t>(blockIdx.x) * 256 * U + threadIdx.x;
   uint4 v[U];
 #pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const size_t i = base + static_cast<size_t>(u) * 256;
-    v[u] = make_uint4(static_cast<uint32_t>(i), 0u, 0u, 0u);
+  for (int u = 0; u < U; ++u) v[u] = stream_load(a, base + static_cast<size_t>(u) * 256);
 #pragma unroll
-    for (int j = 0; j < 3; ++j)
-      if (i < a.n_in[j]) {
-        const uint4 x = __ldg(a.in[j] + i);
-        v[u].x ^= x.x, v[u].y ^= x.y, v[u].z ^= x.z, v[u].w ^= x.w;
-      }
-  }
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const size_t i = base + static_cast<size_t>(u) * 256;
-#pragma unroll
-    for (int j = 0; j < 3; ++j)
-      if (i < a.n_out[j]) a.out[j][i] = v[u];
-  }
+  for (int u = 0; u < U; ++u) stream_store(a, base + static_cast<size_t>(u) * 256, v[u]);
 }
 
-// The same over a capped grid, each thread striding by the grid.
+// The same over a capped grid, each thread striding by the grid over units [0, n).
 __global__ void __launch_bounds__(256) stream_kernel_strided(StreamArgs a, size_t n) {
   const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
-  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    uint4 v = make_uint4(static_cast<uint32_t>(i), 0u, 0u, 0u);
-#pragma unroll
-    for (int j = 0; j < 3; ++j)
-      if (i < a.n_in[j]) {
-        const uint4 x = __ldg(a.in[j] + i);
-        v.x ^= x.x, v.y ^= x.y, v.z ^= x.z, v.w ^= x.w;
-      }
-#pragma unroll
-    for (int j = 0; j < 3; ++j)
-      if (i < a.n_out[j]) a.out[j][i] = v;
-  }
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    stream_store(a, i, stream_load(a, i));
 }
 
 // ---- cases ---------------------------------------------------------------------------------------
@@ -680,32 +673,32 @@ int main(int argc, char** argv) {
         // stream_kernel over the given buffers of every set (nullptr / 0 bytes: unused), the median time.
         using Span = std::pair<Dev Set::*, size_t>;
         auto stream_us = [&](std::vector<Span> ins, std::vector<Span> outs) {
-          size_t n = 0;
           auto args_of = [&](Set& s) {
             StreamArgs a{};
             for (size_t j = 0; j < ins.size(); ++j)
               a.in[j] = (s.*ins[j].first).as<const uint4>(), a.n_in[j] = ins[j].second / 16;
             for (size_t j = 0; j < outs.size(); ++j)
               a.out[j] = (s.*outs[j].first).as<uint4>(), a.n_out[j] = outs[j].second / 16;
-            for (size_t j = 0; j < 3; ++j) n = std::max({n, a.n_in[j], a.n_out[j]});
             return a;
           };
-          args_of(sets[0]);
+          size_t n = 0;  // units: the largest buffer's
+          for (const Span& b : ins) n = std::max(n, b.second / 16);
+          for (const Span& b : outs) n = std::max(n, b.second / 16);
           auto grid = [&](size_t per_block) {
             return static_cast<unsigned>(std::max<size_t>(1, (n + per_block - 1) / per_block));
           };
           const unsigned strided_blocks = std::min(grid(256), static_cast<unsigned>(prop.multiProcessorCount) * 32);
           // The best of four shapes: one, two or four units a thread over the whole range, or a strided grid.
           double best = timer.median_us([&](int i) {
-            stream_kernel<1><<<grid(256), 256, 0, stream>>>(args_of(sets[i % R]), n);
+            stream_kernel<1><<<grid(256), 256, 0, stream>>>(args_of(sets[i % R]));
             CK(cudaGetLastError());
           });
           best = std::min(best, timer.median_us([&](int i) {
-            stream_kernel<2><<<grid(512), 256, 0, stream>>>(args_of(sets[i % R]), n);
+            stream_kernel<2><<<grid(512), 256, 0, stream>>>(args_of(sets[i % R]));
             CK(cudaGetLastError());
           }));
           best = std::min(best, timer.median_us([&](int i) {
-            stream_kernel<4><<<grid(1024), 256, 0, stream>>>(args_of(sets[i % R]), n);
+            stream_kernel<4><<<grid(1024), 256, 0, stream>>>(args_of(sets[i % R]));
             CK(cudaGetLastError());
           }));
           best = std::min(best, timer.median_us([&](int i) {

@@ -110,12 +110,9 @@ __device__ __forceinline__ void pop_keys(bool pop, uint32_t (&ck)[C]) {
 }
 template <int C>
 __device__ __forceinline__ void pop_cached(bool pop, uint32_t (&ck)[C], int (&cp)[C]) {
+  pop_keys<C>(pop, ck);
 #pragma unroll
-  for (int c = 0; c + 1 < C; ++c) {
-    ck[c] = pop ? ck[c + 1] : ck[c];
-    cp[c] = pop ? cp[c + 1] : cp[c];
-  }
-  ck[C - 1] = pop ? 0u : ck[C - 1];
+  for (int c = 0; c + 1 < C; ++c) cp[c] = pop ? cp[c + 1] : cp[c];
 }
 
 // The bf16 spec kernels' keys ("packed"): a bf16 value's selection key has 16 significant bits (its top
