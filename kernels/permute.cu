@@ -6,14 +6,14 @@
 // and stores it to every destination row; then lane r writes rank r's local map slice (bits [r*L,
 // (r+1)*L) of the routing row, shifted across byte boundaries) and the slice's weights.
 //
-// Expert-major: per local expert, its rows in receive order. Positions come from a ballot scan over the
-// received rows, like the dispatch layout (kernels/layout.cu), without scratch beyond the outputs:
+// Expert-major: per local expert, its rows in receive order. Positions come from a scan over the received
+// rows, without scratch beyond the outputs; each row's work is its set bits (at most KL), not L:
 // - R <= kSingleMaxItems with the rows' maps fitting in shared memory: one block, one warp per expert over
 //   the staged maps; otherwise, up to kSingleMaxItems rows (or too few rows to split): one block scans all rows.
 // - otherwise S segments: 1. per segment, per expert totals into the first L entries of the segment's
 //   own recv_expert_rows region (each segment has >= ceil(L / KL) rows); 2. one block scans them into
 //   per-segment offsets in place; 3. each segment reads its offsets into shared memory, then writes its
-//   rows' positions.
+//   rows' positions (tile by tile: a lane mask per warp and expert, expert_pos_kernel).
 // Then the copy runs in gather order: expert_src[pos] (the entry i * KL + j whose position is pos, -1 for
 // a pad row) is filled from recv_expert_rows, and one warp per expert row, consecutive warps on
 // consecutive rows, copies its source row (optionally scaled by its weight) or zeroes a pad row. The
@@ -110,14 +110,27 @@ __device__ __forceinline__ uint32_t row_bits(const ExpertArgs& a, int64_t i, int
   return bitmap_bits32(a.recv_map + i * a.map_bytes, a.map_bytes, a.map_aligned4, lo) & keep;
 }
 
-// The bits of row i in [lo, lo + 32) that are among its first KL set bits; *before = how many of its
-// first KL set bits lie below lo (the index j of the group's first bit in recv_expert_rows[i]).
-__device__ __forceinline__ uint32_t row_group(const ExpertArgs& a, int64_t i, int lo, int* before) {
-  int n = 0;
-  for (int b = 0; b < lo; b += kWarp) n += __popc(row_bits(a, i, b));
-  n = n < a.row_experts ? n : a.row_experts;
-  *before = n;
-  return keep_lowest(row_bits(a, i, lo), a.row_experts - n);
+// Row i's local experts among its first KL set bits, ascending: f(l, j) for each l in [lo, hi), j = its entry
+// in recv_expert_rows[i] (counted over all of the row's bits, not only the range's). Returns the entries the row
+// has (min(bits, KL)).
+template <class F>
+__device__ __forceinline__ int for_each_row_expert(const ExpertArgs& a, int64_t i, int lo, int hi, F&& f) {
+  int j = 0;
+  for (int b = 0; b < a.local_experts && j < a.row_experts && b < hi; b += kWarp) {
+    uint32_t bits = keep_lowest(row_bits(a, i, b), a.row_experts - j);
+    if (b + kWarp <= lo) {
+      j += __popc(bits);
+      continue;
+    }
+    for (; bits != 0; bits &= bits - 1, ++j) {
+      const int l = b + __ffs(bits) - 1;
+      if (l >= lo && l < hi) f(l, j);
+    }
+  }
+  if (hi < a.local_experts)  // the entries past hi are not walked: count them
+    for (int b = (hi + kWarp - 1) / kWarp * kWarp; b < a.local_experts && j < a.row_experts; b += kWarp)
+      j += __popc(keep_lowest(row_bits(a, i, b), a.row_experts - j));
+  return j;
 }
 
 __device__ __forceinline__ int64_t seg_begin(const ExpertArgs& a, int s) { return static_cast<int64_t>(s) * a.seg_len; }
@@ -125,31 +138,19 @@ __device__ __forceinline__ int64_t seg_end(const ExpertArgs& a, int s) {
   return s + 1 == a.num_segs ? a.num_rows : (static_cast<int64_t>(s) + 1) * a.seg_len;  // the last takes the rest
 }
 
-// Pass 1: per segment and expert, the rows using it, into the segment's region of recv_expert_rows.
+// Pass 1: per segment and expert, the rows using it, into the segment's region of recv_expert_rows: each row
+// adds its experts (at most KL) to counters in shared memory.
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) expert_count_kernel(ExpertArgs a) {
-  __shared__ int totals[kWarp];
-  const int tid = threadIdx.x, lane = tid & (kWarp - 1);
+  extern __shared__ int counts[];  // [L]
+  const int tid = threadIdx.x, L = a.local_experts;
   const int64_t i0 = seg_begin(a, blockIdx.x), i1 = seg_end(a, blockIdx.x);
-  for (int lo = 0; lo < a.local_experts; lo += kWarp) {
-    const int nc = a.local_experts - lo < kWarp ? a.local_experts - lo : kWarp;
-    if (tid < kWarp) totals[tid] = 0;
-    __syncthreads();
-    int mine = 0;
-    for (int64_t ib = i0; ib < i1; ib += kThreads) {
-      const int64_t i = ib + tid;
-      int before = 0;
-      const uint32_t mask = i < i1 ? row_group(a, i, lo, &before) : 0u;
-      for (int j = 0; j < nc; ++j) {
-        const uint32_t b = __ballot_sync(kFullMask, (mask >> j) & 1u);
-        if (lane == j) mine += __popc(b);
-      }
-    }
-    if (lane < nc) atomicAdd(&totals[lane], mine);
-    __syncthreads();
-    if (tid < nc) a.rows[i0 * a.row_experts + lo + tid] = totals[tid];
-    __syncthreads();
-  }
+  for (int c = tid; c < L; c += kThreads) counts[c] = 0;
+  __syncthreads();
+  for (int64_t i = i0 + tid; i < i1; i += kThreads)
+    for_each_row_expert(a, i, 0, L, [&](int l, int) { atomicAdd(&counts[l], 1); });
+  __syncthreads();
+  for (int c = tid; c < L; c += kThreads) a.rows[i0 * a.row_experts + c] = counts[c];
 }
 
 // Pass 2: one block; per expert, exclusive scan of the segment totals in place.
@@ -159,45 +160,76 @@ __global__ void __launch_bounds__(kOffsetThreads) expert_offsets_kernel(ExpertAr
       [](int, int) {});
 }
 
-// Pass 3 (or the single pass): recv_expert_rows. Position of bit l of row i = expert_offsets[l] + rows
-// before i using l (-1 past expert_offsets[l] + expert_counts[l]).
+// The positions' shared memory: experts are taken `chunk` at a time, each warp's lanes using an expert as one
+// mask word. chunk = pos_chunk<kThreads>(L).
+template <int kThreads>
+__host__ __device__ constexpr int pos_chunk_max() {
+  return 4096 / (kThreads / kWarp);  // masks and bases: 32 KiB
+}
+template <int kThreads>
+size_t pos_smem_bytes(int L, bool single) {
+  const int chunk = std::min(L, pos_chunk_max<kThreads>());
+  return sizeof(int) *
+         ((single ? 0 : static_cast<size_t>(L)) + static_cast<size_t>(chunk) * (2 * (kThreads / kWarp) + 2));
+}
+
+// Pass 3 (or the single pass): recv_expert_rows. Position of row i's entry for expert l = expert_offsets[l] + the
+// rows before i using l (-1 past expert_offsets[l] + expert_counts[l]). Per tile of kThreads rows and chunk of
+// experts: each row sets its lane's bit in its warp's mask word of each of its experts (shared atomics), one pass
+// over the chunk's experts turns the warps' masks into bases (and carries the tile's totals), then each row's
+// position is its warp's base plus the lanes below it in the mask. The work is the rows' set bits, not L per row.
 template <int kThreads, bool kSingle>
-__global__ void __launch_bounds__(kThreads) expert_pos_kernel(ExpertArgs a) {
-  extern __shared__ int seg_offset[];  // [L], multi-segment only
-  __shared__ TileScanSmem<kThreads> s;
-  __shared__ int block_end[kWarp];  // per expert of the group: expert_offsets[l] + expert_counts[l]
-  const int tid = threadIdx.x, L = a.local_experts, KL = a.row_experts;
+__global__ void __launch_bounds__(kThreads) expert_pos_kernel(ExpertArgs a, int chunk) {
+  constexpr int kWarps = kThreads / kWarp;
+  extern __shared__ int smem[];  // [L] segment offsets (multi-segment only), then the chunk's arrays below
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp, L = a.local_experts, KL = a.row_experts;
+  int* seg_offset = smem;
+  uint32_t* mask = reinterpret_cast<uint32_t*>(smem + (kSingle ? 0 : L));  // [kWarps][chunk]
+  int* base = reinterpret_cast<int*>(mask + kWarps * chunk);               // [kWarps][chunk]
+  int* carry = base + kWarps * chunk;                                      // [chunk] next position
+  int* stop = carry + chunk;                                               // [chunk] offset + count
+  const uint32_t below = (1u << lane) - 1u;
   const int64_t i0 = seg_begin(a, blockIdx.x), i1 = seg_end(a, blockIdx.x);
   if (!kSingle) {  // read before any row of the segment (whose region holds them) is rewritten
     for (int c = tid; c < L; c += kThreads) seg_offset[c] = a.rows[i0 * KL + c];
     __syncthreads();
   }
-  for (int lo = 0; lo < L; lo += kWarp) {
-    const int nc = L - lo < kWarp ? L - lo : kWarp;
-    const bool last_group = lo + kWarp >= L;
-    if (tid < nc) {
-      const int off = __ldg(a.expert_offsets + lo + tid);
-      s.carry[tid] = (kSingle ? 0 : seg_offset[lo + tid]) + off;
-      block_end[tid] = off + __ldg(a.expert_counts + lo + tid);
+  for (int lo = 0; lo < L; lo += chunk) {
+    const int nc = L - lo < chunk ? L - lo : chunk, hi = lo + nc;
+    for (int c = tid; c < nc; c += kThreads) {
+      const int off = __ldg(a.expert_offsets + lo + c);
+      carry[c] = (kSingle ? 0 : seg_offset[lo + c]) + off;
+      stop[c] = off + __ldg(a.expert_counts + lo + c);
     }
-    __syncthreads();
     for (int64_t ib = i0; ib < i1; ib += kThreads) {
       const int64_t i = ib + tid;
       const bool valid = i < i1;
-      int j = 0;  // index in recv_expert_rows[i] of the group's first bit
-      const uint32_t mask = valid ? row_group(a, i, lo, &j) : 0u;
-      tile_totals(s, mask, nc);
+      for (int c = tid; c < kWarps * chunk; c += kThreads) mask[c] = 0u;
+      __syncthreads();  // also orders the chunk's carry and stop, and the previous tile's reads
+      if (valid)
+        for_each_row_expert(a, i, lo, hi, [&](int l, int) { atomicOr(mask + warp * chunk + l - lo, 1u << lane); });
       __syncthreads();
-      tile_prefix(s, nc);
-      __syncthreads();
-      int32_t* out = a.rows + i * KL;
-      for (int c = 0; c < nc; ++c) {
-        const int pos = tile_slot(s, mask, c);
-        if (valid && ((mask >> c) & 1u)) out[j++] = pos < block_end[c] ? pos : -1;  // j < KL by row_group
+      for (int c = tid; c < nc; c += kThreads) {
+        int run = carry[c];
+#pragma unroll 4
+        for (int w = 0; w < kWarps; ++w) {
+          base[w * chunk + c] = run;
+          run += __popc(mask[w * chunk + c]);
+        }
+        carry[c] = run;
       }
-      if (valid && last_group)
-        for (; j < KL; ++j) out[j] = -1;
       __syncthreads();
+      if (valid) {
+        int32_t* out = a.rows + i * KL;
+        const int n = for_each_row_expert(a, i, lo, hi, [&](int l, int j) {
+          const int c = warp * chunk + l - lo;
+          const int pos = base[c] + __popc(mask[c] & below);
+          out[j] = pos < stop[l - lo] ? pos : -1;
+        });
+        if (hi == L)
+          for (int j = n; j < KL; ++j) out[j] = -1;
+      }
+      __syncthreads();  // the next tile clears the masks
     }
   }
 }
@@ -566,18 +598,24 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
     } else if (R <= kSingleMaxItems || segs < 2) {
       a.seg_len = R;
       a.num_segs = 1;
-      expert_pos_kernel<kSingleThreads, true><<<1, kSingleThreads, 0, stream>>>(a);
+      auto kernel = expert_pos_kernel<kSingleThreads, true>;
+      const size_t smem = pos_smem_bytes<kSingleThreads>(L, true);  // <= 34 KiB
+      kernel<<<1, kSingleThreads, smem, stream>>>(a, std::min(L, pos_chunk_max<kSingleThreads>()));
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     } else {
       a.seg_len = seg_len;
       a.num_segs = static_cast<int>(segs);
-      const size_t smem = sizeof(int) * static_cast<size_t>(L);
-      if (smem > 48 * 1024) return cudaErrorInvalidValue;  // L > 12288 local experts
-      expert_count_kernel<kScanThreads><<<a.num_segs, kScanThreads, 0, stream>>>(a);
+      if (sizeof(int) * static_cast<size_t>(L) > 48 * 1024) return cudaErrorInvalidValue;  // L > 12288 local experts
+      expert_count_kernel<kScanThreads><<<a.num_segs, kScanThreads, sizeof(int) * L, stream>>>(a);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
       expert_offsets_kernel<<<1, kOffsetThreads, 0, stream>>>(a);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
-      expert_pos_kernel<kScanThreads, false><<<a.num_segs, kScanThreads, smem, stream>>>(a);
+      auto kernel = expert_pos_kernel<kScanThreads, false>;
+      const size_t smem = pos_smem_bytes<kScanThreads>(L, false);  // 4 L + 36 KiB
+      if (smem > 48 * 1024 && (err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                          static_cast<int>(smem))) != cudaSuccess)
+        return err;
+      kernel<<<a.num_segs, kScanThreads, smem, stream>>>(a, std::min(L, pos_chunk_max<kScanThreads>()));
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
   }

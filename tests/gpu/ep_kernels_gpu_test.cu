@@ -341,6 +341,12 @@ std::vector<RecvCase> recv_grid() {
     cases.push_back({2048, 64, 8, 16, 64, DType::kBF16, 1, odd, odd, 950 + n++});
     cases.push_back({1000, 512, 8, 8, 64, DType::kBF16, 2, odd, !odd, 950 + n++});
   }
+  // Experts taken in chunks by the positions' kernels: 1500 local experts are 3 chunks of the segmented kernel
+  // (512) and 12 of the one-block one (128); KL = 8 and KL = 40 (rows of up to 40 experts spread over the chunks).
+  for (bool odd : {false, true}) {
+    cases.push_back({6000, 1500, odd ? 40 : 8, 8, 64, DType::kBF16, odd ? 2 : 0, odd, !odd, 970 + n++});
+    cases.push_back({1500, 1500, odd ? 8 : 40, 8, 64, DType::kBF16, odd ? 0 : 1, !odd, odd, 970 + n++});
+  }
   return cases;
 }
 
