@@ -23,8 +23,11 @@
 // received) x H x 2. --caller-buffers passes bitepDispatch exact-capacity recv_x / expert_x of the bench's own
 // (sized by one untimed dispatch, whose pool blocks are then trimmed: bitepGroupTrimMemory), so group_bytes is the
 // library's memory alone and caller_bytes the buffers' (the capacity check then adds an allgather to every dispatch).
+// --expert-major-only times dispatches with args.expert_major_only = 1 (no rank-major rows; with --caller-buffers
+// an expert_x alone); the first iteration checks them against a dispatch with both views, bit for bit.
 // Usage: mpirun -np <W> ep_bench [--quick] [--json PATH] [--iters N] [--warmup N] [--tokens a,b,..]
 //                                [--routing uniform|skewed|both] [--no-baseline] [--caller-buffers]
+//                                [--expert-major-only]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mpi.h>
@@ -70,7 +73,7 @@ int g_rank = 0;
   } while (0)
 
 struct Options {
-  bool quick = false, baseline = true, caller_buffers = false;
+  bool quick = false, baseline = true, caller_buffers = false, expert_major_only = false;
   std::string json;
   int iters = 20, warmup = 5;
   std::vector<int64_t> tokens = {128, 512, 2048, 4096, 8192, 16384};
@@ -92,6 +95,8 @@ Options parse(int argc, char** argv) {
       o.baseline = false;
     } else if (a == "--caller-buffers") {
       o.caller_buffers = true;
+    } else if (a == "--expert-major-only") {
+      o.expert_major_only = true;
     } else if (a == "--json") {
       o.json = next();
     } else if (a == "--iters") {
@@ -358,7 +363,10 @@ int main(int argc, char** argv) {
         da.routing_map = map;
         da.map_format = bitepMapBitmapU8;
         da.topk_weights = w;
-        const bitepDispatchArgs_t dll = da;  // the low-latency dispatch: its rows live in the handle
+        const bitepDispatchArgs_t dll = da;    // the low-latency dispatch: its rows live in the handle
+        const bitepDispatchArgs_t dboth = da;  // both views: the reference of --expert-major-only
+        da.expert_major_only = opt.expert_major_only ? 1 : 0;
+        rec.expert_major_only = opt.expert_major_only;
         void* caller_recv = nullptr;
         void* caller_expert = nullptr;
         int64_t caller_bytes = 0, traffic_bytes = 0;
@@ -373,9 +381,10 @@ int main(int argc, char** argv) {
           BK(bitepHandleDestroy(h0));
           CK(cudaStreamSynchronize(stream));
           BK(bitepGroupTrimMemory(group, nullptr));
-          if (R > 0) caller_recv = dalloc<char>(R * row), da.recv_x = caller_recv, da.recv_x_capacity = R;
+          if (R > 0 && !opt.expert_major_only)
+            caller_recv = dalloc<char>(R * row), da.recv_x = caller_recv, da.recv_x_capacity = R;
           if (N > 0) caller_expert = dalloc<char>(N * row), da.expert_x = caller_expert, da.expert_x_capacity = N;
-          caller_bytes = (R + N) * row;
+          caller_bytes = ((opt.expert_major_only ? 0 : R) + N) * row;
         }
         bitepCombineArgs_t ca = BITEP_COMBINE_ARGS_INIT;
         ca.layout = bitepLayoutExpertMajor;
@@ -409,14 +418,43 @@ int main(int argc, char** argv) {
               traffic_bytes += (lay.send_counts_host[p] + lay.recv_counts_host[p]) * int64_t(sh.H) * 2;
             }
             CK(cudaMemcpyAsync(src_off, off.data(), 8 * (W + 1), cudaMemcpyHostToDevice, stream));
-            const __nv_bfloat16* rx = static_cast<const __nv_bfloat16*>(lay.recv_x);
-            const __nv_bfloat16* exx = static_cast<const __nv_bfloat16*>(lay.expert_x);
-            epbench::check_recv_rows(rx, lay.num_recv_rows, sh.H, src_off, W, wrong + kRecvRows, stream);
-            epbench::check_expert_major(rx, exx, lay.recv_expert_rows, lay.recv_map, lay.recv_weights,
-                                        lay.num_recv_rows, lay.max_row_experts, MB, sh.H, wrong + kExpertMajor, stream);
-            epbench::check_pad_rows(exx, lay.expert_offsets, lay.expert_counts, L, sh.H, wrong + kPadRows, stream);
+            // Expert-major only: the checks run on a dispatch with both views, and this one's rows, positions and
+            // counts must equal it bit for bit.
+            bitepHandle_t href = nullptr;
+            bitepDispatchLayout_t ref = lay;
+            if (opt.expert_major_only) {
+              if (lay.recv_x != nullptr) ++host_wrong;
+              BK(bitepDispatch(group, &dboth, bstream, &href));
+              BK(bitepHandleGetLayout(href, &ref));
+              if (ref.num_recv_rows != lay.num_recv_rows || ref.num_expert_rows != lay.num_expert_rows) ++host_wrong;
+              const int64_t n = std::min(ref.num_expert_rows, lay.num_expert_rows);
+              epbench::check_equal(static_cast<const __nv_bfloat16*>(lay.expert_x),
+                                   static_cast<const __nv_bfloat16*>(ref.expert_x), n * sh.H, wrong + kExpertMajor,
+                                   stream);
+              // int32 positions and offsets compared as pairs of 16-bit words
+              epbench::check_equal(reinterpret_cast<const __nv_bfloat16*>(lay.recv_expert_rows),
+                                   reinterpret_cast<const __nv_bfloat16*>(ref.recv_expert_rows),
+                                   2 * std::min(ref.num_recv_rows, lay.num_recv_rows) * ref.max_row_experts,
+                                   wrong + kExpertMajor, stream);
+              epbench::check_equal(reinterpret_cast<const __nv_bfloat16*>(lay.expert_offsets),
+                                   reinterpret_cast<const __nv_bfloat16*>(ref.expert_offsets), 2 * (L + 1),
+                                   wrong + kExpertMajor, stream);
+            }
+            const __nv_bfloat16* rx = static_cast<const __nv_bfloat16*>(ref.recv_x);
+            const __nv_bfloat16* exx = static_cast<const __nv_bfloat16*>(ref.expert_x);
+            epbench::check_recv_rows(rx, ref.num_recv_rows, sh.H, src_off, W, wrong + kRecvRows, stream);
+            epbench::check_expert_major(rx, exx, ref.recv_expert_rows, ref.recv_map, ref.recv_weights,
+                                        ref.num_recv_rows, ref.max_row_experts, MB, sh.H, wrong + kExpertMajor, stream);
+            epbench::check_pad_rows(exx, ref.expert_offsets, ref.expert_counts, L, sh.H, wrong + kPadRows, stream);
             CK(cudaGetLastError());
             CK(cudaStreamSynchronize(stream));
+            if (href != nullptr) {
+              // The reference's blocks (its recv_x among them) leave the pool, so that group_bytes counts what the
+              // expert-major-only dispatches hold (the warm-up iterations re-fill the pool before the timed ones).
+              BK(bitepHandleDestroy(href));
+              CK(cudaStreamSynchronize(stream));
+              BK(bitepGroupTrimMemory(group, nullptr));
+            }
             CK(cudaEventRecord(ev.e[1], stream));
           }
           ca.y = lay.expert_x;  // identity experts

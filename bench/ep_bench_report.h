@@ -34,6 +34,7 @@ struct Record {
   // bytes over (rows sent, own included, + rows received) x H x 2, the budget being 2.
   int64_t caller_bytes = 0;
   double memory_ratio = 0;
+  bool expert_major_only = false;  // --expert-major-only: the timed dispatches keep no rank-major rows
 };
 
 class Report {
@@ -99,8 +100,10 @@ class Report {
         r->combine.max, r->combine.slowest, gbps(r->cross.avg, r->dispatch.max),
         gbps(r->combine_cross.avg, r->combine.max), r->cross.min, r->cross.max);
     std::printf(
-        "  %6s   memory: group %.3f GB (largest rank), %.2fx (rows sent + received) x H x 2; caller buffers %.3f GB\n",
-        "", r->group_bytes / 1e9, r->memory_ratio, r->caller_bytes / 1e9);
+        "  %6s   memory: group %.3f GB (largest rank), %.2fx (rows sent + received) x H x 2; caller buffers %.3f "
+        "GB%s\n",
+        "", r->group_bytes / 1e9, r->memory_ratio, r->caller_bytes / 1e9,
+        r->expert_major_only ? "; expert-major only" : "");
     if (r->ll)
       std::printf(
           "  %6s   low latency: dispatch min/avg/max %.1f/%.1f/%.1f (slowest rank %d), combine %.1f/%.1f/%.1f (rank "
@@ -141,8 +144,8 @@ class Report {
                    r.combine_cross.avg);
       std::fprintf(f, ", \"baseline_cross_bytes\": %.0f, \"wrong\": %lld, \"group_bytes\": %lld", r.baseline_cross.avg,
                    static_cast<long long>(r.wrong), static_cast<long long>(r.group_bytes));
-      std::fprintf(f, ", \"caller_bytes\": %lld, \"memory_ratio\": %.3f", static_cast<long long>(r.caller_bytes),
-                   r.memory_ratio);
+      std::fprintf(f, ", \"caller_bytes\": %lld, \"memory_ratio\": %.3f, \"expert_major_only\": %d",
+                   static_cast<long long>(r.caller_bytes), r.memory_ratio, r.expert_major_only ? 1 : 0);
       stat(f, "dispatch_us", r.dispatch);
       stat(f, "combine_us", r.combine);
       stat(f, "e2e_us", r.e2e);

@@ -327,12 +327,18 @@ typedef struct {
   int64_t recv_x_capacity;   /* rows */
   void* expert_x;            /* [capacity, H] dtype expert-major rows */
   int64_t expert_x_capacity; /* rows */
+  /* 1: the expert-major view only. The layout then has no rank-major rows (its recv_x is NULL): this rank's own
+   * rows go into expert_x straight from x, and no [R, H] buffer outlives the call, so the dispatch writes fewer
+   * bytes and the handle holds R x H fewer. recv_x must be NULL. recv_map, recv_weights and recv_expert_rows
+   * stay, and combines and backward passes work as with 0. Per rank: ranks may differ.
+   * 0 (BITEP_DISPATCH_ARGS_INIT): both views. */
+  int expert_major_only;
 } bitepDispatchArgs_t;
 
 #define BITEP_DISPATCH_ARGS_INIT                                                                                  \
   {                                                                                                               \
     sizeof(bitepDispatchArgs_t), BITEP_DISPATCH_ARGS_MAGIC, 0, NULL, NULL, bitepMapBitmapU8, NULL, NULL, NULL, 0, \
-        NULL, 0                                                                                                   \
+        NULL, 0, 0                                                                                                \
   }
 
 /* Dispatch. Collective over the group. Enqueued on stream; the count exchange inside is its one host

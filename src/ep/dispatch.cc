@@ -298,6 +298,15 @@ bitepResult_t Dispatch::after_exchange() {
   void* p = nullptr;
   if (a_->recv_x != nullptr) {
     h->recv_x = a_->recv_x;
+  } else if (a_->expert_major_only) {
+    // No rank-major view. The rows still need a landing place for this call where the all-to-all brings the
+    // peers' (the own rows' copies read x) and on the small window path (its unpack, as with both views); on
+    // the large window path none: the peers' rows stay in the window, the own ones in x.
+    const bool landing = win_ == nullptr ? R > h->recv_counts[self_] : !split_ && R > 0;
+    if (landing) {
+      BITEP_CHECK(ex_.temp(row_bytes_ * R, &p));
+      h->recv_x = p;
+    }
   } else {
     BITEP_CHECK(ex_.keep(row_bytes_ * R, &h->blocks, &p));
     h->recv_x = p;
@@ -432,7 +441,8 @@ bitepResult_t Dispatch::move_rows_window() {
   trace_.mark_on("expert-major (own rows)", ex_.current_stream());
   ex_.launch_on_caller();
   if (h->num_tokens > 0) {
-    pp.recv_x = h->recv_x;  // the rows alone: the own ones into recv_x, the others to the peers
+    // The rows alone: the own ones into recv_x (none when expert-major only), the others to the peers.
+    pp.recv_x = h->recv_x;
     pp.recv_map = nullptr;
     pp.recv_weights = nullptr;
     pp.self_tokens = nullptr;
@@ -445,7 +455,7 @@ bitepResult_t Dispatch::move_rows_window() {
   BITEP_CHECK(ex_.fork());
   for (const auto& range : ranges) {
     const int64_t i0 = range.first, n = range.second - range.first;
-    if (n > 0)
+    if (n > 0 && h->recv_x != nullptr)  // none when expert-major only
       BITEP_CHECK(ex_.copy(static_cast<char*>(h->recv_x) + i0 * row_bytes_, base + i0 * row_bytes_, n * row_bytes_));
   }
   ex_.launch_on_caller();
@@ -513,12 +523,22 @@ bitepResult_t Dispatch::move_rows_nccl() {
   const bitepGroupConfig_t& c = g_->config;
   bitepHandle* h = h_.get();
   const int64_t R = h->num_recv_rows;
+  const int64_t own0 = h->recv_offsets[self_], own1 = own0 + h->recv_counts[self_];
+  // Expert-major only: the own rows are not copied into a rank-major buffer; their expert copies read x (row
+  // own0 + s is token tokens[s], the permute's self_tokens).
+  const bool own_from_x = a_->expert_major_only && own1 > own0;
+  void* tokens = nullptr;
+  if (own_from_x) BITEP_CHECK(ex_.temp(sizeof(int32_t) * (own1 - own0), &tokens));
   if (h->num_tokens > 0) {
     kernels::PermuteParams pp = permute_params();
     pp.send_offsets = h->send_offsets_dev;
     pp.send_x = send_x_;
     pp.send_map = send_map_;
     pp.send_weights = send_weights_;
+    if (own_from_x) {
+      pp.recv_x = nullptr;
+      pp.self_tokens = static_cast<int32_t*>(tokens);
+    }
     BITEP_CHECK(ex_.permute(pp));
   }
   trace_.mark("permute");
@@ -531,19 +551,45 @@ bitepResult_t Dispatch::move_rows_nccl() {
   kernels::ExpertMajorParams ep;
   BITEP_CHECK(expert_copy_params(&ep));
   const bool expert = R > 0 || h->num_expert_rows > 0;
+  // The own rows' copies (every row's positions with them): from x through the tokens, or from recv_x in place.
+  auto own_rows = [&] {
+    ep.copy_begin = own0;
+    ep.copy_end = own1;
+    if (own_from_x) {
+      ep.recv_x = a_->x;
+      ep.src_index = static_cast<const int32_t*>(tokens);
+    }
+  };
+  // Then the others' (with own_from_x only while there are any: recv_x holds nothing else).
+  const bool others = !own_from_x || R > own1 - own0;
+  auto other_rows = [&] {
+    ep.recv_x = h->recv_x;
+    ep.src_index = nullptr;
+  };
   if (!split_) {
     for (int p = 0; p < W_; ++p) rows[p].insert(rows[p].end(), routing[p].begin(), routing[p].end());
     BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(rows, ex_.stream(), c.timeout_s)));
     trace_.mark("all-to-all");
-    if (expert) BITEP_CHECK(ex_.expert_major(ep));
+    if (expert && !own_from_x) {
+      BITEP_CHECK(ex_.expert_major(ep));
+    } else if (expert) {
+      own_rows();
+      bool first_bulk = false;
+      BITEP_CHECK(ex_.expert_bulk(ep, &first_bulk));
+      BITEP_CHECK(ex_.expert_major(ep));
+      if (others) {
+        other_rows();
+        BITEP_CHECK(others_after_own(&ex_, first_bulk, &ep));
+        BITEP_CHECK(ex_.expert_major(ep));
+      }
+    }
   } else {
     // The routing first (small); then, beside the rows' all-to-all, the positions of every row and the
     // copies of this rank's own rows (already in place); the other rows' copies once they are in.
     BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(routing, ex_.stream(), c.timeout_s)));
     trace_.mark("all-to-all (routing)");
     BITEP_CHECK(ex_.fork());
-    ep.copy_begin = h->recv_offsets[self_];
-    ep.copy_end = h->recv_offsets[self_] + h->recv_counts[self_];
+    own_rows();
     ep.blocks_per_sm = kSideBlocksPerSm;
     bool first_bulk = false;
     BITEP_CHECK(ex_.expert_bulk(ep, &first_bulk));
@@ -552,8 +598,9 @@ bitepResult_t Dispatch::move_rows_nccl() {
     BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(rows, ex_.stream(), c.timeout_s)));
     trace_.mark("all-to-all (rows)");
     BITEP_CHECK(ex_.join());
+    other_rows();
     BITEP_CHECK(others_after_own(&ex_, first_bulk, &ep));
-    if (expert) BITEP_CHECK(ex_.expert_major(ep));
+    if (expert && others) BITEP_CHECK(ex_.expert_major(ep));
   }
   return bitepSuccess;
 }
@@ -568,6 +615,7 @@ bitepResult_t Dispatch::move_rows() {
     BITEP_CHECK(move_rows_nccl());
   }
   trace_.mark("expert-major");
+  if (a_->expert_major_only) h->recv_x = nullptr;  // a temporary at most: gone with this call
   bitepDispatchLayout_t& lo = h->layout;
   lo.num_ranks = W_;
   lo.num_local_experts = L_;

@@ -116,6 +116,12 @@ bitepResult_t check_dispatch_args(const bitepGroup* g, const bitepDispatchArgs_t
                   "args->expert_x_capacity is %lld but args->expert_x is NULL (NULL: buffers from the group's pool, "
                   "capacity 0)",
                   static_cast<long long>(a->expert_x_capacity));
+  BITEP_ARG_CHECK(a->expert_major_only == 0 || a->expert_major_only == 1,
+                  "args->expert_major_only is %d, expected 0 (both views) or 1 (expert-major only)",
+                  a->expert_major_only);
+  BITEP_ARG_CHECK(a->expert_major_only == 0 || a->recv_x == nullptr,
+                  "args->recv_x is set but args->expert_major_only is 1: an expert-major-only dispatch has no "
+                  "rank-major rows (pass recv_x NULL, or expert_major_only 0)");
   uint64_t recv_bytes = 0, expert_bytes = 0;
   BITEP_ARG_CHECK(!mul_overflows(static_cast<uint64_t>(a->recv_x_capacity), row, &recv_bytes),
                   "args->recv_x_capacity (%lld rows) overflows a byte count",

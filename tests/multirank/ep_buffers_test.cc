@@ -45,6 +45,74 @@ TEST(EpBuffers, CallerBuffersOfExactCapacity) {
   expect_values(s, out, reference_combine(s, W, rank, world[rank], true), "out");
 }
 
+// Expert-major only (args->expert_major_only, on some ranks only): the layout has no rank-major rows, and the
+// same expert-major rows, maps, weights, positions and counts as a dispatch with both views; combines (weighted
+// and not) give the same bits; a caller's expert_x works with it.
+TEST(EpBuffers, ExpertMajorOnlyMatchesBothViews) {
+  Spec s;
+  s.align = 4;
+  s.weights = Weights::kCompact;
+  s.tokens = [](int r, int) { return r == 1 ? int64_t{0} : int64_t{9} + 3 * r; };
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> world = make_world(s, W);
+  const Expected x = expected_receive(s, W, rank, world);
+  const size_t row = s.H * dsize(s.dtype);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  HandleGuard both;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &both.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lb;
+  ASSERT_EQ(bitepHandleGetLayout(both.h, &lb), bitepSuccess);
+  check_received(s, W, rank, world, lb);
+  for (int caller : {0, 1}) {
+    SCOPED_TRACE(caller ? "caller's expert_x" : "pool's expert_x");
+    bitepDispatchArgs_t o = a;
+    o.expert_major_only = rank % 2 == 0 || W == 1;  // the odd ranks keep both views
+    std::vector<uint8_t> expert((x.N + 1) * row, 0xab);
+    if (caller) {
+      o.expert_x = expert.data();
+      o.expert_x_capacity = x.N;
+    }
+    HandleGuard only;
+    ASSERT_EQ(bitepDispatch(g.g, &o, nullptr, &only.h), bitepSuccess) << bitepGetLastError();
+    bitepDispatchLayout_t lo;
+    ASSERT_EQ(bitepHandleGetLayout(only.h, &lo), bitepSuccess);
+    if (o.expert_major_only) {
+      EXPECT_EQ(lo.recv_x, nullptr);
+    } else {
+      check_received(s, W, rank, world, lo);
+    }
+    if (caller && x.N > 0) EXPECT_EQ(lo.expert_x, expert.data());
+    const int64_t R = lb.num_recv_rows, N = lb.num_expert_rows;
+    const int L = lb.num_local_experts, KL = lb.max_row_experts, MB = (L + 7) / 8;
+    ASSERT_EQ(lo.num_recv_rows, R);
+    ASSERT_EQ(lo.num_expert_rows, N);
+    for (int l = 0; l <= L; ++l) EXPECT_EQ(lo.expert_offsets[l], lb.expert_offsets[l]) << "expert " << l;
+    for (int l = 0; l < L; ++l) EXPECT_EQ(lo.expert_counts_host[l], lb.expert_counts_host[l]) << "expert " << l;
+    for (int r = 0; r < W; ++r) EXPECT_EQ(lo.recv_counts_host[r], lb.recv_counts_host[r]) << "from rank " << r;
+    EXPECT_EQ(std::memcmp(lo.expert_x, lb.expert_x, N * row), 0) << "expert_x differs, rank " << rank;
+    EXPECT_EQ(std::memcmp(lo.recv_map, lb.recv_map, R * MB), 0) << "recv_map differs, rank " << rank;
+    EXPECT_EQ(std::memcmp(lo.recv_expert_rows, lb.recv_expert_rows, R * KL * 4), 0)
+        << "recv_expert_rows differs, rank " << rank;
+    ASSERT_NE(lo.recv_weights, nullptr);
+    EXPECT_EQ(std::memcmp(lo.recv_weights, lb.recv_weights, R * KL * 4), 0) << "recv_weights differs, rank " << rank;
+    if (caller) EXPECT_EQ(expert[x.N * row], 0xab) << "expert_x written past its capacity";
+    const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lb);
+    for (int weighted : {1, 0}) {
+      bitepResult_t r1, r2;
+      const std::vector<uint8_t> ob =
+          combine(g.g, both.h, y.data(), bitepLayoutExpertMajor, weighted, world[rank].T, s, &r1);
+      ASSERT_EQ(r1, bitepSuccess) << bitepGetLastError();
+      const std::vector<uint8_t> oo =
+          combine(g.g, only.h, y.data(), bitepLayoutExpertMajor, weighted, world[rank].T, s, &r2);
+      ASSERT_EQ(r2, bitepSuccess) << bitepGetLastError();
+      EXPECT_EQ(oo, ob) << (weighted ? "weighted" : "unweighted") << " combine, rank " << rank;
+      if (weighted) expect_values(s, oo, reference_combine(s, W, rank, world[rank], true), "out");
+    }
+  }
+}
+
 // Capacity one row short on one rank: that rank fails with bitepCapacityExceeded, every other rank with
 // bitepRemoteError naming it; nothing is written to the caller's buffer, no rank hangs, and the group
 // works afterwards.

@@ -188,6 +188,29 @@ void run_against_host(const Spec& s) {
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   ASSERT_EQ(cl2.num_expert_rows, N);
   EXPECT_EQ(download<uint8_t>(cl2.expert_x, N * row), cex) << "the dispatch after a trim, rank " << rank;
+
+  // Expert-major only: no rank-major rows, the host's positions, maps and expert-major rows bit for bit, and the
+  // same combine as with both views, bit for bit.
+  bitepDispatchArgs_t co = ca;
+  co.expert_major_only = 1;
+  HandleGuard ch3;
+  ASSERT_EQ(bitepDispatch(cg.g, &co, bs, &ch3.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t cl3;
+  ASSERT_EQ(bitepHandleGetLayout(ch3.h, &cl3), bitepSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  EXPECT_EQ(cl3.recv_x, nullptr);
+  ASSERT_EQ(cl3.num_recv_rows, R);
+  ASSERT_EQ(cl3.num_expert_rows, N);
+  EXPECT_EQ(download<uint8_t>(cl3.expert_x, N * row), cex) << "expert-major only, rank " << rank;
+  EXPECT_EQ(download<uint8_t>(cl3.recv_map, R * MB), std::vector<uint8_t>(hl.recv_map, hl.recv_map + R * MB));
+  EXPECT_EQ(download<int32_t>(cl3.recv_expert_rows, R * KL),
+            std::vector<int32_t>(hl.recv_expert_rows, hl.recv_expert_rows + R * KL));
+  if (hl.recv_weights != nullptr)
+    EXPECT_EQ(download<float>(cl3.recv_weights, R * KL), std::vector<float>(hl.recv_weights, hl.recv_weights + R * KL));
+  cc.out = dout.p;
+  ASSERT_EQ(bitepCombine(cg.g, ch3.h, &cc, bs), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  EXPECT_EQ(dout.get<uint8_t>(in.T * row), cuda_out) << "combine after an expert-major-only dispatch, rank " << rank;
   cudaStreamDestroy(stream);
 }
 #endif

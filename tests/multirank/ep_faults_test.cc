@@ -175,6 +175,20 @@ TEST(EpFaults, DispatchCapacityWithoutBuffer) {
   expect_dispatch_fails([](bitepDispatchArgs_t* a, bitepHandle_t**) { a->recv_x_capacity = 4; },
                         "args->recv_x_capacity");
 }
+TEST(EpFaults, DispatchExpertMajorOnlyNotABool) {
+  expect_dispatch_fails([](bitepDispatchArgs_t* a, bitepHandle_t**) { a->expert_major_only = 2; },
+                        "args->expert_major_only is 2");
+}
+TEST(EpFaults, DispatchExpertMajorOnlyWithRecvX) {
+  static std::vector<uint8_t> buf(1 << 16);
+  expect_dispatch_fails(
+      [](bitepDispatchArgs_t* a, bitepHandle_t**) {
+        a->expert_major_only = 1;
+        a->recv_x = buf.data();
+        a->recv_x_capacity = 1;
+      },
+      "args->recv_x is set but args->expert_major_only is 1");
+}
 TEST(EpFaults, DispatchOverlappingOutput) {
   expect_dispatch_fails(
       [](bitepDispatchArgs_t* a, bitepHandle_t**) {
