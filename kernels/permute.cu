@@ -160,8 +160,8 @@ __global__ void __launch_bounds__(kOffsetThreads) expert_offsets_kernel(ExpertAr
       [](int, int) {});
 }
 
-// The positions' shared memory: experts are taken `chunk` at a time, each warp's lanes using an expert as one
-// mask word. chunk = pos_chunk<kThreads>(L).
+// The positions' shared memory: experts are taken `chunk` = min(L, pos_chunk_max) at a time, each warp's lanes
+// using an expert as one mask word.
 template <int kThreads>
 __host__ __device__ constexpr int pos_chunk_max() {
   return 4096 / (kThreads / kWarp);  // masks and bases: 32 KiB
