@@ -226,18 +226,18 @@ __device__ __forceinline__ int compact_index(const RouteView& v, int64_t t, int 
   return -1;
 }
 
-// ---- device: the one-block offset scan ---------------------------------------------------------------
+// ---- device: the per-column offset scan ---------------------------------------------------------------
 
-// Called by every thread of a kOffsetThreads block: for each column c < num_cols (one warp a column), the
-// entries *at(s, c) of segments s = 0 .. num_segs - 1 become their exclusive prefix sum in segment order,
-// in place; done(c, total) then runs on lane 0 with the column's total.
+// Called by every thread of a grid of kOffsetThreads blocks: for each column c < num_cols (one warp a column, the
+// grid's warps in turn), the entries *at(s, c) of segments s = 0 .. num_segs - 1 become their exclusive prefix sum
+// in segment order, in place; done(c, total) then runs on lane 0 with the column's total.
 template <class At, class Done>
 __device__ void scan_segment_columns(int num_segs, int num_cols, At at, Done done) {
   using WarpScan = cub::WarpScan<int>;
   constexpr int kWarps = kOffsetThreads / kWarp;
   __shared__ typename WarpScan::TempStorage scan[kWarps];
   const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
-  for (int c = warp; c < num_cols; c += kWarps) {
+  for (int c = blockIdx.x * kWarps + warp; c < num_cols; c += gridDim.x * kWarps) {
     int carry = 0;
     for (int s0 = 0; s0 < num_segs; s0 += kWarp) {
       const int s = s0 + lane;
