@@ -80,12 +80,17 @@ bitepResult_t agree_configs(const ConfigBlob* all, int nranks, int self, bitepRe
   return bitepSuccess;
 }
 
-bitepResult_t check_group(bitepGroup_t g) {
+bitepResult_t check_live_group(bitepGroup_t g) {
   BITEP_ARG_CHECK(g != nullptr, "group is NULL");
   BITEP_ARG_CHECK(g->magic == kGroupMagic,
                   "group (%p) is not a live bitep group (destroyed, or not from "
                   "bitepGroupCreate*)",
                   static_cast<void*>(g));
+  return bitepSuccess;
+}
+
+bitepResult_t check_group(bitepGroup_t g) {
+  BITEP_CHECK(check_live_group(g));
   if (!g->broken.empty())
     BITEP_FAIL(bitepInvalidUsage,
                "the group is unusable after an earlier transport failure (%s); destroy it and "
@@ -212,9 +217,7 @@ bitepResult_t bitepGroupDestroy(bitepGroup_t group) {
 
 bitepResult_t bitepGroupGetRank(bitepGroup_t group, int* rank, int* nranks) {
   return bitep::guard("bitepGroupGetRank", [&]() -> bitepResult_t {
-    BITEP_ARG_CHECK(group != nullptr, "group is NULL");
-    BITEP_ARG_CHECK(group->magic == bitep::ep::kGroupMagic, "group (%p) is not a live bitep group",
-                    static_cast<void*>(group));
+    BITEP_CHECK(bitep::ep::check_live_group(group));
     if (rank != nullptr) *rank = group->rank;
     if (nranks != nullptr) *nranks = group->nranks;
     return bitepSuccess;
@@ -223,9 +226,7 @@ bitepResult_t bitepGroupGetRank(bitepGroup_t group, int* rank, int* nranks) {
 
 bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes) {
   return bitep::guard("bitepGroupMemoryBytes", [&]() -> bitepResult_t {
-    BITEP_ARG_CHECK(group != nullptr, "group is NULL");
-    BITEP_ARG_CHECK(group->magic == bitep::ep::kGroupMagic, "group (%p) is not a live bitep group",
-                    static_cast<void*>(group));
+    BITEP_CHECK(bitep::ep::check_live_group(group));
     BITEP_ARG_CHECK(bytes != nullptr, "bytes is NULL");
     size_t fixed = group->upload_bytes;
     if (group->transport != nullptr && group->transport->window() != nullptr)
@@ -239,9 +240,7 @@ bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes) {
 
 bitepResult_t bitepGroupTrimMemory(bitepGroup_t group, size_t* freed) {
   return bitep::guard("bitepGroupTrimMemory", [&]() -> bitepResult_t {
-    BITEP_ARG_CHECK(group != nullptr, "group is NULL");
-    BITEP_ARG_CHECK(group->magic == bitep::ep::kGroupMagic, "group (%p) is not a live bitep group",
-                    static_cast<void*>(group));
+    BITEP_CHECK(bitep::ep::check_live_group(group));
     const size_t n = group->broken.empty() ? group->life->pool->trim() : 0;
     if (freed != nullptr) *freed = n;
     return bitepSuccess;

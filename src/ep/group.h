@@ -56,6 +56,9 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
                            bool configs_agreed = false,
                            int required_backend = -1);
 
+// group is a live group (not NULL, not destroyed); a broken one passes (the queries still answer on it).
+bitepResult_t check_live_group(bitepGroup_t group);
+// A live group that can still communicate (no earlier transport failure).
 bitepResult_t check_group(bitepGroup_t group);
 
 constexpr uint32_t kGroupMagic = 0x62e9a001u;
