@@ -169,25 +169,29 @@ __device__ __forceinline__ bool repeats_earlier(const int32_t* row, int j, int e
   return false;
 }
 
-// Calls f(e) for each of token t's experts e in [lo, hi) (ep_params.h "Routed experts"): ascending for
-// maps (first k set bits / nonzero bytes), index order for indices (valid, first occurrences only).
+// Calls f(e, j) for each of token t's experts e in [lo, hi) (ep_params.h "Routed experts"), j its entry
+// index (its compact index: maps, its rank among t's first k; indices, its position in the row): ascending
+// for maps (first k set bits / nonzero bytes), index order for indices (valid, first occurrences only).
+// Returns, for maps, t's entries below hi (those below lo counted, not visited); for indices, the calls made.
 template <class F>
-__device__ __forceinline__ void for_each_routed(const RouteView& v, int64_t t, int lo, int hi, F&& f) {
+__device__ __forceinline__ int for_each_routed(const RouteView& v, int64_t t, int lo, int hi, F&& f) {
   if (v.format == RoutingFormat::kTopkIndices) {
     const int32_t* row = v.idx + t * v.topk;
+    int n = 0;
     for (int j = 0; j < v.topk; ++j) {
       const int e = __ldg(row + j);
-      if (e >= lo && e < hi && e < v.num_experts && e >= 0 && !repeats_earlier(row, j, e)) f(e);
+      if (e >= lo && e < hi && e < v.num_experts && e >= 0 && !repeats_earlier(row, j, e)) f(e, j), ++n;
     }
-    return;
+    return n;
   }
   int seen = 0;  // t's experts below b
   int b = 0;
   auto visit = [&](uint32_t raw) {  // raw = route_bits(v, t, b, hi)
     const uint32_t all = keep_lowest(raw, v.topk - seen);
+    const uint32_t from = lo <= b ? kFullMask : (lo - b >= 32 ? 0u : kFullMask << (lo - b));
+    int j = seen + __popc(all & ~from);
     seen += __popc(all);
-    uint32_t bits = lo <= b ? all : (lo - b >= 32 ? 0u : all & (kFullMask << (lo - b)));
-    for (; bits != 0; bits &= bits - 1) f(b + __ffs(bits) - 1);
+    for (uint32_t bits = all & from; bits != 0; bits &= bits - 1, ++j) f(b + __ffs(bits) - 1, j);
   };
   if (v.format == RoutingFormat::kBitmap && v.aligned4) {
     // The row's first kPre words loaded together, then walked: word by word, each load waited for the
@@ -201,12 +205,13 @@ __device__ __forceinline__ void for_each_routed(const RouteView& v, int64_t t, i
     for (int q = 0; q < kPre; ++q) pre[q] = q * 32 < hi && q < nw ? __ldg(w + q) : 0u;
 #pragma unroll
     for (int q = 0; q < kPre; ++q, b += 32) {
-      if (b >= hi || seen >= v.topk) return;
+      if (b >= hi || seen >= v.topk) return seen;
       const int n = hi - b;
       visit(pre[q] & (n >= 32 ? kFullMask : ((1u << n) - 1u)));
     }
   }
   for (; b < hi && seen < v.topk; b += 32) visit(route_bits(v, t, b, hi));
+  return seen;
 }
 
 // Number of t's map bits below `lo` (maps; lo <= route_limit: then it is the compact index base).

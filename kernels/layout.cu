@@ -62,7 +62,7 @@ __device__ __forceinline__ int32_t* expert_count(const LayoutArgs& a, int e) {
 __device__ __forceinline__ uint32_t rank_mask(const LayoutArgs& a, int64_t t, int rg, int nr, bool count, int* ecnt) {
   uint32_t m = 0;
   const int L = a.local_experts;
-  for_each_routed(a.v, t, rg * L, (rg + nr) * L, [&](int e) {
+  for_each_routed(a.v, t, rg * L, (rg + nr) * L, [&](int e, int) {
     m |= 1u << (e / L - rg);
     if (count) {
       if (a.smem_experts)

@@ -110,27 +110,18 @@ __device__ __forceinline__ uint32_t row_bits(const ExpertArgs& a, int64_t i, int
   return bitmap_bits32(a.recv_map + i * a.map_bytes, a.map_bytes, a.map_aligned4, lo) & keep;
 }
 
-// Row i's local experts among its first KL set bits, ascending: f(l, j) for each l in [lo, hi), j = its entry
-// in recv_expert_rows[i] (counted over all of the row's bits, not only the range's). Returns the entries the row
-// has (min(bits, KL)).
-template <class F>
-__device__ __forceinline__ int for_each_row_expert(const ExpertArgs& a, int64_t i, int lo, int hi, F&& f) {
-  int j = 0;
-  for (int b = 0; b < a.local_experts && j < a.row_experts && b < hi; b += kWarp) {
-    uint32_t bits = keep_lowest(row_bits(a, i, b), a.row_experts - j);
-    if (b + kWarp <= lo) {
-      j += __popc(bits);
-      continue;
-    }
-    for (; bits != 0; bits &= bits - 1, ++j) {
-      const int l = b + __ffs(bits) - 1;
-      if (l >= lo && l < hi) f(l, j);
-    }
-  }
-  if (hi < a.local_experts)  // the entries past hi are not walked: count them
-    for (int b = (hi + kWarp - 1) / kWarp * kWarp; b < a.local_experts && j < a.row_experts; b += kWarp)
-      j += __popc(keep_lowest(row_bits(a, i, b), a.row_experts - j));
-  return j;
+// The received rows' local maps as a routing view: bitmap rows of L bits, each row's first KL set bits its
+// entries (for_each_routed: f(l, j) for its local experts l, j the entry's index in recv_expert_rows[i]).
+__device__ __forceinline__ RouteView recv_view(const ExpertArgs& a) {
+  RouteView v;
+  v.format = RoutingFormat::kBitmap;
+  v.map8 = a.recv_map;
+  v.idx = nullptr;
+  v.row_bytes = a.map_bytes;
+  v.num_experts = a.local_experts;
+  v.topk = a.row_experts;
+  v.aligned4 = a.map_aligned4;
+  return v;
 }
 
 __device__ __forceinline__ int64_t seg_begin(const ExpertArgs& a, int s) { return static_cast<int64_t>(s) * a.seg_len; }
@@ -147,8 +138,9 @@ __global__ void __launch_bounds__(kThreads) expert_count_kernel(ExpertArgs a) {
   const int64_t i0 = seg_begin(a, blockIdx.x), i1 = seg_end(a, blockIdx.x);
   for (int c = tid; c < L; c += kThreads) counts[c] = 0;
   __syncthreads();
+  const RouteView v = recv_view(a);
   for (int64_t i = i0 + tid; i < i1; i += kThreads)
-    for_each_row_expert(a, i, 0, L, [&](int l, int) { atomicAdd(&counts[l], 1); });
+    for_each_routed(v, i, 0, L, [&](int l, int) { atomicAdd(&counts[l], 1); });
   __syncthreads();
   for (int c = tid; c < L; c += kThreads) a.rows[i0 * a.row_experts + c] = counts[c];
 }
@@ -189,6 +181,7 @@ __global__ void __launch_bounds__(kThreads) expert_pos_kernel(ExpertArgs a, int 
   int* carry = base + kWarps * chunk;                                      // [chunk] next position
   int* stop = carry + chunk;                                               // [chunk] offset + count
   const uint32_t below = (1u << lane) - 1u;
+  const RouteView v = recv_view(a);
   const int64_t i0 = seg_begin(a, blockIdx.x), i1 = seg_end(a, blockIdx.x);
   if (!kSingle) {  // read before any row of the segment (whose region holds them) is rewritten
     for (int c = tid; c < L; c += kThreads) seg_offset[c] = a.rows[i0 * KL + c];
@@ -207,7 +200,7 @@ __global__ void __launch_bounds__(kThreads) expert_pos_kernel(ExpertArgs a, int 
       for (int c = tid; c < kWarps * chunk; c += kThreads) mask[c] = 0u;
       __syncthreads();  // also orders the chunk's carry and stop, and the previous tile's reads
       if (valid)
-        for_each_row_expert(a, i, lo, hi, [&](int l, int) { atomicOr(mask + warp * chunk + l - lo, 1u << lane); });
+        for_each_routed(v, i, lo, hi, [&](int l, int) { atomicOr(mask + warp * chunk + l - lo, 1u << lane); });
       __syncthreads();
       for (int c = tid; c < nc; c += kThreads) {
         int run = carry[c];
@@ -221,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) expert_pos_kernel(ExpertArgs a, int 
       __syncthreads();
       if (valid) {
         int32_t* out = a.rows + i * KL;
-        const int n = for_each_row_expert(a, i, lo, hi, [&](int l, int j) {
+        const int n = for_each_routed(v, i, lo, hi, [&](int l, int j) {
           const int c = warp * chunk + l - lo;
           const int pos = base[c] + __popc(mask[c] & below);
           out[j] = pos < stop[l - lo] ? pos : -1;

@@ -13,6 +13,7 @@
 // ("packed": a round is one max reduction); so have the pre-top-k softmax and the normalised sigmoid
 // (E 33-512: the parameters' tests and 64-bit offsets compiled out). Anything else goes to router_generic.cu.
 #include <climits>
+#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/router.h"
@@ -150,6 +151,28 @@ __device__ __forceinline__ void top_below(const uint32_t* key, uint32_t below, u
       kk = lo;
     }
   }
+}
+
+// A group's score when it sums its best one or two keys (DeepSeek-V3: k / group_topk = 2): each lane
+// brings its own two best keys of the group's slot (a0 >= a1; kKeyNone for none) and a butterfly over the
+// group's q aligned lanes merges pairs (the best two of two sorted pairs: 2 shuffles and 3 min / max a
+// step), no ballot and no pops. The best two of the multiset of keys, summed from 0.0f in selection order
+// (equal keys have equal values): the bits of the rounds it replaces. BITEP_ROUTER_GROUP_PAIRS=0 (a tuning
+// build) keeps the rounds.
+#ifndef BITEP_ROUTER_GROUP_PAIRS
+#define BITEP_ROUTER_GROUP_PAIRS 1
+#endif
+constexpr bool kGroupPairs = BITEP_ROUTER_GROUP_PAIRS != 0;
+
+__device__ __forceinline__ float group_pair_sum(uint32_t a0, uint32_t a1, int q, int per_group) {
+  for (int d = 1; d < q; d <<= 1) {
+    const uint32_t b0 = __shfl_xor_sync(kFullMask, a0, d), b1 = __shfl_xor_sync(kFullMask, a1, d);
+    const uint32_t lo = min(a0, b0);
+    a0 = max(a0, b0);
+    a1 = max(max(a1, b1), lo);
+  }
+  const float s = __fadd_rn(0.0f, key_value(a0));
+  return per_group == 2 ? __fadd_rn(s, key_value(a1)) : s;
 }
 
 // Score paths compiled in: the post-top-k softmax (TE's default), the pre-top-k softmax and the normalised
@@ -411,13 +434,17 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
 #pragma unroll
           for (int c = 0; c < C; ++c) gk[c] = ck[c], gp[c] = cp[c];
           float gsum = 0.0f;
-          for (int j = 0; j < lay.per_group; ++j) {
-            const uint32_t gm = group_max_u32(gk[0], q);
-            const bool eq = gk[0] == gm && gm != kKeyNone;
-            const uint32_t bal = __ballot_sync(kFullMask, eq);
-            const bool win = eq && (bal & gbelow) == 0u;
-            gsum = __fadd_rn(gsum, key_value(gm));
-            pop_cached<C>(win, gk, gp);
+          if (kGroupPairs && lay.per_group <= 2 && C >= 2) {
+            gsum = group_pair_sum(gk[0], gk[1], q, lay.per_group);
+          } else {
+            for (int j = 0; j < lay.per_group; ++j) {
+              const uint32_t gm = group_max_u32(gk[0], q);
+              const bool eq = gk[0] == gm && gm != kKeyNone;
+              const uint32_t bal = __ballot_sync(kFullMask, eq);
+              const bool win = eq && (bal & gbelow) == 0u;
+              gsum = __fadd_rn(gsum, key_value(gm));
+              pop_cached<C>(win, gk, gp);
+            }
           }
           // The best group_topk groups: every lane of a group holds its score, so the lowest lane of a tie
           // is the first lane of the lowest group: a hit when that lane is one of the group's (gl).
@@ -442,7 +469,20 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
           Mask gtaken = 0;
 #pragma unroll
           for (int s = 0; s < NS; ++s) gsum[s] = 0.0f;
-          for (int j = 0; j < lay.per_group; ++j) {
+          if (kGroupPairs && lay.per_group <= 2) {
+#pragma unroll
+            for (int s = 0; s < NS; ++s) {
+              uint32_t a0 = kKeyNone, a1 = kKeyNone;  // the slot's two best keys of this lane
+#pragma unroll
+              for (int b = 0; b < 8; ++b) {
+                const uint32_t kk = key[8 * s + b], lo = min(a0, kk);
+                a0 = max(a0, kk);
+                a1 = max(a1, lo);
+              }
+              gsum[s] = group_pair_sum(a0, a1, q, lay.per_group);
+            }
+          }
+          for (int j = 0; j < (kGroupPairs && lay.per_group <= 2 ? 0 : lay.per_group); ++j) {
 #pragma unroll
             for (int s = 0; s < NS; ++s) {
               uint32_t bk = 0u;
@@ -761,6 +801,20 @@ int aligned_group_octets(const RouterForwardParams& p, int lanes) {
   return q;
 }
 
+// BITEP_ROUTER_NARROW=1 (tuning, read per call): the pre-top-k softmax and the normalised sigmoid at
+// E 65-256 on half the lanes a token with two octets a lane (E 129-256: 16 lanes, two tokens a warp;
+// E 65-128: 8 lanes, four), so a warp's reductions serve more tokens.
+bool narrow_knob() {
+  const char* v = std::getenv("BITEP_ROUTER_NARROW");
+  return v != nullptr && v[0] == '1';
+}
+
+template <int G>
+cudaError_t launch_narrow(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
+  if (score_path(p).pre) return launch_dtype<G, 2, FwdSpec::kPreSoftmax>(p, lay, stream);
+  return launch_dtype<G, 2, FwdSpec::kSigmoidNorm>(p, lay, stream);
+}
+
 }  // namespace
 
 int last_router_forward_kernel() { return t_last_kernel; }
@@ -784,6 +838,15 @@ cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t str
   lay.experts_per_rank = p.num_ranks > 0 ? p.num_experts / p.num_ranks : 1;
   lay.group_octets = groups ? q : 0;
   lay.per_group = groups ? p.topk / p.group_topk : 0;
+  if ((bucket == 4 || bucket == 5) && narrow_knob() && p.spec_kernels && p.mode == RouterMode::kTopk &&
+      p.logits_dtype != DType::kF16 && (p.num_tokens + 256) * p.num_experts < (int64_t{1} << 31)) {
+    const ScorePath path = score_path(p);
+    const int qn = groups ? aligned_group_octets(p, kBucketLanes[bucket] / 2) : 0;
+    if ((path.pre || (p.score_fn == ScoreFn::kSigmoid && path.norm)) && (!groups || qn > 0)) {
+      lay.group_octets = qn;
+      return bucket == 5 ? launch_narrow<16>(p, lay, stream) : launch_narrow<8>(p, lay, stream);
+    }
+  }
   return with_bucket(
       bucket, [&](auto g, auto ns) { return launch_bucket<decltype(g)::value, decltype(ns)::value>(p, lay, stream); });
 }

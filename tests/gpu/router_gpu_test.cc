@@ -802,6 +802,39 @@ TEST(RouterGpu, DegenerateRows) {
   report("degenerate", stats);
 }
 
+// The degenerate rows through group-limited routing: ties, NaN and -inf inside a group's best keys (its
+// score), between the group scores, and past the kept groups. Groups of one octet (q = 1), of four (DeepSeek-V3),
+// group scores of one and two keys (the pair butterfly) and of four (the rounds), one octet a lane and two.
+TEST(RouterGpu, DegenerateRowsGrouped) {
+  REQUIRE_GPU();
+  CaseStats stats;
+  struct G {
+    int E, k, groups, gtopk;
+  };
+  for (const G g : {G{256, 8, 8, 4}, G{64, 4, 8, 2}, G{256, 16, 32, 8}, G{128, 4, 4, 4}, G{512, 8, 4, 2},
+                    G{512, 8, 16, 8}})
+    for (bool with_bias : {false, true}) {
+      const int64_t T = 12;
+      std::vector<float> v(static_cast<size_t>(T) * g.E);
+      for (int64_t t = 0; t < T; ++t)
+        for (int e = 0; e < g.E; ++e) v[t * g.E + e] = degenerate_logit(t, e, g.E);
+      for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16})
+        for (bitepScoreFunction_t fn : {bitepScoreSigmoid, bitepScoreSoftmax}) {
+          if (with_bias && fn == bitepScoreSoftmax) continue;  // softmax scores take no bias
+          bitepRouterConfig_t cfg = make_config(g.E, g.k, fn, fn == bitepScoreSoftmax, dt);
+          cfg.num_groups = g.groups;
+          cfg.group_topk = g.gtopk;
+          // A bias of a few values, so biased keys tie across experts too.
+          std::vector<float> bias;
+          if (with_bias)
+            for (int e = 0; e < g.E; ++e) bias.push_back(static_cast<float>(e % 3) * 0.25f);
+          check_case(cfg, T, encode(v, dt), bias, false, 0, &stats, /*exact=*/true);
+          if (HasFatalFailure()) return;
+        }
+    }
+  report("degenerate grouped", stats);
+}
+
 // Dispatch layout epilogue: rank masks and counts (counts overwritten: the poison must go).
 TEST(RouterGpu, RankEpilogue) {
   REQUIRE_GPU();
