@@ -126,6 +126,9 @@ struct PermuteParams {
   // Optional [rows of the self chunk] out: self_tokens[slot] = t for every token t with a self slot (the
   // source of each own received row, for an expert-major copy that reads x before recv_x is written).
   int32_t* self_tokens = nullptr;
+  // cuda: blocks per SM of the persistent grid (0: the default). A pass beside other work on the device
+  // (the window's rows over NVLink beside the expert copies) takes fewer and leaves the SMs to it.
+  int blocks_per_sm = 0;
 };
 
 // 5. Expert-major view: for each local expert, its rows in receive order (source rank, then source

@@ -199,8 +199,7 @@ __global__ void __launch_bounds__(kThreads) expert_pos_kernel(ExpertArgs a, int 
       const bool valid = i < i1;
       for (int c = tid; c < kWarps * chunk; c += kThreads) mask[c] = 0u;
       __syncthreads();  // also orders the chunk's carry and stop, and the previous tile's reads
-      if (valid)
-        for_each_routed(v, i, lo, hi, [&](int l, int) { atomicOr(mask + warp * chunk + l - lo, 1u << lane); });
+      if (valid) for_each_routed(v, i, lo, hi, [&](int l, int) { atomicOr(mask + warp * chunk + l - lo, 1u << lane); });
       __syncthreads();
       for (int c = tid; c < nc; c += kThreads) {
         int run = carry[c];
@@ -527,7 +526,7 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   if (a.row_bytes > 0 && (p.x == nullptr || (peers && p.send_x == nullptr))) return cudaErrorInvalidValue;
 
   unsigned grid = 0;
-  cudaError_t err = row_grid(p.num_tokens, &grid);
+  cudaError_t err = row_grid(p.num_tokens, &grid, p.blocks_per_sm);
   if (err != cudaSuccess) return err;
   dispatch_vec(v, [&](auto vt) { permute_kernel<decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a); });
   return cudaGetLastError();

@@ -13,7 +13,6 @@
 // ("packed": a round is one max reduction); so have the pre-top-k softmax and the normalised sigmoid
 // (E 33-512: the parameters' tests and 64-bit offsets compiled out). Anything else goes to router_generic.cu.
 #include <climits>
-#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/router.h"
@@ -801,20 +800,6 @@ int aligned_group_octets(const RouterForwardParams& p, int lanes) {
   return q;
 }
 
-// BITEP_ROUTER_NARROW=1 (tuning, read per call): the pre-top-k softmax and the normalised sigmoid at
-// E 65-256 on half the lanes a token with two octets a lane (E 129-256: 16 lanes, two tokens a warp;
-// E 65-128: 8 lanes, four), so a warp's reductions serve more tokens.
-bool narrow_knob() {
-  const char* v = std::getenv("BITEP_ROUTER_NARROW");
-  return v != nullptr && v[0] == '1';
-}
-
-template <int G>
-cudaError_t launch_narrow(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
-  if (score_path(p).pre) return launch_dtype<G, 2, FwdSpec::kPreSoftmax>(p, lay, stream);
-  return launch_dtype<G, 2, FwdSpec::kSigmoidNorm>(p, lay, stream);
-}
-
 }  // namespace
 
 int last_router_forward_kernel() { return t_last_kernel; }
@@ -838,15 +823,6 @@ cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t str
   lay.experts_per_rank = p.num_ranks > 0 ? p.num_experts / p.num_ranks : 1;
   lay.group_octets = groups ? q : 0;
   lay.per_group = groups ? p.topk / p.group_topk : 0;
-  if ((bucket == 4 || bucket == 5) && narrow_knob() && p.spec_kernels && p.mode == RouterMode::kTopk &&
-      p.logits_dtype != DType::kF16 && (p.num_tokens + 256) * p.num_experts < (int64_t{1} << 31)) {
-    const ScorePath path = score_path(p);
-    const int qn = groups ? aligned_group_octets(p, kBucketLanes[bucket] / 2) : 0;
-    if ((path.pre || (p.score_fn == ScoreFn::kSigmoid && path.norm)) && (!groups || qn > 0)) {
-      lay.group_octets = qn;
-      return bucket == 5 ? launch_narrow<16>(p, lay, stream) : launch_narrow<8>(p, lay, stream);
-    }
-  }
   return with_bucket(
       bucket, [&](auto g, auto ns) { return launch_bucket<decltype(g)::value, decltype(ns)::value>(p, lay, stream); });
 }

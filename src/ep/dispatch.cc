@@ -60,6 +60,19 @@ bool small_window_off() {
   return off;
 }
 
+// Blocks per SM of the window's rows pass (the permute storing the rows into the peers' windows over NVLink),
+// which runs beside the side stream's positions and own rows' expert copies: a persistent grid of the
+// default 8 blocks fills every SM, so those copies could start only as its blocks retired.
+// BITEP_WINDOW_ROW_BLOCKS=n (1-8) overrides (A/B).
+int window_row_blocks() {
+  static const int n = [] {
+    const char* v = std::getenv("BITEP_WINDOW_ROW_BLOCKS");
+    const int x = v != nullptr ? std::atoi(v) : 0;
+    return x >= 1 && x <= 8 ? x : 2;
+  }();
+  return n;
+}
+
 // The expert-major call after the transfer when the own rows' copies (and every row's positions) ran
 // before it: the others' rows alone, positions as given, pads already zero; the gather's source table as
 // given unless the first call took the bulk copies (which do not fill it) and this one does not.
@@ -447,6 +460,7 @@ bitepResult_t Dispatch::move_rows_window() {
     pp.recv_weights = nullptr;
     pp.self_tokens = nullptr;
     pp.peer_dest = peer_dest_ + 3 * W_;
+    pp.blocks_per_sm = window_row_blocks();
     BITEP_CHECK(ex_.permute(pp));
   }
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));

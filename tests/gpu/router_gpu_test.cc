@@ -811,8 +811,8 @@ TEST(RouterGpu, DegenerateRowsGrouped) {
   struct G {
     int E, k, groups, gtopk;
   };
-  for (const G g : {G{256, 8, 8, 4}, G{64, 4, 8, 2}, G{256, 16, 32, 8}, G{128, 4, 4, 4}, G{512, 8, 4, 2},
-                    G{512, 8, 16, 8}})
+  for (const G g :
+       {G{256, 8, 8, 4}, G{64, 4, 8, 2}, G{256, 16, 32, 8}, G{128, 4, 4, 4}, G{512, 8, 4, 2}, G{512, 8, 16, 8}})
     for (bool with_bias : {false, true}) {
       const int64_t T = 12;
       std::vector<float> v(static_cast<size_t>(T) * g.E);
