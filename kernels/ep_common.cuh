@@ -180,7 +180,10 @@ __device__ __forceinline__ int for_each_routed(const RouteView& v, int64_t t, in
     int n = 0;
     for (int j = 0; j < v.topk; ++j) {
       const int e = __ldg(row + j);
-      if (e >= lo && e < hi && e < v.num_experts && e >= 0 && !repeats_earlier(row, j, e)) f(e, j), ++n;
+      if (e >= lo && e < hi && e < v.num_experts && e >= 0 && !repeats_earlier(row, j, e)) {
+        f(e, j);
+        ++n;
+      }
     }
     return n;
   }
