@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
           for (int c = 0; c < C; ++c) gk[c] = ck[c], gp[c] = cp[c];
           float gsum = 0.0f;
           if (kGroupPairs && lay.per_group <= 2 && C >= 2) {
-            gsum = group_pair_sum(gk[0], gk[1], q, lay.per_group);
+            gsum = group_pair_sum(gk[0], gk[C > 1 ? 1 : 0], q, lay.per_group);  // C = 1: a tuning build only
           } else {
             for (int j = 0; j < lay.per_group; ++j) {
               const uint32_t gm = group_max_u32(gk[0], q);
