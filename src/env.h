@@ -15,4 +15,14 @@ inline bool env_is(const char* name, const char* value) {
   return v != nullptr && std::strcmp(v, value) == 0;
 }
 
+// The environment variable `name` as a whole decimal integer in [lo, hi]; `fallback` when it is unset, empty,
+// not a whole number or out of range.
+inline int env_int(const char* name, int lo, int hi, int fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  return end != nullptr && *end == '\0' && n >= lo && n <= hi ? static_cast<int>(n) : fallback;
+}
+
 }  // namespace bitep

@@ -65,11 +65,7 @@ bool small_window_off() {
 // default 8 blocks fills every SM, so those copies could start only as its blocks retired.
 // BITEP_WINDOW_ROW_BLOCKS=n (1-8) overrides (A/B).
 int window_row_blocks() {
-  static const int n = [] {
-    const char* v = std::getenv("BITEP_WINDOW_ROW_BLOCKS");
-    const int x = v != nullptr ? std::atoi(v) : 0;
-    return x >= 1 && x <= 8 ? x : 2;
-  }();
+  static const int n = env_int("BITEP_WINDOW_ROW_BLOCKS", 1, 8, 2);
   return n;
 }
 

@@ -7,11 +7,11 @@
 // only looks like a low-latency one.
 #include "src/ep/low_latency.h"
 
-#include <cstdlib>
 #include <vector>
 
 #include "src/args.h"
 #include "src/check.h"
+#include "src/env.h"
 #include "src/ep/combine.h"
 #include "src/ep/dispatch_args.h"
 #include "src/ep/exec.h"
@@ -32,19 +32,12 @@ size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 #ifdef BITEP_HAVE_CUDA
 // Tuning knobs (bench/NOTES.md, low latency): BITEP_LL_SEND_PIECES, the most warps sharing a token's row in
 // the send kernel (default 32); BITEP_LL_COPY_WARPS, the receive copies' warps an SM (default 32).
-int env_int(const char* name, int fallback) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
-  char* end = nullptr;
-  const long n = std::strtol(v, &end, 10);
-  return end != nullptr && *end == '\0' && n >= 1 && n <= 1024 ? static_cast<int>(n) : fallback;
-}
 int send_pieces() {
-  static const int n = env_int("BITEP_LL_SEND_PIECES", 32);
+  static const int n = env_int("BITEP_LL_SEND_PIECES", 1, 1024, 32);
   return n;
 }
 int copy_warps_per_sm() {
-  static const int n = env_int("BITEP_LL_COPY_WARPS", 32);
+  static const int n = env_int("BITEP_LL_COPY_WARPS", 1, 1024, 32);
   return n;
 }
 
