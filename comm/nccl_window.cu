@@ -6,7 +6,7 @@
 // over a borrowed one with BITEP_LSA=1; BITEP_LSA=0 turns it off.
 //
 // Layout of a rank's buffer: [kFlagBytes: one uint64 flag per rank (W <= kFlagBytes / 8)][two exchange
-// slots of kExchangeBytes][data area].
+// slots of kExchangeBytes][kChunkFlagBytes: the dispatch's arrival flags, [W][max_chunks()] uint64][data area].
 // barrier(): epoch e = the number of barriers so far on this group, the same on every rank. Thread p
 // stores e to flag[self] of rank p's window (release, system scope), then waits until flag[p] of its own
 // window reaches e (acquire). Flags only grow, so a peer already one barrier ahead satisfies the wait.
@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "comm/nccl_transport.h"
+#include "kernels/sync.cuh"
 #include "src/check.h"
 #include "src/env.h"
 #include "src/ep/pool.h"
@@ -42,23 +43,16 @@ namespace {
 
 constexpr size_t kFlagBytes = 4096;                   // up to 512 ranks
 constexpr size_t kExchangeBytes = size_t{256} << 10;  // per slot: W * n int32 (W = 64: n <= 1024)
-constexpr size_t kHeaderBytes = kFlagBytes + 2 * kExchangeBytes;
+constexpr size_t kChunkFlagBytes = size_t{64} << 10;  // W * max_chunks() uint64
+constexpr int kMaxChunks = 64;                        // per sender, at most
+constexpr size_t kChunkFlagOffset = kFlagBytes + 2 * kExchangeBytes;
+constexpr size_t kHeaderBytes = kChunkFlagOffset + kChunkFlagBytes;
 constexpr size_t kGranularity = size_t{2} << 20;
 constexpr size_t kInitialBytes = size_t{4} << 20;
 
-__device__ __forceinline__ void store_release_sys(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-__device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
+using kernels::global_ns;
+using kernels::load_acquire_sys;
+using kernels::store_release_sys;
 
 __global__ void peer_bases_kernel(ncclWindow_t win, int nranks, char** out) {
   const int p = blockIdx.x * blockDim.x + threadIdx.x;
@@ -224,6 +218,12 @@ class NcclWindow final : public PeerWindow {
 
   char* data(int r) const override { return bases_[r] + kHeaderBytes; }
 
+  int max_chunks() const override {
+    return static_cast<int>(std::min<size_t>(kMaxChunks, kChunkFlagBytes / sizeof(uint64_t) / nranks_));
+  }
+  uint64_t* chunk_flags(int r) const override { return reinterpret_cast<uint64_t*>(bases_[r] + kChunkFlagOffset); }
+  volatile int* timeout_word() const override { return timed_out_dev_; }
+
   bitepResult_t barrier(bitepStream_t stream, double timeout_s) override {
     ++epoch_;
     barrier_kernel<<<1, threads(), 0, reinterpret_cast<cudaStream_t>(stream)>>>(
@@ -271,9 +271,6 @@ class NcclWindow final : public PeerWindow {
 
  private:
   int threads() const { return nranks_ < 1024 ? (nranks_ + 31) / 32 * 32 : 1024; }
-  static uint64_t timeout_ns(double timeout_s) {
-    return timeout_s > 0 && timeout_s < 1e9 ? static_cast<uint64_t>(timeout_s * 1e9) : ~uint64_t{0};
-  }
 
   void release() {
     // Every rank deregisters at the same point (a replacement, or the group's destruction).

@@ -129,6 +129,21 @@ struct PermuteParams {
   // cuda: blocks per SM of the persistent grid (0: the default). A pass beside other work on the device
   // (the window's rows over NVLink beside the expert copies) takes fewer and leaves the SMs to it.
   int blocks_per_sm = 0;
+  // cuda: at most this many blocks in all (0: no cap): a pass that is bound by the link, not by the SMs (the
+  // window's rows over NVLink), on a few SMs, leaving the others' memory paths to the copies beside it.
+  int max_blocks = 0;
+  // Optional, cuda, with peer_dest: arrival flags per chunk of chunk_rows rows of each peer's chunk (the
+  // window's rows pass; ExpertMajorParams::arrival_flags waits for them). Once a row for rank r != self_rank
+  // (slot s, chunk c = s / chunk_rows) is stored, chunk_count[r * max_chunks + c] is raised; the row that
+  // completes the chunk (min(chunk_rows, send_counts[r] - c * chunk_rows) rows) stores chunk_epoch into
+  // chunk_flag[r][c] (release, system scope), ordered after every store of the chunk's rows.
+  // send_counts[r] <= max_chunks * chunk_rows.
+  int32_t* chunk_count = nullptr;         // [W, max_chunks], zeroed before the call
+  uint64_t* const* chunk_flag = nullptr;  // [W] (backend memory): rank r's flags of this rank's chunks
+  const int64_t* send_counts = nullptr;   // [W] (backend memory): rows this rank sends to each rank
+  int64_t chunk_rows = 0;
+  int max_chunks = 0;
+  uint64_t chunk_epoch = 0;
 };
 
 // 5. Expert-major view: for each local expert, its rows in receive order (source rank, then source
@@ -187,6 +202,19 @@ struct ExpertMajorParams {
   // size and pointers allow it (16-byte multiples, at most 24 KiB a row; sm_90 and later): each received
   // row read once into shared memory and stored to each of its expert rows. false: the gather always.
   bool bulk = true;
+  // Optional, cuda bulk copies only (expert_major_takes_bulk; src_index null): the rows arrive while the
+  // copies run (PermuteParams::chunk_*). Row i from rank s (recv_offsets[s] <= i < recv_offsets[s + 1])
+  // is read once arrival_flags[s * max_chunks + (i - recv_offsets[s]) / chunk_rows] >= arrival_epoch
+  // (acquire, system scope); a wait past timeout_ns raises *timed_out and reads the row as it is.
+  const uint64_t* arrival_flags = nullptr;  // this rank's [W, max_chunks] (its window)
+  const int64_t* recv_offsets = nullptr;    // [W + 1] (backend memory)
+  int num_ranks = 0, max_chunks = 0;
+  int64_t chunk_rows = 0;
+  uint64_t arrival_epoch = 0, timeout_ns = 0;
+  volatile int* timed_out = nullptr;
+  // Optional: each row whose copies this call writes is also stored at its own row i of recv_copy
+  // ([R, H]; the rank-major view out of a window). The bulk copies store it from the same shared memory.
+  void* recv_copy = nullptr;
 };
 
 // 6. Reduce: partial[i] = sum over the set bits j of row i, ascending, of w_ij * y[recv_expert_rows[i][j]]

@@ -28,6 +28,7 @@
 #include "kernels/ep.h"
 #include "kernels/ep_common.cuh"
 #include "kernels/permute_rows.cuh"
+#include "kernels/sync.cuh"
 
 namespace bitep::kernels {
 namespace {
@@ -35,6 +36,18 @@ namespace {
 using namespace ep_detail;
 
 // ---- permute --------------------------------------------------------------------------------------
+
+// Row `slot` for rank r is stored (and fenced): counted into its chunk; the row that completes the chunk
+// raises the chunk's flag in r's window (PermuteParams::chunk_*). The counts are a release sequence: the
+// completing lane's fence orders every counted row's stores before the flag.
+__device__ __forceinline__ void count_arrival(const PermuteArgs& a, int r, int64_t slot) {
+  const int64_t c = slot / a.chunk_rows;
+  const int64_t left = __ldg(a.send_counts + r) - c * a.chunk_rows;
+  const int rows = static_cast<int>(left < a.chunk_rows ? left : a.chunk_rows);
+  if (atomicAdd(a.chunk_count + static_cast<int64_t>(r) * a.max_chunks + c, 1) != rows - 1) return;
+  __threadfence_system();
+  store_release_sys(a.chunk_flag[r] + c, a.chunk_epoch);
+}
 
 template <int V>
 __global__ void __launch_bounds__(kRowThreads) permute_kernel(PermuteArgs a) {
@@ -71,6 +84,13 @@ __global__ void __launch_bounds__(kRowThreads) permute_kernel(PermuteArgs a) {
       if (mask != 0) warp_copy_row<V, kUnroll>(a.x + t * a.row_bytes, a.nvec, mask, dst);
       if (slot >= 0) write_row_meta(a, t, r, row, map, w);
       if (slot >= 0 && self && a.self_tokens != nullptr) a.self_tokens[slot] = static_cast<int32_t>(t);
+      if (a.chunk_count != nullptr) {
+        // Every lane stored a part of each destination row: each fences its own stores, then the lane of
+        // rank r counts the row into its chunk.
+        __threadfence_system();
+        __syncwarp();
+        if (slot >= 0 && !self && dst != nullptr) count_arrival(a, r, slot);
+      }
     }
   }
 }
@@ -96,6 +116,14 @@ struct ExpertArgs {
   bool copy_outside, zero_pads;
   // [copy_end - copy_begin] or null: row i's copies read recv_x row src_index[i - copy_begin].
   const int32_t* src_index;
+  // The bulk copies' arrival waits (ExpertMajorParams::arrival_flags ...; flags null: none) and recv_copy.
+  const uint64_t* arrival_flags;
+  const int64_t* recv_offsets;
+  int num_ranks, max_chunks;
+  int64_t chunk_rows;
+  uint64_t arrival_epoch, timeout_ns;
+  volatile int* timed_out;
+  char* recv_copy;
 };
 
 // The row of recv_x that received row i's copies read.
@@ -352,9 +380,33 @@ __global__ void __launch_bounds__(kWarp) expert_bulk_copy_kernel(ExpertArgs a, i
   const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
   for (int b = 0; b < nbuf; ++b) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar0 + 8 * b));
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  // Arrival waits: the rows come in ascending order, so the sender and the chunk only move forward.
+  int sender = 0;
+  int64_t ready = -1;  // the last chunk (sender * max_chunks + chunk) seen landed
+  bool gave_up = false;
+  auto wait_arrival = [&](int64_t i) {
+    while (sender + 1 < a.num_ranks && i >= __ldg(a.recv_offsets + sender + 1)) ++sender;
+    const int64_t key =
+        static_cast<int64_t>(sender) * a.max_chunks + (i - __ldg(a.recv_offsets + sender)) / a.chunk_rows;
+    if (key == ready || gave_up) return;
+    const uint64_t start = global_ns();
+    while (load_acquire_sys(a.arrival_flags + key) < a.arrival_epoch) {
+      if (global_ns() - start > a.timeout_ns) {
+        *a.timed_out = 1;
+        gave_up = true;
+        break;
+      }
+      __nanosleep(64);
+    }
+    // The landed rows were written by the peer's generic stores; the bulk load reads through the async proxy.
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    ready = key;
+  };
   auto load = [&](int64_t n) {
     const int b = static_cast<int>(n % nbuf);
-    const char* src = a.recv_x + source_row(a, bulk_row(blockIdx.x + n * gridDim.x)) * a.row_bytes;
+    const int64_t i = bulk_row(blockIdx.x + n * gridDim.x);
+    if (a.arrival_flags != nullptr) wait_arrival(i);
+    const char* src = a.recv_x + source_row(a, i) * a.row_bytes;
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar0 + 8 * b), "r"(bytes) : "memory");
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
                      smem0 + b * bytes),
@@ -379,6 +431,10 @@ __global__ void __launch_bounds__(kWarp) expert_bulk_copy_kernel(ExpertArgs a, i
                    "r"(smem0 + b * bytes), "r"(bytes)
                    : "memory");
     }
+    if (a.recv_copy != nullptr)
+      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(a.recv_copy + i * a.row_bytes),
+                   "r"(smem0 + b * bytes), "r"(bytes)
+                   : "memory");
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
     // Row n - 1's buffer, once its stores (all groups but the newest) have read it.
     if (n >= 1 && n - 1 + nbuf < mine) {
@@ -518,6 +574,15 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   a.recv_weights = p.recv_weights;
   a.peer_dest = p.peer_dest;
   a.self_tokens = p.self_tokens;
+  a.chunk_count = p.chunk_count;
+  a.chunk_flag = p.chunk_flag;
+  a.send_counts = p.send_counts;
+  a.chunk_rows = p.chunk_rows;
+  a.max_chunks = p.max_chunks;
+  a.chunk_epoch = p.chunk_epoch;
+  if (p.chunk_count != nullptr && (p.peer_dest == nullptr || p.chunk_flag == nullptr || p.send_counts == nullptr ||
+                                   p.chunk_rows < 1 || p.max_chunks < 1))
+    return cudaErrorInvalidValue;
   // The x copy is skipped (nvec = 0) for an empty row; send_x / recv_x may then be null (a null recv_x:
   // the own rows are not written, a null peer_dest entry: that peer's rows are not). Peer chunks
   // (peer_dest) start at a multiple of the row size past a 16-byte aligned window: the row size decides.
@@ -528,6 +593,7 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   unsigned grid = 0;
   cudaError_t err = row_grid(p.num_tokens, &grid, p.blocks_per_sm);
   if (err != cudaSuccess) return err;
+  if (p.max_blocks > 0 && grid > static_cast<unsigned>(p.max_blocks)) grid = static_cast<unsigned>(p.max_blocks);
   dispatch_vec(v, [&](auto vt) { permute_kernel<decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a); });
   return cudaGetLastError();
 }
@@ -566,6 +632,18 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   a.copy_outside = p.copy_outside;
   a.zero_pads = p.zero_pads;
   a.src_index = p.src_index;
+  a.arrival_flags = p.arrival_flags;
+  a.recv_offsets = p.recv_offsets;
+  a.num_ranks = p.num_ranks;
+  a.max_chunks = p.max_chunks;
+  a.chunk_rows = p.chunk_rows;
+  a.arrival_epoch = p.arrival_epoch;
+  a.timeout_ns = p.timeout_ns;
+  a.timed_out = p.timed_out;
+  a.recv_copy = static_cast<char*>(p.recv_copy);
+  if (p.arrival_flags != nullptr && (p.recv_offsets == nullptr || p.timed_out == nullptr || p.num_ranks < 1 ||
+                                     p.max_chunks < 1 || p.chunk_rows < 1 || p.src_index != nullptr))
+    return cudaErrorInvalidValue;
 
   int sms = 0;
   cudaError_t err = sm_count(&sms);
@@ -621,6 +699,8 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   a.nvec = a.row_bytes / v;
   bool bulk = false;
   if ((err = takes_bulk(p, v, &bulk)) != cudaSuccess) return err;
+  // The arrival waits and the rank-major copy are the bulk copies' (the dispatch asks expert_major_takes_bulk).
+  if (!bulk && (p.arrival_flags != nullptr || p.recv_copy != nullptr)) return cudaErrorInvalidValue;
   if (bulk) {
     // Source order by bulk copies, no source table; the pad rows from the expert offsets and counts.
     const int64_t nbuf = std::min<int64_t>(kBulkMaxBufs, kBulkSmemBytes / a.row_bytes);

@@ -31,6 +31,12 @@ struct PermuteArgs {
   float* recv_weights;
   void* const* peer_dest;  // [3W] or null (PermuteParams)
   int32_t* self_tokens;
+  int32_t* chunk_count;  // arrival flags (PermuteParams::chunk_*), or null
+  uint64_t* const* chunk_flag;
+  const int64_t* send_counts;
+  int64_t chunk_rows;
+  int max_chunks;
+  uint64_t chunk_epoch;
 };
 
 // Weight of expert e of token t whose compact index is c (ep_params.h "Weight of expert e").

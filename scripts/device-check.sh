@@ -180,6 +180,9 @@ if on multirank; then
   [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, peer window)" "$LOG" \
     mpirun -np 2 -x BITEP_TRACE=1 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
   [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, defaults)" "$LOG" mpirun -np 2 "$MR" --gtest_filter="$CUDA_FILTER"
+  # BITEP_WINDOW_CHUNKS=0: the window's large dispatches copy the peers' rows after a barrier, not on arrival.
+  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, peer window, no arrival chunks)" "$LOG" \
+    mpirun -np 2 -x BITEP_WINDOW_CHUNKS=0 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
   [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, split all-to-all: BITEP_LSA=0)" "$LOG" \
     mpirun -np 2 -x BITEP_LSA=0 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
   [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, NCCL count exchange and small all-to-all)" "$LOG" \

@@ -46,6 +46,7 @@ constexpr int32_t kFlagTokens = 8;    // T > 0
 constexpr int32_t kFlagSplit = 16;    // moves at least split_min_bytes() of rows: split the all-to-all
 constexpr int32_t kFlagNoLarge = 32;  // BITEP_LSA_DISPATCH=0 here: large dispatches by the split all-to-all
 constexpr int32_t kFlagNoSmall = 64;  // BITEP_LSA_SMALL=0 here: small calls by the all-to-all
+constexpr int kFlagChunksShift = 16;  // bits 16..23: the arrival chunks this rank can take (0: none)
 
 // BITEP_LSA_DISPATCH=0: large dispatches go by the split all-to-all even with a window.
 bool large_window_off() {
@@ -66,6 +67,30 @@ bool small_window_off() {
 // BITEP_WINDOW_ROW_BLOCKS=n (1-8) overrides (A/B).
 int window_row_blocks() {
   static const int n = env_int("BITEP_WINDOW_ROW_BLOCKS", 1, 8, 2);
+  return n;
+}
+
+// Blocks in all of the window's rows pass (BITEP_WINDOW_ROW_GRID; 0: blocks_per_sm on every SM): the pass is
+// bound by the link, so a few SMs may carry it while the others copy.
+int window_row_grid() {
+  static const int n = env_int("BITEP_WINDOW_ROW_GRID", 0, 1 << 16, 0);
+  return n;
+}
+
+// Blocks per SM of the own rows' expert copies beside the window's rows pass (BITEP_WINDOW_COPY_BLOCKS, 1-8;
+// the bulk copies take at most what their shared memory allows).
+int window_copy_blocks() {
+  static const int n = env_int("BITEP_WINDOW_COPY_BLOCKS", 1, 8, kSideBlocksPerSm);
+  return n;
+}
+
+// Arrival chunks of the window's large dispatches: the rows pass raises a flag in the destination's window
+// per chunk of rows landed, and the others' expert copies (and the window's copy into recv_x) wait for
+// their chunk, running beside the transfer instead of after a barrier. Chunks per peer:
+// BITEP_WINDOW_CHUNKS (0: off, the barrier; at most the window's max_chunks(); the least of the ranks'
+// values counts).
+int window_chunks() {
+  static const int n = env_int("BITEP_WINDOW_CHUNKS", 0, 255, 16);
   return n;
 }
 
@@ -118,6 +143,9 @@ class Dispatch {
  private:
   // This rank's flags word in the exchange when its part so far succeeded.
   int32_t flags() const;
+  // The arrival chunks this rank can take (window_chunks()): its copies out of the window go by the bulk
+  // copies, which wait for the flags. Before the exchange, which carries it in the flags.
+  int arrival_chunks();
   bitepResult_t before_exchange();
   bitepResult_t after_exchange();
   bitepResult_t upload_tables();
@@ -152,7 +180,10 @@ class Dispatch {
   // The count exchange went through the windows: it was a barrier after every rank's previous use of its
   // window (each exchange is ordered after its rank's previous release), so the windows are idle.
   bool windows_idle_ = false;
-  void* const* peer_dest_ = nullptr;      // [6W] the permute's destinations in the peers' windows (meta, rows)
+  void* const* peer_dest_ = nullptr;        // [7W] the permute's destinations in the peers' windows (meta, rows)
+                                            // and the arrival flags of this rank's chunks in them
+  const int64_t* arrival_table_ = nullptr;  // [W + 1] recv offsets, [W] send counts (backend memory; window)
+  int chunks_ = 0;  // arrival chunks per peer (this rank's offer before the exchange; agreed after)
   size_t win_map_ = 0, win_weights_ = 0;  // offsets of the map and weight regions in a window
   // Send-side temporaries.
   void* send_x_ = nullptr;
@@ -189,7 +220,21 @@ int32_t Dispatch::flags() const {
   return (a_->probs || a_->topk_weights ? kFlagWeights : 0) | (a_->recv_x || a_->expert_x ? kFlagCapacity : 0) |
          (a_->num_tokens > 0 ? kFlagTokens : 0) |
          (W_ > 1 && static_cast<uint64_t>(a_->num_tokens) * row_bytes_ >= split_min_bytes() ? kFlagSplit : 0) |
-         (large_window_off() ? kFlagNoLarge : 0) | (small_window_off() ? kFlagNoSmall : 0);
+         (large_window_off() ? kFlagNoLarge : 0) | (small_window_off() ? kFlagNoSmall : 0) |
+         (chunks_ << kFlagChunksShift);
+}
+
+int Dispatch::arrival_chunks() {
+  if (win_ == nullptr || !ex_.cuda() || row_bytes_ == 0) return 0;
+  const int want = std::min(window_chunks(), win_->max_chunks());
+  if (want <= 0) return 0;
+  // The others' copies as move_rows_window makes them: out of the window (its rows at multiples of the row
+  // size past an aligned base) into expert_x (the caller's, or a pool block: aligned).
+  kernels::ExpertMajorParams p = expert_major_params(h_.get(), g_);
+  p.recv_x = win_->data(self_);
+  p.expert_x = a_->expert_x != nullptr ? a_->expert_x : win_->data(self_);
+  bool bulk = false;
+  return ex_.expert_bulk(p, &bulk) == bitepSuccess && bulk ? want : 0;
 }
 
 bitepResult_t Dispatch::expert_copy_params(kernels::ExpertMajorParams* ep) {
@@ -210,6 +255,7 @@ bitepResult_t Dispatch::before_exchange() {
   const int64_t T = a_->num_tokens;
   bitepHandle* h = h_.get();
   h->num_tokens = T;
+  chunks_ = arrival_chunks();
   void* p = nullptr;
   BITEP_CHECK(ex_.keep(sizeof(int32_t) * T * W_, &h->blocks, &p));
   h->token_slot = static_cast<int32_t*>(p);
@@ -356,6 +402,7 @@ bitepResult_t Dispatch::upload_tables() {
   // Peer window: this rank's rows for rank r go to r's window at the rows r receives from lower ranks
   // (so each window mirrors its owner's recv_x); regions x, map, weights, sized by the largest R.
   std::vector<void*> dest;
+  std::vector<int64_t> arrival;
   if (win_ != nullptr) {
     int64_t rmax = 0;
     for (int r = 0; r < W_; ++r) {
@@ -370,8 +417,8 @@ bitepResult_t Dispatch::upload_tables() {
     win_->dispatch_extent = need;
     BITEP_CHECK(win_->reserve(need, c.timeout_s));
     // Two permute tables: [0, 3W) the maps and weights alone (small dispatches: the rows too, one pass),
-    // [3W, 6W) the rows alone.
-    dest.assign(6 * static_cast<size_t>(W_), nullptr);
+    // [3W, 6W) the rows alone; then [6W, 7W) the arrival flags of this rank's chunks in each peer's window.
+    dest.assign(7 * static_cast<size_t>(W_), nullptr);
     for (int r = 0; r < W_; ++r) {
       if (r == self_) continue;
       int64_t off = 0;
@@ -381,21 +428,35 @@ bitepResult_t Dispatch::upload_tables() {
       dest[2 * W_ + r] = any_weights_ ? base + win_weights_ + off * KL_ * sizeof(float) : nullptr;
       dest[3 * W_ + r] = base + off * row_bytes_;
       if (!split_) dest[r] = dest[3 * W_ + r];
+      if (chunks_ > 0) dest[6 * W_ + r] = win_->chunk_flags(r) + static_cast<size_t>(self_) * win_->max_chunks();
     }
+    // The arrival waits' row ranges: [W + 1] receive offsets, [W] send counts.
+    arrival.assign(2 * static_cast<size_t>(W_) + 1, 0);
+    for (int r = 0; r < W_; ++r) {
+      arrival[r] = h->recv_offsets[r];
+      arrival[W_ + 1 + r] = h->matrix[static_cast<size_t>(self_) * W_ + r];
+    }
+    arrival[W_] = h->num_recv_rows;
   }
-  // The layout tables the kernels read, in one block and one upload: [W] int64 send offsets, [6W] peer
-  // destinations (window only), [L] int32 expert counts, [L + 1] int32 expert offsets.
-  const size_t dest_bytes = sizeof(void*) * dest.size();
-  const size_t table_bytes = sizeof(int64_t) * W_ + dest_bytes + sizeof(int32_t) * (2 * L_ + 1);
+  // The layout tables the kernels read, in one block and one upload: [W] int64 send offsets, [7W] peer
+  // destinations and [2W + 1] int64 arrival ranges (window only), [L] int32 expert counts, [L + 1] int32
+  // expert offsets.
+  const size_t dest_bytes = sizeof(void*) * dest.size(), arrival_bytes = sizeof(int64_t) * arrival.size();
+  const size_t head_bytes = sizeof(int64_t) * W_ + dest_bytes + arrival_bytes;
+  const size_t table_bytes = head_bytes + sizeof(int32_t) * (2 * L_ + 1);
   BITEP_CHECK(ex_.keep(table_bytes, &h->blocks, &p));
   h->send_offsets_dev = static_cast<int64_t*>(p);
   peer_dest_ = dest.empty() ? nullptr : reinterpret_cast<void* const*>(h->send_offsets_dev + W_);
-  h->expert_counts = reinterpret_cast<int32_t*>(reinterpret_cast<char*>(h->send_offsets_dev + W_) + dest_bytes);
+  arrival_table_ = arrival.empty()
+                       ? nullptr
+                       : reinterpret_cast<const int64_t*>(static_cast<char*>(p) + sizeof(int64_t) * W_ + dest_bytes);
+  h->expert_counts = reinterpret_cast<int32_t*>(static_cast<char*>(p) + head_bytes);
   h->expert_offsets = h->expert_counts + L_;
   std::vector<unsigned char> table(table_bytes);
   std::memcpy(table.data(), h->send_offsets.data(), sizeof(int64_t) * W_);
   if (dest_bytes > 0) std::memcpy(table.data() + sizeof(int64_t) * W_, dest.data(), dest_bytes);
-  int32_t* counts32 = reinterpret_cast<int32_t*>(table.data() + sizeof(int64_t) * W_ + dest_bytes);
+  if (arrival_bytes > 0) std::memcpy(table.data() + sizeof(int64_t) * W_ + dest_bytes, arrival.data(), arrival_bytes);
+  int32_t* counts32 = reinterpret_cast<int32_t*>(table.data() + head_bytes);
   for (int l = 0; l < L_; ++l) counts32[l] = static_cast<int32_t>(h->expert_counts_host[l]);
   std::memcpy(counts32 + L_, h->expert_offsets_host.data(), sizeof(int32_t) * (L_ + 1));
   BITEP_CHECK(ex_.upload_staged(h->send_offsets_dev, table.data(), table_bytes));
@@ -406,9 +467,11 @@ bitepResult_t Dispatch::upload_tables() {
 // permute stores the maps and weights into the destinations' windows (the own rows' maps and weights into
 // recv_map / recv_weights, and each own row's token) -> barrier -> on the side stream, every row's expert
 // positions and the own rows' expert copies (read from x), beside the permute storing the rows into the
-// peers' windows over NVLink and the own ones into recv_x -> barrier (every row landed) -> the others'
-// expert copies read the window, beside (side stream) its copy into recv_x. No all-to-all call and no send
-// buffers; each window mirrors its owner's recv_x rows.
+// peers' windows over NVLink and the own ones into recv_x. Then, with arrival chunks (chunks_), the others'
+// expert copies on the side stream too, each chunk of rows read as its flag says it landed, and stored into
+// recv_x from the same read; without, a barrier (every row landed) and the others' copies after it, beside
+// (side stream) the window's copy into recv_x. No all-to-all call and no send buffers; each window mirrors
+// its owner's recv_x rows.
 bitepResult_t Dispatch::move_rows_window() {
   const bitepGroupConfig_t& c = g_->config;
   bitepHandle* h = h_.get();
@@ -427,8 +490,22 @@ bitepResult_t Dispatch::move_rows_window() {
   BITEP_CHECK(ex_.temp(sizeof(int32_t) * (own1 - own0), &tokens));
   pp.recv_x = nullptr;
   pp.self_tokens = static_cast<int32_t*>(tokens);
+  // Arrival chunks: every rank's chunks to every peer of chunk_rows rows, the same on all (from the matrix).
+  const int C = std::min(chunks_, win_->max_chunks());
+  int64_t chunk_rows = 0;
+  void* chunk_count = nullptr;
+  if (C > 0) {
+    int64_t most = 1;
+    for (int s = 0; s < W_; ++s)
+      for (int r = 0; r < W_; ++r)
+        if (r != s) most = std::max(most, h->matrix[static_cast<size_t>(s) * W_ + r]);
+    chunk_rows = (most + C - 1) / C;
+    // Counted with the flags' stride: [W, max_chunks()].
+    BITEP_CHECK(ex_.temp(sizeof(int32_t) * W_ * win_->max_chunks(), &chunk_count));
+  }
 
   BITEP_CHECK(win_->acquire(ex_.stream()));
+  if (C > 0) BITEP_CHECK(ex_.zero(chunk_count, sizeof(int32_t) * W_ * win_->max_chunks()));
   if (!windows_idle_) {
     BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
     trace_.mark("barrier");
@@ -440,7 +517,7 @@ bitepResult_t Dispatch::move_rows_window() {
   BITEP_CHECK(ex_.fork());
   ep.copy_begin = own0;
   ep.copy_end = own1;
-  ep.blocks_per_sm = kSideBlocksPerSm;
+  ep.blocks_per_sm = window_copy_blocks();
   ep.recv_x = a_->x;  // own row own0 + s is token tokens[s]
   ep.src_index = static_cast<const int32_t*>(tokens);
   bool first_bulk = false;
@@ -448,6 +525,24 @@ bitepResult_t Dispatch::move_rows_window() {
   if (expert) BITEP_CHECK(ex_.expert_major(ep));
   ep.src_index = nullptr;
   trace_.mark_on("expert-major (own rows)", ex_.current_stream());
+  const uint64_t epoch = C > 0 ? win_->next_chunk_epoch() : 0;
+  if (C > 0) {
+    // The others' copies wait for their chunks (this rank offered chunks only where they go by the bulk
+    // copies, which wait); the window's rows go into recv_x from the same read.
+    ep.recv_x = base;  // the window's rows sit where recv_x's do
+    BITEP_CHECK(others_after_own(&ex_, first_bulk, &ep));
+    ep.arrival_flags = win_->chunk_flags(self_);
+    ep.recv_offsets = arrival_table_;
+    ep.num_ranks = W_;
+    ep.max_chunks = win_->max_chunks();
+    ep.chunk_rows = chunk_rows;
+    ep.arrival_epoch = epoch;
+    ep.timeout_ns = timeout_ns(c.timeout_s);
+    ep.timed_out = win_->timeout_word();
+    ep.recv_copy = h->recv_x;  // none when expert-major only
+    if (expert) BITEP_CHECK(ex_.expert_major(ep));
+    trace_.mark_on("expert-major (others, on arrival)", ex_.current_stream());
+  }
   ex_.launch_on_caller();
   if (h->num_tokens > 0) {
     // The rows alone: the own ones into recv_x (none when expert-major only), the others to the peers.
@@ -457,7 +552,21 @@ bitepResult_t Dispatch::move_rows_window() {
     pp.self_tokens = nullptr;
     pp.peer_dest = peer_dest_ + 3 * W_;
     pp.blocks_per_sm = window_row_blocks();
+    pp.max_blocks = window_row_grid();
+    if (C > 0) {
+      pp.chunk_count = static_cast<int32_t*>(chunk_count);
+      pp.chunk_flag = reinterpret_cast<uint64_t* const*>(peer_dest_ + 6 * W_);
+      pp.send_counts = arrival_table_ + W_ + 1;
+      pp.chunk_rows = chunk_rows;
+      pp.max_chunks = win_->max_chunks();
+      pp.chunk_epoch = epoch;
+    }
     BITEP_CHECK(ex_.permute(pp));
+  }
+  if (C > 0) {
+    trace_.mark("window (rows)");
+    BITEP_CHECK(ex_.join());
+    return win_->release(ex_.stream());
   }
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
   trace_.mark("window (rows)");
@@ -689,6 +798,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   // Every rank sees the same flags, so every rank reaches the same verdict here.
   bool any_capacity = false, large_off = false, small_off = false;
   int with_weights = -1, without_weights = -1;
+  int chunks = 255;
   for (int q = 0; q < W_; ++q) {
     const int32_t f = recv_host_[q * n_ + L_ + 1];
     if (f & kFlagFailed)
@@ -700,6 +810,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
     if (f & kFlagSplit) split_ = true;
     if (f & kFlagNoLarge) large_off = true;
     if (f & kFlagNoSmall) small_off = true;
+    chunks = std::min(chunks, (f >> kFlagChunksShift) & 0xff);
     if (f & kFlagWeights) {
       if (with_weights < 0) with_weights = q;
     } else if (f & kFlagTokens) {
@@ -707,6 +818,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
     }
   }
   any_weights_ = with_weights >= 0;
+  chunks_ = chunks;
   // The window takes every dispatch and combine: small dispatches in one pass and one barrier instead of
   // an NCCL call, large ones in two passes beside the own rows' copies (measured on 2 x H200 against the
   // split all-to-all: bench/NOTES.md v11), unless some rank set BITEP_LSA_DISPATCH=0 (large dispatches) or

@@ -22,6 +22,12 @@ inline bool config_readable(const bitepGroupConfig_t* c) {
   return c != nullptr && c->magic == BITEP_GROUP_CONFIG_MAGIC && c->size == sizeof(bitepGroupConfig_t);
 }
 
+// A wait on the device bounded by timeout_s (a group's timeout), in the nanoseconds of the global timer: no
+// bound for 0, a negative or a huge value.
+inline uint64_t timeout_ns(double timeout_s) {
+  return timeout_s > 0 && timeout_s < 1e9 ? static_cast<uint64_t>(timeout_s * 1e9) : ~uint64_t{0};
+}
+
 // One buffer pair exchanged with one peer. Byte counts may be 0.
 struct PeerBuffers {
   const void* send = nullptr;
@@ -86,6 +92,22 @@ class PeerWindow {
   // the previous call's release(), which marks where that call's last access to the window was queued.
   virtual bitepResult_t acquire(bitepStream_t stream) = 0;
   virtual bitepResult_t release(bitepStream_t stream) = 0;
+  // Arrival flags per chunk of a dispatch's rows (kernels/ep_params.h, PermuteParams::chunk_*): rank r's
+  // [nranks][max_chunks()] uint64, as this rank addresses it; sender s's flags are row s. A flag holds the
+  // epoch of the last call that raised it; a new window starts them at 0. max_chunks() 0: none.
+  virtual int max_chunks() const { return 0; }
+  virtual uint64_t* chunk_flags(int r) const {
+    (void)r;
+    return nullptr;
+  }
+  // The epoch of one call's chunk flags, above every earlier call's: counted alike on every rank (every
+  // rank makes the same calls).
+  uint64_t next_chunk_epoch() { return ++chunk_epoch_; }
+  // The device word that a wait which gave up raises (check() reports it), as a kernel addresses it.
+  virtual volatile int* timeout_word() const { return nullptr; }
+
+ private:
+  uint64_t chunk_epoch_ = 0;
 };
 
 class Transport {

@@ -193,6 +193,7 @@ void ep_expert_major(const kernels::ExpertMajorParams& p) {
     if ((i >= p.copy_begin && i < copy_end) == p.copy_outside) continue;
     const int64_t srow = p.src_index != nullptr ? p.src_index[i - p.copy_begin] : i;
     const char* src = static_cast<const char*>(p.recv_x) + srow * row_bytes;
+    if (p.recv_copy != nullptr) std::memcpy(static_cast<char*>(p.recv_copy) + i * row_bytes, src, row_bytes);
     for (int j = 0; j < KL; ++j) {
       const int64_t pos = rows[j];
       if (pos < 0 || pos >= p.num_expert_rows) continue;

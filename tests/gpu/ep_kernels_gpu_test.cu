@@ -242,8 +242,49 @@ TEST(EpKernelsGpu, PermutePeerDestMatchesHost) {
       q.recv_map = own ? drm.get() : nullptr;
       q.recv_weights = own ? drw.get() : nullptr;
       q.peer_dest = ddest.get();
+      // The rows alone also raise arrival flags (the window's rows pass): chunks of 1-7 rows per peer.
+      const bool arrival = variant == 2;
+      const int64_t chunk_rows = 1 + static_cast<int64_t>(c.seed % 7);
+      std::vector<int64_t> send_n(W, 0);
+      int64_t most = 1;
+      for (int p2 = 0; p2 < W; ++p2) {
+        send_n[p2] = lay.counts[size_t(p2) * (L + 1)];
+        if (p2 != self) most = std::max(most, send_n[p2]);
+      }
+      const int C = static_cast<int>((most + chunk_rows - 1) / chunk_rows);
+      const uint64_t epoch = c.seed;
+      Dev<int32_t> dcount(std::vector<int32_t>(size_t(W) * C, 0));
+      Dev<uint64_t> dflag(std::vector<uint64_t>(size_t(W) * C, 0));
+      std::vector<uint64_t*> fptr(W, nullptr);
+      for (int p2 = 0; p2 < W; ++p2)
+        if (p2 != self) fptr[p2] = dflag.get() + size_t(p2) * C;
+      Dev<uint64_t*> dfptr(fptr);
+      Dev<int64_t> dsendn(send_n);
+      if (arrival) {
+        q.chunk_count = dcount.get();
+        q.chunk_flag = dfptr.get();
+        q.send_counts = dsendn.get();
+        q.chunk_rows = chunk_rows;
+        q.max_chunks = C;
+        q.chunk_epoch = epoch;
+      }
       sync(K::launch_ep_permute(q, nullptr));
       const std::string where = c.str() + " variant " + std::to_string(variant);
+      if (arrival) {
+        // Every chunk of every peer counted whole and flagged with the epoch; nothing past the peer's rows
+        // and nothing for the own rank.
+        std::vector<int32_t> want_count(size_t(W) * C, 0);
+        std::vector<uint64_t> want_flag(size_t(W) * C, 0);
+        for (int p2 = 0; p2 < W; ++p2)
+          for (int64_t j = 0; p2 != self && j * chunk_rows < send_n[p2]; ++j) {
+            want_count[size_t(p2) * C + j] = static_cast<int32_t>(std::min(chunk_rows, send_n[p2] - j * chunk_rows));
+            want_flag[size_t(p2) * C + j] = epoch;
+          }
+        const std::string wc = where + " chunk_rows " + std::to_string(chunk_rows);
+        if (!(same(dcount.host(), want_count, "chunk counts", wc) & same(dflag.host(), want_flag, "chunk flags", wc)) &&
+            ++failing >= kMaxFailingCases)
+          return;
+      }
       // Device == host, byte for byte.
       bool ok = same(dsx.host(), sx, "dest x", where) & same(drx.host(), rx, "recv_x", where);
       ok = ok & same(dsm.host(), sm, "dest map", where) & same(drm.host(), rm, "recv_map", where);
@@ -472,9 +513,44 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
       if (c.seed % 2) q.bulk = false;  // the others by the gather: it needs the table the bulk copies left unfilled
       ASSERT_EQ(K::expert_major_takes_bulk(q, &second_bulk), cudaSuccess);
       q.src_given = second_bulk || !first_bulk;  // as the dispatch decides it
+      // The bulk copies of the others as the window's dispatch makes them: each row waits for its chunk's
+      // arrival flag (three senders over the rows, chunks of 1-5 rows) and is also stored into recv_copy.
+      // Every flag is raised but one in some cases: its rows wait out a 2 ms timeout, raise the timeout
+      // word and are copied as they are (here: complete).
+      const bool arrival = second_bulk && c.R > 0;
+      const int64_t chunk_rows = 1 + static_cast<int64_t>(c.seed % 5);
+      const std::vector<int64_t> senders = {0, c.R / 4, c.R / 2, c.R};
+      const int C = static_cast<int>((c.R - c.R / 2 + chunk_rows - 1) / chunk_rows + 1);
+      const uint64_t epoch = 3 + c.seed;
+      std::vector<uint64_t> flags(size_t(3) * C, epoch);
+      // The missing flag: the chunk of the last row (sender 2's), outside the copy range [R / 3, 2R / 3).
+      const bool missing = arrival && c.seed % 4 == 2 && c.R - 2 * c.R / 3 > 0;
+      if (missing) flags[2 * size_t(C) + (c.R - 1 - c.R / 2) / chunk_rows] = epoch - 1;
+      Dev<uint64_t> dflags(flags);
+      Dev<int64_t> dsenders(senders);
+      Dev<int> dtimed(std::vector<int>(1, 0));
+      Dev<uint8_t> drecv(c.R * rb);
+      if (arrival) {
+        q.arrival_flags = dflags.get();
+        q.recv_offsets = dsenders.get();
+        q.num_ranks = 3;
+        q.max_chunks = C;
+        q.chunk_rows = chunk_rows;
+        q.arrival_epoch = epoch;
+        q.timeout_ns = 2000000;
+        q.timed_out = dtimed.get();
+        q.recv_copy = drecv.get();
+      }
       sync(K::launch_ep_expert_major(q, nullptr));
       ok &= same(drows2.host(), rows, "recv_expert_rows (split)", c.str()) &
             same(dex2.host(), ex, "expert_x (split)", c.str());
+      if (arrival) {
+        std::vector<uint8_t> want = poisoned<uint8_t>(c.R * rb);
+        for (int64_t i = 0; i < c.R; ++i)
+          if (i < q.copy_begin || i >= q.copy_end) std::memcpy(want.data() + i * rb, in.x.data() + i * rb, rb);
+        ok &= same(drecv.host(), want, "recv_copy (arrival)", c.str());
+        ok &= same(dtimed.host(), std::vector<int>(1, missing ? 1 : 0), "timeout word (arrival)", c.str());
+      }
     }
     if (!ok && ++failing >= kMaxFailingCases) return;
   }
