@@ -12,6 +12,8 @@ namespace bitep::kernels {
 cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream);
 cudaError_t launch_ep_pack_counts(const PackCountsParams& p, cudaStream_t stream);
 cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream);
+// Whether launch_ep_permute moves p's rows by bulk copies (PermuteParams::bulk; self_expert_rows needs it).
+cudaError_t permute_takes_bulk(const PermuteParams& p, bool* out);
 cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stream);
 // Whether launch_ep_expert_major copies p's rows by bulk copies (ExpertMajorParams::bulk), which neither
 // fill nor read expert_src: a later call with src_given that does not take them needs a filled table.

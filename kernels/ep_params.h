@@ -144,6 +144,16 @@ struct PermuteParams {
   int64_t chunk_rows = 0;
   int max_chunks = 0;
   uint64_t chunk_epoch = 0;
+  // cuda, rows alone (no map or weights destination: recv_map, recv_weights, send_map, send_weights null;
+  // peer_dest's map and weight entries are not read): true moves them by bulk (TMA) copies where
+  // permute_takes_bulk says so (sm_90, rows of 16-byte multiples up to 24 KiB, 16-byte aligned x and
+  // destinations), one thread a block: each token's row read once into shared memory and stored to every
+  // destination. With self_expert_rows, each own row (slot s) is also stored to expert_x rows
+  // self_expert_rows[s * KL + j] >= 0, j < KL = max_row_experts(topk, E / W): the expert-major view's copies of
+  // the own rows, from the same read. self_tokens is not written.
+  bool bulk = false;
+  const int32_t* self_expert_rows = nullptr;  // [rows of the self chunk, KL] (backend memory)
+  void* expert_x = nullptr;
 };
 
 // 5. Expert-major view: for each local expert, its rows in receive order (source rank, then source

@@ -355,31 +355,88 @@ __global__ void __launch_bounds__(kRowThreads) expert_pad_kernel(ExpertArgs a) {
     warp_zero_row<V>(a.expert_x + pos * a.row_bytes, a.nvec);
 }
 
-// ---- bulk copy (sm_90+): source order through shared memory --------------------------------------
+// ---- bulk copies (sm_90+): rows through shared memory ------------------------------------------------
 
 constexpr int kBulkMaxBufs = 4;                // rows in flight per block
 constexpr int64_t kBulkSmemBytes = 48 * 1024;  // per block: kBulkMaxBufs rows, or as many as fit (>= 2)
 
-// One thread per block issues everything: row n of the block goes into buffer n % nbuf by a bulk load
-// that completes on that buffer's mbarrier, then one bulk store per expert row of it; a buffer is loaded
-// again once the stores of its previous row have read it (bulk_group accounting, one group per row).
+// One thread's ring of nbuf row buffers in shared memory (sm_90+): row n of the thread's sequence goes into
+// buffer n % nbuf by a bulk load that completes on that buffer's mbarrier; its bulk stores form one bulk group.
+struct BulkRing {
+  uint32_t smem0, bar0, bytes;
+  int nbuf;
+  __device__ void init() const {
+    for (int b = 0; b < nbuf; ++b) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar0 + 8 * b));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __device__ void load(int64_t n, const void* src) const {
+    const uint32_t b = static_cast<uint32_t>(n % nbuf);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar0 + 8 * b), "r"(bytes) : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem0 + b * bytes),
+        "l"(src), "r"(bytes), "r"(bar0 + 8 * b)
+        : "memory");
+  }
+  __device__ void wait(int64_t n) const {
+    const uint32_t b = static_cast<uint32_t>(n % nbuf), parity = static_cast<uint32_t>((n / nbuf) & 1);
+    uint32_t done = 0;
+    while (!done)
+      asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                   : "=r"(done)
+                   : "r"(bar0 + 8 * b), "r"(parity)
+                   : "memory");
+  }
+  __device__ void store(int64_t n, void* dst) const {
+    const uint32_t b = static_cast<uint32_t>(n % nbuf);
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(smem0 + b * bytes),
+                 "r"(bytes)
+                 : "memory");
+  }
+};
+
+// The thread's `mine` rows through the ring: load the first nbuf; then per row wait for it, stores(n) issues
+// its bulk stores (one group), done(n) runs after the commit; a buffer is loaded again once the stores of its
+// previous row have read it (all groups but the newest). src(n) is row n's source; finish() after the last
+// row's stores are complete.
+template <class Src, class Stores, class Done, class Finish>
+__device__ __forceinline__ void bulk_rows(
+    const BulkRing& ring, int64_t mine, Src src, Stores stores, Done done, Finish finish) {
+  ring.init();
+  for (int64_t n = 0; n < mine && n < ring.nbuf; ++n) ring.load(n, src(n));
+  for (int64_t n = 0; n < mine; ++n) {
+    ring.wait(n);
+    stores(n);
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    done(n);
+    if (n >= 1 && n - 1 + ring.nbuf < mine) {
+      asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+      ring.load(n - 1 + ring.nbuf, src(n - 1 + ring.nbuf));
+    }
+  }
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  finish();
+}
+
+__device__ __forceinline__ BulkRing make_ring(unsigned char* smem, uint64_t* bar, int64_t row_bytes, int nbuf) {
+  return {static_cast<uint32_t>(__cvta_generic_to_shared(smem)), static_cast<uint32_t>(__cvta_generic_to_shared(bar)),
+          static_cast<uint32_t>(row_bytes), nbuf};
+}
+
+// The expert copies in source order: one thread per block, each received row loaded once and stored to each
+// of its expert rows (and to recv_copy).
 __global__ void __launch_bounds__(kWarp) expert_bulk_copy_kernel(ExpertArgs a, int64_t count, int nbuf) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(128) unsigned char bulk_smem[];
   __shared__ __align__(8) uint64_t bar[kBulkMaxBufs];
   if (threadIdx.x != 0) return;
-  const uint32_t bytes = static_cast<uint32_t>(a.row_bytes);
   const int KL = a.row_experts;
   const int64_t mine = count > blockIdx.x ? (count - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
   // The n-th received row whose copies this call writes (the copy range, or the rows outside it).
   auto bulk_row = [&a](int64_t n) {
-    if (!a.copy_outside) return a.copy_begin + n;
-    return n < a.copy_begin ? n : n + (a.copy_end - a.copy_begin);
+    const int64_t m = blockIdx.x + n * gridDim.x;
+    if (!a.copy_outside) return a.copy_begin + m;
+    return m < a.copy_begin ? m : m + (a.copy_end - a.copy_begin);
   };
-  const uint32_t smem0 = static_cast<uint32_t>(__cvta_generic_to_shared(bulk_smem));
-  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
-  for (int b = 0; b < nbuf; ++b) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar0 + 8 * b));
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   // Arrival waits: the rows come in ascending order, so the sender and the chunk only move forward.
   int sender = 0;
   int64_t ready = -1;  // the last chunk (sender * max_chunks + chunk) seen landed
@@ -398,54 +455,90 @@ __global__ void __launch_bounds__(kWarp) expert_bulk_copy_kernel(ExpertArgs a, i
       }
       __nanosleep(64);
     }
-    // The landed rows were written by the peer's generic stores; the bulk load reads through the async proxy.
+    // The landed rows were written by the peer's stores; the bulk load reads through the async proxy.
     asm volatile("fence.proxy.async.global;" ::: "memory");
     ready = key;
   };
-  auto load = [&](int64_t n) {
-    const int b = static_cast<int>(n % nbuf);
-    const int64_t i = bulk_row(blockIdx.x + n * gridDim.x);
-    if (a.arrival_flags != nullptr) wait_arrival(i);
-    const char* src = a.recv_x + source_row(a, i) * a.row_bytes;
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar0 + 8 * b), "r"(bytes) : "memory");
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                     smem0 + b * bytes),
-                 "l"(src), "r"(bytes), "r"(bar0 + 8 * b)
-                 : "memory");
-  };
-  for (int64_t n = 0; n < mine && n < nbuf; ++n) load(n);
-  for (int64_t n = 0; n < mine; ++n) {
-    const int b = static_cast<int>(n % nbuf);
-    const uint32_t parity = static_cast<uint32_t>((n / nbuf) & 1);
-    uint32_t done = 0;
-    while (!done)
-      asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                   : "=r"(done)
-                   : "r"(bar0 + 8 * b), "r"(parity)
-                   : "memory");
-    const int64_t i = bulk_row(blockIdx.x + n * gridDim.x);
-    for (int j = 0; j < KL; ++j) {
-      const int pos = __ldg(a.rows + i * KL + j);
-      if (pos < 0) continue;
-      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(a.expert_x + pos * a.row_bytes),
-                   "r"(smem0 + b * bytes), "r"(bytes)
-                   : "memory");
-    }
-    if (a.recv_copy != nullptr)
-      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(a.recv_copy + i * a.row_bytes),
-                   "r"(smem0 + b * bytes), "r"(bytes)
-                   : "memory");
-    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-    // Row n - 1's buffer, once its stores (all groups but the newest) have read it.
-    if (n >= 1 && n - 1 + nbuf < mine) {
-      asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
-      load(n - 1 + nbuf);
-    }
-  }
-  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  const BulkRing ring = make_ring(bulk_smem, bar, a.row_bytes, nbuf);
+  bulk_rows(
+      ring, mine,
+      [&](int64_t n) {
+        const int64_t i = bulk_row(n);
+        if (a.arrival_flags != nullptr) wait_arrival(i);
+        return a.recv_x + source_row(a, i) * a.row_bytes;
+      },
+      [&](int64_t n) {
+        const int64_t i = bulk_row(n);
+        for (int j = 0; j < KL; ++j) {
+          const int pos = __ldg(a.rows + i * KL + j);
+          if (pos >= 0) ring.store(n, a.expert_x + pos * a.row_bytes);
+        }
+        if (a.recv_copy != nullptr) ring.store(n, a.recv_copy + i * a.row_bytes);
+      },
+      [](int64_t) {}, [] {});
 #else
   (void)a, (void)count, (void)nbuf;
   __trap();  // launched only where the device is sm_90 or later (launch_ep_expert_major checks)
+#endif
+}
+
+// The permute of rows alone by bulk copies (PermuteParams::bulk): one thread per block, token t's row loaded
+// once and stored to each destination: the peers' (peer_dest or the send buffer), the own one (recv_x) and
+// the own row's expert rows. With arrival flags each row is counted once its stores are complete.
+__global__ void __launch_bounds__(kWarp) permute_bulk_kernel(PermuteArgs a, int nbuf) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char bulk_smem[];
+  __shared__ __align__(8) uint64_t bar[kBulkMaxBufs];
+  if (threadIdx.x != 0) return;
+  const int W = a.num_ranks, KL = a.row_experts;
+  const int64_t T = a.num_tokens;
+  const int64_t mine = T > blockIdx.x ? (T - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  auto token = [](int64_t n) { return blockIdx.x + n * gridDim.x; };
+  // Row n's peers counted into their chunks (its stores complete: made visible, then fenced).
+  auto count = [&](int64_t n) {
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    __threadfence_system();
+    const int64_t t = token(n);
+    for (int r = 0; r < W; ++r) {
+      const int slot = __ldg(a.token_slot + t * W + r);
+      if (slot >= 0 && r != a.self_rank && (a.peer_dest == nullptr || a.peer_dest[r] != nullptr))
+        count_arrival(a, r, slot);
+    }
+  };
+  const BulkRing ring = make_ring(bulk_smem, bar, a.row_bytes, nbuf);
+  bulk_rows(
+      ring, mine, [&](int64_t n) { return a.x + token(n) * a.row_bytes; },
+      [&](int64_t n) {
+        const int64_t t = token(n);
+        for (int r = 0; r < W; ++r) {
+          const int slot = __ldg(a.token_slot + t * W + r);
+          if (slot < 0) continue;
+          if (r == a.self_rank) {
+            if (a.recv_x != nullptr) ring.store(n, a.recv_x + (a.self_recv_offset + slot) * a.row_bytes);
+            for (int j = 0; a.self_expert_rows != nullptr && j < KL; ++j) {
+              const int pos = __ldg(a.self_expert_rows + static_cast<int64_t>(slot) * KL + j);
+              if (pos >= 0) ring.store(n, a.expert_x + pos * a.row_bytes);
+            }
+          } else if (a.peer_dest != nullptr) {
+            char* d = static_cast<char*>(a.peer_dest[r]);
+            if (d != nullptr) ring.store(n, d + slot * a.row_bytes);
+          } else {
+            ring.store(n, a.send_x + (__ldg(a.send_offsets + r) + slot) * a.row_bytes);
+          }
+        }
+      },
+      [&](int64_t n) {
+        // Row n - 1's stores complete (all groups but row n's): count it.
+        if (a.chunk_count == nullptr || n == 0) return;
+        asm volatile("cp.async.bulk.wait_group 1;" ::: "memory");
+        count(n - 1);
+      },
+      [&] {
+        if (a.chunk_count != nullptr && mine > 0) count(mine - 1);
+      });
+#else
+  (void)a, (void)nbuf;
+  __trap();  // launched only where the device is sm_90 or later (launch_ep_permute checks)
 #endif
 }
 
@@ -526,7 +619,34 @@ cudaError_t takes_bulk(const ExpertMajorParams& p, int v, bool* out) {
   return err;
 }
 
+// Whether p's rows go by the bulk permute (PermuteParams::bulk).
+cudaError_t permute_bulk(const PermuteParams& p, bool* out) {
+  *out = false;
+  const int64_t row_bytes = p.hidden * dtype_size(p.dtype);
+  const bool meta = p.recv_map != nullptr || p.recv_weights != nullptr || p.send_map != nullptr ||
+                    p.send_weights != nullptr;
+  if (!p.bulk || meta || p.x == nullptr || row_bytes <= 0 || kBulkSmemBytes / row_bytes < 2 ||
+      vec_bytes(row_bytes, p.x, p.recv_x, p.send_x) != 16 || vec_bytes(row_bytes, p.expert_x) != 16)
+    return cudaSuccess;
+  int arch = 0;  // of this file's bulk kernels' binary for the device (sm_90 or later has the bulk copies)
+  const cudaError_t err = bulk_binary_arch(&arch);
+  *out = err == cudaSuccess && arch >= 90;
+  return err;
+}
+
+// Blocks per SM that the bulk kernels' rings of nbuf rows leave room for (1 KiB reserved per block), at
+// most per_sm (> 0, else kRowBlocksPerSm).
+cudaError_t bulk_blocks_per_sm(int64_t ring_bytes, int per_sm, int64_t* out) {
+  int smem_sm = 0;
+  const cudaError_t err = smem_per_sm_bytes(&smem_sm);
+  const int64_t fit = std::max<int64_t>(1, smem_sm / (ring_bytes + 1024 + 128));
+  *out = std::min<int64_t>(fit, per_sm > 0 ? per_sm : kRowBlocksPerSm);
+  return err;
+}
+
 }  // namespace
+
+cudaError_t permute_takes_bulk(const PermuteParams& p, bool* out) { return permute_bulk(p, out); }
 
 cudaError_t expert_major_takes_bulk(const ExpertMajorParams& p, bool* out) {
   const int64_t row_bytes = p.hidden * dtype_size(p.dtype);
@@ -590,9 +710,27 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   a.nvec = a.row_bytes / v;
   if (a.row_bytes > 0 && (p.x == nullptr || (peers && p.send_x == nullptr))) return cudaErrorInvalidValue;
 
-  unsigned grid = 0;
-  cudaError_t err = row_grid(p.num_tokens, &grid, p.blocks_per_sm);
+  if (p.self_expert_rows != nullptr && (!p.bulk || p.expert_x == nullptr)) return cudaErrorInvalidValue;
+  a.self_expert_rows = p.self_expert_rows;
+  a.expert_x = static_cast<char*>(p.expert_x);
+  bool bulk = false;
+  cudaError_t err = permute_bulk(p, &bulk);
   if (err != cudaSuccess) return err;
+  if (p.self_expert_rows != nullptr && !bulk) return cudaErrorInvalidValue;  // the caller asks permute_takes_bulk
+  int sms = 0;
+  if ((err = sm_count(&sms)) != cudaSuccess) return err;
+  if (bulk) {
+    const int nbuf = static_cast<int>(std::min<int64_t>(kBulkMaxBufs, kBulkSmemBytes / a.row_bytes));
+    int64_t per_sm = 0;
+    if ((err = bulk_blocks_per_sm(nbuf * a.row_bytes, p.blocks_per_sm, &per_sm)) != cudaSuccess) return err;
+    int64_t grid = std::min<int64_t>(p.num_tokens, per_sm * sms);
+    if (p.max_blocks > 0) grid = std::min<int64_t>(grid, p.max_blocks);
+    permute_bulk_kernel<<<static_cast<unsigned>(grid), kWarp, static_cast<size_t>(nbuf * a.row_bytes), stream>>>(a,
+                                                                                                              nbuf);
+    return cudaGetLastError();
+  }
+  unsigned grid = 0;
+  if ((err = row_grid(p.num_tokens, &grid, p.blocks_per_sm)) != cudaSuccess) return err;
   if (p.max_blocks > 0 && grid > static_cast<unsigned>(p.max_blocks)) grid = static_cast<unsigned>(p.max_blocks);
   dispatch_vec(v, [&](auto vt) { permute_kernel<decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a); });
   return cudaGetLastError();
@@ -707,12 +845,10 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
     const int64_t in_range = std::max<int64_t>(0, std::min(a.copy_end, p.num_recv_rows) - a.copy_begin);
     const int64_t count = a.copy_outside ? p.num_recv_rows - in_range : in_range;
     if (count > 0) {
-      int smem_sm = 0;
-      if ((err = smem_per_sm_bytes(&smem_sm)) != cudaSuccess) return err;
       // Every block resident at once (each works through its rows in turn): as many as the shared memory
-      // holds (1 KiB reserved per block), at most the asked-for blocks per SM.
-      const int64_t fit = std::max<int64_t>(1, smem_sm / (nbuf * a.row_bytes + 1024 + 128));
-      const int64_t per_sm = std::min<int64_t>(fit, p.blocks_per_sm > 0 ? p.blocks_per_sm : kRowBlocksPerSm);
+      // holds, at most the asked-for blocks per SM.
+      int64_t per_sm = 0;
+      if ((err = bulk_blocks_per_sm(nbuf * a.row_bytes, p.blocks_per_sm, &per_sm)) != cudaSuccess) return err;
       const unsigned bgrid = static_cast<unsigned>(std::min<int64_t>(count, per_sm * sms));
       expert_bulk_copy_kernel<<<bgrid, kWarp, static_cast<size_t>(nbuf * a.row_bytes), stream>>>(
           a, count, static_cast<int>(nbuf));

@@ -37,6 +37,8 @@ struct PermuteArgs {
   int64_t chunk_rows;
   int max_chunks;
   uint64_t chunk_epoch;
+  const int32_t* self_expert_rows;  // the bulk permute's own expert rows (PermuteParams), or null
+  char* expert_x;
 };
 
 // Weight of expert e of token t whose compact index is c (ep_params.h "Weight of expert e").

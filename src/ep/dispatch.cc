@@ -84,6 +84,14 @@ int window_copy_blocks() {
   return n;
 }
 
+// BITEP_WINDOW_ROWS=bulk: with arrival chunks, the window's rows pass goes by bulk (TMA) copies, one thread a
+// block, and stores each own row to its expert rows from the same read (no own-row copy kernel beside it;
+// the peers' copies run on arrival beside it). Default: warps (the permute kernel), own rows copied apart.
+bool window_rows_bulk() {
+  static const bool on = env_is("BITEP_WINDOW_ROWS", "bulk");
+  return on;
+}
+
 // Arrival chunks of the window's large dispatches: the rows pass raises a flag in the destination's window
 // per chunk of rows landed, and the others' expert copies (and the window's copy into recv_x) wait for
 // their chunk, running beside the transfer instead of after a barrier. Chunks per peer:
@@ -504,6 +512,32 @@ bitepResult_t Dispatch::move_rows_window() {
     BITEP_CHECK(ex_.temp(sizeof(int32_t) * W_ * win_->max_chunks(), &chunk_count));
   }
 
+  // The rows alone: the own ones into recv_x (none when expert-major only), the others to the peers.
+  kernels::PermuteParams rows = pp;
+  rows.recv_x = h->recv_x;
+  rows.recv_map = nullptr;
+  rows.recv_weights = nullptr;
+  rows.self_tokens = nullptr;
+  rows.peer_dest = peer_dest_ + 3 * W_;
+  rows.blocks_per_sm = window_row_blocks();
+  rows.max_blocks = window_row_grid();
+  if (C > 0) {
+    rows.chunk_count = static_cast<int32_t*>(chunk_count);
+    rows.chunk_flag = reinterpret_cast<uint64_t* const*>(peer_dest_ + 6 * W_);
+    rows.send_counts = arrival_table_ + W_ + 1;
+    rows.chunk_rows = chunk_rows;
+    rows.max_chunks = win_->max_chunks();
+  }
+  // Fused (BITEP_WINDOW_ROWS=bulk): the rows pass also writes the own rows' expert copies, by bulk copies.
+  bool fused = false;
+  if (C > 0 && window_rows_bulk() && h->num_tokens > 0 && own1 > own0) {
+    rows.bulk = true;
+    rows.self_expert_rows = h->recv_expert_rows + own0 * KL_;
+    rows.expert_x = h->expert_x;
+    BITEP_CHECK(ex_.permute_bulk(rows, &fused));
+    if (!fused) rows.bulk = false, rows.self_expert_rows = nullptr, rows.expert_x = nullptr;
+  }
+
   BITEP_CHECK(win_->acquire(ex_.stream()));
   if (C > 0) BITEP_CHECK(ex_.zero(chunk_count, sizeof(int32_t) * W_ * win_->max_chunks()));
   if (!windows_idle_) {
@@ -514,23 +548,40 @@ bitepResult_t Dispatch::move_rows_window() {
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
   BITEP_CHECK(unpack_window(false));
   trace_.mark("window (routing)");
-  BITEP_CHECK(ex_.fork());
-  ep.copy_begin = own0;
-  ep.copy_end = own1;
-  ep.blocks_per_sm = window_copy_blocks();
-  ep.recv_x = a_->x;  // own row own0 + s is token tokens[s]
-  ep.src_index = static_cast<const int32_t*>(tokens);
   bool first_bulk = false;
-  BITEP_CHECK(ex_.expert_bulk(ep, &first_bulk));
-  if (expert) BITEP_CHECK(ex_.expert_major(ep));
-  ep.src_index = nullptr;
-  trace_.mark_on("expert-major (own rows)", ex_.current_stream());
+  if (fused) {
+    // Every row's positions first (the rows pass reads the own ones'); no copies.
+    kernels::ExpertMajorParams positions = ep;
+    positions.expert_x = nullptr;
+    if (expert) BITEP_CHECK(ex_.expert_major(positions));
+    trace_.mark("positions");
+    BITEP_CHECK(ex_.fork());
+  } else {
+    BITEP_CHECK(ex_.fork());
+    ep.copy_begin = own0;
+    ep.copy_end = own1;
+    ep.blocks_per_sm = window_copy_blocks();
+    ep.recv_x = a_->x;  // own row own0 + s is token tokens[s]
+    ep.src_index = static_cast<const int32_t*>(tokens);
+    BITEP_CHECK(ex_.expert_bulk(ep, &first_bulk));
+    if (expert) BITEP_CHECK(ex_.expert_major(ep));
+    ep.src_index = nullptr;
+    trace_.mark_on("expert-major (own rows)", ex_.current_stream());
+  }
   const uint64_t epoch = C > 0 ? win_->next_chunk_epoch() : 0;
+  rows.chunk_epoch = epoch;
   if (C > 0) {
     // The others' copies wait for their chunks (this rank offered chunks only where they go by the bulk
     // copies, which wait); the window's rows go into recv_x from the same read.
+    ep.copy_begin = own0;
+    ep.copy_end = own1;
     ep.recv_x = base;  // the window's rows sit where recv_x's do
     BITEP_CHECK(others_after_own(&ex_, first_bulk, &ep));
+    if (fused) {
+      ep.positions_given = true;
+      ep.zero_pads = true;  // no own-row call zeroed them
+      ep.blocks_per_sm = std::max(1, window_copy_blocks() - 1);  // room on every SM for the rows pass beside it
+    }
     ep.arrival_flags = win_->chunk_flags(self_);
     ep.recv_offsets = arrival_table_;
     ep.num_ranks = W_;
@@ -544,25 +595,7 @@ bitepResult_t Dispatch::move_rows_window() {
     trace_.mark_on("expert-major (others, on arrival)", ex_.current_stream());
   }
   ex_.launch_on_caller();
-  if (h->num_tokens > 0) {
-    // The rows alone: the own ones into recv_x (none when expert-major only), the others to the peers.
-    pp.recv_x = h->recv_x;
-    pp.recv_map = nullptr;
-    pp.recv_weights = nullptr;
-    pp.self_tokens = nullptr;
-    pp.peer_dest = peer_dest_ + 3 * W_;
-    pp.blocks_per_sm = window_row_blocks();
-    pp.max_blocks = window_row_grid();
-    if (C > 0) {
-      pp.chunk_count = static_cast<int32_t*>(chunk_count);
-      pp.chunk_flag = reinterpret_cast<uint64_t* const*>(peer_dest_ + 6 * W_);
-      pp.send_counts = arrival_table_ + W_ + 1;
-      pp.chunk_rows = chunk_rows;
-      pp.max_chunks = win_->max_chunks();
-      pp.chunk_epoch = epoch;
-    }
-    BITEP_CHECK(ex_.permute(pp));
-  }
+  if (h->num_tokens > 0) BITEP_CHECK(ex_.permute(rows));
   if (C > 0) {
     trace_.mark("window (rows)");
     BITEP_CHECK(ex_.join());

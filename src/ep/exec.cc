@@ -221,4 +221,14 @@ bitepResult_t Exec::expert_bulk(const kernels::ExpertMajorParams& p, bool* out) 
   return bitepSuccess;
 }
 
+bitepResult_t Exec::permute_bulk(const kernels::PermuteParams& p, bool* out) {
+  *out = false;
+#ifdef BITEP_HAVE_CUDA
+  if (cuda()) BITEP_CUDA_CHECK(kernels::permute_takes_bulk(p, out));
+#else
+  (void)p;
+#endif
+  return bitepSuccess;
+}
+
 }  // namespace bitep::ep

@@ -76,6 +76,8 @@ class Exec {
   bitepResult_t weight_grad(const kernels::WeightGradParams& p);
   // Whether expert_major(p) copies by bulk copies (cuda), which leave ExpertMajorParams::expert_src unfilled.
   bitepResult_t expert_bulk(const kernels::ExpertMajorParams& p, bool* out);
+  // Whether permute(p) moves the rows by bulk copies (cuda; PermuteParams::bulk).
+  bitepResult_t permute_bulk(const kernels::PermuteParams& p, bool* out);
 
  private:
   bitepGroup* group_;

@@ -205,9 +205,10 @@ TEST(EpKernelsGpu, PermutePeerDestMatchesHost) {
     const std::vector<uint8_t> pois_sx = poisoned<uint8_t>(S * rb), pois_rx = poisoned<uint8_t>(R * rb);
     const std::vector<uint8_t> pois_sm = poisoned<uint8_t>(S * MB), pois_rm = poisoned<uint8_t>(R * MB);
     const std::vector<float> pois_sw = poisoned<float>(S * KL), pois_rw = poisoned<float>(R * KL);
-    // Variant 0: all; 1: maps and weights to the peers, the self chunk whole; 2: the peers' rows alone.
-    for (int variant = 0; variant < 3; ++variant) {
-      const bool rows = variant != 1, meta = variant != 2, own = variant != 2;
+    // Variant 0: all; 1: maps and weights to the peers, the self chunk whole; 2: the peers' rows alone; 3: the
+    // rows alone, the own ones too, by bulk copies where the shape allows, with the own rows' expert copies.
+    for (int variant = 0; variant < 4; ++variant) {
+      const bool rows = variant != 1, meta = variant < 2, own = variant != 2, own_meta = variant < 2;
       std::vector<uint8_t> sx = pois_sx, rx = pois_rx, sm = pois_sm, rm = pois_rm;
       std::vector<float> sw = pois_sw, rw = pois_rw;
       auto table = [&](uint8_t* bx, uint8_t* bm, float* bw) {
@@ -224,8 +225,8 @@ TEST(EpKernelsGpu, PermutePeerDestMatchesHost) {
       q.send_offsets = nullptr;
       q.send_x = nullptr, q.send_map = nullptr, q.send_weights = nullptr;
       q.recv_x = own ? rx.data() : nullptr;
-      q.recv_map = own ? rm.data() : nullptr;
-      q.recv_weights = own ? rw.data() : nullptr;
+      q.recv_map = own_meta ? rm.data() : nullptr;
+      q.recv_weights = own_meta ? rw.data() : nullptr;
       if (!meta) q.routing.weight_format = WeightFormat::kNone;
       const std::vector<void*> host_dest = table(sx.data(), sm.data(), sw.data());
       q.peer_dest = host_dest.data();
@@ -239,11 +240,41 @@ TEST(EpKernelsGpu, PermutePeerDestMatchesHost) {
       q.x = dx.get();
       q.token_slot = dslot.get();
       q.recv_x = own ? drx.get() : nullptr;
-      q.recv_map = own ? drm.get() : nullptr;
-      q.recv_weights = own ? drw.get() : nullptr;
+      q.recv_map = own_meta ? drm.get() : nullptr;
+      q.recv_weights = own_meta ? drw.get() : nullptr;
       q.peer_dest = ddest.get();
+      // Variant 3's own expert copies: a random position (or none) for each of an own row's KL entries, the
+      // expected expert_x from the host's token of each own slot.
+      const int64_t n_self = lay.counts[size_t(self) * (L + 1)], NX = n_self * KL + 3;
+      std::vector<int32_t> self_pos(size_t(n_self) * KL, -1);
+      std::vector<uint8_t> want_ex = poisoned<uint8_t>(NX * rb);
+      bool bulk = false;
+      if (variant == 3) {
+        q.bulk = true;
+        ASSERT_EQ(K::permute_takes_bulk(q, &bulk), cudaSuccess);
+        int major = 0;
+        ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
+        if (major >= 9 && rb % 16 == 0 && rb <= 24 * 1024 && c.T > 0) EXPECT_TRUE(bulk) << c.str();
+        std::vector<int32_t> order(NX);
+        std::iota(order.begin(), order.end(), 0);
+        std::shuffle(order.begin(), order.end(), std::mt19937_64(c.seed + 7));
+        for (size_t e = 0; e < self_pos.size(); ++e)
+          if (e % 5 != 3) self_pos[e] = order[e];
+        for (int64_t t = 0; t < c.T; ++t) {
+          const int slot = lay.slot[size_t(t) * W + self];
+          for (int j = 0; slot >= 0 && j < KL; ++j)
+            if (self_pos[size_t(slot) * KL + j] >= 0)
+              std::memcpy(want_ex.data() + self_pos[size_t(slot) * KL + j] * rb, x.data() + t * rb, rb);
+        }
+      }
+      Dev<int32_t> dself_pos(self_pos);
+      Dev<uint8_t> dex(NX * rb);
+      if (bulk) {
+        q.self_expert_rows = dself_pos.get();
+        q.expert_x = dex.get();
+      }
       // The rows alone also raise arrival flags (the window's rows pass): chunks of 1-7 rows per peer.
-      const bool arrival = variant == 2;
+      const bool arrival = variant >= 2;
       const int64_t chunk_rows = 1 + static_cast<int64_t>(c.seed % 7);
       std::vector<int64_t> send_n(W, 0);
       int64_t most = 1;
@@ -293,9 +324,10 @@ TEST(EpKernelsGpu, PermutePeerDestMatchesHost) {
       ok = ok & same(sx, rows ? ref_sx : pois_sx, "dest x vs send_x", where);
       ok = ok & same(rx, own ? ref_rx : pois_rx, "recv_x vs plain", where);
       ok = ok & same(sm, meta ? ref_sm : pois_sm, "dest map vs send_map", where);
-      ok = ok & same(rm, own ? ref_rm : pois_rm, "recv_map vs plain", where);
+      ok = ok & same(rm, own_meta ? ref_rm : pois_rm, "recv_map vs plain", where);
       ok = ok & same(sw, meta && weights ? ref_sw : pois_sw, "dest weights vs send_weights", where);
-      ok = ok & same(rw, own && weights ? ref_rw : pois_rw, "recv_weights vs plain", where);
+      ok = ok & same(rw, own_meta && weights ? ref_rw : pois_rw, "recv_weights vs plain", where);
+      if (bulk) ok = ok & same(dex.host(), want_ex, "own expert rows (bulk)", where);
       if (!ok && ++failing >= kMaxFailingCases) return;
     }
   }
