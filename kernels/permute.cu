@@ -372,10 +372,10 @@ struct BulkRing {
   __device__ void load(int64_t n, const void* src) const {
     const uint32_t b = static_cast<uint32_t>(n % nbuf);
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar0 + 8 * b), "r"(bytes) : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem0 + b * bytes),
-        "l"(src), "r"(bytes), "r"(bar0 + 8 * b)
-        : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem0 + b * bytes),
+                 "l"(src), "r"(bytes), "r"(bar0 + 8 * b)
+                 : "memory");
   }
   __device__ void wait(int64_t n) const {
     const uint32_t b = static_cast<uint32_t>(n % nbuf), parity = static_cast<uint32_t>((n / nbuf) & 1);
@@ -623,8 +623,8 @@ cudaError_t takes_bulk(const ExpertMajorParams& p, int v, bool* out) {
 cudaError_t permute_bulk(const PermuteParams& p, bool* out) {
   *out = false;
   const int64_t row_bytes = p.hidden * dtype_size(p.dtype);
-  const bool meta = p.recv_map != nullptr || p.recv_weights != nullptr || p.send_map != nullptr ||
-                    p.send_weights != nullptr;
+  const bool meta =
+      p.recv_map != nullptr || p.recv_weights != nullptr || p.send_map != nullptr || p.send_weights != nullptr;
   if (!p.bulk || meta || p.x == nullptr || row_bytes <= 0 || kBulkSmemBytes / row_bytes < 2 ||
       vec_bytes(row_bytes, p.x, p.recv_x, p.send_x) != 16 || vec_bytes(row_bytes, p.expert_x) != 16)
     return cudaSuccess;
@@ -726,7 +726,7 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
     int64_t grid = std::min<int64_t>(p.num_tokens, per_sm * sms);
     if (p.max_blocks > 0) grid = std::min<int64_t>(grid, p.max_blocks);
     permute_bulk_kernel<<<static_cast<unsigned>(grid), kWarp, static_cast<size_t>(nbuf * a.row_bytes), stream>>>(a,
-                                                                                                              nbuf);
+                                                                                                                 nbuf);
     return cudaGetLastError();
   }
   unsigned grid = 0;

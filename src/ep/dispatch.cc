@@ -579,7 +579,7 @@ bitepResult_t Dispatch::move_rows_window() {
     BITEP_CHECK(others_after_own(&ex_, first_bulk, &ep));
     if (fused) {
       ep.positions_given = true;
-      ep.zero_pads = true;  // no own-row call zeroed them
+      ep.zero_pads = true;                                       // no own-row call zeroed them
       ep.blocks_per_sm = std::max(1, window_copy_blocks() - 1);  // room on every SM for the rows pass beside it
     }
     ep.arrival_flags = win_->chunk_flags(self_);
