@@ -213,13 +213,15 @@ struct ExpertMajorParams {
   // row read once into shared memory and stored to each of its expert rows. false: the gather always.
   bool bulk = true;
   // Optional, cuda bulk copies only (expert_major_takes_bulk; src_index null): the rows arrive while the
-  // copies run (PermuteParams::chunk_*). Row i from rank s (recv_offsets[s] <= i < recv_offsets[s + 1])
-  // is read once arrival_flags[s * max_chunks + (i - recv_offsets[s]) / chunk_rows] >= arrival_epoch
-  // (acquire, system scope); a wait past timeout_ns raises *timed_out and reads the row as it is.
-  const uint64_t* arrival_flags = nullptr;  // this rank's [W, max_chunks] (its window)
-  const int64_t* recv_offsets = nullptr;    // [W + 1] (backend memory)
-  int num_ranks = 0, max_chunks = 0;
-  int64_t chunk_rows = 0;
+  // copies run (PermuteParams::chunk_*), in pieces: piece q is rows [row_start[q], + seq[q + 1] - seq[q]),
+  // landed once arrival_flags[flag[q]] >= arrival_epoch (acquire, system scope). arrival_pieces holds
+  // seq [P + 1] (seq[0] = 0), row_start [P] and flag [P], int64 (backend memory). The pieces hold exactly
+  // the rows the copy range selects, in the order the copies take them (positions_given): the dispatch orders
+  // them by chunk, every sender's first chunk before any sender's second. A wait past timeout_ns raises
+  // *timed_out and reads the rows as they are.
+  const uint64_t* arrival_flags = nullptr;   // this rank's [W, max_chunks] (its window)
+  const int64_t* arrival_pieces = nullptr;  // [3P + 1]
+  int num_pieces = 0;                       // P
   uint64_t arrival_epoch = 0, timeout_ns = 0;
   volatile int* timed_out = nullptr;
   // Optional: each row whose copies this call writes is also stored at its own row i of recv_copy

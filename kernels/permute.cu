@@ -118,9 +118,8 @@ struct ExpertArgs {
   const int32_t* src_index;
   // The bulk copies' arrival waits (ExpertMajorParams::arrival_flags ...; flags null: none) and recv_copy.
   const uint64_t* arrival_flags;
-  const int64_t* recv_offsets;
-  int num_ranks, max_chunks;
-  int64_t chunk_rows;
+  const int64_t* arrival_pieces;
+  int num_pieces;
   uint64_t arrival_epoch, timeout_ns;
   volatile int* timed_out;
   char* recv_copy;
@@ -437,17 +436,23 @@ __global__ void __launch_bounds__(kWarp) expert_bulk_copy_kernel(ExpertArgs a, i
     if (!a.copy_outside) return a.copy_begin + m;
     return m < a.copy_begin ? m : m + (a.copy_end - a.copy_begin);
   };
-  // Arrival waits: the rows come in ascending order, so the sender and the chunk only move forward.
-  int sender = 0;
-  int64_t ready = -1;  // the last chunk (sender * max_chunks + chunk) seen landed
+  // With arrival pieces, the n-th row is the pieces' (seq, row_start, flag). The loads and the stores walk
+  // them with a cursor each (both in ascending order).
+  const int64_t* seq = a.arrival_flags != nullptr ? a.arrival_pieces : nullptr;
+  const int64_t* row_start = seq + a.num_pieces + 1;
+  const int64_t* flag = row_start + a.num_pieces;
+  auto piece_row = [&](int64_t n, int& q) {
+    const int64_t m = blockIdx.x + n * gridDim.x;
+    while (__ldg(seq + q + 1) <= m) ++q;
+    return __ldg(row_start + q) + (m - __ldg(seq + q));
+  };
+  int load_piece = 0, store_piece = 0;
+  int ready = -1;  // the last piece seen landed
   bool gave_up = false;
-  auto wait_arrival = [&](int64_t i) {
-    while (sender + 1 < a.num_ranks && i >= __ldg(a.recv_offsets + sender + 1)) ++sender;
-    const int64_t key =
-        static_cast<int64_t>(sender) * a.max_chunks + (i - __ldg(a.recv_offsets + sender)) / a.chunk_rows;
-    if (key == ready || gave_up) return;
+  auto wait_arrival = [&](int q) {
+    if (q == ready || gave_up) return;
     const uint64_t start = global_ns();
-    while (load_acquire_sys(a.arrival_flags + key) < a.arrival_epoch) {
+    while (load_acquire_sys(a.arrival_flags + __ldg(flag + q)) < a.arrival_epoch) {
       if (global_ns() - start > a.timeout_ns) {
         *a.timed_out = 1;
         gave_up = true;
@@ -457,18 +462,21 @@ __global__ void __launch_bounds__(kWarp) expert_bulk_copy_kernel(ExpertArgs a, i
     }
     // The landed rows were written by the peer's stores; the bulk load reads through the async proxy.
     asm volatile("fence.proxy.async.global;" ::: "memory");
-    ready = key;
+    ready = q;
   };
   const BulkRing ring = make_ring(bulk_smem, bar, a.row_bytes, nbuf);
   bulk_rows(
       ring, mine,
       [&](int64_t n) {
-        const int64_t i = bulk_row(n);
-        if (a.arrival_flags != nullptr) wait_arrival(i);
-        return a.recv_x + source_row(a, i) * a.row_bytes;
+        if (seq != nullptr) {
+          const int64_t i = piece_row(n, load_piece);
+          wait_arrival(load_piece);
+          return a.recv_x + i * a.row_bytes;
+        }
+        return a.recv_x + source_row(a, bulk_row(n)) * a.row_bytes;
       },
       [&](int64_t n) {
-        const int64_t i = bulk_row(n);
+        const int64_t i = seq != nullptr ? piece_row(n, store_piece) : bulk_row(n);
         for (int j = 0; j < KL; ++j) {
           const int pos = __ldg(a.rows + i * KL + j);
           if (pos >= 0) ring.store(n, a.expert_x + pos * a.row_bytes);
@@ -771,16 +779,14 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   a.zero_pads = p.zero_pads;
   a.src_index = p.src_index;
   a.arrival_flags = p.arrival_flags;
-  a.recv_offsets = p.recv_offsets;
-  a.num_ranks = p.num_ranks;
-  a.max_chunks = p.max_chunks;
-  a.chunk_rows = p.chunk_rows;
+  a.arrival_pieces = p.arrival_pieces;
+  a.num_pieces = p.num_pieces;
   a.arrival_epoch = p.arrival_epoch;
   a.timeout_ns = p.timeout_ns;
   a.timed_out = p.timed_out;
   a.recv_copy = static_cast<char*>(p.recv_copy);
-  if (p.arrival_flags != nullptr && (p.recv_offsets == nullptr || p.timed_out == nullptr || p.num_ranks < 1 ||
-                                     p.max_chunks < 1 || p.chunk_rows < 1 || p.src_index != nullptr))
+  if (p.arrival_flags != nullptr && (p.arrival_pieces == nullptr || p.timed_out == nullptr || p.num_pieces < 0 ||
+                                     p.src_index != nullptr || !p.positions_given))
     return cudaErrorInvalidValue;
 
   int sms = 0;

@@ -30,6 +30,7 @@
 #include "src/args.h"
 #include "src/check.h"
 #include "src/env.h"
+#include "src/ep/arrival.h"
 #include "src/ep/collective.h"
 #include "src/ep/dispatch_args.h"
 #include "src/ep/exec.h"
@@ -157,6 +158,9 @@ class Dispatch {
   bitepResult_t before_exchange();
   bitepResult_t after_exchange();
   bitepResult_t upload_tables();
+  // The arrival chunks' rows (chunk_rows_) and out = [W] send counts, then the pieces of the peers' rows
+  // in this rank's window, chunk-major (ExpertMajorParams::arrival_pieces).
+  bitepResult_t arrival_pieces(std::vector<int64_t>* out);
   bitepResult_t move_rows();
   bitepResult_t move_rows_window();
   bitepResult_t move_rows_window_small();
@@ -188,10 +192,15 @@ class Dispatch {
   // The count exchange went through the windows: it was a barrier after every rank's previous use of its
   // window (each exchange is ordered after its rank's previous release), so the windows are idle.
   bool windows_idle_ = false;
-  void* const* peer_dest_ = nullptr;        // [7W] the permute's destinations in the peers' windows (meta, rows)
-                                            // and the arrival flags of this rank's chunks in them
-  const int64_t* arrival_table_ = nullptr;  // [W + 1] recv offsets, [W] send counts (backend memory; window)
-  int chunks_ = 0;  // arrival chunks per peer (this rank's offer before the exchange; agreed after)
+  void* const* peer_dest_ = nullptr;  // [7W] the permute's destinations in the peers' windows (meta, rows)
+                                      // and the arrival flags of this rank's chunks in them
+  // Arrival chunks per peer (this rank's offer before the exchange; agreed after, at most the window's
+  // max_chunks()), of chunk_rows_ rows each (large window dispatches; upload_tables).
+  int chunks_ = 0;
+  int64_t chunk_rows_ = 0;
+  // [W] send counts, then the arrival pieces [3P + 1] (ExpertMajorParams::arrival_pieces; backend memory).
+  const int64_t* arrival_table_ = nullptr;
+  int num_pieces_ = 0;
   size_t win_map_ = 0, win_weights_ = 0;  // offsets of the map and weight regions in a window
   // Send-side temporaries.
   void* send_x_ = nullptr;
@@ -438,18 +447,13 @@ bitepResult_t Dispatch::upload_tables() {
       if (!split_) dest[r] = dest[3 * W_ + r];
       if (chunks_ > 0) dest[6 * W_ + r] = win_->chunk_flags(r) + static_cast<size_t>(self_) * win_->max_chunks();
     }
-    // The arrival waits' row ranges: [W + 1] receive offsets, [W] send counts.
-    arrival.assign(2 * static_cast<size_t>(W_) + 1, 0);
-    for (int r = 0; r < W_; ++r) {
-      arrival[r] = h->recv_offsets[r];
-      arrival[W_ + 1 + r] = h->matrix[static_cast<size_t>(self_) * W_ + r];
-    }
-    arrival[W_] = h->num_recv_rows;
+    if (split_ && chunks_ > 0) BITEP_CHECK(arrival_pieces(&arrival));
   }
   // The layout tables the kernels read, in one block and one upload: [W] int64 send offsets, [7W] peer
-  // destinations and [2W + 1] int64 arrival ranges (window only), [L] int32 expert counts, [L + 1] int32
-  // expert offsets.
+  // destinations (window only), [W + 3P + 1] int64 send counts and arrival pieces (arrival chunks only), [L]
+  // int32 expert counts, [L + 1] int32 expert offsets.
   const size_t dest_bytes = sizeof(void*) * dest.size(), arrival_bytes = sizeof(int64_t) * arrival.size();
+  num_pieces_ = arrival.empty() ? 0 : static_cast<int>((arrival.size() - W_ - 1) / 3);
   const size_t head_bytes = sizeof(int64_t) * W_ + dest_bytes + arrival_bytes;
   const size_t table_bytes = head_bytes + sizeof(int32_t) * (2 * L_ + 1);
   BITEP_CHECK(ex_.keep(table_bytes, &h->blocks, &p));
@@ -468,6 +472,17 @@ bitepResult_t Dispatch::upload_tables() {
   for (int l = 0; l < L_; ++l) counts32[l] = static_cast<int32_t>(h->expert_counts_host[l]);
   std::memcpy(counts32 + L_, h->expert_offsets_host.data(), sizeof(int32_t) * (L_ + 1));
   BITEP_CHECK(ex_.upload_staged(h->send_offsets_dev, table.data(), table_bytes));
+  return bitepSuccess;
+}
+
+bitepResult_t Dispatch::arrival_pieces(std::vector<int64_t>* out) {
+  const bitepHandle* h = h_.get();
+  chunk_rows_ = arrival_chunk_rows(h->matrix, W_, std::min(chunks_, win_->max_chunks()));
+  out->assign(static_cast<size_t>(W_), 0);
+  for (int r = 0; r < W_; ++r) (*out)[r] = h->matrix[static_cast<size_t>(self_) * W_ + r];
+  const std::vector<int64_t> pieces =
+      ep::arrival_pieces(h->matrix, h->recv_offsets, W_, self_, chunk_rows_, win_->max_chunks());
+  out->insert(out->end(), pieces.begin(), pieces.end());
   return bitepSuccess;
 }
 
@@ -498,19 +513,10 @@ bitepResult_t Dispatch::move_rows_window() {
   BITEP_CHECK(ex_.temp(sizeof(int32_t) * (own1 - own0), &tokens));
   pp.recv_x = nullptr;
   pp.self_tokens = static_cast<int32_t*>(tokens);
-  // Arrival chunks: every rank's chunks to every peer of chunk_rows rows, the same on all (from the matrix).
+  // Arrival chunks (upload_tables made their pieces), counted with the flags' stride: [W, max_chunks()].
   const int C = std::min(chunks_, win_->max_chunks());
-  int64_t chunk_rows = 0;
   void* chunk_count = nullptr;
-  if (C > 0) {
-    int64_t most = 1;
-    for (int s = 0; s < W_; ++s)
-      for (int r = 0; r < W_; ++r)
-        if (r != s) most = std::max(most, h->matrix[static_cast<size_t>(s) * W_ + r]);
-    chunk_rows = (most + C - 1) / C;
-    // Counted with the flags' stride: [W, max_chunks()].
-    BITEP_CHECK(ex_.temp(sizeof(int32_t) * W_ * win_->max_chunks(), &chunk_count));
-  }
+  if (C > 0) BITEP_CHECK(ex_.temp(sizeof(int32_t) * W_ * win_->max_chunks(), &chunk_count));
 
   // The rows alone: the own ones into recv_x (none when expert-major only), the others to the peers.
   kernels::PermuteParams rows = pp;
@@ -524,8 +530,8 @@ bitepResult_t Dispatch::move_rows_window() {
   if (C > 0) {
     rows.chunk_count = static_cast<int32_t*>(chunk_count);
     rows.chunk_flag = reinterpret_cast<uint64_t* const*>(peer_dest_ + 6 * W_);
-    rows.send_counts = arrival_table_ + W_ + 1;
-    rows.chunk_rows = chunk_rows;
+    rows.send_counts = arrival_table_;
+    rows.chunk_rows = chunk_rows_;
     rows.max_chunks = win_->max_chunks();
   }
   // Fused (BITEP_WINDOW_ROWS=bulk): the rows pass also writes the own rows' expert copies, by bulk copies.
@@ -583,10 +589,8 @@ bitepResult_t Dispatch::move_rows_window() {
       ep.blocks_per_sm = std::max(1, window_copy_blocks() - 1);  // room on every SM for the rows pass beside it
     }
     ep.arrival_flags = win_->chunk_flags(self_);
-    ep.recv_offsets = arrival_table_;
-    ep.num_ranks = W_;
-    ep.max_chunks = win_->max_chunks();
-    ep.chunk_rows = chunk_rows;
+    ep.arrival_pieces = arrival_table_ + W_;
+    ep.num_pieces = num_pieces_;
     ep.arrival_epoch = epoch;
     ep.timeout_ns = timeout_ns(c.timeout_s);
     ep.timed_out = win_->timeout_word();

@@ -545,29 +545,37 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
       if (c.seed % 2) q.bulk = false;  // the others by the gather: it needs the table the bulk copies left unfilled
       ASSERT_EQ(K::expert_major_takes_bulk(q, &second_bulk), cudaSuccess);
       q.src_given = second_bulk || !first_bulk;  // as the dispatch decides it
-      // The bulk copies of the others as the window's dispatch makes them: each row waits for its chunk's
-      // arrival flag (three senders over the rows, chunks of 1-5 rows) and is also stored into recv_copy.
-      // Every flag is raised but one in some cases: its rows wait out a 2 ms timeout, raise the timeout
-      // word and are copied as they are (here: complete).
+      // The bulk copies of the others as the window's dispatch makes them: the rows outside the range are two
+      // senders' ([0, R / 3) and [2R / 3, R)), taken in chunks of 1-5 rows, chunk-major; each piece waits for its
+      // arrival flag, and every row is also stored into recv_copy. Every flag is raised but one in some cases:
+      // its rows wait out a 2 ms timeout, raise the timeout word and are copied as they are (here: complete).
       const bool arrival = second_bulk && c.R > 0;
       const int64_t chunk_rows = 1 + static_cast<int64_t>(c.seed % 5);
-      const std::vector<int64_t> senders = {0, c.R / 4, c.R / 2, c.R};
-      const int C = static_cast<int>((c.R - c.R / 2 + chunk_rows - 1) / chunk_rows + 1);
+      const int64_t from[2] = {0, 2 * c.R / 3}, count[2] = {c.R / 3, c.R - 2 * c.R / 3};
+      const int C = static_cast<int>(std::max(count[0], count[1]) / chunk_rows + 1);
+      std::vector<int64_t> seq{0}, start, flag;
+      for (int j = 0; j < C; ++j)
+        for (int sd = 0; sd < 2; ++sd)
+          if (count[sd] > j * chunk_rows) {
+            seq.push_back(seq.back() + std::min(chunk_rows, count[sd] - j * chunk_rows));
+            start.push_back(from[sd] + j * chunk_rows);
+            flag.push_back(sd * C + j);
+          }
+      std::vector<int64_t> pieces = seq;
+      pieces.insert(pieces.end(), start.begin(), start.end());
+      pieces.insert(pieces.end(), flag.begin(), flag.end());
       const uint64_t epoch = 3 + c.seed;
-      std::vector<uint64_t> flags(size_t(3) * C, epoch);
-      // The missing flag: the chunk of the last row (sender 2's), outside the copy range [R / 3, 2R / 3).
-      const bool missing = arrival && c.seed % 4 == 2 && c.R - 2 * c.R / 3 > 0;
-      if (missing) flags[2 * size_t(C) + (c.R - 1 - c.R / 2) / chunk_rows] = epoch - 1;
+      std::vector<uint64_t> flags(size_t(2) * C, epoch);
+      const bool missing = arrival && c.seed % 4 == 2 && count[1] > 0;
+      if (missing) flags[size_t(C) + (count[1] - 1) / chunk_rows] = epoch - 1;
       Dev<uint64_t> dflags(flags);
-      Dev<int64_t> dsenders(senders);
+      Dev<int64_t> dpieces(pieces);
       Dev<int> dtimed(std::vector<int>(1, 0));
       Dev<uint8_t> drecv(c.R * rb);
       if (arrival) {
         q.arrival_flags = dflags.get();
-        q.recv_offsets = dsenders.get();
-        q.num_ranks = 3;
-        q.max_chunks = C;
-        q.chunk_rows = chunk_rows;
+        q.arrival_pieces = dpieces.get();
+        q.num_pieces = static_cast<int>(start.size());
         q.arrival_epoch = epoch;
         q.timeout_ns = 2000000;
         q.timed_out = dtimed.get();

@@ -1,0 +1,97 @@
+// SPDX-License-Identifier: Apache-2.0
+// The arrival chunks of the large window dispatch (src/ep/arrival.h): every rank cuts alike, and a rank's
+// pieces hold each peer row of its window exactly once, chunk-major, each naming the flag its sender raises
+// for that chunk (the sender's chunk c of rows [c * chunk_rows, ...) of its block in this window).
+#include "src/ep/arrival.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <random>
+#include <vector>
+
+namespace {
+
+using bitep::ep::arrival_chunk_rows;
+using bitep::ep::arrival_pieces;
+
+constexpr int kMaxChunks = 64;
+
+// Checks rank self's pieces against the matrix; returns the number of pieces.
+size_t check_pieces(const std::vector<int64_t>& m, int W, int self, int chunks) {
+  std::vector<int64_t> off(W + 1, 0);
+  for (int s = 0; s < W; ++s) off[s + 1] = off[s] + m[size_t(s) * W + self];
+  const int64_t cr = arrival_chunk_rows(m, W, chunks);
+  EXPECT_GE(cr, 1);
+  // The sender's side: no pair needs more than `chunks` chunks of cr rows.
+  for (int s = 0; s < W; ++s)
+    for (int r = 0; r < W; ++r)
+      if (r != s) EXPECT_LE((m[size_t(s) * W + r] + cr - 1) / cr, chunks) << "pair " << s << " -> " << r;
+  const std::vector<int64_t> v =
+      arrival_pieces(m, std::vector<int64_t>(off.begin(), off.end() - 1), W, self, cr, kMaxChunks);
+  EXPECT_EQ((v.size() - 1) % 3, 0u);
+  const size_t P = (v.size() - 1) / 3;
+  const int64_t* seq = v.data();
+  const int64_t* start = seq + P + 1;
+  const int64_t* flag = start + P;
+  EXPECT_EQ(seq[0], 0);
+  std::vector<int> seen(off[W], 0);
+  int64_t last_j = -1;
+  for (size_t q = 0; q < P; ++q) {
+    const int64_t n = seq[q + 1] - seq[q];
+    const int s = static_cast<int>(flag[q] / kMaxChunks);
+    const int64_t j = flag[q] % kMaxChunks;
+    EXPECT_GT(n, 0) << "piece " << q;
+    EXPECT_LE(n, cr) << "piece " << q;
+    EXPECT_NE(s, self) << "piece " << q;
+    EXPECT_LT(j, chunks) << "piece " << q;
+    EXPECT_GE(j, last_j) << "piece " << q << ": chunk-major";
+    last_j = j;
+    // The sender's chunk j: rows [j * cr, min((j + 1) * cr, count)) of its block.
+    EXPECT_EQ(start[q], off[s] + j * cr) << "piece " << q;
+    EXPECT_EQ(n, std::min(cr, off[s + 1] - off[s] - j * cr)) << "piece " << q;
+    for (int64_t i = start[q]; i < start[q] + n && i < off[W]; ++i) ++seen[i];
+  }
+  // Every peer row once, no own row.
+  for (int64_t i = 0; i < off[W]; ++i) EXPECT_EQ(seen[i], i >= off[self] && i < off[self + 1] ? 0 : 1) << "row " << i;
+  return P;
+}
+
+TEST(ArrivalChunks, PiecesHoldEveryPeerRowOnceChunkMajor) {
+  std::mt19937_64 rng(11);
+  for (int W : {1, 2, 3, 8, 64})
+    for (int chunks : {1, 4, 16, 64})
+      for (int pattern = 0; pattern < 4; ++pattern) {
+        std::vector<int64_t> m(size_t(W) * W, 0);
+        for (int s = 0; s < W; ++s)
+          for (int r = 0; r < W; ++r) {
+            int64_t v = static_cast<int64_t>(rng() % 300);
+            if (pattern == 1) v = r == 0 ? 1000 + v : 0;  // every token to rank 0
+            if (pattern == 2 && s % 2 == 1) v = 0;        // empty ranks
+            if (pattern == 3) v = v % 3;                  // a few rows: chunks of one row
+            m[size_t(s) * W + r] = v;
+          }
+        for (int self = 0; self < W; ++self) {
+          SCOPED_TRACE("W " + std::to_string(W) + " chunks " + std::to_string(chunks) + " pattern " +
+                       std::to_string(pattern) + " self " + std::to_string(self));
+          check_pieces(m, W, self, chunks);
+        }
+      }
+}
+
+TEST(ArrivalChunks, OneRankAndNoRowsMakeNoPieces) {
+  EXPECT_EQ(check_pieces({500}, 1, 0, 16), 0u);
+  EXPECT_EQ(check_pieces({0, 0, 0, 0}, 2, 1, 16), 0u);
+  EXPECT_EQ(arrival_chunk_rows({0, 0, 0, 0}, 2, 16), 1);
+}
+
+TEST(ArrivalChunks, TwoRanksInOrder) {
+  // Rank 1 receives 10 rows from rank 0 (its rows [0, 10)) and keeps 7 ([10, 17)); rank 0 sends 10 and
+  // receives 5, so the largest pair is 10 rows: 4 chunks of 3 rows. Pieces: [0, 3) [3, 6) [6, 9) [9, 10).
+  const std::vector<int64_t> m = {4, 10, 5, 7};
+  const std::vector<int64_t> v = arrival_pieces(m, {0, 10}, 2, 1, arrival_chunk_rows(m, 2, 4), kMaxChunks);
+  const std::vector<int64_t> want = {0, 3, 6, 9, 10, /* starts */ 0, 3, 6, 9, /* flags */ 0, 1, 2, 3};
+  EXPECT_EQ(v, want);
+}
+
+}  // namespace
