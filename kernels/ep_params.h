@@ -219,7 +219,7 @@ struct ExpertMajorParams {
   // the rows the copy range selects, in the order the copies take them (positions_given): the dispatch orders
   // them by chunk, every sender's first chunk before any sender's second. A wait past timeout_ns raises
   // *timed_out and reads the rows as they are.
-  const uint64_t* arrival_flags = nullptr;   // this rank's [W, max_chunks] (its window)
+  const uint64_t* arrival_flags = nullptr;  // this rank's [W, max_chunks] (its window)
   const int64_t* arrival_pieces = nullptr;  // [3P + 1]
   int num_pieces = 0;                       // P
   uint64_t arrival_epoch = 0, timeout_ns = 0;
