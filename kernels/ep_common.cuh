@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Device helpers shared by the expert-parallel kernels (layout.cu, permute.cu, combine.cu): device
+// Device helpers shared by the expert-parallel kernels (layout.cu, permute.cu, expert_major.cu, combine.cu): device
 // properties, reading a routing input (bitmap / bytemap / [T, k] indices) as 32-bit words of routing
 // bits, vectorised row copies, dtype conversions, and the ballot-based tile scan that gives every
 // (item, column) pair its rank among the items of that column in ascending item order.

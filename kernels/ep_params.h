@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Parameters of the expert-parallel primitives (layout, permute, expert-major scatter, reduce,
 // final sum). Plain C++, no CUDA types: the host reference (src/host/ep_host.cc) and the CUDA
-// kernels (kernels/layout.cu, permute.cu, combine.cu) implement the same functions on the same
+// kernels (kernels/layout.cu, permute.cu, expert_major.cu, combine.cu) implement the same functions on the same
 // structs, so the orchestration in src/ep/ is shared. Pointers live in the backend's memory unless
 // a field says "host".
 //

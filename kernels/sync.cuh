@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Flags between GPUs: release stores and acquire loads at system scope (a peer's window over NVLink), the
 // global timer that bounds a wait. Shared by the peer window (comm/nccl_window.cu) and the dispatch's
-// arrival flags (kernels/permute.cu).
+// arrival flags (kernels/permute.cu raises them, kernels/expert_major.cu waits for them).
 #pragma once
 
 #include <cstdint>

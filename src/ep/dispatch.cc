@@ -508,11 +508,7 @@ bitepResult_t Dispatch::move_rows_window() {
   const bool expert = R > 0 || h->num_expert_rows > 0;
   // Peer ranges of this rank's window: [0, own0) and [own1, R).
   const std::pair<int64_t, int64_t> ranges[2] = {{0, own0}, {own1, R}};
-  // The own rows' tokens: their expert copies read x, before (beside) the permute writes recv_x.
-  void* tokens = nullptr;
-  BITEP_CHECK(ex_.temp(sizeof(int32_t) * (own1 - own0), &tokens));
-  pp.recv_x = nullptr;
-  pp.self_tokens = static_cast<int32_t*>(tokens);
+  pp.recv_x = nullptr;  // the own rows go with the rows pass
   // Arrival chunks (upload_tables made their pieces), counted with the flags' stride: [W, max_chunks()].
   const int C = std::min(chunks_, win_->max_chunks());
   void* chunk_count = nullptr;
@@ -542,6 +538,13 @@ bitepResult_t Dispatch::move_rows_window() {
     rows.expert_x = h->expert_x;
     BITEP_CHECK(ex_.permute_bulk(rows, &fused));
     if (!fused) rows.bulk = false, rows.self_expert_rows = nullptr, rows.expert_x = nullptr;
+  }
+  // Unfused, the own rows' expert copies read x, before (beside) the rows pass writes recv_x: the maps' pass
+  // records each own row's token.
+  void* tokens = nullptr;
+  if (!fused) {
+    BITEP_CHECK(ex_.temp(sizeof(int32_t) * (own1 - own0), &tokens));
+    pp.self_tokens = static_cast<int32_t*>(tokens);
   }
 
   BITEP_CHECK(win_->acquire(ex_.stream()));

@@ -211,24 +211,24 @@ BITEP_EP_PRIMITIVE(reduce, ReduceParams)
 BITEP_EP_PRIMITIVE(final_sum, FinalSumParams)
 BITEP_EP_PRIMITIVE(weight_grad, WeightGradParams)
 
-bitepResult_t Exec::expert_bulk(const kernels::ExpertMajorParams& p, bool* out) {
-  *out = false;
+// Whether a primitive takes its bulk copies: the cuda launcher's answer, false on the host backend.
 #ifdef BITEP_HAVE_CUDA
-  if (cuda()) BITEP_CUDA_CHECK(kernels::expert_major_takes_bulk(p, out));
+#define BITEP_EP_TAKES_BULK(name, Params, query)                  \
+  bitepResult_t Exec::name(const kernels::Params& p, bool* out) { \
+    *out = false;                                                 \
+    if (cuda()) BITEP_CUDA_CHECK(kernels::query(p, out));         \
+    return bitepSuccess;                                          \
+  }
 #else
-  (void)p;
+#define BITEP_EP_TAKES_BULK(name, Params, query)                  \
+  bitepResult_t Exec::name(const kernels::Params& p, bool* out) { \
+    (void)p;                                                      \
+    *out = false;                                                 \
+    return bitepSuccess;                                          \
+  }
 #endif
-  return bitepSuccess;
-}
 
-bitepResult_t Exec::permute_bulk(const kernels::PermuteParams& p, bool* out) {
-  *out = false;
-#ifdef BITEP_HAVE_CUDA
-  if (cuda()) BITEP_CUDA_CHECK(kernels::permute_takes_bulk(p, out));
-#else
-  (void)p;
-#endif
-  return bitepSuccess;
-}
+BITEP_EP_TAKES_BULK(expert_bulk, ExpertMajorParams, expert_major_takes_bulk)
+BITEP_EP_TAKES_BULK(permute_bulk, PermuteParams, permute_takes_bulk)
 
 }  // namespace bitep::ep

@@ -44,7 +44,7 @@ void destroy_handle(bitepHandle_t h) {
 }
 
 // BITEP_EXPERT_COPY=gather: the expert-major copies always in gather order (a tuning knob; by default
-// the cuda backend copies rows that allow it in source order by bulk copies, kernels/permute.cu).
+// the cuda backend copies rows that allow it in source order by bulk copies, kernels/expert_major.cu).
 namespace {
 bool expert_copy_bulk() {
   static const bool bulk = !env_is("BITEP_EXPERT_COPY", "gather");

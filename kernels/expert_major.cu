@@ -1,0 +1,533 @@
+// SPDX-License-Identifier: Apache-2.0
+// The expert-major view (ExpertMajorParams), kernels/ep_params.h.
+//
+// Expert-major: per local expert, its rows in receive order. Positions come from a scan over the received
+// rows, without scratch beyond the outputs; each row's work is its set bits (at most KL), not L:
+// - R <= kSingleMaxItems with the rows' maps fitting in shared memory: one block, one warp per expert over
+//   the staged maps; otherwise, up to kSingleMaxItems rows (or too few rows to split): one block scans all rows.
+// - otherwise S segments: 1. per segment, per expert totals into the first L entries of the segment's
+//   own recv_expert_rows region (each segment has >= ceil(L / KL) rows); 2. a warp per expert scans them into
+//   per-segment offsets in place; 3. each segment reads its offsets into shared memory, then writes its
+//   rows' positions (tile by tile: a lane mask per warp and expert, expert_pos_kernel).
+// Then the copy runs in gather order: expert_src[pos] (the entry i * KL + j whose position is pos, -1 for
+// a pad row) is filled from recv_expert_rows, and one warp per expert row, consecutive warps on
+// consecutive rows, copies its source row (optionally scaled by its weight) or zeroes a pad row. The
+// writes, k / W times the bytes of the reads, then stream out in address order (a scatter from each
+// received row to its k rows ran at a third of the HBM rate: ncu, H200, T = 4096, H = 7168).
+// On sm_90, unweighted copies of rows that are 16-byte multiples up to 24 KiB go in source order by bulk
+// (TMA) copies instead (ExpertMajorParams::bulk): each row read once into shared memory, then stored to
+// each of its expert rows, issued by one thread per block (kernels/bulk_rows.cuh); the gather kernel then
+// only zeroes pad rows. With arrival flags the bulk copies wait for each piece of rows to land (the window's
+// dispatch).
+
+#include <algorithm>
+
+#include "kernels/bulk_rows.cuh"
+#include "kernels/ep.h"
+#include "kernels/ep_common.cuh"
+#include "kernels/sync.cuh"
+
+namespace bitep::kernels {
+namespace {
+
+using namespace ep_detail;
+
+// ---- expert-major ---------------------------------------------------------------------------------
+
+struct ExpertArgs {
+  int64_t num_rows;                           // R
+  int local_experts, row_experts, map_bytes;  // L, KL, MB
+  const uint8_t* recv_map;
+  bool map_aligned4;
+  const int32_t* expert_offsets;
+  const int32_t* expert_counts;
+  int32_t* rows;  // recv_expert_rows [R, KL]
+  int64_t seg_len;
+  int num_segs;
+  const char* recv_x;
+  char* expert_x;
+  const float* recv_weights;
+  int64_t row_bytes, nvec, num_expert_rows;
+  int64_t* src;                  // [N] expert_src: the gather's source entry per expert row
+  int64_t copy_begin, copy_end;  // received rows whose copies are written (copy_outside: the others)
+  bool copy_outside, zero_pads;
+  // [copy_end - copy_begin] or null: row i's copies read recv_x row src_index[i - copy_begin].
+  const int32_t* src_index;
+  // The bulk copies' arrival waits (ExpertMajorParams::arrival_flags ...; flags null: none) and recv_copy.
+  const uint64_t* arrival_flags;
+  const int64_t* arrival_pieces;
+  int num_pieces;
+  uint64_t arrival_epoch, timeout_ns;
+  volatile int* timed_out;
+  char* recv_copy;
+};
+
+// The row of recv_x that received row i's copies read.
+__device__ __forceinline__ int64_t source_row(const ExpertArgs& a, int64_t i) {
+  return a.src_index != nullptr ? __ldg(a.src_index + (i - a.copy_begin)) : i;
+}
+
+// Experts [lo, lo + 32) ∩ [0, L) of received row i, as bits.
+__device__ __forceinline__ uint32_t row_bits(const ExpertArgs& a, int64_t i, int lo) {
+  const int n = a.local_experts - lo;
+  const uint32_t keep = n >= 32 ? kFullMask : ((1u << n) - 1u);
+  return bitmap_bits32(a.recv_map + i * a.map_bytes, a.map_bytes, a.map_aligned4, lo) & keep;
+}
+
+// The received rows' local maps as a routing view: bitmap rows of L bits, each row's first KL set bits its
+// entries (for_each_routed: f(l, j) for its local experts l, j the entry's index in recv_expert_rows[i]).
+__device__ __forceinline__ RouteView recv_view(const ExpertArgs& a) {
+  RouteView v;
+  v.format = RoutingFormat::kBitmap;
+  v.map8 = a.recv_map;
+  v.idx = nullptr;
+  v.row_bytes = a.map_bytes;
+  v.num_experts = a.local_experts;
+  v.topk = a.row_experts;
+  v.aligned4 = a.map_aligned4;
+  return v;
+}
+
+__device__ __forceinline__ int64_t seg_begin(const ExpertArgs& a, int s) { return static_cast<int64_t>(s) * a.seg_len; }
+__device__ __forceinline__ int64_t seg_end(const ExpertArgs& a, int s) {
+  return s + 1 == a.num_segs ? a.num_rows : (static_cast<int64_t>(s) + 1) * a.seg_len;  // the last takes the rest
+}
+
+// Pass 1: per segment and expert, the rows using it, into the segment's region of recv_expert_rows: each row
+// adds its experts (at most KL) to counters in shared memory.
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) expert_count_kernel(ExpertArgs a) {
+  extern __shared__ int counts[];  // [L]
+  const int tid = threadIdx.x, L = a.local_experts;
+  const int64_t i0 = seg_begin(a, blockIdx.x), i1 = seg_end(a, blockIdx.x);
+  for (int c = tid; c < L; c += kThreads) counts[c] = 0;
+  __syncthreads();
+  const RouteView v = recv_view(a);
+  for (int64_t i = i0 + tid; i < i1; i += kThreads)
+    for_each_routed(v, i, 0, L, [&](int l, int) { atomicAdd(&counts[l], 1); });
+  __syncthreads();
+  for (int c = tid; c < L; c += kThreads) a.rows[i0 * a.row_experts + c] = counts[c];
+}
+
+// Pass 2: a warp per expert; exclusive scan of the segment totals in place.
+__global__ void __launch_bounds__(kOffsetThreads) expert_offsets_kernel(ExpertArgs a) {
+  scan_segment_columns(
+      a.num_segs, a.local_experts, [&](int s, int c) { return a.rows + seg_begin(a, s) * a.row_experts + c; },
+      [](int, int) {});
+}
+
+// The positions' shared memory: experts are taken `chunk` = min(L, pos_chunk_max) at a time, each warp's lanes
+// using an expert as one mask word.
+template <int kThreads>
+__host__ __device__ constexpr int pos_chunk_max() {
+  return 4096 / (kThreads / kWarp);  // masks and bases: 32 KiB
+}
+template <int kThreads>
+size_t pos_smem_bytes(int L, bool single) {
+  const int chunk = std::min(L, pos_chunk_max<kThreads>());
+  return sizeof(int) *
+         ((single ? 0 : static_cast<size_t>(L)) + static_cast<size_t>(chunk) * (2 * (kThreads / kWarp) + 2));
+}
+
+// Pass 3 (or the single pass): recv_expert_rows. Position of row i's entry for expert l = expert_offsets[l] + the
+// rows before i using l (-1 past expert_offsets[l] + expert_counts[l]). Per tile of kThreads rows and chunk of
+// experts: each row sets its lane's bit in its warp's mask word of each of its experts (shared atomics), one pass
+// over the chunk's experts turns the warps' masks into bases (and carries the tile's totals), then each row's
+// position is its warp's base plus the lanes below it in the mask. The work is the rows' set bits, not L per row.
+template <int kThreads, bool kSingle>
+__global__ void __launch_bounds__(kThreads) expert_pos_kernel(ExpertArgs a, int chunk) {
+  constexpr int kWarps = kThreads / kWarp;
+  extern __shared__ int smem[];  // [L] segment offsets (multi-segment only), then the chunk's arrays below
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp, L = a.local_experts, KL = a.row_experts;
+  int* seg_offset = smem;
+  uint32_t* mask = reinterpret_cast<uint32_t*>(smem + (kSingle ? 0 : L));  // [kWarps][chunk]
+  int* base = reinterpret_cast<int*>(mask + kWarps * chunk);               // [kWarps][chunk]
+  int* carry = base + kWarps * chunk;                                      // [chunk] next position
+  int* stop = carry + chunk;                                               // [chunk] offset + count
+  const uint32_t below = (1u << lane) - 1u;
+  const RouteView v = recv_view(a);
+  const int64_t i0 = seg_begin(a, blockIdx.x), i1 = seg_end(a, blockIdx.x);
+  if (!kSingle) {  // read before any row of the segment (whose region holds them) is rewritten
+    for (int c = tid; c < L; c += kThreads) seg_offset[c] = a.rows[i0 * KL + c];
+    __syncthreads();
+  }
+  for (int lo = 0; lo < L; lo += chunk) {
+    const int nc = L - lo < chunk ? L - lo : chunk, hi = lo + nc;
+    for (int c = tid; c < nc; c += kThreads) {
+      const int off = __ldg(a.expert_offsets + lo + c);
+      carry[c] = (kSingle ? 0 : seg_offset[lo + c]) + off;
+      stop[c] = off + __ldg(a.expert_counts + lo + c);
+    }
+    for (int64_t ib = i0; ib < i1; ib += kThreads) {
+      const int64_t i = ib + tid;
+      const bool valid = i < i1;
+      for (int c = tid; c < kWarps * chunk; c += kThreads) mask[c] = 0u;
+      __syncthreads();  // also orders the chunk's carry and stop, and the previous tile's reads
+      if (valid) for_each_routed(v, i, lo, hi, [&](int l, int) { atomicOr(mask + warp * chunk + l - lo, 1u << lane); });
+      __syncthreads();
+      for (int c = tid; c < nc; c += kThreads) {
+        int run = carry[c];
+#pragma unroll 4
+        for (int w = 0; w < kWarps; ++w) {
+          base[w * chunk + c] = run;
+          run += __popc(mask[w * chunk + c]);
+        }
+        carry[c] = run;
+      }
+      __syncthreads();
+      if (valid) {
+        int32_t* out = a.rows + i * KL;
+        const int n = for_each_routed(v, i, lo, hi, [&](int l, int j) {
+          const int c = warp * chunk + l - lo;
+          const int pos = base[c] + __popc(mask[c] & below);
+          out[j] = pos < stop[l - lo] ? pos : -1;
+        });
+        if (hi == L)
+          for (int j = n; j < KL; ++j) out[j] = -1;
+      }
+      __syncthreads();  // the next tile clears the masks
+    }
+  }
+}
+
+// The single pass for few rows (R <= kSingleMaxItems, their maps in shared memory): each row's local map
+// staged once as 32-bit words, then one warp per expert walks the rows 32 at a time (the rows using it
+// among their first KL experts by ballot, each row's entry index from its set bits below the expert).
+// Same output as expert_pos_kernel<.., true>, without its per-group block scans: those take
+// L / 32 rounds of three __syncthreads and re-read the maps each round (~5 us a round at R = 256).
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) expert_pos_small_kernel(ExpertArgs a, int words, int stride) {
+  extern __shared__ uint32_t map_words[];  // [R][stride]: words [0, words) of each row's local map; then [L] each
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
+  const int L = a.local_experts, KL = a.row_experts, R = static_cast<int>(a.num_rows);
+  int* first = reinterpret_cast<int*>(map_words + R * stride);  // expert_offsets[l], then its end
+  int* end = first + L;
+  for (int q = tid; q < R * words; q += kThreads) {
+    const int i = q / words, w = q - i * words;
+    map_words[i * stride + w] = row_bits(a, i, w * kWarp);
+  }
+  for (int l = tid; l < L; l += kThreads) {
+    first[l] = __ldg(a.expert_offsets + l);
+    end[l] = first[l] + __ldg(a.expert_counts + l);
+  }
+  __syncthreads();
+  const uint32_t lanes_below = (1u << lane) - 1u;
+  for (int l = warp; l < L; l += kThreads / kWarp) {
+    const int wl = l / kWarp;
+    const uint32_t bit = 1u << (l % kWarp);
+    int carry = first[l];
+    const int stop = end[l];
+    for (int ib = 0; ib < R; ib += kWarp) {
+      const int i = ib + lane;
+      int j = 0;
+      bool use = false;
+      if (i < R) {
+        const uint32_t* m = map_words + i * stride;
+        if (m[wl] & bit) {
+          for (int q = 0; q < wl; ++q) j += __popc(m[q]);
+          j += __popc(m[wl] & (bit - 1u));
+          use = j < KL;  // among the row's first KL experts
+        }
+      }
+      const uint32_t b = __ballot_sync(kFullMask, use);
+      if (use) {
+        const int pos = carry + __popc(b & lanes_below);
+        a.rows[static_cast<int64_t>(i) * KL + j] = pos < stop ? pos : -1;
+      }
+      carry += __popc(b);
+    }
+  }
+  for (int i = tid; i < R; i += kThreads) {  // the entries past the row's experts
+    int n = 0;
+    for (int q = 0; q < words; ++q) n += __popc(map_words[i * stride + q]);
+    for (int j = n < KL ? n : KL; j < KL; ++j) a.rows[static_cast<int64_t>(i) * KL + j] = -1;
+  }
+}
+
+// expert_src[pos] = i * KL + j for every entry of recv_expert_rows with a position (pad rows keep the
+// -1 the launcher filled in).
+__global__ void __launch_bounds__(kScanThreads) expert_src_kernel(ExpertArgs a) {
+  const int64_t n = a.num_rows * a.row_experts;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kScanThreads + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * kScanThreads) {
+    const int pos = __ldg(a.rows + e);
+    if (pos >= 0 && pos < a.num_expert_rows) a.src[pos] = e;
+  }
+}
+
+// One warp per expert row: its source row (scaled by its weight when kWeighted), or zeros for a pad row.
+template <typename T, int V, bool kWeighted>
+__global__ void __launch_bounds__(kRowThreads) expert_copy_kernel(ExpertArgs a) {
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp);
+  const int64_t gw = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp;
+  const int KL = a.row_experts;
+  for (int64_t pos = gw; pos < a.num_expert_rows; pos += warps) {
+    char* dst = a.expert_x + pos * a.row_bytes;
+    const int64_t e = __ldg(a.src + pos);
+    if (e < 0) {
+      if (a.zero_pads) warp_zero_row<V>(dst, a.nvec);
+      continue;
+    }
+    const int64_t i = e / KL;
+    if (a.recv_x == nullptr || (i >= a.copy_begin && i < a.copy_end) == a.copy_outside) continue;
+    const char* src = a.recv_x + source_row(a, i) * a.row_bytes;
+    if constexpr (kWeighted) {
+      warp_scale_row<T, V, kUnroll>(src, a.nvec, 1u, dst, __ldg(a.recv_weights + e));
+    } else {
+      warp_copy_row<V, kUnroll>(src, a.nvec, 1u, dst);
+    }
+  }
+}
+
+// Pad rows of the bulk path (the gather's source table is not filled there): block l zeroes expert l's rows
+// [expert_offsets[l] + expert_counts[l], expert_offsets[l + 1]), one warp per row.
+template <int V>
+__global__ void __launch_bounds__(kRowThreads) expert_pad_kernel(ExpertArgs a) {
+  const int l = blockIdx.x;
+  const int64_t end = __ldg(a.expert_offsets + l + 1);
+  constexpr int kWarps = kRowThreads / kWarp;
+  for (int64_t pos = __ldg(a.expert_offsets + l) + __ldg(a.expert_counts + l) + threadIdx.x / kWarp; pos < end;
+       pos += kWarps)
+    warp_zero_row<V>(a.expert_x + pos * a.row_bytes, a.nvec);
+}
+
+// The expert copies in source order: one thread per block, each received row loaded once and stored to each
+// of its expert rows (and to recv_copy).
+__global__ void __launch_bounds__(kWarp) expert_bulk_copy_kernel(ExpertArgs a, int64_t count, int nbuf) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char bulk_smem[];
+  __shared__ __align__(8) uint64_t bar[kBulkMaxBufs];
+  if (threadIdx.x != 0) return;
+  const int KL = a.row_experts;
+  const int64_t mine = count > blockIdx.x ? (count - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  // The n-th received row whose copies this call writes (the copy range, or the rows outside it).
+  auto bulk_row = [&a](int64_t n) {
+    const int64_t m = blockIdx.x + n * gridDim.x;
+    if (!a.copy_outside) return a.copy_begin + m;
+    return m < a.copy_begin ? m : m + (a.copy_end - a.copy_begin);
+  };
+  // With arrival pieces, the n-th row is the pieces' (seq, row_start, flag). The loads and the stores walk
+  // them with a cursor each (both in ascending order).
+  const int64_t* seq = a.arrival_flags != nullptr ? a.arrival_pieces : nullptr;
+  const int64_t* row_start = seq + a.num_pieces + 1;
+  const int64_t* flag = row_start + a.num_pieces;
+  auto piece_row = [&](int64_t n, int& q) {
+    const int64_t m = blockIdx.x + n * gridDim.x;
+    while (__ldg(seq + q + 1) <= m) ++q;
+    return __ldg(row_start + q) + (m - __ldg(seq + q));
+  };
+  int load_piece = 0, store_piece = 0;
+  int ready = -1;  // the last piece seen landed
+  bool gave_up = false;
+  auto wait_arrival = [&](int q) {
+    if (q == ready || gave_up) return;
+    const uint64_t start = global_ns();
+    while (load_acquire_sys(a.arrival_flags + __ldg(flag + q)) < a.arrival_epoch) {
+      if (global_ns() - start > a.timeout_ns) {
+        *a.timed_out = 1;
+        gave_up = true;
+        break;
+      }
+      __nanosleep(64);
+    }
+    // The landed rows were written by the peer's stores; the bulk load reads through the async proxy.
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    ready = q;
+  };
+  const BulkRing ring = make_ring(bulk_smem, bar, a.row_bytes, nbuf);
+  bulk_rows(
+      ring, mine,
+      [&](int64_t n) {
+        if (seq != nullptr) {
+          const int64_t i = piece_row(n, load_piece);
+          wait_arrival(load_piece);
+          return a.recv_x + i * a.row_bytes;
+        }
+        return a.recv_x + source_row(a, bulk_row(n)) * a.row_bytes;
+      },
+      [&](int64_t n) {
+        const int64_t i = seq != nullptr ? piece_row(n, store_piece) : bulk_row(n);
+        for (int j = 0; j < KL; ++j) {
+          const int pos = __ldg(a.rows + i * KL + j);
+          if (pos >= 0) ring.store(n, a.expert_x + pos * a.row_bytes);
+        }
+        if (a.recv_copy != nullptr) ring.store(n, a.recv_copy + i * a.row_bytes);
+      },
+      [](int64_t) {}, [] {});
+#else
+  (void)a, (void)count, (void)nbuf;
+  __trap();  // launched only where the device is sm_90 or later (launch_ep_expert_major checks)
+#endif
+}
+
+template <typename T, int V>
+cudaError_t launch_expert_copy(const ExpertArgs& a, bool weighted, unsigned grid, cudaStream_t stream) {
+  if (weighted) {
+    if constexpr (V >= static_cast<int>(sizeof(T))) {
+      expert_copy_kernel<T, V, true><<<grid, kRowThreads, 0, stream>>>(a);
+    } else {
+      return cudaErrorMisalignedAddress;  // rows or pointers not aligned to the element size
+    }
+  } else {
+    expert_copy_kernel<float, V, false><<<grid, kRowThreads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+// Whether p's copies go by bulk copies (see launch_ep_expert_major), with the vector width of its rows.
+cudaError_t takes_bulk(const ExpertMajorParams& p, int v, bool* out) {
+  *out = false;
+  const int64_t row_bytes = p.hidden * dtype_size(p.dtype);
+  const bool weighted = p.recv_weights != nullptr && p.recv_x != nullptr;
+  if (!p.bulk || weighted || p.recv_x == nullptr || p.expert_x == nullptr || v != 16) return cudaSuccess;
+  return bulk_available(expert_bulk_copy_kernel, row_bytes, out);
+}
+
+}  // namespace
+
+cudaError_t expert_major_takes_bulk(const ExpertMajorParams& p, bool* out) {
+  const int64_t row_bytes = p.hidden * dtype_size(p.dtype);
+  return takes_bulk(p, vec_bytes(row_bytes, p.recv_x, p.expert_x), out);
+}
+
+cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stream) {
+  const int L = p.num_local_experts, KL = p.max_row_experts;
+  if (L < 1 || KL < 1 || KL > L || p.num_recv_rows < 0 || p.hidden < 0 || p.num_expert_rows < 0)
+    return cudaErrorInvalidValue;
+  // expert_x given: rows are copied (when recv_x is given too) and pad rows zeroed.
+  const bool rows_out = p.expert_x != nullptr && p.hidden > 0;
+  if (p.num_recv_rows == 0 && (!rows_out || p.num_expert_rows == 0)) return cudaSuccess;
+  if (p.expert_offsets == nullptr || p.expert_counts == nullptr) return cudaErrorInvalidValue;
+  if (p.num_recv_rows > 0 && (p.recv_expert_rows == nullptr || (!p.positions_given && p.recv_map == nullptr)))
+    return cudaErrorInvalidValue;
+  if (rows_out && p.num_expert_rows > 0 && p.expert_src == nullptr) return cudaErrorInvalidValue;
+  if (p.src_index != nullptr && p.copy_outside) return cudaErrorInvalidValue;
+
+  ExpertArgs a;
+  a.num_rows = p.num_recv_rows;
+  a.local_experts = L;
+  a.row_experts = KL;
+  a.map_bytes = local_map_bytes(L);
+  a.recv_map = p.recv_map;
+  a.map_aligned4 = a.map_bytes % 4 == 0 && reinterpret_cast<uintptr_t>(p.recv_map) % 4 == 0;
+  a.expert_offsets = p.expert_offsets;
+  a.expert_counts = p.expert_counts;
+  a.rows = p.recv_expert_rows;
+  a.recv_x = static_cast<const char*>(p.recv_x);
+  a.expert_x = static_cast<char*>(p.expert_x);
+  a.recv_weights = p.recv_weights;
+  a.row_bytes = p.hidden * dtype_size(p.dtype);
+  a.num_expert_rows = p.num_expert_rows;
+  a.src = p.expert_src;
+  a.copy_begin = p.copy_begin;
+  a.copy_end = p.copy_end < 0 ? p.num_recv_rows : p.copy_end;
+  a.copy_outside = p.copy_outside;
+  a.zero_pads = p.zero_pads;
+  a.src_index = p.src_index;
+  a.arrival_flags = p.arrival_flags;
+  a.arrival_pieces = p.arrival_pieces;
+  a.num_pieces = p.num_pieces;
+  a.arrival_epoch = p.arrival_epoch;
+  a.timeout_ns = p.timeout_ns;
+  a.timed_out = p.timed_out;
+  a.recv_copy = static_cast<char*>(p.recv_copy);
+  if (p.arrival_flags != nullptr && (p.arrival_pieces == nullptr || p.timed_out == nullptr || p.num_pieces < 0 ||
+                                     p.src_index != nullptr || !p.positions_given))
+    return cudaErrorInvalidValue;
+
+  int sms = 0;
+  cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+
+  if (p.num_recv_rows > 0 && !p.positions_given) {
+    // Each segment's region of recv_expert_rows must hold L totals: >= ceil(L / KL) rows per segment.
+    const int64_t R = p.num_recv_rows;
+    const int64_t min_rows = (L + KL - 1) / KL;
+    const int64_t tiles = (R + kScanThreads - 1) / kScanThreads;
+    const int64_t max_segs = 2 * static_cast<int64_t>(sms);
+    int64_t seg_len = (tiles + max_segs - 1) / max_segs * kScanThreads;
+    if (seg_len < min_rows) seg_len = (min_rows + kScanThreads - 1) / kScanThreads * kScanThreads;
+    const int64_t segs = R / seg_len;  // the last segment takes the remainder: every segment >= seg_len
+    const int words = (L + kWarp - 1) / kWarp, stride = words | 1;  // odd stride: rows on distinct banks
+    const size_t small_smem = sizeof(uint32_t) * (static_cast<size_t>(R) * stride + 2 * static_cast<size_t>(L));
+    if (R <= kSingleMaxItems && small_smem <= 48 * 1024) {
+      a.seg_len = R;
+      a.num_segs = 1;
+      expert_pos_small_kernel<kSingleThreads><<<1, kSingleThreads, small_smem, stream>>>(a, words, stride);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    } else if (R <= kSingleMaxItems || segs < 2) {
+      a.seg_len = R;
+      a.num_segs = 1;
+      auto kernel = expert_pos_kernel<kSingleThreads, true>;
+      const size_t smem = pos_smem_bytes<kSingleThreads>(L, true);  // <= 34 KiB
+      kernel<<<1, kSingleThreads, smem, stream>>>(a, std::min(L, pos_chunk_max<kSingleThreads>()));
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    } else {
+      a.seg_len = seg_len;
+      a.num_segs = static_cast<int>(segs);
+      if (sizeof(int) * static_cast<size_t>(L) > 48 * 1024) return cudaErrorInvalidValue;  // L > 12288 local experts
+      expert_count_kernel<kScanThreads><<<a.num_segs, kScanThreads, sizeof(int) * L, stream>>>(a);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      // A warp a column (expert): each warp's scan is one chain of loads; H200, T = 4096, L = 256: one block, 8
+      // columns a warp, took 9 us.
+      constexpr int kOffsetWarps = kOffsetThreads / kWarp;
+      expert_offsets_kernel<<<(L + kOffsetWarps - 1) / kOffsetWarps, kOffsetThreads, 0, stream>>>(a);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      auto kernel = expert_pos_kernel<kScanThreads, false>;
+      const size_t smem = pos_smem_bytes<kScanThreads>(L, false);  // 4 L + 36 KiB
+      if (smem > 48 * 1024 && (err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                          static_cast<int>(smem))) != cudaSuccess)
+        return err;
+      kernel<<<a.num_segs, kScanThreads, smem, stream>>>(a, std::min(L, pos_chunk_max<kScanThreads>()));
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+  }
+  if (!rows_out || p.num_expert_rows == 0) return cudaSuccess;
+
+  const bool weighted = p.recv_weights != nullptr && p.recv_x != nullptr;
+  const int v = vec_bytes(a.row_bytes, p.recv_x, p.expert_x);
+  a.nvec = a.row_bytes / v;
+  bool bulk = false;
+  if ((err = takes_bulk(p, v, &bulk)) != cudaSuccess) return err;
+  // The arrival waits and the rank-major copy are the bulk copies' (the dispatch asks expert_major_takes_bulk).
+  if (!bulk && (p.arrival_flags != nullptr || p.recv_copy != nullptr)) return cudaErrorInvalidValue;
+  if (bulk) {
+    // Source order by bulk copies, no source table; the pad rows from the expert offsets and counts.
+    const int64_t nbuf = std::min<int64_t>(kBulkMaxBufs, kBulkSmemBytes / a.row_bytes);
+    const int64_t in_range = std::max<int64_t>(0, std::min(a.copy_end, p.num_recv_rows) - a.copy_begin);
+    const int64_t count = a.copy_outside ? p.num_recv_rows - in_range : in_range;
+    if (count > 0) {
+      // Every block resident at once (each works through its rows in turn): as many as the shared memory
+      // holds, at most the asked-for blocks per SM.
+      int64_t per_sm = 0;
+      if ((err = bulk_blocks_per_sm(nbuf * a.row_bytes, p.blocks_per_sm, &per_sm)) != cudaSuccess) return err;
+      const unsigned bgrid = static_cast<unsigned>(std::min<int64_t>(count, per_sm * sms));
+      expert_bulk_copy_kernel<<<bgrid, kWarp, static_cast<size_t>(nbuf * a.row_bytes), stream>>>(
+          a, count, static_cast<int>(nbuf));
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    if (!p.zero_pads || p.num_pad_rows == 0) return cudaSuccess;
+    expert_pad_kernel<16><<<L, kRowThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
+
+  // The gather's source table: -1 (all bits set) for every row, then the entries' rows.
+  if (!p.src_given) {
+    err = cudaMemsetAsync(a.src, 0xff, sizeof(int64_t) * static_cast<size_t>(p.num_expert_rows), stream);
+    if (err != cudaSuccess) return err;
+  }
+  if (!p.src_given && p.num_recv_rows > 0) {
+    const unsigned sgrid = persistent_grid(p.num_recv_rows * KL, kScanThreads, sms, kRowBlocksPerSm);
+    expert_src_kernel<<<sgrid, kScanThreads, 0, stream>>>(a);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  const unsigned grid = persistent_grid(p.num_expert_rows, kRowThreads / kWarp, sms,
+                                        p.blocks_per_sm > 0 ? p.blocks_per_sm : kRowBlocksPerSm);
+  return dispatch_dtype(p.dtype, [&](auto tt) {
+    using T = typename decltype(tt)::type;
+    return dispatch_vec(v,
+                        [&](auto vt) { return launch_expert_copy<T, decltype(vt)::value>(a, weighted, grid, stream); });
+  });
+}
+
+}  // namespace bitep::kernels
