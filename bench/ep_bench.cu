@@ -22,7 +22,8 @@
 // Memory: group_bytes (bitepGroupMemoryBytes, the largest rank) and its ratio to (rows sent, own included, + rows
 // received) x H x 2. --caller-buffers passes bitepDispatch exact-capacity recv_x / expert_x of the bench's own
 // (sized by one untimed dispatch, whose pool blocks are then trimmed: bitepGroupTrimMemory), so group_bytes is the
-// library's memory alone and caller_bytes the buffers' (the capacity check then adds an allgather to every dispatch).
+// library's memory alone and caller_bytes the buffers' (the ranks' agreement on their capacities then adds a
+// second, two-word exchange to every dispatch at W > 1).
 // --expert-major-only times dispatches with args.expert_major_only = 1 (no rank-major rows; with --caller-buffers
 // an expert_x alone); the first iteration checks them against a dispatch with both views, bit for bit.
 // Usage: mpirun -np <W> ep_bench [--quick] [--json PATH] [--iters N] [--warmup N] [--tokens a,b,..]

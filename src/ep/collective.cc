@@ -23,17 +23,10 @@ bitepResult_t transport_failed(bitepGroup* group, bitepResult_t r) {
   return r;
 }
 
-bitepResult_t agree_status(
-    bitepGroup* group, bitepResult_t local, const char* what, int32_t bits, std::vector<int32_t>* all_bits) {
-  SavedError saved(local);
-  const int32_t mine[2] = {static_cast<int32_t>(local), bits};
-  std::vector<int32_t> all(2 * static_cast<size_t>(group->nranks), 0);
-  const bitepResult_t r = group->transport->allgather_host(mine, all.data(), sizeof(mine));
-  if (r != bitepSuccess) {
-    transport_failed(group, r);
-    return local != bitepSuccess ? saved.restore() : r;
-  }
-  if (local != bitepSuccess) return saved.restore();
+namespace {
+
+// The verdict from every rank's (status, bits) pair, all[2 q], all[2 q + 1].
+bitepResult_t verdict(bitepGroup* group, const int32_t* all, const char* what, std::vector<int32_t>* all_bits) {
   for (int q = 0; q < group->nranks; ++q)
     if (all[2 * q] != bitepSuccess)
       BITEP_FAIL(bitepRemoteError, "rank %d of %d failed its part of %s with %s; see that rank's bitepGetLastError()",
@@ -43,6 +36,54 @@ bitepResult_t agree_status(
     for (int q = 0; q < group->nranks; ++q) (*all_bits)[q] = all[2 * q + 1];
   }
   return bitepSuccess;
+}
+
+// One rank has nobody to agree with.
+bitepResult_t alone(bitepResult_t local, int32_t bits, std::vector<int32_t>* all_bits) {
+  if (local == bitepSuccess && all_bits != nullptr) all_bits->assign(1, bits);
+  return local;
+}
+
+}  // namespace
+
+bitepResult_t agree_status(
+    bitepGroup* group, bitepResult_t local, const char* what, int32_t bits, std::vector<int32_t>* all_bits) {
+  if (group->nranks == 1) return alone(local, bits, all_bits);
+  SavedError saved(local);
+  const int32_t mine[2] = {static_cast<int32_t>(local), bits};
+  std::vector<int32_t> all(2 * static_cast<size_t>(group->nranks), 0);
+  const bitepResult_t r = group->transport->allgather_host(mine, all.data(), sizeof(mine));
+  if (r != bitepSuccess) {
+    transport_failed(group, r);
+    return local != bitepSuccess ? saved.restore() : r;
+  }
+  if (local != bitepSuccess) return saved.restore();
+  return verdict(group, all.data(), what, all_bits);
+}
+
+bitepResult_t agree_status_exchange(
+    Exec* ex, int32_t* buf, bitepResult_t local, const char* what, int32_t bits, std::vector<int32_t>* all_bits) {
+  bitepGroup* group = ex->group();
+  const int W = group->nranks;
+  if (W == 1) return alone(local, bits, all_bits);
+  SavedError saved(local);
+  // The same pair to every peer: the exchange is then an allgather.
+  std::vector<int32_t> mine(2 * static_cast<size_t>(W)), all(2 * static_cast<size_t>(W), 0);
+  for (int p = 0; p < W; ++p) {
+    mine[2 * p] = static_cast<int32_t>(local);
+    mine[2 * p + 1] = bits;
+  }
+  // A rank that cannot even upload its pair leaves its peers waiting: the group is as broken as after a
+  // transport failure.
+  bitepResult_t r = ex->upload_staged(buf, mine.data(), sizeof(int32_t) * mine.size());
+  if (r == bitepSuccess)
+    r = group->transport->exchange_counts(buf, buf + 2 * W, all.data(), 2, ex->stream(), group->config.timeout_s);
+  if (r != bitepSuccess) {
+    transport_failed(group, r);
+    return local != bitepSuccess ? saved.restore() : r;
+  }
+  if (local != bitepSuccess) return saved.restore();
+  return verdict(group, all.data(), what, all_bits);
 }
 
 }  // namespace bitep::ep

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "bitep/bitep.h"
+#include "src/ep/exec.h"
 #include "src/ep/group.h"
 
 namespace bitep::ep {
@@ -26,14 +27,27 @@ class SavedError {
 };
 
 // Every rank passes its local verdict (and optionally a word of bits its peers need to know); one
-// allgather_host. Returns: the rank's own error if it failed, else bitepRemoteError naming the first
-// failed rank, else bitepSuccess with every rank's bits in *all_bits. A transport failure marks the group
-// broken.
+// allgather_host (none at W = 1). Returns: the rank's own error if it failed, else bitepRemoteError naming
+// the first failed rank, else bitepSuccess with every rank's bits in *all_bits. A transport failure marks
+// the group broken.
 bitepResult_t agree_status(bitepGroup* group,
                            bitepResult_t local,
                            const char* what,
                            int32_t bits = 0,
                            std::vector<int32_t>* all_bits = nullptr);
+
+// The same through the transport's count exchange on ex's stream, which waits for the work queued there
+// so far: on the cuda transport with a peer window one kernel whose result the host reads from mapped
+// memory, not an NCCL call between two host copies. buf: kAgreeInts * nranks int32 of backend memory, taken
+// before the rank could fail (a rank that cannot take it could not tell its peers). Every rank of a call
+// must agree by the same one of the two functions.
+constexpr int kAgreeInts = 4;
+bitepResult_t agree_status_exchange(Exec* ex,
+                                    int32_t* buf,
+                                    bitepResult_t local,
+                                    const char* what,
+                                    int32_t bits = 0,
+                                    std::vector<int32_t>* all_bits = nullptr);
 
 // Records a transport failure: the peers' state is unknown, so the group is unusable from now on (its
 // pool is leaked at destruction: a peer may still write into it). Returns r.

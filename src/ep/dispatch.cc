@@ -17,8 +17,10 @@
 // - a rank that fails before the exchange still takes part in it; every other rank then returns
 //   bitepRemoteError naming it (no rank reaches the all-to-all);
 // - after the exchange a rank can fail alone (capacity too small, allocation of the receive buffers).
-//   The ranks then agree once more (one small allgather) before the all-to-all: always on the host
-//   backend, and on the cuda backend when some rank passed its own buffers (the flags say so). Without
+//   The ranks then agree once more (a second exchange of two words a rank; through the peer window one
+//   kernel, its result read by the host from mapped memory) before the all-to-all: always on the host
+//   backend, and on the cuda backend when some rank passed its own buffers (the flags say so); never at
+//   W = 1. Without
 //   caller buffers the cuda backend skips it to keep the exchange its only synchronisation: an allocation
 //   failure there fails on that rank, and its peers wait in NCCL (see the transport's timeout).
 #include <algorithm>
@@ -185,6 +187,7 @@ class Dispatch {
   HandlePtr h_;
   int32_t* xsend_ = nullptr;  // [W, n_]: counts, flags, the send-count vector (backend memory)
   int32_t* xrecv_ = nullptr;
+  int32_t* xagree_ = nullptr;       // [kAgreeInts * W]: the agreement after the exchange (backend memory)
   std::vector<int32_t> recv_host_;  // [W, n_]: row q what rank q sent here; row self this rank's own
   bool any_weights_ = false;
   bool split_ = false;         // every rank: the routing all-to-all first, the rows beside the own rows' copies
@@ -802,6 +805,8 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   xsend_ = static_cast<int32_t*>(p);
   BITEP_CHECK(ex_.temp(sizeof(int32_t) * W_ * n_, &p));
   xrecv_ = static_cast<int32_t*>(p);
+  BITEP_CHECK(ex_.temp(sizeof(int32_t) * kAgreeInts * W_, &p));
+  xagree_ = static_cast<int32_t*>(p);
   h_.reset(new bitepHandle);
   h_->life = g_->life;
   h_->group = g_;
@@ -879,7 +884,8 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
 
   local = after_exchange();
   if (g_->agree_always || any_capacity) {
-    BITEP_CHECK(agree_status(g_, local, "this dispatch"));
+    BITEP_CHECK(agree_status_exchange(&ex_, xagree_, local, "this dispatch"));
+    trace_.mark("agreement");
   } else if (local != bitepSuccess) {
     return local;
   }

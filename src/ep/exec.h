@@ -32,6 +32,7 @@ class Exec {
   // cuda: makes the group's device current. Call first.
   bitepResult_t begin();
   bool cuda() const { return group_->config.backend == bitepBackendCuda; }
+  bitepGroup* group() const { return group_; }
   bitepStream_t stream() const { return stream_; }
 
   // Pool memory (never null, even for 0 bytes): temp() is released when the Exec ends; keep() hands the

@@ -211,6 +211,69 @@ void run_against_host(const Spec& s) {
   ASSERT_EQ(bitepCombine(cg.g, ch3.h, &cc, bs), bitepSuccess) << bitepGetLastError();
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   EXPECT_EQ(dout.get<uint8_t>(in.T * row), cuda_out) << "combine after an expert-major-only dispatch, rank " << rank;
+
+  // Caller-owned receive buffers on the device, each a row longer than needed: the layout points into them,
+  // they hold the host's rows bit for bit, and the row past the capacity keeps its poison.
+  constexpr int kPoison = 0xab;
+  Dev crx((R + 1) * row), cxx((N + 1) * row);
+  ASSERT_EQ(cudaMemset(crx.p, kPoison, (R + 1) * row), cudaSuccess);
+  ASSERT_EQ(cudaMemset(cxx.p, kPoison, (N + 1) * row), cudaSuccess);
+  bitepDispatchArgs_t cb = ca;
+  cb.recv_x = crx.p;
+  cb.recv_x_capacity = R;
+  cb.expert_x = cxx.p;
+  cb.expert_x_capacity = N;
+  {
+    HandleGuard ch4;
+    ASSERT_EQ(bitepDispatch(cg.g, &cb, bs, &ch4.h), bitepSuccess) << bitepGetLastError();
+    bitepDispatchLayout_t cl4;
+    ASSERT_EQ(bitepHandleGetLayout(ch4.h, &cl4), bitepSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    EXPECT_EQ(cl4.recv_x, crx.p);
+    EXPECT_EQ(cl4.expert_x, cxx.p);
+    const std::vector<uint8_t> got_rx = crx.get<uint8_t>((R + 1) * row), got_xx = cxx.get<uint8_t>((N + 1) * row);
+    EXPECT_TRUE(std::equal(got_rx.begin(), got_rx.begin() + R * row, static_cast<const uint8_t*>(hl.recv_x)))
+        << "caller recv_x, rank " << rank;
+    EXPECT_TRUE(std::equal(got_xx.begin(), got_xx.begin() + N * row, cex.begin())) << "caller expert_x, rank " << rank;
+    EXPECT_TRUE(std::all_of(got_rx.begin() + R * row, got_rx.end(), [](uint8_t b) { return b == kPoison; }))
+        << "recv_x written past its capacity, rank " << rank;
+    EXPECT_TRUE(std::all_of(got_xx.begin() + N * row, got_xx.end(), [](uint8_t b) { return b == kPoison; }))
+        << "expert_x written past its capacity, rank " << rank;
+  }
+
+  // The expert-major capacity one row short on the last rank (when it has expert rows; every rank knows it
+  // from the world): that rank fails with bitepCapacityExceeded, the others with bitepRemoteError naming it,
+  // nothing reaches its buffer, and the group works on.
+  const int victim = W - 1;
+  if (expected_receive(s, W, victim, world).N > 0) {
+    ASSERT_EQ(cudaMemset(cxx.p, kPoison, (N + 1) * row), cudaSuccess);
+    bitepDispatchArgs_t cs = ca;
+    if (rank == victim) {
+      cs.expert_x = cxx.p;
+      cs.expert_x_capacity = N - 1;
+    }
+    bitepHandle_t h5 = nullptr;
+    const bitepResult_t r5 = bitepDispatch(cg.g, &cs, bs, &h5);
+    const std::string err = bitepGetLastError();
+    EXPECT_EQ(h5, nullptr);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    if (rank == victim) {
+      EXPECT_EQ(r5, bitepCapacityExceeded) << err;
+      EXPECT_NE(err.find("args->expert_x_capacity"), std::string::npos) << err;
+      const std::vector<uint8_t> got = cxx.get<uint8_t>((N + 1) * row);
+      EXPECT_TRUE(std::all_of(got.begin(), got.end(), [](uint8_t b) { return b == kPoison; }))
+          << "a failed dispatch wrote the caller's expert_x";
+    } else {
+      EXPECT_EQ(r5, bitepRemoteError) << err;
+      EXPECT_NE(err.find("rank " + std::to_string(victim)), std::string::npos) << err;
+    }
+    HandleGuard ch6;
+    ASSERT_EQ(bitepDispatch(cg.g, &ca, bs, &ch6.h), bitepSuccess) << bitepGetLastError();
+    bitepDispatchLayout_t cl6;
+    ASSERT_EQ(bitepHandleGetLayout(ch6.h, &cl6), bitepSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    EXPECT_EQ(download<uint8_t>(cl6.expert_x, N * row), cex) << "the dispatch after a capacity failure, rank " << rank;
+  }
   cudaStreamDestroy(stream);
 }
 #endif
