@@ -98,6 +98,16 @@ inline PackCountsParams layout_pack(const LayoutParams& p) {
 // bits in ascending l, then 0, written only when routing.weight_format != kNone and send_weights /
 // recv_weights is not null. With null maps and kNone weights (combine backward: gradients along the
 // dispatch routes) the routing map is not read at all.
+// One chunk of rows for the copy engine (launch_ce_chunks in kernels/ep.h): `bytes` from src to dst, device to
+// device (dst may be a peer's memory mapped here: its window), then the arrival flag `flag` raised (a uint64
+// whose high word is 0, as the window's chunk flags are: epochs below 2^32).
+struct CeChunk {
+  void* dst = nullptr;
+  const void* src = nullptr;
+  uint64_t bytes = 0;
+  uint64_t* flag = nullptr;
+};
+
 struct PermuteParams {
   int64_t num_tokens = 0;
   int num_experts = 0;

@@ -25,6 +25,7 @@
 //   failure there fails on that rank, and its peers wait in NCCL (see the transport's timeout).
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -92,6 +93,16 @@ int window_copy_blocks() {
 // the peers' copies run on arrival beside it). Default: warps (the permute kernel), own rows copied apart.
 bool window_rows_bulk() {
   static const bool on = env_is("BITEP_WINDOW_ROWS", "bulk");
+  return on;
+}
+
+// BITEP_WINDOW_ROWS=ce: with arrival chunks, the window's rows pass goes by the copy engine. The permute stores
+// the peers' rows into a local send buffer (the device's own memory), then the copy engine moves each arrival
+// chunk into its peer's window and raises the chunk's flag there (kernels::launch_ce_chunks), so no SM stores
+// over NVLink and the expert copies beside the transfer keep every SM. Per rank: the receivers wait on the same
+// flags whichever way the rows came.
+bool window_rows_ce() {
+  static const bool on = env_is("BITEP_WINDOW_ROWS", "ce");
   return on;
 }
 
@@ -195,8 +206,9 @@ class Dispatch {
   // The count exchange went through the windows: it was a barrier after every rank's previous use of its
   // window (each exchange is ordered after its rank's previous release), so the windows are idle.
   bool windows_idle_ = false;
-  void* const* peer_dest_ = nullptr;  // [7W] the permute's destinations in the peers' windows (meta, rows)
-                                      // and the arrival flags of this rank's chunks in them
+  void* const* peer_dest_ = nullptr;   // [7W] the permute's destinations in the peers' windows (meta, rows)
+                                       // and the arrival flags of this rank's chunks in them
+  std::vector<void*> peer_dest_host_;  // the same table, as the host wrote it (the copy engine's chunks)
   // Arrival chunks per peer (this rank's offer before the exchange; agreed after, at most the window's
   // max_chunks()), of chunk_rows_ rows each (large window dispatches; upload_tables).
   int chunks_ = 0;
@@ -462,6 +474,7 @@ bitepResult_t Dispatch::upload_tables() {
   BITEP_CHECK(ex_.keep(table_bytes, &h->blocks, &p));
   h->send_offsets_dev = static_cast<int64_t*>(p);
   peer_dest_ = dest.empty() ? nullptr : reinterpret_cast<void* const*>(h->send_offsets_dev + W_);
+  peer_dest_host_ = dest;
   arrival_table_ = arrival.empty()
                        ? nullptr
                        : reinterpret_cast<const int64_t*>(static_cast<char*>(p) + sizeof(int64_t) * W_ + dest_bytes);
@@ -514,8 +527,15 @@ bitepResult_t Dispatch::move_rows_window() {
   pp.recv_x = nullptr;  // the own rows go with the rows pass
   // Arrival chunks (upload_tables made their pieces), counted with the flags' stride: [W, max_chunks()].
   const int C = std::min(chunks_, win_->max_chunks());
+  const uint64_t epoch = C > 0 ? win_->next_chunk_epoch() : 0;
   void* chunk_count = nullptr;
   if (C > 0) BITEP_CHECK(ex_.temp(sizeof(int32_t) * W_ * win_->max_chunks(), &chunk_count));
+  // By the copy engine (BITEP_WINDOW_ROWS=ce): the peers' rows through a local send buffer, then each chunk
+  // copied into its peer's window and flagged. The flags' epoch goes as a 32-bit word (their high word is 0).
+  const int64_t S = h->num_send_rows;
+  const bool ce = C > 0 && window_rows_ce() && h->num_tokens > 0 && S > 0 && epoch <= UINT32_MAX && ex_.ce_available();
+  void* send = nullptr;
+  if (ce) BITEP_CHECK(ex_.temp(row_bytes_ * S, &send));
 
   // The rows alone: the own ones into recv_x (none when expert-major only), the others to the peers.
   kernels::PermuteParams rows = pp;
@@ -526,16 +546,26 @@ bitepResult_t Dispatch::move_rows_window() {
   rows.peer_dest = peer_dest_ + 3 * W_;
   rows.blocks_per_sm = window_row_blocks();
   rows.max_blocks = window_row_grid();
-  if (C > 0) {
+  if (ce) {
+    // Into the send buffer at the device's own rate (every SM: nothing runs beside it yet), no flags.
+    rows.peer_dest = nullptr;
+    rows.send_x = send;
+    rows.send_offsets = h->send_offsets_dev;
+    rows.send_map = nullptr;
+    rows.send_weights = nullptr;
+    rows.blocks_per_sm = 0;
+    rows.max_blocks = 0;
+  } else if (C > 0) {
     rows.chunk_count = static_cast<int32_t*>(chunk_count);
     rows.chunk_flag = reinterpret_cast<uint64_t* const*>(peer_dest_ + 6 * W_);
     rows.send_counts = arrival_table_;
     rows.chunk_rows = chunk_rows_;
     rows.max_chunks = win_->max_chunks();
+    rows.chunk_epoch = epoch;
   }
   // Fused (BITEP_WINDOW_ROWS=bulk): the rows pass also writes the own rows' expert copies, by bulk copies.
   bool fused = false;
-  if (C > 0 && window_rows_bulk() && h->num_tokens > 0 && own1 > own0) {
+  if (C > 0 && !ce && window_rows_bulk() && h->num_tokens > 0 && own1 > own0) {
     rows.bulk = true;
     rows.self_expert_rows = h->recv_expert_rows + own0 * KL_;
     rows.expert_x = h->expert_x;
@@ -560,6 +590,25 @@ bitepResult_t Dispatch::move_rows_window() {
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
   BITEP_CHECK(unpack_window(false));
   trace_.mark("window (routing)");
+  if (ce) {
+    // The rows first (the own ones into recv_x), then the copy engine's chunks, every peer's chunk j before any
+    // peer's chunk j + 1 (the order the receivers copy them in).
+    BITEP_CHECK(ex_.permute(rows));
+    trace_.mark("send buffer (rows)");
+    std::vector<kernels::CeChunk> chunks;
+    for (int j = 0; j < C; ++j)
+      for (int r = 0; r < W_; ++r) {
+        const int64_t n = r == self_ ? 0 : h->send_counts[r], first = j * chunk_rows_;
+        if (first >= n) continue;
+        kernels::CeChunk k;
+        k.dst = static_cast<char*>(peer_dest_host_[3 * W_ + r]) + first * row_bytes_;
+        k.src = static_cast<const char*>(send) + (h->send_offsets[r] + first) * row_bytes_;
+        k.bytes = static_cast<uint64_t>(std::min(chunk_rows_, n - first)) * row_bytes_;
+        k.flag = static_cast<uint64_t*>(peer_dest_host_[6 * W_ + r]) + j;
+        chunks.push_back(k);
+      }
+    BITEP_CHECK(ex_.ce_chunks(chunks, static_cast<uint32_t>(epoch)));
+  }
   bool first_bulk = false;
   if (fused) {
     // Every row's positions first (the rows pass reads the own ones'); no copies.
@@ -580,8 +629,6 @@ bitepResult_t Dispatch::move_rows_window() {
     ep.src_index = nullptr;
     trace_.mark_on("expert-major (own rows)", ex_.current_stream());
   }
-  const uint64_t epoch = C > 0 ? win_->next_chunk_epoch() : 0;
-  rows.chunk_epoch = epoch;
   if (C > 0) {
     // The others' copies wait for their chunks (this rank offered chunks only where they go by the bulk
     // copies, which wait); the window's rows go into recv_x from the same read.
@@ -605,10 +652,11 @@ bitepResult_t Dispatch::move_rows_window() {
     trace_.mark_on("expert-major (others, on arrival)", ex_.current_stream());
   }
   ex_.launch_on_caller();
-  if (h->num_tokens > 0) BITEP_CHECK(ex_.permute(rows));
+  if (h->num_tokens > 0 && !ce) BITEP_CHECK(ex_.permute(rows));
   if (C > 0) {
     trace_.mark("window (rows)");
     BITEP_CHECK(ex_.join());
+    BITEP_CHECK(ex_.ce_join());
     return win_->release(ex_.stream());
   }
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));

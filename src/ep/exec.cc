@@ -34,6 +34,7 @@ Exec::Exec(bitepGroup* group, bitepStream_t stream) : group_(group), stream_(str
 
 Exec::~Exec() {
   if (forked_) (void)join();
+  if (ce_pending_) (void)ce_join();
   Pool* pool = group_->life->pool.get();
   pool->release_all(&temps_, stream_, stream_key_);
 #ifdef BITEP_HAVE_CUDA
@@ -174,6 +175,52 @@ bitepResult_t Exec::join() {
 #ifdef BITEP_HAVE_CUDA
   cudaEvent_t ev = static_cast<cudaEvent_t>(group_->join_event);
   BITEP_CUDA_CHECK(cudaEventRecord(ev, static_cast<cudaStream_t>(group_->side_stream)));
+  BITEP_CUDA_CHECK(cudaStreamWaitEvent(cu(stream_), ev, 0));
+#endif
+  return bitepSuccess;
+}
+
+bitepResult_t Exec::ce_chunks(const std::vector<kernels::CeChunk>& chunks, uint32_t value) {
+  if (chunks.empty()) return bitepSuccess;
+  if (!cuda()) BITEP_FAIL(bitepInternalError, "copy-engine chunks on the host backend");
+#ifdef BITEP_HAVE_CUDA
+  bitepGroup* g = group_;
+  if (g->ce_stream == nullptr) {
+    cudaStream_t s = nullptr;
+    BITEP_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaEvent_t ev = nullptr;
+    const cudaError_t e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    if (e != cudaSuccess) cudaStreamDestroy(s);
+    BITEP_CUDA_CHECK(e);
+    g->ce_stream = s;
+    g->ce_event = ev;
+  }
+  cudaStream_t ce = static_cast<cudaStream_t>(g->ce_stream);
+  cudaEvent_t ev = static_cast<cudaEvent_t>(g->ce_event);
+  BITEP_CUDA_CHECK(cudaEventRecord(ev, cu(stream_)));
+  BITEP_CUDA_CHECK(cudaStreamWaitEvent(ce, ev, 0));
+  ce_pending_ = true;
+  BITEP_CUDA_CHECK(kernels::launch_ce_chunks(chunks.data(), static_cast<int>(chunks.size()), value, ce));
+#else
+  (void)value;
+#endif
+  return bitepSuccess;
+}
+
+bool Exec::ce_available() const {
+#ifdef BITEP_HAVE_CUDA
+  return cuda() && kernels::ce_chunks_available();
+#else
+  return false;
+#endif
+}
+
+bitepResult_t Exec::ce_join() {
+  if (!ce_pending_) return bitepSuccess;
+  ce_pending_ = false;
+#ifdef BITEP_HAVE_CUDA
+  cudaEvent_t ev = static_cast<cudaEvent_t>(group_->ce_event);
+  BITEP_CUDA_CHECK(cudaEventRecord(ev, static_cast<cudaStream_t>(group_->ce_stream)));
   BITEP_CUDA_CHECK(cudaStreamWaitEvent(cu(stream_), ev, 0));
 #endif
   return bitepSuccess;

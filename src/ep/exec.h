@@ -63,6 +63,13 @@ class Exec {
   bitepResult_t fork();
   void launch_on_caller() { side_ = false; }
   bitepResult_t join();
+  // cuda: the chunks by the copy engine (kernels::launch_ce_chunks) on the group's copy stream, after the work
+  // queued on the caller's stream so far; ce_join() makes the caller's stream wait for them (the destructor
+  // too, on an error path, before it releases the temporaries). value: the flags' epoch, below 2^32.
+  bitepResult_t ce_chunks(const std::vector<kernels::CeChunk>& chunks, uint32_t value);
+  bitepResult_t ce_join();
+  // Whether ce_chunks() can run here (cuda, with the driver's stream memory operations).
+  bool ce_available() const;
   // The stream the primitives launch on now (the side stream between fork() and launch_on_caller()).
   bitepStream_t current_stream() const { return side_ ? static_cast<bitepStream_t>(group_->side_stream) : stream_; }
 
@@ -88,6 +95,7 @@ class Exec {
   uint64_t stream_key_ = 0;  // cuda: cudaStreamGetId(stream) + 1 after begin() (0: not known)
   bool forked_ = false;      // between fork() and join()
   bool side_ = false;        // the primitives launch on the side stream
+  bool ce_pending_ = false;  // copy-engine chunks queued that the caller's stream has not waited for
 #ifdef BITEP_HAVE_CUDA
   void* launch_stream() const;  // cudaStream_t of the primitives: the side stream between fork and join
 #endif

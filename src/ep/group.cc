@@ -189,6 +189,8 @@ bitepGroup::~bitepGroup() {
   }
   if (upload_staging != nullptr) cudaFreeHost(upload_staging);
   if (side_stream != nullptr) cudaStreamDestroy(static_cast<cudaStream_t>(side_stream));  // after its work
+  if (ce_stream != nullptr) cudaStreamDestroy(static_cast<cudaStream_t>(ce_stream));
+  if (ce_event != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(ce_event));
   if (fork_event != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(fork_event));
   if (join_event != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(join_event));
   if (ll_tables != nullptr) cudaFree(ll_tables);

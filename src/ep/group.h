@@ -90,6 +90,10 @@ struct bitepGroup {
   void* side_stream = nullptr;
   void* fork_event = nullptr;
   void* join_event = nullptr;
+  // cuda: the stream of the copy engine's chunks (Exec::ce_chunks), created at its first use, and the event
+  // that orders it with the caller's stream.
+  void* ce_stream = nullptr;
+  void* ce_event = nullptr;
   // Low-latency dispatches (bitepDispatchLowLatency) so far, and their combines: the parity of each picks
   // the slots it uses in the low-latency window. The same on every rank (the calls are collective).
   uint64_t ll_dispatches = 0;

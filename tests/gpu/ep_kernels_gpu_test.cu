@@ -596,6 +596,114 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
   }
 }
 
+// The window's rows pass by the copy engine (BITEP_WINDOW_ROWS=ce): the others' bulk expert copies are launched
+// first and wait on their arrival flags; then, on another stream, launch_ce_chunks copies each chunk from a send
+// buffer into the "window" and raises its flag (cuStreamWriteValue32). Every expert row, pad and recv_copy row
+// lands as the host's, and no wait times out. On one GPU the window is local memory; over NVLink the same calls
+// target a peer's window.
+TEST(EpKernelsGpu, CopyEngineChunksFeedArrivalWaits) {
+  REQUIRE_GPU();
+  if (!K::ce_chunks_available()) GTEST_SKIP() << "the driver has no stream memory operations (cuStreamWriteValue32)";
+  int major = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
+  if (major < 9) GTEST_SKIP() << "the arrival waits go with the bulk copies: sm_90 and later";
+  cudaStream_t copies = nullptr, engine = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&copies, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&engine, cudaStreamNonBlocking), cudaSuccess);
+  int ran = 0;
+  for (const RecvCase& c : recv_grid()) {
+    const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
+    if (c.mode != 1 || c.R < 2 || c.R > 3000 || rb % 16 != 0 || rb > 24 * 1024) continue;
+    const RecvInput in = make_recv(c);
+    std::vector<int32_t> rows = poisoned<int32_t>(c.R * c.KL);
+    std::vector<uint8_t> ex = poisoned<uint8_t>((in.N + 1) * rb);
+    K::ExpertMajorParams p;
+    p.num_recv_rows = c.R;
+    p.num_local_experts = c.L;
+    p.max_row_experts = c.KL;
+    p.hidden = c.H;
+    p.dtype = c.dtype;
+    p.recv_map = in.map.data();
+    p.expert_offsets = in.offsets.data();
+    p.expert_counts = in.counts.data();
+    p.recv_expert_rows = rows.data();
+    p.recv_x = in.x.data();
+    p.expert_x = ex.data();
+    p.num_expert_rows = in.N;
+    host::ep_expert_major(p);
+    Dev<uint8_t> dmap(in.map), dsend(in.x), dwin(c.R * rb), dex(ex.size()), drecv(c.R * rb);
+    Dev<int32_t> doff(in.offsets), dcnt(in.counts), drows(rows.size());
+    Dev<int64_t> dsrc(in.N);
+    K::ExpertMajorParams q = p;
+    q.recv_map = dmap.get();
+    q.expert_offsets = doff.get();
+    q.expert_counts = dcnt.get();
+    q.recv_expert_rows = drows.get();
+    q.expert_src = dsrc.get();
+    q.recv_x = nullptr;  // the positions first
+    q.expert_x = nullptr;
+    sync(K::launch_ep_expert_major(q, nullptr));
+    // Two senders' rows, [0, R / 2) and [R / 2, R), in chunks of 1-9 rows, chunk-major, as the dispatch cuts them.
+    const int64_t chunk_rows = 1 + static_cast<int64_t>(c.seed % 9);
+    const int64_t from[2] = {0, c.R / 2}, count[2] = {c.R / 2, c.R - c.R / 2};
+    const int C = static_cast<int>((std::max(count[0], count[1]) + chunk_rows - 1) / chunk_rows);
+    std::vector<int64_t> seq{0}, start, flag;
+    for (int j = 0; j < C; ++j)
+      for (int sd = 0; sd < 2; ++sd)
+        if (count[sd] > j * chunk_rows) {
+          seq.push_back(seq.back() + std::min(chunk_rows, count[sd] - j * chunk_rows));
+          start.push_back(from[sd] + j * chunk_rows);
+          flag.push_back(sd * C + j);
+        }
+    std::vector<int64_t> pieces = seq;
+    pieces.insert(pieces.end(), start.begin(), start.end());
+    pieces.insert(pieces.end(), flag.begin(), flag.end());
+    const uint32_t epoch = 5 + static_cast<uint32_t>(c.seed % 1000);
+    Dev<uint64_t> dflags(std::vector<uint64_t>(size_t(2) * C, epoch - 1));  // last call's: not landed
+    Dev<int64_t> dpieces(pieces);
+    Dev<int> dtimed(std::vector<int>(1, 0));
+    q.recv_x = dwin.get();  // the window: poisoned until the copy engine fills it
+    q.expert_x = dex.get();
+    q.positions_given = true;
+    q.copy_begin = q.copy_end = 0;
+    q.copy_outside = true;  // every row
+    q.arrival_flags = dflags.get();
+    q.arrival_pieces = dpieces.get();
+    q.num_pieces = static_cast<int>(start.size());
+    q.arrival_epoch = epoch;
+    q.timeout_ns = 10ull * 1000 * 1000 * 1000;  // a lost flag fails the check below, not the wait
+    q.timed_out = dtimed.get();
+    q.recv_copy = drecv.get();
+    bool bulk = false;
+    ASSERT_EQ(K::expert_major_takes_bulk(q, &bulk), cudaSuccess);
+    ASSERT_TRUE(bulk) << c.str();
+    ASSERT_EQ(K::launch_ep_expert_major(q, copies), cudaSuccess) << c.str();
+    std::vector<K::CeChunk> chunks;
+    for (size_t i = 0; i < start.size(); ++i) {
+      K::CeChunk k;
+      k.dst = dwin.get() + start[i] * rb;
+      k.src = dsend.get() + start[i] * rb;
+      k.bytes = static_cast<uint64_t>(seq[i + 1] - seq[i]) * rb;
+      k.flag = dflags.get() + flag[i];
+      chunks.push_back(k);
+    }
+    ASSERT_EQ(K::launch_ce_chunks(chunks.data(), static_cast<int>(chunks.size()), epoch, engine), cudaSuccess);
+    std::vector<uint64_t> raised(size_t(2) * C, epoch - 1);  // a sender's chunks past its rows stay low
+    for (int64_t f : flag) raised[f] = epoch;
+    ASSERT_EQ(cudaStreamSynchronize(engine), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(copies), cudaSuccess);
+    bool ok = same(drows.host(), rows, "recv_expert_rows", c.str()) & same(dex.host(), ex, "expert_x", c.str()) &
+              same(drecv.host(), in.x, "recv_copy", c.str()) &
+              same(dtimed.host(), std::vector<int>(1, 0), "timeout word", c.str()) &
+              same(dflags.host(), raised, "arrival flags", c.str());
+    if (!ok) break;
+    ++ran;
+  }
+  cudaStreamDestroy(copies);
+  cudaStreamDestroy(engine);
+  EXPECT_GT(ran, 3) << "too few cases took the bulk copies";
+}
+
 TEST(EpKernelsGpu, ReduceMatchesHost) {
   REQUIRE_GPU();
   int failing = 0;
