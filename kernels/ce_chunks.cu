@@ -8,21 +8,28 @@
 namespace bitep::kernels {
 namespace {
 
-using WriteValue32 = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+// cuStreamWriteValue32 and cuStreamWaitValue32 (the same signature) through the runtime's driver entry point
+// (bitep does not link libcuda); null where the driver has none.
+using StreamValue32 = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
 
-// cuStreamWriteValue32 through the runtime's driver entry point (bitep does not link libcuda); null where the
-// driver has none.
-WriteValue32 write_value32() {
-  static const WriteValue32 fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
-    if (cudaGetDriverEntryPointByVersion("cuStreamWriteValue32", &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      p = nullptr;
-    }
-    return reinterpret_cast<WriteValue32>(p);
-  }();
+StreamValue32 entry(const char* name) {
+  void* p = nullptr;
+  cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+  if (cudaGetDriverEntryPointByVersion(name, &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+      q != cudaDriverEntryPointSuccess) {
+    (void)cudaGetLastError();
+    p = nullptr;
+  }
+  return reinterpret_cast<StreamValue32>(p);
+}
+
+StreamValue32 write_value32() {
+  static const StreamValue32 fn = entry("cuStreamWriteValue32");
+  return fn;
+}
+
+StreamValue32 wait_value32() {
+  static const StreamValue32 fn = entry("cuStreamWaitValue32");
   return fn;
 }
 
@@ -43,15 +50,20 @@ cudaError_t from_driver(CUresult r) {
 
 }  // namespace
 
-bool ce_chunks_available() { return write_value32() != nullptr; }
+bool ce_chunks_available() { return write_value32() != nullptr && wait_value32() != nullptr; }
 
 cudaError_t launch_ce_chunks(const CeChunk* chunks, int n, uint32_t value, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  const WriteValue32 write = write_value32();
-  if (write == nullptr) return cudaErrorNotSupported;
+  const StreamValue32 write = write_value32(), wait = wait_value32();
+  if (write == nullptr || wait == nullptr) return cudaErrorNotSupported;
   for (int i = 0; i < n; ++i) {
     const CeChunk& c = chunks[i];
     if (c.flag == nullptr || (c.bytes > 0 && (c.dst == nullptr || c.src == nullptr))) return cudaErrorInvalidValue;
+    if (c.wait != nullptr) {
+      const cudaError_t e = from_driver(wait(reinterpret_cast<CUstream>(stream), reinterpret_cast<CUdeviceptr>(c.wait),
+                                             value, CU_STREAM_WAIT_VALUE_GEQ));
+      if (e != cudaSuccess) return e;
+    }
     if (c.bytes > 0) {
       const cudaError_t e = cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyDeviceToDevice, stream);
       if (e != cudaSuccess) return e;

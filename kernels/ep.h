@@ -24,8 +24,9 @@ cudaError_t launch_ep_final_sum(const FinalSumParams& p, cudaStream_t stream);
 cudaError_t launch_ep_weight_grad(const WeightGradParams& p, cudaStream_t stream);
 cudaError_t launch_ep_low_latency_send(const LowLatencySendParams& p, cudaStream_t stream);
 cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cudaStream_t stream);
-// In order on `stream`: each chunk copied by cudaMemcpyAsync (the copy engine; no SM is taken), then the low
-// word of its flag set to `value` by cuStreamWriteValue32, whose default memory barrier orders the copy's
+// In order on `stream`: for each chunk, a wait until its `wait` flag's low word is at least `value`
+// (cuStreamWaitValue32, when given), the copy by cudaMemcpyAsync (the copy engine; no SM is taken), then the
+// low word of its flag set to `value` by cuStreamWriteValue32, whose default memory barrier orders the copy's
 // stores before the flag (as __threadfence_system() would): a kernel that acquires the flag (system scope)
 // then reads the chunk's rows. cudaErrorNotSupported where the driver has no stream memory operations
 // (ce_chunks_available() says so first).

@@ -106,6 +106,9 @@ struct CeChunk {
   const void* src = nullptr;
   uint64_t bytes = 0;
   uint64_t* flag = nullptr;
+  // Optional: the copy first waits until this flag's low word is at least the value (the chunk's rows are in
+  // src: the permute raised it, PermuteParams::chunk_flag into the send buffer).
+  const uint64_t* wait = nullptr;
 };
 
 struct PermuteParams {
@@ -142,9 +145,10 @@ struct PermuteParams {
   // cuda: at most this many blocks in all (0: no cap): a pass that is bound by the link, not by the SMs (the
   // window's rows over NVLink), on a few SMs, leaving the others' memory paths to the copies beside it.
   int max_blocks = 0;
-  // Optional, cuda, with peer_dest: arrival flags per chunk of chunk_rows rows of each peer's chunk (the
-  // window's rows pass; ExpertMajorParams::arrival_flags waits for them). Once a row for rank r != self_rank
-  // (slot s, chunk c = s / chunk_rows) is stored, chunk_count[r * max_chunks + c] is raised; the row that
+  // Optional, cuda, with peer_dest or the send buffers: arrival flags per chunk of chunk_rows rows of each
+  // peer's chunk (the window's rows pass: ExpertMajorParams::arrival_flags waits for them in the peers'
+  // windows; or, into the send buffer, local flags the copy engine waits for: CeChunk::wait). Once a row for rank r !=
+  // self_rank (slot s, chunk c = s / chunk_rows) is stored, chunk_count[r * max_chunks + c] is raised; the row that
   // completes the chunk (min(chunk_rows, send_counts[r] - c * chunk_rows) rows) stores chunk_epoch into
   // chunk_flag[r][c] (release, system scope), ordered after every store of the chunk's rows.
   // send_counts[r] <= max_chunks * chunk_rows.

@@ -239,8 +239,8 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   a.chunk_rows = p.chunk_rows;
   a.max_chunks = p.max_chunks;
   a.chunk_epoch = p.chunk_epoch;
-  if (p.chunk_count != nullptr && (p.peer_dest == nullptr || p.chunk_flag == nullptr || p.send_counts == nullptr ||
-                                   p.chunk_rows < 1 || p.max_chunks < 1))
+  if (p.chunk_count != nullptr && ((p.peer_dest == nullptr && p.send_x == nullptr) || p.chunk_flag == nullptr ||
+                                   p.send_counts == nullptr || p.chunk_rows < 1 || p.max_chunks < 1))
     return cudaErrorInvalidValue;
   // The x copy is skipped (nvec = 0) for an empty row; send_x / recv_x may then be null (a null recv_x:
   // the own rows are not written, a null peer_dest entry: that peer's rows are not). Peer chunks

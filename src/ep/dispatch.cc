@@ -96,11 +96,11 @@ bool window_rows_bulk() {
   return on;
 }
 
-// BITEP_WINDOW_ROWS=ce: with arrival chunks, the window's rows pass goes by the copy engine. The permute stores
-// the peers' rows into a local send buffer (the device's own memory), then the copy engine moves each arrival
-// chunk into its peer's window and raises the chunk's flag there (kernels::launch_ce_chunks), so no SM stores
-// over NVLink and the expert copies beside the transfer keep every SM. Per rank: the receivers wait on the same
-// flags whichever way the rows came.
+// BITEP_WINDOW_ROWS=ce: with arrival chunks, the window's rows go by the copy engine. The rows pass stores the
+// peers' rows into a local send buffer (the device's own memory) and raises a local flag per chunk; on a copy
+// stream each chunk waits for its flag (cuStreamWaitValue32), is copied into its peer's window and raises the
+// chunk's flag there (kernels::launch_ce_chunks). No SM stores over NVLink, so the expert copies beside the
+// transfer keep every SM's memory path. Per rank: the receivers wait on the same flags whichever way the rows came.
 bool window_rows_ce() {
   static const bool on = env_is("BITEP_WINDOW_ROWS", "ce");
   return on;
@@ -530,12 +530,18 @@ bitepResult_t Dispatch::move_rows_window() {
   const uint64_t epoch = C > 0 ? win_->next_chunk_epoch() : 0;
   void* chunk_count = nullptr;
   if (C > 0) BITEP_CHECK(ex_.temp(sizeof(int32_t) * W_ * win_->max_chunks(), &chunk_count));
-  // By the copy engine (BITEP_WINDOW_ROWS=ce): the peers' rows through a local send buffer, then each chunk
-  // copied into its peer's window and flagged. The flags' epoch goes as a 32-bit word (their high word is 0).
+  // By the copy engine (BITEP_WINDOW_ROWS=ce): the rows pass stores the peers' rows into a local send buffer and
+  // raises local chunk flags; the copy engine waits for each, copies the chunk into its peer's window and raises
+  // the chunk's flag there. The flags' epoch goes as a 32-bit word (their high word is 0).
   const int64_t S = h->num_send_rows;
   const bool ce = C > 0 && window_rows_ce() && h->num_tokens > 0 && S > 0 && epoch <= UINT32_MAX && ex_.ce_available();
-  void* send = nullptr;
-  if (ce) BITEP_CHECK(ex_.temp(row_bytes_ * S, &send));
+  void *send = nullptr, *local_flags = nullptr, *local_rows = nullptr;
+  const size_t flag_bytes = sizeof(uint64_t) * W_ * win_->max_chunks();
+  if (ce) {
+    BITEP_CHECK(ex_.temp(row_bytes_ * S, &send));
+    BITEP_CHECK(ex_.temp(flag_bytes, &local_flags));  // [W, max_chunks], as the windows' flags
+    BITEP_CHECK(ex_.temp(sizeof(void*) * W_, &local_rows));
+  }
 
   // The rows alone: the own ones into recv_x (none when expert-major only), the others to the peers.
   kernels::PermuteParams rows = pp;
@@ -547,17 +553,16 @@ bitepResult_t Dispatch::move_rows_window() {
   rows.blocks_per_sm = window_row_blocks();
   rows.max_blocks = window_row_grid();
   if (ce) {
-    // Into the send buffer at the device's own rate (every SM: nothing runs beside it yet), no flags.
     rows.peer_dest = nullptr;
     rows.send_x = send;
     rows.send_offsets = h->send_offsets_dev;
     rows.send_map = nullptr;
     rows.send_weights = nullptr;
-    rows.blocks_per_sm = 0;
-    rows.max_blocks = 0;
-  } else if (C > 0) {
+  }
+  if (C > 0) {
     rows.chunk_count = static_cast<int32_t*>(chunk_count);
-    rows.chunk_flag = reinterpret_cast<uint64_t* const*>(peer_dest_ + 6 * W_);
+    rows.chunk_flag =
+        ce ? static_cast<uint64_t* const*>(local_rows) : reinterpret_cast<uint64_t* const*>(peer_dest_ + 6 * W_);
     rows.send_counts = arrival_table_;
     rows.chunk_rows = chunk_rows_;
     rows.max_chunks = win_->max_chunks();
@@ -582,6 +587,13 @@ bitepResult_t Dispatch::move_rows_window() {
 
   BITEP_CHECK(win_->acquire(ex_.stream()));
   if (C > 0) BITEP_CHECK(ex_.zero(chunk_count, sizeof(int32_t) * W_ * win_->max_chunks()));
+  if (ce) {
+    BITEP_CHECK(ex_.zero(local_flags, flag_bytes));
+    std::vector<uint64_t*> flag_rows(W_);
+    for (int r = 0; r < W_; ++r)
+      flag_rows[r] = static_cast<uint64_t*>(local_flags) + static_cast<size_t>(r) * win_->max_chunks();
+    BITEP_CHECK(ex_.upload(local_rows, flag_rows.data(), sizeof(void*) * W_));
+  }
   if (!windows_idle_) {
     BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
     trace_.mark("barrier");
@@ -590,25 +602,7 @@ bitepResult_t Dispatch::move_rows_window() {
   BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
   BITEP_CHECK(unpack_window(false));
   trace_.mark("window (routing)");
-  if (ce) {
-    // The rows first (the own ones into recv_x), then the copy engine's chunks, every peer's chunk j before any
-    // peer's chunk j + 1 (the order the receivers copy them in).
-    BITEP_CHECK(ex_.permute(rows));
-    trace_.mark("send buffer (rows)");
-    std::vector<kernels::CeChunk> chunks;
-    for (int j = 0; j < C; ++j)
-      for (int r = 0; r < W_; ++r) {
-        const int64_t n = r == self_ ? 0 : h->send_counts[r], first = j * chunk_rows_;
-        if (first >= n) continue;
-        kernels::CeChunk k;
-        k.dst = static_cast<char*>(peer_dest_host_[3 * W_ + r]) + first * row_bytes_;
-        k.src = static_cast<const char*>(send) + (h->send_offsets[r] + first) * row_bytes_;
-        k.bytes = static_cast<uint64_t>(std::min(chunk_rows_, n - first)) * row_bytes_;
-        k.flag = static_cast<uint64_t*>(peer_dest_host_[6 * W_ + r]) + j;
-        chunks.push_back(k);
-      }
-    BITEP_CHECK(ex_.ce_chunks(chunks, static_cast<uint32_t>(epoch)));
-  }
+  if (ce) BITEP_CHECK(ex_.ce_fork());  // the copy stream after the barrier: every peer's window is free
   bool first_bulk = false;
   if (fused) {
     // Every row's positions first (the rows pass reads the own ones'); no copies.
@@ -652,7 +646,26 @@ bitepResult_t Dispatch::move_rows_window() {
     trace_.mark_on("expert-major (others, on arrival)", ex_.current_stream());
   }
   ex_.launch_on_caller();
-  if (h->num_tokens > 0 && !ce) BITEP_CHECK(ex_.permute(rows));
+  if (h->num_tokens > 0) BITEP_CHECK(ex_.permute(rows));
+  if (ce) {
+    // Once the rows pass is queued (it raises what they wait for): each chunk waits for its local flag, is
+    // copied into its peer's window and flagged there; every peer's chunk j before any peer's chunk j + 1 (the
+    // order the receivers copy them in).
+    std::vector<kernels::CeChunk> chunks;
+    for (int j = 0; j < C; ++j)
+      for (int r = 0; r < W_; ++r) {
+        const int64_t n = r == self_ ? 0 : h->send_counts[r], first = j * chunk_rows_;
+        if (first >= n) continue;
+        kernels::CeChunk k;
+        k.dst = static_cast<char*>(peer_dest_host_[3 * W_ + r]) + first * row_bytes_;
+        k.src = static_cast<const char*>(send) + (h->send_offsets[r] + first) * row_bytes_;
+        k.bytes = static_cast<uint64_t>(std::min(chunk_rows_, n - first)) * row_bytes_;
+        k.flag = static_cast<uint64_t*>(peer_dest_host_[6 * W_ + r]) + j;
+        k.wait = static_cast<const uint64_t*>(local_flags) + static_cast<size_t>(r) * win_->max_chunks() + j;
+        chunks.push_back(k);
+      }
+    BITEP_CHECK(ex_.ce_chunks(chunks, static_cast<uint32_t>(epoch)));
+  }
   if (C > 0) {
     trace_.mark("window (rows)");
     BITEP_CHECK(ex_.join());

@@ -180,8 +180,7 @@ bitepResult_t Exec::join() {
   return bitepSuccess;
 }
 
-bitepResult_t Exec::ce_chunks(const std::vector<kernels::CeChunk>& chunks, uint32_t value) {
-  if (chunks.empty()) return bitepSuccess;
+bitepResult_t Exec::ce_fork() {
   if (!cuda()) BITEP_FAIL(bitepInternalError, "copy-engine chunks on the host backend");
 #ifdef BITEP_HAVE_CUDA
   bitepGroup* g = group_;
@@ -195,14 +194,21 @@ bitepResult_t Exec::ce_chunks(const std::vector<kernels::CeChunk>& chunks, uint3
     g->ce_stream = s;
     g->ce_event = ev;
   }
-  cudaStream_t ce = static_cast<cudaStream_t>(g->ce_stream);
   cudaEvent_t ev = static_cast<cudaEvent_t>(g->ce_event);
   BITEP_CUDA_CHECK(cudaEventRecord(ev, cu(stream_)));
-  BITEP_CUDA_CHECK(cudaStreamWaitEvent(ce, ev, 0));
+  BITEP_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(g->ce_stream), ev, 0));
   ce_pending_ = true;
-  BITEP_CUDA_CHECK(kernels::launch_ce_chunks(chunks.data(), static_cast<int>(chunks.size()), value, ce));
+#endif
+  return bitepSuccess;
+}
+
+bitepResult_t Exec::ce_chunks(const std::vector<kernels::CeChunk>& chunks, uint32_t value) {
+  if (!ce_pending_) BITEP_FAIL(bitepInternalError, "copy-engine chunks without ce_fork()");
+#ifdef BITEP_HAVE_CUDA
+  BITEP_CUDA_CHECK(kernels::launch_ce_chunks(chunks.data(), static_cast<int>(chunks.size()), value,
+                                             static_cast<cudaStream_t>(group_->ce_stream)));
 #else
-  (void)value;
+  (void)chunks, (void)value;
 #endif
   return bitepSuccess;
 }

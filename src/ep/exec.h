@@ -63,9 +63,12 @@ class Exec {
   bitepResult_t fork();
   void launch_on_caller() { side_ = false; }
   bitepResult_t join();
-  // cuda: the chunks by the copy engine (kernels::launch_ce_chunks) on the group's copy stream, after the work
-  // queued on the caller's stream so far; ce_join() makes the caller's stream wait for them (the destructor
-  // too, on an error path, before it releases the temporaries). value: the flags' epoch, below 2^32.
+  // cuda, the copy engine's chunks (kernels::launch_ce_chunks) on the group's copy stream: ce_fork() makes that
+  // stream wait for the work queued on the caller's stream so far; ce_chunks() queues chunks there (value: the
+  // flags' epoch, below 2^32); ce_join() makes the caller's stream wait for them (the destructor too, on an
+  // error path, before it releases the temporaries). A chunk that waits on a flag is queued only once the
+  // launch that raises it was queued: a wait nothing will end would hang the stream.
+  bitepResult_t ce_fork();
   bitepResult_t ce_chunks(const std::vector<kernels::CeChunk>& chunks, uint32_t value);
   bitepResult_t ce_join();
   // Whether ce_chunks() can run here (cuda, with the driver's stream memory operations).

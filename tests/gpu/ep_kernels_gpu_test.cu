@@ -206,9 +206,11 @@ TEST(EpKernelsGpu, PermutePeerDestMatchesHost) {
     const std::vector<uint8_t> pois_sm = poisoned<uint8_t>(S * MB), pois_rm = poisoned<uint8_t>(R * MB);
     const std::vector<float> pois_sw = poisoned<float>(S * KL), pois_rw = poisoned<float>(R * KL);
     // Variant 0: all; 1: maps and weights to the peers, the self chunk whole; 2: the peers' rows alone; 3: the
-    // rows alone, the own ones too, by bulk copies where the shape allows, with the own rows' expert copies.
-    for (int variant = 0; variant < 4; ++variant) {
+    // rows alone, the own ones too, by bulk copies where the shape allows, with the own rows' expert copies; 4: the
+    // rows alone into the send buffers (no peer_dest) with arrival flags, as the copy engine's rows pass makes them.
+    for (int variant = 0; variant < 5; ++variant) {
       const bool rows = variant != 1, meta = variant < 2, own = variant != 2, own_meta = variant < 2;
+      const bool send_buffers = variant == 4;
       std::vector<uint8_t> sx = pois_sx, rx = pois_rx, sm = pois_sm, rm = pois_rm;
       std::vector<float> sw = pois_sw, rw = pois_rw;
       auto table = [&](uint8_t* bx, uint8_t* bm, float* bw) {
@@ -230,6 +232,11 @@ TEST(EpKernelsGpu, PermutePeerDestMatchesHost) {
       if (!meta) q.routing.weight_format = WeightFormat::kNone;
       const std::vector<void*> host_dest = table(sx.data(), sm.data(), sw.data());
       q.peer_dest = host_dest.data();
+      if (send_buffers) {
+        q.peer_dest = nullptr;
+        q.send_x = sx.data();
+        q.send_offsets = send_off.data();
+      }
       host::ep_permute(q);
       Dev<uint8_t> dx(x), dsx(pois_sx), drx(pois_rx), dsm(pois_sm), drm(pois_rm);
       Dev<float> dsw(pois_sw), drw(pois_rw);
@@ -243,6 +250,12 @@ TEST(EpKernelsGpu, PermutePeerDestMatchesHost) {
       q.recv_map = own_meta ? drm.get() : nullptr;
       q.recv_weights = own_meta ? drw.get() : nullptr;
       q.peer_dest = ddest.get();
+      Dev<int64_t> dsend_off(send_off);
+      if (send_buffers) {
+        q.peer_dest = nullptr;
+        q.send_x = dsx.get();
+        q.send_offsets = dsend_off.get();
+      }
       // Variant 3's own expert copies: a random position (or none) for each of an own row's KL entries, the
       // expected expert_x from the host's token of each own slot.
       const int64_t n_self = lay.counts[size_t(self) * (L + 1)], NX = n_self * KL + 3;
@@ -596,20 +609,51 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
   }
 }
 
+// Stands in for the rows pass into the send buffers: piece by piece, its rows copied from x, then its local
+// flag raised (fenced, as the permute's arrival counting does), a pause between pieces so that the copy engine
+// really waits.
+__global__ void produce_pieces(const uint8_t* x,
+                               uint8_t* send,
+                               const int64_t* seq,
+                               const int64_t* start,
+                               const int64_t* flag,
+                               int pieces,
+                               uint64_t rb,
+                               uint64_t* local,
+                               uint64_t epoch) {
+  for (int i = 0; i < pieces; ++i) {
+    const uint64_t off = start[i] * rb, bytes = (seq[i + 1] - seq[i]) * rb;
+    for (uint64_t b = threadIdx.x; b < bytes; b += blockDim.x) send[off + b] = x[off + b];
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __nanosleep(2000);
+      *reinterpret_cast<volatile uint64_t*>(local + flag[i]) = epoch;
+    }
+    __syncthreads();
+  }
+}
+
 // The window's rows pass by the copy engine (BITEP_WINDOW_ROWS=ce): the others' bulk expert copies are launched
-// first and wait on their arrival flags; then, on another stream, launch_ce_chunks copies each chunk from a send
-// buffer into the "window" and raises its flag (cuStreamWriteValue32). Every expert row, pad and recv_copy row
-// lands as the host's, and no wait times out. On one GPU the window is local memory; over NVLink the same calls
-// target a peer's window.
+// first and wait on their arrival flags; a producer fills a send buffer piece by piece and raises a local flag per
+// piece; on a third stream launch_ce_chunks waits for each local flag (cuStreamWaitValue32), copies the piece into
+// the "window" and raises its arrival flag (cuStreamWriteValue32). Every expert row, pad and recv_copy row lands
+// as the host's, and no wait times out. On one GPU the window is local memory; over NVLink the same calls target a
+// peer's window.
 TEST(EpKernelsGpu, CopyEngineChunksFeedArrivalWaits) {
   REQUIRE_GPU();
   if (!K::ce_chunks_available()) GTEST_SKIP() << "the driver has no stream memory operations (cuStreamWriteValue32)";
   int major = 0;
   ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
   if (major < 9) GTEST_SKIP() << "the arrival waits go with the bulk copies: sm_90 and later";
-  cudaStream_t copies = nullptr, engine = nullptr;
+  cudaStream_t copies = nullptr, engine = nullptr, producer = nullptr;
   ASSERT_EQ(cudaStreamCreateWithFlags(&copies, cudaStreamNonBlocking), cudaSuccess);
   ASSERT_EQ(cudaStreamCreateWithFlags(&engine, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&producer, cudaStreamNonBlocking), cudaSuccess);
+  // Loaded before any copies wait: with lazy module loading (CUDA's default) a kernel's first launch loads its
+  // module, which waits for the device's running work, here the copies waiting on it (seen: a 10 s stall).
+  produce_pieces<<<1, 32>>>(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 0, nullptr, 0);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   int ran = 0;
   for (const RecvCase& c : recv_grid()) {
     const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
@@ -631,7 +675,7 @@ TEST(EpKernelsGpu, CopyEngineChunksFeedArrivalWaits) {
     p.expert_x = ex.data();
     p.num_expert_rows = in.N;
     host::ep_expert_major(p);
-    Dev<uint8_t> dmap(in.map), dsend(in.x), dwin(c.R * rb), dex(ex.size()), drecv(c.R * rb);
+    Dev<uint8_t> dmap(in.map), dx(in.x), dsend(c.R * rb), dwin(c.R * rb), dex(ex.size()), drecv(c.R * rb);
     Dev<int32_t> doff(in.offsets), dcnt(in.counts), drows(rows.size());
     Dev<int64_t> dsrc(in.N);
     K::ExpertMajorParams q = p;
@@ -660,7 +704,8 @@ TEST(EpKernelsGpu, CopyEngineChunksFeedArrivalWaits) {
     pieces.insert(pieces.end(), flag.begin(), flag.end());
     const uint32_t epoch = 5 + static_cast<uint32_t>(c.seed % 1000);
     Dev<uint64_t> dflags(std::vector<uint64_t>(size_t(2) * C, epoch - 1));  // last call's: not landed
-    Dev<int64_t> dpieces(pieces);
+    Dev<int64_t> dpieces(pieces), dseq(seq), dstart(start), dflag_index(flag);
+    Dev<uint64_t> dlocal(std::vector<uint64_t>(size_t(2) * C, 0));
     Dev<int> dtimed(std::vector<int>(1, 0));
     q.recv_x = dwin.get();  // the window: poisoned until the copy engine fills it
     q.expert_x = dex.get();
@@ -674,10 +719,15 @@ TEST(EpKernelsGpu, CopyEngineChunksFeedArrivalWaits) {
     q.timeout_ns = 10ull * 1000 * 1000 * 1000;  // a lost flag fails the check below, not the wait
     q.timed_out = dtimed.get();
     q.recv_copy = drecv.get();
+    q.blocks_per_sm = 2;  // room for the producer beside the waiting copies, as the dispatch leaves the rows pass
     bool bulk = false;
     ASSERT_EQ(K::expert_major_takes_bulk(q, &bulk), cudaSuccess);
     ASSERT_TRUE(bulk) << c.str();
     ASSERT_EQ(K::launch_ep_expert_major(q, copies), cudaSuccess) << c.str();
+    // The producer is queued before the copy engine's waits, as the dispatch queues the rows pass first.
+    produce_pieces<<<1, 256, 0, producer>>>(dx.get(), dsend.get(), dseq.get(), dstart.get(), dflag_index.get(),
+                                            static_cast<int>(start.size()), rb, dlocal.get(), epoch);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
     std::vector<K::CeChunk> chunks;
     for (size_t i = 0; i < start.size(); ++i) {
       K::CeChunk k;
@@ -685,11 +735,13 @@ TEST(EpKernelsGpu, CopyEngineChunksFeedArrivalWaits) {
       k.src = dsend.get() + start[i] * rb;
       k.bytes = static_cast<uint64_t>(seq[i + 1] - seq[i]) * rb;
       k.flag = dflags.get() + flag[i];
+      k.wait = dlocal.get() + flag[i];
       chunks.push_back(k);
     }
     ASSERT_EQ(K::launch_ce_chunks(chunks.data(), static_cast<int>(chunks.size()), epoch, engine), cudaSuccess);
     std::vector<uint64_t> raised(size_t(2) * C, epoch - 1);  // a sender's chunks past its rows stay low
     for (int64_t f : flag) raised[f] = epoch;
+    ASSERT_EQ(cudaStreamSynchronize(producer), cudaSuccess);
     ASSERT_EQ(cudaStreamSynchronize(engine), cudaSuccess);
     ASSERT_EQ(cudaStreamSynchronize(copies), cudaSuccess);
     bool ok = same(drows.host(), rows, "recv_expert_rows", c.str()) & same(dex.host(), ex, "expert_x", c.str()) &
@@ -701,6 +753,7 @@ TEST(EpKernelsGpu, CopyEngineChunksFeedArrivalWaits) {
   }
   cudaStreamDestroy(copies);
   cudaStreamDestroy(engine);
+  cudaStreamDestroy(producer);
   EXPECT_GT(ran, 3) << "too few cases took the bulk copies";
 }
 
