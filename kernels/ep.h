@@ -32,5 +32,11 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
 // (ce_chunks_available() says so first).
 cudaError_t launch_ce_chunks(const CeChunk* chunks, int n, uint32_t value, cudaStream_t stream);
 bool ce_chunks_available();
+// Loads (cudaFuncGetAttributes) the kernels that run while other kernels wait on them: the permute's (the window's
+// rows pass) and the bulk copies'. Under lazy module loading (CUDA's default) a kernel's first launch loads it and
+// waits for the device's running work; launched while copies spin waiting for the peers' rows passes, which wait
+// the same way, the first large window dispatch would stall until the waits time out. Called at group creation.
+cudaError_t load_ep_kernels();
+cudaError_t load_permute_kernels();  // the permute's part (kernels/permute.cu)
 
 }  // namespace bitep::kernels

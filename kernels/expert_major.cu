@@ -390,6 +390,14 @@ cudaError_t expert_major_takes_bulk(const ExpertMajorParams& p, bool* out) {
   return takes_bulk(p, vec_bytes(row_bytes, p.recv_x, p.expert_x), out);
 }
 
+cudaError_t load_ep_kernels() {
+  cudaFuncAttributes attr;
+  cudaError_t err = load_permute_kernels();
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, expert_bulk_copy_kernel);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, expert_pad_kernel<16>);
+  return err;
+}
+
 cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stream) {
   const int L = p.num_local_experts, KL = p.max_row_experts;
   if (L < 1 || KL < 1 || KL > L || p.num_recv_rows < 0 || p.hidden < 0 || p.num_expert_rows < 0)

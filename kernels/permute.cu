@@ -209,6 +209,15 @@ cudaError_t launch_ep_copy_batch(const CopyBatchParams& p, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
+cudaError_t load_permute_kernels() {
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, permute_bulk_kernel);
+  for (int v : {16, 8, 4, 2, 1})
+    if (err == cudaSuccess)
+      err = dispatch_vec(v, [&](auto vt) { return cudaFuncGetAttributes(&attr, permute_kernel<decltype(vt)::value>); });
+  return err;
+}
+
 cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   const int W = p.num_ranks, E = p.num_experts;
   if (W < 1 || E < 1 || E % W != 0 || p.topk < 1 || p.num_tokens < 0 || p.hidden < 0 || p.self_rank < 0 ||

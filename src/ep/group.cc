@@ -14,6 +14,8 @@
 
 #ifdef BITEP_HAVE_CUDA
 #include <cuda_runtime.h>
+
+#include "kernels/ep.h"
 #endif
 
 namespace bitep::ep {
@@ -160,6 +162,9 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
       BITEP_CUDA_CHECK_GOTO(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking), r, done);
       g->side_stream = side;
     }
+    // The kernels that run while others wait on them, loaded before any call (kernels::load_ep_kernels). Not
+    // fatal here: a kernel that cannot load fails its launch with CUDA's error.
+    if (kernels::load_ep_kernels() != cudaSuccess) (void)cudaGetLastError();
     // Collective like the config agreement above: every rank gets a peer window, or none does.
     r = transport->open_window(config->timeout_s);
     // The low-latency window: where the peer window is (so every rank alike), fixed at its size.

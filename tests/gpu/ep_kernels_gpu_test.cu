@@ -646,6 +646,7 @@ TEST(EpKernelsGpu, CopyEngineChunksFeedArrivalWaits) {
   int major = 0;
   ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
   if (major < 9) GTEST_SKIP() << "the arrival waits go with the bulk copies: sm_90 and later";
+  ASSERT_EQ(K::load_ep_kernels(), cudaSuccess);  // what group creation does: the kernels others wait on, loaded
   cudaStream_t copies = nullptr, engine = nullptr, producer = nullptr;
   ASSERT_EQ(cudaStreamCreateWithFlags(&copies, cudaStreamNonBlocking), cudaSuccess);
   ASSERT_EQ(cudaStreamCreateWithFlags(&engine, cudaStreamNonBlocking), cudaSuccess);
