@@ -16,6 +16,14 @@ namespace bitep::ep {
 #ifdef BITEP_HAVE_CUDA
 namespace {
 inline cudaStream_t cu(bitepStream_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// `to` waits for the work queued on `from` so far, through `event`.
+bitepResult_t wait_for(cudaStream_t to, cudaStream_t from, void* event) {
+  cudaEvent_t ev = static_cast<cudaEvent_t>(event);
+  BITEP_CUDA_CHECK(cudaEventRecord(ev, from));
+  BITEP_CUDA_CHECK(cudaStreamWaitEvent(to, ev, 0));
+  return bitepSuccess;
+}
 }  // namespace
 #endif
 
@@ -160,9 +168,7 @@ bitepResult_t Exec::copy_rows(
 bitepResult_t Exec::fork() {
   if (!cuda()) return bitepSuccess;
 #ifdef BITEP_HAVE_CUDA
-  cudaEvent_t ev = static_cast<cudaEvent_t>(group_->fork_event);
-  BITEP_CUDA_CHECK(cudaEventRecord(ev, cu(stream_)));
-  BITEP_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(group_->side_stream), ev, 0));
+  BITEP_CHECK(wait_for(static_cast<cudaStream_t>(group_->side_stream), cu(stream_), group_->fork_event));
   forked_ = side_ = true;
 #endif
   return bitepSuccess;
@@ -173,9 +179,7 @@ bitepResult_t Exec::join() {
   if (!forked_) return bitepSuccess;
   forked_ = false;
 #ifdef BITEP_HAVE_CUDA
-  cudaEvent_t ev = static_cast<cudaEvent_t>(group_->join_event);
-  BITEP_CUDA_CHECK(cudaEventRecord(ev, static_cast<cudaStream_t>(group_->side_stream)));
-  BITEP_CUDA_CHECK(cudaStreamWaitEvent(cu(stream_), ev, 0));
+  BITEP_CHECK(wait_for(cu(stream_), static_cast<cudaStream_t>(group_->side_stream), group_->join_event));
 #endif
   return bitepSuccess;
 }
@@ -194,9 +198,7 @@ bitepResult_t Exec::ce_fork() {
     g->ce_stream = s;
     g->ce_event = ev;
   }
-  cudaEvent_t ev = static_cast<cudaEvent_t>(g->ce_event);
-  BITEP_CUDA_CHECK(cudaEventRecord(ev, cu(stream_)));
-  BITEP_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(g->ce_stream), ev, 0));
+  BITEP_CHECK(wait_for(static_cast<cudaStream_t>(g->ce_stream), cu(stream_), g->ce_event));
   ce_pending_ = true;
 #endif
   return bitepSuccess;
@@ -225,9 +227,7 @@ bitepResult_t Exec::ce_join() {
   if (!ce_pending_) return bitepSuccess;
   ce_pending_ = false;
 #ifdef BITEP_HAVE_CUDA
-  cudaEvent_t ev = static_cast<cudaEvent_t>(group_->ce_event);
-  BITEP_CUDA_CHECK(cudaEventRecord(ev, static_cast<cudaStream_t>(group_->ce_stream)));
-  BITEP_CUDA_CHECK(cudaStreamWaitEvent(cu(stream_), ev, 0));
+  BITEP_CHECK(wait_for(cu(stream_), static_cast<cudaStream_t>(group_->ce_stream), group_->ce_event));
 #endif
   return bitepSuccess;
 }

@@ -476,6 +476,29 @@ RecvInput make_recv(const RecvCase& c) {
   return in;
 }
 
+// Two senders' rows [from[s], from[s] + count[s]) in chunks of chunk_rows, chunk-major (every sender's chunk j
+// before any sender's chunk j + 1), as the window's dispatch orders them (src/ep/arrival.h): the pieces' seq
+// [P + 1], row_start [P] and flag [P] (sender s's chunk j has flag s * C + j), and table(), their concatenation
+// as ExpertMajorParams::arrival_pieces takes it.
+struct TwoSenderPieces {
+  std::vector<int64_t> seq{0}, start, flag;
+  TwoSenderPieces(const int64_t (&from)[2], const int64_t (&count)[2], int64_t chunk_rows, int C) {
+    for (int j = 0; j < C; ++j)
+      for (int sd = 0; sd < 2; ++sd)
+        if (count[sd] > j * chunk_rows) {
+          seq.push_back(seq.back() + std::min(chunk_rows, count[sd] - j * chunk_rows));
+          start.push_back(from[sd] + j * chunk_rows);
+          flag.push_back(sd * C + j);
+        }
+  }
+  std::vector<int64_t> table() const {
+    std::vector<int64_t> t = seq;
+    t.insert(t.end(), start.begin(), start.end());
+    t.insert(t.end(), flag.begin(), flag.end());
+    return t;
+  }
+};
+
 TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
   REQUIRE_GPU();
   int failing = 0;
@@ -566,17 +589,8 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
       const int64_t chunk_rows = 1 + static_cast<int64_t>(c.seed % 5);
       const int64_t from[2] = {0, 2 * c.R / 3}, count[2] = {c.R / 3, c.R - 2 * c.R / 3};
       const int C = static_cast<int>(std::max(count[0], count[1]) / chunk_rows + 1);
-      std::vector<int64_t> seq{0}, start, flag;
-      for (int j = 0; j < C; ++j)
-        for (int sd = 0; sd < 2; ++sd)
-          if (count[sd] > j * chunk_rows) {
-            seq.push_back(seq.back() + std::min(chunk_rows, count[sd] - j * chunk_rows));
-            start.push_back(from[sd] + j * chunk_rows);
-            flag.push_back(sd * C + j);
-          }
-      std::vector<int64_t> pieces = seq;
-      pieces.insert(pieces.end(), start.begin(), start.end());
-      pieces.insert(pieces.end(), flag.begin(), flag.end());
+      const TwoSenderPieces pc(from, count, chunk_rows, C);
+      const std::vector<int64_t> pieces = pc.table();
       const uint64_t epoch = 3 + c.seed;
       std::vector<uint64_t> flags(size_t(2) * C, epoch);
       const bool missing = arrival && c.seed % 4 == 2 && count[1] > 0;
@@ -588,7 +602,7 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
       if (arrival) {
         q.arrival_flags = dflags.get();
         q.arrival_pieces = dpieces.get();
-        q.num_pieces = static_cast<int>(start.size());
+        q.num_pieces = static_cast<int>(pc.start.size());
         q.arrival_epoch = epoch;
         q.timeout_ns = 2000000;
         q.timed_out = dtimed.get();
@@ -692,17 +706,9 @@ TEST(EpKernelsGpu, CopyEngineChunksFeedArrivalWaits) {
     const int64_t chunk_rows = 1 + static_cast<int64_t>(c.seed % 9);
     const int64_t from[2] = {0, c.R / 2}, count[2] = {c.R / 2, c.R - c.R / 2};
     const int C = static_cast<int>((std::max(count[0], count[1]) + chunk_rows - 1) / chunk_rows);
-    std::vector<int64_t> seq{0}, start, flag;
-    for (int j = 0; j < C; ++j)
-      for (int sd = 0; sd < 2; ++sd)
-        if (count[sd] > j * chunk_rows) {
-          seq.push_back(seq.back() + std::min(chunk_rows, count[sd] - j * chunk_rows));
-          start.push_back(from[sd] + j * chunk_rows);
-          flag.push_back(sd * C + j);
-        }
-    std::vector<int64_t> pieces = seq;
-    pieces.insert(pieces.end(), start.begin(), start.end());
-    pieces.insert(pieces.end(), flag.begin(), flag.end());
+    const TwoSenderPieces pc(from, count, chunk_rows, C);
+    const std::vector<int64_t> pieces = pc.table();
+    const std::vector<int64_t>&seq = pc.seq, &start = pc.start, &flag = pc.flag;
     const uint32_t epoch = 5 + static_cast<uint32_t>(c.seed % 1000);
     Dev<uint64_t> dflags(std::vector<uint64_t>(size_t(2) * C, epoch - 1));  // last call's: not landed
     Dev<int64_t> dpieces(pieces), dseq(seq), dstart(start), dflag_index(flag);
