@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/ep_params.h"
+
 namespace bitep::ep {
 
 // Rows per chunk: the largest rank-to-rank count of matrix ([W, W], row s = what rank s sends each rank)
@@ -23,5 +25,22 @@ std::vector<int64_t> arrival_pieces(const std::vector<int64_t>& matrix,
                                     int self,
                                     int64_t chunk_rows,
                                     int max_chunks);
+
+// The sender's side of the rows pass by the copy engine (BITEP_WINDOW_ROWS=ce): rank self's rows for peer r sit
+// in the send buffer `send` from row send_offsets[r] (send_counts[r] rows of row_bytes) and go to peer_rows[r],
+// its block in r's window. Chunk j of r, rows [j * chunk_rows, ...), waits for local_flags[r * max_chunks + j]
+// (the rows pass raises it), is copied, and raises peer_flags[r][j]. Chunk-major: every peer's chunk j before any
+// peer's chunk j + 1, the order the receivers copy them in. No chunk for self or for a peer sent nothing.
+std::vector<kernels::CeChunk> copy_engine_chunks(const std::vector<int64_t>& send_counts,
+                                                 const std::vector<int64_t>& send_offsets,
+                                                 int self,
+                                                 int64_t chunk_rows,
+                                                 int chunks,
+                                                 uint64_t row_bytes,
+                                                 const char* send,
+                                                 const std::vector<char*>& peer_rows,
+                                                 const std::vector<uint64_t*>& peer_flags,
+                                                 const uint64_t* local_flags,
+                                                 int max_chunks);
 
 }  // namespace bitep::ep

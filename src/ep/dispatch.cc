@@ -651,19 +651,15 @@ bitepResult_t Dispatch::move_rows_window() {
     // Once the rows pass is queued (it raises what they wait for): each chunk waits for its local flag, is
     // copied into its peer's window and flagged there; every peer's chunk j before any peer's chunk j + 1 (the
     // order the receivers copy them in).
-    std::vector<kernels::CeChunk> chunks;
-    for (int j = 0; j < C; ++j)
-      for (int r = 0; r < W_; ++r) {
-        const int64_t n = r == self_ ? 0 : h->send_counts[r], first = j * chunk_rows_;
-        if (first >= n) continue;
-        kernels::CeChunk k;
-        k.dst = static_cast<char*>(peer_dest_host_[3 * W_ + r]) + first * row_bytes_;
-        k.src = static_cast<const char*>(send) + (h->send_offsets[r] + first) * row_bytes_;
-        k.bytes = static_cast<uint64_t>(std::min(chunk_rows_, n - first)) * row_bytes_;
-        k.flag = static_cast<uint64_t*>(peer_dest_host_[6 * W_ + r]) + j;
-        k.wait = static_cast<const uint64_t*>(local_flags) + static_cast<size_t>(r) * win_->max_chunks() + j;
-        chunks.push_back(k);
-      }
+    std::vector<char*> peer_rows(W_);
+    std::vector<uint64_t*> peer_flags(W_);
+    for (int r = 0; r < W_; ++r) {
+      peer_rows[r] = static_cast<char*>(peer_dest_host_[3 * W_ + r]);
+      peer_flags[r] = static_cast<uint64_t*>(peer_dest_host_[6 * W_ + r]);
+    }
+    const std::vector<kernels::CeChunk> chunks = copy_engine_chunks(
+        h->send_counts, h->send_offsets, self_, chunk_rows_, C, row_bytes_, static_cast<const char*>(send), peer_rows,
+        peer_flags, static_cast<const uint64_t*>(local_flags), win_->max_chunks());
     BITEP_CHECK(ex_.ce_chunks(chunks, static_cast<uint32_t>(epoch)));
   }
   if (C > 0) {

@@ -14,6 +14,7 @@ namespace {
 
 using bitep::ep::arrival_chunk_rows;
 using bitep::ep::arrival_pieces;
+using bitep::ep::copy_engine_chunks;
 
 constexpr int kMaxChunks = 64;
 
@@ -92,6 +93,89 @@ TEST(ArrivalChunks, TwoRanksInOrder) {
   const std::vector<int64_t> v = arrival_pieces(m, {0, 10}, 2, 1, arrival_chunk_rows(m, 2, 4), kMaxChunks);
   const std::vector<int64_t> want = {0, 3, 6, 9, 10, /* starts */ 0, 3, 6, 9, /* flags */ 0, 1, 2, 3};
   EXPECT_EQ(v, want);
+}
+
+// The copy engine's chunks of sender `self` (BITEP_WINDOW_ROWS=ce): each peer's rows once, chunk-major, each chunk
+// from its place in the send buffer to its place in the peer's window, waiting on its local flag and raising the
+// flag that the receiver's piece of the same rows waits on.
+void check_copy_engine_chunks(const std::vector<int64_t>& m, int W, int self, int chunks) {
+  constexpr uint64_t rb = 16;
+  const int64_t cr = arrival_chunk_rows(m, W, chunks);
+  std::vector<int64_t> counts(W), offsets(W, 0);
+  int64_t S = 0;
+  for (int r = 0; r < W; ++r) {
+    counts[r] = m[size_t(self) * W + r];
+    offsets[r] = S;
+    if (r != self) S += counts[r];
+  }
+  std::vector<char> send(size_t(S) * rb + 1);
+  std::vector<std::vector<char>> windows(W);
+  std::vector<char*> rows(W);
+  std::vector<std::vector<uint64_t>> peer_flag_rows(W, std::vector<uint64_t>(kMaxChunks));
+  std::vector<uint64_t*> peer_flags(W);
+  for (int r = 0; r < W; ++r) {
+    windows[r].resize(size_t(counts[r]) * rb + 1);
+    rows[r] = windows[r].data();
+    peer_flags[r] = peer_flag_rows[r].data();
+  }
+  std::vector<uint64_t> local(size_t(W) * kMaxChunks);
+  const auto v = copy_engine_chunks(counts, offsets, self, cr, chunks, rb, send.data(), rows, peer_flags, local.data(),
+                                    kMaxChunks);
+  std::vector<int64_t> bytes(W, 0);
+  int64_t last = -1;
+  for (const auto& k : v) {
+    int r = -1;
+    for (int q = 0; q < W; ++q)
+      if (k.flag >= peer_flags[q] && k.flag < peer_flags[q] + kMaxChunks) r = q;
+    ASSERT_GE(r, 0) << "a chunk raising no peer's flag";
+    ASSERT_NE(r, self) << "a chunk to the sender itself";
+    const int64_t j = k.flag - peer_flags[r], first = j * cr;
+    EXPECT_GE(j * W + r, last) << "not chunk-major";
+    last = j * W + r;
+    EXPECT_LT(first, counts[r]);
+    EXPECT_EQ(k.bytes, uint64_t(std::min(cr, counts[r] - first)) * rb);
+    EXPECT_EQ(static_cast<const char*>(k.src), send.data() + (offsets[r] + first) * rb);
+    EXPECT_EQ(static_cast<char*>(k.dst), rows[r] + first * rb);
+    EXPECT_EQ(k.wait, local.data() + size_t(r) * kMaxChunks + j);
+    EXPECT_EQ(bytes[r], first * int64_t(rb)) << "peer " << r << "'s chunks out of order";
+    bytes[r] += k.bytes;
+    // The receiver r has a piece of exactly these rows that waits on this flag (sender self's chunk j).
+    std::vector<int64_t> roff(W, 0);
+    for (int s = 1; s < W; ++s) roff[s] = roff[s - 1] + m[size_t(s - 1) * W + r];
+    const std::vector<int64_t> pv = arrival_pieces(m, roff, W, r, cr, kMaxChunks);
+    const size_t P = (pv.size() - 1) / 3;
+    bool found = false;
+    for (size_t q = 0; q < P; ++q)
+      if (pv[2 * P + 1 + q] == int64_t(self) * kMaxChunks + j) {
+        found = true;
+        EXPECT_EQ(pv[P + 1 + q], roff[self] + first);
+        EXPECT_EQ(uint64_t(pv[q + 1] - pv[q]) * rb, k.bytes);
+      }
+    EXPECT_TRUE(found) << "no piece of receiver " << r << " waits on chunk " << j << " of rank " << self;
+  }
+  for (int r = 0; r < W; ++r) EXPECT_EQ(bytes[r], r == self ? 0 : counts[r] * int64_t(rb)) << "peer " << r;
+}
+
+TEST(ArrivalChunks, CopyEngineChunksMatchTheReceiversPieces) {
+  std::mt19937_64 rng(11);
+  for (int W : {1, 2, 3, 5, 8})
+    for (int chunks : {1, 4, 16, 64})
+      for (int pattern = 0; pattern < 4; ++pattern) {
+        std::vector<int64_t> m(size_t(W) * W);
+        for (int s = 0; s < W; ++s)
+          for (int r = 0; r < W; ++r) {
+            int64_t v = static_cast<int64_t>(rng() % 300);
+            if (pattern == 1) v = r == 0 ? 1000 + v : 0;  // every token to rank 0
+            if (pattern == 2 && s % 2 == 1) v = 0;        // empty ranks
+            if (pattern == 3) v = v % 3;                  // a few rows: chunks of one row
+            m[size_t(s) * W + r] = v;
+          }
+        for (int self = 0; self < W; ++self) {
+          SCOPED_TRACE("W " + std::to_string(W) + " chunks " + std::to_string(chunks) + " pattern " +
+                       std::to_string(pattern) + " self " + std::to_string(self));
+          check_copy_engine_chunks(m, W, self, chunks);
+        }
+      }
 }
 
 }  // namespace
