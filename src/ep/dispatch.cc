@@ -510,7 +510,8 @@ bitepResult_t Dispatch::arrival_pieces(std::vector<int64_t>* out) {
 // expert copies on the side stream too, each chunk of rows read as its flag says it landed, and stored into
 // recv_x from the same read; without, a barrier (every row landed) and the others' copies after it, beside
 // (side stream) the window's copy into recv_x. No all-to-all call and no send buffers; each window mirrors
-// its owner's recv_x rows.
+// its owner's recv_x rows. With BITEP_WINDOW_ROWS=ce the rows pass stores into a send buffer instead, and the
+// copy engine moves each chunk into its peer's window once the rows pass flagged it (window_rows_ce).
 bitepResult_t Dispatch::move_rows_window() {
   const bitepGroupConfig_t& c = g_->config;
   bitepHandle* h = h_.get();
