@@ -62,6 +62,12 @@ bitepResult_t check_handle(bitepHandle_t handle, bitepGroup_t group);
 // Returns the handle's blocks to the pool (if the group is alive) and deletes it.
 void destroy_handle(bitepHandle_t handle);
 
+// A handle under construction: destroyed (destroy_handle) unless released to the caller.
+struct HandleDeleter {
+  void operator()(bitepHandle* h) const { destroy_handle(h); }
+};
+using HandlePtr = std::unique_ptr<bitepHandle, HandleDeleter>;
+
 // Peer lists of an all-to-all along the handle's routes: one rank-major buffer pair of `row` bytes a row
 // (per_peer: one list per rank, the self rank's left empty). Out (dispatch direction): send rows
 // [send_offsets[p], + send_counts[p]) go to recv rows [recv_offsets[p], + recv_counts[p]) of peer p;

@@ -64,10 +64,6 @@ T at(const bitepGroup* g, size_t offset) {
 }
 #endif
 
-struct HandleDeleter {
-  void operator()(bitepHandle* h) const { destroy_handle(h); }
-};
-
 // The layout a low-latency handle shows: expert-major only, no host copies.
 void low_latency_layout_view(bitepHandle* h, const bitepGroup* g) {
   bitepDispatchLayout_t& lo = h->layout;
@@ -111,7 +107,7 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
   const LowLatencyLayout lay = low_latency_layout(W, C, g->local_map_bytes, KL, row);
   const Tables tab = tables(W);
-  std::unique_ptr<bitepHandle, HandleDeleter> h(new bitepHandle);
+  HandlePtr h(new bitepHandle);
   h->life = g->life;
   h->group = g;
   BITEP_CHECK(make_fence(h.get(), true));

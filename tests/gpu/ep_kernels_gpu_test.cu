@@ -476,6 +476,26 @@ RecvInput make_recv(const RecvCase& c) {
   return in;
 }
 
+// The host's parameters of case c: its maps, offsets and counts, positions into rows ([R, KL]), and by mode its
+// rows into ex (mode 1 and 2) with the weights (mode 2).
+K::ExpertMajorParams expert_params(const RecvCase& c, const RecvInput& in, int32_t* rows, uint8_t* ex) {
+  K::ExpertMajorParams p;
+  p.num_recv_rows = c.R;
+  p.num_local_experts = c.L;
+  p.max_row_experts = c.KL;
+  p.hidden = c.H;
+  p.dtype = c.dtype;
+  p.recv_map = in.map.data();
+  p.expert_offsets = in.offsets.data();
+  p.expert_counts = in.counts.data();
+  p.recv_expert_rows = rows;
+  p.recv_x = c.mode ? in.x.data() : nullptr;
+  p.expert_x = c.mode ? ex : nullptr;
+  p.num_expert_rows = in.N;
+  p.recv_weights = c.mode == 2 ? in.weights.data() : nullptr;
+  return p;
+}
+
 // Two senders' rows [from[s], from[s] + count[s]) in chunks of chunk_rows, chunk-major (every sender's chunk j
 // before any sender's chunk j + 1), as the window's dispatch orders them (src/ep/arrival.h): the pieces' seq
 // [P + 1], row_start [P] and flag [P] (sender s's chunk j has flag s * C + j), and table(), their concatenation
@@ -507,20 +527,7 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
     const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
     std::vector<int32_t> rows = poisoned<int32_t>(c.R * c.KL);
     std::vector<uint8_t> ex = poisoned<uint8_t>((in.N + 1) * rb);  // one spare row: nothing may land there
-    K::ExpertMajorParams p;
-    p.num_recv_rows = c.R;
-    p.num_local_experts = c.L;
-    p.max_row_experts = c.KL;
-    p.hidden = c.H;
-    p.dtype = c.dtype;
-    p.recv_map = in.map.data();
-    p.expert_offsets = in.offsets.data();
-    p.expert_counts = in.counts.data();
-    p.recv_expert_rows = rows.data();
-    p.recv_x = c.mode ? in.x.data() : nullptr;
-    p.expert_x = c.mode ? ex.data() : nullptr;
-    p.num_expert_rows = in.N;
-    p.recv_weights = c.mode == 2 ? in.weights.data() : nullptr;
+    K::ExpertMajorParams p = expert_params(c, in, rows.data(), ex.data());
     // The pad rows known to the caller (the dispatch knows them), or not.
     if (c.seed % 3 == 0) p.num_pad_rows = in.N - std::accumulate(in.counts.begin(), in.counts.end(), int64_t{0});
     host::ep_expert_major(p);
@@ -676,19 +683,7 @@ TEST(EpKernelsGpu, CopyEngineChunksFeedArrivalWaits) {
     const RecvInput in = make_recv(c);
     std::vector<int32_t> rows = poisoned<int32_t>(c.R * c.KL);
     std::vector<uint8_t> ex = poisoned<uint8_t>((in.N + 1) * rb);
-    K::ExpertMajorParams p;
-    p.num_recv_rows = c.R;
-    p.num_local_experts = c.L;
-    p.max_row_experts = c.KL;
-    p.hidden = c.H;
-    p.dtype = c.dtype;
-    p.recv_map = in.map.data();
-    p.expert_offsets = in.offsets.data();
-    p.expert_counts = in.counts.data();
-    p.recv_expert_rows = rows.data();
-    p.recv_x = in.x.data();
-    p.expert_x = ex.data();
-    p.num_expert_rows = in.N;
+    K::ExpertMajorParams p = expert_params(c, in, rows.data(), ex.data());  // mode 1: rows copied, no weights
     host::ep_expert_major(p);
     Dev<uint8_t> dmap(in.map), dx(in.x), dsend(c.R * rb), dwin(c.R * rb), dex(ex.size()), drecv(c.R * rb);
     Dev<int32_t> doff(in.offsets), dcnt(in.counts), drows(rows.size());

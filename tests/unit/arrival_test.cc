@@ -7,7 +7,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace {
@@ -58,9 +60,13 @@ size_t check_pieces(const std::vector<int64_t>& m, int W, int self, int chunks) 
   return P;
 }
 
-TEST(ArrivalChunks, PiecesHoldEveryPeerRowOnceChunkMajor) {
+// check(m, W, self, chunks) over random rank-to-rank matrices ([W, W], row s = what rank s sends each rank) of
+// four patterns (random; every token to rank 0; empty ranks; a few rows, so chunks of one row), for every world
+// size in Ws, chunk count and rank.
+template <class Check>
+void for_each_world(std::initializer_list<int> Ws, Check check) {
   std::mt19937_64 rng(11);
-  for (int W : {1, 2, 3, 8, 64})
+  for (int W : Ws)
     for (int chunks : {1, 4, 16, 64})
       for (int pattern = 0; pattern < 4; ++pattern) {
         std::vector<int64_t> m(size_t(W) * W, 0);
@@ -75,9 +81,14 @@ TEST(ArrivalChunks, PiecesHoldEveryPeerRowOnceChunkMajor) {
         for (int self = 0; self < W; ++self) {
           SCOPED_TRACE("W " + std::to_string(W) + " chunks " + std::to_string(chunks) + " pattern " +
                        std::to_string(pattern) + " self " + std::to_string(self));
-          check_pieces(m, W, self, chunks);
+          check(m, W, self, chunks);
         }
       }
+}
+
+TEST(ArrivalChunks, PiecesHoldEveryPeerRowOnceChunkMajor) {
+  for_each_world({1, 2, 3, 8, 64},
+                 [](const std::vector<int64_t>& m, int W, int self, int chunks) { check_pieces(m, W, self, chunks); });
 }
 
 TEST(ArrivalChunks, OneRankAndNoRowsMakeNoPieces) {
@@ -157,25 +168,7 @@ void check_copy_engine_chunks(const std::vector<int64_t>& m, int W, int self, in
 }
 
 TEST(ArrivalChunks, CopyEngineChunksMatchTheReceiversPieces) {
-  std::mt19937_64 rng(11);
-  for (int W : {1, 2, 3, 5, 8})
-    for (int chunks : {1, 4, 16, 64})
-      for (int pattern = 0; pattern < 4; ++pattern) {
-        std::vector<int64_t> m(size_t(W) * W);
-        for (int s = 0; s < W; ++s)
-          for (int r = 0; r < W; ++r) {
-            int64_t v = static_cast<int64_t>(rng() % 300);
-            if (pattern == 1) v = r == 0 ? 1000 + v : 0;  // every token to rank 0
-            if (pattern == 2 && s % 2 == 1) v = 0;        // empty ranks
-            if (pattern == 3) v = v % 3;                  // a few rows: chunks of one row
-            m[size_t(s) * W + r] = v;
-          }
-        for (int self = 0; self < W; ++self) {
-          SCOPED_TRACE("W " + std::to_string(W) + " chunks " + std::to_string(chunks) + " pattern " +
-                       std::to_string(pattern) + " self " + std::to_string(self));
-          check_copy_engine_chunks(m, W, self, chunks);
-        }
-      }
+  for_each_world({1, 2, 3, 5, 8}, check_copy_engine_chunks);
 }
 
 }  // namespace
