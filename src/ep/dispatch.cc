@@ -6,8 +6,9 @@
 // then the rows, while a side stream computes every row's expert positions and copies this rank's own
 // rows into the expert-major view; the other rows' copies follow their arrival. With a peer window
 // (src/ep/transport.h) the dispatches store their maps, weights and rows straight into the peers' windows
-// instead (large ones in two passes, move_rows_window; small ones in one, move_rows_window_small): the
-// count exchange carries every rank's send counts, so each rank knows where its rows go in every window.
+// instead (large ones in two passes, move_rows_window; small ones in one, move_rows_window_small; both in
+// src/ep/dispatch_window.cc): the count exchange carries every rank's send counts, so each rank knows where
+// its rows go in every window.
 // BITEP_LSA_DISPATCH=0 (large) and BITEP_LSA_SMALL=0 (small dispatches and their combines) keep the
 // all-to-all.
 //
@@ -482,12 +483,11 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   BITEP_CHECK(ex_.begin());
   // The exchange buffers come first: without them this rank cannot even tell its peers it failed.
   void* p = nullptr;
-  BITEP_CHECK(ex_.temp(sizeof(int32_t) * W_ * n_, &p));
+  // One block: [W, n_] sent, [W, n_] received, [kAgreeInts * W] the agreement's.
+  BITEP_CHECK(ex_.temp(sizeof(int32_t) * W_ * (2 * static_cast<size_t>(n_) + kAgreeInts), &p));
   xsend_ = static_cast<int32_t*>(p);
-  BITEP_CHECK(ex_.temp(sizeof(int32_t) * W_ * n_, &p));
-  xrecv_ = static_cast<int32_t*>(p);
-  BITEP_CHECK(ex_.temp(sizeof(int32_t) * kAgreeInts * W_, &p));
-  xagree_ = static_cast<int32_t*>(p);
+  xrecv_ = xsend_ + static_cast<size_t>(W_) * n_;
+  xagree_ = xrecv_ + static_cast<size_t>(W_) * n_;
   h_.reset(new bitepHandle);
   h_->life = g_->life;
   h_->group = g_;
