@@ -25,6 +25,7 @@
 
 #include "src/check.h"
 #include "src/env.h"
+#include "src/ep/local_window.h"
 
 namespace bitep::ep {
 namespace {
@@ -362,7 +363,11 @@ bitepResult_t NcclTransport::open_window(double timeout_s) {
 
 bitepResult_t NcclTransport::open_low_latency_window(size_t bytes, double timeout_s) {
   BITEP_CHECK(check_usable("low-latency window"));
-  if (window_ == nullptr || ll_window_ != nullptr) return bitepSuccess;
+  if (ll_window_ != nullptr) return bitepSuccess;
+  // One rank: no peer to store into, so a window of its own device memory (off with BITEP_LSA=0, as the
+  // peer windows are).
+  if (nranks_ == 1) return env_is("BITEP_LSA", "0") ? bitepSuccess : make_local_window(bytes, &ll_window_);
+  if (window_ == nullptr) return bitepSuccess;  // where the peer window is, so every rank alike
 #ifdef BITEP_HAVE_NCCL_DEVICE
   return open_nccl_window(this, comm_, owned_, timeout_s, &ll_window_, bytes);
 #else

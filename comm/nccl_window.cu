@@ -141,7 +141,6 @@ class NcclWindow final : public PeerWindow {
   ~NcclWindow() override {
     release();
     if (bases_dev_ != nullptr) (void)cudaFree(bases_dev_);
-    if (last_use_ != nullptr) (void)cudaEventDestroy(last_use_);
     if (timed_out_ != nullptr) (void)cudaFreeHost(const_cast<int*>(timed_out_));
     (void)cudaGetLastError();
   }
@@ -154,23 +153,11 @@ class NcclWindow final : public PeerWindow {
     BITEP_CUDA_CHECK(cudaHostGetDevicePointer(&p, p, 0));
     timed_out_dev_ = static_cast<volatile int*>(p);
     BITEP_CUDA_CHECK(cudaMalloc(&bases_dev_, sizeof(char*) * nranks_));
-    BITEP_CUDA_CHECK(cudaEventCreateWithFlags(&last_use_, cudaEventDisableTiming));
     return bitepSuccess;
   }
 
-  // On the stream of the previous release, stream order is enough: no wait.
-  bitepResult_t acquire(bitepStream_t stream) override {
-    const uint64_t key = cuda_stream_key(stream);
-    if (key != 0 && key == last_key_) return bitepSuccess;
-    BITEP_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), last_use_, 0));
-    return bitepSuccess;
-  }
-  bitepResult_t release(bitepStream_t stream) override {
-    last_key_ = 0;
-    BITEP_CUDA_CHECK(cudaEventRecord(last_use_, reinterpret_cast<cudaStream_t>(stream)));
-    last_key_ = cuda_stream_key(stream);
-    return bitepSuccess;
-  }
+  bitepResult_t acquire(bitepStream_t stream) override { return order_.acquire(stream); }
+  bitepResult_t release(bitepStream_t stream) override { return order_.release(stream); }
 
   size_t bytes() const override { return data_bytes_ + (mem_ != nullptr ? kHeaderBytes : 0); }
 
@@ -296,8 +283,7 @@ class NcclWindow final : public PeerWindow {
   void* bases_dev_ = nullptr;  // the same on the device (the barrier's)
   uint64_t epoch_ = 0;
   double timeout_s_ = 300.0;
-  cudaEvent_t last_use_ = nullptr;     // release()'s mark (a never-recorded event is complete)
-  uint64_t last_key_ = 0;              // the stream key of the last release (0: none or not known)
+  StreamOrder order_;                  // acquire() / release()
   volatile int* timed_out_ = nullptr;  // mapped pinned host word
   volatile int* timed_out_dev_ = nullptr;
 };

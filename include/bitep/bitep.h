@@ -358,7 +358,8 @@ BITEP_API bitepResult_t bitepDispatch(bitepGroup_t group,
  * handle). Where the group has a peer window (cuda, every rank in one NVLink domain) it is three kernels on
  * `stream`: each token's row, map slice and weights stored into fixed slots of the ranks that own its experts
  * (slot = source rank, token: no count exchange), one flag barrier, then each rank builds its expert-major
- * view from the slots; no host wait, so the host returns at once. Elsewhere (host backend, no window, W = 1)
+ * view from the slots; no host wait, so the host returns at once. At W = 1 (cuda) the same kernels run over a
+ * window of the rank's own memory, without the barrier. Elsewhere (host backend, no peer window, BITEP_LSA=0)
  * it runs bitepDispatch and gives the same layout.
  * The handle's layout: expert-major only. expert_x holds the experts' blocks back to back (aligned as in
  * bitepDispatch, pad rows zero); expert_counts and expert_offsets are on the device only and are the truth:

@@ -167,8 +167,9 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
     if (kernels::load_ep_kernels() != cudaSuccess) (void)cudaGetLastError();
     // Collective like the config agreement above: every rank gets a peer window, or none does.
     r = transport->open_window(config->timeout_s);
-    // The low-latency window: where the peer window is (so every rank alike), fixed at its size.
-    if (r == bitepSuccess && config->low_latency_max_tokens > 0 && transport->window() != nullptr)
+    // The low-latency window, fixed at its size: where the peer window is (so every rank alike), or of the
+    // rank's own memory at W = 1 (the transport decides).
+    if (r == bitepSuccess && config->low_latency_max_tokens > 0)
       r = transport->open_low_latency_window(
           low_latency_window_bytes(W, config->low_latency_max_tokens, g->num_local_experts, g->max_row_experts,
                                    static_cast<size_t>(dtype_size(config->dtype)) * config->hidden),

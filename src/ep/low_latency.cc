@@ -3,8 +3,9 @@
 // Fast path (cuda, the group's low-latency window): send kernel (rows, map slices, weights into fixed slots of
 // the owners' windows) -> barrier -> receive kernel (counts, offsets, positions and the expert-major copies,
 // all on the device); the combine: reduce (partials into the sources' combine slots) -> barrier -> final
-// sum. No host wait and no allocation beyond the pool's. Elsewhere bitepDispatch does the work and the handle
-// only looks like a low-latency one.
+// sum. No host wait and no allocation beyond the pool's. At W = 1 the window is the rank's own memory
+// (src/ep/local_window.h) and its barriers are no-ops. Elsewhere bitepDispatch does the work and the handle only
+// looks like a low-latency one.
 #include "src/ep/low_latency.h"
 
 #include <vector>
@@ -302,7 +303,7 @@ extern "C" bitepResult_t bitepDispatchLowLatency(bitepGroup_t group,
     if (handle != nullptr) *handle = nullptr;
     const bitepResult_t local = bitep::ep::check_low_latency_args(group, args, handle);
     const int L = group->num_local_experts;
-    bitep::ep::PeerWindow* win = group->nranks > 1 ? group->transport->low_latency_window() : nullptr;
+    bitep::ep::PeerWindow* win = group->transport->low_latency_window();
 #ifdef BITEP_HAVE_CUDA
     if (win != nullptr && group->ll_tables != nullptr && L <= bitep::kernels::kLowLatencyMaxExperts) {
       // No exchange to tell the peers: a rank that fails here leaves them in the barrier until the timeout.

@@ -30,6 +30,39 @@ uint64_t cuda_stream_key(bitepStream_t stream) {
   return 0;
 }
 
+StreamOrder::~StreamOrder() {
+#ifdef BITEP_HAVE_CUDA
+  if (event_ != nullptr) (void)cudaEventDestroy(static_cast<cudaEvent_t>(event_));
+#endif
+}
+
+bitepResult_t StreamOrder::acquire(bitepStream_t stream) {
+#ifdef BITEP_HAVE_CUDA
+  const uint64_t key = cuda_stream_key(stream);
+  if (event_ == nullptr || (key != 0 && key == last_key_)) return bitepSuccess;
+  BITEP_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(event_), 0));
+#else
+  (void)stream;
+#endif
+  return bitepSuccess;
+}
+
+bitepResult_t StreamOrder::release(bitepStream_t stream) {
+#ifdef BITEP_HAVE_CUDA
+  last_key_ = 0;
+  if (event_ == nullptr) {
+    cudaEvent_t ev = nullptr;
+    BITEP_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    event_ = ev;
+  }
+  BITEP_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(event_), reinterpret_cast<cudaStream_t>(stream)));
+  last_key_ = cuda_stream_key(stream);
+#else
+  (void)stream;
+#endif
+  return bitepSuccess;
+}
+
 Pool::Pool(bitepBackend_t backend, int device) : backend_(backend), device_(device) {}
 
 Pool::~Pool() {

@@ -32,6 +32,22 @@ struct Block {
 // stream handles); 0 when not known (without CUDA, or the call failed).
 uint64_t cuda_stream_key(bitepStream_t stream);
 
+// cuda: the order of the calls that share one resource (a window) whatever streams they run on. acquire() makes
+// `stream` wait for the last release() (no wait on that release's own stream: stream order is enough).
+class StreamOrder {
+ public:
+  StreamOrder() = default;
+  ~StreamOrder();
+  StreamOrder(const StreamOrder&) = delete;
+  StreamOrder& operator=(const StreamOrder&) = delete;
+  bitepResult_t acquire(bitepStream_t stream);
+  bitepResult_t release(bitepStream_t stream);
+
+ private:
+  void* event_ = nullptr;  // cudaEvent_t, created at the first release (before it there is nothing to wait for)
+  uint64_t last_key_ = 0;  // the stream key of the last release (0: none or not known)
+};
+
 class Pool {
  public:
   Pool(bitepBackend_t backend, int device);

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -163,6 +164,8 @@ void run_low_latency(const Spec& s, bool cuda, int device) {
       expect_values(s, want_out[w], reference_combine(s, W, rank, in, w != 0), w ? "weighted out" : "out");
 
   // One low-latency dispatch and its combines, checked against the regular ones.
+  const char* lsa = std::getenv("BITEP_LSA");
+  const bool lsa_off = lsa != nullptr && std::string(lsa) == "0";
   auto check = [&](bitepHandle_t h, const char* what) {
     SCOPED_TRACE(what);
     bitepDispatchLayout_t lo;
@@ -180,6 +183,12 @@ void run_low_latency(const Spec& s, bool cuda, int device) {
     EXPECT_EQ(e.counts, e0.counts) << "expert counts, rank " << rank;
     EXPECT_EQ(e.offsets, e0.offsets) << "expert offsets, rank " << rank;
     EXPECT_GE(lo.num_expert_rows, e.offsets[L]);
+    if (cuda && W == 1 && !lsa_off) {  // the fast path over the rank's own window: its fixed capacity
+      const int64_t KL = std::min(c.topk, L);
+      EXPECT_EQ(lo.num_expert_rows,
+                static_cast<int64_t>(c.low_latency_max_tokens) * KL + int64_t{L} * (c.expert_alignment - 1))
+          << "a one-rank cuda group did not take the low-latency kernels";
+    }
     EXPECT_TRUE(e.x == e0.x) << "expert-major rows differ from bitepDispatch's on rank " << rank;
     const std::vector<uint8_t> y = toy_outputs(s, W, rank, e, lo.num_expert_rows);
     for (int w = 0; w <= weighted; ++w)
