@@ -241,7 +241,26 @@ struct ExpertMajorParams {
   // Optional: each row whose copies this call writes is also stored at its own row i of recv_copy
   // ([R, H]; the rank-major view out of a window). The bulk copies store it from the same shared memory.
   void* recv_copy = nullptr;
+  // Optional, cuda (positions not given): expert_scratch_ints(R, L) int32 of backend memory (no contents
+  // needed). Where the rows take several segments it lets one launch compute the positions instead of three
+  // (expert_scratch_ints). Null: three launches. The host backend does not use it.
+  int32_t* scratch = nullptr;
 };
+
+// The one-launch expert positions' scratch (ExpertMajorParams::scratch): a header of kScanHeaderInts, [0] the
+// segment ticket, the segments' flags from [kScanHeaderInts] (lines of their own, polled), then each segment's
+// L counts. Segments are tiles of kScanSegmentRows rows or more; up to kScanSingleRows rows one block does it all.
+constexpr int kScanHeaderInts = 64;
+constexpr int64_t kScanSingleRows = 2048, kScanSegmentRows = 256;
+
+// Scratch ints the positions of R received rows over L local experts take in one launch (0: none needed, or
+// the segments' counts would be too many for one launch to sum).
+inline int64_t expert_scratch_ints(int64_t R, int L) {
+  if (R <= kScanSingleRows) return 0;
+  const int64_t segs = (R + kScanSegmentRows - 1) / kScanSegmentRows;
+  if ((segs - 1) * L > (int64_t{1} << 16)) return 0;  // a block sums at most 64 K earlier counts
+  return kScanHeaderInts + segs * (1 + static_cast<int64_t>(L));
+}
 
 // 6. Reduce: partial[i] = sum over the set bits j of row i, ascending, of w_ij * y[recv_expert_rows[i][j]]
 // (w = 1 when unweighted), fp32 accumulation, one rounding to the token dtype at the end.

@@ -8,7 +8,9 @@
 // - otherwise S segments: 1. per segment, per expert totals into the first L entries of the segment's
 //   own recv_expert_rows region (each segment has >= ceil(L / KL) rows); 2. a warp per expert scans them into
 //   per-segment offsets in place; 3. each segment reads its offsets into shared memory, then writes its
-//   rows' positions (tile by tile: a lane mask per warp and expert, expert_pos_kernel).
+//   rows' positions (tile by tile: a lane mask per warp and expert, expert_pos_kernel). With scratch
+//   (ExpertMajorParams::scratch) the three are one launch: each block counts its segment into the scratch and
+//   sums the counts of the segments before it (expert_pos_kernel, Pass::kFused).
 // Then the copy runs in gather order: expert_src[pos] (the entry i * KL + j whose position is pos, -1 for
 // a pad row) is filled from recv_expert_rows, and one warp per expert row, consecutive warps on
 // consecutive rows, copies its source row (optionally scaled by its weight) or zeroes a pad row. The
@@ -31,6 +33,9 @@ namespace bitep::kernels {
 namespace {
 
 using namespace ep_detail;
+
+static_assert(kScanSingleRows == kSingleMaxItems && kScanSegmentRows == kScanThreads,
+              "expert_scratch_ints (kernels/ep_params.h) sizes the segments as the launcher cuts them");
 
 // ---- expert-major ---------------------------------------------------------------------------------
 
@@ -60,6 +65,7 @@ struct ExpertArgs {
   uint64_t arrival_epoch, timeout_ns;
   volatile int* timed_out;
   char* recv_copy;
+  int32_t* scratch;  // the one-launch positions: header, S flags, [S][L] counts (expert_scratch_ints)
 };
 
 // The row of recv_x that received row i's copies read.
@@ -134,10 +140,19 @@ size_t pos_smem_bytes(int L, bool single) {
 // experts: each row sets its lane's bit in its warp's mask word of each of its experts (shared atomics), one pass
 // over the chunk's experts turns the warps' masks into bases (and carries the tile's totals), then each row's
 // position is its warp's base plus the lanes below it in the mask. The work is the rows' set bits, not L per row.
-template <int kThreads, bool kSingle>
+// kSingle: one block over all rows. kSlots (pass 3): block s starts each expert at the offset pass 2 left in its
+// segment's region. kFused (one launch for the three passes): the block's segment is its ticket's; it counts the
+// segment's rows per expert into the scratch (ExpertMajorParams::scratch), raises its flag, waits for the flags of
+// the segments before it (raised by blocks that started earlier and wait for nothing before: no deadlock) and
+// starts each expert at the sum of their counts.
+enum class Pass { kSingle, kSlots, kFused };
+
+template <int kThreads, Pass kPass>
 __global__ void __launch_bounds__(kThreads) expert_pos_kernel(ExpertArgs a, int chunk) {
+  constexpr bool kSingle = kPass == Pass::kSingle;
   constexpr int kWarps = kThreads / kWarp;
   extern __shared__ int smem[];  // [L] segment offsets (multi-segment only), then the chunk's arrays below
+  __shared__ int block_seg;
   const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp, L = a.local_experts, KL = a.row_experts;
   int* seg_offset = smem;
   uint32_t* mask = reinterpret_cast<uint32_t*>(smem + (kSingle ? 0 : L));  // [kWarps][chunk]
@@ -146,9 +161,37 @@ __global__ void __launch_bounds__(kThreads) expert_pos_kernel(ExpertArgs a, int 
   int* stop = carry + chunk;                                               // [chunk] offset + count
   const uint32_t below = (1u << lane) - 1u;
   const RouteView v = recv_view(a);
-  const int64_t i0 = seg_begin(a, blockIdx.x), i1 = seg_end(a, blockIdx.x);
-  if (!kSingle) {  // read before any row of the segment (whose region holds them) is rewritten
+  int seg = static_cast<int>(blockIdx.x);
+  if constexpr (kPass == Pass::kFused) {
+    if (tid == 0) block_seg = atomicAdd(a.scratch, 1);
+    for (int c = tid; c < L; c += kThreads) seg_offset[c] = 0;
+    __syncthreads();
+    seg = block_seg;
+  }
+  const int64_t i0 = seg_begin(a, seg), i1 = seg_end(a, seg);
+  if constexpr (kPass == Pass::kSlots) {  // read before any row of the segment (whose region holds them) is rewritten
     for (int c = tid; c < L; c += kThreads) seg_offset[c] = a.rows[i0 * KL + c];
+    __syncthreads();
+  }
+  if constexpr (kPass == Pass::kFused) {
+    int* const flags = a.scratch + kScanHeaderInts;
+    int32_t* const seg_counts = flags + a.num_segs;  // [S][L]
+    for (int64_t i = i0 + tid; i < i1; i += kThreads)
+      for_each_routed(v, i, 0, L, [&](int l, int) { atomicAdd(&seg_offset[l], 1); });
+    __syncthreads();
+    for (int c = tid; c < L; c += kThreads) seg_counts[static_cast<int64_t>(seg) * L + c] = seg_offset[c];
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence();
+      store_release_gpu(flags + seg, 1);
+    }
+    wait_raised(flags, seg);
+    for (int c = tid; c < L; c += kThreads) {
+      int acc = 0;
+#pragma unroll 4
+      for (int j = 0; j < seg; ++j) acc += __ldcg(seg_counts + static_cast<int64_t>(j) * L + c);
+      seg_offset[c] = acc;
+    }
     __syncthreads();
   }
   for (int lo = 0; lo < L; lo += chunk) {
@@ -439,6 +482,7 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   a.timeout_ns = p.timeout_ns;
   a.timed_out = p.timed_out;
   a.recv_copy = static_cast<char*>(p.recv_copy);
+  a.scratch = nullptr;
   if (p.arrival_flags != nullptr && (p.arrival_pieces == nullptr || p.timed_out == nullptr || p.num_pieces < 0 ||
                                      p.src_index != nullptr || !p.positions_given))
     return cudaErrorInvalidValue;
@@ -466,7 +510,7 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
     } else if (R <= kSingleMaxItems || segs < 2) {
       a.seg_len = R;
       a.num_segs = 1;
-      auto kernel = expert_pos_kernel<kSingleThreads, true>;
+      auto kernel = expert_pos_kernel<kSingleThreads, Pass::kSingle>;
       const size_t smem = pos_smem_bytes<kSingleThreads>(L, true);  // <= 34 KiB
       kernel<<<1, kSingleThreads, smem, stream>>>(a, std::min(L, pos_chunk_max<kSingleThreads>()));
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -474,20 +518,35 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
       a.seg_len = seg_len;
       a.num_segs = static_cast<int>(segs);
       if (sizeof(int) * static_cast<size_t>(L) > 48 * 1024) return cudaErrorInvalidValue;  // L > 12288 local experts
-      expert_count_kernel<kScanThreads><<<a.num_segs, kScanThreads, sizeof(int) * L, stream>>>(a);
-      if ((err = cudaGetLastError()) != cudaSuccess) return err;
-      // A warp a column (expert): each warp's scan is one chain of loads; H200, T = 4096, L = 256: one block, 8
-      // columns a warp, took 9 us.
-      constexpr int kOffsetWarps = kOffsetThreads / kWarp;
-      expert_offsets_kernel<<<(L + kOffsetWarps - 1) / kOffsetWarps, kOffsetThreads, 0, stream>>>(a);
-      if ((err = cudaGetLastError()) != cudaSuccess) return err;
-      auto kernel = expert_pos_kernel<kScanThreads, false>;
-      const size_t smem = pos_smem_bytes<kScanThreads>(L, false);  // 4 L + 36 KiB
-      if (smem > 48 * 1024 && (err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                          static_cast<int>(smem))) != cudaSuccess)
-        return err;
-      kernel<<<a.num_segs, kScanThreads, smem, stream>>>(a, std::min(L, pos_chunk_max<kScanThreads>()));
-      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      if (p.scratch != nullptr && kScanHeaderInts + segs * (1 + static_cast<int64_t>(L)) <= expert_scratch_ints(R, L)) {
+        // One launch: the ticket and the flags zeroed first.
+        a.scratch = p.scratch;
+        if ((err = cudaMemsetAsync(p.scratch, 0, sizeof(int32_t) * (kScanHeaderInts + static_cast<size_t>(segs)),
+                                   stream)) != cudaSuccess)
+          return err;
+        auto kernel = expert_pos_kernel<kScanThreads, Pass::kFused>;
+        const size_t smem = pos_smem_bytes<kScanThreads>(L, false);
+        if (smem > 48 * 1024 && (err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                            static_cast<int>(smem))) != cudaSuccess)
+          return err;
+        kernel<<<a.num_segs, kScanThreads, smem, stream>>>(a, std::min(L, pos_chunk_max<kScanThreads>()));
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      } else {
+        expert_count_kernel<kScanThreads><<<a.num_segs, kScanThreads, sizeof(int) * L, stream>>>(a);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+        // A warp a column (expert): each warp's scan is one chain of loads; H200, T = 4096, L = 256: one block, 8
+        // columns a warp, took 9 us.
+        constexpr int kOffsetWarps = kOffsetThreads / kWarp;
+        expert_offsets_kernel<<<(L + kOffsetWarps - 1) / kOffsetWarps, kOffsetThreads, 0, stream>>>(a);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+        auto kernel = expert_pos_kernel<kScanThreads, Pass::kSlots>;
+        const size_t smem = pos_smem_bytes<kScanThreads>(L, false);  // 4 L + 36 KiB
+        if (smem > 48 * 1024 && (err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                            static_cast<int>(smem))) != cudaSuccess)
+          return err;
+        kernel<<<a.num_segs, kScanThreads, smem, stream>>>(a, std::min(L, pos_chunk_max<kScanThreads>()));
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      }
     }
   }
   if (!rows_out || p.num_expert_rows == 0) return cudaSuccess;

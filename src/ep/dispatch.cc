@@ -69,6 +69,13 @@ constexpr int32_t kFlagNoLarge = 32;  // BITEP_LSA_DISPATCH=0 here: large dispat
 constexpr int32_t kFlagNoSmall = 64;  // BITEP_LSA_SMALL=0 here: small calls by the all-to-all
 constexpr int kFlagChunksShift = 16;  // bits 16..23: the arrival chunks this rank can take (0: none)
 
+// BITEP_FUSED_POSITIONS=0: the expert positions of many rows in three launches (count, offsets, positions), as
+// before the one-launch pass (ExpertMajorParams::scratch).
+bool fused_positions_off() {
+  static const bool off = env_is("BITEP_FUSED_POSITIONS", "0");
+  return off;
+}
+
 // BITEP_LSA_DISPATCH=0: large dispatches go by the split all-to-all even with a window.
 bool large_window_off() {
   static const bool off = env_is("BITEP_LSA_DISPATCH", "0");
@@ -148,6 +155,11 @@ bitepResult_t Dispatch::expert_copy_params(kernels::ExpertMajorParams* ep) {
   void* src = nullptr;
   BITEP_CHECK(ex_.temp(sizeof(int64_t) * h->num_expert_rows, &src));
   ep->expert_src = static_cast<int64_t*>(src);
+  const int64_t scratch = ex_.cuda() && !fused_positions_off() ? kernels::expert_scratch_ints(h->num_recv_rows, L_) : 0;
+  if (scratch > 0) {  // the positions in one launch
+    BITEP_CHECK(ex_.temp(sizeof(int32_t) * scratch, &src));
+    ep->scratch = static_cast<int32_t*>(src);
+  }
   return bitepSuccess;
 }
 

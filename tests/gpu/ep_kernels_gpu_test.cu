@@ -545,6 +545,17 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
     p.recv_weights = c.mode == 2 ? dw.get() : nullptr;
     sync(K::launch_ep_expert_major(p, nullptr));
     bool ok = same(drows.host(), rows, "recv_expert_rows", c.str()) & same(dex.host(), ex, "expert_x", c.str());
+    // Several segments: the positions again in one launch, with its scratch (poisoned).
+    if (const int64_t scratch = K::expert_scratch_ints(c.R, c.L); scratch > 0) {
+      Dev<int32_t> dscratch(scratch), drows1(rows.size());
+      K::ExpertMajorParams f = p;
+      f.scratch = dscratch.get();
+      f.recv_expert_rows = drows1.get();
+      f.recv_x = nullptr;
+      f.expert_x = nullptr;
+      sync(K::launch_ep_expert_major(f, nullptr));
+      ok &= same(drows1.host(), rows, "recv_expert_rows", c.str() + " (positions in one launch)");
+    }
     if (c.mode != 0) {
       // As the split dispatch calls it: positions, the copies of rows [R/3, 2R/3) and the pad rows on a
       // small grid; then, from the same positions and source table, the copies of the other rows.
