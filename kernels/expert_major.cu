@@ -518,19 +518,12 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
       a.seg_len = seg_len;
       a.num_segs = static_cast<int>(segs);
       if (sizeof(int) * static_cast<size_t>(L) > 48 * 1024) return cudaErrorInvalidValue;  // L > 12288 local experts
-      if (p.scratch != nullptr && kScanHeaderInts + segs * (1 + static_cast<int64_t>(L)) <= expert_scratch_ints(R, L)) {
-        // One launch: the ticket and the flags zeroed first.
+      // One launch where the caller gave the scratch (the ticket and the flags zeroed first), else three.
+      const bool one_launch = p.scratch != nullptr && expert_scratch_ints(R, L) > 0;
+      if (one_launch) {
         a.scratch = p.scratch;
-        if ((err = cudaMemsetAsync(p.scratch, 0, sizeof(int32_t) * (kScanHeaderInts + static_cast<size_t>(segs)),
-                                   stream)) != cudaSuccess)
-          return err;
-        auto kernel = expert_pos_kernel<kScanThreads, Pass::kFused>;
-        const size_t smem = pos_smem_bytes<kScanThreads>(L, false);
-        if (smem > 48 * 1024 && (err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                            static_cast<int>(smem))) != cudaSuccess)
-          return err;
-        kernel<<<a.num_segs, kScanThreads, smem, stream>>>(a, std::min(L, pos_chunk_max<kScanThreads>()));
-        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+        err = cudaMemsetAsync(p.scratch, 0, sizeof(int32_t) * (kScanHeaderInts + static_cast<size_t>(segs)), stream);
+        if (err != cudaSuccess) return err;
       } else {
         expert_count_kernel<kScanThreads><<<a.num_segs, kScanThreads, sizeof(int) * L, stream>>>(a);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -539,14 +532,15 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
         constexpr int kOffsetWarps = kOffsetThreads / kWarp;
         expert_offsets_kernel<<<(L + kOffsetWarps - 1) / kOffsetWarps, kOffsetThreads, 0, stream>>>(a);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
-        auto kernel = expert_pos_kernel<kScanThreads, Pass::kSlots>;
-        const size_t smem = pos_smem_bytes<kScanThreads>(L, false);  // 4 L + 36 KiB
-        if (smem > 48 * 1024 && (err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                            static_cast<int>(smem))) != cudaSuccess)
-          return err;
-        kernel<<<a.num_segs, kScanThreads, smem, stream>>>(a, std::min(L, pos_chunk_max<kScanThreads>()));
-        if ((err = cudaGetLastError()) != cudaSuccess) return err;
       }
+      auto kernel =
+          one_launch ? expert_pos_kernel<kScanThreads, Pass::kFused> : expert_pos_kernel<kScanThreads, Pass::kSlots>;
+      const size_t smem = pos_smem_bytes<kScanThreads>(L, false);  // 4 L + 36 KiB
+      if (smem > 48 * 1024 && (err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                          static_cast<int>(smem))) != cudaSuccess)
+        return err;
+      kernel<<<a.num_segs, kScanThreads, smem, stream>>>(a, std::min(L, pos_chunk_max<kScanThreads>()));
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
   }
   if (!rows_out || p.num_expert_rows == 0) return cudaSuccess;
