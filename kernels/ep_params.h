@@ -402,10 +402,17 @@ struct LowLatencySendParams {
 // the offsets and counts it computes itself: expert_counts[l], expert_offsets (aligned blocks back to back,
 // [L + 1]), recv_expert_rows [W * C, KL] (per slot, -1 padded) and recv_weights [W * C, KL] (0-padded, when
 // not null). Pad rows zeroed; rows past expert_offsets[L] not written.
-// The receive kernel keeps 2L + 1 int32 in shared memory (within the default 48 KiB): L up to
-// kLowLatencyMaxExperts.
-constexpr int kLowLatencyMaxExperts = 4096;
-constexpr size_t kLowLatencyMaxSmem = sizeof(int) * (2 * kLowLatencyMaxExperts + 1);
+// The positions kernel keeps 2L + W + 2 int32 in shared memory, within the default 48 KiB, and numbers
+// the W * C slots in int32: low_latency_receive_fits says whether a group's shape can take this path.
+constexpr size_t kLowLatencyMaxSmem = 48 * 1024;
+inline size_t low_latency_receive_smem(int num_ranks, int num_local_experts) {
+  return sizeof(int) * (2 * static_cast<size_t>(num_local_experts) + static_cast<size_t>(num_ranks) + 2);
+}
+inline bool low_latency_receive_fits(int num_ranks, int num_local_experts, int64_t capacity) {
+  return num_ranks >= 1 && num_local_experts >= 1 && capacity >= 1 &&
+         low_latency_receive_smem(num_ranks, num_local_experts) <= kLowLatencyMaxSmem &&
+         static_cast<int64_t>(num_ranks) * capacity <= INT32_MAX;
+}
 struct LowLatencyReceiveParams {
   int num_ranks = 0;
   int num_local_experts = 0;  // L

@@ -70,6 +70,7 @@ __global__ void __launch_bounds__(kRowThreads) low_latency_send_kernel(LowLatenc
 
 struct LowLatencyReceiveArgs {
   int W, L, KL, MB, align;
+  int slice_vec;  // bytes a load of a map slice (divides MB and every slice's address)
   int64_t C;
   const char* region;
   LowLatencyBlock b;
@@ -83,58 +84,133 @@ struct LowLatencyReceiveArgs {
 
 constexpr int kLowLatencyThreads = 256;
 
-// Slot i's map slice (null past the source's T).
-__device__ __forceinline__ const uint8_t* low_latency_slice(const LowLatencyReceiveArgs& a, int64_t i) {
-  const int s = static_cast<int>(i / a.C);
-  const int64_t t = i - s * a.C;
-  int64_t T = reinterpret_cast<const int64_t*>(a.region + a.b.header)[s];
-  T = T < 0 ? 0 : (T > a.C ? a.C : T);
-  if (t >= T) return nullptr;
-  return reinterpret_cast<const uint8_t*>(a.region + a.b.first + s * a.b.stride + a.b.map) + t * a.MB;
+// Source s's map slice of token t.
+__device__ __forceinline__ const uint8_t* low_latency_slice(const LowLatencyReceiveArgs& a, int s, int t) {
+  return reinterpret_cast<const uint8_t*>(a.region + a.b.first + s * a.b.stride + a.b.map) +
+         static_cast<int64_t>(t) * a.MB;
 }
 
-// Positions, one block per local expert l: every block counts all experts' slots (shared atomics; a few
-// thousand bits) and scans the counts into the aligned offsets, so no block waits for another; block l then
-// ranks expert l's slots chunk by chunk (256 slots a chunk, in slot order) and writes their positions and
-// weights. Block 0 writes the -1 / 0 padding of every slot, block l the count, offset and pad rows of l.
+// The source of valid slot v: first [W + 1] numbers the valid slots source by source (first[0] = 0 <= v <
+// first[W]); the answer s has first[s] <= v < first[s + 1].
+__device__ __forceinline__ int source_of(const int* first, int W, int v) {
+  int lo = 0, hi = W;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (first[mid] <= v)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// A map slice is read in chunks of 32 bytes (256 experts), each loaded slice_vec bytes a load into 8 words:
+// expert 8c + 32k + b is bit b of w[k] (the bytes are LSB first, in order). Experts past L read as 0.
+constexpr int kChunkBytes = 32, kChunkWords = kChunkBytes / 4;
+
+__device__ __forceinline__ void load_chunk(const LowLatencyReceiveArgs& a,
+                                           const uint8_t* m,
+                                           int c,
+                                           uint32_t (&w)[kChunkWords]) {
+  const int n = a.MB - c < kChunkBytes ? a.MB - c : kChunkBytes;  // a multiple of slice_vec
+  const uint8_t* p = m + c;
+  if (a.slice_vec == 16) {
+#pragma unroll
+    for (int k = 0; k < kChunkWords / 4; ++k) {
+      const uint4 v = 16 * k < n ? *reinterpret_cast<const uint4*>(p + 16 * k) : make_uint4(0u, 0u, 0u, 0u);
+      w[4 * k] = v.x;
+      w[4 * k + 1] = v.y;
+      w[4 * k + 2] = v.z;
+      w[4 * k + 3] = v.w;
+    }
+  } else if (a.slice_vec == 8) {
+#pragma unroll
+    for (int k = 0; k < kChunkWords / 2; ++k) {
+      const uint2 v = 8 * k < n ? *reinterpret_cast<const uint2*>(p + 8 * k) : make_uint2(0u, 0u);
+      w[2 * k] = v.x;
+      w[2 * k + 1] = v.y;
+    }
+  } else if (a.slice_vec == 4) {
+#pragma unroll
+    for (int k = 0; k < kChunkWords; ++k) w[k] = 4 * k < n ? *reinterpret_cast<const uint32_t*>(p + 4 * k) : 0u;
+  } else {
+#pragma unroll
+    for (int k = 0; k < kChunkWords; ++k) {
+      uint32_t v = 0;
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+        if (4 * k + b < n) v |= static_cast<uint32_t>(p[4 * k + b]) << (8 * b);
+      w[k] = v;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kChunkWords; ++k) {
+    const int e0 = 8 * c + 32 * k;
+    if (e0 + 32 > a.L) w[k] &= e0 >= a.L ? 0u : (1u << (a.L - e0)) - 1u;
+  }
+}
+
+// Positions, one block per local expert l. Every block reads the sources' T once into shared memory and
+// numbers the valid slots source by source (first), so it walks only slots that hold a token, and the
+// global loads it issues are those slots' map slices: the L blocks read the same few kilobytes, and every
+// load they repeat is traffic to the same L2 lines. Every block counts all experts' slots (shared atomics)
+// and scans the counts into the aligned offsets, so no block waits for another; block l then ranks expert
+// l's slots chunk by chunk (256 slots a chunk, in slot order) and writes their positions and weights.
+// Block 0 writes the -1 / 0 padding of the valid slots, the blocks between them that of the empty slots,
+// block l the count, offset and pad rows of l.
 template <int V>
 __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_positions_kernel(LowLatencyReceiveArgs a) {
   using BlockScan = cub::BlockScan<int, kLowLatencyThreads>;
-  using WarpScan = cub::WarpScan<int>;
-  extern __shared__ int ll_smem[];  // counts [L], offsets [L + 1]
+  extern __shared__ int ll_smem[];  // counts [L], offsets [L + 1], first valid slot of each source [W + 1]
   __shared__ typename BlockScan::TempStorage scan;
-  __shared__ typename WarpScan::TempStorage wscan;
-  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
-  const int l = blockIdx.x, L = a.L, KL = a.KL;
+  const int tid = threadIdx.x;
+  const int l = blockIdx.x, L = a.L, KL = a.KL, W = a.W;
   int* cnt = ll_smem;
-  int* off = ll_smem + L;
-  const int64_t slots = a.W * a.C;
+  int* off = cnt + L;
+  int* first = off + L + 1;
   for (int e = tid; e < L; e += kLowLatencyThreads) cnt[e] = 0;
   wait_for_prerequisite();  // the barrier: every slot landed
   dependents_may_launch();  // the copies' blocks take their places and wait for this grid
+  {
+    const int64_t* header = reinterpret_cast<const int64_t*>(a.region + a.b.header);
+    int carry = 0;
+    for (int s0 = 0; s0 < W; s0 += kLowLatencyThreads) {
+      const int s = s0 + tid;
+      const int64_t T = s < W ? header[s] : 0;
+      const int n = T < 0 ? 0 : static_cast<int>(T > a.C ? a.C : T);
+      int excl = 0, total = 0;
+      BlockScan(scan).ExclusiveSum(n, excl, total);
+      if (s < W) first[s] = carry + excl;
+      carry += total;
+      __syncthreads();  // the scan's storage is reused
+    }
+    if (tid == 0) first[W] = carry;
+  }
   __syncthreads();
-  for (int64_t i = tid; i < slots; i += kLowLatencyThreads) {
-    const uint8_t* m = low_latency_slice(a, i);
-    if (m == nullptr) continue;
-    for (int q = 0; q < a.MB; ++q) {
-      uint32_t v = m[q];
-      if (q * 8 + 8 > L) v &= (1u << (L - q * 8)) - 1u;
-      for (; v != 0; v &= v - 1) atomicAdd(&cnt[q * 8 + __ffs(v) - 1], 1);
+  const int valid = first[W];
+  for (int v = tid; v < valid; v += kLowLatencyThreads) {
+    const int s = source_of(first, W, v);
+    const uint8_t* m = low_latency_slice(a, s, v - first[s]);
+    for (int c = 0; c < a.MB; c += kChunkBytes) {
+      uint32_t w[kChunkWords];
+      load_chunk(a, m, c, w);
+#pragma unroll
+      for (int k = 0; k < kChunkWords; ++k)
+        for (uint32_t x = w[k]; x != 0; x &= x - 1) atomicAdd(&cnt[8 * c + 32 * k + __ffs(x) - 1], 1);
     }
   }
   __syncthreads();
-  if (warp == 0) {
-    int carry = 0;
-    for (int e0 = 0; e0 < L; e0 += kWarp) {
-      const int e = e0 + lane;
-      const int v = e < L ? (cnt[e] + a.align - 1) / a.align * a.align : 0;
-      int excl = 0, total = 0;
-      WarpScan(wscan).ExclusiveSum(v, excl, total);
-      if (e < L) off[e] = carry + excl;
-      carry += total;
-      __syncwarp();
+  {  // aligned offsets: thread tid scans experts [tid * per, tid * per + per)
+    const int per = (L + kLowLatencyThreads - 1) / kLowLatencyThreads;
+    int sum = 0;
+    for (int e = tid * per; e < L && e < tid * per + per; ++e) sum += (cnt[e] + a.align - 1) / a.align * a.align;
+    int excl = 0, total = 0;
+    BlockScan(scan).ExclusiveSum(sum, excl, total);
+    for (int e = tid * per; e < L && e < tid * per + per; ++e) {
+      off[e] = excl;
+      excl += (cnt[e] + a.align - 1) / a.align * a.align;
     }
-    if (lane == 0) off[L] = carry;
+    if (tid == 0) off[L] = total;
   }
   __syncthreads();
   if (tid == 0) {
@@ -145,41 +221,61 @@ __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_positions_kern
   {
     const int64_t p1 = off[l + 1] < a.expert_capacity ? off[l + 1] : a.expert_capacity;
     using Vec = typename VecOf<V>::type;
+    const int lane = tid & (kWarp - 1), warp = tid / kWarp;
     for (int64_t p = off[l] + cnt[l] + warp; p < p1; p += kLowLatencyThreads / kWarp) {
       Vec* out = reinterpret_cast<Vec*>(a.expert_x + p * a.row_bytes);
       for (int64_t q = lane; q < a.nvec; q += kWarp) out[q] = Vec{};
     }
   }
-  const int byte = l >> 3;
-  const uint32_t below = (1u << (l & 7)) - 1u;
+  // The empty slots' rows (-1) and weights (0), spread over the blocks.
+  for (int64_t i = static_cast<int64_t>(l) * kLowLatencyThreads + tid; i < W * a.C;
+       i += static_cast<int64_t>(L) * kLowLatencyThreads) {
+    const int s = static_cast<int>(i / a.C);
+    if (i - s * a.C < first[s + 1] - first[s]) continue;
+    for (int q = 0; q < KL; ++q) {
+      a.rows[i * KL + q] = -1;
+      if (a.weights != nullptr) a.weights[i * KL + q] = 0.0f;
+    }
+  }
+  // Block 0 needs every slot's expert count n (the padding); the others only the chunks up to l's.
+  const int rank_bytes = l == 0 ? a.MB : (l / 256 + 1) * kChunkBytes;
   int run = 0;  // expert l's slots in earlier chunks
-  for (int64_t c0 = 0; c0 < slots; c0 += kLowLatencyThreads) {
-    const int64_t i = c0 + tid;
-    const uint8_t* m = i < slots ? low_latency_slice(a, i) : nullptr;
+  for (int c0 = 0; c0 < valid; c0 += kLowLatencyThreads) {
+    const int v = c0 + tid;
+    int s = 0, t = 0;
     int j = 0, n = 0;  // expert l's index in the slice; the slice's experts
     bool has = false;
-    if (m != nullptr) {
-      for (int q = 0; q < a.MB; ++q) {
-        uint32_t v = m[q];
-        if (q * 8 + 8 > L) v &= (1u << (L - q * 8)) - 1u;
-        n += __popc(v);
-        if (q < byte) j += __popc(v);
+    if (v < valid) {
+      s = source_of(first, W, v);
+      t = v - first[s];
+      const uint8_t* m = low_latency_slice(a, s, t);
+      for (int c = 0; c < rank_bytes && c < a.MB; c += kChunkBytes) {
+        uint32_t w[kChunkWords];
+        load_chunk(a, m, c, w);
+#pragma unroll
+        for (int k = 0; k < kChunkWords; ++k) {
+          const int e0 = 8 * c + 32 * k;
+          n += __popc(w[k]);
+          if (e0 + 32 <= l) {
+            j += __popc(w[k]);
+          } else if (e0 <= l) {
+            has = (w[k] >> (l - e0)) & 1u;
+            j += __popc(w[k] & ((1u << (l - e0)) - 1u));
+          }
+        }
       }
-      const uint32_t v = m[byte];
-      has = (v >> (l & 7)) & 1u;
-      j += __popc(v & below);
     }
     int excl = 0, total = 0;
     BlockScan(scan).ExclusiveSum(has ? 1 : 0, excl, total);
+    const int64_t i = static_cast<int64_t>(s) * a.C + t;
     if (has && j < KL) {
       a.rows[i * KL + j] = off[l] + run + excl;
       if (a.weights != nullptr) {
-        const int s = static_cast<int>(i / a.C);
         const float* w = reinterpret_cast<const float*>(a.region + a.b.first + s * a.b.stride + a.b.weights);
-        a.weights[i * KL + j] = w[(i - s * a.C) * KL + j];
+        a.weights[i * KL + j] = w[static_cast<int64_t>(t) * KL + j];
       }
     }
-    if (l == 0 && i < slots)
+    if (l == 0 && v < valid)
       for (int q = n < KL ? n : KL; q < KL; ++q) {
         a.rows[i * KL + q] = -1;
         if (a.weights != nullptr) a.weights[i * KL + q] = 0.0f;
@@ -274,13 +370,15 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
       p.region == nullptr || p.expert_x == nullptr || p.expert_counts == nullptr || p.expert_offsets == nullptr ||
       p.recv_expert_rows == nullptr || p.expert_capacity < 0)
     return cudaErrorInvalidValue;
-  const size_t smem = sizeof(int) * (2 * static_cast<size_t>(L) + 1);
-  if (smem > kLowLatencyMaxSmem) return cudaErrorInvalidValue;
+  if (!low_latency_receive_fits(p.num_ranks, L, p.capacity)) return cudaErrorInvalidValue;
+  const size_t smem = low_latency_receive_smem(p.num_ranks, L);
   LowLatencyReceiveArgs a;
   a.W = p.num_ranks;
   a.L = L;
   a.KL = KL;
   a.MB = local_map_bytes(L);
+  a.slice_vec = vec_bytes(a.MB, p.region + p.block.first + p.block.map,
+                          reinterpret_cast<const void*>(static_cast<uintptr_t>(p.block.stride)));
   a.align = p.alignment;
   a.C = p.capacity;
   a.region = p.region;

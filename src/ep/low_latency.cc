@@ -305,7 +305,8 @@ extern "C" bitepResult_t bitepDispatchLowLatency(bitepGroup_t group,
     const int L = group->num_local_experts;
     bitep::ep::PeerWindow* win = group->transport->low_latency_window();
 #ifdef BITEP_HAVE_CUDA
-    if (win != nullptr && group->ll_tables != nullptr && L <= bitep::kernels::kLowLatencyMaxExperts) {
+    if (win != nullptr && group->ll_tables != nullptr &&
+        bitep::kernels::low_latency_receive_fits(group->nranks, L, group->config.low_latency_max_tokens)) {
       // No exchange to tell the peers: a rank that fails here leaves them in the barrier until the timeout.
       if (local != bitepSuccess) return local;
       return bitep::ep::dispatch_window(group, args, stream, handle);

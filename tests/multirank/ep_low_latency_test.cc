@@ -229,6 +229,40 @@ INSTANTIATE_TEST_SUITE_P(EpLowLatency,
                          testing::ValuesIn(spec_grid()),
                          [](const testing::TestParamInfo<Spec>& info) { return info.param.name; });
 
+// Wide local maps: slices of 4, 8 and 16 bytes (the positions kernel loads them a word, two words and four
+// words at a time), of 38 and 65 bytes (two and three chunks of 256 experts, loaded by halves and by bytes),
+// and more slots than one ranking chunk of 256.
+std::vector<Spec> wide_specs() {
+  std::vector<Spec> v;
+  auto add = [&](const char* name, int L, int k, int64_t T, auto&& tweak) {
+    Spec s;
+    s.name = name;
+    s.L = L;
+    s.k = k;
+    s.tokens = [T](int r, int) { return T + 7 * r; };
+    tweak(s);
+    v.push_back(s);
+  };
+  add("L32_k6", 32, 6, 40, [](Spec&) {});
+  add("L64_k8_300_tokens", 64, 8, 300, [](Spec& s) { s.H = 16; });
+  add("L128_k8_hot_expert", 128, 8, 270, [](Spec& s) {
+    s.route = Route::kHotExpert;
+    s.target = 77;
+  });
+  add("L128_k8_dense_fp32", 128, 8, 33, [](Spec& s) {
+    s.weights = Weights::kDense;
+    s.dtype = bitepFloat32;
+  });
+  add("L300_k9_fp16", 300, 9, 60, [](Spec& s) { s.dtype = bitepFloat16; });
+  add("L520_k5_align4", 520, 5, 50, [](Spec& s) { s.align = 4; });
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(EpLowLatencyWide,
+                         EpLowLatency,
+                         testing::ValuesIn(wide_specs()),
+                         [](const testing::TestParamInfo<Spec>& info) { return info.param.name; });
+
 // Argument errors on every rank alike (host backend: every rank returns one).
 TEST(EpLowLatencyErrors, ArgumentsAndUsage) {
   const int W = world_size(), rank = world_rank();
