@@ -231,7 +231,7 @@ INSTANTIATE_TEST_SUITE_P(EpLowLatency,
 
 // Wide local maps: slices of 4, 8 and 16 bytes (the positions kernel loads them a word, two words and four
 // words at a time), of 38 and 65 bytes (two and three chunks of 256 experts, loaded by halves and by bytes),
-// and more slots than one ranking chunk of 256.
+// and more slots than one ranking chunk of 256 (up to 1100: five chunks, several slots a thread in the count).
 std::vector<Spec> wide_specs() {
   std::vector<Spec> v;
   auto add = [&](const char* name, int L, int k, int64_t T, auto&& tweak) {
@@ -255,6 +255,7 @@ std::vector<Spec> wide_specs() {
   });
   add("L300_k9_fp16", 300, 9, 60, [](Spec& s) { s.dtype = bitepFloat16; });
   add("L520_k5_align4", 520, 5, 50, [](Spec& s) { s.align = 4; });
+  add("L16_k4_1100_tokens", 16, 4, 1100, [](Spec&) {});
   return v;
 }
 
