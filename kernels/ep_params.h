@@ -430,6 +430,7 @@ struct LowLatencyReceiveParams {
   int32_t* recv_expert_rows = nullptr;  // [W * C, KL]
   float* recv_weights = nullptr;        // [W * C, KL] or null
   int copy_warps_per_sm = 32;           // cuda: the copies' warps (about this many an SM over the W * C slots)
+  bool positions_cluster = false;       // cuda, sm_90: the positions blocks share the count in clusters
 };
 
 inline int local_map_bytes(int num_local_experts) { return (num_local_experts + 7) / 8; }

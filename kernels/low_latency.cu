@@ -2,6 +2,8 @@
 // The low-latency dispatch's kernels (LowLatencySendParams, LowLatencyReceiveParams; src/ep/low_latency.cc):
 // the send into the owners' fixed slots, and the receive after the barrier as two kernels launched dependent
 // on the one before: the positions (one block an expert) and the copies in source order.
+#include <cooperative_groups.h>
+
 #include <cub/block/block_scan.cuh>
 
 #include "kernels/ep.h"
@@ -83,6 +85,7 @@ struct LowLatencyReceiveArgs {
 };
 
 constexpr int kLowLatencyThreads = 256;
+constexpr int kPositionsCluster = 8;  // blocks that share the positions kernel's count (portable cluster size)
 
 // Source s's map slice of token t.
 __device__ __forceinline__ const uint8_t* low_latency_slice(const LowLatencyReceiveArgs& a, int s, int t) {
@@ -158,7 +161,11 @@ __device__ __forceinline__ void load_chunk(const LowLatencyReceiveArgs& a,
 // l's slots chunk by chunk (256 slots a chunk, in slot order) and writes their positions and weights.
 // Block 0 writes the -1 / 0 padding of the valid slots, the blocks between them that of the empty slots,
 // block l the count, offset and pad rows of l.
-template <int V>
+// kCluster > 1 (sm_90): the blocks run in clusters of kCluster (the grid rounded up to whole clusters; the
+// blocks past L only count): block q of a cluster counts the valid slots v = q (mod kCluster) into its
+// shared counts, and every block sums its cluster's kCluster shares through distributed shared memory, so
+// each slot's experts are counted L / kCluster times over the grid instead of L times.
+template <int V, int kCluster>
 __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_positions_kernel(LowLatencyReceiveArgs a) {
   using BlockScan = cub::BlockScan<int, kLowLatencyThreads>;
   extern __shared__ int ll_smem[];  // counts [L], offsets [L + 1], first valid slot of each source [W + 1]
@@ -188,7 +195,11 @@ __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_positions_kern
   }
   __syncthreads();
   const int valid = first[W];
-  for (int v = tid; v < valid; v += kLowLatencyThreads) {
+  int q = 0;  // this block's share of the count
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (kCluster > 1) q = static_cast<int>(cooperative_groups::this_cluster().block_rank());
+#endif
+  for (int v = q + kCluster * tid; v < valid; v += kCluster * kLowLatencyThreads) {
     const int s = source_of(first, W, v);
     const uint8_t* m = low_latency_slice(a, s, v - first[s]);
     for (int c = 0; c < a.MB; c += kChunkBytes) {
@@ -198,6 +209,23 @@ __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_positions_kern
       for (int k = 0; k < kChunkWords; ++k)
         for (uint32_t x = w[k]; x != 0; x &= x - 1) atomicAdd(&cnt[8 * c + 32 * k + __ffs(x) - 1], 1);
     }
+  }
+  if constexpr (kCluster > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    cluster.sync();  // every share counted
+    for (int e = tid; e < L; e += kLowLatencyThreads) {
+      int sum = 0;
+#pragma unroll
+      for (int r = 0; r < kCluster; ++r) sum += cluster.map_shared_rank(cnt, r)[e];
+      off[e] = sum;  // off is free until the scan
+    }
+    cluster.sync();  // every block has read the others' shares: each may now overwrite its own, or exit
+    for (int e = tid; e < L; e += kLowLatencyThreads) cnt[e] = off[e];
+    if (l >= L) return;  // a block of the last cluster's padding: it only counted
+#else
+    __trap();  // launched in clusters on sm_90 only
+#endif
   }
   __syncthreads();
   {  // aligned offsets: thread tid scans experts [tid * per, tid * per + per)
@@ -394,9 +422,20 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
   a.nvec = a.row_bytes / v;
   // Both kernels launch dependent on the one before (the barrier, the positions): they take their places
   // while it runs and wait for it inside.
-  cudaError_t err = dispatch_vec(v, [&](auto vt) {
-    return launch_dependent(low_latency_positions_kernel<decltype(vt)::value>, dim3(L), dim3(kLowLatencyThreads), smem,
-                            stream, a);
+  // The count shared by clusters of kPositionsCluster blocks where the device takes clusters (sm_90) and
+  // p.positions_cluster asks for them; else every block counts every slot.
+  int major = 0;
+  cudaError_t err = cc_major(&major);
+  if (err != cudaSuccess) return err;
+  const bool clustered = p.positions_cluster && major >= 9;
+  err = dispatch_vec(v, [&](auto vt) {
+    constexpr int V = decltype(vt)::value;
+    if (clustered) {
+      const unsigned grid = (L + kPositionsCluster - 1) / kPositionsCluster * kPositionsCluster;
+      return launch_dependent_cluster(kPositionsCluster, low_latency_positions_kernel<V, kPositionsCluster>, dim3(grid),
+                                      dim3(kLowLatencyThreads), smem, stream, a);
+    }
+    return launch_dependent(low_latency_positions_kernel<V, 1>, dim3(L), dim3(kLowLatencyThreads), smem, stream, a);
   });
   if (err != cudaSuccess) return err;
   // Copy pieces of at least 512 bytes, about copy_warps_per_sm warps an SM over the slots.

@@ -41,6 +41,16 @@ int copy_warps_per_sm() {
   static const int n = env_int("BITEP_LL_COPY_WARPS", 1, 1024, 32);
   return n;
 }
+// Whether the positions blocks share the count in clusters (sm_90): a cluster barrier and a sum over
+// distributed shared memory, paid back where every block would count many slots. The receiver does not know
+// its peers' T: this rank's T stands for theirs, and at W * T >= kClusterMinSlots the clusters (measured at
+// W = 1 on an H200: T = 512 -6 / -4 us at H = 7168 / 2048, within noise at H = 4096; T = 128 +1.2 to +1.8 us
+// kernel time). BITEP_LL_POSITIONS_CLUSTER=0 / 1: never / always (A/B and tests).
+constexpr int64_t kClusterMinSlots = 512;
+bool positions_cluster(int W, int64_t T) {
+  static const int knob = env_int("BITEP_LL_POSITIONS_CLUSTER", 0, 1, -1);
+  return knob >= 0 ? knob == 1 : static_cast<int64_t>(W) * T >= kClusterMinSlots;
+}
 
 // Byte offsets of the device tables in group->ll_tables.
 struct Tables {
@@ -177,6 +187,7 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   rp.recv_expert_rows = h->recv_expert_rows;
   rp.recv_weights = h->recv_weights;
   rp.copy_warps_per_sm = copy_warps_per_sm();
+  rp.positions_cluster = positions_cluster(W, T);
 
   BITEP_CHECK(win->acquire(stream));
   BITEP_CUDA_CHECK(kernels::launch_ep_low_latency_send(sp, s));
