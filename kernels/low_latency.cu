@@ -159,8 +159,8 @@ __device__ __forceinline__ void load_chunk(const LowLatencyReceiveArgs& a,
 // load they repeat is traffic to the same L2 lines. Every block counts all experts' slots (shared atomics)
 // and scans the counts into the aligned offsets, so no block waits for another; block l then ranks expert
 // l's slots chunk by chunk (256 slots a chunk, in slot order) and writes their positions and weights.
-// Block 0 writes the -1 / 0 padding of the valid slots, the blocks between them that of the empty slots,
-// block l the count, offset and pad rows of l.
+// Block 0 writes the -1 / 0 padding of the valid slots, the blocks together that of the empty slots, block
+// l the count, offset and pad rows of l.
 // kCluster > 1 (sm_90): the blocks run in clusters of kCluster (the grid rounded up to whole clusters; the
 // blocks past L only count): block q of a cluster counts the valid slots v = q (mod kCluster) into its
 // shared counts, and every block sums its cluster's kCluster shares through distributed shared memory, so
@@ -195,11 +195,11 @@ __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_positions_kern
   }
   __syncthreads();
   const int valid = first[W];
-  int q = 0;  // this block's share of the count
+  int share = 0;  // this block's share of the count: the valid slots v = share (mod kCluster)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (kCluster > 1) q = static_cast<int>(cooperative_groups::this_cluster().block_rank());
+  if constexpr (kCluster > 1) share = static_cast<int>(cooperative_groups::this_cluster().block_rank());
 #endif
-  for (int v = q + kCluster * tid; v < valid; v += kCluster * kLowLatencyThreads) {
+  for (int v = share + kCluster * tid; v < valid; v += kCluster * kLowLatencyThreads) {
     const int s = source_of(first, W, v);
     const uint8_t* m = low_latency_slice(a, s, v - first[s]);
     for (int c = 0; c < a.MB; c += kChunkBytes) {
@@ -432,8 +432,11 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
     constexpr int V = decltype(vt)::value;
     if (clustered) {
       const unsigned grid = (L + kPositionsCluster - 1) / kPositionsCluster * kPositionsCluster;
-      return launch_dependent_cluster(kPositionsCluster, low_latency_positions_kernel<V, kPositionsCluster>, dim3(grid),
-                                      dim3(kLowLatencyThreads), smem, stream, a);
+      const cudaError_t e =
+          launch_dependent_cluster(kPositionsCluster, low_latency_positions_kernel<V, kPositionsCluster>, dim3(grid),
+                                   dim3(kLowLatencyThreads), smem, stream, a);
+      if (e == cudaSuccess) return e;
+      (void)cudaGetLastError();  // clusters the device cannot place (a launch error, not sticky): the plain launch
     }
     return launch_dependent(low_latency_positions_kernel<V, 1>, dim3(L), dim3(kLowLatencyThreads), smem, stream, a);
   });
