@@ -109,6 +109,8 @@ __device__ __forceinline__ int source_of(const int* first, int W, int v) {
 
 // A map slice is read in chunks of 32 bytes (256 experts), each loaded slice_vec bytes a load into 8 words:
 // expert 8c + 32k + b is bit b of w[k] (the bytes are LSB first, in order). Experts past L read as 0.
+// (bitmap_bits32 in ep_common.cuh reads a 32-bit window at any bit offset, 4 bytes a load at most; the
+// passes here take whole slices, so they load whole chunks, up to 16 bytes a load.)
 constexpr int kChunkBytes = 32, kChunkWords = kChunkBytes / 4;
 
 __device__ __forceinline__ void load_chunk(const LowLatencyReceiveArgs& a,
