@@ -89,39 +89,19 @@ __device__ __forceinline__ void dependents_may_launch() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-// launch_dependent_cluster: the same in thread-block clusters of `cluster` blocks along x (grid.x a
-// multiple of it; sm_90+, cudaErrorNotSupported below); cluster 1 is launch_dependent.
-template <class... KernelArgs, class... Args>
-cudaError_t launch_dependent_cluster(unsigned cluster,
-                                     void (*kernel)(KernelArgs...),
-                                     dim3 grid,
-                                     dim3 block,
-                                     size_t smem,
-                                     cudaStream_t stream,
-                                     Args&&... args) {
-  int major = 0;
-  const cudaError_t err = cc_major(&major);
-  if (err != cudaSuccess) return err;
-  if (cluster > 1 && major < 9) return cudaErrorNotSupported;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  unsigned n = 0;
-  if (major >= 9) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = cluster, attr[n].val.clusterDim.y = 1, attr[n++].val.clusterDim.z = 1;
-  }
-  cfg.attrs = attr, cfg.numAttrs = n;
-  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
-}
 template <class... KernelArgs, class... Args>
 cudaError_t launch_dependent(
     void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
-  return launch_dependent_cluster(1, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
+  int major = 0;
+  const cudaError_t err = cc_major(&major);
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr, cfg.numAttrs = major >= 9 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
 // Persistent grid: enough blocks for `work` units of `per_block` each, at most sms * per_sm, at least 1.

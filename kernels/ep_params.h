@@ -365,20 +365,25 @@ struct CopyBatchParams {
 
 // 9. Low-latency dispatch (src/ep/low_latency.cc), cuda only. Every rank's low-latency window holds, per
 // source rank s, a block of C slots (C = capacity): rows [C, H], local map slices [C, MB], weights [C, KL]
-// (fp32, bit order, 0-padded), and a header word per source, the source's T; token t of rank s uses slot t
-// of s's block in every rank's window.
+// (fp32, bit order, 0-padded) and ranks [C, KL] (int32); and a header: per source its T (int64 [W]) and its
+// count of tokens per local expert (int32 [W, L]). Token t of rank s uses slot t of s's block in every rank's
+// window.
 struct LowLatencyBlock {
   int64_t header = 0;   // offset of the [W] int64 header (T per source) in a region
+  int64_t counts = 0;   // offset of the [W, L] int32 counts (tokens per source and local expert) in a region
   int64_t first = 0;    // offset of source 0's block
   int64_t stride = 0;   // bytes between two sources' blocks
   int64_t map = 0;      // offset of the maps in a block (rows at 0)
   int64_t weights = 0;  // offset of the weights in a block
+  int64_t ranks = 0;    // offset of the ranks in a block
 };
 
 // Send: for each token t < T and each rank r, slot t of this rank's block in r's region gets the map slice of
-// r's experts (zero when none) and, when the slice is not empty, the row and the slice's weights
-// (ExpertMajorParams' "first KL set bits" and the permute's weight rule); the header word of this rank in r's
-// region gets T; token_slot[t][r] = t when t goes to r, else -1 (the combine's final sum).
+// r's experts (zero when none) and, when the slice is not empty, the row, the slice's weights
+// (ExpertMajorParams' "first KL set bits" and the permute's weight rule) and, for its j-th expert l, the
+// number of tokens t' < t of this rank using l (ranks[t][j]; entries past the slice's experts not written);
+// the header of r's region gets this rank's T and its tokens per expert of r (counts[self][l]);
+// token_slot[t][r] = t when t goes to r, else -1 (the combine's final sum).
 struct LowLatencySendParams {
   int64_t num_tokens = 0;  // T <= capacity
   int num_experts = 0;
@@ -396,17 +401,18 @@ struct LowLatencySendParams {
   int max_pieces = 32;            // cuda: at most this many warps share a token's row
 };
 
-// Receive, after the barrier (two kernels: the positions, one block per expert; the copies in source order):
-// this rank's region -> the expert-major view, as ExpertMajorParams with the
-// received rows taken in slot order (source rank, then token; slots t >= the source's T are empty), plus
-// the offsets and counts it computes itself: expert_counts[l], expert_offsets (aligned blocks back to back,
-// [L + 1]), recv_expert_rows [W * C, KL] (per slot, -1 padded) and recv_weights [W * C, KL] (0-padded, when
-// not null). Pad rows zeroed; rows past expert_offsets[L] not written.
-// The positions kernel keeps 2L + W + 2 int32 in shared memory, within the default 48 KiB, and numbers
-// the W * C slots in int32: low_latency_receive_fits says whether a group's shape can take this path.
+// Receive, after the barrier (one kernel): this rank's region -> the expert-major view, as ExpertMajorParams
+// with the received rows taken in slot order (source rank, then token; slots t >= the source's T are empty),
+// plus the offsets and counts (from the header's counts): expert_counts[l], expert_offsets (aligned blocks
+// back to back, [L + 1]), recv_expert_rows [W * C, KL] (per slot, -1 padded) and recv_weights [W * C, KL]
+// (0-padded, when not null). The row of a slot's j-th expert l is expert_offsets[l] + the counts of l of the
+// sources before it + the slot's ranks[j]. Pad rows zeroed; rows past expert_offsets[L] not written.
+// The kernel keeps (W + 2) L + W + 2 int32 in shared memory, within the default 48 KiB, and numbers the W * C
+// slots in int32: low_latency_receive_fits says whether a group's shape can take this path.
 constexpr size_t kLowLatencyMaxSmem = 48 * 1024;
 inline size_t low_latency_receive_smem(int num_ranks, int num_local_experts) {
-  return sizeof(int) * (2 * static_cast<size_t>(num_local_experts) + static_cast<size_t>(num_ranks) + 2);
+  const size_t W = static_cast<size_t>(num_ranks), L = static_cast<size_t>(num_local_experts);
+  return sizeof(int) * ((W + 2) * L + W + 2);
 }
 inline bool low_latency_receive_fits(int num_ranks, int num_local_experts, int64_t capacity) {
   return num_ranks >= 1 && num_local_experts >= 1 && capacity >= 1 &&
@@ -430,7 +436,6 @@ struct LowLatencyReceiveParams {
   int32_t* recv_expert_rows = nullptr;  // [W * C, KL]
   float* recv_weights = nullptr;        // [W * C, KL] or null
   int copy_warps_per_sm = 32;           // cuda: the copies' warps (about this many an SM over the W * C slots)
-  bool positions_cluster = false;       // cuda, sm_90: the positions blocks share the count in clusters
 };
 
 inline int local_map_bytes(int num_local_experts) { return (num_local_experts + 7) / 8; }

@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // The low-latency dispatch's kernels (LowLatencySendParams, LowLatencyReceiveParams; src/ep/low_latency.cc):
-// the send into the owners' fixed slots, and the receive after the barrier as two kernels launched dependent
-// on the one before: the positions (one block an expert) and the copies in source order.
-#include <cooperative_groups.h>
-
+// the send into the owners' fixed slots, with each token's rank among the source's tokens of each of its
+// experts and the source's per-expert counts, and the receive after the barrier: one kernel, launched
+// dependent on the barrier, whose blocks each turn the W x L counts into the aligned offsets and every
+// source's first row of each expert, then copy each slot's row to its expert rows (position = that first
+// row + the slot's rank), zero the pad rows and pad the empty slots.
 #include <cub/block/block_scan.cuh>
 
 #include "kernels/ep.h"
@@ -20,27 +21,99 @@ struct LowLatencySendArgs {
   char* const* regions;
   LowLatencyBlock b;
   int32_t* token_slot;
-  int pieces;  // warps a token
+  int pieces;       // warps a token
+  int rank_blocks;  // the grid's first blocks: ranks and counts, 32 experts a block
 };
 
-// One warp per token: lane r finds whether the token has an expert on rank r, the warp stores the row once
-// into every such rank's slot (over NVLink for the peers), then lane r writes r's map slice (zero when
-// empty) and, for a non-empty slice, its weights.
+// The rank blocks' shared memory: the tile scan's per-warp bases and carries (ep_common.cuh), and each warp's
+// ballot of each column.
+struct RankSmem {
+  TileScanSmem<kRowThreads> scan;
+  uint32_t ballot[kRowThreads / kWarp][kWarp];
+};
+
+// Rank block g (experts [32 g, 32 g + 32)): for each token t and each of its experts e in that range (its
+// first k), t's rank among this source's tokens using e, in token order, into slot t of this source's block in
+// e's owner's region, at the entry of e among t's experts there (the j-th set bit of the slot's map slice);
+// then each expert's total into the owner's header counts. A tile of 256 tokens at a time, one a thread: the
+// token's map words below the range are read together (no load waits for another), which give both the
+// first-k limit and the entries of the owner's experts below the range; one ballot a column gives every
+// warp's count and each lane's place among the warp's tokens, and the tile scan turns the counts into bases.
+// Block 0 also writes T into every region's header.
+__device__ void low_latency_ranks(const LowLatencySendArgs& a, int g, RankSmem& s) {
+  const PermuteArgs& m = a.m;
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
+  const int E = m.v.num_experts, L = m.local_experts, KL = m.row_experts, W = m.num_ranks, self = m.self_rank;
+  const int k = m.v.topk;
+  if (g == 0)
+    for (int r = tid; r < W; r += kRowThreads)
+      reinterpret_cast<int64_t*>(a.regions[r] + a.b.header)[self] = m.num_tokens;
+  const int e0 = 32 * g, nc = E - e0 < kWarp ? E - e0 : kWarp;
+  const int r0 = e0 / L, lo0 = r0 * L;  // the owner of e0, whose experts may start below e0
+  const int64_t slot_ranks = a.b.first + self * a.b.stride + a.b.ranks;
+  int32_t* const ranks0 = reinterpret_cast<int32_t*>(a.regions[r0] + slot_ranks);
+  if (tid < nc) s.scan.carry[tid] = 0;
+  __syncthreads();
+  for (int64_t tb = 0; tb < m.num_tokens; tb += kRowThreads) {
+    const int64_t t = tb + tid;
+    uint32_t mask = 0;  // t's experts in [e0, e0 + nc)
+    int below = 0;      // t's experts in [lo0, e0): the entries of r0's slice before e0
+    if (t < m.num_tokens) {
+      int before = 0, before_lo = 0;  // the row's set bits in [0, e0) and in [0, lo0)
+      for (int b = 0; b < e0; b += 32) {
+        const uint32_t w = route_bits(m.v, t, b, e0);
+        before += __popc(w);
+        before_lo += __popc(lo0 - b >= 32 ? w : lo0 > b ? w & ((1u << (lo0 - b)) - 1u) : 0u);
+      }
+      mask = keep_lowest(route_bits(m.v, t, e0, e0 + nc), k - before);  // the first k of the row
+      below = (before < k ? before : k) - (before_lo < k ? before_lo : k);
+    }
+    for (int j = 0; j < nc; ++j) {
+      const uint32_t bal = __ballot_sync(kFullMask, (mask >> j) & 1u);
+      if (lane == j) {
+        s.ballot[warp][j] = bal;
+        s.scan.warp_base[warp][j] = __popc(bal);
+      }
+    }
+    __syncthreads();
+    tile_prefix(s.scan, nc);
+    __syncthreads();
+    for (uint32_t x = mask; x != 0; x &= x - 1) {
+      const int j = __ffs(x) - 1, e = e0 + j, r = e / L;
+      const int rank = s.scan.warp_base[warp][j] + __popc(s.ballot[warp][j] & ((1u << lane) - 1u));
+      const int from = r * L > e0 ? r * L - e0 : 0;  // r's experts start at bit `from` of the range
+      const int entry = (r == r0 ? below : 0) + __popc(mask & ((1u << j) - 1u) & ~((1u << from) - 1u));
+      int32_t* ranks = r == r0 ? ranks0 : reinterpret_cast<int32_t*>(a.regions[r] + slot_ranks);
+      ranks[t * KL + entry] = rank;
+    }
+    __syncthreads();  // the scan's storage is reused
+  }
+  if (tid < nc) {
+    const int e = e0 + tid, r = e / L;
+    reinterpret_cast<int32_t*>(a.regions[r] + a.b.counts)[self * L + e - r * L] = s.scan.carry[tid];
+  }
+}
+
+// The first rank_blocks blocks rank (above); the others copy, one warp per token: lane r finds whether the
+// token has an expert on rank r, the warp stores the row once into every such rank's slot (over NVLink for
+// the peers), then lane r writes r's map slice (zero when empty) and, for a non-empty slice, its weights.
 template <int V>
 __global__ void __launch_bounds__(kRowThreads) low_latency_send_kernel(LowLatencySendArgs a) {
+  __shared__ RankSmem rank_smem;
+  if (static_cast<int>(blockIdx.x) < a.rank_blocks) {
+    low_latency_ranks(a, blockIdx.x, rank_smem);
+    return;
+  }
   const PermuteArgs& m = a.m;
   const int lane = threadIdx.x & (kWarp - 1);
   const int W = m.num_ranks, L = m.local_experts, self = m.self_rank;
-  if (blockIdx.x == 0)
-    for (int r = threadIdx.x; r < W; r += blockDim.x)
-      reinterpret_cast<int64_t*>(a.regions[r] + a.b.header)[self] = m.num_tokens;
   // P warps a token, warp p of a token copying its p-th piece of vectors (a few tokens still fill the GPU);
   // piece 0 also writes the slot's map slice, weights and token_slot.
   const int P = a.pieces;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp);
+  const int64_t blocks = gridDim.x - a.rank_blocks, warps = blocks * (kRowThreads / kWarp);
   const int64_t piece_vecs = (m.nvec + P - 1) / P;
-  for (int64_t gw = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp; gw < m.num_tokens * P;
-       gw += warps) {
+  for (int64_t gw = ((static_cast<int64_t>(blockIdx.x) - a.rank_blocks) * kRowThreads + threadIdx.x) / kWarp;
+       gw < m.num_tokens * P; gw += warps) {
     const int64_t t = gw / P;
     const int piece = static_cast<int>(gw - t * P);
     const int64_t v0 = piece * piece_vecs, v1 = v0 + piece_vecs < m.nvec ? v0 + piece_vecs : m.nvec;
@@ -84,13 +157,12 @@ struct LowLatencyReceiveArgs {
   float* weights;
 };
 
-constexpr int kLowLatencyThreads = 256;
-constexpr int kPositionsCluster = 8;  // blocks that share the positions kernel's count (portable cluster size)
-
-// Source s's map slice of token t.
+// Slot t of source s: its map slice, ranks and weights.
+__device__ __forceinline__ const char* low_latency_block(const LowLatencyReceiveArgs& a, int s) {
+  return a.region + a.b.first + s * a.b.stride;
+}
 __device__ __forceinline__ const uint8_t* low_latency_slice(const LowLatencyReceiveArgs& a, int s, int t) {
-  return reinterpret_cast<const uint8_t*>(a.region + a.b.first + s * a.b.stride + a.b.map) +
-         static_cast<int64_t>(t) * a.MB;
+  return reinterpret_cast<const uint8_t*>(low_latency_block(a, s) + a.b.map) + static_cast<int64_t>(t) * a.MB;
 }
 
 // The source of valid slot v: first [W + 1] numbers the valid slots source by source (first[0] = 0 <= v <
@@ -109,8 +181,8 @@ __device__ __forceinline__ int source_of(const int* first, int W, int v) {
 
 // A map slice is read in chunks of 32 bytes (256 experts), each loaded slice_vec bytes a load into 8 words:
 // expert 8c + 32k + b is bit b of w[k] (the bytes are LSB first, in order). Experts past L read as 0.
-// (bitmap_bits32 in ep_common.cuh reads a 32-bit window at any bit offset, 4 bytes a load at most; the
-// passes here take whole slices, so they load whole chunks, up to 16 bytes a load.)
+// (bitmap_bits32 in ep_common.cuh reads a 32-bit window at any bit offset, 4 bytes a load at most; a slice
+// is read whole here, so in whole chunks, up to 16 bytes a load.)
 constexpr int kChunkBytes = 32, kChunkWords = kChunkBytes / 4;
 
 __device__ __forceinline__ void load_chunk(const LowLatencyReceiveArgs& a,
@@ -155,35 +227,47 @@ __device__ __forceinline__ void load_chunk(const LowLatencyReceiveArgs& a,
   }
 }
 
-// Positions, one block per local expert l. Every block reads the sources' T once into shared memory and
-// numbers the valid slots source by source (first), so it walks only slots that hold a token, and the
-// global loads it issues are those slots' map slices: the L blocks read the same few kilobytes, and every
-// load they repeat is traffic to the same L2 lines. Every block counts all experts' slots (shared atomics)
-// and scans the counts into the aligned offsets, so no block waits for another; block l then ranks expert
-// l's slots chunk by chunk (256 slots a chunk, in slot order) and writes their positions and weights.
-// Block 0 writes the -1 / 0 padding of the valid slots, the blocks together that of the empty slots, block
-// l the count, offset and pad rows of l.
-// kCluster > 1 (sm_90): the blocks run in clusters of kCluster (the grid rounded up to whole clusters; the
-// blocks past L only count): block q of a cluster counts the valid slots v = q (mod kCluster) into its
-// shared counts, and every block sums its cluster's kCluster shares through distributed shared memory, so
-// each slot's experts are counted L / kCluster times over the grid instead of L times.
-template <int V, int kCluster>
-__global__ void __launch_bounds__(kLowLatencyThreads) low_latency_positions_kernel(LowLatencyReceiveArgs a) {
-  using BlockScan = cub::BlockScan<int, kLowLatencyThreads>;
-  extern __shared__ int ll_smem[];  // counts [L], offsets [L + 1], first valid slot of each source [W + 1]
+// The local expert of entry j of a slot (its map slice m's j-th set bit), -1 past the slice's experts.
+__device__ __forceinline__ int slice_entry(const LowLatencyReceiveArgs& a, const uint8_t* m, int j) {
+  int n = 0;
+  for (int c = 0; c < a.MB; c += kChunkBytes) {
+    uint32_t w[kChunkWords];
+    load_chunk(a, m, c, w);
+#pragma unroll
+    for (int k = 0; k < kChunkWords; ++k) {
+      const int pc = __popc(w[k]);
+      if (j >= n && j < n + pc) {
+        uint32_t x = w[k];
+        for (int q = j - n; q > 0; --q) x &= x - 1u;  // drop the slice's earlier experts in this word
+        return 8 * c + 32 * k + __ffs(x) - 1;
+      }
+      n += pc;
+    }
+  }
+  return -1;
+}
+
+// The receive, one kernel. Every block first reads the sources' T and per-expert counts from the header into
+// shared memory: first [W + 1] numbers the valid slots source by source; off [L + 1] the aligned offsets;
+// start [W + 1][L] the first row of source s's rows of expert l (start[W][l] = off[l] + count). Then the
+// grid's warps take, in turn: the pad rows (P pieces a row), the valid slots' rows (P pieces a slot; entry j of
+// slot (s, t), expert l, goes to row start[s][l] + its rank, read from the slot; piece 0 writes the slot's
+// positions and weights), and the -1 / 0 padding of the empty slots. Block 0 writes the counts and offsets.
+template <int V>
+__global__ void __launch_bounds__(kRowThreads) low_latency_receive_kernel(LowLatencyReceiveArgs a, int P) {
+  using BlockScan = cub::BlockScan<int, kRowThreads>;
+  extern __shared__ int ll_smem[];
   __shared__ typename BlockScan::TempStorage scan;
-  const int tid = threadIdx.x;
-  const int l = blockIdx.x, L = a.L, KL = a.KL, W = a.W;
-  int* cnt = ll_smem;
-  int* off = cnt + L;
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1);
+  const int L = a.L, KL = a.KL, W = a.W;
+  int* start = ll_smem;
+  int* off = start + (W + 1) * L;
   int* first = off + L + 1;
-  for (int e = tid; e < L; e += kLowLatencyThreads) cnt[e] = 0;
   wait_for_prerequisite();  // the barrier: every slot landed
-  dependents_may_launch();  // the copies' blocks take their places and wait for this grid
   {
     const int64_t* header = reinterpret_cast<const int64_t*>(a.region + a.b.header);
     int carry = 0;
-    for (int s0 = 0; s0 < W; s0 += kLowLatencyThreads) {
+    for (int s0 = 0; s0 < W; s0 += kRowThreads) {
       const int s = s0 + tid;
       const int64_t T = s < W ? header[s] : 0;
       const int n = T < 0 ? 0 : static_cast<int>(T > a.C ? a.C : T);
@@ -195,151 +279,98 @@ __global__ void __launch_bounds__(kLowLatencyThreads) low_latency_positions_kern
     }
     if (tid == 0) first[W] = carry;
   }
+  const int32_t* counts = reinterpret_cast<const int32_t*>(a.region + a.b.counts);
+  for (int i = tid; i < W * L; i += kRowThreads) start[i] = counts[i];
   __syncthreads();
-  const int valid = first[W];
-  int share = 0;  // this block's share of the count: the valid slots v = share (mod kCluster)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (kCluster > 1) share = static_cast<int>(cooperative_groups::this_cluster().block_rank());
-#endif
-  for (int v = share + kCluster * tid; v < valid; v += kCluster * kLowLatencyThreads) {
-    const int s = source_of(first, W, v);
-    const uint8_t* m = low_latency_slice(a, s, v - first[s]);
-    for (int c = 0; c < a.MB; c += kChunkBytes) {
-      uint32_t w[kChunkWords];
-      load_chunk(a, m, c, w);
-#pragma unroll
-      for (int k = 0; k < kChunkWords; ++k)
-        for (uint32_t x = w[k]; x != 0; x &= x - 1) atomicAdd(&cnt[8 * c + 32 * k + __ffs(x) - 1], 1);
+  for (int l = tid; l < L; l += kRowThreads) {  // per expert, exclusive over the sources; the total in row W
+    int run = 0;
+    for (int s = 0; s < W; ++s) {
+      const int n = start[s * L + l];
+      start[s * L + l] = run;
+      run += n;
     }
-  }
-  if constexpr (kCluster > 1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-    cluster.sync();  // every share counted
-    for (int e = tid; e < L; e += kLowLatencyThreads) {
-      int sum = 0;
-#pragma unroll
-      for (int r = 0; r < kCluster; ++r) sum += cluster.map_shared_rank(cnt, r)[e];
-      off[e] = sum;  // off is free until the scan
-    }
-    cluster.sync();  // every block has read the others' shares: each may now overwrite its own, or exit
-    for (int e = tid; e < L; e += kLowLatencyThreads) cnt[e] = off[e];
-    if (l >= L) return;  // a block of the last cluster's padding: it only counted
-#else
-    __trap();  // launched in clusters on sm_90 only
-#endif
+    start[W * L + l] = run;
   }
   __syncthreads();
   {  // aligned offsets: thread tid scans experts [tid * per, tid * per + per)
-    const int per = (L + kLowLatencyThreads - 1) / kLowLatencyThreads;
+    const int per = (L + kRowThreads - 1) / kRowThreads;
     int sum = 0;
-    for (int e = tid * per; e < L && e < tid * per + per; ++e) sum += (cnt[e] + a.align - 1) / a.align * a.align;
+    for (int e = tid * per; e < L && e < tid * per + per; ++e)
+      sum += (start[W * L + e] + a.align - 1) / a.align * a.align;
     int excl = 0, total = 0;
     BlockScan(scan).ExclusiveSum(sum, excl, total);
     for (int e = tid * per; e < L && e < tid * per + per; ++e) {
       off[e] = excl;
-      excl += (cnt[e] + a.align - 1) / a.align * a.align;
+      excl += (start[W * L + e] + a.align - 1) / a.align * a.align;
     }
     if (tid == 0) off[L] = total;
   }
   __syncthreads();
-  if (tid == 0) {
-    a.counts[l] = cnt[l];
-    a.offsets[l] = off[l];
-    if (l == L - 1) a.offsets[L] = off[L];
+  for (int i = tid; i < (W + 1) * L; i += kRowThreads) start[i] += off[i % L];
+  __syncthreads();
+  if (blockIdx.x == 0) {
+    for (int l = tid; l < L; l += kRowThreads) {
+      a.counts[l] = start[W * L + l] - off[l];
+      a.offsets[l] = off[l];
+    }
+    if (tid == 0) a.offsets[L] = off[L];
   }
-  {
-    const int64_t p1 = off[l + 1] < a.expert_capacity ? off[l + 1] : a.expert_capacity;
-    using Vec = typename VecOf<V>::type;
-    const int lane = tid & (kWarp - 1), warp = tid / kWarp;
-    for (int64_t p = off[l] + cnt[l] + warp; p < p1; p += kLowLatencyThreads / kWarp) {
-      Vec* out = reinterpret_cast<Vec*>(a.expert_x + p * a.row_bytes);
-      for (int64_t q = lane; q < a.nvec; q += kWarp) out[q] = Vec{};
+  const int valid = first[W];
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp);
+  const int64_t gw0 = (static_cast<int64_t>(blockIdx.x) * kRowThreads + tid) / kWarp;
+  const int64_t piece_vecs = (a.nvec + P - 1) / P;
+  // The pad rows [off[l] + count, off[l + 1]) of each expert: align - 1 candidates an expert, P pieces each.
+  // They go first, so that the copies' rows are the last this kernel writes (in L2 for what reads them next).
+  using Vec = typename VecOf<V>::type;
+  const int pads = a.align - 1;
+  for (int64_t it = gw0; it < static_cast<int64_t>(L) * pads * P; it += warps) {
+    const int64_t u = it / P;
+    const int piece = static_cast<int>(it - u * P);
+    const int l = static_cast<int>(u / pads);
+    const int64_t p = start[W * L + l] + (u - static_cast<int64_t>(l) * pads);
+    if (p >= off[l + 1] || p >= a.expert_capacity) continue;
+    const int64_t v0 = piece * piece_vecs, v1 = v0 + piece_vecs < a.nvec ? v0 + piece_vecs : a.nvec;
+    Vec* out = reinterpret_cast<Vec*>(a.expert_x + p * a.row_bytes);
+    for (int64_t q = v0 + lane; q < v1; q += kWarp) out[q] = Vec{};
+  }
+  // The valid slots' rows.
+  for (int64_t it = gw0; it < static_cast<int64_t>(valid) * P; it += warps) {
+    const int v = static_cast<int>(it / P);
+    const int piece = static_cast<int>(it - static_cast<int64_t>(v) * P);
+    const int s = source_of(first, W, v), t = v - first[s];
+    const int64_t i = static_cast<int64_t>(s) * a.C + t;
+    const char* blk = low_latency_block(a, s);
+    const uint8_t* m = low_latency_slice(a, s, t);
+    const int32_t* ranks = reinterpret_cast<const int32_t*>(blk + a.b.ranks) + static_cast<int64_t>(t) * KL;
+    const int64_t v0 = piece * piece_vecs, v1 = v0 + piece_vecs < a.nvec ? v0 + piece_vecs : a.nvec;
+    const char* src = blk + t * a.row_bytes + v0 * V;
+    for (int jg = 0; jg < KL; jg += kWarp) {
+      const int j = jg + lane;
+      const int l = j < KL ? slice_entry(a, m, j) : -1;
+      int pos = -1;
+      if (l >= 0) {
+        const int p = start[s * L + l] + ranks[j];
+        if (p >= start[s * L + l] && p < start[(s + 1) * L + l]) pos = p;  // else inconsistent input: no row
+      }
+      if (piece == 0 && j < KL) {
+        a.rows[i * KL + j] = pos;
+        if (a.weights != nullptr)
+          a.weights[i * KL + j] = l >= 0 ? reinterpret_cast<const float*>(blk + a.b.weights)[t * KL + j] : 0.0f;
+      }
+      const bool ok = pos >= 0 && pos < a.expert_capacity;
+      const uint32_t mask = __ballot_sync(kFullMask, ok);
+      if (mask != 0 && v1 > v0)
+        warp_copy_row<V, kUnroll>(src, v1 - v0, mask, ok ? a.expert_x + pos * a.row_bytes + v0 * V : nullptr);
     }
   }
-  // The empty slots' rows (-1) and weights (0), spread over the blocks.
-  for (int64_t i = static_cast<int64_t>(l) * kLowLatencyThreads + tid; i < W * a.C;
-       i += static_cast<int64_t>(L) * kLowLatencyThreads) {
+  // The empty slots' positions (-1) and weights (0).
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kRowThreads + tid; i < W * a.C;
+       i += static_cast<int64_t>(gridDim.x) * kRowThreads) {
     const int s = static_cast<int>(i / a.C);
     if (i - s * a.C < first[s + 1] - first[s]) continue;
     for (int q = 0; q < KL; ++q) {
       a.rows[i * KL + q] = -1;
       if (a.weights != nullptr) a.weights[i * KL + q] = 0.0f;
-    }
-  }
-  // Block 0 needs every slot's expert count n (the padding); the others only the chunks up to l's.
-  const int rank_bytes = l == 0 ? a.MB : (l / 256 + 1) * kChunkBytes;
-  int run = 0;  // expert l's slots in earlier chunks
-  for (int c0 = 0; c0 < valid; c0 += kLowLatencyThreads) {
-    const int v = c0 + tid;
-    int s = 0, t = 0;
-    int j = 0, n = 0;  // expert l's index in the slice; the slice's experts
-    bool has = false;
-    if (v < valid) {
-      s = source_of(first, W, v);
-      t = v - first[s];
-      const uint8_t* m = low_latency_slice(a, s, t);
-      for (int c = 0; c < rank_bytes && c < a.MB; c += kChunkBytes) {
-        uint32_t w[kChunkWords];
-        load_chunk(a, m, c, w);
-#pragma unroll
-        for (int k = 0; k < kChunkWords; ++k) {
-          const int e0 = 8 * c + 32 * k;
-          n += __popc(w[k]);
-          if (e0 + 32 <= l) {
-            j += __popc(w[k]);
-          } else if (e0 <= l) {
-            has = (w[k] >> (l - e0)) & 1u;
-            j += __popc(w[k] & ((1u << (l - e0)) - 1u));
-          }
-        }
-      }
-    }
-    int excl = 0, total = 0;
-    BlockScan(scan).ExclusiveSum(has ? 1 : 0, excl, total);
-    const int64_t i = static_cast<int64_t>(s) * a.C + t;
-    if (has && j < KL) {
-      a.rows[i * KL + j] = off[l] + run + excl;
-      if (a.weights != nullptr) {
-        const float* w = reinterpret_cast<const float*>(a.region + a.b.first + s * a.b.stride + a.b.weights);
-        a.weights[i * KL + j] = w[static_cast<int64_t>(t) * KL + j];
-      }
-    }
-    if (l == 0 && v < valid)
-      for (int q = n < KL ? n : KL; q < KL; ++q) {
-        a.rows[i * KL + q] = -1;
-        if (a.weights != nullptr) a.weights[i * KL + q] = 0.0f;
-      }
-    run += total;
-    __syncthreads();  // the scan's storage is reused
-  }
-}
-
-// Copies, in source order: P warps a slot, warp p storing its p-th piece of the slot's row (read once) to
-// each of the slot's expert rows (the positions the kernel above wrote). A hot expert's rows spread over the
-// whole grid like any other.
-template <int V>
-__global__ void __launch_bounds__(kRowThreads) low_latency_copy_kernel(LowLatencyReceiveArgs a, int P) {
-  const int lane = threadIdx.x & (kWarp - 1), KL = a.KL;
-  const int64_t slots = a.W * a.C, warps = static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp);
-  const int64_t piece_vecs = (a.nvec + P - 1) / P;
-  wait_for_prerequisite();  // the positions
-  for (int64_t gw = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp; gw < slots * P;
-       gw += warps) {
-    const int64_t i = gw / P;
-    const int piece = static_cast<int>(gw - i * P);
-    if (__ldg(a.rows + i * KL) < 0) continue;  // empty slot (entries ascend, -1 padded): warp-uniform
-    const int64_t v0 = piece * piece_vecs, v1 = v0 + piece_vecs < a.nvec ? v0 + piece_vecs : a.nvec;
-    if (v1 <= v0) continue;
-    const int s = static_cast<int>(i / a.C);
-    const int64_t vb = v0 * V;
-    const char* src = a.region + a.b.first + s * a.b.stride + (i - s * a.C) * a.row_bytes + vb;
-    for (int jg = 0; jg < KL; jg += kWarp) {
-      const int j = jg + lane;
-      const int pos = j < KL ? __ldg(a.rows + i * KL + j) : -1;
-      const bool ok = pos >= 0 && pos < a.expert_capacity;
-      const uint32_t mask = __ballot_sync(kFullMask, ok);
-      if (mask != 0) warp_copy_row<V, kUnroll>(src, v1 - v0, mask, ok ? a.expert_x + pos * a.row_bytes + vb : nullptr);
     }
   }
 }
@@ -380,16 +411,18 @@ cudaError_t launch_ep_low_latency_send(const LowLatencySendParams& p, cudaStream
   a.regions = p.regions;
   a.b = p.block;
   a.token_slot = p.token_slot;
+  a.rank_blocks = (E + kWarp - 1) / kWarp;  // at least 1: its block 0 writes the headers, also without tokens
   const int v = slot_vec_bytes(m.row_bytes, p.x, p.block);
   m.nvec = m.row_bytes / v;
   // Pieces of at least 512 bytes a warp, as many as give about 32 warps an SM over the tokens.
   cudaError_t err = row_pieces(32, p.num_tokens, m.row_bytes, p.max_pieces, &a.pieces);
   if (err != cudaSuccess) return err;
-  unsigned grid = 1;  // one block even without tokens: it writes the headers
+  unsigned copy_blocks = 0;
   if (p.num_tokens > 0) {
-    err = row_grid(p.num_tokens * a.pieces, &grid);
+    err = row_grid(p.num_tokens * a.pieces, &copy_blocks);
     if (err != cudaSuccess) return err;
   }
+  const unsigned grid = static_cast<unsigned>(a.rank_blocks) + copy_blocks;
   dispatch_vec(v, [&](auto vt) { low_latency_send_kernel<decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a); });
   return cudaGetLastError();
 }
@@ -401,7 +434,6 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
       p.recv_expert_rows == nullptr || p.expert_capacity < 0)
     return cudaErrorInvalidValue;
   if (!low_latency_receive_fits(p.num_ranks, L, p.capacity)) return cudaErrorInvalidValue;
-  const size_t smem = low_latency_receive_smem(p.num_ranks, L);
   LowLatencyReceiveArgs a;
   a.W = p.num_ranks;
   a.L = L;
@@ -422,38 +454,20 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
   a.weights = p.recv_weights;
   const int v = slot_vec_bytes(a.row_bytes, p.expert_x, p.block);
   a.nvec = a.row_bytes / v;
-  // Both kernels launch dependent on the one before (the barrier, the positions): they take their places
-  // while it runs and wait for it inside.
-  // The count shared by clusters of kPositionsCluster blocks where the device takes clusters (sm_90) and
-  // p.positions_cluster asks for them; else every block counts every slot.
-  int major = 0;
-  cudaError_t err = cc_major(&major);
-  if (err != cudaSuccess) return err;
-  const bool clustered = p.positions_cluster && major >= 9;
-  err = dispatch_vec(v, [&](auto vt) {
-    constexpr int V = decltype(vt)::value;
-    if (clustered) {
-      const unsigned grid = (L + kPositionsCluster - 1) / kPositionsCluster * kPositionsCluster;
-      const cudaError_t e =
-          launch_dependent_cluster(kPositionsCluster, low_latency_positions_kernel<V, kPositionsCluster>, dim3(grid),
-                                   dim3(kLowLatencyThreads), smem, stream, a);
-      if (e == cudaSuccess) return e;
-      (void)cudaGetLastError();  // clusters the device cannot place (a launch error, not sticky): the plain launch
-    }
-    return launch_dependent(low_latency_positions_kernel<V, 1>, dim3(L), dim3(kLowLatencyThreads), smem, stream, a);
-  });
-  if (err != cudaSuccess) return err;
-  // Copy pieces of at least 512 bytes, about copy_warps_per_sm warps an SM over the slots.
+  // Pieces of at least 512 bytes, about copy_warps_per_sm warps an SM over the slots (the receiver does not
+  // know how many of them hold a token).
   const int64_t slots = static_cast<int64_t>(p.num_ranks) * p.capacity;
   int P = 1;
-  err = row_pieces(p.copy_warps_per_sm, slots, a.row_bytes, 32, &P);
+  cudaError_t err = row_pieces(p.copy_warps_per_sm, slots, a.row_bytes, 32, &P);
   if (err != cudaSuccess) return err;
   unsigned grid = 0;
   err = row_grid(slots * P, &grid);
   if (err != cudaSuccess) return err;
+  // Launched dependent on the barrier: the blocks take their places while it runs and wait for it inside.
+  const size_t smem = low_latency_receive_smem(p.num_ranks, L);
   return dispatch_vec(v, [&](auto vt) {
-    return launch_dependent(low_latency_copy_kernel<decltype(vt)::value>, dim3(grid), dim3(kRowThreads), 0, stream, a,
-                            P);
+    return launch_dependent(low_latency_receive_kernel<decltype(vt)::value>, dim3(grid), dim3(kRowThreads), smem,
+                            stream, a, P);
   });
 }
 

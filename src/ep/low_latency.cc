@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // bitepDispatchLowLatency and the combines of its handles (src/ep/low_latency.h has the window's layout).
-// Fast path (cuda, the group's low-latency window): send kernel (rows, map slices, weights into fixed slots of
-// the owners' windows) -> barrier -> receive kernel (counts, offsets, positions and the expert-major copies,
-// all on the device); the combine: reduce (partials into the sources' combine slots) -> barrier -> final
+// Fast path (cuda, the group's low-latency window): send kernel (rows, map slices, weights, each token's rank
+// among this rank's tokens of each of its experts into fixed slots of the owners' windows, and the per-expert
+// counts into their headers) -> barrier -> receive kernel (offsets, positions and the expert-major copies, all
+// on the device); the combine: reduce (partials into the sources' combine slots) -> barrier -> final
 // sum. No host wait and no allocation beyond the pool's. At W = 1 the window is the rank's own memory
 // (src/ep/local_window.h) and its barriers are no-ops. Elsewhere bitepDispatch does the work and the handle only
 // looks like a low-latency one.
@@ -40,16 +41,6 @@ int send_pieces() {
 int copy_warps_per_sm() {
   static const int n = env_int("BITEP_LL_COPY_WARPS", 1, 1024, 32);
   return n;
-}
-// Whether the positions blocks share the count in clusters (sm_90): a cluster barrier and a sum over
-// distributed shared memory, paid back where every block would count many slots. The receiver does not know
-// its peers' T: this rank's T stands for theirs, and at W * T >= kClusterMinSlots the clusters (measured at
-// W = 1 on an H200: T = 512 -6 / -4 us at H = 7168 / 2048, within noise at H = 4096; T = 128 +1.2 to +1.8 us
-// kernel time). BITEP_LL_POSITIONS_CLUSTER=0 / 1: never / always (A/B and tests).
-constexpr int64_t kClusterMinSlots = 512;
-bool positions_cluster(int W, int64_t T) {
-  static const int knob = env_int("BITEP_LL_POSITIONS_CLUSTER", 0, 1, -1);
-  return knob >= 0 ? knob == 1 : static_cast<int64_t>(W) * T >= kClusterMinSlots;
 }
 
 // Byte offsets of the device tables in group->ll_tables.
@@ -116,7 +107,7 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   const int W = g->nranks, self = g->rank, L = g->num_local_experts, KL = g->max_row_experts;
   const int C = g->config.low_latency_max_tokens;
   const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
-  const LowLatencyLayout lay = low_latency_layout(W, C, g->local_map_bytes, KL, row);
+  const LowLatencyLayout lay = low_latency_layout(W, C, L, KL, row);
   const Tables tab = tables(W);
   HandlePtr h(new bitepHandle);
   h->life = g->life;
@@ -187,7 +178,6 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   rp.recv_expert_rows = h->recv_expert_rows;
   rp.recv_weights = h->recv_weights;
   rp.copy_warps_per_sm = copy_warps_per_sm();
-  rp.positions_cluster = positions_cluster(W, T);
 
   BITEP_CHECK(win->acquire(stream));
   BITEP_CUDA_CHECK(kernels::launch_ep_low_latency_send(sp, s));
@@ -206,14 +196,17 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
 
 }  // namespace
 
-LowLatencyLayout low_latency_layout(int W, int C, int MB, int KL, size_t row_bytes) {
+LowLatencyLayout low_latency_layout(int W, int C, int L, int KL, size_t row_bytes) {
   LowLatencyLayout lay;
   kernels::LowLatencyBlock& b = lay.block;
+  const size_t MB = static_cast<size_t>(kernels::local_map_bytes(L));
   b.header = 0;
-  b.first = static_cast<int64_t>(round_up(sizeof(int64_t) * W, 256));
+  b.counts = static_cast<int64_t>(sizeof(int64_t) * W);
+  b.first = static_cast<int64_t>(round_up(b.counts + sizeof(int32_t) * W * L, 256));
   b.map = static_cast<int64_t>(round_up(row_bytes * C, 16));
-  b.weights = b.map + static_cast<int64_t>(round_up(static_cast<size_t>(MB) * C, 16));
-  b.stride = static_cast<int64_t>(round_up(b.weights + sizeof(float) * KL * C, 256));
+  b.weights = b.map + static_cast<int64_t>(round_up(MB * C, 16));
+  b.ranks = b.weights + static_cast<int64_t>(round_up(sizeof(float) * KL * C, 16));
+  b.stride = static_cast<int64_t>(round_up(b.ranks + sizeof(int32_t) * KL * C, 256));
   lay.dispatch_bytes = round_up(b.first + static_cast<size_t>(b.stride) * W, 256);
   lay.combine_bytes = round_up(row_bytes * W * C, 256);
   return lay;
@@ -225,7 +218,7 @@ bitepResult_t make_low_latency_tables(bitepGroup* g, Transport* t) {
 #ifdef BITEP_HAVE_CUDA
   const int W = g->nranks, self = g->rank, C = g->config.low_latency_max_tokens;
   const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
-  const LowLatencyLayout lay = low_latency_layout(W, C, g->local_map_bytes, g->max_row_experts, row);
+  const LowLatencyLayout lay = low_latency_layout(W, C, g->num_local_experts, g->max_row_experts, row);
   const Tables tab = tables(W);
   std::vector<unsigned char> host(tab.bytes);
   char** regions = reinterpret_cast<char**>(host.data() + tab.dispatch_regions);
@@ -257,9 +250,10 @@ bitepResult_t combine_low_latency(
   PeerWindow* win = g->transport->low_latency_window();
   if (win == nullptr) BITEP_FAIL(bitepInternalError, "a low-latency handle on a group without its window");
   BITEP_CHECK(win->check());
-  const int W = g->nranks, self = g->rank, KL = g->max_row_experts, C = g->config.low_latency_max_tokens;
+  const int W = g->nranks, self = g->rank, L = g->num_local_experts, KL = g->max_row_experts;
+  const int C = g->config.low_latency_max_tokens;
   const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
-  const LowLatencyLayout lay = low_latency_layout(W, C, g->local_map_bytes, KL, row);
+  const LowLatencyLayout lay = low_latency_layout(W, C, L, KL, row);
   const Tables tab = tables(W);
   const int parity = static_cast<int>(g->ll_combines++ & 1);
   kernels::ReduceParams rp;

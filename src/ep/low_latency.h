@@ -2,8 +2,9 @@
 // The low-latency dispatch and combine (bitepDispatchLowLatency): fixed slots in a window of their own, no
 // count exchange, no host wait. Layout of that window's data area, the same on every rank:
 //   [dispatch region, parity 0][dispatch region, parity 1][combine region, parity 0][combine region, parity 1]
-// A dispatch region: a header of W int64 (each source's T), then per source rank s a block of C slots: rows
-// [C, H], map slices [C, MB], weights [C, KL] fp32 (kernels::LowLatencyBlock). A combine region: [W * C, H]
+// A dispatch region: a header of W int64 (each source's T) and [W, L] int32 (each source's tokens per local
+// expert), then per source rank s a block of C slots: rows [C, H], map slices [C, MB], weights [C, KL] fp32,
+// ranks [C, KL] int32 (kernels::LowLatencyBlock). A combine region: [W * C, H]
 // partial rows, source s's at rows [s * C, (s + 1) * C). The n-th dispatch (and the n-th combine) uses parity
 // n % 2; every call ends in one barrier of the window, so a call's stores into parity p come after every
 // rank finished reading parity p two calls before (which it did before entering the barrier in between).
@@ -31,11 +32,11 @@ struct LowLatencyLayout {
   size_t total() const { return 2 * dispatch_bytes + 2 * combine_bytes; }
 };
 
-LowLatencyLayout low_latency_layout(int W, int C, int MB, int KL, size_t row_bytes);
+LowLatencyLayout low_latency_layout(int W, int C, int L, int KL, size_t row_bytes);
 
 // Bytes of the low-latency window's data area for a group of W ranks.
 inline size_t low_latency_window_bytes(int W, int C, int L, int KL, size_t row_bytes) {
-  return low_latency_layout(W, C, kernels::local_map_bytes(L), KL, row_bytes).total();
+  return low_latency_layout(W, C, L, KL, row_bytes).total();
 }
 
 class Transport;

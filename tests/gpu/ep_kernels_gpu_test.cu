@@ -1103,7 +1103,7 @@ TEST(EpKernelsGpu, LowLatencyManyRanksMatchesHost) {
     const int W = c.W, L = c.L, E = c.E(), C = c.C, MB = K::local_map_bytes(L), KL = K::max_row_experts(c.k, L);
     const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
     ASSERT_TRUE(K::low_latency_receive_fits(W, L, C)) << c.str();
-    const bitep::ep::LowLatencyLayout ll = bitep::ep::low_latency_layout(W, C, MB, KL, rb);
+    const bitep::ep::LowLatencyLayout ll = bitep::ep::low_latency_layout(W, C, L, KL, rb);
     // Per source: its inputs, and per owner r its rows as the permute sends them (map slice, row, weights).
     struct Source {
       int64_t T;
