@@ -22,7 +22,8 @@ struct LowLatencySendArgs {
   LowLatencyBlock b;
   int32_t* token_slot;
   int pieces;       // warps a token
-  int rank_blocks;  // the grid's first blocks: ranks and counts, 32 experts a block
+  int rank_groups;  // column groups of 32 experts
+  int rank_blocks;  // the grid's first blocks: ranks and counts, one a group and tile of 256 tokens
 };
 
 // The rank blocks' shared memory: the tile scan's per-warp bases and carries (ep_common.cuh), and each warp's
@@ -32,63 +33,84 @@ struct RankSmem {
   uint32_t ballot[kRowThreads / kWarp][kWarp];
 };
 
-// Rank block g (experts [32 g, 32 g + 32)): for each token t and each of its experts e in that range (its
-// first k), t's rank among this source's tokens using e, in token order, into slot t of this source's block in
-// e's owner's region, at the entry of e among t's experts there (the j-th set bit of the slot's map slice);
-// then each expert's total into the owner's header counts. A tile of 256 tokens at a time, one a thread: the
-// token's map words below the range are read together (no load waits for another), which give both the
-// first-k limit and the entries of the owner's experts below the range; one ballot a column gives every
-// warp's count and each lane's place among the warp's tokens, and the tile scan turns the counts into bases.
-// Block 0 also writes T into every region's header.
-__device__ void low_latency_ranks(const LowLatencySendArgs& a, int g, RankSmem& s) {
+// Token t's experts in [e0, e0 + nc) among its first k (mask), and its experts in [lo0, e0) (below): the row's
+// words below e0 are read together (no load waits for another), and give both the first-k limit and the
+// entries of lo0's owner's experts below the range.
+__device__ __forceinline__ void rank_bits(
+    const RouteView& v, int64_t t, int e0, int nc, int lo0, uint32_t* mask, int* below) {
+  int before = 0, before_lo = 0;  // the row's set bits in [0, e0) and in [0, lo0)
+  for (int b = 0; b < e0; b += 32) {
+    const uint32_t w = route_bits(v, t, b, e0);
+    before += __popc(w);
+    before_lo += __popc(lo0 - b >= 32 ? w : lo0 > b ? w & ((1u << (lo0 - b)) - 1u) : 0u);
+  }
+  const int k = v.topk;
+  *mask = keep_lowest(route_bits(v, t, e0, e0 + nc), k - before);  // the first k of the row
+  *below = (before < k ? before : k) - (before_lo < k ? before_lo : k);
+}
+
+// Rank block (g, q), g the fastest (experts [32 g, 32 g + 32), tokens [256 q, 256 q + 256)): for each token t
+// of its tile and each of its experts e in that range (its first k), t's rank among this source's tokens using
+// e, in token order, into slot t of this source's block in e's owner's region, at the entry of e among t's
+// experts there (the j-th set bit of the slot's map slice). One token a thread; one ballot a column gives every
+// warp's count and each lane's place among the warp's tokens, and the tile scan turns the counts into bases,
+// starting from the columns' counts over the tiles before q (counted by the block itself, so the tiles rank in
+// parallel). The last tile's block writes each expert's total into the owner's header counts; block 0 writes T
+// into every region's header.
+__device__ void low_latency_ranks(const LowLatencySendArgs& a, int g, int q, RankSmem& s) {
   const PermuteArgs& m = a.m;
   const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
   const int E = m.v.num_experts, L = m.local_experts, KL = m.row_experts, W = m.num_ranks, self = m.self_rank;
-  const int k = m.v.topk;
-  if (g == 0)
+  if (g == 0 && q == 0)
     for (int r = tid; r < W; r += kRowThreads)
       reinterpret_cast<int64_t*>(a.regions[r] + a.b.header)[self] = m.num_tokens;
   const int e0 = 32 * g, nc = E - e0 < kWarp ? E - e0 : kWarp;
   const int r0 = e0 / L, lo0 = r0 * L;  // the owner of e0, whose experts may start below e0
-  const int64_t slot_ranks = a.b.first + self * a.b.stride + a.b.ranks;
-  int32_t* const ranks0 = reinterpret_cast<int32_t*>(a.regions[r0] + slot_ranks);
-  if (tid < nc) s.scan.carry[tid] = 0;
-  __syncthreads();
-  for (int64_t tb = 0; tb < m.num_tokens; tb += kRowThreads) {
-    const int64_t t = tb + tid;
-    uint32_t mask = 0;  // t's experts in [e0, e0 + nc)
-    int below = 0;      // t's experts in [lo0, e0): the entries of r0's slice before e0
-    if (t < m.num_tokens) {
-      int before = 0, before_lo = 0;  // the row's set bits in [0, e0) and in [0, lo0)
-      for (int b = 0; b < e0; b += 32) {
-        const uint32_t w = route_bits(m.v, t, b, e0);
-        before += __popc(w);
-        before_lo += __popc(lo0 - b >= 32 ? w : lo0 > b ? w & ((1u << (lo0 - b)) - 1u) : 0u);
-      }
-      mask = keep_lowest(route_bits(m.v, t, e0, e0 + nc), k - before);  // the first k of the row
-      below = (before < k ? before : k) - (before_lo < k ? before_lo : k);
-    }
-    for (int j = 0; j < nc; ++j) {
-      const uint32_t bal = __ballot_sync(kFullMask, (mask >> j) & 1u);
-      if (lane == j) {
-        s.ballot[warp][j] = bal;
-        s.scan.warp_base[warp][j] = __popc(bal);
+  const int64_t t0 = static_cast<int64_t>(q) * kRowThreads;
+  {  // the carries: lane j of each warp counts column j over the warp's tokens of the earlier tiles
+    int n = 0;
+    for (int64_t tb = 0; tb < t0; tb += kRowThreads) {
+      uint32_t mask = 0;
+      int below = 0;
+      rank_bits(m.v, tb + tid, e0, nc, lo0, &mask, &below);
+      for (int j = 0; j < nc; ++j) {
+        const uint32_t bal = __ballot_sync(kFullMask, (mask >> j) & 1u);
+        if (lane == j) n += __popc(bal);
       }
     }
+    s.scan.warp_base[warp][lane] = n;
     __syncthreads();
-    tile_prefix(s.scan, nc);
-    __syncthreads();
-    for (uint32_t x = mask; x != 0; x &= x - 1) {
-      const int j = __ffs(x) - 1, e = e0 + j, r = e / L;
-      const int rank = s.scan.warp_base[warp][j] + __popc(s.ballot[warp][j] & ((1u << lane) - 1u));
-      const int from = r * L > e0 ? r * L - e0 : 0;  // r's experts start at bit `from` of the range
-      const int entry = (r == r0 ? below : 0) + __popc(mask & ((1u << j) - 1u) & ~((1u << from) - 1u));
-      int32_t* ranks = r == r0 ? ranks0 : reinterpret_cast<int32_t*>(a.regions[r] + slot_ranks);
-      ranks[t * KL + entry] = rank;
+    if (tid < nc) {
+      int c = 0;
+#pragma unroll
+      for (int w = 0; w < kRowThreads / kWarp; ++w) c += s.scan.warp_base[w][tid];
+      s.scan.carry[tid] = c;
     }
-    __syncthreads();  // the scan's storage is reused
+    __syncthreads();
   }
-  if (tid < nc) {
+  const int64_t t = t0 + tid;
+  uint32_t mask = 0;  // t's experts in [e0, e0 + nc)
+  int below = 0;      // t's experts in [lo0, e0): the entries of r0's slice before e0
+  if (t < m.num_tokens) rank_bits(m.v, t, e0, nc, lo0, &mask, &below);
+  for (int j = 0; j < nc; ++j) {
+    const uint32_t bal = __ballot_sync(kFullMask, (mask >> j) & 1u);
+    if (lane == j) {
+      s.ballot[warp][j] = bal;
+      s.scan.warp_base[warp][j] = __popc(bal);
+    }
+  }
+  __syncthreads();
+  tile_prefix(s.scan, nc);
+  __syncthreads();
+  const int64_t slot_ranks = a.b.first + self * a.b.stride + a.b.ranks;
+  for (uint32_t x = mask; x != 0; x &= x - 1) {
+    const int j = __ffs(x) - 1, e = e0 + j, r = e / L;
+    const int rank = s.scan.warp_base[warp][j] + __popc(s.ballot[warp][j] & ((1u << lane) - 1u));
+    const int from = r * L > e0 ? r * L - e0 : 0;  // r's experts start at bit `from` of the range
+    const int entry = (r == r0 ? below : 0) + __popc(mask & ((1u << j) - 1u) & ~((1u << from) - 1u));
+    reinterpret_cast<int32_t*>(a.regions[r] + slot_ranks)[t * KL + entry] = rank;
+  }
+  if (t0 + kRowThreads >= m.num_tokens && tid < nc) {  // the last tile (or none): the totals
     const int e = e0 + tid, r = e / L;
     reinterpret_cast<int32_t*>(a.regions[r] + a.b.counts)[self * L + e - r * L] = s.scan.carry[tid];
   }
@@ -101,7 +123,7 @@ template <int V>
 __global__ void __launch_bounds__(kRowThreads) low_latency_send_kernel(LowLatencySendArgs a) {
   __shared__ RankSmem rank_smem;
   if (static_cast<int>(blockIdx.x) < a.rank_blocks) {
-    low_latency_ranks(a, blockIdx.x, rank_smem);
+    low_latency_ranks(a, blockIdx.x % a.rank_groups, blockIdx.x / a.rank_groups, rank_smem);
     return;
   }
   const PermuteArgs& m = a.m;
@@ -280,7 +302,10 @@ __global__ void __launch_bounds__(kRowThreads) low_latency_receive_kernel(LowLat
     if (tid == 0) first[W] = carry;
   }
   const int32_t* counts = reinterpret_cast<const int32_t*>(a.region + a.b.counts);
-  for (int i = tid; i < W * L; i += kRowThreads) start[i] = counts[i];
+  for (int i = tid; i < W * L; i += kRowThreads) {  // a source has at most C tokens of an expert
+    const int n = counts[i];
+    start[i] = n < 0 ? 0 : static_cast<int>(n > a.C ? a.C : n);
+  }
   __syncthreads();
   for (int l = tid; l < L; l += kRowThreads) {  // per expert, exclusive over the sources; the total in row W
     int run = 0;
@@ -411,7 +436,10 @@ cudaError_t launch_ep_low_latency_send(const LowLatencySendParams& p, cudaStream
   a.regions = p.regions;
   a.b = p.block;
   a.token_slot = p.token_slot;
-  a.rank_blocks = (E + kWarp - 1) / kWarp;  // at least 1: its block 0 writes the headers, also without tokens
+  // At least one tile: block 0 writes the headers and the counts, also without tokens.
+  a.rank_groups = (E + kWarp - 1) / kWarp;
+  a.rank_blocks =
+      a.rank_groups * static_cast<int>(p.num_tokens > 0 ? (p.num_tokens + kRowThreads - 1) / kRowThreads : 1);
   const int v = slot_vec_bytes(m.row_bytes, p.x, p.block);
   m.nvec = m.row_bytes / v;
   // Pieces of at least 512 bytes a warp, as many as give about 32 warps an SM over the tokens.

@@ -1065,10 +1065,11 @@ std::vector<LowLatencyCase> low_latency_grid() {
     int W, L, k, C;
   };
   // Maps of L = 1 to 256 local experts (slices of 1 to 32 bytes, L % 8 != 0 among them), every rank count up
-  // to 8 and 40 (more ranks than a warp's lanes), empty and full sources.
-  const Shape shapes[] = {{1, 256, 8, 130}, {1, 20, 3, 64}, {2, 128, 8, 130}, {2, 15, 4, 64},
-                          {2, 1, 1, 33},    {3, 8, 6, 64},  {4, 15, 5, 96},   {4, 64, 8, 130},
-                          {8, 32, 8, 130},  {8, 9, 8, 40},  {8, 3, 2, 17},    {40, 3, 8, 20}};
+  // to 8 and 40 (more ranks than a warp's lanes), empty and full sources, and sources of more than one tile of
+  // 256 tokens (the send's rank blocks split the tokens by tile).
+  const Shape shapes[] = {{1, 256, 8, 130}, {1, 20, 3, 64}, {2, 128, 8, 130}, {2, 15, 4, 64},  {2, 1, 1, 33},
+                          {3, 8, 6, 64},    {4, 15, 5, 96}, {4, 64, 8, 130},  {8, 32, 8, 130}, {8, 9, 8, 40},
+                          {8, 3, 2, 17},    {40, 3, 8, 20}, {1, 64, 6, 777},  {2, 64, 8, 600}, {3, 9, 4, 530}};
   std::vector<LowLatencyCase> cases;
   uint64_t n = 0;
   for (const Shape& sh : shapes)
