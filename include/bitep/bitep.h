@@ -246,7 +246,7 @@ typedef struct {
   /* Low-latency mode (bitepDispatchLowLatency): the most tokens a rank passes to one low-latency dispatch,
    * in [0, 65536], the same on every rank; 0 = no low-latency dispatches. Where the group has a peer window
    * the group reserves a second, fixed symmetric buffer for them at creation, about
-   * 2 * W * max_tokens * (2 * H * dtype size + ceil(L / 8) + 4 * min(k, L)) bytes, never grown. */
+   * 2 * W * max_tokens * (2 * H * dtype size + ceil(L / 8) + 8 * min(k, L)) bytes, never grown. */
   int low_latency_max_tokens;
 } bitepGroupConfig_t;
 
@@ -355,22 +355,22 @@ BITEP_API bitepResult_t bitepDispatch(bitepGroup_t group,
 /* Low-latency dispatch, for decode batches: the same arguments, routing semantics and expert-major rows as
  * bitepDispatch, with no host synchronisation. Collective over the group; needs config.low_latency_max_tokens
  * >= 1 and args->num_tokens <= it on this rank; recv_x and expert_x must be NULL (the rows live in the
- * handle). Where the group has a peer window (cuda, every rank in one NVLink domain) it is three kernels on
- * `stream`: each token's row, map slice and weights stored into fixed slots of the ranks that own its experts
- * (slot = source rank, token: no count exchange), one flag barrier, then each rank builds its expert-major
- * view from the slots; no host wait, so the host returns at once. At W = 1 (cuda) the same kernels run over a
- * window of the rank's own memory, without the barrier. Elsewhere (host backend, no peer window, BITEP_LSA=0)
- * it runs bitepDispatch and gives the same layout.
- * The handle's layout: expert-major only. expert_x holds the experts' blocks back to back (aligned as in
- * bitepDispatch, pad rows zero); expert_counts and expert_offsets are on the device only and are the truth:
- * num_expert_rows is the rows expert_x has (the fast path: its fixed capacity
- * W * max_tokens * min(k, L) + L * (alignment - 1); rows past expert_offsets[L] are not written). recv_x,
- * recv_map, recv_weights, recv_expert_rows and the *_host pointers are NULL, num_recv_rows 0.
- * bitepCombine takes the handle (expert-major y of num_expert_rows rows; the same sums, in the same order, as
- * bitepCombine after bitepDispatch), again without a host wait; the backward calls return bitepNotSupported.
- * Any number of low-latency dispatches and combines may be in flight in any order (their slots alternate
- * and every call's barrier orders them). A rank that fails its argument checks returns at once and queues
- * nothing: its peers then wait in the barrier for the group's timeout, and their next call reports it. */
+ * handle). Where the group has a peer window (cuda, every rank in one NVLink domain) it is two kernels and a
+ * barrier on `stream`: each token's row, map slice, weights and rank among the sender's tokens of each of its
+ * experts stored into fixed slots of the ranks that own its experts (slot = source rank, token: no count
+ * exchange), with each sender's per-expert counts; one flag barrier; then each rank builds its expert-major
+ * view from the slots in one kernel; no host wait, so the host returns at once. At W = 1 (cuda) the same kernels run
+ * over a window of the rank's own memory, without the barrier. Elsewhere (host backend, no peer window, BITEP_LSA=0) it
+ * runs bitepDispatch and gives the same layout. The handle's layout: expert-major only. expert_x holds the experts'
+ * blocks back to back (aligned as in bitepDispatch, pad rows zero); expert_counts and expert_offsets are on the device
+ * only and are the truth: num_expert_rows is the rows expert_x has (the fast path: its fixed capacity W * max_tokens *
+ * min(k, L) + L * (alignment - 1); rows past expert_offsets[L] are not written). recv_x, recv_map, recv_weights,
+ * recv_expert_rows and the *_host pointers are NULL, num_recv_rows 0. bitepCombine takes the handle (expert-major y of
+ * num_expert_rows rows; the same sums, in the same order, as bitepCombine after bitepDispatch), again without a host
+ * wait; the backward calls return bitepNotSupported. Any number of low-latency dispatches and combines may be in flight
+ * in any order (their slots alternate and every call's barrier orders them). A rank that fails its argument checks
+ * returns at once and queues nothing: its peers then wait in the barrier for the group's timeout, and their next call
+ * reports it. */
 BITEP_API bitepResult_t bitepDispatchLowLatency(bitepGroup_t group,
                                                 const bitepDispatchArgs_t* args,
                                                 bitepStream_t stream,
