@@ -48,7 +48,7 @@ TEST(LowLatencyLayout, PartsApartAlignedAndInOrder) {
 // The receive's shared memory ((W + 2) L + W + 2 int32) decides whether a shape takes the kernels: ep_bench's
 // shapes do at W = 1 to 64; a map too wide for 48 KiB does not.
 TEST(LowLatencyLayout, ReceiveFits) {
-  for (int W : {1, 2, 8, 64}) EXPECT_TRUE(bitep::kernels::low_latency_receive_fits(W, 256 / W > 0 ? 256 / W : 1, 512));
+  for (int W : {1, 2, 8, 64}) EXPECT_TRUE(bitep::kernels::low_latency_receive_fits(W, 256 / W, 512));
   EXPECT_EQ(bitep::kernels::low_latency_receive_smem(2, 128), sizeof(int) * (4 * 128 + 4));
   EXPECT_FALSE(bitep::kernels::low_latency_receive_fits(8, 2048, 128));              // 20490 ints
   EXPECT_FALSE(bitep::kernels::low_latency_receive_fits(2, 8, int64_t(INT32_MAX)));  // W x C past int32
