@@ -400,12 +400,13 @@ inline auto dispatch_vec(int v, F&& f) {
 // ascending order by thread index); `mask` bit j says the item belongs to column j of the current
 // group of up to 32 columns (ranks or experts). tile_totals + tile_prefix give, per column, the first
 // position of the tile (carry) and each warp's first position inside it; tile_slot then gives the
-// item's position in column j: carry + earlier warps + earlier lanes with bit j. Deterministic: no
-// atomics, order fixed by the item index.
+// item's position in column j: carry + earlier warps + earlier lanes with bit j (from the column's
+// ballot, kept by tile_totals). Deterministic: no atomics, order fixed by the item index.
 template <int kThreads>
 struct TileScanSmem {
-  int warp_base[kThreads / kWarp][kWarp];  // per warp, per column: first position (after tile_prefix)
-  int carry[kWarp];                        // per column: first position of the next tile
+  int warp_base[kThreads / kWarp][kWarp];    // per warp, per column: first position (after tile_prefix)
+  int carry[kWarp];                          // per column: first position of the next tile
+  uint32_t ballot[kThreads / kWarp][kWarp];  // per warp, per column: the lanes whose item has the column
 };
 
 template <int kThreads>
@@ -413,7 +414,10 @@ __device__ __forceinline__ void tile_totals(TileScanSmem<kThreads>& s, uint32_t 
   const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
   for (int j = 0; j < ncols; ++j) {
     const uint32_t b = __ballot_sync(kFullMask, (mask >> j) & 1u);
-    if (lane == j) s.warp_base[warp][j] = __popc(b);
+    if (lane == j) {
+      s.ballot[warp][j] = b;
+      s.warp_base[warp][j] = __popc(b);
+    }
   }
 }
 
@@ -433,13 +437,12 @@ __device__ __forceinline__ void tile_prefix(TileScanSmem<kThreads>& s, int ncols
   }
 }
 
-// After another __syncthreads: the item's position in column j (valid when bit j of mask is set).
-// Every lane of the warp must call it with the same j.
+// After another __syncthreads: the item's position in column j (meaningful where its bit j is set). Not a
+// collective: each thread reads its warp's kept ballot.
 template <int kThreads>
-__device__ __forceinline__ int tile_slot(const TileScanSmem<kThreads>& s, uint32_t mask, int j) {
+__device__ __forceinline__ int tile_slot(const TileScanSmem<kThreads>& s, int j) {
   const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
-  const uint32_t b = __ballot_sync(kFullMask, (mask >> j) & 1u);
-  return s.warp_base[warp][j] + __popc(b & ((1u << lane) - 1u));
+  return s.warp_base[warp][j] + __popc(s.ballot[warp][j] & ((1u << lane) - 1u));
 }
 
 // ---- device: warp row copies ------------------------------------------------------------------------

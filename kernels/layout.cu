@@ -155,10 +155,10 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
       if (a.vec4) {  // nr is a multiple of 4 here
         for (int j = 0; j < nr; j += 4) {
           int4 q;
-          q.x = tile_slot(s, mask, j);
-          q.y = tile_slot(s, mask, j + 1);
-          q.z = tile_slot(s, mask, j + 2);
-          q.w = tile_slot(s, mask, j + 3);
+          q.x = tile_slot(s, j);
+          q.y = tile_slot(s, j + 1);
+          q.z = tile_slot(s, j + 2);
+          q.w = tile_slot(s, j + 3);
           if (!((mask >> j) & 1u)) q.x = -1;
           if (!((mask >> (j + 1)) & 1u)) q.y = -1;
           if (!((mask >> (j + 2)) & 1u)) q.z = -1;
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
         }
       } else {
         for (int j = 0; j < nr; ++j) {
-          const int slot = tile_slot(s, mask, j);
+          const int slot = tile_slot(s, j);
           if (valid) row[j] = ((mask >> j) & 1u) ? slot : -1;
         }
       }

@@ -26,13 +26,6 @@ struct LowLatencySendArgs {
   int rank_blocks;  // the grid's first blocks: ranks and counts, one a group and tile of 256 tokens
 };
 
-// The rank blocks' shared memory: the tile scan's per-warp bases and carries (ep_common.cuh), and each warp's
-// ballot of each column.
-struct RankSmem {
-  TileScanSmem<kRowThreads> scan;
-  uint32_t ballot[kRowThreads / kWarp][kWarp];
-};
-
 // Token t's experts in [e0, e0 + nc) among its first k (mask), and its experts in [lo0, e0) (below): the row's
 // words below e0 are read together (no load waits for another), and give both the first-k limit and the
 // entries of lo0's owner's experts below the range.
@@ -57,7 +50,7 @@ __device__ __forceinline__ void rank_bits(
 // starting from the columns' counts over the tiles before q (counted by the block itself, so the tiles rank in
 // parallel). The last tile's block writes each expert's total into the owner's header counts; block 0 writes T
 // into every region's header.
-__device__ void low_latency_ranks(const LowLatencySendArgs& a, int g, int q, RankSmem& s) {
+__device__ void low_latency_ranks(const LowLatencySendArgs& a, int g, int q, TileScanSmem<kRowThreads>& s) {
   const PermuteArgs& m = a.m;
   const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
   const int E = m.v.num_experts, L = m.local_experts, KL = m.row_experts, W = m.num_ranks, self = m.self_rank;
@@ -78,13 +71,13 @@ __device__ void low_latency_ranks(const LowLatencySendArgs& a, int g, int q, Ran
         if (lane == j) n += __popc(bal);
       }
     }
-    s.scan.warp_base[warp][lane] = n;
+    s.warp_base[warp][lane] = n;
     __syncthreads();
     if (tid < nc) {
       int c = 0;
 #pragma unroll
-      for (int w = 0; w < kRowThreads / kWarp; ++w) c += s.scan.warp_base[w][tid];
-      s.scan.carry[tid] = c;
+      for (int w = 0; w < kRowThreads / kWarp; ++w) c += s.warp_base[w][tid];
+      s.carry[tid] = c;
     }
     __syncthreads();
   }
@@ -92,27 +85,21 @@ __device__ void low_latency_ranks(const LowLatencySendArgs& a, int g, int q, Ran
   uint32_t mask = 0;  // t's experts in [e0, e0 + nc)
   int below = 0;      // t's experts in [lo0, e0): the entries of r0's slice before e0
   if (t < m.num_tokens) rank_bits(m.v, t, e0, nc, lo0, &mask, &below);
-  for (int j = 0; j < nc; ++j) {
-    const uint32_t bal = __ballot_sync(kFullMask, (mask >> j) & 1u);
-    if (lane == j) {
-      s.ballot[warp][j] = bal;
-      s.scan.warp_base[warp][j] = __popc(bal);
-    }
-  }
+  tile_totals(s, mask, nc);
   __syncthreads();
-  tile_prefix(s.scan, nc);
+  tile_prefix(s, nc);
   __syncthreads();
   const int64_t slot_ranks = a.b.first + self * a.b.stride + a.b.ranks;
   for (uint32_t x = mask; x != 0; x &= x - 1) {
     const int j = __ffs(x) - 1, e = e0 + j, r = e / L;
-    const int rank = s.scan.warp_base[warp][j] + __popc(s.ballot[warp][j] & ((1u << lane) - 1u));
+    const int rank = tile_slot(s, j);
     const int from = r * L > e0 ? r * L - e0 : 0;  // r's experts start at bit `from` of the range
     const int entry = (r == r0 ? below : 0) + __popc(mask & ((1u << j) - 1u) & ~((1u << from) - 1u));
     reinterpret_cast<int32_t*>(a.regions[r] + slot_ranks)[t * KL + entry] = rank;
   }
   if (t0 + kRowThreads >= m.num_tokens && tid < nc) {  // the last tile (or none): the totals
     const int e = e0 + tid, r = e / L;
-    reinterpret_cast<int32_t*>(a.regions[r] + a.b.counts)[self * L + e - r * L] = s.scan.carry[tid];
+    reinterpret_cast<int32_t*>(a.regions[r] + a.b.counts)[self * L + e - r * L] = s.carry[tid];
   }
 }
 
@@ -121,7 +108,7 @@ __device__ void low_latency_ranks(const LowLatencySendArgs& a, int g, int q, Ran
 // the peers), then lane r writes r's map slice (zero when empty) and, for a non-empty slice, its weights.
 template <int V>
 __global__ void __launch_bounds__(kRowThreads) low_latency_send_kernel(LowLatencySendArgs a) {
-  __shared__ RankSmem rank_smem;
+  __shared__ TileScanSmem<kRowThreads> rank_smem;
   if (static_cast<int>(blockIdx.x) < a.rank_blocks) {
     low_latency_ranks(a, blockIdx.x % a.rank_groups, blockIdx.x / a.rank_groups, rank_smem);
     return;

@@ -35,6 +35,8 @@ struct FwdLayout {
   int experts_per_rank;  // L = E / W
   int group_octets;      // octets per expert group (power of two <= lanes), 0 = no group routing
   int per_group;         // k / group_topk: experts summed into a group's score
+  bool whole_rows;       // wide_unselected applies: E = 8 G NS, probs and saved 16-byte aligned or absent
+  int64_t full_tiles;    // tiles with no token past T
 };
 
 // The spec kernels' post-top-k softmax from the rounds ("holders"): lane r of the segment keeps round r's
@@ -49,18 +51,28 @@ struct FwdLayout {
 #endif
 constexpr bool kHolderSoftmax = BITEP_ROUTER_FWD_HOLDERS != 0;
 
+// The holders' unselected octets by whole-sector stores (wide_unselected in the kernel).
+// BITEP_ROUTER_FWD_WIDE_STORES=0 (a tuning build) stores each lane's own octet instead.
+#ifndef BITEP_ROUTER_FWD_WIDE_STORES
+#define BITEP_ROUTER_FWD_WIDE_STORES 1
+#endif
+constexpr bool kWideStores = BITEP_ROUTER_FWD_WIDE_STORES != 0;
+
 // Blocks per SM the register budget is cut for. BITEP_ROUTER_FWD_MIN_BLOCKS overrides it for every
 // shape: a tuning build (scripts/device-check.sh, PHASES=tune) compares occupancies. The bf16
 // post-softmax kernel at one octet a lane and one token a warp (E 129-256) is held to 8 (32 registers, no
 // spill; 39 and 6 blocks without the cap): H200, T = 16384, E = 256, 22.75 -> 22.14 us (7 gives the same
 // 32 registers; the spec kernels of 8 and 16 lanes a token spill there and were 0-6% slower). Without the
 // holders (a tuning build) it is v5e's 5 blocks (45 registers; 8 would spill).
-template <int N, int G = 1, bool kSpecBf16 = false>
+template <int N, int G, bool kF32, bool kPostSpec>
 constexpr int min_blocks() {
 #ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
   return BITEP_ROUTER_FWD_MIN_BLOCKS;
 #else
-  return N <= 8 ? (kSpecBf16 && G == 32 ? (kHolderSoftmax ? 8 : 5) : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
+  // With the holders' wide stores the bf16 post-top-k kernels of one octet a lane keep the occupancy they had
+  // without them (ptxas gave them 37-39 registers where they had 32).
+  if (N <= 8 && kPostSpec && kHolderSoftmax && kWideStores && !kF32) return 8;
+  return N <= 8 ? (!kF32 && kPostSpec && G == 32 ? (kHolderSoftmax ? 8 : 5) : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 #endif
 }
 
@@ -211,7 +223,7 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 }
 
 template <int G, int NS, bool kF32, FwdSpec kSpec>
-__global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 && kSpec == FwdSpec::kPostSoftmax>())
+__global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, kF32, kSpec == FwdSpec::kPostSoftmax>())
     router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
   constexpr int N = 8 * NS;
   constexpr int kTokensPerWarp = kWarpSize / G;
@@ -278,6 +290,30 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
       load_raw_t<kF32>(p.logits, dt, t * E + e0, tv ? min(max(E - e0, 0), 8) : 0, vec, raw[s]);
     }
   };
+  // The holders' unselected octets by whole-sector stores (kWideStores): each slot's run of G octets as two
+  // 16-byte stores a lane over consecutive addresses, so each store instruction of the warp covers whole
+  // sectors (a lane's own octet is two stores 32 bytes apart: every sector written in two halves by two
+  // instructions). Kept where it measured faster (bf16 logits: E = 64 and 128, stored before the row's work;
+  // E = 512, after it); fp32 logits, E = 256 and E = 2048 measured even or slower, E = 1024 not measured
+  // (bench/NOTES.md, "Router v11").
+  constexpr bool kWide =
+      kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax && kWideStores && !kF32 && (G < 32 ? NS == 1 : NS == 2);
+  [[maybe_unused]] auto wide_unselected = [&](Idx row0) {
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      const Idx at = row0 + s * 8 * G + 4 * sl;
+      if (p.probs != nullptr) {
+        const float4 z = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        *reinterpret_cast<float4*>(p.probs + at) = z;
+        *reinterpret_cast<float4*>(p.probs + at + 4 * G) = z;
+      }
+      if (p.saved != nullptr) {
+        const float4 z = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+        *reinterpret_cast<float4*>(p.saved + at) = z;
+        *reinterpret_cast<float4*>(p.saved + at + 4 * G) = z;
+      }
+    }
+  };
   const Idx stride = static_cast<Idx>(gridDim.x) * kWarps;
   const Idx first = static_cast<Idx>(blockIdx.x) * kWarps + warp;
   if (kPrefetch) fetch(first, ahead);
@@ -292,6 +328,14 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
       fetch(tile + stride, ahead);
     } else {
       fetch(tile, raw);
+    }
+    // The post-top-k softmax's holders (step 5) write the dense rows as unselected (probs 0, saved -inf) and then
+    // store the k weights over them. Constants: a warp whose rows are all whole (E = 8 G NS, no token past T) and
+    // aligned stores them with whole-sector stores (wide_unselected), here where several tokens share the warp,
+    // before the row's registers fill; else step 6 stores a lane's own octet.
+    [[maybe_unused]] const bool wide = kWide && lay.whole_rows && tile < lay.full_tiles;
+    if constexpr (kWide && G < 32) {
+      if (wide) wide_unselected(row);
     }
 
     // Experts of each slot's octet in this row (0 for a token past T).
@@ -600,6 +644,8 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
     }
 
     // 6. outputs.
+    // kHolders: the dense rows are first written as unselected (probs 0, saved -inf): by the wide stores (at the
+    // tile's start or at the end of this step), or here.
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
       const int n = nval[s];
@@ -608,12 +654,12 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
       const uint32_t byte = static_cast<uint32_t>(taken >> (8 * s)) & 0xffu;
       float o8[8];
       if constexpr (kHolders) {  // the octets as unselected; the holders store the weights below
-        if (p.probs != nullptr) {
+        if (!wide && p.probs != nullptr) {
 #pragma unroll
           for (int b = 0; b < 8; ++b) o8[b] = 0.0f;
           store_octet_f32(p.probs + row + e0, n, pvec, o8);
         }
-        if (p.saved != nullptr) {
+        if (!wide && p.saved != nullptr) {
 #pragma unroll
           for (int b = 0; b < 8; ++b) o8[b] = -INFINITY;
           store_octet_f32(p.saved + row + e0, n, svec, o8);
@@ -646,6 +692,9 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, !kF32 &&
       }
     }
     if constexpr (kHolders) {
+      if constexpr (kWide && G == 32) {
+        if (wide) wide_unselected(row);
+      }
       // Over the owners' octets (same lanes: ordered by __syncwarp), and the compact outputs at the
       // holder's ascending position: the selected before its expert, counted from its owner's prefix.
       __syncwarp();
@@ -746,6 +795,10 @@ cudaError_t launch_bucket_t(const RouterForwardParams& p, FwdLayout lay, cudaStr
   if (err != cudaSuccess) return err;
   const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kBucketThreads, &occupancy);
   lay.num_tiles = (p.num_tokens + kTokensPerWarp - 1) / kTokensPerWarp;
+  lay.full_tiles = p.num_tokens / kTokensPerWarp;
+  auto a16 = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; };
+  lay.whole_rows = kSpec == FwdSpec::kPostSoftmax && p.num_experts == 8 * G * NS &&
+                   (p.probs != nullptr || p.saved != nullptr) && a16(p.probs) && a16(p.saved);
   const size_t smem =
       p.num_ranks > 0 ? sizeof(uint32_t) * (p.num_ranks + static_cast<size_t>(kWarps) * kTokensPerWarp * lay.rank_words)
                       : 0;

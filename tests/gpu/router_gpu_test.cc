@@ -195,7 +195,8 @@ struct FwdSpec {
   bitepMapFormat_t map = bitepMapBytemap;
   int num_ranks = 0;
   bool aux = false;
-  size_t logits_offset = 0;  // bytes of misalignment of the logits pointer (cuda only)
+  size_t logits_offset = 0;                   // bytes of misalignment of the logits pointer (cuda only)
+  size_t probs_offset = 0, saved_offset = 0;  // likewise, probs and saved
 };
 
 struct FwdOut {
@@ -236,8 +237,8 @@ FwdOut run_forward(bitepBackend_t be,
     if (out.rc != bitepSuccess) out.error = bitepGetLastError();
   };
   if (be == bitepBackendCuda) {
-    DevBuf lg(logits.size(), s.logits_offset), b(bias.size() * 4), pr(TE * 4), sv(TE * 4), w(Tk * 4), ix(Tk * 4),
-        mp(nmap), rm(nmask), rc(W * 4);
+    DevBuf lg(logits.size(), s.logits_offset), b(bias.size() * 4), pr(TE * 4, s.probs_offset),
+        sv(TE * 4, s.saved_offset), w(Tk * 4), ix(Tk * 4), mp(nmap), rm(nmask), rc(W * 4);
     lg.upload(logits.data());
     if (!bias.empty()) b.upload(bias.data());
     for (const DevBuf* d : {&pr, &sv, &w, &ix, &mp, &rm, &rc}) d->poison();
@@ -1063,6 +1064,42 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           EXPECT_TRUE(same_bits(bwd.grad, any_bwd.grad)) << what << ": grad_logits (recompute)";
         }
       }
+}
+
+// The post-top-k softmax's own kernel writes a warp's dense rows as unselected with stores that span its
+// lanes' octets when every row of the warp is whole and probs and saved are 16-byte aligned, and a lane's
+// own octet otherwise. probs or saved 4 bytes off (every row takes the per-lane stores), E = 200 (lanes past
+// the last octet) and T = 333 (a last tile with tokens past T where a warp holds several): the same bits as
+// the aligned run, and nothing written past either buffer.
+TEST(RouterGpu, HolderOutputsMisaligned) {
+  REQUIRE_GPU();
+  const int64_t T = 333;
+  for (int E : {64, 128, 200, 256, 512})
+    for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
+      const bitepRouterConfig_t cfg = make_config(E, 8, bitepScoreSoftmax, 0, dt);
+      const auto logits = make_logits(T, E, dt, 5 + E);
+      FwdSpec aligned;
+      aligned.map = bitepMapBitmapU8;
+      const FwdOut want = run_forward(bitepBackendCuda, cfg, T, logits, {}, aligned);
+      ASSERT_EQ(want.rc, bitepSuccess) << want.error;
+      EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 1) << "E=" << E << ": the post-top-k softmax kernel";
+      EXPECT_TRUE(want.guards);
+      for (int which = 1; which <= 3; ++which) {
+        FwdSpec spec = aligned;
+        spec.probs_offset = (which & 1) ? 4 : 0;
+        spec.saved_offset = (which & 2) ? 4 : 0;
+        const std::string what = "E=" + std::to_string(E) + " " + dt_name(dt) + " probs +" +
+                                 std::to_string(spec.probs_offset) + " saved +" + std::to_string(spec.saved_offset);
+        const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
+        ASSERT_EQ(got.rc, bitepSuccess) << got.error;
+        EXPECT_TRUE(got.guards) << what << ": wrote past a buffer";
+        EXPECT_TRUE(same_bits(got.probs, want.probs)) << what << ": probs";
+        EXPECT_TRUE(same_bits(got.saved, want.saved)) << what << ": saved";
+        EXPECT_TRUE(same_bits(got.weights, want.weights)) << what << ": topk_weights";
+        EXPECT_TRUE(same_bits(got.indices, want.indices)) << what << ": topk_indices";
+        EXPECT_TRUE(same_bits(got.map, want.map)) << what << ": routing map";
+      }
+    }
 }
 
 // Outputs are optional one by one; a forward with only the compact outputs gives the same experts.
