@@ -35,7 +35,6 @@ struct FwdLayout {
   int experts_per_rank;  // L = E / W
   int group_octets;      // octets per expert group (power of two <= lanes), 0 = no group routing
   int per_group;         // k / group_topk: experts summed into a group's score
-  bool whole_rows;       // wide_unselected applies: E = 8 G NS, probs and saved 16-byte aligned or absent
   int64_t full_tiles;    // tiles with no token past T
 };
 
@@ -64,14 +63,14 @@ constexpr bool kWideStores = BITEP_ROUTER_FWD_WIDE_STORES != 0;
 // spill; 39 and 6 blocks without the cap): H200, T = 16384, E = 256, 22.75 -> 22.14 us (7 gives the same
 // 32 registers; the spec kernels of 8 and 16 lanes a token spill there and were 0-6% slower). Without the
 // holders (a tuning build) it is v5e's 5 blocks (45 registers; 8 would spill).
-template <int N, int G, bool kF32, bool kPostSpec>
+template <int N, int G, bool kF32, bool kPostSpec, bool kWideRows>
 constexpr int min_blocks() {
 #ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
   return BITEP_ROUTER_FWD_MIN_BLOCKS;
 #else
-  // With the holders' wide stores the bf16 post-top-k kernels of one octet a lane keep the occupancy they had
-  // without them (ptxas gave them 37-39 registers where they had 32).
-  if (N <= 8 && kPostSpec && kHolderSoftmax && kWideStores && !kF32) return 8;
+  // With the holders' wide stores the bf16 post-top-k kernels of one octet a lane keep the occupancy they have
+  // without them (ptxas gave them 37-39 registers where they have 32).
+  if (N <= 8 && kWideRows) return 8;
   return N <= 8 ? (!kF32 && kPostSpec && G == 32 ? (kHolderSoftmax ? 8 : 5) : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 #endif
 }
@@ -222,8 +221,11 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
   return false;
 }
 
-template <int G, int NS, bool kF32, FwdSpec kSpec>
-__global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, kF32, kSpec == FwdSpec::kPostSoftmax>())
+// kWideRows: the launch has E = 8 G NS and probs and saved 16-byte aligned or absent (not both), and the shape is one
+// where the holders' wide stores measured faster (wide_rows_kernel).
+template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows>
+__global__ void __launch_bounds__(kBucketThreads,
+                                  min_blocks<8 * NS, G, kF32, kSpec == FwdSpec::kPostSoftmax, kWideRows>())
     router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
   constexpr int N = 8 * NS;
   constexpr int kTokensPerWarp = kWarpSize / G;
@@ -290,14 +292,10 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, kF32, kS
       load_raw_t<kF32>(p.logits, dt, t * E + e0, tv ? min(max(E - e0, 0), 8) : 0, vec, raw[s]);
     }
   };
-  // The holders' unselected octets by whole-sector stores (kWideStores): each slot's run of G octets as two
-  // 16-byte stores a lane over consecutive addresses, so each store instruction of the warp covers whole
-  // sectors (a lane's own octet is two stores 32 bytes apart: every sector written in two halves by two
-  // instructions). Kept where it measured faster (bf16 logits: E = 64 and 128, stored before the row's work;
-  // E = 512, after it); fp32 logits, E = 256 and E = 2048 measured even or slower, E = 1024 not measured
-  // (bench/NOTES.md, "Router v11").
-  constexpr bool kWide =
-      kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax && kWideStores && !kF32 && (G < 32 ? NS == 1 : NS == 2);
+  // The holders' unselected octets by whole-sector stores (kWideRows): each slot's run of G octets as two 16-byte
+  // stores a lane over consecutive addresses, so each store instruction of the warp covers whole sectors (a
+  // lane's own octet is two stores 32 bytes apart: every sector written in two halves by two instructions).
+  constexpr bool kWide = kWideRows;
   [[maybe_unused]] auto wide_unselected = [&](Idx row0) {
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
@@ -333,7 +331,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, kF32, kS
     // store the k weights over them. Constants: a warp whose rows are all whole (E = 8 G NS, no token past T) and
     // aligned stores them with whole-sector stores (wide_unselected), here where several tokens share the warp,
     // before the row's registers fill; else step 6 stores a lane's own octet.
-    [[maybe_unused]] const bool wide = kWide && lay.whole_rows && tile < lay.full_tiles;
+    [[maybe_unused]] const bool wide = kWide && tile < lay.full_tiles;
     if constexpr (kWide && G < 32) {
       if (wide) wide_unselected(row);
     }
@@ -784,21 +782,18 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS, G, kF32, kS
   }
 }
 
-template <int G, int NS, bool kF32, FwdSpec kSpec>
-cudaError_t launch_bucket_t(const RouterForwardParams& p, FwdLayout lay, cudaStream_t stream) {
+template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows>
+cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStream_t stream) {
   static std::atomic<int> occupancy{0};
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
-  auto kernel = router_forward_bucket<G, NS, kF32, kSpec>;
+  auto kernel = router_forward_bucket<G, NS, kF32, kSpec, kWideRows>;
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
   const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kBucketThreads, &occupancy);
   lay.num_tiles = (p.num_tokens + kTokensPerWarp - 1) / kTokensPerWarp;
   lay.full_tiles = p.num_tokens / kTokensPerWarp;
-  auto a16 = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; };
-  lay.whole_rows = kSpec == FwdSpec::kPostSoftmax && p.num_experts == 8 * G * NS &&
-                   (p.probs != nullptr || p.saved != nullptr) && a16(p.probs) && a16(p.saved);
   const size_t smem =
       p.num_ranks > 0 ? sizeof(uint32_t) * (p.num_ranks + static_cast<size_t>(kWarps) * kTokensPerWarp * lay.rank_words)
                       : 0;
@@ -814,6 +809,27 @@ cudaError_t launch_bucket_t(const RouterForwardParams& p, FwdLayout lay, cudaStr
   t_last_kernel = static_cast<int>(kSpec);
   kernel<<<grid, kBucketThreads, smem, stream>>>(p, lay);
   return cudaGetLastError();
+}
+
+// The shapes whose post-top-k softmax kernel has a wide-stores instance (the kernel's wide_unselected), for
+// launches that write probs or saved: where it measured faster (H200, bf16 logits: E = 64 and 128, the stores
+// before the row's work, 5-10%; E = 512, after it, 5%). fp32 logits, E = 256 and E = 2048 measured even or
+// slower, E = 1024 was not measured; a launch without probs and saved (compact outputs) takes the other instance,
+// whose code is the kernel without the stores (the wide one measured 4% slower there at E = 512).
+// bench/NOTES.md, "Router v11".
+template <int G, int NS, bool kF32, FwdSpec kSpec>
+constexpr bool wide_rows_kernel() {
+  return kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax && kWideStores && !kF32 && (G < 32 ? NS == 1 : NS == 2);
+}
+
+template <int G, int NS, bool kF32, FwdSpec kSpec>
+cudaError_t launch_bucket_t(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
+  if constexpr (wide_rows_kernel<G, NS, kF32, kSpec>()) {
+    auto a16 = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; };
+    if (p.num_experts == 8 * G * NS && (p.probs != nullptr || p.saved != nullptr) && a16(p.probs) && a16(p.saved))
+      return launch_kernel<G, NS, kF32, kSpec, true>(p, lay, stream);
+  }
+  return launch_kernel<G, NS, kF32, kSpec, false>(p, lay, stream);
 }
 
 template <int G, int NS, FwdSpec kSpec>
