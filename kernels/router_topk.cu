@@ -221,8 +221,8 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
   return false;
 }
 
-// kWideRows: the launch has E = 8 G NS and probs and saved 16-byte aligned or absent (not both), and the shape is one
-// where the holders' wide stores measured faster (wide_rows_kernel).
+// kWideRows: the launch writes probs or saved (or both), each 16-byte aligned, E = 8 G NS, and the shape is one where
+// the holders' wide stores measured faster (wide_rows_kernel).
 template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows>
 __global__ void __launch_bounds__(kBucketThreads,
                                   min_blocks<8 * NS, G, kF32, kSpec == FwdSpec::kPostSoftmax, kWideRows>())
