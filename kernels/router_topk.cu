@@ -813,7 +813,7 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
 
 // The shapes whose post-top-k softmax kernel has a wide-stores instance (the kernel's wide_unselected), for
 // launches that write probs or saved: where it measured faster (H200, bf16 logits: E = 64 and 128, the stores
-// before the row's work, 5-10%; E = 512, after it, 5%). fp32 logits, E = 256 and E = 2048 measured even or
+// before the row's work, 4-10%; E = 512, after it, 5%). fp32 logits, E = 256 and E = 2048 measured even or
 // slower, E = 1024 was not measured; a launch without probs and saved (compact outputs) takes the other instance,
 // whose code is the kernel without the stores (the wide one measured 4% slower there at E = 512).
 // bench/NOTES.md, "Router v11".
