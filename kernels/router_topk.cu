@@ -295,7 +295,6 @@ __global__ void __launch_bounds__(kBucketThreads,
   // The holders' unselected octets by whole-sector stores (kWideRows): each slot's run of G octets as two 16-byte
   // stores a lane over consecutive addresses, so each store instruction of the warp covers whole sectors (a
   // lane's own octet is two stores 32 bytes apart: every sector written in two halves by two instructions).
-  constexpr bool kWide = kWideRows;
   [[maybe_unused]] auto wide_unselected = [&](Idx row0) {
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
@@ -331,8 +330,8 @@ __global__ void __launch_bounds__(kBucketThreads,
     // store the k weights over them. Constants: a warp whose rows are all whole (E = 8 G NS, no token past T) and
     // aligned stores them with whole-sector stores (wide_unselected), here where several tokens share the warp,
     // before the row's registers fill; else step 6 stores a lane's own octet.
-    [[maybe_unused]] const bool wide = kWide && tile < lay.full_tiles;
-    if constexpr (kWide && G < 32) {
+    [[maybe_unused]] const bool wide = kWideRows && tile < lay.full_tiles;
+    if constexpr (kWideRows && G < 32) {
       if (wide) wide_unselected(row);
     }
 
@@ -690,7 +689,7 @@ __global__ void __launch_bounds__(kBucketThreads,
       }
     }
     if constexpr (kHolders) {
-      if constexpr (kWide && G == 32) {
+      if constexpr (kWideRows && G == 32) {
         if (wide) wide_unselected(row);
       }
       // Over the owners' octets (same lanes: ordered by __syncwarp), and the compact outputs at the
