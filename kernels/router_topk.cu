@@ -811,14 +811,14 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
 }
 
 // The shapes whose post-top-k softmax kernel has a wide-stores instance (the kernel's wide_unselected), for
-// launches that write probs or saved: where it measured faster (H200, bf16 logits: E = 64 and 128, the stores
-// before the row's work, 4-10%; E = 512, after it, 5%). fp32 logits, E = 256 and E = 2048 measured even or
-// slower, E = 1024 was not measured; a launch without probs and saved (compact outputs) takes the other instance,
-// whose code is the kernel without the stores (the wide one measured 4% slower there at E = 512).
-// bench/NOTES.md, "Router v11".
+// launches that write probs or saved: where it measured faster (H200: bf16 logits at E = 64 and 128, the stores
+// before the row's work, 4-10%; E = 512 in both dtypes, after it, bf16 5%, fp32 1.4-1.9%). fp32 logits at E = 64-256
+// (0.6-2.8% slower), bf16 at E = 256 and E = 2048 measured even or slower, E = 1024 was not measured; a launch
+// without probs and saved (compact outputs) takes the other instance, whose code is the kernel without the stores
+// (the wide one measured 4% slower there at E = 512). bench/NOTES.md, "Router v11" and "v12".
 template <int G, int NS, bool kF32, FwdSpec kSpec>
 constexpr bool wide_rows_kernel() {
-  return kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax && kWideStores && !kF32 && (G < 32 ? NS == 1 : NS == 2);
+  return kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax && kWideStores && (G < 32 ? NS == 1 && !kF32 : NS == 2);
 }
 
 template <int G, int NS, bool kF32, FwdSpec kSpec>
