@@ -229,9 +229,10 @@ INSTANTIATE_TEST_SUITE_P(EpLowLatency,
                          testing::ValuesIn(spec_grid()),
                          [](const testing::TestParamInfo<Spec>& info) { return info.param.name; });
 
-// Wide local maps: slices of 4, 8 and 16 bytes (the positions kernel loads them a word, two words and four
+// Wide local maps: slices of 4, 8 and 16 bytes (the receive kernel loads them a word, two words and four
 // words at a time), of 38 and 65 bytes (two and three chunks of 256 experts, loaded by halves and by bytes),
-// and more slots than one ranking chunk of 256 (up to 1100: five chunks, several slots a thread in the count).
+// and more tokens than one tile of 256 (up to 1100: five tiles, so the send's rank blocks carry every earlier
+// tile's counts).
 std::vector<Spec> wide_specs() {
   std::vector<Spec> v;
   auto add = [&](const char* name, int L, int k, int64_t T, auto&& tweak) {
