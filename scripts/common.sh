@@ -10,13 +10,14 @@ JOBS=${JOBS:-$(nproc)}
 
 need_pkgs=()
 command -v cmake >/dev/null || need_pkgs+=(cmake)
+command -v make >/dev/null || need_pkgs+=(make)  # cmake only recommends it: not installed by --no-install-recommends
 command -v g++ >/dev/null || need_pkgs+=(g++)
 command -v mpirun >/dev/null || need_pkgs+=(openmpi-bin)
 [ -f /usr/include/x86_64-linux-gnu/mpi.h ] || [ -f /usr/lib/x86_64-linux-gnu/openmpi/include/mpi.h ] ||
   command -v mpicxx >/dev/null || need_pkgs+=(libopenmpi-dev)
 [ -d /usr/include/gtest ] || need_pkgs+=(libgtest-dev)
-[ -d /usr/include/benchmark ] || need_pkgs+=(libbenchmark-dev)
-command -v clang-format >/dev/null || need_pkgs+=(clang-format)
+# The format check is test.sh's alone (it sets NEED_FORMAT=1 before sourcing this file).
+[ "${NEED_FORMAT:-0}" = 0 ] || command -v clang-format >/dev/null || need_pkgs+=(clang-format)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "== installing: ${need_pkgs[*]}"

@@ -100,6 +100,17 @@ step() {  # step NAME LOGFILE CMD...: runs CMD under what is left of the budget,
     echo "no test ran: check the filter" >>"$tmp"
     rc=3
   fi
+  # STRICT_SKIPS=1 (gpu_step): the GPU steps on a machine with GPUs, where a skipped test (ctest's ***Skipped,
+  # gtest's [  SKIPPED ], moe_layer's "SKIPPED --backend cuda") ran nothing: a failure, but for ALLOWED_SKIPS (a
+  # test that needs more device memory).
+  if [ $rc = 0 ] && [ "${STRICT_SKIPS:-0}" = 1 ]; then
+    local skipped
+    skipped=$(grep -E '\*\*\*Skipped|\[  SKIPPED \] [A-Za-z]|: SKIPPED' "$tmp" | grep -vE "${ALLOWED_SKIPS:-LargeTokenCount64BitIndexing}" || true)
+    if [ -n "$skipped" ]; then
+      printf 'skipped on a machine with %s GPU(s):\n%s\n' "$NGPU" "$skipped" >>"$tmp"
+      rc=4
+    fi
+  fi
   [ $rc = 124 ] && echo "timed out at the budget" >>"$tmp"
   cat "$tmp" >>"$log"
   rm -f "$tmp"
@@ -107,6 +118,7 @@ step() {  # step NAME LOGFILE CMD...: runs CMD under what is left of the budget,
   [ $rc = 0 ] || status=1
   return $rc
 }
+gpu_step() { STRICT_SKIPS=1 step "$@"; }
 
 {
   echo "commit $COMMIT  date $(date -u +%Y-%m-%dT%H:%M:%SZ)  gpus $NGPU  cores $(nproc)"
@@ -127,6 +139,11 @@ step "build (-j$(nproc))" "$OUT/build.log" \
   exit 1
 }
 grep -E 'bitep: (cuda|MPI)' "$OUT/build.log"
+# On a GPU machine a build without the cuda backend and NCCL would pass every step by skipping: stop here.
+if [ "$NGPU" -ge 1 ] && ! grep -qE 'bitep: cuda backend ON .*NCCL (ON|TRUE|1|YES)' "$OUT/build.log"; then
+  printf '%-52s %s\n' "cuda backend with NCCL in the build" "FAIL (see build.log)" | tee -a "$SUMMARY"
+  exit 1
+fi
 
 # Order: the benchmarks first (a quiet machine), then the GPU tests and the cuda backend over NCCL, then
 # what CI also runs and the sanitizers (side by side on two GPUs), then the diagnostics.
@@ -159,6 +176,8 @@ if on bench; then
   if [ -f "$OUT/ep.json" ] && python3 -c 'import matplotlib' 2>/dev/null; then
     PLOTS=$(mktemp -d)
     step "ep plots" "$BENCH" bash -c "python3 '$ROOT/bench/plot_ep.py' '$OUT/ep.json' --out '$PLOTS' && tar -C '$PLOTS' -cf '$OUT/plots.tar' ."
+  elif [ -f "$OUT/ep.json" ]; then
+    printf '%-52s %s\n' "ep plots" "not drawn: no matplotlib here (bench/plot_ep.py ep.json draws them)" | tee -a "$SUMMARY"
   fi
 fi
 
@@ -167,45 +186,56 @@ fi
 # GPU_FILTER (a gtest filter) runs the binary on those tests alone, under GPU_TIMEOUT_S in all.
 if on gpu; then
   if [ -n "${GPU_FILTER:-}" ]; then
-    step "gpu tests (bitep_gpu_tests $GPU_FILTER)" "$LOG" timeout "${GPU_TIMEOUT_S:-240}" \
+    gpu_step "gpu tests (bitep_gpu_tests $GPU_FILTER)" "$LOG" timeout "${GPU_TIMEOUT_S:-240}" \
       "$BUILD/tests/bitep_gpu_tests" --gtest_filter="$GPU_FILTER"
   else
-    step "gpu tests (ctest -L gpu)" "$LOG" ctest --test-dir "$BUILD" -L gpu -j 4 --timeout "${GPU_TEST_TIMEOUT_S:-150}" \
+    gpu_step "gpu tests (ctest -L gpu)" "$LOG" ctest --test-dir "$BUILD" -L gpu -j 4 --timeout "${GPU_TEST_TIMEOUT_S:-150}" \
       --output-on-failure
   fi
+fi
+# scripts/demo.sh's GPU path: the MoE layer on every GPU, cuda backend (fails on a wrong value, or when the
+# build has no CUDA + cuBLAS path).
+if on gpu || on ctest; then
+  gpu_step "demo: moe_layer np$NGPU --backend cuda" "$LOG" mpirun -np "$NGPU" "$BUILD/examples/moe_layer" --backend cuda
+fi
+# The two-GPU steps (NVLink, the network transport, np 2 under memcheck) say so when they cannot run.
+if [ "$NGPU" -lt 2 ] && { on multirank || on net || on sanitize; }; then
+  printf '%-52s %s\n' "multirank cuda np2 steps" "not run: $NGPU GPU(s) here, they need 2" | tee -a "$SUMMARY"
 fi
 if on multirank; then
   # BITEP_SPLIT_MIN_BYTES=0: every call takes the large-call path, the peer window (or, BITEP_LSA=0, the
   # split all-to-all); BITEP_TRACE=1 logs whether each group got a window.
-  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, peer window)" "$LOG" \
+  [ "$NGPU" -ge 2 ] && gpu_step "multirank cuda np2 (NVLink, peer window)" "$LOG" \
     mpirun -np 2 -x BITEP_TRACE=1 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
-  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, defaults)" "$LOG" mpirun -np 2 "$MR" --gtest_filter="$CUDA_FILTER"
+  [ "$NGPU" -ge 2 ] && gpu_step "multirank cuda np2 (NVLink, defaults)" "$LOG" mpirun -np 2 "$MR" --gtest_filter="$CUDA_FILTER"
   # BITEP_WINDOW_CHUNKS=0: the window's large dispatches copy the peers' rows after a barrier, not on arrival.
-  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, peer window, no arrival chunks)" "$LOG" \
+  [ "$NGPU" -ge 2 ] && gpu_step "multirank cuda np2 (NVLink, peer window, no arrival chunks)" "$LOG" \
     mpirun -np 2 -x BITEP_WINDOW_CHUNKS=0 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
-  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, split all-to-all: BITEP_LSA=0)" "$LOG" \
+  [ "$NGPU" -ge 2 ] && gpu_step "multirank cuda np2 (NVLink, split all-to-all: BITEP_LSA=0)" "$LOG" \
     mpirun -np 2 -x BITEP_LSA=0 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
-  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, NCCL count exchange and small all-to-all)" "$LOG" \
+  [ "$NGPU" -ge 2 ] && gpu_step "multirank cuda np2 (NVLink, NCCL count exchange and small all-to-all)" "$LOG" \
     mpirun -np 2 -x BITEP_LSA_EXCHANGE=0 -x BITEP_LSA_SMALL=0 "$MR" --gtest_filter="$CUDA_FILTER"
-  [ "$NGPU" -ge 2 ] && step "multirank cuda np2 (NVLink, split all-to-all rows beside the window)" "$LOG" \
+  [ "$NGPU" -ge 2 ] && gpu_step "multirank cuda np2 (NVLink, split all-to-all rows beside the window)" "$LOG" \
     mpirun -np 2 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_LSA_DISPATCH=0 "$MR" --gtest_filter="$CUDA_FILTER"
-  step "multirank cuda np1" "$LOG" mpirun -np 1 "$MR" --gtest_filter="$CUDA_FILTER"
+  gpu_step "multirank cuda np1" "$LOG" mpirun -np 1 "$MR" --gtest_filter="$CUDA_FILTER"
 fi
 
 # The GPU tests of GPU_SAN_FILTER under one compute-sanitizer tool, one process per test, 8 at a time
 # (a sanitized run is ~10x slower; one process for all of them does not fit a device call).
 san_each() {
-  local tool=$1
-  "$BUILD/tests/bitep_gpu_tests" --gtest_list_tests --gtest_filter="$GPU_SAN_FILTER" |
-    awk '/^[^ ]/ {suite = $1} /^  / {print suite $1}' |
-    xargs -P 8 -I{} compute-sanitizer --tool "$tool" --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter={}
+  local tool=$1 tests
+  tests=$("$BUILD/tests/bitep_gpu_tests" --gtest_list_tests --gtest_filter="$GPU_SAN_FILTER" |
+    awk '/^[^ ]/ {suite = $1} /^  / {print suite $1}') || return 3
+  [ -n "$tests" ] || { echo "no test matches $GPU_SAN_FILTER"; return 3; }
+  echo "$(echo "$tests" | wc -l) tests under $tool"
+  echo "$tests" | xargs -P 8 -I{} compute-sanitizer --tool "$tool" --error-exitcode 1 "$BUILD/tests/bitep_gpu_tests" --gtest_filter={}
 }
 export BUILD GPU_SAN_FILTER
 export -f san_each
 sanitize_one_gpu() {  # the single-GPU sanitizer passes
-  step "gpu tests under compute-sanitizer memcheck" "$1" bash -c 'san_each memcheck'
-  step "gpu tests under compute-sanitizer racecheck" "$1" bash -c 'san_each racecheck'
-  step "multirank cuda np1 memcheck" "$1" \
+  gpu_step "gpu tests under compute-sanitizer memcheck" "$1" bash -c 'san_each memcheck'
+  gpu_step "gpu tests under compute-sanitizer racecheck" "$1" bash -c 'san_each racecheck'
+  gpu_step "multirank cuda np1 memcheck" "$1" \
     mpirun -np 1 -x BITEP_TEST_TIMEOUT_S=180 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
 }
 if on ctest && on sanitize && [ "$NGPU" -ge 2 ]; then
@@ -220,15 +250,15 @@ else
   on sanitize && sanitize_one_gpu "$LOG"
 fi
 if [ "$NGPU" -ge 2 ]; then
-  on net && step "multirank cuda np2 (NCCL net transport)" "$LOG" \
+  on net && gpu_step "multirank cuda np2 (NCCL net transport)" "$LOG" \
     mpirun -np 2 -x NCCL_P2P_DISABLE=1 -x NCCL_SHM_DISABLE=1 "$MR" --gtest_filter="$CUDA_FILTER"
   # BITEP_SPLIT_MIN_BYTES=0: every dispatch and combine splits (side stream beside the all-to-all).
-  on net && step "multirank cuda np2 (NCCL net transport, split)" "$LOG" \
+  on net && gpu_step "multirank cuda np2 (NCCL net transport, split)" "$LOG" \
     mpirun -np 2 -x NCCL_P2P_DISABLE=1 -x NCCL_SHM_DISABLE=1 -x BITEP_SPLIT_MIN_BYTES=0 "$MR" --gtest_filter="$CUDA_FILTER"
-  on sanitize && step "multirank cuda np2 memcheck (split, peer window)" "$LOG" \
+  on sanitize && gpu_step "multirank cuda np2 memcheck (split, peer window)" "$LOG" \
     mpirun -np 2 -x BITEP_TEST_TIMEOUT_S=180 -x BITEP_SPLIT_MIN_BYTES=0 compute-sanitizer $MR_SAN_FLAGS "$MR" \
     --gtest_filter="$MR_SAN_FILTER"
-  on sanitize && step "multirank cuda np2 memcheck (split all-to-all: BITEP_LSA=0)" "$LOG" \
+  on sanitize && gpu_step "multirank cuda np2 memcheck (split all-to-all: BITEP_LSA=0)" "$LOG" \
     mpirun -np 2 -x BITEP_TEST_TIMEOUT_S=180 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_LSA=0 compute-sanitizer $MR_SAN_FLAGS "$MR" \
     --gtest_filter="$MR_SAN_FILTER"
 fi
@@ -273,8 +303,8 @@ if on profile; then
     --launch-skip 40 --launch-count 1 --section SourceCounters --section InstructionStats --page source \
     --print-source sass --csv '$BUILD/bench/router_bench' --quick --iters 100 >'$PROF/router_forward_sass.csv' &&
     cuobjdump -sass '$BUILD/libbitep.so' | awk '/Function :/ {p = /router_forward_bucketILi32ELi1ELb0E/} p' \
-      >'$PROF/router_forward.sass' 2>&1;
-    wc -l '$PROF'/*; tar -C '$PROF' -rf '$OUT/plots.tar' ."
+      >'$PROF/router_forward.sass' 2>&1 &&
+    wc -l '$PROF'/* && tar -C '$PROF' -rf '$OUT/plots.tar' ."
   # Each EP kernel against its own HBM floor (one rank: the kernels are the same, NCCL stays out of ncu).
   step "ncu ep kernels (W=1, T=4096)" "$BENCH" mpirun -np 1 ncu --clock-control none \
     --kernel-name regex:'layout|permute|expert_|reduce|final_sum|weight_grad' --launch-skip 20 --launch-count 12 \

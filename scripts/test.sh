@@ -4,8 +4,11 @@
 # the formatting, runs ctest (unit, multi-rank under mpirun, and the gpu tests, which say SKIPPED
 # without a GPU).
 set -euo pipefail
+export NEED_FORMAT=1
 source "$(dirname "$0")/common.sh"
 cd "$ROOT"
+# Every target this machine can build, whatever an earlier demo.sh left in the shared build directory's cache.
+CMAKE_ARGS="${CMAKE_ARGS:-} -DBITEP_BUILD_TESTS=ON -DBITEP_BUILD_EXAMPLES=ON -DBITEP_BUILD_BENCH=ON"
 
 echo "== format check (.clang-format)"
 mapfile -t sources < <(git ls-files -co --exclude-standard -- '*.h' '*.hpp' '*.cc' '*.cu' '*.cuh' '*.c' 2>/dev/null ||
