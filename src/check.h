@@ -102,6 +102,8 @@ bitepResult_t guard(const char* api, F&& body) noexcept {
     return r;
   } catch (const std::bad_alloc&) {
     set_error(bitepOutOfMemory, __FILE__, __LINE__, "host allocation failed");
+    prefix_error(api);
+    return bitepOutOfMemory;
   } catch (const std::exception& e) {
     set_error(bitepInternalError, __FILE__, __LINE__, "unexpected exception: %s", e.what());
   } catch (...) {

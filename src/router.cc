@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Router API: argument checks, then the host reference or the CUDA launchers.
 #include <algorithm>
+#include <climits>
 #include <cmath>
 
 #include "src/args.h"
@@ -148,6 +149,9 @@ bitepResult_t forward(bitepBackend_t backend,
   else
     BITEP_ARG_CHECK(a->rank_mask == nullptr && a->rank_counts == nullptr,
                     "args->rank_mask or args->rank_counts is set but args->num_ranks is 0");
+  BITEP_ARG_CHECK(a->rank_counts == nullptr || a->num_tokens <= INT32_MAX,
+                  "args->num_tokens (%lld) > INT32_MAX with args->rank_counts set: the per-rank token counts are int32",
+                  static_cast<long long>(a->num_tokens));
   if (a->expert_bias != nullptr)
     BITEP_ARG_CHECK(mode == RouterMode::kTopk && config->score_function != bitepScoreSoftmax,
                     "args->expert_bias is set but applies to the sigmoid and sqrtsoftplus top-k router only");

@@ -142,11 +142,17 @@ TEST_F(RouterArgs, GroupTopkWithoutGroups) {
   cfg.group_topk = 2;
   expect_rejected("config->group_topk");
 }
-TEST_F(RouterArgs, TooFewCandidates) {
+TEST_F(RouterArgs, PerGroupAboveGroupSize) {
   cfg.topk = 8;
-  cfg.num_groups = 8;  // 2 experts per group, 2 groups kept: 4 candidates < k
+  cfg.num_groups = 8;  // 2 experts per group; a kept group's score would sum its best 8 / 2 = 4
   cfg.group_topk = 2;
-  expect_rejected("config->topk");
+  expect_rejected("experts per group");
+}
+TEST_F(RouterArgs, TooFewCandidates) {
+  cfg.topk = 5;
+  cfg.num_groups = 8;  // 2 experts per group, 2 groups kept: 4 candidates < k (each group's score: its best 2)
+  cfg.group_topk = 2;
+  expect_rejected("too few candidate experts");
 }
 TEST_F(RouterArgs, NonFiniteScaling) {
   cfg.scaling_factor = INFINITY;
@@ -174,6 +180,14 @@ TEST_F(RouterArgs, RanksNotDividingExperts) {
   args.num_ranks = 3;
   args.rank_counts = counts.data();
   expect_rejected("args->num_ranks");
+}
+TEST_F(RouterArgs, RankCountsPastInt32) {  // checked before any buffer: the pointers need not hold 2^31 rows
+  std::vector<int32_t> counts(4, 7);
+  args.num_tokens = int64_t{1} << 31;
+  args.num_ranks = 4;
+  args.rank_counts = counts.data();
+  expect_rejected("INT32_MAX with args->rank_counts");
+  EXPECT_EQ(counts, std::vector<int32_t>(4, 7)) << "rank_counts written on a rejected call";
 }
 TEST_F(RouterArgs, RankOutputsWithoutRanks) {
   std::vector<int32_t> counts(3);

@@ -2,8 +2,11 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <new>
+#include <stdexcept>
 
 #include "bitep/bitep.h"
+#include "src/check.h"
 
 TEST(Version, MatchesHeader) {
   int v = 0;
@@ -20,4 +23,15 @@ TEST(ErrorString, EveryCodeHasText) {
     EXPECT_EQ(std::strncmp(s, "bitep", 5), 0) << s;
   }
   EXPECT_STREQ(bitepGetErrorString(static_cast<bitepResult_t>(999)), "unknown bitepResult_t value");
+}
+
+// No exception crosses the C boundary, and each maps to the code its text names: a failed host allocation is
+// bitepOutOfMemory (not bitepInternalError), anything else bitepInternalError; the API's name leads the text.
+TEST(ErrorString, GuardMapsExceptions) {
+  EXPECT_EQ(bitep::guard("bitepTest", []() -> bitepResult_t { throw std::bad_alloc(); }), bitepOutOfMemory);
+  EXPECT_NE(std::strstr(bitepGetLastError(), "bitepTest"), nullptr) << bitepGetLastError();
+  EXPECT_NE(std::strstr(bitepGetLastError(), "host allocation failed"), nullptr) << bitepGetLastError();
+  EXPECT_EQ(bitep::guard("bitepTest", []() -> bitepResult_t { throw std::runtime_error("boom"); }), bitepInternalError);
+  EXPECT_NE(std::strstr(bitepGetLastError(), "boom"), nullptr) << bitepGetLastError();
+  EXPECT_EQ(bitep::guard("bitepTest", []() -> bitepResult_t { return bitepSuccess; }), bitepSuccess);
 }
