@@ -379,7 +379,10 @@ bitepResult_t NcclTransport::open_low_latency_window(size_t bytes, double timeou
 
 // ---- hooks of src/ep/transport.h -----------------------------------------------------------------------
 
-bitepResult_t make_nccl_transport(struct ncclComm* comm, bool owned, std::unique_ptr<Transport>* out) {
+bitepResult_t make_nccl_transport(struct ncclComm* comm,
+                                  bool owned,
+                                  std::unique_ptr<Transport>* out,
+                                  double timeout_s) {
   BITEP_ARG_CHECK(comm != nullptr, "NCCL communicator is NULL");
   int nranks = 0, rank = 0, comm_dev = -1, dev = -1;
   BITEP_NCCL_CHECK(ncclCommCount(comm, &nranks));
@@ -388,7 +391,9 @@ bitepResult_t make_nccl_transport(struct ncclComm* comm, bool owned, std::unique
   BITEP_CUDA_CHECK(cudaGetDevice(&dev));
   BITEP_ARG_CHECK(dev == comm_dev, "the current CUDA device (%d) is not the NCCL communicator's device (%d)", dev,
                   comm_dev);
-  std::unique_ptr<NcclTransport> t(new NcclTransport(comm, owned, rank, nranks, dev, take_init_timeout(comm)));
+  const double init_timeout = take_init_timeout(comm);
+  std::unique_ptr<NcclTransport> t(
+      new NcclTransport(comm, owned, rank, nranks, dev, timeout_s > 0 ? timeout_s : init_timeout));
   const bitepResult_t r = t->init();
   if (r != bitepSuccess) {
     t->release();  // the caller keeps comm on failure

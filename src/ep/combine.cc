@@ -30,6 +30,16 @@ bitepResult_t check_call(bitepGroup_t group, bitepHandle_t handle) {
   return bitepSuccess;
 }
 
+bitepResult_t check_call_agreed(bitepGroup_t group, bitepHandle_t handle, bitepResult_t* local) {
+  *local = check_handle(handle, nullptr);
+  if (*local == bitepInvalidUsage) return *local;  // its group is destroyed
+  const SavedError saved(*local);
+  BITEP_CHECK(check_group(group));
+  if (*local == bitepSuccess) *local = check_handle(handle, group);
+  if (*local != bitepSuccess) saved.restore();
+  return bitepSuccess;
+}
+
 namespace {
 
 // The final sum of this rank's tokens: the peers' returned rows from `ret` (send layout), the own ones
@@ -288,10 +298,11 @@ bitepResult_t bitepCombine(bitepGroup_t group,
                            const bitepCombineArgs_t* args,
                            bitepStream_t stream) {
   return bitep::guard("bitepCombine", [&]() -> bitepResult_t {
-    BITEP_CHECK(bitep::ep::check_call(group, handle));
-    bitepResult_t local =
-        bitep::check_struct(args, args ? args->size : 0, sizeof(bitepCombineArgs_t), args ? args->magic : 0,
-                            BITEP_COMBINE_ARGS_MAGIC, "args", "BITEP_COMBINE_ARGS_INIT");
+    bitepResult_t local = bitepSuccess;
+    BITEP_CHECK(bitep::ep::check_call_agreed(group, handle, &local));
+    if (local == bitepSuccess)
+      local = bitep::check_struct(args, args ? args->size : 0, sizeof(bitepCombineArgs_t), args ? args->magic : 0,
+                                  BITEP_COMBINE_ARGS_MAGIC, "args", "BITEP_COMBINE_ARGS_INIT");
     if (local == bitepSuccess)
       local = bitep::ep::check_combine_args(group, handle, args->y, args->layout, args->weighted, args->out, "args->y",
                                             "args->layout", "args->out");
@@ -308,13 +319,14 @@ bitepResult_t bitepDispatchBackward(bitepGroup_t group,
                                     void* grad_x,
                                     bitepStream_t stream) {
   return bitep::guard("bitepDispatchBackward", [&]() -> bitepResult_t {
-    BITEP_CHECK(bitep::ep::check_call(group, handle));
-    if (handle->low_latency)
-      BITEP_FAIL(bitepNotSupported,
-                 "the handle is from bitepDispatchLowLatency, which has no backward pass: "
-                 "use bitepDispatch for training");
-    const bitepResult_t local =
-        bitep::ep::check_combine_args(group, handle, grad_y, layout, 0, grad_x, "grad_y", "layout", "grad_x");
+    bitepResult_t local = bitepSuccess;
+    BITEP_CHECK(bitep::ep::check_call_agreed(group, handle, &local));
+    if (local == bitepSuccess && handle->low_latency)
+      local = bitep::set_error(bitepNotSupported, __FILE__, __LINE__,
+                               "the handle is from bitepDispatchLowLatency, which has no backward pass: "
+                               "use bitepDispatch for training");
+    if (local == bitepSuccess)
+      local = bitep::ep::check_combine_args(group, handle, grad_y, layout, 0, grad_x, "grad_y", "layout", "grad_x");
     return bitep::ep::combine(group, handle, grad_y, layout, 0, grad_x, stream, local, "this dispatch backward");
   });
 }

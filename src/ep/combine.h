@@ -12,6 +12,13 @@ namespace bitep::ep {
 // destroyed; `group` is not looked at then), the group is live and is the handle's.
 bitepResult_t check_call(bitepGroup_t group, bitepHandle_t handle);
 
+// check_call for the calls whose ranks agree on their status (host groups): a handle this rank cannot use
+// while its group can still agree (NULL, not a live handle, another group's) becomes *local, this rank's part
+// of the agreement, so that its peers fail at once with bitepRemoteError instead of waiting out timeout_s and
+// breaking the group. Fails, for the caller to return at once, where no agreement can be had: the group is
+// not usable, or the handle's group was destroyed (`group` may dangle then and is not looked at).
+bitepResult_t check_call_agreed(bitepGroup_t group, bitepHandle_t handle, bitepResult_t* local);
+
 // Sends the partial rows [R, H] (rank-major, the receive layout) back to their source ranks and sums
 // them per token in ascending rank order into out [T, H].
 bitepResult_t return_rows(

@@ -168,14 +168,15 @@ extern "C" bitepResult_t bitepCombineBackward(bitepGroup_t group,
                                               bitepStream_t stream) {
   return bitep::guard("bitepCombineBackward", [&]() -> bitepResult_t {
     using namespace bitep::ep;
-    BITEP_CHECK(check_call(group, handle));
-    if (handle->low_latency)
-      BITEP_FAIL(bitepNotSupported,
-                 "the handle is from bitepDispatchLowLatency, which has no backward pass: "
-                 "use bitepDispatch for training");
+    bitepResult_t local = bitepSuccess;
+    BITEP_CHECK(check_call_agreed(group, handle, &local));
+    if (local == bitepSuccess && handle->low_latency)
+      local = bitep::set_error(bitepNotSupported, __FILE__, __LINE__,
+                               "the handle is from bitepDispatchLowLatency, which has no backward pass: "
+                               "use bitepDispatch for training");
     Exec ex(group, stream);
     BITEP_CHECK(ex.begin());
-    const bitepResult_t local = check_args(group, handle, args);
+    if (local == bitepSuccess) local = check_args(group, handle, args);
     const bool ok = local == bitepSuccess;
     bool wgrad = ok && args->weighted && args->y != nullptr;
     if (group->agree_always) {

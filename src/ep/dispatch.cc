@@ -127,8 +127,9 @@ kernels::PermuteParams Dispatch::permute_params() const {
 }
 
 int32_t Dispatch::flags() const {
-  return (a_->probs || a_->topk_weights ? kFlagWeights : 0) | (a_->recv_x || a_->expert_x ? kFlagCapacity : 0) |
-         (a_->num_tokens > 0 ? kFlagTokens : 0) |
+  // Weights count where there are tokens to weigh: a rank with none may pass pointers or not.
+  return (a_->num_tokens > 0 && (a_->probs || a_->topk_weights) ? kFlagWeights : 0) |
+         (a_->recv_x || a_->expert_x ? kFlagCapacity : 0) | (a_->num_tokens > 0 ? kFlagTokens : 0) |
          (W_ > 1 && static_cast<uint64_t>(a_->num_tokens) * row_bytes_ >= split_min_bytes() ? kFlagSplit : 0) |
          (large_window_off() ? kFlagNoLarge : 0) | (small_window_off() ? kFlagNoSmall : 0) |
          (chunks_ << kFlagChunksShift);
@@ -603,8 +604,8 @@ extern "C" bitepResult_t bitepDispatch(bitepGroup_t group,
                                        bitepStream_t stream,
                                        bitepHandle_t* handle) {
   return bitep::guard("bitepDispatch", [&]() -> bitepResult_t {
+    if (handle != nullptr) *handle = nullptr;  // on every failure, the group's too
     BITEP_CHECK(bitep::ep::check_group(group));
-    if (handle != nullptr) *handle = nullptr;
     bitep::ep::Dispatch d(group, args, stream);
     return d.run(handle);
   });

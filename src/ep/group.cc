@@ -2,7 +2,9 @@
 // EP group: config checks and their collective agreement, creation over a transport, destruction, queries.
 #include "src/ep/group.h"
 
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -116,6 +118,21 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
                       required_backend == bitepBackendCuda ? "bitepBackendCuda (1)" : "bitepBackendHost (0)");
   if (local == bitepSuccess && group == nullptr)
     local = set_error(bitepInvalidArgument, __FILE__, __LINE__, "group is NULL");
+#ifdef BITEP_HAVE_CUDA
+  // A device this process does not see fails here, in the agreement, not in a peer's later collective.
+  if (local == bitepSuccess && config->backend == bitepBackendCuda) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+      (void)cudaGetLastError();
+      count = 0;
+    }
+    if (device < 0 || device >= count)
+      local = set_error(bitepNotSupported, __FILE__, __LINE__,
+                        "the cuda backend needs device %d (config->device, or the current device) but %d CUDA "
+                        "device(s) are visible",
+                        device, count);
+  }
+#endif
   const int W = transport->nranks(), self = transport->rank();
   if (!configs_agreed) {
     SavedError saved(local);
@@ -133,6 +150,17 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
                   "config->num_experts (%d) %% nranks (%d) != 0: every rank owns num_experts / nranks "
                   "experts",
                   E, W);
+  // A low-latency handle holds W * C * KL + L * (expert_alignment - 1) expert rows (C = low_latency_max_tokens,
+  // KL = experts a row can route to on one rank), whose offsets the kernels keep in int32.
+  if (config->low_latency_max_tokens > 0) {
+    const int L = E / W, KL = kernels::max_row_experts(config->topk, L);
+    const int64_t rows = int64_t{W} * config->low_latency_max_tokens * KL + int64_t{L} * (config->expert_alignment - 1);
+    BITEP_ARG_CHECK(rows <= INT32_MAX,
+                    "config->low_latency_max_tokens (%d) x nranks (%d) x %d experts a row + %d local experts x "
+                    "(config->expert_alignment (%d) - 1) = %lld expert rows a low-latency dispatch, above 2^31 - 1: "
+                    "lower low_latency_max_tokens or expert_alignment",
+                    config->low_latency_max_tokens, W, KL, L, config->expert_alignment, static_cast<long long>(rows));
+  }
   auto g = std::make_unique<bitepGroup>();
   g->config = *config;
   g->rank = self;

@@ -26,10 +26,14 @@ bitepResult_t from_unique_id(
   // config is checked, and agreed on, once the communicator exists.
   const bool ok = config_readable(config);
   const double timeout = ok && config->timeout_s > 0 ? config->timeout_s : kDefaultTimeoutS;
-  int prev = -1;
+  int prev = -1, count = 0;
   BITEP_CUDA_CHECK(cudaGetDevice(&prev));
+  BITEP_CUDA_CHECK(cudaGetDeviceCount(&count));
   const int device = ok && config->device >= 0 ? config->device : prev;
-  if (device != prev) BITEP_CUDA_CHECK(cudaSetDevice(device));
+  // A device this process does not see: the init runs on the current one, and create_group fails the group on
+  // every rank (its agreement names config->device).
+  const int init_device = device < count ? device : prev;
+  if (init_device != prev) BITEP_CUDA_CHECK(cudaSetDevice(init_device));
   struct ncclComm* comm = nullptr;
   bitepResult_t r = nccl_comm_init(id, nranks, rank, timeout, &comm);
   if (r == bitepSuccess) {
@@ -39,7 +43,7 @@ bitepResult_t from_unique_id(
     if (r == bitepSuccess) r = create_group(std::move(t), config, device, group, false, bitepBackendCuda);
     // On failure after make_nccl_transport, the transport (and with it comm) is already gone.
   }
-  if (device != prev) cudaSetDevice(prev);
+  if (init_device != prev) cudaSetDevice(prev);
   return r;
 }
 
@@ -48,7 +52,9 @@ bitepResult_t from_nccl(struct ncclComm* comm, const bitepGroupConfig_t* config,
   int device = -1;
   BITEP_CUDA_CHECK(cudaGetDevice(&device));
   std::unique_ptr<Transport> t;
-  BITEP_CHECK(make_nccl_transport(comm, /*owned=*/false, &t));
+  // The config's timeout for the agreement, where it can be read (a borrowed communicator had no init of ours).
+  const double timeout = config_readable(config) && config->timeout_s > 0 ? config->timeout_s : kDefaultTimeoutS;
+  BITEP_CHECK(make_nccl_transport(comm, /*owned=*/false, &t, timeout));
   return create_group(std::move(t), config, device, group, false, bitepBackendCuda);
 }
 #endif

@@ -304,8 +304,8 @@ extern "C" bitepResult_t bitepDispatchLowLatency(bitepGroup_t group,
                                                  bitepStream_t stream,
                                                  bitepHandle_t* handle) {
   return bitep::guard("bitepDispatchLowLatency", [&]() -> bitepResult_t {
+    if (handle != nullptr) *handle = nullptr;  // on every failure, the group's too
     BITEP_CHECK(bitep::ep::check_group(group));
-    if (handle != nullptr) *handle = nullptr;
     const bitepResult_t local = bitep::ep::check_low_latency_args(group, args, handle);
     const int L = group->num_local_experts;
     bitep::ep::PeerWindow* win = group->transport->low_latency_window();

@@ -154,8 +154,12 @@ class Transport {
 // NCCL side, implemented in comm/nccl_transport.cc (built only with BITEP_HAVE_NCCL). The group code
 // in src/ep/ calls these; without NCCL it returns bitepNotSupported itself.
 // A transport over `comm` on the current device. owned: the transport destroys (or, on a timeout,
-// aborts) comm; a borrowed comm is never destroyed or aborted by bitep.
-bitepResult_t make_nccl_transport(struct ncclComm* comm, bool owned, std::unique_ptr<Transport>* out);
+// aborts) comm; a borrowed comm is never destroyed or aborted by bitep. timeout_s > 0: the waits' timeout until
+// the group sets its own (the config agreement at creation); else the one nccl_comm_init was given (or 300 s).
+bitepResult_t make_nccl_transport(struct ncclComm* comm,
+                                  bool owned,
+                                  std::unique_ptr<Transport>* out,
+                                  double timeout_s = 0.0);
 // ncclGetUniqueId into the opaque bitep id.
 bitepResult_t nccl_get_unique_id(bitepUniqueId* id);
 // A new communicator (non-blocking init polled against timeout_s) on the current device.

@@ -80,6 +80,24 @@ TEST(EpFaults, ExpertsNotDivisibleByRanks) {
   EXPECT_EQ(g, nullptr);
 }
 
+// A low-latency dispatch's expert rows (nranks x low_latency_max_tokens x experts a row, plus each local
+// expert's alignment padding) must fit the kernels' int32 offsets: refused at creation on every rank alike.
+TEST(EpFaults, LowLatencyRowsPastInt32) {
+  Spec s;
+  s.L = 4000;
+  s.k = 1;
+  bitepGroupConfig_t c = group_config(s, world_size());
+  c.low_latency_max_tokens = 1;
+  c.expert_alignment = 1 << 20;  // 4000 x (2^20 - 1) padding rows
+  bitepGroup_t g = nullptr;
+  EXPECT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "config->expert_alignment (1048576)")) << bitepGetLastError();
+  EXPECT_EQ(g, nullptr);
+  c.expert_alignment = 1 << 10;  // 4000 x 1023: fits
+  ASSERT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g), bitepSuccess) << bitepGetLastError();
+  EXPECT_EQ(bitepGroupDestroy(g), bitepSuccess);
+}
+
 TEST(EpFaults, BadCreateArguments) {
   Spec s;
   bitepGroupConfig_t c = group_config(s, world_size());
@@ -372,6 +390,90 @@ TEST(EpFaults, HandleOfAnotherGroup) {
   EXPECT_EQ(bitepDispatch(nullptr, &a, nullptr, &h.h), bitepInvalidArgument);
   EXPECT_TRUE(has(bitepGetLastError(), "group is NULL")) << bitepGetLastError();
   EXPECT_EQ(bitepHandleGetLayout(h.h, nullptr), bitepInvalidArgument);
+}
+
+// One rank gives a handle it cannot use (NULL, or another group's) while its peers give the right one: it fails
+// naming the handle, the peers at once with bitepRemoteError naming it (not after the group's timeout, which
+// would leave the group broken), in a combine, a dispatch backward and a combine backward; then the group
+// still combines.
+TEST(EpFaults, BadHandleOnOneRank) {
+  if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  Spec s;
+  const int W = world_size(), rank = world_rank(), victim = W - 1;
+  const double timeout = 20.0;
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard g, other;
+  ASSERT_EQ(make_group(s, &g, timeout), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(make_group(s, &other), bitepSuccess) << bitepGetLastError();
+  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  HandleGuard h, h_other;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepDispatch(other.g, &a, nullptr, &h_other.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
+  const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lo);
+  std::vector<uint8_t> out(world[rank].T * s.H * dsize(s.dtype)), grad_x(out.size()), grad_y(y.size());
+  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
+  c.y = y.data();
+  c.out = out.data();
+  bitepCombineBackwardArgs_t b = BITEP_COMBINE_BWD_ARGS_INIT;
+  b.grad_out = out.data();
+  b.grad_y = grad_y.data();
+  const char* calls[] = {"bitepCombine", "bitepDispatchBackward", "bitepCombineBackward"};
+  for (int bad = 0; bad < 2; ++bad)
+    for (int call = 0; call < 3; ++call) {
+      const bitepHandle_t hv = rank != victim ? h.h : (bad == 0 ? nullptr : h_other.h);
+      const auto t0 = std::chrono::steady_clock::now();
+      const bitepResult_t r =
+          call == 0   ? bitepCombine(g.g, hv, &c, nullptr)
+          : call == 1 ? bitepDispatchBackward(g.g, hv, y.data(), bitepLayoutExpertMajor, grad_x.data(), nullptr)
+                      : bitepCombineBackward(g.g, hv, &b, nullptr);
+      const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const std::string err = bitepGetLastError();
+      const std::string what = std::string(calls[call]) + (bad == 0 ? " with a NULL handle" : " with another group's");
+      if (rank == victim) {
+        EXPECT_EQ(r, bitepInvalidArgument) << what << ": " << err;
+        EXPECT_TRUE(has(err, bad == 0 ? "handle is NULL" : "another group")) << what << ": " << err;
+      } else {
+        EXPECT_EQ(r, bitepRemoteError) << what << ": " << err;
+        EXPECT_TRUE(has(err, "rank " + std::to_string(victim))) << what << ": " << err;
+      }
+      EXPECT_LT(waited, timeout / 2) << what << ": the call waited for the group's timeout";
+    }
+  ASSERT_EQ(bitepCombine(g.g, h.h, &c, nullptr), bitepSuccess) << bitepGetLastError();
+  expect_values(s, out, reference_combine(s, W, rank, world[rank], c.weighted != 0), "out");
+}
+
+// Weights count only where there are tokens: a rank with none may pass weight pointers while the ranks with
+// tokens pass none. The dispatch then has no weights (a weighted combine says so on every rank), and an
+// unweighted combine sums the rows.
+TEST(EpFaults, WeightsOnATokenlessRankOnly) {
+  if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  Spec s;
+  s.tokens = [](int r, int) { return r == 0 ? int64_t{0} : int64_t{6}; };
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  static float dummy[16];
+  bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  a.probs = nullptr;
+  a.topk_weights = rank == 0 ? dummy : nullptr;
+  HandleGuard h;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
+  const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lo);
+  std::vector<uint8_t> out(world[rank].T * s.H * dsize(s.dtype));
+  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
+  c.y = y.data();
+  c.out = out.data();
+  c.weighted = 1;
+  EXPECT_EQ(bitepCombine(g.g, h.h, &c, nullptr), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "the dispatch had no weights")) << bitepGetLastError();
+  c.weighted = 0;
+  ASSERT_EQ(bitepCombine(g.g, h.h, &c, nullptr), bitepSuccess) << bitepGetLastError();
+  expect_values(s, out, reference_combine(s, W, rank, world[rank], false), "out");
 }
 
 // ---- a stalled peer ---------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ Input make_input(const Spec& s, int W, int rank) {
     const uint64_t h = hash(s.seed, 3, rank, t);
     std::vector<int> ex;
     if (s.route == Route::kOneRank) {
-      ex = pick(h, (s.target % W) * L, L, std::min(k, L));
+      ex = pick(h, ((s.target % W) + W) % W * L, L, std::min(k, L));
     } else if (s.route == Route::kHotExpert) {
       const int hot = s.target % E;
       ex = pick(h, 0, E, k);
@@ -272,7 +272,7 @@ std::vector<Spec> spec_grid() {
   add("one_token", [](Spec& s) { s.tokens = [](int, int) { return int64_t{1}; }; });
   add("all_to_last_rank", [](Spec& s) {
     s.route = Route::kOneRank;
-    s.target = 1 << 20;  // mod W below
+    s.target = -1;  // W - 1 (mod W below)
     s.tokens = [](int r, int) { return int64_t{4} + r; };
   });
   add("all_to_rank0_k3", [](Spec& s) {

@@ -33,7 +33,7 @@ struct Spec {
   bitepMapFormat_t fmt = bitepMapBitmapU8;
   Weights weights = Weights::kCompact;
   Route route = Route::kRandom;
-  int target = 0;  // kOneRank: the rank (mod W); kHotExpert: the expert (mod E)
+  int target = 0;  // kOneRank: the rank (mod W: -1 is the last); kHotExpert: the expert (mod E)
   uint64_t seed = 1;
   std::function<int64_t(int rank, int W)> tokens = [](int r, int) { return int64_t{5} + 3 * r; };
 
