@@ -240,7 +240,7 @@ typedef struct {
   int topk;               /* 1 <= k <= E */
   int hidden;             /* H >= 1 elements per token row */
   bitepDataType_t dtype;  /* token dtype of x, expert rows and out */
-  int expert_alignment;   /* each expert's block of the expert-major view is rounded up to this many rows (>= 1) */
+  int expert_alignment;   /* each expert's block of the expert-major view is rounded up to this many rows (1 to 2^20) */
   double timeout_s;       /* a failed or stalled peer yields bitepTimeout after this many seconds (> 0) */
   int device;             /* cuda: device ordinal; -1 = local rank on the node (MPI) or the current device */
   /* Low-latency mode (bitepDispatchLowLatency): the most tokens a rank passes to one low-latency dispatch,
@@ -413,16 +413,22 @@ typedef struct {
   unsigned magic;       /* BITEP_COMBINE_ARGS_MAGIC */
   const void* y;        /* [IN] expert-major [num_expert_rows, H] or rank-major [R, H] (one row per received row) */
   bitepLayout_t layout; /* of y */
-  int weighted;         /* expert-major only: 1 = weight each expert row by the router weight */
+  int weighted;         /* expert-major only (rank-major y holds rows already summed): 1 = weight each expert row
+                           by the router weight */
   void* out;            /* [OUT] [T, H] dtype */
 } bitepCombineArgs_t;
 
 #define BITEP_COMBINE_ARGS_INIT \
   { sizeof(bitepCombineArgs_t), BITEP_COMBINE_ARGS_MAGIC, NULL, bitepLayoutExpertMajor, 1, NULL }
 
-/* Combine. Collective. For each received row the (weighted) sum over its local experts in fp32,
- * sent back with the handle's counts (no host synchronisation), then each token sums its partial
- * rows in ascending rank order: bit-identical run to run. A token routed nowhere gets a zero row. */
+/* Combine. Collective. For each received row the (weighted) sum over its local experts in fp32, rounded to
+ * the dtype and sent back with the handle's counts (no host synchronisation), then each token sums its partial
+ * rows in fp32 in ascending rank order, rounded to the dtype: bit-identical run to run. A token routed nowhere
+ * gets a zero row. Every rank gives the handle of the same dispatch (handles in flight are combined in the
+ * same order everywhere). Host groups agree on each call's status: a rank's argument error (its handle
+ * included) fails it with that error and its peers at once with bitepRemoteError, and a mismatch of
+ * dispatches fails every rank. A cuda group's failing rank returns at once and queues nothing: its peers wait
+ * in the transfer until the group's timeout (as in dispatch). */
 BITEP_API bitepResult_t bitepCombine(bitepGroup_t group,
                                      bitepHandle_t handle,
                                      const bitepCombineArgs_t* args,
@@ -455,9 +461,9 @@ typedef struct {
 
 /* Combine backward: grad_out goes along the dispatch's routes (a dispatch with the handle's counts,
  * no host synchronisation) -> grad_y, and, when y is given, the gradient of the router weights
- * (dot(y_row, grad_out_row) in fp32) comes back to the source ranks. Collective: every rank passes y,
- * or none does (a rank with no expert rows may pass any non-NULL pointer); the host backend checks this
- * agreement, the cuda backend relies on it. */
+ * (dot(y_row, grad_out_row) in fp32) comes back to the source ranks. Collective: every rank passes the same
+ * weighted, and y on every rank or on none (a rank with no expert rows may pass any non-NULL pointer); the
+ * host backend checks this agreement (and the dispatch, as in combine), the cuda backend relies on it. */
 BITEP_API bitepResult_t bitepCombineBackward(bitepGroup_t group,
                                              bitepHandle_t handle,
                                              const bitepCombineBackwardArgs_t* args,

@@ -40,6 +40,19 @@ bitepResult_t check_call_agreed(bitepGroup_t group, bitepHandle_t handle, bitepR
   return bitepSuccess;
 }
 
+int32_t dispatch_bits(const bitepHandle* handle) { return static_cast<int32_t>((handle->seq & 0x7fffffu) << 8); }
+
+bitepResult_t same_dispatch(const bitepGroup* group, const std::vector<int32_t>& all_bits, const char* what) {
+  const int self = group->rank;
+  for (int q = 0; q < group->nranks; ++q)
+    if ((all_bits[q] >> 8) != (all_bits[self] >> 8))
+      BITEP_FAIL(bitepInvalidArgument,
+                 "rank %d gives %s the handle of this group's dispatch #%d, this rank (%d) that of dispatch #%d: "
+                 "every rank must give the handle of the same dispatch (combine handles in the same order)",
+                 q, what, all_bits[q] >> 8, self, all_bits[self] >> 8);
+  return bitepSuccess;
+}
+
 namespace {
 
 // The final sum of this rank's tokens: the peers' returned rows from `ret` (send layout), the own ones
@@ -246,7 +259,9 @@ bitepResult_t combine(bitepGroup_t g,
   Exec ex(g, stream);
   BITEP_CHECK(ex.begin());
   if (g->agree_always) {
-    BITEP_CHECK(agree_status(g, local, what));
+    std::vector<int32_t> all;
+    BITEP_CHECK(agree_status(g, local, what, local == bitepSuccess ? dispatch_bits(h) : 0, &all));
+    BITEP_CHECK(same_dispatch(g, all, what));
   } else if (local != bitepSuccess) {
     return local;
   }

@@ -2,6 +2,9 @@
 // Pieces of the combine shared with the combine backward.
 #pragma once
 
+#include <cstdint>
+#include <vector>
+
 #include "src/ep/exec.h"
 #include "src/ep/handle.h"
 #include "src/trace.h"
@@ -18,6 +21,11 @@ bitepResult_t check_call(bitepGroup_t group, bitepHandle_t handle);
 // breaking the group. Fails, for the caller to return at once, where no agreement can be had: the group is
 // not usable, or the handle's group was destroyed (`group` may dangle then and is not looked at).
 bitepResult_t check_call_agreed(bitepGroup_t group, bitepHandle_t handle, bitepResult_t* local);
+
+// The agreement bits of a call on `handle` (host groups): its dispatch's number, above bit 8 (the low 8 bits
+// are the call's own), and the check that every rank gave the handle of the same dispatch.
+int32_t dispatch_bits(const bitepHandle* handle);
+bitepResult_t same_dispatch(const bitepGroup* group, const std::vector<int32_t>& all_bits, const char* what);
 
 // Sends the partial rows [R, H] (rank-major, the receive layout) back to their source ranks and sums
 // them per token in ascending rank order into out [T, H].

@@ -181,10 +181,11 @@ extern "C" bitepResult_t bitepCombineBackward(bitepGroup_t group,
     bool wgrad = ok && args->weighted && args->y != nullptr;
     if (group->agree_always) {
       const int32_t bits = ok ? (args->weighted ? kBitWeighted : 0) | (args->y ? kBitY : 0) |
-                                    (handle->num_expert_rows > 0 ? kBitRows : 0)
+                                    (handle->num_expert_rows > 0 ? kBitRows : 0) | dispatch_bits(handle)
                               : 0;
       std::vector<int32_t> all;
       BITEP_CHECK(agree_status(group, local, "this combine backward", bits, &all));
+      BITEP_CHECK(same_dispatch(group, all, "this combine backward"));
       BITEP_CHECK(decide_weight_grads(group, all, &wgrad));
     } else if (!ok) {
       return local;

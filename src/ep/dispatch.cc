@@ -583,11 +583,14 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   } else if (local != bitepSuccess) {
     return local;
   }
+  // Numbered once every rank is past its checks (host groups: the agreement), so a later local failure does not
+  // set one rank's numbers apart from its peers'.
+  h_->seq = g_->dispatches++;
   BITEP_CHECK(upload_tables());
   trace_.mark("buffers");
   BITEP_CHECK(move_rows());
   record_fence(h_.get(), ex_.stream());
-  *out = h_.release();
+  *out = release_handle(&h_);
   return bitepSuccess;
 }
 

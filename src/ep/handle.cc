@@ -2,6 +2,9 @@
 // Handle lifetime and layout queries.
 #include "src/ep/handle.h"
 
+#include <mutex>
+#include <unordered_set>
+
 #include "src/args.h"
 #include "src/check.h"
 #include "src/env.h"
@@ -11,10 +14,35 @@
 #endif
 
 namespace bitep::ep {
+namespace {
+
+// The handles given to callers and not destroyed (release_handle).
+std::mutex g_live_mu;
+std::unordered_set<const bitepHandle*>& live_handles() {
+  static auto* live = new std::unordered_set<const bitepHandle*>();  // never destroyed: usable at exit
+  return *live;
+}
+bool is_live(const bitepHandle* h) {
+  std::lock_guard<std::mutex> lock(g_live_mu);
+  return live_handles().count(h) != 0;
+}
+// Takes h out of the live handles: false when it was not one.
+bool forget(const bitepHandle* h) {
+  std::lock_guard<std::mutex> lock(g_live_mu);
+  return live_handles().erase(h) != 0;
+}
+
+}  // namespace
+
+bitepHandle_t release_handle(HandlePtr* handle) {
+  std::lock_guard<std::mutex> lock(g_live_mu);
+  live_handles().insert(handle->get());
+  return handle->release();
+}
 
 bitepResult_t check_handle(bitepHandle_t h, bitepGroup_t group) {
   BITEP_ARG_CHECK(h != nullptr, "handle is NULL");
-  BITEP_ARG_CHECK(h->magic == kHandleMagic,
+  BITEP_ARG_CHECK(is_live(h) && h->magic == kHandleMagic,
                   "handle (%p) is not a live bitep handle (destroyed, or not from "
                   "bitepDispatch)",
                   static_cast<void*>(h));
@@ -152,9 +180,7 @@ bitepResult_t bitepHandleGetLayout(bitepHandle_t handle, bitepDispatchLayout_t* 
 bitepResult_t bitepHandleDestroy(bitepHandle_t handle) {
   return bitep::guard("bitepHandleDestroy", [&]() -> bitepResult_t {
     if (handle == nullptr) return bitepSuccess;
-    BITEP_ARG_CHECK(handle->magic == bitep::ep::kHandleMagic,
-                    "handle (%p) is not a live bitep handle (destroyed "
-                    "twice?)",
+    BITEP_ARG_CHECK(bitep::ep::forget(handle), "handle (%p) is not a live bitep handle (destroyed twice?)",
                     static_cast<void*>(handle));
     bitep::ep::destroy_handle(handle);
     return bitepSuccess;

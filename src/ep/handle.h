@@ -23,6 +23,7 @@ struct bitepHandle {
   uint64_t fence_key = 0;                // cudaStreamGetId + 1 of the stream it was last recorded on (0: not known)
   std::vector<bitep::ep::Block> blocks;  // pool blocks the handle owns
 
+  uint64_t seq = 0;        // its dispatch's number in its group: the same on every rank for one collective call
   int64_t num_tokens = 0;  // T of the dispatch on this rank
   bool has_weights = false;
   bool window_combine = false;           // its combines go through the peer window (decided alike on every rank)
@@ -67,6 +68,12 @@ struct HandleDeleter {
   void operator()(bitepHandle* h) const { destroy_handle(h); }
 };
 using HandlePtr = std::unique_ptr<bitepHandle, HandleDeleter>;
+
+// Gives a finished handle to the caller: it joins the live handles, the registry check_handle and
+// bitepHandleDestroy look a pointer up in before reading through it, so a destroyed or foreign pointer is
+// refused without touching freed memory (a new handle may take a destroyed one's address: no pointer check
+// tells those apart).
+bitepHandle_t release_handle(HandlePtr* handle);
 
 // Peer lists of an all-to-all along the handle's routes: one rank-major buffer pair of `row` bytes a row
 // (per_peer: one list per rank, the self rank's left empty). Out (dispatch direction): send rows

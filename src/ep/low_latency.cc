@@ -189,7 +189,8 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   BITEP_CHECK(win->release(stream));
   record_fence(h.get(), stream);
   low_latency_layout_view(h.get(), g);
-  *out = h.release();
+  h->seq = g->dispatches++;
+  *out = release_handle(&h);
   return bitepSuccess;
 }
 #endif

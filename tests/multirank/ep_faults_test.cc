@@ -444,6 +444,41 @@ TEST(EpFaults, BadHandleOnOneRank) {
   expect_values(s, out, reference_combine(s, W, rank, world[rank], c.weighted != 0), "out");
 }
 
+// Two dispatches in flight, combined in different orders on different ranks: the rows would pair up with
+// another dispatch's. Every rank fails (host groups compare the dispatches' numbers in the agreement), then the
+// combines in the same order give the right values.
+TEST(EpFaults, CombinesOfDifferentDispatches) {
+  if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  Spec s;
+  const int W = world_size(), rank = world_rank(), victim = W - 1;
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  HandleGuard h1, h2;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h1.h), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h2.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h1.h, &lo), bitepSuccess);
+  const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lo);
+  std::vector<uint8_t> out(world[rank].T * s.H * dsize(s.dtype)), grad_y(y.size());
+  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
+  c.y = y.data();
+  c.out = out.data();
+  const bitepHandle_t first = rank == victim ? h2.h : h1.h;
+  EXPECT_EQ(bitepCombine(g.g, first, &c, nullptr), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "the same dispatch")) << bitepGetLastError();
+  bitepCombineBackwardArgs_t b = BITEP_COMBINE_BWD_ARGS_INIT;
+  b.grad_out = out.data();
+  b.grad_y = grad_y.data();
+  EXPECT_EQ(bitepCombineBackward(g.g, first, &b, nullptr), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "the same dispatch")) << bitepGetLastError();
+  for (bitepHandle_t h : {h1.h, h2.h}) {
+    ASSERT_EQ(bitepCombine(g.g, h, &c, nullptr), bitepSuccess) << bitepGetLastError();
+    expect_values(s, out, reference_combine(s, W, rank, world[rank], c.weighted != 0), "out");
+  }
+}
+
 // Weights count only where there are tokens: a rank with none may pass weight pointers while the ranks with
 // tokens pass none. The dispatch then has no weights (a weighted combine says so on every rank), and an
 // unweighted combine sums the rows.
@@ -474,6 +509,29 @@ TEST(EpFaults, WeightsOnATokenlessRankOnly) {
   c.weighted = 0;
   ASSERT_EQ(bitepCombine(g.g, h.h, &c, nullptr), bitepSuccess) << bitepGetLastError();
   expect_values(s, out, reference_combine(s, W, rank, world[rank], false), "out");
+}
+
+// A destroyed handle is refused by every call that takes one, bitepHandleDestroy included (a second destroy),
+// without reading the freed handle (the live handles' registry); the group goes on.
+TEST(EpFaults, DestroyedHandle) {
+  Spec s;
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  bitepHandle_t h = nullptr;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepHandleDestroy(h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo;
+  EXPECT_EQ(bitepHandleGetLayout(h, &lo), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "not a live bitep handle")) << bitepGetLastError();
+  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
+  EXPECT_EQ(bitepCombine(g.g, h, &c, nullptr), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "not a live bitep handle")) << bitepGetLastError();
+  EXPECT_EQ(bitepHandleDestroy(h), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "destroyed twice")) << bitepGetLastError();
+  dispatch_and_check(g.g, s, W, rank, world);
 }
 
 // ---- a stalled peer ---------------------------------------------------------------------------------------
