@@ -15,6 +15,10 @@ cudaError_t launch_router_backward(const RouterBackwardParams& params, cudaStrea
 cudaError_t launch_aux_loss_forward(const AuxLossParams& params, cudaStream_t stream);
 cudaError_t launch_aux_loss_backward(const AuxLossParams& params, cudaStream_t stream);
 
+// The most expert groups launch_router_forward takes on the current device: the generic kernel, which takes
+// every group layout the warp-per-token one does not, holds a block's group scores in shared memory.
+cudaError_t router_forward_max_groups(int* max_groups);
+
 // The kernel the calling thread's last launch_router_forward chose, for the tests: the warp-per-token kernel's
 // score path (0 any path, 1 post-top-k softmax, 2 pre-top-k softmax, 3 normalised sigmoid; router_topk.cu
 // FwdSpec), -1 for the generic kernel or no launch (T = 0).

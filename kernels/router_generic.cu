@@ -298,6 +298,14 @@ __global__ void __launch_bounds__(kThreads) router_forward_generic(const RouterF
 
 }  // namespace
 
+cudaError_t router_forward_max_groups(int* max_groups) {
+  int optin = 0;
+  const cudaError_t err = smem_optin_bytes(&optin);
+  if (err != cudaSuccess) return err;
+  *max_groups = optin / static_cast<int>(sizeof(uint32_t)) - kHeaderWords;
+  return cudaSuccess;
+}
+
 cudaError_t launch_router_forward_generic(const RouterForwardParams& p, cudaStream_t stream) {
   if (p.num_tokens <= 0) return cudaSuccess;
   GenLayout lay{};

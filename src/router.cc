@@ -137,6 +137,17 @@ bitepResult_t forward(bitepBackend_t backend,
   BITEP_CHECK(check_backend(backend));
   BITEP_CHECK(check_config(config, mode));
   BITEP_CHECK_STRUCT(a, "args", bitepRouterForwardArgs_t, BITEP_ROUTER_FWD_ARGS_MAGIC, "BITEP_ROUTER_FWD_ARGS_INIT");
+#ifdef BITEP_HAVE_CUDA
+  if (backend == bitepBackendCuda && mode == RouterMode::kTopk && config->num_groups > 0) {
+    int max_groups = 0;
+    BITEP_CUDA_CHECK(kernels::router_forward_max_groups(&max_groups));
+    if (config->num_groups > max_groups)
+      BITEP_FAIL(bitepNotSupported,
+                 "config->num_groups is %d: the cuda backend holds the group scores in shared memory, %d groups at "
+                 "most on this device (the host backend has no limit)",
+                 config->num_groups, max_groups);
+  }
+#endif
   const int E = config->num_experts, k = config->topk;
   BITEP_CHECK(check_tokens(a->num_tokens, E));
   BITEP_CHECK(check_map_format(a->map_format, a->routing_map, "args->map_format"));

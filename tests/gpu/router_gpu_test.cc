@@ -1127,6 +1127,39 @@ TEST(RouterGpu, OptionalOutputs) {
   EXPECT_EQ(m.map, bitep::ref::pack_bitmap(full.map.data(), T, E));
 }
 
+// The generic kernel holds a block's group scores in shared memory: one group past what fits is refused with
+// bitepNotSupported naming config->num_groups, before anything is written (rank_counts keeps its poison, 0xff
+// bytes); the most that fit routes as the host does.
+TEST(RouterGpu, GroupsPastSharedMemory) {
+  REQUIRE_GPU();
+  int max_groups = 0;
+  ASSERT_EQ(bitep::kernels::router_forward_max_groups(&max_groups), cudaSuccess);
+  ASSERT_GT(max_groups, 1000);
+  const int64_t T = 3;
+  FwdSpec spec;
+  spec.map = bitepMapBitmapU8;
+  spec.num_ranks = 1;
+  for (int groups : {max_groups + 1, max_groups}) {
+    bitepRouterConfig_t cfg = make_config(groups, 2, bitepScoreSigmoid, 0, bitepFloat32);
+    cfg.num_groups = groups;  // one expert a group
+    cfg.group_topk = 2;
+    const auto logits = make_logits(T, groups, bitepFloat32, 9);
+    const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
+    if (groups > max_groups) {
+      EXPECT_EQ(got.rc, bitepNotSupported) << got.error;
+      EXPECT_NE(got.error.find("config->num_groups"), std::string::npos) << got.error;
+      EXPECT_EQ(got.rank_counts, std::vector<int32_t>(1, -1)) << "rank_counts written on a refused call";
+    } else {
+      ASSERT_EQ(got.rc, bitepSuccess) << got.error;
+      const FwdOut want = run_forward(bitepBackendHost, cfg, T, logits, {}, spec);
+      ASSERT_EQ(want.rc, bitepSuccess) << want.error;
+      EXPECT_EQ(got.map, want.map);
+      EXPECT_EQ(got.rank_counts, want.rank_counts);
+    }
+    EXPECT_TRUE(got.guards);
+  }
+}
+
 // Aux loss: GPU vs host, forward and backward; the forward is bit-identical run to run.
 TEST(RouterGpu, AuxLoss) {
   REQUIRE_GPU();
