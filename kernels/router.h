@@ -23,5 +23,8 @@ cudaError_t router_forward_max_groups(int* max_groups);
 // score path (0 any path, 1 post-top-k softmax, 2 pre-top-k softmax, 3 normalised sigmoid; router_topk.cu
 // FwdSpec), -1 for the generic kernel or no launch (T = 0).
 int last_router_forward_kernel();
+// The k that kernel was compiled for (its rounds unrolled; router_topk.cu kconst_kernel), 0 where it reads k from
+// the parameters or no warp-per-token kernel ran.
+int last_router_forward_topk();
 
 }  // namespace bitep::kernels

@@ -17,6 +17,7 @@
 
 #include "kernels/router.h"
 #include "kernels/router_common.cuh"
+#include "kernels/router_keys.h"
 
 namespace bitep::kernels {
 namespace {
@@ -26,6 +27,7 @@ using namespace router_detail;
 [[maybe_unused]] constexpr char kName[] = "router_forward";
 
 thread_local int t_last_kernel = -1;  // last_router_forward_kernel()
+thread_local int t_last_topk = 0;     // last_router_forward_topk()
 
 // Per-launch constants derived on the host.
 struct FwdLayout {
@@ -63,7 +65,7 @@ constexpr bool kWideStores = BITEP_ROUTER_FWD_WIDE_STORES != 0;
 // spill; 39 and 6 blocks without the cap): H200, T = 16384, E = 256, 22.75 -> 22.14 us (7 gives the same
 // 32 registers; the spec kernels of 8 and 16 lanes a token spill there and were 0-6% slower). Without the
 // holders (a tuning build) it is v5e's 5 blocks (45 registers; 8 would spill).
-template <int N, int G, bool kF32, bool kPostSpec, bool kWideRows>
+template <int N, int G, bool kF32, bool kPostSpec, bool kWideRows, bool kConstK>
 constexpr int min_blocks() {
 #ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
   return BITEP_ROUTER_FWD_MIN_BLOCKS;
@@ -71,6 +73,11 @@ constexpr int min_blocks() {
   // With the holders' wide stores the bf16 post-top-k kernels of one octet a lane keep the occupancy they have
   // without them (ptxas gave them 37-39 registers where they have 32).
   if (N <= 8 && kWideRows) return 8;
+  // The instances for k = 8 (kconst_kernel) keep the occupancy of their runtime-k twins, which ptxas gives 32
+  // registers (post-top-k softmax; fp32 at 16 lanes a token 40), 44-48 (pre-top-k softmax, sigmoid) and 64
+  // (the same at two octets a lane); unrolled, it gave them up to 5 more.
+  if (kConstK && N <= 8) return kPostSpec ? (kF32 && G == 16 ? 6 : 8) : 5;
+  if (kConstK && N <= 16 && !kPostSpec) return 4;
   return N <= 8 ? (!kF32 && kPostSpec && G == 32 ? (kHolderSoftmax ? 8 : 5) : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 #endif
 }
@@ -165,6 +172,33 @@ __device__ __forceinline__ void top_below(const uint32_t* key, uint32_t below, u
   }
 }
 
+// The keys-only cache (the pre-top-k softmax and normalised sigmoid kernels at one octet a lane): the C best
+// keys by a min / max insertion network (equal keys kept, as many times as they occur), no register
+// positions. A lane's wins are its keys in selection order (value, then register order, which at one octet
+// a lane is expert order), so its won set follows from its last won key and its number of wins: every key
+// above the last, and the first equal ones in register order (won_mask; both in kernels/router_keys.h, with a host
+// test). No position bookkeeping per key,
+// pop or round. BITEP_ROUTER_FWD_KEYS_ONLY=0 (a tuning build) keeps the cache with positions.
+#ifndef BITEP_ROUTER_FWD_KEYS_ONLY
+#define BITEP_ROUTER_FWD_KEYS_ONLY 1
+#endif
+constexpr bool kKeysOnlyCache = BITEP_ROUTER_FWD_KEYS_ONLY != 0;
+
+using router_keys::top_keys;
+using router_keys::won_mask;
+
+// Runs body(r) for the rounds r = 0 .. n - 1: unrolled where the kernel's k is a compile-time one (kK > 0),
+// so the loop's counter, its branch and the last round's refill test go.
+template <int kK, class F>
+__device__ __forceinline__ void for_rounds(int n, F&& body) {
+  if constexpr (kK > 0) {
+#pragma unroll
+    for (int r = 0; r < kK; ++r) body(r);
+  } else {
+    for (int r = 0; r < n; ++r) body(r);
+  }
+}
+
 // A group's score when it sums its best one or two keys (DeepSeek-V3: k / group_topk = 2): each lane
 // brings its own two best keys of the group's slot (a0 >= a1; kKeyNone for none) and a butterfly over the
 // group's q aligned lanes merges pairs (the best two of two sorted pairs: 2 shuffles and 3 min / max a
@@ -222,10 +256,11 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 }
 
 // kWideRows: the launch writes probs or saved (or both), each 16-byte aligned, E = 8 G NS, and the shape is one where
-// the holders' wide stores measured faster (wide_rows_kernel).
-template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows>
+// the holders' wide stores measured faster (wide_rows_kernel). kK: k when the instance is compiled for one (its
+// rounds unrolled; kconst_kernel), else 0 (p.topk).
+template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows, int kK>
 __global__ void __launch_bounds__(kBucketThreads,
-                                  min_blocks<8 * NS, G, kF32, kSpec == FwdSpec::kPostSoftmax, kWideRows>())
+                                  min_blocks<8 * NS, G, kF32, kSpec == FwdSpec::kPostSoftmax, kWideRows, (kK > 0)>())
     router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
   constexpr int N = 8 * NS;
   constexpr int kTokensPerWarp = kWarpSize / G;
@@ -235,7 +270,7 @@ __global__ void __launch_bounds__(kBucketThreads,
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sl = lane % G, tl = lane / G;
-  const int E = p.num_experts, k = p.topk, W = p.num_ranks;
+  const int E = p.num_experts, k = kK > 0 ? kK : p.topk, W = p.num_ranks;
   constexpr bool kKnown = kSpec != FwdSpec::kAny;
   const DType dt = kKnown && !kF32 ? DType::kBF16 : p.logits_dtype;
   const ScoreFn fn = spec_fn<kSpec>(p);
@@ -456,10 +491,14 @@ __global__ void __launch_bounds__(kBucketThreads,
     };
 
     constexpr int C = cache_size<N, G, kSpec == FwdSpec::kSigmoidNorm>();
+    constexpr bool kKeysOnly =
+        kKeysOnlyCache && NS == 1 && (kSpec == FwdSpec::kPreSoftmax || kSpec == FwdSpec::kSigmoidNorm);
     uint32_t ck[C];
     int cp[C];
     if constexpr (kPacked)
       top_below<N, C>(key, ~0u, ck);
+    else if constexpr (kKeysOnly)
+      top_keys<N, C>(key, static_cast<Mask>(0), ck);
     else
       top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
 
@@ -472,9 +511,8 @@ __global__ void __launch_bounds__(kBucketThreads,
           // One group per lane: the group's best keys are among its lanes' cached ones.
           const uint32_t gl = q == 32 ? kFullMask : ((1u << q) - 1u) << (lane & ~(q - 1)), gbelow = lanemask_lt() & gl;
           uint32_t gk[C];
-          int gp[C];
 #pragma unroll
-          for (int c = 0; c < C; ++c) gk[c] = ck[c], gp[c] = cp[c];
+          for (int c = 0; c < C; ++c) gk[c] = ck[c];
           float gsum = 0.0f;
           if (kGroupPairs && lay.per_group <= 2 && C >= 2) {
             gsum = group_pair_sum(gk[0], gk[C > 1 ? 1 : 0], q, lay.per_group);  // C = 1: a tuning build only
@@ -485,7 +523,7 @@ __global__ void __launch_bounds__(kBucketThreads,
               const uint32_t bal = __ballot_sync(kFullMask, eq);
               const bool win = eq && (bal & gbelow) == 0u;
               gsum = __fadd_rn(gsum, key_value(gm));
-              pop_cached<C>(win, gk, gp);
+              pop_keys<C>(win, gk);
             }
           }
           // The best group_topk groups: every lane of a group holds its score, so the lowest lane of a tie
@@ -566,7 +604,10 @@ __global__ void __launch_bounds__(kBucketThreads,
 #pragma unroll
               for (int b = 0; b < 8; ++b) key[8 * s + b] = kKeyNone;
             }
-          top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
+          if constexpr (kKeysOnly)
+            top_keys<N, C>(key, static_cast<Mask>(0), ck);
+          else
+            top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
         }
       }
     }
@@ -579,20 +620,33 @@ __global__ void __launch_bounds__(kBucketThreads,
     int he = 0;
     if constexpr (kPacked) {
       uint32_t last = ~0u;  // the lane's last won key (its wins are its keys from there up)
-      for (int r = 0; r < k; ++r) {
+      for_rounds<kK>(k, [&](int r) {
         const uint32_t gm = seg_max_u32<G>(ck[0]);
         const bool win = ck[0] == gm && gm != kKeyNone;
         hk = sl == r ? gm : hk;
         last = win ? gm : last;
         pop_keys<C>(win, ck);
         if (win && ck[0] == kKeyNone && r + 1 < k) top_below<N, C>(key, last, ck);
-      }
+      });
 #pragma unroll
       for (int i = 0; i < N; ++i) taken |= key[i] >= last ? static_cast<Mask>(1u) << i : static_cast<Mask>(0);
       top = __shfl_sync(kFullMask, hk, 0, G);
       he = packed_expert(hk);
+    } else if constexpr (kKeysOnly) {
+      uint32_t last = ~0u;  // the lane's last won key and its number of wins: its won set (won_mask)
+      int wins = 0;
+      for_rounds<kK>(k, [&](int r) {
+        uint32_t gm;
+        int we = 0;
+        const bool win = segment_winner(ck[0], 0, gm, we);
+        last = win ? gm : last;
+        wins += win ? 1 : 0;
+        pop_keys<C>(win, ck);
+        if (win && ck[0] == kKeyNone && r + 1 < k) top_keys<N, C>(key, won_mask<N, Mask>(key, last, wins), ck);
+      });
+      taken = won_mask<N, Mask>(key, last, wins);
     } else {
-      for (int r = 0; r < k; ++r) {
+      for_rounds<kK>(k, [&](int r) {
         uint32_t gm;
         int we = 0;
         const bool win = segment_winner(ck[0], cp[0], gm, we);
@@ -604,7 +658,7 @@ __global__ void __launch_bounds__(kBucketThreads,
         taken |= win ? static_cast<Mask>(1u) << cp[0] : static_cast<Mask>(0);
         pop_cached<C>(win, ck, cp);
         if (win && ck[0] == kKeyNone && r + 1 < k) top_cached<N, C>(key, taken, ck, cp);
-      }
+      });
     }
 
     // 5. weights of the selected experts: post-top-k softmax, or the sigmoid/sqrtsoftplus normalisation.
@@ -781,12 +835,12 @@ __global__ void __launch_bounds__(kBucketThreads,
   }
 }
 
-template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows>
+template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows, int kK>
 cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStream_t stream) {
   static std::atomic<int> occupancy{0};
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
-  auto kernel = router_forward_bucket<G, NS, kF32, kSpec, kWideRows>;
+  auto kernel = router_forward_bucket<G, NS, kF32, kSpec, kWideRows, kK>;
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
@@ -806,6 +860,7 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
   const unsigned grid = kSpec != FwdSpec::kAny ? static_cast<unsigned>((lay.num_tiles + kWarps - 1) / kWarps)
                                                : persistent_grid(lay.num_tiles, kWarps, sms, per_sm);
   t_last_kernel = static_cast<int>(kSpec);
+  t_last_topk = kK;
   kernel<<<grid, kBucketThreads, smem, stream>>>(p, lay);
   return cudaGetLastError();
 }
@@ -821,14 +876,36 @@ constexpr bool wide_rows_kernel() {
   return kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax && kWideStores && (G < 32 ? NS == 1 && !kF32 : NS == 2);
 }
 
+// The spec kernels with an instance for k = 8 (the rounds unrolled: no loop counter, branch or refill test in the
+// last round): one octet a lane at 16 and 32 lanes a token and two at 32 (E 65-128, 129-256, 257-512), where
+// k = 8 is the common case (the benchmark's E = 128, 256, DeepSeek-V3 and 512 rows). BITEP_ROUTER_FWD_KCONST=0 (a
+// tuning build) compiles none.
+#ifndef BITEP_ROUTER_FWD_KCONST
+#define BITEP_ROUTER_FWD_KCONST 1
+#endif
+template <int G, int NS, FwdSpec kSpec>
+constexpr int kconst_kernel() {
+  if (BITEP_ROUTER_FWD_KCONST == 0 || kSpec == FwdSpec::kAny) return 0;
+  return (G == 32 && NS <= 2) || (G == 16 && NS == 1) ? 8 : 0;
+}
+
+template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows>
+cudaError_t launch_k(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
+  constexpr int kK = kconst_kernel<G, NS, kSpec>();
+  if constexpr (kK > 0) {
+    if (p.topk == kK) return launch_kernel<G, NS, kF32, kSpec, kWideRows, kK>(p, lay, stream);
+  }
+  return launch_kernel<G, NS, kF32, kSpec, kWideRows, 0>(p, lay, stream);
+}
+
 template <int G, int NS, bool kF32, FwdSpec kSpec>
 cudaError_t launch_bucket_t(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   if constexpr (wide_rows_kernel<G, NS, kF32, kSpec>()) {
     auto a16 = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; };
     if (p.num_experts == 8 * G * NS && (p.probs != nullptr || p.saved != nullptr) && a16(p.probs) && a16(p.saved))
-      return launch_kernel<G, NS, kF32, kSpec, true>(p, lay, stream);
+      return launch_k<G, NS, kF32, kSpec, true>(p, lay, stream);
   }
-  return launch_kernel<G, NS, kF32, kSpec, false>(p, lay, stream);
+  return launch_k<G, NS, kF32, kSpec, false>(p, lay, stream);
 }
 
 template <int G, int NS, FwdSpec kSpec>
@@ -873,9 +950,11 @@ int aligned_group_octets(const RouterForwardParams& p, int lanes) {
 }  // namespace
 
 int last_router_forward_kernel() { return t_last_kernel; }
+int last_router_forward_topk() { return t_last_topk; }
 
 cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t stream) {
   t_last_kernel = -1;
+  t_last_topk = 0;
   if (p.num_tokens <= 0) return cudaSuccess;
   if (p.rank_counts != nullptr && p.num_ranks > 0) {
     cudaError_t err = cudaMemsetAsync(p.rank_counts, 0, sizeof(int32_t) * p.num_ranks, stream);

@@ -783,7 +783,7 @@ float degenerate_logit(int64_t t, int e, int E) {
 TEST(RouterGpu, DegenerateRows) {
   REQUIRE_GPU();
   CaseStats stats;
-  for (int E : {8, 64, 130, 256, 512, 2048, 3000})
+  for (int E : {8, 64, 100, 130, 256, 512, 2048, 3000})
     for (int k : {1, 8, E}) {
       if (k > E) continue;
       const int64_t T = 12;
@@ -1039,6 +1039,10 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
           ASSERT_EQ(got.rc, bitepSuccess) << got.error;
           EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), want_kernel) << what << ": the kernel chosen";
+          // The spec kernels of one octet a lane at 16 and 32 lanes a token and two at 32 (E 65-512) have an
+          // instance compiled for k = 8 (router_topk.cu kconst_kernel): that one must be the one checked here.
+          const int want_topk = want_kernel > 0 && k == 8 && E > 64 && E <= 512 ? 8 : 0;
+          EXPECT_EQ(bitep::kernels::last_router_forward_topk(), want_topk) << what << ": the instance for k = 8";
           EXPECT_TRUE(got.guards) << what << ": forward wrote past a buffer";
           EXPECT_TRUE(same_bits(got.map, any.map)) << what << ": routing map";
           EXPECT_TRUE(same_bits(got.indices, any.indices)) << what << ": topk_indices";

@@ -1,0 +1,114 @@
+// SPDX-License-Identifier: Apache-2.0
+// The warp-per-token router's key cache and won sets (kernels/router_keys.h), on the host: top_keys against a
+// sort, won_mask on hand-made lanes, and the keys-only top-k rounds of kernels/router_topk.cu (one octet a
+// lane: the segment's best head key, the lowest lane holding it wins and pops it, a lane refills from the keys
+// it has not won when its cache runs dry, its selection is its won set) against a brute-force top-k (key
+// descending, then the lower expert; key 0 is no candidate), on rows full of equal keys.
+#include "kernels/router_keys.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using bitep::kernels::router_keys::top_keys;
+using bitep::kernels::router_keys::won_mask;
+
+TEST(RouterKeys, TopKeysAreTheLargestWithRepeats) {
+  std::mt19937 rng(7);
+  for (int it = 0; it < 2000; ++it) {
+    uint32_t key[8];
+    for (uint32_t& x : key) x = rng() % 4 == 0 ? 0u : 1u + rng() % 3;  // few values: repeats
+    const uint32_t skip = rng() & 0xffu;
+    uint32_t ck[3];
+    top_keys<8, 3>(key, skip, ck);
+    std::vector<uint32_t> want;
+    for (int p = 0; p < 8; ++p) want.push_back(((skip >> p) & 1) ? 0u : key[p]);
+    std::sort(want.rbegin(), want.rend());
+    for (int c = 0; c < 3; ++c) ASSERT_EQ(ck[c], want[c]) << "iteration " << it << ", entry " << c;
+  }
+}
+
+TEST(RouterKeys, WonMaskTakesTheLowerOfEqualKeys) {
+  const uint32_t key[8] = {5, 9, 5, 7, 5, 0, 9, 1};
+  EXPECT_EQ((won_mask<8, uint32_t>(key, 9, 0)), 0u);                           // no wins
+  EXPECT_EQ((won_mask<8, uint32_t>(key, 9, 1)), 0x02u);                        // the first 9
+  EXPECT_EQ((won_mask<8, uint32_t>(key, 9, 2)), 0x42u);                        // both 9s
+  EXPECT_EQ((won_mask<8, uint32_t>(key, 7, 3)), 0x4au);                        // and the 7
+  EXPECT_EQ((won_mask<8, uint32_t>(key, 5, 4)), 0x4bu);                        // the lowest 5
+  EXPECT_EQ((won_mask<8, uint32_t>(key, 5, 5)), 0x4fu);                        // the two lowest 5s
+  EXPECT_EQ((won_mask<8, uint32_t>(key, 1, 7)), 0xdfu);                        // all but the none key
+  const uint32_t wide[16] = {3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3};  // two octets a lane
+  EXPECT_EQ((won_mask<16, uint32_t>(wide, 3, 11)), 0x7ffu);
+}
+
+// One segment of G lanes, one octet a lane: the kernel's rounds with a cache of C keys a lane.
+template <int C>
+std::vector<int> rounds(const std::vector<uint32_t>& row, int G, int k) {
+  struct Lane {
+    uint32_t ck[C];
+    uint32_t last = ~0u;
+    int wins = 0;
+  };
+  std::vector<Lane> lanes(G);
+  for (int l = 0; l < G; ++l) top_keys<8, C>(&row[l * 8], 0u, lanes[l].ck);
+  for (int r = 0; r < k; ++r) {
+    uint32_t gm = 0;
+    for (const Lane& x : lanes) gm = std::max(gm, x.ck[0]);
+    if (gm == 0) continue;  // nothing left: no lane wins
+    int w = 0;
+    while (lanes[w].ck[0] != gm) ++w;  // the lowest lane holding it
+    Lane& x = lanes[w];
+    x.last = gm, ++x.wins;
+    for (int i = 0; i + 1 < C; ++i) x.ck[i] = x.ck[i + 1];
+    x.ck[C - 1] = 0;
+    if (x.ck[0] == 0 && r + 1 < k)
+      top_keys<8, C>(&row[w * 8], won_mask<8, uint32_t>(&row[w * 8], x.last, x.wins), x.ck);
+  }
+  std::vector<int> got;
+  for (int l = 0; l < G; ++l) {
+    const uint32_t m = won_mask<8, uint32_t>(&row[l * 8], lanes[l].last, lanes[l].wins);
+    for (int p = 0; p < 8; ++p)
+      if ((m >> p) & 1) got.push_back(l * 8 + p);
+  }
+  return got;
+}
+
+std::vector<int> brute_force(const std::vector<uint32_t>& row, int k) {
+  std::vector<int> idx(row.size());
+  for (size_t e = 0; e < row.size(); ++e) idx[e] = static_cast<int>(e);
+  std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return row[a] > row[b]; });
+  std::vector<int> want;
+  for (int i = 0; i < k && i < static_cast<int>(idx.size()); ++i)
+    if (row[idx[i]] != 0) want.push_back(idx[i]);
+  std::sort(want.begin(), want.end());
+  return want;
+}
+
+TEST(RouterKeys, KeysOnlyRoundsMatchBruteForce) {
+  std::mt19937 rng(11);
+  int64_t cases = 0;
+  for (int G : {8, 16, 32})
+    for (int range : {1, 2, 3, 7, 1 << 20})  // 1: every candidate equal
+      for (int none_pct : {0, 50, 90, 99})   // no candidate: past E, past T, outside the kept groups
+        for (int it = 0; it < 40; ++it) {
+          std::vector<uint32_t> row(static_cast<size_t>(G) * 8);
+          for (uint32_t& x : row) x = static_cast<int>(rng() % 100) < none_pct ? 0u : 1u + rng() % range;
+          for (int k : {1, 2, 3, 4, 6, 8, 9, 16, 32, G * 8}) {
+            const std::vector<int> want = brute_force(row, k);
+            const std::string what = "G=" + std::to_string(G) + " range=" + std::to_string(range) +
+                                     " none=" + std::to_string(none_pct) + "% k=" + std::to_string(k);
+            ASSERT_EQ(rounds<3>(row, G, k), want) << what << " C=3";
+            ASSERT_EQ(rounds<2>(row, G, k), want) << what << " C=2";
+            ++cases;
+          }
+        }
+  EXPECT_EQ(cases, 3 * 5 * 4 * 40 * 10);
+}
+
+}  // namespace
