@@ -65,11 +65,16 @@ constexpr bool kWideStores = BITEP_ROUTER_FWD_WIDE_STORES != 0;
 // spill; 39 and 6 blocks without the cap): H200, T = 16384, E = 256, 22.75 -> 22.14 us (7 gives the same
 // 32 registers; the spec kernels of 8 and 16 lanes a token spill there and were 0-6% slower). Without the
 // holders (a tuning build) it is v5e's 5 blocks (45 registers; 8 would spill).
-template <int N, int G, bool kF32, bool kPostSpec, bool kWideRows, bool kConstK>
+// kPreOrNorm: the pre-top-k softmax's and the normalised sigmoid's own kernels. At one octet a lane and 32 lanes a
+// token (E 129-256) they are held to 6 blocks (40 registers): H200, router v13 A/B (every kernel at 6 in one build,
+// min of two repeats against v13 at 5), DeepSeek-V3 T = 65536 bf16 TE-compatible 71.7 -> 70.3 us, pre-top-k E = 256
+// 59.0 -> 56.6; the post-top-k E = 512 rows were 7-11% slower at 6, so no other kernel takes it.
+template <int N, int G, bool kF32, bool kPostSpec, bool kPreOrNorm, bool kWideRows, bool kConstK>
 constexpr int min_blocks() {
 #ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
   return BITEP_ROUTER_FWD_MIN_BLOCKS;
 #else
+  if (kPreOrNorm && G == 32 && N <= 8) return 6;
   // With the holders' wide stores the bf16 post-top-k kernels of one octet a lane keep the occupancy they have
   // without them (ptxas gave them 37-39 registers where they have 32).
   if (N <= 8 && kWideRows) return 8;
@@ -260,7 +265,13 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 // rounds unrolled; kconst_kernel), else 0 (p.topk).
 template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows, int kK>
 __global__ void __launch_bounds__(kBucketThreads,
-                                  min_blocks<8 * NS, G, kF32, kSpec == FwdSpec::kPostSoftmax, kWideRows, (kK > 0)>())
+                                  min_blocks<8 * NS,
+                                             G,
+                                             kF32,
+                                             kSpec == FwdSpec::kPostSoftmax,
+                                             kSpec == FwdSpec::kPreSoftmax || kSpec == FwdSpec::kSigmoidNorm,
+                                             kWideRows,
+                                             (kK > 0)>())
     router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
   constexpr int N = 8 * NS;
   constexpr int kTokensPerWarp = kWarpSize / G;
@@ -889,11 +900,21 @@ constexpr int kconst_kernel() {
   return (G == 32 && NS <= 2) || (G == 16 && NS == 1) ? 8 : 0;
 }
 
+// The bf16 post-top-k kernel at one octet a lane and 32 lanes a token (E 129-256) takes its k = 8 instance only
+// for the compact outputs: with probs or saved written it measured 4-8% slower (H200, v13 A/B: T = 65536
+// TE-compatible 52.2 -> 56.5 us), without them 7-10% faster (T = 65536 52.3 -> 47.1).
+template <int G, int NS, bool kF32, FwdSpec kSpec>
+constexpr bool kconst_compact_only() {
+  return !kF32 && kSpec == FwdSpec::kPostSoftmax && G == 32 && NS == 1;
+}
+
 template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows>
 cudaError_t launch_k(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   constexpr int kK = kconst_kernel<G, NS, kSpec>();
   if constexpr (kK > 0) {
-    if (p.topk == kK) return launch_kernel<G, NS, kF32, kSpec, kWideRows, kK>(p, lay, stream);
+    const bool dense = p.probs != nullptr || p.saved != nullptr;
+    if (p.topk == kK && !(kconst_compact_only<G, NS, kF32, kSpec>() && dense))
+      return launch_kernel<G, NS, kF32, kSpec, kWideRows, kK>(p, lay, stream);
   }
   return launch_kernel<G, NS, kF32, kSpec, kWideRows, 0>(p, lay, stream);
 }
