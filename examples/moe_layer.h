@@ -64,7 +64,7 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even (no NaN in th
 // tanh-approximated GELU, as the cuda path computes it.
 float gelu(float v);
 
-// y[H] = W2_e gelu(W1_e x), fp32 accumulation.
+// y[H] = W2_e gelu(W1_e x), fp32 accumulation, the activation rounded to bf16 (as the cuda path stores it).
 void expert_ffn(const Problem& p, int e, const uint16_t* x, float* y);
 
 // Runs the layer opts.iters times; out [T, H] bf16 of the last iteration. Returns 0 on success.

@@ -18,7 +18,7 @@ void expert_ffn(const Problem& p, int e, const uint16_t* x, float* y) {
   for (int f = 0; f < p.F; ++f) {
     float acc = 0.0f;
     for (int j = 0; j < p.H; ++j) acc += w1[f * p.H + j] * bf16_to_float(x[j]);
-    a[f] = gelu(acc);
+    a[f] = bf16_to_float(float_to_bf16(gelu(acc)));  // a bf16 activation, as the cuda path's second GEMM reads
   }
   for (int i = 0; i < p.H; ++i) {
     float acc = 0.0f;
