@@ -611,7 +611,9 @@ int main(int argc, char** argv) {
           chk.bias.resize(E);
           for (int e = 0; e < E; ++e) chk.bias[e] = 0.05f * gauss(99, e);
         }
+        // Checked tokens: the first 256 and the last 64, and 8 at each of 30 points between (every part of the grid).
         chk.ranges = {{0, std::min<int64_t>(T, 256)}};
+        for (int j = 1; j < 31 && T > 512; ++j) chk.ranges.push_back({256 + (T - 320 - 8) * j / 31, 8});
         if (T > 512) chk.ranges.push_back({T - 64, 64});
 
         // Enough buffer sets that the (R - 1) other sets' traffic flushes the L2 between two uses of one.
@@ -717,6 +719,13 @@ int main(int argc, char** argv) {
           total_wrong += wrong;
         };
 
+        // The checked run: set 0's outputs poisoned (0xff bytes: NaN, every map bit set), the row's call once more,
+        // so each check reads what that row's kernel wrote, not an earlier row's.
+        auto poison0 = [&] {
+          Set& s = sets[0];
+          for (Dev* d : {&s.probs, &s.saved, &s.weights, &s.indices, &s.bytemap, &s.bitmap, &s.conv, &s.grad})
+            CK(cudaMemsetAsync(d->p, 0xff, d->bytes, stream));
+        };
         // Forward: TE-compatible (probs + map + saved) and compact (map + [T, k] weights).
         for (bool te : {true, false}) {
           if (args.bwd_only) break;
@@ -729,11 +738,15 @@ int main(int argc, char** argv) {
                 te ? stream_us({{&Set::logits, TE * ds}}, {{&Set::probs, TE * 4}, {&Set::saved, TE * 4}, map_out})
                    : stream_us({{&Set::logits, TE * ds}}, {{&Set::weights, T * k * 4}, map_out});
             const double us = timer.median_us([&](int i) { fwd(sets[i % R], te, fmt, false); });
+            poison0();
+            fwd(sets[0], te, fmt, false);
             CK(cudaStreamSynchronize(stream));
             const int64_t wrong = check_forward(chk, sets[0], te, bm ? sets[0].bitmap.p : sets[0].bytemap.p, bm);
             add(bm ? "bitmap" : "bytemap", "fwd", mode, us, TE * ds + out_bytes + (bm ? T * rb : TE), wrong);
           }
           const double us = timer.median_us([&](int i) { fwd(sets[i % R], te, bitepMapNone, true); });
+          poison0();
+          fwd(sets[0], te, bitepMapNone, true);
           CK(cudaStreamSynchronize(stream));
           const int64_t wrong = check_forward(chk, sets[0], te, sets[0].conv.p, true);
           add("indices+convert", "fwd", mode, us, TE * ds + out_bytes + T * rb, wrong);
@@ -753,10 +766,20 @@ int main(int argc, char** argv) {
                                     bm ? Span{&Set::bitmap, T * rb} : Span{&Set::bytemap, TE}},
                                    {{&Set::grad, TE * ds}});
             const double us = timer.median_us([&](int i) { bwd(sets[i % R], recompute, fmt); });
+            CK(cudaMemsetAsync(sets[0].grad.p, 0xff, sets[0].grad.bytes, stream));
+            bwd(sets[0], recompute, fmt);
             CK(cudaStreamSynchronize(stream));
             const int64_t wrong =
                 check_backward(chk, sets[0], recompute, bm ? sets[0].bitmap.p : sets[0].bytemap.p, bm);
-            const double bytes = TE * 4.0 + (recompute ? TE * ds : TE * 4.0) + (bm ? T * rb : TE) + TE * ds;
+            // The bytes a backward must move: grad_logits written whole, the map read, and of grad_probs and of
+            // saved / logits the 32-byte sectors that hold a routed expert (at most k a token, at most the row):
+            // grad_probs at unrouted experts meets a constant output, and the scores of the unrouted experts
+            // matter only to the pre-top-k softmax, which reads saved / logits whole.
+            auto routed = [&](int elem) {
+              return static_cast<double>(T) * std::min<int64_t>(k, (E * elem + 31) / 32) * 32;
+            };
+            const double scores = cfg->pre ? TE * (recompute ? ds : 4.0) : routed(recompute ? ds : 4);
+            const double bytes = routed(4) + scores + (bm ? T * rb : TE) + TE * ds;
             add(bm ? "bitmap" : "bytemap", "bwd", recompute ? "recompute" : "saved", us, bytes, wrong);
           }
       }
