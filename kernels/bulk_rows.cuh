@@ -15,8 +15,9 @@ namespace {
 
 using namespace ep_detail;
 
-constexpr int kBulkMaxBufs = 4;                // rows in flight per block
-constexpr int64_t kBulkSmemBytes = 48 * 1024;  // per block: kBulkMaxBufs rows, or as many as fit (>= 2)
+constexpr int kBulkMaxBufs = 4;  // rows in flight per block
+// Per block: kBulkMaxBufs rows, or as many as fit (>= 2), within what the kernel can take (bulk_smem).
+constexpr int64_t kBulkSmemBytes = 48 * 1024;
 
 // One thread's ring of nbuf row buffers in shared memory (sm_90+): row n of the thread's sequence goes into
 // buffer n % nbuf by a bulk load that completes on that buffer's mbarrier; its bulk stores form one bulk group.
@@ -80,36 +81,82 @@ __device__ __forceinline__ BulkRing make_ring(unsigned char* smem, uint64_t* bar
           static_cast<uint32_t>(row_bytes), nbuf};
 }
 
-// Blocks per SM that the bulk kernels' rings of ring_bytes leave room for (1 KiB reserved per block), at
-// most per_sm (> 0, else kRowBlocksPerSm).
-inline cudaError_t bulk_blocks_per_sm(int64_t ring_bytes, int per_sm, int64_t* out) {
+// A bulk kernel's shared memory on the current device (bulk_smem): `ring`, the dynamic bytes its ring may
+// take, and `fixed`, what each of its blocks takes beside the ring (static shared memory, the per-block
+// reservation).
+struct BulkSmem {
+  int64_t ring = 0;
+  int64_t fixed = 0;
+};
+
+// Per device, the BulkSmem of one kernel (each launcher keeps its kernel's in a static).
+struct BulkSmemCache {
+  std::atomic<int> ring[kMaxCachedDevices];
+  std::atomic<int> fixed[kMaxCachedDevices];
+};
+
+// `kernel`'s BulkSmem, queried once per device into `cache`. The ring takes kBulkSmemBytes, or the device's
+// opt-in maximum less the kernel's static shared memory where that is less; the kernel is opted in to it
+// (cudaFuncAttributeMaxDynamicSharedMemorySize) where it is past the 48 KiB default less the static size
+// (on an H200 the static 128 bytes leave 49024 without opting in, short of four rows of 12 KiB). ring is 1
+// (no ring of two rows) where the kernel's binary is older than sm_90.
+template <class Kernel>
+cudaError_t bulk_smem(Kernel kernel, BulkSmemCache& cache, BulkSmem* out) {
+  int ring = 0, fixed = 0;
+  cudaError_t err = cached_per_device(
+      cache.ring,
+      [kernel](int, int* v) {
+        *v = 1;
+        cudaFuncAttributes attr;
+        cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+        if (e != cudaSuccess || attr.binaryVersion < 90) return e;
+        int optin = 0;
+        if ((e = smem_optin_bytes(&optin)) != cudaSuccess) return e;
+        const int static_bytes = static_cast<int>(attr.sharedSizeBytes);
+        const int most = static_cast<int>(std::min<int64_t>(kBulkSmemBytes, optin - static_bytes));
+        if (most > 48 * 1024 - static_bytes &&
+            (e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most)) != cudaSuccess)
+          return e;
+        *v = std::max(most, 1);
+        return cudaSuccess;
+      },
+      &ring);
+  if (err == cudaSuccess)
+    err = cached_per_device(
+        cache.fixed,
+        [kernel](int dev, int* v) {
+          *v = 1;
+          cudaFuncAttributes attr;
+          cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+          int reserved = 0;
+          if (e == cudaSuccess) e = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
+          if (e == cudaSuccess) *v = std::max(1, static_cast<int>(attr.sharedSizeBytes) + reserved);
+          return e;
+        },
+        &fixed);
+  out->ring = ring;
+  out->fixed = fixed;
+  return err;
+}
+
+// Rows of row_bytes a block's ring holds: kBulkMaxBufs, or as many as s.ring holds; the bulk copies need >= 2.
+inline int bulk_bufs(const BulkSmem& s, int64_t row_bytes) {
+  return row_bytes > 0 ? static_cast<int>(std::min<int64_t>(kBulkMaxBufs, s.ring / row_bytes)) : 0;
+}
+
+// Blocks per SM that rings of ring_bytes leave room for (each block also takes s.fixed), at most per_sm
+// (> 0, else kRowBlocksPerSm).
+inline cudaError_t bulk_blocks_per_sm(const BulkSmem& s, int64_t ring_bytes, int per_sm, int64_t* out) {
   int smem_sm = 0;
   const cudaError_t err = smem_per_sm_bytes(&smem_sm);
-  const int64_t fit = std::max<int64_t>(1, smem_sm / (ring_bytes + 1024 + 128));
+  const int64_t fit = std::max<int64_t>(1, smem_sm / (ring_bytes + s.fixed));
   *out = std::min<int64_t>(fit, per_sm > 0 ? per_sm : kRowBlocksPerSm);
   return err;
 }
 
-// Whether rows of row_bytes can go through `kernel`'s ring on the current device: at least two rows in
-// kBulkSmemBytes, and the kernel's binary built for sm_90 or later (its architecture cached per device).
-template <class Kernel>
-cudaError_t bulk_available(Kernel kernel, int64_t row_bytes, bool* out) {
-  *out = false;
-  if (row_bytes <= 0 || kBulkSmemBytes / row_bytes < 2) return cudaSuccess;
-  static std::atomic<int> cache[kMaxCachedDevices];
-  int arch = 0;
-  const cudaError_t err = cached_per_device(
-      cache,
-      [kernel](int, int* v) {
-        cudaFuncAttributes attr;
-        const cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
-        *v = e == cudaSuccess && attr.binaryVersion > 0 ? attr.binaryVersion : 1;
-        return e;
-      },
-      &arch);
-  *out = err == cudaSuccess && arch >= 90;
-  return err;
-}
+// Whether rows of row_bytes can go through the ring of the kernel whose BulkSmem is s: at least two rows in it
+// (none where the kernel's binary is older than sm_90).
+inline bool bulk_available(const BulkSmem& s, int64_t row_bytes) { return bulk_bufs(s, row_bytes) >= 2; }
 
 }  // namespace
 }  // namespace bitep::kernels

@@ -69,6 +69,32 @@ inline cudaError_t smem_per_sm_bytes(int* out) {
   return cached_attribute(cache, cudaDevAttrMaxSharedMemoryPerMultiprocessor, 48 * 1024, out);
 }
 
+// Dynamic shared memory `kernel` may take on the current device without opting in: the 48 KiB default less
+// its static shared memory (cudaFuncAttributes::sharedSizeBytes). Cached per device in `cache`.
+template <class Kernel>
+cudaError_t default_dynamic_smem(Kernel kernel, std::atomic<int> (&cache)[kMaxCachedDevices], int* out) {
+  return cached_per_device(
+      cache,
+      [kernel](int, int* v) {
+        cudaFuncAttributes attr;
+        const cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+        *v = e == cudaSuccess ? 48 * 1024 - static_cast<int>(attr.sharedSizeBytes) : 0;
+        return e;
+      },
+      out);
+}
+
+// Lets `kernel` take `smem` bytes of dynamic shared memory: where that is past default_dynamic_smem (cached in
+// `cache`), sets its cudaFuncAttributeMaxDynamicSharedMemorySize to smem (cudaErrorInvalidValue where smem and
+// the static shared memory together pass the device's opt-in maximum).
+template <class Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, std::atomic<int> (&cache)[kMaxCachedDevices], size_t smem) {
+  int fits = 0;
+  const cudaError_t err = default_dynamic_smem(kernel, cache, &fits);
+  if (err != cudaSuccess || smem <= static_cast<size_t>(fits)) return err;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+}
+
 // Compute capability major of the current device (0 when unknown).
 inline cudaError_t cc_major(int* out) {
   static std::atomic<int> cache[kMaxCachedDevices];

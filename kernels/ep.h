@@ -24,6 +24,11 @@ cudaError_t launch_ep_final_sum(const FinalSumParams& p, cudaStream_t stream);
 cudaError_t launch_ep_weight_grad(const WeightGradParams& p, cudaStream_t stream);
 cudaError_t launch_ep_low_latency_send(const LowLatencySendParams& p, cudaStream_t stream);
 cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cudaStream_t stream);
+// Whether launch_ep_low_latency_receive takes a group's shape on the current device: low_latency_receive_fits,
+// and its shared memory within what the device grants the kernel beside its static shared memory (the kernel
+// is opted in to it here, once per device). The receive runs after the send and the barrier: a shape it
+// cannot take must go another way before them.
+cudaError_t low_latency_receive_supported(int num_ranks, int num_local_experts, int64_t capacity, bool* out);
 // In order on `stream`: for each chunk, a wait until its `wait` flag's low word is at least `value`
 // (cuStreamWaitValue32, when given), the copy by cudaMemcpyAsync (the copy engine; no SM is taken), then the
 // low word of its flag set to `value` by cuStreamWriteValue32, whose default memory barrier orders the copy's

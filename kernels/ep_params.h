@@ -239,7 +239,8 @@ struct ExpertMajorParams {
   uint64_t arrival_epoch = 0, timeout_ns = 0;
   volatile int* timed_out = nullptr;
   // Optional: each row whose copies this call writes is also stored at its own row i of recv_copy
-  // ([R, H]; the rank-major view out of a window). The bulk copies store it from the same shared memory.
+  // ([R, H]; the rank-major view out of a window). cuda: the bulk copies only, which store it from the same
+  // shared memory and need it 16-byte aligned (expert_major_takes_bulk is false where it is not).
   void* recv_copy = nullptr;
   // Optional, cuda (positions not given): expert_scratch_ints(R, L) int32 of backend memory (no contents
   // needed). Where the rows take several segments it lets one launch compute the positions instead of three
@@ -407,8 +408,10 @@ struct LowLatencySendParams {
 // back to back, [L + 1]), recv_expert_rows [W * C, KL] (per slot, -1 padded) and recv_weights [W * C, KL]
 // (0-padded, when not null). The row of a slot's j-th expert l is expert_offsets[l] + the counts of l of the
 // sources before it + the slot's ranks[j]. Pad rows zeroed; rows past expert_offsets[L] not written.
-// The kernel keeps (W + 2) L + W + 2 int32 in shared memory, within the default 48 KiB, and numbers the W * C
-// slots in int32: low_latency_receive_fits says whether a group's shape can take this path.
+// The kernel keeps (W + 2) L + W + 2 int32 in dynamic shared memory, at most kLowLatencyMaxSmem, and numbers the
+// W * C slots in int32: low_latency_receive_fits says whether a group's shape can take this path. Its static shared
+// memory (the block scan's) comes on top, past the 48 KiB a kernel gets without opting in: the launcher opts it in
+// (low_latency_receive_supported, kernels/ep.h, also checks the device's opt-in maximum).
 constexpr size_t kLowLatencyMaxSmem = 48 * 1024;
 inline size_t low_latency_receive_smem(int num_ranks, int num_local_experts) {
   const size_t W = static_cast<size_t>(num_ranks), L = static_cast<size_t>(num_local_experts);

@@ -417,13 +417,25 @@ cudaError_t launch_expert_copy(const ExpertArgs& a, bool weighted, unsigned grid
   return cudaGetLastError();
 }
 
-// Whether p's copies go by bulk copies (see launch_ep_expert_major), with the vector width of its rows.
+// expert_bulk_copy_kernel's ring and per-block shared memory on the current device (cached per device).
+cudaError_t expert_bulk_smem(BulkSmem* out) {
+  static BulkSmemCache cache;
+  return bulk_smem(expert_bulk_copy_kernel, cache, out);
+}
+
+// Whether p's copies go by bulk copies (see launch_ep_expert_major), with the vector width of its rows (recv_x
+// and expert_x). The bulk copies also store to recv_copy, which must be 16-byte aligned too.
 cudaError_t takes_bulk(const ExpertMajorParams& p, int v, bool* out) {
   *out = false;
   const int64_t row_bytes = p.hidden * dtype_size(p.dtype);
   const bool weighted = p.recv_weights != nullptr && p.recv_x != nullptr;
-  if (!p.bulk || weighted || p.recv_x == nullptr || p.expert_x == nullptr || v != 16) return cudaSuccess;
-  return bulk_available(expert_bulk_copy_kernel, row_bytes, out);
+  if (!p.bulk || weighted || p.recv_x == nullptr || p.expert_x == nullptr || v != 16 ||
+      vec_bytes(row_bytes, p.recv_copy) != 16)
+    return cudaSuccess;
+  BulkSmem smem;
+  const cudaError_t err = expert_bulk_smem(&smem);
+  *out = err == cudaSuccess && bulk_available(smem, row_bytes);
+  return err;
 }
 
 }  // namespace
@@ -436,7 +448,8 @@ cudaError_t expert_major_takes_bulk(const ExpertMajorParams& p, bool* out) {
 cudaError_t load_ep_kernels() {
   cudaFuncAttributes attr;
   cudaError_t err = load_permute_kernels();
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, expert_bulk_copy_kernel);
+  BulkSmem smem;  // also opts the bulk kernel in to its ring's shared memory
+  if (err == cudaSuccess) err = expert_bulk_smem(&smem);
   if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, expert_pad_kernel<16>);
   return err;
 }
@@ -535,10 +548,11 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
       }
       auto kernel =
           one_launch ? expert_pos_kernel<kScanThreads, Pass::kFused> : expert_pos_kernel<kScanThreads, Pass::kSlots>;
-      const size_t smem = pos_smem_bytes<kScanThreads>(L, false);  // 4 L + 36 KiB
-      if (smem > 48 * 1024 && (err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                          static_cast<int>(smem))) != cudaSuccess)
-        return err;
+      // 4 L + 36 KiB; past 48 KiB less the kernel's static shared memory (128 bytes on an H200, so 49024 bytes
+      // without opting in: L >= 3041), the kernel opts in.
+      static std::atomic<int> fits[2][kMaxCachedDevices];  // [one_launch]
+      const size_t smem = pos_smem_bytes<kScanThreads>(L, false);
+      if ((err = allow_dynamic_smem(kernel, fits[one_launch], smem)) != cudaSuccess) return err;
       kernel<<<a.num_segs, kScanThreads, smem, stream>>>(a, std::min(L, pos_chunk_max<kScanThreads>()));
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
@@ -554,14 +568,16 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   if (!bulk && (p.arrival_flags != nullptr || p.recv_copy != nullptr)) return cudaErrorInvalidValue;
   if (bulk) {
     // Source order by bulk copies, no source table; the pad rows from the expert offsets and counts.
-    const int64_t nbuf = std::min<int64_t>(kBulkMaxBufs, kBulkSmemBytes / a.row_bytes);
+    BulkSmem smem;
+    if ((err = expert_bulk_smem(&smem)) != cudaSuccess) return err;
+    const int64_t nbuf = bulk_bufs(smem, a.row_bytes);  // >= 2 (takes_bulk)
     const int64_t in_range = std::max<int64_t>(0, std::min(a.copy_end, p.num_recv_rows) - a.copy_begin);
     const int64_t count = a.copy_outside ? p.num_recv_rows - in_range : in_range;
     if (count > 0) {
       // Every block resident at once (each works through its rows in turn): as many as the shared memory
       // holds, at most the asked-for blocks per SM.
       int64_t per_sm = 0;
-      if ((err = bulk_blocks_per_sm(nbuf * a.row_bytes, p.blocks_per_sm, &per_sm)) != cudaSuccess) return err;
+      if ((err = bulk_blocks_per_sm(smem, nbuf * a.row_bytes, p.blocks_per_sm, &per_sm)) != cudaSuccess) return err;
       const unsigned bgrid = static_cast<unsigned>(std::min<int64_t>(count, per_sm * sms));
       expert_bulk_copy_kernel<<<bgrid, kWarp, static_cast<size_t>(nbuf * a.row_bytes), stream>>>(
           a, count, static_cast<int>(nbuf));

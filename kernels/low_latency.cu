@@ -5,6 +5,7 @@
 // dependent on the barrier, whose blocks each turn the W x L counts into the aligned offsets and every
 // source's first row of each expert, then copy each slot's row to its expert rows (position = that first
 // row + the slot's rank), zero the pad rows and pad the empty slots.
+#include <algorithm>
 #include <cub/block/block_scan.cuh>
 
 #include "kernels/ep.h"
@@ -409,7 +410,50 @@ int slot_vec_bytes(int64_t row_bytes, const void* rows, const LowLatencyBlock& b
                    reinterpret_cast<const void*>(static_cast<uintptr_t>(b.stride)));
 }
 
+// Dynamic shared memory every instance of the receive kernel takes on the current device: kLowLatencyMaxSmem,
+// or the device's opt-in maximum less an instance's static shared memory (the block scan's; 1184 bytes on an
+// H200) where that is less. Each instance is opted in to its own where that is past the 48 KiB default less its
+// static size. Cached per device.
+cudaError_t receive_smem_limit(int* out) {
+  static std::atomic<int> cache[kMaxCachedDevices];
+  return cached_per_device(
+      cache,
+      [](int, int* v) {
+        *v = 1;
+        int optin = 0;
+        cudaError_t err = smem_optin_bytes(&optin);
+        int most = static_cast<int>(kLowLatencyMaxSmem);
+        for (int vb : {16, 8, 4, 2, 1}) {
+          if (err != cudaSuccess) return err;
+          err = dispatch_vec(vb, [&](auto vt) {
+            auto kernel = low_latency_receive_kernel<decltype(vt)::value>;
+            cudaFuncAttributes attr;
+            cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+            if (e != cudaSuccess) return e;
+            const int static_bytes = static_cast<int>(attr.sharedSizeBytes);
+            const int mine = std::min(static_cast<int>(kLowLatencyMaxSmem), optin - static_bytes);
+            if (mine > 48 * 1024 - static_bytes)
+              e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, mine);
+            most = std::min(most, mine);
+            return e;
+          });
+        }
+        *v = std::max(most, 1);
+        return err;
+      },
+      out);
+}
+
 }  // namespace
+
+cudaError_t low_latency_receive_supported(int num_ranks, int num_local_experts, int64_t capacity, bool* out) {
+  *out = false;
+  if (!low_latency_receive_fits(num_ranks, num_local_experts, capacity)) return cudaSuccess;
+  int limit = 0;
+  const cudaError_t err = receive_smem_limit(&limit);
+  *out = err == cudaSuccess && low_latency_receive_smem(num_ranks, num_local_experts) <= static_cast<size_t>(limit);
+  return err;
+}
 
 cudaError_t launch_ep_low_latency_send(const LowLatencySendParams& p, cudaStream_t stream) {
   const int W = p.num_ranks, E = p.num_experts;
@@ -448,7 +492,10 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
       p.region == nullptr || p.expert_x == nullptr || p.expert_counts == nullptr || p.expert_offsets == nullptr ||
       p.recv_expert_rows == nullptr || p.expert_capacity < 0)
     return cudaErrorInvalidValue;
-  if (!low_latency_receive_fits(p.num_ranks, L, p.capacity)) return cudaErrorInvalidValue;
+  bool supported = false;
+  cudaError_t err = low_latency_receive_supported(p.num_ranks, L, p.capacity, &supported);
+  if (err != cudaSuccess) return err;
+  if (!supported) return cudaErrorInvalidValue;
   LowLatencyReceiveArgs a;
   a.W = p.num_ranks;
   a.L = L;
@@ -473,7 +520,7 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
   // know how many of them hold a token).
   const int64_t slots = static_cast<int64_t>(p.num_ranks) * p.capacity;
   int P = 1;
-  cudaError_t err = row_pieces(p.copy_warps_per_sm, slots, a.row_bytes, 32, &P);
+  err = row_pieces(p.copy_warps_per_sm, slots, a.row_bytes, 32, &P);
   if (err != cudaSuccess) return err;
   unsigned grid = 0;
   err = row_grid(slots * P, &grid);

@@ -176,6 +176,12 @@ __global__ void __launch_bounds__(kRowThreads) copy_batch_kernel(CopyBatchParams
   }
 }
 
+// permute_bulk_kernel's ring and per-block shared memory on the current device (cached per device).
+cudaError_t permute_bulk_smem(BulkSmem* out) {
+  static BulkSmemCache cache;
+  return bulk_smem(permute_bulk_kernel, cache, out);
+}
+
 // Whether p's rows go by the bulk permute (PermuteParams::bulk).
 cudaError_t permute_bulk(const PermuteParams& p, bool* out) {
   *out = false;
@@ -185,7 +191,10 @@ cudaError_t permute_bulk(const PermuteParams& p, bool* out) {
   if (!p.bulk || meta || p.x == nullptr || vec_bytes(row_bytes, p.x, p.recv_x, p.send_x) != 16 ||
       vec_bytes(row_bytes, p.expert_x) != 16)
     return cudaSuccess;
-  return bulk_available(permute_bulk_kernel, row_bytes, out);
+  BulkSmem smem;
+  const cudaError_t err = permute_bulk_smem(&smem);
+  *out = err == cudaSuccess && bulk_available(smem, row_bytes);
+  return err;
 }
 
 }  // namespace
@@ -211,7 +220,8 @@ cudaError_t launch_ep_copy_batch(const CopyBatchParams& p, cudaStream_t stream) 
 
 cudaError_t load_permute_kernels() {
   cudaFuncAttributes attr;
-  cudaError_t err = cudaFuncGetAttributes(&attr, permute_bulk_kernel);
+  BulkSmem smem;  // also opts the bulk kernel in to its ring's shared memory
+  cudaError_t err = permute_bulk_smem(&smem);
   for (int v : {16, 8, 4, 2, 1})
     if (err == cudaSuccess)
       err = dispatch_vec(v, [&](auto vt) { return cudaFuncGetAttributes(&attr, permute_kernel<decltype(vt)::value>); });
@@ -268,9 +278,11 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
   int sms = 0;
   if ((err = sm_count(&sms)) != cudaSuccess) return err;
   if (bulk) {
-    const int nbuf = static_cast<int>(std::min<int64_t>(kBulkMaxBufs, kBulkSmemBytes / a.row_bytes));
+    BulkSmem smem;
+    if ((err = permute_bulk_smem(&smem)) != cudaSuccess) return err;
+    const int nbuf = bulk_bufs(smem, a.row_bytes);  // >= 2 (permute_bulk)
     int64_t per_sm = 0;
-    if ((err = bulk_blocks_per_sm(nbuf * a.row_bytes, p.blocks_per_sm, &per_sm)) != cudaSuccess) return err;
+    if ((err = bulk_blocks_per_sm(smem, nbuf * a.row_bytes, p.blocks_per_sm, &per_sm)) != cudaSuccess) return err;
     int64_t grid = std::min<int64_t>(p.num_tokens, per_sm * sms);
     if (p.max_blocks > 0) grid = std::min<int64_t>(grid, p.max_blocks);
     permute_bulk_kernel<<<static_cast<unsigned>(grid), kWarp, static_cast<size_t>(nbuf * a.row_bytes), stream>>>(a,

@@ -140,10 +140,12 @@ int Dispatch::arrival_chunks() {
   const int want = std::min(window_chunks(), win_->max_chunks());
   if (want <= 0) return 0;
   // The others' copies as move_rows_window makes them: out of the window (its rows at multiples of the row
-  // size past an aligned base) into expert_x (the caller's, or a pool block: aligned).
+  // size past an aligned base) into expert_x (the caller's, or a pool block: aligned), each row also into
+  // recv_x (recv_copy: the caller's, or a pool block).
   kernels::ExpertMajorParams p = expert_major_params(h_.get(), g_);
   p.recv_x = win_->data(self_);
   p.expert_x = a_->expert_x != nullptr ? a_->expert_x : win_->data(self_);
+  p.recv_copy = a_->recv_x;
   bool bulk = false;
   return ex_.expert_bulk(p, &bulk) == bitepSuccess && bulk ? want : 0;
 }

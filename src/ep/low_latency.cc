@@ -218,6 +218,15 @@ bitepResult_t make_low_latency_tables(bitepGroup* g, Transport* t) {
   if (win == nullptr) return bitepSuccess;
 #ifdef BITEP_HAVE_CUDA
   const int W = g->nranks, self = g->rank, C = g->config.low_latency_max_tokens;
+  // No tables (bitepDispatchLowLatency runs bitepDispatch) where the receive kernel cannot take the group's
+  // shape on this device: it runs after the send and the barrier, too late to go another way. A failed query
+  // (the kernel not loadable) counts as no, as load_ep_kernels' failure is not fatal at group creation.
+  bool receive = false;
+  if (kernels::low_latency_receive_supported(W, g->num_local_experts, C, &receive) != cudaSuccess) {
+    (void)cudaGetLastError();
+    receive = false;
+  }
+  if (!receive) return bitepSuccess;
   const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
   const LowLatencyLayout lay = low_latency_layout(W, C, g->num_local_experts, g->max_row_experts, row);
   const Tables tab = tables(W);

@@ -43,7 +43,8 @@ class Transport;
 
 // After the group's low-latency window is open (cuda): the device tables its calls read (each parity's
 // dispatch region of every rank, the combine's destinations, the slots' row offsets). Sets
-// group->ll_tables; a no-op without the window.
+// group->ll_tables; a no-op without the window, or where the receive kernel cannot take the group's shape on
+// the device (kernels::low_latency_receive_supported): the fast path needs the tables.
 bitepResult_t make_low_latency_tables(bitepGroup* group, Transport* transport);
 
 // bitepDispatch's work (src/ep/dispatch.cc) after a failure `prior` of this rank's own checks (or

@@ -28,6 +28,25 @@ using namespace ep_test;
 
 constexpr int kMaxFailingCases = 3;
 
+// Compute capability major of device 0 (the bulk copies run from 9 on).
+int device_major() {
+  int major = 0;
+  ck(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "cudaDeviceGetAttribute");
+  return major;
+}
+
+// Rows whose bulk-copy ring (kernels/bulk_rows.cuh: up to 4 rows in 48 KiB) is 48 KiB or just under it: four rows
+// of 12272 or 12288 bytes, three of 16352 or 16384, two of 24528 or 24576. With the bulk kernels' 128 bytes of
+// static shared memory (H200) each ring is past the 49024 bytes of dynamic shared memory a block gets without
+// opting in.
+struct RingLimitRows {
+  int64_t H;
+  DType dtype;
+};
+constexpr RingLimitRows kRingLimitRows[] = {{6136, DType::kBF16}, {6144, DType::kBF16}, {4088, DType::kF32},
+                                            {4096, DType::kF32},  {8192, DType::kBF16}, {12264, DType::kBF16},
+                                            {12288, DType::kBF16}};
+
 // Host layout of a case (also the input of the later primitives).
 struct Layout {
   std::vector<int32_t> counts, slot;
@@ -346,6 +365,78 @@ TEST(EpKernelsGpu, PermutePeerDestMatchesHost) {
       if (!ok && ++failing >= kMaxFailingCases) return;
     }
   }
+}
+
+// Regression: the bulk permute sized its ring as up to 4 rows in 48 KiB of dynamic shared memory and launched
+// without opting in, so rows of kRingLimitRows failed with cudaErrorInvalidValue (on sm_90 every default
+// dispatch with H = 8192 bf16). Rows alone at W = 2 into the send buffer and the own chunk of recv_x, with the own
+// rows' expert copies, against the host byte for byte; on sm_90 they must take the bulk copies.
+TEST(EpKernelsGpu, PermuteBulkRowsAtSharedMemoryLimit) {
+  REQUIRE_GPU();
+  const bool sm90 = device_major() >= 9;
+  uint64_t seed = 6100;
+  for (const RingLimitRows& rr : kRingLimitRows)
+    for (int64_t T : {4, 16})
+      for (int L : {1, 2}) {
+        const Case c{
+            T,     2,     L,     std::min(2, 2 * L), RoutingFormat::kBitmap, WeightFormat::kNone, rr.H, rr.dtype,
+            false, false, seed++};
+        const Routing r = make_routing(c.T, c.E(), c.k, c.seed, false, false);
+        const Layout lay = host_layout(c, r);
+        const int W = c.W, KL = K::max_row_experts(c.k, L), self = 0;
+        const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
+        // The peer's chunk and one spare row in the send buffer; the own chunk after one row of recv_x, one
+        // spare row past it.
+        const std::vector<int64_t> send_off = {-1, 0};
+        const int64_t S = lay.counts[size_t(1) * (L + 1)] + 1;
+        const int64_t self_off = 1, n_self = lay.counts[0], R = self_off + n_self + 1;
+        std::mt19937_64 rng(c.seed);
+        const std::vector<uint8_t> x = random_rows(c.T, c.H, c.dtype, rng);
+        std::vector<uint8_t> sx = poisoned<uint8_t>(S * rb), rx = poisoned<uint8_t>(R * rb);
+        K::PermuteParams p = permute_params(c, self, x, lay);
+        p.routing = host_input(r, c.fmt, WeightFormat::kNone);
+        p.routing.map = nullptr;  // rows alone: no routing read
+        p.send_offsets = send_off.data();
+        p.self_recv_offset = self_off;
+        p.send_x = sx.data();
+        p.recv_x = rx.data();
+        host::ep_permute(p);
+        // The own rows' expert copies: a shuffled position (or none) per entry, one spare row.
+        const int64_t NX = n_self * KL + 1;
+        std::vector<int32_t> self_pos(size_t(n_self) * KL, -1), order(NX);
+        std::iota(order.begin(), order.end(), 0);
+        std::shuffle(order.begin(), order.end(), std::mt19937_64(c.seed + 1));
+        for (size_t e = 0; e < self_pos.size(); ++e)
+          if (e % 3 != 2) self_pos[e] = order[e];
+        std::vector<uint8_t> want_ex = poisoned<uint8_t>(NX * rb);
+        for (int64_t t = 0; t < c.T; ++t) {
+          const int slot = lay.slot[size_t(t) * W + self];
+          for (int j = 0; slot >= 0 && j < KL; ++j)
+            if (self_pos[size_t(slot) * KL + j] >= 0)
+              std::memcpy(want_ex.data() + self_pos[size_t(slot) * KL + j] * rb, x.data() + t * rb, rb);
+        }
+        Dev<uint8_t> dx(x), dsx(sx.size()), drx(rx.size()), dex(NX * rb);
+        Dev<int32_t> dslot(lay.slot), dpos(self_pos);
+        Dev<int64_t> doff(send_off);
+        p.x = dx.get();
+        p.token_slot = dslot.get();
+        p.send_offsets = doff.get();
+        p.send_x = dsx.get();
+        p.recv_x = drx.get();
+        p.bulk = true;
+        bool bulk = false;
+        ASSERT_EQ(cudaSuccess, K::permute_takes_bulk(p, &bulk)) << c.str();
+        if (sm90) ASSERT_TRUE(bulk) << c.str();
+        if (bulk) {
+          p.self_expert_rows = dpos.get();
+          p.expert_x = dex.get();
+        }
+        sync(K::launch_ep_permute(p, nullptr));
+        EXPECT_TRUE(same(dsx.host(), sx, "send_x", c.str()));
+        EXPECT_TRUE(same(drx.host(), rx, "recv_x", c.str()));
+        if (bulk) EXPECT_TRUE(same(dex.host(), want_ex, "own expert rows (bulk)", c.str()));
+        if (HasFailure()) return;
+      }
 }
 
 // The count exchange's send rows: the layout's counts per peer, then the whole send-count vector.
@@ -772,6 +863,150 @@ TEST(EpKernelsGpu, CopyEngineChunksFeedArrivalWaits) {
   EXPECT_GT(ran, 3) << "too few cases took the bulk copies";
 }
 
+// Regression: the bulk expert copies sized their ring as up to 4 rows in 48 KiB of dynamic shared memory and
+// launched without opting in, so rows of kRingLimitRows failed with cudaErrorInvalidValue. Positions and copies
+// of R = 4 and 16 rows over L = 1 and 2 experts against the host byte for byte (expert_x with its pad rows and a
+// spare row); on sm_90 they must take the bulk copies.
+TEST(EpKernelsGpu, ExpertMajorBulkRowsAtSharedMemoryLimit) {
+  REQUIRE_GPU();
+  const bool sm90 = device_major() >= 9;
+  uint64_t seed = 6200;
+  for (const RingLimitRows& rr : kRingLimitRows)
+    for (int64_t R : {4, 16})
+      for (int L : {1, 2}) {
+        const RecvCase c{R, L, L, 8, rr.H, rr.dtype, 1, false, false, seed++};
+        const RecvInput in = make_recv(c);
+        const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
+        std::vector<int32_t> rows = poisoned<int32_t>(c.R * c.KL);
+        std::vector<uint8_t> ex = poisoned<uint8_t>((in.N + 1) * rb);
+        K::ExpertMajorParams p = expert_params(c, in, rows.data(), ex.data());
+        host::ep_expert_major(p);
+        Dev<uint8_t> dmap(in.map), dx(in.x), dex(ex.size());
+        Dev<int32_t> doff(in.offsets), dcnt(in.counts), drows(rows.size());
+        Dev<int64_t> dsrc(in.N);
+        p.expert_src = dsrc.get();
+        p.recv_map = dmap.get();
+        p.expert_offsets = doff.get();
+        p.expert_counts = dcnt.get();
+        p.recv_expert_rows = drows.get();
+        p.recv_x = dx.get();
+        p.expert_x = dex.get();
+        bool bulk = false;
+        ASSERT_EQ(cudaSuccess, K::expert_major_takes_bulk(p, &bulk)) << c.str();
+        if (sm90) ASSERT_TRUE(bulk) << c.str();
+        sync(K::launch_ep_expert_major(p, nullptr));
+        EXPECT_TRUE(same(drows.host(), rows, "recv_expert_rows", c.str()));
+        EXPECT_TRUE(same(dex.host(), ex, "expert_x", c.str()));
+        if (HasFailure()) return;
+      }
+}
+
+// Regression: the positions' segment kernel takes 4 L + 36 KiB of dynamic shared memory and was opted in only
+// past 48 KiB, but its static shared memory leaves less than 48 KiB without opting in (49024 bytes on an H200):
+// from L = 3041 to 3072 the one-launch positions (with scratch) failed with cudaErrorInvalidValue. R = 4096,
+// KL = 8 at L = 3041 and 3072, in one launch and in three, against the host's positions.
+TEST(EpKernelsGpu, ExpertPositionsAtSharedMemoryLimit) {
+  REQUIRE_GPU();
+  uint64_t seed = 6300;
+  for (int L : {3041, 3072}) {
+    const RecvCase c{4096, L, 8, 8, 1, DType::kBF16, 0, false, false, seed++};  // positions only
+    const RecvInput in = make_recv(c);
+    std::vector<int32_t> rows = poisoned<int32_t>(c.R * c.KL);
+    K::ExpertMajorParams p = expert_params(c, in, rows.data(), nullptr);
+    host::ep_expert_major(p);
+    const int64_t scratch = K::expert_scratch_ints(c.R, c.L);
+    ASSERT_GT(scratch, 0) << c.str();  // the one-launch path
+    Dev<uint8_t> dmap(in.map);
+    Dev<int32_t> doff(in.offsets), dcnt(in.counts), dscratch(scratch);
+    p.recv_map = dmap.get();
+    p.expert_offsets = doff.get();
+    p.expert_counts = dcnt.get();
+    for (bool one_launch : {true, false}) {
+      Dev<int32_t> drows(rows.size());
+      K::ExpertMajorParams q = p;
+      q.recv_expert_rows = drows.get();
+      q.scratch = one_launch ? dscratch.get() : nullptr;
+      sync(K::launch_ep_expert_major(q, nullptr));
+      EXPECT_TRUE(same(drows.host(), rows, "recv_expert_rows", c.str() + (one_launch ? " one launch" : " three")));
+    }
+  }
+}
+
+// Regression: the bulk expert copies also store each row to recv_copy (the window's dispatch passes the caller's
+// recv_x, which the API requires aligned to the dtype only), but whether they ran was decided from recv_x and
+// expert_x: a recv_copy 8 bytes off 16-byte alignment took them, and their bulk stores need 16 bytes. Now such
+// a call does not take them (expert_major_takes_bulk), and with recv_copy it is refused before anything runs
+// (recv_copy is the bulk copies'); the way the dispatch then goes (expert rows by the copies, the rows copied
+// into recv_copy apart) gives the host's bytes. A 16-byte aligned recv_copy still takes the bulk copies.
+TEST(EpKernelsGpu, ExpertMajorMisalignedRecvCopy) {
+  REQUIRE_GPU();
+  const bool sm90 = device_major() >= 9;
+  const RecvCase c{200, 8, 4, 8, 64, DType::kBF16, 1, false, false, 6400};  // rows of 128 bytes
+  const RecvInput in = make_recv(c);
+  const size_t rb = size_t(c.H) * elem_bytes(c.dtype), copy_bytes = c.R * rb;
+  std::vector<int32_t> rows = poisoned<int32_t>(c.R * c.KL);
+  std::vector<uint8_t> ex = poisoned<uint8_t>((in.N + 1) * rb), copy = poisoned<uint8_t>(copy_bytes);
+  K::ExpertMajorParams p = expert_params(c, in, rows.data(), ex.data());
+  p.recv_copy = copy.data();
+  host::ep_expert_major(p);
+  ASSERT_TRUE(same(copy, in.x, "host recv_copy", c.str()));
+  // recv_copy's buffer: 8 bytes of poison, the rows, 8 bytes of poison.
+  std::vector<uint8_t> want_off = poisoned<uint8_t>(copy_bytes + 16);
+  std::memcpy(want_off.data() + 8, in.x.data(), copy_bytes);
+  Dev<uint8_t> dmap(in.map), dx(in.x);
+  Dev<int32_t> doff(in.offsets), dcnt(in.counts), drows(rows.size());
+  Dev<int64_t> dsrc(in.N);
+  p.expert_src = dsrc.get();
+  p.recv_map = dmap.get();
+  p.expert_offsets = doff.get();
+  p.expert_counts = dcnt.get();
+  p.recv_expert_rows = drows.get();
+  // The positions first, then the copies from them (as the window's dispatch calls it).
+  K::ExpertMajorParams q = p;
+  q.recv_x = nullptr;
+  q.expert_x = nullptr;
+  q.recv_copy = nullptr;
+  sync(K::launch_ep_expert_major(q, nullptr));
+  ASSERT_TRUE(same(drows.host(), rows, "recv_expert_rows", c.str()));
+  q = p;
+  q.positions_given = true;
+  // 8 bytes off: not the bulk copies, and refused with recv_copy; nothing written.
+  {
+    Dev<uint8_t> dex(ex.size()), dcopy(copy_bytes + 16);
+    q.expert_x = dex.get();
+    q.recv_copy = dcopy.get() + 8;
+    bool bulk = true;
+    ASSERT_EQ(cudaSuccess, K::expert_major_takes_bulk(q, &bulk));
+    ASSERT_FALSE(bulk) << c.str() << ": recv_copy 8 bytes off 16-byte alignment";
+    EXPECT_EQ(cudaErrorInvalidValue, K::launch_ep_expert_major(q, nullptr));
+    ASSERT_EQ(cudaSuccess, cudaDeviceSynchronize());
+    EXPECT_TRUE(same(dex.host(), poisoned<uint8_t>(ex.size()), "expert_x (refused)", c.str()));
+    EXPECT_TRUE(same(dcopy.host(), poisoned<uint8_t>(copy_bytes + 16), "recv_copy (refused)", c.str()));
+    // The dispatch without the bulk copies' recv_copy: the expert rows by the copies, the rows by the batched copy.
+    q.recv_copy = nullptr;
+    sync(K::launch_ep_expert_major(q, nullptr));
+    K::CopyBatchParams cb;
+    ASSERT_TRUE(cb.add(dcopy.get() + 8, dx.get(), static_cast<int64_t>(copy_bytes)));
+    sync(K::launch_ep_copy_batch(cb, nullptr));
+    EXPECT_TRUE(same(dex.host(), ex, "expert_x", c.str() + " recv_copy 8 bytes off"));
+    EXPECT_TRUE(same(dcopy.host(), want_off, "recv_copy", c.str() + " 8 bytes off"));
+  }
+  // 16-byte aligned: the bulk copies on sm_90, expert_x and recv_copy as the host's.
+  {
+    Dev<uint8_t> dex(ex.size()), dcopy(copy_bytes);
+    q.expert_x = dex.get();
+    q.recv_copy = dcopy.get();
+    bool bulk = false;
+    ASSERT_EQ(cudaSuccess, K::expert_major_takes_bulk(q, &bulk));
+    if (sm90) ASSERT_TRUE(bulk) << c.str();
+    if (bulk) {
+      sync(K::launch_ep_expert_major(q, nullptr));
+      EXPECT_TRUE(same(dex.host(), ex, "expert_x", c.str() + " recv_copy aligned"));
+      EXPECT_TRUE(same(dcopy.host(), copy, "recv_copy", c.str() + " aligned"));
+    }
+  }
+}
+
 TEST(EpKernelsGpu, ReduceMatchesHost) {
   REQUIRE_GPU();
   int failing = 0;
@@ -1097,159 +1332,195 @@ std::vector<LowLatencyCase> low_latency_grid() {
 // permute gives that token for this owner (host::ep_permute, with host::ep_layout's slots), and the expert-major
 // view of the W x C slots in slot order (host::ep_expert_major, counts and aligned offsets from those
 // slices). Everything the kernels write is compared byte for byte, the poisoned rest of expert_x included.
+void check_low_latency(const LowLatencyCase& c, bool* ok) {
+  const int W = c.W, L = c.L, E = c.E(), C = c.C, MB = K::local_map_bytes(L), KL = K::max_row_experts(c.k, L);
+  const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
+  ASSERT_TRUE(K::low_latency_receive_fits(W, L, C)) << c.str();
+  bool supported = false;
+  ASSERT_EQ(cudaSuccess, K::low_latency_receive_supported(W, L, C, &supported)) << c.str();
+  ASSERT_TRUE(supported) << c.str();
+  const bitep::ep::LowLatencyLayout ll = bitep::ep::low_latency_layout(W, C, L, KL, rb);
+  // Per source: its inputs, and per owner r its rows as the permute sends them (map slice, row, weights).
+  struct Source {
+    int64_t T;
+    Routing r;
+    std::vector<uint8_t> x;
+    Layout lay;
+    std::vector<int64_t> off;  // first row of owner q's chunk in the concatenated buffers
+    std::vector<uint8_t> rows, map;
+    std::vector<float> w;
+  };
+  std::vector<Source> src;
+  for (int s = 0; s < W; ++s) {
+    const int64_t T = c.T(s);
+    Routing r = make_routing(T, E, c.k, c.seed * 31 + s, c.skewed, c.invalid);
+    std::mt19937_64 rng(c.seed * 17 + s);
+    std::vector<uint8_t> x = random_rows(T, c.H, c.dtype, rng);
+    Case lc{T, W, L, c.k, c.fmt, c.wf, c.H, c.dtype, c.skewed, c.invalid, c.seed};
+    Layout lay = host_layout(lc, r);
+    std::vector<int64_t> off(W + 1, 0);
+    for (int q = 0; q < W; ++q) off[q + 1] = off[q] + (T > 0 ? lay.counts[size_t(q) * (L + 1)] : 0);
+    // One host permute with every chunk, the own one included, in the send buffers: the own chunk is
+    // given its place through a second call's receive buffers, so the send buffers hold the others'.
+    std::vector<uint8_t> rows(off[W] * rb, 0), map(off[W] * MB, 0);
+    std::vector<float> w(off[W] * KL, 0.0f);
+    if (T > 0) {
+      K::PermuteParams p = permute_params(lc, s, x, lay);
+      p.routing = host_input(r, c.fmt, c.wf);
+      p.send_offsets = off.data();
+      p.self_recv_offset = off[s];
+      p.send_x = rows.data();
+      p.send_map = map.data();
+      p.send_weights = c.wf == WeightFormat::kNone ? nullptr : w.data();
+      p.recv_x = rows.data();
+      p.recv_map = map.data();
+      p.recv_weights = c.wf == WeightFormat::kNone ? nullptr : w.data();
+      host::ep_permute(p);
+    }
+    src.push_back(
+        {T, std::move(r), std::move(x), std::move(lay), std::move(off), std::move(rows), std::move(map), std::move(w)});
+  }
+  // The device: W regions, every source's send.
+  Dev<uint8_t> dregions(W * ll.dispatch_bytes);
+  std::vector<char*> regions(W);
+  for (int q = 0; q < W; ++q) regions[q] = reinterpret_cast<char*>(dregions.get()) + q * ll.dispatch_bytes;
+  Dev<char*> dregion_table(regions);
+  std::vector<std::unique_ptr<DevRouting>> drouting;
+  std::vector<std::unique_ptr<Dev<uint8_t>>> dx;
+  std::vector<std::unique_ptr<Dev<int32_t>>> dslots;
+  for (int s = 0; s < W; ++s) {
+    drouting.emplace_back(new DevRouting(src[s].r));
+    dx.emplace_back(new Dev<uint8_t>(src[s].x));
+    dslots.emplace_back(new Dev<int32_t>(src[s].T * W));
+    K::LowLatencySendParams sp;
+    sp.num_tokens = src[s].T;
+    sp.num_experts = E;
+    sp.topk = c.k;
+    sp.num_ranks = W;
+    sp.self_rank = s;
+    sp.hidden = c.H;
+    sp.dtype = c.dtype;
+    sp.routing = dev_input(*drouting[s], c.fmt, c.wf);
+    sp.x = dx[s]->get();
+    sp.capacity = C;
+    sp.regions = dregion_table.get();
+    sp.block = ll.block;
+    sp.token_slot = dslots[s]->get();
+    sp.max_pieces = c.max_pieces;
+    ASSERT_EQ(cudaSuccess, K::launch_ep_low_latency_send(sp, nullptr)) << c.str() << " source " << s;
+  }
+  ck(cudaDeviceSynchronize(), "the sends");
+  *ok = true;
+  for (int s = 0; s < W && *ok; ++s) {
+    std::vector<int32_t> slot(src[s].T * W);
+    for (int64_t t = 0; t < src[s].T; ++t)
+      for (int q = 0; q < W; ++q) slot[t * W + q] = src[s].lay.slot[size_t(t) * W + q] >= 0 ? int32_t(t) : -1;
+    *ok &= same(dslots[s]->host(), slot, "token_slot", c.str() + " source " + std::to_string(s));
+  }
+  // Every owner's receive, and its host reference.
+  const int64_t R = int64_t(W) * C, N = R * KL + int64_t(L) * (c.align - 1);
+  for (int o = 0; o < W && *ok; ++o) {
+    const std::string where = c.str() + " owner " + std::to_string(o);
+    std::vector<uint8_t> map(R * MB, 0), rows(R * rb, 0);
+    std::vector<float> w(R * KL, 0.0f);
+    for (int s = 0; s < W; ++s)
+      for (int64_t t = 0; t < src[s].T; ++t) {
+        const int32_t q = src[s].lay.slot[size_t(t) * W + o];
+        if (q < 0) continue;
+        const int64_t from = src[s].off[o] + q, i = int64_t(s) * C + t;
+        std::memcpy(map.data() + i * MB, src[s].map.data() + from * MB, MB);
+        std::memcpy(rows.data() + i * rb, src[s].rows.data() + from * rb, rb);
+        std::memcpy(w.data() + i * KL, src[s].w.data() + from * KL, KL * sizeof(float));
+      }
+    std::vector<int32_t> counts(L, 0), offsets(L + 1, 0);
+    for (int64_t i = 0; i < R; ++i)
+      for (int l = 0, j = 0; l < L && j < KL; ++l)
+        if (map[i * MB + l / 8] >> (l % 8) & 1) ++counts[l], ++j;
+    for (int l = 0; l < L; ++l) offsets[l + 1] = offsets[l] + (counts[l] + c.align - 1) / c.align * c.align;
+    std::vector<int32_t> erows = poisoned<int32_t>(R * KL);
+    std::vector<uint8_t> ex = poisoned<uint8_t>((N + 1) * rb);  // one spare row: nothing may land there
+    K::ExpertMajorParams hp;
+    hp.num_recv_rows = R;
+    hp.num_local_experts = L;
+    hp.max_row_experts = KL;
+    hp.hidden = c.H;
+    hp.dtype = c.dtype;
+    hp.recv_map = map.data();
+    hp.expert_offsets = offsets.data();
+    hp.expert_counts = counts.data();
+    hp.recv_expert_rows = erows.data();
+    hp.recv_x = rows.data();
+    hp.expert_x = ex.data();
+    hp.num_expert_rows = offsets[L];
+    host::ep_expert_major(hp);
+    std::vector<float> ew(R * KL, 0.0f);  // the slots' weights, 0 past each slot's experts
+    for (int64_t i = 0; i < R; ++i)
+      for (int j = 0; j < KL && erows[i * KL + j] >= 0; ++j) ew[i * KL + j] = w[i * KL + j];
+
+    Dev<uint8_t> dex(ex.size());
+    Dev<int32_t> dcounts(L), doffsets(L + 1), derows(R * KL);
+    Dev<float> dw(R * KL);
+    K::LowLatencyReceiveParams rp;
+    rp.num_ranks = W;
+    rp.num_local_experts = L;
+    rp.max_row_experts = KL;
+    rp.capacity = C;
+    rp.hidden = c.H;
+    rp.dtype = c.dtype;
+    rp.alignment = c.align;
+    rp.region = regions[o];
+    rp.block = ll.block;
+    rp.expert_x = dex.get();
+    rp.expert_capacity = N;
+    rp.expert_counts = dcounts.get();
+    rp.expert_offsets = doffsets.get();
+    rp.recv_expert_rows = derows.get();
+    rp.recv_weights = c.weights_out ? dw.get() : nullptr;
+    rp.copy_warps_per_sm = c.copy_warps;
+    sync(K::launch_ep_low_latency_receive(rp, nullptr));
+    *ok &= same(dcounts.host(), counts, "expert_counts", where);
+    *ok &= same(doffsets.host(), offsets, "expert_offsets", where);
+    *ok &= same(derows.host(), erows, "recv_expert_rows", where);
+    if (c.weights_out) *ok &= same(dw.host(), ew, "recv_weights", where);
+    *ok &= same(dex.host(), ex, "expert_x", where);
+  }
+}
+
 TEST(EpKernelsGpu, LowLatencyManyRanksMatchesHost) {
   REQUIRE_GPU();
   int failing = 0;
   for (const LowLatencyCase& c : low_latency_grid()) {
-    const int W = c.W, L = c.L, E = c.E(), C = c.C, MB = K::local_map_bytes(L), KL = K::max_row_experts(c.k, L);
-    const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
-    ASSERT_TRUE(K::low_latency_receive_fits(W, L, C)) << c.str();
-    const bitep::ep::LowLatencyLayout ll = bitep::ep::low_latency_layout(W, C, L, KL, rb);
-    // Per source: its inputs, and per owner r its rows as the permute sends them (map slice, row, weights).
-    struct Source {
-      int64_t T;
-      Routing r;
-      std::vector<uint8_t> x;
-      Layout lay;
-      std::vector<int64_t> off;  // first row of owner q's chunk in the concatenated buffers
-      std::vector<uint8_t> rows, map;
-      std::vector<float> w;
-    };
-    std::vector<Source> src;
-    for (int s = 0; s < W; ++s) {
-      const int64_t T = c.T(s);
-      Routing r = make_routing(T, E, c.k, c.seed * 31 + s, c.skewed, c.invalid);
-      std::mt19937_64 rng(c.seed * 17 + s);
-      std::vector<uint8_t> x = random_rows(T, c.H, c.dtype, rng);
-      Case lc{T, W, L, c.k, c.fmt, c.wf, c.H, c.dtype, c.skewed, c.invalid, c.seed};
-      Layout lay = host_layout(lc, r);
-      std::vector<int64_t> off(W + 1, 0);
-      for (int q = 0; q < W; ++q) off[q + 1] = off[q] + (T > 0 ? lay.counts[size_t(q) * (L + 1)] : 0);
-      // One host permute with every chunk, the own one included, in the send buffers: the own chunk is
-      // given its place through a second call's receive buffers, so the send buffers hold the others'.
-      std::vector<uint8_t> rows(off[W] * rb, 0), map(off[W] * MB, 0);
-      std::vector<float> w(off[W] * KL, 0.0f);
-      if (T > 0) {
-        K::PermuteParams p = permute_params(lc, s, x, lay);
-        p.routing = host_input(r, c.fmt, c.wf);
-        p.send_offsets = off.data();
-        p.self_recv_offset = off[s];
-        p.send_x = rows.data();
-        p.send_map = map.data();
-        p.send_weights = c.wf == WeightFormat::kNone ? nullptr : w.data();
-        p.recv_x = rows.data();
-        p.recv_map = map.data();
-        p.recv_weights = c.wf == WeightFormat::kNone ? nullptr : w.data();
-        host::ep_permute(p);
-      }
-      src.push_back({T, std::move(r), std::move(x), std::move(lay), std::move(off), std::move(rows), std::move(map),
-                     std::move(w)});
-    }
-    // The device: W regions, every source's send.
-    Dev<uint8_t> dregions(W * ll.dispatch_bytes);
-    std::vector<char*> regions(W);
-    for (int q = 0; q < W; ++q) regions[q] = reinterpret_cast<char*>(dregions.get()) + q * ll.dispatch_bytes;
-    Dev<char*> dregion_table(regions);
-    std::vector<std::unique_ptr<DevRouting>> drouting;
-    std::vector<std::unique_ptr<Dev<uint8_t>>> dx;
-    std::vector<std::unique_ptr<Dev<int32_t>>> dslots;
-    for (int s = 0; s < W; ++s) {
-      drouting.emplace_back(new DevRouting(src[s].r));
-      dx.emplace_back(new Dev<uint8_t>(src[s].x));
-      dslots.emplace_back(new Dev<int32_t>(src[s].T * W));
-      K::LowLatencySendParams sp;
-      sp.num_tokens = src[s].T;
-      sp.num_experts = E;
-      sp.topk = c.k;
-      sp.num_ranks = W;
-      sp.self_rank = s;
-      sp.hidden = c.H;
-      sp.dtype = c.dtype;
-      sp.routing = dev_input(*drouting[s], c.fmt, c.wf);
-      sp.x = dx[s]->get();
-      sp.capacity = C;
-      sp.regions = dregion_table.get();
-      sp.block = ll.block;
-      sp.token_slot = dslots[s]->get();
-      sp.max_pieces = c.max_pieces;
-      ASSERT_EQ(cudaSuccess, K::launch_ep_low_latency_send(sp, nullptr)) << c.str() << " source " << s;
-    }
-    ck(cudaDeviceSynchronize(), "the sends");
     bool ok = true;
-    for (int s = 0; s < W && ok; ++s) {
-      std::vector<int32_t> slot(src[s].T * W);
-      for (int64_t t = 0; t < src[s].T; ++t)
-        for (int q = 0; q < W; ++q) slot[t * W + q] = src[s].lay.slot[size_t(t) * W + q] >= 0 ? int32_t(t) : -1;
-      ok &= same(dslots[s]->host(), slot, "token_slot", c.str() + " source " + std::to_string(s));
-    }
-    // Every owner's receive, and its host reference.
-    const int64_t R = int64_t(W) * C, N = R * KL + int64_t(L) * (c.align - 1);
-    for (int o = 0; o < W && ok; ++o) {
-      const std::string where = c.str() + " owner " + std::to_string(o);
-      std::vector<uint8_t> map(R * MB, 0), rows(R * rb, 0);
-      std::vector<float> w(R * KL, 0.0f);
-      for (int s = 0; s < W; ++s)
-        for (int64_t t = 0; t < src[s].T; ++t) {
-          const int32_t q = src[s].lay.slot[size_t(t) * W + o];
-          if (q < 0) continue;
-          const int64_t from = src[s].off[o] + q, i = int64_t(s) * C + t;
-          std::memcpy(map.data() + i * MB, src[s].map.data() + from * MB, MB);
-          std::memcpy(rows.data() + i * rb, src[s].rows.data() + from * rb, rb);
-          std::memcpy(w.data() + i * KL, src[s].w.data() + from * KL, KL * sizeof(float));
-        }
-      std::vector<int32_t> counts(L, 0), offsets(L + 1, 0);
-      for (int64_t i = 0; i < R; ++i)
-        for (int l = 0, j = 0; l < L && j < KL; ++l)
-          if (map[i * MB + l / 8] >> (l % 8) & 1) ++counts[l], ++j;
-      for (int l = 0; l < L; ++l) offsets[l + 1] = offsets[l] + (counts[l] + c.align - 1) / c.align * c.align;
-      std::vector<int32_t> erows = poisoned<int32_t>(R * KL);
-      std::vector<uint8_t> ex = poisoned<uint8_t>((N + 1) * rb);  // one spare row: nothing may land there
-      K::ExpertMajorParams hp;
-      hp.num_recv_rows = R;
-      hp.num_local_experts = L;
-      hp.max_row_experts = KL;
-      hp.hidden = c.H;
-      hp.dtype = c.dtype;
-      hp.recv_map = map.data();
-      hp.expert_offsets = offsets.data();
-      hp.expert_counts = counts.data();
-      hp.recv_expert_rows = erows.data();
-      hp.recv_x = rows.data();
-      hp.expert_x = ex.data();
-      hp.num_expert_rows = offsets[L];
-      host::ep_expert_major(hp);
-      std::vector<float> ew(R * KL, 0.0f);  // the slots' weights, 0 past each slot's experts
-      for (int64_t i = 0; i < R; ++i)
-        for (int j = 0; j < KL && erows[i * KL + j] >= 0; ++j) ew[i * KL + j] = w[i * KL + j];
-
-      Dev<uint8_t> dex(ex.size());
-      Dev<int32_t> dcounts(L), doffsets(L + 1), derows(R * KL);
-      Dev<float> dw(R * KL);
-      K::LowLatencyReceiveParams rp;
-      rp.num_ranks = W;
-      rp.num_local_experts = L;
-      rp.max_row_experts = KL;
-      rp.capacity = C;
-      rp.hidden = c.H;
-      rp.dtype = c.dtype;
-      rp.alignment = c.align;
-      rp.region = regions[o];
-      rp.block = ll.block;
-      rp.expert_x = dex.get();
-      rp.expert_capacity = N;
-      rp.expert_counts = dcounts.get();
-      rp.expert_offsets = doffsets.get();
-      rp.recv_expert_rows = derows.get();
-      rp.recv_weights = c.weights_out ? dw.get() : nullptr;
-      rp.copy_warps_per_sm = c.copy_warps;
-      sync(K::launch_ep_low_latency_receive(rp, nullptr));
-      ok &= same(dcounts.host(), counts, "expert_counts", where);
-      ok &= same(doffsets.host(), offsets, "expert_offsets", where);
-      ok &= same(derows.host(), erows, "recv_expert_rows", where);
-      if (c.weights_out) ok &= same(dw.host(), ew, "recv_weights", where);
-      ok &= same(dex.host(), ex, "expert_x", where);
-    }
+    check_low_latency(c, &ok);
+    if (HasFatalFailure()) return;
     if (!ok && ++failing >= kMaxFailingCases) return;
+  }
+}
+
+// Regression: low_latency_receive_fits allowed (W + 2) L + W + 2 int32 up to 48 KiB of dynamic shared memory, but
+// the receive kernel's static shared memory (the block scan's, 1184 bytes on an H200) leaves 47968 bytes without
+// opting in: W = 1, L = 4000 (48012 bytes), W = 2, L = 3000 (48016) and W = 8, L = 1216 (48680) passed the check,
+// and the receive, launched after the send and the barrier, failed with cudaErrorInvalidValue. Each shape through
+// the send and receive against the host, as LowLatencyManyRanksMatchesHost.
+TEST(EpKernelsGpu, LowLatencyReceiveAtSharedMemoryLimit) {
+  REQUIRE_GPU();
+  struct Shape {
+    int W, L, C;
+    RoutingFormat fmt;
+  };
+  const Shape shapes[] = {{1, 4000, 16, RoutingFormat::kBitmap},
+                          {2, 3000, 8, RoutingFormat::kTopkIndices},
+                          {8, 1216, 4, RoutingFormat::kBytemap}};
+  uint64_t n = 0;
+  for (const Shape& sh : shapes) {
+    const LowLatencyCase c{sh.W, sh.L,   8,     sh.C, 64, DType(n % 3), sh.fmt,  WeightFormat::kCompact,
+                           4,    n == 1, false, true, 32, 32,           4500 + n};
+    ++n;
+    EXPECT_GT(K::low_latency_receive_smem(c.W, c.L), size_t(48 * 1024 - 1184)) << c.str();
+    bool ok = true;
+    check_low_latency(c, &ok);
+    if (HasFatalFailure()) return;
+    EXPECT_TRUE(ok) << c.str();
   }
 }
 

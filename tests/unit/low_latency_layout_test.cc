@@ -50,7 +50,11 @@ TEST(LowLatencyLayout, PartsApartAlignedAndInOrder) {
 TEST(LowLatencyLayout, ReceiveFits) {
   for (int W : {1, 2, 8, 64}) EXPECT_TRUE(bitep::kernels::low_latency_receive_fits(W, 256 / W, 512));
   EXPECT_EQ(bitep::kernels::low_latency_receive_smem(2, 128), sizeof(int) * (4 * 128 + 4));
-  EXPECT_FALSE(bitep::kernels::low_latency_receive_fits(8, 2048, 128));              // 20490 ints
+  EXPECT_FALSE(bitep::kernels::low_latency_receive_fits(8, 2048, 128));  // 20490 ints
+  // Up to 48 KiB of dynamic shared memory, the kernel's static shared memory beside it (the launcher opts in).
+  EXPECT_TRUE(bitep::kernels::low_latency_receive_fits(2, 3000, 8));                 // 12004 ints
+  EXPECT_TRUE(bitep::kernels::low_latency_receive_fits(8, 1216, 4));                 // 12170 ints
+  EXPECT_FALSE(bitep::kernels::low_latency_receive_fits(8, 1229, 4));                // 12300 ints
   EXPECT_FALSE(bitep::kernels::low_latency_receive_fits(2, 8, int64_t(INT32_MAX)));  // W x C past int32
   EXPECT_FALSE(bitep::kernels::low_latency_receive_fits(0, 8, 16));
 }
