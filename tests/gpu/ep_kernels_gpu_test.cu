@@ -957,6 +957,7 @@ TEST(EpKernelsGpu, ExpertMajorMisalignedRecvCopy) {
   Dev<int32_t> doff(in.offsets), dcnt(in.counts), drows(rows.size());
   Dev<int64_t> dsrc(in.N);
   p.expert_src = dsrc.get();
+  p.recv_x = dx.get();
   p.recv_map = dmap.get();
   p.expert_offsets = doff.get();
   p.expert_counts = dcnt.get();
