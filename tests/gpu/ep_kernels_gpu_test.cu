@@ -589,6 +589,33 @@ K::ExpertMajorParams expert_params(const RecvCase& c, const RecvInput& in, int32
   return p;
 }
 
+// A receive input's device copies (map, offsets, counts, received rows, weights), the positions' output (`rows`
+// ints, poisoned) and the expert-source scratch; point() moves expert_params' host pointers to them (recv_x and
+// recv_weights where the params have them; expert_x stays the caller's).
+struct DevRecv {
+  Dev<uint8_t> map, x;
+  Dev<int32_t> offsets, counts, rows;
+  Dev<float> weights;
+  Dev<int64_t> src;
+  DevRecv(const RecvInput& in, size_t num_rows)
+      : map(in.map),
+        x(in.x),
+        offsets(in.offsets),
+        counts(in.counts),
+        rows(num_rows),
+        weights(in.weights),
+        src(static_cast<size_t>(in.N)) {}
+  void point(K::ExpertMajorParams* p) const {
+    p->expert_src = src.get();
+    p->recv_map = map.get();
+    p->expert_offsets = offsets.get();
+    p->expert_counts = counts.get();
+    p->recv_expert_rows = rows.get();
+    if (p->recv_x != nullptr) p->recv_x = x.get();
+    if (p->recv_weights != nullptr) p->recv_weights = weights.get();
+  }
+};
+
 // Two senders' rows [from[s], from[s] + count[s]) in chunks of chunk_rows, chunk-major (every sender's chunk j
 // before any sender's chunk j + 1), as the window's dispatch orders them (src/ep/arrival.h): the pieces' seq
 // [P + 1], row_start [P] and flag [P] (sender s's chunk j has flag s * C + j), and table(), their concatenation
@@ -624,20 +651,12 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
     // The pad rows known to the caller (the dispatch knows them), or not.
     if (c.seed % 3 == 0) p.num_pad_rows = in.N - std::accumulate(in.counts.begin(), in.counts.end(), int64_t{0});
     host::ep_expert_major(p);
-    Dev<uint8_t> dmap(in.map), dx(in.x), dex(ex.size());
-    Dev<int32_t> doff(in.offsets), dcnt(in.counts), drows(rows.size());
-    Dev<float> dw(in.weights);
-    Dev<int64_t> dsrc(in.N);
-    p.expert_src = dsrc.get();
-    p.recv_map = dmap.get();
-    p.expert_offsets = doff.get();
-    p.expert_counts = dcnt.get();
-    p.recv_expert_rows = drows.get();
-    p.recv_x = c.mode ? dx.get() : nullptr;
+    const DevRecv d(in, rows.size());
+    Dev<uint8_t> dex(ex.size());
+    d.point(&p);
     p.expert_x = c.mode ? dex.get() : nullptr;
-    p.recv_weights = c.mode == 2 ? dw.get() : nullptr;
     sync(K::launch_ep_expert_major(p, nullptr));
-    bool ok = same(drows.host(), rows, "recv_expert_rows", c.str()) & same(dex.host(), ex, "expert_x", c.str());
+    bool ok = same(d.rows.host(), rows, "recv_expert_rows", c.str()) & same(dex.host(), ex, "expert_x", c.str());
     // Several segments: the positions again in one launch, with its scratch (poisoned).
     if (const int64_t scratch = K::expert_scratch_ints(c.R, c.L); scratch > 0) {
       Dev<int32_t> dscratch(scratch), drows1(rows.size());
@@ -881,21 +900,15 @@ TEST(EpKernelsGpu, ExpertMajorBulkRowsAtSharedMemoryLimit) {
         std::vector<uint8_t> ex = poisoned<uint8_t>((in.N + 1) * rb);
         K::ExpertMajorParams p = expert_params(c, in, rows.data(), ex.data());
         host::ep_expert_major(p);
-        Dev<uint8_t> dmap(in.map), dx(in.x), dex(ex.size());
-        Dev<int32_t> doff(in.offsets), dcnt(in.counts), drows(rows.size());
-        Dev<int64_t> dsrc(in.N);
-        p.expert_src = dsrc.get();
-        p.recv_map = dmap.get();
-        p.expert_offsets = doff.get();
-        p.expert_counts = dcnt.get();
-        p.recv_expert_rows = drows.get();
-        p.recv_x = dx.get();
+        const DevRecv d(in, rows.size());
+        Dev<uint8_t> dex(ex.size());
+        d.point(&p);
         p.expert_x = dex.get();
         bool bulk = false;
         ASSERT_EQ(cudaSuccess, K::expert_major_takes_bulk(p, &bulk)) << c.str();
         if (sm90) ASSERT_TRUE(bulk) << c.str();
         sync(K::launch_ep_expert_major(p, nullptr));
-        EXPECT_TRUE(same(drows.host(), rows, "recv_expert_rows", c.str()));
+        EXPECT_TRUE(same(d.rows.host(), rows, "recv_expert_rows", c.str()));
         EXPECT_TRUE(same(dex.host(), ex, "expert_x", c.str()));
         if (HasFailure()) return;
       }
@@ -953,22 +966,15 @@ TEST(EpKernelsGpu, ExpertMajorMisalignedRecvCopy) {
   // recv_copy's buffer: 8 bytes of poison, the rows, 8 bytes of poison.
   std::vector<uint8_t> want_off = poisoned<uint8_t>(copy_bytes + 16);
   std::memcpy(want_off.data() + 8, in.x.data(), copy_bytes);
-  Dev<uint8_t> dmap(in.map), dx(in.x);
-  Dev<int32_t> doff(in.offsets), dcnt(in.counts), drows(rows.size());
-  Dev<int64_t> dsrc(in.N);
-  p.expert_src = dsrc.get();
-  p.recv_x = dx.get();
-  p.recv_map = dmap.get();
-  p.expert_offsets = doff.get();
-  p.expert_counts = dcnt.get();
-  p.recv_expert_rows = drows.get();
+  const DevRecv d(in, rows.size());
+  d.point(&p);
   // The positions first, then the copies from them (as the window's dispatch calls it).
   K::ExpertMajorParams q = p;
   q.recv_x = nullptr;
   q.expert_x = nullptr;
   q.recv_copy = nullptr;
   sync(K::launch_ep_expert_major(q, nullptr));
-  ASSERT_TRUE(same(drows.host(), rows, "recv_expert_rows", c.str()));
+  ASSERT_TRUE(same(d.rows.host(), rows, "recv_expert_rows", c.str()));
   q = p;
   q.positions_given = true;
   // 8 bytes off: not the bulk copies, and refused with recv_copy; nothing written.
@@ -987,7 +993,7 @@ TEST(EpKernelsGpu, ExpertMajorMisalignedRecvCopy) {
     q.recv_copy = nullptr;
     sync(K::launch_ep_expert_major(q, nullptr));
     K::CopyBatchParams cb;
-    ASSERT_TRUE(cb.add(dcopy.get() + 8, dx.get(), static_cast<int64_t>(copy_bytes)));
+    ASSERT_TRUE(cb.add(dcopy.get() + 8, d.x.get(), static_cast<int64_t>(copy_bytes)));
     sync(K::launch_ep_copy_batch(cb, nullptr));
     EXPECT_TRUE(same(dex.host(), ex, "expert_x", c.str() + " recv_copy 8 bytes off"));
     EXPECT_TRUE(same(dcopy.host(), want_off, "recv_copy", c.str() + " 8 bytes off"));
