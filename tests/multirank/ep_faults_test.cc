@@ -17,6 +17,21 @@ namespace {
 
 bool has(const std::string& text, const std::string& what) { return text.find(what) != std::string::npos; }
 
+// What a combine on handle h needs: the identity experts' outputs y (toy_expert_outputs, expert-major), an out
+// buffer of this rank's tokens, and combine args over them (weighted, as BITEP_COMBINE_ARGS_INIT).
+struct CombineInputs {
+  std::vector<uint8_t> y, out;
+  bitepCombineArgs_t args = BITEP_COMBINE_ARGS_INIT;
+};
+void combine_inputs(const Spec& s, int W, int rank, const Input& in, bitepHandle_t h, CombineInputs* c) {
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h, &lo), bitepSuccess) << bitepGetLastError();
+  c->y = toy_expert_outputs(s, W, rank, lo);
+  c->out.assign(in.T * s.H * dsize(s.dtype), 0);
+  c->args.y = c->y.data();
+  c->args.out = c->out.data();
+}
+
 // ---- group creation -----------------------------------------------------------------------------------
 
 void expect_create_fails_everywhere(const std::function<void(bitepGroupConfig_t*)>& tweak,
@@ -409,13 +424,12 @@ TEST(EpFaults, BadHandleOnOneRank) {
   HandleGuard h, h_other;
   ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
   ASSERT_EQ(bitepDispatch(other.g, &a, nullptr, &h_other.h), bitepSuccess) << bitepGetLastError();
-  bitepDispatchLayout_t lo;
-  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
-  const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lo);
-  std::vector<uint8_t> out(world[rank].T * s.H * dsize(s.dtype)), grad_x(out.size()), grad_y(y.size());
-  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
-  c.y = y.data();
-  c.out = out.data();
+  CombineInputs ci;
+  ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h.h, &ci));
+  const std::vector<uint8_t>& y = ci.y;
+  std::vector<uint8_t>& out = ci.out;
+  bitepCombineArgs_t& c = ci.args;
+  std::vector<uint8_t> grad_x(out.size()), grad_y(y.size());
   bitepCombineBackwardArgs_t b = BITEP_COMBINE_BWD_ARGS_INIT;
   b.grad_out = out.data();
   b.grad_y = grad_y.data();
@@ -458,13 +472,11 @@ TEST(EpFaults, CombinesOfDifferentDispatches) {
   HandleGuard h1, h2;
   ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h1.h), bitepSuccess) << bitepGetLastError();
   ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h2.h), bitepSuccess) << bitepGetLastError();
-  bitepDispatchLayout_t lo;
-  ASSERT_EQ(bitepHandleGetLayout(h1.h, &lo), bitepSuccess);
-  const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lo);
-  std::vector<uint8_t> out(world[rank].T * s.H * dsize(s.dtype)), grad_y(y.size());
-  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
-  c.y = y.data();
-  c.out = out.data();
+  CombineInputs ci;
+  ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h1.h, &ci));
+  std::vector<uint8_t>& out = ci.out;
+  bitepCombineArgs_t& c = ci.args;
+  std::vector<uint8_t> grad_y(ci.y.size());
   const bitepHandle_t first = rank == victim ? h2.h : h1.h;
   EXPECT_EQ(bitepCombine(g.g, first, &c, nullptr), bitepInvalidArgument);
   EXPECT_TRUE(has(bitepGetLastError(), "the same dispatch")) << bitepGetLastError();
@@ -496,19 +508,15 @@ TEST(EpFaults, WeightsOnATokenlessRankOnly) {
   a.topk_weights = rank == 0 ? dummy : nullptr;
   HandleGuard h;
   ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
-  bitepDispatchLayout_t lo;
-  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
-  const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lo);
-  std::vector<uint8_t> out(world[rank].T * s.H * dsize(s.dtype));
-  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
-  c.y = y.data();
-  c.out = out.data();
+  CombineInputs ci;
+  ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h.h, &ci));
+  bitepCombineArgs_t& c = ci.args;
   c.weighted = 1;
   EXPECT_EQ(bitepCombine(g.g, h.h, &c, nullptr), bitepInvalidArgument);
   EXPECT_TRUE(has(bitepGetLastError(), "the dispatch had no weights")) << bitepGetLastError();
   c.weighted = 0;
   ASSERT_EQ(bitepCombine(g.g, h.h, &c, nullptr), bitepSuccess) << bitepGetLastError();
-  expect_values(s, out, reference_combine(s, W, rank, world[rank], false), "out");
+  expect_values(s, ci.out, reference_combine(s, W, rank, world[rank], false), "out");
 }
 
 // A destroyed handle is refused by every call that takes one, bitepHandleDestroy included (a second destroy),
