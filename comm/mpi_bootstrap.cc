@@ -32,11 +32,7 @@ bitepResult_t pick_device(MPI_Comm comm, const bitepGroupConfig_t* config, int* 
   int local_rank = 0;
   MPI_Comm_rank(node, &local_rank);
   MPI_Comm_free(&node);
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    (void)cudaGetLastError();
-    count = 0;
-  }
+  const int count = visible_cuda_devices();
   *device = config->device >= 0 ? config->device : local_rank;
   if (*device >= count)
     BITEP_FAIL(bitepNotSupported, "the cuda backend needs device %d (%s) but %d CUDA device(s) are visible%s", *device,

@@ -22,20 +22,17 @@
 
 namespace bitep::ep {
 
-bitepResult_t check_call(bitepGroup_t group, bitepHandle_t handle) {
+bitepResult_t check_call_agreed(bitepGroup_t group, bitepHandle_t handle, bool backward, bitepResult_t* local) {
   // The handle first: once its group is destroyed, `group` may dangle and is not looked at.
-  BITEP_CHECK(check_handle(handle, nullptr));
-  BITEP_CHECK(check_group(group));
-  BITEP_CHECK(check_handle(handle, group));
-  return bitepSuccess;
-}
-
-bitepResult_t check_call_agreed(bitepGroup_t group, bitepHandle_t handle, bitepResult_t* local) {
   *local = check_handle(handle, nullptr);
-  if (*local == bitepInvalidUsage) return *local;  // its group is destroyed
+  if (*local == bitepInvalidUsage) return *local;
   const SavedError saved(*local);
   BITEP_CHECK(check_group(group));
   if (*local == bitepSuccess) *local = check_handle(handle, group);
+  if (*local == bitepSuccess && backward && handle->low_latency)
+    *local = set_error(bitepNotSupported, __FILE__, __LINE__,
+                       "the handle is from bitepDispatchLowLatency, which has no backward pass: use bitepDispatch "
+                       "for training");
   if (*local != bitepSuccess) saved.restore();
   return bitepSuccess;
 }
@@ -314,7 +311,7 @@ bitepResult_t bitepCombine(bitepGroup_t group,
                            bitepStream_t stream) {
   return bitep::guard("bitepCombine", [&]() -> bitepResult_t {
     bitepResult_t local = bitepSuccess;
-    BITEP_CHECK(bitep::ep::check_call_agreed(group, handle, &local));
+    BITEP_CHECK(bitep::ep::check_call_agreed(group, handle, /*backward=*/false, &local));
     if (local == bitepSuccess)
       local = bitep::check_struct(args, args ? args->size : 0, sizeof(bitepCombineArgs_t), args ? args->magic : 0,
                                   BITEP_COMBINE_ARGS_MAGIC, "args", "BITEP_COMBINE_ARGS_INIT");
@@ -335,11 +332,7 @@ bitepResult_t bitepDispatchBackward(bitepGroup_t group,
                                     bitepStream_t stream) {
   return bitep::guard("bitepDispatchBackward", [&]() -> bitepResult_t {
     bitepResult_t local = bitepSuccess;
-    BITEP_CHECK(bitep::ep::check_call_agreed(group, handle, &local));
-    if (local == bitepSuccess && handle->low_latency)
-      local = bitep::set_error(bitepNotSupported, __FILE__, __LINE__,
-                               "the handle is from bitepDispatchLowLatency, which has no backward pass: "
-                               "use bitepDispatch for training");
+    BITEP_CHECK(bitep::ep::check_call_agreed(group, handle, /*backward=*/true, &local));
     if (local == bitepSuccess)
       local = bitep::ep::check_combine_args(group, handle, grad_y, layout, 0, grad_x, "grad_y", "layout", "grad_x");
     return bitep::ep::combine(group, handle, grad_y, layout, 0, grad_x, stream, local, "this dispatch backward");

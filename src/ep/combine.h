@@ -11,16 +11,14 @@
 
 namespace bitep::ep {
 
-// The checks every call on a handle starts with: the handle is live (bitepInvalidUsage once its group is
-// destroyed; `group` is not looked at then), the group is live and is the handle's.
-bitepResult_t check_call(bitepGroup_t group, bitepHandle_t handle);
-
-// check_call for the calls whose ranks agree on their status (host groups): a handle this rank cannot use
-// while its group can still agree (NULL, not a live handle, another group's) becomes *local, this rank's part
-// of the agreement, so that its peers fail at once with bitepRemoteError instead of waiting out timeout_s and
-// breaking the group. Fails, for the caller to return at once, where no agreement can be had: the group is
-// not usable, or the handle's group was destroyed (`group` may dangle then and is not looked at).
-bitepResult_t check_call_agreed(bitepGroup_t group, bitepHandle_t handle, bitepResult_t* local);
+// The checks every call on a handle starts with: the handle is live, the group is live and is the handle's, and
+// (backward: the dispatch and combine backward passes) the handle is not a low-latency one, which has none. A
+// handle this rank cannot use while its group can still agree (NULL, not a live handle, another group's, a
+// low-latency one for a backward pass) becomes *local, this rank's part of the call's agreement (host groups),
+// so that its peers fail at once with bitepRemoteError instead of waiting out timeout_s and breaking the group.
+// Fails, for the caller to return at once, where no agreement can be had: the group is not usable, or the
+// handle's group was destroyed (bitepInvalidUsage; `group` may dangle then and is not looked at).
+bitepResult_t check_call_agreed(bitepGroup_t group, bitepHandle_t handle, bool backward, bitepResult_t* local);
 
 // The agreement bits of a call on `handle` (host groups): its dispatch's number, above bit 8 (the low 8 bits
 // are the call's own), and the check that every rank gave the handle of the same dispatch.

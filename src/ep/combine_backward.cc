@@ -169,11 +169,7 @@ extern "C" bitepResult_t bitepCombineBackward(bitepGroup_t group,
   return bitep::guard("bitepCombineBackward", [&]() -> bitepResult_t {
     using namespace bitep::ep;
     bitepResult_t local = bitepSuccess;
-    BITEP_CHECK(check_call_agreed(group, handle, &local));
-    if (local == bitepSuccess && handle->low_latency)
-      local = bitep::set_error(bitepNotSupported, __FILE__, __LINE__,
-                               "the handle is from bitepDispatchLowLatency, which has no backward pass: "
-                               "use bitepDispatch for training");
+    BITEP_CHECK(check_call_agreed(group, handle, /*backward=*/true, &local));
     Exec ex(group, stream);
     BITEP_CHECK(ex.begin());
     if (local == bitepSuccess) local = check_args(group, handle, args);

@@ -84,6 +84,17 @@ bitepResult_t agree_configs(const ConfigBlob* all, int nranks, int self, bitepRe
   return bitepSuccess;
 }
 
+int visible_cuda_devices() {
+  int count = 0;
+#ifdef BITEP_HAVE_CUDA
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    count = 0;
+  }
+#endif
+  return count;
+}
+
 bitepResult_t check_live_group(bitepGroup_t g) {
   BITEP_ARG_CHECK(g != nullptr, "group is NULL");
   BITEP_ARG_CHECK(g->magic == kGroupMagic,
@@ -121,11 +132,7 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
 #ifdef BITEP_HAVE_CUDA
   // A device this process does not see fails here, in the agreement, not in a peer's later collective.
   if (local == bitepSuccess && config->backend == bitepBackendCuda) {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess) {
-      (void)cudaGetLastError();
-      count = 0;
-    }
+    const int count = visible_cuda_devices();
     if (device < 0 || device >= count)
       local = set_error(bitepNotSupported, __FILE__, __LINE__,
                         "the cuda backend needs device %d (config->device, or the current device) but %d CUDA "

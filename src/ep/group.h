@@ -56,6 +56,9 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
                            bool configs_agreed = false,
                            int required_backend = -1);
 
+// CUDA devices this process sees (0 where the query fails, or in a build without CUDA).
+int visible_cuda_devices();
+
 // group is a live group (not NULL, not destroyed); a broken one passes (the queries still answer on it).
 bitepResult_t check_live_group(bitepGroup_t group);
 // A live group that can still communicate (no earlier transport failure).

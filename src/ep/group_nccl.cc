@@ -24,15 +24,13 @@ bitepResult_t from_unique_id(
   BITEP_ARG_CHECK(rank >= 0 && rank < nranks, "rank is %d, must be in [0, nranks = %d)", rank, nranks);
   // A bad config is not a reason to leave the communicator's init (the peers would wait in it): the
   // config is checked, and agreed on, once the communicator exists.
-  const bool ok = config_readable(config);
-  const double timeout = ok && config->timeout_s > 0 ? config->timeout_s : kDefaultTimeoutS;
-  int prev = -1, count = 0;
+  const double timeout = creation_timeout_s(config);
+  int prev = -1;
   BITEP_CUDA_CHECK(cudaGetDevice(&prev));
-  BITEP_CUDA_CHECK(cudaGetDeviceCount(&count));
-  const int device = ok && config->device >= 0 ? config->device : prev;
+  const int device = config_readable(config) && config->device >= 0 ? config->device : prev;
   // A device this process does not see: the init runs on the current one, and create_group fails the group on
   // every rank (its agreement names config->device).
-  const int init_device = device < count ? device : prev;
+  const int init_device = device < visible_cuda_devices() ? device : prev;
   if (init_device != prev) BITEP_CUDA_CHECK(cudaSetDevice(init_device));
   struct ncclComm* comm = nullptr;
   bitepResult_t r = nccl_comm_init(id, nranks, rank, timeout, &comm);
@@ -52,9 +50,8 @@ bitepResult_t from_nccl(struct ncclComm* comm, const bitepGroupConfig_t* config,
   int device = -1;
   BITEP_CUDA_CHECK(cudaGetDevice(&device));
   std::unique_ptr<Transport> t;
-  // The config's timeout for the agreement, where it can be read (a borrowed communicator had no init of ours).
-  const double timeout = config_readable(config) && config->timeout_s > 0 ? config->timeout_s : kDefaultTimeoutS;
-  BITEP_CHECK(make_nccl_transport(comm, /*owned=*/false, &t, timeout));
+  // The config's timeout for the agreement (a borrowed communicator had no init of ours to take one from).
+  BITEP_CHECK(make_nccl_transport(comm, /*owned=*/false, &t, creation_timeout_s(config)));
   return create_group(std::move(t), config, device, group, false, bitepBackendCuda);
 }
 #endif

@@ -22,6 +22,12 @@ inline bool config_readable(const bitepGroupConfig_t* c) {
   return c != nullptr && c->magic == BITEP_GROUP_CONFIG_MAGIC && c->size == sizeof(bitepGroupConfig_t);
 }
 
+// The timeout of a group's creation: the config's where it can be read and is > 0, else kDefaultTimeoutS (the
+// config's checks come later, in the agreement).
+inline double creation_timeout_s(const bitepGroupConfig_t* c) {
+  return config_readable(c) && c->timeout_s > 0 ? c->timeout_s : kDefaultTimeoutS;
+}
+
 // A wait on the device bounded by timeout_s (a group's timeout), in the nanoseconds of the global timer: no
 // bound for 0, a negative or a huge value.
 inline uint64_t timeout_ns(double timeout_s) {
