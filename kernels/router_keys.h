@@ -25,17 +25,20 @@ BITEP_HOST_DEVICE inline int popcount(unsigned long long m) {
 #endif
 }
 
-// ck = the C largest of a lane's N keys outside `skip` (bit p: key p), descending, equal keys kept as many
+// ck = the C largest of a lane's N keys key[p] for which keep(p) holds, descending, equal keys kept as many
 // times as they occur; key 0 ("no candidate") fills what is left. A min / max insertion network: two
 // instructions a cache entry a key, no register positions.
-template <int N, int C, class Mask>
-BITEP_HOST_DEVICE inline void top_keys(const uint32_t* key, Mask skip, uint32_t (&ck)[C]) {
+template <int N, int C, class Keep>
+BITEP_HOST_DEVICE inline void top_where(const uint32_t* key, Keep keep, uint32_t (&ck)[C]) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
   for (int c = 0; c < C; ++c) ck[c] = 0u;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int p = 0; p < N; ++p) {
-    uint32_t kk = ((skip >> p) & 1) ? 0u : key[p];
+    uint32_t kk = keep(p) ? key[p] : 0u;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -45,6 +48,20 @@ BITEP_HOST_DEVICE inline void top_keys(const uint32_t* key, Mask skip, uint32_t 
       kk = lo;
     }
   }
+}
+
+// The C largest keys outside `skip` (bit p: key p).
+template <int N, int C, class Mask>
+BITEP_HOST_DEVICE inline void top_keys(const uint32_t* key, Mask skip, uint32_t (&ck)[C]) {
+  top_where<N, C>(
+      key, [skip](int p) { return ((skip >> p) & 1) == 0; }, ck);
+}
+
+// The C largest keys below `below` (the packed bf16 keys, unique: a lane's wins are its keys from its last win up).
+template <int N, int C>
+BITEP_HOST_DEVICE inline void top_below(const uint32_t* key, uint32_t below, uint32_t (&ck)[C]) {
+  top_where<N, C>(
+      key, [key, below](int p) { return key[p] < below; }, ck);
 }
 
 // The positions (bit p: key p) of a lane's `wins` best keys in selection order (key descending, then the

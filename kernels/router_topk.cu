@@ -159,24 +159,6 @@ __device__ __forceinline__ float packed_value(uint32_t k) {
   return __uint_as_float(((h & 0x8000u) ? (h & 0x7fffu) : (~h & 0xffffu)) << 16);
 }
 
-// ck = the C largest keys of the lane below `below` (descending; key 0 = none), by a min / max insertion
-// network (keys unique).
-template <int N, int C>
-__device__ __forceinline__ void top_below(const uint32_t* key, uint32_t below, uint32_t (&ck)[C]) {
-#pragma unroll
-  for (int c = 0; c < C; ++c) ck[c] = 0u;
-#pragma unroll
-  for (int p = 0; p < N; ++p) {
-    uint32_t kk = key[p] < below ? key[p] : 0u;
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-      const uint32_t lo = min(ck[c], kk);
-      ck[c] = max(ck[c], kk);
-      kk = lo;
-    }
-  }
-}
-
 // The keys-only cache (the pre-top-k softmax and normalised sigmoid kernels at one octet a lane): the C best
 // keys by a min / max insertion network (equal keys kept, as many times as they occur), no register
 // positions. A lane's wins are its keys in selection order (value, then register order, which at one octet
@@ -189,6 +171,7 @@ __device__ __forceinline__ void top_below(const uint32_t* key, uint32_t below, u
 #endif
 constexpr bool kKeysOnlyCache = BITEP_ROUTER_FWD_KEYS_ONLY != 0;
 
+using router_keys::top_below;
 using router_keys::top_keys;
 using router_keys::won_mask;
 

@@ -16,6 +16,7 @@
 
 namespace {
 
+using bitep::kernels::router_keys::top_below;
 using bitep::kernels::router_keys::top_keys;
 using bitep::kernels::router_keys::won_mask;
 
@@ -29,6 +30,21 @@ TEST(RouterKeys, TopKeysAreTheLargestWithRepeats) {
     top_keys<8, 3>(key, skip, ck);
     std::vector<uint32_t> want;
     for (int p = 0; p < 8; ++p) want.push_back(((skip >> p) & 1) ? 0u : key[p]);
+    std::sort(want.rbegin(), want.rend());
+    for (int c = 0; c < 3; ++c) ASSERT_EQ(ck[c], want[c]) << "iteration " << it << ", entry " << c;
+  }
+}
+
+TEST(RouterKeys, TopBelowTakesTheLargestUnderTheBound) {
+  std::mt19937 rng(5);
+  for (int it = 0; it < 2000; ++it) {
+    uint32_t key[8];
+    for (int p = 0; p < 8; ++p) key[p] = rng() % 4 == 0 ? 0u : (1u + rng() % 1000) * 8 + p;  // unique, as packed
+    const uint32_t below = rng() % 9000;
+    uint32_t ck[3];
+    top_below<8, 3>(key, below, ck);
+    std::vector<uint32_t> want;
+    for (uint32_t k : key) want.push_back(k < below ? k : 0u);
     std::sort(want.rbegin(), want.rend());
     for (int c = 0; c < 3; ++c) ASSERT_EQ(ck[c], want[c]) << "iteration " << it << ", entry " << c;
   }
