@@ -391,15 +391,16 @@ int main(int argc, char** argv) {
         ca.layout = bitepLayoutExpertMajor;
         ca.weighted = 1;
         ca.out = out;
+        // Each checked iteration's out poisoned first (0xff: NaN), before its events: its check reads that
+        // combine's rows, not an earlier one's.
+        auto poison_out = [&] { CK(cudaMemsetAsync(out, 0xff, sizeof(__nv_bfloat16) * T * sh.H, stream)); };
         std::vector<int64_t> send_b(W), recv_b(W), send_c(W), recv_c(W);  // a2a bytes: dispatch, combine
         std::vector<float> t_disp, t_comb, t_e2e, t_a2a, t_a2a_c, t_bd, t_bc, t_be2e;
         for (int it = 0; it < opt.warmup + opt.iters; ++it) {
           const bool timed = it >= opt.warmup;
           MPI_Barrier(MPI_COMM_WORLD);
           bitepHandle_t h;
-          // The checked iteration's out poisoned first (0xff: NaN), outside the events: its check reads this
-          // combine's rows, not an earlier one's.
-          if (it == 0) CK(cudaMemsetAsync(out, 0xff, sizeof(__nv_bfloat16) * T * sh.H, stream));
+          if (it == 0) poison_out();
           CK(cudaEventRecord(ev.e[0], stream));
           BK(bitepDispatch(group, &da, bstream, &h));
           CK(cudaEventRecord(ev.e[1], stream));
@@ -480,7 +481,7 @@ int main(int argc, char** argv) {
         for (int it = 0; rec.ll && it < opt.warmup + opt.iters; ++it) {
           MPI_Barrier(MPI_COMM_WORLD);
           bitepHandle_t h;
-          if (it == 0) CK(cudaMemsetAsync(out, 0xff, sizeof(__nv_bfloat16) * T * sh.H, stream));  // as above
+          if (it == 0) poison_out();
           CK(cudaEventRecord(ev.e[0], stream));
           BK(bitepDispatchLowLatency(group, &dll, bstream, &h));
           CK(cudaEventRecord(ev.e[1], stream));
@@ -556,7 +557,7 @@ int main(int argc, char** argv) {
             const bool e2e = it >= opt.warmup + opt.iters;
             const int j = e2e ? it - opt.warmup - opt.iters : it;
             MPI_Barrier(MPI_COMM_WORLD);
-            if (it == 0) CK(cudaMemsetAsync(out, 0xff, sizeof(__nv_bfloat16) * T * sh.H, stream));  // as above
+            if (it == 0) poison_out();
             CK(cudaEventRecord(ev.e[0], stream));
             if (e2e) BK(bitepRouterForward(bitepBackendCuda, &rc, &ri, bstream));
             if (!base.dispatch(idx, x, T)) die("baseline dispatch", base.error());
