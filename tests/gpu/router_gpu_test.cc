@@ -567,8 +567,8 @@ void check_case(const bitepRouterConfig_t& cfg,
   }
 
   // Against the oracle (and the host): every difference a near-tie.
-  const auto ref = bitep::ref::router_forward(cfg, T, bitep::ref::to_double(logits.data(), cfg.logits_dtype, T * E),
-                                              bias.empty() ? nullptr : bias.data(), aux);
+  const std::vector<double> xd = bitep::ref::to_double(logits.data(), cfg.logits_dtype, T * E);
+  const auto ref = bitep::ref::router_forward(cfg, T, xd, bias.empty() ? nullptr : bias.data(), aux);
   std::vector<char> same(T, 0);
   int64_t diff = 0;
   for (int64_t t = 0; t < T; ++t) {
@@ -597,6 +597,27 @@ void check_case(const bitepRouterConfig_t& cfg,
   };
   EXPECT_LE(value_err(host.probs, ref.probs, gpu.probs, E), tol) << "probs";
   EXPECT_LE(value_err(host.saved, ref.saved, gpu.saved, E), tol) << "saved";
+  // Rows where the GPU chose other experts than the host: a top-k within rounding, with the values of its
+  // own experts in fp64 (exact cases have none: they failed above).
+  int64_t bad_rows = 0;
+  std::string first_bad;
+  for (int64_t t = 0; t < T && !exact; ++t) {
+    if (same[t]) continue;
+    const std::vector<int> chosen(gidx.begin() + t * k, gidx.begin() + (t + 1) * k);
+    const auto v = bitep::ref::token_values(cfg, &xd[t * E], bias.empty() ? nullptr : bias.data(), chosen, aux);
+    std::string why;
+    bool ok = bitep::ref::near_tie_selection(cfg, v.sel, chosen, aux, kNearTie, &why);
+    auto err = [&](const std::vector<double>& want, const std::vector<float>& got, int w) {
+      return row_errors(want, std::vector<float>(got.begin() + t * w, got.begin() + (t + 1) * w), 1, w)[0];
+    };
+    const double e_probs = err(v.probs, gpu.probs, E), e_saved = err(v.saved, gpu.saved, E);
+    const double e_w = aux ? 0.0 : err(v.weights, gpu.weights, k);
+    if (ok && std::max({e_probs, e_saved, e_w}) > tol)
+      ok = false, why = "values of its experts off: probs " + std::to_string(e_probs) + ", saved " +
+                        std::to_string(e_saved) + ", weights " + std::to_string(e_w);
+    if (!ok && bad_rows++ == 0) first_bad = "token " + std::to_string(t) + ": " + why;
+  }
+  EXPECT_EQ(bad_rows, 0) << "rows where the GPU chose other experts than the host: " << first_bad;
   EXPECT_EQ(count_bit_diffs(gpu.probs, gpub.probs), 0) << "probs differ between the bytemap and bitmap runs";
   if (!aux) {
     EXPECT_LE(value_err(host.weights, ref.weights, gpu.weights, k), tol) << "topk_weights";

@@ -79,11 +79,96 @@ std::vector<double> to_double(const void* data, bitepDataType_t dtype, size_t n)
   return out;
 }
 
-Forward router_forward(
-    const bitepRouterConfig_t& cfg, int64_t T, const std::vector<double>& logits, const float* expert_bias, bool aux) {
+namespace {
+
+// A token's scores s (the score function, softmax over all for the pre-top-k softmax and the aux scores,
+// the aux scores normalised) and TE's saved tensor before the selection.
+void token_scores(
+    const bitepRouterConfig_t& cfg, const double* x, bool aux, std::vector<double>* s, std::vector<double>* saved) {
   const int E = cfg.num_experts, k = cfg.topk;
   const bool softmax_fn = cfg.score_function == bitepScoreSoftmax;
   const bool pre = softmax_fn && (aux || cfg.use_pre_softmax);
+  s->assign(E, 0.0);
+  saved->assign(E, -kInf);
+  for (int e = 0; e < E; ++e) {
+    if (cfg.score_function == bitepScoreSigmoid)
+      (*s)[e] = sigmoid(x[e]);
+    else if (cfg.score_function == bitepScoreSqrtSoftplus)
+      (*s)[e] = std::sqrt(softplus(x[e]));
+    else
+      (*s)[e] = x[e];
+  }
+  if (pre) softmax(*s);
+  if (aux && !softmax_fn && k > 1) {
+    double sum = 0.0;
+    for (double v : *s) sum += v;
+    for (double& v : *s) v /= (sum + kEps);
+  }
+  for (int e = 0; e < E; ++e) {
+    if (cfg.score_function == bitepScoreSqrtSoftplus)
+      (*saved)[e] = x[e];
+    else if (cfg.score_function == bitepScoreSigmoid)
+      (*saved)[e] = sigmoid(x[e]);
+    else if (pre)
+      (*saved)[e] = (*s)[e];
+  }
+}
+
+// The weights of the chosen experts (ascending) from the scores; the post-top-k softmax also writes its
+// values into saved.
+std::vector<double> token_weights(const bitepRouterConfig_t& cfg,
+                                  const std::vector<double>& s,
+                                  const std::vector<int>& chosen,
+                                  bool aux,
+                                  std::vector<double>* saved) {
+  const int k = static_cast<int>(chosen.size());
+  const bool softmax_fn = cfg.score_function == bitepScoreSoftmax;
+  std::vector<double> w(k);
+  for (int j = 0; j < k; ++j) w[j] = s[chosen[j]];
+  if (aux) return w;
+  if (softmax_fn && !cfg.use_pre_softmax) {
+    softmax(w);
+    for (int j = 0; j < k; ++j) (*saved)[chosen[j]] = w[j];
+  } else if (!softmax_fn && k > 1) {
+    double sum = 0.0;
+    for (double v : w) sum += v;
+    for (double& v : w) v /= (sum + kEps);
+  }
+  for (double& v : w) v *= cfg.scaling_factor;
+  return w;
+}
+
+// Selection scores: the scores plus the expert bias (not for softmax, nor for the aux scores).
+std::vector<double> selection(const bitepRouterConfig_t& cfg,
+                              const std::vector<double>& s,
+                              const float* expert_bias,
+                              bool aux) {
+  std::vector<double> sel(s);
+  if (!aux && expert_bias && cfg.score_function != bitepScoreSoftmax)
+    for (size_t e = 0; e < sel.size(); ++e) sel[e] += expert_bias[e];
+  return sel;
+}
+
+// Group scores of group-limited routing: the sum of each group's best k / group_topk selection scores.
+std::vector<double> group_scores(const bitepRouterConfig_t& cfg, const std::vector<double>& sel) {
+  const int G = cfg.num_groups, gs = cfg.num_experts / G, per = cfg.topk / cfg.group_topk;
+  std::vector<double> gscore(G);
+  for (int g = 0; g < G; ++g) {
+    std::vector<int> ids(gs);
+    std::iota(ids.begin(), ids.end(), g * gs);
+    ids = ranked(sel, ids);
+    double sum = 0.0;
+    for (int j = 0; j < per; ++j) sum += sel[ids[j]];
+    gscore[g] = sum;
+  }
+  return gscore;
+}
+
+}  // namespace
+
+Forward router_forward(
+    const bitepRouterConfig_t& cfg, int64_t T, const std::vector<double>& logits, const float* expert_bias, bool aux) {
+  const int E = cfg.num_experts, k = cfg.topk;
   Forward f;
   f.probs.assign(T * E, 0.0);
   f.bytemap.assign(T * E, 0);
@@ -94,50 +179,18 @@ Forward router_forward(
   f.margin.assign(T, kInf);
   std::vector<int> all(E);
   std::iota(all.begin(), all.end(), 0);
+  std::vector<double> s, saved;
   for (int64_t t = 0; t < T; ++t) {
-    std::vector<double> x(logits.begin() + t * E, logits.begin() + (t + 1) * E), s(E);
-    for (int e = 0; e < E; ++e) {
-      if (cfg.score_function == bitepScoreSigmoid)
-        s[e] = sigmoid(x[e]);
-      else if (cfg.score_function == bitepScoreSqrtSoftplus)
-        s[e] = std::sqrt(softplus(x[e]));
-      else
-        s[e] = x[e];
-    }
-    if (pre) softmax(s);
-    if (aux && !softmax_fn && k > 1) {
-      double sum = 0.0;
-      for (double v : s) sum += v;
-      for (double& v : s) v /= (sum + kEps);
-    }
-    for (int e = 0; e < E; ++e) {
-      double& sv = f.saved[t * E + e];
-      if (cfg.score_function == bitepScoreSqrtSoftplus)
-        sv = x[e];
-      else if (cfg.score_function == bitepScoreSigmoid)
-        sv = sigmoid(x[e]);
-      else if (pre)
-        sv = s[e];
-    }
-    std::vector<double> sel(s);
-    if (!aux && expert_bias && !softmax_fn)
-      for (int e = 0; e < E; ++e) sel[e] += expert_bias[e];
+    token_scores(cfg, &logits[t * E], aux, &s, &saved);
+    const std::vector<double> sel = selection(cfg, s, expert_bias, aux);
     std::copy(sel.begin(), sel.end(), f.sel.begin() + t * E);
 
     std::vector<int> cand = all;
     double margin = kInf;
     if (!aux && cfg.num_groups > 0) {
-      const int G = cfg.num_groups, gs = E / G, per = k / cfg.group_topk;
-      std::vector<double> gscore(G);
-      for (int g = 0; g < G; ++g) {
-        std::vector<int> ids(gs);
-        std::iota(ids.begin(), ids.end(), g * gs);
-        ids = ranked(sel, ids);
-        double sum = 0.0;
-        for (int j = 0; j < per; ++j) sum += sel[ids[j]];
-        gscore[g] = sum;
-      }
-      std::vector<int> gids(G);
+      const int gs = E / cfg.num_groups;
+      const std::vector<double> gscore = group_scores(cfg, sel);
+      std::vector<int> gids(cfg.num_groups);
       std::iota(gids.begin(), gids.end(), 0);
       gids = ranked(gscore, gids);
       margin = std::min(margin, boundary_gap(gscore, gids, cfg.group_topk));
@@ -151,19 +204,8 @@ Forward router_forward(
     std::vector<int> chosen(order.begin(), order.begin() + k);
     std::sort(chosen.begin(), chosen.end());
 
-    std::vector<double> w(k);
-    for (int j = 0; j < k; ++j) w[j] = s[chosen[j]];
-    if (!aux) {
-      if (softmax_fn && !cfg.use_pre_softmax) {
-        softmax(w);
-        for (int j = 0; j < k; ++j) f.saved[t * E + chosen[j]] = w[j];
-      } else if (!softmax_fn && k > 1) {
-        double sum = 0.0;
-        for (double v : w) sum += v;
-        for (double& v : w) v /= (sum + kEps);
-      }
-      for (double& v : w) v *= cfg.scaling_factor;
-    }
+    const std::vector<double> w = token_weights(cfg, s, chosen, aux, &saved);
+    std::copy(saved.begin(), saved.end(), f.saved.begin() + t * E);
     for (int j = 0; j < k; ++j) {
       f.indices[t * k + j] = chosen[j];
       f.weights[t * k + j] = w[j];
@@ -173,6 +215,92 @@ Forward router_forward(
     if (aux) std::copy(s.begin(), s.end(), f.probs.begin() + t * E);
   }
   return f;
+}
+
+TokenValues token_values(const bitepRouterConfig_t& cfg,
+                         const double* x,
+                         const float* expert_bias,
+                         const std::vector<int>& chosen,
+                         bool aux) {
+  const int E = cfg.num_experts;
+  TokenValues v;
+  std::vector<double> s;
+  token_scores(cfg, x, aux, &s, &v.saved);
+  v.sel = selection(cfg, s, expert_bias, aux);
+  v.weights = token_weights(cfg, s, chosen, aux, &v.saved);
+  v.probs.assign(E, 0.0);
+  if (aux)
+    v.probs = s;
+  else
+    for (size_t j = 0; j < chosen.size(); ++j) v.probs[chosen[j]] = v.weights[j];
+  return v;
+}
+
+bool near_tie_selection(const bitepRouterConfig_t& cfg,
+                        const std::vector<double>& sel,
+                        const std::vector<int>& chosen,
+                        bool aux,
+                        double tol,
+                        std::string* why) {
+  const int E = cfg.num_experts, k = cfg.topk;
+  auto fail = [&](const std::string& m) {
+    if (why) *why = m;
+    return false;
+  };
+  if (static_cast<int>(chosen.size()) != k)
+    return fail(std::to_string(chosen.size()) + " experts, expected " + std::to_string(k));
+  for (int j = 0; j < k; ++j)
+    if (chosen[j] < 0 || chosen[j] >= E || (j > 0 && chosen[j] <= chosen[j - 1]))
+      return fail("experts not distinct, ascending and in [0, E)");
+  for (double v : sel)
+    if (!std::isfinite(v)) return fail("a selection score is not finite: no rounding excuse");
+  // b is below a by rounding at most: a >= b - tol * scale.
+  auto not_below = [&](double a, double b) { return a >= b - tol * std::max({std::fabs(a), std::fabs(b), 1e-30}); };
+  std::vector<char> in(E, 0), cand(E, 1);
+  for (int e : chosen) in[e] = 1;
+  if (!aux && cfg.num_groups > 0) {
+    const int G = cfg.num_groups, gs = E / G;
+    const std::vector<double> gscore = group_scores(cfg, sel);
+    std::vector<int> gids(G);
+    std::iota(gids.begin(), gids.end(), 0);
+    gids = ranked(gscore, gids);
+    const double cut = gscore[gids[cfg.group_topk - 1]];
+    std::vector<char> used(G, 0);
+    int nused = 0;
+    for (int e : chosen) nused += !used[e / gs], used[e / gs] = 1;
+    if (nused > cfg.group_topk) return fail("experts from " + std::to_string(nused) + " groups, at most group_topk");
+    // Each used group within rounding of the group_topk-th group score; the groups clearly above it must all
+    // have been taken, so that their experts compete below.
+    for (int g = 0; g < G; ++g) {
+      if (used[g] && !not_below(gscore[g], cut))
+        return fail("group " + std::to_string(g) + " is not among the top groups, even within rounding");
+      if (!not_below(cut, gscore[g])) used[g] = 1;
+    }
+    int taken = 0;  // the groups this selection must have taken: those it used and those clearly above
+    for (int g = 0; g < G; ++g) taken += used[g];
+    if (taken > cfg.group_topk)
+      return fail(std::to_string(taken) + " groups used or clearly above the cut, more than group_topk");
+    for (int e = 0; e < E; ++e) cand[e] = used[e / gs];
+    // Fewer: the other groups taken gave no expert, so there must be that many groups at the cut whose experts
+    // all lose to every chosen one, up to rounding.
+    int spare = 0;
+    for (int g = 0; g < G && taken + spare < cfg.group_topk; ++g) {
+      if (used[g] || !not_below(gscore[g], cut)) continue;
+      bool loses = true;
+      for (int u = g * gs; u < (g + 1) * gs && loses; ++u)
+        for (int c : chosen) loses = loses && not_below(sel[c], sel[u]);
+      spare += loses;
+    }
+    if (taken + spare < cfg.group_topk)
+      return fail("experts from " + std::to_string(taken) +
+                  " groups, and no group at the cut that could have given none");
+  }
+  // Within the candidates every chosen expert is at least every dropped one, up to rounding.
+  for (int c : chosen)
+    for (int u = 0; u < E; ++u)
+      if (cand[u] && !in[u] && !not_below(sel[c], sel[u]))
+        return fail("expert " + std::to_string(c) + " chosen over " + std::to_string(u) + " beyond rounding");
+  return true;
 }
 
 std::vector<double> router_backward(const bitepRouterConfig_t& cfg,

@@ -32,6 +32,33 @@ std::vector<double> to_double(const void* data, bitepDataType_t dtype, size_t n)
 Forward router_forward(
     const bitepRouterConfig_t& cfg, int64_t T, const std::vector<double>& logits, const float* expert_bias, bool aux);
 
+// One token's values for a given expert set (ascending, k of them), as router_forward computes them for its
+// own: to check a kernel's values where it chose other experts at a near-tie.
+struct TokenValues {
+  std::vector<double> weights;  // [k]
+  std::vector<double> probs;    // [E]
+  std::vector<double> saved;    // [E]
+  std::vector<double> sel;      // [E] selection scores
+};
+TokenValues token_values(const bitepRouterConfig_t& cfg,
+                         const double* x,
+                         const float* expert_bias,
+                         const std::vector<int>& chosen,
+                         bool aux);
+
+// Whether `chosen` (k distinct experts, ascending) is a top-k selection over the selection scores `sel` up to
+// a relative rounding of tol: every chosen expert at least every dropped candidate within tol, and for
+// group-limited routing every used group within tol of the group_topk-th group score, every group clearly
+// above it taken (its experts among the candidates), group_topk groups taken in all, those that gave no
+// expert at the cut and beaten by every chosen expert. Any non-finite score: false (no rounding explains
+// those). why: the first violation.
+bool near_tie_selection(const bitepRouterConfig_t& cfg,
+                        const std::vector<double>& sel,
+                        const std::vector<int>& chosen,
+                        bool aux,
+                        double tol,
+                        std::string* why);
+
 // grad_probs -> grad_logits for the given map (bytemap [T, E]); aux = true for the aux-loss scores.
 std::vector<double> router_backward(const bitepRouterConfig_t& cfg,
                                     int64_t T,
