@@ -11,24 +11,36 @@
 //
 // Inputs: bf16 tokens; router = bitepRouterForward (softmax after top-k, so a token's weights sum to 1)
 // writing BITMAP_U8 + compact weights (bitep) or [T, k] indices + weights (baseline); uniform logits or
-// skewed (experts 0..3 hot). Correctness in every run: received rows (payload, source order, counts
-// against the router's own per-rank counts), the expert-major view, pad rows, and combine with identity
-// experts must return, bit for bit, x (baseline: one fp32 sum, one rounding) or the value bitep's
-// documented order gives (its per-rank partials travel in bf16: epbench::check_combine); any wrong row
-// makes the exit code non-zero.
+// skewed (experts 0..3 hot). Correctness in every run (its first, untimed iteration): received rows (payload,
+// source order, counts against the router's own per-rank counts), the expert-major view, pad rows, and combine
+// with identity experts must return, bit for bit, x (baseline: one fp32 sum, one rounding) or the value bitep's
+// documented order gives (its per-rank partials travel in bf16: epbench::check_combine). Placement, on the
+// host: every rank regenerates every source rank's routing (inputs are a function of (seed, rank, token), the
+// router is bit-reproducible) and checks its layout against the documented one: the receive order (row headers),
+// recv_map and recv_weights bit for bit, each recv_expert_rows entry at its exact row of its expert's block,
+// expert_counts and the aligned expert_offsets (epbench::check_placement). --self-test-checks then corrupts host
+// copies of the layout (a map bit, two entries of different experts swapped, a weight by one ulp), one at a time,
+// and requires the placement check to catch each. Any wrong row or missed corruption makes the exit code non-zero.
+//
+// L2: before each timed call that starts from the inputs (dispatch, low-latency dispatch, end to end, each NCCL
+// all-to-all, the baseline) a buffer of twice the L2 is written on the stream and waited for, outside the timed
+// events, so that the call reads x, map and weights from memory, not from the L2 the previous iteration left them
+// in (--no-l2-flush: not; the JSON's l2_flush and the table's header say which).
 //
 // Table (nccl-tests style): size = bytes each rank's dispatch moves (self chunk included; avg over ranks),
 // count = rows, time = slowest rank's median; algbw = size / time, busbw = algbw * (W - 1) / W.
-// Memory: group_bytes (bitepGroupMemoryBytes, the largest rank) and its ratio to (rows sent, own included, + rows
+// Memory, per rank (min / avg / max over the ranks; the JSON's group_bytes, caller_bytes and memory_ratio are the
+// largest rank's): group_bytes (bitepGroupMemoryBytes) and its ratio to (rows sent, own included, + rows
 // received) x H x 2. --caller-buffers passes bitepDispatch exact-capacity recv_x / expert_x of the bench's own
 // (sized by one untimed dispatch, whose pool blocks are then trimmed: bitepGroupTrimMemory), so group_bytes is the
 // library's memory alone and caller_bytes the buffers' (the ranks' agreement on their capacities then adds a
 // second, two-word exchange to every dispatch at W > 1).
 // --expert-major-only times dispatches with args.expert_major_only = 1 (no rank-major rows; with --caller-buffers
-// an expert_x alone); the first iteration checks them against a dispatch with both views, bit for bit.
+// an expert_x alone); the first iteration checks them against a dispatch with both views, bit for bit, and their
+// layout's placement with that dispatch's row headers.
 // Usage: mpirun -np <W> ep_bench [--quick] [--json PATH] [--iters N] [--warmup N] [--tokens a,b,..]
 //                                [--routing uniform|skewed|both] [--no-baseline] [--caller-buffers]
-//                                [--expert-major-only]
+//                                [--expert-major-only] [--self-test-checks] [--no-l2-flush]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mpi.h>
@@ -75,6 +87,7 @@ int g_rank = 0;
 
 struct Options {
   bool quick = false, baseline = true, caller_buffers = false, expert_major_only = false;
+  bool self_test_checks = false, l2_flush = true;
   std::string json;
   int iters = 20, warmup = 5;
   std::vector<int64_t> tokens = {128, 512, 2048, 4096, 8192, 16384};
@@ -98,6 +111,10 @@ Options parse(int argc, char** argv) {
       o.caller_buffers = true;
     } else if (a == "--expert-major-only") {
       o.expert_major_only = true;
+    } else if (a == "--self-test-checks") {
+      o.self_test_checks = true;
+    } else if (a == "--no-l2-flush") {
+      o.l2_flush = false;
     } else if (a == "--json") {
       o.json = next();
     } else if (a == "--iters") {
@@ -229,6 +246,89 @@ double measure_p2p(ncclComm_t comm, int W, int rank, cudaStream_t s, std::string
   return gbps;
 }
 
+// What this rank must receive: each source rank's routing regenerated here as the bench computes its own (ra, with
+// that rank's logits in buffers of its own), T tokens on every rank.
+epbench::ExpectedRows expected_rows(const bitepRouterConfig_t& rc,
+                                    bitepRouterForwardArgs_t ra,
+                                    int W,
+                                    int rank,
+                                    uint64_t seed,
+                                    bool skewed,
+                                    cudaStream_t s) {
+  const int64_t T = ra.num_tokens;
+  const int E = rc.num_experts, k = rc.topk, EB = (E + 7) / 8;
+  float* logits = dalloc<float>(T * E);
+  uint8_t* map = dalloc<uint8_t>(T * EB);
+  float* w = dalloc<float>(T * k);
+  int32_t* rank_counts = dalloc<int32_t>(W);
+  ra.logits = logits, ra.routing_map = map, ra.topk_weights = w, ra.rank_counts = rank_counts;
+  std::vector<uint8_t> hmap(T * EB);
+  std::vector<float> hw(T * k);
+  epbench::ExpectedRows e;
+  for (int src = 0; src < W; ++src) {
+    epbench::gen_logits(logits, T, E, src, seed, skewed, s);
+    CK(cudaGetLastError());
+    BK(bitepRouterForward(bitepBackendCuda, &rc, &ra, reinterpret_cast<bitepStream_t>(s)));
+    CK(cudaMemcpyAsync(hmap.data(), map, hmap.size(), cudaMemcpyDeviceToHost, s));
+    CK(cudaMemcpyAsync(hw.data(), w, 4 * hw.size(), cudaMemcpyDeviceToHost, s));
+    CK(cudaStreamSynchronize(s));
+    epbench::append_expected_rows(&e, hmap.data(), hw.data(), T, E, k, W, src, rank);
+  }
+  for (void* p :
+       {static_cast<void*>(logits), static_cast<void*>(map), static_cast<void*>(w), static_cast<void*>(rank_counts)})
+    CK(cudaFree(p));
+  return e;
+}
+
+// lay's layout on the host, with the origin headers of the first 3 elements of header_rows rows of recv_x [., H]
+// (lay's own, or with --expert-major-only those of a both-views dispatch: the same receive order).
+epbench::Placement download_placement(
+    const bitepDispatchLayout_t& lay, const void* recv_x, int64_t header_rows, int H, int alignment, cudaStream_t s) {
+  epbench::Placement p;
+  const int L = lay.num_local_experts, KL = lay.max_row_experts, MB = (L + 7) / 8;
+  const int64_t R = lay.num_recv_rows;
+  p.L = L, p.KL = KL, p.alignment = alignment, p.R = R, p.num_expert_rows = lay.num_expert_rows;
+  p.headers.resize(3 * header_rows);
+  p.map.resize(R * MB);
+  p.rows.resize(R * KL);
+  p.offsets.resize(L + 1);
+  p.counts.resize(L);
+  if (lay.recv_weights != nullptr) p.weights.resize(R * KL);
+  if (header_rows > 0)
+    CK(cudaMemcpy2DAsync(p.headers.data(), 6, recv_x, size_t(H) * 2, 6, header_rows, cudaMemcpyDeviceToHost, s));
+  if (R > 0) {
+    CK(cudaMemcpyAsync(p.map.data(), lay.recv_map, p.map.size(), cudaMemcpyDeviceToHost, s));
+    CK(cudaMemcpyAsync(p.rows.data(), lay.recv_expert_rows, 4 * p.rows.size(), cudaMemcpyDeviceToHost, s));
+    if (lay.recv_weights != nullptr)
+      CK(cudaMemcpyAsync(p.weights.data(), lay.recv_weights, 4 * p.weights.size(), cudaMemcpyDeviceToHost, s));
+  }
+  CK(cudaMemcpyAsync(p.offsets.data(), lay.expert_offsets, 4 * (L + 1), cudaMemcpyDeviceToHost, s));
+  CK(cudaMemcpyAsync(p.counts.data(), lay.expert_counts, 4 * L, cudaMemcpyDeviceToHost, s));
+  CK(cudaStreamSynchronize(s));
+  return p;
+}
+
+// --self-test-checks: each corruption of a copy of p must raise the placement check's count above p's own (clean).
+// One line per corruption; returns the number missed.
+int self_test_placement(const epbench::ExpectedRows& e, const epbench::Placement& p, int64_t clean, const char* where) {
+  if (p.R == 0) {
+    std::printf("# %s: self-test of the placement check skipped: no received rows\n", where);
+    return 0;
+  }
+  int missed = 0;
+  for (const epbench::Corruption& c : epbench::corrupt_placement(e, p)) {
+    if (!c.applied) {
+      std::printf("# %s: self-test: %s: skipped (this layout cannot hold it)\n", where, c.what);
+    } else if (c.wrong > clean) {
+      std::printf("# %s: self-test: %s: caught (%lld wrong)\n", where, c.what, static_cast<long long>(c.wrong));
+    } else {
+      std::fprintf(stderr, "# %s: self-test: %s: NOT caught by the placement check\n", where, c.what);
+      ++missed;
+    }
+  }
+  return missed;
+}
+
 struct Shape {
   int H, E, k;
 };
@@ -268,6 +368,19 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, device));
   report.card = prop.name;
+  // The L2 flush before each timed call that starts from the inputs: twice the L2 written, its byte alternating so
+  // that no write is skipped as a repeat. Waited for before the ranks' barrier, so that the timed call still starts
+  // on an idle stream, its launch not hidden behind the flush.
+  const size_t l2_bytes = opt.l2_flush ? 2 * static_cast<size_t>(prop.l2CacheSize) : 0;
+  char* l2_buf = l2_bytes > 0 ? dalloc<char>(l2_bytes) : nullptr;
+  int l2_byte = 0;
+  auto flush_l2 = [&] {
+    if (l2_buf == nullptr) return;
+    l2_byte ^= 1;
+    CK(cudaMemsetAsync(l2_buf, l2_byte, l2_bytes, stream));
+    CK(cudaStreamSynchronize(stream));
+  };
+  report.l2_flush = l2_buf != nullptr;
 
   const std::vector<Shape> shapes = opt.quick ? std::vector<Shape>{{7168, 256, 8}, {2048, 128, 8}}
                                               : std::vector<Shape>{{7168, 256, 8}, {4096, 64, 6}, {2048, 128, 8}};
@@ -319,6 +432,8 @@ int main(int argc, char** argv) {
           kBaseCombine,
           kLowLatencyRows,
           kLowLatencyCombine,
+          kPlacement,
+          kSelfTest,
           kChecks
         };
         static const char* const kCheckNames[kChecks] = {"recv rows",
@@ -328,11 +443,16 @@ int main(int argc, char** argv) {
                                                          "baseline rows",
                                                          "baseline combine",
                                                          "low-latency expert-major (vs bitepDispatch's)",
-                                                         "low-latency combine"};
+                                                         "low-latency combine",
+                                                         "placement (host: receive order, map, weights, positions, "
+                                                         "counts, offsets)",
+                                                         "self-test: corruptions the placement check missed"};
         int* wrong = dalloc<int>(kChecks);
+        int64_t host_checks[kChecks] = {};  // the checks that run on the host (placement, self-test)
         int64_t* src_off = dalloc<int64_t>(W + 1);
         CK(cudaMemsetAsync(wrong, 0, sizeof(int) * kChecks, stream));
-        epbench::gen_logits(logits, T, sh.E, rank, 1234 + (skewed ? 1 : 0), skewed, stream);
+        const uint64_t seed = 1234 + (skewed ? 1 : 0);
+        epbench::gen_logits(logits, T, sh.E, rank, seed, skewed, stream);
         epbench::gen_x(x, T, sh.H, rank, stream);
         CK(cudaGetLastError());
 
@@ -398,6 +518,7 @@ int main(int argc, char** argv) {
         std::vector<float> t_disp, t_comb, t_e2e, t_a2a, t_a2a_c, t_bd, t_bc, t_be2e;
         for (int it = 0; it < opt.warmup + opt.iters; ++it) {
           const bool timed = it >= opt.warmup;
+          flush_l2();
           MPI_Barrier(MPI_COMM_WORLD);
           bitepHandle_t h;
           if (it == 0) poison_out();
@@ -453,6 +574,19 @@ int main(int argc, char** argv) {
             epbench::check_pad_rows(exx, ref.expert_offsets, ref.expert_counts, L, sh.H, wrong + kPadRows, stream);
             CK(cudaGetLastError());
             CK(cudaStreamSynchronize(stream));
+            // Placement, on the host: this dispatch's layout (with ref's row headers) against the rows every source's
+            // routing, regenerated here, sends this rank.
+            const epbench::ExpectedRows expected = expected_rows(rc, ra, W, rank, seed, skewed, stream);
+            const epbench::Placement got =
+                download_placement(lay, ref.recv_x, ref.num_recv_rows, sh.H, gc.expert_alignment, stream);
+            const int64_t placement_wrong = epbench::check_placement(expected, got);
+            host_checks[kPlacement] += placement_wrong;
+            if (opt.self_test_checks) {
+              char where[128];
+              std::snprintf(where, sizeof(where), "rank %d T=%lld H=%d E=%d k=%d %s", rank, static_cast<long long>(T),
+                            sh.H, sh.E, sh.k, rec.routing.c_str());
+              host_checks[kSelfTest] += self_test_placement(expected, got, placement_wrong, where);
+            }
             if (href != nullptr) {
               // The reference's blocks (its recv_x among them) leave the pool, so that group_bytes counts what the
               // expert-major-only dispatches hold (the warm-up iterations re-fill the pool before the timed ones).
@@ -479,6 +613,7 @@ int main(int argc, char** argv) {
         std::vector<float> t_lld, t_llc;
         rec.ll = T <= kLowLatencyTokens;
         for (int it = 0; rec.ll && it < opt.warmup + opt.iters; ++it) {
+          flush_l2();
           MPI_Barrier(MPI_COMM_WORLD);
           bitepHandle_t h;
           if (it == 0) poison_out();
@@ -515,6 +650,7 @@ int main(int argc, char** argv) {
         }
         // End to end: router + dispatch + combine.
         for (int it = 0; it < opt.warmup + opt.iters; ++it) {
+          flush_l2();
           MPI_Barrier(MPI_COMM_WORLD);
           bitepHandle_t h;
           CK(cudaEventRecord(ev.e[0], stream));
@@ -536,11 +672,13 @@ int main(int argc, char** argv) {
           char* sbuf = dalloc<char>(sb);
           char* rbuf = dalloc<char>(rb);
           for (int it = 0; it < opt.warmup + opt.iters; ++it) {
+            flush_l2();
             MPI_Barrier(MPI_COMM_WORLD);
             CK(cudaEventRecord(ev.e[0], stream));
             nccl_a2a(comm, W, rank, sbuf, send_b, rbuf, recv_b, stream);
             CK(cudaEventRecord(ev.e[1], stream));
             CK(cudaStreamSynchronize(stream));
+            flush_l2();
             MPI_Barrier(MPI_COMM_WORLD);
             CK(cudaEventRecord(ev.e[2], stream));
             nccl_a2a(comm, W, rank, sbuf, send_c, rbuf, recv_c, stream);
@@ -556,6 +694,7 @@ int main(int argc, char** argv) {
           for (int it = 0; it < 2 * (opt.warmup + opt.iters); ++it) {
             const bool e2e = it >= opt.warmup + opt.iters;
             const int j = e2e ? it - opt.warmup - opt.iters : it;
+            flush_l2();
             MPI_Barrier(MPI_COMM_WORLD);
             if (it == 0) poison_out();
             CK(cudaEventRecord(ev.e[0], stream));
@@ -580,13 +719,15 @@ int main(int argc, char** argv) {
             }
           }
         }
-        int dev_wrongs[kChecks] = {}, dev_wrong = 0;
+        int dev_wrongs[kChecks] = {};
+        int64_t check_wrong = 0;
         CK(cudaMemcpy(dev_wrongs, wrong, sizeof(dev_wrongs), cudaMemcpyDeviceToHost));
         for (int c = 0; c < kChecks; ++c) {
-          dev_wrong += dev_wrongs[c];
-          if (dev_wrongs[c] != 0)
-            std::fprintf(stderr, "# rank %d T=%lld H=%d E=%d k=%d %s: %d wrong (check: %s)\n", rank,
-                         static_cast<long long>(T), sh.H, sh.E, sh.k, rec.routing.c_str(), dev_wrongs[c],
+          const int64_t n = dev_wrongs[c] + host_checks[c];
+          check_wrong += n;
+          if (n != 0)
+            std::fprintf(stderr, "# rank %d T=%lld H=%d E=%d k=%d %s: %lld wrong (check: %s)\n", rank,
+                         static_cast<long long>(T), sh.H, sh.E, sh.k, rec.routing.c_str(), static_cast<long long>(n),
                          kCheckNames[c]);
         }
         if (host_wrong != 0)
@@ -606,7 +747,7 @@ int main(int argc, char** argv) {
         rec.baseline_dispatch = report.over_ranks(median(t_bd));
         rec.baseline_combine = report.over_ranks(median(t_bc));
         rec.baseline_e2e = report.over_ranks(median(t_be2e));
-        report.finish(&rec, host_wrong + dev_wrong, static_cast<int64_t>(group_bytes), caller_bytes, traffic_bytes);
+        report.finish(&rec, host_wrong + check_wrong, static_cast<int64_t>(group_bytes), caller_bytes, traffic_bytes);
         report.add(rec);
         for (void* p :
              {static_cast<void*>(logits), static_cast<void*>(map), static_cast<void*>(w), static_cast<void*>(w_idx),
@@ -616,6 +757,7 @@ int main(int argc, char** argv) {
       }
     BK(bitepGroupDestroy(group));
   }
+  CK(cudaFree(l2_buf));
   const int64_t total_wrong = report.total_wrong();
   if (!opt.json.empty()) report.write_json(opt.json);
   ncclCommDestroy(comm);

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace epbench {
 
@@ -67,5 +68,51 @@ void check_combine(const __nv_bfloat16* out,
                    int W,
                    int* wrong,
                    cudaStream_t s);
+
+// The placement check, on the host: where each received row lands, against the documented layout
+// (bitepDispatchLayout_t). R received rows by ascending source rank, then source token; local expert l's block is
+// rows [offsets[l], offsets[l] + counts[l]), its rows in ascending receive-row order, then pad rows up to
+// offsets[l + 1].
+
+// The rows one rank must receive, in receive order, from the routing of every source rank.
+struct ExpectedRows {
+  std::vector<int32_t> origin;  // [R, 2] source rank, token
+  std::vector<uint8_t> map;     // [R, ceil(L/8)] the token's map slice of the rank's L experts, pad bits 0
+  std::vector<float> weights;   // [R, min(k, L)] its compact weights of those experts in bit order, 0-padded
+};
+
+// Appends the rows that source rank s sends to rank `rank` (those with one of its experts), given s's routing:
+// bitmap BITMAP_U8 [T, ceil(E/8)] and compact weights [T, k], host memory.
+void append_expected_rows(
+    ExpectedRows* e, const uint8_t* bitmap, const float* topk_weights, int64_t T, int E, int k, int W, int s, int rank);
+
+// One rank's received layout, copied to the host.
+struct Placement {
+  int L = 0, KL = 0;  // local experts, max_row_experts
+  int alignment = 1;  // the group's expert_alignment
+  int64_t R = 0, num_expert_rows = 0;
+  std::vector<uint16_t> headers;  // [R, 3] bf16 bits of each received row's first 3 elements, its origin (fewer: wrong)
+  std::vector<uint8_t> map;       // [R, ceil(L/8)] recv_map
+  std::vector<float> weights;     // [R, KL] recv_weights; empty when the dispatch has none
+  std::vector<int32_t> rows;      // [R, KL] recv_expert_rows
+  std::vector<int32_t> offsets;   // [L + 1] expert_offsets
+  std::vector<int32_t> counts;    // [L] expert_counts
+};
+
+// Counts what differs from e: a missing or extra row; a row whose header, map slice (pad bits included), weights
+// (bit for bit) or positions differ (entry j of row i, l the j-th set bit of its slice, must be offsets[l] + the
+// rows before i with bit l; entries past the popcount -1); an expert whose rows are not counts[l] or whose block
+// is not counts[l] rounded up to the alignment; offsets[0] != 0 or offsets[L] != num_expert_rows.
+int64_t check_placement(const ExpectedRows& e, const Placement& p);
+
+// The placement check's own test: one corrupted copy of p at a time (a map bit flipped, two entries of different
+// experts swapped, a weight one ulp up), each checked; p itself is left alone. wrong = check_placement on the copy;
+// applied = false where p cannot hold the corruption (no weights; no two experts with rows). None when p.R = 0.
+struct Corruption {
+  const char* what;
+  bool applied;
+  int64_t wrong;
+};
+std::vector<Corruption> corrupt_placement(const ExpectedRows& e, const Placement& p);
 
 }  // namespace epbench

@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
-// Inputs and correctness checks of ep_bench (see ep_bench.h). Checks count bad rows with atomics on one
-// device counter; they run outside the timed regions.
+// Inputs and correctness checks of ep_bench (see ep_bench.h). The device checks count bad rows with atomics on
+// one device counter, the placement check on the host; they run outside the timed regions.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
 #include "bench/ep_bench.h"
 #include "tests/reference/inputs.h"
 
@@ -166,6 +170,16 @@ __global__ void combine_kernel(const __nv_bfloat16* out,
   if (!__all_sync(0xffffffffu, ok) && lane == 0) atomicAdd(wrong, 1);
 }
 
+inline bool bit(const uint8_t* row, int b) { return (row[b >> 3] >> (b & 7)) & 1; }
+
+// The bf16 bits gen_x writes for v (an integer of the header).
+uint16_t header_bits(int64_t v) {
+  const __nv_bfloat16 b = __float2bfloat16_rn(static_cast<float>(v));
+  uint16_t u;
+  std::memcpy(&u, &b, sizeof(u));
+  return u;
+}
+
 unsigned grid(int64_t threads) {
   const int64_t b = (threads + kThreads - 1) / kThreads;
   return static_cast<unsigned>(b > 0 ? b : 1);
@@ -224,6 +238,110 @@ void check_combine(const __nv_bfloat16* out,
 }
 void check_equal(const __nv_bfloat16* a, const __nv_bfloat16* b, int64_t n, int* wrong, cudaStream_t s) {
   if (n > 0) equal_kernel<<<grid(n < (1 << 22) ? n : (1 << 22)), kThreads, 0, s>>>(a, b, n, wrong);
+}
+
+void append_expected_rows(ExpectedRows* e,
+                          const uint8_t* bitmap,
+                          const float* topk_weights,
+                          int64_t T,
+                          int E,
+                          int k,
+                          int W,
+                          int s,
+                          int rank) {
+  const int L = E / W, KL = std::min(k, L), MB = (L + 7) / 8, EB = (E + 7) / 8, first = rank * L;
+  std::vector<uint8_t> slice(MB);
+  std::vector<float> w(KL);
+  for (int64_t t = 0; t < T; ++t) {
+    const uint8_t* row = bitmap + t * EB;
+    int before = 0;  // the token's experts below this rank's: the compact index of its first one here
+    for (int b = 0; b < first / 8; ++b) before += __builtin_popcount(row[b]);
+    if (first % 8 != 0) before += __builtin_popcount(row[first / 8] & ((1u << (first % 8)) - 1u));
+    std::fill(slice.begin(), slice.end(), 0);
+    std::fill(w.begin(), w.end(), 0.0f);
+    int n = 0;
+    for (int l = 0; l < L; ++l) {
+      if (!bit(row, first + l)) continue;
+      slice[l >> 3] = static_cast<uint8_t>(slice[l >> 3] | (1u << (l & 7)));
+      if (n < KL) w[n] = topk_weights[t * k + before + n];
+      ++n;
+    }
+    if (n == 0) continue;
+    e->origin.push_back(s);
+    e->origin.push_back(static_cast<int32_t>(t));
+    e->map.insert(e->map.end(), slice.begin(), slice.end());
+    e->weights.insert(e->weights.end(), w.begin(), w.end());
+  }
+}
+
+int64_t check_placement(const ExpectedRows& e, const Placement& p) {
+  const int L = p.L, KL = p.KL, MB = (L + 7) / 8;
+  const int64_t R = static_cast<int64_t>(e.origin.size() / 2), headers = static_cast<int64_t>(p.headers.size() / 3);
+  int64_t wrong = std::llabs(p.R - R);
+  std::vector<int64_t> seen(L, 0);  // rows of each expert so far
+  for (int64_t i = 0; i < std::min(p.R, R); ++i) {
+    const uint8_t* m = e.map.data() + i * MB;
+    const int64_t t = e.origin[2 * i + 1];
+    bool ok = i < headers && p.headers[3 * i] == header_bits(e.origin[2 * i]) &&
+              p.headers[3 * i + 1] == header_bits(t / 256) && p.headers[3 * i + 2] == header_bits(t % 256);
+    ok = ok && std::memcmp(p.map.data() + i * MB, m, MB) == 0;
+    if (!p.weights.empty()) ok = ok && std::memcmp(p.weights.data() + i * KL, e.weights.data() + i * KL, 4 * KL) == 0;
+    int j = 0;
+    for (int l = 0; l < L; ++l) {
+      if (!bit(m, l)) continue;
+      ok = ok && j < KL && p.rows[i * KL + j] == p.offsets[l] + seen[l];
+      ++seen[l], ++j;
+    }
+    for (; j < KL; ++j) ok = ok && p.rows[i * KL + j] == -1;
+    wrong += !ok;
+  }
+  // Blocks: aligned offsets follow from offsets[0] = 0 and block sizes that are multiples of the alignment.
+  const int64_t a = p.alignment;
+  wrong += p.offsets[0] != 0;
+  for (int l = 0; l < L; ++l) {
+    wrong += seen[l] != p.counts[l];
+    wrong += int64_t{p.offsets[l + 1]} - p.offsets[l] != (int64_t{p.counts[l]} + a - 1) / a * a;
+  }
+  wrong += p.offsets[L] != p.num_expert_rows;
+  return wrong;
+}
+
+std::vector<Corruption> corrupt_placement(const ExpectedRows& e, const Placement& p) {
+  std::vector<Corruption> out;
+  if (p.R == 0) return out;
+  const int MB = (p.L + 7) / 8, KL = p.KL;
+  const int64_t mid = p.R / 2;
+  Placement c = p;
+  auto check = [&](const char* what, bool applied) {
+    out.push_back({what, applied, applied ? check_placement(e, c) : 0});
+    c = p;
+  };
+  c.map[mid * MB] = static_cast<uint8_t>(c.map[mid * MB] ^ 1u);
+  check("one map bit of one received row flipped", true);
+  // Entries q = i * KL + j: the first one with a row, and the first after it whose expert (the j-th set bit of
+  // row i) differs.
+  int64_t qa = -1, qb = -1;
+  int la = -1;
+  for (int64_t i = 0; i < p.R && qb < 0; ++i)
+    for (int l = 0, j = 0; l < p.L && j < KL && qb < 0; ++l) {
+      if (!bit(p.map.data() + i * MB, l)) continue;
+      const int64_t q = i * KL + j++;
+      if (p.rows[q] < 0) continue;
+      if (qa < 0)
+        qa = q, la = l;
+      else if (l != la)
+        qb = q;
+    }
+  if (qb >= 0) std::swap(c.rows[qa], c.rows[qb]);
+  check("two recv_expert_rows entries of different experts swapped", qb >= 0);
+  if (!c.weights.empty()) {  // every received row has a weight > 0 in entry 0: one ulp up is the next float
+    uint32_t u;
+    std::memcpy(&u, &c.weights[mid * KL], sizeof(u));
+    ++u;
+    std::memcpy(&c.weights[mid * KL], &u, sizeof(u));
+  }
+  check("one weight changed by one ulp", !c.weights.empty());
+  return out;
 }
 
 }  // namespace epbench

@@ -13,7 +13,8 @@
 
 namespace {
 
-// A per-rank value over all ranks; `max` is the slowest rank's, and the one the table shows.
+// A per-rank value over all ranks; `max` is the slowest (for bytes: the largest) rank's, and the one the table
+// shows; `slowest` is that rank.
 struct Stat {
   double min = 0, avg = 0, max = 0;
   int slowest = 0;
@@ -29,11 +30,11 @@ struct Record {
   Stat ll_dispatch, ll_combine;  // bitepDispatchLowLatency and its combine (T <= the group's low-latency capacity)
   bool ll = false;
   Stat cross, combine_cross, baseline_cross;
-  int64_t wrong = 0, group_bytes = 0;
-  // Memory, the largest over the ranks: caller-owned receive buffers (--caller-buffers), and the group's
-  // bytes over (rows sent, own included, + rows received) x H x 2, the budget being 2.
-  int64_t caller_bytes = 0;
-  double memory_ratio = 0;
+  int64_t wrong = 0;
+  // Memory per rank, over the ranks (max: the largest rank): the group's bytes (bitepGroupMemoryBytes),
+  // caller-owned receive buffers (--caller-buffers), and the group's bytes over (rows sent, own included, + rows
+  // received) x H x 2, the budget being 2.
+  Stat group_bytes, caller_bytes, memory_ratio;
   bool expert_major_only = false;  // --expert-major-only: the timed dispatches keep no rank-major rows
 };
 
@@ -42,6 +43,7 @@ class Report {
   Report(int W, int rank) : W_(W), rank_(rank) {}
   std::string card, p2p_method;
   double p2p_gbps = 0;
+  bool l2_flush = false;  // the L2 written over before each timed call that starts from the inputs
 
   Stat over_ranks(double v) const {
     std::vector<double> all(W_);
@@ -56,8 +58,9 @@ class Report {
 
   void table_header(int H, int E, int k) const {
     if (rank_ != 0) return;
-    std::printf("#\n# H=%d E=%d k=%d W=%d bf16 | p2p ceiling %.1f GB/s (%s)\n", H, E, k, W_, p2p_gbps,
-                p2p_method.c_str());
+    std::printf("#\n# H=%d E=%d k=%d W=%d bf16 | p2p ceiling %.1f GB/s (%s) | %s\n", H, E, k, W_, p2p_gbps,
+                p2p_method.c_str(),
+                l2_flush ? "L2 flushed before each timed call (2x L2 written)" : "L2 not flushed (--no-l2-flush)");
     std::printf(
         "# time = slowest rank's median (us); size = bytes a rank's dispatch moves (avg); "
         "algbw = size / time; busbw = algbw * (W-1)/W\n");
@@ -70,8 +73,9 @@ class Report {
   void finish(Record* r, int64_t wrong, int64_t group_bytes, int64_t caller_bytes, int64_t traffic_bytes) const {
     const double ratio =
         traffic_bytes > 0 ? static_cast<double>(group_bytes) / static_cast<double>(traffic_bytes) : 0.0;
-    MPI_Allreduce(&caller_bytes, &r->caller_bytes, 1, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
-    MPI_Allreduce(&ratio, &r->memory_ratio, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    r->group_bytes = over_ranks(static_cast<double>(group_bytes));
+    r->caller_bytes = over_ranks(static_cast<double>(caller_bytes));
+    r->memory_ratio = over_ranks(ratio);
     r->cross = over_ranks(static_cast<double>(r->cross_bytes));
     r->combine_cross = over_ranks(static_cast<double>(r->combine_bytes));
     r->baseline_cross = over_ranks(static_cast<double>(r->baseline_cross_bytes));
@@ -79,7 +83,6 @@ class Report {
     r->size_bytes = static_cast<int64_t>(size.avg);
     r->rows = static_cast<int64_t>(rows.avg);
     MPI_Allreduce(&wrong, &r->wrong, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
-    MPI_Allreduce(&group_bytes, &r->group_bytes, 1, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
     if (rank_ != 0) return;
     const double f = W_ > 1 ? double(W_ - 1) / W_ : 0.0;
     auto gbps = [](double bytes, double us) { return us > 0 ? bytes / (us * 1e3) : 0.0; };
@@ -100,10 +103,11 @@ class Report {
         r->combine.max, r->combine.slowest, gbps(r->cross.avg, r->dispatch.max),
         gbps(r->combine_cross.avg, r->combine.max), r->cross.min, r->cross.max);
     std::printf(
-        "  %6s   memory: group %.3f GB (largest rank), %.2fx (rows sent + received) x H x 2; caller buffers %.3f "
-        "GB%s\n",
-        "", r->group_bytes / 1e9, r->memory_ratio, r->caller_bytes / 1e9,
-        r->expert_major_only ? "; expert-major only" : "");
+        "  %6s   memory min/avg/max: group %.3f/%.3f/%.3f GB (largest rank %d), %.2f/%.2f/%.2fx (rows sent + "
+        "received) x H x 2; caller buffers %.3f/%.3f/%.3f GB%s\n",
+        "", r->group_bytes.min / 1e9, r->group_bytes.avg / 1e9, r->group_bytes.max / 1e9, r->group_bytes.slowest,
+        r->memory_ratio.min, r->memory_ratio.avg, r->memory_ratio.max, r->caller_bytes.min / 1e9,
+        r->caller_bytes.avg / 1e9, r->caller_bytes.max / 1e9, r->expert_major_only ? "; expert-major only" : "");
     if (r->ll)
       std::printf(
           "  %6s   low latency: dispatch min/avg/max %.1f/%.1f/%.1f (slowest rank %d), combine %.1f/%.1f/%.1f (rank "
@@ -132,8 +136,10 @@ class Report {
     char date[64];
     const std::time_t now = std::time(nullptr);
     std::strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
-    std::fprintf(f, "{\"card\": \"%s\", \"date\": \"%s\", \"commit\": \"%s\", \"W\": %d, \"p2p_GBps\": %.3f, ",
-                 card.c_str(), date, commit().c_str(), W_, p2p_gbps);
+    std::fprintf(f,
+                 "{\"card\": \"%s\", \"date\": \"%s\", \"commit\": \"%s\", \"W\": %d, \"p2p_GBps\": %.3f, "
+                 "\"l2_flush\": %s, ",
+                 card.c_str(), date, commit().c_str(), W_, p2p_gbps, l2_flush ? "true" : "false");
     std::fprintf(f, "\"p2p_method\": \"%s\",\n \"records\": [", p2p_method.c_str());
     for (size_t i = 0; i < records_.size(); ++i) {
       const Record& r = records_[i];
@@ -142,10 +148,12 @@ class Report {
       std::fprintf(f, ", \"cross_bytes\": %.0f, \"size_bytes\": %lld, \"rows\": %lld, \"combine_cross_bytes\": %.0f",
                    r.cross.avg, static_cast<long long>(r.size_bytes), static_cast<long long>(r.rows),
                    r.combine_cross.avg);
-      std::fprintf(f, ", \"baseline_cross_bytes\": %.0f, \"wrong\": %lld, \"group_bytes\": %lld", r.baseline_cross.avg,
-                   static_cast<long long>(r.wrong), static_cast<long long>(r.group_bytes));
-      std::fprintf(f, ", \"caller_bytes\": %lld, \"memory_ratio\": %.3f, \"expert_major_only\": %d",
-                   static_cast<long long>(r.caller_bytes), r.memory_ratio, r.expert_major_only ? 1 : 0);
+      std::fprintf(f, ", \"baseline_cross_bytes\": %.0f, \"wrong\": %lld", r.baseline_cross.avg,
+                   static_cast<long long>(r.wrong));
+      stat(f, "group_bytes", r.group_bytes, 0);
+      stat(f, "caller_bytes", r.caller_bytes, 0);
+      stat(f, "memory_ratio", r.memory_ratio);
+      std::fprintf(f, ", \"expert_major_only\": %d", r.expert_major_only ? 1 : 0);
       stat(f, "dispatch_us", r.dispatch);
       stat(f, "combine_us", r.combine);
       stat(f, "e2e_us", r.e2e);
@@ -167,9 +175,11 @@ class Report {
   }
 
  private:
-  static void stat(FILE* f, const char* name, const Stat& s) {
-    std::fprintf(f, ", \"%s\": %.3f, \"%s_min\": %.3f, \"%s_avg\": %.3f, \"%s_max\": %.3f, \"%s_slowest_rank\": %d",
-                 name, s.max, name, s.min, name, s.avg, name, s.max, name, s.slowest);
+  // name = the largest rank's value, then name_min / _avg / _max / _slowest_rank (the largest's rank); digits after
+  // the point (bytes: 0).
+  static void stat(FILE* f, const char* name, const Stat& s, int digits = 3) {
+    std::fprintf(f, ", \"%s\": %.*f, \"%s_min\": %.*f, \"%s_avg\": %.*f, \"%s_max\": %.*f, \"%s_slowest_rank\": %d",
+                 name, digits, s.max, name, digits, s.min, name, digits, s.avg, name, digits, s.max, name, s.slowest);
   }
   // BITEP_COMMIT, else `git rev-parse --short HEAD` in the working directory, else "unknown".
   static std::string commit() {

@@ -164,14 +164,15 @@ MR_SAN_FILTER=${MR_SAN_FILTER:-EpCuda.*:$G/zero_tokens_odd_ranks:$G/all_to_last_
 GPU_SAN_FILTER=${SANITIZER_FILTER:-EpKernelsGpu.*:RouterGpu.*:Experts/RouterGrid.MatchesHostAndOracle/E130:-RouterGpu.LargeTokenCount64BitIndexing}
 
 # BENCHES (default router,ep) picks the benchmarks of the bench phase; EP_BENCH_ARGS adds ep_bench arguments
-# (--tokens 128,512: the decode sizes alone).
+# (--tokens 128,512: the decode sizes alone). ep_bench runs with --self-test-checks: its placement check must
+# catch each corruption of a host copy of every row's layout.
 BENCHES=${BENCHES:-router,ep}
 if on bench; then
   [[ ",$BENCHES," == *",router,"* ]] &&
     step "router_bench" "$BENCH" "$BUILD/bench/router_bench" $QUICK --commit "$COMMIT" --json "$OUT/router.json"
   # shellcheck disable=SC2086
   [[ ",$BENCHES," == *",ep,"* ]] && step "ep_bench np$NGPU" "$BENCH" mpirun -np "$NGPU" -x BITEP_COMMIT \
-    "$BUILD/bench/ep_bench" $QUICK ${EP_BENCH_ARGS:-} --json "$OUT/ep.json"
+    "$BUILD/bench/ep_bench" $QUICK --self-test-checks ${EP_BENCH_ARGS:-} --json "$OUT/ep.json"
   # At most 8 files come back from $OUT: the plots travel as one tar.
   if [ -f "$OUT/ep.json" ] && python3 -c 'import matplotlib' 2>/dev/null; then
     PLOTS=$(mktemp -d)
