@@ -18,6 +18,7 @@
 #include "kernels/router.h"
 #include "kernels/router_common.cuh"
 #include "kernels/router_keys.h"
+#include "kernels/router_packed_keys.cuh"
 
 namespace bitep::kernels {
 namespace {
@@ -140,23 +141,19 @@ __device__ __forceinline__ void pop_cached(bool pop, uint32_t (&ck)[C], int (&cp
   for (int c = 0; c + 1 < C; ++c) cp[c] = pop ? cp[c + 1] : cp[c];
 }
 
-// The bf16 spec kernels' keys ("packed"): a bf16 value's selection key has 16 significant bits (its top
-// half), so the low half carries 0xffff - expert and every key of a row is unique, ordered as the
-// selection order (value, then the lower expert; NaN lowest: top half 0, still above kKeyNone). A round
-// is then one max reduction whose result names its expert: no ballot, no tie path, no register positions;
-// a lane's wins are its best keys in order, so its cache refills from the keys below its last win.
-// packed_key_lo(v, 0xffff - expert): the packed key of v for that expert. Straight-line (no branch for the NaN test: a
-// select).
-__device__ __forceinline__ uint32_t packed_key_lo(float v, uint32_t lo) {
-  const uint32_t u = __float_as_uint(__fadd_rn(v, 0.0f));
-  const uint32_t k = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
-  return (v != v ? 0u : (k & 0xffff0000u)) | lo;
-}
-__device__ __forceinline__ int packed_expert(uint32_t k) { return static_cast<int>(0xffffu - (k & 0xffffu)); }
-__device__ __forceinline__ float packed_value(uint32_t k) {
-  const uint32_t h = k >> 16;
-  if (h == 0u) return __uint_as_float(0x7fc00000u);
-  return __uint_as_float(((h & 0x8000u) ? (h & 0x7fffu) : (~h & 0xffffu)) << 16);
+// The bf16 spec kernels' keys ("packed"): kernels/router_packed_keys.cuh. Made from the logits' bits two at a time
+// (packed_keys_bf16x2) in the kernels where that measured faster, else from the widened values (packed_key_lo).
+// H200, min of two interleaved repeats (bench/NOTES.md, "Router v14"): compact outputs 0.93-0.97x at E = 64-512,
+// TE-compatible 0.97-1.00x at E = 64, 128 and 512, but 1.03-1.09x at E = 129-256 (one octet a lane, 32 lanes a
+// token, runtime k: the TE-compatible launch's kernel there), which keeps the widened values; so does E > 512
+// (ptxas: the E = 2048 kernel's registers 122 -> 168, a block an SM fewer; not measured). BITEP_ROUTER_FWD_BITS_KEYS=0
+// (a tuning build) makes none from the bits.
+#ifndef BITEP_ROUTER_FWD_BITS_KEYS
+#define BITEP_ROUTER_FWD_BITS_KEYS 1
+#endif
+template <int G, int NS, int kK>
+constexpr bool bits_keys() {
+  return BITEP_ROUTER_FWD_BITS_KEYS != 0 && NS <= 2 && !(G == 32 && NS == 1 && kK == 0);
 }
 
 // The keys-only cache (the pre-top-k softmax and normalised sigmoid kernels at one octet a lane): the C best
@@ -437,15 +434,31 @@ __global__ void __launch_bounds__(kBucketThreads,
         // 0xffff - expert: the octet's first expert is a multiple of 8, so its low 3 bits are 111 and
         // subtracting b (< 8) is XOR with b.
         [[maybe_unused]] const uint32_t lo = 0xffffu - static_cast<uint32_t>((s * G + sl) * 8);
+        if constexpr (kPacked && bits_keys<G, NS, kK>()) {  // from the logits' bits, two at a time
+          const uint32_t w[4] = {raw[s].a.x, raw[s].a.y, raw[s].a.z, raw[s].a.w};
 #pragma unroll
-        for (int b = 0; b < 8; ++b) {
-          const int i = 8 * s + b;
-          const float sel = use_bias ? __fadd_rn(v[i], b8[b]) : v[i];
-          auto kb = [&] { return kPacked ? packed_key_lo(sel, lo ^ static_cast<uint32_t>(b)) : select_key(sel); };
-          if constexpr (decltype(masked)::value)
-            key[i] = ((valid >> i) & 1) ? kb() : kKeyNone;
-          else
-            key[i] = kb();
+          for (int b = 0; b < 8; b += 2) {
+            const int i = 8 * s + b;
+            uint32_t k0, k1;
+            packed_keys_bf16x2(w[b / 2], lo ^ static_cast<uint32_t>(b), lo ^ static_cast<uint32_t>(b + 1), k0, k1);
+            if constexpr (decltype(masked)::value) {
+              key[i] = ((valid >> i) & 1) ? k0 : kKeyNone;
+              key[i + 1] = ((valid >> (i + 1)) & 1) ? k1 : kKeyNone;
+            } else {
+              key[i] = k0, key[i + 1] = k1;
+            }
+          }
+        } else {
+#pragma unroll
+          for (int b = 0; b < 8; ++b) {
+            const int i = 8 * s + b;
+            const float sel = use_bias ? __fadd_rn(v[i], b8[b]) : v[i];
+            auto kb = [&] { return kPacked ? packed_key_lo(sel, lo ^ static_cast<uint32_t>(b)) : select_key(sel); };
+            if constexpr (decltype(masked)::value)
+              key[i] = ((valid >> i) & 1) ? kb() : kKeyNone;
+            else
+              key[i] = kb();
+          }
         }
       }
     };
