@@ -22,13 +22,16 @@ constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // Launch shapes shared by the kernels.
-constexpr int kRowThreads = 256;           // warp-per-row kernels: 8 warps per block
-constexpr int kRowBlocksPerSm = 8;         // persistent grids: at most this many blocks per SM
-constexpr int kUnroll = 4;                 // vectors per lane in flight in row copies and sums
-constexpr int kScanThreads = 256;          // segmented scans: items (tokens / rows) per tile
-constexpr int kSingleThreads = 1024;       // single-block scans
-constexpr int64_t kSingleMaxItems = 2048;  // up to this many items, one block scans them all
-constexpr int kOffsetThreads = 1024;       // the one-block per-segment offset scan
+constexpr int kRowThreads = 256;      // warp-per-row kernels: 8 warps per block
+constexpr int kRowBlocksPerSm = 8;    // persistent grids: at most this many blocks per SM
+constexpr int kUnroll = 4;            // vectors per lane in flight in row copies and sums
+constexpr int kScanThreads = 256;     // segmented scans: items (tokens / rows) per tile
+constexpr int kSingleThreads = 1024;  // single-block scans
+// Up to this many items (tokens, received rows) one block scans them all; more take segments of kScanThreads, each
+// its own block. One tile: at 2048 rows the one-block layout took 17-74 us and the one-block positions 47-130 us
+// where the segmented launches took 17-23 and 10-18 (ncu, H200, W = 1, T = 2048, bench/NOTES.md).
+constexpr int64_t kSingleMaxItems = kScanThreads;
+constexpr int kOffsetThreads = 1024;  // the one-block per-segment offset scan
 
 // ---- host: device properties (cached per device) ------------------------------------------------
 

@@ -252,7 +252,7 @@ struct ExpertMajorParams {
 // segment ticket, the segments' flags from [kScanHeaderInts] (lines of their own, polled), then each segment's
 // L counts. Segments are tiles of kScanSegmentRows rows or more; up to kScanSingleRows rows one block does it all.
 constexpr int kScanHeaderInts = 64;
-constexpr int64_t kScanSingleRows = 2048, kScanSegmentRows = 256;
+constexpr int64_t kScanSingleRows = 256, kScanSegmentRows = 256;
 
 // Scratch ints the positions of R received rows over L local experts take in one launch (0: none needed, or
 // the segments' counts would be too many for one launch to sum).

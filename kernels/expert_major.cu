@@ -3,8 +3,9 @@
 //
 // Expert-major: per local expert, its rows in receive order. Positions come from a scan over the received
 // rows, without scratch beyond the outputs; each row's work is its set bits (at most KL), not L:
-// - R <= kSingleMaxItems with the rows' maps fitting in shared memory: one block, one warp per expert over
-//   the staged maps; otherwise, up to kSingleMaxItems rows (or too few rows to split): one block scans all rows.
+// - R <= kSingleMaxItems (256) with the rows' maps fitting in shared memory: one block, one warp per expert over
+//   the staged maps; otherwise, up to kSingleMaxItems rows (or too few rows to split in two segments): one block
+//   scans all rows.
 // - otherwise S segments: 1. per segment, per expert totals into the first L entries of the segment's
 //   own recv_expert_rows region (each segment has >= ceil(L / KL) rows); 2. a warp per expert scans them into
 //   per-segment offsets in place; 3. each segment reads its offsets into shared memory, then writes its

@@ -4,8 +4,7 @@
 // order. Deterministic: integer counts only, positions from ballot scans in token order.
 //
 // No scratch beyond the outputs:
-// - T <= kSingleMaxItems: one block walks all tokens in tiles of 1024 (carry per rank in shared
-//   memory) and writes every output itself: one launch.
+// - T <= kSingleMaxItems (256): one block walks all tokens and writes every output itself: one launch.
 // - larger T: tokens split into S contiguous segments (S <= 2 x SMs):
 //     1. count: per segment, per rank totals -> stored in the segment's last row of token_slot;
 //        per expert totals -> atomically added (integers) to the zeroed counts;

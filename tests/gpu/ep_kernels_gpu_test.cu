@@ -514,17 +514,20 @@ std::vector<RecvCase> recv_grid() {
       }
   for (DType d : {DType::kBF16, DType::kF32, DType::kF16})
     for (int mode : {1, 2}) cases.push_back({2000, 32, 8, 16, 7168, d, mode, false, false, 900 + n++});
-  // The positions' one-block kernels: the shared-memory one at its row limit, the other where the maps do not
-  // fit in shared memory (L = 512: 68 KB at R = 1000), each with rows over KL bits and short counts.
+  // The positions' one-block kernels (K::kScanSingleRows = 256 rows): the shared-memory one at its row limit, the
+  // scan where the maps do not fit in shared memory (L = 2048: 82 KB at R = 256), and the scan for rows too few
+  // for two segments (R = 400); the segmented kernels from one row past the limit. Rows over KL bits, short counts.
   for (bool odd : {false, true}) {
-    cases.push_back({2048, 64, 8, 16, 64, DType::kBF16, 1, odd, odd, 950 + n++});
-    cases.push_back({1000, 512, 8, 8, 64, DType::kBF16, 2, odd, !odd, 950 + n++});
+    cases.push_back({256, 64, 8, 16, 64, DType::kBF16, 1, odd, odd, 950 + n++});
+    cases.push_back({256, 2048, 8, 8, 64, DType::kBF16, 2, odd, !odd, 950 + n++});
+    cases.push_back({400, 512, 8, 8, 64, DType::kBF16, 0, !odd, odd, 950 + n++});
+    cases.push_back({513, 64, 8, 16, 64, DType::kBF16, 1, odd, !odd, 950 + n++});
   }
   // Experts taken in chunks by the positions' kernels: 1500 local experts are 3 chunks of the segmented kernel
   // (512) and 12 of the one-block one (128); KL = 8 and KL = 40 (rows of up to 40 experts spread over the chunks).
   for (bool odd : {false, true}) {
     cases.push_back({6000, 1500, odd ? 40 : 8, 8, 64, DType::kBF16, odd ? 2 : 0, odd, !odd, 970 + n++});
-    cases.push_back({1500, 1500, odd ? 8 : 40, 8, 64, DType::kBF16, odd ? 0 : 1, !odd, odd, 970 + n++});
+    cases.push_back({250, 1500, odd ? 8 : 40, 8, 64, DType::kBF16, odd ? 0 : 1, !odd, odd, 970 + n++});
   }
   return cases;
 }

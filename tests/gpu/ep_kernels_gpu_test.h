@@ -253,7 +253,7 @@ struct Case {
 // H = 7168 for a few shapes.
 std::vector<Case> routing_grid(const std::vector<int64_t>& big) {
   std::vector<Case> cases;
-  std::vector<int64_t> Ts = {0, 1, 7, 1000};
+  std::vector<int64_t> Ts = {0, 1, 7, 256, 1000};  // 256: the one-block layout's limit (kSingleMaxItems)
   uint64_t n = 0;
   for (int64_t T : Ts)
     for (int W : {1, 2, 3, 8})
