@@ -61,6 +61,10 @@ struct LayoutParams {
   int32_t* pack_out = nullptr;
   int pack_row = 0;
   int32_t pack_flags = 0;
+  // Optional, cuda: layout_scratch_ints(T, W) int32 of backend memory (no contents needed). Where the tokens take
+  // several segments it lets one launch do the layout (and the packing) instead of four. Null: four launches.
+  // The host backend does not use it.
+  int32_t* scratch = nullptr;
 };
 
 // 2. The count exchange's send rows (row = ints per peer, >= L + 2 + W): out[p * row + c] = counts[p][c]
@@ -261,6 +265,15 @@ inline int64_t expert_scratch_ints(int64_t R, int L) {
   const int64_t segs = (R + kScanSegmentRows - 1) / kScanSegmentRows;
   if ((segs - 1) * L > (int64_t{1} << 16)) return 0;  // a block sums at most 64 K earlier counts
   return kScanHeaderInts + segs * (1 + static_cast<int64_t>(L));
+}
+
+// Scratch ints the layout of T tokens over W ranks takes in one launch (LayoutParams::scratch; 0: none needed, or
+// the segments' totals would be too many for one launch to sum): the header, a flag and W totals a segment.
+inline int64_t layout_scratch_ints(int64_t T, int W) {
+  if (T <= kScanSingleRows) return 0;
+  const int64_t segs = (T + kScanSegmentRows - 1) / kScanSegmentRows;
+  if ((segs - 1) * W > (int64_t{1} << 16)) return 0;  // a block sums at most 64 K earlier totals a rank group
+  return kScanHeaderInts + segs * (1 + static_cast<int64_t>(W));
 }
 
 // 6. Reduce: partial[i] = sum over the set bits j of row i, ascending, of w_ij * y[recv_expert_rows[i][j]]

@@ -12,9 +12,14 @@
 //        writes counts[r][0];
 //     3. slots: per segment, reads its offsets, then scans its tokens and writes every slot (the last
 //        row is read before it is rewritten, by the same block).
+//   With scratch (LayoutParams::scratch) the three passes and the packing are one launch (layout_fused_kernel):
+//   each block takes the next segment by ticket, counts its tokens per rank into the scratch, raises its flag,
+//   waits for the flags of the segments before it and starts each rank at the sum of their counts; the last
+//   segment writes the totals and the last block to finish packs the exchange's rows.
 
 #include "kernels/ep.h"
 #include "kernels/ep_common.cuh"
+#include "kernels/sync.cuh"
 
 namespace bitep::kernels {
 namespace {
@@ -34,9 +39,10 @@ struct LayoutArgs {
   int num_segs;
   bool smem_experts;  // per-expert counts accumulate in shared memory (else global atomics, counts zeroed)
   bool vec4;          // token_slot rows written as int4 (W % 4 == 0, base 16-byte aligned)
-  int32_t* pack_out;  // the single pass: the exchange's send rows too (LayoutParams::pack_out), else null
+  int32_t* pack_out;  // the single and fused passes: the exchange's send rows too (LayoutParams::pack_out)
   int pack_row;
   int32_t pack_flags;
+  int32_t* scratch;  // the fused pass: header (ticket, finished blocks), S flags, [S][W] segment totals
 };
 
 // Entry i of the count exchange's send rows (PackCountsParams); counts read through L2 (the single pass
@@ -78,13 +84,70 @@ __device__ __forceinline__ int64_t seg_last_row(const LayoutArgs& a, int s) {
   return (end < a.num_tokens ? end : a.num_tokens) - 1;
 }
 
+// Tokens [t0, t1) per rank of [rg, rg + nr) into totals[0, nr) (zeroed by the caller, then a __syncthreads);
+// with `count`, per expert counts added too (rank_mask). Ends with a __syncthreads.
+template <int kThreads>
+__device__ __forceinline__ void segment_totals(
+    const LayoutArgs& a, int64_t t0, int64_t t1, int rg, int nr, bool count, int* ecnt, int* totals) {
+  const int lane = threadIdx.x & (kWarp - 1);
+  int mine = 0;  // lane j: tokens of this warp going to rank rg + j
+  for (int64_t tb = t0; tb < t1; tb += kThreads) {
+    const int64_t t = tb + threadIdx.x;
+    const uint32_t mask = t < t1 ? rank_mask(a, t, rg, nr, count, ecnt) : 0u;
+    for (int j = 0; j < nr; ++j) {
+      const uint32_t b = __ballot_sync(kFullMask, (mask >> j) & 1u);
+      if (lane == j) mine += __popc(b);
+    }
+  }
+  if (lane < nr) atomicAdd(&totals[lane], mine);
+  __syncthreads();
+}
+
+// The slots of tokens [t0, t1) for ranks [rg, rg + nr), each rank starting at s.carry (set by the caller, then a
+// __syncthreads); s.carry ends past the segment's last slot. With `count`, per expert counts added too.
+template <int kThreads>
+__device__ __forceinline__ void slot_tiles(
+    const LayoutArgs& a, TileScanSmem<kThreads>& s, int64_t t0, int64_t t1, int rg, int nr, bool count, int* ecnt) {
+  const int W = a.num_ranks;
+  for (int64_t tb = t0; tb < t1; tb += kThreads) {
+    const int64_t t = tb + threadIdx.x;
+    const bool valid = t < t1;
+    const uint32_t mask = valid ? rank_mask(a, t, rg, nr, count, ecnt) : 0u;
+    tile_totals(s, mask, nr);
+    __syncthreads();
+    tile_prefix(s, nr);
+    __syncthreads();
+    int32_t* row = a.token_slot + t * W + rg;
+    if (a.vec4) {  // nr is a multiple of 4 here
+      for (int j = 0; j < nr; j += 4) {
+        int4 q;
+        q.x = tile_slot(s, j);
+        q.y = tile_slot(s, j + 1);
+        q.z = tile_slot(s, j + 2);
+        q.w = tile_slot(s, j + 3);
+        if (!((mask >> j) & 1u)) q.x = -1;
+        if (!((mask >> (j + 1)) & 1u)) q.y = -1;
+        if (!((mask >> (j + 2)) & 1u)) q.z = -1;
+        if (!((mask >> (j + 3)) & 1u)) q.w = -1;
+        if (valid) *reinterpret_cast<int4*>(row + j) = q;
+      }
+    } else {
+      for (int j = 0; j < nr; ++j) {
+        const int slot = tile_slot(s, j);
+        if (valid) row[j] = ((mask >> j) & 1u) ? slot : -1;
+      }
+    }
+    __syncthreads();  // warp_base and carry are reused by the next tile
+  }
+}
+
 // Pass 1 (multi-segment): per segment and rank, the number of tokens going there, into the segment's
 // last row of token_slot; per expert counts added to counts.
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) layout_count_kernel(LayoutArgs a) {
   extern __shared__ int ecnt[];  // [E] when smem_experts
   __shared__ int totals[kWarp];
-  const int tid = threadIdx.x, lane = tid & (kWarp - 1);
+  const int tid = threadIdx.x;
   const int E = a.v.num_experts, W = a.num_ranks;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * a.seg_len;
   const int64_t t1 = seg_last_row(a, blockIdx.x) + 1;
@@ -94,17 +157,7 @@ __global__ void __launch_bounds__(kThreads) layout_count_kernel(LayoutArgs a) {
     const int nr = W - rg < kWarp ? W - rg : kWarp;
     if (tid < kWarp) totals[tid] = 0;
     __syncthreads();
-    int mine = 0;  // lane j: tokens of this warp going to rank rg + j
-    for (int64_t tb = t0; tb < t1; tb += kThreads) {
-      const int64_t t = tb + tid;
-      const uint32_t mask = t < t1 ? rank_mask(a, t, rg, nr, true, ecnt) : 0u;
-      for (int j = 0; j < nr; ++j) {
-        const uint32_t b = __ballot_sync(kFullMask, (mask >> j) & 1u);
-        if (lane == j) mine += __popc(b);
-      }
-    }
-    if (lane < nr) atomicAdd(&totals[lane], mine);
-    __syncthreads();
+    segment_totals<kThreads>(a, t0, t1, rg, nr, true, ecnt, totals);
     if (tid < nr) a.token_slot[(t1 - 1) * W + rg + tid] = totals[tid];
     __syncthreads();
   }
@@ -133,7 +186,6 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
   const int E = a.v.num_experts, W = a.num_ranks, L = a.local_experts;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * a.seg_len;
   const int64_t t1 = seg_last_row(a, blockIdx.x) + 1;
-  const bool count = kSingle;
   if (kSingle && a.smem_experts)
     for (int e = tid; e < E; e += kThreads) ecnt[e] = 0;
   for (int rg = 0; rg < W; rg += kWarp) {
@@ -142,36 +194,7 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
     // __syncthreads below: reading them here is race-free.
     if (tid < nr) s.carry[tid] = kSingle ? 0 : a.token_slot[(t1 - 1) * W + rg + tid];
     __syncthreads();
-    for (int64_t tb = t0; tb < t1; tb += kThreads) {
-      const int64_t t = tb + tid;
-      const bool valid = t < t1;
-      const uint32_t mask = valid ? rank_mask(a, t, rg, nr, count, ecnt) : 0u;
-      tile_totals(s, mask, nr);
-      __syncthreads();
-      tile_prefix(s, nr);
-      __syncthreads();
-      int32_t* row = a.token_slot + t * W + rg;
-      if (a.vec4) {  // nr is a multiple of 4 here
-        for (int j = 0; j < nr; j += 4) {
-          int4 q;
-          q.x = tile_slot(s, j);
-          q.y = tile_slot(s, j + 1);
-          q.z = tile_slot(s, j + 2);
-          q.w = tile_slot(s, j + 3);
-          if (!((mask >> j) & 1u)) q.x = -1;
-          if (!((mask >> (j + 1)) & 1u)) q.y = -1;
-          if (!((mask >> (j + 2)) & 1u)) q.z = -1;
-          if (!((mask >> (j + 3)) & 1u)) q.w = -1;
-          if (valid) *reinterpret_cast<int4*>(row + j) = q;
-        }
-      } else {
-        for (int j = 0; j < nr; ++j) {
-          const int slot = tile_slot(s, j);
-          if (valid) row[j] = ((mask >> j) & 1u) ? slot : -1;
-        }
-      }
-      __syncthreads();  // warp_base and carry are reused by the next tile
-    }
+    slot_tiles<kThreads>(a, s, t0, t1, rg, nr, kSingle, ecnt);
     if (kSingle && tid < nr) a.counts[static_cast<int64_t>(rg + tid) * (L + 1)] = s.carry[tid];
   }
   if (kSingle && a.smem_experts) {
@@ -183,6 +206,81 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
     const int64_t n = static_cast<int64_t>(W) * a.pack_row;
     for (int64_t i = tid; i < n; i += kThreads) pack_entry(a.counts, W, L, a.pack_row, a.pack_flags, i, a.pack_out);
   }
+}
+
+// The three passes and the packing in one launch (LayoutArgs::scratch, zeroed header and flags). The block's
+// segment is its ticket's. It counts its tokens per rank into the scratch and raises its flag; the first
+// segment's block zeroes counts before it raises its own. Then it waits for the flags of the segments before it (raised
+// by blocks that started earlier and wait for nothing after them: no deadlock), which also orders every expert count it
+// adds after the zeroing, starts each rank at the sum of their totals and writes its slots. The last segment writes
+// each rank's total; the last block to finish packs the exchange's rows.
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) layout_fused_kernel(LayoutArgs a) {
+  extern __shared__ int ecnt[];  // [E] when smem_experts
+  __shared__ TileScanSmem<kThreads> s;
+  __shared__ int totals[kWarp];
+  __shared__ int block_seg;
+  __shared__ bool last_done;
+  constexpr int kWarps = kThreads / kWarp;
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
+  const int E = a.v.num_experts, W = a.num_ranks, L = a.local_experts, S = a.num_segs;
+  int* const flags = a.scratch + kScanHeaderInts;
+  int32_t* const seg_totals = flags + S;  // [S][W]
+  if (tid == 0) block_seg = atomicAdd(a.scratch, 1);
+  if (a.smem_experts)
+    for (int e = tid; e < E; e += kThreads) ecnt[e] = 0;
+  __syncthreads();
+  const int seg = block_seg;
+  const int64_t t0 = static_cast<int64_t>(seg) * a.seg_len;
+  const int64_t t1 = seg_last_row(a, seg) + 1;
+  for (int rg = 0; rg < W; rg += kWarp) {
+    const int nr = W - rg < kWarp ? W - rg : kWarp;
+    if (tid < kWarp) totals[tid] = 0;
+    __syncthreads();
+    segment_totals<kThreads>(a, t0, t1, rg, nr, false, nullptr, totals);
+    if (tid < nr) seg_totals[static_cast<int64_t>(seg) * W + rg + tid] = totals[tid];
+    __syncthreads();
+  }
+  if (seg == 0) {
+    const int64_t n = static_cast<int64_t>(W) * (L + 1);
+    for (int64_t i = tid; i < n; i += kThreads) a.counts[i] = 0;
+    __syncthreads();
+  }
+  if (tid == 0) {
+    __threadfence();
+    store_release_gpu(flags + seg, 1);
+  }
+  wait_raised(flags, seg);
+  for (int rg = 0; rg < W; rg += kWarp) {
+    const int nr = W - rg < kWarp ? W - rg : kWarp;
+    for (int j = warp; j < nr; j += kWarps) {  // a warp a rank: the totals of the segments before this one
+      int acc = 0;
+      for (int q = lane; q < seg; q += kWarp) acc += __ldcg(seg_totals + static_cast<int64_t>(q) * W + rg + j);
+#pragma unroll
+      for (int d = kWarp / 2; d > 0; d >>= 1) acc += __shfl_xor_sync(kFullMask, acc, d);
+      if (lane == 0) s.carry[j] = acc;
+    }
+    __syncthreads();
+    slot_tiles<kThreads>(a, s, t0, t1, rg, nr, true, ecnt);
+    if (seg == S - 1 && tid < nr) a.counts[static_cast<int64_t>(rg + tid) * (L + 1)] = s.carry[tid];
+    __syncthreads();  // carry read before the next rank group's warps set it
+  }
+  if (a.smem_experts) {
+    __syncthreads();
+    for (int e = tid; e < E; e += kThreads)
+      if (ecnt[e] != 0) atomicAdd(expert_count(a, e), ecnt[e]);
+  }
+  if (a.pack_out == nullptr) return;
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();  // this block's counts before its finish
+    last_done = atomicAdd(a.scratch + 1, 1) == S - 1;
+  }
+  __syncthreads();
+  if (!last_done) return;
+  __threadfence();  // every block's counts, then the packing reads them through L2
+  const int64_t n = static_cast<int64_t>(W) * a.pack_row;
+  for (int64_t i = tid; i < n; i += kThreads) pack_entry(a.counts, W, L, a.pack_row, a.pack_flags, i, a.pack_out);
 }
 
 __global__ void pack_counts_kernel(PackCountsParams p) {
@@ -221,6 +319,7 @@ cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
   a.smem_experts = E <= kMaxSmemExperts;
   a.vec4 = W % 4 == 0 && reinterpret_cast<uintptr_t>(p.token_slot) % 16 == 0;
   a.pack_out = nullptr;
+  a.scratch = nullptr;
   a.pack_row = p.pack_row;
   a.pack_flags = p.pack_flags;
   const size_t ecnt_bytes = a.smem_experts ? sizeof(int) * E : 0;
@@ -244,6 +343,14 @@ cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
   a.seg_len = tiles_per_seg * kScanThreads;
   a.num_segs = static_cast<int>((p.num_tokens + a.seg_len - 1) / a.seg_len);
 
+  if (p.scratch != nullptr && layout_scratch_ints(p.num_tokens, W) > 0) {  // one launch
+    a.scratch = p.scratch;
+    a.pack_out = p.pack_out;
+    err = cudaMemsetAsync(p.scratch, 0, sizeof(int32_t) * (kScanHeaderInts + static_cast<size_t>(a.num_segs)), stream);
+    if (err != cudaSuccess) return err;
+    layout_fused_kernel<kScanThreads><<<a.num_segs, kScanThreads, ecnt_bytes, stream>>>(a);
+    return cudaGetLastError();
+  }
   if ((err = cudaMemsetAsync(p.counts, 0, counts_bytes, stream)) != cudaSuccess) return err;
   layout_count_kernel<kScanThreads><<<a.num_segs, kScanThreads, ecnt_bytes, stream>>>(a);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;

@@ -76,6 +76,13 @@ bool fused_positions_off() {
   return off;
 }
 
+// BITEP_FUSED_LAYOUT=0: the layout of many tokens in four launches (count, offsets, slots, packing), as before the
+// one-launch pass (LayoutParams::scratch).
+bool fused_layout_off() {
+  static const bool off = env_is("BITEP_FUSED_LAYOUT", "0");
+  return off;
+}
+
 // BITEP_LSA_DISPATCH=0: large dispatches go by the split all-to-all even with a window.
 bool large_window_off() {
   static const bool off = env_is("BITEP_LSA_DISPATCH", "0");
@@ -196,9 +203,14 @@ bitepResult_t Dispatch::before_exchange() {
     lp.routing.weights = nullptr;
     lp.counts = static_cast<int32_t*>(counts);
     lp.token_slot = h->token_slot;
-    lp.pack_out = xsend_;  // the exchange's rows in the same launch (few tokens)
+    lp.pack_out = xsend_;  // the exchange's rows in the same launch (one block or the one-launch pass)
     lp.pack_row = n_;
     lp.pack_flags = flags();
+    const int64_t scratch = ex_.cuda() && !fused_layout_off() ? kernels::layout_scratch_ints(T, W_) : 0;
+    if (scratch > 0) {  // the layout in one launch
+      BITEP_CHECK(ex_.temp(sizeof(int32_t) * scratch, &p));
+      lp.scratch = static_cast<int32_t*>(p);
+    }
     return ex_.layout(lp);
   }
   BITEP_CHECK(ex_.zero(counts, count_row * W_));
