@@ -212,8 +212,9 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
 // segment is its ticket's. It counts its tokens per rank into the scratch and raises its flag; the first
 // segment's block zeroes counts before it raises its own. Then it waits for the flags of the segments before it (raised
 // by blocks that started earlier and wait for nothing after them: no deadlock), which also orders every expert count it
-// adds after the zeroing, starts each rank at the sum of their totals and writes its slots. The last segment writes
-// each rank's total; the last block to finish packs the exchange's rows.
+// adds to counts after the zeroing (its count pass counted them in shared memory; past kMaxSmemExperts its slot pass
+// adds them there), starts each rank at the sum of their totals and writes its slots. The last segment writes each
+// rank's total; the last block to finish packs the exchange's rows.
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) layout_fused_kernel(LayoutArgs a) {
   extern __shared__ int ecnt[];  // [E] when smem_experts
@@ -237,7 +238,7 @@ __global__ void __launch_bounds__(kThreads) layout_fused_kernel(LayoutArgs a) {
     const int nr = W - rg < kWarp ? W - rg : kWarp;
     if (tid < kWarp) totals[tid] = 0;
     __syncthreads();
-    segment_totals<kThreads>(a, t0, t1, rg, nr, false, nullptr, totals);
+    segment_totals<kThreads>(a, t0, t1, rg, nr, a.smem_experts, ecnt, totals);
     if (tid < nr) seg_totals[static_cast<int64_t>(seg) * W + rg + tid] = totals[tid];
     __syncthreads();
   }
@@ -251,6 +252,10 @@ __global__ void __launch_bounds__(kThreads) layout_fused_kernel(LayoutArgs a) {
     store_release_gpu(flags + seg, 1);
   }
   wait_raised(flags, seg);
+  if (a.smem_experts) {  // counted in shared memory by the count pass; added now that counts are zeroed
+    for (int e = tid; e < E; e += kThreads)
+      if (ecnt[e] != 0) atomicAdd(expert_count(a, e), ecnt[e]);
+  }
   for (int rg = 0; rg < W; rg += kWarp) {
     const int nr = W - rg < kWarp ? W - rg : kWarp;
     for (int j = warp; j < nr; j += kWarps) {  // a warp a rank: the totals of the segments before this one
@@ -261,17 +266,11 @@ __global__ void __launch_bounds__(kThreads) layout_fused_kernel(LayoutArgs a) {
       if (lane == 0) s.carry[j] = acc;
     }
     __syncthreads();
-    slot_tiles<kThreads>(a, s, t0, t1, rg, nr, true, ecnt);
+    slot_tiles<kThreads>(a, s, t0, t1, rg, nr, !a.smem_experts, nullptr);  // global atomics past kMaxSmemExperts
     if (seg == S - 1 && tid < nr) a.counts[static_cast<int64_t>(rg + tid) * (L + 1)] = s.carry[tid];
     __syncthreads();  // carry read before the next rank group's warps set it
   }
-  if (a.smem_experts) {
-    __syncthreads();
-    for (int e = tid; e < E; e += kThreads)
-      if (ecnt[e] != 0) atomicAdd(expert_count(a, e), ecnt[e]);
-  }
   if (a.pack_out == nullptr) return;
-  __syncthreads();
   if (tid == 0) {
     __threadfence();  // this block's counts before its finish
     last_done = atomicAdd(a.scratch + 1, 1) == S - 1;
