@@ -61,8 +61,9 @@ struct LayoutParams {
   int32_t* pack_out = nullptr;
   int pack_row = 0;
   int32_t pack_flags = 0;
-  // Optional, cuda: layout_scratch_ints(T, W) int32 of backend memory (no contents needed). Where the tokens take
-  // several segments it lets one launch do the layout (and the packing) instead of four. Null: four launches.
+  // Optional, cuda: layout_scratch_ints(T, E, W) int32 of backend memory (no contents needed). Where the tokens
+  // take several segments and E <= kLayoutOneLaunchMaxExperts it lets one launch do the layout (and the packing)
+  // instead of four. Null: four launches.
   // The host backend does not use it.
   int32_t* scratch = nullptr;
 };
@@ -267,10 +268,16 @@ inline int64_t expert_scratch_ints(int64_t R, int L) {
   return kScanHeaderInts + segs * (1 + static_cast<int64_t>(L));
 }
 
-// Scratch ints the layout of T tokens over W ranks takes in one launch (LayoutParams::scratch; 0: none needed, or
-// the segments' totals would be too many for one launch to sum): the header, a flag and W totals a segment.
-inline int64_t layout_scratch_ints(int64_t T, int W) {
-  if (T <= kScanSingleRows) return 0;
+// The one-launch layout up to this many experts. Past it the launch was slower than the four it replaces (H200,
+// T = 2048, alone: 16.3 against 20.9 us at E = 64, 24.8 / 24.0 at E = 128, 34.4 / 22.0 at E = 256; its slot pass
+// grows with E where the four launches' does not, cause not yet found: bench/NOTES.md).
+constexpr int kLayoutOneLaunchMaxExperts = 128;
+
+// Scratch ints the layout of T tokens, E experts, W ranks takes in one launch (LayoutParams::scratch; 0: none
+// needed, or the segments' totals would be too many for one launch to sum): the header, a flag and W totals a
+// segment.
+inline int64_t layout_scratch_ints(int64_t T, int E, int W) {
+  if (T <= kScanSingleRows || E > kLayoutOneLaunchMaxExperts) return 0;
   const int64_t segs = (T + kScanSegmentRows - 1) / kScanSegmentRows;
   if ((segs - 1) * W > (int64_t{1} << 16)) return 0;  // a block sums at most 64 K earlier totals a rank group
   return kScanHeaderInts + segs * (1 + static_cast<int64_t>(W));

@@ -214,7 +214,8 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
 // by blocks that started earlier and wait for nothing after them: no deadlock), which also orders every expert count it
 // adds to counts after the zeroing (its count pass counted them in shared memory; past kMaxSmemExperts its slot pass
 // adds them there), starts each rank at the sum of their totals and writes its slots. The last segment writes each
-// rank's total; the last block to finish packs the exchange's rows.
+// rank's total; the last block to finish packs the exchange's rows. Taken up to kLayoutOneLaunchMaxExperts
+// (kernels/ep_params.h): its slot pass grew with E in the measurements, the four launches' did not.
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) layout_fused_kernel(LayoutArgs a) {
   extern __shared__ int ecnt[];  // [E] when smem_experts
@@ -342,7 +343,7 @@ cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
   a.seg_len = tiles_per_seg * kScanThreads;
   a.num_segs = static_cast<int>((p.num_tokens + a.seg_len - 1) / a.seg_len);
 
-  if (p.scratch != nullptr && layout_scratch_ints(p.num_tokens, W) > 0) {  // one launch
+  if (p.scratch != nullptr && layout_scratch_ints(p.num_tokens, E, W) > 0) {  // one launch
     a.scratch = p.scratch;
     a.pack_out = p.pack_out;
     err = cudaMemsetAsync(p.scratch, 0, sizeof(int32_t) * (kScanHeaderInts + static_cast<size_t>(a.num_segs)), stream);

@@ -206,7 +206,7 @@ bitepResult_t Dispatch::before_exchange() {
     lp.pack_out = xsend_;  // the exchange's rows in the same launch (one block or the one-launch pass)
     lp.pack_row = n_;
     lp.pack_flags = flags();
-    const int64_t scratch = ex_.cuda() && !fused_layout_off() ? kernels::layout_scratch_ints(T, W_) : 0;
+    const int64_t scratch = ex_.cuda() && !fused_layout_off() ? kernels::layout_scratch_ints(T, c.num_experts, W_) : 0;
     if (scratch > 0) {  // the layout in one launch
       BITEP_CHECK(ex_.temp(sizeof(int32_t) * scratch, &p));
       lp.scratch = static_cast<int32_t*>(p);

@@ -66,8 +66,9 @@ Layout host_layout(const Case& c, const Routing& r) {
   return out;
 }
 
-// Every case of more than 256 tokens twice: in four launches and in one (LayoutParams::scratch, poisoned: the
-// launch must need no contents there). Past 4096 experts the per-expert counts are global atomics.
+// Every case of more than 256 tokens and at most K::kLayoutOneLaunchMaxExperts experts twice: in four launches and
+// in one (LayoutParams::scratch, poisoned: the launch must need no contents there). Past 4096 experts the per-expert
+// counts are global atomics.
 TEST(EpKernelsGpu, LayoutMatchesHost) {
   REQUIRE_GPU();
   int failing = 0, fused = 0;
@@ -104,7 +105,7 @@ TEST(EpKernelsGpu, LayoutMatchesHost) {
     sync(K::launch_ep_layout(p, nullptr));
     bool ok = same(dcounts.host(), counts, "counts", c.str()) & same(dslot.host(), slot, "token_slot", c.str());
     if (pack) ok &= same(dpacked.host(), packed, "packed exchange rows", c.str());
-    if (const int64_t scratch = K::layout_scratch_ints(c.T, c.W); scratch > 0) {
+    if (const int64_t scratch = K::layout_scratch_ints(c.T, c.E(), c.W); scratch > 0) {
       ++fused;
       Dev<int32_t> dscratch{static_cast<size_t>(scratch)}, dcounts1(counts.size()), dslot1(slot.size()),
           dpacked1(packed.size());
