@@ -262,7 +262,7 @@ constexpr int64_t kScanSingleRows = 256, kScanSegmentRows = 256;
 // Scratch ints the positions of R received rows over L local experts take in one launch (0: none needed, or
 // the segments' counts would be too many for one launch to sum).
 inline int64_t expert_scratch_ints(int64_t R, int L) {
-  if (R <= kScanSingleRows) return 0;
+  if (R <= kScanSingleRows || R < 2 * kScanSegmentRows) return 0;  // one block: rows for fewer than two segments
   const int64_t segs = (R + kScanSegmentRows - 1) / kScanSegmentRows;
   if ((segs - 1) * L > (int64_t{1} << 16)) return 0;  // a block sums at most 64 K earlier counts
   return kScanHeaderInts + segs * (1 + static_cast<int64_t>(L));
