@@ -121,6 +121,13 @@ __device__ __forceinline__ uint32_t select_key(float v) {
   const uint32_t k = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
   return v != v ? kKeyNaN : k;
 }
+// select_key for a v that is never -0 (the pre-top-k softmax's e / sum and the sigmoid's 1 / y are +0 at least, and
+// such a v plus a bias is -0 only if both are): the same key without the + 0.
+__device__ __forceinline__ uint32_t select_key_nz(float v) {
+  const uint32_t u = __float_as_uint(v);
+  const uint32_t k = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+  return v != v ? kKeyNaN : k;
+}
 
 // The fp32 value of a key (NaN for kKeyNaN; +0 for both zeros). Exact for every other key.
 __device__ __forceinline__ float key_value(uint32_t k) {
@@ -130,6 +137,39 @@ __device__ __forceinline__ float key_value(uint32_t k) {
 
 // The host reference's formulas, in the same fp32 operations (no contraction: no a * b + c here).
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
+// sigmoid_f of each of n values, the bits of sigmoid_f: 1 / y with y = 1 + exp(-x) is the correctly rounded
+// reciprocal, which the compiler forms as a hardware approximation and one Newton step behind a test of y's exponent
+// (subnormal, past 2^126, inf or NaN: a slow path), for each value. Here y >= 1, so one test covers the n values (y
+// below 2^126, NaN failing it) and the fast form runs without a branch each; any value out of range takes the
+// division for all n. BITEP_ROUTER_SIGMOID_BATCH=0 (a tuning build) keeps sigmoid_f.
+#ifndef BITEP_ROUTER_SIGMOID_BATCH
+#define BITEP_ROUTER_SIGMOID_BATCH 1
+#endif
+template <int n>
+__device__ __forceinline__ void sigmoid_n(float* v) {
+  if constexpr (BITEP_ROUTER_SIGMOID_BATCH == 0) {
+#pragma unroll
+    for (int i = 0; i < n; ++i) v[i] = sigmoid_f(v[i]);
+  } else {
+    bool fast = true;
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+      v[i] = 1.0f + expf(-v[i]);  // as sigmoid_f writes it (the compiler fuses expf's last product with the add)
+      fast = fast && v[i] < 0x1p126f;
+    }
+    if (fast) {
+#pragma unroll
+      for (int i = 0; i < n; ++i) {
+        float r;
+        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v[i]));
+        v[i] = __fmaf_rn(r, __fmaf_rn(-v[i], r, 1.0f), r);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < n; ++i) v[i] = 1.0f / v[i];
+    }
+  }
+}
 // sigmoid'(x) = s (1 - s) from x, as t / (1 + t)^2 with t = exp(-|x|): no cancellation in 1 - s, so a
 // few ulps relative for any x (s (1 - s) from a rounded s loses all digits of 1 - s as s -> 1).
 __device__ __forceinline__ float sigmoid_grad_f(float x) {

@@ -60,6 +60,18 @@ constexpr bool kHolderSoftmax = BITEP_ROUTER_FWD_HOLDERS != 0;
 #endif
 constexpr bool kWideStores = BITEP_ROUTER_FWD_WIDE_STORES != 0;
 
+// The wide-stores instance at 8 lanes a token (E 33-64) stages its dense rows in shared memory (kStaged in the kernel):
+// each lane writes its whole-sector slots there as unselected, the holders write their weights over them, and the
+// lanes store the rows from there, so each sector of probs and saved is written once, whole (the holders' stores were
+// k partial sectors a token and array over the sectors the wide stores had written). H200, min of two repeats: bf16
+// TE-compatible E = 64 T = 65536 0.95x, T = 16384 0.98x; at E = 128 1.01-1.03x slower, at E = 512 bf16 0.99-1.03x,
+// fp32 0.99-1.00x, and with every post-top-k kernel wide and staged 1.06-1.14x slower at E = 128 and 256 fp32
+// (bench/NOTES.md, "Router v15"). BITEP_ROUTER_FWD_STAGED=0 (a tuning build) stores as the other shapes do.
+#ifndef BITEP_ROUTER_FWD_STAGED
+#define BITEP_ROUTER_FWD_STAGED 1
+#endif
+constexpr bool kStageRows = BITEP_ROUTER_FWD_STAGED != 0;
+
 // Blocks per SM the register budget is cut for. BITEP_ROUTER_FWD_MIN_BLOCKS overrides it for every
 // shape: a tuning build (scripts/device-check.sh, PHASES=tune) compares occupancies. The bf16
 // post-softmax kernel at one octet a lane and one token a warp (E 129-256) is held to 8 (32 registers, no
@@ -274,6 +286,12 @@ __global__ void __launch_bounds__(kBucketThreads,
   const int esize = dt == DType::kF32 ? 4 : 2;
   const float scale = p.scaling_factor;
 
+  constexpr bool kStaged = kWideRows && kStageRows && G == 8;
+  // kStaged: each warp's rows of probs and saved ([tokens of the warp][E] floats each), as float4.
+  __shared__ float4 stage[kStaged ? kWarps * 2 * 64 * NS : 1];
+  [[maybe_unused]] float4* const stage_p = stage + (kStaged ? warp * 2 * 64 * NS : 0);
+  [[maybe_unused]] float4* const stage_s = stage_p + 64 * NS;
+
   uint32_t* hist = smem;
   uint32_t* rbits = smem + W + (warp * kTokensPerWarp + tl) * lay.rank_words;
   if (W > 0) {
@@ -337,6 +355,29 @@ __global__ void __launch_bounds__(kBucketThreads,
       }
     }
   };
+  // kStaged: a lane's whole-sector slots, as wide_unselected stores them: slot s, half h at float4 (tl E + s 8 G + 4 sl
+  // + h 4 G) / 4 of the warp's rows, and at row + the same offset in probs and saved.
+  [[maybe_unused]] auto stage_unselected = [&] {
+#pragma unroll
+    for (int s = 0; s < NS; ++s)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int at = tl * 2 * G * NS + s * 2 * G + h * G + sl;
+        if (p.probs != nullptr) stage_p[at] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (p.saved != nullptr) stage_s[at] = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+      }
+  };
+  [[maybe_unused]] auto store_staged = [&](Idx row0) {
+#pragma unroll
+    for (int s = 0; s < NS; ++s)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int at = tl * 2 * G * NS + s * 2 * G + h * G + sl;
+        const Idx g = row0 + s * 8 * G + h * 4 * G + 4 * sl;
+        if (p.probs != nullptr) *reinterpret_cast<float4*>(p.probs + g) = stage_p[at];
+        if (p.saved != nullptr) *reinterpret_cast<float4*>(p.saved + g) = stage_s[at];
+      }
+  };
   const Idx stride = static_cast<Idx>(gridDim.x) * kWarps;
   const Idx first = static_cast<Idx>(blockIdx.x) * kWarps + warp;
   if (kPrefetch) fetch(first, ahead);
@@ -357,7 +398,9 @@ __global__ void __launch_bounds__(kBucketThreads,
     // aligned stores them with whole-sector stores (wide_unselected), here where several tokens share the warp,
     // before the row's registers fill; else step 6 stores a lane's own octet.
     [[maybe_unused]] const bool wide = kWideRows && tile < lay.full_tiles;
-    if constexpr (kWideRows && G < 32) {
+    if constexpr (kStaged) {
+      if (wide) stage_unselected();
+    } else if constexpr (kWideRows && G < 32) {
       if (wide) wide_unselected(row);
     }
 
@@ -383,13 +426,14 @@ __global__ void __launch_bounds__(kBucketThreads,
         if (nval[s] > 0) store_octet_f32(p.saved + row + (s * G + sl) * 8, nval[s], svec, v + 8 * s);
     }
     if (fn == ScoreFn::kSigmoid) {
-#pragma unroll
-      for (int i = 0; i < N; ++i) v[i] = sigmoid_f(v[i]);
+      sigmoid_n<N>(v);
     } else if (fn == ScoreFn::kSqrtSoftplus) {
 #pragma unroll
       for (int i = 0; i < N; ++i) v[i] = sqrtsoftplus_f(v[i]);
     }
-    if (pre) seg_softmax<G, N>(v, valid);
+    // kDense: no branch per element (as the backward's recompute; the same bits for the valid ones): at E = 256, 8 of
+    // them a lane, the branches with their constants' moves were ~40 instructions of ~700 a token (ncu, H200).
+    if (pre) seg_softmax<G, N, true>(v, valid);
     if (p.saved != nullptr && (fn == ScoreFn::kSigmoid || pre)) {
 #pragma unroll
       for (int s = 0; s < NS; ++s)
@@ -453,7 +497,14 @@ __global__ void __launch_bounds__(kBucketThreads,
           for (int b = 0; b < 8; ++b) {
             const int i = 8 * s + b;
             const float sel = use_bias ? __fadd_rn(v[i], b8[b]) : v[i];
-            auto kb = [&] { return kPacked ? packed_key_lo(sel, lo ^ static_cast<uint32_t>(b)) : select_key(sel); };
+            auto kb = [&] {
+              if constexpr (kPacked) return packed_key_lo(sel, lo ^ static_cast<uint32_t>(b));
+              // The pre-top-k softmax's and the sigmoid's scores are never -0 (select_key_nz), nor with a bias. (For
+              // the softmax's, which are +0 at least or NaN, the bits with the top one set are the key too; that form
+              // made ptxas fail, C7600 "Register allocation failed", in the E 129-256 kernel with the dense softmax.)
+              if constexpr (kSpec == FwdSpec::kPreSoftmax || kSpec == FwdSpec::kSigmoidNorm) return select_key_nz(sel);
+              return select_key(sel);
+            };
             if constexpr (decltype(masked)::value)
               key[i] = ((valid >> i) & 1) ? kb() : kKeyNone;
             else
@@ -750,13 +801,24 @@ __global__ void __launch_bounds__(kBucketThreads,
       }
     }
     if constexpr (kHolders) {
-      if constexpr (kWideRows && G == 32) {
+      if constexpr (kWideRows && G == 32 && !kStaged) {
         if (wide) wide_unselected(row);
       }
       // Over the owners' octets (same lanes: ordered by __syncwarp), and the compact outputs at the
       // holder's ascending position: the selected before its expert, counted from its owner's prefix.
       __syncwarp();
-      if (holder) {
+      if constexpr (kStaged) {  // over the warp's staged rows, then the rows whole
+        if (wide) {
+          if (holder) {
+            const int at = tl * 8 * G * NS + he;
+            if (p.probs != nullptr) reinterpret_cast<float*>(stage_p)[at] = __fmul_rn(hw, scale);
+            if (p.saved != nullptr) reinterpret_cast<float*>(stage_s)[at] = hw;
+          }
+          __syncwarp();
+          store_staged(row);
+        }
+      }
+      if (holder && !(kStaged && wide)) {
         if (p.probs != nullptr) p.probs[row + he] = __fmul_rn(hw, scale);
         if (p.saved != nullptr) p.saved[row + he] = hw;
       }
