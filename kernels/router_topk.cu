@@ -64,9 +64,10 @@ constexpr bool kWideStores = BITEP_ROUTER_FWD_WIDE_STORES != 0;
 // each lane writes its whole-sector slots there as unselected, the holders write their weights over them, and the
 // lanes store the rows from there, so each sector of probs and saved is written once, whole (the holders' stores were
 // k partial sectors a token and array over the sectors the wide stores had written). H200, min of two repeats: bf16
-// TE-compatible E = 64 T = 65536 0.95x, T = 16384 0.98x; at E = 128 1.01-1.03x slower, at E = 512 bf16 0.99-1.03x,
-// fp32 0.99-1.00x, and with every post-top-k kernel wide and staged 1.06-1.14x slower at E = 128 and 256 fp32
-// (bench/NOTES.md, "Router v15"). BITEP_ROUTER_FWD_STAGED=0 (a tuning build) stores as the other shapes do.
+// TE-compatible E = 64 T = 65536 0.94-0.95x, T = 16384 0.98-1.01x (two calls); at E = 128 1.01-1.03x slower, at E = 512
+// bf16 0.99-1.03x, fp32 0.99-1.00x, and with every post-top-k kernel wide and staged up to 1.14x slower (fp32 E = 128,
+// bf16 E = 256 1.12x) (bench/NOTES.md, "Router v15"). BITEP_ROUTER_FWD_STAGED=0 (a tuning build) stores as the other
+// shapes do.
 #ifndef BITEP_ROUTER_FWD_STAGED
 #define BITEP_ROUTER_FWD_STAGED 1
 #endif
@@ -801,7 +802,7 @@ __global__ void __launch_bounds__(kBucketThreads,
       }
     }
     if constexpr (kHolders) {
-      if constexpr (kWideRows && G == 32 && !kStaged) {
+      if constexpr (kWideRows && G == 32) {
         if (wide) wide_unselected(row);
       }
       // Over the owners' octets (same lanes: ordered by __syncwarp), and the compact outputs at the
