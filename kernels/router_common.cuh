@@ -114,18 +114,21 @@ __host__ __device__ constexpr int map_bytes_of(int n) { return (n + 7) / 8; }
 
 // ---- device: keys and score functions -----------------------------------------------------------
 
-// Branch-free (a select per case, no divergent region per element): v + 0 turns -0 into +0 (round to
-// nearest), the sign decides between flipping every bit and setting the top one.
+// The order-preserving flip of a float's bits (not NaN, not -0): the sign decides between flipping every bit and
+// setting the top one.
+__device__ __forceinline__ uint32_t key_bits(uint32_t u) {
+  return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+}
+// Branch-free (a select per case, no divergent region per element): v + 0 turns -0 into +0 (round to nearest), NaN
+// gives kKeyNaN.
 __device__ __forceinline__ uint32_t select_key(float v) {
-  const uint32_t u = __float_as_uint(__fadd_rn(v, 0.0f));
-  const uint32_t k = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+  const uint32_t k = key_bits(__float_as_uint(__fadd_rn(v, 0.0f)));
   return v != v ? kKeyNaN : k;
 }
 // select_key for a v that is never -0 (the pre-top-k softmax's e / sum and the sigmoid's 1 / y are +0 at least, and
 // such a v plus a bias is -0 only if both are): the same key without the + 0.
 __device__ __forceinline__ uint32_t select_key_nz(float v) {
-  const uint32_t u = __float_as_uint(v);
-  const uint32_t k = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+  const uint32_t k = key_bits(__float_as_uint(v));
   return v != v ? kKeyNaN : k;
 }
 

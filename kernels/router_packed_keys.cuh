@@ -10,13 +10,14 @@
 
 #include <cstdint>
 
+#include "kernels/router_common.cuh"
+
 namespace bitep::kernels::router_detail {
 
 // packed_key_lo(v, 0xffff - expert): the packed key of the value v (a bf16 value widened to fp32) for that
 // expert. Straight-line (no branch for the NaN test: a select).
 __device__ __forceinline__ uint32_t packed_key_lo(float v, uint32_t lo) {
-  const uint32_t u = __float_as_uint(__fadd_rn(v, 0.0f));  // -0 -> +0
-  const uint32_t k = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+  const uint32_t k = key_bits(__float_as_uint(__fadd_rn(v, 0.0f)));  // -0 -> +0 first
   return (v != v ? 0u : (k & 0xffff0000u)) | lo;
 }
 
