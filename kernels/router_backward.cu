@@ -61,6 +61,34 @@ __device__ __forceinline__ void warp_copy_async(char* dst, const char* src, int 
   }
 }
 
+// ---- kSparse: an octet loaded only where `on` (else read as 0), as load_octet_f32 / load_raw_t otherwise -----------
+__device__ __forceinline__ void load_octet_f32_if(const float* ptr, int n, bool vec, bool on, float* x) {
+  if (vec && n == 8) {
+    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
+    if (on) {
+      a = __ldg(reinterpret_cast<const float4*>(ptr));
+      b = __ldg(reinterpret_cast<const float4*>(ptr) + 1);
+    }
+    x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+  } else {
+    load_octet_f32(ptr, on ? n : 0, vec, x);
+  }
+}
+template <bool kF32>
+__device__ __forceinline__ void load_raw_if(
+    const void* base, DType dt, int64_t off, int n, bool vec, bool on, RawOctet& r) {
+  if (vec && n == 8) {
+    r.a = r.b = make_uint4(0u, 0u, 0u, 0u);
+    if (on) {
+      const uint4* ptr = reinterpret_cast<const uint4*>(static_cast<const char*>(base) + off * (kF32 ? 4 : 2));
+      r.a = __ldg(ptr);
+      if (kF32) r.b = __ldg(ptr + 1);
+    }
+  } else {
+    load_raw_t<kF32>(base, dt, off, on ? n : 0, vec, r);
+  }
+}
+
 // ---- score paths compiled in: the hot recompute paths get kernels whose flags are constants ----------
 // (kAny reads them from the parameters.) The recompute at one octet a lane is bound by instruction issue
 // (bench/NOTES.md): the flag tests and the parameters reloaded inside the tile loop are part of its count.
@@ -69,7 +97,24 @@ enum class BwdSpec : int {
   kPostSoftmaxRecompute = 1,  // top-k, post-top-k softmax, from the logits
   kPreSoftmaxRecompute = 2,   // top-k, softmax over all experts before the top-k, from the logits
   kSigmoidNormRecompute = 3,  // top-k, sigmoid normalised over the k > 1 routed, from the logits
+  kPostSoftmaxSaved = 4,      // top-k, post-top-k softmax, from the saved tensor
 };
+
+// The post-top-k softmax's backward reads only the octets that hold a routed expert (kSparse in the kernel): its
+// gradient is 0 at every other expert, and only the routed enter the softmax's statistics and the dot product, so an
+// octet without one loads neither grad_probs nor saved / logits (the values it would have held are never used: the
+// same bits). A warp's map bits are read a tile ahead, and the recompute's softmax takes the exps of the routed octets
+// alone (seg_softmax_octets). The bytes the benchmark's backward floor counts (bench/NOTES.md): at E = 512, k = 8
+// about 1.6 KB a token instead of 4.1. The saved mode at every E of the warp-per-token kernels from 8 lanes a token
+// (E > 32), the recompute up to E = 512 (launch_bucket). BITEP_ROUTER_BWD_SPARSE=0 (a tuning build) reads every octet.
+#ifndef BITEP_ROUTER_BWD_SPARSE
+#define BITEP_ROUTER_BWD_SPARSE 1
+#endif
+constexpr bool kSparseBwd = BITEP_ROUTER_BWD_SPARSE != 0;
+template <BwdSpec kSpec>
+constexpr bool sparse_spec() {
+  return kSparseBwd && (kSpec == BwdSpec::kPostSoftmaxRecompute || kSpec == BwdSpec::kPostSoftmaxSaved);
+}
 
 // A kernel's score path: its spec's constants, or the parameters' (kAny), by `if constexpr` as in
 // router_topk.cu. (Here the any-path kernels differ from before the specs anyway: the one-round normalised
@@ -78,7 +123,7 @@ template <BwdSpec kSpec>
 __device__ __forceinline__ ScorePath spec_path(const RouterBackwardParams& p) {
   // {aux, softmax, pre, post, norm}
   if constexpr (kSpec == BwdSpec::kAny) return score_path(p);
-  if constexpr (kSpec == BwdSpec::kPostSoftmaxRecompute) return kPostSoftmaxPath;
+  if constexpr (kSpec == BwdSpec::kPostSoftmaxRecompute || kSpec == BwdSpec::kPostSoftmaxSaved) return kPostSoftmaxPath;
   if constexpr (kSpec == BwdSpec::kPreSoftmaxRecompute) return ScorePath{false, true, true, false, false};
   return ScorePath{false, false, false, false, true};
 }
@@ -88,15 +133,17 @@ __device__ __forceinline__ ScoreFn spec_fn(const RouterBackwardParams& p) {
   return kSpec == BwdSpec::kSigmoidNormRecompute ? ScoreFn::kSigmoid : ScoreFn::kSoftmax;
 }
 template <BwdSpec kSpec>
-__device__ __forceinline__ bool spec_saved(const RouterBackwardParams& p) {  // every spec recomputes
+__device__ __forceinline__ bool spec_saved(const RouterBackwardParams& p) {  // every spec but one recomputes
   if constexpr (kSpec == BwdSpec::kAny) return p.saved != nullptr;
-  return false;
+  return kSpec == BwdSpec::kPostSoftmaxSaved;
 }
 
-// The spec kernels also fix the logits' type (bf16 when not fp32); fp16 logits take kAny.
+// The spec kernels also fix the logits' type (bf16 when not fp32; with the saved tensor, grad_logits' type); fp16
+// logits take kAny.
 BwdSpec spec_of(const RouterBackwardParams& p) {
-  if (p.mode != RouterMode::kTopk || p.saved != nullptr || p.logits_dtype == DType::kF16) return BwdSpec::kAny;
+  if (p.mode != RouterMode::kTopk || p.logits_dtype == DType::kF16) return BwdSpec::kAny;
   const ScorePath s = score_path(p);
+  if (p.saved != nullptr) return s.post && kSparseBwd ? BwdSpec::kPostSoftmaxSaved : BwdSpec::kAny;
   if (s.post) return BwdSpec::kPostSoftmaxRecompute;
   if (s.pre) return BwdSpec::kPreSoftmaxRecompute;
   if (p.score_fn == ScoreFn::kSigmoid && s.norm) return BwdSpec::kSigmoidNormRecompute;
@@ -115,6 +162,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
   using Mask = typename std::conditional<(N > 32), unsigned long long, uint32_t>::type;
+  constexpr bool kSparse = sparse_spec<kSpec>() && !kStaged;  // a staged kernel copies whole rows
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sl = lane % G, tl = lane / G;
@@ -160,9 +208,38 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
     }
   };
 
+  // kSparse: a tile's map as loaded, a tile ahead of its use (the octets' loads wait for it): a bitmap's octet byte in
+  // x; a bytemap's 8 bytes where they are one aligned load of a whole octet, else the octet's bits in x.
+  auto map_ptr = [&](int64_t tt, int s) {
+    return p.routing_map + tt * map_row + (bitmap ? s * G + sl : (s * G + sl) * 8);
+  };
+  auto octet_n = [&](int64_t tt, int s) { return tt < p.num_tokens ? min(max(E - (s * G + sl) * 8, 0), 8) : 0; };
+  auto whole8 = [](const uint8_t* m, int n) { return n == 8 && (reinterpret_cast<uintptr_t>(m) & 7u) == 0; };
+  [[maybe_unused]] auto fetch_map = [&](int64_t tile, uint2* raw) {
+    const int64_t tt = tile * kTokensPerWarp + tl;
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      const int n = tile < num_tiles ? octet_n(tt, s) : 0;
+      const uint8_t* m = map_ptr(tt, s);
+      raw[s] = make_uint2(0u, 0u);
+      if (n == 0) continue;
+      if (bitmap) {
+        raw[s].x = __ldg(m);
+      } else if (whole8(m, n)) {
+        raw[s] = __ldg(reinterpret_cast<const uint2*>(m));
+      } else {
+#pragma unroll
+        for (int b = 0; b < 8; ++b)
+          if (b < n) raw[s].x |= static_cast<uint32_t>(__ldg(m + b) != 0) << b;
+      }
+    }
+  };
+  [[maybe_unused]] uint2 map_next[kSparse ? NS : 1];
+
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   if (kStaged && first < num_tiles) stage_tile(first);
+  if constexpr (kSparse) fetch_map(first, map_next);
   for (int64_t tile = first; tile < num_tiles; tile += stride) {
     const int64_t t = tile * kTokensPerWarp + tl;
     const bool tv = t < p.num_tokens;
@@ -226,6 +303,45 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
           seg_softmax<G, N, true>(a, routed);
         }
       }
+    } else if constexpr (kSparse) {
+      uint2 map_raw[NS];
+#pragma unroll
+      for (int s = 0; s < NS; ++s) map_raw[s] = map_next[s];
+      fetch_map(tile + stride, map_next);
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        const int n = octet_n(t, s);
+        nval[s] = n;
+        const uint32_t vb = (1u << n) - 1u;
+        valid |= static_cast<Mask>(vb) << (8 * s);
+        uint32_t rb = map_raw[s].x;
+        if (!bitmap && whole8(map_ptr(t, s), n)) {
+          rb = 0u;
+#pragma unroll
+          for (int b = 0; b < 4; ++b) {
+            rb |= static_cast<uint32_t>(((map_raw[s].x >> (8 * b)) & 0xffu) != 0) << b;
+            rb |= static_cast<uint32_t>(((map_raw[s].y >> (8 * b)) & 0xffu) != 0) << (b + 4);
+          }
+        }
+        routed |= static_cast<Mask>(rb & vb) << (8 * s);  // a bitmap's pad bits ignored
+      }
+      const bool gvec = tv && aligned16(p.grad_probs + row);
+      const bool avec =
+          tv && (saved ? aligned16(p.saved + row) : aligned16(static_cast<const char*>(p.logits) + row * esize));
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        const bool on = ((routed >> (8 * s)) & 0xffu) != 0;
+        const int64_t off = row + (s * G + sl) * 8;
+        load_octet_f32_if(p.grad_probs + off, nval[s], gvec, on, g + 8 * s);
+        if (saved) {
+          load_octet_f32_if(p.saved + off, nval[s], avec, on, a + 8 * s);
+        } else {
+          RawOctet r;
+          load_raw_if<kF32>(p.logits, dt, off, nval[s], avec, on, r);
+          decode_raw_t<kF32>(dt, r, a + 8 * s);
+        }
+      }
+      if (!saved) seg_softmax_octets<G, N>(a, routed);  // the exps of the routed octets alone
     } else {
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
@@ -518,7 +634,14 @@ template <int G, int NS>
 cudaError_t launch_bucket(const RouterBackwardParams& p, cudaStream_t stream) {
   const BwdSpec spec = G >= 8 && p.spec_kernels ? spec_of(p) : BwdSpec::kAny;
   if constexpr (NS >= 2) {
-    if (stageable<NS>(p))
+    // The post-top-k softmax reads its routed octets alone (kSparse) in the register kernel: with the saved tensor at
+    // every E, from the logits up to 512 experts. Above that the staged kernel's whole rows measured faster from the
+    // logits (H200, T = 65536, E = 2048 bf16: 283 us staged, 504 sparse with every element's exp; the sparse saved
+    // mode 222 against 329).
+    if (kSparseBwd && spec == BwdSpec::kPostSoftmaxSaved)
+      return launch_dtype<G, NS, false, BwdSpec::kPostSoftmaxSaved>(p, stream);
+    const bool sparse_recompute = kSparseBwd && NS <= 2 && spec == BwdSpec::kPostSoftmaxRecompute;
+    if (stageable<NS>(p) && !sparse_recompute)
       return spec == BwdSpec::kPostSoftmaxRecompute
                  ? launch_dtype<G, NS, true, BwdSpec::kPostSoftmaxRecompute>(p, stream)
                  : launch_dtype<G, NS, true, BwdSpec::kAny>(p, stream);
@@ -528,6 +651,9 @@ cudaError_t launch_bucket(const RouterBackwardParams& p, cudaStream_t stream) {
     switch (spec) {
       case BwdSpec::kPostSoftmaxRecompute:
         return launch_dtype<G, NS, false, BwdSpec::kPostSoftmaxRecompute>(p, stream);
+      case BwdSpec::kPostSoftmaxSaved:
+        if constexpr (kSparseBwd) return launch_dtype<G, NS, false, BwdSpec::kPostSoftmaxSaved>(p, stream);
+        break;
       case BwdSpec::kPreSoftmaxRecompute:
         return launch_dtype<G, NS, false, BwdSpec::kPreSoftmaxRecompute>(p, stream);
       case BwdSpec::kSigmoidNormRecompute:

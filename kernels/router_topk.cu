@@ -725,14 +725,16 @@ __global__ void __launch_bounds__(kBucketThreads,
     const bool holder = kHolders && hk != kKeyNone;
     if constexpr (kHolders) {
       // e = exp(v - max) in the holders, the sum over the rounds by a butterfly over pow2(k) lanes (all
-      // of them get the same bits), then e * (1 / sum) as seg_softmax_max.
+      // of them get the same bits), then e * (1 / sum) as seg_softmax_max. The other lanes take 1 / 1: a lane
+      // past pow2(k) holds a sum of 0, whose reciprocal is the compiler's slow path (a call), which every warp of
+      // G > pow2(k) lanes a token then ran beside the holders' fast one (ncu, E = 128: once a tile).
       auto value = [](uint32_t key) { return kPacked ? packed_value(key) : key_value(key); };
       const float e = holder ? expf(value(hk) - value(top)) : 0.0f;
       float sum = e;
 #pragma unroll
       for (int d = 1; d < G; d <<= 1)
         if (d < k) sum = __fadd_rn(sum, __shfl_xor_sync(kFullMask, sum, d));
-      hw = __fmul_rn(e, __frcp_rn(sum));
+      hw = __fmul_rn(e, __frcp_rn(holder ? sum : 1.0f));
     } else if (post) {
       // The spec kernels take the maximum from the first round (its key is the largest selected value's,
       // no bias here; +0 for either zero, NaN only when every selected value is: the same v - m as the

@@ -1048,7 +1048,7 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           spec.map = fmt;
           spec.num_ranks = path.grouped ? 4 : 0;
           FwdOut any;
-          BwdOut any_bwd;
+          BwdOut any_bwd, any_saved_bwd;
           {
             AnyPathKernels scope;
             any = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
@@ -1056,6 +1056,8 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
             EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), std::min(want_kernel, 0)) << what;
             any_bwd = run_backward(bitepBackendCuda, cfg, T, gp, any.map, fmt, {}, logits, false);
             ASSERT_EQ(any_bwd.rc, bitepSuccess) << any_bwd.error;
+            any_saved_bwd = run_backward(bitepBackendCuda, cfg, T, gp, any.map, fmt, any.saved, {}, false);
+            ASSERT_EQ(any_saved_bwd.rc, bitepSuccess) << any_saved_bwd.error;
           }
           const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
           ASSERT_EQ(got.rc, bitepSuccess) << got.error;
@@ -1089,8 +1091,76 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           ASSERT_EQ(bwd.rc, bitepSuccess) << bwd.error;
           EXPECT_TRUE(bwd.guards) << what << ": backward wrote past grad_logits";
           EXPECT_TRUE(same_bits(bwd.grad, any_bwd.grad)) << what << ": grad_logits (recompute)";
+          // The saved tensor's backward (the post-top-k softmax's has a kernel of its own) from the same inputs.
+          const BwdOut saved_bwd = run_backward(bitepBackendCuda, cfg, T, gp, any.map, fmt, any.saved, {}, false);
+          ASSERT_EQ(saved_bwd.rc, bitepSuccess) << saved_bwd.error;
+          EXPECT_TRUE(saved_bwd.guards) << what << ": backward wrote past grad_logits";
+          EXPECT_TRUE(same_bits(saved_bwd.grad, any_saved_bwd.grad)) << what << ": grad_logits (saved)";
         }
       }
+}
+
+// The post-top-k softmax's gradient is 0 at every expert a token did not route to, and its backward reads only the
+// octets that hold a routed one (kernels/router_backward.cu, kSparse): NaN in grad_probs, the saved tensor and the
+// logits at every unrouted expert leaves grad_logits as it is, bit for bit, in both modes and map formats. E = 64: 8
+// lanes a token; 100: a partial last octet; 256: one octet a lane; 512: two (the sparse register kernel, not the
+// staged one); 2048: eight (the saved mode sparse, the recompute staged). T = 333: a last partial tile.
+TEST(RouterGpu, BackwardIgnoresUnroutedInputs) {
+  REQUIRE_GPU();
+  const int64_t T = 333;
+  for (int E : {64, 100, 256, 512, 2048})
+    for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
+      const int k = E == 2048 ? 32 : 8;
+      const bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSoftmax, 0, dt);
+      const auto logits = make_logits(T, E, dt, 91 + E);
+      FwdSpec spec;
+      const FwdOut fwd = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
+      ASSERT_EQ(fwd.rc, bitepSuccess) << fwd.error;
+      spec.map = bitepMapBitmapU8;
+      const FwdOut fwdb = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
+      ASSERT_EQ(fwdb.rc, bitepSuccess) << fwdb.error;
+      std::vector<float> gp(static_cast<size_t>(T) * E);
+      for (size_t i = 0; i < gp.size(); ++i) gp[i] = gauss(0x7a7a, i);
+      // The same inputs with NaN at every unrouted expert (fwd.map is the bytemap).
+      std::vector<float> gp_nan = gp, saved_nan = fwd.saved;
+      std::vector<uint8_t> logits_nan = logits;
+      const size_t es = dsize(dt);
+      int64_t unrouted = 0;
+      for (size_t i = 0; i < gp.size(); ++i) {
+        if (fwd.map[i] != 0) continue;
+        ++unrouted;
+        gp_nan[i] = saved_nan[i] = std::numeric_limits<float>::quiet_NaN();
+        if (dt == bitepFloat32) {
+          const uint32_t nan = 0x7fc00000u;
+          std::memcpy(logits_nan.data() + i * es, &nan, es);
+        } else {
+          const uint16_t nan = 0x7fc0u;
+          std::memcpy(logits_nan.data() + i * es, &nan, es);
+        }
+      }
+      ASSERT_EQ(unrouted, T * (E - k)) << "E=" << E;
+      for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8})
+        for (bool recompute : {false, true}) {
+          const std::vector<uint8_t>& map = fmt == bitepMapBytemap ? fwd.map : fwdb.map;
+          const std::string what = "E=" + std::to_string(E) + " " + dt_name(dt) +
+                                   (recompute ? " recompute" : " saved") +
+                                   (fmt == bitepMapBitmapU8 ? " bitmap" : " bytemap");
+          const BwdOut clean =
+              run_backward(bitepBackendCuda, cfg, T, gp, map, fmt, recompute ? std::vector<float>{} : fwd.saved,
+                           recompute ? logits : std::vector<uint8_t>{}, false);
+          ASSERT_EQ(clean.rc, bitepSuccess) << clean.error;
+          const BwdOut nan =
+              run_backward(bitepBackendCuda, cfg, T, gp_nan, map, fmt, recompute ? std::vector<float>{} : saved_nan,
+                           recompute ? logits_nan : std::vector<uint8_t>{}, false);
+          ASSERT_EQ(nan.rc, bitepSuccess) << nan.error;
+          EXPECT_TRUE(nan.guards) << what << ": backward wrote past grad_logits";
+          EXPECT_TRUE(same_bits(nan.grad, clean.grad)) << what;
+          int64_t nonzero_unrouted = 0;
+          for (size_t i = 0; i < clean.grad.size(); ++i)
+            if (fwd.map[i] == 0 && clean.grad[i] != 0.0f) ++nonzero_unrouted;
+          EXPECT_EQ(0, nonzero_unrouted) << what << ": a gradient at an unrouted expert";
+        }
+    }
 }
 
 // The post-top-k softmax's own kernel writes a warp's dense rows as unselected with stores that span its
