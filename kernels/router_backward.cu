@@ -103,10 +103,10 @@ enum class BwdSpec : int {
 // The post-top-k softmax's backward reads only the octets that hold a routed expert (kSparse in the kernel): its
 // gradient is 0 at every other expert, and only the routed enter the softmax's statistics and the dot product, so an
 // octet without one loads neither grad_probs nor saved / logits (the values it would have held are never used: the
-// same bits). A warp's map bits are read a tile ahead, and the recompute's softmax takes the exps of the routed octets
-// alone (seg_softmax_octets). The bytes the benchmark's backward floor counts (bench/NOTES.md): at E = 512, k = 8
-// about 1.6 KB a token instead of 4.1. The saved mode at every E of the warp-per-token kernels from 8 lanes a token
-// (E > 32), the recompute up to E = 512 (launch_bucket). BITEP_ROUTER_BWD_SPARSE=0 (a tuning build) reads every octet.
+// same bits). A warp's map bits are read a tile ahead. The bytes the benchmark's backward floor counts
+// (bench/NOTES.md): at E = 512, k = 8 about 1.6 KB a token instead of 4.1. The saved mode at every E of the
+// warp-per-token kernels from 8 lanes a token (E > 32), the recompute up to E = 512 (launch_bucket).
+// BITEP_ROUTER_BWD_SPARSE=0 (a tuning build) reads every octet.
 #ifndef BITEP_ROUTER_BWD_SPARSE
 #define BITEP_ROUTER_BWD_SPARSE 1
 #endif
@@ -341,7 +341,9 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
           decode_raw_t<kF32>(dt, r, a + 8 * s);
         }
       }
-      if (!saved) seg_softmax_octets<G, N>(a, routed);  // the exps of the routed octets alone
+      // The exps of every element, as the dense kernel: taking those of the routed octets alone (a test per octet and
+      // element) measured slower (H200, bf16 recompute, T = 65536: E = 128 24.8 against 22.8 us, E = 512 76.0 / 74.3).
+      if (!saved) seg_softmax<G, N, true>(a, routed);
     } else {
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
@@ -636,8 +638,9 @@ cudaError_t launch_bucket(const RouterBackwardParams& p, cudaStream_t stream) {
   if constexpr (NS >= 2) {
     // The post-top-k softmax reads its routed octets alone (kSparse) in the register kernel: with the saved tensor at
     // every E, from the logits up to 512 experts. Above that the staged kernel's whole rows measured faster from the
-    // logits (H200, T = 65536, E = 2048 bf16: 283 us staged, 504 sparse with every element's exp; the sparse saved
-    // mode 222 against 329).
+    // logits (H200, E = 2048 bf16, T = 65536: 283 us staged, 504 sparse; the sparse saved mode 222 against 329). At
+    // E = 512 from bf16 logits the two are close (sparse 10.7 / 22.3 / 74.3 us at T = 4096 / 16384 / 65536, staged
+    // 11.7 / 22.8 / 71.2); from fp32 logits sparse 73.8 against 106.3 at T = 65536.
     if (kSparseBwd && spec == BwdSpec::kPostSoftmaxSaved)
       return launch_dtype<G, NS, false, BwdSpec::kPostSoftmaxSaved>(p, stream);
     const bool sparse_recompute = kSparseBwd && NS <= 2 && spec == BwdSpec::kPostSoftmaxRecompute;

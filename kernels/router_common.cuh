@@ -439,33 +439,6 @@ __device__ __forceinline__ void seg_softmax_max(float* v, Mask mask, float m) {
   for (int p = 0; p < N; ++p)
     if (kDense || ((mask >> p) & 1)) v[p] = __fmul_rn(v[p], r);
 }
-// seg_softmax over the masked elements with the exps taken octet by octet, an octet without a masked element skipped by
-// one test (the backward's post-top-k softmax from its routed octets: most octets hold none). The masked elements get
-// seg_softmax<G, N, true>'s bits (its sum adds +0 for each unmasked one); the others keep their values.
-template <int G, int N, class Mask>
-__device__ __forceinline__ void seg_softmax_octets(float* v, Mask mask) {
-  float m = -INFINITY;
-#pragma unroll
-  for (int p = 0; p < N; ++p)
-    if ((mask >> p) & 1) m = fmaxf(m, v[p]);
-  m = seg_max_f32<G>(m);
-  float s = 0.0f;
-#pragma unroll
-  for (int o = 0; o < N / 8; ++o) {
-    if (((mask >> (8 * o)) & 0xffu) == 0) continue;
-#pragma unroll
-    for (int p = 8 * o; p < 8 * o + 8; ++p)
-      if ((mask >> p) & 1) {
-        v[p] = expf(v[p] - m);
-        s = __fadd_rn(s, v[p]);
-      }
-  }
-  s = seg_sum_f32<G>(s);
-  const float r = __frcp_rn(s);
-#pragma unroll
-  for (int p = 0; p < N; ++p)
-    if ((mask >> p) & 1) v[p] = __fmul_rn(v[p], r);
-}
 template <int G, int N, bool kDense = false, class Mask>
 __device__ __forceinline__ void seg_softmax(float* v, Mask mask) {
   float m = -INFINITY;
