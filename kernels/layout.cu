@@ -209,16 +209,17 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
 }
 
 // The three passes and the packing in one launch (LayoutArgs::scratch, zeroed header and flags). The block's
-// segment is its ticket's. It counts its tokens per rank into the scratch and raises its flag; the first
-// segment's block zeroes counts before it raises its own. Then it waits for the flags of the segments before it (raised
-// by blocks that started earlier and wait for nothing after them: no deadlock), which also orders every expert count it
-// adds to counts after the zeroing (its count pass counted them in shared memory; past kMaxSmemExperts its slot pass
-// adds them there), starts each rank at the sum of their totals and writes its slots. The last segment writes each
+// segment is its ticket's. It counts its tokens per rank into the scratch, and its experts in shared memory (E is at
+// most kLayoutOneLaunchMaxExperts here), and raises its flag; the first segment's block zeroes counts before it raises
+// its own. Then it waits for the flags of the segments before it (raised by blocks that started earlier and wait for
+// nothing after them: no deadlock), which also orders the expert counts it adds to counts after the zeroing, starts
+// each rank at the sum of their totals and writes its slots. The last segment writes each
 // rank's total; the last block to finish packs the exchange's rows. Taken up to kLayoutOneLaunchMaxExperts
 // (kernels/ep_params.h): its slot pass grew with E in the measurements, the four launches' did not.
+static_assert(kLayoutOneLaunchMaxExperts <= kMaxSmemExperts, "the one launch counts its experts in shared memory");
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) layout_fused_kernel(LayoutArgs a) {
-  extern __shared__ int ecnt[];  // [E] when smem_experts
+  extern __shared__ int ecnt[];  // [E]
   __shared__ TileScanSmem<kThreads> s;
   __shared__ int totals[kWarp];
   __shared__ int block_seg;
@@ -229,8 +230,7 @@ __global__ void __launch_bounds__(kThreads) layout_fused_kernel(LayoutArgs a) {
   int* const flags = a.scratch + kScanHeaderInts;
   int32_t* const seg_totals = flags + S;  // [S][W]
   if (tid == 0) block_seg = atomicAdd(a.scratch, 1);
-  if (a.smem_experts)
-    for (int e = tid; e < E; e += kThreads) ecnt[e] = 0;
+  for (int e = tid; e < E; e += kThreads) ecnt[e] = 0;
   __syncthreads();
   const int seg = block_seg;
   const int64_t t0 = static_cast<int64_t>(seg) * a.seg_len;
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) layout_fused_kernel(LayoutArgs a) {
     const int nr = W - rg < kWarp ? W - rg : kWarp;
     if (tid < kWarp) totals[tid] = 0;
     __syncthreads();
-    segment_totals<kThreads>(a, t0, t1, rg, nr, a.smem_experts, ecnt, totals);
+    segment_totals<kThreads>(a, t0, t1, rg, nr, true, ecnt, totals);
     if (tid < nr) seg_totals[static_cast<int64_t>(seg) * W + rg + tid] = totals[tid];
     __syncthreads();
   }
@@ -253,10 +253,8 @@ __global__ void __launch_bounds__(kThreads) layout_fused_kernel(LayoutArgs a) {
     store_release_gpu(flags + seg, 1);
   }
   wait_raised(flags, seg);
-  if (a.smem_experts) {  // counted in shared memory by the count pass; added now that counts are zeroed
-    for (int e = tid; e < E; e += kThreads)
-      if (ecnt[e] != 0) atomicAdd(expert_count(a, e), ecnt[e]);
-  }
+  for (int e = tid; e < E; e += kThreads)  // counted by the count pass; added now that counts are zeroed
+    if (ecnt[e] != 0) atomicAdd(expert_count(a, e), ecnt[e]);
   for (int rg = 0; rg < W; rg += kWarp) {
     const int nr = W - rg < kWarp ? W - rg : kWarp;
     for (int j = warp; j < nr; j += kWarps) {  // a warp a rank: the totals of the segments before this one
@@ -267,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) layout_fused_kernel(LayoutArgs a) {
       if (lane == 0) s.carry[j] = acc;
     }
     __syncthreads();
-    slot_tiles<kThreads>(a, s, t0, t1, rg, nr, !a.smem_experts, nullptr);  // global atomics past kMaxSmemExperts
+    slot_tiles<kThreads>(a, s, t0, t1, rg, nr, false, nullptr);
     if (seg == S - 1 && tid < nr) a.counts[static_cast<int64_t>(rg + tid) * (L + 1)] = s.carry[tid];
     __syncthreads();  // carry read before the next rank group's warps set it
   }

@@ -61,6 +61,17 @@ __device__ __forceinline__ void warp_copy_async(char* dst, const char* src, int 
   }
 }
 
+// A bytemap octet's 8 bytes (one aligned 8-byte load) as its bits: bit b set where byte b is nonzero.
+__device__ __forceinline__ uint32_t bytemap_octet_bits(uint2 q) {
+  uint32_t rb = 0u;
+#pragma unroll
+  for (int b = 0; b < 4; ++b) {
+    rb |= static_cast<uint32_t>(((q.x >> (8 * b)) & 0xffu) != 0) << b;
+    rb |= static_cast<uint32_t>(((q.y >> (8 * b)) & 0xffu) != 0) << (b + 4);
+  }
+  return rb;
+}
+
 // ---- kSparse: an octet loaded only where `on` (else read as 0), as load_octet_f32 / load_raw_t otherwise -----------
 __device__ __forceinline__ void load_octet_f32_if(const float* ptr, int n, bool vec, bool on, float* x) {
   if (vec && n == 8) {
@@ -272,14 +283,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
         raw[s].a = *reinterpret_cast<const uint4*>(stage_a + off * in_size);
         raw[s].b = in_size == 4 ? *reinterpret_cast<const uint4*>(stage_a + off * 4 + 16) : make_uint4(0u, 0u, 0u, 0u);
         if (bytemap) {
-          const uint2 mq = *reinterpret_cast<const uint2*>(stage_m + off);
-          uint32_t rb = 0u;
-#pragma unroll
-          for (int b = 0; b < 4; ++b) {
-            rb |= static_cast<uint32_t>(((mq.x >> (8 * b)) & 0xffu) != 0) << b;
-            rb |= static_cast<uint32_t>(((mq.y >> (8 * b)) & 0xffu) != 0) << (b + 4);
-          }
-          bits[s] = rb;
+          bits[s] = bytemap_octet_bits(*reinterpret_cast<const uint2*>(stage_m + off));
         } else {
           bits[s] = next_bits[s];
         }
@@ -314,15 +318,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
         nval[s] = n;
         const uint32_t vb = (1u << n) - 1u;
         valid |= static_cast<Mask>(vb) << (8 * s);
-        uint32_t rb = map_raw[s].x;
-        if (!bitmap && whole8(map_ptr(t, s), n)) {
-          rb = 0u;
-#pragma unroll
-          for (int b = 0; b < 4; ++b) {
-            rb |= static_cast<uint32_t>(((map_raw[s].x >> (8 * b)) & 0xffu) != 0) << b;
-            rb |= static_cast<uint32_t>(((map_raw[s].y >> (8 * b)) & 0xffu) != 0) << (b + 4);
-          }
-        }
+        const uint32_t rb = !bitmap && whole8(map_ptr(t, s), n) ? bytemap_octet_bits(map_raw[s]) : map_raw[s].x;
         routed |= static_cast<Mask>(rb & vb) << (8 * s);  // a bitmap's pad bits ignored
       }
       const bool gvec = tv && aligned16(p.grad_probs + row);
@@ -360,12 +356,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
             const uint8_t* m = p.routing_map + row + e0;
             rb = 0u;
             if (n == 8 && (reinterpret_cast<uintptr_t>(m) & 7u) == 0) {
-              const uint2 q = __ldg(reinterpret_cast<const uint2*>(m));
-#pragma unroll
-              for (int b = 0; b < 4; ++b) {
-                rb |= static_cast<uint32_t>(((q.x >> (8 * b)) & 0xffu) != 0) << b;
-                rb |= static_cast<uint32_t>(((q.y >> (8 * b)) & 0xffu) != 0) << (b + 4);
-              }
+              rb = bytemap_octet_bits(__ldg(reinterpret_cast<const uint2*>(m)));
             } else {
 #pragma unroll
               for (int b = 0; b < 8; ++b)

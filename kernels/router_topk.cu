@@ -358,12 +358,13 @@ __global__ void __launch_bounds__(kBucketThreads,
   };
   // kStaged: a lane's whole-sector slots, as wide_unselected stores them: slot s, half h at float4 (tl E + s 8 G + 4 sl
   // + h 4 G) / 4 of the warp's rows, and at row + the same offset in probs and saved.
+  [[maybe_unused]] auto staged_at = [&](int s, int h) { return tl * 2 * G * NS + s * 2 * G + h * G + sl; };
   [[maybe_unused]] auto stage_unselected = [&] {
 #pragma unroll
     for (int s = 0; s < NS; ++s)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int at = tl * 2 * G * NS + s * 2 * G + h * G + sl;
+        const int at = staged_at(s, h);
         if (p.probs != nullptr) stage_p[at] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (p.saved != nullptr) stage_s[at] = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
       }
@@ -373,7 +374,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     for (int s = 0; s < NS; ++s)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int at = tl * 2 * G * NS + s * 2 * G + h * G + sl;
+        const int at = staged_at(s, h);
         const Idx g = row0 + s * 8 * G + h * 4 * G + 4 * sl;
         if (p.probs != nullptr) *reinterpret_cast<float4*>(p.probs + g) = stage_p[at];
         if (p.saved != nullptr) *reinterpret_cast<float4*>(p.saved + g) = stage_s[at];

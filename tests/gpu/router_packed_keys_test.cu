@@ -2,13 +2,13 @@
 // The bf16 post-top-k kernels' packed keys from the logits' bits (packed_keys_bf16x2) against the keys of the
 // widened values (packed_key_lo), on every pair of bf16 bit patterns: NaNs of both signs, +-0, subnormals, +-inf.
 // Skips, saying why, without a CUDA device.
-#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <string>
 
 #include "kernels/router_packed_keys.cuh"
+#include "tests/gpu/every_word.cuh"
 
 namespace {
 
@@ -36,19 +36,9 @@ __global__ void compare_kernel(Mismatch* m) {
 }
 
 TEST(RouterPackedKeys, BitsMatchWidenedValuesOnEveryPair) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    (void)cudaGetLastError();
-    GTEST_SKIP() << "no CUDA device: the packed keys not run";
-  }
-  Mismatch* d = nullptr;
-  ASSERT_EQ(cudaMalloc(&d, sizeof(Mismatch)), cudaSuccess);
-  ASSERT_EQ(cudaMemset(d, 0, sizeof(Mismatch)), cudaSuccess);
-  compare_kernel<<<(1u << 24), 256>>>(d);  // 2^32 threads
-  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  if (!bitep::test::cuda_device_present()) GTEST_SKIP() << "no CUDA device: the packed keys not run";
   Mismatch h{};
-  ASSERT_EQ(cudaMemcpy(&h, d, sizeof(h), cudaMemcpyDeviceToHost), cudaSuccess);
-  cudaFree(d);
+  ASSERT_NO_FATAL_FAILURE(bitep::test::run_on_every_word(compare_kernel, &h));
   char first[160];
   std::snprintf(first, sizeof(first), "first: word %08x got %08x %08x, want %08x %08x", h.w, h.got0, h.got1, h.want0,
                 h.want1);

@@ -3,13 +3,13 @@
 // without a branch each) against sigmoid_f, bit for bit, on every float: NaNs of both signs, +-0, subnormals, +-inf,
 // and the values whose 1 + exp(-x) passes 2^126 (which send the whole batch to the division). Skips, saying why,
 // without a CUDA device.
-#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <cstdio>
 
 #include "kernels/router_common.cuh"
+#include "tests/gpu/every_word.cuh"
 
 namespace {
 
@@ -50,19 +50,9 @@ __global__ void compare_kernel(Mismatch* m) {
 }
 
 TEST(RouterSigmoid, BatchMatchesScalarOnEveryFloat) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    (void)cudaGetLastError();
-    GTEST_SKIP() << "no CUDA device: the batched sigmoid not run";
-  }
-  Mismatch* d = nullptr;
-  ASSERT_EQ(cudaMalloc(&d, sizeof(Mismatch)), cudaSuccess);
-  ASSERT_EQ(cudaMemset(d, 0, sizeof(Mismatch)), cudaSuccess);
-  compare_kernel<<<(1u << 24), 256>>>(d);  // 2^32 threads
-  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  if (!bitep::test::cuda_device_present()) GTEST_SKIP() << "no CUDA device: the batched sigmoid not run";
   Mismatch h{};
-  ASSERT_EQ(cudaMemcpy(&h, d, sizeof(h), cudaMemcpyDeviceToHost), cudaSuccess);
-  cudaFree(d);
+  ASSERT_NO_FATAL_FAILURE(bitep::test::run_on_every_word(compare_kernel, &h));
   char first[160];
   std::snprintf(first, sizeof(first), "first: x bits %08x in slot %u (8: alone) got %08x, want %08x", h.x, h.slot,
                 h.got, h.want);
