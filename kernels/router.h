@@ -26,5 +26,8 @@ int last_router_forward_kernel();
 // The k that kernel was compiled for (its rounds unrolled; router_topk.cu kconst_kernel), 0 where it reads k from
 // the parameters or no warp-per-token kernel ran.
 int last_router_forward_topk();
+// The kernel the calling thread's last launch_router_backward chose: 1 the post-top-k softmax's routed-expert kernel
+// (router_backward.cu router_backward_routed), 0 another warp-per-token kernel, -1 the generic kernel, -2 no launch.
+int last_router_backward_kernel();
 
 }  // namespace bitep::kernels

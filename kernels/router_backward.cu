@@ -17,6 +17,7 @@ using namespace router_detail;
 
 [[maybe_unused]] constexpr char kName[] = "router_backward";
 constexpr int kGenericThreads = 256;
+thread_local int t_last_kernel = -2;  // last_router_backward_kernel()
 
 // ---- staging: the next tile's rows land in shared memory while this tile computes ----------------
 // Taken from 2 octets a lane (E > 256; launch_bucket) when E % 8 == 0 and grad_probs, saved / logits (16 bytes) and a
@@ -100,9 +101,62 @@ __device__ __forceinline__ void load_raw_if(
   }
 }
 
+// ---- the post-top-k softmax's kernels (the bucket kernel's kSparse, router_backward_routed): a tile's map ---------
+// at a lane's octets, loaded a tile ahead of its use. fetch: a bitmap's octet byte in x; a bytemap's 8 bytes where
+// they are one aligned load, else the octet's bits in x; nothing for a token past T. bits: the octet's routed bits
+// from what fetch loaded (a bitmap's pad bits cleared).
+template <int G, int NS>
+struct LaneMap {
+  const uint8_t* map;
+  int64_t num_tokens;
+  int num_experts, row_bytes, sl;
+  bool bitmap;
+  __device__ LaneMap(const RouterBackwardParams& p, int lane)
+      : map(p.routing_map),
+        num_tokens(p.num_tokens),
+        num_experts(p.num_experts),
+        row_bytes(p.map_format == MapFormat::kBitmap ? map_bytes_of(p.num_experts) : p.num_experts),
+        sl(lane % G),
+        bitmap(p.map_format == MapFormat::kBitmap) {}
+  __device__ int octet_n(int64_t t, int s) const {
+    return t < num_tokens ? min(max(num_experts - (s * G + sl) * 8, 0), 8) : 0;
+  }
+  __device__ const uint8_t* ptr(int64_t t, int s) const {
+    return map + t * row_bytes + (bitmap ? s * G + sl : (s * G + sl) * 8);
+  }
+  __device__ bool whole8(int64_t t, int s, int n) const {
+    return !bitmap && n == 8 && (reinterpret_cast<uintptr_t>(ptr(t, s)) & 7u) == 0;
+  }
+  __device__ void fetch(int64_t t, uint2* raw) const {
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      const int n = octet_n(t, s);
+      const uint8_t* m = ptr(t, s);
+      raw[s] = make_uint2(0u, 0u);
+      if (n == 0) continue;
+      if (bitmap) {
+        raw[s].x = __ldg(m);
+      } else if (whole8(t, s, n)) {
+        raw[s] = __ldg(reinterpret_cast<const uint2*>(m));
+      } else {
+#pragma unroll
+        for (int b = 0; b < 8; ++b)
+          if (b < n) raw[s].x |= static_cast<uint32_t>(__ldg(m + b) != 0) << b;
+      }
+    }
+  }
+  __device__ uint32_t bits(int64_t t, int s, uint2 raw) const {
+    const int n = octet_n(t, s);
+    const uint32_t rb = whole8(t, s, n) ? bytemap_octet_bits(raw) : raw.x;
+    return rb & ((1u << n) - 1u);
+  }
+};
+
 // ---- score paths compiled in: the hot recompute paths get kernels whose flags are constants ----------
 // (kAny reads them from the parameters.) The recompute at one octet a lane is bound by instruction issue
 // (bench/NOTES.md): the flag tests and the parameters reloaded inside the tile loop are part of its count.
+// The post-top-k softmax (TE's default), from either tensor, reads its routed octets alone (kSparse below) or takes
+// router_backward_routed (launch_bucket).
 enum class BwdSpec : int {
   kAny = 0,
   kPostSoftmaxRecompute = 1,  // top-k, post-top-k softmax, from the logits
@@ -110,22 +164,15 @@ enum class BwdSpec : int {
   kSigmoidNormRecompute = 3,  // top-k, sigmoid normalised over the k > 1 routed, from the logits
   kPostSoftmaxSaved = 4,      // top-k, post-top-k softmax, from the saved tensor
 };
-
-// The post-top-k softmax's backward reads only the octets that hold a routed expert (kSparse in the kernel): its
-// gradient is 0 at every other expert, and only the routed enter the softmax's statistics and the dot product, so an
-// octet without one loads neither grad_probs nor saved / logits (the values it would have held are never used: the
-// same bits). A warp's map bits are read a tile ahead. The bytes the benchmark's backward floor counts
-// (bench/NOTES.md): at E = 512, k = 8 about 1.6 KB a token instead of 4.1. The saved mode at every E of the
-// warp-per-token kernels from 8 lanes a token (E > 32), the recompute up to E = 512 (launch_bucket).
-// BITEP_ROUTER_BWD_SPARSE=0 (a tuning build) reads every octet.
-#ifndef BITEP_ROUTER_BWD_SPARSE
-#define BITEP_ROUTER_BWD_SPARSE 1
-#endif
-constexpr bool kSparseBwd = BITEP_ROUTER_BWD_SPARSE != 0;
-template <BwdSpec kSpec>
-constexpr bool sparse_spec() {
-  return kSparseBwd && (kSpec == BwdSpec::kPostSoftmaxRecompute || kSpec == BwdSpec::kPostSoftmaxSaved);
+constexpr bool post_softmax_spec(BwdSpec s) {
+  return s == BwdSpec::kPostSoftmaxRecompute || s == BwdSpec::kPostSoftmaxSaved;
 }
+
+// The post-top-k softmax's backward reads only the octets that hold a routed expert (kSparse in the bucket kernel):
+// its gradient is 0 at every other expert, and only the routed enter the softmax's statistics and the dot product, so
+// an octet without one loads neither grad_probs nor saved / logits (the values it would have held are never used:
+// the same bits). A warp's map bits are read a tile ahead. The bytes the benchmark's backward floor counts
+// (bench/NOTES.md): at E = 512, k = 8 about 1.6 KB a token instead of 4.1.
 
 // A kernel's score path: its spec's constants, or the parameters' (kAny), by `if constexpr` as in
 // router_topk.cu. (Here the any-path kernels differ from before the specs anyway: the one-round normalised
@@ -134,7 +181,7 @@ template <BwdSpec kSpec>
 __device__ __forceinline__ ScorePath spec_path(const RouterBackwardParams& p) {
   // {aux, softmax, pre, post, norm}
   if constexpr (kSpec == BwdSpec::kAny) return score_path(p);
-  if constexpr (kSpec == BwdSpec::kPostSoftmaxRecompute || kSpec == BwdSpec::kPostSoftmaxSaved) return kPostSoftmaxPath;
+  if constexpr (post_softmax_spec(kSpec)) return kPostSoftmaxPath;
   if constexpr (kSpec == BwdSpec::kPreSoftmaxRecompute) return ScorePath{false, true, true, false, false};
   return ScorePath{false, false, false, false, true};
 }
@@ -154,7 +201,7 @@ __device__ __forceinline__ bool spec_saved(const RouterBackwardParams& p) {  // 
 BwdSpec spec_of(const RouterBackwardParams& p) {
   if (p.mode != RouterMode::kTopk || p.logits_dtype == DType::kF16) return BwdSpec::kAny;
   const ScorePath s = score_path(p);
-  if (p.saved != nullptr) return s.post && kSparseBwd ? BwdSpec::kPostSoftmaxSaved : BwdSpec::kAny;
+  if (p.saved != nullptr) return s.post ? BwdSpec::kPostSoftmaxSaved : BwdSpec::kAny;
   if (s.post) return BwdSpec::kPostSoftmaxRecompute;
   if (s.pre) return BwdSpec::kPreSoftmaxRecompute;
   if (p.score_fn == ScoreFn::kSigmoid && s.norm) return BwdSpec::kSigmoidNormRecompute;
@@ -173,7 +220,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
   using Mask = typename std::conditional<(N > 32), unsigned long long, uint32_t>::type;
-  constexpr bool kSparse = sparse_spec<kSpec>() && !kStaged;  // a staged kernel copies whole rows
+  constexpr bool kSparse = post_softmax_spec(kSpec) && !kStaged;  // a staged kernel copies whole rows
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sl = lane % G, tl = lane / G;
@@ -219,38 +266,13 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
     }
   };
 
-  // kSparse: a tile's map as loaded, a tile ahead of its use (the octets' loads wait for it): a bitmap's octet byte in
-  // x; a bytemap's 8 bytes where they are one aligned load of a whole octet, else the octet's bits in x.
-  auto map_ptr = [&](int64_t tt, int s) {
-    return p.routing_map + tt * map_row + (bitmap ? s * G + sl : (s * G + sl) * 8);
-  };
-  auto octet_n = [&](int64_t tt, int s) { return tt < p.num_tokens ? min(max(E - (s * G + sl) * 8, 0), 8) : 0; };
-  auto whole8 = [](const uint8_t* m, int n) { return n == 8 && (reinterpret_cast<uintptr_t>(m) & 7u) == 0; };
-  [[maybe_unused]] auto fetch_map = [&](int64_t tile, uint2* raw) {
-    const int64_t tt = tile * kTokensPerWarp + tl;
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      const int n = tile < num_tiles ? octet_n(tt, s) : 0;
-      const uint8_t* m = map_ptr(tt, s);
-      raw[s] = make_uint2(0u, 0u);
-      if (n == 0) continue;
-      if (bitmap) {
-        raw[s].x = __ldg(m);
-      } else if (whole8(m, n)) {
-        raw[s] = __ldg(reinterpret_cast<const uint2*>(m));
-      } else {
-#pragma unroll
-        for (int b = 0; b < 8; ++b)
-          if (b < n) raw[s].x |= static_cast<uint32_t>(__ldg(m + b) != 0) << b;
-      }
-    }
-  };
-  [[maybe_unused]] uint2 map_next[kSparse ? NS : 1];
+  const LaneMap<G, NS> lane_map(p, lane);
+  [[maybe_unused]] uint2 map_next[kSparse ? NS : 1];  // kSparse: the next tile's map (the octets' loads wait for it)
 
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   if (kStaged && first < num_tiles) stage_tile(first);
-  if constexpr (kSparse) fetch_map(first, map_next);
+  if constexpr (kSparse) lane_map.fetch(first * kTokensPerWarp + tl, map_next);
   for (int64_t tile = first; tile < num_tiles; tile += stride) {
     const int64_t t = tile * kTokensPerWarp + tl;
     const bool tv = t < p.num_tokens;
@@ -311,15 +333,13 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
       uint2 map_raw[NS];
 #pragma unroll
       for (int s = 0; s < NS; ++s) map_raw[s] = map_next[s];
-      fetch_map(tile + stride, map_next);
+      lane_map.fetch(t + stride * kTokensPerWarp, map_next);
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
-        const int n = octet_n(t, s);
+        const int n = lane_map.octet_n(t, s);
         nval[s] = n;
-        const uint32_t vb = (1u << n) - 1u;
-        valid |= static_cast<Mask>(vb) << (8 * s);
-        const uint32_t rb = !bitmap && whole8(map_ptr(t, s), n) ? bytemap_octet_bits(map_raw[s]) : map_raw[s].x;
-        routed |= static_cast<Mask>(rb & vb) << (8 * s);  // a bitmap's pad bits ignored
+        valid |= static_cast<Mask>((1u << n) - 1u) << (8 * s);
+        routed |= static_cast<Mask>(lane_map.bits(t, s, map_raw[s])) << (8 * s);
       }
       const bool gvec = tv && aligned16(p.grad_probs + row);
       const bool avec =
@@ -493,6 +513,187 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
   }
 }
 
+// ---- the post-top-k softmax's backward from its routed experts (either tensor) ----------------------------------
+// The kSparse bucket kernel still takes every element slot of a lane (N of them) through the softmax, the dot product
+// and the gradient; here each routed expert's values are loaded, and its exp, product and gradient taken, once, by
+// one lane (bf16 recompute at E = 2048, k = 32: 64 exps a lane a token there, 1 here). Taken from 2 octets a lane
+// (launch_bucket); at one octet a lane the gather costs more than the N = 8 element slots it saves (measured).
+//
+// The gather: each lane (as an owner) counts its routed elements; a scan over the token's segment gives each its first
+// place; the owners write their experts there (shared memory, ascending within an owner), and lane j of the segment
+// takes the segment's j-th: K <= G routed experts a token (k <= 32 at G = 32).
+// The sums keep the per-element kernels' order, so the any-path kernel's bits: each owner adds its own routed
+// elements' terms in element order, fetched back from the lanes that computed them (a shuffle a round, as many rounds
+// as the warp's busiest owner has routed elements), then the segment's butterfly. The maximum is that of the same
+// values (fmaxf, NaN ignored; +0 and -0 give the same differences). The owners write their octets as zeros, then the
+// routed values go over them after a __syncwarp, which orders a warp's memory accesses.
+// A tile where some token has more than G routed experts is taken an octet at a time (by_octets: passes over a lane's
+// octets in the same order of operations, the loads again from L1 / L2).
+template <int G, int NS, bool kF32, bool kSaved>
+__global__ void __launch_bounds__(kBucketThreads, NS >= 8 ? 2 : 3)  // ptxas took 128 registers at NS = 2 unbounded
+    router_backward_routed(const RouterBackwardParams p, const int64_t num_tiles) {
+  constexpr int kTokensPerWarp = kWarpSize / G;
+  constexpr int kWarps = kBucketThreads / kWarpSize;
+  using Mask = typename std::conditional<(8 * NS > 32), unsigned long long, uint32_t>::type;
+  __shared__ int gather_smem[kWarps][kWarpSize];  // a tile's routed experts, token segment after segment
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sl = lane % G, tl = lane / G;
+  const int E = p.num_experts;
+  const DType dt = kF32 ? DType::kF32 : DType::kBF16;
+  const int esize = kF32 ? 4 : 2;
+  const float scale = p.scaling_factor;
+  const LaneMap<G, NS> lane_map(p, lane);
+  int* const gather = gather_smem[warp];
+
+  // The owners' terms summed as the per-element kernels do: each owner's own in element order, then the butterfly.
+  auto owner_sum = [&](float v, int c, int first, int rounds) {
+    float s = 0.0f;
+    for (int q = 0; q < rounds; ++q) {
+      const float u = __shfl_sync(kFullMask, v, first + q, G);
+      if (q < c) s = __fadd_rn(s, u);
+    }
+    return seg_sum_f32<G>(s);
+  };
+
+  // A tile with more than G routed experts in a token: a lane's octets one at a time.
+  auto by_octets = [&](int64_t t, Mask routed) {
+    const int64_t row = t * E;
+    const bool tv = t < p.num_tokens;
+    const bool gvec = tv && aligned16(p.grad_probs + row);
+    const bool avec =
+        tv && (kSaved ? aligned16(p.saved + row) : aligned16(static_cast<const char*>(p.logits) + row * esize));
+    auto octet_in = [&](int s, float* x) {
+      const int64_t off = row + (s * G + sl) * 8;
+      if constexpr (kSaved) {
+        load_octet_f32(p.saved + off, lane_map.octet_n(t, s), avec, x);
+      } else {
+        RawOctet r;
+        load_raw_t<kF32>(p.logits, dt, off, lane_map.octet_n(t, s), avec, r);
+        decode_raw_t<kF32>(dt, r, x);
+      }
+    };
+    auto bits = [&](int s) { return static_cast<uint32_t>(routed >> (8 * s)) & 0xffu; };
+    float m = -INFINITY, r = 1.0f;
+    if constexpr (!kSaved) {
+#pragma unroll 1
+      for (int s = 0; s < NS; ++s) {
+        const uint32_t rb = bits(s);
+        if (rb == 0) continue;
+        float x[8];
+        octet_in(s, x);
+#pragma unroll
+        for (int b = 0; b < 8; ++b)
+          if ((rb >> b) & 1) m = fmaxf(m, x[b]);
+      }
+      m = seg_max_f32<G>(m);
+      float sum = 0.0f;
+#pragma unroll 1
+      for (int s = 0; s < NS; ++s) {
+        const uint32_t rb = bits(s);
+        if (rb == 0) continue;
+        float x[8];
+        octet_in(s, x);
+#pragma unroll
+        for (int b = 0; b < 8; ++b)
+          if ((rb >> b) & 1) sum = __fadd_rn(sum, expf(x[b] - m));
+      }
+      r = __frcp_rn(seg_sum_f32<G>(sum));
+    }
+    auto act = [&](float x) { return kSaved ? x : __fmul_rn(expf(x - m), r); };
+    float dot = 0.0f;
+#pragma unroll 1
+    for (int s = 0; s < NS; ++s) {
+      const uint32_t rb = bits(s);
+      if (rb == 0) continue;
+      float x[8], g[8];
+      octet_in(s, x);
+      load_octet_f32(p.grad_probs + row + (s * G + sl) * 8, lane_map.octet_n(t, s), gvec, g);
+#pragma unroll
+      for (int b = 0; b < 8; ++b)
+        if ((rb >> b) & 1) dot = __fadd_rn(dot, __fmul_rn(__fmul_rn(g[b], scale), act(x[b])));
+    }
+    dot = seg_sum_f32<G>(dot);
+    const bool ovec = tv && aligned16(static_cast<char*>(p.grad_logits) + row * esize);
+#pragma unroll 1
+    for (int s = 0; s < NS; ++s) {
+      const int n = lane_map.octet_n(t, s);
+      if (n == 0) continue;
+      const uint32_t rb = bits(s);
+      float x[8], g[8];  // g: then the octet's gradient
+      if (rb != 0) {
+        octet_in(s, x);
+        load_octet_f32(p.grad_probs + row + (s * G + sl) * 8, n, gvec, g);
+      }
+#pragma unroll
+      for (int b = 0; b < 8; ++b)
+        g[b] = (rb >> b) & 1 ? __fmul_rn(act(x[b]), __fsub_rn(__fmul_rn(g[b], scale), dot)) : 0.0f;
+      store_octet_t<kF32>(p.grad_logits, dt, row + (s * G + sl) * 8, n, ovec, g);
+    }
+  };
+
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  uint2 map_next[NS];
+  lane_map.fetch(first * kTokensPerWarp + tl, map_next);
+  for (int64_t tile = first; tile < num_tiles; tile += stride) {
+    const int64_t t = tile * kTokensPerWarp + tl;
+    Mask routed = 0;
+#pragma unroll
+    for (int s = 0; s < NS; ++s) routed |= static_cast<Mask>(lane_map.bits(t, s, map_next[s])) << (8 * s);
+    lane_map.fetch(t + stride * kTokensPerWarp, map_next);
+    const int c =
+        sizeof(Mask) == 8 ? __popcll(static_cast<unsigned long long>(routed)) : __popc(static_cast<uint32_t>(routed));
+    int incl = c;
+#pragma unroll
+    for (int d = 1; d < G; d <<= 1) {
+      const int y = __shfl_up_sync(kFullMask, incl, d, G);
+      if (sl >= d) incl += y;
+    }
+    const int K = __shfl_sync(kFullMask, incl, G - 1, G);  // the token's routed experts
+    const int before = incl - c;
+    if (!__all_sync(kFullMask, K <= G)) {
+      by_octets(t, routed);
+      continue;
+    }
+    const int rounds = static_cast<int>(seg_max_u32<kWarpSize>(static_cast<uint32_t>(c)));
+    __syncwarp();  // the previous tile's reads of `gather` before these writes
+    Mask left = routed;
+    for (int q = 0; q < rounds; ++q) {
+      if (q < c) {
+        const int i = sizeof(Mask) == 8 ? __ffsll(static_cast<long long>(left)) - 1 : __ffs(static_cast<int>(left)) - 1;
+        gather[tl * G + before + q] = (i >> 3) * 8 * G + sl * 8 + (i & 7);
+        left &= left - 1;
+      }
+    }
+    __syncwarp();
+    const bool has = sl < K;
+    const int e = has ? gather[lane] : 0;
+    const int64_t row = t * E;
+    float g = 0.0f, a = 0.0f;  // a: the forward's softmax output at e (the logit, until recomputed)
+    if (has) {
+      g = __ldg(p.grad_probs + row + e);
+      a = kSaved ? __ldg(p.saved + row + e) : load_one(p.logits, dt, row + e);
+    }
+    if constexpr (!kSaved) {
+      const float m = seg_max_f32<G>(has ? a : -INFINITY);
+      const float ex = expf(a - m);
+      a = __fmul_rn(ex, __frcp_rn(owner_sum(ex, c, before, rounds)));
+    }
+    const float gs = __fmul_rn(g, scale);
+    const float dot = owner_sum(__fmul_rn(gs, a), c, before, rounds);
+    const bool ovec = t < p.num_tokens && aligned16(static_cast<char*>(p.grad_logits) + row * esize);
+    const float zero[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      const int n = lane_map.octet_n(t, s);
+      if (n > 0) store_octet_t<kF32>(p.grad_logits, dt, row + (s * G + sl) * 8, n, ovec, zero);
+    }
+    __syncwarp();  // the zeros before the routed values over them
+    if (has) store_one(p.grad_logits, dt, row + e, __fmul_rn(a, __fsub_rn(gs, dot)));
+  }
+}
+
 // One block per token (E > 2048); the reductions are the generic forward's (router_generic.cu).
 __global__ void __launch_bounds__(kGenericThreads) router_backward_generic(const RouterBackwardParams p) {
   __shared__ float scratch[32];
@@ -619,42 +820,64 @@ cudaError_t launch_dtype(const RouterBackwardParams& p, cudaStream_t stream) {
                                        : launch_bucket_t<G, NS, false, kStaged, kSpec>(p, stream);
 }
 
-// Staged from 2 octets a lane (E > 256): there the registers allow 1-3 blocks per SM, too few warps to
-// keep the loads in flight. At one octet (4 blocks) the copies' instructions cost more than they hide.
-// The recompute's score paths have kernels of their own (BwdSpec) from 8 lanes a token (E > 32): every one
-// at one octet a lane, the post-top-k softmax (TE's default) up to 2048 experts (the warp-per-token kernels).
+template <int G, int NS, bool kF32, bool kSaved>
+cudaError_t launch_routed_t(const RouterBackwardParams& p, cudaStream_t stream) {
+  static std::atomic<int> occupancy{0};
+  constexpr int kTokensPerWarp = kWarpSize / G;
+  constexpr int kWarps = kBucketThreads / kWarpSize;
+  auto kernel = router_backward_routed<G, NS, kF32, kSaved>;
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kBucketThreads, &occupancy);
+  const int64_t tiles = (p.num_tokens + kTokensPerWarp - 1) / kTokensPerWarp;
+  kernel<<<persistent_grid(tiles, kWarps, sms, per_sm), kBucketThreads, 0, stream>>>(p, tiles);
+  t_last_kernel = 1;
+  return cudaGetLastError();
+}
+
+template <int G, int NS>
+cudaError_t launch_routed(const RouterBackwardParams& p, bool saved, cudaStream_t stream) {
+  const bool f32 = p.logits_dtype == DType::kF32;
+  if (saved)
+    return f32 ? launch_routed_t<G, NS, true, true>(p, stream) : launch_routed_t<G, NS, false, true>(p, stream);
+  return f32 ? launch_routed_t<G, NS, true, false>(p, stream) : launch_routed_t<G, NS, false, false>(p, stream);
+}
+
+// The post-top-k softmax (TE's default) from 8 lanes a token (E > 32), either tensor: router_backward_routed from 4
+// octets a lane (E > 512), and from 2 (E > 256) for the recompute; else the bucket kernel that reads the routed
+// octets alone (kSparse). H200, T = 65536, bf16 bitmap, against the kSparse kernel (bench/NOTES.md, router v17):
+// E = 2048 recompute 148 against 284 us (the staged dense kernel then), saved 161 against 221; E = 512 recompute 66
+// against 74, saved 49.0 against 48.3; E = 256 recompute 37.7 against 38.6, saved 33.3 against 30.6; E <= 128 the
+// routed kernel 1.07-1.24x slower.
+// The rest: staged from 2 octets a lane (E > 256): there the registers allow 1-3 blocks per SM, too few warps to keep
+// the loads in flight. At one octet (4 blocks) the copies' instructions cost more than they hide. The other recompute
+// score paths have kernels of their own (BwdSpec) at one octet a lane from 8 lanes a token.
 template <int G, int NS>
 cudaError_t launch_bucket(const RouterBackwardParams& p, cudaStream_t stream) {
   const BwdSpec spec = G >= 8 && p.spec_kernels ? spec_of(p) : BwdSpec::kAny;
-  if constexpr (NS >= 2) {
-    // The post-top-k softmax reads its routed octets alone (kSparse) in the register kernel: with the saved tensor at
-    // every E, from the logits up to 512 experts. Above that the staged kernel's whole rows measured faster from the
-    // logits (H200, E = 2048 bf16, T = 65536: 283 us staged, 504 sparse; the sparse saved mode 222 against 329). At
-    // E = 512 from bf16 logits the two are close (sparse 10.7 / 22.3 / 74.3 us at T = 4096 / 16384 / 65536, staged
-    // 11.7 / 22.8 / 71.2); from fp32 logits sparse 73.8 against 106.3 at T = 65536.
-    if (kSparseBwd && spec == BwdSpec::kPostSoftmaxSaved)
-      return launch_dtype<G, NS, false, BwdSpec::kPostSoftmaxSaved>(p, stream);
-    const bool sparse_recompute = kSparseBwd && NS <= 2 && spec == BwdSpec::kPostSoftmaxRecompute;
-    if (stageable<NS>(p) && !sparse_recompute)
-      return spec == BwdSpec::kPostSoftmaxRecompute
-                 ? launch_dtype<G, NS, true, BwdSpec::kPostSoftmaxRecompute>(p, stream)
-                 : launch_dtype<G, NS, true, BwdSpec::kAny>(p, stream);
-    if (spec == BwdSpec::kPostSoftmaxRecompute)
-      return launch_dtype<G, NS, false, BwdSpec::kPostSoftmaxRecompute>(p, stream);
-  } else if constexpr (G >= 8) {
-    switch (spec) {
-      case BwdSpec::kPostSoftmaxRecompute:
-        return launch_dtype<G, NS, false, BwdSpec::kPostSoftmaxRecompute>(p, stream);
-      case BwdSpec::kPostSoftmaxSaved:
-        if constexpr (kSparseBwd) return launch_dtype<G, NS, false, BwdSpec::kPostSoftmaxSaved>(p, stream);
-        break;
-      case BwdSpec::kPreSoftmaxRecompute:
-        return launch_dtype<G, NS, false, BwdSpec::kPreSoftmaxRecompute>(p, stream);
-      case BwdSpec::kSigmoidNormRecompute:
-        return launch_dtype<G, NS, false, BwdSpec::kSigmoidNormRecompute>(p, stream);
-      case BwdSpec::kAny:
-        break;
+  t_last_kernel = 0;
+  if constexpr (G >= 8) {
+    if (post_softmax_spec(spec)) {
+      const bool saved = spec == BwdSpec::kPostSoftmaxSaved;
+      if constexpr (NS == 1) {
+        return saved ? launch_dtype<G, NS, false, BwdSpec::kPostSoftmaxSaved>(p, stream)
+                     : launch_dtype<G, NS, false, BwdSpec::kPostSoftmaxRecompute>(p, stream);
+      } else {
+        if constexpr (NS == 2) {
+          if (saved) return launch_dtype<G, NS, false, BwdSpec::kPostSoftmaxSaved>(p, stream);
+        }
+        return launch_routed<G, NS>(p, saved, stream);
+      }
     }
+  }
+  if constexpr (NS >= 2) {
+    if (stageable<NS>(p)) return launch_dtype<G, NS, true, BwdSpec::kAny>(p, stream);
+  } else if constexpr (G >= 8) {
+    if (spec == BwdSpec::kPreSoftmaxRecompute)
+      return launch_dtype<G, NS, false, BwdSpec::kPreSoftmaxRecompute>(p, stream);
+    if (spec == BwdSpec::kSigmoidNormRecompute)
+      return launch_dtype<G, NS, false, BwdSpec::kSigmoidNormRecompute>(p, stream);
   }
   return launch_dtype<G, NS, false, BwdSpec::kAny>(p, stream);
 }
@@ -662,6 +885,7 @@ cudaError_t launch_bucket(const RouterBackwardParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_router_backward(const RouterBackwardParams& p, cudaStream_t stream) {
+  t_last_kernel = -2;
   if (p.num_tokens <= 0) return cudaSuccess;
   const int bucket = bucket_of(p.num_experts);
   if (bucket >= 0)
@@ -672,8 +896,11 @@ cudaError_t launch_router_backward(const RouterBackwardParams& p, cudaStream_t s
   if (err != cudaSuccess) return err;
   const int64_t want = static_cast<int64_t>(sms) * 8;
   const unsigned grid = static_cast<unsigned>(p.num_tokens < want ? p.num_tokens : want);
+  t_last_kernel = -1;
   router_backward_generic<<<grid, kGenericThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
+
+int last_router_backward_kernel() { return t_last_kernel; }
 
 }  // namespace bitep::kernels

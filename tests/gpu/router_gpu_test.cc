@@ -1089,6 +1089,8 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           }
           const BwdOut bwd = run_backward(bitepBackendCuda, cfg, T, gp, got.map, fmt, {}, logits, false);
           ASSERT_EQ(bwd.rc, bitepSuccess) << bwd.error;
+          const int want_bwd = path.fn == bitepScoreSoftmax && path.pre == 0 && E > 256 ? 1 : 0;  // the routed kernel
+          EXPECT_EQ(bitep::kernels::last_router_backward_kernel(), want_bwd) << what << ": the backward kernel";
           EXPECT_TRUE(bwd.guards) << what << ": backward wrote past grad_logits";
           EXPECT_TRUE(same_bits(bwd.grad, any_bwd.grad)) << what << ": grad_logits (recompute)";
           // The saved tensor's backward (the post-top-k softmax's has a kernel of its own) from the same inputs.
@@ -1159,6 +1161,101 @@ TEST(RouterGpu, BackwardIgnoresUnroutedInputs) {
           for (size_t i = 0; i < clean.grad.size(); ++i)
             if (fwd.map[i] == 0 && clean.grad[i] != 0.0f) ++nonzero_unrouted;
           EXPECT_EQ(0, nonzero_unrouted) << what << ": a gradient at an unrouted expert";
+        }
+    }
+}
+
+// The post-top-k softmax's backward kernels on maps not from a forward, 0 to E routed experts a token. Above 512
+// experts, and above 256 for the recompute, router_backward_routed (kernels/router_backward.cu) gathers a token's
+// routed experts, one a lane, where every token of a warp's tile has at most 32, and takes a tile with more an octet at
+// a time; below, the bucket kernel reads the routed octets alone. Tokens 0-110 within the lanes (every tile
+// gathered), 111-221 every third past them (tiles of both kinds), 222-332 any count; token 5 routes every expert, 6
+// every element of lane 0, 7 lane 0's first octet (one owner with 8 routed elements); bytemap bytes of any nonzero
+// value. In both modes and map formats: the kernel expected ran, with the any-path kernel's bits and 0 at every
+// unrouted expert; the recompute within tolerance of the host's.
+TEST(RouterGpu, BackwardAnyRoutedCount) {
+  REQUIRE_GPU();
+  const int64_t T = 333;
+  for (int E : {64, 100, 130, 256, 512, 1000, 2048})
+    for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
+      const int octets = (E + 7) / 8, lanes = octets <= 8 ? 8 : (octets <= 16 ? 16 : 32);
+      const bitepRouterConfig_t cfg = make_config(E, 8, bitepScoreSoftmax, 0, dt);
+      const auto logits = make_logits(T, E, dt, 17 + E);
+      std::vector<uint8_t> bytemap(static_cast<size_t>(T) * E, 0);
+      std::vector<float> gp(bytemap.size()), saved(bytemap.size());
+      for (size_t i = 0; i < gp.size(); ++i) {
+        gp[i] = gauss(0x3b3b, i);
+        saved[i] = static_cast<float>(mix(0x5a5a0000ull + i) >> 40) * 0x1p-24f;  // [0, 1)
+      }
+      int64_t past_lanes = 0;
+      std::vector<int> perm(E);
+      for (int64_t t = 0; t < T; ++t) {
+        uint8_t* row = &bytemap[t * E];
+        const uint64_t h = mix((static_cast<uint64_t>(0x7c7c + E) << 32) + static_cast<uint64_t>(t));
+        auto route = [&](int e) { row[e] = static_cast<uint8_t>(1 + (e * 37 + t) % 255); };
+        if (t == 5) {
+          for (int e = 0; e < E; ++e) route(e);
+        } else if (t == 6 || t == 7) {
+          for (int e = 0; e < E; ++e)
+            if ((e / 8) % lanes == 0 && (t == 6 || e < 8)) route(e);
+        } else {
+          int K = 0;
+          if (t < 111)
+            K = static_cast<int>(h % (lanes + 1));
+          else if (t < 222)
+            K = t % 3 == 0 ? lanes + 1 + static_cast<int>(h % (E - lanes)) : static_cast<int>(h % (lanes + 1));
+          else
+            K = static_cast<int>(h % (E + 1));
+          for (int e = 0; e < E; ++e) perm[e] = e;
+          for (int j = 0; j < K; ++j) {  // the first K of a seeded shuffle
+            const int r = j + static_cast<int>(mix(h + static_cast<uint64_t>(j)) % static_cast<uint64_t>(E - j));
+            std::swap(perm[j], perm[r]);
+            route(perm[j]);
+          }
+        }
+        int K = 0;
+        for (int e = 0; e < E; ++e) K += row[e] != 0;
+        past_lanes += K > lanes;
+      }
+      ASSERT_GT(past_lanes, 20) << "E=" << E << ": too few tokens past the lanes";
+      const auto bitmap = bitep::ref::pack_bitmap(bytemap.data(), T, E);
+      std::vector<uint8_t> routed01(bytemap.size());
+      for (size_t i = 0; i < bytemap.size(); ++i) routed01[i] = bytemap[i] != 0;
+      bitepRouterConfig_t wide = cfg;
+      wide.topk = E;  // the sums' width: up to E routed experts
+      const double gt = grad_tol(dt, width_factor(wide, false));
+      const std::vector<double> M =
+          grad_scale(cfg, T, bitep::ref::to_double(logits.data(), dt, T * E), routed01, gp, false);
+      for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8})
+        for (bool recompute : {false, true}) {
+          const std::vector<uint8_t>& map = fmt == bitepMapBytemap ? bytemap : bitmap;
+          const std::vector<float> sv = recompute ? std::vector<float>{} : saved;
+          const std::vector<uint8_t> lg = recompute ? logits : std::vector<uint8_t>{};
+          const std::string what = "E=" + std::to_string(E) + " " + dt_name(dt) +
+                                   (recompute ? " recompute" : " saved") +
+                                   (fmt == bitepMapBitmapU8 ? " bitmap" : " bytemap");
+          const BwdOut got = run_backward(bitepBackendCuda, cfg, T, gp, map, fmt, sv, lg, false);
+          ASSERT_EQ(got.rc, bitepSuccess) << got.error;
+          const int want_kernel = E > 512 || (E > 256 && recompute) ? 1 : 0;
+          EXPECT_EQ(bitep::kernels::last_router_backward_kernel(), want_kernel) << what << ": the kernel chosen";
+          BwdOut any;
+          {
+            AnyPathKernels scope;
+            any = run_backward(bitepBackendCuda, cfg, T, gp, map, fmt, sv, lg, false);
+            ASSERT_EQ(any.rc, bitepSuccess) << any.error;
+            EXPECT_EQ(bitep::kernels::last_router_backward_kernel(), 0) << what << ": the any-path kernel";
+          }
+          EXPECT_TRUE(got.guards) << what << ": backward wrote past grad_logits";
+          EXPECT_EQ(count_bit_diffs(got.grad, any.grad), 0) << what << ": elements that differ from the any-path's";
+          int64_t nonzero_unrouted = 0;
+          for (size_t i = 0; i < got.grad.size(); ++i) nonzero_unrouted += !routed01[i] && got.grad[i] != 0.0f;
+          EXPECT_EQ(nonzero_unrouted, 0) << what << ": gradients at unrouted experts";
+          if (recompute) {
+            const BwdOut host = run_backward(bitepBackendHost, cfg, T, gp, map, fmt, sv, lg, false);
+            ASSERT_EQ(host.rc, bitepSuccess) << host.error;
+            const auto err = grad_errors(host.grad, got.grad, M, T, E, 0.0);
+            EXPECT_LE(*std::max_element(err.begin(), err.end()), gt) << what << ": against the host";
+          }
         }
     }
 }
