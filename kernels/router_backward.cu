@@ -529,8 +529,19 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
 // routed values go over them after a __syncwarp, which orders a warp's memory accesses.
 // A tile where some token has more than G routed experts is taken an octet at a time (by_octets: passes over a lane's
 // octets in the same order of operations, the loads again from L1 / L2).
+// Blocks per SM it is held to: 3 (80 registers; ptxas took 128 at NS = 2 unbounded), 2 at NS = 8 (up to 122 there,
+// 28 bytes spilled at 80). BITEP_ROUTER_BWD_ROUTED_BLOCKS (a tuning build) sets it for every NS.
+template <int NS>
+constexpr int routed_min_blocks() {
+#ifdef BITEP_ROUTER_BWD_ROUTED_BLOCKS
+  return BITEP_ROUTER_BWD_ROUTED_BLOCKS;
+#else
+  return NS >= 8 ? 2 : 3;
+#endif
+}
+
 template <int G, int NS, bool kF32, bool kSaved>
-__global__ void __launch_bounds__(kBucketThreads, NS >= 8 ? 2 : 3)  // ptxas took 128 registers at NS = 2 unbounded
+__global__ void __launch_bounds__(kBucketThreads, routed_min_blocks<NS>())
     router_backward_routed(const RouterBackwardParams p, const int64_t num_tiles) {
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
