@@ -530,18 +530,21 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
 // A tile where some token has more than G routed experts is taken an octet at a time (by_octets: passes over a lane's
 // octets in the same order of operations, the loads again from L1 / L2).
 // Blocks per SM it is held to: 3 (80 registers; ptxas took 128 at NS = 2 unbounded), 2 at NS = 8 (up to 122 there,
-// 28 bytes spilled at 80). BITEP_ROUTER_BWD_ROUTED_BLOCKS (a tuning build) sets it for every NS.
-template <int NS>
+// 28 bytes spilled at 80), 4 for the bf16 recompute at NS = 2 (64 registers, 40 bytes spilled; H200, T = 65536
+// E = 512: 48.2 against 50.7 us at 3, and 0.90-0.92x at T = 4096 and 16384; fp32 at 4 spilled 160 bytes and was
+// 1.16-1.20x slower, the saved mode there within 1%). BITEP_ROUTER_BWD_ROUTED_BLOCKS (a tuning build) sets it for
+// every instance.
+template <int NS, bool kF32, bool kSaved>
 constexpr int routed_min_blocks() {
 #ifdef BITEP_ROUTER_BWD_ROUTED_BLOCKS
   return BITEP_ROUTER_BWD_ROUTED_BLOCKS;
 #else
-  return NS >= 8 ? 2 : 3;
+  return NS >= 8 ? 2 : (NS == 2 && !kF32 && !kSaved ? 4 : 3);
 #endif
 }
 
 template <int G, int NS, bool kF32, bool kSaved>
-__global__ void __launch_bounds__(kBucketThreads, routed_min_blocks<NS>())
+__global__ void __launch_bounds__(kBucketThreads, routed_min_blocks<NS, kF32, kSaved>())
     router_backward_routed(const RouterBackwardParams p, const int64_t num_tiles) {
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
