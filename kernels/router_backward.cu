@@ -516,8 +516,9 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
 // ---- the post-top-k softmax's backward from its routed experts (either tensor) ----------------------------------
 // The kSparse bucket kernel still takes every element slot of a lane (N of them) through the softmax, the dot product
 // and the gradient; here each routed expert's values are loaded, and its exp, product and gradient taken, once, by
-// one lane (bf16 recompute at E = 2048, k = 32: 64 exps a lane a token there, 1 here). Taken from 2 octets a lane
-// (launch_bucket); at one octet a lane the gather costs more than the N = 8 element slots it saves (measured).
+// one lane (bf16 recompute at E = 2048, k = 32: 64 exps a lane a token there, 1 here). Taken from 4 octets a lane, and
+// from 2 for the recompute (launch_bucket): at one octet a lane the gather costs more than the N = 8 element slots it
+// saves, and at two the saved mode's 16 (no exps) about what it saves (measured: bench/NOTES.md, router v17).
 //
 // The gather: each lane (as an owner) counts its routed elements; a scan over the token's segment gives each its first
 // place; the owners write their experts there (shared memory, ascending within an owner), and lane j of the segment
@@ -588,30 +589,24 @@ __global__ void __launch_bounds__(kBucketThreads, routed_min_blocks<NS, kF32, kS
       }
     };
     auto bits = [&](int s) { return static_cast<uint32_t>(routed >> (8 * s)) & 0xffu; };
+    auto each_routed_input = [&](auto f) {  // f(x) for each routed element's saved / logit value, in element order
+#pragma unroll 1
+      for (int s = 0; s < NS; ++s) {
+        const uint32_t rb = bits(s);
+        if (rb == 0) continue;
+        float x[8];
+        octet_in(s, x);
+#pragma unroll
+        for (int b = 0; b < 8; ++b)
+          if ((rb >> b) & 1) f(x[b]);
+      }
+    };
     float m = -INFINITY, r = 1.0f;
     if constexpr (!kSaved) {
-#pragma unroll 1
-      for (int s = 0; s < NS; ++s) {
-        const uint32_t rb = bits(s);
-        if (rb == 0) continue;
-        float x[8];
-        octet_in(s, x);
-#pragma unroll
-        for (int b = 0; b < 8; ++b)
-          if ((rb >> b) & 1) m = fmaxf(m, x[b]);
-      }
+      each_routed_input([&](float x) { m = fmaxf(m, x); });
       m = seg_max_f32<G>(m);
       float sum = 0.0f;
-#pragma unroll 1
-      for (int s = 0; s < NS; ++s) {
-        const uint32_t rb = bits(s);
-        if (rb == 0) continue;
-        float x[8];
-        octet_in(s, x);
-#pragma unroll
-        for (int b = 0; b < 8; ++b)
-          if ((rb >> b) & 1) sum = __fadd_rn(sum, expf(x[b] - m));
-      }
+      each_routed_input([&](float x) { sum = __fadd_rn(sum, expf(x - m)); });
       r = __frcp_rn(seg_sum_f32<G>(sum));
     }
     auto act = [&](float x) { return kSaved ? x : __fmul_rn(expf(x - m), r); };
