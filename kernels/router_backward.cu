@@ -855,10 +855,10 @@ cudaError_t launch_routed(const RouterBackwardParams& p, bool saved, cudaStream_
 
 // The post-top-k softmax (TE's default) from 8 lanes a token (E > 32), either tensor: router_backward_routed from 4
 // octets a lane (E > 512), and from 2 (E > 256) for the recompute; else the bucket kernel that reads the routed
-// octets alone (kSparse). H200, T = 65536, bf16 bitmap, against the kSparse kernel (bench/NOTES.md, router v17):
-// E = 2048 recompute 148 against 284 us (the staged dense kernel then), saved 161 against 221; E = 512 recompute 66
-// against 74, saved 49.0 against 48.3; E = 256 recompute 37.7 against 38.6, saved 33.3 against 30.6; E <= 128 the
-// routed kernel 1.07-1.24x slower.
+// octets alone (kSparse). H200, T = 65536, bitmap, against the kernels before (bench/NOTES.md, router v17): E = 2048
+// bf16 recompute 152 against 283 us (the staged dense kernel), saved 162 against 221; E = 512 bf16 recompute 48.3
+// against 73.7, saved 49.0 against 48.3 (not taken); E = 256 bf16 recompute 37.7 against 38.6 but fp32 48.0 against
+// 42.6, saved 33.3 against 30.6; E <= 128 1.03-1.23x slower.
 // The rest: staged from 2 octets a lane (E > 256): there the registers allow 1-3 blocks per SM, too few warps to keep
 // the loads in flight. At one octet (4 blocks) the copies' instructions cost more than they hide. The other recompute
 // score paths have kernels of their own (BwdSpec) at one octet a lane from 8 lanes a token.
