@@ -533,7 +533,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
 // Blocks per SM it is held to: 3 (80 registers; ptxas took 128 at NS = 2 unbounded), 2 at NS = 8 (up to 122 there,
 // 28 bytes spilled at 80), 4 for the bf16 recompute at NS = 2 (64 registers, 40 bytes spilled; H200, T = 65536
 // E = 512: 48.2 against 50.7 us at 3, and 0.90-0.92x at T = 4096 and 16384; fp32 at 4 spilled 160 bytes and was
-// 1.16-1.20x slower, the saved mode there within 1%). BITEP_ROUTER_BWD_ROUTED_BLOCKS (a tuning build) sets it for
+// 1.16-1.20x slower, the saved mode there 0.98-1.00x). BITEP_ROUTER_BWD_ROUTED_BLOCKS (a tuning build) sets it for
 // every instance.
 template <int NS, bool kF32, bool kSaved>
 constexpr int routed_min_blocks() {
