@@ -12,6 +12,9 @@ namespace bitep::kernels {
 
 cudaError_t launch_router_forward(const RouterForwardParams& params, cudaStream_t stream);
 cudaError_t launch_router_backward(const RouterBackwardParams& params, cudaStream_t stream);
+// The post-top-k softmax's backward from its routed experts (router_backward_routed.cu), which
+// launch_router_backward takes at 2 octets a lane and more (E > 256): cudaErrorInvalidValue below that.
+cudaError_t launch_router_backward_routed(const RouterBackwardParams& params, cudaStream_t stream);
 cudaError_t launch_aux_loss_forward(const AuxLossParams& params, cudaStream_t stream);
 cudaError_t launch_aux_loss_backward(const AuxLossParams& params, cudaStream_t stream);
 
@@ -27,7 +30,7 @@ int last_router_forward_kernel();
 // the parameters or no warp-per-token kernel ran.
 int last_router_forward_topk();
 // The kernel the calling thread's last launch_router_backward chose: 1 the post-top-k softmax's routed-expert kernel
-// (router_backward.cu router_backward_routed), 0 another warp-per-token kernel, -1 the generic kernel, -2 no launch.
+// (router_backward_routed.cu), 0 another warp-per-token kernel, -1 the generic kernel, -2 no launch.
 int last_router_backward_kernel();
 
 }  // namespace bitep::kernels

@@ -266,6 +266,18 @@ FwdOut run_forward(bitepBackend_t be,
   return out;
 }
 
+// The GPU forward of cfg with every output, once writing a bytemap and once a bitmap (the backward tests' maps and
+// saved tensor); a failed launch fails the calling test (ASSERT_NO_FATAL_FAILURE).
+void forward_both_maps(
+    const bitepRouterConfig_t& cfg, int64_t T, const std::vector<uint8_t>& logits, FwdOut* bytemap, FwdOut* bitmap) {
+  FwdSpec spec;
+  *bytemap = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
+  ASSERT_EQ(bytemap->rc, bitepSuccess) << bytemap->error;
+  spec.map = bitepMapBitmapU8;
+  *bitmap = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
+  ASSERT_EQ(bitmap->rc, bitepSuccess) << bitmap->error;
+}
+
 struct BwdOut {
   bitepResult_t rc = bitepInternalError;
   std::string error;
@@ -917,12 +929,8 @@ TEST(RouterGpu, BackwardMisalignedInputs) {
       for (bitepScoreFunction_t fn : {bitepScoreSoftmax, bitepScoreSigmoid}) {
         const bitepRouterConfig_t cfg = make_config(E, 8, fn, 0, dt);
         const auto logits = make_logits(T, E, dt, 77 + E);
-        FwdSpec spec;
-        const FwdOut fwd = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
-        ASSERT_EQ(fwd.rc, bitepSuccess) << fwd.error;
-        spec.map = bitepMapBitmapU8;
-        const FwdOut fwdb = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
-        ASSERT_EQ(fwdb.rc, bitepSuccess) << fwdb.error;
+        FwdOut fwd, fwdb;
+        ASSERT_NO_FATAL_FAILURE(forward_both_maps(cfg, T, logits, &fwd, &fwdb));
         std::vector<float> gp(static_cast<size_t>(T) * E);
         for (size_t i = 0; i < gp.size(); ++i) gp[i] = gauss(0x5151, i);
         const size_t es = dsize(dt);
@@ -1103,10 +1111,10 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
 }
 
 // The post-top-k softmax's gradient is 0 at every expert a token did not route to, and its backward reads only the
-// octets that hold a routed one (kernels/router_backward.cu, kSparse): NaN in grad_probs, the saved tensor and the
-// logits at every unrouted expert leaves grad_logits as it is, bit for bit, in both modes and map formats. E = 64: 8
-// lanes a token; 100: a partial last octet; 256: one octet a lane; 512: two (the sparse register kernel, not the
-// staged one); 2048: eight (the saved mode sparse, the recompute staged). T = 333: a last partial tile.
+// routed octets or experts (kernels/router_backward.cu: kSparse; kernels/router_backward_routed.cu): NaN in grad_probs,
+// the saved tensor and the logits at every unrouted expert leaves grad_logits as it is, bit for bit, in both modes and
+// map formats. E = 64: 8 lanes a token; 100: a partial last octet; 256: one octet a lane; 512: two (the saved mode
+// kSparse, the recompute the routed kernel); 2048: eight (the routed kernel). T = 333: a last partial tile.
 TEST(RouterGpu, BackwardIgnoresUnroutedInputs) {
   REQUIRE_GPU();
   const int64_t T = 333;
@@ -1115,12 +1123,8 @@ TEST(RouterGpu, BackwardIgnoresUnroutedInputs) {
       const int k = E == 2048 ? 32 : 8;
       const bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSoftmax, 0, dt);
       const auto logits = make_logits(T, E, dt, 91 + E);
-      FwdSpec spec;
-      const FwdOut fwd = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
-      ASSERT_EQ(fwd.rc, bitepSuccess) << fwd.error;
-      spec.map = bitepMapBitmapU8;
-      const FwdOut fwdb = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
-      ASSERT_EQ(fwdb.rc, bitepSuccess) << fwdb.error;
+      FwdOut fwd, fwdb;
+      ASSERT_NO_FATAL_FAILURE(forward_both_maps(cfg, T, logits, &fwd, &fwdb));
       std::vector<float> gp(static_cast<size_t>(T) * E);
       for (size_t i = 0; i < gp.size(); ++i) gp[i] = gauss(0x7a7a, i);
       // The same inputs with NaN at every unrouted expert (fwd.map is the bytemap).
@@ -1166,9 +1170,9 @@ TEST(RouterGpu, BackwardIgnoresUnroutedInputs) {
 }
 
 // The post-top-k softmax's backward kernels on maps not from a forward, 0 to E routed experts a token. Above 512
-// experts, and above 256 for the recompute, router_backward_routed (kernels/router_backward.cu) gathers a token's
-// routed experts, one a lane, where every token of a warp's tile has at most 32, and takes a tile with more an octet at
-// a time; below, the bucket kernel reads the routed octets alone. Tokens 0-110 within the lanes (every tile
+// experts, and above 256 for the recompute, router_backward_routed (kernels/router_backward_routed.cu) gathers a
+// token's routed experts, one a lane, where every token of a warp's tile has at most 32, and takes a tile with more an
+// octet at a time; below, the bucket kernel reads the routed octets alone. Tokens 0-110 within the lanes (every tile
 // gathered), 111-221 every third past them (tiles of both kinds), 222-332 any count; token 5 routes every expert, 6
 // every element of lane 0, 7 lane 0's first octet (one owner with 8 routed elements); bytemap bytes of any nonzero
 // value. In both modes and map formats: the kernel expected ran, with the any-path kernel's bits and 0 at every
