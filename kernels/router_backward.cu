@@ -301,6 +301,8 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
       // element) measured slower (H200, bf16 recompute, T = 65536: E = 128 24.8 against 22.8 us, E = 512 76.0 / 74.3).
       if (!saved) seg_softmax<G, N, true>(a, routed);
     } else {
+      // The map read inline, not through LaneMap: its one pointer for both formats and its bits() recomputing the
+      // octet's count made these kernels up to 5% slower (H200, pre-top-k E = 64: median 1.027x; bench/NOTES.md).
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
         const int e0 = (s * G + sl) * 8;
