@@ -23,8 +23,8 @@ cudaError_t launch_aux_loss_backward(const AuxLossParams& params, cudaStream_t s
 cudaError_t router_forward_max_groups(int* max_groups);
 
 // The kernel the calling thread's last launch_router_forward chose, for the tests: the warp-per-token kernel's
-// score path (0 any path, 1 post-top-k softmax, 2 pre-top-k softmax, 3 normalised sigmoid; router_topk.cu
-// FwdSpec), -1 for the generic kernel or no launch (T = 0).
+// score path (0 any path, 1 post-top-k softmax, 2 pre-top-k softmax, 3 normalised sigmoid, 4 the same in
+// DeepSeek-V3's shape; router_topk.cu FwdSpec), -1 for the generic kernel or no launch (T = 0).
 int last_router_forward_kernel();
 // The k that kernel was compiled for (its rounds unrolled; router_topk.cu kconst_kernel), 0 where it reads k from
 // the parameters or no warp-per-token kernel ran.

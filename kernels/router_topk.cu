@@ -224,10 +224,25 @@ __device__ __forceinline__ float group_pair_sum(uint32_t a0, uint32_t a1, int q,
 // forward is bound by instruction issue (bench/NOTES.md).
 enum class FwdSpec : int {
   kAny = 0,
-  kPostSoftmax = 1,  // top-k, post-top-k softmax, no groups (no bias: softmax scores never take it)
-  kPreSoftmax = 2,   // top-k, softmax over all experts before the top-k, groups as the parameters say
-  kSigmoidNorm = 3,  // top-k, sigmoid normalised over the k > 1 selected, bias and groups as the parameters say
+  kPostSoftmax = 1,    // top-k, post-top-k softmax, no groups (no bias: softmax scores never take it)
+  kPreSoftmax = 2,     // top-k, softmax over all experts before the top-k, groups as the parameters say
+  kSigmoidNorm = 3,    // top-k, sigmoid normalised over the k > 1 selected, bias and groups as the parameters say
+  kSigmoidNormV3 = 4,  // the same in DeepSeek-V3's shape (kV3Shape): bias, groups of 4 octets, 2 a group score, 4 kept
 };
+constexpr bool sigmoid_norm_spec(FwdSpec s) { return s == FwdSpec::kSigmoidNorm || s == FwdSpec::kSigmoidNormV3; }
+
+// DeepSeek-V3's routing (256 experts, 8 groups of 32, the best 2 of a group summed, 4 groups kept, k = 8, expert bias)
+// at one octet a lane: kSigmoidNormV3 compiles its group shape in (the pair butterfly and the group rounds unrolled)
+// and loads the lane's bias octet once, before the tile, from a 16-byte aligned bias (the launch's condition).
+struct GroupShape {
+  int group_octets, per_group, group_topk;
+};
+constexpr GroupShape kV3Shape{4, 2, 4};
+constexpr int kV3K = 8;
+// BITEP_ROUTER_FWD_V3=0 (a tuning build) launches the normalised sigmoid's general kernel for that shape too.
+#ifndef BITEP_ROUTER_FWD_V3
+#define BITEP_ROUTER_FWD_V3 1
+#endif
 
 // A kernel's score path: its spec's constants, or the parameters' (kAny). By `if constexpr`, so the
 // any-path kernels compile to the PTX they had before the specs (compared): conditional expressions in
@@ -236,7 +251,7 @@ enum class FwdSpec : int {
 template <FwdSpec kSpec>
 __device__ __forceinline__ ScoreFn spec_fn(const RouterForwardParams& p) {
   if constexpr (kSpec == FwdSpec::kAny) return p.score_fn;
-  return kSpec == FwdSpec::kSigmoidNorm ? ScoreFn::kSigmoid : ScoreFn::kSoftmax;
+  return sigmoid_norm_spec(kSpec) ? ScoreFn::kSigmoid : ScoreFn::kSoftmax;
 }
 template <FwdSpec kSpec>
 __device__ __forceinline__ ScorePath spec_path(const RouterForwardParams& p) {
@@ -250,6 +265,7 @@ template <FwdSpec kSpec>
 __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
   if constexpr (kSpec == FwdSpec::kAny) return selection_bias(p);
   if constexpr (kSpec == FwdSpec::kSigmoidNorm) return p.expert_bias != nullptr;
+  if constexpr (kSpec == FwdSpec::kSigmoidNormV3) return true;
   return false;
 }
 
@@ -262,7 +278,7 @@ __global__ void __launch_bounds__(kBucketThreads,
                                              G,
                                              kF32,
                                              kSpec == FwdSpec::kPostSoftmax,
-                                             kSpec == FwdSpec::kPreSoftmax || kSpec == FwdSpec::kSigmoidNorm,
+                                             kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec),
                                              kWideRows,
                                              (kK > 0)>())
     router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
@@ -276,6 +292,8 @@ __global__ void __launch_bounds__(kBucketThreads,
   const int sl = lane % G, tl = lane / G;
   const int E = p.num_experts, k = kK > 0 ? kK : p.topk, W = p.num_ranks;
   constexpr bool kKnown = kSpec != FwdSpec::kAny;
+  constexpr bool kV3 = kSpec == FwdSpec::kSigmoidNormV3;
+  static_assert(!kV3 || (G == 32 && NS == 1 && kK == kV3K), "DeepSeek-V3's shape: one octet a lane, k = 8");
   const DType dt = kKnown && !kF32 ? DType::kBF16 : p.logits_dtype;
   const ScoreFn fn = spec_fn<kSpec>(p);
   const ScorePath path = spec_path<kSpec>(p);
@@ -380,10 +398,22 @@ __global__ void __launch_bounds__(kBucketThreads,
         if (p.saved != nullptr) *reinterpret_cast<float4*>(p.saved + g) = stage_s[at];
       }
   };
+  [[maybe_unused]] float bias8[kV3 ? 8 : 1];  // kV3: the lane's octet of the bias (0 past E)
+  if constexpr (kV3) {
+    float4 b0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b1 = b0;
+    if (sl * 8 < E) {
+      b0 = __ldg(reinterpret_cast<const float4*>(p.expert_bias + sl * 8));
+      b1 = __ldg(reinterpret_cast<const float4*>(p.expert_bias + sl * 8 + 4));
+    }
+    bias8[0] = b0.x, bias8[1] = b0.y, bias8[2] = b0.z, bias8[3] = b0.w;
+    bias8[4] = b1.x, bias8[5] = b1.y, bias8[6] = b1.z, bias8[7] = b1.w;
+  }
   const Idx stride = static_cast<Idx>(gridDim.x) * kWarps;
   const Idx first = static_cast<Idx>(blockIdx.x) * kWarps + warp;
   if (kPrefetch) fetch(first, ahead);
-  for (Idx tile = first; tile < num_tiles; tile += stride) {
+  // The spec kernels' grid gives each warp one tile at most: their loop ends after one pass (a back edge the compiler
+  // cannot remove kept an induction counter in local memory, one STL / LDL a warp).
+  for (Idx tile = first; tile < num_tiles; tile = kKnown ? num_tiles : tile + stride) {
     const Idx t = tile * kTokensPerWarp + tl;
     const bool tv = t < p.num_tokens;
     const Idx row = t * E;
@@ -467,11 +497,14 @@ __global__ void __launch_bounds__(kBucketThreads,
     // (every row but a last partial tile when E % 8 == 0: a warp-uniform test) without the per-slot test,
     // which the compiler made a branch around each key (BSSY / BRA / BSYNC: ~5 of ~14 instructions a key).
     auto make_keys = [&](auto masked) {
-      const bool bvec = use_bias && aligned16(p.expert_bias);
+      [[maybe_unused]] const bool bvec = !kV3 && use_bias && aligned16(p.expert_bias);
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
         float b8[8];
-        if (use_bias) {
+        if constexpr (kV3) {
+#pragma unroll
+          for (int b = 0; b < 8; ++b) b8[b] = bias8[b];
+        } else if (use_bias) {
           load_octet_f32(p.expert_bias + (s * G + sl) * 8, nval[s], bvec, b8);
         } else {
 #pragma unroll
@@ -504,7 +537,7 @@ __global__ void __launch_bounds__(kBucketThreads,
               // The pre-top-k softmax's and the sigmoid's scores are never -0 (select_key_nz), nor with a bias. (For
               // the softmax's, which are +0 at least or NaN, the bits with the top one set are the key too; that form
               // made ptxas fail, C7600 "Register allocation failed", in the E 129-256 kernel with the dense softmax.)
-              if constexpr (kSpec == FwdSpec::kPreSoftmax || kSpec == FwdSpec::kSigmoidNorm) return select_key_nz(sel);
+              if constexpr (kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec)) return select_key_nz(sel);
               return select_key(sel);
             };
             if constexpr (decltype(masked)::value)
@@ -550,9 +583,8 @@ __global__ void __launch_bounds__(kBucketThreads,
       return win;
     };
 
-    constexpr int C = cache_size<N, G, kSpec == FwdSpec::kSigmoidNorm>();
-    constexpr bool kKeysOnly =
-        kKeysOnlyCache && NS == 1 && (kSpec == FwdSpec::kPreSoftmax || kSpec == FwdSpec::kSigmoidNorm);
+    constexpr int C = cache_size<N, G, sigmoid_norm_spec(kSpec)>();
+    constexpr bool kKeysOnly = kKeysOnlyCache && NS == 1 && (kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec));
     uint32_t ck[C];
     int cp[C];
     if constexpr (kPacked)
@@ -565,19 +597,21 @@ __global__ void __launch_bounds__(kBucketThreads,
     // 3. group-limited routing: a group (q aligned lanes of one slot) scores the sum of its best
     // per_group keys in selection order from 0.0f; the best group_topk groups stay candidates.
     if constexpr (kSpec != FwdSpec::kPostSoftmax) {
-      if (lay.group_octets > 0) {
-        const int q = lay.group_octets, qs = __ffs(q) - 1;  // q is a power of two
-        if (NS == 1 && lay.per_group <= C) {
+      if (kV3 || lay.group_octets > 0) {
+        const int q = kV3 ? kV3Shape.group_octets : lay.group_octets, qs = __ffs(q) - 1;  // q is a power of two
+        const int per_group = kV3 ? kV3Shape.per_group : lay.per_group;
+        const int group_topk = kV3 ? kV3Shape.group_topk : p.group_topk;
+        if (NS == 1 && per_group <= C) {
           // One group per lane: the group's best keys are among its lanes' cached ones.
           const uint32_t gl = q == 32 ? kFullMask : ((1u << q) - 1u) << (lane & ~(q - 1)), gbelow = lanemask_lt() & gl;
           uint32_t gk[C];
 #pragma unroll
           for (int c = 0; c < C; ++c) gk[c] = ck[c];
           float gsum = 0.0f;
-          if (kGroupPairs && lay.per_group <= 2 && C >= 2) {
-            gsum = group_pair_sum(gk[0], gk[C > 1 ? 1 : 0], q, lay.per_group);  // C = 1: a tuning build only
+          if (kGroupPairs && per_group <= 2 && C >= 2) {
+            gsum = group_pair_sum(gk[0], gk[C > 1 ? 1 : 0], q, per_group);  // C = 1: a tuning build only
           } else {
-            for (int j = 0; j < lay.per_group; ++j) {
+            for (int j = 0; j < per_group; ++j) {
               const uint32_t gm = group_max_u32(gk[0], q);
               const bool eq = gk[0] == gm && gm != kKeyNone;
               const uint32_t bal = __ballot_sync(kFullMask, eq);
@@ -590,7 +624,7 @@ __global__ void __launch_bounds__(kBucketThreads,
           // is the first lane of the lowest group: a hit when that lane is one of the group's (gl).
           uint32_t gkey = nval[0] > 0 ? select_key(gsum) : kKeyNone;
           bool keep = false;
-          for (int r = 0; r < p.group_topk; ++r) {
+          for (int r = 0; r < group_topk; ++r) {
             const uint32_t gm = seg_max_u32<G>(gkey);
             const bool eq = gkey == gm && gm != kKeyNone;
             const uint32_t bal = __ballot_sync(kFullMask, eq) & seg;
@@ -609,7 +643,7 @@ __global__ void __launch_bounds__(kBucketThreads,
           Mask gtaken = 0;
 #pragma unroll
           for (int s = 0; s < NS; ++s) gsum[s] = 0.0f;
-          if (kGroupPairs && lay.per_group <= 2) {
+          if (kGroupPairs && per_group <= 2) {
 #pragma unroll
             for (int s = 0; s < NS; ++s) {
               uint32_t a0 = kKeyNone, a1 = kKeyNone;  // the slot's two best keys of this lane
@@ -619,10 +653,10 @@ __global__ void __launch_bounds__(kBucketThreads,
                 a0 = max(a0, kk);
                 a1 = max(a1, lo);
               }
-              gsum[s] = group_pair_sum(a0, a1, q, lay.per_group);
+              gsum[s] = group_pair_sum(a0, a1, q, per_group);
             }
           }
-          for (int j = 0; j < (kGroupPairs && lay.per_group <= 2 ? 0 : lay.per_group); ++j) {
+          for (int j = 0; j < (kGroupPairs && per_group <= 2 ? 0 : per_group); ++j) {
 #pragma unroll
             for (int s = 0; s < NS; ++s) {
               uint32_t bk = 0u;
@@ -646,7 +680,7 @@ __global__ void __launch_bounds__(kBucketThreads,
             keep[s] = false;
             gkey[s] = nval[s] > 0 ? select_key(gsum[s]) : kKeyNone;
           }
-          for (int r = 0; r < p.group_topk; ++r) {
+          for (int r = 0; r < group_topk; ++r) {
             uint32_t bk = 0u;
             int bg = INT_MAX;
 #pragma unroll
@@ -972,13 +1006,17 @@ constexpr bool kconst_compact_only() {
 
 template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows>
 cudaError_t launch_k(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
-  constexpr int kK = kconst_kernel<G, NS, kSpec>();
-  if constexpr (kK > 0) {
-    const bool dense = p.probs != nullptr || p.saved != nullptr;
-    if (p.topk == kK && !(kconst_compact_only<G, NS, kF32, kSpec>() && dense))
-      return launch_kernel<G, NS, kF32, kSpec, kWideRows, kK>(p, lay, stream);
+  if constexpr (kSpec == FwdSpec::kSigmoidNormV3) {
+    return launch_kernel<G, NS, kF32, kSpec, kWideRows, kV3K>(p, lay, stream);
+  } else {
+    constexpr int kK = kconst_kernel<G, NS, kSpec>();
+    if constexpr (kK > 0) {
+      const bool dense = p.probs != nullptr || p.saved != nullptr;
+      if (p.topk == kK && !(kconst_compact_only<G, NS, kF32, kSpec>() && dense))
+        return launch_kernel<G, NS, kF32, kSpec, kWideRows, kK>(p, lay, stream);
+    }
+    return launch_kernel<G, NS, kF32, kSpec, kWideRows, 0>(p, lay, stream);
   }
-  return launch_kernel<G, NS, kF32, kSpec, kWideRows, 0>(p, lay, stream);
 }
 
 template <int G, int NS, bool kF32, FwdSpec kSpec>
@@ -1012,8 +1050,15 @@ cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cu
         return launch_dtype<G, NS, FwdSpec::kPostSoftmax>(p, lay, stream);
       if constexpr (NS <= 2) {
         if (path.pre) return launch_dtype<G, NS, FwdSpec::kPreSoftmax>(p, lay, stream);
-        if (p.score_fn == ScoreFn::kSigmoid && path.norm)
+        if (p.score_fn == ScoreFn::kSigmoid && path.norm) {
+          if constexpr (G == 32 && NS == 1) {
+            if (BITEP_ROUTER_FWD_V3 != 0 && p.topk == kV3K && lay.group_octets == kV3Shape.group_octets &&
+                lay.per_group == kV3Shape.per_group && p.group_topk == kV3Shape.group_topk &&
+                p.expert_bias != nullptr && (reinterpret_cast<uintptr_t>(p.expert_bias) & 15u) == 0)
+              return launch_dtype<G, NS, FwdSpec::kSigmoidNormV3>(p, lay, stream);
+          }
           return launch_dtype<G, NS, FwdSpec::kSigmoidNorm>(p, lay, stream);
+        }
       }
     }
   }

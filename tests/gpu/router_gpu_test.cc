@@ -197,6 +197,7 @@ struct FwdSpec {
   bool aux = false;
   size_t logits_offset = 0;                   // bytes of misalignment of the logits pointer (cuda only)
   size_t probs_offset = 0, saved_offset = 0;  // likewise, probs and saved
+  size_t bias_offset = 0;                     // likewise, expert_bias
 };
 
 struct FwdOut {
@@ -237,7 +238,7 @@ FwdOut run_forward(bitepBackend_t be,
     if (out.rc != bitepSuccess) out.error = bitepGetLastError();
   };
   if (be == bitepBackendCuda) {
-    DevBuf lg(logits.size(), s.logits_offset), b(bias.size() * 4), pr(TE * 4, s.probs_offset),
+    DevBuf lg(logits.size(), s.logits_offset), b(bias.size() * 4, s.bias_offset), pr(TE * 4, s.probs_offset),
         sv(TE * 4, s.saved_offset), w(Tk * 4), ix(Tk * 4), mp(nmap), rm(nmask), rc(W * 4);
     lg.upload(logits.data());
     if (!bias.empty()) b.upload(bias.data());
@@ -1030,14 +1031,15 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
         }
         // The kernel that must run (kernels/router.h last_router_forward_kernel): groups of 25 experts (E =
         // 100) are not whole octets, so the generic kernel (-1); the post-top-k softmax's own kernels for k up
-        // to the lanes, the pre-top-k softmax's and the sigmoid's up to E = 512; else the any-path one (0).
+        // to the lanes, the pre-top-k softmax's and the sigmoid's up to E = 512, the sigmoid's in DeepSeek-V3's
+        // shape (E = 256 grouped: 4 octets a group, k = 8) its own (4); else the any-path one (0).
         int want_kernel = 0;
         if (path.grouped && E == 100)
           want_kernel = -1;
         else if (path.fn == bitepScoreSoftmax && path.pre == 0)
           want_kernel = holders ? 1 : 0;
         else if (E <= 512)
-          want_kernel = path.pre ? 2 : 3;
+          want_kernel = path.pre ? 2 : (path.grouped && E == 256 && k == 8 ? 4 : 3);
         // The first rows degenerate (NaN, +-inf, signed zeros, ties): the spec kernels' shortcuts (the
         // softmax's maximum from the first top-k round, the packed bf16 keys, the holders) must give the
         // any-path's selection there too, and its weights as above.
@@ -1077,6 +1079,22 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           const int want_topk = want_kernel > 0 && k == 8 && E > 64 && E <= 512 && !compact_only ? 8 : 0;
           EXPECT_EQ(bitep::kernels::last_router_forward_topk(), want_topk) << what << ": the instance for k = 8";
           EXPECT_TRUE(got.guards) << what << ": forward wrote past a buffer";
+          if (want_kernel == 4) {
+            // DeepSeek-V3's kernel loads the bias by 16-byte loads: a bias 4 bytes off takes the sigmoid's
+            // general kernel (3), and both give the any-path kernel's bits (checked below for `got`).
+            FwdSpec mis = spec;
+            mis.bias_offset = 4;
+            const FwdOut got3 = run_forward(bitepBackendCuda, cfg, T, logits, bias, mis);
+            ASSERT_EQ(got3.rc, bitepSuccess) << got3.error;
+            EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 3) << what << ": misaligned bias";
+            EXPECT_TRUE(got3.guards) << what << ": misaligned bias: forward wrote past a buffer";
+            EXPECT_TRUE(same_bits(got3.probs, any.probs)) << what << ": misaligned bias: probs";
+            EXPECT_TRUE(same_bits(got3.saved, any.saved)) << what << ": misaligned bias: saved";
+            EXPECT_TRUE(same_bits(got3.weights, any.weights)) << what << ": misaligned bias: topk_weights";
+            EXPECT_TRUE(same_bits(got3.map, any.map)) << what << ": misaligned bias: routing map";
+            EXPECT_TRUE(same_bits(got3.indices, any.indices)) << what << ": misaligned bias: topk_indices";
+            EXPECT_TRUE(same_bits(got3.rank_counts, any.rank_counts)) << what << ": misaligned bias: rank_counts";
+          }
           EXPECT_TRUE(same_bits(got.map, any.map)) << what << ": routing map";
           EXPECT_TRUE(same_bits(got.indices, any.indices)) << what << ": topk_indices";
           EXPECT_TRUE(same_bits(got.rank_mask, any.rank_mask)) << what << ": rank_mask";
