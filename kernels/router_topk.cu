@@ -411,9 +411,13 @@ __global__ void __launch_bounds__(kBucketThreads,
   const Idx stride = static_cast<Idx>(gridDim.x) * kWarps;
   const Idx first = static_cast<Idx>(blockIdx.x) * kWarps + warp;
   if (kPrefetch) fetch(first, ahead);
-  // The spec kernels' grid gives each warp one tile at most: their loop ends after one pass (a back edge the compiler
-  // cannot remove kept an induction counter in local memory, one STL / LDL a warp).
-  for (Idx tile = first; tile < num_tiles; tile = kKnown ? num_tiles : tile + stride) {
+  // The spec kernels' grid gives each warp one tile at most. Their loop ends after one pass where that measured faster
+  // (a back edge the compiler cannot remove kept an induction counter in local memory, one STL / LDL a warp): one octet
+  // a lane, and two for bf16 logits. H200, T = 16384, min of three interleaved runs: E = 128-512 bf16 0.96-0.99x, E =
+  // 64 even; fp32 at two octets a lane (E = 512) 1.02-1.06x slower and E = 2048 1.01x, so those keep the loop
+  // (bench/NOTES.md, "Router v19").
+  constexpr bool kOnePass = kKnown && (NS == 1 || (NS == 2 && !kF32));
+  for (Idx tile = first; tile < num_tiles; tile = kOnePass ? num_tiles : tile + stride) {
     const Idx t = tile * kTokensPerWarp + tl;
     const bool tv = t < p.num_tokens;
     const Idx row = t * E;
