@@ -970,6 +970,17 @@ bool same_bits(const V& a, const V& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0);
 }
 
+// Every output of two forward runs, bit for bit (an output neither run wrote is empty in both).
+void expect_same_outputs(const FwdOut& got, const FwdOut& want, const std::string& what) {
+  EXPECT_TRUE(same_bits(got.probs, want.probs)) << what << ": probs";
+  EXPECT_TRUE(same_bits(got.saved, want.saved)) << what << ": saved";
+  EXPECT_TRUE(same_bits(got.weights, want.weights)) << what << ": topk_weights";
+  EXPECT_TRUE(same_bits(got.indices, want.indices)) << what << ": topk_indices";
+  EXPECT_TRUE(same_bits(got.map, want.map)) << what << ": routing map";
+  EXPECT_TRUE(same_bits(got.rank_mask, want.rank_mask)) << what << ": rank_mask";
+  EXPECT_TRUE(same_bits(got.rank_counts, want.rank_counts)) << what << ": rank_counts";
+}
+
 // Weights of the forward's post-top-k softmax whose sum ran in another order (kernels/router_topk.cu, the
 // holders): the same zeros, -inf and NaN as `want`, every other value within (2 k + 2) ulps relative (the
 // two sums of k positive terms each within (k - 1) u of the exact one, then a rounding each). Returns the
@@ -1088,12 +1099,7 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
             ASSERT_EQ(got3.rc, bitepSuccess) << got3.error;
             EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 3) << what << ": misaligned bias";
             EXPECT_TRUE(got3.guards) << what << ": misaligned bias: forward wrote past a buffer";
-            EXPECT_TRUE(same_bits(got3.probs, any.probs)) << what << ": misaligned bias: probs";
-            EXPECT_TRUE(same_bits(got3.saved, any.saved)) << what << ": misaligned bias: saved";
-            EXPECT_TRUE(same_bits(got3.weights, any.weights)) << what << ": misaligned bias: topk_weights";
-            EXPECT_TRUE(same_bits(got3.map, any.map)) << what << ": misaligned bias: routing map";
-            EXPECT_TRUE(same_bits(got3.indices, any.indices)) << what << ": misaligned bias: topk_indices";
-            EXPECT_TRUE(same_bits(got3.rank_counts, any.rank_counts)) << what << ": misaligned bias: rank_counts";
+            expect_same_outputs(got3, any, what + ": misaligned bias");
           }
           EXPECT_TRUE(same_bits(got.map, any.map)) << what << ": routing map";
           EXPECT_TRUE(same_bits(got.indices, any.indices)) << what << ": topk_indices";
@@ -1309,11 +1315,7 @@ TEST(RouterGpu, HolderOutputsMisaligned) {
         const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
         ASSERT_EQ(got.rc, bitepSuccess) << got.error;
         EXPECT_TRUE(got.guards) << what << ": wrote past a buffer";
-        EXPECT_TRUE(same_bits(got.probs, want.probs)) << what << ": probs";
-        EXPECT_TRUE(same_bits(got.saved, want.saved)) << what << ": saved";
-        EXPECT_TRUE(same_bits(got.weights, want.weights)) << what << ": topk_weights";
-        EXPECT_TRUE(same_bits(got.indices, want.indices)) << what << ": topk_indices";
-        EXPECT_TRUE(same_bits(got.map, want.map)) << what << ": routing map";
+        expect_same_outputs(got, want, what);
       }
     }
 }
