@@ -817,7 +817,7 @@ float degenerate_logit(int64_t t, int e, int E) {
 TEST(RouterGpu, DegenerateRows) {
   REQUIRE_GPU();
   CaseStats stats;
-  for (int E : {8, 64, 100, 130, 256, 512, 2048, 3000})
+  for (int E : {8, 64, 100, 128, 130, 256, 512, 2048, 3000})
     for (int k : {1, 8, E}) {
       if (k > E) continue;
       const int64_t T = 12;
@@ -868,6 +868,58 @@ TEST(RouterGpu, DegenerateRowsGrouped) {
         }
     }
   report("degenerate grouped", stats);
+}
+
+// A lane's cache of its best keys runs dry when it wins more rounds than the cache holds (2 or 3), and the lane then
+// rescans its registers between rounds (kernels/router_topk.cu): rows whose m best experts (m = 1 .. 16, distinct
+// values) all sit in the slots of one lane, so that lane wins up to k rounds, beside rows of random logits. (The
+// degenerate rows reach the rescans through ties alone.) One octet a lane at 16 lanes a token (E = 128) and 32 (E =
+// 256), two (E = 512); the post-top-k softmax (its maps exact against the host), the pre-top-k softmax, the
+// normalised sigmoid, and DeepSeek-V3's groups and bias; the spec kernel and its k = 8 instance asserted.
+TEST(RouterGpu, TopkFromOneLane) {
+  REQUIRE_GPU();
+  CaseStats stats;
+  const int64_t T = 300;
+  for (int E : {128, 256, 512}) {
+    const int octets = E / 8, lanes = octets <= 16 ? 16 : 32, ns = octets / lanes;
+    std::vector<float> v(static_cast<size_t>(T) * E);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int e = 0; e < E; ++e) v[t * E + e] = std::max(-2.5f, std::min(2.5f, 0.5f * gauss(0x1a7e + E, t * E + e)));
+      if (t % 4 == 3) continue;  // a random row
+      const int lane = static_cast<int>((t * 7) % lanes), m = 1 + static_cast<int>(t % (8 * ns));
+      for (int i = 0; i < m; ++i) {
+        const int slot = i % ns, b = 7 - (i / ns + static_cast<int>(t)) % 8;  // the lane's experts, scattered
+        v[t * E + (slot * lanes + lane) * 8 + b] = 3.0f + 0.0625f * static_cast<float>(i);  // bf16-exact, distinct
+      }
+    }
+    std::vector<float> small_bias(static_cast<size_t>(E));
+    for (int e = 0; e < E; ++e) small_bias[e] = 0.01f * static_cast<float>(e % 5);
+    for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16})
+      for (int k : {4, 8})
+        for (int path = 0; path < 4; ++path) {  // post-top-k softmax, pre-top-k, sigmoid, DeepSeek-V3's groups
+          if (path == 3 && (E != 256 || k != 8)) continue;
+          bitepRouterConfig_t cfg =
+              make_config(E, k, path >= 2 ? bitepScoreSigmoid : bitepScoreSoftmax, path == 1 ? 1 : 0, dt);
+          std::vector<float> bias;
+          if (path == 3) {
+            cfg.num_groups = 8;
+            cfg.group_topk = 4;
+            cfg.scaling_factor = 2.5f;
+            bias = small_bias;
+          }
+          check_case(cfg, T, encode(v, dt), bias, false, 0, &stats, /*exact=*/path == 0);
+          if (HasFatalFailure()) return;
+          const int want_kernel = path == 0 ? 1 : (path == 1 ? 2 : (path == 3 ? 4 : 3));
+          // The bf16 post-top-k kernel at 32 lanes a token and one octet (E = 256) takes its k = 8 instance only
+          // for the compact outputs; check_case's last run writes probs and saved.
+          const bool compact_only = dt == bitepBfloat16 && path == 0 && E == 256;
+          const int want_topk = k == 8 && !compact_only ? 8 : 0;
+          const std::string what = describe(cfg, T);
+          EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), want_kernel) << what << ": the kernel chosen";
+          EXPECT_EQ(bitep::kernels::last_router_forward_topk(), want_topk) << what << ": the instance for k = 8";
+        }
+  }
+  report("top-k from one lane", stats);
 }
 
 // Dispatch layout epilogue: rank masks and counts (counts overwritten: the poison must go).
@@ -1006,11 +1058,11 @@ int64_t weights_outside(const std::vector<float>& got, const std::vector<float>&
 // the any-path kernels' outputs, which the other tests hold to the host reference: the same bits for every
 // map, index and gradient; the forward's post-top-k softmax weights (probs, saved, topk_weights) within
 // weights_outside's bound where k fits the lanes of a token (the holders sum in round order), the same bits
-// past it. E = 64: 8 lanes a token; 100: 16 lanes, E % 8 != 0; 256: one octet a lane; 512: two (the
-// backward staged); 1000: four; 2048: eight. k: 8, and for the post-top-k softmax also 1, 3, the lanes (G)
-// and G + 1. The pre-top-k softmax and the normalised sigmoid also with groups (8 of them, 4 kept: a group
-// is an octet at E = 64, four lanes at 256, eight octets over two slots at 512; E = 100 takes the generic
-// kernel), expert bias, a scaling factor and the dispatch-layout epilogue (4 ranks).
+// past it. E = 64: 8 lanes a token; 100: 16 lanes, E % 8 != 0; 128: 16 lanes, whole rows (the holders' wide
+// stores); 256: one octet a lane; 512: two (the backward staged); 1000: four; 2048: eight. k: 8, and for the post-top-k
+// softmax also 1, 3, the lanes (G) and G + 1. The pre-top-k softmax and the normalised sigmoid also with groups (8 of
+// them, 4 kept: a group is an octet at E = 64, four lanes at 256, eight octets over two slots at 512; E = 100 takes the
+// generic kernel), expert bias, a scaling factor and the dispatch-layout epilogue (4 ranks).
 TEST(RouterGpu, SpecKernelsMatchAnyPath) {
   REQUIRE_GPU();
   const int64_t T = 333;
@@ -1024,7 +1076,7 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
       {bitepScoreSoftmax, 0, 0, false},  {bitepScoreSoftmax, 1, 0, false}, {bitepScoreSigmoid, 0, 0, false},
       {bitepScoreSoftmax, 0, 1, false},  {bitepScoreSoftmax, 0, 3, false}, {bitepScoreSoftmax, 0, -1, false},
       {bitepScoreSoftmax, 0, -2, false}, {bitepScoreSigmoid, 0, 0, true},  {bitepScoreSoftmax, 1, 0, true}};
-  for (int E : {64, 100, 256, 512, 1000, 2048})
+  for (int E : {64, 100, 128, 256, 512, 1000, 2048})
     for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16})
       for (const Path& path : paths) {
         const int lanes = std::min(32, (E + 7) / 8 <= 8 ? 8 : ((E + 7) / 8 <= 16 ? 16 : 32));
