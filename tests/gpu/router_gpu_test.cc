@@ -508,6 +508,15 @@ bitepRouterConfig_t make_config(int E, int k, bitepScoreFunction_t fn, int pre, 
   return c;
 }
 
+// The k the forward kernel must have been compiled for (kernels/router.h last_router_forward_topk) after a run that
+// writes probs and saved: kernel is last_router_forward_kernel's. The spec kernels (1-4) at E 65-512 have an instance
+// for k = 8 (router_topk.cu kconst_kernel), but for the bf16 post-top-k kernel at E 129-256, which takes it for the
+// compact outputs alone (OptionalOutputs checks that one); 0 everywhere else.
+int want_topk_instance(int kernel, int E, int k, bitepDataType_t dt) {
+  const bool compact_only = dt == bitepBfloat16 && kernel == 1 && E > 128 && E <= 256;
+  return kernel > 0 && k == 8 && E > 64 && E <= 512 && !compact_only ? 8 : 0;
+}
+
 // Rank mask and counts implied by a bytemap.
 void ranks_from_map(const std::vector<uint8_t>& bytemap,
                     int64_t T,
@@ -910,13 +919,10 @@ TEST(RouterGpu, TopkFromOneLane) {
           check_case(cfg, T, encode(v, dt), bias, false, 0, &stats, /*exact=*/path == 0);
           if (HasFatalFailure()) return;
           const int want_kernel = path == 0 ? 1 : (path == 1 ? 2 : (path == 3 ? 4 : 3));
-          // The bf16 post-top-k kernel at 32 lanes a token and one octet (E = 256) takes its k = 8 instance only
-          // for the compact outputs; check_case's last run writes probs and saved.
-          const bool compact_only = dt == bitepBfloat16 && path == 0 && E == 256;
-          const int want_topk = k == 8 && !compact_only ? 8 : 0;
-          const std::string what = describe(cfg, T);
+          const std::string what = describe(cfg, T);  // check_case's last run writes probs and saved
           EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), want_kernel) << what << ": the kernel chosen";
-          EXPECT_EQ(bitep::kernels::last_router_forward_topk(), want_topk) << what << ": the instance for k = 8";
+          EXPECT_EQ(bitep::kernels::last_router_forward_topk(), want_topk_instance(want_kernel, E, k, dt))
+              << what << ": the instance for k = 8";
         }
   }
   report("top-k from one lane", stats);
@@ -1135,12 +1141,9 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
           ASSERT_EQ(got.rc, bitepSuccess) << got.error;
           EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), want_kernel) << what << ": the kernel chosen";
-          // The spec kernels of one octet a lane at 16 and 32 lanes a token and two at 32 (E 65-512) have an
-          // instance compiled for k = 8 (router_topk.cu kconst_kernel): that one must be the one checked here.
-          // (The bf16 post-top-k kernel at E 129-256 takes it for the compact outputs alone: OptionalOutputs.)
-          const bool compact_only = dt == bitepBfloat16 && want_kernel == 1 && E > 128 && E <= 256;
-          const int want_topk = want_kernel > 0 && k == 8 && E > 64 && E <= 512 && !compact_only ? 8 : 0;
-          EXPECT_EQ(bitep::kernels::last_router_forward_topk(), want_topk) << what << ": the instance for k = 8";
+          // The spec kernels' instance for k = 8 must be the one checked here (the runs write probs and saved).
+          EXPECT_EQ(bitep::kernels::last_router_forward_topk(), want_topk_instance(want_kernel, E, k, dt))
+              << what << ": the instance for k = 8";
           EXPECT_TRUE(got.guards) << what << ": forward wrote past a buffer";
           if (want_kernel == 4) {
             // DeepSeek-V3's kernel loads the bias by 16-byte loads: a bias 4 bytes off takes the sigmoid's
