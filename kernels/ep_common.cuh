@@ -148,20 +148,43 @@ __device__ __forceinline__ uint32_t keep_lowest(uint32_t bits, int room) {
   return bits;
 }
 
+// Words of an aligned bitmap row that route_limit and for_each_routed load together before walking them.
+constexpr int kRoutePreWords = 8;
+
 // Maps: token t's experts are the set bits of [0, limit) (the first k of the row). Indices: E.
 __device__ __forceinline__ int route_limit(const RouteView& v, int64_t t) {
   const int E = v.num_experts;
   if (v.format == RoutingFormat::kTopkIndices) return E;
-  int seen = 0;
-  for (int b = 0; b < E; b += 32) {
-    const uint32_t bits = route_bits(v, t, b, E);
+  int seen = 0, b = 0;
+  auto window = [&](uint32_t bits, int* limit) {  // bits = route_bits(v, t, b, E)
     const int n = __popc(bits);
     if (seen + n >= v.topk) {  // the k-th expert is in this window
       const uint32_t first = keep_lowest(bits, v.topk - seen);
-      return first ? b + 32 - __clz(first) : b;
+      *limit = first ? b + 32 - __clz(first) : b;
+      return true;
     }
     seen += n;
+    return false;
+  };
+  int limit = E;
+  if (v.format == RoutingFormat::kBitmap && v.aligned4) {
+    // The row's first kRoutePreWords words loaded together, then walked (as for_each_routed). Word by word, each
+    // load waited for the previous word's count: H200, W = 1, T = 128, E = 256, the low-latency send's warps spent
+    // ~460 of their ~820 instructions in that chain (ncu; bench/NOTES.md, "The first-k limit").
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(v.map8 + t * v.row_bytes);
+    const int64_t nw = v.row_bytes >> 2;
+    uint32_t pre[kRoutePreWords];
+#pragma unroll
+    for (int q = 0; q < kRoutePreWords; ++q) pre[q] = q * 32 < E && q < nw ? __ldg(w + q) : 0u;
+#pragma unroll
+    for (int q = 0; q < kRoutePreWords; ++q, b += 32) {
+      if (b >= E) return E;
+      const int n = E - b;
+      if (window(pre[q] & (n >= 32 ? kFullMask : ((1u << n) - 1u)), &limit)) return limit;
+    }
   }
+  for (; b < E; b += 32)
+    if (window(route_bits(v, t, b, E), &limit)) return limit;
   return E;
 }
 
@@ -200,17 +223,16 @@ __device__ __forceinline__ int for_each_routed(const RouteView& v, int64_t t, in
     for (uint32_t bits = all & from; bits != 0; bits &= bits - 1, ++j) f(b + __ffs(bits) - 1, j);
   };
   if (v.format == RoutingFormat::kBitmap && v.aligned4) {
-    // The row's first kPre words loaded together, then walked: word by word, each load waited for the
+    // The row's first kRoutePreWords words loaded together, then walked: word by word, each load waited for the
     // previous word's experts. H200, W = 1, T = 4096, E = 256 (ncu): the layout's count pass 8.0 -> 7.2 us,
     // its slot pass 8.0 -> 6.9.
-    constexpr int kPre = 8;
     const uint32_t* w = reinterpret_cast<const uint32_t*>(v.map8 + t * v.row_bytes);
     const int64_t nw = v.row_bytes >> 2;
-    uint32_t pre[kPre];
+    uint32_t pre[kRoutePreWords];
 #pragma unroll
-    for (int q = 0; q < kPre; ++q) pre[q] = q * 32 < hi && q < nw ? __ldg(w + q) : 0u;
+    for (int q = 0; q < kRoutePreWords; ++q) pre[q] = q * 32 < hi && q < nw ? __ldg(w + q) : 0u;
 #pragma unroll
-    for (int q = 0; q < kPre; ++q, b += 32) {
+    for (int q = 0; q < kRoutePreWords; ++q, b += 32) {
       if (b >= hi || seen >= v.topk) return seen;
       const int n = hi - b;
       visit(pre[q] & (n >= 32 ? kFullMask : ((1u << n) - 1u)));
