@@ -148,8 +148,24 @@ __device__ __forceinline__ uint32_t keep_lowest(uint32_t bits, int room) {
   return bits;
 }
 
-// Words of an aligned bitmap row that route_limit and for_each_routed load together before walking them.
+// Words of an aligned bitmap row that route_limit and for_each_routed load together before walking them: word by
+// word, each load waited for the previous word's work.
 constexpr int kRoutePreWords = 8;
+
+// The first kRoutePreWords words of token t's row (v.format == kBitmap, v.aligned4), those at or past bit hi or the
+// row's end as 0, loaded together.
+__device__ __forceinline__ void load_pre_words(const RouteView& v, int64_t t, int hi, uint32_t (&pre)[kRoutePreWords]) {
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(v.map8 + t * v.row_bytes);
+  const int64_t nw = v.row_bytes >> 2;
+#pragma unroll
+  for (int q = 0; q < kRoutePreWords; ++q) pre[q] = q * 32 < hi && q < nw ? __ldg(w + q) : 0u;
+}
+
+// The bits of word (experts [b, b + 32)) below expert hi > b.
+__device__ __forceinline__ uint32_t bits_below(uint32_t word, int b, int hi) {
+  const int n = hi - b;
+  return word & (n >= 32 ? kFullMask : ((1u << n) - 1u));
+}
 
 // Maps: token t's experts are the set bits of [0, limit) (the first k of the row). Indices: E.
 __device__ __forceinline__ int route_limit(const RouteView& v, int64_t t) {
@@ -168,19 +184,15 @@ __device__ __forceinline__ int route_limit(const RouteView& v, int64_t t) {
   };
   int limit = E;
   if (v.format == RoutingFormat::kBitmap && v.aligned4) {
-    // The row's first kRoutePreWords words loaded together, then walked (as for_each_routed). Word by word, each
-    // load waited for the previous word's count: H200, W = 1, T = 128, E = 256, the low-latency send's warps spent
-    // ~460 of their ~820 instructions in that chain (ncu; bench/NOTES.md, "The first-k limit").
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(v.map8 + t * v.row_bytes);
-    const int64_t nw = v.row_bytes >> 2;
+    // The row's first words loaded together, then walked. One at a time, H200, W = 1, T = 128, E = 256: the
+    // low-latency send's warps spent ~460 of their ~820 instructions in that chain (ncu; bench/NOTES.md, "The first-k
+    // limit without a load chain").
     uint32_t pre[kRoutePreWords];
-#pragma unroll
-    for (int q = 0; q < kRoutePreWords; ++q) pre[q] = q * 32 < E && q < nw ? __ldg(w + q) : 0u;
+    load_pre_words(v, t, E, pre);
 #pragma unroll
     for (int q = 0; q < kRoutePreWords; ++q, b += 32) {
       if (b >= E) return E;
-      const int n = E - b;
-      if (window(pre[q] & (n >= 32 ? kFullMask : ((1u << n) - 1u)), &limit)) return limit;
+      if (window(bits_below(pre[q], b, E), &limit)) return limit;
     }
   }
   for (; b < E; b += 32)
@@ -223,19 +235,14 @@ __device__ __forceinline__ int for_each_routed(const RouteView& v, int64_t t, in
     for (uint32_t bits = all & from; bits != 0; bits &= bits - 1, ++j) f(b + __ffs(bits) - 1, j);
   };
   if (v.format == RoutingFormat::kBitmap && v.aligned4) {
-    // The row's first kRoutePreWords words loaded together, then walked: word by word, each load waited for the
-    // previous word's experts. H200, W = 1, T = 4096, E = 256 (ncu): the layout's count pass 8.0 -> 7.2 us,
-    // its slot pass 8.0 -> 6.9.
-    const uint32_t* w = reinterpret_cast<const uint32_t*>(v.map8 + t * v.row_bytes);
-    const int64_t nw = v.row_bytes >> 2;
+    // The row's first words loaded together, then walked. One at a time, H200, W = 1, T = 4096, E = 256 (ncu): the
+    // layout's count pass 8.0 -> 7.2 us, its slot pass 8.0 -> 6.9.
     uint32_t pre[kRoutePreWords];
-#pragma unroll
-    for (int q = 0; q < kRoutePreWords; ++q) pre[q] = q * 32 < hi && q < nw ? __ldg(w + q) : 0u;
+    load_pre_words(v, t, hi, pre);
 #pragma unroll
     for (int q = 0; q < kRoutePreWords; ++q, b += 32) {
       if (b >= hi || seen >= v.topk) return seen;
-      const int n = hi - b;
-      visit(pre[q] & (n >= 32 ? kFullMask : ((1u << n) - 1u)));
+      visit(bits_below(pre[q], b, hi));
     }
   }
   for (; b < hi && seen < v.topk; b += 32) visit(route_bits(v, t, b, hi));
