@@ -306,7 +306,9 @@ __device__ __forceinline__ void store_octet_t(void* base, DType dt, int64_t off,
   store_octet(base, kF32 ? DType::kF32 : (dt == DType::kF32 ? DType::kBF16 : dt), off, n, vec, v);
 }
 
-__device__ __forceinline__ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+__host__ __device__ __forceinline__ bool aligned16(const void* ptr) {
+  return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
+}
 
 __device__ __forceinline__ float load_one(const void* base, DType dt, int64_t i) {
   if (dt == DType::kF32) return __ldg(static_cast<const float*>(base) + i);

@@ -1026,8 +1026,8 @@ cudaError_t launch_k(const RouterForwardParams& p, const FwdLayout& lay, cudaStr
 template <int G, int NS, bool kF32, FwdSpec kSpec>
 cudaError_t launch_bucket_t(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   if constexpr (wide_rows_kernel<G, NS, kF32, kSpec>()) {
-    auto a16 = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) & 15u) == 0; };
-    if (p.num_experts == 8 * G * NS && (p.probs != nullptr || p.saved != nullptr) && a16(p.probs) && a16(p.saved))
+    if (p.num_experts == 8 * G * NS && (p.probs != nullptr || p.saved != nullptr) && aligned16(p.probs) &&
+        aligned16(p.saved))
       return launch_k<G, NS, kF32, kSpec, true>(p, lay, stream);
   }
   return launch_k<G, NS, kF32, kSpec, false>(p, lay, stream);
@@ -1058,7 +1058,7 @@ cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cu
           if constexpr (G == 32 && NS == 1) {
             if (BITEP_ROUTER_FWD_V3 != 0 && p.topk == kV3K && lay.group_octets == kV3Shape.group_octets &&
                 lay.per_group == kV3Shape.per_group && p.group_topk == kV3Shape.group_topk &&
-                p.expert_bias != nullptr && (reinterpret_cast<uintptr_t>(p.expert_bias) & 15u) == 0)
+                p.expert_bias != nullptr && aligned16(p.expert_bias))
               return launch_dtype<G, NS, FwdSpec::kSigmoidNormV3>(p, lay, stream);
           }
           return launch_dtype<G, NS, FwdSpec::kSigmoidNorm>(p, lay, stream);
