@@ -24,9 +24,9 @@ cudaError_t router_forward_max_groups(int* max_groups);
 
 // The kernel the calling thread's last launch_router_forward chose, for the tests: the warp-per-token kernel's
 // score path (0 any path, 1 post-top-k softmax, 2 pre-top-k softmax, 3 normalised sigmoid, 4 the same in
-// DeepSeek-V3's shape; router_topk.cu FwdSpec), -1 for the generic kernel or no launch (T = 0).
+// DeepSeek-V3's shape; router_topk_spec.cuh FwdSpec), -1 for the generic kernel or no launch (T = 0).
 int last_router_forward_kernel();
-// The k that kernel was compiled for (its rounds unrolled; router_topk.cu kconst_kernel), 0 where it reads k from
+// The k that kernel was compiled for (its rounds unrolled; router_topk_spec.cuh kconst_kernel), 0 where it reads k from
 // the parameters or no warp-per-token kernel ran.
 int last_router_forward_topk();
 // The kernel the calling thread's last launch_router_backward chose: 1 the post-top-k softmax's routed-expert kernel

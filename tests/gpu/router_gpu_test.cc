@@ -510,8 +510,8 @@ bitepRouterConfig_t make_config(int E, int k, bitepScoreFunction_t fn, int pre, 
 
 // The k the forward kernel must have been compiled for (kernels/router.h last_router_forward_topk) after a run that
 // writes probs and saved: kernel is last_router_forward_kernel's. The spec kernels (1-4) at E 65-512 have an instance
-// for k = 8 (router_topk.cu kconst_kernel), but for the bf16 post-top-k kernel at E 129-256, which takes it for the
-// compact outputs alone (OptionalOutputs checks that one); 0 everywhere else.
+// for k = 8 (router_topk_spec.cuh kconst_kernel), but for the bf16 post-top-k kernel at E 129-256, which takes it for
+// the compact outputs alone (OptionalOutputs checks that one); 0 everywhere else.
 int want_topk_instance(int kernel, int E, int k, bitepDataType_t dt) {
   const bool compact_only = dt == bitepBfloat16 && kernel == 1 && E > 128 && E <= 256;
   return kernel > 0 && k == 8 && E > 64 && E <= 512 && !compact_only ? 8 : 0;
@@ -880,10 +880,10 @@ TEST(RouterGpu, DegenerateRowsGrouped) {
 }
 
 // A lane's cache of its best keys runs dry when it wins more rounds than the cache holds (2 or 3), and the lane then
-// rescans its registers between rounds (kernels/router_topk.cu): rows whose m best experts (m = 1 .. 16, distinct
-// values) all sit in the slots of one lane, so that lane wins up to k rounds, beside rows of random logits. (The
-// degenerate rows reach the rescans through ties alone.) One octet a lane at 16 lanes a token (E = 128) and 32 (E =
-// 256), two (E = 512); the post-top-k softmax (its maps exact against the host), the pre-top-k softmax, the
+// rescans its registers between rounds (kernels/router_topk_kernel.cuh): rows whose m best experts (m = 1 .. 16,
+// distinct values) all sit in the slots of one lane, so that lane wins up to k rounds, beside rows of random logits.
+// (The degenerate rows reach the rescans through ties alone.) One octet a lane at 16 lanes a token (E = 128) and 32 (E
+// = 256), two (E = 512); the post-top-k softmax (its maps exact against the host), the pre-top-k softmax, the
 // normalised sigmoid, and DeepSeek-V3's groups and bias; the spec kernel and its k = 8 instance asserted.
 TEST(RouterGpu, TopkFromOneLane) {
   REQUIRE_GPU();
@@ -1060,7 +1060,7 @@ int64_t weights_outside(const std::vector<float>& got, const std::vector<float>&
   return bad;
 }
 
-// The kernels compiled for one score path (kernels/router_topk.cu FwdSpec, router_backward.cu BwdSpec) give
+// The kernels compiled for one score path (kernels/router_topk_spec.cuh FwdSpec, router_backward.cu BwdSpec) give
 // the any-path kernels' outputs, which the other tests hold to the host reference: the same bits for every
 // map, index and gradient; the forward's post-top-k softmax weights (probs, saved, topk_weights) within
 // weights_outside's bound where k fits the lanes of a token (the holders sum in round order), the same bits

@@ -1,0 +1,725 @@
+// SPDX-License-Identifier: Apache-2.0
+// Fused router forward (kernels/router.h): score function, group-limited top-k, weights, and the routing
+// map written straight as BITMAP_U8 (or BYTEMAP), plus the compact [T, k] outputs, the saved tensor and
+// the dispatch-layout epilogue, in one pass over the logits. Semantics: src/host/router_host.cc.
+//
+// Warp-per-token kernel (E <= 2048, k <= 64, groups aligned to octets): the row stays in registers
+// (router_common.cuh, "Lane layout"); top-k is k rounds of a segment arg-max on uint32 selection keys
+// (value order, ties to the lower expert index, NaN lowest). Each lane keeps its C best remaining keys
+// sorted, so a round is one max reduction and one ballot (the lowest tied lane wins), the winner pops its
+// cache by predicated selects, and a lane rescans its registers only when it has won C times. The
+// post-top-k softmax (E 33-2048, k up to the lanes of a token) has kernels of its own (FwdSpec): the
+// weights from the rounds' winners ("holders"), and for bf16 logits keys that carry their expert
+// ("packed": a round is one max reduction); so have the pre-top-k softmax and the normalised sigmoid
+// (E 33-512: the parameters' tests and 64-bit offsets compiled out). Anything else goes to router_generic.cu.
+//
+// The kernel (router_forward_bucket) and its per-launch constants (FwdLayout). Its instances and their rules:
+// router_topk_spec.cuh; the selection's building blocks: router_topk_select.cuh; the launch: router_topk.cu, which
+// alone includes this file (an anonymous namespace: its own copy of the device code).
+#pragma once
+
+#include <climits>
+#include <type_traits>
+
+#include "kernels/router.h"
+#include "kernels/router_common.cuh"
+#include "kernels/router_keys.h"
+#include "kernels/router_packed_keys.cuh"
+#include "kernels/router_topk_select.cuh"
+#include "kernels/router_topk_spec.cuh"
+
+namespace bitep::kernels {
+namespace {
+
+using namespace router_detail;
+
+// Per-launch constants derived on the host.
+struct FwdLayout {
+  int64_t num_tiles;     // warp tiles: ceil(T / tokens per warp)
+  int rank_words;        // ceil(W / 32): 32-bit words of one token's rank mask in shared memory
+  int mask_bytes;        // ceil(W / 8)
+  int experts_per_rank;  // L = E / W
+  int group_octets;      // octets per expert group (power of two <= lanes), 0 = no group routing
+  int per_group;         // k / group_topk: experts summed into a group's score
+  int64_t full_tiles;    // tiles with no token past T
+};
+
+// kWideRows: the launch writes probs or saved (or both), each 16-byte aligned, E = 8 G NS, and the shape is one where
+// the holders' wide stores measured faster (wide_rows_kernel). kK: k when the instance is compiled for one (its
+// rounds unrolled; kconst_kernel), else 0 (p.topk).
+template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows, int kK>
+__global__ void __launch_bounds__(kBucketThreads,
+                                  min_blocks<8 * NS,
+                                             G,
+                                             kF32,
+                                             kSpec == FwdSpec::kPostSoftmax,
+                                             kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec),
+                                             kWideRows,
+                                             (kK > 0)>())
+    router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
+  constexpr int N = 8 * NS;
+  constexpr int kTokensPerWarp = kWarpSize / G;
+  constexpr int kWarps = kBucketThreads / kWarpSize;
+  using Mask = typename std::conditional<(N > 32), unsigned long long, uint32_t>::type;
+  extern __shared__ uint32_t smem[];  // [W] rank counts of the block, then [warps][tokens per warp][rank words]
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sl = lane % G, tl = lane / G;
+  const int E = p.num_experts, k = kK > 0 ? kK : p.topk, W = p.num_ranks;
+  constexpr bool kKnown = kSpec != FwdSpec::kAny;
+  constexpr bool kV3 = kSpec == FwdSpec::kSigmoidNormV3;
+  static_assert(!kV3 || (G == 32 && NS == 1 && kK == kV3K), "DeepSeek-V3's shape: one octet a lane, k = 8");
+  const DType dt = kKnown && !kF32 ? DType::kBF16 : p.logits_dtype;
+  const ScoreFn fn = spec_fn<kSpec>(p);
+  const ScorePath path = spec_path<kSpec>(p);
+  const bool aux = path.aux, pre = path.pre, post = path.post, norm = path.norm;
+  const bool use_bias = spec_bias<kSpec>(p);
+  const bool select = !aux || p.routing_map != nullptr;
+  const bool bitmap = p.map_format == MapFormat::kBitmap;
+  const int map_row = bitmap ? map_bytes_of(E) : E;
+  const int esize = dt == DType::kF32 ? 4 : 2;
+  const float scale = p.scaling_factor;
+
+  constexpr bool kStaged = kWideRows && kStageRows && G == 8;
+  // kStaged: each warp's rows of probs and saved ([tokens of the warp][E] floats each), as float4.
+  __shared__ float4 stage[kStaged ? kWarps * 2 * 64 * NS : 1];
+  [[maybe_unused]] float4* const stage_p = stage + (kStaged ? warp * 2 * 64 * NS : 0);
+  [[maybe_unused]] float4* const stage_s = stage_p + 64 * NS;
+
+  uint32_t* hist = smem;
+  uint32_t* rbits = smem + W + (warp * kTokensPerWarp + tl) * lay.rank_words;
+  if (W > 0) {
+    for (int i = threadIdx.x; i < W + kWarps * kTokensPerWarp * lay.rank_words; i += blockDim.x) smem[i] = 0u;
+    __syncthreads();
+  }
+
+  // Offsets in 32 bits in the spec kernels (launched when (T + 256) * E < 2^31: one tile a warp and no
+  // prefetch, so no token past T + 36 is addressed), else 64. Rows 16-byte aligned one and all when the
+  // base is and the row's bytes a multiple of 16 (the spec kernels test that once, not per row).
+  using Idx = typename std::conditional<kKnown, int32_t, int64_t>::type;
+  const Idx num_tiles = static_cast<Idx>(lay.num_tiles);
+  const bool logits16 = aligned16(p.logits) && E * esize % 16 == 0;
+  const bool saved16 = aligned16(p.saved) && E % 4 == 0, probs16 = aligned16(p.probs) && E % 4 == 0;
+  auto row_vec = [&](bool all, const void* row_ptr) {
+    if constexpr (kKnown) {
+      return all || aligned16(row_ptr);
+    } else {
+      return aligned16(row_ptr);
+    }
+  };
+
+  // The next tile's logits are loaded while this one is computed (small rows: more bytes in flight); not
+  // in the spec kernels, whose warps take one tile each.
+  constexpr bool kPrefetch = !kKnown && (NS == 1 || (NS == 2 && !kF32));
+  RawOctet ahead[NS];
+  auto logits_row = [&](Idx t) -> const void* {  // element offsets: no byte count past 2^31 in 32 bits
+    if constexpr (kKnown) {
+      if constexpr (kF32) return static_cast<const float*>(p.logits) + t * E;
+      return static_cast<const uint16_t*>(p.logits) + t * E;
+    } else {
+      return static_cast<const char*>(p.logits) + t * E * esize;
+    }
+  };
+  auto fetch = [&](Idx tile, RawOctet* raw) {
+    const Idx t = tile * kTokensPerWarp + tl;
+    const bool tv = tile < num_tiles && t < p.num_tokens;
+    const bool vec = tv && row_vec(logits16, logits_row(t));
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      const int e0 = (s * G + sl) * 8;
+      load_raw_t<kF32>(p.logits, dt, t * E + e0, tv ? min(max(E - e0, 0), 8) : 0, vec, raw[s]);
+    }
+  };
+  // The holders' unselected octets by whole-sector stores (kWideRows): each slot's run of G octets as two 16-byte
+  // stores a lane over consecutive addresses, so each store instruction of the warp covers whole sectors (a
+  // lane's own octet is two stores 32 bytes apart: every sector written in two halves by two instructions).
+  [[maybe_unused]] auto wide_unselected = [&](Idx row0) {
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      const Idx at = row0 + s * 8 * G + 4 * sl;
+      if (p.probs != nullptr) {
+        const float4 z = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        *reinterpret_cast<float4*>(p.probs + at) = z;
+        *reinterpret_cast<float4*>(p.probs + at + 4 * G) = z;
+      }
+      if (p.saved != nullptr) {
+        const float4 z = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+        *reinterpret_cast<float4*>(p.saved + at) = z;
+        *reinterpret_cast<float4*>(p.saved + at + 4 * G) = z;
+      }
+    }
+  };
+  // kStaged: a lane's whole-sector slots, as wide_unselected stores them: slot s, half h at float4 (tl E + s 8 G + 4 sl
+  // + h 4 G) / 4 of the warp's rows, and at row + the same offset in probs and saved.
+  [[maybe_unused]] auto staged_at = [&](int s, int h) { return tl * 2 * G * NS + s * 2 * G + h * G + sl; };
+  [[maybe_unused]] auto stage_unselected = [&] {
+#pragma unroll
+    for (int s = 0; s < NS; ++s)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int at = staged_at(s, h);
+        if (p.probs != nullptr) stage_p[at] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (p.saved != nullptr) stage_s[at] = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+      }
+  };
+  [[maybe_unused]] auto store_staged = [&](Idx row0) {
+#pragma unroll
+    for (int s = 0; s < NS; ++s)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int at = staged_at(s, h);
+        const Idx g = row0 + s * 8 * G + h * 4 * G + 4 * sl;
+        if (p.probs != nullptr) *reinterpret_cast<float4*>(p.probs + g) = stage_p[at];
+        if (p.saved != nullptr) *reinterpret_cast<float4*>(p.saved + g) = stage_s[at];
+      }
+  };
+  [[maybe_unused]] float bias8[kV3 ? 8 : 1];  // kV3: the lane's octet of the bias (0 past E)
+  if constexpr (kV3) {
+    float4 b0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b1 = b0;
+    if (sl * 8 < E) {
+      b0 = __ldg(reinterpret_cast<const float4*>(p.expert_bias + sl * 8));
+      b1 = __ldg(reinterpret_cast<const float4*>(p.expert_bias + sl * 8 + 4));
+    }
+    bias8[0] = b0.x, bias8[1] = b0.y, bias8[2] = b0.z, bias8[3] = b0.w;
+    bias8[4] = b1.x, bias8[5] = b1.y, bias8[6] = b1.z, bias8[7] = b1.w;
+  }
+  const Idx stride = static_cast<Idx>(gridDim.x) * kWarps;
+  const Idx first = static_cast<Idx>(blockIdx.x) * kWarps + warp;
+  if (kPrefetch) fetch(first, ahead);
+  // The spec kernels' grid gives each warp one tile at most. Their loop ends after one pass where that measured faster
+  // (a back edge the compiler cannot remove kept an induction counter in local memory, one STL / LDL a warp): one octet
+  // a lane, and two for bf16 logits. H200, T = 16384, min of three interleaved runs: E = 128-512 bf16 0.96-0.99x, E =
+  // 64 even; fp32 at two octets a lane (E = 512) 1.02-1.06x slower and E = 2048 1.01x, so those keep the loop
+  // (bench/NOTES.md, "Router v19").
+  constexpr bool kOnePass = kKnown && (NS == 1 || (NS == 2 && !kF32));
+  for (Idx tile = first; tile < num_tiles; tile = kOnePass ? num_tiles : tile + stride) {
+    const Idx t = tile * kTokensPerWarp + tl;
+    const bool tv = t < p.num_tokens;
+    const Idx row = t * E;
+    RawOctet raw[NS];
+    if (kPrefetch) {
+#pragma unroll
+      for (int s = 0; s < NS; ++s) raw[s] = ahead[s];
+      fetch(tile + stride, ahead);
+    } else {
+      fetch(tile, raw);
+    }
+    // The post-top-k softmax's holders (step 5) write the dense rows as unselected (probs 0, saved -inf) and then
+    // store the k weights over them. Constants: a warp whose rows are all whole (E = 8 G NS, no token past T) and
+    // aligned stores them with whole-sector stores (wide_unselected), here where several tokens share the warp,
+    // before the row's registers fill; else step 6 stores a lane's own octet.
+    [[maybe_unused]] const bool wide = kWideRows && tile < lay.full_tiles;
+    if constexpr (kStaged) {
+      if (wide) stage_unselected();
+    } else if constexpr (kWideRows && G < 32) {
+      if (wide) wide_unselected(row);
+    }
+
+    // Experts of each slot's octet in this row (0 for a token past T).
+    int nval[NS];
+    Mask valid = 0;
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      const int e0 = (s * G + sl) * 8;
+      const int n = tv ? min(max(E - e0, 0), 8) : 0;
+      nval[s] = n;
+      valid |= static_cast<Mask>((1u << n) - 1u) << (8 * s);
+    }
+
+    // 1. logits -> scores, in place.
+    float v[N];
+#pragma unroll
+    for (int s = 0; s < NS; ++s) decode_raw_t<kF32>(dt, raw[s], v + 8 * s);
+    const bool svec = p.saved != nullptr && tv && row_vec(saved16, p.saved + row);
+    if (p.saved != nullptr && fn == ScoreFn::kSqrtSoftplus) {  // saved = the logits
+#pragma unroll
+      for (int s = 0; s < NS; ++s)
+        if (nval[s] > 0) store_octet_f32(p.saved + row + (s * G + sl) * 8, nval[s], svec, v + 8 * s);
+    }
+    if (fn == ScoreFn::kSigmoid) {
+      sigmoid_n<N>(v);
+    } else if (fn == ScoreFn::kSqrtSoftplus) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) v[i] = sqrtsoftplus_f(v[i]);
+    }
+    // kDense: no branch per element (as the backward's recompute; the same bits for the valid ones): at E = 256, 8 of
+    // them a lane, the branches with their constants' moves were ~40 instructions of ~700 a token (ncu, H200).
+    if (pre) seg_softmax<G, N, true>(v, valid);
+    if (p.saved != nullptr && (fn == ScoreFn::kSigmoid || pre)) {
+#pragma unroll
+      for (int s = 0; s < NS; ++s)
+        if (nval[s] > 0) store_octet_f32(p.saved + row + (s * G + sl) * 8, nval[s], svec, v + 8 * s);
+    }
+    if (aux && norm) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        if ((valid >> i) & 1) sum = __fadd_rn(sum, v[i]);
+      const float rd = __frcp_rn(__fadd_rn(seg_sum_f32<G>(sum), kNormEpsilon));  // as seg_softmax
+#pragma unroll
+      for (int i = 0; i < N; ++i) v[i] = __fmul_rn(v[i], rd);
+    }
+    const bool pvec = p.probs != nullptr && tv && row_vec(probs16, p.probs + row);
+    if (aux) {
+      if (p.probs != nullptr) {
+#pragma unroll
+        for (int s = 0; s < NS; ++s)
+          if (nval[s] > 0) store_octet_f32(p.probs + row + (s * G + sl) * 8, nval[s], pvec, v + 8 * s);
+      }
+      if (!select) continue;
+    }
+
+    // 2. selection keys (+ expert_bias, selection only).
+    constexpr bool kPacked = kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax && !kF32;
+    uint32_t key[N];
+    // `masked`: slots past E or past T get kKeyNone. The spec kernels build a row whose slots are all valid
+    // (every row but a last partial tile when E % 8 == 0: a warp-uniform test) without the per-slot test,
+    // which the compiler made a branch around each key (BSSY / BRA / BSYNC: ~5 of ~14 instructions a key).
+    auto make_keys = [&](auto masked) {
+      [[maybe_unused]] const bool bvec = !kV3 && use_bias && aligned16(p.expert_bias);
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        float b8[8];
+        if constexpr (kV3) {
+#pragma unroll
+          for (int b = 0; b < 8; ++b) b8[b] = bias8[b];
+        } else if (use_bias) {
+          load_octet_f32(p.expert_bias + (s * G + sl) * 8, nval[s], bvec, b8);
+        } else {
+#pragma unroll
+          for (int b = 0; b < 8; ++b) b8[b] = 0.0f;
+        }
+        // 0xffff - expert: the octet's first expert is a multiple of 8, so its low 3 bits are 111 and
+        // subtracting b (< 8) is XOR with b.
+        [[maybe_unused]] const uint32_t lo = 0xffffu - static_cast<uint32_t>((s * G + sl) * 8);
+        if constexpr (kPacked && bits_keys<G, NS, kK>()) {  // from the logits' bits, two at a time
+          const uint32_t w[4] = {raw[s].a.x, raw[s].a.y, raw[s].a.z, raw[s].a.w};
+#pragma unroll
+          for (int b = 0; b < 8; b += 2) {
+            const int i = 8 * s + b;
+            uint32_t k0, k1;
+            packed_keys_bf16x2(w[b / 2], lo ^ static_cast<uint32_t>(b), lo ^ static_cast<uint32_t>(b + 1), k0, k1);
+            if constexpr (decltype(masked)::value) {
+              key[i] = ((valid >> i) & 1) ? k0 : kKeyNone;
+              key[i + 1] = ((valid >> (i + 1)) & 1) ? k1 : kKeyNone;
+            } else {
+              key[i] = k0, key[i + 1] = k1;
+            }
+          }
+        } else {
+#pragma unroll
+          for (int b = 0; b < 8; ++b) {
+            const int i = 8 * s + b;
+            const float sel = use_bias ? __fadd_rn(v[i], b8[b]) : v[i];
+            auto kb = [&] {
+              if constexpr (kPacked) return packed_key_lo(sel, lo ^ static_cast<uint32_t>(b));
+              // The pre-top-k softmax's and the sigmoid's scores are never -0 (select_key_nz), nor with a bias. (For
+              // the softmax's, which are +0 at least or NaN, the bits with the top one set are the key too; that form
+              // made ptxas fail, C7600 "Register allocation failed", in the E 129-256 kernel with the dense softmax.)
+              if constexpr (kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec)) return select_key_nz(sel);
+              return select_key(sel);
+            };
+            if constexpr (decltype(masked)::value)
+              key[i] = ((valid >> i) & 1) ? kb() : kKeyNone;
+            else
+              key[i] = kb();
+          }
+        }
+      }
+    };
+    constexpr Mask kAllValid = static_cast<Mask>(~Mask{0} >> (sizeof(Mask) * 8 - N));
+    if constexpr (kKnown) {
+      if (valid == kAllValid)
+        make_keys(std::false_type{});
+      else
+        make_keys(std::true_type{});
+    } else {
+      make_keys(std::true_type{});
+    }
+
+    // Segment arg-max by ballot: the segment's best key, then the lowest lane holding it. With one slot a
+    // lane's octet precedes the next lane's, so the lowest lane is the lowest expert; with several slots
+    // lane order is not expert order and an exact tie between lanes (rare) takes a reduction over the
+    // expert indices instead.
+    const uint32_t seg = segment_lanes<G>(), below = lanemask_lt() & seg;
+    auto expert_of = [&](int q) { return ((q >> 3) * G + sl) * 8 + (q & 7); };
+    // kHolders: `we` = the winner's expert in every lane of the segment (unspecified where none won).
+    constexpr bool kHolders = kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax;
+    auto segment_winner = [&](uint32_t mine, int pos, uint32_t& gm, int& we) {
+      gm = seg_max_u32<G>(mine);
+      const bool eq = mine == gm && mine != kKeyNone;
+      const uint32_t bal = __ballot_sync(kFullMask, eq);
+      bool win = eq && (bal & below) == 0u;
+      if constexpr (kHolders) we = __shfl_sync(kFullMask, expert_of(pos), __ffs(bal & seg) - 1);
+      if constexpr (NS > 1) {
+        if (__any_sync(kFullMask, eq && !win)) {
+          const int ce = eq ? expert_of(pos) : INT_MAX;
+          const int lowest = seg_min_i32<G>(ce);  // every lane: a collective never sits behind a &&
+          win = eq && ce == lowest;
+          if constexpr (kHolders) we = lowest;
+        }
+      }
+      return win;
+    };
+
+    constexpr int C = cache_size<N, G, sigmoid_norm_spec(kSpec)>();
+    constexpr bool kKeysOnly = kKeysOnlyCache && NS == 1 && (kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec));
+    uint32_t ck[C];
+    int cp[C];
+    if constexpr (kPacked)
+      top_below<N, C>(key, ~0u, ck);
+    else if constexpr (kKeysOnly)
+      top_keys<N, C>(key, static_cast<Mask>(0), ck);
+    else
+      top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
+
+    // 3. group-limited routing: a group (q aligned lanes of one slot) scores the sum of its best
+    // per_group keys in selection order from 0.0f; the best group_topk groups stay candidates.
+    if constexpr (kSpec != FwdSpec::kPostSoftmax) {
+      if (kV3 || lay.group_octets > 0) {
+        const int q = kV3 ? kV3Shape.group_octets : lay.group_octets, qs = __ffs(q) - 1;  // q is a power of two
+        const int per_group = kV3 ? kV3Shape.per_group : lay.per_group;
+        const int group_topk = kV3 ? kV3Shape.group_topk : p.group_topk;
+        if (NS == 1 && per_group <= C) {
+          // One group per lane: the group's best keys are among its lanes' cached ones.
+          const uint32_t gl = q == 32 ? kFullMask : ((1u << q) - 1u) << (lane & ~(q - 1)), gbelow = lanemask_lt() & gl;
+          uint32_t gk[C];
+#pragma unroll
+          for (int c = 0; c < C; ++c) gk[c] = ck[c];
+          float gsum = 0.0f;
+          if (kGroupPairs && per_group <= 2 && C >= 2) {
+            gsum = group_pair_sum(gk[0], gk[C > 1 ? 1 : 0], q, per_group);  // C = 1: a tuning build only
+          } else {
+            for (int j = 0; j < per_group; ++j) {
+              const uint32_t gm = group_max_u32(gk[0], q);
+              const bool eq = gk[0] == gm && gm != kKeyNone;
+              const uint32_t bal = __ballot_sync(kFullMask, eq);
+              const bool win = eq && (bal & gbelow) == 0u;
+              gsum = __fadd_rn(gsum, key_value(gm));
+              pop_keys<C>(win, gk);
+            }
+          }
+          // The best group_topk groups: every lane of a group holds its score, so the lowest lane of a tie
+          // is the first lane of the lowest group: a hit when that lane is one of the group's (gl).
+          uint32_t gkey = nval[0] > 0 ? select_key(gsum) : kKeyNone;
+          bool keep = false;
+          for (int r = 0; r < group_topk; ++r) {
+            const uint32_t gm = seg_max_u32<G>(gkey);
+            const bool eq = gkey == gm && gm != kKeyNone;
+            const uint32_t bal = __ballot_sync(kFullMask, eq) & seg;
+            const bool hit = (bal & (0u - bal) & gl) != 0u;
+            keep = keep || hit;
+            gkey = hit ? kKeyNone : gkey;
+          }
+          if (!keep) {
+#pragma unroll
+            for (int i = 0; i < N; ++i) key[i] = kKeyNone;
+#pragma unroll
+            for (int c = 0; c < C; ++c) ck[c] = kKeyNone;
+          }
+        } else {
+          float gsum[NS];
+          Mask gtaken = 0;
+#pragma unroll
+          for (int s = 0; s < NS; ++s) gsum[s] = 0.0f;
+          if (kGroupPairs && per_group <= 2) {
+#pragma unroll
+            for (int s = 0; s < NS; ++s) {
+              uint32_t a0 = kKeyNone, a1 = kKeyNone;  // the slot's two best keys of this lane
+#pragma unroll
+              for (int b = 0; b < 8; ++b) {
+                const uint32_t kk = key[8 * s + b], lo = min(a0, kk);
+                a0 = max(a0, kk);
+                a1 = max(a1, lo);
+              }
+              gsum[s] = group_pair_sum(a0, a1, q, per_group);
+            }
+          }
+          for (int j = 0; j < (kGroupPairs && per_group <= 2 ? 0 : per_group); ++j) {
+#pragma unroll
+            for (int s = 0; s < NS; ++s) {
+              uint32_t bk = 0u;
+              int bb = 0;
+#pragma unroll
+              for (int b = 0; b < 8; ++b) {
+                const uint32_t kk = ((gtaken >> (8 * s + b)) & 1) ? kKeyNone : key[8 * s + b];
+                if (kk > bk) bk = kk, bb = b;
+              }
+              const uint32_t gm = group_max_u32(bk, q);
+              const int ci = (bk == gm && bk != kKeyNone) ? (s * G + sl) * 8 + bb : INT_MAX;
+              const int gi = group_min_i32(ci, q);
+              gsum[s] = __fadd_rn(gsum[s], key_value(gm));
+              if (ci == gi && bk != kKeyNone) gtaken |= static_cast<Mask>(1u) << (8 * s + bb);
+            }
+          }
+          uint32_t gkey[NS];
+          bool keep[NS];
+#pragma unroll
+          for (int s = 0; s < NS; ++s) {
+            keep[s] = false;
+            gkey[s] = nval[s] > 0 ? select_key(gsum[s]) : kKeyNone;
+          }
+          for (int r = 0; r < group_topk; ++r) {
+            uint32_t bk = 0u;
+            int bg = INT_MAX;
+#pragma unroll
+            for (int s = 0; s < NS; ++s)
+              if (gkey[s] > bk) bk = gkey[s], bg = (s * G + sl) >> qs;
+            const uint32_t gm = seg_max_u32<G>(bk);
+            const int gw = seg_min_i32<G>((bk == gm && bk != kKeyNone) ? bg : INT_MAX);
+#pragma unroll
+            for (int s = 0; s < NS; ++s)
+              if ((s * G + sl) >> qs == gw) keep[s] = true, gkey[s] = kKeyNone;
+          }
+#pragma unroll
+          for (int s = 0; s < NS; ++s)
+            if (!keep[s]) {
+#pragma unroll
+              for (int b = 0; b < 8; ++b) key[8 * s + b] = kKeyNone;
+            }
+          if constexpr (kKeysOnly)
+            top_keys<N, C>(key, static_cast<Mask>(0), ck);
+          else
+            top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
+        }
+      }
+    }
+
+    // 4. top-k: k rounds of a segment arg-max over each lane's best remaining key; the winner takes it
+    // from its cache and rescans its registers (taken ones skipped) when the cache runs dry.
+    Mask taken = 0;
+    uint32_t top = kKeyNone;  // the first winner's key: the maximum of the selected
+    uint32_t hk = kKeyNone;   // kHolders: round sl's key and expert
+    int he = 0;
+    if constexpr (kPacked) {
+      uint32_t last = ~0u;  // the lane's last won key (its wins are its keys from there up)
+      for_rounds<kK>(k, [&](int r) {
+        const uint32_t gm = seg_max_u32<G>(ck[0]);
+        const bool win = ck[0] == gm && gm != kKeyNone;
+        hk = sl == r ? gm : hk;
+        last = win ? gm : last;
+        pop_keys<C>(win, ck);
+        if (win && ck[0] == kKeyNone && r + 1 < k) top_below<N, C>(key, last, ck);
+      });
+#pragma unroll
+      for (int i = 0; i < N; ++i) taken |= key[i] >= last ? static_cast<Mask>(1u) << i : static_cast<Mask>(0);
+      top = __shfl_sync(kFullMask, hk, 0, G);
+      he = packed_expert(hk);
+    } else if constexpr (kKeysOnly) {
+      uint32_t last = ~0u;  // the lane's last won key and its number of wins: its won set (won_mask)
+      int wins = 0;
+      for_rounds<kK>(k, [&](int r) {
+        uint32_t gm;
+        int we = 0;
+        const bool win = segment_winner(ck[0], 0, gm, we);
+        last = win ? gm : last;
+        wins += win ? 1 : 0;
+        pop_keys<C>(win, ck);
+        if (win && ck[0] == kKeyNone && r + 1 < k) top_keys<N, C>(key, won_mask<N, Mask>(key, last, wins), ck);
+      });
+      taken = won_mask<N, Mask>(key, last, wins);
+    } else {
+      for_rounds<kK>(k, [&](int r) {
+        uint32_t gm;
+        int we = 0;
+        const bool win = segment_winner(ck[0], cp[0], gm, we);
+        if constexpr (kSpec == FwdSpec::kPostSoftmax) top = r == 0 ? gm : top;
+        if constexpr (kHolders) {
+          hk = sl == r ? gm : hk;
+          he = sl == r ? we : he;
+        }
+        taken |= win ? static_cast<Mask>(1u) << cp[0] : static_cast<Mask>(0);
+        pop_cached<C>(win, ck, cp);
+        if (win && ck[0] == kKeyNone && r + 1 < k) top_cached<N, C>(key, taken, ck, cp);
+      });
+    }
+
+    // 5. weights of the selected experts: post-top-k softmax, or the sigmoid/sqrtsoftplus normalisation.
+    float hw = 0.0f;  // kHolders: the weight of round sl's expert (before scaling)
+    const bool holder = kHolders && hk != kKeyNone;
+    if constexpr (kHolders) {
+      // e = exp(v - max) in the holders, the sum over the rounds by a butterfly over pow2(k) lanes (all
+      // of them get the same bits), then e * (1 / sum) as seg_softmax_max. The other lanes take 1 / 1: a lane
+      // past pow2(k) holds a sum of 0, whose reciprocal is the compiler's slow path (a call), which every warp of
+      // G > pow2(k) lanes a token then ran beside the holders' fast one (ncu, E = 128: once a tile).
+      auto value = [](uint32_t key) { return kPacked ? packed_value(key) : key_value(key); };
+      const float e = holder ? expf(value(hk) - value(top)) : 0.0f;
+      float sum = e;
+#pragma unroll
+      for (int d = 1; d < G; d <<= 1)
+        if (d < k) sum = __fadd_rn(sum, __shfl_xor_sync(kFullMask, sum, d));
+      hw = __fmul_rn(e, __frcp_rn(holder ? sum : 1.0f));
+    } else if (post) {
+      // The spec kernels take the maximum from the first round (its key is the largest selected value's,
+      // no bias here; +0 for either zero, NaN only when every selected value is: the same v - m as the
+      // fmaxf reduction's, so the same bits) and skip the reduction.
+      if constexpr (kSpec == FwdSpec::kPostSoftmax) {
+        seg_softmax_max<G, N>(v, taken, key_value(top));
+      } else {
+        seg_softmax<G, N>(v, taken);
+      }
+    } else if (!aux && norm) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        if ((taken >> i) & 1) sum = __fadd_rn(sum, v[i]);
+      const float rd = __frcp_rn(__fadd_rn(seg_sum_f32<G>(sum), kNormEpsilon));
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        if ((taken >> i) & 1) v[i] = __fmul_rn(v[i], rd);
+    }
+
+    // 6. outputs.
+    // kHolders: the dense rows are first written as unselected (probs 0, saved -inf): by the wide stores (at the
+    // tile's start or at the end of this step), or here.
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      const int n = nval[s];
+      if (n == 0) continue;
+      const int o = s * G + sl, e0 = o * 8;
+      const uint32_t byte = static_cast<uint32_t>(taken >> (8 * s)) & 0xffu;
+      float o8[8];
+      if constexpr (kHolders) {  // the octets as unselected; the holders store the weights below
+        if (!wide && p.probs != nullptr) {
+#pragma unroll
+          for (int b = 0; b < 8; ++b) o8[b] = 0.0f;
+          store_octet_f32(p.probs + row + e0, n, pvec, o8);
+        }
+        if (!wide && p.saved != nullptr) {
+#pragma unroll
+          for (int b = 0; b < 8; ++b) o8[b] = -INFINITY;
+          store_octet_f32(p.saved + row + e0, n, svec, o8);
+        }
+      } else if (!aux && p.probs != nullptr) {
+#pragma unroll
+        for (int b = 0; b < 8; ++b) o8[b] = ((byte >> b) & 1) ? __fmul_rn(v[8 * s + b], scale) : 0.0f;
+        store_octet_f32(p.probs + row + e0, n, pvec, o8);
+      }
+      if (!kHolders && post && p.saved != nullptr) {
+#pragma unroll
+        for (int b = 0; b < 8; ++b) o8[b] = ((byte >> b) & 1) ? v[8 * s + b] : -INFINITY;
+        store_octet_f32(p.saved + row + e0, n, svec, o8);
+      }
+      if (p.routing_map != nullptr) {
+        if (bitmap) {
+          p.routing_map[t * map_row + o] = static_cast<uint8_t>(byte);
+        } else {
+          uint8_t* m = p.routing_map + row + e0;
+          const uint32_t lo = (byte & 1u) | ((byte & 2u) << 7) | ((byte & 4u) << 14) | ((byte & 8u) << 21);
+          const uint32_t hi = ((byte >> 4) & 1u) | ((byte & 32u) << 3) | ((byte & 64u) << 10) | ((byte & 128u) << 17);
+          if (n == 8 && (reinterpret_cast<uintptr_t>(m) & 7u) == 0) {
+            *reinterpret_cast<uint2*>(m) = make_uint2(lo, hi);
+          } else {
+#pragma unroll
+            for (int b = 0; b < 8; ++b)
+              if (b < n) m[b] = static_cast<uint8_t>((byte >> b) & 1u);
+          }
+        }
+      }
+    }
+    if constexpr (kHolders) {
+      if constexpr (kWideRows && G == 32) {
+        if (wide) wide_unselected(row);
+      }
+      // Over the owners' octets (same lanes: ordered by __syncwarp), and the compact outputs at the
+      // holder's ascending position: the selected before its expert, counted from its owner's prefix.
+      __syncwarp();
+      if constexpr (kStaged) {  // over the warp's staged rows, then the rows whole
+        if (wide) {
+          if (holder) {
+            const int at = tl * 8 * G * NS + he;
+            if (p.probs != nullptr) reinterpret_cast<float*>(stage_p)[at] = __fmul_rn(hw, scale);
+            if (p.saved != nullptr) reinterpret_cast<float*>(stage_s)[at] = hw;
+          }
+          __syncwarp();
+          store_staged(row);
+        }
+      }
+      if (holder && !(kStaged && wide)) {
+        if (p.probs != nullptr) p.probs[row + he] = __fmul_rn(hw, scale);
+        if (p.saved != nullptr) p.saved[row + he] = hw;
+      }
+      if (p.topk_indices != nullptr || p.topk_weights != nullptr) {
+        int base = 0, pk[NS];
+#pragma unroll
+        for (int s = 0; s < NS; ++s) {
+          const uint32_t byte = static_cast<uint32_t>(taken >> (8 * s)) & 0xffu;
+          const int c = __popc(byte);
+          const int inc = seg_scan_i32<G>(c, sl);
+          pk[s] = ((base + inc - c) << 8) | static_cast<int>(byte);
+          base += __shfl_sync(kFullMask, inc, G - 1, G);
+        }
+        const int ho = he >> 3, owner = (lane & ~(G - 1)) + ho % G;
+        int x = __shfl_sync(kFullMask, pk[0], owner);
+#pragma unroll
+        for (int s = 1; s < NS; ++s) {
+          const int xs = __shfl_sync(kFullMask, pk[s], owner);
+          x = ho / G == s ? xs : x;
+        }
+        if (holder) {
+          const int64_t at = t * k + (x >> 8) + __popc(x & ((1 << (he & 7)) - 1));
+          if (p.topk_indices != nullptr) p.topk_indices[at] = he;
+          if (p.topk_weights != nullptr) p.topk_weights[at] = __fmul_rn(hw, scale);
+        }
+      }
+    } else if (p.topk_indices != nullptr || p.topk_weights != nullptr) {  // ascending expert order
+      int base = 0;
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        const uint32_t byte = static_cast<uint32_t>(taken >> (8 * s)) & 0xffu;
+        const int c = __popc(byte);
+        const int inc = seg_scan_i32<G>(c, sl);
+        const int total = __shfl_sync(kFullMask, inc, G - 1, G);
+        if (c != 0) {
+          int pos = base + inc - c;
+          const int e0 = (s * G + sl) * 8;
+#pragma unroll
+          for (int b = 0; b < 8; ++b)
+            if ((byte >> b) & 1) {
+              const int64_t at = t * k + pos;
+              if (p.topk_indices != nullptr) p.topk_indices[at] = e0 + b;
+              if (p.topk_weights != nullptr) p.topk_weights[at] = __fmul_rn(v[8 * s + b], scale);
+              ++pos;
+            }
+        }
+        base += total;
+      }
+    }
+    if (W > 0) {  // dispatch layout epilogue: rank mask of the token, rank counts of the block
+      const int L = lay.experts_per_rank;
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        const uint32_t byte = static_cast<uint32_t>(taken >> (8 * s)) & 0xffu;
+        if (byte == 0) continue;
+        const int e0 = (s * G + sl) * 8;
+#pragma unroll
+        for (int b = 0; b < 8; ++b)
+          if ((byte >> b) & 1) {
+            const int r = (e0 + b) / L;
+            atomicOr(&rbits[r >> 5], 1u << (r & 31));
+          }
+      }
+      __syncwarp();
+      if (tv) {
+        if (p.rank_mask != nullptr)
+          for (int j = sl; j < lay.mask_bytes; j += G)
+            p.rank_mask[t * lay.mask_bytes + j] = static_cast<uint8_t>(rbits[j >> 2] >> ((j & 3) * 8));
+        if (p.rank_counts != nullptr)
+          for (int w = sl; w < lay.rank_words; w += G)
+            for (uint32_t bits = rbits[w]; bits != 0; bits &= bits - 1) atomicAdd(&hist[w * 32 + __ffs(bits) - 1], 1u);
+      }
+      __syncwarp();
+      for (int w = sl; w < lay.rank_words; w += G) rbits[w] = 0u;
+      __syncwarp();
+    }
+  }
+
+  if (W > 0 && p.rank_counts != nullptr) {
+    __syncthreads();
+    for (int r = threadIdx.x; r < W; r += blockDim.x)
+      if (hist[r] != 0) atomicAdd(p.rank_counts + r, static_cast<int>(hist[r]));
+  }
+}
+
+}  // namespace
+}  // namespace bitep::kernels

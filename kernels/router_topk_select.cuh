@@ -1,0 +1,119 @@
+// SPDX-License-Identifier: Apache-2.0
+// The forward kernel's top-k selection (kernels/router_topk_kernel.cuh): each lane's cache of its best keys, the
+// rounds, and the group scores. Included by router_topk_kernel.cuh alone (for router_topk.cu); in an anonymous
+// namespace.
+#pragma once
+
+#include "kernels/router_common.cuh"
+#include "kernels/router_keys.h"
+
+namespace bitep::kernels {
+namespace {
+
+using namespace router_detail;
+
+// Candidates a lane keeps sorted between rescans (top-k rounds and group scores): C of its best keys.
+// A lane rescans when it has used all C, so C trades the first scan's cost (~5 C instructions per key)
+// against how often a lane wins more than C times. BITEP_ROUTER_FWD_CACHE overrides it (tuning builds).
+// Measured on H200 (T = 16384, bf16): 3 pays where several tokens share a warp (E = 64: 12.3 -> 11.6 us,
+// E = 128: 19.1 -> 17.7), 2 where one token has the warp (E = 256 even, E = 512 3% faster), except in the
+// normalised sigmoid's kernel (DeepSeek-V3: its group scores take a lane's best two keys before the rounds
+// pop them), where 3 measured 1.2-2.1% faster.
+template <int N, int G, bool kSigmoid>
+__host__ __device__ constexpr int cache_size() {
+#ifdef BITEP_ROUTER_FWD_CACHE
+  return BITEP_ROUTER_FWD_CACHE < N ? BITEP_ROUTER_FWD_CACHE : N;
+#else
+  return G < 32 || kSigmoid ? 3 : 2;
+#endif
+}
+
+// ck / cp = the C best keys of the lane (descending; equal keys in register order, so the lower expert
+// first) and their register positions, skipping the positions set in `skip` and key 0 (no candidate);
+// unused entries hold key 0.
+template <int N, int C, class Mask>
+__device__ __forceinline__ void top_cached(const uint32_t* key, Mask skip, uint32_t (&ck)[C], int (&cp)[C]) {
+#pragma unroll
+  for (int c = 0; c < C; ++c) ck[c] = 0u, cp[c] = 0;
+#pragma unroll
+  for (int p = 0; p < N; ++p) {
+    const uint32_t kk = ((skip >> p) & 1) ? 0u : key[p];
+    bool gt[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) gt[c] = kk > ck[c];  // monotone: gt[c - 1] implies gt[c]
+#pragma unroll
+    for (int c = C - 1; c > 0; --c) {
+      ck[c] = gt[c - 1] ? ck[c - 1] : (gt[c] ? kk : ck[c]);
+      cp[c] = gt[c - 1] ? cp[c - 1] : (gt[c] ? p : cp[c]);
+    }
+    ck[0] = gt[0] ? kk : ck[0];
+    cp[0] = gt[0] ? p : cp[0];
+  }
+}
+
+// Drops the first cached candidate where `pop` holds (pop_keys: a cache of keys alone).
+template <int C>
+__device__ __forceinline__ void pop_keys(bool pop, uint32_t (&ck)[C]) {
+#pragma unroll
+  for (int c = 0; c + 1 < C; ++c) ck[c] = pop ? ck[c + 1] : ck[c];
+  ck[C - 1] = pop ? 0u : ck[C - 1];
+}
+template <int C>
+__device__ __forceinline__ void pop_cached(bool pop, uint32_t (&ck)[C], int (&cp)[C]) {
+  pop_keys<C>(pop, ck);
+#pragma unroll
+  for (int c = 0; c + 1 < C; ++c) cp[c] = pop ? cp[c + 1] : cp[c];
+}
+
+// The keys-only cache (the pre-top-k softmax and normalised sigmoid kernels at one octet a lane): the C best
+// keys by a min / max insertion network (equal keys kept, as many times as they occur), no register
+// positions. A lane's wins are its keys in selection order (value, then register order, which at one octet
+// a lane is expert order), so its won set follows from its last won key and its number of wins: every key
+// above the last, and the first equal ones in register order (won_mask; both in kernels/router_keys.h, with a host
+// test). No position bookkeeping per key,
+// pop or round. BITEP_ROUTER_FWD_KEYS_ONLY=0 (a tuning build) keeps the cache with positions.
+#ifndef BITEP_ROUTER_FWD_KEYS_ONLY
+#define BITEP_ROUTER_FWD_KEYS_ONLY 1
+#endif
+constexpr bool kKeysOnlyCache = BITEP_ROUTER_FWD_KEYS_ONLY != 0;
+
+using router_keys::top_below;
+using router_keys::top_keys;
+using router_keys::won_mask;
+
+// Runs body(r) for the rounds r = 0 .. n - 1: unrolled where the kernel's k is a compile-time one (kK > 0),
+// so the loop's counter, its branch and the last round's refill test go.
+template <int kK, class F>
+__device__ __forceinline__ void for_rounds(int n, F&& body) {
+  if constexpr (kK > 0) {
+#pragma unroll
+    for (int r = 0; r < kK; ++r) body(r);
+  } else {
+    for (int r = 0; r < n; ++r) body(r);
+  }
+}
+
+// A group's score when it sums its best one or two keys (DeepSeek-V3: k / group_topk = 2): each lane
+// brings its own two best keys of the group's slot (a0 >= a1; kKeyNone for none) and a butterfly over the
+// group's q aligned lanes merges pairs (the best two of two sorted pairs: 2 shuffles and 3 min / max a
+// step), no ballot and no pops. The best two of the multiset of keys, summed from 0.0f in selection order
+// (equal keys have equal values): the bits of the rounds it replaces. BITEP_ROUTER_GROUP_PAIRS=0 (a tuning
+// build) keeps the rounds.
+#ifndef BITEP_ROUTER_GROUP_PAIRS
+#define BITEP_ROUTER_GROUP_PAIRS 1
+#endif
+constexpr bool kGroupPairs = BITEP_ROUTER_GROUP_PAIRS != 0;
+
+__device__ __forceinline__ float group_pair_sum(uint32_t a0, uint32_t a1, int q, int per_group) {
+  for (int d = 1; d < q; d <<= 1) {
+    const uint32_t b0 = __shfl_xor_sync(kFullMask, a0, d), b1 = __shfl_xor_sync(kFullMask, a1, d);
+    const uint32_t lo = min(a0, b0);
+    a0 = max(a0, b0);
+    a1 = max(max(a1, b1), lo);
+  }
+  const float s = __fadd_rn(0.0f, key_value(a0));
+  return per_group == 2 ? __fadd_rn(s, key_value(a1)) : s;
+}
+
+}  // namespace
+}  // namespace bitep::kernels

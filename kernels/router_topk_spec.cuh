@@ -1,0 +1,174 @@
+// SPDX-License-Identifier: Apache-2.0
+// The forward kernel's instances (kernels/router_topk_kernel.cuh): the score paths compiled in (FwdSpec) and their
+// constants, and the compile-time rules that give each instance its blocks an SM, its keys, its k = 8 twin and its
+// wide stores, each with the measurement that chose it. Included by router_topk_kernel.cuh
+// alone (for router_topk.cu); in an anonymous namespace.
+#pragma once
+
+#include "kernels/router.h"
+#include "kernels/router_common.cuh"
+
+namespace bitep::kernels {
+namespace {
+
+using namespace router_detail;
+
+// The spec kernels' post-top-k softmax from the rounds ("holders"): lane r of the segment keeps round r's
+// key and expert (k <= G), takes one exp, and the sum is a butterfly over the first pow2(k) lanes in round
+// order; the owners store their octets as 0 / -inf and the holders store the k weights over them (and the
+// compact outputs at their ascending positions). No exp per element slot, no select per output element,
+// and the row's values die with the keys. The sum's order differs from the any-path kernels' (lane-local
+// in element order, then over the lanes): the weights agree within a few ulps, not bit for bit.
+// BITEP_ROUTER_FWD_HOLDERS=0 (a tuning build) compiles the spec kernels without it.
+#ifndef BITEP_ROUTER_FWD_HOLDERS
+#define BITEP_ROUTER_FWD_HOLDERS 1
+#endif
+constexpr bool kHolderSoftmax = BITEP_ROUTER_FWD_HOLDERS != 0;
+
+// The holders' unselected octets by whole-sector stores (wide_unselected in the kernel).
+// BITEP_ROUTER_FWD_WIDE_STORES=0 (a tuning build) stores each lane's own octet instead.
+#ifndef BITEP_ROUTER_FWD_WIDE_STORES
+#define BITEP_ROUTER_FWD_WIDE_STORES 1
+#endif
+constexpr bool kWideStores = BITEP_ROUTER_FWD_WIDE_STORES != 0;
+
+// The wide-stores instance at 8 lanes a token (E 33-64) stages its dense rows in shared memory (kStaged in the kernel):
+// each lane writes its whole-sector slots there as unselected, the holders write their weights over them, and the
+// lanes store the rows from there, so each sector of probs and saved is written once, whole (the holders' stores were
+// k partial sectors a token and array over the sectors the wide stores had written). H200, min of two repeats: bf16
+// TE-compatible E = 64 T = 65536 0.94-0.95x, T = 16384 0.98-1.01x (two calls); at E = 128 1.01-1.03x slower, at E = 512
+// bf16 0.99-1.03x, fp32 0.99-1.00x, and with every post-top-k kernel wide and staged up to 1.14x slower (fp32 E = 128,
+// bf16 E = 256 1.12x) (bench/NOTES.md, "Router v15"). BITEP_ROUTER_FWD_STAGED=0 (a tuning build) stores as the other
+// shapes do.
+#ifndef BITEP_ROUTER_FWD_STAGED
+#define BITEP_ROUTER_FWD_STAGED 1
+#endif
+constexpr bool kStageRows = BITEP_ROUTER_FWD_STAGED != 0;
+
+// Blocks per SM the register budget is cut for. BITEP_ROUTER_FWD_MIN_BLOCKS overrides it for every
+// shape: a tuning build (scripts/device-check.sh, PHASES=tune) compares occupancies. The bf16
+// post-softmax kernel at one octet a lane and one token a warp (E 129-256) is held to 8 (32 registers, no
+// spill; 39 and 6 blocks without the cap): H200, T = 16384, E = 256, 22.75 -> 22.14 us (7 gives the same
+// 32 registers; the spec kernels of 8 and 16 lanes a token spill there and were 0-6% slower). Without the
+// holders (a tuning build) it is v5e's 5 blocks (45 registers; 8 would spill).
+// kPreOrNorm: the pre-top-k softmax's and the normalised sigmoid's own kernels. At one octet a lane and 32 lanes a
+// token (E 129-256) they are held to 6 blocks (40 registers): H200, router v13 A/B (every kernel at 6 in one build,
+// min of two repeats against v13 at 5), DeepSeek-V3 T = 65536 bf16 TE-compatible 71.7 -> 70.3 us, pre-top-k E = 256
+// 59.0 -> 56.6; the post-top-k E = 512 rows were 7-11% slower at 6, so no other kernel takes it.
+template <int N, int G, bool kF32, bool kPostSpec, bool kPreOrNorm, bool kWideRows, bool kConstK>
+constexpr int min_blocks() {
+#ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
+  return BITEP_ROUTER_FWD_MIN_BLOCKS;
+#else
+  if (kPreOrNorm && G == 32 && N <= 8) return 6;
+  // With the holders' wide stores the bf16 post-top-k kernels of one octet a lane keep the occupancy they have
+  // without them (ptxas gave them 37-39 registers where they have 32).
+  if (N <= 8 && kWideRows) return 8;
+  // The instances for k = 8 (kconst_kernel) keep the occupancy of their runtime-k twins, which ptxas gives 32
+  // registers (post-top-k softmax; fp32 at 16 lanes a token 40), 44-48 (pre-top-k softmax, sigmoid) and 64
+  // (the same at two octets a lane); unrolled, it gave them up to 5 more.
+  if (kConstK && N <= 8) return kPostSpec ? (kF32 && G == 16 ? 6 : 8) : 5;
+  if (kConstK && N <= 16 && !kPostSpec) return 4;
+  return N <= 8 ? (!kF32 && kPostSpec && G == 32 ? (kHolderSoftmax ? 8 : 5) : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
+#endif
+}
+
+// The bf16 spec kernels' keys ("packed"): kernels/router_packed_keys.cuh. Made from the logits' bits two at a time
+// (packed_keys_bf16x2) in the kernels where that measured faster, else from the widened values (packed_key_lo).
+// H200, min of two interleaved repeats (bench/NOTES.md, "Router v14"): compact outputs 0.93-0.97x at E = 64-512,
+// TE-compatible 0.97-1.00x at E = 64, 128 and 512, but 1.03-1.09x at E = 129-256 (one octet a lane, 32 lanes a
+// token, runtime k: the TE-compatible launch's kernel there), which keeps the widened values; so does E > 512
+// (ptxas: the E = 2048 kernel's registers 122 -> 168, a block an SM fewer; not measured). BITEP_ROUTER_FWD_BITS_KEYS=0
+// (a tuning build) makes none from the bits.
+#ifndef BITEP_ROUTER_FWD_BITS_KEYS
+#define BITEP_ROUTER_FWD_BITS_KEYS 1
+#endif
+template <int G, int NS, int kK>
+constexpr bool bits_keys() {
+  return BITEP_ROUTER_FWD_BITS_KEYS != 0 && NS <= 2 && !(G == 32 && NS == 1 && kK == 0);
+}
+
+// Score paths compiled in: the post-top-k softmax (TE's default), the pre-top-k softmax and the normalised
+// sigmoid (DeepSeek-V3) get kernels whose flags are constants; kAny reads them from the parameters. The
+// forward is bound by instruction issue (bench/NOTES.md).
+enum class FwdSpec : int {
+  kAny = 0,
+  kPostSoftmax = 1,    // top-k, post-top-k softmax, no groups (no bias: softmax scores never take it)
+  kPreSoftmax = 2,     // top-k, softmax over all experts before the top-k, groups as the parameters say
+  kSigmoidNorm = 3,    // top-k, sigmoid normalised over the k > 1 selected, bias and groups as the parameters say
+  kSigmoidNormV3 = 4,  // the same in DeepSeek-V3's shape (kV3Shape): bias, groups of 4 octets, 2 a group score, 4 kept
+};
+constexpr bool sigmoid_norm_spec(FwdSpec s) { return s == FwdSpec::kSigmoidNorm || s == FwdSpec::kSigmoidNormV3; }
+
+// DeepSeek-V3's routing (256 experts, 8 groups of 32, the best 2 of a group summed, 4 groups kept, k = 8, expert bias)
+// at one octet a lane: kSigmoidNormV3 compiles its group shape in (the pair butterfly and the group rounds unrolled)
+// and loads the lane's bias octet once, before the tile, from a 16-byte aligned bias (the launch's condition).
+struct GroupShape {
+  int group_octets, per_group, group_topk;
+};
+constexpr GroupShape kV3Shape{4, 2, 4};
+constexpr int kV3K = 8;
+// BITEP_ROUTER_FWD_V3=0 (a tuning build) launches the normalised sigmoid's general kernel for that shape too.
+#ifndef BITEP_ROUTER_FWD_V3
+#define BITEP_ROUTER_FWD_V3 1
+#endif
+
+// A kernel's score path: its spec's constants, or the parameters' (kAny). By `if constexpr`, so the
+// any-path kernels compile to the PTX they had before the specs (compared): conditional expressions in
+// their place (kKnown ? constant : parameter) changed ptxas's register allocation at 8 octets a lane
+// (245 -> 215 registers) and made the E = 2048 rows 5-9% slower.
+template <FwdSpec kSpec>
+__device__ __forceinline__ ScoreFn spec_fn(const RouterForwardParams& p) {
+  if constexpr (kSpec == FwdSpec::kAny) return p.score_fn;
+  return sigmoid_norm_spec(kSpec) ? ScoreFn::kSigmoid : ScoreFn::kSoftmax;
+}
+template <FwdSpec kSpec>
+__device__ __forceinline__ ScorePath spec_path(const RouterForwardParams& p) {
+  // {aux, softmax, pre, post, norm}
+  if constexpr (kSpec == FwdSpec::kAny) return score_path(p);
+  if constexpr (kSpec == FwdSpec::kPostSoftmax) return kPostSoftmaxPath;
+  if constexpr (kSpec == FwdSpec::kPreSoftmax) return ScorePath{false, true, true, false, false};
+  return ScorePath{false, false, false, false, true};
+}
+template <FwdSpec kSpec>
+__device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
+  if constexpr (kSpec == FwdSpec::kAny) return selection_bias(p);
+  if constexpr (kSpec == FwdSpec::kSigmoidNorm) return p.expert_bias != nullptr;
+  if constexpr (kSpec == FwdSpec::kSigmoidNormV3) return true;
+  return false;
+}
+
+// The shapes whose post-top-k softmax kernel has a wide-stores instance (the kernel's wide_unselected), for
+// launches that write probs or saved: where it measured faster (H200: bf16 logits at E = 64 and 128, the stores
+// before the row's work, 4-10%; E = 512 in both dtypes, after it, bf16 5%, fp32 1.4-1.9%). fp32 logits at E = 64-256
+// (0.6-2.8% slower), bf16 at E = 256 and E = 2048 measured even or slower, E = 1024 was not measured; a launch
+// without probs and saved (compact outputs) takes the other instance, whose code is the kernel without the stores
+// (the wide one measured 4% slower there at E = 512). bench/NOTES.md, "Router v11" and "v12".
+template <int G, int NS, bool kF32, FwdSpec kSpec>
+constexpr bool wide_rows_kernel() {
+  return kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax && kWideStores && (G < 32 ? NS == 1 && !kF32 : NS == 2);
+}
+
+// The spec kernels with an instance for k = 8 (the rounds unrolled: no loop counter, branch or refill test in the
+// last round): one octet a lane at 16 and 32 lanes a token and two at 32 (E 65-128, 129-256, 257-512), where
+// k = 8 is the common case (the benchmark's E = 128, 256, DeepSeek-V3 and 512 rows). BITEP_ROUTER_FWD_KCONST=0 (a
+// tuning build) compiles none.
+#ifndef BITEP_ROUTER_FWD_KCONST
+#define BITEP_ROUTER_FWD_KCONST 1
+#endif
+template <int G, int NS, FwdSpec kSpec>
+constexpr int kconst_kernel() {
+  if (BITEP_ROUTER_FWD_KCONST == 0 || kSpec == FwdSpec::kAny) return 0;
+  return (G == 32 && NS <= 2) || (G == 16 && NS == 1) ? 8 : 0;
+}
+
+// The bf16 post-top-k kernel at one octet a lane and 32 lanes a token (E 129-256) takes its k = 8 instance only
+// for the compact outputs: with probs or saved written it measured 4-8% slower (H200, v13 A/B: T = 65536
+// TE-compatible 52.2 -> 56.5 us), without them 7-10% faster (T = 65536 52.3 -> 47.1).
+template <int G, int NS, bool kF32, FwdSpec kSpec>
+constexpr bool kconst_compact_only() {
+  return !kF32 && kSpec == FwdSpec::kPostSoftmax && G == 32 && NS == 1;
+}
+
+}  // namespace
+}  // namespace bitep::kernels
