@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-// Helpers of ep_kernels_gpu_test.cu (included there once, after the primitives): device buffers,
-// poisoned outputs, exact comparisons, random routing inputs and the parameter grid.
+// What the EP kernels' GPU tests share (ep_dispatch_gpu_test.cu: layout, permute, packed counts and the launchers'
+// argument checks; ep_expert_major_gpu_test.cu; ep_combine_gpu_test.cu: reduce, final sum, weight gradient, batched
+// copies; ep_low_latency_gpu_test.cu): device buffers, poisoned outputs, exact comparisons, random routing inputs,
+// the parameter grids, the host layout and the received rows the later primitives take.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,8 +19,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/ep.h"
 #include "kernels/ep_params.h"
 #include "src/host/dtype_host.h"
+#include "src/host/ep_host.h"
 
 namespace ep_test {
 
@@ -31,7 +35,7 @@ namespace host = bitep::host;
 
 constexpr uint8_t kPoison = 0xA7;
 
-bool gpu_visible(std::string* why) {
+inline bool gpu_visible(std::string* why) {
   int n = 0;
   const cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess) {
@@ -49,7 +53,7 @@ bool gpu_visible(std::string* why) {
     if (!gpu_visible(&why_)) GTEST_SKIP() << "no CUDA device visible (" << why_ << "): EP kernels not run"; \
   } while (0)
 
-void ck(cudaError_t e, const char* what) {
+inline void ck(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
 }
 
@@ -86,7 +90,7 @@ std::vector<T> poisoned(size_t n) {
   return v;
 }
 
-void sync(cudaError_t launch) {
+inline void sync(cudaError_t launch) {
   ck(launch, "launch");
   ck(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
@@ -110,10 +114,10 @@ bool same(const std::vector<T>& gpu, const std::vector<T>& ref, const std::strin
   return false;
 }
 
-int elem_bytes(DType d) { return d == DType::kF32 ? 4 : 2; }
+inline int elem_bytes(DType d) { return d == DType::kF32 ? 4 : 2; }
 
 // Rows of random finite values in [-2, 2] stored as dtype, as raw bytes.
-std::vector<uint8_t> random_rows(int64_t rows, int64_t H, DType d, std::mt19937_64& rng) {
+inline std::vector<uint8_t> random_rows(int64_t rows, int64_t H, DType d, std::mt19937_64& rng) {
   std::uniform_real_distribution<float> u(-2.0f, 2.0f);
   std::vector<uint8_t> v(static_cast<size_t>(rows * H * elem_bytes(d)));
   for (int64_t i = 0; i < rows * H; ++i) host::store_from_float(v.data(), d, i, u(rng));
@@ -134,7 +138,7 @@ struct Routing {
 
 // k distinct experts per token (skewed: low experts hot). invalid: some rows break the format (extra bits,
 // pad bits, bytes > 1, repeated / out-of-range indices) to check that both sides apply the same rules.
-Routing make_routing(int64_t T, int E, int k, uint64_t seed, bool skewed, bool invalid) {
+inline Routing make_routing(int64_t T, int E, int k, uint64_t seed, bool skewed, bool invalid) {
   Routing r{T, E, k, {}, {}, {}, {}, {}, {}};
   std::mt19937_64 rng(seed);
   const int nb = (E + 7) / 8;
@@ -214,11 +218,11 @@ RoutingInput routing_input(RoutingFormat f,
                                               : nullptr;
   return in;
 }
-RoutingInput host_input(const Routing& r, RoutingFormat f, WeightFormat wf) {
+inline RoutingInput host_input(const Routing& r, RoutingFormat f, WeightFormat wf) {
   return routing_input(f, wf, r.bytemap.data(), r.bitmap.data(), r.indices.data(), r.dense.data(),
                        r.compact_bits.data(), r.compact_idx.data());
 }
-RoutingInput dev_input(const DevRouting& d, RoutingFormat f, WeightFormat wf) {
+inline RoutingInput dev_input(const DevRouting& d, RoutingFormat f, WeightFormat wf) {
   return routing_input(f, wf, d.bytemap.get(), d.bitmap.get(), d.indices.get(), d.dense.get(), d.compact_bits.get(),
                        d.compact_idx.get());
 }
@@ -251,7 +255,7 @@ struct Case {
 // L in {1, 3, 8, 9, 64}, k in {1, 2, 8, E} (<= E), every routing format; weight formats, H in
 // {1, 7, 64}, dtypes, skew and invalid rows rotate over the cases. Then W in {40, 64} (rank groups) and
 // H = 7168 for a few shapes.
-std::vector<Case> routing_grid(const std::vector<int64_t>& big) {
+inline std::vector<Case> routing_grid(const std::vector<int64_t>& big) {
   std::vector<Case> cases;
   std::vector<int64_t> Ts = {0, 1, 7, 256, 1000};  // 256: the one-block layout's limit (kSingleMaxItems)
   uint64_t n = 0;
@@ -285,6 +289,161 @@ std::vector<Case> routing_grid(const std::vector<int64_t>& big) {
       for (int W : {1, 8})
         cases.push_back({1000, W, 32, 8, RoutingFormat::kBitmap, WeightFormat::kCompact, H, d, true, false, 77 + n++});
   return cases;
+}
+
+constexpr int kMaxFailingCases = 3;
+
+// Compute capability major of device 0 (the bulk copies run from 9 on).
+inline int device_major() {
+  int major = 0;
+  ck(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "cudaDeviceGetAttribute");
+  return major;
+}
+
+// Rows whose bulk-copy ring (kernels/bulk_rows.cuh: up to 4 rows in 48 KiB) is 48 KiB or just under it: four rows
+// of 12272 or 12288 bytes, three of 16352 or 16384, two of 24528 or 24576. With the bulk kernels' 128 bytes of
+// static shared memory (H200) each ring is past the 49024 bytes of dynamic shared memory a block gets without
+// opting in.
+struct RingLimitRows {
+  int64_t H;
+  DType dtype;
+};
+constexpr RingLimitRows kRingLimitRows[] = {{6136, DType::kBF16}, {6144, DType::kBF16}, {4088, DType::kF32},
+                                            {4096, DType::kF32},  {8192, DType::kBF16}, {12264, DType::kBF16},
+                                            {12288, DType::kBF16}};
+
+// Host layout of a case (also the input of the later primitives).
+struct Layout {
+  std::vector<int32_t> counts, slot;
+};
+inline Layout host_layout(const Case& c, const Routing& r) {
+  Layout out{poisoned<int32_t>(size_t(c.W) * (c.L + 1)), poisoned<int32_t>(size_t(c.T) * c.W)};
+  K::LayoutParams p;
+  p.num_tokens = c.T;
+  p.num_experts = c.E();
+  p.topk = c.k;
+  p.num_ranks = c.W;
+  p.routing = host_input(r, c.fmt, WeightFormat::kNone);
+  p.counts = out.counts.data();
+  p.token_slot = out.slot.data();
+  host::ep_layout(p);
+  if (c.T == 0) std::fill(out.counts.begin(), out.counts.end(), 0);  // the orchestration zeroes them
+  return out;
+}
+
+// The permute of case c with `self` as this rank, over host x and slots; no buffers.
+inline K::PermuteParams permute_params(const Case& c, int self, const std::vector<uint8_t>& x, const Layout& lay) {
+  K::PermuteParams p;
+  p.num_tokens = c.T;
+  p.num_experts = c.E();
+  p.topk = c.k;
+  p.num_ranks = c.W;
+  p.self_rank = self;
+  p.hidden = c.H;
+  p.dtype = c.dtype;
+  p.x = x.data();
+  p.token_slot = lay.slot.data();
+  return p;
+}
+
+// ---- received rows (expert-major, reduce) ----------------------------------------------------------
+
+struct RecvCase {
+  int64_t R;
+  int L, KL, align;
+  int64_t H;
+  DType dtype;
+  int mode;  // 0: positions only, 1: copy, 2: weighted copy
+  bool over_bits, short_counts;
+  uint64_t seed;
+  std::string str() const {
+    std::ostringstream os;
+    os << "R=" << R << " L=" << L << " KL=" << KL << " align=" << align << " H=" << H << " dtype=" << int(dtype)
+       << " mode=" << mode << (over_bits ? " over-KL-bits" : "") << (short_counts ? " short-counts" : "");
+    return os.str();
+  }
+};
+
+inline std::vector<RecvCase> recv_grid() {
+  std::vector<RecvCase> cases;
+  uint64_t n = 0;
+  for (int64_t R : {0, 1, 7, 1000, 3000, 40000})
+    for (int L : {1, 3, 8, 9, 64, 256})
+      for (int k : {1, 2, 8, 1 << 20}) {
+        const int KL = std::min(k, L);
+        if (k != (1 << 20) && k > L) continue;
+        if (R >= 3000 && n % 2) {
+          ++n;
+          continue;
+        }
+        cases.push_back({R, L, KL,
+                         n % 3 == 0   ? 1
+                         : n % 3 == 1 ? 8
+                                      : 128,
+                         int64_t(n % 4 == 0   ? 1
+                                 : n % 4 == 1 ? 7
+                                              : 64),
+                         DType(n % 3), int(n % 3), n % 5 == 2, n % 11 == 4, 500 + n});
+        ++n;
+      }
+  for (DType d : {DType::kBF16, DType::kF32, DType::kF16})
+    for (int mode : {1, 2}) cases.push_back({2000, 32, 8, 16, 7168, d, mode, false, false, 900 + n++});
+  // The positions' one-block kernels (K::kScanSingleRows = 256 rows): the shared-memory one at its row limit, the
+  // scan where the maps do not fit in shared memory (L = 2048: 82 KB at R = 256), and the scan for rows too few
+  // for two segments (R = 400); the segmented kernels from one row past the limit. Rows over KL bits, short counts.
+  for (bool odd : {false, true}) {
+    cases.push_back({256, 64, 8, 16, 64, DType::kBF16, 1, odd, odd, 950 + n++});
+    cases.push_back({256, 2048, 8, 8, 64, DType::kBF16, 2, odd, !odd, 950 + n++});
+    cases.push_back({400, 512, 8, 8, 64, DType::kBF16, 0, !odd, odd, 950 + n++});
+    cases.push_back({513, 64, 8, 16, 64, DType::kBF16, 1, odd, !odd, 950 + n++});
+  }
+  // Experts taken in chunks by the positions' kernels: 1500 local experts are 3 chunks of the segmented kernel
+  // (512) and 12 of the one-block one (128); KL = 8 and KL = 40 (rows of up to 40 experts spread over the chunks).
+  for (bool odd : {false, true}) {
+    cases.push_back({6000, 1500, odd ? 40 : 8, 8, 64, DType::kBF16, odd ? 2 : 0, odd, !odd, 970 + n++});
+    cases.push_back({250, 1500, odd ? 8 : 40, 8, 64, DType::kBF16, odd ? 0 : 1, !odd, odd, 970 + n++});
+  }
+  return cases;
+}
+
+struct RecvInput {
+  std::vector<uint8_t> map;              // [R, MB]
+  std::vector<int32_t> counts, offsets;  // [L], [L + 1]
+  std::vector<uint8_t> x;                // [R, H]
+  std::vector<float> weights;            // [R, KL]
+  int64_t N;
+};
+
+inline RecvInput make_recv(const RecvCase& c) {
+  std::mt19937_64 rng(c.seed);
+  const int MB = K::local_map_bytes(c.L);
+  RecvInput in;
+  in.map.assign(c.R * MB, 0);
+  in.counts.assign(c.L, 0);
+  std::vector<int> perm(c.L);
+  for (int64_t i = 0; i < c.R; ++i) {
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    int bits = 1 + static_cast<int>(rng() % c.KL);
+    if (i % 13 == 5) bits = 0;                                      // a row using no expert
+    if (c.over_bits && i % 4 == 1) bits = std::min(c.L, c.KL + 2);  // more than KL bits: only the first KL count
+    std::vector<int> used(perm.begin(), perm.begin() + bits);
+    std::sort(used.begin(), used.end());
+    for (int j = 0; j < bits; ++j) {
+      in.map[i * MB + used[j] / 8] |= static_cast<uint8_t>(1u << (used[j] % 8));
+      if (j < c.KL) ++in.counts[used[j]];
+    }
+  }
+  if (c.short_counts)
+    for (int l = 0; l < c.L; l += 2) in.counts[l] = std::max(0, in.counts[l] - 1 - l % 3);
+  in.offsets.assign(c.L + 1, 0);
+  for (int l = 0; l < c.L; ++l) in.offsets[l + 1] = in.offsets[l] + (in.counts[l] + c.align - 1) / c.align * c.align;
+  in.N = in.offsets[c.L];
+  in.x = random_rows(c.R, c.H, c.dtype, rng);
+  std::uniform_real_distribution<float> w(-1.0f, 1.0f);
+  in.weights.resize(c.R * c.KL);
+  for (float& v : in.weights) v = w(rng);
+  return in;
 }
 
 }  // namespace ep_test
