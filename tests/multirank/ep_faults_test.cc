@@ -274,14 +274,10 @@ void expect_combine_fails(const std::function<void(bitepCombineArgs_t*)>& breake
   const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
   HandleGuard h;
   ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
-  bitepDispatchLayout_t lo;
-  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
-  const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lo);
-  std::vector<uint8_t> out(world[rank].T * s.H * dsize(s.dtype));
-  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
-  c.y = y.data();
-  c.weighted = weights != Weights::kNone;
-  c.out = out.data();
+  CombineInputs ci;
+  ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h.h, &ci));
+  ci.args.weighted = weights != Weights::kNone;
+  bitepCombineArgs_t c = ci.args;  // the victim's, broken; ci.args stays whole for the retry
   const bitepCombineArgs_t* cp = &c;
   if (rank == victim) {
     breaker(&c);
@@ -296,12 +292,8 @@ void expect_combine_fails(const std::function<void(bitepCombineArgs_t*)>& breake
     EXPECT_EQ(r, bitepRemoteError) << err;
     EXPECT_TRUE(has(err, "rank " + std::to_string(victim))) << err;
   }
-  bitepCombineArgs_t good = BITEP_COMBINE_ARGS_INIT;
-  good.y = y.data();
-  good.weighted = weights != Weights::kNone;
-  good.out = out.data();
-  ASSERT_EQ(bitepCombine(g.g, h.h, &good, nullptr), bitepSuccess) << bitepGetLastError();
-  expect_values(s, out, reference_combine(s, W, rank, world[rank], good.weighted), "out");
+  ASSERT_EQ(bitepCombine(g.g, h.h, &ci.args, nullptr), bitepSuccess) << bitepGetLastError();
+  expect_values(s, ci.out, reference_combine(s, W, rank, world[rank], ci.args.weighted), "out");
 }
 
 TEST(EpFaults, CombineArgsNull) {
@@ -558,21 +550,16 @@ TEST(EpFaults, StalledPeerTimesOut) {
   const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
   HandleGuard h;
   ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
-  bitepDispatchLayout_t lo;
-  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
-  const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lo);
-  std::vector<uint8_t> out(world[rank].T * s.H * dsize(s.dtype));
-  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
-  c.y = y.data();
-  c.out = out.data();
+  CombineInputs ci;
+  ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h.h, &ci));
   if (rank == late) std::this_thread::sleep_for(std::chrono::duration<double>(6 * timeout));
   const auto t0 = std::chrono::steady_clock::now();
-  const bitepResult_t r = bitepCombine(g.g, h.h, &c, nullptr);
+  const bitepResult_t r = bitepCombine(g.g, h.h, &ci.args, nullptr);
   const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_EQ(r, bitepTimeout) << bitepGetLastError();
   EXPECT_TRUE(has(bitepGetLastError(), "did not complete within")) << bitepGetLastError();
   EXPECT_LT(took, 20 * timeout);
-  EXPECT_EQ(bitepCombine(g.g, h.h, &c, nullptr), bitepInvalidUsage);
+  EXPECT_EQ(bitepCombine(g.g, h.h, &ci.args, nullptr), bitepInvalidUsage);
   EXPECT_TRUE(has(bitepGetLastError(), "unusable")) << bitepGetLastError();
   // A trim frees nothing now: a peer may still write into the group's blocks.
   size_t held = 0, freed = 1;
