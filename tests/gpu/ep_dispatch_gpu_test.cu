@@ -45,14 +45,7 @@ TEST(EpKernelsGpu, LayoutMatchesHost) {
     const int row = c.L + 3 + c.W;
     std::vector<int32_t> counts = poisoned<int32_t>(size_t(c.W) * (c.L + 1)),
                          slot = poisoned<int32_t>(size_t(c.T) * c.W), packed = poisoned<int32_t>(size_t(c.W) * row);
-    K::LayoutParams p;
-    p.num_tokens = c.T;
-    p.num_experts = c.E();
-    p.topk = c.k;
-    p.num_ranks = c.W;
-    p.routing = host_input(r, c.fmt, WeightFormat::kNone);
-    p.counts = counts.data();
-    p.token_slot = slot.data();
+    K::LayoutParams p = layout_params(c, host_input(r, c.fmt, WeightFormat::kNone), counts.data(), slot.data());
     p.pack_out = pack ? packed.data() : nullptr;
     p.pack_row = row;
     p.pack_flags = 0x5a5a;

@@ -316,17 +316,21 @@ constexpr RingLimitRows kRingLimitRows[] = {{6136, DType::kBF16}, {6144, DType::
 struct Layout {
   std::vector<int32_t> counts, slot;
 };
-inline Layout host_layout(const Case& c, const Routing& r) {
-  Layout out{poisoned<int32_t>(size_t(c.W) * (c.L + 1)), poisoned<int32_t>(size_t(c.T) * c.W)};
+// The layout of case c over `routing` (host or device), writing counts and token_slot.
+inline K::LayoutParams layout_params(const Case& c, const RoutingInput& routing, int32_t* counts, int32_t* token_slot) {
   K::LayoutParams p;
   p.num_tokens = c.T;
   p.num_experts = c.E();
   p.topk = c.k;
   p.num_ranks = c.W;
-  p.routing = host_input(r, c.fmt, WeightFormat::kNone);
-  p.counts = out.counts.data();
-  p.token_slot = out.slot.data();
-  host::ep_layout(p);
+  p.routing = routing;
+  p.counts = counts;
+  p.token_slot = token_slot;
+  return p;
+}
+inline Layout host_layout(const Case& c, const Routing& r) {
+  Layout out{poisoned<int32_t>(size_t(c.W) * (c.L + 1)), poisoned<int32_t>(size_t(c.T) * c.W)};
+  host::ep_layout(layout_params(c, host_input(r, c.fmt, WeightFormat::kNone), out.counts.data(), out.slot.data()));
   if (c.T == 0) std::fill(out.counts.begin(), out.counts.end(), 0);  // the orchestration zeroes them
   return out;
 }
