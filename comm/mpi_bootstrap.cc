@@ -4,11 +4,14 @@
 //   host: the group's transport is MPI itself, over a duplicate of comm;
 //   cuda: each rank picks its device (config->device, or its index among the ranks of its node), rank 0
 //         makes an NCCL unique id, every rank learns it over MPI, and the group runs over a new NCCL
-//         communicator (comm/nccl_transport.cc's make_nccl_transport).
+//         communicator (comm/nccl_transport.cc's make_nccl_transport); with BITEP_CUDA_TRANSPORT=ipc (a
+//         testing transport) over MPI and CUDA IPC instead, the node's ranks sharing its GPUs in turn
+//         (comm/mpi_ipc_transport.h).
 #include <cstring>
 #include <vector>
 
 #include "bitep/bitep_mpi.h"
+#include "comm/mpi_ipc_transport.h"
 #include "comm/mpi_transport.h"
 #include "src/check.h"
 #include "src/ep/collective.h"
@@ -25,15 +28,16 @@ namespace bitep::ep {
 namespace {
 
 #ifdef BITEP_HAVE_NCCL
-// The cuda backend's device: config->device, or the rank's index among the ranks of its node.
-bitepResult_t pick_device(MPI_Comm comm, const bitepGroupConfig_t* config, int* device) {
+// The cuda backend's device: config->device, or the rank's index among the ranks of its node (shared: that
+// index modulo the visible devices, for the IPC transport's ranks that share GPUs).
+bitepResult_t pick_device(MPI_Comm comm, const bitepGroupConfig_t* config, bool shared, int* device) {
   MPI_Comm node = MPI_COMM_NULL;
   BITEP_MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
   int local_rank = 0;
   MPI_Comm_rank(node, &local_rank);
   MPI_Comm_free(&node);
   const int count = visible_cuda_devices();
-  *device = config->device >= 0 ? config->device : local_rank;
+  *device = config->device >= 0 ? config->device : shared && count > 0 ? local_rank % count : local_rank;
   if (*device >= count)
     BITEP_FAIL(bitepNotSupported, "the cuda backend needs device %d (%s) but %d CUDA device(s) are visible%s", *device,
                config->device >= 0 ? "config->device" : "this rank's index on its node", count,
@@ -48,7 +52,7 @@ struct IdMessage {
 
 bitepResult_t create_nccl(Transport* mpi, MPI_Comm comm, const bitepGroupConfig_t* config, bitepGroup_t* group) {
   int device = -1;
-  bitepResult_t local = pick_device(comm, config, &device);
+  bitepResult_t local = pick_device(comm, config, false, &device);
   IdMessage mine{};
   if (local == bitepSuccess && mpi->rank() == 0) local = nccl_get_unique_id(&mine.id);
   mine.status = local;
@@ -77,6 +81,38 @@ bitepResult_t create_nccl(Transport* mpi, MPI_Comm comm, const bitepGroupConfig_
       cfg.device = device;
       res = create_group(std::move(t), &cfg, device, group, /*configs_agreed=*/true);
     }
+  }
+  if (prev != device) cudaSetDevice(prev);
+  return res;
+}
+
+// BITEP_CUDA_TRANSPORT=ipc: the group's transport is `mpi` itself (taken over) with the device's memory shared
+// by CUDA IPC.
+bitepResult_t create_ipc(std::unique_ptr<Transport> mpi,
+                         MPI_Comm comm,
+                         const bitepGroupConfig_t* config,
+                         bitepGroup_t* group) {
+  int device = -1;
+  const bitepResult_t local = pick_device(comm, config, true, &device);
+  SavedError saved(local);
+  std::vector<int32_t> all(mpi->nranks());
+  const int32_t mine = local;
+  const bitepResult_t r = mpi->allgather_host(&mine, all.data(), sizeof(int32_t));
+  if (r != bitepSuccess) return local != bitepSuccess ? saved.restore() : r;
+  if (local != bitepSuccess) return saved.restore();
+  for (int q = 0; q < mpi->nranks(); ++q)
+    if (all[q] != bitepSuccess)
+      BITEP_FAIL(bitepRemoteError, "rank %d could not pick its device for the cuda group (%s)", q,
+                 bitepGetErrorString(static_cast<bitepResult_t>(all[q])));
+  int prev = -1;
+  BITEP_CUDA_CHECK(cudaGetDevice(&prev));
+  if (prev != device) BITEP_CUDA_CHECK(cudaSetDevice(device));
+  std::unique_ptr<Transport> t;
+  bitepResult_t res = make_mpi_ipc_transport(std::move(mpi), device, &t);
+  if (res == bitepSuccess) {
+    bitepGroupConfig_t cfg = *config;
+    cfg.device = device;
+    res = create_group(std::move(t), &cfg, device, group, /*configs_agreed=*/true);
   }
   if (prev != device) cudaSetDevice(prev);
   return res;
@@ -114,6 +150,17 @@ bitepResult_t create_mpi(MPI_Comm comm, const bitepGroupConfig_t* config, bitepG
   BITEP_CHECK(agree_configs(all.data(), mpi->nranks(), mpi->rank(), local));
   if (config->backend == bitepBackendHost) return create_group(std::move(mpi), config, -1, group, true);
 #ifdef BITEP_HAVE_NCCL
+  // The ranks agree on the transport too (a rank in NCCL's init and one in the IPC transport's would wait for
+  // each other until the timeout).
+  const int32_t ipc = mpi_ipc_requested() ? 1 : 0;
+  std::vector<int32_t> ipcs(mpi->nranks());
+  BITEP_CHECK(mpi->allgather_host(&ipc, ipcs.data(), sizeof(int32_t)));
+  for (int q = 0; q < mpi->nranks(); ++q)
+    if (ipcs[q] != ipc)
+      BITEP_FAIL(bitepInvalidUsage,
+                 "BITEP_CUDA_TRANSPORT is %s on rank %d but %s on rank %d: every rank must set it alike",
+                 ipc ? "ipc" : "not ipc", mpi->rank(), ipcs[q] ? "ipc" : "not ipc", q);
+  if (ipc) return create_ipc(std::move(mpi), dup, config, group);
   return create_nccl(mpi.get(), dup, config, group);
 #else
   BITEP_FAIL(bitepInternalError, "unreachable: cuda backend without NCCL");

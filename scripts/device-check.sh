@@ -201,7 +201,7 @@ if on gpu || on ctest; then
 fi
 # The two-GPU steps (NVLink, the network transport, np 2 under memcheck) say so when they cannot run.
 if [ "$NGPU" -lt 2 ] && { on multirank || on net || on sanitize; }; then
-  printf '%-52s %s\n' "multirank cuda np2 steps" "not run: $NGPU GPU(s) here, they need 2" | tee -a "$SUMMARY"
+  printf '%-52s %s\n' "multirank cuda np2 steps (NCCL)" "not run: $NGPU GPU(s) here, they need 2" | tee -a "$SUMMARY"
 fi
 if on multirank; then
   # BITEP_SPLIT_MIN_BYTES=0: every call takes the large-call path, the peer window (or, BITEP_LSA=0, the
@@ -219,6 +219,28 @@ if on multirank; then
   [ "$NGPU" -ge 2 ] && gpu_step "multirank cuda np2 (NVLink, split all-to-all rows beside the window)" "$LOG" \
     mpirun -np 2 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_LSA_DISPATCH=0 "$MR" --gtest_filter="$CUDA_FILTER"
   gpu_step "multirank cuda np1" "$LOG" mpirun -np 1 "$MR" --gtest_filter="$CUDA_FILTER"
+  # Ranks sharing a GPU (BITEP_CUDA_TRANSPORT=ipc: MPI and CUDA IPC instead of NCCL, comm/mpi_ipc_transport.h):
+  # the multi-rank kernels and the peer window's paths at W = 2 and 4 where fewer GPUs than ranks are lent
+  # (SHARED_GPU=1: on more GPUs too). The all-to-alls without the window are staged through the host.
+  if [ "$NGPU" -lt 2 ] || [ "${SHARED_GPU:-0}" = 1 ]; then
+    T_IPC=${SHARED_GPU_TIMEOUT_S:-240}
+    ipc_step() {  # ipc_step NAME NP [-x VAR=value ...]
+      gpu_step "$1" "$LOG" timeout "$T_IPC" mpirun -np "$2" -x BITEP_CUDA_TRANSPORT=ipc "${@:3}" "$MR" \
+        --gtest_filter="$CUDA_FILTER"
+    }
+    ipc_step "multirank cuda np2 shared GPU (IPC window)" 2 -x BITEP_TRACE=1
+    ipc_step "multirank cuda np2 shared GPU (IPC window, split)" 2 -x BITEP_SPLIT_MIN_BYTES=0
+    ipc_step "multirank cuda np3 shared GPU (IPC window, split)" 3 -x BITEP_SPLIT_MIN_BYTES=0
+    ipc_step "multirank cuda np4 shared GPU (IPC window, split)" 4 -x BITEP_SPLIT_MIN_BYTES=0
+    ipc_step "multirank cuda np8 shared GPU (IPC window)" 8
+    ipc_step "multirank cuda np2 shared GPU (copy-engine rows)" 2 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_WINDOW_ROWS=ce
+    ipc_step "multirank cuda np2 shared GPU (bulk rows)" 2 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_WINDOW_ROWS=bulk
+    ipc_step "multirank cuda np2 shared GPU (no arrival chunks)" 2 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_WINDOW_CHUNKS=0
+    ipc_step "multirank cuda np2 shared GPU (rows by all-to-all)" 2 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_LSA_DISPATCH=0
+    ipc_step "multirank cuda np2 shared GPU (counts, small calls staged)" 2 -x BITEP_LSA_EXCHANGE=0 -x BITEP_LSA_SMALL=0
+    ipc_step "multirank cuda np2 shared GPU (no window: staged all-to-all)" 2 -x BITEP_LSA=0 -x BITEP_SPLIT_MIN_BYTES=0
+    ipc_step "multirank cuda np3 shared GPU (no window)" 3 -x BITEP_LSA=0
+  fi
 fi
 
 # The GPU tests of GPU_SAN_FILTER under one compute-sanitizer tool, one process per test, 8 at a time
@@ -238,6 +260,10 @@ sanitize_one_gpu() {  # the single-GPU sanitizer passes
   gpu_step "gpu tests under compute-sanitizer racecheck" "$1" bash -c 'san_each racecheck'
   gpu_step "multirank cuda np1 memcheck" "$1" \
     mpirun -np 1 -x BITEP_TEST_TIMEOUT_S=180 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
+  # Two ranks on this GPU through the IPC window (BITEP_CUDA_TRANSPORT=ipc), every call split.
+  [ "$NGPU" -lt 2 ] && gpu_step "multirank cuda np2 shared GPU memcheck (split)" "$1" \
+    mpirun -np 2 -x BITEP_CUDA_TRANSPORT=ipc -x BITEP_TEST_TIMEOUT_S=180 -x BITEP_SPLIT_MIN_BYTES=0 \
+    compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
 }
 if on ctest && on sanitize && [ "$NGPU" -ge 2 ]; then
   # Two GPUs: the single-GPU sanitizer passes run on GPU 1 while ctest runs.

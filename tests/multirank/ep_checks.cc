@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #ifdef BITEP_MULTIRANK_CUDA
@@ -21,11 +22,15 @@ bool gpu_per_rank(int* device, std::string* why) {
   MPI_Comm_free(&node);
   if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
   (void)cudaGetLastError();
-  int have = local < n ? 1 : 0, all = 0;
+  const char* transport = std::getenv("BITEP_CUDA_TRANSPORT");
+  const bool shared = transport != nullptr && std::strcmp(transport, "ipc") == 0;
+  int have = (shared ? n > 0 : local < n) ? 1 : 0, all = 0;
   MPI_Allreduce(&have, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-  *device = local;
-  *why = "the cuda backend test needs one GPU per rank; rank " + std::to_string(world_rank()) + " sees " +
-         std::to_string(n) + " GPU(s) for local rank " + std::to_string(local);
+  *device = shared && n > 0 ? local % n : local;
+  *why = std::string(shared ? "the cuda backend test needs a GPU (BITEP_CUDA_TRANSPORT=ipc: ranks share them)"
+                            : "the cuda backend test needs one GPU per rank") +
+         "; rank " + std::to_string(world_rank()) + " sees " + std::to_string(n) + " GPU(s) for local rank " +
+         std::to_string(local);
   return all != 0;
 }
 #endif

@@ -50,7 +50,9 @@ std::vector<uint8_t> combine(bitepGroup_t g,
 void expect_values(const Spec& s, const std::vector<uint8_t>& got, const std::vector<float>& want, const char* what);
 
 #ifdef BITEP_MULTIRANK_CUDA
-// True when every rank has a GPU of its own (its index on the node, *device); else why not. Collective.
+// True when every rank has a GPU of its own (its index on the node, *device); else why not. Collective. With
+// BITEP_CUDA_TRANSPORT=ipc (the cuda groups over MPI and CUDA IPC) the node's ranks share its GPUs: *device is
+// the index modulo the GPUs, and one GPU is enough.
 bool gpu_per_rank(int* device, std::string* why);
 #endif
 
