@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <thread>
@@ -82,6 +83,39 @@ TEST(EpFaults, InvalidConfigOnOneRankFailsEveryRank) {
 TEST(EpFaults, UninitialisedConfigOnOneRankFailsEveryRank) {
   expect_create_fails_everywhere([](bitepGroupConfig_t* c) { c->magic = 0; }, "BITEP_GROUP_CONFIG_INIT",
                                  bitepInvalidArgument, true);
+}
+
+// The cuda backend's transport (BITEP_CUDA_TRANSPORT=ipc or NCCL) differs on one rank: every rank fails at once
+// instead of one waiting in NCCL's init and the other in the IPC transport's. Decided before any device is used,
+// so it runs without a GPU (skipped in a build without NCCL, where the cuda backend is refused first).
+TEST(EpFaults, CudaTransportDiffersAcrossRanks) {
+  if (world_size() < 2) GTEST_SKIP() << "a mismatch needs 2 ranks (run with mpirun -np >= 2)";
+  const int W = world_size(), rank = world_rank();
+  const char* before = std::getenv("BITEP_CUDA_TRANSPORT");
+  const std::string saved = before != nullptr ? before : "";
+  const bool ipc = saved == "ipc";
+  if (rank == W - 1) {  // the last rank flips it
+    if (ipc)
+      unsetenv("BITEP_CUDA_TRANSPORT");
+    else
+      setenv("BITEP_CUDA_TRANSPORT", "ipc", 1);
+  }
+  Spec s;
+  bitepGroupConfig_t c = group_config(s, W);
+  c.backend = bitepBackendCuda;
+  bitepGroup_t g = nullptr;
+  const bitepResult_t r = bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g);
+  const std::string err = bitepGetLastError();
+  if (before != nullptr)
+    setenv("BITEP_CUDA_TRANSPORT", saved.c_str(), 1);
+  else
+    unsetenv("BITEP_CUDA_TRANSPORT");
+  if (g != nullptr) bitepGroupDestroy(g);
+  if (r == bitepNotSupported && has(err, "without NCCL")) GTEST_SKIP() << err;
+  EXPECT_EQ(g, nullptr);
+  EXPECT_EQ(r, bitepInvalidUsage) << err;
+  EXPECT_TRUE(has(err, "BITEP_CUDA_TRANSPORT")) << err;
+  EXPECT_TRUE(has(err, "every rank must set it alike")) << err;
 }
 
 TEST(EpFaults, ExpertsNotDivisibleByRanks) {
