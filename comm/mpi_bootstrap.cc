@@ -50,11 +50,13 @@ struct IdMessage {
   bitepUniqueId id;
 };
 
-bitepResult_t create_nccl(Transport* mpi, MPI_Comm comm, const bitepGroupConfig_t* config, bitepGroup_t* group) {
-  int device = -1;
-  bitepResult_t local = pick_device(comm, config, false, &device);
+// Each rank picks its device (pick_device) and, when id is not null, rank 0 makes an NCCL unique id; the ranks
+// agree that every one did: a rank that failed returns its error, the others bitepRemoteError naming it.
+bitepResult_t agree_device(
+    Transport* mpi, MPI_Comm comm, const bitepGroupConfig_t* config, bool shared, int* device, bitepUniqueId* id) {
+  bitepResult_t local = pick_device(comm, config, shared, device);
   IdMessage mine{};
-  if (local == bitepSuccess && mpi->rank() == 0) local = nccl_get_unique_id(&mine.id);
+  if (local == bitepSuccess && id != nullptr && mpi->rank() == 0) local = nccl_get_unique_id(&mine.id);
   mine.status = local;
   SavedError saved(local);
   std::vector<IdMessage> all(mpi->nranks());
@@ -67,48 +69,18 @@ bitepResult_t create_nccl(Transport* mpi, MPI_Comm comm, const bitepGroupConfig_
                  "rank %d could not set up its part of the cuda group (%s); see that rank's "
                  "bitepGetLastError()",
                  q, bitepGetErrorString(static_cast<bitepResult_t>(all[q].status)));
-  int prev = -1;
-  BITEP_CUDA_CHECK(cudaGetDevice(&prev));
-  if (prev != device) BITEP_CUDA_CHECK(cudaSetDevice(device));
-  struct ncclComm* nccl = nullptr;
-  bitepResult_t res = nccl_comm_init(&all[0].id, mpi->nranks(), mpi->rank(), config->timeout_s, &nccl);
-  if (res == bitepSuccess) {
-    std::unique_ptr<Transport> t;
-    res = make_nccl_transport(nccl, /*owned=*/true, &t);
-    if (res != bitepSuccess) ncclCommAbort(nccl);  // the factory leaves comm to us when it fails
-    if (res == bitepSuccess) {
-      bitepGroupConfig_t cfg = *config;
-      cfg.device = device;
-      res = create_group(std::move(t), &cfg, device, group, /*configs_agreed=*/true);
-    }
-  }
-  if (prev != device) cudaSetDevice(prev);
-  return res;
+  if (id != nullptr) *id = all[0].id;
+  return bitepSuccess;
 }
 
-// BITEP_CUDA_TRANSPORT=ipc: the group's transport is `mpi` itself (taken over) with the device's memory shared
-// by CUDA IPC.
-bitepResult_t create_ipc(std::unique_ptr<Transport> mpi,
-                         MPI_Comm comm,
-                         const bitepGroupConfig_t* config,
-                         bitepGroup_t* group) {
-  int device = -1;
-  const bitepResult_t local = pick_device(comm, config, true, &device);
-  SavedError saved(local);
-  std::vector<int32_t> all(mpi->nranks());
-  const int32_t mine = local;
-  const bitepResult_t r = mpi->allgather_host(&mine, all.data(), sizeof(int32_t));
-  if (r != bitepSuccess) return local != bitepSuccess ? saved.restore() : r;
-  if (local != bitepSuccess) return saved.restore();
-  for (int q = 0; q < mpi->nranks(); ++q)
-    if (all[q] != bitepSuccess)
-      BITEP_FAIL(bitepRemoteError, "rank %d could not pick its device for the cuda group (%s)", q,
-                 bitepGetErrorString(static_cast<bitepResult_t>(all[q])));
+// With `device` current: make(&t) gives the transport, and the group (config->device = device) runs over it.
+template <typename Make>
+bitepResult_t group_on_device(int device, const bitepGroupConfig_t* config, bitepGroup_t* group, Make make) {
   int prev = -1;
   BITEP_CUDA_CHECK(cudaGetDevice(&prev));
   if (prev != device) BITEP_CUDA_CHECK(cudaSetDevice(device));
   std::unique_ptr<Transport> t;
-  bitepResult_t res = make_mpi_ipc_transport(std::move(mpi), device, &t);
+  bitepResult_t res = make(&t);
   if (res == bitepSuccess) {
     bitepGroupConfig_t cfg = *config;
     cfg.device = device;
@@ -116,6 +88,32 @@ bitepResult_t create_ipc(std::unique_ptr<Transport> mpi,
   }
   if (prev != device) cudaSetDevice(prev);
   return res;
+}
+
+bitepResult_t create_nccl(Transport* mpi, MPI_Comm comm, const bitepGroupConfig_t* config, bitepGroup_t* group) {
+  int device = -1;
+  bitepUniqueId id;
+  BITEP_CHECK(agree_device(mpi, comm, config, false, &device, &id));
+  return group_on_device(device, config, group, [&](std::unique_ptr<Transport>* t) {
+    struct ncclComm* nccl = nullptr;
+    BITEP_CHECK(nccl_comm_init(&id, mpi->nranks(), mpi->rank(), config->timeout_s, &nccl));
+    const bitepResult_t res = make_nccl_transport(nccl, /*owned=*/true, t);
+    if (res != bitepSuccess) ncclCommAbort(nccl);  // the factory leaves comm to us when it fails
+    return res;
+  });
+}
+
+// BITEP_CUDA_TRANSPORT=ipc: the group's transport is `mpi` itself (taken over) with the device's memory shared
+// by CUDA IPC; the node's ranks share its devices.
+bitepResult_t create_ipc(std::unique_ptr<Transport> mpi,
+                         MPI_Comm comm,
+                         const bitepGroupConfig_t* config,
+                         bitepGroup_t* group) {
+  int device = -1;
+  BITEP_CHECK(agree_device(mpi.get(), comm, config, true, &device, nullptr));
+  return group_on_device(device, config, group, [&](std::unique_ptr<Transport>* t) {
+    return make_mpi_ipc_transport(std::move(mpi), device, t);
+  });
 }
 #endif
 
