@@ -40,7 +40,9 @@
 // layout's placement with that dispatch's row headers.
 // Usage: mpirun -np <W> ep_bench [--quick] [--json PATH] [--iters N] [--warmup N] [--tokens a,b,..]
 //                                [--routing uniform|skewed|both] [--no-baseline] [--caller-buffers]
-//                                [--expert-major-only] [--self-test-checks] [--no-l2-flush]
+//                                [--expert-major-only] [--self-test-checks] [--no-l2-flush] [--no-nccl]
+// --no-nccl (implied by BITEP_CUDA_TRANSPORT=ipc, where ranks may share a GPU and NCCL would refuse them): no NCCL
+// communicator of the bench's, so no (a), (b) or (c); bitep's calls are timed and checked as always.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mpi.h>
@@ -51,6 +53,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -87,7 +90,7 @@ int g_rank = 0;
 
 struct Options {
   bool quick = false, baseline = true, caller_buffers = false, expert_major_only = false;
-  bool self_test_checks = false, l2_flush = true;
+  bool self_test_checks = false, l2_flush = true, nccl = true;
   std::string json;
   int iters = 20, warmup = 5;
   std::vector<int64_t> tokens = {128, 512, 2048, 4096, 8192, 16384};
@@ -107,6 +110,8 @@ Options parse(int argc, char** argv) {
       o.quick = true;
     } else if (a == "--no-baseline") {
       o.baseline = false;
+    } else if (a == "--no-nccl") {
+      o.nccl = false;
     } else if (a == "--caller-buffers") {
       o.caller_buffers = true;
     } else if (a == "--expert-major-only") {
@@ -146,6 +151,9 @@ Options parse(int argc, char** argv) {
     o.warmup = std::min(o.warmup, 2);
   }
   o.warmup = std::max(o.warmup, 1);  // the checks run in the first, untimed iteration
+  const char* transport = std::getenv("BITEP_CUDA_TRANSPORT");
+  if (transport != nullptr && std::strcmp(transport, "ipc") == 0) o.nccl = false;
+  if (!o.nccl) o.baseline = false;  // the baseline pipeline runs over NCCL
   return o;
 }
 
@@ -357,14 +365,19 @@ int main(int argc, char** argv) {
   bitepStream_t bstream = reinterpret_cast<bitepStream_t>(stream);
 
   // The bench's own communicator: (a) and the baseline.
-  ncclUniqueId id;
-  if (rank == 0) NK(ncclGetUniqueId(&id));
-  MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD);
-  ncclComm_t comm;
-  NK(ncclCommInitRank(&comm, W, id, rank));
+  ncclComm_t comm = nullptr;
+  if (opt.nccl) {
+    ncclUniqueId id;
+    if (rank == 0) NK(ncclGetUniqueId(&id));
+    MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD);
+    NK(ncclCommInitRank(&comm, W, id, rank));
+  }
 
   Report report(W, rank);
-  report.p2p_gbps = measure_p2p(comm, W, rank, stream, &report.p2p_method);
+  if (comm != nullptr)
+    report.p2p_gbps = measure_p2p(comm, W, rank, stream, &report.p2p_method);
+  else
+    report.p2p_method = "not measured: --no-nccl, no NCCL all-to-all or baseline either (their columns are 0)";
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, device));
   report.card = prop.name;
@@ -407,7 +420,8 @@ int main(int argc, char** argv) {
     rc.num_experts = sh.E;
     rc.topk = sh.k;
     rc.score_function = bitepScoreSoftmax;
-    baseline::Pipeline base(comm, W, rank, sh.E, sh.k, sh.H, stream);
+    std::unique_ptr<baseline::Pipeline> base;
+    if (opt.baseline) base = std::make_unique<baseline::Pipeline>(comm, W, rank, sh.E, sh.k, sh.H, stream);
     report.table_header(sh.H, sh.E, sh.k);
 
     for (bool skewed : opt.skews)
@@ -666,7 +680,7 @@ int main(int argc, char** argv) {
           BK(bitepHandleDestroy(h));
         }
         // (a) NCCL all-to-all of the same per-peer bytes, both directions.
-        {
+        if (comm != nullptr) {
           int64_t sb = 0, rb = 0;
           for (int p = 0; p < W; ++p) sb += std::max(send_b[p], send_c[p]), rb += std::max(recv_b[p], recv_c[p]);
           char* sbuf = dalloc<char>(sb);
@@ -699,9 +713,9 @@ int main(int argc, char** argv) {
             if (it == 0) poison_out();
             CK(cudaEventRecord(ev.e[0], stream));
             if (e2e) BK(bitepRouterForward(bitepBackendCuda, &rc, &ri, bstream));
-            if (!base.dispatch(idx, x, T)) die("baseline dispatch", base.error());
+            if (!base->dispatch(idx, x, T)) die("baseline dispatch", base->error());
             CK(cudaEventRecord(ev.e[1], stream));
-            if (!base.combine(base.expert_x(), w_idx, out)) die("baseline combine", base.error());
+            if (!base->combine(base->expert_x(), w_idx, out)) die("baseline combine", base->error());
             CK(cudaEventRecord(ev.e[2], stream));
             CK(cudaStreamSynchronize(stream));
             if (j >= opt.warmup) {
@@ -711,8 +725,8 @@ int main(int argc, char** argv) {
                 t_bd.push_back(ev.us(0, 1)), t_bc.push_back(ev.us(1, 2));
             }
             if (it == 0) {
-              rec.baseline_cross_bytes = base.cross_bytes();
-              epbench::check_rows_payload(base.expert_x(), base.num_expert_rows(), sh.H, wrong + kBaseRows, stream);
+              rec.baseline_cross_bytes = base->cross_bytes();
+              epbench::check_rows_payload(base->expert_x(), base->num_expert_rows(), sh.H, wrong + kBaseRows, stream);
               epbench::check_equal(out, x, T * sh.H, wrong + kBaseCombine, stream);
               CK(cudaGetLastError());
               CK(cudaStreamSynchronize(stream));
@@ -760,7 +774,7 @@ int main(int argc, char** argv) {
   CK(cudaFree(l2_buf));
   const int64_t total_wrong = report.total_wrong();
   if (!opt.json.empty()) report.write_json(opt.json);
-  ncclCommDestroy(comm);
+  if (comm != nullptr) ncclCommDestroy(comm);
   CK(cudaStreamDestroy(stream));
   MPI_Comm_free(&node);
   MPI_Finalize();
