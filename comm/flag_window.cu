@@ -127,6 +127,10 @@ bitepResult_t FlagWindow::reserve(size_t bytes, double timeout_s) {
   mapped_ = true;
   data_bytes_ = want - kHeaderBytes;
   BITEP_CUDA_CHECK(cudaMemcpy(bases_dev_, bases_.data(), sizeof(char*) * nranks_, cudaMemcpyHostToDevice));
+  // A copy from pageable memory may return before it lands, and the barriers run on the caller's streams, which
+  // need not wait for the legacy stream's copies (non-blocking streams): without this wait a barrier read the old
+  // bases, the peers' buffers already unmapped (an illegal address, caught by ep_bench over the IPC window).
+  BITEP_CUDA_CHECK(cudaDeviceSynchronize());
   // The flags start at 0 in every new window; the epochs go on counting.
   return bitepSuccess;
 }

@@ -240,6 +240,12 @@ if on multirank; then
     ipc_step "multirank cuda np2 shared GPU (counts, small calls staged)" 2 -x BITEP_LSA_EXCHANGE=0 -x BITEP_LSA_SMALL=0
     ipc_step "multirank cuda np2 shared GPU (no window: staged all-to-all)" 2 -x BITEP_LSA=0 -x BITEP_SPLIT_MIN_BYTES=0
     ipc_step "multirank cuda np3 shared GPU (no window)" 3 -x BITEP_LSA=0
+    # ep_bench's checks at W = 2 on the shared GPU (--no-nccl is implied; its times mean nothing here): every
+    # size of the grid through the window, with and without arrival chunks (the second found a stale window table).
+    gpu_step "ep_bench np2 shared GPU (checks)" "$LOG" timeout "$T_IPC" mpirun -np 2 -x BITEP_CUDA_TRANSPORT=ipc \
+      "$BUILD/bench/ep_bench" --self-test-checks --iters 2 --warmup 1
+    gpu_step "ep_bench np2 shared GPU (checks, no arrival chunks)" "$LOG" timeout "$T_IPC" mpirun -np 2 \
+      -x BITEP_CUDA_TRANSPORT=ipc -x BITEP_WINDOW_CHUNKS=0 "$BUILD/bench/ep_bench" --self-test-checks --iters 2 --warmup 1
   fi
 fi
 
