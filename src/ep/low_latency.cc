@@ -245,6 +245,9 @@ bitepResult_t make_low_latency_tables(bitepGroup* g, Transport* t) {
   g->ll_outs_align = static_cast<int>(bits & (~bits + 1));
   BITEP_CUDA_CHECK(cudaMalloc(&g->ll_tables, tab.bytes));
   BITEP_CUDA_CHECK(cudaMemcpy(g->ll_tables, host.data(), tab.bytes, cudaMemcpyHostToDevice));
+  // A copy from pageable memory may return before it lands, and the kernels that read the tables run on the
+  // caller's streams, which need not wait for the legacy stream (as FlagWindow::reserve's table).
+  BITEP_CUDA_CHECK(cudaDeviceSynchronize());
   return bitepSuccess;
 #else
   (void)g;
