@@ -121,6 +121,7 @@ class MpiIpcTransport final : public Transport {
 
   bitepResult_t exchange_counts(
       const int32_t* send, int32_t* recv, int32_t* recv_host, int n, bitepStream_t stream, double timeout_s) override {
+    BITEP_CHECK(check_usable("exchange_counts"));
     const size_t bytes = sizeof(int32_t) * static_cast<size_t>(n) * nranks();
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     send_.resize(bytes);
@@ -138,6 +139,7 @@ class MpiIpcTransport final : public Transport {
   bitepResult_t alltoallv(const std::vector<std::vector<PeerBuffers>>& per_peer,
                           bitepStream_t stream,
                           double timeout_s) override {
+    BITEP_CHECK(check_usable("alltoallv"));
     BITEP_ARG_CHECK(static_cast<int>(per_peer.size()) == nranks(), "internal: alltoallv with %zu peers, expected %d",
                     per_peer.size(), nranks());
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
@@ -188,6 +190,13 @@ class MpiIpcTransport final : public Transport {
   PeerWindow* low_latency_window() override { return ll_window_.get(); }
 
  private:
+  // After an MPI failure the staging buffers may still be MPI's (abandoned requests): never touched again.
+  bitepResult_t check_usable(const char* op) const {
+    if (broken_)
+      BITEP_FAIL(bitepInvalidUsage, "IPC transport: %s after an earlier MPI failure of this group (destroy it)", op);
+    return bitepSuccess;
+  }
+
   std::unique_ptr<Transport> mpi_;
   bool broken_ = false;
   std::vector<char> send_, recv_;  // host staging
