@@ -32,17 +32,7 @@ TEST(EpKernelsGpu, ReduceMatchesHost) {
   for (const RecvCase& c : recv_grid()) {
     if (c.R > 3000) continue;
     const RecvInput in = make_recv(c);
-    // recv_expert_rows from the host expert-major (positions only).
-    std::vector<int32_t> rows(c.R * c.KL);
-    K::ExpertMajorParams e;
-    e.num_recv_rows = c.R;
-    e.num_local_experts = c.L;
-    e.max_row_experts = c.KL;
-    e.recv_map = in.map.data();
-    e.expert_offsets = in.offsets.data();
-    e.expert_counts = in.counts.data();
-    e.recv_expert_rows = rows.data();
-    host::ep_expert_major(e);
+    const std::vector<int32_t> rows = host_positions(c, in);
     std::mt19937_64 rng(c.seed + 1);
     const std::vector<uint8_t> y = random_rows(in.N, c.H, c.dtype, rng), g = random_rows(c.R, c.H, c.dtype, rng);
     const size_t rb = size_t(c.H) * elem_bytes(c.dtype);

@@ -25,26 +25,6 @@ namespace {
 
 using namespace ep_test;
 
-// The host's parameters of case c: its maps, offsets and counts, positions into rows ([R, KL]), and by mode its
-// rows into ex (mode 1 and 2) with the weights (mode 2).
-K::ExpertMajorParams expert_params(const RecvCase& c, const RecvInput& in, int32_t* rows, uint8_t* ex) {
-  K::ExpertMajorParams p;
-  p.num_recv_rows = c.R;
-  p.num_local_experts = c.L;
-  p.max_row_experts = c.KL;
-  p.hidden = c.H;
-  p.dtype = c.dtype;
-  p.recv_map = in.map.data();
-  p.expert_offsets = in.offsets.data();
-  p.expert_counts = in.counts.data();
-  p.recv_expert_rows = rows;
-  p.recv_x = c.mode ? in.x.data() : nullptr;
-  p.expert_x = c.mode ? ex : nullptr;
-  p.num_expert_rows = in.N;
-  p.recv_weights = c.mode == 2 ? in.weights.data() : nullptr;
-  return p;
-}
-
 // A receive input's device copies (map, offsets, counts, received rows, weights), the positions' output (`rows`
 // ints, poisoned) and the expert-source scratch; point() moves expert_params' host pointers to them (recv_x and
 // recv_weights where the params have them; expert_x stays the caller's).

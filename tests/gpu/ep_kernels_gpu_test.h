@@ -450,4 +450,34 @@ inline RecvInput make_recv(const RecvCase& c) {
   return in;
 }
 
+// The host's parameters of case c: its maps, offsets and counts, positions into rows ([R, KL]), and by mode its
+// rows into ex (mode 1 and 2) with the weights (mode 2).
+inline K::ExpertMajorParams expert_params(const RecvCase& c, const RecvInput& in, int32_t* rows, uint8_t* ex) {
+  K::ExpertMajorParams p;
+  p.num_recv_rows = c.R;
+  p.num_local_experts = c.L;
+  p.max_row_experts = c.KL;
+  p.hidden = c.H;
+  p.dtype = c.dtype;
+  p.recv_map = in.map.data();
+  p.expert_offsets = in.offsets.data();
+  p.expert_counts = in.counts.data();
+  p.recv_expert_rows = rows;
+  p.recv_x = c.mode ? in.x.data() : nullptr;
+  p.expert_x = c.mode ? ex : nullptr;
+  p.num_expert_rows = in.N;
+  p.recv_weights = c.mode == 2 ? in.weights.data() : nullptr;
+  return p;
+}
+
+// The host's positions of case c's rows (recv_expert_rows [R, KL]), nothing copied: what the combine's kernels read.
+inline std::vector<int32_t> host_positions(const RecvCase& c, const RecvInput& in) {
+  std::vector<int32_t> rows(c.R * c.KL);
+  K::ExpertMajorParams p = expert_params(c, in, rows.data(), nullptr);
+  p.recv_x = nullptr;
+  p.recv_weights = nullptr;
+  host::ep_expert_major(p);
+  return rows;
+}
+
 }  // namespace ep_test
