@@ -446,6 +446,7 @@ int main(int argc, char** argv) {
           kBaseCombine,
           kLowLatencyRows,
           kLowLatencyCombine,
+          kLowLatencyGraph,
           kPlacement,
           kSelfTest,
           kChecks
@@ -458,6 +459,8 @@ int main(int argc, char** argv) {
                                                          "baseline combine",
                                                          "low-latency expert-major (vs bitepDispatch's)",
                                                          "low-latency combine",
+                                                         "low-latency in CUDA graphs (combine of the first and last "
+                                                         "launch)",
                                                          "placement (host: receive order, map, weights, positions, "
                                                          "counts, offsets)",
                                                          "self-test: corruptions the placement check missed"};
@@ -662,6 +665,51 @@ int main(int argc, char** argv) {
           }
           BK(bitepHandleDestroy(h));
         }
+        // The same calls captured into two CUDA graphs (the dispatch; its combine) and launched, where the group
+        // says they can be: no host work per call. The combine of the first and the last launch checked as above.
+        std::vector<float> t_lgd, t_lgc;
+        int capturable = 0;
+        BK(bitepGroupLowLatencyCapturable(group, &capturable));
+        rec.ll_graph = rec.ll && capturable == 1;
+        if (rec.ll_graph) {
+          cudaGraph_t gd = nullptr, gc2 = nullptr;
+          cudaGraphExec_t xd = nullptr, xc = nullptr;
+          bitepHandle_t h;
+          CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+          BK(bitepDispatchLowLatency(group, &dll, bstream, &h));
+          CK(cudaStreamEndCapture(stream, &gd));
+          bitepDispatchLayout_t lay;
+          BK(bitepHandleGetLayout(h, &lay));
+          ca.y = lay.expert_x;  // identity experts
+          CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+          BK(bitepCombine(group, h, &ca, bstream));
+          CK(cudaStreamEndCapture(stream, &gc2));
+          CK(cudaGraphInstantiate(&xd, gd, 0));
+          CK(cudaGraphInstantiate(&xc, gc2, 0));
+          for (int it = 0; it < opt.warmup + opt.iters; ++it) {
+            const bool check = it == 0 || it == opt.warmup + opt.iters - 1;
+            flush_l2();
+            MPI_Barrier(MPI_COMM_WORLD);
+            if (check) poison_out();
+            CK(cudaEventRecord(ev.e[0], stream));
+            CK(cudaGraphLaunch(xd, stream));
+            CK(cudaEventRecord(ev.e[1], stream));
+            CK(cudaGraphLaunch(xc, stream));
+            CK(cudaEventRecord(ev.e[2], stream));
+            CK(cudaStreamSynchronize(stream));
+            if (it >= opt.warmup) t_lgd.push_back(ev.us(0, 1)), t_lgc.push_back(ev.us(1, 2));
+            if (check) {
+              epbench::check_combine(out, x, map, w, T, sh.H, sh.E, sh.k, W, wrong + kLowLatencyGraph, stream);
+              CK(cudaGetLastError());
+              CK(cudaStreamSynchronize(stream));
+            }
+          }
+          BK(bitepHandleDestroy(h));  // waits for the device: the graphs' launches are not tracked
+          CK(cudaGraphExecDestroy(xd));
+          CK(cudaGraphExecDestroy(xc));
+          CK(cudaGraphDestroy(gd));
+          CK(cudaGraphDestroy(gc2));
+        }
         // End to end: router + dispatch + combine.
         for (int it = 0; it < opt.warmup + opt.iters; ++it) {
           flush_l2();
@@ -755,6 +803,10 @@ int main(int argc, char** argv) {
         if (rec.ll) {
           rec.ll_dispatch = report.over_ranks(median(t_lld));
           rec.ll_combine = report.over_ranks(median(t_llc));
+          if (rec.ll_graph) {
+            rec.ll_graph_dispatch = report.over_ranks(median(t_lgd));
+            rec.ll_graph_combine = report.over_ranks(median(t_lgc));
+          }
         }
         rec.nccl_a2a = report.over_ranks(median(t_a2a));
         rec.nccl_a2a_combine = report.over_ranks(median(t_a2a_c));

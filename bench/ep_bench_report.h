@@ -29,6 +29,8 @@ struct Record {
   Stat dispatch, combine, e2e, nccl_a2a, nccl_a2a_combine, baseline_dispatch, baseline_combine, baseline_e2e;
   Stat ll_dispatch, ll_combine;  // bitepDispatchLowLatency and its combine (T <= the group's low-latency capacity)
   bool ll = false;
+  Stat ll_graph_dispatch, ll_graph_combine;  // the same captured into CUDA graphs, per launch
+  bool ll_graph = false;
   Stat cross, combine_cross, baseline_cross;
   int64_t wrong = 0;
   // Memory per rank, over the ranks (max: the largest rank): the group's bytes (bitepGroupMemoryBytes),
@@ -114,6 +116,13 @@ class Report {
           "%d)\n",
           "", r->ll_dispatch.min, r->ll_dispatch.avg, r->ll_dispatch.max, r->ll_dispatch.slowest, r->ll_combine.min,
           r->ll_combine.avg, r->ll_combine.max, r->ll_combine.slowest);
+    if (r->ll_graph)
+      std::printf(
+          "  %6s   low latency in CUDA graphs: dispatch min/avg/max %.1f/%.1f/%.1f (slowest rank %d), combine "
+          "%.1f/%.1f/%.1f (rank %d)\n",
+          "", r->ll_graph_dispatch.min, r->ll_graph_dispatch.avg, r->ll_graph_dispatch.max,
+          r->ll_graph_dispatch.slowest, r->ll_graph_combine.min, r->ll_graph_combine.avg, r->ll_graph_combine.max,
+          r->ll_graph_combine.slowest);
     std::fflush(stdout);
   }
 
@@ -166,6 +175,10 @@ class Report {
       if (r.ll) {
         stat(f, "ll_dispatch_us", r.ll_dispatch);
         stat(f, "ll_combine_us", r.ll_combine);
+      }
+      if (r.ll_graph) {
+        stat(f, "ll_graph_dispatch_us", r.ll_graph_dispatch);
+        stat(f, "ll_graph_combine_us", r.ll_graph_combine);
       }
       std::fprintf(f, ", \"slowest_rank\": %d}", r.dispatch.slowest);
     }

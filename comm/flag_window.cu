@@ -39,17 +39,33 @@ __device__ void signal_and_wait(
   __threadfence_system();
 }
 
+// The epoch of this barrier: the window's count on the device plus one, read by thread 0 for the block.
+// end_epoch() stores it back once every thread's wait is over, so the next barrier (and the low-latency
+// kernels' slot parity, ep_params.h SlotParity) reads it: a CUDA graph replaying the barrier counts on.
+__device__ uint64_t begin_epoch(const uint64_t* count, uint64_t* shared) {
+  if (threadIdx.x == 0) *shared = *reinterpret_cast<const volatile uint64_t*>(count) + 1;
+  __syncthreads();
+  return *shared;
+}
+__device__ void end_epoch(uint64_t* count, uint64_t epoch) {
+  __syncthreads();
+  if (threadIdx.x == 0) *reinterpret_cast<volatile uint64_t*>(count) = epoch;
+}
+
 // bases[p]: rank p's buffer (flags first). One thread per rank.
 __global__ void barrier_kernel(
-    char* const* bases, int nranks, int self, uint64_t epoch, uint64_t timeout_ns, volatile int* timed_out) {
+    char* const* bases, int nranks, int self, uint64_t* count, uint64_t timeout_ns, volatile int* timed_out) {
+  __shared__ uint64_t shared_epoch;
   // A kernel launched dependent on this one (the low-latency receive) may take its place now; it waits for
   // this grid's end inside.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+  const uint64_t epoch = begin_epoch(count, &shared_epoch);
   // Everything this rank stored before (earlier kernels on the stream) is ordered before the flags.
   __threadfence_system();
   signal_and_wait(bases, nranks, self, epoch, timeout_ns, timed_out);
+  end_epoch(count, epoch);
 }
 
 // barrier_kernel with a payload: row p of send [nranks, n] into slot `slot` of rank p's exchange area at row
@@ -62,9 +78,11 @@ __global__ void exchange_kernel(char* const* bases,
                                 int32_t* recv_mapped,
                                 int n,
                                 size_t slot,
-                                uint64_t epoch,
+                                uint64_t* count,
                                 uint64_t timeout_ns,
                                 volatile int* timed_out) {
+  __shared__ uint64_t shared_epoch;
+  const uint64_t epoch = begin_epoch(count, &shared_epoch);
   const int64_t total = static_cast<int64_t>(nranks) * n;
   for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
     const int p = static_cast<int>(i / n);
@@ -82,6 +100,7 @@ __global__ void exchange_kernel(char* const* bases,
     recv[i] = v;
     if (recv_mapped != nullptr) recv_mapped[i] = v;
   }
+  end_epoch(count, epoch);
 }
 
 }  // namespace
@@ -91,6 +110,7 @@ FlagWindow::FlagWindow(int rank, int nranks, size_t fixed_bytes)
 
 FlagWindow::~FlagWindow() {
   if (bases_dev_ != nullptr) (void)cudaFree(bases_dev_);
+  if (epoch_dev_ != nullptr) (void)cudaFree(epoch_dev_);
   if (timed_out_ != nullptr) (void)cudaFreeHost(const_cast<int*>(timed_out_));
   (void)cudaGetLastError();
 }
@@ -103,6 +123,10 @@ bitepResult_t FlagWindow::init() {
   BITEP_CUDA_CHECK(cudaHostGetDevicePointer(&p, p, 0));
   timed_out_dev_ = static_cast<volatile int*>(p);
   BITEP_CUDA_CHECK(cudaMalloc(&bases_dev_, sizeof(char*) * nranks_));
+  BITEP_CUDA_CHECK(cudaMalloc(&p, sizeof(uint64_t)));
+  epoch_dev_ = static_cast<uint64_t*>(p);
+  BITEP_CUDA_CHECK(cudaMemset(epoch_dev_, 0, sizeof(uint64_t)));
+  BITEP_CUDA_CHECK(cudaDeviceSynchronize());  // before any barrier, on whatever stream, reads it
   return bitepSuccess;
 }
 
@@ -140,9 +164,8 @@ int FlagWindow::max_chunks() const {
 }
 
 bitepResult_t FlagWindow::barrier(bitepStream_t stream, double timeout_s) {
-  ++epoch_;
   barrier_kernel<<<1, threads(), 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      static_cast<char* const*>(bases_dev_), nranks_, rank_, epoch_, timeout_ns(timeout_s), timed_out_dev_);
+      static_cast<char* const*>(bases_dev_), nranks_, rank_, epoch_dev_, timeout_ns(timeout_s), timed_out_dev_);
   BITEP_CUDA_CHECK(cudaGetLastError());
   return bitepSuccess;
 }
@@ -159,11 +182,10 @@ bitepResult_t FlagWindow::exchange(
   // In call order with every other use of the window (the flags' epochs must be reached in order),
   // whatever stream the previous one ran on.
   BITEP_CHECK(acquire(stream));
-  ++epoch_;
   const size_t slot = (exchanges_++ % 2) * kExchangeBytes;
   // More threads than ranks: the rows are stored by all of them.
   exchange_kernel<<<1, std::max(256, threads()), 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      static_cast<char* const*>(bases_dev_), nranks_, rank_, send, recv, recv_mapped, n, slot, epoch_,
+      static_cast<char* const*>(bases_dev_), nranks_, rank_, send, recv, recv_mapped, n, slot, epoch_dev_,
       timeout_ns(timeout_s), timed_out_dev_);
   BITEP_CUDA_CHECK(cudaGetLastError());
   return release(stream);

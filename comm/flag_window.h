@@ -6,9 +6,11 @@
 //
 // Layout of a rank's buffer: [kFlagBytes: one uint64 flag per rank (W <= kFlagBytes / 8)][two exchange
 // slots of kExchangeBytes][kChunkFlagBytes: the dispatch's arrival flags, [W][max_chunks()] uint64][data area].
-// barrier(): epoch e = the number of barriers so far on this group, the same on every rank. Thread p
-// stores e to flag[self] of rank p's window (release, system scope), then waits until flag[p] of its own
-// window reaches e (acquire). Flags only grow, so a peer already one barrier ahead satisfies the wait.
+// barrier(): epoch e = the number of barriers so far on this window, the same on every rank, counted on the
+// device (epoch_word(): the kernel reads it, adds one and stores it back after its wait, so barriers replayed
+// by a CUDA graph count too). Thread p stores e to flag[self] of rank p's window (release, system scope), then
+// waits until flag[p] of its own window reaches e (acquire). Flags only grow, so a peer already one barrier
+// ahead satisfies the wait. The window's users order its barriers (acquire() / release(), or one stream).
 // exchange() is a barrier that first stores this rank's rows into slot (x % 2) of every peer, x = the
 // number of exchanges so far: a peer can be one exchange ahead (storing into the other slot), never two,
 // since it cannot pass exchange x + 1 before this rank has entered it, after reading slot x % 2 (the
@@ -61,6 +63,7 @@ class FlagWindow : public PeerWindow {
   int max_chunks() const override;
   uint64_t* chunk_flags(int r) const override { return reinterpret_cast<uint64_t*>(bases_[r] + kChunkFlagOffset); }
   volatile int* timeout_word() const override { return timed_out_dev_; }
+  const uint64_t* epoch_word() const override { return epoch_dev_; }
   bitepResult_t barrier(bitepStream_t stream, double timeout_s) override;
   uint64_t exchanges() const override { return exchanges_; }
   bool can_exchange(int n) const override;
@@ -88,9 +91,9 @@ class FlagWindow : public PeerWindow {
   bool mapped_ = false;
   uint64_t exchanges_ = 0;  // exchanges so far: the slot of the next is exchanges_ % 2
   size_t data_bytes_ = 0;
-  std::vector<char*> bases_;   // host copy of every rank's buffer as mapped here
-  void* bases_dev_ = nullptr;  // the same on the device (the barrier's)
-  uint64_t epoch_ = 0;
+  std::vector<char*> bases_;       // host copy of every rank's buffer as mapped here
+  void* bases_dev_ = nullptr;      // the same on the device (the barrier's)
+  uint64_t* epoch_dev_ = nullptr;  // the barriers so far (the count exchanges included), on the device
   double timeout_s_ = 300.0;
   StreamOrder order_;                  // acquire() / release()
   volatile int* timed_out_ = nullptr;  // mapped pinned host word

@@ -76,6 +76,7 @@ struct ReduceArgs {
   int64_t row_bytes, nvec;
   int num_sources, self_source;  // per source destinations (ReduceParams::outs), or 0
   char* const* outs;
+  SlotParity outs_parity;  // picks outs' table (ReduceParams::outs_parity)
   const int64_t* row_offsets;
   bool skip_empty;  // ReduceParams::skip_empty_rows
 };
@@ -111,6 +112,8 @@ __global__ void __launch_bounds__(kRowThreads) reduce_kernel(ReduceArgs a) {
   const int lane = threadIdx.x & (kWarp - 1);
   const int KL = a.row_experts;
   int64_t own0 = 0, own_n = 0;
+  char* const* outs = a.outs;
+  if (a.num_sources > 0) outs += static_cast<int64_t>(slot_parity(a.outs_parity)) * a.num_sources;
   if (a.num_sources > 0 && a.self_source >= 0) {
     own0 = __ldg(a.row_offsets + a.self_source);
     own_n = __ldg(a.row_offsets + a.self_source + 1) - own0;
@@ -121,7 +124,7 @@ __global__ void __launch_bounds__(kRowThreads) reduce_kernel(ReduceArgs a) {
     if (a.num_sources > 0) {
       i = interleaved_row(j, own0, own_n, a.num_rows);
       const int s = source_of(a.row_offsets, a.num_sources, i);
-      char* base = a.outs[s];
+      char* base = outs[s];
       dst = base != nullptr ? base + (i - __ldg(a.row_offsets + s)) * a.row_bytes : nullptr;
     }
     const int32_t* rr = a.rows + i * KL;
@@ -187,6 +190,8 @@ struct FinalArgs {
   int64_t self_ret_offset;
   char* out;
   int64_t row_bytes, nvec;
+  SlotParity ret_parity;  // FinalSumParams::ret_parity
+  int64_t ret_parity_bytes;
 };
 
 // Lane r's source row for token t (rank rg + lane), or null.
@@ -204,6 +209,10 @@ __global__ void __launch_bounds__(kRowThreads) final_sum_kernel(FinalArgs a) {
   using Vec = typename P::Vec;
   constexpr int N = P::N;
   const int lane = threadIdx.x & (kWarp - 1);
+  if (a.ret_parity.count != nullptr && slot_parity(a.ret_parity) != 0) {
+    a.ret += a.ret_parity_bytes;
+    a.self_ret += a.ret_parity_bytes;
+  }
   for (int64_t t = global_warp(); t < a.num_tokens; t += num_warps()) {
     const char* src0 = final_src(a, t, 0);  // ranks 0..31 stay in registers; more are reloaded per chunk
     Vec* out = reinterpret_cast<Vec*>(a.out + t * a.row_bytes);
@@ -315,6 +324,7 @@ cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream) {
   a.num_sources = sources ? p.num_sources : 0;
   a.self_source = p.self_source;
   a.outs = reinterpret_cast<char* const*>(p.outs);
+  a.outs_parity = p.outs_parity;
   a.row_offsets = p.row_offsets;
   a.skip_empty = p.skip_empty_rows;
   // outs[s] live on the device: the caller states their alignment.
@@ -349,6 +359,10 @@ cudaError_t launch_ep_final_sum(const FinalSumParams& p, cudaStream_t stream) {
   a.ret = static_cast<const char*>(p.ret);
   a.self_ret = static_cast<const char*>(p.self_ret);
   a.self_ret_offset = p.self_ret_offset;
+  a.ret_parity = p.ret_parity;
+  a.ret_parity_bytes = p.ret_parity_bytes;
+  if (p.ret_parity.count != nullptr && p.ret_parity_bytes % 16 != 0)
+    return cudaErrorInvalidValue;  // keeps the vectors aligned
   a.out = static_cast<char*>(p.out);
   a.row_bytes = p.hidden * dtype_size(p.dtype);
   const int v = vec_bytes(a.row_bytes, p.out, p.ret, p.self_ret);

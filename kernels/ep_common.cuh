@@ -85,6 +85,12 @@ inline RouteView make_route_view(const RoutingInput& r, int num_experts, int top
   return v;
 }
 
+// A low-latency call's slot parity (SlotParity, ep_params.h), read when the kernel starts (after
+// wait_for_prerequisite() in a kernel launched dependent on the barrier that counts it).
+__device__ __forceinline__ int slot_parity(const SlotParity& p) {
+  return p.count == nullptr ? 0 : static_cast<int>((*reinterpret_cast<const volatile uint64_t*>(p.count) + p.add) & 1u);
+}
+
 // 32 bits of a BITMAP_U8 row starting at bit `lo` (bit i of the result = bit lo + i of the row); bits past
 // the row's end read as 0. Crosses byte (and word) boundaries with shifts.
 __device__ __forceinline__ uint32_t bitmap_bits32(const uint8_t* row, int64_t row_bytes, bool aligned4, int lo) {

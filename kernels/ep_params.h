@@ -283,6 +283,18 @@ inline int64_t layout_scratch_ints(int64_t T, int E, int W) {
   return kScanHeaderInts + segs * (1 + static_cast<int64_t>(W));
 }
 
+// The parity of a low-latency call's window slots, read by its kernels when they start: (*count + add) & 1, or 0
+// when count is null. count is the window's barrier count on the device (PeerWindow::epoch_word), so that a CUDA
+// graph replaying the calls alternates its slots as calls made one by one do: the kernels before the call's
+// barrier add 0, those after it add 1 (the barrier has counted itself by then).
+struct SlotParity {
+  const uint64_t* count = nullptr;  // backend memory
+  uint32_t add = 0;
+};
+inline int host_slot_parity(const SlotParity& p) {
+  return p.count == nullptr ? 0 : static_cast<int>((*p.count + p.add) & 1u);
+}
+
 // 6. Reduce: partial[i] = sum over the set bits j of row i, ascending, of w_ij * y[recv_expert_rows[i][j]]
 // (w = 1 when unweighted), fp32 accumulation, one rounding to the token dtype at the end.
 // Exactly, per element h: acc = 0; for j = 0..KL-1 with pos = recv_expert_rows[i][j] >= 0:
@@ -315,6 +327,8 @@ struct ReduceParams {
   const int64_t* row_offsets = nullptr;  // [num_sources + 1] (backend memory)
   int self_source = -1;
   int outs_align = 1;  // a power of two (<= 16) dividing every outs[s]: bounds the vector width
+  // With outs_parity.count set, outs holds two tables of num_sources back to back and the call's parity picks one.
+  SlotParity outs_parity;
   // Rows without a local expert (recv_expert_rows[i][0] < 0) are not written (the low-latency combine's
   // empty slots); otherwise they get zero rows.
   bool skip_empty_rows = false;
@@ -338,6 +352,9 @@ struct FinalSumParams {
   const void* self_ret = nullptr;         // partial rows of the self chunk
   int64_t self_ret_offset = 0;
   void* out = nullptr;  // [T, H]
+  // ret and self_ret move by ret_parity_bytes when the call's parity is 1 (the low-latency combine's regions).
+  SlotParity ret_parity;
+  int64_t ret_parity_bytes = 0;
 };
 
 // Scatter of returned weight gradients to the source layout: for token t, rank r, row
@@ -416,7 +433,8 @@ struct LowLatencySendParams {
   RoutingInput routing;
   const void* x = nullptr;         // [T, H]
   int64_t capacity = 0;            // C
-  char* const* regions = nullptr;  // [W] (backend memory): rank r's region (this call's parity), as mapped here
+  char* const* regions = nullptr;  // [2][W] (backend memory): rank r's region of each parity, as mapped here
+  SlotParity parity;               // picks the row of regions (0 when parity.count is null)
   LowLatencyBlock block;
   int32_t* token_slot = nullptr;  // [T, W] out
   int max_pieces = 32;            // cuda: at most this many warps share a token's row
@@ -450,7 +468,9 @@ struct LowLatencyReceiveParams {
   int64_t hidden = 0;
   DType dtype = DType::kBF16;
   int alignment = 1;
-  const char* region = nullptr;  // this rank's region (this call's parity)
+  const char* region = nullptr;  // this rank's region of parity 0; parity 1's is region_parity_bytes further
+  int64_t region_parity_bytes = 0;
+  SlotParity parity;
   LowLatencyBlock block;
   void* expert_x = nullptr;             // [capacity rows, H]
   int64_t expert_capacity = 0;          // rows of expert_x (offsets past it: rows not written)

@@ -18,8 +18,9 @@ namespace {
 using namespace ep_detail;
 
 struct LowLatencySendArgs {
-  PermuteArgs m;  // the routing, weights, shape and x (write_row_meta's fields)
-  char* const* regions;
+  PermuteArgs m;         // the routing, weights, shape and x (write_row_meta's fields)
+  char* const* regions;  // [2][W]: the kernel keeps its parity's row
+  SlotParity parity;
   LowLatencyBlock b;
   int32_t* token_slot;
   int pieces;       // warps a token
@@ -110,6 +111,7 @@ __device__ void low_latency_ranks(const LowLatencySendArgs& a, int g, int q, Til
 template <int V>
 __global__ void __launch_bounds__(kRowThreads) low_latency_send_kernel(LowLatencySendArgs a) {
   __shared__ TileScanSmem<kRowThreads> rank_smem;
+  a.regions += static_cast<int64_t>(slot_parity(a.parity)) * a.m.num_ranks;
   if (static_cast<int>(blockIdx.x) < a.rank_blocks) {
     low_latency_ranks(a, blockIdx.x % a.rank_groups, blockIdx.x / a.rank_groups, rank_smem);
     return;
@@ -157,7 +159,9 @@ struct LowLatencyReceiveArgs {
   int W, L, KL, MB, align;
   int slice_vec;  // bytes a load of a map slice (divides MB and every slice's address)
   int64_t C;
-  const char* region;
+  const char* region;  // parity 0's; the kernel moves it to its parity's
+  int64_t region_parity_bytes;
+  SlotParity parity;
   LowLatencyBlock b;
   char* expert_x;
   int64_t expert_capacity, row_bytes, nvec;
@@ -273,7 +277,8 @@ __global__ void __launch_bounds__(kRowThreads) low_latency_receive_kernel(LowLat
   int* start = ll_smem;
   int* off = start + (W + 1) * L;
   int* first = off + L + 1;
-  wait_for_prerequisite();  // the barrier: every slot landed
+  wait_for_prerequisite();  // the barrier: every slot landed (and counted itself: the parity)
+  if (slot_parity(a.parity) != 0) a.region += a.region_parity_bytes;
   {
     const int64_t* header = reinterpret_cast<const int64_t*>(a.region + a.b.header);
     int carry = 0;
@@ -465,6 +470,7 @@ cudaError_t launch_ep_low_latency_send(const LowLatencySendParams& p, cudaStream
   PermuteArgs& m = a.m;
   m = token_args(p.routing, p.num_tokens, E, p.topk, W, p.self_rank, p.x, p.hidden, p.dtype);
   a.regions = p.regions;
+  a.parity = p.parity;
   a.b = p.block;
   a.token_slot = p.token_slot;
   // At least one tile: block 0 writes the headers and the counts, also without tokens.
@@ -506,6 +512,9 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
   a.align = p.alignment;
   a.C = p.capacity;
   a.region = p.region;
+  if (p.parity.count != nullptr && p.region_parity_bytes % 16 != 0) return cudaErrorInvalidValue;  // vector loads
+  a.region_parity_bytes = p.parity.count != nullptr ? p.region_parity_bytes : 0;
+  a.parity = p.parity;
   a.b = p.block;
   a.expert_x = static_cast<char*>(p.expert_x);
   a.expert_capacity = p.expert_capacity;

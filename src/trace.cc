@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "src/ep/pool.h"
+
 #ifdef BITEP_HAVE_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -57,6 +59,8 @@ void* record_trace_event(int i, bitepStream_t stream) {
 Trace::Trace(const char* call, int rank, bitepStream_t stream, bool cuda)
     : call_(call), rank_(rank), stream_(stream), cuda_(cuda), level_(trace_level()) {
   if (level_ == 3 && !cuda_) level_ = 1;
+  // A call captured into a CUDA graph may not synchronise its stream or record events there: host times only.
+  if (level_ >= 2 && cuda_ && ep::cuda_stream_capturing(stream_)) level_ = 1;
   if (level_ != 0) start_ = last_ = Clock::now();
 #ifdef BITEP_HAVE_CUDA
   if (level_ == 3) events_[0] = record_trace_event(0, stream_);

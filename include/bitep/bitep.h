@@ -370,11 +370,27 @@ BITEP_API bitepResult_t bitepDispatch(bitepGroup_t group,
  * wait; the backward calls return bitepNotSupported. Any number of low-latency dispatches and combines may be in flight
  * in any order (their slots alternate and every call's barrier orders them). A rank that fails its argument checks
  * returns at once and queues nothing: its peers then wait in the barrier for the group's timeout, and their next call
- * reports it. */
+ * reports it.
+ * CUDA graphs: where bitepGroupLowLatencyCapturable says so, a low-latency dispatch and the combines of its handles may
+ * be captured (stream capture, any capture mode) and the graph launched any number of times: every launch moves the
+ * data its input buffers hold then, and the slots' parity comes from a count kept on the device, so launches
+ * alternate as calls made one by one do. Every rank captures the same calls in the same order and launches its graph
+ * as often as the others, in the same order relative to the group's other calls. The caller orders the graph's
+ * launches with the group's other calls (one stream, or events): the library does not see the launches. The
+ * handle a captured dispatch returns is the graph's: its layout pointers are fixed, its contents are those of the
+ * latest launch; bitepHandleDestroy of a handle that a graph used waits for the device (cudaDeviceSynchronize), and
+ * the graph must not be launched afterwards. bitepDispatch, the combines of its handles and the backward passes
+ * return bitepNotSupported while their stream captures. */
 BITEP_API bitepResult_t bitepDispatchLowLatency(bitepGroup_t group,
                                                 const bitepDispatchArgs_t* args,
                                                 bitepStream_t stream,
                                                 bitepHandle_t* handle);
+
+/* [OUT] capturable: 1 when the group's low-latency dispatches and their combines run on the device alone (cuda, every
+ * rank in one NVLink domain with the low-latency window open, a shape the receive kernel takes), so that a CUDA
+ * graph can capture them; 0 where they run bitepDispatch (host backend, BITEP_LSA=0, no window,
+ * low_latency_max_tokens = 0). */
+BITEP_API bitepResult_t bitepGroupLowLatencyCapturable(bitepGroup_t group, int* capturable);
 
 typedef struct {
   int num_ranks;             /* W */
@@ -401,7 +417,8 @@ BITEP_API bitepResult_t bitepHandleGetLayout(bitepHandle_t handle, bitepDispatch
  * that bitep queued on them (dispatch, combine, backward, on whichever streams) has finished; the
  * streams may be destroyed before the handle. Work the caller queued on the layout's buffers (an expert
  * GEMM reading expert_x) is not tracked: it must have finished, or be on the stream of the next bitep
- * call on this group, before that call may reuse the memory. */
+ * call on this group, before that call may reuse the memory. A handle a CUDA graph captured a call of waits for the
+ * device first (cudaDeviceSynchronize: the graph's launches are not tracked). */
 BITEP_API bitepResult_t bitepHandleDestroy(bitepHandle_t handle);
 
 typedef enum { bitepLayoutExpertMajor = 0, bitepLayoutRankMajor = 1 } bitepLayout_t;

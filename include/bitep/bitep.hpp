@@ -123,6 +123,12 @@ class Group {
     check(bitepDispatch(g_, &args, stream, &h));
     return Handle(h);
   }
+  // bitepGroupLowLatencyCapturable: whether a CUDA graph can capture dispatch_low_latency and its combines.
+  bool low_latency_capturable() const {
+    int c = 0;
+    check(bitepGroupLowLatencyCapturable(g_, &c));
+    return c != 0;
+  }
   // bitepDispatchLowLatency: no host synchronisation (config.low_latency_max_tokens > 0).
   Handle dispatch_low_latency(const bitepDispatchArgs_t& args, bitepStream_t stream = nullptr) const {
     bitepHandle_t h = nullptr;

@@ -255,6 +255,18 @@ bitepResult_t combine(bitepGroup_t g,
                       const char* what) {
   Exec ex(g, stream);
   BITEP_CHECK(ex.begin());
+  if (ex.capturing()) {
+    // Only the low-latency window's combine runs on the device alone; this rank returns at once (peers that
+    // make the call uncaptured wait for it until the group's timeout).
+    if (local != bitepSuccess) return local;
+    if (!h->low_latency_window)
+      BITEP_FAIL(bitepNotSupported,
+                 "%s: the stream is capturing a CUDA graph, but only the combines of handles from "
+                 "bitepDispatchLowLatency's device path can be captured (this handle's combine uses temporary "
+                 "buffers and host-side counts; bitepGroupLowLatencyCapturable says whether a group's low-latency "
+                 "calls can be)",
+                 what);
+  }
   if (g->agree_always) {
     std::vector<int32_t> all;
     BITEP_CHECK(agree_status(g, local, what, local == bitepSuccess ? dispatch_bits(h) : 0, &all));

@@ -172,6 +172,10 @@ extern "C" bitepResult_t bitepCombineBackward(bitepGroup_t group,
     BITEP_CHECK(check_call_agreed(group, handle, /*backward=*/true, &local));
     Exec ex(group, stream);
     BITEP_CHECK(ex.begin());
+    if (local == bitepSuccess && ex.capturing())
+      BITEP_FAIL(bitepNotSupported,
+                 "bitepCombineBackward: the stream is capturing a CUDA graph, and the backward passes cannot be "
+                 "captured (their all-to-alls use temporary buffers and host-side counts)");
     if (local == bitepSuccess) local = check_args(group, handle, args);
     const bool ok = local == bitepSuccess;
     bool wgrad = ok && args->weighted && args->y != nullptr;

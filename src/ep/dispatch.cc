@@ -623,6 +623,12 @@ extern "C" bitepResult_t bitepDispatch(bitepGroup_t group,
   return bitep::guard("bitepDispatch", [&]() -> bitepResult_t {
     if (handle != nullptr) *handle = nullptr;  // on every failure, the group's too
     BITEP_CHECK(bitep::ep::check_group(group));
+    // Its count exchange waits on the host. This rank returns at once (its peers, if they make the call
+    // uncaptured, wait in the count exchange until the group's timeout).
+    if (group->config.backend == bitepBackendCuda && bitep::ep::cuda_stream_capturing(stream))
+      BITEP_FAIL(bitepNotSupported,
+                 "bitepDispatch: the stream is capturing a CUDA graph, but the dispatch's count exchange waits on "
+                 "the host: capture bitepDispatchLowLatency (and its combines) instead");
     bitep::ep::Dispatch d(group, args, stream);
     return d.run(handle);
   });

@@ -59,6 +59,7 @@ bitepResult_t Exec::begin() {
   BITEP_CUDA_CHECK(cudaGetDevice(&prev_device_));
   if (prev_device_ != group_->device) BITEP_CUDA_CHECK(cudaSetDevice(group_->device));
   stream_key_ = cuda_stream_key(stream_);  // 0 (not known): every pool block waits on its release event
+  capturing_ = cuda_stream_capturing(stream_);
   return bitepSuccess;
 #else
   BITEP_FAIL(bitepNotSupported, "this bitep was built without CUDA");
@@ -68,6 +69,10 @@ bitepResult_t Exec::begin() {
 // Zero-byte requests still get a (minimal) block: the launchers take a null pointer for a missing
 // argument, so every buffer they are given is real, even with no rows.
 bitepResult_t Exec::temp(size_t bytes, void** out) {
+  if (capturing_)
+    BITEP_FAIL(bitepInternalError,
+               "a temporary buffer in a call being captured into a CUDA graph (a path that "
+               "should have refused the capture)");
   Block b;
   BITEP_CHECK(group_->life->pool->acquire(bytes > 0 ? bytes : 1, stream_, &b, stream_key_));
   if (b.ptr != nullptr) temps_.push_back(b);
@@ -77,7 +82,11 @@ bitepResult_t Exec::temp(size_t bytes, void** out) {
 
 bitepResult_t Exec::keep(size_t bytes, std::vector<Block>* owner, void** out) {
   Block b;
-  BITEP_CHECK(group_->life->pool->acquire(bytes > 0 ? bytes : 1, stream_, &b, stream_key_));
+  if (capturing_) {
+    BITEP_CHECK(group_->life->pool->acquire_captured(bytes > 0 ? bytes : 1, &b));
+  } else {
+    BITEP_CHECK(group_->life->pool->acquire(bytes > 0 ? bytes : 1, stream_, &b, stream_key_));
+  }
   if (b.ptr != nullptr) owner->push_back(b);
   *out = b.ptr;
   return bitepSuccess;

@@ -35,6 +35,11 @@ class Exec {
   bitepGroup* group() const { return group_; }
   bitepStream_t stream() const { return stream_; }
 
+  // cuda: whether the caller's stream is capturing a CUDA graph (known after begin()). Then keep() takes blocks
+  // that wait for nothing (Pool::acquire_captured) and temp() refuses: a temporary would go back to the pool
+  // when the call returns, while every replay of the graph still uses it.
+  bool capturing() const { return capturing_; }
+
   // Pool memory (never null, even for 0 bytes): temp() is released when the Exec ends; keep() hands the
   // block to `owner`.
   bitepResult_t temp(size_t bytes, void** out);
@@ -96,6 +101,7 @@ class Exec {
   std::vector<Block> temps_;
   int prev_device_ = -1;
   uint64_t stream_key_ = 0;  // cuda: cudaStreamGetId(stream) + 1 after begin() (0: not known)
+  bool capturing_ = false;   // cuda: the stream captures a graph (begin())
   bool forked_ = false;      // between fork() and join()
   bool side_ = false;        // the primitives launch on the side stream
   bool ce_pending_ = false;  // copy-engine chunks queued that the caller's stream has not waited for

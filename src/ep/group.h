@@ -97,13 +97,9 @@ struct bitepGroup {
   // that orders it with the caller's stream.
   void* ce_stream = nullptr;
   void* ce_event = nullptr;
-  // Low-latency dispatches (bitepDispatchLowLatency) so far, and their combines: the parity of each picks
-  // the slots it uses in the low-latency window. The same on every rank (the calls are collective).
-  uint64_t ll_dispatches = 0;
   // Dispatches numbered so far (bitepHandle::seq): host groups check that a combine's ranks give the handles
   // of one dispatch.
   uint64_t dispatches = 0;
-  uint64_t ll_combines = 0;
   // cuda, with the low-latency window: device tables (src/ep/low_latency.cc), and the common alignment of
   // the combine's destinations.
   void* ll_tables = nullptr;

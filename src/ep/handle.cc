@@ -32,6 +32,27 @@ bool forget(const bitepHandle* h) {
   return live_handles().erase(h) != 0;
 }
 
+// cuda: waits for everything queued on `device` (the calling thread's capture mode relaxed: no graph is
+// being built from this wait).
+bitepResult_t wait_for_device(int device) {
+#ifdef BITEP_HAVE_CUDA
+  int prev = -1;
+  BITEP_CUDA_CHECK(cudaGetDevice(&prev));
+  if (prev != device) BITEP_CUDA_CHECK(cudaSetDevice(device));
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  const bool relaxed = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
+  const cudaError_t err = cudaDeviceSynchronize();
+  if (relaxed) (void)cudaThreadExchangeStreamCaptureMode(&mode);
+  if (prev != device) (void)cudaSetDevice(prev);
+  if (err != cudaSuccess)
+    return cuda_error(err, "cudaDeviceSynchronize (bitepHandleDestroy of a handle a CUDA graph captured)", __FILE__,
+                      __LINE__);
+#else
+  (void)device;
+#endif
+  return bitepSuccess;
+}
+
 }  // namespace
 
 bitepHandle_t release_handle(HandlePtr* handle) {
@@ -59,16 +80,25 @@ bitepResult_t check_handle(bitepHandle_t h, bitepGroup_t group) {
   return bitepSuccess;
 }
 
-void destroy_handle(bitepHandle_t h) {
-  if (h == nullptr) return;
+bitepResult_t destroy_handle(bitepHandle_t h) {
+  if (h == nullptr) return bitepSuccess;
+  bitepResult_t result = bitepSuccess;
   {
     std::lock_guard<std::mutex> lock(h->life->mu);
-    if (h->life->alive)
+    if (h->life->alive && h->captured) {
+      // Replays of a graph holding this handle's calls may still run: the blocks wait for the whole device.
+      // When that wait fails they stay with the pool as in use (freed with the group), never handed out again.
+      result = wait_for_device(h->group->device);
+      if (result == bitepSuccess)
+        for (Block& b : h->blocks) h->life->pool->release_idle(&b);
+    } else if (h->life->alive) {
       for (Block& b : h->blocks) h->life->pool->release(&b, h->fence, h->fence_key);
+    }
   }
   h->blocks.clear();
   h->magic = 0;
   delete h;
+  return result;
 }
 
 // BITEP_EXPERT_COPY=gather: the expert-major copies always in gather order (a tuning knob; by default
@@ -149,7 +179,12 @@ bitepResult_t make_fence(bitepHandle_t h, bool cuda) {
 
 void record_fence(bitepHandle_t h, bitepStream_t stream) {
 #ifdef BITEP_HAVE_CUDA
-  if (h == nullptr || !h->fence) return;
+  if (h == nullptr) return;
+  if (cuda_stream_capturing(stream)) {
+    h->captured = true;
+    return;
+  }
+  if (!h->fence) return;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (cudaEventRecord(static_cast<cudaEvent_t>(h->fence.get()), s) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -182,8 +217,7 @@ bitepResult_t bitepHandleDestroy(bitepHandle_t handle) {
     if (handle == nullptr) return bitepSuccess;
     BITEP_ARG_CHECK(bitep::ep::forget(handle), "handle (%p) is not a live bitep handle (destroyed twice?)",
                     static_cast<void*>(handle));
-    bitep::ep::destroy_handle(handle);
-    return bitepSuccess;
+    return bitep::ep::destroy_handle(handle);
   });
 }
 

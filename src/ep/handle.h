@@ -26,9 +26,12 @@ struct bitepHandle {
   uint64_t seq = 0;        // its dispatch's number in its group: the same on every rank for one collective call
   int64_t num_tokens = 0;  // T of the dispatch on this rank
   bool has_weights = false;
-  bool window_combine = false;           // its combines go through the peer window (decided alike on every rank)
-  bool low_latency = false;              // from bitepDispatchLowLatency: expert-major only, no backward
-  bool low_latency_window = false;       // ... through the low-latency window (its combines too)
+  bool window_combine = false;      // its combines go through the peer window (decided alike on every rank)
+  bool low_latency = false;         // from bitepDispatchLowLatency: expert-major only, no backward
+  bool low_latency_window = false;  // ... through the low-latency window (its combines too)
+  // cuda: a call on it was captured into a CUDA graph, whose replays the fence does not see: its blocks go back
+  // to the pool only after a device synchronisation (bitepHandleDestroy).
+  bool captured = false;
   bitep::kernels::RoutingInput routing;  // the dispatch's map, copied into a handle block (weights not kept)
 
   // Backend memory.
@@ -61,11 +64,11 @@ namespace bitep::ep {
 bitepResult_t check_handle(bitepHandle_t handle, bitepGroup_t group);
 
 // Returns the handle's blocks to the pool (if the group is alive) and deletes it.
-void destroy_handle(bitepHandle_t handle);
+bitepResult_t destroy_handle(bitepHandle_t handle);
 
 // A handle under construction: destroyed (destroy_handle) unless released to the caller.
 struct HandleDeleter {
-  void operator()(bitepHandle* h) const { destroy_handle(h); }
+  void operator()(bitepHandle* h) const { (void)destroy_handle(h); }
 };
 using HandlePtr = std::unique_ptr<bitepHandle, HandleDeleter>;
 
@@ -99,7 +102,8 @@ void add_route_buffers(const bitepHandle* h,
 bitepResult_t make_fence(bitepHandle_t handle, bool cuda);
 // Records the fence on `stream` after the work queued so far (and the stream's key: a later dispatch on that
 // stream reuses the blocks without waiting on the fence); when that fails, waits for the stream instead, so
-// the blocks are idle by the time the handle may be destroyed.
+// the blocks are idle by the time the handle may be destroyed. A stream capturing a CUDA graph gets no record
+// (an event recorded there cannot be waited on outside the graph): the handle becomes `captured`.
 void record_fence(bitepHandle_t handle, bitepStream_t stream);
 
 // Records the handle's fence on scope exit: every return path of a call that queued work on its blocks.

@@ -109,10 +109,14 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
   const LowLatencyLayout lay = low_latency_layout(W, C, L, KL, row);
   const Tables tab = tables(W);
+  // Captured into a CUDA graph: no fence (the replays are the graph's) and no wait on the window's last user
+  // (the caller orders the graph's launches with the group's other calls).
+  const bool captured = ex.capturing();
   HandlePtr h(new bitepHandle);
   h->life = g->life;
   h->group = g;
-  BITEP_CHECK(make_fence(h.get(), true));
+  h->captured = captured;
+  if (!captured) BITEP_CHECK(make_fence(h.get(), true));
   const int64_t T = a->num_tokens;
   h->num_tokens = T;
   h->low_latency = true;
@@ -136,7 +140,6 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   h->expert_counts = static_cast<int32_t*>(p);
   h->expert_offsets = h->expert_counts + L;
 
-  const int parity = static_cast<int>(g->ll_dispatches++ & 1);
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   kernels::LowLatencySendParams sp;
   sp.num_tokens = T;
@@ -157,7 +160,9 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   }
   sp.x = a->x;
   sp.capacity = C;
-  sp.regions = at<char* const*>(g, tab.dispatch_regions) + static_cast<size_t>(parity) * W;
+  // The slots' parity from the window's barrier count, read by the kernels (the same in a graph's replays).
+  sp.regions = at<char* const*>(g, tab.dispatch_regions);
+  sp.parity.count = win->epoch_word();
   sp.block = lay.block;
   sp.token_slot = h->token_slot;
   sp.max_pieces = send_pieces();
@@ -169,7 +174,10 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   rp.hidden = g->config.hidden;
   rp.dtype = sp.dtype;
   rp.alignment = g->config.expert_alignment;
-  rp.region = win->data(self) + lay.dispatch(parity);
+  rp.region = win->data(self) + lay.dispatch(0);
+  rp.region_parity_bytes = static_cast<int64_t>(lay.dispatch(1) - lay.dispatch(0));
+  rp.parity.count = win->epoch_word();
+  rp.parity.add = 1;  // after the barrier
   rp.block = lay.block;
   rp.expert_x = h->expert_x;
   rp.expert_capacity = N;
@@ -179,14 +187,14 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   rp.recv_weights = h->recv_weights;
   rp.copy_warps_per_sm = copy_warps_per_sm();
 
-  BITEP_CHECK(win->acquire(stream));
+  if (!captured) BITEP_CHECK(win->acquire(stream));
   BITEP_CUDA_CHECK(kernels::launch_ep_low_latency_send(sp, s));
   trace.mark("send");
   BITEP_CHECK(win->barrier(stream, g->config.timeout_s));
   trace.mark("barrier");
   BITEP_CUDA_CHECK(kernels::launch_ep_low_latency_receive(rp, s));
   trace.mark("receive");
-  BITEP_CHECK(win->release(stream));
+  if (!captured) BITEP_CHECK(win->release(stream));
   record_fence(h.get(), stream);
   low_latency_layout_view(h.get(), g);
   h->seq = g->dispatches++;
@@ -196,6 +204,17 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
 #endif
 
 }  // namespace
+
+bool low_latency_on_device(const bitepGroup* g) {
+#ifdef BITEP_HAVE_CUDA
+  const PeerWindow* win = g->transport->low_latency_window();
+  return win != nullptr && g->ll_tables != nullptr &&
+         kernels::low_latency_receive_fits(g->nranks, g->num_local_experts, g->config.low_latency_max_tokens);
+#else
+  (void)g;
+  return false;
+#endif
+}
 
 LowLatencyLayout low_latency_layout(int W, int C, int L, int KL, size_t row_bytes) {
   LowLatencyLayout lay;
@@ -268,7 +287,6 @@ bitepResult_t combine_low_latency(
   const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
   const LowLatencyLayout lay = low_latency_layout(W, C, L, KL, row);
   const Tables tab = tables(W);
-  const int parity = static_cast<int>(g->ll_combines++ & 1);
   kernels::ReduceParams rp;
   rp.num_recv_rows = static_cast<int64_t>(W) * C;
   rp.max_row_experts = KL;
@@ -278,12 +296,13 @@ bitepResult_t combine_low_latency(
   rp.recv_expert_rows = h->recv_expert_rows;
   rp.recv_weights = weighted ? h->recv_weights : nullptr;
   rp.num_sources = W;
-  rp.outs = at<void* const*>(g, tab.combine_outs) + static_cast<size_t>(parity) * W;
+  rp.outs = at<void* const*>(g, tab.combine_outs);  // [2][W]: the kernel takes its parity's row
+  rp.outs_parity.count = win->epoch_word();
   rp.row_offsets = at<const int64_t*>(g, tab.row_offsets);
   rp.self_source = self;
   rp.outs_align = g->ll_outs_align;
   rp.skip_empty_rows = true;
-  const char* region = win->data(self) + lay.combine(parity);
+  const char* region = win->data(self) + lay.combine(0);
   kernels::FinalSumParams fp;
   fp.num_tokens = h->num_tokens;
   fp.num_ranks = W;
@@ -296,14 +315,19 @@ bitepResult_t combine_low_latency(
   fp.self_ret = region;
   fp.self_ret_offset = static_cast<int64_t>(self) * C;
   fp.out = out;
-  BITEP_CHECK(win->acquire(ex.stream()));
+  fp.ret_parity.count = win->epoch_word();
+  fp.ret_parity.add = 1;  // after the barrier
+  fp.ret_parity_bytes = static_cast<int64_t>(lay.combine(1) - lay.combine(0));
+  // Captured into a CUDA graph: the caller orders the graph's launches with the group's other calls.
+  const bool captured = ex.capturing();
+  if (!captured) BITEP_CHECK(win->acquire(ex.stream()));
   BITEP_CHECK(ex.reduce(rp));
   trace->mark("reduce");
   BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
   trace->mark("barrier");
   BITEP_CHECK(ex.final_sum(fp));
   trace->mark("final-sum");
-  return win->release(ex.stream());
+  return captured ? bitepSuccess : win->release(ex.stream());
 #else
   (void)ex, (void)g, (void)h, (void)y, (void)weighted, (void)out, (void)trace;
   BITEP_FAIL(bitepInternalError, "a low-latency window handle in a build without CUDA");
@@ -320,23 +344,36 @@ extern "C" bitepResult_t bitepDispatchLowLatency(bitepGroup_t group,
     if (handle != nullptr) *handle = nullptr;  // on every failure, the group's too
     BITEP_CHECK(bitep::ep::check_group(group));
     const bitepResult_t local = bitep::ep::check_low_latency_args(group, args, handle);
-    const int L = group->num_local_experts;
-    bitep::ep::PeerWindow* win = group->transport->low_latency_window();
 #ifdef BITEP_HAVE_CUDA
-    if (win != nullptr && group->ll_tables != nullptr &&
-        bitep::kernels::low_latency_receive_fits(group->nranks, L, group->config.low_latency_max_tokens)) {
+    if (bitep::ep::low_latency_on_device(group)) {
       // No exchange to tell the peers: a rank that fails here leaves them in the barrier until the timeout.
       if (local != bitepSuccess) return local;
       return bitep::ep::dispatch_window(group, args, stream, handle);
     }
-#else
-    (void)win, (void)L;
 #endif
+    // The regular dispatch below waits on the host for its count exchange: no graph can hold it. This rank
+    // returns at once (its peers, if they call it, wait in the count exchange until the group's timeout).
+    if (group->config.backend == bitepBackendCuda && local == bitepSuccess && bitep::ep::cuda_stream_capturing(stream))
+      BITEP_FAIL(bitepNotSupported,
+                 "bitepDispatchLowLatency: the stream is capturing a CUDA graph, but this group's low-latency "
+                 "dispatches run bitepDispatch, whose count exchange waits on the host (no low-latency window: "
+                 "the ranks are not in one NVLink domain, BITEP_LSA=0, or the receive kernel cannot take this "
+                 "shape; bitepGroupLowLatencyCapturable says so before capturing)");
     // Elsewhere: the regular dispatch (its one host synchronisation; a local failure fails every rank),
     // shown as a low-latency handle.
     BITEP_CHECK(bitep::ep::dispatch_after_checks(group, args, stream, handle, local));
     (*handle)->low_latency = true;
     bitep::ep::low_latency_layout_view(*handle, group);
+    return bitepSuccess;
+  });
+}
+
+extern "C" bitepResult_t bitepGroupLowLatencyCapturable(bitepGroup_t group, int* capturable) {
+  return bitep::guard("bitepGroupLowLatencyCapturable", [&]() -> bitepResult_t {
+    if (capturable != nullptr) *capturable = 0;
+    BITEP_CHECK(bitep::ep::check_group(group));
+    BITEP_ARG_CHECK(capturable != nullptr, "capturable is NULL");
+    *capturable = bitep::ep::low_latency_on_device(group) ? 1 : 0;
     return bitepSuccess;
   });
 }

@@ -47,6 +47,11 @@ class Transport;
 // the device (kernels::low_latency_receive_supported): the fast path needs the tables.
 bitepResult_t make_low_latency_tables(bitepGroup* group, Transport* transport);
 
+// Whether the group's low-latency calls run on the device alone (cuda, the low-latency window and its tables,
+// a shape the receive kernel takes): no host wait, so a CUDA graph can capture them. Elsewhere they run
+// bitepDispatch.
+bool low_latency_on_device(const bitepGroup* group);
+
 // bitepDispatch's work (src/ep/dispatch.cc) after a failure `prior` of this rank's own checks (or
 // bitepSuccess): a failed rank still takes part in the count exchange, so its peers fail with it.
 bitepResult_t dispatch_after_checks(bitepGroup* group,

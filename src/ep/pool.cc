@@ -30,6 +30,38 @@ uint64_t cuda_stream_key(bitepStream_t stream) {
   return 0;
 }
 
+bool cuda_stream_capturing(bitepStream_t stream) {
+#ifdef BITEP_HAVE_CUDA
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(reinterpret_cast<cudaStream_t>(stream), &status) == cudaSuccess)
+    return status != cudaStreamCaptureStatusNone;
+  (void)cudaGetLastError();
+#else
+  (void)stream;
+#endif
+  return false;
+}
+
+#ifdef BITEP_HAVE_CUDA
+namespace {
+// The calling thread's capture mode relaxed while it lives: the pool's allocations and event queries, which a
+// capture in global mode would refuse (and be invalidated by), are not part of any graph.
+class RelaxedCapture {
+ public:
+  RelaxedCapture() { ok_ = cudaThreadExchangeStreamCaptureMode(&mode_) == cudaSuccess; }
+  ~RelaxedCapture() {
+    if (ok_) (void)cudaThreadExchangeStreamCaptureMode(&mode_);
+  }
+  RelaxedCapture(const RelaxedCapture&) = delete;
+  RelaxedCapture& operator=(const RelaxedCapture&) = delete;
+
+ private:
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+  bool ok_ = false;
+};
+}  // namespace
+#endif
+
 StreamOrder::~StreamOrder() {
 #ifdef BITEP_HAVE_CUDA
   if (event_ != nullptr) (void)cudaEventDestroy(static_cast<cudaEvent_t>(event_));
@@ -176,6 +208,60 @@ bitepResult_t Pool::acquire(size_t bytes, bitepStream_t stream, Block* out, uint
   in_use_.emplace(b.ptr, b);
   *out = b;
   return bitepSuccess;
+}
+
+bitepResult_t Pool::acquire_captured(size_t bytes, Block* out) {
+  *out = Block{};
+  if (bytes == 0) return bitepSuccess;
+#ifdef BITEP_HAVE_CUDA
+  if (backend_ != bitepBackendCuda) BITEP_FAIL(bitepInternalError, "a captured pool block on the host backend");
+  const size_t cls = size_class(bytes);
+  RelaxedCapture relaxed;
+  std::lock_guard<std::mutex> lock(mu_);
+  ++tick_;
+  for (auto it = cached_.lower_bound(cls); it != cached_.end() && it->first == cls; ++it) {
+    void* ev = it->second.fence ? it->second.fence.get() : it->second.event;
+    if (ev != nullptr) {
+      const cudaError_t q = cudaEventQuery(static_cast<cudaEvent_t>(ev));
+      if (q != cudaSuccess) {
+        (void)cudaGetLastError();  // not finished (or not queryable): not this one
+        continue;
+      }
+    }
+    Block b = it->second;
+    cached_.erase(it);
+    b.fence.reset();
+    b.stream_key = 0;
+    in_use_.emplace(b.ptr, b);
+    *out = b;
+    return bitepSuccess;
+  }
+  Block b;
+  b.bytes = cls;
+  BITEP_CHECK(allocate(cls, &b.ptr));
+  ++allocations_;
+  held_ += cls;
+  in_use_.emplace(b.ptr, b);
+  *out = b;
+  return bitepSuccess;
+#else
+  (void)bytes;
+  BITEP_FAIL(bitepNotSupported, "this bitep was built without CUDA");
+#endif
+}
+
+void Pool::release_idle(Block* block) {
+  if (block->ptr == nullptr) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = in_use_.find(block->ptr);
+  if (it == in_use_.end()) return;  // not ours (never happens): leave it alone
+  Block b = it->second;
+  in_use_.erase(it);
+  b.fence.reset();
+  b.stream_key = 0;
+  b.last_use = tick_;
+  cached_.emplace(b.bytes, b);
+  *block = Block{};
 }
 
 void Pool::release(Block* block, bitepStream_t stream) {

@@ -32,6 +32,9 @@ struct Block {
 // stream handles); 0 when not known (without CUDA, or the call failed).
 uint64_t cuda_stream_key(bitepStream_t stream);
 
+// cuda: whether `stream` is capturing a CUDA graph now (false without CUDA, or when the query fails).
+bool cuda_stream_capturing(bitepStream_t stream);
+
 // cuda: the order of the calls that share one resource (a window) whatever streams they run on. acquire() makes
 // `stream` wait for the last release() (no wait on that release's own stream: stream order is enough).
 class StreamOrder {
@@ -62,6 +65,14 @@ class Pool {
   // block's release event unless stream_key (cudaStreamGetId + 1 of stream; 0: not known) says it was
   // released on this very stream. Fails with bitepOutOfMemory (after dropping the cache and retrying once).
   bitepResult_t acquire(size_t bytes, bitepStream_t stream, Block* out, uint64_t stream_key = 0);
+
+  // For work being captured into a CUDA graph (cuda), which may not wait on events recorded outside the capture:
+  // a cached block whose last use has finished, else a new allocation (made with the thread's capture mode
+  // relaxed: the memory belongs to the graph's handle, not to the graph). Nothing is queued on any stream.
+  bitepResult_t acquire_captured(size_t bytes, Block* out);
+  // Returns the block to the cache with nothing to wait for: the caller has synchronised the device since its
+  // last use (a handle a CUDA graph captured, whose replays the pool cannot see).
+  void release_idle(Block* block);
 
   // Returns the block to the cache (cuda: after the work queued on stream). Empty blocks are ignored.
   void release(Block* block, bitepStream_t stream);

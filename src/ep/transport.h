@@ -111,6 +111,9 @@ class PeerWindow {
   uint64_t next_chunk_epoch() { return ++chunk_epoch_; }
   // The device word that a wait which gave up raises (check() reports it), as a kernel addresses it.
   virtual volatile int* timeout_word() const { return nullptr; }
+  // The device word counting this window's barriers (null: a window without barriers, the one-rank one),
+  // from which the low-latency kernels take their slots' parity (kernels::SlotParity).
+  virtual const uint64_t* epoch_word() const { return nullptr; }
 
  private:
   uint64_t chunk_epoch_ = 0;

@@ -223,13 +223,14 @@ void ep_reduce(const kernels::ReduceParams& p) {
   const int64_t H = p.hidden;
   std::vector<float> acc(H);
   int s = 0;  // the source of row i (num_sources > 0)
+  void* const* outs = p.outs + static_cast<int64_t>(kernels::host_slot_parity(p.outs_parity)) * p.num_sources;
   for (int64_t i = 0; i < p.num_recv_rows; ++i) {
     const int32_t* rows = p.recv_expert_rows + i * KL;
     void* out = p.out;
     int64_t o = i;
     if (p.num_sources > 0) {
       while (s + 1 < p.num_sources && p.row_offsets[s + 1] <= i) ++s;
-      out = p.outs[s];
+      out = outs[s];
       o = i - p.row_offsets[s];
     }
     if (out != nullptr && !(p.skip_empty_rows && (KL < 1 || rows[0] < 0))) {
@@ -259,13 +260,14 @@ void ep_final_sum(const kernels::FinalSumParams& p) {
   const int W = p.num_ranks;
   const int64_t H = p.hidden;
   std::vector<float> acc(H);
+  const int64_t shift = kernels::host_slot_parity(p.ret_parity) * p.ret_parity_bytes;
   for (int64_t t = 0; t < p.num_tokens; ++t) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     const int32_t* slot = p.token_slot + t * W;
     for (int r = 0; r < W; ++r) {
       if (slot[r] < 0) continue;
       const bool self = r == p.self_rank;
-      const void* src = self ? p.self_ret : p.ret;
+      const void* src = static_cast<const char*>(self ? p.self_ret : p.ret) + shift;
       const int64_t q = (self ? p.self_ret_offset : p.send_offsets[r]) + slot[r];
       for (int64_t h = 0; h < H; ++h) acc[h] = acc[h] + load_as_float(src, p.dtype, q * H + h);
     }

@@ -2,8 +2,9 @@
 // bitepDispatchLowLatency against bitepDispatch on the same group and inputs, over the scenario grid: the
 // expert counts and offsets against what every rank must receive, the expert-major rows bit for bit, and the
 // combines (weighted and not) bit for bit, twice (both slot parities) and with two handles in flight
-// combined in reverse order. Host backend always (the regular dispatch underneath); the cuda backend where
-// there is one GPU per rank (the low-latency window's kernels where the ranks share an NVLink domain).
+// combined in reverse order; on the cuda backend also captured into a CUDA graph and launched several times
+// (run_graphs). Host backend always (the regular dispatch underneath); the cuda backend where there is one GPU
+// per rank (the low-latency window's kernels where the ranks share an NVLink domain).
 // Then the argument errors, alike on every rank.
 #include <gtest/gtest.h>
 
@@ -126,6 +127,151 @@ std::vector<uint8_t> run_combine(Mem& mem,
   return got;
 }
 
+#ifdef BITEP_MULTIRANK_CUDA
+// A capture on a stream of its own, ended (and its graph destroyed) on every return path.
+class Capture {
+ public:
+  Capture() {
+    EXPECT_EQ(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), cudaSuccess);
+    EXPECT_EQ(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeGlobal), cudaSuccess);
+    open_ = true;
+  }
+  ~Capture() {
+    (void)end();
+    if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
+    if (graph_ != nullptr) cudaGraphDestroy(graph_);
+    cudaStreamDestroy(stream_);
+  }
+  Capture(const Capture&) = delete;
+  Capture& operator=(const Capture&) = delete;
+  bitepStream_t stream() const { return reinterpret_cast<bitepStream_t>(stream_); }
+  // Ends the capture: its status (a call that broke the capture makes it fail).
+  cudaError_t end() {
+    if (!open_) return cudaSuccess;
+    open_ = false;
+    return cudaStreamEndCapture(stream_, &graph_);
+  }
+  // Ends the capture and instantiates the graph.
+  bool instantiate() { return end() == cudaSuccess && cudaGraphInstantiate(&exec_, graph_, 0) == cudaSuccess; }
+  cudaError_t launch() {
+    const cudaError_t err = cudaGraphLaunch(exec_, stream_);
+    return err != cudaSuccess ? err : cudaStreamSynchronize(stream_);
+  }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+  bool open_ = false;
+};
+
+// CUDA graphs. Where the group says its low-latency calls are capturable, one graph holds a low-latency dispatch
+// and its combine (weighted where the spec has weights); it is launched four times, with calls made one by one
+// between the launches (a dispatch alone: one barrier, so the next launch meets the other slot parity; a dispatch
+// and its combine; nothing), and every launch must give bitepDispatch's expert counts, offsets and rows and
+// bitepCombine's output. The handle's counts and rows and the output are poisoned before each launch, so a launch
+// that moved nothing fails. Where the group says not, capturing the low-latency dispatch returns bitepNotSupported,
+// naming the capture, and leaves the capture intact. Everywhere: bitepDispatch and the combine of its handle refuse a
+// capturing stream alike.
+void run_graphs(Mem& mem,
+                bitepGroup_t g,
+                bitepHandle_t regular,
+                const bitepDispatchArgs_t& a,
+                const Spec& s,
+                int64_t T,
+                const Experts& e0,
+                const std::vector<uint8_t>& want,
+                int weighted,
+                bool must_capture) {
+  const int W = world_size(), rank = world_rank();
+  const size_t row = s.H * dsize(s.dtype), out_bytes = static_cast<size_t>(T) * row;
+  {
+    std::vector<uint8_t> out(out_bytes + 1);
+    void* dev_out = mem.put(out.data(), out.size());  // before the capture: an allocation would break it
+    Capture cap;
+    HandleGuard h;
+    EXPECT_EQ(bitepDispatch(g, &a, cap.stream(), &h.h), bitepNotSupported);
+    EXPECT_NE(std::string(bitepGetLastError()).find("capturing a CUDA graph"), std::string::npos)
+        << bitepGetLastError();
+    bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
+    c.y = dev_out;  // not read: the call is refused first
+    c.layout = bitepLayoutRankMajor;
+    c.out = dev_out;
+    EXPECT_EQ(bitepCombine(g, regular, &c, cap.stream()), bitepNotSupported);
+    EXPECT_NE(std::string(bitepGetLastError()).find("capturing a CUDA graph"), std::string::npos)
+        << bitepGetLastError();
+    EXPECT_EQ(cap.end(), cudaSuccess) << "a refused call broke the capture";
+  }
+  int capturable = -1;
+  ASSERT_EQ(bitepGroupLowLatencyCapturable(g, &capturable), bitepSuccess) << bitepGetLastError();
+  if (must_capture) ASSERT_EQ(capturable, 1) << "a one-rank cuda group's low-latency calls run on the device";
+  // The y of the toy experts, over the rows of a low-latency handle (the fixed capacity where the calls run on the
+  // device, which a captured dispatch has too).
+  HandleGuard eager;
+  ASSERT_EQ(bitepDispatchLowLatency(g, &a, nullptr, &eager.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t elo;
+  ASSERT_EQ(bitepHandleGetLayout(eager.h, &elo), bitepSuccess);
+  if (capturable == 1) {
+    EXPECT_EQ(elo.num_expert_rows, static_cast<int64_t>(W) * max_tokens(make_world(s, W)) * elo.max_row_experts +
+                                       int64_t{s.L} * (s.align - 1))
+        << "bitepGroupLowLatencyCapturable says 1, but the dispatch did not take the device path";
+  }
+  const std::vector<uint8_t> y = toy_outputs(s, W, rank, experts_of(mem, s, elo), elo.num_expert_rows);
+  void* dev_y = mem.put(y.data(), y.size());
+  std::vector<uint8_t> canary(out_bytes + 1, 0xcd);
+  void* dev_out = mem.put(canary.data(), canary.size());
+  Capture cap;
+  HandleGuard h;
+  const bitepResult_t r = bitepDispatchLowLatency(g, &a, cap.stream(), &h.h);
+  if (capturable != 1) {
+    EXPECT_EQ(r, bitepNotSupported);
+    EXPECT_NE(std::string(bitepGetLastError()).find("capturing a CUDA graph"), std::string::npos)
+        << bitepGetLastError();
+    EXPECT_EQ(cap.end(), cudaSuccess) << "a refused call broke the capture";
+    return;
+  }
+  ASSERT_EQ(r, bitepSuccess) << bitepGetLastError();
+  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
+  c.y = dev_y;
+  c.weighted = weighted;
+  c.out = dev_out;
+  ASSERT_EQ(bitepCombine(g, h.h, &c, cap.stream()), bitepSuccess) << bitepGetLastError();
+  ASSERT_TRUE(cap.instantiate()) << "capture of a low-latency dispatch and its combine failed";
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
+  ASSERT_EQ(lo.num_expert_rows, elo.num_expert_rows);
+  const int L = s.L;
+  for (int launch = 0; launch < 4; ++launch) {
+    SCOPED_TRACE("graph launch " + std::to_string(launch));
+    ASSERT_EQ(cudaMemset(lo.expert_x, 0xff, static_cast<size_t>(lo.num_expert_rows) * row), cudaSuccess);
+    ASSERT_EQ(cudaMemset(const_cast<int32_t*>(lo.expert_counts), 0xff, sizeof(int32_t) * L), cudaSuccess);
+    ASSERT_EQ(cudaMemset(dev_out, 0xcd, out_bytes), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(cap.launch(), cudaSuccess);
+    const Experts e = experts_of(mem, s, lo);
+    EXPECT_EQ(e.counts, e0.counts) << "expert counts, rank " << rank;
+    EXPECT_EQ(e.offsets, e0.offsets) << "expert offsets, rank " << rank;
+    EXPECT_TRUE(e.x == e0.x) << "expert-major rows differ from bitepDispatch's on rank " << rank;
+    std::vector<uint8_t> got = mem.get<uint8_t>(dev_out, out_bytes + 1);
+    EXPECT_EQ(got[out_bytes], 0xcd) << "the graph's combine wrote past out";
+    got.pop_back();
+    EXPECT_TRUE(got == want) << (weighted ? "weighted " : "") << "combine differs from bitepCombine's on rank " << rank;
+    // Calls made one by one between the launches.
+    if (launch == 0 || launch == 1) {
+      HandleGuard between;
+      ASSERT_EQ(bitepDispatchLowLatency(g, &a, nullptr, &between.h), bitepSuccess) << bitepGetLastError();
+      if (launch == 1) {
+        EXPECT_TRUE(run_combine(mem, g, between.h, y, weighted, T, s, nullptr) == want)
+            << "a combine made between graph launches differs from bitepCombine's on rank " << rank;
+      }
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    }
+  }
+  EXPECT_EQ(bitepHandleDestroy(h.h), bitepSuccess) << bitepGetLastError();
+  h.h = nullptr;
+}
+#endif
+
 void run_low_latency(const Spec& s, bool cuda, int device) {
   const int W = world_size(), rank = world_rank();
   const std::vector<Input> world = make_world(s, W);
@@ -206,6 +352,12 @@ void run_low_latency(const Spec& s, bool cuda, int device) {
   ASSERT_EQ(bitepDispatchLowLatency(g.g, &a, stream, &h2.h), bitepSuccess) << bitepGetLastError();
   check(h2.h, "second of two in flight");
   check(h1.h, "first of two in flight");
+#ifdef BITEP_MULTIRANK_CUDA
+  if (cuda) {
+    SCOPED_TRACE("CUDA graphs");
+    run_graphs(mem, g.g, regular.h, a, s, in.T, e0, want_out[weighted], weighted, W == 1 && !lsa_off);
+  }
+#endif
 }
 
 class EpLowLatency : public testing::TestWithParam<Spec> {};
@@ -312,6 +464,15 @@ TEST(EpLowLatencyErrors, ArgumentsAndUsage) {
   with_buffers.recv_x_capacity = 64;
   EXPECT_EQ(bitepDispatchLowLatency(g2.g, &with_buffers, nullptr, &h.h), bitepInvalidArgument);
   EXPECT_NE(std::string(bitepGetLastError()).find("args->recv_x"), std::string::npos) << bitepGetLastError();
+  // The host backend's low-latency calls run bitepDispatch: no CUDA graph can hold them.
+  int capturable = -1;
+  EXPECT_EQ(bitepGroupLowLatencyCapturable(g2.g, &capturable), bitepSuccess) << bitepGetLastError();
+  EXPECT_EQ(capturable, 0);
+  EXPECT_EQ(bitepGroupLowLatencyCapturable(g2.g, nullptr), bitepInvalidArgument);
+  EXPECT_NE(std::string(bitepGetLastError()).find("capturable is NULL"), std::string::npos) << bitepGetLastError();
+  capturable = -1;
+  EXPECT_NE(bitepGroupLowLatencyCapturable(nullptr, &capturable), bitepSuccess);
+  EXPECT_EQ(capturable, 0);
   // A good handle: no rank-major combine, no backward.
   ASSERT_EQ(bitepDispatchLowLatency(g2.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
   bitepDispatchLayout_t lo;
