@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "src/args.h"
 
+#include "src/capture.h"
 #include "src/check.h"
 
 namespace bitep {
@@ -46,6 +47,9 @@ bitepResult_t check_dtype(bitepDataType_t dtype, const char* name) {
 }
 
 bitepResult_t check_buffers(bitepBackend_t backend, const std::vector<Buffer>& buffers, const std::vector<int>& align) {
+  // The pointer queries would invalidate a capture in global mode that the caller's stream may be in (a router
+  // or a low-latency call captured into a CUDA graph): they are not part of it.
+  RelaxedCaptureMode relaxed;
   for (size_t i = 0; i < buffers.size(); ++i) {
     const Buffer& b = buffers[i];
     if (b.ptr == nullptr || b.bytes == 0) continue;

@@ -60,6 +60,7 @@ bitepResult_t Exec::begin() {
   if (prev_device_ != group_->device) BITEP_CUDA_CHECK(cudaSetDevice(group_->device));
   stream_key_ = cuda_stream_key(stream_);  // 0 (not known): every pool block waits on its release event
   capturing_ = cuda_stream_capturing(stream_);
+  if (capturing_) relaxed_.emplace();
   return bitepSuccess;
 #else
   BITEP_FAIL(bitepNotSupported, "this bitep was built without CUDA");

@@ -6,9 +6,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "kernels/ep_params.h"
+#include "src/capture.h"
 #include "src/ep/group.h"
 
 namespace bitep::ep {
@@ -102,6 +104,9 @@ class Exec {
   int prev_device_ = -1;
   uint64_t stream_key_ = 0;  // cuda: cudaStreamGetId(stream) + 1 after begin() (0: not known)
   bool capturing_ = false;   // cuda: the stream captures a graph (begin())
+  // While capturing: the thread's capture mode relaxed for the call (the launchers' attribute queries and the
+  // pool's allocations are not part of the graph).
+  std::optional<RelaxedCaptureMode> relaxed_;
   bool forked_ = false;      // between fork() and join()
   bool side_ = false;        // the primitives launch on the side stream
   bool ce_pending_ = false;  // copy-engine chunks queued that the caller's stream has not waited for

@@ -6,6 +6,7 @@
 #include <unordered_set>
 
 #include "src/args.h"
+#include "src/capture.h"
 #include "src/check.h"
 #include "src/env.h"
 
@@ -39,10 +40,11 @@ bitepResult_t wait_for_device(int device) {
   int prev = -1;
   BITEP_CUDA_CHECK(cudaGetDevice(&prev));
   if (prev != device) BITEP_CUDA_CHECK(cudaSetDevice(device));
-  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-  const bool relaxed = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
-  const cudaError_t err = cudaDeviceSynchronize();
-  if (relaxed) (void)cudaThreadExchangeStreamCaptureMode(&mode);
+  cudaError_t err = cudaSuccess;
+  {
+    RelaxedCaptureMode relaxed;
+    err = cudaDeviceSynchronize();
+  }
   if (prev != device) (void)cudaSetDevice(prev);
   if (err != cudaSuccess)
     return cuda_error(err, "cudaDeviceSynchronize (bitepHandleDestroy of a handle a CUDA graph captured)", __FILE__,
@@ -80,12 +82,16 @@ bitepResult_t check_handle(bitepHandle_t h, bitepGroup_t group) {
   return bitepSuccess;
 }
 
-bitepResult_t destroy_handle(bitepHandle_t h) {
+bitepResult_t destroy_handle(bitepHandle_t h, bool returned) {
   if (h == nullptr) return bitepSuccess;
   bitepResult_t result = bitepSuccess;
   {
     std::lock_guard<std::mutex> lock(h->life->mu);
-    if (h->life->alive && h->captured) {
+    if (h->life->alive && h->captured && !returned) {
+      // A call being captured failed after queuing work on the blocks: a graph made from that capture would
+      // still use them, so they stay with the pool as in use (freed with the group). No wait: the stream
+      // captures, and a device synchronisation now would fail.
+    } else if (h->life->alive && h->captured) {
       // Replays of a graph holding this handle's calls may still run: the blocks wait for the whole device.
       // When that wait fails they stay with the pool as in use (freed with the group), never handed out again.
       result = wait_for_device(h->group->device);
@@ -217,7 +223,7 @@ bitepResult_t bitepHandleDestroy(bitepHandle_t handle) {
     if (handle == nullptr) return bitepSuccess;
     BITEP_ARG_CHECK(bitep::ep::forget(handle), "handle (%p) is not a live bitep handle (destroyed twice?)",
                     static_cast<void*>(handle));
-    return bitep::ep::destroy_handle(handle);
+    return bitep::ep::destroy_handle(handle, /*returned=*/true);
   });
 }
 

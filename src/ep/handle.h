@@ -64,11 +64,12 @@ namespace bitep::ep {
 bitepResult_t check_handle(bitepHandle_t handle, bitepGroup_t group);
 
 // Returns the handle's blocks to the pool (if the group is alive) and deletes it.
-bitepResult_t destroy_handle(bitepHandle_t handle);
+// returned: the handle reached the caller (bitepHandleDestroy); false on a call's error path (HandlePtr).
+bitepResult_t destroy_handle(bitepHandle_t handle, bool returned);
 
 // A handle under construction: destroyed (destroy_handle) unless released to the caller.
 struct HandleDeleter {
-  void operator()(bitepHandle* h) const { (void)destroy_handle(h); }
+  void operator()(bitepHandle* h) const { (void)destroy_handle(h, /*returned=*/false); }
 };
 using HandlePtr = std::unique_ptr<bitepHandle, HandleDeleter>;
 

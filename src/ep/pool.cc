@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "src/capture.h"
 #include "src/check.h"
 
 #ifdef BITEP_HAVE_CUDA
@@ -41,26 +42,6 @@ bool cuda_stream_capturing(bitepStream_t stream) {
 #endif
   return false;
 }
-
-#ifdef BITEP_HAVE_CUDA
-namespace {
-// The calling thread's capture mode relaxed while it lives: the pool's allocations and event queries, which a
-// capture in global mode would refuse (and be invalidated by), are not part of any graph.
-class RelaxedCapture {
- public:
-  RelaxedCapture() { ok_ = cudaThreadExchangeStreamCaptureMode(&mode_) == cudaSuccess; }
-  ~RelaxedCapture() {
-    if (ok_) (void)cudaThreadExchangeStreamCaptureMode(&mode_);
-  }
-  RelaxedCapture(const RelaxedCapture&) = delete;
-  RelaxedCapture& operator=(const RelaxedCapture&) = delete;
-
- private:
-  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
-  bool ok_ = false;
-};
-}  // namespace
-#endif
 
 StreamOrder::~StreamOrder() {
 #ifdef BITEP_HAVE_CUDA
@@ -216,7 +197,7 @@ bitepResult_t Pool::acquire_captured(size_t bytes, Block* out) {
 #ifdef BITEP_HAVE_CUDA
   if (backend_ != bitepBackendCuda) BITEP_FAIL(bitepInternalError, "a captured pool block on the host backend");
   const size_t cls = size_class(bytes);
-  RelaxedCapture relaxed;
+  RelaxedCaptureMode relaxed;  // the allocation and the queries are not the graph's
   std::lock_guard<std::mutex> lock(mu_);
   ++tick_;
   for (auto it = cached_.lower_bound(cls); it != cached_.end() && it->first == cls; ++it) {

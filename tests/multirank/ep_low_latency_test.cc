@@ -187,14 +187,16 @@ void run_graphs(Mem& mem,
   const size_t row = s.H * dsize(s.dtype), out_bytes = static_cast<size_t>(T) * row;
   {
     std::vector<uint8_t> out(out_bytes + 1);
-    void* dev_out = mem.put(out.data(), out.size());  // before the capture: an allocation would break it
+    // Before the capture: an allocation would break it.
+    void* dev_out = mem.put(out.data(), out.size());
+    void* dev_y = mem.put(out.data(), out.size());
+    HandleGuard h;  // destroyed after the capture ended
     Capture cap;
-    HandleGuard h;
     EXPECT_EQ(bitepDispatch(g, &a, cap.stream(), &h.h), bitepNotSupported);
     EXPECT_NE(std::string(bitepGetLastError()).find("capturing a CUDA graph"), std::string::npos)
         << bitepGetLastError();
     bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
-    c.y = dev_out;  // not read: the call is refused first
+    c.y = dev_y;  // not read: the call is refused
     c.layout = bitepLayoutRankMajor;
     c.out = dev_out;
     EXPECT_EQ(bitepCombine(g, regular, &c, cap.stream()), bitepNotSupported);
@@ -220,8 +222,8 @@ void run_graphs(Mem& mem,
   void* dev_y = mem.put(y.data(), y.size());
   std::vector<uint8_t> canary(out_bytes + 1, 0xcd);
   void* dev_out = mem.put(canary.data(), canary.size());
+  HandleGuard h;  // destroyed after the capture ended (the destroy waits for the device)
   Capture cap;
-  HandleGuard h;
   const bitepResult_t r = bitepDispatchLowLatency(g, &a, cap.stream(), &h.h);
   if (capturable != 1) {
     EXPECT_EQ(r, bitepNotSupported);
