@@ -56,11 +56,12 @@ Exec::~Exec() {
 bitepResult_t Exec::begin() {
   if (!cuda()) return bitepSuccess;
 #ifdef BITEP_HAVE_CUDA
+  // First: while the stream captures, none of the calls below may count against the capture.
+  capturing_ = cuda_stream_capturing(stream_);
+  if (capturing_) relaxed_.emplace();
   BITEP_CUDA_CHECK(cudaGetDevice(&prev_device_));
   if (prev_device_ != group_->device) BITEP_CUDA_CHECK(cudaSetDevice(group_->device));
   stream_key_ = cuda_stream_key(stream_);  // 0 (not known): every pool block waits on its release event
-  capturing_ = cuda_stream_capturing(stream_);
-  if (capturing_) relaxed_.emplace();
   return bitepSuccess;
 #else
   BITEP_FAIL(bitepNotSupported, "this bitep was built without CUDA");

@@ -145,6 +145,11 @@ class Capture {
   Capture(const Capture&) = delete;
   Capture& operator=(const Capture&) = delete;
   bitepStream_t stream() const { return reinterpret_cast<bitepStream_t>(stream_); }
+  // The capture's status now, for the failure messages: 1 active, 2 invalidated (by the last calls).
+  int status() const {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    return cudaStreamIsCapturing(stream_, &st) == cudaSuccess ? static_cast<int>(st) : -1;
+  }
   // Ends the capture: its status (a call that broke the capture makes it fail).
   cudaError_t end() {
     if (!open_) return cudaSuccess;
@@ -192,9 +197,11 @@ void run_graphs(Mem& mem,
     void* dev_y = mem.put(out.data(), out.size());
     HandleGuard h;  // destroyed after the capture ended
     Capture cap;
+    EXPECT_EQ(cap.status(), 1) << "the capture did not start";
     EXPECT_EQ(bitepDispatch(g, &a, cap.stream(), &h.h), bitepNotSupported);
     EXPECT_NE(std::string(bitepGetLastError()).find("capturing a CUDA graph"), std::string::npos)
         << bitepGetLastError();
+    EXPECT_EQ(cap.status(), 1) << "the capture is not active after the refused bitepDispatch";
     bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
     c.y = dev_y;  // not read: the call is refused
     c.layout = bitepLayoutRankMajor;
@@ -202,6 +209,7 @@ void run_graphs(Mem& mem,
     EXPECT_EQ(bitepCombine(g, regular, &c, cap.stream()), bitepNotSupported);
     EXPECT_NE(std::string(bitepGetLastError()).find("capturing a CUDA graph"), std::string::npos)
         << bitepGetLastError();
+    EXPECT_EQ(cap.status(), 1) << "the capture is not active after the refused bitepCombine";
     EXPECT_EQ(cap.end(), cudaSuccess) << "a refused call broke the capture";
   }
   int capturable = -1;
@@ -232,7 +240,7 @@ void run_graphs(Mem& mem,
     EXPECT_EQ(cap.end(), cudaSuccess) << "a refused call broke the capture";
     return;
   }
-  ASSERT_EQ(r, bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(r, bitepSuccess) << bitepGetLastError() << " (capture status " << cap.status() << ")";
   bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
   c.y = dev_y;
   c.weighted = weighted;
