@@ -671,21 +671,41 @@ int main(int argc, char** argv) {
         int capturable = 0;
         BK(bitepGroupLowLatencyCapturable(group, &capturable));
         rec.ll_graph = rec.ll && capturable == 1;
+        cudaGraph_t gd = nullptr, gc2 = nullptr;
+        cudaGraphExec_t xd = nullptr, xc = nullptr;
+        bitepHandle_t h = nullptr;
         if (rec.ll_graph) {
-          cudaGraph_t gd = nullptr, gc2 = nullptr;
-          cudaGraphExec_t xd = nullptr, xc = nullptr;
-          bitepHandle_t h;
-          CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-          BK(bitepDispatchLowLatency(group, &dll, bstream, &h));
-          CK(cudaStreamEndCapture(stream, &gd));
-          bitepDispatchLayout_t lay;
-          BK(bitepHandleGetLayout(h, &lay));
+          // A capture that fails counts as wrong on this rank, and no rank launches (a launch's barrier would wait
+          // for the ranks without a graph); the other rows go on.
+          bool ok = cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal) == cudaSuccess;
+          const bitepResult_t rd = ok ? bitepDispatchLowLatency(group, &dll, bstream, &h) : bitepSuccess;
+          const std::string why_d = rd != bitepSuccess ? bitepGetLastError() : "";
+          ok = cudaStreamEndCapture(stream, &gd) == cudaSuccess && ok && rd == bitepSuccess;
+          bitepDispatchLayout_t lay{};
+          if (ok) ok = bitepHandleGetLayout(h, &lay) == bitepSuccess;
           ca.y = lay.expert_x;  // identity experts
-          CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-          BK(bitepCombine(group, h, &ca, bstream));
-          CK(cudaStreamEndCapture(stream, &gc2));
-          CK(cudaGraphInstantiate(&xd, gd, 0));
-          CK(cudaGraphInstantiate(&xc, gc2, 0));
+          bitepResult_t rc2 = bitepSuccess;
+          if (ok) {
+            ok = cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal) == cudaSuccess;
+            rc2 = ok ? bitepCombine(group, h, &ca, bstream) : bitepSuccess;
+            ok = cudaStreamEndCapture(stream, &gc2) == cudaSuccess && ok && rc2 == bitepSuccess;
+          }
+          const std::string why_c = rc2 != bitepSuccess ? bitepGetLastError() : "";
+          ok =
+              ok && cudaGraphInstantiate(&xd, gd, 0) == cudaSuccess && cudaGraphInstantiate(&xc, gc2, 0) == cudaSuccess;
+          if (!ok) {
+            (void)cudaGetLastError();
+            std::fprintf(stderr,
+                         "ep_bench rank %d T=%lld: the low-latency calls did not capture into CUDA graphs%s%s%s%s\n",
+                         rank, static_cast<long long>(T), why_d.empty() ? "" : ": ", why_d.c_str(),
+                         why_c.empty() ? "" : ": ", why_c.c_str());
+            ++host_checks[kLowLatencyGraph];
+          }
+          int all_ok = ok ? 1 : 0;
+          MPI_Allreduce(MPI_IN_PLACE, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+          rec.ll_graph = all_ok == 1;
+        }
+        if (rec.ll_graph) {
           for (int it = 0; it < opt.warmup + opt.iters; ++it) {
             const bool check = it == 0 || it == opt.warmup + opt.iters - 1;
             flush_l2();
@@ -704,12 +724,12 @@ int main(int argc, char** argv) {
               CK(cudaStreamSynchronize(stream));
             }
           }
-          BK(bitepHandleDestroy(h));  // waits for the device: the graphs' launches are not tracked
-          CK(cudaGraphExecDestroy(xd));
-          CK(cudaGraphExecDestroy(xc));
-          CK(cudaGraphDestroy(gd));
-          CK(cudaGraphDestroy(gc2));
         }
+        if (xd != nullptr) CK(cudaGraphExecDestroy(xd));
+        if (xc != nullptr) CK(cudaGraphExecDestroy(xc));
+        if (gd != nullptr) CK(cudaGraphDestroy(gd));
+        if (gc2 != nullptr) CK(cudaGraphDestroy(gc2));
+        if (h != nullptr) BK(bitepHandleDestroy(h));  // waits for the device: the graphs' launches are not tracked
         // End to end: router + dispatch + combine.
         for (int it = 0; it < opt.warmup + opt.iters; ++it) {
           flush_l2();

@@ -20,17 +20,6 @@ constexpr size_t kHostAlign = 256;
 constexpr uint64_t kTrimAge = 256;
 }  // namespace
 
-uint64_t cuda_stream_key(bitepStream_t stream) {
-#ifdef BITEP_HAVE_CUDA
-  unsigned long long id = 0;
-  if (cudaStreamGetId(reinterpret_cast<cudaStream_t>(stream), &id) == cudaSuccess) return static_cast<uint64_t>(id) + 1;
-  (void)cudaGetLastError();
-#else
-  (void)stream;
-#endif
-  return 0;
-}
-
 bool cuda_stream_capturing(bitepStream_t stream) {
 #ifdef BITEP_HAVE_CUDA
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -41,6 +30,20 @@ bool cuda_stream_capturing(bitepStream_t stream) {
   (void)stream;
 #endif
   return false;
+}
+
+uint64_t cuda_stream_key(bitepStream_t stream) {
+#ifdef BITEP_HAVE_CUDA
+  // cudaStreamGetId on a capturing stream invalidates the capture, whatever the thread's capture mode (seen on
+  // CUDA 13.0 with an H200: bitepCombine's call broke the caller's graph): no key there.
+  if (cuda_stream_capturing(stream)) return 0;
+  unsigned long long id = 0;
+  if (cudaStreamGetId(reinterpret_cast<cudaStream_t>(stream), &id) == cudaSuccess) return static_cast<uint64_t>(id) + 1;
+  (void)cudaGetLastError();
+#else
+  (void)stream;
+#endif
+  return 0;
 }
 
 StreamOrder::~StreamOrder() {

@@ -29,7 +29,8 @@ struct Block {
 };
 
 // cuda: cudaStreamGetId(stream) + 1, the key of the pool's same-stream reuse (ids are never reused, unlike
-// stream handles); 0 when not known (without CUDA, or the call failed).
+// stream handles); 0 when not known (without CUDA, the call failed, or the stream captures a CUDA graph, which
+// cudaStreamGetId would invalidate).
 uint64_t cuda_stream_key(bitepStream_t stream);
 
 // cuda: whether `stream` is capturing a CUDA graph now (false without CUDA, or when the query fails).
