@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "src/args.h"
+#include "src/capture.h"
 #include "src/check.h"
 #include "src/env.h"
 #include "src/host/router_host.h"
@@ -317,6 +318,16 @@ bitepResult_t aux_loss(bitepBackend_t backend, const bitepAuxLossArgs_t* a, bite
   return bitepSuccess;
 }
 
+// cuda: the call's own runtime queries (the arguments' pointer checks, the launchers' attribute queries) run with
+// the thread's capture mode relaxed, so that a router call captured into a CUDA graph (global mode) keeps the
+// capture valid (src/capture.h). The host backend makes no CUDA call.
+template <class F>
+bitepResult_t relaxed_for_cuda(bitepBackend_t backend, F&& body) {
+  if (backend != bitepBackendCuda) return body();
+  RelaxedCaptureMode relaxed;
+  return body();
+}
+
 }  // namespace
 }  // namespace bitep
 
@@ -326,8 +337,10 @@ bitepResult_t bitepRouterForward(bitepBackend_t backend,
                                  const bitepRouterConfig_t* config,
                                  const bitepRouterForwardArgs_t* args,
                                  bitepStream_t stream) {
-  return bitep::guard("bitepRouterForward",
-                      [&] { return bitep::forward(backend, config, args, stream, bitep::kernels::RouterMode::kTopk); });
+  return bitep::guard("bitepRouterForward", [&] {
+    return bitep::relaxed_for_cuda(
+        backend, [&] { return bitep::forward(backend, config, args, stream, bitep::kernels::RouterMode::kTopk); });
+  });
 }
 
 bitepResult_t bitepRouterBackward(bitepBackend_t backend,
@@ -335,7 +348,8 @@ bitepResult_t bitepRouterBackward(bitepBackend_t backend,
                                   const bitepRouterBackwardArgs_t* args,
                                   bitepStream_t stream) {
   return bitep::guard("bitepRouterBackward", [&] {
-    return bitep::backward(backend, config, args, stream, bitep::kernels::RouterMode::kTopk);
+    return bitep::relaxed_for_cuda(
+        backend, [&] { return bitep::backward(backend, config, args, stream, bitep::kernels::RouterMode::kTopk); });
   });
 }
 
@@ -344,7 +358,8 @@ bitepResult_t bitepAuxScoresForward(bitepBackend_t backend,
                                     const bitepRouterForwardArgs_t* args,
                                     bitepStream_t stream) {
   return bitep::guard("bitepAuxScoresForward", [&] {
-    return bitep::forward(backend, config, args, stream, bitep::kernels::RouterMode::kAuxScores);
+    return bitep::relaxed_for_cuda(
+        backend, [&] { return bitep::forward(backend, config, args, stream, bitep::kernels::RouterMode::kAuxScores); });
   });
 }
 
@@ -353,16 +368,22 @@ bitepResult_t bitepAuxScoresBackward(bitepBackend_t backend,
                                      const bitepRouterBackwardArgs_t* args,
                                      bitepStream_t stream) {
   return bitep::guard("bitepAuxScoresBackward", [&] {
-    return bitep::backward(backend, config, args, stream, bitep::kernels::RouterMode::kAuxScores);
+    return bitep::relaxed_for_cuda(backend, [&] {
+      return bitep::backward(backend, config, args, stream, bitep::kernels::RouterMode::kAuxScores);
+    });
   });
 }
 
 bitepResult_t bitepAuxLossForward(bitepBackend_t backend, const bitepAuxLossArgs_t* args, bitepStream_t stream) {
-  return bitep::guard("bitepAuxLossForward", [&] { return bitep::aux_loss(backend, args, stream, true); });
+  return bitep::guard("bitepAuxLossForward", [&] {
+    return bitep::relaxed_for_cuda(backend, [&] { return bitep::aux_loss(backend, args, stream, true); });
+  });
 }
 
 bitepResult_t bitepAuxLossBackward(bitepBackend_t backend, const bitepAuxLossArgs_t* args, bitepStream_t stream) {
-  return bitep::guard("bitepAuxLossBackward", [&] { return bitep::aux_loss(backend, args, stream, false); });
+  return bitep::guard("bitepAuxLossBackward", [&] {
+    return bitep::relaxed_for_cuda(backend, [&] { return bitep::aux_loss(backend, args, stream, false); });
+  });
 }
 
 }  // extern "C"

@@ -549,6 +549,90 @@ TEST(RouterGpu, GroupsPastSharedMemory) {
   }
 }
 
+// CUDA graphs: the router forward (TE-compatible outputs, the bitmap, the compact weights and indices, the rank
+// epilogue) captured in global mode on a stream of its own keeps the capture valid, and each launch of the graph gives
+// the outputs of a call made one by one on the logits its input buffer holds then (two logit sets, alternating, the
+// outputs poisoned before each launch). DeepSeek-V3's config too (groups, bias, scaling).
+TEST(RouterGpu, CapturedInCudaGraph) {
+  REQUIRE_GPU();
+  const int64_t T = 300;
+  for (const bool dsv3 : {false, true}) {
+    SCOPED_TRACE(dsv3 ? "DeepSeek-V3 config" : "post-top-k softmax");
+    const int E = 256, k = 8, W = 4;
+    bitepRouterConfig_t cfg = make_config(E, k, dsv3 ? bitepScoreSigmoid : bitepScoreSoftmax, 0, bitepBfloat16);
+    if (dsv3) cfg.num_groups = 8, cfg.group_topk = 4, cfg.scaling_factor = 2.5f;
+    const std::vector<uint8_t> la = make_logits(T, E, bitepBfloat16, 71), lb = make_logits(T, E, bitepBfloat16, 72);
+    std::vector<float> bias(E);
+    for (int e = 0; e < E; ++e) bias[e] = 0.01f * static_cast<float>(e % 7);
+    DevBuf lg(la.size()), db(sizeof(float) * E), probs(sizeof(float) * T * E), saved(sizeof(float) * T * E),
+        map(static_cast<size_t>(T) * E / 8), w(sizeof(float) * T * k), ix(sizeof(int32_t) * T * k),
+        rmask(static_cast<size_t>(T)), rcount(sizeof(int32_t) * W);
+    ASSERT_NE(rcount.ptr(), nullptr);
+    db.upload(bias.data());
+    bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+    a.num_tokens = T;
+    a.logits = lg.ptr();
+    a.expert_bias = dsv3 ? static_cast<const float*>(db.ptr()) : nullptr;
+    a.probs = static_cast<float*>(probs.ptr());
+    a.saved = static_cast<float*>(saved.ptr());
+    a.routing_map = map.ptr();
+    a.map_format = bitepMapBitmapU8;
+    a.topk_weights = static_cast<float*>(w.ptr());
+    a.topk_indices = static_cast<int32_t*>(ix.ptr());
+    a.num_ranks = W;
+    a.rank_mask = static_cast<uint8_t*>(rmask.ptr());
+    a.rank_counts = static_cast<int32_t*>(rcount.ptr());
+    const DevBuf* outs[] = {&probs, &saved, &map, &w, &ix, &rmask, &rcount};
+    auto outputs = [&] {
+      std::vector<std::vector<uint8_t>> v;
+      for (const DevBuf* b : outs) v.push_back(b->download<uint8_t>());
+      return v;
+    };
+    auto poison = [&] {
+      for (const DevBuf* b : outs) b->poison();
+    };
+    // Calls made one by one: the outputs each logit set must give.
+    std::vector<std::vector<uint8_t>> want[2];
+    for (int i = 0; i < 2; ++i) {
+      lg.upload(i == 0 ? la.data() : lb.data());
+      poison();
+      ASSERT_EQ(bitepRouterForward(bitepBackendCuda, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
+      CUDA_OK(cudaDeviceSynchronize());
+      want[i] = outputs();
+    }
+    cudaStream_t s = nullptr;
+    CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    const bitepResult_t r = bitepRouterForward(bitepBackendCuda, &cfg, &a, reinterpret_cast<bitepStream_t>(s));
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    EXPECT_EQ(cudaStreamIsCapturing(s, &status), cudaSuccess);
+    EXPECT_EQ(status, cudaStreamCaptureStatusActive) << "bitepRouterForward broke the capture";
+    cudaGraph_t graph = nullptr;
+    const cudaError_t ended = cudaStreamEndCapture(s, &graph);
+    cudaGraphExec_t exec = nullptr;
+    const bool made = r == bitepSuccess && ended == cudaSuccess && cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
+    EXPECT_EQ(r, bitepSuccess) << bitepGetLastError();
+    EXPECT_EQ(ended, cudaSuccess);
+    EXPECT_TRUE(made);
+    for (int launch = 0; made && launch < 4; ++launch) {
+      const int i = (launch + 1) % 2;  // b, a, b, a
+      lg.upload(i == 0 ? la.data() : lb.data());
+      poison();
+      CUDA_OK(cudaDeviceSynchronize());
+      CUDA_OK(cudaGraphLaunch(exec, s));
+      CUDA_OK(cudaStreamSynchronize(s));
+      const auto got = outputs();
+      for (size_t o = 0; o < got.size(); ++o)
+        EXPECT_TRUE(got[o] == want[i][o]) << "output " << o << " of launch " << launch << " differs from the call's";
+      for (const DevBuf* b : outs) EXPECT_TRUE(b->guard_intact());
+    }
+    if (exec != nullptr) cudaGraphExecDestroy(exec);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaStreamDestroy(s);
+    (void)cudaGetLastError();
+  }
+}
+
 // Aux loss: GPU vs host, forward and backward; the forward is bit-identical run to run.
 void large_token_count_case(int E, int64_t T) {
   const int k = 8, tile = 256;
