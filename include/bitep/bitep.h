@@ -145,7 +145,8 @@ typedef struct {
 
 /* Router forward. Every row of the map gets exactly k distinct experts whatever the logits: ties go to
  * the lower expert index, NaN ranks lowest. Not collective. cuda backend: asynchronous on stream; all
- * pointers device memory. Output buffers must not overlap each other or the inputs. */
+ * pointers device memory. Output buffers must not overlap each other or the inputs. The router calls may be
+ * captured into a CUDA graph (stream capture, any mode): each launch reads the logits its buffers hold then. */
 BITEP_API bitepResult_t bitepRouterForward(bitepBackend_t backend,
                                            const bitepRouterConfig_t* config,
                                            const bitepRouterForwardArgs_t* args,
@@ -373,7 +374,7 @@ BITEP_API bitepResult_t bitepDispatch(bitepGroup_t group,
  * reports it.
  * CUDA graphs: where bitepGroupLowLatencyCapturable says so, a low-latency dispatch and the combines of its handles may
  * be captured (stream capture, any capture mode) and the graph launched any number of times: every launch moves the
- * data its input buffers hold then, and the slots' parity comes from a count kept on the device, so launches
+ * data its input buffers hold then (num_tokens and the buffers are the captured call's), and the slots' parity comes from a count kept on the device, so launches
  * alternate as calls made one by one do. Every rank captures the same calls in the same order and launches its graph
  * as often as the others, in the same order relative to the group's other calls. The caller orders the graph's
  * launches with the group's other calls (one stream, or events): the library does not see the launches. The

@@ -154,7 +154,9 @@ class Capture {
   cudaError_t end() {
     if (!open_) return cudaSuccess;
     open_ = false;
-    return cudaStreamEndCapture(stream_, &graph_);
+    const cudaError_t err = cudaStreamEndCapture(stream_, &graph_);
+    (void)cudaGetLastError();  // a failed end would otherwise show up as the next launch's error
+    return err;
   }
   // Ends the capture and instantiates the graph.
   bool instantiate() { return end() == cudaSuccess && cudaGraphInstantiate(&exec_, graph_, 0) == cudaSuccess; }
