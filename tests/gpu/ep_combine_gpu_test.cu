@@ -120,6 +120,95 @@ TEST(EpKernelsGpu, ReduceMatchesHost) {
   }
 }
 
+// The low-latency calls' slot parity (kernels::SlotParity), read by the kernels from device memory: the reduce's two
+// destination tables and the final sum's moved regions, for counts 6 and 7 and both adds, against the host with the
+// same parity (a kernel taking the wrong table leaves poison where the host wrote).
+TEST(EpKernelsGpu, SlotParityMatchesHost) {
+  REQUIRE_GPU();
+  const int64_t R = 37, H = 72, W = 3;
+  const int KL = 2;
+  const DType dt = DType::kBF16;
+  const size_t rb = size_t(H) * 2;
+  std::mt19937_64 rng(99);
+  const std::vector<uint8_t> y = random_rows(R * KL, H, dt, rng);
+  std::vector<int32_t> rows(R * KL);
+  for (int64_t i = 0; i < R * KL; ++i) rows[i] = i % 5 == 3 ? -1 : static_cast<int32_t>(i);
+  const std::vector<int64_t> off = {0, 12, 20, R};
+  for (const uint64_t count : {uint64_t{6}, uint64_t{7}})
+    for (const uint32_t add : {0u, 1u}) {
+      const std::string what = "count " + std::to_string(count) + " add " + std::to_string(add);
+      // Reduce: outs [2][W] over one buffer, table t's source s at (t * W + s) * R rows.
+      const size_t buf = size_t(2 * W) * R * rb;
+      std::vector<uint8_t> host_buf = poisoned<uint8_t>(buf);
+      std::vector<void*> host_outs(2 * W);
+      for (int t = 0; t < 2 * W; ++t) host_outs[t] = host_buf.data() + size_t(t) * R * rb;
+      K::ReduceParams p;
+      p.num_recv_rows = R;
+      p.max_row_experts = KL;
+      p.hidden = H;
+      p.dtype = dt;
+      p.y = y.data();
+      p.recv_expert_rows = rows.data();
+      p.num_sources = W;
+      p.outs = host_outs.data();
+      p.row_offsets = off.data();
+      p.self_source = 1;
+      p.outs_align = 16;
+      p.outs_parity.count = &count;
+      p.outs_parity.add = add;
+      host::ep_reduce(p);
+      Dev<uint8_t> dy(y), dbuf(buf);
+      Dev<int32_t> drows(rows);
+      Dev<int64_t> doff(off);
+      std::vector<void*> dev_outs(2 * W);
+      for (int t = 0; t < 2 * W; ++t) dev_outs[t] = dbuf.get() + size_t(t) * R * rb;
+      Dev<void*> douts(dev_outs);
+      Dev<uint64_t> dcount(std::vector<uint64_t>{count});
+      p.y = dy.get();
+      p.recv_expert_rows = drows.get();
+      p.outs = douts.get();
+      p.row_offsets = doff.get();
+      p.outs_parity.count = dcount.get();
+      sync(K::launch_ep_reduce(p, nullptr));
+      EXPECT_TRUE(same(dbuf.host(), host_buf, "reduce outs", what));
+      // Final sum: T tokens over W ranks, ret and self_ret each two regions ret_parity_bytes apart.
+      const int64_t T = 20, S = 2 * T;
+      std::vector<int32_t> slot(T * W);
+      for (int64_t t = 0; t < T; ++t)
+        for (int r = 0; r < W; ++r) slot[t * W + r] = (t + r) % 4 == 0 ? -1 : static_cast<int32_t>(t);
+      const std::vector<int64_t> send_off = {0, 0, T};
+      const std::vector<uint8_t> ret = random_rows(2 * S, H, dt, rng), self_ret = random_rows(2 * S, H, dt, rng);
+      std::vector<uint8_t> out = poisoned<uint8_t>(size_t(T) * rb);
+      K::FinalSumParams f;
+      f.num_tokens = T;
+      f.num_ranks = W;
+      f.self_rank = 1;
+      f.hidden = H;
+      f.dtype = dt;
+      f.token_slot = slot.data();
+      f.send_offsets = send_off.data();
+      f.ret = ret.data();
+      f.self_ret = self_ret.data();
+      f.self_ret_offset = 3;
+      f.out = out.data();
+      f.ret_parity.count = &count;
+      f.ret_parity.add = add;
+      f.ret_parity_bytes = static_cast<int64_t>(S * rb);
+      host::ep_final_sum(f);
+      Dev<int32_t> dslot(slot);
+      Dev<int64_t> dsend(send_off);
+      Dev<uint8_t> dret(ret), dself(self_ret), dout(out.size());
+      f.token_slot = dslot.get();
+      f.send_offsets = dsend.get();
+      f.ret = dret.get();
+      f.self_ret = dself.get();
+      f.out = dout.get();
+      f.ret_parity.count = dcount.get();
+      sync(K::launch_ep_final_sum(f, nullptr));
+      EXPECT_TRUE(same(dout.host(), out, "final sum out", what));
+    }
+}
+
 // ---- final sum, weight gradients ---------------------------------------------------------------------
 
 TEST(EpKernelsGpu, FinalSumMatchesHost) {

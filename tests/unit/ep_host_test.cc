@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "src/host/dtype_host.h"
@@ -444,6 +445,70 @@ TEST(EpHostReduce, PerSourceDestinations) {
   EXPECT_EQ(out0, (std::vector<float>{1, 2 + 3}));
   EXPECT_EQ(out3, (std::vector<float>{5, -9}));
   EXPECT_EQ(unused, (std::vector<float>(4, -9)));
+}
+
+// The low-latency calls' slot parity (kernels::SlotParity: (*count + add) & 1): outs holds two tables of
+// num_sources, and the parity picks one; no count: the first.
+TEST(EpHostReduce, SlotParityPicksTheTable) {
+  const std::vector<float> y = {1, 2};
+  const std::vector<int32_t> rows = {0, 1};  // row 0 -> y[0], row 1 -> y[1] (KL = 1)
+  const std::vector<int64_t> offsets = {0, 1, 2};
+  for (const int parity_case : {-1, 0, 1, 2, 3}) {  // -1: no count; else count = case / 2 ... add = case % 2
+    std::vector<float> a0(1, -9), a1(1, -9), b0(1, -9), b1(1, -9);
+    std::vector<void*> outs = {a0.data(), a1.data(), b0.data(), b1.data()};  // [2][W = 2]
+    const uint64_t count = parity_case < 0 ? 0 : static_cast<uint64_t>(7 + parity_case / 2);
+    bitep::kernels::ReduceParams p;
+    p.num_recv_rows = 2;
+    p.max_row_experts = 1;
+    p.hidden = 1;
+    p.dtype = DType::kF32;
+    p.y = y.data();
+    p.recv_expert_rows = rows.data();
+    p.num_sources = 2;
+    p.outs = outs.data();
+    p.row_offsets = offsets.data();
+    p.self_source = 0;
+    if (parity_case >= 0) {
+      p.outs_parity.count = &count;
+      p.outs_parity.add = static_cast<uint32_t>(parity_case % 2);
+    }
+    bitep::host::ep_reduce(p);
+    const bool second = parity_case >= 0 && ((count + p.outs_parity.add) & 1) != 0;
+    SCOPED_TRACE("case " + std::to_string(parity_case));
+    EXPECT_EQ(second ? b0 : a0, (std::vector<float>{1}));
+    EXPECT_EQ(second ? b1 : a1, (std::vector<float>{2}));
+    EXPECT_EQ(second ? a0 : b0, (std::vector<float>{-9}));
+    EXPECT_EQ(second ? a1 : b1, (std::vector<float>{-9}));
+  }
+}
+
+TEST(EpHostFinalSum, SlotParityMovesTheReturnedRows) {
+  // W = 2, self = 0, H = 1, one token to both ranks; parity 1 reads ret and self_ret ret_parity_bytes further.
+  const std::vector<int32_t> slot = {0, 0};
+  const std::vector<int64_t> send_offsets = {0, 0};
+  const std::vector<float> ret = {10.0f, 20.0f};  // rank 1's row: parity 0, then parity 1
+  const std::vector<float> self = {1.0f, 2.0f};   // own row: parity 0, then parity 1
+  for (const uint64_t count : {uint64_t{4}, uint64_t{5}}) {
+    for (const uint32_t add : {0u, 1u}) {
+      std::vector<float> out(1, -9.0f);
+      bitep::kernels::FinalSumParams p;
+      p.num_tokens = 1;
+      p.num_ranks = 2;
+      p.self_rank = 0;
+      p.hidden = 1;
+      p.dtype = DType::kF32;
+      p.token_slot = slot.data();
+      p.send_offsets = send_offsets.data();
+      p.ret = ret.data();
+      p.self_ret = self.data();
+      p.out = out.data();
+      p.ret_parity.count = &count;
+      p.ret_parity.add = add;
+      p.ret_parity_bytes = sizeof(float);
+      bitep::host::ep_final_sum(p);
+      EXPECT_EQ(out[0], ((count + add) & 1) != 0 ? 22.0f : 11.0f) << "count " << count << " add " << add;
+    }
+  }
 }
 
 TEST(EpHostFinalSum, AscendingRanksSelfRowsAndUnroutedZeros) {
