@@ -374,14 +374,14 @@ BITEP_API bitepResult_t bitepDispatch(bitepGroup_t group,
  * reports it.
  * CUDA graphs: where bitepGroupLowLatencyCapturable says so, a low-latency dispatch and the combines of its handles may
  * be captured (stream capture, any capture mode) and the graph launched any number of times: every launch moves the
- * data its input buffers hold then (num_tokens and the buffers are the captured call's), and the slots' parity comes from a count kept on the device, so launches
- * alternate as calls made one by one do. Every rank captures the same calls in the same order and launches its graph
- * as often as the others, in the same order relative to the group's other calls. The caller orders the graph's
- * launches with the group's other calls (one stream, or events): the library does not see the launches. The
- * handle a captured dispatch returns is the graph's: its layout pointers are fixed, its contents are those of the
- * latest launch; bitepHandleDestroy of a handle that a graph used waits for the device (cudaDeviceSynchronize), and
- * the graph must not be launched afterwards. bitepDispatch, the combines of its handles and the backward passes
- * return bitepNotSupported while their stream captures. */
+ * data its input buffers hold then (num_tokens and the buffers are the captured call's), and the slots' parity comes
+ * from a count kept on the device, so launches alternate as calls made one by one do. Every rank captures the same
+ * calls in the same order and launches its graph as often as the others, in the same order relative to the group's
+ * other calls. The caller orders the graph's launches with the group's other calls (one stream, or events): the library
+ * does not see the launches. The handle a captured dispatch returns is the graph's: its layout pointers are fixed, its
+ * contents are those of the latest launch; bitepHandleDestroy of a handle that a graph used waits for the device
+ * (cudaDeviceSynchronize), and the graph must not be launched afterwards. bitepDispatch, the combines of its handles
+ * and the backward passes return bitepNotSupported while their stream captures. */
 BITEP_API bitepResult_t bitepDispatchLowLatency(bitepGroup_t group,
                                                 const bitepDispatchArgs_t* args,
                                                 bitepStream_t stream,

@@ -96,7 +96,7 @@ bitepResult_t destroy_handle(bitepHandle_t h, bool returned) {
       // When that wait fails they stay with the pool as in use (freed with the group), never handed out again.
       result = wait_for_device(h->group->device);
       if (result == bitepSuccess)
-        for (Block& b : h->blocks) h->life->pool->release_idle(&b);
+        for (Block& b : h->blocks) h->life->pool->release(&b, std::shared_ptr<void>(), 0);  // nothing to wait for
     } else if (h->life->alive) {
       for (Block& b : h->blocks) h->life->pool->release(&b, h->fence, h->fence_key);
     }

@@ -179,10 +179,14 @@ bitepResult_t Pool::acquire(size_t bytes, bitepStream_t stream, Block* out, uint
     return bitepSuccess;
   }
   trim_locked(kTrimAge);
+  return new_block(cls, /*may_trim=*/true, out);
+}
+
+bitepResult_t Pool::new_block(size_t cls, bool may_trim, Block* out) {
   Block b;
   b.bytes = cls;
   bitepResult_t r = allocate(cls, &b.ptr);
-  if (r == bitepOutOfMemory && !cached_.empty()) {  // drop the whole cache and retry once
+  if (r == bitepOutOfMemory && may_trim && !cached_.empty()) {  // drop the whole cache and retry once
     trim_locked(0);
     r = allocate(cls, &b.ptr);
   }
@@ -220,32 +224,12 @@ bitepResult_t Pool::acquire_captured(size_t bytes, Block* out) {
     *out = b;
     return bitepSuccess;
   }
-  Block b;
-  b.bytes = cls;
-  BITEP_CHECK(allocate(cls, &b.ptr));
-  ++allocations_;
-  held_ += cls;
-  in_use_.emplace(b.ptr, b);
-  *out = b;
-  return bitepSuccess;
+  // No trimming: freeing cached blocks (cudaFree) would synchronise the device in the middle of a capture.
+  return new_block(cls, /*may_trim=*/false, out);
 #else
   (void)bytes;
   BITEP_FAIL(bitepNotSupported, "this bitep was built without CUDA");
 #endif
-}
-
-void Pool::release_idle(Block* block) {
-  if (block->ptr == nullptr) return;
-  std::lock_guard<std::mutex> lock(mu_);
-  auto it = in_use_.find(block->ptr);
-  if (it == in_use_.end()) return;  // not ours (never happens): leave it alone
-  Block b = it->second;
-  in_use_.erase(it);
-  b.fence.reset();
-  b.stream_key = 0;
-  b.last_use = tick_;
-  cached_.emplace(b.bytes, b);
-  *block = Block{};
 }
 
 void Pool::release(Block* block, bitepStream_t stream) {

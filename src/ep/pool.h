@@ -71,9 +71,6 @@ class Pool {
   // a cached block whose last use has finished, else a new allocation (made with the thread's capture mode
   // relaxed: the memory belongs to the graph's handle, not to the graph). Nothing is queued on any stream.
   bitepResult_t acquire_captured(size_t bytes, Block* out);
-  // Returns the block to the cache with nothing to wait for: the caller has synchronised the device since its
-  // last use (a handle a CUDA graph captured, whose replays the pool cannot see).
-  void release_idle(Block* block);
 
   // Returns the block to the cache (cuda: after the work queued on stream). Empty blocks are ignored.
   void release(Block* block, bitepStream_t stream);
@@ -81,7 +78,8 @@ class Pool {
   void release_all(std::vector<Block>* blocks, bitepStream_t stream, uint64_t stream_key = 0);
   // The same, ordered by `fence` (a cudaEvent_t already recorded after the block's last use) instead
   // of a stream, which may be gone by now (a handle destroyed after its stream). fence_key: the key of the
-  // stream the fence was recorded on (0: not known), whose next user needs no wait.
+  // stream the fence was recorded on (0: not known), whose next user needs no wait. A null fence: nothing to
+  // wait for (the caller synchronised the device since the block's last use).
   void release(Block* block, std::shared_ptr<void> fence, uint64_t fence_key = 0);
 
   // Bytes held now: blocks in use and cached.
@@ -96,6 +94,8 @@ class Pool {
 
  private:
   bitepResult_t allocate(size_t bytes, void** ptr);
+  // A new block of class cls, in use (mu_ held); may_trim: on running out, drop the cache and retry once.
+  bitepResult_t new_block(size_t cls, bool may_trim, Block* out);
   void free_block(Block* b);
   void trim_locked(uint64_t older_than);
 
