@@ -351,14 +351,17 @@ extern "C" bitepResult_t bitepDispatchLowLatency(bitepGroup_t group,
       return bitep::ep::dispatch_window(group, args, stream, handle);
     }
 #endif
-    // The regular dispatch below waits on the host for its count exchange: no graph can hold it. This rank
-    // returns at once (its peers, if they call it, wait in the count exchange until the group's timeout).
-    if (group->config.backend == bitepBackendCuda && local == bitepSuccess && bitep::ep::cuda_stream_capturing(stream))
+    // The regular dispatch below waits on the host for its count exchange (its agreement on a local failure too):
+    // no graph can hold it. This rank returns at once (its peers, if they call it, wait in the count exchange until
+    // the group's timeout).
+    if (group->config.backend == bitepBackendCuda && bitep::ep::cuda_stream_capturing(stream)) {
+      if (local != bitepSuccess) return local;
       BITEP_FAIL(bitepNotSupported,
                  "bitepDispatchLowLatency: the stream is capturing a CUDA graph, but this group's low-latency "
                  "dispatches run bitepDispatch, whose count exchange waits on the host (no low-latency window: "
                  "the ranks are not in one NVLink domain, BITEP_LSA=0, or the receive kernel cannot take this "
                  "shape; bitepGroupLowLatencyCapturable says so before capturing)");
+    }
     // Elsewhere: the regular dispatch (its one host synchronisation; a local failure fails every rank),
     // shown as a low-latency handle.
     BITEP_CHECK(bitep::ep::dispatch_after_checks(group, args, stream, handle, local));
