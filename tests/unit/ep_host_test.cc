@@ -422,6 +422,27 @@ TEST(EpHostReduce, WeightGradientsOnly) {
   EXPECT_EQ(gw, (std::vector<float>{5 * 0.5f - 6, 1 * 0.5f - 2, 0, 3 * 2 + 4 * 0.25f}));
 }
 
+// A reduce of fp32 rows (H = 1) into per-source destinations: sources = offsets.size() - 1, R = offsets.back().
+bitep::kernels::ReduceParams per_source_params(const std::vector<float>& y,
+                                               const std::vector<int32_t>& rows,
+                                               int KL,
+                                               const std::vector<void*>& outs,
+                                               const std::vector<int64_t>& offsets,
+                                               int self) {
+  bitep::kernels::ReduceParams p;
+  p.num_recv_rows = offsets.back();
+  p.max_row_experts = KL;
+  p.hidden = 1;
+  p.dtype = DType::kF32;
+  p.y = y.data();
+  p.recv_expert_rows = rows.data();
+  p.num_sources = static_cast<int>(offsets.size()) - 1;
+  p.outs = outs.data();
+  p.row_offsets = offsets.data();
+  p.self_source = self;
+  return p;
+}
+
 TEST(EpHostReduce, PerSourceDestinations) {
   // 5 rows from 4 sources: rows [0, 2) of source 0, none of source 1, [2, 4) of source 2 (not written:
   // null destination), [4, 5) of source 3; each source's rows land at its own buffer from row 0.
@@ -430,18 +451,7 @@ TEST(EpHostReduce, PerSourceDestinations) {
   std::vector<float> out0(2, -9), out3(2, -9), unused(4, -9);
   std::vector<void*> outs = {out0.data(), unused.data(), nullptr, out3.data()};
   const std::vector<int64_t> offsets = {0, 2, 2, 4, 5};
-  bitep::kernels::ReduceParams p;
-  p.num_recv_rows = 5;
-  p.max_row_experts = 2;
-  p.hidden = 1;
-  p.dtype = DType::kF32;
-  p.y = y.data();
-  p.recv_expert_rows = rows.data();
-  p.num_sources = 4;
-  p.outs = outs.data();
-  p.row_offsets = offsets.data();
-  p.self_source = 3;
-  bitep::host::ep_reduce(p);
+  bitep::host::ep_reduce(per_source_params(y, rows, 2, outs, offsets, 3));
   EXPECT_EQ(out0, (std::vector<float>{1, 2 + 3}));
   EXPECT_EQ(out3, (std::vector<float>{5, -9}));
   EXPECT_EQ(unused, (std::vector<float>(4, -9)));
@@ -457,17 +467,7 @@ TEST(EpHostReduce, SlotParityPicksTheTable) {
     std::vector<float> a0(1, -9), a1(1, -9), b0(1, -9), b1(1, -9);
     std::vector<void*> outs = {a0.data(), a1.data(), b0.data(), b1.data()};  // [2][W = 2]
     const uint64_t count = parity_case < 0 ? 0 : static_cast<uint64_t>(7 + parity_case / 2);
-    bitep::kernels::ReduceParams p;
-    p.num_recv_rows = 2;
-    p.max_row_experts = 1;
-    p.hidden = 1;
-    p.dtype = DType::kF32;
-    p.y = y.data();
-    p.recv_expert_rows = rows.data();
-    p.num_sources = 2;
-    p.outs = outs.data();
-    p.row_offsets = offsets.data();
-    p.self_source = 0;
+    bitep::kernels::ReduceParams p = per_source_params(y, rows, 1, outs, offsets, 0);  // 2 sources: the first table
     if (parity_case >= 0) {
       p.outs_parity.count = &count;
       p.outs_parity.add = static_cast<uint32_t>(parity_case % 2);
@@ -482,6 +482,27 @@ TEST(EpHostReduce, SlotParityPicksTheTable) {
   }
 }
 
+// A final sum of fp32 rows (H = 1): W = send_offsets.size() ranks, T = out->size() tokens.
+bitep::kernels::FinalSumParams final_sum_params(const std::vector<int32_t>& slot,
+                                                const std::vector<int64_t>& send_offsets,
+                                                const std::vector<float>& ret,
+                                                const std::vector<float>& self_ret,
+                                                int self,
+                                                std::vector<float>* out) {
+  bitep::kernels::FinalSumParams p;
+  p.num_tokens = static_cast<int64_t>(out->size());
+  p.num_ranks = static_cast<int>(send_offsets.size());
+  p.self_rank = self;
+  p.hidden = 1;
+  p.dtype = DType::kF32;
+  p.token_slot = slot.data();
+  p.send_offsets = send_offsets.data();
+  p.ret = ret.data();
+  p.self_ret = self_ret.data();
+  p.out = out->data();
+  return p;
+}
+
 TEST(EpHostFinalSum, SlotParityMovesTheReturnedRows) {
   // W = 2, self = 0, H = 1, one token to both ranks; parity 1 reads ret and self_ret ret_parity_bytes further.
   const std::vector<int32_t> slot = {0, 0};
@@ -491,17 +512,7 @@ TEST(EpHostFinalSum, SlotParityMovesTheReturnedRows) {
   for (const uint64_t count : {uint64_t{4}, uint64_t{5}}) {
     for (const uint32_t add : {0u, 1u}) {
       std::vector<float> out(1, -9.0f);
-      bitep::kernels::FinalSumParams p;
-      p.num_tokens = 1;
-      p.num_ranks = 2;
-      p.self_rank = 0;
-      p.hidden = 1;
-      p.dtype = DType::kF32;
-      p.token_slot = slot.data();
-      p.send_offsets = send_offsets.data();
-      p.ret = ret.data();
-      p.self_ret = self.data();
-      p.out = out.data();
+      bitep::kernels::FinalSumParams p = final_sum_params(slot, send_offsets, ret, self, 0, &out);
       p.ret_parity.count = &count;
       p.ret_parity.add = add;
       p.ret_parity_bytes = sizeof(float);
@@ -518,18 +529,8 @@ TEST(EpHostFinalSum, AscendingRanksSelfRowsAndUnroutedZeros) {
   const std::vector<float> ret = {1e8f, 1.0f, -7.0f};  // rank 0: [0]; rank 2: [1, 2]
   const std::vector<float> self = {0, 0, -1e8f};       // self chunk at offset 2
   std::vector<float> out(3, 5.0f);
-  bitep::kernels::FinalSumParams p;
-  p.num_tokens = 3;
-  p.num_ranks = 3;
-  p.self_rank = 1;
-  p.hidden = 1;
-  p.dtype = DType::kF32;
-  p.token_slot = slot.data();
-  p.send_offsets = send_offsets.data();
-  p.ret = ret.data();
-  p.self_ret = self.data();
+  bitep::kernels::FinalSumParams p = final_sum_params(slot, send_offsets, ret, self, 1, &out);
   p.self_ret_offset = 2;
-  p.out = out.data();
   bitep::host::ep_final_sum(p);
   EXPECT_EQ(out[0], (1e8f + -1e8f) + 1.0f);  // rank order 0, 1, 2: exactly 1
   EXPECT_EQ(out[1], -7.0f);
