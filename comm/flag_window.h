@@ -103,7 +103,8 @@ class FlagWindow : public PeerWindow {
 // The ranks agree over t whether a window opens: each offers `ok` (else off_reason says why not, for
 // BITEP_TRACE) and whether its count exchange may go through it (BITEP_LSA_EXCHANGE=0: not); when every
 // rank offered one and every rank's w->init() passed, w reserves fixed_bytes (or the initial size) and
-// becomes *out; else *out stays null on every rank. `what` names the window in the trace.
+// becomes *out; else *out stays null on every rank. The trace names the window by fixed_bytes (> 0: the
+// low-latency one).
 bitepResult_t open_flag_window(Transport* t,
                                bool ok,
                                const char* off_reason,

@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kRowThreads) final_sum_kernel(FinalArgs a) {
   using Vec = typename P::Vec;
   constexpr int N = P::N;
   const int lane = threadIdx.x & (kWarp - 1);
-  if (a.ret_parity.count != nullptr && slot_parity(a.ret_parity) != 0) {
+  if (slot_parity(a.ret_parity) != 0) {
     a.ret += a.ret_parity_bytes;
     a.self_ret += a.ret_parity_bytes;
   }

@@ -513,7 +513,7 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
   a.C = p.capacity;
   a.region = p.region;
   if (p.parity.count != nullptr && p.region_parity_bytes % 16 != 0) return cudaErrorInvalidValue;  // vector loads
-  a.region_parity_bytes = p.parity.count != nullptr ? p.region_parity_bytes : 0;
+  a.region_parity_bytes = p.region_parity_bytes;
   a.parity = p.parity;
   a.b = p.block;
   a.expert_x = static_cast<char*>(p.expert_x);
