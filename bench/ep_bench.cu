@@ -447,6 +447,7 @@ int main(int argc, char** argv) {
           kLowLatencyRows,
           kLowLatencyCombine,
           kLowLatencyGraph,
+          kLowLatencyGraphStep,
           kPlacement,
           kSelfTest,
           kChecks
@@ -461,6 +462,8 @@ int main(int argc, char** argv) {
                                                          "low-latency combine",
                                                          "low-latency in CUDA graphs (combine of the first and last "
                                                          "launch)",
+                                                         "decode step in one CUDA graph (router + low-latency "
+                                                         "dispatch + combine; first and last launch)",
                                                          "placement (host: receive order, map, weights, positions, "
                                                          "counts, offsets)",
                                                          "self-test: corruptions the placement check missed"};
@@ -705,6 +708,38 @@ int main(int argc, char** argv) {
           MPI_Allreduce(MPI_IN_PLACE, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
           rec.ll_graph = all_ok == 1;
         }
+        // A decode step in one graph: the router (map and weights from the logits), the low-latency dispatch and its
+        // combine. The map and weights are poisoned with the output before each checked launch, so the check fails
+        // unless the graph's router wrote them.
+        cudaGraph_t ge = nullptr;
+        cudaGraphExec_t xe = nullptr;
+        bitepHandle_t he = nullptr;
+        rec.ll_graph_step = rec.ll_graph;
+        if (rec.ll_graph_step) {
+          bool ok = cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal) == cudaSuccess;
+          bitepResult_t r = bitepSuccess;
+          if (ok) {
+            r = bitepRouterForward(bitepBackendCuda, &rc, &ra, bstream);
+            if (r == bitepSuccess) r = bitepDispatchLowLatency(group, &dll, bstream, &he);
+            bitepDispatchLayout_t le{};
+            if (r == bitepSuccess) r = bitepHandleGetLayout(he, &le);
+            bitepCombineArgs_t ce = ca;
+            ce.y = le.expert_x;  // identity experts
+            if (r == bitepSuccess) r = bitepCombine(group, he, &ce, bstream);
+          }
+          const std::string why = r != bitepSuccess ? bitepGetLastError() : "";
+          ok = cudaStreamEndCapture(stream, &ge) == cudaSuccess && ok && r == bitepSuccess &&
+               cudaGraphInstantiate(&xe, ge, 0) == cudaSuccess;
+          if (!ok) {
+            (void)cudaGetLastError();
+            std::fprintf(stderr, "ep_bench rank %d T=%lld: the decode step did not capture into a CUDA graph%s%s\n",
+                         rank, static_cast<long long>(T), why.empty() ? "" : ": ", why.c_str());
+            ++host_checks[kLowLatencyGraphStep];
+          }
+          int all_ok = ok ? 1 : 0;
+          MPI_Allreduce(MPI_IN_PLACE, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+          rec.ll_graph_step = all_ok == 1;
+        }
         if (rec.ll_graph) {
           for (int it = 0; it < opt.warmup + opt.iters; ++it) {
             const bool check = it == 0 || it == opt.warmup + opt.iters - 1;
@@ -725,6 +760,30 @@ int main(int argc, char** argv) {
             }
           }
         }
+        std::vector<float> t_lge;
+        for (int it = 0; rec.ll_graph_step && it < opt.warmup + opt.iters; ++it) {
+          const bool check = it == 0 || it == opt.warmup + opt.iters - 1;
+          flush_l2();
+          MPI_Barrier(MPI_COMM_WORLD);
+          if (check) {
+            poison_out();
+            CK(cudaMemsetAsync(map, 0xff, T * ((sh.E + 7) / 8), stream));
+            CK(cudaMemsetAsync(w, 0xff, sizeof(float) * T * sh.k, stream));
+          }
+          CK(cudaEventRecord(ev.e[0], stream));
+          CK(cudaGraphLaunch(xe, stream));
+          CK(cudaEventRecord(ev.e[1], stream));
+          CK(cudaStreamSynchronize(stream));
+          if (it >= opt.warmup) t_lge.push_back(ev.us(0, 1));
+          if (check) {
+            epbench::check_combine(out, x, map, w, T, sh.H, sh.E, sh.k, W, wrong + kLowLatencyGraphStep, stream);
+            CK(cudaGetLastError());
+            CK(cudaStreamSynchronize(stream));
+          }
+        }
+        if (xe != nullptr) CK(cudaGraphExecDestroy(xe));
+        if (ge != nullptr) CK(cudaGraphDestroy(ge));
+        if (he != nullptr) BK(bitepHandleDestroy(he));
         if (xd != nullptr) CK(cudaGraphExecDestroy(xd));
         if (xc != nullptr) CK(cudaGraphExecDestroy(xc));
         if (gd != nullptr) CK(cudaGraphDestroy(gd));
@@ -827,6 +886,7 @@ int main(int argc, char** argv) {
             rec.ll_graph_dispatch = report.over_ranks(median(t_lgd));
             rec.ll_graph_combine = report.over_ranks(median(t_lgc));
           }
+          if (rec.ll_graph_step) rec.ll_graph_step_time = report.over_ranks(median(t_lge));
         }
         rec.nccl_a2a = report.over_ranks(median(t_a2a));
         rec.nccl_a2a_combine = report.over_ranks(median(t_a2a_c));

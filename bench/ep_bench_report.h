@@ -31,6 +31,8 @@ struct Record {
   bool ll = false;
   Stat ll_graph_dispatch, ll_graph_combine;  // the same captured into CUDA graphs, per launch
   bool ll_graph = false;
+  Stat ll_graph_step_time;  // a decode step in one CUDA graph: router + low-latency dispatch + combine, per launch
+  bool ll_graph_step = false;
   Stat cross, combine_cross, baseline_cross;
   int64_t wrong = 0;
   // Memory per rank, over the ranks (max: the largest rank): the group's bytes (bitepGroupMemoryBytes),
@@ -123,6 +125,12 @@ class Report {
           "", r->ll_graph_dispatch.min, r->ll_graph_dispatch.avg, r->ll_graph_dispatch.max,
           r->ll_graph_dispatch.slowest, r->ll_graph_combine.min, r->ll_graph_combine.avg, r->ll_graph_combine.max,
           r->ll_graph_combine.slowest);
+    if (r->ll_graph_step)
+      std::printf(
+          "  %6s   decode step in one CUDA graph (router + low-latency dispatch + combine): min/avg/max "
+          "%.1f/%.1f/%.1f (slowest rank %d)\n",
+          "", r->ll_graph_step_time.min, r->ll_graph_step_time.avg, r->ll_graph_step_time.max,
+          r->ll_graph_step_time.slowest);
     std::fflush(stdout);
   }
 
@@ -180,6 +188,7 @@ class Report {
         stat(f, "ll_graph_dispatch_us", r.ll_graph_dispatch);
         stat(f, "ll_graph_combine_us", r.ll_graph_combine);
       }
+      if (r.ll_graph_step) stat(f, "ll_graph_step_us", r.ll_graph_step_time);
       std::fprintf(f, ", \"slowest_rank\": %d}", r.dispatch.slowest);
     }
     std::fprintf(f, "\n ]\n}\n");

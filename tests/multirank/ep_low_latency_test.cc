@@ -4,7 +4,8 @@
 // combines (weighted and not) bit for bit, twice (both slot parities) and with two handles in flight
 // combined in reverse order; on the cuda backend also captured into a CUDA graph and launched several times
 // (run_graphs). Host backend always (the regular dispatch underneath); the cuda backend where there is one GPU
-// per rank (the low-latency window's kernels where the ranks share an NVLink domain).
+// per rank (the low-latency window's kernels where the ranks share an NVLink domain). EpCudaGraph: a decode step
+// (router, low-latency dispatch, combine) in one CUDA graph against the same calls made one by one.
 // Then the argument errors, alike on every rank.
 #include <gtest/gtest.h>
 
@@ -281,6 +282,159 @@ void run_graphs(Mem& mem,
   }
   EXPECT_EQ(bitepHandleDestroy(h.h), bitepSuccess) << bitepGetLastError();
   h.h = nullptr;
+}
+
+// A decode step in one CUDA graph, as a serving stack captures it: bitepRouterForward (bitmap and compact weights from
+// fp32 logits) -> bitepDispatchLowLatency -> bitepCombine (identity experts: y is the handle's expert_x), captured once
+// and launched four times, new logits and tokens copied into the captured buffers before each launch. Every launch's
+// map, weights and output must equal the same step made one by one (the router into buffers of its own, bitepDispatch,
+// bitepCombine of its expert-major rows) bit for bit; the graph's map, weights and output are poisoned first. An
+// eager low-latency dispatch after launches 0 and 2 moves the next launch to the other slot parity (a launch's two
+// barriers keep it).
+struct DecodeShape {
+  const char* name;
+  int L, k, H, align;
+  int64_t (*tokens)(int rank);
+};
+
+float hash_uniform(uint64_t a, uint64_t b, uint64_t c) {  // in [-1, 1)
+  uint64_t z = a * 0x9e3779b97f4a7c15ull ^ (b + 0x632be59bd9b4e019ull) * 0xbf58476d1ce4e5b9ull ^ c;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return static_cast<float>(z >> 40) / static_cast<float>(1 << 23) - 1.0f;
+}
+
+void run_decode_step_graph(const DecodeShape& d, int device) {
+  const int W = world_size(), rank = world_rank();
+  const int E = d.L * W, k = std::min(d.k, E);
+  int64_t max_t = 1;
+  for (int r = 0; r < W; ++r) max_t = std::max(max_t, d.tokens(r));
+  const int64_t T = d.tokens(rank);
+  Spec s;
+  s.L = d.L;
+  s.k = k;
+  s.H = d.H;
+  s.align = d.align;
+  bitepGroupConfig_t c = group_config(s, W);
+  c.backend = bitepBackendCuda;
+  c.device = device;
+  c.low_latency_max_tokens = static_cast<int>(max_t);
+  GroupGuard g;
+  ASSERT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g.g), bitepSuccess) << bitepGetLastError();
+  int capturable = -1;
+  ASSERT_EQ(bitepGroupLowLatencyCapturable(g.g, &capturable), bitepSuccess) << bitepGetLastError();
+  if (capturable != 1) GTEST_SKIP() << "this group's low-latency calls run bitepDispatch (no device path to capture)";
+
+  Mem mem(true);
+  const size_t map_bytes = static_cast<size_t>(T) * ((E + 7) / 8), w_bytes = sizeof(float) * T * k;
+  const size_t x_bytes = static_cast<size_t>(T) * d.H * 2;
+  std::vector<uint8_t> zeros(std::max(x_bytes, sizeof(float) * T * E) + 1, 0);
+  void* logits = mem.put(zeros.data(), sizeof(float) * T * E);
+  void* x = mem.put(zeros.data(), x_bytes);
+  void* map = mem.put(zeros.data(), map_bytes);
+  void* w = mem.put(zeros.data(), w_bytes);
+  void* out = mem.put(zeros.data(), x_bytes);
+  void* map_ref = mem.put(zeros.data(), map_bytes);
+  void* w_ref = mem.put(zeros.data(), w_bytes);
+  void* out_ref = mem.put(zeros.data(), x_bytes);
+  bitepRouterConfig_t rc = BITEP_ROUTER_CONFIG_INIT;
+  rc.num_experts = E;
+  rc.topk = k;
+  bitepRouterForwardArgs_t ra = BITEP_ROUTER_FWD_ARGS_INIT;
+  ra.num_tokens = T;
+  ra.logits = logits;
+  ra.routing_map = map;
+  ra.map_format = bitepMapBitmapU8;
+  ra.topk_weights = static_cast<float*>(w);
+  bitepRouterForwardArgs_t ra_ref = ra;
+  ra_ref.routing_map = map_ref;
+  ra_ref.topk_weights = static_cast<float*>(w_ref);
+  bitepDispatchArgs_t a = BITEP_DISPATCH_ARGS_INIT;
+  a.num_tokens = T;
+  a.x = x;
+  a.routing_map = map;
+  a.map_format = bitepMapBitmapU8;
+  a.topk_weights = static_cast<const float*>(w);
+  bitepDispatchArgs_t a_ref = a;
+  a_ref.routing_map = map_ref;
+  a_ref.topk_weights = static_cast<const float*>(w_ref);
+  bitepCombineArgs_t ca = BITEP_COMBINE_ARGS_INIT;
+  ca.layout = bitepLayoutExpertMajor;
+  ca.weighted = 1;
+  ca.out = out;
+
+  HandleGuard h;  // destroyed after the graph (the destroy waits for the device)
+  Capture cap;
+  ASSERT_EQ(bitepRouterForward(bitepBackendCuda, &rc, &ra, cap.stream()), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepDispatchLowLatency(g.g, &a, cap.stream(), &h.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
+  ca.y = lo.expert_x;
+  ASSERT_EQ(bitepCombine(g.g, h.h, &ca, cap.stream()), bitepSuccess) << bitepGetLastError();
+  ASSERT_TRUE(cap.instantiate()) << "capture of router + low-latency dispatch + combine failed (status " << cap.status()
+                                 << ")";
+  for (int launch = 0; launch < 4; ++launch) {
+    SCOPED_TRACE("graph launch " + std::to_string(launch));
+    std::vector<float> lg(static_cast<size_t>(T) * E);
+    for (size_t i = 0; i < lg.size(); ++i) lg[i] = 3.0f * hash_uniform(launch, rank, i);
+    std::vector<uint8_t> xs(x_bytes);
+    for (int64_t i = 0; i < T * d.H; ++i) store(bitepBfloat16, xs.data(), i, hash_uniform(launch + 100, rank, i));
+    if (T > 0) {
+      ASSERT_EQ(cudaMemcpy(logits, lg.data(), sizeof(float) * lg.size(), cudaMemcpyHostToDevice), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(x, xs.data(), x_bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    }
+    // The step made one by one.
+    ASSERT_EQ(bitepRouterForward(bitepBackendCuda, &rc, &ra_ref, nullptr), bitepSuccess) << bitepGetLastError();
+    {
+      HandleGuard r;
+      ASSERT_EQ(bitepDispatch(g.g, &a_ref, nullptr, &r.h), bitepSuccess) << bitepGetLastError();
+      bitepDispatchLayout_t rlo;
+      ASSERT_EQ(bitepHandleGetLayout(r.h, &rlo), bitepSuccess);
+      bitepCombineArgs_t cr = ca;
+      cr.y = rlo.expert_x;
+      cr.out = out_ref;
+      ASSERT_EQ(bitepCombine(g.g, r.h, &cr, nullptr), bitepSuccess) << bitepGetLastError();
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    }
+    ASSERT_EQ(cudaMemset(map, 0xff, map_bytes), cudaSuccess);
+    ASSERT_EQ(cudaMemset(w, 0xff, w_bytes), cudaSuccess);
+    ASSERT_EQ(cudaMemset(out, 0xff, x_bytes), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(cap.launch(), cudaSuccess);
+    EXPECT_TRUE(mem.get<uint8_t>(map, map_bytes) == mem.get<uint8_t>(map_ref, map_bytes))
+        << "the graph's routing map differs from the router's, rank " << rank;
+    EXPECT_TRUE(mem.get<uint8_t>(w, w_bytes) == mem.get<uint8_t>(w_ref, w_bytes))
+        << "the graph's weights differ from the router's, rank " << rank;
+    const std::vector<uint8_t> got = mem.get<uint8_t>(out, x_bytes), want = mem.get<uint8_t>(out_ref, x_bytes);
+    EXPECT_TRUE(got == want) << "the graph's combine differs from bitepDispatch + bitepCombine's, rank " << rank;
+    bool moved = T == 0;  // the identity experts' weighted sum of a token is not all zero (a check that can fail)
+    for (size_t i = 0; i < want.size() && !moved; ++i) moved = want[i] != 0;
+    EXPECT_TRUE(moved) << "the reference output is all zero, rank " << rank;
+    if (launch == 0 || launch == 2) {
+      HandleGuard between;
+      ASSERT_EQ(bitepDispatchLowLatency(g.g, &a_ref, nullptr, &between.h), bitepSuccess) << bitepGetLastError();
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    }
+  }
+}
+
+const DecodeShape kDecodeShapes[] = {
+    {"L8_k4_H64", 8, 4, 64, 1, [](int r) { return int64_t{40} + 9 * r; }},
+    {"L5_k3_H24_align4_rank1_empty", 5, 3, 24, 4, [](int r) { return r == 1 ? int64_t{0} : int64_t{17} + 4 * r; }},
+    {"L32_k8_H128_align16", 32, 8, 128, 16, [](int r) { return int64_t{128} - 5 * r; }},
+};
+
+TEST(EpCudaGraph, DecodeStepRouterDispatchCombine) {
+  int device = 0;
+  std::string why;
+  if (!gpu_per_rank(&device, &why)) GTEST_SKIP() << why;
+  ASSERT_EQ(cudaSetDevice(device), cudaSuccess);
+  for (const DecodeShape& d : kDecodeShapes) {
+    SCOPED_TRACE(d.name);
+    run_decode_step_graph(d, device);
+    if (HasFatalFailure() || IsSkipped()) return;
+  }
 }
 #endif
 
