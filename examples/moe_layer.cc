@@ -1,10 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 // One MoE layer across the ranks of MPI_COMM_WORLD:
 //   mpirun -np N ./build/examples/moe_layer [--tokens T --hidden H --experts E --topk k --ffn F
-//                                            --iters I --backend host|cuda]
+//                                            --iters I --backend host|cuda [--low-latency | --graph]]
 // Each rank routes its random logits with the bitep router (bitmap + compact weights), dispatches its
 // tokens, runs a small GELU FFN per local expert, and combines. Rank 0 then gathers every rank's inputs
 // and outputs, computes the same layer alone, and reports time per stage, tokens/s and the max error.
+// --low-latency (cuda): the decode path, bitepDispatchLowLatency; --graph (cuda): that step captured once into a
+// CUDA graph (router, dispatch, experts, combine) and launched once per iteration, as a serving stack runs it; every
+// launch but the last on other inputs, so the checked output is the last launch's.
 // Exit status: 0 correct (or cuda skipped), 1 wrong or failed.
 #include "moe_layer.h"
 
@@ -58,11 +61,15 @@ bool parse(int argc, char** argv, Options* o, int rank) {
       o->backend = v;
     else if (a == "--seed" && (v = value("--seed")))
       o->seed = std::strtoull(v, nullptr, 10);
+    else if (a == "--low-latency")
+      o->low_latency = true;
+    else if (a == "--graph")
+      o->graph = o->low_latency = true;
     else {
       if (rank == 0)
         std::fprintf(stderr,
                      "usage: moe_layer [--tokens T] [--hidden H] [--experts E] [--topk k] [--ffn F] "
-                     "[--iters I] [--backend host|cuda] [--seed S]\n");
+                     "[--iters I] [--backend host|cuda] [--seed S] [--low-latency | --graph]\n");
       return false;
     }
   }
@@ -155,7 +162,8 @@ double check(const Problem& p, const std::vector<uint16_t>& out, double* max_abs
 }
 
 void report(const Options& o, const Problem& p, const Timings& t, double worst, double max_abs) {
-  const double mine[5] = {t.router, t.dispatch, t.experts, t.combine, t.router + t.dispatch + t.experts + t.combine};
+  const double mine[5] = {t.router, t.dispatch, t.experts, t.combine,
+                          o.graph ? t.step : t.router + t.dispatch + t.experts + t.combine};
   double mn[5], mx[5], sum[5];
   MPI_Reduce(mine, mn, 5, MPI_DOUBLE, MPI_MIN, 0, MPI_COMM_WORLD);
   MPI_Reduce(mine, mx, 5, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD);
@@ -168,13 +176,16 @@ void report(const Options& o, const Problem& p, const Timings& t, double worst, 
   int64_t total = 0;
   MPI_Reduce(&p.T, &total, 1, MPI_INT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
   if (p.rank != 0) return;
+  const char* mode = o.graph         ? "low-latency dispatch, the step in one CUDA graph"
+                     : o.low_latency ? "low-latency dispatch"
+                                     : "bitepDispatch";
   std::printf(
-      "bitep moe_layer: backend %s, %d ranks, %lld tokens/rank, hidden %d, %d experts (%d per rank), "
+      "bitep moe_layer: backend %s (%s), %d ranks, %lld tokens/rank, hidden %d, %d experts (%d per rank), "
       "top-%d, ffn %d, %d iterations\n",
-      o.backend.c_str(), p.nranks, static_cast<long long>(p.T), p.H, p.E, p.E / p.nranks, p.k, p.F, o.iters);
+      o.backend.c_str(), mode, p.nranks, static_cast<long long>(p.T), p.H, p.E, p.E / p.nranks, p.k, p.F, o.iters);
   std::printf("%-10s %10s %10s %10s\n", "stage", "min(ms)", "avg(ms)", "max(ms)");
-  const char* names[5] = {"router", "dispatch", "experts", "combine", "total"};
-  for (int i = 0; i < 5; ++i)
+  const char* names[5] = {"router", "dispatch", "experts", "combine", o.graph ? "step" : "total"};
+  for (int i = o.graph ? 4 : 0; i < 5; ++i)
     std::printf("%-10s %10.3f %10.3f %10.3f\n", names[i], 1e3 * mn[i], 1e3 * sum[i] / p.nranks, 1e3 * mx[i]);
   std::printf("slowest rank: %d; throughput: %.0f tokens/s (all ranks, one layer forward)\n", slow.r,
               mx[4] > 0 ? static_cast<double>(total) / mx[4] : 0.0);
@@ -194,13 +205,22 @@ int main(int argc, char** argv) {
     return 1;
   }
   const Problem p = make_problem(o, rank, nranks);
+  std::string bad;
   if (p.E % nranks != 0 || p.k < 1 || p.k > p.E || p.T < 0 || p.H < 1 || o.iters < 1 ||
-      (o.backend != "host" && o.backend != "cuda")) {
-    if (rank == 0)
-      std::fprintf(stderr,
-                   "moe_layer: need experts %% ranks == 0 (experts %d, ranks %d), 1 <= topk <= experts, "
-                   "tokens >= 0, hidden >= 1, iters >= 1, backend host|cuda\n",
-                   p.E, nranks);
+      (o.backend != "host" && o.backend != "cuda"))
+    bad = "need experts % ranks == 0 (experts " + std::to_string(p.E) + ", ranks " + std::to_string(nranks) +
+          "), 1 <= topk <= experts, tokens >= 0, hidden >= 1, iters >= 1, backend host|cuda";
+  else if (o.low_latency && o.backend != "cuda")
+    bad = "--low-latency and --graph need --backend cuda (the host backend has no decode path to show)";
+  else if (o.low_latency && p.T > 65536)
+    bad = "--low-latency and --graph take at most 65536 tokens a rank (tokens " + std::to_string(p.T) + ")";
+  else if (o.low_latency && 4 * (p.H + p.F) > 48 * 1024)
+    bad =
+        "--low-latency and --graph run the experts as one kernel with a row in shared memory: need 4 * (hidden + "
+        "ffn) <= 48 KiB (hidden " +
+        std::to_string(p.H) + ", ffn " + std::to_string(p.F) + ")";
+  if (!bad.empty()) {
+    if (rank == 0) std::fprintf(stderr, "moe_layer: %s\n", bad.c_str());
     MPI_Finalize();
     return 1;
   }

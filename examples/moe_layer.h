@@ -18,6 +18,11 @@ struct Options {
   int iters = 5;
   std::string backend = "host";
   uint64_t seed = 7;
+  // cuda only: the decode path. --low-latency: bitepDispatchLowLatency (no host wait; the expert counts stay on the
+  // device, so the experts run as one kernel over the expert-major rows); --graph: the same step (router, dispatch,
+  // experts, combine) captured once into a CUDA graph and launched once per iteration.
+  bool low_latency = false;
+  bool graph = false;
 };
 
 // This rank's inputs and the layer's weights (the same on every rank).
@@ -42,9 +47,10 @@ struct Problem {
   std::vector<float> w1, w2;  // [E, F, H], [E, H, F] (values exact in bf16)
 };
 
-// Seconds per stage, averaged over the iterations.
+// Seconds per stage, averaged over the iterations; with --graph the whole step (one launch) alone.
 struct Timings {
   double router = 0, dispatch = 0, experts = 0, combine = 0;
+  double step = 0;
 };
 
 inline float bf16_to_float(uint16_t h) {

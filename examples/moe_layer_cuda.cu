@@ -23,6 +23,59 @@ __global__ void gelu_to_bf16(const float* in, __nv_bfloat16* out, int64_t n) {
   }
 }
 
+// The decode path's experts: expert_counts and expert_offsets of a low-latency dispatch live on the device, so the
+// FFN of every local expert runs as one kernel over the expert-major rows, a block a row (small H and F: the row and
+// its activation in shared memory). Rows past the experts' end and pad rows are not read by the combine and are left
+// alone. y = W2_e gelu(W1_e x): fp32 sums, the activation rounded to bf16 as the GEMM path stores it.
+__global__ void expert_ffn_rows(const __nv_bfloat16* x,
+                                const int32_t* counts,
+                                const int32_t* offsets,
+                                int L,
+                                int first_expert,
+                                const __nv_bfloat16* w1,
+                                const __nv_bfloat16* w2,
+                                int H,
+                                int F,
+                                __nv_bfloat16* y,
+                                int64_t rows) {
+  extern __shared__ float smem[];
+  float* xs = smem;
+  float* as = smem + H;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int64_t end = offsets[L];
+  for (int64_t r = blockIdx.x; r < rows && r < end; r += gridDim.x) {
+    int lo = 0, hi = L;  // the expert whose block holds r: the last l with offsets[l] <= r
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (offsets[mid] <= r)
+        lo = mid;
+      else
+        hi = mid;
+    }
+    if (r >= offsets[lo] + counts[lo]) continue;  // a pad row
+    __syncthreads();                              // the previous row's xs and as are read
+    for (int i = threadIdx.x; i < H; i += blockDim.x) xs[i] = __bfloat162float(x[r * H + i]);
+    __syncthreads();
+    const __nv_bfloat16* w1e = w1 + static_cast<int64_t>(first_expert + lo) * F * H;
+    const __nv_bfloat16* w2e = w2 + static_cast<int64_t>(first_expert + lo) * H * F;
+    for (int f = warp; f < F; f += warps) {
+      float acc = 0.0f;
+      for (int i = lane; i < H; i += 32) acc += __bfloat162float(w1e[static_cast<int64_t>(f) * H + i]) * xs[i];
+      for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (lane == 0)
+        as[f] = __bfloat162float(
+            __float2bfloat16_rn(0.5f * acc * (1.0f + tanhf(0.7978845608f * (acc + 0.044715f * acc * acc * acc)))));
+    }
+    __syncthreads();
+    for (int j = warp; j < H; j += warps) {
+      float acc = 0.0f;
+      for (int f = lane; f < F; f += 32) acc += __bfloat162float(w2e[static_cast<int64_t>(j) * F + f]) * as[f];
+      for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (lane == 0) y[r * H + j] = __float2bfloat16_rn(acc);
+    }
+  }
+}
+
 // Device buffer that grows (never shrinks) across iterations.
 struct DevBuf {
   void* ptr = nullptr;
@@ -112,6 +165,7 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
   gc.expert_alignment = kAlignment;
   gc.timeout_s = 120;
   gc.device = local;
+  gc.low_latency_max_tokens = opts.low_latency ? static_cast<int>(p.T > 0 ? p.T : 1) : 0;
   bitepGroup_t group = nullptr;
   BITEP_OK(bitepGroupCreateMpi(MPI_COMM_WORLD, &gc, &group));
   bitepRouterConfig_t rc = BITEP_ROUTER_CONFIG_INIT;
@@ -119,6 +173,136 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
   rc.topk = p.k;
   const float one = 1.0f, zero = 0.0f;
   const bitepStream_t bs = reinterpret_cast<bitepStream_t>(stream);
+  if (opts.low_latency) {
+    // The decode path: one step = router -> bitepDispatchLowLatency -> the experts' kernel -> bitepCombine, with no
+    // host wait inside; with --graph captured once and launched per iteration.
+    bitepRouterForwardArgs_t ra = BITEP_ROUTER_FWD_ARGS_INIT;
+    ra.num_tokens = p.T;
+    ra.logits = d_logits.ptr;
+    ra.routing_map = d_map.ptr;
+    ra.map_format = bitepMapBitmapU8;
+    ra.topk_weights = static_cast<float*>(d_w.ptr);
+    bitepDispatchArgs_t da = BITEP_DISPATCH_ARGS_INIT;
+    da.num_tokens = p.T;
+    da.x = d_x.ptr;
+    da.routing_map = d_map.ptr;
+    da.map_format = bitepMapBitmapU8;
+    da.topk_weights = static_cast<const float*>(d_w.ptr);
+    // The y buffer is sized from a first call (a capture may not allocate): a low-latency handle's expert rows are a
+    // fixed capacity, the same for every call of the group.
+    {
+      bitepHandle_t h0 = nullptr;
+      BITEP_OK(bitepRouterForward(bitepBackendCuda, &rc, &ra, bs));
+      BITEP_OK(bitepDispatchLowLatency(group, &da, bs, &h0));
+      bitepDispatchLayout_t lo;
+      BITEP_OK(bitepHandleGetLayout(h0, &lo));
+      CUDA_OK(d_y.reserve(2 * lo.num_expert_rows * p.H + 2));
+      CUDA_OK(cudaStreamSynchronize(stream));
+      BITEP_OK(bitepHandleDestroy(h0));
+    }
+    // Enqueues the experts and the combine of handle h (stage boundaries for the timings when sync).
+    auto experts_and_combine = [&](bitepHandle_t h, bool sync, double* t_experts) -> int {
+      bitepDispatchLayout_t lo;
+      BITEP_OK(bitepHandleGetLayout(h, &lo));
+      const double t0 = MPI_Wtime();
+      if (lo.num_expert_rows > 0) {
+        const int grid = static_cast<int>(lo.num_expert_rows < 4096 ? lo.num_expert_rows : 4096);
+        expert_ffn_rows<<<grid, 256, 4 * (p.H + p.F), stream>>>(
+            static_cast<const __nv_bfloat16*>(lo.expert_x), lo.expert_counts, lo.expert_offsets, L, p.rank * L,
+            static_cast<const __nv_bfloat16*>(d_w1.ptr), static_cast<const __nv_bfloat16*>(d_w2.ptr), p.H, p.F,
+            static_cast<__nv_bfloat16*>(d_y.ptr), lo.num_expert_rows);
+        CUDA_OK(cudaGetLastError());
+      }
+      if (sync) {
+        CUDA_OK(cudaStreamSynchronize(stream));
+        *t_experts = MPI_Wtime() - t0;
+      }
+      bitepCombineArgs_t ca = BITEP_COMBINE_ARGS_INIT;
+      ca.y = d_y.ptr;
+      ca.weighted = 1;
+      ca.out = d_out.ptr;
+      BITEP_OK(bitepCombine(group, h, &ca, bs));
+      return 0;
+    };
+    // Other inputs for every launch but the last (the logits and tokens negated), so that the checked output shows
+    // each step routes and moves what the buffers hold when it runs.
+    std::vector<float> logits_alt(p.logits.size());
+    std::vector<uint16_t> x_alt(p.x.size());
+    for (size_t i = 0; i < logits_alt.size(); ++i) logits_alt[i] = -p.logits[i];
+    for (size_t i = 0; i < x_alt.size(); ++i) x_alt[i] = static_cast<uint16_t>(p.x[i] ^ 0x8000u);
+    auto upload = [&](bool last) -> int {
+      CUDA_OK(cudaMemcpy(d_logits.ptr, last ? p.logits.data() : logits_alt.data(), 4 * p.logits.size(),
+                         cudaMemcpyHostToDevice));
+      CUDA_OK(cudaMemcpy(d_x.ptr, last ? p.x.data() : x_alt.data(), 2 * p.x.size(), cudaMemcpyHostToDevice));
+      return 0;
+    };
+    if (!opts.graph) {
+      for (int it = 0; it < opts.iters; ++it) {
+        if (upload(it == opts.iters - 1)) return 1;
+        MPI_Barrier(MPI_COMM_WORLD);
+        const double t0 = MPI_Wtime();
+        BITEP_OK(bitepRouterForward(bitepBackendCuda, &rc, &ra, bs));
+        CUDA_OK(cudaStreamSynchronize(stream));
+        const double t1 = MPI_Wtime();
+        bitepHandle_t h = nullptr;
+        BITEP_OK(bitepDispatchLowLatency(group, &da, bs, &h));
+        CUDA_OK(cudaStreamSynchronize(stream));
+        const double t2 = MPI_Wtime();
+        double t_experts = 0;
+        if (experts_and_combine(h, true, &t_experts)) return 1;
+        CUDA_OK(cudaStreamSynchronize(stream));
+        const double t4 = MPI_Wtime();
+        BITEP_OK(bitepHandleDestroy(h));
+        t->router += (t1 - t0) / opts.iters;
+        t->dispatch += (t2 - t1) / opts.iters;
+        t->experts += t_experts / opts.iters;
+        t->combine += (t4 - t2 - t_experts) / opts.iters;
+      }
+    } else {
+      int capturable = 0, all_capturable = 0;
+      BITEP_OK(bitepGroupLowLatencyCapturable(group, &capturable));
+      MPI_Allreduce(&capturable, &all_capturable, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+      if (!all_capturable) {
+        if (p.rank == 0)
+          std::printf(
+              "moe_layer: SKIPPED --graph: this group's low-latency calls run bitepDispatch (no peer window, "
+              "BITEP_LSA=0, or a shape the receive kernel does not take), which no CUDA graph can hold\n");
+        BITEP_OK(bitepGroupDestroy(group));
+        return 2;
+      }
+      bitepHandle_t h = nullptr;  // the graph's: destroyed after it
+      cudaGraph_t graph = nullptr;
+      cudaGraphExec_t exec = nullptr;
+      CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+      const bitepResult_t rr = bitepRouterForward(bitepBackendCuda, &rc, &ra, bs);
+      const bitepResult_t rd = rr == bitepSuccess ? bitepDispatchLowLatency(group, &da, bs, &h) : rr;
+      double unused = 0;
+      const int rx = rd == bitepSuccess ? experts_and_combine(h, false, &unused) : 1;
+      const cudaError_t re = cudaStreamEndCapture(stream, &graph);
+      BITEP_OK(rr);
+      BITEP_OK(rd);
+      if (rx) return 1;
+      CUDA_OK(re);
+      CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+      for (int it = 0; it < opts.iters; ++it) {
+        if (upload(it == opts.iters - 1)) return 1;
+        MPI_Barrier(MPI_COMM_WORLD);
+        const double t0 = MPI_Wtime();
+        CUDA_OK(cudaGraphLaunch(exec, stream));
+        CUDA_OK(cudaStreamSynchronize(stream));
+        t->step += (MPI_Wtime() - t0) / opts.iters;
+      }
+      CUDA_OK(cudaGraphExecDestroy(exec));
+      CUDA_OK(cudaGraphDestroy(graph));
+      BITEP_OK(bitepHandleDestroy(h));  // waits for the device: the library does not see the graph's launches
+    }
+    out->resize(p.T * p.H);
+    CUDA_OK(cudaMemcpy(out->data(), d_out.ptr, 2 * out->size(), cudaMemcpyDeviceToHost));
+    BITEP_OK(bitepGroupDestroy(group));
+    cublasDestroy(blas);
+    cudaStreamDestroy(stream);
+    return 0;
+  }
   for (int it = 0; it < opts.iters; ++it) {
     MPI_Barrier(MPI_COMM_WORLD);
     const double t0 = MPI_Wtime();

@@ -198,6 +198,12 @@ fi
 # build has no CUDA + cuBLAS path).
 if on gpu || on ctest; then
   gpu_step "demo: moe_layer np$NGPU --backend cuda" "$LOG" mpirun -np "$NGPU" "$BUILD/examples/moe_layer" --backend cuda
+  # The decode path: the low-latency calls one by one, then the whole step in one CUDA graph (launched per iteration,
+  # every launch but the last on other inputs).
+  gpu_step "demo: moe_layer np$NGPU --backend cuda --low-latency" "$LOG" mpirun -np "$NGPU" "$BUILD/examples/moe_layer" \
+    --backend cuda --low-latency --tokens 128
+  gpu_step "demo: moe_layer np$NGPU --backend cuda --graph" "$LOG" mpirun -np "$NGPU" "$BUILD/examples/moe_layer" \
+    --backend cuda --graph --tokens 128 --iters 8
 fi
 # The two-GPU steps (NVLink, the network transport, np 2 under memcheck) say so when they cannot run.
 if [ "$NGPU" -lt 2 ] && { on multirank || on net || on sanitize; }; then
