@@ -3,11 +3,14 @@
 // gradients of the combine backward), the final sum over ranks (FinalSumParams) and the scatter of
 // returned weight gradients (WeightGradParams).
 //
-// All three are one warp per row over a persistent grid. Rows move in 16-byte vectors where the row
-// size and pointers allow (4 per lane in flight per source row; the sums load two source rows at a
-// time); sums are fp32 in the order ep_params.h fixes (reduce: acc = fmaf(w, y, acc) over j ascending;
-// final sum: acc + row over r ascending), one rounding at the end, so the results are bit-identical to
-// the host reference.
+// All three are one warp per row over a persistent grid; the reduce and the final sum split a row into pieces of
+// kWarp * kUnroll vectors among several warps when there are fewer rows than warps to fill the device (a decode
+// batch: 128 rows of 14 KB were one warp each, a chain of ~28 dependent loads). Rows move in 16-byte vectors where the
+// row size and pointers allow (4 per lane in flight per source row; the sums load two source rows at a time); sums are
+// fp32 in the order ep_params.h fixes (reduce: acc = fmaf(w, y, acc) over j ascending; final sum: acc + row over r
+// ascending), one rounding at the end, so the results are bit-identical to the host reference.
+#include <algorithm>
+
 #include "kernels/ep.h"
 #include "kernels/ep_common.cuh"
 
@@ -78,7 +81,8 @@ struct ReduceArgs {
   char* const* outs;
   SlotParity outs_parity;  // picks outs' table (ReduceParams::outs_parity)
   const int64_t* row_offsets;
-  bool skip_empty;  // ReduceParams::skip_empty_rows
+  bool skip_empty;            // ReduceParams::skip_empty_rows
+  int64_t pieces, piece_vec;  // a row's warps, and the vectors of each (a multiple of kWarp * kUnroll)
 };
 
 // Step j of a reduce over R rows of which [own0, own0 + own_n) are the own rows: the others' rows and the
@@ -118,7 +122,9 @@ __global__ void __launch_bounds__(kRowThreads) reduce_kernel(ReduceArgs a) {
     own0 = __ldg(a.row_offsets + a.self_source);
     own_n = __ldg(a.row_offsets + a.self_source + 1) - own0;
   }
-  for (int64_t j = global_warp(); j < a.num_rows; j += num_warps()) {
+  for (int64_t w = global_warp(); w < a.num_rows * a.pieces; w += num_warps()) {
+    const int64_t j = w / a.pieces, piece = w - j * a.pieces;
+    const int64_t v0 = piece * a.piece_vec, v1 = v0 + a.piece_vec < a.nvec ? v0 + a.piece_vec : a.nvec;
     int64_t i = j;
     char* dst = a.out != nullptr ? a.out + i * a.row_bytes : nullptr;
     if (a.num_sources > 0) {
@@ -134,7 +140,7 @@ __global__ void __launch_bounds__(kRowThreads) reduce_kernel(ReduceArgs a) {
     if (a.skip_empty && __shfl_sync(kFullMask, pos0, 0) < 0) dst = nullptr;
     if (dst != nullptr) {
       Vec* out = reinterpret_cast<Vec*>(dst);
-      for (int64_t base = 0; base < a.nvec; base += kWarp * kUnroll) {
+      for (int64_t base = v0; base < v1; base += kWarp * kUnroll) {
         float acc[kUnroll][N];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
@@ -154,7 +160,7 @@ __global__ void __launch_bounds__(kRowThreads) reduce_kernel(ReduceArgs a) {
         }
       }
     }
-    if (a.grad_weights != nullptr && a.grad_rows != nullptr) {
+    if (piece == 0 && a.grad_weights != nullptr && a.grad_rows != nullptr) {  // the whole row's dot, once
       // dot(y[pos], g[i]): lane-strided fmaf partials, then a fixed xor-tree: deterministic.
       const Vec* g = reinterpret_cast<const Vec*>(a.grad_rows + i * a.row_bytes);
       for (int j = 0; j < KL; ++j) {
@@ -192,6 +198,7 @@ struct FinalArgs {
   int64_t row_bytes, nvec;
   SlotParity ret_parity;  // FinalSumParams::ret_parity
   int64_t ret_parity_bytes;
+  int64_t pieces, piece_vec;  // as ReduceArgs
 };
 
 // Lane r's source row for token t (rank rg + lane), or null.
@@ -213,10 +220,12 @@ __global__ void __launch_bounds__(kRowThreads) final_sum_kernel(FinalArgs a) {
     a.ret += a.ret_parity_bytes;
     a.self_ret += a.ret_parity_bytes;
   }
-  for (int64_t t = global_warp(); t < a.num_tokens; t += num_warps()) {
+  for (int64_t w = global_warp(); w < a.num_tokens * a.pieces; w += num_warps()) {
+    const int64_t t = w / a.pieces, piece = w - t * a.pieces;
+    const int64_t v0 = piece * a.piece_vec, v1 = v0 + a.piece_vec < a.nvec ? v0 + a.piece_vec : a.nvec;
     const char* src0 = final_src(a, t, 0);  // ranks 0..31 stay in registers; more are reloaded per chunk
     Vec* out = reinterpret_cast<Vec*>(a.out + t * a.row_bytes);
-    for (int64_t base = 0; base < a.nvec; base += kWarp * kUnroll) {
+    for (int64_t base = v0; base < v1; base += kWarp * kUnroll) {
       float acc[kUnroll][N];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
@@ -300,6 +309,30 @@ cudaError_t with_vec_dtype(DType dtype, int v, Launch&& launch) {
   });
 }
 
+// Pieces of a row for `rows` rows of `nvec` vectors: as many warps a row as fill about kPieceWarpsPerSm warps an SM
+// (within the grid's cap of per_sm blocks an SM), each at least kWarp * kUnroll vectors (one pass of a warp), at most
+// max_pieces (> 0) where the caller caps them. One piece (the whole row) once the rows alone fill the device.
+constexpr int kPieceWarpsPerSm = 32;
+cudaError_t row_pieces(int64_t rows, int64_t nvec, int per_sm, int max_pieces, int64_t* pieces, int64_t* piece_vec) {
+  constexpr int64_t kPass = kWarp * kUnroll;
+  const int64_t passes = (nvec + kPass - 1) / kPass;
+  *pieces = 1;
+  *piece_vec = passes * kPass;
+  if (rows <= 0 || passes <= 1) return cudaSuccess;
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const int64_t cap = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : kRowBlocksPerSm) * (kRowThreads / kWarp);
+  const int64_t target = std::min<int64_t>(static_cast<int64_t>(sms) * kPieceWarpsPerSm, cap);
+  int64_t want = std::min<int64_t>(target / rows, passes);  // rounded down: rows that nearly fill it stay whole
+  if (max_pieces > 0) want = std::min<int64_t>(want, max_pieces);
+  if (want <= 1) return cudaSuccess;
+  const int64_t per = (passes + want - 1) / want;  // passes a piece
+  *piece_vec = per * kPass;
+  *pieces = (passes + per - 1) / per;
+  return cudaSuccess;
+}
+
 }  // namespace
 
 cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream) {
@@ -334,8 +367,10 @@ cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream) {
     v = v < p.outs_align ? v : p.outs_align;
   }
   a.nvec = a.row_bytes / v;
+  cudaError_t err = row_pieces(p.num_recv_rows, a.nvec, p.blocks_per_sm, p.max_row_pieces, &a.pieces, &a.piece_vec);
+  if (err != cudaSuccess) return err;
   unsigned grid = 0;
-  cudaError_t err = row_grid(p.num_recv_rows, &grid, p.blocks_per_sm);
+  err = row_grid(p.num_recv_rows * a.pieces, &grid, p.blocks_per_sm);
   if (err != cudaSuccess) return err;
   err = with_vec_dtype(p.dtype, v, [&](auto tt, auto vt) {
     reduce_kernel<typename decltype(tt)::type, decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a);
@@ -367,8 +402,10 @@ cudaError_t launch_ep_final_sum(const FinalSumParams& p, cudaStream_t stream) {
   a.row_bytes = p.hidden * dtype_size(p.dtype);
   const int v = vec_bytes(a.row_bytes, p.out, p.ret, p.self_ret);
   a.nvec = a.row_bytes / v;
+  cudaError_t err = row_pieces(p.num_tokens, a.nvec, 0, p.max_row_pieces, &a.pieces, &a.piece_vec);
+  if (err != cudaSuccess) return err;
   unsigned grid = 0;
-  cudaError_t err = row_grid(p.num_tokens, &grid);
+  err = row_grid(p.num_tokens * a.pieces, &grid);
   if (err != cudaSuccess) return err;
   err = with_vec_dtype(p.dtype, v, [&](auto tt, auto vt) {
     final_sum_kernel<typename decltype(tt)::type, decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a);

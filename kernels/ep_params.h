@@ -332,6 +332,9 @@ struct ReduceParams {
   // Rows without a local expert (recv_expert_rows[i][0] < 0) are not written (the low-latency combine's
   // empty slots); otherwise they get zero rows.
   bool skip_empty_rows = false;
+  // cuda: the most warps sharing a row (pieces of its vectors) when the rows are too few to fill the device; 0: as
+  // many as fill it, 1: one warp a row. A launch shape only: the results do not depend on it.
+  int max_row_pieces = 0;
 };
 
 // 8. Final sum: out[t] = sum over ranks r ascending with token_slot[t][r] >= 0 of
@@ -355,6 +358,7 @@ struct FinalSumParams {
   // ret and self_ret move by ret_parity_bytes when the call's parity is 1 (the low-latency combine's regions).
   SlotParity ret_parity;
   int64_t ret_parity_bytes = 0;
+  int max_row_pieces = 0;  // cuda: as ReduceParams::max_row_pieces
 };
 
 // Scatter of returned weight gradients to the source layout: for token t, rank r, row

@@ -15,6 +15,7 @@
 
 #include "src/args.h"
 #include "src/check.h"
+#include "src/env.h"
 #include "src/ep/collective.h"
 #include "src/ep/dispatch_args.h"
 #include "src/ep/exec.h"
@@ -72,6 +73,7 @@ kernels::FinalSumParams final_sum_params(const bitepGroup* g,
   fp.self_ret = self_ret;
   fp.self_ret_offset = self_ret_offset;
   fp.out = out;
+  fp.max_row_pieces = combine_row_pieces();
   return fp;
 }
 
@@ -95,10 +97,16 @@ kernels::ReduceParams reduce_params(const bitepGroup* g,
   rp.recv_weights = weighted ? h->recv_weights + i0 * KL : nullptr;
   rp.out = out;
   rp.blocks_per_sm = blocks_per_sm;
+  rp.max_row_pieces = combine_row_pieces();
   return rp;
 }
 
 }  // namespace
+
+int combine_row_pieces() {
+  static const int n = env_int("BITEP_COMBINE_PIECES", 1, 1024, 0);
+  return n;
+}
 
 bitepResult_t return_rows(Exec& ex, bitepGroup* g, bitepHandle* h, const void* partial, void* out, Trace* trace) {
   const int W = g->nranks, self = g->rank;

@@ -30,4 +30,8 @@ bitepResult_t same_dispatch(const bitepGroup* group, const std::vector<int32_t>&
 bitepResult_t return_rows(
     Exec& ex, bitepGroup* group, bitepHandle* handle, const void* partial, void* out, Trace* trace = nullptr);
 
+// The most warps sharing a row in the reduce and the final sum (kernels::ReduceParams::max_row_pieces):
+// BITEP_COMBINE_PIECES (1-1024; unset: 0, as many as fill the device), a launch shape only (bench/NOTES.md).
+int combine_row_pieces();
+
 }  // namespace bitep::ep

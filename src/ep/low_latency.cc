@@ -302,6 +302,7 @@ bitepResult_t combine_low_latency(
   rp.self_source = self;
   rp.outs_align = g->ll_outs_align;
   rp.skip_empty_rows = true;
+  rp.max_row_pieces = combine_row_pieces();
   const char* region = win->data(self) + lay.combine(0);
   kernels::FinalSumParams fp;
   fp.num_tokens = h->num_tokens;
@@ -318,6 +319,7 @@ bitepResult_t combine_low_latency(
   fp.ret_parity.count = win->epoch_word();
   fp.ret_parity.add = 1;  // after the barrier
   fp.ret_parity_bytes = static_cast<int64_t>(lay.combine(1) - lay.combine(0));
+  fp.max_row_pieces = rp.max_row_pieces;
   // Captured into a CUDA graph: the caller orders the graph's launches with the group's other calls.
   const bool captured = ex.capturing();
   if (!captured) BITEP_CHECK(win->acquire(ex.stream()));

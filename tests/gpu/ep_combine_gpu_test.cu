@@ -209,6 +209,126 @@ TEST(EpKernelsGpu, SlotParityMatchesHost) {
     }
 }
 
+// Few rows of many vectors: the reduce and the final sum split each row among several warps (pieces of kWarp * kUnroll
+// vectors; ReduceParams::max_row_pieces caps them, 0 fills the device, 1 is one warp a row). Rows whose vectors are
+// not a whole number of pieces (the last piece short), vectors of 16, 8, 4 and 2 bytes, empty rows skipped and zeroed,
+// weights and none, the backward's dot products beside the pieces (once a row), each cap against the host.
+TEST(EpKernelsGpu, ReduceAndFinalSumInPieces) {
+  REQUIRE_GPU();
+  struct Shape {
+    int64_t R, H;
+    DType dt;
+    int KL;
+  };
+  // H = 7168 bf16: 896 16-byte vectors, 7 passes of 128; 4100 bf16: 8-byte vectors (8200-byte rows), 1025 of them;
+  // 5000 f32: 1250 16-byte vectors; 4099 f16: 2-byte vectors (an odd row).
+  const Shape shapes[] = {{1, 7168, DType::kBF16, 8},
+                          {3, 4100, DType::kBF16, 4},
+                          {37, 5000, DType::kF32, 3},
+                          {200, 7168, DType::kBF16, 8},
+                          {5, 4099, DType::kF16, 2}};
+  int failing = 0;
+  for (const Shape& sh : shapes)
+    for (const int cap : {0, 1, 2, 3, 1024})
+      for (const bool skip_empty : {false, true}) {
+        const std::string what = "R=" + std::to_string(sh.R) + " H=" + std::to_string(sh.H) +
+                                 " KL=" + std::to_string(sh.KL) + " max_row_pieces=" + std::to_string(cap) +
+                                 (skip_empty ? " skip_empty" : "");
+        std::mt19937_64 rng(sh.R * 131 + sh.H + cap);
+        const int64_t N = sh.R * sh.KL + 3;
+        const size_t rb = size_t(sh.H) * elem_bytes(sh.dt);
+        const std::vector<uint8_t> y = random_rows(N, sh.H, sh.dt, rng), g = random_rows(sh.R, sh.H, sh.dt, rng);
+        std::vector<int32_t> rows(sh.R * sh.KL, -1);
+        std::vector<float> w(sh.R * sh.KL);
+        for (int64_t i = 0; i < sh.R; ++i) {
+          const int used = i % 7 == 2 ? 0 : 1 + static_cast<int>(rng() % sh.KL);  // some rows route nowhere here
+          for (int j = 0; j < used; ++j) rows[i * sh.KL + j] = static_cast<int32_t>(rng() % N);
+          for (int j = 0; j < sh.KL; ++j) w[i * sh.KL + j] = static_cast<float>(rng() % 1000) / 997.0f - 0.3f;
+        }
+        const bool weighted = cap != 2, grads = cap == 3;
+        std::vector<uint8_t> out = poisoned<uint8_t>(sh.R * rb);
+        std::vector<float> gw = poisoned<float>(sh.R * sh.KL);
+        K::ReduceParams p;
+        p.num_recv_rows = sh.R;
+        p.max_row_experts = sh.KL;
+        p.hidden = sh.H;
+        p.dtype = sh.dt;
+        p.y = y.data();
+        p.recv_expert_rows = rows.data();
+        p.recv_weights = weighted ? w.data() : nullptr;
+        p.out = out.data();
+        p.grad_rows = grads ? g.data() : nullptr;
+        p.grad_weights = grads ? gw.data() : nullptr;
+        p.skip_empty_rows = skip_empty;
+        p.max_row_pieces = cap;
+        host::ep_reduce(p);
+        Dev<uint8_t> dy(y), dg(g), dout(out.size());
+        Dev<int32_t> drows(rows);
+        Dev<float> dw(w), dgw(gw.size());
+        p.y = dy.get();
+        p.recv_expert_rows = drows.get();
+        p.recv_weights = weighted ? dw.get() : nullptr;
+        p.out = dout.get();
+        p.grad_rows = grads ? dg.get() : nullptr;
+        p.grad_weights = grads ? dgw.get() : nullptr;
+        sync(K::launch_ep_reduce(p, nullptr));
+        bool ok = same(dout.host(), out, "reduce out", what);
+        if (grads) {
+          // One dot a (row, expert), written once: the device sums in its own fixed order, so against the host's
+          // within the rounding of H fp32 terms (as WeightGradMatchesHost's bound).
+          const std::vector<float> got = dgw.host();
+          for (int64_t q = 0; q < sh.R * sh.KL && ok; ++q) {
+            const int32_t pos = rows[q];
+            double mag = 0;
+            for (int64_t h = 0; pos >= 0 && h < sh.H; ++h)
+              mag += std::fabs(double(host::load_as_float(y.data(), sh.dt, pos * sh.H + h)) *
+                               host::load_as_float(g.data(), sh.dt, (q / sh.KL) * sh.H + h));
+            const double tol = 1e-6 * double(sh.H + 32) * mag + 1e-30;
+            if (!(std::fabs(double(got[q]) - gw[q]) <= tol)) {
+              ADD_FAILURE() << what << ": grad_weights[" << q << "] = " << got[q] << ", host " << gw[q]
+                            << " (tolerance " << tol << ")";
+              ok = false;
+            }
+          }
+        }
+        // Final sum of the same many-vector rows: W = 3 ranks, the self rank's rows from self_ret.
+        const int W = 3, self = 1;
+        const int64_t T = sh.R, S = 2 * T + 1;
+        std::vector<int32_t> slot(T * W);
+        for (int64_t t = 0; t < T; ++t)
+          for (int r = 0; r < W; ++r) slot[t * W + r] = (t + r) % 4 == 0 ? -1 : static_cast<int32_t>((t * 7 + r) % T);
+        const std::vector<int64_t> send_off = {0, -1, T + 1};
+        const std::vector<uint8_t> ret = random_rows(S, sh.H, sh.dt, rng),
+                                   self_ret = random_rows(T + 2, sh.H, sh.dt, rng);
+        std::vector<uint8_t> fout = poisoned<uint8_t>(size_t(T) * rb);
+        K::FinalSumParams f;
+        f.num_tokens = T;
+        f.num_ranks = W;
+        f.self_rank = self;
+        f.hidden = sh.H;
+        f.dtype = sh.dt;
+        f.token_slot = slot.data();
+        f.send_offsets = send_off.data();
+        f.ret = ret.data();
+        f.self_ret = self_ret.data();
+        f.self_ret_offset = 2;
+        f.out = fout.data();
+        f.max_row_pieces = cap;
+        host::ep_final_sum(f);
+        Dev<int32_t> dslot(slot);
+        Dev<int64_t> dsend(send_off);
+        Dev<uint8_t> dret(ret), dself(self_ret), dfout(fout.size());
+        f.token_slot = dslot.get();
+        f.send_offsets = dsend.get();
+        f.ret = dret.get();
+        f.self_ret = dself.get();
+        f.out = dfout.get();
+        sync(K::launch_ep_final_sum(f, nullptr));
+        ok &= same(dfout.host(), fout, "final sum out", what);
+        if (!ok && ++failing >= kMaxFailingCases) return;
+      }
+}
+
 // ---- final sum, weight gradients ---------------------------------------------------------------------
 
 TEST(EpKernelsGpu, FinalSumMatchesHost) {
