@@ -483,9 +483,6 @@ struct LowLatencyReceiveParams {
   int32_t* recv_expert_rows = nullptr;  // [W * C, KL]
   float* recv_weights = nullptr;        // [W * C, KL] or null
   int copy_warps_per_sm = 32;           // cuda: the copies' warps (about this many an SM over the W * C slots)
-  // cuda: the pad rows' zeros by bulk (TMA) stores from a zeroed shared buffer where the device (sm_90) and the
-  // rows' 16-byte vectors allow, so the SMs' stores carry the copies alone; false: the warps store the zeros.
-  bool pad_bulk = true;
 };
 
 inline int local_map_bytes(int num_local_experts) { return (num_local_experts + 7) / 8; }

@@ -169,11 +169,7 @@ struct LowLatencyReceiveArgs {
   int32_t* offsets;
   int32_t* rows;
   float* weights;
-  bool pad_bulk;  // LowLatencyReceiveParams::pad_bulk, where it applies (sm_90, 16-byte vectors)
 };
-
-// The zeroed shared buffer the pad rows' bulk stores read (each store at most this many bytes).
-constexpr int kPadZeroBytes = 2048;
 
 // Slot t of source s: its map slice, ranks and weights.
 __device__ __forceinline__ const char* low_latency_block(const LowLatencyReceiveArgs& a, int s) {
@@ -345,20 +341,6 @@ __global__ void __launch_bounds__(kRowThreads) low_latency_receive_kernel(LowLat
   // They go first, so that the copies' rows are the last this kernel writes (in L2 for what reads them next).
   using Vec = typename VecOf<V>::type;
   const int pads = a.align - 1;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Bulk zeros: lane 0 of a warp stores each pad piece from the zeroed buffer (the async proxy's stores, completed
-  // before the kernel ends); the warps' own stores carry the copies below.
-  __shared__ alignas(128) uint4 zeros[kPadZeroBytes / 16];
-  const bool bulk = V == 16 && a.pad_bulk;
-  bool issued = false;
-  if (bulk) {
-    for (int i = tid; i < kPadZeroBytes / 16; i += kRowThreads) zeros[i] = make_uint4(0, 0, 0, 0);
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the zeros, seen by the bulk stores
-    __syncthreads();
-  }
-#else
-  constexpr bool bulk = false;
-#endif
   for (int64_t it = gw0; it < static_cast<int64_t>(L) * pads * P; it += warps) {
     const int64_t u = it / P;
     const int piece = static_cast<int>(it - u * P);
@@ -367,27 +349,8 @@ __global__ void __launch_bounds__(kRowThreads) low_latency_receive_kernel(LowLat
     if (p >= off[l + 1] || p >= a.expert_capacity) continue;
     const int64_t v0 = piece * piece_vecs, v1 = v0 + piece_vecs < a.nvec ? v0 + piece_vecs : a.nvec;
     Vec* out = reinterpret_cast<Vec*>(a.expert_x + p * a.row_bytes);
-    if (bulk) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      if (lane == 0) {
-        char* dst = reinterpret_cast<char*>(out + v0);
-        const int64_t bytes = (v1 - v0) * V;
-        for (int64_t o = 0; o < bytes; o += kPadZeroBytes) {
-          const uint32_t n = static_cast<uint32_t>(bytes - o < kPadZeroBytes ? bytes - o : kPadZeroBytes);
-          asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst + o),
-                       "r"(static_cast<uint32_t>(__cvta_generic_to_shared(zeros))), "r"(n)
-                       : "memory");
-        }
-        issued = true;
-      }
-#endif
-      continue;
-    }
     for (int64_t q = v0 + lane; q < v1; q += kWarp) out[q] = Vec{};
   }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (issued) asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-#endif
   // The valid slots' rows.
   for (int64_t it = gw0; it < static_cast<int64_t>(valid) * P; it += warps) {
     const int v = static_cast<int>(it / P);
@@ -428,9 +391,6 @@ __global__ void __launch_bounds__(kRowThreads) low_latency_receive_kernel(LowLat
       if (a.weights != nullptr) a.weights[i * KL + q] = 0.0f;
     }
   }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (issued) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // the zeros written before the kernel ends
-#endif
 }
 
 // Warps that share one row of `row_bytes` (*pieces) when `rows` rows should keep about `warps_per_sm` warps an
@@ -456,9 +416,9 @@ int slot_vec_bytes(int64_t row_bytes, const void* rows, const LowLatencyBlock& b
 }
 
 // Dynamic shared memory every instance of the receive kernel takes on the current device: kLowLatencyMaxSmem,
-// or the device's opt-in maximum less an instance's static shared memory (the block scan's and the pad zeros' 2 KiB;
-// ~3.2 KiB on an H200) where that is less. Each instance is opted in to its own where that is past the 48 KiB default
-// less its static size. Cached per device.
+// or the device's opt-in maximum less an instance's static shared memory (the block scan's; 1184 bytes on an
+// H200) where that is less. Each instance is opted in to its own where that is past the 48 KiB default less its
+// static size. Cached per device.
 cudaError_t receive_smem_limit(int* out) {
   static std::atomic<int> cache[kMaxCachedDevices];
   return cached_per_device(
@@ -563,10 +523,6 @@ cudaError_t launch_ep_low_latency_receive(const LowLatencyReceiveParams& p, cuda
   a.offsets = p.expert_offsets;
   a.rows = p.recv_expert_rows;
   a.weights = p.recv_weights;
-  int major = 0;
-  err = cc_major(&major);
-  if (err != cudaSuccess) return err;
-  a.pad_bulk = p.pad_bulk && major >= 9;
   const int v = slot_vec_bytes(a.row_bytes, p.expert_x, p.block);
   a.nvec = a.row_bytes / v;
   // Pieces of at least 512 bytes, about copy_warps_per_sm warps an SM over the slots (the receiver does not

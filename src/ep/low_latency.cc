@@ -42,11 +42,6 @@ int copy_warps_per_sm() {
   static const int n = env_int("BITEP_LL_COPY_WARPS", 1, 1024, 32);
   return n;
 }
-// BITEP_LL_PAD_BULK=0: the receive's pad-row zeros stored by its warps instead of bulk (TMA) stores (an A/B knob).
-bool pad_bulk() {
-  static const bool on = !env_is("BITEP_LL_PAD_BULK", "0");
-  return on;
-}
 
 // Byte offsets of the device tables in group->ll_tables.
 struct Tables {
@@ -191,7 +186,6 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   rp.recv_expert_rows = h->recv_expert_rows;
   rp.recv_weights = h->recv_weights;
   rp.copy_warps_per_sm = copy_warps_per_sm();
-  rp.pad_bulk = pad_bulk();
 
   if (!captured) BITEP_CHECK(win->acquire(stream));
   BITEP_CUDA_CHECK(kernels::launch_ep_low_latency_send(sp, s));

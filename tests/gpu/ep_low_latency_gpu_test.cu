@@ -101,9 +101,7 @@ std::vector<LowLatencyCase> low_latency_grid() {
 // permute gives that token for this owner (host::ep_permute, with host::ep_layout's slots), and the expert-major
 // view of the W x C slots in slot order (host::ep_expert_major, counts and aligned offsets from those
 // slices). Everything the kernels write is compared byte for byte, the poisoned rest of expert_x included.
-// pad_bulk: the receive's pad-row zeros by bulk stores (the default, where its rows take 16-byte vectors) or by
-// its warps' stores (BITEP_LL_PAD_BULK=0).
-void check_low_latency(const LowLatencyCase& c, bool* ok, bool pad_bulk = true) {
+void check_low_latency(const LowLatencyCase& c, bool* ok) {
   const int W = c.W, L = c.L, E = c.E(), C = c.C, MB = K::local_map_bytes(L), KL = K::max_row_experts(c.k, L);
   const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
   ASSERT_TRUE(K::low_latency_receive_fits(W, L, C)) << c.str();
@@ -248,7 +246,6 @@ void check_low_latency(const LowLatencyCase& c, bool* ok, bool pad_bulk = true) 
     rp.recv_expert_rows = derows.get();
     rp.recv_weights = c.weights_out ? dw.get() : nullptr;
     rp.copy_warps_per_sm = c.copy_warps;
-    rp.pad_bulk = pad_bulk;
     sync(K::launch_ep_low_latency_receive(rp, nullptr));
     *ok &= same(dcounts.host(), counts, "expert_counts", where);
     *ok &= same(doffsets.host(), offsets, "expert_offsets", where);
@@ -261,19 +258,16 @@ void check_low_latency(const LowLatencyCase& c, bool* ok, bool pad_bulk = true) 
 TEST(EpKernelsGpu, LowLatencyManyRanksMatchesHost) {
   REQUIRE_GPU();
   int failing = 0;
-  for (const bool pad_bulk : {true, false})
-    for (const LowLatencyCase& c : low_latency_grid()) {
-      if (!pad_bulk && c.align == 1) continue;  // no pad rows
-      SCOPED_TRACE(pad_bulk ? "pad rows by bulk stores" : "pad rows by the warps' stores");
-      bool ok = true;
-      check_low_latency(c, &ok, pad_bulk);
-      if (HasFatalFailure()) return;
-      if (!ok && ++failing >= kMaxFailingCases) return;
-    }
+  for (const LowLatencyCase& c : low_latency_grid()) {
+    bool ok = true;
+    check_low_latency(c, &ok);
+    if (HasFatalFailure()) return;
+    if (!ok && ++failing >= kMaxFailingCases) return;
+  }
 }
 
 // Regression: low_latency_receive_fits allowed (W + 2) L + W + 2 int32 up to 48 KiB of dynamic shared memory, but
-// the receive kernel's static shared memory (then the block scan's, 1184 bytes on an H200) leaves 47968 bytes without
+// the receive kernel's static shared memory (the block scan's, 1184 bytes on an H200) leaves 47968 bytes without
 // opting in: W = 1, L = 4000 (48012 bytes), W = 2, L = 3000 (48016) and W = 8, L = 1216 (48680) passed the check,
 // and the receive, launched after the send and the barrier, failed with cudaErrorInvalidValue. Each shape through
 // the send and receive against the host, as LowLatencyManyRanksMatchesHost.
