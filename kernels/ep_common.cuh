@@ -61,6 +61,16 @@ inline cudaError_t row_grid(int64_t rows, unsigned* grid, int per_sm = 0) {
   return cudaSuccess;
 }
 
+// Warps that share one row when `rows` rows should keep about `target_warps` warps busy: target_warps / rows rounded
+// down, at most `units` (the row's pieces of the smallest size the caller takes) and `cap`, at least 1. The
+// low-latency send and receive and the combine's reduce and final sum split their rows by it.
+inline int64_t warps_per_row(int64_t rows, int64_t units, int64_t target_warps, int64_t cap) {
+  int64_t p = target_warps / (rows > 0 ? rows : 1);
+  p = p < units ? p : units;
+  p = p < cap ? p : cap;
+  return p > 1 ? p : 1;
+}
+
 // ---- device: routing input ------------------------------------------------------------------------
 
 struct RouteView {

@@ -400,11 +400,8 @@ cudaError_t row_pieces(int warps_per_sm, int64_t rows, int64_t row_bytes, int ca
   const cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
   const int64_t warps = static_cast<int64_t>(warps_per_sm < 1 ? 1 : warps_per_sm) * sms;
-  const int64_t want = warps / (rows > 0 ? rows : 1), most = (row_bytes + 511) / 512;
-  int64_t P = want < most ? want : most;
   const int64_t top = cap < 1 ? 1 : (cap > 32 ? 32 : cap);
-  P = P > top ? top : P;
-  *pieces = static_cast<int>(P < 1 ? 1 : P);
+  *pieces = static_cast<int>(warps_per_row(rows, (row_bytes + 511) / 512, warps, top));
   return cudaSuccess;
 }
 
