@@ -309,31 +309,6 @@ cudaError_t with_vec_dtype(DType dtype, int v, Launch&& launch) {
   });
 }
 
-// Pieces of a row for `rows` rows of `nvec` vectors: as many warps a row as fill about kPieceWarpsPerSm warps an SM
-// (within the grid's cap of per_sm blocks an SM), each at least kWarp * kUnroll vectors (one pass of a warp), at most
-// max_pieces (> 0) where the caller caps them. One piece (the whole row) once the rows alone fill the device.
-constexpr int kPieceWarpsPerSm = 32;
-cudaError_t combine_pieces(
-    int64_t rows, int64_t nvec, int per_sm, int max_pieces, int64_t* pieces, int64_t* piece_vec) {
-  constexpr int64_t kPass = kWarp * kUnroll;
-  const int64_t passes = (nvec + kPass - 1) / kPass;
-  *pieces = 1;
-  *piece_vec = passes * kPass;
-  if (rows <= 0 || passes <= 1) return cudaSuccess;
-  int sms = 0;
-  const cudaError_t err = sm_count(&sms);
-  if (err != cudaSuccess) return err;
-  const int64_t cap = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : kRowBlocksPerSm) * (kRowThreads / kWarp);
-  const int64_t target = std::min<int64_t>(static_cast<int64_t>(sms) * kPieceWarpsPerSm, cap);
-  // Rounded down: rows that nearly fill the device stay whole.
-  const int64_t want = warps_per_row(rows, passes, target, max_pieces > 0 ? max_pieces : passes);
-  if (want <= 1) return cudaSuccess;
-  const int64_t per = (passes + want - 1) / want;  // passes a piece
-  *piece_vec = per * kPass;
-  *pieces = (passes + per - 1) / per;
-  return cudaSuccess;
-}
-
 }  // namespace
 
 cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream) {
@@ -368,7 +343,7 @@ cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream) {
     v = v < p.outs_align ? v : p.outs_align;
   }
   a.nvec = a.row_bytes / v;
-  cudaError_t err = combine_pieces(p.num_recv_rows, a.nvec, p.blocks_per_sm, p.max_row_pieces, &a.pieces, &a.piece_vec);
+  cudaError_t err = row_pieces(p.num_recv_rows, a.nvec, p.blocks_per_sm, p.max_row_pieces, &a.pieces, &a.piece_vec);
   if (err != cudaSuccess) return err;
   unsigned grid = 0;
   err = row_grid(p.num_recv_rows * a.pieces, &grid, p.blocks_per_sm);
@@ -403,7 +378,7 @@ cudaError_t launch_ep_final_sum(const FinalSumParams& p, cudaStream_t stream) {
   a.row_bytes = p.hidden * dtype_size(p.dtype);
   const int v = vec_bytes(a.row_bytes, p.out, p.ret, p.self_ret);
   a.nvec = a.row_bytes / v;
-  cudaError_t err = combine_pieces(p.num_tokens, a.nvec, 0, p.max_row_pieces, &a.pieces, &a.piece_vec);
+  cudaError_t err = row_pieces(p.num_tokens, a.nvec, 0, p.max_row_pieces, &a.pieces, &a.piece_vec);
   if (err != cudaSuccess) return err;
   unsigned grid = 0;
   err = row_grid(p.num_tokens * a.pieces, &grid);

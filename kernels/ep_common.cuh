@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cub/warp/warp_scan.cuh>
@@ -63,12 +64,38 @@ inline cudaError_t row_grid(int64_t rows, unsigned* grid, int per_sm = 0) {
 
 // Warps that share one row when `rows` rows should keep about `target_warps` warps busy: target_warps / rows rounded
 // down, at most `units` (the row's pieces of the smallest size the caller takes) and `cap`, at least 1. The
-// low-latency send and receive and the combine's reduce and final sum split their rows by it.
+// low-latency send and receive split their rows by it, and row_pieces below (the combine, the permute).
 inline int64_t warps_per_row(int64_t rows, int64_t units, int64_t target_warps, int64_t cap) {
   int64_t p = target_warps / (rows > 0 ? rows : 1);
   p = p < units ? p : units;
   p = p < cap ? p : cap;
   return p > 1 ? p : 1;
+}
+
+// Pieces of a row for `rows` rows of `nvec` vectors: as many warps a row as fill about kPieceWarpsPerSm warps an SM
+// (within the grid's cap of per_sm blocks an SM), each at least kWarp * kUnroll vectors (one pass of a warp), at most
+// max_pieces (> 0) where the caller caps them. One piece (the whole row) once the rows alone fill the device. The
+// combine's reduce and final sum and the permute split their rows by it.
+constexpr int kPieceWarpsPerSm = 32;
+inline cudaError_t row_pieces(
+    int64_t rows, int64_t nvec, int per_sm, int max_pieces, int64_t* pieces, int64_t* piece_vec) {
+  constexpr int64_t kPass = kWarp * kUnroll;
+  const int64_t passes = (nvec + kPass - 1) / kPass;
+  *pieces = 1;
+  *piece_vec = passes * kPass;
+  if (rows <= 0 || passes <= 1) return cudaSuccess;
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  const int64_t cap = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : kRowBlocksPerSm) * (kRowThreads / kWarp);
+  const int64_t target = std::min<int64_t>(static_cast<int64_t>(sms) * kPieceWarpsPerSm, cap);
+  // Rounded down: rows that nearly fill the device stay whole.
+  const int64_t want = warps_per_row(rows, passes, target, max_pieces > 0 ? max_pieces : passes);
+  if (want <= 1) return cudaSuccess;
+  const int64_t per = (passes + want - 1) / want;  // passes a piece
+  *piece_vec = per * kPass;
+  *pieces = (passes + per - 1) / per;
+  return cudaSuccess;
 }
 
 // ---- device: routing input ------------------------------------------------------------------------

@@ -150,6 +150,10 @@ struct PermuteParams {
   // cuda: at most this many blocks in all (0: no cap): a pass that is bound by the link, not by the SMs (the
   // window's rows over NVLink), on a few SMs, leaving the others' memory paths to the copies beside it.
   int max_blocks = 0;
+  // cuda: at most this many warps share one token's row (0: as many as fill the device, few tokens; 1: a warp a token).
+  // A launch shape only: each piece is whole passes of a warp's vectors, the map slice and weights the first piece's.
+  // Rows counted into arrival chunks (chunk_count) are never split.
+  int max_row_pieces = 0;
   // Optional, cuda, with peer_dest or the send buffers: arrival flags per chunk of chunk_rows rows of each
   // peer's chunk (the window's rows pass: ExpertMajorParams::arrival_flags waits for them in the peers'
   // windows; or, into the send buffer, local flags the copy engine waits for: CeChunk::wait). Once a row for rank r !=

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // Permute (PermuteParams, kernels/ep_params.h) and the batched copy (CopyBatchParams).
 //
-// Permute: one warp per token (persistent grid). Lane r reads the token's slot for rank r; the warp
-// loads the token row once (16-byte vectors where the row size and pointers allow, 4 per lane in flight)
-// and stores it to every destination row; then lane r writes rank r's local map slice (bits [r*L,
+// Permute: one warp per token (persistent grid; few tokens' rows split among warps, row_pieces). Lane r reads the
+// token's slot for rank r; the warp loads the token row once (16-byte vectors where the row size and pointers allow,
+// 4 per lane in flight) and stores it to every destination row; then lane r writes rank r's local map slice (bits [r*L,
 // (r+1)*L) of the routing row, shifted across byte boundaries) and the slice's weights. Rows alone may go
 // by bulk (TMA) copies instead (PermuteParams::bulk, kernels/bulk_rows.cuh), one thread per block. Either
 // way a row stored for a peer can be counted into its arrival chunk (PermuteParams::chunk_*).
@@ -40,8 +40,14 @@ __global__ void __launch_bounds__(kRowThreads) permute_kernel(PermuteArgs a) {
   const int lane = threadIdx.x & (kWarp - 1);
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (kRowThreads / kWarp);
   const int W = a.num_ranks;
-  for (int64_t t = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp; t < a.num_tokens;
-       t += warps) {
+  // Warp gw: piece gw % pieces of token gw / pieces (vectors [v0, v1) of its row); the first piece also writes the
+  // token's map slices, weights and self token, and counts its rows into their arrival chunks (one piece a token
+  // there).
+  for (int64_t gw = (static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x) / kWarp;
+       gw < a.num_tokens * a.pieces; gw += warps) {
+    const int64_t t = gw / a.pieces, piece = gw - t * a.pieces;
+    const int64_t v0 = piece * a.piece_vec, v1 = v0 + a.piece_vec < a.nvec ? v0 + a.piece_vec : a.nvec;
+    const bool first = piece == 0;
     for (int rg = 0; rg < W; rg += kWarp) {
       const int r = rg + lane;
       const int slot = r < W ? __ldg(a.token_slot + t * W + r) : -1;
@@ -67,7 +73,9 @@ __global__ void __launch_bounds__(kRowThreads) permute_kernel(PermuteArgs a) {
       }
       // A null x destination (recv_x, or peer_dest[r]) skips the row's copy; null map / weights its meta.
       const uint32_t mask = __ballot_sync(kFullMask, slot >= 0 && dst != nullptr);
-      if (mask != 0) warp_copy_row<V, kUnroll>(a.x + t * a.row_bytes, a.nvec, mask, dst);
+      if (mask != 0 && v1 > v0)
+        warp_copy_row<V, kUnroll>(a.x + t * a.row_bytes + v0 * V, v1 - v0, mask, dst != nullptr ? dst + v0 * V : dst);
+      if (!first) continue;
       if (slot >= 0) write_row_meta(a, t, r, row, map, w);
       if (slot >= 0 && self && a.self_tokens != nullptr) a.self_tokens[slot] = static_cast<int32_t>(t);
       if (a.chunk_count != nullptr) {
@@ -289,8 +297,14 @@ cudaError_t launch_ep_permute(const PermuteParams& p, cudaStream_t stream) {
                                                                                                                  nbuf);
     return cudaGetLastError();
   }
+  // Few tokens: a row's passes shared among warps (not where rows count into arrival chunks: a row counts once).
+  a.pieces = 1;
+  a.piece_vec = a.nvec;
+  if (p.chunk_count == nullptr && (err = row_pieces(p.num_tokens, a.nvec, p.blocks_per_sm, p.max_row_pieces, &a.pieces,
+                                                    &a.piece_vec)) != cudaSuccess)
+    return err;
   unsigned grid = 0;
-  if ((err = row_grid(p.num_tokens, &grid, p.blocks_per_sm)) != cudaSuccess) return err;
+  if ((err = row_grid(p.num_tokens * a.pieces, &grid, p.blocks_per_sm)) != cudaSuccess) return err;
   if (p.max_blocks > 0 && grid > static_cast<unsigned>(p.max_blocks)) grid = static_cast<unsigned>(p.max_blocks);
   dispatch_vec(v, [&](auto vt) { permute_kernel<decltype(vt)::value><<<grid, kRowThreads, 0, stream>>>(a); });
   return cudaGetLastError();

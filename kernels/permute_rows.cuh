@@ -39,6 +39,7 @@ struct PermuteArgs {
   uint64_t chunk_epoch;
   const int32_t* self_expert_rows;  // the bulk permute's own expert rows (PermuteParams), or null
   char* expert_x;
+  int64_t pieces, piece_vec;  // the permute's warps a token, and the vectors of each (row_pieces)
 };
 
 // Weight of expert e of token t whose compact index is c (ep_params.h "Weight of expert e").

@@ -137,6 +137,11 @@ kernels::ExpertMajorParams expert_major_params(const bitepHandle* h, const bitep
   return ep;
 }
 
+int permute_row_pieces() {
+  static const int n = env_int("BITEP_PERMUTE_PIECES", 1, 1024, 0);
+  return n;
+}
+
 kernels::PermuteParams permute_params(const bitepHandle* h, const bitepGroup* g) {
   const bitepGroupConfig_t& c = g->config;
   kernels::PermuteParams pp;
@@ -149,6 +154,7 @@ kernels::PermuteParams permute_params(const bitepHandle* h, const bitepGroup* g)
   pp.dtype = to_kernel_dtype(c.dtype);
   pp.token_slot = h->token_slot;
   pp.self_recv_offset = h->recv_offsets[g->rank];
+  pp.max_row_pieces = permute_row_pieces();
   return pp;
 }
 

@@ -91,6 +91,9 @@ kernels::ExpertMajorParams expert_major_params(const bitepHandle* h, const bitep
 // The permute primitive's parameters for this handle's layout (tokens, shape, ranks, slots, the self chunk's
 // offset); the caller sets what moves (routing, x, the send and receive buffers, the peers' destinations).
 kernels::PermuteParams permute_params(const bitepHandle* h, const bitepGroup* g);
+// The most warps sharing a token's row in the permute (kernels::PermuteParams::max_row_pieces):
+// BITEP_PERMUTE_PIECES (1-1024; unset: 0, as many as fill the device), a launch shape only (bench/NOTES.md).
+int permute_row_pieces();
 void add_route_buffers(const bitepHandle* h,
                        int self,
                        Route route,
