@@ -76,76 +76,116 @@ TEST(EpKernelsGpu, LayoutMatchesHost) {
   EXPECT_GT(fused, 100);  // the one-launch pass ran on the grid's larger cases
 }
 
+// Case c through the permute (PermuteParams::max_row_pieces = max_row_pieces) against the host: maps and weights
+// with the rows, then the rows alone (the combine backward's use), into send buffers and the self chunk. Returns
+// whether both matched (the differences printed).
+bool permute_matches_host(const Case& c, int max_row_pieces) {
+  const Routing r = make_routing(c.T, c.E(), c.k, c.seed, c.skewed, c.invalid);
+  const DevRouting dr(r);
+  const Layout lay = host_layout(c, r);
+  const int W = c.W, L = c.L, MB = K::local_map_bytes(L), KL = K::max_row_experts(c.k, L);
+  const int self = static_cast<int>(c.seed % W);
+  // Send chunks in rank order with one spare row between them; the self chunk after 3 foreign rows.
+  std::vector<int64_t> send_off(W, -1);
+  int64_t S = 0;
+  for (int q = 0; q < W; ++q)
+    if (q != self) send_off[q] = S, S += lay.counts[size_t(q) * (L + 1)] + 1;
+  const int64_t self_off = 3, R = self_off + lay.counts[size_t(self) * (L + 1)] + 2;
+  std::mt19937_64 rng(c.seed);
+  const std::vector<uint8_t> x = random_rows(c.T, c.H, c.dtype, rng);
+  const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
+  bool all = true;
+  // Variant 0: maps and weights; variant 1 (combine backward): rows only, no routing read.
+  for (int variant = 0; variant < 2; ++variant) {
+    const bool meta = variant == 0;
+    std::vector<uint8_t> sx = poisoned<uint8_t>(S * rb), rx = poisoned<uint8_t>(R * rb);
+    std::vector<uint8_t> sm = poisoned<uint8_t>(S * MB), rm = poisoned<uint8_t>(R * MB);
+    std::vector<float> sw = poisoned<float>(S * KL), rw = poisoned<float>(R * KL);
+    // The own rows' tokens (variant 0), one spare entry past them.
+    const int64_t own = lay.counts[size_t(self) * (L + 1)];
+    std::vector<int32_t> st = poisoned<int32_t>(own + 1);
+    K::PermuteParams p = permute_params(c, self, x, lay);
+    p.max_row_pieces = max_row_pieces;
+    p.routing = host_input(r, c.fmt, meta ? c.wf : WeightFormat::kNone);
+    if (!meta) p.routing.map = nullptr;
+    p.send_offsets = send_off.data();
+    p.self_recv_offset = self_off;
+    p.send_x = sx.data();
+    p.recv_x = rx.data();
+    p.send_map = meta ? sm.data() : nullptr;
+    p.recv_map = meta ? rm.data() : nullptr;
+    p.send_weights = sw.data();  // with kNone weights: must stay untouched
+    p.recv_weights = rw.data();
+    p.self_tokens = meta ? st.data() : nullptr;
+    host::ep_permute(p);
+    for (int64_t t = 0; t < c.T && meta; ++t) {
+      const int32_t slot = lay.slot[size_t(t) * W + self];
+      if (slot >= 0 && st[slot] != t) {
+        ADD_FAILURE() << c.str() << ": the host's self_tokens[" << slot << "] is " << st[slot] << ", not " << t;
+        return false;
+      }
+    }
+    Dev<int32_t> dst(poisoned<int32_t>(st.size()));
+    Dev<uint8_t> dx(x), dsx(sx.size()), drx(rx.size()), dsm(sm.size()), drm(rm.size());
+    Dev<float> dsw(sw.size()), drw(rw.size());
+    Dev<int32_t> dslot(lay.slot);
+    Dev<int64_t> doff(send_off);
+    p.routing = dev_input(dr, c.fmt, meta ? c.wf : WeightFormat::kNone);
+    if (!meta) p.routing.map = nullptr;
+    p.x = dx.get();
+    p.token_slot = dslot.get();
+    p.send_offsets = doff.get();
+    p.send_x = dsx.get();
+    p.recv_x = drx.get();
+    p.send_map = meta ? dsm.get() : nullptr;
+    p.recv_map = meta ? drm.get() : nullptr;
+    p.send_weights = dsw.get();
+    p.recv_weights = drw.get();
+    p.self_tokens = meta ? dst.get() : nullptr;
+    sync(K::launch_ep_permute(p, nullptr));
+    const std::string where =
+        c.str() + (meta ? "" : " rows-only") + " max_row_pieces=" + std::to_string(max_row_pieces);
+    bool ok = !meta || same(dst.host(), st, "self_tokens", where);
+    ok = ok & same(dsx.host(), sx, "send_x", where) & same(drx.host(), rx, "recv_x", where);
+    ok = ok & same(dsm.host(), sm, "send_map", where) & same(drm.host(), rm, "recv_map", where);
+    ok = ok & same(dsw.host(), sw, "send_weights", where) & same(drw.host(), rw, "recv_weights", where);
+    all = all && ok;
+  }
+  return all;
+}
+
 TEST(EpKernelsGpu, PermuteMatchesHost) {
   REQUIRE_GPU();
   int failing = 0;
-  for (const Case& c : routing_grid({3000})) {
-    const Routing r = make_routing(c.T, c.E(), c.k, c.seed, c.skewed, c.invalid);
-    const DevRouting dr(r);
-    const Layout lay = host_layout(c, r);
-    const int W = c.W, L = c.L, MB = K::local_map_bytes(L), KL = K::max_row_experts(c.k, L);
-    const int self = static_cast<int>(c.seed % W);
-    // Send chunks in rank order with one spare row between them; the self chunk after 3 foreign rows.
-    std::vector<int64_t> send_off(W, -1);
-    int64_t S = 0;
-    for (int q = 0; q < W; ++q)
-      if (q != self) send_off[q] = S, S += lay.counts[size_t(q) * (L + 1)] + 1;
-    const int64_t self_off = 3, R = self_off + lay.counts[size_t(self) * (L + 1)] + 2;
-    std::mt19937_64 rng(c.seed);
-    const std::vector<uint8_t> x = random_rows(c.T, c.H, c.dtype, rng);
-    const size_t rb = size_t(c.H) * elem_bytes(c.dtype);
-    // Variant 0: maps and weights; variant 1 (combine backward): rows only, no routing read.
-    for (int variant = 0; variant < 2; ++variant) {
-      const bool meta = variant == 0;
-      std::vector<uint8_t> sx = poisoned<uint8_t>(S * rb), rx = poisoned<uint8_t>(R * rb);
-      std::vector<uint8_t> sm = poisoned<uint8_t>(S * MB), rm = poisoned<uint8_t>(R * MB);
-      std::vector<float> sw = poisoned<float>(S * KL), rw = poisoned<float>(R * KL);
-      // The own rows' tokens (variant 0), one spare entry past them.
-      const int64_t own = lay.counts[size_t(self) * (L + 1)];
-      std::vector<int32_t> st = poisoned<int32_t>(own + 1);
-      K::PermuteParams p = permute_params(c, self, x, lay);
-      p.routing = host_input(r, c.fmt, meta ? c.wf : WeightFormat::kNone);
-      if (!meta) p.routing.map = nullptr;
-      p.send_offsets = send_off.data();
-      p.self_recv_offset = self_off;
-      p.send_x = sx.data();
-      p.recv_x = rx.data();
-      p.send_map = meta ? sm.data() : nullptr;
-      p.recv_map = meta ? rm.data() : nullptr;
-      p.send_weights = sw.data();  // with kNone weights: must stay untouched
-      p.recv_weights = rw.data();
-      p.self_tokens = meta ? st.data() : nullptr;
-      host::ep_permute(p);
-      for (int64_t t = 0; t < c.T && meta; ++t) {
-        const int32_t slot = lay.slot[size_t(t) * W + self];
-        if (slot >= 0) ASSERT_EQ(st[slot], t) << c.str();
-      }
-      Dev<int32_t> dst(poisoned<int32_t>(st.size()));
-      Dev<uint8_t> dx(x), dsx(sx.size()), drx(rx.size()), dsm(sm.size()), drm(rm.size());
-      Dev<float> dsw(sw.size()), drw(rw.size());
-      Dev<int32_t> dslot(lay.slot);
-      Dev<int64_t> doff(send_off);
-      p.routing = dev_input(dr, c.fmt, meta ? c.wf : WeightFormat::kNone);
-      if (!meta) p.routing.map = nullptr;
-      p.x = dx.get();
-      p.token_slot = dslot.get();
-      p.send_offsets = doff.get();
-      p.send_x = dsx.get();
-      p.recv_x = drx.get();
-      p.send_map = meta ? dsm.get() : nullptr;
-      p.recv_map = meta ? drm.get() : nullptr;
-      p.send_weights = dsw.get();
-      p.recv_weights = drw.get();
-      p.self_tokens = meta ? dst.get() : nullptr;
-      sync(K::launch_ep_permute(p, nullptr));
-      const std::string where = c.str() + (meta ? "" : " rows-only");
-      if (meta && !same(dst.host(), st, "self_tokens", where) && ++failing >= kMaxFailingCases) return;
-      bool ok = same(dsx.host(), sx, "send_x", where) & same(drx.host(), rx, "recv_x", where);
-      ok = ok & same(dsm.host(), sm, "send_map", where) & same(drm.host(), rm, "recv_map", where);
-      ok = ok & same(dsw.host(), sw, "send_weights", where) & same(drw.host(), rw, "recv_weights", where);
-      if (!ok && ++failing >= kMaxFailingCases) return;
+  for (const Case& c : routing_grid({3000}))
+    if (!permute_matches_host(c, 0) && ++failing >= kMaxFailingCases) return;
+}
+
+// Few tokens with long rows: each row split among warps in pieces of whole passes (row_pieces), at every cap of
+// PermuteParams::max_row_pieces (1: a warp a token). 16-byte vectors (H = 7168 bf16: 7 passes; 5000 f32), 8-byte
+// (4100 bf16) and 2-byte (4099 f16: an odd row), a short last piece; ranks 1-3, so rows go to the self chunk and to
+// one or two peers' send chunks, with their maps and weights from the first piece.
+TEST(EpKernelsGpu, PermuteInPieces) {
+  REQUIRE_GPU();
+  struct Shape {
+    int64_t T;
+    int W;
+    int64_t H;
+    DType dt;
+    RoutingFormat fmt;
+  };
+  const Shape shapes[] = {{1, 2, 7168, DType::kBF16, RoutingFormat::kBitmap},
+                          {3, 3, 4100, DType::kBF16, RoutingFormat::kBytemap},
+                          {37, 2, 5000, DType::kF32, RoutingFormat::kTopkIndices},
+                          {200, 1, 7168, DType::kBF16, RoutingFormat::kBitmap},
+                          {5, 2, 4099, DType::kF16, RoutingFormat::kBitmap}};
+  uint64_t seed = 8100;
+  int failing = 0;
+  for (const Shape& sh : shapes)
+    for (const int cap : {0, 1, 2, 3, 1024}) {
+      const Case c{sh.T, sh.W, 16, 4, sh.fmt, WeightFormat(seed % 3), sh.H, sh.dt, false, false, seed++};
+      if (!permute_matches_host(c, cap) && ++failing >= kMaxFailingCases) return;
     }
-  }
 }
 
 // The permute into per-rank destinations (the peers' windows; here the send buffers' chunks, addressed one
