@@ -289,32 +289,52 @@ __global__ void __launch_bounds__(kThreads) expert_pos_small_kernel(ExpertArgs a
   }
 }
 
-// The single pass for few rows (R <= kSingleMaxItems, one thread a row): each row ORs its bit into the row mask of
-// each of its entries' experts (shared memory, [L][row_words] words of row bits), then the position of row i's entry
-// for expert l is expert_offsets[l] plus the rows below i in l's mask. A row's work is its entries (at most KL) and
-// the mask words below it, not L: one warp an expert over all rows (expert_pos_small_kernel) took 16 us at
-// R = 128, L = 256 (ncu, H200), a chain of shared loads, popcounts and ballots per (expert, 32 rows).
+// The single pass for few rows (R <= kSingleMaxItems, one thread a row, the rows' local maps and the experts' offsets
+// and ends staged in shared memory): each row ORs its bit into the row mask of each of its first KL experts ([L]
+// [row_words] words of row bits), then the position of row i's entry for expert l is expert_offsets[l] plus the rows
+// below i in l's mask. A row's work is its entries (at most KL) and the mask words below it, not L: one warp an
+// expert over all rows (expert_pos_small_kernel) took 16 us at R = 128, L = 256 (ncu, H200), a chain of shared loads,
+// popcounts and ballots per (expert, 32 rows).
 template <int kThreads>
-__global__ void __launch_bounds__(kThreads) expert_pos_masks_kernel(ExpertArgs a, int row_words) {
-  extern __shared__ uint32_t row_mask[];  // [L][row_words]: bit i of expert l's words, row i has an entry for l
-  const int i = threadIdx.x, L = a.local_experts, KL = a.row_experts, R = static_cast<int>(a.num_rows);
-  for (int q = i; q < L * row_words; q += kThreads) row_mask[q] = 0;
+__global__ void __launch_bounds__(kThreads)
+    expert_pos_masks_kernel(ExpertArgs a, int words, int stride, int row_words) {
+  extern __shared__ uint32_t staged[];  // [R][stride] map words, [L][row_words] row masks, [L] firsts, [L] ends
+  const int tid = threadIdx.x, L = a.local_experts, KL = a.row_experts, R = static_cast<int>(a.num_rows);
+  uint32_t* const row_mask = staged + R * stride;
+  int* const first = reinterpret_cast<int*>(row_mask + L * row_words);
+  int* const end = first + L;
+  for (int q = tid; q < R * words; q += kThreads) {
+    const int i = q / words, w = q - i * words;
+    staged[i * stride + w] = row_bits(a, i, w * kWarp);
+  }
+  for (int q = tid; q < L * row_words; q += kThreads) row_mask[q] = 0;
+  for (int l = tid; l < L; l += kThreads) {
+    first[l] = __ldg(a.expert_offsets + l);
+    end[l] = first[l] + __ldg(a.expert_counts + l);
+  }
   __syncthreads();
-  const RouteView v = recv_view(a);
-  const int wi = i / kWarp;
+  const int i = tid, wi = i / kWarp;
   const uint32_t bit = 1u << (i % kWarp);
-  if (i < R) for_each_routed(v, i, 0, L, [&](int l, int) { atomicOr(row_mask + l * row_words + wi, bit); });
+  const uint32_t* m = staged + i * stride;
+  if (i < R) {
+    int j = 0;
+    for (int w = 0; w < words && j < KL; ++w)
+      for (uint32_t b = m[w]; b != 0 && j < KL; b &= b - 1, ++j)
+        atomicOr(row_mask + (w * kWarp + __ffs(b) - 1) * row_words + wi, bit);
+  }
   __syncthreads();
   if (i >= R) return;
   int32_t* out = a.rows + static_cast<int64_t>(i) * KL;
-  const int n = for_each_routed(v, i, 0, L, [&](int l, int j) {
-    const uint32_t* m = row_mask + l * row_words;
-    const int first = __ldg(a.expert_offsets + l);
-    int pos = first + __popc(m[wi] & (bit - 1u));
-    for (int q = 0; q < wi; ++q) pos += __popc(m[q]);
-    out[j] = pos < first + __ldg(a.expert_counts + l) ? pos : -1;
-  });
-  for (int j = n; j < KL; ++j) out[j] = -1;
+  int j = 0;
+  for (int w = 0; w < words && j < KL; ++w)
+    for (uint32_t b = m[w]; b != 0 && j < KL; b &= b - 1, ++j) {
+      const int l = w * kWarp + __ffs(b) - 1;
+      const uint32_t* lm = row_mask + l * row_words;
+      int pos = first[l] + __popc(lm[wi] & (bit - 1u));
+      for (int q = 0; q < wi; ++q) pos += __popc(lm[q]);
+      out[j] = pos < end[l] ? pos : -1;
+    }
+  for (; j < KL; ++j) out[j] = -1;
 }
 
 // expert_src[pos] = i * KL + j for every entry of recv_expert_rows with a position (pad rows keep the
@@ -546,13 +566,13 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
     const int words = (L + kWarp - 1) / kWarp, stride = words | 1;  // odd stride: rows on distinct banks
     const size_t small_smem = sizeof(uint32_t) * (static_cast<size_t>(R) * stride + 2 * static_cast<size_t>(L));
     const int row_words = static_cast<int>((R + kWarp - 1) / kWarp);
-    const size_t masks_smem = sizeof(uint32_t) * static_cast<size_t>(L) * row_words;
+    const size_t masks_smem = small_smem + sizeof(uint32_t) * static_cast<size_t>(L) * row_words;
     static const bool walk = std::getenv("BITEP_POS_SMALL_WALK") != nullptr;  // A/B: the warp-per-expert walk
     if (!walk && R <= kSingleMaxItems && masks_smem <= 48 * 1024) {
       static_assert(kSingleMaxItems <= kScanThreads, "one thread a row");
       a.seg_len = R;
       a.num_segs = 1;
-      expert_pos_masks_kernel<kScanThreads><<<1, kScanThreads, masks_smem, stream>>>(a, row_words);
+      expert_pos_masks_kernel<kScanThreads><<<1, kScanThreads, masks_smem, stream>>>(a, words, stride, row_words);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     } else if (R <= kSingleMaxItems && small_smem <= 48 * 1024) {
       a.seg_len = R;
