@@ -3,9 +3,9 @@
 //
 // Expert-major: per local expert, its rows in receive order. Positions come from a scan over the received
 // rows, without scratch beyond the outputs; each row's work is its set bits (at most KL), not L:
-// - R <= kSingleMaxItems (256) with the rows' maps fitting in shared memory: one block, one warp per expert over
-//   the staged maps; otherwise, up to kSingleMaxItems rows (or too few rows to split in two segments): one block
-//   scans all rows.
+// - R <= kSingleMaxItems (256) with the rows' maps and masks fitting in shared memory: one block, a thread a row
+//   over the staged maps (per-expert row masks); otherwise, up to kSingleMaxItems rows (or too few rows to split in
+//   two segments): one block scans all rows.
 // - otherwise S segments: 1. per segment, per expert totals into the first L entries of the segment's
 //   own recv_expert_rows region (each segment has >= ceil(L / KL) rows); 2. a warp per expert scans them into
 //   per-segment offsets in place; 3. each segment reads its offsets into shared memory, then writes its
@@ -24,7 +24,6 @@
 // dispatch).
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "kernels/bulk_rows.cuh"
 #include "kernels/ep.h"
@@ -235,66 +234,12 @@ __global__ void __launch_bounds__(kThreads) expert_pos_kernel(ExpertArgs a, int 
   }
 }
 
-// The single pass for few rows (R <= kSingleMaxItems, their maps in shared memory): each row's local map
-// staged once as 32-bit words, then one warp per expert walks the rows 32 at a time (the rows using it
-// among their first KL experts by ballot, each row's entry index from its set bits below the expert).
-// Same output as expert_pos_kernel<.., true>, without its per-group block scans: those take
-// L / 32 rounds of three __syncthreads and re-read the maps each round (~5 us a round at R = 256).
-template <int kThreads>
-__global__ void __launch_bounds__(kThreads) expert_pos_small_kernel(ExpertArgs a, int words, int stride) {
-  extern __shared__ uint32_t map_words[];  // [R][stride]: words [0, words) of each row's local map; then [L] each
-  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
-  const int L = a.local_experts, KL = a.row_experts, R = static_cast<int>(a.num_rows);
-  int* first = reinterpret_cast<int*>(map_words + R * stride);  // expert_offsets[l], then its end
-  int* end = first + L;
-  for (int q = tid; q < R * words; q += kThreads) {
-    const int i = q / words, w = q - i * words;
-    map_words[i * stride + w] = row_bits(a, i, w * kWarp);
-  }
-  for (int l = tid; l < L; l += kThreads) {
-    first[l] = __ldg(a.expert_offsets + l);
-    end[l] = first[l] + __ldg(a.expert_counts + l);
-  }
-  __syncthreads();
-  const uint32_t lanes_below = (1u << lane) - 1u;
-  for (int l = warp; l < L; l += kThreads / kWarp) {
-    const int wl = l / kWarp;
-    const uint32_t bit = 1u << (l % kWarp);
-    int carry = first[l];
-    const int stop = end[l];
-    for (int ib = 0; ib < R; ib += kWarp) {
-      const int i = ib + lane;
-      int j = 0;
-      bool use = false;
-      if (i < R) {
-        const uint32_t* m = map_words + i * stride;
-        if (m[wl] & bit) {
-          for (int q = 0; q < wl; ++q) j += __popc(m[q]);
-          j += __popc(m[wl] & (bit - 1u));
-          use = j < KL;  // among the row's first KL experts
-        }
-      }
-      const uint32_t b = __ballot_sync(kFullMask, use);
-      if (use) {
-        const int pos = carry + __popc(b & lanes_below);
-        a.rows[static_cast<int64_t>(i) * KL + j] = pos < stop ? pos : -1;
-      }
-      carry += __popc(b);
-    }
-  }
-  for (int i = tid; i < R; i += kThreads) {  // the entries past the row's experts
-    int n = 0;
-    for (int q = 0; q < words; ++q) n += __popc(map_words[i * stride + q]);
-    for (int j = n < KL ? n : KL; j < KL; ++j) a.rows[static_cast<int64_t>(i) * KL + j] = -1;
-  }
-}
-
 // The single pass for few rows (R <= kSingleMaxItems, one thread a row, the rows' local maps and the experts' offsets
 // and ends staged in shared memory): each row ORs its bit into the row mask of each of its first KL experts ([L]
 // [row_words] words of row bits), then the position of row i's entry for expert l is expert_offsets[l] plus the rows
-// below i in l's mask. A row's work is its entries (at most KL) and the mask words below it, not L: one warp an
-// expert over all rows (expert_pos_small_kernel) took 16 us at R = 128, L = 256 (ncu, H200), a chain of shared loads,
-// popcounts and ballots per (expert, 32 rows).
+// below i in l's mask. A row's work is its entries (at most KL) and the mask words below it, not L. One warp an
+// expert over all rows (a chain of shared loads, popcounts and ballots per expert and 32 rows) took 16.1 us at
+// R = 128, L = 256 (ncu, H200), this kernel 11.4 (bench/NOTES.md, "The small dispatch's kernels").
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads)
     expert_pos_masks_kernel(ExpertArgs a, int words, int stride, int row_words) {
@@ -564,20 +509,19 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
     if (seg_len < min_rows) seg_len = (min_rows + kScanThreads - 1) / kScanThreads * kScanThreads;
     const int64_t segs = R / seg_len;  // the last segment takes the remainder: every segment >= seg_len
     const int words = (L + kWarp - 1) / kWarp, stride = words | 1;  // odd stride: rows on distinct banks
-    const size_t small_smem = sizeof(uint32_t) * (static_cast<size_t>(R) * stride + 2 * static_cast<size_t>(L));
     const int row_words = static_cast<int>((R + kWarp - 1) / kWarp);
-    const size_t masks_smem = small_smem + sizeof(uint32_t) * static_cast<size_t>(L) * row_words;
-    static const bool walk = std::getenv("BITEP_POS_SMALL_WALK") != nullptr;  // A/B: the warp-per-expert walk
-    if (!walk && R <= kSingleMaxItems && masks_smem <= 48 * 1024) {
+    const size_t masks_smem =
+        sizeof(uint32_t) * (static_cast<size_t>(R) * stride + static_cast<size_t>(L) * (row_words + 2));
+    int optin = 0;
+    if ((err = smem_optin_bytes(&optin)) != cudaSuccess) return err;
+    if (R <= kSingleMaxItems && masks_smem <= static_cast<size_t>(optin)) {
       static_assert(kSingleMaxItems <= kScanThreads, "one thread a row");
+      static std::atomic<int> fits[kMaxCachedDevices];  // past 48 KiB (L above ~1000 at R = 256) the kernel opts in
+      if ((err = allow_dynamic_smem(expert_pos_masks_kernel<kScanThreads>, fits, masks_smem)) != cudaSuccess)
+        return err;
       a.seg_len = R;
       a.num_segs = 1;
       expert_pos_masks_kernel<kScanThreads><<<1, kScanThreads, masks_smem, stream>>>(a, words, stride, row_words);
-      if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    } else if (R <= kSingleMaxItems && small_smem <= 48 * 1024) {
-      a.seg_len = R;
-      a.num_segs = 1;
-      expert_pos_small_kernel<kSingleThreads><<<1, kSingleThreads, small_smem, stream>>>(a, words, stride);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     } else if (R <= kSingleMaxItems || segs < 2) {
       a.seg_len = R;

@@ -392,12 +392,14 @@ inline std::vector<RecvCase> recv_grid() {
       }
   for (DType d : {DType::kBF16, DType::kF32, DType::kF16})
     for (int mode : {1, 2}) cases.push_back({2000, 32, 8, 16, 7168, d, mode, false, false, 900 + n++});
-  // The positions' one-block kernels (K::kScanSingleRows = 256 rows): the shared-memory one at its row limit, the
-  // scan where the maps do not fit in shared memory (L = 2048: 82 KB at R = 256), and the scan for rows too few
-  // for two segments (R = 400); the segmented kernels from one row past the limit. Rows over KL bits, short counts.
+  // The positions' one-block kernels (K::kScanSingleRows = 256 rows): the row masks' at its row limit, within the
+  // default 48 KiB of shared memory (L = 64) and opted in past it (L = 2048: 115 KB at R = 256), the scan where the
+  // maps and masks pass the device's opt-in limit (L = 5000: 360 KB), and the scan for rows too few for two segments
+  // (R = 400); the segmented kernels from one row past the limit. Rows over KL bits, short counts.
   for (bool odd : {false, true}) {
     cases.push_back({256, 64, 8, 16, 64, DType::kBF16, 1, odd, odd, 950 + n++});
     cases.push_back({256, 2048, 8, 8, 64, DType::kBF16, 2, odd, !odd, 950 + n++});
+    cases.push_back({256, 5000, 8, 8, 64, DType::kBF16, 0, !odd, !odd, 950 + n++});
     cases.push_back({400, 512, 8, 8, 64, DType::kBF16, 0, !odd, odd, 950 + n++});
     cases.push_back({513, 64, 8, 16, 64, DType::kBF16, 1, odd, !odd, 950 + n++});
   }
