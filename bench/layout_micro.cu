@@ -1,6 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 // launch_ep_layout alone (bench/NOTES.md, "The layout in one launch"): T tokens, E experts, k = 8, W ranks, uniform
-// bitmap routing; the four-launch and the one-launch forms, each timed by events around 50 calls (median, min).
+// bitmap routing; the four-launch and the one-launch forms, each timed by events around 50 calls (median, min), three
+// ways (bench/NOTES.md, "The small dispatch's kernels"):
+//   warm       the calls back to back (code and data in L2 from the call before);
+//   cold       L2 flushed before each call (2x its size written), as ep_bench does before each dispatch;
+//   code warm  L2 flushed, then the same launch on a second set of buffers (its code fetched, its data not this
+//              call's), then the timed call: near "warm", the cold time is the code's fetch; near "cold", the data's.
 // Usage: layout_micro [T [E [W]]] (default 2048 256 1). The one-launch form runs only where layout_scratch_ints
 // allows it (E <= kLayoutOneLaunchMaxExperts). Timing only: the GPU tests check the outputs.
 #include <algorithm>
@@ -43,46 +48,68 @@ int main(int argc, char** argv) {
       }
     }
   }
-  uint8_t* dmap;
-  int32_t *counts, *slot, *scratch, *pack;
-  CK(cudaMalloc(&dmap, map.size()));
-  CK(cudaMemcpy(dmap, map.data(), map.size(), cudaMemcpyHostToDevice));
-  CK(cudaMalloc(&counts, 4 * W * (L + 1)));
-  CK(cudaMalloc(&slot, 4 * T * W));
+  // Two sets of buffers: [0] timed, [1] for the code-warm launch before it.
+  struct Buffers {
+    uint8_t* map;
+    int32_t *counts, *slot, *scratch, *pack;
+  } buf[2];
   const int row = L + 2 + W;
-  CK(cudaMalloc(&pack, 4 * W * row));
   const int64_t sc = K::layout_scratch_ints(T, E, W);
-  CK(cudaMalloc(&scratch, 4 * std::max<int64_t>(sc, 1)));
+  for (Buffers& b : buf) {
+    CK(cudaMalloc(&b.map, map.size()));
+    CK(cudaMemcpy(b.map, map.data(), map.size(), cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&b.counts, 4 * W * (L + 1)));
+    CK(cudaMalloc(&b.slot, 4 * T * W));
+    CK(cudaMalloc(&b.pack, 4 * W * row));
+    CK(cudaMalloc(&b.scratch, 4 * std::max<int64_t>(sc, 1)));
+  }
+  int l2 = 0;
+  CK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
+  void* flush;
+  const size_t flush_bytes = 2 * static_cast<size_t>(std::max(l2, 1 << 20));
+  CK(cudaMalloc(&flush, flush_bytes));
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  static const char* kModes[] = {"warm", "cold", "code warm"};
   for (int fused = 0; fused < (sc > 0 ? 2 : 1); ++fused) {
-    K::LayoutParams p;
-    p.num_tokens = T;
-    p.num_experts = E;
-    p.topk = k;
-    p.num_ranks = W;
-    p.routing.format = K::RoutingFormat::kBitmap;
-    p.routing.map = dmap;
-    p.counts = counts;
-    p.token_slot = slot;
-    p.pack_out = pack;
-    p.pack_row = row;
-    p.pack_flags = 0;
-    p.scratch = fused ? scratch : nullptr;
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    std::vector<float> v;
-    for (int i = 0; i < 60; ++i) {
-      CK(cudaEventRecord(a));
-      CK(K::launch_ep_layout(p, nullptr));
-      CK(cudaEventRecord(b));
-      CK(cudaEventSynchronize(b));
-      float ms;
-      CK(cudaEventElapsedTime(&ms, a, b));
-      if (i >= 10) v.push_back(ms * 1000);
+    auto params = [&](const Buffers& q) {
+      K::LayoutParams p;
+      p.num_tokens = T;
+      p.num_experts = E;
+      p.topk = k;
+      p.num_ranks = W;
+      p.routing.format = K::RoutingFormat::kBitmap;
+      p.routing.map = q.map;
+      p.counts = q.counts;
+      p.token_slot = q.slot;
+      p.pack_out = q.pack;
+      p.pack_row = row;
+      p.pack_flags = 0;
+      p.scratch = fused ? q.scratch : nullptr;
+      return p;
+    };
+    const K::LayoutParams timed = params(buf[0]), other = params(buf[1]);
+    for (int mode = 0; mode < 3; ++mode) {
+      std::vector<float> v;
+      for (int i = 0; i < 60; ++i) {
+        if (mode >= 1) CK(cudaMemsetAsync(flush, i & 0xff, flush_bytes));
+        if (mode == 2) CK(K::launch_ep_layout(other, nullptr));
+        CK(cudaEventRecord(a));
+        CK(K::launch_ep_layout(timed, nullptr));
+        CK(cudaEventRecord(b));
+        CK(cudaEventSynchronize(b));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, a, b));
+        if (i >= 10) v.push_back(ms * 1000);
+      }
+      std::sort(v.begin(), v.end());
+      printf("T=%lld E=%d W=%d %s, %s: median %.1f us (min %.1f)\n", (long long)T, E, W,
+             T <= K::kScanSingleRows ? "one block"
+             : fused                 ? "one launch"
+                                     : "four launches",
+             kModes[mode], v[v.size() / 2], v[0]);
     }
-    std::sort(v.begin(), v.end());
-    printf("T=%lld E=%d W=%d %s: median %.1f us (min %.1f)\n", (long long)T, E, W,
-           fused ? "one launch" : "four launches", v[v.size() / 2], v[0]);
   }
   return 0;
 }

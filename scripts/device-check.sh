@@ -349,6 +349,10 @@ if on profile; then
     --kernel-name regex:'layout|permute|expert_|reduce|final_sum|weight_grad' --launch-skip 20 --launch-count 12 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis \
     "$BUILD/bench/ep_bench" --tokens 4096 --iters 3 --warmup 1 --routing uniform --no-baseline
+  # The layout alone warm, after an L2 flush, and after a flush and the same launch on other buffers: whether a small
+  # kernel's cold time is its code's fetch or its data's (bench/NOTES.md, "The small dispatch's kernels").
+  step "layout_micro (warm / cold / code warm)" "$BENCH" bash -c \
+    "'$BUILD/bench/layout_micro' 128 256 1 && '$BUILD/bench/layout_micro' 128 256 8 && '$BUILD/bench/layout_micro' 4096 128 1"
   step "ep_bench traced (BITEP_TRACE=1)" "$BENCH" mpirun -np "$NGPU" -x BITEP_TRACE=1 "$BUILD/bench/ep_bench" \
     --tokens 128,4096 --iters 3 --warmup 1 --routing uniform
 fi
