@@ -4,7 +4,8 @@
 // order. Deterministic: integer counts only, positions from ballot scans in token order.
 //
 // No scratch beyond the outputs:
-// - T <= kSingleMaxItems (256): one block walks all tokens and writes every output itself: one launch.
+// - T <= kSingleMaxItems (256): one block finds every token's ranks (a token's row split among lanes), then scans
+//   them in token order and writes every output itself: one launch (layout_single_kernel).
 // - larger T: tokens split into S contiguous segments (S <= 2 x SMs):
 //     1. count: per segment, per rank totals -> stored in the segment's last row of token_slot;
 //        per expert totals -> atomically added (integers) to the zeroed counts;
@@ -16,6 +17,9 @@
 //   each block takes the next segment by ticket, counts its tokens per rank into the scratch, raises its flag,
 //   waits for the flags of the segments before it and starts each rank at the sum of their counts; the last
 //   segment writes the totals and the last block to finish packs the exchange's rows.
+
+#include <cstdint>
+#include <cstdlib>
 
 #include "kernels/ep.h"
 #include "kernels/ep_common.cuh"
@@ -208,6 +212,158 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
   }
 }
 
+// The single pass of T <= kSingleMaxItems tokens (one block, all outputs), in two phases (LayoutSingleArgs): T=128,
+// E=256, bitmap: one thread a token walking its row's words one by one ran ~3300 instructions a warp, its lanes
+// diverging over their bits (bench/NOTES.md, "The small dispatch's kernels").
+//   1. the routing: maps, P = 2^log_lanes lanes a token, each c words of its row (coalesced loads), the first k set
+//      bits found by a segmented scan of their popcounts; indices, a thread a (token, entry). Each routed expert adds
+//      1 to its count, each destination rank sets its bit in the token's rank words rank_bits[t][W / 32].
+//   2. per group of 32 ranks: the ballot scan in token order, the totals, then every slot written item by item
+//      (coalesced).
+// Shared memory (dynamic, single_layout_smem_bytes): [E] expert counts (smem_experts), [W] rank totals, [T][G] rank
+// words.
+struct LayoutSingleArgs {
+  LayoutArgs a;
+  int row_words;   // maps: ceil(E / 32)
+  int lane_words;  // maps: words a lane walks (c)
+  int log_lanes;   // maps: log2 P
+  int groups;      // G = ceil(W / 32)
+};
+
+constexpr size_t kSingleStaticSmem = 2 * sizeof(int) * (kSingleThreads / kWarp) * kWarp;  // ballots, warp_base
+constexpr size_t kSingleDynamicSmemMax = 48 * 1024 - kSingleStaticSmem;  // within the default limit: no opt-in
+
+inline size_t single_layout_smem_bytes(int64_t T, int E, int W, bool smem_experts) {
+  return sizeof(int) * ((smem_experts ? E : 0) + W + T * ((W + kWarp - 1) / kWarp));
+}
+
+template <int kThreads, RoutingFormat kFormat>
+__global__ void __launch_bounds__(kThreads) layout_single_kernel(LayoutSingleArgs sa) {
+  extern __shared__ int smem[];
+  static_assert(kThreads == kSingleThreads, "kSingleStaticSmem");
+  __shared__ uint32_t ballots[kThreads / kWarp][kWarp];  // per warp, per rank of the group: lanes going there
+  __shared__ int warp_base[kThreads / kWarp][kWarp];     // per warp, per rank: its first slot
+  const LayoutArgs& a = sa.a;
+  const int tid = threadIdx.x, lane = tid & (kWarp - 1), warp = tid / kWarp;
+  const int E = a.v.num_experts, W = a.num_ranks, L = a.local_experts, G = sa.groups, k = a.v.topk;
+  const int T = static_cast<int>(a.num_tokens);
+  int* const ecnt = smem;                                                   // [E] when smem_experts
+  int* const rank_total = smem + (a.smem_experts ? E : 0);                  // [W]
+  uint32_t* const rank_bits = reinterpret_cast<uint32_t*>(rank_total + W);  // [T][G]
+  if (a.smem_experts)
+    for (int e = tid; e < E; e += kThreads) ecnt[e] = 0;
+  for (int i = tid; i < T * G; i += kThreads) rank_bits[i] = 0u;
+  __syncthreads();
+
+  // Expert e of token t: its count, and its rank's bit unless the last expert seen there was of the same rank.
+  auto routed = [&](int t, int e, int& rank_end) {
+    int r = -1;
+    if (e >= rank_end || !a.smem_experts) r = e / L;
+    if (e >= rank_end) {
+      rank_end = (r + 1) * L;
+      atomicOr(rank_bits + static_cast<int64_t>(t) * G + r / kWarp, 1u << (r % kWarp));
+    }
+    if (a.smem_experts)
+      atomicAdd(ecnt + e, 1);
+    else
+      atomicAdd(a.counts + static_cast<int64_t>(r) * (L + 1) + 1 + (e - r * L), 1);
+  };
+  if constexpr (kFormat == RoutingFormat::kTopkIndices) {
+    for (int i = tid; i < T * k; i += kThreads) {
+      const int t = i / k, j = i - t * k;
+      const int32_t* row = a.v.idx + static_cast<int64_t>(t) * k;
+      const int e = __ldg(row + j);
+      int rank_end = 0;
+      if (e >= 0 && e < E && !repeats_earlier(row, j, e)) routed(t, e, rank_end);
+    }
+  } else {
+    const int P = 1 << sa.log_lanes, c = sa.lane_words, n = T << sa.log_lanes;
+    auto word = [&](int t, int w) {  // route_bits(v, t, 32 w, E), its format known here
+      if constexpr (kFormat == RoutingFormat::kBitmap) {
+        const int left = E - w * kWarp;
+        return bitmap_bits32(a.v.map8 + static_cast<int64_t>(t) * a.v.row_bytes, a.v.row_bytes, a.v.aligned4,
+                             w * kWarp) &
+               (left >= kWarp ? kFullMask : (1u << left) - 1u);
+      } else {
+        return route_bits(a.v, t, w * kWarp, E);
+      }
+    };
+    for (int base = 0; base < n; base += kThreads) {  // every lane of a warp in each round: the scan's shuffles
+      const int i = base + tid, t = i >> sa.log_lanes, p = i & (P - 1);
+      const int w0 = p * c, w1 = min(w0 + c, sa.row_words);
+      const bool mine = i < n && w0 < w1;
+      const uint32_t first = mine ? word(t, w0) : 0u;
+      int cnt = __popc(first);
+      for (int w = w0 + 1; mine && w < w1; ++w) cnt += __popc(word(t, w));
+      int incl = cnt;
+      for (int d = 1; d < P; d <<= 1) {
+        const int x = __shfl_up_sync(kFullMask, incl, d, P);
+        if (p >= d) incl += x;
+      }
+      int seen = incl - cnt, rank_end = 0;  // t's set bits before this lane's words
+      for (int w = w0; mine && w < w1 && seen < k; ++w) {
+        const uint32_t bits = keep_lowest(w == w0 ? first : word(t, w), k - seen);
+        seen += __popc(bits);
+        for (uint32_t b = bits; b != 0; b &= b - 1) routed(t, w * kWarp + __ffs(b) - 1, rank_end);
+      }
+    }
+  }
+  __syncthreads();
+
+  const int tw = (T + kWarp - 1) / kWarp;  // warps holding a token in phase 2
+  for (int g = 0; g < G; ++g) {
+    const int rg = g * kWarp, nr = min(W - rg, kWarp);
+    if (warp < tw) {
+      const uint32_t m = tid < T ? rank_bits[static_cast<int64_t>(tid) * G + g] : 0u;
+      for (int j = 0; j < nr; ++j) {
+        const uint32_t b = __ballot_sync(kFullMask, (m >> j) & 1u);
+        if (lane == j) {
+          ballots[warp][j] = b;
+          warp_base[warp][j] = __popc(b);
+        }
+      }
+    }
+    __syncthreads();
+    if (tid < nr) {
+      int acc = 0;
+      for (int w = 0; w < tw; ++w) {
+        const int x = warp_base[w][tid];
+        warp_base[w][tid] = acc;
+        acc += x;
+      }
+      rank_total[rg + tid] = acc;
+    }
+    __syncthreads();
+    for (int i = tid; i < T * nr; i += kThreads) {
+      const int t = i / nr, j = i - t * nr, tw_ = t / kWarp, tl = t % kWarp;
+      const uint32_t b = ballots[tw_][j];
+      a.token_slot[static_cast<int64_t>(t) * W + rg + j] =
+          (b >> tl) & 1u ? warp_base[tw_][j] + __popc(b & ((1u << tl) - 1u)) : -1;
+    }
+    __syncthreads();  // ballots and warp_base are reused by the next group
+  }
+  for (int r = tid; r < W; r += kThreads) a.counts[static_cast<int64_t>(r) * (L + 1)] = rank_total[r];
+  if (a.smem_experts)
+    for (int e = tid; e < E; e += kThreads) *expert_count(a, e) = ecnt[e];
+  if (a.pack_out == nullptr) return;
+  if (!a.smem_experts) __syncthreads();  // the global expert counts: every atomic done before the packing reads them
+  const int n = W * a.pack_row;          // within int: launch_ep_layout (32-bit divisions here)
+  for (int i = tid; i < n; i += kThreads) {
+    const int peer = i / a.pack_row, c = i - peer * a.pack_row;
+    if (!a.smem_experts) {
+      pack_entry(a.counts, W, L, a.pack_row, a.pack_flags, i, a.pack_out);
+    } else if (c == 0) {
+      a.pack_out[i] = rank_total[peer];
+    } else if (c <= L) {
+      a.pack_out[i] = ecnt[peer * L + c - 1];
+    } else if (c == L + 1) {
+      a.pack_out[i] = a.pack_flags;
+    } else if (c < L + 2 + W) {
+      a.pack_out[i] = rank_total[c - L - 2];
+    }
+  }
+}
+
 // The three passes and the packing in one launch (LayoutArgs::scratch, zeroed header and flags). The block's
 // segment is its ticket's. It counts its tokens per rank into the scratch, and its experts in shared memory (E is at
 // most kLayoutOneLaunchMaxExperts here), and raises its flag; the first segment's block zeroes counts before it raises
@@ -329,7 +485,27 @@ cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
     a.num_segs = 1;
     if (!a.smem_experts && (err = cudaMemsetAsync(p.counts, 0, counts_bytes, stream)) != cudaSuccess) return err;
     a.pack_out = p.pack_out;
-    layout_slot_kernel<kSingleThreads, true><<<1, kSingleThreads, ecnt_bytes, stream>>>(a);
+    const size_t smem = single_layout_smem_bytes(p.num_tokens, E, W, a.smem_experts);
+    static const bool thread_token = std::getenv("BITEP_LAYOUT_THREAD_TOKEN") != nullptr;  // A/B only: TODO remove
+    // Past its shared memory ([T][W / 32] rank words, W > ~1000) or int packing: a thread a token.
+    if (smem > kSingleDynamicSmemMax || static_cast<int64_t>(W) * p.pack_row > INT32_MAX || thread_token) {
+      layout_slot_kernel<kSingleThreads, true><<<1, kSingleThreads, ecnt_bytes, stream>>>(a);
+      return cudaGetLastError();
+    }
+    LayoutSingleArgs sa;
+    sa.a = a;
+    sa.groups = (W + kWarp - 1) / kWarp;
+    sa.row_words = (E + kWarp - 1) / kWarp;
+    sa.lane_words = (sa.row_words + kWarp - 1) / kWarp;
+    const int lanes = (sa.row_words + sa.lane_words - 1) / sa.lane_words;  // <= 32
+    sa.log_lanes = 0;
+    while ((1 << sa.log_lanes) < lanes) ++sa.log_lanes;
+    if (a.v.format == RoutingFormat::kBitmap)
+      layout_single_kernel<kSingleThreads, RoutingFormat::kBitmap><<<1, kSingleThreads, smem, stream>>>(sa);
+    else if (a.v.format == RoutingFormat::kBytemap)
+      layout_single_kernel<kSingleThreads, RoutingFormat::kBytemap><<<1, kSingleThreads, smem, stream>>>(sa);
+    else
+      layout_single_kernel<kSingleThreads, RoutingFormat::kTopkIndices><<<1, kSingleThreads, smem, stream>>>(sa);
     return cudaGetLastError();
   }
 

@@ -28,7 +28,8 @@ using namespace ep_test;
 
 // Every case of more than 256 tokens and at most K::kLayoutOneLaunchMaxExperts experts twice: in four launches and
 // in one (LayoutParams::scratch, poisoned: the launch must need no contents there). Past 4096 experts the per-expert
-// counts are global atomics.
+// counts are global atomics. The one block (T <= 256) beyond routing_grid: a lane walking 2 words of a row (E = 2048),
+// 35 rank groups (W = 1100), and past its shared memory limit the thread-a-token form (W = 2048).
 TEST(EpKernelsGpu, LayoutMatchesHost) {
   REQUIRE_GPU();
   int failing = 0, fused = 0;
@@ -37,6 +38,11 @@ TEST(EpKernelsGpu, LayoutMatchesHost) {
   for (RoutingFormat f : {RoutingFormat::kBitmap, RoutingFormat::kTopkIndices})
     for (int64_t T : {200, 3000})
       cases.push_back({T, 8, 600, 8, f, WeightFormat::kNone, 7, DType::kBF16, true, false, 60 + n++});
+  for (RoutingFormat f : {RoutingFormat::kBitmap, RoutingFormat::kBytemap, RoutingFormat::kTopkIndices}) {
+    cases.push_back({256, 2, 1024, 8, f, WeightFormat::kNone, 7, DType::kBF16, n % 2 == 0, true, 60 + n++});
+    cases.push_back({200, 1100, 1, 8, f, WeightFormat::kNone, 7, DType::kBF16, false, true, 60 + n++});
+    cases.push_back({256, 2048, 1, 8, f, WeightFormat::kNone, 7, DType::kBF16, false, true, 60 + n++});
+  }
   for (const Case& c : cases) {
     const Routing r = make_routing(c.T, c.E(), c.k, c.seed, c.skewed, c.invalid);
     const DevRouting dr(r);
