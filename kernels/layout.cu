@@ -19,7 +19,6 @@
 //   segment writes the totals and the last block to finish packs the exchange's rows.
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "kernels/ep.h"
 #include "kernels/ep_common.cuh"
@@ -486,9 +485,8 @@ cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
     if (!a.smem_experts && (err = cudaMemsetAsync(p.counts, 0, counts_bytes, stream)) != cudaSuccess) return err;
     a.pack_out = p.pack_out;
     const size_t smem = single_layout_smem_bytes(p.num_tokens, E, W, a.smem_experts);
-    static const bool thread_token = std::getenv("BITEP_LAYOUT_THREAD_TOKEN") != nullptr;  // A/B only: TODO remove
     // Past its shared memory ([T][W / 32] rank words, W > ~1000) or int packing: a thread a token.
-    if (smem > kSingleDynamicSmemMax || static_cast<int64_t>(W) * p.pack_row > INT32_MAX || thread_token) {
+    if (smem > kSingleDynamicSmemMax || static_cast<int64_t>(W) * p.pack_row > INT32_MAX) {
       layout_slot_kernel<kSingleThreads, true><<<1, kSingleThreads, ecnt_bytes, stream>>>(a);
       return cudaGetLastError();
     }
