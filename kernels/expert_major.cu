@@ -234,15 +234,16 @@ __global__ void __launch_bounds__(kThreads) expert_pos_kernel(ExpertArgs a, int 
   }
 }
 
-// The single pass for few rows (R <= kSingleMaxItems, one thread a row, the rows' local maps and the experts' offsets
-// and ends staged in shared memory): each row ORs its bit into the row mask of each of its first KL experts ([L]
-// [row_words] words of row bits), then the position of row i's entry for expert l is expert_offsets[l] plus the rows
-// below i in l's mask. A row's work is its entries (at most KL) and the mask words below it, not L. One warp an
-// expert over all rows (a chain of shared loads, popcounts and ballots per expert and 32 rows) took 16.1 us at
-// R = 128, L = 256 (ncu, H200), this kernel 11.4 (bench/NOTES.md, "The small dispatch's kernels").
+// The single pass for few rows (R <= kSingleMaxItems; the rows' local maps and the experts' offsets and ends staged in
+// shared memory): each row ORs its bit into the row mask of each of its first KL experts ([L][row_words] words of row
+// bits), then the position of row i's entry for expert l is expert_offsets[l] plus the rows below i in l's mask. A
+// row's words are split among P = 2^log_lanes lanes (lane_words each), its entry indices found by a segmented scan of
+// the lanes' popcounts, as the one-block layout does (kernels/layout.cu). One warp an expert over all rows took 16.1 us
+// at R = 128, L = 256 (ncu, H200); one thread a row walking its 8 words 11.4-12.6 (bench/NOTES.md, "The small
+// dispatch's kernels").
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads)
-    expert_pos_masks_kernel(ExpertArgs a, int words, int stride, int row_words) {
+    expert_pos_masks_kernel(ExpertArgs a, int words, int stride, int row_words, int lane_words, int log_lanes) {
   extern __shared__ uint32_t staged[];  // [R][stride] map words, [L][row_words] row masks, [L] firsts, [L] ends
   const int tid = threadIdx.x, L = a.local_experts, KL = a.row_experts, R = static_cast<int>(a.num_rows);
   uint32_t* const row_mask = staged + R * stride;
@@ -258,28 +259,43 @@ __global__ void __launch_bounds__(kThreads)
     end[l] = first[l] + __ldg(a.expert_counts + l);
   }
   __syncthreads();
-  const int i = tid, wi = i / kWarp;
-  const uint32_t bit = 1u << (i % kWarp);
-  const uint32_t* m = staged + i * stride;
-  if (i < R) {
-    int j = 0;
-    for (int w = 0; w < words && j < KL; ++w)
-      for (uint32_t b = m[w]; b != 0 && j < KL; b &= b - 1, ++j)
-        atomicOr(row_mask + (w * kWarp + __ffs(b) - 1) * row_words + wi, bit);
-  }
-  __syncthreads();
-  if (i >= R) return;
-  int32_t* out = a.rows + static_cast<int64_t>(i) * KL;
-  int j = 0;
-  for (int w = 0; w < words && j < KL; ++w)
-    for (uint32_t b = m[w]; b != 0 && j < KL; b &= b - 1, ++j) {
-      const int l = w * kWarp + __ffs(b) - 1;
-      const uint32_t* lm = row_mask + l * row_words;
-      int pos = first[l] + __popc(lm[wi] & (bit - 1u));
-      for (int q = 0; q < wi; ++q) pos += __popc(lm[q]);
-      out[j] = pos < end[l] ? pos : -1;
+  const int P = 1 << log_lanes, n = R << log_lanes;
+  // Item q: row q / P, its words [p c, min(p c + c, words)) for lane p = q % P. Called by every thread of the block
+  // (the scan's shuffles); f(i, l, j) for each of the item's entries (expert l, entry j < KL of row i), then done(i,
+  // total) on the row's last lane with the row's set bits in all.
+  auto for_items = [&](auto&& f, auto&& done) {
+    for (int base = 0; base < n; base += kThreads) {
+      const int q = base + tid, i = q >> log_lanes, p = q & (P - 1);
+      const int w0 = p * lane_words, w1 = min(w0 + lane_words, words);
+      const bool mine = q < n && w0 < w1;
+      const uint32_t* m = staged + static_cast<int64_t>(i) * stride;
+      int cnt = 0;
+      for (int w = w0; mine && w < w1; ++w) cnt += __popc(m[w]);
+      int incl = cnt;
+      for (int d = 1; d < P; d <<= 1) {
+        const int x = __shfl_up_sync(kFullMask, incl, d, P);
+        if (p >= d) incl += x;
+      }
+      int j = incl - cnt;
+      for (int w = w0; mine && w < w1 && j < KL; ++w)
+        for (uint32_t b = m[w]; b != 0 && j < KL; b &= b - 1, ++j) f(i, w * kWarp + __ffs(b) - 1, j);
+      if (q < n && p == P - 1) done(i, incl);
     }
-  for (; j < KL; ++j) out[j] = -1;
+  };
+  for_items([&](int i, int l, int) { atomicOr(row_mask + l * row_words + i / kWarp, 1u << (i % kWarp)); },
+            [](int, int) {});
+  __syncthreads();
+  for_items(
+      [&](int i, int l, int j) {
+        const int wi = i / kWarp;
+        const uint32_t* lm = row_mask + l * row_words;
+        int pos = first[l] + __popc(lm[wi] & ((1u << (i % kWarp)) - 1u));
+        for (int q = 0; q < wi; ++q) pos += __popc(lm[q]);
+        a.rows[static_cast<int64_t>(i) * KL + j] = pos < end[l] ? pos : -1;
+      },
+      [&](int i, int total) {
+        for (int j = total < KL ? total : KL; j < KL; ++j) a.rows[static_cast<int64_t>(i) * KL + j] = -1;
+      });
 }
 
 // expert_src[pos] = i * KL + j for every entry of recv_expert_rows with a position (pad rows keep the
@@ -515,13 +531,16 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
     int optin = 0;
     if ((err = smem_optin_bytes(&optin)) != cudaSuccess) return err;
     if (R <= kSingleMaxItems && masks_smem <= static_cast<size_t>(optin)) {
-      static_assert(kSingleMaxItems <= kScanThreads, "one thread a row");
       static std::atomic<int> fits[kMaxCachedDevices];  // past 48 KiB (L above ~1000 at R = 256) the kernel opts in
-      if ((err = allow_dynamic_smem(expert_pos_masks_kernel<kScanThreads>, fits, masks_smem)) != cudaSuccess)
+      if ((err = allow_dynamic_smem(expert_pos_masks_kernel<kSingleThreads>, fits, masks_smem)) != cudaSuccess)
         return err;
       a.seg_len = R;
       a.num_segs = 1;
-      expert_pos_masks_kernel<kScanThreads><<<1, kScanThreads, masks_smem, stream>>>(a, words, stride, row_words);
+      const int lane_words = (words + kWarp - 1) / kWarp, lanes = (words + lane_words - 1) / lane_words;  // <= 32
+      int log_lanes = 0;
+      while ((1 << log_lanes) < lanes) ++log_lanes;
+      expert_pos_masks_kernel<kSingleThreads>
+          <<<1, kSingleThreads, masks_smem, stream>>>(a, words, stride, row_words, lane_words, log_lanes);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     } else if (R <= kSingleMaxItems || segs < 2) {
       a.seg_len = R;
