@@ -239,8 +239,8 @@ __global__ void __launch_bounds__(kThreads) expert_pos_kernel(ExpertArgs a, int 
 // bits), then the position of row i's entry for expert l is expert_offsets[l] plus the rows below i in l's mask. A
 // row's words are split among P = 2^log_lanes lanes (lane_words each), its entry indices found by a segmented scan of
 // the lanes' popcounts, as the one-block layout does (kernels/layout.cu). One warp an expert over all rows took 16.1 us
-// at R = 128, L = 256 (ncu, H200); one thread a row walking its 8 words 11.4-12.6 (bench/NOTES.md, "The small
-// dispatch's kernels").
+// at R = 128, L = 256 (ncu, H200); one thread a row walking its 8 words 11.4-12.6; this 6.1-6.3 (bench/NOTES.md, "The
+// small dispatch's kernels" and "The one-block layout: divergence, not code fetch").
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads)
     expert_pos_masks_kernel(ExpertArgs a, int words, int stride, int row_words, int lane_words, int log_lanes) {

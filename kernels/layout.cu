@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
 
 // The single pass of T <= kSingleMaxItems tokens (one block, all outputs), in two phases (LayoutSingleArgs): T=128,
 // E=256, bitmap: one thread a token walking its row's words one by one ran ~3300 instructions a warp, its lanes
-// diverging over their bits (bench/NOTES.md, "The small dispatch's kernels").
+// diverging over their bits (bench/NOTES.md, "The one-block layout: divergence, not code fetch").
 //   1. the routing: maps, P = 2^log_lanes lanes a token, each c words of its row (coalesced loads), the first k set
 //      bits found by a segmented scan of their popcounts; indices, a thread a (token, entry). Each routed expert adds
 //      1 to its count, each destination rank sets its bit in the token's rank words rank_bits[t][W / 32].
