@@ -98,6 +98,21 @@ inline cudaError_t row_pieces(
   return cudaSuccess;
 }
 
+// A row of `words` 32-bit words split among lanes (the one-block layout and the few-row positions): each lane walks
+// lane_words consecutive words, 2^log_lanes lanes a row (at most 32, a power of 2: a row's lanes share a warp).
+struct RowLanes {
+  int lane_words;
+  int log_lanes;
+};
+inline RowLanes row_lanes(int words) {
+  RowLanes s;
+  s.lane_words = (words + kWarp - 1) / kWarp;
+  const int lanes = (words + s.lane_words - 1) / s.lane_words;  // <= 32
+  s.log_lanes = 0;
+  while ((1 << s.log_lanes) < lanes) ++s.log_lanes;
+  return s;
+}
+
 // ---- device: routing input ------------------------------------------------------------------------
 
 struct RouteView {
@@ -518,6 +533,16 @@ template <int kThreads>
 __device__ __forceinline__ int tile_slot(const TileScanSmem<kThreads>& s, int j) {
   const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
   return s.warp_base[warp][j] + __popc(s.ballot[warp][j] & ((1u << lane) - 1u));
+}
+
+// Inclusive sum of v over lanes [0, p] of the calling lane's segment of P lanes (P a power of 2 up to 32, p = lane %
+// P): a row's popcounts split by row_lanes. Every lane of the warp calls it.
+__device__ __forceinline__ int segment_inclusive_sum(int v, int p, int P) {
+  for (int d = 1; d < P; d <<= 1) {
+    const int x = __shfl_up_sync(kFullMask, v, d, P);
+    if (p >= d) v += x;
+  }
+  return v;
 }
 
 // ---- device: warp row copies ------------------------------------------------------------------------

@@ -271,11 +271,7 @@ __global__ void __launch_bounds__(kThreads)
       const uint32_t* m = staged + static_cast<int64_t>(i) * stride;
       int cnt = 0;
       for (int w = w0; mine && w < w1; ++w) cnt += __popc(m[w]);
-      int incl = cnt;
-      for (int d = 1; d < P; d <<= 1) {
-        const int x = __shfl_up_sync(kFullMask, incl, d, P);
-        if (p >= d) incl += x;
-      }
+      const int incl = segment_inclusive_sum(cnt, p, P);
       int j = incl - cnt;
       for (int w = w0; mine && w < w1 && j < KL; ++w)
         for (uint32_t b = m[w]; b != 0 && j < KL; b &= b - 1, ++j) f(i, w * kWarp + __ffs(b) - 1, j);
@@ -536,11 +532,9 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
         return err;
       a.seg_len = R;
       a.num_segs = 1;
-      const int lane_words = (words + kWarp - 1) / kWarp, lanes = (words + lane_words - 1) / lane_words;  // <= 32
-      int log_lanes = 0;
-      while ((1 << log_lanes) < lanes) ++log_lanes;
+      const RowLanes lanes = row_lanes(words);
       expert_pos_masks_kernel<kSingleThreads>
-          <<<1, kSingleThreads, masks_smem, stream>>>(a, words, stride, row_words, lane_words, log_lanes);
+          <<<1, kSingleThreads, masks_smem, stream>>>(a, words, stride, row_words, lanes.lane_words, lanes.log_lanes);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     } else if (R <= kSingleMaxItems || segs < 2) {
       a.seg_len = R;

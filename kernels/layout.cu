@@ -224,8 +224,7 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
 struct LayoutSingleArgs {
   LayoutArgs a;
   int row_words;   // maps: ceil(E / 32)
-  int lane_words;  // maps: words a lane walks (c)
-  int log_lanes;   // maps: log2 P
+  RowLanes lanes;  // maps: c = lanes.lane_words words a lane, P = 2^lanes.log_lanes lanes a token
   int groups;      // G = ceil(W / 32)
 };
 
@@ -276,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) layout_single_kernel(LayoutSingleArg
       if (e >= 0 && e < E && !repeats_earlier(row, j, e)) routed(t, e, rank_end);
     }
   } else {
-    const int P = 1 << sa.log_lanes, c = sa.lane_words, n = T << sa.log_lanes;
+    const int log_lanes = sa.lanes.log_lanes, P = 1 << log_lanes, c = sa.lanes.lane_words, n = T << log_lanes;
     auto word = [&](int t, int w) {  // route_bits(v, t, 32 w, E), its format known here
       if constexpr (kFormat == RoutingFormat::kBitmap) {
         const int left = E - w * kWarp;
@@ -288,18 +287,13 @@ __global__ void __launch_bounds__(kThreads) layout_single_kernel(LayoutSingleArg
       }
     };
     for (int base = 0; base < n; base += kThreads) {  // every lane of a warp in each round: the scan's shuffles
-      const int i = base + tid, t = i >> sa.log_lanes, p = i & (P - 1);
+      const int i = base + tid, t = i >> log_lanes, p = i & (P - 1);
       const int w0 = p * c, w1 = min(w0 + c, sa.row_words);
       const bool mine = i < n && w0 < w1;
       const uint32_t first = mine ? word(t, w0) : 0u;
       int cnt = __popc(first);
       for (int w = w0 + 1; mine && w < w1; ++w) cnt += __popc(word(t, w));
-      int incl = cnt;
-      for (int d = 1; d < P; d <<= 1) {
-        const int x = __shfl_up_sync(kFullMask, incl, d, P);
-        if (p >= d) incl += x;
-      }
-      int seen = incl - cnt, rank_end = 0;  // t's set bits before this lane's words
+      int seen = segment_inclusive_sum(cnt, p, P) - cnt, rank_end = 0;  // t's set bits before this lane's words
       for (int w = w0; mine && w < w1 && seen < k; ++w) {
         const uint32_t bits = keep_lowest(w == w0 ? first : word(t, w), k - seen);
         seen += __popc(bits);
@@ -494,10 +488,7 @@ cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
     sa.a = a;
     sa.groups = (W + kWarp - 1) / kWarp;
     sa.row_words = (E + kWarp - 1) / kWarp;
-    sa.lane_words = (sa.row_words + kWarp - 1) / kWarp;
-    const int lanes = (sa.row_words + sa.lane_words - 1) / sa.lane_words;  // <= 32
-    sa.log_lanes = 0;
-    while ((1 << sa.log_lanes) < lanes) ++sa.log_lanes;
+    sa.lanes = row_lanes(sa.row_words);
     if (a.v.format == RoutingFormat::kBitmap)
       layout_single_kernel<kSingleThreads, RoutingFormat::kBitmap><<<1, kSingleThreads, smem, stream>>>(sa);
     else if (a.v.format == RoutingFormat::kBytemap)
