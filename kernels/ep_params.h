@@ -228,10 +228,6 @@ struct ExpertMajorParams {
   // self_tokens); positions still come from row i's map.
   const int32_t* src_index = nullptr;
   bool zero_pads = true;
-  // true: the pad rows alone are zeroed (expert_x, expert_offsets and expert_counts read; the positions, the
-  // copies and their fields are left out): the dispatch zeroes them beside its permute and transfer, and its
-  // copies after them then run with zero_pads false.
-  bool pads_only = false;
   // cuda: blocks per SM of the copy's persistent grid (0: the default). Work beside an all-to-all takes
   // fewer and leaves SMs to NCCL's kernel.
   int blocks_per_sm = 0;

@@ -329,8 +329,8 @@ __global__ void __launch_bounds__(kRowThreads) expert_copy_kernel(ExpertArgs a) 
   }
 }
 
-// Pad rows of the bulk path (the gather's source table is not filled there) and of a pads-only call: block l
-// zeroes expert l's rows [expert_offsets[l] + expert_counts[l], expert_offsets[l + 1]), one warp per row.
+// Pad rows of the bulk path (the gather's source table is not filled there): block l zeroes expert l's rows
+// [expert_offsets[l] + expert_counts[l], expert_offsets[l + 1]), one warp per row.
 template <int V>
 __global__ void __launch_bounds__(kRowThreads) expert_pad_kernel(ExpertArgs a) {
   const int l = blockIdx.x;
@@ -461,33 +461,7 @@ cudaError_t load_ep_kernels() {
   return err;
 }
 
-namespace {
-
-// ExpertMajorParams::pads_only: the pad kernel at the widest vector the rows and expert_x allow.
-cudaError_t launch_pads_only(const ExpertMajorParams& p, cudaStream_t stream) {
-  const int L = p.num_local_experts;
-  if (L < 1 || p.hidden < 0 || p.num_expert_rows < 0) return cudaErrorInvalidValue;
-  if (p.expert_x == nullptr || p.hidden == 0 || p.num_expert_rows == 0 || p.num_pad_rows == 0) return cudaSuccess;
-  if (p.expert_offsets == nullptr || p.expert_counts == nullptr) return cudaErrorInvalidValue;
-  ExpertArgs a{};
-  a.local_experts = L;
-  a.expert_offsets = p.expert_offsets;
-  a.expert_counts = p.expert_counts;
-  a.expert_x = static_cast<char*>(p.expert_x);
-  a.row_bytes = p.hidden * dtype_size(p.dtype);
-  a.num_expert_rows = p.num_expert_rows;
-  const int v = vec_bytes(a.row_bytes, p.expert_x);
-  a.nvec = a.row_bytes / v;
-  return dispatch_vec(v, [&](auto vt) {
-    expert_pad_kernel<decltype(vt)::value><<<L, kRowThreads, 0, stream>>>(a);
-    return cudaGetLastError();
-  });
-}
-
-}  // namespace
-
 cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stream) {
-  if (p.pads_only) return launch_pads_only(p, stream);
   const int L = p.num_local_experts, KL = p.max_row_experts;
   if (L < 1 || KL < 1 || KL > L || p.num_recv_rows < 0 || p.hidden < 0 || p.num_expert_rows < 0)
     return cudaErrorInvalidValue;

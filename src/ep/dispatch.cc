@@ -83,12 +83,6 @@ bool fused_layout_off() {
   return off;
 }
 
-// BITEP_EARLY_PADS=0: the pad rows zeroed after the copies (A/B switch, to be removed).
-bool early_pads_off() {
-  static const bool off = env_is("BITEP_EARLY_PADS", "0");
-  return off;
-}
-
 // BITEP_LSA_DISPATCH=0: large dispatches go by the split all-to-all even with a window.
 bool large_window_off() {
   static const bool off = env_is("BITEP_LSA_DISPATCH", "0");
@@ -176,23 +170,6 @@ bitepResult_t Dispatch::expert_copy_params(kernels::ExpertMajorParams* ep) {
     BITEP_CHECK(ex_.temp(sizeof(int32_t) * scratch, &src));
     ep->scratch = static_cast<int32_t*>(src);
   }
-  return bitepSuccess;
-}
-
-// The pad rows need only the expert offsets and counts (uploaded with the tables), so they are zeroed beside the
-// latency-bound permute and positions instead of after the copies: at T = 128, H = 7168, E = 256 (alignment 16)
-// they are ~44 MB of zeros, ~12 us at the HBM rate (bench/NOTES.md, "The pad rows beside the permute").
-bitepResult_t Dispatch::pads_beside(kernels::ExpertMajorParams* ep) {
-  if (!ex_.cuda() || ep->expert_x == nullptr || g_->config.hidden == 0 || ep->num_expert_rows == 0 ||
-      ep->num_pad_rows == 0 || !ep->zero_pads || early_pads_off())
-    return bitepSuccess;
-  kernels::ExpertMajorParams pads = *ep;
-  pads.pads_only = true;
-  BITEP_CHECK(ex_.fork());
-  BITEP_CHECK(ex_.expert_major(pads));
-  trace_.mark_on("pads", ex_.current_stream());
-  ex_.launch_on_caller();
-  ep->zero_pads = false;
   return bitepSuccess;
 }
 
@@ -423,9 +400,6 @@ bitepResult_t Dispatch::move_rows_nccl() {
   const bool own_from_x = a_->expert_major_only && own1 > own0;
   void* tokens = nullptr;
   if (own_from_x) BITEP_CHECK(ex_.temp(sizeof(int32_t) * (own1 - own0), &tokens));
-  kernels::ExpertMajorParams ep;
-  BITEP_CHECK(expert_copy_params(&ep));
-  if (!split_) BITEP_CHECK(pads_beside(&ep));  // the split's own-row copies zero them on the side stream
   if (h->num_tokens > 0) {
     kernels::PermuteParams pp = permute_params();
     pp.send_offsets = h->send_offsets_dev;
@@ -445,6 +419,8 @@ bitepResult_t Dispatch::move_rows_nccl() {
   add_route_buffers(h, self_, Route::kOut, send_map_, h->recv_map, MB_, &routing);
   if (any_weights_)
     add_route_buffers(h, self_, Route::kOut, send_weights_, h->recv_weights, sizeof(float) * KL_, &routing);
+  kernels::ExpertMajorParams ep;
+  BITEP_CHECK(expert_copy_params(&ep));
   const bool expert = R > 0 || h->num_expert_rows > 0;
   // The own rows' copies (every row's positions with them): from x through the tokens, or from recv_x in place.
   auto own_rows = [&] {
@@ -478,7 +454,6 @@ bitepResult_t Dispatch::move_rows_nccl() {
         BITEP_CHECK(ex_.expert_major(ep));
       }
     }
-    BITEP_CHECK(ex_.join());  // the pads
   } else {
     // The routing first (small); then, beside the rows' all-to-all, the positions of every row and the
     // copies of this rank's own rows (already in place); the other rows' copies once they are in.

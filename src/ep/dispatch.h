@@ -75,10 +75,6 @@ class Dispatch {
   // The expert-major view's parameters, recv_x to expert_x, with the gather's source table (a temporary:
   // call before any fork).
   bitepResult_t expert_copy_params(kernels::ExpertMajorParams* ep);
-  // cuda, the expert-major view with pad rows: zeroes them on the side stream (a pads-only call), beside the
-  // permute and the transfer queued after it, and sets ep->zero_pads false. Leaves the fork open: the caller
-  // joins once its copies are queued.
-  bitepResult_t pads_beside(kernels::ExpertMajorParams* ep);
 
   const bitepResult_t prior_;
   bitepGroup* g_;

@@ -175,7 +175,7 @@ void ep_expert_major(const kernels::ExpertMajorParams& p) {
   const bool move = p.recv_x != nullptr && p.expert_x != nullptr;
   std::vector<int64_t> next(L);
   for (int l = 0; l < L; ++l) next[l] = p.expert_offsets[l];
-  for (int64_t i = 0; i < p.num_recv_rows && !p.pads_only; ++i) {
+  for (int64_t i = 0; i < p.num_recv_rows; ++i) {
     int32_t* rows = p.recv_expert_rows + i * KL;
     if (!p.positions_given) {
       const uint8_t* m = p.recv_map + i * MB;
@@ -206,7 +206,7 @@ void ep_expert_major(const kernels::ExpertMajorParams& p) {
       }
     }
   }
-  if (p.expert_x == nullptr || !(p.zero_pads || p.pads_only)) return;
+  if (p.expert_x == nullptr || !p.zero_pads) return;
   for (int l = 0; l < L; ++l) {
     const int64_t begin = static_cast<int64_t>(p.expert_offsets[l]) + p.expert_counts[l], end = p.expert_offsets[l + 1];
     if (end > begin) std::memset(static_cast<char*>(p.expert_x) + begin * row_bytes, 0, (end - begin) * row_bytes);

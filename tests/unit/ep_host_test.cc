@@ -345,29 +345,6 @@ TEST(EpHostExpertMajor, SplitCallsWriteEveryCopyOnce) {
   EXPECT_EQ(split, (std::vector<float>{1, 2, 4, -6, 3, 4, 1, 3}));
 }
 
-TEST(EpHostExpertMajor, PadsOnlyThenCopiesWithoutThem) {
-  // As an unsplit dispatch calls it: the pad rows alone first (pads_only: the positions and every other row left
-  // as they are), then the positions and copies with zero_pads false. Together: the single call's result.
-  const std::vector<uint8_t> map = {0x05, 0x04, 0x03, 0x01};  // rows use experts {0,2} {2} {0,1} {0}
-  const std::vector<int32_t> counts = {3, 1, 2}, offsets = {0, 4, 6, 8};
-  const std::vector<float> x = {1, 2, 3, 4};
-  bitep::kernels::ExpertMajorParams p = expert_major_f32(4, 3, 2, 8, map, offsets, counts, x);
-  std::vector<int32_t> rows(8, 99);
-  std::vector<float> ex(9, -5.0f);  // one guard row
-  p.recv_expert_rows = rows.data();
-  p.expert_x = ex.data();
-  p.pads_only = true;
-  bitep::host::ep_expert_major(p);
-  EXPECT_EQ(rows, std::vector<int32_t>(8, 99)) << "pads only: no positions";
-  EXPECT_EQ(ex, (std::vector<float>{-5, -5, -5, 0, -5, 0, -5, -5, -5})) << "pads only: rows 3 and 5";
-  p.pads_only = false;
-  p.zero_pads = false;
-  ex[3] = -6.0f;  // a pad row: the copies must leave it
-  bitep::host::ep_expert_major(p);
-  EXPECT_EQ(rows, (std::vector<int32_t>{0, 6, 7, -1, 1, 4, 2, -1}));
-  EXPECT_EQ(ex, (std::vector<float>{1, 3, 4, -6, 3, 0, 1, 2, -5}));
-}
-
 TEST(EpHostExpertMajor, RangeReadThroughAnIndex) {
   // The dispatch's own rows: the copies of rows [1, 3) read another array (x in token order) at
   // src_index[i - 1]; the positions still come from the rows' maps.
