@@ -71,12 +71,6 @@ constexpr int kFlagChunksShift = 16;  // bits 16..23: the arrival chunks this ra
 
 // BITEP_FUSED_POSITIONS=0: the expert positions of many rows in three launches (count, offsets, positions), as
 // before the one-launch pass (ExpertMajorParams::scratch).
-// BITEP_OLD_ORDER=1: the fence and the routing map's copy before the layout, as before (A/B switch, to be removed).
-bool old_order() {
-  static const bool on = env_is("BITEP_OLD_ORDER", "1");
-  return on;
-}
-
 bool fused_positions_off() {
   static const bool off = env_is("BITEP_FUSED_POSITIONS", "0");
   return off;
@@ -190,7 +184,11 @@ bitepResult_t Dispatch::before_exchange() {
   void* p = nullptr;
   BITEP_CHECK(ex_.keep(sizeof(int32_t) * T * W_, &h->blocks, &p));
   h->token_slot = static_cast<int32_t*>(p);
-  if (old_order()) BITEP_CHECK(keep_routing_map());
+  const uint64_t map_bytes = routing_bytes(a_->map_format, T, c.num_experts, c.topk);
+  BITEP_CHECK(ex_.keep(map_bytes, &h->blocks, &p));
+  BITEP_CHECK(ex_.copy(p, a_->routing_map, map_bytes));
+  h->routing.format = to_routing_format(a_->map_format);
+  h->routing.map = p;
   void* counts = nullptr;
   const size_t count_row = sizeof(int32_t) * (L_ + 1);
   BITEP_CHECK(ex_.temp(count_row * W_, &counts));
@@ -224,21 +222,6 @@ bitepResult_t Dispatch::before_exchange() {
   pc.row = n_;
   pc.flags = flags();
   return ex_.pack_counts(pc);
-}
-
-// The handle's copy of the routing map (the combine reads it; the caller may reuse its own once the dispatch
-// returns). Queued after the count exchange, where the stream is idle while the host sizes the buffers: before
-// the layout it delayed the layout's launch and the exchange behind a copy.
-bitepResult_t Dispatch::keep_routing_map() {
-  const bitepGroupConfig_t& c = g_->config;
-  bitepHandle* h = h_.get();
-  const uint64_t map_bytes = routing_bytes(a_->map_format, h->num_tokens, c.num_experts, c.topk);
-  void* p = nullptr;
-  BITEP_CHECK(ex_.keep(map_bytes, &h->blocks, &p));
-  BITEP_CHECK(ex_.copy(p, a_->routing_map, map_bytes));
-  h->routing.format = to_routing_format(a_->map_format);
-  h->routing.map = p;
-  return bitepSuccess;
 }
 
 // Offsets, capacities and the receive buffers, from the exchanged counts.
@@ -537,14 +520,11 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   h_->group = g_;
 
   // A local failure from here on still takes part in the count exchange, so the peers fail with it.
-  bitepResult_t local = prior_;
-  if (local == bitepSuccess && old_order()) local = make_fence(h_.get(), ex_.cuda());
+  bitepResult_t local = prior_ != bitepSuccess ? prior_ : make_fence(h_.get(), ex_.cuda());
   if (W_ > 1) win_ = g_->transport->window();
   if (local == bitepSuccess && win_ != nullptr) local = win_->check();
   if (local == bitepSuccess) local = check_dispatch_args(g_, a_, out);
   if (local == bitepSuccess) local = before_exchange();
-  // The fence (an event the handle records at the end) after the layout's launch: off the way to the exchange.
-  if (local == bitepSuccess && !old_order()) local = make_fence(h_.get(), ex_.cuda());
   trace_.mark("layout");
   const SavedError saved(local);
   bitepResult_t r = bitepSuccess;
@@ -610,8 +590,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
   // Weighted combines need the weights of every token: with no token anywhere they are vacuous.
   h_->has_weights = without_weights < 0;
 
-  local = old_order() ? bitepSuccess : keep_routing_map();
-  if (local == bitepSuccess) local = after_exchange();
+  local = after_exchange();
   if (g_->agree_always || any_capacity) {
     BITEP_CHECK(agree_status_exchange(&ex_, xagree_, local, "this dispatch"));
     trace_.mark("agreement");

@@ -57,7 +57,6 @@ class Dispatch {
   // copies, which wait for the flags. Before the exchange, which carries it in the flags.
   int arrival_chunks();
   bitepResult_t before_exchange();
-  bitepResult_t keep_routing_map();
   bitepResult_t after_exchange();
   bitepResult_t upload_tables();
   // The arrival chunks' rows (chunk_rows_) and out = [W] send counts, then the pieces of the peers' rows
