@@ -66,7 +66,17 @@ struct LayoutParams {
   // instead of four. Null: four launches.
   // The host backend does not use it.
   int32_t* scratch = nullptr;
+  // Optional (T > 0): the routing map's bytes (routing_map_bytes) copied here, as the dispatch's handle keeps
+  // them for its combine; the one-block layout copies them in its own launch.
+  void* map_copy = nullptr;
 };
+
+// Bytes of T tokens' routing input: BITMAP_U8 [T, ceil(E / 8)], BYTEMAP [T, E], int32 [T, k].
+inline uint64_t routing_map_bytes(RoutingFormat f, uint64_t T, int E, int k) {
+  return f == RoutingFormat::kBytemap       ? T * static_cast<uint64_t>(E)
+         : f == RoutingFormat::kTopkIndices ? T * static_cast<uint64_t>(k) * sizeof(int32_t)
+                                            : T * ((static_cast<uint64_t>(E) + 7) / 8);
+}
 
 // 2. The count exchange's send rows (row = ints per peer, >= L + 2 + W): out[p * row + c] = counts[p][c]
 // for c in [0, L + 1), and out[p * row + L + 2 + r] = counts[r][0] for every r: the sender's whole

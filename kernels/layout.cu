@@ -46,6 +46,10 @@ struct LayoutArgs {
   int pack_row;
   int32_t pack_flags;
   int32_t* scratch;  // the fused pass: header (ticket, finished blocks), S flags, [S][W] segment totals
+  // The one-block pass: the routing map's bytes copied (LayoutParams::map_copy; null: none).
+  const char* map_src;
+  char* map_copy;
+  int64_t map_bytes;
 };
 
 // Entry i of the count exchange's send rows (PackCountsParams); counts read through L2 (the single pass
@@ -221,6 +225,17 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
 //      (coalesced).
 // Shared memory (dynamic, single_layout_smem_bytes): [E] expert counts (smem_experts), [W] rank totals, [T][G] rank
 // words.
+// n bytes from src to dst by the block's threads: 16 bytes a thread where both pointers and n allow it.
+template <int kThreads>
+__device__ __forceinline__ void block_copy(char* dst, const char* src, int64_t n) {
+  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | static_cast<uintptr_t>(n)) & 15) == 0) {
+    for (int64_t i = threadIdx.x; i < n / 16; i += kThreads)
+      reinterpret_cast<uint4*>(dst)[i] = __ldg(reinterpret_cast<const uint4*>(src) + i);
+  } else {
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) dst[i] = src[i];
+  }
+}
+
 struct LayoutSingleArgs {
   LayoutArgs a;
   int row_words;   // maps: ceil(E / 32)
@@ -251,6 +266,7 @@ __global__ void __launch_bounds__(kThreads) layout_single_kernel(LayoutSingleArg
   if (a.smem_experts)
     for (int e = tid; e < E; e += kThreads) ecnt[e] = 0;
   for (int i = tid; i < T * G; i += kThreads) rank_bits[i] = 0u;
+  if (a.map_copy != nullptr) block_copy<kThreads>(a.map_copy, a.map_src, a.map_bytes);
   __syncthreads();
 
   // Expert e of token t: its count, and its rank's bit unless the last expert seen there was of the same rank.
@@ -467,12 +483,23 @@ cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
   a.vec4 = W % 4 == 0 && reinterpret_cast<uintptr_t>(p.token_slot) % 16 == 0;
   a.pack_out = nullptr;
   a.scratch = nullptr;
+  a.map_src = static_cast<const char*>(p.routing.map);
+  a.map_copy = nullptr;
+  a.map_bytes = static_cast<int64_t>(routing_map_bytes(p.routing.format, p.num_tokens, E, p.topk));
   a.pack_row = p.pack_row;
   a.pack_flags = p.pack_flags;
   const size_t ecnt_bytes = a.smem_experts ? sizeof(int) * E : 0;
   if (p.pack_out != nullptr && p.pack_row < L + 2 + W) return cudaErrorInvalidValue;
 
   cudaError_t err;
+  // The map's copy: in the one-block pass's launch, else one copy before the other passes.
+  const bool one_block = p.num_tokens <= kSingleMaxItems &&
+                         single_layout_smem_bytes(p.num_tokens, E, W, a.smem_experts) <= kSingleDynamicSmemMax &&
+                         static_cast<int64_t>(W) * p.pack_row <= INT32_MAX;
+  if (p.map_copy != nullptr && !one_block &&
+      (err = cudaMemcpyAsync(p.map_copy, p.routing.map, static_cast<size_t>(a.map_bytes), cudaMemcpyDeviceToDevice,
+                             stream)) != cudaSuccess)
+    return err;
   if (p.num_tokens <= kSingleMaxItems) {
     a.seg_len = kSingleMaxItems;
     a.num_segs = 1;
@@ -480,12 +507,13 @@ cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
     a.pack_out = p.pack_out;
     const size_t smem = single_layout_smem_bytes(p.num_tokens, E, W, a.smem_experts);
     // Past its shared memory ([T][W / 32] rank words, W > ~1000) or int packing: a thread a token.
-    if (smem > kSingleDynamicSmemMax || static_cast<int64_t>(W) * p.pack_row > INT32_MAX) {
+    if (!one_block) {
       layout_slot_kernel<kSingleThreads, true><<<1, kSingleThreads, ecnt_bytes, stream>>>(a);
       return cudaGetLastError();
     }
     LayoutSingleArgs sa;
     sa.a = a;
+    sa.a.map_copy = static_cast<char*>(p.map_copy);
     sa.groups = (W + kWarp - 1) / kWarp;
     sa.row_words = (E + kWarp - 1) / kWarp;
     sa.lanes = row_lanes(sa.row_words);

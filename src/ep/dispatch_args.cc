@@ -62,14 +62,7 @@ bitepResult_t validate_routing(const bitepDispatchArgs_t* a, int E, int k) {
 }  // namespace
 
 uint64_t routing_bytes(bitepMapFormat_t f, uint64_t T, int E, int k) {
-  switch (f) {
-    case bitepMapBytemap:
-      return T * static_cast<uint64_t>(E);
-    case bitepMapTopkIndices:
-      return T * static_cast<uint64_t>(k) * 4;
-    default:
-      return T * static_cast<uint64_t>(kernels::bitmap_bytes(E));
-  }
+  return kernels::routing_map_bytes(to_routing_format(f), T, E, k);
 }
 
 bitepResult_t check_layout(bitepLayout_t layout, const char* name) {

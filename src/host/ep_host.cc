@@ -96,6 +96,9 @@ inline int map_bit(const uint8_t* row, int l) { return (row[l >> 3] >> (l & 7)) 
 
 void ep_layout(const kernels::LayoutParams& p) {
   if (p.num_tokens <= 0) return;
+  if (p.map_copy != nullptr)
+    std::memcpy(p.map_copy, p.routing.map,
+                kernels::routing_map_bytes(p.routing.format, p.num_tokens, p.num_experts, p.topk));
   const int W = p.num_ranks, L = p.num_experts / p.num_ranks;
   std::fill(p.counts, p.counts + static_cast<int64_t>(W) * (L + 1), 0);
   RowDecoder dec(p.routing, p.num_experts, p.topk);

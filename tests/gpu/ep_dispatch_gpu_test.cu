@@ -55,14 +55,25 @@ TEST(EpKernelsGpu, LayoutMatchesHost) {
     p.pack_out = pack ? packed.data() : nullptr;
     p.pack_row = row;
     p.pack_flags = 0x5a5a;
+    // The map's copy (the dispatch's handle keeps one), 1 byte off 16-byte alignment in every other case, between
+    // poisoned guards.
+    const size_t map_bytes = K::routing_map_bytes(c.fmt, c.T, c.E(), c.k), off = c.seed % 4 < 2 ? 0 : 1;
+    std::vector<uint8_t> want_copy = poisoned<uint8_t>(map_bytes + 32), host_copy = want_copy;
+    std::memcpy(want_copy.data() + 16 + off, p.routing.map, map_bytes);
+    p.map_copy = host_copy.data() + 16 + off;
     host::ep_layout(p);
     Dev<int32_t> dcounts(counts.size()), dslot(slot.size()), dpacked(packed.size());
+    Dev<uint8_t> dcopy(want_copy.size());
     p.routing = dev_input(dr, c.fmt, WeightFormat::kNone);
     p.counts = dcounts.get();
     p.token_slot = dslot.get();
     p.pack_out = pack ? dpacked.get() : nullptr;
+    p.map_copy = dcopy.get() + 16 + off;
     sync(K::launch_ep_layout(p, nullptr));
-    bool ok = same(dcounts.host(), counts, "counts", c.str()) & same(dslot.host(), slot, "token_slot", c.str());
+    p.map_copy = nullptr;
+    bool ok = same(dcounts.host(), counts, "counts", c.str()) & same(dslot.host(), slot, "token_slot", c.str()) &
+              same(host_copy, want_copy, "map copy (host)", c.str()) &
+              same(dcopy.host(), want_copy, "map copy", c.str());
     if (pack) ok &= same(dpacked.host(), packed, "packed exchange rows", c.str());
     if (const int64_t scratch = K::layout_scratch_ints(c.T, c.E(), c.W); scratch > 0) {
       ++fused;
