@@ -30,12 +30,6 @@
 namespace bitep::ep {
 namespace {
 
-// BITEP_OLD_ORDER=1: a one-rank count exchange in two copies, as before (A/B switch, to be removed).
-bool old_order() {
-  static const bool on = env_is("BITEP_OLD_ORDER", "1");
-  return on;
-}
-
 static_assert(sizeof(ncclUniqueId) == BITEP_UNIQUE_ID_BYTES, "bitepUniqueId must hold an ncclUniqueId");
 
 constexpr uint64_t kMaxChunkBytes = INT_MAX;  // one ncclSend / ncclRecv moves at most 2^31 - 1 bytes
@@ -306,7 +300,7 @@ bitepResult_t NcclTransport::exchange_counts(
     const ncclResult_t end = ncclGroupEnd();
     BITEP_CHECK(nccl_call(first != ncclSuccess ? first : end, kCall, "ncclSend/ncclRecv group", timeout_s_));
   }
-  if (nranks_ == 1 && !old_order()) {
+  if (nranks_ == 1) {
     // Nothing received: the own row straight to the host, one copy (recv is the transport's scratch).
     BITEP_CUDA_CHECK(cudaMemcpyAsync(host_buf_, send, total, cudaMemcpyDeviceToHost, s));
   } else {

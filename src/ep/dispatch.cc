@@ -71,13 +71,6 @@ constexpr int kFlagChunksShift = 16;  // bits 16..23: the arrival chunks this ra
 
 // BITEP_FUSED_POSITIONS=0: the expert positions of many rows in three launches (count, offsets, positions), as
 // before the one-launch pass (ExpertMajorParams::scratch).
-// BITEP_OLD_ORDER=1: the routing map's copy by its own memcpy and a one-rank count exchange in two copies, as
-// before (A/B switch, to be removed).
-bool old_order() {
-  static const bool on = env_is("BITEP_OLD_ORDER", "1");
-  return on;
-}
-
 bool fused_positions_off() {
   static const bool off = env_is("BITEP_FUSED_POSITIONS", "0");
   return off;
@@ -194,7 +187,6 @@ bitepResult_t Dispatch::before_exchange() {
   const uint64_t map_bytes = routing_bytes(a_->map_format, T, c.num_experts, c.topk);
   BITEP_CHECK(ex_.keep(map_bytes, &h->blocks, &p));
   void* const map_copy = p;  // the layout copies the map there (in its own launch for few tokens)
-  if (old_order()) BITEP_CHECK(ex_.copy(p, a_->routing_map, map_bytes));
   h->routing.format = to_routing_format(a_->map_format);
   h->routing.map = p;
   void* counts = nullptr;
@@ -214,7 +206,7 @@ bitepResult_t Dispatch::before_exchange() {
     lp.pack_out = xsend_;  // the exchange's rows in the same launch (one block or the one-launch pass)
     lp.pack_row = n_;
     lp.pack_flags = flags();
-    lp.map_copy = old_order() ? nullptr : map_copy;
+    lp.map_copy = map_copy;
     const int64_t scratch = ex_.cuda() && !fused_layout_off() ? kernels::layout_scratch_ints(T, c.num_experts, W_) : 0;
     if (scratch > 0) {  // the layout in one launch
       BITEP_CHECK(ex_.temp(sizeof(int32_t) * scratch, &p));
