@@ -215,16 +215,6 @@ __global__ void __launch_bounds__(kThreads) layout_slot_kernel(LayoutArgs a) {
   }
 }
 
-// The single pass of T <= kSingleMaxItems tokens (one block, all outputs), in two phases (LayoutSingleArgs): T=128,
-// E=256, bitmap: one thread a token walking its row's words one by one ran ~3300 instructions a warp, its lanes
-// diverging over their bits (bench/NOTES.md, "The one-block layout: divergence, not code fetch").
-//   1. the routing: maps, P = 2^log_lanes lanes a token, each c words of its row (coalesced loads), the first k set
-//      bits found by a segmented scan of their popcounts; indices, a thread a (token, entry). Each routed expert adds
-//      1 to its count, each destination rank sets its bit in the token's rank words rank_bits[t][W / 32].
-//   2. per group of 32 ranks: the ballot scan in token order, the totals, then every slot written item by item
-//      (coalesced).
-// Shared memory (dynamic, single_layout_smem_bytes): [E] expert counts (smem_experts), [W] rank totals, [T][G] rank
-// words.
 // n bytes from src to dst by the block's threads: 16 bytes a thread where both pointers and n allow it.
 template <int kThreads>
 __device__ __forceinline__ void block_copy(char* dst, const char* src, int64_t n) {
@@ -236,6 +226,16 @@ __device__ __forceinline__ void block_copy(char* dst, const char* src, int64_t n
   }
 }
 
+// The single pass of T <= kSingleMaxItems tokens (one block, all outputs), in two phases (LayoutSingleArgs): T=128,
+// E=256, bitmap: one thread a token walking its row's words one by one ran ~3300 instructions a warp, its lanes
+// diverging over their bits (bench/NOTES.md, "The one-block layout: divergence, not code fetch").
+//   1. the routing: maps, P = 2^log_lanes lanes a token, each c words of its row (coalesced loads), the first k set
+//      bits found by a segmented scan of their popcounts; indices, a thread a (token, entry). Each routed expert adds
+//      1 to its count, each destination rank sets its bit in the token's rank words rank_bits[t][W / 32].
+//   2. per group of 32 ranks: the ballot scan in token order, the totals, then every slot written item by item
+//      (coalesced).
+// Shared memory (dynamic, single_layout_smem_bytes): [E] expert counts (smem_experts), [W] rank totals, [T][G] rank
+// words. With LayoutParams::map_copy the block also copies the routing map before its first barrier.
 struct LayoutSingleArgs {
   LayoutArgs a;
   int row_words;   // maps: ceil(E / 32)

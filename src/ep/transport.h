@@ -131,8 +131,7 @@ class Transport {
   // All-to-all of n int32 per peer: send [nranks * n] in backend memory, recv_host [nranks * n] filled on the
   // host (row q: what rank q sent to this rank). recv [nranks * n], backend memory, is the transport's to use
   // on the way (its contents after the call are unspecified; one rank's transport may leave it). Returns after
-  // the host has
-  // the counts: the one host synchronisation of a dispatch. Fails with bitepTimeout after timeout_s.
+  // the host has the counts: the one host synchronisation of a dispatch. Fails with bitepTimeout after timeout_s.
   virtual bitepResult_t exchange_counts(
       const int32_t* send, int32_t* recv, int32_t* recv_host, int n, bitepStream_t stream, double timeout_s) = 0;
 
