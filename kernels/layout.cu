@@ -46,10 +46,6 @@ struct LayoutArgs {
   int pack_row;
   int32_t pack_flags;
   int32_t* scratch;  // the fused pass: header (ticket, finished blocks), S flags, [S][W] segment totals
-  // The one-block pass: the routing map's bytes copied (LayoutParams::map_copy; null: none).
-  const char* map_src;
-  char* map_copy;
-  int64_t map_bytes;
 };
 
 // Entry i of the count exchange's send rows (PackCountsParams); counts read through L2 (the single pass
@@ -241,6 +237,8 @@ struct LayoutSingleArgs {
   int row_words;   // maps: ceil(E / 32)
   RowLanes lanes;  // maps: c = lanes.lane_words words a lane, P = 2^lanes.log_lanes lanes a token
   int groups;      // G = ceil(W / 32)
+  char* map_copy;  // LayoutParams::map_copy (null: none): the routing input's map_bytes copied there
+  int64_t map_bytes;
 };
 
 constexpr size_t kSingleStaticSmem = 2 * sizeof(int) * (kSingleThreads / kWarp) * kWarp;  // ballots, warp_base
@@ -266,7 +264,7 @@ __global__ void __launch_bounds__(kThreads) layout_single_kernel(LayoutSingleArg
   if (a.smem_experts)
     for (int e = tid; e < E; e += kThreads) ecnt[e] = 0;
   for (int i = tid; i < T * G; i += kThreads) rank_bits[i] = 0u;
-  if (a.map_copy != nullptr) block_copy<kThreads>(a.map_copy, a.map_src, a.map_bytes);
+  if (sa.map_copy != nullptr) block_copy<kThreads>(sa.map_copy, reinterpret_cast<const char*>(a.v.map8), sa.map_bytes);
   __syncthreads();
 
   // Expert e of token t: its count, and its rank's bit unless the last expert seen there was of the same rank.
@@ -483,46 +481,43 @@ cudaError_t launch_ep_layout(const LayoutParams& p, cudaStream_t stream) {
   a.vec4 = W % 4 == 0 && reinterpret_cast<uintptr_t>(p.token_slot) % 16 == 0;
   a.pack_out = nullptr;
   a.scratch = nullptr;
-  a.map_src = static_cast<const char*>(p.routing.map);
-  a.map_copy = nullptr;
-  a.map_bytes = static_cast<int64_t>(routing_map_bytes(p.routing.format, p.num_tokens, E, p.topk));
   a.pack_row = p.pack_row;
   a.pack_flags = p.pack_flags;
   const size_t ecnt_bytes = a.smem_experts ? sizeof(int) * E : 0;
   if (p.pack_out != nullptr && p.pack_row < L + 2 + W) return cudaErrorInvalidValue;
 
   cudaError_t err;
-  // The map's copy: in the one-block pass's launch, else one copy before the other passes.
-  const bool one_block = p.num_tokens <= kSingleMaxItems &&
-                         single_layout_smem_bytes(p.num_tokens, E, W, a.smem_experts) <= kSingleDynamicSmemMax &&
+  // The two-phase one-block pass, unless past its shared memory ([T][W / 32] rank words, W > ~1000) or int packing.
+  const size_t single_smem = single_layout_smem_bytes(p.num_tokens, E, W, a.smem_experts);
+  const bool one_block = p.num_tokens <= kSingleMaxItems && single_smem <= kSingleDynamicSmemMax &&
                          static_cast<int64_t>(W) * p.pack_row <= INT32_MAX;
+  // The map's copy: in the one-block pass's launch, else one copy before the other passes.
+  const uint64_t map_bytes = routing_map_bytes(p.routing.format, p.num_tokens, E, p.topk);
   if (p.map_copy != nullptr && !one_block &&
-      (err = cudaMemcpyAsync(p.map_copy, p.routing.map, static_cast<size_t>(a.map_bytes), cudaMemcpyDeviceToDevice,
-                             stream)) != cudaSuccess)
+      (err = cudaMemcpyAsync(p.map_copy, p.routing.map, map_bytes, cudaMemcpyDeviceToDevice, stream)) != cudaSuccess)
     return err;
   if (p.num_tokens <= kSingleMaxItems) {
     a.seg_len = kSingleMaxItems;
     a.num_segs = 1;
     if (!a.smem_experts && (err = cudaMemsetAsync(p.counts, 0, counts_bytes, stream)) != cudaSuccess) return err;
     a.pack_out = p.pack_out;
-    const size_t smem = single_layout_smem_bytes(p.num_tokens, E, W, a.smem_experts);
-    // Past its shared memory ([T][W / 32] rank words, W > ~1000) or int packing: a thread a token.
-    if (!one_block) {
+    if (!one_block) {  // a thread a token
       layout_slot_kernel<kSingleThreads, true><<<1, kSingleThreads, ecnt_bytes, stream>>>(a);
       return cudaGetLastError();
     }
     LayoutSingleArgs sa;
     sa.a = a;
-    sa.a.map_copy = static_cast<char*>(p.map_copy);
     sa.groups = (W + kWarp - 1) / kWarp;
     sa.row_words = (E + kWarp - 1) / kWarp;
     sa.lanes = row_lanes(sa.row_words);
+    sa.map_copy = static_cast<char*>(p.map_copy);
+    sa.map_bytes = static_cast<int64_t>(map_bytes);
     if (a.v.format == RoutingFormat::kBitmap)
-      layout_single_kernel<kSingleThreads, RoutingFormat::kBitmap><<<1, kSingleThreads, smem, stream>>>(sa);
+      layout_single_kernel<kSingleThreads, RoutingFormat::kBitmap><<<1, kSingleThreads, single_smem, stream>>>(sa);
     else if (a.v.format == RoutingFormat::kBytemap)
-      layout_single_kernel<kSingleThreads, RoutingFormat::kBytemap><<<1, kSingleThreads, smem, stream>>>(sa);
+      layout_single_kernel<kSingleThreads, RoutingFormat::kBytemap><<<1, kSingleThreads, single_smem, stream>>>(sa);
     else
-      layout_single_kernel<kSingleThreads, RoutingFormat::kTopkIndices><<<1, kSingleThreads, smem, stream>>>(sa);
+      layout_single_kernel<kSingleThreads, RoutingFormat::kTopkIndices><<<1, kSingleThreads, single_smem, stream>>>(sa);
     return cudaGetLastError();
   }
 
