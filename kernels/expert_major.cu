@@ -21,7 +21,7 @@
 // (TMA) copies instead (ExpertMajorParams::bulk): each row read once into shared memory, then stored to
 // each of its expert rows, issued by one thread per block (kernels/bulk_rows.cuh); the pad rows are zeroed
 // before them (expert_pad_kernel), so that the copies' rows are the last written, the ones the L2 holds for the
-// reads after the dispatch (H200, W = 1, T = 128, H = 7168: the combine 10.7-10.9 us against 14.6-14.8). With
+// reads after the dispatch (H200, W = 1, T = 128, H = 7168: the combine 10.7-11.5 us against 14.6-15.8). With
 // arrival flags the bulk copies wait for each piece of rows to land (the window's dispatch).
 
 #include <algorithm>
