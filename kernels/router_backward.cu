@@ -5,7 +5,9 @@
 //
 // E <= 2048: the forward's warp-per-token layout (router_common.cuh), so the recomputed softmax is the
 // any-path forward's, bit for bit (seg_softmax, branch-free, on the same lanes); the forward's post-top-k
-// softmax kernels (E 33-2048, router_topk.cu's holders) sum in round order, within a few ulps of it.
+// softmax kernels (E 33-2048, router_topk.cu's holders) sum in round order, within a few ulps of it. This file's
+// post-top-k softmax recompute at one octet a lane (E 33-256) takes its exps by __expf, its sum and dot product in
+// one butterfly: within the gradient tolerance of the any-path kernel's.
 // Larger E: one block per token, with the generic forward's block reductions. The post-top-k softmax from 2 octets a
 // lane: router_backward_routed.cu (launch_bucket).
 #include "kernels/router.h"
@@ -297,9 +299,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
           decode_raw_t<kF32>(dt, r, a + 8 * s);
         }
       }
-      // The exps of every element, as the dense kernel: taking those of the routed octets alone (a test per octet and
-      // element) measured slower (H200, bf16 recompute, T = 65536: E = 128 24.8 against 22.8 us, E = 512 76.0 / 74.3).
-      if (!saved) seg_softmax<G, N, true>(a, routed);
+      // The recompute's softmax: below, after grad_probs is scaled (kPostSoftmaxRecompute).
     } else {
       // The map read inline, not through LaneMap: its one pointer for both formats and its bits() recomputing the
       // octet's count made these kernels up to 5% slower (H200, pre-top-k E = 64: median 1.027x; bench/NOTES.md).
@@ -361,7 +361,43 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
 #pragma unroll
       for (int i = 0; i < N; ++i) g[i] = ((routed >> i) & 1) ? __fmul_rn(g[i], scale) : 0.0f;
     }
-    if (N <= 8 && norm && routed_rounds && sig_x) {
+    if constexpr (kSpec == BwdSpec::kPostSoftmaxRecompute) {
+      // The post-top-k softmax from the logits, its sum and the dot product in one butterfly: with e = exp(x - m) of
+      // the routed (m their maximum), S = sum e and D = sum e g, the gradient is (e / S) (g - D / S): the two sums'
+      // shuffles are independent, so the chain is two butterflies (the maximum, then S and D) where the softmax
+      // and then the dot took three. The exps of every element, as the dense kernel (taking those of the routed
+      // octets alone, a test per octet and element, measured slower: H200, bf16 recompute, T = 65536: E = 128 24.8
+      // against 22.8 us, E = 512 76.0 / 74.3), by the hardware's ex2 (__expf: 2 instructions, not expf's 8; this
+      // kernel is bound by instruction issue, and 7 of a lane's 8 exps are of unrouted elements): within 2 +
+      // 1.2 |x - m| ulps, so the large probabilities (x near m) within a few ulps, the any-path kernel's gradient
+      // within the tolerance tests/gpu/router_gpu_test.h holds both to.
+      float m = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        if ((routed >> i) & 1) m = fmaxf(m, a[i]);
+      m = seg_max_f32<G>(m);
+      float s = 0.0f, d = 0.0f;
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float x = __expf(a[i] - m);  // every element's (no branch), then a select
+        const float e = ((routed >> i) & 1) ? x : 0.0f;
+        a[i] = e;
+        s = __fadd_rn(s, e);
+        d = fmaf(e, g[i], d);
+      }
+#pragma unroll
+      for (int o = G / 2; o > 0; o >>= 1) {
+        const float so = __shfl_xor_sync(kFullMask, s, o), dq = __shfl_xor_sync(kFullMask, d, o);
+        s = __fadd_rn(s, so);
+        d = __fadd_rn(d, dq);
+      }
+      const float r = __frcp_rn(s);
+      const float dot = __fmul_rn(d, r);
+      // Unrouted: +0 (and a token without a routed expert has s = 0: no product with its reciprocal is kept).
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        g[i] = ((routed >> i) & 1) ? __fmul_rn(__fmul_rn(a[i], r), __fsub_rn(g[i], dot)) : 0.0f;
+    } else if (N <= 8 && norm && routed_rounds && sig_x) {
       // The sigmoid recompute, normalised (one octet a lane: its sigmoid' row costs 8 registers, and at two
       // octets the staged kernel spilled): one round a routed element gives y = sigmoid(x), for the sum and
       // the dot, and sigmoid'(x) from one exp: t = exp(-|x|), r = 1 / (1 + t), y = r (x >= 0) or t r,

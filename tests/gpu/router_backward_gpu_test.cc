@@ -120,8 +120,8 @@ TEST(RouterGpu, BackwardIgnoresUnroutedInputs) {
 // octet at a time; below, the bucket kernel reads the routed octets alone. Tokens 0-110 within the lanes (every tile
 // gathered), 111-221 every third past them (tiles of both kinds), 222-332 any count; token 5 routes every expert, 6
 // every element of lane 0, 7 lane 0's first octet (one owner with 8 routed elements); bytemap bytes of any nonzero
-// value. In both modes and map formats: the kernel expected ran, with the any-path kernel's bits and 0 at every
-// unrouted expert; the recompute within tolerance of the host's.
+// value. In both modes and map formats: the kernel expected ran, with the any-path kernel's bits (the recompute at E
+// 33-256: within tolerance of them) and 0 at every unrouted expert; the recompute within tolerance of the host's.
 TEST(RouterGpu, BackwardAnyRoutedCount) {
   REQUIRE_GPU();
   const int64_t T = 333;
@@ -195,7 +195,13 @@ TEST(RouterGpu, BackwardAnyRoutedCount) {
             EXPECT_EQ(bitep::kernels::last_router_backward_kernel(), 0) << what << ": the any-path kernel";
           }
           EXPECT_TRUE(got.guards) << what << ": backward wrote past grad_logits";
-          EXPECT_EQ(count_bit_diffs(got.grad, any.grad), 0) << what << ": elements that differ from the any-path's";
+          if (recompute && E > 32 && E <= 256) {
+            // The recompute's own kernel there takes its sum and dot product in one butterfly: within tolerance.
+            const auto err = grad_errors(any.grad, got.grad, M, T, E, 0.0);
+            EXPECT_LE(*std::max_element(err.begin(), err.end()), gt) << what << ": against the any-path kernel";
+          } else {
+            EXPECT_EQ(count_bit_diffs(got.grad, any.grad), 0) << what << ": elements that differ from the any-path's";
+          }
           int64_t nonzero_unrouted = 0;
           for (size_t i = 0; i < got.grad.size(); ++i) nonzero_unrouted += !routed01[i] && got.grad[i] != 0.0f;
           EXPECT_EQ(nonzero_unrouted, 0) << what << ": gradients at unrouted experts";
