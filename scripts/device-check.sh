@@ -10,8 +10,8 @@
 # PHASES (comma-separated; default bench,ctest,sanitize,net: ctest holds the GPU and multi-rank tests) picks
 # what runs after the build: gpu, multirank (their GPU parts alone, for quick checks),
 # bench, net (the NCCL network transport), ctest, sanitize, tune (TUNE_FLAGS builds, TUNE_ARGS rows), ab (AB_ENVS runs of
-# ep_bench), profile (Nsight Compute on the router and EP kernels and a BITEP_TRACE=1 run of ep_bench:
-# where the time goes).
+# ep_bench), abpatch (AB_PATCHES: source changes built apart, AB_CMD's benchmark interleaved over them), profile
+# (Nsight Compute on the router and EP kernels and a BITEP_TRACE=1 run of ep_bench: where the time goes).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/device-out}
@@ -326,6 +326,41 @@ if on ab; then
     for kv in $envs; do xs+=(-x "$kv"); done
     step "ep_bench A/B ($envs)" "$BENCH" env $envs mpirun -np "$NGPU" "${xs[@]}" "$BUILD/bench/ep_bench" \
       --tokens "${AB_TOKENS:-2048,4096,16384}" --routing "${AB_ROUTING:-uniform}" --no-baseline
+  done
+fi
+if on abpatch; then
+  # A/B of source changes in one call: each ';'-separated patch of AB_PATCHES (git diffs, paths from the root) is
+  # applied to a copy of the tree, built apart ($TMPDIR/bitep-abpatch-N/build-abpatch; router_bench and ep_bench
+  # link the library statically, so each binary runs its own tree's code). Then AB_CMD (a benchmark and its
+  # arguments, e.g. "router_bench --bwd --configs softmax --experts 256" or "ep_bench --tokens 128,256 --no-baseline",
+  # which runs under mpirun -np NGPU) runs AB_REPEATS times (default 2) over the default build and each patched one,
+  # interleaved. Every run's output goes to bench.txt under a "# abpatch run R: NAME" line.
+  IFS=';' read -ra APS <<<"${AB_PATCHES:-}"
+  read -ra ACMD <<<"${AB_CMD:-router_bench --quick}"
+  names=(base)
+  dirs=("$BUILD")
+  n=0
+  for ap in "${APS[@]}"; do
+    n=$((n + 1))
+    PT=${TMPDIR:-/tmp}/bitep-abpatch-$n
+    [[ $ap == /* ]] || ap=$ROOT/$ap
+    rm -rf "$PT" && mkdir -p "$PT"
+    tar -C "$ROOT" --exclude='./build-*' --exclude='./device-out' -cf - . | tar -C "$PT" -xf -
+    step "abpatch $n build ($ap)" "$OUT/build.log" bash -c "cd '$PT' && patch -p1 < '$ap' &&
+      cmake -S . -B build-abpatch -DCMAKE_BUILD_TYPE=Release -DBITEP_BUILD_TESTS=OFF ${CMAKE_EXTRA[*]} >/dev/null &&
+      cmake --build build-abpatch -j $(nproc) --target ${ACMD[0]}" && {
+      names+=("$(basename "$ap")")
+      dirs+=("$PT/build-abpatch")
+    }
+  done
+  for r in $(seq 1 "${AB_REPEATS:-2}"); do
+    for i in "${!names[@]}"; do
+      bin=${dirs[$i]}/bench/${ACMD[0]}
+      run=("$bin" "${ACMD[@]:1}")
+      [ "${ACMD[0]}" = ep_bench ] && run=(mpirun -np "$NGPU" "${run[@]}")
+      echo "# abpatch run $r: ${names[$i]}" >>"$BENCH"
+      step "abpatch run $r ${names[$i]}" "$BENCH" "${run[@]}"
+    done
   done
 fi
 if on profile; then
