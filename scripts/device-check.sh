@@ -334,7 +334,9 @@ if on abpatch; then
   # link the library statically, so each binary runs its own tree's code). Then AB_CMD (a benchmark and its
   # arguments, e.g. "router_bench --bwd --configs softmax --experts 256" or "ep_bench --tokens 128,256 --no-baseline",
   # which runs under mpirun -np NGPU) runs AB_REPEATS times (default 2) over the default build and each patched one,
-  # interleaved. Every run's output goes to bench.txt under a "# abpatch run R: NAME" line.
+  # interleaved, in the reverse order on even repeats (the first GPU run, 2026-12-03, had the later build of a pair
+  # 1-3% faster on rows whose kernel neither patch touched). Every run's output goes to bench.txt under a
+  # "# abpatch run R: NAME" line; router_bench's header and JSON name the commit and the patch.
   IFS=';' read -ra APS <<<"${AB_PATCHES:-}"
   read -ra ACMD <<<"${AB_CMD:-router_bench --quick}"
   names=(base)
@@ -354,10 +356,13 @@ if on abpatch; then
     }
   done
   for r in $(seq 1 "${AB_REPEATS:-2}"); do
-    for i in "${!names[@]}"; do
+    order=("${!names[@]}")
+    [ $((r % 2)) = 0 ] && mapfile -t order < <(printf '%s\n' "${!names[@]}" | tac)
+    for i in "${order[@]}"; do
       bin=${dirs[$i]}/bench/${ACMD[0]}
       run=("$bin" "${ACMD[@]:1}")
-      [ "${ACMD[0]}" = ep_bench ] && run=(mpirun -np "$NGPU" "${run[@]}")
+      [ "${ACMD[0]}" = router_bench ] && run+=(--commit "$COMMIT+${names[$i]}")
+      [ "${ACMD[0]}" = ep_bench ] && run=(mpirun -np "$NGPU" -x BITEP_COMMIT="$COMMIT+${names[$i]}" "${run[@]}")
       echo "# abpatch run $r: ${names[$i]}" >>"$BENCH"
       step "abpatch run $r ${names[$i]}" "$BENCH" "${run[@]}"
     done
