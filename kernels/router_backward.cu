@@ -7,9 +7,12 @@
 // any-path forward's, bit for bit (seg_softmax, branch-free, on the same lanes); the forward's post-top-k
 // softmax kernels (E 33-2048, router_topk.cu's holders) sum in round order, within a few ulps of it. This file's
 // post-top-k softmax recompute at one octet a lane (E 33-256) takes its exps by __expf, its sum and dot product in
-// one butterfly: within the gradient tolerance of the any-path kernel's.
+// one butterfly, and for bf16 logits no maximum where the logits allow: within the gradient tolerance of the
+// any-path kernel's.
 // Larger E: one block per token, with the generic forward's block reductions. The post-top-k softmax from 2 octets a
 // lane: router_backward_routed.cu (launch_bucket).
+#include <cfloat>
+
 #include "kernels/router.h"
 #include "kernels/router_common.cuh"
 #include "kernels/router_lane_map.cuh"
@@ -362,41 +365,67 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
       for (int i = 0; i < N; ++i) g[i] = ((routed >> i) & 1) ? __fmul_rn(g[i], scale) : 0.0f;
     }
     if constexpr (kSpec == BwdSpec::kPostSoftmaxRecompute) {
-      // The post-top-k softmax from the logits, its sum and the dot product in one butterfly: with e = exp(x - m) of
-      // the routed (m their maximum), S = sum e and D = sum e g, the gradient is (e / S) (g - D / S): the two sums'
-      // shuffles are independent, so the chain is two butterflies (the maximum, then S and D) where the softmax
-      // and then the dot took three. The exps of every element, as the dense kernel (taking those of the routed
+      // The post-top-k softmax from the logits, its sum and the dot product in one butterfly: with e = exp(x - c) of
+      // the routed, S = sum e and D = sum e g, the gradient is (e / S) (g - D / S) for any shift c: the two sums'
+      // shuffles are independent. The exps of every element, as the dense kernel (taking those of the routed
       // octets alone, a test per octet and element, measured slower: H200, bf16 recompute, T = 65536: E = 128 24.8
       // against 22.8 us, E = 512 76.0 / 74.3), by the hardware's ex2 (__expf: 2 instructions, not expf's 8; this
       // kernel is bound by instruction issue, and 7 of a lane's 8 exps are of unrouted elements): within 2 +
-      // 1.2 |x - m| ulps, so the large probabilities (x near m) within a few ulps, the any-path kernel's gradient
-      // within the tolerance tests/gpu/router_gpu_test.h holds both to.
-      float m = -INFINITY;
+      // 1.2 |x - c| ulps.
+      // fp32 logits: c = the routed maximum (a butterfly before the sums), so the large probabilities within a few
+      // ulps, the any-path kernel's gradient within the tolerance tests/gpu/router_gpu_test.h holds both to.
+      // bf16 logits (v27): first c = 0, no maximum: a token whose S lands in [2^-64, 2^64] (its routed maximum within
+      // about +-44) and whose D is finite keeps it; its exps' error, up to ~55 ulps (2^-18) at |x| = 44, is far below
+      // the bf16 gradient's rounding (2^-9). Only where some token of the warp falls outside (large logits, NaN, a
+      // token without a routed expert: S = 0) does the warp take the maximum's pass too, and those tokens alone keep
+      // its values.
+      auto exps = [&](float c, float* e, float& s, float& d) {
+        s = 0.0f, d = 0.0f;
 #pragma unroll
-      for (int i = 0; i < N; ++i)
-        if ((routed >> i) & 1) m = fmaxf(m, a[i]);
-      m = seg_max_f32<G>(m);
-      float s = 0.0f, d = 0.0f;
+        for (int i = 0; i < N; ++i) {
+          const float x = __expf(a[i] - c);  // every element's (no branch), then a select
+          e[i] = ((routed >> i) & 1) ? x : 0.0f;
+          s = __fadd_rn(s, e[i]);
+          d = fmaf(e[i], g[i], d);
+        }
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const float x = __expf(a[i] - m);  // every element's (no branch), then a select
-        const float e = ((routed >> i) & 1) ? x : 0.0f;
-        a[i] = e;
-        s = __fadd_rn(s, e);
-        d = fmaf(e, g[i], d);
+        for (int o = G / 2; o > 0; o >>= 1) {
+          const float so = __shfl_xor_sync(kFullMask, s, o), dq = __shfl_xor_sync(kFullMask, d, o);
+          s = __fadd_rn(s, so);
+          d = __fadd_rn(d, dq);
+        }
+      };
+      auto shifted = [&](float* e, float& s, float& d) {
+        float m = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+          if ((routed >> i) & 1) m = fmaxf(m, a[i]);
+        exps(seg_max_f32<G>(m), e, s, d);
+      };
+      float e[N], s, d, r;
+      if constexpr (kF32) {
+        shifted(e, s, d);
+        r = __frcp_rn(s);
+      } else {
+        exps(0.0f, e, s, d);
+        // NaN: false; D checked too (e up to 2^64 here, against 1 shifted: a grad_probs past ~2^64 could overflow)
+        const bool in_range = s >= 0x1p-64f && s <= 0x1p64f && fabsf(d) <= FLT_MAX;
+        r = __fdividef(1.0f, s);  // within 2 ulps in that range
+        if (!__all_sync(kFullMask, in_range)) {
+          float e2[N], s2, d2;
+          shifted(e2, s2, d2);
+          if (!in_range) {  // the token's segment alike: its S is the segment's
+#pragma unroll
+            for (int i = 0; i < N; ++i) e[i] = e2[i];
+            s = s2, d = d2, r = __frcp_rn(s2);
+          }
+        }
       }
-#pragma unroll
-      for (int o = G / 2; o > 0; o >>= 1) {
-        const float so = __shfl_xor_sync(kFullMask, s, o), dq = __shfl_xor_sync(kFullMask, d, o);
-        s = __fadd_rn(s, so);
-        d = __fadd_rn(d, dq);
-      }
-      const float r = __frcp_rn(s);
       const float dot = __fmul_rn(d, r);
       // Unrouted: +0 (and a token without a routed expert has s = 0: no product with its reciprocal is kept).
 #pragma unroll
       for (int i = 0; i < N; ++i)
-        g[i] = ((routed >> i) & 1) ? __fmul_rn(__fmul_rn(a[i], r), __fsub_rn(g[i], dot)) : 0.0f;
+        g[i] = ((routed >> i) & 1) ? __fmul_rn(__fmul_rn(e[i], r), __fsub_rn(g[i], dot)) : 0.0f;
     } else if (N <= 8 && norm && routed_rounds && sig_x) {
       // The sigmoid recompute, normalised (one octet a lane: its sigmoid' row costs 8 registers, and at two
       // octets the staged kernel spilled): one round a routed element gives y = sigmoid(x), for the sum and

@@ -334,9 +334,10 @@ if on abpatch; then
   # link the library statically, so each binary runs its own tree's code). Then AB_CMD (a benchmark and its
   # arguments, e.g. "router_bench --bwd --configs softmax --experts 256" or "ep_bench --tokens 128,256 --no-baseline",
   # which runs under mpirun -np NGPU) runs AB_REPEATS times (default 2) over the default build and each patched one,
-  # interleaved, in the reverse order on even repeats (the first GPU run, 2026-12-03, had the later build of a pair
-  # 1-3% faster on rows whose kernel neither patch touched). Every run's output goes to bench.txt under a
-  # "# abpatch run R: NAME" line; router_bench's header and JSON name the commit and the patch.
+  # interleaved, in the reverse order on even repeats. Every run's output goes to bench.txt under a
+  # "# abpatch run R: NAME" line; router_bench's header and JSON name the commit and the patch. For router_bench,
+  # bench/ab_summary.py then compares the builds row by row, each row's time over its run's stream time: whole runs
+  # shift by a few percent, the stream column with them (2026-12-03: one run of four 3% faster on every row).
   IFS=';' read -ra APS <<<"${AB_PATCHES:-}"
   read -ra ACMD <<<"${AB_CMD:-router_bench --quick}"
   names=(base)
@@ -367,6 +368,8 @@ if on abpatch; then
       step "abpatch run $r ${names[$i]}" "$BENCH" "${run[@]}"
     done
   done
+  [ "${ACMD[0]}" = router_bench ] && [ "${#names[@]}" -gt 1 ] &&
+    step "abpatch summary (bench/ab_summary.py)" "$BENCH" python3 "$ROOT/bench/ab_summary.py" "$BENCH"
 fi
 if on profile; then
   # Where the router's time goes (Nsight Compute, clocks left alone), and the host phases of dispatch and

@@ -114,6 +114,69 @@ TEST(RouterGpu, BackwardIgnoresUnroutedInputs) {
     }
 }
 
+// The post-top-k softmax recompute at one octet a lane (E 33-256) takes bf16 logits' exps unshifted where a token's
+// sum lands in [2^-64, 2^64], and the routed maximum's pass for the tokens of a warp that fall outside
+// (kernels/router_backward.cu). Consecutive tokens' logits take offsets of 0 and +-30 (inside: sums of e^36 and e^-24,
+// the unshifted exps' error the largest it gets), +-60 and +-200 (outside), or are stretched 40x (routed values ~100
+// apart, sums past 2^64), and every other +30 token has grad_probs of ~1e25 (its D past FLT_MAX unshifted), so E = 64's
+// four tokens a warp and E = 100's two mix both kinds; both dtypes (fp32 always shifts). Against the host and the
+// any-path kernel within the gradient tolerance, finite, 0 at every unrouted expert, nothing written past grad_logits.
+TEST(RouterGpu, BackwardRecomputeLogitRanges) {
+  REQUIRE_GPU();
+  const int64_t T = 333;
+  const float offsets[] = {0.0f, 30.0f, -30.0f, 60.0f, -60.0f, 200.0f, -200.0f, 0.0f};
+  for (int E : {64, 100, 130, 256})
+    for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
+      const bitepRouterConfig_t cfg = make_config(E, 8, bitepScoreSoftmax, 0, dt);
+      std::vector<float> x = decode(make_logits(T, E, dt, 404 + E), dt);
+      for (int64_t t = 0; t < T; ++t)
+        for (int e = 0; e < E; ++e) {
+          float& v = x[t * E + e];
+          v = t % 8 == 7 ? v * 40.0f : v + offsets[t % 8];
+        }
+      const std::vector<uint8_t> logits = encode(x, dt);
+      FwdOut fwd, fwdb;
+      ASSERT_NO_FATAL_FAILURE(forward_both_maps(cfg, T, logits, &fwd, &fwdb));
+      std::vector<float> gp(static_cast<size_t>(T) * E);
+      for (size_t i = 0; i < gp.size(); ++i)  // every other +30 token: D past FLT_MAX unshifted (e^36 x 1e25 x 8)
+        gp[i] = gauss(0x6e6e, i) * (static_cast<int64_t>(i) / E % 16 == 9 ? 1e25f : 1.0f);
+      const double gt = grad_tol(dt, width_factor(cfg, false));
+      const std::vector<double> M =
+          grad_scale(cfg, T, bitep::ref::to_double(logits.data(), dt, T * E), fwd.map, gp, false);
+      for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8}) {
+        const std::string what =
+            "E=" + std::to_string(E) + " " + dt_name(dt) + (fmt == bitepMapBitmapU8 ? " bitmap" : " bytemap");
+        const std::vector<uint8_t>& map = fmt == bitepMapBytemap ? fwd.map : fwdb.map;
+        const BwdOut got = run_backward(bitepBackendCuda, cfg, T, gp, map, fmt, {}, logits, false);
+        ASSERT_EQ(got.rc, bitepSuccess) << got.error;
+        EXPECT_EQ(bitep::kernels::last_router_backward_kernel(), 0) << what << ": the bucket kernel";
+        EXPECT_TRUE(got.guards) << what << ": backward wrote past grad_logits";
+        BwdOut any;
+        {
+          AnyPathKernels scope;
+          any = run_backward(bitepBackendCuda, cfg, T, gp, map, fmt, {}, logits, false);
+          ASSERT_EQ(any.rc, bitepSuccess) << any.error;
+        }
+        const BwdOut host = run_backward(bitepBackendHost, cfg, T, gp, map, fmt, {}, logits, false);
+        ASSERT_EQ(host.rc, bitepSuccess) << host.error;
+        const BwdOut* wants[] = {&host, &any};
+        for (const BwdOut* want : wants) {
+          const auto err = grad_errors(want->grad, got.grad, M, T, E, 0.0);
+          const auto worst = std::max_element(err.begin(), err.end());
+          EXPECT_LE(*worst, gt) << what << (want == &host ? ": against the host" : ": against the any-path kernel")
+                                << ", worst token " << (worst - err.begin());
+        }
+        int64_t nonzero_unrouted = 0, nonfinite = 0;
+        for (size_t i = 0; i < got.grad.size(); ++i) {
+          nonzero_unrouted += fwd.map[i] == 0 && got.grad[i] != 0.0f;
+          nonfinite += !std::isfinite(got.grad[i]);
+        }
+        EXPECT_EQ(nonzero_unrouted, 0) << what << ": gradients at unrouted experts";
+        EXPECT_EQ(nonfinite, 0) << what << ": gradients not finite";
+      }
+    }
+}
+
 // The post-top-k softmax's backward kernels on maps not from a forward, 0 to E routed experts a token. Above 512
 // experts, and above 256 for the recompute, router_backward_routed (kernels/router_backward_routed.cu) gathers a
 // token's routed experts, one a lane, where every token of a warp's tile has at most 32, and takes a tile with more an
