@@ -43,7 +43,11 @@ def main():
     rows = list(runs[of[names[0]][0]])
 
     def best(name, key, norm):
-        vals = [runs[r][key][0] / (runs[r][key][1] if norm else 1.0) for r in of[name] if key in runs[r]]
+        vals = [
+            runs[r][key][0] / (runs[r][key][1] if norm else 1.0)
+            for r in of[name]
+            if key in runs[r] and (not norm or runs[r][key][1] > 0)
+        ]
         return min(vals) if vals else float("nan")
 
     print("# runs: " + ", ".join("%s x%d" % (n, len(of[n])) for n in names))
@@ -54,8 +58,11 @@ def main():
         line = "%6s %5s %3s %-12s %-5s %-8s %-4s %-9s" % key
         line += "".join(" %12.2f" % best(n, key, False) for n in names)
         for n in names[1:]:
-            line += " %8.3f %8.3f" % (best(n, key, False) / best(names[0], key, False),
-                                      best(n, key, True) / best(names[0], key, True))
+            ratios = []
+            for norm in (False, True):
+                b = best(names[0], key, norm)
+                ratios.append(best(n, key, norm) / b if b > 0 else float("nan"))
+            line += " %8.3f %8.3f" % tuple(ratios)
         print(line)
     for n in names:
         hit = total = 0
