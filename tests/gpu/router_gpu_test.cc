@@ -333,12 +333,12 @@ int64_t weights_outside(const std::vector<float>& got, const std::vector<float>&
 // map, index and gradient but two; the forward's post-top-k softmax weights (probs, saved, topk_weights) within
 // weights_outside's bound where k fits the lanes of a token (the holders sum in round order), the same bits
 // past it; the post-top-k softmax's recomputed gradient at E 33-256 within the gradient tolerance (its sum and dot
-// product in one butterfly, its exps by __expf). E = 64: 8 lanes a token; 100: 16 lanes, E % 8 != 0; 128: 16 lanes,
-// whole rows (the holders' wide stores); 256: one octet a lane; 512: two (the backward staged); 1000: four; 2048:
-// eight. k: 8, and for the post-top-k softmax also 1, 3, the lanes (G) and G + 1. The pre-top-k softmax and the
-// normalised sigmoid also with groups (8 of them, 4 kept: a group is an octet at E = 64, four lanes at 256, eight
-// octets over two slots at 512; E = 100 takes the generic kernel), expert bias, a scaling factor and the
-// dispatch-layout epilogue (4 ranks).
+// product in one butterfly, its exps by __expf, for bf16 logits unshifted where the sums allow). E = 64: 8 lanes a
+// token; 100: 16 lanes, E % 8 != 0; 128: 16 lanes, whole rows (the holders' wide stores); 256: one octet a lane; 512:
+// two (the backward staged); 1000: four; 2048: eight. k: 8, and for the post-top-k softmax also 1, 3, the lanes (G) and
+// G + 1. The pre-top-k softmax and the normalised sigmoid also with groups (8 of them, 4 kept: a group is an octet at E
+// = 64, four lanes at 256, eight octets over two slots at 512; E = 100 takes the generic kernel), expert bias, a
+// scaling factor and the dispatch-layout epilogue (4 ranks).
 TEST(RouterGpu, SpecKernelsMatchAnyPath) {
   REQUIRE_GPU();
   const int64_t T = 333;
@@ -452,7 +452,8 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           EXPECT_TRUE(bwd.guards) << what << ": backward wrote past grad_logits";
           if (fused_recompute) {
             // The post-top-k softmax recompute's own kernel (E 33-256) takes its sum and its dot product in one
-            // butterfly (kernels/router_backward.cu): the any-path kernel's gradient within the tolerance the
+            // butterfly, its exps by __expf, unshifted for bf16 where the sums allow (kernels/router_backward.cu):
+            // the any-path kernel's gradient within the tolerance the
             // grid holds both to against the host (tests/gpu/router_gpu_test.h), NaN and infinities where it has
             // them. The differing elements are counted.
             std::vector<uint8_t> bytemap(static_cast<size_t>(T) * E);
