@@ -31,7 +31,8 @@ def parse(path):
                     print("WRONG VALUES:", cur, line.rstrip())
                 key = tuple(fields[:8])  # T E k config dtype format pass mode
                 runs[cur][key] = (float(fields[8]), float(fields[11]))
-    return runs
+    # A run the budget skipped has its header line and no rows.
+    return collections.OrderedDict((r, rows) for r, rows in runs.items() if rows)
 
 
 def main():

@@ -119,13 +119,15 @@ TEST(RouterGpu, BackwardIgnoresUnroutedInputs) {
 // (kernels/router_backward.cu). Consecutive tokens' logits take offsets of 0 and +-30 (inside: sums of e^36 and e^-24,
 // the unshifted exps' error the largest it gets), +-60 and +-200 (outside), or are stretched 40x (routed values ~100
 // apart, sums past 2^64), and every other +30 token has grad_probs of ~1e25 (its D past FLT_MAX unshifted), so E = 64's
-// four tokens a warp and E = 100's two mix both kinds; both dtypes (fp32 always shifts). Against the host and the
-// any-path kernel within the gradient tolerance, finite, 0 at every unrouted expert, nothing written past grad_logits.
+// four tokens a warp and E = 100's two mix both kinds; both dtypes (fp32 always shifts). E = 300, 512 and 1000 take
+// the same tokens through the routed kernel (kernels/router_backward_routed.cu, always shifted). Against the host and
+// the any-path kernel within the gradient tolerance, finite, 0 at every unrouted expert, nothing written past
+// grad_logits.
 TEST(RouterGpu, BackwardRecomputeLogitRanges) {
   REQUIRE_GPU();
   const int64_t T = 333;
   const float offsets[] = {0.0f, 30.0f, -30.0f, 60.0f, -60.0f, 200.0f, -200.0f, 0.0f};
-  for (int E : {64, 100, 130, 256})
+  for (int E : {64, 100, 130, 256, 300, 512, 1000})
     for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
       const bitepRouterConfig_t cfg = make_config(E, 8, bitepScoreSoftmax, 0, dt);
       std::vector<float> x = decode(make_logits(T, E, dt, 404 + E), dt);
@@ -149,7 +151,7 @@ TEST(RouterGpu, BackwardRecomputeLogitRanges) {
         const std::vector<uint8_t>& map = fmt == bitepMapBytemap ? fwd.map : fwdb.map;
         const BwdOut got = run_backward(bitepBackendCuda, cfg, T, gp, map, fmt, {}, logits, false);
         ASSERT_EQ(got.rc, bitepSuccess) << got.error;
-        EXPECT_EQ(bitep::kernels::last_router_backward_kernel(), 0) << what << ": the bucket kernel";
+        EXPECT_EQ(bitep::kernels::last_router_backward_kernel(), E > 256 ? 1 : 0) << what << ": the kernel chosen";
         EXPECT_TRUE(got.guards) << what << ": backward wrote past grad_logits";
         BwdOut any;
         {
