@@ -12,6 +12,8 @@
 # bench, net (the NCCL network transport), ctest, sanitize, tune (TUNE_FLAGS builds, TUNE_ARGS rows), ab (AB_ENVS runs of
 # ep_bench), abpatch (AB_PATCHES: source changes built apart, AB_CMD's benchmark interleaved over them), profile
 # (Nsight Compute on the router and EP kernels and a BITEP_TRACE=1 run of ep_bench: where the time goes).
+# On one H200 at 187432f: build ~90 s, gpu ~75 s, multirank ~110 s (np 1 and the shared-GPU runs), sanitize ~400 s
+# (memcheck 35, racecheck ~300, multi-rank memcheck ~35): PHASES=gpu,multirank,sanitize does not fit one call there.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/device-out}
