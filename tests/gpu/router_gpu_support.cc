@@ -231,6 +231,13 @@ int64_t count_bit_diffs(const std::vector<float>& a, const std::vector<float>& b
   return n;
 }
 
+int64_t count_unrouted_nonzero(const std::vector<uint8_t>& bytemap, const std::vector<float>& grad) {
+  if (bytemap.size() != grad.size()) return -1;  // never 0: the caller's expectation fails
+  int64_t n = 0;
+  for (size_t i = 0; i < grad.size(); ++i) n += bytemap[i] == 0 && grad[i] != 0.0f;
+  return n;
+}
+
 double width_factor(const bitepRouterConfig_t& c, bool aux) {
   const bool full = (c.score_function == bitepScoreSoftmax && (c.use_pre_softmax || aux)) ||
                     (aux && c.score_function != bitepScoreSoftmax && c.topk > 1);

@@ -453,9 +453,8 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           if (fused_recompute) {
             // The post-top-k softmax recompute's own kernel (E 33-256) takes its sum and its dot product in one
             // butterfly, its exps by __expf, unshifted for bf16 where the sums allow (kernels/router_backward.cu):
-            // the any-path kernel's gradient within the tolerance the
-            // grid holds both to against the host (tests/gpu/router_gpu_test.h), NaN and infinities where it has
-            // them. The differing elements are counted.
+            // the any-path kernel's gradient within the tolerance the grid holds both to against the host
+            // (tests/gpu/router_gpu_test.h), NaN and infinities where it has them. The differing elements are counted.
             std::vector<uint8_t> bytemap(static_cast<size_t>(T) * E);
             const int row = fmt == bitepMapBitmapU8 ? (E + 7) / 8 : E;
             for (int64_t t = 0; t < T; ++t)

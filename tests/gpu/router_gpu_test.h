@@ -214,6 +214,9 @@ double worst_of_min(const std::vector<double>& a, const std::vector<double>& b);
 // Elements whose bits differ.
 int64_t count_bit_diffs(const std::vector<float>& a, const std::vector<float>& b);
 
+// Gradients other than +-0 where the bytemap (T x E, 0 = unrouted) routes nothing; -1 if the sizes differ.
+int64_t count_unrouted_nonzero(const std::vector<uint8_t>& bytemap, const std::vector<float>& grad);
+
 // f of the header: the width of the sums behind a value.
 double width_factor(const bitepRouterConfig_t& c, bool aux);
 // The gradient's tolerance for dt at width factor f (the header).
