@@ -134,12 +134,12 @@ __global__ void __launch_bounds__(kThreads) router_forward_generic(const RouterF
       for (int e = threadIdx.x; e < E; e += blockDim.x) m = fmaxf(m, logit(e));
       mx = block_max_f32(m, scratch);
       float s = 0.0f;
-      for (int e = threadIdx.x; e < E; e += blockDim.x) s = __fadd_rn(s, expf(logit(e) - mx));
+      for (int e = threadIdx.x; e < E; e += blockDim.x) s = __fadd_rn(s, softmax_exp(logit(e), mx));
       sum = block_sum_f32(s, scratch);
     }
     auto raw_score = [&](int e) {
       const float x = logit(e);
-      if (pre) return expf(x - mx) / sum;
+      if (pre) return softmax_exp(x, mx) / sum;
       if (fn == ScoreFn::kSigmoid) return sigmoid_f(x);
       if (fn == ScoreFn::kSqrtSoftplus) return sqrtsoftplus_f(x);
       return x;
@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) router_forward_generic(const RouterF
       wm = block_max_f32(m, scratch);
       float s = 0.0f;
       for (int e = threadIdx.x; e < E; e += blockDim.x)
-        if (chosen(e)) s = __fadd_rn(s, expf(score(e) - wm));
+        if (chosen(e)) s = __fadd_rn(s, softmax_exp(score(e), wm));
       ws = block_sum_f32(s, scratch);
     } else if (!aux && norm) {
       float s = 0.0f;
@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) router_forward_generic(const RouterF
     }
     auto weight = [&](int e) {  // unscaled
       const float v = score(e);
-      if (post) return expf(v - wm) / ws;
+      if (post) return softmax_exp(v, wm) / ws;
       if (!aux && norm) return v / ws;
       return v;
     };
