@@ -105,10 +105,10 @@ __global__ void __launch_bounds__(kBucketThreads, routed_min_blocks<NS, kF32, kS
       each_routed_input([&](float x) { m = fmaxf(m, x); });
       m = seg_max_f32<G>(m);
       float sum = 0.0f;
-      each_routed_input([&](float x) { sum = __fadd_rn(sum, softmax_exp(x, m)); });
+      each_routed_input([&](float x) { sum = __fadd_rn(sum, expf(x - m)); });
       r = __frcp_rn(seg_sum_f32<G>(sum));
     }
-    auto act = [&](float x) { return kSaved ? x : __fmul_rn(softmax_exp(x, m), r); };
+    auto act = [&](float x) { return kSaved ? x : __fmul_rn(expf(x - m), r); };
     float dot = 0.0f;
 #pragma unroll 1
     for (int s = 0; s < NS; ++s) {
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kBucketThreads, routed_min_blocks<NS, kF32, kS
     }
     if constexpr (!kSaved) {
       const float m = seg_max_f32<G>(has ? a : -INFINITY);
-      const float ex = softmax_exp(a, m);
+      const float ex = expf(a - m);
       a = __fmul_rn(ex, __frcp_rn(owner_sum(ex, c, before, rounds)));
     }
     const float gs = __fmul_rn(g, scale);

@@ -179,12 +179,14 @@ __device__ __forceinline__ float sigmoid_grad_f(float x) {
   const float t = expf(-fabsf(x)), u = __fadd_rn(1.0f, t);
   return t / __fmul_rn(u, u);
 }
-// exp(x - m) for a softmax whose maximum is m, as 2^((x - m) log2e) by exp2f (the hardware's ex2 with its subnormal
-// steps, 2 ulps): 6 instructions where expf(x - m) takes 9, and the pre-top-k softmax takes one for each of a lane's
-// elements. The product's rounding adds 2^-24 |x - m| log2e to the exponent: a few ulps for the large probabilities,
-// a relative error growing with |x - m| for the small ones (2^-18 at x - m = -40, where e is 4e-18), far below 1e-6
-// of the row's norm. Underflow (subnormal e, then 0) where expf's is; inf - inf and NaN give NaN as there. Every
-// kernel takes a softmax's exps here, so they give a row the same bits.
+// exp(x - m) for the pre-top-k softmax (over all experts; m their maximum), as 2^((x - m) log2e) by exp2f (the
+// hardware's ex2 with its subnormal steps, 2 ulps): 6 instructions where expf(x - m) takes 9, for each of a lane's
+// elements. The product's rounding adds 2^-24 |x - m| log2e to the exponent: a few ulps for the large probabilities, a
+// relative error growing with |x - m| for the small ones (2^-18 at x - m = -40, where e is 4e-18), far below 1e-6 of
+// the row's norm. Underflow (subnormal e, then 0) where expf's is; inf - inf and NaN give NaN as there. Every kernel
+// takes the pre-top-k softmax's exps here, so they give a row the same bits. The post-top-k softmax (k exps a token)
+// keeps expf: exp2f measured 1.5% slower in the fp32 backward's routed kernel, and nothing faster elsewhere (H200,
+// bench/NOTES.md router v29).
 constexpr float kLog2e = 1.4426950408889634f;
 __device__ __forceinline__ float softmax_exp(float x, float m) { return exp2f(__fmul_rn(__fsub_rn(x, m), kLog2e)); }
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
@@ -416,7 +418,8 @@ __device__ __forceinline__ int group_min_i32(int v, int q) {
 }
 
 // Softmax over the elements of v selected by `mask` (bit p = element p), in place, the host's formula
-// up to the last step: m = max (NaN ignored), e = exp(v - m) (softmax_exp), v = e * (1 / sum(e)) (the host divides).
+// up to the last step: m = max (NaN ignored), e = exp(v - m) (kPre: softmax_exp), v = e * (1 / sum(e)) (the host
+// divides).
 // The sum is lane-local in element order, then a butterfly over the segment: the any-path forward and
 // the backward call this same code on the same layout, so the saved tensor and its recomputation are
 // bit-identical there (the post-top-k softmax forward kernels sum in round order instead: router_topk.cu,
@@ -428,16 +431,17 @@ __device__ __forceinline__ int group_min_i32(int v, int q) {
 // seg_softmax_max: the same from the segment's maximum over the mask, m, given by the caller (the
 // forward's top-k knows it: its first winner); an m that gives the same v - m for every masked element
 // as the fmaxf reduction's (an equal value; for +0 and -0 either) gives the same bits.
-template <int G, int N, bool kDense = false, class Mask>
+template <int G, int N, bool kDense = false, bool kPre = false, class Mask>
 __device__ __forceinline__ void seg_softmax_max(float* v, Mask mask, float m) {
+  auto ex = [m](float x) { return kPre ? softmax_exp(x, m) : expf(x - m); };
   float s = 0.0f;
 #pragma unroll
   for (int p = 0; p < N; ++p) {
     if (kDense) {
-      v[p] = softmax_exp(v[p], m);
+      v[p] = ex(v[p]);
       s = __fadd_rn(s, ((mask >> p) & 1) ? v[p] : 0.0f);
     } else if ((mask >> p) & 1) {
-      v[p] = softmax_exp(v[p], m);
+      v[p] = ex(v[p]);
       s = __fadd_rn(s, v[p]);
     }
   }
@@ -449,13 +453,13 @@ __device__ __forceinline__ void seg_softmax_max(float* v, Mask mask, float m) {
   for (int p = 0; p < N; ++p)
     if (kDense || ((mask >> p) & 1)) v[p] = __fmul_rn(v[p], r);
 }
-template <int G, int N, bool kDense = false, class Mask>
+template <int G, int N, bool kDense = false, bool kPre = false, class Mask>
 __device__ __forceinline__ void seg_softmax(float* v, Mask mask) {
   float m = -INFINITY;
 #pragma unroll
   for (int p = 0; p < N; ++p)
     if ((mask >> p) & 1) m = fmaxf(m, v[p]);
-  seg_softmax_max<G, N, kDense>(v, mask, seg_max_f32<G>(m));
+  seg_softmax_max<G, N, kDense, kPre>(v, mask, seg_max_f32<G>(m));
 }
 
 // Rounds over the elements of a lane's mask, lowest first: round r hands every lane its r-th masked

@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) router_forward_generic(const RouterF
       wm = block_max_f32(m, scratch);
       float s = 0.0f;
       for (int e = threadIdx.x; e < E; e += blockDim.x)
-        if (chosen(e)) s = __fadd_rn(s, softmax_exp(score(e), wm));
+        if (chosen(e)) s = __fadd_rn(s, expf(score(e) - wm));
       ws = block_sum_f32(s, scratch);
     } else if (!aux && norm) {
       float s = 0.0f;
@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) router_forward_generic(const RouterF
     }
     auto weight = [&](int e) {  // unscaled
       const float v = score(e);
-      if (post) return softmax_exp(v, wm) / ws;
+      if (post) return expf(v - wm) / ws;
       if (!aux && norm) return v / ws;
       return v;
     };

@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     }
     // kDense: no branch per element (as the backward's recompute; the same bits for the valid ones): at E = 256, 8 of
     // them a lane, the branches with their constants' moves were ~40 instructions of ~700 a token (ncu, H200).
-    if (pre) seg_softmax<G, N, true>(v, valid);
+    if (pre) seg_softmax<G, N, true, true>(v, valid);
     if (p.saved != nullptr && (fn == ScoreFn::kSigmoid || pre)) {
 #pragma unroll
       for (int s = 0; s < NS; ++s)
@@ -543,7 +543,7 @@ __global__ void __launch_bounds__(kBucketThreads,
       // past pow2(k) holds a sum of 0, whose reciprocal is the compiler's slow path (a call), which every warp of
       // G > pow2(k) lanes a token then ran beside the holders' fast one (ncu, E = 128: once a tile).
       auto value = [](uint32_t key) { return kPacked ? packed_value(key) : key_value(key); };
-      const float e = holder ? softmax_exp(value(hk), value(top)) : 0.0f;
+      const float e = holder ? expf(value(hk) - value(top)) : 0.0f;
       float sum = e;
 #pragma unroll
       for (int d = 1; d < G; d <<= 1)
