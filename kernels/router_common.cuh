@@ -179,14 +179,15 @@ __device__ __forceinline__ float sigmoid_grad_f(float x) {
   const float t = expf(-fabsf(x)), u = __fadd_rn(1.0f, t);
   return t / __fmul_rn(u, u);
 }
-// exp(x - m) for the pre-top-k softmax (over all experts; m their maximum), as 2^((x - m) log2e) by exp2f (the
-// hardware's ex2 with its subnormal steps, 2 ulps): 6 instructions where expf(x - m) takes 9, for each of a lane's
-// elements. The product's rounding adds 2^-24 |x - m| log2e to the exponent: a few ulps for the large probabilities, a
-// relative error growing with |x - m| for the small ones (2^-18 at x - m = -40, where e is 4e-18), far below 1e-6 of
-// the row's norm. Underflow (subnormal e, then 0) where expf's is; inf - inf and NaN give NaN as there. Every kernel
-// takes the pre-top-k softmax's exps here, so they give a row the same bits. The post-top-k softmax (k exps a token)
-// keeps expf: exp2f measured 1.5% slower in the fp32 backward's routed kernel, and nothing faster elsewhere (H200,
-// bench/NOTES.md router v29).
+// exp(x - m) for the pre-top-k softmax (over all experts; m their maximum), as 2^((x - m) log2e) by exp2f (PTX
+// ex2.approx.f32: the hardware's ex2 with its subnormal steps, 2 ulps), for each of a lane's elements: about 6
+// instructions where expf(x - m) takes about 9 (its range reduction by two fmas, ex2, the scale; counted from the PTX,
+// the SASS not dumped); the bf16 E = 256 fused forward 1.7-3.3% faster at T >= 16384. The product's rounding adds 2^-24
+// |x - m| log2e to the exponent: a few ulps for the large probabilities, a relative error growing with |x - m| for the
+// small ones (2^-18 at x - m = -40, where e is 4e-18), far below 1e-6 of the row's norm. Underflow (subnormal e, then
+// 0) where expf's is; inf - inf and NaN give NaN as there. Every kernel takes the pre-top-k softmax's exps here, so
+// they give a row the same bits. The post-top-k softmax (k exps a token) keeps expf: exp2f measured 1.5% slower in the
+// fp32 backward's routed kernel, and nothing faster elsewhere (H200, bench/NOTES.md router v29).
 constexpr float kLog2e = 1.4426950408889634f;
 __device__ __forceinline__ float softmax_exp(float x, float m) { return exp2f(__fmul_rn(__fsub_rn(x, m), kLog2e)); }
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
