@@ -548,14 +548,14 @@ __global__ void __launch_bounds__(kGenericThreads) router_backward_generic(const
       mx = block_max_f32(m, scratch);
       float s = 0.0f;
       for (int e = threadIdx.x; e < E; e += blockDim.x)
-        if (pre || routed(e)) s = __fadd_rn(s, pre ? softmax_exp(x_of(e), mx) : expf(x_of(e) - mx));
+        if (pre || routed(e)) s = __fadd_rn(s, softmax_exp(x_of(e), mx, pre));
       sum = block_sum_f32(s, scratch);
     }
     auto act = [&](int e) {  // sigmoid: y; sqrtsoftplus: x; softmax: the probability
       const float v = x_of(e);
       if (p.saved != nullptr) return v;
       if (fn == ScoreFn::kSigmoid) return sigmoid_f(v);
-      if (softmax) return pre ? softmax_exp(v, mx) / sum : (routed(e) ? expf(v - mx) / sum : -INFINITY);
+      if (softmax) return (pre || routed(e)) ? softmax_exp(v, mx, pre) / sum : -INFINITY;
       return v;
     };
     auto y_of = [&](float a) { return fn == ScoreFn::kSigmoid ? a : sqrtsoftplus_f(a); };

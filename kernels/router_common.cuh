@@ -190,6 +190,10 @@ __device__ __forceinline__ float sigmoid_grad_f(float x) {
 // fp32 backward's routed kernel, and nothing faster elsewhere (H200, bench/NOTES.md router v29).
 constexpr float kLog2e = 1.4426950408889634f;
 __device__ __forceinline__ float softmax_exp(float x, float m) { return exp2f(__fmul_rn(__fsub_rn(x, m), kLog2e)); }
+// A softmax's exp by that rule: the pre-top-k softmax's by softmax_exp, the post-top-k one's by expf.
+__device__ __forceinline__ float softmax_exp(float x, float m, bool pre) {
+  return pre ? softmax_exp(x, m) : expf(x - m);
+}
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 __device__ __forceinline__ float sqrtsoftplus_f(float x) { return sqrtf(softplus_f(x)); }
 
@@ -434,7 +438,7 @@ __device__ __forceinline__ int group_min_i32(int v, int q) {
 // as the fmaxf reduction's (an equal value; for +0 and -0 either) gives the same bits.
 template <int G, int N, bool kDense = false, bool kPre = false, class Mask>
 __device__ __forceinline__ void seg_softmax_max(float* v, Mask mask, float m) {
-  auto ex = [m](float x) { return kPre ? softmax_exp(x, m) : expf(x - m); };
+  auto ex = [m](float x) { return softmax_exp(x, m, kPre); };
   float s = 0.0f;
 #pragma unroll
   for (int p = 0; p < N; ++p) {
