@@ -38,9 +38,14 @@
 // --expert-major-only times dispatches with args.expert_major_only = 1 (no rank-major rows; with --caller-buffers
 // an expert_x alone); the first iteration checks them against a dispatch with both views, bit for bit, and their
 // layout's placement with that dispatch's row headers.
+// --rank-major-only times dispatches with args.rank_major_only = 1 (no expert-major rows; with --caller-buffers a
+// recv_x alone): the first iteration checks their rank-major rows, positions and offsets against a dispatch with
+// both views, bit for bit, and the combines take that dispatch's expert-major rows (copied into a buffer of the
+// bench's, the identity experts' output) as y.
 // Usage: mpirun -np <W> ep_bench [--quick] [--json PATH] [--iters N] [--warmup N] [--tokens a,b,..]
 //                                [--routing uniform|skewed|both] [--no-baseline] [--caller-buffers]
-//                                [--expert-major-only] [--self-test-checks] [--no-l2-flush] [--no-nccl]
+//                                [--expert-major-only | --rank-major-only] [--self-test-checks] [--no-l2-flush]
+//                                [--no-nccl]
 // --no-nccl (implied by BITEP_CUDA_TRANSPORT=ipc, where ranks may share a GPU and NCCL would refuse them): no NCCL
 // communicator of the bench's, so no (a), (b) or (c); bitep's calls are timed and checked as always.
 #include <cuda_bf16.h>
@@ -89,7 +94,7 @@ int g_rank = 0;
   } while (0)
 
 struct Options {
-  bool quick = false, baseline = true, caller_buffers = false, expert_major_only = false;
+  bool quick = false, baseline = true, caller_buffers = false, expert_major_only = false, rank_major_only = false;
   bool self_test_checks = false, l2_flush = true, nccl = true;
   std::string json;
   int iters = 20, warmup = 5;
@@ -116,6 +121,8 @@ Options parse(int argc, char** argv) {
       o.caller_buffers = true;
     } else if (a == "--expert-major-only") {
       o.expert_major_only = true;
+    } else if (a == "--rank-major-only") {
+      o.rank_major_only = true;
     } else if (a == "--self-test-checks") {
       o.self_test_checks = true;
     } else if (a == "--no-l2-flush") {
@@ -151,6 +158,7 @@ Options parse(int argc, char** argv) {
     o.warmup = std::min(o.warmup, 2);
   }
   o.warmup = std::max(o.warmup, 1);  // the checks run in the first, untimed iteration
+  if (o.expert_major_only && o.rank_major_only) die("--expert-major-only and --rank-major-only", "pick one view");
   const char* transport = std::getenv("BITEP_CUDA_TRANSPORT");
   if (transport != nullptr && std::strcmp(transport, "ipc") == 0) o.nccl = false;
   if (!o.nccl) o.baseline = false;  // the baseline pipeline runs over NCCL
@@ -507,9 +515,12 @@ int main(int argc, char** argv) {
         const bitepDispatchArgs_t dll = da;    // the low-latency dispatch: its rows live in the handle
         const bitepDispatchArgs_t dboth = da;  // both views: the reference of --expert-major-only
         da.expert_major_only = opt.expert_major_only ? 1 : 0;
+        da.rank_major_only = opt.rank_major_only ? 1 : 0;
         rec.expert_major_only = opt.expert_major_only;
+        rec.rank_major_only = opt.rank_major_only;
         void* caller_recv = nullptr;
         void* caller_expert = nullptr;
+        void* y_rows = nullptr;  // --rank-major-only: the combines' expert-major y
         int64_t caller_bytes = 0, traffic_bytes = 0;
         if (opt.caller_buffers) {
           // Exact capacities from one untimed dispatch from the pool (the routing is the same every iteration);
@@ -524,8 +535,9 @@ int main(int argc, char** argv) {
           BK(bitepGroupTrimMemory(group, nullptr));
           if (R > 0 && !opt.expert_major_only)
             caller_recv = dalloc<char>(R * row), da.recv_x = caller_recv, da.recv_x_capacity = R;
-          if (N > 0) caller_expert = dalloc<char>(N * row), da.expert_x = caller_expert, da.expert_x_capacity = N;
-          caller_bytes = ((opt.expert_major_only ? 0 : R) + N) * row;
+          if (N > 0 && !opt.rank_major_only)
+            caller_expert = dalloc<char>(N * row), da.expert_x = caller_expert, da.expert_x_capacity = N;
+          caller_bytes = ((opt.expert_major_only ? 0 : R) + (opt.rank_major_only ? 0 : N)) * row;
         }
         bitepCombineArgs_t ca = BITEP_COMBINE_ARGS_INIT;
         ca.layout = bitepLayoutExpertMajor;
@@ -564,19 +576,30 @@ int main(int argc, char** argv) {
               traffic_bytes += (lay.send_counts_host[p] + lay.recv_counts_host[p]) * int64_t(sh.H) * 2;
             }
             CK(cudaMemcpyAsync(src_off, off.data(), 8 * (W + 1), cudaMemcpyHostToDevice, stream));
-            // Expert-major only: the checks run on a dispatch with both views, and this one's rows, positions and
+            // One view only: the checks run on a dispatch with both views, and this one's rows, positions and
             // counts must equal it bit for bit.
             bitepHandle_t href = nullptr;
             bitepDispatchLayout_t ref = lay;
-            if (opt.expert_major_only) {
-              if (lay.recv_x != nullptr) ++host_wrong;
+            if (opt.expert_major_only || opt.rank_major_only) {
+              if (opt.expert_major_only && lay.recv_x != nullptr) ++host_wrong;
+              if (opt.rank_major_only && lay.expert_x != nullptr) ++host_wrong;
               BK(bitepDispatch(group, &dboth, bstream, &href));
               BK(bitepHandleGetLayout(href, &ref));
               if (ref.num_recv_rows != lay.num_recv_rows || ref.num_expert_rows != lay.num_expert_rows) ++host_wrong;
-              const int64_t n = std::min(ref.num_expert_rows, lay.num_expert_rows);
-              epbench::check_equal(static_cast<const __nv_bfloat16*>(lay.expert_x),
-                                   static_cast<const __nv_bfloat16*>(ref.expert_x), n * sh.H, wrong + kExpertMajor,
-                                   stream);
+              if (opt.expert_major_only) {
+                const int64_t n = std::min(ref.num_expert_rows, lay.num_expert_rows);
+                epbench::check_equal(static_cast<const __nv_bfloat16*>(lay.expert_x),
+                                     static_cast<const __nv_bfloat16*>(ref.expert_x), n * sh.H, wrong + kExpertMajor,
+                                     stream);
+              } else {
+                const int64_t n = std::min(ref.num_recv_rows, lay.num_recv_rows);
+                epbench::check_equal(static_cast<const __nv_bfloat16*>(lay.recv_x),
+                                     static_cast<const __nv_bfloat16*>(ref.recv_x), n * sh.H, wrong + kRecvRows,
+                                     stream);
+                const int64_t y_bytes = ref.num_expert_rows * int64_t(sh.H) * 2;
+                if (y_rows == nullptr) y_rows = dalloc<char>(y_bytes);
+                CK(cudaMemcpyAsync(y_rows, ref.expert_x, y_bytes, cudaMemcpyDeviceToDevice, stream));
+              }
               // int32 positions and offsets compared as pairs of 16-bit words
               epbench::check_equal(reinterpret_cast<const __nv_bfloat16*>(lay.recv_expert_rows),
                                    reinterpret_cast<const __nv_bfloat16*>(ref.recv_expert_rows),
@@ -616,7 +639,7 @@ int main(int argc, char** argv) {
             }
             CK(cudaEventRecord(ev.e[1], stream));
           }
-          ca.y = lay.expert_x;  // identity experts
+          ca.y = opt.rank_major_only ? y_rows : lay.expert_x;  // identity experts
           BK(bitepCombine(group, h, &ca, bstream));
           CK(cudaEventRecord(ev.e[2], stream));
           CK(cudaStreamSynchronize(stream));
@@ -642,7 +665,7 @@ int main(int argc, char** argv) {
           CK(cudaEventRecord(ev.e[1], stream));
           bitepDispatchLayout_t lay;
           BK(bitepHandleGetLayout(h, &lay));
-          ca.y = lay.expert_x;  // identity experts
+          ca.y = opt.rank_major_only ? y_rows : lay.expert_x;  // identity experts
           BK(bitepCombine(group, h, &ca, bstream));
           CK(cudaEventRecord(ev.e[2], stream));
           CK(cudaStreamSynchronize(stream));
@@ -686,7 +709,7 @@ int main(int argc, char** argv) {
           ok = cudaStreamEndCapture(stream, &gd) == cudaSuccess && ok && rd == bitepSuccess;
           bitepDispatchLayout_t lay{};
           if (ok) ok = bitepHandleGetLayout(h, &lay) == bitepSuccess;
-          ca.y = lay.expert_x;  // identity experts
+          ca.y = opt.rank_major_only ? y_rows : lay.expert_x;  // identity experts
           bitepResult_t rc2 = bitepSuccess;
           if (ok) {
             ok = cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal) == cudaSuccess;
@@ -898,7 +921,7 @@ int main(int argc, char** argv) {
         for (void* p :
              {static_cast<void*>(logits), static_cast<void*>(map), static_cast<void*>(w), static_cast<void*>(w_idx),
               static_cast<void*>(idx), static_cast<void*>(rank_counts), static_cast<void*>(x), static_cast<void*>(out),
-              static_cast<void*>(wrong), static_cast<void*>(src_off), caller_recv, caller_expert})
+              static_cast<void*>(wrong), static_cast<void*>(src_off), caller_recv, caller_expert, y_rows})
           if (p != nullptr) CK(cudaFree(p));
       }
     BK(bitepGroupDestroy(group));

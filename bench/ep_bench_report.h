@@ -40,6 +40,7 @@ struct Record {
   // received) x H x 2, the budget being 2.
   Stat group_bytes, caller_bytes, memory_ratio;
   bool expert_major_only = false;  // --expert-major-only: the timed dispatches keep no rank-major rows
+  bool rank_major_only = false;    // --rank-major-only: the timed dispatches write no expert-major rows
 };
 
 class Report {
@@ -111,7 +112,10 @@ class Report {
         "received) x H x 2; caller buffers %.3f/%.3f/%.3f GB%s\n",
         "", r->group_bytes.min / 1e9, r->group_bytes.avg / 1e9, r->group_bytes.max / 1e9, r->group_bytes.slowest,
         r->memory_ratio.min, r->memory_ratio.avg, r->memory_ratio.max, r->caller_bytes.min / 1e9,
-        r->caller_bytes.avg / 1e9, r->caller_bytes.max / 1e9, r->expert_major_only ? "; expert-major only" : "");
+        r->caller_bytes.avg / 1e9, r->caller_bytes.max / 1e9,
+        r->expert_major_only ? "; expert-major only"
+        : r->rank_major_only ? "; rank-major only"
+                             : "");
     if (r->ll)
       std::printf(
           "  %6s   low latency: dispatch min/avg/max %.1f/%.1f/%.1f (slowest rank %d), combine %.1f/%.1f/%.1f (rank "
@@ -170,7 +174,8 @@ class Report {
       stat(f, "group_bytes", r.group_bytes, 0);
       stat(f, "caller_bytes", r.caller_bytes, 0);
       stat(f, "memory_ratio", r.memory_ratio);
-      std::fprintf(f, ", \"expert_major_only\": %d", r.expert_major_only ? 1 : 0);
+      std::fprintf(f, ", \"expert_major_only\": %d, \"rank_major_only\": %d", r.expert_major_only ? 1 : 0,
+                   r.rank_major_only ? 1 : 0);
       stat(f, "dispatch_us", r.dispatch);
       stat(f, "combine_us", r.combine);
       stat(f, "e2e_us", r.e2e);

@@ -259,7 +259,8 @@ struct ExpertMajorParams {
   volatile int* timed_out = nullptr;
   // Optional: each row whose copies this call writes is also stored at its own row i of recv_copy
   // ([R, H]; the rank-major view out of a window). cuda: the bulk copies only, which store it from the same
-  // shared memory and need it 16-byte aligned (expert_major_takes_bulk is false where it is not).
+  // shared memory and need it 16-byte aligned (expert_major_takes_bulk is false where it is not). With expert_x
+  // null the rows go to recv_copy alone (a rank-major-only dispatch's rows out of the window as they land).
   void* recv_copy = nullptr;
   // Optional, cuda (positions not given): expert_scratch_ints(R, L) int32 of backend memory (no contents
   // needed). Where the rows take several segments it lets one launch compute the positions instead of three

@@ -398,7 +398,7 @@ __global__ void __launch_bounds__(kWarp) expert_bulk_copy_kernel(ExpertArgs a, i
       },
       [&](int64_t n) {
         const int64_t i = seq != nullptr ? piece_row(n, store_piece) : bulk_row(n);
-        for (int j = 0; j < KL; ++j) {
+        for (int j = 0; a.expert_x != nullptr && j < KL; ++j) {  // null: the rank-major copy alone
           const int pos = __ldg(a.rows + i * KL + j);
           if (pos >= 0) ring.store(n, a.expert_x + pos * a.row_bytes);
         }
@@ -432,12 +432,13 @@ cudaError_t expert_bulk_smem(BulkSmem* out) {
 }
 
 // Whether p's copies go by bulk copies (see launch_ep_expert_major), with the vector width of its rows (recv_x
-// and expert_x). The bulk copies also store to recv_copy, which must be 16-byte aligned too.
+// and expert_x). The bulk copies also store to recv_copy, which must be 16-byte aligned too. Without expert_x they
+// store to recv_copy alone (a rank-major-only dispatch's rows out of the window as they land).
 cudaError_t takes_bulk(const ExpertMajorParams& p, int v, bool* out) {
   *out = false;
   const int64_t row_bytes = p.hidden * dtype_size(p.dtype);
   const bool weighted = p.recv_weights != nullptr && p.recv_x != nullptr;
-  if (!p.bulk || weighted || p.recv_x == nullptr || p.expert_x == nullptr || v != 16 ||
+  if (!p.bulk || weighted || p.recv_x == nullptr || (p.expert_x == nullptr && p.recv_copy == nullptr) || v != 16 ||
       vec_bytes(row_bytes, p.recv_copy) != 16)
     return cudaSuccess;
   BulkSmem smem;
@@ -466,13 +467,15 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   const int L = p.num_local_experts, KL = p.max_row_experts;
   if (L < 1 || KL < 1 || KL > L || p.num_recv_rows < 0 || p.hidden < 0 || p.num_expert_rows < 0)
     return cudaErrorInvalidValue;
-  // expert_x given: rows are copied (when recv_x is given too) and pad rows zeroed.
-  const bool rows_out = p.expert_x != nullptr && p.hidden > 0;
+  // expert_x given: rows are copied (when recv_x is given too) and pad rows zeroed. recv_copy alone (bulk copies
+  // only): the rows are copied there, and no expert row is written.
+  const bool rows_out = (p.expert_x != nullptr || p.recv_copy != nullptr) && p.hidden > 0;
   if (p.num_recv_rows == 0 && (!rows_out || p.num_expert_rows == 0)) return cudaSuccess;
   if (p.expert_offsets == nullptr || p.expert_counts == nullptr) return cudaErrorInvalidValue;
   if (p.num_recv_rows > 0 && (p.recv_expert_rows == nullptr || (!p.positions_given && p.recv_map == nullptr)))
     return cudaErrorInvalidValue;
-  if (rows_out && p.num_expert_rows > 0 && p.expert_src == nullptr) return cudaErrorInvalidValue;
+  if (p.expert_x != nullptr && p.hidden > 0 && p.num_expert_rows > 0 && p.expert_src == nullptr)
+    return cudaErrorInvalidValue;
   if (p.src_index != nullptr && p.copy_outside) return cudaErrorInvalidValue;
 
   ExpertArgs a;
@@ -597,7 +600,7 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
       return err;
     // The pad rows before the copies: the copies' rows, written last, are then what the L2 holds when the experts
     // (or the combine) read them, not the pads' zeros (num_pad_rows -1: not known, zeroed).
-    if (p.zero_pads && p.num_pad_rows != 0) {
+    if (p.zero_pads && p.num_pad_rows != 0 && p.expert_x != nullptr) {
       expert_pad_kernel<16><<<L, kRowThreads, 0, stream>>>(a);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }

@@ -254,6 +254,9 @@ if on multirank; then
       "$BUILD/bench/ep_bench" --self-test-checks --iters 2 --warmup 1
     gpu_step "ep_bench np2 shared GPU (checks, no arrival chunks)" "$LOG" timeout "$T_IPC" mpirun -np 2 \
       -x BITEP_CUDA_TRANSPORT=ipc -x BITEP_WINDOW_CHUNKS=0 "$BUILD/bench/ep_bench" --self-test-checks --iters 2 --warmup 1
+    # The rank-major-only dispatch (no expert-major rows) against a dispatch with both views, every size.
+    gpu_step "ep_bench np2 shared GPU (checks, rank-major only)" "$LOG" timeout "$T_IPC" mpirun -np 2 \
+      -x BITEP_CUDA_TRANSPORT=ipc "$BUILD/bench/ep_bench" --self-test-checks --rank-major-only --iters 2 --warmup 1
   fi
 fi
 

@@ -11,6 +11,9 @@
 // its rows go in every window.
 // BITEP_LSA_DISPATCH=0 (large) and BITEP_LSA_SMALL=0 (small dispatches and their combines) keep the
 // all-to-all.
+// The views: both by default; args.expert_major_only leaves out the rank-major rows (the own rows' expert copies
+// read x), args.rank_major_only the expert-major rows (every expert-major call computes the positions alone; a
+// large window dispatch's arrival chunks copy the peers' rows into recv_x alone as they land).
 //
 // Failing together. The count exchange also carries, per rank, a flags word: whether the rank failed
 // before the exchange (argument checks, allocation, layout; with its error code), whether it gives
@@ -147,12 +150,12 @@ int Dispatch::arrival_chunks() {
   const int want = std::min(window_chunks(), win_->max_chunks());
   if (want <= 0) return 0;
   // The others' copies as move_rows_window makes them: out of the window (its rows at multiples of the row
-  // size past an aligned base) into expert_x (the caller's, or a pool block: aligned), each row also into
-  // recv_x (recv_copy: the caller's, or a pool block).
+  // size past an aligned base) into expert_x (the caller's, or a pool block: aligned; none when rank-major only),
+  // each row also into recv_x (recv_copy: the caller's, or a pool block).
   kernels::ExpertMajorParams p = expert_major_params(h_.get(), g_);
   p.recv_x = win_->data(self_);
-  p.expert_x = a_->expert_x != nullptr ? a_->expert_x : win_->data(self_);
-  p.recv_copy = a_->recv_x;
+  p.expert_x = a_->rank_major_only ? nullptr : a_->expert_x != nullptr ? a_->expert_x : win_->data(self_);
+  p.recv_copy = a_->recv_x != nullptr ? a_->recv_x : win_->data(self_);
   bool bulk = false;
   return ex_.expert_bulk(p, &bulk) == bitepSuccess && bulk ? want : 0;
 }
@@ -163,8 +166,10 @@ bitepResult_t Dispatch::expert_copy_params(kernels::ExpertMajorParams* ep) {
   ep->recv_x = h->recv_x;
   ep->expert_x = h->expert_x;
   void* src = nullptr;
-  BITEP_CHECK(ex_.temp(sizeof(int64_t) * h->num_expert_rows, &src));
-  ep->expert_src = static_cast<int64_t*>(src);
+  if (h->expert_x != nullptr) {  // rank-major only: positions alone, no copies to order
+    BITEP_CHECK(ex_.temp(sizeof(int64_t) * h->num_expert_rows, &src));
+    ep->expert_src = static_cast<int64_t*>(src);
+  }
   const int64_t scratch = ex_.cuda() && !fused_positions_off() ? kernels::expert_scratch_ints(h->num_recv_rows, L_) : 0;
   if (scratch > 0) {  // the positions in one launch
     BITEP_CHECK(ex_.temp(sizeof(int32_t) * scratch, &src));
@@ -299,6 +304,8 @@ bitepResult_t Dispatch::after_exchange() {
   }
   if (a_->expert_x != nullptr) {
     h->expert_x = a_->expert_x;
+  } else if (a_->rank_major_only) {
+    h->expert_x = nullptr;  // the expert-major numbering (positions, counts, offsets) without its rows
   } else {
     BITEP_CHECK(ex_.keep(row_bytes_ * N, &h->blocks, &p));
     h->expert_x = p;

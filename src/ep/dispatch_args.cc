@@ -115,6 +115,16 @@ bitepResult_t check_dispatch_args(const bitepGroup* g, const bitepDispatchArgs_t
   BITEP_ARG_CHECK(a->expert_major_only == 0 || a->recv_x == nullptr,
                   "args->recv_x is set but args->expert_major_only is 1: an expert-major-only dispatch has no "
                   "rank-major rows (pass recv_x NULL, or expert_major_only 0)");
+  BITEP_ARG_CHECK(a->rank_major_only == 0 || a->rank_major_only == 1,
+                  "args->rank_major_only is %d, expected 0 (as expert_major_only says) or 1 (rank-major only)",
+                  a->rank_major_only);
+  BITEP_ARG_CHECK(a->rank_major_only == 0 || a->expert_major_only == 0,
+                  "args->rank_major_only and args->expert_major_only are both 1: a dispatch keeps at least one view "
+                  "(set at most one of them)");
+  BITEP_ARG_CHECK(a->rank_major_only == 0 || (a->expert_x == nullptr && a->expert_x_capacity == 0),
+                  "args->expert_x is set (capacity %lld) but args->rank_major_only is 1: a rank-major-only dispatch "
+                  "writes no expert-major rows (pass expert_x NULL, capacity 0, or rank_major_only 0)",
+                  static_cast<long long>(a->expert_x_capacity));
   uint64_t recv_bytes = 0, expert_bytes = 0;
   BITEP_ARG_CHECK(!mul_overflows(static_cast<uint64_t>(a->recv_x_capacity), row, &recv_bytes),
                   "args->recv_x_capacity (%lld rows) overflows a byte count",

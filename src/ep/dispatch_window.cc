@@ -135,9 +135,10 @@ bitepResult_t Dispatch::move_rows_window() {
     rows.max_chunks = win_->max_chunks();
     rows.chunk_epoch = epoch;
   }
-  // Fused (BITEP_WINDOW_ROWS=bulk): the rows pass also writes the own rows' expert copies, by bulk copies.
+  // Fused (BITEP_WINDOW_ROWS=bulk): the rows pass also writes the own rows' expert copies, by bulk copies (none when
+  // rank-major only).
   bool fused = false;
-  if (C > 0 && !ce && window_rows_bulk() && h->num_tokens > 0 && own1 > own0) {
+  if (C > 0 && !ce && window_rows_bulk() && h->num_tokens > 0 && own1 > own0 && h->expert_x != nullptr) {
     rows.bulk = true;
     rows.self_expert_rows = h->recv_expert_rows + own0 * KL_;
     rows.expert_x = h->expert_x;
@@ -208,7 +209,7 @@ bitepResult_t Dispatch::move_rows_window() {
     ep.arrival_epoch = epoch;
     ep.timeout_ns = timeout_ns(c.timeout_s);
     ep.timed_out = win_->timeout_word();
-    ep.recv_copy = h->recv_x;  // none when expert-major only
+    ep.recv_copy = h->recv_x;  // none when expert-major only; the only copy when rank-major only
     if (expert) BITEP_CHECK(ex_.expert_major(ep));
     trace_.mark_on("expert-major (others, on arrival)", ex_.current_stream());
   }

@@ -93,6 +93,9 @@ bitepResult_t check_low_latency_args(const bitepGroup* g, const bitepDispatchArg
   BITEP_ARG_CHECK(a->recv_x == nullptr && a->expert_x == nullptr,
                   "args->recv_x / args->expert_x are set: a low-latency dispatch keeps its rows in the handle (pass "
                   "NULL, capacities 0)");
+  BITEP_ARG_CHECK(a->rank_major_only == 0,
+                  "args->rank_major_only is 1: a low-latency dispatch builds the expert-major view alone (pass 0, or "
+                  "call bitepDispatch)");
   return bitepSuccess;
 }
 

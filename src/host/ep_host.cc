@@ -175,7 +175,7 @@ void ep_permute(const kernels::PermuteParams& p) {
 void ep_expert_major(const kernels::ExpertMajorParams& p) {
   const int L = p.num_local_experts, KL = p.max_row_experts, MB = kernels::local_map_bytes(L);
   const size_t elem = dtype_bytes(p.dtype), row_bytes = static_cast<size_t>(p.hidden) * elem;
-  const bool move = p.recv_x != nullptr && p.expert_x != nullptr;
+  const bool move = p.recv_x != nullptr && (p.expert_x != nullptr || p.recv_copy != nullptr);
   std::vector<int64_t> next(L);
   for (int l = 0; l < L; ++l) next[l] = p.expert_offsets[l];
   for (int64_t i = 0; i < p.num_recv_rows; ++i) {
@@ -197,7 +197,7 @@ void ep_expert_major(const kernels::ExpertMajorParams& p) {
     const int64_t srow = p.src_index != nullptr ? p.src_index[i - p.copy_begin] : i;
     const char* src = static_cast<const char*>(p.recv_x) + srow * row_bytes;
     if (p.recv_copy != nullptr) std::memcpy(static_cast<char*>(p.recv_copy) + i * row_bytes, src, row_bytes);
-    for (int j = 0; j < KL; ++j) {
+    for (int j = 0; p.expert_x != nullptr && j < KL; ++j) {  // null: the rank-major copy alone
       const int64_t pos = rows[j];
       if (pos < 0 || pos >= p.num_expert_rows) continue;
       char* dst = static_cast<char*>(p.expert_x) + pos * row_bytes;

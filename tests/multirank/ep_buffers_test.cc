@@ -113,6 +113,111 @@ TEST(EpBuffers, ExpertMajorOnlyMatchesBothViews) {
   }
 }
 
+// Rank-major only (args->rank_major_only, on some ranks only): the layout has no expert-major rows (expert_x NULL)
+// and the same rank-major rows, maps, weights, positions, counts and offsets as a dispatch with both views; a
+// caller's recv_x holds them with nothing past its capacity; combines of an expert-major y (weighted and not) and of
+// a rank-major y, the dispatch backward and the combine backward give the same bits as on the both-views handle.
+TEST(EpBuffers, RankMajorOnlyMatchesBothViews) {
+  Spec s;
+  s.align = 4;
+  s.weights = Weights::kCompact;
+  s.tokens = [](int r, int) { return r == 1 ? int64_t{0} : int64_t{11} + 2 * r; };
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> world = make_world(s, W);
+  const Input& in = world[rank];
+  const Expected x = expected_receive(s, W, rank, world);
+  const size_t row = s.H * dsize(s.dtype);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  bitepDispatchArgs_t a = dispatch_args(s, in);
+  HandleGuard both;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &both.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lb;
+  ASSERT_EQ(bitepHandleGetLayout(both.h, &lb), bitepSuccess);
+  check_received(s, W, rank, world, lb);
+  const int64_t R = lb.num_recv_rows, N = lb.num_expert_rows;
+  const int L = lb.num_local_experts, KL = lb.max_row_experts, MB = (L + 7) / 8;
+  const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lb);
+  // A rank-major y: each received row's toy outputs summed over its local experts would do; any [R, H] rows do.
+  std::vector<uint8_t> y_rank(R * row + 1);
+  if (R > 0) std::memcpy(y_rank.data(), lb.recv_x, R * row);
+  std::vector<uint8_t> grad_out(in.T * row);
+  for (int64_t t = 0; t < in.T; ++t)
+    for (int hh = 0; hh < s.H; ++hh) store(s.dtype, grad_out.data(), t * s.H + hh, grad_value(s, rank, t, hh));
+  for (int caller : {0, 1}) {
+    SCOPED_TRACE(caller ? "caller's recv_x" : "pool's recv_x");
+    bitepDispatchArgs_t o = a;
+    o.rank_major_only = rank % 2 == 0 || W == 1;  // the odd ranks keep both views
+    std::vector<uint8_t> recv((x.R + 1) * row, 0xab);
+    if (caller) {
+      o.recv_x = recv.data();
+      o.recv_x_capacity = x.R;
+    }
+    HandleGuard only;
+    ASSERT_EQ(bitepDispatch(g.g, &o, nullptr, &only.h), bitepSuccess) << bitepGetLastError();
+    bitepDispatchLayout_t lo;
+    ASSERT_EQ(bitepHandleGetLayout(only.h, &lo), bitepSuccess);
+    if (o.rank_major_only) {
+      EXPECT_EQ(lo.expert_x, nullptr);
+    } else {
+      check_received(s, W, rank, world, lo);
+    }
+    if (caller && x.R > 0) EXPECT_EQ(lo.recv_x, recv.data());
+    ASSERT_EQ(lo.num_recv_rows, R);
+    ASSERT_EQ(lo.num_expert_rows, N);
+    for (int l = 0; l <= L; ++l) EXPECT_EQ(lo.expert_offsets[l], lb.expert_offsets[l]) << "expert " << l;
+    for (int l = 0; l < L; ++l) {
+      EXPECT_EQ(lo.expert_counts[l], lb.expert_counts[l]) << "expert " << l;
+      EXPECT_EQ(lo.expert_counts_host[l], lb.expert_counts_host[l]) << "expert " << l;
+    }
+    for (int r = 0; r < W; ++r) {
+      EXPECT_EQ(lo.recv_counts_host[r], lb.recv_counts_host[r]) << "from rank " << r;
+      EXPECT_EQ(lo.send_counts_host[r], lb.send_counts_host[r]) << "to rank " << r;
+    }
+    ASSERT_TRUE(R == 0 || lo.recv_x != nullptr);
+    if (R > 0) EXPECT_EQ(std::memcmp(lo.recv_x, lb.recv_x, R * row), 0) << "recv_x differs, rank " << rank;
+    EXPECT_EQ(std::memcmp(lo.recv_map, lb.recv_map, R * MB), 0) << "recv_map differs, rank " << rank;
+    EXPECT_EQ(std::memcmp(lo.recv_expert_rows, lb.recv_expert_rows, R * KL * 4), 0)
+        << "recv_expert_rows differs, rank " << rank;
+    ASSERT_NE(lo.recv_weights, nullptr);
+    EXPECT_EQ(std::memcmp(lo.recv_weights, lb.recv_weights, R * KL * 4), 0) << "recv_weights differs, rank " << rank;
+    if (caller) EXPECT_EQ(recv[x.R * row], 0xab) << "recv_x written past its capacity";
+    bitepResult_t r1, r2;
+    for (int weighted : {1, 0}) {
+      const std::vector<uint8_t> ob = combine(g.g, both.h, y.data(), bitepLayoutExpertMajor, weighted, in.T, s, &r1);
+      ASSERT_EQ(r1, bitepSuccess) << bitepGetLastError();
+      const std::vector<uint8_t> oo = combine(g.g, only.h, y.data(), bitepLayoutExpertMajor, weighted, in.T, s, &r2);
+      ASSERT_EQ(r2, bitepSuccess) << bitepGetLastError();
+      EXPECT_EQ(oo, ob) << (weighted ? "weighted" : "unweighted") << " combine, rank " << rank;
+      if (weighted) expect_values(s, oo, reference_combine(s, W, rank, in, true), "out");
+    }
+    const std::vector<uint8_t> rb = combine(g.g, both.h, y_rank.data(), bitepLayoutRankMajor, 0, in.T, s, &r1);
+    ASSERT_EQ(r1, bitepSuccess) << bitepGetLastError();
+    const std::vector<uint8_t> ro = combine(g.g, only.h, y_rank.data(), bitepLayoutRankMajor, 0, in.T, s, &r2);
+    ASSERT_EQ(r2, bitepSuccess) << bitepGetLastError();
+    EXPECT_EQ(ro, rb) << "rank-major combine, rank " << rank;
+    std::vector<uint8_t> gxb(in.T * row + 1, 0xcd), gxo(in.T * row + 1, 0xcd);
+    ASSERT_EQ(bitepDispatchBackward(g.g, both.h, y.data(), bitepLayoutExpertMajor, gxb.data(), nullptr), bitepSuccess)
+        << bitepGetLastError();
+    ASSERT_EQ(bitepDispatchBackward(g.g, only.h, y.data(), bitepLayoutExpertMajor, gxo.data(), nullptr), bitepSuccess)
+        << bitepGetLastError();
+    EXPECT_EQ(gxo, gxb) << "dispatch backward, rank " << rank;
+    std::vector<uint8_t> gyb(N * row + 1, 0xcd), gyo(N * row + 1, 0xcd);
+    std::vector<float> gwb(in.T * config_topk(s, W) + 1, -5.0f), gwo(gwb);
+    bitepCombineBackwardArgs_t cb = BITEP_COMBINE_BWD_ARGS_INIT;
+    cb.grad_out = grad_out.data();
+    cb.y = y.data();
+    cb.grad_y = gyb.data();
+    cb.grad_topk_weights = gwb.data();
+    ASSERT_EQ(bitepCombineBackward(g.g, both.h, &cb, nullptr), bitepSuccess) << bitepGetLastError();
+    cb.grad_y = gyo.data();
+    cb.grad_topk_weights = gwo.data();
+    ASSERT_EQ(bitepCombineBackward(g.g, only.h, &cb, nullptr), bitepSuccess) << bitepGetLastError();
+    EXPECT_EQ(gyo, gyb) << "combine backward grad_y, rank " << rank;
+    EXPECT_EQ(gwo, gwb) << "combine backward weight gradients, rank " << rank;
+  }
+}
+
 // Capacity one row short on one rank: that rank fails with bitepCapacityExceeded, every other rank with
 // bitepRemoteError naming it; nothing is written to the caller's buffer, no rank hangs, and the group
 // works afterwards.

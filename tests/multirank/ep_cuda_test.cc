@@ -212,6 +212,55 @@ void run_against_host(const Spec& s) {
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   EXPECT_EQ(dout.get<uint8_t>(in.T * row), cuda_out) << "combine after an expert-major-only dispatch, rank " << rank;
 
+  // Rank-major only (the even ranks; the odd ones keep both views): no expert-major rows, the host's rows, maps,
+  // weights, positions and offsets bit for bit, and the same combines as with both views, bit for bit: of the
+  // expert-major y, and of a rank-major y (the received rows, unweighted) against the both-views handle ch2's.
+  bitepDispatchArgs_t crm = ca;
+  crm.rank_major_only = rank % 2 == 0 || W == 1;
+  {
+    HandleGuard ch7;
+    ASSERT_EQ(bitepDispatch(cg.g, &crm, bs, &ch7.h), bitepSuccess) << bitepGetLastError();
+    bitepDispatchLayout_t cl7;
+    ASSERT_EQ(bitepHandleGetLayout(ch7.h, &cl7), bitepSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    ASSERT_EQ(cl7.num_recv_rows, R);
+    ASSERT_EQ(cl7.num_expert_rows, N);
+    if (crm.rank_major_only) {
+      EXPECT_EQ(cl7.expert_x, nullptr);
+    } else {
+      EXPECT_EQ(download<uint8_t>(cl7.expert_x, N * row), cex) << "both views beside rank-major-only ranks";
+    }
+    EXPECT_EQ(
+        download<uint8_t>(cl7.recv_x, R * row),
+        std::vector<uint8_t>(static_cast<const uint8_t*>(hl.recv_x), static_cast<const uint8_t*>(hl.recv_x) + R * row))
+        << "rank-major only, rank " << rank;
+    EXPECT_EQ(download<uint8_t>(cl7.recv_map, R * MB), std::vector<uint8_t>(hl.recv_map, hl.recv_map + R * MB));
+    EXPECT_EQ(download<int32_t>(cl7.recv_expert_rows, R * KL),
+              std::vector<int32_t>(hl.recv_expert_rows, hl.recv_expert_rows + R * KL));
+    if (hl.recv_weights != nullptr)
+      EXPECT_EQ(download<float>(cl7.recv_weights, R * KL),
+                std::vector<float>(hl.recv_weights, hl.recv_weights + R * KL));
+    EXPECT_EQ(download<int32_t>(cl7.expert_offsets, L + 1),
+              std::vector<int32_t>(hl.expert_offsets, hl.expert_offsets + L + 1));
+    EXPECT_EQ(download<int32_t>(cl7.expert_counts, L), std::vector<int32_t>(hl.expert_counts, hl.expert_counts + L));
+    ASSERT_EQ(bitepCombine(cg.g, ch7.h, &cc, bs), bitepSuccess) << bitepGetLastError();
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    EXPECT_EQ(dout.get<uint8_t>(in.T * row), cuda_out) << "combine after a rank-major-only dispatch, rank " << rank;
+    bitepCombineArgs_t rc = BITEP_COMBINE_ARGS_INIT;
+    rc.layout = bitepLayoutRankMajor;
+    rc.weighted = 0;
+    rc.y = cl2.recv_x;
+    rc.out = dout.p;
+    ASSERT_EQ(bitepCombine(cg.g, ch2.h, &rc, bs), bitepSuccess) << bitepGetLastError();
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    const std::vector<uint8_t> rank_major_both = dout.get<uint8_t>(in.T * row);
+    rc.y = cl7.recv_x;
+    ASSERT_EQ(cudaMemset(dout.p, 0xff, in.T * row), cudaSuccess);
+    ASSERT_EQ(bitepCombine(cg.g, ch7.h, &rc, bs), bitepSuccess) << bitepGetLastError();
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    EXPECT_EQ(dout.get<uint8_t>(in.T * row), rank_major_both) << "rank-major combine, rank " << rank;
+  }
+
   // Caller-owned receive buffers on the device, each a row longer than needed: the layout points into them,
   // they hold the host's rows bit for bit, and the row past the capacity keeps its poison.
   constexpr int kPoison = 0xab;

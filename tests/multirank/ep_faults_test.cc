@@ -256,6 +256,28 @@ TEST(EpFaults, DispatchExpertMajorOnlyWithRecvX) {
       },
       "args->recv_x is set but args->expert_major_only is 1");
 }
+TEST(EpFaults, DispatchRankMajorOnlyNotABool) {
+  expect_dispatch_fails([](bitepDispatchArgs_t* a, bitepHandle_t**) { a->rank_major_only = -1; },
+                        "args->rank_major_only is -1");
+}
+TEST(EpFaults, DispatchRankMajorOnlyWithExpertMajorOnly) {
+  expect_dispatch_fails(
+      [](bitepDispatchArgs_t* a, bitepHandle_t**) {
+        a->rank_major_only = 1;
+        a->expert_major_only = 1;
+      },
+      "args->rank_major_only and args->expert_major_only are both 1");
+}
+TEST(EpFaults, DispatchRankMajorOnlyWithExpertX) {
+  static std::vector<uint8_t> buf(1 << 16);
+  expect_dispatch_fails(
+      [](bitepDispatchArgs_t* a, bitepHandle_t**) {
+        a->rank_major_only = 1;
+        a->expert_x = buf.data();
+        a->expert_x_capacity = 1;
+      },
+      "args->expert_x is set (capacity 1) but args->rank_major_only is 1");
+}
 TEST(EpFaults, DispatchOverlappingOutput) {
   expect_dispatch_fails(
       [](bitepDispatchArgs_t* a, bitepHandle_t**) {

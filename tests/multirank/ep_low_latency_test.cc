@@ -630,6 +630,12 @@ TEST(EpLowLatencyErrors, ArgumentsAndUsage) {
   with_buffers.recv_x_capacity = 64;
   EXPECT_EQ(bitepDispatchLowLatency(g2.g, &with_buffers, nullptr, &h.h), bitepInvalidArgument);
   EXPECT_NE(std::string(bitepGetLastError()).find("args->recv_x"), std::string::npos) << bitepGetLastError();
+  bitepDispatchArgs_t rank_major = a;
+  rank_major.rank_major_only = 1;
+  EXPECT_EQ(bitepDispatchLowLatency(g2.g, &rank_major, nullptr, &h.h), bitepInvalidArgument);
+  EXPECT_NE(std::string(bitepGetLastError()).find("args->rank_major_only is 1"), std::string::npos)
+      << bitepGetLastError();
+  EXPECT_EQ(h.h, nullptr);
   // The host backend's low-latency calls run bitepDispatch: no CUDA graph can hold them.
   int capturable = -1;
   EXPECT_EQ(bitepGroupLowLatencyCapturable(g2.g, &capturable), bitepSuccess) << bitepGetLastError();
