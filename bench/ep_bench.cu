@@ -665,7 +665,7 @@ int main(int argc, char** argv) {
           CK(cudaEventRecord(ev.e[1], stream));
           bitepDispatchLayout_t lay;
           BK(bitepHandleGetLayout(h, &lay));
-          ca.y = opt.rank_major_only ? y_rows : lay.expert_x;  // identity experts
+          ca.y = lay.expert_x;  // identity experts (a low-latency handle: its own rows)
           BK(bitepCombine(group, h, &ca, bstream));
           CK(cudaEventRecord(ev.e[2], stream));
           CK(cudaStreamSynchronize(stream));
@@ -673,7 +673,7 @@ int main(int argc, char** argv) {
           if (it == 0) {
             epbench::check_combine(out, x, map, w, T, sh.H, sh.E, sh.k, W, wrong + kLowLatencyCombine, stream);
             bitepHandle_t h0;
-            BK(bitepDispatch(group, &da, bstream, &h0));
+            BK(bitepDispatch(group, opt.rank_major_only ? &dboth : &da, bstream, &h0));  // its expert rows compared
             bitepDispatchLayout_t l0;
             BK(bitepHandleGetLayout(h0, &l0));
             std::vector<int32_t> c0(2 * L + 1), c1(2 * L + 1);
@@ -709,7 +709,7 @@ int main(int argc, char** argv) {
           ok = cudaStreamEndCapture(stream, &gd) == cudaSuccess && ok && rd == bitepSuccess;
           bitepDispatchLayout_t lay{};
           if (ok) ok = bitepHandleGetLayout(h, &lay) == bitepSuccess;
-          ca.y = opt.rank_major_only ? y_rows : lay.expert_x;  // identity experts
+          ca.y = lay.expert_x;  // identity experts (a low-latency handle: its own rows)
           bitepResult_t rc2 = bitepSuccess;
           if (ok) {
             ok = cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal) == cudaSuccess;
@@ -822,7 +822,7 @@ int main(int argc, char** argv) {
           BK(bitepDispatch(group, &da, bstream, &h));
           bitepDispatchLayout_t lay;
           BK(bitepHandleGetLayout(h, &lay));
-          ca.y = lay.expert_x;
+          ca.y = opt.rank_major_only ? y_rows : lay.expert_x;  // the same routing every iteration
           BK(bitepCombine(group, h, &ca, bstream));
           CK(cudaEventRecord(ev.e[1], stream));
           CK(cudaStreamSynchronize(stream));
