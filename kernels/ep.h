@@ -19,6 +19,7 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
 // fill nor read expert_src: a later call with src_given that does not take them needs a filled table.
 cudaError_t expert_major_takes_bulk(const ExpertMajorParams& p, bool* out);
 cudaError_t launch_ep_copy_batch(const CopyBatchParams& p, cudaStream_t stream);
+cudaError_t launch_ep_expert_sources(const ExpertSourcesParams& p, cudaStream_t stream);
 cudaError_t launch_ep_reduce(const ReduceParams& p, cudaStream_t stream);
 cudaError_t launch_ep_final_sum(const FinalSumParams& p, cudaStream_t stream);
 cudaError_t launch_ep_weight_grad(const WeightGradParams& p, cudaStream_t stream);

@@ -268,6 +268,16 @@ struct ExpertMajorParams {
   int32_t* scratch = nullptr;
 };
 
+// The gather index of a handle's expert-major view (bitepHandleGetExpertSources): sources[pos] = i for every entry
+// recv_expert_rows[i][j] = pos in [0, N), -1 for the rows no entry names (the pad rows).
+struct ExpertSourcesParams {
+  int64_t num_recv_rows = 0;                  // R
+  int max_row_experts = 0;                    // KL
+  const int32_t* recv_expert_rows = nullptr;  // [R, KL], -1 padded
+  int64_t num_expert_rows = 0;                // N
+  int32_t* sources = nullptr;                 // [N] out
+};
+
 // The one-launch expert positions' scratch (ExpertMajorParams::scratch): a header of kScanHeaderInts, [0] the
 // segment ticket, the segments' flags from [kScanHeaderInts] (lines of their own, polled), then each segment's
 // L counts. Segments are tiles of kScanSegmentRows rows or more; up to kScanSingleRows rows one block does it all.

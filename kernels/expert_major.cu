@@ -306,6 +306,16 @@ __global__ void __launch_bounds__(kScanThreads) expert_src_kernel(ExpertArgs a) 
   }
 }
 
+// The gather index (ExpertSourcesParams): the received row of each entry's expert row.
+__global__ void __launch_bounds__(kScanThreads)
+    expert_sources_kernel(const int32_t* rows, int64_t entries, int KL, int64_t N, int32_t* sources) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kScanThreads + threadIdx.x; e < entries;
+       e += static_cast<int64_t>(gridDim.x) * kScanThreads) {
+    const int pos = __ldg(rows + e);
+    if (pos >= 0 && pos < N) sources[pos] = static_cast<int32_t>(e / KL);
+  }
+}
+
 // One warp per expert row: its source row (scaled by its weight when kWeighted), or zeros for a pad row.
 template <typename T, int V, bool kWeighted>
 __global__ void __launch_bounds__(kRowThreads) expert_copy_kernel(ExpertArgs a) {
@@ -630,6 +640,22 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
     return dispatch_vec(v,
                         [&](auto vt) { return launch_expert_copy<T, decltype(vt)::value>(a, weighted, grid, stream); });
   });
+}
+
+cudaError_t launch_ep_expert_sources(const ExpertSourcesParams& p, cudaStream_t stream) {
+  const int KL = p.max_row_experts;
+  if (p.num_recv_rows < 0 || p.num_expert_rows < 0 || KL < 1) return cudaErrorInvalidValue;
+  if (p.num_expert_rows == 0) return cudaSuccess;
+  if (p.sources == nullptr || (p.num_recv_rows > 0 && p.recv_expert_rows == nullptr)) return cudaErrorInvalidValue;
+  cudaError_t err = cudaMemsetAsync(p.sources, 0xff, sizeof(int32_t) * static_cast<size_t>(p.num_expert_rows), stream);
+  if (err != cudaSuccess || p.num_recv_rows == 0) return err;
+  int sms = 0;
+  if ((err = sm_count(&sms)) != cudaSuccess) return err;
+  const int64_t entries = p.num_recv_rows * KL;
+  const unsigned grid = persistent_grid(entries, kScanThreads, sms, kRowBlocksPerSm);
+  expert_sources_kernel<<<grid, kScanThreads, 0, stream>>>(p.recv_expert_rows, entries, KL, p.num_expert_rows,
+                                                           p.sources);
+  return cudaGetLastError();
 }
 
 }  // namespace bitep::kernels

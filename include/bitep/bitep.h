@@ -423,6 +423,18 @@ typedef struct {
 /* [OUT] layout: views into memory the handle owns; valid until bitepHandleDestroy. */
 BITEP_API bitepResult_t bitepHandleGetLayout(bitepHandle_t handle, bitepDispatchLayout_t* layout);
 
+/* The gather index of the handle's expert-major view: [OUT] *sources points to [num_expert_rows] int32 in backend
+ * memory, owned by the handle, where sources[r] is the received (rank-major) row that expert-major row r holds, -1
+ * for a pad row: the inverse of recv_expert_rows. With it an expert GEMM reads its rows from recv_x itself, which is
+ * what a dispatch with args.rank_major_only leaves it to do; it also names the source of every row of expert_x. The
+ * first call computes it, enqueued on stream, which must be ordered after the dispatch (its stream, or an event):
+ * later calls return the same pointer and queue nothing. Local, not collective; not while the stream captures a
+ * CUDA graph (bitepNotSupported). A handle of bitepDispatchLowLatency has no received rows: bitepInvalidUsage. */
+BITEP_API bitepResult_t bitepHandleGetExpertSources(bitepGroup_t group,
+                                                    bitepHandle_t handle,
+                                                    bitepStream_t stream,
+                                                    const int32_t** sources);
+
 /* Releases the handle's buffers back to the group's pool. They are handed out again only after the work
  * that bitep queued on them (dispatch, combine, backward, on whichever streams) has finished; the
  * streams may be destroyed before the handle. Work the caller queued on the layout's buffers (an expert

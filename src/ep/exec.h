@@ -89,6 +89,7 @@ class Exec {
   bitepResult_t permute(const kernels::PermuteParams& p);
   bitepResult_t expert_major(const kernels::ExpertMajorParams& p);
   bitepResult_t copy_batch(const kernels::CopyBatchParams& p);
+  bitepResult_t expert_sources(const kernels::ExpertSourcesParams& p);
   bitepResult_t reduce(const kernels::ReduceParams& p);
   bitepResult_t final_sum(const kernels::FinalSumParams& p);
   bitepResult_t weight_grad(const kernels::WeightGradParams& p);

@@ -9,6 +9,7 @@
 #include "src/capture.h"
 #include "src/check.h"
 #include "src/env.h"
+#include "src/ep/exec.h"
 
 #ifdef BITEP_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -220,6 +221,44 @@ bitepResult_t bitepHandleGetLayout(bitepHandle_t handle, bitepDispatchLayout_t* 
     BITEP_CHECK(bitep::ep::check_handle(handle, nullptr));
     BITEP_ARG_CHECK(layout != nullptr, "layout is NULL");
     *layout = handle->layout;
+    return bitepSuccess;
+  });
+}
+
+bitepResult_t bitepHandleGetExpertSources(bitepGroup_t group,
+                                          bitepHandle_t handle,
+                                          bitepStream_t stream,
+                                          const int32_t** sources) {
+  return bitep::guard("bitepHandleGetExpertSources", [&]() -> bitepResult_t {
+    if (sources != nullptr) *sources = nullptr;
+    BITEP_CHECK(bitep::ep::check_handle(handle, nullptr));  // first: a destroyed group's pointer is not looked at
+    BITEP_CHECK(bitep::ep::check_group(group));
+    BITEP_CHECK(bitep::ep::check_handle(handle, group));
+    BITEP_ARG_CHECK(sources != nullptr, "sources is NULL");
+    if (handle->low_latency)
+      BITEP_FAIL(bitepInvalidUsage,
+                 "the handle is from bitepDispatchLowLatency, whose layout has no received rows (recv_expert_rows "
+                 "is NULL): there is nothing to gather from; its expert-major rows are in expert_x");
+    if (handle->expert_sources == nullptr) {
+      bitep::ep::Exec ex(group, stream);
+      BITEP_CHECK(ex.begin());
+      if (ex.capturing())
+        BITEP_FAIL(bitepNotSupported,
+                   "bitepHandleGetExpertSources: the stream is capturing a CUDA graph; call it before the capture "
+                   "(once computed, the index stays in the handle)");
+      void* p = nullptr;
+      BITEP_CHECK(ex.keep(sizeof(int32_t) * static_cast<size_t>(handle->num_expert_rows), &handle->blocks, &p));
+      bitep::ep::FenceOnExit fence(handle, stream);
+      bitep::kernels::ExpertSourcesParams sp;
+      sp.num_recv_rows = handle->num_recv_rows;
+      sp.max_row_experts = group->max_row_experts;
+      sp.recv_expert_rows = handle->recv_expert_rows;
+      sp.num_expert_rows = handle->num_expert_rows;
+      sp.sources = static_cast<int32_t*>(p);
+      BITEP_CHECK(ex.expert_sources(sp));
+      handle->expert_sources = sp.sources;
+    }
+    *sources = handle->expert_sources;
     return bitepSuccess;
   });
 }

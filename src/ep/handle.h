@@ -44,6 +44,7 @@ struct bitepHandle {
   void* expert_x = nullptr;             // [N, H] (caller's when given)
   int32_t* expert_counts = nullptr;     // [L]
   int32_t* expert_offsets = nullptr;    // [L + 1]
+  int32_t* expert_sources = nullptr;    // [N]: bitepHandleGetExpertSources' gather index, once asked for
 
   // Host.
   int64_t num_send_rows = 0;                        // S: rows sent to peers (self chunk excluded)

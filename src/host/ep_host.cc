@@ -216,6 +216,15 @@ void ep_expert_major(const kernels::ExpertMajorParams& p) {
   }
 }
 
+void ep_expert_sources(const kernels::ExpertSourcesParams& p) {
+  for (int64_t r = 0; r < p.num_expert_rows; ++r) p.sources[r] = -1;
+  const int KL = p.max_row_experts;
+  for (int64_t e = 0; e < p.num_recv_rows * KL; ++e) {
+    const int64_t pos = p.recv_expert_rows[e];
+    if (pos >= 0 && pos < p.num_expert_rows) p.sources[pos] = static_cast<int32_t>(e / KL);
+  }
+}
+
 void ep_copy_batch(const kernels::CopyBatchParams& p) {
   for (int q = 0; q < p.count; ++q)
     if (p.bytes[q] > 0) std::memcpy(p.dst[q], p.src[q], static_cast<size_t>(p.bytes[q]));

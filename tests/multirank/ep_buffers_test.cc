@@ -2,6 +2,7 @@
 // Caller-provided receive buffers and their capacities, and the group's pool in steady state and trimmed.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
@@ -182,6 +183,31 @@ TEST(EpBuffers, RankMajorOnlyMatchesBothViews) {
     ASSERT_NE(lo.recv_weights, nullptr);
     EXPECT_EQ(std::memcmp(lo.recv_weights, lb.recv_weights, R * KL * 4), 0) << "recv_weights differs, rank " << rank;
     if (caller) EXPECT_EQ(recv[x.R * row], 0xab) << "recv_x written past its capacity";
+    // The gather index: the same for both handles, each entry's received row, -1 on the pad rows, and on the
+    // both-views handle each expert row is its source's received row; asked again, the same pointer.
+    const int32_t *src_b = nullptr, *src_o = nullptr, *again = nullptr;
+    ASSERT_EQ(bitepHandleGetExpertSources(g.g, both.h, nullptr, &src_b), bitepSuccess) << bitepGetLastError();
+    ASSERT_EQ(bitepHandleGetExpertSources(g.g, only.h, nullptr, &src_o), bitepSuccess) << bitepGetLastError();
+    ASSERT_EQ(bitepHandleGetExpertSources(g.g, only.h, nullptr, &again), bitepSuccess) << bitepGetLastError();
+    EXPECT_EQ(again, src_o);
+    ASSERT_TRUE(N == 0 || (src_b != nullptr && src_o != nullptr));
+    if (N > 0) EXPECT_EQ(std::memcmp(src_o, src_b, N * 4), 0) << "expert sources differ, rank " << rank;
+    std::vector<int32_t> want(N, -1);
+    for (int64_t i = 0; i < R; ++i)
+      for (int j = 0; j < KL; ++j)
+        if (lb.recv_expert_rows[i * KL + j] >= 0) want[lb.recv_expert_rows[i * KL + j]] = static_cast<int32_t>(i);
+    for (int64_t e = 0; e < N; ++e) {
+      ASSERT_EQ(src_b[e], want[e]) << "expert row " << e << ", rank " << rank;
+      if (want[e] >= 0)
+        EXPECT_EQ(std::memcmp(static_cast<const uint8_t*>(lb.expert_x) + e * row,
+                              static_cast<const uint8_t*>(lb.recv_x) + want[e] * row, row),
+                  0)
+            << "expert row " << e << " is not received row " << want[e];
+    }
+    int pads = 0;
+    for (int l = 0; l < L; ++l)
+      pads += static_cast<int>(lb.expert_offsets[l + 1] - lb.expert_offsets[l] - lb.expert_counts[l]);
+    EXPECT_EQ(std::count(want.begin(), want.end(), -1), pads) << "rank " << rank;
     bitepResult_t r1, r2;
     for (int weighted : {1, 0}) {
       const std::vector<uint8_t> ob = combine(g.g, both.h, y.data(), bitepLayoutExpertMajor, weighted, in.T, s, &r1);

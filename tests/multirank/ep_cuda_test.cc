@@ -243,6 +243,12 @@ void run_against_host(const Spec& s) {
     EXPECT_EQ(download<int32_t>(cl7.expert_offsets, L + 1),
               std::vector<int32_t>(hl.expert_offsets, hl.expert_offsets + L + 1));
     EXPECT_EQ(download<int32_t>(cl7.expert_counts, L), std::vector<int32_t>(hl.expert_counts, hl.expert_counts + L));
+    // The gather index, the cuda handle's against the host handle's, bit for bit.
+    const int32_t *csrc = nullptr, *hsrc = nullptr;
+    ASSERT_EQ(bitepHandleGetExpertSources(cg.g, ch7.h, bs, &csrc), bitepSuccess) << bitepGetLastError();
+    ASSERT_EQ(bitepHandleGetExpertSources(hg.g, hh.h, nullptr, &hsrc), bitepSuccess) << bitepGetLastError();
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    EXPECT_EQ(download<int32_t>(csrc, N), std::vector<int32_t>(hsrc, hsrc + N)) << "expert sources, rank " << rank;
     ASSERT_EQ(bitepCombine(cg.g, ch7.h, &cc, bs), bitepSuccess) << bitepGetLastError();
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     EXPECT_EQ(dout.get<uint8_t>(in.T * row), cuda_out) << "combine after a rank-major-only dispatch, rank " << rank;

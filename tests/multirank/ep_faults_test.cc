@@ -432,6 +432,9 @@ TEST(EpFaults, HandleOfDestroyedGroupIsInvalidUsage) {
   EXPECT_EQ(bitepDispatchBackward(g, h, out.data(), bitepLayoutRankMajor, out.data(), nullptr), bitepInvalidUsage);
   bitepCombineBackwardArgs_t b = BITEP_COMBINE_BWD_ARGS_INIT;
   EXPECT_EQ(bitepCombineBackward(g, h, &b, nullptr), bitepInvalidUsage);
+  const int32_t* sources = nullptr;
+  EXPECT_EQ(bitepHandleGetExpertSources(g, h, nullptr, &sources), bitepInvalidUsage);
+  EXPECT_TRUE(has(bitepGetLastError(), "group was destroyed")) << bitepGetLastError();
   EXPECT_EQ(bitepHandleDestroy(h), bitepSuccess);
 }
 
@@ -450,6 +453,15 @@ TEST(EpFaults, HandleOfAnotherGroup) {
   EXPECT_TRUE(has(bitepGetLastError(), "another group")) << bitepGetLastError();
   EXPECT_EQ(bitepCombine(g1.g, nullptr, &c, nullptr), bitepInvalidArgument);
   EXPECT_TRUE(has(bitepGetLastError(), "handle is NULL")) << bitepGetLastError();
+  // Before the failing dispatch below, which sets h.h to NULL.
+  const int32_t* sources = nullptr;
+  EXPECT_EQ(bitepHandleGetExpertSources(g2.g, h.h, nullptr, &sources), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "another group")) << bitepGetLastError();
+  EXPECT_EQ(bitepHandleGetExpertSources(g1.g, nullptr, nullptr, &sources), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "handle is NULL")) << bitepGetLastError();
+  EXPECT_EQ(bitepHandleGetExpertSources(g1.g, h.h, nullptr, nullptr), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "sources is NULL")) << bitepGetLastError();
+  EXPECT_EQ(sources, nullptr);
   EXPECT_EQ(bitepDispatch(nullptr, &a, nullptr, &h.h), bitepInvalidArgument);
   EXPECT_TRUE(has(bitepGetLastError(), "group is NULL")) << bitepGetLastError();
   EXPECT_EQ(bitepHandleGetLayout(h.h, nullptr), bitepInvalidArgument);

@@ -664,6 +664,10 @@ TEST(EpLowLatencyErrors, ArgumentsAndUsage) {
   b.grad_y = y.data();
   EXPECT_EQ(bitepCombineBackward(g2.g, h.h, &b, nullptr), bitepNotSupported);
   EXPECT_NE(std::string(bitepGetLastError()).find("bitepDispatchLowLatency"), std::string::npos) << bitepGetLastError();
+  const int32_t* sources = reinterpret_cast<const int32_t*>(&b);  // must come back NULL
+  EXPECT_EQ(bitepHandleGetExpertSources(g2.g, h.h, nullptr, &sources), bitepInvalidUsage);
+  EXPECT_NE(std::string(bitepGetLastError()).find("bitepDispatchLowLatency"), std::string::npos) << bitepGetLastError();
+  EXPECT_EQ(sources, nullptr);
   // The handle still combines (expert-major).
   cc.layout = bitepLayoutExpertMajor;
   EXPECT_EQ(bitepCombine(g2.g, h.h, &cc, nullptr), bitepSuccess) << bitepGetLastError();
