@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // The EP dispatch's expert-major kernels (kernels/ep.h): the rows' expert positions, the copies into the expert-major
-// view (by warps or bulk copies, at the shared-memory limit too), the copy-engine chunks and the arrival waits.
+// view (by warps or bulk copies, at the shared-memory limit too), the copy-engine chunks and the arrival waits (into
+// recv_copy alone too), the gather index.
 // Against the host reference (src/host/ep_host.cc) on random inputs, outputs poisoned first on both sides and
 // compared byte for byte in full; helpers and grids: ep_kernels_gpu_test.h. Every test skips, saying why, without
 // a CUDA device.
@@ -183,8 +184,53 @@ TEST(EpKernelsGpu, ExpertMajorMatchesHost) {
           if (i < q.copy_begin || i >= q.copy_end) std::memcpy(want.data() + i * rb, in.x.data() + i * rb, rb);
         ok &= same(drecv.host(), want, "recv_copy (arrival)", c.str());
         ok &= same(dtimed.host(), std::vector<int>(1, missing ? 1 : 0), "timeout word (arrival)", c.str());
+        // Rank-major only (expert_x null): the same pieces into recv_copy alone, by the bulk copies, no expert row
+        // written (the expert rows' buffer is not even given).
+        Dev<uint8_t> drecv3(c.R * rb);
+        Dev<int> dtimed3(std::vector<int>(1, 0));
+        K::ExpertMajorParams r3 = q;
+        r3.expert_x = nullptr;
+        r3.expert_src = nullptr;
+        r3.recv_copy = drecv3.get();
+        r3.timed_out = dtimed3.get();
+        bool rank_major_bulk = false;
+        ASSERT_EQ(K::expert_major_takes_bulk(r3, &rank_major_bulk), cudaSuccess);
+        EXPECT_TRUE(rank_major_bulk) << c.str() << ": recv_copy alone";
+        sync(K::launch_ep_expert_major(r3, nullptr));
+        ok &= same(drecv3.host(), want, "recv_copy alone (rank-major only)", c.str());
+        ok &= same(dtimed3.host(), std::vector<int>(1, missing ? 1 : 0), "timeout word (rank-major only)", c.str());
       }
     }
+    if (!ok && ++failing >= kMaxFailingCases) return;
+  }
+}
+
+// The gather index (launch_ep_expert_sources) from the host's positions of every receive case: the host's
+// ep_expert_sources bit for bit, and both against the definition (each entry's received row at its expert row, -1
+// on the rows no entry names); one poisoned int past N stays poisoned.
+TEST(EpKernelsGpu, ExpertSourcesMatchHost) {
+  REQUIRE_GPU();
+  int failing = 0;
+  for (const RecvCase& c : recv_grid()) {
+    const RecvInput in = make_recv(c);
+    const std::vector<int32_t> rows = host_positions(c, in);
+    std::vector<int32_t> want(in.N + 1, -1);
+    std::memset(&want[in.N], kPoison, sizeof(int32_t));
+    for (int64_t e = 0; e < c.R * c.KL; ++e)
+      if (rows[e] >= 0 && rows[e] < in.N) want[rows[e]] = static_cast<int32_t>(e / c.KL);
+    std::vector<int32_t> got_host = poisoned<int32_t>(in.N + 1);
+    K::ExpertSourcesParams s;
+    s.num_recv_rows = c.R;
+    s.max_row_experts = c.KL;
+    s.recv_expert_rows = rows.data();
+    s.num_expert_rows = in.N;
+    s.sources = got_host.data();
+    host::ep_expert_sources(s);
+    Dev<int32_t> drows(rows), dsrc(in.N + 1);
+    s.recv_expert_rows = drows.get();
+    s.sources = dsrc.get();
+    sync(K::launch_ep_expert_sources(s, nullptr));
+    const bool ok = same(got_host, want, "sources (host)", c.str()) & same(dsrc.host(), want, "sources", c.str());
     if (!ok && ++failing >= kMaxFailingCases) return;
   }
 }
