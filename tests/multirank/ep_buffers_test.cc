@@ -46,6 +46,29 @@ TEST(EpBuffers, CallerBuffersOfExactCapacity) {
   expect_values(s, out, reference_combine(s, W, rank, world[rank], true), "out");
 }
 
+// A dispatch with one view against the both-views dispatch of the same input: the same row counts, expert counts and
+// offsets, maps, weights and positions (the rows of each view are each test's own). lb's weights must be there.
+void expect_same_numbering(const bitepDispatchLayout_t& lo, const bitepDispatchLayout_t& lb, int W, int rank) {
+  const int64_t R = lb.num_recv_rows, N = lb.num_expert_rows;
+  const int L = lb.num_local_experts, KL = lb.max_row_experts, MB = (L + 7) / 8;
+  ASSERT_EQ(lo.num_recv_rows, R);
+  ASSERT_EQ(lo.num_expert_rows, N);
+  for (int l = 0; l <= L; ++l) EXPECT_EQ(lo.expert_offsets[l], lb.expert_offsets[l]) << "expert " << l;
+  for (int l = 0; l < L; ++l) {
+    EXPECT_EQ(lo.expert_counts[l], lb.expert_counts[l]) << "expert " << l;
+    EXPECT_EQ(lo.expert_counts_host[l], lb.expert_counts_host[l]) << "expert " << l;
+  }
+  for (int r = 0; r < W; ++r) {
+    EXPECT_EQ(lo.recv_counts_host[r], lb.recv_counts_host[r]) << "from rank " << r;
+    EXPECT_EQ(lo.send_counts_host[r], lb.send_counts_host[r]) << "to rank " << r;
+  }
+  EXPECT_EQ(std::memcmp(lo.recv_map, lb.recv_map, R * MB), 0) << "recv_map differs, rank " << rank;
+  EXPECT_EQ(std::memcmp(lo.recv_expert_rows, lb.recv_expert_rows, R * KL * 4), 0)
+      << "recv_expert_rows differs, rank " << rank;
+  ASSERT_NE(lo.recv_weights, nullptr);
+  EXPECT_EQ(std::memcmp(lo.recv_weights, lb.recv_weights, R * KL * 4), 0) << "recv_weights differs, rank " << rank;
+}
+
 // Expert-major only (args->expert_major_only, on some ranks only): the layout has no rank-major rows, and the
 // same expert-major rows, maps, weights, positions and counts as a dispatch with both views; combines (weighted
 // and not) give the same bits; a caller's expert_x works with it.
@@ -85,19 +108,8 @@ TEST(EpBuffers, ExpertMajorOnlyMatchesBothViews) {
       check_received(s, W, rank, world, lo);
     }
     if (caller && x.N > 0) EXPECT_EQ(lo.expert_x, expert.data());
-    const int64_t R = lb.num_recv_rows, N = lb.num_expert_rows;
-    const int L = lb.num_local_experts, KL = lb.max_row_experts, MB = (L + 7) / 8;
-    ASSERT_EQ(lo.num_recv_rows, R);
-    ASSERT_EQ(lo.num_expert_rows, N);
-    for (int l = 0; l <= L; ++l) EXPECT_EQ(lo.expert_offsets[l], lb.expert_offsets[l]) << "expert " << l;
-    for (int l = 0; l < L; ++l) EXPECT_EQ(lo.expert_counts_host[l], lb.expert_counts_host[l]) << "expert " << l;
-    for (int r = 0; r < W; ++r) EXPECT_EQ(lo.recv_counts_host[r], lb.recv_counts_host[r]) << "from rank " << r;
-    EXPECT_EQ(std::memcmp(lo.expert_x, lb.expert_x, N * row), 0) << "expert_x differs, rank " << rank;
-    EXPECT_EQ(std::memcmp(lo.recv_map, lb.recv_map, R * MB), 0) << "recv_map differs, rank " << rank;
-    EXPECT_EQ(std::memcmp(lo.recv_expert_rows, lb.recv_expert_rows, R * KL * 4), 0)
-        << "recv_expert_rows differs, rank " << rank;
-    ASSERT_NE(lo.recv_weights, nullptr);
-    EXPECT_EQ(std::memcmp(lo.recv_weights, lb.recv_weights, R * KL * 4), 0) << "recv_weights differs, rank " << rank;
+    expect_same_numbering(lo, lb, W, rank);
+    EXPECT_EQ(std::memcmp(lo.expert_x, lb.expert_x, lb.num_expert_rows * row), 0) << "expert_x differs, rank " << rank;
     if (caller) EXPECT_EQ(expert[x.N * row], 0xab) << "expert_x written past its capacity";
     const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lb);
     for (int weighted : {1, 0}) {
@@ -137,7 +149,7 @@ TEST(EpBuffers, RankMajorOnlyMatchesBothViews) {
   ASSERT_EQ(bitepHandleGetLayout(both.h, &lb), bitepSuccess);
   check_received(s, W, rank, world, lb);
   const int64_t R = lb.num_recv_rows, N = lb.num_expert_rows;
-  const int L = lb.num_local_experts, KL = lb.max_row_experts, MB = (L + 7) / 8;
+  const int L = lb.num_local_experts, KL = lb.max_row_experts;
   const std::vector<uint8_t> y = toy_expert_outputs(s, W, rank, lb);
   // A rank-major y: each received row's toy outputs summed over its local experts would do; any [R, H] rows do.
   std::vector<uint8_t> y_rank(R * row + 1);
@@ -164,24 +176,9 @@ TEST(EpBuffers, RankMajorOnlyMatchesBothViews) {
       check_received(s, W, rank, world, lo);
     }
     if (caller && x.R > 0) EXPECT_EQ(lo.recv_x, recv.data());
-    ASSERT_EQ(lo.num_recv_rows, R);
-    ASSERT_EQ(lo.num_expert_rows, N);
-    for (int l = 0; l <= L; ++l) EXPECT_EQ(lo.expert_offsets[l], lb.expert_offsets[l]) << "expert " << l;
-    for (int l = 0; l < L; ++l) {
-      EXPECT_EQ(lo.expert_counts[l], lb.expert_counts[l]) << "expert " << l;
-      EXPECT_EQ(lo.expert_counts_host[l], lb.expert_counts_host[l]) << "expert " << l;
-    }
-    for (int r = 0; r < W; ++r) {
-      EXPECT_EQ(lo.recv_counts_host[r], lb.recv_counts_host[r]) << "from rank " << r;
-      EXPECT_EQ(lo.send_counts_host[r], lb.send_counts_host[r]) << "to rank " << r;
-    }
+    expect_same_numbering(lo, lb, W, rank);
     ASSERT_TRUE(R == 0 || lo.recv_x != nullptr);
     if (R > 0) EXPECT_EQ(std::memcmp(lo.recv_x, lb.recv_x, R * row), 0) << "recv_x differs, rank " << rank;
-    EXPECT_EQ(std::memcmp(lo.recv_map, lb.recv_map, R * MB), 0) << "recv_map differs, rank " << rank;
-    EXPECT_EQ(std::memcmp(lo.recv_expert_rows, lb.recv_expert_rows, R * KL * 4), 0)
-        << "recv_expert_rows differs, rank " << rank;
-    ASSERT_NE(lo.recv_weights, nullptr);
-    EXPECT_EQ(std::memcmp(lo.recv_weights, lb.recv_weights, R * KL * 4), 0) << "recv_weights differs, rank " << rank;
     if (caller) EXPECT_EQ(recv[x.R * row], 0xab) << "recv_x written past its capacity";
     // The gather index: the same for both handles, each entry's received row, -1 on the pad rows, and on the
     // both-views handle each expert row is its source's received row; asked again, the same pointer.
