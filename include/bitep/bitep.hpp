@@ -145,6 +145,12 @@ class Group {
   void combine_backward(const Handle& h, const bitepCombineBackwardArgs_t& args, bitepStream_t stream = nullptr) const {
     check(bitepCombineBackward(g_, h.get(), &args, stream));
   }
+  // bitepHandleGetExpertSources: the received row of each expert-major row (-1 for pads), owned by the handle.
+  const int32_t* expert_sources(const Handle& h, bitepStream_t stream = nullptr) const {
+    const int32_t* sources = nullptr;
+    check(bitepHandleGetExpertSources(g_, h.get(), stream, &sources));
+    return sources;
+  }
 
  private:
   bitepGroup_t g_ = nullptr;

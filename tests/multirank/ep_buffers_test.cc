@@ -1,11 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
-// Caller-provided receive buffers and their capacities, and the group's pool in steady state and trimmed.
+// Caller-provided receive buffers and their capacities, the one-view dispatches (expert-major only, rank-major only)
+// with the gather index, and the group's pool in steady state and trimmed.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <utility>
 
+#include "bitep/bitep.hpp"
 #include "tests/multirank/ep_checks.h"
 
 namespace ept {
@@ -239,6 +242,30 @@ TEST(EpBuffers, RankMajorOnlyMatchesBothViews) {
     EXPECT_EQ(gyo, gyb) << "combine backward grad_y, rank " << rank;
     EXPECT_EQ(gwo, gwb) << "combine backward weight gradients, rank " << rank;
   }
+}
+
+// The C++ layer (bitep.hpp): a rank-major-only dispatch through bitep::Group, its gather index by
+// Group::expert_sources, which throws bitep::Error for a handle of another group.
+TEST(EpBuffers, CppLayerRankMajorOnly) {
+  Spec s;
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard raw, other;
+  ASSERT_EQ(make_group(s, &raw), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(make_group(s, &other), bitepSuccess) << bitepGetLastError();
+  bitep::Group g(std::exchange(raw.g, nullptr));  // owns it from here
+  bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  a.rank_major_only = 1;
+  const bitep::Handle h = g.dispatch(a);
+  const bitepDispatchLayout_t lo = h.layout();
+  EXPECT_EQ(lo.expert_x, nullptr);
+  const int32_t* src = g.expert_sources(h);
+  const int KL = lo.max_row_experts;
+  for (int64_t i = 0; i < lo.num_recv_rows; ++i)
+    for (int j = 0; j < KL; ++j)
+      if (lo.recv_expert_rows[i * KL + j] >= 0) EXPECT_EQ(src[lo.recv_expert_rows[i * KL + j]], i) << "row " << i;
+  bitep::Group wrong(std::exchange(other.g, nullptr));
+  EXPECT_THROW((void)wrong.expert_sources(h), bitep::Error);
 }
 
 // Capacity one row short on one rank: that rank fails with bitepCapacityExceeded, every other rank with
