@@ -651,6 +651,48 @@ int main(int argc, char** argv) {
           }
           BK(bitepHandleDestroy(h));
         }
+        // The same dispatch with args.rank_major_only (what an all-to-all moves: no expert-major rows), timed the same
+        // way beside the both-views one, so that its ratio to the NCCL all-to-all of the same bytes comes from one run;
+        // its first iteration's rows, positions and offsets checked against a both-views dispatch, bit for bit. Not in
+        // --expert-major-only / --rank-major-only runs, whose timed dispatches are one view already.
+        std::vector<float> t_rmo;
+        rec.rank_major = !opt.expert_major_only && !opt.rank_major_only;
+        bitepDispatchArgs_t drm = dboth;
+        drm.rank_major_only = 1;
+        for (int it = 0; rec.rank_major && it < opt.warmup + opt.iters; ++it) {
+          flush_l2();
+          MPI_Barrier(MPI_COMM_WORLD);
+          bitepHandle_t h;
+          CK(cudaEventRecord(ev.e[0], stream));
+          BK(bitepDispatch(group, &drm, bstream, &h));
+          CK(cudaEventRecord(ev.e[1], stream));
+          CK(cudaStreamSynchronize(stream));
+          if (it >= opt.warmup) t_rmo.push_back(ev.us(0, 1));
+          if (it == 0) {
+            bitepDispatchLayout_t lay, ref;
+            BK(bitepHandleGetLayout(h, &lay));
+            bitepHandle_t href;
+            BK(bitepDispatch(group, &dboth, bstream, &href));
+            BK(bitepHandleGetLayout(href, &ref));
+            if (lay.expert_x != nullptr || lay.num_recv_rows != ref.num_recv_rows ||
+                lay.num_expert_rows != ref.num_expert_rows)
+              ++host_wrong;
+            const int64_t n = std::min(lay.num_recv_rows, ref.num_recv_rows);
+            epbench::check_equal(static_cast<const __nv_bfloat16*>(lay.recv_x),
+                                 static_cast<const __nv_bfloat16*>(ref.recv_x), n * sh.H, wrong + kRecvRows, stream);
+            // int32 positions and offsets compared as pairs of 16-bit words
+            epbench::check_equal(reinterpret_cast<const __nv_bfloat16*>(lay.recv_expert_rows),
+                                 reinterpret_cast<const __nv_bfloat16*>(ref.recv_expert_rows),
+                                 2 * n * ref.max_row_experts, wrong + kExpertMajor, stream);
+            epbench::check_equal(reinterpret_cast<const __nv_bfloat16*>(lay.expert_offsets),
+                                 reinterpret_cast<const __nv_bfloat16*>(ref.expert_offsets), 2 * (L + 1),
+                                 wrong + kExpertMajor, stream);
+            CK(cudaGetLastError());
+            CK(cudaStreamSynchronize(stream));
+            BK(bitepHandleDestroy(href));
+          }
+          BK(bitepHandleDestroy(h));
+        }
         // Low latency: bitepDispatchLowLatency and its combine; its rows checked against bitepDispatch's (counts,
         // offsets and the expert-major rows, bit for bit) and its combine as the regular one's.
         std::vector<float> t_lld, t_llc;
@@ -902,6 +944,7 @@ int main(int argc, char** argv) {
         rec.dispatch = report.over_ranks(median(t_disp));
         rec.combine = report.over_ranks(median(t_comb));
         rec.e2e = report.over_ranks(median(t_e2e));
+        if (rec.rank_major) rec.dispatch_rank_major = report.over_ranks(median(t_rmo));
         if (rec.ll) {
           rec.ll_dispatch = report.over_ranks(median(t_lld));
           rec.ll_combine = report.over_ranks(median(t_llc));

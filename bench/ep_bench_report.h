@@ -27,6 +27,8 @@ struct Record {
   // This rank's bytes (finish() turns cross_bytes / size_bytes / rows into averages over ranks).
   int64_t cross_bytes = 0, size_bytes = 0, rows = 0, combine_bytes = 0, baseline_cross_bytes = 0;
   Stat dispatch, combine, e2e, nccl_a2a, nccl_a2a_combine, baseline_dispatch, baseline_combine, baseline_e2e;
+  Stat dispatch_rank_major;  // the same dispatch with args.rank_major_only, timed in the same run
+  bool rank_major = false;
   Stat ll_dispatch, ll_combine;  // bitepDispatchLowLatency and its combine (T <= the group's low-latency capacity)
   bool ll = false;
   Stat ll_graph_dispatch, ll_graph_combine;  // the same captured into CUDA graphs, per launch
@@ -116,6 +118,16 @@ class Report {
         r->expert_major_only ? "; expert-major only"
         : r->rank_major_only ? "; rank-major only"
                              : "");
+    if (r->rank_major) {
+      std::printf(
+          "  %6s   rank-major only (args.rank_major_only): dispatch min/avg/max %.1f/%.1f/%.1f (slowest rank %d)", "",
+          r->dispatch_rank_major.min, r->dispatch_rank_major.avg, r->dispatch_rank_major.max,
+          r->dispatch_rank_major.slowest);
+      if (r->nccl_a2a.max > 0)
+        std::printf(", %.2fx the NCCL all-to-all (both views: %.2fx)", r->dispatch_rank_major.max / r->nccl_a2a.max,
+                    r->dispatch.max / r->nccl_a2a.max);
+      std::printf("\n");
+    }
     if (r->ll)
       std::printf(
           "  %6s   low latency: dispatch min/avg/max %.1f/%.1f/%.1f (slowest rank %d), combine %.1f/%.1f/%.1f (rank "
@@ -177,6 +189,7 @@ class Report {
       std::fprintf(f, ", \"expert_major_only\": %d, \"rank_major_only\": %d", r.expert_major_only ? 1 : 0,
                    r.rank_major_only ? 1 : 0);
       stat(f, "dispatch_us", r.dispatch);
+      if (r.rank_major) stat(f, "dispatch_rank_major_us", r.dispatch_rank_major);
       stat(f, "combine_us", r.combine);
       stat(f, "e2e_us", r.e2e);
       stat(f, "nccl_a2a_us", r.nccl_a2a);

@@ -49,6 +49,9 @@ def main():
         ):
             a2a = "nccl_a2a_us" if what == "dispatch" else "nccl_a2a_combine_us"
             ax.plot(T, [gbps(r[nbytes], r[f"{what}_us"]) for r in recs], "o-", label=f"bitep {what}")
+            if what == "dispatch" and all("dispatch_rank_major_us" in r for r in recs):
+                ax.plot(T, [gbps(r[nbytes], r["dispatch_rank_major_us"]) for r in recs], "o-.",
+                        label="bitep dispatch, rank-major only")
             ax.plot(T, [gbps(r[nbytes], r[a2a]) for r in recs], "s--", label="NCCL all-to-all, same bytes")
             ax.plot(T, [gbps(r[nbytes], r[f"baseline_{what}_us"]) for r in recs], "^:",
                     label="baseline pipeline (effective)")
