@@ -123,7 +123,7 @@ class Report {
           "  %6s   rank-major only (args.rank_major_only): dispatch min/avg/max %.1f/%.1f/%.1f (slowest rank %d)", "",
           r->dispatch_rank_major.min, r->dispatch_rank_major.avg, r->dispatch_rank_major.max,
           r->dispatch_rank_major.slowest);
-      if (r->nccl_a2a.max > 0)
+      if (r->nccl_a2a.max > 0 && W_ > 1)  // at W = 1 the all-to-all moves nothing
         std::printf(", %.2fx the NCCL all-to-all (both views: %.2fx)", r->dispatch_rank_major.max / r->nccl_a2a.max,
                     r->dispatch.max / r->nccl_a2a.max);
       std::printf("\n");
