@@ -335,13 +335,13 @@ typedef struct {
    * 0 (BITEP_DISPATCH_ARGS_INIT): both views. */
   int expert_major_only;
   /* 1: the rank-major view only, for experts that gather their rows themselves (a grouped GEMM reading recv_x
-   * through recv_expert_rows). No expert-major rows are written: the layout's expert_x is NULL, and the dispatch
-   * moves what the all-to-all moves and no more. Everything else stays: recv_x, recv_map, recv_weights, and the
-   * expert-major numbering (recv_expert_rows, expert_counts, expert_offsets, num_expert_rows), so a combine of an
-   * expert-major y placed by that numbering, or of a rank-major y, gives the same bits as after a dispatch with both
-   * views; so do the backward passes. expert_x must be NULL (capacity 0) and expert_major_only 0; not for
-   * bitepDispatchLowLatency, which builds the expert-major view. Per rank: ranks may differ.
-   * 0 (BITEP_DISPATCH_ARGS_INIT): as expert_major_only says. */
+   * through the gather index of bitepHandleGetExpertSources). No expert-major rows are written: the layout's expert_x
+   * is NULL, and each received row is written once, into recv_x (not also to each of its experts' rows). Everything
+   * else stays: recv_x, recv_map, recv_weights, and the expert-major numbering (recv_expert_rows, expert_counts,
+   * expert_offsets, num_expert_rows), so a combine of an expert-major y placed by that numbering, or of a rank-major y,
+   * gives the same bits as after a dispatch with both views; so do the backward passes. expert_x must be NULL (capacity
+   * 0) and expert_major_only 0; not for bitepDispatchLowLatency, which builds the expert-major view. Per rank: ranks
+   * may differ. 0 (BITEP_DISPATCH_ARGS_INIT): as expert_major_only says. */
   int rank_major_only;
 } bitepDispatchArgs_t;
 
