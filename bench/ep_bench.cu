@@ -546,6 +546,17 @@ int main(int argc, char** argv) {
         // Each checked iteration's out poisoned first (0xff: NaN), before its events: its check reads that
         // combine's rows, not an earlier one's.
         auto poison_out = [&] { CK(cudaMemsetAsync(out, 0xff, sizeof(__nv_bfloat16) * T * sh.H, stream)); };
+        // A one-view dispatch's positions and expert offsets against a both-views dispatch's (ref), on the device: the
+        // int32 words compared as pairs of 16-bit words.
+        auto check_numbering = [&](const bitepDispatchLayout_t& lay, const bitepDispatchLayout_t& ref) {
+          epbench::check_equal(reinterpret_cast<const __nv_bfloat16*>(lay.recv_expert_rows),
+                               reinterpret_cast<const __nv_bfloat16*>(ref.recv_expert_rows),
+                               2 * std::min(ref.num_recv_rows, lay.num_recv_rows) * ref.max_row_experts,
+                               wrong + kExpertMajor, stream);
+          epbench::check_equal(reinterpret_cast<const __nv_bfloat16*>(lay.expert_offsets),
+                               reinterpret_cast<const __nv_bfloat16*>(ref.expert_offsets), 2 * (L + 1),
+                               wrong + kExpertMajor, stream);
+        };
         std::vector<int64_t> send_b(W), recv_b(W), send_c(W), recv_c(W);  // a2a bytes: dispatch, combine
         std::vector<float> t_disp, t_comb, t_e2e, t_a2a, t_a2a_c, t_bd, t_bc, t_be2e;
         for (int it = 0; it < opt.warmup + opt.iters; ++it) {
@@ -600,14 +611,7 @@ int main(int argc, char** argv) {
                 if (y_rows == nullptr) y_rows = dalloc<char>(y_bytes);
                 CK(cudaMemcpyAsync(y_rows, ref.expert_x, y_bytes, cudaMemcpyDeviceToDevice, stream));
               }
-              // int32 positions and offsets compared as pairs of 16-bit words
-              epbench::check_equal(reinterpret_cast<const __nv_bfloat16*>(lay.recv_expert_rows),
-                                   reinterpret_cast<const __nv_bfloat16*>(ref.recv_expert_rows),
-                                   2 * std::min(ref.num_recv_rows, lay.num_recv_rows) * ref.max_row_experts,
-                                   wrong + kExpertMajor, stream);
-              epbench::check_equal(reinterpret_cast<const __nv_bfloat16*>(lay.expert_offsets),
-                                   reinterpret_cast<const __nv_bfloat16*>(ref.expert_offsets), 2 * (L + 1),
-                                   wrong + kExpertMajor, stream);
+              check_numbering(lay, ref);
             }
             const __nv_bfloat16* rx = static_cast<const __nv_bfloat16*>(ref.recv_x);
             const __nv_bfloat16* exx = static_cast<const __nv_bfloat16*>(ref.expert_x);
@@ -680,13 +684,7 @@ int main(int argc, char** argv) {
             const int64_t n = std::min(lay.num_recv_rows, ref.num_recv_rows);
             epbench::check_equal(static_cast<const __nv_bfloat16*>(lay.recv_x),
                                  static_cast<const __nv_bfloat16*>(ref.recv_x), n * sh.H, wrong + kRecvRows, stream);
-            // int32 positions and offsets compared as pairs of 16-bit words
-            epbench::check_equal(reinterpret_cast<const __nv_bfloat16*>(lay.recv_expert_rows),
-                                 reinterpret_cast<const __nv_bfloat16*>(ref.recv_expert_rows),
-                                 2 * n * ref.max_row_experts, wrong + kExpertMajor, stream);
-            epbench::check_equal(reinterpret_cast<const __nv_bfloat16*>(lay.expert_offsets),
-                                 reinterpret_cast<const __nv_bfloat16*>(ref.expert_offsets), 2 * (L + 1),
-                                 wrong + kExpertMajor, stream);
+            check_numbering(lay, ref);
             CK(cudaGetLastError());
             CK(cudaStreamSynchronize(stream));
             BK(bitepHandleDestroy(href));

@@ -295,24 +295,16 @@ __global__ void __launch_bounds__(kThreads)
       });
 }
 
-// expert_src[pos] = i * KL + j for every entry of recv_expert_rows with a position (pad rows keep the
-// -1 the launcher filled in).
-__global__ void __launch_bounds__(kScanThreads) expert_src_kernel(ExpertArgs a) {
-  const int64_t n = a.num_rows * a.row_experts;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kScanThreads + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * kScanThreads) {
-    const int pos = __ldg(a.rows + e);
-    if (pos >= 0 && pos < a.num_expert_rows) a.src[pos] = e;
-  }
-}
-
-// The gather index (ExpertSourcesParams): the received row of each entry's expert row.
+// The inverse of recv_expert_rows: out[pos] = the entry e = i * KL + j whose position is pos (the gather's source
+// table, int64: expert_src), or that entry's received row i (kRow: the gather index, ExpertSourcesParams, int32).
+// Rows no entry names (pad rows) keep the -1 the launcher filled in.
+template <typename T, bool kRow>
 __global__ void __launch_bounds__(kScanThreads)
-    expert_sources_kernel(const int32_t* rows, int64_t entries, int KL, int64_t N, int32_t* sources) {
+    expert_inverse_kernel(const int32_t* rows, int64_t entries, int KL, int64_t N, T* out) {
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * kScanThreads + threadIdx.x; e < entries;
        e += static_cast<int64_t>(gridDim.x) * kScanThreads) {
     const int pos = __ldg(rows + e);
-    if (pos >= 0 && pos < N) sources[pos] = static_cast<int32_t>(e / KL);
+    if (pos >= 0 && pos < N) out[pos] = static_cast<T>(kRow ? e / KL : e);
   }
 }
 
@@ -630,7 +622,8 @@ cudaError_t launch_ep_expert_major(const ExpertMajorParams& p, cudaStream_t stre
   }
   if (!p.src_given && p.num_recv_rows > 0) {
     const unsigned sgrid = persistent_grid(p.num_recv_rows * KL, kScanThreads, sms, kRowBlocksPerSm);
-    expert_src_kernel<<<sgrid, kScanThreads, 0, stream>>>(a);
+    expert_inverse_kernel<int64_t, false>
+        <<<sgrid, kScanThreads, 0, stream>>>(a.rows, p.num_recv_rows * KL, KL, p.num_expert_rows, a.src);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   const unsigned grid = persistent_grid(p.num_expert_rows, kRowThreads / kWarp, sms,
@@ -653,8 +646,8 @@ cudaError_t launch_ep_expert_sources(const ExpertSourcesParams& p, cudaStream_t 
   if ((err = sm_count(&sms)) != cudaSuccess) return err;
   const int64_t entries = p.num_recv_rows * KL;
   const unsigned grid = persistent_grid(entries, kScanThreads, sms, kRowBlocksPerSm);
-  expert_sources_kernel<<<grid, kScanThreads, 0, stream>>>(p.recv_expert_rows, entries, KL, p.num_expert_rows,
-                                                           p.sources);
+  expert_inverse_kernel<int32_t, true>
+      <<<grid, kScanThreads, 0, stream>>>(p.recv_expert_rows, entries, KL, p.num_expert_rows, p.sources);
   return cudaGetLastError();
 }
 
