@@ -13,6 +13,7 @@ using namespace router_detail;
 
 thread_local int t_last_kernel = -1;  // last_router_forward_kernel()
 thread_local int t_last_topk = 0;     // last_router_forward_topk()
+thread_local int t_last_lanes = 0;    // last_router_forward_lanes()
 
 template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows, int kK>
 cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStream_t stream) {
@@ -29,7 +30,8 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
   const size_t smem =
       p.num_ranks > 0 ? sizeof(uint32_t) * (p.num_ranks + static_cast<size_t>(kWarps) * kTokensPerWarp * lay.rank_words)
                       : 0;
-  if (smem > 48 * 1024) {
+  // The dynamic part past what a launch gets without opting in, beside the staging's static part.
+  if (smem + sizeof(float4) * staged_float4s<G, NS, kWideRows>() > 48 * 1024) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
@@ -40,6 +42,7 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
                                                : persistent_grid(lay.num_tiles, kWarps, sms, per_sm);
   t_last_kernel = static_cast<int>(kSpec);
   t_last_topk = kK;
+  t_last_lanes = G;
   kernel<<<grid, kBucketThreads, smem, stream>>>(p, lay);
   return cudaGetLastError();
 }
@@ -86,8 +89,12 @@ cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cu
     if (p.spec_kernels && p.mode == RouterMode::kTopk && p.logits_dtype != DType::kF16 &&
         (p.num_tokens + 256) * p.num_experts < (int64_t{1} << 31)) {
       const ScorePath path = score_path(p);
-      if (path.post && lay.group_octets == 0 && (!kHolderSoftmax || p.topk <= G))
+      if (path.post && lay.group_octets == 0 && (!kHolderSoftmax || p.topk <= G)) {
+        if constexpr (G == 16 && NS == 1) {
+          if (four_token_post(p)) return launch_bucket_t<8, 2, false, FwdSpec::kPostSoftmax>(p, lay, stream);
+        }
         return launch_dtype<G, NS, FwdSpec::kPostSoftmax>(p, lay, stream);
+      }
       if constexpr (NS <= 2) {
         if (path.pre) return launch_dtype<G, NS, FwdSpec::kPreSoftmax>(p, lay, stream);
         if (p.score_fn == ScoreFn::kSigmoid && path.norm) {
@@ -119,10 +126,12 @@ int aligned_group_octets(const RouterForwardParams& p, int lanes) {
 
 int last_router_forward_kernel() { return t_last_kernel; }
 int last_router_forward_topk() { return t_last_topk; }
+int last_router_forward_lanes() { return t_last_lanes; }
 
 cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t stream) {
   t_last_kernel = -1;
   t_last_topk = 0;
+  t_last_lanes = 0;
   if (p.num_tokens <= 0) return cudaSuccess;
   if (p.rank_counts != nullptr && p.num_ranks > 0) {
     cudaError_t err = cudaMemsetAsync(p.rank_counts, 0, sizeof(int32_t) * p.num_ranks, stream);

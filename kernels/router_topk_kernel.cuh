@@ -82,7 +82,8 @@ __global__ void __launch_bounds__(kBucketThreads,
 
   constexpr bool kStaged = kWideRows && kStageRows && G == 8;
   // kStaged: each warp's rows of probs and saved ([tokens of the warp][E] floats each), as float4.
-  __shared__ float4 stage[kStaged ? kWarps * 2 * 64 * NS : 1];
+  __shared__ float4 stage[staged_float4s<G, NS, kWideRows>()];
+  static_assert(!kStaged || staged_float4s<G, NS, kWideRows>() == kWarps * 2 * 64 * NS, "the staging's size");
   [[maybe_unused]] float4* const stage_p = stage + (kStaged ? warp * 2 * 64 * NS : 0);
   [[maybe_unused]] float4* const stage_s = stage_p + 64 * NS;
 

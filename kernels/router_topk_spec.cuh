@@ -32,14 +32,15 @@ constexpr bool kHolderSoftmax = BITEP_ROUTER_FWD_HOLDERS != 0;
 #endif
 constexpr bool kWideStores = BITEP_ROUTER_FWD_WIDE_STORES != 0;
 
-// The wide-stores instance at 8 lanes a token (E 33-64) stages its dense rows in shared memory (kStaged in the kernel):
-// each lane writes its whole-sector slots there as unselected, the holders write their weights over them, and the
-// lanes store the rows from there, so each sector of probs and saved is written once, whole (the holders' stores were
-// k partial sectors a token and array over the sectors the wide stores had written). H200, min of two repeats: bf16
-// TE-compatible E = 64 T = 65536 0.94-0.95x, T = 16384 0.98-1.01x (two calls); at E = 128 1.01-1.03x slower, at E = 512
-// bf16 0.99-1.03x, fp32 0.99-1.00x, and with every post-top-k kernel wide and staged up to 1.14x slower (fp32 E = 128,
-// bf16 E = 256 1.12x) (bench/NOTES.md, "Router v15"). BITEP_ROUTER_FWD_STAGED=0 (a tuning build) stores as the other
-// shapes do.
+// The wide-stores instances at 8 lanes a token (E 33-64, and bf16 E = 128 at two octets a lane: four_token_post) stage
+// their dense rows in shared memory (kStaged in the kernel): each lane writes its whole-sector slots there as
+// unselected, the holders write their weights over them, and the lanes store the rows from there, so each sector of
+// probs and saved is written once, whole (the holders' stores were k partial sectors a token and array over the sectors
+// the wide stores had written). H200, min of two repeats: bf16 TE-compatible E = 64 T = 65536 0.94-0.95x, T = 16384
+// 0.98-1.01x (two calls); at 16 lanes a token (E = 128 then) 1.01-1.03x slower, at E = 512 bf16 0.99-1.03x, fp32
+// 0.99-1.00x, and with every post-top-k kernel wide and staged up to 1.14x slower (fp32 E = 128, bf16 E = 256 1.12x)
+// (bench/NOTES.md, "Router v15"; E = 128 at 8 lanes: "Router v31"). BITEP_ROUTER_FWD_STAGED=0 (a tuning build) stores
+// as the other shapes do.
 #ifndef BITEP_ROUTER_FWD_STAGED
 #define BITEP_ROUTER_FWD_STAGED 1
 #endif
@@ -68,6 +69,10 @@ constexpr int min_blocks() {
   // registers (post-top-k softmax; fp32 at 16 lanes a token 40), 44-48 (pre-top-k softmax, sigmoid) and 64
   // (the same at two octets a lane); unrolled, it gave them up to 5 more.
   if (kConstK && N <= 8) return kPostSpec ? (kF32 && G == 16 ? 6 : 8) : 5;
+  // The bf16 post-top-k kernel at 8 lanes a token and two octets a lane (E 65-128, four_token_post): its k = 8
+  // instances take 40 registers at 6 blocks, no spill; the runtime-k one at 6 spilled 36 bytes (not measured), none at
+  // 5 (48 registers).
+  if (kPostSpec && !kF32 && G == 8 && N == 16) return kConstK || kWideRows ? 6 : 5;
   if (kConstK && N <= 16 && !kPostSpec) return 4;
   return N <= 8 ? (!kF32 && kPostSpec && G == 32 ? (kHolderSoftmax ? 8 : 5) : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 #endif
@@ -146,7 +151,15 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 // (the wide one measured 4% slower there at E = 512). bench/NOTES.md, "Router v11" and "v12".
 template <int G, int NS, bool kF32, FwdSpec kSpec>
 constexpr bool wide_rows_kernel() {
-  return kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax && kWideStores && (G < 32 ? NS == 1 && !kF32 : NS == 2);
+  return kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax && kWideStores &&
+         (G < 32 ? (NS == 1 || (G == 8 && NS == 2)) && !kF32 : NS == 2);
+}
+
+// float4s of shared memory the kernel stages its dense rows in (kStaged in the kernel: the wide-stores instances at 8
+// lanes a token): [warps][probs, saved][tokens of the warp x E floats]; 1 where it stages nothing.
+template <int G, int NS, bool kWideRows>
+constexpr int staged_float4s() {
+  return kWideRows && kStageRows && G == 8 ? kBucketThreads / kWarpSize * 2 * 64 * NS : 1;
 }
 
 // The spec kernels with an instance for k = 8 (the rounds unrolled: no loop counter, branch or refill test in the
@@ -159,7 +172,26 @@ constexpr bool wide_rows_kernel() {
 template <int G, int NS, FwdSpec kSpec>
 constexpr int kconst_kernel() {
   if (BITEP_ROUTER_FWD_KCONST == 0 || kSpec == FwdSpec::kAny) return 0;
-  return (G == 32 && NS <= 2) || (G == 16 && NS == 1) ? 8 : 0;
+  return (G == 32 && NS <= 2) || (G == 16 && NS == 1) || (G == 8 && NS == 2) ? 8 : 0;
+}
+
+// The bf16 post-top-k softmax at E 65-128 (the bucket of 16 lanes a token and one octet a lane) runs at 8 lanes a token
+// and two octets a lane, four tokens a warp instead of two, so a round's reductions and a tile's fixed work serve
+// twice the tokens. For k = 8 (its instance for k = 8, 40 registers), where it measured faster: the compact outputs (no
+// probs nor saved) and, at E = 128 with probs and saved 16-byte aligned, the wide-stores instance, whose dense rows are
+// staged in shared memory and stored whole. H200, T = 65536, two interleaved runs (bench/NOTES.md, "Router v31"):
+// TE-compatible bitmap 31.01 -> 28.58 us (0.92x), compact 0.85-0.88x; without the wide stores the TE-compatible rows
+// were 1.07-1.10x slower, so the other shapes (E 65-127 with probs or saved, fp32 logits) keep 16 lanes a token, and
+// so does k != 8 (the holders need k <= 8 there; the runtime-k instance was not measured).
+// BITEP_ROUTER_FWD_FOUR_TOKENS=0 (a tuning build) keeps 16 lanes everywhere.
+#ifndef BITEP_ROUTER_FWD_FOUR_TOKENS
+#define BITEP_ROUTER_FWD_FOUR_TOKENS 1
+#endif
+inline bool four_token_post(const RouterForwardParams& p) {
+  if (BITEP_ROUTER_FWD_FOUR_TOKENS == 0 || !kHolderSoftmax || p.logits_dtype != DType::kBF16 || p.topk != 8)
+    return false;
+  if (p.probs == nullptr && p.saved == nullptr) return true;
+  return kWideStores && p.num_experts == 128 && aligned16(p.probs) && aligned16(p.saved);
 }
 
 // The bf16 post-top-k kernel at one octet a lane and 32 lanes a token (E 129-256) takes its k = 8 instance only

@@ -332,6 +332,15 @@ int want_topk_instance(int kernel, int E, int k, bitepDataType_t dt) {
   return kernel > 0 && k == 8 && E > 64 && E <= 512 && !compact_only ? 8 : 0;
 }
 
+int want_lanes(int kernel, int E, int k, bitepDataType_t dt, bool dense, bool dense_aligned) {
+  if (kernel < 0) return 0;
+  if (kernel == 1 && dt == bitepBfloat16 && E > 64 && E <= 128 && k == 8 && (!dense || (E == 128 && dense_aligned)))
+    return 8;
+  int lanes = 1;
+  while (lanes < 32 && lanes * 8 < E) lanes *= 2;
+  return lanes;
+}
+
 void ranks_from_map(const std::vector<uint8_t>& bytemap,
                     int64_t T,
                     int E,

@@ -205,8 +205,11 @@ TEST(RouterGpu, TopkFromOneLane) {
   REQUIRE_GPU();
   CaseStats stats;
   const int64_t T = 300;
-  for (int E : {128, 256, 512}) {
-    const int octets = E / 8, lanes = octets <= 16 ? 16 : 32, ns = octets / lanes;
+  // E = 128 twice: its rows built for 16 lanes of one octet, and for 8 lanes of two (the bf16 post-top-k kernel's
+  // layout at k = 8: octets l and l + 8 in lane l), the latter through the bf16 post-top-k softmax alone.
+  const std::pair<int, int> shapes[] = {{128, 16}, {128, 8}, {256, 32}, {512, 32}};
+  for (const auto& [E, lanes] : shapes) {
+    const int ns = E / 8 / lanes;
     std::vector<float> v(static_cast<size_t>(T) * E);
     for (int64_t t = 0; t < T; ++t) {
       for (int e = 0; e < E; ++e) v[t * E + e] = std::max(-2.5f, std::min(2.5f, 0.5f * gauss(0x1a7e + E, t * E + e)));
@@ -223,6 +226,7 @@ TEST(RouterGpu, TopkFromOneLane) {
       for (int k : {4, 8})
         for (int path = 0; path < 4; ++path) {  // post-top-k softmax, pre-top-k, sigmoid, DeepSeek-V3's groups
           if (path == 3 && (E != 256 || k != 8)) continue;
+          if (lanes == 8 && (dt != bitepBfloat16 || path != 0)) continue;
           bitepRouterConfig_t cfg =
               make_config(E, k, path >= 2 ? bitepScoreSigmoid : bitepScoreSoftmax, path == 1 ? 1 : 0, dt);
           std::vector<float> bias;
@@ -239,6 +243,8 @@ TEST(RouterGpu, TopkFromOneLane) {
           EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), want_kernel) << what << ": the kernel chosen";
           EXPECT_EQ(bitep::kernels::last_router_forward_topk(), want_topk_instance(want_kernel, E, k, dt))
               << what << ": the instance for k = 8";
+          EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(want_kernel, E, k, dt, true))
+              << what << ": the lanes a token";
         }
   }
   report("top-k from one lane", stats);
@@ -415,6 +421,8 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           // The spec kernels' instance for k = 8 must be the one checked here (the runs write probs and saved).
           EXPECT_EQ(bitep::kernels::last_router_forward_topk(), want_topk_instance(want_kernel, E, k, dt))
               << what << ": the instance for k = 8";
+          EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(want_kernel, E, k, dt, true))
+              << what << ": the lanes a token";
           EXPECT_TRUE(got.guards) << what << ": forward wrote past a buffer";
           if (want_kernel == 4) {
             // DeepSeek-V3's kernel loads the bias by 16-byte loads: a bias 4 bytes off takes the sigmoid's
@@ -481,11 +489,11 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
       }
 }
 
-// The post-top-k softmax's gradient is 0 at every expert a token did not route to, and its backward reads only the
-// routed octets or experts (kernels/router_backward.cu: kSparse; kernels/router_backward_routed.cu): NaN in grad_probs,
-// the saved tensor and the logits at every unrouted expert leaves grad_logits as it is, bit for bit, in both modes and
-// map formats. E = 64: 8 lanes a token; 100: a partial last octet; 256: one octet a lane; 512: two (the saved mode
-// kSparse, the recompute the routed kernel); 2048: eight (the routed kernel). T = 333: a last partial tile.
+// The post-top-k softmax's holders write probs and saved whole-sector where both are 16-byte aligned (the wide stores,
+// staged in shared memory at 8 lanes a token) and octet by octet where either is not: probs or saved 4 bytes off give
+// the aligned run's outputs, bit for bit, and write nothing past them. E = 64: 8 lanes a token, staged; 128: 8 lanes of
+// two octets for bf16 logits (staged; 16 lanes when misaligned), 16 for fp32; 200: a partial last octet; 256: one octet
+// a lane; 512: two. T = 333: a last partial tile.
 TEST(RouterGpu, HolderOutputsMisaligned) {
   REQUIRE_GPU();
   const int64_t T = 333;
@@ -498,6 +506,7 @@ TEST(RouterGpu, HolderOutputsMisaligned) {
       const FwdOut want = run_forward(bitepBackendCuda, cfg, T, logits, {}, aligned);
       ASSERT_EQ(want.rc, bitepSuccess) << want.error;
       EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 1) << "E=" << E << ": the post-top-k softmax kernel";
+      EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, 8, dt, true)) << "E=" << E;
       EXPECT_TRUE(want.guards);
       for (int which = 1; which <= 3; ++which) {
         FwdSpec spec = aligned;
@@ -507,37 +516,50 @@ TEST(RouterGpu, HolderOutputsMisaligned) {
                                  std::to_string(spec.probs_offset) + " saved +" + std::to_string(spec.saved_offset);
         const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
         ASSERT_EQ(got.rc, bitepSuccess) << got.error;
+        EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, 8, dt, true, false)) << what;
         EXPECT_TRUE(got.guards) << what << ": wrote past a buffer";
         expect_same_outputs(got, want, what);
       }
     }
 }
 
-// Outputs are optional one by one; a forward with only the compact outputs gives the same experts.
+// Outputs are optional one by one; a forward with only the compact outputs gives the same experts and weights, bit for
+// bit, though the bf16 post-top-k softmax picks its kernel by the outputs: at E = 256 the instance for k = 8 for the
+// compact outputs alone, the runtime-k one with probs and saved; at E 65-128, 8 lanes a token for the compact outputs,
+// and with probs and saved 8 at E = 128 (the wide stores) and 16 at E = 100 (the holders sum their k exps in round
+// order over the same 8 lanes either way).
 TEST(RouterGpu, OptionalOutputs) {
   REQUIRE_GPU();
-  const int64_t T = 1000;
-  const int E = 256, k = 8;
-  const bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSoftmax, 0, bitepBfloat16);
-  const auto logits = make_logits(T, E, bitepBfloat16, 3);
-  FwdSpec all;
-  const FwdOut full = run_forward(bitepBackendCuda, cfg, T, logits, {}, all);
-  ASSERT_EQ(full.rc, bitepSuccess) << full.error;
-  EXPECT_EQ(bitep::kernels::last_router_forward_topk(), 0) << "with probs and saved: the runtime-k instance";
-  FwdSpec compact;
-  compact.probs = compact.saved = false;
-  compact.map = bitepMapNone;
-  const FwdOut c = run_forward(bitepBackendCuda, cfg, T, logits, {}, compact);
-  ASSERT_EQ(c.rc, bitepSuccess) << c.error;
-  EXPECT_EQ(bitep::kernels::last_router_forward_topk(), 8) << "compact outputs alone: the instance for k = 8";
-  EXPECT_EQ(c.indices, full.indices);
-  EXPECT_EQ(count_bit_diffs(c.weights, full.weights), 0);
-  FwdSpec map_only;
-  map_only.probs = map_only.saved = map_only.weights = map_only.indices = false;
-  map_only.map = bitepMapBitmapU8;
-  const FwdOut m = run_forward(bitepBackendCuda, cfg, T, logits, {}, map_only);
-  ASSERT_EQ(m.rc, bitepSuccess) << m.error;
-  EXPECT_EQ(m.map, bitep::ref::pack_bitmap(full.map.data(), T, E));
+  const int64_t T = 1001;
+  const int k = 8;
+  for (int E : {100, 128, 256}) {
+    const std::string what = "E=" + std::to_string(E);
+    const bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSoftmax, 0, bitepBfloat16);
+    const auto logits = make_logits(T, E, bitepBfloat16, 3 + E);
+    FwdSpec all;
+    const FwdOut full = run_forward(bitepBackendCuda, cfg, T, logits, {}, all);
+    ASSERT_EQ(full.rc, bitepSuccess) << full.error;
+    EXPECT_TRUE(full.guards) << what;
+    EXPECT_EQ(bitep::kernels::last_router_forward_topk(), E == 256 ? 0 : 8) << what << " with probs and saved";
+    EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, k, bitepBfloat16, true)) << what;
+    FwdSpec compact;
+    compact.probs = compact.saved = false;
+    compact.map = bitepMapNone;
+    const FwdOut c = run_forward(bitepBackendCuda, cfg, T, logits, {}, compact);
+    ASSERT_EQ(c.rc, bitepSuccess) << c.error;
+    EXPECT_TRUE(c.guards) << what;
+    EXPECT_EQ(bitep::kernels::last_router_forward_topk(), 8)
+        << what << " compact outputs alone: the instance for k = 8";
+    EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, k, bitepBfloat16, false)) << what;
+    EXPECT_EQ(c.indices, full.indices) << what;
+    EXPECT_EQ(count_bit_diffs(c.weights, full.weights), 0) << what;
+    FwdSpec map_only;
+    map_only.probs = map_only.saved = map_only.weights = map_only.indices = false;
+    map_only.map = bitepMapBitmapU8;
+    const FwdOut m = run_forward(bitepBackendCuda, cfg, T, logits, {}, map_only);
+    ASSERT_EQ(m.rc, bitepSuccess) << m.error;
+    EXPECT_EQ(m.map, bitep::ref::pack_bitmap(full.map.data(), T, E)) << what;
+  }
 }
 
 // The generic kernel holds a block's group scores in shared memory: one group past what fits is refused with

@@ -269,6 +269,13 @@ bitepRouterConfig_t make_config(int E, int k, bitepScoreFunction_t fn, int pre, 
 // the compact outputs alone (OptionalOutputs checks that one); 0 everywhere else.
 int want_topk_instance(int kernel, int E, int k, bitepDataType_t dt);
 
+// The lanes a token the forward kernel must have run at (kernels/router.h last_router_forward_lanes): the bucket's
+// (the octets of a row rounded up to a power of two, at most 32), but for the bf16 post-top-k softmax kernel (1) at
+// E 65-128 and k = 8, which runs at 8 lanes a token (router_topk_spec.cuh four_token_post) for the compact outputs
+// and, at E = 128, for probs and saved 16-byte aligned (dense_aligned: the run writes them so). 0 for the generic
+// kernel.
+int want_lanes(int kernel, int E, int k, bitepDataType_t dt, bool dense, bool dense_aligned = true);
+
 // Rank mask and counts implied by a bytemap.
 void ranks_from_map(const std::vector<uint8_t>& bytemap,
                     int64_t T,
