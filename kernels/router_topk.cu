@@ -91,7 +91,10 @@ cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cu
       const ScorePath path = score_path(p);
       if (path.post && lay.group_octets == 0 && (!kHolderSoftmax || p.topk <= G)) {
         if constexpr (G == 16 && NS == 1) {
-          if (four_token_post(p)) return launch_bucket_t<8, 2, false, FwdSpec::kPostSoftmax>(p, lay, stream);
+          int sms = 0;
+          const cudaError_t err = sm_count(&sms);
+          if (err != cudaSuccess) return err;
+          if (four_token_post(p, sms)) return launch_bucket_t<8, 2, false, FwdSpec::kPostSoftmax>(p, lay, stream);
         }
         return launch_dtype<G, NS, FwdSpec::kPostSoftmax>(p, lay, stream);
       }

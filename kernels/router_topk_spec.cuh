@@ -182,14 +182,18 @@ constexpr int kconst_kernel() {
 // staged in shared memory and stored whole. H200, T = 65536, two interleaved runs (bench/NOTES.md, "Router v31"):
 // TE-compatible bitmap 31.01 -> 28.58 us (0.92x), compact 0.85-0.88x; without the wide stores the TE-compatible rows
 // were 1.07-1.10x slower, so the other shapes (E 65-127 with probs or saved, fp32 logits) keep 16 lanes a token, and
-// so does k != 8 (the holders need k <= 8 there; the runtime-k instance was not measured).
+// so does k != 8 (the holders need k <= 8 there; the runtime-k instance was not measured). And so do fewer tokens than
+// 2 blocks of 32 an SM (p.four_token_min_tokens, by default 64 x the SMs: 8448 on 132): at T = 4096 (128 blocks, one an
+// SM at most) the four-token grid was 1.03-1.08x slower, at T = 16384 (3.9 an SM) 0.95-0.99x (rows between not
+// measured).
 // BITEP_ROUTER_FWD_FOUR_TOKENS=0 (a tuning build) keeps 16 lanes everywhere.
 #ifndef BITEP_ROUTER_FWD_FOUR_TOKENS
 #define BITEP_ROUTER_FWD_FOUR_TOKENS 1
 #endif
-inline bool four_token_post(const RouterForwardParams& p) {
+inline bool four_token_post(const RouterForwardParams& p, int sms) {
   if (BITEP_ROUTER_FWD_FOUR_TOKENS == 0 || !kHolderSoftmax || p.logits_dtype != DType::kBF16 || p.topk != 8)
     return false;
+  if (p.num_tokens < (p.four_token_min_tokens >= 0 ? p.four_token_min_tokens : int64_t{64} * sms)) return false;
   if (p.probs == nullptr && p.saved == nullptr) return true;
   return kWideStores && p.num_experts == 128 && aligned16(p.probs) && aligned16(p.saved);
 }

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // The router GPU tests' shared helpers (router_gpu_test.h, which documents each).
+#include <cstdlib>
 #include <iostream>
 #include <sstream>
 
@@ -332,9 +333,19 @@ int want_topk_instance(int kernel, int E, int k, bitepDataType_t dt) {
   return kernel > 0 && k == 8 && E > 64 && E <= 512 && !compact_only ? 8 : 0;
 }
 
-int want_lanes(int kernel, int E, int k, bitepDataType_t dt, bool dense, bool dense_aligned) {
+int want_lanes(int kernel, int E, int k, bitepDataType_t dt, int64_t T, bool dense, bool dense_aligned) {
   if (kernel < 0) return 0;
-  if (kernel == 1 && dt == bitepBfloat16 && E > 64 && E <= 128 && k == 8 && (!dense || (E == 128 && dense_aligned)))
+  int64_t min_tokens = -1;
+  if (const char* v = std::getenv("BITEP_ROUTER_FOUR_TOKENS_MIN")) min_tokens = std::atoll(v);
+  if (min_tokens < 0) {
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      return -1;  // no answer: the caller's expectation fails
+    min_tokens = int64_t{64} * sms;
+  }
+  if (kernel == 1 && dt == bitepBfloat16 && E > 64 && E <= 128 && k == 8 && T >= min_tokens &&
+      (!dense || (E == 128 && dense_aligned)))
     return 8;
   int lanes = 1;
   while (lanes < 32 && lanes * 8 < E) lanes *= 2;

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <iostream>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -236,6 +237,8 @@ TEST(RouterGpu, TopkFromOneLane) {
             cfg.scaling_factor = 2.5f;
             bias = small_bias;
           }
+          std::optional<FourTokensAtAnyCount> four;  // the rows built for 8 lanes: through the four-token kernel
+          if (lanes == 8) four.emplace();
           check_case(cfg, T, encode(v, dt), bias, false, 0, &stats, /*exact=*/path == 0);
           if (HasFatalFailure()) return;
           const int want_kernel = path == 0 ? 1 : (path == 1 ? 2 : (path == 3 ? 4 : 3));
@@ -243,7 +246,7 @@ TEST(RouterGpu, TopkFromOneLane) {
           EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), want_kernel) << what << ": the kernel chosen";
           EXPECT_EQ(bitep::kernels::last_router_forward_topk(), want_topk_instance(want_kernel, E, k, dt))
               << what << ": the instance for k = 8";
-          EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(want_kernel, E, k, dt, true))
+          EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(want_kernel, E, k, dt, T, true))
               << what << ": the lanes a token";
         }
   }
@@ -421,9 +424,19 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           // The spec kernels' instance for k = 8 must be the one checked here (the runs write probs and saved).
           EXPECT_EQ(bitep::kernels::last_router_forward_topk(), want_topk_instance(want_kernel, E, k, dt))
               << what << ": the instance for k = 8";
-          EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(want_kernel, E, k, dt, true))
+          EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(want_kernel, E, k, dt, T, true))
               << what << ": the lanes a token";
           EXPECT_TRUE(got.guards) << what << ": forward wrote past a buffer";
+          if (want_lanes(want_kernel, E, k, dt, 1 << 30, true) == 8) {
+            // The bf16 post-top-k softmax at four tokens a warp (at any token count in this scope): every output the
+            // bits of the two-token kernel's above (the holders sum the same k exps over the same lanes).
+            FourTokensAtAnyCount scope;
+            const FwdOut four = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
+            ASSERT_EQ(four.rc, bitepSuccess) << four.error;
+            EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), 8) << what << ": four tokens a warp";
+            EXPECT_TRUE(four.guards) << what << ": four tokens a warp: forward wrote past a buffer";
+            expect_same_outputs(four, got, what + ": four tokens a warp");
+          }
           if (want_kernel == 4) {
             // DeepSeek-V3's kernel loads the bias by 16-byte loads: a bias 4 bytes off takes the sigmoid's
             // general kernel (3), and both give the any-path kernel's bits (checked below for `got`).
@@ -496,6 +509,7 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
 // a lane; 512: two. T = 333: a last partial tile.
 TEST(RouterGpu, HolderOutputsMisaligned) {
   REQUIRE_GPU();
+  FourTokensAtAnyCount four;  // bf16 E = 128 aligned: the four-token kernel's staged wide stores at T = 333
   const int64_t T = 333;
   for (int E : {64, 128, 200, 256, 512})
     for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
@@ -506,7 +520,7 @@ TEST(RouterGpu, HolderOutputsMisaligned) {
       const FwdOut want = run_forward(bitepBackendCuda, cfg, T, logits, {}, aligned);
       ASSERT_EQ(want.rc, bitepSuccess) << want.error;
       EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 1) << "E=" << E << ": the post-top-k softmax kernel";
-      EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, 8, dt, true)) << "E=" << E;
+      EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, 8, dt, T, true)) << "E=" << E;
       EXPECT_TRUE(want.guards);
       for (int which = 1; which <= 3; ++which) {
         FwdSpec spec = aligned;
@@ -516,7 +530,7 @@ TEST(RouterGpu, HolderOutputsMisaligned) {
                                  std::to_string(spec.probs_offset) + " saved +" + std::to_string(spec.saved_offset);
         const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
         ASSERT_EQ(got.rc, bitepSuccess) << got.error;
-        EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, 8, dt, true, false)) << what;
+        EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, 8, dt, T, true, false)) << what;
         EXPECT_TRUE(got.guards) << what << ": wrote past a buffer";
         expect_same_outputs(got, want, what);
       }
@@ -525,41 +539,46 @@ TEST(RouterGpu, HolderOutputsMisaligned) {
 
 // Outputs are optional one by one; a forward with only the compact outputs gives the same experts and weights, bit for
 // bit, though the bf16 post-top-k softmax picks its kernel by the outputs: at E = 256 the instance for k = 8 for the
-// compact outputs alone, the runtime-k one with probs and saved; at E 65-128, 8 lanes a token for the compact outputs,
-// and with probs and saved 8 at E = 128 (the wide stores) and 16 at E = 100 (the holders sum their k exps in round
-// order over the same 8 lanes either way).
+// compact outputs alone, the runtime-k one with probs and saved; at E 65-128 (T = 1001: 16 lanes a token by default,
+// and again with four tokens a warp at any count), 8 lanes a token for the compact outputs, and with probs and saved 8
+// at E = 128 (the wide stores) and 16 at E = 100 (the holders sum their k exps in round order over the same 8 lanes
+// either way).
 TEST(RouterGpu, OptionalOutputs) {
   REQUIRE_GPU();
   const int64_t T = 1001;
   const int k = 8;
-  for (int E : {100, 128, 256}) {
-    const std::string what = "E=" + std::to_string(E);
-    const bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSoftmax, 0, bitepBfloat16);
-    const auto logits = make_logits(T, E, bitepBfloat16, 3 + E);
-    FwdSpec all;
-    const FwdOut full = run_forward(bitepBackendCuda, cfg, T, logits, {}, all);
-    ASSERT_EQ(full.rc, bitepSuccess) << full.error;
-    EXPECT_TRUE(full.guards) << what;
-    EXPECT_EQ(bitep::kernels::last_router_forward_topk(), E == 256 ? 0 : 8) << what << " with probs and saved";
-    EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, k, bitepBfloat16, true)) << what;
-    FwdSpec compact;
-    compact.probs = compact.saved = false;
-    compact.map = bitepMapNone;
-    const FwdOut c = run_forward(bitepBackendCuda, cfg, T, logits, {}, compact);
-    ASSERT_EQ(c.rc, bitepSuccess) << c.error;
-    EXPECT_TRUE(c.guards) << what;
-    EXPECT_EQ(bitep::kernels::last_router_forward_topk(), 8)
-        << what << " compact outputs alone: the instance for k = 8";
-    EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, k, bitepBfloat16, false)) << what;
-    EXPECT_EQ(c.indices, full.indices) << what;
-    EXPECT_EQ(count_bit_diffs(c.weights, full.weights), 0) << what;
-    FwdSpec map_only;
-    map_only.probs = map_only.saved = map_only.weights = map_only.indices = false;
-    map_only.map = bitepMapBitmapU8;
-    const FwdOut m = run_forward(bitepBackendCuda, cfg, T, logits, {}, map_only);
-    ASSERT_EQ(m.rc, bitepSuccess) << m.error;
-    EXPECT_EQ(m.map, bitep::ref::pack_bitmap(full.map.data(), T, E)) << what;
-  }
+  for (bool four_at_any_count : {false, true})
+    for (int E : {100, 128, 256}) {
+      std::optional<FourTokensAtAnyCount> four;
+      if (four_at_any_count) four.emplace();
+      const std::string what =
+          "E=" + std::to_string(E) + (four_at_any_count ? " (four tokens a warp at any count)" : "");
+      const bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSoftmax, 0, bitepBfloat16);
+      const auto logits = make_logits(T, E, bitepBfloat16, 3 + E);
+      FwdSpec all;
+      const FwdOut full = run_forward(bitepBackendCuda, cfg, T, logits, {}, all);
+      ASSERT_EQ(full.rc, bitepSuccess) << full.error;
+      EXPECT_TRUE(full.guards) << what;
+      EXPECT_EQ(bitep::kernels::last_router_forward_topk(), E == 256 ? 0 : 8) << what << " with probs and saved";
+      EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, k, bitepBfloat16, T, true)) << what;
+      FwdSpec compact;
+      compact.probs = compact.saved = false;
+      compact.map = bitepMapNone;
+      const FwdOut c = run_forward(bitepBackendCuda, cfg, T, logits, {}, compact);
+      ASSERT_EQ(c.rc, bitepSuccess) << c.error;
+      EXPECT_TRUE(c.guards) << what;
+      EXPECT_EQ(bitep::kernels::last_router_forward_topk(), 8)
+          << what << " compact outputs alone: the instance for k = 8";
+      EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, k, bitepBfloat16, T, false)) << what;
+      EXPECT_EQ(c.indices, full.indices) << what;
+      EXPECT_EQ(count_bit_diffs(c.weights, full.weights), 0) << what;
+      FwdSpec map_only;
+      map_only.probs = map_only.saved = map_only.weights = map_only.indices = false;
+      map_only.map = bitepMapBitmapU8;
+      const FwdOut m = run_forward(bitepBackendCuda, cfg, T, logits, {}, map_only);
+      ASSERT_EQ(m.rc, bitepSuccess) << m.error;
+      EXPECT_EQ(m.map, bitep::ref::pack_bitmap(full.map.data(), T, E)) << what;
+    }
 }
 
 // The generic kernel holds a block's group scores in shared memory: one group past what fits is refused with

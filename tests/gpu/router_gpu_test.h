@@ -269,12 +269,12 @@ bitepRouterConfig_t make_config(int E, int k, bitepScoreFunction_t fn, int pre, 
 // the compact outputs alone (OptionalOutputs checks that one); 0 everywhere else.
 int want_topk_instance(int kernel, int E, int k, bitepDataType_t dt);
 
-// The lanes a token the forward kernel must have run at (kernels/router.h last_router_forward_lanes): the bucket's
-// (the octets of a row rounded up to a power of two, at most 32), but for the bf16 post-top-k softmax kernel (1) at
-// E 65-128 and k = 8, which runs at 8 lanes a token (router_topk_spec.cuh four_token_post) for the compact outputs
-// and, at E = 128, for probs and saved 16-byte aligned (dense_aligned: the run writes them so). 0 for the generic
-// kernel.
-int want_lanes(int kernel, int E, int k, bitepDataType_t dt, bool dense, bool dense_aligned = true);
+// The lanes a token the forward kernel must have run at (kernels/router.h last_router_forward_lanes) for T tokens: the
+// bucket's (the octets of a row rounded up to a power of two, at most 32), but for the bf16 post-top-k softmax kernel
+// (1) at E 65-128 and k = 8, which runs at 8 lanes a token (router_topk_spec.cuh four_token_post) from
+// BITEP_ROUTER_FOUR_TOKENS_MIN tokens on (unset: 64 x the SMs) for the compact outputs and, at E = 128, for probs and
+// saved 16-byte aligned (dense_aligned: the run writes them so). 0 for the generic kernel.
+int want_lanes(int kernel, int E, int k, bitepDataType_t dt, int64_t T, bool dense, bool dense_aligned = true);
 
 // Rank mask and counts implied by a bytemap.
 void ranks_from_map(const std::vector<uint8_t>& bytemap,
@@ -309,6 +309,13 @@ void report(const char* name, const CaseStats& s);
 struct AnyPathKernels {
   AnyPathKernels() { setenv("BITEP_ROUTER_SPEC", "0", 1); }
   ~AnyPathKernels() { unsetenv("BITEP_ROUTER_SPEC"); }
+};
+
+// BITEP_ROUTER_FOUR_TOKENS_MIN=0 (read by the library per call) for one scope: the bf16 E 65-128 post-top-k softmax at
+// four tokens a warp at any token count (by default from 64 x the SMs on), so the tests' small rows run that kernel.
+struct FourTokensAtAnyCount {
+  FourTokensAtAnyCount() { setenv("BITEP_ROUTER_FOUR_TOKENS_MIN", "0", 1); }
+  ~FourTokensAtAnyCount() { unsetenv("BITEP_ROUTER_FOUR_TOKENS_MIN"); }
 };
 
 template <class V>
