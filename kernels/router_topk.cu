@@ -62,6 +62,14 @@ cudaError_t launch_k(const RouterForwardParams& p, const FwdLayout& lay, cudaStr
   }
 }
 
+// four_token_post's kernel (k = 8 alone): the wide-stores instance where probs or saved are written (E = 128, both
+// 16-byte aligned: the rule's condition), the other for the compact outputs.
+cudaError_t launch_four_token(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
+  if (p.probs != nullptr || p.saved != nullptr)
+    return launch_kernel<8, 2, false, FwdSpec::kPostSoftmax, true, 8>(p, lay, stream);
+  return launch_kernel<8, 2, false, FwdSpec::kPostSoftmax, false, 8>(p, lay, stream);
+}
+
 template <int G, int NS, bool kF32, FwdSpec kSpec>
 cudaError_t launch_bucket_t(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   if constexpr (wide_rows_kernel<G, NS, kF32, kSpec>()) {
@@ -94,7 +102,7 @@ cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cu
           int sms = 0;
           const cudaError_t err = sm_count(&sms);
           if (err != cudaSuccess) return err;
-          if (four_token_post(p, sms)) return launch_bucket_t<8, 2, false, FwdSpec::kPostSoftmax>(p, lay, stream);
+          if (four_token_post(p, sms)) return launch_four_token(p, lay, stream);
         }
         return launch_dtype<G, NS, FwdSpec::kPostSoftmax>(p, lay, stream);
       }

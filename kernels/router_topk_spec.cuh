@@ -69,10 +69,9 @@ constexpr int min_blocks() {
   // registers (post-top-k softmax; fp32 at 16 lanes a token 40), 44-48 (pre-top-k softmax, sigmoid) and 64
   // (the same at two octets a lane); unrolled, it gave them up to 5 more.
   if (kConstK && N <= 8) return kPostSpec ? (kF32 && G == 16 ? 6 : 8) : 5;
-  // The bf16 post-top-k kernel at 8 lanes a token and two octets a lane (E 65-128, four_token_post): its k = 8
-  // instances take 40 registers at 6 blocks, no spill; the runtime-k one at 6 spilled 36 bytes (not measured), none at
-  // 5 (48 registers).
-  if (kPostSpec && !kF32 && G == 8 && N == 16) return kConstK || kWideRows ? 6 : 5;
+  // The bf16 post-top-k kernel at 8 lanes a token and two octets a lane (E 65-128, four_token_post; k = 8 alone): its
+  // two instances take 40 registers at 6 blocks, no spill.
+  if (kPostSpec && !kF32 && G == 8 && N == 16) return 6;
   if (kConstK && N <= 16 && !kPostSpec) return 4;
   return N <= 8 ? (!kF32 && kPostSpec && G == 32 ? (kHolderSoftmax ? 8 : 5) : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 #endif
@@ -172,21 +171,21 @@ constexpr int staged_float4s() {
 template <int G, int NS, FwdSpec kSpec>
 constexpr int kconst_kernel() {
   if (BITEP_ROUTER_FWD_KCONST == 0 || kSpec == FwdSpec::kAny) return 0;
-  return (G == 32 && NS <= 2) || (G == 16 && NS == 1) || (G == 8 && NS == 2) ? 8 : 0;
+  return (G == 32 && NS <= 2) || (G == 16 && NS == 1) ? 8 : 0;
 }
 
 // The bf16 post-top-k softmax at E 65-128 (the bucket of 16 lanes a token and one octet a lane) runs at 8 lanes a token
 // and two octets a lane, four tokens a warp instead of two, so a round's reductions and a tile's fixed work serve
-// twice the tokens. For k = 8 (its instance for k = 8, 40 registers), where it measured faster: the compact outputs (no
-// probs nor saved) and, at E = 128 with probs and saved 16-byte aligned, the wide-stores instance, whose dense rows are
-// staged in shared memory and stored whole. H200, T = 65536, two interleaved runs (bench/NOTES.md, "Router v31"):
-// TE-compatible bitmap 31.01 -> 28.58 us (0.92x), compact 0.85-0.88x; without the wide stores the TE-compatible rows
-// were 1.07-1.10x slower, so the other shapes (E 65-127 with probs or saved, fp32 logits) keep 16 lanes a token, and
-// so does k != 8 (the holders need k <= 8 there; the runtime-k instance was not measured). And so do fewer tokens than
-// 2 blocks of 32 an SM (p.four_token_min_tokens, by default 64 x the SMs: 8448 on 132): at T = 4096 (128 blocks, one an
-// SM at most) the four-token grid was 1.03-1.08x slower, at T = 16384 (3.9 an SM) 0.95-0.99x (rows between not
-// measured).
-// BITEP_ROUTER_FWD_FOUR_TOKENS=0 (a tuning build) keeps 16 lanes everywhere.
+// twice the tokens. For k = 8 (its instances are compiled for k = 8: 40 registers), where it measured faster: the
+// compact outputs (no probs nor saved) and, at E = 128 with probs and saved 16-byte aligned, the wide-stores instance,
+// whose dense rows are staged in shared memory and stored whole. H200, T = 65536, two interleaved runs (bench/NOTES.md,
+// "Router v31"): TE-compatible bitmap 31.01 -> 28.58 us (0.92x), compact 0.85-0.88x; without the wide stores the
+// TE-compatible rows were 1.07-1.10x slower, so the other shapes (E 65-127 with probs or saved, fp32 logits) keep 16
+// lanes a token, and so does k != 8 (the holders need k <= 8 there, and a runtime-k instance took 48 registers; not
+// measured). And so do fewer tokens than 2 blocks of 32 an SM (p.four_token_min_tokens, by default 64 x the SMs: 8448
+// on 132): at T = 4096 (128 blocks, one an SM at most) the four-token grid was 1.03-1.08x slower, at T = 16384 (3.9 an
+// SM) 0.95-0.99x (rows between not measured). BITEP_ROUTER_FWD_FOUR_TOKENS=0 (a tuning build) keeps 16 lanes
+// everywhere.
 #ifndef BITEP_ROUTER_FWD_FOUR_TOKENS
 #define BITEP_ROUTER_FWD_FOUR_TOKENS 1
 #endif
