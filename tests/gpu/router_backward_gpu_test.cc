@@ -60,6 +60,11 @@ TEST(RouterGpu, BackwardMisalignedInputs) {
       }
 }
 
+// The post-top-k softmax's gradient is 0 at every expert a token did not route to, and its backward reads only the
+// routed octets or experts (kernels/router_backward.cu: kSparse; kernels/router_backward_routed.cu): NaN in grad_probs,
+// the saved tensor and the logits at every unrouted expert leaves grad_logits as it is, bit for bit, in both modes and
+// map formats. E = 64: 8 lanes a token; 100: a partial last octet; 256: one octet a lane; 512: two (the saved mode
+// kSparse, the recompute the routed kernel); 2048: eight (the routed kernel). T = 333: a last partial tile.
 TEST(RouterGpu, BackwardIgnoresUnroutedInputs) {
   REQUIRE_GPU();
   const int64_t T = 333;
