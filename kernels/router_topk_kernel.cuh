@@ -80,8 +80,8 @@ __global__ void __launch_bounds__(kBucketThreads,
   const int esize = dt == DType::kF32 ? 4 : 2;
   const float scale = p.scaling_factor;
 
-  constexpr bool kStaged = kWideRows && kStageRows && G == 8;
-  // kStaged: each warp's rows of probs and saved ([tokens of the warp][E] floats each), as float4.
+  // kStaged: each warp's rows of probs and saved ([tokens of the warp][E] floats each), as float4 (staged_float4s).
+  constexpr bool kStaged = staged_float4s<G, NS, kWideRows>() > 1;
   __shared__ float4 stage[staged_float4s<G, NS, kWideRows>()];
   static_assert(!kStaged || staged_float4s<G, NS, kWideRows>() == kWarps * 2 * 64 * NS, "the staging's size");
   [[maybe_unused]] float4* const stage_p = stage + (kStaged ? warp * 2 * 64 * NS : 0);
