@@ -6,7 +6,7 @@
 // near-tie (its experts a top-k of the fp64 selection scores up to 1e-5, its values those of its own experts in
 // fp64: tests/reference); any wrong row makes the exit status non-zero.
 //
-//   router_bench [--quick] [--json PATH] [--commit SHA] [--iters N] [--tokens T] [--experts E,..] [--bf16]
+//   router_bench [--quick] [--json PATH] [--commit SHA] [--iters N] [--tokens T,..] [--experts E,..] [--bf16]
 //                [--configs NAME,..] [--fwd | --bwd]
 //
 // Time: median over N (>= 100) iterations, one CUDA event pair each, queued behind a spin kernel so the
@@ -25,6 +25,7 @@
 #include <ctime>
 #include <functional>
 #include <numeric>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -466,8 +467,8 @@ struct Args {
   bool quick = false;
   std::string json, commit = "unknown";
   int iters = 100;
-  int64_t tokens = 0;   // > 0: this T only (smoke runs)
-  std::string experts;  // non-empty: comma-separated E values, the configs of those E only
+  std::vector<int64_t> tokens;  // non-empty: these T only (--tokens T,T,..)
+  std::string experts;          // non-empty: comma-separated E values, the configs of those E only
   std::string configs;  // non-empty: comma-separated config names (softmax, softmax-pre, deepseek-v3), those alone
   bool bf16_only = false;
   bool fwd_only = false;  // tuning runs: the forward rows alone
@@ -500,7 +501,9 @@ int main(int argc, char** argv) {
     } else if (a == "--commit" && i + 1 < argc) {
       args.commit = argv[++i];
     } else if (a == "--tokens" && i + 1 < argc) {
-      args.tokens = std::max<int64_t>(1, std::atoll(argv[++i]));
+      std::stringstream list(argv[++i]);
+      for (std::string t; std::getline(list, t, ',');)
+        args.tokens.push_back(std::max<int64_t>(1, std::atoll(t.c_str())));
     } else if (a == "--experts" && i + 1 < argc) {
       args.experts = "," + std::string(argv[++i]) + ",";
     } else if (a == "--configs" && i + 1 < argc) {
@@ -514,10 +517,11 @@ int main(int argc, char** argv) {
     } else if (a == "--iters" && i + 1 < argc) {
       args.iters = std::max(100, std::atoi(argv[++i]));
     } else {
-      std::fprintf(stderr,
-                   "usage: %s [--quick] [--json PATH] [--commit SHA] [--iters N>=100] [--tokens T] [--experts E,E,..] "
-                   "[--configs NAME,..] [--bf16] [--fwd | --bwd]\n",
-                   argv[0]);
+      std::fprintf(
+          stderr,
+          "usage: %s [--quick] [--json PATH] [--commit SHA] [--iters N>=100] [--tokens T,T,..] [--experts E,E,..] "
+          "[--configs NAME,..] [--bf16] [--fwd | --bwd]\n",
+          argv[0]);
       return 2;
     }
   }
@@ -545,7 +549,7 @@ int main(int argc, char** argv) {
     cfgs = {&kConfigs[2], &kConfigs[3]};
     dts = {bitepBfloat16};
   }
-  if (args.tokens > 0) Ts = {args.tokens};
+  if (!args.tokens.empty()) Ts = args.tokens;
   if (!args.experts.empty()) {
     std::vector<const Config*> keep;
     for (const Config* c : cfgs)
