@@ -62,12 +62,16 @@ cudaError_t launch_k(const RouterForwardParams& p, const FwdLayout& lay, cudaStr
   }
 }
 
-// four_token_post's kernel (k = 8 alone): the wide-stores instance where probs or saved are written (E = 128, both
-// 16-byte aligned: the rule's condition), the other for the compact outputs.
-cudaError_t launch_four_token(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
-  if (p.probs != nullptr || p.saved != nullptr)
-    return launch_kernel<8, 2, false, FwdSpec::kPostSoftmax, true, 8>(p, lay, stream);
-  return launch_kernel<8, 2, false, FwdSpec::kPostSoftmax, false, 8>(p, lay, stream);
+// two_octet_post's kernel (k = 8 alone) at G lanes a token: at 8 lanes the wide-stores instance where probs or saved
+// are written (E = 128, both 16-byte aligned: the rule's condition), the other for the compact outputs (at 16 lanes,
+// E 129-256, the only one).
+template <int G>
+cudaError_t launch_two_octet(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
+  if constexpr (G == 8) {
+    if (p.probs != nullptr || p.saved != nullptr)
+      return launch_kernel<8, 2, false, FwdSpec::kPostSoftmax, true, 8>(p, lay, stream);
+  }
+  return launch_kernel<G, 2, false, FwdSpec::kPostSoftmax, false, 8>(p, lay, stream);
 }
 
 template <int G, int NS, bool kF32, FwdSpec kSpec>
@@ -98,11 +102,11 @@ cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cu
         (p.num_tokens + 256) * p.num_experts < (int64_t{1} << 31)) {
       const ScorePath path = score_path(p);
       if (path.post && lay.group_octets == 0 && (!kHolderSoftmax || p.topk <= G)) {
-        if constexpr (G == 16 && NS == 1) {
+        if constexpr ((G == 16 || G == 32) && NS == 1) {
           int sms = 0;
           const cudaError_t err = sm_count(&sms);
           if (err != cudaSuccess) return err;
-          if (four_token_post(p, sms)) return launch_four_token(p, lay, stream);
+          if (two_octet_post(p, sms)) return launch_two_octet<G / 2>(p, lay, stream);
         }
         return launch_dtype<G, NS, FwdSpec::kPostSoftmax>(p, lay, stream);
       }

@@ -32,7 +32,7 @@ constexpr bool kHolderSoftmax = BITEP_ROUTER_FWD_HOLDERS != 0;
 #endif
 constexpr bool kWideStores = BITEP_ROUTER_FWD_WIDE_STORES != 0;
 
-// The wide-stores instances at 8 lanes a token (E 33-64, and bf16 E = 128 at two octets a lane: four_token_post) stage
+// The wide-stores instances at 8 lanes a token (E 33-64, and bf16 E = 128 at two octets a lane: two_octet_post) stage
 // their dense rows in shared memory (kStaged in the kernel): each lane writes its whole-sector slots there as
 // unselected, the holders write their weights over them, and the lanes store the rows from there, so each sector of
 // probs and saved is written once, whole (the holders' stores were k partial sectors a token and array over the sectors
@@ -69,9 +69,9 @@ constexpr int min_blocks() {
   // registers (post-top-k softmax; fp32 at 16 lanes a token 40), 44-48 (pre-top-k softmax, sigmoid) and 64
   // (the same at two octets a lane); unrolled, it gave them up to 5 more.
   if (kConstK && N <= 8) return kPostSpec ? (kF32 && G == 16 ? 6 : 8) : 5;
-  // The bf16 post-top-k kernel at 8 lanes a token and two octets a lane (E 65-128, four_token_post; k = 8 alone): its
-  // two instances take 40 registers at 6 blocks, no spill.
-  if (kPostSpec && !kF32 && G == 8 && N == 16) return 6;
+  // The bf16 post-top-k kernels at half the bucket's lanes and two octets a lane (E 65-256, two_octet_post; k = 8
+  // alone): their three instances take 40 registers at 6 blocks, no spill.
+  if (kPostSpec && !kF32 && G <= 16 && N == 16) return 6;
   if (kConstK && N <= 16 && !kPostSpec) return 4;
   return N <= 8 ? (!kF32 && kPostSpec && G == 32 ? (kHolderSoftmax ? 8 : 5) : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 #endif
@@ -174,32 +174,35 @@ constexpr int kconst_kernel() {
   return (G == 32 && NS <= 2) || (G == 16 && NS == 1) ? 8 : 0;
 }
 
-// The bf16 post-top-k softmax at E 65-128 (the bucket of 16 lanes a token and one octet a lane) runs at 8 lanes a token
-// and two octets a lane, four tokens a warp instead of two, so a round's reductions and a tile's fixed work serve
-// twice the tokens. For k = 8 (its instances are compiled for k = 8: 40 registers), where it measured faster: the
-// compact outputs (no probs nor saved) and, at E = 128 with probs and saved 16-byte aligned, the wide-stores instance,
-// whose dense rows are staged in shared memory and stored whole. H200, T = 65536, two interleaved runs (bench/NOTES.md,
-// "Router v31"): TE-compatible bitmap 31.01 -> 28.58 us (0.92x), compact 0.85-0.88x; without the wide stores the
-// TE-compatible rows were 1.07-1.10x slower, so the other shapes (E 65-127 with probs or saved, fp32 logits) keep 16
-// lanes a token, and so does k != 8 (the holders need k <= 8 there, and a runtime-k instance took 48 registers; not
-// measured). And so do fewer tokens than 2 blocks of 32 an SM (p.four_token_min_tokens, by default 64 x the SMs: 8448
-// on 132): at T = 4096 (128 blocks, one an SM at most) the four-token grid was 1.03-1.08x slower, at T = 16384 (3.9 an
-// SM) 0.95-0.99x (rows between not measured). BITEP_ROUTER_FWD_FOUR_TOKENS=0 (a tuning build) keeps 16 lanes
-// everywhere.
-#ifndef BITEP_ROUTER_FWD_FOUR_TOKENS
-#define BITEP_ROUTER_FWD_FOUR_TOKENS 1
+// The bf16 post-top-k softmax at E 65-256 (the buckets of one octet a lane at 16 and 32 lanes a token) runs at half the
+// lanes and two octets a lane, so a round's reductions and a tile's fixed work serve twice the tokens: four a warp at
+// E 65-128 (8 lanes), two at E 129-256 (16). For k = 8 (its instances are compiled for k = 8: 40 registers), where it
+// measured faster: the compact outputs (no probs nor saved) and, at E = 128 with probs and saved 16-byte aligned, the
+// wide-stores instance, whose dense rows are staged in shared memory and stored whole. H200, two interleaved runs
+// (bench/NOTES.md, "Router v31" and "v32"): E = 128 T = 65536 TE-compatible bitmap 31.01 -> 28.58 us (0.92x), compact
+// 0.85-0.88x; E = 256 compact 0.83-0.87x at T = 65536, 0.91-0.94x at T = 16384. Without the wide stores the E = 128
+// TE-compatible rows were 1.07-1.10x slower, and at E = 256 with the wide stores (unstaged at 16 lanes) 0.98-1.02x, so
+// the other shapes (E 65-127 and 129-256 with probs or saved, fp32 logits) keep the bucket's lanes, and so does k != 8
+// (the holders need k <= the lanes, and a runtime-k instance took 48 registers; not measured). And so do fewer tokens
+// than 2 blocks of 32 an SM (p.two_octet_min_tokens, by default 64 x the SMs: 8448 on 132): at E = 128 T = 4096 (128
+// blocks, one an SM at most) the four-token grid was 1.03-1.08x slower, at T = 16384 (3.9 an SM) 0.95-0.99x (rows
+// between, and E = 256 below T = 16384, not measured). BITEP_ROUTER_FWD_TWO_OCTETS=0 (a tuning build) keeps the
+// bucket's lanes everywhere.
+#ifndef BITEP_ROUTER_FWD_TWO_OCTETS
+#define BITEP_ROUTER_FWD_TWO_OCTETS 1
 #endif
-inline bool four_token_post(const RouterForwardParams& p, int sms) {
-  if (BITEP_ROUTER_FWD_FOUR_TOKENS == 0 || !kHolderSoftmax || p.logits_dtype != DType::kBF16 || p.topk != 8)
+inline bool two_octet_post(const RouterForwardParams& p, int sms) {
+  if (BITEP_ROUTER_FWD_TWO_OCTETS == 0 || !kHolderSoftmax || p.logits_dtype != DType::kBF16 || p.topk != 8)
     return false;
-  if (p.num_tokens < (p.four_token_min_tokens >= 0 ? p.four_token_min_tokens : int64_t{64} * sms)) return false;
+  if (p.num_tokens < (p.two_octet_min_tokens >= 0 ? p.two_octet_min_tokens : int64_t{64} * sms)) return false;
   if (p.probs == nullptr && p.saved == nullptr) return true;
   return kWideStores && p.num_experts == 128 && aligned16(p.probs) && aligned16(p.saved);
 }
 
 // The bf16 post-top-k kernel at one octet a lane and 32 lanes a token (E 129-256) takes its k = 8 instance only
-// for the compact outputs: with probs or saved written it measured 4-8% slower (H200, v13 A/B: T = 65536
-// TE-compatible 52.2 -> 56.5 us), without them 7-10% faster (T = 65536 52.3 -> 47.1).
+// for the compact outputs (below two_octet_post's token count; from it on those take 16 lanes of two octets): with
+// probs or saved written it measured 4-8% slower (H200, v13 A/B: T = 65536 TE-compatible 52.2 -> 56.5 us), without them
+// 7-10% faster (T = 65536 52.3 -> 47.1).
 template <int G, int NS, bool kF32, FwdSpec kSpec>
 constexpr bool kconst_compact_only() {
   return !kF32 && kSpec == FwdSpec::kPostSoftmax && G == 32 && NS == 1;

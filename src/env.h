@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // The environment switches (BITEP_LSA, BITEP_SPLIT_MIN_BYTES, ...: tuning and A/B knobs that README and
 // bench/NOTES.md name). Callers that decide per call read a switch once into a function-local static, but
-// for BITEP_ROUTER_SPEC and BITEP_ROUTER_FOUR_TOKENS_MIN, read per call so a test compares the router's kernels in one
+// for BITEP_ROUTER_SPEC and BITEP_ROUTER_TWO_OCTETS_MIN, read per call so a test compares the router's kernels in one
 // process (src/router.cc).
 #pragma once
 

@@ -23,6 +23,10 @@ namespace {
 
 using namespace router_gpu_test;
 
+// The backward with each input and the output misaligned (one at a time, then all): the same bits as
+// with aligned buffers. The warp-per-token kernel stages whole aligned octets by async copies and the
+// others through registers; both must read the same values (E = 64: 8 lanes a token; 256: one octet a
+// lane; 512: two).
 TEST(RouterGpu, BackwardMisalignedInputs) {
   REQUIRE_GPU();
   const int64_t T = 300;

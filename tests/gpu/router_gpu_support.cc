@@ -333,10 +333,16 @@ int want_topk_instance(int kernel, int E, int k, bitepDataType_t dt) {
   return kernel > 0 && k == 8 && E > 64 && E <= 512 && !compact_only ? 8 : 0;
 }
 
+int bucket_lanes(int E) {
+  int lanes = 1;
+  while (lanes < 32 && lanes * 8 < E) lanes *= 2;
+  return lanes;
+}
+
 int want_lanes(int kernel, int E, int k, bitepDataType_t dt, int64_t T, bool dense, bool dense_aligned) {
   if (kernel < 0) return 0;
   int64_t min_tokens = -1;
-  if (const char* v = std::getenv("BITEP_ROUTER_FOUR_TOKENS_MIN")) min_tokens = std::atoll(v);
+  if (const char* v = std::getenv("BITEP_ROUTER_TWO_OCTETS_MIN")) min_tokens = std::atoll(v);
   if (min_tokens < 0) {
     int device = 0, sms = 0;
     if (cudaGetDevice(&device) != cudaSuccess ||
@@ -344,12 +350,10 @@ int want_lanes(int kernel, int E, int k, bitepDataType_t dt, int64_t T, bool den
       return -1;  // no answer: the caller's expectation fails
     min_tokens = int64_t{64} * sms;
   }
-  if (kernel == 1 && dt == bitepBfloat16 && E > 64 && E <= 128 && k == 8 && T >= min_tokens &&
+  if (kernel == 1 && dt == bitepBfloat16 && E > 64 && E <= 256 && k == 8 && T >= min_tokens &&
       (!dense || (E == 128 && dense_aligned)))
-    return 8;
-  int lanes = 1;
-  while (lanes < 32 && lanes * 8 < E) lanes *= 2;
-  return lanes;
+    return bucket_lanes(E) / 2;
+  return bucket_lanes(E);
 }
 
 void ranks_from_map(const std::vector<uint8_t>& bytemap,

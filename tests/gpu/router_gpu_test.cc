@@ -27,6 +27,20 @@ namespace {
 
 using namespace router_gpu_test;
 
+// Every output of two forward runs, bit for bit (an output neither run wrote holds the same poison in both). dense
+// false: probs and saved left out (`got` did not write them, `want` did).
+void expect_same_outputs(const FwdOut& got, const FwdOut& want, const std::string& what, bool dense = true) {
+  if (dense) {
+    EXPECT_TRUE(same_bits(got.probs, want.probs)) << what << ": probs";
+    EXPECT_TRUE(same_bits(got.saved, want.saved)) << what << ": saved";
+  }
+  EXPECT_TRUE(same_bits(got.weights, want.weights)) << what << ": topk_weights";
+  EXPECT_TRUE(same_bits(got.indices, want.indices)) << what << ": topk_indices";
+  EXPECT_TRUE(same_bits(got.map, want.map)) << what << ": routing map";
+  EXPECT_TRUE(same_bits(got.rank_mask, want.rank_mask)) << what << ": rank_mask";
+  EXPECT_TRUE(same_bits(got.rank_counts, want.rank_counts)) << what << ": rank_counts";
+}
+
 // ---- tests ---------------------------------------------------------------------------------------
 
 class RouterGrid : public ::testing::TestWithParam<int> {};
@@ -206,9 +220,11 @@ TEST(RouterGpu, TopkFromOneLane) {
   REQUIRE_GPU();
   CaseStats stats;
   const int64_t T = 300;
-  // E = 128 twice: its rows built for 16 lanes of one octet, and for 8 lanes of two (the bf16 post-top-k kernel's
-  // layout at k = 8: octets l and l + 8 in lane l), the latter through the bf16 post-top-k softmax alone.
-  const std::pair<int, int> shapes[] = {{128, 16}, {128, 8}, {256, 32}, {512, 32}};
+  // E = 128 and 256 twice: their rows built for the bucket's lanes of one octet, and for half those lanes of two (the
+  // bf16 post-top-k kernel's layout at k = 8, two_octet_post: octets l and l + lanes in lane l), the latter through the
+  // bf16 post-top-k softmax alone, at any token count. That kernel writes probs and saved at E = 128 alone; at E = 256
+  // its compact outputs are checked against those of the run that writes them (exact against the host there).
+  const std::pair<int, int> shapes[] = {{128, 16}, {128, 8}, {256, 32}, {256, 16}, {512, 32}};
   for (const auto& [E, lanes] : shapes) {
     const int ns = E / 8 / lanes;
     std::vector<float> v(static_cast<size_t>(T) * E);
@@ -227,7 +243,8 @@ TEST(RouterGpu, TopkFromOneLane) {
       for (int k : {4, 8})
         for (int path = 0; path < 4; ++path) {  // post-top-k softmax, pre-top-k, sigmoid, DeepSeek-V3's groups
           if (path == 3 && (E != 256 || k != 8)) continue;
-          if (lanes == 8 && (dt != bitepBfloat16 || path != 0)) continue;
+          const bool two_octets = lanes < bucket_lanes(E);
+          if (two_octets && (dt != bitepBfloat16 || path != 0)) continue;
           bitepRouterConfig_t cfg =
               make_config(E, k, path >= 2 ? bitepScoreSigmoid : bitepScoreSoftmax, path == 1 ? 1 : 0, dt);
           std::vector<float> bias;
@@ -237,9 +254,10 @@ TEST(RouterGpu, TopkFromOneLane) {
             cfg.scaling_factor = 2.5f;
             bias = small_bias;
           }
-          std::optional<FourTokensAtAnyCount> four;  // the rows built for 8 lanes: through the four-token kernel
-          if (lanes == 8) four.emplace();
-          check_case(cfg, T, encode(v, dt), bias, false, 0, &stats, /*exact=*/path == 0);
+          std::optional<TwoOctetsAtAnyCount> two;  // the rows built for two octets a lane: through that kernel
+          if (two_octets) two.emplace();
+          const auto bytes = encode(v, dt);
+          check_case(cfg, T, bytes, bias, false, 0, &stats, /*exact=*/path == 0);
           if (HasFatalFailure()) return;
           const int want_kernel = path == 0 ? 1 : (path == 1 ? 2 : (path == 3 ? 4 : 3));
           const std::string what = describe(cfg, T);  // check_case's last run writes probs and saved
@@ -248,6 +266,20 @@ TEST(RouterGpu, TopkFromOneLane) {
               << what << ": the instance for k = 8";
           EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(want_kernel, E, k, dt, T, true))
               << what << ": the lanes a token";
+          if (two_octets) {
+            FwdSpec all;
+            all.map = bitepMapBitmapU8;
+            const FwdOut full = run_forward(bitepBackendCuda, cfg, T, bytes, bias, all);
+            ASSERT_EQ(full.rc, bitepSuccess) << full.error;
+            FwdSpec compact = all;
+            compact.probs = compact.saved = false;
+            const FwdOut c = run_forward(bitepBackendCuda, cfg, T, bytes, bias, compact);
+            ASSERT_EQ(c.rc, bitepSuccess) << c.error;
+            EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(want_kernel, E, k, dt, T, false))
+                << what << " compact outputs: the lanes a token";
+            EXPECT_TRUE(c.guards) << what << " compact outputs: forward wrote past a buffer";
+            expect_same_outputs(c, full, what + " compact outputs", /*dense=*/false);
+          }
         }
   }
   report("top-k from one lane", stats);
@@ -301,21 +333,6 @@ TEST(RouterGpu, MisalignedLogits) {
   report("misaligned", stats);
 }
 
-// The backward with each input and the output misaligned (one at a time, then all): the same bits as
-// with aligned buffers. The warp-per-token kernel stages whole aligned octets by async copies and the
-// others through registers; both must read the same values (E = 64: 8 lanes a token; 256: one octet a
-// lane; 512: two).
-// Every output of two forward runs, bit for bit (an output neither run wrote is empty in both).
-void expect_same_outputs(const FwdOut& got, const FwdOut& want, const std::string& what) {
-  EXPECT_TRUE(same_bits(got.probs, want.probs)) << what << ": probs";
-  EXPECT_TRUE(same_bits(got.saved, want.saved)) << what << ": saved";
-  EXPECT_TRUE(same_bits(got.weights, want.weights)) << what << ": topk_weights";
-  EXPECT_TRUE(same_bits(got.indices, want.indices)) << what << ": topk_indices";
-  EXPECT_TRUE(same_bits(got.map, want.map)) << what << ": routing map";
-  EXPECT_TRUE(same_bits(got.rank_mask, want.rank_mask)) << what << ": rank_mask";
-  EXPECT_TRUE(same_bits(got.rank_counts, want.rank_counts)) << what << ": rank_counts";
-}
-
 // Weights of the forward's post-top-k softmax whose sum ran in another order (kernels/router_topk.cu, the
 // holders): the same zeros, -inf and NaN as `want`, every other value within (2 k + 2) ulps relative (the
 // two sums of k positive terms each within (k - 1) u of the exact one, then a rounding each). Returns the
@@ -347,7 +364,9 @@ int64_t weights_outside(const std::vector<float>& got, const std::vector<float>&
 // two (the backward staged); 1000: four; 2048: eight. k: 8, and for the post-top-k softmax also 1, 3, the lanes (G) and
 // G + 1. The pre-top-k softmax and the normalised sigmoid also with groups (8 of them, 4 kept: a group is an octet at E
 // = 64, four lanes at 256, eight octets over two slots at 512; E = 100 takes the generic kernel), expert bias, a
-// scaling factor and the dispatch-layout epilogue (4 ranks).
+// scaling factor and the dispatch-layout epilogue (4 ranks). The bf16 post-top-k softmax at k = 8 again at two octets
+// a lane (at any count), where its rule takes the outputs (E = 100 and 256 compact, E = 128 both ways): the bits of
+// the bucket's kernel.
 TEST(RouterGpu, SpecKernelsMatchAnyPath) {
   REQUIRE_GPU();
   const int64_t T = 333;
@@ -427,15 +446,21 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(want_kernel, E, k, dt, T, true))
               << what << ": the lanes a token";
           EXPECT_TRUE(got.guards) << what << ": forward wrote past a buffer";
-          if (want_lanes(want_kernel, E, k, dt, 1 << 30, true) == 8) {
-            // The bf16 post-top-k softmax at four tokens a warp (at any token count in this scope): every output the
-            // bits of the two-token kernel's above (the holders sum the same k exps over the same lanes).
-            FourTokensAtAnyCount scope;
-            const FwdOut four = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
-            ASSERT_EQ(four.rc, bitepSuccess) << four.error;
-            EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), 8) << what << ": four tokens a warp";
-            EXPECT_TRUE(four.guards) << what << ": four tokens a warp: forward wrote past a buffer";
-            expect_same_outputs(four, got, what + ": four tokens a warp");
+          for (bool dense : {true, false}) {
+            // The bf16 post-top-k softmax at two octets a lane (at any token count in this scope), where its rule
+            // takes these outputs: every output the bits of the bucket's kernel's above (the holders sum the same k
+            // exps in the same order).
+            const int half = want_lanes(want_kernel, E, k, dt, int64_t{1} << 40, dense);
+            if (half == bucket_lanes(E)) continue;
+            const std::string w = what + (dense ? "" : " compact outputs") + ": two octets a lane";
+            TwoOctetsAtAnyCount scope;
+            FwdSpec s = spec;
+            s.probs = s.saved = dense;
+            const FwdOut two = run_forward(bitepBackendCuda, cfg, T, logits, bias, s);
+            ASSERT_EQ(two.rc, bitepSuccess) << two.error;
+            EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), half) << w;
+            EXPECT_TRUE(two.guards) << w << ": forward wrote past a buffer";
+            expect_same_outputs(two, got, w, dense);
           }
           if (want_kernel == 4) {
             // DeepSeek-V3's kernel loads the bias by 16-byte loads: a bias 4 bytes off takes the sigmoid's
@@ -509,7 +534,7 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
 // a lane; 512: two. T = 333: a last partial tile.
 TEST(RouterGpu, HolderOutputsMisaligned) {
   REQUIRE_GPU();
-  FourTokensAtAnyCount four;  // bf16 E = 128 aligned: the four-token kernel's staged wide stores at T = 333
+  TwoOctetsAtAnyCount two;  // bf16 E = 128 aligned: the four-token kernel's staged wide stores at T = 333
   const int64_t T = 333;
   for (int E : {64, 128, 200, 256, 512})
     for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
@@ -538,21 +563,20 @@ TEST(RouterGpu, HolderOutputsMisaligned) {
 }
 
 // Outputs are optional one by one; a forward with only the compact outputs gives the same experts and weights, bit for
-// bit, though the bf16 post-top-k softmax picks its kernel by the outputs: at E = 256 the instance for k = 8 for the
-// compact outputs alone, the runtime-k one with probs and saved; at E 65-128 (T = 1001: 16 lanes a token by default,
-// and again with four tokens a warp at any count), 8 lanes a token for the compact outputs, and with probs and saved 8
-// at E = 128 (the wide stores) and 16 at E = 100 (the holders sum their k exps in round order over the same 8 lanes
-// either way).
+// bit, though the bf16 post-top-k softmax picks its kernel by the outputs. T = 1001: the bucket's lanes by default, and
+// again with two octets a lane at any count (two_octet_post), where the compact outputs take half the lanes (E = 100
+// and 128: 8, E = 256: 16), and probs and saved too at E = 128 (the wide stores); at E = 256 the runtime-k instance
+// writes probs and saved, the one for k = 8 the compact outputs (the holders sum their k exps in the same order
+// whatever the lanes).
 TEST(RouterGpu, OptionalOutputs) {
   REQUIRE_GPU();
   const int64_t T = 1001;
   const int k = 8;
-  for (bool four_at_any_count : {false, true})
+  for (bool two_at_any_count : {false, true})
     for (int E : {100, 128, 256}) {
-      std::optional<FourTokensAtAnyCount> four;
-      if (four_at_any_count) four.emplace();
-      const std::string what =
-          "E=" + std::to_string(E) + (four_at_any_count ? " (four tokens a warp at any count)" : "");
+      std::optional<TwoOctetsAtAnyCount> two;
+      if (two_at_any_count) two.emplace();
+      const std::string what = "E=" + std::to_string(E) + (two_at_any_count ? " (two octets a lane at any count)" : "");
       const bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSoftmax, 0, bitepBfloat16);
       const auto logits = make_logits(T, E, bitepBfloat16, 3 + E);
       FwdSpec all;
