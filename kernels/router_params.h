@@ -41,7 +41,7 @@ struct RouterForwardParams {
   uint8_t* rank_mask = nullptr;     // [num_tokens, ceil(num_ranks/8)] or null
   int32_t* rank_counts = nullptr;   // [num_ranks] or null (overwritten)
   bool spec_kernels = true;         // the score paths' own kernels where they exist (false: the any-path ones)
-  // The bf16 post-top-k softmax at E 65-256 runs at two octets a lane (half the lanes a token) from this many tokens on
+  // The post-top-k softmax at E 65-256 runs at two octets a lane (half the lanes a token) from this many tokens on
   // (router_topk_spec.cuh two_octet_post); -1: 64 x the device's SMs.
   int two_octet_min_tokens = -1;
 };

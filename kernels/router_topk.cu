@@ -62,14 +62,17 @@ cudaError_t launch_k(const RouterForwardParams& p, const FwdLayout& lay, cudaStr
   }
 }
 
-// two_octet_post's kernel (k = 8 alone) at G lanes a token: at 8 lanes the wide-stores instance where probs or saved
-// are written (E = 128, both 16-byte aligned: the rule's condition), the other for the compact outputs (at 16 lanes,
-// E 129-256, the only one).
+// two_octet_post's kernel (k = 8 alone) at G lanes a token: at 8 lanes (bf16 logits) the wide-stores instance where
+// probs or saved are written (E = 128, both 16-byte aligned: the rule's condition), the other for the compact outputs;
+// at 16 (E 129-256, compact outputs alone) the instance of the logits' dtype.
 template <int G>
 cudaError_t launch_two_octet(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   if constexpr (G == 8) {
     if (p.probs != nullptr || p.saved != nullptr)
       return launch_kernel<8, 2, false, FwdSpec::kPostSoftmax, true, 8>(p, lay, stream);
+  } else {
+    if (p.logits_dtype == DType::kF32)
+      return launch_kernel<G, 2, true, FwdSpec::kPostSoftmax, false, 8>(p, lay, stream);
   }
   return launch_kernel<G, 2, false, FwdSpec::kPostSoftmax, false, 8>(p, lay, stream);
 }

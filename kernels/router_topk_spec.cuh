@@ -69,9 +69,10 @@ constexpr int min_blocks() {
   // registers (post-top-k softmax; fp32 at 16 lanes a token 40), 44-48 (pre-top-k softmax, sigmoid) and 64
   // (the same at two octets a lane); unrolled, it gave them up to 5 more.
   if (kConstK && N <= 8) return kPostSpec ? (kF32 && G == 16 ? 6 : 8) : 5;
-  // The bf16 post-top-k kernels at half the bucket's lanes and two octets a lane (E 65-256, two_octet_post; k = 8
-  // alone): their three instances take 40 registers at 6 blocks, no spill.
-  if (kPostSpec && !kF32 && G <= 16 && N == 16) return 6;
+  // The post-top-k kernels at half the bucket's lanes and two octets a lane (two_octet_post; k = 8 alone): the bf16
+  // instances (E 65-256) take 40 registers at 6 blocks, the fp32 one (E 129-256) 48 at 5, no spill (at 4 blocks it
+  // took 62 registers and was 0.5-1.5% slower; at 6 it spills).
+  if (kPostSpec && G <= 16 && N == 16) return kF32 ? 5 : 6;
   if (kConstK && N <= 16 && !kPostSpec) return 4;
   return N <= 8 ? (!kF32 && kPostSpec && G == 32 ? (kHolderSoftmax ? 8 : 5) : 4) : (N <= 16 ? 3 : (N <= 32 ? 2 : 1));
 #endif
@@ -174,29 +175,32 @@ constexpr int kconst_kernel() {
   return (G == 32 && NS <= 2) || (G == 16 && NS == 1) ? 8 : 0;
 }
 
-// The bf16 post-top-k softmax at E 65-256 (the buckets of one octet a lane at 16 and 32 lanes a token) runs at half the
+// The post-top-k softmax at E 65-256 (the buckets of one octet a lane at 16 and 32 lanes a token) runs at half the
 // lanes and two octets a lane, so a round's reductions and a tile's fixed work serve twice the tokens: four a warp at
-// E 65-128 (8 lanes), two at E 129-256 (16). For k = 8 (its instances are compiled for k = 8: 40 registers), where it
-// measured faster: the compact outputs (no probs nor saved) and, at E = 128 with probs and saved 16-byte aligned, the
-// wide-stores instance, whose dense rows are staged in shared memory and stored whole. H200, two interleaved runs
-// (bench/NOTES.md, "Router v31" and "v32"): E = 128 T = 65536 TE-compatible bitmap 31.01 -> 28.58 us (0.92x), compact
-// 0.85-0.88x; E = 256 compact 0.83-0.87x at T = 65536, 0.91-0.94x at T = 16384. Without the wide stores the E = 128
-// TE-compatible rows were 1.07-1.10x slower, and at E = 256 with the wide stores (unstaged at 16 lanes) 0.98-1.02x, so
-// the other shapes (E 65-127 and 129-256 with probs or saved, fp32 logits) keep the bucket's lanes, and so does k != 8
-// (the holders need k <= the lanes, and a runtime-k instance took 48 registers; not measured). And so do fewer tokens
-// than 2 blocks of 32 an SM (p.two_octet_min_tokens, by default 64 x the SMs: 8448 on 132): at E = 128 T = 4096 (128
-// blocks, one an SM at most) the four-token grid was 1.03-1.08x slower, at T = 16384 (3.9 an SM) 0.95-0.99x (rows
-// between, and E = 256 below T = 16384, not measured). BITEP_ROUTER_FWD_TWO_OCTETS=0 (a tuning build) keeps the
-// bucket's lanes everywhere.
+// E 65-128 (8 lanes), two at E 129-256 (16). For k = 8 (its instances are compiled for k = 8), where it measured
+// faster: the compact outputs (no probs nor saved) of bf16 logits, and of fp32 logits at E 129-256; and, at E = 128
+// with bf16 logits and probs and saved 16-byte aligned, the wide-stores instance, whose dense rows are staged in shared
+// memory and stored whole. H200, two interleaved runs (bench/NOTES.md, "Router v31", "v32" and "v33"): E = 128 bf16
+// T = 65536 TE-compatible bitmap 31.01 -> 28.58 us (0.92x), compact 0.85-0.88x; E = 256 compact bf16 0.83-0.87x at T =
+// 65536, 0.91-0.94x at T = 16384, fp32 0.90-0.92x and 0.96-0.97x. Not taken, where it measured slower or even: without
+// the wide stores the E = 128 bf16 TE-compatible rows were 1.07-1.10x; at E = 256 with the wide stores (unstaged at 16
+// lanes) 0.98-1.02x; fp32 at E = 128 1.00-1.09x (compact and TE-compatible). So the other shapes keep the bucket's
+// lanes, and so does k != 8 (the holders need k <= the lanes, and a runtime-k instance took 48 registers; not
+// measured). And so do fewer tokens than 2 blocks of 32 an SM (p.two_octet_min_tokens, by default 64 x the SMs: 8448
+// on 132): at E = 128 T = 4096 (128 blocks, one an SM at most) the four-token grid was 1.03-1.08x slower, at T = 16384
+// (3.9 an SM) 0.95-0.99x (rows between, and E = 256 below T = 16384, not measured). BITEP_ROUTER_FWD_TWO_OCTETS=0 (a
+// tuning build) keeps the bucket's lanes everywhere.
 #ifndef BITEP_ROUTER_FWD_TWO_OCTETS
 #define BITEP_ROUTER_FWD_TWO_OCTETS 1
 #endif
 inline bool two_octet_post(const RouterForwardParams& p, int sms) {
-  if (BITEP_ROUTER_FWD_TWO_OCTETS == 0 || !kHolderSoftmax || p.logits_dtype != DType::kBF16 || p.topk != 8)
-    return false;
+  if (BITEP_ROUTER_FWD_TWO_OCTETS == 0 || !kHolderSoftmax || p.topk != 8) return false;
+  const bool f32 = p.logits_dtype == DType::kF32;
+  if (!f32 && p.logits_dtype != DType::kBF16) return false;
   if (p.num_tokens < (p.two_octet_min_tokens >= 0 ? p.two_octet_min_tokens : int64_t{64} * sms)) return false;
-  if (p.probs == nullptr && p.saved == nullptr) return true;
-  return kWideStores && p.num_experts == 128 && aligned16(p.probs) && aligned16(p.saved);
+  const bool compact = p.probs == nullptr && p.saved == nullptr;
+  if (f32) return compact && p.num_experts > 128;
+  return compact || (kWideStores && p.num_experts == 128 && aligned16(p.probs) && aligned16(p.saved));
 }
 
 // The bf16 post-top-k kernel at one octet a lane and 32 lanes a token (E 129-256) takes its k = 8 instance only

@@ -86,7 +86,7 @@ bitepResult_t check_tokens(int64_t T, int E) {
 // BITEP_ROUTER_SPEC=0: the CUDA router's any-path kernels only (not those compiled for one score path). Read
 // per call (a getenv beside the call's argument checks), so a test compares both kernels in one process.
 bool spec_kernels() { return !env_is("BITEP_ROUTER_SPEC", "0"); }
-// BITEP_ROUTER_TWO_OCTETS_MIN=N: the bf16 E 65-256 post-top-k softmax at two octets a lane (half the lanes a token)
+// BITEP_ROUTER_TWO_OCTETS_MIN=N: the E 65-256 post-top-k softmax at two octets a lane (half the lanes a token)
 // from N tokens on (the default, -1, is 64 x the SMs; 0 at any count: the tests run that kernel on small rows). Read
 // per call.
 int two_octet_min_tokens() { return env_int("BITEP_ROUTER_TWO_OCTETS_MIN", 0, 1 << 30, -1); }

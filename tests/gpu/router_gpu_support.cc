@@ -350,8 +350,9 @@ int want_lanes(int kernel, int E, int k, bitepDataType_t dt, int64_t T, bool den
       return -1;  // no answer: the caller's expectation fails
     min_tokens = int64_t{64} * sms;
   }
-  if (kernel == 1 && dt == bitepBfloat16 && E > 64 && E <= 256 && k == 8 && T >= min_tokens &&
-      (!dense || (E == 128 && dense_aligned)))
+  const bool bf16_rule = dt == bitepBfloat16 && (!dense || (E == 128 && dense_aligned));
+  const bool f32_rule = dt == bitepFloat32 && !dense && E > 128;
+  if (kernel == 1 && E > 64 && E <= 256 && k == 8 && T >= min_tokens && (bf16_rule || f32_rule))
     return bucket_lanes(E) / 2;
   return bucket_lanes(E);
 }

@@ -221,9 +221,10 @@ TEST(RouterGpu, TopkFromOneLane) {
   CaseStats stats;
   const int64_t T = 300;
   // E = 128 and 256 twice: their rows built for the bucket's lanes of one octet, and for half those lanes of two (the
-  // bf16 post-top-k kernel's layout at k = 8, two_octet_post: octets l and l + lanes in lane l), the latter through the
-  // bf16 post-top-k softmax alone, at any token count. That kernel writes probs and saved at E = 128 alone; at E = 256
-  // its compact outputs are checked against those of the run that writes them (exact against the host there).
+  // post-top-k kernel's layout at k = 8, two_octet_post: octets l and l + lanes in lane l), the latter through the
+  // post-top-k softmax alone (bf16 at E = 128, both dtypes at 256), at any token count. That kernel writes probs and
+  // saved at E = 128 alone; at E = 256 its compact outputs are checked against those of the run that writes them (exact
+  // against the host there).
   const std::pair<int, int> shapes[] = {{128, 16}, {128, 8}, {256, 32}, {256, 16}, {512, 32}};
   for (const auto& [E, lanes] : shapes) {
     const int ns = E / 8 / lanes;
@@ -244,7 +245,8 @@ TEST(RouterGpu, TopkFromOneLane) {
         for (int path = 0; path < 4; ++path) {  // post-top-k softmax, pre-top-k, sigmoid, DeepSeek-V3's groups
           if (path == 3 && (E != 256 || k != 8)) continue;
           const bool two_octets = lanes < bucket_lanes(E);
-          if (two_octets && (dt != bitepBfloat16 || path != 0)) continue;
+          // Through the post-top-k softmax alone, in the dtypes two_octet_post takes for some outputs.
+          if (two_octets && (path != 0 || want_lanes(1, E, 8, dt, int64_t{1} << 40, false) != lanes)) continue;
           bitepRouterConfig_t cfg =
               make_config(E, k, path >= 2 ? bitepScoreSigmoid : bitepScoreSoftmax, path == 1 ? 1 : 0, dt);
           std::vector<float> bias;
@@ -364,9 +366,9 @@ int64_t weights_outside(const std::vector<float>& got, const std::vector<float>&
 // two (the backward staged); 1000: four; 2048: eight. k: 8, and for the post-top-k softmax also 1, 3, the lanes (G) and
 // G + 1. The pre-top-k softmax and the normalised sigmoid also with groups (8 of them, 4 kept: a group is an octet at E
 // = 64, four lanes at 256, eight octets over two slots at 512; E = 100 takes the generic kernel), expert bias, a
-// scaling factor and the dispatch-layout epilogue (4 ranks). The bf16 post-top-k softmax at k = 8 again at two octets
-// a lane (at any count), where its rule takes the outputs (E = 100 and 256 compact, E = 128 both ways): the bits of
-// the bucket's kernel.
+// scaling factor and the dispatch-layout epilogue (4 ranks). The post-top-k softmax at k = 8 again at two octets a
+// lane (at any count), where its rule takes the outputs (bf16: E = 100 and 256 compact, E = 128 both ways; fp32: E =
+// 256 compact): the bits of the bucket's kernel.
 TEST(RouterGpu, SpecKernelsMatchAnyPath) {
   REQUIRE_GPU();
   const int64_t T = 333;

@@ -273,10 +273,10 @@ int want_topk_instance(int kernel, int E, int k, bitepDataType_t dt);
 int bucket_lanes(int E);
 
 // The lanes a token the forward kernel must have run at (kernels/router.h last_router_forward_lanes) for T tokens: the
-// bucket's, but for the bf16 post-top-k softmax kernel (1) at E 65-256 and k = 8, which runs at half of them, two
-// octets a lane (router_topk_spec.cuh two_octet_post), from BITEP_ROUTER_TWO_OCTETS_MIN tokens on (unset: 64 x the
-// SMs) for the compact outputs (dense false) and, at E = 128, for probs and saved 16-byte aligned (dense_aligned: the
-// run writes them so). 0 for the generic kernel.
+// bucket's, but for the post-top-k softmax kernel (1) at E 65-256 and k = 8, which runs at half of them, two octets a
+// lane (router_topk_spec.cuh two_octet_post), from BITEP_ROUTER_TWO_OCTETS_MIN tokens on (unset: 64 x the SMs): for
+// bf16 logits' compact outputs (dense false) and, at E = 128, probs and saved 16-byte aligned (dense_aligned: the run
+// writes them so); for fp32 logits' compact outputs at E 129-256. 0 for the generic kernel.
 int want_lanes(int kernel, int E, int k, bitepDataType_t dt, int64_t T, bool dense, bool dense_aligned = true);
 
 // Rank mask and counts implied by a bytemap.
@@ -314,7 +314,7 @@ struct AnyPathKernels {
   ~AnyPathKernels() { unsetenv("BITEP_ROUTER_SPEC"); }
 };
 
-// BITEP_ROUTER_TWO_OCTETS_MIN=0 (read by the library per call) for one scope: the bf16 E 65-256 post-top-k softmax at
+// BITEP_ROUTER_TWO_OCTETS_MIN=0 (read by the library per call) for one scope: the E 65-256 post-top-k softmax at
 // two octets a lane at any token count (by default from 64 x the SMs on), so the tests' small rows run that kernel.
 struct TwoOctetsAtAnyCount {
   TwoOctetsAtAnyCount() { setenv("BITEP_ROUTER_TWO_OCTETS_MIN", "0", 1); }
