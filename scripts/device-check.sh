@@ -35,9 +35,6 @@ NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 COMMIT=${BITEP_COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export BITEP_COMMIT=$COMMIT
 
-# BUILD_TARGETS (space-separated cmake targets; default all) limits the build step, for a call that needs only some
-# binaries (PHASES=abpatch AB_CMD="router_bench ..." with BUILD_TARGETS=router_bench: the base build without the tests).
-
 # ---- what the machine lacks comes from .deps/ (scripts/device-deps.sh packs it; carried) ----------
 CMAKE_EXTRA=()
 DEPS=$ROOT/.deps
@@ -138,6 +135,8 @@ gpu_step() { STRICT_SKIPS=1 step "$@"; }
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
+# BUILD_TARGETS (space-separated cmake targets; default all) limits the build step, for a call that needs only some
+# binaries (PHASES=abpatch AB_CMD="router_bench ..." with BUILD_TARGETS=router_bench: the base build without the tests).
 step "build (-j$(nproc))" "$OUT/build.log" \
   bash -c "cmake -S '$ROOT' -B '$BUILD' -DCMAKE_BUILD_TYPE=Release ${CMAKE_EXTRA[*]} &&
     cmake --build '$BUILD' -j $(nproc) ${BUILD_TARGETS:+--target $BUILD_TARGETS}" || {
