@@ -42,6 +42,21 @@ __device__ __forceinline__ void packed_keys_bf16x2(uint32_t w, uint32_t lo0, uin
 #endif
 }
 
+// Bit i set where key[i] >= bound (N <= 32; bound > 0): a carry chain, two instructions a key (key + (2^32 - bound)
+// carries out exactly where key >= bound, and addc shifts the carry in), where the compare, select and add took three.
+template <int N>
+__device__ __forceinline__ uint32_t keys_at_least(const uint32_t* key, uint32_t bound) {
+  static_assert(N <= 32, "one 32-bit mask");
+  const uint32_t neg = 0u - bound;
+  uint32_t m = 0u;
+#pragma unroll
+  for (int i = N - 1; i >= 0; --i)
+    asm("{\n\t.reg .u32 t;\n\tadd.cc.u32 t, %1, %2;\n\taddc.u32 %0, %3, %3;\n\t}"
+        : "=r"(m)
+        : "r"(key[i]), "r"(neg), "r"(m));
+  return m;
+}
+
 __device__ __forceinline__ int packed_expert(uint32_t k) { return static_cast<int>(0xffffu - (k & 0xffffu)); }
 __device__ __forceinline__ float packed_value(uint32_t k) {
   const uint32_t h = k >> 16;

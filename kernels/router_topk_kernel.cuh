@@ -163,16 +163,18 @@ __global__ void __launch_bounds__(kBucketThreads,
         if (p.saved != nullptr) stage_s[at] = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
       }
   };
+  // One array's rows at a time, from one address each side. (Slot by slot under a test per slot and array, the compiler
+  // sank each slot's shared address into its own branch and computed it again there: ~8 instructions of each slot's
+  // ~10, 138 of a tile's 822 at E = 128, ncu.)
   [[maybe_unused]] auto store_staged = [&](Idx row0) {
+    auto rows = [&](const float4* from, float* to) {
+      const float4* src = from + staged_at(0, 0);
+      float4* dst = reinterpret_cast<float4*>(to + row0 + 4 * sl);
 #pragma unroll
-    for (int s = 0; s < NS; ++s)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int at = staged_at(s, h);
-        const Idx g = row0 + s * 8 * G + h * 4 * G + 4 * sl;
-        if (p.probs != nullptr) *reinterpret_cast<float4*>(p.probs + g) = stage_p[at];
-        if (p.saved != nullptr) *reinterpret_cast<float4*>(p.saved + g) = stage_s[at];
-      }
+      for (int i = 0; i < 2 * NS; ++i) dst[i * G] = src[i * G];  // slot i / 2, half i % 2
+    };
+    if (p.probs != nullptr) rows(stage_p, p.probs);
+    if (p.saved != nullptr) rows(stage_s, p.saved);
   };
   [[maybe_unused]] float bias8[kV3 ? 8 : 1];  // kV3: the lane's octet of the bias (0 past E)
   if constexpr (kV3) {
@@ -195,21 +197,29 @@ __global__ void __launch_bounds__(kBucketThreads,
   constexpr bool kOnePass = kKnown && (NS == 1 || (NS == 2 && !kF32));
   for (Idx tile = first; tile < num_tiles; tile = kOnePass ? num_tiles : tile + stride) {
     const Idx t = tile * kTokensPerWarp + tl;
-    const bool tv = t < p.num_tokens;
+    const bool tv = t < static_cast<Idx>(p.num_tokens);  // the spec kernels' T fits 32 bits (their launch's condition)
     const Idx row = t * E;
-    RawOctet raw[NS];
-    if (kPrefetch) {
-#pragma unroll
-      for (int s = 0; s < NS; ++s) raw[s] = ahead[s];
-      fetch(tile + stride, ahead);
-    } else {
-      fetch(tile, raw);
-    }
     // The post-top-k softmax's holders (step 5) write the dense rows as unselected (probs 0, saved -inf) and then
     // store the k weights over them. Constants: a warp whose rows are all whole (E = 8 G NS, no token past T) and
     // aligned stores them with whole-sector stores (wide_unselected), here where several tokens share the warp,
     // before the row's registers fill; else step 6 stores a lane's own octet.
     [[maybe_unused]] const bool wide = kWideRows && tile < lay.full_tiles;
+    RawOctet raw[NS];
+    if (kPrefetch) {
+#pragma unroll
+      for (int s = 0; s < NS; ++s) raw[s] = ahead[s];
+      fetch(tile + stride, ahead);
+    } else if (kWideRows && wide && logits16) {  // whole aligned rows: each octet one 16-byte load (fp32: two)
+      const uint4* src = static_cast<const uint4*>(logits_row(t));
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        const int o = s * G + sl;
+        raw[s].a = __ldg(src + (kF32 ? 2 * o : o));
+        raw[s].b = kF32 ? __ldg(src + 2 * o + 1) : make_uint4(0u, 0u, 0u, 0u);
+      }
+    } else {
+      fetch(tile, raw);
+    }
     if constexpr (kStaged) {
       if (wide) stage_unselected();
     } else if constexpr (kWideRows && G < 32) {
@@ -502,8 +512,15 @@ __global__ void __launch_bounds__(kBucketThreads,
         pop_keys<C>(win, ck);
         if (win && ck[0] == kKeyNone && r + 1 < k) top_below<N, C>(key, last, ck);
       });
+      // The won set by a carry chain (keys_at_least) where that measured faster than the compares: H200, bf16
+      // (bench/NOTES.md, "Router v39"), compact outputs 0.94-0.99x at E = 64-512; at one octet a lane and 32 lanes a
+      // token (E 129-256 with probs or saved) 1.01-1.02x slower, which keeps the compares.
+      if constexpr (N <= 32 && !(G == 32 && NS == 1)) {
+        taken = keys_at_least<N>(key, last);  // last > 0: a won key, or ~0u where the lane won nothing
+      } else {
 #pragma unroll
-      for (int i = 0; i < N; ++i) taken |= key[i] >= last ? static_cast<Mask>(1u) << i : static_cast<Mask>(0);
+        for (int i = 0; i < N; ++i) taken |= key[i] >= last ? static_cast<Mask>(1u) << i : static_cast<Mask>(0);
+      }
       top = __shfl_sync(kFullMask, hk, 0, G);
       he = packed_expert(hk);
     } else if constexpr (kKeysOnly) {
