@@ -82,6 +82,7 @@ __global__ void __launch_bounds__(kBucketThreads,
 
   // kStaged: each warp's rows of probs and saved ([tokens of the warp][E] floats each), as float4 (staged_float4s).
   constexpr bool kStaged = staged_float4s<G, NS, kWideRows>() > 1;
+  static_assert(!kStaged || !kF32, "the staged instances are bf16 ones (wide_rows_kernel)");
   __shared__ float4 stage[staged_float4s<G, NS, kWideRows>()];
   static_assert(!kStaged || staged_float4s<G, NS, kWideRows>() == kWarps * 2 * 64 * NS, "the staging's size");
   [[maybe_unused]] float4* const stage_p = stage + (kStaged ? warp * 2 * 64 * NS : 0);
@@ -197,29 +198,34 @@ __global__ void __launch_bounds__(kBucketThreads,
   constexpr bool kOnePass = kKnown && (NS == 1 || (NS == 2 && !kF32));
   for (Idx tile = first; tile < num_tiles; tile = kOnePass ? num_tiles : tile + stride) {
     const Idx t = tile * kTokensPerWarp + tl;
-    const bool tv = t < static_cast<Idx>(p.num_tokens);  // the spec kernels' T fits 32 bits (their launch's condition)
+    // kStaged: T in 32 bits (the spec kernels' launch condition). Not in the other kernels, where it and the whole-row
+    // loads below measured 1.005-1.01x slower at E = 512 T = 16384 (bench/NOTES.md, "Router v39").
+    const bool tv = [&] {
+      if constexpr (kStaged) return t < static_cast<Idx>(p.num_tokens);
+      return t < p.num_tokens;
+    }();
     const Idx row = t * E;
-    // The post-top-k softmax's holders (step 5) write the dense rows as unselected (probs 0, saved -inf) and then
-    // store the k weights over them. Constants: a warp whose rows are all whole (E = 8 G NS, no token past T) and
-    // aligned stores them with whole-sector stores (wide_unselected), here where several tokens share the warp,
-    // before the row's registers fill; else step 6 stores a lane's own octet.
-    [[maybe_unused]] const bool wide = kWideRows && tile < lay.full_tiles;
     RawOctet raw[NS];
     if (kPrefetch) {
 #pragma unroll
       for (int s = 0; s < NS; ++s) raw[s] = ahead[s];
       fetch(tile + stride, ahead);
-    } else if (kWideRows && wide && logits16) {  // whole aligned rows: each octet one 16-byte load (fp32: two)
+    } else if (kStaged && tile < lay.full_tiles && logits16) {  // whole aligned rows: an octet one 16-byte load
       const uint4* src = static_cast<const uint4*>(logits_row(t));
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
         const int o = s * G + sl;
-        raw[s].a = __ldg(src + (kF32 ? 2 * o : o));
-        raw[s].b = kF32 ? __ldg(src + 2 * o + 1) : make_uint4(0u, 0u, 0u, 0u);
+        raw[s].a = __ldg(src + o);  // kStaged: bf16 logits
+        raw[s].b = make_uint4(0u, 0u, 0u, 0u);
       }
     } else {
       fetch(tile, raw);
     }
+    // The post-top-k softmax's holders (step 5) write the dense rows as unselected (probs 0, saved -inf) and then
+    // store the k weights over them. Constants: a warp whose rows are all whole (E = 8 G NS, no token past T) and
+    // aligned stores them with whole-sector stores (wide_unselected), here where several tokens share the warp,
+    // before the row's registers fill; else step 6 stores a lane's own octet.
+    [[maybe_unused]] const bool wide = kWideRows && tile < lay.full_tiles;
     if constexpr (kStaged) {
       if (wide) stage_unselected();
     } else if constexpr (kWideRows && G < 32) {
