@@ -519,8 +519,9 @@ __global__ void __launch_bounds__(kBucketThreads,
         if (win && ck[0] == kKeyNone && r + 1 < k) top_below<N, C>(key, last, ck);
       });
       // The won set by a carry chain (keys_at_least) where that measured faster than the compares: H200, bf16
-      // (bench/NOTES.md, "Router v39"), compact outputs 0.94-0.99x at E = 64-512; at one octet a lane and 32 lanes a
-      // token (E 129-256 with probs or saved) 1.01-1.02x slower, which keeps the compares.
+      // (bench/NOTES.md, "Router v39"), compact outputs 0.94-0.99x at E = 64 and 129-512, TE-compatible E = 64
+      // 0.95-0.97x; at one octet a lane and 32 lanes a token (E 129-256 with probs or saved) 1.01-1.02x slower, which
+      // keeps the compares.
       if constexpr (N <= 32 && !(G == 32 && NS == 1)) {
         taken = keys_at_least<N>(key, last);  // last > 0: a won key, or ~0u where the lane won nothing
       } else {
