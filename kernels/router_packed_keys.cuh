@@ -44,6 +44,9 @@ __device__ __forceinline__ void packed_keys_bf16x2(uint32_t w, uint32_t lo0, uin
 
 // Bit i set where key[i] >= bound (N <= 32; bound > 0): a carry chain, two instructions a key (key + (2^32 - bound)
 // carries out exactly where key >= bound, and addc shifts the carry in), where the compare, select and add took three.
+// An addition's carry, not a subtraction's: with sub.cc's flag taken as a borrow (key < bound) every checked row's map
+// came out wrong on the GPU (bench/NOTES.md, "Router v39"); tests/gpu/router_packed_keys_test.cu checks this form at
+// every bound.
 template <int N>
 __device__ __forceinline__ uint32_t keys_at_least(const uint32_t* key, uint32_t bound) {
   static_assert(N <= 32, "one 32-bit mask");
