@@ -200,10 +200,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     const Idx t = tile * kTokensPerWarp + tl;
     // kStaged: T in 32 bits (the spec kernels' launch condition). Not in the other kernels, where it and the whole-row
     // loads below measured 1.005-1.01x slower at E = 512 T = 16384 (bench/NOTES.md, "Router v39").
-    const bool tv = [&] {
-      if constexpr (kStaged) return t < static_cast<Idx>(p.num_tokens);
-      return t < p.num_tokens;
-    }();
+    const bool tv = kStaged ? t < static_cast<Idx>(p.num_tokens) : t < p.num_tokens;
     const Idx row = t * E;
     RawOctet raw[NS];
     if (kPrefetch) {
@@ -211,11 +208,12 @@ __global__ void __launch_bounds__(kBucketThreads,
       for (int s = 0; s < NS; ++s) raw[s] = ahead[s];
       fetch(tile + stride, ahead);
     } else if (kStaged && tile < lay.full_tiles && logits16) {  // whole aligned rows: an octet one 16-byte load
+      // (load_raw_t's 8-element path with the same test, by hand: one row base and the octet's index in 16-byte units,
+      // where load_raw_t's 64-bit element offset took two more PTX instructions a slot.)
       const uint4* src = static_cast<const uint4*>(logits_row(t));
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
-        const int o = s * G + sl;
-        raw[s].a = __ldg(src + o);  // kStaged: bf16 logits
+        raw[s].a = __ldg(src + s * G + sl);  // kStaged: bf16 logits, an octet 16 bytes
         raw[s].b = make_uint4(0u, 0u, 0u, 0u);
       }
     } else {
