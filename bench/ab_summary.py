@@ -25,8 +25,11 @@ def parse(path):
                 cur = (int(m.group(1)), m.group(2))
                 runs[cur] = collections.OrderedDict()
                 continue
+            if line.startswith("# runs:"):  # a summary appended to the same file (device-check's): not a run's rows
+                cur = None
+                continue
             fields = line.split()
-            if cur and len(fields) >= 14 and fields[0].isdigit():
+            if cur and len(fields) == 14 and fields[0].isdigit():
                 if fields[13] != "0":
                     print("WRONG VALUES:", cur, line.rstrip())
                 key = tuple(fields[:8])  # T E k config dtype format pass mode

@@ -196,25 +196,41 @@ __global__ void __launch_bounds__(kBucketThreads,
   // 64 even; fp32 at two octets a lane (E = 512) 1.02-1.06x slower and E = 2048 1.01x, so those keep the loop
   // (bench/NOTES.md, "Router v19").
   constexpr bool kOnePass = kKnown && (NS == 1 || (NS == 2 && !kF32));
-  for (Idx tile = first; tile < num_tiles; tile = kOnePass ? num_tiles : tile + stride) {
+  // One tile: tile_body(tile, whole). whole = std::true_type (kWhole) for a whole tile (no token past T, E = 8 G NS) of
+  // 16-byte aligned logits: every slot valid, so the partial tiles' and misaligned rows' tests compile out (a tile of
+  // the staged E = 128 kernel 750 -> 655 warp instructions, ncu). In the one-pass kernels, but not where the holders
+  // store dense rows from registers (post-top-k softmax with probs or saved written, unstaged: E 129-512), where it
+  // measured 1.02-1.09x slower; elsewhere 0.90-0.99x, fp32 post-top-k within 1-2% either way (H200, bench/NOTES.md,
+  // "Router v40").
+  constexpr bool kWholeTiles = kOnePass && (kStaged || !kWideRows);  // unstaged wide instances: dense rows always
+  const bool whole_tiles =
+      kStaged || !(kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax) || (p.probs == nullptr && p.saved == nullptr);
+  auto tile_body = [&](const Idx tile, auto whole) {
+    constexpr bool kWhole = decltype(whole)::value;
+    static_assert(!kWhole || kWholeTiles, "whole tiles: the kWholeTiles kernels");
     const Idx t = tile * kTokensPerWarp + tl;
-    // kStaged: T in 32 bits (the spec kernels' launch condition). Not in the other kernels, where it and the whole-row
-    // loads below measured 1.005-1.01x slower at E = 512 T = 16384 (bench/NOTES.md, "Router v39").
-    const bool tv = kStaged ? t < static_cast<Idx>(p.num_tokens) : t < p.num_tokens;
+    // kStaged: T in 32 bits (the spec kernels' launch condition). Not in the other kernels, where it measured
+    // 1.005-1.01x slower at E = 512 T = 16384 (bench/NOTES.md, "Router v39").
+    const bool tv = kWhole || (kStaged ? t < static_cast<Idx>(p.num_tokens) : t < p.num_tokens);
     const Idx row = t * E;
     RawOctet raw[NS];
     if (kPrefetch) {
 #pragma unroll
       for (int s = 0; s < NS; ++s) raw[s] = ahead[s];
       fetch(tile + stride, ahead);
-    } else if (kStaged && tile < lay.full_tiles && logits16) {  // whole aligned rows: an octet one 16-byte load
-      // (load_raw_t's 8-element path with the same test, by hand: one row base and the octet's index in 16-byte units,
-      // where load_raw_t's 64-bit element offset took two more PTX instructions a slot.)
+    } else if (kWhole) {  // whole aligned rows: an octet one 16-byte load (bf16), or two (fp32)
+      // (load_raw_t's 8-element path, by hand: one row base and the octet's index in 16-byte units, where load_raw_t's
+      // 64-bit element offset took two more PTX instructions a slot.)
       const uint4* src = static_cast<const uint4*>(logits_row(t));
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
-        raw[s].a = __ldg(src + s * G + sl);  // kStaged: bf16 logits, an octet 16 bytes
-        raw[s].b = make_uint4(0u, 0u, 0u, 0u);
+        if constexpr (kF32) {
+          raw[s].a = __ldg(src + 2 * (s * G + sl));
+          raw[s].b = __ldg(src + 2 * (s * G + sl) + 1);
+        } else {
+          raw[s].a = __ldg(src + s * G + sl);
+          raw[s].b = make_uint4(0u, 0u, 0u, 0u);
+        }
       }
     } else {
       fetch(tile, raw);
@@ -223,7 +239,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     // store the k weights over them. Constants: a warp whose rows are all whole (E = 8 G NS, no token past T) and
     // aligned stores them with whole-sector stores (wide_unselected), here where several tokens share the warp,
     // before the row's registers fill; else step 6 stores a lane's own octet.
-    [[maybe_unused]] const bool wide = kWideRows && tile < lay.full_tiles;
+    [[maybe_unused]] const bool wide = kWideRows && (kWhole || tile < lay.full_tiles);
     if constexpr (kStaged) {
       if (wide) stage_unselected();
     } else if constexpr (kWideRows && G < 32) {
@@ -236,7 +252,7 @@ __global__ void __launch_bounds__(kBucketThreads,
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
       const int e0 = (s * G + sl) * 8;
-      const int n = tv ? min(max(E - e0, 0), 8) : 0;
+      const int n = kWhole ? 8 : tv ? min(max(E - e0, 0), 8) : 0;
       nval[s] = n;
       valid |= static_cast<Mask>((1u << n) - 1u) << (8 * s);
     }
@@ -281,7 +297,7 @@ __global__ void __launch_bounds__(kBucketThreads,
         for (int s = 0; s < NS; ++s)
           if (nval[s] > 0) store_octet_f32(p.probs + row + (s * G + sl) * 8, nval[s], pvec, v + 8 * s);
       }
-      if (!select) continue;
+      if (!select) return;
     }
 
     // 2. selection keys (+ expert_bias, selection only).
@@ -343,7 +359,9 @@ __global__ void __launch_bounds__(kBucketThreads,
       }
     };
     constexpr Mask kAllValid = static_cast<Mask>(~Mask{0} >> (sizeof(Mask) * 8 - N));
-    if constexpr (kKnown) {
+    if constexpr (kWhole) {
+      make_keys(std::false_type{});
+    } else if constexpr (kKnown) {
       if (valid == kAllValid)
         make_keys(std::false_type{});
       else
@@ -735,6 +753,15 @@ __global__ void __launch_bounds__(kBucketThreads,
       for (int w = sl; w < lay.rank_words; w += G) rbits[w] = 0u;
       __syncwarp();
     }
+  };
+  for (Idx tile = first; tile < num_tiles; tile = kOnePass ? num_tiles : tile + stride) {
+    if constexpr (kWholeTiles) {
+      if (whole_tiles && tile < lay.full_tiles && logits16 && E == N * G) {
+        tile_body(tile, std::true_type{});
+        continue;
+      }
+    }
+    tile_body(tile, std::false_type{});
   }
 
   if (W > 0 && p.rank_counts != nullptr) {
