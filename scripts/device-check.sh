@@ -135,6 +135,27 @@ gpu_step() { STRICT_SKIPS=1 step "$@"; }
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
+# abpatch: each patched tree is copied and built in the background beside the main build (the builds are
+# bound by one large translation unit each, router_topk.cu: side by side they take about the time of one); the
+# abpatch phase waits for them and records each build as a step.
+IFS=';' read -ra APS <<<"${AB_PATCHES:-}"
+read -ra ACMD <<<"${AB_CMD:-router_bench --quick}"
+AB_PIDS=()
+if on abpatch; then
+  n=0
+  for ap in "${APS[@]}"; do
+    n=$((n + 1))
+    PT=${TMPDIR:-/tmp}/bitep-abpatch-$n
+    [[ $ap == /* ]] || ap=$ROOT/$ap
+    rm -rf "$PT" && mkdir -p "$PT"
+    tar -C "$ROOT" --exclude='./build-*' --exclude='./device-out' -cf - . | tar -C "$PT" -xf -
+    timeout -k 5 $((BUDGET_S - SECONDS)) bash -c "cd '$PT' && patch -p1 < '$ap' &&
+      cmake -S . -B build-abpatch -DCMAKE_BUILD_TYPE=Release -DBITEP_BUILD_TESTS=OFF ${CMAKE_EXTRA[*]} >/dev/null &&
+      cmake --build build-abpatch -j $(nproc) --target ${ACMD[0]}" >"$PT.log" 2>&1 &
+    AB_PIDS+=($!)
+  done
+fi
+
 # BUILD_TARGETS (space-separated cmake targets; default all) limits the build step, for a call that needs only some
 # binaries (PHASES=abpatch AB_CMD="router_bench ..." with BUILD_TARGETS=router_bench: the base build without the tests).
 step "build (-j$(nproc))" "$OUT/build.log" \
@@ -346,20 +367,15 @@ if on abpatch; then
   # "# abpatch run R: NAME" line; router_bench's header and JSON name the commit and the patch. For router_bench,
   # bench/ab_summary.py then compares the builds row by row, each row's time over its run's stream time: whole runs
   # shift by a few percent, the stream column with them (2026-12-03: one run of four 3% faster on every row).
-  IFS=';' read -ra APS <<<"${AB_PATCHES:-}"
-  read -ra ACMD <<<"${AB_CMD:-router_bench --quick}"
   names=(base)
   dirs=("$BUILD")
   n=0
   for ap in "${APS[@]}"; do
     n=$((n + 1))
     PT=${TMPDIR:-/tmp}/bitep-abpatch-$n
-    [[ $ap == /* ]] || ap=$ROOT/$ap
-    rm -rf "$PT" && mkdir -p "$PT"
-    tar -C "$ROOT" --exclude='./build-*' --exclude='./device-out' -cf - . | tar -C "$PT" -xf -
-    step "abpatch $n build ($ap)" "$OUT/build.log" bash -c "cd '$PT' && patch -p1 < '$ap' &&
-      cmake -S . -B build-abpatch -DCMAKE_BUILD_TYPE=Release -DBITEP_BUILD_TESTS=OFF ${CMAKE_EXTRA[*]} >/dev/null &&
-      cmake --build build-abpatch -j $(nproc) --target ${ACMD[0]}" && {
+    wait "${AB_PIDS[$((n - 1))]}"
+    rc=$?
+    step "abpatch $n build ($ap)" "$OUT/build.log" bash -c "tail -40 '$PT.log'; exit $rc" && {
       names+=("$(basename "$ap")")
       dirs+=("$PT/build-abpatch")
     }
