@@ -82,7 +82,6 @@ __global__ void __launch_bounds__(kBucketThreads,
 
   // kStaged: each warp's rows of probs and saved ([tokens of the warp][E] floats each), as float4 (staged_float4s).
   constexpr bool kStaged = staged_float4s<G, NS, kWideRows>() > 1;
-  static_assert(!kStaged || !kF32, "the staged instances are bf16 ones (wide_rows_kernel)");
   __shared__ float4 stage[staged_float4s<G, NS, kWideRows>()];
   static_assert(!kStaged || staged_float4s<G, NS, kWideRows>() == kWarps * 2 * 64 * NS, "the staging's size");
   [[maybe_unused]] float4* const stage_p = stage + (kStaged ? warp * 2 * 64 * NS : 0);
@@ -199,9 +198,9 @@ __global__ void __launch_bounds__(kBucketThreads,
   // One tile: tile_body(tile, whole). whole = std::true_type (kWhole) for a whole tile (no token past T, E = 8 G NS) of
   // 16-byte aligned logits: every slot valid, so the partial tiles' and misaligned rows' tests compile out (a tile of
   // the staged E = 128 kernel 750 -> 655 warp instructions, ncu). In the one-pass kernels, but not where the holders
-  // store dense rows from registers (post-top-k softmax with probs or saved written, unstaged: E 129-512), where it
-  // measured 1.02-1.09x slower; elsewhere 0.90-0.99x, fp32 post-top-k within 1-2% either way (H200, bench/NOTES.md,
-  // "Router v40").
+  // store dense rows from registers (post-top-k softmax with probs or saved written, unstaged: E 129-256, and E = 128
+  // at 16 lanes), where it measured 1.02-1.09x slower; elsewhere 0.90-0.99x, fp32 post-top-k within
+  // 1-2% either way (H200, bench/NOTES.md, "Router v40"); the staged bf16 E = 512 kernel 0.98-0.99x ("Router v42").
   constexpr bool kWholeTiles = kOnePass && (kStaged || !kWideRows);  // unstaged wide instances: dense rows always
   const bool whole_tiles =
       kStaged || !(kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax) || (p.probs == nullptr && p.saved == nullptr);
@@ -659,7 +658,7 @@ __global__ void __launch_bounds__(kBucketThreads,
       }
     }
     if constexpr (kHolders) {
-      if constexpr (kWideRows && G == 32) {
+      if constexpr (kWideRows && G == 32 && !kStaged) {
         if (wide) wide_unselected(row);
       }
       // Over the owners' octets (same lanes: ordered by __syncwarp), and the compact outputs at the
