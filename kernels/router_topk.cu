@@ -31,7 +31,7 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
       p.num_ranks > 0 ? sizeof(uint32_t) * (p.num_ranks + static_cast<size_t>(kWarps) * kTokensPerWarp * lay.rank_words)
                       : 0;
   // The dynamic part past what a launch gets without opting in, beside the staging's static part.
-  if (smem + sizeof(float4) * staged_float4s<G, NS, kWideRows>() > 48 * 1024) {
+  if (smem + sizeof(float4) * staged_float4s<G, NS, kF32, kWideRows>() > 48 * 1024) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }

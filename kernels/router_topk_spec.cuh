@@ -32,18 +32,19 @@ constexpr bool kHolderSoftmax = BITEP_ROUTER_FWD_HOLDERS != 0;
 #endif
 constexpr bool kWideStores = BITEP_ROUTER_FWD_WIDE_STORES != 0;
 
-// The wide-stores instances at 8 lanes a token (E 33-64, and bf16 E = 128 at two octets a lane: two_octet_post) and at
-// 32 lanes of two octets (E 257-512) stage their dense rows in shared memory (kStaged in the kernel): each lane writes
-// its whole-sector slots there as unselected, the holders write their weights over them, and the lanes store the rows
-// from there, so each sector of probs and saved is written once, whole (the holders' stores were k partial sectors a
-// token and array over the sectors the wide stores had written). H200, min of two repeats: bf16 TE-compatible E = 64
-// T = 65536 0.94-0.95x, T = 16384 0.98-1.01x (two calls); at 16 lanes a token (E = 128 then) 1.01-1.03x slower, and
-// with every post-top-k kernel wide and staged up to 1.14x slower (fp32 E = 128, bf16 E = 256 1.12x) (bench/NOTES.md,
-// "Router v15"; E = 128 at 8 lanes: "Router v31"). E = 512, even in v15 (bf16 0.99-1.03x, fp32 0.99-1.00x), since the
-// staged rows' stores from one address (v39) and whole tiles (v40): bf16 0.96-0.97x (T = 16384 26.82 -> 25.82 us), of
-// which whole tiles 0.98-0.99x, fp32 0.98-1.00x ("Router v42"). fp32 at 8 lanes measured 1.03-1.05x slower at E = 64
-// and, at four tokens a warp at E = 128, 1.03-1.06x slower at T = 16384 for 0.98x at 65536 ("Router v41"): bf16 alone
-// there. BITEP_ROUTER_FWD_STAGED=0 (a tuning build) stores as the other shapes do.
+// The wide-stores instances at 8 lanes a token (E 33-64, and bf16 E = 128 at two octets a lane: two_octet_post) and,
+// for bf16 logits, at 32 lanes of two octets (E 257-512) stage their dense rows in shared memory (kStaged in the
+// kernel): each lane writes its whole-sector slots there as unselected, the holders write their weights over them, and
+// the lanes store the rows from there, so each sector of probs and saved is written once, whole (the holders' stores
+// were k partial sectors a token and array over the sectors the wide stores had written). H200, min of two repeats:
+// bf16 TE-compatible E = 64 T = 65536 0.94-0.95x, T = 16384 0.98-1.01x (two calls); at 16 lanes a token (E = 128
+// then) 1.01-1.03x slower, and with every post-top-k kernel wide and staged up to 1.14x slower (fp32 E = 128, bf16 E =
+// 256 1.12x) (bench/NOTES.md, "Router v15"; E = 128 at 8 lanes: "Router v31"). E = 512, even in v15 (bf16 0.99-1.03x,
+// fp32 0.99-1.00x), since the staged rows' stores from one address (v39) and whole tiles (v40): bf16 0.96-0.97x (T =
+// 16384 26.82 -> 25.82 us), of which whole tiles 0.98-0.99x; fp32 (its loop kept, no whole tiles) 0.985-1.00x at T >=
+// 16384 but 1.02-1.04x slower at T = 4096, so it stays unstaged ("Router v42"). fp32 at 8 lanes measured 1.03-1.05x
+// slower at E = 64 and, at four tokens a warp at E = 128, 1.03-1.06x slower at T = 16384 for 0.98x at 65536 ("Router
+// v41"): bf16 alone there. BITEP_ROUTER_FWD_STAGED=0 (a tuning build) stores as the other shapes do.
 #ifndef BITEP_ROUTER_FWD_STAGED
 #define BITEP_ROUTER_FWD_STAGED 1
 #endif
@@ -159,11 +160,12 @@ constexpr bool wide_rows_kernel() {
 }
 
 // float4s of shared memory the kernel stages its dense rows in (kStaged in the kernel: the wide-stores instances at 8
-// lanes a token and at 32 lanes of two octets): [warps][probs, saved][tokens of the warp x E floats]; 1 where it stages
-// nothing.
-template <int G, int NS, bool kWideRows>
+// lanes a token, and bf16's at 32 lanes of two octets): [warps][probs, saved][tokens of the warp x E floats]; 1 where
+// it stages nothing.
+template <int G, int NS, bool kF32, bool kWideRows>
 constexpr int staged_float4s() {
-  return kWideRows && kStageRows && (G == 8 || (G == 32 && NS == 2)) ? kBucketThreads / kWarpSize * 2 * 64 * NS : 1;
+  return kWideRows && kStageRows && (G == 8 || (G == 32 && NS == 2 && !kF32)) ? kBucketThreads / kWarpSize * 2 * 64 * NS
+                                                                              : 1;
 }
 
 // The spec kernels with an instance for k = 8 (the rounds unrolled: no loop counter, branch or refill test in the
