@@ -142,6 +142,7 @@ cat "$OUT/machine.txt"
 IFS=';' read -ra APS <<<"${AB_PATCHES:-}"
 read -ra ACMD <<<"${AB_CMD:-router_bench --quick}"
 AB_PIDS=()
+AB_TREES=()
 if on abpatch; then
   n=0
   for ap in "${APS[@]}"; do
@@ -154,6 +155,7 @@ if on abpatch; then
       cmake -S . -B build-abpatch -DCMAKE_BUILD_TYPE=Release -DBITEP_BUILD_TESTS=OFF ${CMAKE_EXTRA[*]} >/dev/null &&
       cmake --build build-abpatch -j $(nproc) --target ${ACMD[0]}" >"$PT.log" 2>&1 &
     AB_PIDS+=($!)
+    AB_TREES+=("$PT")
   done
 fi
 
@@ -370,13 +372,11 @@ if on abpatch; then
   # shift by a few percent, the stream column with them (2026-12-03: one run of four 3% faster on every row).
   names=(base)
   dirs=("$BUILD")
-  n=0
-  for ap in "${APS[@]}"; do
-    n=$((n + 1))
-    PT=${TMPDIR:-/tmp}/bitep-abpatch-$n
-    wait "${AB_PIDS[$((n - 1))]}"
+  for n in "${!APS[@]}"; do
+    ap=${APS[$n]} PT=${AB_TREES[$n]}
+    wait "${AB_PIDS[$n]}"
     rc=$?
-    step "abpatch $n build ($ap)" "$OUT/build.log" bash -c "tail -40 '$PT.log'; exit $rc" && {
+    step "abpatch $((n + 1)) build ($ap)" "$OUT/build.log" bash -c "tail -40 '$PT.log'; exit $rc" && {
       names+=("$(basename "$ap")")
       dirs+=("$PT/build-abpatch")
     }
