@@ -27,9 +27,15 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
   const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kBucketThreads, &occupancy);
   lay.num_tiles = (p.num_tokens + kTokensPerWarp - 1) / kTokensPerWarp;
   lay.full_tiles = p.num_tokens / kTokensPerWarp;
-  const size_t smem =
-      p.num_ranks > 0 ? sizeof(uint32_t) * (p.num_ranks + static_cast<size_t>(kWarps) * kTokensPerWarp * lay.rank_words)
-                      : 0;
+  size_t smem = p.num_ranks > 0
+                    ? sizeof(uint32_t) * (p.num_ranks + static_cast<size_t>(kWarps) * kTokensPerWarp * lay.rank_words)
+                    : 0;
+  lay.compact_at = -1;
+  if (compact_stage_kernel<kSpec>() && (p.topk_indices != nullptr || p.topk_weights != nullptr)) {
+    const size_t at = (smem / sizeof(uint32_t) + 1) & ~size_t{1};  // 8-byte aligned
+    lay.compact_at = static_cast<int>(at);
+    smem = sizeof(uint32_t) * at + sizeof(uint2) * kWarps * kTokensPerWarp * static_cast<size_t>(p.topk);
+  }
   // The dynamic part past what a launch gets without opting in, beside the staging's static part.
   if (smem + sizeof(float4) * staged_float4s<G, NS, kF32, kWideRows>() > 48 * 1024) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));

@@ -42,6 +42,8 @@ struct FwdLayout {
   int group_octets;      // octets per expert group (power of two <= lanes), 0 = no group routing
   int per_group;         // k / group_topk: experts summed into a group's score
   int64_t full_tiles;    // tiles with no token past T
+  int compact_at;        // the compact outputs' stage (compact_stage_kernel): its first word in the dynamic shared
+                         // memory, past the rank words; -1 where it has none
 };
 
 // kWideRows: the launch writes probs or saved (or both), each 16-byte aligned, E = 8 G NS, and the shape is one where
@@ -61,7 +63,9 @@ __global__ void __launch_bounds__(kBucketThreads,
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
   using Mask = typename std::conditional<(N > 32), unsigned long long, uint32_t>::type;
-  extern __shared__ uint32_t smem[];  // [W] rank counts of the block, then [warps][tokens per warp][rank words]
+  // [W] rank counts of the block, then [warps][tokens per warp][rank words]; then, 8-byte aligned, the compact outputs'
+  // stage (compact_stage_kernel)
+  extern __shared__ uint32_t smem[];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sl = lane % G, tl = lane / G;
@@ -703,27 +707,42 @@ __global__ void __launch_bounds__(kBucketThreads,
           if (p.topk_weights != nullptr) p.topk_weights[at] = __fmul_rn(hw, scale);
         }
       }
-    } else if (p.topk_indices != nullptr || p.topk_weights != nullptr) {  // ascending expert order
+    } else if (p.topk_indices != nullptr || p.topk_weights != nullptr) {
+      // Ascending expert order, through the warp's stage (compact_stage_kernel): each lane puts its selected experts
+      // and their weights at their places among the token's k, then lane j stores place j of each output. (Stored
+      // straight from the lanes, each bit of a lane's octets took a predicated store a output under a branch frame:
+      // DeepSeek-V3's compact outputs took longer than its dense rows.)
+      // The stage's place from a fresh read of the thread index (warp * tokens per warp + tl = tid / G), so that it is
+      // formed here: formed at the kernel's start (the compiler's choice), it held a register through the tile, and
+      // DeepSeek-V3's kernel spilled at its 40.
+      uint32_t tid;
+      asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+      uint2* const cst = reinterpret_cast<uint2*>(smem + lay.compact_at) + static_cast<int>(tid / G) * k;
+      if constexpr (!kOnePass) __syncwarp();  // the warp's previous tile has read its stage
       int base = 0;
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
         const uint32_t byte = static_cast<uint32_t>(taken >> (8 * s)) & 0xffu;
         const int c = __popc(byte);
         const int inc = seg_scan_i32<G>(c, sl);
-        const int total = __shfl_sync(kFullMask, inc, G - 1, G);
-        if (c != 0) {
-          int pos = base + inc - c;
-          const int e0 = (s * G + sl) * 8;
+        uint2* at = cst + base + inc - c;
+        const uint32_t e0 = static_cast<uint32_t>((s * G + sl) * 8);
 #pragma unroll
-          for (int b = 0; b < 8; ++b)
-            if ((byte >> b) & 1) {
-              const int64_t at = t * k + pos;
-              if (p.topk_indices != nullptr) p.topk_indices[at] = e0 + b;
-              if (p.topk_weights != nullptr) p.topk_weights[at] = __fmul_rn(v[8 * s + b], scale);
-              ++pos;
-            }
+        for (int b = 0; b < 8; ++b) {
+          const uint32_t sel = (byte >> b) & 1u;
+          if (sel != 0u) *at = make_uint2(e0 + b, __float_as_uint(v[8 * s + b]));
+          at += sel;
         }
-        base += total;
+        base += __shfl_sync(kFullMask, inc, G - 1, G);
+      }
+      __syncwarp();
+      if (kWhole || t < p.num_tokens) {  // tv, formed again: not held through the tile
+        const Idx o = t * k;
+        for (int j = sl; j < k; j += G) {
+          const uint2 x = cst[j];
+          if (p.topk_indices != nullptr) p.topk_indices[o + j] = static_cast<int32_t>(x.x);
+          if (p.topk_weights != nullptr) p.topk_weights[o + j] = __fmul_rn(__uint_as_float(x.y), scale);
+        }
       }
     }
     if (W > 0) {  // dispatch layout epilogue: rank mask of the token, rank counts of the block

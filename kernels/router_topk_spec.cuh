@@ -159,6 +159,14 @@ constexpr bool wide_rows_kernel() {
          (G < 32 ? (NS == 1 || (G == 8 && NS == 2)) && !kF32 : NS == 2);
 }
 
+// The kernels whose compact outputs (ascending expert order) go through a stage in the dynamic shared memory, a uint2
+// (expert, weight) a place: [warps][tokens of the warp][k], at FwdLayout::compact_at. Not the post-top-k softmax's
+// holders, which store their own weight at its place.
+template <FwdSpec kSpec>
+constexpr bool compact_stage_kernel() {
+  return !(kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax);
+}
+
 // float4s of shared memory the kernel stages its dense rows in (kStaged in the kernel: the wide-stores instances at 8
 // lanes a token, and bf16's at 32 lanes of two octets): [warps][probs, saved][tokens of the warp x E floats]; 1 where
 // it stages nothing.

@@ -607,6 +607,73 @@ TEST(RouterGpu, OptionalOutputs) {
     }
 }
 
+// The compact outputs of the kernels that stage them in shared memory (every kernel but the post-top-k softmax's
+// holders), at many tiles a warp (fp16 logits: the any-path kernel's persistent grid, a warp's stage reused) and at one
+// (the spec kernels), E = 8 G NS or not, the last tile partly past T: each token's indices are its map's experts in
+// ascending order, its weights its probs at them, bit for bit; and the compact outputs alone are the same bits.
+TEST(RouterGpu, CompactOutputsThroughTheStage) {
+  REQUIRE_GPU();
+  struct Case {
+    int E, k;
+    bitepScoreFunction_t fn;
+    int pre;
+    bitepDataType_t dt;
+    int groups, group_topk;
+    int kernel;  // last_router_forward_kernel: 0 any path, 2 pre-top-k softmax, 3 normalised sigmoid, 4 DeepSeek-V3
+  };
+  const int64_t T = 40001;
+  for (const Case c : {Case{64, 6, bitepScoreSoftmax, 1, bitepFloat16, 0, 0, 0},
+                       Case{130, 8, bitepScoreSigmoid, 0, bitepFloat16, 0, 0, 0},
+                       Case{256, 8, bitepScoreSigmoid, 0, bitepFloat16, 8, 4, 0},
+                       Case{512, 8, bitepScoreSqrtSoftplus, 0, bitepFloat16, 0, 0, 0},
+                       Case{1000, 32, bitepScoreSoftmax, 0, bitepFloat16, 0, 0, 0},
+                       Case{64, 6, bitepScoreSoftmax, 1, bitepBfloat16, 0, 0, 2},
+                       Case{256, 8, bitepScoreSoftmax, 1, bitepBfloat16, 0, 0, 2},
+                       Case{512, 8, bitepScoreSoftmax, 1, bitepFloat32, 0, 0, 2},
+                       Case{128, 8, bitepScoreSigmoid, 0, bitepBfloat16, 0, 0, 3},
+                       Case{256, 8, bitepScoreSigmoid, 0, bitepBfloat16, 8, 4, 4}}) {
+    const std::string what = "E=" + std::to_string(c.E) + " k=" + std::to_string(c.k) + " kernel " +
+                             std::to_string(c.kernel) + " dtype " + std::to_string(static_cast<int>(c.dt));
+    bitepRouterConfig_t cfg = make_config(c.E, c.k, c.fn, c.pre, c.dt);
+    cfg.num_groups = c.groups;
+    cfg.group_topk = c.group_topk;
+    cfg.scaling_factor = 2.5f;
+    const auto logits = make_logits(T, c.E, c.dt, 91 + c.E);
+    const std::vector<float> bias = c.fn == bitepScoreSoftmax ? std::vector<float>{} : make_bias(c.E, 5 + c.E);
+    FwdSpec all;
+    all.map = bitepMapBitmapU8;
+    const FwdOut full = run_forward(bitepBackendCuda, cfg, T, logits, bias, all);
+    ASSERT_EQ(full.rc, bitepSuccess) << what << ": " << full.error;
+    EXPECT_TRUE(full.guards) << what;
+    EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), c.kernel) << what << ": the kernel chosen";
+    const int row = (c.E + 7) / 8;
+    int64_t bad = 0, first_bad = -1;
+    std::vector<int32_t> experts;
+    for (int64_t t = 0; t < T; ++t) {
+      experts.clear();
+      for (int e = 0; e < c.E; ++e)
+        if ((full.map[t * row + e / 8] >> (e % 8)) & 1) experts.push_back(e);
+      bool ok = static_cast<int>(experts.size()) == c.k &&
+                std::equal(experts.begin(), experts.end(), full.indices.begin() + t * c.k);
+      for (int j = 0; ok && j < c.k; ++j)
+        ok = std::memcmp(&full.weights[t * c.k + j], &full.probs[t * c.E + experts[j]], sizeof(float)) == 0;
+      if (!ok && bad++ == 0) first_bad = t;
+    }
+    EXPECT_EQ(bad, 0) << what << ": tokens whose compact outputs are not their map's and probs' (first: " << first_bad
+                      << ")";
+    FwdSpec compact;
+    compact.probs = compact.saved = false;
+    compact.map = bitepMapBitmapU8;
+    const FwdOut co = run_forward(bitepBackendCuda, cfg, T, logits, bias, compact);
+    ASSERT_EQ(co.rc, bitepSuccess) << what << ": " << co.error;
+    EXPECT_TRUE(co.guards) << what;
+    EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), c.kernel) << what << " compact outputs alone";
+    EXPECT_EQ(co.indices, full.indices) << what << " compact outputs alone";
+    EXPECT_EQ(count_bit_diffs(co.weights, full.weights), 0) << what << " compact outputs alone";
+    EXPECT_EQ(co.map, full.map) << what << " compact outputs alone";
+  }
+}
+
 // The generic kernel holds a block's group scores in shared memory: one group past what fits is refused with
 // bitepNotSupported naming config->num_groups, before anything is written (rank_counts keeps its poison, 0xff
 // bytes); the most that fit routes as the host does.
