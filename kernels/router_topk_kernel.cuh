@@ -727,11 +727,14 @@ __global__ void __launch_bounds__(kBucketThreads,
         const int inc = seg_scan_i32<G>(c, sl);
         uint2* at = cst + base + inc - c;
         const uint32_t e0 = static_cast<uint32_t>((s * G + sl) * 8);
+        // (A branch a bit: as a predicated store and an add of the bit, ptxas spilled 4-8 bytes in the pre-top-k
+        // softmax's k = 8 kernels at their 40 registers.)
 #pragma unroll
         for (int b = 0; b < 8; ++b) {
-          const uint32_t sel = (byte >> b) & 1u;
-          if (sel != 0u) *at = make_uint2(e0 + b, __float_as_uint(v[8 * s + b]));
-          at += sel;
+          if ((byte >> b) & 1u) {
+            *at = make_uint2(e0 + b, __float_as_uint(v[8 * s + b]));
+            ++at;
+          }
         }
         base += __shfl_sync(kFullMask, inc, G - 1, G);
       }

@@ -66,6 +66,11 @@ constexpr int min_blocks() {
   return BITEP_ROUTER_FWD_MIN_BLOCKS;
 #else
   if (kPreOrNorm && G == 32 && N <= 8) return 6;
+  // Their runtime-k kernels below 32 lanes a token, and at two octets a lane, at the occupancy ptxas gave them when
+  // nothing held it there (48 registers: 5 blocks; 61-64: 4): with the compact outputs' stage it took 55-56 and 70
+  // under the general rule's bounds (4 and 3 blocks), and the E = 64 pre-top-k TE-compatible rows ran 1.03-1.05x
+  // slower (H200, bench/NOTES.md, "Router v43").
+  if (kPreOrNorm && N <= 16 && !kConstK) return N <= 8 ? 5 : 4;
   // With the holders' wide stores the bf16 post-top-k kernels of one octet a lane keep the occupancy they have
   // without them (ptxas gave them 37-39 registers where they have 32).
   if (N <= 8 && kWideRows) return 8;
