@@ -399,7 +399,7 @@ __global__ void __launch_bounds__(kBucketThreads,
       return win;
     };
 
-    constexpr int C = cache_size<N, G, sigmoid_norm_spec(kSpec)>();
+    constexpr int C = cache_size<N, G, sigmoid_norm_spec(kSpec), kSpec == FwdSpec::kPostSoftmax>();
     constexpr bool kKeysOnly = kKeysOnlyCache && NS == 1 && (kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec));
     uint32_t ck[C];
     int cp[C];

@@ -19,11 +19,18 @@ using namespace router_detail;
 // E = 128: 19.1 -> 17.7), 2 where one token has the warp (E = 256 even, E = 512 3% faster), except in the
 // normalised sigmoid's kernel (DeepSeek-V3: its group scores take a lane's best two keys before the rounds
 // pop them), where 3 measured 1.2-2.1% faster.
-template <int N, int G, bool kSigmoid>
+// The post-top-k softmax at 8 octets a lane (E 1025-2048, kPost with N = 64) keeps BITEP_ROUTER_FWD_CACHE_WIDE: there a
+// lane holds 64 experts and k up to 32 rounds spread their wins over the lanes, so a lane wins more than 2 (and rescans
+// 64 keys, the warp's other lanes idle) in most tokens at k = 32.
+#ifndef BITEP_ROUTER_FWD_CACHE_WIDE
+#define BITEP_ROUTER_FWD_CACHE_WIDE 4
+#endif
+template <int N, int G, bool kSigmoid, bool kPost = false>
 __host__ __device__ constexpr int cache_size() {
 #ifdef BITEP_ROUTER_FWD_CACHE
   return BITEP_ROUTER_FWD_CACHE < N ? BITEP_ROUTER_FWD_CACHE : N;
 #else
+  if (kPost && N >= 64) return BITEP_ROUTER_FWD_CACHE_WIDE;
   return G < 32 || kSigmoid ? 3 : 2;
 #endif
 }
