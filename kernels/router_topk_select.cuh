@@ -20,8 +20,10 @@ using namespace router_detail;
 // normalised sigmoid's kernel (DeepSeek-V3: its group scores take a lane's best two keys before the rounds
 // pop them), where 3 measured 1.2-2.1% faster.
 // The post-top-k softmax at 8 octets a lane (E 1025-2048, kPost with N = 64) keeps BITEP_ROUTER_FWD_CACHE_WIDE: there a
-// lane holds 64 experts and k up to 32 rounds spread their wins over the lanes, so a lane wins more than 2 (and rescans
-// 64 keys, the warp's other lanes idle) in most tokens at k = 32.
+// lane holds 64 experts and k up to 32 rounds spread their wins over the lanes, so at 2 most tokens had lanes win more
+// than 2 and rescan their 64 keys while the warp's other lanes idled. H200, E = 2048 k = 32, time against 2's
+// (bench/NOTES.md, "Router v44"): 4 0.65-0.79x at T >= 16384 (bf16 TE-compatible bitmap T = 65536 557 -> 412 us,
+// compact 558 -> 386, fp32 TE-compatible 1006 -> 656) and 0.66-0.86x at T = 4096; 3 0.76-0.85x.
 #ifndef BITEP_ROUTER_FWD_CACHE_WIDE
 #define BITEP_ROUTER_FWD_CACHE_WIDE 4
 #endif
