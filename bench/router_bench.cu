@@ -473,6 +473,7 @@ struct Args {
   bool bf16_only = false;
   bool fwd_only = false;  // tuning runs: the forward rows alone
   bool bwd_only = false;  // tuning runs: the backward rows alone
+  int topk = 0;           // > 0: this k for the configs without groups whose E allows it (--topk K; tuning runs)
 };
 
 void print_header() {
@@ -516,11 +517,17 @@ int main(int argc, char** argv) {
       args.bwd_only = true;
     } else if (a == "--iters" && i + 1 < argc) {
       args.iters = std::max(100, std::atoi(argv[++i]));
+    } else if (a == "--topk" && i + 1 < argc) {
+      args.topk = std::atoi(argv[++i]);
+      if (args.topk < 1) {
+        std::fprintf(stderr, "router_bench: --topk must be at least 1, got %s\n", argv[i]);
+        return 2;
+      }
     } else {
       std::fprintf(
           stderr,
           "usage: %s [--quick] [--json PATH] [--commit SHA] [--iters N>=100] [--tokens T,T,..] [--experts E,E,..] "
-          "[--configs NAME,..] [--bf16] [--fwd | --bwd]\n",
+          "[--configs NAME,..] [--topk K] [--bf16] [--fwd | --bwd]\n",
           argv[0]);
       return 2;
     }
@@ -560,6 +567,22 @@ int main(int argc, char** argv) {
     std::vector<const Config*> keep;
     for (const Config* c : cfgs)
       if (args.configs.find("," + std::string(c->name) + ",") != std::string::npos) keep.push_back(c);
+    cfgs = keep;
+  }
+  // --topk: the configs without groups take k = K where K <= E (a copy each); the grouped ones keep theirs.
+  std::vector<Config> with_k;
+  if (args.topk > 0) {
+    with_k.reserve(cfgs.size());
+    std::vector<const Config*> keep;
+    for (const Config* c : cfgs) {
+      if (c->groups == 0 && args.topk <= c->E) {
+        with_k.push_back(*c);
+        with_k.back().k = args.topk;
+        keep.push_back(&with_k.back());
+      } else {
+        keep.push_back(c);
+      }
+    }
     cfgs = keep;
   }
   if (args.bf16_only) dts = {bitepBfloat16};

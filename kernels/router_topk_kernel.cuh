@@ -362,7 +362,7 @@ __global__ void __launch_bounds__(kBucketThreads,
         }
       }
     };
-    constexpr Mask kAllValid = static_cast<Mask>(~Mask{0} >> (sizeof(Mask) * 8 - N));
+    [[maybe_unused]] constexpr Mask kAllValid = static_cast<Mask>(~Mask{0} >> (sizeof(Mask) * 8 - N));
     if constexpr (kWhole) {
       make_keys(std::false_type{});
     } else if constexpr (kKnown) {
@@ -400,9 +400,10 @@ __global__ void __launch_bounds__(kBucketThreads,
     };
 
     constexpr int C = cache_size<N, G, sigmoid_norm_spec(kSpec), kSpec == FwdSpec::kPostSoftmax>();
-    constexpr bool kKeysOnly = kKeysOnlyCache && NS == 1 && (kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec));
+    [[maybe_unused]] constexpr bool kKeysOnly =
+        kKeysOnlyCache && NS == 1 && (kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec));
     uint32_t ck[C];
-    int cp[C];
+    [[maybe_unused]] int cp[C];
     if constexpr (kPacked)
       top_below<N, C>(key, ~0u, ck);
     else if constexpr (kKeysOnly)
@@ -525,9 +526,9 @@ __global__ void __launch_bounds__(kBucketThreads,
     // 4. top-k: k rounds of a segment arg-max over each lane's best remaining key; the winner takes it
     // from its cache and rescans its registers (taken ones skipped) when the cache runs dry.
     Mask taken = 0;
-    uint32_t top = kKeyNone;  // the first winner's key: the maximum of the selected
-    uint32_t hk = kKeyNone;   // kHolders: round sl's key and expert
-    int he = 0;
+    [[maybe_unused]] uint32_t top = kKeyNone;  // the first winner's key: the maximum of the selected
+    uint32_t hk = kKeyNone;                    // kHolders: round sl's key and expert
+    [[maybe_unused]] int he = 0;
     if constexpr (kPacked) {
       uint32_t last = ~0u;  // the lane's last won key (its wins are its keys from there up)
       for_rounds<kK>(k, [&](int r) {
@@ -580,8 +581,8 @@ __global__ void __launch_bounds__(kBucketThreads,
     }
 
     // 5. weights of the selected experts: post-top-k softmax, or the sigmoid/sqrtsoftplus normalisation.
-    float hw = 0.0f;  // kHolders: the weight of round sl's expert (before scaling)
-    const bool holder = kHolders && hk != kKeyNone;
+    [[maybe_unused]] float hw = 0.0f;  // kHolders: the weight of round sl's expert (before scaling)
+    [[maybe_unused]] const bool holder = kHolders && hk != kKeyNone;
     if constexpr (kHolders) {
       // e = exp(v - max) in the holders, the sum over the rounds by a butterfly over pow2(k) lanes (all
       // of them get the same bits), then e * (1 / sum) as seg_softmax_max. The other lanes take 1 / 1: a lane
