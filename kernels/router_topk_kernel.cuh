@@ -207,8 +207,7 @@ __global__ void __launch_bounds__(kBucketThreads,
   // at 16 lanes), where it measured 1.02-1.09x slower; elsewhere 0.90-0.99x, fp32 post-top-k within
   // 1-2% either way (H200, bench/NOTES.md, "Router v40"); the staged bf16 E = 512 kernel 0.98-0.99x ("Router v42").
   constexpr bool kWholeTiles = kOnePass && (kStaged || !kWideRows);  // unstaged wide instances: dense rows always
-  const bool whole_tiles =
-      kStaged || !(kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax) || (p.probs == nullptr && p.saved == nullptr);
+  const bool whole_tiles = kStaged || !holders_spec(kSpec) || (p.probs == nullptr && p.saved == nullptr);
   auto tile_body = [&](const Idx tile, auto whole) {
     constexpr bool kWhole = decltype(whole)::value;
     static_assert(!kWhole || kWholeTiles, "whole tiles: the kWholeTiles kernels");
@@ -305,7 +304,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     }
 
     // 2. selection keys (+ expert_bias, selection only).
-    constexpr bool kPacked = kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax && !kF32;
+    constexpr bool kPacked = holders_spec(kSpec) && !kF32;
     uint32_t key[N];
     // `masked`: slots past E or past T get kKeyNone. The spec kernels build a row whose slots are all valid
     // (every row but a last partial tile when E % 8 == 0: a warp-uniform test) without the per-slot test,
@@ -381,7 +380,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     const uint32_t seg = segment_lanes<G>(), below = lanemask_lt() & seg;
     auto expert_of = [&](int q) { return ((q >> 3) * G + sl) * 8 + (q & 7); };
     // kHolders: `we` = the winner's expert in every lane of the segment (unspecified where none won).
-    constexpr bool kHolders = kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax;
+    constexpr bool kHolders = holders_spec(kSpec);
     auto segment_winner = [&](uint32_t mine, int pos, uint32_t& gm, int& we) {
       gm = seg_max_u32<G>(mine);
       const bool eq = mine == gm && mine != kKeyNone;

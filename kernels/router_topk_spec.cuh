@@ -113,6 +113,8 @@ enum class FwdSpec : int {
   kSigmoidNormV3 = 4,  // the same in DeepSeek-V3's shape (kV3Shape): bias, groups of 4 octets, 2 a group score, 4 kept
 };
 constexpr bool sigmoid_norm_spec(FwdSpec s) { return s == FwdSpec::kSigmoidNorm || s == FwdSpec::kSigmoidNormV3; }
+// The post-top-k softmax kernels with holders (kHolderSoftmax above).
+constexpr bool holders_spec(FwdSpec s) { return s == FwdSpec::kPostSoftmax && kHolderSoftmax; }
 
 // DeepSeek-V3's routing (256 experts, 8 groups of 32, the best 2 of a group summed, 4 groups kept, k = 8, expert bias)
 // at one octet a lane: kSigmoidNormV3 compiles its group shape in (the pair butterfly and the group rounds unrolled)
@@ -160,8 +162,7 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 // (the wide one measured 4% slower there at E = 512). bench/NOTES.md, "Router v11" and "v12".
 template <int G, int NS, bool kF32, FwdSpec kSpec>
 constexpr bool wide_rows_kernel() {
-  return kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax && kWideStores &&
-         (G < 32 ? (NS == 1 || (G == 8 && NS == 2)) && !kF32 : NS == 2);
+  return holders_spec(kSpec) && kWideStores && (G < 32 ? (NS == 1 || (G == 8 && NS == 2)) && !kF32 : NS == 2);
 }
 
 // The kernels whose compact outputs (ascending expert order) go through a stage in the dynamic shared memory, a uint2
@@ -169,7 +170,7 @@ constexpr bool wide_rows_kernel() {
 // holders, which store their own weight at its place.
 template <FwdSpec kSpec>
 constexpr bool compact_stage_kernel() {
-  return !(kSpec == FwdSpec::kPostSoftmax && kHolderSoftmax);
+  return !holders_spec(kSpec);
 }
 
 // float4s of shared memory the kernel stages its dense rows in (kStaged in the kernel: the wide-stores instances at 8
