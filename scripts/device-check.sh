@@ -140,7 +140,14 @@ cat "$OUT/machine.txt"
 # 183 s, against ~100-110 s alone and ~70-100 s for each router_bench build after it. The abpatch phase waits for them
 # and records each build as a step.
 IFS=';' read -ra APS <<<"${AB_PATCHES:-}"
-read -ra ACMD <<<"${AB_CMD:-router_bench --quick}"
+# AB_CMD may hold several argument lists of one benchmark, '|' between them ("router_bench --topk 32 | router_bench
+# --topk 8"): each run of a build runs them all, in order, under one "# abpatch run" line.
+IFS='|' read -ra ACMDS <<<"${AB_CMD:-router_bench --quick}"
+read -ra ACMD <<<"${ACMDS[0]}"
+for c in "${ACMDS[@]}"; do
+  read -ra cw <<<"$c"
+  [ "${cw[0]}" = "${ACMD[0]}" ] || { echo "AB_CMD: '${cw[0]}' is not '${ACMD[0]}': every '|'-separated command runs one benchmark" >&2; exit 2; }
+done
 AB_PIDS=()
 AB_TREES=()
 if on abpatch; then
@@ -302,6 +309,7 @@ export -f san_each
 sanitize_one_gpu() {  # the single-GPU sanitizer passes
   gpu_step "gpu tests under compute-sanitizer memcheck" "$1" bash -c 'san_each memcheck'
   gpu_step "gpu tests under compute-sanitizer racecheck" "$1" bash -c 'san_each racecheck'
+  [ "${SAN_MULTIRANK:-1}" = 0 ] && return 0  # SAN_MULTIRANK=0: the single-GPU tests alone (a router-only change)
   gpu_step "multirank cuda np1 memcheck" "$1" \
     mpirun -np 1 -x BITEP_TEST_TIMEOUT_S=180 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
   # Two ranks on this GPU through the IPC window (BITEP_CUDA_TRANSPORT=ipc), every call split.
@@ -385,12 +393,14 @@ if on abpatch; then
     order=("${!names[@]}")
     [ $((r % 2)) = 0 ] && mapfile -t order < <(printf '%s\n' "${!names[@]}" | tac)
     for i in "${order[@]}"; do
-      bin=${dirs[$i]}/bench/${ACMD[0]}
-      run=("$bin" "${ACMD[@]:1}")
-      [ "${ACMD[0]}" = router_bench ] && run+=(--commit "$COMMIT+${names[$i]}")
-      [ "${ACMD[0]}" = ep_bench ] && run=(mpirun -np "$NGPU" -x BITEP_COMMIT="$COMMIT+${names[$i]}" "${run[@]}")
       echo "# abpatch run $r: ${names[$i]}" >>"$BENCH"
-      step "abpatch run $r ${names[$i]}" "$BENCH" "${run[@]}"
+      for c in "${ACMDS[@]}"; do
+        read -ra cw <<<"$c"
+        run=("${dirs[$i]}/bench/${cw[0]}" "${cw[@]:1}")
+        [ "${cw[0]}" = router_bench ] && run+=(--commit "$COMMIT+${names[$i]}")
+        [ "${cw[0]}" = ep_bench ] && run=(mpirun -np "$NGPU" -x BITEP_COMMIT="$COMMIT+${names[$i]}" "${run[@]}")
+        step "abpatch run $r ${names[$i]}: ${cw[*]:1}" "$BENCH" "${run[@]}"
+      done
     done
   done
   [ "${ACMD[0]}" = router_bench ] && [ "${#names[@]}" -gt 1 ] &&
