@@ -44,6 +44,9 @@ struct RouterForwardParams {
   // The post-top-k softmax at E 65-256 runs at two octets a lane (half the lanes a token) from this many tokens on
   // (router_topk_spec.cuh two_octet_post); -1: 64 x the device's SMs.
   int two_octet_min_tokens = -1;
+  // The post-top-k softmax at E 1025-2048 takes its instance with longer lane caches from this k on
+  // (router_topk_spec.cuh many_wins_post); -1: kManyWinsMinTopk.
+  int many_wins_min_topk = -1;
 };
 
 struct RouterBackwardParams {

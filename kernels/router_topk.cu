@@ -14,13 +14,14 @@ using namespace router_detail;
 thread_local int t_last_kernel = -1;  // last_router_forward_kernel()
 thread_local int t_last_topk = 0;     // last_router_forward_topk()
 thread_local int t_last_lanes = 0;    // last_router_forward_lanes()
+thread_local int t_last_cache = 0;    // last_router_forward_cache()
 
-template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows, int kK>
+template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows, int kK, bool kManyWins = false>
 cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStream_t stream) {
   static std::atomic<int> occupancy{0};
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
-  auto kernel = router_forward_bucket<G, NS, kF32, kSpec, kWideRows, kK>;
+  auto kernel = router_forward_bucket<G, NS, kF32, kSpec, kWideRows, kK, kManyWins>;
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
@@ -49,6 +50,7 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
   t_last_kernel = static_cast<int>(kSpec);
   t_last_topk = kK;
   t_last_lanes = G;
+  t_last_cache = cache_size<8 * NS, G, sigmoid_norm_spec(kSpec), kSpec == FwdSpec::kPostSoftmax, kManyWins>();
   kernel<<<grid, kBucketThreads, smem, stream>>>(p, lay);
   return cudaGetLastError();
 }
@@ -63,6 +65,9 @@ cudaError_t launch_k(const RouterForwardParams& p, const FwdLayout& lay, cudaStr
       const bool dense = p.probs != nullptr || p.saved != nullptr;
       if (p.topk == kK && !(kconst_compact_only<G, NS, kF32, kSpec>() && dense))
         return launch_kernel<G, NS, kF32, kSpec, kWideRows, kK>(p, lay, stream);
+    }
+    if constexpr (kSpec == FwdSpec::kPostSoftmax && NS == 8) {
+      if (many_wins_post(p)) return launch_kernel<G, NS, kF32, kSpec, kWideRows, 0, true>(p, lay, stream);
     }
     return launch_kernel<G, NS, kF32, kSpec, kWideRows, 0>(p, lay, stream);
   }
@@ -151,11 +156,13 @@ int aligned_group_octets(const RouterForwardParams& p, int lanes) {
 int last_router_forward_kernel() { return t_last_kernel; }
 int last_router_forward_topk() { return t_last_topk; }
 int last_router_forward_lanes() { return t_last_lanes; }
+int last_router_forward_cache() { return t_last_cache; }
 
 cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t stream) {
   t_last_kernel = -1;
   t_last_topk = 0;
   t_last_lanes = 0;
+  t_last_cache = 0;
   if (p.num_tokens <= 0) return cudaSuccess;
   if (p.rank_counts != nullptr && p.num_ranks > 0) {
     cudaError_t err = cudaMemsetAsync(p.rank_counts, 0, sizeof(int32_t) * p.num_ranks, stream);

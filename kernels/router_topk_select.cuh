@@ -19,20 +19,25 @@ using namespace router_detail;
 // E = 128: 19.1 -> 17.7), 2 where one token has the warp (E = 256 even, E = 512 3% faster), except in the
 // normalised sigmoid's kernel (DeepSeek-V3: its group scores take a lane's best two keys before the rounds
 // pop them), where 3 measured 1.2-2.1% faster.
-// The post-top-k softmax at 8 octets a lane (E 1025-2048, kPost with N = 64) keeps BITEP_ROUTER_FWD_CACHE_WIDE: there a
-// lane holds 64 experts and k up to 32 rounds spread their wins over the lanes, so at 2 most tokens had lanes win more
-// than 2 and rescan their 64 keys while the warp's other lanes idled. H200, E = 2048 k = 32, time against 2's
-// (bench/NOTES.md, "Router v44"): 4 0.65-0.79x at T >= 16384 (bf16 TE-compatible bitmap T = 65536 557 -> 412 us,
-// compact 558 -> 386, fp32 TE-compatible 1006 -> 656) and 0.66-0.86x at T = 4096; 3 0.76-0.85x.
+// The post-top-k softmax at 8 octets a lane (E 1025-2048, kPost with N = 64) keeps more: there a lane holds 64 experts
+// and k up to 32 rounds spread their wins over the lanes, so at 2 most tokens had lanes win more than 2 and rescan
+// their 64 keys while the warp's other lanes idled. Its two instances (many_wins_post picks by k):
+// BITEP_ROUTER_FWD_CACHE_WIDE below the k where the wins pile up, BITEP_ROUTER_FWD_CACHE_MANY (kManyWins) from it on.
+// H200, E = 2048, time against C = 4's (bench/NOTES.md, "Router v44" and "v45"): k = 32, C = 2 1.17-1.55x, 6 0.72-0.94x
+// but bf16 TE-compatible 1.00-1.04x (T = 65536 fp32 TE-compatible bitmap 656 -> 518 us, bf16 compact 387 -> 314), 8
+// 0.83-1.04x; k = 8, C = 2 0.96-1.21x (fp32 TE-compatible 0.96x, fp32 compact 1.16-1.21x), 6 1.00-1.29x, 8 1.00-1.56x.
 #ifndef BITEP_ROUTER_FWD_CACHE_WIDE
 #define BITEP_ROUTER_FWD_CACHE_WIDE 4
 #endif
-template <int N, int G, bool kSigmoid, bool kPost = false>
+#ifndef BITEP_ROUTER_FWD_CACHE_MANY
+#define BITEP_ROUTER_FWD_CACHE_MANY 6
+#endif
+template <int N, int G, bool kSigmoid, bool kPost = false, bool kManyWins = false>
 __host__ __device__ constexpr int cache_size() {
 #ifdef BITEP_ROUTER_FWD_CACHE
   return BITEP_ROUTER_FWD_CACHE < N ? BITEP_ROUTER_FWD_CACHE : N;
 #else
-  if (kPost && N >= 64) return BITEP_ROUTER_FWD_CACHE_WIDE;
+  if (kPost && N >= 64) return kManyWins ? BITEP_ROUTER_FWD_CACHE_MANY : BITEP_ROUTER_FWD_CACHE_WIDE;
   return G < 32 || kSigmoid ? 3 : 2;
 #endif
 }

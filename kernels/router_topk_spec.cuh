@@ -223,6 +223,15 @@ inline bool two_octet_post(const RouterForwardParams& p, int sms) {
   return compact || (kWideStores && p.num_experts == 128 && aligned16(p.probs) && aligned16(p.saved));
 }
 
+// The post-top-k softmax at 8 octets a lane (E 1025-2048) takes its many-wins instance (longer lane caches,
+// cache_size) from kManyWinsMinTopk on: k rounds over 32 lanes of 64 experts each, so from about one win a lane on a
+// lane's cache runs dry and it rescans its 64 keys while the warp waits. p.many_wins_min_topk (>= 0) moves the
+// threshold (tests, tuning). H200 (bench/NOTES.md, "Router v45"): TBD.
+constexpr int kManyWinsMinTopk = 16;
+inline bool many_wins_post(const RouterForwardParams& p) {
+  return p.topk >= (p.many_wins_min_topk >= 0 ? p.many_wins_min_topk : kManyWinsMinTopk);
+}
+
 // The bf16 post-top-k kernel at one octet a lane and 32 lanes a token (E 129-256) takes its k = 8 instance only
 // for the compact outputs (below two_octet_post's token count; from it on those take 16 lanes of two octets): with
 // probs or saved written it measured 4-8% slower (H200, v13 A/B: T = 65536 TE-compatible 52.2 -> 56.5 us), without them

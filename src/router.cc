@@ -90,6 +90,9 @@ bool spec_kernels() { return !env_is("BITEP_ROUTER_SPEC", "0"); }
 // from N tokens on (the default, -1, is 64 x the SMs; 0 at any count: the tests run that kernel on small rows). Read
 // per call.
 int two_octet_min_tokens() { return env_int("BITEP_ROUTER_TWO_OCTETS_MIN", 0, 1 << 30, -1); }
+// BITEP_ROUTER_MANY_WINS_MIN_K=K: the E 1025-2048 post-top-k softmax's instance with longer lane caches from k = K on
+// (the default, -1, is router_topk_spec.cuh's kManyWinsMinTopk; 0 or 1 at every k, 65 at none). Read per call.
+int many_wins_min_topk() { return env_int("BITEP_ROUTER_MANY_WINS_MIN_K", 0, 1 << 30, -1); }
 
 kernels::RouterForwardParams to_params(const bitepRouterConfig_t* c, const bitepRouterForwardArgs_t* a, RouterMode m) {
   kernels::RouterForwardParams p;
@@ -197,6 +200,7 @@ bitepResult_t forward(bitepBackend_t backend,
   kernels::RouterForwardParams p = to_params(config, a, mode);
   p.spec_kernels = spec_kernels();
   p.two_octet_min_tokens = two_octet_min_tokens();
+  p.many_wins_min_topk = many_wins_min_topk();
   if (backend == bitepBackendHost) {
     host::router_forward(p);
     return bitepSuccess;

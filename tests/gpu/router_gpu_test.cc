@@ -287,6 +287,66 @@ TEST(RouterGpu, TopkFromOneLane) {
   report("top-k from one lane", stats);
 }
 
+// The post-top-k softmax at 8 octets a lane (E 1025-2048) has two instances, C = 4 and 6 keys cached a lane
+// (router_topk_select.cuh cache_size; router_topk_spec.cuh many_wins_post takes the longer one from k = 16 on). Rows
+// whose m best experts (m = 1 .. 48, distinct values) all sit in one lane's 64 slots, so that lane wins every round
+// and rescans its keys again and again, beside the degenerate rows (ties, NaN, infinities) and random ones; E = 2048
+// and 1029 (a lane's last octets past E), k around the threshold. Each case against the host and the fp64 oracle
+// (maps exact) in the instance the default picks (asserted), then both instances at every k
+// (BITEP_ROUTER_MANY_WINS_MIN_K): the same bits, all outputs and the compact ones alone.
+TEST(RouterGpu, ManyWinsCacheInstances) {
+  REQUIRE_GPU();
+  CaseStats stats;
+  const int64_t T = 300;
+  for (int E : {2048, 1029}) {
+    std::vector<float> v(static_cast<size_t>(T) * E);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int e = 0; e < E; ++e) {
+        v[t * E + e] = t < kDegenerateRows ? degenerate_logit(t, e, E)
+                                           : std::max(-2.5f, std::min(2.5f, 0.5f * gauss(0x3a1e + E, t * E + e)));
+      }
+      if (t < kDegenerateRows || t % 4 == 3) continue;  // a degenerate or random row
+      const int lane = static_cast<int>((t * 5) % 32), m = 1 + static_cast<int>(t % 48);
+      for (int i = 0; i < m; ++i) {
+        const int slot = i % 8, b = 7 - (i / 8 + static_cast<int>(t)) % 8;  // the lane's experts, scattered
+        const int e = (slot * 32 + lane) * 8 + b;
+        if (e < E) v[t * E + e] = 3.0f + 0.0625f * static_cast<float>(i);  // bf16-exact, distinct
+      }
+    }
+    for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
+      const auto bytes = encode(v, dt);
+      for (int k : {1, 8, 15, 16, 17, 32}) {
+        const bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSoftmax, 0, dt);
+        const std::string what = describe(cfg, T);
+        check_case(cfg, T, bytes, {}, false, 0, &stats, /*exact=*/true);
+        if (HasFatalFailure()) return;
+        EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 1) << what << ": the kernel chosen";
+        EXPECT_EQ(bitep::kernels::last_router_forward_cache(), k >= 16 ? 6 : 4) << what << ": the keys cached a lane";
+        FwdSpec all;
+        all.map = bitepMapBitmapU8;
+        FwdSpec compact = all;
+        compact.probs = compact.saved = false;
+        const FwdOut want = run_forward(bitepBackendCuda, cfg, T, bytes, {}, all);
+        ASSERT_EQ(want.rc, bitepSuccess) << what << ": " << want.error;
+        for (const char* min_k : {"0", "33"}) {
+          const std::string at = what + " BITEP_ROUTER_MANY_WINS_MIN_K=" + min_k;
+          ManyWinsFrom scope(min_k);
+          const FwdOut got = run_forward(bitepBackendCuda, cfg, T, bytes, {}, all);
+          ASSERT_EQ(got.rc, bitepSuccess) << at << ": " << got.error;
+          EXPECT_EQ(bitep::kernels::last_router_forward_cache(), min_k[0] == '0' ? 6 : 4) << at;
+          EXPECT_TRUE(got.guards) << at << ": forward wrote past a buffer";
+          expect_same_outputs(got, want, at);
+          const FwdOut c = run_forward(bitepBackendCuda, cfg, T, bytes, {}, compact);
+          ASSERT_EQ(c.rc, bitepSuccess) << at << " compact outputs: " << c.error;
+          EXPECT_TRUE(c.guards) << at << " compact outputs: forward wrote past a buffer";
+          expect_same_outputs(c, want, at + " compact outputs", /*dense=*/false);
+        }
+      }
+    }
+  }
+  report("many wins a lane", stats);
+}
+
 // Dispatch layout epilogue: rank masks and counts (counts overwritten: the poison must go).
 TEST(RouterGpu, RankEpilogue) {
   REQUIRE_GPU();

@@ -321,6 +321,13 @@ struct TwoOctetsAtAnyCount {
   ~TwoOctetsAtAnyCount() { unsetenv("BITEP_ROUTER_TWO_OCTETS_MIN"); }
 };
 
+// BITEP_ROUTER_MANY_WINS_MIN_K (read by the library per call) for one scope: the E 1025-2048 post-top-k softmax's
+// instance with longer lane caches from that k on ("0": at every k; "33": at none).
+struct ManyWinsFrom {
+  explicit ManyWinsFrom(const char* min_k) { setenv("BITEP_ROUTER_MANY_WINS_MIN_K", min_k, 1); }
+  ~ManyWinsFrom() { unsetenv("BITEP_ROUTER_MANY_WINS_MIN_K"); }
+};
+
 template <class V>
 bool same_bits(const V& a, const V& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0);
