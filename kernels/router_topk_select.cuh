@@ -22,10 +22,11 @@ using namespace router_detail;
 // The post-top-k softmax at 8 octets a lane (E 1025-2048, kPost with N = 64) keeps more: there a lane holds 64 experts
 // and k up to 32 rounds spread their wins over the lanes, so at 2 most tokens had lanes win more than 2 and rescan
 // their 64 keys while the warp's other lanes idled. Its two instances (many_wins_post picks by k):
-// BITEP_ROUTER_FWD_CACHE_WIDE below the k where the wins pile up, BITEP_ROUTER_FWD_CACHE_MANY (kManyWins) from it on.
-// H200, E = 2048, time against C = 4's (bench/NOTES.md, "Router v44" and "v45"): k = 32, C = 2 1.17-1.55x, 6 0.72-0.94x
-// but bf16 TE-compatible 1.00-1.04x (T = 65536 fp32 TE-compatible bitmap 656 -> 518 us, bf16 compact 387 -> 314), 8
-// 0.83-1.04x; k = 8, C = 2 0.96-1.21x (fp32 TE-compatible 0.96x, fp32 compact 1.16-1.21x), 6 1.00-1.29x, 8 1.00-1.56x.
+// BITEP_ROUTER_FWD_CACHE_WIDE below the k where the wins pile up, BITEP_ROUTER_FWD_CACHE_MANY (kManyWins) from it on (k
+// = 24). H200, E = 2048, time against C = 4's (bench/NOTES.md, "Router v44" and "v45"): k = 32, C = 2 1.17-1.55x, 6
+// 0.72-0.94x but bf16 TE-compatible 1.00-1.04x (T = 65536 fp32 TE-compatible bitmap 656 -> 518 us, bf16 compact 387 ->
+// 314), 8 0.83-1.04x; k = 8, C = 2 0.96-1.21x (fp32 TE-compatible 0.96x, fp32 compact 1.16-1.21x), 6 1.00-1.29x,
+// 8 1.00-1.56x.
 #ifndef BITEP_ROUTER_FWD_CACHE_WIDE
 #define BITEP_ROUTER_FWD_CACHE_WIDE 4
 #endif
