@@ -50,7 +50,7 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
   t_last_kernel = static_cast<int>(kSpec);
   t_last_topk = kK;
   t_last_lanes = G;
-  t_last_cache = cache_size<8 * NS, G, sigmoid_norm_spec(kSpec), kSpec == FwdSpec::kPostSoftmax, kManyWins>();
+  t_last_cache = fwd_cache_size<G, NS, kSpec, kManyWins>();
   kernel<<<grid, kBucketThreads, smem, stream>>>(p, lay);
   return cudaGetLastError();
 }

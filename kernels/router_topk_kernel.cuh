@@ -401,7 +401,7 @@ __global__ void __launch_bounds__(kBucketThreads,
       return win;
     };
 
-    constexpr int C = cache_size<N, G, sigmoid_norm_spec(kSpec), kSpec == FwdSpec::kPostSoftmax, kManyWins>();
+    constexpr int C = fwd_cache_size<G, NS, kSpec, kManyWins>();
     [[maybe_unused]] constexpr bool kKeysOnly =
         kKeysOnlyCache && NS == 1 && (kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec));
     uint32_t ck[C];
@@ -713,7 +713,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     } else if (p.topk_indices != nullptr || p.topk_weights != nullptr) {
       // Ascending expert order, through the warp's stage (compact_stage_kernel): each lane puts its selected experts
       // and their weights at their places among the token's k, then lane j stores place j of each output. (Stored
-      // straight from the lanes, each bit of a lane's octets took a predicated store a output under a branch frame:
+      // straight from the lanes, each bit of a lane's octets took a predicated store an output under a branch frame:
       // DeepSeek-V3's compact outputs took longer than its dense rows.)
       // The stage's place from a fresh read of the thread index (warp * tokens per warp + tl = tid / G), so that it is
       // formed here: formed at the kernel's start (the compiler's choice), it held a register through the tile, and

@@ -7,6 +7,7 @@
 
 #include "kernels/router.h"
 #include "kernels/router_common.cuh"
+#include "kernels/router_topk_select.cuh"
 
 namespace bitep::kernels {
 namespace {
@@ -232,6 +233,13 @@ inline bool two_octet_post(const RouterForwardParams& p, int sms) {
 constexpr int kManyWinsMinTopk = 24;
 inline bool many_wins_post(const RouterForwardParams& p) {
   return p.topk >= (p.many_wins_min_topk >= 0 ? p.many_wins_min_topk : kManyWinsMinTopk);
+}
+
+// The keys a lane of the forward kernel's instance caches (cache_size): the kernel's C, last_router_forward_cache's
+// answer.
+template <int G, int NS, FwdSpec kSpec, bool kManyWins>
+constexpr int fwd_cache_size() {
+  return cache_size<8 * NS, G, sigmoid_norm_spec(kSpec), kSpec == FwdSpec::kPostSoftmax, kManyWins>();
 }
 
 // The bf16 post-top-k kernel at one octet a lane and 32 lanes a token (E 129-256) takes its k = 8 instance only

@@ -308,24 +308,38 @@ void check_case(const bitepRouterConfig_t& cfg,
 // Prints a suite's near-tie counts.
 void report(const char* name, const CaseStats& s);
 
-// BITEP_ROUTER_SPEC=0 (read by the library per call) for one scope: the any-path router kernels only.
-struct AnyPathKernels {
-  AnyPathKernels() { setenv("BITEP_ROUTER_SPEC", "0", 1); }
-  ~AnyPathKernels() { unsetenv("BITEP_ROUTER_SPEC"); }
+// One of the library's tuning variables (each read per call) set for one scope, then put back as it was.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old, had_ = true;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() { had_ ? setenv(name_, old_.c_str(), 1) : unsetenv(name_); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::string old_;
+  bool had_ = false;
 };
 
-// BITEP_ROUTER_TWO_OCTETS_MIN=0 (read by the library per call) for one scope: the E 65-256 post-top-k softmax at
-// two octets a lane at any token count (by default from 64 x the SMs on), so the tests' small rows run that kernel.
-struct TwoOctetsAtAnyCount {
-  TwoOctetsAtAnyCount() { setenv("BITEP_ROUTER_TWO_OCTETS_MIN", "0", 1); }
-  ~TwoOctetsAtAnyCount() { unsetenv("BITEP_ROUTER_TWO_OCTETS_MIN"); }
+// BITEP_ROUTER_SPEC=0: the any-path router kernels only.
+struct AnyPathKernels : ScopedEnv {
+  AnyPathKernels() : ScopedEnv("BITEP_ROUTER_SPEC", "0") {}
 };
 
-// BITEP_ROUTER_MANY_WINS_MIN_K (read by the library per call) for one scope: the E 1025-2048 post-top-k softmax's
-// instance with longer lane caches from that k on ("0": at every k; "33": at none).
-struct ManyWinsFrom {
-  explicit ManyWinsFrom(const char* min_k) { setenv("BITEP_ROUTER_MANY_WINS_MIN_K", min_k, 1); }
-  ~ManyWinsFrom() { unsetenv("BITEP_ROUTER_MANY_WINS_MIN_K"); }
+// BITEP_ROUTER_TWO_OCTETS_MIN=0: the E 65-256 post-top-k softmax at two octets a lane at any token count (by default
+// from 64 x the SMs on), so the tests' small rows run that kernel.
+struct TwoOctetsAtAnyCount : ScopedEnv {
+  TwoOctetsAtAnyCount() : ScopedEnv("BITEP_ROUTER_TWO_OCTETS_MIN", "0") {}
+};
+
+// BITEP_ROUTER_MANY_WINS_MIN_K: the E 1025-2048 post-top-k softmax's instance with longer lane caches from that k on
+// ("0": at every k; "33": at none).
+struct ManyWinsFrom : ScopedEnv {
+  explicit ManyWinsFrom(const char* min_k) : ScopedEnv("BITEP_ROUTER_MANY_WINS_MIN_K", min_k) {}
 };
 
 template <class V>
