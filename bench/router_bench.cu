@@ -557,10 +557,26 @@ int main(int argc, char** argv) {
     dts = {bitepBfloat16};
   }
   if (!args.tokens.empty()) Ts = args.tokens;
+  // --experts: the table's configs of those E; an E the table lacks runs as a post-top-k softmax row with k = 8 (or
+  // E, if smaller; --topk below sets k), for tuning runs at shapes outside the issue's grid (E = 1024, for one).
+  std::vector<Config> extra;
   if (!args.experts.empty()) {
     std::vector<const Config*> keep;
     for (const Config* c : cfgs)
       if (args.experts.find("," + std::to_string(c->E) + ",") != std::string::npos) keep.push_back(c);
+    std::stringstream list(args.experts.substr(1));
+    std::vector<int> more;
+    for (std::string t; std::getline(list, t, ',');) {
+      const int E = std::atoi(t.c_str());
+      const bool known =
+          std::any_of(std::begin(kConfigs), std::end(kConfigs), [E](const Config& c) { return c.E == E; });
+      if (E >= 1 && !known) more.push_back(E);
+    }
+    extra.reserve(more.size());
+    for (int E : more) {
+      extra.push_back({E, std::min(8, E), "softmax", bitepScoreSoftmax, 0, 0, 0, false, 1.0f});
+      keep.push_back(&extra.back());
+    }
     cfgs = keep;
   }
   if (!args.configs.empty()) {

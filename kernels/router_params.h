@@ -49,6 +49,10 @@ struct RouterForwardParams {
   int many_wins_min_topk = -1;
 };
 
+// The k from which the post-top-k softmax at E 1025-2048 takes its many-wins instance by default (6 keys cached a
+// lane, not 4; router_topk_spec.cuh many_wins_post has the measurements).
+constexpr int kManyWinsMinTopk = 21;
+
 struct RouterBackwardParams {
   RouterMode mode = RouterMode::kTopk;
   int64_t num_tokens = 0;

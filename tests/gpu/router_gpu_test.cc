@@ -288,12 +288,12 @@ TEST(RouterGpu, TopkFromOneLane) {
 }
 
 // The post-top-k softmax at 8 octets a lane (E 1025-2048) has two instances, C = 4 and 6 keys cached a lane
-// (router_topk_select.cuh cache_size; router_topk_spec.cuh many_wins_post takes the longer one from k = 24 on). Rows
-// whose m best experts (m = 1 .. 48, distinct values) all sit in one lane's 64 slots, so that lane wins every round
-// and rescans its keys again and again, beside the degenerate rows (ties, NaN, infinities) and random ones; E = 2048
-// and 1029 (a lane's last octets past E), k around the threshold. Each case against the host and the fp64 oracle
-// (maps exact) in the instance the default picks (asserted), then both instances at every k
-// (BITEP_ROUTER_MANY_WINS_MIN_K): the same bits, all outputs and the compact ones alone.
+// (router_topk_select.cuh cache_size; router_topk_spec.cuh many_wins_post takes the longer one from k =
+// kManyWinsMinTopk on, router_params.h). Rows whose m best experts (m = 1 .. 48, distinct values) all sit in one lane's
+// 64 slots, so that lane wins every round and rescans its keys again and again, beside the degenerate rows (ties, NaN,
+// infinities) and random ones; E = 2048 and 1029 (a lane's last octets past E), k around the threshold. Each case
+// against the host and the fp64 oracle (maps exact) in the instance the default picks (asserted), then both instances
+// at every k (BITEP_ROUTER_MANY_WINS_MIN_K): the same bits, all outputs and the compact ones alone.
 TEST(RouterGpu, ManyWinsCacheInstances) {
   REQUIRE_GPU();
   CaseStats stats;
@@ -315,13 +315,15 @@ TEST(RouterGpu, ManyWinsCacheInstances) {
     }
     for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
       const auto bytes = encode(v, dt);
-      for (int k : {1, 8, 16, 23, 24, 32}) {
+      using bitep::kernels::kManyWinsMinTopk;
+      for (int k : {1, 8, 16, kManyWinsMinTopk - 1, kManyWinsMinTopk, 24, 32}) {
         const bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSoftmax, 0, dt);
         const std::string what = describe(cfg, T);
         check_case(cfg, T, bytes, {}, false, 0, &stats, /*exact=*/true);
         if (HasFatalFailure()) return;
         EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 1) << what << ": the kernel chosen";
-        EXPECT_EQ(bitep::kernels::last_router_forward_cache(), k >= 24 ? 6 : 4) << what << ": the keys cached a lane";
+        EXPECT_EQ(bitep::kernels::last_router_forward_cache(), k >= kManyWinsMinTopk ? 6 : 4)
+            << what << ": the keys cached a lane";
         FwdSpec all;
         all.map = bitepMapBitmapU8;
         FwdSpec compact = all;
