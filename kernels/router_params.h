@@ -44,14 +44,19 @@ struct RouterForwardParams {
   // The post-top-k softmax at E 65-256 runs at two octets a lane (half the lanes a token) from this many tokens on
   // (router_topk_spec.cuh two_octet_post); -1: 64 x the device's SMs.
   int two_octet_min_tokens = -1;
-  // The post-top-k softmax at E 1025-2048 takes its instance with longer lane caches from this k on
-  // (router_topk_spec.cuh many_wins_post); -1: kManyWinsMinTopk.
+  // The post-top-k softmax at E 513-2048 takes its instance with longer lane caches from this k on
+  // (router_topk_spec.cuh many_wins_post); -1: many_wins_min_topk(E).
   int many_wins_min_topk = -1;
 };
 
-// The k from which the post-top-k softmax at E 1025-2048 takes its many-wins instance by default (6 keys cached a
-// lane, not 4; router_topk_spec.cuh many_wins_post has the measurements).
-constexpr int kManyWinsMinTopk = 21;
+// The k from which the post-top-k softmax takes its many-wins instance by default (router_topk_spec.cuh many_wins_post
+// has the measurements): at 8 octets a lane (E 1025-2048) 6 keys cached a lane, not 4; at 4 octets (E 513-1024) 4, not
+// 3. No such instance below 513 experts (a k past any E).
+constexpr int kManyWinsMinTopk8 = 21;
+constexpr int kManyWinsMinTopk4 = 24;
+constexpr int many_wins_min_topk(int num_experts) {
+  return num_experts > 1024 ? kManyWinsMinTopk8 : (num_experts > 512 ? kManyWinsMinTopk4 : num_experts + 1);
+}
 
 struct RouterBackwardParams {
   RouterMode mode = RouterMode::kTopk;

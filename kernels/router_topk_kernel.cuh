@@ -74,8 +74,8 @@ __global__ void __launch_bounds__(kBucketThreads,
   constexpr bool kKnown = kSpec != FwdSpec::kAny;
   constexpr bool kV3 = kSpec == FwdSpec::kSigmoidNormV3;
   static_assert(!kV3 || (G == 32 && NS == 1 && kK == kV3K), "DeepSeek-V3's shape: one octet a lane, k = 8");
-  static_assert(!kManyWins || (kSpec == FwdSpec::kPostSoftmax && NS == 8 && kK == 0),
-                "the many-wins instance: the post-top-k softmax at 8 octets a lane, runtime k");
+  static_assert(!kManyWins || (kSpec == FwdSpec::kPostSoftmax && NS >= 4 && kK == 0),
+                "the many-wins instance: the post-top-k softmax at 4 and 8 octets a lane, runtime k");
   const DType dt = kKnown && !kF32 ? DType::kBF16 : p.logits_dtype;
   const ScoreFn fn = spec_fn<kSpec>(p);
   const ScorePath path = spec_path<kSpec>(p);

@@ -19,19 +19,28 @@ using namespace router_detail;
 // E = 128: 19.1 -> 17.7), 2 where one token has the warp (E = 256 even, E = 512 3% faster), except in the
 // normalised sigmoid's kernel (DeepSeek-V3: its group scores take a lane's best two keys before the rounds
 // pop them), where 3 measured 1.2-2.1% faster.
-// The post-top-k softmax at 8 octets a lane (E 1025-2048, kPost with N = 64) keeps more: there a lane holds 64 experts
-// and k up to 32 rounds spread their wins over the lanes, so at 2 most tokens had lanes win more than 2 and rescan
-// their 64 keys while the warp's other lanes idled. Its two instances (many_wins_post picks by k):
-// BITEP_ROUTER_FWD_CACHE_WIDE below the k where the wins pile up, BITEP_ROUTER_FWD_CACHE_MANY (kManyWins) from it on (k
-// = 24). H200, E = 2048, time against C = 4's (bench/NOTES.md, "Router v44" and "v45"): k = 32, C = 2 1.17-1.55x, 6
-// 0.72-0.94x but bf16 TE-compatible 1.00-1.04x (T = 65536 fp32 TE-compatible bitmap 656 -> 518 us, bf16 compact 387 ->
-// 314), 8 0.83-1.04x; k = 8, C = 2 0.96-1.21x (fp32 TE-compatible 0.96x, fp32 compact 1.16-1.21x), 6 1.00-1.29x,
-// 8 1.00-1.56x.
+// The post-top-k softmax at 4 and 8 octets a lane (E 513-2048, kPost with N = 32 and 64) keeps more: there a lane holds
+// 32 or 64 experts and k up to 32 rounds spread their wins over the lanes, so at 2 most tokens had lanes win more than
+// 2 and rescan their keys while the warp's other lanes idled. Two instances each (many_wins_post picks by k): _WIDE
+// below the k where the wins pile up, _MANY (kManyWins) from it on (router_params.h many_wins_min_topk). H200, T =
+// 65536 (bench/NOTES.md, "Router v44", "v45" and "v46"):
+// - E = 2048, time against C = 4's: k = 32, C = 2 1.17-1.55x, 6 0.72-0.94x but bf16 TE-compatible 1.00-1.04x (fp32
+//   TE-compatible bitmap 656 -> 518 us, bf16 compact 387 -> 314), 8 0.83-1.04x; k = 8, C = 2 0.96-1.21x (fp32
+//   TE-compatible 0.96x, fp32 compact 1.16-1.21x), 6 1.00-1.29x, 8 1.00-1.56x.
+// - E = 1024, time against C = 2's (what it had before): k = 32, C = 3 0.73-0.80x, 4 0.61-0.79x (fp32 TE-compatible
+//   bitmap 587 -> 432 -> 362 us); k = 16, 3 0.82-0.97x, 4 0.78-1.03x (bf16 TE-compatible 1.02-1.03x); k = 8, 3
+//   0.93-1.01x (bf16 TE-compatible 1.00-1.01x), 4 0.98-1.17x.
 #ifndef BITEP_ROUTER_FWD_CACHE_WIDE
 #define BITEP_ROUTER_FWD_CACHE_WIDE 4
 #endif
 #ifndef BITEP_ROUTER_FWD_CACHE_MANY
 #define BITEP_ROUTER_FWD_CACHE_MANY 6
+#endif
+#ifndef BITEP_ROUTER_FWD_CACHE_WIDE4
+#define BITEP_ROUTER_FWD_CACHE_WIDE4 3
+#endif
+#ifndef BITEP_ROUTER_FWD_CACHE_MANY4
+#define BITEP_ROUTER_FWD_CACHE_MANY4 4
 #endif
 template <int N, int G, bool kSigmoid, bool kPost = false, bool kManyWins = false>
 __host__ __device__ constexpr int cache_size() {
@@ -39,6 +48,7 @@ __host__ __device__ constexpr int cache_size() {
   return BITEP_ROUTER_FWD_CACHE < N ? BITEP_ROUTER_FWD_CACHE : N;
 #else
   if (kPost && N >= 64) return kManyWins ? BITEP_ROUTER_FWD_CACHE_MANY : BITEP_ROUTER_FWD_CACHE_WIDE;
+  if (kPost && N == 32) return kManyWins ? BITEP_ROUTER_FWD_CACHE_MANY4 : BITEP_ROUTER_FWD_CACHE_WIDE4;
   return G < 32 || kSigmoid ? 3 : 2;
 #endif
 }

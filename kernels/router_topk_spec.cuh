@@ -224,15 +224,16 @@ inline bool two_octet_post(const RouterForwardParams& p, int sms) {
   return compact || (kWideStores && p.num_experts == 128 && aligned16(p.probs) && aligned16(p.saved));
 }
 
-// The post-top-k softmax at 8 octets a lane (E 1025-2048) takes its many-wins instance (6 keys cached a lane, not 4:
-// cache_size) from kManyWinsMinTopk (router_params.h) on: k rounds over 32 lanes of 64 experts each, and the more
-// rounds the more lanes run dry and rescan their 64 keys while the warp waits; below it the longer first scan costs
-// more than it saves. p.many_wins_min_topk (>= 0) moves the threshold (tests, tuning). H200, E = 2048, T = 65536, time
-// of 6 over 4 on the fp32 and bf16, TE-compatible and compact bitmap rows (bench/NOTES.md, "Router v45"): k =
-// 8 1.00-1.29x, 12 1.00-1.20x, 16 0.99-1.08x, 20 0.96-1.02x, 21 0.93-1.00x (fp32 compact 0.93x, the others within
-// 0.2%), 22 0.91-1.00x, 23 0.88-1.00x, 24 0.86-1.00x, 32 0.72-1.00x.
+// The post-top-k softmax at 4 and 8 octets a lane (E 513-2048) takes its many-wins instance (more keys cached a lane:
+// cache_size) from many_wins_min_topk(E) (router_params.h) on: k rounds over 32 lanes of 32 or 64 experts each, and the
+// more rounds the more lanes run dry and rescan their keys while the warp waits; below it the longer first scan costs
+// more than it saves. p.many_wins_min_topk (>= 0) moves the threshold (tests, tuning). H200, T = 65536, on the fp32 and
+// bf16, TE-compatible and compact bitmap rows (bench/NOTES.md, "Router v45" and "v46"):
+// - E = 2048, 6 keys over 4: k = 8 1.00-1.29x, 12 1.00-1.20x, 16 0.99-1.08x, 20 0.96-1.02x, 21 0.93-1.00x (fp32
+//   compact 0.93x, the others within 0.2%), 22 0.91-1.00x, 23 0.88-1.00x, 24 0.86-1.00x, 32 0.72-1.00x.
+// - E = 1024, 4 keys over 3: k = 8 1.01-1.21x, 16 0.95-1.11x, 32 0.83-0.99x.
 inline bool many_wins_post(const RouterForwardParams& p) {
-  return p.topk >= (p.many_wins_min_topk >= 0 ? p.many_wins_min_topk : kManyWinsMinTopk);
+  return p.topk >= (p.many_wins_min_topk >= 0 ? p.many_wins_min_topk : many_wins_min_topk(p.num_experts));
 }
 
 // The keys a lane of the forward kernel's instance caches (cache_size): the kernel's C, last_router_forward_cache's

@@ -287,18 +287,21 @@ TEST(RouterGpu, TopkFromOneLane) {
   report("top-k from one lane", stats);
 }
 
-// The post-top-k softmax at 8 octets a lane (E 1025-2048) has two instances, C = 4 and 6 keys cached a lane
-// (router_topk_select.cuh cache_size; router_topk_spec.cuh many_wins_post takes the longer one from k =
-// kManyWinsMinTopk on, router_params.h). Rows whose m best experts (m = 1 .. 48, distinct values) all sit in one lane's
-// 64 slots, so that lane wins every round and rescans its keys again and again, beside the degenerate rows (ties, NaN,
-// infinities) and random ones; E = 2048 and 1029 (a lane's last octets past E), k around the threshold. Each case
-// against the host and the fp64 oracle (maps exact) in the instance the default picks (asserted), then both instances
-// at every k (BITEP_ROUTER_MANY_WINS_MIN_K): the same bits, all outputs and the compact ones alone.
+// The post-top-k softmax at 4 and 8 octets a lane (E 513-1024 and 1025-2048) has two instances each, 3 and 4 or 4 and 6
+// keys cached a lane (router_topk_select.cuh cache_size; router_topk_spec.cuh many_wins_post takes the longer one from
+// k = many_wins_min_topk(E) on, router_params.h). Rows whose m best experts (m = 1 .. 48, distinct values) all sit in
+// one lane's slots, so that lane wins every round and rescans its keys again and again, beside the degenerate rows
+// (ties, NaN, infinities) and random ones; E = 2048, 1029, 1024 and 520 (a lane's last octets past E), k around the
+// threshold. Each case against the host and the fp64 oracle (maps exact) in the instance the default picks (asserted),
+// then both instances at every k (BITEP_ROUTER_MANY_WINS_MIN_K): the same bits, all outputs and the compact ones alone.
 TEST(RouterGpu, ManyWinsCacheInstances) {
   REQUIRE_GPU();
   CaseStats stats;
   const int64_t T = 300;
-  for (int E : {2048, 1029}) {
+  for (int E : {2048, 1029, 1024, 520}) {
+    const int slots = E > 1024 ? 8 : 4;  // octets a lane
+    const int few = E > 1024 ? 4 : 3, many = E > 1024 ? 6 : 4;
+    const int min_k = bitep::kernels::many_wins_min_topk(E);
     std::vector<float> v(static_cast<size_t>(T) * E);
     for (int64_t t = 0; t < T; ++t) {
       for (int e = 0; e < E; ++e) {
@@ -308,21 +311,20 @@ TEST(RouterGpu, ManyWinsCacheInstances) {
       if (t < kDegenerateRows || t % 4 == 3) continue;  // a degenerate or random row
       const int lane = static_cast<int>((t * 5) % 32), m = 1 + static_cast<int>(t % 48);
       for (int i = 0; i < m; ++i) {
-        const int slot = i % 8, b = 7 - (i / 8 + static_cast<int>(t)) % 8;  // the lane's experts, scattered
+        const int slot = i % slots, b = 7 - (i / slots + static_cast<int>(t)) % 8;  // the lane's experts, scattered
         const int e = (slot * 32 + lane) * 8 + b;
         if (e < E) v[t * E + e] = 3.0f + 0.0625f * static_cast<float>(i);  // bf16-exact, distinct
       }
     }
     for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
       const auto bytes = encode(v, dt);
-      using bitep::kernels::kManyWinsMinTopk;
-      for (int k : {1, 8, 16, kManyWinsMinTopk - 1, kManyWinsMinTopk, 24, 32}) {
+      for (int k : {1, 8, 16, min_k - 1, min_k, 32}) {
         const bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSoftmax, 0, dt);
         const std::string what = describe(cfg, T);
         check_case(cfg, T, bytes, {}, false, 0, &stats, /*exact=*/true);
         if (HasFatalFailure()) return;
         EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 1) << what << ": the kernel chosen";
-        EXPECT_EQ(bitep::kernels::last_router_forward_cache(), k >= kManyWinsMinTopk ? 6 : 4)
+        EXPECT_EQ(bitep::kernels::last_router_forward_cache(), k >= min_k ? many : few)
             << what << ": the keys cached a lane";
         FwdSpec all;
         all.map = bitepMapBitmapU8;
@@ -330,12 +332,12 @@ TEST(RouterGpu, ManyWinsCacheInstances) {
         compact.probs = compact.saved = false;
         const FwdOut want = run_forward(bitepBackendCuda, cfg, T, bytes, {}, all);
         ASSERT_EQ(want.rc, bitepSuccess) << what << ": " << want.error;
-        for (const char* min_k : {"0", "33"}) {
-          const std::string at = what + " BITEP_ROUTER_MANY_WINS_MIN_K=" + min_k;
-          ManyWinsFrom scope(min_k);
+        for (const char* from : {"0", "33"}) {
+          const std::string at = what + " BITEP_ROUTER_MANY_WINS_MIN_K=" + from;
+          ManyWinsFrom scope(from);
           const FwdOut got = run_forward(bitepBackendCuda, cfg, T, bytes, {}, all);
           ASSERT_EQ(got.rc, bitepSuccess) << at << ": " << got.error;
-          EXPECT_EQ(bitep::kernels::last_router_forward_cache(), min_k[0] == '0' ? 6 : 4) << at;
+          EXPECT_EQ(bitep::kernels::last_router_forward_cache(), from[0] == '0' ? many : few) << at;
           EXPECT_TRUE(got.guards) << at << ": forward wrote past a buffer";
           expect_same_outputs(got, want, at);
           const FwdOut c = run_forward(bitepBackendCuda, cfg, T, bytes, {}, compact);
