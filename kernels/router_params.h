@@ -45,17 +45,18 @@ struct RouterForwardParams {
   // (router_topk_spec.cuh two_octet_post); -1: 64 x the device's SMs.
   int two_octet_min_tokens = -1;
   // The post-top-k softmax at E 513-2048 takes its instance with longer lane caches from this k on
-  // (router_topk_spec.cuh many_wins_post); -1: many_wins_min_topk(E).
+  // (router_topk_spec.cuh many_wins_post); -1: many_wins_min_topk(E, fp32 logits).
   int many_wins_min_topk = -1;
 };
 
 // The k from which the post-top-k softmax takes its many-wins instance by default (router_topk_spec.cuh many_wins_post
-// has the measurements): at 8 octets a lane (E 1025-2048) 6 keys cached a lane, not 4; at 4 octets (E 513-1024) 4, not
-// 3. No such instance below 513 experts (a k past any E).
-constexpr int kManyWinsMinTopk8 = 21;
-constexpr int kManyWinsMinTopk4 = 24;
-constexpr int many_wins_min_topk(int num_experts) {
-  return num_experts > 1024 ? kManyWinsMinTopk8 : (num_experts > 512 ? kManyWinsMinTopk4 : num_experts + 1);
+// has the measurements): at 8 octets a lane (E 1025-2048) 6 keys cached a lane, not 4, from k = 21; at 4 octets (E
+// 513-1024) 4, not 3, from k = 16 for fp32 logits and k = 32 for bf16 (whose keys carry their expert, so a rescan
+// costs less). No such instance below 513 experts (a k past any E).
+constexpr int many_wins_min_topk(int num_experts, bool f32_logits) {
+  if (num_experts > 1024) return 21;
+  if (num_experts > 512) return f32_logits ? 16 : 32;
+  return num_experts + 1;
 }
 
 struct RouterBackwardParams {

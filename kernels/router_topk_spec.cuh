@@ -225,15 +225,19 @@ inline bool two_octet_post(const RouterForwardParams& p, int sms) {
 }
 
 // The post-top-k softmax at 4 and 8 octets a lane (E 513-2048) takes its many-wins instance (more keys cached a lane:
-// cache_size) from many_wins_min_topk(E) (router_params.h) on: k rounds over 32 lanes of 32 or 64 experts each, and the
-// more rounds the more lanes run dry and rescan their keys while the warp waits; below it the longer first scan costs
-// more than it saves. p.many_wins_min_topk (>= 0) moves the threshold (tests, tuning). H200, T = 65536, on the fp32 and
-// bf16, TE-compatible and compact bitmap rows (bench/NOTES.md, "Router v45" and "v46"):
+// cache_size) from many_wins_min_topk(E, fp32 logits) (router_params.h) on: k rounds over 32 lanes of 32 or 64 experts
+// each, and the more rounds the more lanes run dry and rescan their keys while the warp waits; below it the longer
+// first scan costs more than it saves. p.many_wins_min_topk (>= 0) moves the threshold (tests, tuning). H200, T =
+// 65536, on the fp32 and bf16, TE-compatible and compact bitmap rows (bench/NOTES.md, "Router v45" and "v46"):
 // - E = 2048, 6 keys over 4: k = 8 1.00-1.29x, 12 1.00-1.20x, 16 0.99-1.08x, 20 0.96-1.02x, 21 0.93-1.00x (fp32
 //   compact 0.93x, the others within 0.2%), 22 0.91-1.00x, 23 0.88-1.00x, 24 0.86-1.00x, 32 0.72-1.00x.
-// - E = 1024, 4 keys over 3: k = 8 1.01-1.21x, 16 0.95-1.11x, 32 0.83-0.99x.
+// - E = 1024, 4 keys over 3, fp32 rows: k = 8 1.02-1.05x, 16 0.95-0.99x, 20 0.92-0.96x, 22-28 0.86-0.93x, 32
+//   0.83-0.84x; bf16 rows: k = 8 1.01-1.21x, 16 1.06-1.11x, 20 1.07x, 22 1.04-1.06x, 24 1.03-1.05x, 26 1.01-1.04x, 28
+//   0.99-1.03x, 32 0.95-0.99x.
 inline bool many_wins_post(const RouterForwardParams& p) {
-  return p.topk >= (p.many_wins_min_topk >= 0 ? p.many_wins_min_topk : many_wins_min_topk(p.num_experts));
+  const int from = p.many_wins_min_topk >= 0 ? p.many_wins_min_topk
+                                             : many_wins_min_topk(p.num_experts, p.logits_dtype == DType::kF32);
+  return p.topk >= from;
 }
 
 // The keys a lane of the forward kernel's instance caches (cache_size): the kernel's C, last_router_forward_cache's

@@ -91,7 +91,7 @@ bool spec_kernels() { return !env_is("BITEP_ROUTER_SPEC", "0"); }
 // per call.
 int two_octet_min_tokens() { return env_int("BITEP_ROUTER_TWO_OCTETS_MIN", 0, 1 << 30, -1); }
 // BITEP_ROUTER_MANY_WINS_MIN_K=K: the E 513-2048 post-top-k softmax's instance with longer lane caches from k = K on
-// (the default, -1, is kernels/router_params.h's many_wins_min_topk(E); 0 or 1 at every k, 65 at none). Read per call.
+// (the default, -1, is kernels/router_params.h's many_wins_min_topk; 0 or 1 at every k, 65 at none). Read per call.
 int many_wins_min_topk() { return env_int("BITEP_ROUTER_MANY_WINS_MIN_K", 0, 1 << 30, -1); }
 
 kernels::RouterForwardParams to_params(const bitepRouterConfig_t* c, const bitepRouterForwardArgs_t* a, RouterMode m) {

@@ -289,11 +289,12 @@ TEST(RouterGpu, TopkFromOneLane) {
 
 // The post-top-k softmax at 4 and 8 octets a lane (E 513-1024 and 1025-2048) has two instances each, 3 and 4 or 4 and 6
 // keys cached a lane (router_topk_select.cuh cache_size; router_topk_spec.cuh many_wins_post takes the longer one from
-// k = many_wins_min_topk(E) on, router_params.h). Rows whose m best experts (m = 1 .. 48, distinct values) all sit in
-// one lane's slots, so that lane wins every round and rescans its keys again and again, beside the degenerate rows
-// (ties, NaN, infinities) and random ones; E = 2048, 1029, 1024 and 520 (a lane's last octets past E), k around the
-// threshold. Each case against the host and the fp64 oracle (maps exact) in the instance the default picks (asserted),
-// then both instances at every k (BITEP_ROUTER_MANY_WINS_MIN_K): the same bits, all outputs and the compact ones alone.
+// k = many_wins_min_topk(E, fp32 logits) on, router_params.h). Rows whose m best experts (m = 1 .. 48, distinct values)
+// all sit in one lane's slots, so that lane wins every round and rescans its keys again and again, beside the
+// degenerate rows (ties, NaN, infinities) and random ones; E = 2048, 1029, 1024 and 520 (a lane's last octets past E),
+// k around the threshold. Each case against the host and the fp64 oracle (maps exact) in the instance the default picks
+// (asserted), then both instances at every k (BITEP_ROUTER_MANY_WINS_MIN_K): the same bits, all outputs and the compact
+// ones alone.
 TEST(RouterGpu, ManyWinsCacheInstances) {
   REQUIRE_GPU();
   CaseStats stats;
@@ -301,7 +302,6 @@ TEST(RouterGpu, ManyWinsCacheInstances) {
   for (int E : {2048, 1029, 1024, 520}) {
     const int slots = E > 1024 ? 8 : 4;  // octets a lane
     const int few = E > 1024 ? 4 : 3, many = E > 1024 ? 6 : 4;
-    const int min_k = bitep::kernels::many_wins_min_topk(E);
     std::vector<float> v(static_cast<size_t>(T) * E);
     for (int64_t t = 0; t < T; ++t) {
       for (int e = 0; e < E; ++e) {
@@ -318,7 +318,11 @@ TEST(RouterGpu, ManyWinsCacheInstances) {
     }
     for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
       const auto bytes = encode(v, dt);
-      for (int k : {1, 8, 16, min_k - 1, min_k, 32}) {
+      const int min_k = bitep::kernels::many_wins_min_topk(E, dt == bitepFloat32);
+      std::vector<int> ks = {1, 8, min_k - 1, min_k, 24, 32};
+      std::sort(ks.begin(), ks.end());
+      ks.erase(std::unique(ks.begin(), ks.end()), ks.end());
+      for (int k : ks) {
         const bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSoftmax, 0, dt);
         const std::string what = describe(cfg, T);
         check_case(cfg, T, bytes, {}, false, 0, &stats, /*exact=*/true);
