@@ -51,8 +51,8 @@ struct RouterForwardParams {
 
 // The k from which the post-top-k softmax takes its many-wins instance by default (router_topk_spec.cuh many_wins_post
 // has the measurements): at 8 octets a lane (E 1025-2048) 6 keys cached a lane, not 4, from k = 21; at 4 octets (E
-// 513-1024) 4, not 3, from k = 16 for fp32 logits and k = 32 for bf16 (whose keys carry their expert, so a rescan
-// costs less). No such instance below 513 experts (a k past any E).
+// 513-1024) 4, not 3, from k = 16 for fp32 logits and k = 32 for bf16 (the dtypes split there: bench/NOTES.md, "Router
+// v46"). No such instance below 513 experts (a k past any E).
 constexpr int many_wins_min_topk(int num_experts, bool f32_logits) {
   if (num_experts > 1024) return 21;
   if (num_experts > 512) return f32_logits ? 16 : 32;
