@@ -48,8 +48,8 @@ struct FwdLayout {
 
 // kWideRows: the launch writes probs or saved (or both), each 16-byte aligned, E = 8 G NS, and the shape is one where
 // the holders' wide stores measured faster (wide_rows_kernel). kK: k when the instance is compiled for one (its
-// rounds unrolled; kconst_kernel), else 0 (p.topk). kManyWins: the post-top-k softmax at 8 octets a lane for large k,
-// its lanes' caches longer (cache_size, many_wins_post).
+// rounds unrolled; kconst_kernel), else 0 (p.topk). kManyWins: the post-top-k softmax at 4 and 8 octets a lane for
+// large k, its lanes' caches longer (cache_size, many_wins_post).
 template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows, int kK, bool kManyWins = false>
 __global__ void __launch_bounds__(kBucketThreads,
                                   min_blocks<8 * NS,
