@@ -44,7 +44,7 @@ struct RouterForwardParams {
   // The post-top-k softmax at E 65-256 runs at two octets a lane (half the lanes a token) from this many tokens on
   // (router_topk_spec.cuh two_octet_post); -1: 64 x the device's SMs.
   int two_octet_min_tokens = -1;
-  // The post-top-k softmax at E 513-2048 takes its instance with longer lane caches from this k on
+  // The post-top-k softmax at E 129-2048 takes its instance with longer lane caches from this k on
   // (router_topk_spec.cuh many_wins_post); -1: many_wins_min_topk(E, fp32 logits).
   int many_wins_min_topk = -1;
 };
@@ -52,10 +52,12 @@ struct RouterForwardParams {
 // The k from which the post-top-k softmax takes its many-wins instance by default (router_topk_spec.cuh many_wins_post
 // has the measurements): at 8 octets a lane (E 1025-2048) 6 keys cached a lane, not 4, from k = 21; at 4 octets (E
 // 513-1024) 4, not 3, from k = 16 for fp32 logits and k = 32 for bf16 (the dtypes split there: bench/NOTES.md, "Router
-// v46"). No such instance below 513 experts (a k past any E).
+// v46"); at 1 and 2 octets (E 129-512) 4, not 2, from k = 12 ("Router v47"). No such instance at 128 experts or fewer
+// (a k past any E): there several tokens share a warp.
 constexpr int many_wins_min_topk(int num_experts, bool f32_logits) {
   if (num_experts > 1024) return 21;
   if (num_experts > 512) return f32_logits ? 16 : 32;
+  if (num_experts > 128) return 12;
   return num_experts + 1;
 }
 

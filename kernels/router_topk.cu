@@ -66,7 +66,7 @@ cudaError_t launch_k(const RouterForwardParams& p, const FwdLayout& lay, cudaStr
       if (p.topk == kK && !(kconst_compact_only<G, NS, kF32, kSpec>() && dense))
         return launch_kernel<G, NS, kF32, kSpec, kWideRows, kK>(p, lay, stream);
     }
-    if constexpr (kSpec == FwdSpec::kPostSoftmax && NS >= 4) {
+    if constexpr (kSpec == FwdSpec::kPostSoftmax && G == 32) {
       if (many_wins_post(p)) return launch_kernel<G, NS, kF32, kSpec, kWideRows, 0, true>(p, lay, stream);
     }
     return launch_kernel<G, NS, kF32, kSpec, kWideRows, 0>(p, lay, stream);

@@ -48,8 +48,8 @@ struct FwdLayout {
 
 // kWideRows: the launch writes probs or saved (or both), each 16-byte aligned, E = 8 G NS, and the shape is one where
 // the holders' wide stores measured faster (wide_rows_kernel). kK: k when the instance is compiled for one (its
-// rounds unrolled; kconst_kernel), else 0 (p.topk). kManyWins: the post-top-k softmax at 4 and 8 octets a lane for
-// large k, its lanes' caches longer (cache_size, many_wins_post).
+// rounds unrolled; kconst_kernel), else 0 (p.topk). kManyWins: the post-top-k softmax at 32 lanes a token (E 129-2048)
+// for large k, its lanes' caches longer (cache_size, many_wins_post).
 template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows, int kK, bool kManyWins = false>
 __global__ void __launch_bounds__(kBucketThreads,
                                   min_blocks<8 * NS,
@@ -74,8 +74,8 @@ __global__ void __launch_bounds__(kBucketThreads,
   constexpr bool kKnown = kSpec != FwdSpec::kAny;
   constexpr bool kV3 = kSpec == FwdSpec::kSigmoidNormV3;
   static_assert(!kV3 || (G == 32 && NS == 1 && kK == kV3K), "DeepSeek-V3's shape: one octet a lane, k = 8");
-  static_assert(!kManyWins || (kSpec == FwdSpec::kPostSoftmax && NS >= 4 && kK == 0),
-                "the many-wins instance: the post-top-k softmax at 4 and 8 octets a lane, runtime k");
+  static_assert(!kManyWins || (kSpec == FwdSpec::kPostSoftmax && G == 32 && kK == 0),
+                "the many-wins instance: the post-top-k softmax at 32 lanes a token, runtime k");
   const DType dt = kKnown && !kF32 ? DType::kBF16 : p.logits_dtype;
   const ScoreFn fn = spec_fn<kSpec>(p);
   const ScorePath path = spec_path<kSpec>(p);

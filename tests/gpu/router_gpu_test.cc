@@ -287,21 +287,23 @@ TEST(RouterGpu, TopkFromOneLane) {
   report("top-k from one lane", stats);
 }
 
-// The post-top-k softmax at 4 and 8 octets a lane (E 513-1024 and 1025-2048) has two instances each, 3 and 4 or 4 and 6
-// keys cached a lane (router_topk_select.cuh cache_size; router_topk_spec.cuh many_wins_post takes the longer one from
-// k = many_wins_min_topk(E, fp32 logits) on, router_params.h). Rows whose m best experts (m = 1 .. 48, distinct values)
+// The post-top-k softmax at 32 lanes a token (E 129-2048) has two runtime-k instances at each octet count: 2 and 4 keys
+// cached a lane at 1 and 2 octets a lane (E 129-512), 3 and 4 at 4 (E 513-1024), 4 and 6 at 8 (E 1025-2048)
+// (router_topk_select.cuh cache_size; router_topk_spec.cuh many_wins_post takes the longer one from k =
+// many_wins_min_topk(E, fp32 logits) on, router_params.h). Rows whose m best experts (m = 1 .. 48, distinct values)
 // all sit in one lane's slots, so that lane wins every round and rescans its keys again and again, beside the
-// degenerate rows (ties, NaN, infinities) and random ones; E = 2048, 1029, 1024 and 520 (a lane's last octets past E),
-// k around the threshold. Each case against the host and the fp64 oracle (maps exact) in the instance the default picks
-// (asserted), then both instances at every k (BITEP_ROUTER_MANY_WINS_MIN_K): the same bits, all outputs and the compact
+// degenerate rows (ties, NaN, infinities) and random ones; E = 2048, 1029, 1024, 520 (a lane's last octets past E),
+// 512, 300, 256 and 130, k around the threshold. Each case against the host and the fp64 oracle (maps exact) in the
+// instance the default picks (asserted; at E <= 512 and k = 8 the instance compiled for k = 8, which caches 2, where it
+// is taken), then both instances at every k (BITEP_ROUTER_MANY_WINS_MIN_K): the same bits, all outputs and the compact
 // ones alone.
 TEST(RouterGpu, ManyWinsCacheInstances) {
   REQUIRE_GPU();
   CaseStats stats;
   const int64_t T = 300;
-  for (int E : {2048, 1029, 1024, 520}) {
-    const int slots = E > 1024 ? 8 : 4;  // octets a lane
-    const int few = E > 1024 ? 4 : 3, many = E > 1024 ? 6 : 4;
+  for (int E : {2048, 1029, 1024, 520, 512, 300, 256, 130}) {
+    const int slots = E > 1024 ? 8 : (E > 512 ? 4 : (E > 256 ? 2 : 1));  // octets a lane
+    const int few = E > 1024 ? 4 : (E > 512 ? 3 : 2), many = E > 1024 ? 6 : 4;
     std::vector<float> v(static_cast<size_t>(T) * E);
     for (int64_t t = 0; t < T; ++t) {
       for (int e = 0; e < E; ++e) {
@@ -328,7 +330,10 @@ TEST(RouterGpu, ManyWinsCacheInstances) {
         check_case(cfg, T, bytes, {}, false, 0, &stats, /*exact=*/true);
         if (HasFatalFailure()) return;
         EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 1) << what << ": the kernel chosen";
-        EXPECT_EQ(bitep::kernels::last_router_forward_cache(), k >= min_k ? many : few)
+        // The instance compiled for k = 8 (dense outputs; want_topk_instance) has no many-wins twin.
+        const bool kconst = want_topk_instance(1, E, k, dt) != 0;
+        EXPECT_EQ(bitep::kernels::last_router_forward_topk(), kconst ? k : 0) << what << ": the instance for k = 8";
+        EXPECT_EQ(bitep::kernels::last_router_forward_cache(), k >= min_k && !kconst ? many : few)
             << what << ": the keys cached a lane";
         FwdSpec all;
         all.map = bitepMapBitmapU8;
@@ -341,7 +346,7 @@ TEST(RouterGpu, ManyWinsCacheInstances) {
           ManyWinsFrom scope(from);
           const FwdOut got = run_forward(bitepBackendCuda, cfg, T, bytes, {}, all);
           ASSERT_EQ(got.rc, bitepSuccess) << at << ": " << got.error;
-          EXPECT_EQ(bitep::kernels::last_router_forward_cache(), from[0] == '0' ? many : few) << at;
+          EXPECT_EQ(bitep::kernels::last_router_forward_cache(), from[0] == '0' && !kconst ? many : few) << at;
           EXPECT_TRUE(got.guards) << at << ": forward wrote past a buffer";
           expect_same_outputs(got, want, at);
           const FwdOut c = run_forward(bitepBackendCuda, cfg, T, bytes, {}, compact);
