@@ -42,9 +42,9 @@ using namespace router_detail;
 #ifndef BITEP_ROUTER_FWD_CACHE_MANY4
 #define BITEP_ROUTER_FWD_CACHE_MANY4 4
 #endif
-// At 1 and 2 octets a lane and 32 lanes a token (E 129-512) a lane holds 8 or 16 experts, and from k = 16 on the wins
-// pile up the same way: a many-wins instance there caches 4 (MANY2), the other the general rule's 2. H200, T = 65536,
-// time against C = 2's (bench/NOTES.md, "Router v47"): E = 512, k = 32, C = 3 0.73-0.77x, 4 0.63-0.71x (fp32
+// At 1 and 2 octets a lane and 32 lanes a token (E 129-512) a lane holds 8 or 16 experts, and from k = 12-16 on the
+// wins pile up the same way: a many-wins instance there caches 4 (MANY2), the other the general rule's 2. H200, T =
+// 65536, time against C = 2's (bench/NOTES.md, "Router v47"): E = 512, k = 32, C = 3 0.73-0.77x, 4 0.63-0.71x (fp32
 // TE-compatible bitmap 318.5 -> 201.0 us, bf16 156.8 -> 106.2); k = 16, 3 0.82-1.00x, 4 0.85-1.00x; E = 256, k = 32, 3
 // 0.80-0.86x, 4 0.77-0.83x; k = 16, 3 0.89-0.94x, 4 0.93-0.98x.
 #ifndef BITEP_ROUTER_FWD_CACHE_MANY2

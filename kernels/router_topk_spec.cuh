@@ -224,8 +224,8 @@ inline bool two_octet_post(const RouterForwardParams& p, int sms) {
   return compact || (kWideStores && p.num_experts == 128 && aligned16(p.probs) && aligned16(p.saved));
 }
 
-// The post-top-k softmax at 4 and 8 octets a lane (E 513-2048) takes its many-wins instance (more keys cached a lane:
-// cache_size) from many_wins_min_topk(E, fp32 logits) (router_params.h) on: k rounds over 32 lanes of 32 or 64 experts
+// The post-top-k softmax at 32 lanes a token (E 129-2048) takes its many-wins instance (more keys cached a lane:
+// cache_size) from many_wins_min_topk(E, fp32 logits) (router_params.h) on: k rounds over 32 lanes of 8 to 64 experts
 // each, and the more rounds the more lanes run dry and rescan their keys while the warp waits; below it the longer
 // first scan costs more than it saves. p.many_wins_min_topk (>= 0) moves the threshold (tests, tuning). H200, T =
 // 65536, on the fp32 and bf16, TE-compatible and compact bitmap rows (bench/NOTES.md, "Router v45" and "v46"):
@@ -234,6 +234,10 @@ inline bool two_octet_post(const RouterForwardParams& p, int sms) {
 // - E = 1024, 4 keys over 3, fp32 rows: k = 8 1.02-1.05x, 16 0.95-0.99x, 20 0.92-0.96x, 22-28 0.86-0.93x, 32
 //   0.83-0.84x; bf16 rows: k = 8 1.01-1.21x, 16 1.06-1.11x, 20 1.07x, 22 1.04-1.06x, 24 1.03-1.05x, 26 1.01-1.04x, 28
 //   0.99-1.03x, 32 0.95-0.99x.
+// - E = 512, 4 keys over 2: k = 8 1.00x (the instance for k = 8 takes most rows), 10 1.00-1.02x, 12 0.95-1.00x, 14
+//   0.90-1.00x, 16 0.85-1.00x, 20 0.76-0.95x (bf16 TE-compatible is the row that gains least).
+// - E = 256, 4 keys over 2: k = 10 1.04-1.12x (fp32), 1.01x (bf16); 12 fp32 compact 1.07x, the others 0.99-1.00x; 14
+//   fp32 compact 1.02x, the others 0.97x; 16 0.93-0.98x; 20 0.88-0.92x.
 inline bool many_wins_post(const RouterForwardParams& p) {
   const int from = p.many_wins_min_topk >= 0 ? p.many_wins_min_topk
                                              : many_wins_min_topk(p.num_experts, p.logits_dtype == DType::kF32);
