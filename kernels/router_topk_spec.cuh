@@ -233,7 +233,7 @@ inline bool two_octet_post(const RouterForwardParams& p, int sms) {
 //   compact 0.93x, the others within 0.2%), 22 0.91-1.00x, 23 0.88-1.00x, 24 0.86-1.00x, 32 0.72-1.00x.
 // - E = 1024, 4 keys over 3, fp32 rows: k = 8 1.02-1.05x, 16 0.95-0.99x, 20 0.92-0.96x, 22-28 0.86-0.93x, 32
 //   0.83-0.84x; bf16 rows: k = 8 1.01-1.21x, 16 1.06-1.11x, 20 1.07x, 22 1.04-1.06x, 24 1.03-1.05x, 26 1.01-1.04x, 28
-//   0.99-1.03x, 32 0.95-0.99x.
+//   0.99-1.03x, 29 TE-compatible 1.02x and compact 0.98x, 30 1.01x and 0.97x, 31 1.00x and 0.96x, 32 0.95-0.99x.
 // - E = 512, 4 keys over 2: k = 8 1.00x (the instance for k = 8 takes most rows), 10 1.00-1.02x, 12 0.95-1.00x, 14
 //   0.90-1.00x, 16 0.85-1.00x, 20 0.76-0.95x (bf16 TE-compatible is the row that gains least).
 // - E = 256, 4 keys over 2: k = 10 1.04-1.12x (fp32), 1.01x (bf16); 12 fp32 compact 1.07x, the others 0.99-1.00x; 14
