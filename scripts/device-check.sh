@@ -232,7 +232,10 @@ if on gpu; then
 fi
 # scripts/demo.sh's GPU path: the MoE layer on every GPU, cuda backend (fails on a wrong value, or when the
 # build has no CUDA + cuBLAS path).
-if on gpu || on ctest; then
+if { on gpu || on ctest; } && [ -n "${BUILD_TARGETS:-}" ] && [ ! -x "$BUILD/examples/moe_layer" ]; then
+  # A call that built some targets alone (BUILD_TARGETS=bitep_gpu_tests): the demo was not built, so nothing ran.
+  printf '%-52s %s\n' "demo: moe_layer" "not run: not among BUILD_TARGETS ($BUILD_TARGETS)" | tee -a "$SUMMARY"
+elif on gpu || on ctest; then
   gpu_step "demo: moe_layer np$NGPU --backend cuda" "$LOG" mpirun -np "$NGPU" "$BUILD/examples/moe_layer" --backend cuda
   # The decode path: the low-latency calls one by one, then the whole step in one CUDA graph (launched per iteration,
   # every launch but the last on other inputs).
