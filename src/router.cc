@@ -90,7 +90,7 @@ bool spec_kernels() { return !env_is("BITEP_ROUTER_SPEC", "0"); }
 // from N tokens on (the default, -1, is 64 x the SMs; 0 at any count: the tests run that kernel on small rows). Read
 // per call.
 int two_octet_min_tokens() { return env_int("BITEP_ROUTER_TWO_OCTETS_MIN", 0, 1 << 30, -1); }
-// BITEP_ROUTER_MANY_WINS_MIN_K=K: the E 513-2048 post-top-k softmax's instance with longer lane caches from k = K on
+// BITEP_ROUTER_MANY_WINS_MIN_K=K: the E 129-2048 post-top-k softmax's instance with longer lane caches from k = K on
 // (the default, -1, is kernels/router_params.h's many_wins_min_topk; 0 or 1 at every k, 65 at none). Read per call.
 int many_wins_min_topk() { return env_int("BITEP_ROUTER_MANY_WINS_MIN_K", 0, 1 << 30, -1); }
 

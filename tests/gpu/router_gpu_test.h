@@ -336,7 +336,7 @@ struct TwoOctetsAtAnyCount : ScopedEnv {
   TwoOctetsAtAnyCount() : ScopedEnv("BITEP_ROUTER_TWO_OCTETS_MIN", "0") {}
 };
 
-// BITEP_ROUTER_MANY_WINS_MIN_K: the E 513-2048 post-top-k softmax's instance with longer lane caches from that k on
+// BITEP_ROUTER_MANY_WINS_MIN_K: the E 129-2048 post-top-k softmax's instance with longer lane caches from that k on
 // ("0": at every k; "33": at none).
 struct ManyWinsFrom : ScopedEnv {
   explicit ManyWinsFrom(const char* min_k) : ScopedEnv("BITEP_ROUTER_MANY_WINS_MIN_K", min_k) {}
