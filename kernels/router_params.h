@@ -49,12 +49,10 @@ struct RouterForwardParams {
   int many_wins_min_topk = -1;
 };
 
-// The k from which the post-top-k softmax takes its many-wins instance by default (router_topk_spec.cuh many_wins_post
-// has the measurements): at 8 octets a lane (E 1025-2048) 6 keys cached a lane, not 4, from k = 21; at 4 octets (E
-// 513-1024) 4, not 3, from k = 16 for fp32 logits and k = 31 for bf16 (the dtypes split there: bench/NOTES.md, "Router
-// v46" and "v47"); at 2 octets (E 257-512) 4, not 2, from k = 12, and at 1 octet (E 129-256) from k = 16 for fp32
-// logits and 12 for bf16 ("Router v47"). No such instance at 128 experts or fewer (a k past any E): there several
-// tokens share a warp.
+// The k from which the post-top-k softmax at 32 lanes a token takes its many-wins instance by default, by octets a lane
+// and, where the sweeps split them, by the logits' dtype (the keys each instance caches: router_topk_select.cuh
+// cache_size; the sweeps: router_topk_spec.cuh many_wins_post and bench/NOTES.md, "Router v45" to "v47"). No such
+// instance at 128 experts or fewer (a k past any E): there several tokens share a warp.
 constexpr int many_wins_min_topk(int num_experts, bool f32_logits) {
   if (num_experts > 1024) return 21;
   if (num_experts > 512) return f32_logits ? 16 : 31;
