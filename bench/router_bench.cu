@@ -163,6 +163,19 @@ const Config kConfigs[] = {
     {256, 8, "softmax-pre", bitepScoreSoftmax, 1, 0, 0, false, 1.0f},
 };
 
+// Released models' router shapes (their configs' expert count, k, score function, groups, bias and scaling), outside
+// the issue's grid: run when --configs names them (or "models", all of them). DeepSeek-V2 scores a group by its best
+// expert; here, as in TE, by the sum of its best k / group_topk (2). Groups of 20 experts (not whole octets) take the
+// generic kernel; num_groups = group_topk = 1 (GLM-4.5, Kimi K2) is routing without groups (src/router.cc).
+const Config kModelConfigs[] = {
+    {8, 2, "mixtral", bitepScoreSoftmax, 0, 0, 0, false, 1.0f},
+    {60, 4, "qwen1.5-moe", bitepScoreSoftmax, 1, 0, 0, false, 1.0f},
+    {160, 6, "deepseek-v2", bitepScoreSoftmax, 1, 8, 3, false, 16.0f},
+    {160, 8, "glm-4.5", bitepScoreSigmoid, 0, 1, 1, true, 2.5f},
+    {384, 8, "kimi-k2", bitepScoreSigmoid, 0, 1, 1, true, 2.827f},
+    {512, 10, "qwen3-next", bitepScoreSoftmax, 0, 0, 0, false, 1.0f},
+};
+
 bitepRouterConfig_t router_config(const Config& c, bitepDataType_t dt) {
   bitepRouterConfig_t r = BITEP_ROUTER_CONFIG_INIT;
   r.num_experts = c.E;
@@ -469,7 +482,8 @@ struct Args {
   int iters = 100;
   std::vector<int64_t> tokens;  // non-empty: these T only (--tokens T,T,..)
   std::string experts;          // non-empty: comma-separated E values, the configs of those E only
-  std::string configs;  // non-empty: comma-separated config names (softmax, softmax-pre, deepseek-v3), those alone
+  std::string configs;  // non-empty: comma-separated config names (softmax, softmax-pre, deepseek-v3; a model's name
+                        // from kModelConfigs, or models for all of them), those alone
   bool bf16_only = false;
   bool fwd_only = false;  // tuning runs: the forward rows alone
   bool bwd_only = false;  // tuning runs: the backward rows alone
@@ -583,6 +597,9 @@ int main(int argc, char** argv) {
     std::vector<const Config*> keep;
     for (const Config* c : cfgs)
       if (args.configs.find("," + std::string(c->name) + ",") != std::string::npos) keep.push_back(c);
+    const bool models = args.configs.find(",models,") != std::string::npos;
+    for (const Config& c : kModelConfigs)
+      if (models || args.configs.find("," + std::string(c.name) + ",") != std::string::npos) keep.push_back(&c);
     cfgs = keep;
   }
   // --topk: the configs without groups take k = K where K <= E (a copy each); the grouped ones keep theirs.

@@ -102,8 +102,13 @@ kernels::RouterForwardParams to_params(const bitepRouterConfig_t* c, const bitep
   p.topk = c->topk;
   p.score_fn = static_cast<kernels::ScoreFn>(c->score_function);
   p.use_pre_softmax = c->use_pre_softmax != 0;
-  p.num_groups = m == RouterMode::kTopk ? c->num_groups : 0;
-  p.group_topk = m == RouterMode::kTopk ? c->group_topk : 0;
+  // Group-limited routing that keeps every group (group_topk == num_groups; num_groups = 1 among them, as in Kimi K2's
+  // and GLM-4.5's configs) leaves every expert a candidate, as no groups do: the same selection, and the group scores
+  // decide nothing. So both backends take it as no groups, and the GPU its warp kernels, whatever the group width
+  // (groups of 20 or 48 experts, not a power of two of octets, took the block-per-token generic kernel).
+  const bool groups = m == RouterMode::kTopk && c->num_groups > 0 && c->group_topk < c->num_groups;
+  p.num_groups = groups ? c->num_groups : 0;
+  p.group_topk = groups ? c->group_topk : 0;
   p.scaling_factor = m == RouterMode::kTopk ? c->scaling_factor : 1.0f;
   p.logits_dtype = to_kernel_dtype(c->logits_dtype);
   p.logits = a->logits;

@@ -105,6 +105,49 @@ TEST(RouterGpu, GroupsBiasScaling) {
   report("groups", stats);
 }
 
+// Group-limited routing that keeps every group (group_topk == num_groups; num_groups = 1 in Kimi K2's and GLM-4.5's
+// configs) selects as no groups do (src/router.cc): the launch takes the kernel the same config without groups takes
+// (groups of 48 or 20 experts went to the generic kernel), and gives its outputs bit for bit, the host's and the fp64
+// oracle's as every case (check_case).
+TEST(RouterGpu, AllGroupsKeptTakesTheWarpKernels) {
+  REQUIRE_GPU();
+  CaseStats stats;
+  struct G {
+    int E, k, groups;
+    bitepScoreFunction_t fn;
+    int pre;
+  };
+  for (const G g :
+       {G{384, 8, 1, bitepScoreSigmoid, 0}, G{160, 8, 1, bitepScoreSigmoid, 0}, G{256, 8, 8, bitepScoreSigmoid, 0},
+        G{256, 8, 1, bitepScoreSoftmax, 1}, G{60, 4, 3, bitepScoreSoftmax, 0}})
+    for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
+      const int64_t T = 1031;
+      bitepRouterConfig_t none = make_config(g.E, g.k, g.fn, g.pre, dt);
+      none.scaling_factor = 2.5f;
+      bitepRouterConfig_t all = none;
+      all.num_groups = g.groups;
+      all.group_topk = g.groups;
+      const std::string what = "E=" + std::to_string(g.E) + " k=" + std::to_string(g.k) + " " + dt_name(dt) + " " +
+                               fn_name(all) + " num_groups = group_topk = " + std::to_string(g.groups);
+      const auto logits = make_logits(T, g.E, dt, 91 + g.E);
+      const std::vector<float> bias = g.fn == bitepScoreSigmoid ? make_bias(g.E, g.E + 3) : std::vector<float>{};
+      check_case(all, T, logits, bias, false, 0, &stats);
+      if (HasFatalFailure()) return;
+      FwdSpec spec;
+      spec.map = bitepMapBitmapU8;
+      const FwdOut want = run_forward(bitepBackendCuda, none, T, logits, bias, spec);
+      ASSERT_EQ(want.rc, bitepSuccess) << what << ": " << want.error;
+      const int want_kernel = bitep::kernels::last_router_forward_kernel();
+      const FwdOut got = run_forward(bitepBackendCuda, all, T, logits, bias, spec);
+      ASSERT_EQ(got.rc, bitepSuccess) << what << ": " << got.error;
+      EXPECT_GE(want_kernel, 0) << what << ": a warp kernel without groups";
+      EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), want_kernel) << what << ": the kernel chosen";
+      EXPECT_TRUE(got.guards) << what << ": forward wrote past a buffer";
+      expect_same_outputs(got, want, what);
+    }
+  report("all groups kept", stats);
+}
+
 constexpr int64_t kDegenerateRows = 11;
 
 // Row t of the degenerate set (t < kDegenerateRows; any other t an ordinary row): all equal, ties, -inf,

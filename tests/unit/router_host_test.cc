@@ -315,6 +315,62 @@ TEST(RouterDegenerate, KEqualsEAndBiasTies) {
   for (int j = 0; j < 18; ++j) EXPECT_EQ(idx[j], j % 9);
 }
 
+// Group-limited routing that keeps every group (group_topk == num_groups, num_groups = 1 among them) selects as no
+// groups do: the fp64 definition, which scores and ranks the groups literally, gives the same experts and values with
+// and without them (so src/router.cc's shortcut is the definition's own result), and the host backend matches it.
+TEST(RouterGroups, AllGroupsKeptSelectsAsNoGroups) {
+  struct G {
+    int E, k, groups;
+    bitepScoreFunction_t fn;
+    int pre;
+    bool bias;
+  };
+  for (const G g : {G{384, 8, 1, bitepScoreSigmoid, 0, true}, G{160, 8, 1, bitepScoreSigmoid, 0, true},
+                    G{256, 8, 8, bitepScoreSigmoid, 0, true}, G{64, 6, 4, bitepScoreSoftmax, 1, false},
+                    G{60, 4, 3, bitepScoreSoftmax, 0, false}}) {
+    const int64_t T = 64;
+    Case c{T, g.E, g.k, g.fn, g.pre != 0, false, g.bias, 2.5f, bitepFloat32};
+    bitepRouterConfig_t none = config_of(c);
+    bitepRouterConfig_t all = none;
+    all.num_groups = g.groups;
+    all.group_topk = g.groups;
+    const std::string what = name(c) + " num_groups = group_topk = " + std::to_string(g.groups);
+    const auto bytes = make_logits(c, 17 + g.E);
+    std::vector<float> x(static_cast<size_t>(T) * g.E);
+    std::memcpy(x.data(), bytes.data(), bytes.size());
+    const std::vector<double> x64(x.begin(), x.end());
+    const auto bias = make_bias(g.E, 5);
+    const float* b = g.bias ? bias.data() : nullptr;
+    const Forward want = bitep::ref::router_forward(none, T, x64, b, false);
+    const Forward lit = bitep::ref::router_forward(all, T, x64, b, false);
+    EXPECT_EQ(lit.indices, want.indices) << what << ": the definition's experts";
+    EXPECT_EQ(lit.weights, want.weights) << what << ": the definition's weights";
+    // The host backend with the group config: the definition's experts (normal(0, 2) logits, no near-ties at this
+    // size) and weights within fp32 rounding.
+    std::vector<int32_t> idx(static_cast<size_t>(T) * g.k, -1);
+    std::vector<float> w(static_cast<size_t>(T) * g.k, NAN);
+    bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+    a.num_tokens = T;
+    a.logits = x.data();
+    a.expert_bias = b;
+    a.topk_indices = idx.data();
+    a.topk_weights = w.data();
+    ASSERT_EQ(bitepRouterForward(bitepBackendHost, &all, &a, nullptr), bitepSuccess) << bitepGetLastError();
+    int64_t compared = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      if (want.margin[t] < kMapTol) continue;  // a near-tie fp32 may order either way
+      ++compared;
+      for (int j = 0; j < g.k; ++j) {
+        const size_t i = static_cast<size_t>(t) * g.k + j;
+        EXPECT_EQ(idx[i], want.indices[i]) << what << ": host expert, token " << t;
+        EXPECT_NEAR(w[i], want.weights[i], 1e-6 * std::max(1.0, std::fabs(want.weights[i])))
+            << what << ": host weight, token " << t;
+      }
+    }
+    EXPECT_GE(compared, T - 2) << what << ": tokens compared";
+  }
+}
+
 // ---- gradient formulas vs finite differences of the fp64 forward ---------------------------------
 
 TEST(RouterGradient, Fp64BackwardMatchesFiniteDifferences) {
