@@ -222,15 +222,16 @@ TEST(RouterGpu, DegenerateRows) {
 
 // The degenerate rows through group-limited routing: ties, NaN and -inf inside a group's best keys (its
 // score), between the group scores, and past the kept groups. Groups of one octet (q = 1), of four (DeepSeek-V3),
-// group scores of one and two keys (the pair butterfly) and of four (the rounds), one octet a lane and two.
+// group scores of one and two keys (the pair butterfly) and of four (the rounds), one octet a lane and two; and every
+// group kept (E = 128, 4 of 4: routing without groups, src/router.cc).
 TEST(RouterGpu, DegenerateRowsGrouped) {
   REQUIRE_GPU();
   CaseStats stats;
   struct G {
     int E, k, groups, gtopk;
   };
-  for (const G g :
-       {G{256, 8, 8, 4}, G{64, 4, 8, 2}, G{256, 16, 32, 8}, G{128, 4, 4, 4}, G{512, 8, 4, 2}, G{512, 8, 16, 8}})
+  for (const G g : {G{256, 8, 8, 4}, G{64, 4, 8, 2}, G{256, 16, 32, 8}, G{128, 3, 4, 3}, G{128, 4, 4, 4},
+                    G{512, 8, 4, 2}, G{512, 8, 16, 8}})
     for (bool with_bias : {false, true}) {
       const int64_t T = 12;
       std::vector<float> v(static_cast<size_t>(T) * g.E);
@@ -481,10 +482,10 @@ int64_t weights_outside(const std::vector<float>& got, const std::vector<float>&
 // token; 100: 16 lanes, E % 8 != 0; 128: 16 lanes, whole rows (the holders' wide stores); 256: one octet a lane; 512:
 // two (the backward staged); 1000: four; 2048: eight. k: 8, and for the post-top-k softmax also 1, 3, the lanes (G) and
 // G + 1. The pre-top-k softmax and the normalised sigmoid also with groups (8 of them, 4 kept: a group is an octet at E
-// = 64, four lanes at 256, eight octets over two slots at 512; E = 100 takes the generic kernel), expert bias, a
-// scaling factor and the dispatch-layout epilogue (4 ranks). The post-top-k softmax at k = 8 again at two octets a
-// lane (at any count), where its rule takes the outputs (bf16: E = 100 and 256 compact, E = 128 both ways; fp32: E =
-// 256 compact): the bits of the bucket's kernel.
+// = 64, four lanes at 256, eight octets over two slots at 512; E = 100, 2 of 4 groups of 25, takes the generic kernel),
+// expert bias, a scaling factor and the dispatch-layout epilogue (4 ranks). The post-top-k softmax at k = 8 again at
+// two octets a lane (at any count), where its rule takes the outputs (bf16: E = 100 and 256 compact, E = 128 both ways;
+// fp32: E = 256 compact): the bits of the bucket's kernel.
 TEST(RouterGpu, SpecKernelsMatchAnyPath) {
   REQUIRE_GPU();
   const int64_t T = 333;
@@ -511,7 +512,7 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
         std::vector<float> bias;
         if (path.grouped) {
           cfg.num_groups = E == 100 ? 4 : 8;
-          cfg.group_topk = 4;
+          cfg.group_topk = E == 100 ? 2 : 4;  // E = 100: 2 of 4 (all 4 kept would be routing without groups)
           cfg.scaling_factor = 2.5f;
           if (path.fn == bitepScoreSigmoid) bias = make_bias(E, E + 1);
         }
