@@ -16,12 +16,19 @@ thread_local int t_last_topk = 0;     // last_router_forward_topk()
 thread_local int t_last_lanes = 0;    // last_router_forward_lanes()
 thread_local int t_last_cache = 0;    // last_router_forward_cache()
 
-template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows, int kK, bool kManyWins = false>
+template <int G,
+          int NS,
+          bool kF32,
+          FwdSpec kSpec,
+          bool kWideRows,
+          int kK,
+          bool kManyWins = false,
+          bool kAnyWidthGroups = false>
 cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStream_t stream) {
   static std::atomic<int> occupancy{0};
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
-  auto kernel = router_forward_bucket<G, NS, kF32, kSpec, kWideRows, kK, kManyWins>;
+  auto kernel = router_forward_bucket<G, NS, kF32, kSpec, kWideRows, kK, kManyWins, kAnyWidthGroups>;
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
@@ -98,6 +105,17 @@ cudaError_t launch_bucket_t(const RouterForwardParams& p, const FwdLayout& lay, 
   return launch_k<G, NS, kF32, kSpec, false>(p, lay, stream);
 }
 
+// The instance for groups that are not whole octets (kAnyWidthGroups; FwdLayout::group_size), runtime k.
+template <int G, int NS, FwdSpec kSpec>
+cudaError_t launch_any_width_groups(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
+  if constexpr (NS == 1) {
+    return p.logits_dtype == DType::kF32 ? launch_kernel<G, NS, true, kSpec, false, 0, false, true>(p, lay, stream)
+                                         : launch_kernel<G, NS, false, kSpec, false, 0, false, true>(p, lay, stream);
+  } else {
+    return cudaErrorInvalidValue;  // not launched: the launch takes such groups at one octet a lane alone
+  }
+}
+
 template <int G, int NS, FwdSpec kSpec>
 cudaError_t launch_dtype(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   return p.logits_dtype == DType::kF32 ? launch_bucket_t<G, NS, true, kSpec>(p, lay, stream)
@@ -115,7 +133,7 @@ cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cu
     if (p.spec_kernels && p.mode == RouterMode::kTopk && p.logits_dtype != DType::kF16 &&
         (p.num_tokens + 256) * p.num_experts < (int64_t{1} << 31)) {
       const ScorePath path = score_path(p);
-      if (path.post && lay.group_octets == 0 && (!kHolderSoftmax || p.topk <= G)) {
+      if (path.post && lay.group_octets == 0 && lay.group_size == 0 && (!kHolderSoftmax || p.topk <= G)) {
         if constexpr ((G == 16 || G == 32) && NS == 1) {
           int sms = 0;
           const cudaError_t err = sm_count(&sms);
@@ -125,8 +143,12 @@ cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cu
         return launch_dtype<G, NS, FwdSpec::kPostSoftmax>(p, lay, stream);
       }
       if constexpr (NS <= 2) {
-        if (path.pre) return launch_dtype<G, NS, FwdSpec::kPreSoftmax>(p, lay, stream);
+        if (path.pre) {
+          if (lay.group_size > 0) return launch_any_width_groups<G, NS, FwdSpec::kPreSoftmax>(p, lay, stream);
+          return launch_dtype<G, NS, FwdSpec::kPreSoftmax>(p, lay, stream);
+        }
         if (p.score_fn == ScoreFn::kSigmoid && path.norm) {
+          if (lay.group_size > 0) return launch_any_width_groups<G, NS, FwdSpec::kSigmoidNorm>(p, lay, stream);
           if constexpr (G == 32 && NS == 1) {
             if (BITEP_ROUTER_FWD_V3 != 0 && p.topk == kV3K && lay.group_octets == kV3Shape.group_octets &&
                 lay.per_group == kV3Shape.per_group && p.group_topk == kV3Shape.group_topk &&
@@ -138,6 +160,8 @@ cudaError_t launch_bucket(const RouterForwardParams& p, const FwdLayout& lay, cu
       }
     }
   }
+  // Groups that are not whole octets have no any-path instance: the generic kernel.
+  if (lay.group_size > 0) return launch_router_forward_generic(p, stream);
   return launch_dtype<G, NS, FwdSpec::kAny>(p, lay, stream);
 }
 
@@ -149,6 +173,16 @@ int aligned_group_octets(const RouterForwardParams& p, int lanes) {
   const int q = gs / 8;
   if ((q & (q - 1)) != 0 || q > lanes) return 0;
   return q;
+}
+
+// Groups that are not whole octets the warp-per-token kernel also takes (the kernel's step 3b, kAnyWidthGroups: the
+// pre-top-k softmax's and the normalised sigmoid's kernels, from 8 lanes a token; launch_bucket sends the rest to the
+// generic kernel): at one octet a lane (E <= 256), at least 8 experts a group (an octet meets at most two), no more
+// groups than lanes a token (lane g holds group g's score) and a group's score of one or two keys (a pair merge).
+bool unaligned_groups(const RouterForwardParams& p, int bucket) {
+  if (bucket < 0 || p.num_experts > 256) return false;  // one octet a lane up to 256 experts
+  const int gs = p.num_experts / p.num_groups;
+  return gs >= 8 && p.num_groups <= kBucketLanes[bucket] && p.topk / p.group_topk <= 2;
 }
 
 }  // namespace
@@ -172,13 +206,16 @@ cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t str
   const int bucket = bucket_of(p.num_experts);
   int q = 0;
   if (bucket >= 0 && groups) q = aligned_group_octets(p, kBucketLanes[bucket]);
-  if (bucket < 0 || p.topk > kMaxBucketTopk || (groups && q == 0)) return launch_router_forward_generic(p, stream);
+  const bool unaligned = groups && q == 0 && unaligned_groups(p, bucket);
+  if (bucket < 0 || p.topk > kMaxBucketTopk || (groups && q == 0 && !unaligned))
+    return launch_router_forward_generic(p, stream);
 
   FwdLayout lay{};
   lay.rank_words = p.num_ranks > 0 ? (p.num_ranks + 31) / 32 : 0;
   lay.mask_bytes = p.num_ranks > 0 ? map_bytes_of(p.num_ranks) : 0;
   lay.experts_per_rank = p.num_ranks > 0 ? p.num_experts / p.num_ranks : 1;
   lay.group_octets = groups ? q : 0;
+  lay.group_size = unaligned ? p.num_experts / p.num_groups : 0;
   lay.per_group = groups ? p.topk / p.group_topk : 0;
   return with_bucket(
       bucket, [&](auto g, auto ns) { return launch_bucket<decltype(g)::value, decltype(ns)::value>(p, lay, stream); });

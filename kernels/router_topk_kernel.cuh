@@ -39,18 +39,31 @@ struct FwdLayout {
   int rank_words;        // ceil(W / 32): 32-bit words of one token's rank mask in shared memory
   int mask_bytes;        // ceil(W / 8)
   int experts_per_rank;  // L = E / W
-  int group_octets;      // octets per expert group (power of two <= lanes), 0 = no group routing
+  int group_octets;      // octets per expert group (power of two <= lanes), 0 = no group routing or group_size's
   int per_group;         // k / group_topk: experts summed into a group's score
   int64_t full_tiles;    // tiles with no token past T
   int compact_at;        // the compact outputs' stage (compact_stage_kernel): its first word in the dynamic shared
                          // memory, past the rank words; -1 where it has none
+  int group_size;        // experts per group where groups are not whole octets (group_octets 0; kAnyWidthGroups: one
+                         // octet a lane, at least 8 experts a group, at most the lanes' count of groups, per_group <=
+                         // 2), else 0. Last, so that the other fields keep their offsets (and the kernels their PTX).
 };
 
 // kWideRows: the launch writes probs or saved (or both), each 16-byte aligned, E = 8 G NS, and the shape is one where
 // the holders' wide stores measured faster (wide_rows_kernel). kK: k when the instance is compiled for one (its
 // rounds unrolled; kconst_kernel), else 0 (p.topk). kManyWins: the post-top-k softmax at 32 lanes a token (E 129-2048)
-// for large k, its lanes' caches longer (cache_size, many_wins_post).
-template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows, int kK, bool kManyWins = false>
+// for large k, its lanes' caches longer (cache_size, many_wins_post). kAnyWidthGroups: the pre-top-k softmax and the
+// normalised sigmoid at one octet a lane with groups that are not whole octets (step 3b; FwdLayout::group_size), an
+// instance of its own so that the others keep their registers (the step cost the one-octet kernels 20-52 bytes of
+// spill at their 40 registers).
+template <int G,
+          int NS,
+          bool kF32,
+          FwdSpec kSpec,
+          bool kWideRows,
+          int kK,
+          bool kManyWins = false,
+          bool kAnyWidthGroups = false>
 __global__ void __launch_bounds__(kBucketThreads,
                                   min_blocks<8 * NS,
                                              G,
@@ -58,7 +71,8 @@ __global__ void __launch_bounds__(kBucketThreads,
                                              kSpec == FwdSpec::kPostSoftmax,
                                              kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec),
                                              kWideRows,
-                                             (kK > 0)>())
+                                             (kK > 0),
+                                             kAnyWidthGroups>())
     router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
   constexpr int N = 8 * NS;
   constexpr int kTokensPerWarp = kWarpSize / G;
@@ -74,6 +88,9 @@ __global__ void __launch_bounds__(kBucketThreads,
   constexpr bool kKnown = kSpec != FwdSpec::kAny;
   constexpr bool kV3 = kSpec == FwdSpec::kSigmoidNormV3;
   static_assert(!kV3 || (G == 32 && NS == 1 && kK == kV3K), "DeepSeek-V3's shape: one octet a lane, k = 8");
+  static_assert(
+      !kAnyWidthGroups || (NS == 1 && kK == 0 && (kSpec == FwdSpec::kPreSoftmax || kSpec == FwdSpec::kSigmoidNorm)),
+      "groups of any width: the pre-top-k softmax's and the normalised sigmoid's runtime-k kernels, one octet a lane");
   static_assert(!kManyWins || (kSpec == FwdSpec::kPostSoftmax && G == 32 && kK == 0),
                 "the many-wins instance: the post-top-k softmax at 32 lanes a token, runtime k");
   const DType dt = kKnown && !kF32 ? DType::kBF16 : p.logits_dtype;
@@ -522,6 +539,60 @@ __global__ void __launch_bounds__(kBucketThreads,
           else
             top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
         }
+      }
+    }
+
+    // 3b. groups that are not whole octets (DeepSeek-V2: 8 groups of 20 experts), at one octet a lane: a lane's octet
+    // meets at most two groups (at least 8 experts each), so the lane brings the best two keys of each part, and each
+    // group's score is a pair merge of those parts over the token's lanes (group_pair_sum's, the same sum); lane g
+    // holds group g's key for the group rounds. The launch's conditions: groups <= G, per_group <= 2.
+    if constexpr (kAnyWidthGroups) {
+      if (lay.group_size > 0) {
+        const int gsz = lay.group_size, ngroups = E / gsz, e0 = sl * 8;
+        const int g0 = e0 / gsz,
+                  split = min((g0 + 1) * gsz - e0, 8);  // elements [0, split) are g0's, the rest g0 + 1's
+        uint32_t a0 = kKeyNone, a1 = kKeyNone, b0 = kKeyNone, b1 = kKeyNone;
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+          const uint32_t ka = b < split ? key[b] : kKeyNone, kb = b < split ? kKeyNone : key[b];
+          a1 = max(a1, min(a0, ka));
+          a0 = max(a0, ka);
+          b1 = max(b1, min(b0, kb));
+          b0 = max(b0, kb);
+        }
+        uint32_t gkey = kKeyNone;
+        for (int g = 0; g < ngroups; ++g) {
+          uint32_t c0 = g == g0 ? a0 : (g == g0 + 1 ? b0 : kKeyNone), c1 = g == g0 ? a1 : (g == g0 + 1 ? b1 : kKeyNone);
+#pragma unroll
+          for (int d = 1; d < G; d <<= 1) {
+            const uint32_t d0 = __shfl_xor_sync(kFullMask, c0, d), d1 = __shfl_xor_sync(kFullMask, c1, d);
+            const uint32_t lo = min(c0, d0);
+            c0 = max(c0, d0);
+            c1 = max(max(c1, d1), lo);
+          }
+          const float gs0 = __fadd_rn(0.0f, key_value(c0));
+          const float gsum = lay.per_group == 2 ? __fadd_rn(gs0, key_value(c1)) : gs0;
+          gkey = sl == g && tv ? select_key(gsum) : gkey;
+        }
+        // The best group_topk groups: lane g's key is group g's, so the lowest lane of a tie is the lowest group.
+        bool keep = false;
+        for (int r = 0; r < p.group_topk; ++r) {
+          const uint32_t gm = seg_max_u32<G>(gkey);
+          const bool eq = gkey == gm && gm != kKeyNone;
+          const uint32_t bal = __ballot_sync(kFullMask, eq) & seg;
+          const bool hit = eq && (bal & below) == 0u;
+          keep = keep || hit;
+          gkey = hit ? kKeyNone : gkey;
+        }
+        const uint32_t kept = (__ballot_sync(kFullMask, keep) & seg) >> (lane & ~(G - 1));  // bit g: group g kept
+        const bool keep0 = (kept >> g0) & 1u, keep1 = (kept >> (g0 + 1)) & 1u;
+#pragma unroll
+        for (int b = 0; b < 8; ++b)
+          if (!(b < split ? keep0 : keep1)) key[b] = kKeyNone;
+        if constexpr (kKeysOnly)
+          top_keys<N, C>(key, static_cast<Mask>(0), ck);
+        else
+          top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
       }
     }
 

@@ -148,6 +148,64 @@ TEST(RouterGpu, AllGroupsKeptTakesTheWarpKernels) {
   report("all groups kept", stats);
 }
 
+// Groups that are not whole octets (DeepSeek-V2: 8 groups of 20 experts): the pre-top-k softmax's and the normalised
+// sigmoid's warp kernels take them at one octet a lane (E <= 256) with at least 8 experts a group, no more groups than
+// lanes a token and a group score of one or two keys (kernels/router_topk.cu unaligned_groups); anything else, the
+// generic kernel. Each case: the kernel chosen, the host's and the fp64 oracle's selection and values (check_case),
+// and the generic kernel's map and indices bit for bit (BITEP_ROUTER_SPEC=0 sends these groups there).
+TEST(RouterGpu, GroupsOfAnyWidth) {
+  REQUIRE_GPU();
+  CaseStats stats;
+  struct G {
+    int E, k, groups, gtopk;
+    bitepScoreFunction_t fn;
+    int pre, kernel;  // the kernel that must run: 2 pre-top-k softmax, 3 normalised sigmoid, -1 generic
+  };
+  for (const G g : {G{160, 6, 8, 3, bitepScoreSoftmax, 1, 2},    // DeepSeek-V2's shape
+                    G{160, 8, 8, 4, bitepScoreSigmoid, 0, 3},    // 32 lanes a token
+                    G{200, 8, 8, 4, bitepScoreSigmoid, 0, 3},    // groups of 25, a partial last octet
+                    G{96, 4, 8, 2, bitepScoreSigmoid, 0, 3},     // groups of 12 at 16 lanes a token
+                    G{60, 4, 3, 2, bitepScoreSoftmax, 1, 2},     // 8 lanes a token, E % 8 != 0
+                    G{48, 2, 4, 2, bitepScoreSoftmax, 1, 2},     // a group score of one key
+                    G{160, 8, 8, 2, bitepScoreSigmoid, 0, -1},   // a group score of 4 keys: generic
+                    G{64, 4, 16, 2, bitepScoreSigmoid, 0, -1},   // groups of 4 experts: generic
+                    G{320, 8, 8, 4, bitepScoreSigmoid, 0, -1},   // two octets a lane: generic
+                    G{160, 6, 8, 3, bitepScoreSoftmax, 0, -1}})  // the post-top-k softmax: generic
+    for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
+      const int64_t T = 1031;
+      bitepRouterConfig_t cfg = make_config(g.E, g.k, g.fn, g.pre, dt);
+      cfg.num_groups = g.groups;
+      cfg.group_topk = g.gtopk;
+      cfg.scaling_factor = 2.5f;
+      const std::string what = "E=" + std::to_string(g.E) + " k=" + std::to_string(g.k) + " " + dt_name(dt) + " " +
+                               fn_name(cfg) + " " + std::to_string(g.gtopk) + " of " + std::to_string(g.groups) +
+                               " groups";
+      const auto logits = make_logits(T, g.E, dt, 131 + g.E);
+      const std::vector<float> bias = g.fn == bitepScoreSigmoid ? make_bias(g.E, g.E + 7) : std::vector<float>{};
+      check_case(cfg, T, logits, bias, false, 0, &stats);
+      if (HasFatalFailure()) return;
+      FwdSpec spec;
+      spec.map = bitepMapBitmapU8;
+      spec.num_ranks = 4;
+      const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
+      ASSERT_EQ(got.rc, bitepSuccess) << what << ": " << got.error;
+      EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), g.kernel) << what << ": the kernel chosen";
+      EXPECT_TRUE(got.guards) << what << ": forward wrote past a buffer";
+      FwdOut generic;
+      {
+        AnyPathKernels scope;
+        generic = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
+        ASSERT_EQ(generic.rc, bitepSuccess) << what << ": " << generic.error;
+        EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), -1) << what << ": BITEP_ROUTER_SPEC=0";
+      }
+      EXPECT_TRUE(same_bits(got.map, generic.map)) << what << ": routing map";
+      EXPECT_TRUE(same_bits(got.indices, generic.indices)) << what << ": topk_indices";
+      EXPECT_TRUE(same_bits(got.rank_mask, generic.rank_mask)) << what << ": rank_mask";
+      EXPECT_TRUE(same_bits(got.rank_counts, generic.rank_counts)) << what << ": rank_counts";
+    }
+  report("groups of any width", stats);
+}
+
 constexpr int64_t kDegenerateRows = 11;
 
 // Row t of the degenerate set (t < kDegenerateRows; any other t an ordinary row): all equal, ties, -inf,
@@ -222,8 +280,9 @@ TEST(RouterGpu, DegenerateRows) {
 
 // The degenerate rows through group-limited routing: ties, NaN and -inf inside a group's best keys (its
 // score), between the group scores, and past the kept groups. Groups of one octet (q = 1), of four (DeepSeek-V3),
-// group scores of one and two keys (the pair butterfly) and of four (the rounds), one octet a lane and two; and every
-// group kept (E = 128, 4 of 4: routing without groups, src/router.cc).
+// group scores of one and two keys (the pair butterfly) and of four (the rounds), one octet a lane and two; every
+// group kept (E = 128, 4 of 4: routing without groups, src/router.cc); groups of 20 experts, not whole octets (E = 160
+// and 60: the kernels' step 3b).
 TEST(RouterGpu, DegenerateRowsGrouped) {
   REQUIRE_GPU();
   CaseStats stats;
@@ -231,7 +290,7 @@ TEST(RouterGpu, DegenerateRowsGrouped) {
     int E, k, groups, gtopk;
   };
   for (const G g : {G{256, 8, 8, 4}, G{64, 4, 8, 2}, G{256, 16, 32, 8}, G{128, 3, 4, 3}, G{128, 4, 4, 4},
-                    G{512, 8, 4, 2}, G{512, 8, 16, 8}})
+                    G{512, 8, 4, 2}, G{512, 8, 16, 8}, G{160, 6, 8, 3}, G{60, 4, 3, 2}})
     for (bool with_bias : {false, true}) {
       const int64_t T = 12;
       std::vector<float> v(static_cast<size_t>(T) * g.E);
