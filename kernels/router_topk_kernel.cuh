@@ -542,15 +542,18 @@ __global__ void __launch_bounds__(kBucketThreads,
       }
     }
 
-    // 3b. groups that are not whole octets (DeepSeek-V2: 8 groups of 20 experts), at one octet a lane: a lane's octet
-    // meets at most two groups (at least 8 experts each), so the lane brings the best two keys of each part, and each
-    // group's score is a pair merge of those parts over the token's lanes (group_pair_sum's, the same sum); lane g
-    // holds group g's key for the group rounds. The launch's conditions: groups <= G, per_group <= 2.
+    // 3b. groups that are not whole octets (DeepSeek-V2: 8 groups of 20 experts), at one octet a lane. A lane's octet
+    // meets at most two groups (at least 8 experts each): its part A (elements [0, split)) is group g0's, its part B
+    // the next group's, and the lane brings the best two keys of each. Every group holds an octet's start, so its
+    // lanes are the lanes whose g0 is that group (its A parts; lane order is group order), plus the B part of the lane
+    // before them where the group starts inside an octet. Each group's best two keys: a segmented suffix merge of the
+    // A parts over its lanes (steps of 1, 2, .. below the octets a group spans), then the B part before; the group's
+    // first lane takes its score (group_pair_sum's merge and sum, the same bits) and holds its key for the group
+    // rounds, so the lowest lane of a tie is the lowest group. The launch's conditions: E <= 256, per_group <= 2.
     if constexpr (kAnyWidthGroups) {
       if (lay.group_size > 0) {
         const int gsz = lay.group_size, ngroups = E / gsz, e0 = sl * 8;
-        const int g0 = e0 / gsz,
-                  split = min((g0 + 1) * gsz - e0, 8);  // elements [0, split) are g0's, the rest g0 + 1's
+        const int g0 = e0 / gsz, split = min((g0 + 1) * gsz - e0, 8);
         uint32_t a0 = kKeyNone, a1 = kKeyNone, b0 = kKeyNone, b1 = kKeyNone;
 #pragma unroll
         for (int b = 0; b < 8; ++b) {
@@ -560,21 +563,24 @@ __global__ void __launch_bounds__(kBucketThreads,
           b1 = max(b1, min(b0, kb));
           b0 = max(b0, kb);
         }
-        uint32_t gkey = kKeyNone;
-        for (int g = 0; g < ngroups; ++g) {
-          uint32_t c0 = g == g0 ? a0 : (g == g0 + 1 ? b0 : kKeyNone), c1 = g == g0 ? a1 : (g == g0 + 1 ? b1 : kKeyNone);
-#pragma unroll
-          for (int d = 1; d < G; d <<= 1) {
-            const uint32_t d0 = __shfl_xor_sync(kFullMask, c0, d), d1 = __shfl_xor_sync(kFullMask, c1, d);
-            const uint32_t lo = min(c0, d0);
-            c0 = max(c0, d0);
-            c1 = max(max(c1, d1), lo);
-          }
-          const float gs0 = __fadd_rn(0.0f, key_value(c0));
-          const float gsum = lay.per_group == 2 ? __fadd_rn(gs0, key_value(c1)) : gs0;
-          gkey = sl == g && tv ? select_key(gsum) : gkey;
+        auto merge = [](uint32_t& c0, uint32_t& c1, uint32_t d0, uint32_t d1) {
+          const uint32_t lo = min(c0, d0);
+          c0 = max(c0, d0);
+          c1 = max(max(c1, d1), lo);
+        };
+        const int span = (gsz + 7) / 8;  // the most octets that start in one group
+        for (int d = 1; d < span; d <<= 1) {
+          const uint32_t d0 = __shfl_down_sync(kFullMask, a0, d), d1 = __shfl_down_sync(kFullMask, a1, d);
+          const int dg = __shfl_down_sync(kFullMask, g0, d);
+          if (sl + d < G && dg == g0) merge(a0, a1, d0, d1);
         }
-        // The best group_topk groups: lane g's key is group g's, so the lowest lane of a tie is the lowest group.
+        const uint32_t p0 = __shfl_up_sync(kFullMask, b0, 1), p1 = __shfl_up_sync(kFullMask, b1, 1);
+        const int pg = __shfl_up_sync(kFullMask, g0, 1);
+        const bool first = g0 < ngroups && (sl == 0 || pg != g0);  // the group's first lane
+        if (sl > 0 && pg + 1 == g0) merge(a0, a1, p0, p1);
+        const float gs0 = __fadd_rn(0.0f, key_value(a0));
+        const float gsum = lay.per_group == 2 ? __fadd_rn(gs0, key_value(a1)) : gs0;
+        uint32_t gkey = first && tv ? select_key(gsum) : kKeyNone;
         bool keep = false;
         for (int r = 0; r < p.group_topk; ++r) {
           const uint32_t gm = seg_max_u32<G>(gkey);
@@ -584,8 +590,12 @@ __global__ void __launch_bounds__(kBucketThreads,
           keep = keep || hit;
           gkey = hit ? kKeyNone : gkey;
         }
-        const uint32_t kept = (__ballot_sync(kFullMask, keep) & seg) >> (lane & ~(G - 1));  // bit g: group g kept
-        const bool keep0 = (kept >> g0) & 1u, keep1 = (kept >> (g0 + 1)) & 1u;
+        // Group g0 is kept if its first lane (the last first lane at or below this one) is; group g0 + 1 if the next
+        // first lane above this one is.
+        const uint32_t firsts = __ballot_sync(kFullMask, first) & seg, kept = __ballot_sync(kFullMask, keep) & seg;
+        const uint32_t at_or_below = firsts & (below | (1u << lane)), above = firsts & ~(below | (1u << lane));
+        const bool keep0 = at_or_below != 0u && ((kept >> (31 - __clz(at_or_below))) & 1u);
+        const bool keep1 = above != 0u && ((kept >> (__ffs(above) - 1)) & 1u);
 #pragma unroll
         for (int b = 0; b < 8; ++b)
           if (!(b < split ? keep0 : keep1)) key[b] = kKeyNone;
