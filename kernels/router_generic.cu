@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Generic router forward: one block per token, any E, any k, any group layout (what the warp-per-token
-// kernel of router_topk.cu does not take: E > 2048, k > 64, groups not aligned to octets). Same
-// semantics and formulas (src/host/router_host.cc); slower.
+// kernel of router_topk.cu does not take: E > 2048, k > 64, and groups that are neither a power of two of
+// octets nor router_topk.cu's unaligned_groups). Same semantics and formulas (src/host/router_host.cc); slower.
 //
 // Scores are recomputed from the logits (L1/L2-resident while the block works on the row); the
 // selection keys are cached in shared memory when E fits. Top-k is a radix select on the uint32 keys

@@ -3,8 +3,9 @@
 // map written straight as BITMAP_U8 (or BYTEMAP), plus the compact [T, k] outputs, the saved tensor and
 // the dispatch-layout epilogue, in one pass over the logits. Semantics: src/host/router_host.cc.
 //
-// Warp-per-token kernel (E <= 2048, k <= 64, groups aligned to octets): the row stays in registers
-// (router_common.cuh, "Lane layout"); top-k is k rounds of a segment arg-max on uint32 selection keys
+// Warp-per-token kernel (E <= 2048, k <= 64, groups of a power of two of octets, or of any width at one octet a lane:
+// step 3b): the row stays in registers (router_common.cuh, "Lane layout"); top-k is k rounds of a segment arg-max on
+// uint32 selection keys
 // (value order, ties to the lower expert index, NaN lowest). Each lane keeps its C best remaining keys
 // sorted, so a round is one max reduction and one ballot (the lowest tied lane wins), the winner pops its
 // cache by predicated selects, and a lane rescans its registers only when it has won C times. The
