@@ -165,8 +165,9 @@ const Config kConfigs[] = {
 
 // Released models' router shapes (their configs' expert count, k, score function, groups, bias and scaling), outside
 // the issue's grid: run when --configs names them (or "models", all of them). DeepSeek-V2 scores a group by its best
-// expert; here, as in TE, by the sum of its best k / group_topk (2). Groups of 20 experts (not whole octets) take the
-// generic kernel; num_groups = group_topk = 1 (GLM-4.5, Kimi K2) is routing without groups (src/router.cc).
+// expert; here, as in TE, by the sum of its best k / group_topk (2). Its groups of 20 experts (not whole octets) take
+// the warp kernels' step 3b (kernels/router_topk_kernel.cuh); num_groups = group_topk = 1 (GLM-4.5, Kimi K2) is routing
+// without groups (src/router.cc).
 const Config kModelConfigs[] = {
     {8, 2, "mixtral", bitepScoreSoftmax, 0, 0, 0, false, 1.0f},
     {60, 4, "qwen1.5-moe", bitepScoreSoftmax, 1, 0, 0, false, 1.0f},

@@ -177,8 +177,9 @@ int aligned_group_octets(const RouterForwardParams& p, int lanes) {
 
 // Groups that are not whole octets the warp-per-token kernel also takes (the kernel's step 3b, kAnyWidthGroups: the
 // pre-top-k softmax's and the normalised sigmoid's kernels, from 8 lanes a token; launch_bucket sends the rest to the
-// generic kernel): at one octet a lane (E <= 256), at least 8 experts a group (an octet meets at most two), no more
-// groups than lanes a token (lane g holds group g's score) and a group's score of one or two keys (a pair merge).
+// generic kernel): at one octet a lane (E <= 256), at least 8 experts a group (an octet meets at most two) and a
+// group's score of one or two keys (a pair merge). With 8 experts a group at least, the groups are never more than the
+// lanes (E <= 8 G), so the last test always holds; it states what step 3b's first lanes rely on.
 bool unaligned_groups(const RouterForwardParams& p, int bucket) {
   if (bucket < 0 || p.num_experts > 256) return false;  // one octet a lane up to 256 experts
   const int gs = p.num_experts / p.num_groups;

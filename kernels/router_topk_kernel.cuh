@@ -46,8 +46,8 @@ struct FwdLayout {
   int compact_at;        // the compact outputs' stage (compact_stage_kernel): its first word in the dynamic shared
                          // memory, past the rank words; -1 where it has none
   int group_size;        // experts per group where groups are not whole octets (group_octets 0; kAnyWidthGroups: one
-                         // octet a lane, at least 8 experts a group, at most the lanes' count of groups, per_group <=
-                         // 2), else 0. Last, so that the other fields keep their offsets (and the kernels their PTX).
+                         // octet a lane, at least 8 experts a group, per_group <= 2), else 0. Last, so that the other
+                         // fields keep their offsets (and the other kernels their PTX).
 };
 
 // kWideRows: the launch writes probs or saved (or both), each 16-byte aligned, E = 8 G NS, and the shape is one where
@@ -55,8 +55,8 @@ struct FwdLayout {
 // rounds unrolled; kconst_kernel), else 0 (p.topk). kManyWins: the post-top-k softmax at 32 lanes a token (E 129-2048)
 // for large k, its lanes' caches longer (cache_size, many_wins_post). kAnyWidthGroups: the pre-top-k softmax and the
 // normalised sigmoid at one octet a lane with groups that are not whole octets (step 3b; FwdLayout::group_size), an
-// instance of its own so that the others keep their registers (the step cost the one-octet kernels 20-52 bytes of
-// spill at their 40 registers).
+// instance of its own so that the others keep their registers (compiled into them, the step's first version made ptxas
+// spill 20-52 bytes in the one-octet kernels at their 40 registers).
 template <int G,
           int NS,
           bool kF32,
