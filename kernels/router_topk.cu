@@ -178,12 +178,9 @@ int aligned_group_octets(const RouterForwardParams& p, int lanes) {
 // Groups that are not whole octets the warp-per-token kernel also takes (the kernel's step 3b, kAnyWidthGroups: the
 // pre-top-k softmax's and the normalised sigmoid's kernels, from 8 lanes a token; launch_bucket sends the rest to the
 // generic kernel): at one octet a lane (E <= 256), at least 8 experts a group (an octet meets at most two) and a
-// group's score of one or two keys (a pair merge). With 8 experts a group at least, the groups are never more than the
-// lanes (E <= 8 G), so the last test always holds; it states what step 3b's first lanes rely on.
-bool unaligned_groups(const RouterForwardParams& p, int bucket) {
-  if (bucket < 0 || p.num_experts > 256) return false;  // one octet a lane up to 256 experts
-  const int gs = p.num_experts / p.num_groups;
-  return gs >= 8 && p.num_groups <= kBucketLanes[bucket] && p.topk / p.group_topk <= 2;
+// group's score of one or two keys (a pair merge).
+bool unaligned_groups(const RouterForwardParams& p) {
+  return p.num_experts <= 256 && p.num_experts / p.num_groups >= 8 && p.topk / p.group_topk <= 2;
 }
 
 }  // namespace
@@ -207,7 +204,7 @@ cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t str
   const int bucket = bucket_of(p.num_experts);
   int q = 0;
   if (bucket >= 0 && groups) q = aligned_group_octets(p, kBucketLanes[bucket]);
-  const bool unaligned = groups && q == 0 && unaligned_groups(p, bucket);
+  const bool unaligned = groups && q == 0 && unaligned_groups(p);
   if (bucket < 0 || p.topk > kMaxBucketTopk || (groups && q == 0 && !unaligned))
     return launch_router_forward_generic(p, stream);
 

@@ -564,21 +564,17 @@ __global__ void __launch_bounds__(kBucketThreads,
           b1 = max(b1, min(b0, kb));
           b0 = max(b0, kb);
         }
-        auto merge = [](uint32_t& c0, uint32_t& c1, uint32_t d0, uint32_t d1) {
-          const uint32_t lo = min(c0, d0);
-          c0 = max(c0, d0);
-          c1 = max(max(c1, d1), lo);
-        };
         const int span = (gsz + 7) / 8;  // the most octets that start in one group
         for (int d = 1; d < span; d <<= 1) {
           const uint32_t d0 = __shfl_down_sync(kFullMask, a0, d), d1 = __shfl_down_sync(kFullMask, a1, d);
           const int dg = __shfl_down_sync(kFullMask, g0, d);
-          if (sl + d < G && dg == g0) merge(a0, a1, d0, d1);
+          if (sl + d < G && dg == g0) pair_merge(a0, a1, d0, d1);
         }
         const uint32_t p0 = __shfl_up_sync(kFullMask, b0, 1), p1 = __shfl_up_sync(kFullMask, b1, 1);
         const int pg = __shfl_up_sync(kFullMask, g0, 1);
         const bool first = g0 < ngroups && (sl == 0 || pg != g0);  // the group's first lane
-        if (sl > 0 && pg + 1 == g0) merge(a0, a1, p0, p1);
+        if (sl > 0 && pg + 1 == g0) pair_merge(a0, a1, p0, p1);
+        // the score as group_pair_sum sums it
         const float gs0 = __fadd_rn(0.0f, key_value(a0));
         const float gsum = lay.per_group == 2 ? __fadd_rn(gs0, key_value(a1)) : gs0;
         uint32_t gkey = first && tv ? select_key(gsum) : kKeyNone;

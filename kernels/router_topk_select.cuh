@@ -138,13 +138,16 @@ __device__ __forceinline__ void for_rounds(int n, F&& body) {
 #endif
 constexpr bool kGroupPairs = BITEP_ROUTER_GROUP_PAIRS != 0;
 
+// The best two keys (a0 >= a1) of the pairs (a0, a1) and (b0, b1).
+__device__ __forceinline__ void pair_merge(uint32_t& a0, uint32_t& a1, uint32_t b0, uint32_t b1) {
+  const uint32_t lo = min(a0, b0);
+  a0 = max(a0, b0);
+  a1 = max(max(a1, b1), lo);
+}
+
 __device__ __forceinline__ float group_pair_sum(uint32_t a0, uint32_t a1, int q, int per_group) {
-  for (int d = 1; d < q; d <<= 1) {
-    const uint32_t b0 = __shfl_xor_sync(kFullMask, a0, d), b1 = __shfl_xor_sync(kFullMask, a1, d);
-    const uint32_t lo = min(a0, b0);
-    a0 = max(a0, b0);
-    a1 = max(max(a1, b1), lo);
-  }
+  for (int d = 1; d < q; d <<= 1)
+    pair_merge(a0, a1, __shfl_xor_sync(kFullMask, a0, d), __shfl_xor_sync(kFullMask, a1, d));
   const float s = __fadd_rn(0.0f, key_value(a0));
   return per_group == 2 ? __fadd_rn(s, key_value(a1)) : s;
 }
