@@ -7,7 +7,7 @@
 // fp64: tests/reference); any wrong row makes the exit status non-zero.
 //
 //   router_bench [--quick] [--json PATH] [--commit SHA] [--iters N] [--tokens T,..] [--experts E,..] [--bf16]
-//                [--configs NAME,..] [--fwd | --bwd]
+//                [--configs NAME,..] [--fwd | --bwd]      (NAME@E: a config at E experts)
 //
 // Time: median over N (>= 100) iterations, one CUDA event pair each, queued behind a spin kernel so the
 // host's enqueue cost never shows; inputs and outputs rotate among enough buffer sets that the L2 does
@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <deque>
 #include <functional>
 #include <numeric>
 #include <sstream>
@@ -484,7 +485,7 @@ struct Args {
   std::vector<int64_t> tokens;  // non-empty: these T only (--tokens T,T,..)
   std::string experts;          // non-empty: comma-separated E values, the configs of those E only
   std::string configs;  // non-empty: comma-separated config names (softmax, softmax-pre, deepseek-v3; a model's name
-                        // from kModelConfigs, or models for all of them), those alone
+                        // from kModelConfigs, or models for all of them; NAME@E: that config at E experts), those alone
   bool bf16_only = false;
   bool fwd_only = false;  // tuning runs: the forward rows alone
   bool bwd_only = false;  // tuning runs: the backward rows alone
@@ -594,6 +595,10 @@ int main(int argc, char** argv) {
     }
     cfgs = keep;
   }
+  // NAME@E: that config with E experts (its groups keep their count), a probe of what the expert count alone costs
+  // (glm-4.5@256: GLM-4.5's routing over a whole bucket of 256 experts, against its 160).
+  std::deque<Config> resized;
+  std::deque<std::string> resized_names;
   if (!args.configs.empty()) {
     std::vector<const Config*> keep;
     for (const Config* c : cfgs)
@@ -601,6 +606,30 @@ int main(int argc, char** argv) {
     const bool models = args.configs.find(",models,") != std::string::npos;
     for (const Config& c : kModelConfigs)
       if (models || args.configs.find("," + std::string(c.name) + ",") != std::string::npos) keep.push_back(&c);
+    std::stringstream list(args.configs.substr(1));
+    for (std::string t; std::getline(list, t, ',');) {
+      const size_t at = t.find('@');
+      if (at == std::string::npos) continue;
+      const std::string name = t.substr(0, at);
+      const int E = std::atoi(t.c_str() + at + 1);
+      const Config* from = nullptr;
+      for (const Config& c : kConfigs)
+        if (name == c.name) from = &c;
+      for (const Config& c : kModelConfigs)
+        if (name == c.name) from = &c;
+      if (from == nullptr || E < from->k || (from->groups > 0 && E % from->groups != 0)) {
+        std::fprintf(stderr,
+                     "router_bench: --configs %s: no config named %s, or E not >= its k (%d) and a multiple of "
+                     "its groups (%d)\n",
+                     t.c_str(), name.c_str(), from != nullptr ? from->k : 0, from != nullptr ? from->groups : 0);
+        return 2;
+      }
+      resized_names.push_back(t);
+      resized.push_back(*from);
+      resized.back().E = E;
+      resized.back().name = resized_names.back().c_str();
+      keep.push_back(&resized.back());
+    }
     cfgs = keep;
   }
   // --topk: the configs without groups take k = K where K <= E (a copy each); the grouped ones keep theirs.

@@ -34,6 +34,9 @@ int last_router_forward_lanes();
 // The keys a lane of that kernel caches between rescans (router_topk_select.cuh cache_size), 0 where no warp-per-token
 // kernel ran.
 int last_router_forward_cache();
+// Whether that kernel was the instance for E a multiple of 8 below its bucket's width (router_topk_spec.cuh
+// whole_octets_kernel), false where another or none ran.
+bool last_router_forward_whole_octets();
 // The kernel the calling thread's last launch_router_backward chose: 1 the post-top-k softmax's routed-expert kernel
 // (router_backward_routed.cu), 0 another warp-per-token kernel, -1 the generic kernel, -2 no launch.
 int last_router_backward_kernel();

@@ -47,6 +47,9 @@ struct RouterForwardParams {
   // The post-top-k softmax at E 129-2048 takes its instance with longer lane caches from this k on
   // (router_topk_spec.cuh many_wins_post); -1: many_wins_min_topk(E, fp32 logits).
   int many_wins_min_topk = -1;
+  // E a multiple of 8 below the bucket's width takes the pre-top-k softmax's and the normalised sigmoid's instances for
+  // whole octets (router_topk_spec.cuh whole_octets_kernel); false: their general body, as before them.
+  bool whole_octets = true;
 };
 
 // The k from which the post-top-k softmax at 32 lanes a token takes its many-wins instance by default, by octets a lane

@@ -11,10 +11,11 @@ using namespace router_detail;
 
 [[maybe_unused]] constexpr char kName[] = "router_forward";
 
-thread_local int t_last_kernel = -1;  // last_router_forward_kernel()
-thread_local int t_last_topk = 0;     // last_router_forward_topk()
-thread_local int t_last_lanes = 0;    // last_router_forward_lanes()
-thread_local int t_last_cache = 0;    // last_router_forward_cache()
+thread_local int t_last_kernel = -1;      // last_router_forward_kernel()
+thread_local int t_last_topk = 0;         // last_router_forward_topk()
+thread_local int t_last_lanes = 0;        // last_router_forward_lanes()
+thread_local int t_last_cache = 0;        // last_router_forward_cache()
+thread_local bool t_last_octets = false;  // last_router_forward_whole_octets()
 
 template <int G,
           int NS,
@@ -23,12 +24,13 @@ template <int G,
           bool kWideRows,
           int kK,
           bool kManyWins = false,
-          bool kAnyWidthGroups = false>
+          bool kAnyWidthGroups = false,
+          bool kOctets = false>
 cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStream_t stream) {
   static std::atomic<int> occupancy{0};
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
-  auto kernel = router_forward_bucket<G, NS, kF32, kSpec, kWideRows, kK, kManyWins, kAnyWidthGroups>;
+  auto kernel = router_forward_bucket<G, NS, kF32, kSpec, kWideRows, kK, kManyWins, kAnyWidthGroups, kOctets>;
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
@@ -58,6 +60,7 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
   t_last_topk = kK;
   t_last_lanes = G;
   t_last_cache = fwd_cache_size<G, NS, kSpec, kManyWins>();
+  t_last_octets = kOctets;
   kernel<<<grid, kBucketThreads, smem, stream>>>(p, lay);
   return cudaGetLastError();
 }
@@ -68,14 +71,19 @@ cudaError_t launch_k(const RouterForwardParams& p, const FwdLayout& lay, cudaStr
     return launch_kernel<G, NS, kF32, kSpec, kWideRows, kV3K>(p, lay, stream);
   } else {
     constexpr int kK = kconst_kernel<G, NS, kSpec>();
+    constexpr bool kOctets = whole_octets_kernel<NS, kF32, kSpec, kWideRows>();
+    const bool octets = kOctets && whole_octets<G, NS>(p);
     if constexpr (kK > 0) {
       const bool dense = p.probs != nullptr || p.saved != nullptr;
-      if (p.topk == kK && !(kconst_compact_only<G, NS, kF32, kSpec>() && dense))
+      if (p.topk == kK && !(kconst_compact_only<G, NS, kF32, kSpec>() && dense)) {
+        if (octets) return launch_kernel<G, NS, kF32, kSpec, kWideRows, kK, false, false, kOctets>(p, lay, stream);
         return launch_kernel<G, NS, kF32, kSpec, kWideRows, kK>(p, lay, stream);
+      }
     }
     if constexpr (kSpec == FwdSpec::kPostSoftmax && G == 32) {
       if (many_wins_post(p)) return launch_kernel<G, NS, kF32, kSpec, kWideRows, 0, true>(p, lay, stream);
     }
+    if (octets) return launch_kernel<G, NS, kF32, kSpec, kWideRows, 0, false, false, kOctets>(p, lay, stream);
     return launch_kernel<G, NS, kF32, kSpec, kWideRows, 0>(p, lay, stream);
   }
 }
@@ -109,6 +117,11 @@ cudaError_t launch_bucket_t(const RouterForwardParams& p, const FwdLayout& lay, 
 template <int G, int NS, FwdSpec kSpec>
 cudaError_t launch_any_width_groups(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   if constexpr (NS == 1) {
+    constexpr bool kOctets = whole_octets_kernel<NS, false, kSpec, false>();  // one octet a lane: either dtype
+    if (kOctets && whole_octets<G, NS>(p))
+      return p.logits_dtype == DType::kF32
+                 ? launch_kernel<G, NS, true, kSpec, false, 0, false, true, kOctets>(p, lay, stream)
+                 : launch_kernel<G, NS, false, kSpec, false, 0, false, true, kOctets>(p, lay, stream);
     return p.logits_dtype == DType::kF32 ? launch_kernel<G, NS, true, kSpec, false, 0, false, true>(p, lay, stream)
                                          : launch_kernel<G, NS, false, kSpec, false, 0, false, true>(p, lay, stream);
   } else {
@@ -189,12 +202,14 @@ int last_router_forward_kernel() { return t_last_kernel; }
 int last_router_forward_topk() { return t_last_topk; }
 int last_router_forward_lanes() { return t_last_lanes; }
 int last_router_forward_cache() { return t_last_cache; }
+bool last_router_forward_whole_octets() { return t_last_octets; }
 
 cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t stream) {
   t_last_kernel = -1;
   t_last_topk = 0;
   t_last_lanes = 0;
   t_last_cache = 0;
+  t_last_octets = false;
   if (p.num_tokens <= 0) return cudaSuccess;
   if (p.rank_counts != nullptr && p.num_ranks > 0) {
     cudaError_t err = cudaMemsetAsync(p.rank_counts, 0, sizeof(int32_t) * p.num_ranks, stream);

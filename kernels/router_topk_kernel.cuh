@@ -56,7 +56,10 @@ struct FwdLayout {
 // for large k, its lanes' caches longer (cache_size, many_wins_post). kAnyWidthGroups: the pre-top-k softmax and the
 // normalised sigmoid at one octet a lane with groups that are not whole octets (step 3b; FwdLayout::group_size), an
 // instance of its own so that the others keep their registers (compiled into them, the step's first version made ptxas
-// spill 20-52 bytes in the one-octet kernels at their 40 registers).
+// spill 20-52 bytes in the one-octet kernels at their 40 registers). kOctets: the instance for E a multiple of 8 below
+// the bucket's width (E < 8 G NS; GLM-4.5's and DeepSeek-V2's 160, Kimi K2's 384), whose whole tiles take each lane's
+// slots as whole octets or none (whole_octets_kernel), where the general body's per-element tests made the lanes with
+// an octet and those without take both sides of its branches.
 template <int G,
           int NS,
           bool kF32,
@@ -64,7 +67,8 @@ template <int G,
           bool kWideRows,
           int kK,
           bool kManyWins = false,
-          bool kAnyWidthGroups = false>
+          bool kAnyWidthGroups = false,
+          bool kOctets = false>
 __global__ void __launch_bounds__(kBucketThreads,
                                   min_blocks<8 * NS,
                                              G,
@@ -94,6 +98,8 @@ __global__ void __launch_bounds__(kBucketThreads,
       "groups of any width: the pre-top-k softmax's and the normalised sigmoid's runtime-k kernels, one octet a lane");
   static_assert(!kManyWins || (kSpec == FwdSpec::kPostSoftmax && G == 32 && kK == 0),
                 "the many-wins instance: the post-top-k softmax at 32 lanes a token, runtime k");
+  static_assert(!kOctets || whole_octets_kernel<NS, kF32, kSpec, kWideRows>(),
+                "whole octets below the bucket's width: whole_octets_kernel's instances");
   const DType dt = kKnown && !kF32 ? DType::kBF16 : p.logits_dtype;
   const ScoreFn fn = spec_fn<kSpec>(p);
   const ScorePath path = spec_path<kSpec>(p);
@@ -221,7 +227,8 @@ __global__ void __launch_bounds__(kBucketThreads,
   // 64 even; fp32 at two octets a lane (E = 512) 1.02-1.06x slower and E = 2048 1.01x, so those keep the loop
   // (bench/NOTES.md, "Router v19").
   constexpr bool kOnePass = kKnown && (NS == 1 || (NS == 2 && !kF32));
-  // One tile: tile_body(tile, whole). whole = std::true_type (kWhole) for a whole tile (no token past T, E = 8 G NS) of
+  // One tile: tile_body(tile, whole). whole = std::true_type (kWhole) for a whole tile (no token past T, E = 8 G NS;
+  // kOctets: E a multiple of 8 below that, each slot a whole octet or none) of
   // 16-byte aligned logits: every slot valid, so the partial tiles' and misaligned rows' tests compile out (a tile of
   // the staged E = 128 kernel 750 -> 655 warp instructions, ncu). In the one-pass kernels, but not where the holders
   // store dense rows from registers (post-top-k softmax with probs or saved written, unstaged: E 129-256, and E = 128
@@ -248,7 +255,12 @@ __global__ void __launch_bounds__(kBucketThreads,
       const uint4* src = static_cast<const uint4*>(logits_row(t));
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
-        if constexpr (kF32) {
+        if constexpr (kOctets) {  // a slot past E loads nothing (zeros; its keys are kKeyNone below)
+          const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+          const bool has = (s * G + sl) * 8 < E;
+          raw[s].a = has ? __ldg(src + (kF32 ? 2 : 1) * (s * G + sl)) : z;
+          raw[s].b = kF32 && has ? __ldg(src + 2 * (s * G + sl) + 1) : z;
+        } else if constexpr (kF32) {
           raw[s].a = __ldg(src + 2 * (s * G + sl));
           raw[s].b = __ldg(src + 2 * (s * G + sl) + 1);
         } else {
@@ -276,10 +288,12 @@ __global__ void __launch_bounds__(kBucketThreads,
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
       const int e0 = (s * G + sl) * 8;
-      const int n = kWhole ? 8 : tv ? min(max(E - e0, 0), 8) : 0;
+      const int n = kWhole ? (kOctets && e0 >= E ? 0 : 8) : tv ? min(max(E - e0, 0), 8) : 0;
       nval[s] = n;
       valid |= static_cast<Mask>((1u << n) - 1u) << (8 * s);
     }
+    // A slot's experts where it has any: 8 in a whole tile (kOctets: the slots with none are skipped by their tests).
+    auto octet_n = [&](int s) { return kWhole ? 8 : nval[s]; };
 
     // 1. logits -> scores, in place.
     float v[N];
@@ -303,7 +317,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     if (p.saved != nullptr && (fn == ScoreFn::kSigmoid || pre)) {
 #pragma unroll
       for (int s = 0; s < NS; ++s)
-        if (nval[s] > 0) store_octet_f32(p.saved + row + (s * G + sl) * 8, nval[s], svec, v + 8 * s);
+        if (nval[s] > 0) store_octet_f32(p.saved + row + (s * G + sl) * 8, octet_n(s), svec, v + 8 * s);
     }
     if (aux && norm) {
       float sum = 0.0f;
@@ -385,6 +399,14 @@ __global__ void __launch_bounds__(kBucketThreads,
     [[maybe_unused]] constexpr Mask kAllValid = static_cast<Mask>(~Mask{0} >> (sizeof(Mask) * 8 - N));
     if constexpr (kWhole) {
       make_keys(std::false_type{});
+      if constexpr (kOctets) {  // the slots past E: no key
+#pragma unroll
+        for (int s = 0; s < NS; ++s)
+          if (nval[s] == 0) {
+#pragma unroll
+            for (int b = 0; b < 8; ++b) key[8 * s + b] = kKeyNone;
+          }
+      }
     } else if constexpr (kKnown) {
       if (valid == kAllValid)
         make_keys(std::false_type{});
@@ -700,8 +722,8 @@ __global__ void __launch_bounds__(kBucketThreads,
     // tile's start or at the end of this step), or here.
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
-      const int n = nval[s];
-      if (n == 0) continue;
+      const int n = kOctets ? octet_n(s) : nval[s];
+      if ((kOctets ? nval[s] : n) == 0) continue;
       const int o = s * G + sl, e0 = o * 8;
       const uint32_t byte = static_cast<uint32_t>(taken >> (8 * s)) & 0xffu;
       float o8[8];
@@ -859,7 +881,7 @@ __global__ void __launch_bounds__(kBucketThreads,
   };
   for (Idx tile = first; tile < num_tiles; tile = kOnePass ? num_tiles : tile + stride) {
     if constexpr (kWholeTiles) {
-      if (whole_tiles && tile < lay.full_tiles && logits16 && E == N * G) {
+      if (whole_tiles && tile < lay.full_tiles && logits16 && (kOctets ? E % 8 == 0 : E == N * G)) {
         tile_body(tile, std::true_type{});
         continue;
       }

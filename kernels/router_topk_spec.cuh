@@ -254,6 +254,26 @@ inline bool many_wins_post(const RouterForwardParams& p) {
   return p.topk >= from;
 }
 
+// The instances for E a multiple of 8 below the bucket's width (kOctets in the kernel): the pre-top-k softmax's and the
+// normalised sigmoid's one-pass kernels (one octet a lane, and two for bf16 logits), whose whole tiles then take each
+// lane's slots as whole octets or none. Without them such an E ran the general body, whose per-element tests split the
+// lanes with an octet from those without (a branch each side of the keys, the loads and the stores): GLM-4.5 and
+// DeepSeek-V2 (160 experts, 20 of 32 lanes), Kimi K2 (384, 48 of 64 slots). BITEP_ROUTER_FWD_OCTETS=0 (a tuning
+// build) compiles none; BITEP_ROUTER_WHOLE_OCTETS=0 in the environment (RouterForwardParams::whole_octets) launches
+// none.
+#ifndef BITEP_ROUTER_FWD_OCTETS
+#define BITEP_ROUTER_FWD_OCTETS 1
+#endif
+template <int NS, bool kF32, FwdSpec kSpec, bool kWideRows>
+constexpr bool whole_octets_kernel() {
+  return BITEP_ROUTER_FWD_OCTETS != 0 && (kSpec == FwdSpec::kPreSoftmax || kSpec == FwdSpec::kSigmoidNorm) &&
+         !kWideRows && (NS == 1 || (NS == 2 && !kF32));
+}
+template <int G, int NS>
+inline bool whole_octets(const RouterForwardParams& p) {
+  return p.whole_octets && p.num_experts % 8 == 0 && p.num_experts < 8 * G * NS;
+}
+
 // The keys a lane of the forward kernel's instance caches (cache_size): the kernel's C, last_router_forward_cache's
 // answer.
 template <int G, int NS, FwdSpec kSpec, bool kManyWins>

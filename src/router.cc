@@ -93,6 +93,9 @@ int two_octet_min_tokens() { return env_int("BITEP_ROUTER_TWO_OCTETS_MIN", 0, 1 
 // BITEP_ROUTER_MANY_WINS_MIN_K=K: the E 129-2048 post-top-k softmax's instance with longer lane caches from k = K on
 // (the default, -1, is kernels/router_params.h's many_wins_min_topk; 0 or 1 at every k, 65 at none). Read per call.
 int many_wins_min_topk() { return env_int("BITEP_ROUTER_MANY_WINS_MIN_K", 0, 1 << 30, -1); }
+// BITEP_ROUTER_WHOLE_OCTETS=0: E a multiple of 8 below the bucket's width runs the spec kernels' general body, not
+// their instances for whole octets (an A/B knob; the tests compare both). Read per call.
+bool whole_octets() { return !env_is("BITEP_ROUTER_WHOLE_OCTETS", "0"); }
 
 kernels::RouterForwardParams to_params(const bitepRouterConfig_t* c, const bitepRouterForwardArgs_t* a, RouterMode m) {
   kernels::RouterForwardParams p;
@@ -206,6 +209,7 @@ bitepResult_t forward(bitepBackend_t backend,
   p.spec_kernels = spec_kernels();
   p.two_octet_min_tokens = two_octet_min_tokens();
   p.many_wins_min_topk = many_wins_min_topk();
+  p.whole_octets = whole_octets();
   if (backend == bitepBackendHost) {
     host::router_forward(p);
     return bitepSuccess;

@@ -254,6 +254,79 @@ float degenerate_logit(int64_t t, int e, int E) {
   return x;
 }
 
+// logits with its first kDegenerateRows rows degenerate_logit's.
+std::vector<uint8_t> with_degenerate_rows(std::vector<uint8_t> logits, int E, bitepDataType_t dt) {
+  std::vector<float> deg(static_cast<size_t>(kDegenerateRows) * E);
+  for (int64_t t = 0; t < kDegenerateRows; ++t)
+    for (int e = 0; e < E; ++e) deg[t * E + e] = degenerate_logit(t, e, E);
+  const auto bytes = encode(deg, dt);
+  std::copy(bytes.begin(), bytes.end(), logits.begin());
+  return logits;
+}
+
+// E a multiple of 8 below its bucket's width (GLM-4.5's and DeepSeek-V2's 160, Kimi K2's 384) takes the pre-top-k
+// softmax's and the normalised sigmoid's instances for whole octets (kernels/router_topk_spec.cuh
+// whole_octets_kernel): fp32 and bf16 logits at one octet a lane, bf16 at two. Each case: the instance chosen, the
+// host's and the fp64 oracle's selection and values (check_case), and every output bit for bit against the same
+// kernel's general body (BITEP_ROUTER_WHOLE_OCTETS=0), with the compact outputs alone too, there with the first rows
+// degenerate (NaN, +-inf, ties). T = 1031 ends in a partial tile at 8, 16 and 32 lanes a token, which the general body
+// takes in both.
+TEST(RouterGpu, WholeOctetsBelowTheBucket) {
+  REQUIRE_GPU();
+  CaseStats stats;
+  struct C {
+    int E, k;
+    bitepScoreFunction_t fn;
+    int pre, groups, gtopk;
+  };
+  for (const C c : {C{160, 8, bitepScoreSigmoid, 0, 0, 0},   // GLM-4.5: 20 of 32 lanes, the instance for k = 8
+                    C{160, 6, bitepScoreSoftmax, 1, 8, 3},   // DeepSeek-V2: groups of 20 (step 3b)
+                    C{384, 8, bitepScoreSigmoid, 0, 0, 0},   // Kimi K2: two octets a lane, 16 lanes' second empty
+                    C{320, 6, bitepScoreSoftmax, 1, 0, 0},   // two octets a lane, runtime k
+                    C{192, 8, bitepScoreSigmoid, 0, 3, 2},   // groups of 8 octets (step 3), 24 of 32 lanes
+                    C{96, 4, bitepScoreSigmoid, 0, 4, 2},    // 16 lanes a token, groups of 24 (step 3b)
+                    C{48, 4, bitepScoreSoftmax, 1, 0, 0},    // 8 lanes a token, 6 of them
+                    C{256, 8, bitepScoreSigmoid, 0, 0, 0},   // the bucket's width: not this instance
+                    C{100, 8, bitepScoreSoftmax, 1, 0, 0}})  // E % 8 != 0: not this instance
+    for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
+      const int64_t T = 1031;
+      bitepRouterConfig_t cfg = make_config(c.E, c.k, c.fn, c.pre, dt);
+      cfg.num_groups = c.groups;
+      cfg.group_topk = c.gtopk;
+      cfg.scaling_factor = 2.5f;
+      const std::string what = describe(cfg, T);
+      const auto plain = make_logits(T, c.E, dt, 151 + c.E);
+      const std::vector<float> bias = c.fn == bitepScoreSigmoid ? make_bias(c.E, c.E + 11) : std::vector<float>{};
+      check_case(cfg, T, plain, bias, false, 4, &stats);
+      if (HasFatalFailure()) return;
+      const auto logits = with_degenerate_rows(plain, c.E, dt);
+      // The bucket's width: 8 octets a lane's slots at 8, 16 or 32 lanes, two octets a lane past E = 256 (one pass,
+      // so whole tiles, for bf16 logits alone).
+      const int width = c.E <= 256 ? 8 * bucket_lanes(c.E) : 512;
+      const bool want = c.E % 8 == 0 && c.E < width && (c.E <= 256 || dt == bitepBfloat16);
+      for (bool dense : {true, false}) {
+        FwdSpec spec;
+        spec.map = bitepMapBitmapU8;
+        spec.num_ranks = 4;
+        spec.probs = spec.saved = dense;
+        const std::string w = what + (dense ? "" : " compact outputs");
+        const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
+        ASSERT_EQ(got.rc, bitepSuccess) << w << ": " << got.error;
+        const int kernel = bitep::kernels::last_router_forward_kernel();
+        EXPECT_EQ(kernel, c.pre ? 2 : 3) << w << ": the kernel chosen";
+        EXPECT_EQ(bitep::kernels::last_router_forward_whole_octets(), want) << w << ": the instance for whole octets";
+        EXPECT_TRUE(got.guards) << w << ": forward wrote past a buffer";
+        GeneralBodyBelowTheBucket scope;
+        const FwdOut general = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
+        ASSERT_EQ(general.rc, bitepSuccess) << w << ": " << general.error;
+        EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), kernel) << w << ": BITEP_ROUTER_WHOLE_OCTETS=0";
+        EXPECT_FALSE(bitep::kernels::last_router_forward_whole_octets()) << w << ": BITEP_ROUTER_WHOLE_OCTETS=0";
+        expect_same_outputs(got, general, w + ": against the general body", dense);
+      }
+    }
+  report("whole octets below the bucket", stats);
+}
+
 // Degenerate rows: all equal, ties, -inf, +inf, NaN, mixtures; exactly k distinct experts, the host's.
 TEST(RouterGpu, DegenerateRows) {
   REQUIRE_GPU();

@@ -330,6 +330,12 @@ struct AnyPathKernels : ScopedEnv {
   AnyPathKernels() : ScopedEnv("BITEP_ROUTER_SPEC", "0") {}
 };
 
+// BITEP_ROUTER_WHOLE_OCTETS=0: E a multiple of 8 below its bucket's width runs the spec kernels' general body, not
+// their instances for whole octets.
+struct GeneralBodyBelowTheBucket : ScopedEnv {
+  GeneralBodyBelowTheBucket() : ScopedEnv("BITEP_ROUTER_WHOLE_OCTETS", "0") {}
+};
+
 // BITEP_ROUTER_TWO_OCTETS_MIN=0: the E 65-256 post-top-k softmax at two octets a lane at any token count (by default
 // from 64 x the SMs on), so the tests' small rows run that kernel.
 struct TwoOctetsAtAnyCount : ScopedEnv {
