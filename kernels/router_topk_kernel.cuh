@@ -344,6 +344,11 @@ __global__ void __launch_bounds__(kBucketThreads,
     // `masked`: slots past E or past T get kKeyNone. The spec kernels build a row whose slots are all valid
     // (every row but a last partial tile when E % 8 == 0: a warp-uniform test) without the per-slot test,
     // which the compiler made a branch around each key (BSSY / BRA / BSYNC: ~5 of ~14 instructions a key).
+    // kOctets' whole tiles: a slot past E gets kKeyNone, a select a key (as a pass over the keys after them, ptxas
+    // spilled 36 bytes in the bf16 pre-top-k k = 8 instance at its 40 registers). Not the keys from the bits (kPacked),
+    // which the post-top-k softmax alone takes.
+    constexpr bool kOctetsHere = kWhole && kOctets;
+    static_assert(!kOctets || !kPacked, "whole octets: the keys from the values");
     auto make_keys = [&](auto masked) {
       [[maybe_unused]] const bool bvec = !kV3 && use_bias && aligned16(p.expert_bias);
 #pragma unroll
@@ -390,6 +395,8 @@ __global__ void __launch_bounds__(kBucketThreads,
             };
             if constexpr (decltype(masked)::value)
               key[i] = ((valid >> i) & 1) ? kb() : kKeyNone;
+            else if constexpr (kOctetsHere)
+              key[i] = nval[s] != 0 ? kb() : kKeyNone;
             else
               key[i] = kb();
           }
@@ -399,14 +406,6 @@ __global__ void __launch_bounds__(kBucketThreads,
     [[maybe_unused]] constexpr Mask kAllValid = static_cast<Mask>(~Mask{0} >> (sizeof(Mask) * 8 - N));
     if constexpr (kWhole) {
       make_keys(std::false_type{});
-      if constexpr (kOctets) {  // the slots past E: no key
-#pragma unroll
-        for (int s = 0; s < NS; ++s)
-          if (nval[s] == 0) {
-#pragma unroll
-            for (int b = 0; b < 8; ++b) key[8 * s + b] = kKeyNone;
-          }
-      }
     } else if constexpr (kKnown) {
       if (valid == kAllValid)
         make_keys(std::false_type{});
