@@ -347,7 +347,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     // kOctets' whole tiles: a slot past E gets kKeyNone, a select a key (as a pass over the keys after them, ptxas
     // spilled 36 bytes in the bf16 pre-top-k k = 8 instance at its 40 registers). Not the keys from the bits (kPacked),
     // which the post-top-k softmax alone takes.
-    constexpr bool kOctetsHere = kWhole && kOctets;
+    [[maybe_unused]] constexpr bool kOctetsHere = kWhole && kOctets;
     static_assert(!kOctets || !kPacked, "whole octets: the keys from the values");
     auto make_keys = [&](auto masked) {
       [[maybe_unused]] const bool bvec = !kV3 && use_bias && aligned16(p.expert_bias);
@@ -445,7 +445,10 @@ __global__ void __launch_bounds__(kBucketThreads,
         kKeysOnlyCache && NS == 1 && (kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec));
     uint32_t ck[C];
     [[maybe_unused]] int cp[C];
-    if constexpr (kPacked)
+    if constexpr (kAnyWidthGroups) {
+      // Step 3b fills the cache, from the keys its groups keep. (Filled here too, it was work the step threw away:
+      // with the step's integer divisions, 4% of DeepSeek-V2's time, bench/NOTES.md, "Router v52".)
+    } else if constexpr (kPacked)
       top_below<N, C>(key, ~0u, ck);
     else if constexpr (kKeysOnly)
       top_keys<N, C>(key, static_cast<Mask>(0), ck);
@@ -574,8 +577,11 @@ __global__ void __launch_bounds__(kBucketThreads,
     // rounds, so the lowest lane of a tie is the lowest group. The launch's conditions: E <= 256, per_group <= 2.
     if constexpr (kAnyWidthGroups) {
       if (lay.group_size > 0) {
-        const int gsz = lay.group_size, ngroups = E / gsz, e0 = sl * 8;
-        const int g0 = e0 / gsz, split = min((g0 + 1) * gsz - e0, 8);
+        // g0 = e0 / gsz: (e0 + 1/2) / gsz is at least 1 / 512 from an integer (e0, gsz <= 256), far more than the
+        // approximate division's error (2 ulps of a value below 32).
+        const int gsz = lay.group_size, e0 = sl * 8;
+        const int g0 = static_cast<int>(__fdividef(static_cast<float>(e0) + 0.5f, static_cast<float>(gsz)));
+        const int split = min((g0 + 1) * gsz - e0, 8);
         uint32_t a0 = kKeyNone, a1 = kKeyNone, b0 = kKeyNone, b1 = kKeyNone;
 #pragma unroll
         for (int b = 0; b < 8; ++b) {
@@ -593,7 +599,7 @@ __global__ void __launch_bounds__(kBucketThreads,
         }
         const uint32_t p0 = __shfl_up_sync(kFullMask, b0, 1), p1 = __shfl_up_sync(kFullMask, b1, 1);
         const int pg = __shfl_up_sync(kFullMask, g0, 1);
-        const bool first = g0 < ngroups && (sl == 0 || pg != g0);  // the group's first lane
+        const bool first = e0 < E && (sl == 0 || pg != g0);  // the group's first lane (g0 < E / gsz)
         if (sl > 0 && pg + 1 == g0) pair_merge(a0, a1, p0, p1);
         // the score as group_pair_sum sums it
         const float gs0 = __fadd_rn(0.0f, key_value(a0));
@@ -617,11 +623,11 @@ __global__ void __launch_bounds__(kBucketThreads,
 #pragma unroll
         for (int b = 0; b < 8; ++b)
           if (!(b < split ? keep0 : keep1)) key[b] = kKeyNone;
-        if constexpr (kKeysOnly)
-          top_keys<N, C>(key, static_cast<Mask>(0), ck);
-        else
-          top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
       }
+      if constexpr (kKeysOnly)
+        top_keys<N, C>(key, static_cast<Mask>(0), ck);
+      else
+        top_cached<N, C>(key, static_cast<Mask>(0), ck, cp);
     }
 
     // 4. top-k: k rounds of a segment arg-max over each lane's best remaining key; the winner takes it

@@ -61,8 +61,9 @@ constexpr bool kStageRows = BITEP_ROUTER_FWD_STAGED != 0;
 // token (E 129-256) they are held to 6 blocks (40 registers): H200, router v13 A/B (every kernel at 6 in one build,
 // min of two repeats against v13 at 5), DeepSeek-V3 T = 65536 bf16 TE-compatible 71.7 -> 70.3 us, pre-top-k E = 256
 // 59.0 -> 56.6; the post-top-k E = 512 rows were 7-11% slower at 6, so no other kernel takes it.
-// kAnyWidthGroups (groups that are not whole octets): 5 (48 registers, no spill, where the one-octet kernels' 6
-// spilled).
+// kAnyWidthGroups (groups that are not whole octets): at 32 lanes a token 6 (40 registers, no spill; H200,
+// DeepSeek-V2's shape: 0.99-1.00x of 5, bench/NOTES.md, "Router v52"), below it 5 (48 registers: at 6 the normalised
+// sigmoid's whole-octet instances spill 8-16 bytes).
 template <int N,
           int G,
           bool kF32,
@@ -75,7 +76,7 @@ constexpr int min_blocks() {
 #ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
   return BITEP_ROUTER_FWD_MIN_BLOCKS;
 #else
-  if (kAnyWidthGroups) return 5;
+  if (kAnyWidthGroups) return G == 32 ? 6 : 5;
   if (kPreOrNorm && G == 32 && N <= 8) return 6;
   // Their runtime-k kernels below 32 lanes a token, and at two octets a lane, at the occupancy ptxas gave them when
   // nothing held it there (48 registers: 5 blocks; 61-64: 4): with the compact outputs' stage it took 55-56 and 70
