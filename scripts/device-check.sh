@@ -11,7 +11,8 @@
 # what runs after the build: gpu, multirank (their GPU parts alone, for quick checks),
 # bench, net (the NCCL network transport), ctest, sanitize, tune (TUNE_FLAGS builds, TUNE_ARGS rows), ab (AB_ENVS runs of
 # ep_bench), abpatch (AB_PATCHES: source changes built apart, AB_CMD's benchmark interleaved over them), profile
-# (Nsight Compute on the router and EP kernels and a BITEP_TRACE=1 run of ep_bench: where the time goes).
+# (Nsight Compute on the router (PROFILE_ROUTER_ARGS picks the rows) and EP kernels and a BITEP_TRACE=1 run of ep_bench:
+# where the time goes).
 # On one H200 at 187432f: build ~90 s, gpu ~75 s, multirank ~110 s (np 1 and the shared-GPU runs), sanitize ~400 s
 # (memcheck 35, racecheck ~300, multi-rank memcheck ~35): PHASES=gpu,multirank,sanitize does not fit one call there.
 set -uo pipefail
@@ -411,20 +412,28 @@ if on abpatch; then
 fi
 if on profile; then
   # Where the router's time goes (Nsight Compute, clocks left alone), and the host phases of dispatch and
-  # combine (BITEP_TRACE=1: one stderr line per call and rank).
-  step "ncu router_forward (T=16384, quick rows)" "$BENCH" ncu --clock-control none --kernel-name regex:router_forward \
+  # combine (BITEP_TRACE=1: one stderr line per call and rank). PROFILE_ROUTER_ARGS: router_bench's arguments for the
+  # two router steps (default --quick: T = 16384, E = 256 softmax and DeepSeek-V3, bf16; launch 40 is a timed launch of
+  # the first row, e.g. "--fwd --bf16 --configs deepseek-v2 --tokens 65536" for DeepSeek-V2's TE-compatible bytemap
+  # row). PROFILE_SASS_MATCH: a fragment of the mangled name of the kernels whose SASS is dumped (default the one-octet
+  # 32-lane bf16 instances). PROFILE_EP=0 leaves out the EP steps.
+  read -ra PRA <<<"${PROFILE_ROUTER_ARGS:---quick --iters 100}"
+  SASS_MATCH=${PROFILE_SASS_MATCH:-router_forward_bucketILi32ELi1ELb0E}
+  step "ncu router_forward (${PRA[*]})" "$BENCH" ncu --clock-control none --kernel-name regex:router_forward \
     --launch-skip 40 --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
-    "$BUILD/bench/router_bench" --quick --iters 100
-  # Executed instructions per SASS line of one router_forward launch (E = 256 softmax, bf16): where the
-  # instructions go. The CSV travels in plots.tar (at most 8 files come back).
+    "$BUILD/bench/router_bench" "${PRA[@]}"
+  # Executed instructions per SASS line of one router_forward launch: where the instructions go. The CSV travels in
+  # plots.tar (at most 8 files come back).
   PROF=$(mktemp -d)
   step "ncu router_forward SASS counts" "$BENCH" bash -c "ncu --clock-control none --kernel-name regex:router_forward \
     --launch-skip 40 --launch-count 1 --section SourceCounters --section InstructionStats --page source \
-    --print-source sass --csv '$BUILD/bench/router_bench' --quick --iters 100 >'$PROF/router_forward_sass.csv' &&
-    cuobjdump -sass '$BUILD/libbitep.so' | awk '/Function :/ {p = /router_forward_bucketILi32ELi1ELb0E/} p' \
+    --print-source sass --csv '$BUILD/bench/router_bench' ${PRA[*]} >'$PROF/router_forward_sass.csv' &&
+    cuobjdump -sass '$BUILD/libbitep.so' | awk '/Function :/ {p = /$SASS_MATCH/} p' \
       >'$PROF/router_forward.sass' 2>&1 &&
     wc -l '$PROF'/* && tar -C '$PROF' -rf '$OUT/plots.tar' ."
+fi
+if on profile && [ "${PROFILE_EP:-1}" != 0 ]; then
   # Each EP kernel against its own HBM floor (one rank: the kernels are the same, NCCL stays out of ncu).
   step "ncu ep kernels (W=1, T=4096)" "$BENCH" mpirun -np 1 ncu --clock-control none \
     --kernel-name regex:'layout|permute|expert_|reduce|final_sum|weight_grad' --launch-skip 20 --launch-count 12 \
