@@ -65,26 +65,32 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
   return cudaGetLastError();
 }
 
+// The instance for whole octets below the bucket's width where whole_octets_kernel has one and the launch's E takes it
+// (whole_octets), else its twin.
+template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows, int kK, bool kAnyWidthGroups = false>
+cudaError_t launch_octets_or_twin(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
+  if constexpr (whole_octets_kernel<NS, kF32, kSpec, kWideRows>()) {
+    if (whole_octets<G, NS>(p))
+      return launch_kernel<G, NS, kF32, kSpec, kWideRows, kK, false, kAnyWidthGroups, true>(p, lay, stream);
+  }
+  return launch_kernel<G, NS, kF32, kSpec, kWideRows, kK, false, kAnyWidthGroups>(p, lay, stream);
+}
+
 template <int G, int NS, bool kF32, FwdSpec kSpec, bool kWideRows>
 cudaError_t launch_k(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   if constexpr (kSpec == FwdSpec::kSigmoidNormV3) {
     return launch_kernel<G, NS, kF32, kSpec, kWideRows, kV3K>(p, lay, stream);
   } else {
     constexpr int kK = kconst_kernel<G, NS, kSpec>();
-    constexpr bool kOctets = whole_octets_kernel<NS, kF32, kSpec, kWideRows>();
-    const bool octets = kOctets && whole_octets<G, NS>(p);
     if constexpr (kK > 0) {
       const bool dense = p.probs != nullptr || p.saved != nullptr;
-      if (p.topk == kK && !(kconst_compact_only<G, NS, kF32, kSpec>() && dense)) {
-        if (octets) return launch_kernel<G, NS, kF32, kSpec, kWideRows, kK, false, false, kOctets>(p, lay, stream);
-        return launch_kernel<G, NS, kF32, kSpec, kWideRows, kK>(p, lay, stream);
-      }
+      if (p.topk == kK && !(kconst_compact_only<G, NS, kF32, kSpec>() && dense))
+        return launch_octets_or_twin<G, NS, kF32, kSpec, kWideRows, kK>(p, lay, stream);
     }
     if constexpr (kSpec == FwdSpec::kPostSoftmax && G == 32) {
       if (many_wins_post(p)) return launch_kernel<G, NS, kF32, kSpec, kWideRows, 0, true>(p, lay, stream);
     }
-    if (octets) return launch_kernel<G, NS, kF32, kSpec, kWideRows, 0, false, false, kOctets>(p, lay, stream);
-    return launch_kernel<G, NS, kF32, kSpec, kWideRows, 0>(p, lay, stream);
+    return launch_octets_or_twin<G, NS, kF32, kSpec, kWideRows, 0>(p, lay, stream);
   }
 }
 
@@ -117,13 +123,8 @@ cudaError_t launch_bucket_t(const RouterForwardParams& p, const FwdLayout& lay, 
 template <int G, int NS, FwdSpec kSpec>
 cudaError_t launch_any_width_groups(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   if constexpr (NS == 1) {
-    constexpr bool kOctets = whole_octets_kernel<NS, false, kSpec, false>();  // one octet a lane: either dtype
-    if (kOctets && whole_octets<G, NS>(p))
-      return p.logits_dtype == DType::kF32
-                 ? launch_kernel<G, NS, true, kSpec, false, 0, false, true, kOctets>(p, lay, stream)
-                 : launch_kernel<G, NS, false, kSpec, false, 0, false, true, kOctets>(p, lay, stream);
-    return p.logits_dtype == DType::kF32 ? launch_kernel<G, NS, true, kSpec, false, 0, false, true>(p, lay, stream)
-                                         : launch_kernel<G, NS, false, kSpec, false, 0, false, true>(p, lay, stream);
+    return p.logits_dtype == DType::kF32 ? launch_octets_or_twin<G, NS, true, kSpec, false, 0, true>(p, lay, stream)
+                                         : launch_octets_or_twin<G, NS, false, kSpec, false, 0, true>(p, lay, stream);
   } else {
     return cudaErrorInvalidValue;  // not launched: the launch takes such groups at one octet a lane alone
   }

@@ -727,6 +727,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     // tile's start or at the end of this step), or here.
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
+      // (Written so that the other instances keep the PTX they had before kOctets: the test after the read of n.)
       const int n = kOctets ? octet_n(s) : nval[s];
       if ((kOctets ? nval[s] : n) == 0) continue;
       const int o = s * G + sl, e0 = o * 8;
