@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 # Runs every test that this machine can run: installs what is missing (root + apt), builds, checks
 # the formatting, runs ctest (unit, multi-rank under mpirun, and the gpu tests, which say SKIPPED
-# without a GPU).
+# without a GPU), then the host backend's tests again in a host-only build under ASan + UBSan.
 set -euo pipefail
 export NEED_FORMAT=1
 source "$(dirname "$0")/common.sh"
@@ -22,3 +22,18 @@ configure_and_build
 echo "== tests"
 cd "$BUILD_DIR"
 ctest --output-on-failure --timeout 600 -j "$JOBS" ${CTEST_ARGS:-}
+
+# The host backend once more, built alone (BITEP_CUDA=OFF: what a machine without the CUDA toolkit builds) under
+# AddressSanitizer and UndefinedBehaviorSanitizer, every finding fatal: the unit, multi-rank and example tests.
+# SANITIZE=0 leaves this stage out.
+if [ "${SANITIZE:-1}" != 0 ]; then
+  echo "== host-only build under ASan + UBSan (BITEP_CUDA=OFF, BITEP_SANITIZE=address,undefined)"
+  SAN_DIR=${SAN_BUILD_DIR:-$ROOT/build-sanitize}
+  cmake -S "$ROOT" -B "$SAN_DIR" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBITEP_CUDA=OFF -DBITEP_SANITIZE=address,undefined \
+    -DBITEP_BUILD_TESTS=ON -DBITEP_BUILD_EXAMPLES=ON -DBITEP_BUILD_BENCH=OFF
+  cmake --build "$SAN_DIR" -j "$JOBS"
+  cd "$SAN_DIR"
+  # OpenMPI's own allocations (its plugins') outlive MPI_Finalize, so leaks are checked in the single-process tests.
+  ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure --timeout 900 -j "$JOBS" -LE "multirank|example"
+  ASAN_OPTIONS=detect_leaks=0 ctest --output-on-failure --timeout 900 -j "$JOBS" -L "multirank|example"
+fi

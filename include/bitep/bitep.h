@@ -39,6 +39,15 @@
 #define BITEP_API __attribute__((visibility("default")))
 #endif
 
+/* The enums hold any int, as C stores them. In C++ their underlying type is fixed to int, so that a value the caller
+ * stored outside the enumerators (which bitep refuses with bitepInvalidArgument, naming it) is still a value of the
+ * type: without a fixed type, reading one is undefined behaviour in C++ (UBSan: "not a valid value for type"). */
+#ifdef __cplusplus
+#define BITEP_ENUM_INT : int
+#else
+#define BITEP_ENUM_INT
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -48,7 +57,7 @@ struct CUstream_st;
 typedef struct CUstream_st* bitepStream_t;
 struct ncclComm;
 
-typedef enum {
+typedef enum BITEP_ENUM_INT {
   bitepSuccess = 0,
   bitepInvalidArgument = 1,  /* an argument breaks a documented constraint (see bitepGetLastError) */
   bitepInvalidUsage = 2,     /* calls in the wrong order, handle of a destroyed group, ... */
@@ -64,17 +73,17 @@ typedef enum {
   bitepNumResults = 12
 } bitepResult_t;
 
-typedef enum { bitepFloat32 = 0, bitepBfloat16 = 1, bitepFloat16 = 2 } bitepDataType_t;
+typedef enum BITEP_ENUM_INT { bitepFloat32 = 0, bitepBfloat16 = 1, bitepFloat16 = 2 } bitepDataType_t;
 
-typedef enum { bitepBackendHost = 0, bitepBackendCuda = 1 } bitepBackend_t;
+typedef enum BITEP_ENUM_INT { bitepBackendHost = 0, bitepBackendCuda = 1 } bitepBackend_t;
 
-typedef enum {
+typedef enum BITEP_ENUM_INT {
   bitepScoreSoftmax = 0,     /* softmax over all experts (pre top-k) or over the k selected (post) */
   bitepScoreSigmoid = 1,     /* sigmoid; weights normalised over the k selected when k > 1 */
   bitepScoreSqrtSoftplus = 2 /* sqrt(softplus(x)); weights normalised when k > 1 */
 } bitepScoreFunction_t;
 
-typedef enum {
+typedef enum BITEP_ENUM_INT {
   bitepMapNone = 0,       /* no routing map (output not wanted) */
   bitepMapBytemap = 1,    /* uint8 [T, E] in {0, 1} */
   bitepMapBitmapU8 = 2,   /* uint8 [T, ceil(E/8)], LSB first */
@@ -444,7 +453,7 @@ BITEP_API bitepResult_t bitepHandleGetExpertSources(bitepGroup_t group,
  * device first (cudaDeviceSynchronize: the graph's launches are not tracked). */
 BITEP_API bitepResult_t bitepHandleDestroy(bitepHandle_t handle);
 
-typedef enum { bitepLayoutExpertMajor = 0, bitepLayoutRankMajor = 1 } bitepLayout_t;
+typedef enum BITEP_ENUM_INT { bitepLayoutExpertMajor = 0, bitepLayoutRankMajor = 1 } bitepLayout_t;
 
 #define BITEP_COMBINE_ARGS_MAGIC 0xb17e0012u
 

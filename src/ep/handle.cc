@@ -178,7 +178,7 @@ void add_route_buffers(const bitepHandle* h,
   }
 }
 
-bitepResult_t make_fence(bitepHandle_t h, bool cuda) {
+bitepResult_t make_fence([[maybe_unused]] bitepHandle_t h, bool cuda) {
   if (!cuda) return bitepSuccess;
 #ifdef BITEP_HAVE_CUDA
   cudaEvent_t ev = nullptr;

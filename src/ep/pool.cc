@@ -148,7 +148,7 @@ void Pool::trim_locked(uint64_t older_than) {
   }
 }
 
-bitepResult_t Pool::acquire(size_t bytes, bitepStream_t stream, Block* out, uint64_t stream_key) {
+bitepResult_t Pool::acquire(size_t bytes, bitepStream_t stream, Block* out, [[maybe_unused]] uint64_t stream_key) {
   *out = Block{};
   if (bytes == 0) return bitepSuccess;
   const size_t cls = size_class(bytes);
@@ -267,7 +267,7 @@ void Pool::release(Block* block, bitepStream_t stream) {
   *block = Block{};
 }
 
-void Pool::release_all(std::vector<Block>* blocks, bitepStream_t stream, uint64_t stream_key) {
+void Pool::release_all(std::vector<Block>* blocks, [[maybe_unused]] bitepStream_t stream, uint64_t stream_key) {
   if (blocks->empty()) return;
   std::shared_ptr<void> fence;
 #ifdef BITEP_HAVE_CUDA
