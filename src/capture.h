@@ -33,7 +33,7 @@ class RelaxedCaptureMode {
 #ifdef BITEP_HAVE_CUDA
   cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
 #endif
-  bool ok_ = false;
+  [[maybe_unused]] bool ok_ = false;  // cuda builds
 };
 
 }  // namespace bitep

@@ -46,7 +46,7 @@ class Trace {
   int n_ = 0;
   const char* names_[kMaxMarks];
   double us_[kMaxMarks];
-  void* events_[kMaxMarks + 1] = {};  // level 3: the call's first event, then one per mark
+  [[maybe_unused]] void* events_[kMaxMarks + 1] = {};  // level 3: the call's first event, then one per mark
   Clock::time_point start_, last_;
 };
 

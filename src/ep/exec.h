@@ -102,9 +102,9 @@ class Exec {
   bitepGroup* group_;
   bitepStream_t stream_;
   std::vector<Block> temps_;
-  int prev_device_ = -1;
-  uint64_t stream_key_ = 0;  // cuda: cudaStreamGetId(stream) + 1 after begin() (0: not known)
-  bool capturing_ = false;   // cuda: the stream captures a graph (begin())
+  [[maybe_unused]] int prev_device_ = -1;  // cuda builds
+  uint64_t stream_key_ = 0;                // cuda: cudaStreamGetId(stream) + 1 after begin() (0: not known)
+  bool capturing_ = false;                 // cuda: the stream captures a graph (begin())
   // While capturing: the thread's capture mode relaxed for the call (the launchers' attribute queries and the
   // pool's allocations are not part of the graph).
   std::optional<RelaxedCaptureMode> relaxed_;

@@ -48,8 +48,9 @@ class StreamOrder {
   bitepResult_t release(bitepStream_t stream);
 
  private:
-  void* event_ = nullptr;  // cudaEvent_t, created at the first release (before it there is nothing to wait for)
-  uint64_t last_key_ = 0;  // the stream key of the last release (0: none or not known)
+  // cudaEvent_t, created at the first release (before it there is nothing to wait for)
+  [[maybe_unused]] void* event_ = nullptr;
+  [[maybe_unused]] uint64_t last_key_ = 0;  // the stream key of the last release (0: none or not known)
 };
 
 class Pool {
@@ -100,7 +101,7 @@ class Pool {
   void trim_locked(uint64_t older_than);
 
   bitepBackend_t backend_;
-  int device_;
+  [[maybe_unused]] int device_;  // cuda builds
   mutable std::mutex mu_;
   std::multimap<size_t, Block> cached_;  // class size -> free blocks
   std::map<void*, Block> in_use_;
