@@ -144,6 +144,11 @@ TEST_P(EpGrid, CombineBackward) {
 INSTANTIATE_TEST_SUITE_P(Host, EpGrid, testing::ValuesIn(spec_grid()), [](const testing::TestParamInfo<Spec>& info) {
   return info.param.name;
 });
+// Shapes and option combinations the named scenarios do not pick, drawn (seeded) on the host backend.
+INSTANTIATE_TEST_SUITE_P(HostRandom,
+                         EpGrid,
+                         testing::ValuesIn(random_specs(64, 20261204)),
+                         [](const testing::TestParamInfo<Spec>& info) { return info.param.name; });
 
 }  // namespace
 }  // namespace ept

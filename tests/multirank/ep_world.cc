@@ -341,4 +341,36 @@ std::vector<Spec> spec_grid() {
   return v;
 }
 
+std::vector<Spec> random_specs(int n, uint64_t seed) {
+  static const char* const kDtype[] = {"fp32", "bf16", "fp16"};
+  static const bitepMapFormat_t kFmt[] = {bitepMapBitmapU8, bitepMapBytemap, bitepMapTopkIndices};
+  static const char* const kFmtName[] = {"bitmap", "bytemap", "indices"};
+  static const char* const kWeights[] = {"noweights", "dense", "compact"};
+  static const char* const kRoute[] = {"random", "onerank", "hot"};
+  std::vector<Spec> v;
+  for (int i = 0; i < n; ++i) {
+    auto draw = [&](int what, int m) { return static_cast<int>(hash(seed, 9, i, what) % m); };
+    Spec s;
+    s.seed = seed + i;
+    s.L = 1 + draw(0, 12);
+    s.k = 1 + draw(1, 9);  // clamped to E
+    s.H = 1 + draw(2, 40);
+    const int dt = draw(3, 3), fmt = draw(5, 3), wt = draw(6, 3), route = draw(7, 3);
+    s.dtype = static_cast<bitepDataType_t>(dt);
+    s.align = 1 << draw(4, 5);
+    s.fmt = kFmt[fmt];
+    s.weights = static_cast<Weights>(wt);
+    s.route = static_cast<Route>(route);
+    s.target = draw(8, 64);  // the rank (mod W) or the hot expert (mod E)
+    const uint64_t ts = hash(seed, 10, i);
+    const int most = draw(9, 41);  // tokens a rank, 0 included
+    s.tokens = [ts, most](int r, int) { return static_cast<int64_t>(hash(ts, 11, r) % (most + 1)); };
+    s.name = "random" + std::to_string(i) + "_L" + std::to_string(s.L) + "_k" + std::to_string(s.k) + "_H" +
+             std::to_string(s.H) + "_" + kDtype[dt] + "_align" + std::to_string(s.align) + "_" + kFmtName[fmt] + "_" +
+             kWeights[wt] + "_" + kRoute[route];
+    v.push_back(s);
+  }
+  return v;
+}
+
 }  // namespace ept

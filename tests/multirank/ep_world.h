@@ -59,6 +59,9 @@ struct Input {
 // expert, one local expert, L not a multiple of 8, k = 1 and k = E, odd H, each routing format and weight
 // form, alignment.
 std::vector<Spec> spec_grid();
+// n scenarios drawn from seed: L 1-12, k 1-9, H 1-40, each dtype, alignment 1-16, routing format, weight form and
+// route, 0-40 tokens a rank (the host backend's grid only).
+std::vector<Spec> random_specs(int n, uint64_t seed);
 
 Input make_input(const Spec& s, int W, int rank);
 std::vector<Input> make_world(const Spec& s, int W);
