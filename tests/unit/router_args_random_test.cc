@@ -3,7 +3,8 @@
 // write inside each output's bounds (guard bytes around every buffer) and give each token exactly k distinct experts,
 // the same in the map, the compact outputs and the rank epilogue. Then with one field broken: it must fail with
 // bitepInvalidArgument naming that field, and write nothing. Where the forward wrote a map, the backward the same way:
-// from the saved tensor or the logits, within grad_logits' bounds, then with one field broken. The draws cover shapes
+// from the saved tensor or the logits, within grad_logits' bounds, then with one field broken. The aux-loss scores
+// the same way (AuxScores...). The draws cover shapes
 // and option combinations that the one-rule-a-test cases (router_args_test.cc) do not. scripts/test.sh runs them under
 // ASan and UBSan too.
 #include <gtest/gtest.h>
@@ -125,6 +126,7 @@ struct Call {
     std::mt19937_64 rng(d.seed);
     for (int64_t t = 0; t < T; ++t) {
       const int kind = pick(rng, 0, 19);  // 0: all -inf, 1: one NaN, else finite
+      finite_row.push_back(kind >= 2);
       const int nan_at = pick(rng, 0, E - 1);
       for (int e = 0; e < E; ++e) {
         const size_t i = static_cast<size_t>(t * E + e);
@@ -184,6 +186,7 @@ struct Call {
 
   int E, k;
   int64_t T;
+  std::vector<bool> finite_row;  // [T]: the row's logits all finite
   Guarded logits, bias, probs, saved, map, weights, indices, rank_mask, rank_counts;
   bitepRouterForwardArgs_t args;
 };
@@ -418,6 +421,80 @@ TEST(RouterArgsRandom, ValidCallsSucceedAndBrokenFieldsAreNamed) {
   EXPECT_EQ(valid, 1500);
   EXPECT_GT(broken, 1300);   // nearly every draw has a field to break
   EXPECT_GT(backward, 800);  // two draws in three write a map
+}
+
+// The aux-loss scores (bitepAuxScoresForward) on the same draws: the scores over all E written whole (each finite row
+// a distribution where the scores are normalised: softmax, or k > 1), the map's k experts a token, nothing past a
+// buffer; then one field broken, named and nothing written.
+TEST(RouterArgsRandom, AuxScoresValidCallsSucceedAndBrokenFieldsAreNamed) {
+  std::mt19937_64 rng(20261205);
+  int valid = 0, broken = 0;
+  for (int n = 0; n < 600; ++n) {
+    Draw d = draw_valid(rng);
+    d.probs = true;  // the scores: required
+    d.weights = d.indices = d.bias = false;
+    d.W = 0;
+    SCOPED_TRACE("draw " + std::to_string(n) + ": " + describe(d));
+    const bool normalised = d.cfg.score_function == bitepScoreSoftmax || d.cfg.topk > 1;
+    {
+      Call c(d);
+      const bitepResult_t r = bitepAuxScoresForward(bitepBackendHost, &d.cfg, &c.args, nullptr);
+      ASSERT_EQ(r, bitepSuccess) << bitepGetLastError();
+      for (const Guarded* g : c.outputs()) ASSERT_TRUE(g->guards_intact()) << "a write past an output's bounds";
+      for (int64_t t = 0; t < c.T; ++t) {
+        const float* p = reinterpret_cast<const float*>(c.probs.data()) + t * c.E;
+        double sum = 0.0;
+        for (int e = 0; e < c.E; ++e) sum += p[e];
+        if (c.finite_row[t] && normalised) ASSERT_NEAR(sum, 1.0, 1e-5) << "token " << t;
+        if (d.map == bitepMapBitmapU8) {
+          const uint8_t* row = c.map.data() + t * map_bytes(c.E);
+          int bits = 0;
+          for (int b = 0; b < map_bytes(c.E); ++b) bits += __builtin_popcount(row[b]);
+          ASSERT_EQ(bits, c.k) << "token " << t;
+          if (c.E % 8 != 0) ASSERT_EQ(row[c.E / 8] >> (c.E % 8), 0) << "token " << t << ": a pad bit set";
+        } else if (d.map == bitepMapBytemap) {
+          int set = 0;
+          for (int e = 0; e < c.E; ++e) set += c.map.data()[t * c.E + e];
+          ASSERT_EQ(set, c.k) << "token " << t;
+        }
+      }
+      ++valid;
+    }
+    Call c(d);
+    Draw bad = d;
+    const char* field = nullptr;
+    switch (pick(rng, 0, c.T == 0 ? 2 : 5)) {
+      case 0:
+        c.args.topk_weights = reinterpret_cast<float*>(c.weights.data()), field = "args->topk_weights";
+        break;
+      case 1:
+        c.args.num_ranks = 1, field = "args->topk_weights";  // "args->topk_weights, topk_indices and num_ranks ..."
+        break;
+      case 2:
+        c.args.probs = nullptr, field = "args->probs";
+        break;
+      case 3:
+        c.args.logits = nullptr, field = "args->logits";
+        break;
+      case 4:
+        bad.cfg.score_function = static_cast<bitepScoreFunction_t>(-1), field = "config->score_function";
+        break;
+      default:
+        c.args.expert_bias = reinterpret_cast<const float*>(c.logits.data()), field = "args->expert_bias";
+        break;
+    }
+    SCOPED_TRACE(std::string("broken: ") + field);
+    const bitepResult_t r = bitepAuxScoresForward(bitepBackendHost, &bad.cfg, &c.args, nullptr);
+    ASSERT_EQ(r, bitepInvalidArgument) << bitepGetErrorString(r);
+    const std::string msg = bitepGetLastError();
+    ASSERT_EQ(msg.rfind("bitepAuxScoresForward: ", 0), 0u) << msg;
+    ASSERT_NE(msg.find(field), std::string::npos) << msg;
+    for (const Guarded* g : c.outputs())
+      ASSERT_TRUE(g->guards_intact() && g->untouched()) << "a rejected call wrote an output";
+    ++broken;
+  }
+  EXPECT_EQ(valid, 600);
+  EXPECT_EQ(broken, 600);
 }
 
 }  // namespace
