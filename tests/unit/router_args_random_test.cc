@@ -4,9 +4,8 @@
 // the same in the map, the compact outputs and the rank epilogue. Then with one field broken: it must fail with
 // bitepInvalidArgument naming that field, and write nothing. Where the forward wrote a map, the backward the same way:
 // from the saved tensor or the logits, within grad_logits' bounds, then with one field broken. The aux-loss scores
-// the same way (AuxScores...). The draws cover shapes
-// and option combinations that the one-rule-a-test cases (router_args_test.cc) do not. scripts/test.sh runs them under
-// ASan and UBSan too.
+// the same way. The draws cover shapes and option combinations that the one-rule-a-test cases (router_args_test.cc)
+// do not. scripts/test.sh runs them under ASan and UBSan too.
 #include <gtest/gtest.h>
 
 #include <algorithm>
