@@ -104,6 +104,17 @@ Draw draw_valid(std::mt19937_64& rng) {
   return d;
 }
 
+// Each logits dtype's bits (by bitepDataType_t): -inf, a quiet NaN, and the fields of a normal number.
+struct Encoding {
+  uint32_t ninf, nan;
+  int sign_bit, bias, mant_bits, bytes;
+};
+constexpr Encoding kEncodings[] = {
+    {0xff800000u, 0x7fc00000u, 31, 127, 23, 4},  // fp32
+    {0xff80u, 0x7fc0u, 15, 127, 7, 2},           // bf16
+    {0xfc00u, 0x7e00u, 15, 15, 10, 2},           // fp16
+};
+
 // The buffers of one call: outputs poisoned, logits from the draw's seed (every dtype's encoding of a value in
 // (-4, 4), some rows degenerate: all -inf, or a NaN among them).
 struct Call {
@@ -133,30 +144,16 @@ struct Call {
         const int exp = pick(rng, -6, 1);  // |x| in [2^-6, 4)
         const uint32_t mant = static_cast<uint32_t>(rng());
         const bool ninf = kind == 0, nan = kind == 1 && e == nan_at;
-        switch (d.cfg.logits_dtype) {
-          case bitepFloat32: {
-            const uint32_t b = ninf  ? 0xff800000u
-                               : nan ? 0x7fc00000u
-                                     : sign << 31 | static_cast<uint32_t>(exp + 127) << 23 | (mant & 0x7fffffu);
-            std::memcpy(logits.data() + 4 * i, &b, 4);
-            break;
-          }
-          case bitepBfloat16: {
-            const uint16_t b =
-                static_cast<uint16_t>(ninf  ? 0xff80u
-                                      : nan ? 0x7fc0u
-                                            : sign << 15 | static_cast<uint32_t>(exp + 127) << 7 | (mant & 0x7fu));
-            std::memcpy(logits.data() + 2 * i, &b, 2);
-            break;
-          }
-          default: {
-            const uint16_t b =
-                static_cast<uint16_t>(ninf  ? 0xfc00u
-                                      : nan ? 0x7e00u
-                                            : sign << 15 | static_cast<uint32_t>(exp + 15) << 10 | (mant & 0x3ffu));
-            std::memcpy(logits.data() + 2 * i, &b, 2);
-            break;
-          }
+        const Encoding& f = kEncodings[d.cfg.logits_dtype];
+        const uint32_t b = ninf  ? f.ninf
+                           : nan ? f.nan
+                                 : sign << f.sign_bit | static_cast<uint32_t>(exp + f.bias) << f.mant_bits |
+                                       (mant & ((1u << f.mant_bits) - 1u));
+        if (f.bytes == 4) {
+          std::memcpy(logits.data() + 4 * i, &b, 4);
+        } else {
+          const uint16_t h = static_cast<uint16_t>(b);
+          std::memcpy(logits.data() + 2 * i, &h, 2);
         }
       }
     }
@@ -258,6 +255,18 @@ void check_outputs(const Draw& d, const Call& c) {
   if (W > 0 && d.rank_counts && experts_known) {
     const int32_t* got = reinterpret_cast<const int32_t*>(c.rank_counts.data());
     for (int r = 0; r < W; ++r) ASSERT_EQ(got[r], counts[r]) << "rank " << r;
+  }
+}
+
+// A refused call: bitepInvalidArgument, its message led by the API's name and naming `field`, no output written.
+void expect_refused(bitepResult_t r, const char* api, const char* field, const std::vector<const Guarded*>& outputs) {
+  ASSERT_EQ(r, bitepInvalidArgument) << api << ", broken: " << field << ": " << bitepGetErrorString(r);
+  const std::string msg = bitepGetLastError();
+  ASSERT_EQ(msg.rfind(std::string(api) + ": ", 0), 0u) << msg;
+  ASSERT_NE(msg.find(field), std::string::npos) << msg;
+  for (const Guarded* g : outputs) {
+    ASSERT_TRUE(g->guards_intact()) << "a write past an output's bounds on a rejected call";
+    ASSERT_TRUE(g->untouched()) << "a rejected call wrote an output";
   }
 }
 
@@ -369,12 +378,8 @@ int check_backward(std::mt19937_64& rng, const Draw& d, Call& c) {
       b.grad_logits = grad_logits.data() + 1, field = "args->grad_logits";  // misaligned, inside the guard's room
       break;
   }
-  const bitepResult_t r = bitepRouterBackward(bitepBackendHost, &d.cfg, &b, nullptr);
-  EXPECT_EQ(r, bitepInvalidArgument) << "backward, broken: " << field << ": " << bitepGetErrorString(r);
-  const std::string msg = bitepGetLastError();
-  EXPECT_EQ(msg.rfind("bitepRouterBackward: ", 0), 0u) << msg;
-  EXPECT_NE(msg.find(field), std::string::npos) << msg;
-  EXPECT_TRUE(grad_logits.guards_intact() && grad_logits.untouched()) << "a rejected backward wrote grad_logits";
+  expect_refused(bitepRouterBackward(bitepBackendHost, &d.cfg, &b, nullptr), "bitepRouterBackward", field,
+                 {&grad_logits});
   return 1;
 }
 
@@ -406,15 +411,9 @@ TEST(RouterArgsRandom, ValidCallsSucceedAndBrokenFieldsAreNamed) {
     const char* field = break_one(rng, &bad, &c);
     if (field == nullptr) continue;
     SCOPED_TRACE(std::string("broken: ") + field);
-    const bitepResult_t r = bitepRouterForward(bitepBackendHost, &bad.cfg, &c.args, nullptr);
-    ASSERT_EQ(r, bitepInvalidArgument) << bitepGetErrorString(r);
-    const std::string msg = bitepGetLastError();
-    ASSERT_EQ(msg.rfind("bitepRouterForward: ", 0), 0u) << msg;
-    ASSERT_NE(msg.find(field), std::string::npos) << msg;
-    for (const Guarded* g : c.outputs()) {
-      ASSERT_TRUE(g->guards_intact()) << "a write past an output's bounds on a rejected call";
-      ASSERT_TRUE(g->untouched()) << "a rejected call wrote an output";
-    }
+    expect_refused(bitepRouterForward(bitepBackendHost, &bad.cfg, &c.args, nullptr), "bitepRouterForward", field,
+                   c.outputs());
+    if (HasFatalFailure()) return;
     ++broken;
   }
   EXPECT_EQ(valid, 1500);
@@ -483,13 +482,9 @@ TEST(RouterArgsRandom, AuxScoresValidCallsSucceedAndBrokenFieldsAreNamed) {
         break;
     }
     SCOPED_TRACE(std::string("broken: ") + field);
-    const bitepResult_t r = bitepAuxScoresForward(bitepBackendHost, &bad.cfg, &c.args, nullptr);
-    ASSERT_EQ(r, bitepInvalidArgument) << bitepGetErrorString(r);
-    const std::string msg = bitepGetLastError();
-    ASSERT_EQ(msg.rfind("bitepAuxScoresForward: ", 0), 0u) << msg;
-    ASSERT_NE(msg.find(field), std::string::npos) << msg;
-    for (const Guarded* g : c.outputs())
-      ASSERT_TRUE(g->guards_intact() && g->untouched()) << "a rejected call wrote an output";
+    expect_refused(bitepAuxScoresForward(bitepBackendHost, &bad.cfg, &c.args, nullptr), "bitepAuxScoresForward", field,
+                   c.outputs());
+    if (HasFatalFailure()) return;
     ++broken;
   }
   EXPECT_EQ(valid, 600);
