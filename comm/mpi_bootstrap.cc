@@ -126,6 +126,8 @@ bitepResult_t create_mpi(MPI_Comm comm, const bitepGroupConfig_t* config, bitepG
     BITEP_FAIL(bitepInvalidUsage, "MPI is %s: call bitepGroupCreateMpi between MPI_Init and MPI_Finalize",
                initialized ? "finalized" : "not initialised");
   BITEP_ARG_CHECK(comm != MPI_COMM_NULL, "comm is MPI_COMM_NULL");
+  MpiThreadHold hold;
+  BITEP_CHECK(hold.enter("bitepGroupCreateMpi"));
   // Collective and blocking: every rank duplicates before any check can make it leave.
   MPI_Comm dup = MPI_COMM_NULL;
   BITEP_MPI_CHECK(MPI_Comm_dup(comm, &dup));

@@ -7,6 +7,7 @@
 
 #include <sched.h>
 
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <cstring>
@@ -18,6 +19,22 @@
 
 namespace bitep::ep {
 namespace {
+
+// bitep calls over MPI in progress in this process, counted below MPI_THREAD_MULTIPLE (MpiThreadHold).
+std::atomic<int> g_mpi_calls{0};
+
+const char* thread_level_name(int level) {
+  switch (level) {
+    case MPI_THREAD_SINGLE:
+      return "MPI_THREAD_SINGLE";
+    case MPI_THREAD_FUNNELED:
+      return "MPI_THREAD_FUNNELED";
+    case MPI_THREAD_SERIALIZED:
+      return "MPI_THREAD_SERIALIZED";
+    default:
+      return "MPI_THREAD_MULTIPLE";
+  }
+}
 
 constexpr uint64_t kChunkBytes = uint64_t{1} << 30;  // one MPI message carries at most INT_MAX bytes
 
@@ -42,6 +59,8 @@ class MpiTransport final : public Transport {
 
   int rank() const override { return rank_; }
   int nranks() const override { return nranks_; }
+  bitepResult_t enter_call(const char* call) override { return hold_.enter(call); }
+  void leave_call() override { hold_.leave(); }
 
   bitepResult_t allgather_host(const void* in, void* out, size_t bytes) override {
     BITEP_CHECK(check_usable("allgather_host"));
@@ -179,9 +198,48 @@ class MpiTransport final : public Transport {
   int rank_ = 0, nranks_ = 1;
   std::string broken_;
   std::vector<char> coll_in_, coll_out_;  // buffers of the collectives (leaked if one is abandoned)
+  MpiThreadHold hold_;                    // the call in progress on the group (enter_call)
 };
 
 }  // namespace
+
+bitepResult_t MpiThreadHold::enter(const char* call) {
+  leave();
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (!initialized || finalized)
+    BITEP_FAIL(bitepInvalidUsage, "%s makes MPI calls, but MPI is %s", call,
+               finalized ? "finalized" : "not initialised");
+  int level = MPI_THREAD_SINGLE;
+  MPI_Query_thread(&level);
+  if (level >= MPI_THREAD_MULTIPLE) return bitepSuccess;
+  if (level < MPI_THREAD_SERIALIZED) {
+    int main_thread = 0;
+    MPI_Is_thread_main(&main_thread);
+    if (!main_thread)
+      BITEP_FAIL(bitepInvalidUsage,
+                 "%s makes MPI calls on the calling thread, and MPI's thread level is %s: only the thread that "
+                 "initialised MPI may make them. Call it from that thread, or initialise MPI with MPI_Init_thread "
+                 "at MPI_THREAD_SERIALIZED (one thread at a time) or MPI_THREAD_MULTIPLE",
+                 call, thread_level_name(level));
+  }
+  if (g_mpi_calls.fetch_add(1, std::memory_order_acq_rel) != 0) {
+    g_mpi_calls.fetch_sub(1, std::memory_order_acq_rel);
+    BITEP_FAIL(bitepInvalidUsage,
+               "%s makes MPI calls, and another thread is inside a bitep call over MPI (on another group) while "
+               "MPI's thread level is %s: one thread at a time. Make the calls one after another, or initialise "
+               "MPI with MPI_Init_thread at MPI_THREAD_MULTIPLE",
+               call, thread_level_name(level));
+  }
+  counted_ = true;
+  return bitepSuccess;
+}
+
+void MpiThreadHold::leave() {
+  if (counted_) g_mpi_calls.fetch_sub(1, std::memory_order_acq_rel);
+  counted_ = false;
+}
 
 std::unique_ptr<Transport> make_mpi_transport(MPI_Comm comm, double timeout_s) {
   return std::make_unique<MpiTransport>(comm, timeout_s);

@@ -20,6 +20,23 @@
  * Errors: on failure, bitepGetLastError() returns the thread's detail: the argument, the constraint,
  * the failing call with file:line. The library never exits, never aborts, and never writes outside a
  * buffer it was given.
+ *
+ * Threads:
+ * - The router calls (bitepRouter*, bitepAuxScores*, bitepAuxLoss*) may run on any number of threads at once, each
+ *   call on its own buffers. The last-error detail is per thread.
+ * - A group takes one call at a time. bitepDispatch, bitepDispatchLowLatency, bitepCombine, bitepDispatchBackward,
+ *   bitepCombineBackward, bitepHandleGetExpertSources, bitepGroupMemoryBytes, bitepGroupTrimMemory,
+ *   bitepGroupLowLatencyCapturable and bitepGroupDestroy on a group while another thread is inside one of them on
+ *   the same group return bitepInvalidUsage, naming the call inside, and change nothing (the call inside goes on).
+ *   One after another, from any threads, they are fine. Different groups may be used at once from different
+ *   threads. bitepGroupGetRank, bitepHandleGetLayout and bitepHandleDestroy may be called at any time; a handle must
+ *   not be destroyed while a call that was given it runs.
+ * - cuda backend: each call makes the group's device current for its duration and restores the caller's.
+ * - MPI: bitepGroupCreateMpi, and every call of a group whose transport is MPI (host backend;
+ *   BITEP_CUDA_TRANSPORT=ipc), make MPI calls on the calling thread. bitep refuses such a call (bitepInvalidUsage,
+ *   before any MPI call) from a thread other than MPI's main thread below MPI_THREAD_SERIALIZED, and, below
+ *   MPI_THREAD_MULTIPLE, while another thread is inside such a call on another group. The cuda backend's NCCL groups
+ *   make MPI calls only while bitepGroupCreateMpi runs.
  */
 #ifndef BITEP_BITEP_H_
 #define BITEP_BITEP_H_

@@ -23,11 +23,13 @@
 
 namespace bitep::ep {
 
-bitepResult_t check_call_agreed(bitepGroup_t group, bitepHandle_t handle, bool backward, bitepResult_t* local) {
+bitepResult_t check_call_agreed(
+    bitepGroup_t group, bitepHandle_t handle, bool backward, GroupCall* call, const char* api, bitepResult_t* local) {
   // The handle first: once its group is destroyed, `group` may dangle and is not looked at.
   *local = check_handle(handle, nullptr);
   if (*local == bitepInvalidUsage) return *local;
   const SavedError saved(*local);
+  BITEP_CHECK(call->enter(group, api));
   BITEP_CHECK(check_group(group));
   if (*local == bitepSuccess) *local = check_handle(handle, group);
   if (*local == bitepSuccess && backward && handle->low_latency)
@@ -331,7 +333,8 @@ bitepResult_t bitepCombine(bitepGroup_t group,
                            bitepStream_t stream) {
   return bitep::guard("bitepCombine", [&]() -> bitepResult_t {
     bitepResult_t local = bitepSuccess;
-    BITEP_CHECK(bitep::ep::check_call_agreed(group, handle, /*backward=*/false, &local));
+    bitep::ep::GroupCall call;
+    BITEP_CHECK(bitep::ep::check_call_agreed(group, handle, /*backward=*/false, &call, "bitepCombine", &local));
     if (local == bitepSuccess)
       local = bitep::check_struct(args, args ? args->size : 0, sizeof(bitepCombineArgs_t), args ? args->magic : 0,
                                   BITEP_COMBINE_ARGS_MAGIC, "args", "BITEP_COMBINE_ARGS_INIT");
@@ -352,7 +355,8 @@ bitepResult_t bitepDispatchBackward(bitepGroup_t group,
                                     bitepStream_t stream) {
   return bitep::guard("bitepDispatchBackward", [&]() -> bitepResult_t {
     bitepResult_t local = bitepSuccess;
-    BITEP_CHECK(bitep::ep::check_call_agreed(group, handle, /*backward=*/true, &local));
+    bitep::ep::GroupCall call;
+    BITEP_CHECK(bitep::ep::check_call_agreed(group, handle, /*backward=*/true, &call, "bitepDispatchBackward", &local));
     if (local == bitepSuccess)
       local = bitep::ep::check_combine_args(group, handle, grad_y, layout, 0, grad_x, "grad_y", "layout", "grad_x");
     return bitep::ep::combine(group, handle, grad_y, layout, 0, grad_x, stream, local, "this dispatch backward");

@@ -16,9 +16,11 @@ namespace bitep::ep {
 // handle this rank cannot use while its group can still agree (NULL, not a live handle, another group's, a
 // low-latency one for a backward pass) becomes *local, this rank's part of the call's agreement (host groups),
 // so that its peers fail at once with bitepRemoteError instead of waiting out timeout_s and breaking the group.
-// Fails, for the caller to return at once, where no agreement can be had: the group is not usable, or the
-// handle's group was destroyed (bitepInvalidUsage; `group` may dangle then and is not looked at).
-bitepResult_t check_call_agreed(bitepGroup_t group, bitepHandle_t handle, bool backward, bitepResult_t* local);
+// Fails, for the caller to return at once, where no agreement can be had: the group is not usable, another thread is
+// inside a call on it (*call, entered here as `api`, holds the group for the caller's call), or the handle's group
+// was destroyed (bitepInvalidUsage; `group` may dangle then and is not looked at).
+bitepResult_t check_call_agreed(
+    bitepGroup_t group, bitepHandle_t handle, bool backward, GroupCall* call, const char* api, bitepResult_t* local);
 
 // The agreement bits of a call on `handle` (host groups): its dispatch's number, above bit 8 (the low 8 bits
 // are the call's own), and the check that every rank gave the handle of the same dispatch.

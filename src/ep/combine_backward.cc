@@ -169,7 +169,8 @@ extern "C" bitepResult_t bitepCombineBackward(bitepGroup_t group,
   return bitep::guard("bitepCombineBackward", [&]() -> bitepResult_t {
     using namespace bitep::ep;
     bitepResult_t local = bitepSuccess;
-    BITEP_CHECK(check_call_agreed(group, handle, /*backward=*/true, &local));
+    GroupCall call;
+    BITEP_CHECK(check_call_agreed(group, handle, /*backward=*/true, &call, "bitepCombineBackward", &local));
     Exec ex(group, stream);
     BITEP_CHECK(ex.begin());
     if (local == bitepSuccess && ex.capturing())

@@ -630,6 +630,8 @@ extern "C" bitepResult_t bitepDispatch(bitepGroup_t group,
                                        bitepHandle_t* handle) {
   return bitep::guard("bitepDispatch", [&]() -> bitepResult_t {
     if (handle != nullptr) *handle = nullptr;  // on every failure, the group's too
+    bitep::ep::GroupCall call;
+    BITEP_CHECK(call.enter(group, "bitepDispatch"));
     BITEP_CHECK(bitep::ep::check_group(group));
     // Its count exchange waits on the host. This rank returns at once (its peers, if they make the call
     // uncaptured, wait in the count exchange until the group's timeout).

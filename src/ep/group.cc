@@ -114,6 +114,28 @@ bitepResult_t check_group(bitepGroup_t g) {
   return bitepSuccess;
 }
 
+GroupCall::~GroupCall() {
+  if (group_ == nullptr) return;
+  if (transport_) group_->transport->leave_call();
+  group_->in_call.store(nullptr, std::memory_order_release);
+}
+
+bitepResult_t GroupCall::enter(bitepGroup_t group, const char* call, bool communicates) {
+  BITEP_CHECK(check_live_group(group));
+  const char* inside = nullptr;
+  if (!group->in_call.compare_exchange_strong(inside, call, std::memory_order_acquire, std::memory_order_relaxed))
+    BITEP_FAIL(bitepInvalidUsage,
+               "group (%p) is in use: another thread is inside %s on it. Calls on one group must not overlap: "
+               "make them one after another, or give each thread its own group",
+               static_cast<void*>(group), inside);
+  group_ = group;
+  if (communicates && group->transport != nullptr) {
+    BITEP_CHECK(group->transport->enter_call(call));  // on failure the destructor lets the group go
+    transport_ = true;
+  }
+  return bitepSuccess;
+}
+
 bitepResult_t create_group(std::unique_ptr<Transport> transport,
                            const bitepGroupConfig_t* config,
                            int device,
@@ -247,6 +269,9 @@ bitepResult_t bitepGroupDestroy(bitepGroup_t group) {
     if (group == nullptr) return bitepSuccess;
     BITEP_ARG_CHECK(group->magic == bitep::ep::kGroupMagic, "group (%p) is not a live bitep group (destroyed twice?)",
                     static_cast<void*>(group));
+    bitep::ep::GroupCall call;
+    BITEP_CHECK(call.enter(group, "bitepGroupDestroy"));
+    call.forget();  // the group goes with the hold
     {
       std::lock_guard<std::mutex> lock(group->life->mu);
       group->life->alive = false;
@@ -269,7 +294,8 @@ bitepResult_t bitepGroupGetRank(bitepGroup_t group, int* rank, int* nranks) {
 
 bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes) {
   return bitep::guard("bitepGroupMemoryBytes", [&]() -> bitepResult_t {
-    BITEP_CHECK(bitep::ep::check_live_group(group));
+    bitep::ep::GroupCall call;
+    BITEP_CHECK(call.enter(group, "bitepGroupMemoryBytes", /*communicates=*/false));
     BITEP_ARG_CHECK(bytes != nullptr, "bytes is NULL");
     size_t fixed = group->upload_bytes;
     if (group->transport != nullptr && group->transport->window() != nullptr)
@@ -283,7 +309,8 @@ bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes) {
 
 bitepResult_t bitepGroupTrimMemory(bitepGroup_t group, size_t* freed) {
   return bitep::guard("bitepGroupTrimMemory", [&]() -> bitepResult_t {
-    BITEP_CHECK(bitep::ep::check_live_group(group));
+    bitep::ep::GroupCall call;
+    BITEP_CHECK(call.enter(group, "bitepGroupTrimMemory", /*communicates=*/false));
     const size_t n = group->broken.empty() ? group->life->pool->trim() : 0;
     if (freed != nullptr) *freed = n;
     return bitepSuccess;

@@ -4,6 +4,7 @@
 // hand it to create_group(), the one path every group goes through.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -64,6 +65,27 @@ bitepResult_t check_live_group(bitepGroup_t group);
 // A live group that can still communicate (no earlier transport failure).
 bitepResult_t check_group(bitepGroup_t group);
 
+// One API call's hold on a group. Calls on one group must not overlap: they share its transport, streams, staging
+// buffer and counters. enter() refuses with bitepInvalidUsage, naming the call in progress, while another thread is
+// inside one; the hold ends with the GroupCall. Calls one after another from different threads are fine.
+class GroupCall {
+ public:
+  GroupCall() = default;
+  ~GroupCall();
+  GroupCall(const GroupCall&) = delete;
+  GroupCall& operator=(const GroupCall&) = delete;
+  // group must be live (check_live_group); call: the API function's name, a string literal. communicates: the call
+  // may use the group's transport, whose thread rules it then passes too (Transport::enter_call).
+  bitepResult_t enter(bitepGroup_t group, const char* call, bool communicates = true);
+  // bitepGroupDestroy: the group goes with the hold (nothing is written to it after; its transport's destructor
+  // ends the transport's part).
+  void forget() { group_ = nullptr; }
+
+ private:
+  bitepGroup* group_ = nullptr;
+  bool transport_ = false;  // the transport's enter_call passed
+};
+
 constexpr uint32_t kGroupMagic = 0x62e9a001u;
 constexpr uint32_t kHandleMagic = 0x62e9a002u;
 
@@ -84,6 +106,8 @@ struct bitepGroup {
   bool agree_always = false;
   std::unique_ptr<bitep::ep::Transport> transport;
   std::shared_ptr<bitep::ep::Life> life;
+  // The API call inside the group now (its name), or null: bitep::ep::GroupCall.
+  std::atomic<const char*> in_call{nullptr};
   std::string broken;              // non-empty once a transport failure left peers in an unknown state
   void* upload_staging = nullptr;  // cuda: pinned host staging of Exec::upload_staged
   size_t upload_bytes = 0;

@@ -347,6 +347,8 @@ extern "C" bitepResult_t bitepDispatchLowLatency(bitepGroup_t group,
                                                  bitepHandle_t* handle) {
   return bitep::guard("bitepDispatchLowLatency", [&]() -> bitepResult_t {
     if (handle != nullptr) *handle = nullptr;  // on every failure, the group's too
+    bitep::ep::GroupCall call;
+    BITEP_CHECK(call.enter(group, "bitepDispatchLowLatency"));
     BITEP_CHECK(bitep::ep::check_group(group));
     const bitepResult_t local = bitep::ep::check_low_latency_args(group, args, handle);
 #ifdef BITEP_HAVE_CUDA
@@ -379,6 +381,8 @@ extern "C" bitepResult_t bitepDispatchLowLatency(bitepGroup_t group,
 extern "C" bitepResult_t bitepGroupLowLatencyCapturable(bitepGroup_t group, int* capturable) {
   return bitep::guard("bitepGroupLowLatencyCapturable", [&]() -> bitepResult_t {
     if (capturable != nullptr) *capturable = 0;
+    bitep::ep::GroupCall call;
+    BITEP_CHECK(call.enter(group, "bitepGroupLowLatencyCapturable", /*communicates=*/false));
     BITEP_CHECK(bitep::ep::check_group(group));
     BITEP_ARG_CHECK(capturable != nullptr, "capturable is NULL");
     *capturable = bitep::ep::low_latency_on_device(group) ? 1 : 0;

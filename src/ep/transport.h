@@ -159,6 +159,15 @@ class Transport {
     return bitepSuccess;
   }
   virtual PeerWindow* low_latency_window() { return nullptr; }
+
+  // A call that may communicate enters and leaves the group (GroupCall): a transport that runs a library with thread
+  // rules on the caller's thread (MPI below MPI_THREAD_MULTIPLE) refuses, before anything is sent, a call that would
+  // break them. call: the API function's name.
+  virtual bitepResult_t enter_call(const char* call) {
+    (void)call;
+    return bitepSuccess;
+  }
+  virtual void leave_call() {}
 };
 
 // NCCL side, implemented in comm/nccl_transport.cc (built only with BITEP_HAVE_NCCL). The group code
