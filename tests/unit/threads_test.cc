@@ -1,0 +1,365 @@
+// SPDX-License-Identifier: Apache-2.0
+// What callers may do from several threads (bitep.h, "Threads"): router calls from many threads at once give what
+// the same calls give one after another; each thread keeps its own last error; a group holds one call at a time
+// (src/ep/group.h, GroupCall), naming the call inside to the thread it refuses, and passes the transport's thread
+// rules; a group's pool takes blocks from several threads at once (bitepHandleDestroy may run beside a call). The
+// host backend, no MPI: the multi-rank side is in tests/multirank/threads/. scripts/test.sh runs these under
+// ThreadSanitizer too.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "bitep/bitep.h"
+#include "src/ep/group.h"
+#include "src/ep/pool.h"
+
+namespace {
+
+// Threads that start their work together (C++17 has no std::latch).
+class StartLine {
+ public:
+  explicit StartLine(int n) : left_(n) {}
+  void arrive_and_wait() {
+    left_.fetch_sub(1, std::memory_order_acq_rel);
+    while (left_.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  }
+
+ private:
+  std::atomic<int> left_;
+};
+
+// ---------------------------------------------------------------------------------------------- router
+
+// One thread's router workload: a config of its own and `rounds` forward + backward calls on fresh logits.
+struct RouterJob {
+  bitepRouterConfig_t config = BITEP_ROUTER_CONFIG_INIT;
+  int64_t tokens = 0;
+  uint32_t seed = 0;
+};
+
+RouterJob make_job(int i) {
+  static const bitepScoreFunction_t kScores[] = {bitepScoreSoftmax, bitepScoreSigmoid, bitepScoreSqrtSoftplus};
+  RouterJob j;
+  j.config.num_experts = 8 + 37 * i;  // 8 .. 267: E not a multiple of 8 included
+  j.config.topk = 1 + i % 6;
+  j.config.score_function = kScores[i % 3];
+  j.config.use_pre_softmax = i % 6 == 3 ? 1 : 0;  // softmax jobs only
+  if (i == 4) {                                   // sigmoid, E = 156: 4 groups of 39, the best 2 kept
+    j.config.num_groups = 4;
+    j.config.group_topk = 2;
+  }
+  j.config.scaling_factor = 1.0f + 0.25f * static_cast<float>(i);
+  j.tokens = 16 + 11 * i;
+  j.seed = 20261205u + static_cast<uint32_t>(i);
+  return j;
+}
+
+// Every output of `rounds` forward calls (probs, bitmap, weights, indices, saved) and their backward passes
+// (from saved and by recompute), concatenated. The first failure's detail is in *error.
+std::vector<uint8_t> run_job(const RouterJob& j, int rounds, std::string* error) {
+  const int E = j.config.num_experts, k = j.config.topk;
+  const size_t T = static_cast<size_t>(j.tokens), TE = T * E, MB = (E + 7) / 8;
+  std::mt19937 rng(j.seed);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::vector<float> logits(TE), grad(TE), probs(TE), saved(TE), weights(T * k), grad_saved(TE), grad_recompute(TE);
+  std::vector<int32_t> indices(T * k);
+  std::vector<float> bias(static_cast<size_t>(E));  // sigmoid and sqrtsoftplus jobs: an expert bias
+  for (float& v : bias) v = 0.1f * normal(rng);
+  std::vector<uint8_t> bitmap(T * MB), all;
+  auto append = [&all](const void* p, size_t bytes) {
+    all.insert(all.end(), static_cast<const uint8_t*>(p), static_cast<const uint8_t*>(p) + bytes);
+  };
+  for (int r = 0; r < rounds; ++r) {
+    for (float& v : logits) v = normal(rng);
+    for (float& v : grad) v = normal(rng);
+    bitepRouterForwardArgs_t f = BITEP_ROUTER_FWD_ARGS_INIT;
+    f.num_tokens = j.tokens;
+    f.logits = logits.data();
+    if (j.config.score_function != bitepScoreSoftmax) f.expert_bias = bias.data();
+    f.probs = probs.data();
+    f.routing_map = bitmap.data();
+    f.map_format = bitepMapBitmapU8;
+    f.topk_weights = weights.data();
+    f.topk_indices = indices.data();
+    f.saved = saved.data();
+    if (bitepRouterForward(bitepBackendHost, &j.config, &f, nullptr) != bitepSuccess) {
+      *error = bitepGetLastError();
+      return all;
+    }
+    bitepRouterBackwardArgs_t b = BITEP_ROUTER_BWD_ARGS_INIT;
+    b.num_tokens = j.tokens;
+    b.grad_probs = grad.data();
+    b.routing_map = bitmap.data();
+    b.map_format = bitepMapBitmapU8;
+    b.saved = saved.data();
+    b.grad_logits = grad_saved.data();
+    bitepRouterBackwardArgs_t rb = b;
+    rb.saved = nullptr;
+    rb.logits = logits.data();
+    rb.grad_logits = grad_recompute.data();
+    if (bitepRouterBackward(bitepBackendHost, &j.config, &b, nullptr) != bitepSuccess ||
+        bitepRouterBackward(bitepBackendHost, &j.config, &rb, nullptr) != bitepSuccess) {
+      *error = bitepGetLastError();
+      return all;
+    }
+    append(probs.data(), TE * sizeof(float));
+    append(bitmap.data(), bitmap.size());
+    append(weights.data(), weights.size() * sizeof(float));
+    append(indices.data(), indices.size() * sizeof(int32_t));
+    append(saved.data(), TE * sizeof(float));
+    append(grad_saved.data(), TE * sizeof(float));
+    append(grad_recompute.data(), TE * sizeof(float));
+  }
+  return all;
+}
+
+TEST(RouterThreads, ConcurrentCallsGiveWhatSerialCallsGive) {
+  constexpr int kThreads = 8, kRounds = 12;
+  std::vector<std::vector<uint8_t>> serial(kThreads), concurrent(kThreads);
+  std::vector<std::string> errors(kThreads);
+  for (int i = 0; i < kThreads; ++i) {
+    serial[i] = run_job(make_job(i), kRounds, &errors[i]);
+    ASSERT_EQ(errors[i], "") << "job " << i;
+  }
+  StartLine start(kThreads);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i)
+    threads.emplace_back([&, i] {
+      start.arrive_and_wait();
+      concurrent[i] = run_job(make_job(i), kRounds, &errors[i]);
+    });
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < kThreads; ++i) {
+    EXPECT_EQ(errors[i], "") << "job " << i;
+    ASSERT_FALSE(serial[i].empty());
+    ASSERT_EQ(concurrent[i].size(), serial[i].size()) << "job " << i;
+    EXPECT_EQ(std::memcmp(concurrent[i].data(), serial[i].data(), serial[i].size()), 0)
+        << "job " << i << ": the outputs differ from the same calls made one after another";
+  }
+}
+
+// Each thread fails with a detail of its own (config->topk is E + 1 + i), then waits until every thread has failed
+// and succeeded once more: its bitepGetLastError() still names its own value, not another thread's.
+TEST(RouterThreads, EachThreadKeepsItsOwnLastError) {
+  constexpr int kThreads = 8;
+  StartLine failed(kThreads), checked(kThreads);
+  std::vector<std::string> seen(kThreads);
+  std::vector<bitepResult_t> results(kThreads, bitepSuccess);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i)
+    threads.emplace_back([&, i] {
+      RouterJob j = make_job(i);
+      j.config.topk = j.config.num_experts + 1 + i;
+      std::vector<float> logits(static_cast<size_t>(j.config.num_experts), 0.5f), probs(logits.size());
+      bitepRouterForwardArgs_t f = BITEP_ROUTER_FWD_ARGS_INIT;
+      f.num_tokens = 1;
+      f.logits = logits.data();
+      f.probs = probs.data();
+      results[i] = bitepRouterForward(bitepBackendHost, &j.config, &f, nullptr);
+      failed.arrive_and_wait();
+      j = make_job(i);  // a valid call: a success leaves the last failure's detail as it was
+      (void)bitepRouterForward(bitepBackendHost, &j.config, &f, nullptr);
+      seen[i] = bitepGetLastError();
+      checked.arrive_and_wait();
+    });
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < kThreads; ++i) {
+    const RouterJob j = make_job(i);
+    EXPECT_EQ(results[i], bitepInvalidArgument) << "thread " << i;
+    const std::string own = "config->topk is " + std::to_string(j.config.num_experts + 1 + i) + ",";
+    EXPECT_NE(seen[i].find(own), std::string::npos) << "thread " << i << " sees: " << seen[i];
+  }
+  std::string fresh = "not read";
+  std::thread([&fresh] { fresh = bitepGetLastError(); }).join();
+  EXPECT_EQ(fresh, "") << "a thread that made no call sees another thread's failure";
+}
+
+// ---------------------------------------------------------------------------------------------- GroupCall
+
+// A transport that only counts the calls that enter and leave it, and refuses them while `refuse` is set.
+class CountingTransport final : public bitep::ep::Transport {
+ public:
+  int rank() const override { return 0; }
+  int nranks() const override { return 1; }
+  bitepResult_t allgather_host(const void*, void*, size_t) override { return bitepInternalError; }
+  bitepResult_t exchange_counts(const int32_t*, int32_t*, int32_t*, int, bitepStream_t, double) override {
+    return bitepInternalError;
+  }
+  bitepResult_t alltoallv(const std::vector<std::vector<bitep::ep::PeerBuffers>>&, bitepStream_t, double) override {
+    return bitepInternalError;
+  }
+  bitepResult_t enter_call(const char* call) override {
+    if (refuse) return bitepInvalidUsage;
+    last_call = call;
+    ++entered;
+    return bitepSuccess;
+  }
+  void leave_call() override { ++left; }
+  bool refuse = false;
+  std::string last_call;
+  int entered = 0, left = 0;
+};
+
+// A group object as the bootstraps leave it, with the counting transport (no pool: GroupCall does not use it).
+struct TestGroup {
+  TestGroup() {
+    auto t = std::make_unique<CountingTransport>();
+    transport = t.get();
+    group.transport = std::move(t);
+  }
+  bitepGroup group;
+  CountingTransport* transport = nullptr;
+};
+
+TEST(GroupCall, ASecondThreadIsRefusedAndTheCallInsideIsNamed) {
+  TestGroup g;
+  std::atomic<int> stage{0};
+  std::thread inside([&] {
+    bitep::ep::GroupCall call;
+    ASSERT_EQ(call.enter(&g.group, "bitepDispatch"), bitepSuccess);
+    stage.store(1);
+    while (stage.load() != 2) std::this_thread::yield();
+  });
+  while (stage.load() != 1) std::this_thread::yield();
+  for (const bool communicates : {true, false}) {
+    bitep::ep::GroupCall second;
+    EXPECT_EQ(second.enter(&g.group, "bitepCombine", communicates), bitepInvalidUsage);
+    const std::string detail = bitepGetLastError();
+    EXPECT_NE(detail.find("another thread is inside bitepDispatch on it"), std::string::npos) << detail;
+    EXPECT_NE(detail.find("must not overlap"), std::string::npos) << detail;
+  }
+  EXPECT_EQ(g.transport->entered, 1) << "the refused calls must not reach the transport";
+  stage.store(2);
+  inside.join();
+  EXPECT_EQ(g.transport->left, 1);
+  EXPECT_EQ(g.group.in_call.load(), nullptr);
+  {
+    bitep::ep::GroupCall after;  // the hold ended with the first call: the next one, from another thread, enters
+    EXPECT_EQ(after.enter(&g.group, "bitepCombine"), bitepSuccess) << bitepGetLastError();
+    EXPECT_EQ(g.transport->last_call, "bitepCombine");
+  }
+  EXPECT_EQ(g.transport->entered, 2);
+  EXPECT_EQ(g.transport->left, 2);
+}
+
+// Queries that do not communicate (bitepGroupMemoryBytes, ...) do not enter the transport, and a transport's refusal
+// lets the group go at once.
+TEST(GroupCall, TheTransportSeesOnlyCallsThatCommunicateAndMayRefuseThem) {
+  TestGroup g;
+  {
+    bitep::ep::GroupCall query;
+    ASSERT_EQ(query.enter(&g.group, "bitepGroupMemoryBytes", /*communicates=*/false), bitepSuccess);
+  }
+  EXPECT_EQ(g.transport->entered, 0);
+  EXPECT_EQ(g.transport->left, 0);
+  g.transport->refuse = true;
+  {
+    bitep::ep::GroupCall refused;
+    EXPECT_EQ(refused.enter(&g.group, "bitepDispatch"), bitepInvalidUsage);
+  }
+  EXPECT_EQ(g.group.in_call.load(), nullptr) << "a call the transport refused still holds the group";
+  EXPECT_EQ(g.transport->left, 0) << "left a transport call that never entered";
+  g.transport->refuse = false;
+  bitep::ep::GroupCall next;
+  EXPECT_EQ(next.enter(&g.group, "bitepDispatch"), bitepSuccess) << bitepGetLastError();
+}
+
+TEST(GroupCall, ADestroyedGroupIsRefused) {
+  TestGroup g;
+  g.group.magic = 0;  // as bitepGroupDestroy leaves it
+  bitep::ep::GroupCall call;
+  EXPECT_EQ(call.enter(&g.group, "bitepDispatch"), bitepInvalidArgument);
+  EXPECT_NE(std::string(bitepGetLastError()).find("not a live bitep group"), std::string::npos) << bitepGetLastError();
+  EXPECT_EQ(g.transport->entered, 0);
+  g.group.magic = bitep::ep::kGroupMagic;
+}
+
+// 8 threads each try 2000 calls on one group: the calls that enter never overlap (a counter of the threads inside
+// never passes 1), every try either enters or is refused naming a call, and both happen.
+TEST(GroupCall, HoldsNeverOverlapUnderContention) {
+  constexpr int kThreads = 8, kTries = 2000;
+  TestGroup g;
+  std::atomic<int> inside{0}, most{0}, entered{0}, refused{0}, misnamed{0};
+  StartLine start(kThreads);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i)
+    threads.emplace_back([&] {
+      start.arrive_and_wait();
+      for (int n = 0; n < kTries; ++n) {
+        bitep::ep::GroupCall call;
+        if (call.enter(&g.group, "bitepCombine", /*communicates=*/false) != bitepSuccess) {
+          ++refused;
+          if (std::string(bitepGetLastError()).find("inside bitepCombine") == std::string::npos) ++misnamed;
+          continue;
+        }
+        const int now = inside.fetch_add(1) + 1;
+        int seen = most.load();
+        while (now > seen && !most.compare_exchange_weak(seen, now)) {
+        }
+        for (int spin = 0; spin < 50; ++spin) std::this_thread::yield();
+        inside.fetch_sub(1);
+        ++entered;
+      }
+    });
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(most.load(), 1) << "two calls were inside the group at once";
+  EXPECT_EQ(entered.load() + refused.load(), kThreads * kTries);
+  EXPECT_GT(entered.load(), 0);
+  EXPECT_GT(refused.load(), 0) << "no try overlapped another: the test did not contend";
+  EXPECT_EQ(misnamed.load(), 0);
+  EXPECT_EQ(g.group.in_call.load(), nullptr);
+}
+
+// ---------------------------------------------------------------------------------------------- Pool
+
+// 8 threads take and give back blocks of one pool (sizes across classes, now and then a trim): each fills its block
+// with its own byte and finds it unchanged after yielding, so no block is handed to two threads at once.
+TEST(PoolThreads, BlocksFromManyThreadsAreNeverShared) {
+  constexpr int kThreads = 8, kRounds = 400;
+  bitep::ep::Pool pool(bitepBackendHost, -1);
+  std::atomic<int> shared{0}, failed{0};
+  StartLine start(kThreads);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i)
+    threads.emplace_back([&, i] {
+      std::mt19937 rng(7u + static_cast<uint32_t>(i));
+      start.arrive_and_wait();
+      for (int n = 0; n < kRounds; ++n) {
+        const size_t bytes = 1 + rng() % 20000;
+        bitep::ep::Block b;
+        if (pool.acquire(bytes, nullptr, &b) != bitepSuccess || b.ptr == nullptr) {
+          ++failed;
+          continue;
+        }
+        const auto mark = static_cast<unsigned char>(i + 1);
+        std::memset(b.ptr, mark, bytes);
+        std::this_thread::yield();
+        const auto* p = static_cast<const unsigned char*>(b.ptr);
+        for (size_t j = 0; j < bytes; ++j)
+          if (p[j] != mark) {
+            ++shared;
+            break;
+          }
+        if (n % 2 == 0) {
+          pool.release(&b, nullptr);
+        } else {
+          std::vector<bitep::ep::Block> temps = {b};
+          pool.release_all(&temps, nullptr);
+        }
+        if (n % 97 == 0) (void)pool.trim();
+      }
+    });
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(failed.load(), 0);
+  EXPECT_EQ(shared.load(), 0) << "a block was handed to two threads at once";
+  EXPECT_GT(pool.num_allocations(), 0u);
+  EXPECT_LE(pool.num_allocations(), static_cast<size_t>(kThreads) * kRounds);
+}
+
+}  // namespace
