@@ -1,17 +1,22 @@
 // SPDX-License-Identifier: Apache-2.0
 // main() of the multi-rank tests: MPI_Init/Finalize; rank 0 prints gtest's output, the other ranks print
 // only their failures (prefixed with the rank); after each test rank 0 names the ranks where it failed;
-// the process fails on every rank if any rank failed anything.
+// the process fails on every rank if any rank failed anything. Environment BITEP_TEST_MPI_THREAD=single, funneled,
+// serialized or multiple: MPI_Init_thread at that level (the thread tests); unset, MPI_Init.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
+#include "tests/multirank/mpi_main.h"
+
 namespace {
 
-int g_rank = 0, g_size = 1;
+int g_rank = 0, g_size = 1, g_thread_level = MPI_THREAD_SINGLE;
 
 // Other ranks: print failed assertions only.
 class FailurePrinter : public testing::EmptyTestEventListener {
@@ -39,10 +44,36 @@ class RankAgreement : public testing::EmptyTestEventListener {
   }
 };
 
+// MPI_Init, or MPI_Init_thread at the level BITEP_TEST_MPI_THREAD names; false for a name it does not know.
+bool init_mpi(int* argc, char*** argv) {
+  const char* want = std::getenv("BITEP_TEST_MPI_THREAD");
+  if (want == nullptr || *want == '\0') {
+    MPI_Init(argc, argv);
+    MPI_Query_thread(&g_thread_level);
+    return true;
+  }
+  static const struct {
+    const char* name;
+    int level;
+  } kLevels[] = {{"single", MPI_THREAD_SINGLE},
+                 {"funneled", MPI_THREAD_FUNNELED},
+                 {"serialized", MPI_THREAD_SERIALIZED},
+                 {"multiple", MPI_THREAD_MULTIPLE}};
+  for (const auto& l : kLevels)
+    if (std::strcmp(want, l.name) == 0) {
+      MPI_Init_thread(argc, argv, l.level, &g_thread_level);
+      return true;
+    }
+  std::fprintf(stderr, "BITEP_TEST_MPI_THREAD=%s: not single, funneled, serialized or multiple\n", want);
+  return false;
+}
+
 }  // namespace
 
+int multirank_mpi_thread_level() { return g_thread_level; }
+
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
+  if (!init_mpi(&argc, &argv)) return 2;
   MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
   MPI_Comm_size(MPI_COMM_WORLD, &g_size);
   testing::InitGoogleTest(&argc, argv);
