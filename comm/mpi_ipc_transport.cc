@@ -115,7 +115,7 @@ class MpiIpcTransport final : public Transport {
 
   int rank() const override { return mpi_->rank(); }
   int nranks() const override { return mpi_->nranks(); }
-  bitepResult_t enter_call(const char* call) override { return mpi_->enter_call(call); }
+  bitepResult_t enter_call(const char* call, bool teardown) override { return mpi_->enter_call(call, teardown); }
   void leave_call() override { mpi_->leave_call(); }
   bitepResult_t allgather_host(const void* in, void* out, size_t bytes) override {
     return mpi_->allgather_host(in, out, bytes);

@@ -59,7 +59,7 @@ class MpiTransport final : public Transport {
 
   int rank() const override { return rank_; }
   int nranks() const override { return nranks_; }
-  bitepResult_t enter_call(const char* call) override { return hold_.enter(call); }
+  bitepResult_t enter_call(const char* call, bool teardown) override { return hold_.enter(call, teardown); }
   void leave_call() override { hold_.leave(); }
 
   bitepResult_t allgather_host(const void* in, void* out, size_t bytes) override {
@@ -203,14 +203,16 @@ class MpiTransport final : public Transport {
 
 }  // namespace
 
-bitepResult_t MpiThreadHold::enter(const char* call) {
+bitepResult_t MpiThreadHold::enter(const char* call, bool teardown) {
   leave();
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
-  if (!initialized || finalized)
+  if (!initialized || finalized) {
+    if (teardown) return bitepSuccess;  // the transport's destructor makes no MPI call then
     BITEP_FAIL(bitepInvalidUsage, "%s makes MPI calls, but MPI is %s", call,
                finalized ? "finalized" : "not initialised");
+  }
   int level = MPI_THREAD_SINGLE;
   MPI_Query_thread(&level);
   if (level >= MPI_THREAD_MULTIPLE) return bitepSuccess;

@@ -15,17 +15,18 @@ namespace bitep::ep {
 std::unique_ptr<Transport> make_mpi_transport(MPI_Comm comm, double timeout_s);
 
 // One bitep call's MPI calls on the calling thread, held to MPI's thread level (MPI_Query_thread). enter() refuses
-// with bitepInvalidUsage, before any MPI call: MPI finalized or not initialised; below MPI_THREAD_SERIALIZED, a thread
-// other than the one that initialised MPI; below MPI_THREAD_MULTIPLE, another thread inside a bitep call over MPI in
-// this process (on another group: one group's calls never overlap). The caller's own MPI calls are its to order.
+// with bitepInvalidUsage, before any MPI call: MPI finalized or not initialised (except for a teardown, which then
+// makes no MPI call); below MPI_THREAD_SERIALIZED, a thread other than the one that initialised MPI; below
+// MPI_THREAD_MULTIPLE, another thread inside a bitep call over MPI in this process (on another group: one group's
+// calls never overlap). The caller's own MPI calls are its to order.
 class MpiThreadHold {
  public:
   MpiThreadHold() = default;
   ~MpiThreadHold() { leave(); }
   MpiThreadHold(const MpiThreadHold&) = delete;
   MpiThreadHold& operator=(const MpiThreadHold&) = delete;
-  // call: the API function's name.
-  bitepResult_t enter(const char* call);
+  // call: the API function's name; teardown: a group's transport is destroyed next.
+  bitepResult_t enter(const char* call, bool teardown = false);
   void leave();
 
  private:

@@ -34,9 +34,10 @@
  * - cuda backend: each call makes the group's device current for its duration and restores the caller's.
  * - MPI: bitepGroupCreateMpi, and every call of a group whose transport is MPI (host backend;
  *   BITEP_CUDA_TRANSPORT=ipc), make MPI calls on the calling thread. bitep refuses such a call (bitepInvalidUsage,
- *   before any MPI call) from a thread other than MPI's main thread below MPI_THREAD_SERIALIZED, and, below
- *   MPI_THREAD_MULTIPLE, while another thread is inside such a call on another group. The cuda backend's NCCL groups
- *   make MPI calls only while bitepGroupCreateMpi runs.
+ *   before any MPI call) from a thread other than MPI's main thread below MPI_THREAD_SERIALIZED, below
+ *   MPI_THREAD_MULTIPLE while another thread is inside such a call on another group, and after MPI_Finalize
+ *   (bitepGroupDestroy then still frees the group, without MPI). The cuda backend's NCCL groups make MPI calls only
+ *   while bitepGroupCreateMpi runs.
  */
 #ifndef BITEP_BITEP_H_
 #define BITEP_BITEP_H_

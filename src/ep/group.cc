@@ -120,7 +120,7 @@ GroupCall::~GroupCall() {
   group_->in_call.store(nullptr, std::memory_order_release);
 }
 
-bitepResult_t GroupCall::enter(bitepGroup_t group, const char* call, bool communicates) {
+bitepResult_t GroupCall::enter(bitepGroup_t group, const char* call, Uses uses) {
   BITEP_CHECK(check_live_group(group));
   const char* inside = nullptr;
   if (!group->in_call.compare_exchange_strong(inside, call, std::memory_order_acquire, std::memory_order_relaxed))
@@ -129,8 +129,8 @@ bitepResult_t GroupCall::enter(bitepGroup_t group, const char* call, bool commun
                "make them one after another, or give each thread its own group",
                static_cast<void*>(group), inside);
   group_ = group;
-  if (communicates && group->transport != nullptr) {
-    BITEP_CHECK(group->transport->enter_call(call));  // on failure the destructor lets the group go
+  if (uses != kLocal && group->transport != nullptr) {
+    BITEP_CHECK(group->transport->enter_call(call, uses == kTeardown));  // on failure the destructor lets the group go
     transport_ = true;
   }
   return bitepSuccess;
@@ -270,7 +270,7 @@ bitepResult_t bitepGroupDestroy(bitepGroup_t group) {
     BITEP_ARG_CHECK(group->magic == bitep::ep::kGroupMagic, "group (%p) is not a live bitep group (destroyed twice?)",
                     static_cast<void*>(group));
     bitep::ep::GroupCall call;
-    BITEP_CHECK(call.enter(group, "bitepGroupDestroy"));
+    BITEP_CHECK(call.enter(group, "bitepGroupDestroy", bitep::ep::GroupCall::kTeardown));
     call.forget();  // the group goes with the hold
     {
       std::lock_guard<std::mutex> lock(group->life->mu);
@@ -295,7 +295,7 @@ bitepResult_t bitepGroupGetRank(bitepGroup_t group, int* rank, int* nranks) {
 bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes) {
   return bitep::guard("bitepGroupMemoryBytes", [&]() -> bitepResult_t {
     bitep::ep::GroupCall call;
-    BITEP_CHECK(call.enter(group, "bitepGroupMemoryBytes", /*communicates=*/false));
+    BITEP_CHECK(call.enter(group, "bitepGroupMemoryBytes", bitep::ep::GroupCall::kLocal));
     BITEP_ARG_CHECK(bytes != nullptr, "bytes is NULL");
     size_t fixed = group->upload_bytes;
     if (group->transport != nullptr && group->transport->window() != nullptr)
@@ -310,7 +310,7 @@ bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes) {
 bitepResult_t bitepGroupTrimMemory(bitepGroup_t group, size_t* freed) {
   return bitep::guard("bitepGroupTrimMemory", [&]() -> bitepResult_t {
     bitep::ep::GroupCall call;
-    BITEP_CHECK(call.enter(group, "bitepGroupTrimMemory", /*communicates=*/false));
+    BITEP_CHECK(call.enter(group, "bitepGroupTrimMemory", bitep::ep::GroupCall::kLocal));
     const size_t n = group->broken.empty() ? group->life->pool->trim() : 0;
     if (freed != nullptr) *freed = n;
     return bitepSuccess;

@@ -74,9 +74,11 @@ class GroupCall {
   ~GroupCall();
   GroupCall(const GroupCall&) = delete;
   GroupCall& operator=(const GroupCall&) = delete;
-  // group must be live (check_live_group); call: the API function's name, a string literal. communicates: the call
-  // may use the group's transport, whose thread rules it then passes too (Transport::enter_call).
-  bitepResult_t enter(bitepGroup_t group, const char* call, bool communicates = true);
+  // What the call does with the group's transport: kTransport (it may communicate) and kTeardown (bitepGroupDestroy)
+  // pass the transport's thread rules too (Transport::enter_call); kLocal calls do not use it.
+  enum Uses { kTransport, kTeardown, kLocal };
+  // group must be live (check_live_group); call: the API function's name, a string literal.
+  bitepResult_t enter(bitepGroup_t group, const char* call, Uses uses = kTransport);
   // bitepGroupDestroy: the group goes with the hold (nothing is written to it after; its transport's destructor
   // ends the transport's part).
   void forget() { group_ = nullptr; }

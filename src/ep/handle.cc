@@ -233,7 +233,7 @@ bitepResult_t bitepHandleGetExpertSources(bitepGroup_t group,
     if (sources != nullptr) *sources = nullptr;
     BITEP_CHECK(bitep::ep::check_handle(handle, nullptr));  // first: a destroyed group's pointer is not looked at
     bitep::ep::GroupCall call;
-    BITEP_CHECK(call.enter(group, "bitepHandleGetExpertSources", /*communicates=*/false));
+    BITEP_CHECK(call.enter(group, "bitepHandleGetExpertSources", bitep::ep::GroupCall::kLocal));
     BITEP_CHECK(bitep::ep::check_group(group));
     BITEP_CHECK(bitep::ep::check_handle(handle, group));
     BITEP_ARG_CHECK(sources != nullptr, "sources is NULL");

@@ -382,7 +382,7 @@ extern "C" bitepResult_t bitepGroupLowLatencyCapturable(bitepGroup_t group, int*
   return bitep::guard("bitepGroupLowLatencyCapturable", [&]() -> bitepResult_t {
     if (capturable != nullptr) *capturable = 0;
     bitep::ep::GroupCall call;
-    BITEP_CHECK(call.enter(group, "bitepGroupLowLatencyCapturable", /*communicates=*/false));
+    BITEP_CHECK(call.enter(group, "bitepGroupLowLatencyCapturable", bitep::ep::GroupCall::kLocal));
     BITEP_CHECK(bitep::ep::check_group(group));
     BITEP_ARG_CHECK(capturable != nullptr, "capturable is NULL");
     *capturable = bitep::ep::low_latency_on_device(group) ? 1 : 0;

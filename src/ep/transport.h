@@ -162,9 +162,10 @@ class Transport {
 
   // A call that may communicate enters and leaves the group (GroupCall): a transport that runs a library with thread
   // rules on the caller's thread (MPI below MPI_THREAD_MULTIPLE) refuses, before anything is sent, a call that would
-  // break them. call: the API function's name.
-  virtual bitepResult_t enter_call(const char* call) {
+  // break them. call: the API function's name; teardown: bitepGroupDestroy (the transport's destructor follows).
+  virtual bitepResult_t enter_call(const char* call, bool teardown) {
     (void)call;
+    (void)teardown;
     return bitepSuccess;
   }
   virtual void leave_call() {}

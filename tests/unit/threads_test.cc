@@ -194,14 +194,15 @@ class CountingTransport final : public bitep::ep::Transport {
   bitepResult_t alltoallv(const std::vector<std::vector<bitep::ep::PeerBuffers>>&, bitepStream_t, double) override {
     return bitepInternalError;
   }
-  bitepResult_t enter_call(const char* call) override {
+  bitepResult_t enter_call(const char* call, bool teardown) override {
     if (refuse) return bitepInvalidUsage;
     last_call = call;
+    last_teardown = teardown;
     ++entered;
     return bitepSuccess;
   }
   void leave_call() override { ++left; }
-  bool refuse = false;
+  bool refuse = false, last_teardown = false;
   std::string last_call;
   int entered = 0, left = 0;
 };
@@ -227,9 +228,10 @@ TEST(GroupCall, ASecondThreadIsRefusedAndTheCallInsideIsNamed) {
     while (stage.load() != 2) std::this_thread::yield();
   });
   while (stage.load() != 1) std::this_thread::yield();
-  for (const bool communicates : {true, false}) {
+  for (const auto uses :
+       {bitep::ep::GroupCall::kTransport, bitep::ep::GroupCall::kTeardown, bitep::ep::GroupCall::kLocal}) {
     bitep::ep::GroupCall second;
-    EXPECT_EQ(second.enter(&g.group, "bitepCombine", communicates), bitepInvalidUsage);
+    EXPECT_EQ(second.enter(&g.group, "bitepCombine", uses), bitepInvalidUsage);
     const std::string detail = bitepGetLastError();
     EXPECT_NE(detail.find("another thread is inside bitepDispatch on it"), std::string::npos) << detail;
     EXPECT_NE(detail.find("must not overlap"), std::string::npos) << detail;
@@ -248,23 +250,30 @@ TEST(GroupCall, ASecondThreadIsRefusedAndTheCallInsideIsNamed) {
   EXPECT_EQ(g.transport->left, 2);
 }
 
-// Queries that do not communicate (bitepGroupMemoryBytes, ...) do not enter the transport, and a transport's refusal
-// lets the group go at once.
+// Queries that do not communicate (bitepGroupMemoryBytes, ...) do not enter the transport, a teardown tells it so,
+// and a transport's refusal lets the group go at once.
 TEST(GroupCall, TheTransportSeesOnlyCallsThatCommunicateAndMayRefuseThem) {
   TestGroup g;
   {
     bitep::ep::GroupCall query;
-    ASSERT_EQ(query.enter(&g.group, "bitepGroupMemoryBytes", /*communicates=*/false), bitepSuccess);
+    ASSERT_EQ(query.enter(&g.group, "bitepGroupMemoryBytes", bitep::ep::GroupCall::kLocal), bitepSuccess);
   }
   EXPECT_EQ(g.transport->entered, 0);
   EXPECT_EQ(g.transport->left, 0);
+  for (const auto uses : {bitep::ep::GroupCall::kTeardown, bitep::ep::GroupCall::kTransport}) {
+    bitep::ep::GroupCall call;
+    ASSERT_EQ(call.enter(&g.group, "bitepGroupDestroy", uses), bitepSuccess);
+    EXPECT_EQ(g.transport->last_teardown, uses == bitep::ep::GroupCall::kTeardown);
+  }
+  EXPECT_EQ(g.transport->entered, 2);
+  EXPECT_EQ(g.transport->left, 2);
   g.transport->refuse = true;
   {
     bitep::ep::GroupCall refused;
     EXPECT_EQ(refused.enter(&g.group, "bitepDispatch"), bitepInvalidUsage);
   }
   EXPECT_EQ(g.group.in_call.load(), nullptr) << "a call the transport refused still holds the group";
-  EXPECT_EQ(g.transport->left, 0) << "left a transport call that never entered";
+  EXPECT_EQ(g.transport->left, 2) << "left a transport call that never entered";
   g.transport->refuse = false;
   bitep::ep::GroupCall next;
   EXPECT_EQ(next.enter(&g.group, "bitepDispatch"), bitepSuccess) << bitepGetLastError();
@@ -293,7 +302,7 @@ TEST(GroupCall, HoldsNeverOverlapUnderContention) {
       start.arrive_and_wait();
       for (int n = 0; n < kTries; ++n) {
         bitep::ep::GroupCall call;
-        if (call.enter(&g.group, "bitepCombine", /*communicates=*/false) != bitepSuccess) {
+        if (call.enter(&g.group, "bitepCombine", bitep::ep::GroupCall::kLocal) != bitepSuccess) {
           ++refused;
           if (std::string(bitepGetLastError()).find("inside bitepCombine") == std::string::npos) ++misnamed;
           continue;
