@@ -16,8 +16,10 @@ command -v mpirun >/dev/null || need_pkgs+=(openmpi-bin)
 [ -f /usr/include/x86_64-linux-gnu/mpi.h ] || [ -f /usr/lib/x86_64-linux-gnu/openmpi/include/mpi.h ] ||
   command -v mpicxx >/dev/null || need_pkgs+=(libopenmpi-dev)
 [ -d /usr/include/gtest ] || need_pkgs+=(libgtest-dev)
-# The format check is test.sh's alone (it sets NEED_FORMAT=1 before sourcing this file).
+# The format check and the install test's pkg-config consumer are test.sh's alone (it sets NEED_FORMAT=1 before
+# sourcing this file).
 [ "${NEED_FORMAT:-0}" = 0 ] || command -v clang-format >/dev/null || need_pkgs+=(clang-format)
+[ "${NEED_FORMAT:-0}" = 0 ] || command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "== installing: ${need_pkgs[*]}"
