@@ -187,6 +187,7 @@ fi
 LOG=$OUT/tests.log
 BENCH=$OUT/bench.txt
 MR=$BUILD/tests/multirank/bitep_multirank_tests
+THR=$BUILD/tests/multirank/bitep_thread_tests
 CUDA_FILTER=${MR_CUDA_FILTER:-EpCuda*:EpLowLatency/*Cuda*}
 # Under the sanitizers: every GPU test but the multi-GiB 64-bit indexing one, one mid-size router grid.
 # libnccl probes its kernels with cudaFuncGetAttributes and gets cudaErrorNoKernelImageForDevice for the
@@ -265,6 +266,9 @@ if on multirank; then
   [ "$NGPU" -ge 2 ] && gpu_step "multirank cuda np2 (NVLink, split all-to-all rows beside the window)" "$LOG" \
     mpirun -np 2 -x BITEP_SPLIT_MIN_BYTES=0 -x BITEP_LSA_DISPATCH=0 "$MR" --gtest_filter="$CUDA_FILTER"
   gpu_step "multirank cuda np1" "$LOG" mpirun -np 1 "$MR" --gtest_filter="$CUDA_FILTER"
+  # A call refused while another thread is held inside a dispatch, and a group's calls from thread after thread.
+  [ "$NGPU" -ge 2 ] && gpu_step "threads cuda np2 (NCCL)" "$LOG" \
+    mpirun -np 2 -x BITEP_TEST_MPI_THREAD=multiple "$THR" --gtest_filter='ThreadsMultipleCuda.*'
   # Ranks sharing a GPU (BITEP_CUDA_TRANSPORT=ipc: MPI and CUDA IPC instead of NCCL, comm/mpi_ipc_transport.h):
   # the multi-rank kernels and the peer window's paths at W = 2 and 4 where fewer GPUs than ranks are lent
   # (SHARED_GPU=1: on more GPUs too). The all-to-alls without the window are staged through the host.
@@ -286,6 +290,8 @@ if on multirank; then
     ipc_step "multirank cuda np2 shared GPU (counts, small calls staged)" 2 -x BITEP_LSA_EXCHANGE=0 -x BITEP_LSA_SMALL=0
     ipc_step "multirank cuda np2 shared GPU (no window: staged all-to-all)" 2 -x BITEP_LSA=0 -x BITEP_SPLIT_MIN_BYTES=0
     ipc_step "multirank cuda np3 shared GPU (no window)" 3 -x BITEP_LSA=0
+    gpu_step "threads cuda np2 shared GPU" "$LOG" timeout "$T_IPC" mpirun -np 2 -x BITEP_CUDA_TRANSPORT=ipc \
+      -x BITEP_TEST_MPI_THREAD=multiple "$THR" --gtest_filter='ThreadsMultipleCuda.*'
     # ep_bench's checks at W = 2 on the shared GPU (--no-nccl is implied; its times mean nothing here): every
     # size of the grid through the window, with and without arrival chunks (the second found a stale window table).
     gpu_step "ep_bench np2 shared GPU (checks)" "$LOG" timeout "$T_IPC" mpirun -np 2 -x BITEP_CUDA_TRANSPORT=ipc \

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -23,6 +24,10 @@
 #include "bitep/bitep_mpi.h"
 #include "src/ep/group.h"  // bitepGroup::in_call: when a thread is inside a call (a test waits for it, reads nothing else)
 #include "tests/multirank/mpi_main.h"
+
+#ifdef BITEP_MULTIRANK_CUDA
+#include <cuda_runtime.h>
+#endif
 
 namespace {
 
@@ -45,11 +50,19 @@ struct Shape {
   int hidden = 8;
 };
 
-bitepResult_t make_group(MPI_Comm comm, const Shape& s, bitepGroup_t* g) {
+// Where a group runs: the host backend (host memory), or the cuda backend on `device` (device memory, each call on a
+// stream of its own, synchronised before its result is read).
+struct Place {
+  bitepBackend_t backend = bitepBackendHost;
+  int device = -1;
+};
+
+bitepResult_t make_group(MPI_Comm comm, const Shape& s, const Place& place, bitepGroup_t* g) {
   int W = 1;
   MPI_Comm_size(comm, &W);
   bitepGroupConfig_t c = BITEP_GROUP_CONFIG_INIT;
-  c.backend = bitepBackendHost;
+  c.backend = place.backend;
+  c.device = place.device;
   c.num_experts = s.experts_per_rank * W;
   c.topk = kTopk;
   c.hidden = s.hidden;
@@ -57,6 +70,74 @@ bitepResult_t make_group(MPI_Comm comm, const Shape& s, bitepGroup_t* g) {
   c.timeout_s = 30.0;  // a test whose timing assumption fails ends in a timeout, not a hang
   return bitepGroupCreateMpi(comm, &c, g);
 }
+bitepResult_t make_group(MPI_Comm comm, const Shape& s, bitepGroup_t* g) { return make_group(comm, s, Place{}, g); }
+
+#ifdef BITEP_MULTIRANK_CUDA
+// Whether every rank has a GPU for the cuda backend (collective): one per rank, or with BITEP_CUDA_TRANSPORT=ipc one
+// shared by the ranks of a node; *place names this rank's, *why says what is missing.
+bool cuda_place(Place* place, std::string* why) {
+  MPI_Comm node;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+  int local = 0, n = 0;
+  MPI_Comm_rank(node, &local);
+  MPI_Comm_free(&node);
+  if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
+  (void)cudaGetLastError();
+  const char* transport = std::getenv("BITEP_CUDA_TRANSPORT");
+  const bool shared = transport != nullptr && std::strcmp(transport, "ipc") == 0;
+  const int have = (shared ? n > 0 : local < n) ? 1 : 0;
+  int all = 0;
+  MPI_Allreduce(&have, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  place->backend = bitepBackendCuda;
+  place->device = shared && n > 0 ? local % n : local;
+  *why = std::string(shared ? "needs a GPU (BITEP_CUDA_TRANSPORT=ipc: the ranks share it)" : "needs one GPU per rank") +
+         "; a rank sees " + std::to_string(n);
+  return all != 0;
+}
+
+// Device copies of host vectors and a stream, on one device, made without changing the calling thread's current
+// device (a bitep call on a thread that never chose one must pick the group's itself); freed after a synchronisation.
+class Staged {
+ public:
+  explicit Staged(int device) : device_(device) {
+    int prev = 0;
+    cudaGetDevice(&prev);
+    cudaSetDevice(device_);
+    cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking);
+    cudaSetDevice(prev);
+  }
+  ~Staged() {
+    cudaStreamSynchronize(stream_);
+    for (void* p : bufs_) cudaFree(p);
+    cudaStreamDestroy(stream_);
+  }
+  Staged(const Staged&) = delete;
+  Staged& operator=(const Staged&) = delete;
+  void* alloc(size_t bytes) {
+    int prev = 0;
+    cudaGetDevice(&prev);
+    cudaSetDevice(device_);
+    void* p = nullptr;
+    cudaMalloc(&p, bytes > 0 ? bytes : 1);
+    cudaSetDevice(prev);
+    bufs_.push_back(p);
+    return p;
+  }
+  template <typename T>
+  void* upload(const std::vector<T>& v) {
+    void* p = alloc(v.size() * sizeof(T));
+    cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
+    return p;
+  }
+  bitepStream_t stream() const { return reinterpret_cast<bitepStream_t>(stream_); }
+  bool sync() { return cudaStreamSynchronize(stream_) == cudaSuccess; }
+
+ private:
+  int device_;
+  cudaStream_t stream_ = nullptr;
+  std::vector<void*> bufs_;
+};
+#endif
 
 // One rank's tokens for a round: x, a bitmap of two distinct experts a token and their weights (1/2 each).
 struct Tokens {
@@ -87,18 +168,30 @@ std::string failure(const char* call, bitepResult_t r) {
   return std::string(call) + " returned " + bitepGetErrorString(r) + ": " + bitepGetLastError();
 }
 
-bitepResult_t dispatch(bitepGroup_t g, const Tokens& tk, bitepHandle_t* h) {
+bitepResult_t dispatch(bitepGroup_t g, const Place& place, const Tokens& tk, bitepHandle_t* h) {
   bitepDispatchArgs_t a = BITEP_DISPATCH_ARGS_INIT;
   a.num_tokens = tk.T;
-  a.x = tk.x.data();
-  a.routing_map = tk.map.data();
   a.map_format = bitepMapBitmapU8;
-  a.topk_weights = tk.weights.data();
-  return bitepDispatch(g, &a, nullptr, h);
+  if (place.backend == bitepBackendHost) {
+    a.x = tk.x.data();
+    a.routing_map = tk.map.data();
+    a.topk_weights = tk.weights.data();
+    return bitepDispatch(g, &a, nullptr, h);
+  }
+#ifdef BITEP_MULTIRANK_CUDA
+  Staged st(place.device);
+  a.x = st.upload(tk.x);
+  a.routing_map = st.upload(tk.map);
+  a.topk_weights = static_cast<const float*>(st.upload(tk.weights));
+  return bitepDispatch(g, &a, st.stream(), h);  // ~Staged waits for it before freeing the inputs
+#else
+  return bitepNotSupported;
+#endif
 }
+bitepResult_t dispatch(bitepGroup_t g, const Tokens& tk, bitepHandle_t* h) { return dispatch(g, Place{}, tk, h); }
 
 // The combine of h with the experts the identity (y = expert_x), checked against tk.x; "" when every bit agrees.
-std::string combine_and_check(bitepGroup_t g, bitepHandle_t h, const Tokens& tk, int H) {
+std::string combine_and_check(bitepGroup_t g, const Place& place, bitepHandle_t h, const Tokens& tk, int H) {
   bitepDispatchLayout_t layout;
   bitepResult_t r = bitepHandleGetLayout(h, &layout);
   if (r != bitepSuccess) return failure("bitepHandleGetLayout", r);
@@ -107,8 +200,20 @@ std::string combine_and_check(bitepGroup_t g, bitepHandle_t h, const Tokens& tk,
   c.y = layout.expert_x;
   c.layout = bitepLayoutExpertMajor;
   c.weighted = 1;
-  c.out = out.data();
-  r = bitepCombine(g, h, &c, nullptr);
+  if (place.backend == bitepBackendHost) {
+    c.out = out.data();
+    r = bitepCombine(g, h, &c, nullptr);
+  } else {
+#ifdef BITEP_MULTIRANK_CUDA
+    Staged st(place.device);
+    c.out = st.upload(out);
+    r = bitepCombine(g, h, &c, st.stream());
+    if (!st.sync() || cudaMemcpy(out.data(), c.out, out.size() * sizeof(float), cudaMemcpyDeviceToHost) != cudaSuccess)
+      return std::string("CUDA: ") + cudaGetErrorString(cudaGetLastError());
+#else
+    r = bitepNotSupported;
+#endif
+  }
   if (r != bitepSuccess) return failure("bitepCombine", r);
   for (size_t i = 0; i < out.size(); ++i)
     if (std::memcmp(&out[i], &tk.x[i], sizeof(float)) != 0)
@@ -116,16 +221,22 @@ std::string combine_and_check(bitepGroup_t g, bitepHandle_t h, const Tokens& tk,
              std::to_string(out[i]) + ", sent " + std::to_string(tk.x[i]);
   return "";
 }
+std::string combine_and_check(bitepGroup_t g, bitepHandle_t h, const Tokens& tk, int H) {
+  return combine_and_check(g, Place{}, h, tk, H);
+}
 
 // A dispatch and a combine of this rank's T tokens; "" or what went wrong.
-std::string round_trip(bitepGroup_t g, int rank, int64_t T, const Shape& s, int E, int seed) {
+std::string round_trip(bitepGroup_t g, const Place& place, int rank, int64_t T, const Shape& s, int E, int seed) {
   const Tokens tk = make_tokens(rank, T, E, s.hidden, seed);
   bitepHandle_t h = nullptr;
-  const bitepResult_t r = dispatch(g, tk, &h);
+  const bitepResult_t r = dispatch(g, place, tk, &h);
   if (r != bitepSuccess) return failure("bitepDispatch", r);
-  const std::string err = combine_and_check(g, h, tk, s.hidden);
+  const std::string err = combine_and_check(g, place, h, tk, s.hidden);
   bitepHandleDestroy(h);
   return err;
+}
+std::string round_trip(bitepGroup_t g, int rank, int64_t T, const Shape& s, int E, int seed) {
+  return round_trip(g, Place{}, rank, T, s, E, seed);
 }
 
 // Waits until some thread is inside a call on g.
@@ -155,26 +266,29 @@ bool at_level(int lo, int hi) {
 // Rank 0's second thread calls into the group while its first is inside bitepDispatch (held there: the other ranks
 // join that dispatch only when rank 0 says so). Every call that takes the group is refused naming bitepDispatch and
 // changes nothing; the queries that read what creation fixed answer; then the dispatch inside completes, correct.
-TEST(ThreadsMultiple, ACallWhileAnotherThreadIsInsideIsRefusedNamingIt) {
-  if (!at_level(MPI_THREAD_MULTIPLE, MPI_THREAD_MULTIPLE)) GTEST_SKIP() << "needs MPI_THREAD_MULTIPLE";
+// The refused calls are given host pointers: they are refused before they look at them. On the cuda backend this
+// thread makes no CUDA call while the other is held (the held call's kernels wait for the peers).
+void held_call_is_refused(const Place& place) {
   const World w = world();
-  if (w.size < 2) GTEST_SKIP() << "one rank: no call waits for a peer, so none can be held inside";
   const Shape s{3, 16};
   const int E = s.experts_per_rank * w.size;
   bitepGroup_t g = nullptr;
-  ASSERT_EQ(make_group(MPI_COMM_WORLD, s, &g), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(make_group(MPI_COMM_WORLD, s, place, &g), bitepSuccess) << bitepGetLastError();
   // A handle of an earlier dispatch, for the calls that take one.
   const Tokens earlier = make_tokens(w.rank, 12, E, s.hidden, 1);
   bitepHandle_t h0 = nullptr;
-  ASSERT_EQ(dispatch(g, earlier, &h0), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(dispatch(g, place, earlier, &h0), bitepSuccess) << bitepGetLastError();
 
   std::string inside_result = "not run";
   if (w.rank == 0) {
-    std::thread inside([&] { inside_result = round_trip(g, w.rank, 20, s, E, 2); });
+    std::thread inside([&] { inside_result = round_trip(g, place, w.rank, 20, s, E, 2); });
     wait_until_inside(g);
     const Tokens tk = make_tokens(w.rank, 5, E, s.hidden, 3);
     bitepHandle_t h = reinterpret_cast<bitepHandle_t>(0x1);
-    EXPECT_TRUE(refused(dispatch(g, tk, &h), {"bitepDispatch: ", "another thread is inside bitepDispatch on it"}));
+    // Host pointers (Place{}), never device copies: cudaFree would wait for the held call's kernels, which wait for the
+    // peers that this thread releases only after these calls.
+    EXPECT_TRUE(
+        refused(dispatch(g, Place{}, tk, &h), {"bitepDispatch: ", "another thread is inside bitepDispatch on it"}));
     EXPECT_EQ(h, nullptr);
     bitepDispatchArgs_t ll = BITEP_DISPATCH_ARGS_INIT;
     EXPECT_TRUE(
@@ -214,14 +328,20 @@ TEST(ThreadsMultiple, ACallWhileAnotherThreadIsInsideIsRefusedNamingIt) {
   } else {
     int go = 0;
     MPI_Recv(&go, 1, MPI_INT, 0, kGoTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-    inside_result = round_trip(g, w.rank, 20, s, E, 2);
+    inside_result = round_trip(g, place, w.rank, 20, s, E, 2);
   }
   EXPECT_EQ(inside_result, "") << "the call inside";
   // The group is whole: the earlier handle combines, a new round trip works, and it destroys.
-  EXPECT_EQ(combine_and_check(g, h0, earlier, s.hidden), "");
+  EXPECT_EQ(combine_and_check(g, place, h0, earlier, s.hidden), "");
   EXPECT_EQ(bitepHandleDestroy(h0), bitepSuccess);
-  EXPECT_EQ(round_trip(g, w.rank, 7, s, E, 4), "");
+  EXPECT_EQ(round_trip(g, place, w.rank, 7, s, E, 4), "");
   EXPECT_EQ(bitepGroupDestroy(g), bitepSuccess) << bitepGetLastError();
+}
+
+TEST(ThreadsMultiple, ACallWhileAnotherThreadIsInsideIsRefusedNamingIt) {
+  if (!at_level(MPI_THREAD_MULTIPLE, MPI_THREAD_MULTIPLE)) GTEST_SKIP() << "needs MPI_THREAD_MULTIPLE";
+  if (world().size < 2) GTEST_SKIP() << "one rank: no call waits for a peer, so none can be held inside";
+  held_call_is_refused(Place{});
 }
 
 // Three threads a rank, each with a group of its own over its own communicator (created in the thread, different
@@ -257,30 +377,59 @@ TEST(ThreadsMultiple, OneGroupPerThreadAllAtOnce) {
   for (MPI_Comm& c : comms) MPI_Comm_free(&c);
 }
 
-// One group's calls one after another from four threads: dispatch, expert sources, combine, handle destroy.
-TEST(ThreadsMultiple, OneGroupsCallsFromThreadAfterThread) {
-  if (!at_level(MPI_THREAD_MULTIPLE, MPI_THREAD_MULTIPLE)) GTEST_SKIP() << "needs MPI_THREAD_MULTIPLE";
+// One group's calls one after another from four threads: dispatch, expert sources, combine, handle destroy. cuda:
+// threads that never chose a device (the group's calls make its device current themselves).
+void calls_from_thread_after_thread(const Place& place) {
   const World w = world();
   const Shape s{4, 12};
   const int E = s.experts_per_rank * w.size;
   bitepGroup_t g = nullptr;
-  ASSERT_EQ(make_group(MPI_COMM_WORLD, s, &g), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(make_group(MPI_COMM_WORLD, s, place, &g), bitepSuccess) << bitepGetLastError();
   const Tokens tk = make_tokens(w.rank, 25, E, s.hidden, 9);
   bitepHandle_t h = nullptr;
   bitepResult_t dispatched = bitepInternalError, sourced = bitepInternalError, destroyed = bitepInternalError;
   std::string combined = "not run";
   const int32_t* sources = nullptr;
-  std::thread([&] { dispatched = dispatch(g, tk, &h); }).join();
+  std::thread([&] { dispatched = dispatch(g, place, tk, &h); }).join();
   ASSERT_EQ(dispatched, bitepSuccess);
   std::thread([&] { sourced = bitepHandleGetExpertSources(g, h, nullptr, &sources); }).join();
   EXPECT_EQ(sourced, bitepSuccess);
   EXPECT_NE(sources, nullptr);
-  std::thread([&] { combined = combine_and_check(g, h, tk, s.hidden); }).join();
+  std::thread([&] { combined = combine_and_check(g, place, h, tk, s.hidden); }).join();
   EXPECT_EQ(combined, "");
   std::thread([&] { destroyed = bitepHandleDestroy(h); }).join();
   EXPECT_EQ(destroyed, bitepSuccess);
   EXPECT_EQ(bitepGroupDestroy(g), bitepSuccess) << bitepGetLastError();
 }
+
+TEST(ThreadsMultiple, OneGroupsCallsFromThreadAfterThread) {
+  if (!at_level(MPI_THREAD_MULTIPLE, MPI_THREAD_MULTIPLE)) GTEST_SKIP() << "needs MPI_THREAD_MULTIPLE";
+  calls_from_thread_after_thread(Place{});
+}
+
+// The same two on the cuda backend: the hold comes before anything backend-specific, and a call from a fresh thread
+// runs on the group's device. Not one group a thread at once: cuda groups over the same GPUs must order their calls
+// alike on every rank (bitep.h, "Threads").
+#ifdef BITEP_MULTIRANK_CUDA
+TEST(ThreadsMultipleCuda, ACallWhileAnotherThreadIsInsideIsRefusedNamingIt) {
+  if (!at_level(MPI_THREAD_MULTIPLE, MPI_THREAD_MULTIPLE)) GTEST_SKIP() << "needs MPI_THREAD_MULTIPLE";
+  if (world().size < 2) GTEST_SKIP() << "one rank: no call waits for a peer, so none can be held inside";
+  Place place;
+  std::string why;
+  if (!cuda_place(&place, &why)) GTEST_SKIP() << why;
+  held_call_is_refused(place);
+}
+
+TEST(ThreadsMultipleCuda, OneGroupsCallsFromThreadAfterThread) {
+  if (!at_level(MPI_THREAD_MULTIPLE, MPI_THREAD_MULTIPLE)) GTEST_SKIP() << "needs MPI_THREAD_MULTIPLE";
+  Place place;
+  std::string why;
+  if (!cuda_place(&place, &why)) GTEST_SKIP() << why;
+  calls_from_thread_after_thread(place);
+}
+#else
+TEST(ThreadsMultipleCuda, NeedsTheCudaBuild) { GTEST_SKIP() << "this build has no CUDA"; }
+#endif
 
 // ------------------------------------------------------------------------------------- MPI_THREAD_SERIALIZED
 
