@@ -12,7 +12,6 @@
 #include <mpi.h>
 
 #include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -435,18 +434,39 @@ TEST(ThreadsMultipleCuda, NeedsTheCudaBuild) { GTEST_SKIP() << "this build has n
 
 // Rank 0's second thread calls into group 2 while its first is inside a dispatch on group 1: at this level two
 // threads may not be in MPI at once, so the call is refused before any MPI call; a query that does not communicate
-// answers. The other ranks join group 1's dispatch after 2 s (rank 0's second thread cannot tell them: it may not
-// call MPI then), so rank 0's refused call must come within those 2 s of its first thread's entry.
+// answers. Rank 0's second thread may not call MPI while the first is inside it, so it tells the other ranks to join
+// group 1's dispatch through a word of node-shared memory (MPI_Win_allocate_shared, made before; plain loads and
+// stores, no MPI call): the ranks must share one node.
 TEST(ThreadsSerialized, ACallOverMpiWhileAnotherGroupsCallIsInsideIsRefused) {
   if (!at_level(MPI_THREAD_SERIALIZED, MPI_THREAD_SERIALIZED)) GTEST_SKIP() << "needs MPI_THREAD_SERIALIZED";
   const World w = world();
   if (w.size < 2) GTEST_SKIP() << "one rank: no call waits for a peer, so none can be held inside";
+  MPI_Comm node;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+  int node_size = 0;
+  MPI_Comm_size(node, &node_size);
+  if (node_size != w.size) {
+    MPI_Comm_free(&node);
+    GTEST_SKIP() << "the ranks span several nodes: no shared word to signal through";
+  }
+  // Rank 0 (rank 0 of `node` too: the split keeps the order) owns the word; the others find it.
+  int* go = nullptr;
+  MPI_Win win;
+  MPI_Win_allocate_shared(w.rank == 0 ? static_cast<MPI_Aint>(sizeof(int)) : 0, sizeof(int), MPI_INFO_NULL, node, &go,
+                          &win);
+  if (w.rank != 0) {
+    MPI_Aint bytes = 0;
+    int unit = 0;
+    MPI_Win_shared_query(win, 0, &bytes, &unit, &go);
+  } else {
+    __atomic_store_n(go, 0, __ATOMIC_RELEASE);
+  }
   const Shape s{2, 8};
   const int E = s.experts_per_rank * w.size;
   bitepGroup_t g1 = nullptr, g2 = nullptr;
   ASSERT_EQ(make_group(MPI_COMM_WORLD, s, &g1), bitepSuccess) << bitepGetLastError();
   ASSERT_EQ(make_group(MPI_COMM_WORLD, s, &g2), bitepSuccess) << bitepGetLastError();
-  MPI_Barrier(MPI_COMM_WORLD);
+  MPI_Barrier(MPI_COMM_WORLD);  // the word is 0 before anyone looks
   std::string inside_result = "not run";
   if (w.rank == 0) {
     std::thread inside([&] { inside_result = round_trip(g1, w.rank, 10, s, E, 5); });
@@ -459,9 +479,10 @@ TEST(ThreadsSerialized, ACallOverMpiWhileAnotherGroupsCallIsInsideIsRefused) {
     EXPECT_EQ(g2->in_call.load(), nullptr) << "the refused call still holds group 2";
     size_t bytes = 0;
     EXPECT_EQ(bitepGroupMemoryBytes(g2, &bytes), bitepSuccess) << bitepGetLastError();
+    __atomic_store_n(go, 1, __ATOMIC_RELEASE);
     inside.join();
   } else {
-    std::this_thread::sleep_for(std::chrono::seconds(2));
+    while (__atomic_load_n(go, __ATOMIC_ACQUIRE) == 0) std::this_thread::yield();
     inside_result = round_trip(g1, w.rank, 10, s, E, 5);
   }
   EXPECT_EQ(inside_result, "");
@@ -470,6 +491,8 @@ TEST(ThreadsSerialized, ACallOverMpiWhileAnotherGroupsCallIsInsideIsRefused) {
   EXPECT_EQ(round_trip(g1, w.rank, 6, s, E, 8), "");
   EXPECT_EQ(bitepGroupDestroy(g2), bitepSuccess) << bitepGetLastError();
   EXPECT_EQ(bitepGroupDestroy(g1), bitepSuccess) << bitepGetLastError();
+  MPI_Win_free(&win);
+  MPI_Comm_free(&node);
 }
 
 // ------------------------------------------------------------------------- MPI_THREAD_SINGLE and _FUNNELED
