@@ -13,7 +13,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -22,6 +21,7 @@
 #include "bitep/bitep.h"
 #include "bitep/bitep_mpi.h"
 #include "src/ep/group.h"  // bitepGroup::in_call: when a thread is inside a call (a test waits for it, reads nothing else)
+#include "tests/multirank/ep_checks.h"  // gpu_per_rank
 #include "tests/multirank/mpi_main.h"
 
 #ifdef BITEP_MULTIRANK_CUDA
@@ -72,26 +72,10 @@ bitepResult_t make_group(MPI_Comm comm, const Shape& s, const Place& place, bite
 bitepResult_t make_group(MPI_Comm comm, const Shape& s, bitepGroup_t* g) { return make_group(comm, s, Place{}, g); }
 
 #ifdef BITEP_MULTIRANK_CUDA
-// Whether every rank has a GPU for the cuda backend (collective): one per rank, or with BITEP_CUDA_TRANSPORT=ipc one
-// shared by the ranks of a node; *place names this rank's, *why says what is missing.
+// Whether every rank has a GPU for the cuda backend (collective; ept::gpu_per_rank): *place names this rank's.
 bool cuda_place(Place* place, std::string* why) {
-  MPI_Comm node;
-  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
-  int local = 0, n = 0;
-  MPI_Comm_rank(node, &local);
-  MPI_Comm_free(&node);
-  if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
-  (void)cudaGetLastError();
-  const char* transport = std::getenv("BITEP_CUDA_TRANSPORT");
-  const bool shared = transport != nullptr && std::strcmp(transport, "ipc") == 0;
-  const int have = (shared ? n > 0 : local < n) ? 1 : 0;
-  int all = 0;
-  MPI_Allreduce(&have, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
   place->backend = bitepBackendCuda;
-  place->device = shared && n > 0 ? local % n : local;
-  *why = std::string(shared ? "needs a GPU (BITEP_CUDA_TRANSPORT=ipc: the ranks share it)" : "needs one GPU per rank") +
-         "; a rank sees " + std::to_string(n);
-  return all != 0;
+  return ept::gpu_per_rank(&place->device, why);
 }
 
 // Device copies of host vectors and a stream, on one device, made without changing the calling thread's current
