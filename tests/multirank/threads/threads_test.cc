@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// Groups and threads on the host backend (bitep.h, "Threads"), under mpirun at the MPI thread level that
-// BITEP_TEST_MPI_THREAD asks for (main.cc): one suite a level, and a suite skips where MPI gave another level.
+// Groups and threads (bitep.h, "Threads"), under mpirun at the MPI thread level that BITEP_TEST_MPI_THREAD asks for
+// (main.cc): one suite a level, and a suite skips where MPI gave another level. The host backend, and for the held
+// call and the calls from thread after thread the cuda backend too (ThreadsMultipleCuda, skipped without a GPU).
 // - MPI_THREAD_MULTIPLE: a call on a group while another thread is inside one on it is refused, naming that call, and
 //   the call inside is unharmed; one group per thread, all at once, each correct; one group's calls made one after
 //   another from different threads.
@@ -66,7 +67,7 @@ bitepResult_t make_group(MPI_Comm comm, const Shape& s, const Place& place, bite
   c.topk = kTopk;
   c.hidden = s.hidden;
   c.dtype = bitepFloat32;
-  c.timeout_s = 30.0;  // a test whose timing assumption fails ends in a timeout, not a hang
+  c.timeout_s = 30.0;  // a test that goes wrong (a call not refused, say) ends in a timeout, not a hang
   return bitepGroupCreateMpi(comm, &c, g);
 }
 bitepResult_t make_group(MPI_Comm comm, const Shape& s, bitepGroup_t* g) { return make_group(comm, s, Place{}, g); }
