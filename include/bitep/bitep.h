@@ -32,9 +32,10 @@
  *   bitepHandleDestroy may be called at any time; a handle must not be destroyed while a call that was given it runs.
  * - Different groups: host backend, any threads at once (MPI permitting, below). cuda backend: the kernels of a
  *   group's calls wait on the GPU for its peers (NCCL's, and the peer window's barriers), so groups over the same GPUs
- *   follow NCCL's rule for communicators: make their calls in the same order on every rank (for instance one thread
- *   per GPU, or a lock around each group's calls). Calls of two such groups that overlap in different orders on
- *   different ranks can deadlock the GPUs. Groups over disjoint GPUs are independent.
+ *   follow NCCL's rule for communicators: make their calls in the same order on every rank (for instance from one
+ *   thread per GPU, in the same program order everywhere; a lock alone does not order them alike across ranks). Calls
+ *   of two such groups that overlap in different orders on different ranks can deadlock. Groups over disjoint GPUs
+ *   are independent.
  * - cuda backend: each call makes the group's device current for its duration and restores the caller's.
  * - MPI: bitepGroupCreateMpi, and every call of a group whose transport is MPI (host backend;
  *   BITEP_CUDA_TRANSPORT=ipc), make MPI calls on the calling thread. bitep refuses such a call (bitepInvalidUsage,
