@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// The forward kernel's top-k selection (kernels/router_topk_kernel.cuh): each lane's cache of its best keys, the
-// rounds, and the group scores. Included by router_topk_kernel.cuh alone (for router_topk.cu); in an anonymous
-// namespace.
+// The forward kernel's top-k selection (kernels/router_topk_kernel.cuh): each lane's cache of its best keys and the
+// rounds (the group scores: router_topk_groups.cuh). Included by router_topk_kernel.cuh alone (for router_topk.cu); in
+// an anonymous namespace.
 #pragma once
 
 #include "kernels/router_common.cuh"
@@ -125,31 +125,6 @@ __device__ __forceinline__ void for_rounds(int n, F&& body) {
   } else {
     for (int r = 0; r < n; ++r) body(r);
   }
-}
-
-// A group's score when it sums its best one or two keys (DeepSeek-V3: k / group_topk = 2): each lane
-// brings its own two best keys of the group's slot (a0 >= a1; kKeyNone for none) and a butterfly over the
-// group's q aligned lanes merges pairs (the best two of two sorted pairs: 2 shuffles and 3 min / max a
-// step), no ballot and no pops. The best two of the multiset of keys, summed from 0.0f in selection order
-// (equal keys have equal values): the bits of the rounds it replaces. BITEP_ROUTER_GROUP_PAIRS=0 (a tuning
-// build) keeps the rounds.
-#ifndef BITEP_ROUTER_GROUP_PAIRS
-#define BITEP_ROUTER_GROUP_PAIRS 1
-#endif
-constexpr bool kGroupPairs = BITEP_ROUTER_GROUP_PAIRS != 0;
-
-// The best two keys (a0 >= a1) of the pairs (a0, a1) and (b0, b1).
-__device__ __forceinline__ void pair_merge(uint32_t& a0, uint32_t& a1, uint32_t b0, uint32_t b1) {
-  const uint32_t lo = min(a0, b0);
-  a0 = max(a0, b0);
-  a1 = max(max(a1, b1), lo);
-}
-
-__device__ __forceinline__ float group_pair_sum(uint32_t a0, uint32_t a1, int q, int per_group) {
-  for (int d = 1; d < q; d <<= 1)
-    pair_merge(a0, a1, __shfl_xor_sync(kFullMask, a0, d), __shfl_xor_sync(kFullMask, a1, d));
-  const float s = __fadd_rn(0.0f, key_value(a0));
-  return per_group == 2 ? __fadd_rn(s, key_value(a1)) : s;
 }
 
 }  // namespace
