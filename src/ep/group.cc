@@ -120,19 +120,32 @@ GroupCall::~GroupCall() {
   group_->in_call.store(nullptr, std::memory_order_release);
 }
 
+namespace {
+// in_call while a call passes its transport's checks: the call's name appears once it is inside.
+const char kEntering[] = "(a call being entered)";
+}  // namespace
+
 bitepResult_t GroupCall::enter(bitepGroup_t group, const char* call, Uses uses) {
   BITEP_CHECK(check_live_group(group));
   const char* inside = nullptr;
-  if (!group->in_call.compare_exchange_strong(inside, call, std::memory_order_acquire, std::memory_order_relaxed))
+  if (!group->in_call.compare_exchange_strong(inside, kEntering, std::memory_order_acquire,
+                                              std::memory_order_relaxed)) {
+    if (inside == kEntering)
+      BITEP_FAIL(bitepInvalidUsage,
+                 "group (%p) is in use: another thread is entering a call on it. Calls on one group must not "
+                 "overlap: make them one after another, or give each thread its own group",
+                 static_cast<void*>(group));
     BITEP_FAIL(bitepInvalidUsage,
                "group (%p) is in use: another thread is inside %s on it. Calls on one group must not overlap: "
                "make them one after another, or give each thread its own group",
                static_cast<void*>(group), inside);
+  }
   group_ = group;
   if (uses != kLocal && group->transport != nullptr) {
     BITEP_CHECK(group->transport->enter_call(call, uses == kTeardown));  // on failure the destructor lets the group go
     transport_ = true;
   }
+  group->in_call.store(call, std::memory_order_release);
   return bitepSuccess;
 }
 

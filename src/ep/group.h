@@ -108,7 +108,7 @@ struct bitepGroup {
   bool agree_always = false;
   std::unique_ptr<bitep::ep::Transport> transport;
   std::shared_ptr<bitep::ep::Life> life;
-  // The API call inside the group now (its name), or null: bitep::ep::GroupCall.
+  // The API call inside the group now (its name, once past its transport's checks), or null: bitep::ep::GroupCall.
   std::atomic<const char*> in_call{nullptr};
   std::string broken;              // non-empty once a transport failure left peers in an unknown state
   void* upload_staging = nullptr;  // cuda: pinned host staging of Exec::upload_staged

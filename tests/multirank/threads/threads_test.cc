@@ -223,9 +223,14 @@ std::string round_trip(bitepGroup_t g, int rank, int64_t T, const Shape& s, int 
   return round_trip(g, Place{}, rank, T, s, E, seed);
 }
 
-// Waits until some thread is inside a call on g.
-void wait_until_inside(bitepGroup_t g) {
-  while (g->in_call.load(std::memory_order_acquire) == nullptr) std::this_thread::yield();
+// Waits until another thread is inside `call` on g: past its entry checks (the group names a call only then), so
+// inside MPI's thread rules' count too.
+void wait_until_inside(bitepGroup_t g, const char* call) {
+  for (;;) {
+    const char* inside = g->in_call.load(std::memory_order_acquire);
+    if (inside != nullptr && std::strcmp(inside, call) == 0) return;
+    std::this_thread::yield();
+  }
 }
 
 // r is bitepInvalidUsage and the thread's detail holds every one of `parts`.
@@ -266,7 +271,7 @@ void held_call_is_refused(const Place& place) {
   std::string inside_result = "not run";
   if (w.rank == 0) {
     std::thread inside([&] { inside_result = round_trip(g, place, w.rank, 20, s, E, 2); });
-    wait_until_inside(g);
+    wait_until_inside(g, "bitepDispatch");
     const Tokens tk = make_tokens(w.rank, 5, E, s.hidden, 3);
     bitepHandle_t h = reinterpret_cast<bitepHandle_t>(0x1);
     // Host pointers (Place{}), never device copies: cudaFree would wait for the held call's kernels, which wait for the
@@ -455,7 +460,7 @@ TEST(ThreadsSerialized, ACallOverMpiWhileAnotherGroupsCallIsInsideIsRefused) {
   std::string inside_result = "not run";
   if (w.rank == 0) {
     std::thread inside([&] { inside_result = round_trip(g1, w.rank, 10, s, E, 5); });
-    wait_until_inside(g1);
+    wait_until_inside(g1, "bitepDispatch");
     const Tokens tk = make_tokens(w.rank, 3, E, s.hidden, 6);
     bitepHandle_t h = nullptr;
     EXPECT_TRUE(refused(dispatch(g2, tk, &h),
