@@ -21,7 +21,8 @@ struct Buffer {
   bool written;
 };
 
-// Checks a versioned struct: non-NULL, size at least what this library knows, right magic.
+// Checks a versioned struct: non-NULL, size exactly what this library was built with (a caller built against another
+// version of bitep.h is refused), right magic.
 bitepResult_t check_struct(const void* p,
                            size_t size,
                            size_t expected_size,

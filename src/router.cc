@@ -66,7 +66,7 @@ bitepResult_t check_config(const bitepRouterConfig_t* c, RouterMode mode) {
 bitepResult_t check_map_format(bitepMapFormat_t f, const void* map, const char* name) {
   BITEP_ARG_CHECK(f == bitepMapNone || f == bitepMapBytemap || f == bitepMapBitmapU8,
                   "%s is %d, expected bitepMapBytemap (1) or bitepMapBitmapU8 (2) here", name, static_cast<int>(f));
-  BITEP_ARG_CHECK(map == nullptr || f != bitepMapNone, "routing_map is set but %s is bitepMapNone", name);
+  BITEP_ARG_CHECK(map == nullptr || f != bitepMapNone, "args->routing_map is set but %s is bitepMapNone", name);
   return bitepSuccess;
 }
 

@@ -15,7 +15,8 @@
  *
  * Backends: bitepBackendCuda (pointers are device memory, work is enqueued on the given stream) and
  * bitepBackendHost (pointers are host memory, work runs synchronously on the calling thread; the
- * stream argument is ignored). Both give the same maps, indices, counts and layouts bit for bit.
+ * stream argument is ignored). Both give the same maps, indices, counts and layouts bit for bit (for a dispatch, from
+ * valid routing: see bitepDispatchArgs_t's routing_map).
  *
  * Errors: on failure, bitepGetLastError() returns the thread's detail: the argument, the constraint,
  * the failing call with file:line. The library never exits, never aborts, and never writes outside a
@@ -211,8 +212,8 @@ BITEP_API bitepResult_t bitepRouterBackward(bitepBackend_t backend,
 
 /* Aux-loss scores (TE's fused_compute_score_for_moe_aux_loss): scores over all experts (softmax, or
  * sigmoid/sqrtsoftplus normalised over all E when k > 1) and their top-k routing map. config's
- * use_pre_softmax, groups, scaling and bias are not used. In args: logits, probs (= the scores,
- * required), routing_map/map_format (optional), saved (optional). Other outputs must be NULL. */
+ * use_pre_softmax, groups and scaling are not used. In args: logits, probs (= the scores,
+ * required), routing_map/map_format (optional), saved (optional). Other outputs, and expert_bias, must be NULL. */
 BITEP_API bitepResult_t bitepAuxScoresForward(bitepBackend_t backend,
                                               const bitepRouterConfig_t* config,
                                               const bitepRouterForwardArgs_t* args,
@@ -315,9 +316,10 @@ BITEP_API bitepResult_t bitepGroupCreateFromUniqueId(
     const bitepUniqueId* id, int nranks, int rank, const bitepGroupConfig_t* config, bitepGroup_t* group);
 
 /* Creates a cuda-backend group over the caller's communicator, which stays the caller's: bitep never
- * destroys or aborts it. Collective over comm; same checks as above. The current device must be
- * comm's device. No peer window unless BITEP_LSA=1 (then bitepGroupDestroy is collective: it
- * deregisters the window). */
+ * destroys or aborts it. Collective over comm; same checks as above, but for two that fail on the rank alone, before
+ * any collective step (its peers then wait in the group's agreement until their timeout): comm NULL, and a current
+ * device that is not comm's device. config->device is not used: the group runs on comm's device. No peer window unless
+ * BITEP_LSA=1 (then bitepGroupDestroy is collective: it deregisters the window). */
 BITEP_API bitepResult_t bitepGroupCreateFromNccl(struct ncclComm* comm,
                                                  const bitepGroupConfig_t* config,
                                                  bitepGroup_t* group);
@@ -346,11 +348,15 @@ BITEP_API bitepResult_t bitepGroupTrimMemory(bitepGroup_t group, size_t* freed);
 #define BITEP_DISPATCH_ARGS_MAGIC 0xb17e0011u
 
 typedef struct {
-  size_t size;                 /* sizeof(bitepDispatchArgs_t) */
-  unsigned magic;              /* BITEP_DISPATCH_ARGS_MAGIC */
-  int64_t num_tokens;          /* T >= 0 on this rank; may differ per rank, 0 included */
-  const void* x;               /* [IN] [T, H] dtype */
-  const void* routing_map;     /* [IN] BITMAP_U8 [T, ceil(E/8)], BYTEMAP [T, E] or int32 [T, k] indices */
+  size_t size;        /* sizeof(bitepDispatchArgs_t) */
+  unsigned magic;     /* BITEP_DISPATCH_ARGS_MAGIC */
+  int64_t num_tokens; /* T >= 0 on this rank; may differ per rank, 0 included */
+  const void* x;      /* [IN] [T, H] dtype */
+  /* [IN] BITMAP_U8 [T, ceil(E/8)], BYTEMAP [T, E] or int32 [T, k] indices. Each row names exactly k distinct experts
+   * in [0, E) (k = the group's topk): the host backend checks every row and fails naming it; the cuda backend does not
+   * read the map on the host, and takes a row's first k set bits (bitmap), first k nonzero bytes (bytemap) or its
+   * distinct indices in [0, E) (indices), so a row with fewer routes to fewer experts. */
+  const void* routing_map;
   bitepMapFormat_t map_format; /* bitepMapBitmapU8 | bitepMapBytemap | bitepMapTopkIndices */
   const float* probs;          /* [IN] dense [T, E] weights, or NULL */
   const float*
@@ -386,10 +392,11 @@ typedef struct {
 
 /* Dispatch. Collective over the group. Enqueued on stream; the count exchange inside is its one host
  * synchronisation. At most one of probs / topk_weights may be given; with neither, only unweighted
- * combines are possible. [OUT] handle: owns the received rows and the layout until bitepHandleDestroy.
- * Large dispatches and combines (environment BITEP_SPLIT_MIN_BYTES, default 8 MiB of rows per rank)
- * run part of their copies on a stream the group owns, beside the all-to-all; that stream waits for
- * `stream` before and `stream` waits for it after, so to the caller all the work is on `stream`. */
+ * combines are possible. The ranks with tokens give weights, all of them or none (every rank fails otherwise). [OUT]
+ * handle: owns the received rows and the layout until bitepHandleDestroy. Large dispatches and combines (environment
+ * BITEP_SPLIT_MIN_BYTES, default 8 MiB of rows per rank) run part of their copies on a stream the group owns, beside
+ * the all-to-all; that stream waits for `stream` before and `stream` waits for it after, so to the caller all the work
+ * is on `stream`. */
 BITEP_API bitepResult_t bitepDispatch(bitepGroup_t group,
                                       const bitepDispatchArgs_t* args,
                                       bitepStream_t stream,
@@ -413,7 +420,8 @@ BITEP_API bitepResult_t bitepDispatch(bitepGroup_t group,
  * wait; the backward calls return bitepNotSupported. Any number of low-latency dispatches and combines may be in flight
  * in any order (their slots alternate and every call's barrier orders them). A rank that fails its argument checks
  * returns at once and queues nothing: its peers then wait in the barrier for the group's timeout, and their next call
- * reports it.
+ * reports it. The fast path does not compare the ranks' arguments: a rank with tokens and no weights sends weight 0
+ * for its rows (bitepDispatch would fail every rank), so give weights on every rank or on none.
  * CUDA graphs: where bitepGroupLowLatencyCapturable says so, a low-latency dispatch and the combines of its handles may
  * be captured (stream capture, any capture mode) and the graph launched any number of times: every launch moves the
  * data its input buffers hold then (num_tokens and the buffers are the captured call's), and the slots' parity comes
@@ -499,8 +507,9 @@ typedef struct {
  * gets a zero row. Every rank gives the handle of the same dispatch (handles in flight are combined in the
  * same order everywhere). Host groups agree on each call's status: a rank's argument error (its handle
  * included) fails it with that error and its peers at once with bitepRemoteError, and a mismatch of
- * dispatches fails every rank. A cuda group's failing rank returns at once and queues nothing: its peers wait
- * in the transfer until the group's timeout (as in dispatch). */
+ * dispatches fails every rank. The ranks that pass expert-major y pass the same weighted (each weights the expert rows
+ * it sums for the others by its own flag): host groups check it, failing every rank. A cuda group's failing rank
+ * returns at once and queues nothing: its peers wait in the transfer until the group's timeout (as in dispatch). */
 BITEP_API bitepResult_t bitepCombine(bitepGroup_t group,
                                      bitepHandle_t handle,
                                      const bitepCombineArgs_t* args,

@@ -63,7 +63,7 @@ class Handle {
   bitepHandle_t h_ = nullptr;
 };
 
-// Owns an EP group. Create it with bitep::Group::from_mpi (bitep_mpi.hpp), from_unique_id or from_nccl.
+// Owns an EP group. Create it with bitep::group_from_mpi (bitep_mpi.hpp), Group::from_unique_id or Group::from_nccl.
 class Group {
  public:
   Group() = default;
@@ -71,14 +71,17 @@ class Group {
   Group(Group&& o) noexcept : g_(std::exchange(o.g_, nullptr)) {}
   Group& operator=(Group&& o) noexcept {
     if (this != &o) {
-      reset();
+      destroy_quietly();
       g_ = std::exchange(o.g_, nullptr);
     }
     return *this;
   }
   Group(const Group&) = delete;
   Group& operator=(const Group&) = delete;
-  ~Group() { reset(); }
+  // A destroy refused (bitepGroupDestroy returns bitepInvalidUsage while another thread is inside a call on the group)
+  // leaves the group alive and unowned: destroying a group that another thread is using is the caller's bug, and
+  // freeing it under that thread would be worse. reset() throws instead and keeps the group.
+  ~Group() { destroy_quietly(); }
 
   static Group from_unique_id(const bitepUniqueId& id, int nranks, int rank, const bitepGroupConfig_t& cfg) {
     bitepGroup_t g = nullptr;
@@ -91,11 +94,15 @@ class Group {
     return Group(g);
   }
 
-  void reset() noexcept {
-    if (g_) (void)bitepGroupDestroy(g_);
+  // bitepGroupDestroy. Throws bitep::Error where it is refused (another thread inside a call on the group), and then
+  // still owns the group: reset() again once that call has returned.
+  void reset() {
+    if (g_) check(bitepGroupDestroy(g_));
     g_ = nullptr;
   }
   bitepGroup_t get() const noexcept { return g_; }
+  // Gives up ownership: the caller destroys the group (bitepGroupDestroy).
+  bitepGroup_t release() noexcept { return std::exchange(g_, nullptr); }
   int rank() const {
     int r = 0;
     check(bitepGroupGetRank(g_, &r, nullptr));
@@ -129,7 +136,8 @@ class Group {
     check(bitepGroupLowLatencyCapturable(g_, &c));
     return c != 0;
   }
-  // bitepDispatchLowLatency: no host synchronisation (config.low_latency_max_tokens > 0).
+  // bitepDispatchLowLatency (config.low_latency_max_tokens > 0): no host synchronisation where the group has a
+  // low-latency window (low_latency_capturable()); elsewhere it runs bitepDispatch, with its count exchange.
   Handle dispatch_low_latency(const bitepDispatchArgs_t& args, bitepStream_t stream = nullptr) const {
     bitepHandle_t h = nullptr;
     check(bitepDispatchLowLatency(g_, &args, stream, &h));
@@ -153,6 +161,10 @@ class Group {
   }
 
  private:
+  void destroy_quietly() noexcept {
+    if (g_) (void)bitepGroupDestroy(g_);
+    g_ = nullptr;
+  }
   bitepGroup_t g_ = nullptr;
 };
 

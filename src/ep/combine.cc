@@ -25,9 +25,11 @@ namespace bitep::ep {
 
 bitepResult_t check_call_agreed(
     bitepGroup_t group, bitepHandle_t handle, bool backward, GroupCall* call, const char* api, bitepResult_t* local) {
-  // The handle first: once its group is destroyed, `group` may dangle and is not looked at.
+  // A handle whose group was destroyed (bitepInvalidUsage) still joins the agreement on `group` when that is a live
+  // group (the registry answers without reading it), so its peers fail at once; it returns alone when `group` is gone
+  // too (the handle's own group, most likely).
   *local = check_handle(handle, nullptr);
-  if (*local == bitepInvalidUsage) return *local;
+  if (*local == bitepInvalidUsage && !is_live_group(group)) return *local;
   const SavedError saved(*local);
   BITEP_CHECK(call->enter(group, api));
   BITEP_CHECK(check_group(group));
@@ -278,9 +280,21 @@ bitepResult_t combine(bitepGroup_t g,
                  what);
   }
   if (g->agree_always) {
+    // The dispatch's number, bit 1 an expert-major y and bit 0 its weighted flag: a rank weights the expert rows it
+    // sums for the others by its own flag, so two such ranks that differ would return sums of both kinds (rank-major
+    // rows come summed: their flag is not used).
+    const bool expert_major = layout == bitepLayoutExpertMajor;
+    const int32_t mine = dispatch_bits(h) | (expert_major ? 2 : 0) | (expert_major && weighted != 0 ? 1 : 0);
     std::vector<int32_t> all;
-    BITEP_CHECK(agree_status(g, local, what, local == bitepSuccess ? dispatch_bits(h) : 0, &all));
+    BITEP_CHECK(agree_status(g, local, what, local == bitepSuccess ? mine : 0, &all));
     BITEP_CHECK(same_dispatch(g, all, what));
+    for (int q = 0; q < g->nranks; ++q)
+      if ((all[q] & 2) != 0 && (mine & 2) != 0 && (all[q] & 1) != (mine & 1))
+        BITEP_FAIL(bitepInvalidArgument,
+                   "rank %d gives %s weighted = %d, this rank (%d) weighted = %d, both with expert-major y: every "
+                   "rank must pass the same weighted (each weights the expert rows it sums for the others by its "
+                   "own)",
+                   q, what, all[q] & 1, g->rank, mine & 1);
   } else if (local != bitepSuccess) {
     return local;
   }

@@ -5,7 +5,9 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "kernels/ep_params.h"
@@ -95,13 +97,38 @@ int visible_cuda_devices() {
   return count;
 }
 
-bitepResult_t check_live_group(bitepGroup_t g) {
+namespace {
+std::mutex g_groups_mu;
+std::unordered_set<const bitepGroup*>& live_groups() {
+  static auto* live = new std::unordered_set<const bitepGroup*>();  // never destroyed: usable at exit
+  return *live;
+}
+// check_live_group with g_groups_mu held.
+bitepResult_t check_live_group_locked(bitepGroup_t g) {
   BITEP_ARG_CHECK(g != nullptr, "group is NULL");
-  BITEP_ARG_CHECK(g->magic == kGroupMagic,
-                  "group (%p) is not a live bitep group (destroyed, or not from "
-                  "bitepGroupCreate*)",
+  BITEP_ARG_CHECK(live_groups().count(g) != 0 && g->magic == kGroupMagic,
+                  "group (%p) is not a live bitep group (destroyed, or not from bitepGroupCreate*)",
                   static_cast<void*>(g));
   return bitepSuccess;
+}
+}  // namespace
+
+void add_live_group(const bitepGroup* group) {
+  std::lock_guard<std::mutex> lock(g_groups_mu);
+  live_groups().insert(group);
+}
+void forget_live_group(const bitepGroup* group) {
+  std::lock_guard<std::mutex> lock(g_groups_mu);
+  live_groups().erase(group);
+}
+bool is_live_group(const bitepGroup* group) {
+  std::lock_guard<std::mutex> lock(g_groups_mu);
+  return live_groups().count(group) != 0;
+}
+
+bitepResult_t check_live_group(bitepGroup_t g) {
+  std::lock_guard<std::mutex> lock(g_groups_mu);
+  return check_live_group_locked(g);
 }
 
 bitepResult_t check_group(bitepGroup_t g) {
@@ -126,10 +153,13 @@ const char kEntering[] = "(a call being entered)";
 }  // namespace
 
 bitepResult_t GroupCall::enter(bitepGroup_t group, const char* call, Uses uses) {
-  BITEP_CHECK(check_live_group(group));
+  std::unique_lock<std::mutex> lock(g_groups_mu);
+  BITEP_CHECK(check_live_group_locked(group));
   const char* inside = nullptr;
-  if (!group->in_call.compare_exchange_strong(inside, kEntering, std::memory_order_acquire,
-                                              std::memory_order_relaxed)) {
+  const bool held =
+      group->in_call.compare_exchange_strong(inside, kEntering, std::memory_order_acquire, std::memory_order_relaxed);
+  lock.unlock();  // held, the group outlives the call: bitepGroupDestroy needs the hold to free it
+  if (!held) {
     if (inside == kEntering)
       BITEP_FAIL(bitepInvalidUsage,
                  "group (%p) is in use: another thread is entering a call on it. Calls on one group must not "
@@ -251,6 +281,7 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
   }
 #endif
   g->transport = std::move(transport);
+  add_live_group(g.get());
   *group = g.release();
   return bitepSuccess;
 }
@@ -280,11 +311,12 @@ extern "C" {
 bitepResult_t bitepGroupDestroy(bitepGroup_t group) {
   return bitep::guard("bitepGroupDestroy", [&]() -> bitepResult_t {
     if (group == nullptr) return bitepSuccess;
-    BITEP_ARG_CHECK(group->magic == bitep::ep::kGroupMagic, "group (%p) is not a live bitep group (destroyed twice?)",
+    BITEP_ARG_CHECK(bitep::ep::is_live_group(group), "group (%p) is not a live bitep group (destroyed twice?)",
                     static_cast<void*>(group));
     bitep::ep::GroupCall call;
     BITEP_CHECK(call.enter(group, "bitepGroupDestroy", bitep::ep::GroupCall::kTeardown));
-    call.forget();  // the group goes with the hold
+    call.forget();                        // the group goes with the hold
+    bitep::ep::forget_live_group(group);  // from here every call on it is refused without reading it
     {
       std::lock_guard<std::mutex> lock(group->life->mu);
       group->life->alive = false;
@@ -298,7 +330,9 @@ bitepResult_t bitepGroupDestroy(bitepGroup_t group) {
 
 bitepResult_t bitepGroupGetRank(bitepGroup_t group, int* rank, int* nranks) {
   return bitep::guard("bitepGroupGetRank", [&]() -> bitepResult_t {
-    BITEP_CHECK(bitep::ep::check_live_group(group));
+    // Read under the registry's lock: a bitepGroupDestroy on another thread frees the group only after taking it out.
+    std::lock_guard<std::mutex> lock(bitep::ep::g_groups_mu);
+    BITEP_CHECK(bitep::ep::check_live_group_locked(group));
     if (rank != nullptr) *rank = group->rank;
     if (nranks != nullptr) *nranks = group->nranks;
     return bitepSuccess;

@@ -60,6 +60,13 @@ bitepResult_t create_group(std::unique_ptr<Transport> transport,
 // CUDA devices this process sees (0 where the query fails, or in a build without CUDA).
 int visible_cuda_devices();
 
+// The groups given to callers and not destroyed: a registry, so that a call on a destroyed group (or on a pointer that
+// was never a group) is refused without reading the memory it points to. create_group adds a group as it returns it;
+// bitepGroupDestroy takes it out, inside the group's hold, before freeing it. add_live_group / forget_live_group are
+// public for the tests' group objects.
+void add_live_group(const bitepGroup* group);
+void forget_live_group(const bitepGroup* group);
+bool is_live_group(const bitepGroup* group);
 // group is a live group (not NULL, not destroyed); a broken one passes (the queries still answer on it).
 bitepResult_t check_live_group(bitepGroup_t group);
 // A live group that can still communicate (no earlier transport failure).
@@ -77,7 +84,9 @@ class GroupCall {
   // What the call does with the group's transport: kTransport (it may communicate) and kTeardown (bitepGroupDestroy)
   // pass the transport's thread rules too (Transport::enter_call); kLocal calls do not use it.
   enum Uses { kTransport, kTeardown, kLocal };
-  // group must be live (check_live_group); call: the API function's name, a string literal.
+  // Refuses a group that is not live (check_live_group); the test and the hold are taken under the registry's lock,
+  // so a bitepGroupDestroy on another thread either refuses this call or is refused. call: the API function's name, a
+  // string literal.
   bitepResult_t enter(bitepGroup_t group, const char* call, Uses uses = kTransport);
   // bitepGroupDestroy: the group goes with the hold (nothing is written to it after; its transport's destructor
   // ends the transport's part).

@@ -11,6 +11,7 @@
 #include <functional>
 #include <thread>
 
+#include "bitep/bitep_mpi.hpp"
 #include "tests/multirank/ep_checks.h"
 
 namespace ept {
@@ -304,6 +305,80 @@ TEST(EpFaults, DispatchRowWithTooManyExperts) {
       "row 0 routes to");
 }
 
+// The host backend's other routing checks (bitep.h: each row names exactly k distinct experts in [0, E)): a bitmap row
+// with too few experts, and the victim's map given as a bytemap with a 2, and as indices out of range and repeated.
+// routing_rows: the victim's bitmap rows (k = 2 experts each, E = 4 W) as bytes of the given format, in `map`.
+void routing_rows(const bitepDispatchArgs_t* a, bitepMapFormat_t fmt, std::vector<uint8_t>* map) {
+  const int E = 4 * world_size(), nb = (E + 7) / 8, k = 2;
+  const uint8_t* bits = static_cast<const uint8_t*>(a->routing_map);
+  const int64_t T = a->num_tokens;
+  if (fmt == bitepMapBytemap) {
+    map->assign(T * E, 0);
+    for (int64_t t = 0; t < T; ++t)
+      for (int e = 0; e < E; ++e) (*map)[t * E + e] = (bits[t * nb + e / 8] >> (e % 8)) & 1;
+  } else {
+    map->assign(T * k * sizeof(int32_t), 0);
+    int32_t* idx = reinterpret_cast<int32_t*>(map->data());
+    for (int64_t t = 0; t < T; ++t) {
+      int j = 0;
+      for (int e = 0; e < E; ++e)
+        if ((bits[t * nb + e / 8] >> (e % 8)) & 1) idx[t * k + j++] = e;
+      ASSERT_EQ(j, k) << "token " << t;
+    }
+  }
+}
+TEST(EpFaults, DispatchRowWithTooFewExperts) {
+  static std::vector<uint8_t> map;
+  expect_dispatch_fails(
+      [](bitepDispatchArgs_t* a, bitepHandle_t**) {
+        const int E = 4 * world_size(), nb = (E + 7) / 8;
+        map.assign(static_cast<const uint8_t*>(a->routing_map),
+                   static_cast<const uint8_t*>(a->routing_map) + a->num_tokens * nb);
+        for (int b = 0; b < nb; ++b) map[b] = 0;
+        map[0] = 0x01;  // token 0 now routes to expert 0 alone
+        a->routing_map = map.data();
+      },
+      "row 0 routes to 1 experts, expected topk = 2");
+}
+TEST(EpFaults, DispatchBytemapValueNotZeroOrOne) {
+  static std::vector<uint8_t> map;
+  expect_dispatch_fails(
+      [](bitepDispatchArgs_t* a, bitepHandle_t**) {
+        routing_rows(a, bitepMapBytemap, &map);
+        for (int e = 0; e < 4 * world_size(); ++e)
+          if (map[e] != 0) {
+            map[e] = 2;  // still nonzero: the first k nonzero bytes would be the same experts
+            break;
+          }
+        a->routing_map = map.data();
+        a->map_format = bitepMapBytemap;
+      },
+      "must be 0 or 1");
+}
+TEST(EpFaults, DispatchIndexOutOfRange) {
+  static std::vector<uint8_t> map;
+  expect_dispatch_fails(
+      [](bitepDispatchArgs_t* a, bitepHandle_t**) {
+        routing_rows(a, bitepMapTopkIndices, &map);
+        reinterpret_cast<int32_t*>(map.data())[1] = 4 * world_size();  // token 0's second index: E
+        a->routing_map = map.data();
+        a->map_format = bitepMapTopkIndices;
+      },
+      "must be in [0, num_experts");
+}
+TEST(EpFaults, DispatchIndexRepeated) {
+  static std::vector<uint8_t> map;
+  expect_dispatch_fails(
+      [](bitepDispatchArgs_t* a, bitepHandle_t**) {
+        routing_rows(a, bitepMapTopkIndices, &map);
+        int32_t* idx = reinterpret_cast<int32_t*>(map.data());
+        idx[1] = idx[0];  // token 0 names its first expert twice
+        a->routing_map = map.data();
+        a->map_format = bitepMapTopkIndices;
+      },
+      "twice");
+}
+
 TEST(EpFaults, WeightsOnSomeRanksOnly) {
   if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
   Spec s;
@@ -468,10 +543,10 @@ TEST(EpFaults, HandleOfAnotherGroup) {
   EXPECT_EQ(bitepHandleGetLayout(h.h, nullptr), bitepInvalidArgument);
 }
 
-// One rank gives a handle it cannot use (NULL, or another group's) while its peers give the right one: it fails
-// naming the handle, the peers at once with bitepRemoteError naming it (not after the group's timeout, which
-// would leave the group broken), in a combine, a dispatch backward and a combine backward; then the group
-// still combines.
+// One rank gives a handle it cannot use (NULL, another group's, or one whose group was destroyed) while its peers give
+// the right one: it fails naming the handle, the peers at once with bitepRemoteError naming it (not after the group's
+// timeout, which would leave the group broken), in a combine, a dispatch backward and a combine backward; then the
+// group still combines.
 TEST(EpFaults, BadHandleOnOneRank) {
   if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
   Spec s;
@@ -482,9 +557,14 @@ TEST(EpFaults, BadHandleOnOneRank) {
   ASSERT_EQ(make_group(s, &g, timeout), bitepSuccess) << bitepGetLastError();
   ASSERT_EQ(make_group(s, &other), bitepSuccess) << bitepGetLastError();
   const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
-  HandleGuard h, h_other;
+  HandleGuard h, h_other, h_stale;
   ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
   ASSERT_EQ(bitepDispatch(other.g, &a, nullptr, &h_other.h), bitepSuccess) << bitepGetLastError();
+  {  // a handle that outlives its group
+    GroupGuard gone;
+    ASSERT_EQ(make_group(s, &gone), bitepSuccess) << bitepGetLastError();
+    ASSERT_EQ(bitepDispatch(gone.g, &a, nullptr, &h_stale.h), bitepSuccess) << bitepGetLastError();
+  }
   CombineInputs ci;
   ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h.h, &ci));
   const std::vector<uint8_t>& y = ci.y;
@@ -495,9 +575,10 @@ TEST(EpFaults, BadHandleOnOneRank) {
   b.grad_out = out.data();
   b.grad_y = grad_y.data();
   const char* calls[] = {"bitepCombine", "bitepDispatchBackward", "bitepCombineBackward"};
-  for (int bad = 0; bad < 2; ++bad)
+  const char* bad_what[] = {" with a NULL handle", " with another group's", " with a destroyed group's"};
+  for (int bad = 0; bad < 3; ++bad)
     for (int call = 0; call < 3; ++call) {
-      const bitepHandle_t hv = rank != victim ? h.h : (bad == 0 ? nullptr : h_other.h);
+      const bitepHandle_t hv = rank != victim ? h.h : (bad == 0 ? nullptr : bad == 1 ? h_other.h : h_stale.h);
       const auto t0 = std::chrono::steady_clock::now();
       const bitepResult_t r =
           call == 0   ? bitepCombine(g.g, hv, &c, nullptr)
@@ -505,10 +586,13 @@ TEST(EpFaults, BadHandleOnOneRank) {
                       : bitepCombineBackward(g.g, hv, &b, nullptr);
       const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const std::string err = bitepGetLastError();
-      const std::string what = std::string(calls[call]) + (bad == 0 ? " with a NULL handle" : " with another group's");
+      const std::string what = std::string(calls[call]) + bad_what[bad];
       if (rank == victim) {
-        EXPECT_EQ(r, bitepInvalidArgument) << what << ": " << err;
-        EXPECT_TRUE(has(err, bad == 0 ? "handle is NULL" : "another group")) << what << ": " << err;
+        EXPECT_EQ(r, bad == 2 ? bitepInvalidUsage : bitepInvalidArgument) << what << ": " << err;
+        EXPECT_TRUE(has(err, bad == 0   ? "handle is NULL"
+                             : bad == 1 ? "another group"
+                                        : "group was destroyed"))
+            << what << ": " << err;
       } else {
         EXPECT_EQ(r, bitepRemoteError) << what << ": " << err;
         EXPECT_TRUE(has(err, "rank " + std::to_string(victim))) << what << ": " << err;
@@ -526,30 +610,88 @@ TEST(EpFaults, CombinesOfDifferentDispatches) {
   if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
   Spec s;
   const int W = world_size(), rank = world_rank(), victim = W - 1;
+  // The two dispatches route different tokens (another seed and count), so a combine that paired the rows of one with
+  // the other's handle would give other values.
+  Spec s2 = s;
+  s2.seed = s.seed + 17;
+  s2.tokens = [](int r, int) { return int64_t{9} + 2 * r; };
+  const std::vector<Input> world = make_world(s, W), world2 = make_world(s2, W);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]), a2 = dispatch_args(s2, world2[rank]);
+  HandleGuard h1, h2;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h1.h), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepDispatch(g.g, &a2, nullptr, &h2.h), bitepSuccess) << bitepGetLastError();
+  CombineInputs c1, c2;
+  ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h1.h, &c1));
+  ASSERT_NO_FATAL_FAILURE(combine_inputs(s2, W, rank, world2[rank], h2.h, &c2));
+  CombineInputs& first = rank == victim ? c2 : c1;
+  const bitepHandle_t first_h = rank == victim ? h2.h : h1.h;
+  EXPECT_EQ(bitepCombine(g.g, first_h, &first.args, nullptr), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "the same dispatch")) << bitepGetLastError();
+  std::vector<uint8_t> grad_y(first.y.size());
+  bitepCombineBackwardArgs_t b = BITEP_COMBINE_BWD_ARGS_INIT;
+  b.grad_out = first.out.data();
+  b.grad_y = grad_y.data();
+  EXPECT_EQ(bitepCombineBackward(g.g, first_h, &b, nullptr), bitepInvalidArgument);
+  EXPECT_TRUE(has(bitepGetLastError(), "the same dispatch")) << bitepGetLastError();
+  // In the same order on every rank, the second dispatch first: each gives its own tokens' values.
+  ASSERT_EQ(bitepCombine(g.g, h2.h, &c2.args, nullptr), bitepSuccess) << bitepGetLastError();
+  expect_values(s2, c2.out, reference_combine(s2, W, rank, world2[rank], c2.args.weighted != 0), "out of dispatch 2");
+  ASSERT_EQ(bitepCombine(g.g, h1.h, &c1.args, nullptr), bitepSuccess) << bitepGetLastError();
+  expect_values(s, c1.out, reference_combine(s, W, rank, world[rank], c1.args.weighted != 0), "out of dispatch 1");
+}
+
+// A combine whose ranks pass different `weighted`: each rank weights the rows it sums for the others by its own flag,
+// so the outputs would mix weighted and unweighted sums. Every rank of a host group fails naming it; then the combine
+// with one flag gives the right values.
+TEST(EpFaults, CombineWeightedDiffersAcrossRanks) {
+  if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  Spec s;
+  const int W = world_size(), rank = world_rank(), victim = W - 1;
   const std::vector<Input> world = make_world(s, W);
   GroupGuard g;
   ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
   const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
-  HandleGuard h1, h2;
-  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h1.h), bitepSuccess) << bitepGetLastError();
-  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h2.h), bitepSuccess) << bitepGetLastError();
+  HandleGuard h;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
   CombineInputs ci;
-  ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h1.h, &ci));
-  std::vector<uint8_t>& out = ci.out;
-  bitepCombineArgs_t& c = ci.args;
-  std::vector<uint8_t> grad_y(ci.y.size());
-  const bitepHandle_t first = rank == victim ? h2.h : h1.h;
-  EXPECT_EQ(bitepCombine(g.g, first, &c, nullptr), bitepInvalidArgument);
-  EXPECT_TRUE(has(bitepGetLastError(), "the same dispatch")) << bitepGetLastError();
-  bitepCombineBackwardArgs_t b = BITEP_COMBINE_BWD_ARGS_INIT;
-  b.grad_out = out.data();
-  b.grad_y = grad_y.data();
-  EXPECT_EQ(bitepCombineBackward(g.g, first, &b, nullptr), bitepInvalidArgument);
-  EXPECT_TRUE(has(bitepGetLastError(), "the same dispatch")) << bitepGetLastError();
-  for (bitepHandle_t h : {h1.h, h2.h}) {
-    ASSERT_EQ(bitepCombine(g.g, h, &c, nullptr), bitepSuccess) << bitepGetLastError();
-    expect_values(s, out, reference_combine(s, W, rank, world[rank], c.weighted != 0), "out");
+  ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h.h, &ci));
+  ci.args.weighted = rank == victim ? 0 : 1;
+  const std::vector<uint8_t> before = ci.out;
+  EXPECT_EQ(bitepCombine(g.g, h.h, &ci.args, nullptr), bitepInvalidArgument);
+  const std::string err = bitepGetLastError();
+  EXPECT_TRUE(has(err, "weighted")) << err;
+  EXPECT_TRUE(has(err, "rank " + std::to_string(rank == victim ? 0 : victim))) << err;
+  EXPECT_EQ(ci.out, before) << "a refused combine wrote its output";
+  for (int weighted : {0, 1}) {
+    ci.args.weighted = weighted;
+    ASSERT_EQ(bitepCombine(g.g, h.h, &ci.args, nullptr), bitepSuccess) << bitepGetLastError();
+    expect_values(s, ci.out, reference_combine(s, W, rank, world[rank], weighted != 0), "out");
   }
+}
+
+// The C++ layer's MPI bootstrap (bitep_mpi.hpp): bitep::group_from_mpi makes a group over the communicator, and throws
+// bitep::Error with the C API's code and detail on every rank where a config is bad.
+TEST(EpFaults, CppGroupFromMpi) {
+  Spec s;
+  const int W = world_size(), rank = world_rank();
+  bitepGroupConfig_t cfg = group_config(s, W);
+  bitep::Group g = bitep::group_from_mpi(MPI_COMM_WORLD, cfg);
+  ASSERT_NE(g.get(), nullptr);
+  EXPECT_EQ(g.rank(), rank);
+  EXPECT_EQ(g.nranks(), W);
+  const int victim = W - 1;
+  if (rank == victim) cfg.topk = 0;  // a bad config on the last rank
+  try {
+    (void)bitep::group_from_mpi(MPI_COMM_WORLD, cfg);
+    ADD_FAILURE() << "a bad config on rank " << victim << " made a group";
+  } catch (const bitep::Error& e) {
+    EXPECT_EQ(e.result(), rank == victim ? bitepInvalidArgument : bitepRemoteError) << e.what();
+    EXPECT_TRUE(has(e.what(), rank == victim ? "topk" : "rank " + std::to_string(victim))) << e.what();
+  }
+  g.reset();
+  EXPECT_EQ(g.get(), nullptr);
 }
 
 // Weights count only where there are tokens: a rank with none may pass weight pointers while the ranks with

@@ -207,13 +207,16 @@ class CountingTransport final : public bitep::ep::Transport {
   int entered = 0, left = 0;
 };
 
-// A group object as the bootstraps leave it, with the counting transport (no pool: GroupCall does not use it).
+// A group object as the bootstraps leave it, with the counting transport (no pool: GroupCall does not use it), in the
+// registry of live groups while it exists.
 struct TestGroup {
   TestGroup() {
     auto t = std::make_unique<CountingTransport>();
     transport = t.get();
     group.transport = std::move(t);
+    bitep::ep::add_live_group(&group);
   }
+  ~TestGroup() { bitep::ep::forget_live_group(&group); }
   bitepGroup group;
   CountingTransport* transport = nullptr;
 };
@@ -279,14 +282,31 @@ TEST(GroupCall, TheTransportSeesOnlyCallsThatCommunicateAndMayRefuseThem) {
   EXPECT_EQ(next.enter(&g.group, "bitepDispatch"), bitepSuccess) << bitepGetLastError();
 }
 
+// A group out of the registry (as bitepGroupDestroy leaves it, before it frees the object), and a pointer that never
+// was a group (its bytes are not read: they hold the group's magic here) are refused without entering the transport.
 TEST(GroupCall, ADestroyedGroupIsRefused) {
   TestGroup g;
-  g.group.magic = 0;  // as bitepGroupDestroy leaves it
-  bitep::ep::GroupCall call;
-  EXPECT_EQ(call.enter(&g.group, "bitepDispatch"), bitepInvalidArgument);
-  EXPECT_NE(std::string(bitepGetLastError()).find("not a live bitep group"), std::string::npos) << bitepGetLastError();
+  bitep::ep::forget_live_group(&g.group);
+  {
+    bitep::ep::GroupCall call;
+    EXPECT_EQ(call.enter(&g.group, "bitepDispatch"), bitepInvalidArgument);
+    EXPECT_NE(std::string(bitepGetLastError()).find("not a live bitep group"), std::string::npos)
+        << bitepGetLastError();
+  }
   EXPECT_EQ(g.transport->entered, 0);
-  g.group.magic = bitep::ep::kGroupMagic;
+  EXPECT_EQ(g.group.in_call.load(), nullptr) << "a refused call took the group";
+  int rank = -1;
+  EXPECT_EQ(bitepGroupGetRank(&g.group, &rank, nullptr), bitepInvalidArgument);
+  EXPECT_EQ(rank, -1);
+  EXPECT_EQ(bitepGroupDestroy(&g.group), bitepInvalidArgument) << "a second destroy";
+  bitep::ep::add_live_group(&g.group);
+  bitep::ep::GroupCall after;
+  EXPECT_EQ(after.enter(&g.group, "bitepDispatch"), bitepSuccess) << bitepGetLastError();
+
+  std::vector<uint32_t> junk(sizeof(bitepGroup) / sizeof(uint32_t) + 1, bitep::ep::kGroupMagic);
+  bitep::ep::GroupCall call;
+  EXPECT_EQ(call.enter(reinterpret_cast<bitepGroup_t>(junk.data()), "bitepDispatch"), bitepInvalidArgument);
+  EXPECT_NE(std::string(bitepGetLastError()).find("not a live bitep group"), std::string::npos) << bitepGetLastError();
 }
 
 // 8 threads each try 2000 calls on one group: the calls that enter never overlap (a counter of the threads inside

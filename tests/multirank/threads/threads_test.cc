@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "bitep/bitep.h"
+#include "bitep/bitep.hpp"
 #include "bitep/bitep_mpi.h"
 #include "src/ep/group.h"  // bitepGroup::in_call: when a thread is inside a call (a test waits for it, reads nothing else)
 #include "tests/multirank/ep_checks.h"  // gpu_per_rank
@@ -301,6 +302,18 @@ void held_call_is_refused(const Place& place) {
     EXPECT_TRUE(refused(bitepGroupTrimMemory(g, &bytes), {"inside bitepDispatch"}));
     EXPECT_TRUE(refused(bitepGroupLowLatencyCapturable(g, &capturable), {"inside bitepDispatch"}));
     EXPECT_TRUE(refused(bitepGroupDestroy(g), {"bitepGroupDestroy: ", "inside bitepDispatch", "must not overlap"}));
+    {  // The C++ layer's reset throws the refusal and keeps the group (its destructor would drop it unfreed).
+      bitep::Group cpp(g);
+      try {
+        cpp.reset();
+        ADD_FAILURE() << "bitep::Group::reset() returned while another thread is inside bitepDispatch";
+      } catch (const bitep::Error& e) {
+        EXPECT_EQ(e.result(), bitepInvalidUsage) << e.what();
+        EXPECT_NE(std::string(e.what()).find("inside bitepDispatch"), std::string::npos) << e.what();
+      }
+      EXPECT_EQ(cpp.get(), g) << "a refused reset let go of the group";
+      EXPECT_EQ(cpp.release(), g);
+    }
     // What creation fixed, and a handle's layout, may be read at any time.
     int rank = -1, nranks = -1;
     EXPECT_EQ(bitepGroupGetRank(g, &rank, &nranks), bitepSuccess) << bitepGetLastError();
