@@ -284,9 +284,11 @@ bitepResult_t combine(bitepGroup_t g,
     // sums for the others by its own flag, so two such ranks that differ would return sums of both kinds (rank-major
     // rows come summed: their flag is not used).
     const bool expert_major = layout == bitepLayoutExpertMajor;
-    const int32_t mine = dispatch_bits(h) | (expert_major ? 2 : 0) | (expert_major && weighted != 0 ? 1 : 0);
+    // (h is read only where this rank's checks passed: it may be NULL, or another group's, otherwise.)
+    const int32_t mine =
+        local != bitepSuccess ? 0 : dispatch_bits(h) | (expert_major ? 2 : 0) | (expert_major && weighted != 0 ? 1 : 0);
     std::vector<int32_t> all;
-    BITEP_CHECK(agree_status(g, local, what, local == bitepSuccess ? mine : 0, &all));
+    BITEP_CHECK(agree_status(g, local, what, mine, &all));
     BITEP_CHECK(same_dispatch(g, all, what));
     for (int q = 0; q < g->nranks; ++q)
       if ((all[q] & 2) != 0 && (mine & 2) != 0 && (all[q] & 1) != (mine & 1))

@@ -247,7 +247,8 @@ std::vector<double> grad_errors(const std::vector<W>& want,
     for (int e = 0; e < E; ++e) {
       const double w = want[t * E + e], g = got[t * E + e];
       if ((std::isnan(w) && std::isnan(g)) || (std::isinf(w) && w == g)) continue;
-      const double d = std::max(0.0, std::fabs(g - w) - slack);
+      const double a = std::fabs(g - w);  // NaN where one side is (the outputs start as NaN: an unwritten element)
+      const double d = std::isnan(a) ? std::numeric_limits<double>::infinity() : std::max(0.0, a - slack);
       num += std::isfinite(d) ? d * d : std::numeric_limits<double>::infinity();
       den += M[t * E + e] * M[t * E + e];
       dw += std::isfinite(w) ? w * w : 0.0;

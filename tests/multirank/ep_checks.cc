@@ -57,7 +57,13 @@ void check_received(const Spec& s, int W, int rank, const std::vector<Input>& wo
     EXPECT_EQ(lo.expert_offsets[l], x.expert_offsets[l]) << "expert " << l;
   }
   EXPECT_EQ(lo.expert_offsets[L], x.N);
-  if (s.weights == Weights::kNone) EXPECT_EQ(lo.recv_weights, nullptr);
+  // Weights given (dense or compact) and some rank has tokens: the layout shows them, on every rank, even one that
+  // receives no row (with no token anywhere there is nothing to weigh, and the layout has none).
+  const bool any_tokens = std::any_of(world.begin(), world.end(), [](const Input& in) { return in.T > 0; });
+  if (s.weights == Weights::kNone)
+    EXPECT_EQ(lo.recv_weights, nullptr);
+  else if (any_tokens)
+    EXPECT_NE(lo.recv_weights, nullptr) << "weights were given but the layout has no recv_weights, rank " << rank;
   Mismatches m;
   std::vector<int64_t> next(x.expert_offsets.begin(), x.expert_offsets.end() - 1);
   for (int64_t i = 0; i < x.R; ++i) {

@@ -78,11 +78,13 @@ TEST_P(EpGrid, DispatchAndCombine) {
   std::vector<uint8_t> gx(out_u.size() + 1, 0xcd);
   ASSERT_EQ(bitepDispatchBackward(g.g, h.h, y.data(), bitepLayoutExpertMajor, gx.data(), nullptr), bitepSuccess)
       << bitepGetLastError();
+  EXPECT_EQ(gx.back(), 0xcd) << "dispatch backward (expert-major) wrote past grad_x";
   gx.pop_back();
   EXPECT_TRUE(gx == out_u) << "dispatch backward (expert-major) differs from the unweighted combine";
   std::vector<uint8_t> gx_rm(out_rm.size() + 1, 0xcd);
   ASSERT_EQ(bitepDispatchBackward(g.g, h.h, y_rm.data(), bitepLayoutRankMajor, gx_rm.data(), nullptr), bitepSuccess)
       << bitepGetLastError();
+  EXPECT_EQ(gx_rm.back(), 0xcd) << "dispatch backward (rank-major) wrote past grad_x";
   gx_rm.pop_back();
   EXPECT_TRUE(gx_rm == out_rm) << "dispatch backward (rank-major) differs from the rank-major combine";
 }

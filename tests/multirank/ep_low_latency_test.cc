@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 // bitepDispatchLowLatency against bitepDispatch on the same group and inputs, over the scenario grid: the
 // expert counts and offsets against what every rank must receive, the expert-major rows bit for bit, and the
-// combines (weighted and not) bit for bit, twice (both slot parities) and with two handles in flight
-// combined in reverse order; on the cuda backend also captured into a CUDA graph and launched several times
-// (run_graphs). Host backend always (the regular dispatch underneath); the cuda backend where there is one GPU
-// per rank (the low-latency window's kernels where the ranks share an NVLink domain). EpCudaGraph: a decode step
-// (router, low-latency dispatch, combine) in one CUDA graph against the same calls made one by one.
-// Then the argument errors, alike on every rank.
+// combines (weighted and not) bit for bit, twice (both slot parities) and with two handles of different inputs in
+// flight combined in reverse order, each against its own input; on the cuda backend also captured into a CUDA graph and
+// launched several times (run_graphs). Host backend always (the regular dispatch underneath); the cuda backend where
+// there is one GPU per rank (the low-latency window's kernels where the ranks share an NVLink domain). EpCudaGraph: a
+// decode step (router, low-latency dispatch, combine) in one CUDA graph against the same calls made one by one. Then
+// the argument errors, alike on every rank.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -438,13 +438,57 @@ TEST(EpCudaGraph, DecodeStepRouterDispatchCombine) {
 }
 #endif
 
+// One input of the low-latency tests, with the regular dispatch of it and its combines, which the low-latency calls of
+// it must match.
+struct LowLatencyInput {
+  Spec spec;
+  std::vector<Input> world;
+  bitepDispatchArgs_t args;  // backend memory
+  HandleGuard regular;
+  Experts e0;
+  std::vector<std::vector<uint8_t>> want_out;  // [weighted]
+};
+
+// The input of spec s into `in` (its world made before), its regular dispatch and combines (checked against the
+// reference combine on the host backend).
+void prepare_input(Mem& mem, bitepGroup_t g, bool cuda, bitepStream_t stream, LowLatencyInput* in) {
+  const Spec& s = in->spec;
+  const int W = world_size(), rank = world_rank();
+  const Input& mine = in->world[rank];
+  bitepDispatchArgs_t& a = in->args;
+  a = dispatch_args(s, mine);
+  a.x = mem.put(mine.x.data(), mine.x.size());
+  a.routing_map = mem.put(mine.map.data(), mine.map.size());
+  if (a.probs) a.probs = static_cast<const float*>(mem.put(mine.probs.data(), 4 * mine.probs.size()));
+  if (a.topk_weights) a.topk_weights = static_cast<const float*>(mem.put(mine.topk.data(), 4 * mine.topk.size()));
+  ASSERT_EQ(bitepDispatch(g, &a, stream, &in->regular.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lo0;
+  ASSERT_EQ(bitepHandleGetLayout(in->regular.h, &lo0), bitepSuccess);
+  in->e0 = experts_of(mem, s, lo0);
+  const Expected want = expected_receive(s, W, rank, in->world);
+  for (int l = 0; l < s.L; ++l) ASSERT_EQ(in->e0.counts[l], want.expert_counts[l]) << "regular dispatch, expert " << l;
+  const std::vector<uint8_t> y0 = toy_outputs(s, W, rank, in->e0, lo0.num_expert_rows);
+  const int weighted = s.weights != Weights::kNone;
+  for (int w = 0; w <= weighted; ++w)
+    in->want_out.push_back(run_combine(mem, g, in->regular.h, y0, w, mine.T, s, stream));
+  if (!cuda)
+    for (int w = 0; w <= weighted; ++w)
+      expect_values(s, in->want_out[w], reference_combine(s, W, rank, mine, w != 0), w ? "weighted out" : "out");
+}
+
 void run_low_latency(const Spec& s, bool cuda, int device) {
   const int W = world_size(), rank = world_rank();
-  const std::vector<Input> world = make_world(s, W);
-  const Input& in = world[rank];
-  const size_t row = s.H * dsize(s.dtype);
+  // Two inputs: the spec's (A), and another (B: another seed, so other rows, experts and weights, and one token fewer
+  // on rank 0 where it has two or more), for the two handles in flight below.
+  LowLatencyInput A, B;
+  A.spec = s;
+  B.spec = s;
+  B.spec.seed = s.seed + 7919;
+  B.spec.tokens = [t = s.tokens](int r, int w) { return r == 0 && t(r, w) >= 2 ? t(r, w) - 1 : t(r, w); };
+  A.world = make_world(A.spec, W);
+  B.world = make_world(B.spec, W);
   bitepGroupConfig_t c = group_config(s, W);
-  c.low_latency_max_tokens = static_cast<int>(max_tokens(world));
+  c.low_latency_max_tokens = static_cast<int>(std::max(max_tokens(A.world), max_tokens(B.world)));
   if (cuda) {
     c.backend = bitepBackendCuda;
     c.device = device;
@@ -453,32 +497,15 @@ void run_low_latency(const Spec& s, bool cuda, int device) {
   ASSERT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g.g), bitepSuccess) << bitepGetLastError();
   Mem mem(cuda);
   bitepStream_t stream = nullptr;
-  bitepDispatchArgs_t a = dispatch_args(s, in);
-  a.x = mem.put(in.x.data(), in.x.size());
-  a.routing_map = mem.put(in.map.data(), in.map.size());
-  if (a.probs) a.probs = static_cast<const float*>(mem.put(in.probs.data(), 4 * in.probs.size()));
-  if (a.topk_weights) a.topk_weights = static_cast<const float*>(mem.put(in.topk.data(), 4 * in.topk.size()));
-
-  HandleGuard regular;
-  ASSERT_EQ(bitepDispatch(g.g, &a, stream, &regular.h), bitepSuccess) << bitepGetLastError();
-  bitepDispatchLayout_t lo0;
-  ASSERT_EQ(bitepHandleGetLayout(regular.h, &lo0), bitepSuccess);
-  const Experts e0 = experts_of(mem, s, lo0);
-  const Expected want = expected_receive(s, W, rank, world);
+  ASSERT_NO_FATAL_FAILURE(prepare_input(mem, g.g, cuda, stream, &A));
+  ASSERT_NO_FATAL_FAILURE(prepare_input(mem, g.g, cuda, stream, &B));
   const int L = s.L;
-  for (int l = 0; l < L; ++l) ASSERT_EQ(e0.counts[l], want.expert_counts[l]) << "regular dispatch, expert " << l;
-  const std::vector<uint8_t> y0 = toy_outputs(s, W, rank, e0, lo0.num_expert_rows);
   const int weighted = s.weights != Weights::kNone;
-  std::vector<std::vector<uint8_t>> want_out;
-  for (int w = 0; w <= weighted; ++w) want_out.push_back(run_combine(mem, g.g, regular.h, y0, w, in.T, s, stream));
-  if (!cuda)
-    for (int w = 0; w <= weighted; ++w)
-      expect_values(s, want_out[w], reference_combine(s, W, rank, in, w != 0), w ? "weighted out" : "out");
 
-  // One low-latency dispatch and its combines, checked against the regular ones.
+  // One low-latency dispatch of input `in` and its combines, checked against the regular ones of the same input.
   const char* lsa = std::getenv("BITEP_LSA");
   const bool lsa_off = lsa != nullptr && std::string(lsa) == "0";
-  auto check = [&](bitepHandle_t h, const char* what) {
+  auto check = [&](bitepHandle_t h, const LowLatencyInput& in, const std::string& what) {
     SCOPED_TRACE(what);
     bitepDispatchLayout_t lo;
     ASSERT_EQ(bitepHandleGetLayout(h, &lo), bitepSuccess);
@@ -491,9 +518,9 @@ void run_low_latency(const Spec& s, bool cuda, int device) {
     EXPECT_EQ(lo.recv_counts_host, nullptr);
     EXPECT_EQ(lo.send_counts_host, nullptr);
     EXPECT_EQ(lo.num_local_experts, L);
-    const Experts e = experts_of(mem, s, lo);
-    EXPECT_EQ(e.counts, e0.counts) << "expert counts, rank " << rank;
-    EXPECT_EQ(e.offsets, e0.offsets) << "expert offsets, rank " << rank;
+    const Experts e = experts_of(mem, in.spec, lo);
+    EXPECT_EQ(e.counts, in.e0.counts) << "expert counts, rank " << rank;
+    EXPECT_EQ(e.offsets, in.e0.offsets) << "expert offsets, rank " << rank;
     EXPECT_GE(lo.num_expert_rows, e.offsets[L]);
     if (cuda && W == 1 && !lsa_off) {  // the fast path over the rank's own window: its fixed capacity
       const int64_t KL = std::min(c.topk, L);
@@ -501,27 +528,35 @@ void run_low_latency(const Spec& s, bool cuda, int device) {
                 static_cast<int64_t>(c.low_latency_max_tokens) * KL + int64_t{L} * (c.expert_alignment - 1))
           << "a one-rank cuda group did not take the low-latency kernels";
     }
-    EXPECT_TRUE(e.x == e0.x) << "expert-major rows differ from bitepDispatch's on rank " << rank;
-    const std::vector<uint8_t> y = toy_outputs(s, W, rank, e, lo.num_expert_rows);
+    EXPECT_TRUE(e.x == in.e0.x) << "expert-major rows differ from bitepDispatch's on rank " << rank;
+    const std::vector<uint8_t> y = toy_outputs(in.spec, W, rank, e, lo.num_expert_rows);
     for (int w = 0; w <= weighted; ++w)
-      EXPECT_TRUE(run_combine(mem, g.g, h, y, w, in.T, s, stream) == want_out[w])
+      EXPECT_TRUE(run_combine(mem, g.g, h, y, w, in.world[rank].T, in.spec, stream) == in.want_out[w])
           << (w ? "weighted " : "") << "combine differs from bitepCombine's on rank " << rank;
   };
   for (int round = 0; round < 2; ++round) {
     HandleGuard h;
-    ASSERT_EQ(bitepDispatchLowLatency(g.g, &a, stream, &h.h), bitepSuccess) << bitepGetLastError();
-    check(h.h, round == 0 ? "first low-latency dispatch" : "second low-latency dispatch");
+    ASSERT_EQ(bitepDispatchLowLatency(g.g, &A.args, stream, &h.h), bitepSuccess) << bitepGetLastError();
+    check(h.h, A, round == 0 ? "first low-latency dispatch" : "second low-latency dispatch");
   }
-  // Two in flight, combined in reverse order (the later one first).
-  HandleGuard h1, h2;
-  ASSERT_EQ(bitepDispatchLowLatency(g.g, &a, stream, &h1.h), bitepSuccess) << bitepGetLastError();
-  ASSERT_EQ(bitepDispatchLowLatency(g.g, &a, stream, &h2.h), bitepSuccess) << bitepGetLastError();
-  check(h2.h, "second of two in flight");
-  check(h1.h, "first of two in flight");
+  // Two in flight, of different inputs, combined in reverse order (the later one first); twice, A then B and B then
+  // A, so that each input passes through both slot parities. Each handle is checked against its own input's regular
+  // dispatch: a combine that read the other handle's state, or the other parity's slots, gives the other's values.
+  for (int pair = 0; pair < 2; ++pair) {
+    const LowLatencyInput& first = pair == 0 ? A : B;
+    const LowLatencyInput& second = pair == 0 ? B : A;
+    const std::string names = pair == 0 ? " (A then B)" : " (B then A)";
+    HandleGuard h1, h2;
+    ASSERT_EQ(bitepDispatchLowLatency(g.g, &first.args, stream, &h1.h), bitepSuccess) << bitepGetLastError();
+    ASSERT_EQ(bitepDispatchLowLatency(g.g, &second.args, stream, &h2.h), bitepSuccess) << bitepGetLastError();
+    check(h2.h, second, "second of two in flight" + names);
+    check(h1.h, first, "first of two in flight" + names);
+  }
 #ifdef BITEP_MULTIRANK_CUDA
   if (cuda) {
     SCOPED_TRACE("CUDA graphs");
-    run_graphs(mem, g.g, regular.h, a, s, in.T, e0, want_out[weighted], weighted, W == 1 && !lsa_off);
+    run_graphs(mem, g.g, A.regular.h, A.args, s, A.world[rank].T, A.e0, A.want_out[weighted], weighted,
+               W == 1 && !lsa_off);
   }
 #endif
 }

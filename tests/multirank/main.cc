@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // main() of the multi-rank tests: MPI_Init/Finalize; rank 0 prints gtest's output, the other ranks print
 // only their failures (prefixed with the rank); after each test rank 0 names the ranks where it failed;
-// the process fails on every rank if any rank failed anything. Environment BITEP_TEST_MPI_THREAD=single, funneled,
-// serialized or multiple: MPI_Init_thread at that level (the thread tests); unset, MPI_Init.
+// the process fails on every rank if any rank failed anything, and returns kSkipped (ctest's SKIP_RETURN_CODE) on every
+// rank if no rank failed anything and every rank skipped every test it ran (so mpirun, which returns a non-zero rank's
+// code, says 77 only then, and a failure beside a skip stays a failure). Environment BITEP_TEST_MPI_THREAD=single,
+// funneled, serialized or multiple: MPI_Init_thread at that level (the thread tests); unset, MPI_Init.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -17,6 +19,9 @@
 namespace {
 
 int g_rank = 0, g_size = 1, g_thread_level = MPI_THREAD_SINGLE;
+
+// The exit status of a run in which every test that ran was skipped (tests/multirank/CMakeLists.txt: SKIP_RETURN_CODE).
+constexpr int kSkipped = 77;
 
 // Other ranks: print failed assertions only.
 class FailurePrinter : public testing::EmptyTestEventListener {
@@ -85,9 +90,14 @@ int main(int argc, char** argv) {
     std::printf("bitep multirank tests on %d rank(s)\n", g_size);
   }
   listeners.Append(new RankAgreement);
-  int local = RUN_ALL_TESTS() != 0 ? 1 : 0, any = 0;
-  MPI_Allreduce(&local, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  if (g_rank == 0 && any && !local) std::printf("FAILED on another rank (see [rank N] lines above)\n");
+  const int failed = RUN_ALL_TESTS() != 0 ? 1 : 0;
+  // {failed, ran a test that was not skipped}, the most over the ranks: one verdict on every rank.
+  const testing::UnitTest& u = *testing::UnitTest::GetInstance();
+  const int ran = u.test_to_run_count(), skipped = u.skipped_test_count();
+  int local[2] = {failed, ran == 0 || skipped < ran ? 1 : 0}, any[2] = {0, 0};
+  MPI_Allreduce(local, any, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (g_rank == 0 && any[0] && !failed) std::printf("FAILED on another rank (see [rank N] lines above)\n");
+  if (g_rank == 0 && !any[0] && !any[1]) std::printf("SKIPPED: every test that ran skipped, on every rank\n");
   MPI_Finalize();
-  return any;
+  return any[0] ? 1 : any[1] ? 0 : kSkipped;
 }

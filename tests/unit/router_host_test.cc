@@ -3,6 +3,7 @@
 // score functions, options and logit dtypes; degenerate rows; gradients vs finite differences.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -88,34 +89,105 @@ std::vector<float> make_bias(int E, uint32_t seed) {
   return b;
 }
 
-// Gradient error per row: ||got - ref|| / max(||ref||, scale * ||grad_probs||). The second term is the
-// size of the input gradient: the backward's fp32 formulas (TE's: s * (1 - s) from the saved sigmoid,
-// y_i * (g_i - dot) for softmax) cancel digits when a score saturates, so the error is bounded against
-// the input, not against a small output. Worst row over `rows`.
+// M: the size of each element of the backward with every term taken by its magnitude, so without the cancellation
+// of the formulas (y_i (g_i - dot) for softmax, g_i / d - dot / d^2 for the normalisation), fp64. The fp32 rounding
+// errors of those formulas are relative to M, and M is spread like the gradient itself: only the entries of
+// grad_probs that reach the gradient count (the routed ones, or all for pre-top-k softmax and aux), so the error of a
+// zero gradient, or of one of half the size, is ||ref|| / ||M|| (or half of it), far above the tolerances. (Dividing
+// by ||grad_probs|| over all E experts let a gradient of zero pass at large E.) into_sigmoid (sigmoid only): the
+// magnitude reaching the sigmoid's derivative, M_e / sigmoid'(x_e); 0 elsewhere.
+std::vector<double> grad_scale(const bitepRouterConfig_t& c,
+                               int64_t T,
+                               const std::vector<double>& x,
+                               const std::vector<uint8_t>& bytemap,
+                               const std::vector<float>& gp,
+                               bool aux,
+                               std::vector<double>* into_sigmoid) {
+  const int E = c.num_experts;
+  const bool softmax = c.score_function == bitepScoreSoftmax, pre = softmax && (aux || c.use_pre_softmax);
+  const double scale = aux ? 1.0 : c.scaling_factor;
+  std::vector<double> out(static_cast<size_t>(T) * E, 0.0);
+  into_sigmoid->assign(static_cast<size_t>(T) * E, 0.0);
+  for (int64_t t = 0; t < T; ++t) {
+    const double* xr = &x[t * E];
+    double* m = &out[t * E];
+    std::vector<char> routed(E);
+    std::vector<double> g(E);
+    for (int e = 0; e < E; ++e) {
+      routed[e] = aux || bytemap[t * E + e];
+      g[e] = routed[e] ? std::fabs(gp[t * E + e] * scale) : 0.0;
+    }
+    if (softmax) {  // a_e (|g_e| + sum |g| a) over the softmax's experts
+      double mx = -INFINITY, s = 0.0, S = 0.0;
+      std::vector<double> a(E, 0.0);
+      for (int e = 0; e < E; ++e)
+        if (pre || routed[e]) mx = std::fmax(mx, xr[e]);
+      for (int e = 0; e < E; ++e)
+        if (pre || routed[e]) s += (a[e] = std::exp(xr[e] - mx));
+      for (int e = 0; e < E; ++e) a[e] /= s, S += g[e] * a[e];
+      for (int e = 0; e < E; ++e) m[e] = (pre || routed[e]) ? a[e] * (g[e] + S) : 0.0;
+      continue;
+    }
+    std::vector<double> y(E), dy(E);  // the score and its derivative
+    for (int e = 0; e < E; ++e) {
+      const double sg = 1.0 / (1.0 + std::exp(-xr[e]));
+      if (c.score_function == bitepScoreSigmoid) {
+        y[e] = sg, dy[e] = sg * (1.0 - sg);
+      } else {
+        y[e] = std::sqrt(xr[e] > 20.0 ? xr[e] : std::log1p(std::exp(xr[e])));
+        dy[e] = sg / (2.0 * y[e]);
+      }
+    }
+    std::vector<double> in(g);  // into the score's derivative: (|g_e| + sum |g| y / d) / d after the normalisation
+    if (c.topk > 1) {
+      double d = 1e-20, S = 0.0;
+      for (int e = 0; e < E; ++e)
+        if (routed[e]) d += y[e];
+      for (int e = 0; e < E; ++e)
+        if (routed[e]) S += g[e] * y[e] / d;
+      for (int e = 0; e < E; ++e) in[e] = routed[e] ? (g[e] + S) / d : 0.0;
+    }
+    for (int e = 0; e < E; ++e) m[e] = in[e] * dy[e];
+    if (c.score_function == bitepScoreSigmoid) std::copy(in.begin(), in.end(), into_sigmoid->begin() + t * E);
+  }
+  return out;
+}
+
+// Gradient error per row: ||got - ref|| / ||M|| (M of grad_scale), NaN counting as infinite; fp16 forgives half a
+// subnormal step per element (slack: the rounding of a value below fp16's normal range). Worst row over `rows`.
 double grad_err(const std::vector<double>& ref,
                 const std::vector<double>& got,
-                const std::vector<float>& gp,
+                const std::vector<double>& M,
                 int64_t T,
                 int E,
-                double scale,
+                double slack,
                 const std::vector<char>& rows) {
   double worst = 0.0;
   for (int64_t t = 0; t < T; ++t) {
     if (!rows[t]) continue;
-    double num = 0, den = 0, in = 0;
+    double num = 0, den = 0;
     for (int e = 0; e < E; ++e) {
-      const double d = got[t * E + e] - ref[t * E + e];
-      num += std::isnan(d) ? INFINITY : d * d;
-      den += ref[t * E + e] * ref[t * E + e];
-      in += double(gp[t * E + e]) * gp[t * E + e];
+      const double d = std::fabs(got[t * E + e] - ref[t * E + e]);
+      num += std::isnan(d) ? INFINITY : std::max(0.0, d - slack) * std::max(0.0, d - slack);
+      den += M[t * E + e] * M[t * E + e];
     }
-    worst = std::max(worst, std::sqrt(num) / std::max({std::sqrt(den), std::fabs(scale) * std::sqrt(in), 1e-30}));
+    worst = std::max(worst, std::sqrt(num) / std::max(std::sqrt(den), 1e-30));
   }
   return worst;
 }
 
-// By the dtype the gradient is written in: fp32 arithmetic, or its rounding to bf16 / fp16.
+// By the dtype the gradient is written in: fp32 arithmetic, or its rounding to bf16 / fp16 (half an ulp of the value:
+// at most 2^-8 / 2^-11 of it, so of M, with room for the fp32 arithmetic before it).
 double grad_tol(bitepDataType_t dt) { return dt == bitepFloat32 ? 1e-5 : dt == bitepFloat16 ? 2e-3 : 1e-2; }
+double grad_slack(bitepDataType_t dt) { return dt == bitepFloat16 ? 0x1p-25 : 0.0; }
+
+// The scale of a gradient from the saved tensor: saved holds the fp32 sigmoid y (its rounding and expf's, 2^-22
+// absolute at most), and y (1 - y) passes that error on whatever the tolerance: where 1 - y is small it dominates.
+// So the saved path is allowed tol ||M|| + ||2^-22 into_sigmoid|| per row, as the scale M + 2^-22 into_sigmoid / tol.
+std::vector<double> saved_scale(std::vector<double> M, const std::vector<double>& into_sigmoid, double tol) {
+  for (size_t i = 0; i < M.size(); ++i) M[i] += 0x1p-22 * into_sigmoid[i] / tol;
+  return M;
+}
 
 class RouterGrid : public ::testing::TestWithParam<Case> {};
 
@@ -200,9 +272,12 @@ TEST_P(RouterGrid, HostMatchesFp64Reference) {
   for (float& v : gp) v = gd(rng);
   const std::vector<double> gp64(gp.begin(), gp.end());
   const auto ref_grad = bitep::ref::router_backward(cfg, T, x, bytemap, gp64, false);
+  std::vector<double> into_sigmoid;
+  const std::vector<double> M = grad_scale(cfg, T, x, bytemap, gp, false, &into_sigmoid);
+  const double tol = grad_tol(c.dtype);
   const int ds = c.dtype == bitepFloat32 ? 4 : 2;
   for (int recompute = 0; recompute < 2; ++recompute) {
-    std::vector<uint8_t> gl(T * E * ds, 0xA5);
+    std::vector<uint8_t> gl(T * E * ds, 0xFF);  // NaN in every dtype: an element not written fails
     bitepRouterBackwardArgs_t bw = BITEP_ROUTER_BWD_ARGS_INIT;
     bw.num_tokens = T;
     bw.grad_probs = gp.data();
@@ -213,8 +288,9 @@ TEST_P(RouterGrid, HostMatchesFp64Reference) {
     bw.grad_logits = gl.data();
     ASSERT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &bw, nullptr), bitepSuccess) << bitepGetLastError();
     const auto g = bitep::ref::to_double(gl.data(), c.dtype, T * E);
-    EXPECT_LE(grad_err(ref_grad, g, gp, T, E, c.scaling, same), grad_tol(c.dtype))
-        << (recompute ? "recompute" : "saved");
+    const double err =
+        grad_err(ref_grad, g, recompute ? M : saved_scale(M, into_sigmoid, tol), T, E, grad_slack(c.dtype), same);
+    EXPECT_LE(err, tol) << (recompute ? "recompute" : "saved");
   }
 }
 
@@ -419,81 +495,92 @@ TEST(RouterGradient, Fp64BackwardMatchesFiniteDifferences) {
 
 // ---- aux-loss scores and loss -----------------------------------------------------------------
 
+// The scores and their gradient in bf16 and in fp32 (there the tolerance is the fp32 arithmetic's alone); the loss
+// and its gradient. Here grad_err is about 0.2 for sigmoid and sqrtsoftplus gradients without the normalisation's
+// - dot / d^2 term, and at least 0.6 and 0.3 for a gradient of zero and one of half the size.
 TEST(AuxLoss, ScoresLossAndGradientsMatchFp64) {
-  for (bitepScoreFunction_t fn : {bitepScoreSoftmax, bitepScoreSigmoid, bitepScoreSqrtSoftplus}) {
-    const Case c{257, 64, 6, fn, false, false, false, 1.0f, bitepBfloat16};
-    bitepRouterConfig_t cfg = config_of(c);
-    const auto logits = make_logits(c, 5);
-    const int64_t T = c.T;
-    const int E = c.E;
-    std::vector<float> scores(T * E, NAN), saved(T * E, NAN);
-    std::vector<uint8_t> bytemap(T * E, 0xA5);
-    bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
-    a.num_tokens = T;
-    a.logits = logits.data();
-    a.probs = scores.data();
-    a.routing_map = bytemap.data();
-    a.map_format = bitepMapBytemap;
-    a.saved = saved.data();
-    ASSERT_EQ(bitepAuxScoresForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
-    const auto x = bitep::ref::to_double(logits.data(), c.dtype, T * E);
-    const auto ref = bitep::ref::router_forward(cfg, T, x, nullptr, true);
-    std::string err;
-    const auto idx = bitep::ref::indices_from_bytemap(bytemap.data(), T, E, c.k, &err);
-    ASSERT_TRUE(err.empty()) << err;
-    const auto cmp = bitep::ref::compare_indices(ref, idx, T, c.k, kMapTol);
-    EXPECT_TRUE(cmp.first_unexplained.empty()) << cmp.first_unexplained;
-    EXPECT_LE(bitep::ref::max_row_rel_err(ref.probs, scores.data(), T, E), 2e-5);
-    EXPECT_LE(bitep::ref::max_row_rel_err(ref.saved, saved.data(), T, E), 2e-5);
+  for (bitepDataType_t dt : {bitepBfloat16, bitepFloat32})
+    for (bitepScoreFunction_t fn : {bitepScoreSoftmax, bitepScoreSigmoid, bitepScoreSqrtSoftplus}) {
+      const Case c{257, 64, 6, fn, false, false, false, 1.0f, dt};
+      SCOPED_TRACE(name(c));
+      bitepRouterConfig_t cfg = config_of(c);
+      const auto logits = make_logits(c, 5);
+      const int64_t T = c.T;
+      const int E = c.E;
+      std::vector<float> scores(T * E, NAN), saved(T * E, NAN);
+      std::vector<uint8_t> bytemap(T * E, 0xA5);
+      bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+      a.num_tokens = T;
+      a.logits = logits.data();
+      a.probs = scores.data();
+      a.routing_map = bytemap.data();
+      a.map_format = bitepMapBytemap;
+      a.saved = saved.data();
+      ASSERT_EQ(bitepAuxScoresForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
+      const auto x = bitep::ref::to_double(logits.data(), c.dtype, T * E);
+      const auto ref = bitep::ref::router_forward(cfg, T, x, nullptr, true);
+      std::string err;
+      const auto idx = bitep::ref::indices_from_bytemap(bytemap.data(), T, E, c.k, &err);
+      ASSERT_TRUE(err.empty()) << err;
+      const auto cmp = bitep::ref::compare_indices(ref, idx, T, c.k, kMapTol);
+      EXPECT_TRUE(cmp.first_unexplained.empty()) << cmp.first_unexplained;
+      EXPECT_LE(bitep::ref::max_row_rel_err(ref.probs, scores.data(), T, E), 2e-5);
+      EXPECT_LE(bitep::ref::max_row_rel_err(ref.saved, saved.data(), T, E), 2e-5);
 
-    // Scores backward, saved and recompute.
-    std::vector<float> gs(T * E);
-    std::mt19937 rng(3);
-    std::normal_distribution<float> gd(0.0f, 1.0f);
-    for (float& v : gs) v = gd(rng);
-    const auto ref_g =
-        bitep::ref::router_backward(cfg, T, x, ref.bytemap, std::vector<double>(gs.begin(), gs.end()), true);
-    for (int recompute = 0; recompute < 2; ++recompute) {
-      std::vector<uint16_t> gl(T * E, 0xFFFF);
-      bitepRouterBackwardArgs_t bw = BITEP_ROUTER_BWD_ARGS_INIT;
-      bw.num_tokens = T;
-      bw.grad_probs = gs.data();
-      bw.saved = recompute ? nullptr : saved.data();
-      bw.logits = logits.data();
-      bw.grad_logits = gl.data();
-      ASSERT_EQ(bitepAuxScoresBackward(bitepBackendHost, &cfg, &bw, nullptr), bitepSuccess) << bitepGetLastError();
-      const auto g = bitep::ref::to_double(gl.data(), bitepBfloat16, T * E);
-      EXPECT_LE(grad_err(ref_g, g, gs, T, E, 1.0, std::vector<char>(T, 1)), grad_tol(bitepBfloat16));
+      // Scores backward, saved and recompute.
+      std::vector<float> gs(T * E);
+      std::mt19937 rng(3);
+      std::normal_distribution<float> gd(0.0f, 1.0f);
+      for (float& v : gs) v = gd(rng);
+      const auto ref_g =
+          bitep::ref::router_backward(cfg, T, x, ref.bytemap, std::vector<double>(gs.begin(), gs.end()), true);
+      std::vector<double> into_sigmoid;
+      const std::vector<double> M = grad_scale(cfg, T, x, ref.bytemap, gs, true, &into_sigmoid);
+      const double tol = grad_tol(dt);
+      const int ds = dt == bitepFloat32 ? 4 : 2;
+      for (int recompute = 0; recompute < 2; ++recompute) {
+        std::vector<uint8_t> gl(T * E * ds, 0xFF);  // NaN in every dtype: an element not written fails
+        bitepRouterBackwardArgs_t bw = BITEP_ROUTER_BWD_ARGS_INIT;
+        bw.num_tokens = T;
+        bw.grad_probs = gs.data();
+        bw.saved = recompute ? nullptr : saved.data();
+        bw.logits = logits.data();
+        bw.grad_logits = gl.data();
+        ASSERT_EQ(bitepAuxScoresBackward(bitepBackendHost, &cfg, &bw, nullptr), bitepSuccess) << bitepGetLastError();
+        const auto g = bitep::ref::to_double(gl.data(), dt, T * E);
+        const double e = grad_err(ref_g, g, recompute ? M : saved_scale(M, into_sigmoid, tol), T, E, grad_slack(dt),
+                                  std::vector<char>(T, 1));
+        EXPECT_LE(e, tol) << (recompute ? "recompute" : "saved");
+      }
+
+      // Loss and its gradient; two runs bit-identical.
+      std::vector<int32_t> tpe(E);
+      for (int e = 0; e < E; ++e) tpe[e] = (e * 37) % 11;
+      bitepAuxLossArgs_t la = BITEP_AUX_LOSS_ARGS_INIT;
+      la.num_tokens = T;
+      la.num_experts = E;
+      la.topk = c.k;
+      la.total_num_tokens = 4 * T;
+      la.coeff = 1e-2f;
+      la.probs = scores.data();
+      la.tokens_per_expert = tpe.data();
+      float loss1 = NAN, loss2 = NAN;
+      la.loss = &loss1;
+      ASSERT_EQ(bitepAuxLossForward(bitepBackendHost, &la, nullptr), bitepSuccess) << bitepGetLastError();
+      la.loss = &loss2;
+      ASSERT_EQ(bitepAuxLossForward(bitepBackendHost, &la, nullptr), bitepSuccess);
+      EXPECT_EQ(std::memcmp(&loss1, &loss2, 4), 0);
+      const double want =
+          bitep::ref::aux_loss(T, E, c.k, 4 * T, 1e-2, std::vector<double>(scores.begin(), scores.end()), tpe);
+      EXPECT_NEAR(loss1, want, 1e-6 * std::fabs(want));
+      std::vector<float> gp(T * E, NAN);
+      const float gl = 0.5f;
+      la.grad_loss = &gl;
+      la.grad_probs = gp.data();
+      ASSERT_EQ(bitepAuxLossBackward(bitepBackendHost, &la, nullptr), bitepSuccess) << bitepGetLastError();
+      const double C = E * 1e-2 / (c.k * double(4 * T) * double(4 * T));
+      for (int64_t i = 0; i < T * E; ++i) ASSERT_NEAR(gp[i], C * tpe[i % E] * 0.5, 1e-6 * C * 11) << i;
     }
-
-    // Loss and its gradient; two runs bit-identical.
-    std::vector<int32_t> tpe(E);
-    for (int e = 0; e < E; ++e) tpe[e] = (e * 37) % 11;
-    bitepAuxLossArgs_t la = BITEP_AUX_LOSS_ARGS_INIT;
-    la.num_tokens = T;
-    la.num_experts = E;
-    la.topk = c.k;
-    la.total_num_tokens = 4 * T;
-    la.coeff = 1e-2f;
-    la.probs = scores.data();
-    la.tokens_per_expert = tpe.data();
-    float loss1 = NAN, loss2 = NAN;
-    la.loss = &loss1;
-    ASSERT_EQ(bitepAuxLossForward(bitepBackendHost, &la, nullptr), bitepSuccess) << bitepGetLastError();
-    la.loss = &loss2;
-    ASSERT_EQ(bitepAuxLossForward(bitepBackendHost, &la, nullptr), bitepSuccess);
-    EXPECT_EQ(std::memcmp(&loss1, &loss2, 4), 0);
-    const double want =
-        bitep::ref::aux_loss(T, E, c.k, 4 * T, 1e-2, std::vector<double>(scores.begin(), scores.end()), tpe);
-    EXPECT_NEAR(loss1, want, 1e-6 * std::fabs(want));
-    std::vector<float> gp(T * E, NAN);
-    const float gl = 0.5f;
-    la.grad_loss = &gl;
-    la.grad_probs = gp.data();
-    ASSERT_EQ(bitepAuxLossBackward(bitepBackendHost, &la, nullptr), bitepSuccess) << bitepGetLastError();
-    const double C = E * 1e-2 / (c.k * double(4 * T) * double(4 * T));
-    for (int64_t i = 0; i < T * E; ++i) ASSERT_NEAR(gp[i], C * tpe[i % E] * 0.5, 1e-6 * C * 11) << i;
-  }
 }
 
 }  // namespace
