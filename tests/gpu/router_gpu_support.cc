@@ -250,66 +250,6 @@ double grad_tol(bitepDataType_t dt, double f) {
   return dt == bitepFloat32 ? 4e-6 * f : dt == bitepBfloat16 ? 1e-2 : 2e-3;
 }
 
-std::vector<double> grad_scale(const bitepRouterConfig_t& c,
-                               int64_t T,
-                               const std::vector<double>& x,
-                               const std::vector<uint8_t>& bytemap,
-                               const std::vector<float>& gp,
-                               bool aux,
-                               std::vector<double>* into_sigmoid) {
-  const int E = c.num_experts, k = c.topk;
-  const bool softmax = c.score_function == bitepScoreSoftmax, pre = softmax && (aux || c.use_pre_softmax);
-  const double scale = aux ? 1.0 : c.scaling_factor;
-  std::vector<double> out(static_cast<size_t>(T) * E, 0.0);
-  if (into_sigmoid != nullptr) into_sigmoid->assign(static_cast<size_t>(T) * E, 0.0);
-  for (int64_t t = 0; t < T; ++t) {
-    const double* xr = &x[t * E];
-    double* m = &out[t * E];
-    std::vector<char> routed(E);
-    std::vector<double> g(E);
-    for (int e = 0; e < E; ++e) {
-      routed[e] = aux || bytemap[t * E + e];
-      g[e] = routed[e] ? std::fabs(gp[t * E + e] * scale) : 0.0;
-    }
-    if (softmax) {
-      double mx = -INFINITY, s = 0.0, S = 0.0;
-      std::vector<double> a(E, 0.0);
-      for (int e = 0; e < E; ++e)
-        if (pre || routed[e]) mx = std::fmax(mx, xr[e]);
-      for (int e = 0; e < E; ++e)
-        if (pre || routed[e]) s += (a[e] = std::exp(xr[e] - mx));
-      for (int e = 0; e < E; ++e) a[e] /= s, S += g[e] * a[e];
-      for (int e = 0; e < E; ++e) m[e] = (pre || routed[e]) ? a[e] * (g[e] + S) : 0.0;
-      continue;
-    }
-    std::vector<double> y(E), dv(E);
-    for (int e = 0; e < E; ++e) {
-      const double sg = 1.0 / (1.0 + std::exp(-xr[e]));
-      if (c.score_function == bitepScoreSigmoid) {
-        y[e] = sg, dv[e] = sg * (1.0 - sg);
-      } else {
-        y[e] = std::sqrt(xr[e] > 20.0 ? xr[e] : std::log1p(std::exp(xr[e])));
-        dv[e] = sg / (2.0 * y[e]);
-      }
-    }
-    if (k > 1) {
-      double d = 1e-20, S = 0.0;
-      for (int e = 0; e < E; ++e)
-        if (routed[e]) d += y[e];
-      for (int e = 0; e < E; ++e)
-        if (routed[e]) S += g[e] * y[e] / d;
-      for (int e = 0; e < E; ++e) m[e] = routed[e] ? (g[e] + S) / d * std::fabs(dv[e]) : 0.0;
-      if (into_sigmoid != nullptr && c.score_function == bitepScoreSigmoid)
-        for (int e = 0; e < E; ++e) (*into_sigmoid)[t * E + e] = routed[e] ? (g[e] + S) / d : 0.0;
-    } else {
-      for (int e = 0; e < E; ++e) m[e] = g[e] * std::fabs(dv[e]);
-      if (into_sigmoid != nullptr && c.score_function == bitepScoreSigmoid)
-        for (int e = 0; e < E; ++e) (*into_sigmoid)[t * E + e] = g[e];
-    }
-  }
-  return out;
-}
-
 std::string describe(const bitepRouterConfig_t& c, int64_t T) {
   std::ostringstream os;
   os << "T=" << T << " E=" << c.num_experts << " k=" << c.topk << " " << fn_name(c) << " " << dt_name(c.logits_dtype);

@@ -36,6 +36,7 @@
 
 #include "bitep/bitep.h"
 #include "tests/reference/inputs.h"
+#include "tests/reference/router_reference.h"
 
 namespace router_gpu_test {
 
@@ -223,15 +224,8 @@ double width_factor(const bitepRouterConfig_t& c, bool aux);
 // The gradient's tolerance for dt at width factor f (the header).
 double grad_tol(bitepDataType_t dt, double f);
 
-// M of the header, fp64, from the logits, the map (bytemap) and grad_probs. into_sigmoid (optional):
-// for sigmoid rows, the magnitude of the gradient reaching the sigmoid (M_e / sigmoid'(x_e)), else 0.
-std::vector<double> grad_scale(const bitepRouterConfig_t& c,
-                               int64_t T,
-                               const std::vector<double>& x,
-                               const std::vector<uint8_t>& bytemap,
-                               const std::vector<float>& gp,
-                               bool aux,
-                               std::vector<double>* into_sigmoid = nullptr);
+// M of the header (tests/reference/router_reference.h).
+using bitep::ref::grad_scale;
 
 // ||got - want|| / ||M|| of each row (NaN-aware; a row whose M is not finite uses ||want||).
 template <class W>

@@ -67,6 +67,20 @@ std::vector<double> router_backward(const bitepRouterConfig_t& cfg,
                                     const std::vector<double>& grad_probs,
                                     bool aux);
 
+// The scale M of a backward's rounding errors, fp64: each element of grad_logits with every term taken by its magnitude
+// (no cancellation in y_i (g_i - dot) for softmax, g_i / d - dot / d^2 for the normalisation), over the entries of
+// grad_probs that reach the gradient (the routed ones; all for the pre-top-k softmax and aux). Its norm is spread like
+// the gradient itself, so an error against ||M|| fails a zero or half gradient. From the logits x, the map (bytemap)
+// and grad_probs gp; aux = true for the aux-loss scores. into_sigmoid (optional): for sigmoid rows, the magnitude
+// reaching the sigmoid's derivative (M_e / sigmoid'(x_e)), else 0.
+std::vector<double> grad_scale(const bitepRouterConfig_t& c,
+                               int64_t T,
+                               const std::vector<double>& x,
+                               const std::vector<uint8_t>& bytemap,
+                               const std::vector<float>& gp,
+                               bool aux,
+                               std::vector<double>* into_sigmoid = nullptr);
+
 // loss and its gradient, in fp64.
 double aux_loss(int64_t T,
                 int E,

@@ -89,69 +89,8 @@ std::vector<float> make_bias(int E, uint32_t seed) {
   return b;
 }
 
-// M: the size of each element of the backward with every term taken by its magnitude, so without the cancellation
-// of the formulas (y_i (g_i - dot) for softmax, g_i / d - dot / d^2 for the normalisation), fp64. The fp32 rounding
-// errors of those formulas are relative to M, and M is spread like the gradient itself: only the entries of
-// grad_probs that reach the gradient count (the routed ones, or all for pre-top-k softmax and aux), so the error of a
-// zero gradient, or of one of half the size, is ||ref|| / ||M|| (or half of it), far above the tolerances. (Dividing
-// by ||grad_probs|| over all E experts let a gradient of zero pass at large E.) into_sigmoid (sigmoid only): the
-// magnitude reaching the sigmoid's derivative, M_e / sigmoid'(x_e); 0 elsewhere.
-std::vector<double> grad_scale(const bitepRouterConfig_t& c,
-                               int64_t T,
-                               const std::vector<double>& x,
-                               const std::vector<uint8_t>& bytemap,
-                               const std::vector<float>& gp,
-                               bool aux,
-                               std::vector<double>* into_sigmoid) {
-  const int E = c.num_experts;
-  const bool softmax = c.score_function == bitepScoreSoftmax, pre = softmax && (aux || c.use_pre_softmax);
-  const double scale = aux ? 1.0 : c.scaling_factor;
-  std::vector<double> out(static_cast<size_t>(T) * E, 0.0);
-  into_sigmoid->assign(static_cast<size_t>(T) * E, 0.0);
-  for (int64_t t = 0; t < T; ++t) {
-    const double* xr = &x[t * E];
-    double* m = &out[t * E];
-    std::vector<char> routed(E);
-    std::vector<double> g(E);
-    for (int e = 0; e < E; ++e) {
-      routed[e] = aux || bytemap[t * E + e];
-      g[e] = routed[e] ? std::fabs(gp[t * E + e] * scale) : 0.0;
-    }
-    if (softmax) {  // a_e (|g_e| + sum |g| a) over the softmax's experts
-      double mx = -INFINITY, s = 0.0, S = 0.0;
-      std::vector<double> a(E, 0.0);
-      for (int e = 0; e < E; ++e)
-        if (pre || routed[e]) mx = std::fmax(mx, xr[e]);
-      for (int e = 0; e < E; ++e)
-        if (pre || routed[e]) s += (a[e] = std::exp(xr[e] - mx));
-      for (int e = 0; e < E; ++e) a[e] /= s, S += g[e] * a[e];
-      for (int e = 0; e < E; ++e) m[e] = (pre || routed[e]) ? a[e] * (g[e] + S) : 0.0;
-      continue;
-    }
-    std::vector<double> y(E), dy(E);  // the score and its derivative
-    for (int e = 0; e < E; ++e) {
-      const double sg = 1.0 / (1.0 + std::exp(-xr[e]));
-      if (c.score_function == bitepScoreSigmoid) {
-        y[e] = sg, dy[e] = sg * (1.0 - sg);
-      } else {
-        y[e] = std::sqrt(xr[e] > 20.0 ? xr[e] : std::log1p(std::exp(xr[e])));
-        dy[e] = sg / (2.0 * y[e]);
-      }
-    }
-    std::vector<double> in(g);  // into the score's derivative: (|g_e| + sum |g| y / d) / d after the normalisation
-    if (c.topk > 1) {
-      double d = 1e-20, S = 0.0;
-      for (int e = 0; e < E; ++e)
-        if (routed[e]) d += y[e];
-      for (int e = 0; e < E; ++e)
-        if (routed[e]) S += g[e] * y[e] / d;
-      for (int e = 0; e < E; ++e) in[e] = routed[e] ? (g[e] + S) / d : 0.0;
-    }
-    for (int e = 0; e < E; ++e) m[e] = in[e] * dy[e];
-    if (c.score_function == bitepScoreSigmoid) std::copy(in.begin(), in.end(), into_sigmoid->begin() + t * E);
-  }
-  return out;
-}
+// M: bitep::ref::grad_scale (tests/reference/router_reference.h).
+using bitep::ref::grad_scale;
 
 // Gradient error per row: ||got - ref|| / ||M|| (M of grad_scale), NaN counting as infinite; fp16 forgives half a
 // subnormal step per element (slack: the rounding of a value below fp16's normal range). Worst row over `rows`.
