@@ -5,6 +5,7 @@
 // an argument error.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -292,27 +293,17 @@ TEST(EpFaults, DispatchMisalignedX) {
   expect_dispatch_fails([](bitepDispatchArgs_t* a, bitepHandle_t**) { a->x = static_cast<const char*>(a->x) + 1; },
                         "not aligned");
 }
-TEST(EpFaults, DispatchRowWithTooManyExperts) {
-  static std::vector<uint8_t> map;
-  expect_dispatch_fails(
-      [](bitepDispatchArgs_t* a, bitepHandle_t**) {
-        const int E = 4 * world_size(), nb = (E + 7) / 8;
-        map.assign(static_cast<const uint8_t*>(a->routing_map),
-                   static_cast<const uint8_t*>(a->routing_map) + a->num_tokens * nb);
-        map[0] = 0xff;  // token 0 now routes to min(8, E) experts
-        a->routing_map = map.data();
-      },
-      "row 0 routes to");
-}
-
-// The host backend's other routing checks (bitep.h: each row names exactly k distinct experts in [0, E)): a bitmap row
-// with too few experts, and the victim's map given as a bytemap with a 2, and as indices out of range and repeated.
+// The host backend's routing checks (bitep.h: each row names exactly k distinct experts in [0, E)), on the victim's map
+// given in `fmt` and changed by `change` (expect_routing_fails): a bitmap row with too many experts and one with too
+// few, a bytemap with a 2, and indices out of range and repeated.
 // routing_rows: the victim's bitmap rows (k = 2 experts each, E = 4 W) as bytes of the given format, in `map`.
 void routing_rows(const bitepDispatchArgs_t* a, bitepMapFormat_t fmt, std::vector<uint8_t>* map) {
   const int E = 4 * world_size(), nb = (E + 7) / 8, k = 2;
   const uint8_t* bits = static_cast<const uint8_t*>(a->routing_map);
   const int64_t T = a->num_tokens;
-  if (fmt == bitepMapBytemap) {
+  if (fmt == bitepMapBitmapU8) {
+    map->assign(bits, bits + T * nb);
+  } else if (fmt == bitepMapBytemap) {
     map->assign(T * E, 0);
     for (int64_t t = 0; t < T; ++t)
       for (int e = 0; e < E; ++e) (*map)[t * E + e] = (bits[t * nb + e / 8] >> (e % 8)) & 1;
@@ -327,54 +318,54 @@ void routing_rows(const bitepDispatchArgs_t* a, bitepMapFormat_t fmt, std::vecto
     }
   }
 }
-TEST(EpFaults, DispatchRowWithTooFewExperts) {
-  static std::vector<uint8_t> map;
+void expect_routing_fails(bitepMapFormat_t fmt,
+                          const std::function<void(std::vector<uint8_t>*)>& change,
+                          const char* field) {
+  std::vector<uint8_t> map;
   expect_dispatch_fails(
-      [](bitepDispatchArgs_t* a, bitepHandle_t**) {
-        const int E = 4 * world_size(), nb = (E + 7) / 8;
-        map.assign(static_cast<const uint8_t*>(a->routing_map),
-                   static_cast<const uint8_t*>(a->routing_map) + a->num_tokens * nb);
-        for (int b = 0; b < nb; ++b) map[b] = 0;
-        map[0] = 0x01;  // token 0 now routes to expert 0 alone
+      [&](bitepDispatchArgs_t* a, bitepHandle_t**) {
+        routing_rows(a, fmt, &map);
+        change(&map);
         a->routing_map = map.data();
+        a->map_format = fmt;
+      },
+      field);
+}
+TEST(EpFaults, DispatchRowWithTooManyExperts) {
+  // token 0 now routes to min(8, E) experts
+  expect_routing_fails(
+      bitepMapBitmapU8, [](std::vector<uint8_t>* m) { (*m)[0] = 0xff; }, "row 0 routes to");
+}
+TEST(EpFaults, DispatchRowWithTooFewExperts) {
+  expect_routing_fails(
+      bitepMapBitmapU8,
+      [](std::vector<uint8_t>* m) {
+        std::fill(m->begin(), m->begin() + (4 * world_size() + 7) / 8, 0);
+        (*m)[0] = 0x01;  // token 0 now routes to expert 0 alone
       },
       "row 0 routes to 1 experts, expected topk = 2");
 }
 TEST(EpFaults, DispatchBytemapValueNotZeroOrOne) {
-  static std::vector<uint8_t> map;
-  expect_dispatch_fails(
-      [](bitepDispatchArgs_t* a, bitepHandle_t**) {
-        routing_rows(a, bitepMapBytemap, &map);
-        for (int e = 0; e < 4 * world_size(); ++e)
-          if (map[e] != 0) {
-            map[e] = 2;  // still nonzero: the first k nonzero bytes would be the same experts
-            break;
-          }
-        a->routing_map = map.data();
-        a->map_format = bitepMapBytemap;
+  expect_routing_fails(
+      bitepMapBytemap,
+      [](std::vector<uint8_t>* m) {
+        // still nonzero: the first k nonzero bytes would be the same experts
+        *std::find_if(m->begin(), m->end(), [](uint8_t v) { return v != 0; }) = 2;
       },
       "must be 0 or 1");
 }
 TEST(EpFaults, DispatchIndexOutOfRange) {
-  static std::vector<uint8_t> map;
-  expect_dispatch_fails(
-      [](bitepDispatchArgs_t* a, bitepHandle_t**) {
-        routing_rows(a, bitepMapTopkIndices, &map);
-        reinterpret_cast<int32_t*>(map.data())[1] = 4 * world_size();  // token 0's second index: E
-        a->routing_map = map.data();
-        a->map_format = bitepMapTopkIndices;
-      },
+  expect_routing_fails(
+      bitepMapTopkIndices,
+      [](std::vector<uint8_t>* m) { reinterpret_cast<int32_t*>(m->data())[1] = 4 * world_size(); },  // token 0: E
       "must be in [0, num_experts");
 }
 TEST(EpFaults, DispatchIndexRepeated) {
-  static std::vector<uint8_t> map;
-  expect_dispatch_fails(
-      [](bitepDispatchArgs_t* a, bitepHandle_t**) {
-        routing_rows(a, bitepMapTopkIndices, &map);
-        int32_t* idx = reinterpret_cast<int32_t*>(map.data());
+  expect_routing_fails(
+      bitepMapTopkIndices,
+      [](std::vector<uint8_t>* m) {
+        int32_t* idx = reinterpret_cast<int32_t*>(m->data());
         idx[1] = idx[0];  // token 0 names its first expert twice
-        a->routing_map = map.data();
-        a->map_format = bitepMapTopkIndices;
       },
       "twice");
 }
