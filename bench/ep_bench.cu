@@ -11,10 +11,14 @@
 //
 // Inputs: bf16 tokens; router = bitepRouterForward (softmax after top-k, so a token's weights sum to 1)
 // writing BITMAP_U8 + compact weights (bitep) or [T, k] indices + weights (baseline); uniform logits or
-// skewed (experts 0..3 hot). Correctness in every run (its first, untimed iteration): received rows (payload,
-// source order, counts against the router's own per-rank counts), the expert-major view, pad rows, and combine
-// with identity experts must return, bit for bit, x (baseline: one fp32 sum, one rounding) or the value bitep's
-// documented order gives (its per-rank partials travel in bf16: epbench::check_combine). Placement, on the
+// skewed (experts 0..3 hot). Correctness in every run, in the first (untimed) and the last (timed) iteration of each
+// timed loop: received rows (payload, source order, counts against the router's own per-rank counts), the
+// expert-major view, pad rows, and combine with identity experts must return, bit for bit, x (baseline: one fp32
+// sum, one rounding) or the value bitep's documented order gives (its per-rank partials travel in bf16:
+// epbench::check_combine). The last iteration's checks run after its events, so they are not timed; they check
+// the rows the pool's reused blocks hold once warm. The end-to-end loops poison the router's outputs (map and
+// weights) and out before a checked iteration, so their check fails unless that iteration's router wrote them.
+// Placement (first iteration), on the
 // host: every rank regenerates every source rank's routing (inputs are a function of (seed, rank, token), the
 // router is bit-reproducible) and checks its layout against the documented one: the receive order (row headers),
 // recv_map and recv_weights bit for bit, each recv_expert_rows entry at its exact row of its expert's block,
@@ -157,7 +161,7 @@ Options parse(int argc, char** argv) {
     o.iters = std::min(o.iters, 5);
     o.warmup = std::min(o.warmup, 2);
   }
-  o.warmup = std::max(o.warmup, 1);  // the checks run in the first, untimed iteration
+  o.warmup = std::max(o.warmup, 1);  // the first iteration's checks (placement among them) run untimed
   if (o.expert_major_only && o.rank_major_only) die("--expert-major-only and --rank-major-only", "pick one view");
   const char* transport = std::getenv("BITEP_CUDA_TRANSPORT");
   if (transport != nullptr && std::strcmp(transport, "ipc") == 0) o.nccl = false;
@@ -456,6 +460,8 @@ int main(int argc, char** argv) {
           kLowLatencyCombine,
           kLowLatencyGraph,
           kLowLatencyGraphStep,
+          kEndToEnd,
+          kBaseEndToEnd,
           kPlacement,
           kSelfTest,
           kChecks
@@ -472,6 +478,10 @@ int main(int argc, char** argv) {
                                                          "launch)",
                                                          "decode step in one CUDA graph (router + low-latency "
                                                          "dispatch + combine; first and last launch)",
+                                                         "end to end (router + dispatch + combine; first and last "
+                                                         "iteration)",
+                                                         "baseline end to end (router + pipeline; first and last "
+                                                         "iteration)",
                                                          "placement (host: receive order, map, weights, positions, "
                                                          "counts, offsets)",
                                                          "self-test: corruptions the placement check missed"};
@@ -557,14 +567,32 @@ int main(int argc, char** argv) {
                                reinterpret_cast<const __nv_bfloat16*>(ref.expert_offsets), 2 * (L + 1),
                                wrong + kExpertMajor, stream);
         };
+        // The last timed iteration's dispatch, after its combine (which leaves the handle's rows as they are): its
+        // counts against the router's, and the views it has checked as iteration 0's both-views reference was (the
+        // expert-major rows against the rank-major ones where it has both; its combine checks them otherwise).
+        auto check_last_rows = [&](const bitepDispatchLayout_t& lay) {
+          for (int p = 0; p < W; ++p)
+            if (lay.recv_counts_host[p] != expect[p]) ++host_wrong;
+          const auto* rx = static_cast<const __nv_bfloat16*>(lay.recv_x);
+          const auto* exx = static_cast<const __nv_bfloat16*>(lay.expert_x);
+          if (rx != nullptr)
+            epbench::check_recv_rows(rx, lay.num_recv_rows, sh.H, src_off, W, wrong + kRecvRows, stream);
+          if (rx != nullptr && exx != nullptr)
+            epbench::check_expert_major(rx, exx, lay.recv_expert_rows, lay.recv_map, lay.recv_weights,
+                                        lay.num_recv_rows, lay.max_row_experts, MB, sh.H, wrong + kExpertMajor, stream);
+          if (exx != nullptr)
+            epbench::check_pad_rows(exx, lay.expert_offsets, lay.expert_counts, L, sh.H, wrong + kPadRows, stream);
+        };
         std::vector<int64_t> send_b(W), recv_b(W), send_c(W), recv_c(W);  // a2a bytes: dispatch, combine
         std::vector<float> t_disp, t_comb, t_e2e, t_a2a, t_a2a_c, t_bd, t_bc, t_be2e;
+        const int last_it = opt.warmup + opt.iters - 1;  // each timed loop's last iteration is checked too
         for (int it = 0; it < opt.warmup + opt.iters; ++it) {
           const bool timed = it >= opt.warmup;
+          const bool check = it == 0 || it == last_it;
           flush_l2();
           MPI_Barrier(MPI_COMM_WORLD);
           bitepHandle_t h;
-          if (it == 0) poison_out();
+          if (check) poison_out();
           CK(cudaEventRecord(ev.e[0], stream));
           BK(bitepDispatch(group, &da, bstream, &h));
           CK(cudaEventRecord(ev.e[1], stream));
@@ -648,8 +676,9 @@ int main(int argc, char** argv) {
           CK(cudaEventRecord(ev.e[2], stream));
           CK(cudaStreamSynchronize(stream));
           if (timed) t_disp.push_back(ev.us(0, 1)), t_comb.push_back(ev.us(1, 2));
-          if (it == 0) {  // combine through identity experts: x up to the bf16 partials' rounding, bit for bit
+          if (check) {  // combine through identity experts: x up to the bf16 partials' rounding, bit for bit
             epbench::check_combine(out, x, map, w, T, sh.H, sh.E, sh.k, W, wrong + kCombine, stream);
+            if (it != 0) check_last_rows(lay);
             CK(cudaGetLastError());
             CK(cudaStreamSynchronize(stream));
           }
@@ -672,6 +701,13 @@ int main(int argc, char** argv) {
           CK(cudaEventRecord(ev.e[1], stream));
           CK(cudaStreamSynchronize(stream));
           if (it >= opt.warmup) t_rmo.push_back(ev.us(0, 1));
+          if (it != 0 && it == last_it) {
+            bitepDispatchLayout_t lay;
+            BK(bitepHandleGetLayout(h, &lay));
+            check_last_rows(lay);
+            CK(cudaGetLastError());
+            CK(cudaStreamSynchronize(stream));
+          }
           if (it == 0) {
             bitepDispatchLayout_t lay, ref;
             BK(bitepHandleGetLayout(h, &lay));
@@ -699,7 +735,7 @@ int main(int argc, char** argv) {
           flush_l2();
           MPI_Barrier(MPI_COMM_WORLD);
           bitepHandle_t h;
-          if (it == 0) poison_out();
+          if (it == 0 || it == last_it) poison_out();
           CK(cudaEventRecord(ev.e[0], stream));
           BK(bitepDispatchLowLatency(group, &dll, bstream, &h));
           CK(cudaEventRecord(ev.e[1], stream));
@@ -710,6 +746,11 @@ int main(int argc, char** argv) {
           CK(cudaEventRecord(ev.e[2], stream));
           CK(cudaStreamSynchronize(stream));
           if (it >= opt.warmup) t_lld.push_back(ev.us(0, 1)), t_llc.push_back(ev.us(1, 2));
+          if (it != 0 && it == last_it) {
+            epbench::check_combine(out, x, map, w, T, sh.H, sh.E, sh.k, W, wrong + kLowLatencyCombine, stream);
+            CK(cudaGetLastError());
+            CK(cudaStreamSynchronize(stream));
+          }
           if (it == 0) {
             epbench::check_combine(out, x, map, w, T, sh.H, sh.E, sh.k, W, wrong + kLowLatencyCombine, stream);
             bitepHandle_t h0;
@@ -852,11 +893,18 @@ int main(int argc, char** argv) {
         if (gd != nullptr) CK(cudaGraphDestroy(gd));
         if (gc2 != nullptr) CK(cudaGraphDestroy(gc2));
         if (h != nullptr) BK(bitepHandleDestroy(h));  // waits for the device: the graphs' launches are not tracked
-        // End to end: router + dispatch + combine.
+        // End to end: router + dispatch + combine. Before a checked iteration the router's outputs and out are
+        // poisoned (a map row of all ones, NaN weights and rows), so its check passes only on what it wrote.
         for (int it = 0; it < opt.warmup + opt.iters; ++it) {
+          const bool check = it == 0 || it == last_it;
           flush_l2();
           MPI_Barrier(MPI_COMM_WORLD);
           bitepHandle_t h;
+          if (check) {
+            poison_out();
+            CK(cudaMemsetAsync(map, 0xff, T * ((sh.E + 7) / 8), stream));
+            CK(cudaMemsetAsync(w, 0xff, sizeof(float) * T * sh.k, stream));
+          }
           CK(cudaEventRecord(ev.e[0], stream));
           BK(bitepRouterForward(bitepBackendCuda, &rc, &ra, bstream));
           BK(bitepDispatch(group, &da, bstream, &h));
@@ -867,6 +915,11 @@ int main(int argc, char** argv) {
           CK(cudaEventRecord(ev.e[1], stream));
           CK(cudaStreamSynchronize(stream));
           if (it >= opt.warmup) t_e2e.push_back(ev.us(0, 1));
+          if (check) {
+            epbench::check_combine(out, x, map, w, T, sh.H, sh.E, sh.k, W, wrong + kEndToEnd, stream);
+            CK(cudaGetLastError());
+            CK(cudaStreamSynchronize(stream));
+          }
           BK(bitepHandleDestroy(h));
         }
         // (a) NCCL all-to-all of the same per-peer bytes, both directions.
@@ -893,14 +946,17 @@ int main(int argc, char** argv) {
           CK(cudaFree(sbuf));
           CK(cudaFree(rbuf));
         }
-        // (c) the baseline pipeline, alone and end to end.
+        // (c) the baseline pipeline, alone and end to end, each checked in its first and last iteration; end to end,
+        // its router's weights are poisoned (NaN) first, so that its check passes only on what that router wrote.
         if (opt.baseline) {
           for (int it = 0; it < 2 * (opt.warmup + opt.iters); ++it) {
             const bool e2e = it >= opt.warmup + opt.iters;
             const int j = e2e ? it - opt.warmup - opt.iters : it;
+            const bool check = j == 0 || j == last_it;
             flush_l2();
             MPI_Barrier(MPI_COMM_WORLD);
-            if (it == 0) poison_out();
+            if (check) poison_out();
+            if (check && e2e) CK(cudaMemsetAsync(w_idx, 0xff, sizeof(float) * T * sh.k, stream));
             CK(cudaEventRecord(ev.e[0], stream));
             if (e2e) BK(bitepRouterForward(bitepBackendCuda, &rc, &ri, bstream));
             if (!base->dispatch(idx, x, T)) die("baseline dispatch", base->error());
@@ -914,10 +970,10 @@ int main(int argc, char** argv) {
               else
                 t_bd.push_back(ev.us(0, 1)), t_bc.push_back(ev.us(1, 2));
             }
-            if (it == 0) {
-              rec.baseline_cross_bytes = base->cross_bytes();
+            if (check) {
+              if (it == 0) rec.baseline_cross_bytes = base->cross_bytes();
               epbench::check_rows_payload(base->expert_x(), base->num_expert_rows(), sh.H, wrong + kBaseRows, stream);
-              epbench::check_equal(out, x, T * sh.H, wrong + kBaseCombine, stream);
+              epbench::check_equal(out, x, T * sh.H, wrong + (e2e ? kBaseEndToEnd : kBaseCombine), stream);
               CK(cudaGetLastError());
               CK(cudaStreamSynchronize(stream));
             }
