@@ -46,10 +46,18 @@ bitepResult_t check_dtype(bitepDataType_t dtype, const char* name) {
   return bitepSuccess;
 }
 
-bitepResult_t check_buffers(bitepBackend_t backend, const std::vector<Buffer>& buffers, const std::vector<int>& align) {
+bitepResult_t check_buffers(bitepBackend_t backend,
+                            const std::vector<Buffer>& buffers,
+                            const std::vector<int>& align,
+                            int device) {
   // The pointer queries would invalidate a capture in global mode that the caller's stream may be in (a router
   // or a low-latency call captured into a CUDA graph): they are not part of it.
   RelaxedCaptureMode relaxed;
+#ifdef BITEP_HAVE_CUDA
+  if (backend == bitepBackendCuda && device < 0) BITEP_CUDA_CHECK(cudaGetDevice(&device));
+#else
+  (void)device;
+#endif
   for (size_t i = 0; i < buffers.size(); ++i) {
     const Buffer& b = buffers[i];
     if (b.ptr == nullptr || b.bytes == 0) continue;
@@ -63,10 +71,15 @@ bitepResult_t check_buffers(bitepBackend_t backend, const std::vector<Buffer>& b
     const bool on_device =
         err == cudaSuccess && (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged);
     const bool host_ok = err != cudaSuccess || attr.type != cudaMemoryTypeDevice;
-    if (backend == bitepBackendCuda)
+    if (backend == bitepBackendCuda) {
       BITEP_ARG_CHECK(on_device, "%s (%p) is not device memory: the cuda backend takes device pointers", b.name, b.ptr);
-    else
+      // Another GPU's memory faults the kernel, or crosses the link on every access where peer access is on.
+      BITEP_ARG_CHECK(attr.type != cudaMemoryTypeDevice || attr.device == device,
+                      "%s (%p) is memory of CUDA device %d, but the call runs on device %d: pass that device's memory",
+                      b.name, b.ptr, attr.device, device);
+    } else {
       BITEP_ARG_CHECK(host_ok, "%s (%p) is device memory: the host backend takes host pointers", b.name, b.ptr);
+    }
 #else
     (void)backend;
 #endif

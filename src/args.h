@@ -38,8 +38,12 @@ bitepResult_t check_struct(const void* p,
 
 // Each buffer with ptr != NULL: aligned to `align` bytes (per buffer), no written buffer overlaps any
 // other buffer, and every pointer is accessible to the backend (device memory for cuda, host memory
-// for host). Buffers of zero bytes are skipped.
-bitepResult_t check_buffers(bitepBackend_t backend, const std::vector<Buffer>& buffers, const std::vector<int>& align);
+// for host). cuda: device memory must be `device`'s (-1: the current device's; managed memory passes).
+// Buffers of zero bytes are skipped.
+bitepResult_t check_buffers(bitepBackend_t backend,
+                            const std::vector<Buffer>& buffers,
+                            const std::vector<int>& align,
+                            int device = -1);
 
 // a * b with overflow detection into `out`; false on overflow.
 bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out);

@@ -13,7 +13,8 @@
  *   rank mask   [T, ceil(W/8)] uint8, BITMAP_U8 over ranks: bit r set iff the token routes to rank r
  * Rank r owns experts [r*L, (r+1)*L).
  *
- * Backends: bitepBackendCuda (pointers are device memory, work is enqueued on the given stream) and
+ * Backends: bitepBackendCuda (pointers are memory of the device the call runs on, managed memory too: the current
+ * device for the router, the group's device for a group's calls; work is enqueued on the given stream) and
  * bitepBackendHost (pointers are host memory, work runs synchronously on the calling thread; the
  * stream argument is ignored). Both give the same maps, indices, counts and layouts bit for bit (for a dispatch, from
  * valid routing: see bitepDispatchArgs_t's routing_map).

@@ -165,7 +165,7 @@ bitepResult_t check_combine_args(const bitepGroup* g,
   return check_buffers(g->config.backend,
                        {{y_name, y, static_cast<uint64_t>(rows) * row, false},
                         {out_name, out, static_cast<uint64_t>(h->num_tokens) * row, true}},
-                       {ds, ds});
+                       {ds, ds}, g->device);
 }
 
 // Peer window: barrier (every window idle) -> each source rank's partial rows go straight into its

@@ -49,7 +49,7 @@ bitepResult_t check_args(const bitepGroup* g, const bitepHandle* h, const bitepC
                         {"args->grad_y", a->grad_y, static_cast<uint64_t>(N) * row, true},
                         {"args->grad_topk_weights", a->grad_topk_weights, static_cast<uint64_t>(T) * k * 4, true},
                         {"args->grad_probs", a->grad_probs, static_cast<uint64_t>(T) * E * 4, true}},
-                       {ds, ds, ds, 4, 4});
+                       {ds, ds, ds, 4, 4}, g->device);
 }
 
 // Every rank's bits -> whether the weight gradients travel (host backend), or the call's common error.

@@ -145,7 +145,7 @@ bitepResult_t check_dispatch_args(const bitepGroup* g, const bitepDispatchArgs_t
                              {"args->topk_weights", a->topk_weights, T * k * 4, false},
                              {"args->recv_x", a->recv_x, recv_bytes, true},
                              {"args->expert_x", a->expert_x, expert_bytes, true}},
-                            {static_cast<int>(ds), ids, 4, 4, static_cast<int>(ds), static_cast<int>(ds)}));
+                            {static_cast<int>(ds), ids, 4, 4, static_cast<int>(ds), static_cast<int>(ds)}, g->device));
   if (c.backend == bitepBackendHost && T > 0) BITEP_CHECK(validate_routing(a, E, k));
   return bitepSuccess;
 }

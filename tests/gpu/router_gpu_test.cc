@@ -960,6 +960,97 @@ TEST(RouterGpu, GroupsPastSharedMemory) {
 // epilogue) captured in global mode on a stream of its own keeps the capture valid, and each launch of the graph gives
 // the outputs of a call made one by one on the logits its input buffer holds then (two logit sets, alternating, the
 // outputs poisoned before each launch). DeepSeek-V3's config too (groups, bias, scaling).
+// The cuda backend takes memory of the device it runs on: a host pointer, and another GPU's memory, are refused
+// naming the argument and the devices, with the outputs untouched; managed memory is accepted and routes as device
+// memory does. The host backend refuses device memory. (Another GPU's part needs two visible devices.)
+TEST(RouterGpu, BuffersInTheWrongMemorySpace) {
+  REQUIRE_GPU();
+  const int64_t T = 64;
+  const int E = 64, MB = row_map_bytes(bitepMapBitmapU8, E);
+  const bitepRouterConfig_t cfg = make_config(E, 8, bitepScoreSoftmax, 0, bitepFloat32);
+  const std::vector<uint8_t> logits = make_logits(T, E, bitepFloat32, 31);
+  int current = -1;
+  CUDA_OK(cudaGetDevice(&current));
+  DevBuf dlogits(logits.size()), map(T * MB);
+  ASSERT_NE(dlogits.ptr(), nullptr);
+  ASSERT_NE(map.ptr(), nullptr);
+  dlogits.upload(logits.data());
+  bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+  a.num_tokens = T;
+  a.logits = dlogits.ptr();
+  a.routing_map = map.ptr();
+  a.map_format = bitepMapBitmapU8;
+  ASSERT_EQ(bitepRouterForward(bitepBackendCuda, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
+  CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<uint8_t> want = map.download<uint8_t>();
+  // A refused call names the argument and the rule, and leaves the map as it was (poisoned here).
+  auto expect_refused = [&](bitepBackend_t backend, const bitepRouterForwardArgs_t& bad, const char* arg,
+                            const std::string& rule) {
+    map.poison();
+    const bitepResult_t r = bitepRouterForward(backend, &cfg, &bad, nullptr);
+    const std::string msg = bitepGetLastError();
+    EXPECT_EQ(r, bitepInvalidArgument) << arg << ": " << msg;
+    EXPECT_NE(msg.find(arg), std::string::npos) << msg;
+    EXPECT_NE(msg.find(rule), std::string::npos) << msg;
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<uint8_t> after = map.download<uint8_t>();
+    EXPECT_TRUE(std::all_of(after.begin(), after.end(), [](uint8_t b) { return b == 0xff; })) << arg;
+  };
+  {
+    bitepRouterForwardArgs_t bad = a;
+    bad.logits = logits.data();  // host memory
+    expect_refused(bitepBackendCuda, bad, "args->logits", "is not device memory");
+  }
+  {
+    std::vector<uint8_t> host_map(T * MB);
+    bitepRouterForwardArgs_t bad = a;
+    bad.logits = logits.data();
+    bad.routing_map = host_map.data();
+    bad.probs = static_cast<float*>(dlogits.ptr());  // device memory, to the host backend
+    const bitepResult_t r = bitepRouterForward(bitepBackendHost, &cfg, &bad, nullptr);
+    const std::string msg = bitepGetLastError();
+    EXPECT_EQ(r, bitepInvalidArgument) << msg;
+    EXPECT_NE(msg.find("args->probs"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("is device memory"), std::string::npos) << msg;
+  }
+  {
+    void* managed = nullptr;
+    CUDA_OK(cudaMallocManaged(&managed, logits.size()));
+    std::memcpy(managed, logits.data(), logits.size());
+    bitepRouterForwardArgs_t m = a;
+    m.logits = managed;
+    map.poison();
+    const bitepResult_t r = bitepRouterForward(bitepBackendCuda, &cfg, &m, nullptr);
+    const std::string msg = r == bitepSuccess ? "" : bitepGetLastError();
+    const cudaError_t sync = cudaDeviceSynchronize();
+    cudaFree(managed);
+    EXPECT_EQ(r, bitepSuccess) << msg;
+    ASSERT_EQ(sync, cudaSuccess);
+    EXPECT_EQ(map.download<uint8_t>(), want) << "managed logits";
+  }
+  int count = 0;
+  CUDA_OK(cudaGetDeviceCount(&count));
+  if (count < 2) {
+    std::cout << "[ note     ] one CUDA device visible: another GPU's memory not tried\n";
+    return;
+  }
+  const int other = (current + 1) % count;
+  void* far = nullptr;
+  CUDA_OK(cudaSetDevice(other));
+  const cudaError_t alloc = cudaMalloc(&far, logits.size());
+  if (alloc == cudaSuccess) cudaMemcpy(far, logits.data(), logits.size(), cudaMemcpyHostToDevice);
+  CUDA_OK(cudaSetDevice(current));
+  ASSERT_EQ(alloc, cudaSuccess);
+  bitepRouterForwardArgs_t bad = a;
+  bad.logits = far;
+  expect_refused(
+      bitepBackendCuda, bad, "args->logits",
+      "is memory of CUDA device " + std::to_string(other) + ", but the call runs on device " + std::to_string(current));
+  CUDA_OK(cudaSetDevice(other));
+  cudaFree(far);
+  CUDA_OK(cudaSetDevice(current));
+}
+
 TEST(RouterGpu, CapturedInCudaGraph) {
   REQUIRE_GPU();
   const int64_t T = 300;

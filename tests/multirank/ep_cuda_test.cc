@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <string>
 
 #include "tests/multirank/ep_checks.h"
 
@@ -334,6 +336,106 @@ void run_against_host(const Spec& s) {
   }
   cudaStreamDestroy(stream);
 }
+
+// bitepDispatch and bitepCombine take memory of the group's device. Rank 0's x in host memory, then in another
+// GPU's (where every rank sees two): rank 0 fails naming args->x and the rule, its peers with bitepRemoteError naming
+// rank 0, and no handle is made. Then every rank's combine out in host memory, and in another GPU's: each rank fails
+// naming args->out (a cuda group's combine agrees on nothing, so every rank fails it here), and the group works on.
+void run_wrong_memory() {
+  int device = 0;
+  std::string why;
+  if (!gpu_per_rank(&device, &why)) GTEST_SKIP() << why;
+  ASSERT_EQ(cudaSetDevice(device), cudaSuccess);
+  const int W = world_size(), rank = world_rank();
+  Spec s;
+  const std::vector<Input> world = make_world(s, W);
+  const Input& in = world[rank];
+  ASSERT_GT(world[0].T, 0);
+  bool all_tokens = true;
+  for (const Input& q : world) all_tokens = all_tokens && q.T > 0;
+  ASSERT_TRUE(all_tokens) << "the combine part needs tokens on every rank (an empty rank checks no out)";
+  int n = 0;
+  ASSERT_EQ(cudaGetDeviceCount(&n), cudaSuccess);
+  int two = n >= 2 ? 1 : 0;
+  MPI_Allreduce(MPI_IN_PLACE, &two, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  const int other = (device + 1) % n;
+  const size_t row = s.H * dsize(s.dtype);
+  void* far = nullptr;  // T rows on the other device: rank 0's x, then every rank's out
+  if (two == 1) {
+    ASSERT_EQ(cudaSetDevice(other), cudaSuccess);
+    const cudaError_t e = cudaMalloc(&far, in.T * row);
+    if (e == cudaSuccess) cudaMemcpy(far, in.x.data(), in.T * row, cudaMemcpyHostToDevice);
+    ASSERT_EQ(cudaSetDevice(device), cudaSuccess);
+    ASSERT_EQ(e, cudaSuccess);
+  }
+  bitepGroupConfig_t c = group_config(s, W);
+  c.backend = bitepBackendCuda;
+  c.device = device;
+  GroupGuard cg;
+  ASSERT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &cg.g), bitepSuccess) << bitepGetLastError();
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  const bitepStream_t bs = reinterpret_cast<bitepStream_t>(stream);
+  Dev x(in.x.data(), in.x.size()), map(in.map.data(), in.map.size()), topk(in.topk.data(), 4 * in.topk.size());
+  bitepDispatchArgs_t ca = dispatch_args(s, in);
+  ca.x = x.p;
+  ca.routing_map = map.p;
+  ca.topk_weights = static_cast<const float*>(topk.p);
+  std::vector<uint8_t> host_rows(in.T * row);
+  struct Case {
+    const void* ptr;
+    std::string rule;
+  };
+  std::vector<Case> cases = {{host_rows.data(), "is not device memory"}};
+  if (two == 1)
+    cases.push_back({far, "is memory of CUDA device " + std::to_string(other) + ", but the call runs on device " +
+                              std::to_string(device)});
+  else if (rank == 0)
+    std::printf("[ note     ] a rank sees one CUDA device: another GPU's memory not tried\n");
+  for (const Case& cs : cases) {
+    bitepDispatchArgs_t bad = ca;
+    if (rank == 0) bad.x = cs.ptr;
+    bitepHandle_t h = nullptr;
+    const bitepResult_t r = bitepDispatch(cg.g, &bad, bs, &h);
+    const std::string err = bitepGetLastError();
+    EXPECT_EQ(h, nullptr);
+    if (rank == 0) {
+      EXPECT_EQ(r, bitepInvalidArgument) << err;
+      EXPECT_NE(err.find("args->x"), std::string::npos) << err;
+      EXPECT_NE(err.find(cs.rule), std::string::npos) << err;
+    } else {
+      EXPECT_EQ(r, bitepRemoteError) << err;
+      EXPECT_NE(err.find("rank 0"), std::string::npos) << err;
+    }
+  }
+  HandleGuard h;
+  ASSERT_EQ(bitepDispatch(cg.g, &ca, bs, &h.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lay;
+  ASSERT_EQ(bitepHandleGetLayout(h.h, &lay), bitepSuccess);
+  Dev out(in.T * row);
+  bitepCombineArgs_t cb = BITEP_COMBINE_ARGS_INIT;
+  cb.y = lay.expert_x;
+  cb.layout = bitepLayoutExpertMajor;
+  cb.weighted = 0;
+  for (const Case& cs : cases) {
+    bitepCombineArgs_t bad = cb;
+    bad.out = const_cast<void*>(cs.ptr);
+    const bitepResult_t r = bitepCombine(cg.g, h.h, &bad, bs);
+    const std::string err = bitepGetLastError();
+    EXPECT_EQ(r, bitepInvalidArgument) << err;
+    EXPECT_NE(err.find("args->out"), std::string::npos) << err;
+    EXPECT_NE(err.find(cs.rule), std::string::npos) << err;
+  }
+  cb.out = out.p;
+  EXPECT_EQ(bitepCombine(cg.g, h.h, &cb, bs), bitepSuccess) << bitepGetLastError();
+  EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  cudaStreamDestroy(stream);
+  if (far != nullptr) {
+    cudaSetDevice(other);
+    cudaFree(far);
+    cudaSetDevice(device);
+  }
+}
 #endif
 
 TEST(EpCuda, MatchesHostBackend) {
@@ -370,7 +472,15 @@ TEST_P(EpCudaGrid, MatchesHostBackend) {
 #endif
 }
 
-// Named EpCuda/...: device-check's filter EpCuda* picks it with the two above.
+TEST(EpCuda, BuffersOfAnotherMemorySpaceRefused) {
+#ifdef BITEP_MULTIRANK_CUDA
+  run_wrong_memory();
+#else
+  GTEST_SKIP() << "this bitep was built without CUDA: the cuda backend test needs a CUDA build and one GPU per rank";
+#endif
+}
+
+// Named EpCuda/...: device-check's filter EpCuda* picks it with the ones above.
 INSTANTIATE_TEST_SUITE_P(EpCuda,
                          EpCudaGrid,
                          testing::ValuesIn(spec_grid()),
