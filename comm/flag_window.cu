@@ -147,7 +147,14 @@ bitepResult_t FlagWindow::reserve(size_t bytes, double timeout_s) {
   want = (want + kHeaderBytes + kGranularity - 1) / kGranularity * kGranularity;
   BITEP_CUDA_CHECK(cudaDeviceSynchronize());  // the old window may still be read or written
   unmap_all();
-  BITEP_CHECK(map(want, timeout_s, static_cast<char**>(bases_dev_), &bases_));
+  const bitepResult_t r = map(want, timeout_s, static_cast<char**>(bases_dev_), &bases_);
+  if (r != bitepSuccess) {
+    // Nothing is mapped: the old addresses go, and check() refuses every later call on the window.
+    std::fill(bases_.begin(), bases_.end(), nullptr);
+    (void)cudaMemset(bases_dev_, 0, sizeof(char*) * nranks_);
+    (void)cudaGetLastError();
+    return r;
+  }
   mapped_ = true;
   data_bytes_ = want - kHeaderBytes;
   BITEP_CUDA_CHECK(cudaMemcpy(bases_dev_, bases_.data(), sizeof(char*) * nranks_, cudaMemcpyHostToDevice));
@@ -171,7 +178,7 @@ bitepResult_t FlagWindow::barrier(bitepStream_t stream, double timeout_s) {
 }
 
 bool FlagWindow::can_exchange(int n) const {
-  return exchange_on_ && n > 0 && sizeof(int32_t) * static_cast<size_t>(nranks_) * n <= kExchangeBytes;
+  return mapped_ && exchange_on_ && n > 0 && sizeof(int32_t) * static_cast<size_t>(nranks_) * n <= kExchangeBytes;
 }
 
 bitepResult_t FlagWindow::exchange(
@@ -192,6 +199,11 @@ bitepResult_t FlagWindow::exchange(
 }
 
 bitepResult_t FlagWindow::check() {
+  if (!mapped_)
+    BITEP_FAIL(bitepInvalidUsage,
+               "rank %d of %d: the peer window is not mapped (an earlier dispatch or combine failed to grow it): "
+               "destroy the group",
+               rank_, nranks_);
   if (*timed_out_ != 0)
     BITEP_FAIL(bitepTimeout,
                "rank %d of %d: a peer did not reach a peer-window barrier of an earlier dispatch or combine within "

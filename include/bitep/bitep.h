@@ -22,6 +22,12 @@
  * Errors: on failure, bitepGetLastError() returns the thread's detail: the argument, the constraint,
  * the failing call with file:line. The library never exits, never aborts, and never writes outside a
  * buffer it was given.
+ * A collective call's failure that every rank learns of (a dispatch's count exchange, a host group's agreement) fails
+ * every rank, and the group works on. A failure one rank has alone (a cuda group's combine, backward pass or
+ * low-latency dispatch refused by its checks or by a capturing stream; bitepDispatch refused while capturing or failing
+ * after its count exchange) leaves the peers inside the call, which this rank's next call would meet out of turn: at
+ * W > 1 its group is unusable from then on (each later call returns bitepInvalidUsage naming the failed call), and the
+ * peers' groups once they time out in it. Destroy the group on every rank and create a new one.
  *
  * Threads:
  * - The router calls (bitepRouter*, bitepAuxScores*, bitepAuxLoss*) may run on any number of threads at once, each
@@ -420,9 +426,10 @@ BITEP_API bitepResult_t bitepDispatch(bitepGroup_t group,
  * num_expert_rows rows; the same sums, in the same order, as bitepCombine after bitepDispatch), again without a host
  * wait; the backward calls return bitepNotSupported. Any number of low-latency dispatches and combines may be in flight
  * in any order (their slots alternate and every call's barrier orders them). A rank that fails its argument checks
- * returns at once and queues nothing: its peers then wait in the barrier for the group's timeout, and their next call
- * reports it. The fast path does not compare the ranks' arguments: a rank with tokens and no weights sends weight 0
- * for its rows (bitepDispatch would fail every rank), so give weights on every rank or on none.
+ * returns at once and queues nothing, and its group is unusable (see Errors above): its peers then wait in the
+ * barrier for the group's timeout, and their next call reports it. The fast path does not compare the ranks'
+ * arguments: a rank with tokens and no weights sends weight 0 for its rows (bitepDispatch would fail every rank), so
+ * give weights on every rank or on none.
  * CUDA graphs: where bitepGroupLowLatencyCapturable says so, a low-latency dispatch and the combines of its handles may
  * be captured (stream capture, any capture mode) and the graph launched any number of times: every launch moves the
  * data its input buffers hold then (num_tokens and the buffers are the captured call's), and the slots' parity comes
@@ -510,7 +517,8 @@ typedef struct {
  * included) fails it with that error and its peers at once with bitepRemoteError, and a mismatch of
  * dispatches fails every rank. The ranks that pass expert-major y pass the same weighted (each weights the expert rows
  * it sums for the others by its own flag): host groups check it, failing every rank. A cuda group's failing rank
- * returns at once and queues nothing: its peers wait in the transfer until the group's timeout (as in dispatch). */
+ * returns at once and queues nothing, and its group is unusable (see Errors above): its peers wait in the transfer
+ * until the group's timeout. */
 BITEP_API bitepResult_t bitepCombine(bitepGroup_t group,
                                      bitepHandle_t handle,
                                      const bitepCombineArgs_t* args,

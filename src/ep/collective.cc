@@ -19,7 +19,15 @@ bitepResult_t SavedError::restore() const {
 }
 
 bitepResult_t transport_failed(bitepGroup* group, bitepResult_t r) {
-  if (r != bitepSuccess && group->broken.empty()) group->broken = bitepGetLastError();
+  if (r != bitepSuccess && group->broken.empty())
+    group->broken = std::string("an earlier transport failure (") + bitepGetLastError() + ")";
+  return r;
+}
+
+bitepResult_t failed_alone(bitepGroup* group, bitepResult_t r, const char* what) {
+  if (r != bitepSuccess && group->nranks > 1 && group->broken.empty())
+    group->broken = std::string("this rank failed ") + what + " on its own (" + bitepGetLastError() +
+                    ") while its peers may have gone on into the call's transfers";
   return r;
 }
 

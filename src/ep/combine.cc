@@ -256,15 +256,17 @@ bitepResult_t combine_window(Exec& ex,
   return win->release(ex.stream());
 }
 
-bitepResult_t combine(bitepGroup_t g,
-                      bitepHandle_t h,
-                      const void* y,
-                      bitepLayout_t layout,
-                      int weighted,
-                      void* out,
-                      bitepStream_t stream,
-                      bitepResult_t local,
-                      const char* what) {
+// *shared: the failure returned is every rank's (host groups' agreement), not this rank's alone.
+bitepResult_t combine_steps(bitepGroup_t g,
+                            bitepHandle_t h,
+                            const void* y,
+                            bitepLayout_t layout,
+                            int weighted,
+                            void* out,
+                            bitepStream_t stream,
+                            bitepResult_t local,
+                            const char* what,
+                            bool* shared) {
   Exec ex(g, stream);
   BITEP_CHECK(ex.begin());
   if (ex.capturing()) {
@@ -288,6 +290,7 @@ bitepResult_t combine(bitepGroup_t g,
     const int32_t mine =
         local != bitepSuccess ? 0 : dispatch_bits(h) | (expert_major ? 2 : 0) | (expert_major && weighted != 0 ? 1 : 0);
     std::vector<int32_t> all;
+    *shared = true;
     BITEP_CHECK(agree_status(g, local, what, mine, &all));
     BITEP_CHECK(same_dispatch(g, all, what));
     for (int q = 0; q < g->nranks; ++q)
@@ -297,8 +300,9 @@ bitepResult_t combine(bitepGroup_t g,
                    "rank must pass the same weighted (each weights the expert rows it sums for the others by its "
                    "own)",
                    q, what, all[q] & 1, g->rank, mine & 1);
+    *shared = false;
   } else if (local != bitepSuccess) {
-    return local;
+    return local;  // cuda: no agreement, the peers go on into the transfer
   }
   // Joins any side-stream work first: the fence then covers it (an error path can leave a fork open).
   FenceOnExit fence(h, stream, [&ex] { (void)ex.join(); });
@@ -338,6 +342,22 @@ bitepResult_t combine(bitepGroup_t g,
   return return_rows(ex, g, h, partial, out, &trace);
 }
 
+// combine_steps, and a failure of this rank's alone recorded (failed_alone). api: the API call.
+bitepResult_t combine(bitepGroup_t g,
+                      bitepHandle_t h,
+                      const void* y,
+                      bitepLayout_t layout,
+                      int weighted,
+                      void* out,
+                      bitepStream_t stream,
+                      bitepResult_t local,
+                      const char* what,
+                      const char* api) {
+  bool shared = false;
+  const bitepResult_t r = combine_steps(g, h, y, layout, weighted, out, stream, local, what, &shared);
+  return shared ? r : failed_alone(g, r, api);
+}
+
 }  // namespace
 }  // namespace bitep::ep
 
@@ -359,7 +379,8 @@ bitepResult_t bitepCombine(bitepGroup_t group,
                                             "args->layout", "args->out");
     const bool ok = local == bitepSuccess;
     return bitep::ep::combine(group, handle, ok ? args->y : nullptr, ok ? args->layout : bitepLayoutRankMajor,
-                              ok ? args->weighted : 0, ok ? args->out : nullptr, stream, local, "this combine");
+                              ok ? args->weighted : 0, ok ? args->out : nullptr, stream, local, "this combine",
+                              "bitepCombine");
   });
 }
 
@@ -375,7 +396,8 @@ bitepResult_t bitepDispatchBackward(bitepGroup_t group,
     BITEP_CHECK(bitep::ep::check_call_agreed(group, handle, /*backward=*/true, &call, "bitepDispatchBackward", &local));
     if (local == bitepSuccess)
       local = bitep::ep::check_combine_args(group, handle, grad_y, layout, 0, grad_x, "grad_y", "layout", "grad_x");
-    return bitep::ep::combine(group, handle, grad_y, layout, 0, grad_x, stream, local, "this dispatch backward");
+    return bitep::ep::combine(group, handle, grad_y, layout, 0, grad_x, stream, local, "this dispatch backward",
+                              "bitepDispatchBackward");
   });
 }
 

@@ -171,27 +171,33 @@ extern "C" bitepResult_t bitepCombineBackward(bitepGroup_t group,
     bitepResult_t local = bitepSuccess;
     GroupCall call;
     BITEP_CHECK(check_call_agreed(group, handle, /*backward=*/true, &call, "bitepCombineBackward", &local));
-    Exec ex(group, stream);
-    BITEP_CHECK(ex.begin());
-    if (local == bitepSuccess && ex.capturing())
-      BITEP_FAIL(bitepNotSupported,
-                 "bitepCombineBackward: the stream is capturing a CUDA graph, and the backward passes cannot be "
-                 "captured (their all-to-alls use temporary buffers and host-side counts)");
-    if (local == bitepSuccess) local = check_args(group, handle, args);
-    const bool ok = local == bitepSuccess;
-    bool wgrad = ok && args->weighted && args->y != nullptr;
-    if (group->agree_always) {
-      const int32_t bits = ok ? (args->weighted ? kBitWeighted : 0) | (args->y ? kBitY : 0) |
-                                    (handle->num_expert_rows > 0 ? kBitRows : 0) | dispatch_bits(handle)
-                              : 0;
-      std::vector<int32_t> all;
-      BITEP_CHECK(agree_status(group, local, "this combine backward", bits, &all));
-      BITEP_CHECK(same_dispatch(group, all, "this combine backward"));
-      BITEP_CHECK(decide_weight_grads(group, all, &wgrad));
-    } else if (!ok) {
-      return local;
-    }
-    FenceOnExit fence(handle, stream);
-    return backward(ex, group, handle, args, wgrad);
+    bool shared = false;  // the failure returned is every rank's (host groups' agreement), not this rank's alone
+    const bitepResult_t r = [&]() -> bitepResult_t {
+      Exec ex(group, stream);
+      BITEP_CHECK(ex.begin());
+      if (local == bitepSuccess && ex.capturing())
+        BITEP_FAIL(bitepNotSupported,
+                   "bitepCombineBackward: the stream is capturing a CUDA graph, and the backward passes cannot be "
+                   "captured (their all-to-alls use temporary buffers and host-side counts)");
+      if (local == bitepSuccess) local = check_args(group, handle, args);
+      const bool ok = local == bitepSuccess;
+      bool wgrad = ok && args->weighted && args->y != nullptr;
+      if (group->agree_always) {
+        const int32_t bits = ok ? (args->weighted ? kBitWeighted : 0) | (args->y ? kBitY : 0) |
+                                      (handle->num_expert_rows > 0 ? kBitRows : 0) | dispatch_bits(handle)
+                                : 0;
+        std::vector<int32_t> all;
+        shared = true;
+        BITEP_CHECK(agree_status(group, local, "this combine backward", bits, &all));
+        BITEP_CHECK(same_dispatch(group, all, "this combine backward"));
+        BITEP_CHECK(decide_weight_grads(group, all, &wgrad));
+        shared = false;
+      } else if (!ok) {
+        return local;  // cuda: no agreement, the peers go on into the transfer
+      }
+      FenceOnExit fence(handle, stream);
+      return backward(ex, group, handle, args, wgrad);
+    }();
+    return shared ? r : failed_alone(group, r, "bitepCombineBackward");
   });
 }

@@ -514,7 +514,12 @@ bitepResult_t Dispatch::move_rows() {
   return bitepSuccess;
 }
 
-bitepResult_t Dispatch::run(bitepHandle_t* out) {
+bitepResult_t Dispatch::run(bitepHandle_t* out, const char* what) {
+  const bitepResult_t r = steps(out);
+  return shared_verdict_ ? r : failed_alone(g_, r, what);
+}
+
+bitepResult_t Dispatch::steps(bitepHandle_t* out) {
   BITEP_CHECK(ex_.begin());
   // The exchange buffers come first: without them this rank cannot even tell its peers it failed.
   void* p = nullptr;
@@ -554,6 +559,8 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
     transport_failed(g_, r);
     return local != bitepSuccess ? saved.restore() : r;
   }
+  // From here to the weights' check, a failure is every rank's: each sees the same flags.
+  shared_verdict_ = true;
   if (local != bitepSuccess) return saved.restore();
 
   // Every rank sees the same flags, so every rank reaches the same verdict here.
@@ -597,13 +604,16 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
                with_weights, without_weights, self_);
   // Weighted combines need the weights of every token: with no token anywhere they are vacuous.
   h_->has_weights = without_weights < 0;
+  shared_verdict_ = false;
 
   local = after_exchange();
   if (g_->agree_always || any_capacity) {
+    shared_verdict_ = true;  // the agreement's verdict is every rank's
     BITEP_CHECK(agree_status_exchange(&ex_, xagree_, local, "this dispatch"));
+    shared_verdict_ = false;
     trace_.mark("agreement");
   } else if (local != bitepSuccess) {
-    return local;
+    return local;  // the peers go on into the transfer: run() records it
   }
   // Numbered once every rank is past its checks (host groups: the agreement), so a later local failure does not
   // set one rank's numbers apart from its peers'.
@@ -619,7 +629,7 @@ bitepResult_t Dispatch::run(bitepHandle_t* out) {
 bitepResult_t dispatch_after_checks(
     bitepGroup* g, const bitepDispatchArgs_t* args, bitepStream_t stream, bitepHandle_t* handle, bitepResult_t prior) {
   Dispatch d(g, args, stream, prior);
-  return d.run(handle);
+  return d.run(handle, "bitepDispatchLowLatency");
 }
 
 }  // namespace bitep::ep
@@ -635,10 +645,13 @@ extern "C" bitepResult_t bitepDispatch(bitepGroup_t group,
     BITEP_CHECK(bitep::ep::check_group(group));
     // Its count exchange waits on the host. This rank returns at once (its peers, if they make the call
     // uncaptured, wait in the count exchange until the group's timeout).
-    if (group->config.backend == bitepBackendCuda && bitep::ep::cuda_stream_capturing(stream))
-      BITEP_FAIL(bitepNotSupported,
-                 "bitepDispatch: the stream is capturing a CUDA graph, but the dispatch's count exchange waits on "
-                 "the host: capture bitepDispatchLowLatency (and its combines) instead");
+    if (group->config.backend == bitepBackendCuda && bitep::ep::cuda_stream_capturing(stream)) {
+      const bitepResult_t r =
+          bitep::set_error(bitepNotSupported, __FILE__, __LINE__,
+                           "bitepDispatch: the stream is capturing a CUDA graph, but the dispatch's count exchange "
+                           "waits on the host: capture bitepDispatchLowLatency (and its combines) instead");
+      return bitep::ep::failed_alone(group, r, "bitepDispatch");
+    }
     bitep::ep::Dispatch d(group, args, stream);
     return d.run(handle);
   });

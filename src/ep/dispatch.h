@@ -48,9 +48,11 @@ class Dispatch {
     record_fence(h_.get(), ex_.stream());
   }
 
-  bitepResult_t run(bitepHandle_t* out);
+  // what: the API call, for the group's record when this rank fails alone (collective.h failed_alone).
+  bitepResult_t run(bitepHandle_t* out, const char* what = "bitepDispatch");
 
  private:
+  bitepResult_t steps(bitepHandle_t* out);
   // This rank's flags word in the exchange when its part so far succeeded.
   int32_t flags() const;
   // The arrival chunks this rank can take (window_chunks()): its copies out of the window go by the bulk
@@ -89,6 +91,9 @@ class Dispatch {
   int32_t* xagree_ = nullptr;       // [kAgreeInts * W]: the agreement after the exchange (backend memory)
   std::vector<int32_t> recv_host_;  // [W, n_]: row q what rank q sent here; row self this rank's own
   bool any_weights_ = false;
+  // The failure being returned is every rank's: each learnt of it in the count exchange or the agreement. Any other
+  // leaves the peers behind (failed_alone).
+  bool shared_verdict_ = false;
   bool split_ = false;         // every rank: the routing all-to-all first, the rows beside the own rows' copies
   PeerWindow* win_ = nullptr;  // rows go straight into the peers' windows (cuda, one NVLink domain)
   // The count exchange went through the windows: it was a barrier after every rank's previous use of its

@@ -135,8 +135,7 @@ bitepResult_t check_group(bitepGroup_t g) {
   BITEP_CHECK(check_live_group(g));
   if (!g->broken.empty())
     BITEP_FAIL(bitepInvalidUsage,
-               "the group is unusable after an earlier transport failure (%s); destroy it and "
-               "create a new one",
+               "the group is unusable after %s; destroy it and create a new one",
                g->broken.c_str());
   return bitepSuccess;
 }

@@ -69,7 +69,8 @@ void forget_live_group(const bitepGroup* group);
 bool is_live_group(const bitepGroup* group);
 // group is a live group (not NULL, not destroyed); a broken one passes (the queries still answer on it).
 bitepResult_t check_live_group(bitepGroup_t group);
-// A live group that can still communicate (no earlier transport failure).
+// A live group that can still communicate (no earlier transport failure, no collective call this rank failed alone:
+// src/ep/collective.h failed_alone).
 bitepResult_t check_group(bitepGroup_t group);
 
 // One API call's hold on a group. Calls on one group must not overlap: they share its transport, streams, staging
@@ -119,7 +120,7 @@ struct bitepGroup {
   std::shared_ptr<bitep::ep::Life> life;
   // The API call inside the group now (its name, once past its transport's checks), or null: bitep::ep::GroupCall.
   std::atomic<const char*> in_call{nullptr};
-  std::string broken;              // non-empty once a transport failure left peers in an unknown state
+  std::string broken;              // non-empty once a failure left peers in an unknown state (what happened)
   void* upload_staging = nullptr;  // cuda: pinned host staging of Exec::upload_staged
   size_t upload_bytes = 0;
   void* upload_event = nullptr;  // cuda: cudaEvent_t recorded after the last staged upload

@@ -199,14 +199,21 @@ void record_fence(bitepHandle_t h, bitepStream_t stream) {
   }
   if (!h->fence) return;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  if (cudaEventRecord(static_cast<cudaEvent_t>(h->fence.get()), s) != cudaSuccess) {
+  const cudaEvent_t fence = static_cast<cudaEvent_t>(h->fence.get());
+  const uint64_t key = cuda_stream_key(stream);
+  // A call on another stream than the last one's: the new record waits for the old (the earlier call may still
+  // read the blocks, unordered with this stream), so the one fence covers both calls' work. The calls themselves
+  // stay unordered: the wait is queued after this call's work.
+  const bool waited =
+      h->fence_key == 0 || h->fence_key == key || cudaStreamWaitEvent(s, fence, 0) == cudaSuccess;
+  if (!waited || cudaEventRecord(fence, s) != cudaSuccess) {
     (void)cudaGetLastError();
     (void)cudaStreamSynchronize(s);
     (void)cudaGetLastError();
     h->fence_key = 0;
     return;
   }
-  h->fence_key = cuda_stream_key(stream);
+  h->fence_key = key;
 #else
   (void)h, (void)stream;
 #endif

@@ -14,6 +14,7 @@
 #include "src/args.h"
 #include "src/check.h"
 #include "src/env.h"
+#include "src/ep/collective.h"
 #include "src/ep/combine.h"
 #include "src/ep/dispatch_args.h"
 #include "src/ep/exec.h"
@@ -353,21 +354,25 @@ extern "C" bitepResult_t bitepDispatchLowLatency(bitepGroup_t group,
     const bitepResult_t local = bitep::ep::check_low_latency_args(group, args, handle);
 #ifdef BITEP_HAVE_CUDA
     if (bitep::ep::low_latency_on_device(group)) {
-      // No exchange to tell the peers: a rank that fails here leaves them in the barrier until the timeout.
-      if (local != bitepSuccess) return local;
-      return bitep::ep::dispatch_window(group, args, stream, handle);
+      // No exchange to tell the peers: a rank that fails here leaves them in the barrier until the timeout, and its
+      // group unusable (failed_alone).
+      if (local != bitepSuccess) return bitep::ep::failed_alone(group, local, "bitepDispatchLowLatency");
+      return bitep::ep::failed_alone(group, bitep::ep::dispatch_window(group, args, stream, handle),
+                                     "bitepDispatchLowLatency");
     }
 #endif
     // The regular dispatch below waits on the host for its count exchange (its agreement on a local failure too):
     // no graph can hold it. This rank returns at once (its peers, if they call it, wait in the count exchange until
-    // the group's timeout).
+    // the group's timeout), and its group is unusable (failed_alone).
     if (group->config.backend == bitepBackendCuda && bitep::ep::cuda_stream_capturing(stream)) {
-      if (local != bitepSuccess) return local;
-      BITEP_FAIL(bitepNotSupported,
-                 "bitepDispatchLowLatency: the stream is capturing a CUDA graph, but this group's low-latency "
-                 "dispatches run bitepDispatch, whose count exchange waits on the host (no low-latency window: "
-                 "the ranks are not in one NVLink domain, BITEP_LSA=0, or the receive kernel cannot take this "
-                 "shape; bitepGroupLowLatencyCapturable says so before capturing)");
+      if (local != bitepSuccess) return bitep::ep::failed_alone(group, local, "bitepDispatchLowLatency");
+      const bitepResult_t r = bitep::set_error(
+          bitepNotSupported, __FILE__, __LINE__,
+          "bitepDispatchLowLatency: the stream is capturing a CUDA graph, but this group's low-latency dispatches "
+          "run bitepDispatch, whose count exchange waits on the host (no low-latency window: the ranks are not in "
+          "one NVLink domain, BITEP_LSA=0, or the receive kernel cannot take this shape; "
+          "bitepGroupLowLatencyCapturable says so before capturing)");
+      return bitep::ep::failed_alone(group, r, "bitepDispatchLowLatency");
     }
     // Elsewhere: the regular dispatch (its one host synchronisation; a local failure fails every rank),
     // shown as a low-latency handle.

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -339,8 +340,10 @@ void run_against_host(const Spec& s) {
 
 // bitepDispatch and bitepCombine take memory of the group's device. Rank 0's x in host memory, then in another
 // GPU's (where every rank sees two): rank 0 fails naming args->x and the rule, its peers with bitepRemoteError naming
-// rank 0, and no handle is made. Then every rank's combine out in host memory, and in another GPU's: each rank fails
-// naming args->out (a cuda group's combine agrees on nothing, so every rank fails it here), and the group works on.
+// rank 0, no handle is made, and the group works on (the count exchange told every rank). Then every rank's combine
+// out in host memory: each rank fails naming args->out and the rule. A cuda group's combine agrees on nothing, so at
+// W > 1 that failure leaves each rank's group unusable (collective.h failed_alone): the next call says so; at W = 1
+// the group works on, and the combine's out in another GPU's memory is refused too.
 void run_wrong_memory() {
   int device = 0;
   std::string why;
@@ -417,17 +420,25 @@ void run_wrong_memory() {
   cb.y = lay.expert_x;
   cb.layout = bitepLayoutExpertMajor;
   cb.weighted = 0;
-  for (const Case& cs : cases) {
+  for (size_t i = 0; i < (W == 1 ? cases.size() : 1); ++i) {
     bitepCombineArgs_t bad = cb;
-    bad.out = const_cast<void*>(cs.ptr);
+    bad.out = const_cast<void*>(cases[i].ptr);
     const bitepResult_t r = bitepCombine(cg.g, h.h, &bad, bs);
     const std::string err = bitepGetLastError();
     EXPECT_EQ(r, bitepInvalidArgument) << err;
     EXPECT_NE(err.find("args->out"), std::string::npos) << err;
-    EXPECT_NE(err.find(cs.rule), std::string::npos) << err;
+    EXPECT_NE(err.find(cases[i].rule), std::string::npos) << err;
   }
   cb.out = out.p;
-  EXPECT_EQ(bitepCombine(cg.g, h.h, &cb, bs), bitepSuccess) << bitepGetLastError();
+  const bitepResult_t r = bitepCombine(cg.g, h.h, &cb, bs);
+  const std::string err = bitepGetLastError();
+  if (W == 1) {
+    EXPECT_EQ(r, bitepSuccess) << err;
+  } else {
+    EXPECT_EQ(r, bitepInvalidUsage) << err;
+    EXPECT_NE(err.find("unusable after this rank failed bitepCombine on its own"), std::string::npos) << err;
+    EXPECT_NE(err.find("args->out"), std::string::npos) << err;
+  }
   EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   cudaStreamDestroy(stream);
   if (far != nullptr) {
@@ -435,6 +446,81 @@ void run_wrong_memory() {
     cudaFree(far);
     cudaSetDevice(device);
   }
+}
+
+// One rank fails a combine on its own (rank 0's args->y NULL) while its peers make theirs: a cuda group's combine
+// agrees on nothing, so the peers go on into the transfer and wait for rank 0 there. Rank 0's next call must not
+// meet them out of turn: it is refused, naming the group unusable, the combine and its error. The peers' next call
+// fails (they time out in the combine's transfer or the next exchange), within a few of the group's timeouts, and
+// never succeeds. After that every rank's group refuses calls. At W = 1 the failure leaves the group usable.
+void run_combine_failed_alone() {
+  int device = 0;
+  std::string why;
+  if (!gpu_per_rank(&device, &why)) GTEST_SKIP() << why;
+  ASSERT_EQ(cudaSetDevice(device), cudaSuccess);
+  const int W = world_size(), rank = world_rank();
+  Spec s;
+  const std::vector<Input> world = make_world(s, W);
+  const Input& in = world[rank];
+  const double timeout = std::max(3.0, test_timeout_s() / 10);  // 3 s, longer where the tests' timeout is raised
+  bitepGroupConfig_t c = group_config(s, W, timeout);
+  c.backend = bitepBackendCuda;
+  c.device = device;
+  GroupGuard cg;
+  ASSERT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &cg.g), bitepSuccess) << bitepGetLastError();
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  const bitepStream_t bs = reinterpret_cast<bitepStream_t>(stream);
+  Dev x(in.x.data(), in.x.size()), map(in.map.data(), in.map.size()), topk(in.topk.data(), 4 * in.topk.size());
+  bitepDispatchArgs_t ca = dispatch_args(s, in);
+  ca.x = in.T ? x.p : nullptr;
+  ca.routing_map = in.T ? map.p : nullptr;
+  ca.topk_weights = in.T ? static_cast<const float*>(topk.p) : nullptr;
+  HandleGuard h;
+  ASSERT_EQ(bitepDispatch(cg.g, &ca, bs, &h.h), bitepSuccess) << bitepGetLastError();
+  bitepDispatchLayout_t lay;
+  ASSERT_EQ(bitepHandleGetLayout(h.h, &lay), bitepSuccess);
+  Dev out(std::max<int64_t>(in.T, 1) * s.H * dsize(s.dtype));
+  bitepCombineArgs_t cb = BITEP_COMBINE_ARGS_INIT;
+  cb.y = lay.expert_x;
+  cb.layout = bitepLayoutExpertMajor;
+  cb.weighted = 0;
+  cb.out = out.p;
+  if (rank == 0) cb.layout = static_cast<bitepLayout_t>(7);  // refused by its argument checks
+  const bitepResult_t rc = bitepCombine(cg.g, h.h, &cb, bs);
+  const std::string ec = bitepGetLastError();
+  if (rank == 0) {
+    EXPECT_EQ(rc, bitepInvalidArgument) << ec;
+    EXPECT_NE(ec.find("args->layout is 7"), std::string::npos) << ec;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  HandleGuard next;
+  const bitepResult_t rn = bitepDispatch(cg.g, &ca, bs, &next.h);
+  const std::string en = bitepGetLastError();
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (W == 1) {
+    EXPECT_EQ(rn, bitepSuccess) << en;
+  } else if (rank == 0) {
+    EXPECT_EQ(rn, bitepInvalidUsage) << en;
+    EXPECT_NE(en.find("unusable after this rank failed bitepCombine on its own"), std::string::npos) << en;
+    EXPECT_NE(en.find("args->layout is 7"), std::string::npos) << en;
+    EXPECT_LT(took, 1.0) << "rank 0's refusal waited";
+    EXPECT_EQ(next.h, nullptr);
+  } else {
+    EXPECT_NE(rn, bitepSuccess) << "rank " << rank << ": a dispatch after rank 0 left the combine succeeded";
+    EXPECT_LT(took, 6 * timeout) << en;
+    EXPECT_EQ(next.h, nullptr);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (W > 1) {
+    HandleGuard again;
+    EXPECT_EQ(bitepDispatch(cg.g, &ca, bs, &again.h), bitepInvalidUsage) << bitepGetLastError();
+    EXPECT_NE(std::string(bitepGetLastError()).find("unusable"), std::string::npos) << bitepGetLastError();
+  } else {
+    EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    cudaStreamDestroy(stream);
+  }
+  // At W > 1 the stream is left as it is: a peer's combine may wait for rank 0 until its communicator is aborted.
 }
 #endif
 
@@ -475,6 +561,14 @@ TEST_P(EpCudaGrid, MatchesHostBackend) {
 TEST(EpCuda, BuffersOfAnotherMemorySpaceRefused) {
 #ifdef BITEP_MULTIRANK_CUDA
   run_wrong_memory();
+#else
+  GTEST_SKIP() << "this bitep was built without CUDA: the cuda backend test needs a CUDA build and one GPU per rank";
+#endif
+}
+
+TEST(EpCuda, CombineFailedOnOneRankLeavesTheGroupUnusable) {
+#ifdef BITEP_MULTIRANK_CUDA
+  run_combine_failed_alone();
 #else
   GTEST_SKIP() << "this bitep was built without CUDA: the cuda backend test needs a CUDA build and one GPU per rank";
 #endif

@@ -173,14 +173,50 @@ class Capture {
   bool open_ = false;
 };
 
+// A capture refusal: the first says why (bitepNotSupported, naming the capture). A refused call is this rank's
+// alone (the peers are not told), so at W > 1 it leaves the group unusable (src/ep/collective.h failed_alone): every
+// call after the first refusal says so. *refused: a call was refused before.
+void expect_capture_refused(bitepResult_t r, const char* call, bool* refused) {
+  const std::string err = bitepGetLastError();
+  if (world_size() > 1 && *refused) {
+    EXPECT_EQ(r, bitepInvalidUsage) << call << ": " << err;
+    EXPECT_NE(err.find("unusable"), std::string::npos) << call << ": " << err;
+  } else {
+    EXPECT_EQ(r, bitepNotSupported) << call << ": " << err;
+    EXPECT_NE(err.find("capturing a CUDA graph"), std::string::npos) << call << ": " << err;
+  }
+  *refused = true;
+}
+
+// bitepDispatch and the combine of its handle refuse a capturing stream, and leave the capture intact.
+void check_capture_refusals(
+    Mem& mem, bitepGroup_t g, bitepHandle_t regular, const bitepDispatchArgs_t& a, size_t out_bytes, bool* refused) {
+  std::vector<uint8_t> out(out_bytes + 1);
+  // Before the capture: an allocation would break it.
+  void* dev_out = mem.put(out.data(), out.size());
+  void* dev_y = mem.put(out.data(), out.size());
+  HandleGuard h;  // destroyed after the capture ended
+  Capture cap;
+  EXPECT_EQ(cap.status(), 1) << "the capture did not start";
+  expect_capture_refused(bitepDispatch(g, &a, cap.stream(), &h.h), "bitepDispatch", refused);
+  EXPECT_EQ(cap.status(), 1) << "the capture is not active after the refused bitepDispatch";
+  bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
+  c.y = dev_y;  // not read: the call is refused
+  c.layout = bitepLayoutRankMajor;
+  c.out = dev_out;
+  expect_capture_refused(bitepCombine(g, regular, &c, cap.stream()), "bitepCombine", refused);
+  EXPECT_EQ(cap.status(), 1) << "the capture is not active after the refused bitepCombine";
+  EXPECT_EQ(cap.end(), cudaSuccess) << "a refused call broke the capture";
+}
+
 // CUDA graphs. Where the group says its low-latency calls are capturable, one graph holds a low-latency dispatch
 // and its combine (weighted where the spec has weights); it is launched four times, with calls made one by one
 // between the launches (a dispatch alone: one barrier, so the next launch meets the other slot parity; a dispatch
 // and its combine; nothing), and every launch must give bitepDispatch's expert counts, offsets and rows and
 // bitepCombine's output. The handle's counts and rows and the output are poisoned before each launch, so a launch
 // that moved nothing fails. Where the group says not, capturing the low-latency dispatch returns bitepNotSupported,
-// naming the capture, and leaves the capture intact. Everywhere: bitepDispatch and the combine of its handle refuse a
-// capturing stream alike.
+// naming the capture, and leaves the capture intact. Everywhere, last (at W > 1 a refusal leaves the group unusable):
+// bitepDispatch and the combine of its handle refuse a capturing stream alike.
 void run_graphs(Mem& mem,
                 bitepGroup_t g,
                 bitepHandle_t regular,
@@ -193,28 +229,7 @@ void run_graphs(Mem& mem,
                 bool must_capture) {
   const int W = world_size(), rank = world_rank();
   const size_t row = s.H * dsize(s.dtype), out_bytes = static_cast<size_t>(T) * row;
-  {
-    std::vector<uint8_t> out(out_bytes + 1);
-    // Before the capture: an allocation would break it.
-    void* dev_out = mem.put(out.data(), out.size());
-    void* dev_y = mem.put(out.data(), out.size());
-    HandleGuard h;  // destroyed after the capture ended
-    Capture cap;
-    EXPECT_EQ(cap.status(), 1) << "the capture did not start";
-    EXPECT_EQ(bitepDispatch(g, &a, cap.stream(), &h.h), bitepNotSupported);
-    EXPECT_NE(std::string(bitepGetLastError()).find("capturing a CUDA graph"), std::string::npos)
-        << bitepGetLastError();
-    EXPECT_EQ(cap.status(), 1) << "the capture is not active after the refused bitepDispatch";
-    bitepCombineArgs_t c = BITEP_COMBINE_ARGS_INIT;
-    c.y = dev_y;  // not read: the call is refused
-    c.layout = bitepLayoutRankMajor;
-    c.out = dev_out;
-    EXPECT_EQ(bitepCombine(g, regular, &c, cap.stream()), bitepNotSupported);
-    EXPECT_NE(std::string(bitepGetLastError()).find("capturing a CUDA graph"), std::string::npos)
-        << bitepGetLastError();
-    EXPECT_EQ(cap.status(), 1) << "the capture is not active after the refused bitepCombine";
-    EXPECT_EQ(cap.end(), cudaSuccess) << "a refused call broke the capture";
-  }
+  bool refused = false;
   int capturable = -1;
   ASSERT_EQ(bitepGroupLowLatencyCapturable(g, &capturable), bitepSuccess) << bitepGetLastError();
   if (must_capture) ASSERT_EQ(capturable, 1) << "a one-rank cuda group's low-latency calls run on the device";
@@ -237,10 +252,9 @@ void run_graphs(Mem& mem,
   Capture cap;
   const bitepResult_t r = bitepDispatchLowLatency(g, &a, cap.stream(), &h.h);
   if (capturable != 1) {
-    EXPECT_EQ(r, bitepNotSupported);
-    EXPECT_NE(std::string(bitepGetLastError()).find("capturing a CUDA graph"), std::string::npos)
-        << bitepGetLastError();
+    expect_capture_refused(r, "bitepDispatchLowLatency", &refused);
     EXPECT_EQ(cap.end(), cudaSuccess) << "a refused call broke the capture";
+    check_capture_refusals(mem, g, regular, a, out_bytes, &refused);
     return;
   }
   ASSERT_EQ(r, bitepSuccess) << bitepGetLastError() << " (capture status " << cap.status() << ")";
@@ -282,6 +296,7 @@ void run_graphs(Mem& mem,
   }
   EXPECT_EQ(bitepHandleDestroy(h.h), bitepSuccess) << bitepGetLastError();
   h.h = nullptr;
+  check_capture_refusals(mem, g, regular, a, out_bytes, &refused);  // last: at W > 1 they leave the group unusable
 }
 
 // A decode step in one CUDA graph, as a serving stack captures it: bitepRouterForward (bitmap and compact weights from

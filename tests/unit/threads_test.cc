@@ -10,12 +10,15 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "bitep/bitep.h"
+#include "src/ep/collective.h"
 #include "src/ep/group.h"
 #include "src/ep/pool.h"
 
@@ -307,6 +310,62 @@ TEST(GroupCall, ADestroyedGroupIsRefused) {
   bitep::ep::GroupCall call;
   EXPECT_EQ(call.enter(reinterpret_cast<bitepGroup_t>(junk.data()), "bitepDispatch"), bitepInvalidArgument);
   EXPECT_NE(std::string(bitepGetLastError()).find("not a live bitep group"), std::string::npos) << bitepGetLastError();
+}
+
+// A group that agrees on nothing (the cuda backend's; here on the host backend's pool, so that no GPU is needed), of
+// two ranks: a collective call this rank fails on its own leaves its peers inside the call, so the group is unusable
+// from then on, and every later call says why (the call and its error). Each of the three calls that take a handle;
+// at W = 1 (no peers) the group works on, and a transport failure's record is not replaced.
+TEST(GroupCall, AFailureAloneLeavesTheGroupUnusable) {
+  struct Call {
+    const char* name;
+    std::function<bitepResult_t(bitepGroup_t)> run;
+  };
+  const bitepCombineArgs_t cargs = BITEP_COMBINE_ARGS_INIT;
+  const bitepCombineBackwardArgs_t bargs = BITEP_COMBINE_BWD_ARGS_INIT;
+  const std::vector<Call> calls = {
+      {"bitepCombine", [&](bitepGroup_t g) { return bitepCombine(g, nullptr, &cargs, nullptr); }},
+      {"bitepDispatchBackward",
+       [&](bitepGroup_t g) {
+         return bitepDispatchBackward(g, nullptr, nullptr, bitepLayoutExpertMajor, nullptr, nullptr);
+       }},
+      {"bitepCombineBackward", [&](bitepGroup_t g) { return bitepCombineBackward(g, nullptr, &bargs, nullptr); }},
+  };
+  for (const Call& call : calls) {
+    for (int nranks : {2, 1}) {
+      SCOPED_TRACE(std::string(call.name) + ", W = " + std::to_string(nranks));
+      TestGroup g;
+      g.group.nranks = nranks;
+      g.group.agree_always = false;
+      g.group.config.backend = bitepBackendHost;
+      g.group.life = std::make_shared<bitep::ep::Life>();
+      g.group.life->pool = std::make_unique<bitep::ep::Pool>(bitepBackendHost, -1);
+      EXPECT_EQ(call.run(&g.group), bitepInvalidArgument);
+      const std::string first = bitepGetLastError();
+      EXPECT_NE(first.find("handle is NULL"), std::string::npos) << first;
+      const bitepResult_t again = call.run(&g.group);
+      const std::string next = bitepGetLastError();
+      if (nranks == 1) {
+        EXPECT_EQ(again, bitepInvalidArgument) << next;
+        EXPECT_TRUE(g.group.broken.empty()) << g.group.broken;
+        continue;
+      }
+      EXPECT_EQ(again, bitepInvalidUsage) << next;
+      EXPECT_NE(next.find(std::string("unusable after this rank failed ") + call.name + " on its own"),
+                std::string::npos)
+          << next;
+      EXPECT_NE(next.find("handle is NULL"), std::string::npos) << next;
+      EXPECT_NE(next.find("destroy it and create a new one"), std::string::npos) << next;
+      // A later failure alone keeps the first record.
+      const std::string kept = g.group.broken;
+      bitep::ep::failed_alone(&g.group, bitepInternalError, "bitepDispatch");
+      EXPECT_EQ(g.group.broken, kept);
+    }
+  }
+  TestGroup g;
+  g.group.nranks = 2;
+  bitep::ep::failed_alone(&g.group, bitepSuccess, "bitepCombine");
+  EXPECT_TRUE(g.group.broken.empty()) << "a success recorded as a failure";
 }
 
 // 8 threads each try 2000 calls on one group: the calls that enter never overlap (a counter of the threads inside
