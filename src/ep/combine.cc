@@ -256,93 +256,7 @@ bitepResult_t combine_window(Exec& ex,
   return win->release(ex.stream());
 }
 
-// *shared: the failure returned is every rank's (host groups' agreement), not this rank's alone.
-bitepResult_t combine_steps(bitepGroup_t g,
-                            bitepHandle_t h,
-                            const void* y,
-                            bitepLayout_t layout,
-                            int weighted,
-                            void* out,
-                            bitepStream_t stream,
-                            bitepResult_t local,
-                            const char* what,
-                            bool* shared) {
-  Exec ex(g, stream);
-  BITEP_CHECK(ex.begin());
-  if (ex.capturing()) {
-    // Only the low-latency window's combine runs on the device alone; this rank returns at once (peers that
-    // make the call uncaptured wait for it until the group's timeout).
-    if (local != bitepSuccess) return local;
-    if (!h->low_latency_window)
-      BITEP_FAIL(bitepNotSupported,
-                 "%s: the stream is capturing a CUDA graph, but only the combines of handles from "
-                 "bitepDispatchLowLatency's device path can be captured (this handle's combine uses temporary "
-                 "buffers and host-side counts; bitepGroupLowLatencyCapturable says whether a group's low-latency "
-                 "calls can be)",
-                 what);
-  }
-  if (g->agree_always) {
-    // The dispatch's number, bit 1 an expert-major y and bit 0 its weighted flag: a rank weights the expert rows it
-    // sums for the others by its own flag, so two such ranks that differ would return sums of both kinds (rank-major
-    // rows come summed: their flag is not used).
-    const bool expert_major = layout == bitepLayoutExpertMajor;
-    // (h is read only where this rank's checks passed: it may be NULL, or another group's, otherwise.)
-    const int32_t mine =
-        local != bitepSuccess ? 0 : dispatch_bits(h) | (expert_major ? 2 : 0) | (expert_major && weighted != 0 ? 1 : 0);
-    std::vector<int32_t> all;
-    *shared = true;
-    BITEP_CHECK(agree_status(g, local, what, mine, &all));
-    BITEP_CHECK(same_dispatch(g, all, what));
-    for (int q = 0; q < g->nranks; ++q)
-      if ((all[q] & 2) != 0 && (mine & 2) != 0 && (all[q] & 1) != (mine & 1))
-        BITEP_FAIL(bitepInvalidArgument,
-                   "rank %d gives %s weighted = %d, this rank (%d) weighted = %d, both with expert-major y: every "
-                   "rank must pass the same weighted (each weights the expert rows it sums for the others by its "
-                   "own)",
-                   q, what, all[q] & 1, g->rank, mine & 1);
-    *shared = false;
-  } else if (local != bitepSuccess) {
-    return local;  // cuda: no agreement, the peers go on into the transfer
-  }
-  // Joins any side-stream work first: the fence then covers it (an error path can leave a fork open).
-  FenceOnExit fence(h, stream, [&ex] { (void)ex.join(); });
-  Trace trace("combine", g->rank, stream, ex.cuda());
-  if (h->low_latency_window) return combine_low_latency(ex, g, h, y, weighted, out, &trace);
-  // The peer window takes the combines (decided with the dispatch, alike on every rank; small ones go by
-  // NCCL's all-to-all with BITEP_LSA_SMALL=0).
-  PeerWindow* win = g->nranks > 1 ? g->transport->window() : nullptr;
-  if (win != nullptr && h->window_combine) {
-    BITEP_CHECK(win->check());
-    return combine_window(ex, g, h, y, layout, weighted, out, win, &trace);
-  }
-  const void* partial = y;
-  if (layout == bitepLayoutExpertMajor) {
-    void* p = nullptr;
-    const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
-    BITEP_CHECK(ex.temp(row * h->num_recv_rows, &p));
-    // Partial rows [i0, i1) (rank-major, so one source rank's rows are one range).
-    auto reduce = [&](int64_t i0, int64_t i1, int blocks_per_sm) -> bitepResult_t {
-      if (i1 <= i0) return bitepSuccess;
-      return ex.reduce(reduce_params(g, h, y, weighted, i0, i1 - i0, static_cast<char*>(p) + i0 * row, blocks_per_sm));
-    };
-    const int64_t R = h->num_recv_rows, own0 = h->recv_offsets[g->rank], own1 = own0 + h->recv_counts[g->rank];
-    if (own1 > own0 && R - (own1 - own0) > 0 && static_cast<uint64_t>(R - (own1 - own0)) * row >= split_min_bytes()) {
-      // This rank's own rows never travel: their partials are summed beside the others' all-to-all.
-      BITEP_CHECK(ex.fork());
-      BITEP_CHECK(reduce(own0, own1, kSideBlocksPerSm));
-      ex.launch_on_caller();
-      BITEP_CHECK(reduce(0, own0, 0));
-      BITEP_CHECK(reduce(own1, R, 0));
-    } else {
-      BITEP_CHECK(reduce(0, R, 0));
-    }
-    partial = p;
-  }
-  trace.mark("reduce");
-  return return_rows(ex, g, h, partial, out, &trace);
-}
-
-// combine_steps, and a failure of this rank's alone recorded (failed_alone). api: the API call.
+// api: the API call; a failure of this rank's alone is recorded (failed_alone).
 bitepResult_t combine(bitepGroup_t g,
                       bitepHandle_t h,
                       const void* y,
@@ -353,8 +267,84 @@ bitepResult_t combine(bitepGroup_t g,
                       bitepResult_t local,
                       const char* what,
                       const char* api) {
-  bool shared = false;
-  const bitepResult_t r = combine_steps(g, h, y, layout, weighted, out, stream, local, what, &shared);
+  bool shared = false;  // the failure returned is every rank's (host groups' agreement), not this rank's alone
+  const bitepResult_t r = [&]() -> bitepResult_t {
+    Exec ex(g, stream);
+    BITEP_CHECK(ex.begin());
+    if (ex.capturing()) {
+      // Only the low-latency window's combine runs on the device alone; this rank returns at once (peers that
+      // make the call uncaptured wait for it until the group's timeout).
+      if (local != bitepSuccess) return local;
+      if (!h->low_latency_window)
+        BITEP_FAIL(bitepNotSupported,
+                   "%s: the stream is capturing a CUDA graph, but only the combines of handles from "
+                   "bitepDispatchLowLatency's device path can be captured (this handle's combine uses temporary "
+                   "buffers and host-side counts; bitepGroupLowLatencyCapturable says whether a group's low-latency "
+                   "calls can be)",
+                   what);
+    }
+    if (g->agree_always) {
+      // The dispatch's number, bit 1 an expert-major y and bit 0 its weighted flag: a rank weights the expert rows it
+      // sums for the others by its own flag, so two such ranks that differ would return sums of both kinds (rank-major
+      // rows come summed: their flag is not used).
+      const bool expert_major = layout == bitepLayoutExpertMajor;
+      // (h is read only where this rank's checks passed: it may be NULL, or another group's, otherwise.)
+      const int32_t mine = local != bitepSuccess
+                               ? 0
+                               : dispatch_bits(h) | (expert_major ? 2 : 0) | (expert_major && weighted != 0 ? 1 : 0);
+      std::vector<int32_t> all;
+      shared = true;
+      BITEP_CHECK(agree_status(g, local, what, mine, &all));
+      BITEP_CHECK(same_dispatch(g, all, what));
+      for (int q = 0; q < g->nranks; ++q)
+        if ((all[q] & 2) != 0 && (mine & 2) != 0 && (all[q] & 1) != (mine & 1))
+          BITEP_FAIL(bitepInvalidArgument,
+                     "rank %d gives %s weighted = %d, this rank (%d) weighted = %d, both with expert-major y: every "
+                     "rank must pass the same weighted (each weights the expert rows it sums for the others by its "
+                     "own)",
+                     q, what, all[q] & 1, g->rank, mine & 1);
+      shared = false;
+    } else if (local != bitepSuccess) {
+      return local;  // cuda: no agreement, the peers go on into the transfer
+    }
+    // Joins any side-stream work first: the fence then covers it (an error path can leave a fork open).
+    FenceOnExit fence(h, stream, [&ex] { (void)ex.join(); });
+    Trace trace("combine", g->rank, stream, ex.cuda());
+    if (h->low_latency_window) return combine_low_latency(ex, g, h, y, weighted, out, &trace);
+    // The peer window takes the combines (decided with the dispatch, alike on every rank; small ones go by
+    // NCCL's all-to-all with BITEP_LSA_SMALL=0).
+    PeerWindow* win = g->nranks > 1 ? g->transport->window() : nullptr;
+    if (win != nullptr && h->window_combine) {
+      BITEP_CHECK(win->check());
+      return combine_window(ex, g, h, y, layout, weighted, out, win, &trace);
+    }
+    const void* partial = y;
+    if (layout == bitepLayoutExpertMajor) {
+      void* p = nullptr;
+      const size_t row = static_cast<size_t>(dtype_size(g->config.dtype)) * g->config.hidden;
+      BITEP_CHECK(ex.temp(row * h->num_recv_rows, &p));
+      // Partial rows [i0, i1) (rank-major, so one source rank's rows are one range).
+      auto reduce = [&](int64_t i0, int64_t i1, int blocks_per_sm) -> bitepResult_t {
+        if (i1 <= i0) return bitepSuccess;
+        return ex.reduce(
+            reduce_params(g, h, y, weighted, i0, i1 - i0, static_cast<char*>(p) + i0 * row, blocks_per_sm));
+      };
+      const int64_t R = h->num_recv_rows, own0 = h->recv_offsets[g->rank], own1 = own0 + h->recv_counts[g->rank];
+      if (own1 > own0 && R - (own1 - own0) > 0 && static_cast<uint64_t>(R - (own1 - own0)) * row >= split_min_bytes()) {
+        // This rank's own rows never travel: their partials are summed beside the others' all-to-all.
+        BITEP_CHECK(ex.fork());
+        BITEP_CHECK(reduce(own0, own1, kSideBlocksPerSm));
+        ex.launch_on_caller();
+        BITEP_CHECK(reduce(0, own0, 0));
+        BITEP_CHECK(reduce(own1, R, 0));
+      } else {
+        BITEP_CHECK(reduce(0, R, 0));
+      }
+      partial = p;
+    }
+    trace.mark("reduce");
+    return return_rows(ex, g, h, partial, out, &trace);
+  }();
   return shared ? r : failed_alone(g, r, api);
 }
 

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <string>
 
 #include "tests/multirank/ep_checks.h"
@@ -338,6 +339,47 @@ void run_against_host(const Spec& s) {
   cudaStreamDestroy(stream);
 }
 
+// This rank's part of a test on a cuda group over MPI_COMM_WORLD: its GPU, the group (spec s), a stream, and its
+// dispatch inputs on the device (args: bitepDispatch's for them). set_up's fatal failures and skip (no GPU per rank)
+// are the test's: check HasFatalFailure() / IsSkipped() after it.
+struct CudaRank {
+  Spec s;
+  int device = 0, W = world_size(), rank = world_rank();
+  std::vector<Input> world;
+  GroupGuard g;
+  cudaStream_t stream = nullptr;
+  std::unique_ptr<Dev> x, map, topk;
+  bitepDispatchArgs_t args = BITEP_DISPATCH_ARGS_INIT;
+  CudaRank() = default;
+  CudaRank(const CudaRank&) = delete;
+  CudaRank& operator=(const CudaRank&) = delete;
+  ~CudaRank() {
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+  const Input& in() const { return world[rank]; }
+  size_t row() const { return s.H * dsize(s.dtype); }
+  bitepStream_t bs() const { return reinterpret_cast<bitepStream_t>(stream); }
+  void set_up(double timeout_s) {
+    std::string why;
+    if (!gpu_per_rank(&device, &why)) GTEST_SKIP() << why;
+    ASSERT_EQ(cudaSetDevice(device), cudaSuccess);
+    world = make_world(s, W);
+    bitepGroupConfig_t c = group_config(s, W, timeout_s);
+    c.backend = bitepBackendCuda;
+    c.device = device;
+    ASSERT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &g.g), bitepSuccess) << bitepGetLastError();
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+    const Input& i = in();
+    x = std::make_unique<Dev>(i.x.data(), i.x.size());
+    map = std::make_unique<Dev>(i.map.data(), i.map.size());
+    topk = std::make_unique<Dev>(i.topk.data(), 4 * i.topk.size());
+    args = dispatch_args(s, i);
+    args.x = i.T ? x->p : nullptr;
+    args.routing_map = i.T ? map->p : nullptr;
+    args.topk_weights = i.T ? static_cast<const float*>(topk->p) : nullptr;
+  }
+};
+
 // bitepDispatch and bitepCombine take memory of the group's device. Rank 0's x in host memory, then in another
 // GPU's (where every rank sees two): rank 0 fails naming args->x and the rule, its peers with bitepRemoteError naming
 // rank 0, no handle is made, and the group works on (the count exchange told every rank). Then every rank's combine
@@ -345,45 +387,29 @@ void run_against_host(const Spec& s) {
 // W > 1 that failure leaves each rank's group unusable (collective.h failed_alone): the next call says so; at W = 1
 // the group works on, and the combine's out in another GPU's memory is refused too.
 void run_wrong_memory() {
-  int device = 0;
-  std::string why;
-  if (!gpu_per_rank(&device, &why)) GTEST_SKIP() << why;
-  ASSERT_EQ(cudaSetDevice(device), cudaSuccess);
-  const int W = world_size(), rank = world_rank();
-  Spec s;
-  const std::vector<Input> world = make_world(s, W);
-  const Input& in = world[rank];
-  ASSERT_GT(world[0].T, 0);
+  CudaRank cr;
+  cr.set_up(test_timeout_s());
+  if (testing::Test::HasFatalFailure() || testing::Test::IsSkipped()) return;
+  const int W = cr.W, rank = cr.rank;
+  const Input& in = cr.in();
+  ASSERT_GT(cr.world[0].T, 0);
   bool all_tokens = true;
-  for (const Input& q : world) all_tokens = all_tokens && q.T > 0;
+  for (const Input& q : cr.world) all_tokens = all_tokens && q.T > 0;
   ASSERT_TRUE(all_tokens) << "the combine part needs tokens on every rank (an empty rank checks no out)";
   int n = 0;
   ASSERT_EQ(cudaGetDeviceCount(&n), cudaSuccess);
   int two = n >= 2 ? 1 : 0;
   MPI_Allreduce(MPI_IN_PLACE, &two, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-  const int other = (device + 1) % n;
-  const size_t row = s.H * dsize(s.dtype);
+  const int other = (cr.device + 1) % n;
+  const size_t row = cr.row();
   void* far = nullptr;  // T rows on the other device: rank 0's x, then every rank's out
   if (two == 1) {
     ASSERT_EQ(cudaSetDevice(other), cudaSuccess);
     const cudaError_t e = cudaMalloc(&far, in.T * row);
     if (e == cudaSuccess) cudaMemcpy(far, in.x.data(), in.T * row, cudaMemcpyHostToDevice);
-    ASSERT_EQ(cudaSetDevice(device), cudaSuccess);
+    ASSERT_EQ(cudaSetDevice(cr.device), cudaSuccess);
     ASSERT_EQ(e, cudaSuccess);
   }
-  bitepGroupConfig_t c = group_config(s, W);
-  c.backend = bitepBackendCuda;
-  c.device = device;
-  GroupGuard cg;
-  ASSERT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &cg.g), bitepSuccess) << bitepGetLastError();
-  cudaStream_t stream;
-  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
-  const bitepStream_t bs = reinterpret_cast<bitepStream_t>(stream);
-  Dev x(in.x.data(), in.x.size()), map(in.map.data(), in.map.size()), topk(in.topk.data(), 4 * in.topk.size());
-  bitepDispatchArgs_t ca = dispatch_args(s, in);
-  ca.x = x.p;
-  ca.routing_map = map.p;
-  ca.topk_weights = static_cast<const float*>(topk.p);
   std::vector<uint8_t> host_rows(in.T * row);
   struct Case {
     const void* ptr;
@@ -392,14 +418,14 @@ void run_wrong_memory() {
   std::vector<Case> cases = {{host_rows.data(), "is not device memory"}};
   if (two == 1)
     cases.push_back({far, "is memory of CUDA device " + std::to_string(other) + ", but the call runs on device " +
-                              std::to_string(device)});
+                              std::to_string(cr.device)});
   else if (rank == 0)
     std::printf("[ note     ] a rank sees one CUDA device: another GPU's memory not tried\n");
   for (const Case& cs : cases) {
-    bitepDispatchArgs_t bad = ca;
+    bitepDispatchArgs_t bad = cr.args;
     if (rank == 0) bad.x = cs.ptr;
     bitepHandle_t h = nullptr;
-    const bitepResult_t r = bitepDispatch(cg.g, &bad, bs, &h);
+    const bitepResult_t r = bitepDispatch(cr.g.g, &bad, cr.bs(), &h);
     const std::string err = bitepGetLastError();
     EXPECT_EQ(h, nullptr);
     if (rank == 0) {
@@ -412,7 +438,7 @@ void run_wrong_memory() {
     }
   }
   HandleGuard h;
-  ASSERT_EQ(bitepDispatch(cg.g, &ca, bs, &h.h), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepDispatch(cr.g.g, &cr.args, cr.bs(), &h.h), bitepSuccess) << bitepGetLastError();
   bitepDispatchLayout_t lay;
   ASSERT_EQ(bitepHandleGetLayout(h.h, &lay), bitepSuccess);
   Dev out(in.T * row);
@@ -423,14 +449,14 @@ void run_wrong_memory() {
   for (size_t i = 0; i < (W == 1 ? cases.size() : 1); ++i) {
     bitepCombineArgs_t bad = cb;
     bad.out = const_cast<void*>(cases[i].ptr);
-    const bitepResult_t r = bitepCombine(cg.g, h.h, &bad, bs);
+    const bitepResult_t r = bitepCombine(cr.g.g, h.h, &bad, cr.bs());
     const std::string err = bitepGetLastError();
     EXPECT_EQ(r, bitepInvalidArgument) << err;
     EXPECT_NE(err.find("args->out"), std::string::npos) << err;
     EXPECT_NE(err.find(cases[i].rule), std::string::npos) << err;
   }
   cb.out = out.p;
-  const bitepResult_t r = bitepCombine(cg.g, h.h, &cb, bs);
+  const bitepResult_t r = bitepCombine(cr.g.g, h.h, &cb, cr.bs());
   const std::string err = bitepGetLastError();
   if (W == 1) {
     EXPECT_EQ(r, bitepSuccess) << err;
@@ -439,55 +465,37 @@ void run_wrong_memory() {
     EXPECT_NE(err.find("unusable after this rank failed bitepCombine on its own"), std::string::npos) << err;
     EXPECT_NE(err.find("args->out"), std::string::npos) << err;
   }
-  EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-  cudaStreamDestroy(stream);
+  EXPECT_EQ(cudaStreamSynchronize(cr.stream), cudaSuccess);
   if (far != nullptr) {
     cudaSetDevice(other);
     cudaFree(far);
-    cudaSetDevice(device);
+    cudaSetDevice(cr.device);
   }
 }
 
-// One rank fails a combine on its own (rank 0's args->y NULL) while its peers make theirs: a cuda group's combine
-// agrees on nothing, so the peers go on into the transfer and wait for rank 0 there. Rank 0's next call must not
-// meet them out of turn: it is refused, naming the group unusable, the combine and its error. The peers' next call
-// fails (they time out in the combine's transfer or the next exchange), within a few of the group's timeouts, and
-// never succeeds. After that every rank's group refuses calls. At W = 1 the failure leaves the group usable.
+// One rank fails a combine on its own (rank 0's args->layout out of range) while its peers make theirs: a cuda
+// group's combine agrees on nothing, so the peers go on into the transfer and wait for rank 0 there. Rank 0's next
+// call must not meet them out of turn: it is refused, naming the group unusable, the combine and its error. The
+// peers' next call fails (they time out in the combine's transfer or the next exchange), within a few of the group's
+// timeouts, and never succeeds. After that every rank's group refuses calls. At W = 1 the group works on.
 void run_combine_failed_alone() {
-  int device = 0;
-  std::string why;
-  if (!gpu_per_rank(&device, &why)) GTEST_SKIP() << why;
-  ASSERT_EQ(cudaSetDevice(device), cudaSuccess);
-  const int W = world_size(), rank = world_rank();
-  Spec s;
-  const std::vector<Input> world = make_world(s, W);
-  const Input& in = world[rank];
+  CudaRank cr;
   const double timeout = std::max(3.0, test_timeout_s() / 10);  // 3 s, longer where the tests' timeout is raised
-  bitepGroupConfig_t c = group_config(s, W, timeout);
-  c.backend = bitepBackendCuda;
-  c.device = device;
-  GroupGuard cg;
-  ASSERT_EQ(bitepGroupCreateMpi(MPI_COMM_WORLD, &c, &cg.g), bitepSuccess) << bitepGetLastError();
-  cudaStream_t stream;
-  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
-  const bitepStream_t bs = reinterpret_cast<bitepStream_t>(stream);
-  Dev x(in.x.data(), in.x.size()), map(in.map.data(), in.map.size()), topk(in.topk.data(), 4 * in.topk.size());
-  bitepDispatchArgs_t ca = dispatch_args(s, in);
-  ca.x = in.T ? x.p : nullptr;
-  ca.routing_map = in.T ? map.p : nullptr;
-  ca.topk_weights = in.T ? static_cast<const float*>(topk.p) : nullptr;
+  cr.set_up(timeout);
+  if (testing::Test::HasFatalFailure() || testing::Test::IsSkipped()) return;
+  const int W = cr.W, rank = cr.rank;
   HandleGuard h;
-  ASSERT_EQ(bitepDispatch(cg.g, &ca, bs, &h.h), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepDispatch(cr.g.g, &cr.args, cr.bs(), &h.h), bitepSuccess) << bitepGetLastError();
   bitepDispatchLayout_t lay;
   ASSERT_EQ(bitepHandleGetLayout(h.h, &lay), bitepSuccess);
-  Dev out(std::max<int64_t>(in.T, 1) * s.H * dsize(s.dtype));
+  Dev out(std::max<int64_t>(cr.in().T, 1) * cr.row());
   bitepCombineArgs_t cb = BITEP_COMBINE_ARGS_INIT;
   cb.y = lay.expert_x;
   cb.layout = bitepLayoutExpertMajor;
   cb.weighted = 0;
   cb.out = out.p;
   if (rank == 0) cb.layout = static_cast<bitepLayout_t>(7);  // refused by its argument checks
-  const bitepResult_t rc = bitepCombine(cg.g, h.h, &cb, bs);
+  const bitepResult_t rc = bitepCombine(cr.g.g, h.h, &cb, cr.bs());
   const std::string ec = bitepGetLastError();
   if (rank == 0) {
     EXPECT_EQ(rc, bitepInvalidArgument) << ec;
@@ -495,7 +503,7 @@ void run_combine_failed_alone() {
   }
   const auto t0 = std::chrono::steady_clock::now();
   HandleGuard next;
-  const bitepResult_t rn = bitepDispatch(cg.g, &ca, bs, &next.h);
+  const bitepResult_t rn = bitepDispatch(cr.g.g, &cr.args, cr.bs(), &next.h);
   const std::string en = bitepGetLastError();
   const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (W == 1) {
@@ -514,13 +522,11 @@ void run_combine_failed_alone() {
   MPI_Barrier(MPI_COMM_WORLD);
   if (W > 1) {
     HandleGuard again;
-    EXPECT_EQ(bitepDispatch(cg.g, &ca, bs, &again.h), bitepInvalidUsage) << bitepGetLastError();
+    EXPECT_EQ(bitepDispatch(cr.g.g, &cr.args, cr.bs(), &again.h), bitepInvalidUsage) << bitepGetLastError();
     EXPECT_NE(std::string(bitepGetLastError()).find("unusable"), std::string::npos) << bitepGetLastError();
   } else {
-    EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-    cudaStreamDestroy(stream);
+    EXPECT_EQ(cudaStreamSynchronize(cr.stream), cudaSuccess);
   }
-  // At W > 1 the stream is left as it is: a peer's combine may wait for rank 0 until its communicator is aborted.
 }
 #endif
 
