@@ -134,9 +134,7 @@ bitepResult_t check_live_group(bitepGroup_t g) {
 bitepResult_t check_group(bitepGroup_t g) {
   BITEP_CHECK(check_live_group(g));
   if (!g->broken.empty())
-    BITEP_FAIL(bitepInvalidUsage,
-               "the group is unusable after %s; destroy it and create a new one",
-               g->broken.c_str());
+    BITEP_FAIL(bitepInvalidUsage, "the group is unusable after %s; destroy it and create a new one", g->broken.c_str());
   return bitepSuccess;
 }
 

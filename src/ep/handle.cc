@@ -204,8 +204,7 @@ void record_fence(bitepHandle_t h, bitepStream_t stream) {
   // A call on another stream than the last one's: the new record waits for the old (the earlier call may still
   // read the blocks, unordered with this stream), so the one fence covers both calls' work. The calls themselves
   // stay unordered: the wait is queued after this call's work.
-  const bool waited =
-      h->fence_key == 0 || h->fence_key == key || cudaStreamWaitEvent(s, fence, 0) == cudaSuccess;
+  const bool waited = h->fence_key == 0 || h->fence_key == key || cudaStreamWaitEvent(s, fence, 0) == cudaSuccess;
   if (!waited || cudaEventRecord(fence, s) != cudaSuccess) {
     (void)cudaGetLastError();
     (void)cudaStreamSynchronize(s);
