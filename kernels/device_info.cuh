@@ -7,6 +7,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <utility>
 
 namespace bitep::kernels {
@@ -84,15 +86,33 @@ cudaError_t default_dynamic_smem(Kernel kernel, std::atomic<int> (&cache)[kMaxCa
       out);
 }
 
+// Lets `kernel` take `smem` bytes of dynamic shared memory on the current device: raises its
+// cudaFuncAttributeMaxDynamicSharedMemorySize to smem where it is lower, never lowers it. The attribute is the
+// kernel's, not the launch's: a call on another thread that set a lower value between this one's set and its launch
+// would make this launch fail (the router calls may run on any number of threads at once), so the value only grows,
+// under one lock. cudaErrorInvalidValue where smem and the static shared memory pass the device's opt-in maximum.
+inline cudaError_t raise_dynamic_smem(const void* kernel, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> raised;  // (kernel, device) -> the value set
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& now = raised[{kernel, device}];
+  if (smem <= now) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err == cudaSuccess) now = smem;
+  return err;
+}
+
 // Lets `kernel` take `smem` bytes of dynamic shared memory: where that is past default_dynamic_smem (cached in
-// `cache`), sets its cudaFuncAttributeMaxDynamicSharedMemorySize to smem (cudaErrorInvalidValue where smem and
-// the static shared memory together pass the device's opt-in maximum).
+// `cache`), raises its limit (raise_dynamic_smem).
 template <class Kernel>
 cudaError_t allow_dynamic_smem(Kernel kernel, std::atomic<int> (&cache)[kMaxCachedDevices], size_t smem) {
   int fits = 0;
   const cudaError_t err = default_dynamic_smem(kernel, cache, &fits);
   if (err != cudaSuccess || smem <= static_cast<size_t>(fits)) return err;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  return raise_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
 }
 
 // Compute capability major of the current device (0 when unknown).

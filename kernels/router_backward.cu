@@ -614,7 +614,7 @@ cudaError_t launch_bucket_t(const RouterBackwardParams& p, cudaStream_t stream) 
   const bool bytemap = p.mode != RouterMode::kAuxScores && p.map_format == MapFormat::kBytemap;
   const size_t smem = kStaged ? stage_bytes<NS>(bytemap) : 0;
   if (smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    err = raise_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
     if (err != cudaSuccess) return err;
   }
   const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kBucketThreads, &occupancy[bytemap], smem);

@@ -329,7 +329,7 @@ cudaError_t launch_router_forward_generic(const RouterForwardParams& p, cudaStre
   const void* kernel = cache ? reinterpret_cast<const void*>(router_forward_generic<true>)
                              : reinterpret_cast<const void*>(router_forward_generic<false>);
   if (smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    err = raise_dynamic_smem(kernel, smem);
     if (err != cudaSuccess) return err;
   }
   const int64_t want = static_cast<int64_t>(sms) * 8;

@@ -48,7 +48,7 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
   }
   // The dynamic part past what a launch gets without opting in, beside the staging's static part.
   if (smem + sizeof(float4) * staged_float4s<G, NS, kF32, kWideRows>() > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    err = raise_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
     if (err != cudaSuccess) return err;
   }
   // The spec kernels take one tile a warp, in a grid the block scheduler balances: H200, T = 16384 bf16,

@@ -32,8 +32,22 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   fi
 fi
 
-# mpirun as root (containers, CI) and more ranks than cores (multi-rank tests on a 2-core machine).
+# CMake 3.24 or later (apt gives 3.22 on Ubuntu 22.04): from PyPI where apt's is older.
+cmake_ok() { printf '3.24\n%s\n' "$(cmake --version 2>/dev/null | head -1 | awk '{print $3}')" | sort -V -C; }
+if ! cmake_ok; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== cmake $(cmake --version | head -1 | awk '{print $3}') is older than 3.24: installing cmake from PyPI"
+    apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+    python3 -m pip install -q 'cmake>=3.24' 2>/dev/null || python3 -m pip install -q --break-system-packages 'cmake>=3.24'
+    hash -r
+  fi
+  cmake_ok || { echo "cmake 3.24 or later is needed (found: $(cmake --version | head -1))" >&2; exit 1; }
+fi
+
+# mpirun as root (containers, CI) and more ranks than cores (multi-rank tests on a 2-core machine); no CMA single copy
+# between ranks, which containers without ptrace rights refuse.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+export OMPI_MCA_btl_vader_single_copy_mechanism=none
 # Never let NCCL, PyTorch or NVSHMEM use NVLink multicast (shared GPU hosts).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # nvcc from the usual place when it is not on PATH.

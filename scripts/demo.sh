@@ -10,9 +10,10 @@ CMAKE_ARGS="${CMAKE_ARGS:-} -DBITEP_BUILD_BENCH=OFF"
 configure_and_build
 
 ngpu=0
-if command -v nvidia-smi >/dev/null; then ngpu=$(nvidia-smi -L 2>/dev/null | wc -l || true); fi
+# Lines that name a GPU ("GPU 0: ..."): a failing driver's message is not one.
+if command -v nvidia-smi >/dev/null; then ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true); fi
 # The cuda backend needs a build with CUDA and NCCL (libbitep then links libnccl).
-if [ "$ngpu" -ge 1 ] && ldd "$BUILD_DIR"/libbitep.so 2>/dev/null | grep -q libnccl; then
+if [ "$ngpu" -ge 1 ] && [ "$(ldd "$BUILD_DIR"/libbitep.so 2>/dev/null | grep -c libnccl || true)" -ge 1 ]; then
   echo "== moe_layer on $ngpu GPU(s), cuda backend"
   exec mpirun -np "$ngpu" "$BUILD_DIR/examples/moe_layer" --backend cuda "$@"
 fi

@@ -4,7 +4,10 @@
 #pragma once
 
 #include <cstdarg>
+#include <exception>
+#include <new>
 #include <string>
+#include <utility>
 
 #include "bitep/bitep.h"
 
@@ -91,25 +94,27 @@ bitepResult_t mpi_error(int err, const char* call, const char* file, int line);
   } while (0)
 #endif
 
-// Runs `body` (a lambda returning bitepResult_t) and turns any escaping C++ exception into an error,
-// so that no exception crosses the C boundary.
 namespace bitep {
+// Runs `body` (a lambda returning bitepResult_t) and turns an escaping C++ exception into the error it stands for
+// (std::bad_alloc: bitepOutOfMemory), so that a caller can still act on the failure (collective.h failed_alone).
+template <typename F>
+bitepResult_t catch_all(F&& body) noexcept {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return set_error(bitepOutOfMemory, __FILE__, __LINE__, "host allocation failed");
+  } catch (const std::exception& e) {
+    return set_error(bitepInternalError, __FILE__, __LINE__, "unexpected exception: %s", e.what());
+  } catch (...) {
+    return set_error(bitepInternalError, __FILE__, __LINE__, "unexpected exception");
+  }
+}
+
+// An API call's body through catch_all, its error detail prefixed with the call: no exception crosses the C boundary.
 template <typename F>
 bitepResult_t guard(const char* api, F&& body) noexcept {
-  try {
-    bitepResult_t r = body();
-    if (r != bitepSuccess) prefix_error(api);
-    return r;
-  } catch (const std::bad_alloc&) {
-    set_error(bitepOutOfMemory, __FILE__, __LINE__, "host allocation failed");
-    prefix_error(api);
-    return bitepOutOfMemory;
-  } catch (const std::exception& e) {
-    set_error(bitepInternalError, __FILE__, __LINE__, "unexpected exception: %s", e.what());
-  } catch (...) {
-    set_error(bitepInternalError, __FILE__, __LINE__, "unexpected exception");
-  }
-  prefix_error(api);
-  return bitepInternalError;
+  const bitepResult_t r = catch_all(std::forward<F>(body));
+  if (r != bitepSuccess) prefix_error(api);
+  return r;
 }
 }  // namespace bitep

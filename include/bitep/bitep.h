@@ -51,6 +51,10 @@
  *   MPI_THREAD_MULTIPLE while another thread is inside such a call on another group, and after MPI_Finalize
  *   (bitepGroupDestroy then still frees the group, without MPI). The cuda backend's NCCL groups make MPI calls only
  *   while bitepGroupCreateMpi runs.
+ * - A collective call refused this way on one rank, while its peers make it, leaves them inside it: the next call
+ *   on that group must be the same call again (the group is then as before). Host groups catch a different call on
+ *   the same handle (every rank fails naming both calls); any other order is the caller's error (MPI's rule for
+ *   collectives), and bitepGroupCreateMpi refused on one rank leaves its peers in MPI_Comm_dup, which has no timeout.
  */
 #ifndef BITEP_BITEP_H_
 #define BITEP_BITEP_H_

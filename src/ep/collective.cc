@@ -24,10 +24,18 @@ bitepResult_t transport_failed(bitepGroup* group, bitepResult_t r) {
   return r;
 }
 
-bitepResult_t failed_alone(bitepGroup* group, bitepResult_t r, const char* what) {
-  if (r != bitepSuccess && group->nranks > 1 && group->broken.empty())
+bitepResult_t failed_alone(bitepGroup* group, bitepResult_t r, const char* what) noexcept {
+  if (r == bitepSuccess || group->nranks <= 1 || !group->broken.empty()) return r;
+  try {
     group->broken = std::string("this rank failed ") + what + " on its own (" + bitepGetLastError() +
                     ") while its peers may have gone on into the call's transfers";
+  } catch (...) {  // no memory for the text: the record must still be made
+    try {
+      group->broken = "this rank failed a collective call on its own";
+    } catch (...) {
+      group->broken.assign(1, '!');  // within the string's own buffer (short-string storage)
+    }
+  }
   return r;
 }
 

@@ -58,6 +58,6 @@ bitepResult_t transport_failed(bitepGroup* group, bitepResult_t r);
 // takes any flag at or past its count; NCCL pairs sends and receives in call order), so at W > 1 the group is
 // unusable from now on, as after a transport failure: check_group refuses it, naming the call and its error, and the
 // peers time out in the call. `what`: the call, as "bitepCombine". Returns r.
-bitepResult_t failed_alone(bitepGroup* group, bitepResult_t r, const char* what);
+bitepResult_t failed_alone(bitepGroup* group, bitepResult_t r, const char* what) noexcept;
 
 }  // namespace bitep::ep

@@ -42,10 +42,32 @@ bitepResult_t check_call_agreed(
   return bitepSuccess;
 }
 
-int32_t dispatch_bits(const bitepHandle* handle) { return static_cast<int32_t>((handle->seq & 0x7fffffu) << 8); }
+const char* call_name(CallKind kind) {
+  switch (kind) {
+    case CallKind::kCombine:
+      return "bitepCombine";
+    case CallKind::kDispatchBackward:
+      return "bitepDispatchBackward";
+    case CallKind::kCombineBackward:
+      return "bitepCombineBackward";
+  }
+  return "a call on a handle";
+}
+
+int32_t dispatch_bits(const bitepHandle* handle, CallKind kind) {
+  return static_cast<int32_t>((handle->seq & 0x7fffffu) << 8) | (static_cast<int32_t>(kind) << 5);
+}
 
 bitepResult_t same_dispatch(const bitepGroup* group, const std::vector<int32_t>& all_bits, const char* what) {
   const int self = group->rank;
+  const auto kind = [&](int q) { return static_cast<CallKind>((all_bits[q] >> 5) & 7); };
+  for (int q = 0; q < group->nranks; ++q)
+    if (kind(q) != kind(self))
+      BITEP_FAIL(bitepInvalidArgument,
+                 "rank %d makes %s where this rank (%d) makes %s: every rank must make the same calls on a group, in "
+                 "the same order (a call refused on one rank, by the thread rules, must be made again before any "
+                 "other)",
+                 q, call_name(kind(q)), self, call_name(kind(self)));
   for (int q = 0; q < group->nranks; ++q)
     if ((all_bits[q] >> 8) != (all_bits[self] >> 8))
       BITEP_FAIL(bitepInvalidArgument,
@@ -256,7 +278,7 @@ bitepResult_t combine_window(Exec& ex,
   return win->release(ex.stream());
 }
 
-// api: the API call; a failure of this rank's alone is recorded (failed_alone).
+// kind: the API call; a failure of this rank's alone is recorded (failed_alone).
 bitepResult_t combine(bitepGroup_t g,
                       bitepHandle_t h,
                       const void* y,
@@ -266,9 +288,10 @@ bitepResult_t combine(bitepGroup_t g,
                       bitepStream_t stream,
                       bitepResult_t local,
                       const char* what,
-                      const char* api) {
+                      CallKind kind) {
+  const char* api = call_name(kind);
   bool shared = false;  // the failure returned is every rank's (host groups' agreement), not this rank's alone
-  const bitepResult_t r = [&]() -> bitepResult_t {
+  const bitepResult_t r = catch_all([&]() -> bitepResult_t {
     Exec ex(g, stream);
     BITEP_CHECK(ex.begin());
     if (ex.capturing()) {
@@ -289,9 +312,9 @@ bitepResult_t combine(bitepGroup_t g,
       // rows come summed: their flag is not used).
       const bool expert_major = layout == bitepLayoutExpertMajor;
       // (h is read only where this rank's checks passed: it may be NULL, or another group's, otherwise.)
-      const int32_t mine = local != bitepSuccess
-                               ? 0
-                               : dispatch_bits(h) | (expert_major ? 2 : 0) | (expert_major && weighted != 0 ? 1 : 0);
+      const int32_t mine = local != bitepSuccess ? 0
+                                                 : dispatch_bits(h, kind) | (expert_major ? 2 : 0) |
+                                                       (expert_major && weighted != 0 ? 1 : 0);
       std::vector<int32_t> all;
       shared = true;
       BITEP_CHECK(agree_status(g, local, what, mine, &all));
@@ -344,7 +367,7 @@ bitepResult_t combine(bitepGroup_t g,
     }
     trace.mark("reduce");
     return return_rows(ex, g, h, partial, out, &trace);
-  }();
+  });
   return shared ? r : failed_alone(g, r, api);
 }
 
@@ -370,7 +393,7 @@ bitepResult_t bitepCombine(bitepGroup_t group,
     const bool ok = local == bitepSuccess;
     return bitep::ep::combine(group, handle, ok ? args->y : nullptr, ok ? args->layout : bitepLayoutRankMajor,
                               ok ? args->weighted : 0, ok ? args->out : nullptr, stream, local, "this combine",
-                              "bitepCombine");
+                              bitep::ep::CallKind::kCombine);
   });
 }
 
@@ -387,7 +410,7 @@ bitepResult_t bitepDispatchBackward(bitepGroup_t group,
     if (local == bitepSuccess)
       local = bitep::ep::check_combine_args(group, handle, grad_y, layout, 0, grad_x, "grad_y", "layout", "grad_x");
     return bitep::ep::combine(group, handle, grad_y, layout, 0, grad_x, stream, local, "this dispatch backward",
-                              "bitepDispatchBackward");
+                              bitep::ep::CallKind::kDispatchBackward);
   });
 }
 

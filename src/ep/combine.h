@@ -22,9 +22,15 @@ namespace bitep::ep {
 bitepResult_t check_call_agreed(
     bitepGroup_t group, bitepHandle_t handle, bool backward, GroupCall* call, const char* api, bitepResult_t* local);
 
-// The agreement bits of a call on `handle` (host groups): its dispatch's number, above bit 8 (the low 8 bits
-// are the call's own), and the check that every rank gave the handle of the same dispatch.
-int32_t dispatch_bits(const bitepHandle* handle);
+// The collective calls on a handle, as their agreement names them.
+enum class CallKind : int32_t { kCombine = 1, kDispatchBackward = 2, kCombineBackward = 3 };
+const char* call_name(CallKind kind);
+
+// The agreement bits of a call on `handle` (host groups): its dispatch's number above bit 8, the call's kind in bits
+// 5-7 (bits 0-4 are the call's own); and the check that every rank makes the same call (a rank whose call was refused
+// on its own, by the thread rules, and that went on to another call, is caught here) on the handle of the same
+// dispatch.
+int32_t dispatch_bits(const bitepHandle* handle, CallKind kind);
 bitepResult_t same_dispatch(const bitepGroup* group, const std::vector<int32_t>& all_bits, const char* what);
 
 // Sends the partial rows [R, H] (rank-major, the receive layout) back to their source ranks and sums

@@ -172,7 +172,7 @@ extern "C" bitepResult_t bitepCombineBackward(bitepGroup_t group,
     GroupCall call;
     BITEP_CHECK(check_call_agreed(group, handle, /*backward=*/true, &call, "bitepCombineBackward", &local));
     bool shared = false;  // the failure returned is every rank's (host groups' agreement), not this rank's alone
-    const bitepResult_t r = [&]() -> bitepResult_t {
+    const bitepResult_t r = bitep::catch_all([&]() -> bitepResult_t {
       Exec ex(group, stream);
       BITEP_CHECK(ex.begin());
       if (local == bitepSuccess && ex.capturing())
@@ -184,7 +184,8 @@ extern "C" bitepResult_t bitepCombineBackward(bitepGroup_t group,
       bool wgrad = ok && args->weighted && args->y != nullptr;
       if (group->agree_always) {
         const int32_t bits = ok ? (args->weighted ? kBitWeighted : 0) | (args->y ? kBitY : 0) |
-                                      (handle->num_expert_rows > 0 ? kBitRows : 0) | dispatch_bits(handle)
+                                      (handle->num_expert_rows > 0 ? kBitRows : 0) |
+                                      dispatch_bits(handle, CallKind::kCombineBackward)
                                 : 0;
         std::vector<int32_t> all;
         shared = true;
@@ -197,7 +198,7 @@ extern "C" bitepResult_t bitepCombineBackward(bitepGroup_t group,
       }
       FenceOnExit fence(handle, stream);
       return backward(ex, group, handle, args, wgrad);
-    }();
+    });
     return shared ? r : failed_alone(group, r, "bitepCombineBackward");
   });
 }

@@ -515,7 +515,7 @@ bitepResult_t Dispatch::move_rows() {
 }
 
 bitepResult_t Dispatch::run(bitepHandle_t* out, const char* what) {
-  const bitepResult_t r = steps(out);
+  const bitepResult_t r = catch_all([&] { return steps(out); });  // an exception is a failure like any other here
   return shared_verdict_ ? r : failed_alone(g_, r, what);
 }
 

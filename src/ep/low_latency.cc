@@ -357,8 +357,8 @@ extern "C" bitepResult_t bitepDispatchLowLatency(bitepGroup_t group,
       // No exchange to tell the peers: a rank that fails here leaves them in the barrier until the timeout, and its
       // group unusable (failed_alone).
       if (local != bitepSuccess) return bitep::ep::failed_alone(group, local, "bitepDispatchLowLatency");
-      return bitep::ep::failed_alone(group, bitep::ep::dispatch_window(group, args, stream, handle),
-                                     "bitepDispatchLowLatency");
+      const bitepResult_t r = bitep::catch_all([&] { return bitep::ep::dispatch_window(group, args, stream, handle); });
+      return bitep::ep::failed_alone(group, r, "bitepDispatchLowLatency");
     }
 #endif
     // The regular dispatch below waits on the host for its count exchange (its agreement on a local failure too):

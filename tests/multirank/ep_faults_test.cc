@@ -633,6 +633,38 @@ TEST(EpFaults, CombinesOfDifferentDispatches) {
   expect_values(s, c1.out, reference_combine(s, W, rank, world[rank], c1.args.weighted != 0), "out of dispatch 1");
 }
 
+// Different calls on one handle: the last rank makes bitepDispatchBackward while the others make bitepCombine, with
+// the same layout, flags and buffers, so that the agreement's other bits match (the other ranks' combine would take
+// the victim's gradient rows for partial sums, as after a call refused on one rank by the MPI thread rules). Every
+// rank fails naming both calls, nothing is written, and then the combine on every rank gives the right values.
+TEST(EpFaults, DifferentCallsOnOneHandle) {
+  if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  Spec s;
+  const int W = world_size(), rank = world_rank(), victim = W - 1;
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  HandleGuard h;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+  CombineInputs ci;
+  ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h.h, &ci));
+  ci.args.weighted = 0;
+  const std::vector<uint8_t> before = ci.out;
+  const bitepResult_t r = rank == victim
+                              ? bitepDispatchBackward(g.g, h.h, ci.args.y, bitepLayoutExpertMajor, ci.args.out, nullptr)
+                              : bitepCombine(g.g, h.h, &ci.args, nullptr);
+  const std::string err = bitepGetLastError();
+  EXPECT_EQ(r, bitepInvalidArgument) << err;
+  EXPECT_TRUE(has(err, rank == victim ? "rank 0 makes bitepCombine where this rank"
+                                      : "makes bitepDispatchBackward where this rank"))
+      << err;
+  EXPECT_TRUE(has(err, "every rank must make the same calls")) << err;
+  EXPECT_EQ(ci.out, before) << "a refused call wrote its output";
+  ASSERT_EQ(bitepCombine(g.g, h.h, &ci.args, nullptr), bitepSuccess) << bitepGetLastError();
+  expect_values(s, ci.out, reference_combine(s, W, rank, world[rank], false), "out");
+}
+
 // A combine whose ranks pass different `weighted`: each rank weights the rows it sums for the others by its own flag,
 // so the outputs would mix weighted and unweighted sums. Every rank of a host group fails naming it; then the combine
 // with one flag gives the right values.
