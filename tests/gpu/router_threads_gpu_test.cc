@@ -133,4 +133,92 @@ TEST(RouterGpuThreads, StreamsOfManyThreadsGiveWhatOneStreamGives) {
   cudaStreamDestroy(s);
 }
 
+// Two backward calls that take one kernel with different dynamic shared memory (E = 1024: the sigmoid router's
+// backward from the saved tensor with a bytemap stages more than the aux scores' backward), each from a thread of its
+// own, many times at once. The kernel's shared memory limit is an attribute of the kernel: a launcher that set it to
+// its own need made the other thread's launch fail when the set fell between that thread's set and its launch
+// (kernels/device_info.cuh raise_dynamic_smem). Every call must succeed and give the bits it gives alone.
+TEST(RouterGpuThreads, BackwardsOfOneKernelWithDifferentSharedMemory) {
+  std::string why;
+  if (!gpu_visible(&why)) GTEST_SKIP() << "no CUDA device: " << why;
+  constexpr int64_t T = 2048;
+  constexpr int E = 1024, kCalls = 200;
+  bitepRouterConfig_t cfg = BITEP_ROUTER_CONFIG_INIT;
+  cfg.num_experts = E;
+  cfg.topk = 8;
+  cfg.score_function = bitepScoreSigmoid;
+  cfg.logits_dtype = bitepFloat32;
+  const size_t n = static_cast<size_t>(T) * E;
+  std::vector<float> logits(n), grad(n);
+  std::mt19937 rng(7);
+  for (float& v : logits) v = std::normal_distribution<float>(0.0f, 2.0f)(rng);
+  for (float& v : grad) v = std::normal_distribution<float>(0.0f, 1.0f)(rng);
+  // [logits, grad, router probs, router saved, bytemap, aux probs, aux saved, grad out A, grad out B]
+  std::vector<void*> d(9, nullptr);
+  const size_t bytes[] = {4 * n, 4 * n, 4 * n, 4 * n, n, 4 * n, 4 * n, 4 * n, 4 * n};
+  for (int b = 0; b < 9; ++b) ASSERT_EQ(cudaMalloc(&d[b], bytes[b]), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d[0], logits.data(), 4 * n, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d[1], grad.data(), 4 * n, cudaMemcpyHostToDevice), cudaSuccess);
+  bitepRouterForwardArgs_t f = BITEP_ROUTER_FWD_ARGS_INIT;
+  f.num_tokens = T;
+  f.logits = d[0];
+  f.probs = static_cast<float*>(d[2]);
+  f.saved = static_cast<float*>(d[3]);
+  f.routing_map = d[4];
+  f.map_format = bitepMapBytemap;
+  ASSERT_EQ(bitepRouterForward(bitepBackendCuda, &cfg, &f, nullptr), bitepSuccess) << bitepGetLastError();
+  bitepRouterForwardArgs_t fa = BITEP_ROUTER_FWD_ARGS_INIT;
+  fa.num_tokens = T;
+  fa.logits = d[0];
+  fa.probs = static_cast<float*>(d[5]);
+  fa.saved = static_cast<float*>(d[6]);
+  ASSERT_EQ(bitepAuxScoresForward(bitepBackendCuda, &cfg, &fa, nullptr), bitepSuccess) << bitepGetLastError();
+  bitepRouterBackwardArgs_t ba = BITEP_ROUTER_BWD_ARGS_INIT;  // the router's: saved tensor and bytemap
+  ba.num_tokens = T;
+  ba.grad_probs = static_cast<const float*>(d[1]);
+  ba.routing_map = d[4];
+  ba.map_format = bitepMapBytemap;
+  ba.saved = static_cast<const float*>(d[3]);
+  ba.grad_logits = d[7];
+  bitepRouterBackwardArgs_t bb = BITEP_ROUTER_BWD_ARGS_INIT;  // the aux scores': saved tensor, no map
+  bb.num_tokens = T;
+  bb.grad_probs = static_cast<const float*>(d[1]);
+  bb.saved = static_cast<const float*>(d[6]);
+  bb.grad_logits = d[8];
+  auto call = [&](int which, cudaStream_t s) {
+    return which == 0 ? bitepRouterBackward(bitepBackendCuda, &cfg, &ba, s)
+                      : bitepAuxScoresBackward(bitepBackendCuda, &cfg, &bb, s);
+  };
+  std::vector<std::vector<uint8_t>> want(2, std::vector<uint8_t>(4 * n)), got = want;
+  for (int w = 0; w < 2; ++w) {
+    ASSERT_EQ(call(w, nullptr), bitepSuccess) << bitepGetLastError();
+    ASSERT_EQ(cudaMemcpy(want[w].data(), d[7 + w], 4 * n, cudaMemcpyDeviceToHost), cudaSuccess);
+  }
+  int device = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  std::vector<std::string> errors(2);
+  std::atomic<int> ready{0};
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 2; ++w)
+    threads.emplace_back([&, w] {
+      cudaSetDevice(device);
+      cudaStream_t s = nullptr;
+      cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+      ready.fetch_add(1);
+      while (ready.load() < 2) std::this_thread::yield();
+      for (int i = 0; i < kCalls && errors[w].empty(); ++i)
+        if (call(w, s) != bitepSuccess) errors[w] = "call " + std::to_string(i) + ": " + bitepGetLastError();
+      if (cudaStreamSynchronize(s) != cudaSuccess && errors[w].empty()) errors[w] = "the stream failed";
+      cudaStreamDestroy(s);
+    });
+  for (std::thread& t : threads) t.join();
+  for (int w = 0; w < 2; ++w) {
+    EXPECT_EQ(errors[w], "") << (w == 0 ? "bitepRouterBackward" : "bitepAuxScoresBackward");
+    ASSERT_EQ(cudaMemcpy(got[w].data(), d[7 + w], 4 * n, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_TRUE(got[w] == want[w]) << (w == 0 ? "bitepRouterBackward" : "bitepAuxScoresBackward")
+                                   << ": the gradient from its thread differs from the call alone";
+  }
+  for (void* p : d) cudaFree(p);
+}
+
 }  // namespace
