@@ -53,9 +53,7 @@ bitepResult_t check_buffers(bitepBackend_t backend,
   // The pointer queries would invalidate a capture in global mode that the caller's stream may be in (a router
   // or a low-latency call captured into a CUDA graph): they are not part of it.
   RelaxedCaptureMode relaxed;
-#ifdef BITEP_HAVE_CUDA
-  if (backend == bitepBackendCuda && device < 0) BITEP_CUDA_CHECK(cudaGetDevice(&device));
-#else
+#ifndef BITEP_HAVE_CUDA
   (void)device;
 #endif
   for (size_t i = 0; i < buffers.size(); ++i) {
@@ -73,7 +71,12 @@ bitepResult_t check_buffers(bitepBackend_t backend,
     const bool host_ok = err != cudaSuccess || attr.type != cudaMemoryTypeDevice;
     if (backend == bitepBackendCuda) {
       BITEP_ARG_CHECK(on_device, "%s (%p) is not device memory: the cuda backend takes device pointers", b.name, b.ptr);
-      // Another GPU's memory faults the kernel, or crosses the link on every access where peer access is on.
+      // Another GPU's memory faults the kernel, or crosses the link on every access where peer access is on. (The
+      // current device is asked for only here: a machine without one fails the checks above, naming the buffer.)
+      if (attr.type == cudaMemoryTypeDevice && device < 0 && cudaGetDevice(&device) != cudaSuccess) {
+        (void)cudaGetLastError();
+        device = attr.device;
+      }
       BITEP_ARG_CHECK(attr.type != cudaMemoryTypeDevice || attr.device == device,
                       "%s (%p) is memory of CUDA device %d, but the call runs on device %d: pass that device's memory",
                       b.name, b.ptr, attr.device, device);
