@@ -7,7 +7,9 @@
 //         communicator (comm/nccl_transport.cc's make_nccl_transport); with BITEP_CUDA_TRANSPORT=ipc (a
 //         testing transport) over MPI and CUDA IPC instead, the node's ranks sharing its GPUs in turn
 //         (comm/mpi_ipc_transport.h).
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "bitep/bitep_mpi.h"
@@ -117,6 +119,41 @@ bitepResult_t create_ipc(std::unique_ptr<Transport> mpi,
 }
 #endif
 
+// MPI_Comm_idup of comm, polled until done or until timeout_s: then bitepTimeout, with the request and the handle it
+// will write left to MPI (a nonblocking collective's request may be neither freed nor cancelled; a late peer still
+// completes it).
+bitepResult_t dup_polled(MPI_Comm comm, double timeout_s, MPI_Comm* out) {
+  auto* slot = new MPI_Comm(MPI_COMM_NULL);  // written when the request completes: not on this stack
+  MPI_Request req = MPI_REQUEST_NULL;
+  const int err = MPI_Comm_idup(comm, slot, &req);
+  if (err != MPI_SUCCESS) {
+    delete slot;
+    return mpi_error(err, "MPI_Comm_idup", __FILE__, __LINE__);
+  }
+  const auto start = std::chrono::steady_clock::now();
+  for (long spin = 0;; ++spin) {
+    int done = 0;
+    BITEP_MPI_CHECK(MPI_Test(&req, &done, MPI_STATUS_IGNORE));  // (on an error the slot is left: MPI may own it)
+    if (done) {
+      *out = *slot;
+      delete slot;
+      return bitepSuccess;
+    }
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (elapsed > timeout_s)
+      BITEP_FAIL(bitepTimeout,
+                 "bitepGroupCreateMpi: the duplication of comm did not complete within %g s: a rank of comm did not "
+                 "call bitepGroupCreateMpi (or was refused before it, see its bitepGetLastError()); comm has a "
+                 "collective in flight now, which completes when that rank calls bitepGroupCreateMpi",
+                 timeout_s);
+    if (spin < 64) continue;
+    if (spin < 4096)
+      std::this_thread::yield();
+    else
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
 bitepResult_t create_mpi(MPI_Comm comm, const bitepGroupConfig_t* config, bitepGroup_t* group) {
   if (group != nullptr) *group = nullptr;
   int initialized = 0, finalized = 0;
@@ -128,9 +165,10 @@ bitepResult_t create_mpi(MPI_Comm comm, const bitepGroupConfig_t* config, bitepG
   BITEP_ARG_CHECK(comm != MPI_COMM_NULL, "comm is MPI_COMM_NULL");
   MpiThreadHold hold;
   BITEP_CHECK(hold.enter("bitepGroupCreateMpi"));
-  // Collective and blocking: every rank duplicates before any check can make it leave.
+  // Collective: every rank duplicates before any check can make it leave. Polled against the config's timeout (a
+  // rank refused above, or one that never calls, would leave its peers in a blocking MPI_Comm_dup for good).
   MPI_Comm dup = MPI_COMM_NULL;
-  BITEP_MPI_CHECK(MPI_Comm_dup(comm, &dup));
+  BITEP_CHECK(dup_polled(comm, creation_timeout_s(config), &dup));
   MPI_Comm_set_errhandler(dup, MPI_ERRORS_RETURN);
   bitepResult_t local = check_group_config(config);
   if (local == bitepSuccess && group == nullptr)

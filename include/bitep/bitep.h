@@ -27,7 +27,9 @@
  * low-latency dispatch refused by its checks or by a capturing stream; bitepDispatch refused while capturing or failing
  * after its count exchange) leaves the peers inside the call, which this rank's next call would meet out of turn: at
  * W > 1 its group is unusable from then on (each later call returns bitepInvalidUsage naming the failed call), and the
- * peers' groups once they time out in it. Destroy the group on every rank and create a new one.
+ * peers' groups once they time out in it. Destroy the group on every rank and create a new one. After a call returned
+ * bitepTimeout, its transfers may still complete into or out of the buffers it was given (a matched MPI receive cannot
+ * be cancelled; a stalled peer's NCCL or window stores may land late): keep them until the group is destroyed.
  *
  * Threads:
  * - The router calls (bitepRouter*, bitepAuxScores*, bitepAuxLoss*) may run on any number of threads at once, each
@@ -54,7 +56,8 @@
  * - A collective call refused this way on one rank, while its peers make it, leaves them inside it: the next call
  *   on that group must be the same call again (the group is then as before). Host groups catch a different call on
  *   the same handle (every rank fails naming both calls); any other order is the caller's error (MPI's rule for
- *   collectives), and bitepGroupCreateMpi refused on one rank leaves its peers in MPI_Comm_dup, which has no timeout.
+ *   collectives). bitepGroupCreateMpi refused on one rank (or never called there) fails its peers with bitepTimeout
+ *   after config->timeout_s, and leaves a duplication of comm in flight until that rank calls it.
  */
 #ifndef BITEP_BITEP_H_
 #define BITEP_BITEP_H_

@@ -121,6 +121,40 @@ TEST(EpFaults, CudaTransportDiffersAcrossRanks) {
   EXPECT_TRUE(has(err, "every rank must set it alike")) << err;
 }
 
+// A rank that never calls bitepGroupCreateMpi (refused before it, or gone): its peers' duplication of the
+// communicator is polled against the config's timeout, so they fail with bitepTimeout naming it instead of waiting
+// in MPI_Comm_dup for good. Then the missing rank makes its part of the duplication (a nonblocking one, as bitep's),
+// which the peers' requests complete with while they wait in a barrier; the communicators are left to MPI.
+TEST(EpFaults, CreateWithoutOneRankTimesOut) {
+  if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  const int W = world_size(), rank = world_rank();
+  MPI_Comm comm = MPI_COMM_NULL;
+  ASSERT_EQ(MPI_Comm_dup(MPI_COMM_WORLD, &comm), MPI_SUCCESS);
+  const double timeout = 2.0;
+  Spec s;
+  const bitepGroupConfig_t c = group_config(s, W, timeout);
+  if (rank != 0) {
+    bitepGroup_t g = nullptr;
+    const auto t0 = std::chrono::steady_clock::now();
+    const bitepResult_t r = bitepGroupCreateMpi(comm, &c, &g);
+    const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const std::string err = bitepGetLastError();
+    EXPECT_EQ(r, bitepTimeout) << err;
+    EXPECT_TRUE(has(err, "did not call bitepGroupCreateMpi")) << err;
+    EXPECT_EQ(g, nullptr);
+    EXPECT_GE(took, timeout);
+    EXPECT_LT(took, 10 * timeout) << err;
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (rank == 0) {
+    MPI_Comm late = MPI_COMM_NULL;
+    MPI_Request req = MPI_REQUEST_NULL;
+    ASSERT_EQ(MPI_Comm_idup(comm, &late, &req), MPI_SUCCESS);
+    EXPECT_EQ(MPI_Wait(&req, MPI_STATUS_IGNORE), MPI_SUCCESS);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
 TEST(EpFaults, ExpertsNotDivisibleByRanks) {
   if (world_size() < 2) GTEST_SKIP() << "E % W != 0 needs W >= 2";
   Spec s;
