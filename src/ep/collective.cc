@@ -19,13 +19,18 @@ bitepResult_t SavedError::restore() const {
 }
 
 bitepResult_t transport_failed(bitepGroup* group, bitepResult_t r) {
+  if (r != bitepSuccess) group->pool_in_doubt = true;
   if (r != bitepSuccess && group->broken.empty())
     group->broken = std::string("an earlier transport failure (") + bitepGetLastError() + ")";
   return r;
 }
 
 bitepResult_t failed_alone(bitepGroup* group, bitepResult_t r, const char* what) noexcept {
-  if (r == bitepSuccess || group->nranks <= 1 || !group->broken.empty()) return r;
+  if (r == bitepSuccess || group->nranks <= 1) return r;
+  // cuda: transfers this call queued before it failed may wait for the peers with no end this rank can see. The host
+  // transport waits for its requests, or abandons them as a transport failure (transport_failed).
+  if (group->config.backend == bitepBackendCuda) group->pool_in_doubt = true;
+  if (!group->broken.empty()) return r;
   try {
     group->broken = std::string("this rank failed ") + what + " on its own (" + bitepGetLastError() +
                     ") while its peers may have gone on into the call's transfers";

@@ -50,14 +50,15 @@ bitepResult_t agree_status_exchange(Exec* ex,
                                     std::vector<int32_t>* all_bits = nullptr);
 
 // Records a transport failure: the peers' state is unknown, so the group is unusable from now on (its
-// pool is leaked at destruction: a peer may still write into it). Returns r.
+// pool is leaked at destruction, never trimmed: pool_in_doubt). Returns r.
 bitepResult_t transport_failed(bitepGroup* group, bitepResult_t r);
 
 // A collective call that this rank failed on its own: no exchange or agreement told its peers, who may have gone on
 // into the call's transfers and barriers. This rank's next call would meet them out of turn (a peer-window barrier
 // takes any flag at or past its count; NCCL pairs sends and receives in call order), so at W > 1 the group is
 // unusable from now on, as after a transport failure: check_group refuses it, naming the call and its error, and the
-// peers time out in the call. `what`: the call, as "bitepCombine". Returns r.
+// peers time out in the call. A host group's pool stays usable (its transport waited for its requests); a cuda
+// group's is in doubt (pool_in_doubt). `what`: the call, as "bitepCombine". Returns r.
 bitepResult_t failed_alone(bitepGroup* group, bitepResult_t r, const char* what) noexcept;
 
 }  // namespace bitep::ep

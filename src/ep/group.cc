@@ -317,7 +317,7 @@ bitepResult_t bitepGroupDestroy(bitepGroup_t group) {
     {
       std::lock_guard<std::mutex> lock(group->life->mu);
       group->life->alive = false;
-      if (!group->broken.empty()) group->life->pool->leak();
+      if (group->pool_in_doubt) group->life->pool->leak();
       group->life->pool.reset();
     }
     delete group;
@@ -355,7 +355,7 @@ bitepResult_t bitepGroupTrimMemory(bitepGroup_t group, size_t* freed) {
   return bitep::guard("bitepGroupTrimMemory", [&]() -> bitepResult_t {
     bitep::ep::GroupCall call;
     BITEP_CHECK(call.enter(group, "bitepGroupTrimMemory", bitep::ep::GroupCall::kLocal));
-    const size_t n = group->broken.empty() ? group->life->pool->trim() : 0;
+    const size_t n = group->pool_in_doubt ? 0 : group->life->pool->trim();
     if (freed != nullptr) *freed = n;
     return bitepSuccess;
   });

@@ -120,7 +120,10 @@ struct bitepGroup {
   std::shared_ptr<bitep::ep::Life> life;
   // The API call inside the group now (its name, once past its transport's checks), or null: bitep::ep::GroupCall.
   std::atomic<const char*> in_call{nullptr};
-  std::string broken;              // non-empty once a failure left peers in an unknown state (what happened)
+  std::string broken;  // non-empty once a failure left peers in an unknown state (what happened)
+  // The pool's blocks may still be written or read by work the group cannot wait for (a transport failure's abandoned
+  // requests; a cuda call failed alone after queuing transfers): they are leaked at destruction, never trimmed.
+  bool pool_in_doubt = false;
   void* upload_staging = nullptr;  // cuda: pinned host staging of Exec::upload_staged
   size_t upload_bytes = 0;
   void* upload_event = nullptr;  // cuda: cudaEvent_t recorded after the last staged upload

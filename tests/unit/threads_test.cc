@@ -368,6 +368,41 @@ TEST(GroupCall, AFailureAloneLeavesTheGroupUnusable) {
   EXPECT_TRUE(g.group.broken.empty()) << "a success recorded as a failure";
 }
 
+// The pool after a failure: a host group's failure alone leaves it usable (its transport waited for its requests):
+// bitepGroupTrimMemory frees its cached blocks. After a transport failure, and after a cuda group's failure alone
+// (transfers it queued may still run), its blocks are in doubt: trimmed to nothing, leaked at destruction.
+TEST(GroupCall, APoolIsInDoubtOnlyWhereWorkMayStillUseIt) {
+  TestGroup g;
+  g.group.nranks = 2;
+  g.group.agree_always = false;
+  g.group.config.backend = bitepBackendHost;
+  g.group.life = std::make_shared<bitep::ep::Life>();
+  g.group.life->pool = std::make_unique<bitep::ep::Pool>(bitepBackendHost, -1);
+  auto cache_a_block = [&] {
+    bitep::ep::Block b;
+    ASSERT_EQ(g.group.life->pool->acquire(size_t{1} << 20, nullptr, &b), bitepSuccess) << bitepGetLastError();
+    g.group.life->pool->release(&b, nullptr);
+  };
+  cache_a_block();
+  bitep::ep::failed_alone(&g.group, bitepInvalidArgument, "bitepCombine");
+  EXPECT_FALSE(g.group.broken.empty());
+  EXPECT_FALSE(g.group.pool_in_doubt);
+  size_t freed = 0;
+  EXPECT_EQ(bitepGroupTrimMemory(&g.group, &freed), bitepSuccess) << bitepGetLastError();
+  EXPECT_GE(freed, size_t{1} << 20) << "a host group's failure alone kept its cached blocks";
+  cache_a_block();
+  bitep::ep::transport_failed(&g.group, bitepTimeout);
+  EXPECT_TRUE(g.group.pool_in_doubt);
+  freed = 1;
+  EXPECT_EQ(bitepGroupTrimMemory(&g.group, &freed), bitepSuccess) << bitepGetLastError();
+  EXPECT_EQ(freed, 0u) << "a pool in doubt was trimmed";
+  TestGroup c;
+  c.group.nranks = 2;
+  c.group.config.backend = bitepBackendCuda;
+  bitep::ep::failed_alone(&c.group, bitepInvalidArgument, "bitepCombine");
+  EXPECT_TRUE(c.group.pool_in_doubt) << "a cuda group's failure alone";
+}
+
 // 8 threads each try 2000 calls on one group: the calls that enter never overlap (a counter of the threads inside
 // never passes 1), every try either enters or is refused naming a call, and both happen.
 TEST(GroupCall, HoldsNeverOverlapUnderContention) {
