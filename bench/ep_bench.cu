@@ -17,7 +17,7 @@
 // sum, one rounding) or the value bitep's documented order gives (its per-rank partials travel in bf16:
 // epbench::check_combine). The last iteration's checks run after its events, so they are not timed; they check
 // the rows the pool's reused blocks hold once warm. The end-to-end loops poison the router's outputs (map and
-// weights) and out before a checked iteration, so their check fails unless that iteration's router wrote them.
+// weights) and out before a checked iteration, and check the map and weights against the router's first call's.
 // Placement (first iteration), on the
 // host: every rank regenerates every source rank's routing (inputs are a function of (seed, rank, token), the
 // router is bit-reproducible) and checks its layout against the documented one: the receive order (row headers),
@@ -509,6 +509,15 @@ int main(int argc, char** argv) {
         ri.topk_indices = idx;
         BK(bitepRouterForward(bitepBackendCuda, &rc, &ra, bstream));
         BK(bitepRouterForward(bitepBackendCuda, &rc, &ri, bstream));
+        // The router's outputs as these first calls wrote them (the router is bit-reproducible): the end-to-end loops'
+        // routers must write the same bits, checked after their poisoned iterations.
+        const size_t map_bytes = T * ((sh.E + 7) / 8), w_bytes = sizeof(float) * T * sh.k;
+        uint8_t* map_ref = dalloc<uint8_t>(map_bytes);
+        float* w_ref = dalloc<float>(T * sh.k);
+        float* w_idx_ref = dalloc<float>(T * sh.k);
+        CK(cudaMemcpyAsync(map_ref, map, map_bytes, cudaMemcpyDeviceToDevice, stream));
+        CK(cudaMemcpyAsync(w_ref, w, w_bytes, cudaMemcpyDeviceToDevice, stream));
+        CK(cudaMemcpyAsync(w_idx_ref, w_idx, w_bytes, cudaMemcpyDeviceToDevice, stream));
         // What each rank must receive from each source, from the router's own epilogue.
         std::vector<int32_t> to_rank(W), expect(W);
         CK(cudaMemcpyAsync(to_rank.data(), rank_counts, 4 * W, cudaMemcpyDeviceToHost, stream));
@@ -556,6 +565,17 @@ int main(int argc, char** argv) {
         // Each checked iteration's out poisoned first (0xff: NaN), before its events: its check reads that
         // combine's rows, not an earlier one's.
         auto poison_out = [&] { CK(cudaMemsetAsync(out, 0xff, sizeof(__nv_bfloat16) * T * sh.H, stream)); };
+        // The end-to-end loops': out, and the router's map (all ones) and weights (NaN).
+        auto poison_router_outputs = [&] {
+          poison_out();
+          CK(cudaMemsetAsync(map, 0xff, map_bytes, stream));
+          CK(cudaMemsetAsync(w, 0xff, w_bytes, stream));
+        };
+        // bytes of a against ref, as 16-bit words (check_equal's; the bench's shapes give map rows of even bytes).
+        auto check_bytes = [&](const void* a, const void* ref, size_t bytes, int which) {
+          epbench::check_equal(static_cast<const __nv_bfloat16*>(a), static_cast<const __nv_bfloat16*>(ref),
+                               static_cast<int64_t>(bytes / 2), wrong + which, stream);
+        };
         // A one-view dispatch's positions and expert offsets against a both-views dispatch's (ref), on the device: the
         // int32 words compared as pairs of 16-bit words.
         auto check_numbering = [&](const bitepDispatchLayout_t& lay, const bitepDispatchLayout_t& ref) {
@@ -589,10 +609,10 @@ int main(int argc, char** argv) {
         for (int it = 0; it < opt.warmup + opt.iters; ++it) {
           const bool timed = it >= opt.warmup;
           const bool check = it == 0 || it == last_it;
+          if (check) poison_out();  // before the flush: the poison leaves nothing in L2
           flush_l2();
           MPI_Barrier(MPI_COMM_WORLD);
           bitepHandle_t h;
-          if (check) poison_out();
           CK(cudaEventRecord(ev.e[0], stream));
           BK(bitepDispatch(group, &da, bstream, &h));
           CK(cudaEventRecord(ev.e[1], stream));
@@ -732,10 +752,10 @@ int main(int argc, char** argv) {
         std::vector<float> t_lld, t_llc;
         rec.ll = T <= kLowLatencyTokens;
         for (int it = 0; rec.ll && it < opt.warmup + opt.iters; ++it) {
+          if (it == 0 || it == last_it) poison_out();
           flush_l2();
           MPI_Barrier(MPI_COMM_WORLD);
           bitepHandle_t h;
-          if (it == 0 || it == last_it) poison_out();
           CK(cudaEventRecord(ev.e[0], stream));
           BK(bitepDispatchLowLatency(group, &dll, bstream, &h));
           CK(cudaEventRecord(ev.e[1], stream));
@@ -847,9 +867,9 @@ int main(int argc, char** argv) {
         if (rec.ll_graph) {
           for (int it = 0; it < opt.warmup + opt.iters; ++it) {
             const bool check = it == 0 || it == opt.warmup + opt.iters - 1;
+            if (check) poison_out();
             flush_l2();
             MPI_Barrier(MPI_COMM_WORLD);
-            if (check) poison_out();
             CK(cudaEventRecord(ev.e[0], stream));
             CK(cudaGraphLaunch(xd, stream));
             CK(cudaEventRecord(ev.e[1], stream));
@@ -867,13 +887,9 @@ int main(int argc, char** argv) {
         std::vector<float> t_lge;
         for (int it = 0; rec.ll_graph_step && it < opt.warmup + opt.iters; ++it) {
           const bool check = it == 0 || it == opt.warmup + opt.iters - 1;
+          if (check) poison_router_outputs();
           flush_l2();
           MPI_Barrier(MPI_COMM_WORLD);
-          if (check) {
-            poison_out();
-            CK(cudaMemsetAsync(map, 0xff, T * ((sh.E + 7) / 8), stream));
-            CK(cudaMemsetAsync(w, 0xff, sizeof(float) * T * sh.k, stream));
-          }
           CK(cudaEventRecord(ev.e[0], stream));
           CK(cudaGraphLaunch(xe, stream));
           CK(cudaEventRecord(ev.e[1], stream));
@@ -881,6 +897,8 @@ int main(int argc, char** argv) {
           if (it >= opt.warmup) t_lge.push_back(ev.us(0, 1));
           if (check) {
             epbench::check_combine(out, x, map, w, T, sh.H, sh.E, sh.k, W, wrong + kLowLatencyGraphStep, stream);
+            check_bytes(map, map_ref, map_bytes, kLowLatencyGraphStep);
+            check_bytes(w, w_ref, w_bytes, kLowLatencyGraphStep);
             CK(cudaGetLastError());
             CK(cudaStreamSynchronize(stream));
           }
@@ -894,17 +912,14 @@ int main(int argc, char** argv) {
         if (gc2 != nullptr) CK(cudaGraphDestroy(gc2));
         if (h != nullptr) BK(bitepHandleDestroy(h));  // waits for the device: the graphs' launches are not tracked
         // End to end: router + dispatch + combine. Before a checked iteration the router's outputs and out are
-        // poisoned (a map row of all ones, NaN weights and rows), so its check passes only on what it wrote.
+        // poisoned (a map row of all ones, NaN weights and rows); after it, the map and weights must be the router's
+        // first call's bits, and the combine's output what they give.
         for (int it = 0; it < opt.warmup + opt.iters; ++it) {
           const bool check = it == 0 || it == last_it;
+          if (check) poison_router_outputs();
           flush_l2();
           MPI_Barrier(MPI_COMM_WORLD);
           bitepHandle_t h;
-          if (check) {
-            poison_out();
-            CK(cudaMemsetAsync(map, 0xff, T * ((sh.E + 7) / 8), stream));
-            CK(cudaMemsetAsync(w, 0xff, sizeof(float) * T * sh.k, stream));
-          }
           CK(cudaEventRecord(ev.e[0], stream));
           BK(bitepRouterForward(bitepBackendCuda, &rc, &ra, bstream));
           BK(bitepDispatch(group, &da, bstream, &h));
@@ -917,6 +932,8 @@ int main(int argc, char** argv) {
           if (it >= opt.warmup) t_e2e.push_back(ev.us(0, 1));
           if (check) {
             epbench::check_combine(out, x, map, w, T, sh.H, sh.E, sh.k, W, wrong + kEndToEnd, stream);
+            check_bytes(map, map_ref, map_bytes, kEndToEnd);
+            check_bytes(w, w_ref, w_bytes, kEndToEnd);
             CK(cudaGetLastError());
             CK(cudaStreamSynchronize(stream));
           }
@@ -947,16 +964,16 @@ int main(int argc, char** argv) {
           CK(cudaFree(rbuf));
         }
         // (c) the baseline pipeline, alone and end to end, each checked in its first and last iteration; end to end,
-        // its router's weights are poisoned (NaN) first, so that its check passes only on what that router wrote.
+        // its router's weights are poisoned (NaN) first and must be the first call's bits after.
         if (opt.baseline) {
           for (int it = 0; it < 2 * (opt.warmup + opt.iters); ++it) {
             const bool e2e = it >= opt.warmup + opt.iters;
             const int j = e2e ? it - opt.warmup - opt.iters : it;
             const bool check = j == 0 || j == last_it;
-            flush_l2();
-            MPI_Barrier(MPI_COMM_WORLD);
             if (check) poison_out();
             if (check && e2e) CK(cudaMemsetAsync(w_idx, 0xff, sizeof(float) * T * sh.k, stream));
+            flush_l2();
+            MPI_Barrier(MPI_COMM_WORLD);
             CK(cudaEventRecord(ev.e[0], stream));
             if (e2e) BK(bitepRouterForward(bitepBackendCuda, &rc, &ri, bstream));
             if (!base->dispatch(idx, x, T)) die("baseline dispatch", base->error());
@@ -974,6 +991,7 @@ int main(int argc, char** argv) {
               if (it == 0) rec.baseline_cross_bytes = base->cross_bytes();
               epbench::check_rows_payload(base->expert_x(), base->num_expert_rows(), sh.H, wrong + kBaseRows, stream);
               epbench::check_equal(out, x, T * sh.H, wrong + (e2e ? kBaseEndToEnd : kBaseCombine), stream);
+              if (e2e) check_bytes(w_idx, w_idx_ref, w_bytes, kBaseEndToEnd);
               CK(cudaGetLastError());
               CK(cudaStreamSynchronize(stream));
             }
@@ -1018,7 +1036,8 @@ int main(int argc, char** argv) {
         for (void* p :
              {static_cast<void*>(logits), static_cast<void*>(map), static_cast<void*>(w), static_cast<void*>(w_idx),
               static_cast<void*>(idx), static_cast<void*>(rank_counts), static_cast<void*>(x), static_cast<void*>(out),
-              static_cast<void*>(wrong), static_cast<void*>(src_off), caller_recv, caller_expert, y_rows})
+              static_cast<void*>(wrong), static_cast<void*>(src_off), caller_recv, caller_expert, y_rows,
+              static_cast<void*>(map_ref), static_cast<void*>(w_ref), static_cast<void*>(w_idx_ref)})
           if (p != nullptr) CK(cudaFree(p));
       }
     BK(bitepGroupDestroy(group));

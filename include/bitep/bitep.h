@@ -25,7 +25,8 @@
  * A collective call's failure that every rank learns of (a dispatch's count exchange, a host group's agreement) fails
  * every rank, and the group works on. A failure one rank has alone (a cuda group's combine, backward pass or
  * low-latency dispatch refused by its checks or by a capturing stream; bitepDispatch refused while capturing or failing
- * after its count exchange) leaves the peers inside the call, which this rank's next call would meet out of turn: at
+ * after its count exchange; on any group, a failure after the agreement, such as a host allocation) leaves the peers
+ * inside the call, which this rank's next call would meet out of turn: at
  * W > 1 its group is unusable from then on (each later call returns bitepInvalidUsage naming the failed call), and the
  * peers' groups once they time out in it. Destroy the group on every rank and create a new one. After a call returned
  * bitepTimeout, its transfers may still complete into or out of the buffers it was given (a matched MPI receive cannot
@@ -57,7 +58,8 @@
  *   on that group must be the same call again (the group is then as before). Host groups catch a different call on
  *   the same handle (every rank fails naming both calls); any other order is the caller's error (MPI's rule for
  *   collectives). bitepGroupCreateMpi refused on one rank (or never called there) fails its peers with bitepTimeout
- *   after config->timeout_s, and leaves a duplication of comm in flight until that rank calls it.
+ *   after config->timeout_s, and leaves a duplication of comm in flight until that rank calls it: retry over a fresh
+ *   communicator (a second call over comm would start another duplication, which the late rank's call cannot match).
  */
 #ifndef BITEP_BITEP_H_
 #define BITEP_BITEP_H_

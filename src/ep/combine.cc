@@ -319,13 +319,19 @@ bitepResult_t combine(bitepGroup_t g,
       shared = true;
       BITEP_CHECK(agree_status(g, local, what, mine, &all));
       BITEP_CHECK(same_dispatch(g, all, what));
-      for (int q = 0; q < g->nranks; ++q)
-        if ((all[q] & 2) != 0 && (mine & 2) != 0 && (all[q] & 1) != (mine & 1))
+      // Decided from the gathered bits alone, so that every rank fails, a rank-major one too (it would go on into the
+      // transfer): the first two expert-major ranks whose flags differ.
+      int first = -1;
+      for (int q = 0; q < g->nranks; ++q) {
+        if ((all[q] & 2) == 0) continue;
+        if (first < 0) first = q;
+        if ((all[q] & 1) != (all[first] & 1))
           BITEP_FAIL(bitepInvalidArgument,
-                     "rank %d gives %s weighted = %d, this rank (%d) weighted = %d, both with expert-major y: every "
-                     "rank must pass the same weighted (each weights the expert rows it sums for the others by its "
-                     "own)",
-                     q, what, all[q] & 1, g->rank, mine & 1);
+                     "rank %d gives %s weighted = %d, rank %d weighted = %d, both with expert-major y (this is rank "
+                     "%d): every rank must pass the same weighted (each weights the expert rows it sums for the "
+                     "others by its own)",
+                     first, what, all[first] & 1, q, all[q] & 1, g->rank);
+      }
       shared = false;
     } else if (local != bitepSuccess) {
       return local;  // cuda: no agreement, the peers go on into the transfer

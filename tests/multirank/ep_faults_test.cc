@@ -667,6 +667,40 @@ TEST(EpFaults, CombinesOfDifferentDispatches) {
   expect_values(s, c1.out, reference_combine(s, W, rank, world[rank], c1.args.weighted != 0), "out of dispatch 1");
 }
 
+// The same, beside a rank that passes rank-major y (whose flag is not used): rank 0 weighted = 0 and the middle ranks
+// weighted = 1, both expert-major, the last rank rank-major. Every rank fails at once, the rank-major one too (it
+// would go on into the transfer and wait there), and then the combine works.
+TEST(EpFaults, CombineWeightedDiffersBesideARankMajorRank) {
+  if (world_size() < 3) GTEST_SKIP() << "needs 3 ranks";
+  Spec s;
+  const int W = world_size(), rank = world_rank();
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  HandleGuard h;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+  CombineInputs ci;
+  ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h.h, &ci));
+  bitepDispatchLayout_t lo;
+  ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
+  std::vector<uint8_t> rank_rows(std::max<int64_t>(lo.num_recv_rows, 1) * s.H * dsize(s.dtype), 0);
+  bitepCombineArgs_t c = ci.args;
+  c.weighted = rank == 0 ? 0 : 1;
+  if (rank == W - 1) {
+    c.y = rank_rows.data();
+    c.layout = bitepLayoutRankMajor;
+  }
+  const bitepResult_t r = bitepCombine(g.g, h.h, &c, nullptr);
+  const std::string err = bitepGetLastError();
+  EXPECT_EQ(r, bitepInvalidArgument) << err;
+  EXPECT_TRUE(has(err, "weighted")) << err;
+  EXPECT_TRUE(has(err, "rank 0 gives")) << err;
+  ci.args.weighted = 1;
+  ASSERT_EQ(bitepCombine(g.g, h.h, &ci.args, nullptr), bitepSuccess) << bitepGetLastError();
+  expect_values(s, ci.out, reference_combine(s, W, rank, world[rank], true), "out");
+}
+
 // Different calls on one handle: the last rank makes bitepDispatchBackward while the others make bitepCombine, with
 // the same layout, flags and buffers, so that the agreement's other bits match (the other ranks' combine would take
 // the victim's gradient rows for partial sums, as after a call refused on one rank by the MPI thread rules). Every
