@@ -576,6 +576,15 @@ int main(int argc, char** argv) {
           epbench::check_equal(static_cast<const __nv_bfloat16*>(a), static_cast<const __nv_bfloat16*>(ref),
                                static_cast<int64_t>(bytes / 2), wrong + which, stream);
         };
+        // After a poisoned end-to-end iteration: its combine through identity experts, and the router's map and
+        // weights against its first call's bits.
+        auto check_router_step = [&](int which) {
+          epbench::check_combine(out, x, map, w, T, sh.H, sh.E, sh.k, W, wrong + which, stream);
+          check_bytes(map, map_ref, map_bytes, which);
+          check_bytes(w, w_ref, w_bytes, which);
+          CK(cudaGetLastError());
+          CK(cudaStreamSynchronize(stream));
+        };
         // A one-view dispatch's positions and expert offsets against a both-views dispatch's (ref), on the device: the
         // int32 words compared as pairs of 16-bit words.
         auto check_numbering = [&](const bitepDispatchLayout_t& lay, const bitepDispatchLayout_t& ref) {
@@ -895,13 +904,7 @@ int main(int argc, char** argv) {
           CK(cudaEventRecord(ev.e[1], stream));
           CK(cudaStreamSynchronize(stream));
           if (it >= opt.warmup) t_lge.push_back(ev.us(0, 1));
-          if (check) {
-            epbench::check_combine(out, x, map, w, T, sh.H, sh.E, sh.k, W, wrong + kLowLatencyGraphStep, stream);
-            check_bytes(map, map_ref, map_bytes, kLowLatencyGraphStep);
-            check_bytes(w, w_ref, w_bytes, kLowLatencyGraphStep);
-            CK(cudaGetLastError());
-            CK(cudaStreamSynchronize(stream));
-          }
+          if (check) check_router_step(kLowLatencyGraphStep);
         }
         if (xe != nullptr) CK(cudaGraphExecDestroy(xe));
         if (ge != nullptr) CK(cudaGraphDestroy(ge));
@@ -930,13 +933,7 @@ int main(int argc, char** argv) {
           CK(cudaEventRecord(ev.e[1], stream));
           CK(cudaStreamSynchronize(stream));
           if (it >= opt.warmup) t_e2e.push_back(ev.us(0, 1));
-          if (check) {
-            epbench::check_combine(out, x, map, w, T, sh.H, sh.E, sh.k, W, wrong + kEndToEnd, stream);
-            check_bytes(map, map_ref, map_bytes, kEndToEnd);
-            check_bytes(w, w_ref, w_bytes, kEndToEnd);
-            CK(cudaGetLastError());
-            CK(cudaStreamSynchronize(stream));
-          }
+          if (check) check_router_step(kEndToEnd);
           BK(bitepHandleDestroy(h));
         }
         // (a) NCCL all-to-all of the same per-peer bytes, both directions.

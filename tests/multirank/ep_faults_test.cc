@@ -35,6 +35,23 @@ void combine_inputs(const Spec& s, int W, int rank, const Input& in, bitepHandle
   c->args.out = c->out.data();
 }
 
+// One dispatch of a Spec's world on a host group, and its combine's inputs: the set-up of the combine fault tests.
+// run()'s fatal failures are the caller's (ASSERT_NO_FATAL_FAILURE).
+struct Dispatched {
+  Spec s;
+  int W = world_size(), rank = world_rank();
+  std::vector<Input> world = make_world(s, W);
+  GroupGuard g;
+  HandleGuard h;
+  CombineInputs ci;
+  void run() {
+    ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
+    const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+    ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+    ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h.h, &ci));
+  }
+};
+
 // ---- group creation -----------------------------------------------------------------------------------
 
 void expect_create_fails_everywhere(const std::function<void(bitepGroupConfig_t*)>& tweak,
@@ -672,16 +689,14 @@ TEST(EpFaults, CombinesOfDifferentDispatches) {
 // would go on into the transfer and wait there), and then the combine works.
 TEST(EpFaults, CombineWeightedDiffersBesideARankMajorRank) {
   if (world_size() < 3) GTEST_SKIP() << "needs 3 ranks";
-  Spec s;
-  const int W = world_size(), rank = world_rank();
-  const std::vector<Input> world = make_world(s, W);
-  GroupGuard g;
-  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
-  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
-  HandleGuard h;
-  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
-  CombineInputs ci;
-  ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h.h, &ci));
+  Dispatched d;
+  ASSERT_NO_FATAL_FAILURE(d.run());
+  const Spec& s = d.s;
+  const int W = d.W, rank = d.rank;
+  const std::vector<Input>& world = d.world;
+  GroupGuard& g = d.g;
+  HandleGuard& h = d.h;
+  CombineInputs& ci = d.ci;
   bitepDispatchLayout_t lo;
   ASSERT_EQ(bitepHandleGetLayout(h.h, &lo), bitepSuccess);
   std::vector<uint8_t> rank_rows(std::max<int64_t>(lo.num_recv_rows, 1) * s.H * dsize(s.dtype), 0);
@@ -707,16 +722,15 @@ TEST(EpFaults, CombineWeightedDiffersBesideARankMajorRank) {
 // rank fails naming both calls, nothing is written, and then the combine on every rank gives the right values.
 TEST(EpFaults, DifferentCallsOnOneHandle) {
   if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
-  Spec s;
-  const int W = world_size(), rank = world_rank(), victim = W - 1;
-  const std::vector<Input> world = make_world(s, W);
-  GroupGuard g;
-  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
-  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
-  HandleGuard h;
-  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
-  CombineInputs ci;
-  ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h.h, &ci));
+  Dispatched d;
+  ASSERT_NO_FATAL_FAILURE(d.run());
+  const Spec& s = d.s;
+  const int W = d.W, rank = d.rank;
+  const std::vector<Input>& world = d.world;
+  GroupGuard& g = d.g;
+  HandleGuard& h = d.h;
+  CombineInputs& ci = d.ci;
+  const int victim = W - 1;
   ci.args.weighted = 0;
   const std::vector<uint8_t> before = ci.out;
   const bitepResult_t r = rank == victim
@@ -738,16 +752,15 @@ TEST(EpFaults, DifferentCallsOnOneHandle) {
 // with one flag gives the right values.
 TEST(EpFaults, CombineWeightedDiffersAcrossRanks) {
   if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
-  Spec s;
-  const int W = world_size(), rank = world_rank(), victim = W - 1;
-  const std::vector<Input> world = make_world(s, W);
-  GroupGuard g;
-  ASSERT_EQ(make_group(s, &g), bitepSuccess) << bitepGetLastError();
-  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
-  HandleGuard h;
-  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
-  CombineInputs ci;
-  ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h.h, &ci));
+  Dispatched d;
+  ASSERT_NO_FATAL_FAILURE(d.run());
+  const Spec& s = d.s;
+  const int W = d.W, rank = d.rank;
+  const std::vector<Input>& world = d.world;
+  GroupGuard& g = d.g;
+  HandleGuard& h = d.h;
+  CombineInputs& ci = d.ci;
+  const int victim = W - 1;
   ci.args.weighted = rank == victim ? 0 : 1;
   const std::vector<uint8_t> before = ci.out;
   EXPECT_EQ(bitepCombine(g.g, h.h, &ci.args, nullptr), bitepInvalidArgument);
