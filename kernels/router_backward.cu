@@ -507,8 +507,7 @@ __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
       } else {
 #pragma unroll
         for (int i = 0; i < N; ++i) {
-          const float y = sqrtsoftplus_f(a[i]);
-          g[i] = __fmul_rn(g[i], sigmoid_f(a[i]) / __fmul_rn(2.0f, y));
+          g[i] = __fmul_rn(g[i], sqrtsoftplus_grad_f(a[i]));
         }
       }
     }
@@ -595,7 +594,7 @@ __global__ void __launch_bounds__(kGenericThreads) router_backward_generic(const
       } else if (fn == ScoreFn::kSigmoid) {
         g = __fmul_rn(g, p.saved == nullptr ? sigmoid_grad_f(x_of(e)) : __fmul_rn(a, __fsub_rn(1.0f, a)));
       } else {
-        g = __fmul_rn(g, sigmoid_f(a) / __fmul_rn(2.0f, sqrtsoftplus_f(a)));
+        g = __fmul_rn(g, sqrtsoftplus_grad_f(a));
       }
       store_one(p.grad_logits, dt, row + e, g);
     }

@@ -196,6 +196,14 @@ __device__ __forceinline__ float softmax_exp(float x, float m, bool pre) {
 }
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 __device__ __forceinline__ float sqrtsoftplus_f(float x) { return sqrtf(softplus_f(x)); }
+// d/dx sqrt(softplus(x)) = sigmoid(x) / (2 sqrt(softplus(x))). Below x = -20, softplus(x) is e^x within e^x / 2 and
+// 1 + e^x is 1 in fp32, so the derivative is e^(x / 2) / 2 to fp32 rounding: finite down to x = -inf (0), where the
+// quotient is 0 / 0 (NaN) once e^x underflows (x < -104) and loses bits in the subnormals before. A NaN x stays NaN.
+// The host backend's sqrtsoftplus_gradf is this function.
+__device__ __forceinline__ float sqrtsoftplus_grad_f(float x) {
+  if (x < kSqrtSoftplusTail) return __fmul_rn(0.5f, expf(__fmul_rn(0.5f, x)));
+  return sigmoid_f(x) / __fmul_rn(2.0f, sqrtsoftplus_f(x));
+}
 
 // ---- device: loads and stores of one octet (8 consecutive experts of a row) ------------------------
 

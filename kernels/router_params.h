@@ -16,6 +16,8 @@ enum class MapFormat : int { kNone = 0, kBytemap = 1, kBitmap = 2 };
 enum class RouterMode : int { kTopk = 0, kAuxScores = 1 };
 
 constexpr float kNormEpsilon = 1e-20f;  // TE's epsilon in the sigmoid/sqrtsoftplus normalisation
+// Below it sqrtsoftplus'(x) is e^(x / 2) / 2 (router_common.cuh's sqrtsoftplus_grad_f).
+constexpr float kSqrtSoftplusTail = -20.0f;
 
 struct RouterForwardParams {
   RouterMode mode = RouterMode::kTopk;

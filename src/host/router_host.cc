@@ -37,6 +37,11 @@ inline float sigmoid_gradf(float x) {
 }
 inline float softplusf(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 inline float sqrtsoftplusf(float x) { return std::sqrt(softplusf(x)); }
+// sqrtsoftplus'(x), finite down to x = -inf (kernels/router_common.cuh's sqrtsoftplus_grad_f).
+inline float sqrtsoftplus_gradf(float x) {
+  if (x < kernels::kSqrtSoftplusTail) return 0.5f * std::exp(0.5f * x);
+  return sigmoidf(x) / (2.0f * sqrtsoftplusf(x));
+}
 
 // In-place softmax over v[idx[0..n)] (max-subtracted, fp32, ascending order).
 void softmax_inplace(float* v, int n) {
@@ -280,7 +285,7 @@ void router_backward(const kernels::RouterBackwardParams& p) {
       for (int e = 0; e < E; ++e) g[e] = g[e] * (p.saved != nullptr ? y[e] * (1.0f - y[e]) : sigmoid_gradf(x[e]));
     }
     if (p.score_fn == ScoreFn::kSqrtSoftplus)
-      for (int e = 0; e < E; ++e) g[e] = g[e] * (sigmoidf(x[e]) / (2.0f * y[e]));
+      for (int e = 0; e < E; ++e) g[e] = g[e] * sqrtsoftplus_gradf(x[e]);
     for (int e = 0; e < E; ++e) store_from_float(p.grad_logits, p.logits_dtype, row + e, g[e]);
   }
 }

@@ -182,6 +182,66 @@ TEST(RouterGpu, BackwardRecomputeLogitRanges) {
     }
 }
 
+// sqrtsoftplus'(x) = sigmoid(x) / (2 sqrt(softplus(x))) was 0 / 0 once e^x underflows (x < -104, and x = -inf, a masked
+// expert): NaN gradients, routed or not (0 * NaN), on the host and the GPU alike, which the host comparisons excuse
+// (equal NaNs match). Tokens with such logits routed and unrouted, through each backward kernel (E = 12 .. 256 the
+// bucket kernel, 300 and 1000 the routed one, 2100 the generic one), from the saved tensor and the logits, both map
+// formats: every gradient finite, 0 at the unrouted experts, each element within the tolerance of its own scale M of
+// the fp64 definition (less what fp32 cannot hold, 2^-126), nothing written past grad_logits.
+TEST(RouterGpu, BackwardSqrtSoftplusFarBelowZero) {
+  REQUIRE_GPU();
+  const int64_t T = 64;
+  const float inf = std::numeric_limits<float>::infinity();
+  const float tail[] = {-inf, -1e4f, -200.0f, -104.5f, -100.0f, -90.0f, -30.0f, -20.5f};
+  for (int E : {12, 64, 256, 300, 1000, 2100})
+    for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
+      bitepRouterConfig_t cfg = make_config(E, std::min(8, E), bitepScoreSqrtSoftplus, 0, dt);
+      cfg.scaling_factor = 1.5f;
+      std::vector<float> x = decode(make_logits(T, E, dt, 707 + E), dt);
+      for (int64_t t = 0; t < T; ++t)
+        for (int e = 0; e < E; ++e) {
+          float& v = x[t * E + e];
+          if (t % 4 == 0 && e % 5 == 0) v = -inf;                       // masked experts among ordinary ones
+          if (t % 4 == 1 && e % 3 == 0) v = tail[(t / 4 + e / 3) % 8];  // the tail unrouted, mostly
+          // The tail routed, beside one ordinary expert: the normalisation's sum stays a normal number (a sum of
+          // the tail's scores alone is a few subnormal bits, the forward's own precision there).
+          if (t % 4 == 2) v = e == 1 ? 0.5f : e % 7 == 0 ? tail[(t / 4 + e / 7) % 8] : -inf;
+        }
+      const std::vector<uint8_t> logits = encode(x, dt);
+      const std::vector<double> x64 = bitep::ref::to_double(logits.data(), dt, T * E);
+      FwdOut fwd, fwdb;
+      ASSERT_NO_FATAL_FAILURE(forward_both_maps(cfg, T, logits, &fwd, &fwdb));
+      std::vector<float> gp(static_cast<size_t>(T) * E);
+      for (size_t i = 0; i < gp.size(); ++i) gp[i] = gauss(0x5b5b, i);
+      const std::vector<double> want =
+          bitep::ref::router_backward(cfg, T, x64, fwd.map, std::vector<double>(gp.begin(), gp.end()), false);
+      const std::vector<double> M = grad_scale(cfg, T, x64, fwd.map, gp, false);
+      const double gt = grad_tol(dt, width_factor(cfg, false));
+      for (int recompute = 0; recompute < 2; ++recompute)
+        for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8}) {
+          const std::string what = describe(cfg, T) + (recompute ? " recompute" : " saved") +
+                                   (fmt == bitepMapBitmapU8 ? " bitmap" : " bytemap");
+          const std::vector<uint8_t>& map = fmt == bitepMapBytemap ? fwd.map : fwdb.map;
+          const BwdOut got = run_backward(bitepBackendCuda, cfg, T, gp, map, fmt,
+                                          recompute ? std::vector<float>{} : fwd.saved, logits, false);
+          ASSERT_EQ(got.rc, bitepSuccess) << what << ": " << got.error;
+          EXPECT_TRUE(got.guards) << what << ": backward wrote past grad_logits";
+          EXPECT_EQ(count_unrouted_nonzero(fwd.map, got.grad), 0) << what << ": gradients at unrouted experts";
+          int64_t nonfinite = 0, off = 0;
+          for (int64_t i = 0; i < T * E; ++i) {
+            ASSERT_TRUE(std::isfinite(want[i]) && std::isfinite(M[i])) << what << ": the fp64 definition at " << i;
+            nonfinite += !std::isfinite(got.grad[i]);
+            const bool bad = !(std::fabs(got.grad[i] - want[i]) <= gt * M[i] + 0x1p-126);
+            if (bad && off++ < 3)
+              ADD_FAILURE() << what << ": token " << i / E << " expert " << i % E << " logit " << x64[i] << ": got "
+                            << got.grad[i] << ", fp64 " << want[i] << " (scale " << M[i] << ")";
+          }
+          EXPECT_EQ(nonfinite, 0) << what << ": gradients not finite";
+          EXPECT_EQ(off, 0) << what << ": gradients off the fp64 definition";
+        }
+    }
+}
+
 // The post-top-k softmax's backward kernels on maps not from a forward, 0 to E routed experts a token. Above 512
 // experts, and above 256 for the recompute, router_backward_routed (kernels/router_backward_routed.cu) gathers a
 // token's routed experts, one a lane, where every token of a warp's tile has at most 32, and takes a tile with more an

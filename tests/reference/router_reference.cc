@@ -41,6 +41,11 @@ double boundary_gap(const std::vector<double>& v, const std::vector<int>& order,
 
 double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
+// sqrtsoftplus'(x) = sigmoid(x) / (2 sqrt(softplus(x))); below -40 it is e^(x / 2) / 2 to double rounding (e^x <
+// 2^-57), which stays finite where the quotient is 0 / 0 (x = -inf).
+double sqrtsoftplus_grad(double x) {
+  return x < -40.0 ? 0.5 * std::exp(0.5 * x) : sigmoid(x) / (2.0 * std::sqrt(softplus(x)));
+}
 
 void softmax(std::vector<double>& v) {
   double m = -kInf;
@@ -350,7 +355,7 @@ std::vector<double> router_backward(const bitepRouterConfig_t& cfg,
     }
     for (int e = 0; e < E; ++e) {
       if (cfg.score_function == bitepScoreSigmoid) g[e] *= y[e] * (1.0 - y[e]);
-      if (cfg.score_function == bitepScoreSqrtSoftplus) g[e] *= sigmoid(x[e]) / (2.0 * y[e]);
+      if (cfg.score_function == bitepScoreSqrtSoftplus) g[e] *= sqrtsoftplus_grad(x[e]);
       out[t * E + e] = g[e];
     }
   }
@@ -506,8 +511,8 @@ std::vector<double> grad_scale(const bitepRouterConfig_t& c,
       if (c.score_function == bitepScoreSigmoid) {
         y[e] = sg, dv[e] = sg * (1.0 - sg);
       } else {
-        y[e] = std::sqrt(xr[e] > 20.0 ? xr[e] : std::log1p(std::exp(xr[e])));
-        dv[e] = sg / (2.0 * y[e]);
+        y[e] = std::sqrt(softplus(xr[e]));
+        dv[e] = sqrtsoftplus_grad(xr[e]);
       }
     }
     if (k > 1) {

@@ -432,6 +432,70 @@ TEST(RouterGradient, Fp64BackwardMatchesFiniteDifferences) {
   }
 }
 
+// sqrtsoftplus'(x) = sigmoid(x) / (2 sqrt(softplus(x))) is 0 / 0 once e^x underflows (x < -104 in fp32, and x = -inf
+// in any precision), and loses bits in the subnormals before: the backward gave NaN for a masked (-inf) expert,
+// routed or not (0 * NaN). Each element here against the fp64 definition within 1e-5 of its own scale M (not the
+// row's), less what fp32 cannot hold (2^-126); every element finite.
+TEST(RouterGradient, SqrtSoftplusFarBelowZero) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> row = {-inf,   -1e4f,  -200.0f, -104.5f, -100.0f, -90.0f,
+                                  -30.0f, -20.5f, -19.5f,  -5.0f,   0.0f,    3.0f};
+  const int E = static_cast<int>(row.size());
+  for (int k : {1, 3, E}) {
+    bitepRouterConfig_t cfg = BITEP_ROUTER_CONFIG_INIT;
+    cfg.num_experts = E;
+    cfg.topk = k;
+    cfg.score_function = bitepScoreSqrtSoftplus;
+    cfg.scaling_factor = 1.5f;
+    // Row 0 as written; row 1 reversed (another order of the same values); row 2 all -inf but one.
+    std::vector<float> logits(row);
+    logits.insert(logits.end(), row.rbegin(), row.rend());
+    std::vector<float> last(E, -inf);
+    last[5] = -90.0f;
+    logits.insert(logits.end(), last.begin(), last.end());
+    const int64_t T = 3;
+    std::vector<uint8_t> bitmap(T * ((E + 7) / 8), 0);
+    std::vector<float> saved(T * E, NAN);
+    bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+    a.num_tokens = T;
+    a.logits = logits.data();
+    a.routing_map = bitmap.data();
+    a.map_format = bitepMapBitmapU8;
+    a.saved = saved.data();
+    ASSERT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
+    std::vector<uint8_t> bytemap(T * E);
+    for (int64_t i = 0; i < T * E; ++i) bytemap[i] = (bitmap[i / E * ((E + 7) / 8) + i % E / 8] >> (i % E % 8)) & 1;
+
+    std::mt19937 rng(11 + k);
+    std::normal_distribution<float> gd(0.0f, 1.0f);
+    std::vector<float> gp(T * E);
+    for (float& v : gp) v = gd(rng);
+    const std::vector<double> x(logits.begin(), logits.end());
+    const auto ref = bitep::ref::router_backward(cfg, T, x, bytemap, std::vector<double>(gp.begin(), gp.end()), false);
+    const auto M = grad_scale(cfg, T, x, bytemap, gp, false, nullptr);
+    for (int recompute = 0; recompute < 2; ++recompute) {
+      std::vector<float> gl(T * E, NAN);
+      bitepRouterBackwardArgs_t bw = BITEP_ROUTER_BWD_ARGS_INIT;
+      bw.num_tokens = T;
+      bw.grad_probs = gp.data();
+      bw.routing_map = bitmap.data();
+      bw.map_format = bitepMapBitmapU8;
+      bw.saved = recompute ? nullptr : saved.data();
+      bw.logits = logits.data();
+      bw.grad_logits = gl.data();
+      ASSERT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &bw, nullptr), bitepSuccess) << bitepGetLastError();
+      for (int64_t i = 0; i < T * E; ++i) {
+        ASSERT_TRUE(std::isfinite(ref[i]) && std::isfinite(M[i])) << "the fp64 definition, element " << i;
+        EXPECT_TRUE(std::isfinite(gl[i]))
+            << "k " << k << " recompute " << recompute << " token " << i / E << " logit " << logits[i] << ": " << gl[i];
+        EXPECT_LE(std::fabs(gl[i] - ref[i]), 1e-5 * M[i] + 0x1p-126)
+            << "k " << k << " recompute " << recompute << " token " << i / E << " logit " << logits[i] << ": got "
+            << gl[i] << ", fp64 " << ref[i];
+      }
+    }
+  }
+}
+
 // ---- aux-loss scores and loss -----------------------------------------------------------------
 
 // The scores and their gradient in bf16 and in fp32 (there the tolerance is the fp32 arithmetic's alone); the loss
