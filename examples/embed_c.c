@@ -39,6 +39,10 @@ int main(int argc, char** argv) {
   float* out = malloc(sizeof(float) * T * H);
   int32_t* idx = malloc(sizeof(int32_t) * T * k);
   float* w = malloc(sizeof(float) * T * k);
+  if (x == NULL || out == NULL || idx == NULL || w == NULL) {
+    fprintf(stderr, "[rank %d] out of host memory\n", rank);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
   for (int64_t t = 0; t < T; ++t) {
     for (int h = 0; h < H; ++h) x[t * H + h] = (float)(100 * rank + t) + 0.25f * (float)h;
     idx[t * k + 0] = (int32_t)((t + rank + 1) % E); /* any order: weight j belongs to index j */

@@ -151,10 +151,13 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
   CUDA_OK(d_w1.reserve(2 * w1.size()));
   CUDA_OK(d_w2.reserve(2 * w2.size()));
   CUDA_OK(d_out.reserve(2 * p.T * p.H + 2));
-  CUDA_OK(cudaMemcpy(d_logits.ptr, p.logits.data(), 4 * p.logits.size(), cudaMemcpyHostToDevice));
-  CUDA_OK(cudaMemcpy(d_x.ptr, p.x.data(), 2 * p.x.size(), cudaMemcpyHostToDevice));
-  CUDA_OK(cudaMemcpy(d_w1.ptr, w1.data(), 2 * w1.size(), cudaMemcpyHostToDevice));
-  CUDA_OK(cudaMemcpy(d_w2.ptr, w2.data(), 2 * w2.size(), cudaMemcpyHostToDevice));
+  // The uploads on the stream that reads them: a cudaMemcpy from pageable memory may return before its data reaches
+  // the device, and it is ordered with the legacy stream only, not with a non-blocking one.
+  CUDA_OK(cudaMemcpyAsync(d_logits.ptr, p.logits.data(), 4 * p.logits.size(), cudaMemcpyHostToDevice, stream));
+  CUDA_OK(cudaMemcpyAsync(d_x.ptr, p.x.data(), 2 * p.x.size(), cudaMemcpyHostToDevice, stream));
+  CUDA_OK(cudaMemcpyAsync(d_w1.ptr, w1.data(), 2 * w1.size(), cudaMemcpyHostToDevice, stream));
+  CUDA_OK(cudaMemcpyAsync(d_w2.ptr, w2.data(), 2 * w2.size(), cudaMemcpyHostToDevice, stream));
+  CUDA_OK(cudaStreamSynchronize(stream));
 
   bitepGroupConfig_t gc = BITEP_GROUP_CONFIG_INIT;
   gc.backend = bitepBackendCuda;
@@ -189,8 +192,9 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
   if (opts.low_latency) {
     // The decode path: one step = router -> bitepDispatchLowLatency -> the experts' kernel -> bitepCombine, with no
     // host wait inside; with --graph captured once and launched per iteration.
-    // The y buffer is sized from a first call (a capture may not allocate): a low-latency handle's expert rows are a
-    // fixed capacity, the same for every call of the group.
+    // The y buffer is sized from a first call (a capture may not allocate): a capturable group's low-latency handles
+    // have a fixed capacity of expert rows, the same for every call. A group without a peer window runs bitepDispatch
+    // instead, whose rows follow the routing: there y grows before a call that needs more (never inside a capture).
     {
       bitepHandle_t h0 = nullptr;
       BITEP_OK(bitepRouterForward(bitepBackendCuda, &rc, &ra, bs));
@@ -205,6 +209,15 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
     auto experts_and_combine = [&](bitepHandle_t h, bool sync, double* t_experts) -> int {
       bitepDispatchLayout_t lo;
       BITEP_OK(bitepHandleGetLayout(h, &lo));
+      const size_t y_bytes = 2 * static_cast<size_t>(lo.num_expert_rows) * p.H + 2;
+      if (y_bytes > d_y.bytes) {
+        if (!sync) {  // inside the capture: a capturable group's capacity is fixed, so this is a defect
+          std::fprintf(stderr, "rank %d: %lld expert rows in a capture, past the y buffer's %zu bytes\n", p.rank,
+                       static_cast<long long>(lo.num_expert_rows), d_y.bytes);
+          return 1;
+        }
+        CUDA_OK(d_y.reserve(y_bytes));
+      }
       const double t0 = MPI_Wtime();
       if (lo.num_expert_rows > 0) {
         const int grid = static_cast<int>(lo.num_expert_rows < 4096 ? lo.num_expert_rows : 4096);
@@ -232,9 +245,11 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
     for (size_t i = 0; i < logits_alt.size(); ++i) logits_alt[i] = -p.logits[i];
     for (size_t i = 0; i < x_alt.size(); ++i) x_alt[i] = static_cast<uint16_t>(p.x[i] ^ 0x8000u);
     auto upload = [&](bool last) -> int {
-      CUDA_OK(cudaMemcpy(d_logits.ptr, last ? p.logits.data() : logits_alt.data(), 4 * p.logits.size(),
-                         cudaMemcpyHostToDevice));
-      CUDA_OK(cudaMemcpy(d_x.ptr, last ? p.x.data() : x_alt.data(), 2 * p.x.size(), cudaMemcpyHostToDevice));
+      CUDA_OK(cudaMemcpyAsync(d_logits.ptr, last ? p.logits.data() : logits_alt.data(), 4 * p.logits.size(),
+                              cudaMemcpyHostToDevice, stream));
+      CUDA_OK(
+          cudaMemcpyAsync(d_x.ptr, last ? p.x.data() : x_alt.data(), 2 * p.x.size(), cudaMemcpyHostToDevice, stream));
+      CUDA_OK(cudaStreamSynchronize(stream));
       return 0;
     };
     if (!opts.graph) {

@@ -14,8 +14,11 @@ cd "$ROOT"
 CMAKE_ARGS="${CMAKE_ARGS:-} -DBITEP_BUILD_TESTS=ON -DBITEP_BUILD_EXAMPLES=ON -DBITEP_BUILD_BENCH=ON -DBITEP_MPI=ON"
 
 echo "== format check (.clang-format)"
-mapfile -t sources < <(git ls-files -co --exclude-standard -- '*.h' '*.hpp' '*.cc' '*.cu' '*.cuh' '*.c' 2>/dev/null ||
-  find include src kernels comm tests examples bench \( -name '*.h' -o -name '*.hpp' -o -name '*.cc' -o -name '*.cu' -o -name '*.cuh' -o -name '*.c' \))
+# Tracked files and new ones not yet added, less what CMake writes into a build directory inside the tree that
+# .gitignore does not name (BUILD_DIR=out, ...): its CMakeFiles/ hold generated sources.
+mapfile -t sources < <( (git ls-files -co --exclude-standard -- '*.h' '*.hpp' '*.cc' '*.cu' '*.cuh' '*.c' 2>/dev/null ||
+  find include src kernels comm tests examples bench \( -name '*.h' -o -name '*.hpp' -o -name '*.cc' -o -name '*.cu' -o -name '*.cuh' -o -name '*.c' \)) |
+  grep -v -e '/CMakeFiles/' -e '^CMakeFiles/' || true)
 clang-format --dry-run --Werror "${sources[@]}"
 echo "   ${#sources[@]} files formatted"
 

@@ -48,9 +48,15 @@ class Handle {
   Handle& operator=(const Handle&) = delete;
   ~Handle() { reset(); }
 
+  // bitepHandleDestroy, its result dropped (the destructor's). destroy() reports it.
   void reset() noexcept {
     if (h_) (void)bitepHandleDestroy(h_);
     h_ = nullptr;
+  }
+  // bitepHandleDestroy; throws bitep::Error when it reports a failure (a handle a CUDA graph used, whose wait for the
+  // device failed: its buffers then stay out of the pool until the group goes). The handle is gone either way.
+  void destroy() {
+    if (h_) check(bitepHandleDestroy(std::exchange(h_, nullptr)));
   }
   bitepHandle_t get() const noexcept { return h_; }
   bitepDispatchLayout_t layout() const {
@@ -78,9 +84,10 @@ class Group {
   }
   Group(const Group&) = delete;
   Group& operator=(const Group&) = delete;
-  // A destroy refused (bitepGroupDestroy returns bitepInvalidUsage while another thread is inside a call on the group)
-  // leaves the group alive and unowned: destroying a group that another thread is using is the caller's bug, and
-  // freeing it under that thread would be worse. reset() throws instead and keeps the group.
+  // A destroy refused leaves the group alive and unowned (its pool and communicator stay until the process ends):
+  // bitepGroupDestroy returns bitepInvalidUsage while another thread is inside a call on the group, and for a group
+  // whose transport is MPI also on a thread MPI's thread level does not allow (bitep.h, Threads). Freeing it then
+  // would be worse. reset() throws instead and keeps the group: destroy a group where reset() would succeed.
   ~Group() { destroy_quietly(); }
 
   static Group from_unique_id(const bitepUniqueId& id, int nranks, int rank, const bitepGroupConfig_t& cfg) {
@@ -94,8 +101,9 @@ class Group {
     return Group(g);
   }
 
-  // bitepGroupDestroy. Throws bitep::Error where it is refused (another thread inside a call on the group), and then
-  // still owns the group: reset() again once that call has returned.
+  // bitepGroupDestroy. Throws bitep::Error where it is refused (another thread inside a call on the group; a thread
+  // MPI's thread level does not allow, for an MPI transport), and then still owns the group: reset() again once that
+  // call has returned, or from an allowed thread.
   void reset() {
     if (g_) check(bitepGroupDestroy(g_));
     g_ = nullptr;

@@ -3,6 +3,15 @@
 #ifndef BITEP_BITEP_MPI_H_
 #define BITEP_BITEP_MPI_H_
 
+/* bitep needs MPI's C API alone. From C++, Open MPI's and MPICH's <mpi.h> also declare their C++ bindings (removed
+ * from the standard in MPI-3.0), which need a library that MPI's C link line (MPI::MPI_C, bitep's dependency) lacks:
+ * they are left out here. A program that uses those bindings includes <mpi.h> before this header. */
+#if defined(__cplusplus) && !defined(OMPI_SKIP_MPICXX)
+#define OMPI_SKIP_MPICXX 1
+#endif
+#if defined(__cplusplus) && !defined(MPICH_SKIP_MPICXX)
+#define MPICH_SKIP_MPICXX 1
+#endif
 #include <mpi.h>
 
 #include "bitep/bitep.h"

@@ -30,6 +30,24 @@ TEST(CppApi, VersionAndEmptyWrappers) {
   EXPECT_EQ(h.get(), nullptr);
 }
 
+// Handle::destroy() reports what bitepHandleDestroy returns (reset() and the destructor drop it), and leaves the
+// wrapper empty either way: here a pointer that is no live handle (bitepHandleDestroy checks its registry first and
+// touches nothing else).
+TEST(CppApi, HandleDestroyReportsTheFailure) {
+  bitep::Handle empty;
+  EXPECT_NO_THROW(empty.destroy());
+  int not_a_handle = 0;
+  bitep::Handle h(reinterpret_cast<bitepHandle_t>(&not_a_handle));
+  try {
+    h.destroy();
+    FAIL() << "no exception";
+  } catch (const bitep::Error& e) {
+    EXPECT_EQ(e.result(), bitepInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("not a live bitep handle"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(h.get(), nullptr);
+}
+
 TEST(CppApi, RouterThroughWrapper) {
   bitepRouterConfig_t cfg = BITEP_ROUTER_CONFIG_INIT;
   cfg.num_experts = 10;
