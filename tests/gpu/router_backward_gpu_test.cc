@@ -184,10 +184,10 @@ TEST(RouterGpu, BackwardRecomputeLogitRanges) {
 
 // sqrtsoftplus'(x) = sigmoid(x) / (2 sqrt(softplus(x))) was 0 / 0 once e^x underflows (x < -104, and x = -inf, a masked
 // expert): NaN gradients, routed or not (0 * NaN), on the host and the GPU alike, which the host comparisons excuse
-// (equal NaNs match). Tokens with such logits routed and unrouted, through each backward kernel (E = 12 .. 256 the
-// bucket kernel, 300 and 1000 the routed one, 2100 the generic one), from the saved tensor and the logits, both map
-// formats: every gradient finite, 0 at the unrouted experts, each element within the tolerance of its own scale M of
-// the fp64 definition (less what fp32 cannot hold, 2^-126), nothing written past grad_logits.
+// (equal NaNs match). Tokens with such logits routed and unrouted, through each backward kernel (E = 12 .. 1000 the
+// bucket kernel, staged from E = 257; 2100 the generic one), from the saved tensor and the logits, both map formats:
+// every gradient finite, 0 at the unrouted experts, each element within the tolerance of its own scale M of the fp64
+// definition (less what fp32 cannot hold, 2^-126), nothing written past grad_logits.
 TEST(RouterGpu, BackwardSqrtSoftplusFarBelowZero) {
   REQUIRE_GPU();
   const int64_t T = 64;
@@ -225,6 +225,7 @@ TEST(RouterGpu, BackwardSqrtSoftplusFarBelowZero) {
           const BwdOut got = run_backward(bitepBackendCuda, cfg, T, gp, map, fmt,
                                           recompute ? std::vector<float>{} : fwd.saved, logits, false);
           ASSERT_EQ(got.rc, bitepSuccess) << what << ": " << got.error;
+          EXPECT_EQ(bitep::kernels::last_router_backward_kernel(), E > 2048 ? -1 : 0) << what << ": the kernel chosen";
           EXPECT_TRUE(got.guards) << what << ": backward wrote past grad_logits";
           EXPECT_EQ(count_unrouted_nonzero(fwd.map, got.grad), 0) << what << ": gradients at unrouted experts";
           int64_t nonfinite = 0, off = 0;
