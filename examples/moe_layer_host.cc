@@ -6,7 +6,8 @@
 #include <cmath>
 #include <cstdio>
 
-#include "bitep/bitep_mpi.h"
+#include "bitep/bitep.hpp"
+#include "bitep/bitep_mpi.hpp"
 #include "moe_layer.h"
 
 float gelu(float v) { return 0.5f * v * (1.0f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v))); }
@@ -27,7 +28,9 @@ void expert_ffn(const Problem& p, int e, const uint16_t* x, float* y) {
   }
 }
 
-int run_host(const Options& opts, const Problem& p, std::vector<uint16_t>* out, Timings* t) {
+// Through bitep's C++ layer (bitep.hpp, bitep_mpi.hpp): the group and each handle are destroyed on every path, and a
+// failure arrives as bitep::Error with the C API's detail.
+int run_host(const Options& opts, const Problem& p, std::vector<uint16_t>* out, Timings* t) try {
   const int L = p.E / p.nranks;
   bitepGroupConfig_t gc = BITEP_GROUP_CONFIG_INIT;
   gc.backend = bitepBackendHost;
@@ -37,8 +40,7 @@ int run_host(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
   gc.dtype = bitepBfloat16;
   gc.expert_alignment = 8;
   gc.timeout_s = 120;
-  bitepGroup_t group = nullptr;
-  BITEP_OK(bitepGroupCreateMpi(MPI_COMM_WORLD, &gc, &group));
+  bitep::Group group = bitep::group_from_mpi(MPI_COMM_WORLD, gc);
 
   bitepRouterConfig_t rc = BITEP_ROUTER_CONFIG_INIT;
   rc.num_experts = p.E;
@@ -57,7 +59,7 @@ int run_host(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
     ra.routing_map = bitmap.data();
     ra.map_format = bitepMapBitmapU8;
     ra.topk_weights = weights.data();
-    BITEP_OK(bitepRouterForward(bitepBackendHost, &rc, &ra, nullptr));
+    bitep::router_forward(bitepBackendHost, rc, ra);
     double t1 = MPI_Wtime();
     bitepDispatchArgs_t da = BITEP_DISPATCH_ARGS_INIT;
     da.num_tokens = p.T;
@@ -65,10 +67,8 @@ int run_host(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
     da.routing_map = bitmap.data();
     da.map_format = bitepMapBitmapU8;
     da.topk_weights = weights.data();
-    bitepHandle_t handle = nullptr;
-    BITEP_OK(bitepDispatch(group, &da, nullptr, &handle));
-    bitepDispatchLayout_t lo;
-    BITEP_OK(bitepHandleGetLayout(handle, &lo));
+    bitep::Handle handle = group.dispatch(da);
+    const bitepDispatchLayout_t lo = handle.layout();
     double t2 = MPI_Wtime();
     // The experts: one FFN per local expert over its block of the expert-major view.
     std::vector<uint16_t> y(lo.num_expert_rows * p.H, 0);
@@ -83,16 +83,19 @@ int run_host(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
     ca.y = y.data();
     ca.weighted = 1;
     ca.out = out->data();
-    BITEP_OK(bitepCombine(group, handle, &ca, nullptr));
+    group.combine(handle, ca);
     double t4 = MPI_Wtime();
-    BITEP_OK(bitepHandleDestroy(handle));
+    handle.destroy();
     t->router += (t1 - t0) / opts.iters;
     t->dispatch += (t2 - t1) / opts.iters;
     t->experts += (t3 - t2) / opts.iters;
     t->combine += (t4 - t3) / opts.iters;
   }
-  BITEP_OK(bitepGroupDestroy(group));
+  group.reset();
   return 0;
+} catch (const bitep::Error& e) {
+  std::fprintf(stderr, "[rank %d] %s\n", p.rank, e.what());
+  return 1;
 }
 
 #ifndef MOE_LAYER_HAVE_CUDA
