@@ -404,6 +404,60 @@ TEST(EpHostReduce, FmaChainInAscendingOrderOneRounding) {
   EXPECT_EQ(out[1], float_to_bf16(3.0f));
 }
 
+// fp32 rows: one rounding a product-sum (fmaf), where a bf16 output's own rounding hides a separate product.
+// 1/3 * 3 - 1 is about 3e-8 with the fma, 0 with the product rounded first.
+TEST(EpHostReduce, Fp32FmaKeepsTheProductsBits) {
+  const std::vector<float> y = {-1.0f, 3.0f};
+  const std::vector<int32_t> rows = {0, 1};
+  const std::vector<float> w = {1.0f, 1.0f / 3.0f};
+  std::vector<float> out(1, NAN);
+  bitep::kernels::ReduceParams p;
+  p.num_recv_rows = 1;
+  p.max_row_experts = 2;
+  p.hidden = 1;
+  p.dtype = DType::kF32;
+  p.y = y.data();
+  p.recv_expert_rows = rows.data();
+  p.recv_weights = w.data();
+  p.out = out.data();
+  bitep::host::ep_reduce(p);
+  EXPECT_EQ(out[0], std::fmaf(w[1], y[1], std::fmaf(w[0], y[0], 0.0f)));
+  EXPECT_NE(out[0], 0.0f);
+}
+
+// skip_empty_rows (the low-latency combine's): a row with no expert is left as it is; a row whose first slot holds an
+// expert is written, whatever its other slots hold.
+TEST(EpHostReduce, SkipEmptyRowsSkipsOnlyRowsWithoutExperts) {
+  const std::vector<float> y = {2.0f, 5.0f};
+  const std::vector<int32_t> rows = {1, -1, -1, -1};
+  std::vector<float> out = {NAN, 7.0f};
+  bitep::kernels::ReduceParams p;
+  p.num_recv_rows = 2;
+  p.max_row_experts = 2;
+  p.hidden = 1;
+  p.dtype = DType::kF32;
+  p.y = y.data();
+  p.recv_expert_rows = rows.data();
+  p.out = out.data();
+  p.skip_empty_rows = true;
+  bitep::host::ep_reduce(p);
+  EXPECT_EQ(out[0], 5.0f);
+  EXPECT_EQ(out[1], 7.0f);  // untouched
+}
+
+// The host's bf16 and fp16 conversions round to nearest, ties to even (as __float2bfloat16_rn / __float2half_rn),
+// subnormal fp16 included: the exact ties random data almost never hits.
+TEST(EpHostDtype, RoundingTiesToEven) {
+  EXPECT_EQ(float_to_bf16(1.0f + 0x1p-8f), 0x3F80);      // tie, even below: stays
+  EXPECT_EQ(float_to_bf16(1.0f + 3 * 0x1p-8f), 0x3F82);  // tie, odd below: up
+  EXPECT_EQ(float_to_bf16(-(1.0f + 3 * 0x1p-8f)), 0xBF82);
+  EXPECT_EQ(bitep::host::float_to_half(1.0f + 0x1p-11f), 0x3C00);      // tie, even below
+  EXPECT_EQ(bitep::host::float_to_half(1.0f + 3 * 0x1p-11f), 0x3C02);  // tie, odd below
+  EXPECT_EQ(bitep::host::float_to_half(0x1p-25f), 0x0000);             // half the smallest subnormal: to 0 (even)
+  EXPECT_EQ(bitep::host::float_to_half(2.5f * 0x1p-24f), 0x0002);      // a subnormal tie, even above
+  EXPECT_EQ(bitep::host::float_to_half(3.5f * 0x1p-24f), 0x0004);      // a subnormal tie, odd below: up
+}
+
 TEST(EpHostReduce, WeightGradientsOnly) {
   const std::vector<float> y = {1, 2, 3, 4, 5, 6};  // 3 rows, H = 2
   const std::vector<int32_t> rows = {2, 0, -1, 1};

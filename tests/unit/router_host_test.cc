@@ -496,6 +496,138 @@ TEST(RouterGradient, SqrtSoftplusFarBelowZero) {
   }
 }
 
+// ---- cases mutation testing found unguarded (each test fails with the change it names) ------------------------
+
+struct HostOut {
+  std::vector<float> w, probs, saved;
+};
+HostOut host_forward(const bitepRouterConfig_t& cfg, const std::vector<float>& x, int64_t T) {
+  const int E = cfg.num_experts, k = cfg.topk;
+  HostOut o{std::vector<float>(T * k, NAN), std::vector<float>(T * E, NAN), std::vector<float>(T * E, NAN)};
+  std::vector<uint8_t> map(T * ((E + 7) / 8));
+  bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+  a.num_tokens = T;
+  a.logits = x.data();
+  a.routing_map = map.data();
+  a.map_format = bitepMapBitmapU8;
+  a.topk_weights = o.w.data();
+  a.probs = o.probs.data();
+  a.saved = o.saved.data();
+  EXPECT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
+  return o;
+}
+void expect_values(const std::vector<float>& got, const std::vector<double>& want, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (std::isinf(want[i]))
+      EXPECT_EQ(got[i], want[i]) << what << " " << i;
+    else
+      EXPECT_NEAR(got[i], want[i], 1e-6 * std::max(1.0, std::fabs(want[i]))) << what << " " << i;
+  }
+}
+bitepRouterConfig_t router_config(int E, int k, bitepScoreFunction_t fn, int pre, float scaling) {
+  bitepRouterConfig_t c = BITEP_ROUTER_CONFIG_INIT;
+  c.num_experts = E;
+  c.topk = k;
+  c.score_function = fn;
+  c.use_pre_softmax = pre;
+  c.scaling_factor = scaling;
+  return c;
+}
+
+// The softmax subtracts the row's maximum: logits near 100 (e^x past FLT_MAX) and near -200 (e^x 0). A maximum
+// started at 0 in place of -inf gives NaN / 0 weights here; the grid's normal(0, 2) logits never show it.
+TEST(RouterMutants, SoftmaxOfLogitsFarFromZero) {
+  const std::vector<float> x = {100, 99.5f, 98, 97, 96, 95, 94, 93, -200, -200.5f, -201, -202, -203, -204, -205, -206};
+  for (int pre = 0; pre < 2; ++pre) {
+    const bitepRouterConfig_t cfg = router_config(8, 2, bitepScoreSoftmax, pre, 1.0f);
+    const HostOut o = host_forward(cfg, x, 2);
+    const auto ref = bitep::ref::router_forward(cfg, 2, std::vector<double>(x.begin(), x.end()), nullptr, false);
+    expect_values(o.w, ref.weights, pre ? "pre-top-k weights" : "post-top-k weights");
+    expect_values(o.probs, ref.probs, pre ? "pre-top-k probs" : "post-top-k probs");
+  }
+}
+
+// Sigmoid / sqrtsoftplus weights normalised over scores that are all 0 (every logit -inf): the epsilon keeps them 0,
+// where a division by the bare sum gives NaN.
+TEST(RouterMutants, NormalisedWeightsOfZeroScoresAreZero) {
+  const std::vector<float> x(8, -std::numeric_limits<float>::infinity());
+  for (bitepScoreFunction_t fn : {bitepScoreSigmoid, bitepScoreSqrtSoftplus}) {
+    const bitepRouterConfig_t cfg = router_config(8, 2, fn, 0, 1.0f);
+    const HostOut o = host_forward(cfg, x, 1);
+    for (float v : o.w) EXPECT_EQ(v, 0.0f) << "fn " << fn;
+  }
+}
+
+// scaling_factor on every score function's weights and probs, never on the saved tensor; and the backward from that
+// saved tensor at that scaling. The grid scales sigmoid alone.
+TEST(RouterMutants, ScalingOnEveryScoreFunctionNotOnSaved) {
+  const int E = 16, T = 3;
+  std::vector<float> x(T * E);
+  for (int i = 0; i < T * E; ++i) x[i] = std::sin(1.7f * static_cast<float>(i)) * 3.0f;
+  const std::vector<double> x64(x.begin(), x.end());
+  for (bitepScoreFunction_t fn : {bitepScoreSoftmax, bitepScoreSigmoid, bitepScoreSqrtSoftplus})
+    for (int pre = 0; pre < (fn == bitepScoreSoftmax ? 2 : 1); ++pre) {
+      const bitepRouterConfig_t cfg = router_config(E, 4, fn, pre, 2.5f);
+      const std::string what = "fn " + std::to_string(fn) + " pre " + std::to_string(pre);
+      const HostOut o = host_forward(cfg, x, T);
+      const auto ref = bitep::ref::router_forward(cfg, T, x64, nullptr, false);
+      expect_values(o.w, ref.weights, what + " weights");
+      expect_values(o.probs, ref.probs, what + " probs");
+      expect_values(o.saved, ref.saved, what + " saved");
+      std::vector<float> gp(T * E);
+      for (int i = 0; i < T * E; ++i) gp[i] = std::cos(0.9f * static_cast<float>(i));
+      const auto want =
+          bitep::ref::router_backward(cfg, T, x64, ref.bytemap, std::vector<double>(gp.begin(), gp.end()), false);
+      std::vector<uint8_t> map(T * 2);
+      for (int64_t i = 0; i < T * E; ++i)
+        if (ref.bytemap[i]) map[i / E * 2 + i % E / 8] |= static_cast<uint8_t>(1u << (i % E % 8));
+      std::vector<float> gl(T * E, NAN);
+      bitepRouterBackwardArgs_t bw = BITEP_ROUTER_BWD_ARGS_INIT;
+      bw.num_tokens = T;
+      bw.grad_probs = gp.data();
+      bw.routing_map = map.data();
+      bw.map_format = bitepMapBitmapU8;
+      bw.saved = o.saved.data();
+      bw.logits = x.data();
+      bw.grad_logits = gl.data();
+      ASSERT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &bw, nullptr), bitepSuccess) << bitepGetLastError();
+      for (int64_t i = 0; i < T * E; ++i)
+        EXPECT_NEAR(gl[i], want[i], 1e-5 * std::max(1.0, std::fabs(want[i]))) << what << " grad " << i;
+    }
+}
+
+// The sigmoid's backward recomputed from logits far below zero: sigmoid'(x) from e^-|x| stays finite where e^-x
+// overflows (x < -88; inf / inf at routed and unrouted experts alike).
+TEST(RouterMutants, SigmoidRecomputeFarBelowZero) {
+  const std::vector<float> x = {-1e4f, -200, -100, -89, -50, 0, 2, 3};
+  const bitepRouterConfig_t cfg = router_config(8, 3, bitepScoreSigmoid, 0, 1.0f);
+  std::vector<uint8_t> map(1, 0);
+  bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+  a.num_tokens = 1;
+  a.logits = x.data();
+  a.routing_map = map.data();
+  a.map_format = bitepMapBitmapU8;
+  ASSERT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
+  std::vector<float> gp(8, 1.0f), gl(8, NAN);
+  bitepRouterBackwardArgs_t b = BITEP_ROUTER_BWD_ARGS_INIT;
+  b.num_tokens = 1;
+  b.grad_probs = gp.data();
+  b.routing_map = map.data();
+  b.map_format = bitepMapBitmapU8;
+  b.logits = x.data();
+  b.grad_logits = gl.data();
+  ASSERT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr), bitepSuccess) << bitepGetLastError();
+  std::vector<uint8_t> bytemap(8);
+  for (int e = 0; e < 8; ++e) bytemap[e] = (map[0] >> e) & 1;
+  const auto want = bitep::ref::router_backward(cfg, 1, std::vector<double>(x.begin(), x.end()), bytemap,
+                                                std::vector<double>(8, 1.0), false);
+  for (int e = 0; e < 8; ++e) {
+    EXPECT_TRUE(std::isfinite(gl[e])) << e << ": " << gl[e];
+    EXPECT_NEAR(gl[e], want[e], 1e-5 * std::max(1.0, std::fabs(want[e]))) << e;
+  }
+}
+
 // ---- aux-loss scores and loss -----------------------------------------------------------------
 
 // The scores and their gradient in bf16 and in fp32 (there the tolerance is the fp32 arithmetic's alone); the loss
