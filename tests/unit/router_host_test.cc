@@ -432,6 +432,49 @@ TEST(RouterGradient, Fp64BackwardMatchesFiniteDifferences) {
   }
 }
 
+// ---- one host forward / backward with every output, for the tests below -------------------------------------------
+
+// The forward's outputs (each poisoned before): weights, probs, saved, the bitmap and the bytemap it unpacks to.
+struct HostOut {
+  std::vector<float> w, probs, saved;
+  std::vector<uint8_t> bitmap, bytemap;
+};
+HostOut host_forward(const bitepRouterConfig_t& cfg, const std::vector<float>& x, int64_t T) {
+  const int E = cfg.num_experts, k = cfg.topk, B = (E + 7) / 8;
+  HostOut o{std::vector<float>(T * k, NAN), std::vector<float>(T * E, NAN), std::vector<float>(T * E, NAN),
+            std::vector<uint8_t>(T * B, 0xA5), std::vector<uint8_t>(T * E)};
+  bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+  a.num_tokens = T;
+  a.logits = x.data();
+  a.routing_map = o.bitmap.data();
+  a.map_format = bitepMapBitmapU8;
+  a.topk_weights = o.w.data();
+  a.probs = o.probs.data();
+  a.saved = o.saved.data();
+  EXPECT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
+  for (int64_t i = 0; i < T * E; ++i) o.bytemap[i] = (o.bitmap[i / E * B + i % E / 8] >> (i % E % 8)) & 1;
+  return o;
+}
+// The backward from the forward's bitmap, from its saved tensor (recompute false) or the logits; grad_logits poisoned.
+std::vector<float> host_backward(const bitepRouterConfig_t& cfg,
+                                 const std::vector<float>& x,
+                                 int64_t T,
+                                 const HostOut& fwd,
+                                 const std::vector<float>& grad_probs,
+                                 bool recompute) {
+  std::vector<float> gl(T * cfg.num_experts, NAN);
+  bitepRouterBackwardArgs_t bw = BITEP_ROUTER_BWD_ARGS_INIT;
+  bw.num_tokens = T;
+  bw.grad_probs = grad_probs.data();
+  bw.routing_map = fwd.bitmap.data();
+  bw.map_format = bitepMapBitmapU8;
+  bw.saved = recompute ? nullptr : fwd.saved.data();
+  bw.logits = x.data();
+  bw.grad_logits = gl.data();
+  EXPECT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &bw, nullptr), bitepSuccess) << bitepGetLastError();
+  return gl;
+}
+
 // sqrtsoftplus'(x) = sigmoid(x) / (2 sqrt(softplus(x))) is 0 / 0 once e^x underflows (x < -104 in fp32, and x = -inf
 // in any precision), and loses bits in the subnormals before: the backward gave NaN for a masked (-inf) expert,
 // routed or not (0 * NaN). Each element here against the fp64 definition within 1e-5 of its own scale M (not the
@@ -454,36 +497,18 @@ TEST(RouterGradient, SqrtSoftplusFarBelowZero) {
     last[5] = -90.0f;
     logits.insert(logits.end(), last.begin(), last.end());
     const int64_t T = 3;
-    std::vector<uint8_t> bitmap(T * ((E + 7) / 8), 0);
-    std::vector<float> saved(T * E, NAN);
-    bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
-    a.num_tokens = T;
-    a.logits = logits.data();
-    a.routing_map = bitmap.data();
-    a.map_format = bitepMapBitmapU8;
-    a.saved = saved.data();
-    ASSERT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
-    std::vector<uint8_t> bytemap(T * E);
-    for (int64_t i = 0; i < T * E; ++i) bytemap[i] = (bitmap[i / E * ((E + 7) / 8) + i % E / 8] >> (i % E % 8)) & 1;
+    const HostOut fwd = host_forward(cfg, logits, T);
 
     std::mt19937 rng(11 + k);
     std::normal_distribution<float> gd(0.0f, 1.0f);
     std::vector<float> gp(T * E);
     for (float& v : gp) v = gd(rng);
     const std::vector<double> x(logits.begin(), logits.end());
-    const auto ref = bitep::ref::router_backward(cfg, T, x, bytemap, std::vector<double>(gp.begin(), gp.end()), false);
-    const auto M = grad_scale(cfg, T, x, bytemap, gp, false, nullptr);
+    const auto ref =
+        bitep::ref::router_backward(cfg, T, x, fwd.bytemap, std::vector<double>(gp.begin(), gp.end()), false);
+    const auto M = grad_scale(cfg, T, x, fwd.bytemap, gp, false, nullptr);
     for (int recompute = 0; recompute < 2; ++recompute) {
-      std::vector<float> gl(T * E, NAN);
-      bitepRouterBackwardArgs_t bw = BITEP_ROUTER_BWD_ARGS_INIT;
-      bw.num_tokens = T;
-      bw.grad_probs = gp.data();
-      bw.routing_map = bitmap.data();
-      bw.map_format = bitepMapBitmapU8;
-      bw.saved = recompute ? nullptr : saved.data();
-      bw.logits = logits.data();
-      bw.grad_logits = gl.data();
-      ASSERT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &bw, nullptr), bitepSuccess) << bitepGetLastError();
+      const std::vector<float> gl = host_backward(cfg, logits, T, fwd, gp, recompute);
       for (int64_t i = 0; i < T * E; ++i) {
         ASSERT_TRUE(std::isfinite(ref[i]) && std::isfinite(M[i])) << "the fp64 definition, element " << i;
         EXPECT_TRUE(std::isfinite(gl[i]))
@@ -498,24 +523,6 @@ TEST(RouterGradient, SqrtSoftplusFarBelowZero) {
 
 // ---- cases mutation testing found unguarded (each test fails with the change it names) ------------------------
 
-struct HostOut {
-  std::vector<float> w, probs, saved;
-};
-HostOut host_forward(const bitepRouterConfig_t& cfg, const std::vector<float>& x, int64_t T) {
-  const int E = cfg.num_experts, k = cfg.topk;
-  HostOut o{std::vector<float>(T * k, NAN), std::vector<float>(T * E, NAN), std::vector<float>(T * E, NAN)};
-  std::vector<uint8_t> map(T * ((E + 7) / 8));
-  bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
-  a.num_tokens = T;
-  a.logits = x.data();
-  a.routing_map = map.data();
-  a.map_format = bitepMapBitmapU8;
-  a.topk_weights = o.w.data();
-  a.probs = o.probs.data();
-  a.saved = o.saved.data();
-  EXPECT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
-  return o;
-}
 void expect_values(const std::vector<float>& got, const std::vector<double>& want, const std::string& what) {
   ASSERT_EQ(got.size(), want.size()) << what;
   for (size_t i = 0; i < got.size(); ++i) {
@@ -577,21 +584,10 @@ TEST(RouterMutants, ScalingOnEveryScoreFunctionNotOnSaved) {
       expect_values(o.saved, ref.saved, what + " saved");
       std::vector<float> gp(T * E);
       for (int i = 0; i < T * E; ++i) gp[i] = std::cos(0.9f * static_cast<float>(i));
+      ASSERT_EQ(o.bytemap, ref.bytemap) << what;
       const auto want =
           bitep::ref::router_backward(cfg, T, x64, ref.bytemap, std::vector<double>(gp.begin(), gp.end()), false);
-      std::vector<uint8_t> map(T * 2);
-      for (int64_t i = 0; i < T * E; ++i)
-        if (ref.bytemap[i]) map[i / E * 2 + i % E / 8] |= static_cast<uint8_t>(1u << (i % E % 8));
-      std::vector<float> gl(T * E, NAN);
-      bitepRouterBackwardArgs_t bw = BITEP_ROUTER_BWD_ARGS_INIT;
-      bw.num_tokens = T;
-      bw.grad_probs = gp.data();
-      bw.routing_map = map.data();
-      bw.map_format = bitepMapBitmapU8;
-      bw.saved = o.saved.data();
-      bw.logits = x.data();
-      bw.grad_logits = gl.data();
-      ASSERT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &bw, nullptr), bitepSuccess) << bitepGetLastError();
+      const std::vector<float> gl = host_backward(cfg, x, T, o, gp, /*recompute=*/false);
       for (int64_t i = 0; i < T * E; ++i)
         EXPECT_NEAR(gl[i], want[i], 1e-5 * std::max(1.0, std::fabs(want[i]))) << what << " grad " << i;
     }
@@ -602,25 +598,9 @@ TEST(RouterMutants, ScalingOnEveryScoreFunctionNotOnSaved) {
 TEST(RouterMutants, SigmoidRecomputeFarBelowZero) {
   const std::vector<float> x = {-1e4f, -200, -100, -89, -50, 0, 2, 3};
   const bitepRouterConfig_t cfg = router_config(8, 3, bitepScoreSigmoid, 0, 1.0f);
-  std::vector<uint8_t> map(1, 0);
-  bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
-  a.num_tokens = 1;
-  a.logits = x.data();
-  a.routing_map = map.data();
-  a.map_format = bitepMapBitmapU8;
-  ASSERT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
-  std::vector<float> gp(8, 1.0f), gl(8, NAN);
-  bitepRouterBackwardArgs_t b = BITEP_ROUTER_BWD_ARGS_INIT;
-  b.num_tokens = 1;
-  b.grad_probs = gp.data();
-  b.routing_map = map.data();
-  b.map_format = bitepMapBitmapU8;
-  b.logits = x.data();
-  b.grad_logits = gl.data();
-  ASSERT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr), bitepSuccess) << bitepGetLastError();
-  std::vector<uint8_t> bytemap(8);
-  for (int e = 0; e < 8; ++e) bytemap[e] = (map[0] >> e) & 1;
-  const auto want = bitep::ref::router_backward(cfg, 1, std::vector<double>(x.begin(), x.end()), bytemap,
+  const HostOut fwd = host_forward(cfg, x, 1);
+  const std::vector<float> gl = host_backward(cfg, x, 1, fwd, std::vector<float>(8, 1.0f), /*recompute=*/true);
+  const auto want = bitep::ref::router_backward(cfg, 1, std::vector<double>(x.begin(), x.end()), fwd.bytemap,
                                                 std::vector<double>(8, 1.0), false);
   for (int e = 0; e < 8; ++e) {
     EXPECT_TRUE(std::isfinite(gl[e])) << e << ": " << gl[e];
