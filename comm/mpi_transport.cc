@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
-// MPI transport of the host backend. Nonblocking MPI calls polled with MPI_Testsome until done or until
-// the timeout: a failed or stalled peer gives bitepTimeout naming the peers that did not answer, never a
+// MPI transport of the host backend. Nonblocking point-to-point MPI calls polled with MPI_Testsome until done or
+// until the timeout: a failed or stalled peer gives bitepTimeout naming the peers that did not answer, never a
 // hang. After a timeout the transport is broken (every later call fails): receives are cancelled, and the
 // memory MPI may still touch (our scratch buffers; the group's pool) is never freed.
 #include "comm/mpi_transport.h"
 
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -67,10 +68,15 @@ class MpiTransport final : public Transport {
     BITEP_ARG_CHECK(bytes <= INT_MAX, "internal: allgather_host of %zu bytes", bytes);
     coll_in_.assign(static_cast<const char*>(in), static_cast<const char*>(in) + bytes);
     coll_out_.assign(bytes * nranks_, 0);
-    std::vector<MPI_Request> reqs(1, MPI_REQUEST_NULL);
-    BITEP_MPI_CHECK(MPI_Iallgather(coll_in_.data(), static_cast<int>(bytes), MPI_BYTE, coll_out_.data(),
-                                   static_cast<int>(bytes), MPI_BYTE, comm_, &reqs[0]));
-    BITEP_CHECK(wait(&reqs, {}, timeout_s_, "an allgather (argument agreement)"));
+    std::memcpy(coll_out_.data() + bytes * rank_, in, bytes);
+    const int tag = next_tag(kSlotAllgather);
+    Requests q;
+    for (int pass = 0; pass < 2; ++pass)
+      for (int p = 0; p < nranks_; ++p)
+        if (p != rank_)
+          BITEP_CHECK(post(&q, pass == 0, pass == 0 ? coll_out_.data() + bytes * p : coll_in_.data(),
+                           static_cast<int>(bytes), p, tag));
+    BITEP_CHECK(wait(&q, timeout_s_, "an allgather (argument agreement)"));
     std::memcpy(out, coll_out_.data(), coll_out_.size());
     return bitepSuccess;
   }
@@ -78,12 +84,19 @@ class MpiTransport final : public Transport {
   bitepResult_t exchange_counts(
       const int32_t* send, int32_t* recv, int32_t* recv_host, int n, bitepStream_t, double timeout_s) override {
     BITEP_CHECK(check_usable("exchange_counts"));
-    const size_t bytes = sizeof(int32_t) * static_cast<size_t>(n) * nranks_;
+    const size_t row = sizeof(int32_t) * static_cast<size_t>(n), bytes = row * nranks_;
+    BITEP_ARG_CHECK(row <= INT_MAX, "internal: exchange_counts of %d int32 per rank", n);
     coll_in_.assign(reinterpret_cast<const char*>(send), reinterpret_cast<const char*>(send) + bytes);
     coll_out_.assign(bytes, 0);
-    std::vector<MPI_Request> reqs(1, MPI_REQUEST_NULL);
-    BITEP_MPI_CHECK(MPI_Ialltoall(coll_in_.data(), n, MPI_INT32_T, coll_out_.data(), n, MPI_INT32_T, comm_, &reqs[0]));
-    BITEP_CHECK(wait(&reqs, {}, timeout_s, "the count exchange"));
+    std::memcpy(coll_out_.data() + row * rank_, coll_in_.data() + row * rank_, row);
+    const int tag = next_tag(kSlotCounts);
+    Requests q;
+    for (int pass = 0; pass < 2; ++pass)
+      for (int p = 0; p < nranks_; ++p)
+        if (p != rank_)
+          BITEP_CHECK(post(&q, pass == 0, (pass == 0 ? coll_out_.data() : coll_in_.data()) + row * p,
+                           static_cast<int>(row), p, tag));
+    BITEP_CHECK(wait(&q, timeout_s, "the count exchange"));
     std::memcpy(recv, coll_out_.data(), bytes);
     std::memcpy(recv_host, coll_out_.data(), bytes);
     return bitepSuccess;
@@ -95,39 +108,70 @@ class MpiTransport final : public Transport {
     BITEP_CHECK(check_usable("alltoallv"));
     BITEP_ARG_CHECK(static_cast<int>(per_peer.size()) == nranks_, "internal: alltoallv with %zu peers, expected %d",
                     per_peer.size(), nranks_);
-    std::vector<MPI_Request> reqs;
-    std::vector<Pending> what;
-    // Receives first, then sends; entry i of a peer travels with tag i, its chunks in order.
-    for (int pass = 0; pass < 2; ++pass) {
+    size_t entries = 0;
+    for (const auto& list : per_peer) entries = std::max(entries, list.size());
+    BITEP_ARG_CHECK(entries <= kSlots - kSlotRows, "internal: alltoallv of %zu buffers per peer (at most %d)", entries,
+                    kSlots - kSlotRows);
+    // Entry i of a peer travels with slot kSlotRows + i of this operation's tags, its chunks in order (MPI keeps
+    // the order of one sender's messages of one tag).
+    const int tag = next_tag(kSlotRows);
+    Requests q;
+    for (int pass = 0; pass < 2; ++pass)  // receives first, then sends
       for (int p = 0; p < nranks_; ++p) {
         if (p == rank_) continue;
         for (size_t i = 0; i < per_peer[p].size(); ++i) {
           const PeerBuffers& b = per_peer[p][i];
           const uint64_t total = pass == 0 ? b.recv_bytes : b.send_bytes;
-          for (uint64_t off = 0; off < total; off += kChunkBytes) {
-            const int len = static_cast<int>(total - off < kChunkBytes ? total - off : kChunkBytes);
-            MPI_Request req = MPI_REQUEST_NULL;
-            const int tag = static_cast<int>(i);
-            int err = pass == 0 ? MPI_Irecv(static_cast<char*>(b.recv) + off, len, MPI_BYTE, p, tag, comm_, &req)
-                                : MPI_Isend(static_cast<const char*>(b.send) + off, len, MPI_BYTE, p, tag, comm_, &req);
-            if (err != MPI_SUCCESS) {
-              abandon(&reqs, what);
-              return mpi_error(err, pass == 0 ? "MPI_Irecv" : "MPI_Isend", __FILE__, __LINE__);
-            }
-            reqs.push_back(req);
-            what.push_back({p, pass == 0});
-          }
+          char* base = pass == 0 ? static_cast<char*>(b.recv) : static_cast<char*>(const_cast<void*>(b.send));
+          for (uint64_t off = 0; off < total; off += kChunkBytes)
+            BITEP_CHECK(post(&q, pass == 0, base + off,
+                             static_cast<int>(total - off < kChunkBytes ? total - off : kChunkBytes), p,
+                             tag + static_cast<int>(i)));
         }
       }
-    }
-    return wait(&reqs, what, timeout_s, "the all-to-all-v");
+    return wait(&q, timeout_s, "the all-to-all-v");
   }
 
  private:
+  // The transport's operations are point-to-point messages, each operation's tagged with its sequence number and
+  // its kind (never MPI's collectives). Ranks out of step (one failed a call alone; one abandoned an operation at
+  // its timeout and MPI still holds its sends) then wait for a tag that never comes and time out, naming the peers.
+  // Collectives would pair different operations: an MPI_Iallgather that met a peer's abandoned MPI_Ialltoall
+  // failed with MPI_ERR_TRUNCATE, and Open MPI 4 raised it on MPI_COMM_WORLD, whose handler aborts the job, not on
+  // this duplicate's MPI_ERRORS_RETURN (seen on one H100, Open MPI 4.1.6: bitepGroupDestroy's window release after
+  // a peer's count exchange timed out). A tag is seq * kSlots + slot, below 32768 (the least MPI_TAG_UB MPI allows).
+  static constexpr int kSlots = 16, kSeqs = 2048;
+  static constexpr int kSlotAllgather = 0, kSlotCounts = 1, kSlotRows = 2;
+  static_assert(kSlots * kSeqs <= 32768, "tags must stay within the least MPI_TAG_UB");
+
   struct Pending {
     int peer;
     bool recv;
   };
+  struct Requests {
+    std::vector<MPI_Request> reqs;
+    std::vector<Pending> what;  // what[i]: request i's peer and direction
+  };
+
+  int next_tag(int slot) {
+    const int tag = static_cast<int>(seq_ % kSeqs) * kSlots + slot;
+    ++seq_;
+    return tag;
+  }
+
+  // Posts one receive (recv) or send of len bytes at buf with peer p; on failure the posted ones are abandoned.
+  bitepResult_t post(Requests* q, bool recv, void* buf, int len, int p, int tag) {
+    MPI_Request req = MPI_REQUEST_NULL;
+    const int err =
+        recv ? MPI_Irecv(buf, len, MPI_BYTE, p, tag, comm_, &req) : MPI_Isend(buf, len, MPI_BYTE, p, tag, comm_, &req);
+    if (err != MPI_SUCCESS) {
+      abandon(q);
+      return mpi_error(err, recv ? "MPI_Irecv" : "MPI_Isend", __FILE__, __LINE__);
+    }
+    q->reqs.push_back(req);
+    q->what.push_back({p, recv});
+    return bitepSuccess;
+  }
 
   bitepResult_t check_usable(const char* op) {
     if (!broken_.empty())
@@ -135,34 +179,45 @@ class MpiTransport final : public Transport {
     return bitepSuccess;
   }
 
-  // Cancels what can be cancelled and lets MPI keep the rest; the transport is broken from now on.
-  void abandon(std::vector<MPI_Request>* reqs, const std::vector<Pending>& what) {
-    for (size_t i = 0; i < reqs->size(); ++i) {
-      MPI_Request& r = (*reqs)[i];
-      if (r == MPI_REQUEST_NULL || what.empty()) continue;  // collectives cannot be cancelled nor freed
-      if (what[i].recv) MPI_Cancel(&r);
+  // Cancels the receives and lets MPI keep the rest; the transport is broken from now on (its buffers stay).
+  void abandon(Requests* q) {
+    for (size_t i = 0; i < q->reqs.size(); ++i) {
+      MPI_Request& r = q->reqs[i];
+      if (r == MPI_REQUEST_NULL) continue;
+      if (q->what[i].recv) MPI_Cancel(&r);
       MPI_Request_free(&r);
     }
     if (broken_.empty()) broken_ = "an operation was abandoned";
   }
 
-  // Polls until every request is done, or fails with bitepTimeout after timeout_s (what[i] names request
-  // i's peer; empty for a collective).
-  bitepResult_t wait(std::vector<MPI_Request>* reqs,
-                     const std::vector<Pending>& what,
-                     double timeout_s,
-                     const char* op) {
-    if (reqs->empty()) return bitepSuccess;
+  // Polls until every request is done, or fails with bitepTimeout after timeout_s naming the peers not heard from.
+  bitepResult_t wait(Requests* q, double timeout_s, const char* op) {
+    std::vector<MPI_Request>& reqs = q->reqs;
+    if (reqs.empty()) return bitepSuccess;
     const auto start = std::chrono::steady_clock::now();
-    std::vector<int> done(reqs->size());
+    std::vector<int> done(reqs.size());
+    std::vector<MPI_Status> statuses(reqs.size());
     for (long spin = 0;; ++spin) {
       int outcount = 0;
-      const int err =
-          MPI_Testsome(static_cast<int>(reqs->size()), reqs->data(), &outcount, done.data(), MPI_STATUSES_IGNORE);
+      const int err = MPI_Testsome(static_cast<int>(reqs.size()), reqs.data(), &outcount, done.data(), statuses.data());
       if (err != MPI_SUCCESS) {
-        abandon(reqs, what);
-        broken_ = "MPI_Testsome failed";
-        return mpi_error(err, "MPI_Testsome", __FILE__, __LINE__);
+        // MPI_ERR_IN_STATUS: the failed request's status has the error (a message longer than its receive: a peer
+        // made another operation of this one's tag).
+        int code = err, peer = -1;
+        for (int i = 0; err == MPI_ERR_IN_STATUS && i < outcount && i < static_cast<int>(done.size()); ++i)
+          if (statuses[i].MPI_ERROR != MPI_SUCCESS) {
+            code = statuses[i].MPI_ERROR;
+            peer = q->what[done[i]].peer;
+            break;
+          }
+        abandon(q);
+        broken_ = "an MPI error";
+        char text[MPI_MAX_ERROR_STRING];
+        int len = 0;
+        if (MPI_Error_string(code, text, &len) != MPI_SUCCESS) std::snprintf(text, sizeof(text), "MPI error %d", code);
+        BITEP_FAIL(bitepMpiError, "rank %d: %s failed in MPI_Testsome%s%s: %s%s", rank_, op,
+                   peer >= 0 ? ", with rank " : "", peer >= 0 ? std::to_string(peer).c_str() : "", text,
+                   code == MPI_ERR_TRUNCATE ? " (a peer made a different call: destroy the group)" : "");
       }
       if (outcount == MPI_UNDEFINED) return bitepSuccess;  // no active request left
       if (outcount > 0) spin = 0;
@@ -170,16 +225,15 @@ class MpiTransport final : public Transport {
       if (elapsed > timeout_s) {
         std::string peers;
         std::vector<char> named(nranks_, 0);
-        for (size_t i = 0; i < reqs->size() && i < what.size(); ++i) {
-          if ((*reqs)[i] == MPI_REQUEST_NULL || named[what[i].peer]) continue;
-          named[what[i].peer] = 1;
-          peers += (peers.empty() ? "" : ", ") + std::to_string(what[i].peer);
+        for (size_t i = 0; i < reqs.size(); ++i) {
+          if (reqs[i] == MPI_REQUEST_NULL || named[q->what[i].peer]) continue;
+          named[q->what[i].peer] = 1;
+          peers += (peers.empty() ? "" : ", ") + std::to_string(q->what[i].peer);
         }
-        if (peers.empty()) peers = "some ranks of the group (a collective call)";
         char text[512];
         std::snprintf(text, sizeof(text), "rank %d: %s did not complete within %g s; waiting on: %s", rank_, op,
                       timeout_s, peers.c_str());
-        abandon(reqs, what);
+        abandon(q);
         broken_ = text;
         BITEP_FAIL(bitepTimeout, "%s (a peer failed, stalled, or did not make the same collective call)", text);
       }
@@ -197,6 +251,7 @@ class MpiTransport final : public Transport {
   double timeout_s_;
   int rank_ = 0, nranks_ = 1;
   std::string broken_;
+  uint64_t seq_ = 0;                      // operations posted (next_tag)
   std::vector<char> coll_in_, coll_out_;  // buffers of the collectives (leaked if one is abandoned)
   MpiThreadHold hold_;                    // the call in progress on the group (enter_call)
 };

@@ -645,6 +645,48 @@ TEST(EpFaults, BadHandleOnOneRank) {
   expect_values(s, out, reference_combine(s, W, rank, world[rank], c.weighted != 0), "out");
 }
 
+// Ranks out of step on one group: every rank but 0 makes a dispatch alone and times out in it (MPI keeps its abandoned
+// messages), then rank 0 combines an earlier dispatch. Rank 0 must fail with bitepTimeout naming a peer, after about
+// the group's timeout: its agreement must not pair with the peers' abandoned count exchange. With MPI's nonblocking
+// collectives it did, and Open MPI 4 raised the MPI_ERR_TRUNCATE on MPI_COMM_WORLD, aborting the job (seen through
+// the cuda backend's IPC transport, whose window release met a peer's timed-out count exchange).
+TEST(EpFaults, RanksOutOfStepTimeOutNotAbort) {
+  if (world_size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  Spec s;
+  const int W = world_size(), rank = world_rank();
+  const double timeout = 1.0;
+  const std::vector<Input> world = make_world(s, W);
+  GroupGuard g;
+  ASSERT_EQ(make_group(s, &g, timeout), bitepSuccess) << bitepGetLastError();
+  const bitepDispatchArgs_t a = dispatch_args(s, world[rank]);
+  HandleGuard h;
+  ASSERT_EQ(bitepDispatch(g.g, &a, nullptr, &h.h), bitepSuccess) << bitepGetLastError();
+  CombineInputs ci;
+  ASSERT_NO_FATAL_FAILURE(combine_inputs(s, W, rank, world[rank], h.h, &ci));
+  if (rank != 0) {
+    HandleGuard alone;
+    EXPECT_EQ(bitepDispatch(g.g, &a, nullptr, &alone.h), bitepTimeout) << bitepGetLastError();
+    EXPECT_TRUE(has(bitepGetLastError(), "waiting on: 0")) << bitepGetLastError();
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (rank == 0) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const bitepResult_t r = bitepCombine(g.g, h.h, &ci.args, nullptr);
+    const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const std::string err = bitepGetLastError();
+    EXPECT_EQ(r, bitepTimeout) << err;
+    EXPECT_TRUE(has(err, "rank 0: an allgather (argument agreement) did not complete")) << err;
+    EXPECT_TRUE(has(err, "waiting on: 1")) << err;
+    EXPECT_GE(waited, timeout);
+    EXPECT_LT(waited, 10 * timeout) << err;
+  }
+  // Every rank's group is unusable now (a transport that gave up on a peer): the next call says so at once.
+  HandleGuard next;
+  EXPECT_EQ(bitepDispatch(g.g, &a, nullptr, &next.h), bitepInvalidUsage) << bitepGetLastError();
+  EXPECT_TRUE(has(bitepGetLastError(), "unusable")) << bitepGetLastError();
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
 // Two dispatches in flight, combined in different orders on different ranks: the rows would pair up with
 // another dispatch's. Every rank fails (host groups compare the dispatches' numbers in the agreement), then the
 // combines in the same order give the right values.
