@@ -7,7 +7,10 @@
 #include <mpi.h>
 
 #include <cstdio>
+#include <memory>
+#include <type_traits>
 
+#include "bitep/bitep.hpp"
 #include "bitep/bitep_mpi.h"
 #include "moe_layer.h"
 
@@ -94,6 +97,27 @@ struct DevBuf {
   }
 };
 
+// Owners of what a C create call made, so that early returns release it too. The success path keeps reporting the
+// destroys it checked before: it takes the object back with release() and destroys it through CUDA_OK or BITEP_OK.
+// (bitep::Handle has no release(); its destroy() reports by exception, which this file does not use.)
+template <auto Destroy>
+struct Destroyer {
+  template <typename P>
+  void operator()(P p) const {
+    (void)Destroy(p);
+  }
+};
+template <typename P, auto Destroy>
+using Owner = std::unique_ptr<std::remove_pointer_t<P>, Destroyer<Destroy>>;
+using HandleOwner = Owner<bitepHandle_t, bitepHandleDestroy>;
+
+// Waits for the stream when it goes out of scope: declared after the group and the buffers, it runs before they are
+// freed, so no work still queued on an error path reads freed memory.
+struct StreamDrain {
+  cudaStream_t stream;
+  ~StreamDrain() { (void)cudaStreamSynchronize(stream); }
+};
+
 }  // namespace
 
 #define CUDA_OK(call)                                                                           \
@@ -132,10 +156,12 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
     return 2;
   }
   CUDA_OK(cudaSetDevice(local));
-  cudaStream_t stream;
+  cudaStream_t stream = nullptr;
   CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cublasHandle_t blas;
+  const Owner<cudaStream_t, cudaStreamDestroy> stream_owner(stream);
+  cublasHandle_t blas = nullptr;
   CUBLAS_OK(cublasCreate(&blas));
+  const Owner<cublasHandle_t, cublasDestroy> blas_owner(blas);
   CUBLAS_OK(cublasSetStream(blas, stream));
 
   const int L = p.E / p.nranks;
@@ -144,6 +170,8 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
   for (size_t i = 0; i < w1.size(); ++i) w1[i] = float_to_bf16(p.w1[i]);
   for (size_t i = 0; i < w2.size(); ++i) w2[i] = float_to_bf16(p.w2[i]);
   DevBuf d_logits, d_x, d_map, d_w, d_w1, d_w2, d_out, d_h, d_a, d_y;
+  bitep::Group group_owner;  // owns the group once created; declared before the drain, so drained before it goes
+  const StreamDrain drain{stream};
   CUDA_OK(d_logits.reserve(4 * p.logits.size() + 4));
   CUDA_OK(d_x.reserve(2 * p.x.size() + 2));
   CUDA_OK(d_map.reserve(p.T * ((p.E + 7) / 8) + 1));
@@ -171,6 +199,7 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
   gc.low_latency_max_tokens = opts.low_latency ? static_cast<int>(p.T > 0 ? p.T : 1) : 0;
   bitepGroup_t group = nullptr;
   BITEP_OK(bitepGroupCreateMpi(MPI_COMM_WORLD, &gc, &group));
+  group_owner = bitep::Group(group);
   bitepRouterConfig_t rc = BITEP_ROUTER_CONFIG_INIT;
   rc.num_experts = p.E;
   rc.topk = p.k;
@@ -199,11 +228,12 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
       bitepHandle_t h0 = nullptr;
       BITEP_OK(bitepRouterForward(bitepBackendCuda, &rc, &ra, bs));
       BITEP_OK(bitepDispatchLowLatency(group, &da, bs, &h0));
+      HandleOwner h0_owner(h0);
       bitepDispatchLayout_t lo;
       BITEP_OK(bitepHandleGetLayout(h0, &lo));
       CUDA_OK(d_y.reserve(2 * lo.num_expert_rows * p.H + 2));
       CUDA_OK(cudaStreamSynchronize(stream));
-      BITEP_OK(bitepHandleDestroy(h0));
+      BITEP_OK(bitepHandleDestroy(h0_owner.release()));
     }
     // Enqueues the experts and the combine of handle h (stage boundaries for the timings when sync).
     auto experts_and_combine = [&](bitepHandle_t h, bool sync, double* t_experts) -> int {
@@ -262,13 +292,14 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
         const double t1 = MPI_Wtime();
         bitepHandle_t h = nullptr;
         BITEP_OK(bitepDispatchLowLatency(group, &da, bs, &h));
+        HandleOwner h_owner(h);
         CUDA_OK(cudaStreamSynchronize(stream));
         const double t2 = MPI_Wtime();
         double t_experts = 0;
         if (experts_and_combine(h, true, &t_experts)) return 1;
         CUDA_OK(cudaStreamSynchronize(stream));
         const double t4 = MPI_Wtime();
-        BITEP_OK(bitepHandleDestroy(h));
+        BITEP_OK(bitepHandleDestroy(h_owner.release()));
         t->router += (t1 - t0) / opts.iters;
         t->dispatch += (t2 - t1) / opts.iters;
         t->experts += t_experts / opts.iters;
@@ -283,7 +314,7 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
           std::printf(
               "moe_layer: SKIPPED --graph: this group's low-latency calls run bitepDispatch (no peer window, "
               "BITEP_LSA=0, or a shape the receive kernel does not take), which no CUDA graph can hold\n");
-        BITEP_OK(bitepGroupDestroy(group));
+        BITEP_OK(bitepGroupDestroy(group_owner.release()));
         return 2;
       }
       bitepHandle_t h = nullptr;  // the graph's: destroyed after it
@@ -295,11 +326,15 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
       double unused = 0;
       const int rx = rd == bitepSuccess ? experts_and_combine(h, false, &unused) : 1;
       const cudaError_t re = cudaStreamEndCapture(stream, &graph);
+      // Destroyed in reverse: the exec and the graph before the handle whose buffers they use.
+      HandleOwner h_owner(h);
+      Owner<cudaGraph_t, cudaGraphDestroy> graph_owner(graph);
       BITEP_OK(rr);
       BITEP_OK(rd);
       if (rx) return 1;
       CUDA_OK(re);
       CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+      Owner<cudaGraphExec_t, cudaGraphExecDestroy> exec_owner(exec);
       for (int it = 0; it < opts.iters; ++it) {
         if (upload(it == opts.iters - 1)) return 1;
         MPI_Barrier(MPI_COMM_WORLD);
@@ -308,15 +343,14 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
         CUDA_OK(cudaStreamSynchronize(stream));
         t->step += (MPI_Wtime() - t0) / opts.iters;
       }
-      CUDA_OK(cudaGraphExecDestroy(exec));
-      CUDA_OK(cudaGraphDestroy(graph));
-      BITEP_OK(bitepHandleDestroy(h));  // waits for the device: the library does not see the graph's launches
+      CUDA_OK(cudaGraphExecDestroy(exec_owner.release()));
+      CUDA_OK(cudaGraphDestroy(graph_owner.release()));
+      // Waits for the device: the library does not see the graph's launches.
+      BITEP_OK(bitepHandleDestroy(h_owner.release()));
     }
     out->resize(p.T * p.H);
     CUDA_OK(cudaMemcpy(out->data(), d_out.ptr, 2 * out->size(), cudaMemcpyDeviceToHost));
-    BITEP_OK(bitepGroupDestroy(group));
-    cublasDestroy(blas);
-    cudaStreamDestroy(stream);
+    BITEP_OK(bitepGroupDestroy(group_owner.release()));
     return 0;
   }
   for (int it = 0; it < opts.iters; ++it) {
@@ -327,6 +361,7 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
     const double t1 = MPI_Wtime();
     bitepHandle_t handle = nullptr;
     BITEP_OK(bitepDispatch(group, &da, bs, &handle));
+    HandleOwner handle_owner(handle);
     bitepDispatchLayout_t lo;
     BITEP_OK(bitepHandleGetLayout(handle, &lo));
     CUDA_OK(cudaStreamSynchronize(stream));
@@ -367,7 +402,7 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
     BITEP_OK(bitepCombine(group, handle, &ca, bs));
     CUDA_OK(cudaStreamSynchronize(stream));
     const double t4 = MPI_Wtime();
-    BITEP_OK(bitepHandleDestroy(handle));
+    BITEP_OK(bitepHandleDestroy(handle_owner.release()));
     t->router += (t1 - t0) / opts.iters;
     t->dispatch += (t2 - t1) / opts.iters;
     t->experts += (t3 - t2) / opts.iters;
@@ -375,8 +410,6 @@ int run_cuda(const Options& opts, const Problem& p, std::vector<uint16_t>* out, 
   }
   out->resize(p.T * p.H);
   CUDA_OK(cudaMemcpy(out->data(), d_out.ptr, 2 * out->size(), cudaMemcpyDeviceToHost));
-  BITEP_OK(bitepGroupDestroy(group));
-  cublasDestroy(blas);
-  cudaStreamDestroy(stream);
+  BITEP_OK(bitepGroupDestroy(group_owner.release()));
   return 0;
 }
