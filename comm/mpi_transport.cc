@@ -147,6 +147,7 @@ class MpiTransport final : public Transport {
   struct Pending {
     int peer;
     bool recv;
+    int len;  // the bytes posted
   };
   struct Requests {
     std::vector<MPI_Request> reqs;
@@ -169,7 +170,7 @@ class MpiTransport final : public Transport {
       return mpi_error(err, recv ? "MPI_Irecv" : "MPI_Isend", __FILE__, __LINE__);
     }
     q->reqs.push_back(req);
-    q->what.push_back({p, recv});
+    q->what.push_back({p, recv, len});
     return bitepSuccess;
   }
 
@@ -220,6 +221,19 @@ class MpiTransport final : public Transport {
                    code == MPI_ERR_TRUNCATE ? " (a peer made a different call: destroy the group)" : "");
       }
       if (outcount == MPI_UNDEFINED) return bitepSuccess;  // no active request left
+      // A shorter message than its receive is no MPI error: a peer that made another operation of this one's tag
+      // (ranks out of step by a multiple of the sequences, or a different size of one call) would leave rows unset.
+      for (int k = 0; k < outcount; ++k) {
+        const Pending& w = q->what[done[k]];
+        int got = 0;
+        if (!w.recv || MPI_Get_count(&statuses[k], MPI_BYTE, &got) != MPI_SUCCESS || got == w.len) continue;
+        abandon(q);
+        broken_ = "a peer's message of another size";
+        BITEP_FAIL(bitepInvalidUsage,
+                   "rank %d: %s: rank %d sent %d bytes where this rank expected %d: the ranks made different calls on "
+                   "this group (destroy it)",
+                   rank_, op, w.peer, got, w.len);
+      }
       if (outcount > 0) spin = 0;
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (elapsed > timeout_s) {
