@@ -218,7 +218,8 @@ bitepResult_t open_flag_window(Transport* t,
                                std::unique_ptr<FlagWindow> w,
                                size_t fixed_bytes,
                                double timeout_s,
-                               std::unique_ptr<PeerWindow>* out) {
+                               std::unique_ptr<PeerWindow>* out,
+                               const char* exchange_elsewhere) {
   out->reset();
   const int W = t->nranks(), self = t->rank();
   if (static_cast<size_t>(W) * sizeof(uint64_t) > FlagWindow::kFlagBytes && ok) {
@@ -227,7 +228,7 @@ bitepResult_t open_flag_window(Transport* t,
   }
   // Every rank decides alike: its own verdict, then the agreement of all. Bit 0: a window; bit 1: the
   // count exchange through it (BITEP_LSA_EXCHANGE=0 turns that off).
-  const int32_t exchange_bit = env_is("BITEP_LSA_EXCHANGE", "0") ? 0 : 2;
+  const int32_t exchange_bit = exchange_elsewhere != nullptr || env_is("BITEP_LSA_EXCHANGE", "0") ? 0 : 2;
   const int32_t mine = ok ? 1 | exchange_bit : 0;
   std::vector<int32_t> all(W, 0);
   BITEP_CHECK(t->allgather_host(&mine, all.data(), sizeof(int32_t)));
@@ -250,7 +251,9 @@ bitepResult_t open_flag_window(Transport* t,
   if (trace)
     std::fprintf(stderr, "bitep: rank %d: %s window on (%d ranks, %zu bytes; count exchange %s)\n", self,
                  fixed_bytes > 0 ? "low-latency" : "peer", W, w->bytes(),
-                 exchange ? "through it" : "by the transport: BITEP_LSA_EXCHANGE=0");
+                 exchange                        ? "through it"
+                 : exchange_elsewhere != nullptr ? exchange_elsewhere
+                                                 : "by the transport: BITEP_LSA_EXCHANGE=0");
   *out = std::move(w);
   return bitepSuccess;
 }

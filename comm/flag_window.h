@@ -104,13 +104,15 @@ class FlagWindow : public PeerWindow {
 // BITEP_TRACE) and whether its count exchange may go through it (BITEP_LSA_EXCHANGE=0: not); when every
 // rank offered one and every rank's w->init() passed, w reserves fixed_bytes (or the initial size) and
 // becomes *out; else *out stays null on every rank. The trace names the window by fixed_bytes (> 0: the
-// low-latency one).
+// low-latency one). exchange_elsewhere (non-null): this transport never exchanges counts through a window, and the
+// trace says where they go instead.
 bitepResult_t open_flag_window(Transport* t,
                                bool ok,
                                const char* off_reason,
                                std::unique_ptr<FlagWindow> w,
                                size_t fixed_bytes,
                                double timeout_s,
-                               std::unique_ptr<PeerWindow>* out);
+                               std::unique_ptr<PeerWindow>* out,
+                               const char* exchange_elsewhere = nullptr);
 
 }  // namespace bitep::ep

@@ -100,6 +100,9 @@ class IpcWindow final : public FlagWindow {
   std::vector<char*> peers_;  // the ranks' buffers as opened here (this rank's own at its index)
 };
 
+// The count exchange goes through MPI, never through a window (the trace of a window's opening says so).
+constexpr const char* kCountsByMpi = "by MPI (the IPC transport's)";
+
 class MpiIpcTransport final : public Transport {
  public:
   explicit MpiIpcTransport(std::unique_ptr<Transport> mpi) : mpi_(std::move(mpi)) {}
@@ -177,7 +180,7 @@ class MpiIpcTransport final : public Transport {
   bitepResult_t open_window(double timeout_s) override {
     const bool off = env_is("BITEP_LSA", "0");
     return open_flag_window(this, nranks() > 1 && !off, nranks() > 1 ? "BITEP_LSA=0" : "one rank",
-                            std::make_unique<IpcWindow>(this, 0), 0, timeout_s, &window_);
+                            std::make_unique<IpcWindow>(this, 0), 0, timeout_s, &window_, kCountsByMpi);
   }
   PeerWindow* window() override { return window_.get(); }
 
@@ -187,7 +190,7 @@ class MpiIpcTransport final : public Transport {
     if (nranks() == 1) return env_is("BITEP_LSA", "0") ? bitepSuccess : make_local_window(bytes, &ll_window_);
     if (window_ == nullptr) return bitepSuccess;
     return open_flag_window(this, true, nullptr, std::make_unique<IpcWindow>(this, bytes), bytes, timeout_s,
-                            &ll_window_);
+                            &ll_window_, kCountsByMpi);
   }
   PeerWindow* low_latency_window() override { return ll_window_.get(); }
 
