@@ -13,20 +13,13 @@
 #include <string>
 #include <vector>
 
+#include "tests/multirank/ep_world.h"
+
 namespace bitep::ep {
 namespace {
 
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-
-int world_size() {
-  int n = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
-}
+using ept::world_rank;
+using ept::world_size;
 
 bool has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
