@@ -32,12 +32,9 @@ namespace {
 #ifdef BITEP_HAVE_NCCL
 // The cuda backend's device: config->device, or the rank's index among the ranks of its node (shared: that
 // index modulo the visible devices, for the IPC transport's ranks that share GPUs).
-bitepResult_t pick_device(MPI_Comm comm, const bitepGroupConfig_t* config, bool shared, int* device) {
-  MPI_Comm node = MPI_COMM_NULL;
-  BITEP_MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
+bitepResult_t pick_device(Transport* mpi, const bitepGroupConfig_t* config, bool shared, int* device) {
   int local_rank = 0;
-  MPI_Comm_rank(node, &local_rank);
-  MPI_Comm_free(&node);
+  BITEP_CHECK(node_local_rank(mpi, &local_rank));
   const int count = visible_cuda_devices();
   *device = config->device >= 0 ? config->device : shared && count > 0 ? local_rank % count : local_rank;
   if (*device >= count)
@@ -55,8 +52,8 @@ struct IdMessage {
 // Each rank picks its device (pick_device) and, when id is not null, rank 0 makes an NCCL unique id; the ranks
 // agree that every one did: a rank that failed returns its error, the others bitepRemoteError naming it.
 bitepResult_t agree_device(
-    Transport* mpi, MPI_Comm comm, const bitepGroupConfig_t* config, bool shared, int* device, bitepUniqueId* id) {
-  bitepResult_t local = pick_device(comm, config, shared, device);
+    Transport* mpi, const bitepGroupConfig_t* config, bool shared, int* device, bitepUniqueId* id) {
+  bitepResult_t local = pick_device(mpi, config, shared, device);
   IdMessage mine{};
   if (local == bitepSuccess && id != nullptr && mpi->rank() == 0) local = nccl_get_unique_id(&mine.id);
   mine.status = local;
@@ -92,10 +89,10 @@ bitepResult_t group_on_device(int device, const bitepGroupConfig_t* config, bite
   return res;
 }
 
-bitepResult_t create_nccl(Transport* mpi, MPI_Comm comm, const bitepGroupConfig_t* config, bitepGroup_t* group) {
+bitepResult_t create_nccl(Transport* mpi, const bitepGroupConfig_t* config, bitepGroup_t* group) {
   int device = -1;
   bitepUniqueId id;
-  BITEP_CHECK(agree_device(mpi, comm, config, false, &device, &id));
+  BITEP_CHECK(agree_device(mpi, config, false, &device, &id));
   return group_on_device(device, config, group, [&](std::unique_ptr<Transport>* t) {
     struct ncclComm* nccl = nullptr;
     BITEP_CHECK(nccl_comm_init(&id, mpi->nranks(), mpi->rank(), config->timeout_s, &nccl));
@@ -107,12 +104,9 @@ bitepResult_t create_nccl(Transport* mpi, MPI_Comm comm, const bitepGroupConfig_
 
 // BITEP_CUDA_TRANSPORT=ipc: the group's transport is `mpi` itself (taken over) with the device's memory shared
 // by CUDA IPC; the node's ranks share its devices.
-bitepResult_t create_ipc(std::unique_ptr<Transport> mpi,
-                         MPI_Comm comm,
-                         const bitepGroupConfig_t* config,
-                         bitepGroup_t* group) {
+bitepResult_t create_ipc(std::unique_ptr<Transport> mpi, const bitepGroupConfig_t* config, bitepGroup_t* group) {
   int device = -1;
-  BITEP_CHECK(agree_device(mpi.get(), comm, config, true, &device, nullptr));
+  BITEP_CHECK(agree_device(mpi.get(), config, true, &device, nullptr));
   return group_on_device(device, config, group, [&](std::unique_ptr<Transport>* t) {
     return make_mpi_ipc_transport(std::move(mpi), device, t);
   });
@@ -198,8 +192,8 @@ bitepResult_t create_mpi(MPI_Comm comm, const bitepGroupConfig_t* config, bitepG
       BITEP_FAIL(bitepInvalidUsage,
                  "BITEP_CUDA_TRANSPORT is %s on rank %d but %s on rank %d: every rank must set it alike",
                  ipc ? "ipc" : "not ipc", mpi->rank(), ipcs[q] ? "ipc" : "not ipc", q);
-  if (ipc) return create_ipc(std::move(mpi), dup, config, group);
-  return create_nccl(mpi.get(), dup, config, group);
+  if (ipc) return create_ipc(std::move(mpi), config, group);
+  return create_nccl(mpi.get(), config, group);
 #else
   BITEP_FAIL(bitepInternalError, "unreachable: cuda backend without NCCL");
 #endif

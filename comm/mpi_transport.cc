@@ -49,7 +49,7 @@ class MpiTransport final : public Transport {
   ~MpiTransport() override {
     int finalized = 0;
     MPI_Finalized(&finalized);
-    if (finalized || !broken_.empty()) {
+    if (finalized || abandoned_) {
       // After a timeout MPI may still own requests on these buffers and this communicator: leave them.
       new std::vector<char>(std::move(coll_in_));
       new std::vector<char>(std::move(coll_out_));
@@ -70,13 +70,16 @@ class MpiTransport final : public Transport {
     coll_out_.assign(bytes * nranks_, 0);
     std::memcpy(coll_out_.data() + bytes * rank_, in, bytes);
     const int tag = next_tag(kSlotAllgather);
-    Requests q;
-    for (int pass = 0; pass < 2; ++pass)
-      for (int p = 0; p < nranks_; ++p)
-        if (p != rank_)
-          BITEP_CHECK(post(&q, pass == 0, pass == 0 ? coll_out_.data() + bytes * p : coll_in_.data(),
-                           static_cast<int>(bytes), p, tag));
-    BITEP_CHECK(wait(&q, timeout_s_, "an allgather (argument agreement)"));
+    BITEP_CHECK(run(
+        [&](Requests* q) -> bitepResult_t {
+          for (int pass = 0; pass < 2; ++pass)
+            for (int p = 0; p < nranks_; ++p)
+              if (p != rank_)
+                BITEP_CHECK(post(q, pass == 0, pass == 0 ? coll_out_.data() + bytes * p : coll_in_.data(),
+                                 static_cast<int>(bytes), p, tag));
+          return bitepSuccess;
+        },
+        timeout_s_, "an allgather (argument agreement)"));
     std::memcpy(out, coll_out_.data(), coll_out_.size());
     return bitepSuccess;
   }
@@ -90,13 +93,16 @@ class MpiTransport final : public Transport {
     coll_out_.assign(bytes, 0);
     std::memcpy(coll_out_.data() + row * rank_, coll_in_.data() + row * rank_, row);
     const int tag = next_tag(kSlotCounts);
-    Requests q;
-    for (int pass = 0; pass < 2; ++pass)
-      for (int p = 0; p < nranks_; ++p)
-        if (p != rank_)
-          BITEP_CHECK(post(&q, pass == 0, (pass == 0 ? coll_out_.data() : coll_in_.data()) + row * p,
-                           static_cast<int>(row), p, tag));
-    BITEP_CHECK(wait(&q, timeout_s, "the count exchange"));
+    BITEP_CHECK(run(
+        [&](Requests* q) -> bitepResult_t {
+          for (int pass = 0; pass < 2; ++pass)
+            for (int p = 0; p < nranks_; ++p)
+              if (p != rank_)
+                BITEP_CHECK(post(q, pass == 0, (pass == 0 ? coll_out_.data() : coll_in_.data()) + row * p,
+                                 static_cast<int>(row), p, tag));
+          return bitepSuccess;
+        },
+        timeout_s, "the count exchange"));
     std::memcpy(recv, coll_out_.data(), bytes);
     std::memcpy(recv_host, coll_out_.data(), bytes);
     return bitepSuccess;
@@ -115,21 +121,24 @@ class MpiTransport final : public Transport {
     // Entry i of a peer travels with slot kSlotRows + i of this operation's tags, its chunks in order (MPI keeps
     // the order of one sender's messages of one tag).
     const int tag = next_tag(kSlotRows);
-    Requests q;
-    for (int pass = 0; pass < 2; ++pass)  // receives first, then sends
-      for (int p = 0; p < nranks_; ++p) {
-        if (p == rank_) continue;
-        for (size_t i = 0; i < per_peer[p].size(); ++i) {
-          const PeerBuffers& b = per_peer[p][i];
-          const uint64_t total = pass == 0 ? b.recv_bytes : b.send_bytes;
-          char* base = pass == 0 ? static_cast<char*>(b.recv) : static_cast<char*>(const_cast<void*>(b.send));
-          for (uint64_t off = 0; off < total; off += kChunkBytes)
-            BITEP_CHECK(post(&q, pass == 0, base + off,
-                             static_cast<int>(total - off < kChunkBytes ? total - off : kChunkBytes), p,
-                             tag + static_cast<int>(i)));
-        }
-      }
-    return wait(&q, timeout_s, "the all-to-all-v");
+    return run(
+        [&](Requests* q) -> bitepResult_t {
+          for (int pass = 0; pass < 2; ++pass)  // receives first, then sends
+            for (int p = 0; p < nranks_; ++p) {
+              if (p == rank_) continue;
+              for (size_t i = 0; i < per_peer[p].size(); ++i) {
+                const PeerBuffers& b = per_peer[p][i];
+                const uint64_t total = pass == 0 ? b.recv_bytes : b.send_bytes;
+                char* base = pass == 0 ? static_cast<char*>(b.recv) : static_cast<char*>(const_cast<void*>(b.send));
+                for (uint64_t off = 0; off < total; off += kChunkBytes)
+                  BITEP_CHECK(post(q, pass == 0, base + off,
+                                   static_cast<int>(total - off < kChunkBytes ? total - off : kChunkBytes), p,
+                                   tag + static_cast<int>(i)));
+              }
+            }
+          return bitepSuccess;
+        },
+        timeout_s, "the all-to-all-v");
   }
 
  private:
@@ -160,38 +169,64 @@ class MpiTransport final : public Transport {
     return tag;
   }
 
-  // Posts one receive (recv) or send of len bytes at buf with peer p; on failure the posted ones are abandoned.
+  // One operation: post_all(q) posts its messages (post()), then they are waited for. Every way out that may leave
+  // a request posted (an MPI error, the timeout, a message of another size, an exception such as std::bad_alloc)
+  // abandons them: MPI may then still use the buffers, which the transport never frees again.
+  template <typename PostAll>
+  bitepResult_t run(PostAll&& post_all, double timeout_s, const char* op) {
+    Requests q;
+    try {
+      bitepResult_t r = post_all(&q);
+      if (r == bitepSuccess) r = wait(&q, timeout_s, op);
+      if (r != bitepSuccess) abandon(&q);
+      return r;
+    } catch (...) {
+      abandon(&q);
+      throw;
+    }
+  }
+
+  // Posts one receive (recv) or send of len bytes at buf with peer p (room first: no request goes unrecorded).
   bitepResult_t post(Requests* q, bool recv, void* buf, int len, int p, int tag) {
+    q->reqs.reserve(q->reqs.size() + 1);
+    q->what.reserve(q->what.size() + 1);
     MPI_Request req = MPI_REQUEST_NULL;
     const int err =
         recv ? MPI_Irecv(buf, len, MPI_BYTE, p, tag, comm_, &req) : MPI_Isend(buf, len, MPI_BYTE, p, tag, comm_, &req);
-    if (err != MPI_SUCCESS) {
-      abandon(q);
-      return mpi_error(err, recv ? "MPI_Irecv" : "MPI_Isend", __FILE__, __LINE__);
-    }
+    if (err != MPI_SUCCESS) return mpi_error(err, recv ? "MPI_Irecv" : "MPI_Isend", __FILE__, __LINE__);
     q->reqs.push_back(req);
     q->what.push_back({p, recv, len});
     return bitepSuccess;
   }
 
   bitepResult_t check_usable(const char* op) {
-    if (!broken_.empty())
-      BITEP_FAIL(bitepInvalidUsage, "MPI transport: %s after an earlier failure (%s)", op, broken_.c_str());
+    if (abandoned_)
+      BITEP_FAIL(bitepInvalidUsage, "MPI transport: %s after an earlier failure (%s)", op,
+                 broken_.empty() ? "an operation was abandoned" : broken_.c_str());
     return bitepSuccess;
   }
 
   // Cancels the receives and lets MPI keep the rest; the transport is broken from now on (its buffers stay).
-  void abandon(Requests* q) {
+  void abandon(Requests* q) noexcept {
+    abandoned_ = true;
     for (size_t i = 0; i < q->reqs.size(); ++i) {
       MPI_Request& r = q->reqs[i];
       if (r == MPI_REQUEST_NULL) continue;
       if (q->what[i].recv) MPI_Cancel(&r);
       MPI_Request_free(&r);
     }
-    if (broken_.empty()) broken_ = "an operation was abandoned";
   }
 
-  // Polls until every request is done, or fails with bitepTimeout after timeout_s naming the peers not heard from.
+  // What broke the transport, for the refusals after it (no memory for the text: the generic one).
+  void note_broken(const char* why) noexcept {
+    try {
+      if (broken_.empty()) broken_ = why;
+    } catch (...) {
+    }
+  }
+
+  // Polls until every request is done, or fails with bitepTimeout after timeout_s naming the peers not heard from
+  // (run() then abandons what is left).
   bitepResult_t wait(Requests* q, double timeout_s, const char* op) {
     std::vector<MPI_Request>& reqs = q->reqs;
     if (reqs.empty()) return bitepSuccess;
@@ -211,8 +246,7 @@ class MpiTransport final : public Transport {
             peer = q->what[done[i]].peer;
             break;
           }
-        abandon(q);
-        broken_ = "an MPI error";
+        note_broken("an MPI error");
         char text[MPI_MAX_ERROR_STRING];
         int len = 0;
         if (MPI_Error_string(code, text, &len) != MPI_SUCCESS) std::snprintf(text, sizeof(text), "MPI error %d", code);
@@ -227,8 +261,7 @@ class MpiTransport final : public Transport {
         const Pending& w = q->what[done[k]];
         int got = 0;
         if (!w.recv || MPI_Get_count(&statuses[k], MPI_BYTE, &got) != MPI_SUCCESS || got == w.len) continue;
-        abandon(q);
-        broken_ = "a peer's message of another size";
+        note_broken("a peer's message of another size");
         BITEP_FAIL(bitepInvalidUsage,
                    "rank %d: %s: rank %d sent %d bytes where this rank expected %d: the ranks made different calls on "
                    "this group (destroy it)",
@@ -247,8 +280,7 @@ class MpiTransport final : public Transport {
         char text[512];
         std::snprintf(text, sizeof(text), "rank %d: %s did not complete within %g s; waiting on: %s", rank_, op,
                       timeout_s, peers.c_str());
-        abandon(q);
-        broken_ = text;
+        note_broken(text);
         BITEP_FAIL(bitepTimeout, "%s (a peer failed, stalled, or did not make the same collective call)", text);
       }
       // Progress needs our calls into MPI; between them, leave the core to the other ranks.
@@ -264,7 +296,8 @@ class MpiTransport final : public Transport {
   MPI_Comm comm_;
   double timeout_s_;
   int rank_ = 0, nranks_ = 1;
-  std::string broken_;
+  bool abandoned_ = false;                // an operation's requests were left to MPI: every later operation is refused
+  std::string broken_;                    // what happened then
   uint64_t seq_ = 0;                      // operations posted (next_tag)
   std::vector<char> coll_in_, coll_out_;  // buffers of the collectives (leaked if one is abandoned)
   MpiThreadHold hold_;                    // the call in progress on the group (enter_call)
@@ -314,6 +347,21 @@ void MpiThreadHold::leave() {
 
 std::unique_ptr<Transport> make_mpi_transport(MPI_Comm comm, double timeout_s) {
   return std::make_unique<MpiTransport>(comm, timeout_s);
+}
+
+bitepResult_t node_local_rank(Transport* t, int* local_rank) {
+  struct Name {
+    char text[MPI_MAX_PROCESSOR_NAME + 1];
+  };
+  Name mine{};
+  int len = 0;
+  BITEP_MPI_CHECK(MPI_Get_processor_name(mine.text, &len));
+  std::vector<Name> all(t->nranks());
+  BITEP_CHECK(t->allgather_host(&mine, all.data(), sizeof(Name)));
+  int local = 0;
+  for (int q = 0; q < t->rank(); ++q) local += std::memcmp(all[q].text, mine.text, sizeof(Name)) == 0 ? 1 : 0;
+  *local_rank = local;
+  return bitepSuccess;
 }
 
 }  // namespace bitep::ep

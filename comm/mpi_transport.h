@@ -14,6 +14,11 @@ namespace bitep::ep {
 // allgather_host, which has no timeout argument.
 std::unique_ptr<Transport> make_mpi_transport(MPI_Comm comm, double timeout_s);
 
+// *local_rank: the rank's index among the ranks of t on its node (the same MPI_Get_processor_name), through t's
+// allgather: polled against t's timeout, where MPI_Comm_split_type blocks for good behind a rank that left (one whose
+// operation before timed out while the others' completed).
+bitepResult_t node_local_rank(Transport* t, int* local_rank);
+
 // One bitep call's MPI calls on the calling thread, held to MPI's thread level (MPI_Query_thread). enter() refuses
 // with bitepInvalidUsage, before any MPI call: MPI finalized or not initialised (except for a teardown, which then
 // makes no MPI call); below MPI_THREAD_SERIALIZED, a thread other than the one that initialised MPI; below

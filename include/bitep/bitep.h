@@ -60,6 +60,9 @@
  *   collectives). bitepGroupCreateMpi refused on one rank (or never called there) fails its peers with bitepTimeout
  *   after config->timeout_s, and leaves a duplication of comm in flight until that rank calls it: retry over a fresh
  *   communicator (a second call over comm would start another duplication, which the late rank's call cannot match).
+ * - A call that fails with bitepTimeout on a group whose transport is MPI leaves its sends to MPI: a late peer may
+ *   still read the buffers they came from (bitep's own are never freed again, but a host group's rank-major combine
+ *   sends from the caller's y). Keep such buffers alive after that failure, or end the process.
  */
 #ifndef BITEP_BITEP_H_
 #define BITEP_BITEP_H_

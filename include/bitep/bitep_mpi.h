@@ -22,7 +22,8 @@ extern "C" {
 
 /* Creates a group over the ranks of comm. Collective over comm.
  * cuda backend: rank 0 makes an NCCL unique id and broadcasts it over comm; each rank takes one GPU,
- * config->device, or when it is -1 the rank's index among the ranks of its node (MPI_COMM_TYPE_SHARED).
+ * config->device, or when it is -1 the rank's index among the ranks of its node (the ranks of comm with its
+ * MPI_Get_processor_name).
  * Environment BITEP_CUDA_TRANSPORT=ipc (set alike on every rank; for testing): the cuda backend runs over MPI
  * and CUDA IPC instead of NCCL, and the ranks of a node share its GPUs (the rank's index modulo the GPUs), so
  * several ranks can run on one GPU; the peer window is every rank's cudaMalloc buffer opened by the others

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The MPI transport on its own (comm/mpi_transport.cc), under mpirun: every rank's bytes where they belong through many
 // operations (past the tags' sequence wrap); ranks out of step fail with bitepTimeout naming the peer, never aborting
-// the job; an operation of another size on a peer is refused on every rank, not taken as short rows.
+// the job; an operation of another size on a peer is refused on every rank, not taken as short rows; the node-local
+// rank through it.
 #include "comm/mpi_transport.h"
 
 #include <gtest/gtest.h>
@@ -139,6 +140,29 @@ TEST(MpiTransport, AnOperationOfAnotherSizeIsRefusedOnEveryRank) {
     EXPECT_TRUE(has(err, "rank 0 sent 4 bytes where this rank expected 8")) << err;
   }
   MPI_Barrier(MPI_COMM_WORLD);
+}
+
+// The node-local rank (the cuda backend's default device): the ranks' processor names by MPI_Allgather, counted
+// here, against node_local_rank's through the transport. mpirun on one machine: every rank's own rank.
+TEST(MpiTransport, NodeLocalRank) {
+  const int W = world_size(), self = world_rank();
+  std::unique_ptr<Transport> t = make_transport(60.0);
+  int local = -1;
+  ASSERT_EQ(node_local_rank(t.get(), &local), bitepSuccess) << bitepGetLastError();
+  std::vector<char> names(static_cast<size_t>(W) * (MPI_MAX_PROCESSOR_NAME + 1), 0);
+  char* mine = names.data() + static_cast<size_t>(self) * (MPI_MAX_PROCESSOR_NAME + 1);
+  int len = 0;
+  MPI_Get_processor_name(mine, &len);
+  MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, names.data(), MPI_MAX_PROCESSOR_NAME + 1, MPI_CHAR, MPI_COMM_WORLD);
+  int expected = 0;
+  for (int q = 0; q < self; ++q)
+    expected += std::string(names.data() + static_cast<size_t>(q) * (MPI_MAX_PROCESSOR_NAME + 1)) == mine ? 1 : 0;
+  EXPECT_EQ(local, expected) << "processor " << mine;
+  // The transport goes on after it (its allgather was one operation like the others).
+  const int32_t v = self;
+  std::vector<int32_t> all(W, -1);
+  ASSERT_EQ(t->allgather_host(&v, all.data(), sizeof(v)), bitepSuccess) << bitepGetLastError();
+  for (int q = 0; q < W; ++q) EXPECT_EQ(all[q], q);
 }
 
 }  // namespace
