@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "src/check.h"
+#include "src/env.h"
 
 namespace bitep::ep {
 namespace {
@@ -37,11 +38,16 @@ const char* thread_level_name(int level) {
   }
 }
 
-constexpr uint64_t kChunkBytes = uint64_t{1} << 30;  // one MPI message carries at most INT_MAX bytes
+// One MPI message carries at most INT_MAX bytes: an all-to-all-v entry goes in messages of 1 GiB (a test hook,
+// BITEP_MPI_CHUNK_BYTES, makes them smaller so that a test sees an entry in many).
+constexpr int kChunkBytes = 1 << 30;
 
 class MpiTransport final : public Transport {
  public:
-  MpiTransport(MPI_Comm comm, double timeout_s) : comm_(comm), timeout_s_(timeout_s) {
+  MpiTransport(MPI_Comm comm, double timeout_s)
+      : comm_(comm),
+        timeout_s_(timeout_s),
+        chunk_bytes_(env_int("BITEP_MPI_CHUNK_BYTES", 1, kChunkBytes, kChunkBytes)) {
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &nranks_);
   }
@@ -130,9 +136,9 @@ class MpiTransport final : public Transport {
                 const PeerBuffers& b = per_peer[p][i];
                 const uint64_t total = pass == 0 ? b.recv_bytes : b.send_bytes;
                 char* base = pass == 0 ? static_cast<char*>(b.recv) : static_cast<char*>(const_cast<void*>(b.send));
-                for (uint64_t off = 0; off < total; off += kChunkBytes)
+                for (uint64_t off = 0; off < total; off += chunk_bytes_)
                   BITEP_CHECK(post(q, pass == 0, base + off,
-                                   static_cast<int>(total - off < kChunkBytes ? total - off : kChunkBytes), p,
+                                   static_cast<int>(std::min<uint64_t>(total - off, chunk_bytes_)), p,
                                    tag + static_cast<int>(i)));
               }
             }
@@ -295,6 +301,7 @@ class MpiTransport final : public Transport {
 
   MPI_Comm comm_;
   double timeout_s_;
+  uint64_t chunk_bytes_;  // an all-to-all-v entry's bytes per message
   int rank_ = 0, nranks_ = 1;
   bool abandoned_ = false;                // an operation's requests were left to MPI: every later operation is refused
   std::string broken_;                    // what happened then

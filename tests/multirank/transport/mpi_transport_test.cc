@@ -9,6 +9,7 @@
 #include <mpi.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -35,6 +36,35 @@ std::unique_ptr<Transport> make_transport(double timeout_s) {
 // The byte that rank `from` sends rank `to` at offset i of entry e in round r.
 uint8_t pattern(int r, int from, int to, int e, size_t i) {
   return static_cast<uint8_t>(r * 131 + from * 29 + to * 7 + e * 53 + i * 3 + 1);
+}
+
+// One all-to-all-v of three entries a peer, of sizes from 1 to max_bytes that depend on both ranks and the round
+// (entry 1 empty), each byte checked where it lands.
+void check_alltoallv(Transport* t, int r, int max_bytes) {
+  const int W = world_size(), self = world_rank();
+  auto size_of = [&](int from, int to, int e) -> size_t {
+    return e == 1 ? 0 : 1 + (from * 5 + to * 3 + e + r) % max_bytes;
+  };
+  std::vector<std::vector<PeerBuffers>> per_peer(W);
+  std::vector<std::vector<uint8_t>> sends, recvs;
+  sends.reserve(3 * W);
+  recvs.reserve(3 * W);
+  for (int p = 0; p < W; ++p) {
+    if (p == self) continue;
+    for (int e = 0; e < 3; ++e) {
+      sends.emplace_back(size_of(self, p, e));
+      for (size_t i = 0; i < sends.back().size(); ++i) sends.back()[i] = pattern(r, self, p, e, i);
+      recvs.emplace_back(size_of(p, self, e), 0);
+      per_peer[p].push_back({sends.back().data(), sends.back().size(), recvs.back().data(), recvs.back().size()});
+    }
+  }
+  ASSERT_EQ(t->alltoallv(per_peer, nullptr, 60.0), bitepSuccess) << bitepGetLastError();
+  for (int p = 0, k = 0; p < W; ++p) {
+    if (p == self) continue;
+    for (int e = 0; e < 3; ++e, ++k)
+      for (size_t i = 0; i < recvs[k].size(); ++i)
+        ASSERT_EQ(recvs[k][i], pattern(r, p, self, e, i)) << "round " << r << ", from rank " << p << ", entry " << e;
+  }
 }
 
 TEST(MpiTransport, EveryRanksBytesWhereTheyBelong) {
@@ -64,27 +94,7 @@ TEST(MpiTransport, EveryRanksBytesWhereTheyBelong) {
         ASSERT_EQ(recv[q * n + j], recv_host[q * n + j]);
       }
     // All-to-all-v: three entries a peer, of sizes that depend on both ranks (an empty one among them).
-    auto size_of = [&](int from, int to, int e) -> size_t { return e == 1 ? 0 : 1 + (from * 5 + to * 3 + e + r) % 9; };
-    std::vector<std::vector<PeerBuffers>> per_peer(W);
-    std::vector<std::vector<uint8_t>> sends, recvs;
-    sends.reserve(3 * W);
-    recvs.reserve(3 * W);
-    for (int p = 0; p < W; ++p) {
-      if (p == self) continue;
-      for (int e = 0; e < 3; ++e) {
-        sends.emplace_back(size_of(self, p, e));
-        for (size_t i = 0; i < sends.back().size(); ++i) sends.back()[i] = pattern(r, self, p, e, i);
-        recvs.emplace_back(size_of(p, self, e), 0);
-        per_peer[p].push_back({sends.back().data(), sends.back().size(), recvs.back().data(), recvs.back().size()});
-      }
-    }
-    ASSERT_EQ(t->alltoallv(per_peer, nullptr, 60.0), bitepSuccess) << bitepGetLastError();
-    for (int p = 0, k = 0; p < W; ++p) {
-      if (p == self) continue;
-      for (int e = 0; e < 3; ++e, ++k)
-        for (size_t i = 0; i < recvs[k].size(); ++i)
-          ASSERT_EQ(recvs[k][i], pattern(r, p, self, e, i)) << "round " << r << ", from rank " << p << ", entry " << e;
-    }
+    ASSERT_NO_FATAL_FAILURE(check_alltoallv(t.get(), r, 9));
   }
   // Past the tags' sequence wrap (2048 operations): every allgather still pairs with its own.
   for (int r = 0; r < 2100; ++r) {
@@ -93,6 +103,15 @@ TEST(MpiTransport, EveryRanksBytesWhereTheyBelong) {
     ASSERT_EQ(t->allgather_host(&mine, all.data(), sizeof(mine)), bitepSuccess) << bitepGetLastError();
     for (int q = 0; q < W; ++q) ASSERT_EQ(all[q], r * W + q) << "operation " << r;
   }
+}
+
+// An entry larger than the transport's message goes in several messages of one tag, which MPI keeps in order:
+// BITEP_MPI_CHUNK_BYTES=3 (a test hook; the chunks are 1 GiB) splits entries of up to 40 bytes into up to 14.
+TEST(MpiTransport, EntriesInChunksKeepTheirOrder) {
+  setenv("BITEP_MPI_CHUNK_BYTES", "3", 1);
+  std::unique_ptr<Transport> t = make_transport(60.0);
+  unsetenv("BITEP_MPI_CHUNK_BYTES");
+  for (int r = 0; r < 4; ++r) ASSERT_NO_FATAL_FAILURE(check_alltoallv(t.get(), r, 40));
 }
 
 // Every rank but 0 makes a count exchange alone and times out (MPI keeps its sends); then rank 0 makes an allgather.
