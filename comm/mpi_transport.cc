@@ -150,7 +150,11 @@ class MpiTransport final : public Transport {
  private:
   // The transport's operations are point-to-point messages, each operation's tagged with its sequence number and
   // its kind (never MPI's collectives). Ranks out of step (one failed a call alone; one abandoned an operation at
-  // its timeout and MPI still holds its sends) then wait for a tag that never comes and time out, naming the peers.
+  // its timeout and MPI still holds its sends) then fail, never abort the job: an operation pairs with no peer's of
+  // another kind or number, so it waits for its own and times out naming the peers; one that meets a peer's of its
+  // kind and number but another size fails on the size (MPI's truncation, returned through the duplicate's
+  // MPI_ERRORS_RETURN, or wait()'s check of each message's bytes). The numbers matter less than the kinds: a rank
+  // that abandons an operation makes no other, so a peer that skipped one can still meet it, as a collective would.
   // Collectives would pair different operations: an MPI_Iallgather that met a peer's abandoned MPI_Ialltoall
   // failed with MPI_ERR_TRUNCATE, and Open MPI 4 raised it on MPI_COMM_WORLD, whose handler aborts the job, not on
   // this duplicate's MPI_ERRORS_RETURN (seen on one H100, Open MPI 4.1.6: bitepGroupDestroy's window release after
