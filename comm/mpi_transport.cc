@@ -73,19 +73,7 @@ class MpiTransport final : public Transport {
     BITEP_CHECK(check_usable("allgather_host"));
     BITEP_ARG_CHECK(bytes <= INT_MAX, "internal: allgather_host of %zu bytes", bytes);
     coll_in_.assign(static_cast<const char*>(in), static_cast<const char*>(in) + bytes);
-    coll_out_.assign(bytes * nranks_, 0);
-    std::memcpy(coll_out_.data() + bytes * rank_, in, bytes);
-    const int tag = next_tag(kSlotAllgather);
-    BITEP_CHECK(run(
-        [&](Requests* q) -> bitepResult_t {
-          for (int pass = 0; pass < 2; ++pass)
-            for (int p = 0; p < nranks_; ++p)
-              if (p != rank_)
-                BITEP_CHECK(post(q, pass == 0, pass == 0 ? coll_out_.data() + bytes * p : coll_in_.data(),
-                                 static_cast<int>(bytes), p, tag));
-          return bitepSuccess;
-        },
-        timeout_s_, "an allgather (argument agreement)"));
+    BITEP_CHECK(exchange_blocks(bytes, 0, kSlotAllgather, timeout_s_, "an allgather (argument agreement)"));
     std::memcpy(out, coll_out_.data(), coll_out_.size());
     return bitepSuccess;
   }
@@ -96,19 +84,7 @@ class MpiTransport final : public Transport {
     const size_t row = sizeof(int32_t) * static_cast<size_t>(n), bytes = row * nranks_;
     BITEP_ARG_CHECK(row <= INT_MAX, "internal: exchange_counts of %d int32 per rank", n);
     coll_in_.assign(reinterpret_cast<const char*>(send), reinterpret_cast<const char*>(send) + bytes);
-    coll_out_.assign(bytes, 0);
-    std::memcpy(coll_out_.data() + row * rank_, coll_in_.data() + row * rank_, row);
-    const int tag = next_tag(kSlotCounts);
-    BITEP_CHECK(run(
-        [&](Requests* q) -> bitepResult_t {
-          for (int pass = 0; pass < 2; ++pass)
-            for (int p = 0; p < nranks_; ++p)
-              if (p != rank_)
-                BITEP_CHECK(post(q, pass == 0, (pass == 0 ? coll_out_.data() : coll_in_.data()) + row * p,
-                                 static_cast<int>(row), p, tag));
-          return bitepSuccess;
-        },
-        timeout_s, "the count exchange"));
+    BITEP_CHECK(exchange_blocks(row, row, kSlotCounts, timeout_s, "the count exchange"));
     std::memcpy(recv, coll_out_.data(), bytes);
     std::memcpy(recv_host, coll_out_.data(), bytes);
     return bitepSuccess;
@@ -194,6 +170,25 @@ class MpiTransport final : public Transport {
       abandon(&q);
       throw;
     }
+  }
+
+  // The allgather and the count exchange: each rank sends peer p `block` bytes of coll_in_ from send_stride * p (0:
+  // the same bytes to every peer), and coll_out_ (W blocks) gets rank q's at block * q, this rank's own included.
+  bitepResult_t exchange_blocks(size_t block, size_t send_stride, int slot, double timeout_s, const char* op) {
+    coll_out_.assign(block * nranks_, 0);
+    if (block > 0) std::memcpy(coll_out_.data() + block * rank_, coll_in_.data() + send_stride * rank_, block);
+    const int tag = next_tag(slot);
+    return run(
+        [&](Requests* q) -> bitepResult_t {
+          for (int pass = 0; pass < 2; ++pass)  // receives first, then sends
+            for (int p = 0; p < nranks_; ++p)
+              if (p != rank_)
+                BITEP_CHECK(post(q, pass == 0,
+                                 pass == 0 ? coll_out_.data() + block * p : coll_in_.data() + send_stride * p,
+                                 static_cast<int>(block), p, tag));
+          return bitepSuccess;
+        },
+        timeout_s, op);
   }
 
   // Posts one receive (recv) or send of len bytes at buf with peer p (room first: no request goes unrecorded).
