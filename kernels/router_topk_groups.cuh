@@ -84,13 +84,35 @@ __device__ __forceinline__ void keep_groups_of_octets(uint32_t (&key)[8 * NS],
     // is the first lane of the lowest group: a hit when that lane is one of the group's (gl).
     uint32_t gkey = nval[0] > 0 ? select_key(gsum) : kKeyNone;
     bool keep = false;
-    for (int r = 0; r < group_topk; ++r) {
-      const uint32_t gm = seg_max_u32<G>(gkey);
-      const bool eq = gkey == gm && gm != kKeyNone;
-      const uint32_t bal = __ballot_sync(kFullMask, eq) & seg;
-      const bool hit = (bal & (0u - bal) & gl) != 0u;
-      keep = keep || hit;
-      gkey = hit ? kKeyNone : gkey;
+    if constexpr (kV3) {
+      // DeepSeek-V3's 8 groups of 4 lanes: a group is kept when fewer than group_topk groups rank above it (a higher
+      // score, or the same and a lower group): what the rounds below keep, in two compares a lane (lane j of a group
+      // compares it with groups j and j + 4) and two ballots, not 4 rounds of a reduction and a ballot.
+      constexpr int kQ = kV3Shape.group_octets, kGroups = G / kQ;
+      static_assert(kGroups % kQ == 0, "each lane of a group compares it with kGroups / kQ groups");
+      // The lane read here (not the kernel's `sl`, which the compiler would keep, with what it derives, through the
+      // tile: ptxas spilled 4-8 bytes at the kernel's 40 registers).
+      uint32_t ln;
+      asm volatile("mov.u32 %0, %%laneid;" : "=r"(ln));
+      const int g = static_cast<int>(ln) / kQ;
+      int above = 0;
+#pragma unroll
+      for (int c = 0; c < kGroups / kQ; ++c) {
+        const int h = static_cast<int>(ln) % kQ + c * kQ;
+        const uint32_t hk = __shfl_sync(kFullMask, gkey, h * kQ);
+        const bool a = hk > gkey || (hk == gkey && h < g);
+        above += __popc(__ballot_sync(kFullMask, a) & (((1u << kQ) - 1u) << (kQ * g)));
+      }
+      keep = gkey != kKeyNone && above < group_topk;
+    } else {
+      for (int r = 0; r < group_topk; ++r) {
+        const uint32_t gm = seg_max_u32<G>(gkey);
+        const bool eq = gkey == gm && gm != kKeyNone;
+        const uint32_t bal = __ballot_sync(kFullMask, eq) & seg;
+        const bool hit = (bal & (0u - bal) & gl) != 0u;
+        keep = keep || hit;
+        gkey = hit ? kKeyNone : gkey;
+      }
     }
     if (!keep) {
 #pragma unroll

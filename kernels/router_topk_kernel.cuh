@@ -498,15 +498,36 @@ __global__ void __launch_bounds__(kBucketThreads,
     } else if constexpr (kKeysOnly) {
       uint32_t last = ~0u;  // the lane's last won key and its number of wins: its won set (won_mask)
       int wins = 0;
-      for_rounds<kK>(k, [&](int r) {
-        uint32_t gm;
-        int we = 0;
-        const bool win = segment_winner(ck[0], 0, gm, we);
-        last = win ? gm : last;
-        wins += win ? 1 : 0;
-        pop_keys<C>(win, ck);
-        if (win && ck[0] == kKeyNone && r + 1 < k) top_keys<N, C>(key, won_mask<N, Mask>(key, last, wins), ck);
-      });
+      bool exact_rounds = true;  // the rounds with the ballot and the lowest-lane rule
+      if constexpr (kV3) {
+        // DeepSeek-V3 (keys with the bias: exact ties between lanes are rare): rounds where every lane holding the
+        // maximum wins it, without the ballot and the lowest-lane rule. Each round has a winner, so the wins add up to
+        // k exactly when no round had two (and none was won by kKeyNone); else the rounds run again, exactly.
+        for_rounds<kK>(k, [&](int r) {
+          const uint32_t gm = seg_max_u32<G>(ck[0]);
+          const bool win = ck[0] == gm;
+          last = win ? gm : last;
+          wins += win ? 1 : 0;
+          pop_keys<C>(win, ck);
+          if (win && ck[0] == kKeyNone && r + 1 < k) top_keys<N, C>(key, won_mask<N, Mask>(key, last, wins), ck);
+        });
+        exact_rounds = __reduce_add_sync(kFullMask, static_cast<uint32_t>(wins)) != static_cast<uint32_t>(k);
+        if (exact_rounds) {
+          last = ~0u, wins = 0;
+          top_keys<N, C>(key, static_cast<Mask>(0), ck);
+        }
+      }
+      if (exact_rounds) {
+        for_rounds<kK>(k, [&](int r) {
+          uint32_t gm;
+          int we = 0;
+          const bool win = segment_winner(ck[0], 0, gm, we);
+          last = win ? gm : last;
+          wins += win ? 1 : 0;
+          pop_keys<C>(win, ck);
+          if (win && ck[0] == kKeyNone && r + 1 < k) top_keys<N, C>(key, won_mask<N, Mask>(key, last, wins), ck);
+        });
+      }
       taken = won_mask<N, Mask>(key, last, wins);
     } else {
       for_rounds<kK>(k, [&](int r) {
