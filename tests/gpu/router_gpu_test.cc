@@ -856,6 +856,44 @@ TEST(RouterGpu, OptionalOutputs) {
     }
 }
 
+// probs alone and saved alone from the kernels that stage the holders' dense rows in shared memory (the bf16 post-top-k
+// softmax at 8 lanes a token, E = 64, and at 32 lanes of two octets, E = 512; T = 333: a last partial tile at E = 64):
+// each array the bits it has when both are written, the map the same, nothing written past either.
+TEST(RouterGpu, ProbsOrSavedAloneFromTheStagedKernels) {
+  REQUIRE_GPU();
+  const int64_t T = 333;
+  for (int E : {64, 512}) {
+    const bitepRouterConfig_t cfg = make_config(E, 8, bitepScoreSoftmax, 0, bitepBfloat16);
+    const auto logits = make_logits(T, E, bitepBfloat16, 17 + E);
+    FwdSpec both;
+    both.map = bitepMapBitmapU8;
+    const FwdOut full = run_forward(bitepBackendCuda, cfg, T, logits, {}, both);
+    ASSERT_EQ(full.rc, bitepSuccess) << full.error;
+    EXPECT_TRUE(full.guards) << "E=" << E;
+    for (const bool probs : {true, false}) {
+      const std::string what = "E=" + std::to_string(E) + (probs ? " probs alone" : " saved alone");
+      FwdSpec one = both;
+      one.probs = probs;
+      one.saved = !probs;
+      const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, {}, one);
+      ASSERT_EQ(got.rc, bitepSuccess) << what << ": " << got.error;
+      EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 1) << what << ": the post-top-k softmax kernel";
+      EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, 8, bitepBfloat16, T, true)) << what;
+      EXPECT_TRUE(got.guards) << what << ": wrote past a buffer";
+      if (probs) {
+        ASSERT_EQ(got.probs.size(), full.probs.size()) << what;
+        EXPECT_EQ(count_bit_diffs(got.probs, full.probs), 0) << what;
+      } else {
+        ASSERT_EQ(got.saved.size(), full.saved.size()) << what;
+        EXPECT_EQ(count_bit_diffs(got.saved, full.saved), 0) << what;
+      }
+      EXPECT_EQ(got.map, full.map) << what;
+      EXPECT_EQ(got.indices, full.indices) << what;
+      EXPECT_EQ(count_bit_diffs(got.weights, full.weights), 0) << what;
+    }
+  }
+}
+
 // The compact outputs of the kernels that stage them in shared memory (every kernel but the post-top-k softmax's
 // holders), at many tiles a warp (fp16 logits: the any-path kernel's persistent grid, a warp's stage reused) and at one
 // (the spec kernels), E = 8 G NS or not, the last tile partly past T: each token's indices are its map's experts in
