@@ -782,7 +782,8 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
 // staged in shared memory at 8 lanes a token) and octet by octet where either is not: probs or saved 4 bytes off give
 // the aligned run's outputs, bit for bit, and write nothing past them. E = 64: 8 lanes a token, staged; 128: 8 lanes of
 // two octets for bf16 logits (staged; 16 lanes when misaligned), 16 for fp32; 200: a partial last octet; 256: one octet
-// a lane; 512: two. T = 333: a last partial tile.
+// a lane; 512: two. T = 333: a last partial tile. probs alone and saved alone give the same bits as when both are
+// written.
 TEST(RouterGpu, HolderOutputsMisaligned) {
   REQUIRE_GPU();
   TwoOctetsAtAnyCount two;  // bf16 E = 128 aligned: the four-token kernel's staged wide stores at T = 333
@@ -809,6 +810,27 @@ TEST(RouterGpu, HolderOutputsMisaligned) {
         EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, 8, dt, T, true, false)) << what;
         EXPECT_TRUE(got.guards) << what << ": wrote past a buffer";
         expect_same_outputs(got, want, what);
+      }
+      // probs alone and saved alone, aligned: the staged kernels (E = 64, and E = 512 for bf16) store each array by a
+      // path of its own.
+      for (const bool probs : {true, false}) {
+        const std::string what =
+            "E=" + std::to_string(E) + " " + dt_name(dt) + (probs ? " probs alone" : " saved alone");
+        FwdSpec one = aligned;
+        one.probs = probs;
+        one.saved = !probs;
+        const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, {}, one);
+        ASSERT_EQ(got.rc, bitepSuccess) << what << ": " << got.error;
+        EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 1) << what << ": the post-top-k softmax kernel";
+        EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, 8, dt, T, true)) << what;
+        EXPECT_TRUE(got.guards) << what << ": wrote past a buffer";
+        const std::vector<float>& array = probs ? got.probs : got.saved;
+        const std::vector<float>& want_array = probs ? want.probs : want.saved;
+        ASSERT_EQ(array.size(), want_array.size()) << what;
+        EXPECT_EQ(count_bit_diffs(array, want_array), 0) << what;
+        EXPECT_EQ(got.map, want.map) << what;
+        EXPECT_EQ(got.indices, want.indices) << what;
+        EXPECT_EQ(count_bit_diffs(got.weights, want.weights), 0) << what;
       }
     }
 }
@@ -854,44 +876,6 @@ TEST(RouterGpu, OptionalOutputs) {
       ASSERT_EQ(m.rc, bitepSuccess) << m.error;
       EXPECT_EQ(m.map, bitep::ref::pack_bitmap(full.map.data(), T, E)) << what;
     }
-}
-
-// probs alone and saved alone from the kernels that stage the holders' dense rows in shared memory (the bf16 post-top-k
-// softmax at 8 lanes a token, E = 64, and at 32 lanes of two octets, E = 512; T = 333: a last partial tile at E = 64):
-// each array the bits it has when both are written, the map the same, nothing written past either.
-TEST(RouterGpu, ProbsOrSavedAloneFromTheStagedKernels) {
-  REQUIRE_GPU();
-  const int64_t T = 333;
-  for (int E : {64, 512}) {
-    const bitepRouterConfig_t cfg = make_config(E, 8, bitepScoreSoftmax, 0, bitepBfloat16);
-    const auto logits = make_logits(T, E, bitepBfloat16, 17 + E);
-    FwdSpec both;
-    both.map = bitepMapBitmapU8;
-    const FwdOut full = run_forward(bitepBackendCuda, cfg, T, logits, {}, both);
-    ASSERT_EQ(full.rc, bitepSuccess) << full.error;
-    EXPECT_TRUE(full.guards) << "E=" << E;
-    for (const bool probs : {true, false}) {
-      const std::string what = "E=" + std::to_string(E) + (probs ? " probs alone" : " saved alone");
-      FwdSpec one = both;
-      one.probs = probs;
-      one.saved = !probs;
-      const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, {}, one);
-      ASSERT_EQ(got.rc, bitepSuccess) << what << ": " << got.error;
-      EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 1) << what << ": the post-top-k softmax kernel";
-      EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, 8, bitepBfloat16, T, true)) << what;
-      EXPECT_TRUE(got.guards) << what << ": wrote past a buffer";
-      if (probs) {
-        ASSERT_EQ(got.probs.size(), full.probs.size()) << what;
-        EXPECT_EQ(count_bit_diffs(got.probs, full.probs), 0) << what;
-      } else {
-        ASSERT_EQ(got.saved.size(), full.saved.size()) << what;
-        EXPECT_EQ(count_bit_diffs(got.saved, full.saved), 0) << what;
-      }
-      EXPECT_EQ(got.map, full.map) << what;
-      EXPECT_EQ(got.indices, full.indices) << what;
-      EXPECT_EQ(count_bit_diffs(got.weights, full.weights), 0) << what;
-    }
-  }
 }
 
 // The compact outputs of the kernels that stage them in shared memory (every kernel but the post-top-k softmax's
