@@ -29,7 +29,7 @@ def parse(path):
                 cur = None
                 continue
             fields = line.split()
-            if cur and len(fields) == 14 and fields[0].isdigit():
+            if cur and len(fields) in (14, 17) and fields[0].isdigit():  # 17: with the batch columns
                 if fields[13] != "0":
                     print("WRONG VALUES:", cur, line.rstrip())
                 key = tuple(fields[:8])  # T E k config dtype format pass mode

@@ -11,9 +11,12 @@
 //
 // Time: median over N (>= 100) iterations, one CUDA event pair each, queued behind a spin kernel so the
 // host's enqueue cost never shows; inputs and outputs rotate among enough buffer sets that the L2 does
-// not hold them. Floor: bytes the pass must move / the HBM bandwidth measured in the same run by a
-// large device-to-device cudaMemcpy (read + write counted). Stream: the same bytes moved by the best of four
-// plain copy kernels (stream_kernel) on the same buffers, timed the same way: what a kernel reaches at this size.
+// not hold them. Batch time (b-time): the same launches back to back, one event pair around each batch of
+// kBatch, the median batch over kBatch: the time a launch takes inside a stream of work, without the
+// per-launch event pair's drain and timestamp (an empty kernel's two times, printed in the header, show that cost).
+// Floor: bytes the pass must move / the HBM bandwidth measured in the same run by a large device-to-device cudaMemcpy
+// (read + write counted). Stream: the same bytes moved by the best of four plain copy kernels (stream_kernel) on the
+// same buffers, timed the same way: what a kernel reaches at this size.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -56,6 +59,8 @@ namespace {
   } while (0)
 
 // ---- kernels of the bench ----------------------------------------------------------------------
+
+__global__ void empty_kernel() {}
 
 __global__ void spin_kernel(unsigned long long ns) {
   unsigned long long t0, t;
@@ -197,7 +202,9 @@ struct Record {
   std::string config, dtype, format, pass, mode;
   double median_us, floor_us;
   int64_t wrong;
-  double stream_us;  // the same bytes by the best stream kernel
+  double stream_us;        // the same bytes by the best stream kernel
+  double batch_us;         // median_us's time of a launch in a batch of kBatch
+  double stream_batch_us;  // the best stream kernel's (by stream_us) the same way
 };
 
 using bitep::ref::gauss;
@@ -214,34 +221,43 @@ struct Timer {
   ~Timer() {
     for (auto& e : ev) cudaEventDestroy(e);
   }
-  // Median GPU time of run(i) in microseconds.
-  double median_us(const std::function<void(int)>& run) {
-    const int iters = static_cast<int>(ev.size()) - 1;
+  // Median GPU time of run(i) in microseconds: of one launch (per = 1), or of a launch in a batch of per back to back
+  // (one event pair a batch; N / per batches, at least 10).
+  double median_us(const std::function<void(int)>& run, int per = 1) {
+    const int marks = std::max(10, (static_cast<int>(ev.size()) - 1) / per);
+    if (marks + 1 > static_cast<int>(ev.size())) {
+      const size_t had = ev.size();
+      ev.resize(marks + 1);
+      for (size_t i = had; i < ev.size(); ++i) CK(cudaEventCreate(&ev[i]));
+    }
     for (int i = 0; i < 3; ++i) run(i);
     CK(cudaStreamSynchronize(stream));
     const auto h0 = std::chrono::steady_clock::now();
     for (int i = 0; i < 4; ++i) run(i);
     const double host_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - h0).count() / 4;
     CK(cudaStreamSynchronize(stream));
-    const double spin_us = std::min(500000.0, 1.5 * host_us * (iters + 2) + 200.0);
+    const double spin_us = std::min(500000.0, 1.5 * host_us * (marks * per + 2) + 200.0);
     spin_kernel<<<1, 1, 0, stream>>>(static_cast<unsigned long long>(spin_us * 1000.0));
     CK(cudaGetLastError());
     CK(cudaEventRecord(ev[0], stream));
-    for (int i = 0; i < iters; ++i) {
-      run(i);
+    for (int i = 0; i < marks; ++i) {
+      for (int j = 0; j < per; ++j) run(i * per + j);
       CK(cudaEventRecord(ev[i + 1], stream));
     }
     CK(cudaStreamSynchronize(stream));
-    std::vector<double> t(iters);
-    for (int i = 0; i < iters; ++i) {
+    std::vector<double> t(marks);
+    for (int i = 0; i < marks; ++i) {
       float ms = 0.0f;
       CK(cudaEventElapsedTime(&ms, ev[i], ev[i + 1]));
-      t[i] = 1000.0 * ms;
+      t[i] = 1000.0 * ms / per;
     }
-    std::nth_element(t.begin(), t.begin() + iters / 2, t.end());
-    return t[iters / 2];
+    std::nth_element(t.begin(), t.begin() + marks / 2, t.end());
+    return t[marks / 2];
   }
 };
+
+// Launches a batch time covers (Timer::median_us's per).
+constexpr int kBatch = 10;
 
 double hbm_gbps(cudaStream_t s) {
   const size_t bytes = size_t{1} << 30;
@@ -493,15 +509,18 @@ struct Args {
 };
 
 void print_header() {
-  std::printf("%8s %5s %3s %-12s %-5s %-16s %-4s %-10s %10s %10s %7s %10s %7s %7s\n", "T", "E", "k", "config", "dtype",
-              "format", "pass", "mode", "time(us)", "floor(us)", "%floor", "stream(us)", "%stream", "#wrong");
+  std::printf("%8s %5s %3s %-12s %-5s %-16s %-4s %-10s %10s %10s %7s %10s %7s %7s %10s %9s %10s\n", "T", "E", "k",
+              "config", "dtype", "format", "pass", "mode", "time(us)", "floor(us)", "%floor", "stream(us)", "%stream",
+              "#wrong", "b-time(us)", "%floor(b)", "%stream(b)");
 }
 
 void print_record(const Record& r) {
-  std::printf("%8lld %5d %3d %-12s %-5s %-16s %-4s %-10s %10.2f %10.2f %6.1f%% %10.2f %6.1f%% %7lld\n",
-              static_cast<long long>(r.T), r.E, r.k, r.config.c_str(), r.dtype.c_str(), r.format.c_str(),
-              r.pass.c_str(), r.mode.c_str(), r.median_us, r.floor_us, 100.0 * r.floor_us / r.median_us, r.stream_us,
-              100.0 * r.stream_us / r.median_us, static_cast<long long>(r.wrong));
+  std::printf(
+      "%8lld %5d %3d %-12s %-5s %-16s %-4s %-10s %10.2f %10.2f %6.1f%% %10.2f %6.1f%% %7lld %10.2f %8.1f%% %9.1f%%\n",
+      static_cast<long long>(r.T), r.E, r.k, r.config.c_str(), r.dtype.c_str(), r.format.c_str(), r.pass.c_str(),
+      r.mode.c_str(), r.median_us, r.floor_us, 100.0 * r.floor_us / r.median_us, r.stream_us,
+      100.0 * r.stream_us / r.median_us, static_cast<long long>(r.wrong), r.batch_us, 100.0 * r.floor_us / r.batch_us,
+      100.0 * r.stream_batch_us / r.batch_us);
   std::fflush(stdout);
 }
 
@@ -561,6 +580,17 @@ int main(int argc, char** argv) {
   const double gbps = hbm_gbps(stream);
   std::printf("# router_bench on %s (%d SMs, L2 %d MB): HBM copy %.0f GB/s (read + write), commit %s\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, gbps, args.commit.c_str());
+  double empty_us = 0.0, empty_batch_us = 0.0;
+  {
+    Timer t(args.iters, stream);
+    auto run = [&](int) {
+      empty_kernel<<<1, 32, 0, stream>>>();
+      CK(cudaGetLastError());
+    };
+    empty_us = t.median_us(run), empty_batch_us = t.median_us(run, kBatch);
+  }
+  std::printf("# an empty kernel, timed the same way: %.2f us a launch, %.2f us in a batch of %d (time, b-time)\n",
+              empty_us, empty_batch_us, kBatch);
   print_header();
 
   std::vector<int64_t> Ts = {4096, 16384, 65536};
@@ -755,30 +785,52 @@ int main(int argc, char** argv) {
             return static_cast<unsigned>(std::max<size_t>(1, (n + per_block - 1) / per_block));
           };
           const unsigned strided_blocks = std::min(grid(256), static_cast<unsigned>(prop.multiProcessorCount) * 32);
-          // The best of four shapes: one, two or four units a thread over the whole range, or a strided grid.
-          double best = timer.median_us([&](int i) {
-            stream_kernel<1><<<grid(256), 256, 0, stream>>>(args_of(sets[i % R]));
-            CK(cudaGetLastError());
-          });
-          best = std::min(best, timer.median_us([&](int i) {
-            stream_kernel<2><<<grid(512), 256, 0, stream>>>(args_of(sets[i % R]));
-            CK(cudaGetLastError());
-          }));
-          best = std::min(best, timer.median_us([&](int i) {
-            stream_kernel<4><<<grid(1024), 256, 0, stream>>>(args_of(sets[i % R]));
-            CK(cudaGetLastError());
-          }));
-          best = std::min(best, timer.median_us([&](int i) {
-            stream_kernel_strided<<<strided_blocks, 256, 0, stream>>>(args_of(sets[i % R]), n);
-            CK(cudaGetLastError());
-          }));
-          return best;
+          // The best of four shapes: one, two or four units a thread over the whole range, or a strided grid; its
+          // batch time beside it.
+          const std::function<void(int)> shapes[] = {
+              [&](int i) {
+                stream_kernel<1><<<grid(256), 256, 0, stream>>>(args_of(sets[i % R]));
+                CK(cudaGetLastError());
+              },
+              [&](int i) {
+                stream_kernel<2><<<grid(512), 256, 0, stream>>>(args_of(sets[i % R]));
+                CK(cudaGetLastError());
+              },
+              [&](int i) {
+                stream_kernel<4><<<grid(1024), 256, 0, stream>>>(args_of(sets[i % R]));
+                CK(cudaGetLastError());
+              },
+              [&](int i) {
+                stream_kernel_strided<<<strided_blocks, 256, 0, stream>>>(args_of(sets[i % R]), n);
+                CK(cudaGetLastError());
+              }};
+          double best = 0.0;
+          const std::function<void(int)>* best_shape = nullptr;
+          for (const auto& shape : shapes) {
+            const double us = timer.median_us(shape);
+            if (best_shape == nullptr || us < best) best = us, best_shape = &shape;
+          }
+          return std::make_pair(best, timer.median_us(*best_shape, kBatch));
         };
-        double stream_now = 0.0;  // the stream time of the rows being added
-        auto add = [&](const char* format, const char* pass, const char* mode, double us, double bytes, int64_t wrong) {
-          Record r{T,      E,         k,    cfg->name, dt == bitepFloat32 ? "fp32" : "bf16",
-                   format, pass,      mode, us,        bytes / (gbps * 1e3),
-                   wrong,  stream_now};
+        std::pair<double, double> stream_now{0.0, 0.0};  // the stream times (one launch, batch) of the rows being added
+        // A row: its launch's time, and the same launches' batch time.
+        auto add = [&](const char* format, const char* pass, const char* mode, const std::function<void(int)>& run,
+                       double bytes, int64_t wrong) {
+          const double us = timer.median_us(run), batch = timer.median_us(run, kBatch);
+          Record r{T,
+                   E,
+                   k,
+                   cfg->name,
+                   dt == bitepFloat32 ? "fp32" : "bf16",
+                   format,
+                   pass,
+                   mode,
+                   us,
+                   bytes / (gbps * 1e3),
+                   wrong,
+                   stream_now.first,
+                   batch,
+                   stream_now.second};
           print_record(r);
           records.push_back(r);
           total_wrong += wrong;
@@ -802,19 +854,21 @@ int main(int argc, char** argv) {
             stream_now =
                 te ? stream_us({{&Set::logits, TE * ds}}, {{&Set::probs, TE * 4}, {&Set::saved, TE * 4}, map_out})
                    : stream_us({{&Set::logits, TE * ds}}, {{&Set::weights, T * k * 4}, map_out});
-            const double us = timer.median_us([&](int i) { fwd(sets[i % R], te, fmt, false); });
             poison0();
             fwd(sets[0], te, fmt, false);
             CK(cudaStreamSynchronize(stream));
             const int64_t wrong = check_forward(chk, sets[0], te, bm ? sets[0].bitmap.p : sets[0].bytemap.p, bm);
-            add(bm ? "bitmap" : "bytemap", "fwd", mode, us, TE * ds + out_bytes + (bm ? T * rb : TE), wrong);
+            add(
+                bm ? "bitmap" : "bytemap", "fwd", mode, [&](int i) { fwd(sets[i % R], te, fmt, false); },
+                TE * ds + out_bytes + (bm ? T * rb : TE), wrong);
           }
-          const double us = timer.median_us([&](int i) { fwd(sets[i % R], te, bitepMapNone, true); });
           poison0();
           fwd(sets[0], te, bitepMapNone, true);
           CK(cudaStreamSynchronize(stream));
           const int64_t wrong = check_forward(chk, sets[0], te, sets[0].conv.p, true);
-          add("indices+convert", "fwd", mode, us, TE * ds + out_bytes + T * rb, wrong);
+          add(
+              "indices+convert", "fwd", mode, [&](int i) { fwd(sets[i % R], te, bitepMapNone, true); },
+              TE * ds + out_bytes + T * rb, wrong);
         }
         if (args.fwd_only) continue;
         // The maps and saved tensor of every set for the backward (TE-compatible forward, both formats).
@@ -830,7 +884,6 @@ int main(int argc, char** argv) {
                                     recompute ? Span{&Set::logits, TE * ds} : Span{&Set::saved, TE * 4},
                                     bm ? Span{&Set::bitmap, T * rb} : Span{&Set::bytemap, TE}},
                                    {{&Set::grad, TE * ds}});
-            const double us = timer.median_us([&](int i) { bwd(sets[i % R], recompute, fmt); });
             CK(cudaMemsetAsync(sets[0].grad.p, 0xff, sets[0].grad.bytes, stream));
             bwd(sets[0], recompute, fmt);
             CK(cudaStreamSynchronize(stream));
@@ -845,7 +898,9 @@ int main(int argc, char** argv) {
             };
             const double scores = cfg->pre ? TE * (recompute ? ds : 4.0) : routed(recompute ? ds : 4);
             const double bytes = routed(4) + scores + (bm ? T * rb : TE) + TE * ds;
-            add(bm ? "bitmap" : "bytemap", "bwd", recompute ? "recompute" : "saved", us, bytes, wrong);
+            add(
+                bm ? "bitmap" : "bytemap", "bwd", recompute ? "recompute" : "saved",
+                [&](int i) { bwd(sets[i % R], recompute, fmt); }, bytes, wrong);
           }
       }
 
@@ -858,18 +913,23 @@ int main(int argc, char** argv) {
     char date[32];
     const std::time_t now = std::time(nullptr);
     std::strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
-    std::fprintf(f, "{\"card\": \"%s\", \"date\": \"%s\", \"commit\": \"%s\", \"hbm_GBps\": %.1f, \"records\": [\n",
-                 prop.name, date, args.commit.c_str(), gbps);
+    std::fprintf(f,
+                 "{\"card\": \"%s\", \"date\": \"%s\", \"commit\": \"%s\", \"hbm_GBps\": %.1f, \"empty_us\": %.3f, "
+                 "\"empty_batch_us\": %.3f, \"batch\": %d, \"records\": [\n",
+                 prop.name, date, args.commit.c_str(), gbps, empty_us, empty_batch_us, kBatch);
     for (size_t i = 0; i < records.size(); ++i) {
       const Record& r = records[i];
       std::fprintf(
           f,
           "  {\"T\": %lld, \"E\": %d, \"k\": %d, \"config\": \"%s\", \"dtype\": \"%s\", \"format\": \"%s\", "
           "\"pass\": \"%s\", \"mode\": \"%s\", \"median_us\": %.3f, \"floor_us\": %.3f, \"pct_of_floor\": %.1f, "
-          "\"stream_us\": %.3f, \"pct_of_stream\": %.1f, \"wrong\": %lld}%s\n",
+          "\"stream_us\": %.3f, \"pct_of_stream\": %.1f, \"wrong\": %lld, \"batch_us\": %.3f, "
+          "\"pct_of_floor_batch\": %.1f, \"stream_batch_us\": %.3f, \"pct_of_stream_batch\": %.1f}%s\n",
           static_cast<long long>(r.T), r.E, r.k, r.config.c_str(), r.dtype.c_str(), r.format.c_str(), r.pass.c_str(),
           r.mode.c_str(), r.median_us, r.floor_us, 100.0 * r.floor_us / r.median_us, r.stream_us,
-          100.0 * r.stream_us / r.median_us, static_cast<long long>(r.wrong), i + 1 < records.size() ? "," : "");
+          100.0 * r.stream_us / r.median_us, static_cast<long long>(r.wrong), r.batch_us,
+          100.0 * r.floor_us / r.batch_us, r.stream_batch_us, 100.0 * r.stream_batch_us / r.batch_us,
+          i + 1 < records.size() ? "," : "");
     }
     std::fprintf(f, "]}\n");
     std::fclose(f);
