@@ -199,13 +199,14 @@ __global__ void __launch_bounds__(kBucketThreads,
   };
   // One array's rows at a time, from one address each side. (Slot by slot under a test per slot and array, the compiler
   // sank each slot's shared address into its own branch and computed it again there: ~8 instructions of each slot's
-  // ~10, 138 of a tile's 822 at E = 128, ncu.)
+  // ~10, 138 of a tile's 822 at E = 128, ncu.) Streaming stores (st.global.cs: the rows are not read again in this
+  // launch): H100, 3 interleaved runs, T = 16384 E = 512 TE-compatible 0.99x, the other rows 0.99-1.01x ("Router v56").
   [[maybe_unused]] auto store_staged = [&](Idx row0) {
     auto rows = [&](const float4* from, float* to) {
       const float4* src = from + staged_at(0, 0);
       float4* dst = reinterpret_cast<float4*>(to + row0 + 4 * sl);
 #pragma unroll
-      for (int i = 0; i < 2 * NS; ++i) dst[i * G] = src[i * G];  // slot i / 2, half i % 2
+      for (int i = 0; i < 2 * NS; ++i) __stcs(dst + i * G, src[i * G]);  // slot i / 2, half i % 2
     };
     if (p.probs != nullptr) rows(stage_p, p.probs);
     if (p.saved != nullptr) rows(stage_s, p.saved);
