@@ -11,9 +11,9 @@
 //
 // Time: median over N (>= 100) iterations, one CUDA event pair each, queued behind a spin kernel so the
 // host's enqueue cost never shows; inputs and outputs rotate among enough buffer sets that the L2 does
-// not hold them. Batch time (b-time): the same launches back to back, one event pair around each batch of
-// kBatch, the median batch over kBatch: the time a launch takes inside a stream of work, without the
-// per-launch event pair's drain and timestamp (an empty kernel's two times, printed in the header, show that cost).
+// not hold them. Batch time (b-time): the same launches back to back, one event pair around each batch of kBatch
+// launches, the median batch's time / kBatch: the time a launch takes inside a stream of work, without the per-launch
+// event pair's drain and timestamp (an empty kernel's two times, printed in the header, show that cost).
 // Floor: bytes the pass must move / the HBM bandwidth measured in the same run by a large device-to-device cudaMemcpy
 // (read + write counted). Stream: the same bytes moved by the best of four plain copy kernels (stream_kernel) on the
 // same buffers, timed the same way: what a kernel reaches at this size.
