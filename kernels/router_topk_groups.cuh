@@ -3,7 +3,8 @@
 // of its best per_group selection keys, in selection order from 0.0f, and only the best group_topk groups' experts stay
 // candidates; the others' keys become kKeyNone, and the lane's cache of its best keys (router_topk_select.cuh) is
 // filled again from those left. Groups of a power of two of octets (step 3), and groups of any width at one octet a
-// lane (step 3b). Included by router_topk_kernel.cuh alone (for router_topk.cu); in an anonymous namespace.
+// lane (step 3b). Included by router_topk_kernel.cuh alone (for router_topk_bucket.cuh); in an anonymous
+// namespace.
 #pragma once
 
 #include <climits>

@@ -16,8 +16,9 @@
 //
 // The kernel (router_forward_bucket) and its per-launch constants (FwdLayout). Its instances and their rules:
 // router_topk_spec.cuh; the selection's building blocks: router_topk_select.cuh, and its group-limited routing (steps 3
-// and 3b): router_topk_groups.cuh; the launch: router_topk.cu, which
-// alone includes this file (an anonymous namespace: its own copy of the device code).
+// and 3b): router_topk_groups.cuh; the launch: router_topk.cu picks the bucket, and router_topk_bucket.cuh, which alone
+// includes this file, the instance (an anonymous namespace: each kernels/router_topk_g<G>x<NS>.cu has its own copy of
+// the device code and compiles its bucket's instances).
 #pragma once
 
 #include <climits>

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // The forward kernel's top-k selection (kernels/router_topk_kernel.cuh): each lane's cache of its best keys and the
-// rounds (the group scores: router_topk_groups.cuh). Included by router_topk_kernel.cuh alone (for router_topk.cu); in
-// an anonymous namespace.
+// rounds (the group scores: router_topk_groups.cuh). Included by router_topk_kernel.cuh alone (for
+// router_topk_bucket.cuh); in an anonymous namespace.
 #pragma once
 
 #include "kernels/router_common.cuh"

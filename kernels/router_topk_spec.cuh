@@ -2,7 +2,7 @@
 // The forward kernel's instances (kernels/router_topk_kernel.cuh): the score paths compiled in (FwdSpec) and their
 // constants, and the compile-time rules that give each instance its blocks an SM, its keys, its k = 8 twin and its
 // wide stores, each with the measurement that chose it. Included by router_topk_kernel.cuh
-// alone (for router_topk.cu); in an anonymous namespace.
+// alone (for router_topk_bucket.cuh); in an anonymous namespace.
 #pragma once
 
 #include "kernels/router.h"

@@ -144,10 +144,11 @@ gpu_step() { STRICT_SKIPS=1 step "$@"; }
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-# abpatch: each patched tree is copied and built in the background beside the main build, whose time is mostly one
-# large translation unit (router_topk.cu). On one H200's 16 cores the tests build beside three router_bench builds took
-# 183 s, against ~100-110 s alone and ~70-100 s for each router_bench build after it. The abpatch phase waits for them
-# and records each build as a step.
+# abpatch: each patched tree is copied and built in the background beside the main build. Until the router forward's
+# instances were split by bucket (kernels/router_topk_g*.cu) the main build's time was mostly that one translation unit
+# (router_topk.cu): on one H200's 16 cores the tests built beside three router_bench builds in 183 s, against ~100-110 s
+# alone and ~70-100 s for each router_bench build after it; on one H100 a router_bench build with two patched ones took
+# 162-224 s. The abpatch phase waits for them and records each build as a step.
 IFS=';' read -ra APS <<<"${AB_PATCHES:-}"
 # AB_CMD may hold several argument lists of one benchmark, '|' between them ("router_bench --topk 32 | router_bench
 # --topk 8"): each run of a build runs them all, in order, under one "# abpatch run" line.

@@ -1,0 +1,12 @@
+// SPDX-License-Identifier: Apache-2.0
+// Fused router forward, the bucket of 2 lanes a token (E 9-16): its instances and their launch
+// (router_topk_bucket.cuh).
+#include "kernels/router_topk_bucket.cuh"
+
+namespace bitep::kernels::router_detail {
+
+cudaError_t launch_forward_g2x1(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream) {
+  return launch_forward_bucket<2, 1>(p, group_octets, group_size, stream);
+}
+
+}  // namespace bitep::kernels::router_detail

@@ -1,0 +1,42 @@
+// SPDX-License-Identifier: Apache-2.0
+// Fused router forward, the launch split by bucket (router_common.cuh bucket_of): router_topk.cu picks the
+// warp-per-token kernel or the generic one and calls the bucket's entry below; each kernels/router_topk_g<G>x<NS>.cu
+// compiles one bucket's instances (router_topk_bucket.cuh), so the buckets' ~140 instances build in parallel, not in
+// one translation unit.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "kernels/router_params.h"
+
+namespace bitep::kernels::router_detail {
+
+// What the last forward launch on the calling thread ran (kernels/router.h, last_router_forward_*): the kernel
+// (FwdSpec; -1 none or the generic kernel), its compiled k (0: runtime k), lanes a token, keys cached a lane, and
+// whether it is the whole-octets instance. Defined in router_topk.cu, written by the bucket's launch.
+struct ForwardLaunchRecord {
+  int kernel = -1;
+  int topk = 0;
+  int lanes = 0;
+  int cache = 0;
+  bool whole_octets = false;
+};
+extern thread_local ForwardLaunchRecord t_forward_record;
+
+// One bucket's launch, for a call the warp-per-token kernel takes (router_topk.cu): group_octets and group_size as
+// FwdLayout's (0 where there are no groups).
+using ForwardBucketLaunch = cudaError_t (*)(const RouterForwardParams& p,
+                                            int group_octets,
+                                            int group_size,
+                                            cudaStream_t stream);
+cudaError_t launch_forward_g1x1(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+cudaError_t launch_forward_g2x1(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+cudaError_t launch_forward_g4x1(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+cudaError_t launch_forward_g8x1(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+cudaError_t launch_forward_g16x1(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+cudaError_t launch_forward_g32x1(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+cudaError_t launch_forward_g32x2(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+cudaError_t launch_forward_g32x4(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+cudaError_t launch_forward_g32x8(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+
+}  // namespace bitep::kernels::router_detail
