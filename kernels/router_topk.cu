@@ -33,9 +33,9 @@ int aligned_group_octets(const RouterForwardParams& p, int lanes) {
 }
 
 // Groups that are not whole octets the warp-per-token kernel also takes (the kernel's step 3b, kAnyWidthGroups: the
-// pre-top-k softmax's and the normalised sigmoid's kernels, from 8 lanes a token; launch_bucket sends the rest to the
-// generic kernel): at one octet a lane (E <= 256), at least 8 experts a group (an octet meets at most two) and a
-// group's score of one or two keys (a pair merge).
+// pre-top-k softmax's and the normalised sigmoid's kernels, from 8 lanes a token; router_topk_bucket.cuh's
+// launch_bucket sends the rest to the generic kernel): at one octet a lane (E <= 256), at least 8 experts a group (an
+// octet meets at most two) and a group's score of one or two keys (a pair merge).
 bool unaligned_groups(const RouterForwardParams& p) {
   return p.num_experts <= 256 && p.num_experts / p.num_groups >= 8 && p.topk / p.group_topk <= 2;
 }

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Fused router forward, the launch split by bucket (router_common.cuh bucket_of): router_topk.cu picks the
 // warp-per-token kernel or the generic one and calls the bucket's entry below; each kernels/router_topk_g<G>x<NS>.cu
-// compiles one bucket's instances (router_topk_bucket.cuh), so the buckets' ~140 instances build in parallel, not in
+// compiles one bucket's instances (router_topk_bucket.cuh), so the buckets' 135 instances build in parallel, not in
 // one translation unit.
 #pragma once
 
