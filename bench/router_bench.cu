@@ -222,14 +222,9 @@ struct Timer {
     for (auto& e : ev) cudaEventDestroy(e);
   }
   // Median GPU time of run(i) in microseconds: of one launch (per = 1), or of a launch in a batch of per back to back
-  // (one event pair a batch; N / per batches, at least 10).
+  // (one event pair a batch; N / per batches: at least 10 for per <= kBatch, N being at least 100).
   double median_us(const std::function<void(int)>& run, int per = 1) {
-    const int marks = std::max(10, (static_cast<int>(ev.size()) - 1) / per);
-    if (marks + 1 > static_cast<int>(ev.size())) {
-      const size_t had = ev.size();
-      ev.resize(marks + 1);
-      for (size_t i = had; i < ev.size(); ++i) CK(cudaEventCreate(&ev[i]));
-    }
+    const int marks = (static_cast<int>(ev.size()) - 1) / per;
     for (int i = 0; i < 3; ++i) run(i);
     CK(cudaStreamSynchronize(stream));
     const auto h0 = std::chrono::steady_clock::now();
