@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Router backward of the post-top-k softmax (TE's default) from its routed experts, either tensor: the kernel
-// router_backward.cu's launch_bucket takes from 4 octets a lane (E > 512), and from 2 (E > 256) for the recompute.
+// router_backward_bucket.cuh's launch_bucket takes from 4 octets a lane (E > 512), and from 2 (E > 256) for the
+// recompute.
 #include <atomic>
 
 #include "kernels/router.h"

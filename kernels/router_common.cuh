@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Helpers shared by the router kernels (router_topk.cu, router_generic.cu, router_backward.cu,
-// router_aux_loss.cu): selection keys, score functions, the lane layout of a row, octet loads and
+// Helpers shared by the router kernels (the forward's router_topk_*.cu, router_generic.cu, the backward's
+// router_backward*.cu, router_aux_loss.cu): selection keys, score functions, the lane layout of a row, octet loads and
 // stores, segment reductions, cached device properties. Internal to the kernels: the launcher contract
 // is kernels/router.h.
 //

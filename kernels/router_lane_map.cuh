@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// The routing map at a lane's octets, for the post-top-k softmax's backward kernels (router_backward.cu's kSparse
-// bucket kernel and router_backward_routed.cu): the warp-per-token layout of router_common.cuh, the map read a tile
-// ahead of its use. Internal to the kernels.
+// The routing map at a lane's octets, for the post-top-k softmax's backward kernels (the kSparse bucket kernel of
+// router_backward_bucket.cuh and router_backward_routed.cu): the warp-per-token layout of router_common.cuh, the map
+// read a tile ahead of its use. Internal to the kernels.
 #pragma once
 
 #include <cstdint>
