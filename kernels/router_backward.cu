@@ -28,11 +28,6 @@ using namespace router_detail;
 
 constexpr int kGenericThreads = 256;
 
-// The buckets' entries, in bucket_of's order (router_common.cuh kBucketLanes).
-constexpr BackwardBucketLaunch kBackwardBuckets[kNumBuckets] = {
-    launch_backward_g1x1,  launch_backward_g2x1,  launch_backward_g4x1,  launch_backward_g8x1, launch_backward_g16x1,
-    launch_backward_g32x1, launch_backward_g32x2, launch_backward_g32x4, launch_backward_g32x8};
-
 // One block per token (E > 2048); the reductions are the generic forward's (router_generic.cu).
 __global__ void __launch_bounds__(kGenericThreads) router_backward_generic(const RouterBackwardParams p) {
   __shared__ float scratch[32];
@@ -121,7 +116,9 @@ cudaError_t launch_router_backward(const RouterBackwardParams& p, cudaStream_t s
   t_backward_kernel = -2;
   if (p.num_tokens <= 0) return cudaSuccess;
   const int bucket = bucket_of(p.num_experts);
-  if (bucket >= 0) return kBackwardBuckets[bucket](p, stream);
+  if (bucket >= 0)
+    return with_bucket(
+        bucket, [&](auto g, auto ns) { return launch_backward<decltype(g)::value, decltype(ns)::value>(p, stream); });
   int sms = 0;
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;

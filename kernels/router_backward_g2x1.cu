@@ -4,7 +4,8 @@
 
 namespace bitep::kernels::router_detail {
 
-cudaError_t launch_backward_g2x1(const RouterBackwardParams& p, cudaStream_t stream) {
+template <>
+cudaError_t launch_backward<2, 1>(const RouterBackwardParams& p, cudaStream_t stream) {
   return launch_bucket<2, 1>(p, stream);
 }
 

@@ -5,7 +5,8 @@
 
 namespace bitep::kernels::router_detail {
 
-cudaError_t launch_backward_g32x1(const RouterBackwardParams& p, cudaStream_t stream) {
+template <>
+cudaError_t launch_backward<32, 1>(const RouterBackwardParams& p, cudaStream_t stream) {
   return launch_bucket<32, 1>(p, stream);
 }
 

@@ -5,7 +5,8 @@
 
 namespace bitep::kernels::router_detail {
 
-cudaError_t launch_backward_g8x1(const RouterBackwardParams& p, cudaStream_t stream) {
+template <>
+cudaError_t launch_backward<8, 1>(const RouterBackwardParams& p, cudaStream_t stream) {
   return launch_bucket<8, 1>(p, stream);
 }
 

@@ -14,16 +14,28 @@ namespace bitep::kernels::router_detail {
 // router_backward.cu, written by the launch.
 extern thread_local int t_backward_kernel;
 
-// One bucket's launch, for a call the warp-per-token kernels take (E <= 2048).
-using BackwardBucketLaunch = cudaError_t (*)(const RouterBackwardParams& p, cudaStream_t stream);
-cudaError_t launch_backward_g1x1(const RouterBackwardParams& p, cudaStream_t stream);
-cudaError_t launch_backward_g2x1(const RouterBackwardParams& p, cudaStream_t stream);
-cudaError_t launch_backward_g4x1(const RouterBackwardParams& p, cudaStream_t stream);
-cudaError_t launch_backward_g8x1(const RouterBackwardParams& p, cudaStream_t stream);
-cudaError_t launch_backward_g16x1(const RouterBackwardParams& p, cudaStream_t stream);
-cudaError_t launch_backward_g32x1(const RouterBackwardParams& p, cudaStream_t stream);
-cudaError_t launch_backward_g32x2(const RouterBackwardParams& p, cudaStream_t stream);
-cudaError_t launch_backward_g32x4(const RouterBackwardParams& p, cudaStream_t stream);
-cudaError_t launch_backward_g32x8(const RouterBackwardParams& p, cudaStream_t stream);
+// One bucket's launch (G lanes a token, NS octets a lane), for a call the warp-per-token kernels take (E <= 2048). Each
+// bucket's specialization is defined in its kernels/router_backward_g<G>x<NS>.cu; router_backward.cu calls it through
+// with_bucket (router_common.cuh), so the buckets' shapes have one table.
+template <int G, int NS>
+cudaError_t launch_backward(const RouterBackwardParams& p, cudaStream_t stream);
+template <>
+cudaError_t launch_backward<1, 1>(const RouterBackwardParams& p, cudaStream_t stream);
+template <>
+cudaError_t launch_backward<2, 1>(const RouterBackwardParams& p, cudaStream_t stream);
+template <>
+cudaError_t launch_backward<4, 1>(const RouterBackwardParams& p, cudaStream_t stream);
+template <>
+cudaError_t launch_backward<8, 1>(const RouterBackwardParams& p, cudaStream_t stream);
+template <>
+cudaError_t launch_backward<16, 1>(const RouterBackwardParams& p, cudaStream_t stream);
+template <>
+cudaError_t launch_backward<32, 1>(const RouterBackwardParams& p, cudaStream_t stream);
+template <>
+cudaError_t launch_backward<32, 2>(const RouterBackwardParams& p, cudaStream_t stream);
+template <>
+cudaError_t launch_backward<32, 4>(const RouterBackwardParams& p, cudaStream_t stream);
+template <>
+cudaError_t launch_backward<32, 8>(const RouterBackwardParams& p, cudaStream_t stream);
 
 }  // namespace bitep::kernels::router_detail

@@ -17,11 +17,6 @@ namespace {
 
 using namespace router_detail;
 
-// The buckets' entries, in bucket_of's order (router_common.cuh kBucketLanes).
-constexpr ForwardBucketLaunch kForwardBuckets[kNumBuckets] = {
-    launch_forward_g1x1,  launch_forward_g2x1,  launch_forward_g4x1,  launch_forward_g8x1, launch_forward_g16x1,
-    launch_forward_g32x1, launch_forward_g32x2, launch_forward_g32x4, launch_forward_g32x8};
-
 // Groups the warp-per-token kernel takes: whole octets per group, a power of two of them, within one
 // slot of lanes.
 int aligned_group_octets(const RouterForwardParams& p, int lanes) {
@@ -62,7 +57,10 @@ cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t str
   const bool unaligned = groups && q == 0 && unaligned_groups(p);
   if (bucket < 0 || p.topk > kMaxBucketTopk || (groups && q == 0 && !unaligned))
     return launch_router_forward_generic(p, stream);
-  return kForwardBuckets[bucket](p, groups ? q : 0, unaligned ? p.num_experts / p.num_groups : 0, stream);
+  const int group_octets = groups ? q : 0, group_size = unaligned ? p.num_experts / p.num_groups : 0;
+  return with_bucket(bucket, [&](auto g, auto ns) {
+    return launch_forward<decltype(g)::value, decltype(ns)::value>(p, group_octets, group_size, stream);
+  });
 }
 
 }  // namespace bitep::kernels

@@ -5,7 +5,8 @@
 
 namespace bitep::kernels::router_detail {
 
-cudaError_t launch_forward_g32x4(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream) {
+template <>
+cudaError_t launch_forward<32, 4>(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream) {
   return launch_forward_bucket<32, 4>(p, group_octets, group_size, stream);
 }
 

@@ -23,20 +23,29 @@ struct ForwardLaunchRecord {
 };
 extern thread_local ForwardLaunchRecord t_forward_record;
 
-// One bucket's launch, for a call the warp-per-token kernel takes (router_topk.cu): group_octets and group_size as
-// FwdLayout's (0 where there are no groups).
-using ForwardBucketLaunch = cudaError_t (*)(const RouterForwardParams& p,
-                                            int group_octets,
-                                            int group_size,
-                                            cudaStream_t stream);
-cudaError_t launch_forward_g1x1(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
-cudaError_t launch_forward_g2x1(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
-cudaError_t launch_forward_g4x1(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
-cudaError_t launch_forward_g8x1(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
-cudaError_t launch_forward_g16x1(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
-cudaError_t launch_forward_g32x1(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
-cudaError_t launch_forward_g32x2(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
-cudaError_t launch_forward_g32x4(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
-cudaError_t launch_forward_g32x8(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+// One bucket's launch (G lanes a token, NS octets a lane), for a call the warp-per-token kernel takes (router_topk.cu):
+// group_octets and group_size as FwdLayout's (0 where there are no groups). Each bucket's specialization is defined in
+// its kernels/router_topk_g<G>x<NS>.cu; router_topk.cu calls it through with_bucket (router_common.cuh), so the
+// buckets' shapes have one table.
+template <int G, int NS>
+cudaError_t launch_forward(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+template <>
+cudaError_t launch_forward<1, 1>(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+template <>
+cudaError_t launch_forward<2, 1>(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+template <>
+cudaError_t launch_forward<4, 1>(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+template <>
+cudaError_t launch_forward<8, 1>(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+template <>
+cudaError_t launch_forward<16, 1>(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+template <>
+cudaError_t launch_forward<32, 1>(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+template <>
+cudaError_t launch_forward<32, 2>(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+template <>
+cudaError_t launch_forward<32, 4>(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
+template <>
+cudaError_t launch_forward<32, 8>(const RouterForwardParams& p, int group_octets, int group_size, cudaStream_t stream);
 
 }  // namespace bitep::kernels::router_detail
