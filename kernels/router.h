@@ -13,7 +13,8 @@ namespace bitep::kernels {
 cudaError_t launch_router_forward(const RouterForwardParams& params, cudaStream_t stream);
 cudaError_t launch_router_backward(const RouterBackwardParams& params, cudaStream_t stream);
 // The post-top-k softmax's backward from its routed experts (router_backward_routed.cu), which
-// launch_router_backward takes at 2 octets a lane and more (E > 256): cudaErrorInvalidValue below that.
+// launch_router_backward takes for the recompute from 2 octets a lane (E > 256) and for the saved mode from 4
+// (E > 512): cudaErrorInvalidValue for other shapes.
 cudaError_t launch_router_backward_routed(const RouterBackwardParams& params, cudaStream_t stream);
 cudaError_t launch_aux_loss_forward(const AuxLossParams& params, cudaStream_t stream);
 cudaError_t launch_aux_loss_backward(const AuxLossParams& params, cudaStream_t stream);

@@ -220,18 +220,19 @@ cudaError_t launch_t(const RouterBackwardParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-// The shapes launch_bucket gives it: 2 octets a lane and more (32 lanes a token); else cudaErrorInvalidValue.
+// The shapes launch_bucket gives it: the recompute from 2 octets a lane, the saved mode from 4 (at 2 it takes the
+// kSparse bucket kernel, so no instance of it is compiled here); else cudaErrorInvalidValue.
 cudaError_t launch_router_backward_routed(const RouterBackwardParams& p, cudaStream_t stream) {
   return with_bucket(bucket_of(p.num_experts), [&](auto g, auto ns) {
     constexpr int G = decltype(g)::value, NS = decltype(ns)::value;
     if constexpr (NS >= 2) {
       const bool f32 = p.logits_dtype == DType::kF32;
-      if (p.saved != nullptr)
+      if (p.saved == nullptr)
+        return f32 ? launch_t<G, NS, true, false>(p, stream) : launch_t<G, NS, false, false>(p, stream);
+      if constexpr (NS >= 4)
         return f32 ? launch_t<G, NS, true, true>(p, stream) : launch_t<G, NS, false, true>(p, stream);
-      return f32 ? launch_t<G, NS, true, false>(p, stream) : launch_t<G, NS, false, false>(p, stream);
-    } else {
-      return cudaErrorInvalidValue;
     }
+    return cudaErrorInvalidValue;
   });
 }
 

@@ -59,26 +59,21 @@ inline int blocks_per_sm(const void* kernel, int threads, std::atomic<int>* cach
   return n;
 }
 
-// Bucket of the warp-per-token kernels for E experts: index into {lanes, slots}; -1: generic kernel.
-// Up to 256 experts a lane holds one octet and G = ceil(octets) lanes (several tokens per warp when
-// E < 256); above, 32 lanes hold 2, 4 or 8 octets each.
+// The buckets' shapes: lanes a token (G) and octets a lane (NS). One octet a lane up to 256 experts; above, 32 lanes of
+// 2, 4 or 8 octets.
+constexpr int kBucketLanes[kNumBuckets] = {1, 2, 4, 8, 16, 32, 32, 32, 32};
+constexpr int kBucketSlots[kNumBuckets] = {1, 1, 1, 1, 1, 1, 2, 4, 8};
+
+// Bucket of the warp-per-token kernels for E experts: the first whose G NS octets hold E's; -1: the generic kernel.
 inline int bucket_of(int num_experts) {
   if (num_experts > kMaxBucketExperts) return -1;
   const int octets = (num_experts + 7) / 8;
-  if (octets <= 1) return 0;
-  if (octets <= 2) return 1;
-  if (octets <= 4) return 2;
-  if (octets <= 8) return 3;
-  if (octets <= 16) return 4;
-  if (octets <= 32) return 5;
-  if (octets <= 64) return 6;
-  if (octets <= 128) return 7;
-  if (octets <= 256) return 8;
+  for (int b = 0; b < kNumBuckets; ++b)
+    if (octets <= kBucketLanes[b] * kBucketSlots[b]) return b;
   return -1;
 }
-
-// Lanes per token (G) of each bucket; slots per lane (NS) are 1 up to bucket 5, then 2, 4, 8.
-constexpr int kBucketLanes[kNumBuckets] = {1, 2, 4, 8, 16, 32, 32, 32, 32};
+static_assert(kBucketLanes[kNumBuckets - 1] * kBucketSlots[kNumBuckets - 1] * 8 == kMaxBucketExperts,
+              "the last bucket holds kMaxBucketExperts");
 
 // Calls f(std::integral_constant<int, G>{}, std::integral_constant<int, NS>{}) for the bucket's shape,
 // so each launcher instantiates its kernel per bucket from one table. An invalid bucket: cudaErrorInvalidValue.
@@ -87,27 +82,28 @@ cudaError_t with_bucket(int bucket, F&& f) {
   using std::integral_constant;
   switch (bucket) {
     case 0:
-      return f(integral_constant<int, 1>{}, integral_constant<int, 1>{});
+      return f(integral_constant<int, kBucketLanes[0]>{}, integral_constant<int, kBucketSlots[0]>{});
     case 1:
-      return f(integral_constant<int, 2>{}, integral_constant<int, 1>{});
+      return f(integral_constant<int, kBucketLanes[1]>{}, integral_constant<int, kBucketSlots[1]>{});
     case 2:
-      return f(integral_constant<int, 4>{}, integral_constant<int, 1>{});
+      return f(integral_constant<int, kBucketLanes[2]>{}, integral_constant<int, kBucketSlots[2]>{});
     case 3:
-      return f(integral_constant<int, 8>{}, integral_constant<int, 1>{});
+      return f(integral_constant<int, kBucketLanes[3]>{}, integral_constant<int, kBucketSlots[3]>{});
     case 4:
-      return f(integral_constant<int, 16>{}, integral_constant<int, 1>{});
+      return f(integral_constant<int, kBucketLanes[4]>{}, integral_constant<int, kBucketSlots[4]>{});
     case 5:
-      return f(integral_constant<int, 32>{}, integral_constant<int, 1>{});
+      return f(integral_constant<int, kBucketLanes[5]>{}, integral_constant<int, kBucketSlots[5]>{});
     case 6:
-      return f(integral_constant<int, 32>{}, integral_constant<int, 2>{});
+      return f(integral_constant<int, kBucketLanes[6]>{}, integral_constant<int, kBucketSlots[6]>{});
     case 7:
-      return f(integral_constant<int, 32>{}, integral_constant<int, 4>{});
+      return f(integral_constant<int, kBucketLanes[7]>{}, integral_constant<int, kBucketSlots[7]>{});
     case 8:
-      return f(integral_constant<int, 32>{}, integral_constant<int, 8>{});
+      return f(integral_constant<int, kBucketLanes[8]>{}, integral_constant<int, kBucketSlots[8]>{});
     default:
       return cudaErrorInvalidValue;
   }
 }
+static_assert(kNumBuckets == 9, "with_bucket has a case for each bucket");
 
 // BITMAP_U8 bytes of a row of n bits (router_params.h's bitmap_bytes, callable on the device).
 __host__ __device__ constexpr int map_bytes_of(int n) { return (n + 7) / 8; }
@@ -435,7 +431,7 @@ __device__ __forceinline__ int group_min_i32(int v, int q) {
 // divides).
 // The sum is lane-local in element order, then a butterfly over the segment: the any-path forward and
 // the backward call this same code on the same layout, so the saved tensor and its recomputation are
-// bit-identical there (the post-top-k softmax forward kernels sum in round order instead: router_topk.cu,
+// bit-identical there (the post-top-k softmax forward kernels sum in round order instead: router_topk_kernel.cuh,
 // the holders). Elements outside the mask are unchanged.
 // kDense: no branch per element: every element's exp is taken (independent chains the scheduler
 // interleaves; the backward's recompute, 2-6% faster there) and the unmasked ones are left out of the

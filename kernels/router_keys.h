@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// A lane's selection keys in the warp-per-token router (kernels/router_topk.cu): the cache of its best keys and
+// A lane's selection keys in the warp-per-token router (kernels/router_topk_select.cuh): the cache of its best keys and
 // the set of its keys it has won, from its last won key and its number of wins. Plain C++ that compiles for the
 // host too, so tests/unit/router_keys_test.cc checks these against a brute-force top-k without a GPU.
 #pragma once

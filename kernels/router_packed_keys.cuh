@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// The bf16 post-top-k softmax kernels' selection keys ("packed", kernels/router_topk.cu): a bf16 value's
+// The bf16 post-top-k softmax kernels' selection keys ("packed", kernels/router_topk_kernel.cuh): a bf16 value's
 // selection key has 16 significant bits (its top half), so the low half carries 0xffff - expert and every key
 // of a row is unique, ordered as the selection order (value, then the lower expert; NaN lowest: top half 0,
 // still above kKeyNone = 0). A round is then one max reduction whose result names its expert: no ballot, no tie

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // Router parameters shared by the host reference (src/host/router_host.cc) and the CUDA kernels
-// (kernels/router_topk.cu). Plain C++: no CUDA types. All pointers live on the backend's memory.
+// (kernels/router_topk*.cu, router_backward*.cu). Plain C++: no CUDA types. All pointers live on the backend's memory.
 #pragma once
 
 #include <cstdint>

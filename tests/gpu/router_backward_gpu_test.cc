@@ -65,10 +65,10 @@ TEST(RouterGpu, BackwardMisalignedInputs) {
 }
 
 // The post-top-k softmax's gradient is 0 at every expert a token did not route to, and its backward reads only the
-// routed octets or experts (kernels/router_backward.cu: kSparse; kernels/router_backward_routed.cu): NaN in grad_probs,
-// the saved tensor and the logits at every unrouted expert leaves grad_logits as it is, bit for bit, in both modes and
-// map formats. E = 64: 8 lanes a token; 100: a partial last octet; 256: one octet a lane; 512: two (the saved mode
-// kSparse, the recompute the routed kernel); 2048: eight (the routed kernel). T = 333: a last partial tile.
+// routed octets or experts (kernels/router_backward_bucket.cuh: kSparse; kernels/router_backward_routed.cu): NaN in
+// grad_probs, the saved tensor and the logits at every unrouted expert leaves grad_logits as it is, bit for bit, in
+// both modes and map formats. E = 64: 8 lanes a token; 100: a partial last octet; 256: one octet a lane; 512: two (the
+// saved mode kSparse, the recompute the routed kernel); 2048: eight (the routed kernel). T = 333: a last partial tile.
 TEST(RouterGpu, BackwardIgnoresUnroutedInputs) {
   REQUIRE_GPU();
   const int64_t T = 333;
@@ -122,13 +122,13 @@ TEST(RouterGpu, BackwardIgnoresUnroutedInputs) {
 
 // The post-top-k softmax recompute at one octet a lane (E 33-256) takes bf16 logits' exps unshifted where a token's
 // sum lands in [2^-64, 2^64], and the routed maximum's pass for the tokens of a warp that fall outside
-// (kernels/router_backward.cu). Consecutive tokens' logits take offsets of 0 and +-30 (inside: sums of e^36 and e^-24,
-// the unshifted exps' error the largest it gets), +-60 and +-200 (outside), or are stretched 40x (routed values ~100
-// apart, sums past 2^64), and every other +30 token has grad_probs of ~1e25 (its D past FLT_MAX unshifted), so E = 64's
-// four tokens a warp and E = 100's two mix both kinds; both dtypes (fp32 always shifts). E = 300, 512 and 1000 take
-// the same tokens through the routed kernel (kernels/router_backward_routed.cu, always shifted). Against the host and
-// the any-path kernel within the gradient tolerance, finite, 0 at every unrouted expert, nothing written past
-// grad_logits.
+// (kernels/router_backward_bucket.cuh). Consecutive tokens' logits take offsets of 0 and +-30 (inside: sums of e^36
+// and e^-24, the unshifted exps' error the largest it gets), +-60 and +-200 (outside), or are stretched 40x (routed
+// values ~100 apart, sums past 2^64), and every other +30 token has grad_probs of ~1e25 (its D past FLT_MAX
+// unshifted), so E = 64's four tokens a warp and E = 100's two mix both kinds; both dtypes (fp32 always shifts).
+// E = 300, 512 and 1000 take the same tokens through the routed kernel (kernels/router_backward_routed.cu, always
+// shifted). Against the host and the any-path kernel within the gradient tolerance, finite, 0 at every unrouted
+// expert, nothing written past grad_logits.
 TEST(RouterGpu, BackwardRecomputeLogitRanges) {
   REQUIRE_GPU();
   const int64_t T = 333;

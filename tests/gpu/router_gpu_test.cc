@@ -605,9 +605,9 @@ int64_t weights_outside(const std::vector<float>& got, const std::vector<float>&
   return bad;
 }
 
-// The kernels compiled for one score path (kernels/router_topk_spec.cuh FwdSpec, router_backward.cu BwdSpec) give
-// the any-path kernels' outputs, which the other tests hold to the host reference: the same bits for every
-// map, index and gradient but two; the forward's post-top-k softmax weights (probs, saved, topk_weights) within
+// The kernels compiled for one score path (kernels/router_topk_spec.cuh FwdSpec, router_backward_bucket.cuh BwdSpec)
+// give the any-path kernels' outputs, which the other tests hold to the host reference: the same bits for every map,
+// index and gradient but two; the forward's post-top-k softmax weights (probs, saved, topk_weights) within
 // weights_outside's bound where k fits the lanes of a token (the holders sum in round order), the same bits
 // past it; the post-top-k softmax's recomputed gradient at E 33-256 within the gradient tolerance (its sum and dot
 // product in one butterfly, its exps by __expf, for bf16 logits unshifted where the sums allow). E = 64: 8 lanes a
@@ -749,9 +749,10 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           EXPECT_TRUE(bwd.guards) << what << ": backward wrote past grad_logits";
           if (fused_recompute) {
             // The post-top-k softmax recompute's own kernel (E 33-256) takes its sum and its dot product in one
-            // butterfly, its exps by __expf, unshifted for bf16 where the sums allow (kernels/router_backward.cu):
-            // the any-path kernel's gradient within the tolerance the grid holds both to against the host
-            // (tests/gpu/router_gpu_test.h), NaN and infinities where it has them. The differing elements are counted.
+            // butterfly, its exps by __expf, unshifted for bf16 where the sums allow
+            // (kernels/router_backward_bucket.cuh): the any-path kernel's gradient within the tolerance the grid holds
+            // both to against the host (tests/gpu/router_gpu_test.h), NaN and infinities where it has them. The
+            // differing elements are counted.
             std::vector<uint8_t> bytemap(static_cast<size_t>(T) * E);
             const int row = fmt == bitepMapBitmapU8 ? (E + 7) / 8 : E;
             for (int64_t t = 0; t < T; ++t)

@@ -6,7 +6,7 @@
 // Tolerances, per row, against the host backend on the same inputs, or else against the fp64 oracle (the
 // host sums in sequence in fp32 and drifts on long rows of similar values, where the kernels' tree sums
 // stay closer to exact). GPU and host differ only in summation order and in the device's expf / log1pf (and
-// __expf: the post-top-k softmax recompute at E 33-256, kernels/router_backward.cu; exp2f of (x - m) log2e: the
+// __expf: the post-top-k softmax recompute at E 33-256, kernels/router_backward_bucket.cuh; exp2f of (x - m) log2e: the
 // pre-top-k softmax, kernels/router_common.cuh softmax_exp),
 // so the bounds scale with the width w of the sums: w = E for the pre-top-k softmax and the aux-score
 // normalisation, w = k for the post-top-k softmax and the sigmoid / sqrtsoftplus normalisation;

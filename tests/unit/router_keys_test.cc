@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // The warp-per-token router's key cache and won sets (kernels/router_keys.h), on the host: top_keys against a
-// sort, won_mask on hand-made lanes, and the keys-only top-k rounds of kernels/router_topk.cu (one octet a
+// sort, won_mask on hand-made lanes, and the keys-only top-k rounds of kernels/router_topk_select.cuh (one octet a
 // lane: the segment's best head key, the lowest lane holding it wins and pops it, a lane refills from the keys
 // it has not won when its cache runs dry, its selection is its won set) against a brute-force top-k (key
 // descending, then the lower expert; key 0 is no candidate), on rows full of equal keys.
