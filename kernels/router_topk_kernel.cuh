@@ -116,7 +116,6 @@ __global__ void __launch_bounds__(kBucketThreads,
 
   // kStaged: each warp's rows of probs and saved ([tokens of the warp][E] floats each), as float4 (staged_float4s).
   constexpr bool kStaged = staged_float4s<G, NS, kF32, kWideRows>() > 1;
-  static_assert(!kStaged || !kF32, "the staged instances are bf16 ones (staged_float4s)");
   __shared__ float4 stage[staged_float4s<G, NS, kF32, kWideRows>()];
   static_assert(!kStaged || staged_float4s<G, NS, kF32, kWideRows>() == kWarps * 2 * 64 * NS, "the staging's size");
   [[maybe_unused]] float4* const stage_p = stage + (kStaged ? warp * 2 * 64 * NS : 0);

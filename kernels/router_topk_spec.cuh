@@ -171,12 +171,12 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 // before the row's work, 4-10%; E = 512 in both dtypes, after it, bf16 5%, fp32 1.4-1.9%). fp32 logits at E = 64-256
 // (0.6-2.8% slower), bf16 at E = 256 and E = 2048 measured even or slower, E = 1024 was not measured; a launch
 // without probs and saved (compact outputs) takes the other instance, whose code is the kernel without the stores
-// (the wide one measured 4% slower there at E = 512). bench/NOTES.md, "Router v11" and "v12". bf16 at E = 256 staged
-// (v58): H100, T = 16384 / 65536 TE-compatible 0.86-0.93x ("Router v58").
+// (the wide one measured 4% slower there at E = 512). bench/NOTES.md, "Router v11" and "v12". E = 256 staged
+// (H100, T = 16384 / 65536 TE-compatible): bf16 0.86-0.93x (v58), fp32 0.96-0.98x (v61; "Router v58 and v61").
 template <int G, int NS, bool kF32, FwdSpec kSpec>
 constexpr bool wide_rows_kernel() {
   return holders_spec(kSpec) && kWideStores &&
-         (G < 32 ? (NS == 1 || (G == 8 && NS == 2)) && !kF32 : NS == 2 || (NS == 1 && !kF32 && kStageRows));
+         (G < 32 ? (NS == 1 || (G == 8 && NS == 2)) && !kF32 : NS == 2 || (NS == 1 && kStageRows));
 }
 
 // The kernels whose compact outputs (ascending expert order) go through a stage in the dynamic shared memory, a uint2
@@ -188,12 +188,13 @@ constexpr bool compact_stage_kernel() {
 }
 
 // float4s of shared memory the kernel stages its dense rows in (kStaged in the kernel: the wide-stores instances at 8
-// lanes a token, and bf16's at 32 lanes of one and two octets): [warps][probs, saved][tokens of the warp x E floats]; 1
-// where it stages nothing.
+// lanes a token, those at 32 lanes of one octet, and bf16's at 32 lanes of two): [warps][probs, saved][tokens of the
+// warp x E floats]; 1 where it stages nothing.
 template <int G, int NS, bool kF32, bool kWideRows>
 constexpr int staged_float4s() {
-  return kWideRows && kStageRows && (G == 8 || (G == 32 && NS <= 2 && !kF32)) ? kBucketThreads / kWarpSize * 2 * 64 * NS
-                                                                              : 1;
+  return kWideRows && kStageRows && (G == 8 || (G == 32 && (NS == 1 || (NS == 2 && !kF32))))
+             ? kBucketThreads / kWarpSize * 2 * 64 * NS
+             : 1;
 }
 
 // The spec kernels with an instance for k = 8 (the rounds unrolled: no loop counter, branch or refill test in the
