@@ -19,6 +19,7 @@
 #include <climits>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "kernels/device_info.cuh"
 #include "kernels/router_params.h"
@@ -77,33 +78,20 @@ static_assert(kBucketLanes[kNumBuckets - 1] * kBucketSlots[kNumBuckets - 1] * 8 
 
 // Calls f(std::integral_constant<int, G>{}, std::integral_constant<int, NS>{}) for the bucket's shape,
 // so each launcher instantiates its kernel per bucket from one table. An invalid bucket: cudaErrorInvalidValue.
+template <typename F, int... B>
+cudaError_t with_bucket_of(int bucket, F&& f, std::integer_sequence<int, B...>) {
+  cudaError_t err = cudaErrorInvalidValue;
+  (void)((bucket == B ? (err = f(std::integral_constant<int, kBucketLanes[B]>{},
+                                 std::integral_constant<int, kBucketSlots[B]>{}),
+                         true)
+                      : false) ||
+         ...);
+  return err;
+}
 template <typename F>
 cudaError_t with_bucket(int bucket, F&& f) {
-  using std::integral_constant;
-  switch (bucket) {
-    case 0:
-      return f(integral_constant<int, kBucketLanes[0]>{}, integral_constant<int, kBucketSlots[0]>{});
-    case 1:
-      return f(integral_constant<int, kBucketLanes[1]>{}, integral_constant<int, kBucketSlots[1]>{});
-    case 2:
-      return f(integral_constant<int, kBucketLanes[2]>{}, integral_constant<int, kBucketSlots[2]>{});
-    case 3:
-      return f(integral_constant<int, kBucketLanes[3]>{}, integral_constant<int, kBucketSlots[3]>{});
-    case 4:
-      return f(integral_constant<int, kBucketLanes[4]>{}, integral_constant<int, kBucketSlots[4]>{});
-    case 5:
-      return f(integral_constant<int, kBucketLanes[5]>{}, integral_constant<int, kBucketSlots[5]>{});
-    case 6:
-      return f(integral_constant<int, kBucketLanes[6]>{}, integral_constant<int, kBucketSlots[6]>{});
-    case 7:
-      return f(integral_constant<int, kBucketLanes[7]>{}, integral_constant<int, kBucketSlots[7]>{});
-    case 8:
-      return f(integral_constant<int, kBucketLanes[8]>{}, integral_constant<int, kBucketSlots[8]>{});
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_bucket_of(bucket, std::forward<F>(f), std::make_integer_sequence<int, kNumBuckets>{});
 }
-static_assert(kNumBuckets == 9, "with_bucket has a case for each bucket");
 
 // BITMAP_U8 bytes of a row of n bits (router_params.h's bitmap_bytes, callable on the device).
 __host__ __device__ constexpr int map_bytes_of(int n) { return (n + 7) / 8; }
