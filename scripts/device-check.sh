@@ -326,8 +326,11 @@ san_each() {
 export BUILD GPU_SAN_FILTER
 export -f san_each
 sanitize_one_gpu() {  # the single-GPU sanitizer passes
-  gpu_step "gpu tests under compute-sanitizer memcheck" "$1" bash -c 'san_each memcheck'
-  gpu_step "gpu tests under compute-sanitizer racecheck" "$1" bash -c 'san_each racecheck'
+  # SAN_TOOLS (space-separated; default "memcheck racecheck") picks the tools, for a call short of device time.
+  local tool
+  for tool in ${SAN_TOOLS:-memcheck racecheck}; do
+    gpu_step "gpu tests under compute-sanitizer $tool" "$1" bash -c "san_each $tool"
+  done
   [ "${SAN_MULTIRANK:-1}" = 0 ] && return 0  # SAN_MULTIRANK=0: the single-GPU tests alone (a router-only change)
   gpu_step "multirank cuda np1 memcheck" "$1" \
     mpirun -np 1 -x BITEP_TEST_TIMEOUT_S=180 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
