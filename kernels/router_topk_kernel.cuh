@@ -234,9 +234,10 @@ __global__ void __launch_bounds__(kBucketThreads,
   // kOctets: E a multiple of 8 below that, each slot a whole octet or none) of
   // 16-byte aligned logits: every slot valid, so the partial tiles' and misaligned rows' tests compile out (a tile of
   // the staged E = 128 kernel 750 -> 655 warp instructions, ncu). In the one-pass kernels, but not where the holders
-  // store dense rows from registers (post-top-k softmax with probs or saved written, unstaged: E 129-256, and E = 128
-  // at 16 lanes), where it measured 1.02-1.09x slower; elsewhere 0.90-0.99x, fp32 post-top-k within
-  // 1-2% either way (H200, bench/NOTES.md, "Router v40"); the staged bf16 E = 512 kernel 0.98-0.99x ("Router v42").
+  // store dense rows from registers (post-top-k softmax with probs or saved written, unstaged: E 129-256 then, before
+  // v58 and v61 staged it, and E = 128 at 16 lanes), where it measured 1.02-1.09x slower; elsewhere 0.90-0.99x, fp32
+  // post-top-k within 1-2% either way (H200, bench/NOTES.md, "Router v40"); the staged bf16 E = 512 kernel 0.98-0.99x
+  // ("Router v42").
   constexpr bool kWholeTiles = kOnePass && (kStaged || !kWideRows);  // unstaged wide instances: dense rows always
   const bool whole_tiles = kStaged || !holders_spec(kSpec) || (p.probs == nullptr && p.saved == nullptr);
   auto tile_body = [&](const Idx tile, auto whole) {

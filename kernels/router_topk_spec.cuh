@@ -33,19 +33,21 @@ constexpr bool kHolderSoftmax = BITEP_ROUTER_FWD_HOLDERS != 0;
 #endif
 constexpr bool kWideStores = BITEP_ROUTER_FWD_WIDE_STORES != 0;
 
-// The wide-stores instances at 8 lanes a token (E 33-64, and bf16 E = 128 at two octets a lane: two_octet_post) and,
-// for bf16 logits, at 32 lanes of two octets (E 257-512) stage their dense rows in shared memory (kStaged in the
-// kernel): each lane writes its whole-sector slots there as unselected, the holders write their weights over them, and
-// the lanes store the rows from there, so each sector of probs and saved is written once, whole (the holders' stores
-// were k partial sectors a token and array over the sectors the wide stores had written). H200, min of two repeats:
-// bf16 TE-compatible E = 64 T = 65536 0.94-0.95x, T = 16384 0.98-1.01x (two calls); at 16 lanes a token (E = 128
-// then) 1.01-1.03x slower, and with every post-top-k kernel wide and staged up to 1.14x slower (fp32 E = 128, bf16 E =
-// 256 1.12x) (bench/NOTES.md, "Router v15"; E = 128 at 8 lanes: "Router v31"). E = 512, even in v15 (bf16 0.99-1.03x,
-// fp32 0.99-1.00x), since the staged rows' stores from one address (v39) and whole tiles (v40): bf16 0.96-0.97x (T =
-// 16384 26.82 -> 25.82 us), of which whole tiles 0.98-0.99x; fp32 (its loop kept, no whole tiles) 0.985-1.00x at T >=
-// 16384 but 1.02-1.04x slower at T = 4096, so it stays unstaged ("Router v42"). fp32 at 8 lanes measured 1.03-1.05x
-// slower at E = 64 and, at four tokens a warp at E = 128, 1.03-1.06x slower at T = 16384 for 0.98x at 65536 ("Router
-// v41"): bf16 alone there. BITEP_ROUTER_FWD_STAGED=0 (a tuning build) stores as the other shapes do.
+// The wide-stores instances at 8 lanes a token (E 33-64, and bf16 E = 128 at two octets a lane: two_octet_post), at 32
+// lanes of one octet (E 129-256, both dtypes: v58 and v61 below) and, for bf16 logits, at 32 lanes of two octets (E
+// 257-512) stage their dense rows in shared memory (kStaged in the kernel): each lane writes its whole-sector slots
+// there as unselected, the holders write their weights over them, and the lanes store the rows from there, so each
+// sector of probs and saved is written once, whole (the holders' stores were k partial sectors a token and array over
+// the sectors the wide stores had written). H200, min of two repeats: bf16 TE-compatible E = 64 T = 65536 0.94-0.95x, T
+// = 16384 0.98-1.01x (two calls); at 16 lanes a token (E = 128 then) 1.01-1.03x slower, and with every post-top-k
+// kernel wide and staged up to 1.14x slower (fp32 E = 128, bf16 E = 256 1.12x) (bench/NOTES.md, "Router v15"; E = 128
+// at 8 lanes: "Router v31"). E = 512, even in v15 (bf16 0.99-1.03x, fp32 0.99-1.00x), since the staged rows' stores
+// from one address (v39) and whole tiles (v40): bf16 0.96-0.97x (T = 16384 26.82 -> 25.82 us), of which whole tiles
+// 0.98-0.99x; fp32 (its loop kept, no whole tiles) 0.985-1.00x at T >= 16384 but 1.02-1.04x slower at T = 4096, so it
+// stays unstaged ("Router v42"). fp32 at 8 lanes measured 1.03-1.05x slower at E = 64 and, at four tokens a warp at E =
+// 128, 1.03-1.06x slower at T = 16384 for 0.98x at 65536 ("Router v41"): bf16 alone there. E 129-256, H100,
+// TE-compatible T = 16384 / 65536: bf16 0.86-0.93x (v58), fp32 0.96-0.98x (v61; "Router v58-v61").
+// BITEP_ROUTER_FWD_STAGED=0 (a tuning build) stores as the other shapes do.
 #ifndef BITEP_ROUTER_FWD_STAGED
 #define BITEP_ROUTER_FWD_STAGED 1
 #endif
@@ -83,8 +85,9 @@ constexpr int min_blocks() {
   // under the general rule's bounds (4 and 3 blocks), and the E = 64 pre-top-k TE-compatible rows ran 1.03-1.05x
   // slower (H200, bench/NOTES.md, "Router v43").
   if (kPreOrNorm && N <= 16 && !kConstK) return N <= 8 ? 5 : 4;
-  // With the holders' wide stores the bf16 post-top-k kernels of one octet a lane keep the occupancy they have
-  // without them (ptxas gave them 37-39 registers where they have 32).
+  // The post-top-k kernels of one octet a lane with the holders' wide stores take 8 blocks (32 registers): the bf16
+  // ones keep the occupancy they have without them (ptxas gave them 37-39 registers), and the fp32 staged one at 32
+  // lanes (v61) takes it too, without a spill.
   if (N <= 8 && kWideRows) return 8;
   // The instances for k = 8 (kconst_kernel) keep the occupancy of their runtime-k twins, which ptxas gives 32
   // registers (post-top-k softmax; fp32 at 16 lanes a token 40), 44-48 (pre-top-k softmax, sigmoid) and 64
@@ -171,8 +174,8 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 // before the row's work, 4-10%; E = 512 in both dtypes, after it, bf16 5%, fp32 1.4-1.9%). fp32 logits at E = 64-256
 // (0.6-2.8% slower), bf16 at E = 256 and E = 2048 measured even or slower, E = 1024 was not measured; a launch
 // without probs and saved (compact outputs) takes the other instance, whose code is the kernel without the stores
-// (the wide one measured 4% slower there at E = 512). bench/NOTES.md, "Router v11" and "v12". E = 256 staged
-// (H100, T = 16384 / 65536 TE-compatible): bf16 0.86-0.93x (v58), fp32 0.96-0.98x (v61; "Router v58 and v61").
+// (the wide one measured 4% slower there at E = 512). bench/NOTES.md, "Router v11" and "v12". E 129-256 in both dtypes
+// where the rows are staged (kStageRows above: v58 and v61).
 template <int G, int NS, bool kF32, FwdSpec kSpec>
 constexpr bool wide_rows_kernel() {
   return holders_spec(kSpec) && kWideStores &&
