@@ -86,13 +86,13 @@ constexpr int min_blocks() {
   // slower (H200, bench/NOTES.md, "Router v43").
   if (kPreOrNorm && N <= 16 && !kConstK) return N <= 8 ? 5 : 4;
   // The post-top-k kernels of one octet a lane with the holders' wide stores take 8 blocks (32 registers): the bf16
-  // ones keep the occupancy they have without them (ptxas gave them 37-39 registers), and the fp32 staged one at 32
-  // lanes (v61) takes it too, without a spill.
+  // ones keep the occupancy they have without them (ptxas gave them 37-39 registers), and the fp32 staged ones take it
+  // too: at 32 lanes (v61) without a spill, at 8 lanes for k = 6 (v63b) with 8 bytes spilled.
   if (N <= 8 && kWideRows) return 8;
-  // The instances for k = 8 (kconst_kernel) keep the occupancy of their runtime-k twins, which ptxas gives 32
-  // registers (post-top-k softmax; fp32 at 16 lanes a token 40), 44-48 (pre-top-k softmax, sigmoid) and 64
+  // The instances for a fixed k (kconst_kernel) keep the occupancy of their runtime-k twins, which ptxas gives 32
+  // registers (post-top-k softmax; fp32 at 8 and 16 lanes a token 40), 44-48 (pre-top-k softmax, sigmoid) and 64
   // (the same at two octets a lane); unrolled, it gave them up to 5 more.
-  if (kConstK && N <= 8) return kPostSpec ? (kF32 && G == 16 ? 6 : 8) : 5;
+  if (kConstK && N <= 8) return kPostSpec ? (kF32 && G <= 16 ? 6 : 8) : 5;
   // The post-top-k kernels at half the bucket's lanes and two octets a lane (two_octet_post; k = 8 alone): the bf16
   // instances (E 65-256) take 40 registers at 6 blocks, the fp32 one (E 129-256) 48 at 5, no spill (at 4 blocks it
   // took 62 registers and was 0.5-1.5% slower; at 6 it spills).
@@ -175,11 +175,13 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 // (0.6-2.8% slower), bf16 at E = 256 and E = 2048 measured even or slower, E = 1024 was not measured; a launch
 // without probs and saved (compact outputs) takes the other instance, whose code is the kernel without the stores
 // (the wide one measured 4% slower there at E = 512). bench/NOTES.md, "Router v11" and "v12". E 129-256 in both dtypes
-// where the rows are staged (kStageRows above: v58 and v61).
+// where the rows are staged (kStageRows above: v58 and v61), and fp32 at E 33-64 staged (v63b on the H100: 0.93x on the
+// T = 65536 TE-compatible row, 70% -> 75% of the floor; unstaged, v41a on the H200 had been 1.03-1.05x slower).
 template <int G, int NS, bool kF32, FwdSpec kSpec>
 constexpr bool wide_rows_kernel() {
   return holders_spec(kSpec) && kWideStores &&
-         (G < 32 ? (NS == 1 || (G == 8 && NS == 2)) && !kF32 : NS == 2 || (NS == 1 && kStageRows));
+         (G < 32 ? (NS == 1 || (G == 8 && NS == 2)) && (!kF32 || (G == 8 && NS == 1 && kStageRows))
+                 : NS == 2 || (NS == 1 && kStageRows));
 }
 
 // The kernels whose compact outputs (ascending expert order) go through a stage in the dynamic shared memory, a uint2
@@ -200,16 +202,18 @@ constexpr int staged_float4s() {
              : 1;
 }
 
-// The spec kernels with an instance for k = 8 (the rounds unrolled: no loop counter, branch or refill test in the
-// last round): one octet a lane at 16 and 32 lanes a token and two at 32 (E 65-128, 129-256, 257-512), where
-// k = 8 is the common case (the benchmark's E = 128, 256, DeepSeek-V3 and 512 rows). BITEP_ROUTER_FWD_KCONST=0 (a
-// tuning build) compiles none.
+// The spec kernels with an instance for a fixed k (the rounds unrolled: no loop counter, branch or refill test in the
+// last round): k = 8 at one octet a lane at 16 and 32 lanes a token and two at 32 (E 65-128, 129-256, 257-512), where
+// k = 8 is the common case (the benchmark's E = 128, 256, DeepSeek-V3 and 512 rows), and k = 6 at 8 lanes a token
+// (E 33-64, the issue's E = 64 rows; router v63 on the H100: 0.86-0.93x on the T = 65536 compact rows, the
+// TE-compatible ones even). BITEP_ROUTER_FWD_KCONST=0 (a tuning build) compiles none.
 #ifndef BITEP_ROUTER_FWD_KCONST
 #define BITEP_ROUTER_FWD_KCONST 1
 #endif
 template <int G, int NS, FwdSpec kSpec>
 constexpr int kconst_kernel() {
   if (BITEP_ROUTER_FWD_KCONST == 0 || kSpec == FwdSpec::kAny) return 0;
+  if (G == 8 && NS == 1) return 6;
   return (G == 32 && NS <= 2) || (G == 16 && NS == 1) ? 8 : 0;
 }
 

@@ -269,6 +269,7 @@ bitepRouterConfig_t make_config(int E, int k, bitepScoreFunction_t fn, int pre, 
 }
 
 int want_topk_instance(int kernel, int E, int k, bitepDataType_t dt) {
+  if (kernel > 0 && k == 6 && E > 32 && E <= 64) return 6;  // 8 lanes a token: the instance for k = 6
   const bool compact_only = dt == bitepBfloat16 && kernel == 1 && E > 128 && E <= 256;
   return kernel > 0 && k == 8 && E > 64 && E <= 512 && !compact_only ? 8 : 0;
 }

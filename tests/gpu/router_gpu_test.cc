@@ -286,6 +286,7 @@ TEST(RouterGpu, WholeOctetsBelowTheBucket) {
                     C{192, 8, bitepScoreSigmoid, 0, 3, 2},   // groups of 8 octets (step 3), 24 of 32 lanes
                     C{96, 4, bitepScoreSigmoid, 0, 4, 2},    // 16 lanes a token, groups of 24 (step 3b)
                     C{48, 4, bitepScoreSoftmax, 1, 0, 0},    // 8 lanes a token, 6 of them
+                    C{48, 6, bitepScoreSigmoid, 0, 0, 0},    // the same, the instance for k = 6
                     C{256, 8, bitepScoreSigmoid, 0, 0, 0},   // the bucket's width: not this instance
                     C{100, 8, bitepScoreSoftmax, 1, 0, 0}})  // E % 8 != 0: not this instance
     for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
@@ -613,11 +614,12 @@ int64_t weights_outside(const std::vector<float>& got, const std::vector<float>&
 // product in one butterfly, its exps by __expf, for bf16 logits unshifted where the sums allow). E = 64: 8 lanes a
 // token; 100: 16 lanes, E % 8 != 0; 128: 16 lanes, whole rows (the holders' wide stores); 256: one octet a lane; 512:
 // two (the backward staged); 1000: four; 2048: eight. k: 8, and for the post-top-k softmax also 1, 3, the lanes (G) and
-// G + 1. The pre-top-k softmax and the normalised sigmoid also with groups (8 of them, 4 kept: a group is an octet at E
-// = 64, four lanes at 256, eight octets over two slots at 512; E = 100, 2 of 4 groups of 25, takes the generic kernel),
-// expert bias, a scaling factor and the dispatch-layout epilogue (4 ranks). The post-top-k softmax at k = 8 again at
-// two octets a lane (at any count), where its rule takes the outputs (bf16: E = 100 and 256 compact, E = 128 both ways;
-// fp32: E = 256 compact): the bits of the bucket's kernel.
+// G + 1; at E = 64 also 6 on the three paths without groups (the instances for k = 6). The pre-top-k softmax and the
+// normalised sigmoid also with groups (8 of them, 4 kept: a group is an octet at E = 64, four lanes at 256, eight
+// octets over two slots at 512; E = 100, 2 of 4 groups of 25, takes the generic kernel), expert bias, a scaling factor
+// and the dispatch-layout epilogue (4 ranks). The post-top-k softmax at k = 8 again at two octets a lane (at any
+// count), where its rule takes the outputs (bf16: E = 100 and 256 compact, E = 128 both ways; fp32: E = 256 compact):
+// the bits of the bucket's kernel.
 TEST(RouterGpu, SpecKernelsMatchAnyPath) {
   REQUIRE_GPU();
   const int64_t T = 333;
@@ -630,12 +632,14 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
   const Path paths[] = {
       {bitepScoreSoftmax, 0, 0, false},  {bitepScoreSoftmax, 1, 0, false}, {bitepScoreSigmoid, 0, 0, false},
       {bitepScoreSoftmax, 0, 1, false},  {bitepScoreSoftmax, 0, 3, false}, {bitepScoreSoftmax, 0, -1, false},
-      {bitepScoreSoftmax, 0, -2, false}, {bitepScoreSigmoid, 0, 0, true},  {bitepScoreSoftmax, 1, 0, true}};
+      {bitepScoreSoftmax, 0, -2, false}, {bitepScoreSigmoid, 0, 0, true},  {bitepScoreSoftmax, 1, 0, true},
+      {bitepScoreSoftmax, 0, 6, false},  {bitepScoreSoftmax, 1, 6, false}, {bitepScoreSigmoid, 0, 6, false}};
   for (int E : {64, 100, 128, 256, 512, 1000, 2048})
     for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16})
       for (const Path& path : paths) {
         const int lanes = std::min(32, (E + 7) / 8 <= 8 ? 8 : ((E + 7) / 8 <= 16 ? 16 : 32));
         if (E == 2048 && path.k != 0) continue;
+        if (path.k == 6 && E != 64) continue;   // k = 6: the instances for it, at 8 lanes a token
         if (path.grouped && E > 512) continue;  // the any-path kernel in both runs
         const int k = path.k > 0 ? path.k : (path.k == -1 ? lanes : (path.k == -2 ? lanes + 1 : (E == 2048 ? 32 : 8)));
         const bool holders = path.fn == bitepScoreSoftmax && path.pre == 0 && E <= 2048 && k <= lanes;
@@ -691,9 +695,10 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
           const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
           ASSERT_EQ(got.rc, bitepSuccess) << got.error;
           EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), want_kernel) << what << ": the kernel chosen";
-          // The spec kernels' instance for k = 8 must be the one checked here (the runs write probs and saved).
+          // The spec kernels' instance for k = 8 (k = 6 at 8 lanes a token) must be the one checked here (the runs
+          // write probs and saved).
           EXPECT_EQ(bitep::kernels::last_router_forward_topk(), want_topk_instance(want_kernel, E, k, dt))
-              << what << ": the instance for k = 8";
+              << what << ": the instance for its k";
           EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(want_kernel, E, k, dt, T, true))
               << what << ": the lanes a token";
           EXPECT_TRUE(got.guards) << what << ": forward wrote past a buffer";
