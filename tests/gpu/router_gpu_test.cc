@@ -614,7 +614,7 @@ int64_t weights_outside(const std::vector<float>& got, const std::vector<float>&
 // product in one butterfly, its exps by __expf, for bf16 logits unshifted where the sums allow). E = 64: 8 lanes a
 // token; 100: 16 lanes, E % 8 != 0; 128: 16 lanes, whole rows (the holders' wide stores); 256: one octet a lane; 512:
 // two (the backward staged); 1000: four; 2048: eight. k: 8, and for the post-top-k softmax also 1, 3, the lanes (G) and
-// G + 1; at E = 64 also 6 on the three paths without groups (the instances for k = 6). The pre-top-k softmax and the
+// G + 1; at E = 64 also 6 (the instances for k = 6), with groups too. The pre-top-k softmax and the
 // normalised sigmoid also with groups (8 of them, 4 kept: a group is an octet at E = 64, four lanes at 256, eight
 // octets over two slots at 512; E = 100, 2 of 4 groups of 25, takes the generic kernel), expert bias, a scaling factor
 // and the dispatch-layout epilogue (4 ranks). The post-top-k softmax at k = 8 again at two octets a lane (at any
@@ -633,7 +633,8 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
       {bitepScoreSoftmax, 0, 0, false},  {bitepScoreSoftmax, 1, 0, false}, {bitepScoreSigmoid, 0, 0, false},
       {bitepScoreSoftmax, 0, 1, false},  {bitepScoreSoftmax, 0, 3, false}, {bitepScoreSoftmax, 0, -1, false},
       {bitepScoreSoftmax, 0, -2, false}, {bitepScoreSigmoid, 0, 0, true},  {bitepScoreSoftmax, 1, 0, true},
-      {bitepScoreSoftmax, 0, 6, false},  {bitepScoreSoftmax, 1, 6, false}, {bitepScoreSigmoid, 0, 6, false}};
+      {bitepScoreSoftmax, 0, 6, false},  {bitepScoreSoftmax, 1, 6, false}, {bitepScoreSigmoid, 0, 6, false},
+      {bitepScoreSigmoid, 0, 6, true},   {bitepScoreSoftmax, 1, 6, true}};
   for (int E : {64, 100, 128, 256, 512, 1000, 2048})
     for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16})
       for (const Path& path : paths) {
