@@ -45,8 +45,9 @@ constexpr bool kWideStores = BITEP_ROUTER_FWD_WIDE_STORES != 0;
 // from one address (v39) and whole tiles (v40): bf16 0.96-0.97x (T = 16384 26.82 -> 25.82 us), of which whole tiles
 // 0.98-0.99x; fp32 (its loop kept, no whole tiles) 0.985-1.00x at T >= 16384 but 1.02-1.04x slower at T = 4096, so it
 // stays unstaged ("Router v42"). fp32 at 8 lanes measured 1.03-1.05x slower at E = 64 and, at four tokens a warp at E =
-// 128, 1.03-1.06x slower at T = 16384 for 0.98x at 65536 ("Router v41"): bf16 alone there. E 129-256, H100,
-// TE-compatible T = 16384 / 65536: bf16 0.86-0.93x (v58), fp32 0.96-0.98x (v61; "Router v58-v61").
+// 128, 1.03-1.06x slower at T = 16384 for 0.98x at 65536 (H200, "Router v41"): bf16 alone at E = 128. E 33-64 fp32
+// since v63b (H100, with the instance for k = 6: T = 65536 TE-compatible 0.93x, T = 16384 0.92x; "Router v63"). E
+// 129-256, H100, TE-compatible T = 16384 / 65536: bf16 0.86-0.93x (v58), fp32 0.96-0.98x (v61; "Router v58-v61").
 // BITEP_ROUTER_FWD_STAGED=0 (a tuning build) stores as the other shapes do.
 #ifndef BITEP_ROUTER_FWD_STAGED
 #define BITEP_ROUTER_FWD_STAGED 1
@@ -179,9 +180,10 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 // T = 65536 TE-compatible row, 70% -> 75% of the floor; unstaged, v41a on the H200 had been 1.03-1.05x slower).
 template <int G, int NS, bool kF32, FwdSpec kSpec>
 constexpr bool wide_rows_kernel() {
-  return holders_spec(kSpec) && kWideStores &&
-         (G < 32 ? (NS == 1 || (G == 8 && NS == 2)) && (!kF32 || (G == 8 && NS == 1 && kStageRows))
-                 : NS == 2 || (NS == 1 && kStageRows));
+  if (!holders_spec(kSpec) || !kWideStores) return false;
+  if (G == 32) return NS == 2 || (NS == 1 && kStageRows);
+  if (kF32) return G == 8 && NS == 1 && kStageRows;  // below 32 lanes, fp32 where its rows are staged alone
+  return NS == 1 || (G == 8 && NS == 2);
 }
 
 // The kernels whose compact outputs (ascending expert order) go through a stage in the dynamic shared memory, a uint2

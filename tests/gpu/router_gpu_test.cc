@@ -614,12 +614,12 @@ int64_t weights_outside(const std::vector<float>& got, const std::vector<float>&
 // product in one butterfly, its exps by __expf, for bf16 logits unshifted where the sums allow). E = 64: 8 lanes a
 // token; 100: 16 lanes, E % 8 != 0; 128: 16 lanes, whole rows (the holders' wide stores); 256: one octet a lane; 512:
 // two (the backward staged); 1000: four; 2048: eight. k: 8, and for the post-top-k softmax also 1, 3, the lanes (G) and
-// G + 1; at E = 64 also 6 (the instances for k = 6), with groups too. The pre-top-k softmax and the
-// normalised sigmoid also with groups (8 of them, 4 kept: a group is an octet at E = 64, four lanes at 256, eight
-// octets over two slots at 512; E = 100, 2 of 4 groups of 25, takes the generic kernel), expert bias, a scaling factor
-// and the dispatch-layout epilogue (4 ranks). The post-top-k softmax at k = 8 again at two octets a lane (at any
-// count), where its rule takes the outputs (bf16: E = 100 and 256 compact, E = 128 both ways; fp32: E = 256 compact):
-// the bits of the bucket's kernel.
+// G + 1; at E = 64 also 6 (the instances for k = 6), with groups too. The pre-top-k softmax and the normalised
+// sigmoid also with groups (8 of them, 4 kept: a group is an octet at E = 64, four lanes at 256, eight octets over two
+// slots at 512; E = 100, 2 of 4 groups of 25, takes the generic kernel), expert bias, a scaling factor and the
+// dispatch-layout epilogue (4 ranks). The post-top-k softmax at k = 8 again at two octets a lane (at any count), where
+// its rule takes the outputs (bf16: E = 100 and 256 compact, E = 128 both ways; fp32: E = 256 compact): the bits of the
+// bucket's kernel.
 TEST(RouterGpu, SpecKernelsMatchAnyPath) {
   REQUIRE_GPU();
   const int64_t T = 333;
