@@ -176,8 +176,7 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 // (0.6-2.8% slower), bf16 at E = 256 and E = 2048 measured even or slower, E = 1024 was not measured; a launch
 // without probs and saved (compact outputs) takes the other instance, whose code is the kernel without the stores
 // (the wide one measured 4% slower there at E = 512). bench/NOTES.md, "Router v11" and "v12". E 129-256 in both dtypes
-// where the rows are staged (kStageRows above: v58 and v61), and fp32 at E 33-64 staged (v63b on the H100: 0.93x on the
-// T = 65536 TE-compatible row, 70% -> 75% of the floor; unstaged, v41a on the H200 had been 1.03-1.05x slower).
+// and fp32 at E 33-64, where their rows are staged (kStageRows above, with the figures: v58, v61 and v63b).
 template <int G, int NS, bool kF32, FwdSpec kSpec>
 constexpr bool wide_rows_kernel() {
   if (!holders_spec(kSpec) || !kWideStores) return false;
