@@ -116,6 +116,14 @@ __device__ __forceinline__ uint32_t select_key_nz(float v) {
   return v != v ? kKeyNaN : k;
 }
 
+// The pre-top-k softmax's key of a probability p = e / sum: its bits with the top one set, one instruction where
+// select_key_nz takes four. p is +0 at least, or NaN, and then every p of the row is (a NaN e makes the sum NaN;
+// without one the sum is finite and at least 1, the maximum's e), so a NaN row's keys are all one key, as
+// select_key_nz's kKeyNaN are: the same selection (the lowest experts), and the other rows' keys are select_key_nz's.
+// H100, router v67b (with v67a): the pre-top-k compact outputs 0.87-0.91x at E = 256, 0.91-0.95x at E = 64
+// (bench/NOTES.md).
+__device__ __forceinline__ uint32_t pre_softmax_key(float p) { return __float_as_uint(p) | 0x80000000u; }
+
 // The fp32 value of a key (NaN for kKeyNaN; +0 for both zeros). Exact for every other key.
 __device__ __forceinline__ float key_value(uint32_t k) {
   if (k == kKeyNaN) return __uint_as_float(0x7fc00000u);
@@ -163,17 +171,24 @@ __device__ __forceinline__ float sigmoid_grad_f(float x) {
   const float t = expf(-fabsf(x)), u = __fadd_rn(1.0f, t);
   return t / __fmul_rn(u, u);
 }
-// exp(x - m) for the pre-top-k softmax (over all experts; m their maximum), as 2^((x - m) log2e) by exp2f (PTX
-// ex2.approx.f32: the hardware's ex2 with its subnormal steps, 2 ulps), for each of a lane's elements: about 6
-// instructions where expf(x - m) takes about 9 (its range reduction by two fmas, ex2, the scale; counted from the PTX,
-// the SASS not dumped); the bf16 E = 256 fused forward 1.7-3.3% faster at T >= 16384. The product's rounding adds 2^-24
-// |x - m| log2e to the exponent: a few ulps for the large probabilities, a relative error growing with |x - m| for the
-// small ones (2^-18 at x - m = -40, where e is 4e-18), far below 1e-6 of the row's norm. Underflow (subnormal e, then
-// 0) where expf's is; inf - inf and NaN give NaN as there. Every kernel takes the pre-top-k softmax's exps here, so
-// they give a row the same bits. The post-top-k softmax (k exps a token) keeps expf: exp2f measured 1.5% slower in the
-// fp32 backward's routed kernel, and nothing faster elsewhere (H200, bench/NOTES.md router v29).
+// exp(x - m) for the pre-top-k softmax (over all experts; m their maximum), as 2^((x - m) log2e) by PTX
+// ex2.approx.ftz.f32 (2 ulps): one MUFU.EX2 an element. exp2f (ex2.approx.f32) adds its subnormal steps, a test and two
+// scaled products (the E = 64 k = 6 bf16 instance's SASS 6912 -> 6808 lines for its 32 MUFU.EX2); expf a range
+// reduction by two fmas and the scale. H200, router v29 (exp2f over expf): the bf16 E = 256 forward 1.7-3.3% faster at
+// T >= 16384; H100, router v67a (the ftz form over exp2f): compact outputs 0.975-0.985x, TE-compatible rows even
+// (bench/NOTES.md). The product's rounding adds 2^-24 |x - m| log2e to the exponent: a few ulps for the large
+// probabilities, a relative error growing with |x - m| for the small ones (2^-18 at x - m = -40, where e is 4e-18), far
+// below 1e-6 of the row's norm. An e below FLT_MIN (x - m below about -87.3) is 0, and the host backend takes it as 0
+// too (src/host/router_host.cc, softmax_inplace): such probabilities tie at 0, the lower experts first, where the fp64
+// definition still ranks them. inf - inf and NaN give NaN as expf's do. Every kernel takes the pre-top-k softmax's exps
+// here, so they give a row the same bits. The post-top-k softmax (k exps a token) keeps expf: exp2f measured 1.5%
+// slower in the fp32 backward's routed kernel, and nothing faster elsewhere (H200, bench/NOTES.md router v29).
 constexpr float kLog2e = 1.4426950408889634f;
-__device__ __forceinline__ float softmax_exp(float x, float m) { return exp2f(__fmul_rn(__fsub_rn(x, m), kLog2e)); }
+__device__ __forceinline__ float softmax_exp(float x, float m) {
+  float e;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(__fmul_rn(__fsub_rn(x, m), kLog2e)));
+  return e;
+}
 // A softmax's exp by that rule: the pre-top-k softmax's by softmax_exp, the post-top-k one's by expf.
 __device__ __forceinline__ float softmax_exp(float x, float m, bool pre) {
   return pre ? softmax_exp(x, m) : expf(x - m);

@@ -391,10 +391,12 @@ __global__ void __launch_bounds__(kBucketThreads,
             const float sel = use_bias ? __fadd_rn(v[i], b8[b]) : v[i];
             auto kb = [&] {
               if constexpr (kPacked) return packed_key_lo(sel, lo ^ static_cast<uint32_t>(b));
-              // The pre-top-k softmax's and the sigmoid's scores are never -0 (select_key_nz), nor with a bias. (For
-              // the softmax's, which are +0 at least or NaN, the bits with the top one set are the key too; that form
-              // made ptxas fail, C7600 "Register allocation failed", in the E 129-256 kernel with the dense softmax.)
-              if constexpr (kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec)) return select_key_nz(sel);
+              // The pre-top-k softmax's scores are +0 at least or NaN (pre_softmax_key), the sigmoid's never -0
+              // (select_key_nz), nor with a bias. (ptxas 13.0 spills 4-12 bytes in the E 129-256 pre-top-k instances
+              // with pre_softmax_key, at their 40 registers, and measured faster even so; an earlier ptxas failed
+              // there, C7600 "Register allocation failed".)
+              if constexpr (kSpec == FwdSpec::kPreSoftmax) return pre_softmax_key(sel);
+              if constexpr (sigmoid_norm_spec(kSpec)) return select_key_nz(sel);
               return select_key(sel);
             };
             if constexpr (decltype(masked)::value)

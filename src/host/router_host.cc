@@ -43,13 +43,15 @@ inline float sqrtsoftplus_gradf(float x) {
   return sigmoidf(x) / (2.0f * sqrtsoftplusf(x));
 }
 
-// In-place softmax over v[idx[0..n)] (max-subtracted, fp32, ascending order).
-void softmax_inplace(float* v, int n) {
+// In-place softmax over v[idx[0..n)] (max-subtracted, fp32, ascending order). flush: exps below FLT_MIN are 0, as the
+// device's pre-top-k softmax takes them (kernels/router_common.cuh, softmax_exp).
+void softmax_inplace(float* v, int n, bool flush = false) {
   float m = kNegInf;
   for (int i = 0; i < n; ++i) m = std::fmax(m, v[i]);
   float s = 0.0f;
   for (int i = 0; i < n; ++i) {
     v[i] = std::exp(v[i] - m);
+    if (flush && v[i] < std::numeric_limits<float>::min()) v[i] = 0.0f;
     s += v[i];
   }
   for (int i = 0; i < n; ++i) v[i] = v[i] / s;
@@ -106,7 +108,7 @@ void router_forward(const kernels::RouterForwardParams& p) {
           break;
       }
     }
-    if (pre_softmax) softmax_inplace(scores.data(), E);
+    if (pre_softmax) softmax_inplace(scores.data(), E, true);
     if (aux && path.norm) {
       float s = 0.0f;
       for (int e = 0; e < E; ++e) s += scores[e];
@@ -246,7 +248,7 @@ void router_backward(const kernels::RouterBackwardParams& p) {
         act = x;
       } else if (pre_softmax) {
         act = x;
-        softmax_inplace(act.data(), E);
+        softmax_inplace(act.data(), E, true);
       } else {  // post-top-k softmax over the routed logits
         std::vector<float> v;
         for (int e = 0; e < E; ++e)

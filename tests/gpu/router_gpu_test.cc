@@ -206,10 +206,10 @@ TEST(RouterGpu, GroupsOfAnyWidth) {
   report("groups of any width", stats);
 }
 
-constexpr int64_t kDegenerateRows = 11;
+constexpr int64_t kDegenerateRows = 12;
 
 // Row t of the degenerate set (t < kDegenerateRows; any other t an ordinary row): all equal, ties, -inf,
-// +inf, NaN, mixtures, signed zeros, saturation and underflow.
+// +inf, NaN, mixtures, signed zeros, saturation and underflow (of the sigmoid's exp, and of the pre-top-k softmax's).
 float degenerate_logit(int64_t t, int e, int E) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   float x = 0.0f;
@@ -247,6 +247,9 @@ float degenerate_logit(int64_t t, int e, int E) {
     case 10:
       x = -100.0f - static_cast<float>(e % 2);
       break;  // exp underflows
+    case 11:
+      x = e < 2 ? 0.0f : -88.0f - static_cast<float>(e % 5);
+      break;  // the pre-top-k softmax's exps below FLT_MIN, 0 on both backends: its k > 2 ties to the lower index
     default:
       x = static_cast<float>((e * 7) % 11) - 5.0f;
       break;

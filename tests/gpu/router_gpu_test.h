@@ -6,9 +6,9 @@
 // Tolerances, per row, against the host backend on the same inputs, or else against the fp64 oracle (the
 // host sums in sequence in fp32 and drifts on long rows of similar values, where the kernels' tree sums
 // stay closer to exact). GPU and host differ only in summation order and in the device's expf / log1pf (and
-// __expf: the post-top-k softmax recompute at E 33-256, kernels/router_backward_bucket.cuh; exp2f of (x - m) log2e: the
-// pre-top-k softmax, kernels/router_common.cuh softmax_exp),
-// so the bounds scale with the width w of the sums: w = E for the pre-top-k softmax and the aux-score
+// __expf: the post-top-k softmax recompute at E 33-256, kernels/router_backward_bucket.cuh; ex2.approx.ftz of (x - m)
+// log2e: the pre-top-k softmax, kernels/router_common.cuh softmax_exp, whose exps below FLT_MIN the host takes as 0
+// too), so the bounds scale with the width w of the sums: w = E for the pre-top-k softmax and the aux-score
 // normalisation, w = k for the post-top-k softmax and the sigmoid / sqrtsoftplus normalisation;
 // f = max(1, sqrt(w / 32)).
 //   probs, topk weights, saved (fp32 outputs, whatever the logits dtype): ||got - want|| / ||want|| <= 1e-6 f.

@@ -320,6 +320,41 @@ TEST(RouterDegenerate, TiesAllEqualInfNaN) {
   }
 }
 
+// The pre-top-k softmax takes its exps below FLT_MIN as 0, as the device does (ex2.approx.ftz:
+// kernels/router_common.cuh, softmax_exp): probabilities that small tie at 0, and the lower experts win. The fp64
+// definition ranks them by value.
+TEST(RouterDegenerate, PreSoftmaxExpsBelowFltMinAreZero) {
+  bitepRouterConfig_t cfg = BITEP_ROUTER_CONFIG_INIT;
+  cfg.num_experts = 10;
+  cfg.topk = 3;
+  cfg.use_pre_softmax = 1;
+  // e^-87 = 1.6e-38 stays (FLT_MIN = 1.18e-38); e^-88 = 6.1e-39 and below are 0.
+  const std::vector<float> logits = {-95, 0,   -88, -90, -87, -89, -91, -92, -93, -94,   // 1, 4, then 0 of the zeros
+                                     -99, -98, -97, -96, 0,   -95, -94, -93, -92, -91};  // 4, then 0 and 1
+  std::vector<float> probs(logits.size(), -1.0f);
+  std::vector<uint8_t> bitmap(2 * 2, 0);
+  std::vector<int32_t> idx(2 * 3, -1);
+  bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+  a.num_tokens = 2;
+  a.logits = logits.data();
+  a.probs = probs.data();
+  a.routing_map = bitmap.data();
+  a.map_format = bitepMapBitmapU8;
+  a.topk_indices = idx.data();
+  ASSERT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
+  EXPECT_EQ(idx, (std::vector<int32_t>{0, 1, 4, 0, 1, 4}));
+  EXPECT_EQ(probs[0], 0.0f);  // chosen, at 0
+  EXPECT_GT(probs[4], 0.0f);  // e^-87 kept
+  EXPECT_EQ(probs[2], 0.0f);  // not chosen
+  EXPECT_EQ(probs[10], 0.0f);
+  EXPECT_EQ(probs[11], 0.0f);
+  EXPECT_EQ(probs[14], 1.0f);
+  // Without the flush (the fp64 definition) the next largest values win: -88, and -91 and -92.
+  const auto ref =
+      bitep::ref::router_forward(cfg, 2, std::vector<double>(logits.begin(), logits.end()), nullptr, false);
+  EXPECT_EQ(ref.indices, (std::vector<int32_t>{1, 2, 4, 4, 8, 9}));
+}
+
 TEST(RouterDegenerate, KEqualsEAndBiasTies) {
   bitepRouterConfig_t cfg = BITEP_ROUTER_CONFIG_INIT;
   cfg.num_experts = 9;
