@@ -159,7 +159,9 @@ typedef struct {
   int num_experts; /* E >= 1 */
   int topk;        /* 1 <= k <= E */
   bitepScoreFunction_t score_function;
-  int use_pre_softmax;  /* softmax only: 1 = softmax over all E then top-k; 0 = top-k on logits then softmax */
+  int use_pre_softmax;  /* softmax only: 1 = softmax over all E then top-k (exps below FLT_MIN are 0, on both
+                           backends: such probabilities tie, the lower experts first); 0 = top-k on logits then
+                           softmax */
   int num_groups;       /* 0 = no group-limited routing; else E % num_groups == 0 */
   int group_topk;       /* groups kept, 1 <= group_topk <= num_groups, group_topk <= k (0 when num_groups == 0);
                            group_topk == num_groups (1 of 1 among them) keeps every group: routing without groups */
