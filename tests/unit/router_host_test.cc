@@ -270,12 +270,17 @@ INSTANTIATE_TEST_SUITE_P(Host, RouterGrid, ::testing::ValuesIn(grid()), [](const
 
 // ---- degenerate rows: exactly k distinct experts, ties to the lower index, NaN last ----------------
 
-std::vector<int32_t> route(const bitepRouterConfig_t& cfg, const std::vector<float>& logits, int64_t T) {
+// probs: the dense probs too, when given ([T, E]).
+std::vector<int32_t> route(const bitepRouterConfig_t& cfg,
+                           const std::vector<float>& logits,
+                           int64_t T,
+                           float* probs = nullptr) {
   std::vector<uint8_t> bitmap(T * ((cfg.num_experts + 7) / 8), 0xFF);
   std::vector<int32_t> idx(T * cfg.topk, -1);
   bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
   a.num_tokens = T;
   a.logits = logits.data();
+  a.probs = probs;
   a.routing_map = bitmap.data();
   a.map_format = bitepMapBitmapU8;
   a.topk_indices = idx.data();
@@ -332,17 +337,7 @@ TEST(RouterDegenerate, PreSoftmaxExpsBelowFltMinAreZero) {
   const std::vector<float> logits = {-95, 0,   -88, -90, -87, -89, -91, -92, -93, -94,   // 1, 4, then 0 of the zeros
                                      -99, -98, -97, -96, 0,   -95, -94, -93, -92, -91};  // 4, then 0 and 1
   std::vector<float> probs(logits.size(), -1.0f);
-  std::vector<uint8_t> bitmap(2 * 2, 0);
-  std::vector<int32_t> idx(2 * 3, -1);
-  bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
-  a.num_tokens = 2;
-  a.logits = logits.data();
-  a.probs = probs.data();
-  a.routing_map = bitmap.data();
-  a.map_format = bitepMapBitmapU8;
-  a.topk_indices = idx.data();
-  ASSERT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
-  EXPECT_EQ(idx, (std::vector<int32_t>{0, 1, 4, 0, 1, 4}));
+  EXPECT_EQ(route(cfg, logits, 2, probs.data()), (std::vector<int32_t>{0, 1, 4, 0, 1, 4}));
   EXPECT_EQ(probs[0], 0.0f);  // chosen, at 0
   EXPECT_GT(probs[4], 0.0f);  // e^-87 kept
   EXPECT_EQ(probs[2], 0.0f);  // not chosen
