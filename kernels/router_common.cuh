@@ -109,8 +109,8 @@ __device__ __forceinline__ uint32_t select_key(float v) {
   const uint32_t k = key_bits(__float_as_uint(__fadd_rn(v, 0.0f)));
   return v != v ? kKeyNaN : k;
 }
-// select_key for a v that is never -0 (the pre-top-k softmax's e / sum and the sigmoid's 1 / y are +0 at least, and
-// such a v plus a bias is -0 only if both are): the same key without the + 0.
+// select_key for a v that is never -0 (the sigmoid's 1 / y is +0 at least, and such a v plus a bias is -0 only if both
+// are): the same key without the + 0. The pre-top-k softmax's e / sum takes pre_softmax_key, below.
 __device__ __forceinline__ uint32_t select_key_nz(float v) {
   const uint32_t k = key_bits(__float_as_uint(v));
   return v != v ? kKeyNaN : k;
