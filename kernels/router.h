@@ -38,6 +38,10 @@ int last_router_forward_cache();
 // Whether that kernel was the instance for E a multiple of 8 below its bucket's width (router_topk_spec.cuh
 // whole_octets_kernel), false where another or none ran.
 bool last_router_forward_whole_octets();
+// Whether that kernel was an instance that stages its dense rows in shared memory and stores them by whole sectors
+// (router_topk_spec.cuh staged_float4s; the rows of a partial tile are stored octet by octet even there), false where
+// another or none ran.
+bool last_router_forward_staged();
 // The kernel the calling thread's last launch_router_backward chose: 1 the post-top-k softmax's routed-expert kernel
 // (router_backward_routed.cu), 0 another warp-per-token kernel, -1 the generic kernel, -2 no launch.
 int last_router_backward_kernel();

@@ -80,7 +80,8 @@ __global__ void __launch_bounds__(kBucketThreads,
                                              kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec),
                                              kWideRows,
                                              (kK > 0),
-                                             kAnyWidthGroups>())
+                                             kAnyWidthGroups,
+                                             kSpec == FwdSpec::kPreSoftmax>())
     router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
   constexpr int N = 8 * NS;
   constexpr int kTokensPerWarp = kWarpSize / G;
@@ -201,15 +202,23 @@ __global__ void __launch_bounds__(kBucketThreads,
   // sank each slot's shared address into its own branch and computed it again there: ~8 instructions of each slot's
   // ~10, 138 of a tile's 822 at E = 128, ncu.) Streaming stores (st.global.cs: the rows are not read again in this
   // launch): H100, 3 interleaved runs, T = 16384 E = 512 TE-compatible 0.99x, the other rows 0.99-1.01x ("Router v56").
-  [[maybe_unused]] auto store_staged = [&](Idx row0) {
-    auto rows = [&](const float4* from, float* to) {
-      const float4* src = from + staged_at(0, 0);
-      float4* dst = reinterpret_cast<float4*>(to + row0 + 4 * sl);
+  [[maybe_unused]] auto staged_rows = [&](const float4* from, float* to, Idx row0) {
+    const float4* src = from + staged_at(0, 0);
+    float4* dst = reinterpret_cast<float4*>(to + row0 + 4 * sl);
 #pragma unroll
-      for (int i = 0; i < 2 * NS; ++i) __stcs(dst + i * G, src[i * G]);  // slot i / 2, half i % 2
-    };
-    if (p.probs != nullptr) rows(stage_p, p.probs);
-    if (p.saved != nullptr) rows(stage_s, p.saved);
+    for (int i = 0; i < 2 * NS; ++i) __stcs(dst + i * G, src[i * G]);  // slot i / 2, half i % 2
+  };
+  [[maybe_unused]] auto store_staged = [&](Idx row0) {
+    if (p.probs != nullptr) staged_rows(stage_p, p.probs, row0);
+    if (p.saved != nullptr) staged_rows(stage_s, p.saved, row0);
+  };
+  // kStaged without the holders (the pre-top-k softmax): a lane's own octets into the warp's staged row (slot s at
+  // float4 2 (s G + sl) of token tl's), whole; staged_rows then stores the row by whole sectors, saved after the
+  // softmax and probs after the selection, each behind a __syncwarp (which orders the warp's shared-memory accesses).
+  [[maybe_unused]] auto stage_octet = [&](float4* to, int s, const float* v8) {
+    float4* at = to + tl * 2 * G * NS + 2 * (s * G + sl);
+    at[0] = make_float4(v8[0], v8[1], v8[2], v8[3]);
+    at[1] = make_float4(v8[4], v8[5], v8[6], v8[7]);
   };
   [[maybe_unused]] float bias8[kV3 ? 8 : 1];  // kV3: the lane's octet of the bias (0 past E)
   if constexpr (kV3) {
@@ -281,7 +290,9 @@ __global__ void __launch_bounds__(kBucketThreads,
     // before the row's registers fill; else step 6 stores a lane's own octet.
     [[maybe_unused]] const bool wide = kWideRows && (kWhole || tile < lay.full_tiles);
     if constexpr (kStaged) {
-      if (wide) stage_unselected();
+      if constexpr (holders_spec(kSpec)) {
+        if (wide) stage_unselected();
+      }
     } else if constexpr (kWideRows && G < 32) {
       if (wide) wide_unselected(row);
     }
@@ -319,9 +330,16 @@ __global__ void __launch_bounds__(kBucketThreads,
     // them a lane, the branches with their constants' moves were ~40 instructions of ~700 a token (ncu, H200).
     if (pre) seg_softmax<G, N, true, true>(v, valid);
     if (p.saved != nullptr && (fn == ScoreFn::kSigmoid || pre)) {
+      if (kStaged && wide) {  // kStaged here: the pre-top-k softmax (the holders' kernels do not take this path)
 #pragma unroll
-      for (int s = 0; s < NS; ++s)
-        if (nval[s] > 0) store_octet_f32(p.saved + row + (s * G + sl) * 8, octet_n(s), svec, v + 8 * s);
+        for (int s = 0; s < NS; ++s) stage_octet(stage_s, s, v + 8 * s);
+        __syncwarp();
+        staged_rows(stage_s, p.saved, row);
+      } else {
+#pragma unroll
+        for (int s = 0; s < NS; ++s)
+          if (nval[s] > 0) store_octet_f32(p.saved + row + (s * G + sl) * 8, octet_n(s), svec, v + 8 * s);
+      }
     }
     if (aux && norm) {
       float sum = 0.0f;
@@ -408,6 +426,14 @@ __global__ void __launch_bounds__(kBucketThreads,
           }
         }
       }
+    };
+    // kKeysHoldValues: the pre-top-k softmax's keys are its probabilities' bits with the top one set (pre_softmax_key),
+    // so a probability is its key less that bit, and the row's values die with the keys' making: 8 registers a slot
+    // fewer through the selection. Slots whose key the group steps cleared (kKeyNone) read 0: never selected.
+    constexpr bool kKeysHoldValues = kSpec == FwdSpec::kPreSoftmax;
+    [[maybe_unused]] auto sel_value = [&](int i) {
+      if constexpr (kKeysHoldValues) return __uint_as_float(key[i] & 0x7fffffffu);
+      return v[i];
     };
     [[maybe_unused]] constexpr Mask kAllValid = static_cast<Mask>(~Mask{0} >> (sizeof(Mask) * 8 - N));
     if constexpr (kWhole) {
@@ -608,8 +634,12 @@ __global__ void __launch_bounds__(kBucketThreads,
         }
       } else if (!aux && p.probs != nullptr) {
 #pragma unroll
-        for (int b = 0; b < 8; ++b) o8[b] = ((byte >> b) & 1) ? __fmul_rn(v[8 * s + b], scale) : 0.0f;
-        store_octet_f32(p.probs + row + e0, n, pvec, o8);
+        for (int b = 0; b < 8; ++b) o8[b] = ((byte >> b) & 1) ? __fmul_rn(sel_value(8 * s + b), scale) : 0.0f;
+        if (kStaged && wide) {
+          stage_octet(stage_p, s, o8);
+        } else {
+          store_octet_f32(p.probs + row + e0, n, pvec, o8);
+        }
       }
       if (!kHolders && post && p.saved != nullptr) {
 #pragma unroll
@@ -703,7 +733,7 @@ __global__ void __launch_bounds__(kBucketThreads,
 #pragma unroll
         for (int b = 0; b < 8; ++b) {
           if ((byte >> b) & 1u) {
-            *at = make_uint2(e0 + b, __float_as_uint(v[8 * s + b]));
+            *at = make_uint2(e0 + b, __float_as_uint(sel_value(8 * s + b)));
             ++at;
           }
         }
@@ -717,6 +747,12 @@ __global__ void __launch_bounds__(kBucketThreads,
           if (p.topk_indices != nullptr) p.topk_indices[o + j] = static_cast<int32_t>(x.x);
           if (p.topk_weights != nullptr) p.topk_weights[o + j] = __fmul_rn(__uint_as_float(x.y), scale);
         }
+      }
+    }
+    if constexpr (kStaged && !holders_spec(kSpec)) {
+      if (wide && p.probs != nullptr) {
+        __syncwarp();
+        staged_rows(stage_p, p.probs, row);
       }
     }
     if (W > 0) {  // dispatch layout epilogue: rank mask of the token, rank counts of the block

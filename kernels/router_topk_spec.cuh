@@ -74,12 +74,18 @@ template <int N,
           bool kPreOrNorm,
           bool kWideRows,
           bool kConstK,
-          bool kAnyWidthGroups = false>
+          bool kAnyWidthGroups = false,
+          bool kPreKeys = false>
 constexpr int min_blocks() {
 #ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
   return BITEP_ROUTER_FWD_MIN_BLOCKS;
 #else
   if (kAnyWidthGroups) return G == 32 ? 6 : 5;
+  // kPreKeys: the pre-top-k softmax, whose keys hold its values (router_topk_kernel.cuh, kKeysHoldValues): at 32 lanes
+  // of one octet 8 blocks, 32 registers without a spill (ptxas 13.0; 40 registers, 6 blocks and 4-12 bytes spilled
+  // before), the post-top-k kernel's occupancy at E = 256. With its rows staged (wide_rows_kernel) 0.96-0.97x on the
+  // TE-compatible rows; unstaged, 8 blocks alone measured even (bench/NOTES.md, "Router v70" and "v71").
+  if (kPreKeys && G == 32 && N <= 8) return 8;
   if (kPreOrNorm && G == 32 && N <= 8) return 6;
   // Their runtime-k kernels below 32 lanes a token, and at two octets a lane, at the occupancy ptxas gave them when
   // nothing held it there (48 registers: 5 blocks; 61-64: 4): with the compact outputs' stage it took 55-56 and 70
@@ -179,6 +185,12 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 // and fp32 at E 33-64, where their rows are staged (kStageRows above, with the figures: v58, v61 and v63b).
 template <int G, int NS, bool kF32, FwdSpec kSpec>
 constexpr bool wide_rows_kernel() {
+  // The pre-top-k softmax's own rows (saved after the softmax, probs after the selection), at 8 lanes a token and 32
+  // lanes of one octet (E = 64 and 256 exactly), with 8 blocks an SM (min_blocks): H100, 3 interleaved runs,
+  // TE-compatible T = 16384 E = 256 0.964-0.970x, T = 65536 E = 64 0.963-0.975x; staged at 6 blocks 0.98-1.00x, 8
+  // blocks unstaged 1.00-1.01x; the normalised sigmoid's staged even (0.995-1.003x), so not staged (bench/NOTES.md,
+  // "Router v71").
+  if (kSpec == FwdSpec::kPreSoftmax) return kStageRows && NS == 1 && (G == 8 || G == 32);
   if (!holders_spec(kSpec) || !kWideStores) return false;
   if (G == 32) return NS == 2 || (NS == 1 && kStageRows);
   if (kF32) return G == 8 && NS == 1 && kStageRows;  // below 32 lanes, fp32 where its rows are staged alone

@@ -788,51 +788,60 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
       }
 }
 
-// The post-top-k softmax's holders write probs and saved whole-sector where both are 16-byte aligned (the wide stores,
-// staged in shared memory at 8 lanes a token) and octet by octet where either is not: probs or saved 4 bytes off give
-// the aligned run's outputs, bit for bit, and write nothing past them. E = 64: 8 lanes a token, staged; 128: 8 lanes of
-// two octets for bf16 logits (staged; 16 lanes when misaligned), 16 for fp32; 200: a partial last octet; 256: one octet
-// a lane; 512: two. T = 333: a last partial tile. probs alone and saved alone give the same bits as when both are
-// written.
-TEST(RouterGpu, HolderOutputsMisaligned) {
-  REQUIRE_GPU();
+// Dense outputs at any alignment, for the kernels that stage their rows where probs and saved are both 16-byte aligned
+// and store them by whole sectors: probs or saved 4 bytes off give the aligned run's outputs, bit for bit, and write
+// nothing past them; probs alone and saved alone give the same bits as when both are written. T = 333: a last partial
+// tile where four tokens share a warp (stored octet by octet even in the staged instances).
+// kernel 1, the post-top-k softmax's holders (k = 8): staged at E = 64 (8 lanes a token) and for bf16 at E = 128 (8
+// lanes of two octets; 16 when misaligned), 16 lanes for fp32 at E = 128; E = 200 a partial last octet; 256 one octet a
+// lane (staged); 512 two (staged for bf16).
+// kernel 2, the pre-top-k softmax's own rows (k = 6 at E = 64, the instance for that k; else 8): staged at E = 64 and
+// 256, octet by octet at 200 and 512.
+void expect_dense_outputs_any_alignment(int kernel) {
   TwoOctetsAtAnyCount two;  // bf16 E = 128 aligned: the four-token kernel's staged wide stores at T = 333
   const int64_t T = 333;
-  for (int E : {64, 128, 200, 256, 512})
+  const std::vector<int> experts =
+      kernel == 1 ? std::vector<int>{64, 128, 200, 256, 512} : std::vector<int>{64, 200, 256, 512};
+  for (int E : experts)
     for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16}) {
-      const bitepRouterConfig_t cfg = make_config(E, 8, bitepScoreSoftmax, 0, dt);
+      const int k = kernel == 2 && E == 64 ? 6 : 8;
+      const bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSoftmax, kernel == 2, dt);
+      const std::string name = describe(cfg, T);
+      const bool want_staged =
+          kernel == 1 ? E == 64 || E == 256 || (dt == bitepBfloat16 && (E == 128 || E == 512)) : E == 64 || E == 256;
       const auto logits = make_logits(T, E, dt, 5 + E);
       FwdSpec aligned;
       aligned.map = bitepMapBitmapU8;
       const FwdOut want = run_forward(bitepBackendCuda, cfg, T, logits, {}, aligned);
       ASSERT_EQ(want.rc, bitepSuccess) << want.error;
-      EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 1) << "E=" << E << ": the post-top-k softmax kernel";
-      EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, 8, dt, T, true)) << "E=" << E;
+      EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), kernel) << name << ": the kernel chosen";
+      EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(kernel, E, k, dt, T, true)) << name;
+      EXPECT_EQ(bitep::kernels::last_router_forward_staged(), want_staged) << name << ": rows staged";
       EXPECT_TRUE(want.guards);
       for (int which = 1; which <= 3; ++which) {
         FwdSpec spec = aligned;
         spec.probs_offset = (which & 1) ? 4 : 0;
         spec.saved_offset = (which & 2) ? 4 : 0;
-        const std::string what = "E=" + std::to_string(E) + " " + dt_name(dt) + " probs +" +
-                                 std::to_string(spec.probs_offset) + " saved +" + std::to_string(spec.saved_offset);
+        const std::string what =
+            name + " probs +" + std::to_string(spec.probs_offset) + " saved +" + std::to_string(spec.saved_offset);
         const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, {}, spec);
         ASSERT_EQ(got.rc, bitepSuccess) << got.error;
-        EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, 8, dt, T, true, false)) << what;
+        EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(kernel, E, k, dt, T, true, false)) << what;
+        EXPECT_FALSE(bitep::kernels::last_router_forward_staged()) << what << ": rows staged though misaligned";
         EXPECT_TRUE(got.guards) << what << ": wrote past a buffer";
         expect_same_outputs(got, want, what);
       }
-      // probs alone and saved alone, aligned: the staged kernels (E = 64, and E = 512 for bf16) store each array by a
-      // path of its own.
+      // probs alone and saved alone, aligned: the staged kernels store each array by a path of its own.
       for (const bool probs : {true, false}) {
-        const std::string what =
-            "E=" + std::to_string(E) + " " + dt_name(dt) + (probs ? " probs alone" : " saved alone");
+        const std::string what = name + (probs ? " probs alone" : " saved alone");
         FwdSpec one = aligned;
         one.probs = probs;
         one.saved = !probs;
         const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, {}, one);
         ASSERT_EQ(got.rc, bitepSuccess) << what << ": " << got.error;
-        EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 1) << what << ": the post-top-k softmax kernel";
-        EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(1, E, 8, dt, T, true)) << what;
+        EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), kernel) << what << ": the kernel chosen";
+        EXPECT_EQ(bitep::kernels::last_router_forward_lanes(), want_lanes(kernel, E, k, dt, T, true)) << what;
+        EXPECT_EQ(bitep::kernels::last_router_forward_staged(), want_staged) << what << ": rows staged";
         EXPECT_TRUE(got.guards) << what << ": wrote past a buffer";
         const std::vector<float>& array = probs ? got.probs : got.saved;
         const std::vector<float>& want_array = probs ? want.probs : want.saved;
@@ -843,6 +852,16 @@ TEST(RouterGpu, HolderOutputsMisaligned) {
         EXPECT_EQ(count_bit_diffs(got.weights, want.weights), 0) << what;
       }
     }
+}
+
+TEST(RouterGpu, HolderOutputsMisaligned) {
+  REQUIRE_GPU();
+  expect_dense_outputs_any_alignment(1);
+}
+
+TEST(RouterGpu, PreSoftmaxOutputsMisaligned) {
+  REQUIRE_GPU();
+  expect_dense_outputs_any_alignment(2);
 }
 
 // Outputs are optional one by one; a forward with only the compact outputs gives the same experts and weights, bit for
