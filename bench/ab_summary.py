@@ -15,7 +15,13 @@ import re
 import sys
 
 
+# A row's figures (us): its time, its floor, the stream copy's time and its batch time (nan where the output has no batch
+# columns).
+Row = collections.namedtuple("Row", "time floor stream batch")
+
+
 def parse(path):
+    """{(run number, build): {(T, E, k, config, dtype, format, pass, mode): Row}}, runs in file order."""
     runs = collections.OrderedDict()
     cur = None
     with open(path) as f:
@@ -33,7 +39,8 @@ def parse(path):
                 if fields[13] != "0":
                     print("WRONG VALUES:", cur, line.rstrip())
                 key = tuple(fields[:8])  # T E k config dtype format pass mode
-                runs[cur][key] = (float(fields[8]), float(fields[11]))
+                batch = float(fields[14]) if len(fields) == 17 else float("nan")
+                runs[cur][key] = Row(float(fields[8]), float(fields[9]), float(fields[11]), batch)
     # A run the budget skipped has its header line and no rows.
     return collections.OrderedDict((r, rows) for r, rows in runs.items() if rows)
 
@@ -48,9 +55,9 @@ def main():
 
     def best(name, key, norm):
         vals = [
-            runs[r][key][0] / (runs[r][key][1] if norm else 1.0)
+            runs[r][key].time / (runs[r][key].stream if norm else 1.0)
             for r in of[name]
-            if key in runs[r] and (not norm or runs[r][key][1] > 0)
+            if key in runs[r] and (not norm or runs[r][key].stream > 0)
         ]
         return min(vals) if vals else float("nan")
 

@@ -117,6 +117,9 @@ __global__ void __launch_bounds__(kBucketThreads,
 
   // kStaged: each warp's rows of probs and saved ([tokens of the warp][E] floats each), as float4 (staged_float4s).
   constexpr bool kStaged = staged_float4s<G, NS, kF32, kWideRows>() > 1;
+  // kOwnStaged: staged rows that each lane writes its own octets of (the pre-top-k softmax: stage_octet below), where
+  // the holders' kernels write them as unselected first and their weights over them.
+  constexpr bool kOwnStaged = kStaged && !holders_spec(kSpec);
   __shared__ float4 stage[staged_float4s<G, NS, kF32, kWideRows>()];
   static_assert(!kStaged || staged_float4s<G, NS, kF32, kWideRows>() == kWarps * 2 * 64 * NS, "the staging's size");
   [[maybe_unused]] float4* const stage_p = stage + (kStaged ? warp * 2 * 64 * NS : 0);
@@ -212,9 +215,9 @@ __global__ void __launch_bounds__(kBucketThreads,
     if (p.probs != nullptr) staged_rows(stage_p, p.probs, row0);
     if (p.saved != nullptr) staged_rows(stage_s, p.saved, row0);
   };
-  // kStaged without the holders (the pre-top-k softmax): a lane's own octets into the warp's staged row (slot s at
-  // float4 2 (s G + sl) of token tl's), whole; staged_rows then stores the row by whole sectors, saved after the
-  // softmax and probs after the selection, each behind a __syncwarp (which orders the warp's shared-memory accesses).
+  // kOwnStaged: a lane's own octets into the warp's staged row (slot s at float4 2 (s G + sl) of token tl's), whole;
+  // staged_rows then stores the row by whole sectors, saved after the softmax and probs after the selection, each
+  // behind a __syncwarp (which orders the warp's shared-memory accesses).
   [[maybe_unused]] auto stage_octet = [&](float4* to, int s, const float* v8) {
     float4* at = to + tl * 2 * G * NS + 2 * (s * G + sl);
     at[0] = make_float4(v8[0], v8[1], v8[2], v8[3]);
@@ -290,7 +293,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     // before the row's registers fill; else step 6 stores a lane's own octet.
     [[maybe_unused]] const bool wide = kWideRows && (kWhole || tile < lay.full_tiles);
     if constexpr (kStaged) {
-      if constexpr (holders_spec(kSpec)) {
+      if constexpr (!kOwnStaged) {
         if (wide) stage_unselected();
       }
     } else if constexpr (kWideRows && G < 32) {
@@ -330,7 +333,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     // them a lane, the branches with their constants' moves were ~40 instructions of ~700 a token (ncu, H200).
     if (pre) seg_softmax<G, N, true, true>(v, valid);
     if (p.saved != nullptr && (fn == ScoreFn::kSigmoid || pre)) {
-      if (kStaged && wide) {  // kStaged here: the pre-top-k softmax (the holders' kernels do not take this path)
+      if (kOwnStaged && wide) {
 #pragma unroll
         for (int s = 0; s < NS; ++s) stage_octet(stage_s, s, v + 8 * s);
         __syncwarp();
@@ -635,7 +638,7 @@ __global__ void __launch_bounds__(kBucketThreads,
       } else if (!aux && p.probs != nullptr) {
 #pragma unroll
         for (int b = 0; b < 8; ++b) o8[b] = ((byte >> b) & 1) ? __fmul_rn(sel_value(8 * s + b), scale) : 0.0f;
-        if (kStaged && wide) {
+        if (kOwnStaged && wide) {
           stage_octet(stage_p, s, o8);
         } else {
           store_octet_f32(p.probs + row + e0, n, pvec, o8);
@@ -749,7 +752,7 @@ __global__ void __launch_bounds__(kBucketThreads,
         }
       }
     }
-    if constexpr (kStaged && !holders_spec(kSpec)) {
+    if constexpr (kOwnStaged) {
       if (wide && p.probs != nullptr) {
         __syncwarp();
         staged_rows(stage_p, p.probs, row);
