@@ -123,6 +123,8 @@ __device__ __forceinline__ uint32_t select_key_nz(float v) {
 // H100, router v67b (with v67a): the pre-top-k compact outputs 0.87-0.91x at E = 256, 0.91-0.95x at E = 64
 // (bench/NOTES.md).
 __device__ __forceinline__ uint32_t pre_softmax_key(float p) { return __float_as_uint(p) | 0x80000000u; }
+// The probability of a pre_softmax_key: its bits less the top one (kKeyNone, a key the group steps cleared, reads +0).
+__device__ __forceinline__ float pre_softmax_value(uint32_t k) { return __uint_as_float(k & 0x7fffffffu); }
 
 // The fp32 value of a key (NaN for kKeyNaN; +0 for both zeros). Exact for every other key.
 __device__ __forceinline__ float key_value(uint32_t k) {

@@ -413,9 +413,9 @@ __global__ void __launch_bounds__(kBucketThreads,
             auto kb = [&] {
               if constexpr (kPacked) return packed_key_lo(sel, lo ^ static_cast<uint32_t>(b));
               // The pre-top-k softmax's scores are +0 at least or NaN (pre_softmax_key), the sigmoid's never -0
-              // (select_key_nz), nor with a bias. (ptxas 13.0 spills 4-12 bytes in the E 129-256 pre-top-k instances
-              // with pre_softmax_key, at their 40 registers, and measured faster even so; an earlier ptxas failed
-              // there, C7600 "Register allocation failed".)
+              // (select_key_nz), nor with a bias. (At their 40 registers before v70, ptxas 13.0 spilled 4-12 bytes in
+              // the E 129-256 pre-top-k instances with pre_softmax_key, measured faster even so, and an earlier ptxas
+              // failed there, C7600 "Register allocation failed"; since the keys hold the values, 32 and no spill.)
               if constexpr (kSpec == FwdSpec::kPreSoftmax) return pre_softmax_key(sel);
               if constexpr (sigmoid_norm_spec(kSpec)) return select_key_nz(sel);
               return select_key(sel);
@@ -431,11 +431,12 @@ __global__ void __launch_bounds__(kBucketThreads,
       }
     };
     // kKeysHoldValues: the pre-top-k softmax's keys are its probabilities' bits with the top one set (pre_softmax_key),
-    // so a probability is its key less that bit, and the row's values die with the keys' making: 8 registers a slot
-    // fewer through the selection. Slots whose key the group steps cleared (kKeyNone) read 0: never selected.
+    // so a probability is its key read back (pre_softmax_value), and the row's values die with the keys' making: 8
+    // registers a slot fewer through the selection. Slots whose key the group steps cleared (kKeyNone) read 0: never
+    // selected.
     constexpr bool kKeysHoldValues = kSpec == FwdSpec::kPreSoftmax;
     [[maybe_unused]] auto sel_value = [&](int i) {
-      if constexpr (kKeysHoldValues) return __uint_as_float(key[i] & 0x7fffffffu);
+      if constexpr (kKeysHoldValues) return pre_softmax_value(key[i]);
       return v[i];
     };
     [[maybe_unused]] constexpr Mask kAllValid = static_cast<Mask>(~Mask{0} >> (sizeof(Mask) * 8 - N));
