@@ -73,15 +73,7 @@ template <int G,
           bool kAnyWidthGroups = false,
           bool kOctets = false>
 __global__ void __launch_bounds__(kBucketThreads,
-                                  min_blocks<8 * NS,
-                                             G,
-                                             kF32,
-                                             kSpec == FwdSpec::kPostSoftmax,
-                                             kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec),
-                                             kWideRows,
-                                             (kK > 0),
-                                             kAnyWidthGroups,
-                                             kSpec == FwdSpec::kPreSoftmax>())
+                                  min_blocks<8 * NS, G, kF32, kSpec, kWideRows, (kK > 0), kAnyWidthGroups>())
     router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
   constexpr int N = 8 * NS;
   constexpr int kTokensPerWarp = kWarpSize / G;

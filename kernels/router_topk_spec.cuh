@@ -54,38 +54,46 @@ constexpr bool kWideStores = BITEP_ROUTER_FWD_WIDE_STORES != 0;
 #endif
 constexpr bool kStageRows = BITEP_ROUTER_FWD_STAGED != 0;
 
+// Score paths compiled in: the post-top-k softmax (TE's default), the pre-top-k softmax and the normalised
+// sigmoid (DeepSeek-V3) get kernels whose flags are constants; kAny reads them from the parameters. The
+// forward is bound by instruction issue (bench/NOTES.md).
+enum class FwdSpec : int {
+  kAny = 0,
+  kPostSoftmax = 1,    // top-k, post-top-k softmax, no groups (no bias: softmax scores never take it)
+  kPreSoftmax = 2,     // top-k, softmax over all experts before the top-k, groups as the parameters say
+  kSigmoidNorm = 3,    // top-k, sigmoid normalised over the k > 1 selected, bias and groups as the parameters say
+  kSigmoidNormV3 = 4,  // the same in DeepSeek-V3's shape (kV3Shape): bias, groups of 4 octets, 2 a group score, 4 kept
+};
+constexpr bool sigmoid_norm_spec(FwdSpec s) { return s == FwdSpec::kSigmoidNorm || s == FwdSpec::kSigmoidNormV3; }
+// The post-top-k softmax kernels with holders (kHolderSoftmax above).
+constexpr bool holders_spec(FwdSpec s) { return s == FwdSpec::kPostSoftmax && kHolderSoftmax; }
+
 // Blocks per SM the register budget is cut for. BITEP_ROUTER_FWD_MIN_BLOCKS overrides it for every
 // shape: a tuning build (scripts/device-check.sh, PHASES=tune) compares occupancies. The bf16
 // post-softmax kernel at one octet a lane and one token a warp (E 129-256) is held to 8 (32 registers, no
 // spill; 39 and 6 blocks without the cap): H200, T = 16384, E = 256, 22.75 -> 22.14 us (7 gives the same
 // 32 registers; the spec kernels of 8 and 16 lanes a token spill there and were 0-6% slower). Without the
 // holders (a tuning build) it is v5e's 5 blocks (45 registers; 8 would spill).
-// kPreOrNorm: the pre-top-k softmax's and the normalised sigmoid's own kernels. At one octet a lane and 32 lanes a
+// The pre-top-k softmax's and the normalised sigmoid's own kernels (kPreOrNorm): at one octet a lane and 32 lanes a
 // token (E 129-256) they are held to 6 blocks (40 registers): H200, router v13 A/B (every kernel at 6 in one build,
 // min of two repeats against v13 at 5), DeepSeek-V3 T = 65536 bf16 TE-compatible 71.7 -> 70.3 us, pre-top-k E = 256
 // 59.0 -> 56.6; the post-top-k E = 512 rows were 7-11% slower at 6, so no other kernel takes it.
 // kAnyWidthGroups (groups that are not whole octets): at 32 lanes a token 6 (40 registers, no spill; H200,
 // DeepSeek-V2's shape: 0.99-1.00x of 5, bench/NOTES.md, "Router v52"), below it 5 (48 registers: at 6 the normalised
 // sigmoid's whole-octet instances spill 8-16 bytes).
-template <int N,
-          int G,
-          bool kF32,
-          bool kPostSpec,
-          bool kPreOrNorm,
-          bool kWideRows,
-          bool kConstK,
-          bool kAnyWidthGroups = false,
-          bool kPreKeys = false>
+template <int N, int G, bool kF32, FwdSpec kSpec, bool kWideRows, bool kConstK, bool kAnyWidthGroups = false>
 constexpr int min_blocks() {
 #ifdef BITEP_ROUTER_FWD_MIN_BLOCKS
   return BITEP_ROUTER_FWD_MIN_BLOCKS;
 #else
+  constexpr bool kPostSpec = kSpec == FwdSpec::kPostSoftmax;
+  constexpr bool kPreOrNorm = kSpec == FwdSpec::kPreSoftmax || sigmoid_norm_spec(kSpec);
   if (kAnyWidthGroups) return G == 32 ? 6 : 5;
-  // kPreKeys: the pre-top-k softmax, whose keys hold its values (router_topk_kernel.cuh, kKeysHoldValues): at 32 lanes
-  // of one octet 8 blocks, 32 registers without a spill (ptxas 13.0; 40 registers, 6 blocks and 4-12 bytes spilled
-  // before), the post-top-k kernel's occupancy at E = 256. With its rows staged (wide_rows_kernel) 0.96-0.97x on the
+  // The pre-top-k softmax, whose keys hold its values (router_topk_kernel.cuh, kKeysHoldValues): at 32 lanes of one
+  // octet 8 blocks, 32 registers without a spill (ptxas 13.0; 40 registers, 6 blocks and 4-12 bytes spilled before),
+  // the post-top-k kernel's occupancy at E = 256. With its rows staged (wide_rows_kernel) 0.96-0.97x on the
   // TE-compatible rows; unstaged, 8 blocks alone measured even (bench/NOTES.md, "Router v70" and "v71").
-  if (kPreKeys && G == 32 && N <= 8) return 8;
+  if (kSpec == FwdSpec::kPreSoftmax && G == 32 && N <= 8) return 8;
   if (kPreOrNorm && G == 32 && N <= 8) return 6;
   // Their runtime-k kernels below 32 lanes a token, and at two octets a lane, at the occupancy ptxas gave them when
   // nothing held it there (48 registers: 5 blocks; 61-64: 4): with the compact outputs' stage it took 55-56 and 70
@@ -123,20 +131,6 @@ template <int G, int NS, int kK>
 constexpr bool bits_keys() {
   return BITEP_ROUTER_FWD_BITS_KEYS != 0 && NS <= 2 && !(G == 32 && NS == 1 && kK == 0);
 }
-
-// Score paths compiled in: the post-top-k softmax (TE's default), the pre-top-k softmax and the normalised
-// sigmoid (DeepSeek-V3) get kernels whose flags are constants; kAny reads them from the parameters. The
-// forward is bound by instruction issue (bench/NOTES.md).
-enum class FwdSpec : int {
-  kAny = 0,
-  kPostSoftmax = 1,    // top-k, post-top-k softmax, no groups (no bias: softmax scores never take it)
-  kPreSoftmax = 2,     // top-k, softmax over all experts before the top-k, groups as the parameters say
-  kSigmoidNorm = 3,    // top-k, sigmoid normalised over the k > 1 selected, bias and groups as the parameters say
-  kSigmoidNormV3 = 4,  // the same in DeepSeek-V3's shape (kV3Shape): bias, groups of 4 octets, 2 a group score, 4 kept
-};
-constexpr bool sigmoid_norm_spec(FwdSpec s) { return s == FwdSpec::kSigmoidNorm || s == FwdSpec::kSigmoidNormV3; }
-// The post-top-k softmax kernels with holders (kHolderSoftmax above).
-constexpr bool holders_spec(FwdSpec s) { return s == FwdSpec::kPostSoftmax && kHolderSoftmax; }
 
 // DeepSeek-V3's routing (256 experts, 8 groups of 32, the best 2 of a group summed, 4 groups kept, k = 8, expert bias)
 // at one octet a lane: kSigmoidNormV3 compiles its group shape in (the pair butterfly and the group rounds unrolled)
