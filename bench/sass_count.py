@@ -4,10 +4,11 @@
 
   bench/sass_count.py FRAGMENT[,FRAGMENT...] BINARY [BINARY...]
 
-Runs `cuobjdump -sass` on each binary (on the GPU machine: this one has no cuobjdump) and prints, per fragment and
-binary, each matching kernel's instruction count and its counts of a few opcodes that the router's tuning watches
-(MUFU, shuffles, branches), so that a source change's effect on a kernel reads as a difference of static counts
-beside its A/B timings. Static counts: a loop's body counts once, as many times as the compiler unrolled it.
+Runs `cuobjdump -sass` on each binary (the GPU machine's CUDA toolkit has it; the CI machine's has not) and prints, per
+fragment and binary, each matching kernel's instruction count and its counts of a few opcodes that the router's
+tuning watches (MUFU, shuffles, branches, spills), so that a source change's effect on a kernel reads as a difference
+of static counts beside its A/B timings. Static counts: a loop's body counts once, as many times as the compiler
+unrolled it.
 """
 import collections
 import re
