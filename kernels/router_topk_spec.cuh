@@ -183,8 +183,9 @@ constexpr bool wide_rows_kernel() {
   // lanes of one octet (E = 64 and 256 exactly), with 8 blocks an SM (min_blocks): H100, 3 interleaved runs,
   // TE-compatible T = 16384 E = 256 0.964-0.970x, T = 65536 E = 64 0.963-0.975x; on those rows staged at 6 blocks
   // 0.99-1.02x, and 8 blocks unstaged 1.01x at E = 256. The normalised sigmoid's rows staged measured even at 6 blocks
-  // (0.995-1.003x) and slower at 8, where they spill (1.02-1.04x), so they are not staged (bench/NOTES.md, "Router v71"
-  // and "v72").
+  // (0.995-1.003x) and slower at 8, where they spill (1.02-1.04x); at 8 with DeepSeek-V3's values held in the stage and
+  // its bias loaded late, still 20 bytes spilled (bf16) and even (0.985-1.019x). So they are not staged
+  // (bench/NOTES.md, "Router v71", "v72" and "v75").
   if (kSpec == FwdSpec::kPreSoftmax) return kStageRows && NS == 1 && (G == 8 || G == 32);
   if (!holders_spec(kSpec) || !kWideStores) return false;
   if (G == 32) return NS == 2 || (NS == 1 && kStageRows);
