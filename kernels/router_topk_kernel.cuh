@@ -107,11 +107,19 @@ __global__ void __launch_bounds__(kBucketThreads,
   const int esize = dt == DType::kF32 ? 4 : 2;
   const float scale = p.scaling_factor;
 
+  // The spec kernels' grid gives each warp one tile at most. Their loop ends after one pass where that measured faster
+  // (a back edge the compiler cannot remove kept an induction counter in local memory, one STL / LDL a warp): one octet
+  // a lane, and two for bf16 logits. H200, T = 16384, min of three interleaved runs: E = 128-512 bf16 0.96-0.99x, E =
+  // 64 even; fp32 at two octets a lane (E = 512) 1.02-1.06x slower and E = 2048 1.01x, so those keep the loop
+  // (bench/NOTES.md, "Router v19").
+  constexpr bool kOnePass = kKnown && (NS == 1 || (NS == 2 && !kF32));
   // kStaged: each warp's rows of probs and saved ([tokens of the warp][E] floats each), as float4 (staged_float4s).
   constexpr bool kStaged = staged_float4s<G, NS, kF32, kWideRows>() > 1;
   // kOwnStaged: staged rows that each lane writes its own octets of (the pre-top-k softmax: stage_octet below), where
   // the holders' kernels write them as unselected first and their weights over them.
   constexpr bool kOwnStaged = kStaged && !holders_spec(kSpec);
+  // kBulkStage: the staged rows leave the stage by bulk stores (staged_rows below).
+  constexpr bool kBulkStage = kStaged && bulk_stage_kernel<NS>();
   __shared__ float4 stage[staged_float4s<G, NS, kF32, kWideRows>()];
   static_assert(!kStaged || staged_float4s<G, NS, kF32, kWideRows>() == kWarps * 2 * 64 * NS, "the staging's size");
   [[maybe_unused]] float4* const stage_p = stage + (kStaged ? warp * 2 * 64 * NS : 0);
@@ -197,11 +205,37 @@ __global__ void __launch_bounds__(kBucketThreads,
   // sank each slot's shared address into its own branch and computed it again there: ~8 instructions of each slot's
   // ~10, 138 of a tile's 822 at E = 128, ncu.) Streaming stores (st.global.cs: the rows are not read again in this
   // launch): H100, 3 interleaved runs, T = 16384 E = 512 TE-compatible 0.99x, the other rows 0.99-1.01x ("Router v56").
+  // kBulkStage (bulk_stage_kernel, sm_90): the warp's rows by one bulk store from lane 0 instead. Its tokens are
+  // consecutive rows and its staged rows lie as they do in memory, so they are one copy of 1024 NS bytes: each lane's
+  // shared writes made visible to the async proxy, the warp's after them (__syncwarp), then lane 0 issues the copy;
+  // bulk_stage_done waits for the copies' reads before the stage is written again or the block's shared memory goes.
   [[maybe_unused]] auto staged_rows = [&](const float4* from, float* to, Idx row0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (kBulkStage) {
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      __syncwarp();
+      if (lane == 0) {
+        constexpr uint32_t kBytes = static_cast<uint32_t>(kTokensPerWarp * 2 * G * NS * sizeof(float4));
+        uint64_t policy;
+        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group.L2::cache_hint [%0], [%1], %2, %3;" ::"l"(to + row0),
+                     "r"(static_cast<uint32_t>(__cvta_generic_to_shared(from))), "r"(kBytes), "l"(policy)
+                     : "memory");
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+      }
+      return;
+    }
+#endif
     const float4* src = from + staged_at(0, 0);
     float4* dst = reinterpret_cast<float4*>(to + row0 + 4 * sl);
 #pragma unroll
     for (int i = 0; i < 2 * NS; ++i) __stcs(dst + i * G, src[i * G]);  // slot i / 2, half i % 2
+  };
+  [[maybe_unused]] auto bulk_stage_done = [&] {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (lane == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+    if constexpr (!kOnePass) __syncwarp();  // the next tile writes the stage
+#endif
   };
   [[maybe_unused]] auto store_staged = [&](Idx row0) {
     if (p.probs != nullptr) staged_rows(stage_p, p.probs, row0);
@@ -228,12 +262,6 @@ __global__ void __launch_bounds__(kBucketThreads,
   const Idx stride = static_cast<Idx>(gridDim.x) * kWarps;
   const Idx first = static_cast<Idx>(blockIdx.x) * kWarps + warp;
   if (kPrefetch) fetch(first, ahead);
-  // The spec kernels' grid gives each warp one tile at most. Their loop ends after one pass where that measured faster
-  // (a back edge the compiler cannot remove kept an induction counter in local memory, one STL / LDL a warp): one octet
-  // a lane, and two for bf16 logits. H200, T = 16384, min of three interleaved runs: E = 128-512 bf16 0.96-0.99x, E =
-  // 64 even; fp32 at two octets a lane (E = 512) 1.02-1.06x slower and E = 2048 1.01x, so those keep the loop
-  // (bench/NOTES.md, "Router v19").
-  constexpr bool kOnePass = kKnown && (NS == 1 || (NS == 2 && !kF32));
   // One tile: tile_body(tile, whole). whole = std::true_type (kWhole) for a whole tile (no token past T, E = 8 G NS;
   // kOctets: E a multiple of 8 below that, each slot a whole octet or none) of
   // 16-byte aligned logits: every slot valid, so the partial tiles' and misaligned rows' tests compile out (a tile of
@@ -750,6 +778,9 @@ __global__ void __launch_bounds__(kBucketThreads,
         __syncwarp();
         staged_rows(stage_p, p.probs, row);
       }
+    }
+    if constexpr (kBulkStage) {
+      if (wide) bulk_stage_done();
     }
     if (W > 0) {  // dispatch layout epilogue: rank mask of the token, rank counts of the block
       const int L = lay.experts_per_rank;
