@@ -56,11 +56,12 @@ constexpr bool kStageRows = BITEP_ROUTER_FWD_STAGED != 0;
 
 // The staged rows of two octets a lane (bf16 logits: E = 128 at 8 lanes a token, E 257-512 at 32) leave the stage by
 // one bulk (TMA) store a warp and array, with an evict-first L2 policy, where the lanes' streaming stores took 4 shared
-// loads and 4 stores a lane and array: H100, 3 interleaved runs, TE-compatible E = 128 T = 65536 0.977-0.983x, T =
-// 16384 0.989-0.993x, E = 512 T = 16384 0.981-0.984x, T = 65536 0.992-0.994x. At one octet a lane (2 loads and 2
-// stores) the fence, the sync and lane 0's issue and wait cost more than they save: SASS +80-112 instructions a kernel,
-// and E = 64 and 256 1.00-1.04x slower at T = 16384 (bench/NOTES.md, "Router v76"). sm_90 and later;
-// BITEP_ROUTER_FWD_BULK_STAGE=0 (a tuning build) stores by the lanes everywhere.
+// loads and 4 stores a lane and array: H100, 3 interleaved runs against the lanes' stores, TE-compatible E = 128 T =
+// 65536 0.986-0.987x, T = 16384 0.993-1.000x, E = 512 T = 16384 0.992-0.993x, T = 65536 0.995-0.996x (v76c; applied to
+// every staged kernel, 0.98-0.99x on these rows). At one octet a lane (2 loads and 2 stores) the fence, the sync and
+// lane 0's issue and wait cost more than they save: SASS +80-112 instructions a kernel, and E = 64 and 256 1.00-1.04x
+// slower at T = 16384 (bench/NOTES.md, "Router v76"). sm_90 and later; BITEP_ROUTER_FWD_BULK_STAGE=0 (a tuning build)
+// stores by the lanes everywhere.
 #ifndef BITEP_ROUTER_FWD_BULK_STAGE
 #define BITEP_ROUTER_FWD_BULK_STAGE 1
 #endif
