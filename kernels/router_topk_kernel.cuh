@@ -118,8 +118,8 @@ __global__ void __launch_bounds__(kBucketThreads,
   // kOwnStaged: staged rows that each lane writes its own octets of (the pre-top-k softmax: stage_octet below), where
   // the holders' kernels write them as unselected first and their weights over them.
   constexpr bool kOwnStaged = kStaged && !holders_spec(kSpec);
-  // kBulkStage: the staged rows leave the stage by bulk stores (staged_rows below).
-  constexpr bool kBulkStage = kStaged && bulk_stage_kernel<NS>();
+  // kBulkStage: the holders' staged rows leave the stage by bulk stores (store_staged below).
+  constexpr bool kBulkStage = kStaged && !kOwnStaged && bulk_stage_kernel<NS>();
   __shared__ float4 stage[staged_float4s<G, NS, kF32, kWideRows>()];
   static_assert(!kStaged || staged_float4s<G, NS, kF32, kWideRows>() == kWarps * 2 * 64 * NS, "the staging's size");
   [[maybe_unused]] float4* const stage_p = stage + (kStaged ? warp * 2 * 64 * NS : 0);
@@ -205,11 +205,18 @@ __global__ void __launch_bounds__(kBucketThreads,
   // sank each slot's shared address into its own branch and computed it again there: ~8 instructions of each slot's
   // ~10, 138 of a tile's 822 at E = 128, ncu.) Streaming stores (st.global.cs: the rows are not read again in this
   // launch): H100, 3 interleaved runs, T = 16384 E = 512 TE-compatible 0.99x, the other rows 0.99-1.01x ("Router v56").
-  // kBulkStage (bulk_stage_kernel, sm_90): the warp's rows by one bulk store from lane 0 instead. Its tokens are
-  // consecutive rows and its staged rows lie as they do in memory, so they are one copy of 1024 NS bytes: each lane's
-  // shared writes made visible to the async proxy, the warp's after them (__syncwarp), then lane 0 issues the copy;
-  // bulk_stage_done waits for the copies' reads before the stage is written again or the block's shared memory goes.
   [[maybe_unused]] auto staged_rows = [&](const float4* from, float* to, Idx row0) {
+    const float4* src = from + staged_at(0, 0);
+    float4* dst = reinterpret_cast<float4*>(to + row0 + 4 * sl);
+#pragma unroll
+    for (int i = 0; i < 2 * NS; ++i) __stcs(dst + i * G, src[i * G]);  // slot i / 2, half i % 2
+  };
+  // The holders' rows, both arrays after the selection. kBulkStage (bulk_stage_kernel, sm_90): by bulk stores from lane
+  // 0 instead. The warp's tokens are consecutive rows and its staged rows lie as they do in memory, so each array is
+  // one copy of 1024 NS bytes: the lanes' shared writes made visible to the async proxy, the warp's after them
+  // (__syncwarp), then lane 0 issues both copies as one bulk group; bulk_stage_done waits for their reads before the
+  // stage is written again or the block's shared memory goes.
+  [[maybe_unused]] auto store_staged = [&](Idx row0) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if constexpr (kBulkStage) {
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -218,28 +225,27 @@ __global__ void __launch_bounds__(kBucketThreads,
         constexpr uint32_t kBytes = static_cast<uint32_t>(kTokensPerWarp * 2 * G * NS * sizeof(float4));
         uint64_t policy;
         asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-        asm volatile("cp.async.bulk.global.shared::cta.bulk_group.L2::cache_hint [%0], [%1], %2, %3;" ::"l"(to + row0),
-                     "r"(static_cast<uint32_t>(__cvta_generic_to_shared(from))), "r"(kBytes), "l"(policy)
-                     : "memory");
+        auto copy = [&](const float4* from, float* to) {
+          asm volatile(
+              "cp.async.bulk.global.shared::cta.bulk_group.L2::cache_hint [%0], [%1], %2, %3;" ::"l"(to + row0),
+              "r"(static_cast<uint32_t>(__cvta_generic_to_shared(from))), "r"(kBytes), "l"(policy)
+              : "memory");
+        };
+        if (p.probs != nullptr) copy(stage_p, p.probs);
+        if (p.saved != nullptr) copy(stage_s, p.saved);
         asm volatile("cp.async.bulk.commit_group;" ::: "memory");
       }
       return;
     }
 #endif
-    const float4* src = from + staged_at(0, 0);
-    float4* dst = reinterpret_cast<float4*>(to + row0 + 4 * sl);
-#pragma unroll
-    for (int i = 0; i < 2 * NS; ++i) __stcs(dst + i * G, src[i * G]);  // slot i / 2, half i % 2
+    if (p.probs != nullptr) staged_rows(stage_p, p.probs, row0);
+    if (p.saved != nullptr) staged_rows(stage_s, p.saved, row0);
   };
   [[maybe_unused]] auto bulk_stage_done = [&] {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (lane == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
     if constexpr (!kOnePass) __syncwarp();  // the next tile writes the stage
 #endif
-  };
-  [[maybe_unused]] auto store_staged = [&](Idx row0) {
-    if (p.probs != nullptr) staged_rows(stage_p, p.probs, row0);
-    if (p.saved != nullptr) staged_rows(stage_s, p.saved, row0);
   };
   // kOwnStaged: a lane's own octets into the warp's staged row (slot s at float4 2 (s G + sl) of token tl's), whole;
   // staged_rows then stores the row by whole sectors, saved after the softmax and probs after the selection, each
