@@ -110,7 +110,8 @@ template <int G, int NS, bool kF32, FwdSpec kSpec>
 cudaError_t launch_bucket_t(const RouterForwardParams& p, const FwdLayout& lay, cudaStream_t stream) {
   if constexpr (wide_rows_kernel<G, NS, kF32, kSpec>()) {
     if (p.num_experts == 8 * G * NS && (p.probs != nullptr || p.saved != nullptr) && aligned16(p.probs) &&
-        aligned16(p.saved))
+        aligned16(p.saved) &&
+        (!dense_only_kernel<kSpec>() || (p.topk_indices == nullptr && p.topk_weights == nullptr && p.num_ranks == 0)))
       return launch_k<G, NS, kF32, kSpec, true>(p, lay, stream);
   }
   return launch_k<G, NS, kF32, kSpec, false>(p, lay, stream);

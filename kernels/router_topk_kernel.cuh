@@ -85,9 +85,13 @@ __global__ void __launch_bounds__(kBucketThreads,
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sl = lane % G, tl = lane / G;
-  const int E = p.num_experts, k = kK > 0 ? kK : p.topk, W = p.num_ranks;
   constexpr bool kKnown = kSpec != FwdSpec::kAny;
   constexpr bool kV3 = kSpec == FwdSpec::kSigmoidNormV3;
+  // kDenseOnly: an instance for launches that write the dense rows and the map alone (dense_only_kernel): no compact
+  // outputs and no dispatch-layout epilogue compiled in. (W stays the parameter's, which such a launch has at 0: as a
+  // constant 0, ptxas spilled 16 bytes in DeepSeek-V3's staged instance.)
+  constexpr bool kDenseOnly = kWideRows && dense_only_kernel<kSpec>();
+  const int E = p.num_experts, k = kK > 0 ? kK : p.topk, W = p.num_ranks;
   static_assert(!kV3 || (G == 32 && NS == 1 && kK == kV3K), "DeepSeek-V3's shape: one octet a lane, k = 8");
   static_assert(
       !kAnyWidthGroups || (NS == 1 && kK == 0 && (kSpec == FwdSpec::kPreSoftmax || kSpec == FwdSpec::kSigmoidNorm)),
@@ -115,11 +119,15 @@ __global__ void __launch_bounds__(kBucketThreads,
   constexpr bool kOnePass = kKnown && (NS == 1 || (NS == 2 && !kF32));
   // kStaged: each warp's rows of probs and saved ([tokens of the warp][E] floats each), as float4 (staged_float4s).
   constexpr bool kStaged = staged_float4s<G, NS, kF32, kWideRows>() > 1;
-  // kOwnStaged: staged rows that each lane writes its own octets of (the pre-top-k softmax: stage_octet below), where
-  // the holders' kernels write them as unselected first and their weights over them.
+  // kOwnStaged: staged rows that each lane writes its own octets of (the pre-top-k softmax, DeepSeek-V3: stage_octet),
+  // where the holders' kernels write them as unselected first and their weights over them.
   constexpr bool kOwnStaged = kStaged && !holders_spec(kSpec);
   // kBulkStage: the holders' staged rows leave the stage by bulk stores (store_staged below).
   constexpr bool kBulkStage = kStaged && !kOwnStaged && bulk_stage_kernel<NS>();
+  // kValuesStaged: DeepSeek-V3's staged instance keeps its sigmoid values in the warp's staged saved row through the
+  // group steps and the rounds (stage_octet after the sigmoid, read back before step 5), not in 8 registers a lane:
+  // its keys carry the bias, so they cannot hold the values as the pre-top-k softmax's do (kKeysHoldValues).
+  constexpr bool kValuesStaged = kOwnStaged && kV3;
   __shared__ float4 stage[staged_float4s<G, NS, kF32, kWideRows>()];
   static_assert(!kStaged || staged_float4s<G, NS, kF32, kWideRows>() == kWarps * 2 * 64 * NS, "the staging's size");
   [[maybe_unused]] float4* const stage_p = stage + (kStaged ? warp * 2 * 64 * NS : 0);
@@ -256,7 +264,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     at[1] = make_float4(v8[4], v8[5], v8[6], v8[7]);
   };
   [[maybe_unused]] float bias8[kV3 ? 8 : 1];  // kV3: the lane's octet of the bias (0 past E)
-  if constexpr (kV3) {
+  if constexpr (kV3 && !kValuesStaged) {
     float4 b0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b1 = b0;
     if (sl * 8 < E) {
       b0 = __ldg(reinterpret_cast<const float4*>(p.expert_bias + sl * 8));
@@ -358,7 +366,13 @@ __global__ void __launch_bounds__(kBucketThreads,
     // kDense: no branch per element (as the backward's recompute; the same bits for the valid ones): at E = 256, 8 of
     // them a lane, the branches with their constants' moves were ~40 instructions of ~700 a token (ncu, H200).
     if (pre) seg_softmax<G, N, true, true>(v, valid);
-    if (p.saved != nullptr && (fn == ScoreFn::kSigmoid || pre)) {
+    if constexpr (kValuesStaged) stage_octet(stage_s, 0, v);  // every tile, saved or not: read back after step 4
+    if (kValuesStaged && wide) {
+      if (p.saved != nullptr) {
+        __syncwarp();
+        staged_rows(stage_s, p.saved, row);
+      }
+    } else if (p.saved != nullptr && (fn == ScoreFn::kSigmoid || pre)) {
       if (kOwnStaged && wide) {
 #pragma unroll
         for (int s = 0; s < NS; ++s) stage_octet(stage_s, s, v + 8 * s);
@@ -405,7 +419,15 @@ __global__ void __launch_bounds__(kBucketThreads,
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
         float b8[8];
-        if constexpr (kV3) {
+        if constexpr (kValuesStaged) {  // loaded here: not held through the tile's loads and sigmoid
+          float4 b0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b1 = b0;
+          if (sl * 8 < E) {
+            b0 = __ldg(reinterpret_cast<const float4*>(p.expert_bias + sl * 8));
+            b1 = __ldg(reinterpret_cast<const float4*>(p.expert_bias + sl * 8 + 4));
+          }
+          b8[0] = b0.x, b8[1] = b0.y, b8[2] = b0.z, b8[3] = b0.w, b8[4] = b1.x, b8[5] = b1.y, b8[6] = b1.z,
+          b8[7] = b1.w;
+        } else if constexpr (kV3) {
 #pragma unroll
           for (int b = 0; b < 8; ++b) b8[b] = bias8[b];
         } else if (use_bias) {
@@ -605,6 +627,12 @@ __global__ void __launch_bounds__(kBucketThreads,
       });
     }
 
+    if constexpr (kValuesStaged) {  // the lane's own octet, as stage_octet wrote it (no other lane writes it)
+      const float4* at = stage_s + tl * 2 * G * NS + 2 * sl;
+      const float4 a = at[0], b = at[1];
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    }
+
     // 5. weights of the selected experts: post-top-k softmax, or the sigmoid/sqrtsoftplus normalisation.
     [[maybe_unused]] float hw = 0.0f;  // kHolders: the weight of round sl's expert (before scaling)
     [[maybe_unused]] const bool holder = kHolders && hk != kKeyNone;
@@ -738,7 +766,7 @@ __global__ void __launch_bounds__(kBucketThreads,
           if (p.topk_weights != nullptr) p.topk_weights[at] = __fmul_rn(hw, scale);
         }
       }
-    } else if (p.topk_indices != nullptr || p.topk_weights != nullptr) {
+    } else if (!kDenseOnly && (p.topk_indices != nullptr || p.topk_weights != nullptr)) {
       // Ascending expert order, through the warp's stage (compact_stage_kernel): each lane puts its selected experts
       // and their weights at their places among the token's k, then lane j stores place j of each output. (Stored
       // straight from the lanes, each bit of a lane's octets took a predicated store an output under a branch frame:
@@ -788,7 +816,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     if constexpr (kBulkStage) {
       if (wide) bulk_stage_done();
     }
-    if (W > 0) {  // dispatch layout epilogue: rank mask of the token, rank counts of the block
+    if (!kDenseOnly && W > 0) {  // dispatch layout epilogue: rank mask of the token, rank counts of the block
       const int L = lay.experts_per_rank;
 #pragma unroll
       for (int s = 0; s < NS; ++s) {

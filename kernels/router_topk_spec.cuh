@@ -110,6 +110,8 @@ constexpr int min_blocks() {
   // the post-top-k kernel's occupancy at E = 256. With its rows staged (wide_rows_kernel) 0.96-0.97x on the
   // TE-compatible rows; unstaged, 8 blocks alone measured even (bench/NOTES.md, "Router v70" and "v71").
   if (kSpec == FwdSpec::kPreSoftmax && G == 32 && N <= 8) return 8;
+  // DeepSeek-V3's staged instance (dense_only_kernel, its values in the stage): 8 blocks, 32 registers, no spill (v77).
+  if (kSpec == FwdSpec::kSigmoidNormV3 && kWideRows) return 8;
   if (kPreOrNorm && G == 32 && N <= 8) return 6;
   // Their runtime-k kernels below 32 lanes a token, and at two octets a lane, at the occupancy ptxas gave them when
   // nothing held it there (48 registers: 5 blocks; 61-64: 4): with the compact outputs' stage it took 55-56 and 70
@@ -186,6 +188,10 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
   return false;
 }
 
+#ifndef BITEP_ROUTER_FWD_V3_STAGED
+#define BITEP_ROUTER_FWD_V3_STAGED 1
+#endif
+
 // The shapes whose post-top-k softmax kernel has a wide-stores instance (the kernel's wide_unselected), for
 // launches that write probs or saved: where it measured faster (H200: bf16 logits at E = 64 and 128, the stores
 // before the row's work, 4-10%; E = 512 in both dtypes, after it, bf16 5%, fp32 1.4-1.9%). fp32 logits at E = 64-256
@@ -200,13 +206,26 @@ constexpr bool wide_rows_kernel() {
   // TE-compatible T = 16384 E = 256 0.964-0.970x, T = 65536 E = 64 0.963-0.975x; on those rows staged at 6 blocks
   // 0.99-1.02x, and 8 blocks unstaged 1.01x at E = 256. The normalised sigmoid's rows staged measured even at 6 blocks
   // (0.995-1.003x) and slower at 8, where they spill (1.02-1.04x); at 8 with DeepSeek-V3's values held in the stage and
-  // its bias loaded late, still 20 bytes spilled (bf16) and even (0.985-1.019x). So they are not staged
-  // (bench/NOTES.md, "Router v71", "v72" and "v75").
+  // its bias loaded late, still 20 bytes spilled (bf16) and even (0.985-1.019x) (bench/NOTES.md, "Router v71", "v72"
+  // and "v75"). DeepSeek-V3's staged instance is the dense rows' and the map's alone (dense_only_kernel): without the
+  // compact outputs' code it fits 8 blocks without a spill (v77). BITEP_ROUTER_FWD_V3_STAGED=0 (a tuning build) keeps
+  // it unstaged.
   if (kSpec == FwdSpec::kPreSoftmax) return kStageRows && NS == 1 && (G == 8 || G == 32);
+  if (kSpec == FwdSpec::kSigmoidNormV3) return kStageRows && BITEP_ROUTER_FWD_V3_STAGED != 0;
   if (!holders_spec(kSpec) || !kWideStores) return false;
   if (G == 32) return NS == 2 || (NS == 1 && kStageRows);
   if (kF32) return G == 8 && NS == 1 && kStageRows;  // below 32 lanes, fp32 where its rows are staged alone
   return NS == 1 || (G == 8 && NS == 2);
+}
+
+// The wide-rows instances for launches that write the dense rows (probs, saved) and the map alone, TE's outputs: no
+// compact outputs and no dispatch-layout epilogue compiled in (kDenseOnly in the kernel; the launch's condition in
+// router_topk_bucket.cuh launch_bucket_t). DeepSeek-V3's staged instance: ptxas (sm_90, nvcc 13.0) spilled 20 bytes
+// at 8 blocks' 32 registers with its values in the stage (v75), 4 without the compact outputs' code (bf16), none
+// without the epilogue's too.
+template <FwdSpec kSpec>
+constexpr bool dense_only_kernel() {
+  return kSpec == FwdSpec::kSigmoidNormV3;
 }
 
 // The kernels whose compact outputs (ascending expert order) go through a stage in the dynamic shared memory, a uint2
