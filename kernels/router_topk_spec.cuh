@@ -208,10 +208,11 @@ constexpr bool wide_rows_kernel() {
   // (0.995-1.003x) and slower at 8, where they spill (1.02-1.04x); at 8 with DeepSeek-V3's values held in the stage and
   // its bias loaded late, still 20 bytes spilled (bf16) and even (0.985-1.019x) (bench/NOTES.md, "Router v71", "v72"
   // and "v75"). DeepSeek-V3's staged instance is the dense rows' and the map's alone (dense_only_kernel): without the
-  // compact outputs' code it fits 8 blocks without a spill (v77). BITEP_ROUTER_FWD_V3_STAGED=0 (a tuning build) keeps
-  // it unstaged.
+  // compact outputs' code it fits 8 blocks without a spill (v77): H100, 3 interleaved runs, TE-compatible T = 16384
+  // bf16 0.98-0.99x, fp32 1.00-1.01x slower (bitmap 23.17 -> 23.46 us), T = 65536 even; so bf16 alone.
+  // BITEP_ROUTER_FWD_V3_STAGED=0 (a tuning build) keeps it unstaged.
   if (kSpec == FwdSpec::kPreSoftmax) return kStageRows && NS == 1 && (G == 8 || G == 32);
-  if (kSpec == FwdSpec::kSigmoidNormV3) return kStageRows && BITEP_ROUTER_FWD_V3_STAGED != 0;
+  if (kSpec == FwdSpec::kSigmoidNormV3) return kStageRows && !kF32 && BITEP_ROUTER_FWD_V3_STAGED != 0;
   if (!holders_spec(kSpec) || !kWideStores) return false;
   if (G == 32) return NS == 2 || (NS == 1 && kStageRows);
   if (kF32) return G == 8 && NS == 1 && kStageRows;  // below 32 lanes, fp32 where its rows are staged alone
