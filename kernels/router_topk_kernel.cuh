@@ -51,6 +51,8 @@ struct FwdLayout {
   int group_size;        // experts per group where groups are not whole octets (group_octets 0; kAnyWidthGroups: one
                          // octet a lane, at least 8 experts a group, per_group <= 2), else 0. Last, so that the other
                          // fields keep their offsets (and the other kernels their PTX).
+  int saved_late;        // the own-staged instances (kOwnStaged): 1 = the saved row leaves the stage at the tile's end
+                         // beside probs, 0 = right after the softmax (router_topk_bucket.cuh, saved_row_late)
 };
 
 // kWideRows: the launch writes probs or saved (or both), each 16-byte aligned, E = 8 G NS, and the shape is one where
@@ -130,6 +132,9 @@ __global__ void __launch_bounds__(kBucketThreads,
   constexpr bool kValuesStaged = kOwnStaged && kV3;
   __shared__ float4 stage[staged_float4s<G, NS, kF32, kWideRows>()];
   static_assert(!kStaged || staged_float4s<G, NS, kF32, kWideRows>() == kWarps * 2 * 64 * NS, "the staging's size");
+  // kOwnStaged: the saved row leaves the stage at the tile's end, beside probs, else right after the softmax.
+  [[maybe_unused]] const bool saved_late =
+      BITEP_ROUTER_FWD_SAVED_LATE >= 0 ? BITEP_ROUTER_FWD_SAVED_LATE != 0 : lay.saved_late != 0;
   [[maybe_unused]] float4* const stage_p = stage + (kStaged ? warp * 2 * 64 * NS : 0);
   [[maybe_unused]] float4* const stage_s = stage_p + 64 * NS;
 
@@ -256,8 +261,8 @@ __global__ void __launch_bounds__(kBucketThreads,
 #endif
   };
   // kOwnStaged: a lane's own octets into the warp's staged row (slot s at float4 2 (s G + sl) of token tl's), whole;
-  // staged_rows then stores the row by whole sectors, saved after the softmax and probs after the selection, each
-  // behind a __syncwarp (which orders the warp's shared-memory accesses).
+  // staged_rows then stores the row by whole sectors, probs after the selection and saved either after the softmax or
+  // beside probs (lay.saved_late), each behind a __syncwarp (which orders the warp's shared-memory accesses).
   [[maybe_unused]] auto stage_octet = [&](float4* to, int s, const float* v8) {
     float4* at = to + tl * 2 * G * NS + 2 * (s * G + sl);
     at[0] = make_float4(v8[0], v8[1], v8[2], v8[3]);
@@ -368,7 +373,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     if (pre) seg_softmax<G, N, true, true>(v, valid);
     if constexpr (kValuesStaged) stage_octet(stage_s, 0, v);  // every tile, saved or not: read back after step 4
     if (kValuesStaged && wide) {
-      if (p.saved != nullptr) {
+      if (p.saved != nullptr && !saved_late) {
         __syncwarp();
         staged_rows(stage_s, p.saved, row);
       }
@@ -376,8 +381,10 @@ __global__ void __launch_bounds__(kBucketThreads,
       if (kOwnStaged && wide) {
 #pragma unroll
         for (int s = 0; s < NS; ++s) stage_octet(stage_s, s, v + 8 * s);
-        __syncwarp();
-        staged_rows(stage_s, p.saved, row);
+        if (!saved_late) {  // else stored from the stage at the tile's end, beside probs
+          __syncwarp();
+          staged_rows(stage_s, p.saved, row);
+        }
       } else {
 #pragma unroll
         for (int s = 0; s < NS; ++s)
@@ -808,9 +815,11 @@ __global__ void __launch_bounds__(kBucketThreads,
       }
     }
     if constexpr (kOwnStaged) {
-      if (wide && p.probs != nullptr) {
+      const bool late = saved_late && p.saved != nullptr;
+      if (wide && (p.probs != nullptr || late)) {
         __syncwarp();
-        staged_rows(stage_p, p.probs, row);
+        if (late) staged_rows(stage_s, p.saved, row);
+        if (p.probs != nullptr) staged_rows(stage_p, p.probs, row);
       }
     }
     if constexpr (kBulkStage) {

@@ -191,6 +191,12 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 #ifndef BITEP_ROUTER_FWD_V3_STAGED
 #define BITEP_ROUTER_FWD_V3_STAGED 1
 #endif
+// BITEP_ROUTER_FWD_SAVED_LATE (a tuning build): -1 the launch's rule (router_topk_bucket.cuh saved_row_late, passed as
+// FwdLayout::saved_late), 0 the own-staged instances' saved row always right after the softmax (compiled in, no flag),
+// 1 always at the tile's end.
+#ifndef BITEP_ROUTER_FWD_SAVED_LATE
+#define BITEP_ROUTER_FWD_SAVED_LATE -1
+#endif
 
 // The shapes whose post-top-k softmax kernel has a wide-stores instance (the kernel's wide_unselected), for
 // launches that write probs or saved: where it measured faster (H200: bf16 logits at E = 64 and 128, the stores
