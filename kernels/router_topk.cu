@@ -43,6 +43,7 @@ int last_router_forward_lanes() { return router_detail::t_forward_record.lanes; 
 int last_router_forward_cache() { return router_detail::t_forward_record.cache; }
 bool last_router_forward_whole_octets() { return router_detail::t_forward_record.whole_octets; }
 bool last_router_forward_staged() { return router_detail::t_forward_record.staged; }
+bool last_router_forward_saved_late() { return router_detail::t_forward_record.saved_late; }
 
 cudaError_t launch_router_forward(const RouterForwardParams& p, cudaStream_t stream) {
   router_detail::t_forward_record = router_detail::ForwardLaunchRecord{};

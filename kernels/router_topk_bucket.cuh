@@ -75,6 +75,7 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
   t_forward_record.cache = fwd_cache_size<G, NS, kSpec, kManyWins>();
   t_forward_record.whole_octets = kOctets;
   t_forward_record.staged = staged_float4s<G, NS, kF32, kWideRows>() > 1;
+  t_forward_record.saved_late = lay.saved_late != 0;
   kernel<<<grid, kBucketThreads, smem, stream>>>(p, lay);
   return cudaGetLastError();
 }

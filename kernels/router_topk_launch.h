@@ -13,8 +13,9 @@ namespace bitep::kernels::router_detail {
 
 // What the last forward launch on the calling thread ran (kernels/router.h, last_router_forward_*): the kernel
 // (FwdSpec; -1 none or the generic kernel), its compiled k (0: runtime k), lanes a token, keys cached a lane, whether
-// it is the whole-octets instance, and whether it staged its dense rows in shared memory (kStaged in the kernel).
-// Defined in router_topk.cu, written by the bucket's launch.
+// it is the whole-octets instance, whether it staged its dense rows in shared memory (kStaged in the kernel), and
+// whether such an instance stored its saved row from the stage at the tile's end (FwdLayout::saved_late). Defined in
+// router_topk.cu, written by the bucket's launch.
 struct ForwardLaunchRecord {
   int kernel = -1;
   int topk = 0;
@@ -22,6 +23,7 @@ struct ForwardLaunchRecord {
   int cache = 0;
   bool whole_octets = false;
   bool staged = false;
+  bool saved_late = false;
 };
 extern thread_local ForwardLaunchRecord t_forward_record;
 
