@@ -936,6 +936,83 @@ TEST(RouterGpu, DeepSeekV3DenseRowsStaged) {
       }
 }
 
+// The own-staged instances (the pre-top-k softmax at E = 64 and 256, DeepSeek-V3 bf16) store their saved row from the
+// stage either right after the softmax or at the tile's end beside probs, as the launch's rule says
+// (router_topk_bucket.cuh saved_row_late: fp32 always; bf16 where no compact output is asked for and the grid is one
+// to four waves of resident blocks, 8 an SM for these instances). Either order gives the unstaged twin's outputs (probs
+// and saved 4 bytes off), bit for bit, and writes nothing past a buffer: T = 333 (half a block) and about two waves
+// (a partial last tile too), probs and saved, each alone, and with the compact outputs; both dtypes, both map formats.
+TEST(RouterGpu, SavedRowEitherOrder) {
+  REQUIRE_GPU();
+  int device = 0, sms = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), cudaSuccess);
+  const int64_t resident_warps = int64_t{8} * 8 * sms;  // 8 blocks an SM of 8 warps, one tile a warp
+  struct Case {
+    const char* what;
+    int E, k, kernel, tokens_per_warp;
+    bool v3;
+  };
+  int late_bf16 = 0, early_bf16 = 0;
+  for (const Case c : {Case{"pre-top-k softmax E = 64", 64, 6, 2, 4, false},
+                       Case{"pre-top-k softmax E = 256", 256, 8, 2, 1, false}, Case{"DeepSeek-V3", 256, 8, 4, 1, true}})
+    for (const int64_t T : {int64_t{333}, 2 * resident_warps * c.tokens_per_warp + 3})
+      for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16})
+        for (bitepMapFormat_t map : {bitepMapBytemap, bitepMapBitmapU8}) {
+          bitepRouterConfig_t cfg = make_config(c.E, c.k, c.v3 ? bitepScoreSigmoid : bitepScoreSoftmax, !c.v3, dt);
+          if (c.v3) {
+            cfg.num_groups = 8;
+            cfg.group_topk = 4;
+            cfg.scaling_factor = 2.5f;
+          }
+          const std::string name =
+              std::string(c.what) + " " + describe(cfg, T) + (map == bitepMapBitmapU8 ? " bitmap" : " bytemap");
+          const auto logits = make_logits(T, c.E, dt, 41 + T);
+          const std::vector<float> bias = c.v3 ? make_bias(c.E, 7 + T) : std::vector<float>{};
+          const bool staged = !(c.v3 && dt == bitepFloat32);  // DeepSeek-V3 fp32: the unstaged instance
+          const int64_t blocks = (T + 8 * c.tokens_per_warp - 1) / (8 * c.tokens_per_warp);
+          const bool waves_1_to_4 = blocks > resident_warps / 8 && blocks <= 4 * (resident_warps / 8);
+          FwdSpec off;  // the unstaged twin: probs and saved 4 bytes off, every output
+          off.map = map;
+          off.probs_offset = off.saved_offset = 4;
+          const FwdOut want = run_forward(bitepBackendCuda, cfg, T, logits, bias, off);
+          ASSERT_EQ(want.rc, bitepSuccess) << name << ": " << want.error;
+          EXPECT_FALSE(bitep::kernels::last_router_forward_staged()) << name << ": staged though misaligned";
+          EXPECT_FALSE(bitep::kernels::last_router_forward_saved_late()) << name << ": the twin's order";
+          struct Variant {
+            const char* what;
+            bool probs, saved, compact;
+          };
+          for (const Variant v :
+               {Variant{"probs, saved and the map", true, true, false}, Variant{"probs alone", true, false, false},
+                Variant{"saved alone", false, true, false}, Variant{"with the compact outputs", true, true, true}}) {
+            if (c.v3 && v.compact) continue;  // DeepSeek-V3's compact launches take the unstaged twin
+            const std::string what = name + ": " + v.what;
+            FwdSpec spec;
+            spec.map = map;
+            spec.probs = v.probs, spec.saved = v.saved;
+            spec.weights = spec.indices = v.compact;
+            const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
+            ASSERT_EQ(got.rc, bitepSuccess) << what << ": " << got.error;
+            EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), c.kernel) << what << ": the kernel chosen";
+            EXPECT_EQ(bitep::kernels::last_router_forward_staged(), staged) << what << ": rows staged";
+            const bool want_late = staged && (dt == bitepFloat32 || (!v.compact && waves_1_to_4));
+            EXPECT_EQ(bitep::kernels::last_router_forward_saved_late(), want_late) << what << ": the saved row's order";
+            if (staged && dt == bitepBfloat16 && v.saved) ++(want_late ? late_bf16 : early_bf16);
+            EXPECT_TRUE(got.guards) << what << ": wrote past a buffer";
+            if (v.probs) EXPECT_EQ(count_bit_diffs(got.probs, want.probs), 0) << what << ": probs";
+            if (v.saved) EXPECT_EQ(count_bit_diffs(got.saved, want.saved), 0) << what << ": saved";
+            EXPECT_EQ(got.map, want.map) << what << ": routing map";
+            if (v.compact) {
+              EXPECT_EQ(got.indices, want.indices) << what << ": topk_indices";
+              EXPECT_EQ(count_bit_diffs(got.weights, want.weights), 0) << what << ": topk_weights";
+            }
+          }
+        }
+  EXPECT_GT(late_bf16, 0) << "no bf16 launch stored its saved row at the tile's end";
+  EXPECT_GT(early_bf16, 0) << "no bf16 launch stored its saved row after the softmax";
+}
+
 // Outputs are optional one by one; a forward with only the compact outputs gives the same experts and weights, bit for
 // bit, though the bf16 post-top-k softmax picks its kernel by the outputs. T = 1001: the bucket's lanes by default, and
 // again with two octets a lane at any count (two_octet_post), where the compact outputs take half the lanes (E = 100
