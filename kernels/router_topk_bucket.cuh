@@ -13,14 +13,15 @@ namespace {
 
 using namespace router_detail;
 
-// Where the own-staged instances (the pre-top-k softmax at E = 64 and 256, DeepSeek-V3 bf16) store their saved row from
-// the stage (FwdLayout::saved_late): right after the softmax, or at the tile's end beside probs, as the post-top-k
-// kernels store both. Their TE-compatible rows are bound by how the rows reach memory, not by compute (bench/NOTES.md,
-// the pre-top-k probes), and the better order depends on the dtype and the grid: H100, 3 interleaved runs, the
-// saved row at the end against after the softmax ("Router v79", "v80"): fp32 0.970-0.997x on every TE-compatible row;
-// bf16 0.971-0.989x at 1.9 waves of the grid (T = 16384 E = 256, T = 65536 E = 64), 1.06x slower at half a wave
-// (T = 16384 E = 64, where every warp's stores at the end leave the memory idle through the selection) and 1.006x at
-// 7.8 waves, and 1.02-1.03x slower with the compact outputs' stage.
+// Where the pre-top-k softmax's staged instances (E = 64 and 256) store their saved row from the stage
+// (FwdLayout::saved_late): right after the softmax, or at the tile's end beside probs, as the post-top-k kernels store
+// both. Their TE-compatible rows are bound by how the rows reach memory, not by compute (bench/NOTES.md, the pre-top-k
+// probes), and the better order depends on the dtype and the grid. H100, 3 interleaved runs, TE-compatible rows, the
+// saved row at the end against after the softmax (bench/NOTES.md, "Router v79" and "v80"): fp32 0.96-1.00x at T 8192 to
+// 65536, 0.99x at 131072; bf16 0.97-0.98x at 1.9 waves of resident blocks (T = 16384 E = 256, T = 65536 E = 64), even
+// at 3.9 (0.99-1.01x), 1.01-1.07x slower at one wave or less (every warp's stores at the end leave the memory idle
+// through its selection) and 1.007x at 7.8 waves; with the compact outputs' stage 1.02-1.03x slower. DeepSeek-V3's
+// staged instance keeps its saved row right after the sigmoid (at the end 1.01-1.06x slower at T 16384 to 131072).
 inline bool saved_row_late(bool f32, bool compact, int64_t grid, int64_t resident) {
   if (BITEP_ROUTER_FWD_SAVED_LATE >= 0) return BITEP_ROUTER_FWD_SAVED_LATE != 0;
   if (f32) return true;
@@ -67,7 +68,7 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
   const unsigned grid = kSpec != FwdSpec::kAny ? static_cast<unsigned>((lay.num_tiles + kWarps - 1) / kWarps)
                                                : persistent_grid(lay.num_tiles, kWarps, sms, per_sm);
   lay.saved_late = 0;
-  if constexpr (staged_float4s<G, NS, kF32, kWideRows>() > 1 && !holders_spec(kSpec))  // the kernel's kOwnStaged
+  if constexpr (kSpec == FwdSpec::kPreSoftmax && staged_float4s<G, NS, kF32, kWideRows>() > 1)
     lay.saved_late = saved_row_late(kF32, lay.compact_at >= 0, grid, static_cast<int64_t>(per_sm) * sms) ? 1 : 0;
   t_forward_record.kernel = static_cast<int>(kSpec);
   t_forward_record.topk = kK;
