@@ -42,9 +42,9 @@ bool last_router_forward_whole_octets();
 // (router_topk_spec.cuh staged_float4s; the rows of a partial tile are stored octet by octet even there), false where
 // another or none ran.
 bool last_router_forward_staged();
-// Whether that kernel was an own-staged instance (the pre-top-k softmax's, DeepSeek-V3's) told to store its saved row
-// from the stage at the tile's end, beside probs, not right after the softmax (router_topk_bucket.cuh saved_row_late),
-// false where another or none ran.
+// Whether that kernel was a staged instance of the pre-top-k softmax told to store its saved row from the stage at the
+// tile's end, beside probs, not right after the softmax (router_topk_bucket.cuh saved_row_late), false where another
+// or none ran.
 bool last_router_forward_saved_late();
 // The kernel the calling thread's last launch_router_backward chose: 1 the post-top-k softmax's routed-expert kernel
 // (router_backward_routed.cu), 0 another warp-per-token kernel, -1 the generic kernel, -2 no launch.

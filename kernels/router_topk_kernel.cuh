@@ -51,8 +51,8 @@ struct FwdLayout {
   int group_size;        // experts per group where groups are not whole octets (group_octets 0; kAnyWidthGroups: one
                          // octet a lane, at least 8 experts a group, per_group <= 2), else 0. Last, so that the other
                          // fields keep their offsets (and the other kernels their PTX).
-  int saved_late;        // the own-staged instances (kOwnStaged): 1 = the saved row leaves the stage at the tile's end
-                         // beside probs, 0 = right after the softmax (router_topk_bucket.cuh, saved_row_late)
+  int saved_late;        // the pre-top-k softmax's staged instances: 1 = the saved row leaves the stage at the tile's
+                         // end beside probs, 0 = right after the softmax (router_topk_bucket.cuh, saved_row_late)
 };
 
 // kWideRows: the launch writes probs or saved (or both), each 16-byte aligned, E = 8 G NS, and the shape is one where

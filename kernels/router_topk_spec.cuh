@@ -192,8 +192,8 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 #define BITEP_ROUTER_FWD_V3_STAGED 1
 #endif
 // BITEP_ROUTER_FWD_SAVED_LATE (a tuning build): -1 the launch's rule (router_topk_bucket.cuh saved_row_late, passed as
-// FwdLayout::saved_late), 0 the own-staged instances' saved row always right after the softmax (compiled in, no flag),
-// 1 always at the tile's end.
+// FwdLayout::saved_late), 0 the pre-top-k softmax's staged saved row always right after the softmax (compiled in, no
+// flag), 1 always at the tile's end. DeepSeek-V3's staged instance stores it right after its sigmoid in every build.
 #ifndef BITEP_ROUTER_FWD_SAVED_LATE
 #define BITEP_ROUTER_FWD_SAVED_LATE -1
 #endif
