@@ -67,9 +67,8 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
   // the any-path kernels keep (their prefetch of the next tile needs it).
   const unsigned grid = kSpec != FwdSpec::kAny ? static_cast<unsigned>((lay.num_tiles + kWarps - 1) / kWarps)
                                                : persistent_grid(lay.num_tiles, kWarps, sms, per_sm);
-  lay.saved_late = 0;
-  if constexpr (kSpec == FwdSpec::kPreSoftmax && staged_float4s<G, NS, kF32, kWideRows>() > 1)
-    lay.saved_late = saved_row_late(kF32, lay.compact_at >= 0, grid, static_cast<int64_t>(per_sm) * sms) ? 1 : 0;
+  if constexpr (kSpec == FwdSpec::kPreSoftmax && staged_float4s<G, NS, kF32, kWideRows>() > 1)  // else 0 (lay{})
+    lay.saved_late = saved_row_late(kF32, lay.compact_at >= 0, grid, static_cast<int64_t>(per_sm) * sms);
   t_forward_record.kernel = static_cast<int>(kSpec);
   t_forward_record.topk = kK;
   t_forward_record.lanes = G;

@@ -132,11 +132,13 @@ __global__ void __launch_bounds__(kBucketThreads,
   constexpr bool kValuesStaged = kOwnStaged && kV3;
   __shared__ float4 stage[staged_float4s<G, NS, kF32, kWideRows>()];
   static_assert(!kStaged || staged_float4s<G, NS, kF32, kWideRows>() == kWarps * 2 * 64 * NS, "the staging's size");
-  // kOwnStaged: the saved row leaves the stage at the tile's end, beside probs, else right after the softmax.
-  // DeepSeek-V3's (kValuesStaged) right after its sigmoid always (router_topk_bucket.cuh saved_row_late), the flag
-  // not compiled in: it made ptxas spill 4 bytes there.
+  // The pre-top-k softmax's staged rows (kOwnStaged, not DeepSeek-V3's): the saved row leaves the stage at the tile's
+  // end, beside probs, where the launch says (router_topk_bucket.cuh saved_row_late), else right after the softmax.
+  // DeepSeek-V3's (kValuesStaged) right after its sigmoid always, the flag not compiled in: it made ptxas spill 4 bytes
+  // there.
   [[maybe_unused]] const bool saved_late =
-      !kValuesStaged && (BITEP_ROUTER_FWD_SAVED_LATE >= 0 ? BITEP_ROUTER_FWD_SAVED_LATE != 0 : lay.saved_late != 0);
+      kOwnStaged && !kValuesStaged &&
+      (BITEP_ROUTER_FWD_SAVED_LATE >= 0 ? BITEP_ROUTER_FWD_SAVED_LATE != 0 : lay.saved_late != 0);
   [[maybe_unused]] float4* const stage_p = stage + (kStaged ? warp * 2 * 64 * NS : 0);
   [[maybe_unused]] float4* const stage_s = stage_p + 64 * NS;
 
