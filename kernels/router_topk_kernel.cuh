@@ -49,10 +49,11 @@ struct FwdLayout {
   int compact_at;        // the compact outputs' stage (compact_stage_kernel): its first word in the dynamic shared
                          // memory, past the rank words; -1 where it has none
   int group_size;        // experts per group where groups are not whole octets (group_octets 0; kAnyWidthGroups: one
-                         // octet a lane, at least 8 experts a group, per_group <= 2), else 0. Last, so that the other
-                         // fields keep their offsets (and the other kernels their PTX).
+                         // octet a lane, at least 8 experts a group, per_group <= 2), else 0.
   int saved_late;        // the pre-top-k softmax's staged instances: 1 = the saved row leaves the stage at the tile's
-                         // end beside probs, 0 = right after the softmax (router_topk_bucket.cuh, saved_row_late)
+                         // end beside probs, 0 = right after the softmax (router_topk_bucket.cuh, saved_row_late).
+                         // group_size and saved_late last, so that the other fields keep their offsets (and the
+                         // other kernels their PTX).
 };
 
 // kWideRows: the launch writes probs or saved (or both), each 16-byte aligned, E = 8 G NS, and the shape is one where
@@ -377,7 +378,7 @@ __global__ void __launch_bounds__(kBucketThreads,
     if (pre) seg_softmax<G, N, true, true>(v, valid);
     if constexpr (kValuesStaged) stage_octet(stage_s, 0, v);  // every tile, saved or not: read back after step 4
     if (kValuesStaged && wide) {
-      if (p.saved != nullptr && !saved_late) {
+      if (p.saved != nullptr) {
         __syncwarp();
         staged_rows(stage_s, p.saved, row);
       }
