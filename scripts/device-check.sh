@@ -12,7 +12,7 @@
 # bench, net (the NCCL network transport), ctest, sanitize, tune (TUNE_FLAGS builds, TUNE_ARGS rows), ab (AB_ENVS runs of
 # ep_bench), abpatch (AB_PATCHES: source changes built apart, AB_CMD's benchmark interleaved over them), profile
 # (Nsight Compute on the router (PROFILE_ROUTER_ARGS picks the rows) and EP kernels and a BITEP_TRACE=1 run of ep_bench:
-# where the time goes).
+# where the time goes), dram (Nsight Compute: the bytes a TE-compatible bitmap row's launches and its plain copies move).
 # On one H200 at 187432f: build ~90 s, gpu ~75 s, multirank ~110 s (np 1 and the shared-GPU runs), sanitize ~400 s
 # (memcheck 35, racecheck ~300, multi-rank memcheck ~35): PHASES=gpu,multirank,sanitize does not fit one call there.
 set -uo pipefail
@@ -450,6 +450,24 @@ if on profile; then
     cuobjdump -sass '$BUILD/libbitep.so' | awk '/Function :/ {p = /$SASS_MATCH/} p' \
       >'$PROF/router_forward.sass' 2>&1 &&
     wc -l '$PROF'/* && tar -C '$PROF' -rf '$OUT/plots.tar' ."
+fi
+if on dram; then
+  # The bytes the launches of a TE-compatible bitmap row (T = 16384, E = 256, bf16) and of its plain copies move, at the
+  # L2 from the SMs and at DRAM (bench/ncu_dram.py), clocks and caches left alone, so that each launch meets the dirty
+  # lines of the one before as in the timed loops. DRAM_CONFIGS: router_bench's config names at E = 256. A config's
+  # launches come in order: the bytemap row's 750 (its stream kernels' 535, four shapes timed and the best batched,
+  # then its own 215: the check, the launch and the batch timings), then the bitmap row's 750, which are profiled.
+  # The CSVs travel in plots.tar.
+  PROF=$(mktemp -d)
+  for c in ${DRAM_CONFIGS:-softmax softmax-pre deepseek-v3}; do
+    step "ncu DRAM bytes ($c, T=16384 E=256 bf16 te bitmap)" "$BENCH" bash -c "ncu --clock-control none \
+      --cache-control none --kernel-name regex:'router_forward_bucket|stream_kernel' --launch-skip 750 \
+      --launch-count 750 --csv --print-units base --metrics gpu__time_duration.sum,dram__bytes_read.sum,\
+dram__bytes_write.sum,lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sectors_srcunit_tex_op_write.sum \
+      '$BUILD/bench/router_bench' --fwd --bf16 --experts 256 --tokens 16384 --configs $c >'$PROF/dram-$c.csv' &&
+      python3 '$ROOT/bench/ncu_dram.py' '$PROF/dram-$c.csv' 16384 256 bf16"
+  done
+  tar -C "$PROF" -rf "$OUT/plots.tar" .
 fi
 if on profile && [ "${PROFILE_EP:-1}" != 0 ]; then
   # Each EP kernel against its own HBM floor (one rank: the kernels are the same, NCCL stays out of ncu).
