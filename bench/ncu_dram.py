@@ -30,8 +30,8 @@ def group(kernel):
         return "router_forward_bucket"
     if "stream_kernel_strided" in kernel:
         return "stream_kernel_strided"
-    if "stream_kernel" in kernel:
-        return "stream_kernel<%s>" % kernel.split("<", 1)[1].split(">", 1)[0] if "<" in kernel else "stream_kernel"
+    if "stream_kernel<" in kernel:  # its shape: "stream_kernel<2>(<unnamed>::StreamArgs)" -> "stream_kernel<2>"
+        return "stream_kernel<" + kernel.split("stream_kernel<", 1)[1].split(">", 1)[0] + ">"
     return kernel.split("(", 1)[0]
 
 

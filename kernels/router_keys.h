@@ -82,4 +82,23 @@ BITEP_HOST_DEVICE inline Mask won_mask(const uint32_t* key, uint32_t last, int w
   return m;
 }
 
+// Rounds without the cache's refill (DeepSeek-V3's first rounds, kernels/router_topk_kernel.cuh): a lane that has won
+// all C of its cached keys (wins == C) sits the later rounds out. Whether it could have won one of them: an unwon copy
+// of its last won key `last`, or its best key below `last` at least the last round's maximum `gm_last` (every round
+// after its last win had a maximum at least gm_last, so a key below gm_last would have won none). False for a lane
+// that did not run dry.
+template <int N>
+BITEP_HOST_DEVICE inline bool sat_out_lost(const uint32_t* key, uint32_t last, int wins, int C, uint32_t gm_last) {
+  int at_least = 0;
+  uint32_t next = 0u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int p = 0; p < N; ++p) {
+    at_least += key[p] >= last ? 1 : 0;
+    next = key[p] < last && key[p] > next ? key[p] : next;
+  }
+  return wins == C && (at_least > wins || (next != 0u && next >= gm_last));
+}
+
 }  // namespace bitep::kernels::router_keys

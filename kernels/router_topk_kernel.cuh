@@ -595,17 +595,25 @@ __global__ void __launch_bounds__(kBucketThreads,
       bool exact_rounds = true;  // the rounds with the ballot and the lowest-lane rule
       if constexpr (kV3) {
         // DeepSeek-V3 (keys with the bias: exact ties between lanes are rare): rounds where every lane holding the
-        // maximum wins it, without the ballot and the lowest-lane rule. Each round has a winner, so the wins add up to
-        // k exactly when no round had two (and none was won by kKeyNone); else the rounds run again, exactly.
+        // maximum wins it, without the ballot and the lowest-lane rule, and without the cache's refill: a lane that has
+        // won its C cached keys sits the later rounds out (its head is kKeyNone; at C = 3 a lane wins 3 of the 8 in
+        // ~7% of tokens, 4 in ~0.2%). Each round has a winner, so the wins add up to k exactly when no round had two
+        // (and none was won by kKeyNone), and the rounds are those with the refill where no lane that sat out could
+        // have won a later one (router_keys::sat_out_lost, checked in a warp where some lane ran dry). Else the rounds
+        // run again, exactly, with the refill.
+        uint32_t gm_last = kKeyNone;  // the last round's maximum
         for_rounds<kK>(k, [&](int r) {
           const uint32_t gm = seg_max_u32<G>(ck[0]);
           const bool win = ck[0] == gm;
           last = win ? gm : last;
           wins += win ? 1 : 0;
+          gm_last = gm;
           pop_keys<C>(win, ck);
-          if (win && ck[0] == kKeyNone && r + 1 < k) top_keys<N, C>(key, won_mask<N, Mask>(key, last, wins), ck);
         });
-        exact_rounds = __reduce_add_sync(kFullMask, static_cast<uint32_t>(wins)) != static_cast<uint32_t>(k);
+        bool lost = false;
+        if (__any_sync(kFullMask, wins == C)) lost = router_keys::sat_out_lost<N>(key, last, wins, C, gm_last);
+        exact_rounds =
+            __reduce_add_sync(kFullMask, static_cast<uint32_t>(wins) + (lost ? 64u : 0u)) != static_cast<uint32_t>(k);
         if (exact_rounds) {
           last = ~0u, wins = 0;
           top_keys<N, C>(key, static_cast<Mask>(0), ck);

@@ -3,7 +3,8 @@
 // sort, won_mask on hand-made lanes, and the keys-only top-k rounds of kernels/router_topk_select.cuh (one octet a
 // lane: the segment's best head key, the lowest lane holding it wins and pops it, a lane refills from the keys
 // it has not won when its cache runs dry, its selection is its won set) against a brute-force top-k (key
-// descending, then the lower expert; key 0 is no candidate), on rows full of equal keys.
+// descending, then the lower expert; key 0 is no candidate), on rows full of equal keys. And DeepSeek-V3's first
+// rounds, without the refill: where they stand (sat_out_lost), the same top-k.
 #include "kernels/router_keys.h"
 
 #include <gtest/gtest.h>
@@ -16,6 +17,7 @@
 
 namespace {
 
+using bitep::kernels::router_keys::sat_out_lost;
 using bitep::kernels::router_keys::top_below;
 using bitep::kernels::router_keys::top_keys;
 using bitep::kernels::router_keys::won_mask;
@@ -125,6 +127,110 @@ TEST(RouterKeys, KeysOnlyRoundsMatchBruteForce) {
           }
         }
   EXPECT_EQ(cases, 3 * 5 * 4 * 40 * 10);
+}
+
+// DeepSeek-V3's first rounds (kernels/router_topk_kernel.cuh), one octet a lane: every lane whose head key is the
+// segment's best wins it and pops it, and a lane whose C cached keys are won sits the later rounds out (no refill).
+// They stand when the wins add up to k and no lane that ran dry could have won a later round (sat_out_lost); else the
+// kernel runs rounds<C> above. `dry`: some lane won all C of its keys.
+template <int C>
+std::vector<int> rounds_without_refill(const std::vector<uint32_t>& row, int G, int k, bool* stand, bool* dry) {
+  struct Lane {
+    uint32_t ck[C];
+    uint32_t last = ~0u;
+    int wins = 0;
+  };
+  std::vector<Lane> lanes(G);
+  for (int l = 0; l < G; ++l) top_keys<8, C>(&row[l * 8], 0u, lanes[l].ck);
+  uint32_t gm_last = 0u;
+  for (int r = 0; r < k; ++r) {
+    uint32_t gm = 0u;
+    for (const Lane& x : lanes) gm = std::max(gm, x.ck[0]);
+    for (Lane& x : lanes) {
+      if (x.ck[0] != gm) continue;  // every lane holding the maximum wins (key 0 too, where every head is 0)
+      x.last = gm, ++x.wins;
+      for (int i = 0; i + 1 < C; ++i) x.ck[i] = x.ck[i + 1];
+      x.ck[C - 1] = 0u;
+    }
+    gm_last = gm;
+  }
+  int total = 0;
+  bool lost = false;
+  *dry = false;
+  for (int l = 0; l < G; ++l) {
+    total += lanes[l].wins;
+    *dry = *dry || lanes[l].wins == C;
+    lost = lost || sat_out_lost<8>(&row[l * 8], lanes[l].last, lanes[l].wins, C, gm_last);
+  }
+  *stand = total == k && !lost;
+  std::vector<int> got;
+  for (int l = 0; l < G; ++l) {
+    const uint32_t m = won_mask<8, uint32_t>(&row[l * 8], lanes[l].last, lanes[l].wins);
+    for (int p = 0; p < 8; ++p)
+      if ((m >> p) & 1) got.push_back(l * 8 + p);
+  }
+  std::sort(got.begin(), got.end());
+  return got;
+}
+
+// Where the rounds stand, their selection is the brute-force top-k. The grid reaches every outcome: rounds that stand
+// with a lane that ran dry (the check lets them through), rounds that fall for a tie between lanes, and rounds whose
+// wins add up to k but whose selection is wrong, each caught by sat_out_lost (the check is what keeps them out).
+TEST(RouterKeys, RoundsWithoutRefillStandOnlyWhenExact) {
+  std::mt19937 rng(13);
+  int64_t stood = 0, stood_dry = 0, fell = 0, caught = 0;
+  for (int range : {2, 3, 7, 64, 1 << 20})
+    for (int none_pct : {0, 50, 90})
+      for (int it = 0; it < 300; ++it) {
+        const int G = 32;
+        std::vector<uint32_t> row(static_cast<size_t>(G) * 8);
+        for (uint32_t& x : row) x = static_cast<int>(rng() % 100) < none_pct ? 0u : 1u + rng() % range;
+        if (it % 3 == 0) {  // one lane holding m of the best keys (distinct, above the rest)
+          const int lane = static_cast<int>(rng() % G), m = 1 + static_cast<int>(rng() % 8);
+          for (int i = 0; i < m; ++i) row[lane * 8 + (i * 3) % 8] = (1u << 21) + static_cast<uint32_t>(rng() % 4096);
+        }
+        for (int k : {1, 4, 8, 16}) {
+          const std::vector<int> want = brute_force(row, k);
+          const std::string what =
+              "range=" + std::to_string(range) + " none=" + std::to_string(none_pct) + "% k=" + std::to_string(k);
+          for (int c : {2, 3}) {
+            bool stand = false, dry = false;
+            const std::vector<int> got = c == 3 ? rounds_without_refill<3>(row, G, k, &stand, &dry)
+                                                : rounds_without_refill<2>(row, G, k, &stand, &dry);
+            if (stand) {
+              ASSERT_EQ(got, want) << what << " C=" << c << ": rounds that stand";
+              ++stood;
+              stood_dry += dry ? 1 : 0;
+            } else {
+              ++fell;
+              // Wins that add up to k with a wrong selection: the lane that sat out is what made them fall.
+              if (static_cast<int>(got.size()) == k && got != want) ++caught;
+            }
+          }
+        }
+      }
+  // By hand, C = 3, k = 4: lane 0 wins 10, 9 and 8 and sits out; its 6 ties lane 1's 6, which wins the last round, but
+  // the top-4 takes lane 0's (the lower expert): the rounds must fall. And a lane with an unwon copy of its last won
+  // key.
+  {
+    std::vector<uint32_t> row(32 * 8, 0u);
+    row[0] = 10, row[1] = 9, row[2] = 8, row[3] = 6, row[8] = 6;
+    bool stand = true, dry = false;
+    rounds_without_refill<3>(row, 32, 4, &stand, &dry);
+    EXPECT_TRUE(dry);
+    EXPECT_FALSE(stand) << "a tie at the last round's key with a lane that sat out";
+    EXPECT_EQ(brute_force(row, 4), (std::vector<int>{0, 1, 2, 3}));
+    row[3] = 8, row[8] = 7;  // lane 0: 10, 9, 8 won, another 8 left; lane 1's 7 wins the last round
+    rounds_without_refill<3>(row, 32, 4, &stand, &dry);
+    EXPECT_FALSE(stand) << "an unwon copy of the last won key";
+    row[3] = 5;  // lane 0's best key left is below the last round's maximum: the rounds stand
+    EXPECT_EQ(rounds_without_refill<3>(row, 32, 4, &stand, &dry), (std::vector<int>{0, 1, 2, 8}));
+    EXPECT_TRUE(stand && dry);
+  }
+  EXPECT_GT(stood, 0);
+  EXPECT_GT(stood_dry, 0) << "no rounds stood with a lane that ran dry";
+  EXPECT_GT(fell, 0);
+  EXPECT_GT(caught, 0) << "no wrong selection for sat_out_lost to catch";
 }
 
 }  // namespace
