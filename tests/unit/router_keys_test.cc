@@ -133,7 +133,9 @@ TEST(RouterKeys, KeysOnlyRoundsMatchBruteForce) {
 // segment's best wins it and pops it, and a lane whose C cached keys are won sits the later rounds out (no refill).
 // They stand when the wins add up to k and no lane that ran dry could have won a later round (sat_out_lost); else the
 // kernel runs rounds<C> above. `dry`: some lane won all C of its keys.
-template <int C>
+// kLowest: the pre-top-k softmax's and the normalised sigmoid's rounds at a compiled k, by the ballot: the lowest lane
+// holding the maximum wins it (none where the maximum is key 0); they stand where no lane lost by sitting out.
+template <int C, bool kLowest = false>
 std::vector<int> rounds_without_refill(const std::vector<uint32_t>& row, int G, int k, bool* stand, bool* dry) {
   struct Lane {
     uint32_t ck[C];
@@ -148,9 +150,11 @@ std::vector<int> rounds_without_refill(const std::vector<uint32_t>& row, int G, 
     for (const Lane& x : lanes) gm = std::max(gm, x.ck[0]);
     for (Lane& x : lanes) {
       if (x.ck[0] != gm) continue;  // every lane holding the maximum wins (key 0 too, where every head is 0)
+      if (kLowest && gm == 0u) break;
       x.last = gm, ++x.wins;
       for (int i = 0; i + 1 < C; ++i) x.ck[i] = x.ck[i + 1];
       x.ck[C - 1] = 0u;
+      if (kLowest) break;  // the lowest lane alone
     }
     gm_last = gm;
   }
@@ -162,7 +166,7 @@ std::vector<int> rounds_without_refill(const std::vector<uint32_t>& row, int G, 
     *dry = *dry || lanes[l].wins == C;
     lost = lost || sat_out_lost<8>(&row[l * 8], lanes[l].last, lanes[l].wins, C, gm_last);
   }
-  *stand = total == k && !lost;
+  *stand = kLowest ? !lost : total == k && !lost;
   std::vector<int> got;
   for (int l = 0; l < G; ++l) {
     const uint32_t m = won_mask<8, uint32_t>(&row[l * 8], lanes[l].last, lanes[l].wins);
@@ -227,6 +231,45 @@ TEST(RouterKeys, RoundsWithoutRefillStandOnlyWhenExact) {
     EXPECT_EQ(rounds_without_refill<3>(row, 32, 4, &stand, &dry), (std::vector<int>{0, 1, 2, 8}));
     EXPECT_TRUE(stand && dry);
   }
+  EXPECT_GT(stood, 0);
+  EXPECT_GT(stood_dry, 0) << "no rounds stood with a lane that ran dry";
+  EXPECT_GT(fell, 0);
+  EXPECT_GT(caught, 0) << "no wrong selection for sat_out_lost to catch";
+}
+
+// The same for the rounds by the ballot (kLowest), at 16 and 32 lanes a token (one segment here): where they stand they
+// select the top-k, ties between lanes included (the lowest lane wins, as the brute force's lower expert).
+TEST(RouterKeys, LowestLaneRoundsWithoutRefillStandOnlyWhenExact) {
+  std::mt19937 rng(17);
+  int64_t stood = 0, stood_dry = 0, fell = 0, caught = 0;
+  for (int G : {16, 32})
+    for (int range : {2, 3, 7, 64, 1 << 20})
+      for (int none_pct : {0, 50, 90})
+        for (int it = 0; it < 200; ++it) {
+          std::vector<uint32_t> row(static_cast<size_t>(G) * 8);
+          for (uint32_t& x : row) x = static_cast<int>(rng() % 100) < none_pct ? 0u : 1u + rng() % range;
+          if (it % 3 == 0) {  // one lane holding m of the best keys
+            const int lane = static_cast<int>(rng() % G), m = 1 + static_cast<int>(rng() % 8);
+            for (int i = 0; i < m; ++i) row[lane * 8 + (i * 3) % 8] = (1u << 21) + static_cast<uint32_t>(rng() % 4096);
+          }
+          for (int k : {1, 4, 8, 16}) {
+            const std::vector<int> want = brute_force(row, k);
+            for (int c : {2, 3}) {
+              bool stand = false, dry = false;
+              const std::vector<int> got = c == 3 ? rounds_without_refill<3, true>(row, G, k, &stand, &dry)
+                                                  : rounds_without_refill<2, true>(row, G, k, &stand, &dry);
+              if (stand) {
+                ASSERT_EQ(got, want) << "G=" << G << " range=" << range << " none=" << none_pct << "% k=" << k
+                                     << " C=" << c << ": rounds that stand";
+                ++stood;
+                stood_dry += dry ? 1 : 0;
+              } else {
+                ++fell;
+                if (got != want) ++caught;
+              }
+            }
+          }
+        }
   EXPECT_GT(stood, 0);
   EXPECT_GT(stood_dry, 0) << "no rounds stood with a lane that ran dry";
   EXPECT_GT(fell, 0);
