@@ -618,29 +618,6 @@ __global__ void __launch_bounds__(kBucketThreads,
           last = ~0u, wins = 0;
           top_keys<N, C>(key, static_cast<Mask>(0), ck);
         }
-      } else if constexpr (kK > 0 && G >= 16) {
-        // The pre-top-k softmax and the normalised sigmoid at a compiled k: the rounds below (the ballot and the
-        // lowest-lane rule) first without the cache's refill, as DeepSeek-V3's above: a lane that ran dry sits the
-        // later rounds out, and checks after them that it lost nothing by it (router_keys::sat_out_lost); where some
-        // lane of the warp could have, the warp's rounds run again with the refill. (Not at 8 lanes a token, k = 6:
-        // there ptxas spilled 4 bytes in the pre-top-k softmax's staged instances at their 32 registers.)
-        uint32_t gm_last = kKeyNone;  // the segment's last round's maximum
-        for_rounds<kK>(k, [&](int r) {
-          uint32_t gm;
-          int we = 0;
-          const bool win = segment_winner(ck[0], 0, gm, we);
-          last = win ? gm : last;
-          wins += win ? 1 : 0;
-          gm_last = gm;
-          pop_keys<C>(win, ck);
-        });
-        bool lost = false;
-        if (__any_sync(kFullMask, wins == C)) lost = router_keys::sat_out_lost<N>(key, last, wins, C, gm_last);
-        exact_rounds = __any_sync(kFullMask, lost);
-        if (exact_rounds) {
-          last = ~0u, wins = 0;
-          top_keys<N, C>(key, static_cast<Mask>(0), ck);
-        }
       }
       if (exact_rounds) {
         for_rounds<kK>(k, [&](int r) {

@@ -133,7 +133,8 @@ TEST(RouterKeys, KeysOnlyRoundsMatchBruteForce) {
 // segment's best wins it and pops it, and a lane whose C cached keys are won sits the later rounds out (no refill).
 // They stand when the wins add up to k and no lane that ran dry could have won a later round (sat_out_lost); else the
 // kernel runs rounds<C> above. `dry`: some lane won all C of its keys.
-// kLowest: the pre-top-k softmax's and the normalised sigmoid's rounds at a compiled k, by the ballot: the lowest lane
+// kLowest: rounds by the ballot, as the pre-top-k softmax's and the normalised sigmoid's (queued router v83,
+// bench/results/router-v83-ballot-rounds-without-refill.patch, runs them first without the refill): the lowest lane
 // holding the maximum wins it (none where the maximum is key 0); they stand where no lane lost by sitting out.
 template <int C, bool kLowest = false>
 std::vector<int> rounds_without_refill(const std::vector<uint32_t>& row, int G, int k, bool* stand, bool* dry) {
