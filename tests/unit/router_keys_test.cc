@@ -65,36 +65,52 @@ TEST(RouterKeys, WonMaskTakesTheLowerOfEqualKeys) {
   EXPECT_EQ((won_mask<16, uint32_t>(wide, 3, 11)), 0x7ffu);
 }
 
+// A lane of the simulated rounds, one octet a lane: its cache of C keys, its last won key and its number of wins.
+template <int C>
+struct Lane {
+  uint32_t ck[C];
+  uint32_t last = ~0u;
+  int wins = 0;
+};
+
+// The lanes of a segment of G, each cache filled from the lane's octet of `row`.
+template <int C>
+std::vector<Lane<C>> fill_lanes(const std::vector<uint32_t>& row, int G) {
+  std::vector<Lane<C>> lanes(G);
+  for (int l = 0; l < G; ++l) top_keys<8, C>(&row[l * 8], 0u, lanes[l].ck);
+  return lanes;
+}
+
+// The experts the lanes won (their won sets), ascending.
+template <int C>
+std::vector<int> won_experts(const std::vector<uint32_t>& row, const std::vector<Lane<C>>& lanes) {
+  std::vector<int> got;
+  for (size_t l = 0; l < lanes.size(); ++l) {
+    const uint32_t m = won_mask<8, uint32_t>(&row[l * 8], lanes[l].last, lanes[l].wins);
+    for (int p = 0; p < 8; ++p)
+      if ((m >> p) & 1) got.push_back(static_cast<int>(l) * 8 + p);
+  }
+  return got;
+}
+
 // One segment of G lanes, one octet a lane: the kernel's rounds with a cache of C keys a lane.
 template <int C>
 std::vector<int> rounds(const std::vector<uint32_t>& row, int G, int k) {
-  struct Lane {
-    uint32_t ck[C];
-    uint32_t last = ~0u;
-    int wins = 0;
-  };
-  std::vector<Lane> lanes(G);
-  for (int l = 0; l < G; ++l) top_keys<8, C>(&row[l * 8], 0u, lanes[l].ck);
+  std::vector<Lane<C>> lanes = fill_lanes<C>(row, G);
   for (int r = 0; r < k; ++r) {
     uint32_t gm = 0;
-    for (const Lane& x : lanes) gm = std::max(gm, x.ck[0]);
+    for (const Lane<C>& x : lanes) gm = std::max(gm, x.ck[0]);
     if (gm == 0) continue;  // nothing left: no lane wins
     int w = 0;
     while (lanes[w].ck[0] != gm) ++w;  // the lowest lane holding it
-    Lane& x = lanes[w];
+    Lane<C>& x = lanes[w];
     x.last = gm, ++x.wins;
     for (int i = 0; i + 1 < C; ++i) x.ck[i] = x.ck[i + 1];
     x.ck[C - 1] = 0;
     if (x.ck[0] == 0 && r + 1 < k)
       top_keys<8, C>(&row[w * 8], won_mask<8, uint32_t>(&row[w * 8], x.last, x.wins), x.ck);
   }
-  std::vector<int> got;
-  for (int l = 0; l < G; ++l) {
-    const uint32_t m = won_mask<8, uint32_t>(&row[l * 8], lanes[l].last, lanes[l].wins);
-    for (int p = 0; p < 8; ++p)
-      if ((m >> p) & 1) got.push_back(l * 8 + p);
-  }
-  return got;
+  return won_experts<C>(row, lanes);
 }
 
 std::vector<int> brute_force(const std::vector<uint32_t>& row, int k) {
@@ -138,18 +154,12 @@ TEST(RouterKeys, KeysOnlyRoundsMatchBruteForce) {
 // holding the maximum wins it (none where the maximum is key 0); they stand where no lane lost by sitting out.
 template <int C, bool kLowest = false>
 std::vector<int> rounds_without_refill(const std::vector<uint32_t>& row, int G, int k, bool* stand, bool* dry) {
-  struct Lane {
-    uint32_t ck[C];
-    uint32_t last = ~0u;
-    int wins = 0;
-  };
-  std::vector<Lane> lanes(G);
-  for (int l = 0; l < G; ++l) top_keys<8, C>(&row[l * 8], 0u, lanes[l].ck);
+  std::vector<Lane<C>> lanes = fill_lanes<C>(row, G);
   uint32_t gm_last = 0u;
   for (int r = 0; r < k; ++r) {
     uint32_t gm = 0u;
-    for (const Lane& x : lanes) gm = std::max(gm, x.ck[0]);
-    for (Lane& x : lanes) {
+    for (const Lane<C>& x : lanes) gm = std::max(gm, x.ck[0]);
+    for (Lane<C>& x : lanes) {
       if (x.ck[0] != gm) continue;  // every lane holding the maximum wins (key 0 too, where every head is 0)
       if (kLowest && gm == 0u) break;
       x.last = gm, ++x.wins;
@@ -168,14 +178,7 @@ std::vector<int> rounds_without_refill(const std::vector<uint32_t>& row, int G, 
     lost = lost || sat_out_lost<8>(&row[l * 8], lanes[l].last, lanes[l].wins, C, gm_last);
   }
   *stand = kLowest ? !lost : total == k && !lost;
-  std::vector<int> got;
-  for (int l = 0; l < G; ++l) {
-    const uint32_t m = won_mask<8, uint32_t>(&row[l * 8], lanes[l].last, lanes[l].wins);
-    for (int p = 0; p < 8; ++p)
-      if ((m >> p) & 1) got.push_back(l * 8 + p);
-  }
-  std::sort(got.begin(), got.end());
-  return got;
+  return won_experts<C>(row, lanes);
 }
 
 // Where the rounds stand, their selection is the brute-force top-k. The grid reaches every outcome: rounds that stand
