@@ -43,7 +43,7 @@ def read(path):
     """{launch id: (group, {field: value})}"""
     launches = {}
     with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f)]
+        rows = list(csv.reader(f))
     head = next((i for i, r in enumerate(rows) if "Metric Name" in r and "Kernel Name" in r), None)
     if head is None:
         return launches

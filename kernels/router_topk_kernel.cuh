@@ -602,7 +602,7 @@ __global__ void __launch_bounds__(kBucketThreads,
         // have won a later one (router_keys::sat_out_lost, checked in a warp where some lane ran dry). Else the rounds
         // run again, exactly, with the refill.
         uint32_t gm_last = kKeyNone;  // the last round's maximum
-        for_rounds<kK>(k, [&](int r) {
+        for_rounds<kK>(k, [&](int) {  // no refill: the round's index unused
           const uint32_t gm = seg_max_u32<G>(ck[0]);
           const bool win = ck[0] == gm;
           last = win ? gm : last;
