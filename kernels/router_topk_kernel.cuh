@@ -618,6 +618,30 @@ __global__ void __launch_bounds__(kBucketThreads,
           last = ~0u, wins = 0;
           top_keys<N, C>(key, static_cast<Mask>(0), ck);
         }
+      } else if constexpr (kSpec == FwdSpec::kSigmoidNorm && kK > 0 && G >= 16) {
+        // The normalised sigmoid at a compiled k: the rounds below (the ballot and the lowest-lane rule) first without
+        // the cache's refill, as DeepSeek-V3's above: a lane that ran dry sits the later rounds out, and checks after
+        // them that it lost nothing by it (router_keys::sat_out_lost); where some lane of the warp could have, the
+        // warp's rounds run again with the refill. GLM-4.5 (E = 160, k = 8) 0.96-0.98x at T = 65536 (H200). Not for
+        // the pre-top-k softmax, where the same rounds measured 1.01-1.02x slower on the compact rows at T = 16384 and
+        // even elsewhere (bench/NOTES.md, "Router v83"). Not at 8 lanes a token (k = 6): ptxas spilled 4 bytes there.
+        uint32_t gm_last = kKeyNone;  // the segment's last round's maximum
+        for_rounds<kK>(k, [&](int) {  // no refill: the round's index unused
+          uint32_t gm;
+          int we = 0;
+          const bool win = segment_winner(ck[0], 0, gm, we);
+          last = win ? gm : last;
+          wins += win ? 1 : 0;
+          gm_last = gm;
+          pop_keys<C>(win, ck);
+        });
+        bool lost = false;
+        if (__any_sync(kFullMask, wins == C)) lost = router_keys::sat_out_lost<N>(key, last, wins, C, gm_last);
+        exact_rounds = __any_sync(kFullMask, lost);
+        if (exact_rounds) {
+          last = ~0u, wins = 0;
+          top_keys<N, C>(key, static_cast<Mask>(0), ck);
+        }
       }
       if (exact_rounds) {
         for_rounds<kK>(k, [&](int r) {
