@@ -593,43 +593,29 @@ __global__ void __launch_bounds__(kBucketThreads,
       uint32_t last = ~0u;  // the lane's last won key and its number of wins: its won set (won_mask)
       int wins = 0;
       bool exact_rounds = true;  // the rounds with the ballot and the lowest-lane rule
-      if constexpr (kV3) {
-        // DeepSeek-V3 (keys with the bias: exact ties between lanes are rare): rounds where every lane holding the
-        // maximum wins it, without the ballot and the lowest-lane rule, and without the cache's refill: a lane that has
-        // won its C cached keys sits the later rounds out (its head is kKeyNone; at C = 3 a lane wins 3 of the 8 in
-        // ~7% of tokens, 4 in ~0.2%). Each round has a winner, so the wins add up to k exactly when no round had two
-        // (and none was won by kKeyNone), and the rounds are those with the refill where no lane that sat out could
-        // have won a later one (router_keys::sat_out_lost, checked in a warp where some lane ran dry). Else the rounds
-        // run again, exactly, with the refill.
+      // The rounds first without the cache's refill: a lane that has won its C cached keys sits the later rounds out
+      // (its head is kKeyNone), and checks after them that it lost nothing by it (router_keys::sat_out_lost, in a warp
+      // where some lane ran dry); where some lane could have, the rounds run again, exactly, with the refill.
+      // - DeepSeek-V3 (keys with the bias: exact ties between lanes are rare): every lane holding the round's maximum
+      //   wins it, without the ballot and the lowest-lane rule (at C = 3 a lane wins 3 of the 8 in ~7% of tokens, 4 in
+      //   ~0.2%). Each round has a winner, so the wins add up to k exactly when no round had two (and none was won by
+      //   kKeyNone); where they do not, the exact rounds run too.
+      // - The normalised sigmoid at a compiled k, 16 or 32 lanes a token: the ballot's rounds (one winner each).
+      //   GLM-4.5 (E = 160, k = 8) 0.96-0.98x at T = 65536 (H200). Not for the pre-top-k softmax, where the same
+      //   rounds measured 1.01-1.02x slower on the compact rows at T = 16384 and even elsewhere (bench/NOTES.md,
+      //   "Router v83"). Not at 8 lanes a token (k = 6): ptxas spilled 4 bytes there.
+      if constexpr (kV3 || (kSpec == FwdSpec::kSigmoidNorm && kK > 0 && G >= 16)) {
         uint32_t gm_last = kKeyNone;  // the last round's maximum
         for_rounds<kK>(k, [&](int) {  // no refill: the round's index unused
-          const uint32_t gm = seg_max_u32<G>(ck[0]);
-          const bool win = ck[0] == gm;
-          last = win ? gm : last;
-          wins += win ? 1 : 0;
-          gm_last = gm;
-          pop_keys<C>(win, ck);
-        });
-        bool lost = false;
-        if (__any_sync(kFullMask, wins == C)) lost = router_keys::sat_out_lost<N>(key, last, wins, C, gm_last);
-        exact_rounds =
-            __reduce_add_sync(kFullMask, static_cast<uint32_t>(wins) + (lost ? 64u : 0u)) != static_cast<uint32_t>(k);
-        if (exact_rounds) {
-          last = ~0u, wins = 0;
-          top_keys<N, C>(key, static_cast<Mask>(0), ck);
-        }
-      } else if constexpr (kSpec == FwdSpec::kSigmoidNorm && kK > 0 && G >= 16) {
-        // The normalised sigmoid at a compiled k: the rounds below (the ballot and the lowest-lane rule) first without
-        // the cache's refill, as DeepSeek-V3's above: a lane that ran dry sits the later rounds out, and checks after
-        // them that it lost nothing by it (router_keys::sat_out_lost); where some lane of the warp could have, the
-        // warp's rounds run again with the refill. GLM-4.5 (E = 160, k = 8) 0.96-0.98x at T = 65536 (H200). Not for
-        // the pre-top-k softmax, where the same rounds measured 1.01-1.02x slower on the compact rows at T = 16384 and
-        // even elsewhere (bench/NOTES.md, "Router v83"). Not at 8 lanes a token (k = 6): ptxas spilled 4 bytes there.
-        uint32_t gm_last = kKeyNone;  // the segment's last round's maximum
-        for_rounds<kK>(k, [&](int) {  // no refill: the round's index unused
           uint32_t gm;
-          int we = 0;
-          const bool win = segment_winner(ck[0], 0, gm, we);
+          bool win;
+          if constexpr (kV3) {
+            gm = seg_max_u32<G>(ck[0]);
+            win = ck[0] == gm;
+          } else {
+            int we = 0;
+            win = segment_winner(ck[0], 0, gm, we);
+          }
           last = win ? gm : last;
           wins += win ? 1 : 0;
           gm_last = gm;
@@ -637,7 +623,12 @@ __global__ void __launch_bounds__(kBucketThreads,
         });
         bool lost = false;
         if (__any_sync(kFullMask, wins == C)) lost = router_keys::sat_out_lost<N>(key, last, wins, C, gm_last);
-        exact_rounds = __any_sync(kFullMask, lost);
+        if constexpr (kV3) {
+          exact_rounds =
+              __reduce_add_sync(kFullMask, static_cast<uint32_t>(wins) + (lost ? 64u : 0u)) != static_cast<uint32_t>(k);
+        } else {
+          exact_rounds = __any_sync(kFullMask, lost);
+        }
         if (exact_rounds) {
           last = ~0u, wins = 0;
           top_keys<N, C>(key, static_cast<Mask>(0), ck);
