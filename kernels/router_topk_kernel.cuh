@@ -601,7 +601,7 @@ __global__ void __launch_bounds__(kBucketThreads,
       //   ~0.2%). Each round has a winner, so the wins add up to k exactly when no round had two (and none was won by
       //   kKeyNone); where they do not, the exact rounds run too.
       // - The normalised sigmoid at a compiled k, 16 or 32 lanes a token: the ballot's rounds (one winner each).
-      //   GLM-4.5 (E = 160, k = 8) 0.96-0.98x at T = 65536 (H200). Not for the pre-top-k softmax, where the same
+      //   GLM-4.5 (E = 160, k = 8) 0.97-0.98x at T = 65536 (H200). Not for the pre-top-k softmax, where the same
       //   rounds measured 1.01-1.02x slower on the compact rows at T = 16384 and even elsewhere (bench/NOTES.md,
       //   "Router v83"). Not at 8 lanes a token (k = 6): ptxas spilled 4 bytes there.
       if constexpr (kV3 || (kSpec == FwdSpec::kSigmoidNorm && kK > 0 && G >= 16)) {
