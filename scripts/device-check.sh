@@ -442,14 +442,15 @@ if on profile; then
     --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
     "$BUILD/bench/router_bench" "${PRA[@]}"
   # Executed instructions per SASS line of one router_forward launch: where the instructions go. The CSV travels in
-  # plots.tar (at most 8 files come back).
+  # plots.tar (at most 8 files come back), the SASS dump of the matching kernels gzipped beside it (at stop 88 the dump
+  # alone, 232579 lines, took plots.tar past the 16 MiB a file that comes back).
   PROF=$(mktemp -d)
   step "ncu router_forward SASS counts" "$BENCH" bash -c "ncu --clock-control none --kernel-name regex:router_forward \
     --launch-skip 40 --launch-count 1 --section SourceCounters --section InstructionStats --page source \
     --print-source sass --csv '$BUILD/bench/router_bench' ${PRA[*]} >'$PROF/router_forward_sass.csv' &&
     cuobjdump -sass '$BUILD/libbitep.so' | awk '/Function :/ {p = /$SASS_MATCH/} p' \
       >'$PROF/router_forward.sass' 2>&1 &&
-    wc -l '$PROF'/* && tar -C '$PROF' -rf '$OUT/plots.tar' ."
+    wc -l '$PROF'/* && gzip -9 '$PROF/router_forward.sass' && tar -C '$PROF' -rf '$OUT/plots.tar' ."
 fi
 if on dram; then
   # The bytes the launches of a TE-compatible bitmap row (T = 16384, E = 256, bf16) and of its plain copies move, at the
