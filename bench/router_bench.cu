@@ -7,7 +7,9 @@
 // fp64: tests/reference); any wrong row makes the exit status non-zero.
 //
 //   router_bench [--quick] [--json PATH] [--commit SHA] [--iters N] [--tokens T,..] [--experts E,..] [--bf16]
-//                [--configs NAME,..] [--fwd | --bwd]      (NAME@E: a config at E experts)
+//                [--configs NAME,..] [--fwd | --bwd] [--bitmap-first]      (NAME@E: a config at E experts)
+//
+// --bitmap-first times each bitmap row before its bytemap twin (by default after it), to see what the order does.
 //
 // Time: median over N (>= 100) iterations, one CUDA event pair each, queued behind a spin kernel so the
 // host's enqueue cost never shows; inputs and outputs rotate among enough buffer sets that the L2 does
@@ -498,9 +500,10 @@ struct Args {
   std::string configs;  // non-empty: comma-separated config names (softmax, softmax-pre, deepseek-v3; a model's name
                         // from kModelConfigs, or models for all of them; NAME@E: that config at E experts), those alone
   bool bf16_only = false;
-  bool fwd_only = false;  // tuning runs: the forward rows alone
-  bool bwd_only = false;  // tuning runs: the backward rows alone
-  int topk = 0;           // > 0: this k for the configs without groups whose E allows it (--topk K; tuning runs)
+  bool fwd_only = false;      // tuning runs: the forward rows alone
+  bool bwd_only = false;      // tuning runs: the backward rows alone
+  int topk = 0;               // > 0: this k for the configs without groups whose E allows it (--topk K; tuning runs)
+  bool bitmap_first = false;  // each row pair timed bitmap first (--bitmap-first; the grid times the bytemap first)
 };
 
 void print_header() {
@@ -545,6 +548,8 @@ int main(int argc, char** argv) {
       args.fwd_only = true;
     } else if (a == "--bwd") {
       args.bwd_only = true;
+    } else if (a == "--bitmap-first") {
+      args.bitmap_first = true;
     } else if (a == "--iters" && i + 1 < argc) {
       args.iters = std::max(100, std::atoi(argv[++i]));
     } else if (a == "--topk" && i + 1 < argc) {
@@ -557,11 +562,15 @@ int main(int argc, char** argv) {
       std::fprintf(
           stderr,
           "usage: %s [--quick] [--json PATH] [--commit SHA] [--iters N>=100] [--tokens T,T,..] [--experts E,E,..] "
-          "[--configs NAME,..] [--topk K] [--bf16] [--fwd | --bwd]\n",
+          "[--configs NAME,..] [--topk K] [--bf16] [--fwd | --bwd] [--bitmap-first]\n",
           argv[0]);
       return 2;
     }
   }
+  // The order each row pair is timed in (forward and backward): a pair's second row follows the first's launches.
+  const std::vector<bitepMapFormat_t> formats = args.bitmap_first
+                                                    ? std::vector<bitepMapFormat_t>{bitepMapBitmapU8, bitepMapBytemap}
+                                                    : std::vector<bitepMapFormat_t>{bitepMapBytemap, bitepMapBitmapU8};
   int ndev = 0;
   if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
     std::fprintf(stderr, "router_bench: no CUDA device\n");
@@ -586,6 +595,7 @@ int main(int argc, char** argv) {
   }
   std::printf("# an empty kernel, timed the same way: %.2f us a launch, %.2f us in a batch of %d (time, b-time)\n",
               empty_us, empty_batch_us, kBatch);
+  if (args.bitmap_first) std::printf("# --bitmap-first: each bitmap row timed before its bytemap twin\n");
   print_header();
 
   std::vector<int64_t> Ts = {4096, 16384, 65536};
@@ -843,7 +853,7 @@ int main(int argc, char** argv) {
           if (args.bwd_only) break;
           const char* mode = te ? "te" : "compact";
           const double out_bytes = te ? 8.0 * TE : 4.0 * T * k;
-          for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8}) {
+          for (bitepMapFormat_t fmt : formats) {
             const bool bm = fmt == bitepMapBitmapU8;
             const Span map_out = bm ? Span{&Set::bitmap, T * rb} : Span{&Set::bytemap, TE};
             stream_now =
@@ -873,7 +883,7 @@ int main(int argc, char** argv) {
         }
         CK(cudaStreamSynchronize(stream));
         for (bool recompute : {false, true})
-          for (bitepMapFormat_t fmt : {bitepMapBytemap, bitepMapBitmapU8}) {
+          for (bitepMapFormat_t fmt : formats) {
             const bool bm = fmt == bitepMapBitmapU8;
             stream_now = stream_us({{&Set::grad_probs, TE * 4},
                                     recompute ? Span{&Set::logits, TE * ds} : Span{&Set::saved, TE * 4},
@@ -910,8 +920,9 @@ int main(int argc, char** argv) {
     std::strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
     std::fprintf(f,
                  "{\"card\": \"%s\", \"date\": \"%s\", \"commit\": \"%s\", \"hbm_GBps\": %.1f, \"empty_us\": %.3f, "
-                 "\"empty_batch_us\": %.3f, \"batch\": %d, \"records\": [\n",
-                 prop.name, date, args.commit.c_str(), gbps, empty_us, empty_batch_us, kBatch);
+                 "\"empty_batch_us\": %.3f, \"batch\": %d, \"bitmap_first\": %s, \"records\": [\n",
+                 prop.name, date, args.commit.c_str(), gbps, empty_us, empty_batch_us, kBatch,
+                 args.bitmap_first ? "true" : "false");
     for (size_t i = 0; i < records.size(); ++i) {
       const Record& r = records[i];
       std::fprintf(
