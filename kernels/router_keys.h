@@ -82,11 +82,11 @@ BITEP_HOST_DEVICE inline Mask won_mask(const uint32_t* key, uint32_t last, int w
   return m;
 }
 
-// Rounds without the cache's refill (DeepSeek-V3's first rounds, kernels/router_topk_kernel.cuh): a lane that has won
-// all C of its cached keys (wins == C) sits the later rounds out. Whether it could have won one of them: an unwon copy
-// of its last won key `last`, or its best key below `last` at least the last round's maximum `gm_last` (every round
-// after its last win had a maximum at least gm_last, so a key below gm_last would have won none). False for a lane
-// that did not run dry.
+// Rounds without the cache's refill (DeepSeek-V3's and the normalised sigmoid's first rounds,
+// kernels/router_topk_kernel.cuh): a lane that has won all C of its cached keys (wins == C) sits the later rounds out.
+// Whether it could have won one of them: an unwon copy of its last won key `last`, or its best key below `last` at
+// least the last round's maximum `gm_last` (every round after its last win had a maximum at least gm_last, so a key
+// below gm_last would have won none). False for a lane that did not run dry.
 template <int N>
 BITEP_HOST_DEVICE inline bool sat_out_lost(const uint32_t* key, uint32_t last, int wins, int C, uint32_t gm_last) {
   int at_least = 0;

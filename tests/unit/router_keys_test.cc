@@ -3,8 +3,9 @@
 // sort, won_mask on hand-made lanes, and the keys-only top-k rounds of kernels/router_topk_select.cuh (one octet a
 // lane: the segment's best head key, the lowest lane holding it wins and pops it, a lane refills from the keys
 // it has not won when its cache runs dry, its selection is its won set) against a brute-force top-k (key
-// descending, then the lower expert; key 0 is no candidate), on rows full of equal keys. And DeepSeek-V3's first
-// rounds, without the refill: where they stand (sat_out_lost), the same top-k.
+// descending, then the lower expert; key 0 is no candidate), on rows full of equal keys. And the first rounds without
+// the refill (DeepSeek-V3's, and the normalised sigmoid's by the ballot): where they stand (sat_out_lost), the same
+// top-k.
 #include "kernels/router_keys.h"
 
 #include <gtest/gtest.h>
@@ -149,9 +150,9 @@ TEST(RouterKeys, KeysOnlyRoundsMatchBruteForce) {
 // segment's best wins it and pops it, and a lane whose C cached keys are won sits the later rounds out (no refill).
 // They stand when the wins add up to k and no lane that ran dry could have won a later round (sat_out_lost); else the
 // kernel runs rounds<C> above. `dry`: some lane won all C of its keys.
-// kLowest: rounds by the ballot, as the pre-top-k softmax's and the normalised sigmoid's (queued router v83,
-// bench/results/router-v83-ballot-rounds-without-refill.patch, runs them first without the refill): the lowest lane
-// holding the maximum wins it (none where the maximum is key 0); they stand where no lane lost by sitting out.
+// kLowest: rounds by the ballot, as the normalised sigmoid's at a compiled k (router v83; the pre-top-k softmax keeps
+// the rounds with the refill): the lowest lane holding the maximum wins it (none where the maximum is key 0); they
+// stand where no lane lost by sitting out.
 template <int C, bool kLowest = false>
 std::vector<int> rounds_without_refill(const std::vector<uint32_t>& row, int G, int k, bool* stand, bool* dry) {
   std::vector<Lane<C>> lanes = fill_lanes<C>(row, G);
@@ -181,6 +182,18 @@ std::vector<int> rounds_without_refill(const std::vector<uint32_t>& row, int G, 
   return won_experts<C>(row, lanes);
 }
 
+// A row of G octets: keys 1..range, none_pct% of them 0 (no candidate); with one_lane, one lane then holds m of the
+// best keys (1-8, distinct, above the rest), the case where a lane runs dry.
+std::vector<uint32_t> random_row(std::mt19937& rng, int G, int range, int none_pct, bool one_lane) {
+  std::vector<uint32_t> row(static_cast<size_t>(G) * 8);
+  for (uint32_t& x : row) x = static_cast<int>(rng() % 100) < none_pct ? 0u : 1u + rng() % range;
+  if (one_lane) {
+    const int lane = static_cast<int>(rng() % G), m = 1 + static_cast<int>(rng() % 8);
+    for (int i = 0; i < m; ++i) row[lane * 8 + (i * 3) % 8] = (1u << 21) + static_cast<uint32_t>(rng() % 4096);
+  }
+  return row;
+}
+
 // Where the rounds stand, their selection is the brute-force top-k. The grid reaches every outcome: rounds that stand
 // with a lane that ran dry (the check lets them through), rounds that fall for a tie between lanes, and rounds whose
 // wins add up to k but whose selection is wrong, each caught by sat_out_lost (the check is what keeps them out).
@@ -191,12 +204,7 @@ TEST(RouterKeys, RoundsWithoutRefillStandOnlyWhenExact) {
     for (int none_pct : {0, 50, 90})
       for (int it = 0; it < 300; ++it) {
         const int G = 32;
-        std::vector<uint32_t> row(static_cast<size_t>(G) * 8);
-        for (uint32_t& x : row) x = static_cast<int>(rng() % 100) < none_pct ? 0u : 1u + rng() % range;
-        if (it % 3 == 0) {  // one lane holding m of the best keys (distinct, above the rest)
-          const int lane = static_cast<int>(rng() % G), m = 1 + static_cast<int>(rng() % 8);
-          for (int i = 0; i < m; ++i) row[lane * 8 + (i * 3) % 8] = (1u << 21) + static_cast<uint32_t>(rng() % 4096);
-        }
+        const std::vector<uint32_t> row = random_row(rng, G, range, none_pct, it % 3 == 0);
         for (int k : {1, 4, 8, 16}) {
           const std::vector<int> want = brute_force(row, k);
           const std::string what =
@@ -250,12 +258,7 @@ TEST(RouterKeys, LowestLaneRoundsWithoutRefillStandOnlyWhenExact) {
     for (int range : {2, 3, 7, 64, 1 << 20})
       for (int none_pct : {0, 50, 90})
         for (int it = 0; it < 200; ++it) {
-          std::vector<uint32_t> row(static_cast<size_t>(G) * 8);
-          for (uint32_t& x : row) x = static_cast<int>(rng() % 100) < none_pct ? 0u : 1u + rng() % range;
-          if (it % 3 == 0) {  // one lane holding m of the best keys
-            const int lane = static_cast<int>(rng() % G), m = 1 + static_cast<int>(rng() % 8);
-            for (int i = 0; i < m; ++i) row[lane * 8 + (i * 3) % 8] = (1u << 21) + static_cast<uint32_t>(rng() % 4096);
-          }
+          const std::vector<uint32_t> row = random_row(rng, G, range, none_pct, it % 3 == 0);
           for (int k : {1, 4, 8, 16}) {
             const std::vector<int> want = brute_force(row, k);
             for (int c : {2, 3}) {
