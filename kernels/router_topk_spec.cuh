@@ -48,6 +48,8 @@ constexpr bool kWideStores = BITEP_ROUTER_FWD_WIDE_STORES != 0;
 // 128, 1.03-1.06x slower at T = 16384 for 0.98x at 65536 (H200, "Router v41"): bf16 alone at E = 128. E 33-64 fp32
 // since v63b (H100, with the instance for k = 6: T = 65536 TE-compatible 0.93x, T = 16384 0.92x; "Router v63"). E
 // 129-256, H100, TE-compatible T = 16384 / 65536: bf16 0.86-0.93x (v58), fp32 0.96-0.98x (v61; "Router v58-v61").
+// fp32 at 16 lanes of one octet (E 65-128) since v84 (H100, E = 128 TE-compatible: T = 4096 0.95-0.96x, 16384
+// 0.90-0.94x, 65536 0.97-0.99x; "Router v84").
 // BITEP_ROUTER_FWD_STAGED=0 (a tuning build) stores as the other shapes do.
 #ifndef BITEP_ROUTER_FWD_STAGED
 #define BITEP_ROUTER_FWD_STAGED 1
@@ -120,7 +122,8 @@ constexpr int min_blocks() {
   if (kPreOrNorm && N <= 16 && !kConstK) return N <= 8 ? 5 : 4;
   // The post-top-k kernels of one octet a lane with the holders' wide stores take 8 blocks (32 registers): the bf16
   // ones keep the occupancy they have without them (ptxas gave them 37-39 registers), and the fp32 staged ones take it
-  // too: at 32 lanes (v61) without a spill, at 8 lanes for k = 6 (v63b) with 8 bytes spilled.
+  // too: at 32 lanes (v61) without a spill, at 8 lanes for k = 6 (v63b) with 8 bytes spilled, at 16 lanes (v84) the
+  // k = 8 instance with 4.
   if (N <= 8 && kWideRows) return 8;
   // The instances for a fixed k (kconst_kernel) keep the occupancy of their runtime-k twins, which ptxas gives 32
   // registers (post-top-k softmax; fp32 at 8 and 16 lanes a token 40), 44-48 (pre-top-k softmax, sigmoid) and 64
@@ -204,7 +207,7 @@ __device__ __forceinline__ bool spec_bias(const RouterForwardParams& p) {
 // (0.6-2.8% slower), bf16 at E = 256 and E = 2048 measured even or slower, E = 1024 was not measured; a launch
 // without probs and saved (compact outputs) takes the other instance, whose code is the kernel without the stores
 // (the wide one measured 4% slower there at E = 512). bench/NOTES.md, "Router v11" and "v12". E 129-256 in both dtypes
-// and fp32 at E 33-64, where their rows are staged (kStageRows above, with the figures: v58, v61 and v63b).
+// and fp32 at E 33-128, where their rows are staged (kStageRows above, with the figures: v58, v61, v63b and v84).
 template <int G, int NS, bool kF32, FwdSpec kSpec>
 constexpr bool wide_rows_kernel() {
   // The pre-top-k softmax's own rows (saved after the softmax, probs after the selection), at 8 lanes a token and 32
@@ -221,7 +224,8 @@ constexpr bool wide_rows_kernel() {
   if (kSpec == FwdSpec::kSigmoidNormV3) return kStageRows && !kF32 && BITEP_ROUTER_FWD_V3_STAGED != 0;
   if (!holders_spec(kSpec) || !kWideStores) return false;
   if (G == 32) return NS == 2 || (NS == 1 && kStageRows);
-  if (kF32) return G == 8 && NS == 1 && kStageRows;  // below 32 lanes, fp32 where its rows are staged alone
+  if (kF32)
+    return (G == 8 || G == 16) && NS == 1 && kStageRows;  // below 32 lanes, fp32 where its rows are staged alone
   return NS == 1 || (G == 8 && NS == 2);
 }
 
@@ -244,11 +248,12 @@ constexpr bool compact_stage_kernel() {
 }
 
 // float4s of shared memory the kernel stages its dense rows in (kStaged in the kernel: the wide-stores instances at 8
-// lanes a token, those at 32 lanes of one octet, and bf16's at 32 lanes of two): [warps][probs, saved][tokens of the
-// warp x E floats]; 1 where it stages nothing.
+// lanes a token, fp32's at 16 lanes of one octet, those at 32 lanes of one octet, and bf16's at 32 lanes of two):
+// [warps][probs, saved][tokens of the warp x E floats]; 1 where it stages nothing.
 template <int G, int NS, bool kF32, bool kWideRows>
 constexpr int staged_float4s() {
-  return kWideRows && kStageRows && (G == 8 || (G == 32 && (NS == 1 || (NS == 2 && !kF32))))
+  return kWideRows && kStageRows &&
+                 (G == 8 || (G == 16 && NS == 1 && kF32) || (G == 32 && (NS == 1 || (NS == 2 && !kF32))))
              ? kBucketThreads / kWarpSize * 2 * 64 * NS
              : 1;
 }

@@ -615,14 +615,14 @@ int64_t weights_outside(const std::vector<float>& got, const std::vector<float>&
 // weights_outside's bound where k fits the lanes of a token (the holders sum in round order), the same bits
 // past it; the post-top-k softmax's recomputed gradient at E 33-256 within the gradient tolerance (its sum and dot
 // product in one butterfly, its exps by __expf, for bf16 logits unshifted where the sums allow). E = 64: 8 lanes a
-// token; 100: 16 lanes, E % 8 != 0; 128: 16 lanes, whole rows (the holders' wide stores); 256: one octet a lane; 512:
-// two (the backward staged); 1000: four; 2048: eight. k: 8, and for the post-top-k softmax also 1, 3, the lanes (G) and
-// G + 1; at E = 64 also 6 (the instances for k = 6), with groups too. The pre-top-k softmax and the normalised
-// sigmoid also with groups (8 of them, 4 kept: a group is an octet at E = 64, four lanes at 256, eight octets over two
-// slots at 512; E = 100, 2 of 4 groups of 25, takes the generic kernel), expert bias, a scaling factor and the
-// dispatch-layout epilogue (4 ranks). The post-top-k softmax at k = 8 again at two octets a lane (at any count), where
-// its rule takes the outputs (bf16: E = 100 and 256 compact, E = 128 both ways; fp32: E = 256 compact): the bits of the
-// bucket's kernel.
+// token; 100: 16 lanes, E % 8 != 0; 128: 16 lanes, whole rows (bf16's by the holders' wide stores, fp32's staged);
+// 256: one octet a lane; 512: two (the backward staged); 1000: four; 2048: eight. k: 8, and for the post-top-k softmax
+// also 1, 3, the lanes (G) and G + 1; at E = 64 also 6 (the instances for k = 6), with groups too. The pre-top-k
+// softmax and the normalised sigmoid also with groups (8 of them, 4 kept: a group is an octet at E = 64, four lanes at
+// 256, eight octets over two slots at 512; E = 100, 2 of 4 groups of 25, takes the generic kernel), expert bias, a
+// scaling factor and the dispatch-layout epilogue (4 ranks). The post-top-k softmax at k = 8 again at two octets a lane
+// (at any count), where its rule takes the outputs (bf16: E = 100 and 256 compact, E = 128 both ways; fp32: E = 256
+// compact): the bits of the bucket's kernel.
 TEST(RouterGpu, SpecKernelsMatchAnyPath) {
   REQUIRE_GPU();
   const int64_t T = 333;
@@ -793,8 +793,8 @@ TEST(RouterGpu, SpecKernelsMatchAnyPath) {
 // nothing past them; probs alone and saved alone give the same bits as when both are written. T = 333: a last partial
 // tile where four tokens share a warp (stored octet by octet even in the staged instances).
 // kernel 1, the post-top-k softmax's holders (k = 8): staged at E = 64 (8 lanes a token) and for bf16 at E = 128 (8
-// lanes of two octets; 16 when misaligned), 16 lanes for fp32 at E = 128; E = 200 a partial last octet; 256 one octet a
-// lane (staged); 512 two (staged for bf16).
+// lanes of two octets; 16 when misaligned), fp32 at E = 128 at 16 lanes (staged, v84); E = 200 a partial last octet;
+// 256 one octet a lane (staged); 512 two (staged for bf16).
 // kernel 2, the pre-top-k softmax's own rows (k = 6 at E = 64, the instance for that k; else 8): staged at E = 64 and
 // 256, octet by octet at 200 and 512.
 void expect_dense_outputs_any_alignment(int kernel) {
@@ -808,7 +808,7 @@ void expect_dense_outputs_any_alignment(int kernel) {
       const bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSoftmax, kernel == 2, dt);
       const std::string name = describe(cfg, T);
       const bool want_staged =
-          kernel == 1 ? E == 64 || E == 256 || (dt == bitepBfloat16 && (E == 128 || E == 512)) : E == 64 || E == 256;
+          kernel == 1 ? E == 64 || E == 128 || E == 256 || (dt == bitepBfloat16 && E == 512) : E == 64 || E == 256;
       const auto logits = make_logits(T, E, dt, 5 + E);
       FwdSpec aligned;
       aligned.map = bitepMapBitmapU8;
