@@ -286,24 +286,6 @@ __global__ void __launch_bounds__(kBucketThreads,
   const Idx stride = static_cast<Idx>(gridDim.x) * kWarps;
   const Idx first = static_cast<Idx>(blockIdx.x) * kWarps + warp;
   if (kPrefetch) fetch(first, ahead);
-  // kValuesStaged: the lane's octet of the bias for step 2, copied (cp.async) into the lane's own place in the
-  // warp's staged probs row, which nothing writes before step 6 of the warp's one tile: the copy's latency runs under
-  // the logits' and the sigmoid's, and it holds no register (loaded in step 2 itself, after the saved row's stores, it
-  // was ~11% of the stall samples at T = 16384: "Router v85"). The lane reads back what it copied, after
-  // cp.async.wait_all (each of these accesses asm volatile, so they stay in order).
-  static_assert(!kValuesStaged || kOnePass, "the bias's copy: one tile a warp");
-  if constexpr (kValuesStaged) {
-#if defined(__CUDA_ARCH__)
-    if (first < num_tiles) {
-      // (past E, 0 bytes read: the copy fills zeros)
-      const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(stage_p + 2 * sl));
-      const int n = sl * 8 < E ? 16 : 0;
-      const float* const from = p.expert_bias + (n > 0 ? sl * 8 : 0);
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(to), "l"(from), "r"(n) : "memory");
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(to + 16), "l"(from + 4), "r"(n) : "memory");
-    }
-#endif
-  }
   // One tile: tile_body(tile, whole). whole = std::true_type (kWhole) for a whole tile (no token past T, E = 8 G NS;
   // kOctets: E a multiple of 8 below that, each slot a whole octet or none) of
   // 16-byte aligned logits: every slot valid, so the partial tiles' and misaligned rows' tests compile out (a tile of
@@ -449,19 +431,12 @@ __global__ void __launch_bounds__(kBucketThreads,
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
         float b8[8];
-        if constexpr (kValuesStaged) {  // from the lane's copy at the warp's start: not held through its loads
+        if constexpr (kValuesStaged) {  // loaded here: not held through the tile's loads and sigmoid
           float4 b0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b1 = b0;
-#if defined(__CUDA_ARCH__)
-          // (the wait and the reads as asm volatile, kept in order without a memory clobber on the rest)
-          const uint32_t at = static_cast<uint32_t>(__cvta_generic_to_shared(stage_p + 2 * sl));
-          asm volatile("cp.async.wait_all;");
-          asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
-                       : "=f"(b0.x), "=f"(b0.y), "=f"(b0.z), "=f"(b0.w)
-                       : "r"(at));
-          asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
-                       : "=f"(b1.x), "=f"(b1.y), "=f"(b1.z), "=f"(b1.w)
-                       : "r"(at + 16));
-#endif
+          if (sl * 8 < E) {
+            b0 = __ldg(reinterpret_cast<const float4*>(p.expert_bias + sl * 8));
+            b1 = __ldg(reinterpret_cast<const float4*>(p.expert_bias + sl * 8 + 4));
+          }
           b8[0] = b0.x, b8[1] = b0.y, b8[2] = b0.z, b8[3] = b0.w, b8[4] = b1.x, b8[5] = b1.y, b8[6] = b1.z,
           b8[7] = b1.w;
         } else if constexpr (kV3) {

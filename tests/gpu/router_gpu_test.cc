@@ -869,74 +869,71 @@ TEST(RouterGpu, PreSoftmaxOutputsMisaligned) {
 // through the group steps and the rounds. fp32 logits take the unstaged instance every time. Its outputs are its
 // unstaged twin's, bit for bit: the twin runs where compact outputs are asked for too (the reference run here), where
 // probs or saved is 4 bytes off, and where the dispatch layout is asked for (num_ranks > 0). T = 333 (a last block
-// partly past T) and 4099, both dtypes and both map formats; every output's guard intact. E = 256 (8 groups of 32), and
-// 192 (6 groups: the same kernel, lanes 24-31 past E), which takes the unstaged instance every time (the staged one is
-// for E = 256 alone, router_topk_bucket.cuh launch_bucket_t).
+// partly past T) and 4099, both dtypes and both map formats; every output's guard intact.
 TEST(RouterGpu, DeepSeekV3DenseRowsStaged) {
   REQUIRE_GPU();
-  const int k = 8;
-  for (const int E : {256, 192})
-    for (const int64_t T : {int64_t{333}, int64_t{4099}})
-      for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16})
-        for (bitepMapFormat_t map : {bitepMapBytemap, bitepMapBitmapU8}) {
-          bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSigmoid, 0, dt);
-          cfg.num_groups = E / 32;
-          cfg.group_topk = 4;
-          cfg.scaling_factor = 2.5f;
-          const std::string name = describe(cfg, T) + (map == bitepMapBitmapU8 ? " bitmap" : " bytemap");
-          const auto logits = make_logits(T, E, dt, 17 + T);
-          const std::vector<float> bias = make_bias(E, 3 + T);
-          FwdSpec all;
-          all.map = map;
-          const FwdOut want = run_forward(bitepBackendCuda, cfg, T, logits, bias, all);
-          ASSERT_EQ(want.rc, bitepSuccess) << name << ": " << want.error;
-          EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 4) << name << ": the kernel chosen";
-          EXPECT_FALSE(bitep::kernels::last_router_forward_staged()) << name << ": staged with compact outputs";
-          EXPECT_TRUE(want.guards) << name;
-          struct Variant {
-            const char* what;
-            bool probs, saved;
-            size_t probs_offset;
-            int num_ranks;
-            bool staged;
-          };
-          for (const Variant v :
-               {Variant{"probs, saved and the map", true, true, 0, 0, true},
-                Variant{"probs alone", true, false, 0, 0, true}, Variant{"saved alone", false, true, 0, 0, true},
-                Variant{"probs 4 bytes off", true, true, 4, 0, false},
-                Variant{"with the dispatch layout", true, true, 0, 8, false}}) {
-            const std::string what = name + ": " + v.what;
-            FwdSpec spec = all;
-            spec.weights = spec.indices = false;
-            spec.probs = v.probs, spec.saved = v.saved;
-            spec.probs_offset = v.probs_offset;
-            spec.num_ranks = v.num_ranks;
-            const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
-            ASSERT_EQ(got.rc, bitepSuccess) << what << ": " << got.error;
-            EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 4) << what << ": the kernel chosen";
-            EXPECT_EQ(bitep::kernels::last_router_forward_staged(), v.staged && dt == bitepBfloat16 && E == 256)
-                << what << ": rows staged";
-            EXPECT_TRUE(got.guards) << what << ": wrote past a buffer";
-            if (v.probs) EXPECT_EQ(count_bit_diffs(got.probs, want.probs), 0) << what << ": probs";
-            if (v.saved) EXPECT_EQ(count_bit_diffs(got.saved, want.saved), 0) << what << ": saved";
-            EXPECT_EQ(got.map, want.map) << what << ": routing map";
-            if (v.num_ranks > 0) {
-              // The layout's rank mask from the map: expert e on rank e / (E / W).
-              const int row = map == bitepMapBitmapU8 ? E / 8 : E, per_rank = E / v.num_ranks;
-              int64_t bad = 0;
-              for (int64_t t = 0; t < T; ++t) {
-                uint32_t mask = 0;
-                for (int e = 0; e < E; ++e) {
-                  const bool on = map == bitepMapBitmapU8 ? ((want.map[t * row + e / 8] >> (e % 8)) & 1) != 0
-                                                          : want.map[t * row + e] != 0;
-                  if (on) mask |= 1u << (e / per_rank);
-                }
-                bad += got.rank_mask[t] != mask ? 1 : 0;
+  const int E = 256, k = 8;
+  for (const int64_t T : {int64_t{333}, int64_t{4099}})
+    for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16})
+      for (bitepMapFormat_t map : {bitepMapBytemap, bitepMapBitmapU8}) {
+        bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSigmoid, 0, dt);
+        cfg.num_groups = 8;
+        cfg.group_topk = 4;
+        cfg.scaling_factor = 2.5f;
+        const std::string name = describe(cfg, T) + (map == bitepMapBitmapU8 ? " bitmap" : " bytemap");
+        const auto logits = make_logits(T, E, dt, 17 + T);
+        const std::vector<float> bias = make_bias(E, 3 + T);
+        FwdSpec all;
+        all.map = map;
+        const FwdOut want = run_forward(bitepBackendCuda, cfg, T, logits, bias, all);
+        ASSERT_EQ(want.rc, bitepSuccess) << name << ": " << want.error;
+        EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 4) << name << ": the kernel chosen";
+        EXPECT_FALSE(bitep::kernels::last_router_forward_staged()) << name << ": staged with compact outputs";
+        EXPECT_TRUE(want.guards) << name;
+        struct Variant {
+          const char* what;
+          bool probs, saved;
+          size_t probs_offset;
+          int num_ranks;
+          bool staged;
+        };
+        for (const Variant v :
+             {Variant{"probs, saved and the map", true, true, 0, 0, true},
+              Variant{"probs alone", true, false, 0, 0, true}, Variant{"saved alone", false, true, 0, 0, true},
+              Variant{"probs 4 bytes off", true, true, 4, 0, false},
+              Variant{"with the dispatch layout", true, true, 0, 8, false}}) {
+          const std::string what = name + ": " + v.what;
+          FwdSpec spec = all;
+          spec.weights = spec.indices = false;
+          spec.probs = v.probs, spec.saved = v.saved;
+          spec.probs_offset = v.probs_offset;
+          spec.num_ranks = v.num_ranks;
+          const FwdOut got = run_forward(bitepBackendCuda, cfg, T, logits, bias, spec);
+          ASSERT_EQ(got.rc, bitepSuccess) << what << ": " << got.error;
+          EXPECT_EQ(bitep::kernels::last_router_forward_kernel(), 4) << what << ": the kernel chosen";
+          EXPECT_EQ(bitep::kernels::last_router_forward_staged(), v.staged && dt == bitepBfloat16)
+              << what << ": rows staged";
+          EXPECT_TRUE(got.guards) << what << ": wrote past a buffer";
+          if (v.probs) EXPECT_EQ(count_bit_diffs(got.probs, want.probs), 0) << what << ": probs";
+          if (v.saved) EXPECT_EQ(count_bit_diffs(got.saved, want.saved), 0) << what << ": saved";
+          EXPECT_EQ(got.map, want.map) << what << ": routing map";
+          if (v.num_ranks > 0) {
+            // The layout's rank mask from the map: expert e on rank e / (E / W).
+            const int row = map == bitepMapBitmapU8 ? E / 8 : E, per_rank = E / v.num_ranks;
+            int64_t bad = 0;
+            for (int64_t t = 0; t < T; ++t) {
+              uint32_t mask = 0;
+              for (int e = 0; e < E; ++e) {
+                const bool on = map == bitepMapBitmapU8 ? ((want.map[t * row + e / 8] >> (e % 8)) & 1) != 0
+                                                        : want.map[t * row + e] != 0;
+                if (on) mask |= 1u << (e / per_rank);
               }
-              EXPECT_EQ(bad, 0) << what << ": tokens whose rank mask is not their map's ranks";
+              bad += got.rank_mask[t] != mask ? 1 : 0;
             }
+            EXPECT_EQ(bad, 0) << what << ": tokens whose rank mask is not their map's ranks";
           }
         }
+      }
 }
 
 // The pre-top-k softmax's staged instances (E = 64 and 256) store their saved row from the stage either right after
