@@ -8,7 +8,7 @@ A run's rows carry the stream time of the same bytes by a plain copy kernel, mea
 by a few percent (the stream column with them: seen 2026-12-03, one run of four 3% faster in every row), so each
 row's time is read over its run's stream time before the builds are compared; the raw minimum is printed beside it.
 Per row: each build's minimum time (us) over its runs, then each patched build's ratio to the default build, raw and
-normalised. Last, per build: the bf16 rows where the recompute backward beat the saved one (the issue's target).
+normalised, and of the minimum batch times (a launch among back-to-back launches: what a dependent launch changes). Last, per build: the bf16 rows where the recompute backward beat the saved one (the issue's target).
 """
 import collections
 import re
@@ -53,27 +53,29 @@ def main():
     of = {n: [r for r in runs if r[1] == n] for n in names}
     rows = list(runs[of[names[0]][0]])
 
-    def best(name, key, norm):
+    def best(name, key, norm, field="time"):
         vals = [
-            runs[r][key].time / (runs[r][key].stream if norm else 1.0)
+            getattr(runs[r][key], field) / (runs[r][key].stream if norm else 1.0)
             for r in of[name]
-            if key in runs[r] and (not norm or runs[r][key].stream > 0)
+            if key in runs[r] and (not norm or runs[r][key].stream > 0) and getattr(runs[r][key], field) > 0
         ]
         return min(vals) if vals else float("nan")
 
     print("# runs: " + ", ".join("%s x%d" % (n, len(of[n])) for n in names))
-    print("# ratio = patched / %s: raw (of the minimum times), norm (of the minimum time / the run's stream time)" % names[0])
+    print("# ratio = patched / %s: raw (of the minimum times), norm (of the minimum time / the run's stream time), "
+          "batch (of the minimum batch times)" % names[0])
     head = "%6s %5s %3s %-12s %-5s %-8s %-4s %-9s" % ("T", "E", "k", "config", "dtype", "format", "pass", "mode")
-    print(head + "".join(" %12s" % n[:12] for n in names) + "".join(" %8s %8s" % ("raw", "norm") for _ in names[1:]))
+    print(head + "".join(" %12s" % n[:12] for n in names) +
+          "".join(" %8s %8s %8s" % ("raw", "norm", "batch") for _ in names[1:]))
     for key in rows:
         line = "%6s %5s %3s %-12s %-5s %-8s %-4s %-9s" % key
         line += "".join(" %12.2f" % best(n, key, False) for n in names)
         for n in names[1:]:
             ratios = []
-            for norm in (False, True):
-                b = best(names[0], key, norm)
-                ratios.append(best(n, key, norm) / b if b > 0 else float("nan"))
-            line += " %8.3f %8.3f" % tuple(ratios)
+            for norm, field in ((False, "time"), (True, "time"), (False, "batch")):
+                b = best(names[0], key, norm, field)
+                ratios.append(best(n, key, norm, field) / b if b > 0 else float("nan"))
+            line += " %8.3f %8.3f %8.3f" % tuple(ratios)
         print(line)
     for n in names:
         hit = total = 0

@@ -7,9 +7,12 @@
 // fp64: tests/reference); any wrong row makes the exit status non-zero.
 //
 //   router_bench [--quick] [--json PATH] [--commit SHA] [--iters N] [--tokens T,..] [--experts E,..] [--bf16]
-//                [--configs NAME,..] [--fwd | --bwd] [--bitmap-first]      (NAME@E: a config at E experts)
+//                [--configs NAME,..] [--fwd | --bwd] [--bitmap-first] [--pdl]      (NAME@E: a config at E experts)
 //
 // --bitmap-first times each bitmap row before its bytemap twin (by default after it), to see what the order does.
+// --pdl launches every timed kernel dependent on the one before it (programmatic dependent launch): the router's calls
+// with BITEP_LAUNCH_PDL, the empty, stream and conversion kernels with the same attribute (each waits for the kernel
+// before it first, as the router's do), so that every row and its stream copy are timed the same way.
 //
 // Time: median over N (>= 100) iterations, one CUDA event pair each, queued behind a spin kernel so the
 // host's enqueue cost never shows; inputs and outputs rotate among enough buffer sets that the L2 does
@@ -33,6 +36,7 @@
 #include <numeric>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bitep/bitep.h"
@@ -62,7 +66,34 @@ namespace {
 
 // ---- kernels of the bench ----------------------------------------------------------------------
 
-__global__ void empty_kernel() {}
+// Every kernel timed here starts as a dependent launch must (--pdl; no-ops in a plain launch): it waits for the kernel
+// before it, then lets the one after it launch.
+__device__ __forceinline__ void dependent_start() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// --pdl: the timed kernels launched dependent on the kernel before them (set once, before any timing).
+bool g_pdl = false;
+
+// kernel<<<grid, block, 0, s>>>(args...), or with programmatic stream serialization under --pdl.
+template <class... KernelArgs, class... Args>
+void launch(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, cudaStream_t s, Args&&... args) {
+  if (!g_pdl) {
+    kernel<<<grid, block, 0, s>>>(std::forward<Args>(args)...);
+    CK(cudaGetLastError());
+    return;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid), cfg.blockDim = dim3(block), cfg.dynamicSmemBytes = 0, cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr, cfg.numAttrs = 1;
+  CK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+
+__global__ void empty_kernel() { dependent_start(); }
 
 __global__ void spin_kernel(unsigned long long ns) {
   unsigned long long t0, t;
@@ -75,6 +106,7 @@ __global__ void spin_kernel(unsigned long long ns) {
 // Baseline conversion: [T, k] int32 indices -> BITMAP_U8 [T, ceil(E/8)], one warp per token: zero the
 // row, then set each index's bit (32-bit atomicOr when rows are whole words, else byte by byte).
 __global__ void indices_to_bitmap(const int32_t* __restrict__ idx, int k, int64_t T, int E, uint8_t* __restrict__ map) {
+  dependent_start();
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   const int rb = (E + 7) / 8;
@@ -134,6 +166,7 @@ __device__ __forceinline__ void stream_store(const StreamArgs& a, size_t i, uint
 // U units a thread, a block's 256 U units contiguous; a thread issues all its loads before its stores.
 template <int U>
 __global__ void __launch_bounds__(256) stream_kernel(StreamArgs a) {
+  dependent_start();
   const size_t base = static_cast<size_t>(blockIdx.x) * 256 * U + threadIdx.x;
   uint4 v[U];
 #pragma unroll
@@ -144,6 +177,7 @@ __global__ void __launch_bounds__(256) stream_kernel(StreamArgs a) {
 
 // The same over a capped grid, each thread striding by the grid over units [0, n).
 __global__ void __launch_bounds__(256) stream_kernel_strided(StreamArgs a, size_t n) {
+  dependent_start();
   const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
     stream_store(a, i, stream_load(a, i));
@@ -504,6 +538,7 @@ struct Args {
   bool bwd_only = false;      // tuning runs: the backward rows alone
   int topk = 0;               // > 0: this k for the configs without groups whose E allows it (--topk K; tuning runs)
   bool bitmap_first = false;  // each row pair timed bitmap first (--bitmap-first; the grid times the bytemap first)
+  bool pdl = false;           // every timed kernel a dependent launch (--pdl)
 };
 
 void print_header() {
@@ -550,6 +585,8 @@ int main(int argc, char** argv) {
       args.bwd_only = true;
     } else if (a == "--bitmap-first") {
       args.bitmap_first = true;
+    } else if (a == "--pdl") {
+      args.pdl = true;
     } else if (a == "--iters" && i + 1 < argc) {
       args.iters = std::max(100, std::atoi(argv[++i]));
     } else if (a == "--topk" && i + 1 < argc) {
@@ -562,7 +599,7 @@ int main(int argc, char** argv) {
       std::fprintf(
           stderr,
           "usage: %s [--quick] [--json PATH] [--commit SHA] [--iters N>=100] [--tokens T,T,..] [--experts E,E,..] "
-          "[--configs NAME,..] [--topk K] [--bf16] [--fwd | --bwd] [--bitmap-first]\n",
+          "[--configs NAME,..] [--topk K] [--bf16] [--fwd | --bwd] [--bitmap-first] [--pdl]\n",
           argv[0]);
       return 2;
     }
@@ -584,18 +621,18 @@ int main(int argc, char** argv) {
   const double gbps = hbm_gbps(stream);
   std::printf("# router_bench on %s (%d SMs, L2 %d MB): HBM copy %.0f GB/s (read + write), commit %s\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, gbps, args.commit.c_str());
+  g_pdl = args.pdl;
+  const int launch_flags = args.pdl ? BITEP_LAUNCH_PDL : 0;
   double empty_us = 0.0, empty_batch_us = 0.0;
   {
     Timer t(args.iters, stream);
-    auto run = [&](int) {
-      empty_kernel<<<1, 32, 0, stream>>>();
-      CK(cudaGetLastError());
-    };
+    auto run = [&](int) { launch(empty_kernel, 1, 32, stream); };
     empty_us = t.median_us(run), empty_batch_us = t.median_us(run, kBatch);
   }
   std::printf("# an empty kernel, timed the same way: %.2f us a launch, %.2f us in a batch of %d (time, b-time)\n",
               empty_us, empty_batch_us, kBatch);
   if (args.bitmap_first) std::printf("# --bitmap-first: each bitmap row timed before its bytemap twin\n");
+  if (args.pdl) std::printf("# --pdl: every timed kernel launched dependent on the one before (BITEP_LAUNCH_PDL)\n");
   print_header();
 
   std::vector<int64_t> Ts = {4096, 16384, 65536};
@@ -755,12 +792,12 @@ int main(int argc, char** argv) {
             a.map_format = fmt;
             a.routing_map = fmt == bitepMapBytemap ? s.bytemap.p : s.bitmap.p;
           }
+          a.launch_flags = launch_flags;
           BK(bitepRouterForward(bitepBackendCuda, &chk.rc, &a, bstream));
           if (baseline) {
             const int64_t blocks = std::min<int64_t>((T + 7) / 8, static_cast<int64_t>(prop.multiProcessorCount) * 16);
-            indices_to_bitmap<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(s.indices.as<int32_t>(), k, T, E,
-                                                                                 s.conv.as<uint8_t>());
-            CK(cudaGetLastError());
+            launch(indices_to_bitmap, static_cast<unsigned>(blocks), 256, stream, s.indices.as<int32_t>(), k, T, E,
+                   s.conv.as<uint8_t>());
           }
         };
         auto bwd = [&](Set& s, bool recompute, bitepMapFormat_t fmt) {
@@ -770,6 +807,7 @@ int main(int argc, char** argv) {
           a.saved = recompute ? nullptr : s.saved.as<float>();
           a.logits = recompute ? s.logits.p : nullptr;
           a.grad_logits = s.grad.p;
+          a.launch_flags = launch_flags;
           BK(bitepRouterBackward(bitepBackendCuda, &chk.rc, &a, bstream));
         };
         // stream_kernel over the given buffers of every set (nullptr / 0 bytes: unused), the median time.
@@ -793,22 +831,10 @@ int main(int argc, char** argv) {
           // The best of four shapes: one, two or four units a thread over the whole range, or a strided grid; its
           // batch time beside it.
           const std::function<void(int)> shapes[] = {
-              [&](int i) {
-                stream_kernel<1><<<grid(256), 256, 0, stream>>>(args_of(sets[i % R]));
-                CK(cudaGetLastError());
-              },
-              [&](int i) {
-                stream_kernel<2><<<grid(512), 256, 0, stream>>>(args_of(sets[i % R]));
-                CK(cudaGetLastError());
-              },
-              [&](int i) {
-                stream_kernel<4><<<grid(1024), 256, 0, stream>>>(args_of(sets[i % R]));
-                CK(cudaGetLastError());
-              },
-              [&](int i) {
-                stream_kernel_strided<<<strided_blocks, 256, 0, stream>>>(args_of(sets[i % R]), n);
-                CK(cudaGetLastError());
-              }};
+              [&](int i) { launch(stream_kernel<1>, grid(256), 256, stream, args_of(sets[i % R])); },
+              [&](int i) { launch(stream_kernel<2>, grid(512), 256, stream, args_of(sets[i % R])); },
+              [&](int i) { launch(stream_kernel<4>, grid(1024), 256, stream, args_of(sets[i % R])); },
+              [&](int i) { launch(stream_kernel_strided, strided_blocks, 256, stream, args_of(sets[i % R]), n); }};
           double best = 0.0;
           const std::function<void(int)>* best_shape = nullptr;
           for (const auto& shape : shapes) {
@@ -920,9 +946,9 @@ int main(int argc, char** argv) {
     std::strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
     std::fprintf(f,
                  "{\"card\": \"%s\", \"date\": \"%s\", \"commit\": \"%s\", \"hbm_GBps\": %.1f, \"empty_us\": %.3f, "
-                 "\"empty_batch_us\": %.3f, \"batch\": %d, \"bitmap_first\": %s, \"records\": [\n",
+                 "\"empty_batch_us\": %.3f, \"batch\": %d, \"bitmap_first\": %s, \"pdl\": %s, \"records\": [\n",
                  prop.name, date, args.commit.c_str(), gbps, empty_us, empty_batch_us, kBatch,
-                 args.bitmap_first ? "true" : "false");
+                 args.bitmap_first ? "true" : "false", args.pdl ? "true" : "false");
     for (size_t i = 0; i < records.size(); ++i) {
       const Record& r = records[i];
       std::fprintf(

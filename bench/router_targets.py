@@ -58,8 +58,9 @@ def main():
     if not recs:
         print("%s: no router records" % sys.argv[1], file=sys.stderr)
         return 2
-    print("# %s: %s, commit %s, %s, HBM %.0f GB/s" % (sys.argv[1], doc.get("card"), doc.get("commit"), doc.get("date"),
-                                                     doc.get("hbm_GBps", 0.0)))
+    print("# %s: %s, commit %s, %s, HBM %.0f GB/s%s" % (sys.argv[1], doc.get("card"), doc.get("commit"), doc.get("date"),
+                                                       doc.get("hbm_GBps", 0.0),
+                                                       ", every kernel a dependent launch (--pdl)" if doc.get("pdl") else ""))
     by = {key(r): r for r in recs}
 
     pairs, speedups = [], []

@@ -135,19 +135,44 @@ __device__ __forceinline__ void dependents_may_launch() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// The first step of a kernel that launch_maybe_dependent() may launch dependent: wait for the kernel before it, then
+// let the kernel after it launch (which, launched dependent too, waits in turn for this one to end before it reads).
+__device__ __forceinline__ void dependent_start() {
+  wait_for_prerequisite();
+  dependents_may_launch();
+}
+// A launch on `stream`: dependent on the kernel before it (programmatic stream serialization) when `dependent` and the
+// device is sm_90+, else a plain launch. A kernel launched dependent calls wait_for_prerequisite() before it reads or
+// writes any memory the kernel before it may touch.
 template <class... KernelArgs, class... Args>
-cudaError_t launch_dependent(
-    void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+cudaError_t launch_maybe_dependent(bool dependent,
+                                   void (*kernel)(KernelArgs...),
+                                   dim3 grid,
+                                   dim3 block,
+                                   size_t smem,
+                                   cudaStream_t stream,
+                                   Args&&... args) {
   int major = 0;
-  const cudaError_t err = cc_major(&major);
-  if (err != cudaSuccess) return err;
+  if (dependent) {
+    const cudaError_t err = cc_major(&major);
+    if (err != cudaSuccess) return err;
+  }
+  if (major < 9) {
+    kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+    return cudaGetLastError();
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr, cfg.numAttrs = major >= 9 ? 1 : 0;
+  cfg.attrs = attr, cfg.numAttrs = 1;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+template <class... KernelArgs, class... Args>
+cudaError_t launch_dependent(
+    void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  return launch_maybe_dependent(true, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 // Persistent grid: enough blocks for `work` units of `per_block` each, at most sms * per_sm, at least 1.

@@ -53,6 +53,7 @@ __global__ void __launch_bounds__(kLossThreads) aux_loss_forward_kernel(const fl
                                                                         int E,
                                                                         float scale,
                                                                         float* loss) {
+  dependent_start();  // BITEP_LAUNCH_PDL (a no-op in a plain launch): nothing read or written before it
   __shared__ double scratch[32];
   __shared__ double partial;
   const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -104,6 +105,7 @@ __global__ void __launch_bounds__(kGradThreads) aux_loss_backward_kernel(float* 
                                                                          int64_t n,
                                                                          int E,
                                                                          float scale) {
+  dependent_start();  // BITEP_LAUNCH_PDL (a no-op in a plain launch): nothing read or written before it
   const float c = __fmul_rn(scale, __ldg(grad_loss));
   const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t gtid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -166,17 +168,18 @@ cudaError_t launch_aux_loss_forward(const AuxLossParams& p, cudaStream_t stream)
   const int64_t n = p.num_tokens > 0 ? p.num_tokens * p.num_experts : 0;
   const float scale = aux_loss_scale(p);
   const int blocks = loss_blocks();
-  if (blocks == 1) {
-    aux_loss_forward_kernel<<<1, kLossThreads, 0, stream>>>(p.probs, p.tokens_per_expert, n, p.num_experts, scale,
-                                                            p.loss);
-    return cudaGetLastError();
-  }
+  if (blocks == 1)
+    return launch_maybe_dependent(p.pdl, aux_loss_forward_kernel, dim3(1), dim3(kLossThreads), 0, stream, p.probs,
+                                  p.tokens_per_expert, n, p.num_experts, scale, p.loss);
+  // A cluster: sm_90+, where the dependent launch is too.
   cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = blocks, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.gridDim = dim3(blocks), cfg.blockDim = dim3(kLossThreads), cfg.dynamicSmemBytes = 0, cfg.stream = stream;
-  cfg.attrs = attr, cfg.numAttrs = 1;
+  cfg.attrs = attr, cfg.numAttrs = p.pdl ? 2 : 1;
   return cudaLaunchKernelEx(&cfg, aux_loss_forward_kernel, p.probs, p.tokens_per_expert, n, p.num_experts, scale,
                             p.loss);
 }
@@ -188,9 +191,8 @@ cudaError_t launch_aux_loss_backward(const AuxLossParams& p, cudaStream_t stream
   cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
   const unsigned grid = persistent_grid((n + 3) / 4, kGradThreads, sms, 8);
-  aux_loss_backward_kernel<<<grid, kGradThreads, 0, stream>>>(p.grad_probs, p.tokens_per_expert, p.grad_loss, n,
-                                                              p.num_experts, aux_loss_scale(p));
-  return cudaGetLastError();
+  return launch_maybe_dependent(p.pdl, aux_loss_backward_kernel, dim3(grid), dim3(kGradThreads), 0, stream,
+                                p.grad_probs, p.tokens_per_expert, p.grad_loss, n, p.num_experts, aux_loss_scale(p));
 }
 
 }  // namespace bitep::kernels

@@ -30,6 +30,7 @@ constexpr int kGenericThreads = 256;
 
 // One block per token (E > 2048); the reductions are the generic forward's (router_generic.cu).
 __global__ void __launch_bounds__(kGenericThreads) router_backward_generic(const RouterBackwardParams p) {
+  dependent_start();  // BITEP_LAUNCH_PDL (a no-op in a plain launch): nothing read or written before it
   __shared__ float scratch[32];
   const int E = p.num_experts;
   const DType dt = p.logits_dtype;
@@ -125,8 +126,7 @@ cudaError_t launch_router_backward(const RouterBackwardParams& p, cudaStream_t s
   const int64_t want = static_cast<int64_t>(sms) * 8;
   const unsigned grid = static_cast<unsigned>(p.num_tokens < want ? p.num_tokens : want);
   t_backward_kernel = -1;
-  router_backward_generic<<<grid, kGenericThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_maybe_dependent(p.pdl, router_backward_generic, dim3(grid), dim3(kGenericThreads), 0, stream, p);
 }
 
 int last_router_backward_kernel() { return router_detail::t_backward_kernel; }

@@ -154,6 +154,7 @@ constexpr int min_blocks() {
 template <int G, int NS, bool kF32, bool kStaged, BwdSpec kSpec>
 __global__ void __launch_bounds__(kBucketThreads, min_blocks<8 * NS>())
     router_backward_bucket(const RouterBackwardParams p, const int64_t num_tiles) {
+  dependent_start();  // BITEP_LAUNCH_PDL (a no-op in a plain launch): nothing read or written before it
   constexpr int N = 8 * NS;
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
@@ -529,8 +530,8 @@ cudaError_t launch_bucket_t(const RouterBackwardParams& p, cudaStream_t stream) 
   }
   const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kBucketThreads, &occupancy[bytemap], smem);
   const int64_t tiles = (p.num_tokens + kTokensPerWarp - 1) / kTokensPerWarp;
-  kernel<<<persistent_grid(tiles, kWarps, sms, per_sm), kBucketThreads, smem, stream>>>(p, tiles);
-  return cudaGetLastError();
+  return launch_maybe_dependent(p.pdl, kernel, dim3(persistent_grid(tiles, kWarps, sms, per_sm)), dim3(kBucketThreads),
+                                smem, stream, p, tiles);
 }
 
 // The staged kernel's conditions (see "staging" above), and its staging area within what a block may

@@ -47,6 +47,7 @@ constexpr int routed_min_blocks() {
 template <int G, int NS, bool kF32, bool kSaved>
 __global__ void __launch_bounds__(kBucketThreads, routed_min_blocks<NS, kF32, kSaved>())
     router_backward_routed(const RouterBackwardParams p, const int64_t num_tiles) {
+  dependent_start();  // BITEP_LAUNCH_PDL (a no-op in a plain launch): nothing read or written before it
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;
   using Mask = typename std::conditional<(8 * NS > 32), unsigned long long, uint32_t>::type;
@@ -214,8 +215,8 @@ cudaError_t launch_t(const RouterBackwardParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(kernel), kBucketThreads, &occupancy);
   const int64_t tiles = (p.num_tokens + kTokensPerWarp - 1) / kTokensPerWarp;
-  kernel<<<persistent_grid(tiles, kWarps, sms, per_sm), kBucketThreads, 0, stream>>>(p, tiles);
-  return cudaGetLastError();
+  return launch_maybe_dependent(p.pdl, kernel, dim3(persistent_grid(tiles, kWarps, sms, per_sm)), dim3(kBucketThreads),
+                                0, stream, p, tiles);
 }
 
 }  // namespace

@@ -104,6 +104,7 @@ __device__ void block_select(int n, int k, KeyAt key_at, uint32_t* hist, uint32_
 
 template <bool kCache>
 __global__ void __launch_bounds__(kThreads) router_forward_generic(const RouterForwardParams p, const GenLayout lay) {
+  dependent_start();  // BITEP_LAUNCH_PDL (a no-op in a plain launch): nothing read or written before it
   extern __shared__ uint32_t smem[];
   uint32_t* hist = smem;
   float* scratch = reinterpret_cast<float*>(smem + 256);
@@ -326,19 +327,14 @@ cudaError_t launch_router_forward_generic(const RouterForwardParams& p, cudaStre
   if (header > static_cast<size_t>(optin)) return cudaErrorInvalidValue;
   const bool cache = with_cache <= static_cast<size_t>(optin);
   const size_t smem = cache ? with_cache : header;
-  const void* kernel = cache ? reinterpret_cast<const void*>(router_forward_generic<true>)
-                             : reinterpret_cast<const void*>(router_forward_generic<false>);
+  auto* kern = cache ? &router_forward_generic<true> : &router_forward_generic<false>;
   if (smem > 48 * 1024) {
-    err = raise_dynamic_smem(kernel, smem);
+    err = raise_dynamic_smem(reinterpret_cast<const void*>(kern), smem);
     if (err != cudaSuccess) return err;
   }
   const int64_t want = static_cast<int64_t>(sms) * 8;
   const unsigned grid = static_cast<unsigned>(p.num_tokens < want ? p.num_tokens : want);
-  if (cache)
-    router_forward_generic<true><<<grid, kThreads, smem, stream>>>(p, lay);
-  else
-    router_forward_generic<false><<<grid, kThreads, smem, stream>>>(p, lay);
-  return cudaGetLastError();
+  return launch_maybe_dependent(p.pdl, kern, dim3(grid), dim3(kThreads), smem, stream, p, lay);
 }
 
 }  // namespace bitep::kernels

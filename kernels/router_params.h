@@ -52,6 +52,9 @@ struct RouterForwardParams {
   // E a multiple of 8 below the bucket's width takes the pre-top-k softmax's and the normalised sigmoid's instances for
   // whole octets (router_topk_spec.cuh whole_octets_kernel); false: their general body, as before them.
   bool whole_octets = true;
+  // Launched dependent on the kernel before it on the stream (BITEP_LAUNCH_PDL; device_info.cuh
+  // launch_maybe_dependent): every kernel waits for that one before it touches memory.
+  bool pdl = false;
 };
 
 // The k from which the post-top-k softmax at 32 lanes a token takes its many-wins instance by default, by octets a lane
@@ -83,6 +86,7 @@ struct RouterBackwardParams {
   const void* logits = nullptr;  // [T, E] logits_dtype (used when saved is null)
   void* grad_logits = nullptr;   // [T, E] logits_dtype
   bool spec_kernels = true;      // as RouterForwardParams::spec_kernels
+  bool pdl = false;              // as RouterForwardParams::pdl
 };
 
 struct AuxLossParams {
@@ -96,6 +100,7 @@ struct AuxLossParams {
   float* loss = nullptr;                       // [1]
   const float* grad_loss = nullptr;            // [1]
   float* grad_probs = nullptr;                 // [T, E]
+  bool pdl = false;                            // as RouterForwardParams::pdl
 };
 
 // C = E * coeff / (k * N * N), TE's aux-loss coefficient, in fp32 as TE computes it.

@@ -76,8 +76,7 @@ cudaError_t launch_kernel(const RouterForwardParams& p, FwdLayout lay, cudaStrea
   t_forward_record.whole_octets = kOctets;
   t_forward_record.staged = staged_float4s<G, NS, kF32, kWideRows>() > 1;
   t_forward_record.saved_late = lay.saved_late != 0;
-  kernel<<<grid, kBucketThreads, smem, stream>>>(p, lay);
-  return cudaGetLastError();
+  return launch_maybe_dependent(p.pdl, kernel, dim3(grid), dim3(kBucketThreads), smem, stream, p, lay);
 }
 
 // The instance for whole octets below the bucket's width where whole_octets_kernel has one and the launch's E takes it

@@ -78,6 +78,7 @@ template <int G,
 __global__ void __launch_bounds__(kBucketThreads,
                                   min_blocks<8 * NS, G, kF32, kSpec, kWideRows, (kK > 0), kAnyWidthGroups>())
     router_forward_bucket(const RouterForwardParams p, const FwdLayout lay) {
+  dependent_start();  // BITEP_LAUNCH_PDL (a no-op in a plain launch): nothing read or written before it
   constexpr int N = 8 * NS;
   constexpr int kTokensPerWarp = kWarpSize / G;
   constexpr int kWarps = kBucketThreads / kWarpSize;

@@ -10,7 +10,8 @@
 # PHASES (comma-separated; default bench,ctest,sanitize,net: ctest holds the GPU and multi-rank tests) picks
 # what runs after the build: gpu, multirank (their GPU parts alone, for quick checks),
 # bench, net (the NCCL network transport), ctest, sanitize, tune (TUNE_FLAGS builds, TUNE_ARGS rows), ab (AB_ENVS runs of
-# ep_bench), abpatch (AB_PATCHES: source changes built apart, AB_CMD's benchmark interleaved over them), profile
+# ep_bench), abpatch (AB_PATCHES: source changes built apart, AB_CMD's benchmark interleaved over them), pdl (PDL_ARGS'
+# router_bench rows without and with --pdl, interleaved), profile
 # (Nsight Compute on the router (PROFILE_ROUTER_ARGS picks the rows) and EP kernels and a BITEP_TRACE=1 run of ep_bench:
 # where the time goes), dram (Nsight Compute: the bytes a TE-compatible bitmap row's launches and its plain copies move).
 # On one H200 at 187432f: build ~90 s, gpu ~75 s, multirank ~110 s (np 1 and the shared-GPU runs), sanitize ~400 s
@@ -427,6 +428,26 @@ if on abpatch; then
   done
   [ "${ACMD[0]}" = router_bench ] && [ "${#names[@]}" -gt 1 ] &&
     step "abpatch summary (bench/ab_summary.py)" "$BENCH" python3 "$ROOT/bench/ab_summary.py" "$BENCH"
+fi
+if on pdl; then
+  # BITEP_LAUNCH_PDL against plain launches, on the default build: router_bench's PDL_ARGS rows without and with --pdl
+  # (every timed kernel a dependent launch), interleaved AB_REPEATS times (default 2; the reverse order on even
+  # repeats), under abpatch's run headers in their own file (pdl.txt: apart from an abpatch phase's runs), then
+  # bench/ab_summary.py with the --pdl runs as the patched build. Used when bench is off (router.json's place).
+  PDLB=$OUT/pdl.txt
+  read -ra PARGS <<<"${PDL_ARGS:---quick}"
+  for r in $(seq 1 "${AB_REPEATS:-2}"); do
+    variants=(plain pdl)
+    [ $((r % 2)) = 0 ] && variants=(pdl plain)
+    for v in "${variants[@]}"; do
+      echo "# abpatch run $r: $v" >>"$PDLB"
+      extra=()
+      [ "$v" = pdl ] && extra=(--pdl)
+      step "pdl run $r $v: ${PARGS[*]}" "$PDLB" "$BUILD/bench/router_bench" "${PARGS[@]}" "${extra[@]}" \
+        --commit "$COMMIT+$v"
+    done
+  done
+  step "pdl summary (bench/ab_summary.py)" "$PDLB" python3 "$ROOT/bench/ab_summary.py" "$PDLB"
 fi
 if on profile; then
   # Where the router's time goes (Nsight Compute, clocks left alone), and the host phases of dispatch and

@@ -70,6 +70,13 @@ bitepResult_t check_map_format(bitepMapFormat_t f, const void* map, const char* 
   return bitepSuccess;
 }
 
+bitepResult_t check_launch_flags(int flags) {
+  BITEP_ARG_CHECK((flags & ~BITEP_LAUNCH_PDL) == 0,
+                  "args->launch_flags is 0x%x: the only flag is BITEP_LAUNCH_PDL (0x%x); 0 for none",
+                  static_cast<unsigned>(flags), static_cast<unsigned>(BITEP_LAUNCH_PDL));
+  return bitepSuccess;
+}
+
 uint64_t map_bytes(bitepMapFormat_t f, uint64_t T, int E) {
   return f == bitepMapBytemap ? T * E : T * static_cast<uint64_t>(kernels::bitmap_bytes(E));
 }
@@ -125,6 +132,7 @@ kernels::RouterForwardParams to_params(const bitepRouterConfig_t* c, const bitep
   p.num_ranks = a->num_ranks;
   p.rank_mask = a->rank_mask;
   p.rank_counts = a->rank_counts;
+  p.pdl = (a->launch_flags & BITEP_LAUNCH_PDL) != 0;
   return p;
 }
 
@@ -166,6 +174,7 @@ bitepResult_t forward(bitepBackend_t backend,
 #endif
   const int E = config->num_experts, k = config->topk;
   BITEP_CHECK(check_tokens(a->num_tokens, E));
+  BITEP_CHECK(check_launch_flags(a->launch_flags));
   BITEP_CHECK(check_map_format(a->map_format, a->routing_map, "args->map_format"));
   BITEP_ARG_CHECK(a->num_ranks >= 0, "args->num_ranks is %d, must be >= 0", a->num_ranks);
   if (a->num_ranks > 0)
@@ -232,6 +241,7 @@ bitepResult_t backward(bitepBackend_t backend,
   BITEP_CHECK_STRUCT(a, "args", bitepRouterBackwardArgs_t, BITEP_ROUTER_BWD_ARGS_MAGIC, "BITEP_ROUTER_BWD_ARGS_INIT");
   const int E = config->num_experts;
   BITEP_CHECK(check_tokens(a->num_tokens, E));
+  BITEP_CHECK(check_launch_flags(a->launch_flags));
   if (mode == RouterMode::kTopk) {
     BITEP_CHECK(check_map_format(a->map_format, a->routing_map, "args->map_format"));
     BITEP_ARG_CHECK(a->map_format != bitepMapNone,
@@ -273,6 +283,7 @@ bitepResult_t backward(bitepBackend_t backend,
   p.logits = a->saved ? nullptr : a->logits;
   p.grad_logits = a->grad_logits;
   p.spec_kernels = spec_kernels();
+  p.pdl = (a->launch_flags & BITEP_LAUNCH_PDL) != 0;
   if (backend == bitepBackendHost) {
     host::router_backward(p);
     return bitepSuccess;
@@ -292,6 +303,7 @@ bitepResult_t aux_loss(bitepBackend_t backend, const bitepAuxLossArgs_t* a, bite
   BITEP_ARG_CHECK(a->topk >= 1 && a->topk <= a->num_experts, "args->topk is %d, must be in [1, num_experts = %d]",
                   a->topk, a->num_experts);
   BITEP_CHECK(check_tokens(a->num_tokens, a->num_experts));
+  BITEP_CHECK(check_launch_flags(a->launch_flags));
   BITEP_ARG_CHECK(a->total_num_tokens >= 1, "args->total_num_tokens is %lld, must be >= 1",
                   static_cast<long long>(a->total_num_tokens));
   BITEP_ARG_CHECK(std::isfinite(a->coeff), "args->coeff is %g, must be finite", static_cast<double>(a->coeff));
@@ -323,6 +335,7 @@ bitepResult_t aux_loss(bitepBackend_t backend, const bitepAuxLossArgs_t* a, bite
   p.loss = a->loss;
   p.grad_loss = a->grad_loss;
   p.grad_probs = a->grad_probs;
+  p.pdl = (a->launch_flags & BITEP_LAUNCH_PDL) != 0;
   if (backend == bitepBackendHost) {
     fwd ? host::aux_loss_forward(p) : host::aux_loss_backward(p);
     return bitepSuccess;

@@ -151,6 +151,17 @@ BITEP_API bitepResult_t bitepCudaAvailable(int* available);
  * bitmap or a bytemap. Feature parity with TransformerEngine's fused router, forward and backward.
  * ---------------------------------------------------------------------------------------------- */
 
+/* Launch flags: the args' launch_flags of the router's and the aux loss's calls, a bitwise OR of these (0: none).
+ * BITEP_LAUNCH_PDL (cuda backend, sm_90 and later; ignored below sm_90 and by the host backend): the call's kernels are
+ * launched with programmatic stream serialization (programmatic dependent launch), so a kernel may start while the
+ * kernel before it on the stream still runs. Each waits (griddepcontrol.wait) for that kernel to complete, its memory
+ * visible, before it reads or writes any buffer, and lets the kernel after it launch early (launch_dependents): a
+ * kernel that the caller launches after this call with the same attribute must wait in turn before it reads this
+ * call's outputs (as every kernel launched so must). Where the kernel before is still running, the launch and the
+ * blocks' start overlap its end. With rank_counts set, the forward clears them by a memset first: the kernel then
+ * follows that. Any other bit: bitepInvalidArgument. */
+#define BITEP_LAUNCH_PDL 0x1
+
 #define BITEP_ROUTER_CONFIG_MAGIC 0xb17e0001u
 
 typedef struct {
@@ -190,12 +201,13 @@ typedef struct {
   int num_ranks;        /* W, 0 = no epilogue; E % W == 0 */
   uint8_t* rank_mask;   /* [OUT] [T, ceil(W/8)] BITMAP_U8 over ranks, or NULL */
   int32_t* rank_counts; /* [OUT] [W] tokens per destination rank (overwritten, not accumulated), or NULL */
+  int launch_flags;     /* 0 or BITEP_LAUNCH_PDL */
 } bitepRouterForwardArgs_t;
 
 #define BITEP_ROUTER_FWD_ARGS_INIT                                                                                \
   {                                                                                                               \
     sizeof(bitepRouterForwardArgs_t), BITEP_ROUTER_FWD_ARGS_MAGIC, 0, NULL, NULL, NULL, NULL, bitepMapNone, NULL, \
-        NULL, NULL, 0, NULL, NULL                                                                                 \
+        NULL, NULL, 0, NULL, NULL, 0                                                                              \
   }
 
 /* Router forward. Every row of the map gets exactly k distinct experts whatever the logits: ties go to
@@ -219,10 +231,11 @@ typedef struct {
   const float* saved;          /* [IN]  [T, E] the forward's saved tensor, or NULL to recompute from logits */
   const void* logits;          /* [IN]  [T, E] logits_dtype; required when saved is NULL, else ignored */
   void* grad_logits;           /* [OUT] [T, E] logits_dtype */
+  int launch_flags;            /* 0 or BITEP_LAUNCH_PDL */
 } bitepRouterBackwardArgs_t;
 
 #define BITEP_ROUTER_BWD_ARGS_INIT \
-  { sizeof(bitepRouterBackwardArgs_t), BITEP_ROUTER_BWD_ARGS_MAGIC, 0, NULL, NULL, bitepMapNone, NULL, NULL, NULL }
+  { sizeof(bitepRouterBackwardArgs_t), BITEP_ROUTER_BWD_ARGS_MAGIC, 0, NULL, NULL, bitepMapNone, NULL, NULL, NULL, 0 }
 
 /* Router backward: grad_probs -> grad_logits. Exactly one of saved / logits is used: saved when it is
  * not NULL (TE-compatible), else logits (recompute mode). Not collective; asynchronous on stream. */
@@ -262,10 +275,11 @@ typedef struct {
   float* loss;                      /* [OUT] [1]   forward */
   const float* grad_loss;           /* [IN]  [1]   backward */
   float* grad_probs;                /* [OUT] [T, E] backward */
+  int launch_flags;                 /* 0 or BITEP_LAUNCH_PDL */
 } bitepAuxLossArgs_t;
 
 #define BITEP_AUX_LOSS_ARGS_INIT \
-  { sizeof(bitepAuxLossArgs_t), BITEP_AUX_LOSS_ARGS_MAGIC, 0, 0, 0, 0, 0.0f, NULL, NULL, NULL, NULL, NULL }
+  { sizeof(bitepAuxLossArgs_t), BITEP_AUX_LOSS_ARGS_MAGIC, 0, 0, 0, 0, 0.0f, NULL, NULL, NULL, NULL, NULL, 0 }
 
 /* loss = C * sum_e tokens_per_expert[e] * sum_t probs[t, e], C = E * coeff / (k * N * N), N = total_num_tokens.
  * Deterministic: fixed reduction order, no float atomics. Reads probs, tokens_per_expert; writes loss. */

@@ -215,6 +215,27 @@ TEST_F(RouterArgs, AuxScoresNeedScores) {
   EXPECT_EQ(r, bitepInvalidArgument);
   EXPECT_NE(std::string(bitepGetLastError()).find("args->probs"), std::string::npos) << bitepGetLastError();
 }
+TEST_F(RouterArgs, UnknownLaunchFlag) {
+  args.launch_flags = BITEP_LAUNCH_PDL | 0x4;
+  expect_rejected("args->launch_flags is 0x5");
+}
+TEST_F(RouterArgs, UnknownLaunchFlagWithZeroTokens) {  // checked before a call without tokens returns
+  args.num_tokens = 0;
+  args.launch_flags = -1;
+  expect_rejected("args->launch_flags");
+}
+// The host backend takes BITEP_LAUNCH_PDL and ignores it: the same outputs.
+TEST_F(RouterArgs, PdlFlagOnTheHostBackend) {
+  ASSERT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &args, nullptr), bitepSuccess) << bitepGetLastError();
+  const std::vector<float> want_probs = probs;
+  const std::vector<uint8_t> want_map = bitmap;
+  probs.assign(probs.size(), -3.0f);
+  bitmap.assign(bitmap.size(), 0xEE);
+  args.launch_flags = BITEP_LAUNCH_PDL;
+  ASSERT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &args, nullptr), bitepSuccess) << bitepGetLastError();
+  EXPECT_EQ(probs, want_probs);
+  EXPECT_EQ(bitmap, want_map);
+}
 TEST_F(RouterArgs, ZeroTokensReturnsAtOnceAndZeroesCounts) {
   std::vector<int32_t> counts(4, 99);
   args.num_tokens = 0;
@@ -260,6 +281,45 @@ TEST_F(RouterBackwardArgs, NeedsTheMap) {
   b.grad_logits = gl.data();
   EXPECT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr), bitepInvalidArgument);
   EXPECT_NE(std::string(bitepGetLastError()).find("map"), std::string::npos) << bitepGetLastError();
+}
+
+TEST_F(RouterBackwardArgs, UnknownLaunchFlag) {
+  std::vector<float> gp(kT * kE, 1.0f), gl(kT * kE, -3.0f);
+  bitepRouterBackwardArgs_t b = BITEP_ROUTER_BWD_ARGS_INIT;
+  b.num_tokens = kT;
+  b.grad_probs = gp.data();
+  b.routing_map = bitmap.data();
+  b.map_format = bitepMapBitmapU8;
+  b.logits = logits.data();
+  b.grad_logits = gl.data();
+  b.launch_flags = 2;
+  EXPECT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr), bitepInvalidArgument);
+  EXPECT_NE(std::string(bitepGetLastError()).find("args->launch_flags is 0x2"), std::string::npos)
+      << bitepGetLastError();
+  for (float v : gl) ASSERT_EQ(v, -3.0f);
+  b.launch_flags = BITEP_LAUNCH_PDL;  // taken, and ignored by the host backend
+  EXPECT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr), bitepSuccess) << bitepGetLastError();
+}
+
+TEST(AuxLossArgs, UnknownLaunchFlag) {
+  std::vector<float> probs(8, 0.1f);
+  std::vector<int32_t> tpe(4, 1);
+  float loss = -1.0f;
+  bitepAuxLossArgs_t a = BITEP_AUX_LOSS_ARGS_INIT;
+  a.num_tokens = 2;
+  a.num_experts = 4;
+  a.topk = 1;
+  a.total_num_tokens = 2;
+  a.probs = probs.data();
+  a.tokens_per_expert = tpe.data();
+  a.loss = &loss;
+  a.launch_flags = 8;
+  EXPECT_EQ(bitepAuxLossForward(bitepBackendHost, &a, nullptr), bitepInvalidArgument);
+  EXPECT_NE(std::string(bitepGetLastError()).find("args->launch_flags"), std::string::npos);
+  EXPECT_EQ(loss, -1.0f);
+  a.launch_flags = BITEP_LAUNCH_PDL;
+  EXPECT_EQ(bitepAuxLossForward(bitepBackendHost, &a, nullptr), bitepSuccess) << bitepGetLastError();
+  EXPECT_NE(loss, -1.0f);
 }
 
 TEST(AuxLossArgs, RejectsZeroTotalTokens) {
