@@ -77,15 +77,29 @@ class RouterPdl : public ::testing::Test {
     CUDA_OK(cudaGetDevice(&dev));
     CUDA_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
     if (major < 9) GTEST_SKIP() << "sm_" << major << "x: programmatic dependent launch needs sm_90";
-    // A blocking stream: the uploads, poisons and downloads (legacy default stream) are ordered with its work.
-    CUDA_OK(cudaStreamCreate(&stream_));
+    // A non-blocking stream, every copy and poison on it: a stream that synchronises with the legacy default stream
+    // (cudaStreamCreate) never let the dependent probe start before the producer ended (H100, CUDA 13.0).
+    CUDA_OK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     CUDA_OK(cudaMalloc(&flags_, sizeof(Flags)));
+    // Each kernel's first launch loads it (lazy loading), which held the first dependent probe back until the producer
+    // ended (H100, CUDA 13.0): both launched once here.
+    CUDA_OK(cudaMemsetAsync(flags_, 0, sizeof(Flags), stream_));
+    producer<<<1, 32, 0, stream_>>>(nullptr, nullptr, 0, nullptr, 0, &flags_->touched, &flags_->done);
+    probe<<<1, 1, 0, stream_>>>(&flags_->done, &flags_->seen, 0);
+    CUDA_OK(cudaStreamSynchronize(stream_));
   }
   void TearDown() override {
     if (stream_) cudaStreamDestroy(stream_);
     if (flags_) cudaFree(flags_);
   }
 
+  void upload(const DevBuf& d, const void* src) {
+    ASSERT_EQ(cudaMemcpyAsync(d.ptr(), src, d.bytes, cudaMemcpyHostToDevice, stream_), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+  }
+  void poison(const DevBuf& d) {
+    ASSERT_EQ(cudaMemsetAsync(d.base, 0xff, d.offset + d.bytes + kGuard, stream_), cudaSuccess);
+  }
   Flags read_flags() {
     Flags f;
     EXPECT_EQ(cudaMemcpy(&f, flags_, sizeof(f), cudaMemcpyDeviceToHost), cudaSuccess);
@@ -129,9 +143,10 @@ class RouterPdl : public ::testing::Test {
     ASSERT_EQ(fresh.size(), input.bytes);
     DevBuf fresh_dev(input.bytes);
     ASSERT_NE(fresh_dev.ptr(), nullptr);
-    fresh_dev.upload(fresh.data());
+    upload(fresh_dev, fresh.data());
     auto poison_all = [&] {
-      for (const DevBuf* o : outs) o->poison();
+      for (const DevBuf* o : outs) poison(*o);
+      ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
     };
     auto download_all = [&] {
       std::vector<std::vector<uint8_t>> got;
@@ -143,12 +158,12 @@ class RouterPdl : public ::testing::Test {
     };
 
     // Plain calls on the stale and on the fresh input.
-    input.upload(stale.data());
+    upload(input, stale.data());
     poison_all();
     ASSERT_EQ(call(0, stream_), bitepSuccess) << bitepGetLastError();
     ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
     const auto from_stale = download_all();
-    input.upload(fresh.data());
+    upload(input, fresh.data());
     poison_all();
     ASSERT_EQ(call(0, stream_), bitepSuccess) << bitepGetLastError();
     ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
@@ -156,10 +171,10 @@ class RouterPdl : public ::testing::Test {
     ASSERT_TRUE(from_stale != want) << "the stale input gives the fresh one's outputs: the case could not tell";
 
     // The dependent call behind the producer, which writes the fresh input only after its sleep.
-    input.upload(stale.data());
+    upload(input, stale.data());
     poison_all();
     ASSERT_NO_FATAL_FAILURE(expect_overlap_shows(fresh_dev, input, *outs[0]));
-    input.upload(stale.data());
+    upload(input, stale.data());
     poison_all();
     ASSERT_NO_FATAL_FAILURE(launch_producer(fresh_dev, input, *outs[0]));
     ASSERT_EQ(call(BITEP_LAUNCH_PDL, stream_), bitepSuccess) << bitepGetLastError();
@@ -220,7 +235,7 @@ TEST_F(RouterPdl, ForwardWaitsForTheKernelBefore) {
     DevBuf map(static_cast<size_t>(c.T) * row_map_bytes(c.map, c.E));
     DevBuf weights(c.compact ? static_cast<size_t>(c.T) * c.k * 4 : 0), indices(weights.bytes);
     DevBuf mask(static_cast<size_t>(c.T) * (c.ranks ? (c.ranks + 7) / 8 : 0)), counts(static_cast<size_t>(c.ranks) * 4);
-    if (!bias.empty()) bias_dev.upload(bias.data());
+    if (!bias.empty()) upload(bias_dev, bias.data());
     std::vector<const DevBuf*> outs = {&probs, &map, &saved};
     if (c.compact) outs.push_back(&weights), outs.push_back(&indices);
     if (c.ranks) outs.push_back(&mask), outs.push_back(&counts);
@@ -313,7 +328,7 @@ TEST_F(RouterPdl, AuxLossWaitsForTheKernelBefore) {
   std::vector<int32_t> tpe(E);
   for (int e = 0; e < E; ++e) tpe[e] = 10 + (e * 7) % 13;
   DevBuf probs(p0.size() * 4), tpe_dev(E * 4), loss(4), grad_loss(4), grad_probs(p0.size() * 4);
-  tpe_dev.upload(tpe.data());
+  upload(tpe_dev, tpe.data());
   bitepAuxLossArgs_t a = BITEP_AUX_LOSS_ARGS_INIT;
   a.num_tokens = T, a.num_experts = E, a.topk = 4, a.total_num_tokens = T, a.coeff = 1e-2f;
   a.probs = static_cast<const float*>(probs.ptr()), a.tokens_per_expert = static_cast<const int32_t*>(tpe_dev.ptr());
