@@ -256,16 +256,27 @@ TEST_F(RouterArgs, CudaBackendWithoutCuda) {
   EXPECT_FALSE(std::string(bitepGetLastError()).empty());
 }
 
-class RouterBackwardArgs : public RouterArgs {};
+class RouterBackwardArgs : public RouterArgs {
+ protected:
+  // A valid recompute-mode backward over the fixture's bitmap and logits, into gl (-3 everywhere).
+  bitepRouterBackwardArgs_t backward_args() {
+    gp.assign(kT * kE, 1.0f);
+    gl.assign(kT * kE, -3.0f);
+    bitepRouterBackwardArgs_t b = BITEP_ROUTER_BWD_ARGS_INIT;
+    b.num_tokens = kT;
+    b.grad_probs = gp.data();
+    b.routing_map = bitmap.data();
+    b.map_format = bitepMapBitmapU8;
+    b.logits = logits.data();
+    b.grad_logits = gl.data();
+    return b;
+  }
+  std::vector<float> gp, gl;
+};
 
 TEST_F(RouterBackwardArgs, NeedsSavedOrLogits) {
-  std::vector<float> gp(kT * kE, 1.0f), gl(kT * kE, -3.0f);
-  bitepRouterBackwardArgs_t b = BITEP_ROUTER_BWD_ARGS_INIT;
-  b.num_tokens = kT;
-  b.grad_probs = gp.data();
-  b.routing_map = bitmap.data();
-  b.map_format = bitepMapBitmapU8;
-  b.grad_logits = gl.data();
+  bitepRouterBackwardArgs_t b = backward_args();
+  b.logits = nullptr;
   EXPECT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr), bitepInvalidArgument);
   EXPECT_NE(std::string(bitepGetLastError()).find("args->saved and args->logits"), std::string::npos)
       << bitepGetLastError();
@@ -273,25 +284,15 @@ TEST_F(RouterBackwardArgs, NeedsSavedOrLogits) {
 }
 
 TEST_F(RouterBackwardArgs, NeedsTheMap) {
-  std::vector<float> gp(kT * kE, 1.0f), gl(kT * kE, -3.0f);
-  bitepRouterBackwardArgs_t b = BITEP_ROUTER_BWD_ARGS_INIT;
-  b.num_tokens = kT;
-  b.grad_probs = gp.data();
-  b.logits = logits.data();
-  b.grad_logits = gl.data();
+  bitepRouterBackwardArgs_t b = backward_args();
+  b.routing_map = nullptr;
+  b.map_format = bitepMapNone;
   EXPECT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr), bitepInvalidArgument);
   EXPECT_NE(std::string(bitepGetLastError()).find("map"), std::string::npos) << bitepGetLastError();
 }
 
 TEST_F(RouterBackwardArgs, UnknownLaunchFlag) {
-  std::vector<float> gp(kT * kE, 1.0f), gl(kT * kE, -3.0f);
-  bitepRouterBackwardArgs_t b = BITEP_ROUTER_BWD_ARGS_INIT;
-  b.num_tokens = kT;
-  b.grad_probs = gp.data();
-  b.routing_map = bitmap.data();
-  b.map_format = bitepMapBitmapU8;
-  b.logits = logits.data();
-  b.grad_logits = gl.data();
+  bitepRouterBackwardArgs_t b = backward_args();
   b.launch_flags = 2;
   EXPECT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr), bitepInvalidArgument);
   EXPECT_NE(std::string(bitepGetLastError()).find("args->launch_flags is 0x2"), std::string::npos)
@@ -301,18 +302,27 @@ TEST_F(RouterBackwardArgs, UnknownLaunchFlag) {
   EXPECT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr), bitepSuccess) << bitepGetLastError();
 }
 
-TEST(AuxLossArgs, UnknownLaunchFlag) {
-  std::vector<float> probs(8, 0.1f);
-  std::vector<int32_t> tpe(4, 1);
+class AuxLossArgs : public ::testing::Test {
+ protected:
+  // A valid aux-loss forward of 2 tokens over 4 experts into loss (-1).
+  bitepAuxLossArgs_t forward_args() {
+    bitepAuxLossArgs_t a = BITEP_AUX_LOSS_ARGS_INIT;
+    a.num_tokens = 2;
+    a.num_experts = 4;
+    a.topk = 1;
+    a.total_num_tokens = 2;
+    a.probs = probs.data();
+    a.tokens_per_expert = tpe.data();
+    a.loss = &loss;
+    return a;
+  }
+  std::vector<float> probs = std::vector<float>(8, 0.1f);
+  std::vector<int32_t> tpe = std::vector<int32_t>(4, 1);
   float loss = -1.0f;
-  bitepAuxLossArgs_t a = BITEP_AUX_LOSS_ARGS_INIT;
-  a.num_tokens = 2;
-  a.num_experts = 4;
-  a.topk = 1;
-  a.total_num_tokens = 2;
-  a.probs = probs.data();
-  a.tokens_per_expert = tpe.data();
-  a.loss = &loss;
+};
+
+TEST_F(AuxLossArgs, UnknownLaunchFlag) {
+  bitepAuxLossArgs_t a = forward_args();
   a.launch_flags = 8;
   EXPECT_EQ(bitepAuxLossForward(bitepBackendHost, &a, nullptr), bitepInvalidArgument);
   EXPECT_NE(std::string(bitepGetLastError()).find("args->launch_flags"), std::string::npos);
@@ -322,18 +332,9 @@ TEST(AuxLossArgs, UnknownLaunchFlag) {
   EXPECT_NE(loss, -1.0f);
 }
 
-TEST(AuxLossArgs, RejectsZeroTotalTokens) {
-  std::vector<float> probs(8, 0.1f);
-  std::vector<int32_t> tpe(4, 1);
-  float loss = -1.0f;
-  bitepAuxLossArgs_t a = BITEP_AUX_LOSS_ARGS_INIT;
-  a.num_tokens = 2;
-  a.num_experts = 4;
-  a.topk = 1;
+TEST_F(AuxLossArgs, RejectsZeroTotalTokens) {
+  bitepAuxLossArgs_t a = forward_args();
   a.total_num_tokens = 0;
-  a.probs = probs.data();
-  a.tokens_per_expert = tpe.data();
-  a.loss = &loss;
   EXPECT_EQ(bitepAuxLossForward(bitepBackendHost, &a, nullptr), bitepInvalidArgument);
   EXPECT_NE(std::string(bitepGetLastError()).find("args->total_num_tokens"), std::string::npos);
   EXPECT_EQ(loss, -1.0f);
