@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -55,6 +56,7 @@ struct Draw {
   bitepMapFormat_t map;
   int W;
   uint64_t seed;
+  int launch_flags;  // 0 or BITEP_LAUNCH_PDL (the host backend takes and ignores it)
 };
 
 template <class R>
@@ -101,6 +103,7 @@ Draw draw_valid(std::mt19937_64& rng) {
     d.rank_counts = pick(rng, 0, 1);
   }
   d.seed = rng();
+  d.launch_flags = pick(rng, 0, 1) ? BITEP_LAUNCH_PDL : 0;
   return d;
 }
 
@@ -174,6 +177,7 @@ struct Call {
     args.num_ranks = d.W;
     args.rank_mask = d.W > 0 && d.rank_mask ? rank_mask.data() : nullptr;
     args.rank_counts = d.W > 0 && d.rank_counts ? reinterpret_cast<int32_t*>(rank_counts.data()) : nullptr;
+    args.launch_flags = d.launch_flags;
   }
 
   std::vector<const Guarded*> outputs() const {
@@ -275,7 +279,7 @@ const char* break_one(std::mt19937_64& rng, Draw* d, Call* c) {
   bitepRouterConfig_t& cfg = d->cfg;
   bitepRouterForwardArgs_t& a = c->args;
   for (int tries = 0; tries < 32; ++tries) {
-    switch (pick(rng, 0, 13)) {
+    switch (pick(rng, 0, 14)) {
       case 0:
         cfg.num_experts = -pick(rng, 0, 3);
         return "config->num_experts";
@@ -321,6 +325,9 @@ const char* break_one(std::mt19937_64& rng, Draw* d, Call* c) {
         if (cfg.score_function != bitepScoreSoftmax || d->T == 0) break;
         a.expert_bias = reinterpret_cast<const float*>(c->logits.data());
         return "args->expert_bias";
+      case 14:
+        a.launch_flags |= pick(rng, 0, 1) ? 0x2 : INT_MIN;  // checked before a call without tokens returns
+        return "args->launch_flags";
     }
   }
   return nullptr;
@@ -345,6 +352,7 @@ int check_backward(std::mt19937_64& rng, const Draw& d, Call& c) {
     b.saved = c.args.saved;
     b.logits = c.args.saved != nullptr ? nullptr : c.args.logits;
     b.grad_logits = grad_logits.data();
+    b.launch_flags = d.launch_flags;
     return b;
   };
   {
@@ -358,7 +366,7 @@ int check_backward(std::mt19937_64& rng, const Draw& d, Call& c) {
   Guarded grad_logits(static_cast<size_t>(TE) * ds);
   bitepRouterBackwardArgs_t b = make_args(grad_logits);
   const char* field = nullptr;
-  switch (pick(rng, 0, c.T == 0 ? 1 : 5)) {
+  switch (pick(rng, 0, c.T == 0 ? 2 : 6)) {  // the first three are checked before a call without tokens returns
     case 0:
       b.map_format = bitepMapNone, b.routing_map = nullptr, field = "args->map_format";
       break;
@@ -366,12 +374,15 @@ int check_backward(std::mt19937_64& rng, const Draw& d, Call& c) {
       b.num_tokens = -1, field = "args->num_tokens";
       break;
     case 2:
-      b.grad_probs = nullptr, field = "args->grad_probs";
+      b.launch_flags |= 0x4, field = "args->launch_flags";
       break;
     case 3:
-      b.grad_logits = nullptr, field = "args->grad_logits";
+      b.grad_probs = nullptr, field = "args->grad_probs";
       break;
     case 4:
+      b.grad_logits = nullptr, field = "args->grad_logits";
+      break;
+    case 5:
       b.saved = nullptr, b.logits = nullptr, field = "args->saved";
       break;
     default:
