@@ -333,6 +333,80 @@ TEST_F(RouterPdl, BackwardWaitsForTheKernelBefore) {
   }
 }
 
+// The producer and the flagged call captured into a CUDA graph (the dependent launch becomes a programmatic edge), the
+// graph launched twice, each time from the stale input: the outputs of the fresh input, bit for bit a plain call's,
+// and the watched output untouched while the producer ran. Backward too: its kernel behind a captured forward's.
+TEST_F(RouterPdl, CapturedInCudaGraph) {
+  const int64_t T = 4096;
+  const int E = 256, k = 8;
+  bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSigmoid, 0, bitepBfloat16);
+  cfg.num_groups = 8, cfg.group_topk = 4, cfg.scaling_factor = 2.5f;
+  const std::vector<uint8_t> stale = make_logits(T, E, bitepBfloat16, 51), fresh = make_logits(T, E, bitepBfloat16, 52);
+  const std::vector<float> bias = make_bias(E, 53);
+  const size_t TE = static_cast<size_t>(T) * E;
+  DevBuf logits(stale.size()), fresh_dev(fresh.size()), bias_dev(E * 4), probs(TE * 4), saved(TE * 4), map(TE / 8);
+  DevBuf grad_probs(TE * 4), grad_logits(stale.size());
+  upload(fresh_dev, fresh.data());
+  upload(bias_dev, bias.data());
+  std::vector<float> g(TE);
+  for (size_t i = 0; i < TE; ++i) g[i] = gauss(54, i);
+  upload(grad_probs, g.data());
+  bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+  a.num_tokens = T, a.logits = logits.ptr(), a.expert_bias = static_cast<const float*>(bias_dev.ptr());
+  a.probs = static_cast<float*>(probs.ptr()), a.saved = static_cast<float*>(saved.ptr());
+  a.routing_map = map.ptr(), a.map_format = bitepMapBitmapU8;
+  bitepRouterBackwardArgs_t b = BITEP_ROUTER_BWD_ARGS_INIT;
+  b.num_tokens = T, b.grad_probs = static_cast<const float*>(grad_probs.ptr());
+  b.routing_map = map.ptr(), b.map_format = bitepMapBitmapU8, b.saved = static_cast<const float*>(saved.ptr());
+  b.grad_logits = grad_logits.ptr();
+  const DevBuf* outs[] = {&probs, &saved, &map, &grad_logits};
+  auto reset = [&] {
+    upload(logits, stale.data());
+    for (const DevBuf* o : outs) poison(*o);
+    ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+  };
+  auto download_all = [&] {
+    std::vector<std::vector<uint8_t>> v;
+    for (const DevBuf* o : outs) {
+      v.push_back(o->download<uint8_t>());
+      EXPECT_TRUE(o->guard_intact()) << "a write past an output";
+    }
+    return v;
+  };
+  // Plain calls on the fresh input: what the graph must give.
+  ASSERT_NO_FATAL_FAILURE(reset());
+  upload(logits, fresh.data());
+  ASSERT_EQ(bitepRouterForward(bitepBackendCuda, &cfg, &a, stream_), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepRouterBackward(bitepBackendCuda, &cfg, &b, stream_), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+  const auto want = download_all();
+
+  a.launch_flags = BITEP_LAUNCH_PDL, b.launch_flags = BITEP_LAUNCH_PDL;
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeGlobal), cudaSuccess);
+  launch_producer(fresh_dev, logits, probs);
+  const bitepResult_t rf = bitepRouterForward(bitepBackendCuda, &cfg, &a, stream_);
+  const bitepResult_t rb = bitepRouterBackward(bitepBackendCuda, &cfg, &b, stream_);
+  ASSERT_EQ(cudaStreamEndCapture(stream_, &graph), cudaSuccess);
+  ASSERT_EQ(rf, bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(rb, bitepSuccess) << bitepGetLastError();
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (int launch = 0; launch < 2; ++launch) {
+    SCOPED_TRACE("graph launch " + std::to_string(launch));
+    ASSERT_NO_FATAL_FAILURE(reset());
+    ASSERT_EQ(cudaGraphLaunch(exec, stream_), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+    const Flags f = read_flags();
+    EXPECT_EQ(f.done, kProducerBlocks);
+    EXPECT_EQ(f.touched, 0ull) << "the forward wrote probs while the producer ran";
+    const auto got = download_all();
+    for (size_t i = 0; i < got.size(); ++i) EXPECT_TRUE(got[i] == want[i]) << "output " << i << " differs";
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+
 TEST_F(RouterPdl, AuxLossWaitsForTheKernelBefore) {
   const int64_t T = 2000;
   const int E = 64;
