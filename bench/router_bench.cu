@@ -69,8 +69,10 @@ namespace {
 // Every kernel timed here starts as a dependent launch must (--pdl; no-ops in a plain launch): it waits for the kernel
 // before it, then lets the one after it launch.
 __device__ __forceinline__ void dependent_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 // --pdl: the timed kernels launched dependent on the kernel before them (set once, before any timing).
