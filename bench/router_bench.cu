@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "bitep/bitep.h"
+#include "kernels/device_info.cuh"
 #include "src/host/dtype_host.h"
 #include "tests/reference/inputs.h"
 #include "tests/reference/router_reference.h"
@@ -66,33 +67,17 @@ namespace {
 
 // ---- kernels of the bench ----------------------------------------------------------------------
 
-// Every kernel timed here starts as a dependent launch must (--pdl; no-ops in a plain launch): it waits for the kernel
-// before it, then lets the one after it launch.
-__device__ __forceinline__ void dependent_start() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
+// Every kernel timed here starts as the library's do (kernels/device_info.cuh dependent_start: waits for the kernel
+// before it under --pdl, no-ops in a plain launch).
+using bitep::kernels::dependent_start;
 
 // --pdl: the timed kernels launched dependent on the kernel before them (set once, before any timing).
 bool g_pdl = false;
 
-// kernel<<<grid, block, 0, s>>>(args...), or with programmatic stream serialization under --pdl.
+// kernel<<<grid, block, 0, s>>>(args...), or dependent on the kernel before it under --pdl.
 template <class... KernelArgs, class... Args>
 void launch(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, cudaStream_t s, Args&&... args) {
-  if (!g_pdl) {
-    kernel<<<grid, block, 0, s>>>(std::forward<Args>(args)...);
-    CK(cudaGetLastError());
-    return;
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid), cfg.blockDim = dim3(block), cfg.dynamicSmemBytes = 0, cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr, cfg.numAttrs = 1;
-  CK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+  CK(bitep::kernels::launch_maybe_dependent(g_pdl, kernel, dim3(grid), dim3(block), 0, s, std::forward<Args>(args)...));
 }
 
 __global__ void empty_kernel() { dependent_start(); }

@@ -103,6 +103,20 @@ class RouterPdl : public ::testing::Test {
   void poison(const DevBuf& d) {
     ASSERT_EQ(cudaMemsetAsync(d.base, 0xff, d.offset + d.bytes + kGuard, stream_), cudaSuccess);
   }
+  // Every output poisoned (0xff bytes, guards included), then the stream drained.
+  void poison_all(const std::vector<const DevBuf*>& outs) {
+    for (const DevBuf* o : outs) poison(*o);
+    ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+  }
+  // Every output's bytes, each output's guard checked.
+  static std::vector<std::vector<uint8_t>> download_all(const std::vector<const DevBuf*>& outs) {
+    std::vector<std::vector<uint8_t>> got;
+    for (const DevBuf* o : outs) {
+      got.push_back(o->download<uint8_t>());
+      EXPECT_TRUE(o->guard_intact()) << "a write past an output";
+    }
+    return got;
+  }
   Flags read_flags() {
     Flags f;
     EXPECT_EQ(cudaMemcpy(&f, flags_, sizeof(f), cudaMemcpyDeviceToHost), cudaSuccess);
@@ -157,45 +171,33 @@ class RouterPdl : public ::testing::Test {
     DevBuf fresh_dev(input.bytes);
     ASSERT_NE(fresh_dev.ptr(), nullptr);
     upload(fresh_dev, fresh.data());
-    auto poison_all = [&] {
-      for (const DevBuf* o : outs) poison(*o);
-      ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
-    };
-    auto download_all = [&] {
-      std::vector<std::vector<uint8_t>> got;
-      for (const DevBuf* o : outs) {
-        got.push_back(o->download<uint8_t>());
-        EXPECT_TRUE(o->guard_intact()) << "a write past an output";
-      }
-      return got;
-    };
 
     // Plain calls on the stale and on the fresh input.
     upload(input, stale.data());
-    poison_all();
+    poison_all(outs);
     ASSERT_EQ(call(0, stream_), bitepSuccess) << bitepGetLastError();
     ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
-    const auto from_stale = download_all();
+    const auto from_stale = download_all(outs);
     upload(input, fresh.data());
-    poison_all();
+    poison_all(outs);
     ASSERT_EQ(call(0, stream_), bitepSuccess) << bitepGetLastError();
     ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
-    const auto want = download_all();
+    const auto want = download_all(outs);
     ASSERT_TRUE(from_stale != want) << "the stale input gives the fresh one's outputs: the case could not tell";
 
     // The dependent call behind the producer, which writes the fresh input only after its sleep.
     upload(input, stale.data());
-    poison_all();
+    poison_all(outs);
     ASSERT_NO_FATAL_FAILURE(expect_overlap_shows(fresh_dev, input, *outs[0]));
     upload(input, stale.data());
-    poison_all();
+    poison_all(outs);
     ASSERT_NO_FATAL_FAILURE(launch_producer(fresh_dev, input, *outs[0]));
     ASSERT_EQ(call(BITEP_LAUNCH_PDL, stream_), bitepSuccess) << bitepGetLastError();
     ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
     const Flags f = read_flags();
     EXPECT_EQ(f.done, kProducerBlocks);
     EXPECT_EQ(f.touched, 0ull) << "the call wrote its first output while the kernel before it ran";
-    const auto got = download_all();
+    const auto got = download_all(outs);
     ASSERT_EQ(got.size(), want.size());
     for (size_t i = 0; i < got.size(); ++i)
       EXPECT_TRUE(got[i] == want[i]) << "output " << i << " differs from the plain launch's on the fresh input"
@@ -359,19 +361,10 @@ TEST_F(RouterPdl, CapturedInCudaGraph) {
   b.num_tokens = T, b.grad_probs = static_cast<const float*>(grad_probs.ptr());
   b.routing_map = map.ptr(), b.map_format = bitepMapBitmapU8, b.saved = static_cast<const float*>(saved.ptr());
   b.grad_logits = grad_logits.ptr();
-  const DevBuf* outs[] = {&probs, &saved, &map, &grad_logits};
+  const std::vector<const DevBuf*> outs = {&probs, &saved, &map, &grad_logits};
   auto reset = [&] {
     upload(logits, stale.data());
-    for (const DevBuf* o : outs) poison(*o);
-    ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
-  };
-  auto download_all = [&] {
-    std::vector<std::vector<uint8_t>> v;
-    for (const DevBuf* o : outs) {
-      v.push_back(o->download<uint8_t>());
-      EXPECT_TRUE(o->guard_intact()) << "a write past an output";
-    }
-    return v;
+    poison_all(outs);
   };
   // Plain calls on the fresh input: what the graph must give.
   ASSERT_NO_FATAL_FAILURE(reset());
@@ -379,7 +372,7 @@ TEST_F(RouterPdl, CapturedInCudaGraph) {
   ASSERT_EQ(bitepRouterForward(bitepBackendCuda, &cfg, &a, stream_), bitepSuccess) << bitepGetLastError();
   ASSERT_EQ(bitepRouterBackward(bitepBackendCuda, &cfg, &b, stream_), bitepSuccess) << bitepGetLastError();
   ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
-  const auto want = download_all();
+  const auto want = download_all(outs);
 
   a.launch_flags = BITEP_LAUNCH_PDL, b.launch_flags = BITEP_LAUNCH_PDL;
   cudaGraph_t graph = nullptr;
@@ -400,7 +393,7 @@ TEST_F(RouterPdl, CapturedInCudaGraph) {
     const Flags f = read_flags();
     EXPECT_EQ(f.done, kProducerBlocks);
     EXPECT_EQ(f.touched, 0ull) << "the forward wrote probs while the producer ran";
-    const auto got = download_all();
+    const auto got = download_all(outs);
     for (size_t i = 0; i < got.size(); ++i) EXPECT_TRUE(got[i] == want[i]) << "output " << i << " differs";
   }
   cudaGraphExecDestroy(exec);
