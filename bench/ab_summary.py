@@ -8,7 +8,8 @@ A run's rows carry the stream time of the same bytes by a plain copy kernel, mea
 by a few percent (the stream column with them: seen 2026-12-03, one run of four 3% faster in every row), so each
 row's time is read over its run's stream time before the builds are compared; the raw minimum is printed beside it.
 Per row: each build's minimum time (us) over its runs, then each patched build's ratio to the default build, raw and
-normalised, and of the minimum batch times (a launch among back-to-back launches: what a dependent launch changes). Last, per build: the bf16 rows where the recompute backward beat the saved one (the issue's target).
+normalised, and of the minimum batch times (a launch among back-to-back launches: what a dependent launch changes).
+Last, per build: the bf16 rows where the recompute backward beat the saved one (the issue's target).
 """
 import collections
 import re

@@ -141,6 +141,13 @@ __device__ __forceinline__ void dependent_start() {
   wait_for_prerequisite();
   dependents_may_launch();
 }
+// The launch attribute of a dependent launch (programmatic stream serialization), for cudaLaunchKernelEx.
+inline cudaLaunchAttribute dependent_launch_attribute() {
+  cudaLaunchAttribute attr = {};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  return attr;
+}
 // A launch on `stream`: dependent on the kernel before it (programmatic stream serialization) when `dependent` and the
 // device is sm_90+, else a plain launch. A kernel launched dependent calls wait_for_prerequisite() before it reads or
 // writes any memory the kernel before it may touch.
@@ -163,9 +170,7 @@ cudaError_t launch_maybe_dependent(bool dependent,
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[1] = {dependent_launch_attribute()};
   cfg.attrs = attr, cfg.numAttrs = 1;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }

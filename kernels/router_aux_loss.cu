@@ -176,8 +176,7 @@ cudaError_t launch_aux_loss_forward(const AuxLossParams& p, cudaStream_t stream)
   cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = blocks, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  attr[1] = dependent_launch_attribute();
   cfg.gridDim = dim3(blocks), cfg.blockDim = dim3(kLossThreads), cfg.dynamicSmemBytes = 0, cfg.stream = stream;
   cfg.attrs = attr, cfg.numAttrs = p.pdl ? 2 : 1;
   return cudaLaunchKernelEx(&cfg, aux_loss_forward_kernel, p.probs, p.tokens_per_expert, n, p.num_experts, scale,
