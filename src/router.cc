@@ -57,8 +57,8 @@ bitepResult_t check_config(const bitepRouterConfig_t* c, RouterMode mode) {
                     "config->topk / config->group_topk (%d) > experts per group (%d)", c->topk / c->group_topk,
                     group_size);
     BITEP_ARG_CHECK(c->topk <= c->group_topk * group_size,
-                    "config->topk (%d) > group_topk * experts per group (%d): too few candidate experts", c->topk,
-                    c->group_topk * group_size);
+                    "config->topk (%d) > config->group_topk * experts per group (%d): too few candidate experts",
+                    c->topk, c->group_topk * group_size);
   }
   return bitepSuccess;
 }
@@ -81,12 +81,13 @@ uint64_t map_bytes(bitepMapFormat_t f, uint64_t T, int E) {
   return f == bitepMapBytemap ? T * E : T * static_cast<uint64_t>(kernels::bitmap_bytes(E));
 }
 
-bitepResult_t check_tokens(int64_t T, int E) {
+// `experts` names the argument E comes from ("config->num_experts", "args->num_experts").
+bitepResult_t check_tokens(int64_t T, int E, const char* experts) {
   BITEP_ARG_CHECK(T >= 0, "args->num_tokens is %lld, must be >= 0", static_cast<long long>(T));
   uint64_t bytes = 0;
   BITEP_ARG_CHECK(
       !mul_overflows(static_cast<uint64_t>(T), static_cast<uint64_t>(E) * 4, &bytes) && bytes < (uint64_t{1} << 62),
-      "args->num_tokens (%lld) x num_experts (%d) overflows a 64-bit byte count", static_cast<long long>(T), E);
+      "args->num_tokens (%lld) x %s (%d) overflows a 64-bit byte count", static_cast<long long>(T), experts, E);
   return bitepSuccess;
 }
 
@@ -173,7 +174,7 @@ bitepResult_t forward(bitepBackend_t backend,
   }
 #endif
   const int E = config->num_experts, k = config->topk;
-  BITEP_CHECK(check_tokens(a->num_tokens, E));
+  BITEP_CHECK(check_tokens(a->num_tokens, E, "config->num_experts"));
   BITEP_CHECK(check_launch_flags(a->launch_flags));
   BITEP_CHECK(check_map_format(a->map_format, a->routing_map, "args->map_format"));
   BITEP_ARG_CHECK(a->num_ranks >= 0, "args->num_ranks is %d, must be >= 0", a->num_ranks);
@@ -193,8 +194,9 @@ bitepResult_t forward(bitepBackend_t backend,
                     "args->expert_bias is set but applies to the sigmoid and sqrtsoftplus top-k router only");
   if (mode == RouterMode::kAuxScores) {
     BITEP_ARG_CHECK(a->probs != nullptr, "args->probs (the aux-loss scores [T, E]) is NULL");
-    BITEP_ARG_CHECK(a->topk_weights == nullptr && a->topk_indices == nullptr && a->num_ranks == 0,
-                    "args->topk_weights, topk_indices and num_ranks must be NULL / 0 for the aux-loss scores");
+    BITEP_ARG_CHECK(
+        a->topk_weights == nullptr && a->topk_indices == nullptr && a->num_ranks == 0,
+        "args->topk_weights, args->topk_indices and args->num_ranks must be NULL / 0 for the aux-loss scores");
   }
   const uint64_t T = static_cast<uint64_t>(a->num_tokens);
   if (T == 0) return zero_rank_counts(backend, a, stream);
@@ -240,7 +242,7 @@ bitepResult_t backward(bitepBackend_t backend,
   BITEP_CHECK(check_config(config, mode));
   BITEP_CHECK_STRUCT(a, "args", bitepRouterBackwardArgs_t, BITEP_ROUTER_BWD_ARGS_MAGIC, "BITEP_ROUTER_BWD_ARGS_INIT");
   const int E = config->num_experts;
-  BITEP_CHECK(check_tokens(a->num_tokens, E));
+  BITEP_CHECK(check_tokens(a->num_tokens, E, "config->num_experts"));
   BITEP_CHECK(check_launch_flags(a->launch_flags));
   if (mode == RouterMode::kTopk) {
     BITEP_CHECK(check_map_format(a->map_format, a->routing_map, "args->map_format"));
@@ -302,7 +304,7 @@ bitepResult_t aux_loss(bitepBackend_t backend, const bitepAuxLossArgs_t* a, bite
   BITEP_ARG_CHECK(a->num_experts >= 1, "args->num_experts is %d, must be >= 1", a->num_experts);
   BITEP_ARG_CHECK(a->topk >= 1 && a->topk <= a->num_experts, "args->topk is %d, must be in [1, num_experts = %d]",
                   a->topk, a->num_experts);
-  BITEP_CHECK(check_tokens(a->num_tokens, a->num_experts));
+  BITEP_CHECK(check_tokens(a->num_tokens, a->num_experts, "args->num_experts"));
   BITEP_CHECK(check_launch_flags(a->launch_flags));
   BITEP_ARG_CHECK(a->total_num_tokens >= 1, "args->total_num_tokens is %lld, must be >= 1",
                   static_cast<long long>(a->total_num_tokens));

@@ -267,7 +267,7 @@ typedef struct {
   unsigned magic;                   /* BITEP_AUX_LOSS_ARGS_MAGIC */
   int64_t num_tokens;               /* rows of probs on this rank, >= 0 */
   int num_experts;                  /* E >= 1 */
-  int topk;                         /* k >= 1 */
+  int topk;                         /* 1 <= k <= E */
   int64_t total_num_tokens;         /* tokens over the whole batch (all ranks), >= 1 */
   float coeff;                      /* aux loss coefficient */
   const float* probs;               /* [IN] [T, E] fp32 scores */

@@ -189,5 +189,25 @@ inline void router_backward(bitepBackend_t backend,
                             bitepStream_t stream = nullptr) {
   check(bitepRouterBackward(backend, &cfg, &args, stream));
 }
+// The aux-loss scores (all E experts' scores and their top-k map) and their backward.
+inline void aux_scores_forward(bitepBackend_t backend,
+                               const bitepRouterConfig_t& cfg,
+                               const bitepRouterForwardArgs_t& args,
+                               bitepStream_t stream = nullptr) {
+  check(bitepAuxScoresForward(backend, &cfg, &args, stream));
+}
+inline void aux_scores_backward(bitepBackend_t backend,
+                                const bitepRouterConfig_t& cfg,
+                                const bitepRouterBackwardArgs_t& args,
+                                bitepStream_t stream = nullptr) {
+  check(bitepAuxScoresBackward(backend, &cfg, &args, stream));
+}
+// The aux loss, forward (writes args.loss) and backward (writes args.grad_probs).
+inline void aux_loss_forward(bitepBackend_t backend, const bitepAuxLossArgs_t& args, bitepStream_t stream = nullptr) {
+  check(bitepAuxLossForward(backend, &args, stream));
+}
+inline void aux_loss_backward(bitepBackend_t backend, const bitepAuxLossArgs_t& args, bitepStream_t stream = nullptr) {
+  check(bitepAuxLossBackward(backend, &args, stream));
+}
 
 }  // namespace bitep

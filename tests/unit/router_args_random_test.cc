@@ -477,7 +477,7 @@ TEST(RouterArgsRandom, AuxScoresValidCallsSucceedAndBrokenFieldsAreNamed) {
         c.args.topk_weights = reinterpret_cast<float*>(c.weights.data()), field = "args->topk_weights";
         break;
       case 1:
-        c.args.num_ranks = 1, field = "args->topk_weights";  // "args->topk_weights, topk_indices and num_ranks ..."
+        c.args.num_ranks = 1, field = "args->num_ranks";
         break;
       case 2:
         c.args.probs = nullptr, field = "args->probs";

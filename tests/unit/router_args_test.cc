@@ -35,11 +35,22 @@ class RouterArgs : public ::testing::Test {
 
   // Expects bitepInvalidArgument naming `what`, and the outputs untouched.
   void expect_rejected(const char* what, bitepResult_t want = bitepInvalidArgument) {
-    const bitepResult_t r = bitepRouterForward(bitepBackendHost, &cfg, &args, nullptr);
+    expect_rejected_by(bitepRouterForward, "bitepRouterForward", what, want);
+  }
+  // The same through bitepAuxScoresForward.
+  void expect_aux_scores_rejected(const char* what) {
+    expect_rejected_by(bitepAuxScoresForward, "bitepAuxScoresForward", what, bitepInvalidArgument);
+  }
+  void expect_rejected_by(
+      bitepResult_t (*fn)(bitepBackend_t, const bitepRouterConfig_t*, const bitepRouterForwardArgs_t*, bitepStream_t),
+      const char* api,
+      const char* what,
+      bitepResult_t want) {
+    const bitepResult_t r = fn(bitepBackendHost, &cfg, &args, nullptr);
     EXPECT_EQ(r, want) << bitepGetErrorString(r);
     const std::string msg = bitepGetLastError();
     EXPECT_NE(msg.find(what), std::string::npos) << "message does not name '" << what << "': " << msg;
-    EXPECT_EQ(msg.rfind("bitepRouterForward: ", 0), 0u) << msg;
+    EXPECT_EQ(msg.rfind(std::string(api) + ": ", 0), 0u) << msg;
     for (float p : probs) ASSERT_EQ(p, -3.0f) << "an output was written on a rejected call";
     for (uint8_t b : bitmap) ASSERT_EQ(b, 0xEE) << "an output was written on a rejected call";
   }
@@ -76,6 +87,10 @@ TEST_F(RouterArgs, ConfigWrongSize) {
 TEST_F(RouterArgs, ArgsNotInitialised) {
   args.magic = 1;
   expect_rejected("BITEP_ROUTER_FWD_ARGS_INIT");
+}
+TEST_F(RouterArgs, ArgsWrongSize) {
+  args.size = sizeof(args) + 8;
+  expect_rejected("args->size");
 }
 TEST_F(RouterArgs, ZeroExperts) {
   cfg.num_experts = 0;
@@ -137,6 +152,11 @@ TEST_F(RouterArgs, GroupTopkAboveTopk) {
   cfg.num_groups = 4;
   cfg.group_topk = 3;
   expect_rejected("config->group_topk");
+}
+TEST_F(RouterArgs, GroupTopkZeroWithGroups) {
+  cfg.num_groups = 4;
+  cfg.group_topk = 0;
+  expect_rejected("config->group_topk is 0");
 }
 TEST_F(RouterArgs, GroupTopkWithoutGroups) {
   cfg.group_topk = 2;
@@ -211,9 +231,16 @@ TEST_F(RouterArgs, OutputsOverlapEachOther) {
 }
 TEST_F(RouterArgs, AuxScoresNeedScores) {
   args.probs = nullptr;
-  const bitepResult_t r = bitepAuxScoresForward(bitepBackendHost, &cfg, &args, nullptr);
-  EXPECT_EQ(r, bitepInvalidArgument);
-  EXPECT_NE(std::string(bitepGetLastError()).find("args->probs"), std::string::npos) << bitepGetLastError();
+  expect_aux_scores_rejected("args->probs");
+}
+TEST_F(RouterArgs, AuxScoresTakeNoTopkOutputs) {
+  std::vector<int32_t> indices(kT * 2, -7);
+  args.topk_indices = indices.data();
+  expect_aux_scores_rejected("args->topk_indices");
+  EXPECT_EQ(indices, std::vector<int32_t>(kT * 2, -7)) << "topk_indices written on a rejected call";
+  args.topk_indices = nullptr;
+  args.num_ranks = 2;
+  expect_aux_scores_rejected("args->num_ranks");
 }
 TEST_F(RouterArgs, UnknownLaunchFlag) {
   args.launch_flags = BITEP_LAUNCH_PDL | 0x4;
@@ -271,24 +298,123 @@ class RouterBackwardArgs : public RouterArgs {
     b.grad_logits = gl.data();
     return b;
   }
+  // Expects bitepInvalidArgument naming `what` from bitepRouterBackward (bitepAuxScoresBackward with aux_scores), and
+  // grad_logits and grad_probs untouched.
+  void expect_backward_rejected(const bitepRouterBackwardArgs_t& b, const char* what, bool aux_scores = false) {
+    const bitepResult_t r = aux_scores ? bitepAuxScoresBackward(bitepBackendHost, &cfg, &b, nullptr)
+                                       : bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr);
+    EXPECT_EQ(r, bitepInvalidArgument) << bitepGetErrorString(r);
+    const std::string msg = bitepGetLastError();
+    EXPECT_NE(msg.find(what), std::string::npos) << "message does not name '" << what << "': " << msg;
+    EXPECT_EQ(msg.rfind(aux_scores ? "bitepAuxScoresBackward: " : "bitepRouterBackward: ", 0), 0u) << msg;
+    for (float v : gl) ASSERT_EQ(v, -3.0f) << "an output was written on a rejected call";
+    for (float v : gp) ASSERT_EQ(v, 1.0f) << "an input was written on a rejected call";
+  }
   std::vector<float> gp, gl;
 };
 
+TEST_F(RouterBackwardArgs, ValidCallsSucceed) {
+  ASSERT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &args, nullptr), bitepSuccess) << bitepGetLastError();
+  bitepRouterBackwardArgs_t b = backward_args();
+  ASSERT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr), bitepSuccess) << bitepGetLastError();
+  EXPECT_NE(gl, std::vector<float>(kT * kE, -3.0f));
+  b = backward_args();  // the aux-loss scores' backward needs no map
+  b.routing_map = nullptr;
+  b.map_format = bitepMapNone;
+  ASSERT_EQ(bitepAuxScoresBackward(bitepBackendHost, &cfg, &b, nullptr), bitepSuccess) << bitepGetLastError();
+  EXPECT_NE(gl, std::vector<float>(kT * kE, -3.0f));
+}
+
+TEST_F(RouterBackwardArgs, NullArgs) {
+  EXPECT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, nullptr, nullptr), bitepInvalidArgument);
+  EXPECT_NE(std::string(bitepGetLastError()).find("args is NULL"), std::string::npos) << bitepGetLastError();
+  EXPECT_EQ(bitepAuxScoresBackward(bitepBackendHost, &cfg, nullptr, nullptr), bitepInvalidArgument);
+  EXPECT_NE(std::string(bitepGetLastError()).find("args is NULL"), std::string::npos) << bitepGetLastError();
+}
+TEST_F(RouterBackwardArgs, ArgsNotInitialised) {
+  bitepRouterBackwardArgs_t b = backward_args();
+  b.magic = BITEP_ROUTER_FWD_ARGS_MAGIC;
+  expect_backward_rejected(b, "BITEP_ROUTER_BWD_ARGS_INIT");
+  expect_backward_rejected(b, "BITEP_ROUTER_BWD_ARGS_INIT", /*aux_scores=*/true);
+}
+TEST_F(RouterBackwardArgs, ArgsWrongSize) {
+  bitepRouterBackwardArgs_t b = backward_args();
+  b.size = sizeof(b) - 8;
+  expect_backward_rejected(b, "args->size");
+  expect_backward_rejected(b, "args->size", /*aux_scores=*/true);
+}
+TEST_F(RouterBackwardArgs, UnknownMapFormat) {
+  bitepRouterBackwardArgs_t b = backward_args();
+  for (bitepMapFormat_t f : {static_cast<bitepMapFormat_t>(77), bitepMapTopkIndices}) {
+    b.map_format = f;
+    expect_backward_rejected(b, "args->map_format");
+  }
+}
 TEST_F(RouterBackwardArgs, NeedsSavedOrLogits) {
   bitepRouterBackwardArgs_t b = backward_args();
   b.logits = nullptr;
-  EXPECT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr), bitepInvalidArgument);
-  EXPECT_NE(std::string(bitepGetLastError()).find("args->saved and args->logits"), std::string::npos)
-      << bitepGetLastError();
-  for (float v : gl) ASSERT_EQ(v, -3.0f);
+  expect_backward_rejected(b, "args->saved and args->logits");
+  expect_backward_rejected(b, "args->saved and args->logits", /*aux_scores=*/true);
+}
+TEST_F(RouterBackwardArgs, NullGradProbs) {
+  bitepRouterBackwardArgs_t b = backward_args();
+  b.grad_probs = nullptr;
+  expect_backward_rejected(b, "args->grad_probs");
+  expect_backward_rejected(b, "args->grad_probs", /*aux_scores=*/true);
+}
+TEST_F(RouterBackwardArgs, NullGradLogits) {
+  bitepRouterBackwardArgs_t b = backward_args();
+  b.grad_logits = nullptr;
+  expect_backward_rejected(b, "args->grad_logits");
+  expect_backward_rejected(b, "args->grad_logits", /*aux_scores=*/true);
+}
+TEST_F(RouterBackwardArgs, MisalignedGradLogits) {
+  std::vector<float> big(kT * kE + 1, -3.0f);
+  bitepRouterBackwardArgs_t b = backward_args();
+  b.grad_logits = reinterpret_cast<char*>(big.data()) + 2;
+  expect_backward_rejected(b, "args->grad_logits");
+  expect_backward_rejected(b, "args->grad_logits", /*aux_scores=*/true);
+  EXPECT_EQ(big, std::vector<float>(kT * kE + 1, -3.0f)) << "grad_logits written on a rejected call";
+}
+TEST_F(RouterBackwardArgs, GradLogitsOverlapsGradProbs) {
+  bitepRouterBackwardArgs_t b = backward_args();
+  b.grad_logits = gp.data();
+  expect_backward_rejected(b, "args->grad_logits overlaps args->grad_probs");
+}
+TEST_F(RouterBackwardArgs, GradLogitsOverlapsTheMap) {
+  std::vector<float> map_and_grad(kT * kE + 1, -3.0f);  // the map: the first 8 bytes
+  bitepRouterBackwardArgs_t b = backward_args();
+  b.routing_map = map_and_grad.data();
+  b.grad_logits = map_and_grad.data() + 1;
+  expect_backward_rejected(b, "args->grad_logits overlaps args->routing_map");
+  EXPECT_EQ(map_and_grad, std::vector<float>(kT * kE + 1, -3.0f)) << "written on a rejected call";
+}
+TEST_F(RouterBackwardArgs, GradLogitsOverlapsSaved) {
+  std::vector<float> saved(kT * kE, 0.25f);
+  bitepRouterBackwardArgs_t b = backward_args();
+  b.saved = saved.data();
+  b.grad_logits = saved.data();
+  expect_backward_rejected(b, "args->grad_logits overlaps args->saved");
+  EXPECT_EQ(saved, std::vector<float>(kT * kE, 0.25f)) << "saved written on a rejected call";
+}
+TEST_F(RouterBackwardArgs, GradLogitsOverlapsLogits) {
+  const std::vector<float> want = logits;
+  bitepRouterBackwardArgs_t b = backward_args();
+  b.grad_logits = logits.data();
+  expect_backward_rejected(b, "args->grad_logits overlaps args->logits");
+  EXPECT_EQ(logits, want) << "logits written on a rejected call";
 }
 
 TEST_F(RouterBackwardArgs, NeedsTheMap) {
   bitepRouterBackwardArgs_t b = backward_args();
   b.routing_map = nullptr;
   b.map_format = bitepMapNone;
-  EXPECT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr), bitepInvalidArgument);
-  EXPECT_NE(std::string(bitepGetLastError()).find("map"), std::string::npos) << bitepGetLastError();
+  expect_backward_rejected(b, "args->map_format is bitepMapNone");
+}
+TEST_F(RouterBackwardArgs, NeedsTheMapWithAFormat) {  // the format given, the map NULL
+  bitepRouterBackwardArgs_t b = backward_args();
+  b.routing_map = nullptr;
+  expect_backward_rejected(b, "args->routing_map is NULL");
 }
 
 TEST_F(RouterBackwardArgs, UnknownLaunchFlag) {
@@ -316,10 +442,175 @@ class AuxLossArgs : public ::testing::Test {
     a.loss = &loss;
     return a;
   }
+  // A valid aux-loss backward of the same shape into gp (-3 everywhere).
+  bitepAuxLossArgs_t backward_args() {
+    bitepAuxLossArgs_t a = forward_args();
+    a.probs = nullptr;
+    a.loss = nullptr;
+    a.grad_loss = &grad_loss;
+    a.grad_probs = gp.data();
+    return a;
+  }
+  // Expects bitepInvalidArgument naming `what` from bitepAuxLossForward (fwd) or bitepAuxLossBackward, and nothing
+  // written.
+  void expect_rejected(const bitepAuxLossArgs_t& a, bool fwd, const char* what) {
+    const bitepResult_t r =
+        fwd ? bitepAuxLossForward(bitepBackendHost, &a, nullptr) : bitepAuxLossBackward(bitepBackendHost, &a, nullptr);
+    EXPECT_EQ(r, bitepInvalidArgument) << bitepGetErrorString(r);
+    const std::string msg = bitepGetLastError();
+    EXPECT_NE(msg.find(what), std::string::npos) << "message does not name '" << what << "': " << msg;
+    EXPECT_EQ(msg.rfind(fwd ? "bitepAuxLossForward: " : "bitepAuxLossBackward: ", 0), 0u) << msg;
+    EXPECT_EQ(loss, -1.0f) << "an output was written on a rejected call";
+    for (float g : gp) ASSERT_EQ(g, -3.0f) << "an output was written on a rejected call";
+    for (float p : probs) ASSERT_EQ(p, 0.1f) << "an input was written on a rejected call";
+    for (int32_t n : tpe) ASSERT_EQ(n, 1) << "an input was written on a rejected call";
+    EXPECT_EQ(grad_loss, 1.0f) << "an input was written on a rejected call";
+  }
+  // The same change to a valid forward and to a valid backward: both rejected, naming `what`.
+  template <class F>
+  void expect_both_rejected(F change, const char* what) {
+    bitepAuxLossArgs_t f = forward_args();
+    change(f);
+    expect_rejected(f, true, what);
+    bitepAuxLossArgs_t b = backward_args();
+    change(b);
+    expect_rejected(b, false, what);
+  }
   std::vector<float> probs = std::vector<float>(8, 0.1f);
   std::vector<int32_t> tpe = std::vector<int32_t>(4, 1);
   float loss = -1.0f;
+  float grad_loss = 1.0f;
+  std::vector<float> gp = std::vector<float>(8, -3.0f);
 };
+
+TEST_F(AuxLossArgs, ValidCallsSucceed) {
+  bitepAuxLossArgs_t a = forward_args();
+  ASSERT_EQ(bitepAuxLossForward(bitepBackendHost, &a, nullptr), bitepSuccess) << bitepGetLastError();
+  EXPECT_NE(loss, -1.0f);
+  a = backward_args();
+  ASSERT_EQ(bitepAuxLossBackward(bitepBackendHost, &a, nullptr), bitepSuccess) << bitepGetLastError();
+  for (float g : gp) EXPECT_NE(g, -3.0f);
+}
+// Without tokens the scores and their gradient are not needed; the loss is still written (0).
+TEST_F(AuxLossArgs, ZeroTokensNeedNoProbs) {
+  bitepAuxLossArgs_t a = forward_args();
+  a.num_tokens = 0;
+  a.probs = nullptr;
+  ASSERT_EQ(bitepAuxLossForward(bitepBackendHost, &a, nullptr), bitepSuccess) << bitepGetLastError();
+  EXPECT_EQ(loss, 0.0f);
+  a = backward_args();
+  a.num_tokens = 0;
+  a.grad_probs = nullptr;
+  EXPECT_EQ(bitepAuxLossBackward(bitepBackendHost, &a, nullptr), bitepSuccess) << bitepGetLastError();
+}
+TEST_F(AuxLossArgs, NullArgs) {
+  EXPECT_EQ(bitepAuxLossForward(bitepBackendHost, nullptr, nullptr), bitepInvalidArgument);
+  EXPECT_NE(std::string(bitepGetLastError()).find("args is NULL"), std::string::npos) << bitepGetLastError();
+  EXPECT_EQ(bitepAuxLossBackward(bitepBackendHost, nullptr, nullptr), bitepInvalidArgument);
+  EXPECT_NE(std::string(bitepGetLastError()).find("args is NULL"), std::string::npos) << bitepGetLastError();
+}
+TEST_F(AuxLossArgs, NotInitialised) {
+  expect_both_rejected([](bitepAuxLossArgs_t& a) { a.magic = 0; }, "BITEP_AUX_LOSS_ARGS_INIT");
+}
+TEST_F(AuxLossArgs, WrongSize) {
+  expect_both_rejected([](bitepAuxLossArgs_t& a) { a.size = sizeof(a) - 8; }, "args->size");
+}
+TEST_F(AuxLossArgs, ZeroExperts) {
+  expect_both_rejected([](bitepAuxLossArgs_t& a) { a.num_experts = 0; }, "args->num_experts");
+}
+TEST_F(AuxLossArgs, TopkZero) {
+  expect_both_rejected([](bitepAuxLossArgs_t& a) { a.topk = 0; }, "args->topk");
+}
+TEST_F(AuxLossArgs, TopkAboveExperts) {
+  expect_both_rejected([](bitepAuxLossArgs_t& a) { a.topk = 5; }, "args->topk");
+}
+TEST_F(AuxLossArgs, NegativeTokens) {
+  expect_both_rejected([](bitepAuxLossArgs_t& a) { a.num_tokens = -1; }, "args->num_tokens");
+}
+TEST_F(AuxLossArgs, TokenCountOverflow) {
+  expect_both_rejected([](bitepAuxLossArgs_t& a) { a.num_tokens = INT64_MAX / 8; }, "args->num_experts (4) overflows");
+}
+TEST_F(AuxLossArgs, NonFiniteCoeff) {
+  expect_both_rejected([](bitepAuxLossArgs_t& a) { a.coeff = NAN; }, "args->coeff");
+  expect_both_rejected([](bitepAuxLossArgs_t& a) { a.coeff = -INFINITY; }, "args->coeff");
+}
+TEST_F(AuxLossArgs, NullTokensPerExpert) {
+  expect_both_rejected([](bitepAuxLossArgs_t& a) { a.tokens_per_expert = nullptr; }, "args->tokens_per_expert");
+}
+TEST_F(AuxLossArgs, MisalignedTokensPerExpert) {
+  std::vector<int32_t> big(5, 1);
+  const int32_t* misaligned = reinterpret_cast<const int32_t*>(reinterpret_cast<const char*>(big.data()) + 2);
+  expect_both_rejected([&](bitepAuxLossArgs_t& a) { a.tokens_per_expert = misaligned; }, "args->tokens_per_expert");
+}
+TEST_F(AuxLossArgs, NullLoss) {
+  bitepAuxLossArgs_t a = forward_args();
+  a.loss = nullptr;
+  expect_rejected(a, true, "args->loss");
+}
+TEST_F(AuxLossArgs, NullProbs) {
+  bitepAuxLossArgs_t a = forward_args();
+  a.probs = nullptr;
+  expect_rejected(a, true, "args->probs");
+}
+TEST_F(AuxLossArgs, MisalignedProbs) {
+  std::vector<float> big(9, 0.1f);
+  bitepAuxLossArgs_t a = forward_args();
+  a.probs = reinterpret_cast<const float*>(reinterpret_cast<const char*>(big.data()) + 2);
+  expect_rejected(a, true, "args->probs");
+}
+TEST_F(AuxLossArgs, MisalignedLoss) {
+  std::vector<float> big(2, -1.0f);
+  bitepAuxLossArgs_t a = forward_args();
+  a.loss = reinterpret_cast<float*>(reinterpret_cast<char*>(big.data()) + 2);
+  expect_rejected(a, true, "args->loss");
+  EXPECT_EQ(big, std::vector<float>(2, -1.0f)) << "loss written on a rejected call";
+}
+TEST_F(AuxLossArgs, LossOverlapsProbs) {
+  bitepAuxLossArgs_t a = forward_args();
+  a.loss = probs.data() + 3;
+  expect_rejected(a, true, "args->loss overlaps args->probs");
+}
+TEST_F(AuxLossArgs, LossOverlapsTokensPerExpert) {
+  bitepAuxLossArgs_t a = forward_args();
+  a.loss = reinterpret_cast<float*>(tpe.data() + 1);
+  expect_rejected(a, true, "args->loss overlaps args->tokens_per_expert");
+}
+TEST_F(AuxLossArgs, NullGradLoss) {
+  bitepAuxLossArgs_t a = backward_args();
+  a.grad_loss = nullptr;
+  expect_rejected(a, false, "args->grad_loss");
+}
+TEST_F(AuxLossArgs, NullGradProbs) {
+  bitepAuxLossArgs_t a = backward_args();
+  a.grad_probs = nullptr;
+  expect_rejected(a, false, "args->grad_probs");
+}
+TEST_F(AuxLossArgs, MisalignedGradLoss) {
+  std::vector<float> big(2, 1.0f);
+  bitepAuxLossArgs_t a = backward_args();
+  a.grad_loss = reinterpret_cast<const float*>(reinterpret_cast<const char*>(big.data()) + 2);
+  expect_rejected(a, false, "args->grad_loss");
+}
+TEST_F(AuxLossArgs, MisalignedGradProbs) {
+  std::vector<float> big(9, -3.0f);
+  bitepAuxLossArgs_t a = backward_args();
+  a.grad_probs = reinterpret_cast<float*>(reinterpret_cast<char*>(big.data()) + 2);
+  expect_rejected(a, false, "args->grad_probs");
+  EXPECT_EQ(big, std::vector<float>(9, -3.0f)) << "grad_probs written on a rejected call";
+}
+TEST_F(AuxLossArgs, GradProbsOverlapsGradLoss) {
+  bitepAuxLossArgs_t a = backward_args();
+  a.grad_loss = gp.data() + 5;
+  expect_rejected(a, false, "args->grad_probs overlaps args->grad_loss");
+}
+TEST_F(AuxLossArgs, GradProbsOverlapsTokensPerExpert) {
+  std::vector<int32_t> buf(12, 1);  // grad_probs: [4, 12), tokens_per_expert: [8, 12)
+  bitepAuxLossArgs_t a = backward_args();
+  a.tokens_per_expert = buf.data() + 8;
+  a.grad_probs = reinterpret_cast<float*>(buf.data() + 4);
+  expect_rejected(a, false, "args->grad_probs overlaps args->tokens_per_expert");
+  EXPECT_EQ(buf, std::vector<int32_t>(12, 1)) << "written on a rejected call";
+}
 
 TEST_F(AuxLossArgs, UnknownLaunchFlag) {
   bitepAuxLossArgs_t a = forward_args();
@@ -333,11 +624,7 @@ TEST_F(AuxLossArgs, UnknownLaunchFlag) {
 }
 
 TEST_F(AuxLossArgs, RejectsZeroTotalTokens) {
-  bitepAuxLossArgs_t a = forward_args();
-  a.total_num_tokens = 0;
-  EXPECT_EQ(bitepAuxLossForward(bitepBackendHost, &a, nullptr), bitepInvalidArgument);
-  EXPECT_NE(std::string(bitepGetLastError()).find("args->total_num_tokens"), std::string::npos);
-  EXPECT_EQ(loss, -1.0f);
+  expect_both_rejected([](bitepAuxLossArgs_t& a) { a.total_num_tokens = 0; }, "args->total_num_tokens");
 }
 
 }  // namespace

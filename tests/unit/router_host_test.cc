@@ -9,6 +9,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bitep/bitep.h"
@@ -30,13 +31,15 @@ struct Case {
   bitepDataType_t dtype;
 };
 
+const char* dtype_name(bitepDataType_t dt) { return dt == bitepFloat32 ? "f32" : dt == bitepBfloat16 ? "bf16" : "f16"; }
+
 std::string name(const Case& c) {
   const char* fn = c.fn == bitepScoreSoftmax   ? (c.pre ? "softmaxpre" : "softmax")
                    : c.fn == bitepScoreSigmoid ? "sigmoid"
                                                : "sqrtsoftplus";
-  const char* dt = c.dtype == bitepFloat32 ? "f32" : c.dtype == bitepBfloat16 ? "bf16" : "f16";
   return "T" + std::to_string(c.T) + "_E" + std::to_string(c.E) + "_k" + std::to_string(c.k) + "_" + fn +
-         (c.groups ? "_groups" : "") + (c.bias ? "_bias" : "") + (c.scaling != 1.0f ? "_scaled" : "") + "_" + dt;
+         (c.groups ? "_groups" : "") + (c.bias ? "_bias" : "") + (c.scaling != 1.0f ? "_scaled" : "") + "_" +
+         dtype_name(c.dtype);
 }
 
 // Group settings valid for (E, k): the most groups in {8, 4, 2} that divide E and leave enough
@@ -68,16 +71,20 @@ bitepRouterConfig_t config_of(const Case& c) {
   return cfg;
 }
 
+bitep::kernels::DType kernel_dtype(bitepDataType_t dt) {
+  return dt == bitepFloat32    ? bitep::kernels::DType::kF32
+         : dt == bitepBfloat16 ? bitep::kernels::DType::kBF16
+                               : bitep::kernels::DType::kF16;
+}
+
 // Logits in the case's dtype: normal(0, 2) from a seed, as raw bytes.
 std::vector<uint8_t> make_logits(const Case& c, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> dist(0.0f, 2.0f);
   const int bytes = c.dtype == bitepFloat32 ? 4 : 2;
   std::vector<uint8_t> out(static_cast<size_t>(c.T) * c.E * bytes);
-  const auto dt = c.dtype == bitepFloat32    ? bitep::kernels::DType::kF32
-                  : c.dtype == bitepBfloat16 ? bitep::kernels::DType::kBF16
-                                             : bitep::kernels::DType::kF16;
-  for (int64_t i = 0; i < c.T * c.E; ++i) bitep::host::store_from_float(out.data(), dt, i, dist(rng));
+  for (int64_t i = 0; i < c.T * c.E; ++i)
+    bitep::host::store_from_float(out.data(), kernel_dtype(c.dtype), i, dist(rng));
   return out;
 }
 
@@ -128,10 +135,8 @@ std::vector<double> saved_scale(std::vector<double> M, const std::vector<double>
   return M;
 }
 
-class RouterGrid : public ::testing::TestWithParam<Case> {};
-
-TEST_P(RouterGrid, HostMatchesFp64Reference) {
-  const Case c = GetParam();
+// One case of the grid: every output of the forward, the layout epilogue and the backward against the fp64 definition.
+void check_case(const Case& c) {
   const bitepRouterConfig_t cfg = config_of(c);
   const int E = c.E, k = c.k, B = (E + 7) / 8;
   const int64_t T = c.T;
@@ -204,7 +209,8 @@ TEST_P(RouterGrid, HostMatchesFp64Reference) {
   }
   EXPECT_EQ(want_counts, counts);
 
-  // Backward, from the saved tensor and recomputed from the logits, against the fp64 definition.
+  // Backward, from the saved tensor and recomputed from the logits, with the bitmap and with the bytemap as the routing
+  // map, against the fp64 definition; both maps give the same bits.
   std::mt19937 rng(7);
   std::normal_distribution<float> gd(0.0f, 1.0f);
   std::vector<float> gp(T * E);
@@ -215,58 +221,144 @@ TEST_P(RouterGrid, HostMatchesFp64Reference) {
   const std::vector<double> M = grad_scale(cfg, T, x, bytemap, gp, false, &into_sigmoid);
   const double tol = grad_tol(c.dtype);
   const int ds = c.dtype == bitepFloat32 ? 4 : 2;
-  for (int recompute = 0; recompute < 2; ++recompute) {
-    std::vector<uint8_t> gl(T * E * ds, 0xFF);  // NaN in every dtype: an element not written fails
-    bitepRouterBackwardArgs_t bw = BITEP_ROUTER_BWD_ARGS_INIT;
-    bw.num_tokens = T;
-    bw.grad_probs = gp.data();
-    bw.routing_map = bitmap.data();
-    bw.map_format = bitepMapBitmapU8;
-    bw.saved = recompute ? nullptr : saved.data();
-    bw.logits = logits.data();
-    bw.grad_logits = gl.data();
-    ASSERT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &bw, nullptr), bitepSuccess) << bitepGetLastError();
-    const auto g = bitep::ref::to_double(gl.data(), c.dtype, T * E);
-    const double err =
-        grad_err(ref_grad, g, recompute ? M : saved_scale(M, into_sigmoid, tol), T, E, grad_slack(c.dtype), same);
-    EXPECT_LE(err, tol) << (recompute ? "recompute" : "saved");
-  }
+  std::vector<uint8_t> from_bitmap_grad[2];
+  for (bitepMapFormat_t fmt : {bitepMapBitmapU8, bitepMapBytemap})
+    for (int recompute = 0; recompute < 2; ++recompute) {
+      const char* what = fmt == bitepMapBitmapU8 ? (recompute ? "bitmap, recompute" : "bitmap, saved")
+                                                 : (recompute ? "bytemap, recompute" : "bytemap, saved");
+      std::vector<uint8_t> gl(T * E * ds, 0xFF);  // NaN in every dtype: an element not written fails
+      bitepRouterBackwardArgs_t bw = BITEP_ROUTER_BWD_ARGS_INIT;
+      bw.num_tokens = T;
+      bw.grad_probs = gp.data();
+      bw.routing_map = fmt == bitepMapBitmapU8 ? bitmap.data() : bytemap.data();
+      bw.map_format = fmt;
+      bw.saved = recompute ? nullptr : saved.data();
+      bw.logits = logits.data();
+      bw.grad_logits = gl.data();
+      ASSERT_EQ(bitepRouterBackward(bitepBackendHost, &cfg, &bw, nullptr), bitepSuccess) << bitepGetLastError();
+      const auto g = bitep::ref::to_double(gl.data(), c.dtype, T * E);
+      const double err =
+          grad_err(ref_grad, g, recompute ? M : saved_scale(M, into_sigmoid, tol), T, E, grad_slack(c.dtype), same);
+      EXPECT_LE(err, tol) << what;
+      if (fmt == bitepMapBitmapU8)
+        from_bitmap_grad[recompute] = std::move(gl);
+      else
+        EXPECT_TRUE(gl == from_bitmap_grad[recompute]) << what << ": not the bitmap's gradient bit for bit";
+    }
 }
 
-std::vector<Case> grid() {
-  std::vector<Case> cases;
-  struct Fn {
-    bitepScoreFunction_t fn;
-    bool pre, groups, bias;
-    float scaling;
-  };
-  const Fn fns[] = {{bitepScoreSoftmax, false, false, false, 1.0f},     {bitepScoreSoftmax, true, false, false, 1.0f},
-                    {bitepScoreSigmoid, false, false, false, 1.0f},     {bitepScoreSigmoid, false, true, true, 2.5f},
-                    {bitepScoreSqrtSoftplus, false, false, true, 1.0f}, {bitepScoreSoftmax, false, true, false, 1.0f}};
+// The shapes: E in {1, 8, 32, 130, 256, 1000, 2048}, k in {1, 2, 8, 32, E}.
+std::vector<std::pair<int, int>> shapes() {
+  std::vector<std::pair<int, int>> out;
   for (int E : {1, 8, 32, 130, 256, 1000, 2048})
     for (int k0 : {1, 2, 8, 32, -1}) {
       const int k = k0 < 0 ? E : k0;
-      if (k > E || (k0 > 0 && k0 == E)) continue;
-      for (const Fn& f : fns)
-        for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16, bitepFloat16}) {
-          int G, gk;
-          if (f.groups && !group_config(E, k, &G, &gk)) continue;
-          // T = 7 everywhere; T = 4096 where the fp64 reference stays quick; 0 and 1 on fp32.
-          cases.push_back({7, E, k, f.fn, f.pre, f.groups, f.bias, f.scaling, dt});
-          if (dt == bitepFloat32) {
-            cases.push_back({0, E, k, f.fn, f.pre, f.groups, f.bias, f.scaling, dt});
-            cases.push_back({1, E, k, f.fn, f.pre, f.groups, f.bias, f.scaling, dt});
-          }
-          if (E <= 256 && k <= 8 && dt != bitepFloat16)
-            cases.push_back({4096, E, k, f.fn, f.pre, f.groups, f.bias, f.scaling, dt});
-        }
+      if (k <= E && (k0 < 0 || k0 != E)) out.push_back({E, k});
     }
+  return out;
+}
+constexpr bitepDataType_t kDtypes[] = {bitepFloat32, bitepBfloat16, bitepFloat16};
+
+struct Combo {
+  bitepScoreFunction_t fn;
+  bool pre, groups, bias;
+  float scaling;
+  bool operator==(const Combo& o) const {
+    return fn == o.fn && pre == o.pre && groups == o.groups && bias == o.bias && scaling == o.scaling;
+  }
+};
+Case case_of(int64_t T, int E, int k, const Combo& f, bitepDataType_t dt) {
+  return {T, E, k, f.fn, f.pre, f.groups, f.bias, f.scaling, dt};
+}
+// Every valid combination: score function (softmax post- or pre-top-k, sigmoid, sqrtsoftplus) x group-limited routing
+// (group_config) or none x expert_bias or none (sigmoid and sqrtsoftplus only: src/router.cc refuses it with softmax)
+// x scaling_factor 1 or 2.5. 24 in all.
+std::vector<Combo> every_combo() {
+  std::vector<Combo> out;
+  const std::pair<bitepScoreFunction_t, bool> paths[] = {{bitepScoreSoftmax, false},
+                                                         {bitepScoreSoftmax, true},
+                                                         {bitepScoreSigmoid, false},
+                                                         {bitepScoreSqrtSoftplus, false}};  // pre: softmax only
+  for (const auto& [fn, pre] : paths)
+    for (bool groups : {false, true})
+      for (bool bias : {false, true})
+        for (float scaling : {1.0f, 2.5f})
+          if (!bias || fn != bitepScoreSoftmax) out.push_back({fn, pre, groups, bias, scaling});
+  return out;
+}
+// The combinations of RouterGrid, one test each at T = 7 (every dtype), 0 and 1 (fp32) and 4096 (where the fp64
+// reference stays quick, not fp16); RouterGridCombos takes the other 18 at T = 7.
+constexpr Combo kGridCombos[] = {
+    {bitepScoreSoftmax, false, false, false, 1.0f},     {bitepScoreSoftmax, true, false, false, 1.0f},
+    {bitepScoreSigmoid, false, false, false, 1.0f},     {bitepScoreSigmoid, false, true, true, 2.5f},
+    {bitepScoreSqrtSoftplus, false, false, true, 1.0f}, {bitepScoreSoftmax, false, true, false, 1.0f}};
+// And at T = 4096 (k = 8) a few of those others.
+struct Case4096 {
+  Combo f;
+  int E;
+  bitepDataType_t dtype;
+};
+constexpr Case4096 kMoreAt4096[] = {{{bitepScoreSoftmax, true, true, false, 2.5f}, 256, bitepFloat32},
+                                    {{bitepScoreSqrtSoftplus, false, true, true, 2.5f}, 256, bitepBfloat16},
+                                    {{bitepScoreSigmoid, false, false, true, 1.0f}, 130, bitepFloat32}};
+
+std::vector<Case> grid() {
+  std::vector<Case> cases;
+  for (const auto& [E, k] : shapes())
+    for (const Combo& f : kGridCombos)
+      for (bitepDataType_t dt : kDtypes) {
+        int G, gk;
+        if (f.groups && !group_config(E, k, &G, &gk)) continue;
+        cases.push_back(case_of(7, E, k, f, dt));
+        if (dt == bitepFloat32) {
+          cases.push_back(case_of(0, E, k, f, dt));
+          cases.push_back(case_of(1, E, k, f, dt));
+        }
+        if (E <= 256 && k <= 8 && dt != bitepFloat16) cases.push_back(case_of(4096, E, k, f, dt));
+      }
+  for (const Case4096& m : kMoreAt4096) cases.push_back(case_of(4096, m.E, 8, m.f, m.dtype));
   return cases;
 }
 
+class RouterGrid : public ::testing::TestWithParam<Case> {};
+TEST_P(RouterGrid, HostMatchesFp64Reference) { check_case(GetParam()); }
 INSTANTIATE_TEST_SUITE_P(Host, RouterGrid, ::testing::ValuesIn(grid()), [](const ::testing::TestParamInfo<Case>& i) {
   return name(i.param);
 });
+
+// The rest of the product at T = 7: for each (E, k, dtype), every combination that kGridCombos leaves out (those with
+// groups where group_config has none for (E, k)). One test per (E, k, dtype), not per combination: ctest runs each test
+// in its own process, and each process registers every test of the binary (some 30 us a test under ASan+UBSan), so the
+// 1300 tests of one per combination would cost every process of the binary 0.04 s more. A failure names its
+// combination (SCOPED_TRACE, name()).
+struct Shape {
+  int E, k;
+  bitepDataType_t dtype;
+};
+std::vector<Shape> combo_shapes() {
+  std::vector<Shape> out;
+  for (const auto& [E, k] : shapes())
+    for (bitepDataType_t dt : kDtypes) out.push_back({E, k, dt});
+  return out;
+}
+class RouterGridCombos : public ::testing::TestWithParam<Shape> {};
+TEST_P(RouterGridCombos, HostMatchesFp64Reference) {
+  const Shape s = GetParam();
+  int G, gk, checked = 0;
+  for (const Combo& f : every_combo()) {
+    if (std::find(std::begin(kGridCombos), std::end(kGridCombos), f) != std::end(kGridCombos)) continue;
+    if (f.groups && !group_config(s.E, s.k, &G, &gk)) continue;
+    const Case c = case_of(7, s.E, s.k, f, s.dtype);
+    SCOPED_TRACE(name(c));
+    check_case(c);
+    ++checked;
+  }
+  EXPECT_EQ(checked, group_config(s.E, s.k, &G, &gk) ? 18 : 8);
+}
+INSTANTIATE_TEST_SUITE_P(
+    Host, RouterGridCombos, ::testing::ValuesIn(combo_shapes()), [](const ::testing::TestParamInfo<Shape>& i) {
+      return "T7_E" + std::to_string(i.param.E) + "_k" + std::to_string(i.param.k) + "_" + dtype_name(i.param.dtype);
+    });
 
 // ---- degenerate rows: exactly k distinct experts, ties to the lower index, NaN last ----------------
 
@@ -291,8 +383,69 @@ std::vector<int32_t> route(const bitepRouterConfig_t& cfg,
   return idx;
 }
 
+// The rows (fp32 values, each exactly representable in dt: checked by the fp64 definition's own reading of the bytes)
+// in dtype dt, routed by the host backend with expert_bias when given, into a bitmap and (a second run) a bytemap: the
+// [T, k] indices, which both maps give too, and which the fp64 definition gives exactly (exact ties are not excused as
+// near-ties).
+std::vector<int32_t> route_as(bitepRouterConfig_t cfg,
+                              bitepDataType_t dt,
+                              const std::vector<std::vector<float>>& rows,
+                              const float* bias = nullptr) {
+  cfg.logits_dtype = dt;
+  const int E = cfg.num_experts, k = cfg.topk, B = (E + 7) / 8;
+  const int64_t T = static_cast<int64_t>(rows.size());
+  std::vector<uint8_t> x(static_cast<size_t>(T) * E * (dt == bitepFloat32 ? 4 : 2));
+  for (int64_t t = 0; t < T; ++t)
+    for (int e = 0; e < E; ++e) bitep::host::store_from_float(x.data(), kernel_dtype(dt), t * E + e, rows[t][e]);
+  const auto x64 = bitep::ref::to_double(x.data(), dt, static_cast<size_t>(T) * E);
+  for (int64_t i = 0; i < T * E; ++i) {
+    const float want = rows[i / E][i % E];
+    EXPECT_TRUE(std::isnan(want) ? std::isnan(x64[i]) : x64[i] == want)
+        << want << " is not exact in " << dtype_name(dt);
+  }
+  std::vector<uint8_t> bitmap(T * B, 0xA5), bytemap(T * E, 0xA5);
+  std::vector<int32_t> idx(T * k, -1);
+  bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
+  a.num_tokens = T;
+  a.logits = x.data();
+  a.expert_bias = bias;
+  a.routing_map = bitmap.data();
+  a.map_format = bitepMapBitmapU8;
+  a.topk_indices = idx.data();
+  EXPECT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
+  a.routing_map = bytemap.data();
+  a.map_format = bitepMapBytemap;
+  a.topk_indices = nullptr;
+  EXPECT_EQ(bitepRouterForward(bitepBackendHost, &cfg, &a, nullptr), bitepSuccess) << bitepGetLastError();
+  std::string err;
+  EXPECT_EQ(bitep::ref::indices_from_bitmap(bitmap.data(), T, E, k, &err), idx) << "the bitmap, " << dtype_name(dt);
+  EXPECT_TRUE(err.empty()) << err;
+  EXPECT_EQ(bitep::ref::indices_from_bytemap(bytemap.data(), T, E, k, &err), idx) << "the bytemap, " << dtype_name(dt);
+  EXPECT_TRUE(err.empty()) << err;
+  EXPECT_EQ(bitep::ref::router_forward(cfg, T, x64, bias, false).indices, idx)
+      << "the fp64 definition, " << dtype_name(dt);
+  return idx;
+}
+
+// Each row's k indices against want[row], for every dtype.
+void expect_routes(const bitepRouterConfig_t& cfg,
+                   const std::vector<std::vector<float>>& rows,
+                   const std::vector<std::vector<int32_t>>& want,
+                   const float* bias,
+                   const std::string& what) {
+  const int k = cfg.topk;
+  for (bitepDataType_t dt : {bitepFloat32, bitepBfloat16, bitepFloat16}) {
+    const auto idx = route_as(cfg, dt, rows, bias);
+    for (size_t t = 0; t < rows.size(); ++t)
+      EXPECT_EQ(std::vector<int32_t>(idx.begin() + t * k, idx.begin() + (t + 1) * k), want[t])
+          << what << " " << dtype_name(dt) << " row " << t;
+  }
+}
+
+const float kInf = std::numeric_limits<float>::infinity(), kNaN = std::numeric_limits<float>::quiet_NaN();
+
 TEST(RouterDegenerate, TiesAllEqualInfNaN) {
-  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = kInf, nan = kNaN;
   for (bitepScoreFunction_t fn : {bitepScoreSoftmax, bitepScoreSigmoid, bitepScoreSqrtSoftplus}) {
     for (int pre = 0; pre < (fn == bitepScoreSoftmax ? 2 : 1); ++pre) {
       bitepRouterConfig_t cfg = BITEP_ROUTER_CONFIG_INIT;
@@ -311,17 +464,116 @@ TEST(RouterDegenerate, TiesAllEqualInfNaN) {
       // Pre-top-k softmax: one NaN makes the whole row NaN, and then the lowest indices win.
       std::vector<std::vector<int32_t>> want = {{0, 1, 2}, {0, 1, 2}, {0, 1, 2}, {1, 4, 5}, {0, 2, 5}, {1, 3, 5}};
       if (pre) want[3] = want[4] = {0, 1, 2};
-      std::vector<float> logits;
-      for (const auto& r : rows) logits.insert(logits.end(), r.begin(), r.end());
-      const auto idx = route(cfg, logits, static_cast<int64_t>(rows.size()));
-      for (size_t t = 0; t < rows.size(); ++t)
-        EXPECT_EQ(std::vector<int32_t>(idx.begin() + t * 3, idx.begin() + t * 3 + 3), want[t])
-            << "fn " << fn << " pre " << pre << " row " << t;
-      // The fp64 definition agrees exactly (exact ties are not excused as near-ties).
-      const auto ref = bitep::ref::router_forward(cfg, static_cast<int64_t>(rows.size()),
-                                                  std::vector<double>(logits.begin(), logits.end()), nullptr, false);
-      EXPECT_EQ(ref.indices, idx);
+      expect_routes(cfg, rows, want, nullptr, "fn " + std::to_string(fn) + " pre " + std::to_string(pre));
     }
+  }
+}
+
+// Group-limited routing (E = 12, four groups of 3, group_topk = 2, k = 4: a group's score is the sum of its best two
+// selection scores). The score functions keep the logits' order (softmax, sigmoid and sqrtsoftplus are increasing, and
+// the values here are apart in fp32), so each group's best two and the group order follow from the logits; a group's
+// score is NaN where NaN is among its best two (NaN ranks below everything, so only a group with fewer than two
+// numbers), and such a group ranks below every other. Ties between groups go to the lower group, ties between experts
+// to the lower expert.
+TEST(RouterDegenerate, GroupTiesAllEqualInfNaN) {
+  const float inf = kInf, nan = kNaN;
+  for (bitepScoreFunction_t fn : {bitepScoreSoftmax, bitepScoreSigmoid, bitepScoreSqrtSoftplus}) {
+    for (int pre = 0; pre < (fn == bitepScoreSoftmax ? 2 : 1); ++pre) {
+      bitepRouterConfig_t cfg = BITEP_ROUTER_CONFIG_INIT;
+      cfg.num_experts = 12;
+      cfg.topk = 4;
+      cfg.num_groups = 4;
+      cfg.group_topk = 2;
+      cfg.score_function = fn;
+      cfg.use_pre_softmax = pre;
+      const std::vector<std::vector<float>> rows = {
+          // All equal: every group ties, groups 0 and 1 are kept; experts 0-3.
+          {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
+          // All -inf: scores all -inf (softmax), 0 (sigmoid, sqrtsoftplus) or NaN (pre-top-k softmax, -inf - -inf):
+          // ties everywhere, as above.
+          {-inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf},
+          // All NaN: as above.
+          {nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan},
+          // Group 2 first (3 + 3); groups 1 and 3 tie for second (2 + 1 each) and group 1, the lower, is kept (group 3
+          // would give 6, 7, 9, 11). Candidates 3-8: 6, 7 (3), 4 (2), 3 (1).
+          {-1, -1, -1, 1, 2, 0, 3, 3, -2, 2, 0, 1},
+          // Group 2 (2 + 1), then group 1 (1 + 1). Candidates 3-8: 6 (2), then five tie at 1 (3, 4, 5 of group 1 and
+          // 7, 8 of group 2, the better group): the lowest, 3, 4, 5.
+          {0, 0, 0, 1, 1, 1, 2, 1, 1, -1, -1, -1},
+          // Group 0's best two are 3 and 3 (its NaN ranks last); group 1's are 3 and NaN: its score is NaN, last of
+          // the groups. Groups 0 (3 + 3) and 2 (2 + 2); candidates 0-2 and 6-8: 1, 2 (3), 6, 7 (2). Pre-top-k softmax:
+          // a NaN makes the whole row NaN, every group's score NaN: groups 0 and 1, experts 0-3.
+          {nan, 3, 3, nan, nan, 3, 2, 2, -1, 1, 1, 1},
+          // -inf in groups 0 (with a 5) and 2 (all). Post-top-k softmax (the scores are the logits): group scores
+          // 5 - inf = -inf, 0, -inf, -2; groups 1 and 3; candidates 3-5 and 9-11: 3, 4, 5 (0), 9 (-1), the row's best
+          // expert 2 not among them. Sigmoid: scores 0.993 + 0, 1, 0, 0.538; sqrtsoftplus: 2.238 + 0, 1.665, 0, 1.119;
+          // pre-top-k softmax (/ e^5 the sum): 1 + 0, 0.013, 0, 0.005: groups 0 and 1 in each, experts 2, 3, 4, 5.
+          {-inf, -inf, 5, 0, 0, 0, -inf, -inf, -inf, -1, -1, -1},
+      };
+      std::vector<std::vector<int32_t>> want = {{0, 1, 2, 3}, {0, 1, 2, 3}, {0, 1, 2, 3}, {3, 4, 6, 7},
+                                                {3, 4, 5, 6}, {1, 2, 6, 7}, {2, 3, 4, 5}};
+      if (pre) want[5] = {0, 1, 2, 3};
+      if (fn == bitepScoreSoftmax && !pre) want[6] = {3, 4, 5, 9};
+      expect_routes(cfg, rows, want, nullptr, "fn " + std::to_string(fn) + " pre " + std::to_string(pre));
+    }
+  }
+}
+
+// expert_bias joins the selection scores (score + bias, sigmoid and sqrtsoftplus) in every row, -inf and NaN logits
+// included: sigmoid(-inf) = sqrtsoftplus(-inf) = 0, so a row of -inf selects by the bias alone; NaN + bias is NaN and
+// ranks last whatever the bias. Biases here are multiples of 1/4, so equal logits with equal biases tie exactly.
+TEST(RouterDegenerate, BiasTiesInfNaN) {
+  const float inf = kInf, nan = kNaN;
+  const std::vector<float> bias = {0, 0.25f, 0, 0.5f, 0.25f, 0, 0, 0.5f};
+  for (bitepScoreFunction_t fn : {bitepScoreSigmoid, bitepScoreSqrtSoftplus}) {
+    bitepRouterConfig_t cfg = BITEP_ROUTER_CONFIG_INIT;
+    cfg.num_experts = 8;
+    cfg.topk = 3;
+    cfg.score_function = fn;
+    const std::vector<std::vector<float>> rows = {
+        // Equal scores: 3 and 7 (+0.5), then 1 and 4 tie (+0.25): 1.
+        {0, 0, 0, 0, 0, 0, 0, 0},
+        // Scores 0: the bias alone, as above.
+        {-inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf},
+        // All NaN: 0, 1, 2.
+        {nan, nan, nan, nan, nan, nan, nan, nan},
+        // NaN at 0, 2, 4, 7 (bias 0.5 at 7 no help): 3 (+0.5), 1 (+0.25), then 5 and 6 tie: 5.
+        {nan, 0, nan, 0, nan, 0, 0, nan},
+        // Expert 0's logit 1 against 0 + bias elsewhere: sigmoid(1) = 0.731 < 0.5 + 0.25, so 3, 7 (1.0), 1 (0.75, tie
+        // with 4); sqrtsoftplus(1) = 1.146 > 0.833 + 0.25 (sqrtsoftplus(0) = sqrt(ln 2)): 0, 3, 7.
+        {1, 0, 0, 0, 0, 0, 0, 0},
+    };
+    std::vector<std::vector<int32_t>> want = {{1, 3, 7}, {1, 3, 7}, {0, 1, 2}, {1, 3, 5}, {1, 3, 7}};
+    if (fn == bitepScoreSqrtSoftplus) want[4] = {0, 3, 7};
+    expect_routes(cfg, rows, want, bias.data(), "fn " + std::to_string(fn));
+  }
+}
+
+// expert_bias with group-limited routing (E = 12, four groups of 3, group_topk = 2, k = 4): the group scores sum the
+// biased selection scores. With equal logits (score s) group 0's best two are s + 0.5 and s + 0.25, groups 1-3's each
+// s + 0.25 and s (summed in the same order, so the three tie exactly): groups 0 and 1 (the lowest of the tie; group 3
+// would give 11 for 2), experts 0 (+0.5), 1 and 5 (+0.25), then 2, 3, 4 tie at s: 2.
+TEST(RouterDegenerate, GroupsAndBiasTiesInfNaN) {
+  const float inf = kInf, nan = kNaN;
+  const std::vector<float> bias = {0.5f, 0.25f, 0, 0, 0, 0.25f, 0.25f, 0, 0, 0, -0.5f, 0.25f};
+  for (bitepScoreFunction_t fn : {bitepScoreSigmoid, bitepScoreSqrtSoftplus}) {
+    bitepRouterConfig_t cfg = BITEP_ROUTER_CONFIG_INIT;
+    cfg.num_experts = 12;
+    cfg.topk = 4;
+    cfg.num_groups = 4;
+    cfg.group_topk = 2;
+    cfg.score_function = fn;
+    const std::vector<std::vector<float>> rows = {
+        {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0},  // as above: 0, 1, 2, 5
+        // Scores 0: the bias alone (s = 0), as above.
+        {-inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf, -inf},
+        // Group 0 NaN, last of the groups; groups 1-3 tie: 1 and 2. Candidates 3-8: 5, 6 (+0.25), then 3, 4.
+        {nan, nan, nan, 0, 0, 0, 0, 0, 0, 0, 0, 0},
+        // All NaN: groups 0 and 1, experts 0-3.
+        {nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan},
+    };
+    const std::vector<std::vector<int32_t>> want = {{0, 1, 2, 5}, {0, 1, 2, 5}, {3, 4, 5, 6}, {0, 1, 2, 3}};
+    expect_routes(cfg, rows, want, bias.data(), "fn " + std::to_string(fn));
   }
 }
 
