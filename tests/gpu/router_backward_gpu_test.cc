@@ -407,6 +407,191 @@ TEST(RouterGpu, AuxLoss) {
     }
 }
 
-// One shape of LargeTokenCount64BitIndexing below.
+// 64-bit indexing past the forward (LargeTokenCount64BitIndexing has the forward's kernels): T * E > 2^31 at E = 256,
+// bf16 logits, post-top-k softmax, k = 8, through the backward from saved and recomputed, the aux scores and their
+// backward, and the aux loss forward and backward. The inputs repeat a tile of 512 rows but for their last 512 rows,
+// another tile, so the last window of rows straddles element 2^31 and a read that wrapped, or stopped, at 2^31 would
+// get the first tile's inputs. Each window's outputs are checked against the host backend run on the window alone
+// (the backward's from the GPU's own map and saved rows), the aux loss's against a sum over the last window alone.
+TEST(RouterGpu, LargeTokenCountBackwardAndAux) {
+  REQUIRE_GPU();
+  const int E = 256, k = 8, R = 512;
+  const int64_t T = (int64_t{1} << 31) / E + 300;
+  const size_t TE = static_cast<size_t>(T) * E, MB = E / 8;
+  size_t free_b = 0, total_b = 0;
+  CUDA_OK(cudaMemGetInfo(&free_b, &total_b));
+  const size_t need = TE * 12 + static_cast<size_t>(T) * MB + (size_t{1} << 30);
+  if (free_b < need) GTEST_SKIP() << "needs " << (need >> 20) << " MiB of device memory, " << (free_b >> 20) << " free";
+  const bitepRouterConfig_t cfg = make_config(E, k, bitepScoreSoftmax, 0, bitepBfloat16);
+  // The windows: rows [0, R) and [T - R, T), their inputs.
+  const int64_t first[2] = {0, T - R};
+  std::vector<uint8_t> wl[2];
+  std::vector<float> wg[2];
+  for (int w = 0; w < 2; ++w) {
+    wl[w] = make_logits(R, E, bitepBfloat16, 901 + w);
+    wg[w].resize(static_cast<size_t>(R) * E);
+    for (size_t i = 0; i < wg[w].size(); ++i) wg[w][i] = gauss(0x7e57 + w, i);
+  }
+  DevBuf lg(TE * 2), mp(static_cast<size_t>(T) * MB), sv(TE * 4), gp(TE * 4), gl(TE * 2);
+  ASSERT_TRUE(lg.ptr() && mp.ptr() && sv.ptr() && gp.ptr() && gl.ptr());
+  CUDA_OK(fill_repeating(lg.ptr(), lg.bytes, wl[0].data(), wl[0].size()));
+  CUDA_OK(fill_repeating(gp.ptr(), gp.bytes, wg[0].data(), wg[0].size() * 4));
+  CUDA_OK(
+      cudaMemcpy(static_cast<char*>(lg.ptr()) + first[1] * E * 2, wl[1].data(), wl[1].size(), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(static_cast<char*>(gp.ptr()) + first[1] * E * 4, wg[1].data(), wg[1].size() * 4,
+                     cudaMemcpyHostToDevice));
+  for (const DevBuf* b : {&mp, &sv, &gl}) b->poison();
+  // Window w's rows of a [T, width] device array of `bytes` a row, as T.
+  auto window = [&](const DevBuf& b, int w, size_t row_bytes, auto zero) {
+    std::vector<decltype(zero)> out(R * row_bytes / sizeof(zero));
+    EXPECT_EQ(cudaMemcpy(out.data(), static_cast<const char*>(b.ptr()) + first[w] * row_bytes, R * row_bytes,
+                         cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    return out;
+  };
+  auto bytemap_of = [&](const std::vector<uint8_t>& bitmap) {
+    std::vector<uint8_t> out(static_cast<size_t>(R) * E);
+    for (size_t i = 0; i < out.size(); ++i) out[i] = (bitmap[i / E * MB + i % E / 8] >> (i % 8)) & 1;
+    return out;
+  };
+  const double vtol = 1e-6, atol = 1e-6 * width_factor(cfg, true), gt = grad_tol(bitepBfloat16, 1.0);
+  auto worst = [](const std::vector<double>& e) { return e.empty() ? 0.0 : *std::max_element(e.begin(), e.end()); };
+
+  // Forward: the map and saved of every window, the host's.
+  bitepRouterForwardArgs_t fa = BITEP_ROUTER_FWD_ARGS_INIT;
+  fa.num_tokens = T;
+  fa.logits = lg.ptr();
+  fa.saved = static_cast<float*>(sv.ptr());
+  fa.routing_map = mp.ptr();
+  fa.map_format = bitepMapBitmapU8;
+  ASSERT_EQ(bitepRouterForward(bitepBackendCuda, &cfg, &fa, nullptr), bitepSuccess) << bitepGetLastError();
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<uint8_t> map[2];
+  std::vector<float> saved[2];
+  for (int w = 0; w < 2; ++w) {
+    SCOPED_TRACE("forward, rows from " + std::to_string(first[w]));
+    FwdSpec s;
+    s.probs = s.weights = s.indices = false;
+    s.map = bitepMapBitmapU8;
+    const FwdOut want = run_forward(bitepBackendHost, cfg, R, wl[w], {}, s);
+    ASSERT_EQ(want.rc, bitepSuccess) << want.error;
+    map[w] = window(mp, w, MB, uint8_t{});
+    saved[w] = window(sv, w, size_t{E} * 4, 0.0f);
+    ASSERT_EQ(map[w], want.map) << "bitmap rows";
+    EXPECT_LE(worst(row_errors(want.saved, saved[w], R, E)), vtol) << "saved rows";
+  }
+
+  // Backward from saved, then recomputed: each window against the host's backward of the window's rows.
+  for (bool recompute : {false, true}) {
+    bitepRouterBackwardArgs_t ba = BITEP_ROUTER_BWD_ARGS_INIT;
+    ba.num_tokens = T;
+    ba.grad_probs = static_cast<const float*>(gp.ptr());
+    ba.routing_map = mp.ptr();
+    ba.map_format = bitepMapBitmapU8;
+    ba.saved = recompute ? nullptr : static_cast<const float*>(sv.ptr());
+    ba.logits = lg.ptr();
+    ba.grad_logits = gl.ptr();
+    gl.poison();
+    ASSERT_EQ(bitepRouterBackward(bitepBackendCuda, &cfg, &ba, nullptr), bitepSuccess) << bitepGetLastError();
+    CUDA_OK(cudaDeviceSynchronize());
+    for (int w = 0; w < 2; ++w) {
+      SCOPED_TRACE(std::string(recompute ? "recompute" : "saved") + " backward, rows from " + std::to_string(first[w]));
+      const BwdOut want =
+          run_backward(bitepBackendHost, cfg, R, wg[w], map[w], bitepMapBitmapU8,
+                       recompute ? std::vector<float>{} : saved[w], recompute ? wl[w] : std::vector<uint8_t>{}, false);
+      ASSERT_EQ(want.rc, bitepSuccess) << want.error;
+      const std::vector<float> got = decode(window(gl, w, size_t{E} * 2, uint8_t{}), bitepBfloat16);
+      const auto x = bitep::ref::to_double(wl[w].data(), bitepBfloat16, static_cast<size_t>(R) * E);
+      const auto M = grad_scale(cfg, R, x, bytemap_of(map[w]), wg[w], false);
+      EXPECT_LE(worst(grad_errors(want.grad, got, M, R, E, 0.0)), gt) << "grad_logits rows";
+    }
+  }
+
+  // Aux scores (probs into sv, the map into mp) and their backward recomputed from the logits (into gl).
+  fa = BITEP_ROUTER_FWD_ARGS_INIT;
+  fa.num_tokens = T;
+  fa.logits = lg.ptr();
+  fa.probs = static_cast<float*>(sv.ptr());
+  fa.routing_map = mp.ptr();
+  fa.map_format = bitepMapBitmapU8;
+  sv.poison(), mp.poison();
+  ASSERT_EQ(bitepAuxScoresForward(bitepBackendCuda, &cfg, &fa, nullptr), bitepSuccess) << bitepGetLastError();
+  bitepRouterBackwardArgs_t ab = BITEP_ROUTER_BWD_ARGS_INIT;
+  ab.num_tokens = T;
+  ab.grad_probs = static_cast<const float*>(gp.ptr());
+  ab.logits = lg.ptr();
+  ab.grad_logits = gl.ptr();
+  gl.poison();
+  ASSERT_EQ(bitepAuxScoresBackward(bitepBackendCuda, &cfg, &ab, nullptr), bitepSuccess) << bitepGetLastError();
+  CUDA_OK(cudaDeviceSynchronize());
+  for (int w = 0; w < 2; ++w) {
+    SCOPED_TRACE("aux scores, rows from " + std::to_string(first[w]));
+    FwdSpec s;
+    s.aux = true;
+    s.saved = s.weights = s.indices = false;
+    s.map = bitepMapBitmapU8;
+    const FwdOut want = run_forward(bitepBackendHost, cfg, R, wl[w], {}, s);
+    ASSERT_EQ(want.rc, bitepSuccess) << want.error;
+    ASSERT_EQ(window(mp, w, MB, uint8_t{}), want.map) << "aux map rows";
+    EXPECT_LE(worst(row_errors(want.probs, window(sv, w, size_t{E} * 4, 0.0f), R, E)), atol) << "aux score rows";
+    const BwdOut gwant = run_backward(bitepBackendHost, cfg, R, wg[w], {}, bitepMapNone, {}, wl[w], true);
+    ASSERT_EQ(gwant.rc, bitepSuccess) << gwant.error;
+    const std::vector<float> got = decode(window(gl, w, size_t{E} * 2, uint8_t{}), bitepBfloat16);
+    const auto x = bitep::ref::to_double(wl[w].data(), bitepBfloat16, static_cast<size_t>(R) * E);
+    const auto M = grad_scale(cfg, R, x, bytemap_of(want.map), wg[w], true);
+    EXPECT_LE(worst(grad_errors(gwant.grad, got, M, R, E, 0.0)), gt) << "aux grad_logits rows";
+  }
+
+  // Aux loss over probs that are 0 but in the last window (sv): its sum is that window's alone, so rows skipped, or
+  // read from below element 2^31, change it. Then its backward (into gp), every row C n_e grad_loss: the host's bits.
+  CUDA_OK(cudaMemset(sv.ptr(), 0, sv.bytes));
+  std::vector<float> lp(static_cast<size_t>(R) * E);
+  for (size_t i = 0; i < lp.size(); ++i) lp[i] = static_cast<float>(mix(i) % 64) / 64.0f;
+  CUDA_OK(
+      cudaMemcpy(static_cast<char*>(sv.ptr()) + first[1] * E * 4, lp.data(), lp.size() * 4, cudaMemcpyHostToDevice));
+  std::vector<int32_t> tpe(E);
+  for (int e = 0; e < E; ++e) tpe[e] = 1 + e % 7;
+  DevBuf dt(E * 4), dl(4), dg(4);
+  dt.upload(tpe.data());
+  const float grad_loss = 0.5f;
+  dg.upload(&grad_loss);
+  dl.poison();
+  bitepAuxLossArgs_t la = BITEP_AUX_LOSS_ARGS_INIT;
+  la.num_tokens = T;
+  la.num_experts = E;
+  la.topk = k;
+  la.total_num_tokens = T;
+  la.coeff = 1e-2f;
+  la.probs = static_cast<const float*>(sv.ptr());
+  la.tokens_per_expert = static_cast<const int32_t*>(dt.ptr());
+  la.loss = static_cast<float*>(dl.ptr());
+  la.grad_loss = static_cast<const float*>(dg.ptr());
+  la.grad_probs = static_cast<float*>(gp.ptr());
+  ASSERT_EQ(bitepAuxLossForward(bitepBackendCuda, &la, nullptr), bitepSuccess) << bitepGetLastError();
+  gp.poison();
+  ASSERT_EQ(bitepAuxLossBackward(bitepBackendCuda, &la, nullptr), bitepSuccess) << bitepGetLastError();
+  CUDA_OK(cudaDeviceSynchronize());
+  double sum = 0.0;  // sum_e n_e sum_t p[t, e] over the last window: exact in fp64
+  for (size_t i = 0; i < lp.size(); ++i) sum += static_cast<double>(tpe[i % E]) * lp[i];
+  const double want_loss = static_cast<double>(E) * la.coeff / (static_cast<double>(k) * T * T) * sum;
+  EXPECT_NEAR(dl.download<float>()[0], want_loss, 1e-6 * want_loss) << "aux loss";
+  bitepAuxLossArgs_t hl = la;  // one row on the host, the same N: every GPU row must have its bits
+  std::vector<float> hgrad(E, -1.0f);
+  hl.num_tokens = 1;
+  hl.probs = nullptr, hl.loss = nullptr;
+  hl.tokens_per_expert = tpe.data(), hl.grad_loss = &grad_loss, hl.grad_probs = hgrad.data();
+  ASSERT_EQ(bitepAuxLossBackward(bitepBackendHost, &hl, nullptr), bitepSuccess) << bitepGetLastError();
+  for (int w = 0; w < 2; ++w) {
+    const std::vector<float> got = window(gp, w, size_t{E} * 4, 0.0f);
+    int64_t bad = 0;
+    for (size_t i = 0; i < got.size(); ++i) bad += std::memcmp(&got[i], &hgrad[i % E], 4) != 0;
+    EXPECT_EQ(bad, 0) << "aux loss gradient rows from " << first[w] << " differ from the host's";
+  }
+  // The outputs' guards (each poisoned before its first write): nothing written past T rows.
+  EXPECT_TRUE(mp.guard_intact()) << "past routing_map";
+  EXPECT_TRUE(sv.guard_intact()) << "past saved / the aux scores";
+  EXPECT_TRUE(gl.guard_intact()) << "past grad_logits";
+  EXPECT_TRUE(gp.guard_intact()) << "past the aux loss's grad_probs";
+}
 
 }  // namespace

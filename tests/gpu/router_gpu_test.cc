@@ -1351,12 +1351,7 @@ void large_token_count_case(int E, int64_t T) {
   DevBuf lg(static_cast<size_t>(T) * E * 2), mp(static_cast<size_t>(T) * E / 8), ix(static_cast<size_t>(T) * k * 4),
       w(static_cast<size_t>(T) * k * 4);
   ASSERT_NE(lg.ptr(), nullptr);
-  CUDA_OK(cudaMemcpy(lg.ptr(), tl.data(), tl.size(), cudaMemcpyHostToDevice));
-  for (size_t done = tl.size(); done < lg.bytes;) {  // double the filled prefix each copy
-    const size_t n = std::min(done, lg.bytes - done);
-    CUDA_OK(cudaMemcpy(static_cast<char*>(lg.ptr()) + done, lg.ptr(), n, cudaMemcpyDeviceToDevice));
-    done += n;
-  }
+  CUDA_OK(fill_repeating(lg.ptr(), lg.bytes, tl.data(), tl.size()));
   mp.poison(), ix.poison(), w.poison();
   bitepRouterForwardArgs_t a = BITEP_ROUTER_FWD_ARGS_INIT;
   a.num_tokens = T;
