@@ -3,15 +3,17 @@
 // the aux loss): tolerances, guarded buffers, inputs, the C API run on either backend, and the comparisons against
 // the host backend and the fp64 oracle (tests/reference/router_reference.h). Definitions: router_gpu_support.cc.
 //
-// Tolerances, per row, against the host backend on the same inputs, or else against the fp64 oracle (the
-// host sums in sequence in fp32 and drifts on long rows of similar values, where the kernels' tree sums
-// stay closer to exact). GPU and host differ only in summation order and in the device's expf / log1pf (and
-// __expf: the post-top-k softmax recompute at E 33-256, kernels/router_backward_bucket.cuh; ex2.approx.ftz of (x - m)
-// log2e: the pre-top-k softmax, kernels/router_common.cuh softmax_exp, whose exps below FLT_MIN the host takes as 0
-// too). Over the issue's range, E <= 2048 (kIssueMaxExperts), the bounds are the issue's 1e-6 relative (f = 1); past
-// it they scale with the width w of the sums: w = E for the pre-top-k softmax and the aux-score normalisation, w = k
-// for the post-top-k softmax and the sigmoid / sqrtsoftplus normalisation; f = max(1, sqrt(w / 32)) (the degenerate
-// rows' sqrtsoftplus at E = k = 3000 measured 9.6e-6, bound 9.7e-6).
+// Tolerances, per row, against the host backend on the same inputs, or else against the fp64 oracle (the oracle
+// computes from the logits in fp64, so it is the closer one on most rows; the host, on rows whose fp32 scores are
+// themselves rounded far from fp64's, as subnormal exps. The host's row sums accumulate in fp64 since 101853a; before,
+// its fp32 running sums drifted on long rows of similar values). GPU and host differ only in summation order and in
+// the device's expf / log1pf (and __expf: the post-top-k softmax recompute at E 33-256,
+// kernels/router_backward_bucket.cuh; ex2.approx.ftz of (x - m) log2e: the pre-top-k softmax, kernels/router_common.cuh
+// softmax_exp, whose exps below FLT_MIN the host takes as 0 too). Over the issue's range, E <= 2048 (kIssueMaxExperts),
+// the bounds are the issue's 1e-6 relative (f = 1); past it they scale with the width w of the sums: w = E for the
+// pre-top-k softmax and the aux-score normalisation, w = k for the post-top-k softmax and the sigmoid / sqrtsoftplus
+// normalisation; f = max(1, sqrt(w / 32)) (the degenerate rows' sqrtsoftplus at E = k = 3000 measured 9.6e-6 against
+// the host's fp32 running sums, bound 9.7e-6).
 //   probs, topk weights, saved (fp32 outputs, whatever the logits dtype): ||got - want|| / ||want|| <= 1e-6 f.
 //   grad_logits: ||got - want|| / ||M|| where M is the backward's magnitude without cancellation (fp64,
 //     M_e >= |grad_e|; softmax: act_e (|g_e| + sum_j |g_j| act_j), normalisations alike): a plain relative
@@ -215,8 +217,7 @@ std::vector<double> row_errors(const std::vector<W>& want,
   return err;
 }
 
-// Worst row of min(a, b): a row passes when the GPU is close to the host or to the fp64 oracle (the host's
-// sequential fp32 sums drift on long rows of similar values; the kernels' tree sums are closer to exact).
+// Worst row of min(a, b): a row passes when the GPU is close to the host or to the fp64 oracle (the header).
 double worst_of_min(const std::vector<double>& a, const std::vector<double>& b);
 
 // Elements whose bits differ.
