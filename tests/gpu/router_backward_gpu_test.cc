@@ -427,8 +427,10 @@ TEST(RouterGpu, LargeTokenCountBackwardAndAux) {
   const int64_t first[2] = {0, T - R};
   std::vector<uint8_t> wl[2];
   std::vector<float> wg[2];
+  std::vector<double> wx[2];  // the logits in fp64, for the gradients' scale
   for (int w = 0; w < 2; ++w) {
     wl[w] = make_logits(R, E, bitepBfloat16, 901 + w);
+    wx[w] = bitep::ref::to_double(wl[w].data(), bitepBfloat16, static_cast<size_t>(R) * E);
     wg[w].resize(static_cast<size_t>(R) * E);
     for (size_t i = 0; i < wg[w].size(); ++i) wg[w][i] = gauss(0x7e57 + w, i);
   }
@@ -441,7 +443,7 @@ TEST(RouterGpu, LargeTokenCountBackwardAndAux) {
   CUDA_OK(cudaMemcpy(static_cast<char*>(gp.ptr()) + first[1] * E * 4, wg[1].data(), wg[1].size() * 4,
                      cudaMemcpyHostToDevice));
   for (const DevBuf* b : {&mp, &sv, &gl}) b->poison();
-  // Window w's rows of a [T, width] device array of `bytes` a row, as T.
+  // Window w's R rows of a device array of row_bytes a row, downloaded as elements of zero's type.
   auto window = [&](const DevBuf& b, int w, size_t row_bytes, auto zero) {
     std::vector<decltype(zero)> out(R * row_bytes / sizeof(zero));
     EXPECT_EQ(cudaMemcpy(out.data(), static_cast<const char*>(b.ptr()) + first[w] * row_bytes, R * row_bytes,
@@ -456,6 +458,11 @@ TEST(RouterGpu, LargeTokenCountBackwardAndAux) {
   };
   const double vtol = 1e-6, atol = 1e-6 * width_factor(cfg, true), gt = grad_tol(bitepBfloat16, 1.0);
   auto worst = [](const std::vector<double>& e) { return e.empty() ? 0.0 : *std::max_element(e.begin(), e.end()); };
+  // Window w's grad_logits (gl) against want, over the scale M of the window's inputs and bitmap.
+  auto grad_window_error = [&](int w, const std::vector<float>& want, const std::vector<uint8_t>& bitmap, bool aux) {
+    const std::vector<float> got = decode(window(gl, w, size_t{E} * 2, uint8_t{}), bitepBfloat16);
+    return worst(grad_errors(want, got, grad_scale(cfg, R, wx[w], bytemap_of(bitmap), wg[w], aux), R, E, 0.0));
+  };
 
   // Forward: the map and saved of every window, the host's.
   bitepRouterForwardArgs_t fa = BITEP_ROUTER_FWD_ARGS_INIT;
@@ -500,10 +507,7 @@ TEST(RouterGpu, LargeTokenCountBackwardAndAux) {
           run_backward(bitepBackendHost, cfg, R, wg[w], map[w], bitepMapBitmapU8,
                        recompute ? std::vector<float>{} : saved[w], recompute ? wl[w] : std::vector<uint8_t>{}, false);
       ASSERT_EQ(want.rc, bitepSuccess) << want.error;
-      const std::vector<float> got = decode(window(gl, w, size_t{E} * 2, uint8_t{}), bitepBfloat16);
-      const auto x = bitep::ref::to_double(wl[w].data(), bitepBfloat16, static_cast<size_t>(R) * E);
-      const auto M = grad_scale(cfg, R, x, bytemap_of(map[w]), wg[w], false);
-      EXPECT_LE(worst(grad_errors(want.grad, got, M, R, E, 0.0)), gt) << "grad_logits rows";
+      EXPECT_LE(grad_window_error(w, want.grad, map[w], false), gt) << "grad_logits rows";
     }
   }
 
@@ -536,10 +540,7 @@ TEST(RouterGpu, LargeTokenCountBackwardAndAux) {
     EXPECT_LE(worst(row_errors(want.probs, window(sv, w, size_t{E} * 4, 0.0f), R, E)), atol) << "aux score rows";
     const BwdOut gwant = run_backward(bitepBackendHost, cfg, R, wg[w], {}, bitepMapNone, {}, wl[w], true);
     ASSERT_EQ(gwant.rc, bitepSuccess) << gwant.error;
-    const std::vector<float> got = decode(window(gl, w, size_t{E} * 2, uint8_t{}), bitepBfloat16);
-    const auto x = bitep::ref::to_double(wl[w].data(), bitepBfloat16, static_cast<size_t>(R) * E);
-    const auto M = grad_scale(cfg, R, x, bytemap_of(want.map), wg[w], true);
-    EXPECT_LE(worst(grad_errors(gwant.grad, got, M, R, E, 0.0)), gt) << "aux grad_logits rows";
+    EXPECT_LE(grad_window_error(w, gwant.grad, want.map, true), gt) << "aux grad_logits rows";
   }
 
   // Aux loss over probs that are 0 but in the last window (sv): its sum is that window's alone, so rows skipped, or

@@ -15,6 +15,14 @@ namespace {
 constexpr int64_t kT = 4;
 constexpr int kE = 16;
 
+// r is `want` (bitepInvalidArgument unless said), and the last error starts with "api: " and names `what`.
+void expect_refused(bitepResult_t r, const char* api, const char* what, bitepResult_t want = bitepInvalidArgument) {
+  EXPECT_EQ(r, want) << bitepGetErrorString(r);
+  const std::string msg = bitepGetLastError();
+  EXPECT_NE(msg.find(what), std::string::npos) << "message does not name '" << what << "': " << msg;
+  EXPECT_EQ(msg.rfind(std::string(api) + ": ", 0), 0u) << msg;
+}
+
 class RouterArgs : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -46,11 +54,7 @@ class RouterArgs : public ::testing::Test {
       const char* api,
       const char* what,
       bitepResult_t want) {
-    const bitepResult_t r = fn(bitepBackendHost, &cfg, &args, nullptr);
-    EXPECT_EQ(r, want) << bitepGetErrorString(r);
-    const std::string msg = bitepGetLastError();
-    EXPECT_NE(msg.find(what), std::string::npos) << "message does not name '" << what << "': " << msg;
-    EXPECT_EQ(msg.rfind(std::string(api) + ": ", 0), 0u) << msg;
+    expect_refused(fn(bitepBackendHost, &cfg, &args, nullptr), api, what, want);
     for (float p : probs) ASSERT_EQ(p, -3.0f) << "an output was written on a rejected call";
     for (uint8_t b : bitmap) ASSERT_EQ(b, 0xEE) << "an output was written on a rejected call";
   }
@@ -301,12 +305,9 @@ class RouterBackwardArgs : public RouterArgs {
   // Expects bitepInvalidArgument naming `what` from bitepRouterBackward (bitepAuxScoresBackward with aux_scores), and
   // grad_logits and grad_probs untouched.
   void expect_backward_rejected(const bitepRouterBackwardArgs_t& b, const char* what, bool aux_scores = false) {
-    const bitepResult_t r = aux_scores ? bitepAuxScoresBackward(bitepBackendHost, &cfg, &b, nullptr)
-                                       : bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr);
-    EXPECT_EQ(r, bitepInvalidArgument) << bitepGetErrorString(r);
-    const std::string msg = bitepGetLastError();
-    EXPECT_NE(msg.find(what), std::string::npos) << "message does not name '" << what << "': " << msg;
-    EXPECT_EQ(msg.rfind(aux_scores ? "bitepAuxScoresBackward: " : "bitepRouterBackward: ", 0), 0u) << msg;
+    expect_refused(aux_scores ? bitepAuxScoresBackward(bitepBackendHost, &cfg, &b, nullptr)
+                              : bitepRouterBackward(bitepBackendHost, &cfg, &b, nullptr),
+                   aux_scores ? "bitepAuxScoresBackward" : "bitepRouterBackward", what);
     for (float v : gl) ASSERT_EQ(v, -3.0f) << "an output was written on a rejected call";
     for (float v : gp) ASSERT_EQ(v, 1.0f) << "an input was written on a rejected call";
   }
@@ -454,12 +455,9 @@ class AuxLossArgs : public ::testing::Test {
   // Expects bitepInvalidArgument naming `what` from bitepAuxLossForward (fwd) or bitepAuxLossBackward, and nothing
   // written.
   void expect_rejected(const bitepAuxLossArgs_t& a, bool fwd, const char* what) {
-    const bitepResult_t r =
-        fwd ? bitepAuxLossForward(bitepBackendHost, &a, nullptr) : bitepAuxLossBackward(bitepBackendHost, &a, nullptr);
-    EXPECT_EQ(r, bitepInvalidArgument) << bitepGetErrorString(r);
-    const std::string msg = bitepGetLastError();
-    EXPECT_NE(msg.find(what), std::string::npos) << "message does not name '" << what << "': " << msg;
-    EXPECT_EQ(msg.rfind(fwd ? "bitepAuxLossForward: " : "bitepAuxLossBackward: ", 0), 0u) << msg;
+    expect_refused(
+        fwd ? bitepAuxLossForward(bitepBackendHost, &a, nullptr) : bitepAuxLossBackward(bitepBackendHost, &a, nullptr),
+        fwd ? "bitepAuxLossForward" : "bitepAuxLossBackward", what);
     EXPECT_EQ(loss, -1.0f) << "an output was written on a rejected call";
     for (float g : gp) ASSERT_EQ(g, -3.0f) << "an output was written on a rejected call";
     for (float p : probs) ASSERT_EQ(p, 0.1f) << "an input was written on a rejected call";
