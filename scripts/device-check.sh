@@ -331,17 +331,23 @@ export BUILD GPU_SAN_FILTER
 export -f san_each
 sanitize_one_gpu() {  # the single-GPU sanitizer passes
   # SAN_TOOLS (space-separated; default "memcheck racecheck") picks the tools, for a call short of device time.
-  local tool
-  for tool in ${SAN_TOOLS:-memcheck racecheck}; do
-    gpu_step "gpu tests under compute-sanitizer $tool" "$1" bash -c "san_each $tool"
+  # Racecheck goes last: it is the longest step (~300 s) and, one process a test, leaves each finished test's result
+  # when the call's budget cuts it, where a cut multi-rank step leaves none (one H100 at 8ba74a1: build 109 s,
+  # memcheck 42, racecheck 309, np 1 memcheck 29, and the np 2 shared-GPU memcheck cut at 71 s inside
+  # EpCuda.CombineFailedOnOneRankLeavesTheGroupUnusable, whose rank 1 waits out an 18 s group timeout).
+  local tool tools=${SAN_TOOLS:-memcheck racecheck}
+  [[ " $tools " == *" memcheck "* ]] && gpu_step "gpu tests under compute-sanitizer memcheck" "$1" bash -c "san_each memcheck"
+  if [ "${SAN_MULTIRANK:-1}" != 0 ]; then  # SAN_MULTIRANK=0: the single-GPU tests alone (a router-only change)
+    gpu_step "multirank cuda np1 memcheck" "$1" \
+      mpirun -np 1 -x BITEP_TEST_TIMEOUT_S=180 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
+    # Two ranks on this GPU through the IPC window (BITEP_CUDA_TRANSPORT=ipc), every call split.
+    [ "$NGPU" -lt 2 ] && gpu_step "multirank cuda np2 shared GPU memcheck (split)" "$1" \
+      mpirun -np 2 -x BITEP_CUDA_TRANSPORT=ipc -x BITEP_TEST_TIMEOUT_S=180 -x BITEP_SPLIT_MIN_BYTES=0 \
+      compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
+  fi
+  for tool in $tools; do
+    [ "$tool" = memcheck ] || gpu_step "gpu tests under compute-sanitizer $tool" "$1" bash -c "san_each $tool"
   done
-  [ "${SAN_MULTIRANK:-1}" = 0 ] && return 0  # SAN_MULTIRANK=0: the single-GPU tests alone (a router-only change)
-  gpu_step "multirank cuda np1 memcheck" "$1" \
-    mpirun -np 1 -x BITEP_TEST_TIMEOUT_S=180 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
-  # Two ranks on this GPU through the IPC window (BITEP_CUDA_TRANSPORT=ipc), every call split.
-  [ "$NGPU" -lt 2 ] && gpu_step "multirank cuda np2 shared GPU memcheck (split)" "$1" \
-    mpirun -np 2 -x BITEP_CUDA_TRANSPORT=ipc -x BITEP_TEST_TIMEOUT_S=180 -x BITEP_SPLIT_MIN_BYTES=0 \
-    compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
 }
 if on ctest && on sanitize && [ "$NGPU" -ge 2 ]; then
   # Two GPUs: the single-GPU sanitizer passes run on GPU 1 while ctest runs.
