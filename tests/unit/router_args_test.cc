@@ -23,6 +23,12 @@ void expect_refused(bitepResult_t r, const char* api, const char* what, bitepRes
   EXPECT_EQ(msg.rfind(std::string(api) + ": ", 0), 0u) << msg;
 }
 
+// p moved 2 bytes on: a pointer misaligned for any element wider than 2 bytes.
+template <typename T>
+T* two_bytes_on(T* p) {
+  return reinterpret_cast<T*>(reinterpret_cast<char*>(p) + 2);
+}
+
 class RouterArgs : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -220,7 +226,7 @@ TEST_F(RouterArgs, RankOutputsWithoutRanks) {
 }
 TEST_F(RouterArgs, MisalignedProbs) {
   std::vector<float> big(kT * kE + 1, -3.0f);
-  args.probs = reinterpret_cast<float*>(reinterpret_cast<char*>(big.data()) + 2);
+  args.probs = two_bytes_on(big.data());
   expect_rejected("args->probs");
 }
 TEST_F(RouterArgs, OutputOverlapsInput) {
@@ -537,7 +543,7 @@ TEST_F(AuxLossArgs, NullTokensPerExpert) {
 }
 TEST_F(AuxLossArgs, MisalignedTokensPerExpert) {
   std::vector<int32_t> big(5, 1);
-  const int32_t* misaligned = reinterpret_cast<const int32_t*>(reinterpret_cast<const char*>(big.data()) + 2);
+  const int32_t* misaligned = two_bytes_on(big.data());
   expect_both_rejected([&](bitepAuxLossArgs_t& a) { a.tokens_per_expert = misaligned; }, "args->tokens_per_expert");
 }
 TEST_F(AuxLossArgs, NullLoss) {
@@ -553,13 +559,13 @@ TEST_F(AuxLossArgs, NullProbs) {
 TEST_F(AuxLossArgs, MisalignedProbs) {
   std::vector<float> big(9, 0.1f);
   bitepAuxLossArgs_t a = forward_args();
-  a.probs = reinterpret_cast<const float*>(reinterpret_cast<const char*>(big.data()) + 2);
+  a.probs = two_bytes_on(big.data());
   expect_rejected(a, true, "args->probs");
 }
 TEST_F(AuxLossArgs, MisalignedLoss) {
   std::vector<float> big(2, -1.0f);
   bitepAuxLossArgs_t a = forward_args();
-  a.loss = reinterpret_cast<float*>(reinterpret_cast<char*>(big.data()) + 2);
+  a.loss = two_bytes_on(big.data());
   expect_rejected(a, true, "args->loss");
   EXPECT_EQ(big, std::vector<float>(2, -1.0f)) << "loss written on a rejected call";
 }
@@ -586,13 +592,13 @@ TEST_F(AuxLossArgs, NullGradProbs) {
 TEST_F(AuxLossArgs, MisalignedGradLoss) {
   std::vector<float> big(2, 1.0f);
   bitepAuxLossArgs_t a = backward_args();
-  a.grad_loss = reinterpret_cast<const float*>(reinterpret_cast<const char*>(big.data()) + 2);
+  a.grad_loss = two_bytes_on(big.data());
   expect_rejected(a, false, "args->grad_loss");
 }
 TEST_F(AuxLossArgs, MisalignedGradProbs) {
   std::vector<float> big(9, -3.0f);
   bitepAuxLossArgs_t a = backward_args();
-  a.grad_probs = reinterpret_cast<float*>(reinterpret_cast<char*>(big.data()) + 2);
+  a.grad_probs = two_bytes_on(big.data());
   expect_rejected(a, false, "args->grad_probs");
   EXPECT_EQ(big, std::vector<float>(9, -3.0f)) << "grad_probs written on a rejected call";
 }
