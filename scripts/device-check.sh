@@ -330,7 +330,8 @@ san_each() {
 export BUILD GPU_SAN_FILTER
 export -f san_each
 sanitize_one_gpu() {  # the single-GPU sanitizer passes
-  # SAN_TOOLS (space-separated; default "memcheck racecheck") picks the tools, for a call short of device time.
+  # SAN_TOOLS (space-separated; default "memcheck racecheck") picks the tools, for a call short of device time;
+  # SAN_TOOLS=none runs the multi-rank memcheck steps alone.
   # Racecheck goes last: it is the longest step (~300 s) and, one process a test, leaves each finished test's result
   # when the call's budget cuts it, where a cut multi-rank step leaves none (one H100 at 8ba74a1: build 109 s,
   # memcheck 42, racecheck 309, np 1 memcheck 29, and the np 2 shared-GPU memcheck cut at 71 s inside
@@ -346,7 +347,7 @@ sanitize_one_gpu() {  # the single-GPU sanitizer passes
       compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
   fi
   for tool in $tools; do
-    [ "$tool" = memcheck ] || gpu_step "gpu tests under compute-sanitizer $tool" "$1" bash -c "san_each $tool"
+    [ "$tool" = memcheck ] || [ "$tool" = none ] || gpu_step "gpu tests under compute-sanitizer $tool" "$1" bash -c "san_each $tool"
   done
 }
 if on ctest && on sanitize && [ "$NGPU" -ge 2 ]; then
