@@ -347,7 +347,8 @@ sanitize_one_gpu() {  # the single-GPU sanitizer passes
       compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
   fi
   for tool in $tools; do
-    [ "$tool" = memcheck ] || [ "$tool" = none ] || gpu_step "gpu tests under compute-sanitizer $tool" "$1" bash -c "san_each $tool"
+    [ "$tool" = memcheck ] || [ "$tool" = none ] ||
+      gpu_step "gpu tests under compute-sanitizer $tool" "$1" bash -c "san_each $tool"
   done
 }
 if on ctest && on sanitize && [ "$NGPU" -ge 2 ]; then
