@@ -315,23 +315,26 @@ if on multirank; then
 fi
 
 # The GPU tests of GPU_SAN_FILTER under one compute-sanitizer tool, one process per test, 8 at a time
-# (a sanitized run is ~10x slower; one process for all of them does not fit a device call).
+# (a sanitized run is ~10x slower; one process for all of them does not fit a device call). Tools: memcheck,
+# racecheck, initcheck (reads of device memory nothing wrote), synccheck (barriers and warp syncs misused), and
+# leakcheck: memcheck with --leak-check full (device allocations alive at the process's end, each test its own process).
 san_each() {
-  local tool=$1 tests
+  local tool=$1 tests flags=(--tool "$1")
+  [ "$tool" = leakcheck ] && flags=(--tool memcheck --leak-check full)
   tests=$("$BUILD/tests/bitep_gpu_tests" --gtest_list_tests --gtest_filter="$GPU_SAN_FILTER" |
     awk '/^[^ ]/ {suite = $1} /^  / {print suite $1}') || return 3
   [ -n "$tests" ] || { echo "no test matches $GPU_SAN_FILTER"; return 3; }
   echo "$(echo "$tests" | wc -l) tests under $tool"
   # BITEP_TEST_SANITIZER: the tests that need kernels to overlap (RouterPdl's dependent launches) learn that the tool
   # runs kernels one at a time.
-  echo "$tests" | BITEP_TEST_SANITIZER=$tool xargs -P 8 -I{} compute-sanitizer --tool "$tool" --error-exitcode 1 \
+  echo "$tests" | BITEP_TEST_SANITIZER=$tool xargs -P 8 -I{} compute-sanitizer "${flags[@]}" --error-exitcode 1 \
     "$BUILD/tests/bitep_gpu_tests" --gtest_filter={}
 }
 export BUILD GPU_SAN_FILTER
 export -f san_each
 sanitize_one_gpu() {  # the single-GPU sanitizer passes
-  # SAN_TOOLS (space-separated; default "memcheck racecheck") picks the tools, for a call short of device time;
-  # SAN_TOOLS=none runs the multi-rank memcheck steps alone.
+  # SAN_TOOLS (space-separated; default "memcheck racecheck"; san_each lists the others) picks the tools, for a call
+  # short of device time; SAN_TOOLS=none runs the multi-rank memcheck steps alone.
   # Racecheck goes last: it is the longest step (~300 s) and, one process a test, leaves each finished test's result
   # when the call's budget cuts it, where a cut multi-rank step leaves none (one H100 at 8ba74a1: build 109 s,
   # memcheck 42, racecheck 309, np 1 memcheck 29, and the np 2 shared-GPU memcheck cut at 71 s inside
