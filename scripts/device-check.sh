@@ -337,6 +337,17 @@ san_each() {
 }
 export BUILD GPU_SAN_FILTER
 export -f san_each
+# The multi-rank tests under memcheck: np 1 (MR_SAN_FILTER), then two ranks on this GPU through the IPC window
+# (BITEP_CUDA_TRANSPORT=ipc), every call split. mr_san LOG NAME NP2_FILTER [more compute-sanitizer flags].
+mr_san() {
+  local log=$1 name=$2 np2_filter=$3
+  shift 3
+  gpu_step "multirank cuda np1 $name" "$log" mpirun -np 1 -x BITEP_TEST_TIMEOUT_S=180 \
+    compute-sanitizer $MR_SAN_FLAGS "$@" "$MR" --gtest_filter="$MR_SAN_FILTER"
+  [ "$NGPU" -lt 2 ] && gpu_step "multirank cuda np2 shared GPU $name (split)" "$log" \
+    mpirun -np 2 -x BITEP_CUDA_TRANSPORT=ipc -x BITEP_TEST_TIMEOUT_S=180 -x BITEP_SPLIT_MIN_BYTES=0 \
+    compute-sanitizer $MR_SAN_FLAGS "$@" "$MR" --gtest_filter="$np2_filter"
+}
 sanitize_one_gpu() {  # the single-GPU sanitizer passes
   # SAN_TOOLS (space-separated; default "memcheck racecheck"; san_each lists the others) picks the tools, for a call
   # short of device time; SAN_TOOLS=none runs the multi-rank memcheck steps alone.
@@ -347,22 +358,11 @@ sanitize_one_gpu() {  # the single-GPU sanitizer passes
   local tool tools=${SAN_TOOLS:-memcheck racecheck}
   [[ " $tools " == *" memcheck "* ]] && gpu_step "gpu tests under compute-sanitizer memcheck" "$1" bash -c "san_each memcheck"
   # SAN_MULTIRANK=0: the single-GPU tests alone (a router-only change). The multi-rank memcheck steps run where the
-  # tools include memcheck, or are none.
-  if [ "${SAN_MULTIRANK:-1}" != 0 ] && [[ " $tools " == *" memcheck "* || " $tools " == *" none "* ]]; then
-    gpu_step "multirank cuda np1 memcheck" "$1" \
-      mpirun -np 1 -x BITEP_TEST_TIMEOUT_S=180 compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
-    # Two ranks on this GPU through the IPC window (BITEP_CUDA_TRANSPORT=ipc), every call split.
-    [ "$NGPU" -lt 2 ] && gpu_step "multirank cuda np2 shared GPU memcheck (split)" "$1" \
-      mpirun -np 2 -x BITEP_CUDA_TRANSPORT=ipc -x BITEP_TEST_TIMEOUT_S=180 -x BITEP_SPLIT_MIN_BYTES=0 \
-      compute-sanitizer $MR_SAN_FLAGS "$MR" --gtest_filter="$MR_SAN_FILTER"
-  fi
-  if [[ " $tools " == *" leakcheck "* ]] && [ "${SAN_MULTIRANK:-1}" != 0 ]; then
+  # tools include memcheck, or are none; leakcheck's where they include it.
+  if [ "${SAN_MULTIRANK:-1}" != 0 ]; then
+    [[ " $tools " == *" memcheck "* || " $tools " == *" none "* ]] && mr_san "$1" memcheck "$MR_SAN_FILTER"
     # Device memory alive at each rank's end: every group and handle destroyed must have given all of it back.
-    gpu_step "multirank cuda np1 leakcheck" "$1" mpirun -np 1 -x BITEP_TEST_TIMEOUT_S=180 \
-      compute-sanitizer $MR_SAN_FLAGS --leak-check full "$MR" --gtest_filter="$MR_SAN_FILTER"
-    [ "$NGPU" -lt 2 ] && gpu_step "multirank cuda np2 shared GPU leakcheck (split)" "$1" \
-      mpirun -np 2 -x BITEP_CUDA_TRANSPORT=ipc -x BITEP_TEST_TIMEOUT_S=180 -x BITEP_SPLIT_MIN_BYTES=0 \
-      compute-sanitizer $MR_SAN_FLAGS --leak-check full "$MR" --gtest_filter="$MR_LEAK_FILTER"
+    [[ " $tools " == *" leakcheck "* ]] && mr_san "$1" leakcheck "$MR_LEAK_FILTER" --leak-check full
   fi
   for tool in $tools; do
     [ "$tool" = memcheck ] || [ "$tool" = none ] ||
