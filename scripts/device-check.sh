@@ -209,11 +209,12 @@ MR_SAN_FLAGS="--tool memcheck --error-exitcode 1 --report-api-errors no"
 G=EpCuda/EpCudaGrid.MatchesHostBackend
 LL=EpLowLatency/EpLowLatency.MatchesDispatchCuda
 MR_SAN_FILTER=${MR_SAN_FILTER:-EpCuda.*:$G/zero_tokens_odd_ranks:$G/all_to_last_rank:$G/L9_k4_align4:$G/k_eq_E_H5:$G/H7_fp32_align8:$G/no_weights:$LL/zero_tokens_odd_ranks:$LL/all_to_last_rank:$LL/L9_k4_align4:$LL/H7_fp32_align8}
-# Under --leak-check full at W = 2: the tests whose groups end usable. The others end with a call that one rank failed
-# on its own (EpCuda.BuffersOfAnotherMemorySpaceRefused, CombineFailedOnOneRankLeavesTheGroupUnusable, the
-# low-latency tests' capture refusals), after which a cuda group keeps its pool's blocks past bitepGroupDestroy by
-# design: a peer may still write into them (src/ep/collective.h, failed_alone; Pool::leak).
-MR_LEAK_FILTER=${MR_LEAK_FILTER:-EpCuda.MatchesHostBackend:EpCuda.MatchesHostBackendIndicesDenseAligned:$G/zero_tokens_odd_ranks:$G/all_to_last_rank:$G/L9_k4_align4:$G/k_eq_E_H5:$G/H7_fp32_align8:$G/no_weights}
+# Under --leak-check full at W = 2: MR_SAN_FILTER's tests but CombineFailedOnOneRankLeavesTheGroupUnusable, whose rank 1
+# times out in the combine's transfer (72 s under the tool), a transport failure after which its pool stays allocated
+# by design: a peer may still write into it (src/ep/group.h pool_in_doubt; Pool::leak). The tests that end with a call
+# every rank failed alone before queuing anything with its peers (EpCuda.BuffersOfAnotherMemorySpaceRefused, the
+# low-latency tests' capture refusals) free their pools (pool_if_idle).
+MR_LEAK_FILTER=${MR_LEAK_FILTER:-$MR_SAN_FILTER:-EpCuda.CombineFailedOnOneRankLeavesTheGroupUnusable}
 GPU_SAN_FILTER=${SANITIZER_FILTER:-EpKernelsGpu.*:RouterGpu.*:Experts/RouterGrid.MatchesHostAndOracle/E130:-RouterGpu.LargeTokenCount*}
 
 # BENCHES (default router,ep) picks the benchmarks of the bench phase; EP_BENCH_ARGS adds ep_bench arguments

@@ -364,7 +364,10 @@ BITEP_API bitepResult_t bitepGroupCreateFromNccl(struct ncclComm* comm,
  * NCCL communicators: local, not collective (but collective over a borrowed communicator with a peer
  * window, BITEP_LSA=1: the window is deregistered). A communicator bitep created (MPI or unique-id groups) is
  * finalised with ncclCommFinalize, which waits for the peers to destroy their groups too, up to the
- * group's timeout, after which it is aborted: destroy groups on every rank. */
+ * group's timeout, after which it is aborted: destroy groups on every rank. cuda: the pool is left allocated (never
+ * freed) where work queued on it may still run or be written by a peer: after a transport failure, or a call this
+ * rank failed alone after queuing transfers; after one it failed alone before any (refused by its checks, say), the
+ * pool is freed if the work earlier calls queued on it has finished, and left allocated otherwise. */
 BITEP_API bitepResult_t bitepGroupDestroy(bitepGroup_t group);
 
 /* [OUT] rank, nranks (either may be NULL). */
@@ -376,8 +379,9 @@ BITEP_API bitepResult_t bitepGroupMemoryBytes(bitepGroup_t group, size_t* bytes)
 /* Frees this rank's idle pool blocks: the buffers earlier calls left cached for reuse (a larger batch's, say),
  * which the pool otherwise keeps until a later miss finds them unused for 256 requests. Blocks that live
  * handles hold, and the fixed buffers (the peer windows, sized by the largest call so far), stay. Local, not
- * collective; cuda: cudaFree waits for the device. A group whose transport failed frees nothing (a peer may
- * still write into its blocks). [OUT] freed (may be NULL): the bytes released. */
+ * collective; cuda: cudaFree waits for the device. Where bitepGroupDestroy would leave the pool allocated (a
+ * transport failure, a call failed alone: see there), nothing is freed (a peer may still write into its blocks).
+ * [OUT] freed (may be NULL): the bytes released. */
 BITEP_API bitepResult_t bitepGroupTrimMemory(bitepGroup_t group, size_t* freed);
 
 #define BITEP_DISPATCH_ARGS_MAGIC 0xb17e0011u

@@ -29,7 +29,15 @@ bitepResult_t failed_alone(bitepGroup* group, bitepResult_t r, const char* what)
   if (r == bitepSuccess || group->nranks <= 1) return r;
   // cuda: transfers this call queued before it failed may wait for the peers with no end this rank can see. The host
   // transport waits for its requests, or abandons them as a transport failure (transport_failed).
-  if (group->config.backend == bitepBackendCuda) group->pool_in_doubt = true;
+  if (group->config.backend == bitepBackendCuda) {
+    // Work queued with the peers in this call may wait for them with no end this rank can see, and a posted receive
+    // may still be written. Before any, no peer can write into the pool; earlier calls' work is Pool::idle()'s to
+    // tell.
+    if (group->peer_work != group->peer_work_at_entry)
+      group->pool_in_doubt = true;
+    else
+      group->pool_if_idle = true;
+  }
   if (!group->broken.empty()) return r;
   try {
     group->broken = std::string("this rank failed ") + what + " on its own (" + bitepGetLastError() +
@@ -42,6 +50,19 @@ bitepResult_t failed_alone(bitepGroup* group, bitepResult_t r, const char* what)
     }
   }
   return r;
+}
+
+bitepResult_t peer_alltoallv(bitepGroup* group,
+                             const std::vector<std::vector<PeerBuffers>>& per_peer,
+                             bitepStream_t stream,
+                             double timeout_s) {
+  ++group->peer_work;
+  return transport_failed(group, group->transport->alltoallv(per_peer, stream, timeout_s));
+}
+
+bitepResult_t acquire_window(bitepGroup* group, PeerWindow* window, bitepStream_t stream) {
+  ++group->peer_work;
+  return window->acquire(stream);
 }
 
 namespace {

@@ -58,7 +58,19 @@ bitepResult_t transport_failed(bitepGroup* group, bitepResult_t r);
 // takes any flag at or past its count; NCCL pairs sends and receives in call order), so at W > 1 the group is
 // unusable from now on, as after a transport failure: check_group refuses it, naming the call and its error, and the
 // peers time out in the call. A host group's pool stays usable (its transport waited for its requests); a cuda
-// group's is in doubt (pool_in_doubt). `what`: the call, as "bitepCombine". Returns r.
+// group's is in doubt (pool_in_doubt) where the call had queued work with its peers (peer_alltoallv,
+// acquire_window), and freed only once idle (pool_if_idle) where it had not. `what`: the call, as "bitepCombine".
+// Returns r.
 bitepResult_t failed_alone(bitepGroup* group, bitepResult_t r, const char* what) noexcept;
+
+// Work queued with the peers, counted (bitepGroup::peer_work) before it is queued, so that failed_alone tells a call
+// that failed before queuing any (its pool: pool_if_idle) from one that failed after (pool_in_doubt).
+// The transport's all-to-all on `stream` (transport_failed on a failure).
+bitepResult_t peer_alltoallv(bitepGroup* group,
+                             const std::vector<std::vector<PeerBuffers>>& per_peer,
+                             bitepStream_t stream,
+                             double timeout_s);
+// The peer window's acquire on `stream`, before the window's stores and barriers.
+bitepResult_t acquire_window(bitepGroup* group, PeerWindow* window, bitepStream_t stream);
 
 }  // namespace bitep::ep

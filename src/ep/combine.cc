@@ -141,7 +141,7 @@ bitepResult_t return_rows(Exec& ex, bitepGroup* g, bitepHandle* h, const void* p
   BITEP_CHECK(ex.temp(row * h->num_send_rows, &ret));
   std::vector<std::vector<PeerBuffers>> per_peer(W);
   add_route_buffers(h, self, Route::kBack, partial, ret, row, &per_peer);
-  BITEP_CHECK(transport_failed(g, g->transport->alltoallv(per_peer, ex.stream(), g->config.timeout_s)));
+  BITEP_CHECK(peer_alltoallv(g, per_peer, ex.stream(), g->config.timeout_s));
   if (trace != nullptr) trace->mark("all-to-all");
   BITEP_CHECK(ex.join());  // the own rows' partials, when reduced beside the all-to-all
   if (h->num_tokens == 0) return bitepSuccess;
@@ -235,7 +235,7 @@ bitepResult_t combine_window(Exec& ex,
   };
   void* dev_table = nullptr;  // the reduce's destinations and row offsets per source rank
   if (expert) BITEP_CHECK(ex.temp(sizeof(void*) * W + sizeof(int64_t) * (W + 1), &dev_table));
-  BITEP_CHECK(win->acquire(ex.stream()));
+  BITEP_CHECK(acquire_window(g, win, ex.stream()));
   if (barrier) {
     BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));
     trace->mark("barrier");

@@ -96,7 +96,7 @@ bitepResult_t backward(Exec& ex, bitepGroup* g, bitepHandle* h, const bitepCombi
   }
   std::vector<std::vector<PeerBuffers>> per_peer(W);
   add_route_buffers(h, self, Route::kOut, send_g, recv_g, row, &per_peer);
-  BITEP_CHECK(transport_failed(g, g->transport->alltoallv(per_peer, ex.stream(), c.timeout_s)));
+  BITEP_CHECK(peer_alltoallv(g, per_peer, ex.stream(), c.timeout_s));
   // grad_y: the expert-major scatter, weighted by the router weights when the combine was.
   if (R > 0 || h->num_expert_rows > 0) {
     kernels::ExpertMajorParams ep = expert_major_params(h, g);
@@ -130,7 +130,7 @@ bitepResult_t backward(Exec& ex, bitepGroup* g, bitepHandle* h, const bitepCombi
   }
   for (auto& list : per_peer) list.clear();
   add_route_buffers(h, self, Route::kBack, gw, ret_gw, sizeof(float) * KL, &per_peer);
-  BITEP_CHECK(transport_failed(g, g->transport->alltoallv(per_peer, ex.stream(), c.timeout_s)));
+  BITEP_CHECK(peer_alltoallv(g, per_peer, ex.stream(), c.timeout_s));
   if (T == 0) return bitepSuccess;
   kernels::WeightGradParams wp;
   wp.num_tokens = T;

@@ -447,7 +447,7 @@ bitepResult_t Dispatch::move_rows_nccl() {
   };
   if (!split_) {
     for (int p = 0; p < W_; ++p) rows[p].insert(rows[p].end(), routing[p].begin(), routing[p].end());
-    BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(rows, ex_.stream(), c.timeout_s)));
+    BITEP_CHECK(peer_alltoallv(g_, rows, ex_.stream(), c.timeout_s));
     trace_.mark("all-to-all");
     if (expert && !own_from_x) {
       BITEP_CHECK(ex_.expert_major(ep));
@@ -465,7 +465,7 @@ bitepResult_t Dispatch::move_rows_nccl() {
   } else {
     // The routing first (small); then, beside the rows' all-to-all, the positions of every row and the
     // copies of this rank's own rows (already in place); the other rows' copies once they are in.
-    BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(routing, ex_.stream(), c.timeout_s)));
+    BITEP_CHECK(peer_alltoallv(g_, routing, ex_.stream(), c.timeout_s));
     trace_.mark("all-to-all (routing)");
     BITEP_CHECK(ex_.fork());
     own_rows();
@@ -474,7 +474,7 @@ bitepResult_t Dispatch::move_rows_nccl() {
     BITEP_CHECK(ex_.expert_bulk(ep, &first_bulk));
     if (expert) BITEP_CHECK(ex_.expert_major(ep));
     trace_.mark_on("expert-major (own rows)", ex_.current_stream());
-    BITEP_CHECK(transport_failed(g_, g_->transport->alltoallv(rows, ex_.stream(), c.timeout_s)));
+    BITEP_CHECK(peer_alltoallv(g_, rows, ex_.stream(), c.timeout_s));
     trace_.mark("all-to-all (rows)");
     BITEP_CHECK(ex_.join());
     other_rows();

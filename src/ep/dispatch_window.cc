@@ -9,6 +9,7 @@
 #include "src/check.h"
 #include "src/env.h"
 #include "src/ep/arrival.h"
+#include "src/ep/collective.h"
 #include "src/ep/dispatch.h"
 
 namespace bitep::ep {
@@ -153,7 +154,7 @@ bitepResult_t Dispatch::move_rows_window() {
     pp.self_tokens = static_cast<int32_t*>(tokens);
   }
 
-  BITEP_CHECK(win_->acquire(ex_.stream()));
+  BITEP_CHECK(acquire_window(g_, win_, ex_.stream()));
   if (C > 0) BITEP_CHECK(ex_.zero(chunk_count, sizeof(int32_t) * W_ * win_->max_chunks()));
   if (ce) {
     BITEP_CHECK(ex_.zero(local_flags, flag_bytes));
@@ -266,7 +267,7 @@ bitepResult_t Dispatch::move_rows_window_small() {
   kernels::ExpertMajorParams ep;
   BITEP_CHECK(expert_copy_params(&ep));
 
-  BITEP_CHECK(win_->acquire(ex_.stream()));
+  BITEP_CHECK(acquire_window(g_, win_, ex_.stream()));
   if (!windows_idle_) BITEP_CHECK(win_->barrier(ex_.stream(), c.timeout_s));
   if (h->num_tokens > 0) BITEP_CHECK(ex_.permute(pp));
   trace_.mark("permute");

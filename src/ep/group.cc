@@ -138,6 +138,11 @@ bitepResult_t check_group(bitepGroup_t g) {
   return bitepSuccess;
 }
 
+bool pool_may_free(bitepGroup_t g) {
+  if (g->pool_in_doubt) return false;
+  return !g->pool_if_idle || g->life->pool->idle();
+}
+
 GroupCall::~GroupCall() {
   if (group_ == nullptr) return;
   if (transport_) group_->transport->leave_call();
@@ -172,6 +177,7 @@ bitepResult_t GroupCall::enter(bitepGroup_t group, const char* call, Uses uses) 
     BITEP_CHECK(group->transport->enter_call(call, uses == kTeardown));  // on failure the destructor lets the group go
     transport_ = true;
   }
+  group->peer_work_at_entry = group->peer_work;  // failed_alone: whether this call queued work with the peers
   group->in_call.store(call, std::memory_order_release);
   return bitepSuccess;
 }
@@ -317,7 +323,7 @@ bitepResult_t bitepGroupDestroy(bitepGroup_t group) {
     {
       std::lock_guard<std::mutex> lock(group->life->mu);
       group->life->alive = false;
-      if (group->pool_in_doubt) group->life->pool->leak();
+      if (!bitep::ep::pool_may_free(group)) group->life->pool->leak();
       group->life->pool.reset();
     }
     delete group;
@@ -355,7 +361,7 @@ bitepResult_t bitepGroupTrimMemory(bitepGroup_t group, size_t* freed) {
   return bitep::guard("bitepGroupTrimMemory", [&]() -> bitepResult_t {
     bitep::ep::GroupCall call;
     BITEP_CHECK(call.enter(group, "bitepGroupTrimMemory", bitep::ep::GroupCall::kLocal));
-    const size_t n = group->pool_in_doubt ? 0 : group->life->pool->trim();
+    const size_t n = bitep::ep::pool_may_free(group) ? group->life->pool->trim() : 0;
     if (freed != nullptr) *freed = n;
     return bitepSuccess;
   });

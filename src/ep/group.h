@@ -72,6 +72,9 @@ bitepResult_t check_live_group(bitepGroup_t group);
 // A live group that can still communicate (no earlier transport failure, no collective call this rank failed alone:
 // src/ep/collective.h failed_alone).
 bitepResult_t check_group(bitepGroup_t group);
+// Whether the group's pool may be freed or trimmed now: not in doubt, and where a call failed alone before it queued
+// work with its peers (pool_if_idle), only while nothing queued on the pool is left (Pool::idle()).
+bool pool_may_free(bitepGroup_t group);
 
 // One API call's hold on a group. Calls on one group must not overlap: they share its transport, streams, staging
 // buffer and counters. enter() refuses with bitepInvalidUsage, naming the call in progress, while another thread is
@@ -124,6 +127,16 @@ struct bitepGroup {
   // The pool's blocks may still be written or read by work the group cannot wait for (a transport failure's abandoned
   // requests; a cuda call failed alone after queuing transfers): they are leaked at destruction, never trimmed.
   bool pool_in_doubt = false;
+  // A cuda call this rank failed alone before it queued any work with its peers (pool_in_doubt otherwise): no peer
+  // can write into the pool, but work queued by earlier calls may still wait for a peer that has left. The pool is
+  // freed (at destruction, by bitepGroupTrimMemory) only while Pool::idle() says nothing queued on it is left, and
+  // leaked otherwise (pool_may_free).
+  bool pool_if_idle = false;
+  // cuda: work queued with the peers so far (an all-to-all on a stream; a peer window's acquire, before its stores
+  // and barriers): collective.h's peer_alltoallv and acquire_window count it, GroupCall::enter notes the count at
+  // the call's start, and failed_alone compares the two.
+  uint64_t peer_work = 0;
+  uint64_t peer_work_at_entry = 0;
   void* upload_staging = nullptr;  // cuda: pinned host staging of Exec::upload_staged
   size_t upload_bytes = 0;
   void* upload_event = nullptr;  // cuda: cudaEvent_t recorded after the last staged upload

@@ -191,7 +191,7 @@ bitepResult_t dispatch_window(bitepGroup* g, const bitepDispatchArgs_t* a, bitep
   rp.recv_weights = h->recv_weights;
   rp.copy_warps_per_sm = copy_warps_per_sm();
 
-  if (!captured) BITEP_CHECK(win->acquire(stream));
+  if (!captured) BITEP_CHECK(acquire_window(g, win, stream));
   BITEP_CUDA_CHECK(kernels::launch_ep_low_latency_send(sp, s));
   trace.mark("send");
   BITEP_CHECK(win->barrier(stream, g->config.timeout_s));
@@ -326,7 +326,7 @@ bitepResult_t combine_low_latency(
   fp.max_row_pieces = rp.max_row_pieces;
   // Captured into a CUDA graph: the caller orders the graph's launches with the group's other calls.
   const bool captured = ex.capturing();
-  if (!captured) BITEP_CHECK(win->acquire(ex.stream()));
+  if (!captured) BITEP_CHECK(acquire_window(g, win, ex.stream()));
   BITEP_CHECK(ex.reduce(rp));
   trace->mark("reduce");
   BITEP_CHECK(win->barrier(ex.stream(), g->config.timeout_s));

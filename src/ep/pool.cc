@@ -322,6 +322,24 @@ void Pool::release(Block* block, std::shared_ptr<void> fence, uint64_t fence_key
   *block = Block{};
 }
 
+bool Pool::idle() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!in_use_.empty()) return false;
+#ifdef BITEP_HAVE_CUDA
+  if (backend_ == bitepBackendCuda) {
+    for (const auto& kv : cached_) {
+      const void* ev = kv.second.fence ? kv.second.fence.get() : kv.second.event;
+      if (ev == nullptr) continue;  // released with nothing to wait for
+      if (cudaEventQuery(static_cast<cudaEvent_t>(const_cast<void*>(ev))) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+      }
+    }
+  }
+#endif
+  return true;
+}
+
 size_t Pool::held_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
   return held_;

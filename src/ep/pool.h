@@ -83,6 +83,9 @@ class Pool {
   // wait for (the caller synchronised the device since the block's last use).
   void release(Block* block, std::shared_ptr<void> fence, uint64_t fence_key = 0);
 
+  // Whether nothing queued on the pool's blocks is left: every block is back in the cache and, cuda, the work queued
+  // before each one's release has finished (cudaEventQuery, no wait; a query that fails counts as not finished).
+  bool idle() const;
   // Bytes held now: blocks in use and cached.
   size_t held_bytes() const;
   // Frees every cached block (blocks in use stay); returns the bytes freed. Nothing after leak().

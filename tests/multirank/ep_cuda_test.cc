@@ -386,7 +386,8 @@ struct CudaRank {
 // rank 0, no handle is made, and the group works on (the count exchange told every rank). Then every rank's combine
 // out in host memory: each rank fails naming args->out and the rule. A cuda group's combine agrees on nothing, so at
 // W > 1 that failure leaves each rank's group unusable (collective.h failed_alone): the next call says so; at W = 1
-// the group works on, and the combine's out in another GPU's memory is refused too.
+// the group works on, and the combine's out in another GPU's memory is refused too. Last, on every rank: the pool of
+// the group, whose failed combine queued nothing with the peers, is trimmed once idle.
 void run_wrong_memory() {
   CudaRank cr;
   cr.set_up(test_timeout_s());
@@ -469,6 +470,18 @@ void run_wrong_memory() {
     EXPECT_NE(err.find("args->out"), std::string::npos) << err;
   }
   EXPECT_EQ(cudaStreamSynchronize(cr.stream), cudaSuccess);
+  // Every rank's failed combine was refused by its checks, before it queued anything with its peers: no peer can write
+  // into the pool, so once the dispatch's handle is gone and its work done, the pool is trimmed (and freed at
+  // destruction) as a usable group's is (src/ep/group.h pool_if_idle).
+  EXPECT_EQ(bitepHandleDestroy(h.h), bitepSuccess) << bitepGetLastError();
+  h.h = nullptr;
+  EXPECT_EQ(cudaStreamSynchronize(cr.stream), cudaSuccess);
+  size_t before = 0, after = 0, freed = 0;
+  ASSERT_EQ(bitepGroupMemoryBytes(cr.g.g, &before), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepGroupTrimMemory(cr.g.g, &freed), bitepSuccess) << bitepGetLastError();
+  ASSERT_EQ(bitepGroupMemoryBytes(cr.g.g, &after), bitepSuccess) << bitepGetLastError();
+  EXPECT_GT(freed, 0u) << "rank " << rank << ": the idle pool of a group whose failed call queued nothing was kept";
+  EXPECT_EQ(before - after, freed) << "rank " << rank;
   if (far != nullptr) {
     cudaSetDevice(other);
     cudaFree(far);

@@ -195,7 +195,8 @@ class CountingTransport final : public bitep::ep::Transport {
     return bitepInternalError;
   }
   bitepResult_t alltoallv(const std::vector<std::vector<bitep::ep::PeerBuffers>>&, bitepStream_t, double) override {
-    return bitepInternalError;
+    ++alltoallvs;
+    return alltoallv_result;
   }
   bitepResult_t enter_call(const char* call, bool teardown) override {
     if (refuse) return bitepInvalidUsage;
@@ -207,7 +208,8 @@ class CountingTransport final : public bitep::ep::Transport {
   void leave_call() override { ++left; }
   bool refuse = false, last_teardown = false;
   std::string last_call;
-  int entered = 0, left = 0;
+  int entered = 0, left = 0, alltoallvs = 0;
+  bitepResult_t alltoallv_result = bitepInternalError;
 };
 
 // A group object as the bootstraps leave it, with the counting transport (no pool: GroupCall does not use it), in the
@@ -368,29 +370,35 @@ TEST(GroupCall, AFailureAloneLeavesTheGroupUnusable) {
   EXPECT_TRUE(g.group.broken.empty()) << "a success recorded as a failure";
 }
 
+// A group's pool (host memory: the stand-in here for a cuda group's too) with one 1 MiB block cached.
+void give_pool(bitepGroup* group) {
+  group->life = std::make_shared<bitep::ep::Life>();
+  group->life->pool = std::make_unique<bitep::ep::Pool>(bitepBackendHost, -1);
+}
+void cache_a_block(bitepGroup* group) {
+  bitep::ep::Block b;
+  ASSERT_EQ(group->life->pool->acquire(size_t{1} << 20, nullptr, &b), bitepSuccess) << bitepGetLastError();
+  group->life->pool->release(&b, nullptr);
+}
+
 // The pool after a failure: a host group's failure alone leaves it usable (its transport waited for its requests):
 // bitepGroupTrimMemory frees its cached blocks. After a transport failure, and after a cuda group's failure alone
-// (transfers it queued may still run), its blocks are in doubt: trimmed to nothing, leaked at destruction.
+// past work queued with its peers (it may still run), its blocks are in doubt: trimmed to nothing, leaked at
+// destruction.
 TEST(GroupCall, APoolIsInDoubtOnlyWhereWorkMayStillUseIt) {
   TestGroup g;
   g.group.nranks = 2;
   g.group.agree_always = false;
   g.group.config.backend = bitepBackendHost;
-  g.group.life = std::make_shared<bitep::ep::Life>();
-  g.group.life->pool = std::make_unique<bitep::ep::Pool>(bitepBackendHost, -1);
-  auto cache_a_block = [&] {
-    bitep::ep::Block b;
-    ASSERT_EQ(g.group.life->pool->acquire(size_t{1} << 20, nullptr, &b), bitepSuccess) << bitepGetLastError();
-    g.group.life->pool->release(&b, nullptr);
-  };
-  cache_a_block();
+  give_pool(&g.group);
+  cache_a_block(&g.group);
   bitep::ep::failed_alone(&g.group, bitepInvalidArgument, "bitepCombine");
   EXPECT_FALSE(g.group.broken.empty());
   EXPECT_FALSE(g.group.pool_in_doubt);
   size_t freed = 0;
   EXPECT_EQ(bitepGroupTrimMemory(&g.group, &freed), bitepSuccess) << bitepGetLastError();
   EXPECT_GE(freed, size_t{1} << 20) << "a host group's failure alone kept its cached blocks";
-  cache_a_block();
+  cache_a_block(&g.group);
   bitep::ep::transport_failed(&g.group, bitepTimeout);
   EXPECT_TRUE(g.group.pool_in_doubt);
   freed = 1;
@@ -399,8 +407,58 @@ TEST(GroupCall, APoolIsInDoubtOnlyWhereWorkMayStillUseIt) {
   TestGroup c;
   c.group.nranks = 2;
   c.group.config.backend = bitepBackendCuda;
-  bitep::ep::failed_alone(&c.group, bitepInvalidArgument, "bitepCombine");
-  EXPECT_TRUE(c.group.pool_in_doubt) << "a cuda group's failure alone";
+  give_pool(&c.group);
+  {
+    bitep::ep::GroupCall call;
+    ASSERT_EQ(call.enter(&c.group, "bitepCombine"), bitepSuccess) << bitepGetLastError();
+    c.transport->alltoallv_result = bitepSuccess;
+    std::vector<std::vector<bitep::ep::PeerBuffers>> per_peer(2);
+    ASSERT_EQ(bitep::ep::peer_alltoallv(&c.group, per_peer, nullptr, 1.0), bitepSuccess);
+    EXPECT_EQ(c.transport->alltoallvs, 1);
+    bitep::ep::failed_alone(&c.group, bitepInvalidArgument, "bitepCombine");
+  }
+  EXPECT_TRUE(c.group.pool_in_doubt) << "a cuda group's failure alone after queuing an all-to-all";
+  cache_a_block(&c.group);
+  freed = 1;
+  EXPECT_EQ(bitepGroupTrimMemory(&c.group, &freed), bitepSuccess) << bitepGetLastError();
+  EXPECT_EQ(freed, 0u) << "a pool in doubt was trimmed";
+  EXPECT_FALSE(bitep::ep::pool_may_free(&c.group));
+}
+
+// A cuda call failed alone before it queued work with its peers (an argument refused, say; work earlier calls queued
+// does not count): no peer can write into the pool, so it is trimmed and freed at destruction, but only while
+// nothing queued on it is left (Pool::idle(): here, no block in use).
+TEST(GroupCall, ACudaPoolIsFreedWhenTheFailedCallQueuedNothing) {
+  TestGroup c;
+  c.group.nranks = 2;
+  c.group.config.backend = bitepBackendCuda;
+  give_pool(&c.group);
+  c.transport->alltoallv_result = bitepSuccess;
+  std::vector<std::vector<bitep::ep::PeerBuffers>> per_peer(2);
+  {
+    bitep::ep::GroupCall call;  // an earlier call's all-to-all, which succeeded
+    ASSERT_EQ(call.enter(&c.group, "bitepDispatch"), bitepSuccess) << bitepGetLastError();
+    ASSERT_EQ(bitep::ep::peer_alltoallv(&c.group, per_peer, nullptr, 1.0), bitepSuccess);
+  }
+  {
+    bitep::ep::GroupCall call;
+    ASSERT_EQ(call.enter(&c.group, "bitepCombine"), bitepSuccess) << bitepGetLastError();
+    EXPECT_EQ(bitep::ep::failed_alone(&c.group, bitepInvalidArgument, "bitepCombine"), bitepInvalidArgument);
+  }
+  EXPECT_FALSE(c.group.broken.empty());
+  EXPECT_FALSE(c.group.pool_in_doubt) << "the all-to-all of an earlier call put the pool in doubt";
+  EXPECT_TRUE(c.group.pool_if_idle);
+  cache_a_block(&c.group);
+  bitep::ep::Block held;
+  ASSERT_EQ(c.group.life->pool->acquire(256, nullptr, &held), bitepSuccess) << bitepGetLastError();
+  EXPECT_FALSE(bitep::ep::pool_may_free(&c.group)) << "a block in use";
+  size_t freed = 1;
+  EXPECT_EQ(bitepGroupTrimMemory(&c.group, &freed), bitepSuccess) << bitepGetLastError();
+  EXPECT_EQ(freed, 0u) << "trimmed while a block was in use";
+  c.group.life->pool->release(&held, nullptr);
+  EXPECT_TRUE(bitep::ep::pool_may_free(&c.group));
+  EXPECT_EQ(bitepGroupTrimMemory(&c.group, &freed), bitepSuccess) << bitepGetLastError();
+  EXPECT_GE(freed, size_t{1} << 20) << "the idle pool of a call that queued nothing was kept";
 }
 
 // 8 threads each try 2000 calls on one group: the calls that enter never overlap (a counter of the threads inside
