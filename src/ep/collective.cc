@@ -27,12 +27,11 @@ bitepResult_t transport_failed(bitepGroup* group, bitepResult_t r) {
 
 bitepResult_t failed_alone(bitepGroup* group, bitepResult_t r, const char* what) noexcept {
   if (r == bitepSuccess || group->nranks <= 1) return r;
-  // cuda: transfers this call queued before it failed may wait for the peers with no end this rank can see. The host
-  // transport waits for its requests, or abandons them as a transport failure (transport_failed).
+  // cuda: work this call queued with the peers before it failed may wait for them with no end this rank can see, and a
+  // receive it posted may still be written. Before any, no peer can write into the pool, and whether earlier calls'
+  // work on it is done is Pool::idle()'s to tell. The host transport waits for its requests, or abandons them as a
+  // transport failure (transport_failed).
   if (group->config.backend == bitepBackendCuda) {
-    // Work queued with the peers in this call may wait for them with no end this rank can see, and a posted receive
-    // may still be written. Before any, no peer can write into the pool; earlier calls' work is Pool::idle()'s to
-    // tell.
     if (group->peer_work != group->peer_work_at_entry)
       group->pool_in_doubt = true;
     else
