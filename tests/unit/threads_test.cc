@@ -370,7 +370,7 @@ TEST(GroupCall, AFailureAloneLeavesTheGroupUnusable) {
   EXPECT_TRUE(g.group.broken.empty()) << "a success recorded as a failure";
 }
 
-// A group's pool (host memory: the stand-in here for a cuda group's too) with one 1 MiB block cached.
+// A pool for the group (host memory: the stand-in here for a cuda group's too), and one 1 MiB block cached in it.
 void give_pool(bitepGroup* group) {
   group->life = std::make_shared<bitep::ep::Life>();
   group->life->pool = std::make_unique<bitep::ep::Pool>(bitepBackendHost, -1);
