@@ -18,6 +18,19 @@ constexpr size_t kHostAlign = 256;
 // A cached block not reused for this many acquisitions is freed on the next miss, so that the cache
 // follows the traffic instead of keeping every size it ever saw.
 constexpr uint64_t kTrimAge = 256;
+
+#ifdef BITEP_HAVE_CUDA
+// The event after a cached block's last use: its fence, else its own release event (null: nothing to wait for).
+cudaEvent_t release_event(const Block& b) { return static_cast<cudaEvent_t>(b.fence ? b.fence.get() : b.event); }
+
+// Whether the work queued before a cached block's release has finished (no wait; a query that fails: not finished).
+bool last_use_done(const Block& b) {
+  const cudaEvent_t ev = release_event(b);
+  if (ev == nullptr || cudaEventQuery(ev) == cudaSuccess) return true;
+  (void)cudaGetLastError();
+  return false;
+}
+#endif
 }  // namespace
 
 bool cuda_stream_capturing(bitepStream_t stream) {
@@ -159,11 +172,11 @@ bitepResult_t Pool::acquire(size_t bytes, bitepStream_t stream, Block* out, [[ma
     Block b = it->second;
     cached_.erase(it);
 #ifdef BITEP_HAVE_CUDA
-    void* ev = b.fence ? b.fence.get() : b.event;
+    const cudaEvent_t ev = release_event(b);
     // Released on this stream (ids are never reused, unlike stream handles): stream order is enough.
     const bool same_stream = stream_key != 0 && b.stream_key == stream_key;
     if (backend_ == bitepBackendCuda && ev != nullptr && !same_stream) {
-      cudaError_t err = cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(ev), 0);
+      cudaError_t err = cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), ev, 0);
       if (err != cudaSuccess) {
         cached_.emplace(cls, b);
         return cuda_error(err, "cudaStreamWaitEvent(stream, pool block release event)", __FILE__, __LINE__);
@@ -208,14 +221,7 @@ bitepResult_t Pool::acquire_captured(size_t bytes, Block* out) {
   std::lock_guard<std::mutex> lock(mu_);
   ++tick_;
   for (auto it = cached_.lower_bound(cls); it != cached_.end() && it->first == cls; ++it) {
-    void* ev = it->second.fence ? it->second.fence.get() : it->second.event;
-    if (ev != nullptr) {
-      const cudaError_t q = cudaEventQuery(static_cast<cudaEvent_t>(ev));
-      if (q != cudaSuccess) {
-        (void)cudaGetLastError();  // not finished (or not queryable): not this one
-        continue;
-      }
-    }
+    if (!last_use_done(it->second)) continue;  // not finished (or not queryable): not this one
     Block b = it->second;
     cached_.erase(it);
     b.fence.reset();
@@ -327,14 +333,8 @@ bool Pool::idle() const {
   if (!in_use_.empty()) return false;
 #ifdef BITEP_HAVE_CUDA
   if (backend_ == bitepBackendCuda) {
-    for (const auto& kv : cached_) {
-      const void* ev = kv.second.fence ? kv.second.fence.get() : kv.second.event;
-      if (ev == nullptr) continue;  // released with nothing to wait for
-      if (cudaEventQuery(static_cast<cudaEvent_t>(const_cast<void*>(ev))) != cudaSuccess) {
-        (void)cudaGetLastError();
-        return false;
-      }
-    }
+    for (const auto& kv : cached_)
+      if (!last_use_done(kv.second)) return false;
   }
 #endif
   return true;
