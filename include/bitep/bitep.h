@@ -367,7 +367,8 @@ BITEP_API bitepResult_t bitepGroupCreateFromNccl(struct ncclComm* comm,
  * group's timeout, after which it is aborted: destroy groups on every rank. cuda: the pool is left allocated (never
  * freed) where work queued on it may still run or be written by a peer: after a transport failure, or a call this
  * rank failed alone after queuing transfers; after one it failed alone before any (refused by its checks, say), the
- * pool is freed if the work earlier calls queued on it has finished, and left allocated otherwise. */
+ * pool is freed if the work earlier calls queued on it has finished, and left allocated otherwise. Blocks that live
+ * handles hold put that choice off until the last of those handles is destroyed (bitepHandleDestroy). */
 BITEP_API bitepResult_t bitepGroupDestroy(bitepGroup_t group);
 
 /* [OUT] rank, nranks (either may be NULL). */

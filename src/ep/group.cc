@@ -143,6 +143,25 @@ bool pool_may_free(bitepGroup_t g) {
   return !g->pool_if_idle || g->life->pool->idle();
 }
 
+void let_go_of_pool(bitepGroup_t g) {
+  Life* life = g->life.get();
+  life->alive = false;
+  if (!g->pool_in_doubt && g->pool_if_idle && life->pool->blocks_in_use()) return;  // settle_pool, with the handles
+  if (!pool_may_free(g)) life->pool->leak();
+  life->pool.reset();
+}
+
+size_t settle_pool(Life* life) {
+  if (life->alive || life->pool == nullptr || life->pool->blocks_in_use()) return 0;
+  size_t freed = 0;
+  if (life->pool->idle())
+    freed = life->pool->held_bytes();
+  else
+    life->pool->leak();
+  life->pool.reset();
+  return freed;
+}
+
 GroupCall::~GroupCall() {
   if (group_ == nullptr) return;
   if (transport_) group_->transport->leave_call();
@@ -322,9 +341,7 @@ bitepResult_t bitepGroupDestroy(bitepGroup_t group) {
     bitep::ep::forget_live_group(group);  // from here every call on it is refused without reading it
     {
       std::lock_guard<std::mutex> lock(group->life->mu);
-      group->life->alive = false;
-      if (!bitep::ep::pool_may_free(group)) group->life->pool->leak();
-      group->life->pool.reset();
+      bitep::ep::let_go_of_pool(group);
     }
     delete group;
     return bitepSuccess;

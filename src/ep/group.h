@@ -16,12 +16,16 @@
 
 namespace bitep::ep {
 
-// Shared by a group and its handles: a handle of a destroyed group sees alive == false (and never
-// touches the pool, which the group freed).
+// Shared by a group and its handles: a handle of a destroyed group sees alive == false. The group's pool goes with
+// the group (let_go_of_pool), except one whose fate waits for the blocks live handles still hold (settle_pool).
 struct Life {
   std::mutex mu;
   bool alive = true;
   std::unique_ptr<Pool> pool;
+  // A pool kept for the handles that never settled (a captured handle's blocks stay in use): leaked.
+  ~Life() {
+    if (!alive && pool != nullptr) pool->leak();
+  }
 };
 
 // The fields every rank must pass identically, plus the rank's local verdict on its own arguments;
@@ -75,6 +79,15 @@ bitepResult_t check_group(bitepGroup_t group);
 // Whether the group's pool may be freed or trimmed now: not in doubt, and where a call failed alone before it queued
 // work with its peers (pool_if_idle), only while nothing queued on the pool is left (Pool::idle()).
 bool pool_may_free(bitepGroup_t group);
+
+// bitepGroupDestroy's part of the pool (life->mu held): marks the group gone, then frees the pool or leaks it
+// (pool_may_free), except where the pool waits only on Pool::idle() (pool_if_idle) and live handles still hold blocks.
+// Then the pool stays with them: each handle destroyed gives its blocks back with its fence, and settle_pool decides
+// once the last is back. So a failed call's pool is not leaked merely because handles outlived their group.
+void let_go_of_pool(bitepGroup_t group);
+// A destroyed group's pool kept for its handles (life->mu held): once no block is in use, freed where Pool::idle()
+// holds (returns the bytes freed) and leaked where not (0); 0 and kept while a block is still in use.
+size_t settle_pool(Life* life);
 
 // One API call's hold on a group. Calls on one group must not overlap: they share its transport, streams, staging
 // buffer and counters. enter() refuses with bitepInvalidUsage, naming the call in progress, while another thread is

@@ -100,6 +100,11 @@ bitepResult_t destroy_handle(bitepHandle_t h, bool returned) {
         for (Block& b : h->blocks) h->life->pool->release(&b, std::shared_ptr<void>(), 0);  // nothing to wait for
     } else if (h->life->alive) {
       for (Block& b : h->blocks) h->life->pool->release(&b, h->fence, h->fence_key);
+    } else if (h->life->pool != nullptr && !h->captured) {
+      // The group is gone but left its pool to its handles (let_go_of_pool): the blocks go back after their last use,
+      // and the last handle's settles the pool. A captured handle's stay in use: graph replays are not tracked.
+      for (Block& b : h->blocks) h->life->pool->release(&b, h->fence, h->fence_key);
+      settle_pool(h->life.get());
     }
   }
   h->blocks.clear();

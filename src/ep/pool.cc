@@ -340,6 +340,11 @@ bool Pool::idle() const {
   return true;
 }
 
+bool Pool::blocks_in_use() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !in_use_.empty();
+}
+
 size_t Pool::held_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
   return held_;

@@ -86,6 +86,8 @@ class Pool {
   // Whether nothing queued on the pool's blocks is left: every block is back in the cache and, cuda, the work queued
   // before each one's release has finished (cudaEventQuery, no wait; a query that fails counts as not finished).
   bool idle() const;
+  // Whether a block is in use (acquired and not yet released).
+  bool blocks_in_use() const;
   // Bytes held now: blocks in use and cached.
   size_t held_bytes() const;
   // Frees every cached block (blocks in use stay); returns the bytes freed. Nothing after leak().
@@ -95,6 +97,7 @@ class Pool {
 
   // After a transport failure a peer may still write into our blocks: never free them.
   void leak() { leak_ = true; }
+  bool leaking() const { return leak_; }
 
  private:
   bitepResult_t allocate(size_t bytes, void** ptr);

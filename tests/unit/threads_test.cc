@@ -20,6 +20,7 @@
 #include "bitep/bitep.h"
 #include "src/ep/collective.h"
 #include "src/ep/group.h"
+#include "src/ep/handle.h"
 #include "src/ep/pool.h"
 
 namespace {
@@ -459,6 +460,60 @@ TEST(GroupCall, ACudaPoolIsFreedWhenTheFailedCallQueuedNothing) {
   EXPECT_TRUE(bitep::ep::pool_may_free(&c.group));
   EXPECT_EQ(bitepGroupTrimMemory(&c.group, &freed), bitepSuccess) << bitepGetLastError();
   EXPECT_GE(freed, size_t{1} << 20) << "the idle pool of a call that queued nothing was kept";
+}
+
+// Handles that outlive such a group (destroyed after it, as a guard declared before the group's is): the pool waits
+// for them. At the group's destruction the blocks they hold keep it, neither freed nor leaked; each handle destroyed
+// gives its blocks back, and once the last is back the pool is freed where idle. Under the old rule it was leaked at
+// the group's destruction (idle() said no: blocks in use), which the multi-rank leak check saw.
+TEST(GroupCall, AFailedGroupsPoolWaitsForTheHandlesThatOutliveIt) {
+  TestGroup c;
+  c.group.nranks = 2;
+  c.group.config.backend = bitepBackendCuda;
+  give_pool(&c.group);
+  {
+    bitep::ep::GroupCall call;
+    ASSERT_EQ(call.enter(&c.group, "bitepDispatchLowLatency"), bitepSuccess) << bitepGetLastError();
+    bitep::ep::failed_alone(&c.group, bitepNotSupported, "bitepDispatchLowLatency");
+  }
+  ASSERT_TRUE(c.group.pool_if_idle);
+  ASSERT_FALSE(c.group.pool_in_doubt);
+  cache_a_block(&c.group);
+  std::shared_ptr<bitep::ep::Life> life = c.group.life;
+  bitepHandle* h[2];
+  for (bitepHandle*& one : h) {
+    one = new bitepHandle;
+    one->life = life;
+    one->group = &c.group;
+    one->blocks.resize(1);
+    ASSERT_EQ(life->pool->acquire(4096, nullptr, &one->blocks[0]), bitepSuccess) << bitepGetLastError();
+  }
+  {
+    std::lock_guard<std::mutex> lock(life->mu);
+    bitep::ep::let_go_of_pool(&c.group);
+  }
+  EXPECT_FALSE(life->alive);
+  ASSERT_NE(life->pool, nullptr) << "the pool went with the group while handles held its blocks";
+  EXPECT_FALSE(life->pool->leaking()) << "the pool was leaked while handles held its blocks";
+  const size_t held = life->pool->held_bytes();
+  EXPECT_GE(held, (size_t{1} << 20) + 2 * 4096);
+  ASSERT_EQ(bitep::ep::destroy_handle(h[0], /*returned=*/true), bitepSuccess) << bitepGetLastError();
+  ASSERT_NE(life->pool, nullptr) << "settled while the other handle still held a block";
+  EXPECT_FALSE(life->pool->leaking());
+  EXPECT_TRUE(life->pool->blocks_in_use()) << "the other handle's block is no longer in use";
+  ASSERT_EQ(bitep::ep::destroy_handle(h[1], /*returned=*/true), bitepSuccess) << bitepGetLastError();
+  EXPECT_EQ(life->pool, nullptr) << "the last handle's blocks came back and the pool was neither freed nor leaked";
+  // settle_pool itself: nothing while a block is in use, then the bytes it freed.
+  auto kept = std::make_shared<bitep::ep::Life>();
+  kept->pool = std::make_unique<bitep::ep::Pool>(bitepBackendHost, -1);
+  kept->alive = false;
+  bitep::ep::Block b;
+  ASSERT_EQ(kept->pool->acquire(size_t{1} << 16, nullptr, &b), bitepSuccess) << bitepGetLastError();
+  EXPECT_EQ(bitep::ep::settle_pool(kept.get()), 0u);
+  ASSERT_NE(kept->pool, nullptr) << "settled with a block in use";
+  kept->pool->release(&b, nullptr);
+  EXPECT_EQ(bitep::ep::settle_pool(kept.get()), size_t{1} << 16) << "the idle pool was not freed";
+  EXPECT_EQ(kept->pool, nullptr);
 }
 
 // 8 threads each try 2000 calls on one group: the calls that enter never overlap (a counter of the threads inside
