@@ -143,7 +143,7 @@ struct bitepGroup {
   // A cuda call this rank failed alone before it queued any work with its peers (pool_in_doubt otherwise): no peer
   // can write into the pool, but work queued by earlier calls may still wait for a peer that has left. The pool is
   // freed (at destruction, by bitepGroupTrimMemory) only while Pool::idle() says nothing queued on it is left, and
-  // leaked otherwise (pool_may_free).
+  // leaked otherwise (pool_may_free); at destruction, blocks live handles hold put that off (let_go_of_pool).
   bool pool_if_idle = false;
   // cuda: work queued with the peers so far (an all-to-all on a stream; a peer window's acquire, before its stores
   // and barriers): collective.h's peer_alltoallv and acquire_window count it, GroupCall::enter notes the count at
