@@ -376,6 +376,12 @@ void give_pool(bitepGroup* group) {
   group->life = std::make_shared<bitep::ep::Life>();
   group->life->pool = std::make_unique<bitep::ep::Pool>(bitepBackendHost, -1);
 }
+// One rank of a two-rank cuda group, with a pool (host memory: no GPU in CI).
+void make_cuda_pair(bitepGroup* group) {
+  group->nranks = 2;
+  group->config.backend = bitepBackendCuda;
+  give_pool(group);
+}
 void cache_a_block(bitepGroup* group) {
   bitep::ep::Block b;
   ASSERT_EQ(group->life->pool->acquire(size_t{1} << 20, nullptr, &b), bitepSuccess) << bitepGetLastError();
@@ -406,9 +412,7 @@ TEST(GroupCall, APoolIsInDoubtOnlyWhereWorkMayStillUseIt) {
   EXPECT_EQ(bitepGroupTrimMemory(&g.group, &freed), bitepSuccess) << bitepGetLastError();
   EXPECT_EQ(freed, 0u) << "a pool in doubt was trimmed";
   TestGroup c;
-  c.group.nranks = 2;
-  c.group.config.backend = bitepBackendCuda;
-  give_pool(&c.group);
+  make_cuda_pair(&c.group);
   {
     bitep::ep::GroupCall call;
     ASSERT_EQ(call.enter(&c.group, "bitepCombine"), bitepSuccess) << bitepGetLastError();
@@ -431,9 +435,7 @@ TEST(GroupCall, APoolIsInDoubtOnlyWhereWorkMayStillUseIt) {
 // nothing queued on it is left (Pool::idle(): here, no block in use).
 TEST(GroupCall, ACudaPoolIsFreedWhenTheFailedCallQueuedNothing) {
   TestGroup c;
-  c.group.nranks = 2;
-  c.group.config.backend = bitepBackendCuda;
-  give_pool(&c.group);
+  make_cuda_pair(&c.group);
   c.transport->alltoallv_result = bitepSuccess;
   std::vector<std::vector<bitep::ep::PeerBuffers>> per_peer(2);
   {
@@ -468,9 +470,7 @@ TEST(GroupCall, ACudaPoolIsFreedWhenTheFailedCallQueuedNothing) {
 // the group's destruction (idle() said no: blocks in use), which the multi-rank leak check saw.
 TEST(GroupCall, AFailedGroupsPoolWaitsForTheHandlesThatOutliveIt) {
   TestGroup c;
-  c.group.nranks = 2;
-  c.group.config.backend = bitepBackendCuda;
-  give_pool(&c.group);
+  make_cuda_pair(&c.group);
   {
     bitep::ep::GroupCall call;
     ASSERT_EQ(call.enter(&c.group, "bitepDispatchLowLatency"), bitepSuccess) << bitepGetLastError();
