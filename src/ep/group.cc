@@ -146,8 +146,11 @@ bool pool_may_free(bitepGroup_t g) {
 void let_go_of_pool(bitepGroup_t g) {
   Life* life = g->life.get();
   life->alive = false;
-  if (!g->pool_in_doubt && g->pool_if_idle && life->pool->blocks_in_use()) return;  // settle_pool, with the handles
-  if (!pool_may_free(g)) life->pool->leak();
+  if (g->pool_if_idle && !g->pool_in_doubt) {
+    settle_pool(life);  // now, or by the last handle that still holds a block
+    return;
+  }
+  if (g->pool_in_doubt) life->pool->leak();
   life->pool.reset();
 }
 

@@ -80,10 +80,10 @@ bitepResult_t check_group(bitepGroup_t group);
 // work with its peers (pool_if_idle), only while nothing queued on the pool is left (Pool::idle()).
 bool pool_may_free(bitepGroup_t group);
 
-// bitepGroupDestroy's part of the pool (life->mu held): marks the group gone, then frees the pool or leaks it
-// (pool_may_free), except where the pool waits only on Pool::idle() (pool_if_idle) and live handles still hold blocks.
-// Then the pool stays with them: each handle destroyed gives its blocks back with its fence, and settle_pool decides
-// once the last is back. So a failed call's pool is not leaked merely because handles outlived their group.
+// bitepGroupDestroy's part of the pool (life->mu held): marks the group gone, then leaks the pool if in doubt and
+// frees it if not, except where it waits only on Pool::idle() (pool_if_idle): that one settle_pool decides, now or,
+// while live handles hold blocks, once each has given its blocks back with its fence. So a failed call's pool is not
+// leaked merely because handles outlived their group.
 void let_go_of_pool(bitepGroup_t group);
 // A destroyed group's pool kept for its handles (life->mu held): once no block is in use, freed where Pool::idle()
 // holds (returns the bytes freed) and leaked where not (0); 0 and kept while a block is still in use.
